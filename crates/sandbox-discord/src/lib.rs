@@ -1,0 +1,676 @@
+//! # sandbox-discord
+//!
+//! An in-process, faithful stand-in for the parts of Discord's HTTP API v10
+//! that guildgate uses, served over real HTTP on loopback so that the product
+//! runs its ordinary HTTP client against it.
+//!
+//! What it serves:
+//!
+//! * `GET|POST /oauth2/authorize` — a self-contained HTML consent page
+//!   (user login select, optional server select for `scope=bot`, Authorize and
+//!   Cancel buttons) that redirects like Discord does.
+//! * `POST /api/v10/oauth2/token` — `authorization_code` (single-use,
+//!   short-lived codes, `redirect_uri` must match) and `refresh_token`
+//!   (rotating) grants; form-encoded bodies only; client auth in the form or
+//!   via HTTP Basic.
+//! * `GET /api/v10/users/@me`, `GET /api/v10/users/@me/guilds`.
+//! * `GET /api/v10/guilds/{g}`, `/roles`, `/members` (needs the members
+//!   intent), `GET|PUT|DELETE /members/{u}`,
+//!   `PUT|DELETE /members/{u}/roles/{r}`, with Discord's permission and role
+//!   hierarchy rules and JSON error bodies `{"code", "message"}`.
+//! * Per-route buckets (`X-RateLimit-*` headers, fixed windows starting at the
+//!   first request, keyed by route shape + guild id + caller) and a global
+//!   limit per bot/user token; 429 bodies and headers as documented by Discord.
+//! * Fault injection: random 5xx, latency, forced shared/global 429s.
+//! * Inspection: member state, a request log, and [`Stats`] including
+//!   *violations* — requests sent into a bucket the sandbox had already
+//!   reported exhausted.
+//!
+//! ```no_run
+//! use sandbox_discord::{Consent, GuildSpec, Sandbox, SandboxConfig, UserSpec, permissions};
+//! # async fn demo() {
+//! let sandbox = Sandbox::start(SandboxConfig::default()).await;
+//! let ids = sandbox.add_guild(
+//!     GuildSpec::new("Acme Community")
+//!         .with_bot_permissions(permissions::CREATE_INSTANT_INVITE | permissions::MANAGE_ROLES)
+//!         .with_role("Patrons", 1),
+//! );
+//! let alice = sandbox.add_user(UserSpec::new("alice"));
+//! let url = format!(
+//!     "{}?client_id={}&response_type=code&scope=identify+guilds.join&redirect_uri=http://app/cb&state=xyz",
+//!     sandbox.authorize_url(),
+//!     sandbox.client_id(),
+//! );
+//! let location = sandbox.consent(&url, alice, Consent::Authorize).await.unwrap();
+//! assert!(location.starts_with("http://app/cb?code="));
+//! # let _ = ids;
+//! # }
+//! ```
+//!
+//! ## Decisions where Discord is ambiguous or undocumented
+//!
+//! * Unknown guild id → 404 `10004 Unknown Guild`; a guild that exists but
+//!   the bot is not in → 403 `50001 Missing Access` (what Discord answers).
+//! * A user id that is not a member → 404 `10007 Unknown Member` on the
+//!   get/kick/role routes; on `PUT /members/{u}` a user id unknown to the
+//!   sandbox → 404 `10013 Unknown User`.
+//! * `PUT /members/{u}` check order: bot in guild → body → user exists →
+//!   access token (must be live, belong to that user and carry `guilds.join`,
+//!   else 403 `50025`) → Create Instant Invite (403 `50013`) → already a
+//!   member (204, other fields ignored) → banned (403 `40007`) → roles (each
+//!   must exist: 404 `10011`; Manage Roles + not managed + strictly below the
+//!   bot's highest role, else 403 `50013`) → `nick` needs Manage Nicknames →
+//!   guild limit (400 `30001`, like Discord's other 30xxx limit errors).
+//! * Role add/remove: Manage Roles (50013) → member (10007) → role (10011) →
+//!   managed/`@everyone`/hierarchy (50013). Idempotent, always 204.
+//! * Kick: Kick Members → member (10007) → owner can't be kicked, target's
+//!   highest role must be strictly below the bot's (50013).
+//! * Hierarchy compares positions only (no id tie-break); the owner and
+//!   ADMINISTRATOR bypass permission checks, the owner also the hierarchy.
+//! * The `@everyone` role of a new [`GuildSpec`] has no permissions.
+//! * Bot install (`scope=bot`) places the bot's managed role above every
+//!   existing role; reinstalling updates that role's permissions.
+//! * Global limit: per bot token and per user bearer token; the token
+//!   exchange is not subject to it (it is bucketed, keyed as anonymous).
+//!   Forced global 429s only hit bot-token requests.
+//! * Injected 5xx happen before any processing (no side effect, no rate-limit
+//!   accounting, no rate-limit headers).
+//! * `Retry-After` header is whole seconds rounded up (at least 1), the body's
+//!   `retry_after` and `X-RateLimit-Reset-After` carry millisecond precision.
+//! * A shared-scope 429 (forced) blocks that bucket for its retry-after; a
+//!   request arriving during any advertised wait (Remaining 0 until reset, or
+//!   a 429's retry-after) counts as a violation. Forced 429s themselves never
+//!   do, and shared-scope 429s are excluded from `invalid_requests` as on
+//!   Discord.
+//! * Codes are consumed by any exchange attempt that names them (also a
+//!   failed one with a wrong `redirect_uri`). Refreshing rotates the refresh
+//!   token; the previous access token stays valid until it expires.
+//! * A non-form token request is not understood, so it fails like a form
+//!   without `grant_type`: 400 `unsupported_grant_type`.
+
+mod config;
+mod consent;
+mod model;
+mod oauth;
+mod ratelimit;
+mod server;
+mod state;
+mod util;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use config::{
+    BucketLimit, DEFAULT_BOT_TOKEN, DEFAULT_BOT_USER_ID, DEFAULT_CLIENT_SECRET, FaultConfig,
+    ForcedRateLimit, ForcedScope, Latency, RateLimitConfig, RouteKind, SandboxConfig,
+};
+pub use consent::{Consent, ConsentError};
+pub use model::{GuildIds, GuildSpec, MemberView, RoleSpec, RoleView, UserSpec, permissions};
+pub use ratelimit::RateLimitScope;
+pub use state::{RequestRecord, Stats, TokenGrant};
+
+use model::{Guild, Member, Role, User};
+use state::{Shared, State};
+
+/// A running sandbox. Stops serving when dropped or on [`Sandbox::shutdown`].
+///
+/// All methods take `&self` and are safe to call while requests are served.
+pub struct Sandbox {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("addr", &self.addr).finish()
+    }
+}
+
+impl Sandbox {
+    /// Starts serving on `127.0.0.1:<random port>`.
+    ///
+    /// # Panics
+    /// If no loopback port can be bound.
+    pub async fn start(config: SandboxConfig) -> Sandbox {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_on(config, addr)
+            .await
+            .expect("sandbox-discord: cannot bind a loopback port")
+    }
+
+    /// Starts serving on `addr` (e.g. `0.0.0.0:8081` in a container).
+    pub async fn start_on(config: SandboxConfig, addr: SocketAddr) -> std::io::Result<Sandbox> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::new(&config)),
+            cfg: config,
+        });
+        let app = server::router(shared.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "sandbox-discord server stopped");
+            }
+        });
+        tracing::debug!(%addr, "sandbox-discord listening");
+        Ok(Sandbox {
+            shared,
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Stops serving and waits for in-flight requests to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    // -- addresses and credentials ------------------------------------------
+
+    /// The bound socket address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT` (an unspecified bind address is shown as
+    /// `127.0.0.1`).
+    pub fn base_url(&self) -> String {
+        let mut addr = self.addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip([127, 0, 0, 1].into());
+        }
+        format!("http://{addr}")
+    }
+
+    /// `http://127.0.0.1:PORT/api/v10`.
+    pub fn api_base(&self) -> String {
+        format!("{}/api/v10", self.base_url())
+    }
+
+    /// `http://127.0.0.1:PORT/oauth2/authorize`.
+    pub fn authorize_url(&self) -> String {
+        format!("{}/oauth2/authorize", self.base_url())
+    }
+
+    /// The configuration the sandbox was started with.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.shared.cfg
+    }
+
+    /// The bot token (`Authorization: Bot <token>`).
+    pub fn bot_token(&self) -> &str {
+        &self.shared.cfg.bot_token
+    }
+
+    /// The bot's user id.
+    pub fn bot_user_id(&self) -> u64 {
+        self.shared.cfg.bot_user_id
+    }
+
+    /// The OAuth2 client id.
+    pub fn client_id(&self) -> u64 {
+        self.shared.cfg.client_id
+    }
+
+    /// The OAuth2 client secret.
+    pub fn client_secret(&self) -> &str {
+        &self.shared.cfg.client_secret
+    }
+
+    // -- world setup ----------------------------------------------------------
+
+    fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut self.shared.lock())
+    }
+
+    fn with_guild<R>(&self, guild_id: u64, f: impl FnOnce(&mut Guild) -> R) -> R {
+        self.with_state(|st| {
+            let guild = st
+                .world
+                .guilds
+                .get_mut(&guild_id)
+                .unwrap_or_else(|| panic!("sandbox-discord: unknown guild {guild_id}"));
+            f(guild)
+        })
+    }
+
+    /// Creates a user and returns its id.
+    pub fn add_user(&self, spec: UserSpec) -> u64 {
+        self.with_state(|st| {
+            let id = spec.id.unwrap_or_else(|| st.ids.next());
+            st.ids.observe(id);
+            st.world.users.insert(
+                id,
+                User {
+                    id,
+                    username: spec.username,
+                    global_name: spec.global_name,
+                    bot: false,
+                    at_guild_limit: spec.at_guild_limit,
+                },
+            );
+            for g in spec.banned_from {
+                if let Some(guild) = st.world.guilds.get_mut(&g) {
+                    guild.bans.insert(id);
+                    guild.members.remove(&id);
+                }
+            }
+            id
+        })
+    }
+
+    /// Creates a guild (with its owner, `@everyone`, the spec roles and —
+    /// unless [`GuildSpec::without_bot`] — the bot and its managed role).
+    ///
+    /// # Panics
+    /// If [`GuildSpec::with_owner`] names an unknown user.
+    pub fn add_guild(&self, spec: GuildSpec) -> GuildIds {
+        let cfg = &self.shared.cfg;
+        self.with_state(|st| {
+            let guild_id = spec.id.unwrap_or_else(|| st.ids.next());
+            st.ids.observe(guild_id);
+            let owner_id = match spec.owner {
+                Some(o) => {
+                    assert!(
+                        st.world.users.contains_key(&o),
+                        "sandbox-discord: unknown owner user {o}"
+                    );
+                    o
+                }
+                None => {
+                    let id = st.ids.next();
+                    st.world.users.insert(
+                        id,
+                        User {
+                            id,
+                            username: format!("owner-{id}"),
+                            global_name: Some(format!("Owner of {}", spec.name)),
+                            bot: false,
+                            at_guild_limit: false,
+                        },
+                    );
+                    id
+                }
+            };
+            let mut guild = Guild {
+                id: guild_id,
+                name: spec.name,
+                owner_id,
+                roles: Default::default(),
+                members: Default::default(),
+                bans: Default::default(),
+            };
+            guild.roles.insert(
+                guild_id,
+                Role {
+                    id: guild_id,
+                    name: "@everyone".into(),
+                    position: 0,
+                    permissions: spec.everyone_permissions,
+                    managed: false,
+                    bot_id: None,
+                },
+            );
+            let mut roles = Vec::new();
+            for r in spec.roles {
+                let id = r.id.unwrap_or_else(|| st.ids.next());
+                st.ids.observe(id);
+                guild.roles.insert(
+                    id,
+                    Role {
+                        id,
+                        name: r.name.clone(),
+                        position: r.position,
+                        permissions: r.permissions,
+                        managed: r.managed,
+                        bot_id: None,
+                    },
+                );
+                roles.push((r.name, id));
+            }
+            guild.members.insert(
+                owner_id,
+                Member {
+                    user_id: owner_id,
+                    roles: BTreeSet::new(),
+                    nick: None,
+                    joined_at: SystemTime::now(),
+                },
+            );
+            st.world.guilds.insert(guild_id, guild);
+            let bot_role_id = if spec.bot {
+                st.install_bot(cfg, guild_id, spec.bot_permissions, spec.bot_role_position)
+            } else {
+                None
+            };
+            GuildIds {
+                guild_id,
+                everyone_role_id: guild_id,
+                owner_id,
+                bot_role_id,
+                roles,
+            }
+        })
+    }
+
+    /// Adds a role to a guild and returns its id.
+    ///
+    /// # Panics
+    /// If the guild is unknown.
+    pub fn add_role(&self, guild_id: u64, spec: RoleSpec) -> u64 {
+        self.with_state(|st| {
+            let id = spec.id.unwrap_or_else(|| st.ids.next());
+            st.ids.observe(id);
+            let guild = st
+                .world
+                .guilds
+                .get_mut(&guild_id)
+                .unwrap_or_else(|| panic!("sandbox-discord: unknown guild {guild_id}"));
+            guild.roles.insert(
+                id,
+                Role {
+                    id,
+                    name: spec.name,
+                    position: spec.position,
+                    permissions: spec.permissions,
+                    managed: spec.managed,
+                    bot_id: None,
+                },
+            );
+            id
+        })
+    }
+
+    /// Moves a role in the hierarchy.
+    ///
+    /// # Panics
+    /// If the guild or role is unknown.
+    pub fn set_role_position(&self, guild_id: u64, role_id: u64, position: i64) {
+        self.with_guild(guild_id, |g| {
+            g.roles
+                .get_mut(&role_id)
+                .unwrap_or_else(|| panic!("sandbox-discord: unknown role {role_id}"))
+                .position = position;
+        });
+    }
+
+    /// Changes a role's permissions.
+    ///
+    /// # Panics
+    /// If the guild or role is unknown.
+    pub fn set_role_permissions(&self, guild_id: u64, role_id: u64, permissions: u64) {
+        self.with_guild(guild_id, |g| {
+            g.roles
+                .get_mut(&role_id)
+                .unwrap_or_else(|| panic!("sandbox-discord: unknown role {role_id}"))
+                .permissions = permissions;
+        });
+    }
+
+    /// Deletes a role (and removes it from every member).
+    ///
+    /// # Panics
+    /// If the guild is unknown.
+    pub fn delete_role(&self, guild_id: u64, role_id: u64) {
+        self.with_guild(guild_id, |g| {
+            g.roles.remove(&role_id);
+            for m in g.members.values_mut() {
+                m.roles.remove(&role_id);
+            }
+        });
+    }
+
+    /// Puts the bot into the guild (if absent) and sets its managed role's
+    /// permissions, like a bot install. Returns the bot role id.
+    ///
+    /// # Panics
+    /// If the guild is unknown.
+    pub fn install_bot(&self, guild_id: u64, permissions: u64) -> u64 {
+        let cfg = &self.shared.cfg;
+        self.with_state(|st| st.install_bot(cfg, guild_id, permissions, None))
+            .unwrap_or_else(|| panic!("sandbox-discord: unknown guild {guild_id}"))
+    }
+
+    /// Removes the bot (and its managed role) from a guild.
+    ///
+    /// # Panics
+    /// If the guild is unknown.
+    pub fn remove_bot(&self, guild_id: u64) {
+        let bot = self.bot_user_id();
+        self.with_guild(guild_id, |g| {
+            g.members.remove(&bot);
+            g.roles.retain(|_, r| r.bot_id != Some(bot));
+        });
+    }
+
+    /// Adds (or replaces) a member with the given roles.
+    ///
+    /// # Panics
+    /// If the guild or user is unknown.
+    pub fn add_member(&self, guild_id: u64, user_id: u64, roles: &[u64]) {
+        self.with_state(|st| {
+            assert!(
+                st.world.users.contains_key(&user_id),
+                "sandbox-discord: unknown user {user_id}"
+            );
+            let g = st
+                .world
+                .guilds
+                .get_mut(&guild_id)
+                .unwrap_or_else(|| panic!("sandbox-discord: unknown guild {guild_id}"));
+            g.members.insert(
+                user_id,
+                Member {
+                    user_id,
+                    roles: roles.iter().copied().filter(|r| *r != guild_id).collect(),
+                    nick: None,
+                    joined_at: SystemTime::now(),
+                },
+            );
+        });
+    }
+
+    /// Removes a member (no-op if absent).
+    ///
+    /// # Panics
+    /// If the guild is unknown.
+    pub fn remove_member(&self, guild_id: u64, user_id: u64) {
+        self.with_guild(guild_id, |g| {
+            g.members.remove(&user_id);
+        });
+    }
+
+    /// Bans a user from a guild (removing their membership).
+    ///
+    /// # Panics
+    /// If the guild is unknown.
+    pub fn ban(&self, guild_id: u64, user_id: u64) {
+        self.with_guild(guild_id, |g| {
+            g.bans.insert(user_id);
+            g.members.remove(&user_id);
+        });
+    }
+
+    /// Marks a user as being in the maximum number of guilds (or not).
+    pub fn set_at_guild_limit(&self, user_id: u64, at_limit: bool) {
+        self.with_state(|st| {
+            if let Some(u) = st.world.users.get_mut(&user_id) {
+                u.at_guild_limit = at_limit;
+            }
+        });
+    }
+
+    /// Switches the privileged members intent.
+    pub fn set_members_intent(&self, on: bool) {
+        self.with_state(|st| st.members_intent = on);
+    }
+
+    /// Issues tokens for a user directly, skipping the consent flow.
+    ///
+    /// # Panics
+    /// If the user is unknown.
+    pub fn issue_token(&self, user_id: u64, scopes: &[&str]) -> TokenGrant {
+        let cfg = &self.shared.cfg;
+        self.with_state(|st| {
+            assert!(
+                st.world.users.contains_key(&user_id),
+                "sandbox-discord: unknown user {user_id}"
+            );
+            st.issue_tokens(
+                cfg,
+                user_id,
+                scopes.iter().map(|s| (*s).to_owned()).collect(),
+            )
+        })
+    }
+
+    /// Revokes every access and refresh token of a user.
+    pub fn revoke_tokens(&self, user_id: u64) {
+        self.with_state(|st| {
+            st.oauth.access.retain(|_, g| g.user_id != user_id);
+            st.oauth.refresh.retain(|_, g| g.user_id != user_id);
+        });
+    }
+
+    // -- inspection -----------------------------------------------------------
+
+    /// The member, if `user_id` is in the guild.
+    pub fn member(&self, guild_id: u64, user_id: u64) -> Option<MemberView> {
+        self.with_state(|st| {
+            let g = st.world.guilds.get(&guild_id)?;
+            g.members.get(&user_id).map(|m| g.member_view(m))
+        })
+    }
+
+    /// Every member of a guild, by user id.
+    pub fn members(&self, guild_id: u64) -> Vec<MemberView> {
+        self.with_state(|st| {
+            st.world.guilds.get(&guild_id).map_or_else(Vec::new, |g| {
+                g.members.values().map(|m| g.member_view(m)).collect()
+            })
+        })
+    }
+
+    /// The roles of a guild, by position.
+    pub fn roles(&self, guild_id: u64) -> Vec<RoleView> {
+        self.with_state(|st| {
+            st.world
+                .guilds
+                .get(&guild_id)
+                .map_or_else(Vec::new, Guild::role_views)
+        })
+    }
+
+    /// The bot's computed guild permissions (`None` if the bot is not in the
+    /// guild or the guild is unknown).
+    pub fn bot_permissions(&self, guild_id: u64) -> Option<u64> {
+        let bot = self.bot_user_id();
+        self.with_state(|st| {
+            let g = st.world.guilds.get(&guild_id)?;
+            g.members.contains_key(&bot).then(|| g.permissions_of(bot))
+        })
+    }
+
+    /// Every request so far, in arrival order of completion.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.with_state(|st| st.log.clone())
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Stats {
+        self.with_state(|st| st.stats.clone())
+    }
+
+    /// Clears the request log and the counters (not the rate-limit state).
+    pub fn reset_stats(&self) {
+        self.with_state(|st| {
+            st.log.clear();
+            st.stats = Stats::default();
+        });
+    }
+
+    // -- faults and limits ------------------------------------------------------
+
+    /// The current fault settings.
+    pub fn faults(&self) -> FaultConfig {
+        self.with_state(|st| st.faults.clone())
+    }
+
+    /// Replaces the fault settings.
+    pub fn set_faults(&self, faults: FaultConfig) {
+        self.with_state(|st| st.faults = faults);
+    }
+
+    /// Sets the share of API requests answered with an injected 5xx.
+    pub fn set_error_rate(&self, rate: f64) {
+        self.with_state(|st| st.faults.error_rate = rate);
+    }
+
+    /// Sets the added latency.
+    pub fn set_latency(&self, latency: Latency) {
+        self.with_state(|st| st.faults.latency = latency);
+    }
+
+    /// Queues forced 429s (applied before the earned limits, in queue order).
+    pub fn force_rate_limit(&self, forced: ForcedRateLimit) {
+        if forced.count > 0 {
+            self.with_state(|st| st.forced.push_back(forced));
+        }
+    }
+
+    /// Forced 429s still queued.
+    pub fn pending_forced_rate_limits(&self) -> u32 {
+        self.with_state(|st| st.forced.iter().map(|f| f.count).sum())
+    }
+
+    /// Replaces the rate-limit settings (existing windows keep running).
+    pub fn set_rate_limits(&self, limits: RateLimitConfig) {
+        self.with_state(|st| st.rate_limits = limits);
+    }
+
+    // -- consent --------------------------------------------------------------
+
+    /// Plays the customer on the consent page through real HTTP: GETs
+    /// `authorize_url` (with `login=<user_id>`, i.e. a browser logged in as
+    /// that user), fills in the form like a browser (the user in the login
+    /// select; for [`Consent::InstallBot`] the server select), presses the
+    /// button and returns the redirect `Location`.
+    pub async fn consent(
+        &self,
+        authorize_url: &str,
+        user_id: u64,
+        consent: Consent,
+    ) -> Result<String, ConsentError> {
+        consent::perform(authorize_url, user_id, consent).await
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! Shared mutable state behind one mutex (never held across an `.await`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::time::Instant;
+
+use crate::config::{FaultConfig, ForcedRateLimit, RateLimitConfig, SandboxConfig};
+use crate::model::{Member, Snowflakes, User, World};
+use crate::ratelimit::{Limiter, RateLimitScope};
+use crate::util::random_token;
+
+/// Counters over everything the sandbox answered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Every HTTP request received (API, OAuth pages, unknown paths).
+    pub total_requests: u64,
+    /// All 429 answers (`rate_limited_forced + rate_limited_earned`).
+    pub rate_limited: u64,
+    /// 429s injected with [`Sandbox::force_rate_limit`](crate::Sandbox::force_rate_limit).
+    pub rate_limited_forced: u64,
+    /// 429s the client caused.
+    pub rate_limited_earned: u64,
+    /// 429s with `X-RateLimit-Global: true` (forced or earned).
+    pub global_rate_limited: u64,
+    /// Requests that arrived for a bucket while the sandbox had already told
+    /// the client it was exhausted (`X-RateLimit-Remaining: 0` or a 429's
+    /// retry-after, until that reset).
+    pub bucket_violations: u64,
+    /// Requests that arrived while a global 429's retry-after was running.
+    pub global_violations: u64,
+    /// 401 answers.
+    pub unauthorized: u64,
+    /// 403 answers.
+    pub forbidden: u64,
+    /// 401 + 403 + 429 answers, excluding `X-RateLimit-Scope: shared` 429s —
+    /// what Discord counts toward its invalid-request (Cloudflare ban) limit.
+    pub invalid_requests: u64,
+    /// 5xx answers injected by the fault settings.
+    pub injected_errors: u64,
+}
+
+impl Stats {
+    /// `bucket_violations + global_violations`.
+    pub fn violations(&self) -> u64 {
+        self.bucket_violations + self.global_violations
+    }
+}
+
+/// One logged request.
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    /// HTTP method.
+    pub method: String,
+    /// Path without query, e.g. `/api/v10/guilds/1/members/2`.
+    pub path: String,
+    /// Raw query string, if any.
+    pub query: Option<String>,
+    /// Answered status.
+    pub status: u16,
+    /// When the request arrived (tokio clock).
+    pub at: Instant,
+    /// When the request arrived (wall clock).
+    pub time: SystemTime,
+    /// `X-RateLimit-Bucket` of the route, if bucketed.
+    pub bucket: Option<String>,
+    /// Major parameter (guild id) of the bucket.
+    pub major: Option<u64>,
+    /// Scope of the 429, if the answer was one.
+    pub rate_limit_scope: Option<RateLimitScope>,
+    /// The answer was a forced 429.
+    pub forced: bool,
+    /// The request was sent into a bucket or global limit reported exhausted.
+    pub violation: bool,
+    /// The answer was an injected 5xx.
+    pub injected_error: bool,
+}
+
+/// Extra facts the request handler fills in for the log.
+#[derive(Debug, Default)]
+pub(crate) struct RecordInfo {
+    pub bucket: Option<String>,
+    pub major: Option<u64>,
+    pub scope: Option<RateLimitScope>,
+    pub forced: bool,
+    pub violation: bool,
+    pub injected_error: bool,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct CodeGrant {
+    pub user_id: u64,
+    pub redirect_uri: Option<String>,
+    pub scopes: Vec<String>,
+    pub expires_at: Instant,
+    pub guild_id: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct AccessGrant {
+    pub user_id: u64,
+    pub scopes: Vec<String>,
+    pub expires_at: Instant,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct RefreshGrant {
+    pub user_id: u64,
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct OAuthState {
+    pub codes: HashMap<String, CodeGrant>,
+    pub access: HashMap<String, AccessGrant>,
+    pub refresh: HashMap<String, RefreshGrant>,
+}
+
+/// Tokens issued to a user, as returned by the token endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenGrant {
+    /// Bearer access token.
+    pub access_token: String,
+    /// Refresh token (rotates on use).
+    pub refresh_token: String,
+    /// Lifetime of the access token.
+    pub expires_in: Duration,
+    /// Granted scopes, space separated.
+    pub scope: String,
+}
+
+pub(crate) struct State {
+    pub world: World,
+    pub oauth: OAuthState,
+    pub limiter: Limiter,
+    pub rate_limits: RateLimitConfig,
+    pub forced: VecDeque<ForcedRateLimit>,
+    pub faults: FaultConfig,
+    pub members_intent: bool,
+    pub stats: Stats,
+    pub log: Vec<RequestRecord>,
+    pub rng: StdRng,
+    pub ids: Snowflakes,
+}
+
+impl State {
+    pub(crate) fn new(cfg: &SandboxConfig) -> Self {
+        let rng = match cfg.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        let mut ids = Snowflakes::default();
+        ids.observe(cfg.bot_user_id);
+        let mut world = World::default();
+        world.users.insert(
+            cfg.bot_user_id,
+            User {
+                id: cfg.bot_user_id,
+                username: cfg.bot_username.clone(),
+                global_name: None,
+                bot: true,
+                at_guild_limit: false,
+            },
+        );
+        Self {
+            world,
+            oauth: OAuthState::default(),
+            limiter: Limiter::default(),
+            rate_limits: cfg.rate_limits.clone(),
+            forced: VecDeque::new(),
+            faults: cfg.faults.clone(),
+            members_intent: cfg.members_intent,
+            stats: Stats::default(),
+            log: Vec::new(),
+            rng,
+            ids,
+        }
+    }
+
+    pub(crate) fn issue_tokens(
+        &mut self,
+        cfg: &SandboxConfig,
+        user_id: u64,
+        scopes: Vec<String>,
+    ) -> TokenGrant {
+        let access_token = random_token(&mut self.rng, 30);
+        let refresh_token = random_token(&mut self.rng, 30);
+        self.oauth.access.insert(
+            access_token.clone(),
+            AccessGrant {
+                user_id,
+                scopes: scopes.clone(),
+                expires_at: Instant::now() + cfg.access_token_lifetime,
+            },
+        );
+        self.oauth.refresh.insert(
+            refresh_token.clone(),
+            RefreshGrant {
+                user_id,
+                scopes: scopes.clone(),
+            },
+        );
+        TokenGrant {
+            access_token,
+            refresh_token,
+            expires_in: cfg.access_token_lifetime,
+            scope: scopes.join(" "),
+        }
+    }
+
+    /// A live (unexpired) access token.
+    pub(crate) fn access_grant(&self, token: &str) -> Option<&AccessGrant> {
+        self.oauth
+            .access
+            .get(token)
+            .filter(|g| Instant::now() < g.expires_at)
+    }
+
+    /// Adds the bot to a guild (or updates its integration role) with exactly
+    /// `permissions`, as the bot-install OAuth flow does. Returns the role id.
+    pub(crate) fn install_bot(
+        &mut self,
+        cfg: &SandboxConfig,
+        guild_id: u64,
+        permissions: u64,
+        position: Option<i64>,
+    ) -> Option<u64> {
+        let role_id = self.ids.next();
+        let guild = self.world.guilds.get_mut(&guild_id)?;
+        let existing = guild
+            .roles
+            .values()
+            .find(|r| r.bot_id == Some(cfg.bot_user_id))
+            .map(|r| r.id);
+        let role_id = match existing {
+            Some(id) => {
+                if let Some(role) = guild.roles.get_mut(&id) {
+                    role.permissions = permissions;
+                    if let Some(p) = position {
+                        role.position = p;
+                    }
+                }
+                id
+            }
+            None => {
+                let position = position.unwrap_or_else(|| guild.top_position() + 1);
+                guild.roles.insert(
+                    role_id,
+                    crate::model::Role {
+                        id: role_id,
+                        name: cfg.bot_username.clone(),
+                        position,
+                        permissions,
+                        managed: true,
+                        bot_id: Some(cfg.bot_user_id),
+                    },
+                );
+                role_id
+            }
+        };
+        let member = guild
+            .members
+            .entry(cfg.bot_user_id)
+            .or_insert_with(|| Member {
+                user_id: cfg.bot_user_id,
+                roles: Default::default(),
+                nick: None,
+                joined_at: SystemTime::now(),
+            });
+        member.roles.insert(role_id);
+        Some(role_id)
+    }
+}
+
+/// What the server and the [`Sandbox`](crate::Sandbox) handle share.
+pub(crate) struct Shared {
+    pub cfg: SandboxConfig,
+    pub state: Mutex<State>,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

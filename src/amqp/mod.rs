@@ -1,0 +1,276 @@
+//! RabbitMQ: the connection every task shares, confirmed publishing, and topology.
+//!
+//! Recovery is ours, not lapin's: when the connection breaks, every task that used it
+//! sees an error, asks [`Broker::channel`] again, and that call reconnects (with
+//! backoff) and re-declares the topology once for everybody. Deliveries that were in
+//! flight are redelivered by the broker, and every consumer is idempotent.
+
+pub mod topology;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+pub use topology::Names;
+
+/// Header carrying a dead-letter reason (human-readable).
+pub const REASON_HEADER: &str = "x-guildgate-reason";
+/// Header carrying a dead-letter reason code (stable label).
+pub const REASON_CODE_HEADER: &str = "x-guildgate-reason-code";
+/// Header carrying the attempt count of a retried job.
+pub const ATTEMPT_HEADER: &str = "x-guildgate-attempt";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused (nacked) a publish to {0}")]
+    Nacked(String),
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error("the consumer was cancelled or its channel closed")]
+    ConsumerEnded,
+}
+
+/// The shared broker connection. Cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    url: SecretString,
+    name: String,
+    settings: Settings,
+    names: Names,
+    conn: Mutex<Option<Connection>>,
+    /// Set once the topology was declared on the current connection (readiness).
+    ready: std::sync::atomic::AtomicBool,
+    /// Declare the topology on every (re)connect.
+    declare: bool,
+}
+
+impl Broker {
+    pub fn new(settings: &Settings, name: &str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                url: settings.amqp.url.clone(),
+                name: name.to_string(),
+                settings: settings.clone(),
+                names: Names::from_settings(settings),
+                conn: Mutex::new(None),
+                ready: false.into(),
+                declare: true,
+            }),
+        }
+    }
+
+    /// A broker that never declares topology (`serve --no-declare`, read-only tools).
+    pub fn without_declare(settings: &Settings, name: &str) -> Self {
+        let b = Self::new(settings, name);
+        let inner = Inner {
+            url: b.inner.url.clone(),
+            name: b.inner.name.clone(),
+            settings: b.inner.settings.clone(),
+            names: b.inner.names.clone(),
+            conn: Mutex::new(None),
+            ready: false.into(),
+            declare: false,
+        };
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.inner.names
+    }
+
+    /// Connected, with the topology declared.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A new channel on the current connection, connecting first if needed (once; the
+    /// error is returned to the caller, which decides how to wait).
+    pub async fn try_channel(&self) -> Result<Channel, lapin::Error> {
+        let mut guard = self.inner.conn.lock().await;
+        if let Some(conn) = guard.as_ref() {
+            if conn.status().connected() {
+                match conn.create_channel().await {
+                    Ok(ch) => return Ok(ch),
+                    Err(e) => tracing::warn!(error = %e, "channel creation failed; reconnecting"),
+                }
+            }
+            self.inner
+                .ready
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            *guard = None;
+        }
+        let props = ConnectionProperties::default()
+            .with_connection_name(LongString::from(self.inner.name.as_str()));
+        let conn = Connection::connect(self.inner.url.expose_secret(), props).await?;
+        let ch = conn.create_channel().await?;
+        if self.inner.declare {
+            topology::declare(&ch, &self.inner.names, &self.inner.settings).await?;
+        }
+        tracing::info!(connection = %self.inner.name, declared = self.inner.declare, "connected to RabbitMQ");
+        self.inner
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        *guard = Some(conn);
+        Ok(ch)
+    }
+
+    /// A channel, waiting with backoff (forever, or until `shutdown`) while the broker is
+    /// unreachable. An outage pauses work; it never fails it.
+    pub async fn channel(&self, shutdown: &CancellationToken) -> Result<Channel, BrokerError> {
+        let mut backoff = reconnect_backoff();
+        loop {
+            match self.try_channel().await {
+                Ok(ch) => return Ok(ch),
+                Err(e) => {
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in = ?wait, "RabbitMQ unavailable");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// A channel in publisher-confirm mode.
+    pub async fn confirm_channel(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Channel, BrokerError> {
+        loop {
+            let ch = self.channel(shutdown).await?;
+            match ch.confirm_select(ConfirmSelectOptions::default()).await {
+                Ok(()) => return Ok(ch),
+                Err(e) => tracing::warn!(error = %e, "confirm.select failed; retrying"),
+            }
+        }
+    }
+
+    /// Closes the connection (tests, shutdown).
+    pub async fn close(&self) {
+        if let Some(conn) = self.inner.conn.lock().await.take() {
+            let _ = conn.close(200, "bye".into()).await;
+        }
+    }
+}
+
+/// Exponential from 100 ms to 5 s, never giving up.
+pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// A message to publish to one of guildgate's own queues (through the default exchange).
+#[derive(Clone, Debug)]
+pub struct Outgoing<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub message_id: &'a str,
+    pub body: &'a [u8],
+    pub headers: FieldTable,
+    pub kind: Option<&'a str>,
+}
+
+impl<'a> Outgoing<'a> {
+    pub fn to_queue(queue: &'a str, message_id: &'a str, body: &'a [u8]) -> Self {
+        Self {
+            exchange: "",
+            routing_key: queue,
+            message_id,
+            body,
+            headers: FieldTable::default(),
+            kind: None,
+        }
+    }
+
+    pub fn header(mut self, key: &str, value: AMQPValue) -> Self {
+        self.headers.insert(ShortString::from(key), value);
+        self
+    }
+}
+
+/// Publishes persistent messages on a confirm channel and waits until the broker has
+/// taken responsibility for all of them (acked). A nack or a returned (unroutable)
+/// message is an error: the caller keeps its copy and retries.
+pub async fn publish_confirmed(ch: &Channel, messages: &[Outgoing<'_>]) -> Result<(), BrokerError> {
+    let mut confirms = Vec::with_capacity(messages.len());
+    for m in messages {
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(m.message_id.into())
+            .with_headers(m.headers.clone());
+        if let Some(kind) = m.kind {
+            props = props.with_type(kind.into());
+        }
+        let confirm = ch
+            .basic_publish(
+                m.exchange.into(),
+                m.routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                m.body,
+                props,
+            )
+            .await?;
+        confirms.push((m.routing_key, confirm));
+    }
+    for (rk, confirm) in confirms {
+        let c = confirm.await?;
+        if !c.is_ack() || c.take_message().is_some() {
+            return Err(BrokerError::Nacked(rk.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// A string header value.
+pub fn header_str(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v))
+}
+
+/// Reads a header as text, whichever string type the publisher used.
+pub fn header_text(headers: Option<&FieldTable>, key: &str) -> Option<String> {
+    let v = headers?.inner().get(key)?;
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+/// Reads an integer header.
+pub fn header_int(headers: Option<&FieldTable>, key: &str) -> Option<i64> {
+    let v = headers?.inner().get(key)?;
+    match v {
+        AMQPValue::LongLongInt(i) => Some(*i),
+        AMQPValue::LongInt(i) => Some(*i as i64),
+        AMQPValue::ShortInt(i) => Some(*i as i64),
+        AMQPValue::LongUInt(i) => Some(*i as i64),
+        AMQPValue::ShortShortInt(i) => Some(*i as i64),
+        _ => None,
+    }
+}

@@ -1,0 +1,246 @@
+//! Everything guildgate owns in RabbitMQ, named from the queue prefix (DESIGN.md, Names),
+//! and its declaration.
+//!
+//! Every queue is a quorum queue (replicated, durable, with a delivery limit). Queues
+//! that can hold a message that will never succeed dead-letter to their `.dead` queue
+//! through the `<prefix>.dead-letter` direct exchange, with the at-least-once strategy,
+//! so a message is never dropped between the two. Retry tiers are TTL queues that
+//! dead-letter back into their work queue when the TTL expires; a tier is named by its
+//! delay because a queue's TTL cannot change once declared.
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::config::{Settings, format_duration_short};
+
+/// Routing keys of the platform's exchange that guildgate consumes.
+pub const PAYMENT_BINDINGS: [&str; 4] = [
+    "payment.succeeded",
+    "refund.succeeded",
+    "dispute.lost",
+    "subscription.#",
+];
+
+/// Names of everything guildgate owns.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub prefix: String,
+    /// The platform's topic exchange.
+    pub platform_exchange: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str, platform_exchange: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            platform_exchange: platform_exchange.to_string(),
+        }
+    }
+
+    pub fn from_settings(s: &Settings) -> Self {
+        Self::new(&s.amqp.queue_prefix, &s.amqp.exchange)
+    }
+
+    fn q(&self, name: &str) -> String {
+        format!("{}.{name}", self.prefix)
+    }
+
+    pub fn payment_events(&self) -> String {
+        self.q("payment-events")
+    }
+    pub fn discord_sync(&self) -> String {
+        self.q("discord-sync")
+    }
+    pub fn grant_events(&self) -> String {
+        self.q("grant-events")
+    }
+    pub fn webhooks(&self) -> String {
+        self.q("webhooks")
+    }
+    /// The dead-letter exchange (direct; routing key = the dead queue's name).
+    pub fn dead_letter_exchange(&self) -> String {
+        self.q("dead-letter")
+    }
+    /// `<queue>.dead`.
+    pub fn dead(queue: &str) -> String {
+        format!("{queue}.dead")
+    }
+    /// `<queue>.retry.<delay>`.
+    pub fn retry(queue: &str, delay: Duration) -> String {
+        format!("{queue}.retry.{}", format_duration_short(delay))
+    }
+
+    /// The work queues that have a dead-letter queue.
+    pub fn work_queues(&self) -> [String; 4] {
+        [
+            self.payment_events(),
+            self.discord_sync(),
+            self.grant_events(),
+            self.webhooks(),
+        ]
+    }
+
+    /// Every dead-letter queue guildgate owns.
+    pub fn dead_queues(&self) -> Vec<String> {
+        self.work_queues().iter().map(|q| Self::dead(q)).collect()
+    }
+}
+
+fn args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert(ShortString::from(*k), v.clone());
+    }
+    t
+}
+
+fn s(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v))
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Declares the whole topology. Idempotent: re-run on every start and reconnect.
+pub async fn declare(ch: &Channel, names: &Names, settings: &Settings) -> Result<(), lapin::Error> {
+    let ex_opts = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    // The platform's exchange: declared if missing, with the type it must have.
+    ch.exchange_declare(
+        names.platform_exchange.as_str().into(),
+        ExchangeKind::Topic,
+        ex_opts,
+        FieldTable::default(),
+    )
+    .await?;
+    let dlx = names.dead_letter_exchange();
+    ch.exchange_declare(
+        dlx.as_str().into(),
+        ExchangeKind::Direct,
+        ex_opts,
+        FieldTable::default(),
+    )
+    .await?;
+
+    let delivery_limit = AMQPValue::LongInt(settings.amqp.delivery_limit as i32);
+    let quorum = ("x-queue-type", s("quorum"));
+    let at_least_once = [
+        ("x-dead-letter-strategy", s("at-least-once")),
+        ("x-overflow", s("reject-publish")),
+    ];
+
+    for queue in names.work_queues() {
+        let dead = Names::dead(&queue);
+        ch.queue_declare(
+            dead.as_str().into(),
+            durable(),
+            args(std::slice::from_ref(&quorum)),
+        )
+        .await?;
+        ch.queue_bind(
+            dead.as_str().into(),
+            dlx.as_str().into(),
+            dead.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        let mut a = vec![
+            quorum.clone(),
+            ("x-dead-letter-exchange", s(&dlx)),
+            ("x-dead-letter-routing-key", s(&dead)),
+            ("x-delivery-limit", delivery_limit.clone()),
+        ];
+        a.extend(at_least_once.iter().cloned());
+        if queue == names.discord_sync() {
+            // One process owns Discord's rate limit; the others stand by.
+            a.push(("x-single-active-consumer", AMQPValue::Boolean(true)));
+        }
+        ch.queue_declare(queue.as_str().into(), durable(), args(&a))
+            .await?;
+    }
+
+    for key in PAYMENT_BINDINGS {
+        ch.queue_bind(
+            names.payment_events().as_str().into(),
+            names.platform_exchange.as_str().into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+
+    for (queue, delays) in [
+        (names.discord_sync(), &settings.sync.retry_delays),
+        (names.webhooks(), &settings.webhooks.retry_delays),
+    ] {
+        for delay in delays.iter().filter(|d| !d.is_zero()) {
+            let tier = Names::retry(&queue, *delay);
+            let mut a = vec![
+                quorum.clone(),
+                (
+                    "x-message-ttl",
+                    AMQPValue::LongLongInt(delay.as_millis() as i64),
+                ),
+                // Expired messages go back to the work queue through the default exchange.
+                ("x-dead-letter-exchange", s("")),
+                ("x-dead-letter-routing-key", s(&queue)),
+            ];
+            a.extend(at_least_once.iter().cloned());
+            ch.queue_declare(tier.as_str().into(), durable(), args(&a))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Every queue name `declare` creates (for cleanup and inspection).
+pub fn all_queues(names: &Names, settings: &Settings) -> Vec<String> {
+    let mut out: Vec<String> = names.work_queues().to_vec();
+    out.extend(names.dead_queues());
+    for (queue, delays) in [
+        (names.discord_sync(), &settings.sync.retry_delays),
+        (names.webhooks(), &settings.webhooks.retry_delays),
+    ] {
+        for d in delays.iter().filter(|d| !d.is_zero()) {
+            let t = Names::retry(&queue, *d);
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_design() {
+        let n = Names::new("guildgate", "payments");
+        assert_eq!(n.payment_events(), "guildgate.payment-events");
+        assert_eq!(
+            Names::dead(&n.payment_events()),
+            "guildgate.payment-events.dead"
+        );
+        assert_eq!(
+            Names::retry(&n.discord_sync(), Duration::from_secs(30)),
+            "guildgate.discord-sync.retry.30s"
+        );
+        assert_eq!(
+            Names::retry(&n.webhooks(), Duration::from_secs(7200)),
+            "guildgate.webhooks.retry.2h"
+        );
+    }
+}

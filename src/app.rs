@@ -1,0 +1,215 @@
+//! Start-up and shutdown. [`App::build`] connects, migrates, declares and binds (port 0
+//! in tests); [`App::run_until_stopped`] runs every task until the shutdown token fires,
+//! lets each finish what it holds, and reports which task ended and why.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use chrono::Duration as ChronoDuration;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::Broker;
+use crate::config::Settings;
+use crate::events::apply::Applier;
+use crate::events::consumer::EventConsumer;
+use crate::events::decode::DecodeLimits;
+use crate::grants::decide::Policy;
+use crate::grants::link::LinkBuilder;
+use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::outbox::Relay;
+use crate::store;
+
+/// What `serve` should run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub migrate: bool,
+    pub declare: bool,
+    pub consumers: bool,
+    pub relay: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            migrate: true,
+            declare: true,
+            consumers: true,
+            relay: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// A built, not yet running, guildgate.
+pub struct App {
+    pub settings: Arc<Settings>,
+    pub pool: PgPool,
+    pub broker: Broker,
+    pub metrics: Arc<Metrics>,
+    pub links: LinkBuilder,
+    pub relay: Relay,
+    listener: TcpListener,
+    options: Options,
+}
+
+impl App {
+    pub async fn build(settings: Settings, options: Options) -> Result<Self, StartError> {
+        let pool = store::pool(&settings.database)?;
+        if options.migrate {
+            store::migrate(&pool).await?;
+        }
+        let broker = if options.declare {
+            Broker::new(&settings, "guildgate")
+        } else {
+            Broker::without_declare(&settings, "guildgate")
+        };
+        // Connect (and declare) now, so a misconfigured broker fails the start.
+        broker
+            .try_channel()
+            .await?
+            .close(200, "declared".into())
+            .await?;
+        let listener = TcpListener::bind(&settings.http.addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: settings.http.addr.clone(),
+                source,
+            })?;
+        let metrics = Metrics::new();
+        let relay = Relay {
+            pool: pool.clone(),
+            broker: broker.clone(),
+            batch_size: settings.outbox.batch_size,
+            sweep_interval: settings.outbox.sweep_interval,
+            metrics: metrics.clone(),
+            crash_after_publish: Arc::new(AtomicBool::new(false)),
+        };
+        Ok(Self {
+            links: LinkBuilder::from_settings(&settings),
+            settings: Arc::new(settings),
+            pool,
+            broker,
+            metrics,
+            relay,
+            listener,
+            options,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound")
+    }
+
+    pub fn state(&self) -> AppState {
+        AppState {
+            settings: self.settings.clone(),
+            pool: self.pool.clone(),
+            broker: self.broker.clone(),
+            links: self.links.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    pub fn event_consumer(&self) -> EventConsumer {
+        let s = &self.settings;
+        EventConsumer {
+            pool: self.pool.clone(),
+            broker: self.broker.clone(),
+            applier: Applier {
+                links: self.links.clone(),
+                policy: Policy {
+                    revoke_on_subscription_refund: s.grants.revoke_on_subscription_refund,
+                },
+            },
+            limits: DecodeLimits {
+                max_bytes: s.amqp.max_message_bytes,
+                max_future_skew: ChronoDuration::from_std(s.grants.max_future_skew)
+                    .unwrap_or(ChronoDuration::hours(1)),
+            },
+            prefetch: s.amqp.prefetch,
+            batch_size: s.amqp.batch_size,
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// Runs until `shutdown` fires, then waits for every task to finish what it holds.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), String> {
+        let mut tasks: JoinSet<&'static str> = JoinSet::new();
+        let router = http::app(self.state());
+        let consumer = self.event_consumer();
+        let http_shutdown = shutdown.clone();
+        let listener = self.listener;
+        tasks.spawn(async move {
+            let r = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+            "http"
+        });
+        if self.options.consumers {
+            for _ in 0..self.settings.amqp.consumers {
+                let c = consumer.clone();
+                let s = shutdown.clone();
+                tasks.spawn(async move {
+                    c.run(s).await;
+                    "event consumer"
+                });
+            }
+        }
+        if self.options.relay {
+            let relay = self.relay.clone();
+            let s = shutdown.clone();
+            tasks.spawn(async move {
+                relay.run(s).await;
+                "outbox relay"
+            });
+        }
+        let mut first_exit: Option<&'static str> = None;
+        while let Some(done) = tasks.join_next().await {
+            let name = match done {
+                Ok(name) => name,
+                Err(e) => {
+                    tracing::error!(error = %e, "task panicked");
+                    "a task (panicked)"
+                }
+            };
+            if !shutdown.is_cancelled() {
+                tracing::error!(
+                    task = name,
+                    "task ended before shutdown; stopping everything"
+                );
+                first_exit.get_or_insert(name);
+                shutdown.cancel();
+            } else {
+                tracing::info!(task = name, "task stopped");
+            }
+        }
+        self.broker.close().await;
+        self.pool.close().await;
+        match first_exit {
+            Some(name) => Err(format!("task '{name}' ended unexpectedly")),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! Configuration: one typed tree, read from `config/default.toml` (embedded in the
+//! binary), then an optional file given with `--config`, then environment variables.
+//!
+//! Environment variables are `GUILDGATE_<SECTION>__<KEY>` (double underscore between
+//! section and key), plus `GUILDGATE_ENV` (`development` or `production`). They are a
+//! public contract and every key is listed in the README:
+//!
+//! - `GUILDGATE_DATABASE__URL`, `__MAX_CONNECTIONS`
+//! - `GUILDGATE_AMQP__URL`, `__EXCHANGE`, `__QUEUE_PREFIX`, `__PREFETCH`, `__CONSUMERS`,
+//!   `__BATCH_SIZE`, `__MAX_MESSAGE_BYTES`, `__DELIVERY_LIMIT`
+//! - `GUILDGATE_HTTP__ADDR`, `__PUBLIC_URL`, `__MAX_BODY_BYTES`
+//! - `GUILDGATE_DISCORD__API_BASE`, `__AUTHORIZE_URL`, `__CLIENT_ID`, `__CLIENT_SECRET`,
+//!   `__BOT_TOKEN`, `__OAUTH_LINK_TTL`, `__SIDE_REQUESTS_PER_S`,
+//!   `__INVALID_REQUEST_CEILING`, `__REQUEST_TIMEOUT`
+//! - `GUILDGATE_SECRETS__STATE_SIGNING_KEY`, `__TOKEN_ENCRYPTION_KEY`
+//! - `GUILDGATE_GRANTS__REVOKE_ON_SUBSCRIPTION_REFUND`, `__MAX_FUTURE_SKEW`
+//! - `GUILDGATE_OUTBOX__SWEEP_INTERVAL`, `__BATCH_SIZE`
+//! - `GUILDGATE_SYNC__RETRY_DELAYS`
+//! - `GUILDGATE_WEBHOOKS__RETRY_DELAYS`, `__ALLOW_PRIVATE_TARGETS`, `__TIMEOUT`,
+//!   `__WORKERS`, `__MAX_IN_FLIGHT_PER_ENDPOINT`
+//! - `GUILDGATE_LOG__FORMAT` (`text` or `json`)
+//!
+//! Secrets are [`SecretString`]: their `Debug` prints `[REDACTED]`, so logging the
+//! settings never leaks them.
+
+use std::path::Path;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+
+/// The configuration shipped with the binary; a file and the environment override it.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Development-only secret values from `config/default.toml`.
+const DEV_SECRETS: &[&str] = &[
+    "dev-client-secret",
+    "dev-bot-token",
+    "dev-state-signing-key-do-not-use-in-production",
+    "ZGV2LXRva2VuLWtleS1kby1ub3QtdXNlLWluLXByb2Q=",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Settings {
+    pub env: Environment,
+    pub database: DatabaseSettings,
+    pub amqp: AmqpSettings,
+    pub http: HttpSettings,
+    pub discord: DiscordSettings,
+    pub secrets: SecretSettings,
+    pub grants: GrantSettings,
+    pub outbox: OutboxSettings,
+    pub sync: SyncSettings,
+    pub webhooks: WebhookSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: SecretString,
+    pub max_connections: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct AmqpSettings {
+    pub url: SecretString,
+    /// The platform's topic exchange that carries every merchant's payment events.
+    pub exchange: String,
+    /// Prefix of every queue and exchange guildgate owns.
+    pub queue_prefix: String,
+    /// Unacknowledged deliveries each event consumer may hold.
+    pub prefetch: u16,
+    /// Event consumer tasks per process (each with its own channel).
+    pub consumers: usize,
+    /// Events applied in one database transaction at most.
+    pub batch_size: usize,
+    /// Larger message bodies are dead-lettered unread.
+    pub max_message_bytes: usize,
+    /// Quorum-queue `x-delivery-limit`: a message redelivered this often is dead-lettered
+    /// by the broker (guards against a message that crashes the process every time).
+    pub delivery_limit: u32,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct HttpSettings {
+    pub addr: String,
+    /// Public base URL, used for the OAuth `redirect_uri`.
+    pub public_url: String,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct DiscordSettings {
+    pub api_base: String,
+    pub authorize_url: String,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub bot_token: SecretString,
+    /// How long a grant's `oauth_url` stays valid.
+    #[serde(deserialize_with = "duration")]
+    pub oauth_link_ttl: Duration,
+    /// Budget for Discord calls made outside the syncer (validation, role listing, the
+    /// OAuth code exchange, reconcile reads), per process.
+    pub side_requests_per_s: u32,
+    /// 401/403/429 answers in a sliding 10 minutes after which guildgate stops calling.
+    pub invalid_request_ceiling: u32,
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct SecretSettings {
+    /// HMAC key that signs OAuth `state` values.
+    pub state_signing_key: SecretString,
+    /// Base64 of 32 bytes; encrypts customers' Discord tokens at rest.
+    pub token_encryption_key: SecretString,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct GrantSettings {
+    /// A full refund of a subscription payment revokes that subscription's grants.
+    pub revoke_on_subscription_refund: bool,
+    /// Events stamped further in the future than this are dead-lettered: applied, they
+    /// would make every later event of their subscription look stale.
+    #[serde(deserialize_with = "duration")]
+    pub max_future_skew: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct OutboxSettings {
+    #[serde(deserialize_with = "duration")]
+    pub sweep_interval: Duration,
+    pub batch_size: i64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct SyncSettings {
+    #[serde(deserialize_with = "duration_list")]
+    pub retry_delays: Vec<Duration>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct WebhookSettings {
+    #[serde(deserialize_with = "duration_list")]
+    pub retry_delays: Vec<Duration>,
+    pub allow_private_targets: bool,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    pub workers: usize,
+    pub max_in_flight_per_endpoint: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+impl Settings {
+    /// Defaults, then `file` (if any), then `GUILDGATE_*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, None)
+    }
+
+    /// Like [`Settings::load`], with the environment given explicitly (tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        let environment = config::Environment::with_prefix("GUILDGATE")
+            .prefix_separator("_")
+            .separator("__")
+            .source(env);
+        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        url::Url::parse(&self.http.public_url)
+            .map_err(|e| ConfigError::Invalid(format!("http.public_url: {e}")))?;
+        url::Url::parse(&self.discord.authorize_url)
+            .map_err(|e| ConfigError::Invalid(format!("discord.authorize_url: {e}")))?;
+        url::Url::parse(&self.discord.api_base)
+            .map_err(|e| ConfigError::Invalid(format!("discord.api_base: {e}")))?;
+        if self.amqp.queue_prefix.is_empty() || self.amqp.queue_prefix.len() > 100 {
+            return Err(ConfigError::Invalid(
+                "amqp.queue_prefix must be 1 to 100 characters".into(),
+            ));
+        }
+        if self.amqp.batch_size == 0 || self.amqp.consumers == 0 {
+            return Err(ConfigError::Invalid(
+                "amqp.batch_size and amqp.consumers must be at least 1".into(),
+            ));
+        }
+        if self.sync.retry_delays.is_empty() || self.webhooks.retry_delays.is_empty() {
+            return Err(ConfigError::Invalid(
+                "retry_delays needs at least one delay".into(),
+            ));
+        }
+        crate::crypto::TokenCipher::from_base64(&self.secrets.token_encryption_key)
+            .map_err(|e| ConfigError::Invalid(format!("secrets.token_encryption_key: {e}")))?;
+        if self.secrets.state_signing_key.expose_secret().len() < 32 {
+            return Err(ConfigError::Invalid(
+                "secrets.state_signing_key must be at least 32 characters".into(),
+            ));
+        }
+        if self.env == Environment::Production {
+            let dev = self.secrets_named_dev();
+            if !dev.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "GUILDGATE_ENV=production but these secrets still have their public development values: {}",
+                    dev.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The secret settings that still carry the public development values.
+    pub fn secrets_named_dev(&self) -> Vec<&'static str> {
+        let named: [(&'static str, &SecretString); 4] = [
+            ("discord.client_secret", &self.discord.client_secret),
+            ("discord.bot_token", &self.discord.bot_token),
+            ("secrets.state_signing_key", &self.secrets.state_signing_key),
+            (
+                "secrets.token_encryption_key",
+                &self.secrets.token_encryption_key,
+            ),
+        ];
+        named
+            .into_iter()
+            .filter(|(_, s)| DEV_SECRETS.contains(&s.expose_secret()))
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    /// The OAuth redirect target registered with Discord.
+    pub fn oauth_redirect_uri(&self) -> String {
+        format!(
+            "{}/oauth/discord/callback",
+            self.http.public_url.trim_end_matches('/')
+        )
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+fn duration_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match Raw::deserialize(d)? {
+        Raw::One(s) => s.split(',').map(str::to_owned).collect(),
+        Raw::Many(v) => v,
+    };
+    items
+        .iter()
+        .map(|s| parse_duration(s.trim()))
+        .collect::<Result<_, _>>()
+        .map_err(serde::de::Error::custom)
+}
+
+/// Parses `250ms`, `5s`, `30m`, `2h`, `7d` (and `0` or `0s` for "immediately").
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// A duration written as a queue-name suffix: `5s`, `30m`, `2h`, `500ms`.
+pub fn format_duration_short(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_and_env_overrides() {
+        let s = Settings::load_with_env(
+            None,
+            Some(env(&[
+                ("GUILDGATE_AMQP__QUEUE_PREFIX", "t1"),
+                ("GUILDGATE_DATABASE__URL", "postgres://x@y/z"),
+                ("GUILDGATE_SYNC__RETRY_DELAYS", "1s,2s"),
+                ("GUILDGATE_AMQP__PREFETCH", "7"),
+            ])),
+        )
+        .unwrap();
+        assert_eq!(s.amqp.queue_prefix, "t1");
+        assert_eq!(s.amqp.exchange, "payments");
+        assert_eq!(s.amqp.prefetch, 7);
+        assert_eq!(s.database.url.expose_secret(), "postgres://x@y/z");
+        assert_eq!(
+            s.sync.retry_delays,
+            vec![Duration::from_secs(1), Duration::from_secs(2)]
+        );
+        assert_eq!(s.webhooks.retry_delays[0], Duration::ZERO);
+        assert_eq!(s.discord.oauth_link_ttl, Duration::from_secs(7 * 86400));
+    }
+
+    #[test]
+    fn production_refuses_development_secrets() {
+        let err = Settings::load_with_env(None, Some(env(&[("GUILDGATE_ENV", "production")])))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("secrets.state_signing_key"), "{err}");
+        assert!(err.contains("discord.bot_token"), "{err}");
+    }
+
+    #[test]
+    fn production_starts_with_real_secrets() {
+        let s = Settings::load_with_env(
+            None,
+            Some(env(&[
+                ("GUILDGATE_ENV", "production"),
+                ("GUILDGATE_DISCORD__CLIENT_SECRET", "real-secret"),
+                ("GUILDGATE_DISCORD__BOT_TOKEN", "real-bot-token"),
+                (
+                    "GUILDGATE_SECRETS__STATE_SIGNING_KEY",
+                    "a-real-signing-key-of-enough-length-0123",
+                ),
+                (
+                    "GUILDGATE_SECRETS__TOKEN_ENCRYPTION_KEY",
+                    "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+                ),
+            ])),
+        )
+        .unwrap();
+        assert!(s.secrets_named_dev().is_empty());
+    }
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let s = Settings::load_with_env(None, Some(HashMap::new())).unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("dev-bot-token"));
+        assert!(!dbg.contains("dev-state-signing-key"));
+        assert!(!dbg.contains("guest:guest"));
+    }
+
+    #[test]
+    fn duration_names() {
+        assert_eq!(format_duration_short(Duration::from_secs(5)), "5s");
+        assert_eq!(format_duration_short(Duration::from_secs(300)), "5m");
+        assert_eq!(format_duration_short(Duration::from_secs(7200)), "2h");
+        assert_eq!(format_duration_short(Duration::from_millis(250)), "250ms");
+        assert_eq!(format_duration_short(Duration::ZERO), "0s");
+    }
+}

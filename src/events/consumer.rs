@@ -1,0 +1,337 @@
+//! Consumes `<prefix>.payment-events`.
+//!
+//! Deliveries are taken in batches (whatever has arrived, up to `amqp.batch_size`) and
+//! applied in one database transaction; only after it commits are they acked, so a crash
+//! in between redelivers instead of losing, and the processed-event ids make the
+//! redelivery a no-op. Messages that can never succeed are dead-lettered with their
+//! reason (confirmed by the broker before the original is acked) and never block the
+//! messages behind them. A database outage holds the batch and retries it with backoff:
+//! nothing is dead-lettered for a transient cause.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Consumer};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::Event;
+use super::apply::{Applied, Applier, lock_key};
+use super::decode::{DecodeError, DecodeLimits, Decoded, decode};
+use crate::amqp::{
+    self, Broker, BrokerError, Names, Outgoing, REASON_CODE_HEADER, REASON_HEADER, header_str,
+};
+use crate::metrics::Metrics;
+use crate::store;
+
+/// What to do with one delivery once its batch is settled. Only the loop acks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Acknowledge; the label is the metrics outcome.
+    Ack(&'static str),
+    /// Park in the dead-letter queue with a reason, then acknowledge.
+    DeadLetter { code: &'static str, reason: String },
+}
+
+/// The event consumer's settings and handles.
+#[derive(Clone)]
+pub struct EventConsumer {
+    pub pool: PgPool,
+    pub broker: Broker,
+    pub applier: Applier,
+    pub limits: DecodeLimits,
+    pub prefetch: u16,
+    pub batch_size: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+/// One delivery's bytes and metadata, detached from lapin so tests can build them.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    pub message_id: Option<String>,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+}
+
+impl Incoming {
+    fn of(d: &Delivery) -> Self {
+        Self {
+            message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+            routing_key: d.routing_key.to_string(),
+            body: d.data.clone(),
+        }
+    }
+}
+
+impl EventConsumer {
+    /// Decides and applies one batch. Returns one outcome per message, in order, once
+    /// the batch's transaction has committed; a transient database error is returned
+    /// as such and the caller retries the whole batch.
+    pub async fn handle_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>, sqlx::Error> {
+        let now = Utc::now();
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        let mut events: Vec<(usize, Event)> = Vec::new();
+        for (i, m) in batch.iter().enumerate() {
+            match decode(
+                m.message_id.as_deref(),
+                &m.routing_key,
+                &m.body,
+                self.limits,
+                now,
+            ) {
+                Ok(Decoded::Event(e)) => events.push((i, e)),
+                Ok(Decoded::Ignored { event_type }) => {
+                    tracing::debug!(%event_type, "ignoring event type guildgate does not act on");
+                    self.metrics.event(&event_type, "ignored");
+                    outcomes[i] = Some(Outcome::Ack("ignored"));
+                }
+                Err(e) => outcomes[i] = Some(dead_letter(&e)),
+            }
+        }
+        if !events.is_empty() {
+            match self.apply_all(&events, now).await {
+                Ok(applied) => {
+                    for ((i, e), a) in events.iter().zip(applied) {
+                        self.metrics.event(e.type_name(), a.as_str());
+                        outcomes[*i] = Some(Outcome::Ack(a.as_str()));
+                    }
+                }
+                Err(e) if store::is_transient(&e) => return Err(e),
+                Err(e) => {
+                    // Something in the batch is refused by the database for what it
+                    // is. Apply the events one by one to find it; the rest still apply.
+                    tracing::warn!(error = %e, "batch refused by the database; applying one by one");
+                    for (i, ev) in &events {
+                        match self
+                            .apply_all(std::slice::from_ref(&(*i, ev.clone())), now)
+                            .await
+                        {
+                            Ok(a) => {
+                                self.metrics.event(ev.type_name(), a[0].as_str());
+                                outcomes[*i] = Some(Outcome::Ack(a[0].as_str()));
+                            }
+                            Err(e) if store::is_transient(&e) => return Err(e),
+                            Err(e) => {
+                                tracing::error!(event_id = %ev.id, error = %e, "event refused by the database");
+                                outcomes[*i] = Some(Outcome::DeadLetter {
+                                    code: "database_rejected",
+                                    reason: format!("the database refused this event: {e}"),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.expect("every message has an outcome"))
+            .collect())
+    }
+
+    async fn apply_all(
+        &self,
+        events: &[(usize, Event)],
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Vec<Applied>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let keys: Vec<String> = events.iter().map(|(_, e)| lock_key(e)).collect();
+        store::ingest::lock_keys(&mut tx, &keys).await?;
+        let mut out = Vec::with_capacity(events.len());
+        for (_, e) in events {
+            let span = tracing::debug_span!("event", event_id = %e.id, event_type = e.type_name());
+            let _g = span.enter();
+            out.push(self.applier.apply(&mut tx, e, now).await?);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Consumes until `shutdown`: stops taking messages, finishes and acks the batch in
+    /// hand, and returns. Broker and database outages are waited out.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let queue = self.broker.names().payment_events();
+        loop {
+            let (ch, consumer, publisher) = match self.subscribe(&queue, &shutdown).await {
+                Ok(x) => x,
+                Err(_) => return, // shutting down
+            };
+            match self.consume(consumer, &publisher, &shutdown).await {
+                Ok(()) => {
+                    let _ = ch.close(200, "shutdown".into()).await;
+                    return;
+                }
+                Err(e) => {
+                    // The stream ended or the channel broke: subscribe again. Deliveries
+                    // we held unacked are redelivered by the broker.
+                    tracing::warn!(error = %e, "payment-events consumer interrupted; resubscribing");
+                    let _ = ch.close(200, "resubscribe".into()).await;
+                }
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        queue: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(Channel, Consumer, Channel), BrokerError> {
+        loop {
+            let ch = self.broker.channel(shutdown).await?;
+            let publisher = self.broker.confirm_channel(shutdown).await?;
+            let r = async {
+                ch.basic_qos(self.prefetch, BasicQosOptions::default())
+                    .await?;
+                ch.basic_consume(
+                    queue.into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            }
+            .await;
+            match r {
+                Ok(consumer) => return Ok((ch, consumer, publisher)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to {queue}; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn consume(
+        &self,
+        mut consumer: Consumer,
+        publisher: &Channel,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BrokerError> {
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                next = consumer.next() => next,
+            };
+            let mut batch = match first {
+                Some(Ok(d)) => vec![d],
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(BrokerError::ConsumerEnded),
+            };
+            // Take whatever else has already arrived, without waiting for more.
+            while batch.len() < self.batch_size {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(d))) => batch.push(d),
+                    _ => break,
+                }
+            }
+            let started = Instant::now();
+            let incoming: Vec<Incoming> = batch.iter().map(Incoming::of).collect();
+            let outcomes = self.handle_until_committed(&incoming, shutdown).await?;
+            self.metrics
+                .event_latency
+                .observe(started.elapsed().as_secs_f64());
+            self.settle(&batch, &incoming, &outcomes, publisher).await?;
+        }
+    }
+
+    /// Retries a batch through database outages until it commits. On shutdown during an
+    /// outage, gives up without acking (the broker redelivers).
+    async fn handle_until_committed(
+        &self,
+        batch: &[Incoming],
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<Outcome>, BrokerError> {
+        let mut backoff = amqp::reconnect_backoff();
+        loop {
+            match self.handle_batch(batch).await {
+                Ok(o) => return Ok(o),
+                Err(e) => {
+                    let wait = backoff.next().unwrap_or(std::time::Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; holding the batch");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn settle(
+        &self,
+        batch: &[Delivery],
+        incoming: &[Incoming],
+        outcomes: &[Outcome],
+        publisher: &Channel,
+    ) -> Result<(), BrokerError> {
+        let names: &Names = self.broker.names();
+        let dlx = names.dead_letter_exchange();
+        let dead = Names::dead(&names.payment_events());
+        let dead_ids: Vec<String> = incoming
+            .iter()
+            .map(|m| {
+                m.message_id.clone().unwrap_or_else(|| {
+                    super::decode::event_id(None, &m.body)
+                        .map(|i| i.to_string())
+                        .unwrap_or_default()
+                })
+            })
+            .collect();
+        let mut parked = Vec::new();
+        for (i, o) in outcomes.iter().enumerate() {
+            if let Outcome::DeadLetter { code, reason } = o {
+                tracing::warn!(message_id = %dead_ids[i], routing_key = %incoming[i].routing_key, code, %reason, "dead-lettering payment event");
+                let mut out = Outgoing {
+                    exchange: &dlx,
+                    routing_key: &dead,
+                    message_id: &dead_ids[i],
+                    body: &incoming[i].body,
+                    headers: batch[i].properties.headers().clone().unwrap_or_default(),
+                    kind: None,
+                }
+                .header(REASON_HEADER, header_str(reason))
+                .header(REASON_CODE_HEADER, header_str(code))
+                .header(
+                    "x-guildgate-source-queue",
+                    header_str(&names.payment_events()),
+                )
+                .header(
+                    "x-guildgate-routing-key",
+                    header_str(&incoming[i].routing_key),
+                );
+                out.headers.insert(
+                    "x-guildgate-dead-at".into(),
+                    AMQPValue::LongLongInt(Utc::now().timestamp()),
+                );
+                parked.push(out);
+                self.metrics
+                    .event(&incoming[i].routing_key, "dead_lettered");
+            }
+        }
+        if !parked.is_empty() {
+            // Confirmed by the broker before the originals are acked: a crash in between
+            // leaves a copy in both places, never in neither.
+            amqp::publish_confirmed(publisher, &parked).await?;
+        }
+        for d in batch {
+            d.ack(BasicAckOptions::default()).await?;
+        }
+        Ok(())
+    }
+}
+
+fn dead_letter(e: &DecodeError) -> Outcome {
+    Outcome::DeadLetter {
+        code: e.code(),
+        reason: e.to_string(),
+    }
+}

@@ -1,0 +1,684 @@
+//! The pure core of ingest: given what the database says (the [`Facts`] the shell loaded
+//! for one event) and the event, decide what changes. No I/O and no clock.
+//!
+//! The rules are the event table of DESIGN.md:
+//! - a one-time `payment.succeeded` grants each entitlement of each product in the cart,
+//!   unless a full refund or lost dispute of that payment was already seen;
+//! - `subscription.active` / `unpaused` (and any snapshot whose status is `active`) grant
+//!   each entitlement of the product that has no live grant for the subscription, unless
+//!   the last grant of that entitlement was revoked by hand;
+//! - `on_hold`, `paused`, `cancelled`, `expired`, `failed` revoke every live grant;
+//! - `plan_changed` also revokes what the new product lacks;
+//! - a full refund of a one-time payment, or a lost dispute, revokes that payment's grants;
+//! - a subscription event older than the last one applied changes nothing.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+
+use super::{GrantStatus, RevocationReason};
+use crate::events::{Event, EventKind, SubscriptionEventType, SubscriptionStatus};
+use crate::ids::{BrandId, CustomerId, EntitlementId, PaymentId, ProductId, SubscriptionId};
+
+/// A grant the event may touch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GrantFact {
+    pub id: String,
+    pub entitlement_id: EntitlementId,
+    pub customer_id: CustomerId,
+    pub status: GrantStatus,
+}
+
+/// What the shell loaded from the database for one event.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Facts {
+    /// Active entitlements attached to each product the event names.
+    pub product_entitlements: HashMap<ProductId, Vec<EntitlementId>>,
+    /// `payment.succeeded` (one-time), refund, dispute: every grant of the payment, any
+    /// status. Subscription events, and refunds of subscription payments: the live
+    /// grants of the subscription.
+    pub grants: Vec<GrantFact>,
+    /// Entitlements whose latest grant for this subscription was revoked by hand.
+    pub manually_revoked: HashSet<EntitlementId>,
+    /// When the last applied event of this subscription was stamped, if any.
+    pub subscription_last_event_at: Option<DateTime<Utc>>,
+    /// A full refund or lost dispute of this payment was seen (before the payment).
+    pub payment_reversed: Option<RevocationReason>,
+    /// Refund / dispute: the payment as recorded, `None` if guildgate never saw it;
+    /// `Some(None)` for a one-time payment, `Some(Some(sub))` for a subscription's.
+    pub payment_subscription: Option<Option<SubscriptionId>>,
+    /// The business has at least one entitlement (refunds and disputes are remembered
+    /// only for such businesses).
+    pub business_has_entitlements: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Policy {
+    /// A full refund of a subscription payment revokes the subscription's grants.
+    pub revoke_on_subscription_refund: bool,
+}
+
+/// Where a grant comes from: one per (entitlement, customer, source) is live at most.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GrantSource {
+    Payment(PaymentId),
+    Subscription(SubscriptionId),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    CreateGrant {
+        entitlement_id: EntitlementId,
+        customer_id: CustomerId,
+        brand_id: Option<BrandId>,
+        source: GrantSource,
+    },
+    RevokeGrant {
+        grant_id: String,
+        reason: RevocationReason,
+    },
+    /// Remember the subscription's latest snapshot (for ordering and refunds).
+    RecordSubscription,
+    /// Remember a payment (its subscription, for a later refund).
+    RecordPayment,
+    /// Remember a full refund or lost dispute, so a late payment grants nothing.
+    RecordReversal { reason: RevocationReason },
+}
+
+/// The outcome of deciding one event.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// Nothing here concerns guildgate (no entitlements for this business or product).
+    Irrelevant,
+    /// Older than the subscription's last applied event: changes nothing.
+    Stale,
+    /// Apply these effects (possibly none).
+    Apply(Vec<Effect>),
+}
+
+/// Decides one event. `facts` must have been loaded for this event.
+pub fn decide(facts: &Facts, event: &Event, policy: Policy) -> Verdict {
+    match &event.kind {
+        EventKind::PaymentSucceeded(p) => {
+            if p.subscription_id.is_some() {
+                // A subscription's payment grants nothing itself; remember which
+                // subscription it paid for, so a refund of it can be mapped.
+                if facts.subscription_last_event_at.is_none() && facts.payment_reversed.is_none() {
+                    return Verdict::Irrelevant;
+                }
+                let mut effects = vec![Effect::RecordPayment];
+                if facts.payment_reversed == Some(RevocationReason::Refund)
+                    && policy.revoke_on_subscription_refund
+                {
+                    effects.extend(revoke_live(&facts.grants, RevocationReason::Refund));
+                }
+                return Verdict::Apply(effects);
+            }
+            let wanted: Vec<&EntitlementId> = p
+                .product_ids
+                .iter()
+                .filter_map(|pid| facts.product_entitlements.get(pid))
+                .flatten()
+                .collect();
+            if wanted.is_empty() && facts.payment_reversed.is_none() {
+                return Verdict::Irrelevant;
+            }
+            let mut effects = vec![Effect::RecordPayment];
+            if facts.payment_reversed.is_some() {
+                // Refunded or lost before we saw it: grant nothing.
+                return Verdict::Apply(effects);
+            }
+            let mut seen: HashSet<&EntitlementId> = facts
+                .grants
+                .iter()
+                .filter(|g| g.customer_id == p.customer_id)
+                .map(|g| &g.entitlement_id)
+                .collect();
+            for ent in wanted {
+                // A cart with the same entitlement twice (two products) grants it once.
+                if seen.insert(ent) {
+                    effects.push(Effect::CreateGrant {
+                        entitlement_id: ent.clone(),
+                        customer_id: p.customer_id.clone(),
+                        brand_id: p.brand_id.clone(),
+                        source: GrantSource::Payment(p.payment_id.clone()),
+                    });
+                }
+            }
+            Verdict::Apply(effects)
+        }
+        EventKind::RefundSucceeded(r) => {
+            if r.is_partial {
+                return Verdict::Irrelevant;
+            }
+            reversal(facts, RevocationReason::Refund, policy)
+        }
+        EventKind::DisputeLost(_) => reversal(facts, RevocationReason::DisputeLost, policy),
+        EventKind::Subscription(kind, sub) => {
+            let entitlements = facts
+                .product_entitlements
+                .get(&sub.product_id)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let known = facts.subscription_last_event_at.is_some();
+            if entitlements.is_empty() && facts.grants.is_empty() && !known {
+                return Verdict::Irrelevant;
+            }
+            if let Some(last) = facts.subscription_last_event_at
+                && event.timestamp < last
+            {
+                return Verdict::Stale;
+            }
+            let mut effects = vec![Effect::RecordSubscription];
+            match implied(*kind, &sub.status) {
+                Implied::Grant => {
+                    let live: HashSet<&EntitlementId> =
+                        facts.grants.iter().map(|g| &g.entitlement_id).collect();
+                    let mut added = HashSet::new();
+                    for ent in entitlements {
+                        if !live.contains(ent)
+                            && !facts.manually_revoked.contains(ent)
+                            && added.insert(ent)
+                        {
+                            effects.push(Effect::CreateGrant {
+                                entitlement_id: ent.clone(),
+                                customer_id: sub.customer_id.clone(),
+                                brand_id: sub.brand_id.clone(),
+                                source: GrantSource::Subscription(sub.subscription_id.clone()),
+                            });
+                        }
+                    }
+                    if *kind == SubscriptionEventType::PlanChanged {
+                        for g in &facts.grants {
+                            if g.status.is_live() && !entitlements.contains(&g.entitlement_id) {
+                                effects.push(Effect::RevokeGrant {
+                                    grant_id: g.id.clone(),
+                                    reason: RevocationReason::PlanChanged,
+                                });
+                            }
+                        }
+                    }
+                }
+                Implied::Revoke(reason) => effects.extend(revoke_live(&facts.grants, reason)),
+                Implied::Nothing => {}
+            }
+            Verdict::Apply(effects)
+        }
+    }
+}
+
+fn reversal(facts: &Facts, reason: RevocationReason, policy: Policy) -> Verdict {
+    let mut effects = Vec::new();
+    match &facts.payment_subscription {
+        // A subscription's payment: its own events decide, unless configured otherwise.
+        Some(Some(_))
+            if reason == RevocationReason::Refund && policy.revoke_on_subscription_refund =>
+        {
+            effects.extend(revoke_live(&facts.grants, reason));
+        }
+        Some(Some(_)) => {}
+        Some(None) => effects.extend(revoke_live(&facts.grants, reason)),
+        // Not seen yet: remembered below, so the late payment grants nothing.
+        None => {}
+    }
+    if facts.business_has_entitlements || !effects.is_empty() {
+        effects.insert(0, Effect::RecordReversal { reason });
+        Verdict::Apply(effects)
+    } else {
+        Verdict::Irrelevant
+    }
+}
+
+fn revoke_live(grants: &[GrantFact], reason: RevocationReason) -> impl Iterator<Item = Effect> {
+    grants
+        .iter()
+        .filter(|g| g.status.is_live())
+        .map(move |g| Effect::RevokeGrant {
+            grant_id: g.id.clone(),
+            reason,
+        })
+}
+
+enum Implied {
+    Grant,
+    Revoke(RevocationReason),
+    Nothing,
+}
+
+/// What a subscription event means. Events named for a state change say so themselves;
+/// `renewed`, `updated` and `plan_changed` carry a snapshot whose status decides.
+fn implied(kind: SubscriptionEventType, status: &SubscriptionStatus) -> Implied {
+    use RevocationReason as R;
+    use SubscriptionEventType as T;
+    match kind {
+        T::Active | T::Unpaused => Implied::Grant,
+        T::OnHold => Implied::Revoke(R::SubscriptionOnHold),
+        T::Paused => Implied::Revoke(R::SubscriptionPaused),
+        T::Cancelled => Implied::Revoke(R::SubscriptionCancelled),
+        T::Expired => Implied::Revoke(R::SubscriptionExpired),
+        T::Failed => Implied::Revoke(R::SubscriptionFailed),
+        T::Renewed | T::Updated | T::PlanChanged => match status {
+            SubscriptionStatus::Active => Implied::Grant,
+            SubscriptionStatus::OnHold => Implied::Revoke(R::SubscriptionOnHold),
+            SubscriptionStatus::Paused => Implied::Revoke(R::SubscriptionPaused),
+            SubscriptionStatus::Cancelled => Implied::Revoke(R::SubscriptionCancelled),
+            SubscriptionStatus::Expired => Implied::Revoke(R::SubscriptionExpired),
+            SubscriptionStatus::Failed => Implied::Revoke(R::SubscriptionFailed),
+            SubscriptionStatus::Pending | SubscriptionStatus::Other(_) => Implied::Nothing,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Dispute, Payment, Refund, Subscription};
+    use crate::ids::{BusinessId, EventId};
+
+    fn ent(s: &str) -> EntitlementId {
+        EntitlementId::parse(s).unwrap()
+    }
+    fn t(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+    fn event(kind: EventKind, at: &str) -> Event {
+        Event {
+            id: EventId::parse("evt").unwrap(),
+            business_id: BusinessId::parse("bus").unwrap(),
+            timestamp: t(at),
+            kind,
+        }
+    }
+    fn cus() -> CustomerId {
+        CustomerId::parse("cus").unwrap()
+    }
+    fn payment(sub: Option<&str>, products: &[&str]) -> EventKind {
+        EventKind::PaymentSucceeded(Payment {
+            payment_id: PaymentId::parse("pay").unwrap(),
+            customer_id: cus(),
+            brand_id: None,
+            subscription_id: sub.map(|s| SubscriptionId::parse(s).unwrap()),
+            product_ids: products
+                .iter()
+                .map(|p| ProductId::parse(*p).unwrap())
+                .collect(),
+        })
+    }
+    fn subscription(kind: SubscriptionEventType, product: &str, status: &str) -> EventKind {
+        EventKind::Subscription(
+            kind,
+            Subscription {
+                subscription_id: SubscriptionId::parse("sub").unwrap(),
+                product_id: ProductId::parse(product).unwrap(),
+                customer_id: cus(),
+                brand_id: None,
+                status: SubscriptionStatus::parse(status),
+            },
+        )
+    }
+    fn grant(id: &str, e: &str, status: GrantStatus) -> GrantFact {
+        GrantFact {
+            id: id.into(),
+            entitlement_id: ent(e),
+            customer_id: cus(),
+            status,
+        }
+    }
+    fn products(pairs: &[(&str, &[&str])]) -> HashMap<ProductId, Vec<EntitlementId>> {
+        pairs
+            .iter()
+            .map(|(p, es)| {
+                (
+                    ProductId::parse(*p).unwrap(),
+                    es.iter().map(|e| ent(e)).collect(),
+                )
+            })
+            .collect()
+    }
+    fn created(v: &Verdict) -> Vec<&str> {
+        match v {
+            Verdict::Apply(es) => es
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::CreateGrant { entitlement_id, .. } => Some(entitlement_id.as_str()),
+                    _ => None,
+                })
+                .collect(),
+            _ => vec![],
+        }
+    }
+    fn revoked(v: &Verdict) -> Vec<(&str, RevocationReason)> {
+        match v {
+            Verdict::Apply(es) => es
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::RevokeGrant { grant_id, reason } => Some((grant_id.as_str(), *reason)),
+                    _ => None,
+                })
+                .collect(),
+            _ => vec![],
+        }
+    }
+
+    #[test]
+    fn one_time_payment_grants_each_entitlement_of_each_product_once() {
+        let facts = Facts {
+            product_entitlements: products(&[("p1", &["e1", "e2"]), ("p2", &["e2", "e3"])]),
+            ..Facts::default()
+        };
+        let v = decide(
+            &facts,
+            &event(payment(None, &["p1", "p2"]), "2026-01-01T00:00:00Z"),
+            Policy::default(),
+        );
+        assert_eq!(created(&v), ["e1", "e2", "e3"]);
+    }
+
+    #[test]
+    fn payment_already_granted_grants_nothing_more() {
+        let facts = Facts {
+            product_entitlements: products(&[("p1", &["e1"])]),
+            grants: vec![grant("g1", "e1", GrantStatus::Revoked)],
+            ..Facts::default()
+        };
+        let v = decide(
+            &facts,
+            &event(payment(None, &["p1"]), "2026-01-01T00:00:00Z"),
+            Policy::default(),
+        );
+        assert_eq!(v, Verdict::Apply(vec![Effect::RecordPayment]));
+    }
+
+    #[test]
+    fn payment_without_entitlements_is_irrelevant() {
+        let v = decide(
+            &Facts::default(),
+            &event(payment(None, &["p1"]), "2026-01-01T00:00:00Z"),
+            Policy::default(),
+        );
+        assert_eq!(v, Verdict::Irrelevant);
+    }
+
+    #[test]
+    fn subscription_payment_grants_nothing() {
+        let facts = Facts {
+            product_entitlements: products(&[("p1", &["e1"])]),
+            subscription_last_event_at: Some(t("2026-01-01T00:00:00Z")),
+            ..Facts::default()
+        };
+        let v = decide(
+            &facts,
+            &event(payment(Some("sub"), &["p1"]), "2026-01-01T00:00:00Z"),
+            Policy::default(),
+        );
+        assert_eq!(v, Verdict::Apply(vec![Effect::RecordPayment]));
+    }
+
+    #[test]
+    fn refund_or_dispute_before_payment_makes_it_grant_nothing() {
+        let facts = Facts {
+            product_entitlements: products(&[("p1", &["e1"])]),
+            payment_reversed: Some(RevocationReason::Refund),
+            ..Facts::default()
+        };
+        let v = decide(
+            &facts,
+            &event(payment(None, &["p1"]), "2026-01-01T00:00:00Z"),
+            Policy::default(),
+        );
+        assert_eq!(v, Verdict::Apply(vec![Effect::RecordPayment]));
+
+        let early = Facts {
+            business_has_entitlements: true,
+            ..Facts::default()
+        };
+        let refund = EventKind::RefundSucceeded(Refund {
+            refund_id: "r".into(),
+            payment_id: PaymentId::parse("pay").unwrap(),
+            is_partial: false,
+        });
+        assert_eq!(
+            decide(
+                &early,
+                &event(refund, "2026-01-01T00:00:00Z"),
+                Policy::default()
+            ),
+            Verdict::Apply(vec![Effect::RecordReversal {
+                reason: RevocationReason::Refund
+            }])
+        );
+    }
+
+    fn refund(partial: bool) -> EventKind {
+        EventKind::RefundSucceeded(Refund {
+            refund_id: "r".into(),
+            payment_id: PaymentId::parse("pay").unwrap(),
+            is_partial: partial,
+        })
+    }
+
+    #[test]
+    fn full_refund_of_one_time_payment_revokes_its_live_grants() {
+        let facts = Facts {
+            grants: vec![
+                grant("g1", "e1", GrantStatus::Delivered),
+                grant("g2", "e2", GrantStatus::Pending),
+                grant("g3", "e3", GrantStatus::Failed),
+                grant("g4", "e4", GrantStatus::Revoked),
+            ],
+            payment_subscription: Some(None),
+            business_has_entitlements: true,
+            ..Facts::default()
+        };
+        let v = decide(
+            &facts,
+            &event(refund(false), "2026-01-01T00:00:00Z"),
+            Policy::default(),
+        );
+        assert_eq!(
+            revoked(&v),
+            [
+                ("g1", RevocationReason::Refund),
+                ("g2", RevocationReason::Refund),
+                ("g3", RevocationReason::Refund)
+            ]
+        );
+        assert_eq!(
+            decide(
+                &facts,
+                &event(refund(true), "2026-01-01T00:00:00Z"),
+                Policy::default()
+            ),
+            Verdict::Irrelevant
+        );
+    }
+
+    #[test]
+    fn refund_of_subscription_payment_revokes_only_when_configured() {
+        let facts = Facts {
+            grants: vec![grant("g1", "e1", GrantStatus::Delivered)],
+            payment_subscription: Some(Some(SubscriptionId::parse("sub").unwrap())),
+            business_has_entitlements: true,
+            ..Facts::default()
+        };
+        let e = event(refund(false), "2026-01-01T00:00:00Z");
+        assert!(revoked(&decide(&facts, &e, Policy::default())).is_empty());
+        let on = Policy {
+            revoke_on_subscription_refund: true,
+        };
+        assert_eq!(
+            revoked(&decide(&facts, &e, on)),
+            [("g1", RevocationReason::Refund)]
+        );
+    }
+
+    #[test]
+    fn dispute_lost_revokes_payment_grants() {
+        let facts = Facts {
+            grants: vec![grant("g1", "e1", GrantStatus::Delivered)],
+            payment_subscription: Some(None),
+            business_has_entitlements: true,
+            ..Facts::default()
+        };
+        let d = EventKind::DisputeLost(Dispute {
+            dispute_id: "d".into(),
+            payment_id: PaymentId::parse("pay").unwrap(),
+        });
+        assert_eq!(
+            revoked(&decide(
+                &facts,
+                &event(d, "2026-01-01T00:00:00Z"),
+                Policy::default()
+            )),
+            [("g1", RevocationReason::DisputeLost)]
+        );
+    }
+
+    #[test]
+    fn subscription_event_table() {
+        use RevocationReason as R;
+        use SubscriptionEventType as T;
+        let live = Facts {
+            product_entitlements: products(&[("p1", &["e1"])]),
+            grants: vec![grant("g1", "e1", GrantStatus::Delivered)],
+            subscription_last_event_at: Some(t("2026-01-01T00:00:00Z")),
+            ..Facts::default()
+        };
+        let cases = [
+            (T::OnHold, "on_hold", R::SubscriptionOnHold),
+            (T::Paused, "paused", R::SubscriptionPaused),
+            (T::Cancelled, "cancelled", R::SubscriptionCancelled),
+            (T::Expired, "expired", R::SubscriptionExpired),
+            (T::Failed, "failed", R::SubscriptionFailed),
+            (T::Updated, "cancelled", R::SubscriptionCancelled),
+            (T::Renewed, "on_hold", R::SubscriptionOnHold),
+        ];
+        for (kind, status, reason) in cases {
+            let v = decide(
+                &live,
+                &event(subscription(kind, "p1", status), "2026-02-01T00:00:00Z"),
+                Policy::default(),
+            );
+            assert_eq!(revoked(&v), [("g1", reason)], "{kind:?}");
+            assert!(created(&v).is_empty());
+        }
+        for (kind, status) in [
+            (T::Renewed, "active"),
+            (T::Updated, "active"),
+            (T::Active, "active"),
+        ] {
+            let v = decide(
+                &live,
+                &event(subscription(kind, "p1", status), "2026-02-01T00:00:00Z"),
+                Policy::default(),
+            );
+            assert_eq!(
+                v,
+                Verdict::Apply(vec![Effect::RecordSubscription]),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn active_and_unpaused_grant_what_is_missing() {
+        let facts = Facts {
+            product_entitlements: products(&[("p1", &["e1", "e2"])]),
+            grants: vec![grant("g1", "e1", GrantStatus::Pending)],
+            ..Facts::default()
+        };
+        for kind in [
+            SubscriptionEventType::Active,
+            SubscriptionEventType::Unpaused,
+        ] {
+            let v = decide(
+                &facts,
+                &event(subscription(kind, "p1", "active"), "2026-02-01T00:00:00Z"),
+                Policy::default(),
+            );
+            assert_eq!(created(&v), ["e2"]);
+        }
+    }
+
+    #[test]
+    fn manual_revoke_is_never_followed_by_a_new_grant() {
+        let facts = Facts {
+            product_entitlements: products(&[("p1", &["e1", "e2"])]),
+            manually_revoked: [ent("e1")].into_iter().collect(),
+            subscription_last_event_at: Some(t("2026-01-01T00:00:00Z")),
+            ..Facts::default()
+        };
+        let v = decide(
+            &facts,
+            &event(
+                subscription(SubscriptionEventType::Active, "p1", "active"),
+                "2026-02-01T00:00:00Z",
+            ),
+            Policy::default(),
+        );
+        assert_eq!(created(&v), ["e2"]);
+    }
+
+    #[test]
+    fn older_subscription_event_is_stale() {
+        let facts = Facts {
+            product_entitlements: products(&[("p1", &["e1"])]),
+            subscription_last_event_at: Some(t("2026-02-01T00:00:00Z")),
+            ..Facts::default()
+        };
+        let v = decide(
+            &facts,
+            &event(
+                subscription(SubscriptionEventType::Active, "p1", "active"),
+                "2026-01-01T00:00:00Z",
+            ),
+            Policy::default(),
+        );
+        assert_eq!(v, Verdict::Stale);
+        let same = decide(
+            &facts,
+            &event(
+                subscription(SubscriptionEventType::Active, "p1", "active"),
+                "2026-02-01T00:00:00Z",
+            ),
+            Policy::default(),
+        );
+        assert_eq!(created(&same), ["e1"], "an equal timestamp is not older");
+    }
+
+    #[test]
+    fn plan_change_keeps_shared_revokes_lacking_adds_new() {
+        let facts = Facts {
+            product_entitlements: products(&[("vip", &["shared", "vip_only"])]),
+            grants: vec![
+                grant("g_shared", "shared", GrantStatus::Delivered),
+                grant("g_basic", "basic_only", GrantStatus::Delivered),
+            ],
+            subscription_last_event_at: Some(t("2026-01-01T00:00:00Z")),
+            ..Facts::default()
+        };
+        let v = decide(
+            &facts,
+            &event(
+                subscription(SubscriptionEventType::PlanChanged, "vip", "active"),
+                "2026-02-01T00:00:00Z",
+            ),
+            Policy::default(),
+        );
+        assert_eq!(created(&v), ["vip_only"]);
+        assert_eq!(revoked(&v), [("g_basic", RevocationReason::PlanChanged)]);
+    }
+
+    #[test]
+    fn subscription_of_product_without_entitlements_is_irrelevant() {
+        let v = decide(
+            &Facts::default(),
+            &event(
+                subscription(SubscriptionEventType::Active, "p1", "active"),
+                "2026-02-01T00:00:00Z",
+            ),
+            Policy::default(),
+        );
+        assert_eq!(v, Verdict::Irrelevant);
+    }
+}

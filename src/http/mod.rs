@@ -1,0 +1,33 @@
+//! HTTP: routers per concern, merged in [`app`]; the server itself is started by
+//! [`crate::app::App`].
+
+pub mod ops;
+
+use std::sync::Arc;
+
+use axum::Router;
+use sqlx::PgPool;
+
+use crate::amqp::Broker;
+use crate::config::Settings;
+use crate::grants::link::LinkBuilder;
+use crate::metrics::Metrics;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub pool: PgPool,
+    pub broker: Broker,
+    pub links: LinkBuilder,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The whole HTTP surface, without a socket (tests call it directly too).
+pub fn app(state: AppState) -> Router {
+    let limit = state.settings.http.max_body_bytes;
+    Router::new()
+        .merge(ops::router())
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(state)
+}

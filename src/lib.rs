@@ -1,0 +1,16 @@
+//! guildgate: sells access to Discord servers. Payment events come in from RabbitMQ,
+//! become grants, and reach Discord and the merchant's webhooks through an outbox.
+//! See DESIGN.md for the architecture; each module's doc says what it owns.
+
+pub mod amqp;
+pub mod app;
+pub mod config;
+pub mod crypto;
+pub mod events;
+pub mod grants;
+pub mod http;
+pub mod ids;
+pub mod metrics;
+pub mod outbox;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,153 @@
+//! Prometheus metrics: one registry per running app (tests run several apps in one
+//! process), exposed on `/metrics`.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(&'static str, String)>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+/// Every metric guildgate exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Payment events by `type` and `outcome` (applied, duplicate, stale, irrelevant,
+    /// ignored, dead_lettered).
+    pub events: Family<Labels, Counter>,
+    /// Seconds from receipt of a batch to its commit.
+    pub event_latency: Histogram,
+    /// Outbox rows relayed, by kind.
+    pub outbox_relayed: Family<Labels, Counter>,
+    /// Rows waiting in the outbox, and the age of the oldest (seconds).
+    pub outbox_backlog: Gauge,
+    pub outbox_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Discord syncs by outcome.
+    pub syncs: Family<Labels, Counter>,
+    /// Discord requests by route and status.
+    pub discord_requests: Family<Labels, Counter>,
+    /// 401/403/429 answers from Discord in the last 10 minutes.
+    pub discord_invalid_requests: Gauge,
+    /// Webhook attempts by outcome, and their latency.
+    pub webhook_attempts: Family<Labels, Counter>,
+    pub webhook_latency: Histogram,
+    /// Messages per queue, sampled.
+    pub queue_depth: Family<Labels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("guildgate");
+        let events = Family::<Labels, Counter>::default();
+        registry.register("events", "Payment events consumed", events.clone());
+        let event_latency = latency_histogram();
+        registry.register(
+            "event_batch_seconds",
+            "Seconds from receiving a batch of events to its commit",
+            event_latency.clone(),
+        );
+        let outbox_relayed = Family::<Labels, Counter>::default();
+        registry.register(
+            "outbox_relayed",
+            "Outbox rows relayed to RabbitMQ",
+            outbox_relayed.clone(),
+        );
+        let outbox_backlog = Gauge::default();
+        registry.register(
+            "outbox_backlog",
+            "Outbox rows waiting",
+            outbox_backlog.clone(),
+        );
+        let outbox_lag_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "outbox_lag_seconds",
+            "Age of the oldest outbox row",
+            outbox_lag_seconds.clone(),
+        );
+        let syncs = Family::<Labels, Counter>::default();
+        registry.register(
+            "discord_syncs",
+            "Discord sync jobs by outcome",
+            syncs.clone(),
+        );
+        let discord_requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "discord_requests",
+            "Discord API requests by route and status",
+            discord_requests.clone(),
+        );
+        let discord_invalid_requests = Gauge::default();
+        registry.register(
+            "discord_invalid_requests_10m",
+            "401/403/429 answers from Discord in the last 10 minutes",
+            discord_invalid_requests.clone(),
+        );
+        let webhook_attempts = Family::<Labels, Counter>::default();
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts by outcome",
+            webhook_attempts.clone(),
+        );
+        let webhook_latency = latency_histogram();
+        registry.register(
+            "webhook_seconds",
+            "Webhook delivery latency",
+            webhook_latency.clone(),
+        );
+        let queue_depth = Family::<Labels, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Messages ready in each queue",
+            queue_depth.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            events,
+            event_latency,
+            outbox_relayed,
+            outbox_backlog,
+            outbox_lag_seconds,
+            syncs,
+            discord_requests,
+            discord_invalid_requests,
+            webhook_attempts,
+            webhook_latency,
+            queue_depth,
+        })
+    }
+
+    pub fn event(&self, event_type: &str, outcome: &str) {
+        self.events
+            .get_or_create(&vec![
+                ("type", event_type.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+    }
+
+    /// The current value of an event counter (tests, benchmarks).
+    pub fn event_count(&self, event_type: &str, outcome: &str) -> u64 {
+        self.events
+            .get(&vec![
+                ("type", event_type.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .map(|c| c.get())
+            .unwrap_or(0)
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,172 @@
+//! The outbox relay: publishes rows written by committed transactions to RabbitMQ with
+//! publisher confirms, then deletes them.
+//!
+//! It wakes on `NOTIFY guildgate_outbox` (sent by a trigger when a transaction that
+//! inserted rows commits) and also sweeps every `outbox.sweep_interval`, which picks up
+//! rows a crash left behind and anything a lost notification missed. Rows are claimed
+//! with `FOR UPDATE SKIP LOCKED`, so several replicas relay side by side without
+//! publishing the same row at the same time. A crash between publish and delete
+//! publishes the row again later: every consumer downstream is idempotent and every
+//! message keeps its `message_id`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use lapin::Channel;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::{self, Broker, BrokerError, Outgoing};
+use crate::metrics::Metrics;
+use crate::store::outbox::{self, OutboxRow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("stopped between publish and delete (fault injection)")]
+    Injected,
+}
+
+/// The relay.
+#[derive(Clone)]
+pub struct Relay {
+    pub pool: PgPool,
+    pub broker: Broker,
+    pub batch_size: i64,
+    pub sweep_interval: Duration,
+    pub metrics: Arc<Metrics>,
+    /// Test hook: fail once after publishing and before deleting, as a crash would.
+    pub crash_after_publish: Arc<AtomicBool>,
+}
+
+impl Relay {
+    /// Relays one batch; returns how many rows it published.
+    pub async fn relay_once(&self, ch: &Channel) -> Result<usize, RelayError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = outbox::claim(&mut tx, self.batch_size).await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let names = self.broker.names();
+        let (grant_events, sync) = (names.grant_events(), names.discord_sync());
+        let bodies: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|r| serde_json::to_vec(&r.payload).expect("JSON values serialize"))
+            .collect();
+        let messages: Vec<Outgoing<'_>> = rows
+            .iter()
+            .zip(&bodies)
+            .map(|(r, body): (&OutboxRow, &Vec<u8>)| {
+                let queue = if r.kind == "sync" {
+                    &sync
+                } else {
+                    &grant_events
+                };
+                Outgoing::to_queue(queue, &r.message_id, body)
+            })
+            .collect();
+        amqp::publish_confirmed(ch, &messages).await?;
+        if self.crash_after_publish.swap(false, Ordering::SeqCst) {
+            // Dropping the transaction rolls back: the rows stay, as after a crash.
+            return Err(RelayError::Injected);
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        outbox::delete(&mut tx, &ids).await?;
+        tx.commit().await?;
+        for r in &rows {
+            self.metrics
+                .outbox_relayed
+                .get_or_create(&vec![("kind", r.kind.clone())])
+                .inc();
+        }
+        Ok(rows.len())
+    }
+
+    /// Relays until `shutdown`, then drains what is already committed (best effort).
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = amqp::reconnect_backoff();
+        let mut listener: Option<PgListener> = None;
+        let mut ch: Option<Channel> = None;
+        loop {
+            if listener.is_none() {
+                match PgListener::connect_with(&self.pool).await {
+                    Ok(mut l) => match l.listen("guildgate_outbox").await {
+                        Ok(()) => listener = Some(l),
+                        Err(e) => tracing::warn!(error = %e, "outbox LISTEN failed; sweeping only"),
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox listener cannot connect; sweeping only")
+                    }
+                }
+            }
+            if ch.as_ref().is_none_or(|c| !c.status().connected()) {
+                match self.broker.confirm_channel(&shutdown).await {
+                    Ok(c) => ch = Some(c),
+                    Err(_) => return,
+                }
+            }
+            let channel = ch.as_ref().expect("set above");
+            // Drain everything that is waiting.
+            let drained = loop {
+                match self.relay_once(channel).await {
+                    Ok(n) if (n as i64) < self.batch_size => break Ok(()),
+                    Ok(_) => continue,
+                    Err(e) => break Err(e),
+                }
+            };
+            if let Err(e) = drained {
+                let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in = ?wait, "outbox relay failed; retrying");
+                if matches!(e, RelayError::Broker(_)) {
+                    ch = None;
+                }
+                if matches!(e, RelayError::Db(_)) {
+                    listener = None;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            backoff = amqp::reconnect_backoff();
+            // Notifications that arrived while draining are covered by that drain.
+            if let Some(l) = listener.as_mut() {
+                while l.next_buffered().is_some() {}
+            }
+            if let Ok(mut c) = self.pool.acquire().await
+                && let Ok((n, lag)) = outbox::backlog(&mut c).await
+            {
+                self.metrics.outbox_backlog.set(n);
+                self.metrics.outbox_lag_seconds.set(lag);
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+            // Sleep until notified, the sweep interval passes, or shutdown.
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // One last drain of what committed before shutdown.
+                    let _ = self.relay_once(channel).await;
+                    return;
+                }
+                _ = tokio::time::sleep(self.sweep_interval) => {}
+                n = async {
+                    match listener.as_mut() {
+                        Some(l) => l.recv().await.map(|_| ()),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if n.is_err() {
+                        listener = None;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! SQL of the grant aggregate.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use crate::grants::{Grant, RevocationReason};
+
+/// A grant to insert.
+#[derive(Clone, Debug)]
+pub struct NewGrant<'a> {
+    pub business_id: &'a str,
+    pub brand_id: Option<&'a str>,
+    pub entitlement_id: &'a str,
+    pub customer_id: &'a str,
+    pub payment_id: Option<&'a str>,
+    pub subscription_id: Option<&'a str>,
+    pub oauth_nonce: &'a str,
+    pub oauth_expires_at: DateTime<Utc>,
+    pub now: DateTime<Utc>,
+}
+
+/// Inserts a `Pending` grant and returns it.
+pub async fn insert(conn: &mut PgConnection, g: NewGrant<'_>) -> Result<Grant, sqlx::Error> {
+    sqlx::query_as(
+        "INSERT INTO grants (id, business_id, brand_id, entitlement_id, customer_id, payment_id,
+             subscription_id, status, oauth_nonce, oauth_expires_at, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'Pending', $8, $9, $10, $10)
+         RETURNING *",
+    )
+    .bind(crate::ids::GrantId::mint().as_str())
+    .bind(g.business_id)
+    .bind(g.brand_id)
+    .bind(g.entitlement_id)
+    .bind(g.customer_id)
+    .bind(g.payment_id)
+    .bind(g.subscription_id)
+    .bind(g.oauth_nonce)
+    .bind(g.oauth_expires_at)
+    .bind(g.now)
+    .fetch_one(conn)
+    .await
+}
+
+/// Revokes a live grant; `None` if it was already revoked (or does not exist).
+pub async fn revoke(
+    conn: &mut PgConnection,
+    id: &str,
+    reason: RevocationReason,
+    now: DateTime<Utc>,
+) -> Result<Option<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE grants SET status = 'Revoked', revoked_at = $3, revocation_reason = $2, updated_at = $3
+         WHERE id = $1 AND status <> 'Revoked'
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(reason.as_str())
+    .bind(now)
+    .fetch_optional(conn)
+    .await
+}
+
+/// One grant by id.
+pub async fn get(conn: &mut PgConnection, id: &str) -> Result<Option<Grant>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM grants WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// One grant by id, locked for the rest of the transaction.
+pub async fn get_for_update(
+    conn: &mut PgConnection,
+    id: &str,
+) -> Result<Option<Grant>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM grants WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Every grant of a one-time payment, any status.
+pub async fn of_payment(
+    conn: &mut PgConnection,
+    business_id: &str,
+    payment_id: &str,
+) -> Result<Vec<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM grants WHERE business_id = $1 AND payment_id = $2 ORDER BY created_at, id",
+    )
+    .bind(business_id)
+    .bind(payment_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Every grant of a subscription, any status, oldest first.
+pub async fn of_subscription(
+    conn: &mut PgConnection,
+    business_id: &str,
+    subscription_id: &str,
+) -> Result<Vec<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM grants WHERE business_id = $1 AND subscription_id = $2 ORDER BY created_at, id",
+    )
+    .bind(business_id)
+    .bind(subscription_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Every grant of a customer of a business, newest first (tests, API).
+pub async fn of_customer(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+) -> Result<Vec<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM grants WHERE business_id = $1 AND customer_id = $2 ORDER BY created_at DESC, id DESC",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .fetch_all(conn)
+    .await
+}

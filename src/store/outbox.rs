@@ -1,0 +1,74 @@
+//! SQL of the outbox: rows written in the transaction that changes grants, relayed to
+//! RabbitMQ after commit.
+
+use sqlx::PgConnection;
+
+/// What an outbox row becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutboxKind {
+    /// A grant webhook body, for `<prefix>.grant-events`.
+    GrantEvent,
+    /// A grant id to sync with Discord, for `<prefix>.discord-sync`.
+    Sync,
+}
+
+impl OutboxKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxKind::GrantEvent => "grant_event",
+            OutboxKind::Sync => "sync",
+        }
+    }
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub kind: String,
+    pub message_id: String,
+    pub payload: serde_json::Value,
+}
+
+/// Adds a row (in the caller's transaction).
+pub async fn insert(
+    conn: &mut PgConnection,
+    kind: OutboxKind,
+    message_id: &str,
+    payload: &serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO outbox (kind, message_id, payload) VALUES ($1, $2, $3)")
+        .bind(kind.as_str())
+        .bind(message_id)
+        .bind(payload)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The oldest unsent rows, locked; rows another relay holds are skipped.
+pub async fn claim(conn: &mut PgConnection, limit: i64) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, kind, message_id, payload FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Removes relayed rows.
+pub async fn delete(conn: &mut PgConnection, ids: &[i64]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Rows waiting, and the age in seconds of the oldest (metrics, health).
+pub async fn backlog(conn: &mut PgConnection) -> Result<(i64, f64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0) FROM outbox",
+    )
+    .fetch_one(conn)
+    .await
+}
