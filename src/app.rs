@@ -73,6 +73,22 @@ pub struct App {
 
 impl App {
     pub async fn build(settings: Settings, options: Options) -> Result<Self, StartError> {
+        let listener = TcpListener::bind(&settings.http.addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: settings.http.addr.clone(),
+                source,
+            })?;
+        Self::build_with_listener(settings, options, listener).await
+    }
+
+    /// Like [`App::build`] on a socket bound by the caller (tests bind first to learn the
+    /// port that `http.public_url` must name).
+    pub async fn build_with_listener(
+        settings: Settings,
+        options: Options,
+        listener: TcpListener,
+    ) -> Result<Self, StartError> {
         let pool = store::pool(&settings.database)?;
         if options.migrate {
             store::migrate(&pool).await?;
@@ -88,12 +104,6 @@ impl App {
             .await?
             .close(200, "declared".into())
             .await?;
-        let listener = TcpListener::bind(&settings.http.addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: settings.http.addr.clone(),
-                source,
-            })?;
         let metrics = Metrics::new();
         let relay = Relay {
             pool: pool.clone(),

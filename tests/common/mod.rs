@@ -1,0 +1,456 @@
+//! Test harness: a real guildgate on a fresh database, fresh queue prefix and fresh
+//! platform exchange, so tests run in parallel against the shared PostgreSQL and
+//! RabbitMQ. [`TestApp::stop`] shuts it down gracefully and deletes what it created.
+//!
+//! `GUILDGATE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432`) and
+//! `GUILDGATE_TEST_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`) point the
+//! tests elsewhere.
+#![allow(dead_code)]
+
+pub mod events;
+pub mod proxy;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use guildgate::amqp::Names;
+use guildgate::app::{App, Options};
+use guildgate::config::Settings;
+use guildgate::grants::Grant;
+use guildgate::metrics::Metrics;
+use guildgate::outbox::Relay;
+use guildgate::store;
+use lapin::options::{
+    BasicAckOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions,
+};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use rand::Rng;
+use rand::distr::Alphanumeric;
+use serde_json::Value;
+use sqlx::{Connection as _, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+pub fn database_base_url() -> String {
+    std::env::var("GUILDGATE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("GUILDGATE_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A short random lowercase tag for names.
+pub fn tag() -> String {
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(10)
+        .map(char::from)
+        .collect::<String>()
+        .to_lowercase()
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, for up to 30 s.
+pub async fn wait_for<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A database of its own for one test.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        let name = format!("ggtest_{}", tag());
+        let mut admin = PgConnection::connect(&format!("{}/postgres", database_base_url()))
+            .await
+            .expect("PostgreSQL must be running (see README)");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        Self {
+            url: format!("{}/{name}", database_base_url()),
+            name,
+        }
+    }
+
+    pub async fn drop_db(&self) {
+        if let Ok(mut admin) =
+            PgConnection::connect(&format!("{}/postgres", database_base_url())).await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&mut admin)
+            .await;
+        }
+    }
+}
+
+/// How to build a [`TestApp`].
+#[derive(Default)]
+pub struct TestConfig {
+    /// Extra `GUILDGATE_*` variables.
+    pub env: Vec<(String, String)>,
+    /// Route the app's database connections through this address (a [`proxy::Proxy`]).
+    pub db_via: Option<SocketAddr>,
+    /// Route the app's broker connection through this address.
+    pub amqp_via: Option<SocketAddr>,
+    pub options: Option<Options>,
+}
+
+impl TestConfig {
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+}
+
+/// A running guildgate with its own database, prefix and exchange.
+pub struct TestApp {
+    pub settings: Settings,
+    pub names: Names,
+    /// A pool straight to the test database (not through any proxy).
+    pub pool: PgPool,
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub relay: Relay,
+    pub shutdown: CancellationToken,
+    pub db: TestDb,
+    publisher: Connection,
+    handle: Option<tokio::task::JoinHandle<Result<(), String>>>,
+}
+
+fn replace_host(url: &str, via: SocketAddr) -> String {
+    let mut u = url::Url::parse(url).unwrap();
+    u.set_host(Some(&via.ip().to_string())).unwrap();
+    u.set_port(Some(via.port())).unwrap();
+    u.to_string()
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(TestConfig::default()).await
+    }
+
+    /// Settings for a test: fresh names, fast sweeps, short retry tiers.
+    pub fn settings_for(db: &TestDb, cfg: &TestConfig, port: u16) -> Settings {
+        let prefix = format!("ggtest-{}", tag());
+        let mut env: HashMap<String, String> = [
+            ("GUILDGATE_DATABASE__URL", db.url.clone()),
+            ("GUILDGATE_DATABASE__MAX_CONNECTIONS", "8".into()),
+            ("GUILDGATE_AMQP__URL", amqp_url()),
+            ("GUILDGATE_AMQP__QUEUE_PREFIX", prefix.clone()),
+            ("GUILDGATE_AMQP__EXCHANGE", format!("{prefix}.payments")),
+            ("GUILDGATE_AMQP__CONSUMERS", "2".into()),
+            ("GUILDGATE_HTTP__ADDR", format!("127.0.0.1:{port}")),
+            (
+                "GUILDGATE_HTTP__PUBLIC_URL",
+                format!("http://127.0.0.1:{port}"),
+            ),
+            ("GUILDGATE_OUTBOX__SWEEP_INTERVAL", "200ms".into()),
+            ("GUILDGATE_SYNC__RETRY_DELAYS", "100ms,200ms".into()),
+            ("GUILDGATE_WEBHOOKS__RETRY_DELAYS", "0s,100ms,200ms".into()),
+            ("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        if let Some(via) = cfg.db_via {
+            env.insert("GUILDGATE_DATABASE__URL".into(), replace_host(&db.url, via));
+        }
+        if let Some(via) = cfg.amqp_via {
+            env.insert("GUILDGATE_AMQP__URL".into(), replace_host(&amqp_url(), via));
+        }
+        for (k, v) in &cfg.env {
+            env.insert(k.clone(), v.clone());
+        }
+        Settings::load_with_env(None, Some(env)).expect("test settings")
+    }
+
+    pub async fn spawn_with(cfg: TestConfig) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let db = TestDb::create().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let settings = Self::settings_for(&db, &cfg, addr.port());
+        // Migrate directly (not through a proxy that a test may cut).
+        let pool = PgPool::connect(&db.url).await.unwrap();
+        store::migrate(&pool).await.unwrap();
+        let options = cfg.options.clone().unwrap_or_default();
+        let app = App::build_with_listener(settings.clone(), options, listener)
+            .await
+            .expect("app builds");
+        let metrics = app.metrics.clone();
+        let relay = app.relay.clone();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        let publisher = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .unwrap();
+        Self {
+            names: Names::from_settings(&settings),
+            settings,
+            pool,
+            addr,
+            metrics,
+            relay,
+            shutdown,
+            db,
+            publisher,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn business(&self) -> String {
+        // Business ids are per database, so one fixed id per test is isolated already.
+        "bus_H4ekzPSlcg".to_string()
+    }
+
+    /// Publishes to the platform's exchange as the platform does (routing key = type,
+    /// `message_id` = event id), waiting for the broker's confirm.
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8], message_id: Option<&str>) {
+        let ch = self.publisher.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        let mut props = BasicProperties::default().with_delivery_mode(2);
+        if let Some(id) = message_id {
+            props = props.with_message_id(id.into());
+        }
+        let confirm = ch
+            .basic_publish(
+                self.settings.amqp.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+        let _ = ch.close(200, "done".into()).await;
+    }
+
+    /// Publishes a JSON event with its `type` as routing key.
+    pub async fn publish(&self, event: &Value, message_id: &str) {
+        let rk = event["type"].as_str().unwrap().to_string();
+        self.publish_raw(&rk, &serde_json::to_vec(event).unwrap(), Some(message_id))
+            .await;
+    }
+
+    /// Creates the business (if new), an entitlement and attaches it to `product_id`.
+    pub async fn entitlement_for(
+        &self,
+        product_id: &str,
+        guild_id: &str,
+        role_id: Option<&str>,
+    ) -> String {
+        let mut conn = self.pool.acquire().await.unwrap();
+        store::setup::ensure_business(&mut conn, &self.business())
+            .await
+            .unwrap();
+        let e = store::setup::insert_entitlement(
+            &mut conn,
+            &self.business(),
+            "Patrons Discord Role",
+            guild_id,
+            role_id,
+        )
+        .await
+        .unwrap();
+        let mut ids: Vec<String> = sqlx::query_scalar(
+            "SELECT entitlement_id FROM product_entitlements WHERE business_id = $1 AND product_id = $2 ORDER BY position",
+        )
+        .bind(self.business())
+        .bind(product_id)
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        ids.push(e.id.clone());
+        store::setup::set_product_entitlements(&mut conn, &self.business(), product_id, &ids)
+            .await
+            .unwrap();
+        e.id
+    }
+
+    /// Attaches an existing entitlement to another product too.
+    pub async fn attach(&self, product_id: &str, entitlement_ids: &[&str]) {
+        let mut conn = self.pool.acquire().await.unwrap();
+        let ids: Vec<String> = entitlement_ids.iter().map(|s| s.to_string()).collect();
+        store::setup::set_product_entitlements(&mut conn, &self.business(), product_id, &ids)
+            .await
+            .unwrap();
+    }
+
+    /// Every grant of a customer, newest first.
+    pub async fn grants_of(&self, customer_id: &str) -> Vec<Grant> {
+        let mut conn = self.pool.acquire().await.unwrap();
+        store::grants::of_customer(&mut conn, &self.business(), customer_id)
+            .await
+            .unwrap()
+    }
+
+    /// How many events were recorded as processed.
+    pub async fn processed_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM processed_events")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `n` events have been processed (or counted as irrelevant/ignored).
+    pub async fn wait_processed(&self, n: i64) {
+        wait_for(&format!("{n} processed events"), || async {
+            (self.processed_count().await >= n).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until the outbox is empty (everything relayed).
+    pub async fn wait_outbox_empty(&self) {
+        wait_for("outbox to drain", || async {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+            (n == 0).then_some(())
+        })
+        .await
+    }
+
+    /// Takes every message currently ready in `queue` (acking them), as (message_id,
+    /// headers, body). Uses a consumer, since quorum queues with a single active
+    /// consumer refuse `basic.get`.
+    pub async fn drain_queue(&self, queue: &str) -> Vec<Taken> {
+        use futures_util::StreamExt;
+        let n = self.queue_len(queue).await as usize;
+        let mut out = Vec::new();
+        if n == 0 {
+            return out;
+        }
+        let ch = self.publisher.create_channel().await.unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                lapin::options::BasicConsumeOptions::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        while out.len() < n {
+            let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("a ready message arrives")
+                .unwrap()
+                .unwrap();
+            out.push(Taken {
+                message_id: d
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+                headers: d.properties.headers().clone(),
+                body: d.data.clone(),
+            });
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        let _ = ch.close(200, "done".into()).await;
+        out
+    }
+
+    /// Messages ready in a queue.
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        let ch = self.publisher.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        let _ = ch.close(200, "done".into()).await;
+        q.message_count()
+    }
+
+    /// Graceful shutdown (as on SIGTERM); returns how the app ended.
+    pub async fn shutdown(&mut self) -> Result<(), String> {
+        self.shutdown.cancel();
+        match self.handle.take() {
+            Some(h) => tokio::time::timeout(Duration::from_secs(30), h)
+                .await
+                .expect("app stops within 30 s")
+                .expect("app task does not panic"),
+            None => Ok(()),
+        }
+    }
+
+    /// Shuts down and deletes the queues, exchanges and database of this test.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown().await;
+        self.cleanup().await;
+    }
+
+    pub async fn cleanup(&self) {
+        if let Ok(ch) = self.publisher.create_channel().await {
+            for q in guildgate::amqp::topology::all_queues(&self.names, &self.settings) {
+                let _ = ch
+                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            for ex in [
+                self.settings.amqp.exchange.clone(),
+                self.names.dead_letter_exchange(),
+            ] {
+                let _ = ch
+                    .exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+        }
+        self.pool.close().await;
+        self.db.drop_db().await;
+    }
+}
+
+/// A message taken from a queue.
+#[derive(Debug, Clone)]
+pub struct Taken {
+    pub message_id: String,
+    pub headers: Option<lapin::types::FieldTable>,
+    pub body: Vec<u8>,
+}
+
+impl Taken {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+    pub fn header(&self, key: &str) -> Option<String> {
+        guildgate::amqp::header_text(self.headers.as_ref(), key)
+    }
+}
