@@ -59,3 +59,629 @@ async fn one_time_payment_creates_a_pending_grant_with_webhook_and_sync_job() {
     assert_eq!(jobs[0].json()["grant_id"], g.id.as_str());
     app.stop().await;
 }
+
+const GUILD: &str = "123456789012345678";
+const ROLE: &str = "987654321098765432";
+
+fn t(day: u32) -> String {
+    format!("2026-05-{day:02}T10:00:00Z")
+}
+
+async fn statuses(app: &TestApp, customer: &str) -> Vec<(String, Option<String>)> {
+    let mut v: Vec<_> = app
+        .grants_of(customer)
+        .await
+        .into_iter()
+        .map(|g| (g.status, g.revocation_reason))
+        .collect();
+    v.sort();
+    v
+}
+
+fn pending() -> (String, Option<String>) {
+    ("Pending".into(), None)
+}
+
+fn revoked(reason: &str) -> (String, Option<String>) {
+    ("Revoked".into(), Some(reason.into()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_payment_grants_nothing_itself() {
+    let app = TestApp::spawn().await;
+    app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    app.publish(
+        &subscription(
+            "active",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "active",
+            &t(1),
+        ),
+        "e1",
+    )
+    .await;
+    app.wait_processed(1).await;
+    app.publish(
+        &subscription_payment(&b, "pay_1", "cus_1", "sub_1", "pdt_monthly", &t(1)),
+        "e2",
+    )
+    .await;
+    app.wait_processed(2).await;
+    assert_eq!(
+        statuses(&app, "cus_1").await,
+        [pending()],
+        "only the subscription's grant"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_active_grants_and_renewed_updated_change_nothing() {
+    let app = TestApp::spawn().await;
+    app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
+    app.entitlement_for("pdt_monthly", GUILD, None).await;
+    let b = app.business();
+    app.publish(
+        &subscription(
+            "active",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "active",
+            &t(1),
+        ),
+        "e1",
+    )
+    .await;
+    app.publish(
+        &subscription(
+            "renewed",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "active",
+            &t(2),
+        ),
+        "e2",
+    )
+    .await;
+    app.publish(
+        &subscription(
+            "updated",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "active",
+            &t(3),
+        ),
+        "e3",
+    )
+    .await;
+    app.wait_processed(3).await;
+    assert_eq!(
+        statuses(&app, "cus_1").await,
+        [pending(), pending()],
+        "one grant per entitlement"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_ending_of_a_subscription_revokes_with_its_reason() {
+    let app = TestApp::spawn().await;
+    app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    let cases = [
+        ("on_hold", "on_hold", "subscription_on_hold"),
+        ("paused", "paused", "subscription_paused"),
+        ("cancelled", "cancelled", "subscription_cancelled"),
+        ("expired", "expired", "subscription_expired"),
+        ("failed", "failed", "subscription_failed"),
+        ("updated", "cancelled", "subscription_cancelled"),
+    ];
+    // Competing consumers may apply two events of one subscription in either order (an
+    // older one then changes nothing), so each ending is published after its start.
+    for (i, _) in cases.iter().enumerate() {
+        let (sub, cus) = (format!("sub_{i}"), format!("cus_{i}"));
+        app.publish(
+            &subscription("active", &b, &sub, &cus, "pdt_monthly", "active", &t(1)),
+            &format!("a{i}"),
+        )
+        .await;
+    }
+    app.wait_processed(cases.len() as i64).await;
+    for (i, (kind, status, _)) in cases.iter().enumerate() {
+        let (sub, cus) = (format!("sub_{i}"), format!("cus_{i}"));
+        app.publish(
+            &subscription(kind, &b, &sub, &cus, "pdt_monthly", status, &t(2)),
+            &format!("r{i}"),
+        )
+        .await;
+    }
+    app.wait_processed(2 * cases.len() as i64).await;
+    for (i, (kind, _, reason)) in cases.iter().enumerate() {
+        let grants = app.grants_of(&format!("cus_{i}")).await;
+        assert_eq!(grants.len(), 1, "{kind}");
+        assert_eq!(grants[0].status, "Revoked", "{kind}");
+        assert_eq!(
+            grants[0].revocation_reason.as_deref(),
+            Some(*reason),
+            "{kind}"
+        );
+        assert!(grants[0].revoked_at.is_some());
+    }
+    // Every grant emitted created then revoked, with stable ids.
+    app.wait_outbox_empty().await;
+    let events = app.drain_queue(&app.names.grant_events()).await;
+    assert_eq!(events.len(), 2 * cases.len());
+    let revoked_events: Vec<_> = events
+        .iter()
+        .filter(|m| m.json()["type"] == "entitlement_grant.revoked")
+        .collect();
+    assert_eq!(revoked_events.len(), cases.len());
+    for m in revoked_events {
+        assert_eq!(m.json()["data"]["status"], "Revoked");
+        assert!(m.message_id.ends_with(":entitlement_grant.revoked"));
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_change_keeps_shared_revokes_lacking_adds_new() {
+    let app = TestApp::spawn().await;
+    let shared = app.entitlement_for("pdt_basic", GUILD, Some("1")).await;
+    let basic_only = app.entitlement_for("pdt_basic", GUILD, Some("2")).await;
+    let vip_only = app.entitlement_for("pdt_vip", GUILD, Some("3")).await;
+    app.attach("pdt_vip", &[&shared, &vip_only]).await;
+    let b = app.business();
+    app.publish(
+        &subscription("active", &b, "sub_1", "cus_1", "pdt_basic", "active", &t(1)),
+        "e1",
+    )
+    .await;
+    app.wait_processed(1).await;
+    let before = app.grants_of("cus_1").await;
+    let shared_grant = before
+        .iter()
+        .find(|g| g.entitlement_id == shared)
+        .unwrap()
+        .id
+        .clone();
+    app.publish(
+        &subscription(
+            "plan_changed",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_vip",
+            "active",
+            &t(2),
+        ),
+        "e2",
+    )
+    .await;
+    app.wait_processed(2).await;
+    let after = app.grants_of("cus_1").await;
+    let by_ent = |e: &str| {
+        after
+            .iter()
+            .filter(|g| g.entitlement_id == e)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(by_ent(&shared).len(), 1);
+    assert_eq!(
+        by_ent(&shared)[0].id,
+        shared_grant,
+        "the shared grant is kept, not re-created"
+    );
+    assert_eq!(by_ent(&shared)[0].status, "Pending");
+    assert_eq!(by_ent(&basic_only)[0].status, "Revoked");
+    assert_eq!(
+        by_ent(&basic_only)[0].revocation_reason.as_deref(),
+        Some("plan_changed")
+    );
+    assert_eq!(by_ent(&vip_only).len(), 1);
+    assert_eq!(by_ent(&vip_only)[0].status, "Pending");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_time_purchase_then_full_refund_revokes_partial_does_not() {
+    let app = TestApp::spawn().await;
+    app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    app.publish(&payment(&b, "pay_1", "cus_1", &["pdt_life"], &t(1)), "p1")
+        .await;
+    app.publish(&payment(&b, "pay_2", "cus_2", &["pdt_life"], &t(1)), "p2")
+        .await;
+    app.wait_processed(2).await;
+    app.publish(&refund(&b, "pay_1", false, &t(2)), "r1").await;
+    app.publish(&refund(&b, "pay_2", true, &t(2)), "r2").await;
+    app.wait_processed(3).await;
+    wait_for("partial refund counted", || async {
+        (app.metrics.event_count("refund.succeeded", "irrelevant") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(statuses(&app, "cus_1").await, [revoked("refund")]);
+    assert_eq!(statuses(&app, "cus_2").await, [pending()]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispute_lost_revokes_the_payments_grants() {
+    let app = TestApp::spawn().await;
+    app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    app.publish(&payment(&b, "pay_1", "cus_1", &["pdt_life"], &t(1)), "p1")
+        .await;
+    app.wait_processed(1).await;
+    app.publish(&dispute_lost(&b, "pay_1", &t(3)), "d1").await;
+    app.wait_processed(2).await;
+    assert_eq!(statuses(&app, "cus_1").await, [revoked("dispute_lost")]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refund_or_dispute_before_payment_makes_the_late_payment_grant_nothing() {
+    let app = TestApp::spawn().await;
+    app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    app.publish(&refund(&b, "pay_1", false, &t(2)), "r1").await;
+    app.publish(&dispute_lost(&b, "pay_2", &t(2)), "d2").await;
+    app.wait_processed(2).await;
+    app.publish(&payment(&b, "pay_1", "cus_1", &["pdt_life"], &t(1)), "p1")
+        .await;
+    app.publish(&payment(&b, "pay_2", "cus_2", &["pdt_life"], &t(1)), "p2")
+        .await;
+    app.wait_processed(4).await;
+    assert!(app.grants_of("cus_1").await.is_empty());
+    assert!(app.grants_of("cus_2").await.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_revoke_is_never_followed_by_a_new_grant() {
+    let app = TestApp::spawn().await;
+    app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    app.publish(
+        &subscription(
+            "active",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "active",
+            &t(1),
+        ),
+        "e1",
+    )
+    .await;
+    app.wait_processed(1).await;
+    let g = app.grants_of("cus_1").await.remove(0);
+    {
+        let mut conn = app.pool.acquire().await.unwrap();
+        guildgate::store::grants::revoke(
+            &mut conn,
+            &g.id,
+            guildgate::grants::RevocationReason::Manual,
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    app.publish(
+        &subscription(
+            "active",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "active",
+            &t(2),
+        ),
+        "e2",
+    )
+    .await;
+    app.publish(
+        &subscription(
+            "renewed",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "active",
+            &t(3),
+        ),
+        "e3",
+    )
+    .await;
+    app.publish(
+        &subscription(
+            "unpaused",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "active",
+            &t(4),
+        ),
+        "e4",
+    )
+    .await;
+    app.wait_processed(4).await;
+    assert_eq!(statuses(&app, "cus_1").await, [revoked("manual")]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_then_unpause_creates_a_new_grant() {
+    let app = TestApp::spawn().await;
+    app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    app.publish(
+        &subscription(
+            "active",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "active",
+            &t(1),
+        ),
+        "e1",
+    )
+    .await;
+    app.wait_processed(1).await;
+    app.publish(
+        &subscription(
+            "paused",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "paused",
+            &t(2),
+        ),
+        "e2",
+    )
+    .await;
+    app.wait_processed(2).await;
+    app.publish(
+        &subscription(
+            "unpaused",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "active",
+            &t(3),
+        ),
+        "e3",
+    )
+    .await;
+    app.wait_processed(3).await;
+    let grants = app.grants_of("cus_1").await;
+    assert_eq!(
+        grants.len(),
+        2,
+        "the revoked grant is not revived; a new one is made"
+    );
+    assert_eq!(grants[0].status, "Pending");
+    assert_eq!(grants[1].status, "Revoked");
+    assert_eq!(
+        grants[1].revocation_reason.as_deref(),
+        Some("subscription_paused")
+    );
+    assert_ne!(grants[0].id, grants[1].id);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_and_redeliveries_change_nothing() {
+    let app = TestApp::spawn().await;
+    app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    let p = payment(&b, "pay_1", "cus_1", &["pdt_life"], &t(1));
+    for _ in 0..3 {
+        app.publish(&p, "evt_same").await;
+    }
+    // Without a message_id, the body's hash is the id.
+    let body = serde_json::to_vec(&payment(&b, "pay_2", "cus_2", &["pdt_life"], &t(1))).unwrap();
+    app.publish_raw("payment.succeeded", &body, None).await;
+    app.publish_raw("payment.succeeded", &body, None).await;
+    // The same payment under another event id grants nothing twice either.
+    app.publish(&p, "evt_other_id").await;
+    wait_for("all six deliveries", || async {
+        let m = &app.metrics;
+        let n = m.event_count("payment.succeeded", "applied")
+            + m.event_count("payment.succeeded", "duplicate");
+        (n == 6).then_some(())
+    })
+    .await;
+    assert_eq!(app.metrics.event_count("payment.succeeded", "duplicate"), 3);
+    assert_eq!(statuses(&app, "cus_1").await, [pending()]);
+    assert_eq!(statuses(&app, "cus_2").await, [pending()]);
+    app.wait_outbox_empty().await;
+    assert_eq!(
+        app.drain_queue(&app.names.grant_events()).await.len(),
+        2,
+        "one created webhook per grant"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_subscription_events_change_nothing() {
+    let app = TestApp::spawn().await;
+    app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    app.publish(
+        &subscription(
+            "cancelled",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "cancelled",
+            &t(5),
+        ),
+        "late",
+    )
+    .await;
+    app.wait_processed(1).await;
+    app.publish(
+        &subscription(
+            "active",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "active",
+            &t(1),
+        ),
+        "early",
+    )
+    .await;
+    app.wait_processed(2).await;
+    assert!(
+        app.grants_of("cus_1").await.is_empty(),
+        "the older active event is stale"
+    );
+    let outcome: String =
+        sqlx::query_scalar("SELECT outcome FROM processed_events WHERE event_id = 'early'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(outcome, "stale");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_without_entitlements_are_acked_and_counted() {
+    let app = TestApp::spawn().await;
+    app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    app.publish(&payment(&b, "pay_1", "cus_1", &["pdt_other"], &t(1)), "p1")
+        .await;
+    app.publish(
+        &payment("bus_someone_else", "pay_2", "cus_2", &["pdt_life"], &t(1)),
+        "p2",
+    )
+    .await;
+    app.publish(
+        &subscription(
+            "active",
+            "bus_someone_else",
+            "sub_9",
+            "cus_9",
+            "pdt_x",
+            "active",
+            &t(1),
+        ),
+        "s1",
+    )
+    .await;
+    // A type the binding `subscription.#` lets through but guildgate does not act on.
+    let mut unknown = subscription("active", &b, "sub_3", "cus_3", "pdt_life", "active", &t(1));
+    unknown["type"] = serde_json::json!("subscription.trial_reminder");
+    app.publish(&unknown, "u1").await;
+    wait_for("four events counted", || async {
+        let m = &app.metrics;
+        (m.event_count("payment.succeeded", "irrelevant") == 2
+            && m.event_count("subscription.active", "irrelevant") == 1
+            && m.event_count("subscription.trial_reminder", "ignored") == 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(app.processed_count().await, 0, "nothing recorded for them");
+    assert_eq!(app.queue_len(&app.names.payment_events()).await, 0);
+    assert_eq!(
+        app.queue_len(&format!("{}.dead", app.names.payment_events()))
+            .await,
+        0
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_with_a_reason_and_good_ones_flow() {
+    let app = TestApp::spawn().await;
+    app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    let mut missing = payment(&b, "pay_x", "cus_x", &["pdt_life"], &t(1));
+    missing["data"]
+        .as_object_mut()
+        .unwrap()
+        .remove("payment_id");
+    let mut wrong = payment(&b, "pay_y", "cus_y", &["pdt_life"], &t(1));
+    wrong["data"]["product_cart"] = serde_json::json!("not a list");
+    let poison: Vec<(&str, Vec<u8>)> = vec![
+        ("payment.succeeded", b"{not json".to_vec()),
+        ("payment.succeeded", vec![0xff, 0xfe, 0x00]),
+        ("payment.succeeded", serde_json::to_vec(&missing).unwrap()),
+        ("payment.succeeded", serde_json::to_vec(&wrong).unwrap()),
+        ("payment.succeeded", vec![b' '; 300 * 1024]),
+    ];
+    for (i, (rk, body)) in poison.iter().enumerate() {
+        app.publish(
+            &payment(
+                &b,
+                &format!("pay_ok{i}"),
+                &format!("cus_ok{i}"),
+                &["pdt_life"],
+                &t(1),
+            ),
+            &format!("ok{i}"),
+        )
+        .await;
+        app.publish_raw(rk, body, Some(&format!("bad{i}"))).await;
+    }
+    app.wait_processed(poison.len() as i64).await;
+    let dead_q = format!("{}.dead", app.names.payment_events());
+    let dead = wait_for("dead letters", || async {
+        (app.queue_len(&dead_q).await as usize == poison.len()).then_some(())
+    })
+    .await;
+    let _ = dead;
+    let parked = app.drain_queue(&dead_q).await;
+    let mut codes: Vec<String> = parked
+        .iter()
+        .map(|m| m.header("x-guildgate-reason-code").unwrap())
+        .collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        [
+            "invalid_json",
+            "invalid_json",
+            "missing_field",
+            "too_large",
+            "wrong_type"
+        ]
+    );
+    for m in &parked {
+        assert!(m.message_id.starts_with("bad"));
+        assert!(!m.header("x-guildgate-reason").unwrap().is_empty());
+    }
+    let missing_reason = parked
+        .iter()
+        .find(|m| m.message_id == "bad2")
+        .unwrap()
+        .header("x-guildgate-reason")
+        .unwrap();
+    assert_eq!(missing_reason, "missing field `data.payment_id`");
+    for i in 0..poison.len() {
+        assert_eq!(statuses(&app, &format!("cus_ok{i}")).await, [pending()]);
+    }
+    app.stop().await;
+}

@@ -190,6 +190,7 @@ impl TestApp {
 
     pub async fn spawn_with(cfg: TestConfig) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        guildgate::telemetry::init_for_tests();
         let db = TestDb::create().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

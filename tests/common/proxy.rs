@@ -33,6 +33,8 @@ impl Proxy {
                     continue;
                 }
                 let mut cut = cut_rx.clone();
+                // Only cuts after this connection was accepted concern it.
+                cut.borrow_and_update();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;

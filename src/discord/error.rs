@@ -1,0 +1,86 @@
+//! What a failed Discord call means for the caller. The syncer matches on these
+//! variants: wait and retry, move to a delay tier, or fail the grant for a human.
+
+use std::time::Duration;
+
+/// Failures only a person can fix; the stable `error_code` of a failed grant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HumanCode {
+    MissingPermissions,
+    RoleHierarchy,
+    UnknownGuild,
+    UnknownRole,
+    UserBanned,
+    TooManyGuilds,
+    ReauthorizationRequired,
+}
+
+impl HumanCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HumanCode::MissingPermissions => "discord_missing_permissions",
+            HumanCode::RoleHierarchy => "discord_role_hierarchy",
+            HumanCode::UnknownGuild => "discord_unknown_guild",
+            HumanCode::UnknownRole => "discord_unknown_role",
+            HumanCode::UserBanned => "discord_user_banned",
+            HumanCode::TooManyGuilds => "discord_too_many_guilds",
+            HumanCode::ReauthorizationRequired => "discord_reauthorization_required",
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DiscordError {
+    /// Discord (or our own budget) says wait this long. Short waits are absorbed by the
+    /// client; what reaches a caller is long enough for a delay tier.
+    #[error("rate limited by Discord for {retry_after:?}")]
+    RateLimited { retry_after: Duration },
+    /// 5xx, timeouts, connection failures: try again later.
+    #[error("Discord is unavailable: {0}")]
+    Retriable(String),
+    /// guildgate stopped calling because too many 401/403/429 answers arrived in the
+    /// last 10 minutes (Discord bans the IP at 10,000).
+    #[error("paused: too many invalid Discord requests in the last 10 minutes")]
+    CeilingReached { retry_after: Duration },
+    /// A merchant (or the customer) must change something first.
+    #[error("{message}")]
+    NeedsHuman { code: HumanCode, message: String },
+    /// The customer's token is revoked, expired beyond refresh, or not theirs.
+    #[error("the customer's Discord authorization is no longer valid")]
+    BadUserToken,
+    /// An answer guildgate does not expect (a bug on one side): retried like an outage.
+    #[error("unexpected Discord answer {status} (code {code:?}): {message}")]
+    Unexpected {
+        status: u16,
+        code: Option<u64>,
+        message: String,
+    },
+}
+
+impl DiscordError {
+    pub fn human(code: HumanCode, message: impl Into<String>) -> Self {
+        DiscordError::NeedsHuman {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The `error_code` a grant gets for this error, if a human is needed.
+    pub fn human_code(&self) -> Option<HumanCode> {
+        match self {
+            DiscordError::NeedsHuman { code, .. } => Some(*code),
+            DiscordError::BadUserToken => Some(HumanCode::ReauthorizationRequired),
+            _ => None,
+        }
+    }
+
+    /// How long to wait at least before trying again, for transient errors.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            DiscordError::RateLimited { retry_after }
+            | DiscordError::CeilingReached { retry_after } => Some(*retry_after),
+            DiscordError::Retriable(_) | DiscordError::Unexpected { .. } => Some(Duration::ZERO),
+            DiscordError::NeedsHuman { .. } | DiscordError::BadUserToken => None,
+        }
+    }
+}

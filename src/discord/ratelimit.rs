@@ -1,0 +1,369 @@
+//! Discord's rate limits, obeyed ahead of time rather than discovered through 429s.
+//!
+//! A [`Budget`] is a cloneable handle with two parts:
+//!
+//! - **Per-route buckets**: `twilight-http-ratelimiting`'s actor. It learns each
+//!   bucket from the `X-RateLimit-*` headers of the answers, queues requests per
+//!   bucket and major parameter (the guild), and holds a queue while its bucket is
+//!   exhausted. Its reset time is computed when the answer arrives, so it is never
+//!   earlier than Discord's.
+//! - **Global limit**: our own [`GlobalGate`], a sliding window: never more than
+//!   `limit` requests in any `period + margin`. twilight's built-in global limit is
+//!   switched off (`u16::MAX`) because it counts fixed one-second windows from its own
+//!   first permit, while Discord's window starts when the first request *arrives*; a
+//!   burst at the boundary then lands in Discord's previous window and earns a global
+//!   429. A sliding window with a small margin has no boundary to fall across.
+//!
+//! The syncer owns one budget with the bot's global limit minus the side budget; every
+//! process has one small side budget (`discord.side_requests_per_s`) for calls made
+//! elsewhere (validation, role listing, the OAuth code exchange), so that together they
+//! stay under the bot's global limit. This module never sees an HTTP client: the
+//! caller completes each [`Ticket`] with what it [`Observed`] in the answer.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use twilight_http_ratelimiting::{Endpoint, Method, Permit, RateLimitHeaders, RateLimiter};
+
+/// Discord's global limit per bot token, per second.
+pub const DISCORD_GLOBAL_PER_S: u32 = 50;
+
+/// Slack added to every sliding window: covers the jitter between our send time and
+/// Discord's arrival time, so a window that held `limit` sends here never holds more
+/// than `limit` arrivals there.
+pub const WINDOW_MARGIN: Duration = Duration::from_millis(25);
+
+/// At most `limit` acquisitions in any `period + WINDOW_MARGIN`, first come first
+/// served, and nothing at all while blocked by a global 429.
+#[derive(Clone, Debug)]
+pub struct GlobalGate {
+    limit: usize,
+    period: Duration,
+    state: Arc<Mutex<GateState>>,
+    /// Held by the one waiter at the head of the line (tokio's mutex is fair, FIFO).
+    turnstile: Arc<tokio::sync::Mutex<()>>,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    sent: VecDeque<Instant>,
+    blocked_until: Option<Instant>,
+}
+
+impl GlobalGate {
+    /// `limit` per `period` (a limit of 0 is treated as 1: a budget never closes).
+    pub fn new(limit: u32, period: Duration) -> Self {
+        Self {
+            limit: limit.max(1) as usize,
+            period: period + WINDOW_MARGIN,
+            state: Arc::default(),
+            turnstile: Arc::default(),
+        }
+    }
+
+    /// Waits for a slot and takes it.
+    pub async fn acquire(&self) {
+        let _head = self.turnstile.lock().await;
+        loop {
+            let wait_until = {
+                let mut st = self.state.lock().expect("gate state");
+                let now = Instant::now();
+                match st.blocked_until {
+                    Some(b) if now < b => Some(b),
+                    _ => {
+                        while st
+                            .sent
+                            .front()
+                            .is_some_and(|t| now.duration_since(*t) >= self.period)
+                        {
+                            st.sent.pop_front();
+                        }
+                        if st.sent.len() < self.limit {
+                            st.sent.push_back(now);
+                            None
+                        } else {
+                            st.sent.front().map(|t| *t + self.period)
+                        }
+                    }
+                }
+            };
+            match wait_until {
+                None => return,
+                Some(t) => tokio::time::sleep_until(t).await,
+            }
+        }
+    }
+
+    /// Stops every acquisition for `d` (a global 429's `retry_after`).
+    pub fn block_for(&self, d: Duration) {
+        let until = Instant::now() + d;
+        let mut st = self.state.lock().expect("gate state");
+        st.blocked_until = Some(st.blocked_until.map_or(until, |b| b.max(until)));
+    }
+}
+
+/// Rate-limit facts read from one answer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    pub status: u16,
+    pub bucket: Option<String>,
+    pub limit: Option<u32>,
+    pub remaining: Option<u32>,
+    pub reset_after: Option<Duration>,
+    /// From a 429: the body's float `retry_after` (or the header's whole seconds).
+    pub retry_after: Option<Duration>,
+    pub global: bool,
+    /// `X-RateLimit-Scope`: `user`, `global` or `shared`.
+    pub scope: Option<String>,
+}
+
+impl Observed {
+    /// Reads the headers through `header(name)` (lowercase names).
+    pub fn parse(status: u16, header: impl Fn(&str) -> Option<String>) -> Self {
+        let secs = |v: Option<String>| {
+            v.and_then(|s| s.trim().parse::<f64>().ok())
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(Duration::from_secs_f64)
+        };
+        Self {
+            status,
+            bucket: header(RateLimitHeaders::BUCKET),
+            limit: header(RateLimitHeaders::LIMIT).and_then(|v| v.trim().parse().ok()),
+            remaining: header(RateLimitHeaders::REMAINING).and_then(|v| v.trim().parse().ok()),
+            reset_after: secs(header(RateLimitHeaders::RESET_AFTER)),
+            retry_after: if status == 429 {
+                secs(header("retry-after"))
+            } else {
+                None
+            },
+            global: header("x-ratelimit-global").is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            scope: header(RateLimitHeaders::SCOPE),
+        }
+    }
+
+    /// A 429 body's `retry_after` is more precise than the header's whole seconds.
+    pub fn with_body_retry_after(mut self, retry_after: Option<f64>, global: Option<bool>) -> Self {
+        if let Some(r) = retry_after.filter(|f| f.is_finite() && *f >= 0.0) {
+            self.retry_after = Some(Duration::from_secs_f64(r));
+        }
+        if global == Some(true) {
+            self.global = true;
+        }
+        self
+    }
+
+    /// A 429 for the whole bot rather than one bucket.
+    pub fn is_global_limit(&self) -> bool {
+        self.status == 429 && (self.global || self.scope.as_deref() == Some("global"))
+    }
+
+    /// A 429 Discord counts against us (shared-scope ones are not).
+    pub fn counts_as_invalid(&self) -> bool {
+        match self.status {
+            401 | 403 => true,
+            429 => self.scope.as_deref() != Some("shared"),
+            _ => false,
+        }
+    }
+}
+
+/// HTTP method of a rate-limited call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verb {
+    Get,
+    Put,
+    Post,
+    Delete,
+}
+
+impl Verb {
+    fn twilight(self) -> Method {
+        match self {
+            Verb::Get => Method::Get,
+            Verb::Put => Method::Put,
+            Verb::Post => Method::Post,
+            Verb::Delete => Method::Delete,
+        }
+    }
+}
+
+/// One owner of a set of buckets and a global gate. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    name: &'static str,
+    buckets: RateLimiter,
+    gate: GlobalGate,
+}
+
+/// Permission to send one request; complete it with what the answer said, or drop it
+/// if no answer came (the bucket queue then moves on).
+#[must_use = "complete the ticket with the answer's headers"]
+#[derive(Debug)]
+pub struct Ticket {
+    permit: Permit,
+    gate: GlobalGate,
+}
+
+impl Budget {
+    /// A budget allowing `global_per_s` requests per second over all buckets. Spawns
+    /// the bucket actor, so call it inside a tokio runtime.
+    pub fn new(name: &'static str, global_per_s: u32) -> Self {
+        Self {
+            name,
+            // The global limit is ours (see the module doc); twilight's is disabled.
+            buckets: RateLimiter::new(u16::MAX),
+            gate: GlobalGate::new(global_per_s, Duration::from_secs(1)),
+        }
+    }
+
+    /// The syncer's budget: Discord's global limit minus what the side budget may use.
+    pub fn syncer(side_requests_per_s: u32) -> Self {
+        Self::new(
+            "syncer",
+            DISCORD_GLOBAL_PER_S.saturating_sub(side_requests_per_s),
+        )
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Waits until `route` may be called: first its bucket, then a global slot, so a
+    /// request queued behind an exhausted bucket does not hold a global slot meanwhile.
+    ///
+    /// `route` is the path with only the major parameter (the guild) kept and minor ids
+    /// replaced by a placeholder (`guilds/1/members/:user`): twilight remembers buckets
+    /// per route, and a route per user id would never learn that it shares a bucket.
+    pub async fn acquire(&self, verb: Verb, route: &str) -> Ticket {
+        let permit = self
+            .buckets
+            .acquire(Endpoint {
+                method: verb.twilight(),
+                path: route.to_string(),
+            })
+            .await;
+        self.gate.acquire().await;
+        Ticket {
+            permit,
+            gate: self.gate.clone(),
+        }
+    }
+}
+
+impl Ticket {
+    /// Feeds the answer back: bucket headers update the bucket; a 429 exhausts the
+    /// bucket (or, if global, the gate) for its `retry_after`.
+    pub fn complete(self, o: &Observed) {
+        let now = std::time::Instant::now();
+        if o.status == 429 {
+            let wait = o.retry_after.unwrap_or(Duration::from_secs(1));
+            if o.is_global_limit() {
+                self.gate.block_for(wait);
+                self.permit.complete(None);
+            } else if let Some(bucket) = &o.bucket {
+                self.permit.complete(Some(RateLimitHeaders {
+                    bucket: bucket.as_bytes().to_vec(),
+                    limit: 0,
+                    remaining: 0,
+                    reset_at: now + wait,
+                }));
+            } else {
+                self.permit.complete(None);
+            }
+            return;
+        }
+        match (&o.bucket, o.limit, o.remaining, o.reset_after) {
+            (Some(bucket), Some(limit), Some(remaining), Some(reset_after)) => {
+                self.permit.complete(Some(RateLimitHeaders {
+                    bucket: bucket.as_bytes().to_vec(),
+                    limit: u16::try_from(limit).unwrap_or(u16::MAX),
+                    remaining: u16::try_from(remaining).unwrap_or(u16::MAX),
+                    reset_at: now + reset_after,
+                }))
+            }
+            _ => self.permit.complete(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn gate_never_exceeds_its_limit_in_any_window() {
+        let gate = GlobalGate::new(5, Duration::from_secs(1));
+        let start = Instant::now();
+        let mut times = Vec::new();
+        for _ in 0..12 {
+            gate.acquire().await;
+            times.push(Instant::now() - start);
+        }
+        // 5 at once, 5 after one period (+margin), 2 after two.
+        let period = Duration::from_secs(1) + WINDOW_MARGIN;
+        assert!(times[..5].iter().all(|t| *t == Duration::ZERO), "{times:?}");
+        assert!(times[5..10].iter().all(|t| *t == period), "{times:?}");
+        assert_eq!(times[10], period * 2);
+        for (i, t) in times.iter().enumerate() {
+            let in_window = times[i..].iter().filter(|u| **u - *t < period).count();
+            assert!(in_window <= 5);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gate_honours_a_global_block() {
+        let gate = GlobalGate::new(50, Duration::from_secs(1));
+        gate.block_for(Duration::from_millis(1500));
+        let start = Instant::now();
+        gate.acquire().await;
+        assert_eq!(Instant::now() - start, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn observed_reads_discord_headers() {
+        let h = |name: &str| -> Option<String> {
+            match name {
+                "x-ratelimit-bucket" => Some("abc".into()),
+                "x-ratelimit-limit" => Some("10".into()),
+                "x-ratelimit-remaining" => Some("0".into()),
+                "x-ratelimit-reset-after" => Some("0.250".into()),
+                "retry-after" => Some("1".into()),
+                "x-ratelimit-scope" => Some("shared".into()),
+                _ => None,
+            }
+        };
+        let o = Observed::parse(429, h).with_body_retry_after(Some(0.25), Some(false));
+        assert_eq!(o.bucket.as_deref(), Some("abc"));
+        assert_eq!(o.remaining, Some(0));
+        assert_eq!(o.reset_after, Some(Duration::from_millis(250)));
+        assert_eq!(o.retry_after, Some(Duration::from_millis(250)));
+        assert!(!o.is_global_limit());
+        assert!(!o.counts_as_invalid(), "shared 429s are not held against us");
+        assert!(Observed::parse(403, |_| None).counts_as_invalid());
+    }
+
+    #[tokio::test]
+    async fn an_exhausted_bucket_holds_its_queue_until_reset() {
+        let budget = Budget::new("test", 50);
+        let t = budget.acquire(Verb::Put, "guilds/1/members/:user").await;
+        t.complete(&Observed {
+            status: 201,
+            bucket: Some("b".into()),
+            limit: Some(1),
+            remaining: Some(0),
+            reset_after: Some(Duration::from_millis(200)),
+            ..Observed::default()
+        });
+        let start = std::time::Instant::now();
+        let t = budget.acquire(Verb::Put, "guilds/1/members/:user").await;
+        assert!(start.elapsed() >= Duration::from_millis(190), "{:?}", start.elapsed());
+        drop(t);
+        // Another guild is another bucket: not held.
+        let start = std::time::Instant::now();
+        let t = budget.acquire(Verb::Put, "guilds/9/members/:user").await;
+        assert!(start.elapsed() < Duration::from_millis(100));
+        drop(t);
+    }
+}

@@ -1,0 +1,207 @@
+//! Per-endpoint isolation, so one slow or dead endpoint cannot take the workers from the
+//! others: at most `max_in_flight` requests per endpoint at once (per process), and a
+//! circuit breaker that short-circuits an endpoint after `threshold` consecutive
+//! failures for `cool_down`. After the cool-down, requests go out again (up to the cap);
+//! one more failure re-opens the circuit at once, a success closes it.
+//!
+//! One owner: a mutex around a small map, held only for a lookup. It takes `now` from
+//! the caller, so it is tested without a clock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug)]
+pub struct IsolationSettings {
+    pub max_in_flight: usize,
+    pub threshold: u32,
+    pub cool_down: Duration,
+}
+
+#[derive(Default)]
+struct EndpointState {
+    in_flight: usize,
+    consecutive_failures: u32,
+    open_until: Option<Instant>,
+}
+
+/// The guards of every endpoint this process delivers to. Cheap to clone.
+#[derive(Clone)]
+pub struct Isolation {
+    settings: IsolationSettings,
+    state: Arc<Mutex<HashMap<String, EndpointState>>>,
+}
+
+/// Whether a request to an endpoint may go out now.
+#[derive(Debug)]
+pub enum Admission {
+    Go(Permit),
+    /// The endpoint already has `max_in_flight` requests out.
+    Busy,
+    /// The circuit is open (the endpoint failed too often in a row).
+    Open { failures: u32 },
+}
+
+/// One in-flight request. Finish it with the result; dropping it unfinished (a crash
+/// of the task) frees the slot without judging the endpoint.
+#[must_use = "a permit holds an in-flight slot until finished or dropped"]
+#[derive(Debug)]
+pub struct Permit {
+    endpoint: String,
+    isolation: Option<Isolation>,
+}
+
+impl std::fmt::Debug for Isolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Isolation")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl Isolation {
+    pub fn new(settings: IsolationSettings) -> Self {
+        Self {
+            settings,
+            state: Arc::default(),
+        }
+    }
+
+    pub fn admit(&self, endpoint: &str, now: Instant) -> Admission {
+        let mut map = self.state.lock().expect("isolation lock");
+        let st = map.entry(endpoint.to_string()).or_default();
+        if let Some(until) = st.open_until
+            && now < until
+        {
+            return Admission::Open {
+                failures: st.consecutive_failures,
+            };
+        }
+        if st.in_flight >= self.settings.max_in_flight {
+            return Admission::Busy;
+        }
+        st.in_flight += 1;
+        Admission::Go(Permit {
+            endpoint: endpoint.to_string(),
+            isolation: Some(self.clone()),
+        })
+    }
+
+    fn release(&self, endpoint: &str, result: Option<bool>, now: Instant) {
+        let mut map = self.state.lock().expect("isolation lock");
+        let Some(st) = map.get_mut(endpoint) else {
+            return;
+        };
+        st.in_flight = st.in_flight.saturating_sub(1);
+        match result {
+            Some(true) => {
+                st.consecutive_failures = 0;
+                st.open_until = None;
+            }
+            Some(false) => {
+                st.consecutive_failures += 1;
+                if st.consecutive_failures >= self.settings.threshold {
+                    st.open_until = Some(now + self.settings.cool_down);
+                }
+            }
+            None => {}
+        }
+        // Forget healthy idle endpoints so the map stays as small as the traffic.
+        if st.in_flight == 0 && st.consecutive_failures == 0 {
+            map.remove(endpoint);
+        }
+    }
+}
+
+impl Permit {
+    /// Records whether the endpoint answered successfully.
+    pub fn finish(mut self, success: bool, now: Instant) {
+        if let Some(i) = self.isolation.take() {
+            i.release(&self.endpoint, Some(success), now);
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(i) = self.isolation.take() {
+            i.release(&self.endpoint, None, Instant::now());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iso() -> Isolation {
+        Isolation::new(IsolationSettings {
+            max_in_flight: 2,
+            threshold: 3,
+            cool_down: Duration::from_secs(10),
+        })
+    }
+
+    fn go(a: Admission) -> Permit {
+        match a {
+            Admission::Go(p) => p,
+            other => panic!("expected Go, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn caps_in_flight_per_endpoint() {
+        let i = iso();
+        let t = Instant::now();
+        let a = go(i.admit("ep_a", t));
+        let _b = go(i.admit("ep_a", t));
+        assert!(matches!(i.admit("ep_a", t), Admission::Busy));
+        // Another endpoint is not affected.
+        let _c = go(i.admit("ep_b", t));
+        a.finish(true, t);
+        let _d = go(i.admit("ep_a", t));
+    }
+
+    #[test]
+    fn dropped_permits_free_their_slot() {
+        let i = iso();
+        let t = Instant::now();
+        drop(go(i.admit("ep_a", t)));
+        drop(go(i.admit("ep_a", t)));
+        let _a = go(i.admit("ep_a", t));
+        let _b = go(i.admit("ep_a", t));
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_and_closes_on_success() {
+        let i = iso();
+        let t = Instant::now();
+        for _ in 0..3 {
+            go(i.admit("ep_a", t)).finish(false, t);
+        }
+        assert!(matches!(
+            i.admit("ep_a", t + Duration::from_secs(9)),
+            Admission::Open { failures: 3 }
+        ));
+        assert!(matches!(i.admit("ep_b", t), Admission::Go(_)));
+        // Cool-down over: requests go again; one more failure re-opens at once.
+        let later = t + Duration::from_secs(10);
+        go(i.admit("ep_a", later)).finish(false, later);
+        assert!(matches!(i.admit("ep_a", later), Admission::Open { .. }));
+        let much_later = later + Duration::from_secs(10);
+        go(i.admit("ep_a", much_later)).finish(true, much_later);
+        go(i.admit("ep_a", much_later)).finish(false, much_later);
+        assert!(matches!(i.admit("ep_a", much_later), Admission::Go(_)));
+    }
+
+    #[test]
+    fn a_success_resets_the_count() {
+        let i = iso();
+        let t = Instant::now();
+        go(i.admit("ep_a", t)).finish(false, t);
+        go(i.admit("ep_a", t)).finish(false, t);
+        go(i.admit("ep_a", t)).finish(true, t);
+        go(i.admit("ep_a", t)).finish(false, t);
+        assert!(matches!(i.admit("ep_a", t), Admission::Go(_)));
+    }
+}

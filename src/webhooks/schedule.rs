@@ -1,0 +1,188 @@
+//! The pure core of delivery: what an attempt's result means (delivered, retry when,
+//! give up), with no I/O and no clock of its own. Table-tested below.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+/// What one attempt came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// A 2xx answer.
+    Delivered,
+    /// 410 Gone: the merchant removed the endpoint; it is disabled and the message fails
+    /// without retry.
+    Gone,
+    /// Anything else: another status, a timeout, a refused connection, an open circuit.
+    /// `retry_after` is the endpoint's own `Retry-After`, if it sent one.
+    Failed { retry_after: Option<Duration> },
+}
+
+/// What happens to the message next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Next {
+    Delivered,
+    /// Try again after this delay (one of the configured tiers).
+    RetryIn(Duration),
+    /// No more attempts: the message is `failed` and parked in the dead queue.
+    GiveUp(GiveUpReason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GiveUpReason {
+    Gone,
+    Exhausted,
+}
+
+impl GiveUpReason {
+    pub fn code(self) -> &'static str {
+        match self {
+            GiveUpReason::Gone => "endpoint_gone",
+            GiveUpReason::Exhausted => "retries_exhausted",
+        }
+    }
+}
+
+/// Decides after attempt number `attempt` (1 for the first) of this delivery round.
+/// `delays[i]` is the wait before attempt `i + 2`; after `delays.len() + 1` attempts the
+/// message gives up. A `Retry-After` is rounded up to the smallest tier that honours it
+/// (or the longest tier), never shortening the schedule: a tier's delay is fixed by its
+/// queue's TTL, so arbitrary delays are not possible.
+pub fn next(attempt: u32, result: &AttemptResult, delays: &[Duration]) -> Next {
+    match result {
+        AttemptResult::Delivered => Next::Delivered,
+        AttemptResult::Gone => Next::GiveUp(GiveUpReason::Gone),
+        AttemptResult::Failed { retry_after } => {
+            let Some(&scheduled) = delays.get(attempt.saturating_sub(1) as usize) else {
+                return Next::GiveUp(GiveUpReason::Exhausted);
+            };
+            let wanted = retry_after.map(|ra| tier_at_least(ra, delays)).unwrap_or_default();
+            Next::RetryIn(scheduled.max(wanted))
+        }
+    }
+}
+
+/// The smallest configured delay that is at least `d`, or the longest one.
+pub fn tier_at_least(d: Duration, delays: &[Duration]) -> Duration {
+    delays
+        .iter()
+        .copied()
+        .filter(|t| *t >= d)
+        .min()
+        .or_else(|| delays.iter().copied().max())
+        .unwrap_or_default()
+}
+
+/// The shortest non-zero tier: where a message waits that was not attempted (its
+/// endpoint was at its in-flight cap). `None` when every tier is zero.
+pub fn shortest_wait(delays: &[Duration]) -> Option<Duration> {
+    delays.iter().copied().filter(|d| !d.is_zero()).min()
+}
+
+/// Reads a `Retry-After` value: delay-seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = DateTime::parse_from_rfc2822(v).ok()?.with_timezone(&Utc);
+    Some((at - now).to_std().unwrap_or_default())
+}
+
+/// What a status code means (redirects are not followed, so 3xx is a failure).
+pub fn classify(status: u16, retry_after: Option<Duration>) -> AttemptResult {
+    match status {
+        200..=299 => AttemptResult::Delivered,
+        410 => AttemptResult::Gone,
+        _ => AttemptResult::Failed { retry_after },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn default_delays() -> Vec<Duration> {
+        [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
+            .into_iter()
+            .map(s)
+            .collect()
+    }
+
+    #[test]
+    fn follows_the_schedule_then_gives_up() {
+        let d = default_delays();
+        let fail = AttemptResult::Failed { retry_after: None };
+        let cases = [
+            (1, Next::RetryIn(s(0))),
+            (2, Next::RetryIn(s(5))),
+            (3, Next::RetryIn(s(300))),
+            (8, Next::RetryIn(s(36000))),
+            (9, Next::GiveUp(GiveUpReason::Exhausted)),
+            (20, Next::GiveUp(GiveUpReason::Exhausted)),
+        ];
+        for (attempt, want) in cases {
+            assert_eq!(next(attempt, &fail, &d), want, "attempt {attempt}");
+        }
+    }
+
+    #[test]
+    fn success_and_gone_end_the_message() {
+        let d = default_delays();
+        assert_eq!(next(1, &AttemptResult::Delivered, &d), Next::Delivered);
+        assert_eq!(
+            next(1, &AttemptResult::Gone, &d),
+            Next::GiveUp(GiveUpReason::Gone)
+        );
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_a_tier() {
+        let d = default_delays();
+        let ra = |n| AttemptResult::Failed {
+            retry_after: Some(s(n)),
+        };
+        assert_eq!(next(1, &ra(3), &d), Next::RetryIn(s(5)));
+        assert_eq!(next(1, &ra(60), &d), Next::RetryIn(s(300)));
+        assert_eq!(next(1, &ra(999_999), &d), Next::RetryIn(s(36000)));
+        // Never shorter than the schedule.
+        assert_eq!(next(3, &ra(1), &d), Next::RetryIn(s(300)));
+    }
+
+    #[test]
+    fn classifies_statuses() {
+        assert_eq!(classify(200, None), AttemptResult::Delivered);
+        assert_eq!(classify(204, None), AttemptResult::Delivered);
+        assert_eq!(classify(410, None), AttemptResult::Gone);
+        for code in [301, 307, 400, 404, 429, 500, 503] {
+            assert!(matches!(classify(code, None), AttemptResult::Failed { .. }));
+        }
+    }
+
+    #[test]
+    fn parses_retry_after() {
+        let now = DateTime::parse_from_rfc3339("2026-05-01T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(parse_retry_after("120", now), Some(s(120)));
+        assert_eq!(
+            parse_retry_after("Fri, 01 May 2026 10:01:00 GMT", now),
+            Some(s(60))
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 01 May 2026 09:00:00 GMT", now),
+            Some(s(0))
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn shortest_wait_skips_zero() {
+        assert_eq!(shortest_wait(&default_delays()), Some(s(5)));
+        assert_eq!(shortest_wait(&[s(0)]), None);
+    }
+}

@@ -1,0 +1,271 @@
+//! The SSRF guard: merchants choose webhook URLs, so guildgate must not become a way to
+//! reach its own network. Only `https` URLs whose host resolves to public addresses are
+//! accepted, unless `webhooks.allow_private_targets` (tests, local development), which
+//! also allows `http`, loopback and private ranges.
+//!
+//! The URL is checked when an endpoint is saved ([`check_on_save`]) and again at every
+//! connection: [`GuardedResolver`] is the HTTP client's DNS resolver and hands it only
+//! vetted addresses, so a name that later resolves to a private address (DNS rebinding)
+//! is refused, and the client connects to exactly the address that was checked. IP
+//! literals never reach a resolver, so [`check_target`] checks them before sending.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use url::{Host, Url};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SsrfError {
+    #[error("not a valid URL")]
+    Invalid,
+    #[error("only https URLs are accepted")]
+    Scheme,
+    #[error("URLs with a user name or password are not accepted")]
+    Credentials,
+    #[error("the URL has no host")]
+    NoHost,
+    #[error("{0} is not a public address")]
+    NotPublic(IpAddr),
+    #[error("the host does not resolve: {0}")]
+    Unresolvable(String),
+}
+
+/// What targets are allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetPolicy {
+    pub allow_private: bool,
+}
+
+impl TargetPolicy {
+    /// Whether the client may connect to `ip`.
+    pub fn allows(self, ip: IpAddr) -> bool {
+        self.allow_private || is_public(ip)
+    }
+}
+
+/// Checks scheme, credentials and (for IP literals) the address, without DNS.
+pub fn check_target(url: &Url, policy: TargetPolicy) -> Result<(), SsrfError> {
+    match url.scheme() {
+        "https" => {}
+        "http" if policy.allow_private => {}
+        _ => return Err(SsrfError::Scheme),
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(SsrfError::Credentials);
+    }
+    match url.host() {
+        None => Err(SsrfError::NoHost),
+        Some(Host::Ipv4(ip)) => allow(IpAddr::V4(ip), policy),
+        Some(Host::Ipv6(ip)) => allow(IpAddr::V6(ip), policy),
+        Some(Host::Domain(_)) => Ok(()),
+    }
+}
+
+fn allow(ip: IpAddr, policy: TargetPolicy) -> Result<(), SsrfError> {
+    if policy.allows(ip) {
+        Ok(())
+    } else {
+        Err(SsrfError::NotPublic(ip))
+    }
+}
+
+/// The check made when an endpoint is saved: [`check_target`], then every address the
+/// host resolves to must be allowed.
+pub async fn check_on_save(raw: &str, policy: TargetPolicy) -> Result<Url, SsrfError> {
+    let url = Url::parse(raw).map_err(|_| SsrfError::Invalid)?;
+    check_target(&url, policy)?;
+    if let Some(Host::Domain(host)) = url.host() {
+        let port = url.port_or_known_default().unwrap_or(443);
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| SsrfError::Unresolvable(e.to_string()))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(SsrfError::Unresolvable(host.to_string()));
+        }
+        for a in addrs {
+            allow(a.ip(), policy)?;
+        }
+    }
+    Ok(url)
+}
+
+/// The HTTP client's resolver: resolves with the system resolver and keeps only the
+/// addresses the policy allows; none left is a connection error.
+#[derive(Clone, Copy, Debug)]
+pub struct GuardedResolver {
+    pub policy: TargetPolicy,
+}
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let policy = self.policy;
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .collect();
+            let allowed: Vec<SocketAddr> =
+                all.into_iter().filter(|a| policy.allows(a.ip())).collect();
+            if allowed.is_empty() {
+                return Err(Box::new(SsrfError::Unresolvable(format!(
+                    "{host} resolves to no public address"
+                ))) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(allowed.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// Whether an address is on the public internet: not private, loopback, link-local,
+/// unique-local, multicast, unspecified, shared (CGNAT), documentation, benchmarking or
+/// reserved, including IPv4 addresses embedded in IPv6 (mapped, NAT64, 6to4).
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => is_public_v6(v6),
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    !(ip.is_private()
+        || ip.is_loopback()
+        || ip.is_link_local()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || ip.is_documentation()
+        || a == 0 // "this network", includes 0.0.0.0
+        || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
+        || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+        || (a == 198 && (b == 18 || b == 19)) // benchmarking
+        || a >= 240) // reserved
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return is_public_v4(v4);
+    }
+    let seg = ip.segments();
+    // NAT64 (64:ff9b::/96) reaches the embedded IPv4 address.
+    if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0, 0, 0, 0] {
+        let [a, b] = seg[6].to_be_bytes();
+        let [c, d] = seg[7].to_be_bytes();
+        return is_public_v4(Ipv4Addr::new(a, b, c, d));
+    }
+    // 6to4 (2002::/16) carries an IPv4 address in bits 16..48.
+    if seg[0] == 0x2002 {
+        let [a, b] = seg[1].to_be_bytes();
+        let [c, d] = seg[2].to_be_bytes();
+        return is_public_v4(Ipv4Addr::new(a, b, c, d));
+    }
+    !(ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || (seg[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
+        || (seg[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
+        || (seg[0] & 0xffc0) == 0xfec0 // site-local (deprecated) fec0::/10
+        || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
+        || seg[0..6] == [0, 0, 0, 0, 0, 0]) // IPv4-compatible (deprecated) and ::/96
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STRICT: TargetPolicy = TargetPolicy {
+        allow_private: false,
+    };
+    const LOCAL: TargetPolicy = TargetPolicy {
+        allow_private: true,
+    };
+
+    #[test]
+    fn classifies_addresses() {
+        for ip in [
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "127.0.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::",
+            "2001:db8::1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip} must not be public");
+        }
+        for ip in [
+            "93.184.216.34",
+            "1.1.1.1",
+            "2606:4700:4700::1111",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(is_public(ip.parse().unwrap()), "{ip} is public");
+        }
+    }
+
+    #[test]
+    fn checks_scheme_credentials_and_literals() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        assert_eq!(check_target(&u("https://1.1.1.1/hook"), STRICT), Ok(()));
+        assert_eq!(
+            check_target(&u("http://1.1.1.1/hook"), STRICT),
+            Err(SsrfError::Scheme)
+        );
+        assert_eq!(
+            check_target(&u("ftp://1.1.1.1/hook"), LOCAL),
+            Err(SsrfError::Scheme)
+        );
+        assert_eq!(
+            check_target(&u("https://127.0.0.1/hook"), STRICT),
+            Err(SsrfError::NotPublic("127.0.0.1".parse().unwrap()))
+        );
+        assert_eq!(
+            check_target(&u("https://[::1]/hook"), STRICT),
+            Err(SsrfError::NotPublic("::1".parse().unwrap()))
+        );
+        assert_eq!(
+            check_target(&u("https://u:p@example.com/"), STRICT),
+            Err(SsrfError::Credentials)
+        );
+        assert_eq!(check_target(&u("http://127.0.0.1:9/hook"), LOCAL), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn names_are_resolved_on_save() {
+        assert!(matches!(
+            check_on_save("https://localhost/hook", STRICT).await,
+            Err(SsrfError::NotPublic(_))
+        ));
+        assert!(check_on_save("http://localhost:1/hook", LOCAL).await.is_ok());
+        assert_eq!(
+            check_on_save("not a url", LOCAL).await,
+            Err(SsrfError::Invalid)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_resolver_drops_private_addresses() {
+        let strict = GuardedResolver { policy: STRICT };
+        assert!(strict.resolve("localhost".parse().unwrap()).await.is_err());
+        let local = GuardedResolver { policy: LOCAL };
+        let addrs: Vec<SocketAddr> = local
+            .resolve("localhost".parse().unwrap())
+            .await
+            .unwrap()
+            .collect();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()));
+    }
+}
