@@ -648,11 +648,10 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_good_ones_flow() {
     }
     app.wait_processed(poison.len() as i64).await;
     let dead_q = format!("{}.dead", app.names.payment_events());
-    let dead = wait_for("dead letters", || async {
+    wait_for("dead letters", || async {
         (app.queue_len(&dead_q).await as usize == poison.len()).then_some(())
     })
     .await;
-    let _ = dead;
     let parked = app.drain_queue(&dead_q).await;
     let mut codes: Vec<String> = parked
         .iter()

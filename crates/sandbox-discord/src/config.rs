@@ -47,6 +47,9 @@ pub struct SandboxConfig {
     /// Seed for the random generator used for faults and tokens; `None`
     /// seeds from the OS.
     pub seed: Option<u64>,
+    /// Maximum number of entries kept in the request log (oldest dropped
+    /// first; default 100 000; 0 = unlimited). Counters are unaffected.
+    pub request_log_limit: usize,
 }
 
 impl Default for SandboxConfig {
@@ -64,6 +67,7 @@ impl Default for SandboxConfig {
             members_intent: false,
             faults: FaultConfig::default(),
             seed: None,
+            request_log_limit: 100_000,
         }
     }
 }

@@ -590,9 +590,10 @@ impl Sandbox {
         })
     }
 
-    /// Every request so far, in arrival order of completion.
+    /// The logged requests (oldest first, ordered by completion; at most
+    /// [`SandboxConfig::request_log_limit`] entries).
     pub fn requests(&self) -> Vec<RequestRecord> {
-        self.with_state(|st| st.log.clone())
+        self.with_state(|st| st.log.iter().cloned().collect())
     }
 
     /// The counters.

@@ -1,6 +1,10 @@
 //! HTTP front: routing, authentication, fault injection, rate limiting and
 //! the `/api/v10` guild/user endpoints.
 
+// Handlers bail out early with a ready `Response` as the error; boxing it
+// would only add noise.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -82,7 +86,10 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response
     if info.injected_error {
         s.injected_errors += 1;
     }
-    st.log.push(RequestRecord {
+    while st.log_limit > 0 && st.log.len() >= st.log_limit {
+        st.log.pop_front();
+    }
+    st.log.push_back(RequestRecord {
         method: parts.method.to_string(),
         path,
         query,

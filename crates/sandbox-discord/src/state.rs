@@ -141,7 +141,8 @@ pub(crate) struct State {
     pub faults: FaultConfig,
     pub members_intent: bool,
     pub stats: Stats,
-    pub log: Vec<RequestRecord>,
+    pub log: VecDeque<RequestRecord>,
+    pub log_limit: usize,
     pub rng: StdRng,
     pub ids: Snowflakes,
 }
@@ -174,7 +175,8 @@ impl State {
             faults: cfg.faults.clone(),
             members_intent: cfg.members_intent,
             stats: Stats::default(),
-            log: Vec::new(),
+            log: VecDeque::new(),
+            log_limit: cfg.request_log_limit,
             rng,
             ids,
         }
