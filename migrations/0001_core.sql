@@ -77,7 +77,7 @@ CREATE TABLE processed_events (
     event_type    text NOT NULL,
     business_id   text NOT NULL,
     outcome       text NOT NULL,
-    processed_at  timestamptz NOT NULL DEFAULT now()
+    processed_at  timestamptz NOT NULL DEFAULT clock_timestamp()  -- when applied, not when the tx began
 );
 
 -- The last applied snapshot per subscription: older events change nothing.

@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::Broker;
 use crate::config::Settings;
+use crate::crypto::TokenCipher;
+use crate::discord::DiscordClient;
+use crate::discord::ratelimit::Budget;
 use crate::events::apply::Applier;
 use crate::events::consumer::EventConsumer;
 use crate::events::decode::DecodeLimits;
@@ -23,6 +26,7 @@ use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::outbox::Relay;
 use crate::store;
+use crate::sync::SyncWorker;
 
 /// What `serve` should run.
 #[derive(Clone, Debug)]
@@ -31,6 +35,10 @@ pub struct Options {
     pub declare: bool,
     pub consumers: bool,
     pub relay: bool,
+    /// The Discord syncer (`<prefix>.discord-sync`).
+    pub sync: bool,
+    /// Webhook fan-out (`<prefix>.grant-events`) and delivery (`<prefix>.webhooks`).
+    pub webhooks: bool,
 }
 
 impl Default for Options {
@@ -40,6 +48,8 @@ impl Default for Options {
             declare: true,
             consumers: true,
             relay: true,
+            sync: true,
+            webhooks: true,
         }
     }
 }
@@ -67,6 +77,9 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub links: LinkBuilder,
     pub relay: Relay,
+    /// Discord on the side budget (HTTP handlers); the syncer gets its own budget.
+    pub discord: DiscordClient,
+    pub cipher: TokenCipher,
     listener: TcpListener,
     options: Options,
 }
@@ -89,6 +102,9 @@ impl App {
         options: Options,
         listener: TcpListener,
     ) -> Result<Self, StartError> {
+        if options.migrate {
+            store::ensure_database(&settings.database).await?;
+        }
         let pool = store::pool(&settings.database)?;
         if options.migrate {
             store::migrate(&pool).await?;
@@ -113,7 +129,12 @@ impl App {
             metrics: metrics.clone(),
             crash_after_publish: Arc::new(AtomicBool::new(false)),
         };
+        let discord = DiscordClient::side(&settings.discord, metrics.clone());
+        let cipher = TokenCipher::from_base64(&settings.secrets.token_encryption_key)
+            .expect("validated when the settings were loaded");
         Ok(Self {
+            discord,
+            cipher,
             links: LinkBuilder::from_settings(&settings),
             settings: Arc::new(settings),
             pool,
@@ -136,7 +157,25 @@ impl App {
             broker: self.broker.clone(),
             links: self.links.clone(),
             metrics: self.metrics.clone(),
+            discord: self.discord.clone(),
+            cipher: self.cipher.clone(),
         }
+    }
+
+    /// The Discord syncer, on the syncer's budget: Discord's global limit minus the
+    /// side budget. Run one per process; the queue's single active consumer makes one
+    /// of them the owner of the rate limit.
+    pub fn sync_worker(&self) -> SyncWorker {
+        SyncWorker::new(
+            self.pool.clone(),
+            self.broker.clone(),
+            self.discord
+                .with_budget(Budget::syncer(self.settings.discord.side_requests_per_s)),
+            self.cipher.clone(),
+            self.links.clone(),
+            self.settings.sync.retry_delays.clone(),
+            self.metrics.clone(),
+        )
     }
 
     pub fn event_consumer(&self) -> EventConsumer {
@@ -157,6 +196,7 @@ impl App {
             },
             prefetch: s.amqp.prefetch,
             batch_size: s.amqp.batch_size,
+            batch_linger: s.amqp.batch_linger,
             metrics: self.metrics.clone(),
         }
     }
@@ -166,6 +206,7 @@ impl App {
         let mut tasks: JoinSet<&'static str> = JoinSet::new();
         let router = http::app(self.state());
         let consumer = self.event_consumer();
+        let syncer = self.sync_worker();
         let http_shutdown = shutdown.clone();
         let listener = self.listener;
         tasks.spawn(async move {
@@ -187,6 +228,23 @@ impl App {
                 });
             }
         }
+        if self.options.webhooks {
+            crate::webhooks::spawn(
+                &mut tasks,
+                &self.pool,
+                &self.broker,
+                &self.settings,
+                &self.metrics,
+                &shutdown,
+            );
+        }
+        if self.options.sync {
+            let s = shutdown.clone();
+            tasks.spawn(async move {
+                syncer.run(s).await;
+                "discord syncer"
+            });
+        }
         if self.options.relay {
             let relay = self.relay.clone();
             let s = shutdown.clone();
@@ -196,7 +254,28 @@ impl App {
             });
         }
         let mut first_exit: Option<&'static str> = None;
-        while let Some(done) = tasks.join_next().await {
+        loop {
+            let done = if shutdown.is_cancelled() {
+                // Say what is still finishing its work, rather than hang silently.
+                match tokio::time::timeout(std::time::Duration::from_secs(10), tasks.join_next())
+                    .await
+                {
+                    Ok(Some(done)) => done,
+                    Ok(None) => break,
+                    Err(_) => {
+                        tracing::warn!(
+                            tasks = tasks.len(),
+                            "still waiting for tasks to finish after shutdown"
+                        );
+                        continue;
+                    }
+                }
+            } else {
+                match tasks.join_next().await {
+                    Some(done) => done,
+                    None => break,
+                }
+            };
             let name = match done {
                 Ok(name) => name,
                 Err(e) => {

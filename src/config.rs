@@ -7,7 +7,7 @@
 //!
 //! - `GUILDGATE_DATABASE__URL`, `__MAX_CONNECTIONS`
 //! - `GUILDGATE_AMQP__URL`, `__EXCHANGE`, `__QUEUE_PREFIX`, `__PREFETCH`, `__CONSUMERS`,
-//!   `__BATCH_SIZE`, `__MAX_MESSAGE_BYTES`, `__DELIVERY_LIMIT`
+//!   `__BATCH_SIZE`, `__BATCH_LINGER`, `__MAX_MESSAGE_BYTES`, `__DELIVERY_LIMIT`
 //! - `GUILDGATE_HTTP__ADDR`, `__PUBLIC_URL`, `__MAX_BODY_BYTES`
 //! - `GUILDGATE_DISCORD__API_BASE`, `__AUTHORIZE_URL`, `__CLIENT_ID`, `__CLIENT_SECRET`,
 //!   `__BOT_TOKEN`, `__OAUTH_LINK_TTL`, `__SIDE_REQUESTS_PER_S`,
@@ -89,6 +89,9 @@ pub struct AmqpSettings {
     pub consumers: usize,
     /// Events applied in one database transaction at most.
     pub batch_size: usize,
+    /// How long a consumer waits for a batch to fill before applying what it has.
+    #[serde(deserialize_with = "duration")]
+    pub batch_linger: Duration,
     /// Larger message bodies are dead-lettered unread.
     pub max_message_bytes: usize,
     /// Quorum-queue `x-delivery-limit`: a message redelivered this often is dead-lettered

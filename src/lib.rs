@@ -3,9 +3,11 @@
 //! See DESIGN.md for the architecture; each module's doc says what it owns.
 
 pub mod amqp;
+pub mod api;
 pub mod app;
 pub mod config;
 pub mod crypto;
+pub mod discord;
 pub mod events;
 pub mod grants;
 pub mod http;
@@ -13,4 +15,6 @@ pub mod ids;
 pub mod metrics;
 pub mod outbox;
 pub mod store;
+pub mod sync;
 pub mod telemetry;
+pub mod webhooks;

@@ -37,6 +37,82 @@ enum Command {
     Migrate,
     /// Declare RabbitMQ exchanges, queues and bindings and exit; prints their names.
     Topology,
+    /// Inspect, replay and purge dead-lettered messages.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Manage merchants' API keys (`Authorization: Bearer <key>` on the REST API).
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Without QUEUE: every dead-letter queue with its depth. With QUEUE (e.g.
+    /// `payment-events`, or a full name): its first messages with type, id, reason and
+    /// the broker's x-death record. Nothing is removed.
+    List {
+        /// A dead-letter queue: `payment-events`, `discord-sync`, `grant-events`,
+        /// `webhooks`, or its full name.
+        queue: Option<String>,
+        /// How many messages to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish parked messages to the guildgate queue they came from (with publisher
+    /// confirms), then remove them from the dead-letter queue.
+    Replay {
+        /// The dead-letter queue (as for `list`).
+        queue: String,
+        /// Replay at most this many messages.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Only messages of this type (e.g. `payment.succeeded`).
+        #[arg(long = "type")]
+        kind: Option<String>,
+        /// Only the message with this id.
+        #[arg(long)]
+        id: Option<String>,
+        /// Show what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Leave a message parked once it was replayed this often.
+        #[arg(long, default_value_t = 5)]
+        max_replays: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete every message of a dead-letter queue.
+    Purge {
+        /// The dead-letter queue (as for `list`).
+        queue: String,
+        /// Confirm: without it nothing is deleted.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApiKeyCommand {
+    /// Create a key for a business (creating the business if new). Prints the key once on
+    /// stdout; only its hash is stored, so it cannot be shown again.
+    Create {
+        /// The platform's business id (`bus_…`), as in its payment events.
+        #[arg(long)]
+        business_id: String,
+        /// A label to recognise the key by (e.g. "production server").
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Revoke a key by its id (`key_…`, printed when it was created); requests with it
+    /// are refused from now on.
+    Revoke {
+        /// The key's id, `key_…`.
+        key_id: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +144,9 @@ fn main() -> ExitCode {
                 no_declare,
             } => serve(settings, no_migrate, no_declare).await,
             Command::Migrate => {
+                guildgate::store::ensure_database(&settings.database)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let pool = guildgate::store::pool(&settings.database).map_err(|e| e.to_string())?;
                 guildgate::store::migrate(&pool)
                     .await
@@ -75,6 +154,8 @@ fn main() -> ExitCode {
                 tracing::info!("migrations applied");
                 Ok(())
             }
+            Command::ApiKey(cmd) => api_key(&settings, cmd).await,
+            Command::Dlq(cmd) => dlq(&settings, cmd).await,
             Command::Topology => {
                 let broker = guildgate::amqp::Broker::new(&settings, "guildgate-topology");
                 broker.try_channel().await.map_err(|e| e.to_string())?;
@@ -97,6 +178,125 @@ fn main() -> ExitCode {
     }
 }
 
+async fn dlq(settings: &Settings, cmd: DlqCommand) -> Result<(), String> {
+    use guildgate::amqp::dlq as d;
+    let broker = guildgate::amqp::Broker::without_declare(settings, "guildgate-dlq");
+    let names = guildgate::amqp::Names::from_settings(settings);
+    let resolve = |q: &str| {
+        d::resolve(&names, q).ok_or_else(|| {
+            format!(
+                "'{q}' is not one of guildgate's dead-letter queues: {}",
+                names.dead_queues().join(", ")
+            )
+        })
+    };
+    let ch = broker.try_channel().await.map_err(|e| e.to_string())?;
+    let result = match cmd {
+        DlqCommand::List {
+            queue: None, json, ..
+        } => {
+            let depths = d::depths(&ch, &names).await.map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&depths).expect("serializable")
+                );
+            } else {
+                println!("{:<50} {:>9}", "QUEUE", "MESSAGES");
+                for q in depths {
+                    println!("{:<50} {:>9}", q.queue, q.messages);
+                }
+            }
+            Ok(())
+        }
+        DlqCommand::List {
+            queue: Some(q),
+            limit,
+            json,
+        } => {
+            let q = resolve(&q)?;
+            let parked = d::peek(&ch, &q, limit).await.map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&parked).expect("serializable")
+                );
+            } else {
+                println!("{q}: showing {} message(s)", parked.len());
+                for p in parked {
+                    println!(
+                        "- id={} type={} replays={} reason_code={}\n  reason: {}\n  x-death: {}",
+                        p.message_id.as_deref().unwrap_or("-"),
+                        p.kind.as_deref().unwrap_or("-"),
+                        p.replays,
+                        p.reason_code.as_deref().unwrap_or("-"),
+                        p.reason.as_deref().unwrap_or("-"),
+                        p.x_death.as_deref().unwrap_or("-"),
+                    );
+                }
+            }
+            Ok(())
+        }
+        DlqCommand::Replay {
+            queue,
+            limit,
+            kind,
+            id,
+            dry_run,
+            max_replays,
+            json,
+        } => {
+            let q = resolve(&queue)?;
+            let publisher = broker.try_channel().await.map_err(|e| e.to_string())?;
+            publisher
+                .confirm_select(Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let filter = d::ReplayFilter {
+                limit,
+                kind,
+                message_id: id,
+                dry_run,
+                max_replays,
+            };
+            let report = d::replay(&ch, &publisher, &names, &q, &filter)
+                .await
+                .map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serializable")
+                );
+            } else {
+                let verb = if dry_run { "would replay" } else { "replayed" };
+                println!("{q}: {verb} {} message(s)", report.replayed.len());
+                for id in &report.replayed {
+                    println!("  {id}");
+                }
+                if !report.left_parked_too_often.is_empty() {
+                    println!(
+                        "left parked, replayed {max_replays} times already: {}",
+                        report.left_parked_too_often.join(", ")
+                    );
+                }
+                println!("not matching the filter: {}", report.skipped_filter);
+            }
+            Ok(())
+        }
+        DlqCommand::Purge { queue, yes } => {
+            let q = resolve(&queue)?;
+            if !yes {
+                return Err(format!("refusing to purge {q} without --yes"));
+            }
+            let n = d::purge(&ch, &q).await.map_err(|e| e.to_string())?;
+            println!("{q}: purged {n} message(s)");
+            Ok(())
+        }
+    };
+    broker.close().await;
+    result
+}
+
 async fn serve(settings: Settings, no_migrate: bool, no_declare: bool) -> Result<(), String> {
     let options = Options {
         migrate: !no_migrate,
@@ -115,6 +315,46 @@ async fn serve(settings: Settings, no_migrate: bool, no_declare: bool) -> Result
         signal.cancel();
     });
     app.run_until_stopped(shutdown).await
+}
+
+async fn api_key(settings: &Settings, cmd: ApiKeyCommand) -> Result<(), String> {
+    use secrecy::ExposeSecret;
+    guildgate::store::ensure_database(&settings.database)
+        .await
+        .map_err(|e| e.to_string())?;
+    let pool = guildgate::store::pool(&settings.database).map_err(|e| e.to_string())?;
+    guildgate::store::migrate(&pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+    match cmd {
+        ApiKeyCommand::Create { business_id, name } => {
+            let business = guildgate::ids::BusinessId::parse(business_id)
+                .map_err(|e| format!("--business-id: {e}"))?;
+            let (id, key) =
+                guildgate::api::auth::create_api_key(&mut conn, &business, name.as_deref())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            // The key alone on stdout, so `KEY=$(guildgate api-key create …)` works;
+            // the explanation on stderr.
+            eprintln!(
+                "Created API key {id} for business {business}. Store it now: it is not shown again."
+            );
+            println!("{}", key.expose_secret());
+            Ok(())
+        }
+        ApiKeyCommand::Revoke { key_id } => {
+            if guildgate::api::auth::revoke_api_key(&mut conn, &key_id)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                eprintln!("Revoked API key {key_id}.");
+                Ok(())
+            } else {
+                Err(format!("no API key {key_id}"))
+            }
+        }
+    }
 }
 
 async fn wait_for_signal() {

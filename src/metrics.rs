@@ -20,6 +20,8 @@ fn latency_histogram() -> Histogram {
 /// Every metric guildgate exports.
 pub struct Metrics {
     registry: Registry,
+    /// Every payment event settled, whatever its outcome (benchmarks, tests).
+    pub events_settled: std::sync::atomic::AtomicU64,
     /// Payment events by `type` and `outcome` (applied, duplicate, stale, irrelevant,
     /// ignored, dead_lettered).
     pub events: Family<Labels, Counter>,
@@ -110,6 +112,7 @@ impl Metrics {
         );
         Arc::new(Self {
             registry,
+            events_settled: Default::default(),
             events,
             event_latency,
             outbox_relayed,
@@ -125,6 +128,8 @@ impl Metrics {
     }
 
     pub fn event(&self, event_type: &str, outcome: &str) {
+        self.events_settled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.events
             .get_or_create(&vec![
                 ("type", event_type.to_string()),

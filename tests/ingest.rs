@@ -10,7 +10,7 @@ const T0: &str = "2026-05-01T10:31:00Z";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_time_payment_creates_a_pending_grant_with_webhook_and_sync_job() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     let ent = app
         .entitlement_for(
             "pdt_lifetime",
@@ -88,7 +88,7 @@ fn revoked(reason: &str) -> (String, Option<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_payment_grants_nothing_itself() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
     let b = app.business();
     app.publish(
@@ -121,7 +121,7 @@ async fn subscription_payment_grants_nothing_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_active_grants_and_renewed_updated_change_nothing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
     app.entitlement_for("pdt_monthly", GUILD, None).await;
     let b = app.business();
@@ -175,7 +175,7 @@ async fn subscription_active_grants_and_renewed_updated_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_ending_of_a_subscription_revokes_with_its_reason() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
     let b = app.business();
     let cases = [
@@ -235,7 +235,7 @@ async fn each_ending_of_a_subscription_revokes_with_its_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_change_keeps_shared_revokes_lacking_adds_new() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     let shared = app.entitlement_for("pdt_basic", GUILD, Some("1")).await;
     let basic_only = app.entitlement_for("pdt_basic", GUILD, Some("2")).await;
     let vip_only = app.entitlement_for("pdt_vip", GUILD, Some("3")).await;
@@ -295,7 +295,7 @@ async fn plan_change_keeps_shared_revokes_lacking_adds_new() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_time_purchase_then_full_refund_revokes_partial_does_not() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
     let b = app.business();
     app.publish(&payment(&b, "pay_1", "cus_1", &["pdt_life"], &t(1)), "p1")
@@ -317,7 +317,7 @@ async fn one_time_purchase_then_full_refund_revokes_partial_does_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispute_lost_revokes_the_payments_grants() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
     let b = app.business();
     app.publish(&payment(&b, "pay_1", "cus_1", &["pdt_life"], &t(1)), "p1")
@@ -331,7 +331,7 @@ async fn dispute_lost_revokes_the_payments_grants() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refund_or_dispute_before_payment_makes_the_late_payment_grant_nothing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
     let b = app.business();
     app.publish(&refund(&b, "pay_1", false, &t(2)), "r1").await;
@@ -349,7 +349,7 @@ async fn refund_or_dispute_before_payment_makes_the_late_payment_grant_nothing()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_revoke_is_never_followed_by_a_new_grant() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
     let b = app.business();
     app.publish(
@@ -425,7 +425,7 @@ async fn manual_revoke_is_never_followed_by_a_new_grant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_then_unpause_creates_a_new_grant() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
     let b = app.business();
     app.publish(
@@ -488,7 +488,7 @@ async fn pause_then_unpause_creates_a_new_grant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_and_redeliveries_change_nothing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
     let b = app.business();
     let p = payment(&b, "pay_1", "cus_1", &["pdt_life"], &t(1));
@@ -522,7 +522,7 @@ async fn duplicates_and_redeliveries_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_subscription_events_change_nothing() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
     let b = app.business();
     app.publish(
@@ -568,7 +568,7 @@ async fn out_of_order_subscription_events_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_without_entitlements_are_acked_and_counted() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
     let b = app.business();
     app.publish(&payment(&b, "pay_1", "cus_1", &["pdt_other"], &t(1)), "p1")
@@ -615,7 +615,7 @@ async fn events_without_entitlements_are_acked_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_are_dead_lettered_with_a_reason_and_good_ones_flow() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
     let b = app.business();
     let mut missing = payment(&b, "pay_x", "cus_x", &["pdt_life"], &t(1));

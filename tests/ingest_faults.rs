@@ -52,7 +52,7 @@ async fn database_cut_and_restored_mid_stream_loses_and_dead_letters_nothing() {
     let pg = Proxy::start(addr_of(&common::database_base_url())).await;
     let app = TestApp::spawn_with(TestConfig {
         db_via: Some(pg.addr),
-        ..TestConfig::default()
+        ..TestConfig::ingest_only()
     })
     .await;
     app.entitlement_for("pdt_life", GUILD, None).await;
@@ -84,7 +84,7 @@ async fn broker_cut_and_restored_resubscribes_and_loses_nothing() {
     let amqp = Proxy::start(addr_of(&common::amqp_url())).await;
     let app = TestApp::spawn_with(TestConfig {
         amqp_via: Some(amqp.addr),
-        ..TestConfig::default()
+        ..TestConfig::ingest_only()
     })
     .await;
     app.entitlement_for("pdt_life", GUILD, None).await;
@@ -108,7 +108,7 @@ async fn broker_cut_and_restored_resubscribes_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_with_messages_in_flight_acks_only_what_committed() {
-    let mut app = TestApp::spawn().await;
+    let mut app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_life", GUILD, None).await;
     publish_payments(&app, 0..400).await;
     wait_for("some progress", || async {
@@ -125,7 +125,7 @@ async fn shutdown_with_messages_in_flight_acks_only_what_committed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_crash_between_publish_and_delete_republishes_with_the_same_ids() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_life", GUILD, None).await;
     app.relay.crash_after_publish.store(true, Ordering::SeqCst);
     publish_payments(&app, 0..1).await;

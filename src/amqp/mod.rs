@@ -5,6 +5,7 @@
 //! backoff) and re-declares the topology once for everybody. Deliveries that were in
 //! flight are redelivered by the broker, and every consumer is idempotent.
 
+pub mod dlq;
 pub mod topology;
 
 use std::sync::Arc;
@@ -117,7 +118,20 @@ impl Broker {
         }
         let props = ConnectionProperties::default()
             .with_connection_name(LongString::from(self.inner.name.as_str()));
-        let conn = Connection::connect(self.inner.url.expose_secret(), props).await?;
+        // Bounded, so a half-open network path cannot hang every task behind this lock.
+        let conn = tokio::time::timeout(
+            Duration::from_secs(15),
+            Connection::connect(self.inner.url.expose_secret(), props),
+        )
+        .await
+        .map_err(|_| {
+            lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connecting to RabbitMQ timed out",
+                ),
+            )))
+        })??;
         let ch = conn.create_channel().await?;
         if self.inner.declare {
             topology::declare(&ch, &self.inner.names, &self.inner.settings).await?;
@@ -166,7 +180,9 @@ impl Broker {
     /// Closes the connection (tests, shutdown).
     pub async fn close(&self) {
         if let Some(conn) = self.inner.conn.lock().await.take() {
-            let _ = conn.close(200, "bye".into()).await;
+            // Bounded: a connection that broke may never answer the close.
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bye".into())).await;
         }
     }
 }

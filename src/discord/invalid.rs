@@ -27,7 +27,10 @@ impl InvalidRequests {
     }
 
     fn prune(seen: &mut VecDeque<Instant>, now: Instant) {
-        while seen.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
+        while seen
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= WINDOW)
+        {
             seen.pop_front();
         }
     }

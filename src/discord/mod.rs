@@ -58,7 +58,9 @@ impl<'de> serde::Deserialize<'de> for Snowflake {
             N(u64),
         }
         match Raw::deserialize(d)? {
-            Raw::S(s) => Snowflake::parse(&s).ok_or_else(|| serde::de::Error::custom("bad snowflake")),
+            Raw::S(s) => {
+                Snowflake::parse(&s).ok_or_else(|| serde::de::Error::custom("bad snowflake"))
+            }
             Raw::N(n) => Ok(Snowflake(n)),
         }
     }

@@ -340,7 +340,10 @@ mod tests {
         assert_eq!(o.reset_after, Some(Duration::from_millis(250)));
         assert_eq!(o.retry_after, Some(Duration::from_millis(250)));
         assert!(!o.is_global_limit());
-        assert!(!o.counts_as_invalid(), "shared 429s are not held against us");
+        assert!(
+            !o.counts_as_invalid(),
+            "shared 429s are not held against us"
+        );
         assert!(Observed::parse(403, |_| None).counts_as_invalid());
     }
 
@@ -358,7 +361,11 @@ mod tests {
         });
         let start = std::time::Instant::now();
         let t = budget.acquire(Verb::Put, "guilds/1/members/:user").await;
-        assert!(start.elapsed() >= Duration::from_millis(190), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            start.elapsed()
+        );
         drop(t);
         // Another guild is another bucket: not held.
         let start = std::time::Instant::now();

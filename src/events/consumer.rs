@@ -8,6 +8,7 @@
 //! messages behind them. A database outage holds the batch and retries it with backoff:
 //! nothing is dead-lettered for a transient cause.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::Event;
 use super::apply::{Applied, Applier, lock_key};
 use super::decode::{DecodeError, DecodeLimits, Decoded, decode};
+use crate::amqp::dlq;
 use crate::amqp::{
     self, Broker, BrokerError, Names, Outgoing, REASON_CODE_HEADER, REASON_HEADER, header_str,
 };
@@ -36,6 +38,9 @@ pub enum Outcome {
     Ack(&'static str),
     /// Park in the dead-letter queue with a reason, then acknowledge.
     DeadLetter { code: &'static str, reason: String },
+    /// Another consumer's transaction holds this event's subscription or payment: keep
+    /// the delivery in hand (unacked) and apply it with the next batch.
+    Defer,
 }
 
 /// The event consumer's settings and handles.
@@ -47,6 +52,8 @@ pub struct EventConsumer {
     pub limits: DecodeLimits,
     pub prefetch: u16,
     pub batch_size: usize,
+    /// How long to wait for a batch to fill.
+    pub batch_linger: std::time::Duration,
     pub metrics: Arc<Metrics>,
 }
 
@@ -60,9 +67,18 @@ pub struct Incoming {
 
 impl Incoming {
     fn of(d: &Delivery) -> Self {
+        // A replayed message arrives through the default exchange, its routing key the
+        // queue's name; its original key travels in a header (or is unknown, and then
+        // not checked).
+        let routing_key = if d.exchange.as_str().is_empty() {
+            amqp::header_text(d.properties.headers().as_ref(), dlq::ROUTING_KEY_HEADER)
+                .unwrap_or_default()
+        } else {
+            d.routing_key.to_string()
+        };
         Self {
             message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
-            routing_key: d.routing_key.to_string(),
+            routing_key,
             body: d.data.clone(),
         }
     }
@@ -72,7 +88,16 @@ impl EventConsumer {
     /// Decides and applies one batch. Returns one outcome per message, in order, once
     /// the batch's transaction has committed; a transient database error is returned
     /// as such and the caller retries the whole batch.
-    pub async fn handle_batch(&self, batch: &[Incoming]) -> Result<Vec<Outcome>, sqlx::Error> {
+    ///
+    /// Unless `wait_for_locks`, events whose subscription or payment is locked by another
+    /// consumer's transaction are not waited for but deferred ([`Outcome::Defer`]):
+    /// batches of competing consumers overlap often (renewals of the same popular
+    /// subscriptions, duplicates), and waiting would serialise them.
+    pub async fn handle_batch(
+        &self,
+        batch: &[Incoming],
+        wait_for_locks: bool,
+    ) -> Result<Vec<Outcome>, sqlx::Error> {
         let now = Utc::now();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         let mut events: Vec<(usize, Event)> = Vec::new();
@@ -94,11 +119,16 @@ impl EventConsumer {
             }
         }
         if !events.is_empty() {
-            match self.apply_all(&events, now).await {
+            match self.apply_all(&events, now, wait_for_locks).await {
                 Ok(applied) => {
                     for ((i, e), a) in events.iter().zip(applied) {
-                        self.metrics.event(e.type_name(), a.as_str());
-                        outcomes[*i] = Some(Outcome::Ack(a.as_str()));
+                        outcomes[*i] = Some(match a {
+                            Some(a) => {
+                                self.metrics.event(e.type_name(), a.as_str());
+                                Outcome::Ack(a.as_str())
+                            }
+                            None => Outcome::Defer,
+                        });
                     }
                 }
                 Err(e) if store::is_transient(&e) => return Err(e),
@@ -108,12 +138,13 @@ impl EventConsumer {
                     tracing::warn!(error = %e, "batch refused by the database; applying one by one");
                     for (i, ev) in &events {
                         match self
-                            .apply_all(std::slice::from_ref(&(*i, ev.clone())), now)
+                            .apply_all(std::slice::from_ref(&(*i, ev.clone())), now, true)
                             .await
                         {
                             Ok(a) => {
-                                self.metrics.event(ev.type_name(), a[0].as_str());
-                                outcomes[*i] = Some(Outcome::Ack(a[0].as_str()));
+                                let a = a[0].expect("waited for its lock");
+                                self.metrics.event(ev.type_name(), a.as_str());
+                                outcomes[*i] = Some(Outcome::Ack(a.as_str()));
                             }
                             Err(e) if store::is_transient(&e) => return Err(e),
                             Err(e) => {
@@ -134,22 +165,48 @@ impl EventConsumer {
             .collect())
     }
 
+    /// Applies `events` in one transaction; `None` for an event deferred because its
+    /// aggregate is locked elsewhere (only when not `wait_for_locks`).
     async fn apply_all(
         &self,
         events: &[(usize, Event)],
         now: chrono::DateTime<Utc>,
-    ) -> Result<Vec<Applied>, sqlx::Error> {
+        wait_for_locks: bool,
+    ) -> Result<Vec<Option<Applied>>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let keys: Vec<String> = events.iter().map(|(_, e)| lock_key(e)).collect();
-        store::ingest::lock_keys(&mut tx, &keys).await?;
-        let mut out = Vec::with_capacity(events.len());
-        for (_, e) in events {
-            let span = tracing::debug_span!("event", event_id = %e.id, event_type = e.type_name());
-            let _g = span.enter();
-            out.push(self.applier.apply(&mut tx, e, now).await?);
+        let held: HashSet<String> = if wait_for_locks {
+            store::ingest::lock_keys(&mut tx, &keys).await?;
+            keys.iter().cloned().collect()
+        } else {
+            store::ingest::try_lock_keys(&mut tx, &keys)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        let batch: Vec<&Event> = events
+            .iter()
+            .zip(&keys)
+            .filter(|(_, k)| held.contains(*k))
+            .map(|((_, e), _)| e)
+            .collect();
+        let mut applied = if batch.is_empty() {
+            Vec::new()
+        } else {
+            self.applier.apply_batch(&mut tx, &batch, now).await?
         }
+        .into_iter();
         tx.commit().await?;
-        Ok(out)
+        Ok(keys
+            .iter()
+            .map(|k| {
+                if held.contains(k) {
+                    applied.next()
+                } else {
+                    None
+                }
+            })
+            .collect())
     }
 
     /// Consumes until `shutdown`: stops taking messages, finishes and acks the batch in
@@ -163,14 +220,24 @@ impl EventConsumer {
             };
             match self.consume(consumer, &publisher, &shutdown).await {
                 Ok(()) => {
-                    let _ = ch.close(200, "shutdown".into()).await;
+                    // Closing returns unacked prefetched deliveries to the queue. Bounded:
+                    // a broker that does not answer must not hold up the shutdown.
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        ch.close(200, "shutdown".into()),
+                    )
+                    .await;
                     return;
                 }
                 Err(e) => {
                     // The stream ended or the channel broke: subscribe again. Deliveries
                     // we held unacked are redelivered by the broker.
                     tracing::warn!(error = %e, "payment-events consumer interrupted; resubscribing");
-                    let _ = ch.close(200, "resubscribe".into()).await;
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        ch.close(200, "resubscribe".into()),
+                    )
+                    .await;
                 }
             }
         }
@@ -215,31 +282,63 @@ impl EventConsumer {
         publisher: &Channel,
         shutdown: &CancellationToken,
     ) -> Result<(), BrokerError> {
+        // Deliveries deferred by earlier batches, with how often each was deferred.
+        let mut carry: Vec<(Delivery, u32)> = Vec::new();
         loop {
-            let first = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ok(()),
-                next = consumer.next() => next,
-            };
-            let mut batch = match first {
-                Some(Ok(d)) => vec![d],
-                Some(Err(e)) => return Err(e.into()),
-                None => return Err(BrokerError::ConsumerEnded),
-            };
-            // Take whatever else has already arrived, without waiting for more.
-            while batch.len() < self.batch_size {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(d))) => batch.push(d),
+            let mut batch: Vec<(Delivery, u32)> = std::mem::take(&mut carry);
+            if batch.is_empty() {
+                let first = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(()),
+                    next = consumer.next() => next,
+                };
+                match first {
+                    Some(Ok(d)) => batch.push((d, 0)),
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(BrokerError::ConsumerEnded),
+                }
+            }
+            // Fill the batch for up to `batch_linger`: every transaction costs a durable
+            // commit (an fsync), so under load a few milliseconds of waiting buy many
+            // events per commit; when idle, an event waits at most this long. After
+            // shutdown only what is already in hand is finished.
+            let deadline = tokio::time::Instant::now() + self.batch_linger;
+            while batch.len() < self.batch_size && !shutdown.is_cancelled() {
+                let next = match consumer.next().now_or_never() {
+                    Some(next) => next,
+                    None => match tokio::time::timeout_at(deadline, consumer.next()).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    },
+                };
+                match next {
+                    Some(Ok(d)) => batch.push((d, 0)),
+                    // An error ends the batch; the stream reports it again next time.
                     _ => break,
                 }
             }
+            // A delivery deferred a few times in a row (or any, once shutting down) is
+            // applied by waiting for its lock, so none is deferred forever.
+            let wait_for_locks =
+                shutdown.is_cancelled() || batch.iter().any(|(_, deferred)| *deferred >= 3);
             let started = Instant::now();
-            let incoming: Vec<Incoming> = batch.iter().map(Incoming::of).collect();
-            let outcomes = self.handle_until_committed(&incoming, shutdown).await?;
+            let incoming: Vec<Incoming> = batch.iter().map(|(d, _)| Incoming::of(d)).collect();
+            let outcomes = self
+                .handle_until_committed(&incoming, wait_for_locks, shutdown)
+                .await?;
             self.metrics
                 .event_latency
                 .observe(started.elapsed().as_secs_f64());
             self.settle(&batch, &incoming, &outcomes, publisher).await?;
+            carry = batch
+                .into_iter()
+                .zip(&outcomes)
+                .filter(|(_, o)| **o == Outcome::Defer)
+                .map(|((d, n), _)| (d, n + 1))
+                .collect();
+            if shutdown.is_cancelled() && carry.is_empty() {
+                return Ok(());
+            }
         }
     }
 
@@ -248,11 +347,12 @@ impl EventConsumer {
     async fn handle_until_committed(
         &self,
         batch: &[Incoming],
+        wait_for_locks: bool,
         shutdown: &CancellationToken,
     ) -> Result<Vec<Outcome>, BrokerError> {
         let mut backoff = amqp::reconnect_backoff();
         loop {
-            match self.handle_batch(batch).await {
+            match self.handle_batch(batch, wait_for_locks).await {
                 Ok(o) => return Ok(o),
                 Err(e) => {
                     let wait = backoff.next().unwrap_or(std::time::Duration::from_secs(5));
@@ -268,7 +368,7 @@ impl EventConsumer {
 
     async fn settle(
         &self,
-        batch: &[Delivery],
+        batch: &[(Delivery, u32)],
         incoming: &[Incoming],
         outcomes: &[Outcome],
         publisher: &Channel,
@@ -295,17 +395,17 @@ impl EventConsumer {
                     routing_key: &dead,
                     message_id: &dead_ids[i],
                     body: &incoming[i].body,
-                    headers: batch[i].properties.headers().clone().unwrap_or_default(),
+                    headers: batch[i].0.properties.headers().clone().unwrap_or_default(),
                     kind: None,
                 }
                 .header(REASON_HEADER, header_str(reason))
                 .header(REASON_CODE_HEADER, header_str(code))
                 .header(
-                    "x-guildgate-source-queue",
+                    dlq::SOURCE_QUEUE_HEADER,
                     header_str(&names.payment_events()),
                 )
                 .header(
-                    "x-guildgate-routing-key",
+                    dlq::ROUTING_KEY_HEADER,
                     header_str(&incoming[i].routing_key),
                 );
                 out.headers.insert(
@@ -322,7 +422,10 @@ impl EventConsumer {
             // leaves a copy in both places, never in neither.
             amqp::publish_confirmed(publisher, &parked).await?;
         }
-        for d in batch {
+        for ((d, _), o) in batch.iter().zip(outcomes) {
+            if *o == Outcome::Defer {
+                continue; // kept in hand for the next batch
+            }
             d.ack(BasicAckOptions::default()).await?;
         }
         Ok(())

@@ -1,6 +1,7 @@
 //! HTTP: routers per concern, merged in [`app`]; the server itself is started by
 //! [`crate::app::App`].
 
+pub mod oauth;
 pub mod ops;
 
 use std::sync::Arc;
@@ -10,6 +11,8 @@ use sqlx::PgPool;
 
 use crate::amqp::Broker;
 use crate::config::Settings;
+use crate::crypto::TokenCipher;
+use crate::discord::DiscordClient;
 use crate::grants::link::LinkBuilder;
 use crate::metrics::Metrics;
 
@@ -21,6 +24,10 @@ pub struct AppState {
     pub broker: Broker,
     pub links: LinkBuilder,
     pub metrics: Arc<Metrics>,
+    /// Discord on this process's small side budget (OAuth exchange, validation).
+    pub discord: DiscordClient,
+    /// Encrypts customers' Discord tokens at rest.
+    pub cipher: TokenCipher,
 }
 
 /// The whole HTTP surface, without a socket (tests call it directly too).
@@ -28,6 +35,8 @@ pub fn app(state: AppState) -> Router {
     let limit = state.settings.http.max_body_bytes;
     Router::new()
         .merge(ops::router())
+        .merge(oauth::router())
+        .merge(crate::api::router())
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)
 }

@@ -53,7 +53,8 @@ impl Relay {
             return Ok(0);
         }
         let names = self.broker.names();
-        let (grant_events, sync) = (names.grant_events(), names.discord_sync());
+        let (grant_events, sync, webhooks) =
+            (names.grant_events(), names.discord_sync(), names.webhooks());
         let bodies: Vec<Vec<u8>> = rows
             .iter()
             .map(|r| serde_json::to_vec(&r.payload).expect("JSON values serialize"))
@@ -62,10 +63,11 @@ impl Relay {
             .iter()
             .zip(&bodies)
             .map(|(r, body): (&OutboxRow, &Vec<u8>)| {
-                let queue = if r.kind == "sync" {
-                    &sync
-                } else {
-                    &grant_events
+                let queue = match r.kind.as_str() {
+                    "sync" => &sync,
+                    // A webhook delivery job (crate::webhooks::messages).
+                    "webhook" => &webhooks,
+                    _ => &grant_events,
                 };
                 Outgoing::to_queue(queue, &r.message_id, body)
             })

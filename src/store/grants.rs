@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
+use super::col;
 use crate::grants::{Grant, RevocationReason};
 
 /// A grant to insert.
@@ -122,4 +123,85 @@ pub async fn of_customer(
     .bind(customer_id)
     .fetch_all(conn)
     .await
+}
+
+/// Every grant of several subscriptions or payments: `(business, subscription)` pairs
+/// when `by_subscription`, else `(business, payment)` pairs. Oldest first.
+pub async fn of_sources(
+    conn: &mut PgConnection,
+    businesses: &[String],
+    sources: &[String],
+    by_subscription: bool,
+) -> Result<Vec<Grant>, sqlx::Error> {
+    let sql = if by_subscription {
+        // The `= ANY` restrictions let the planner use the (partial) indexes; the pair
+        // test keeps a subscription id from matching under another business.
+        "SELECT * FROM grants WHERE business_id = ANY($1) AND subscription_id = ANY($2)
+             AND (business_id, subscription_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+         ORDER BY created_at, id"
+    } else {
+        "SELECT * FROM grants WHERE business_id = ANY($1) AND payment_id = ANY($2)
+             AND (business_id, payment_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+         ORDER BY created_at, id"
+    };
+    sqlx::query_as(sql)
+        .bind(businesses)
+        .bind(sources)
+        .fetch_all(conn)
+        .await
+}
+
+/// Inserts grants as they are (a batch's new grants, in their final state).
+pub async fn insert_many(conn: &mut PgConnection, grants: &[Grant]) -> Result<(), sqlx::Error> {
+    if grants.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO grants (id, business_id, brand_id, entitlement_id, customer_id, payment_id,
+             subscription_id, status, revoked_at, revocation_reason, oauth_nonce, oauth_expires_at,
+             created_at, updated_at)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+             $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::text[], $12::timestamptz[],
+             $13::timestamptz[], $14::timestamptz[])",
+    )
+    .bind(col(grants, |g| g.id.clone()))
+    .bind(col(grants, |g| g.business_id.clone()))
+    .bind(col(grants, |g| g.brand_id.clone()))
+    .bind(col(grants, |g| g.entitlement_id.clone()))
+    .bind(col(grants, |g| g.customer_id.clone()))
+    .bind(col(grants, |g| g.payment_id.clone()))
+    .bind(col(grants, |g| g.subscription_id.clone()))
+    .bind(col(grants, |g| g.status.clone()))
+    .bind(col(grants, |g| g.revoked_at))
+    .bind(col(grants, |g| g.revocation_reason.clone()))
+    .bind(col(grants, |g| g.oauth_nonce.clone()))
+    .bind(col(grants, |g| g.oauth_expires_at))
+    .bind(col(grants, |g| g.created_at))
+    .bind(col(grants, |g| g.updated_at))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Revokes several live grants at `now`, each with its reason.
+pub async fn revoke_many(
+    conn: &mut PgConnection,
+    ids: &[String],
+    reasons: &[String],
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE grants g SET status = 'Revoked', revoked_at = $3, revocation_reason = r.reason, updated_at = $3
+         FROM unnest($1::text[], $2::text[]) AS r(id, reason)
+         WHERE g.id = r.id AND g.status <> 'Revoked'",
+    )
+    .bind(ids)
+    .bind(reasons)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

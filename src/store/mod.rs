@@ -32,8 +32,25 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
         .connect_lazy_with(opts))
 }
 
+/// Creates the configured database if it does not exist (a fresh machine's first
+/// `migrate` or `serve`), so a newcomer needs no manual `createdb`.
+pub async fn ensure_database(settings: &DatabaseSettings) -> Result<(), sqlx::Error> {
+    use sqlx::migrate::MigrateDatabase;
+    let url = settings.url.expose_secret();
+    if !sqlx::Postgres::database_exists(url).await? {
+        tracing::info!("creating the database");
+        sqlx::Postgres::create_database(url).await?;
+    }
+    Ok(())
+}
+
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
+}
+
+/// One column of `rows`, for binding a batch as arrays to `unnest(...)`.
+pub(crate) fn col<R, T>(rows: &[R], f: impl Fn(&R) -> T) -> Vec<T> {
+    rows.iter().map(f).collect()
 }
 
 /// Whether a database error is worth retrying as is: the connection or the server

@@ -97,8 +97,7 @@ fn normalize_filter(f: Option<Vec<String>>) -> Result<Option<Vec<String>>, Endpo
     for t in &types {
         let ok = !t.is_empty()
             && t.len() <= 100
-            && t
-                .bytes()
+            && t.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
         if !ok {
             return Err(EndpointError::BadFilter(t.clone()));
@@ -135,10 +134,11 @@ pub async fn create(
         .bind(business_id)
         .execute(&mut *tx)
         .await?;
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_endpoints WHERE business_id = $1")
-        .bind(business_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let n: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM webhook_endpoints WHERE business_id = $1")
+            .bind(business_id)
+            .fetch_one(&mut *tx)
+            .await?;
     if n >= MAX_ENDPOINTS_PER_BUSINESS {
         return Err(EndpointError::TooMany);
     }
@@ -159,7 +159,10 @@ pub async fn create(
 }
 
 /// Every endpoint of a business, oldest first.
-pub async fn list(conn: &mut PgConnection, business_id: &str) -> Result<Vec<Endpoint>, sqlx::Error> {
+pub async fn list(
+    conn: &mut PgConnection,
+    business_id: &str,
+) -> Result<Vec<Endpoint>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM webhook_endpoints WHERE business_id = $1 ORDER BY created_at, id")
         .bind(business_id)
         .fetch_all(conn)

@@ -23,6 +23,8 @@ struct EndpointState {
     in_flight: usize,
     consecutive_failures: u32,
     open_until: Option<Instant>,
+    /// When a request last finished, or the endpoint last went from idle to busy.
+    last_progress: Option<Instant>,
 }
 
 /// The guards of every endpoint this process delivers to. Cheap to clone.
@@ -36,10 +38,15 @@ pub struct Isolation {
 #[derive(Debug)]
 pub enum Admission {
     Go(Permit),
-    /// The endpoint already has `max_in_flight` requests out.
-    Busy,
+    /// The endpoint already has `max_in_flight` requests out, and none of them has
+    /// finished for `stalled_for` (a long time means it hangs rather than is busy).
+    Busy {
+        stalled_for: Duration,
+    },
     /// The circuit is open (the endpoint failed too often in a row).
-    Open { failures: u32 },
+    Open {
+        failures: u32,
+    },
 }
 
 /// One in-flight request. Finish it with the result; dropping it unfinished (a crash
@@ -78,7 +85,13 @@ impl Isolation {
             };
         }
         if st.in_flight >= self.settings.max_in_flight {
-            return Admission::Busy;
+            let since = st.last_progress.unwrap_or(now);
+            return Admission::Busy {
+                stalled_for: now.saturating_duration_since(since),
+            };
+        }
+        if st.in_flight == 0 {
+            st.last_progress = Some(now);
         }
         st.in_flight += 1;
         Admission::Go(Permit {
@@ -93,6 +106,7 @@ impl Isolation {
             return;
         };
         st.in_flight = st.in_flight.saturating_sub(1);
+        st.last_progress = Some(now);
         match result {
             Some(true) => {
                 st.consecutive_failures = 0;
@@ -155,7 +169,10 @@ mod tests {
         let t = Instant::now();
         let a = go(i.admit("ep_a", t));
         let _b = go(i.admit("ep_a", t));
-        assert!(matches!(i.admit("ep_a", t), Admission::Busy));
+        assert!(matches!(
+            i.admit("ep_a", t + Duration::from_secs(3)),
+            Admission::Busy { stalled_for } if stalled_for == Duration::from_secs(3)
+        ));
         // Another endpoint is not affected.
         let _c = go(i.admit("ep_b", t));
         a.finish(true, t);

@@ -56,7 +56,9 @@ pub fn next(attempt: u32, result: &AttemptResult, delays: &[Duration]) -> Next {
             let Some(&scheduled) = delays.get(attempt.saturating_sub(1) as usize) else {
                 return Next::GiveUp(GiveUpReason::Exhausted);
             };
-            let wanted = retry_after.map(|ra| tier_at_least(ra, delays)).unwrap_or_default();
+            let wanted = retry_after
+                .map(|ra| tier_at_least(ra, delays))
+                .unwrap_or_default();
             Next::RetryIn(scheduled.max(wanted))
         }
     }

@@ -102,15 +102,14 @@ impl Resolve for GuardedResolver {
         let policy = self.policy;
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let allowed: Vec<SocketAddr> =
                 all.into_iter().filter(|a| policy.allows(a.ip())).collect();
             if allowed.is_empty() {
                 return Err(Box::new(SsrfError::Unresolvable(format!(
                     "{host} resolves to no public address"
-                ))) as Box<dyn std::error::Error + Send + Sync>);
+                )))
+                    as Box<dyn std::error::Error + Send + Sync>);
             }
             Ok(Box::new(allowed.into_iter()) as Addrs)
         })
@@ -249,7 +248,11 @@ mod tests {
             check_on_save("https://localhost/hook", STRICT).await,
             Err(SsrfError::NotPublic(_))
         ));
-        assert!(check_on_save("http://localhost:1/hook", LOCAL).await.is_ok());
+        assert!(
+            check_on_save("http://localhost:1/hook", LOCAL)
+                .await
+                .is_ok()
+        );
         assert_eq!(
             check_on_save("not a url", LOCAL).await,
             Err(SsrfError::Invalid)

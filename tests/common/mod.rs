@@ -120,6 +120,18 @@ pub struct TestConfig {
 }
 
 impl TestConfig {
+    /// See [`TestApp::spawn_ingest`].
+    pub fn ingest_only() -> Self {
+        Self {
+            options: Some(Options {
+                sync: false,
+                webhooks: false,
+                ..Options::default()
+            }),
+            ..Self::default()
+        }
+    }
+
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.to_string(), v.to_string()));
         self
@@ -139,6 +151,7 @@ pub struct TestApp {
     pub db: TestDb,
     publisher: Connection,
     handle: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    cleaned: bool,
 }
 
 fn replace_host(url: &str, via: SocketAddr) -> String {
@@ -151,6 +164,12 @@ fn replace_host(url: &str, via: SocketAddr) -> String {
 impl TestApp {
     pub async fn spawn() -> Self {
         Self::spawn_with(TestConfig::default()).await
+    }
+
+    /// Ingest only: no Discord syncer and no webhook workers, so a test can read what
+    /// the relay publishes to `<prefix>.discord-sync` and `<prefix>.grant-events`.
+    pub async fn spawn_ingest() -> Self {
+        Self::spawn_with(TestConfig::ingest_only()).await
     }
 
     /// Settings for a test: fresh names, fast sweeps, short retry tiers.
@@ -220,6 +239,7 @@ impl TestApp {
             db,
             publisher,
             handle: Some(handle),
+            cleaned: false,
         }
     }
 
@@ -418,24 +438,66 @@ impl TestApp {
         self.cleanup().await;
     }
 
-    pub async fn cleanup(&self) {
-        if let Ok(ch) = self.publisher.create_channel().await {
-            for q in guildgate::amqp::topology::all_queues(&self.names, &self.settings) {
-                let _ = ch
-                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-            }
-            for ex in [
-                self.settings.amqp.exchange.clone(),
-                self.names.dead_letter_exchange(),
-            ] {
-                let _ = ch
-                    .exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
-                    .await;
-            }
-        }
+    pub async fn cleanup(&mut self) {
+        self.cleaned = true;
+        delete_broker_objects(&self.names, &self.settings).await;
+        let _ = self.publisher.close(200, "done".into()).await;
         self.pool.close().await;
         self.db.drop_db().await;
+    }
+}
+
+/// Deletes a test's queues and exchanges (quorum queues are never auto-deleted, and each
+/// holds broker file handles).
+async fn delete_broker_objects(names: &Names, settings: &Settings) {
+    let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        for q in guildgate::amqp::topology::all_queues(names, settings) {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for ex in [settings.amqp.exchange.clone(), names.dead_letter_exchange()] {
+            let _ = ch
+                .exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+}
+
+impl Drop for TestApp {
+    /// A test that panicked never reached `stop`: clean up anyway, on a thread of its
+    /// own (this may run inside the test's runtime, which cannot be blocked on).
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.shutdown.cancel();
+        let (names, settings, db) = (
+            self.names.clone(),
+            self.settings.clone(),
+            TestDb {
+                name: self.db.name.clone(),
+                url: self.db.url.clone(),
+            },
+        );
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(20), async {
+                    delete_broker_objects(&names, &settings).await;
+                    db.drop_db().await;
+                })
+                .await;
+            });
+        })
+        .join();
     }
 }
 

@@ -17,6 +17,10 @@ pub fn relaxed() -> SandboxConfig {
 }
 
 pub fn client() -> reqwest::Client {
+    // In a workspace build, reqwest's features are unified with the product's, which
+    // bring rustls without a built-in provider; these tests speak plain HTTP, but the
+    // client still needs one installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

@@ -1,0 +1,378 @@
+//! `/discord/…`: connecting Discord servers to a business and looking into them.
+//!
+//! A merchant connects a server by installing guildgate's bot: `GET /discord/install-url`
+//! gives Discord's authorize URL (`scope=bot`, permissions 268435459 = Manage Roles, Kick
+//! Members, Create Instant Invite) with a signed `state` naming the business; Discord
+//! sends the browser back to `GET /discord/bot/callback`, which checks the state and
+//! records the server for that business. Only the merchant holding a valid state can
+//! connect a server to their business, and Discord only installs into servers the
+//! person manages, so an entitlement can only target servers its merchant controls.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use chrono::{Duration, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::Items;
+use super::auth::Merchant;
+use super::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
+use super::store::guilds as db;
+use crate::crypto::StateSigner;
+use crate::discord::client::Role;
+use crate::discord::validate::{GuildFacts, check, validate_discord_config};
+use crate::discord::{DiscordClient, DiscordError, Snowflake, permissions};
+use crate::grants::render::ts;
+use crate::http::AppState;
+
+/// `purpose` of bot-install states: a grant's OAuth state is never accepted here.
+pub const INSTALL_PURPOSE: &str = "bot-install";
+/// How long an install link stays valid.
+const INSTALL_TTL: Duration = Duration::hours(1);
+
+/// Validates a guild/role configuration on the side budget; 422 with one problem per
+/// misconfiguration, 503 if Discord could not be asked.
+pub async fn validate(
+    client: &DiscordClient,
+    guild_id: &str,
+    role_id: Option<&str>,
+) -> Result<(), ApiError> {
+    let Err(problems) = validate_discord_config(client, guild_id, role_id).await else {
+        return Ok(());
+    };
+    let (transient, real): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.is_transient());
+    if real.is_empty() {
+        let message = transient
+            .first()
+            .map(|p| p.message.clone())
+            .unwrap_or_else(|| "Discord could not be asked; try again shortly.".into());
+        return Err(ApiError::Unavailable(message));
+    }
+    Err(ApiError::Invalid(
+        real.into_iter()
+            .map(|p| Problem::new(p.code, p.message))
+            .collect(),
+    ))
+}
+
+/// What an install state carries.
+#[derive(Serialize, Deserialize)]
+struct InstallState {
+    /// Business id.
+    b: String,
+}
+
+fn signer(state: &AppState) -> StateSigner {
+    StateSigner::new(state.settings.secrets.state_signing_key.clone())
+}
+
+fn callback_uri(state: &AppState) -> String {
+    format!(
+        "{}/discord/bot/callback",
+        state.settings.http.public_url.trim_end_matches('/')
+    )
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InstallUrl {
+    /// Open in a browser: Discord asks which server to add the bot to.
+    pub url: String,
+    /// The link stops working after this.
+    pub expires_at: String,
+}
+
+/// The bot-install link for this business.
+#[utoipa::path(get, path = "/discord/install-url", tag = "discord",
+    responses((status = 200, body = InstallUrl), (status = 401, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn install_url(
+    merchant: Merchant,
+    State(state): State<AppState>,
+) -> ApiResult<ApiJson<InstallUrl>> {
+    let expires = Utc::now() + INSTALL_TTL;
+    let signed = signer(&state).sign(
+        INSTALL_PURPOSE,
+        InstallState {
+            b: merchant.business().to_string(),
+        },
+        expires.timestamp(),
+    );
+    let mut url = url::Url::parse(&state.settings.discord.authorize_url)
+        .map_err(|e| ApiError::Internal(format!("discord.authorize_url: {e}")))?;
+    url.query_pairs_mut()
+        .append_pair("client_id", &state.settings.discord.client_id)
+        .append_pair("scope", "bot")
+        .append_pair("permissions", &permissions::REQUIRED.to_string())
+        .append_pair("redirect_uri", &callback_uri(&state))
+        .append_pair("state", &signed);
+    Ok(ApiJson(InstallUrl {
+        url: url.into(),
+        expires_at: ts(expires),
+    }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CallbackQuery {
+    pub state: Option<String>,
+    pub guild_id: Option<String>,
+    pub permissions: Option<String>,
+    /// Set by Discord when the person cancelled.
+    pub error: Option<String>,
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn page(status: StatusCode, title: &str, text: &str) -> Response {
+    let body = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title>\
+         <style>body{{font-family:sans-serif;max-width:32em;margin:4em auto;padding:0 1em}}</style>\
+         </head><body><h1>{t}</h1><p>{x}</p></body></html>",
+        t = escape(title),
+        x = escape(text)
+    );
+    (status, Html(body)).into_response()
+}
+
+/// Where Discord sends the merchant's browser after a bot install. Records the server
+/// for the business named in the signed state and shows a page.
+#[utoipa::path(get, path = "/discord/bot/callback", tag = "discord",
+    params(CallbackQuery),
+    responses(
+        (status = 200, description = "Server connected (HTML page)", content_type = "text/html"),
+        (status = 400, description = "Cancelled, expired or altered link (HTML page)", content_type = "text/html"),
+    ))]
+pub async fn bot_callback(
+    State(state): State<AppState>,
+    query: Result<axum::extract::Query<CallbackQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(axum::extract::Query(q)) = query else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Link not understood",
+            "This link is malformed. Start again from the install link.",
+        );
+    };
+    if q.error.is_some() {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Not installed",
+            "The bot was not added: the authorization was cancelled. Nothing changed.",
+        );
+    }
+    let now = Utc::now();
+    let verified = q
+        .state
+        .as_deref()
+        .ok_or(crate::crypto::StateError::Tampered)
+        .and_then(|s| signer(&state).verify::<InstallState>(INSTALL_PURPOSE, s, now.timestamp()));
+    let business = match verified {
+        Ok(s) => s.b,
+        Err(e) => {
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Link not valid",
+                &format!(
+                    "{}. Ask for a new install link and try again.",
+                    capitalise(&e.to_string())
+                ),
+            );
+        }
+    };
+    let Some(guild) = q.guild_id.as_deref().and_then(Snowflake::parse) else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "No server chosen",
+            "Discord did not say which server the bot was added to. Start again from the install link.",
+        );
+    };
+    let granted = q.permissions.as_deref().and_then(|p| p.parse::<i64>().ok());
+    // The name is shown to the merchant; if Discord cannot be asked now, the server is
+    // recorded without it rather than the install lost.
+    let name = match state.discord.guild(guild).await {
+        Ok(g) => Some(g.name),
+        Err(e @ DiscordError::NeedsHuman { .. }) => {
+            return page(StatusCode::BAD_REQUEST, "Not installed", &e.to_string());
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, %guild, "cannot read the name of a newly connected server");
+            None
+        }
+    };
+    let saved = async {
+        let mut conn = state.pool.acquire().await?;
+        db::upsert(
+            &mut conn,
+            &business,
+            &guild.to_string(),
+            name.as_deref(),
+            granted,
+            now,
+        )
+        .await
+    }
+    .await;
+    match saved {
+        Ok(row) => {
+            let shown = row.name.unwrap_or_else(|| format!("server {guild}"));
+            page(
+                StatusCode::OK,
+                "Server connected",
+                &format!(
+                    "guildgate's bot is in \"{shown}\". You can close this window and create entitlements for it."
+                ),
+            )
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot record a bot install");
+            page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Something went wrong",
+                "The server could not be recorded. Try the install link again in a moment.",
+            )
+        }
+    }
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
+}
+
+/// A connected Discord server.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GuildView {
+    pub guild_id: String,
+    pub name: Option<String>,
+    /// The permissions granted at install (decimal bit set), if Discord said.
+    pub permissions: Option<String>,
+    pub installed_at: String,
+}
+
+/// The Discord servers connected to this business.
+#[utoipa::path(get, path = "/discord/guilds", tag = "discord",
+    responses((status = 200, body = Items<GuildView>), (status = 401, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn guilds(
+    merchant: Merchant,
+    State(state): State<AppState>,
+) -> ApiResult<ApiJson<Items<GuildView>>> {
+    let mut conn = state.pool.acquire().await?;
+    let rows = db::list(&mut conn, merchant.business()).await?;
+    Ok(ApiJson(Items {
+        items: rows
+            .into_iter()
+            .map(|g| GuildView {
+                guild_id: g.guild_id,
+                name: g.name,
+                permissions: g.permissions.map(|p| p.to_string()),
+                installed_at: ts(g.installed_at),
+            })
+            .collect(),
+    }))
+}
+
+/// A role of a connected server, and whether guildgate can give it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RoleView {
+    pub id: String,
+    pub name: String,
+    pub position: i64,
+    pub managed: bool,
+    /// The bot can give this role (an entitlement with it will save).
+    pub assignable: bool,
+    /// Why not, when it cannot.
+    pub problem: Option<Problem>,
+}
+
+/// The roles of a connected server, highest first: those the bot can assign, and for the
+/// others why not.
+#[utoipa::path(get, path = "/discord/guilds/{guild_id}/roles", tag = "discord",
+    params(("guild_id" = String, Path, description = "A connected server's id")),
+    responses(
+        (status = 200, body = Items<RoleView>), (status = 401, body = ErrorBody),
+        (status = 404, description = "Not a server connected to this business", body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn roles(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path(guild_id): Path<String>,
+) -> ApiResult<ApiJson<Items<RoleView>>> {
+    let guild = Snowflake::parse(&guild_id).ok_or(ApiError::NotFound("Discord server"))?;
+    {
+        let mut conn = state.pool.acquire().await?;
+        db::get(&mut conn, merchant.business(), &guild_id)
+            .await?
+            .ok_or(ApiError::NotFound("Discord server"))?;
+    }
+    let facts = gather(&state.discord, guild).await?;
+    let mut roles: Vec<&Role> = facts.roles.iter().collect();
+    roles.sort_by(|a, b| b.position.cmp(&a.position).then(a.id.cmp(&b.id)));
+    let bot_roles = facts.bot_roles.as_deref();
+    let items = roles
+        .into_iter()
+        .map(|r| {
+            let problem = check(
+                &GuildFacts {
+                    guild_id: guild,
+                    guild_name: &facts.name,
+                    roles: &facts.roles,
+                    bot_roles,
+                },
+                Some(r.id),
+            )
+            .into_iter()
+            .next()
+            .map(|p| Problem::new(p.code, p.message));
+            RoleView {
+                id: r.id.to_string(),
+                name: r.name.clone(),
+                position: r.position,
+                managed: r.managed,
+                assignable: problem.is_none(),
+                problem,
+            }
+        })
+        .collect();
+    Ok(ApiJson(Items { items }))
+}
+
+struct Facts {
+    name: String,
+    roles: Vec<Role>,
+    bot_roles: Option<Vec<Snowflake>>,
+}
+
+async fn gather(client: &DiscordClient, guild: Snowflake) -> Result<Facts, ApiError> {
+    let unavailable = |e: DiscordError| match e {
+        DiscordError::NeedsHuman { message, .. } => {
+            ApiError::Invalid(vec![Problem::new("discord_unknown_guild", message)])
+        }
+        other => ApiError::Unavailable(format!(
+            "Discord could not be asked ({other}); try again shortly."
+        )),
+    };
+    let g = client.guild(guild).await.map_err(unavailable)?;
+    let roles = if g.roles.is_empty() {
+        client.roles(guild).await.map_err(unavailable)?
+    } else {
+        g.roles
+    };
+    let bot = client.bot_member(guild).await.map_err(unavailable)?;
+    Ok(Facts {
+        name: g.name,
+        roles,
+        bot_roles: bot.map(|m| m.roles),
+    })
+}

@@ -1,0 +1,375 @@
+//! `/entitlements`: create, list, read, update and (soft) delete a business's Discord
+//! entitlements, shaped like the platform's (`shared/fixtures/api/entitlement.json`).
+//!
+//! Saving checks the configuration against Discord first (the server is connected to
+//! this business, the bot is in it with its permissions, the role exists and the bot can
+//! give it), so a merchant learns of a mistake when saving rather than from failed
+//! grants. A save also hands grants back to the syncer: those that failed for a
+//! configuration cause, and, when the server or role changed, those that applied the old
+//! one, which the syncer moves (it undoes what each grant recorded it applied).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use chrono::Utc;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+use sqlx::PgConnection;
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::Merchant;
+use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, Problem};
+use super::store::{entitlements as db, guilds};
+use super::{Items, page};
+use crate::discord::DiscordClient;
+use crate::discord::{HumanCode, Snowflake};
+use crate::grants::render::ts;
+use crate::http::AppState;
+use crate::store::setup::Entitlement;
+
+/// The only integration guildgate implements.
+pub const DISCORD: &str = "discord";
+const MAX_NAME: usize = 255;
+const MAX_DESCRIPTION: usize = 2000;
+
+/// Failed grants whose cause a re-save may have fixed (the merchant's configuration, not
+/// the customer's account).
+pub const CONFIG_CAUSES: [HumanCode; 4] = [
+    HumanCode::MissingPermissions,
+    HumanCode::RoleHierarchy,
+    HumanCode::UnknownGuild,
+    HumanCode::UnknownRole,
+];
+
+/// Where a Discord entitlement gives access.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+pub struct IntegrationConfig {
+    /// The Discord server (a snowflake, as a string).
+    #[schema(example = "123456789012345678")]
+    pub guild_id: String,
+    /// The role to give; absent or null: membership of the server only.
+    #[serde(default)]
+    #[schema(example = "987654321098765432")]
+    pub role_id: Option<String>,
+}
+
+/// An entitlement, as the platform shapes it.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct EntitlementView {
+    pub id: String,
+    pub business_id: String,
+    pub name: String,
+    pub description: Option<String>,
+    /// Always `discord`.
+    pub integration_type: String,
+    pub integration_config: IntegrationConfig,
+    pub is_active: bool,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    /// RFC 3339, whole seconds, UTC.
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&Entitlement> for EntitlementView {
+    fn from(e: &Entitlement) -> Self {
+        Self {
+            id: e.id.clone(),
+            business_id: e.business_id.clone(),
+            name: e.name.clone(),
+            description: e.description.clone(),
+            integration_type: e.integration_type.clone(),
+            integration_config: IntegrationConfig {
+                guild_id: e.guild_id.clone(),
+                role_id: e.role_id.clone(),
+            },
+            is_active: e.is_active,
+            metadata: e.metadata.clone(),
+            created_at: ts(e.created_at),
+            updated_at: ts(e.updated_at),
+        }
+    }
+}
+
+/// `POST /entitlements`. Fields guildgate does not model are ignored.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateEntitlement {
+    #[schema(example = "Patrons Discord Role")]
+    pub name: String,
+    /// Must be `discord`.
+    #[schema(example = "discord")]
+    pub integration_type: String,
+    pub integration_config: IntegrationConfig,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+    #[serde(default)]
+    pub is_active: Option<bool>,
+}
+
+/// `PATCH /entitlements/{id}`: only the fields present change; `integration_config`
+/// is replaced as a whole.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct UpdateEntitlement {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `null` clears it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    pub description: Option<Option<String>>,
+    #[serde(default)]
+    pub integration_config: Option<IntegrationConfig>,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+    #[serde(default)]
+    pub is_active: Option<bool>,
+}
+
+/// Tells "absent" (`None`) from "null" (`Some(None)`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only entitlements of this integration type.
+    pub integration_type: Option<String>,
+    /// 1 to 100, default 10.
+    pub page_size: Option<u32>,
+    /// 0-based.
+    pub page_number: Option<u32>,
+}
+
+/// Checks every merchant-set field, reporting every problem at once.
+fn check_fields(f: &db::Fields, integration_type: &str) -> Result<(), ApiError> {
+    let mut problems = Vec::new();
+    if integration_type != DISCORD {
+        problems.push(Problem::new(
+            "unsupported_integration_type",
+            format!("integration_type: {integration_type:?} is not supported; guildgate handles \"discord\" entitlements only."),
+        ));
+    }
+    let mut bad = |field: &str, msg: &str| {
+        problems.push(Problem::new("invalid_field", format!("{field}: {msg}")));
+    };
+    if f.name.trim().is_empty() {
+        bad("name", "must not be empty");
+    } else if f.name.chars().count() > MAX_NAME {
+        bad("name", "must be at most 255 characters");
+    }
+    if f.description
+        .as_ref()
+        .is_some_and(|d| d.chars().count() > MAX_DESCRIPTION)
+    {
+        bad("description", "must be at most 2000 characters");
+    }
+    if Snowflake::parse(&f.guild_id).is_none() {
+        bad(
+            "integration_config.guild_id",
+            "must be a Discord server id (digits, as a string)",
+        );
+    }
+    if f.role_id
+        .as_deref()
+        .is_some_and(|r| Snowflake::parse(r).is_none())
+    {
+        bad(
+            "integration_config.role_id",
+            "must be a Discord role id (digits, as a string) or null",
+        );
+    }
+    if !f.metadata.is_object() {
+        bad("metadata", "must be an object");
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Invalid(problems))
+    }
+}
+
+/// Checks the configuration against Discord: the server must have been connected by
+/// this business (a bot install proves the merchant manages it; without this, one
+/// merchant could sell roles in another's server), then the live checks.
+async fn check_discord(
+    conn: &mut PgConnection,
+    discord: &DiscordClient,
+    business_id: &str,
+    f: &db::Fields,
+) -> Result<(), ApiError> {
+    if guilds::get(conn, business_id, &f.guild_id).await?.is_none() {
+        return Err(ApiError::Invalid(vec![Problem::new(
+            "discord_guild_not_connected",
+            format!(
+                "Discord server {} is not connected to this account. Add guildgate's bot to it with the link from GET /discord/install-url, then save again.",
+                f.guild_id
+            ),
+        )]));
+    }
+    super::discord::validate(discord, &f.guild_id, f.role_id.as_deref()).await
+}
+
+/// Create an entitlement.
+#[utoipa::path(post, path = "/entitlements", tag = "entitlements",
+    request_body = CreateEntitlement,
+    responses(
+        (status = 201, body = EntitlementView),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 413, body = ErrorBody),
+        (status = 422, description = "A field is invalid, or the Discord configuration is not usable (one problem each in `errors`)", body = ErrorBody),
+        (status = 503, description = "Discord could not be asked", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn create(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<CreateEntitlement>,
+) -> ApiResult<impl IntoResponse> {
+    let f = db::Fields {
+        name: body.name,
+        description: body.description,
+        guild_id: body.integration_config.guild_id,
+        role_id: body.integration_config.role_id,
+        is_active: body.is_active.unwrap_or(true),
+        metadata: body
+            .metadata
+            .unwrap_or_else(|| Value::Object(Default::default())),
+    };
+    check_fields(&f, &body.integration_type)?;
+    let mut conn = state.pool.acquire().await?;
+    check_discord(&mut conn, &state.discord, merchant.business(), &f).await?;
+    let e = db::insert(&mut conn, merchant.business(), &f, Utc::now()).await?;
+    Ok((StatusCode::CREATED, ApiJson(EntitlementView::from(&e))))
+}
+
+/// List entitlements, newest first.
+#[utoipa::path(get, path = "/entitlements", tag = "entitlements",
+    params(ListQuery),
+    responses((status = 200, body = Items<EntitlementView>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn list(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<ApiJson<Items<EntitlementView>>> {
+    let p = page(q.page_size, q.page_number)?;
+    let mut conn = state.pool.acquire().await?;
+    let rows = db::list(
+        &mut conn,
+        merchant.business(),
+        q.integration_type.as_deref(),
+        p,
+    )
+    .await?;
+    Ok(ApiJson(Items {
+        items: rows.iter().map(EntitlementView::from).collect(),
+    }))
+}
+
+/// Read an entitlement.
+#[utoipa::path(get, path = "/entitlements/{id}", tag = "entitlements",
+    params(("id" = String, Path, description = "Entitlement id (`ent_…`)")),
+    responses((status = 200, body = EntitlementView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn get(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<ApiJson<EntitlementView>> {
+    let mut conn = state.pool.acquire().await?;
+    let e = db::get(&mut conn, merchant.business(), &id, false)
+        .await?
+        .ok_or(ApiError::NotFound("entitlement"))?;
+    Ok(ApiJson(EntitlementView::from(&e)))
+}
+
+/// Update an entitlement. Every save re-validates against Discord and retries the
+/// grants that failed for a configuration cause; a new server or role moves delivered
+/// grants to it.
+#[utoipa::path(patch, path = "/entitlements/{id}", tag = "entitlements",
+    params(("id" = String, Path, description = "Entitlement id (`ent_…`)")),
+    request_body = UpdateEntitlement,
+    responses(
+        (status = 200, body = EntitlementView),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "Changed by another request meanwhile; read it and try again", body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn update(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(patch): ApiJson<UpdateEntitlement>,
+) -> ApiResult<ApiJson<EntitlementView>> {
+    let business = merchant.business();
+    let mut conn = state.pool.acquire().await?;
+    let before = db::get(&mut conn, business, &id, false)
+        .await?
+        .ok_or(ApiError::NotFound("entitlement"))?;
+    let (guild_id, role_id) = match patch.integration_config {
+        Some(c) => (c.guild_id, c.role_id),
+        None => (before.guild_id.clone(), before.role_id.clone()),
+    };
+    let f = db::Fields {
+        name: patch.name.unwrap_or_else(|| before.name.clone()),
+        description: patch
+            .description
+            .unwrap_or_else(|| before.description.clone()),
+        guild_id,
+        role_id,
+        is_active: patch.is_active.unwrap_or(before.is_active),
+        metadata: patch.metadata.unwrap_or_else(|| before.metadata.clone()),
+    };
+    check_fields(&f, &before.integration_type)?;
+    // Discord is asked outside the transaction: it can take seconds (rate limits), and
+    // a row lock must not be held that long. The row is re-read under lock below and
+    // the save refused if someone else changed it in between.
+    check_discord(&mut conn, &state.discord, business, &f).await?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let current = db::get(&mut tx, business, &id, true)
+        .await?
+        .ok_or(ApiError::NotFound("entitlement"))?;
+    if current.updated_at != before.updated_at {
+        return Err(ApiError::Conflict {
+            code: "concurrent_update",
+            message: "The entitlement was changed by another request while this one was validated. Read it again and retry.".into(),
+        });
+    }
+    let now = Utc::now();
+    let saved = db::update(&mut tx, &id, &f, now).await?;
+    let moved = current.guild_id != saved.guild_id || current.role_id != saved.role_id;
+    let causes: Vec<&str> = CONFIG_CAUSES.iter().map(|c| c.as_str()).collect();
+    for grant_id in db::grants_to_resync(&mut tx, &id, &causes, moved).await? {
+        crate::events::apply::queue_sync(&mut tx, &grant_id).await?;
+    }
+    tx.commit().await?;
+    Ok(ApiJson(EntitlementView::from(&saved)))
+}
+
+/// Delete an entitlement. A soft delete, as on the platform: it disappears from the API
+/// and from its products, so no purchase grants it any more, but its grants are kept
+/// and NOT revoked (revoke them one by one first if access should end). Its grants stay
+/// readable and revocable under `/entitlements/{id}/grants`.
+#[utoipa::path(delete, path = "/entitlements/{id}", tag = "entitlements",
+    params(("id" = String, Path, description = "Entitlement id (`ent_…`)")),
+    responses((status = 204, description = "Deleted"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn delete(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let mut tx = state.pool.begin().await?;
+    if !db::soft_delete(&mut tx, merchant.business(), &id, Utc::now()).await? {
+        return Err(ApiError::NotFound("entitlement"));
+    }
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

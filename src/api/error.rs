@@ -1,0 +1,228 @@
+//! The one error type of the merchant API. Every failure becomes `{code, message}`
+//! (`shared/fixtures/api/error.json`) with its status; a 422 for several problems at once
+//! (a Discord misconfiguration can have more than one) also lists each in `errors`.
+//!
+//! 5xx answers are logged here with their cause and shown to the merchant without it:
+//! a database error message can name tables, hosts or values that are not theirs to see.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// One thing wrong with a request, as shown to the merchant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// Stable, machine-readable (`invalid_field`, `discord_role_hierarchy`, …).
+    pub code: String,
+    /// What is wrong and how to fix it, in a sentence or two.
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The body of every error answer.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+    /// Every problem, when there is more than one (the first is `code`/`message`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<Problem>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON, or not JSON at all where JSON was expected (400).
+    #[error("{0}")]
+    Malformed(String),
+    /// No API key, or not a valid one (401).
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    /// Not found, or not this business's (404: another business's object is never 403,
+    /// so ids cannot be probed).
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The request conflicts with the current state (409).
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    /// The body exceeds `http.max_body_bytes` (413).
+    #[error("request body too large")]
+    TooLarge,
+    /// Well-formed but invalid: a field, or the Discord configuration (422).
+    #[error("{}", .0.first().map(|p| p.message.as_str()).unwrap_or("invalid request"))]
+    Invalid(Vec<Problem>),
+    /// A service guildgate depends on (Discord) cannot answer right now (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else: logged, shown as a bare 500.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 422 naming `field`.
+    pub fn field(field: &str, message: impl std::fmt::Display) -> Self {
+        ApiError::Invalid(vec![Problem::new(
+            "invalid_field",
+            format!("{field}: {message}"),
+        )])
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn body(&self) -> ErrorBody {
+        let one = |code: &str, message: String| ErrorBody {
+            code: code.into(),
+            message,
+            errors: Vec::new(),
+        };
+        match self {
+            ApiError::Malformed(m) => one("malformed_request", m.clone()),
+            ApiError::Unauthorized => one(
+                "unauthorized",
+                "Send a valid API key as `Authorization: Bearer <key>`.".into(),
+            ),
+            ApiError::NotFound(what) => one("not_found", format!("No such {what}.")),
+            ApiError::Conflict { code, message } => one(code, message.clone()),
+            ApiError::TooLarge => one(
+                "payload_too_large",
+                "The request body is larger than this server accepts.".into(),
+            ),
+            ApiError::Invalid(problems) => {
+                let first = problems
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| Problem::new("invalid_request", "invalid request"));
+                ErrorBody {
+                    code: first.code,
+                    message: first.message,
+                    errors: if problems.len() > 1 {
+                        problems.clone()
+                    } else {
+                        Vec::new()
+                    },
+                }
+            }
+            ApiError::Unavailable(m) => one("service_unavailable", m.clone()),
+            ApiError::Internal(_) => one(
+                "internal_error",
+                "Something went wrong on our side; it was logged. Try again later.".into(),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, %status, "API request failed");
+        }
+        (status, axum::Json(self.body())).into_response()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::Internal(format!("database: {e}"))
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        match r {
+            JsonRejection::JsonDataError(e) => {
+                // axum names the path of the offending field ("integration_config.guild_id:
+                // invalid type …"); keep that, drop axum's generic preamble.
+                let text = e.body_text();
+                let detail = text
+                    .strip_prefix("Failed to deserialize the JSON body into the target type: ")
+                    .unwrap_or(&text);
+                ApiError::Invalid(vec![Problem::new("invalid_field", detail)])
+            }
+            JsonRejection::JsonSyntaxError(e) => {
+                ApiError::Malformed(format!("The body is not valid JSON: {}", e.body_text()))
+            }
+            JsonRejection::MissingJsonContentType(_) => ApiError::Malformed(
+                "Send the body as JSON with `Content-Type: application/json`.".into(),
+            ),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge,
+            other => ApiError::Malformed(other.body_text()),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        let text = r.body_text();
+        let detail = text
+            .strip_prefix("Failed to deserialize query string: ")
+            .unwrap_or(&text);
+        ApiError::Invalid(vec![Problem::new("invalid_query", detail)])
+    }
+}
+
+/// `Json<T>` whose rejections are [`ApiError`]s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::Json(v) = axum::Json::<T>::from_request(req, state).await?;
+        Ok(ApiJson(v))
+    }
+}
+
+/// `Query<T>` whose rejections are [`ApiError`]s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Query(v) = Query::<T>::from_request_parts(parts, state).await?;
+        Ok(ApiQuery(v))
+    }
+}
+
+impl<T: Serialize> IntoResponse for ApiJson<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// What handlers return.
+pub type ApiResult<T> = Result<T, ApiError>;

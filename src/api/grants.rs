@@ -1,0 +1,231 @@
+//! Grants through the API: list an entitlement's or a customer's grants, read one, and
+//! revoke one by hand.
+//!
+//! A `Pending` grant read after its link expired is returned with a renewed `oauth_url`
+//! (the merchant's customer portal shows it, so it must work). A manual revoke is final:
+//! later payment events never grant that entitlement to that subscription again.
+
+use axum::extract::{Path, State};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::PgConnection;
+use utoipa::{IntoParams, ToSchema};
+
+use super::auth::Merchant;
+use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody};
+use super::store::{entitlements, grants as db};
+use super::{Items, page};
+use crate::events::apply::emit;
+use crate::grants::link::LinkBuilder;
+use crate::grants::render::grant_object;
+use crate::grants::{Grant, GrantEventType, GrantStatus, RevocationReason};
+use crate::http::AppState;
+use crate::http::oauth::renew_link;
+use crate::ids::CustomerId;
+use crate::store::grants as grant_store;
+
+/// A grant, as the platform shapes it (`shared/fixtures/api/grant.json`). Documentation
+/// only: grants are rendered by [`grant_object`], which the webhooks share.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GrantView {
+    pub id: String,
+    pub business_id: String,
+    pub brand_id: Option<String>,
+    pub entitlement_id: String,
+    pub customer_id: String,
+    pub payment_id: Option<String>,
+    pub subscription_id: Option<String>,
+    /// `Pending`, `Delivered`, `Failed` or `Revoked`.
+    pub status: String,
+    /// Always `discord`.
+    pub integration_type: String,
+    /// Always null for Discord.
+    #[schema(value_type = Option<String>)]
+    pub license_key: Option<()>,
+    /// Always null for Discord.
+    #[schema(value_type = Option<String>)]
+    pub digital_product_delivery: Option<()>,
+    pub delivered_at: Option<String>,
+    pub revoked_at: Option<String>,
+    /// `manual`, `refund`, `subscription_cancelled`, …
+    pub revocation_reason: Option<String>,
+    /// Why a `Failed` grant failed (`discord_role_hierarchy`, …).
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    /// Where the customer connects their Discord account.
+    pub oauth_url: String,
+    pub oauth_expires_at: String,
+    #[schema(value_type = Object)]
+    pub metadata: Value,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+fn status(s: Option<String>) -> Result<Option<GrantStatus>, ApiError> {
+    s.map(|s| {
+        GrantStatus::parse(&s).ok_or_else(|| {
+            ApiError::field(
+                "status",
+                format!("{s:?} is not one of Pending, Delivered, Failed, Revoked"),
+            )
+        })
+    })
+    .transpose()
+}
+
+/// Renders grants, renewing expired links of `Pending` ones on the way.
+async fn render(
+    conn: &mut PgConnection,
+    links: &LinkBuilder,
+    grants: Vec<Grant>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Value>, sqlx::Error> {
+    let mut out = Vec::with_capacity(grants.len());
+    for g in grants {
+        let g = renew_link(conn, links, &g, now).await?;
+        out.push(grant_object(&g, links));
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EntitlementGrantsQuery {
+    /// `Pending`, `Delivered`, `Failed` or `Revoked`.
+    pub status: Option<String>,
+    pub customer_id: Option<String>,
+    /// 1 to 100, default 10.
+    pub page_size: Option<u32>,
+    /// 0-based.
+    pub page_number: Option<u32>,
+}
+
+/// The grants of an entitlement (a deleted one's too), newest first.
+#[utoipa::path(get, path = "/entitlements/{id}/grants", tag = "grants",
+    params(("id" = String, Path, description = "Entitlement id"), EntitlementGrantsQuery),
+    responses((status = 200, body = Items<GrantView>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn of_entitlement(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<EntitlementGrantsQuery>,
+) -> ApiResult<ApiJson<Items<Value>>> {
+    let p = page(q.page_size, q.page_number)?;
+    let st = status(q.status)?;
+    let customer = q
+        .customer_id
+        .map(|c| CustomerId::parse(c).map_err(|e| ApiError::field("customer_id", e)))
+        .transpose()?;
+    let mut conn = state.pool.acquire().await?;
+    entitlements::get_any(&mut conn, merchant.business(), &id)
+        .await?
+        .ok_or(ApiError::NotFound("entitlement"))?;
+    let rows = db::of_entitlement(
+        &mut conn,
+        merchant.business(),
+        &id,
+        st.map(GrantStatus::as_str),
+        customer.as_ref().map(CustomerId::as_str),
+        p,
+    )
+    .await?;
+    let items = render(&mut conn, &state.links, rows, Utc::now()).await?;
+    Ok(ApiJson(Items { items }))
+}
+
+/// One grant of an entitlement.
+#[utoipa::path(get, path = "/entitlements/{id}/grants/{grant_id}", tag = "grants",
+    params(("id" = String, Path, description = "Entitlement id"), ("grant_id" = String, Path, description = "Grant id")),
+    responses((status = 200, body = GrantView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn get(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path((id, grant_id)): Path<(String, String)>,
+) -> ApiResult<ApiJson<Value>> {
+    let mut conn = state.pool.acquire().await?;
+    let g = db::get(&mut conn, merchant.business(), &id, &grant_id, false)
+        .await?
+        .ok_or(ApiError::NotFound("grant"))?;
+    let mut out = render(&mut conn, &state.links, vec![g], Utc::now()).await?;
+    Ok(ApiJson(out.remove(0)))
+}
+
+/// Revoke a grant by hand (`revocation_reason: manual`). The role (or, for a
+/// membership-only entitlement, the membership) is taken away in Discord and an
+/// `entitlement_grant.revoked` webhook is sent. Idempotent: revoking a revoked grant
+/// returns it unchanged. Later payment events never re-grant it.
+#[utoipa::path(delete, path = "/entitlements/{id}/grants/{grant_id}", tag = "grants",
+    params(("id" = String, Path, description = "Entitlement id"), ("grant_id" = String, Path, description = "Grant id")),
+    responses((status = 200, description = "The revoked grant", body = GrantView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn revoke(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path((id, grant_id)): Path<(String, String)>,
+) -> ApiResult<ApiJson<Value>> {
+    let now = Utc::now();
+    let mut tx = state.pool.begin().await?;
+    // Locked, so a concurrent event that revokes or delivers it waits for this one.
+    let g = db::get(&mut tx, merchant.business(), &id, &grant_id, true)
+        .await?
+        .ok_or(ApiError::NotFound("grant"))?;
+    let g = match grant_store::revoke(&mut tx, &g.id, RevocationReason::Manual, now).await? {
+        // The status change, its webhook and the Discord sync job commit together, so a
+        // revoke is never visible without its effects on their way.
+        Some(revoked) => {
+            emit(
+                &mut tx,
+                &state.links,
+                &revoked,
+                GrantEventType::Revoked,
+                now,
+            )
+            .await?;
+            revoked
+        }
+        None => g,
+    };
+    tx.commit().await?;
+    Ok(ApiJson(grant_object(&g, &state.links)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CustomerGrantsQuery {
+    /// `Pending`, `Delivered`, `Failed` or `Revoked`.
+    pub status: Option<String>,
+    /// 1 to 100, default 10.
+    pub page_size: Option<u32>,
+    /// 0-based.
+    pub page_number: Option<u32>,
+}
+
+/// A customer's grants across entitlements, newest first.
+#[utoipa::path(get, path = "/customers/{customer_id}/entitlement-grants", tag = "grants",
+    params(("customer_id" = String, Path, description = "The platform's customer id"), CustomerGrantsQuery),
+    responses((status = 200, body = Items<GrantView>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn of_customer(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path(customer_id): Path<String>,
+    ApiQuery(q): ApiQuery<CustomerGrantsQuery>,
+) -> ApiResult<ApiJson<Items<Value>>> {
+    let p = page(q.page_size, q.page_number)?;
+    let st = status(q.status)?;
+    let customer = CustomerId::parse(customer_id).map_err(|e| ApiError::field("customer_id", e))?;
+    let mut conn = state.pool.acquire().await?;
+    let rows = db::of_customer(
+        &mut conn,
+        merchant.business(),
+        customer.as_str(),
+        st.map(GrantStatus::as_str),
+        p,
+    )
+    .await?;
+    let items = render(&mut conn, &state.links, rows, Utc::now()).await?;
+    Ok(ApiJson(Items { items }))
+}

@@ -1,0 +1,202 @@
+//! SQL of entitlements as the merchant API sees them: one business's, undeleted.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::Page;
+use crate::store::setup::Entitlement;
+
+/// The fields of an entitlement a merchant sets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fields {
+    pub name: String,
+    pub description: Option<String>,
+    pub guild_id: String,
+    pub role_id: Option<String>,
+    pub is_active: bool,
+    pub metadata: serde_json::Value,
+}
+
+/// Inserts an entitlement with every merchant-set field.
+pub async fn insert(
+    conn: &mut PgConnection,
+    business_id: &str,
+    f: &Fields,
+    now: DateTime<Utc>,
+) -> Result<Entitlement, sqlx::Error> {
+    sqlx::query_as(
+        "INSERT INTO entitlements (id, business_id, name, description, guild_id, role_id, is_active,
+             metadata, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING *",
+    )
+    .bind(crate::ids::EntitlementId::mint().as_str())
+    .bind(business_id)
+    .bind(&f.name)
+    .bind(&f.description)
+    .bind(&f.guild_id)
+    .bind(&f.role_id)
+    .bind(f.is_active)
+    .bind(&f.metadata)
+    .bind(now)
+    .fetch_one(conn)
+    .await
+}
+
+/// A page of a business's undeleted entitlements, newest first.
+pub async fn list(
+    conn: &mut PgConnection,
+    business_id: &str,
+    integration_type: Option<&str>,
+    page: Page,
+) -> Result<Vec<Entitlement>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM entitlements
+         WHERE business_id = $1 AND deleted_at IS NULL AND ($2::text IS NULL OR integration_type = $2)
+         ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4",
+    )
+    .bind(business_id)
+    .bind(integration_type)
+    .bind(page.limit)
+    .bind(page.offset)
+    .fetch_all(conn)
+    .await
+}
+
+/// One undeleted entitlement of a business, locked for the rest of the transaction
+/// when `lock` (a save and a concurrent save or delete must not interleave).
+pub async fn get(
+    conn: &mut PgConnection,
+    business_id: &str,
+    id: &str,
+    lock: bool,
+) -> Result<Option<Entitlement>, sqlx::Error> {
+    let sql = if lock {
+        "SELECT * FROM entitlements WHERE business_id = $1 AND id = $2 AND deleted_at IS NULL FOR UPDATE"
+    } else {
+        "SELECT * FROM entitlements WHERE business_id = $1 AND id = $2 AND deleted_at IS NULL"
+    };
+    sqlx::query_as(sql)
+        .bind(business_id)
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// One entitlement of a business, deleted ones included (its grants outlive it).
+pub async fn get_any(
+    conn: &mut PgConnection,
+    business_id: &str,
+    id: &str,
+) -> Result<Option<Entitlement>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM entitlements WHERE business_id = $1 AND id = $2")
+        .bind(business_id)
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Replaces the merchant-set fields.
+pub async fn update(
+    conn: &mut PgConnection,
+    id: &str,
+    f: &Fields,
+    now: DateTime<Utc>,
+) -> Result<Entitlement, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE entitlements SET name = $2, description = $3, guild_id = $4, role_id = $5,
+             is_active = $6, metadata = $7, updated_at = $8
+         WHERE id = $1 RETURNING *",
+    )
+    .bind(id)
+    .bind(&f.name)
+    .bind(&f.description)
+    .bind(&f.guild_id)
+    .bind(&f.role_id)
+    .bind(f.is_active)
+    .bind(&f.metadata)
+    .bind(now)
+    .fetch_one(conn)
+    .await
+}
+
+/// Soft-deletes an entitlement and detaches it from every product, so no purchase
+/// grants it again; its grants are kept as they are.
+pub async fn soft_delete(
+    conn: &mut PgConnection,
+    business_id: &str,
+    id: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE entitlements SET deleted_at = $3, updated_at = $3
+         WHERE business_id = $1 AND id = $2 AND deleted_at IS NULL",
+    )
+    .bind(business_id)
+    .bind(id)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    if r.rows_affected() == 0 {
+        return Ok(false);
+    }
+    sqlx::query("DELETE FROM product_entitlements WHERE business_id = $1 AND entitlement_id = $2")
+        .bind(business_id)
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(true)
+}
+
+/// The undeleted entitlements attached to a product, in attachment order.
+pub async fn of_product(
+    conn: &mut PgConnection,
+    business_id: &str,
+    product_id: &str,
+) -> Result<Vec<Entitlement>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT e.* FROM product_entitlements pe JOIN entitlements e ON e.id = pe.entitlement_id
+         WHERE pe.business_id = $1 AND pe.product_id = $2 AND e.deleted_at IS NULL
+         ORDER BY pe.position, e.id",
+    )
+    .bind(business_id)
+    .bind(product_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Which of `ids` are undeleted entitlements of the business.
+pub async fn owned(
+    conn: &mut PgConnection,
+    business_id: &str,
+    ids: &[String],
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM entitlements WHERE business_id = $1 AND id = ANY($2) AND deleted_at IS NULL",
+    )
+    .bind(business_id)
+    .bind(ids)
+    .fetch_all(conn)
+    .await
+}
+
+/// Grants a save must hand to the syncer again: those that failed for a configuration
+/// cause (the save may have fixed it) and, when the guild or role changed, every live
+/// grant that applied something, so the syncer moves it to the new configuration.
+pub async fn grants_to_resync(
+    conn: &mut PgConnection,
+    entitlement_id: &str,
+    config_causes: &[&str],
+    config_changed: bool,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM grants WHERE entitlement_id = $1 AND (
+             (status = 'Failed' AND error_code = ANY($2))
+             OR ($3 AND status <> 'Revoked' AND applied_guild_id IS NOT NULL)
+         ) ORDER BY id",
+    )
+    .bind(entitlement_id)
+    .bind(config_causes)
+    .bind(config_changed)
+    .fetch_all(conn)
+    .await
+}

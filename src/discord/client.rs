@@ -1,0 +1,682 @@
+//! The Discord HTTP client: typed calls, each sent through a rate-limit [`Budget`] and
+//! the invalid-request counter, each answer turned into a value or a [`DiscordError`].
+//!
+//! Tokens never reach a log: the bot token, the client secret and customers' tokens are
+//! [`SecretString`]s, exposed only while a request is built; URLs carry none.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{AUTHORIZATION, USER_AGENT};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use tokio::sync::OnceCell;
+
+use super::Snowflake;
+use super::error::{DiscordError, HumanCode};
+use super::invalid::InvalidRequests;
+use super::ratelimit::{Budget, Observed, Verb};
+use crate::config::DiscordSettings;
+use crate::metrics::Metrics;
+
+/// 429s asking for at most this long are waited out inline; longer ones go back to the
+/// caller (the syncer moves the job to a delay tier instead of holding it).
+const MAX_INLINE_WAIT: Duration = Duration::from_secs(10);
+/// Tries per call for 429s and, for idempotent calls, 5xx and connection errors.
+const TRIES: u32 = 3;
+
+/// A guild as `GET /guilds/{g}` returns it (the fields guildgate reads).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Guild {
+    pub id: Snowflake,
+    pub name: String,
+    pub owner_id: Option<Snowflake>,
+    #[serde(default)]
+    pub roles: Vec<Role>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct Role {
+    pub id: Snowflake,
+    pub name: String,
+    pub position: i64,
+    /// Discord sends the permission bit set as a decimal string.
+    #[serde(deserialize_with = "permission_bits")]
+    pub permissions: u64,
+    #[serde(default)]
+    pub managed: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct User {
+    pub id: Snowflake,
+    pub username: String,
+    #[serde(default)]
+    pub global_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Member {
+    #[serde(default)]
+    pub user: Option<User>,
+    #[serde(default)]
+    pub roles: Vec<Snowflake>,
+}
+
+/// OAuth tokens of a customer.
+#[derive(Debug)]
+pub struct TokenSet {
+    pub access_token: SecretString,
+    pub refresh_token: Option<SecretString>,
+    pub expires_in: Duration,
+    pub scope: String,
+}
+
+#[derive(Deserialize)]
+struct RawTokens {
+    access_token: String,
+    refresh_token: Option<String>,
+    expires_in: u64,
+    #[serde(default)]
+    scope: String,
+}
+
+/// `PUT /guilds/{g}/members/{u}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddMember {
+    /// 201: added, with the roles asked for.
+    Added,
+    /// 204: already a member; nothing else was changed.
+    AlreadyMember,
+}
+
+/// A role or membership change on a member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberChange {
+    Done,
+    /// The user is not (or no longer) in the guild.
+    NotMember,
+}
+
+fn permission_bits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        S(String),
+        N(u64),
+    }
+    match Raw::deserialize(d)? {
+        Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        Raw::N(n) => Ok(n),
+    }
+}
+
+enum Auth<'a> {
+    Bot,
+    Bearer(&'a SecretString),
+    /// Client credentials in the form (token endpoint).
+    None,
+}
+
+enum Body {
+    Empty,
+    Json(serde_json::Value),
+    Form(Vec<(&'static str, String)>),
+}
+
+struct Call<'a> {
+    verb: Verb,
+    /// Path below the API base, no leading slash.
+    path: String,
+    /// Rate-limit route: major parameter kept, minor ids replaced (see `Budget::acquire`).
+    route: String,
+    /// Metrics label: no ids at all.
+    label: &'static str,
+    auth: Auth<'a>,
+    body: Body,
+    /// Safe to send again after a 5xx or a lost answer.
+    idempotent: bool,
+}
+
+/// An answer that was not a 429 (those are handled inside [`DiscordClient::send`]).
+struct Answer {
+    status: u16,
+    code: Option<u64>,
+    message: String,
+    bytes: Vec<u8>,
+}
+
+impl Answer {
+    fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, DiscordError> {
+        serde_json::from_slice(&self.bytes).map_err(|e| DiscordError::Unexpected {
+            status: self.status,
+            code: None,
+            message: format!("cannot read Discord's answer: {e}"),
+        })
+    }
+
+    fn unexpected(&self) -> DiscordError {
+        if self.status >= 500 {
+            return DiscordError::Retriable(format!("Discord answered {}", self.status));
+        }
+        DiscordError::Unexpected {
+            status: self.status,
+            code: self.code,
+            message: self.message.clone(),
+        }
+    }
+
+    /// Errors every guild route shares; `None` if the caller must look closer.
+    fn guild_error(&self, guild: Snowflake) -> Option<DiscordError> {
+        match (self.status, self.code) {
+            (404, Some(10004)) => Some(DiscordError::human(
+                HumanCode::UnknownGuild,
+                format!(
+                    "Discord server {guild} does not exist (it was deleted, or the entitlement names the wrong server id)."
+                ),
+            )),
+            (403, Some(50001)) => Some(DiscordError::human(
+                HumanCode::UnknownGuild,
+                format!(
+                    "guildgate's bot is not in Discord server {guild}: it was removed or never added. Add the bot to the server again."
+                ),
+            )),
+            (403, Some(50013)) => Some(DiscordError::human(
+                HumanCode::MissingPermissions,
+                format!(
+                    "guildgate's bot lacks a permission it needs in Discord server {guild} (Manage Roles, Kick Members, Create Instant Invite), or the role is not below the bot's highest role."
+                ),
+            )),
+            (404, Some(10011)) => Some(DiscordError::human(
+                HumanCode::UnknownRole,
+                format!(
+                    "The role configured for Discord server {guild} no longer exists. Choose an existing role for the entitlement."
+                ),
+            )),
+            (401, _) => Some(DiscordError::Unexpected {
+                status: 401,
+                code: self.code,
+                message: "Discord refused the bot token (check GUILDGATE_DISCORD__BOT_TOKEN)"
+                    .into(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A Discord client on one budget. Cheap to clone; clones share the budget, the
+/// invalid-request counter and the connection pool.
+#[derive(Clone)]
+pub struct DiscordClient {
+    http: reqwest::Client,
+    base: Arc<str>,
+    bot_token: SecretString,
+    client_id: Arc<str>,
+    client_secret: SecretString,
+    budget: Budget,
+    invalid: InvalidRequests,
+    metrics: Arc<Metrics>,
+    bot_id: Arc<OnceCell<Snowflake>>,
+}
+
+impl std::fmt::Debug for DiscordClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiscordClient")
+            .field("base", &self.base)
+            .field("budget", &self.budget.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DiscordClient {
+    /// The side client of a process: the small `side_requests_per_s` budget. Spawns the
+    /// bucket actor, so call it inside a tokio runtime.
+    pub fn side(settings: &DiscordSettings, metrics: Arc<Metrics>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(settings.request_timeout)
+            .build()
+            .expect("an HTTP client with default TLS settings builds");
+        Self {
+            http,
+            base: settings.api_base.trim_end_matches('/').into(),
+            bot_token: settings.bot_token.clone(),
+            client_id: settings.client_id.as_str().into(),
+            client_secret: settings.client_secret.clone(),
+            budget: Budget::new("side", settings.side_requests_per_s),
+            invalid: InvalidRequests::new(settings.invalid_request_ceiling),
+            metrics,
+            bot_id: Arc::default(),
+        }
+    }
+
+    /// The same client on another budget (the syncer's), sharing the invalid-request
+    /// counter, which Discord keeps per IP.
+    pub fn with_budget(&self, budget: Budget) -> Self {
+        Self {
+            budget,
+            ..self.clone()
+        }
+    }
+
+    async fn send(&self, call: Call<'_>) -> Result<Answer, DiscordError> {
+        let url = format!("{}/{}", self.base, call.path);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            if let Err(wait) = self.invalid.check() {
+                return Err(DiscordError::CeilingReached { retry_after: wait });
+            }
+            let ticket = self.budget.acquire(call.verb, &call.route).await;
+            let mut req = match call.verb {
+                Verb::Get => self.http.get(&url),
+                Verb::Put => self.http.put(&url),
+                Verb::Post => self.http.post(&url),
+                Verb::Delete => self.http.delete(&url),
+            }
+            .header(
+                USER_AGENT,
+                "DiscordBot (https://github.com/guildgate/guildgate, 0.1)",
+            );
+            req = match call.auth {
+                Auth::Bot => req.header(
+                    AUTHORIZATION,
+                    format!("Bot {}", self.bot_token.expose_secret()),
+                ),
+                Auth::Bearer(t) => {
+                    req.header(AUTHORIZATION, format!("Bearer {}", t.expose_secret()))
+                }
+                Auth::None => req,
+            };
+            req = match &call.body {
+                Body::Empty => req,
+                Body::Json(v) => req.json(v),
+                Body::Form(f) => req.form(f),
+            };
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    // No answer: the ticket is dropped, which frees the bucket's queue.
+                    drop(ticket);
+                    self.count(call.label, "error");
+                    let err = DiscordError::Retriable(describe(&e));
+                    if call.idempotent && tries < TRIES {
+                        tokio::time::sleep(backoff(tries)).await;
+                        continue;
+                    }
+                    return Err(err);
+                }
+            };
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let observed = Observed::parse(status, |name| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            });
+            let bytes = match resp.bytes().await {
+                Ok(b) => b.to_vec(),
+                Err(e) => {
+                    ticket.complete(&observed);
+                    self.count(call.label, "error");
+                    return Err(DiscordError::Retriable(describe(&e)));
+                }
+            };
+            #[derive(Deserialize, Default)]
+            struct ErrorBody {
+                code: Option<u64>,
+                #[serde(default)]
+                message: Option<String>,
+                retry_after: Option<f64>,
+                global: Option<bool>,
+                /// OAuth errors: `{"error": "invalid_grant", ...}`.
+                error: Option<String>,
+            }
+            let body: ErrorBody = if status >= 300 {
+                serde_json::from_slice(&bytes).unwrap_or_default()
+            } else {
+                ErrorBody::default()
+            };
+            let observed = observed.with_body_retry_after(body.retry_after, body.global);
+            if observed.counts_as_invalid() {
+                let n = self.invalid.record();
+                self.metrics.discord_invalid_requests.set(n as i64);
+            }
+            ticket.complete(&observed);
+            self.count(call.label, &status.to_string());
+            if status == 429 {
+                let wait = observed.retry_after.unwrap_or(Duration::from_secs(1));
+                tracing::info!(route = call.label, retry_after = ?wait, global = observed.is_global_limit(), scope = ?observed.scope, "Discord rate limit hit");
+                if wait <= MAX_INLINE_WAIT && tries < TRIES {
+                    // The budget already holds the bucket (or everything, if global)
+                    // for `wait`; sleeping too covers a 429 without bucket headers.
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                return Err(DiscordError::RateLimited { retry_after: wait });
+            }
+            if status >= 500 && call.idempotent && tries < TRIES {
+                tokio::time::sleep(backoff(tries)).await;
+                continue;
+            }
+            return Ok(Answer {
+                status,
+                code: body.code,
+                message: body.message.or(body.error).unwrap_or_default(),
+                bytes,
+            });
+        }
+    }
+
+    fn count(&self, route: &'static str, status: &str) {
+        self.metrics
+            .discord_requests
+            .get_or_create(&vec![
+                ("route", route.to_string()),
+                ("status", status.to_string()),
+            ])
+            .inc();
+    }
+
+    fn bot_call(verb: Verb, path: String, route: String, label: &'static str) -> Call<'static> {
+        Call {
+            verb,
+            path,
+            route,
+            label,
+            auth: Auth::Bot,
+            body: Body::Empty,
+            idempotent: true,
+        }
+    }
+
+    /// `GET /guilds/{g}` (includes the roles).
+    pub async fn guild(&self, g: Snowflake) -> Result<Guild, DiscordError> {
+        let a = self
+            .send(Self::bot_call(
+                Verb::Get,
+                format!("guilds/{g}"),
+                format!("guilds/{g}"),
+                "GET /guilds/:guild",
+            ))
+            .await?;
+        match a.status {
+            200 => a.json(),
+            _ => Err(a.guild_error(g).unwrap_or_else(|| a.unexpected())),
+        }
+    }
+
+    /// `GET /guilds/{g}/roles`.
+    pub async fn roles(&self, g: Snowflake) -> Result<Vec<Role>, DiscordError> {
+        let a = self
+            .send(Self::bot_call(
+                Verb::Get,
+                format!("guilds/{g}/roles"),
+                format!("guilds/{g}/roles"),
+                "GET /guilds/:guild/roles",
+            ))
+            .await?;
+        match a.status {
+            200 => a.json(),
+            _ => Err(a.guild_error(g).unwrap_or_else(|| a.unexpected())),
+        }
+    }
+
+    /// `GET /guilds/{g}/members/{u}`; `None` if the user is not a member.
+    pub async fn member(&self, g: Snowflake, u: Snowflake) -> Result<Option<Member>, DiscordError> {
+        let a = self
+            .send(Self::bot_call(
+                Verb::Get,
+                format!("guilds/{g}/members/{u}"),
+                format!("guilds/{g}/members/:user"),
+                "GET /guilds/:guild/members/:user",
+            ))
+            .await?;
+        match (a.status, a.code) {
+            (200, _) => a.json().map(Some),
+            (404, Some(10007 | 10013)) => Ok(None),
+            _ => Err(a.guild_error(g).unwrap_or_else(|| a.unexpected())),
+        }
+    }
+
+    /// The bot's own user id (`GET /users/@me` once, then remembered).
+    pub async fn bot_user_id(&self) -> Result<Snowflake, DiscordError> {
+        self.bot_id
+            .get_or_try_init(|| async {
+                let a = self
+                    .send(Self::bot_call(
+                        Verb::Get,
+                        "users/@me".into(),
+                        "users/@me".into(),
+                        "GET /users/@me",
+                    ))
+                    .await?;
+                match a.status {
+                    200 => a.json::<User>().map(|u| u.id),
+                    _ => Err(a.unexpected()),
+                }
+            })
+            .await
+            .copied()
+    }
+
+    /// The bot's member in a guild; `None` if the bot is not in it.
+    pub async fn bot_member(&self, g: Snowflake) -> Result<Option<Member>, DiscordError> {
+        let bot = self.bot_user_id().await?;
+        match self.member(g, bot).await {
+            // Discord answers 50001 to a bot asking about a guild it is not in.
+            Err(DiscordError::NeedsHuman {
+                code: HumanCode::UnknownGuild,
+                message,
+            }) if message.contains("not in") => Ok(None),
+            other => other,
+        }
+    }
+
+    /// `PUT /guilds/{g}/members/{u}` with the user's token and the roles to give.
+    pub async fn add_member(
+        &self,
+        g: Snowflake,
+        u: Snowflake,
+        access_token: &SecretString,
+        roles: &[Snowflake],
+    ) -> Result<AddMember, DiscordError> {
+        let body = serde_json::json!({
+            "access_token": access_token.expose_secret(),
+            "roles": roles.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        });
+        let a = self
+            .send(Call {
+                body: Body::Json(body),
+                ..Self::bot_call(
+                    Verb::Put,
+                    format!("guilds/{g}/members/{u}"),
+                    format!("guilds/{g}/members/:user"),
+                    "PUT /guilds/:guild/members/:user",
+                )
+            })
+            .await?;
+        match (a.status, a.code) {
+            (201, _) | (200, _) => Ok(AddMember::Added),
+            (204, _) => Ok(AddMember::AlreadyMember),
+            (403, Some(50025)) | (404, Some(10013)) => Err(DiscordError::BadUserToken),
+            (403, Some(40007)) => Err(DiscordError::human(
+                HumanCode::UserBanned,
+                format!(
+                    "The customer's Discord account is banned from server {g}. Unban them in Discord, then retry the grant."
+                ),
+            )),
+            (400, Some(30001)) => Err(DiscordError::human(
+                HumanCode::TooManyGuilds,
+                "The customer's Discord account is in the maximum number of servers. They must leave one, then authorize again.",
+            )),
+            _ => Err(a.guild_error(g).unwrap_or_else(|| a.unexpected())),
+        }
+    }
+
+    async fn member_role(
+        &self,
+        verb: Verb,
+        g: Snowflake,
+        u: Snowflake,
+        r: Snowflake,
+    ) -> Result<Answer, DiscordError> {
+        let label = if verb == Verb::Put {
+            "PUT /guilds/:guild/members/:user/roles/:role"
+        } else {
+            "DELETE /guilds/:guild/members/:user/roles/:role"
+        };
+        self.send(Self::bot_call(
+            verb,
+            format!("guilds/{g}/members/{u}/roles/{r}"),
+            format!("guilds/{g}/members/:user/roles/:role"),
+            label,
+        ))
+        .await
+    }
+
+    /// `PUT /guilds/{g}/members/{u}/roles/{r}`.
+    pub async fn add_role(
+        &self,
+        g: Snowflake,
+        u: Snowflake,
+        r: Snowflake,
+    ) -> Result<MemberChange, DiscordError> {
+        let a = self.member_role(Verb::Put, g, u, r).await?;
+        match (a.status, a.code) {
+            (204, _) | (200, _) => Ok(MemberChange::Done),
+            (404, Some(10007)) => Ok(MemberChange::NotMember),
+            _ => Err(a.guild_error(g).unwrap_or_else(|| a.unexpected())),
+        }
+    }
+
+    /// `DELETE /guilds/{g}/members/{u}/roles/{r}`; a member or role already gone is done.
+    pub async fn remove_role(
+        &self,
+        g: Snowflake,
+        u: Snowflake,
+        r: Snowflake,
+    ) -> Result<MemberChange, DiscordError> {
+        let a = self.member_role(Verb::Delete, g, u, r).await?;
+        match (a.status, a.code) {
+            (204, _) | (200, _) | (404, Some(10011)) => Ok(MemberChange::Done),
+            (404, Some(10007)) => Ok(MemberChange::NotMember),
+            _ => Err(a.guild_error(g).unwrap_or_else(|| a.unexpected())),
+        }
+    }
+
+    /// `DELETE /guilds/{g}/members/{u}` (kick); a member already gone is done.
+    pub async fn remove_member(
+        &self,
+        g: Snowflake,
+        u: Snowflake,
+    ) -> Result<MemberChange, DiscordError> {
+        let a = self
+            .send(Self::bot_call(
+                Verb::Delete,
+                format!("guilds/{g}/members/{u}"),
+                format!("guilds/{g}/members/:user"),
+                "DELETE /guilds/:guild/members/:user",
+            ))
+            .await?;
+        match (a.status, a.code) {
+            (204, _) | (200, _) => Ok(MemberChange::Done),
+            (404, Some(10007)) => Ok(MemberChange::NotMember),
+            _ => Err(a.guild_error(g).unwrap_or_else(|| a.unexpected())),
+        }
+    }
+
+    async fn token(&self, form: Vec<(&'static str, String)>) -> Result<TokenSet, DiscordError> {
+        let mut form = form;
+        form.push(("client_id", self.client_id.to_string()));
+        form.push((
+            "client_secret",
+            self.client_secret.expose_secret().to_string(),
+        ));
+        let a = self
+            .send(Call {
+                verb: Verb::Post,
+                path: "oauth2/token".into(),
+                route: "oauth2/token".into(),
+                label: "POST /oauth2/token",
+                auth: Auth::None,
+                body: Body::Form(form),
+                // A code is single-use and a refresh token rotates: never resend.
+                idempotent: false,
+            })
+            .await?;
+        match a.status {
+            200 => {
+                let raw: RawTokens = a.json()?;
+                Ok(TokenSet {
+                    access_token: SecretString::from(raw.access_token),
+                    refresh_token: raw.refresh_token.map(SecretString::from),
+                    expires_in: Duration::from_secs(raw.expires_in),
+                    scope: raw.scope,
+                })
+            }
+            400 | 401 if a.message == "invalid_grant" => Err(DiscordError::BadUserToken),
+            _ => Err(a.unexpected()),
+        }
+    }
+
+    /// Exchanges an authorization code (`POST /oauth2/token`, form-encoded).
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        redirect_uri: &str,
+    ) -> Result<TokenSet, DiscordError> {
+        self.token(vec![
+            ("grant_type", "authorization_code".into()),
+            ("code", code.to_string()),
+            ("redirect_uri", redirect_uri.to_string()),
+        ])
+        .await
+    }
+
+    /// Refreshes a customer's tokens (the refresh token rotates).
+    pub async fn refresh(&self, refresh_token: &SecretString) -> Result<TokenSet, DiscordError> {
+        self.token(vec![
+            ("grant_type", "refresh_token".into()),
+            ("refresh_token", refresh_token.expose_secret().to_string()),
+        ])
+        .await
+    }
+
+    /// `GET /users/@me` with a customer's token.
+    pub async fn user(&self, access_token: &SecretString) -> Result<User, DiscordError> {
+        let a = self
+            .send(Call {
+                auth: Auth::Bearer(access_token),
+                // Customers' calls are limited per customer on Discord; they get their own
+                // queue so they never wait behind the bot's.
+                ..Self::bot_call(
+                    Verb::Get,
+                    "users/@me".into(),
+                    "users/@me/bearer".into(),
+                    "GET /users/@me (customer)",
+                )
+            })
+            .await?;
+        match a.status {
+            200 => a.json(),
+            401 | 403 => Err(DiscordError::BadUserToken),
+            _ => Err(a.unexpected()),
+        }
+    }
+}
+
+fn backoff(tries: u32) -> Duration {
+    Duration::from_millis(100 * 4u64.pow(tries.saturating_sub(1)))
+}
+
+/// A reqwest error without its URL (which carries no secret, but is noise).
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "cannot connect".into()
+    } else {
+        e.to_string()
+    }
+}

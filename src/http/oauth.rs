@@ -1,0 +1,345 @@
+//! The customer's OAuth callback, `GET /oauth/discord/callback`, and the renewal of a
+//! pending grant's expired link.
+//!
+//! The callback verifies the signed `state` (grant id + link nonce, expiring with the
+//! grant's `oauth_expires_at`), exchanges the code, reads the Discord user, stores the
+//! customer's link with tokens encrypted at rest, gives the grant a new link nonce (so
+//! the used link cannot be replayed), queues a sync of every live grant of the customer
+//! (a different account moves their access: each grant records what it applied, and its
+//! sync removes that from the old account) and shows a small self-contained page.
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use sqlx::PgConnection;
+
+use super::AppState;
+use crate::crypto::StateError;
+use crate::discord::{DiscordError, Snowflake};
+use crate::events::apply::queue_sync;
+use crate::grants::link::LinkBuilder;
+use crate::grants::{Grant, GrantStatus};
+use crate::store::{grants as grant_store, setup};
+use crate::sync::store::{self as db, LinkRow};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/oauth/discord/callback", get(callback))
+}
+
+#[derive(Debug, Deserialize)]
+struct CallbackQuery {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+}
+
+/// Every page the callback can show.
+#[derive(Debug, PartialEq)]
+enum Page {
+    Connected {
+        guild_name: String,
+        guild_id: String,
+    },
+    Denied {
+        retry_url: Option<String>,
+    },
+    Expired,
+    Tampered,
+    Used,
+    Revoked,
+    DiscordFailed,
+    Unavailable,
+}
+
+/// The pages' words, in one place.
+mod text {
+    pub const CONNECTED_TITLE: &str = "You're in";
+    pub const CONNECTED: &str =
+        "Your Discord account is connected. You'll get access to <b>{guild}</b> in a moment.";
+    pub const OPEN_SERVER: &str = "Open the server in Discord";
+    pub const DENIED_TITLE: &str = "Authorization cancelled";
+    pub const DENIED: &str = "You cancelled on Discord, so we could not give you access. You can try again whenever you like.";
+    pub const TRY_AGAIN: &str = "Try again";
+    pub const EXPIRED_TITLE: &str = "This link has expired";
+    pub const EXPIRED: &str = "Links to claim access are valid for a limited time. Get a fresh one where you found this one (your purchase page or the seller's customer portal).";
+    pub const TAMPERED_TITLE: &str = "This link is not valid";
+    pub const TAMPERED: &str = "The link is incomplete or was altered. Open it again from your purchase page or the seller's customer portal.";
+    pub const USED_TITLE: &str = "This link was already used";
+    pub const USED: &str = "Each link works once. If you need to connect a different Discord account, use the current link from your purchase page or the seller's customer portal.";
+    pub const REVOKED_TITLE: &str = "This access has ended";
+    pub const REVOKED: &str = "The purchase this link belongs to no longer includes access to the Discord server (for example, the subscription ended or was refunded).";
+    pub const DISCORD_TITLE: &str = "Discord didn't confirm your account";
+    pub const DISCORD: &str = "Discord did not accept the authorization. Please open the link again and authorize once more.";
+    pub const UNAVAILABLE_TITLE: &str = "Something went wrong on our side";
+    pub const UNAVAILABLE: &str =
+        "We could not finish connecting your account. Please try again in a few minutes.";
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+impl Page {
+    fn status(&self) -> StatusCode {
+        match self {
+            Page::Connected { .. } | Page::Denied { .. } => StatusCode::OK,
+            Page::Expired => StatusCode::GONE,
+            Page::Tampered => StatusCode::BAD_REQUEST,
+            Page::Used => StatusCode::CONFLICT,
+            Page::Revoked => StatusCode::GONE,
+            Page::DiscordFailed => StatusCode::BAD_GATEWAY,
+            Page::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn html(&self) -> String {
+        let (title, body) = match self {
+            Page::Connected {
+                guild_name,
+                guild_id,
+            } => (
+                text::CONNECTED_TITLE,
+                format!(
+                    "<p>{}</p><p><a class=\"button\" href=\"https://discord.com/channels/{}\">{}</a></p>",
+                    text::CONNECTED.replace("{guild}", &escape(guild_name)),
+                    escape(guild_id),
+                    text::OPEN_SERVER
+                ),
+            ),
+            Page::Denied { retry_url } => (
+                text::DENIED_TITLE,
+                match retry_url {
+                    Some(u) => format!(
+                        "<p>{}</p><p><a class=\"button\" href=\"{}\">{}</a></p>",
+                        text::DENIED,
+                        escape(u),
+                        text::TRY_AGAIN
+                    ),
+                    None => format!("<p>{}</p>", text::DENIED),
+                },
+            ),
+            Page::Expired => (text::EXPIRED_TITLE, format!("<p>{}</p>", text::EXPIRED)),
+            Page::Tampered => (text::TAMPERED_TITLE, format!("<p>{}</p>", text::TAMPERED)),
+            Page::Used => (text::USED_TITLE, format!("<p>{}</p>", text::USED)),
+            Page::Revoked => (text::REVOKED_TITLE, format!("<p>{}</p>", text::REVOKED)),
+            Page::DiscordFailed => (text::DISCORD_TITLE, format!("<p>{}</p>", text::DISCORD)),
+            Page::Unavailable => (
+                text::UNAVAILABLE_TITLE,
+                format!("<p>{}</p>", text::UNAVAILABLE),
+            ),
+        };
+        format!(
+            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{title}</title>\
+<style>body{{font-family:system-ui,sans-serif;background:#f2f3f5;color:#2e3338;display:flex;justify-content:center;padding:4rem 1rem}}\
+main{{background:#fff;border-radius:8px;padding:2rem;max-width:28rem;box-shadow:0 2px 10px rgba(0,0,0,.1)}}\
+h1{{font-size:1.4rem;margin-top:0}}.button{{display:inline-block;background:#5865f2;color:#fff;padding:.6rem 1.2rem;border-radius:4px;text-decoration:none}}</style>\
+</head><body><main><h1>{title}</h1>{body}</main></body></html>"
+        )
+    }
+}
+
+impl IntoResponse for Page {
+    fn into_response(self) -> Response {
+        let mut r = (self.status(), Html(self.html())).into_response();
+        // The page is about one customer's link: never cache it.
+        r.headers_mut().insert(
+            axum::http::header::CACHE_CONTROL,
+            axum::http::HeaderValue::from_static("no-store"),
+        );
+        r
+    }
+}
+
+async fn callback(State(st): State<AppState>, Query(q): Query<CallbackQuery>) -> Page {
+    match handle(&st, q).await {
+        Ok(p) | Err(p) => p,
+    }
+}
+
+fn db_failed(e: sqlx::Error) -> Page {
+    tracing::error!(error = %e, "OAuth callback: database error");
+    Page::Unavailable
+}
+
+fn discord_failed(e: DiscordError) -> Page {
+    match e {
+        DiscordError::BadUserToken | DiscordError::Unexpected { .. } => {
+            tracing::warn!(error = %e, "OAuth callback: Discord refused");
+            Page::DiscordFailed
+        }
+        other => {
+            tracing::warn!(error = %other, "OAuth callback: Discord unavailable");
+            Page::Unavailable
+        }
+    }
+}
+
+async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
+    let now = Utc::now();
+    let state = q.state.as_deref().ok_or(Page::Tampered)?;
+    let claims = st.links.verify(state, now).map_err(|e| match e {
+        StateError::Tampered => Page::Tampered,
+        StateError::Expired => Page::Expired,
+    })?;
+    let grant = {
+        let mut conn = st.pool.acquire().await.map_err(db_failed)?;
+        grant_store::get(&mut conn, &claims.g)
+            .await
+            .map_err(db_failed)?
+            // A validly signed state for a grant we do not have: another database.
+            .ok_or(Page::Tampered)?
+    };
+    if grant.status() == GrantStatus::Revoked {
+        return Err(Page::Revoked);
+    }
+    if grant.oauth_nonce != claims.n {
+        return Err(Page::Used);
+    }
+    if q.error.is_some() {
+        // The link was not used: offer it again.
+        return Err(Page::Denied {
+            retry_url: Some(
+                st.links
+                    .url(&grant.id, &grant.oauth_nonce, grant.oauth_expires_at),
+            ),
+        });
+    }
+    let code = q
+        .code
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .ok_or(Page::Tampered)?;
+    let tokens = st
+        .discord
+        .exchange_code(code, st.links.redirect_uri())
+        .await
+        .map_err(discord_failed)?;
+    let user = st
+        .discord
+        .user(&tokens.access_token)
+        .await
+        .map_err(discord_failed)?;
+
+    let guild_id = {
+        let mut tx = st.pool.begin().await.map_err(db_failed)?;
+        // Locked, and the nonce checked again: of two callbacks racing with one link,
+        // exactly one wins.
+        let grant = grant_store::get_for_update(&mut tx, &grant.id)
+            .await
+            .map_err(db_failed)?
+            .ok_or(Page::Tampered)?;
+        if grant.status() == GrantStatus::Revoked {
+            return Err(Page::Revoked);
+        }
+        if grant.oauth_nonce != claims.n {
+            return Err(Page::Used);
+        }
+        let row = LinkRow {
+            business_id: grant.business_id.clone(),
+            customer_id: grant.customer_id.clone(),
+            discord_user_id: user.id.to_string(),
+            access_token_enc: st.cipher.encrypt(tokens.access_token.expose_secret()),
+            refresh_token_enc: tokens
+                .refresh_token
+                .as_ref()
+                .map(|r| st.cipher.encrypt(r.expose_secret())),
+            expires_at: now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
+            scopes: tokens.scope.clone(),
+        };
+        db::upsert_link(&mut tx, &row, now)
+            .await
+            .map_err(db_failed)?;
+        db::set_nonce(
+            &mut tx,
+            &grant.id,
+            &LinkBuilder::new_nonce(),
+            now + st.links.ttl,
+            now,
+        )
+        .await
+        .map_err(db_failed)?;
+        // Every live grant of the customer follows the linked account.
+        for id in db::live_grant_ids(&mut tx, &grant.business_id, &grant.customer_id)
+            .await
+            .map_err(db_failed)?
+        {
+            queue_sync(&mut tx, &id).await.map_err(db_failed)?;
+        }
+        let ent = setup::entitlement(&mut tx, &grant.entitlement_id)
+            .await
+            .map_err(db_failed)?;
+        tx.commit().await.map_err(db_failed)?;
+        ent.map(|e| e.guild_id).unwrap_or_default()
+    };
+    tracing::info!(grant_id = %grant.id, discord_user_id = %user.id, "customer linked a Discord account");
+    // The server's name is a courtesy: if Discord does not answer, show the id.
+    let guild_name = match Snowflake::parse(&guild_id) {
+        Some(g) => st
+            .discord
+            .guild(g)
+            .await
+            .map(|g| g.name)
+            .unwrap_or_else(|_| "the server".into()),
+        None => "the server".into(),
+    };
+    Ok(Page::Connected {
+        guild_name,
+        guild_id,
+    })
+}
+
+/// For a `Pending` grant whose link expired: a new nonce and expiry, so its
+/// `oauth_url` works again. Any other grant is returned as it is.
+pub async fn renew_link(
+    conn: &mut PgConnection,
+    links: &LinkBuilder,
+    grant: &Grant,
+    now: DateTime<Utc>,
+) -> Result<Grant, sqlx::Error> {
+    if grant.status() != GrantStatus::Pending || grant.oauth_expires_at > now {
+        return Ok(grant.clone());
+    }
+    match db::renew_nonce_if_expired(
+        conn,
+        &grant.id,
+        &LinkBuilder::new_nonce(),
+        now + links.ttl,
+        now,
+    )
+    .await?
+    {
+        Some(g) => Ok(g),
+        // Renewed by a concurrent reader: use theirs.
+        None => Ok(grant_store::get(conn, &grant.id)
+            .await?
+            .unwrap_or_else(|| grant.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_escape_and_link_the_server() {
+        let p = Page::Connected {
+            guild_name: "<Acme & co>".into(),
+            guild_id: "123".into(),
+        };
+        let h = p.html();
+        assert!(h.contains("&lt;Acme &amp; co&gt;"), "{h}");
+        assert!(h.contains("https://discord.com/channels/123"));
+        assert_eq!(Page::Expired.status(), StatusCode::GONE);
+        assert_eq!(Page::Tampered.status(), StatusCode::BAD_REQUEST);
+    }
+}

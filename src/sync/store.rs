@@ -1,0 +1,224 @@
+//! SQL the Discord side needs: customers' linked accounts (`discord_links`) and the
+//! grant updates the syncer and the OAuth callback make.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use crate::grants::Grant;
+
+/// A customer's linked Discord account, tokens still encrypted.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct LinkRow {
+    pub business_id: String,
+    pub customer_id: String,
+    pub discord_user_id: String,
+    pub access_token_enc: Vec<u8>,
+    pub refresh_token_enc: Option<Vec<u8>>,
+    pub expires_at: DateTime<Utc>,
+    pub scopes: String,
+}
+
+/// A live grant of the customer with its entitlement's guild and role.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Holding {
+    pub id: String,
+    pub applied_user_id: Option<String>,
+    pub applied_guild_id: Option<String>,
+    pub applied_role_id: Option<String>,
+    pub guild_id: String,
+    pub role_id: Option<String>,
+}
+
+/// The linked account of a customer of a business.
+pub async fn link_of(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+) -> Result<Option<LinkRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT business_id, customer_id, discord_user_id, access_token_enc, refresh_token_enc, expires_at, scopes
+         FROM discord_links WHERE business_id = $1 AND customer_id = $2",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Stores (or replaces) a customer's linked account.
+pub async fn upsert_link(
+    conn: &mut PgConnection,
+    l: &LinkRow,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO discord_links (business_id, customer_id, discord_user_id, access_token_enc,
+             refresh_token_enc, expires_at, scopes, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)
+         ON CONFLICT (business_id, customer_id) DO UPDATE SET
+             discord_user_id = EXCLUDED.discord_user_id, access_token_enc = EXCLUDED.access_token_enc,
+             refresh_token_enc = EXCLUDED.refresh_token_enc, expires_at = EXCLUDED.expires_at,
+             scopes = EXCLUDED.scopes, updated_at = EXCLUDED.updated_at",
+    )
+    .bind(&l.business_id)
+    .bind(&l.customer_id)
+    .bind(&l.discord_user_id)
+    .bind(&l.access_token_enc)
+    .bind(&l.refresh_token_enc)
+    .bind(l.expires_at)
+    .bind(&l.scopes)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The customer's other live grants, with their entitlements' guild and role.
+pub async fn other_live_grants(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+    except_grant: &str,
+) -> Result<Vec<Holding>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT g.id, g.applied_user_id, g.applied_guild_id, g.applied_role_id, e.guild_id, e.role_id
+         FROM grants g JOIN entitlements e ON e.id = g.entitlement_id
+         WHERE g.business_id = $1 AND g.customer_id = $2 AND g.id <> $3 AND g.status <> 'Revoked'",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .bind(except_grant)
+    .fetch_all(conn)
+    .await
+}
+
+/// Ids of every live grant of a customer (to sync after they linked an account).
+pub async fn live_grant_ids(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM grants WHERE business_id = $1 AND customer_id = $2 AND status <> 'Revoked' ORDER BY created_at",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Records what a grant applied in Discord (`None`: nothing any more).
+pub async fn set_applied(
+    conn: &mut PgConnection,
+    id: &str,
+    applied: Option<(String, String, Option<String>)>,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let (u, g, r) = match applied {
+        Some((u, g, r)) => (Some(u), Some(g), r),
+        None => (None, None, None),
+    };
+    sqlx::query(
+        "UPDATE grants SET applied_user_id = $2, applied_guild_id = $3, applied_role_id = $4, updated_at = $5
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(u)
+    .bind(g)
+    .bind(r)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// `Pending`/`Failed` → `Delivered`; `None` if the grant was in another status.
+pub async fn mark_delivered(
+    conn: &mut PgConnection,
+    id: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE grants SET status = 'Delivered', delivered_at = $2, error_code = NULL, error_message = NULL, updated_at = $2
+         WHERE id = $1 AND status IN ('Pending', 'Failed')
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(now)
+    .fetch_optional(conn)
+    .await
+}
+
+/// `Pending` → `Failed` with an error (returns the grant), or, for a grant already
+/// `Failed`, refreshes its error (returns `None`: no second `failed` webhook).
+pub async fn mark_failed(
+    conn: &mut PgConnection,
+    id: &str,
+    code: &str,
+    message: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<Grant>, sqlx::Error> {
+    let moved: Option<Grant> = sqlx::query_as(
+        "UPDATE grants SET status = 'Failed', error_code = $2, error_message = $3, updated_at = $4
+         WHERE id = $1 AND status = 'Pending'
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(code)
+    .bind(message)
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if moved.is_none() {
+        sqlx::query(
+            "UPDATE grants SET error_code = $2, error_message = $3, updated_at = $4 WHERE id = $1 AND status = 'Failed'",
+        )
+        .bind(id)
+        .bind(code)
+        .bind(message)
+        .bind(now)
+        .execute(conn)
+        .await?;
+    }
+    Ok(moved)
+}
+
+/// Gives a grant a new link nonce (and expiry): the old `oauth_url` stops working.
+pub async fn set_nonce(
+    conn: &mut PgConnection,
+    id: &str,
+    nonce: &str,
+    expires_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<Grant, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE grants SET oauth_nonce = $2, oauth_expires_at = $3, updated_at = $4 WHERE id = $1 RETURNING *",
+    )
+    .bind(id)
+    .bind(nonce)
+    .bind(expires_at)
+    .bind(now)
+    .fetch_one(conn)
+    .await
+}
+
+/// A new nonce and expiry for a `Pending` grant whose link expired; `None` if it is
+/// not (any more) pending and expired.
+pub async fn renew_nonce_if_expired(
+    conn: &mut PgConnection,
+    id: &str,
+    nonce: &str,
+    expires_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<Option<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE grants SET oauth_nonce = $2, oauth_expires_at = $3, updated_at = $4
+         WHERE id = $1 AND status = 'Pending' AND oauth_expires_at <= $4 RETURNING *",
+    )
+    .bind(id)
+    .bind(nonce)
+    .bind(expires_at)
+    .bind(now)
+    .fetch_optional(conn)
+    .await
+}

@@ -1,0 +1,692 @@
+//! One sync job: read what the grant should be now, make Discord match it, record what
+//! was applied. Level-triggered: a job names a grant, not a command, so duplicate, late
+//! or replayed jobs are harmless. The consume loop below runs jobs concurrently (the
+//! rate limiter orders the calls), but never two of the same customer at once: their
+//! grants share a linked account, whose refresh token rotates, and may share a role.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Consumer};
+use secrecy::SecretString;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::store::{self as db, LinkRow};
+use super::{Outcome, next_retry};
+use crate::amqp::{
+    self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, REASON_CODE_HEADER, REASON_HEADER,
+    header_int, header_str,
+};
+use crate::crypto::TokenCipher;
+use crate::discord::client::{AddMember, MemberChange};
+use crate::discord::plan::{self, Access, Call, MemberState};
+use crate::discord::validate::explain_missing_permissions;
+use crate::discord::{DiscordClient, DiscordError, HumanCode, Snowflake};
+use crate::events::apply::emit;
+use crate::grants::link::LinkBuilder;
+use crate::grants::{Grant, GrantEventType, GrantStatus};
+use crate::metrics::Metrics;
+use crate::store::{self, grants as grant_store, setup};
+
+/// Jobs handled at once (and the channel prefetch). They mostly wait on the rate
+/// limiter; enough of them keep every bucket and the global limit busy.
+pub const CONCURRENCY: u16 = 64;
+
+/// A user token this close to expiry is refreshed before it is used.
+const REFRESH_MARGIN: chrono::Duration = chrono::Duration::minutes(5);
+
+/// The syncer. Cheap to clone.
+#[derive(Clone)]
+pub struct SyncWorker {
+    pub pool: PgPool,
+    pub broker: Broker,
+    /// A client on the syncer's own budget.
+    pub discord: DiscordClient,
+    pub cipher: TokenCipher,
+    pub links: LinkBuilder,
+    pub retry_delays: Vec<Duration>,
+    pub metrics: Arc<Metrics>,
+    locks: KeyedLocks,
+}
+
+/// Everything one job reads before calling Discord.
+struct Job {
+    grant: Grant,
+    guild: Option<Snowflake>,
+    role: Option<Snowflake>,
+    link: Option<LinkRow>,
+    others: Vec<Access>,
+}
+
+/// What a successful sync did.
+struct Synced {
+    plan: plan::Plan,
+}
+
+impl SyncWorker {
+    pub fn new(
+        pool: PgPool,
+        broker: Broker,
+        discord: DiscordClient,
+        cipher: TokenCipher,
+        links: LinkBuilder,
+        retry_delays: Vec<Duration>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            pool,
+            broker,
+            discord,
+            cipher,
+            links,
+            retry_delays,
+            metrics,
+            locks: KeyedLocks::default(),
+        }
+    }
+
+    /// Handles one job: `attempt` is how many retries it had. A database error is
+    /// returned as such; the loop holds the job and tries again.
+    pub async fn handle(&self, grant_id: &str, attempt: u32) -> Result<Outcome, sqlx::Error> {
+        let customer = {
+            let mut conn = self.pool.acquire().await?;
+            match grant_store::get(&mut conn, grant_id).await? {
+                Some(g) => format!("{}/{}", g.business_id, g.customer_id),
+                None => return Ok(Outcome::Ack("unknown_grant")),
+            }
+        };
+        let _turn = self.locks.lock(&customer).await;
+        // Read again under the customer's lock: the job before may have changed it.
+        let Some(job) = self.load(grant_id).await? else {
+            return Ok(Outcome::Ack("unknown_grant"));
+        };
+        let outcome = match self.sync(&job).await {
+            Ok(s) => self.record_success(&job, s).await?,
+            Err(e) => self.record_failure(&job, e, attempt).await?,
+        };
+        let label = match &outcome {
+            Outcome::Ack(l) => *l,
+            Outcome::Retry { .. } => "retry",
+            Outcome::DeadLetter { .. } => "dead_lettered",
+        };
+        self.metrics
+            .syncs
+            .get_or_create(&vec![("outcome", label.to_string())])
+            .inc();
+        Ok(outcome)
+    }
+
+    async fn load(&self, grant_id: &str) -> Result<Option<Job>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let Some(grant) = grant_store::get(&mut conn, grant_id).await? else {
+            return Ok(None);
+        };
+        let ent = setup::entitlement(&mut conn, &grant.entitlement_id).await?;
+        let (guild, role) = match &ent {
+            Some(e) => (
+                Snowflake::parse(&e.guild_id),
+                e.role_id.as_deref().and_then(Snowflake::parse),
+            ),
+            None => (None, None),
+        };
+        let link = db::link_of(&mut conn, &grant.business_id, &grant.customer_id).await?;
+        let link_user = link
+            .as_ref()
+            .and_then(|l| Snowflake::parse(&l.discord_user_id));
+        let mut others = Vec::new();
+        for h in db::other_live_grants(&mut conn, &grant.business_id, &grant.customer_id, &grant.id)
+            .await?
+        {
+            if let Some(a) = access(
+                h.applied_user_id.as_deref(),
+                h.applied_guild_id.as_deref(),
+                h.applied_role_id.as_deref(),
+            ) {
+                others.push(a);
+            }
+            // What it is about to hold counts too: its own sync will deliver it.
+            if let (Some(user), Some(guild)) = (link_user, Snowflake::parse(&h.guild_id)) {
+                others.push(Access {
+                    user,
+                    guild,
+                    role: h.role_id.as_deref().and_then(Snowflake::parse),
+                });
+            }
+        }
+        Ok(Some(Job {
+            grant,
+            guild,
+            role,
+            link,
+            others,
+        }))
+    }
+
+    /// Makes Discord match the grant. Replans when an answer shows the member differs
+    /// from what was assumed; every call is idempotent.
+    async fn sync(&self, job: &Job) -> Result<Synced, DiscordError> {
+        let g = &job.grant;
+        let live = g.status().is_live();
+        let applied = access(
+            g.applied_user_id.as_deref(),
+            g.applied_guild_id.as_deref(),
+            g.applied_role_id.as_deref(),
+        );
+        let Some(guild) = job.guild else {
+            if live {
+                return Err(DiscordError::human(
+                    HumanCode::UnknownGuild,
+                    "The entitlement's Discord server id is not valid. Fix the entitlement's guild_id.",
+                ));
+            }
+            // A revoked grant whose entitlement is broken: undo what it applied, if
+            // anything, using the recorded guild.
+            return self.undo_only(job, applied).await;
+        };
+        let linked_user = job
+            .link
+            .as_ref()
+            .and_then(|l| Snowflake::parse(&l.discord_user_id));
+        let desired = linked_user.map(|user| Access {
+            user,
+            guild,
+            role: job.role,
+        });
+        // A delivered grant is checked against Discord (level-triggered); a first
+        // delivery just tries to add, which also says whether they were in.
+        let mut member = MemberState::Unknown;
+        if live && g.status() == GrantStatus::Delivered && applied == desired {
+            if let Some(d) = desired {
+                member = match self.discord.member(d.guild, d.user).await? {
+                    None => MemberState::Absent,
+                    Some(m) => MemberState::Present { roles: m.roles },
+                };
+            }
+        }
+        let mut token: Option<SecretString> = None;
+        for _ in 0..4 {
+            let p = plan::plan(&plan::Input {
+                live,
+                guild,
+                role: job.role,
+                linked_user,
+                applied,
+                member: member.clone(),
+                others: &job.others,
+            });
+            let mut replan = false;
+            for call in &p.calls {
+                match *call {
+                    Call::AddMember { guild, user, role } => {
+                        if token.is_none() {
+                            token = Some(self.user_token(job).await?);
+                        }
+                        let t = token.as_ref().expect("set above");
+                        let roles: Vec<Snowflake> = role.into_iter().collect();
+                        match self.discord.add_member(guild, user, t, &roles).await {
+                            Ok(AddMember::Added) => {}
+                            Ok(AddMember::AlreadyMember) => {
+                                // 204 changes nothing: the role still has to be added.
+                                member = MemberState::Present { roles: vec![] };
+                                replan = true;
+                                break;
+                            }
+                            Err(e) => return Err(self.explain(e, guild, role).await),
+                        }
+                    }
+                    Call::AddRole { guild, user, role } => {
+                        match self.discord.add_role(guild, user, role).await {
+                            Ok(MemberChange::Done) => {}
+                            Ok(MemberChange::NotMember) => {
+                                member = MemberState::Absent;
+                                replan = true;
+                                break;
+                            }
+                            Err(e) => return Err(self.explain(e, guild, Some(role)).await),
+                        }
+                    }
+                    Call::RemoveRole { guild, user, role } => {
+                        if let Err(e) = self.discord.remove_role(guild, user, role).await {
+                            return Err(self.explain(e, guild, Some(role)).await);
+                        }
+                    }
+                    Call::RemoveMember { guild, user } => {
+                        if let Err(e) = self.discord.remove_member(guild, user).await {
+                            return Err(self.explain(e, guild, None).await);
+                        }
+                    }
+                }
+            }
+            if !replan {
+                return Ok(Synced { plan: p });
+            }
+        }
+        Err(DiscordError::Retriable(
+            "the member changed under every attempt; trying again later".into(),
+        ))
+    }
+
+    async fn undo_only(&self, job: &Job, applied: Option<Access>) -> Result<Synced, DiscordError> {
+        let p = plan::plan(&plan::Input {
+            live: false,
+            guild: applied.map_or(Snowflake::new(0), |a| a.guild),
+            role: None,
+            linked_user: None,
+            applied,
+            member: MemberState::Unknown,
+            others: &job.others,
+        });
+        for call in &p.calls {
+            match *call {
+                Call::RemoveRole { guild, user, role } => {
+                    self.discord.remove_role(guild, user, role).await?;
+                }
+                Call::RemoveMember { guild, user } => {
+                    self.discord.remove_member(guild, user).await?;
+                }
+                _ => {}
+            }
+        }
+        Ok(Synced { plan: p })
+    }
+
+    /// "Missing Permissions" covers both a missing permission and the role hierarchy;
+    /// ask Discord which, so the merchant reads what to fix.
+    async fn explain(
+        &self,
+        e: DiscordError,
+        guild: Snowflake,
+        role: Option<Snowflake>,
+    ) -> DiscordError {
+        match e.human_code() {
+            Some(HumanCode::MissingPermissions) => {
+                explain_missing_permissions(&self.discord, guild, role, e).await
+            }
+            _ => e,
+        }
+    }
+
+    /// The customer's access token, refreshed first if it is about to expire (the new
+    /// tokens are stored at once: the old refresh token no longer works).
+    async fn user_token(&self, job: &Job) -> Result<SecretString, DiscordError> {
+        let Some(link) = &job.link else {
+            return Err(DiscordError::BadUserToken);
+        };
+        if link.expires_at > Utc::now() + REFRESH_MARGIN {
+            return self
+                .cipher
+                .decrypt(&link.access_token_enc)
+                .map_err(|_| DiscordError::BadUserToken);
+        }
+        let refresh = link
+            .refresh_token_enc
+            .as_deref()
+            .and_then(|r| self.cipher.decrypt(r).ok())
+            .ok_or(DiscordError::BadUserToken)?;
+        let tokens = self.discord.refresh(&refresh).await?;
+        let now = Utc::now();
+        let row = LinkRow {
+            access_token_enc: self
+                .cipher
+                .encrypt(secrecy::ExposeSecret::expose_secret(&tokens.access_token)),
+            refresh_token_enc: tokens
+                .refresh_token
+                .as_ref()
+                .map(|r| self.cipher.encrypt(secrecy::ExposeSecret::expose_secret(r))),
+            expires_at: now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
+            scopes: tokens.scope.clone(),
+            ..link.clone()
+        };
+        let stored = async {
+            let mut conn = self.pool.acquire().await?;
+            db::upsert_link(&mut conn, &row, now).await
+        }
+        .await;
+        if let Err(e) = stored {
+            // The refresh token rotated; without storing it the customer must
+            // authorize again. Retry the job: the access token stays valid for now.
+            tracing::error!(error = %e, "cannot store refreshed Discord tokens");
+            return Err(DiscordError::Retriable(
+                "cannot store refreshed tokens".into(),
+            ));
+        }
+        Ok(tokens.access_token)
+    }
+
+    async fn record_success(&self, job: &Job, s: Synced) -> Result<Outcome, sqlx::Error> {
+        let now = Utc::now();
+        let mut tx = self.pool.begin().await?;
+        let Some(grant) = grant_store::get_for_update(&mut tx, &job.grant.id).await? else {
+            return Ok(Outcome::Ack("unknown_grant"));
+        };
+        let applied = s.plan.applied_after.map(|a| {
+            (
+                a.user.to_string(),
+                a.guild.to_string(),
+                a.role.map(|r| r.to_string()),
+            )
+        });
+        db::set_applied(&mut tx, &grant.id, applied, now).await?;
+        let mut label = if s.plan.awaiting_link {
+            "awaiting_link"
+        } else if !job.grant.status().is_live() {
+            "revoked"
+        } else {
+            "in_sync"
+        };
+        // Revoked meanwhile: keep the record of what was applied (the revoke's own job
+        // undoes it), but do not deliver.
+        if s.plan.delivers && grant.status().is_live() {
+            if let Some(delivered) = db::mark_delivered(&mut tx, &grant.id, now).await? {
+                emit(
+                    &mut tx,
+                    &self.links,
+                    &delivered,
+                    GrantEventType::Delivered,
+                    now,
+                )
+                .await?;
+                label = "delivered";
+            }
+        }
+        tx.commit().await?;
+        Ok(Outcome::Ack(label))
+    }
+
+    async fn record_failure(
+        &self,
+        job: &Job,
+        e: DiscordError,
+        attempt: u32,
+    ) -> Result<Outcome, sqlx::Error> {
+        let g = &job.grant;
+        if let Some(code) = e.human_code() {
+            let message = match &e {
+                DiscordError::BadUserToken => "The customer's Discord authorization expired or was revoked. They must open the grant's oauth_url and authorize again.".to_string(),
+                other => other.to_string(),
+            };
+            tracing::warn!(grant_id = %g.id, code = code.as_str(), %message, "grant needs a human");
+            self.fail(g, code.as_str(), &message).await?;
+            return Ok(Outcome::Ack("needs_human"));
+        }
+        let wait = e.retry_after().unwrap_or_default();
+        match next_retry(attempt, wait, &self.retry_delays) {
+            Some((attempt, delay)) => {
+                tracing::info!(grant_id = %g.id, error = %e, attempt, ?delay, "Discord sync will be retried");
+                Ok(Outcome::Retry {
+                    attempt,
+                    delay,
+                    reason: e.to_string(),
+                })
+            }
+            None => {
+                let message = format!(
+                    "Discord kept failing after {} retries: {e}",
+                    self.retry_delays.len()
+                );
+                tracing::error!(grant_id = %g.id, %message, "Discord sync retries exhausted");
+                self.fail(g, "retries_exhausted", &message).await?;
+                Ok(Outcome::DeadLetter {
+                    code: "retries_exhausted",
+                    reason: message,
+                })
+            }
+        }
+    }
+
+    /// A live grant not yet delivered becomes `Failed` (one `failed` webhook per grant).
+    /// A delivered or revoked one keeps its status: a grant only moves forward.
+    async fn fail(&self, g: &Grant, code: &str, message: &str) -> Result<(), sqlx::Error> {
+        if !matches!(g.status(), GrantStatus::Pending | GrantStatus::Failed) {
+            return Ok(());
+        }
+        let now = Utc::now();
+        let mut tx = self.pool.begin().await?;
+        if let Some(failed) = db::mark_failed(&mut tx, &g.id, code, message, now).await? {
+            emit(&mut tx, &self.links, &failed, GrantEventType::Failed, now).await?;
+        }
+        tx.commit().await
+    }
+
+    // -- the consume loop ---------------------------------------------------------
+
+    /// Consumes until `shutdown`: stops taking jobs, finishes the ones in hand, returns.
+    /// When the stream ends or the channel breaks it subscribes again; unacked jobs
+    /// are redelivered by the broker.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let queue = self.broker.names().discord_sync();
+        loop {
+            let (ch, mut consumer, publisher) = match self.subscribe(&queue, &shutdown).await {
+                Ok(x) => x,
+                Err(_) => return,
+            };
+            let mut tasks: JoinSet<()> = JoinSet::new();
+            let ended = loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break None,
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                    next = consumer.next() => match next {
+                        Some(Ok(d)) => {
+                            let w = self.clone();
+                            let p = publisher.clone();
+                            let s = shutdown.clone();
+                            tasks.spawn(async move { w.process(d, &p, &s).await });
+                        }
+                        Some(Err(e)) => break Some(BrokerError::from(e)),
+                        None => break Some(BrokerError::ConsumerEnded),
+                    },
+                }
+            };
+            // Finish what we hold before leaving or resubscribing.
+            while tasks.join_next().await.is_some() {}
+            match ended {
+                None => {
+                    let _ = ch.close(200, "shutdown".into()).await;
+                    let _ = publisher.close(200, "shutdown".into()).await;
+                    return;
+                }
+                Some(e) => {
+                    tracing::warn!(error = %e, "discord-sync consumer interrupted; resubscribing");
+                    let _ = ch.close(200, "resubscribe".into()).await;
+                }
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        queue: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(Channel, Consumer, Channel), BrokerError> {
+        loop {
+            let ch = self.broker.channel(shutdown).await?;
+            let publisher = self.broker.confirm_channel(shutdown).await?;
+            let r = async {
+                ch.basic_qos(CONCURRENCY, BasicQosOptions::default())
+                    .await?;
+                ch.basic_consume(
+                    queue.into(),
+                    "guildgate-syncer".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            }
+            .await;
+            match r {
+                Ok(consumer) => return Ok((ch, consumer, publisher)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to {queue}; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one delivery and settles it: ack only after the grant's changes are
+    /// committed (and a retry or dead-letter copy is confirmed by the broker), so a
+    /// crash in between redelivers instead of losing.
+    async fn process(&self, d: Delivery, publisher: &Channel, shutdown: &CancellationToken) {
+        #[derive(serde::Deserialize)]
+        struct SyncJob {
+            grant_id: String,
+        }
+        let headers = d.properties.headers().clone();
+        let attempt = header_int(headers.as_ref(), ATTEMPT_HEADER)
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(0);
+        let outcome = match serde_json::from_slice::<SyncJob>(&d.data) {
+            Err(e) => Outcome::DeadLetter {
+                code: "invalid_sync_job",
+                reason: format!("not a sync job: {e}"),
+            },
+            Ok(job) => {
+                let mut backoff = amqp::reconnect_backoff();
+                loop {
+                    match self.handle(&job.grant_id, attempt).await {
+                        Ok(o) => break o,
+                        Err(e) => {
+                            // Transient or not, a database failure is never the job's
+                            // fault: hold it (never dead-letter) and try again.
+                            let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                            tracing::warn!(error = %e, transient = store::is_transient(&e), retry_in = ?wait, "database unavailable; holding the sync job");
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return, // unacked: redelivered
+                                _ = tokio::time::sleep(wait) => {}
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if let Err(e) = self.settle(&d, outcome, publisher).await {
+            tracing::warn!(error = %e, "cannot settle a sync job; the broker will redeliver it");
+        }
+    }
+
+    async fn settle(
+        &self,
+        d: &Delivery,
+        outcome: Outcome,
+        publisher: &Channel,
+    ) -> Result<(), BrokerError> {
+        let names: &Names = self.broker.names();
+        let message_id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        match outcome {
+            Outcome::Ack(_) => {}
+            Outcome::Retry {
+                attempt,
+                delay,
+                reason,
+            } => {
+                let queue = names.discord_sync();
+                // A zero delay has no tier queue: straight back to the work queue.
+                let target = if delay.is_zero() {
+                    queue
+                } else {
+                    Names::retry(&queue, delay)
+                };
+                let mut out = Outgoing::to_queue(&target, &message_id, &d.data)
+                    .header(REASON_HEADER, header_str(&reason));
+                out.headers.insert(
+                    ATTEMPT_HEADER.into(),
+                    AMQPValue::LongLongInt(i64::from(attempt)),
+                );
+                amqp::publish_confirmed(publisher, &[out]).await?;
+            }
+            Outcome::DeadLetter { code, reason } => {
+                let dlx = names.dead_letter_exchange();
+                let dead = Names::dead(&names.discord_sync());
+                let mut out = Outgoing {
+                    exchange: &dlx,
+                    routing_key: &dead,
+                    message_id: &message_id,
+                    body: &d.data,
+                    headers: d.properties.headers().clone().unwrap_or_default(),
+                    kind: None,
+                }
+                .header(REASON_HEADER, header_str(&reason))
+                .header(REASON_CODE_HEADER, header_str(code))
+                .header(
+                    "x-guildgate-source-queue",
+                    header_str(&names.discord_sync()),
+                );
+                out.headers.insert(
+                    "x-guildgate-dead-at".into(),
+                    AMQPValue::LongLongInt(Utc::now().timestamp()),
+                );
+                amqp::publish_confirmed(publisher, &[out]).await?;
+            }
+        }
+        d.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+}
+
+fn access(user: Option<&str>, guild: Option<&str>, role: Option<&str>) -> Option<Access> {
+    Some(Access {
+        user: Snowflake::parse(user?)?,
+        guild: Snowflake::parse(guild?)?,
+        role: role.and_then(Snowflake::parse),
+    })
+}
+
+/// One async mutex per key, created on demand and dropped when nobody holds or waits.
+#[derive(Clone, Default)]
+struct KeyedLocks {
+    map: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+struct KeyedGuard {
+    key: String,
+    map: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: &str) -> KeyedGuard {
+        let m = self
+            .map
+            .lock()
+            .expect("keyed locks")
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        KeyedGuard {
+            key: key.to_string(),
+            map: self.map.clone(),
+            guard: Some(m.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for KeyedGuard {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().expect("keyed locks");
+        self.guard.take();
+        // Only the map holds it now: nobody waits, so forget the key.
+        if map
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
+}

@@ -1,0 +1,693 @@
+//! Delivery workers: competing consumers of `<prefix>.webhooks`, each job one message
+//! for one endpoint. Up to `webhooks.workers` jobs run at once per process.
+//!
+//! Per job: read the message and its endpoint, ask [`Isolation`] whether the endpoint
+//! may take another request, POST the exact stored body signed per attempt (redirects
+//! not followed, `webhooks.timeout`), record the attempt and the message's new state in
+//! one statement, and only then settle the job: ack, publish it to the retry tier of the
+//! next delay (confirmed) and ack, or park it in `<prefix>.webhooks.dead` and ack. A
+//! crash before the record leaves the job unacked, so the broker redelivers it and the
+//! same `webhook-id` is sent again: receivers deduplicate on it.
+//!
+//! A database outage holds the job and retries it (possibly sending again once the
+//! database is back): it never fails or dead-letters a message.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Consumer};
+use serde::Deserialize;
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::isolation::{Admission, Isolation, IsolationSettings};
+use super::messages::{self, AttemptRecord, DeliveryTarget, NewStatus, Recorded};
+use super::recorder::{RecordError, Recorder};
+use super::schedule::{self, AttemptResult, GiveUpReason, Next};
+use super::signing::{Secret, signature_header};
+use super::ssrf::{self, GuardedResolver, TargetPolicy};
+use crate::amqp::{
+    self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, REASON_CODE_HEADER, REASON_HEADER,
+    header_int, header_str,
+};
+use crate::config::WebhookSettings;
+use crate::metrics::Metrics;
+
+/// Consecutive failures after which an endpoint is short-circuited.
+pub const BREAKER_THRESHOLD: u32 = 5;
+/// How long a short-circuited endpoint is left alone.
+pub const BREAKER_COOL_DOWN: Duration = Duration::from_secs(30);
+/// An endpoint at its cap with no request finished for this long is taken to hang:
+/// its other jobs wait for the tier that outlasts the requests in flight, instead of
+/// cycling through the shortest tier (each cycle costs the broker two writes).
+pub const STALLED_AFTER: Duration = Duration::from_secs(1);
+/// How much of an answer is kept with its attempt.
+const RESPONSE_BYTES: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliverError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("recording: {0}")]
+    Record(#[from] RecordError),
+    #[error("stopped between sending and recording (fault injection)")]
+    Injected,
+}
+
+/// One delivery job: a message id, its endpoint (so a busy or paused endpoint is
+/// recognised before any database work) and how many attempts this round has made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    pub message_id: String,
+    pub endpoint_id: Option<String>,
+    pub attempt: u32,
+}
+
+impl Job {
+    /// Reads a job from its body (`{"webhook_message_id": …}`), falling back to the AMQP
+    /// `message_id`, and the attempt header (absent: a first attempt).
+    pub fn from_parts(body: &[u8], message_id: Option<&str>, attempt: Option<i64>) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct Raw {
+            webhook_message_id: String,
+            endpoint_id: Option<String>,
+        }
+        let raw = serde_json::from_slice::<Raw>(body).ok();
+        let endpoint_id = raw.as_ref().and_then(|r| r.endpoint_id.clone());
+        let id = raw
+            .map(|r| r.webhook_message_id)
+            .or_else(|| message_id.map(str::to_string))
+            .filter(|id| id.starts_with("msg_") && id.len() <= 64)?;
+        Some(Self {
+            message_id: id,
+            endpoint_id: endpoint_id.filter(|e| e.len() <= 64),
+            attempt: attempt.unwrap_or(0).clamp(0, 1000) as u32,
+        })
+    }
+
+    fn of(d: &Delivery) -> Option<Self> {
+        let mid = d.properties.message_id().as_ref().map(|m| m.to_string());
+        Self::from_parts(
+            &d.data,
+            mid.as_deref(),
+            header_int(d.properties.headers().as_ref(), ATTEMPT_HEADER),
+        )
+    }
+}
+
+/// What to do with a job. Only the loop acks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Done with it; the label is the metrics outcome.
+    Ack(&'static str),
+    /// Publish it again after `delay` (a tier; zero = the work queue) carrying
+    /// `attempt`, then ack.
+    Republish {
+        delay: Duration,
+        attempt: u32,
+        label: &'static str,
+    },
+    /// Park it in the dead queue with a reason, then ack.
+    DeadLetter {
+        code: &'static str,
+        reason: String,
+        attempt: u32,
+    },
+}
+
+/// What came back from one POST.
+#[derive(Clone, Debug, Default)]
+struct Sent {
+    status: Option<u16>,
+    retry_after: Option<Duration>,
+    error: Option<String>,
+    response: Option<String>,
+    latency: Duration,
+}
+
+/// The delivery workers of one process.
+#[derive(Clone)]
+pub struct Deliverer {
+    pub pool: PgPool,
+    pub broker: Broker,
+    pub client: reqwest::Client,
+    pub policy: TargetPolicy,
+    pub retry_delays: Vec<Duration>,
+    pub timeout: Duration,
+    pub workers: usize,
+    pub isolation: Isolation,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Test hook: stop once after sending and before recording, as a crash would.
+    pub crash_after_send: Arc<AtomicBool>,
+}
+
+/// The HTTP client every delivery uses: no redirects, no proxy (it would bypass the
+/// SSRF guard), the guarded resolver, the configured timeout for the whole exchange.
+pub fn http_client(
+    timeout: Duration,
+    policy: TargetPolicy,
+) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(GuardedResolver { policy })
+        .user_agent(concat!("guildgate-webhooks/", env!("CARGO_PKG_VERSION")))
+        .pool_max_idle_per_host(64)
+        .build()
+}
+
+impl Deliverer {
+    pub fn new(
+        pool: PgPool,
+        broker: Broker,
+        settings: &WebhookSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, reqwest::Error> {
+        let policy = TargetPolicy {
+            allow_private: settings.allow_private_targets,
+        };
+        Ok(Self {
+            pool: pool.clone(),
+            broker,
+            client: http_client(settings.timeout, policy)?,
+            policy,
+            retry_delays: settings.retry_delays.clone(),
+            timeout: settings.timeout,
+            workers: settings.workers.max(1),
+            isolation: Isolation::new(IsolationSettings {
+                max_in_flight: settings.max_in_flight_per_endpoint.max(1),
+                threshold: BREAKER_THRESHOLD,
+                cool_down: BREAKER_COOL_DOWN,
+            }),
+            recorder: Recorder::spawn(pool.clone(), 256),
+            metrics,
+            crash_after_send: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Handles one job up to the point of settling it.
+    pub async fn handle(&self, job: &Job) -> Result<Outcome, DeliverError> {
+        // Ask first when the job names its endpoint: deferring a job for a busy
+        // endpoint then costs no database work (a dead endpoint's backlog cycles often).
+        let early = job
+            .endpoint_id
+            .as_deref()
+            .map(|ep| self.isolation.admit(ep, Instant::now()));
+        if let Some(Admission::Busy { stalled_for }) = early {
+            return Ok(self.defer(job, stalled_for));
+        }
+        let mut conn = self.pool.acquire().await?;
+        let Some(target) = messages::target(&mut conn, &job.message_id).await? else {
+            // Its endpoint was deleted, with its messages.
+            return Ok(Outcome::Ack("unknown_message"));
+        };
+        if target.status != "pending" {
+            // A duplicate job of a message already settled.
+            return Ok(Outcome::Ack("not_pending"));
+        }
+        if target.disabled {
+            messages::fail_unattempted(&mut conn, &target.id, "the endpoint is disabled").await?;
+            return Ok(Outcome::Ack("endpoint_disabled"));
+        }
+        // Not holding a connection through the HTTP request keeps the pool for others.
+        drop(conn);
+
+        let attempt = job.attempt + 1;
+        let at = Utc::now();
+        let admission = match early {
+            Some(a) if job.endpoint_id.as_deref() == Some(target.endpoint_id.as_str()) => a,
+            _ => self.isolation.admit(&target.endpoint_id, Instant::now()),
+        };
+        let (result, sent, label) = match admission {
+            Admission::Busy { stalled_for } => return Ok(self.defer(job, stalled_for)),
+            Admission::Open { failures } => {
+                let sent = Sent {
+                    error: Some(format!(
+                        "not sent: the endpoint failed {failures} times in a row and is paused"
+                    )),
+                    ..Sent::default()
+                };
+                (
+                    AttemptResult::Failed { retry_after: None },
+                    sent,
+                    "short_circuited",
+                )
+            }
+            Admission::Go(permit) => {
+                let sent = self.send(&target).await;
+                let result = match sent.status {
+                    Some(code) => schedule::classify(code, sent.retry_after),
+                    None => AttemptResult::Failed { retry_after: None },
+                };
+                permit.finish(result == AttemptResult::Delivered, Instant::now());
+                if sent.status.is_some() {
+                    self.metrics
+                        .webhook_latency
+                        .observe(sent.latency.as_secs_f64());
+                }
+                let label = match (&result, sent.status) {
+                    (AttemptResult::Delivered, _) => "delivered",
+                    (AttemptResult::Gone, _) => "gone",
+                    (_, Some(_)) => "rejected",
+                    (_, None) => "unreachable",
+                };
+                (result, sent, label)
+            }
+        };
+        self.metrics
+            .webhook_attempts
+            .get_or_create(&vec![("outcome", label.to_string())])
+            .inc();
+        if self.crash_after_send.swap(false, Ordering::SeqCst) {
+            return Err(DeliverError::Injected);
+        }
+
+        let next = schedule::next(attempt, &result, &self.retry_delays);
+        let (status, disable) = match &next {
+            Next::Delivered => (NewStatus::Delivered, None),
+            Next::RetryIn(d) => (
+                NewStatus::Pending {
+                    next_attempt_at: at
+                        + chrono::Duration::from_std(*d).unwrap_or(chrono::Duration::zero()),
+                },
+                None,
+            ),
+            Next::GiveUp(GiveUpReason::Gone) => {
+                (NewStatus::Failed, Some("the endpoint answered 410 Gone"))
+            }
+            Next::GiveUp(GiveUpReason::Exhausted) => (NewStatus::Failed, None),
+        };
+        let record = AttemptRecord {
+            at,
+            status_code: sent.status.map(i32::from),
+            latency_ms: sent.latency.as_millis().min(i32::MAX as u128) as i32,
+            error: sent.error.clone(),
+            response: sent.response,
+        };
+        self.recorder
+            .record(Recorded {
+                message_id: target.id.clone(),
+                attempt: record,
+                status,
+                disable: disable.map(str::to_string),
+            })
+            .await?;
+        Ok(match next {
+            Next::Delivered => Outcome::Ack("delivered"),
+            Next::RetryIn(delay) => Outcome::Republish {
+                delay,
+                attempt,
+                label: "retry",
+            },
+            Next::GiveUp(reason) => Outcome::DeadLetter {
+                code: reason.code(),
+                reason: match reason {
+                    GiveUpReason::Gone => "the endpoint answered 410 Gone; it is disabled".into(),
+                    GiveUpReason::Exhausted => format!(
+                        "no success after {attempt} attempts; last: {}",
+                        sent.error
+                            .or(sent.status.map(|s| format!("HTTP {s}")))
+                            .unwrap_or_default()
+                    ),
+                },
+                attempt,
+            },
+        })
+    }
+
+    /// Don't hold a worker waiting for a busy endpoint: come back after the shortest
+    /// tier (or, if the endpoint hangs, the tier that outlasts the requests in flight),
+    /// without counting an attempt.
+    fn defer(&self, job: &Job, stalled_for: Duration) -> Outcome {
+        let shortest = schedule::shortest_wait(&self.retry_delays).unwrap_or_default();
+        let delay = if stalled_for >= STALLED_AFTER {
+            schedule::tier_at_least(self.timeout, &self.retry_delays).max(shortest)
+        } else {
+            shortest
+        };
+        Outcome::Republish {
+            delay,
+            attempt: job.attempt,
+            label: "deferred",
+        }
+    }
+
+    /// One signed POST. Never fails: what went wrong is in `error`.
+    async fn send(&self, t: &DeliveryTarget) -> Sent {
+        let url = match url::Url::parse(&t.url) {
+            Ok(u) => u,
+            Err(_) => return refused("the stored URL does not parse"),
+        };
+        // Names are vetted by the resolver at connect time; literals are vetted here.
+        if let Err(e) = ssrf::check_target(&url, self.policy) {
+            return refused(&format!("refused target: {e}"));
+        }
+        let mut secrets = Vec::with_capacity(2);
+        for s in std::iter::once(&t.secret).chain(t.previous_secret.as_ref()) {
+            match Secret::parse(s) {
+                Ok(s) => secrets.push(s),
+                Err(e) => return refused(&format!("the endpoint's secret is unusable: {e}")),
+            }
+        }
+        // A fresh timestamp per attempt, so receivers can refuse replays of old ones.
+        let ts = Utc::now().timestamp();
+        let signature = signature_header(&secrets, &t.id, ts, t.body.as_bytes());
+        let started = Instant::now();
+        let r = self
+            .client
+            .post(url)
+            .header("webhook-id", &t.id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(t.body.clone())
+            .send()
+            .await;
+        let mut resp = match r {
+            Ok(resp) => resp,
+            Err(e) => {
+                return Sent {
+                    error: Some(describe(e)),
+                    latency: started.elapsed(),
+                    ..Sent::default()
+                };
+            }
+        };
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| schedule::parse_retry_after(v, Utc::now()));
+        // Keep the first bytes of the answer; don't wait for (or store) the rest.
+        let mut head = Vec::new();
+        let mut error = None;
+        while head.len() < RESPONSE_BYTES {
+            match resp.chunk().await {
+                Ok(Some(c)) => head.extend_from_slice(&c),
+                Ok(None) => break,
+                Err(e) => {
+                    error = Some(describe(e));
+                    break;
+                }
+            }
+        }
+        head.truncate(RESPONSE_BYTES);
+        Sent {
+            status: Some(status),
+            retry_after,
+            error: error.filter(|_| !(200..300).contains(&status)),
+            response: Some(String::from_utf8_lossy(&head).into_owned()),
+            latency: started.elapsed(),
+        }
+    }
+
+    /// Consumes until `shutdown`, then lets the jobs in hand finish and settle.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let queue = self.broker.names().webhooks();
+        let prefetch = u16::try_from(self.workers).unwrap_or(u16::MAX);
+        loop {
+            let (ch, consumer, publisher) = match self.subscribe(&queue, prefetch, &shutdown).await
+            {
+                Ok(x) => x,
+                Err(_) => return,
+            };
+            self.consume(consumer, publisher, &shutdown).await;
+            let _ = ch.close(200, "bye".into()).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            tracing::warn!("webhooks consumer interrupted; resubscribing");
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        shutdown: &CancellationToken,
+    ) -> Result<(Channel, Consumer, Channel), BrokerError> {
+        loop {
+            let ch = self.broker.channel(shutdown).await?;
+            let publisher = self.broker.confirm_channel(shutdown).await?;
+            let r = async {
+                ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+                ch.basic_consume(
+                    queue.into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            }
+            .await;
+            match r {
+                Ok(c) => return Ok((ch, c, publisher)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to {queue}; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes jobs while a worker slot is free; returns when shutting down or when the
+    /// channel broke (after the jobs in hand have finished).
+    async fn consume(
+        &self,
+        mut consumer: Consumer,
+        publisher: Channel,
+        shutdown: &CancellationToken,
+    ) {
+        let slots = Arc::new(Semaphore::new(self.workers));
+        // Set by a job that could not settle: the channel is unusable, resubscribe so
+        // the broker redelivers whatever this channel held.
+        let broken = CancellationToken::new();
+        let mut jobs = JoinSet::new();
+        loop {
+            while jobs.try_join_next().is_some() {}
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = broken.cancelled() => break,
+                s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+            };
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = broken.cancelled() => break,
+                n = consumer.next() => n,
+            };
+            let delivery = match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "webhooks consumer failed");
+                    break;
+                }
+                None => break,
+            };
+            let (this, publisher, shutdown, broken) = (
+                self.clone(),
+                publisher.clone(),
+                shutdown.clone(),
+                broken.clone(),
+            );
+            jobs.spawn(async move {
+                if let Err(e) = this.process(delivery, &publisher, &shutdown).await
+                    && !matches!(e, BrokerError::ShuttingDown)
+                {
+                    tracing::warn!(error = %e, "cannot settle a webhook job");
+                    broken.cancel();
+                }
+                drop(slot);
+            });
+        }
+        while jobs.join_next().await.is_some() {}
+    }
+
+    /// Handles one delivery through database outages, then settles it.
+    async fn process(
+        &self,
+        d: Delivery,
+        publisher: &Channel,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BrokerError> {
+        let Some(job) = Job::of(&d) else {
+            let id = d.properties.message_id().as_ref().map(|m| m.to_string());
+            return self
+                .settle(
+                    &d,
+                    id.as_deref().unwrap_or(""),
+                    Outcome::DeadLetter {
+                        code: "bad_job",
+                        reason: "not a webhook job (no webhook_message_id)".into(),
+                        attempt: 0,
+                    },
+                    publisher,
+                )
+                .await;
+        };
+        let mut backoff = amqp::reconnect_backoff();
+        let outcome = loop {
+            match self.handle(&job).await {
+                Ok(o) => break o,
+                Err(DeliverError::Injected) => {
+                    // As if the process died here: the job goes back unacked.
+                    d.nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await?;
+                    return Ok(());
+                }
+                Err(e @ (DeliverError::Db(_) | DeliverError::Record(_))) => {
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; holding the webhook job");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        };
+        self.settle(&d, &job.message_id, outcome, publisher).await
+    }
+
+    async fn settle(
+        &self,
+        d: &Delivery,
+        message_id: &str,
+        outcome: Outcome,
+        publisher: &Channel,
+    ) -> Result<(), BrokerError> {
+        let names: &Names = self.broker.names();
+        let work = names.webhooks();
+        let body = &d.data;
+        match outcome {
+            Outcome::Ack(_) => {}
+            Outcome::Republish {
+                delay,
+                attempt,
+                label,
+            } => {
+                let queue = if delay.is_zero() {
+                    work.clone()
+                } else {
+                    Names::retry(&work, delay)
+                };
+                let out = Outgoing::to_queue(&queue, message_id, body)
+                    .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()));
+                // Confirmed before the ack: a crash in between leaves two jobs (the
+                // second finds the message settled or sends the same id), never none.
+                amqp::publish_confirmed(publisher, &[out]).await?;
+                if label == "deferred" {
+                    self.metrics
+                        .webhook_attempts
+                        .get_or_create(&vec![("outcome", label.to_string())])
+                        .inc();
+                }
+            }
+            Outcome::DeadLetter {
+                code,
+                reason,
+                attempt,
+            } => {
+                let (dlx, dead) = (names.dead_letter_exchange(), Names::dead(&work));
+                tracing::warn!(message_id, code, %reason, "webhook message failed; parking it");
+                let mut out = Outgoing {
+                    exchange: &dlx,
+                    routing_key: &dead,
+                    message_id,
+                    body,
+                    headers: FieldTable::default(),
+                    kind: None,
+                }
+                .header(REASON_HEADER, header_str(&reason))
+                .header(REASON_CODE_HEADER, header_str(code))
+                .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()))
+                .header("x-guildgate-source-queue", header_str(&work));
+                out.headers.insert(
+                    "x-guildgate-dead-at".into(),
+                    AMQPValue::LongLongInt(Utc::now().timestamp()),
+                );
+                amqp::publish_confirmed(publisher, &[out]).await?;
+            }
+        }
+        d.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+}
+
+fn refused(why: &str) -> Sent {
+    Sent {
+        error: Some(why.to_string()),
+        ..Sent::default()
+    }
+}
+
+/// An error with its causes, without the URL (it may carry the merchant's tokens).
+fn describe(e: reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else {
+        "request failed"
+    };
+    let e = e.without_url();
+    let mut out = format!("{kind}: {e}");
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_come_from_the_body_or_the_message_id() {
+        let j = Job::from_parts(
+            br#"{"webhook_message_id":"msg_1","endpoint_id":"ep_1"}"#,
+            None,
+            Some(2),
+        )
+        .unwrap();
+        assert_eq!(
+            j,
+            Job {
+                message_id: "msg_1".into(),
+                endpoint_id: Some("ep_1".into()),
+                attempt: 2
+            }
+        );
+        let j = Job::from_parts(b"", Some("msg_2"), None).unwrap();
+        assert_eq!(j.attempt, 0);
+        assert_eq!(j.message_id, "msg_2");
+        assert_eq!(Job::from_parts(b"{}", None, None), None);
+        assert_eq!(Job::from_parts(b"{}", Some("grant_x:created"), None), None);
+        assert_eq!(
+            Job::from_parts(b"{}", Some("msg_3"), Some(-4))
+                .unwrap()
+                .attempt,
+            0
+        );
+    }
+}

@@ -1,0 +1,331 @@
+//! Consumes `<prefix>.grant-events`: each grant event becomes one message per enabled
+//! endpoint of its business whose filter accepts the event type, each with a delivery
+//! job in the outbox, in one statement ([`messages::fan_out`]). The grant event is acked
+//! only after that commits, so a crash in between redelivers it, and the deterministic
+//! message ids make the redelivery create nothing new. The outbox relay publishes the
+//! jobs to `<prefix>.webhooks` with publisher confirms.
+//!
+//! A database outage holds the message and retries it; a body that can never be fanned
+//! out (not a grant event) is dead-lettered with its reason.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Consumer};
+use serde::Deserialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::messages;
+use crate::amqp::{
+    self, Broker, BrokerError, Names, Outgoing, REASON_CODE_HEADER, REASON_HEADER, header_str,
+};
+use crate::ids::{BusinessId, GrantId};
+use crate::metrics::Metrics;
+use crate::store;
+
+/// Why a grant event cannot be fanned out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FanoutError {
+    #[error("the body is not UTF-8")]
+    NotUtf8,
+    #[error("not a grant event: {0}")]
+    Shape(String),
+    #[error("{0:?} is not an entitlement_grant event type")]
+    EventType(String),
+}
+
+impl FanoutError {
+    fn code(&self) -> &'static str {
+        match self {
+            FanoutError::NotUtf8 => "not_utf8",
+            FanoutError::Shape(_) => "bad_shape",
+            FanoutError::EventType(_) => "bad_event_type",
+        }
+    }
+}
+
+/// What the fan-out reads of a grant event (the webhook body); the rest is sent as is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantEvent {
+    pub business_id: BusinessId,
+    pub grant_id: GrantId,
+    pub event_type: String,
+    /// Exactly the bytes that every endpoint receives.
+    pub body: String,
+}
+
+impl GrantEvent {
+    /// Parses at the edge: bytes to a checked grant event.
+    pub fn decode(bytes: &[u8]) -> Result<Self, FanoutError> {
+        #[derive(Deserialize)]
+        struct Raw {
+            business_id: BusinessId,
+            #[serde(rename = "type")]
+            event_type: String,
+            data: RawData,
+        }
+        #[derive(Deserialize)]
+        struct RawData {
+            id: GrantId,
+        }
+        let body = std::str::from_utf8(bytes).map_err(|_| FanoutError::NotUtf8)?;
+        let raw: Raw = serde_json::from_str(body).map_err(|e| FanoutError::Shape(e.to_string()))?;
+        let ok_type = raw.event_type.len() <= 100
+            && raw
+                .event_type
+                .strip_prefix("entitlement_grant.")
+                .is_some_and(|t| {
+                    !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                });
+        if !ok_type {
+            return Err(FanoutError::EventType(raw.event_type));
+        }
+        Ok(Self {
+            business_id: raw.business_id,
+            grant_id: raw.data.id,
+            event_type: raw.event_type,
+            body: body.to_string(),
+        })
+    }
+}
+
+/// What to do with one grant event. Only the loop acks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Fanned out into this many new messages (0 for a redelivery or no endpoints).
+    Ack(u64),
+    DeadLetter {
+        code: &'static str,
+        reason: String,
+    },
+}
+
+/// The fan-out consumer.
+#[derive(Clone)]
+pub struct Fanout {
+    pub pool: PgPool,
+    pub broker: Broker,
+    pub prefetch: u16,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Fanout {
+    /// Handles one grant event; a database error is returned for the caller to retry.
+    pub async fn handle(&self, body: &[u8]) -> Result<Outcome, sqlx::Error> {
+        let event = match GrantEvent::decode(body) {
+            Ok(e) => e,
+            Err(e) => {
+                return Ok(Outcome::DeadLetter {
+                    code: e.code(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let mut conn = self.pool.acquire().await?;
+        let n = messages::fan_out(
+            &mut conn,
+            event.business_id.as_str(),
+            event.grant_id.as_str(),
+            &event.event_type,
+            &event.body,
+        )
+        .await?;
+        tracing::debug!(grant_id = %event.grant_id, event_type = %event.event_type, messages = n, "fanned out");
+        Ok(Outcome::Ack(n))
+    }
+
+    /// Consumes until `shutdown`, resubscribing when the channel breaks.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let queue = self.broker.names().grant_events();
+        loop {
+            let (ch, consumer, publisher) = match self.subscribe(&queue, &shutdown).await {
+                Ok(x) => x,
+                Err(_) => return,
+            };
+            let r = self.consume(consumer, &publisher, &shutdown).await;
+            let _ = ch.close(200, "bye".into()).await;
+            match r {
+                Ok(()) => return,
+                Err(e) => {
+                    // Unacked grant events are redelivered by the broker.
+                    tracing::warn!(error = %e, "grant-events consumer interrupted; resubscribing");
+                }
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        queue: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(Channel, Consumer, Channel), BrokerError> {
+        loop {
+            let ch = self.broker.channel(shutdown).await?;
+            let publisher = self.broker.confirm_channel(shutdown).await?;
+            let r = async {
+                ch.basic_qos(self.prefetch, BasicQosOptions::default())
+                    .await?;
+                ch.basic_consume(
+                    queue.into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            }
+            .await;
+            match r {
+                Ok(c) => return Ok((ch, c, publisher)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to {queue}; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn consume(
+        &self,
+        mut consumer: Consumer,
+        publisher: &Channel,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BrokerError> {
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                n = consumer.next() => n,
+            };
+            let delivery = match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(BrokerError::ConsumerEnded),
+            };
+            let outcome = self
+                .handle_until_committed(&delivery.data, shutdown)
+                .await?;
+            self.settle(&delivery, outcome, publisher).await?;
+        }
+    }
+
+    /// Retries through database outages (never dead-letters for them); on shutdown gives
+    /// up without acking, and the broker redelivers.
+    async fn handle_until_committed(
+        &self,
+        body: &[u8],
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, BrokerError> {
+        let mut backoff = amqp::reconnect_backoff();
+        loop {
+            match self.handle(body).await {
+                Ok(o) => return Ok(o),
+                // Refused for what it holds (the ids are checked, so this is rare): park
+                // it rather than block the grant events behind it.
+                Err(e) if !store::is_transient(&e) => {
+                    tracing::error!(error = %e, "grant event refused by the database");
+                    return Ok(Outcome::DeadLetter {
+                        code: "database_rejected",
+                        reason: format!("the database refused this grant event: {e}"),
+                    });
+                }
+                Err(e) => {
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; holding the grant event");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn settle(
+        &self,
+        d: &Delivery,
+        outcome: Outcome,
+        publisher: &Channel,
+    ) -> Result<(), BrokerError> {
+        if let Outcome::DeadLetter { code, reason } = outcome {
+            let names: &Names = self.broker.names();
+            let (dlx, dead) = (
+                names.dead_letter_exchange(),
+                Names::dead(&names.grant_events()),
+            );
+            let id = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+                .unwrap_or_default();
+            tracing::warn!(message_id = %id, code, %reason, "dead-lettering grant event");
+            let mut out = Outgoing {
+                exchange: &dlx,
+                routing_key: &dead,
+                message_id: &id,
+                body: &d.data,
+                headers: d.properties.headers().clone().unwrap_or_default(),
+                kind: None,
+            }
+            .header(REASON_HEADER, header_str(&reason))
+            .header(REASON_CODE_HEADER, header_str(code))
+            .header(
+                "x-guildgate-source-queue",
+                header_str(&names.grant_events()),
+            );
+            out.headers.insert(
+                "x-guildgate-dead-at".into(),
+                AMQPValue::LongLongInt(Utc::now().timestamp()),
+            );
+            // Confirmed before the original is acked: never in neither place.
+            amqp::publish_confirmed(publisher, &[out]).await?;
+        }
+        d.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CREATED: &str =
+        include_str!("../../../shared/fixtures/webhooks/entitlement_grant.created.json");
+
+    #[test]
+    fn decodes_the_webhook_fixture_and_keeps_its_bytes() {
+        let e = GrantEvent::decode(CREATED.as_bytes()).unwrap();
+        assert_eq!(e.business_id.as_str(), "bus_H4ekzPSlcg");
+        assert_eq!(e.grant_id.as_str(), "grant_DiscordPending5L");
+        assert_eq!(e.event_type, "entitlement_grant.created");
+        assert_eq!(e.body, CREATED);
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_grant_event() {
+        assert_eq!(GrantEvent::decode(&[0xff]), Err(FanoutError::NotUtf8));
+        assert!(matches!(
+            GrantEvent::decode(b"{}"),
+            Err(FanoutError::Shape(_))
+        ));
+        let other = CREATED.replace("entitlement_grant.created", "payment.succeeded");
+        assert!(matches!(
+            GrantEvent::decode(other.as_bytes()),
+            Err(FanoutError::EventType(_))
+        ));
+        let bad_id = CREATED.replace("grant_DiscordPending5L", "grant <x>");
+        assert!(matches!(
+            GrantEvent::decode(bad_id.as_bytes()),
+            Err(FanoutError::Shape(_))
+        ));
+    }
+}

@@ -1,0 +1,319 @@
+//! SQL of webhook messages and their attempts. A message is one grant event for one
+//! endpoint; its id is the stable `webhook-id`. Delivery jobs are outbox rows of kind
+//! `webhook`, written in the same statement that creates or re-arms a message, so a
+//! message is never pending without a job on its way.
+
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use sqlx::PgConnection;
+
+/// The `webhook-id` of (grant, event type, endpoint): `msg_` + the first 128 bits of
+/// SHA-256 of `grant:type:endpoint`, in hex. The fan-out computes the same in SQL.
+pub fn message_id(grant_id: &str, event_type: &str, endpoint_id: &str) -> String {
+    let digest = Sha256::digest(format!("{grant_id}:{event_type}:{endpoint_id}"));
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("msg_{hex}")
+}
+
+/// A stored message.
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct Message {
+    pub id: String,
+    pub endpoint_id: String,
+    pub business_id: String,
+    pub grant_id: String,
+    pub event_type: String,
+    pub body: String,
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// One recorded attempt.
+#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
+pub struct Attempt {
+    pub id: i64,
+    pub message_id: String,
+    pub attempted_at: DateTime<Utc>,
+    pub status_code: Option<i32>,
+    pub latency_ms: i32,
+    pub error: Option<String>,
+    pub response: Option<String>,
+}
+
+/// What a delivery worker needs, read in one query. `Debug` leaves the secrets out.
+#[derive(Clone, sqlx::FromRow)]
+pub struct DeliveryTarget {
+    pub id: String,
+    pub status: String,
+    pub body: String,
+    pub endpoint_id: String,
+    pub url: String,
+    pub disabled: bool,
+    pub secret: String,
+    /// Only while it still signs (within 24 h of a rotation).
+    pub previous_secret: Option<String>,
+}
+
+impl std::fmt::Debug for DeliveryTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeliveryTarget")
+            .field("id", &self.id)
+            .field("status", &self.status)
+            .field("endpoint_id", &self.endpoint_id)
+            .field("url", &self.url)
+            .field("disabled", &self.disabled)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Creates one message per enabled endpoint of the business whose filter accepts the
+/// type, with a delivery job for each new one, in one statement. Messages that already
+/// exist (a redelivered grant event) are left alone and get no new job. Returns how many
+/// messages were created.
+pub async fn fan_out(
+    conn: &mut PgConnection,
+    business_id: &str,
+    grant_id: &str,
+    event_type: &str,
+    body: &str,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "WITH ins AS (
+            INSERT INTO webhook_messages (id, endpoint_id, business_id, grant_id, event_type, body, next_attempt_at)
+            SELECT 'msg_' || substr(encode(sha256(convert_to($2 || ':' || $3 || ':' || e.id, 'UTF8')), 'hex'), 1, 32),
+                   e.id, $1, $2, $3, $4, now()
+            FROM webhook_endpoints e
+            WHERE e.business_id = $1 AND NOT e.disabled
+              AND (e.filter_types IS NULL OR $3 = ANY (e.filter_types))
+            ON CONFLICT DO NOTHING
+            RETURNING id, endpoint_id
+         )
+         INSERT INTO outbox (kind, message_id, payload)
+         SELECT 'webhook', id, jsonb_build_object('webhook_message_id', id, 'endpoint_id', endpoint_id) FROM ins",
+    )
+    .bind(business_id)
+    .bind(grant_id)
+    .bind(event_type)
+    .bind(body)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// The message and its endpoint, for one delivery attempt.
+pub async fn target(
+    conn: &mut PgConnection,
+    message_id: &str,
+) -> Result<Option<DeliveryTarget>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT m.id, m.status, m.body, e.id AS endpoint_id, e.url, e.disabled, e.secret,
+                CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END AS previous_secret
+         FROM webhook_messages m JOIN webhook_endpoints e ON e.id = m.endpoint_id
+         WHERE m.id = $1",
+    )
+    .bind(message_id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// What an attempt did, to record.
+#[derive(Clone, Debug, Default)]
+pub struct AttemptRecord {
+    pub at: DateTime<Utc>,
+    pub status_code: Option<i32>,
+    pub latency_ms: i32,
+    pub error: Option<String>,
+    pub response: Option<String>,
+}
+
+/// The message's state after an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewStatus {
+    Delivered,
+    Pending { next_attempt_at: DateTime<Utc> },
+    Failed,
+}
+
+/// One attempt to record with [`record_attempts`].
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub message_id: String,
+    pub attempt: AttemptRecord,
+    pub status: NewStatus,
+    pub disable: Option<String>,
+}
+
+/// Records many attempts in one statement (the delivery workers' group commit): one
+/// commit for a batch instead of one per delivery. Each record inserts an attempt and
+/// sets its message's new state; `disable` also disables the endpoint (410 Gone) with
+/// that reason. A failed duplicate attempt never turns a delivered message back.
+pub async fn record_attempts(
+    conn: &mut PgConnection,
+    batch: &[Recorded],
+) -> Result<(), sqlx::Error> {
+    let mut ids = Vec::with_capacity(batch.len());
+    let (mut at, mut code, mut latency, mut error, mut response) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut status, mut next, mut disable) = (Vec::new(), Vec::new(), Vec::new());
+    for r in batch {
+        let (s, n) = match r.status {
+            NewStatus::Delivered => ("delivered", None),
+            NewStatus::Pending { next_attempt_at } => ("pending", Some(next_attempt_at)),
+            NewStatus::Failed => ("failed", None),
+        };
+        ids.push(r.message_id.clone());
+        at.push(r.attempt.at);
+        code.push(r.attempt.status_code);
+        latency.push(r.attempt.latency_ms);
+        error.push(r.attempt.error.clone());
+        response.push(r.attempt.response.clone());
+        status.push(s);
+        next.push(n);
+        disable.push(r.disable.clone());
+    }
+    sqlx::query(
+        "WITH v AS (
+            SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::int[], $4::int[], $5::text[],
+                                 $6::text[], $7::text[], $8::timestamptz[], $9::text[])
+                AS v(message_id, at, status_code, latency_ms, error, response, status, next_at, disable)
+         ), a AS (
+            -- Only for messages that still exist (an endpoint deleted meanwhile takes its
+            -- messages along), so one vanished message cannot fail the batch.
+            INSERT INTO webhook_attempts (message_id, attempted_at, status_code, latency_ms, error, response)
+            SELECT v.message_id, v.at, v.status_code, v.latency_ms, v.error, v.response
+            FROM v JOIN webhook_messages m ON m.id = v.message_id
+         ), d AS (
+            UPDATE webhook_endpoints e SET disabled = true, disabled_reason = v.disable, updated_at = now()
+            FROM v JOIN webhook_messages m ON m.id = v.message_id
+            WHERE v.disable IS NOT NULL AND e.id = m.endpoint_id
+         )
+         UPDATE webhook_messages m SET
+            status = CASE WHEN m.status = 'delivered' AND v.status <> 'delivered' THEN m.status ELSE v.status END,
+            attempts = m.attempts + 1,
+            next_attempt_at = v.next_at,
+            last_error = v.error,
+            delivered_at = CASE WHEN v.status = 'delivered' THEN v.at ELSE m.delivered_at END,
+            updated_at = now()
+         FROM v WHERE m.id = v.message_id",
+    )
+    .bind(&ids)
+    .bind(&at)
+    .bind(&code)
+    .bind(&latency)
+    .bind(&error)
+    .bind(&response)
+    .bind(&status)
+    .bind(&next)
+    .bind(&disable)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Fails a pending message without an attempt (its endpoint is disabled).
+pub async fn fail_unattempted(
+    conn: &mut PgConnection,
+    message_id: &str,
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE webhook_messages SET status = 'failed', last_error = $2, next_attempt_at = NULL, updated_at = now()
+         WHERE id = $1 AND status = 'pending'",
+    )
+    .bind(message_id)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Re-arms messages (pending again, with a new job): one message of a business, or, with
+/// `endpoint_id`, every failed message of that endpoint. Returns the ids re-armed.
+pub async fn rearm(
+    conn: &mut PgConnection,
+    business_id: &str,
+    message_id: Option<&str>,
+    endpoint_id: Option<&str>,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH r AS (
+            UPDATE webhook_messages SET status = 'pending', next_attempt_at = now(), updated_at = now()
+            WHERE business_id = $1
+              AND ($2::text IS NULL OR id = $2)
+              AND ($3::text IS NULL OR (endpoint_id = $3 AND status = 'failed'))
+            RETURNING id, endpoint_id
+         )
+         INSERT INTO outbox (kind, message_id, payload)
+         SELECT 'webhook', id, jsonb_build_object('webhook_message_id', id, 'endpoint_id', endpoint_id) FROM r
+         RETURNING message_id",
+    )
+    .bind(business_id)
+    .bind(message_id)
+    .bind(endpoint_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// One message.
+pub async fn get(conn: &mut PgConnection, id: &str) -> Result<Option<Message>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, endpoint_id, business_id, grant_id, event_type, body, status, attempts,
+                next_attempt_at, last_error, delivered_at
+         FROM webhook_messages WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// The messages of an endpoint, oldest first.
+pub async fn of_endpoint(
+    conn: &mut PgConnection,
+    endpoint_id: &str,
+) -> Result<Vec<Message>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, endpoint_id, business_id, grant_id, event_type, body, status, attempts,
+                next_attempt_at, last_error, delivered_at
+         FROM webhook_messages WHERE endpoint_id = $1 ORDER BY created_at, id",
+    )
+    .bind(endpoint_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// The attempts of a message, in order.
+pub async fn attempts(
+    conn: &mut PgConnection,
+    message_id: &str,
+) -> Result<Vec<Attempt>, sqlx::Error> {
+    sqlx::query_as("SELECT * FROM webhook_attempts WHERE message_id = $1 ORDER BY id")
+        .bind(message_id)
+        .fetch_all(conn)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_are_stable_and_distinct() {
+        let a = message_id("grant_1", "entitlement_grant.created", "ep_1");
+        assert_eq!(
+            a,
+            message_id("grant_1", "entitlement_grant.created", "ep_1")
+        );
+        assert_ne!(
+            a,
+            message_id("grant_1", "entitlement_grant.revoked", "ep_1")
+        );
+        assert_ne!(
+            a,
+            message_id("grant_1", "entitlement_grant.created", "ep_2")
+        );
+        assert!(a.starts_with("msg_") && a.len() == 36);
+    }
+}

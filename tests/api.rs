@@ -1,0 +1,1351 @@
+//! The merchant REST API through real HTTP: a real guildgate on its own database and
+//! queues, the sandbox Discord in-process, requests sent with reqwest.
+
+mod common;
+#[path = "common/discord.rs"]
+mod discord_world;
+
+use std::sync::{Arc, Mutex};
+
+use common::events::*;
+use common::wait_for;
+use discord_world::{BOT_PERMISSIONS, World};
+use guildgate::ids::BusinessId;
+use reqwest::Method;
+use sandbox_discord::{Consent, GuildIds, GuildSpec, RoleSpec, permissions};
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/api");
+const T0: &str = "2026-05-01T10:31:00Z";
+
+fn fixture(name: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/{name}")).unwrap()).unwrap()
+}
+
+/// A merchant's client: base URL and API key.
+#[derive(Clone)]
+struct Client {
+    base: String,
+    key: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.expect("guildgate answers");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, v)
+    }
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(Method::GET, path, None).await
+    }
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(Method::POST, path, Some(body)).await
+    }
+    async fn patch(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(Method::PATCH, path, Some(body)).await
+    }
+    async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(Method::PUT, path, Some(body)).await
+    }
+    async fn delete(&self, path: &str) -> (u16, Value) {
+        self.call(Method::DELETE, path, None).await
+    }
+    /// Raw body with a content type.
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        ctype: Option<&str>,
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .body(body);
+        if let Some(k) = &self.key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(c) = ctype {
+            req = req.header("content-type", c);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// A key for `business` (created if new), straight through the library.
+async fn client(w: &World, business: &str) -> Client {
+    let mut conn = w.app.pool.acquire().await.unwrap();
+    let (_, key) = guildgate::api::auth::create_api_key(
+        &mut conn,
+        &BusinessId::parse(business).unwrap(),
+        Some("test"),
+    )
+    .await
+    .unwrap();
+    Client {
+        base: format!("http://{}", w.app.addr),
+        key: Some(key.expose_secret().to_string()),
+        http: reqwest::Client::new(),
+    }
+}
+
+fn anonymous(w: &World) -> Client {
+    Client {
+        base: format!("http://{}", w.app.addr),
+        key: None,
+        http: reqwest::Client::new(),
+    }
+}
+
+/// Connects a sandbox guild to the client's business through the real install flow:
+/// install URL → sandbox consent as the guild's owner → guildgate's callback.
+async fn connect(w: &World, c: &Client, g: &GuildIds) -> (u16, String) {
+    let (s, v) = c.get("/discord/install-url").await;
+    assert_eq!(s, 200, "{v}");
+    let url = v["url"].as_str().unwrap();
+    let callback = w
+        .sandbox
+        .consent(
+            url,
+            g.owner_id,
+            Consent::InstallBot {
+                guild_id: g.guild_id,
+            },
+        )
+        .await
+        .expect("consent page works");
+    w.get(&callback).await
+}
+
+/// A connected guild with a role "Patrons" below the bot's.
+async fn connected_guild(w: &World, c: &Client, name: &str) -> GuildIds {
+    let g = w.guild(name);
+    let (s, page) = connect(w, c, &g).await;
+    assert_eq!(s, 200, "{page}");
+    g
+}
+
+fn create_body(guild: u64, role: Option<u64>) -> Value {
+    json!({
+        "name": "Patrons Discord Role",
+        "integration_type": "discord",
+        "integration_config": {"guild_id": guild.to_string(), "role_id": role.map(|r| r.to_string())},
+    })
+}
+
+async fn create_entitlement(c: &Client, guild: u64, role: Option<u64>) -> Value {
+    let (s, v) = c.post("/entitlements", create_body(guild, role)).await;
+    assert_eq!(s, 201, "{v}");
+    v
+}
+
+/// A local webhook receiver answering 204 and recording each body.
+#[derive(Clone, Default)]
+struct Receiver {
+    bodies: Arc<Mutex<Vec<Value>>>,
+    url: String,
+}
+
+impl Receiver {
+    async fn start() -> Self {
+        let bodies: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let b = bodies.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let b = b.clone();
+                async move {
+                    b.lock()
+                        .unwrap()
+                        .push(serde_json::from_slice(&body).unwrap());
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        Self { bodies, url }
+    }
+
+    async fn wait_type(&self, grant_id: &str, ty: &str) -> Value {
+        wait_for(&format!("{ty} webhook"), || async {
+            self.bodies
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|b| b["type"] == ty && b["data"]["id"] == grant_id)
+                .cloned()
+        })
+        .await
+    }
+}
+
+fn keys(v: &Value) -> Vec<String> {
+    let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+    k.sort();
+    k
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_wrong_keys_are_401_with_a_json_body() {
+    let w = World::start().await;
+    let good = client(&w, "bus_A").await;
+    let anon = anonymous(&w);
+    let (s, v) = anon.get("/entitlements").await;
+    assert_eq!((s, v["code"].as_str()), (401, Some("unauthorized")), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("Bearer"));
+    for bad in [
+        "nonsense".to_string(),
+        "gg_aaaaaaaaaaaaaaaaaaaa_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb".to_string(),
+        // The right id with another secret.
+        format!(
+            "{}x",
+            &good.key.as_ref().unwrap()[..good.key.as_ref().unwrap().len() - 1]
+        ),
+    ] {
+        let c = Client {
+            key: Some(bad.clone()),
+            ..good.clone()
+        };
+        let (s, v) = c.get("/entitlements").await;
+        assert_eq!(s, 401, "{bad}: {v}");
+        assert_eq!(v["code"], "unauthorized");
+    }
+    // Another scheme.
+    let r = reqwest::Client::new()
+        .get(format!("{}/entitlements", good.base))
+        .header(
+            "authorization",
+            format!("Basic {}", good.key.as_ref().unwrap()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(good.get("/entitlements").await.0, 200);
+    // A revoked key stops working at once.
+    let key_id: String = sqlx::query_scalar("SELECT id FROM api_keys WHERE business_id = 'bus_A'")
+        .fetch_one(&w.app.pool)
+        .await
+        .unwrap();
+    {
+        let mut conn = w.app.pool.acquire().await.unwrap();
+        assert!(
+            guildgate::api::auth::revoke_api_key(&mut conn, &key_id)
+                .await
+                .unwrap()
+        );
+    }
+    assert_eq!(good.get("/entitlements").await.0, 401);
+    // Nothing stored reveals the key.
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT key_hash FROM api_keys")
+        .fetch_one(&w.app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 32);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_platforms_create_request_works_as_is_and_entitlements_have_its_shape() {
+    let w = World::start().await;
+    let c = client(&w, "bus_H4ekzPSlcg").await;
+    let g = w.sandbox.add_guild(
+        GuildSpec::new("Acme Community")
+            .with_id(123456789012345678)
+            .with_bot_permissions(BOT_PERMISSIONS)
+            .with_role_spec(RoleSpec::new("Patrons", 1).with_id(987654321098765432)),
+    );
+    assert_eq!(connect(&w, &c, &g).await.0, 200);
+
+    let (s, e) = c
+        .post("/entitlements", fixture("entitlement-create-request.json"))
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let want = fixture("entitlement.json");
+    assert_eq!(keys(&e), keys(&want));
+    for k in [
+        "business_id",
+        "name",
+        "description",
+        "integration_type",
+        "integration_config",
+        "is_active",
+        "metadata",
+    ] {
+        assert_eq!(e[k], want[k], "{k}");
+    }
+    assert!(e["id"].as_str().unwrap().starts_with("ent_"));
+    assert!(e["created_at"].as_str().unwrap().ends_with('Z'));
+    let id = e["id"].as_str().unwrap();
+
+    let (s, one) = c.get(&format!("/entitlements/{id}")).await;
+    assert_eq!((s, &one), (200, &e));
+    let (s, list) = c.get("/entitlements").await;
+    assert_eq!(s, 200);
+    assert_eq!(list["items"], json!([e]));
+
+    // Unknown fields are ignored; only what is sent changes.
+    let (s, p) = c
+        .patch(
+            &format!("/entitlements/{id}"),
+            json!({"name": "Gold", "description": "VIP", "brand_id": "brd_x", "metadata": {"tier": "gold"}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(p["name"], "Gold");
+    assert_eq!(p["description"], "VIP");
+    assert_eq!(p["metadata"], json!({"tier": "gold"}));
+    assert_eq!(p["integration_config"], want["integration_config"]);
+    let (_, p) = c
+        .patch(&format!("/entitlements/{id}"), json!({"description": null}))
+        .await;
+    assert_eq!(p["description"], Value::Null);
+    assert_eq!(p["name"], "Gold");
+
+    // Membership only: role_id may be left out.
+    let (s, m) = c
+        .post(
+            "/entitlements",
+            json!({"name": "Members", "integration_type": "discord", "integration_config": {"guild_id": "123456789012345678"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{m}");
+    assert_eq!(m["integration_config"]["role_id"], Value::Null);
+
+    // Soft delete: gone from the API and its products, grants kept and not revoked.
+    c.put(
+        "/products/pdt_1/entitlements",
+        json!({"entitlements": [{"entitlement_id": id}]}),
+    )
+    .await;
+    w.app
+        .publish(
+            &payment("bus_H4ekzPSlcg", "pay_1", "cus_1", &["pdt_1"], T0),
+            "evt_1",
+        )
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    assert_eq!(c.delete(&format!("/entitlements/{id}")).await.0, 204);
+    assert_eq!(c.get(&format!("/entitlements/{id}")).await.0, 404);
+    assert_eq!(c.delete(&format!("/entitlements/{id}")).await.0, 404);
+    assert_eq!(
+        c.patch(&format!("/entitlements/{id}"), json!({"name": "x"}))
+            .await
+            .0,
+        404
+    );
+    let (_, list) = c.get("/entitlements").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    let (_, attached) = c.get("/products/pdt_1/entitlements").await;
+    assert_eq!(attached["items"], json!([]));
+    let (s, grants) = c.get(&format!("/entitlements/{id}/grants")).await;
+    assert_eq!(s, 200);
+    assert_eq!(grants["items"][0]["id"], grant.id.as_str());
+    assert_eq!(grants["items"][0]["status"], "Pending");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_invalid_and_oversized_bodies_get_clear_errors() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let (s, v) = c
+        .raw(
+            Method::POST,
+            "/entitlements",
+            Some("application/json"),
+            b"{\"name\": ".to_vec(),
+        )
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (400, Some("malformed_request")),
+        "{v}"
+    );
+    let (s, v) = c
+        .raw(
+            Method::POST,
+            "/entitlements",
+            Some("text/plain"),
+            b"{}".to_vec(),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("Content-Type"),
+        "{v}"
+    );
+
+    let (s, v) = c
+        .post(
+            "/entitlements",
+            json!({"integration_type": "discord", "integration_config": {"guild_id": "1"}}),
+        )
+        .await;
+    assert_eq!(s, 422);
+    assert!(v["message"].as_str().unwrap().contains("name"), "{v}");
+    let (s, v) = c
+        .post("/entitlements", json!({"name": "x", "integration_type": "discord", "integration_config": {"guild_id": 5}}))
+        .await;
+    assert_eq!(s, 422);
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("integration_config.guild_id"),
+        "{v}"
+    );
+    let (s, v) = c
+        .post("/entitlements", json!({"name": " ", "integration_type": "license_key", "integration_config": {"guild_id": "abc", "role_id": "x"}}))
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["code"], "unsupported_integration_type");
+    let msgs: Vec<&str> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(msgs.len(), 4, "{v}");
+    assert!(msgs[1].starts_with("name:"));
+    assert!(msgs[2].starts_with("integration_config.guild_id:"));
+    assert!(msgs[3].starts_with("integration_config.role_id:"));
+
+    let big = vec![b' '; w.app.settings.http.max_body_bytes + 10];
+    let (s, v) = c
+        .raw(Method::POST, "/entitlements", Some("application/json"), big)
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (413, Some("payload_too_large")),
+        "{v}"
+    );
+
+    let (s, v) = c.get("/entitlements?page_size=abc").await;
+    assert_eq!(s, 422);
+    assert!(v["message"].as_str().unwrap().contains("page_size"), "{v}");
+    let (s, v) = c.get("/entitlements/ent_nope").await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")));
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saving_explains_each_discord_misconfiguration() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let problem = |v: &Value| {
+        (
+            v["code"].as_str().unwrap().to_string(),
+            v["message"].as_str().unwrap().to_string(),
+        )
+    };
+
+    // A server the business never connected, even though the bot is in it.
+    let other = w.guild("Someone Else's");
+    let (s, v) = c
+        .post("/entitlements", create_body(other.guild_id, None))
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(problem(&v).0, "discord_guild_not_connected");
+
+    let g = connected_guild(&w, &c, "Acme Community").await;
+    let patrons = g.role("Patrons");
+    let above = w
+        .sandbox
+        .add_role(g.guild_id, RoleSpec::new("Moderators", 50));
+    let managed = w
+        .sandbox
+        .add_role(g.guild_id, RoleSpec::new("Booster", 1).managed());
+    let cases = [
+        (Some(424242), "discord_unknown_role", "does not exist"),
+        (
+            Some(g.everyone_role_id),
+            "discord_role_is_everyone",
+            "@everyone",
+        ),
+        (Some(managed), "discord_role_managed", "Booster"),
+        (Some(above), "discord_role_hierarchy", "Moderators"),
+    ];
+    for (role, code, words) in cases {
+        let (s, v) = c.post("/entitlements", create_body(g.guild_id, role)).await;
+        assert_eq!(s, 422, "{code}: {v}");
+        let (got, msg) = problem(&v);
+        assert_eq!(got, code, "{v}");
+        assert!(msg.contains(words), "{msg}");
+    }
+
+    // Missing permissions: one problem each.
+    let bot_role = g.bot_role_id.unwrap();
+    w.sandbox
+        .set_role_permissions(g.guild_id, bot_role, permissions::MANAGE_ROLES);
+    let (s, v) = c
+        .post("/entitlements", create_body(g.guild_id, Some(patrons)))
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["code"], "discord_missing_permissions");
+    let msgs: Vec<String> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["message"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(msgs.len(), 2, "{v}");
+    assert!(
+        msgs[0].contains("Kick Members") && msgs[1].contains("Create Instant Invite"),
+        "{msgs:?}"
+    );
+    w.sandbox
+        .set_role_permissions(g.guild_id, bot_role, BOT_PERMISSIONS);
+    let e = create_entitlement(&c, g.guild_id, Some(patrons)).await;
+
+    // The bot removed: saving again says so.
+    w.sandbox.remove_bot(g.guild_id);
+    let (s, v) = c
+        .patch(
+            &format!("/entitlements/{}", e["id"].as_str().unwrap()),
+            json!({"name": "again"}),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(problem(&v).0, "discord_bot_not_in_guild");
+    let (_, still) = c
+        .get(&format!("/entitlements/{}", e["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(
+        still["name"], "Patrons Discord Role",
+        "a refused save changes nothing"
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_business_never_sees_or_changes_anothers_objects() {
+    let w = World::start().await;
+    let a = client(&w, "bus_A").await;
+    let b = client(&w, "bus_B").await;
+    let g = connected_guild(&w, &b, "B's server").await;
+    let e = create_entitlement(&b, g.guild_id, Some(g.role("Patrons"))).await;
+    let id = e["id"].as_str().unwrap();
+    b.put(
+        "/products/pdt_b/entitlements",
+        json!({"entitlements": [{"entitlement_id": id}]}),
+    )
+    .await;
+    w.app
+        .publish(&payment("bus_B", "pay_b", "cus_b", &["pdt_b"], T0), "evt_b")
+        .await;
+    let grant = wait_for("B's grant", || async {
+        let (_, v) = b.get(&format!("/entitlements/{id}/grants")).await;
+        v["items"].as_array().and_then(|i| i.first().cloned())
+    })
+    .await;
+    let gid = grant["id"].as_str().unwrap();
+    let (_, ep) = b
+        .post("/webhooks", json!({"url": "http://127.0.0.1:9/hook"}))
+        .await;
+    let ep = ep["id"].as_str().unwrap();
+
+    assert_eq!(a.get("/entitlements").await.1["items"], json!([]));
+    for (m, path) in [
+        (Method::GET, format!("/entitlements/{id}")),
+        (Method::PATCH, format!("/entitlements/{id}")),
+        (Method::DELETE, format!("/entitlements/{id}")),
+        (Method::GET, format!("/entitlements/{id}/grants")),
+        (Method::GET, format!("/entitlements/{id}/grants/{gid}")),
+        (Method::DELETE, format!("/entitlements/{id}/grants/{gid}")),
+        (Method::GET, format!("/discord/guilds/{}/roles", g.guild_id)),
+        (Method::GET, format!("/webhooks/{ep}")),
+        (Method::PATCH, format!("/webhooks/{ep}")),
+        (Method::GET, format!("/webhooks/{ep}/secret")),
+        (Method::POST, format!("/webhooks/{ep}/secret/rotate")),
+        (Method::GET, format!("/webhooks/{ep}/messages")),
+        (
+            Method::POST,
+            format!("/webhooks/{ep}/messages/retry-failed"),
+        ),
+        (Method::DELETE, format!("/webhooks/{ep}")),
+    ] {
+        let body = matches!(m, Method::PATCH).then(|| json!({"name": "stolen"}));
+        let (s, v) = a.call(m.clone(), &path, body).await;
+        assert_eq!(s, 404, "{m} {path}: {v}");
+        assert_eq!(v["code"], "not_found");
+    }
+    let (s, v) = a
+        .put(
+            "/products/pdt_a/entitlements",
+            json!({"entitlements": [{"entitlement_id": id}]}),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(
+        a.get("/customers/cus_b/entitlement-grants").await.1["items"],
+        json!([])
+    );
+    assert_eq!(a.get("/discord/guilds").await.1["items"], json!([]));
+    assert_eq!(a.get("/webhooks").await.1["items"], json!([]));
+    // A cannot build on B's server either.
+    let (s, v) = a.post("/entitlements", create_body(g.guild_id, None)).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (422, Some("discord_guild_not_connected"))
+    );
+
+    // B's objects are untouched.
+    let (_, still) = b.get(&format!("/entitlements/{id}/grants/{gid}")).await;
+    assert_eq!(still["status"], "Pending");
+    assert_eq!(
+        b.get(&format!("/entitlements/{id}")).await.1["name"],
+        "Patrons Discord Role"
+    );
+    assert_eq!(b.get(&format!("/webhooks/{ep}")).await.0, 200);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_paginate_and_filter() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let mut made = Vec::new();
+    for _ in 0..5 {
+        made.push(
+            create_entitlement(&c, g.guild_id, None).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let mut seen = Vec::new();
+    for (n, want) in [(0, 2), (1, 2), (2, 1), (3, 0)] {
+        let (s, v) = c
+            .get(&format!("/entitlements?page_size=2&page_number={n}"))
+            .await;
+        assert_eq!(s, 200);
+        let items = v["items"].as_array().unwrap();
+        assert_eq!(items.len(), want, "page {n}");
+        seen.extend(items.iter().map(|e| e["id"].as_str().unwrap().to_string()));
+    }
+    made.reverse();
+    assert_eq!(seen, made, "newest first, each once");
+    assert_eq!(
+        c.get("/entitlements").await.1["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    assert_eq!(
+        c.get("/entitlements?integration_type=discord").await.1["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    assert_eq!(
+        c.get("/entitlements?integration_type=license_key").await.1["items"],
+        json!([])
+    );
+    for bad in ["page_size=0", "page_size=101", "page_number=-1"] {
+        let (s, v) = c.get(&format!("/entitlements?{bad}")).await;
+        assert_eq!(s, 422, "{bad}: {v}");
+    }
+
+    // Grants: by status, by customer, paginated.
+    c.put(
+        "/products/pdt_1/entitlements",
+        json!({"entitlements": [{"entitlement_id": made[0]}]}),
+    )
+    .await;
+    for i in 0..3 {
+        w.app
+            .publish(
+                &payment(
+                    "bus_A",
+                    &format!("pay_{i}"),
+                    &format!("cus_{i}"),
+                    &["pdt_1"],
+                    T0,
+                ),
+                &format!("evt_{i}"),
+            )
+            .await;
+    }
+    w.app.wait_processed(3).await;
+    let e = &made[0];
+    let (_, v) = c
+        .get(&format!("/entitlements/{e}/grants?page_size=2"))
+        .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 2);
+    let (_, v) = c
+        .get(&format!("/entitlements/{e}/grants?customer_id=cus_1"))
+        .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 1);
+    assert_eq!(v["items"][0]["customer_id"], "cus_1");
+    assert_eq!(
+        c.get(&format!("/entitlements/{e}/grants?status=Pending"))
+            .await
+            .1["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        c.get(&format!("/entitlements/{e}/grants?status=Revoked"))
+            .await
+            .1["items"],
+        json!([])
+    );
+    let (s, v) = c
+        .get(&format!("/entitlements/{e}/grants?status=pending"))
+        .await;
+    assert_eq!(s, 422);
+    assert!(v["message"].as_str().unwrap().starts_with("status:"), "{v}");
+    let (_, v) = c
+        .get("/customers/cus_2/entitlement-grants?status=Pending")
+        .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 1);
+    let want = fixture("grant.json");
+    assert_eq!(keys(&v["items"][0]), keys(&want));
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn products_take_up_to_fifty_of_the_businesss_own_entitlements() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let e1 = create_entitlement(&c, g.guild_id, None).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let e2 = create_entitlement(&c, g.guild_id, Some(g.role("Patrons"))).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let body = |ids: &[&str]| json!({"entitlements": ids.iter().map(|i| json!({"entitlement_id": i})).collect::<Vec<_>>()});
+
+    let (s, v) = c
+        .put("/products/pdt_1/entitlements", body(&[&e2, &e1]))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let ids = |v: &Value| {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&v), vec![e2.clone(), e1.clone()]);
+    assert_eq!(
+        ids(&c.get("/products/pdt_1/entitlements").await.1),
+        vec![e2.clone(), e1.clone()]
+    );
+    // Replaces.
+    c.put("/products/pdt_1/entitlements", body(&[&e1])).await;
+    assert_eq!(
+        ids(&c.get("/products/pdt_1/entitlements").await.1),
+        vec![e1.clone()]
+    );
+
+    let many: Vec<String> = (0..51).map(|_| e1.clone()).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let (s, v) = c.put("/products/pdt_1/entitlements", body(&many)).await;
+    assert_eq!(s, 422);
+    assert!(v["message"].as_str().unwrap().contains("at most 50"), "{v}");
+    let (s, v) = c
+        .put("/products/pdt_1/entitlements", body(&[&e1, &e1]))
+        .await;
+    assert_eq!(s, 422);
+    assert!(v["message"].as_str().unwrap().contains("twice"), "{v}");
+    let (s, v) = c
+        .put("/products/pdt_1/entitlements", body(&[&e1, "ent_missing"]))
+        .await;
+    assert_eq!(s, 422);
+    assert!(
+        v["message"].as_str().unwrap().contains("entitlements[1]"),
+        "{v}"
+    );
+    assert_eq!(
+        ids(&c.get("/products/pdt_1/entitlements").await.1),
+        vec![e1.clone()],
+        "refused PUTs change nothing"
+    );
+    let (s, v) = c
+        .put("/products/pdt_1/entitlements", json!({"entitlements": "x"}))
+        .await;
+    assert_eq!(s, 422, "{v}");
+    // [] clears.
+    let (s, v) = c.put("/products/pdt_1/entitlements", body(&[])).await;
+    assert_eq!((s, &v["items"]), (200, &json!([])));
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_url_callback_guilds_and_roles() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let (s, v) = c.get("/discord/install-url").await;
+    assert_eq!(s, 200);
+    let url = url::Url::parse(v["url"].as_str().unwrap()).unwrap();
+    let q: std::collections::HashMap<String, String> = url.query_pairs().into_owned().collect();
+    assert_eq!(q["scope"], "bot");
+    assert_eq!(q["permissions"], "268435459");
+    assert_eq!(q["client_id"], w.sandbox.client_id().to_string());
+    assert_eq!(
+        q["redirect_uri"],
+        format!("http://{}/discord/bot/callback", w.app.addr)
+    );
+    assert!(q.contains_key("state"));
+
+    // A server without the bot yet, with roles of every kind.
+    let g = w.sandbox.add_guild(
+        GuildSpec::new("Acme <Community>")
+            .without_bot()
+            .with_role("Patrons", 1)
+            .with_role_spec(RoleSpec::new("Booster", 2).managed()),
+    );
+    let callback = w
+        .sandbox
+        .consent(
+            url.as_str(),
+            g.owner_id,
+            Consent::InstallBot {
+                guild_id: g.guild_id,
+            },
+        )
+        .await
+        .unwrap();
+    let (s, page) = w.get(&callback).await;
+    assert_eq!(s, 200, "{page}");
+    assert!(page.contains("Acme &lt;Community&gt;"), "{page}");
+    assert_eq!(w.sandbox.bot_permissions(g.guild_id), Some(BOT_PERMISSIONS));
+    let (_, guilds) = c.get("/discord/guilds").await;
+    assert_eq!(guilds["items"][0]["guild_id"], g.guild_id.to_string());
+    assert_eq!(guilds["items"][0]["name"], "Acme <Community>");
+
+    // The bot's role was placed on top; one above it now.
+    let top = w
+        .sandbox
+        .add_role(g.guild_id, RoleSpec::new("Admins", 1000));
+    let (s, roles) = c
+        .get(&format!("/discord/guilds/{}/roles", g.guild_id))
+        .await;
+    assert_eq!(s, 200, "{roles}");
+    let by_name = |n: &str| {
+        roles["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(by_name("Patrons")["assignable"], true);
+    assert_eq!(by_name("Patrons")["problem"], Value::Null);
+    assert_eq!(
+        by_name("Booster")["problem"]["code"],
+        "discord_role_managed"
+    );
+    assert_eq!(
+        by_name("@everyone")["problem"]["code"],
+        "discord_role_is_everyone"
+    );
+    assert_eq!(
+        by_name("Admins")["problem"]["code"],
+        "discord_role_hierarchy"
+    );
+    assert_eq!(roles["items"][0]["id"], top.to_string(), "highest first");
+    assert_eq!(c.get("/discord/guilds/999/roles").await.0, 404);
+
+    // Altered, cancelled and wrong-purpose states change nothing.
+    let tampered = callback.replace("state=", "state=x");
+    assert_eq!(w.get(&tampered).await.0, 400);
+    let cancelled = w
+        .sandbox
+        .consent(url.as_str(), g.owner_id, Consent::Cancel)
+        .await
+        .unwrap();
+    assert_eq!(w.get(&cancelled).await.0, 400);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_endpoints_through_the_api() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let (s, ep) = c
+        .post("/webhooks", json!({"url": "http://127.0.0.1:9/hook", "description": "main", "filter_types": ["entitlement_grant.revoked"], "unknown": 1}))
+        .await;
+    assert_eq!(s, 201, "{ep}");
+    assert!(ep.get("secret").is_none(), "the secret is read separately");
+    assert_eq!(ep["filter_types"], json!(["entitlement_grant.revoked"]));
+    let id = ep["id"].as_str().unwrap();
+    assert_eq!(
+        c.get("/webhooks").await.1["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(c.get(&format!("/webhooks/{id}")).await.1, ep);
+
+    let (s, p) = c
+        .patch(
+            &format!("/webhooks/{id}"),
+            json!({"disabled": true, "filter_types": null}),
+        )
+        .await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(
+        (p["disabled"].clone(), p["filter_types"].clone()),
+        (json!(true), Value::Null)
+    );
+    assert_eq!(p["description"], "main");
+
+    let (_, s1) = c.get(&format!("/webhooks/{id}/secret")).await;
+    assert!(s1["secret"].as_str().unwrap().starts_with("whsec_"));
+    let (s, s2) = c
+        .post(&format!("/webhooks/{id}/secret/rotate"), json!({}))
+        .await;
+    assert_eq!(s, 200, "{s2}");
+    assert_ne!(s1, s2);
+    assert_eq!(c.get(&format!("/webhooks/{id}/secret")).await.1, s2);
+    let (s, _) = c
+        .raw(
+            Method::POST,
+            &format!("/webhooks/{id}/secret/rotate"),
+            None,
+            vec![],
+        )
+        .await;
+    assert_eq!(s, 200, "no body at all is fine");
+    let (s, v) = c
+        .post(
+            &format!("/webhooks/{id}/secret/rotate"),
+            json!({"secret": "nope"}),
+        )
+        .await;
+    assert_eq!(s, 422);
+    assert!(v["message"].as_str().unwrap().starts_with("secret:"), "{v}");
+
+    assert_eq!(
+        c.get(&format!("/webhooks/{id}/messages")).await.1["items"],
+        json!([])
+    );
+    let (s, v) = c
+        .post(&format!("/webhooks/{id}/messages/retry-failed"), json!({}))
+        .await;
+    assert_eq!((s, &v["message_ids"]), (202, &json!([])));
+    assert_eq!(
+        c.post(&format!("/webhooks/{id}/messages/msg_x/retry"), json!({}))
+            .await
+            .0,
+        404
+    );
+
+    let (s, v) = c
+        .post("/webhooks", json!({"url": "ftp://example.com"}))
+        .await;
+    assert_eq!(s, 422);
+    assert!(v["message"].as_str().unwrap().starts_with("url:"), "{v}");
+    for _ in 0..4 {
+        assert_eq!(
+            c.post("/webhooks", json!({"url": "http://127.0.0.1:9/x"}))
+                .await
+                .0,
+            201
+        );
+    }
+    let (s, v) = c
+        .post("/webhooks", json!({"url": "http://127.0.0.1:9/x"}))
+        .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("limit_reached")), "{v}");
+
+    assert_eq!(c.delete(&format!("/webhooks/{id}")).await.0, 204);
+    assert_eq!(c.get(&format!("/webhooks/{id}")).await.0, 404);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_documents_exactly_the_real_routes() {
+    let w = World::start().await;
+    let anon = anonymous(&w);
+    let (s, doc) = anon.get("/openapi.json").await;
+    assert_eq!(s, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    let mut documented = Vec::new();
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            documented.push(format!("{} {path}", method.to_uppercase()));
+            // Every documented route exists: without a key it answers 401 (or, for the
+            // browser callback, its error page), never 404/405.
+            let concrete = path
+                .split('/')
+                .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+                .collect::<Vec<_>>()
+                .join("/");
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let (s, v) = anon.call(m, &concrete, None).await;
+            assert!(
+                ![404, 405].contains(&s),
+                "{method} {path} answered {s}: {v}"
+            );
+            if path != "/discord/bot/callback" {
+                assert_eq!(s, 401, "{method} {path} must require a key");
+            }
+        }
+    }
+    documented.sort();
+    // Every route of the API is documented.
+    let mut want: Vec<String> = [
+        "POST /entitlements",
+        "GET /entitlements",
+        "GET /entitlements/{id}",
+        "PATCH /entitlements/{id}",
+        "DELETE /entitlements/{id}",
+        "PUT /products/{product_id}/entitlements",
+        "GET /products/{product_id}/entitlements",
+        "GET /entitlements/{id}/grants",
+        "GET /entitlements/{id}/grants/{grant_id}",
+        "DELETE /entitlements/{id}/grants/{grant_id}",
+        "GET /customers/{customer_id}/entitlement-grants",
+        "GET /discord/install-url",
+        "GET /discord/bot/callback",
+        "GET /discord/guilds",
+        "GET /discord/guilds/{guild_id}/roles",
+        "POST /webhooks",
+        "GET /webhooks",
+        "GET /webhooks/{id}",
+        "PATCH /webhooks/{id}",
+        "DELETE /webhooks/{id}",
+        "GET /webhooks/{id}/secret",
+        "POST /webhooks/{id}/secret/rotate",
+        "GET /webhooks/{id}/messages",
+        "POST /webhooks/{id}/messages/{message_id}/retry",
+        "POST /webhooks/{id}/messages/retry-failed",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    want.sort();
+    assert_eq!(documented, want);
+    assert_eq!(
+        doc,
+        serde_json::to_value(guildgate::api::openapi::document()).unwrap()
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_grant_read_after_its_link_expired_gets_a_new_link() {
+    let w = World::start().await;
+    let biz = w.app.business();
+    let c = client(&w, &biz).await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let e = create_entitlement(&c, g.guild_id, None).await;
+    let id = e["id"].as_str().unwrap();
+    c.put(
+        "/products/pdt_1/entitlements",
+        json!({"entitlements": [{"entitlement_id": id}]}),
+    )
+    .await;
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_1"], T0), "evt_1")
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    let (_, before) = c
+        .get(&format!("/entitlements/{id}/grants/{}", grant.id))
+        .await;
+    sqlx::query("UPDATE grants SET oauth_expires_at = now() - interval '1 minute' WHERE id = $1")
+        .bind(&grant.id)
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
+    let (s, after) = c
+        .get(&format!("/entitlements/{id}/grants/{}", grant.id))
+        .await;
+    assert_eq!(s, 200);
+    assert_ne!(after["oauth_url"], before["oauth_url"]);
+    let exp: chrono::DateTime<chrono::Utc> =
+        after["oauth_expires_at"].as_str().unwrap().parse().unwrap();
+    assert!(
+        exp > chrono::Utc::now() + chrono::Duration::days(6),
+        "{exp}"
+    );
+    // The renewed link works: the customer can connect with it.
+    let alice = w.user("alice");
+    let (_, status, page) = w
+        .consent(
+            after["oauth_url"].as_str().unwrap(),
+            alice,
+            Consent::Authorize,
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    w.wait_status(&grant.id, "Delivered").await;
+    w.stop().await;
+}
+
+/// The whole merchant journey: install the bot, list roles, create the entitlement,
+/// attach it to a product, register a webhook, a checkout, the customer connects, a
+/// manual revoke takes the role away and is announced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_merchant_flow() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let g = w.sandbox.add_guild(
+        GuildSpec::new("Acme Community")
+            .without_bot()
+            .with_role("Patrons", 1),
+    );
+    assert_eq!(connect(&w, &c, &g).await.0, 200);
+    let (_, roles) = c
+        .get(&format!("/discord/guilds/{}/roles", g.guild_id))
+        .await;
+    let patrons = roles["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "Patrons" && r["assignable"] == true)
+        .expect("Patrons is assignable")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, e) = c
+        .post("/entitlements", json!({"name": "Patrons", "integration_type": "discord", "integration_config": {"guild_id": g.guild_id.to_string(), "role_id": patrons}}))
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let ent = e["id"].as_str().unwrap();
+    assert_eq!(
+        c.put(
+            "/products/pdt_gold/entitlements",
+            json!({"entitlements": [{"entitlement_id": ent}]})
+        )
+        .await
+        .0,
+        200
+    );
+    let hook = Receiver::start().await;
+    let (s, ep) = c.post("/webhooks", json!({"url": hook.url})).await;
+    assert_eq!(s, 201, "{ep}");
+
+    w.app
+        .publish(
+            &payment("bus_A", "pay_1", "cus_1", &["pdt_gold"], T0),
+            "evt_1",
+        )
+        .await;
+    let grant = wait_for("the grant in the API", || async {
+        let (_, v) = c.get("/customers/cus_1/entitlement-grants").await;
+        v["items"].as_array().and_then(|i| i.first().cloned())
+    })
+    .await;
+    assert_eq!(grant["status"], "Pending");
+    let gid = grant["id"].as_str().unwrap().to_string();
+    hook.wait_type(&gid, "entitlement_grant.created").await;
+
+    let alice = w.user("alice");
+    let (_, status, page) = w
+        .consent(
+            grant["oauth_url"].as_str().unwrap(),
+            alice,
+            Consent::Authorize,
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    wait_for("Delivered in the API", || async {
+        let (_, v) = c.get(&format!("/entitlements/{ent}/grants/{gid}")).await;
+        (v["status"] == "Delivered").then_some(())
+    })
+    .await;
+    let role: u64 = patrons.parse().unwrap();
+    assert!(w.has_role(g.guild_id, alice, role));
+    hook.wait_type(&gid, "entitlement_grant.delivered").await;
+
+    // Manual revoke: idempotent, the role goes, the webhook is sent.
+    let (s, r1) = c.delete(&format!("/entitlements/{ent}/grants/{gid}")).await;
+    assert_eq!(s, 200, "{r1}");
+    assert_eq!(
+        (r1["status"].as_str(), r1["revocation_reason"].as_str()),
+        (Some("Revoked"), Some("manual"))
+    );
+    let (s, r2) = c.delete(&format!("/entitlements/{ent}/grants/{gid}")).await;
+    assert_eq!((s, &r2["revoked_at"]), (200, &r1["revoked_at"]));
+    let revoked = hook.wait_type(&gid, "entitlement_grant.revoked").await;
+    assert_eq!(revoked["data"]["revocation_reason"], "manual");
+    w.wait_grant(&gid, "role removed", |g| g.applied_user_id.is_none())
+        .await;
+    assert!(!w.has_role(g.guild_id, alice, role));
+    let ep_id = ep["id"].as_str().unwrap();
+    let (_, msgs) = c.get(&format!("/webhooks/{ep_id}/messages")).await;
+    let types: Vec<&str> = msgs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| **t == "entitlement_grant.revoked")
+            .count(),
+        1,
+        "{types:?}"
+    );
+    let revoked_msg = msgs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["event_type"] == "entitlement_grant.revoked")
+        .unwrap();
+    let (s, v) = c
+        .post(
+            &format!(
+                "/webhooks/{ep_id}/messages/{}/retry",
+                revoked_msg["id"].as_str().unwrap()
+            ),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    // A later subscription-style event never re-grants a manual revoke; a new payment
+    // of the same product still grants anew.
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_saving_retries_failed_grants_and_a_new_role_moves_delivered_ones() {
+    let w = World::start().await;
+    let biz = w.app.business();
+    let c = client(&w, &biz).await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let patrons = g.role("Patrons");
+    let e = create_entitlement(&c, g.guild_id, Some(patrons)).await;
+    let ent = e["id"].as_str().unwrap();
+    c.put(
+        "/products/pdt_1/entitlements",
+        json!({"entitlements": [{"entitlement_id": ent}]}),
+    )
+    .await;
+
+    // The merchant breaks the hierarchy after saving: the grant fails.
+    w.sandbox.set_role_position(g.guild_id, patrons, 500);
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_1"], T0), "evt_1")
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    let alice = w.user("alice");
+    assert_eq!(w.authorize(&grant, alice).await.0, 200);
+    let failed = w.wait_status(&grant.id, "Failed").await;
+    assert_eq!(failed.error_code.as_deref(), Some("discord_role_hierarchy"));
+
+    // Saving while it is still broken says why; once fixed, saving retries the grant.
+    let (s, v) = c.patch(&format!("/entitlements/{ent}"), json!({})).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (422, Some("discord_role_hierarchy")),
+        "{v}"
+    );
+    w.sandbox.set_role_position(g.guild_id, patrons, 1);
+    let (s, v) = c.patch(&format!("/entitlements/{ent}"), json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    w.wait_status(&grant.id, "Delivered").await;
+    assert!(w.has_role(g.guild_id, alice, patrons));
+
+    // A new role: the delivered grant moves to it.
+    let vip = w.sandbox.add_role(g.guild_id, RoleSpec::new("VIP", 1));
+    let (s, v) = c
+        .patch(&format!("/entitlements/{ent}"), json!({"integration_config": {"guild_id": g.guild_id.to_string(), "role_id": vip.to_string()}}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    w.wait_grant(&grant.id, "moved to VIP", |gr| {
+        gr.applied_role_id.as_deref() == Some(vip.to_string().as_str())
+    })
+    .await;
+    assert!(w.has_role(g.guild_id, alice, vip));
+    assert!(!w.has_role(g.guild_id, alice, patrons));
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_creates_and_revokes_keys() {
+    let w = World::start().await;
+    let bin = env!("CARGO_BIN_EXE_guildgate");
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin)
+            .args(args)
+            .env("GUILDGATE_DATABASE__URL", &w.app.db.url)
+            .env("GUILDGATE_LOG__FORMAT", "text")
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "api-key",
+        "create",
+        "--business-id",
+        "bus_New",
+        "--name",
+        "ci",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let key_id = stderr
+        .split_whitespace()
+        .find(|w| w.starts_with("key_"))
+        .unwrap()
+        .to_string();
+    let c = Client {
+        base: format!("http://{}", w.app.addr),
+        key: Some(key.clone()),
+        http: reqwest::Client::new(),
+    };
+    assert_eq!(c.get("/entitlements").await.0, 200);
+    let stored: Vec<u8> =
+        sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE business_id = 'bus_New'")
+            .fetch_one(&w.app.pool)
+            .await
+            .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&stored).contains(&key[25..]),
+        "only a hash is stored"
+    );
+    let out = run(&["api-key", "revoke", &key_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.get("/entitlements").await.0, 401);
+    assert!(!run(&["api-key", "revoke", "key_nope"]).status.success());
+    let out = run(&["api-key", "create", "--business-id", "bad id"]);
+    assert!(!out.status.success());
+    w.stop().await;
+}

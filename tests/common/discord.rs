@@ -1,0 +1,173 @@
+//! Helpers for the Discord tests: a sandbox Discord in-process, a guildgate pointed at
+//! it, and the customer's side of the OAuth flow played through real HTTP.
+#![allow(dead_code)]
+
+use chrono::Utc;
+use guildgate::crypto::TokenCipher;
+use guildgate::grants::Grant;
+use guildgate::grants::link::LinkBuilder;
+use sandbox_discord::{
+    Consent, GuildIds, GuildSpec, Sandbox, SandboxConfig, UserSpec, permissions,
+};
+
+use crate::common::{TestApp, TestConfig, wait_for};
+
+/// What the bot needs: Manage Roles, Kick Members, Create Instant Invite.
+pub const BOT_PERMISSIONS: u64 =
+    permissions::MANAGE_ROLES | permissions::KICK_MEMBERS | permissions::CREATE_INSTANT_INVITE;
+
+pub struct World {
+    pub sandbox: Sandbox,
+    pub app: TestApp,
+    pub links: LinkBuilder,
+    pub http: reqwest::Client,
+}
+
+/// guildgate settings that point at `sandbox`.
+pub fn sandbox_env(sandbox: &Sandbox, cfg: TestConfig) -> TestConfig {
+    cfg.env("GUILDGATE_DISCORD__API_BASE", &sandbox.api_base())
+        .env("GUILDGATE_DISCORD__AUTHORIZE_URL", &sandbox.authorize_url())
+        .env(
+            "GUILDGATE_DISCORD__CLIENT_ID",
+            &sandbox.client_id().to_string(),
+        )
+        .env("GUILDGATE_DISCORD__CLIENT_SECRET", sandbox.client_secret())
+        .env("GUILDGATE_DISCORD__BOT_TOKEN", sandbox.bot_token())
+}
+
+impl World {
+    pub async fn start() -> Self {
+        Self::start_with(SandboxConfig::default(), TestConfig::default()).await
+    }
+
+    pub async fn start_with(sandbox: SandboxConfig, cfg: TestConfig) -> Self {
+        let sandbox = Sandbox::start(sandbox).await;
+        let app = TestApp::spawn_with(sandbox_env(&sandbox, cfg)).await;
+        Self {
+            links: LinkBuilder::from_settings(&app.settings),
+            sandbox,
+            app,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A guild the bot is installed in (with the right permissions) with one role
+    /// below the bot's.
+    pub fn guild(&self, name: &str) -> GuildIds {
+        self.sandbox.add_guild(
+            GuildSpec::new(name)
+                .with_bot_permissions(BOT_PERMISSIONS)
+                .with_role("Patrons", 1),
+        )
+    }
+
+    pub fn user(&self, name: &str) -> u64 {
+        self.sandbox.add_user(UserSpec::new(name))
+    }
+
+    /// The grant's current `oauth_url`.
+    pub fn oauth_url(&self, g: &Grant) -> String {
+        self.links.url(&g.id, &g.oauth_nonce, g.oauth_expires_at)
+    }
+
+    /// Plays the customer: opens `url` on the sandbox consent page as `user`, presses
+    /// the button, follows the redirect to guildgate's callback. Returns the callback
+    /// URL and guildgate's (status, page).
+    pub async fn consent(&self, url: &str, user: u64, consent: Consent) -> (String, u16, String) {
+        let callback = self
+            .sandbox
+            .consent(url, user, consent)
+            .await
+            .expect("consent page works");
+        let (status, body) = self.get(&callback).await;
+        (callback, status, body)
+    }
+
+    pub async fn authorize(&self, g: &Grant, user: u64) -> (u16, String) {
+        let (_, status, body) = self
+            .consent(&self.oauth_url(g), user, Consent::Authorize)
+            .await;
+        (status, body)
+    }
+
+    pub async fn get(&self, url: &str) -> (u16, String) {
+        let r = self.http.get(url).send().await.expect("guildgate answers");
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    }
+
+    /// The customer's only grant once it exists.
+    pub async fn grant_of(&self, customer: &str) -> Grant {
+        wait_for(&format!("a grant for {customer}"), || async {
+            self.app.grants_of(customer).await.into_iter().next()
+        })
+        .await
+    }
+
+    /// Waits until grant `id` satisfies `pred`.
+    pub async fn wait_grant(&self, id: &str, what: &str, pred: impl Fn(&Grant) -> bool) -> Grant {
+        wait_for(what, || async {
+            let g: Option<Grant> = sqlx::query_as("SELECT * FROM grants WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.app.pool)
+                .await
+                .unwrap();
+            g.filter(|g| pred(g))
+        })
+        .await
+    }
+
+    pub async fn wait_status(&self, id: &str, status: &str) -> Grant {
+        self.wait_grant(id, &format!("grant {id} {status}"), |g| g.status == status)
+            .await
+    }
+
+    /// Links a customer to a Discord user directly (tokens from the sandbox), as if
+    /// they had authorized before.
+    pub async fn link(&self, customer: &str, user: u64) {
+        let t = self.sandbox.issue_token(user, &["identify", "guilds.join"]);
+        let cipher =
+            TokenCipher::from_base64(&self.app.settings.secrets.token_encryption_key).unwrap();
+        let mut conn = self.app.pool.acquire().await.unwrap();
+        guildgate::store::setup::ensure_business(&mut conn, &self.app.business())
+            .await
+            .unwrap();
+        let now = Utc::now();
+        guildgate::sync::store::upsert_link(
+            &mut conn,
+            &guildgate::sync::store::LinkRow {
+                business_id: self.app.business(),
+                customer_id: customer.into(),
+                discord_user_id: user.to_string(),
+                access_token_enc: cipher.encrypt(&t.access_token),
+                refresh_token_enc: Some(cipher.encrypt(&t.refresh_token)),
+                expires_at: now + chrono::Duration::from_std(t.expires_in).unwrap(),
+                scopes: t.scope.clone(),
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    }
+
+    /// Queues a sync job for a grant (what re-saving an entitlement does).
+    pub async fn resync(&self, grant_id: &str) {
+        let mut tx = self.app.pool.begin().await.unwrap();
+        guildgate::events::apply::queue_sync(&mut tx, grant_id)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    /// Whether `user` is in `guild` holding `role`.
+    pub fn has_role(&self, guild: u64, user: u64, role: u64) -> bool {
+        self.sandbox
+            .member(guild, user)
+            .is_some_and(|m| m.roles.contains(&role))
+    }
+
+    pub async fn stop(self) {
+        self.app.stop().await;
+        self.sandbox.shutdown().await;
+    }
+}

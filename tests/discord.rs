@@ -1,0 +1,579 @@
+//! Delivering and revoking Discord access end to end: real RabbitMQ and PostgreSQL,
+//! the sandbox Discord in-process, the customer's OAuth played through real HTTP.
+
+mod common;
+#[path = "common/discord.rs"]
+mod discord_world;
+
+use std::time::Duration;
+
+use common::events::*;
+use common::{TestConfig, wait_for};
+use discord_world::World;
+use sandbox_discord::{
+    Consent, ForcedRateLimit, GuildSpec, RoleSpec, RouteKind, SandboxConfig, UserSpec,
+};
+
+const T0: &str = "2026-05-01T10:31:00Z";
+const T1: &str = "2026-05-01T11:00:00Z";
+const T2: &str = "2026-05-01T12:00:00Z";
+
+fn id(n: u64) -> String {
+    n.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_oauth_delivers_the_role_and_cancel_removes_it() {
+    let w = World::start().await;
+    let g = w.guild("Acme Community");
+    let role = g.role("Patrons");
+    let alice = w.user("alice");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_sub", &id(g.guild_id), Some(&id(role)))
+        .await;
+
+    w.app
+        .publish(
+            &subscription("active", &biz, "sub_1", "cus_1", "pdt_sub", "active", T0),
+            "evt_1",
+        )
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    assert_eq!(grant.status, "Pending");
+
+    let (callback, status, page) = w
+        .consent(&w.oauth_url(&grant), alice, Consent::Authorize)
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("Acme Community"), "{page}");
+    assert!(
+        page.contains(&format!("https://discord.com/channels/{}", g.guild_id)),
+        "{page}"
+    );
+
+    let delivered = w.wait_status(&grant.id, "Delivered").await;
+    assert!(w.has_role(g.guild_id, alice, role));
+    assert_eq!(
+        delivered.applied_user_id.as_deref(),
+        Some(id(alice).as_str())
+    );
+    assert_eq!(
+        delivered.applied_role_id.as_deref(),
+        Some(id(role).as_str())
+    );
+    assert!(delivered.error_code.is_none());
+
+    // The used link cannot be replayed.
+    let (replay, _) = w.get(&callback).await;
+    assert_eq!(replay, 409);
+
+    // The stored tokens are encrypted.
+    let enc: Vec<u8> = sqlx::query_scalar("SELECT access_token_enc FROM discord_links")
+        .fetch_one(&w.app.pool)
+        .await
+        .unwrap();
+    assert!(enc.len() > 24);
+
+    w.app
+        .publish(
+            &subscription(
+                "cancelled",
+                &biz,
+                "sub_1",
+                "cus_1",
+                "pdt_sub",
+                "cancelled",
+                T1,
+            ),
+            "evt_2",
+        )
+        .await;
+    w.wait_grant(&grant.id, "revoke synced", |g| {
+        g.status == "Revoked" && g.applied_user_id.is_none()
+    })
+    .await;
+    let m = w.sandbox.member(g.guild_id, alice).expect("still a member");
+    assert!(!m.roles.contains(&role), "role removed");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_only_revoke_removes_the_member() {
+    let w = World::start().await;
+    let g = w.guild("Members Club");
+    let bob = w.user("bob");
+    let biz = w.app.business();
+    w.app.entitlement_for("pdt_m", &id(g.guild_id), None).await;
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_m"], T0), "evt_1")
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    let (status, page) = w.authorize(&grant, bob).await;
+    assert_eq!(status, 200, "{page}");
+    w.wait_status(&grant.id, "Delivered").await;
+    assert!(w.sandbox.member(g.guild_id, bob).is_some());
+
+    w.app
+        .publish(&refund(&biz, "pay_1", false, T1), "evt_2")
+        .await;
+    w.wait_grant(&grant.id, "revoke synced", |g| {
+        g.status == "Revoked" && g.applied_user_id.is_none()
+    })
+    .await;
+    assert!(w.sandbox.member(g.guild_id, bob).is_none(), "kicked");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_one_of_two_grants_of_the_same_role_keeps_it_and_returning_customers_need_no_oauth()
+ {
+    let w = World::start().await;
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let carol = w.user("carol");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    w.app
+        .entitlement_for("pdt_b", &id(g.guild_id), Some(&id(role)))
+        .await;
+
+    w.app
+        .publish(&payment(&biz, "pay_a", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    let first = w.grant_of("cus_1").await;
+    assert_eq!(w.authorize(&first, carol).await.0, 200);
+    w.wait_status(&first.id, "Delivered").await;
+
+    // A returning customer: delivered without a new OAuth.
+    w.app
+        .publish(&payment(&biz, "pay_b", "cus_1", &["pdt_b"], T1), "evt_2")
+        .await;
+    let second = wait_for("second grant", || async {
+        w.app
+            .grants_of("cus_1")
+            .await
+            .into_iter()
+            .find(|x| x.id != first.id)
+    })
+    .await;
+    w.wait_status(&second.id, "Delivered").await;
+
+    w.app
+        .publish(&refund(&biz, "pay_a", false, T2), "evt_3")
+        .await;
+    w.wait_grant(&first.id, "revoke synced", |g| {
+        g.status == "Revoked" && g.applied_user_id.is_none()
+    })
+    .await;
+    assert!(
+        w.has_role(g.guild_id, carol, role),
+        "the other grant still gives the role"
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorizing_another_account_moves_the_access() {
+    let w = World::start().await;
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let (alice, bob) = (w.user("alice"), w.user("bob"));
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    w.app
+        .publish(&payment(&biz, "pay_a", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    assert_eq!(w.authorize(&grant, alice).await.0, 200);
+    let delivered = w.wait_status(&grant.id, "Delivered").await;
+    assert!(w.has_role(g.guild_id, alice, role));
+
+    // The grant's current link (a new nonce after the first use), another account.
+    let (status, page) = w.authorize(&delivered, bob).await;
+    assert_eq!(status, 200, "{page}");
+    w.wait_grant(&grant.id, "moved to bob", |g| {
+        g.applied_user_id.as_deref() == Some(id(bob).as_str())
+    })
+    .await;
+    assert!(w.has_role(g.guild_id, bob, role));
+    wait_for("alice's role removed", || async {
+        (!w.has_role(g.guild_id, alice, role)).then_some(())
+    })
+    .await;
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_states_are_rejected_and_expired_links_renewed() {
+    let w = World::start().await;
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let dave = w.user("dave");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    w.app
+        .publish(&payment(&biz, "pay_a", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    let base = format!("http://{}/oauth/discord/callback", w.app.addr);
+
+    // Tampered and missing state.
+    let url = w.oauth_url(&grant);
+    let state = url::Url::parse(&url)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    let tampered = format!("{}x", state);
+    assert_eq!(
+        w.get(&format!("{base}?code=abc&state={tampered}")).await.0,
+        400
+    );
+    assert_eq!(w.get(&format!("{base}?code=abc")).await.0, 400);
+
+    // Denied consent: a page that offers the same link again.
+    let (_, status, page) = w.consent(&url, dave, Consent::Cancel).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("cancelled"), "{page}");
+
+    // Expired link.
+    sqlx::query("UPDATE grants SET oauth_expires_at = now() - interval '1 minute' WHERE id = $1")
+        .bind(&grant.id)
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
+    let expired = w.grant_of("cus_1").await;
+    let (status, _) = w.authorize(&expired, dave).await;
+    assert_eq!(status, 410);
+
+    // Renewed: a fresh link works.
+    let mut conn = w.app.pool.acquire().await.unwrap();
+    let renewed =
+        guildgate::http::oauth::renew_link(&mut conn, &w.links, &expired, chrono::Utc::now())
+            .await
+            .unwrap();
+    drop(conn);
+    assert_ne!(renewed.oauth_nonce, expired.oauth_nonce);
+    assert!(renewed.oauth_expires_at > chrono::Utc::now());
+    let (status, page) = w.authorize(&renewed, dave).await;
+    assert_eq!(status, 200, "{page}");
+    w.wait_status(&grant.id, "Delivered").await;
+    assert!(w.has_role(g.guild_id, dave, role));
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_storms_and_server_errors_still_deliver_everything_without_violations() {
+    let sandbox = SandboxConfig::default()
+        .with_route_limit(RouteKind::AddMember, 3, Duration::from_millis(300))
+        .with_route_limit(RouteKind::MemberRole, 3, Duration::from_millis(300))
+        .with_global_limit(20, Duration::from_secs(1));
+    let w = World::start_with(sandbox, TestConfig::default()).await;
+    let g = w.guild("Busy");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    w.sandbox.set_error_rate(0.2);
+    w.sandbox
+        .force_rate_limit(ForcedRateLimit::shared(3).on_route(RouteKind::AddMember));
+    w.sandbox
+        .force_rate_limit(ForcedRateLimit::global(2).retry_after(Duration::from_millis(500)));
+    let n = 24;
+    let mut users = Vec::new();
+    for i in 0..n {
+        let u = w.user(&format!("user{i}"));
+        w.link(&format!("cus_{i}"), u).await;
+        users.push(u);
+    }
+    for i in 0..n {
+        w.app
+            .publish(
+                &payment(
+                    &biz,
+                    &format!("pay_{i}"),
+                    &format!("cus_{i}"),
+                    &["pdt_a"],
+                    T0,
+                ),
+                &format!("evt_{i}"),
+            )
+            .await;
+    }
+    wait_for("every grant delivered", || async {
+        let n_delivered: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM grants WHERE status = 'Delivered'")
+                .fetch_one(&w.app.pool)
+                .await
+                .unwrap();
+        (n_delivered == n as i64).then_some(())
+    })
+    .await;
+    for u in &users {
+        assert!(w.has_role(g.guild_id, *u, role));
+    }
+    let stats = w.sandbox.stats();
+    assert!(stats.rate_limited_forced >= 3, "{stats:?}");
+    assert!(stats.injected_errors > 0, "{stats:?}");
+    assert_eq!(
+        stats.violations(),
+        0,
+        "requests sent into an exhausted bucket: {stats:?}"
+    );
+    assert_eq!(stats.rate_limited_earned, 0, "{stats:?}");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn needs_a_human_fails_the_grant_with_its_code_and_a_fix_delivers_it() {
+    use guildgate::discord::permissions::{CREATE_INSTANT_INVITE, KICK_MEMBERS};
+    let w = World::start().await;
+    let biz = w.app.business();
+    // Each case: a guild and a customer of its own, a break, and its fix.
+    struct Case {
+        code: &'static str,
+        guild: u64,
+        role: u64,
+        user: u64,
+    }
+    let mut cases = Vec::new();
+    for (i, code) in [
+        "discord_missing_permissions",
+        "discord_role_hierarchy",
+        "discord_unknown_role",
+        "discord_unknown_guild",
+        "discord_user_banned",
+        "discord_too_many_guilds",
+        "discord_reauthorization_required",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let user = w.sandbox.add_user(UserSpec::new(format!("u{i}")));
+        let ids = match code {
+            "discord_missing_permissions" => w.sandbox.add_guild(
+                GuildSpec::new(format!("g{i}"))
+                    .with_bot_permissions(KICK_MEMBERS | CREATE_INSTANT_INVITE)
+                    .with_role("Patrons", 1),
+            ),
+            _ => w.guild(&format!("g{i}")),
+        };
+        let mut role = ids.role("Patrons");
+        match code {
+            "discord_role_hierarchy" => w.sandbox.set_role_position(ids.guild_id, role, 50),
+            "discord_unknown_role" => role = 777_000_000_000_000_000 + i as u64,
+            "discord_unknown_guild" => w.sandbox.remove_bot(ids.guild_id),
+            "discord_user_banned" => w.sandbox.ban(ids.guild_id, user),
+            "discord_too_many_guilds" => w.sandbox.set_at_guild_limit(user, true),
+            "discord_reauthorization_required" => {}
+            _ => {}
+        }
+        let product = format!("pdt_{i}");
+        let customer = format!("cus_{i}");
+        w.app
+            .entitlement_for(&product, &id(ids.guild_id), Some(&id(role)))
+            .await;
+        w.link(&customer, user).await;
+        if code == "discord_reauthorization_required" {
+            w.sandbox.revoke_tokens(user);
+        }
+        w.app
+            .publish(
+                &payment(&biz, &format!("pay_{i}"), &customer, &[&product], T0),
+                &format!("evt_{i}"),
+            )
+            .await;
+        cases.push(Case {
+            code,
+            guild: ids.guild_id,
+            role,
+            user,
+        });
+    }
+    for (i, c) in cases.iter().enumerate() {
+        let grant = w.grant_of(&format!("cus_{i}")).await;
+        let failed = w.wait_status(&grant.id, "Failed").await;
+        assert_eq!(
+            failed.error_code.as_deref(),
+            Some(c.code),
+            "{:?}",
+            failed.error_message
+        );
+        assert!(
+            failed
+                .error_message
+                .as_deref()
+                .is_some_and(|m| m.len() > 20)
+        );
+        // The fix.
+        match c.code {
+            "discord_missing_permissions" => {
+                let bot_role = w
+                    .sandbox
+                    .roles(c.guild)
+                    .into_iter()
+                    .find(|r| r.managed)
+                    .unwrap()
+                    .id;
+                w.sandbox
+                    .set_role_permissions(c.guild, bot_role, discord_world::BOT_PERMISSIONS);
+            }
+            "discord_role_hierarchy" => w.sandbox.set_role_position(c.guild, c.role, 1),
+            "discord_unknown_role" => {
+                w.sandbox
+                    .add_role(c.guild, RoleSpec::new("Patrons", 1).with_id(c.role));
+            }
+            "discord_unknown_guild" => {
+                w.sandbox
+                    .install_bot(c.guild, discord_world::BOT_PERMISSIONS);
+            }
+            // The sandbox has no unban: the merchant lets them in by hand instead.
+            "discord_user_banned" => w.sandbox.add_member(c.guild, c.user, &[]),
+            "discord_too_many_guilds" => w.sandbox.set_at_guild_limit(c.user, false),
+            "discord_reauthorization_required" => {
+                let (status, page) = w.authorize(&failed, c.user).await;
+                assert_eq!(status, 200, "{page}");
+            }
+            _ => unreachable!(),
+        }
+        if c.code != "discord_reauthorization_required" {
+            w.resync(&grant.id).await;
+        }
+        let delivered = w.wait_status(&grant.id, "Delivered").await;
+        assert!(delivered.error_code.is_none());
+        assert!(w.has_role(c.guild, c.user, c.role), "{}", c.code);
+    }
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retries_dead_letter_the_job_and_fail_the_grant() {
+    let w = World::start().await;
+    let g = w.guild("Down");
+    let role = g.role("Patrons");
+    let erin = w.user("erin");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    w.link("cus_1", erin).await;
+    w.sandbox.set_error_rate(1.0);
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    let failed = w.wait_status(&grant.id, "Failed").await;
+    assert_eq!(failed.error_code.as_deref(), Some("retries_exhausted"));
+    let dead = guildgate::amqp::Names::dead(&w.app.names.discord_sync());
+    let parked = wait_for("dead-lettered job", || async {
+        let m = w.app.drain_queue(&dead).await;
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(parked[0].json()["grant_id"], grant.id.as_str());
+    assert_eq!(
+        parked[0]
+            .header(guildgate::amqp::REASON_CODE_HEADER)
+            .as_deref(),
+        Some("retries_exhausted")
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_syncer_takes_over_when_the_active_one_dies() {
+    use guildgate::amqp::Broker;
+    use guildgate::crypto::TokenCipher;
+    use guildgate::discord::DiscordClient;
+    use guildgate::discord::ratelimit::Budget;
+    use guildgate::sync::SyncWorker;
+    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let s = &w.app.settings;
+    let syncer = |name: &str| {
+        let broker = Broker::new(s, name);
+        let worker = SyncWorker::new(
+            w.app.pool.clone(),
+            broker.clone(),
+            DiscordClient::side(&s.discord, w.app.metrics.clone()).with_budget(Budget::syncer(5)),
+            TokenCipher::from_base64(&s.secrets.token_encryption_key).unwrap(),
+            w.links.clone(),
+            s.sync.retry_delays.clone(),
+            w.app.metrics.clone(),
+        );
+        (broker, worker)
+    };
+    let (broker_a, a) = syncer("syncer-a");
+    let (_broker_b, b) = syncer("syncer-b");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task_a = tokio::spawn(a.run(stop.clone()));
+    // Let A subscribe first: it becomes the single active consumer.
+    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let queue = w.app.names.discord_sync();
+    wait_for("syncer A subscribed", || async {
+        let q = ch
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .ok()?;
+        (q.consumer_count() >= 1).then_some(())
+    })
+    .await;
+    let task_b = tokio::spawn(b.run(stop.clone()));
+
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    let (u1, u2) = (w.user("one"), w.user("two"));
+    w.link("cus_1", u1).await;
+    w.link("cus_2", u2).await;
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    let first = w.grant_of("cus_1").await;
+    w.wait_status(&first.id, "Delivered").await;
+
+    // A dies without a goodbye: its connection goes, its task with it.
+    task_a.abort();
+    broker_a.close().await;
+    w.app
+        .publish(&payment(&biz, "pay_2", "cus_2", &["pdt_a"], T1), "evt_2")
+        .await;
+    let second = w.grant_of("cus_2").await;
+    w.wait_status(&second.id, "Delivered").await;
+    assert!(w.has_role(g.guild_id, u2, role));
+    stop.cancel();
+    let _ = task_b.await;
+    w.stop().await;
+}
+
+fn sandbox_cfg_without_syncer() -> TestConfig {
+    TestConfig {
+        options: Some(guildgate::app::Options {
+            sync: false,
+            ..guildgate::app::Options::default()
+        }),
+        ..TestConfig::default()
+    }
+}

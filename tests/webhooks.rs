@@ -1,0 +1,699 @@
+//! Webhooks to merchants, end to end: payment events in, signed `entitlement_grant.*`
+//! webhooks out to small receivers on loopback (real RabbitMQ and PostgreSQL, short
+//! retry delays). Every receiver checks every signature with the `standardwebhooks`
+//! crate, an implementation that is not ours, which also refuses stale timestamps.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use common::events::*;
+use common::{TestApp, TestConfig, wait_for};
+use guildgate::app::Options;
+use guildgate::webhooks::deliver::Deliverer;
+use guildgate::webhooks::endpoints::{self, Endpoint, EndpointError, NewEndpoint};
+use guildgate::webhooks::fanout::{Fanout, Outcome};
+use guildgate::webhooks::messages::{self, Message};
+use guildgate::webhooks::replay;
+use guildgate::webhooks::ssrf::{SsrfError, TargetPolicy};
+use standardwebhooks::Webhook;
+use tokio_util::sync::CancellationToken;
+
+const T0: &str = "2026-05-01T10:31:00Z";
+const T1: &str = "2026-05-01T11:00:00Z";
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const SECRET_2: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+const LOCAL: TargetPolicy = TargetPolicy {
+    allow_private: true,
+};
+
+/// How a receiver answers its n-th request (0-based).
+#[derive(Clone, Debug)]
+enum Reply {
+    Status(u16),
+    /// Never answers.
+    Hang,
+    RedirectTo(String),
+}
+
+/// One request a receiver got.
+#[derive(Clone, Debug)]
+struct Hit {
+    id: String,
+    signature: String,
+    body: Vec<u8>,
+    /// Every secret the receiver holds verified the request.
+    verified: bool,
+}
+
+type Script = Arc<dyn Fn(usize) -> Reply + Send + Sync>;
+
+/// A merchant's webhook receiver on 127.0.0.1.
+#[derive(Clone)]
+struct Receiver {
+    url: String,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    secrets: Arc<Mutex<Vec<String>>>,
+    script: Script,
+}
+
+impl Receiver {
+    async fn start(
+        secrets: &[&str],
+        script: impl Fn(usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let r = Receiver {
+            url: format!("http://{}/hook", listener.local_addr().unwrap()),
+            hits: Arc::default(),
+            secrets: Arc::new(Mutex::new(secrets.iter().map(|s| s.to_string()).collect())),
+            script: Arc::new(script),
+        };
+        let app = Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(r.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        r
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    fn count(&self) -> usize {
+        self.hits.lock().unwrap().len()
+    }
+}
+
+async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> Response {
+    let secrets = r.secrets.lock().unwrap().clone();
+    let verified = !secrets.is_empty()
+        && secrets
+            .iter()
+            .all(|s| Webhook::new(s).unwrap().verify(&body, &headers).is_ok());
+    let h = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let n = {
+        let mut hits = r.hits.lock().unwrap();
+        hits.push(Hit {
+            id: h("webhook-id"),
+            signature: h("webhook-signature"),
+            body: body.to_vec(),
+            verified,
+        });
+        hits.len() - 1
+    };
+    if !verified {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    match (r.script)(n) {
+        Reply::Status(code) => (StatusCode::from_u16(code).unwrap(), "ok").into_response(),
+        Reply::Hang => std::future::pending().await,
+        Reply::RedirectTo(url) => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(axum::http::header::LOCATION, url)],
+        )
+            .into_response(),
+    }
+}
+
+async fn add_endpoint(app: &TestApp, url: &str, filter: Option<&[&str]>, secret: &str) -> Endpoint {
+    let mut conn = app.pool.acquire().await.unwrap();
+    endpoints::create(
+        &mut conn,
+        &app.business(),
+        NewEndpoint {
+            url: url.to_string(),
+            description: Some("test receiver".into()),
+            filter_types: filter.map(|f| f.iter().map(|s| s.to_string()).collect()),
+            secret: Some(secret.to_string()),
+        },
+        LOCAL,
+    )
+    .await
+    .unwrap()
+}
+
+async fn messages_of(app: &TestApp, ep: &Endpoint) -> Vec<Message> {
+    let mut conn = app.pool.acquire().await.unwrap();
+    messages::of_endpoint(&mut conn, &ep.id).await.unwrap()
+}
+
+async fn attempts_of(app: &TestApp, message_id: &str) -> Vec<messages::Attempt> {
+    let mut conn = app.pool.acquire().await.unwrap();
+    messages::attempts(&mut conn, message_id).await.unwrap()
+}
+
+/// Waits until the endpoint has `n` messages, all with `status`.
+async fn wait_messages(app: &TestApp, ep: &Endpoint, n: usize, status: &str) -> Vec<Message> {
+    wait_for(&format!("{n} {status} messages of {}", ep.id), || async {
+        let m = messages_of(app, ep).await;
+        (m.len() == n && m.iter().all(|m| m.status == status)).then_some(m)
+    })
+    .await
+}
+
+/// A product with an entitlement, and a one-time payment for it.
+async fn pay(app: &TestApp, payment: &str, customer: &str, event_id: &str) {
+    app.publish(&payment_event(app, payment, customer), event_id)
+        .await;
+}
+
+fn payment_event(app: &TestApp, payment_id: &str, customer: &str) -> serde_json::Value {
+    payment(&app.business(), payment_id, customer, &["pdt_hooks"], T0)
+}
+
+async fn with_entitlement(app: &TestApp) {
+    app.entitlement_for(
+        "pdt_hooks",
+        "123456789012345678",
+        Some("987654321098765432"),
+    )
+    .await;
+}
+
+fn all_verified(r: &Receiver) {
+    for h in r.hits() {
+        assert!(h.verified, "signature of {} did not verify", h.id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_event_reaches_the_endpoint_signed_with_a_stable_id() {
+    let app = TestApp::spawn().await;
+    with_entitlement(&app).await;
+    let r = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let ep = add_endpoint(&app, &r.url, None, SECRET).await;
+    pay(&app, "pay_1", "cus_1", "evt_1").await;
+
+    let msgs = wait_messages(&app, &ep, 1, "delivered").await;
+    let grant = &app.grants_of("cus_1").await[0];
+    let m = &msgs[0];
+    assert_eq!(m.event_type, "entitlement_grant.created");
+    assert_eq!(m.grant_id, grant.id.as_str());
+    assert_eq!(
+        m.id,
+        messages::message_id(grant.id.as_str(), "entitlement_grant.created", &ep.id)
+    );
+    let hits = r.hits();
+    assert_eq!(hits.len(), 1);
+    all_verified(&r);
+    assert_eq!(hits[0].id, m.id);
+    assert_eq!(hits[0].body, m.body.as_bytes());
+    let body: serde_json::Value = serde_json::from_slice(&hits[0].body).unwrap();
+    assert_eq!(body["type"], "entitlement_grant.created");
+    assert_eq!(body["business_id"], app.business());
+    assert_eq!(body["data"]["payload_type"], "EntitlementGrant");
+    assert_eq!(body["data"]["id"], grant.id.as_str());
+    assert_eq!(body["data"]["status"], "Pending");
+    let attempts = attempts_of(&app, &m.id).await;
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].status_code, Some(200));
+    assert_eq!(attempts[0].response.as_deref(), Some("ok"));
+    assert_eq!(m.attempts, 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_errors_and_timeouts_are_retried_with_the_same_id() {
+    let app =
+        TestApp::spawn_with(TestConfig::default().env("GUILDGATE_WEBHOOKS__TIMEOUT", "500ms"))
+            .await;
+    with_entitlement(&app).await;
+    let r = Receiver::start(&[SECRET], |n| match n {
+        0 => Reply::Status(500),
+        1 => Reply::Hang,
+        _ => Reply::Status(204),
+    })
+    .await;
+    let ep = add_endpoint(&app, &r.url, None, SECRET).await;
+    pay(&app, "pay_1", "cus_1", "evt_1").await;
+
+    let m = &wait_messages(&app, &ep, 1, "delivered").await[0];
+    let hits = r.hits();
+    assert_eq!(hits.len(), 3);
+    all_verified(&r);
+    assert!(hits.iter().all(|h| h.id == m.id), "{hits:?}");
+    let attempts = attempts_of(&app, &m.id).await;
+    let codes: Vec<Option<i32>> = attempts.iter().map(|a| a.status_code).collect();
+    assert_eq!(codes, vec![Some(500), None, Some(204)]);
+    assert!(
+        attempts[1].error.as_deref().unwrap().contains("timed out"),
+        "{:?}",
+        attempts[1].error
+    );
+    assert_eq!(m.attempts, 3);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_disables_the_endpoint_and_fails_without_retry() {
+    let app = TestApp::spawn().await;
+    with_entitlement(&app).await;
+    let gone = Receiver::start(&[SECRET], |_| Reply::Status(410)).await;
+    let witness = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let ep = add_endpoint(&app, &gone.url, None, SECRET).await;
+    let wit = add_endpoint(&app, &witness.url, None, SECRET).await;
+    pay(&app, "pay_1", "cus_1", "evt_1").await;
+
+    let m = &wait_messages(&app, &ep, 1, "failed").await[0];
+    assert_eq!(gone.count(), 1);
+    let mut conn = app.pool.acquire().await.unwrap();
+    let ep_now = endpoints::get(&mut conn, &app.business(), &ep.id)
+        .await
+        .unwrap();
+    assert!(ep_now.disabled);
+    assert!(ep_now.disabled_reason.unwrap().contains("410"));
+    drop(conn);
+    let dead = wait_for("the failed message parked", || async {
+        let d = app
+            .drain_queue(&format!("{}.dead", app.names.webhooks()))
+            .await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(dead[0].message_id, m.id);
+    assert_eq!(
+        dead[0].header("x-guildgate-reason-code").as_deref(),
+        Some("endpoint_gone")
+    );
+
+    // A later grant reaches the witness, and nothing reaches the disabled endpoint.
+    pay(&app, "pay_2", "cus_2", "evt_2").await;
+    wait_messages(&app, &wit, 2, "delivered").await;
+    assert_eq!(messages_of(&app, &ep).await.len(), 1);
+    assert_eq!(gone.count(), 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_not_followed() {
+    let app = TestApp::spawn().await;
+    with_entitlement(&app).await;
+    let elsewhere = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let target = elsewhere.url.clone();
+    let r = Receiver::start(&[SECRET], move |_| Reply::RedirectTo(target.clone())).await;
+    let ep = add_endpoint(&app, &r.url, None, SECRET).await;
+    pay(&app, "pay_1", "cus_1", "evt_1").await;
+
+    // Retry delays 0s,100ms,200ms: four attempts, then failed and parked.
+    let m = &wait_messages(&app, &ep, 1, "failed").await[0];
+    assert_eq!(elsewhere.count(), 0);
+    assert_eq!(r.count(), 4);
+    all_verified(&r);
+    let attempts = attempts_of(&app, &m.id).await;
+    assert!(attempts.iter().all(|a| a.status_code == Some(307)));
+    let dead = wait_for("the failed message parked", || async {
+        let d = app
+            .drain_queue(&format!("{}.dead", app.names.webhooks()))
+            .await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(
+        dead[0].header("x-guildgate-reason-code").as_deref(),
+        Some("retries_exhausted")
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_sending_and_recording_delivers_again_with_the_same_id() {
+    // The app relays the outbox; the delivery worker is ours, with the crash hook.
+    let app = TestApp::spawn_with(TestConfig {
+        options: Some(Options {
+            webhooks: false,
+            ..Options::default()
+        }),
+        ..TestConfig::default()
+    })
+    .await;
+    let r = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let ep = add_endpoint(&app, &r.url, None, SECRET).await;
+    let deliverer = Deliverer::new(
+        app.pool.clone(),
+        guildgate::amqp::Broker::new(&app.settings, "test-deliverer"),
+        &app.settings.webhooks,
+        app.metrics.clone(),
+    )
+    .unwrap();
+    deliverer.crash_after_send.store(true, Ordering::SeqCst);
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(deliverer.clone().run(stop.clone()));
+
+    let mut body = common::events::fixture("../webhooks/entitlement_grant.created.json");
+    body["business_id"] = serde_json::json!(app.business());
+    let fanout = Fanout {
+        pool: app.pool.clone(),
+        broker: deliverer.broker.clone(),
+        prefetch: 1,
+        metrics: app.metrics.clone(),
+    };
+    let bytes = serde_json::to_vec(&body).unwrap();
+    assert_eq!(fanout.handle(&bytes).await.unwrap(), Outcome::Ack(1));
+
+    let m = &wait_messages(&app, &ep, 1, "delivered").await[0];
+    assert!(!deliverer.crash_after_send.load(Ordering::SeqCst));
+    let hits = r.hits();
+    assert_eq!(hits.len(), 2, "sent, crashed, sent again");
+    assert!(hits.iter().all(|h| h.id == m.id));
+    all_verified(&r);
+    // The crashed attempt was never recorded.
+    assert_eq!(attempts_of(&app, &m.id).await.len(), 1);
+    stop.cancel();
+    worker.await.unwrap();
+    deliverer.broker.close().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_does_not_hold_up_a_healthy_one() {
+    let app = TestApp::spawn_with(
+        TestConfig::default()
+            .env("GUILDGATE_WEBHOOKS__TIMEOUT", "10s")
+            .env("GUILDGATE_WEBHOOKS__WORKERS", "4")
+            .env("GUILDGATE_WEBHOOKS__MAX_IN_FLIGHT_PER_ENDPOINT", "2"),
+    )
+    .await;
+    with_entitlement(&app).await;
+    let dead = Receiver::start(&[SECRET], |_| Reply::Hang).await;
+    let healthy = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let dead_ep = add_endpoint(&app, &dead.url, None, SECRET).await;
+    let ok_ep = add_endpoint(&app, &healthy.url, None, SECRET).await;
+    for i in 0..10 {
+        pay(
+            &app,
+            &format!("pay_{i}"),
+            &format!("cus_{i}"),
+            &format!("evt_{i}"),
+        )
+        .await;
+    }
+    // Four workers, and the dead endpoint's requests each hold one for 10 s: only the
+    // in-flight cap lets the healthy endpoint get everything before the first of them
+    // times out.
+    wait_messages(&app, &ok_ep, 10, "delivered").await;
+    assert_eq!(healthy.count(), 10);
+    all_verified(&healthy);
+    let dead_msgs = messages_of(&app, &dead_ep).await;
+    assert_eq!(dead_msgs.len(), 10);
+    assert!(
+        dead_msgs
+            .iter()
+            .all(|m| m.status == "pending" && m.attempts == 0)
+    );
+    assert!(
+        dead.count() <= 2,
+        "at most the cap in flight: {}",
+        dead.count()
+    );
+    let mut app = app;
+    // Shutdown waits for the requests in flight (bounded by the timeout).
+    let _ = app.shutdown().await;
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_signs_alongside_the_old_one_for_a_day() {
+    let app = TestApp::spawn().await;
+    with_entitlement(&app).await;
+    // The receiver demands that both secrets verify each request.
+    let r = Receiver::start(&[SECRET, SECRET_2], |_| Reply::Status(200)).await;
+    let ep = add_endpoint(&app, &r.url, None, SECRET).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let rotated = endpoints::rotate_secret(
+        &mut conn,
+        &app.business(),
+        &ep.id,
+        Some(SECRET_2),
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rotated.secret, SECRET_2);
+    assert_eq!(rotated.previous_secret.as_deref(), Some(SECRET));
+    drop(conn);
+    pay(&app, "pay_1", "cus_1", "evt_1").await;
+    wait_messages(&app, &ep, 1, "delivered").await;
+    all_verified(&r);
+    assert_eq!(r.hits()[0].signature.split(' ').count(), 2);
+
+    // A day later only the new secret signs.
+    sqlx::query(
+        "UPDATE webhook_endpoints SET previous_secret_expires_at = now() - interval '1 second'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    *r.secrets.lock().unwrap() = vec![SECRET_2.to_string()];
+    pay(&app, "pay_2", "cus_2", "evt_2").await;
+    wait_messages(&app, &ep, 2, "delivered").await;
+    all_verified(&r);
+    assert_eq!(r.hits()[1].signature.split(' ').count(), 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_types_choose_the_events_an_endpoint_gets() {
+    let app = TestApp::spawn().await;
+    with_entitlement(&app).await;
+    let only_revoked = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let everything = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let filtered = add_endpoint(
+        &app,
+        &only_revoked.url,
+        Some(&["entitlement_grant.revoked"]),
+        SECRET,
+    )
+    .await;
+    let all = add_endpoint(&app, &everything.url, None, SECRET).await;
+    pay(&app, "pay_1", "cus_1", "evt_1").await;
+    app.publish(&refund(&app.business(), "pay_1", false, T1), "evt_2")
+        .await;
+
+    let got = wait_messages(&app, &all, 2, "delivered").await;
+    let mut types: Vec<&str> = got.iter().map(|m| m.event_type.as_str()).collect();
+    types.sort();
+    assert_eq!(
+        types,
+        vec!["entitlement_grant.created", "entitlement_grant.revoked"]
+    );
+    let f = wait_messages(&app, &filtered, 1, "delivered").await;
+    assert_eq!(f[0].event_type, "entitlement_grant.revoked");
+    assert_eq!(only_revoked.count(), 1);
+    all_verified(&only_revoked);
+    all_verified(&everything);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_event_type_is_sent_at_most_once_per_grant_and_endpoint() {
+    let app = TestApp::spawn().await;
+    with_entitlement(&app).await;
+    let r = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let ep = add_endpoint(&app, &r.url, None, SECRET).await;
+    // The platform sends the same payment twice under two event ids.
+    pay(&app, "pay_1", "cus_1", "evt_1").await;
+    pay(&app, "pay_1", "cus_1", "evt_1_again").await;
+    app.wait_processed(2).await;
+    app.wait_outbox_empty().await;
+    let m = wait_messages(&app, &ep, 1, "delivered").await.remove(0);
+    assert_eq!(app.grants_of("cus_1").await.len(), 1);
+
+    // The grant event arrives again (relay crash, redelivery): nothing new is created,
+    // through the handler and through the queue.
+    let fanout = Fanout {
+        pool: app.pool.clone(),
+        broker: guildgate::amqp::Broker::new(&app.settings, "test-fanout"),
+        prefetch: 1,
+        metrics: app.metrics.clone(),
+    };
+    assert_eq!(
+        fanout.handle(m.body.as_bytes()).await.unwrap(),
+        Outcome::Ack(0)
+    );
+    republish(&app, &app.names.grant_events(), m.body.as_bytes()).await;
+    wait_for("the grant event consumed", || async {
+        (app.queue_len(&app.names.grant_events()).await == 0).then_some(())
+    })
+    .await;
+    // A second customer's grant is the witness that the fan-out ran past it.
+    pay(&app, "pay_2", "cus_2", "evt_2").await;
+    wait_messages(&app, &ep, 2, "delivered").await;
+    let first: Vec<Hit> = r.hits().into_iter().filter(|h| h.id == m.id).collect();
+    assert_eq!(first.len(), 1);
+    all_verified(&r);
+    fanout.broker.close().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_messages_are_replayed_with_the_same_id() {
+    let app = TestApp::spawn().await;
+    with_entitlement(&app).await;
+    let healthy = Arc::new(AtomicBool::new(false));
+    let h = healthy.clone();
+    let r = Receiver::start(&[SECRET], move |_| {
+        Reply::Status(if h.load(Ordering::SeqCst) { 200 } else { 500 })
+    })
+    .await;
+    let ep = add_endpoint(&app, &r.url, None, SECRET).await;
+    pay(&app, "pay_1", "cus_1", "evt_1").await;
+    let m = wait_messages(&app, &ep, 1, "failed").await.remove(0);
+    assert_eq!(m.attempts, 4);
+    assert_eq!(r.count(), 4);
+
+    healthy.store(true, Ordering::SeqCst);
+    let mut conn = app.pool.acquire().await.unwrap();
+    let ids = replay::replay_failed(&mut conn, &app.business(), &ep.id)
+        .await
+        .unwrap();
+    assert_eq!(ids, vec![m.id.clone()]);
+    wait_messages(&app, &ep, 1, "delivered").await;
+    assert_eq!(r.count(), 5);
+
+    // One message, again, on request.
+    assert!(
+        replay::replay_message(&mut conn, &app.business(), &m.id)
+            .await
+            .unwrap()
+    );
+    wait_for("the replayed message", || async {
+        (r.count() == 6).then_some(())
+    })
+    .await;
+    wait_messages(&app, &ep, 1, "delivered").await;
+    assert!(r.hits().iter().all(|h| h.id == m.id));
+    all_verified(&r);
+    assert!(
+        !replay::replay_message(&mut conn, &app.business(), "msg_nope")
+            .await
+            .unwrap()
+    );
+    drop(conn);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_are_checked_on_save_and_limited_to_five() {
+    let app = TestApp::spawn().await;
+    let strict = TargetPolicy {
+        allow_private: false,
+    };
+    let mut conn = app.pool.acquire().await.unwrap();
+    let try_create = |url: &str| NewEndpoint {
+        url: url.to_string(),
+        ..NewEndpoint::default()
+    };
+    let b = app.business();
+    for (url, want) in [
+        ("http://93.184.216.34/hook", "Scheme"),
+        ("https://127.0.0.1/hook", "NotPublic"),
+        ("https://[::1]/hook", "NotPublic"),
+        ("https://localhost/hook", "NotPublic"),
+        ("https://10.0.0.8/hook", "NotPublic"),
+        ("https://169.254.169.254/latest", "NotPublic"),
+    ] {
+        let e = endpoints::create(&mut conn, &b, try_create(url), strict)
+            .await
+            .unwrap_err();
+        let ok = matches!(
+            (&e, want),
+            (EndpointError::Url(SsrfError::Scheme), "Scheme")
+                | (EndpointError::Url(SsrfError::NotPublic(_)), "NotPublic")
+        );
+        assert!(ok, "{url}: {e:?}");
+    }
+    let created = endpoints::create(&mut conn, &b, try_create("https://1.1.1.1/hook"), strict)
+        .await
+        .unwrap();
+    assert!(created.secret.starts_with("whsec_"));
+    assert!(!format!("{created:?}").contains(&created.secret));
+    for _ in 0..4 {
+        endpoints::create(&mut conn, &b, try_create("http://127.0.0.1:9/hook"), LOCAL)
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        endpoints::create(&mut conn, &b, try_create("https://1.1.1.1/hook"), strict).await,
+        Err(EndpointError::TooMany)
+    ));
+    assert_eq!(endpoints::list(&mut conn, &b).await.unwrap().len(), 5);
+    endpoints::delete(&mut conn, &b, &created.id).await.unwrap();
+    assert_eq!(endpoints::list(&mut conn, &b).await.unwrap().len(), 4);
+    drop(conn);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_that_resolves_to_a_private_address_is_refused_at_connect_time() {
+    let app = TestApp::spawn_with(
+        TestConfig::default().env("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "false"),
+    )
+    .await;
+    with_entitlement(&app).await;
+    let r = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    // Saved while the name was public (inserted directly); it now resolves to loopback.
+    let port = r
+        .url
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let ep = add_endpoint(&app, &r.url, None, SECRET).await;
+    sqlx::query("UPDATE webhook_endpoints SET url = $1 WHERE id = $2")
+        .bind(format!("https://localhost:{port}/hook"))
+        .bind(&ep.id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    pay(&app, "pay_1", "cus_1", "evt_1").await;
+    let m = wait_messages(&app, &ep, 1, "failed").await.remove(0);
+    assert_eq!(r.count(), 0);
+    let attempts = attempts_of(&app, &m.id).await;
+    assert_eq!(attempts.len(), 4);
+    assert!(
+        attempts.iter().all(|a| a.status_code.is_none()
+            && a.error.as_deref().unwrap().contains("no public address")),
+        "{attempts:?}"
+    );
+    app.stop().await;
+}
+
+/// Publishes a body straight to one of guildgate's queues (as a redelivery would).
+async fn republish(app: &TestApp, queue: &str, body: &[u8]) {
+    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            Default::default(),
+            body,
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let _ = app;
+    let _ = conn.close(200, "done".into()).await;
+}
