@@ -1,0 +1,332 @@
+//! The README's run command: `cargo run --example demo`.
+//!
+//! Starts a sandbox Discord (a stand-in for Discord's API, in-process), then guildgate
+//! pointed at it and at the local PostgreSQL and RabbitMQ, and plays one customer's
+//! purchase end to end while printing what happens:
+//!
+//! 1. the merchant's setup: a Discord server with a "Patrons" role, an entitlement for
+//!    it attached to a product, a webhook endpoint (a small receiver in this process
+//!    that verifies every signature with the `standardwebhooks` crate);
+//! 2. the platform publishes `payment.succeeded` → a `Pending` grant with an `oauth_url`;
+//! 3. the customer follows the link, presses Authorize on the consent page, lands on
+//!    guildgate's result page → the grant is `Delivered` and the member holds the role;
+//! 4. the platform publishes `refund.succeeded` → `Revoked`, the role is gone.
+//!
+//! Uses the database `guildgate_demo` (created if missing) and the queue prefix
+//! `guildgate-demo`; `--keep-running` leaves guildgate serving afterwards.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use guildgate::app::{App, Options};
+use guildgate::config::Settings;
+use guildgate::grants::Grant;
+use guildgate::grants::link::LinkBuilder;
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use sandbox_discord::{Consent, GuildSpec, Sandbox, SandboxConfig, UserSpec, permissions};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const BUSINESS: &str = "bus_demo";
+
+fn step(n: u32, text: &str) {
+    println!("\n\x1b[1m{n}. {text}\x1b[0m");
+}
+
+async fn wait_grant(
+    pool: &sqlx::PgPool,
+    customer: &str,
+    what: &str,
+    pred: impl Fn(&Grant) -> bool,
+) -> Grant {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let g: Option<Grant> =
+            sqlx::query_as("SELECT * FROM grants WHERE business_id = $1 AND customer_id = $2 ORDER BY created_at DESC LIMIT 1")
+                .bind(BUSINESS)
+                .bind(customer)
+                .fetch_optional(pool)
+                .await
+                .expect("database");
+        if let Some(g) = g.filter(|g| pred(g)) {
+            return g;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for the grant to be {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn publish(conn: &Connection, exchange: &str, event: &Value, id: &str) {
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let rk = event["type"].as_str().unwrap();
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            rk.into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(event).unwrap(),
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(id.into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    println!("   published {rk} (event id {id})");
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let keep_running = std::env::args().any(|a| a == "--keep-running");
+
+    // --- A sandbox Discord with the merchant's server.
+    let sandbox = Sandbox::start(SandboxConfig::default()).await;
+    let guild = sandbox.add_guild(
+        GuildSpec::new("Acme Community")
+            .with_bot_permissions(
+                permissions::MANAGE_ROLES
+                    | permissions::KICK_MEMBERS
+                    | permissions::CREATE_INSTANT_INVITE,
+            )
+            .with_role("Patrons", 1),
+    );
+    let role = guild.role("Patrons");
+    let ada = sandbox.add_user(UserSpec::new("ada"));
+
+    // --- A webhook receiver that verifies what guildgate signs.
+    let received: Arc<Mutex<Vec<String>>> = Arc::default();
+    let secret = "whsec_ZGVtby13ZWJob29rLXNlY3JldC0zMi1ieXRlcyE=";
+    let verifier = Arc::new(standardwebhooks::Webhook::new(secret).expect("valid secret"));
+    let rx = received.clone();
+    let receiver = axum::Router::new().route(
+        "/hooks",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let (rx, verifier) = (rx.clone(), verifier.clone());
+            async move {
+                let ok = verifier.verify(&body, &headers).is_ok();
+                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                let line = format!(
+                    "   webhook {} (status {}), signature {}",
+                    v["type"].as_str().unwrap_or("?"),
+                    v["data"]["status"].as_str().unwrap_or("?"),
+                    if ok { "verified" } else { "INVALID" }
+                );
+                println!("{line}");
+                rx.lock().unwrap().push(line);
+                StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let hooks = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hooks_url = format!("http://{}/hooks", hooks.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(hooks, receiver).await });
+
+    // --- guildgate, pointed at the sandbox.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let env: HashMap<String, String> = [
+        (
+            "GUILDGATE_DATABASE__URL",
+            std::env::var("GUILDGATE_DATABASE__URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/guildgate_demo".into()),
+        ),
+        ("GUILDGATE_AMQP__QUEUE_PREFIX", "guildgate-demo".into()),
+        ("GUILDGATE_AMQP__EXCHANGE", "guildgate-demo.payments".into()),
+        ("GUILDGATE_HTTP__ADDR", format!("127.0.0.1:{port}")),
+        (
+            "GUILDGATE_HTTP__PUBLIC_URL",
+            format!("http://127.0.0.1:{port}"),
+        ),
+        ("GUILDGATE_DISCORD__API_BASE", sandbox.api_base()),
+        ("GUILDGATE_DISCORD__AUTHORIZE_URL", sandbox.authorize_url()),
+        (
+            "GUILDGATE_DISCORD__CLIENT_ID",
+            sandbox.client_id().to_string(),
+        ),
+        (
+            "GUILDGATE_DISCORD__CLIENT_SECRET",
+            sandbox.client_secret().to_string(),
+        ),
+        (
+            "GUILDGATE_DISCORD__BOT_TOKEN",
+            sandbox.bot_token().to_string(),
+        ),
+        ("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .chain(std::env::vars().filter(|(k, _)| k.starts_with("GUILDGATE_AMQP__URL")))
+    .collect();
+    let settings = Settings::load_with_env(None, Some(env)).expect("settings");
+    let app = App::build_with_listener(settings.clone(), Options::default(), listener)
+        .await
+        .expect("guildgate starts (are PostgreSQL and RabbitMQ running? see README)");
+    let pool = app.pool.clone();
+    let links = LinkBuilder::from_settings(&settings);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    println!(
+        "guildgate is serving on http://127.0.0.1:{port}; sandbox Discord on {}",
+        sandbox.base_url()
+    );
+
+    step(
+        1,
+        "The merchant connects 'Acme Community', sells its 'Patrons' role, and registers a webhook",
+    );
+    let product = "pdt_patrons_lifetime";
+    {
+        let mut c = pool.acquire().await.unwrap();
+        guildgate::store::setup::ensure_business(&mut c, BUSINESS)
+            .await
+            .unwrap();
+        let ent = guildgate::store::setup::insert_entitlement(
+            &mut c,
+            BUSINESS,
+            "Patrons Discord Role",
+            &guild.guild_id.to_string(),
+            Some(&role.to_string()),
+        )
+        .await
+        .unwrap();
+        guildgate::store::setup::set_product_entitlements(
+            &mut c,
+            BUSINESS,
+            product,
+            std::slice::from_ref(&ent.id),
+        )
+        .await
+        .unwrap();
+        // One demo endpoint at a time: remove the ones earlier runs registered.
+        for e in guildgate::webhooks::endpoints::list(&mut c, BUSINESS)
+            .await
+            .unwrap()
+        {
+            let _ = guildgate::webhooks::endpoints::delete(&mut c, BUSINESS, &e.id).await;
+        }
+        guildgate::webhooks::endpoints::create(
+            &mut c,
+            BUSINESS,
+            guildgate::webhooks::endpoints::NewEndpoint {
+                url: hooks_url.clone(),
+                description: Some("demo receiver".into()),
+                filter_types: None,
+                secret: Some(secret.into()),
+            },
+            guildgate::webhooks::ssrf::TargetPolicy {
+                allow_private: true,
+            },
+        )
+        .await
+        .expect("endpoint saved");
+        println!(
+            "   entitlement {} → guild {} role {}; product {product}",
+            ent.id, guild.guild_id, role
+        );
+    }
+
+    let amqp = Connection::connect(
+        &std::env::var("GUILDGATE_AMQP__URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let run = chrono::Utc::now().timestamp_millis();
+    let (payment, customer) = (format!("pay_demo{run}"), format!("cus_demo{run}"));
+    let now = chrono::Utc::now().to_rfc3339();
+
+    step(2, "The platform publishes payment.succeeded");
+    let cust = json!({"customer_id": customer, "email": "ada@example.com", "name": "Ada Lovelace", "metadata": {}, "phone_number": null});
+    publish(&amqp, &settings.amqp.exchange, &json!({
+        "business_id": BUSINESS, "type": "payment.succeeded", "timestamp": now,
+        "data": {"payload_type": "Payment", "payment_id": payment, "business_id": BUSINESS, "brand_id": "brd_demo",
+                 "customer": cust, "subscription_id": null, "product_cart": [{"product_id": product, "quantity": 1}],
+                 "total_amount": 4900, "currency": "USD", "status": "succeeded"}
+    }), &format!("evt_pay{run}")).await;
+    let g = wait_grant(&pool, &customer, "Pending", |g| g.status == "Pending").await;
+    let url = links.url(&g.id, &g.oauth_nonce, g.oauth_expires_at);
+    println!(
+        "   grant {} is Pending; the customer's link:\n   {url}",
+        g.id
+    );
+
+    step(
+        3,
+        "Ada opens the link, presses Authorize, and lands on guildgate's page",
+    );
+    let callback = sandbox
+        .consent(&url, ada, Consent::Authorize)
+        .await
+        .expect("consent");
+    let page = reqwest::get(&callback)
+        .await
+        .expect("callback")
+        .text()
+        .await
+        .unwrap_or_default();
+    let title = page
+        .split("<title>")
+        .nth(1)
+        .and_then(|t| t.split("</title>").next())
+        .unwrap_or("?");
+    println!("   result page: \"{title}\"");
+    let g = wait_grant(&pool, &customer, "Delivered", |g| g.status == "Delivered").await;
+    let member = sandbox.member(guild.guild_id, ada).expect("ada joined");
+    println!(
+        "   grant {} is Delivered; in Discord ada holds roles {:?} (Patrons = {role})",
+        g.id, member.roles
+    );
+
+    step(4, "The platform publishes refund.succeeded");
+    publish(&amqp, &settings.amqp.exchange, &json!({
+        "business_id": BUSINESS, "type": "refund.succeeded", "timestamp": chrono::Utc::now().to_rfc3339(),
+        "data": {"payload_type": "Refund", "refund_id": format!("ref_demo{run}"), "payment_id": payment, "business_id": BUSINESS,
+                 "is_partial": false, "amount": 4900, "currency": "USD", "status": "succeeded"}
+    }), &format!("evt_ref{run}")).await;
+    let g = wait_grant(&pool, &customer, "Revoked", |g| g.status == "Revoked").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sandbox
+        .member(guild.guild_id, ada)
+        .is_some_and(|m| m.roles.contains(&role))
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let roles = sandbox
+        .member(guild.guild_id, ada)
+        .map(|m| m.roles)
+        .unwrap_or_default();
+    println!(
+        "   grant {} is Revoked ({}); ada's roles now {:?}",
+        g.id,
+        g.revocation_reason.as_deref().unwrap_or("?"),
+        roles
+    );
+
+    // The four webhooks arrive asynchronously; give them a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while received.lock().unwrap().len() < 3 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "\nDone: {} signed webhooks received.",
+        received.lock().unwrap().len()
+    );
+    if keep_running {
+        println!("guildgate keeps serving on http://127.0.0.1:{port} (Ctrl-C to stop)");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    shutdown.cancel();
+    let _ = running.await;
+}
