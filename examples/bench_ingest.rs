@@ -8,7 +8,8 @@
 //! prefetch, consumer count and ack mode, doing no database work. The last line is JSON.
 //!
 //! Uses `GUILDGATE_TEST_DATABASE_URL` / `GUILDGATE_TEST_AMQP_URL` like the tests and
-//! deletes its database, queues and exchanges at the end.
+//! deletes its database, queues and exchanges at the end. `--no-relay` leaves the
+//! outbox unrelayed, to show what relaying its rows (about 2.4 per event) costs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -259,8 +260,10 @@ async fn main() {
     .unwrap();
     let acked = Arc::new(AtomicUsize::new(0));
     let stop = CancellationToken::new();
+    let mut consumer_channels = Vec::new();
     for _ in 0..consumers {
         let c = conn.create_channel().await.unwrap();
+        consumer_channels.push(c.clone());
         c.basic_qos(prefetch, BasicQosOptions::default())
             .await
             .unwrap();
@@ -307,14 +310,25 @@ async fn main() {
     }
     let baseline_secs = started.elapsed().as_secs_f64();
     stop.cancel();
+    for c in consumer_channels {
+        let _ = c.close(200, "done".into()).await;
+    }
     ch.queue_delete(baseline_q.as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();
 
     // --- guildgate.
-    let app = App::build(settings.clone(), Options::default())
-        .await
-        .unwrap();
+    // Ingest only: the relay still publishes every webhook and sync job, but nothing
+    // consumes them (there is no Discord or merchant endpoint in this benchmark).
+    // `--no-relay` also leaves the outbox unrelayed, to show what relaying costs.
+    let options = Options {
+        sync: false,
+        webhooks: false,
+        relay: !args.iter().any(|a| a == "--no-relay"),
+        ..Options::default()
+    };
+    let relay_on = options.relay;
+    let app = App::build(settings.clone(), options).await.unwrap();
     {
         let mut c = app.pool.acquire().await.unwrap();
         use guildgate::store::setup::*;
@@ -432,6 +446,7 @@ async fn main() {
             "consumers": consumers,
             "prefetch": prefetch,
             "batch_size": settings.amqp.batch_size,
+            "relay": relay_on,
         })
     );
 }
