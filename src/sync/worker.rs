@@ -203,13 +203,15 @@ impl SyncWorker {
         // A delivered grant is checked against Discord (level-triggered); a first
         // delivery just tries to add, which also says whether they were in.
         let mut member = MemberState::Unknown;
-        if live && g.status() == GrantStatus::Delivered && applied == desired {
-            if let Some(d) = desired {
-                member = match self.discord.member(d.guild, d.user).await? {
-                    None => MemberState::Absent,
-                    Some(m) => MemberState::Present { roles: m.roles },
-                };
-            }
+        if live
+            && g.status() == GrantStatus::Delivered
+            && applied == desired
+            && let Some(d) = desired
+        {
+            member = match self.discord.member(d.guild, d.user).await? {
+                None => MemberState::Absent,
+                Some(m) => MemberState::Present { roles: m.roles },
+            };
         }
         let mut token: Option<SecretString> = None;
         for _ in 0..4 {
@@ -384,18 +386,19 @@ impl SyncWorker {
         };
         // Revoked meanwhile: keep the record of what was applied (the revoke's own job
         // undoes it), but do not deliver.
-        if s.plan.delivers && grant.status().is_live() {
-            if let Some(delivered) = db::mark_delivered(&mut tx, &grant.id, now).await? {
-                emit(
-                    &mut tx,
-                    &self.links,
-                    &delivered,
-                    GrantEventType::Delivered,
-                    now,
-                )
-                .await?;
-                label = "delivered";
-            }
+        if s.plan.delivers
+            && grant.status().is_live()
+            && let Some(delivered) = db::mark_delivered(&mut tx, &grant.id, now).await?
+        {
+            emit(
+                &mut tx,
+                &self.links,
+                &delivered,
+                GrantEventType::Delivered,
+                now,
+            )
+            .await?;
+            label = "delivered";
         }
         tx.commit().await?;
         Ok(Outcome::Ack(label))
