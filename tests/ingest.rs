@@ -9,7 +9,7 @@ use common::{TestApp, wait_for};
 const T0: &str = "2026-05-01T10:31:00Z";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_time_payment_creates_a_pending_grant_with_webhook_and_sync_job() {
+async fn one_time_payment_creates_a_pending_grant_with_its_webhook_and_a_sync_job_once_linked() {
     let app = TestApp::spawn_ingest().await;
     let ent = app
         .entitlement_for(
@@ -54,9 +54,22 @@ async fn one_time_payment_creates_a_pending_grant_with_webhook_and_sync_job() {
         "redirect_uri=http%3A%2F%2F127.0.0.1%3A{}%2Foauth%2Fdiscord%2Fcallback",
         app.addr.port()
     )));
+    // The customer never linked Discord: nothing to do there until the OAuth callback.
+    assert_eq!(app.queue_len(&app.names.discord_sync()).await, 0);
+
+    // A customer who linked Discord before gets a sync job with the grant.
+    app.mark_linked("cus_2").await;
+    app.publish(
+        &payment(&app.business(), "pay_2", "cus_2", &["pdt_lifetime"], T0),
+        "evt_2",
+    )
+    .await;
+    app.wait_processed(2).await;
+    app.wait_outbox_empty().await;
+    let g2 = app.grants_of("cus_2").await.remove(0);
     let jobs = app.drain_queue(&app.names.discord_sync()).await;
     assert_eq!(jobs.len(), 1);
-    assert_eq!(jobs[0].json()["grant_id"], g.id.as_str());
+    assert_eq!(jobs[0].json()["grant_id"], g2.id.as_str());
     app.stop().await;
 }
 

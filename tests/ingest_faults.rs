@@ -128,6 +128,7 @@ async fn relay_crash_between_publish_and_delete_republishes_with_the_same_ids() 
     let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_life", GUILD, None).await;
     app.relay.crash_after_publish.store(true, Ordering::SeqCst);
+    app.mark_linked("cus_0").await; // so the grant also gets a sync job
     publish_payments(&app, 0..1).await;
     app.wait_processed(1).await;
     app.wait_outbox_empty().await;

@@ -82,6 +82,8 @@ struct State {
     pay_grants: HashMap<Key, Vec<Grant>>,
     payments: HashMap<Key, Option<String>>,
     reversals: HashMap<Key, RevocationReason>,
+    /// Customers who linked a Discord account: only their grants can need Discord work.
+    linked: HashSet<Key>,
 }
 
 /// The writes a batch makes, flushed once at the end.
@@ -108,20 +110,24 @@ impl Writes {
         self.outbox_payloads.push(payload);
     }
 
-    /// The outbox rows of one grant transition (see [`emit`]).
+    /// The outbox rows of one grant transition: its webhook, and a sync job when
+    /// `needs_sync` — the customer has linked Discord (a delivery may be under way or
+    /// due) or the grant applied something that a revoke must undo. A grant of a customer
+    /// who never linked has nothing in Discord; the OAuth callback queues its sync.
     fn transition(
         &mut self,
         links: &LinkBuilder,
         g: &Grant,
         ev: GrantEventType,
         now: DateTime<Utc>,
+        needs_sync: bool,
     ) {
         self.outbox(
             OutboxKind::GrantEvent,
             grant_event_id(&g.id, ev),
             webhook_body(g, ev, now, links),
         );
-        if matches!(ev, GrantEventType::Created | GrantEventType::Revoked) {
+        if needs_sync && matches!(ev, GrantEventType::Created | GrantEventType::Revoked) {
             let (id, payload) = sync_job(&g.id);
             self.outbox(OutboxKind::Sync, id, payload);
         }
@@ -240,6 +246,33 @@ impl Applier {
                 );
                 state.sub_grants.entry(k).or_default().push(g);
             }
+        }
+        // Customers named by the events and by the grants they may touch.
+        let mut pairs: HashSet<(String, String)> = HashSet::new();
+        for e in events {
+            let c = match &e.kind {
+                EventKind::PaymentSucceeded(p) => Some(&p.customer_id),
+                EventKind::Subscription(_, s) => Some(&s.customer_id),
+                _ => None,
+            };
+            if let Some(c) = c {
+                pairs.insert((e.business_id.to_string(), c.to_string()));
+            }
+        }
+        for g in state
+            .sub_grants
+            .values()
+            .chain(state.pay_grants.values())
+            .flatten()
+        {
+            pairs.insert((g.business_id.clone(), g.customer_id.clone()));
+        }
+        if !pairs.is_empty() {
+            let (bs, cs): (Vec<String>, Vec<String>) = pairs.into_iter().unzip();
+            state.linked = db::linked_customers(conn, &bs, &cs)
+                .await?
+                .into_iter()
+                .collect();
         }
         Ok(state)
     }
@@ -395,7 +428,8 @@ impl Applier {
                     applied_guild_id: None,
                     applied_role_id: None,
                 };
-                writes.transition(&self.links, &grant, GrantEventType::Created, now);
+                let linked = state.linked.contains(&key(b, customer_id.as_str()));
+                writes.transition(&self.links, &grant, GrantEventType::Created, now, linked);
                 writes.new_grants.push(grant.id.clone());
                 let list = match source {
                     GrantSource::Payment(p) => state.pay_grants.entry(key(b, p.as_str())),
@@ -417,7 +451,9 @@ impl Applier {
                     g.revoked_at = Some(now);
                     g.revocation_reason = Some(reason.as_str().to_string());
                     g.updated_at = now;
-                    writes.transition(&self.links, g, GrantEventType::Revoked, now);
+                    let needs_sync = g.applied_user_id.is_some()
+                        || state.linked.contains(&key(&g.business_id, &g.customer_id));
+                    writes.transition(&self.links, g, GrantEventType::Revoked, now, needs_sync);
                     if !writes.new_grants.contains(&g.id) {
                         writes.revoked.push((g.id.clone(), *reason));
                     }

@@ -251,3 +251,20 @@ pub async fn insert_reversals(
     .await?;
     Ok(())
 }
+
+/// Which (business, customer) pairs have linked a Discord account.
+pub async fn linked_customers(
+    conn: &mut PgConnection,
+    businesses: &[String],
+    customers: &[String],
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT business_id, customer_id FROM discord_links
+         WHERE customer_id = ANY($2)
+           AND (business_id, customer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+    )
+    .bind(businesses)
+    .bind(customers)
+    .fetch_all(conn)
+    .await
+}

@@ -324,6 +324,24 @@ impl TestApp {
             .unwrap();
     }
 
+    /// Marks a customer as having linked a Discord account (a bare row: enough for
+    /// ingest, which only asks whether a link exists).
+    pub async fn mark_linked(&self, customer_id: &str) {
+        let mut conn = self.pool.acquire().await.unwrap();
+        store::setup::ensure_business(&mut conn, &self.business())
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO discord_links (business_id, customer_id, discord_user_id, access_token_enc, expires_at, scopes)
+             VALUES ($1, $2, '1', '\\x00', now() + interval '1 day', 'identify guilds.join')",
+        )
+        .bind(self.business())
+        .bind(customer_id)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    }
+
     /// Every grant of a customer, newest first.
     pub async fn grants_of(&self, customer_id: &str) -> Vec<Grant> {
         let mut conn = self.pool.acquire().await.unwrap();
