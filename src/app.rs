@@ -253,6 +253,34 @@ impl App {
                 "outbox relay"
             });
         }
+        if let Some(every) = self.settings.reconcile.interval {
+            // Discord reads on the side budget, never the syncer's.
+            let reconciler = crate::reconcile::Reconciler {
+                pool: self.pool.clone(),
+                discord: self.discord.clone(),
+                links: self.links.clone(),
+            };
+            let policy = self.settings.reconcile.policy;
+            let s = shutdown.clone();
+            tasks.spawn(async move {
+                reconciler.run_every(every, policy, s).await;
+                "drift reconcile"
+            });
+        }
+        {
+            let (broker, metrics, s) =
+                (self.broker.clone(), self.metrics.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                crate::metrics::sample_queue_depths(
+                    broker,
+                    metrics,
+                    crate::metrics::QUEUE_DEPTH_INTERVAL,
+                    s,
+                )
+                .await;
+                "queue depth sampler"
+            });
+        }
         let mut first_exit: Option<&'static str> = None;
         loop {
             let done = if shutdown.is_cancelled() {

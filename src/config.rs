@@ -19,6 +19,8 @@
 //! - `GUILDGATE_WEBHOOKS__RETRY_DELAYS`, `__ALLOW_PRIVATE_TARGETS`, `__TIMEOUT`,
 //!   `__WORKERS`, `__MAX_IN_FLIGHT_PER_ENDPOINT`
 //! - `GUILDGATE_LOG__FORMAT` (`text` or `json`)
+//! - `GUILDGATE_RECONCILE__INTERVAL` (a duration like `24h`; empty = off, the default),
+//!   `__POLICY` (`restore` or `revoke`, default `restore`)
 //!
 //! Secrets are [`SecretString`]: their `Debug` prints `[REDACTED]`, so logging the
 //! settings never leaks them.
@@ -68,6 +70,7 @@ pub struct Settings {
     pub sync: SyncSettings,
     pub webhooks: WebhookSettings,
     pub log: LogSettings,
+    pub reconcile: ReconcileSettings,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -180,6 +183,41 @@ pub struct LogSettings {
     pub format: LogFormat,
 }
 
+/// What reconcile does about a delivered grant whose member lacks the role or left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftPolicy {
+    /// Queue a sync of the grant: the syncer gives back what the live grant says.
+    Restore,
+    /// Revoke the grant with `platform_external`, as the platform does.
+    Revoke,
+}
+
+impl DriftPolicy {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "restore" => Some(DriftPolicy::Restore),
+            "revoke" => Some(DriftPolicy::Revoke),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftPolicy::Restore => "restore",
+            DriftPolicy::Revoke => "revoke",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct ReconcileSettings {
+    /// `serve` reconciles (and applies the fixes) this often; `None` (empty) = never.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub interval: Option<Duration>,
+    pub policy: DriftPolicy,
+}
+
 impl Settings {
     /// Defaults, then `file` (if any), then `GUILDGATE_*` environment variables.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -280,6 +318,22 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
+/// A duration, or nothing when empty (or `off`).
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    let s = s.trim();
+    if s.is_empty() || s == "off" {
+        return Ok(None);
+    }
+    let d = parse_duration(s).map_err(serde::de::Error::custom)?;
+    if d.is_zero() {
+        return Err(serde::de::Error::custom(
+            "reconcile.interval must be positive (leave it empty to turn it off)",
+        ));
+    }
+    Ok(Some(d))
+}
+
 fn duration_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -354,6 +408,29 @@ mod tests {
         );
         assert_eq!(s.webhooks.retry_delays[0], Duration::ZERO);
         assert_eq!(s.discord.oauth_link_ttl, Duration::from_secs(7 * 86400));
+        assert_eq!(s.reconcile.interval, None);
+        assert_eq!(s.reconcile.policy, DriftPolicy::Restore);
+    }
+
+    #[test]
+    fn reconcile_interval_and_policy() {
+        let s = Settings::load_with_env(
+            None,
+            Some(env(&[
+                ("GUILDGATE_RECONCILE__INTERVAL", "24h"),
+                ("GUILDGATE_RECONCILE__POLICY", "revoke"),
+            ])),
+        )
+        .unwrap();
+        assert_eq!(s.reconcile.interval, Some(Duration::from_secs(86400)));
+        assert_eq!(s.reconcile.policy, DriftPolicy::Revoke);
+        assert!(
+            Settings::load_with_env(
+                None,
+                Some(env(&[("GUILDGATE_RECONCILE__POLICY", "delete")]))
+            )
+            .is_err()
+        );
     }
 
     #[test]

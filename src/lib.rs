@@ -14,6 +14,7 @@ pub mod http;
 pub mod ids;
 pub mod metrics;
 pub mod outbox;
+pub mod reconcile;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

@@ -43,6 +43,32 @@ enum Command {
     /// Manage merchants' API keys (`Authorization: Bearer <key>` on the REST API).
     #[command(subcommand)]
     ApiKey(ApiKeyCommand),
+    /// Compare grants with Discord and report drift (a table, or JSON); --apply queues fixes.
+    ///
+    /// Finds delivered grants whose member lacks the role or left the server, revoked
+    /// grants whose member still holds it, and (when the bot may list members) members
+    /// holding a gated role without a grant. Discord is read on the small side budget,
+    /// never the syncer's. Changes nothing without --apply.
+    Reconcile {
+        /// Only grants of this business (`bus_…`).
+        #[arg(long)]
+        business: Option<String>,
+        /// Only this Discord server (guild id).
+        #[arg(long)]
+        guild: Option<String>,
+        /// Queue the fixes: `restore` queues a sync of the grant, `revoke` revokes it
+        /// (`platform_external`); a revoked grant still held gets a sync that removes the
+        /// role. Members without a grant are only reported. A running `serve` carries
+        /// the fixes out.
+        #[arg(long)]
+        apply: bool,
+        /// Drift policy for --apply (default: GUILDGATE_RECONCILE__POLICY, `restore`).
+        #[arg(long, value_parser = ["restore", "revoke"])]
+        policy: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -156,6 +182,13 @@ fn main() -> ExitCode {
             }
             Command::ApiKey(cmd) => api_key(&settings, cmd).await,
             Command::Dlq(cmd) => dlq(&settings, cmd).await,
+            Command::Reconcile {
+                business,
+                guild,
+                apply,
+                policy,
+                json,
+            } => reconcile(&settings, business, guild, apply, policy, json).await,
             Command::Topology => {
                 let broker = guildgate::amqp::Broker::new(&settings, "guildgate-topology");
                 broker.try_channel().await.map_err(|e| e.to_string())?;
@@ -295,6 +328,54 @@ async fn dlq(settings: &Settings, cmd: DlqCommand) -> Result<(), String> {
     };
     broker.close().await;
     result
+}
+
+async fn reconcile(
+    settings: &Settings,
+    business: Option<String>,
+    guild: Option<String>,
+    apply: bool,
+    policy: Option<String>,
+    json: bool,
+) -> Result<(), String> {
+    use guildgate::reconcile::{DriftPolicy, Reconciler, Scope};
+    let policy = match policy.as_deref() {
+        Some(p) => DriftPolicy::parse(p).ok_or_else(|| format!("--policy: unknown '{p}'"))?,
+        None => settings.reconcile.policy,
+    };
+    if let Some(g) = &guild
+        && guildgate::discord::Snowflake::parse(g).is_none()
+    {
+        return Err(format!("--guild: '{g}' is not a Discord id"));
+    }
+    let pool = guildgate::store::pool(&settings.database).map_err(|e| e.to_string())?;
+    let reconciler = Reconciler {
+        pool: pool.clone(),
+        // The side budget: a reconcile never starves the syncer.
+        discord: guildgate::discord::DiscordClient::side(
+            &settings.discord,
+            guildgate::metrics::Metrics::new(),
+        ),
+        links: guildgate::grants::link::LinkBuilder::from_settings(settings),
+    };
+    let scope = Scope {
+        business_id: business,
+        guild_id: guild,
+    };
+    let report = reconciler
+        .reconcile(&scope, apply, policy)
+        .await
+        .map_err(|e| e.to_string())?;
+    pool.close().await;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializable")
+        );
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
 }
 
 async fn serve(settings: Settings, no_migrate: bool, no_declare: bool) -> Result<(), String> {

@@ -27,6 +27,15 @@ fn guildgate(app: &TestApp, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Waits for a queue to hold `n` messages: messages a tool looked at but left return to
+/// the queue asynchronously once its channel closes.
+async fn wait_len(app: &TestApp, queue: &str, n: u32) {
+    wait_for(&format!("{queue} to hold {n}"), || async {
+        (app.queue_len(queue).await == n).then_some(())
+    })
+    .await
+}
+
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
 }
@@ -62,7 +71,12 @@ async fn list_replay_and_the_replay_ceiling() {
         parked[0]["source_queue"],
         app.names.payment_events().as_str()
     );
-    assert_eq!(app.queue_len(&dead).await, 1, "listing removes nothing");
+    // Listing removes nothing: the peeked message returns to the queue (the broker
+    // settles the return asynchronously, so wait for it rather than read once).
+    wait_for("the peeked message to be back", || async {
+        (app.queue_len(&dead).await == 1).then_some(())
+    })
+    .await;
 
     // Replayed, it fails again and comes back with its replay count.
     let (ok, out, err) = guildgate(
@@ -105,7 +119,7 @@ async fn list_replay_and_the_replay_ceiling() {
     let report = json(&out);
     assert_eq!(report["replayed"].as_array().unwrap().len(), 0);
     assert_eq!(report["left_parked_too_often"][0], "bad_1");
-    assert_eq!(app.queue_len(&dead).await, 1);
+    wait_len(&app, &dead, 1).await;
 
     // Purge needs --yes.
     let (ok, _, err) = guildgate(&app, &["dlq", "purge", "payment-events"]);
@@ -197,7 +211,7 @@ async fn a_parked_good_event_is_applied_when_replayed_with_filters() {
     );
     assert!(ok, "{err}");
     assert_eq!(json(&out)["replayed"][0], "evt_b");
-    assert_eq!(app.queue_len(&dead).await, 2, "a dry run changes nothing");
+    wait_len(&app, &dead, 2).await; // a dry run changes nothing
 
     let (ok, out, err) = guildgate(
         &app,
@@ -224,7 +238,7 @@ async fn a_parked_good_event_is_applied_when_replayed_with_filters() {
         app.grants_of("cus_a").await.is_empty(),
         "the other one stays parked"
     );
-    assert_eq!(app.queue_len(&dead).await, 1);
+    wait_len(&app, &dead, 1).await;
     app.stop().await;
 }
 

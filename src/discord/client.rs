@@ -338,10 +338,13 @@ impl DiscordClient {
                 ErrorBody::default()
             };
             let observed = observed.with_body_retry_after(body.retry_after, body.global);
-            if observed.counts_as_invalid() {
-                let n = self.invalid.record();
-                self.metrics.discord_invalid_requests.set(n as i64);
-            }
+            // Set on every answer, so the gauge also falls as old answers age out.
+            let n = if observed.counts_as_invalid() {
+                self.invalid.record()
+            } else {
+                self.invalid.count()
+            };
+            self.metrics.discord_invalid_requests.set(n as i64);
             ticket.complete(&observed);
             self.count(call.label, &status.to_string());
             if status == 429 {
@@ -435,6 +438,31 @@ impl DiscordClient {
         match (a.status, a.code) {
             (200, _) => a.json().map(Some),
             (404, Some(10007 | 10013)) => Ok(None),
+            _ => Err(a.guild_error(g).unwrap_or_else(|| a.unexpected())),
+        }
+    }
+
+    /// `GET /guilds/{g}/members?limit=&after=`: one page of members by user id. `None`
+    /// when Discord answers 403 50001: the bot lacks the privileged members intent (or
+    /// is not in the guild).
+    pub async fn members_page(
+        &self,
+        g: Snowflake,
+        limit: u16,
+        after: Option<Snowflake>,
+    ) -> Result<Option<Vec<Member>>, DiscordError> {
+        let after = after.map_or(0, Snowflake::get);
+        let a = self
+            .send(Self::bot_call(
+                Verb::Get,
+                format!("guilds/{g}/members?limit={limit}&after={after}"),
+                format!("guilds/{g}/members"),
+                "GET /guilds/:guild/members",
+            ))
+            .await?;
+        match (a.status, a.code) {
+            (200, _) => a.json().map(Some),
+            (403, Some(50001)) => Ok(None),
             _ => Err(a.guild_error(g).unwrap_or_else(|| a.unexpected())),
         }
     }

@@ -20,6 +20,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::Event;
 use super::apply::{Applied, Applier, lock_key};
@@ -98,6 +99,28 @@ impl EventConsumer {
         batch: &[Incoming],
         wait_for_locks: bool,
     ) -> Result<Vec<Outcome>, sqlx::Error> {
+        let span = tracing::info_span!(
+            "event_batch",
+            size = batch.len(),
+            event_ids = tracing::field::Empty
+        );
+        if !span.is_disabled() {
+            let ids: Vec<&str> = batch
+                .iter()
+                .map(|m| m.message_id.as_deref().unwrap_or("-"))
+                .collect();
+            span.record("event_ids", ids.join(",").as_str());
+        }
+        self.handle_batch_inner(batch, wait_for_locks)
+            .instrument(span)
+            .await
+    }
+
+    async fn handle_batch_inner(
+        &self,
+        batch: &[Incoming],
+        wait_for_locks: bool,
+    ) -> Result<Vec<Outcome>, sqlx::Error> {
         let now = Utc::now();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
         let mut events: Vec<(usize, Event)> = Vec::new();
@@ -124,6 +147,7 @@ impl EventConsumer {
                     for ((i, e), a) in events.iter().zip(applied) {
                         outcomes[*i] = Some(match a {
                             Some(a) => {
+                                tracing::debug!(event_id = %e.id, event_type = e.type_name(), outcome = a.as_str(), "event applied");
                                 self.metrics.event(e.type_name(), a.as_str());
                                 Outcome::Ack(a.as_str())
                             }

@@ -95,6 +95,7 @@ impl SyncWorker {
 
     /// Handles one job: `attempt` is how many retries it had. A database error is
     /// returned as such; the loop holds the job and tries again.
+    #[tracing::instrument(name = "discord_sync", skip_all, fields(grant_id = %grant_id, attempt))]
     pub async fn handle(&self, grant_id: &str, attempt: u32) -> Result<Outcome, sqlx::Error> {
         let customer = {
             let mut conn = self.pool.acquire().await?;
@@ -117,6 +118,7 @@ impl SyncWorker {
             Outcome::Retry { .. } => "retry",
             Outcome::DeadLetter { .. } => "dead_lettered",
         };
+        tracing::debug!(outcome = label, "sync job handled");
         self.metrics
             .syncs
             .get_or_create(&vec![("outcome", label.to_string())])

@@ -197,6 +197,11 @@ impl Deliverer {
     }
 
     /// Handles one job up to the point of settling it.
+    #[tracing::instrument(
+        name = "webhook_delivery",
+        skip_all,
+        fields(webhook_message_id = %job.message_id, attempt = job.attempt)
+    )]
     pub async fn handle(&self, job: &Job) -> Result<Outcome, DeliverError> {
         // Ask first when the job names its endpoint: deferring a job for a busy
         // endpoint then costs no database work (a dead endpoint's backlog cycles often).
@@ -265,6 +270,7 @@ impl Deliverer {
                 (result, sent, label)
             }
         };
+        tracing::debug!(outcome = label, status = ?sent.status, "webhook attempt");
         self.metrics
             .webhook_attempts
             .get_or_create(&vec![("outcome", label.to_string())])

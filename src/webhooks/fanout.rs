@@ -117,6 +117,7 @@ pub struct Fanout {
 
 impl Fanout {
     /// Handles one grant event; a database error is returned for the caller to retry.
+    #[tracing::instrument(name = "webhook_fanout", skip_all, fields(grant_id = tracing::field::Empty, event_type = tracing::field::Empty))]
     pub async fn handle(&self, body: &[u8]) -> Result<Outcome, sqlx::Error> {
         let event = match GrantEvent::decode(body) {
             Ok(e) => e,
@@ -127,6 +128,9 @@ impl Fanout {
                 });
             }
         };
+        let span = tracing::Span::current();
+        span.record("grant_id", tracing::field::display(&event.grant_id));
+        span.record("event_type", tracing::field::display(&event.event_type));
         let mut conn = self.pool.acquire().await?;
         let n = messages::fan_out(
             &mut conn,

@@ -1,0 +1,456 @@
+//! Drift reconciliation: compare grants with what Discord says, report the drift, and
+//! optionally queue the fixes.
+//!
+//! - [`compare`]: the pure core, `(grants, gated roles, Discord state) -> findings`.
+//! - [`Reconciler`]: the shell. Reads grants from PostgreSQL, reads Discord on the side
+//!   budget (never the syncer's, so a reconcile never starves real-time syncs), and
+//!   with `apply` writes the fixes in transactions: a sync job (the syncer makes Discord
+//!   match the grant; it is level-triggered) or a `platform_external` revoke with its
+//!   webhook. Fixes go through the outbox, relayed by a running `serve`.
+//!
+//! Members holding a gated role without a grant ([`DriftKind::Ungranted`]) are only
+//! reported: guildgate never touches a member it did not grant.
+
+pub mod compare;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub use self::compare::{DiscordState, DriftKind, Finding, GatedRole, GrantRow, compare};
+pub use crate::config::DriftPolicy;
+use crate::discord::{DiscordClient, Snowflake};
+use crate::events::apply::{emit, queue_sync};
+use crate::grants::link::LinkBuilder;
+use crate::grants::{GrantEventType, GrantStatus, RevocationReason};
+use crate::store::grants as grant_store;
+
+/// Members per page of `GET /guilds/{g}/members` (Discord's maximum).
+const PAGE: u16 = 1000;
+
+/// Which grants and guilds to look at.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    pub business_id: Option<String>,
+    pub guild_id: Option<String>,
+}
+
+/// What was done about a finding with `apply`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// A sync job was queued: the syncer makes Discord match the grant.
+    SyncQueued,
+    /// The grant was revoked (`platform_external`); its webhook and sync were queued.
+    Revoked,
+    /// The grant was revoked meanwhile; nothing to do.
+    AlreadyRevoked,
+    /// Reported only (a member guildgate did not grant is never touched).
+    ReportedOnly,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::SyncQueued => "sync_queued",
+            Action::Revoked => "revoked",
+            Action::AlreadyRevoked => "already_revoked",
+            Action::ReportedOnly => "reported_only",
+        }
+    }
+}
+
+/// A finding and, with `apply`, what was done about it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    #[serde(flatten)]
+    pub finding: Finding,
+    pub action: Option<Action>,
+}
+
+/// The outcome of one reconcile run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub findings: Vec<Row>,
+    /// Grants compared (live ones and revoked ones whose undo is not recorded).
+    pub grants_checked: usize,
+    /// Guilds whose members were listed, so `ungranted` was checked there.
+    pub guilds_listed: Vec<Snowflake>,
+    /// Guilds where Discord refused the member list (403 50001: the bot lacks the
+    /// privileged members intent): `ungranted` was not checked there.
+    pub guilds_not_listed: Vec<Snowflake>,
+    /// Discord reads that failed; the grants depending on them were not judged.
+    pub errors: Vec<String>,
+    pub applied: bool,
+    /// The policy applied, with `apply`.
+    pub policy: Option<DriftPolicy>,
+}
+
+impl Report {
+    /// A table for people.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{:<12} {:<30} {:<22} {:<20} {:<20} {:<20} ACTION",
+            "DRIFT", "GRANT", "BUSINESS", "GUILD", "ROLE", "USER"
+        );
+        for r in &self.findings {
+            let f = &r.finding;
+            let _ = writeln!(
+                s,
+                "{:<12} {:<30} {:<22} {:<20} {:<20} {:<20} {}",
+                f.kind.as_str(),
+                f.grant_id.as_deref().unwrap_or("-"),
+                f.business_id,
+                f.guild_id,
+                f.role_id.map_or("-".into(), |r| r.to_string()),
+                f.user_id,
+                r.action.map_or("-", Action::as_str),
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{} finding(s) among {} grant(s).",
+            self.findings.len(),
+            self.grants_checked
+        );
+        if !self.guilds_not_listed.is_empty() {
+            let _ = writeln!(
+                s,
+                "Members holding a gated role without a grant were NOT checked in guild(s) {}: Discord refused to list members (403 50001; enable the bot's Server Members intent).",
+                join(&self.guilds_not_listed)
+            );
+        }
+        for e in &self.errors {
+            let _ = writeln!(s, "error: {e}");
+        }
+        match self.policy {
+            Some(p) if self.applied => {
+                let _ = writeln!(
+                    s,
+                    "Applied with policy '{}': fixes are queued in the outbox; a running `guildgate serve` carries them out.",
+                    p.as_str()
+                );
+            }
+            _ => {
+                if !self.findings.is_empty() {
+                    let _ = writeln!(s, "Nothing changed; run with --apply to queue the fixes.");
+                }
+            }
+        }
+        s
+    }
+}
+
+fn join(ids: &[Snowflake]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+#[derive(sqlx::FromRow)]
+struct DbGrant {
+    id: String,
+    business_id: String,
+    customer_id: String,
+    status: String,
+    applied_user_id: Option<String>,
+    applied_guild_id: Option<String>,
+    applied_role_id: Option<String>,
+    guild_id: String,
+    role_id: Option<String>,
+    discord_user_id: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct DbGated {
+    business_id: String,
+    guild_id: String,
+    role_id: String,
+}
+
+fn snowflake(s: Option<&str>) -> Option<Snowflake> {
+    s.and_then(Snowflake::parse)
+}
+
+/// Compares grants with Discord and, with `apply`, queues the fixes.
+#[derive(Clone, Debug)]
+pub struct Reconciler {
+    pub pool: PgPool,
+    /// Must be a side-budget client ([`DiscordClient::side`]), never the syncer's.
+    pub discord: DiscordClient,
+    pub links: LinkBuilder,
+}
+
+impl Reconciler {
+    /// Live grants, and revoked ones that still record what they applied (the syncer
+    /// clears that once it undid it), in scope.
+    async fn grants(&self, scope: &Scope) -> Result<Vec<GrantRow>, sqlx::Error> {
+        let rows: Vec<DbGrant> = sqlx::query_as(
+            "SELECT g.id, g.business_id, g.customer_id, g.status, g.applied_user_id,
+                    g.applied_guild_id, g.applied_role_id, e.guild_id, e.role_id, l.discord_user_id
+             FROM grants g
+             JOIN entitlements e ON e.id = g.entitlement_id
+             LEFT JOIN discord_links l ON l.business_id = g.business_id AND l.customer_id = g.customer_id
+             WHERE (g.status <> 'Revoked' OR g.applied_user_id IS NOT NULL)
+               AND ($1::text IS NULL OR g.business_id = $1)
+               AND ($2::text IS NULL OR e.guild_id = $2 OR g.applied_guild_id = $2)
+             ORDER BY g.created_at, g.id",
+        )
+        .bind(&scope.business_id)
+        .bind(&scope.guild_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                Some(GrantRow {
+                    status: GrantStatus::parse(&r.status)?,
+                    applied_user: snowflake(r.applied_user_id.as_deref()),
+                    applied_guild: snowflake(r.applied_guild_id.as_deref()),
+                    applied_role: snowflake(r.applied_role_id.as_deref()),
+                    entitlement_guild: Snowflake::parse(&r.guild_id),
+                    entitlement_role: snowflake(r.role_id.as_deref()),
+                    linked_user: snowflake(r.discord_user_id.as_deref()),
+                    id: r.id,
+                    business_id: r.business_id,
+                    customer_id: r.customer_id,
+                })
+            })
+            .collect())
+    }
+
+    /// Roles that entitlements (not deleted) gate, in scope.
+    async fn gated(&self, scope: &Scope) -> Result<Vec<GatedRole>, sqlx::Error> {
+        let rows: Vec<DbGated> = sqlx::query_as(
+            "SELECT DISTINCT business_id, guild_id, role_id FROM entitlements
+             WHERE deleted_at IS NULL AND role_id IS NOT NULL
+               AND ($1::text IS NULL OR business_id = $1)
+               AND ($2::text IS NULL OR guild_id = $2)",
+        )
+        .bind(&scope.business_id)
+        .bind(&scope.guild_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                Some(GatedRole {
+                    guild: Snowflake::parse(&r.guild_id)?,
+                    role: Snowflake::parse(&r.role_id)?,
+                    business_id: r.business_id,
+                })
+            })
+            .collect())
+    }
+
+    /// Every member of a guild, page by page; `Ok(None)` if Discord refuses the list.
+    async fn list_members(
+        &self,
+        guild: Snowflake,
+    ) -> Result<Option<HashMap<Snowflake, Vec<Snowflake>>>, crate::discord::DiscordError> {
+        let mut out = HashMap::new();
+        let mut after = None;
+        loop {
+            let Some(page) = self.discord.members_page(guild, PAGE, after).await? else {
+                return Ok(None);
+            };
+            let n = page.len();
+            for m in page {
+                if let Some(u) = m.user {
+                    after = Some(after.map_or(u.id, |a: Snowflake| a.max(u.id)));
+                    out.insert(u.id, m.roles);
+                }
+            }
+            if n < PAGE as usize {
+                return Ok(Some(out));
+            }
+        }
+    }
+
+    /// Compares grants in `scope` with Discord; nothing is changed.
+    pub async fn check(&self, scope: &Scope) -> Result<Report, ReconcileError> {
+        let grants = self.grants(scope).await?;
+        let gated = self.gated(scope).await?;
+        let mut discord = DiscordState::default();
+        let mut report = Report {
+            findings: Vec::new(),
+            grants_checked: grants.len(),
+            guilds_listed: Vec::new(),
+            guilds_not_listed: Vec::new(),
+            errors: Vec::new(),
+            applied: false,
+            policy: None,
+        };
+        let guilds: BTreeSet<Snowflake> = gated.iter().map(|g| g.guild).collect();
+        for guild in guilds {
+            match self.list_members(guild).await {
+                Ok(Some(members)) => {
+                    discord.listed.insert(guild, members);
+                    report.guilds_listed.push(guild);
+                }
+                Ok(None) => report.guilds_not_listed.push(guild),
+                Err(e) => report
+                    .errors
+                    .push(format!("listing the members of guild {guild}: {e}")),
+            }
+        }
+        // Members the listings did not cover, each read once.
+        let mut wanted: BTreeSet<(Snowflake, Snowflake)> = BTreeSet::new();
+        for g in &grants {
+            let a = match g.status {
+                GrantStatus::Delivered => g.expected(),
+                GrantStatus::Revoked => g.applied(),
+                _ => None,
+            };
+            if let Some(a) = a
+                && !discord.listed.contains_key(&a.guild)
+            {
+                wanted.insert((a.guild, a.user));
+            }
+        }
+        let mut failed_guilds: HashSet<Snowflake> = HashSet::new();
+        for (guild, user) in wanted {
+            if failed_guilds.contains(&guild) {
+                continue;
+            }
+            match self.discord.member(guild, user).await {
+                Ok(m) => {
+                    discord.members.insert((guild, user), m.map(|m| m.roles));
+                }
+                Err(e) => {
+                    if e.human_code().is_some() {
+                        // The guild itself is unreadable (bot removed, …): one error.
+                        failed_guilds.insert(guild);
+                        report
+                            .errors
+                            .push(format!("reading members of guild {guild}: {e}"));
+                    } else {
+                        report
+                            .errors
+                            .push(format!("reading member {user} of guild {guild}: {e}"));
+                    }
+                }
+            }
+        }
+        report.findings = compare(&grants, &gated, &discord)
+            .into_iter()
+            .map(|finding| Row {
+                finding,
+                action: None,
+            })
+            .collect();
+        Ok(report)
+    }
+
+    /// Compares and queues the fixes by `policy`.
+    pub async fn reconcile(
+        &self,
+        scope: &Scope,
+        apply: bool,
+        policy: DriftPolicy,
+    ) -> Result<Report, ReconcileError> {
+        let mut report = self.check(scope).await?;
+        if apply {
+            for row in &mut report.findings {
+                row.action = Some(self.fix(&row.finding, policy).await?);
+            }
+            report.applied = true;
+            report.policy = Some(policy);
+        }
+        Ok(report)
+    }
+
+    async fn fix(&self, f: &Finding, policy: DriftPolicy) -> Result<Action, sqlx::Error> {
+        let Some(grant_id) = &f.grant_id else {
+            return Ok(Action::ReportedOnly);
+        };
+        let mut tx = self.pool.begin().await?;
+        let action = match (f.kind, policy) {
+            (DriftKind::MissingRole | DriftKind::LeftServer, DriftPolicy::Revoke) => {
+                let now = Utc::now();
+                match grant_store::revoke(
+                    &mut tx,
+                    grant_id,
+                    RevocationReason::PlatformExternal,
+                    now,
+                )
+                .await?
+                {
+                    // The status change, its webhook and the sync job commit together.
+                    Some(revoked) => {
+                        emit(&mut tx, &self.links, &revoked, GrantEventType::Revoked, now).await?;
+                        Action::Revoked
+                    }
+                    None => Action::AlreadyRevoked,
+                }
+            }
+            // Restore, and a revoked grant still held: the syncer makes Discord match
+            // what the grant says now (it removes what a revoked grant applied).
+            (DriftKind::MissingRole | DriftKind::LeftServer, DriftPolicy::Restore)
+            | (DriftKind::StillHolds, _) => {
+                queue_sync(&mut tx, grant_id).await?;
+                Action::SyncQueued
+            }
+            (DriftKind::Ungranted, _) => Action::ReportedOnly,
+        };
+        tx.commit().await?;
+        tracing::info!(
+            grant_id = %grant_id,
+            drift = f.kind.as_str(),
+            action = action.as_str(),
+            "reconcile fixed drift"
+        );
+        Ok(action)
+    }
+
+    /// Reconciles everything every `every` (first after one interval), applying the
+    /// fixes by `policy`, until `shutdown` fires.
+    pub async fn run_every(
+        self,
+        every: Duration,
+        policy: DriftPolicy,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let scope = Scope::default();
+            let run = self.reconcile(&scope, true, policy);
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = run => r,
+            };
+            match result {
+                Ok(r) => tracing::info!(
+                    findings = r.findings.len(),
+                    grants = r.grants_checked,
+                    not_listed = r.guilds_not_listed.len(),
+                    errors = r.errors.len(),
+                    policy = policy.as_str(),
+                    "reconcile done"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reconcile failed; trying again next interval")
+                }
+            }
+        }
+    }
+}
