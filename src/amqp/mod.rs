@@ -177,6 +177,44 @@ impl Broker {
         }
     }
 
+    /// Subscribes to `queue` with `prefetch` unacknowledged deliveries, retrying until
+    /// it works or `shutdown`: the consuming channel, its consumer, and a confirm
+    /// channel for what the consumer publishes (dead letters, retries, fan-out).
+    pub async fn subscribe(
+        &self,
+        queue: &str,
+        consumer_tag: &str,
+        prefetch: u16,
+        shutdown: &CancellationToken,
+    ) -> Result<(Channel, lapin::Consumer, Channel), BrokerError> {
+        use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+        loop {
+            let ch = self.channel(shutdown).await?;
+            let publisher = self.confirm_channel(shutdown).await?;
+            let r = async {
+                ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+                ch.basic_consume(
+                    queue.into(),
+                    consumer_tag.into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            }
+            .await;
+            match r {
+                Ok(consumer) => return Ok((ch, consumer, publisher)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to {queue}; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+
     /// Closes the connection (tests, shutdown).
     pub async fn close(&self) {
         if let Some(conn) = self.inner.conn.lock().await.take() {

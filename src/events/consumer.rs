@@ -15,8 +15,8 @@ use std::time::Instant;
 use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::BasicAckOptions;
+use lapin::types::AMQPValue;
 use lapin::{Channel, Consumer};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -238,7 +238,11 @@ impl EventConsumer {
     pub async fn run(self, shutdown: CancellationToken) {
         let queue = self.broker.names().payment_events();
         loop {
-            let (ch, consumer, publisher) = match self.subscribe(&queue, &shutdown).await {
+            let (ch, consumer, publisher) = match self
+                .broker
+                .subscribe(&queue, "", self.prefetch, &shutdown)
+                .await
+            {
                 Ok(x) => x,
                 Err(_) => return, // shutting down
             };
@@ -262,39 +266,6 @@ impl EventConsumer {
                         ch.close(200, "resubscribe".into()),
                     )
                     .await;
-                }
-            }
-        }
-    }
-
-    async fn subscribe(
-        &self,
-        queue: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<(Channel, Consumer, Channel), BrokerError> {
-        loop {
-            let ch = self.broker.channel(shutdown).await?;
-            let publisher = self.broker.confirm_channel(shutdown).await?;
-            let r = async {
-                ch.basic_qos(self.prefetch, BasicQosOptions::default())
-                    .await?;
-                ch.basic_consume(
-                    queue.into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-            }
-            .await;
-            match r {
-                Ok(consumer) => return Ok((ch, consumer, publisher)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot subscribe to {queue}; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
-                        _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
-                    }
                 }
             }
         }

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::StreamExt;
+use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Consumer};
+use lapin::options::BasicAckOptions;
+use lapin::types::AMQPValue;
 use secrecy::SecretString;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
@@ -469,7 +469,11 @@ impl SyncWorker {
     pub async fn run(self, shutdown: CancellationToken) {
         let queue = self.broker.names().discord_sync();
         loop {
-            let (ch, mut consumer, publisher) = match self.subscribe(&queue, &shutdown).await {
+            let (ch, mut consumer, publisher) = match self
+                .broker
+                .subscribe(&queue, "guildgate-syncer", CONCURRENCY, &shutdown)
+                .await
+            {
                 Ok(x) => x,
                 Err(_) => return,
             };
@@ -502,39 +506,6 @@ impl SyncWorker {
                 Some(e) => {
                     tracing::warn!(error = %e, "discord-sync consumer interrupted; resubscribing");
                     let _ = ch.close(200, "resubscribe".into()).await;
-                }
-            }
-        }
-    }
-
-    async fn subscribe(
-        &self,
-        queue: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<(Channel, Consumer, Channel), BrokerError> {
-        loop {
-            let ch = self.broker.channel(shutdown).await?;
-            let publisher = self.broker.confirm_channel(shutdown).await?;
-            let r = async {
-                ch.basic_qos(CONCURRENCY, BasicQosOptions::default())
-                    .await?;
-                ch.basic_consume(
-                    queue.into(),
-                    "guildgate-syncer".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-            }
-            .await;
-            match r {
-                Ok(consumer) => return Ok((ch, consumer, publisher)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot subscribe to {queue}; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
                 }
             }
         }

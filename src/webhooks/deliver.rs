@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use serde::Deserialize;
@@ -424,50 +424,17 @@ impl Deliverer {
         let queue = self.broker.names().webhooks();
         let prefetch = u16::try_from(self.workers).unwrap_or(u16::MAX);
         loop {
-            let (ch, consumer, publisher) = match self.subscribe(&queue, prefetch, &shutdown).await
-            {
-                Ok(x) => x,
-                Err(_) => return,
-            };
+            let (ch, consumer, publisher) =
+                match self.broker.subscribe(&queue, "", prefetch, &shutdown).await {
+                    Ok(x) => x,
+                    Err(_) => return,
+                };
             self.consume(consumer, publisher, &shutdown).await;
             let _ = ch.close(200, "bye".into()).await;
             if shutdown.is_cancelled() {
                 return;
             }
             tracing::warn!("webhooks consumer interrupted; resubscribing");
-        }
-    }
-
-    async fn subscribe(
-        &self,
-        queue: &str,
-        prefetch: u16,
-        shutdown: &CancellationToken,
-    ) -> Result<(Channel, Consumer, Channel), BrokerError> {
-        loop {
-            let ch = self.broker.channel(shutdown).await?;
-            let publisher = self.broker.confirm_channel(shutdown).await?;
-            let r = async {
-                ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-                ch.basic_consume(
-                    queue.into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-            }
-            .await;
-            match r {
-                Ok(c) => return Ok((ch, c, publisher)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot subscribe to {queue}; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
-                }
-            }
         }
     }
 

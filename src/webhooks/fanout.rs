@@ -14,8 +14,8 @@ use std::time::Duration;
 use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::BasicAckOptions;
+use lapin::types::AMQPValue;
 use lapin::{Channel, Consumer};
 use serde::Deserialize;
 use sqlx::PgPool;
@@ -148,7 +148,11 @@ impl Fanout {
     pub async fn run(self, shutdown: CancellationToken) {
         let queue = self.broker.names().grant_events();
         loop {
-            let (ch, consumer, publisher) = match self.subscribe(&queue, &shutdown).await {
+            let (ch, consumer, publisher) = match self
+                .broker
+                .subscribe(&queue, "", self.prefetch, &shutdown)
+                .await
+            {
                 Ok(x) => x,
                 Err(_) => return,
             };
@@ -159,39 +163,6 @@ impl Fanout {
                 Err(e) => {
                     // Unacked grant events are redelivered by the broker.
                     tracing::warn!(error = %e, "grant-events consumer interrupted; resubscribing");
-                }
-            }
-        }
-    }
-
-    async fn subscribe(
-        &self,
-        queue: &str,
-        shutdown: &CancellationToken,
-    ) -> Result<(Channel, Consumer, Channel), BrokerError> {
-        loop {
-            let ch = self.broker.channel(shutdown).await?;
-            let publisher = self.broker.confirm_channel(shutdown).await?;
-            let r = async {
-                ch.basic_qos(self.prefetch, BasicQosOptions::default())
-                    .await?;
-                ch.basic_consume(
-                    queue.into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-            }
-            .await;
-            match r {
-                Ok(c) => return Ok((ch, c, publisher)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot subscribe to {queue}; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    }
                 }
             }
         }
