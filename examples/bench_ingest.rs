@@ -230,6 +230,14 @@ async fn main() {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
+    // Tuning knobs can be tried from the environment, e.g. GUILDGATE_AMQP__CONSUMERS=2.
+    .chain(std::env::vars().filter(|(k, _)| {
+        k.starts_with("GUILDGATE_AMQP__")
+            && k != "GUILDGATE_AMQP__QUEUE_PREFIX"
+            && k != "GUILDGATE_AMQP__EXCHANGE"
+            || k.starts_with("GUILDGATE_OUTBOX__")
+            || k.starts_with("GUILDGATE_DATABASE__MAX")
+    }))
     .collect();
     let settings = Settings::load_with_env(None, Some(env)).unwrap();
     let business = "bus_bench";
