@@ -27,6 +27,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use twilight_http_ratelimiting::{Endpoint, Method, Permit, RateLimitHeaders, RateLimiter};
 
+/// The longest a global 429 pauses every call.
+const MAX_GLOBAL_BLOCK: Duration = Duration::from_secs(3600);
+
 /// Discord's global limit per bot token, per second.
 pub const DISCORD_GLOBAL_PER_S: u32 = 50;
 
@@ -98,7 +101,10 @@ impl GlobalGate {
 
     /// Stops every acquisition for `d` (a global 429's `retry_after`).
     pub fn block_for(&self, d: Duration) {
-        let until = Instant::now() + d;
+        // A `retry_after` is Discord's word, but not an unbounded one: an absurd value
+        // (a bug or a hostile proxy) would overflow the clock, and an hour-long pause is
+        // already an incident for a human.
+        let until = Instant::now() + d.min(MAX_GLOBAL_BLOCK);
         let mut st = self.state.lock().expect("gate state");
         st.blocked_until = Some(st.blocked_until.map_or(until, |b| b.max(until)));
     }
@@ -125,7 +131,8 @@ impl Observed {
         let secs = |v: Option<String>| {
             v.and_then(|s| s.trim().parse::<f64>().ok())
                 .filter(|f| f.is_finite() && *f >= 0.0)
-                .map(Duration::from_secs_f64)
+                // `try_`: a value too large for a Duration (e.g. "1e300") is ignored, not a panic.
+                .and_then(|f| Duration::try_from_secs_f64(f).ok())
         };
         Self {
             status,
@@ -145,8 +152,11 @@ impl Observed {
 
     /// A 429 body's `retry_after` is more precise than the header's whole seconds.
     pub fn with_body_retry_after(mut self, retry_after: Option<f64>, global: Option<bool>) -> Self {
-        if let Some(r) = retry_after.filter(|f| f.is_finite() && *f >= 0.0) {
-            self.retry_after = Some(Duration::from_secs_f64(r));
+        if let Some(r) = retry_after
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .and_then(|f| Duration::try_from_secs_f64(f).ok())
+        {
+            self.retry_after = Some(r);
         }
         if global == Some(true) {
             self.global = true;
@@ -291,6 +301,13 @@ impl Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_absurd_global_retry_after_is_capped_not_a_panic() {
+        let gate = GlobalGate::new(50, Duration::from_secs(1));
+        gate.block_for(Duration::MAX);
+        gate.block_for(Duration::from_secs(u64::MAX / 2));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn gate_never_exceeds_its_limit_in_any_window() {
