@@ -8,6 +8,7 @@
 pub mod dlq;
 pub mod topology;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -238,8 +239,8 @@ pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {
 /// A message to publish to one of guildgate's own queues (through the default exchange).
 #[derive(Clone, Debug)]
 pub struct Outgoing<'a> {
-    pub exchange: &'a str,
-    pub routing_key: &'a str,
+    pub exchange: Cow<'a, str>,
+    pub routing_key: Cow<'a, str>,
     pub message_id: &'a str,
     pub body: &'a [u8],
     pub headers: FieldTable,
@@ -249,13 +250,44 @@ pub struct Outgoing<'a> {
 impl<'a> Outgoing<'a> {
     pub fn to_queue(queue: &'a str, message_id: &'a str, body: &'a [u8]) -> Self {
         Self {
-            exchange: "",
-            routing_key: queue,
+            exchange: Cow::Borrowed(""),
+            routing_key: Cow::Borrowed(queue),
             message_id,
             body,
             headers: FieldTable::default(),
             kind: None,
         }
+    }
+
+    /// A parked copy of a message that came from `source_queue`: published through the
+    /// dead-letter exchange to `<source_queue>.dead`, keeping `headers` and adding why
+    /// (`x-guildgate-reason`, `x-guildgate-reason-code`), from where and when. The
+    /// caller publishes it with [`publish_confirmed`] before acking the original, so a
+    /// crash in between leaves a copy in both places, never in neither.
+    pub fn parked(
+        names: &Names,
+        source_queue: &str,
+        message_id: &'a str,
+        body: &'a [u8],
+        headers: FieldTable,
+        code: &str,
+        reason: &str,
+    ) -> Self {
+        Self {
+            exchange: Cow::Owned(names.dead_letter_exchange()),
+            routing_key: Cow::Owned(Names::dead(source_queue)),
+            message_id,
+            body,
+            headers,
+            kind: None,
+        }
+        .header(REASON_HEADER, header_str(reason))
+        .header(REASON_CODE_HEADER, header_str(code))
+        .header(dlq::SOURCE_QUEUE_HEADER, header_str(source_queue))
+        .header(
+            "x-guildgate-dead-at",
+            AMQPValue::LongLongInt(chrono::Utc::now().timestamp()),
+        )
     }
 
     pub fn header(mut self, key: &str, value: AMQPValue) -> Self {
@@ -280,8 +312,8 @@ pub async fn publish_confirmed(ch: &Channel, messages: &[Outgoing<'_>]) -> Resul
         }
         let confirm = ch
             .basic_publish(
-                m.exchange.into(),
-                m.routing_key.into(),
+                m.exchange.as_ref().into(),
+                m.routing_key.as_ref().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -290,7 +322,7 @@ pub async fn publish_confirmed(ch: &Channel, messages: &[Outgoing<'_>]) -> Resul
                 props,
             )
             .await?;
-        confirms.push((m.routing_key, confirm));
+        confirms.push((m.routing_key.as_ref(), confirm));
     }
     for (rk, confirm) in confirms {
         let c = confirm.await?;

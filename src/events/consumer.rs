@@ -16,7 +16,6 @@ use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
-use lapin::types::AMQPValue;
 use lapin::{Channel, Consumer};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -26,9 +25,7 @@ use super::Event;
 use super::apply::{Applied, Applier, lock_key};
 use super::decode::{DecodeError, DecodeLimits, Decoded, decode};
 use crate::amqp::dlq;
-use crate::amqp::{
-    self, Broker, BrokerError, Names, Outgoing, REASON_CODE_HEADER, REASON_HEADER, header_str,
-};
+use crate::amqp::{self, Broker, BrokerError, Names, Outgoing, header_str};
 use crate::metrics::Metrics;
 use crate::store;
 
@@ -369,8 +366,6 @@ impl EventConsumer {
         publisher: &Channel,
     ) -> Result<(), BrokerError> {
         let names: &Names = self.broker.names();
-        let dlx = names.dead_letter_exchange();
-        let dead = Names::dead(&names.payment_events());
         let dead_ids: Vec<String> = incoming
             .iter()
             .map(|m| {
@@ -385,27 +380,18 @@ impl EventConsumer {
         for (i, o) in outcomes.iter().enumerate() {
             if let Outcome::DeadLetter { code, reason } = o {
                 tracing::warn!(message_id = %dead_ids[i], routing_key = %incoming[i].routing_key, code, %reason, "dead-lettering payment event");
-                let mut out = Outgoing {
-                    exchange: &dlx,
-                    routing_key: &dead,
-                    message_id: &dead_ids[i],
-                    body: &incoming[i].body,
-                    headers: batch[i].0.properties.headers().clone().unwrap_or_default(),
-                    kind: None,
-                }
-                .header(REASON_HEADER, header_str(reason))
-                .header(REASON_CODE_HEADER, header_str(code))
-                .header(
-                    dlq::SOURCE_QUEUE_HEADER,
-                    header_str(&names.payment_events()),
+                let out = Outgoing::parked(
+                    names,
+                    &names.payment_events(),
+                    &dead_ids[i],
+                    &incoming[i].body,
+                    batch[i].0.properties.headers().clone().unwrap_or_default(),
+                    code,
+                    reason,
                 )
                 .header(
                     dlq::ROUTING_KEY_HEADER,
                     header_str(&incoming[i].routing_key),
-                );
-                out.headers.insert(
-                    "x-guildgate-dead-at".into(),
-                    AMQPValue::LongLongInt(Utc::now().timestamp()),
                 );
                 parked.push(out);
                 self.metrics

@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use super::store::{self as db, LinkRow};
 use super::{Outcome, next_retry};
 use crate::amqp::{
-    self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, REASON_CODE_HEADER, REASON_HEADER,
-    header_int, header_str,
+    self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, REASON_HEADER, header_int,
+    header_str,
 };
 use crate::crypto::TokenCipher;
 use crate::discord::client::{AddMember, MemberChange};
@@ -588,25 +588,14 @@ impl SyncWorker {
                 amqp::publish_confirmed(publisher, &[out]).await?;
             }
             Outcome::DeadLetter { code, reason } => {
-                let dlx = names.dead_letter_exchange();
-                let dead = Names::dead(&names.discord_sync());
-                let mut out = Outgoing {
-                    exchange: &dlx,
-                    routing_key: &dead,
-                    message_id: &message_id,
-                    body: &d.data,
-                    headers: d.properties.headers().clone().unwrap_or_default(),
-                    kind: None,
-                }
-                .header(REASON_HEADER, header_str(&reason))
-                .header(REASON_CODE_HEADER, header_str(code))
-                .header(
-                    "x-guildgate-source-queue",
-                    header_str(&names.discord_sync()),
-                );
-                out.headers.insert(
-                    "x-guildgate-dead-at".into(),
-                    AMQPValue::LongLongInt(Utc::now().timestamp()),
+                let out = Outgoing::parked(
+                    names,
+                    &names.discord_sync(),
+                    &message_id,
+                    &d.data,
+                    d.properties.headers().clone().unwrap_or_default(),
+                    code,
+                    &reason,
                 );
                 amqp::publish_confirmed(publisher, &[out]).await?;
             }

@@ -34,10 +34,7 @@ use super::recorder::{RecordError, Recorder};
 use super::schedule::{self, AttemptResult, GiveUpReason, Next};
 use super::signing::{Secret, signature_header};
 use super::ssrf::{self, GuardedResolver, TargetPolicy};
-use crate::amqp::{
-    self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, REASON_CODE_HEADER, REASON_HEADER,
-    header_int, header_str,
-};
+use crate::amqp::{self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, header_int};
 use crate::config::WebhookSettings;
 use crate::metrics::Metrics;
 
@@ -578,24 +575,17 @@ impl Deliverer {
                 reason,
                 attempt,
             } => {
-                let (dlx, dead) = (names.dead_letter_exchange(), Names::dead(&work));
                 tracing::warn!(message_id, code, %reason, "webhook message failed; parking it");
-                let mut out = Outgoing {
-                    exchange: &dlx,
-                    routing_key: &dead,
+                let out = Outgoing::parked(
+                    names,
+                    &work,
                     message_id,
                     body,
-                    headers: FieldTable::default(),
-                    kind: None,
-                }
-                .header(REASON_HEADER, header_str(&reason))
-                .header(REASON_CODE_HEADER, header_str(code))
-                .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()))
-                .header("x-guildgate-source-queue", header_str(&work));
-                out.headers.insert(
-                    "x-guildgate-dead-at".into(),
-                    AMQPValue::LongLongInt(Utc::now().timestamp()),
-                );
+                    FieldTable::default(),
+                    code,
+                    &reason,
+                )
+                .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()));
                 amqp::publish_confirmed(publisher, &[out]).await?;
             }
         }

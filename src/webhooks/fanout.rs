@@ -11,20 +11,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
-use lapin::types::AMQPValue;
 use lapin::{Channel, Consumer};
 use serde::Deserialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::messages;
-use crate::amqp::{
-    self, Broker, BrokerError, Names, Outgoing, REASON_CODE_HEADER, REASON_HEADER, header_str,
-};
+use crate::amqp::{self, Broker, BrokerError, Names, Outgoing};
 use crate::ids::{BusinessId, GrantId};
 use crate::metrics::Metrics;
 use crate::store;
@@ -232,7 +228,7 @@ impl Fanout {
     ) -> Result<(), BrokerError> {
         if let Outcome::DeadLetter { code, reason } = outcome {
             let names: &Names = self.broker.names();
-            let (dlx, dead) = (
+            let (_dlx, _dead) = (
                 names.dead_letter_exchange(),
                 Names::dead(&names.grant_events()),
             );
@@ -243,23 +239,14 @@ impl Fanout {
                 .map(|m| m.to_string())
                 .unwrap_or_default();
             tracing::warn!(message_id = %id, code, %reason, "dead-lettering grant event");
-            let mut out = Outgoing {
-                exchange: &dlx,
-                routing_key: &dead,
-                message_id: &id,
-                body: &d.data,
-                headers: d.properties.headers().clone().unwrap_or_default(),
-                kind: None,
-            }
-            .header(REASON_HEADER, header_str(&reason))
-            .header(REASON_CODE_HEADER, header_str(code))
-            .header(
-                "x-guildgate-source-queue",
-                header_str(&names.grant_events()),
-            );
-            out.headers.insert(
-                "x-guildgate-dead-at".into(),
-                AMQPValue::LongLongInt(Utc::now().timestamp()),
+            let out = Outgoing::parked(
+                names,
+                &names.grant_events(),
+                &id,
+                &d.data,
+                d.properties.headers().clone().unwrap_or_default(),
+                code,
+                &reason,
             );
             // Confirmed before the original is acked: never in neither place.
             amqp::publish_confirmed(publisher, &[out]).await?;
