@@ -16,7 +16,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -49,7 +49,6 @@ pub struct Broker {
 }
 
 struct Inner {
-    url: SecretString,
     name: String,
     settings: Settings,
     names: Names,
@@ -62,33 +61,24 @@ struct Inner {
 
 impl Broker {
     pub fn new(settings: &Settings, name: &str) -> Self {
+        Self::build(settings, name, true)
+    }
+
+    /// A broker that never declares topology (`serve --no-declare`, read-only tools).
+    pub fn without_declare(settings: &Settings, name: &str) -> Self {
+        Self::build(settings, name, false)
+    }
+
+    fn build(settings: &Settings, name: &str, declare: bool) -> Self {
         Self {
             inner: Arc::new(Inner {
-                url: settings.amqp.url.clone(),
                 name: name.to_string(),
                 settings: settings.clone(),
                 names: Names::from_settings(settings),
                 conn: Mutex::new(None),
                 ready: false.into(),
-                declare: true,
+                declare,
             }),
-        }
-    }
-
-    /// A broker that never declares topology (`serve --no-declare`, read-only tools).
-    pub fn without_declare(settings: &Settings, name: &str) -> Self {
-        let b = Self::new(settings, name);
-        let inner = Inner {
-            url: b.inner.url.clone(),
-            name: b.inner.name.clone(),
-            settings: b.inner.settings.clone(),
-            names: b.inner.names.clone(),
-            conn: Mutex::new(None),
-            ready: false.into(),
-            declare: false,
-        };
-        Self {
-            inner: Arc::new(inner),
         }
     }
 
@@ -122,7 +112,7 @@ impl Broker {
         // Bounded, so a half-open network path cannot hang every task behind this lock.
         let conn = tokio::time::timeout(
             Duration::from_secs(15),
-            Connection::connect(self.inner.url.expose_secret(), props),
+            Connection::connect(self.inner.settings.amqp.url.expose_secret(), props),
         )
         .await
         .map_err(|_| {

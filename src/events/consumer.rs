@@ -366,37 +366,41 @@ impl EventConsumer {
         publisher: &Channel,
     ) -> Result<(), BrokerError> {
         let names: &Names = self.broker.names();
-        let dead_ids: Vec<String> = incoming
+        // The id a parked copy carries: the message's own, else the body's hash (the
+        // event id decoding would have used). Computed only for what is parked.
+        let dead_ids: Vec<(usize, String)> = outcomes
             .iter()
-            .map(|m| {
-                m.message_id.clone().unwrap_or_else(|| {
+            .enumerate()
+            .filter(|(_, o)| matches!(o, Outcome::DeadLetter { .. }))
+            .map(|(i, _)| {
+                let m = &incoming[i];
+                let id = m.message_id.clone().unwrap_or_else(|| {
                     super::decode::event_id(None, &m.body)
-                        .map(|i| i.to_string())
+                        .map(|id| id.to_string())
                         .unwrap_or_default()
-                })
+                });
+                (i, id)
             })
             .collect();
-        let mut parked = Vec::new();
-        for (i, o) in outcomes.iter().enumerate() {
-            if let Outcome::DeadLetter { code, reason } = o {
-                tracing::warn!(message_id = %dead_ids[i], routing_key = %incoming[i].routing_key, code, %reason, "dead-lettering payment event");
-                let out = Outgoing::parked(
-                    names,
-                    &names.payment_events(),
-                    &dead_ids[i],
-                    &incoming[i].body,
-                    batch[i].0.properties.headers().clone().unwrap_or_default(),
-                    code,
-                    reason,
-                )
-                .header(
-                    dlq::ROUTING_KEY_HEADER,
-                    header_str(&incoming[i].routing_key),
-                );
-                parked.push(out);
-                self.metrics
-                    .event(&incoming[i].routing_key, "dead_lettered");
-            }
+        let mut parked = Vec::with_capacity(dead_ids.len());
+        for (i, id) in &dead_ids {
+            let (i, m) = (*i, &incoming[*i]);
+            let Outcome::DeadLetter { code, reason } = &outcomes[i] else {
+                unreachable!("filtered above")
+            };
+            tracing::warn!(message_id = %id, routing_key = %m.routing_key, code, %reason, "dead-lettering payment event");
+            let out = Outgoing::parked(
+                names,
+                &names.payment_events(),
+                id,
+                &m.body,
+                batch[i].0.properties.headers().clone().unwrap_or_default(),
+                code,
+                reason,
+            )
+            .header(dlq::ROUTING_KEY_HEADER, header_str(&m.routing_key));
+            parked.push(out);
+            self.metrics.event(&m.routing_key, "dead_lettered");
         }
         if !parked.is_empty() {
             // Confirmed by the broker before the originals are acked: a crash in between
