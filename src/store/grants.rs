@@ -80,36 +80,6 @@ pub async fn get_for_update(
         .await
 }
 
-/// Every grant of a one-time payment, any status.
-pub async fn of_payment(
-    conn: &mut PgConnection,
-    business_id: &str,
-    payment_id: &str,
-) -> Result<Vec<Grant>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT * FROM grants WHERE business_id = $1 AND payment_id = $2 ORDER BY created_at, id",
-    )
-    .bind(business_id)
-    .bind(payment_id)
-    .fetch_all(conn)
-    .await
-}
-
-/// Every grant of a subscription, any status, oldest first.
-pub async fn of_subscription(
-    conn: &mut PgConnection,
-    business_id: &str,
-    subscription_id: &str,
-) -> Result<Vec<Grant>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT * FROM grants WHERE business_id = $1 AND subscription_id = $2 ORDER BY created_at, id",
-    )
-    .bind(business_id)
-    .bind(subscription_id)
-    .fetch_all(conn)
-    .await
-}
-
 /// Every grant of a customer of a business, newest first (tests, API).
 pub async fn of_customer(
     conn: &mut PgConnection,
