@@ -46,6 +46,8 @@ struct Window {
     /// Until when the client has been told the bucket is exhausted
     /// (`Remaining: 0` or a 429's retry-after).
     exhausted_until: Option<Instant>,
+    /// When the current exhaustion was first told.
+    exhausted_since: Option<Instant>,
     /// A (shared or forced) block that rejects everything until then.
     blocked_until: Option<Instant>,
 }
@@ -62,11 +64,17 @@ impl Window {
         self.blocked_until.filter(|b| now < *b).map(|b| b - now)
     }
 
-    fn told_exhausted(&self, now: Instant) -> bool {
-        self.exhausted_until.is_some_and(|t| now < t)
+    /// Whether a request sent at `sent` was sent after the client had been told the
+    /// bucket was exhausted, and before that ended.
+    fn told_exhausted(&self, sent: Instant) -> bool {
+        self.exhausted_since.is_some_and(|since| since <= sent)
+            && self.exhausted_until.is_some_and(|until| sent < until)
     }
 
-    fn extend_exhausted(&mut self, until: Instant) {
+    fn extend_exhausted(&mut self, now: Instant, until: Instant) {
+        if self.exhausted_until.is_none_or(|t| t <= now) {
+            self.exhausted_since = Some(now);
+        }
         self.exhausted_until = Some(self.exhausted_until.map_or(until, |t| t.max(until)));
     }
 }
@@ -121,6 +129,9 @@ pub(crate) struct Request<'a> {
     /// Whether the global limit applies (bot and user tokens, not the token
     /// exchange).
     pub global: bool,
+    /// When the request arrived, before any injected latency: a request already on
+    /// its way when a bucket ran out is not a violation.
+    pub sent: Instant,
 }
 
 fn take_forced(
@@ -172,11 +183,11 @@ impl Limiter {
             && self
                 .globals
                 .get(req.principal)
-                .is_some_and(|g| g.told_exhausted(now));
+                .is_some_and(|g| g.told_exhausted(req.sent));
         let bucket_violation = self
             .buckets
             .get(&key)
-            .is_some_and(|w| w.told_exhausted(now));
+            .is_some_and(|w| w.told_exhausted(req.sent));
         let verdict = |decision| Verdict {
             decision,
             bucket_violation,
@@ -190,7 +201,7 @@ impl Limiter {
                 && let Some(f) = take_forced(forced, |s| *s == ForcedScope::Global)
             {
                 g.blocked_until = Some(now + f.retry_after);
-                g.extend_exhausted(now + f.retry_after);
+                g.extend_exhausted(now, now + f.retry_after);
                 return verdict(Decision::Limited(Limited {
                     scope: RateLimitScope::Global,
                     retry_after: f.retry_after,
@@ -210,7 +221,7 @@ impl Limiter {
                 g.roll(now, cfg.global.window);
                 if g.used >= cfg.global.limit {
                     let reset = g.reset_at.unwrap_or(now);
-                    g.extend_exhausted(reset);
+                    g.extend_exhausted(now, reset);
                     return verdict(Decision::Limited(Limited {
                         scope: RateLimitScope::Global,
                         retry_after: reset - now,
@@ -229,7 +240,7 @@ impl Limiter {
             ForcedScope::Global => false,
         }) {
             w.blocked_until = Some(now + f.retry_after);
-            w.extend_exhausted(now + f.retry_after);
+            w.extend_exhausted(now, now + f.retry_after);
             return verdict(Decision::Limited(Limited {
                 scope: RateLimitScope::Shared,
                 retry_after: f.retry_after,
@@ -251,7 +262,7 @@ impl Limiter {
         w.roll(now, limit.window);
         let reset = w.reset_at.unwrap_or(now);
         if w.used >= limit.limit {
-            w.extend_exhausted(reset);
+            w.extend_exhausted(now, reset);
             return verdict(Decision::Limited(Limited {
                 scope: RateLimitScope::User,
                 retry_after: reset - now,
@@ -261,7 +272,7 @@ impl Limiter {
         }
         w.used += 1;
         if w.used >= limit.limit {
-            w.extend_exhausted(reset);
+            w.extend_exhausted(now, reset);
         }
         verdict(Decision::Allow(Some(headers_of(w, now, limit, &bucket))))
     }
@@ -277,6 +288,7 @@ mod tests {
             major: Some(1),
             principal: p,
             global: true,
+            sent: Instant::now(),
         }
     }
 

@@ -418,6 +418,7 @@ async fn api(
         Ok(ep) => ep,
         Err(resp) => return resp,
     };
+    let sent = Instant::now();
     let delay = sample_latency(&mut shared.lock());
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -456,6 +457,7 @@ async fn api(
             major: ep.major(),
             principal: &principal,
             global: !matches!(caller, Caller::Anonymous),
+            sent,
         },
     );
     if verdict.bucket_violation {

@@ -473,3 +473,37 @@ async fn request_log_and_error_counters() {
     assert_eq!(sb.stats().total_requests, 0);
     assert!(sb.requests().is_empty());
 }
+
+/// A request already on its way (here: held by injected latency) when a global 429 is
+/// answered was sent before the client could know: not a violation. One sent after the
+/// answer is.
+#[tokio::test]
+async fn requests_in_flight_when_a_limit_is_told_are_not_violations() {
+    let sb = Sandbox::start(relaxed()).await;
+    let api = Api::new(&sb);
+    let (ids, _) = guild_with_member(&sb).await;
+    let path = format!("/guilds/{}", ids.guild_id);
+    sb.set_latency(Latency::Fixed(Duration::from_millis(300)));
+    sb.force_rate_limit(ForcedRateLimit::global(1).retry_after(Duration::from_secs(5)));
+    let first = api.bot(Method::GET, &path).send();
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        api.bot(Method::GET, &path).send().await
+    };
+    let (a, b) = tokio::join!(first, second);
+    assert_eq!(a.unwrap().status(), 429, "the forced global 429");
+    assert_eq!(
+        b.unwrap().status(),
+        429,
+        "blocked, though sent before the 429"
+    );
+    assert_eq!(sb.stats().global_violations, 0);
+
+    let c = api.bot(Method::GET, &path).send().await.unwrap();
+    assert_eq!(c.status(), 429);
+    assert_eq!(
+        sb.stats().global_violations,
+        1,
+        "sent after the 429 was answered"
+    );
+}
