@@ -330,3 +330,35 @@ impl App {
         }
     }
 }
+
+/// `guildgate serve`: builds everything and runs it until SIGTERM or Ctrl-C, then lets
+/// each task finish what it holds.
+pub async fn serve(settings: Settings, options: Options) -> Result<(), String> {
+    let app = App::build(settings, options)
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(addr = %app.local_addr(), "guildgate serving");
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: finishing work in hand");
+        signal.cancel();
+    });
+    app.run_until_stopped(shutdown).await
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

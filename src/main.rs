@@ -4,9 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use guildgate::app::{App, Options};
+use guildgate::app::Options;
 use guildgate::config::{Environment, Settings};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -384,18 +383,7 @@ async fn serve(settings: Settings, no_migrate: bool, no_declare: bool) -> Result
         declare: !no_declare,
         ..Options::default()
     };
-    let app = App::build(settings, options)
-        .await
-        .map_err(|e| e.to_string())?;
-    tracing::info!(addr = %app.local_addr(), "guildgate serving");
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutdown requested: finishing work in hand");
-        signal.cancel();
-    });
-    app.run_until_stopped(shutdown).await
+    guildgate::app::serve(settings, options).await
 }
 
 async fn api_key(settings: &Settings, cmd: ApiKeyCommand) -> Result<(), String> {
@@ -436,19 +424,4 @@ async fn api_key(settings: &Settings, cmd: ApiKeyCommand) -> Result<(), String> 
             }
         }
     }
-}
-
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -8,7 +8,6 @@ mod common;
 mod discord_world;
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -16,6 +15,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use chrono::Utc;
 use common::events::payment;
+use common::worker::{Worker, WorkerCommand, sample};
 use common::{TestDb, amqp_url, tag};
 use discord_world::BOT_PERMISSIONS;
 use guildgate::amqp::Names;
@@ -24,7 +24,7 @@ use guildgate::crypto::TokenCipher;
 use guildgate::store;
 use guildgate::webhooks::endpoints::{self, NewEndpoint};
 use guildgate::webhooks::ssrf::TargetPolicy;
-use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sandbox_discord::{GuildSpec, Sandbox, SandboxConfig, UserSpec};
 use sqlx::PgPool;
@@ -33,87 +33,9 @@ const T0: &str = "2026-05-01T10:31:00Z";
 const BUSINESS: &str = "bus_H4ekzPSlcg";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// One `guildgate serve` child process.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    port: u16,
-    log: std::path::PathBuf,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, env: &HashMap<String, String>, dir: &std::path::Path) -> Self {
-        let port = free_port();
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_guildgate"))
-            .arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(env)
-            .env("GUILDGATE_HTTP__ADDR", format!("127.0.0.1:{port}"))
-            .env(
-                "GUILDGATE_HTTP__PUBLIC_URL",
-                format!("http://127.0.0.1:{port}"),
-            )
-            .env("GUILDGATE_LOG__FORMAT", "json")
-            .env("RUST_LOG", "info,sqlx=warn,lapin=warn,amq_protocol=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("the guildgate binary starts");
-        Self {
-            name,
-            child,
-            port,
-            log,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(self.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
-    /// SIGKILL: no graceful shutdown, unacked deliveries go back to their queues.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The sum of the samples of `name` whose labels contain every one of `labels`.
-fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.strip_prefix(name))
-        .filter(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        .filter(|rest| labels.iter().all(|l| rest.contains(l)))
-        .map(|rest| rest.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum::<f64>()
-        + 0.0 // an empty sum is -0.0
-}
-
 /// Everything the test started; killed and deleted even when the test panics.
 struct Cluster {
-    procs: Vec<Proc>,
+    procs: Vec<Worker>,
     db: Option<TestDb>,
     names: Names,
     settings: Settings,
@@ -128,12 +50,7 @@ impl Drop for Cluster {
         }
         if !self.passed {
             for p in &self.procs {
-                let log = std::fs::read_to_string(&p.log).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("--- last lines of {} ---", p.name);
-                for l in tail.iter().rev() {
-                    eprintln!("{l}");
-                }
+                eprintln!("--- last lines of {} ---\n{}", p.name, p.log_tail(40));
             }
         }
         let (names, settings, db) = (self.names.clone(), self.settings.clone(), self.db.take());
@@ -144,27 +61,7 @@ impl Drop for Cluster {
                 .unwrap();
             rt.block_on(async {
                 let _ = tokio::time::timeout(Duration::from_secs(20), async {
-                    if let Ok(conn) =
-                        Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-                    {
-                        if let Ok(ch) = conn.create_channel().await {
-                            for q in guildgate::amqp::topology::all_queues(&names, &settings) {
-                                let _ = ch
-                                    .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                                    .await;
-                            }
-                            for ex in [settings.amqp.exchange.clone(), names.dead_letter_exchange()]
-                            {
-                                let _ = ch
-                                    .exchange_delete(
-                                        ex.as_str().into(),
-                                        ExchangeDeleteOptions::default(),
-                                    )
-                                    .await;
-                            }
-                        }
-                        let _ = conn.close(200, "done".into()).await;
-                    }
+                    common::delete_broker_objects(&names, &settings).await;
                     if let Some(db) = db {
                         db.drop_db().await;
                     }
@@ -334,15 +231,14 @@ async fn two_processes_share_the_work_and_the_discord_syncer_fails_over() {
         users.push(user);
     }
 
-    cluster.procs.push(Proc::spawn("a", &env, &dir));
-    cluster.procs.push(Proc::spawn("b", &env, &dir));
-    for i in 0..2 {
-        let url = cluster.procs[i].url("/readyz");
-        wait_until("both processes ready", Duration::from_secs(60), || {
-            let url = url.clone();
-            async move { matches!(reqwest::get(&url).await, Ok(r) if r.status() == 200) }
-        })
-        .await;
+    let cmd = WorkerCommand {
+        program: env!("CARGO_BIN_EXE_guildgate").into(),
+        args: vec!["serve".into()],
+    };
+    cluster.procs.push(Worker::spawn("a", &cmd, &env, &dir));
+    cluster.procs.push(Worker::spawn("b", &cmd, &env, &dir));
+    for p in &mut cluster.procs {
+        p.wait_ready(Duration::from_secs(60)).await;
     }
 
     let publisher = Connection::connect(&amqp_url(), ConnectionProperties::default())

@@ -9,6 +9,7 @@
 
 pub mod events;
 pub mod proxy;
+pub mod worker;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -154,7 +155,7 @@ pub struct TestApp {
     cleaned: bool,
 }
 
-fn replace_host(url: &str, via: SocketAddr) -> String {
+pub fn replace_host(url: &str, via: SocketAddr) -> String {
     let mut u = url::Url::parse(url).unwrap();
     u.set_host(Some(&via.ip().to_string())).unwrap();
     u.set_port(Some(via.port())).unwrap();
@@ -467,7 +468,7 @@ impl TestApp {
 
 /// Deletes a test's queues and exchanges (quorum queues are never auto-deleted, and each
 /// holds broker file handles).
-async fn delete_broker_objects(names: &Names, settings: &Settings) {
+pub async fn delete_broker_objects(names: &Names, settings: &Settings) {
     let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
         return;
     };

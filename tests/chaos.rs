@@ -1,0 +1,71 @@
+//! Issue 7 in CI: short versions of the scenarios that `cargo run --release --example
+//! chaos` runs in full (see the README's figures). Each fails on any loss, duplicate,
+//! dead letter for a transient cause, or Discord request into an exhausted bucket.
+//!
+//! `GUILDGATE_CHAOS_SEED` replays a run (each test prints its seed).
+
+mod common;
+#[path = "chaos/hostile.rs"]
+mod hostile;
+#[path = "chaos/model.rs"]
+mod model;
+#[path = "chaos/scenarios.rs"]
+mod scenarios;
+
+use common::worker::WorkerCommand;
+use scenarios::{Params, Report};
+
+fn params() -> Params {
+    let seed = std::env::var("GUILDGATE_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("GUILDGATE_CHAOS_SEED={seed}");
+    Params::short(seed)
+}
+
+fn guildgate() -> WorkerCommand {
+    WorkerCommand {
+        program: env!("CARGO_BIN_EXE_guildgate").into(),
+        args: vec!["serve".into()],
+    }
+}
+
+fn check(r: Report) {
+    eprintln!(
+        "{}\n{}",
+        scenarios::table(std::slice::from_ref(&r)),
+        r.json()
+    );
+    assert!(
+        r.passed(),
+        "{} problem(s) in {}",
+        r.problems.len(),
+        r.scenario
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashes_lose_and_duplicate_nothing() {
+    let p = params();
+    let r = scenarios::crashes(&p, &guildgate()).await;
+    assert_eq!(r.kills, p.kills, "every planned kill happened");
+    check(r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outages_dead_letter_nothing_and_recover() {
+    let r = scenarios::outages(&params(), &guildgate()).await;
+    assert_eq!(r.recovery.len(), 3, "three outages");
+    check(r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discord_chaos_delivers_everything_within_the_rate_limits() {
+    check(scenarios::discord_chaos(&params(), &guildgate()).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_is_dead_lettered_or_ignored_and_good_events_flow() {
+    check(hostile::hostile().await);
+}

@@ -1,0 +1,1287 @@
+//! Issue 7's scenarios: crashes, outages, Discord chaos and hostile input, each returning
+//! a [`Report`] whose problems are losses, duplicates or misbehaviour. `tests/chaos.rs`
+//! runs short versions in CI and fails on any problem; `examples/chaos.rs` runs the full
+//! ones and prints the figures table of the README.
+//!
+//! Every scenario but the hostile one runs `guildgate serve` (or the same code in an
+//! example's child process) as a separate process against its own database, queue
+//! prefix, exchange and sandbox Discord, with a webhook receiver that checks every
+//! signature with the `standardwebhooks` crate. What must result is computed by
+//! [`crate::model`], never by guildgate's own code.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use chrono::Utc;
+use guildgate::amqp::Names;
+use guildgate::config::Settings;
+use guildgate::crypto::TokenCipher;
+use guildgate::store;
+use guildgate::webhooks::endpoints::{self, NewEndpoint};
+use guildgate::webhooks::ssrf::TargetPolicy;
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sandbox_discord::{
+    ForcedRateLimit, GuildSpec, Latency, RateLimitConfig, RouteKind, Sandbox, SandboxConfig, Stats,
+    UserSpec, permissions,
+};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use crate::common::proxy::Proxy;
+use crate::common::worker::{Worker, WorkerCommand};
+use crate::common::{self, TestDb, amqp_url, tag};
+use crate::model::{self, ENTITLEMENTS, Model, Plan, Source};
+
+/// Sizes and durations of one run of the scenarios.
+#[derive(Clone, Debug)]
+pub struct Params {
+    /// Events of the crash scenario.
+    pub events: usize,
+    /// SIGKILLs during the crash scenario.
+    pub kills: usize,
+    pub seed: u64,
+    /// Share of customers who linked Discord before buying.
+    pub linked_share: f64,
+    /// Events of the outage scenario.
+    pub outage_events: usize,
+    pub broker_outage: Duration,
+    pub db_outage: Duration,
+    pub receiver_outage: Duration,
+    /// Events of the Discord chaos scenario (every customer linked).
+    pub discord_events: usize,
+    /// Give up waiting for the expected state after this long without progress.
+    pub stall: Duration,
+}
+
+impl Params {
+    /// The figures of the README (examples/chaos.rs).
+    #[allow(dead_code)]
+    pub fn full(seed: u64) -> Self {
+        Self {
+            events: 20_000,
+            kills: 5,
+            seed,
+            linked_share: 0.2,
+            outage_events: 2_000,
+            broker_outage: Duration::from_secs(10),
+            db_outage: Duration::from_secs(30),
+            receiver_outage: Duration::from_secs(15),
+            discord_events: 600,
+            stall: Duration::from_secs(90),
+        }
+    }
+
+    /// What CI runs.
+    pub fn short(seed: u64) -> Self {
+        Self {
+            events: 1_500,
+            kills: 3,
+            seed,
+            linked_share: 0.25,
+            outage_events: 300,
+            broker_outage: Duration::from_secs(2),
+            db_outage: Duration::from_secs(4),
+            receiver_outage: Duration::from_secs(3),
+            discord_events: 160,
+            stall: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What one scenario found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub scenario: &'static str,
+    pub events_sent: usize,
+    pub kills: usize,
+    pub grants: Option<GrantCounts>,
+    pub webhooks: Option<WebhookCounts>,
+    /// Dead-lettered messages by reason code.
+    pub dead_lettered: BTreeMap<String, u64>,
+    /// Discord requests sent into an exhausted bucket (beyond the forced 429s).
+    pub discord_exhausted: Option<u64>,
+    /// Time from the end of each outage until everything was applied.
+    pub recovery: Vec<(&'static str, Duration)>,
+    pub notes: Vec<String>,
+    pub problems: Vec<String>,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct GrantCounts {
+    pub expected: usize,
+    pub found: usize,
+    pub duplicated: usize,
+    pub missing: usize,
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct WebhookCounts {
+    pub expected: usize,
+    pub delivered: usize,
+    pub missing: usize,
+    /// (grant, type) pairs received under more than one `webhook-id`.
+    pub duplicated: usize,
+    /// Received webhooks no grant explains.
+    pub unexpected: usize,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "scenario": self.scenario,
+            "events_sent": self.events_sent,
+            "kills": self.kills,
+            "grants": self.grants.as_ref().map(|g| json!({
+                "expected": g.expected, "found": g.found,
+                "duplicated": g.duplicated, "missing": g.missing,
+            })),
+            "webhooks": self.webhooks.as_ref().map(|w| json!({
+                "expected": w.expected, "delivered": w.delivered, "missing": w.missing,
+                "duplicated": w.duplicated, "unexpected": w.unexpected,
+            })),
+            "dead_lettered": self.dead_lettered,
+            "discord_requests_into_exhausted_buckets": self.discord_exhausted,
+            "recovery_s": self.recovery.iter()
+                .map(|(k, d)| (k.to_string(), json!((d.as_secs_f64() * 10.0).round() / 10.0)))
+                .collect::<serde_json::Map<String, Value>>(),
+            "elapsed_s": self.elapsed.as_secs(),
+            "problems": self.problems.len(),
+        })
+    }
+}
+
+/// The figures table (Markdown) for `reports`, then their notes and problems.
+pub fn table(reports: &[Report]) -> String {
+    let mut out = String::from(
+        "| scenario | events sent | kills | grants expected / found / duplicated / missing | webhooks expected / delivered / missing | dead-lettered (by reason) | Discord requests into exhausted buckets | recovery after the fault |\n|---|---:|---:|---|---|---|---:|---|\n",
+    );
+    for r in reports {
+        let grants = r.grants.as_ref().map_or("n/a".into(), |g| {
+            format!(
+                "{} / {} / {} / {}",
+                n(g.expected),
+                n(g.found),
+                g.duplicated,
+                g.missing
+            )
+        });
+        let webhooks = r.webhooks.as_ref().map_or("n/a".into(), |w| {
+            let mut s = format!("{} / {} / {}", n(w.expected), n(w.delivered), w.missing);
+            if w.duplicated + w.unexpected > 0 {
+                s.push_str(&format!(
+                    " ({} under two ids, {} unexpected)",
+                    w.duplicated, w.unexpected
+                ));
+            }
+            s
+        });
+        let dead = if r.dead_lettered.is_empty() {
+            "0".to_string()
+        } else {
+            let total: u64 = r.dead_lettered.values().sum();
+            let parts: Vec<String> = r
+                .dead_lettered
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            format!("{total}: {}", parts.join(", "))
+        };
+        let recovery = if r.recovery.is_empty() {
+            "n/a".to_string()
+        } else {
+            r.recovery
+                .iter()
+                .map(|(k, d)| format!("{k} {:.1} s", d.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.scenario,
+            n(r.events_sent),
+            r.kills,
+            grants,
+            webhooks,
+            dead,
+            r.discord_exhausted.map_or("n/a".into(), |v| v.to_string()),
+            recovery,
+        ));
+    }
+    for r in reports {
+        for note in &r.notes {
+            out.push_str(&format!("\n- {}: {note}", r.scenario));
+        }
+        out.push_str(&format!(
+            "\n- {}: {} in {:.0} s",
+            r.scenario,
+            if r.passed() {
+                "passed".to_string()
+            } else {
+                format!("{} PROBLEMS", r.problems.len())
+            },
+            r.elapsed.as_secs_f64()
+        ));
+        for p in r.problems.iter().take(30) {
+            out.push_str(&format!("\n    {p}"));
+        }
+    }
+    out.push('\n');
+    out
+}
+
+/// `12345` as `12,345`.
+fn n(v: usize) -> String {
+    let s = v.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// The stack: a sandbox Discord, a database, a webhook receiver, one worker process.
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// Discord's invalid-request limit: 10,000 per 10 minutes bans the bot's IP.
+const DISCORD_BAN_THRESHOLD: u64 = 10_000;
+
+/// One received webhook.
+#[derive(Clone, Debug)]
+struct Received {
+    webhook_id: String,
+    kind: String,
+    grant_id: String,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    received: Mutex<Vec<Received>>,
+    /// Answer 503 to everything (the merchant's server is down).
+    down: AtomicBool,
+    bad_signatures: AtomicU64,
+}
+
+async fn receive(
+    State(state): State<Arc<ReceiverState>>,
+    Path(_business): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
+    if state.down.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    // An implementation that is not ours; it also rejects stale timestamps.
+    let verified = standardwebhooks::Webhook::new(SECRET)
+        .unwrap()
+        .verify(&body, &headers)
+        .is_ok();
+    if !verified {
+        state.bad_signatures.fetch_add(1, Ordering::SeqCst);
+        return StatusCode::UNAUTHORIZED;
+    }
+    let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+    state.received.lock().unwrap().push(Received {
+        webhook_id: headers
+            .get("webhook-id")
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        kind: v["type"].as_str().unwrap_or_default().to_string(),
+        grant_id: v["data"]["id"].as_str().unwrap_or_default().to_string(),
+    });
+    StatusCode::NO_CONTENT
+}
+
+struct Ent {
+    id: String,
+    guild: u64,
+    role: Option<u64>,
+}
+
+/// How a scenario wants its stack.
+#[derive(Default)]
+struct StackOptions {
+    sandbox: SandboxConfig,
+    /// Route the worker's database and broker connections through cuttable proxies.
+    proxied: bool,
+    env: Vec<(&'static str, String)>,
+}
+
+struct Stack {
+    name: &'static str,
+    sandbox: Option<Sandbox>,
+    db: Option<TestDb>,
+    pool: PgPool,
+    settings: Settings,
+    names: Names,
+    env: HashMap<String, String>,
+    cmd: WorkerCommand,
+    dir: PathBuf,
+    worker: Option<Worker>,
+    restarts: usize,
+    /// When each worker after the first was started (the sandbox's clock).
+    started: Vec<tokio::time::Instant>,
+    ents: HashMap<&'static str, Ent>,
+    /// Guild of each entitlement name's server, by server name.
+    guilds: HashMap<&'static str, u64>,
+    /// Linked customers' Discord users.
+    users: HashMap<String, u64>,
+    receiver: Arc<ReceiverState>,
+    publisher: Connection,
+    channel: Channel,
+    db_proxy: Option<Proxy>,
+    amqp_proxy: Option<Proxy>,
+    passed: bool,
+}
+
+impl Stack {
+    async fn start(
+        name: &'static str,
+        cmd: &WorkerCommand,
+        plan: &Plan,
+        opts: StackOptions,
+    ) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let sandbox = Sandbox::start(opts.sandbox).await;
+        let db = TestDb::create().await;
+        let pool = PgPool::connect(&db.url).await.unwrap();
+        store::migrate(&pool).await.unwrap();
+        let prefix = format!("ggtest-{}", tag());
+        let (db_proxy, amqp_proxy) = if opts.proxied {
+            let pg: std::net::SocketAddr = url::Url::parse(&db.url)
+                .unwrap()
+                .socket_addrs(|| Some(5432))
+                .unwrap()[0];
+            let mq: std::net::SocketAddr = url::Url::parse(&amqp_url())
+                .unwrap()
+                .socket_addrs(|| Some(5672))
+                .unwrap()[0];
+            (Some(Proxy::start(pg).await), Some(Proxy::start(mq).await))
+        } else {
+            (None, None)
+        };
+        let mut env: HashMap<String, String> = [
+            (
+                "GUILDGATE_DATABASE__URL",
+                match &db_proxy {
+                    Some(p) => common::replace_host(&db.url, p.addr),
+                    None => db.url.clone(),
+                },
+            ),
+            ("GUILDGATE_DATABASE__MAX_CONNECTIONS", "10".into()),
+            (
+                "GUILDGATE_AMQP__URL",
+                match &amqp_proxy {
+                    Some(p) => common::replace_host(&amqp_url(), p.addr),
+                    None => amqp_url(),
+                },
+            ),
+            ("GUILDGATE_AMQP__QUEUE_PREFIX", prefix.clone()),
+            ("GUILDGATE_AMQP__EXCHANGE", format!("{prefix}.payments")),
+            ("GUILDGATE_AMQP__CONSUMERS", "2".into()),
+            ("GUILDGATE_OUTBOX__SWEEP_INTERVAL", "500ms".into()),
+            (
+                "GUILDGATE_SYNC__RETRY_DELAYS",
+                "200ms,500ms,1s,2s,5s,10s,10s,10s".into(),
+            ),
+            (
+                "GUILDGATE_WEBHOOKS__RETRY_DELAYS",
+                "0s,1s,2s,5s,10s,10s,10s,10s,10s".into(),
+            ),
+            ("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".into()),
+            ("GUILDGATE_DISCORD__API_BASE", sandbox.api_base()),
+            ("GUILDGATE_DISCORD__AUTHORIZE_URL", sandbox.authorize_url()),
+            (
+                "GUILDGATE_DISCORD__CLIENT_ID",
+                sandbox.client_id().to_string(),
+            ),
+            (
+                "GUILDGATE_DISCORD__CLIENT_SECRET",
+                sandbox.client_secret().to_string(),
+            ),
+            (
+                "GUILDGATE_DISCORD__BOT_TOKEN",
+                sandbox.bot_token().to_string(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, v) in opts.env {
+            env.insert(k.to_string(), v);
+        }
+        let settings = Settings::load_with_env(None, Some(env.clone())).expect("settings");
+        let names = Names::from_settings(&settings);
+
+        // Three servers, the bot installed with what it needs.
+        let bot = permissions::MANAGE_ROLES
+            | permissions::KICK_MEMBERS
+            | permissions::CREATE_INSTANT_INVITE;
+        let main = sandbox.add_guild(
+            GuildSpec::new("Main")
+                .with_bot_permissions(bot)
+                .with_role("Gold", 1)
+                .with_role("Silver", 1),
+        );
+        let club = sandbox.add_guild(GuildSpec::new("Club").with_bot_permissions(bot));
+        let other = sandbox.add_guild(
+            GuildSpec::new("Other")
+                .with_bot_permissions(bot)
+                .with_role("Member", 1),
+        );
+        let guilds: HashMap<&'static str, &sandbox_discord::GuildIds> =
+            [("Main", &main), ("Club", &club), ("Other", &other)].into();
+
+        // The merchants' catalog and webhook endpoints.
+        let receiver = Arc::new(ReceiverState::default());
+        let hook_base = {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            let app = axum::Router::new()
+                .route("/{business}", axum::routing::post(receive))
+                .with_state(receiver.clone());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            base
+        };
+        let mut ents = HashMap::new();
+        {
+            let mut conn = pool.acquire().await.unwrap();
+            for b in [model::MAIN, model::OTHER, model::NONE] {
+                store::setup::ensure_business(&mut conn, b).await.unwrap();
+            }
+            for (ent, business, guild, role) in ENTITLEMENTS {
+                let g = guilds[guild];
+                let role_id = role.map(|r| g.role(r));
+                let e = store::setup::insert_entitlement(
+                    &mut conn,
+                    business,
+                    ent,
+                    &g.guild_id.to_string(),
+                    role_id.map(|r| r.to_string()).as_deref(),
+                )
+                .await
+                .unwrap();
+                ents.insert(
+                    ent,
+                    Ent {
+                        id: e.id.to_string(),
+                        guild: g.guild_id,
+                        role: role_id,
+                    },
+                );
+            }
+            for (business, product, wanted) in model::PRODUCTS {
+                let ids: Vec<String> = wanted.iter().map(|e| ents[e].id.clone()).collect();
+                store::setup::set_product_entitlements(&mut conn, business, product, &ids)
+                    .await
+                    .unwrap();
+            }
+            for business in [model::MAIN, model::OTHER] {
+                endpoints::create(
+                    &mut conn,
+                    business,
+                    NewEndpoint {
+                        url: format!("{hook_base}/{business}"),
+                        description: None,
+                        filter_types: None,
+                        secret: Some(SECRET.into()),
+                    },
+                    TargetPolicy {
+                        allow_private: true,
+                    },
+                )
+                .await
+                .unwrap();
+            }
+        }
+        // Customers who linked Discord before buying.
+        let cipher = TokenCipher::from_base64(&settings.secrets.token_encryption_key).unwrap();
+        let mut users = HashMap::new();
+        for c in plan.linked() {
+            let user = sandbox.add_user(UserSpec::new(c.id.clone()));
+            let t = sandbox.issue_token(user, &["identify", "guilds.join"]);
+            let now = Utc::now();
+            let mut conn = pool.acquire().await.unwrap();
+            guildgate::sync::store::upsert_link(
+                &mut conn,
+                &guildgate::sync::store::LinkRow {
+                    business_id: c.business.into(),
+                    customer_id: c.id.clone(),
+                    discord_user_id: user.to_string(),
+                    access_token_enc: cipher.encrypt(&t.access_token),
+                    refresh_token_enc: Some(cipher.encrypt(&t.refresh_token)),
+                    expires_at: now + chrono::Duration::days(7),
+                    scopes: t.scope.clone(),
+                },
+                now,
+            )
+            .await
+            .unwrap();
+            users.insert(c.id.clone(), user);
+        }
+
+        let publisher = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = publisher.create_channel().await.unwrap();
+        channel.confirm_select(Default::default()).await.unwrap();
+        let dir = std::env::temp_dir().join(format!("guildgate-chaos-{name}-{}", tag()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut stack = Self {
+            name,
+            sandbox: Some(sandbox),
+            db: Some(db),
+            pool,
+            settings,
+            names,
+            env,
+            cmd: cmd.clone(),
+            dir,
+            worker: None,
+            restarts: 0,
+            started: Vec::new(),
+            ents,
+            guilds: [
+                ("Main", main.guild_id),
+                ("Club", club.guild_id),
+                ("Other", other.guild_id),
+            ]
+            .into(),
+            users,
+            receiver,
+            publisher,
+            channel,
+            db_proxy,
+            amqp_proxy,
+            passed: false,
+        };
+        stack.spawn_worker().await;
+        stack
+    }
+
+    fn sandbox(&self) -> &Sandbox {
+        self.sandbox.as_ref().unwrap()
+    }
+
+    async fn spawn_worker(&mut self) {
+        let name = format!("{}-{}", self.name, self.restarts);
+        let mut w = Worker::spawn(&name, &self.cmd, &self.env, &self.dir);
+        w.wait_ready(Duration::from_secs(60)).await;
+        self.worker = Some(w);
+    }
+
+    /// SIGKILL the worker and start a new one.
+    async fn kill_and_restart(&mut self) {
+        if let Some(mut w) = self.worker.take() {
+            w.kill();
+        }
+        self.restarts += 1;
+        self.started.push(tokio::time::Instant::now());
+        self.spawn_worker().await;
+    }
+
+    /// Publishes `msgs` to the platform's exchange with publisher confirms.
+    async fn publish(&self, msgs: &[crate::model::Msg]) {
+        let exchange = self.settings.amqp.exchange.clone();
+        let mut confirms = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            confirms.push(
+                self.channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        m.routing_key.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &m.body,
+                        BasicProperties::default()
+                            .with_delivery_mode(2)
+                            .with_content_type("application/json".into())
+                            .with_message_id(m.message_id.as_str().into()),
+                    )
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for c in confirms {
+            assert!(
+                c.await.expect("confirm").is_ack(),
+                "the broker refused a message"
+            );
+        }
+    }
+
+    async fn processed(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM processed_events")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(-1)
+    }
+
+    /// Waits until guildgate recorded `n` events.
+    async fn wait_processed(&self, n: usize, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let got = self.processed().await;
+            if got >= n as i64 {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("only {got} of {n} events recorded after {limit:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Compares what guildgate, the receiver and the sandbox hold with `model`.
+    async fn compare(&self, model: &Model, plan: &Plan) -> Comparison {
+        let mut c = Comparison::default();
+        let linked: BTreeSet<&str> = plan.linked().map(|c| c.id.as_str()).collect();
+        let ent_names: HashMap<&str, &'static str> =
+            self.ents.iter().map(|(k, e)| (e.id.as_str(), *k)).collect();
+        type Row = (
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            String,
+            Option<String>,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, entitlement_id, customer_id, payment_id, subscription_id, status, revocation_reason
+             FROM grants ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        let mut found: BTreeMap<model::GrantKey, Vec<(String, String, Option<String>)>> =
+            BTreeMap::new();
+        for (id, ent, customer, payment, sub, status, reason) in rows {
+            let Some(name) = ent_names.get(ent.as_str()) else {
+                c.problem(format!("grant {id} of an unknown entitlement {ent}"));
+                c.grants.duplicated += 1;
+                continue;
+            };
+            let src = match (payment, sub) {
+                (_, Some(s)) => Source::Subscription(s),
+                (Some(p), None) => Source::Payment(p),
+                (None, None) => unreachable!("a CHECK forbids it"),
+            };
+            found
+                .entry((name, customer, src))
+                .or_default()
+                .push((id, status, reason));
+        }
+        // Grants, position by position per key.
+        let mut mapped: Vec<(&model::ModelGrant, String)> = Vec::new();
+        let expected = model.by_key();
+        for (key, want) in &expected {
+            let got = found.remove(key).unwrap_or_default();
+            let is_linked = linked.contains(key.1.as_str());
+            for i in 0..want.len().max(got.len()) {
+                match (want.get(i), got.get(i)) {
+                    (Some(w), Some((id, status, reason))) => {
+                        c.grants.expected += 1;
+                        let want_status = match w.revoked {
+                            Some(_) => "Revoked",
+                            None if is_linked => "Delivered",
+                            None => "Pending",
+                        };
+                        if status == want_status && reason.as_deref() == w.revoked {
+                            c.grants.found += 1;
+                        } else {
+                            c.grants.missing += 1;
+                            c.problem(format!(
+                                "grant {id} {key:?}: {status} {reason:?}, expected {want_status} {:?}",
+                                w.revoked
+                            ));
+                        }
+                        mapped.push((w, id.clone()));
+                    }
+                    (Some(w), None) => {
+                        c.grants.expected += 1;
+                        c.grants.missing += 1;
+                        c.problem(format!("missing grant {key:?} (#{i}, {:?})", w.revoked));
+                    }
+                    (None, Some((id, status, _))) => {
+                        c.grants.duplicated += 1;
+                        c.problem(format!("extra grant {id} {key:?} #{i} ({status})"));
+                    }
+                    (None, None) => unreachable!(),
+                }
+            }
+        }
+        for (key, extra) in found {
+            c.grants.duplicated += extra.len();
+            c.problem(format!(
+                "{} grant(s) nobody asked for: {key:?}",
+                extra.len()
+            ));
+        }
+
+        // Webhooks: created for every grant, revoked for revoked ones, delivered for live
+        // grants of linked customers (and allowed for revoked ones that were delivered
+        // before their revocation).
+        let received = self.receiver.received.lock().unwrap().clone();
+        let mut ids: HashMap<(&str, &str), BTreeSet<&str>> = HashMap::new();
+        for r in &received {
+            ids.entry((r.grant_id.as_str(), r.kind.as_str()))
+                .or_default()
+                .insert(r.webhook_id.as_str());
+        }
+        let mut allowed: BTreeSet<(&str, &str)> = BTreeSet::new();
+        for (w, id) in &mapped {
+            let is_linked = linked.contains(w.key.1.as_str());
+            let mut required = vec!["entitlement_grant.created"];
+            if w.revoked.is_some() {
+                required.push("entitlement_grant.revoked");
+                if is_linked {
+                    allowed.insert((id, "entitlement_grant.delivered"));
+                }
+            } else if is_linked {
+                required.push("entitlement_grant.delivered");
+            }
+            for t in required {
+                allowed.insert((id, t));
+                c.webhooks.expected += 1;
+                if ids.contains_key(&(id.as_str(), t)) {
+                    c.webhooks.delivered += 1;
+                } else {
+                    c.webhooks.missing += 1;
+                    c.problem(format!("webhook {t} of grant {id} never arrived"));
+                }
+            }
+        }
+        for ((grant, kind), set) in &ids {
+            if set.len() > 1 {
+                c.webhooks.duplicated += 1;
+                c.problem(format!("{kind} of {grant} arrived under {} ids", set.len()));
+            }
+            if !allowed.contains(&(*grant, *kind)) {
+                c.webhooks.unexpected += 1;
+                c.problem(format!("unexpected webhook {kind} of {grant}"));
+            }
+        }
+
+        // Discord: each linked customer holds exactly the roles of their live grants, is
+        // a member wherever a live grant puts them, and is not in the membership-only
+        // server without one.
+        let live = model.live_entitlements();
+        let sandbox = self.sandbox();
+        for (customer, user) in &self.users {
+            let holds = live.get(customer).cloned().unwrap_or_default();
+            for (guild_name, guild) in &self.guilds {
+                let here: Vec<&Ent> = holds
+                    .iter()
+                    .map(|e| &self.ents[e])
+                    .filter(|e| e.guild == *guild)
+                    .collect();
+                let want_roles: BTreeSet<u64> = here.iter().filter_map(|e| e.role).collect();
+                let gated: BTreeSet<u64> = self
+                    .ents
+                    .values()
+                    .filter(|e| e.guild == *guild)
+                    .filter_map(|e| e.role)
+                    .collect();
+                let member = sandbox.member(*guild, *user);
+                let has_roles: BTreeSet<u64> = member
+                    .as_ref()
+                    .map(|m| {
+                        m.roles
+                            .iter()
+                            .copied()
+                            .filter(|r| gated.contains(r))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let membership_only = gated.is_empty();
+                let ok = if !here.is_empty() {
+                    member.is_some() && has_roles == want_roles
+                } else if membership_only {
+                    member.is_none()
+                } else {
+                    has_roles.is_empty()
+                };
+                if !ok {
+                    c.discord_mismatches += 1;
+                    c.problem(format!(
+                        "{customer} in {guild_name}: member={} roles={has_roles:?}, expected {} with {want_roles:?}",
+                        member.is_some(),
+                        if here.is_empty() { "no grant" } else { "member" },
+                    ));
+                }
+            }
+        }
+        let bad = self.receiver.bad_signatures.load(Ordering::SeqCst);
+        if bad > 0 {
+            c.problem(format!("{bad} webhooks failed signature verification"));
+        }
+        c
+    }
+
+    /// Polls [`Stack::compare`] until everything matches and the outbox is empty, or
+    /// until nothing improved for `stall`.
+    async fn settle(&mut self, model: &Model, plan: &Plan, stall: Duration) -> Comparison {
+        let mut best = usize::MAX;
+        let mut last_progress = Instant::now();
+        loop {
+            let c = self.compare(model, plan).await;
+            let outbox: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(&self.pool)
+                .await
+                .unwrap_or(-1);
+            if c.problems.is_empty() && outbox == 0 {
+                return c;
+            }
+            if c.problems.len() < best {
+                best = c.problems.len();
+                last_progress = Instant::now();
+            }
+            if last_progress.elapsed() > stall {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Dead-lettered messages by reason code, from every `.dead` queue.
+    async fn dead_letters(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        let ch = self.publisher.create_channel().await.unwrap();
+        let depths = guildgate::amqp::dlq::depths(&ch, &self.names)
+            .await
+            .unwrap_or_default();
+        for d in depths.into_iter().filter(|d| d.messages > 0) {
+            let ch = self.publisher.create_channel().await.unwrap();
+            let parked = guildgate::amqp::dlq::peek(&ch, &d.queue, d.messages as usize)
+                .await
+                .unwrap_or_default();
+            for p in parked {
+                let reason = p.reason_code.unwrap_or_else(|| "broker".into());
+                *out.entry(format!("{}:{reason}", short_queue(&d.queue)))
+                    .or_default() += 1;
+            }
+        }
+        out
+    }
+
+    fn discord_stats(&self) -> Stats {
+        self.sandbox().stats()
+    }
+
+    /// Kills the worker, deletes the queues, exchanges and database, stops the sandbox.
+    async fn stop(mut self) {
+        self.passed = true;
+        if let Some(mut w) = self.worker.take() {
+            w.kill();
+        }
+        common::delete_broker_objects(&self.names, &self.settings).await;
+        let _ = self.publisher.close(200, "done".into()).await;
+        self.pool.close().await;
+        if let Some(db) = self.db.take() {
+            db.drop_db().await;
+        }
+        if let Some(s) = self.sandbox.take() {
+            s.shutdown().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Stack {
+    /// A scenario that panicked: show the worker's last lines and clean up anyway.
+    fn drop(&mut self) {
+        if self.passed {
+            return;
+        }
+        if let Some(w) = &mut self.worker {
+            w.kill();
+            eprintln!("--- last lines of {} ---\n{}", w.name, w.log_tail(40));
+        }
+        let (names, settings, db) = (self.names.clone(), self.settings.clone(), self.db.take());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(20), async {
+                    common::delete_broker_objects(&names, &settings).await;
+                    if let Some(db) = db {
+                        db.drop_db().await;
+                    }
+                })
+                .await;
+            });
+        })
+        .join();
+    }
+}
+
+fn short_queue(q: &str) -> &str {
+    // `<prefix>.payment-events.dead` → `payment-events`
+    let q = q.strip_suffix(".dead").unwrap_or(q);
+    q.split_once('.').map_or(q, |(_, rest)| rest)
+}
+
+#[derive(Debug, Default)]
+struct Comparison {
+    grants: GrantCounts,
+    webhooks: WebhookCounts,
+    discord_mismatches: usize,
+    problems: Vec<String>,
+}
+
+impl Comparison {
+    fn problem(&mut self, p: String) {
+        self.problems.push(p);
+    }
+
+    fn into_report(self, r: &mut Report) {
+        r.grants = Some(self.grants);
+        r.webhooks = Some(self.webhooks);
+        if self.discord_mismatches > 0 {
+            r.notes.push(format!(
+                "{} (customer, server) pairs differ in Discord",
+                self.discord_mismatches
+            ));
+        }
+        r.problems.extend(self.problems);
+    }
+}
+
+/// Discord's global 50 requests/s and roomy per-server buckets, for the scenarios that
+/// are not about rate limits.
+fn roomy() -> SandboxConfig {
+    SandboxConfig::default().with_rate_limits(
+        RateLimitConfig::default().with_default_bucket(50, Duration::from_secs(1)),
+    )
+}
+
+/// What the whole plan must lead to.
+fn model_of(plan: &Plan) -> Model {
+    let mut m = Model::default();
+    for r in &plan.rounds {
+        for msg in r {
+            m.apply(msg);
+        }
+    }
+    m
+}
+
+/// Scenario 1: the worker is SIGKILLed at random moments while it applies a realistic
+/// mix of events, and started again each time.
+pub async fn crashes(p: &Params, cmd: &WorkerCommand) -> Report {
+    let began = Instant::now();
+    let plan = model::generate(p.events, p.seed, p.linked_share);
+    let model = model_of(&plan);
+    let mut r = Report {
+        scenario: "crashes",
+        events_sent: plan.messages(),
+        ..Report::default()
+    };
+    let mut stack = Stack::start(
+        "crashes",
+        cmd,
+        &plan,
+        StackOptions {
+            sandbox: roomy(),
+            ..StackOptions::default()
+        },
+    )
+    .await;
+    // Kill points: all but one while events are applied (by events recorded), the
+    // last one while Discord calls and webhooks are in flight.
+    let mut rng = StdRng::seed_from_u64(p.seed ^ 0x5eed);
+    let settle_kills = usize::from(p.kills >= 2);
+    let during_ingest = p.kills - settle_kills;
+    let mut kill_at: Vec<usize> = (0..during_ingest)
+        .map(|_| rng.random_range(model.recorded / 20..model.recorded * 19 / 20))
+        .collect();
+    kill_at.sort_unstable();
+    let mut kill_at = kill_at.into_iter().peekable();
+    let mut m = Model::default();
+    for round in &plan.rounds {
+        stack.publish(round).await;
+        for msg in round {
+            m.apply(msg);
+        }
+        let deadline = Instant::now() + p.stall;
+        loop {
+            let got = stack.processed().await;
+            if let Some(&at) = kill_at.peek()
+                && got >= at as i64
+            {
+                kill_at.next();
+                stack.kill_and_restart().await;
+                r.kills += 1;
+                continue;
+            }
+            if got >= m.recorded as i64 {
+                break;
+            }
+            if Instant::now() > deadline {
+                r.problems.push(format!(
+                    "a round was not applied: {got} of {} events recorded",
+                    m.recorded
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for _ in kill_at {
+        // Thresholds beyond what was recorded: kill now instead.
+        stack.kill_and_restart().await;
+        r.kills += 1;
+    }
+    for _ in 0..settle_kills {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
+        stack.kill_and_restart().await;
+        r.kills += 1;
+    }
+    let c = stack.settle(&model, &plan, p.stall).await;
+    c.into_report(&mut r);
+    finish(&mut r, &stack).await;
+    r.elapsed = began.elapsed();
+    if r.passed() {
+        stack.stop().await;
+    }
+    r
+}
+
+/// The common end of a scenario: dead letters (none is expected) and Discord's view.
+async fn finish(r: &mut Report, stack: &Stack) {
+    r.dead_lettered = stack.dead_letters().await;
+    for (reason, count) in &r.dead_lettered {
+        r.problems
+            .push(format!("{count} message(s) dead-lettered: {reason}"));
+    }
+    let s = stack.discord_stats();
+    r.discord_exhausted = Some(s.violations());
+    if s.violations() > 0 {
+        r.problems.push(format!(
+            "{} Discord requests into exhausted buckets: {s:?}",
+            s.violations()
+        ));
+    }
+    // A process started after a SIGKILL cannot know which buckets its predecessor
+    // emptied: a 429 right after a restart is the price of the crash (Discord would
+    // answer the same). Any other earned 429 is a problem.
+    let earned: Vec<_> = stack
+        .sandbox()
+        .requests()
+        .into_iter()
+        .filter(|q| q.status == 429 && !q.forced)
+        .collect();
+    let after_restart = earned
+        .iter()
+        .filter(|q| {
+            stack
+                .started
+                .iter()
+                .any(|t| q.at >= *t && q.at.duration_since(*t) < Duration::from_secs(3))
+        })
+        .count();
+    if after_restart > 0 {
+        r.notes.push(format!(
+            "{after_restart} 429(s) earned within 3 s of a restart (a new process cannot know the buckets its killed predecessor emptied)"
+        ));
+    }
+    for q in earned.iter().filter(|q| {
+        !stack
+            .started
+            .iter()
+            .any(|t| q.at >= *t && q.at.duration_since(*t) < Duration::from_secs(3))
+    }) {
+        r.problems.push(format!(
+            "429 earned from Discord: {} {} ({:?})",
+            q.method, q.path, q.rate_limit_scope
+        ));
+    }
+    r.notes.push(format!(
+        "Discord: {} requests, {} 429s ({} forced), {} injected 5xx, {} invalid requests (ban threshold {})",
+        s.total_requests,
+        s.rate_limited,
+        s.rate_limited_forced,
+        s.injected_errors,
+        s.invalid_requests,
+        n(DISCORD_BAN_THRESHOLD as usize),
+    ));
+    if stack.restarts > 0 {
+        r.notes
+            .push(format!("worker started {} times", stack.restarts + 1));
+    }
+}
+
+/// Scenario 2: the broker connection cut and restored, the database connection cut and
+/// restored, the merchant's webhook receiver down for a while; each while events flow.
+pub async fn outages(p: &Params, cmd: &WorkerCommand) -> Report {
+    let began = Instant::now();
+    let plan = model::generate(p.outage_events, p.seed ^ 0x0a7a, p.linked_share);
+    let model = model_of(&plan);
+    let mut r = Report {
+        scenario: "outages",
+        events_sent: plan.messages(),
+        ..Report::default()
+    };
+    let mut stack = Stack::start(
+        "outages",
+        cmd,
+        &plan,
+        StackOptions {
+            sandbox: roomy(),
+            proxied: true,
+            ..StackOptions::default()
+        },
+    )
+    .await;
+    let mut m = Model::default();
+    let limit = p.stall + p.db_outage;
+    for (i, round) in plan.rounds.iter().enumerate() {
+        for msg in round {
+            m.apply(msg);
+        }
+        let fault = match i {
+            1 => Some(("broker", p.broker_outage)),
+            2 => Some(("database", p.db_outage)),
+            3 => Some(("webhook receiver", p.receiver_outage)),
+            _ => None,
+        };
+        let Some((what, outage)) = fault else {
+            stack.publish(round).await;
+            if let Err(e) = stack.wait_processed(m.recorded, limit).await {
+                r.problems.push(e);
+            }
+            continue;
+        };
+        match what {
+            "broker" => stack.amqp_proxy.as_ref().unwrap().cut(),
+            "database" => stack.db_proxy.as_ref().unwrap().cut(),
+            _ => stack.receiver.down.store(true, Ordering::SeqCst),
+        }
+        // The platform keeps publishing while guildgate cannot work.
+        stack.publish(round).await;
+        tokio::time::sleep(outage).await;
+        match what {
+            "broker" => stack.amqp_proxy.as_ref().unwrap().restore(),
+            "database" => stack.db_proxy.as_ref().unwrap().restore(),
+            _ => stack.receiver.down.store(false, Ordering::SeqCst),
+        }
+        let restored = Instant::now();
+        if what == "webhook receiver" {
+            if let Err(e) = stack.wait_processed(m.recorded, limit).await {
+                r.problems.push(e);
+            }
+            // Recovered when every webhook due so far has arrived.
+            let c = stack.settle(&m, &plan, p.stall).await;
+            if c.webhooks.missing > 0 {
+                r.problems.push(format!(
+                    "{} webhooks still missing after the receiver came back",
+                    c.webhooks.missing
+                ));
+            }
+        } else if let Err(e) = stack.wait_processed(m.recorded, limit).await {
+            r.problems.push(format!("after the {what} outage: {e}"));
+        }
+        r.recovery.push((
+            match what {
+                "broker" => "broker",
+                "database" => "database",
+                _ => "receiver",
+            },
+            restored.elapsed(),
+        ));
+    }
+    let c = stack.settle(&model, &plan, p.stall).await;
+    c.into_report(&mut r);
+    finish(&mut r, &stack).await;
+    r.elapsed = began.elapsed();
+    if r.passed() {
+        stack.stop().await;
+    }
+    r
+}
+
+/// Scenario 3: every customer linked, and Discord answers 20 % of requests with a 5xx,
+/// slowly, with forced 429s on the member routes and a global 429.
+pub async fn discord_chaos(p: &Params, cmd: &WorkerCommand) -> Report {
+    let began = Instant::now();
+    let plan = model::generate(p.discord_events, p.seed ^ 0xd15c, 1.0);
+    let model = model_of(&plan);
+    let mut r = Report {
+        scenario: "Discord chaos",
+        events_sent: plan.messages(),
+        ..Report::default()
+    };
+    let sandbox = SandboxConfig::default().with_rate_limits(
+        RateLimitConfig::default()
+            .with_default_bucket(10, Duration::from_secs(1))
+            .with_global(50, Duration::from_secs(1)),
+    );
+    let mut stack = Stack::start(
+        "discord",
+        cmd,
+        &plan,
+        StackOptions {
+            sandbox,
+            ..StackOptions::default()
+        },
+    )
+    .await;
+    {
+        let s = stack.sandbox();
+        s.set_error_rate(0.2);
+        s.set_latency(Latency::Range(
+            Duration::from_millis(5),
+            Duration::from_millis(400),
+        ));
+        s.force_rate_limit(ForcedRateLimit::shared(5).on_route(RouteKind::AddMember));
+        s.force_rate_limit(ForcedRateLimit::shared(5).on_route(RouteKind::MemberRole));
+        s.force_rate_limit(ForcedRateLimit::global(3).retry_after(Duration::from_secs(1)));
+    }
+    let mut m = Model::default();
+    for round in &plan.rounds {
+        for msg in round {
+            m.apply(msg);
+        }
+        stack.publish(round).await;
+        if let Err(e) = stack.wait_processed(m.recorded, p.stall).await {
+            r.problems.push(e);
+        }
+    }
+    let c = stack.settle(&model, &plan, p.stall).await;
+    c.into_report(&mut r);
+    let s = stack.discord_stats();
+    if s.rate_limited_forced == 0 || s.injected_errors == 0 {
+        r.problems.push(format!("the chaos did not happen: {s:?}"));
+    }
+    if s.invalid_requests * 10 > DISCORD_BAN_THRESHOLD {
+        r.problems.push(format!(
+            "{} invalid requests: not far below Discord's threshold",
+            s.invalid_requests
+        ));
+    }
+    finish(&mut r, &stack).await;
+    r.elapsed = began.elapsed();
+    if r.passed() {
+        stack.stop().await;
+    }
+    r
+}

@@ -1,0 +1,139 @@
+//! `guildgate serve` as a child process, to be killed with SIGKILL and started again.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How to start a worker: a program and its arguments (e.g. the `guildgate` binary and
+/// `serve`, or an example that runs the same code with `worker`).
+#[derive(Clone, Debug)]
+pub struct WorkerCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// One running worker process.
+pub struct Worker {
+    pub name: String,
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    /// Starts `cmd` with exactly `env` (plus `PATH`), its own HTTP port, JSON logs into
+    /// `<dir>/<name>.log` (appended to, so restarts keep earlier lines).
+    pub fn spawn(
+        name: &str,
+        cmd: &WorkerCommand,
+        env: &HashMap<String, String>,
+        dir: &Path,
+    ) -> Self {
+        let port = free_port();
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(&cmd.program)
+            .args(&cmd.args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env)
+            .env("GUILDGATE_HTTP__ADDR", format!("127.0.0.1:{port}"))
+            .env(
+                "GUILDGATE_HTTP__PUBLIC_URL",
+                format!("http://127.0.0.1:{port}"),
+            )
+            .env("GUILDGATE_LOG__FORMAT", "json")
+            .env("RUST_LOG", "info,sqlx=warn,lapin=warn,amq_protocol=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", cmd.program.display()));
+        Self {
+            name: name.to_string(),
+            child,
+            port,
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub async fn metrics(&self) -> String {
+        match reqwest::get(self.url("/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Waits until `/readyz` answers 200; panics with the log's tail after `limit`.
+    pub async fn wait_ready(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if matches!(reqwest::get(self.url("/readyz")).await, Ok(r) if r.status() == 200) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "worker {} exited ({status}) before it was ready:\n{}",
+                    self.name,
+                    self.log_tail(40)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {} not ready after {limit:?}:\n{}",
+                self.name,
+                self.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no graceful shutdown, unacked deliveries go back to their queues.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The last `n` lines of its log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`.
+pub fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.strip_prefix(name))
+        .filter(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        .filter(|rest| labels.iter().all(|l| rest.contains(l)))
+        .map(|rest| rest.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum::<f64>()
+        + 0.0 // an empty sum is -0.0
+}
