@@ -288,7 +288,8 @@ impl RateLimitConfig {
     }
 }
 
-/// Added latency before each API request is processed.
+/// Added latency of each API answer: the request is handled (and counted against
+/// its rate limits) on arrival, and the answer leaves this much later.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Latency {
     /// No added latency.
@@ -310,7 +311,7 @@ pub struct FaultConfig {
     pub error_rate: f64,
     /// Statuses picked from for injected errors (default 500, 502, 503).
     pub error_statuses: Vec<u16>,
-    /// Latency added before processing.
+    /// Latency added to each answer (after processing).
     pub latency: Latency,
 }
 

@@ -64,16 +64,17 @@ impl Window {
         self.blocked_until.filter(|b| now < *b).map(|b| b - now)
     }
 
-    /// Whether a request sent at `sent` was sent after the client had been told the
-    /// bucket was exhausted, and before that ended.
-    fn told_exhausted(&self, sent: Instant) -> bool {
-        self.exhausted_since.is_some_and(|since| since <= sent)
-            && self.exhausted_until.is_some_and(|until| sent < until)
+    /// Whether the client had been told (had received the answer saying) the bucket
+    /// was exhausted before `now`, and that has not ended.
+    fn told_exhausted(&self, now: Instant) -> bool {
+        self.exhausted_since.is_some_and(|since| since <= now)
+            && self.exhausted_until.is_some_and(|until| now < until)
     }
 
-    fn extend_exhausted(&mut self, now: Instant, until: Instant) {
-        if self.exhausted_until.is_none_or(|t| t <= now) {
-            self.exhausted_since = Some(now);
+    /// Exhausted until `until`, as the client learns from the answer it gets at `told`.
+    fn extend_exhausted(&mut self, told: Instant, until: Instant) {
+        if self.exhausted_until.is_none_or(|t| t <= told) {
+            self.exhausted_since = Some(told);
         }
         self.exhausted_until = Some(self.exhausted_until.map_or(until, |t| t.max(until)));
     }
@@ -129,9 +130,10 @@ pub(crate) struct Request<'a> {
     /// Whether the global limit applies (bot and user tokens, not the token
     /// exchange).
     pub global: bool,
-    /// When the request arrived, before any injected latency: a request already on
-    /// its way when a bucket ran out is not a violation.
-    pub sent: Instant,
+    /// When the answer reaches the client (now plus injected latency): what it says
+    /// is known to the client from then on, and a request already on its way before
+    /// is not a violation.
+    pub answered_at: Instant,
 }
 
 fn take_forced(
@@ -183,11 +185,11 @@ impl Limiter {
             && self
                 .globals
                 .get(req.principal)
-                .is_some_and(|g| g.told_exhausted(req.sent));
+                .is_some_and(|g| g.told_exhausted(now));
         let bucket_violation = self
             .buckets
             .get(&key)
-            .is_some_and(|w| w.told_exhausted(req.sent));
+            .is_some_and(|w| w.told_exhausted(now));
         let verdict = |decision| Verdict {
             decision,
             bucket_violation,
@@ -201,7 +203,7 @@ impl Limiter {
                 && let Some(f) = take_forced(forced, |s| *s == ForcedScope::Global)
             {
                 g.blocked_until = Some(now + f.retry_after);
-                g.extend_exhausted(now, now + f.retry_after);
+                g.extend_exhausted(req.answered_at, now + f.retry_after);
                 return verdict(Decision::Limited(Limited {
                     scope: RateLimitScope::Global,
                     retry_after: f.retry_after,
@@ -210,18 +212,20 @@ impl Limiter {
                 }));
             }
             if cfg.enabled {
+                // Blocks come only from forced 429s: what they reject before the client
+                // could know of them is part of the injected fault; after, it is earned.
                 if let Some(wait) = g.active_block(now) {
                     return verdict(Decision::Limited(Limited {
                         scope: RateLimitScope::Global,
                         retry_after: wait,
                         headers: None,
-                        forced: false,
+                        forced: !global_violation,
                     }));
                 }
                 g.roll(now, cfg.global.window);
                 if g.used >= cfg.global.limit {
                     let reset = g.reset_at.unwrap_or(now);
-                    g.extend_exhausted(now, reset);
+                    g.extend_exhausted(req.answered_at, reset);
                     return verdict(Decision::Limited(Limited {
                         scope: RateLimitScope::Global,
                         retry_after: reset - now,
@@ -240,7 +244,7 @@ impl Limiter {
             ForcedScope::Global => false,
         }) {
             w.blocked_until = Some(now + f.retry_after);
-            w.extend_exhausted(now, now + f.retry_after);
+            w.extend_exhausted(req.answered_at, now + f.retry_after);
             return verdict(Decision::Limited(Limited {
                 scope: RateLimitScope::Shared,
                 retry_after: f.retry_after,
@@ -256,13 +260,13 @@ impl Limiter {
                 scope: RateLimitScope::Shared,
                 retry_after: wait,
                 headers: Some(headers_of(w, now, limit, &bucket)),
-                forced: false,
+                forced: !bucket_violation,
             }));
         }
         w.roll(now, limit.window);
         let reset = w.reset_at.unwrap_or(now);
         if w.used >= limit.limit {
-            w.extend_exhausted(now, reset);
+            w.extend_exhausted(req.answered_at, reset);
             return verdict(Decision::Limited(Limited {
                 scope: RateLimitScope::User,
                 retry_after: reset - now,
@@ -272,7 +276,7 @@ impl Limiter {
         }
         w.used += 1;
         if w.used >= limit.limit {
-            w.extend_exhausted(now, reset);
+            w.extend_exhausted(req.answered_at, reset);
         }
         verdict(Decision::Allow(Some(headers_of(w, now, limit, &bucket))))
     }
@@ -288,7 +292,7 @@ mod tests {
             major: Some(1),
             principal: p,
             global: true,
-            sent: Instant::now(),
+            answered_at: Instant::now(),
         }
     }
 

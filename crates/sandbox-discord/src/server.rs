@@ -44,7 +44,7 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response
     let resp = if path == "/oauth2/authorize" {
         oauth::authorize_page(&shared, &parts.method, q, &parts.headers, &body)
     } else if let Some(rest) = path.strip_prefix("/api/v10/") {
-        api(
+        let resp = api(
             &shared,
             &parts.method,
             rest,
@@ -53,7 +53,11 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response
             body,
             &mut info,
         )
-        .await
+        .await;
+        if !info.delay.is_zero() {
+            tokio::time::sleep(info.delay).await;
+        }
+        resp
     } else {
         error(StatusCode::NOT_FOUND, 0, "404: Not Found")
     };
@@ -418,11 +422,9 @@ async fn api(
         Ok(ep) => ep,
         Err(resp) => return resp,
     };
-    let sent = Instant::now();
-    let delay = sample_latency(&mut shared.lock());
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
-    }
+    // Slow answers: the request is handled on arrival and its answer arrives late
+    // (the caller sleeps `info.delay` before answering).
+    info.delay = sample_latency(&mut shared.lock());
 
     let cfg = &shared.cfg;
     let mut guard = shared.lock();
@@ -457,7 +459,7 @@ async fn api(
             major: ep.major(),
             principal: &principal,
             global: !matches!(caller, Caller::Anonymous),
-            sent,
+            answered_at: Instant::now() + info.delay,
         },
     );
     if verdict.bucket_violation {

@@ -20,7 +20,9 @@ pub struct Stats {
     pub total_requests: u64,
     /// All 429 answers (`rate_limited_forced + rate_limited_earned`).
     pub rate_limited: u64,
-    /// 429s injected with [`Sandbox::force_rate_limit`](crate::Sandbox::force_rate_limit).
+    /// 429s injected with [`Sandbox::force_rate_limit`](crate::Sandbox::force_rate_limit),
+    /// and the 429s of the block each of them starts for requests sent before the
+    /// client could know of it.
     pub rate_limited_forced: u64,
     /// 429s the client caused.
     pub rate_limited_earned: u64,
@@ -88,6 +90,8 @@ pub(crate) struct RecordInfo {
     pub forced: bool,
     pub violation: bool,
     pub injected_error: bool,
+    /// Injected latency of the answer.
+    pub delay: std::time::Duration,
 }
 
 #[derive(Clone, Debug)]

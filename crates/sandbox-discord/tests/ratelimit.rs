@@ -474,9 +474,9 @@ async fn request_log_and_error_counters() {
     assert!(sb.requests().is_empty());
 }
 
-/// A request already on its way (here: held by injected latency) when a global 429 is
-/// answered was sent before the client could know: not a violation. One sent after the
-/// answer is.
+/// A request sent after a global 429 was decided but before its (slow) answer reached
+/// the client was sent before the client could know: not a violation. One sent after
+/// the answer arrived is.
 #[tokio::test]
 async fn requests_in_flight_when_a_limit_is_told_are_not_violations() {
     let sb = Sandbox::start(relaxed()).await;
