@@ -99,6 +99,16 @@ impl GlobalGate {
         }
     }
 
+    /// Counts a whole window as spent now. For a process that takes over from another
+    /// (a restart, a failover of the single active syncer): Discord still counts the
+    /// other process's requests of the last second, which this one never saw.
+    pub fn assume_full(&self) {
+        let now = Instant::now();
+        let mut st = self.state.lock().expect("gate state");
+        st.sent.clear();
+        st.sent.extend(std::iter::repeat_n(now, self.limit));
+    }
+
     /// Stops every acquisition for `d` (a global 429's `retry_after`).
     pub fn block_for(&self, d: Duration) {
         // A `retry_after` is Discord's word, but not an unbounded one: an absurd value
@@ -236,6 +246,11 @@ impl Budget {
         )
     }
 
+    /// See [`GlobalGate::assume_full`].
+    pub fn assume_global_window_spent(&self) {
+        self.gate.assume_full();
+    }
+
     pub fn name(&self) -> &'static str {
         self.name
     }
@@ -246,11 +261,19 @@ impl Budget {
     /// `route` is the path with only the major parameter (the guild) kept and minor ids
     /// replaced by a placeholder (`guilds/1/members/:user`): twilight remembers buckets
     /// per route, and a route per user id would never learn that it shares a bucket.
+    ///
+    /// Adding and removing a member's role share one bucket at Discord. twilight learns
+    /// shared buckets from answers, per method and path, so until both had an answer
+    /// a 429 on one would not hold back the other: both are queued as one endpoint.
     pub async fn acquire(&self, verb: Verb, route: &str) -> Ticket {
+        let method = match verb {
+            Verb::Delete if route.ends_with("/roles/:role") => Verb::Put.twilight(),
+            _ => verb.twilight(),
+        };
         let permit = self
             .buckets
             .acquire(Endpoint {
-                method: verb.twilight(),
+                method,
                 path: route.to_string(),
             })
             .await;
@@ -338,6 +361,19 @@ mod tests {
         assert_eq!(Instant::now() - start, Duration::from_millis(1500));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_takeover_waits_one_window_before_its_first_request() {
+        let gate = GlobalGate::new(5, Duration::from_secs(1));
+        gate.acquire().await;
+        let start = Instant::now();
+        gate.assume_full();
+        gate.acquire().await;
+        assert_eq!(
+            Instant::now() - start,
+            Duration::from_secs(1) + WINDOW_MARGIN
+        );
+    }
+
     #[test]
     fn observed_reads_discord_headers() {
         let h = |name: &str| -> Option<String> {
@@ -388,6 +424,28 @@ mod tests {
         let start = std::time::Instant::now();
         let t = budget.acquire(Verb::Put, "guilds/9/members/:user").await;
         assert!(start.elapsed() < Duration::from_millis(100));
+        drop(t);
+    }
+
+    #[tokio::test]
+    async fn a_429_on_removing_a_role_holds_back_adding_one() {
+        let budget = Budget::new("test", 50);
+        let route = "guilds/1/members/:user/roles/:role";
+        let t = budget.acquire(Verb::Delete, route).await;
+        t.complete(&Observed {
+            status: 429,
+            bucket: Some("roles".into()),
+            retry_after: Some(Duration::from_millis(200)),
+            scope: Some("shared".into()),
+            ..Observed::default()
+        });
+        let start = std::time::Instant::now();
+        let t = budget.acquire(Verb::Put, route).await;
+        assert!(
+            start.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            start.elapsed()
+        );
         drop(t);
     }
 }
