@@ -65,6 +65,15 @@ fn main() -> ExitCode {
     if args.worker.as_deref() == Some("worker") {
         return rt.block_on(worker());
     }
+    // The hostile scenario runs a guildgate in this process: its logs go to stderr,
+    // errors only unless RUST_LOG says otherwise, so stdout holds just the figures.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
     let seed = args.seed.unwrap_or_else(rand::random);
     let mut p = if args.short {
         Params::short(seed)

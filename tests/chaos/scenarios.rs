@@ -336,8 +336,6 @@ struct Stack {
     dir: PathBuf,
     worker: Option<Worker>,
     restarts: usize,
-    /// When each worker after the first was started (the sandbox's clock).
-    started: Vec<tokio::time::Instant>,
     ents: HashMap<&'static str, Ent>,
     /// Guild of each entitlement name's server, by server name.
     guilds: HashMap<&'static str, u64>,
@@ -556,7 +554,6 @@ impl Stack {
             dir,
             worker: None,
             restarts: 0,
-            started: Vec::new(),
             ents,
             guilds: [
                 ("Main", main.guild_id),
@@ -593,7 +590,6 @@ impl Stack {
             w.kill();
         }
         self.restarts += 1;
-        self.started.push(tokio::time::Instant::now());
         self.spawn_worker().await;
     }
 
@@ -1075,41 +1071,30 @@ async fn finish(r: &mut Report, stack: &Stack) {
     }
     let s = stack.discord_stats();
     r.discord_exhausted = Some(s.violations());
-    if s.violations() > 0 {
+    let log = stack.sandbox().requests();
+    for (i, q) in log.iter().enumerate().filter(|(_, q)| q.violation) {
+        // What the client had been told before: the last 429 of that bucket or global.
+        let told = log[..i].iter().rev().find(|p| {
+            p.status == 429
+                && (p.bucket == q.bucket && p.major == q.major
+                    || p.rate_limit_scope == Some(sandbox_discord::RateLimitScope::Global))
+        });
         r.problems.push(format!(
-            "{} Discord requests into exhausted buckets: {s:?}",
-            s.violations()
+            "Discord request into an exhausted bucket: {} {} -> {}; last 429 there {:?} earlier ({:?} {:?}, {:?}, forced: {:?})",
+            q.method,
+            q.path,
+            q.status,
+            told.map(|p| q.at - p.at),
+            told.map(|p| &p.method),
+            told.map(|p| &p.path),
+            told.and_then(|p| p.rate_limit_scope),
+            told.map(|p| p.forced),
         ));
     }
-    // A process started after a SIGKILL cannot know which buckets its predecessor
-    // emptied: a 429 right after a restart is the price of the crash (Discord would
-    // answer the same). Any other earned 429 is a problem.
-    let earned: Vec<_> = stack
-        .sandbox()
-        .requests()
-        .into_iter()
-        .filter(|q| q.status == 429 && !q.forced)
-        .collect();
-    let after_restart = earned
-        .iter()
-        .filter(|q| {
-            stack
-                .started
-                .iter()
-                .any(|t| q.at >= *t && q.at.duration_since(*t) < Duration::from_secs(3))
-        })
-        .count();
-    if after_restart > 0 {
-        r.notes.push(format!(
-            "{after_restart} 429(s) earned within 3 s of a restart (a new process cannot know the buckets its killed predecessor emptied)"
-        ));
-    }
-    for q in earned.iter().filter(|q| {
-        !stack
-            .started
-            .iter()
-            .any(|t| q.at >= *t && q.at.duration_since(*t) < Duration::from_secs(3))
-    }) {
+    // Every 429 that is not an injected one is a problem, restarts included: a syncer
+    // that takes over waits a global window first (the killed one's requests of the
+    // last second still count at Discord).
+    for q in log.iter().filter(|q| q.status == 429 && !q.forced) {
         r.problems.push(format!(
             "429 earned from Discord: {} {} ({:?})",
             q.method, q.path, q.rate_limit_scope
