@@ -490,30 +490,84 @@ async fn exhausted_retries_dead_letter_the_job_and_fail_the_grant() {
     w.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_syncer_takes_over_when_the_active_one_dies() {
-    use guildgate::amqp::Broker;
+/// A syncer of its own (the app runs none), on its own broker connection.
+fn syncer(w: &World, name: &str) -> (guildgate::amqp::Broker, guildgate::sync::SyncWorker) {
     use guildgate::crypto::TokenCipher;
     use guildgate::discord::DiscordClient;
     use guildgate::discord::ratelimit::Budget;
-    use guildgate::sync::SyncWorker;
-    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
     let s = &w.app.settings;
-    let syncer = |name: &str| {
-        let broker = Broker::new(s, name);
-        let worker = SyncWorker::new(
-            w.app.pool.clone(),
-            broker.clone(),
-            DiscordClient::side(&s.discord, w.app.metrics.clone()).with_budget(Budget::syncer(5)),
-            TokenCipher::from_base64(&s.secrets.token_encryption_key).unwrap(),
-            w.links.clone(),
-            s.sync.retry_delays.clone(),
-            w.app.metrics.clone(),
-        );
-        (broker, worker)
-    };
-    let (broker_a, a) = syncer("syncer-a");
-    let (_broker_b, b) = syncer("syncer-b");
+    let broker = guildgate::amqp::Broker::new(s, name);
+    let worker = guildgate::sync::SyncWorker::new(
+        w.app.pool.clone(),
+        broker.clone(),
+        DiscordClient::side(&s.discord, w.app.metrics.clone()).with_budget(Budget::syncer(5)),
+        TokenCipher::from_base64(&s.secrets.token_encryption_key).unwrap(),
+        w.links.clone(),
+        s.sync.retry_delays.clone(),
+        w.app.metrics.clone(),
+    );
+    (broker, worker)
+}
+
+/// The role was added at Discord but recording it failed (the database went away);
+/// the grant is refunded before the job is retried. The revoke must still take the role
+/// away: the syncer recorded what it was about to apply before calling Discord.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_removes_a_role_whose_delivery_was_never_recorded() {
+    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let (_broker, worker) = syncer(&w, "syncer");
+    let fail = worker.fail_after_discord.clone();
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(worker.run(stop.clone()));
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    let u = w.user("una");
+    w.link("cus_1", u).await;
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    wait_for("the role added at Discord", || async {
+        w.has_role(g.guild_id, u, role).then_some(())
+    })
+    .await;
+    let grant = w.grant_of("cus_1").await;
+    assert_eq!(grant.status, "Pending", "the delivery was not recorded");
+    w.app
+        .publish(&refund(&biz, "pay_1", false, T1), "evt_2")
+        .await;
+    w.wait_status(&grant.id, "Revoked").await;
+    wait_for("the role taken away", || async {
+        (!w.has_role(g.guild_id, u, role)).then_some(())
+    })
+    .await;
+    // Once the database answers again, the record agrees.
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for("nothing applied any more", || async {
+        let applied: Option<String> =
+            sqlx::query_scalar("SELECT applied_role_id FROM grants WHERE id = $1")
+                .bind(&grant.id)
+                .fetch_one(&w.app.pool)
+                .await
+                .unwrap();
+        applied.is_none().then_some(())
+    })
+    .await;
+    assert!(!w.has_role(g.guild_id, u, role));
+    stop.cancel();
+    let _ = task.await;
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_syncer_takes_over_when_the_active_one_dies() {
+    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let (broker_a, a) = syncer(&w, "syncer-a");
+    let (_broker_b, b) = syncer(&w, "syncer-b");
     let stop = tokio_util::sync::CancellationToken::new();
     let task_a = tokio::spawn(a.run(stop.clone()));
     // Let A subscribe first: it becomes the single active consumer.

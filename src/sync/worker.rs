@@ -5,6 +5,7 @@
 //! grants share a linked account, whose refresh token rotates, and may share a role.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +55,9 @@ pub struct SyncWorker {
     pub links: LinkBuilder,
     pub retry_delays: Vec<Duration>,
     pub metrics: Arc<Metrics>,
+    /// Test hook: while set, every job fails after its Discord calls and before they
+    /// are recorded, as when the database goes away (or the process dies) right then.
+    pub fail_after_discord: Arc<AtomicBool>,
     locks: KeyedLocks,
 }
 
@@ -89,6 +93,7 @@ impl SyncWorker {
             links,
             retry_delays,
             metrics,
+            fail_after_discord: Arc::new(AtomicBool::new(false)),
             locks: KeyedLocks::default(),
         }
     }
@@ -106,10 +111,17 @@ impl SyncWorker {
         };
         let _turn = self.locks.lock(&customer).await;
         // Read again under the customer's lock: the job before may have changed it.
-        let Some(job) = self.load(grant_id).await? else {
+        let Some(mut job) = self.load(grant_id).await? else {
             return Ok(Outcome::Ack("unknown_grant"));
         };
-        let outcome = match self.sync(&job).await {
+        self.record_intent(&mut job).await?;
+        let synced = self.sync(&job).await;
+        if self.fail_after_discord.load(Ordering::SeqCst) {
+            return Err(sqlx::Error::Protocol(
+                "injected failure after the Discord calls".into(),
+            ));
+        }
+        let outcome = match synced {
             Ok(s) => self.record_success(&job, s).await?,
             Err(e) => self.record_failure(&job, e, attempt).await?,
         };
@@ -124,6 +136,29 @@ impl SyncWorker {
             .get_or_create(&vec![("outcome", label.to_string())])
             .inc();
         Ok(outcome)
+    }
+
+    /// Before a first delivery, records what the grant is about to apply. Should the
+    /// Discord calls succeed and the commit after them fail (a crash, the database gone)
+    /// while the grant is revoked meanwhile, the revoke still knows what to take away.
+    /// Recording more than was applied is harmless: removing a role a member lacks, or
+    /// a member who is not there, changes nothing.
+    async fn record_intent(&self, job: &mut Job) -> Result<(), sqlx::Error> {
+        let g = &job.grant;
+        if !g.status().is_live() || g.applied_user_id.is_some() {
+            return Ok(());
+        }
+        let user = job.link.as_ref().map(|l| l.discord_user_id.clone());
+        let (Some(user), Some(guild)) = (user, job.guild) else {
+            return Ok(());
+        };
+        let intent = (user, guild.to_string(), job.role.map(|r| r.to_string()));
+        let mut conn = self.pool.acquire().await?;
+        db::set_applied(&mut conn, &g.id, Some(intent.clone()), Utc::now()).await?;
+        job.grant.applied_user_id = Some(intent.0);
+        job.grant.applied_guild_id = Some(intent.1);
+        job.grant.applied_role_id = intent.2;
+        Ok(())
     }
 
     async fn load(&self, grant_id: &str) -> Result<Option<Job>, sqlx::Error> {
