@@ -834,6 +834,18 @@ impl Stack {
     /// Polls [`Stack::compare`] until everything matches and the outbox is empty, or
     /// until nothing improved for `stall`.
     async fn settle(&mut self, model: &Model, plan: &Plan, stall: Duration) -> Comparison {
+        self.settle_until(model, plan, stall, |c| c.problems.is_empty())
+            .await
+    }
+
+    /// [`Stack::settle`] until `done` says so (and the outbox is empty).
+    async fn settle_until(
+        &mut self,
+        model: &Model,
+        plan: &Plan,
+        stall: Duration,
+        done: impl Fn(&Comparison) -> bool,
+    ) -> Comparison {
         let mut best = usize::MAX;
         let mut last_progress = Instant::now();
         loop {
@@ -842,7 +854,7 @@ impl Stack {
                 .fetch_one(&self.pool)
                 .await
                 .unwrap_or(-1);
-            if c.problems.is_empty() && outbox == 0 {
+            if done(&c) && outbox == 0 {
                 return c;
             }
             if c.problems.len() < best {
@@ -1175,7 +1187,9 @@ pub async fn outages(p: &Params, cmd: &WorkerCommand) -> Report {
                 r.problems.push(e);
             }
             // Recovered when every webhook due so far has arrived.
-            let c = stack.settle(&m, &plan, p.stall).await;
+            let c = stack
+                .settle_until(&m, &plan, p.stall, |c| c.webhooks.missing == 0)
+                .await;
             if c.webhooks.missing > 0 {
                 r.problems.push(format!(
                     "{} webhooks still missing after the receiver came back",
