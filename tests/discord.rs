@@ -563,6 +563,86 @@ async fn a_revoke_removes_a_role_whose_delivery_was_never_recorded() {
     w.stop().await;
 }
 
+/// Two subscriptions give the same role. The first is delivered; the second's delivery
+/// is delayed; the first is cancelled, then the second before its delivery ran. The role
+/// must go: a grant that never delivered anything must not keep another's role alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_is_not_kept_for_a_grant_revoked_before_its_delivery() {
+    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_s", &id(g.guild_id), Some(&id(role)))
+        .await;
+    let u = w.user("una");
+    w.link("cus_1", u).await;
+    let start = || {
+        let (_broker, worker) = syncer(&w, "syncer");
+        let stop = tokio_util::sync::CancellationToken::new();
+        (stop.clone(), tokio::spawn(worker.run(stop)))
+    };
+    let sub = |kind: &str, sub: &str, status: &str, at: &str| {
+        subscription(kind, &biz, sub, "cus_1", "pdt_s", status, at)
+    };
+    let (stop, task) = start();
+    w.app
+        .publish(&sub("active", "sub_1", "active", T0), "evt_1")
+        .await;
+    let first = w.grant_of("cus_1").await;
+    w.wait_status(&first.id, "Delivered").await;
+    stop.cancel();
+    let _ = task.await;
+
+    // The second subscription's grant; its delivery job is delayed (here: dropped).
+    w.app
+        .publish(&sub("active", "sub_2", "active", T1), "evt_2")
+        .await;
+    w.app.wait_processed(2).await;
+    w.app.wait_outbox_empty().await;
+    let conn = lapin::Connection::connect(&common::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_purge(w.app.names.discord_sync().as_str().into(), Default::default())
+        .await
+        .unwrap();
+    w.app
+        .publish(&sub("cancelled", "sub_1", "cancelled", T2), "evt_3")
+        .await;
+    w.wait_status(&first.id, "Revoked").await;
+    let (stop, task) = start();
+    wait_for("the first grant's revoke synced", || async {
+        let applied: Option<String> =
+            sqlx::query_scalar("SELECT applied_role_id FROM grants WHERE id = $1")
+                .bind(&first.id)
+                .fetch_one(&w.app.pool)
+                .await
+                .unwrap();
+        applied.is_none().then_some(())
+    })
+    .await;
+    w.app
+        .publish(&sub("cancelled", "sub_2", "cancelled", T2), "evt_4")
+        .await;
+    let second = w
+        .app
+        .grants_of("cus_1")
+        .await
+        .into_iter()
+        .find(|g| g.id != first.id)
+        .unwrap();
+    w.wait_status(&second.id, "Revoked").await;
+    wait_for("the role taken away", || async {
+        (!w.has_role(g.guild_id, u, role)).then_some(())
+    })
+    .await;
+    let _ = conn.close(200, "done".into()).await;
+    stop.cancel();
+    let _ = task.await;
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_syncer_takes_over_when_the_active_one_dies() {
     let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;

@@ -18,15 +18,13 @@ pub struct LinkRow {
     pub scopes: String,
 }
 
-/// A live grant of the customer with its entitlement's guild and role.
+/// A live grant of the customer and what it applied (or is applying) in Discord.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Holding {
     pub id: String,
     pub applied_user_id: Option<String>,
     pub applied_guild_id: Option<String>,
     pub applied_role_id: Option<String>,
-    pub guild_id: String,
-    pub role_id: Option<String>,
 }
 
 /// The linked account of a customer of a business.
@@ -73,7 +71,7 @@ pub async fn upsert_link(
     Ok(())
 }
 
-/// The customer's other live grants, with their entitlements' guild and role.
+/// The customer's other live grants.
 pub async fn other_live_grants(
     conn: &mut PgConnection,
     business_id: &str,
@@ -81,9 +79,9 @@ pub async fn other_live_grants(
     except_grant: &str,
 ) -> Result<Vec<Holding>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT g.id, g.applied_user_id, g.applied_guild_id, g.applied_role_id, e.guild_id, e.role_id
-         FROM grants g JOIN entitlements e ON e.id = g.entitlement_id
-         WHERE g.business_id = $1 AND g.customer_id = $2 AND g.id <> $3 AND g.status <> 'Revoked'",
+        "SELECT id, applied_user_id, applied_guild_id, applied_role_id
+         FROM grants
+         WHERE business_id = $1 AND customer_id = $2 AND id <> $3 AND status <> 'Revoked'",
     )
     .bind(business_id)
     .bind(customer_id)

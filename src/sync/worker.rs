@@ -175,27 +175,20 @@ impl SyncWorker {
             None => (None, None),
         };
         let link = db::link_of(&mut conn, &grant.business_id, &grant.customer_id).await?;
-        let link_user = link
-            .as_ref()
-            .and_then(|l| Snowflake::parse(&l.discord_user_id));
         let mut others = Vec::new();
         for h in db::other_live_grants(&mut conn, &grant.business_id, &grant.customer_id, &grant.id)
             .await?
         {
+            // Only what another grant applied (or recorded it is applying) keeps an
+            // access. Not what it is yet to deliver: it may be revoked before its
+            // delivery runs, and then nothing would ever take the access away. Its own
+            // delivery gives the access back, after a moment without it.
             if let Some(a) = access(
                 h.applied_user_id.as_deref(),
                 h.applied_guild_id.as_deref(),
                 h.applied_role_id.as_deref(),
             ) {
                 others.push(a);
-            }
-            // What it is about to hold counts too: its own sync will deliver it.
-            if let (Some(user), Some(guild)) = (link_user, Snowflake::parse(&h.guild_id)) {
-                others.push(Access {
-                    user,
-                    guild,
-                    role: h.role_id.as_deref().and_then(Snowflake::parse),
-                });
             }
         }
         Ok(Some(Job {
