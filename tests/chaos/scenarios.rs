@@ -816,6 +816,7 @@ impl Stack {
                 };
                 if !ok {
                     c.discord_mismatches += 1;
+                    c.mismatched.push((customer.clone(), *user));
                     c.problem(format!(
                         "{customer} in {guild_name}: member={} roles={has_roles:?}, expected {} with {want_roles:?}",
                         member.is_some(),
@@ -866,6 +867,52 @@ impl Stack {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// The history behind a Discord mismatch: the customer's grants and every request
+    /// the sandbox saw about the user.
+    async fn explain(&self, customer: &str, user: u64) -> String {
+        let names: HashMap<&str, &str> =
+            self.ents.iter().map(|(k, e)| (e.id.as_str(), *k)).collect();
+        type Row = (
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            chrono::DateTime<Utc>,
+        );
+        let grants: Vec<Row> = sqlx::query_as(
+            "SELECT id, entitlement_id, status, revocation_reason, applied_role_id, updated_at
+             FROM grants WHERE customer_id = $1 ORDER BY created_at",
+        )
+        .bind(customer)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        let mut out = format!("history of {customer} (user {user}):");
+        for (id, ent, status, reason, applied, at) in grants {
+            out.push_str(&format!(
+                "\n      grant {id} {} {status} {reason:?} applied_role={applied:?} updated {at}",
+                names.get(ent.as_str()).unwrap_or(&"?")
+            ));
+        }
+        let u = user.to_string();
+        for r in self
+            .sandbox()
+            .requests()
+            .iter()
+            .filter(|r| r.path.contains(&u))
+        {
+            out.push_str(&format!(
+                "\n      {} {} {} -> {}",
+                chrono::DateTime::<Utc>::from(r.time),
+                r.method,
+                r.path,
+                r.status
+            ));
+        }
+        out
     }
 
     /// Dead-lettered messages by reason code, from every `.dead` queue.
@@ -953,6 +1000,8 @@ struct Comparison {
     grants: GrantCounts,
     webhooks: WebhookCounts,
     discord_mismatches: usize,
+    /// (customer, Discord user) whose Discord state differs.
+    mismatched: Vec<(String, u64)>,
     problems: Vec<String>,
 }
 
@@ -1065,6 +1114,9 @@ pub async fn crashes(p: &Params, cmd: &WorkerCommand) -> Report {
         r.kills += 1;
     }
     let c = stack.settle(&model, &plan, p.stall).await;
+    for (customer, user) in c.mismatched.iter().take(5) {
+        r.problems.push(stack.explain(customer, *user).await);
+    }
     c.into_report(&mut r);
     finish(&mut r, &stack).await;
     r.elapsed = began.elapsed();
@@ -1209,6 +1261,9 @@ pub async fn outages(p: &Params, cmd: &WorkerCommand) -> Report {
         ));
     }
     let c = stack.settle(&model, &plan, p.stall).await;
+    for (customer, user) in c.mismatched.iter().take(5) {
+        r.problems.push(stack.explain(customer, *user).await);
+    }
     c.into_report(&mut r);
     finish(&mut r, &stack).await;
     r.elapsed = began.elapsed();
@@ -1266,6 +1321,9 @@ pub async fn discord_chaos(p: &Params, cmd: &WorkerCommand) -> Report {
         }
     }
     let c = stack.settle(&model, &plan, p.stall).await;
+    for (customer, user) in c.mismatched.iter().take(5) {
+        r.problems.push(stack.explain(customer, *user).await);
+    }
     c.into_report(&mut r);
     let s = stack.discord_stats();
     if s.rate_limited_forced == 0 || s.injected_errors == 0 {
