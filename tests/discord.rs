@@ -604,9 +604,12 @@ async fn a_role_is_not_kept_for_a_grant_revoked_before_its_delivery() {
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
-    ch.queue_purge(w.app.names.discord_sync().as_str().into(), Default::default())
-        .await
-        .unwrap();
+    ch.queue_purge(
+        w.app.names.discord_sync().as_str().into(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
     w.app
         .publish(&sub("cancelled", "sub_1", "cancelled", T2), "evt_3")
         .await;

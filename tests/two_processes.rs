@@ -13,17 +13,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use chrono::Utc;
 use common::events::payment;
 use common::worker::{Worker, WorkerCommand, sample};
 use common::{TestDb, amqp_url, tag};
 use discord_world::BOT_PERMISSIONS;
 use guildgate::amqp::Names;
 use guildgate::config::Settings;
-use guildgate::crypto::TokenCipher;
 use guildgate::store;
-use guildgate::webhooks::endpoints::{self, NewEndpoint};
-use guildgate::webhooks::ssrf::TargetPolicy;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sandbox_discord::{GuildSpec, Sandbox, SandboxConfig, UserSpec};
@@ -53,23 +49,7 @@ impl Drop for Cluster {
                 eprintln!("--- last lines of {} ---\n{}", p.name, p.log_tail(40));
             }
         }
-        let (names, settings, db) = (self.names.clone(), self.settings.clone(), self.db.take());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let _ = tokio::time::timeout(Duration::from_secs(20), async {
-                    common::delete_broker_objects(&names, &settings).await;
-                    if let Some(db) = db {
-                        db.drop_db().await;
-                    }
-                })
-                .await;
-            });
-        })
-        .join();
+        common::cleanup_blocking(&self.names, &self.settings, self.db.take());
         if self.passed {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -113,22 +93,9 @@ async fn two_processes_share_the_work_and_the_discord_syncer_fails_over() {
         ("GUILDGATE_SYNC__RETRY_DELAYS", "100ms,200ms".into()),
         ("GUILDGATE_WEBHOOKS__RETRY_DELAYS", "0s,100ms,200ms".into()),
         ("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".into()),
-        ("GUILDGATE_DISCORD__API_BASE", sandbox.api_base()),
-        ("GUILDGATE_DISCORD__AUTHORIZE_URL", sandbox.authorize_url()),
-        (
-            "GUILDGATE_DISCORD__CLIENT_ID",
-            sandbox.client_id().to_string(),
-        ),
-        (
-            "GUILDGATE_DISCORD__CLIENT_SECRET",
-            sandbox.client_secret().to_string(),
-        ),
-        (
-            "GUILDGATE_DISCORD__BOT_TOKEN",
-            sandbox.bot_token().to_string(),
-        ),
     ]
     .into_iter()
+    .chain(common::sandbox_discord_env(&sandbox))
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let settings = Settings::load_with_env(None, Some(env.clone())).expect("test settings");
@@ -188,46 +155,22 @@ async fn two_processes_share_the_work_and_the_discord_syncer_fails_over() {
         store::setup::set_product_entitlements(&mut conn, BUSINESS, "pdt_1", &[e.id])
             .await
             .unwrap();
-        endpoints::create(
-            &mut conn,
-            BUSINESS,
-            NewEndpoint {
-                url,
-                description: None,
-                filter_types: None,
-                secret: Some(SECRET.into()),
-            },
-            TargetPolicy {
-                allow_private: true,
-            },
-        )
-        .await
-        .unwrap();
     }
+    common::add_webhook_endpoint(&pool, BUSINESS, url, SECRET).await;
     // Customers already linked to Discord: delivered without an OAuth.
-    let cipher = TokenCipher::from_base64(&settings.secrets.token_encryption_key).unwrap();
     let n = 40usize;
     let mut users = Vec::new();
     for i in 0..n {
         let user = sandbox.add_user(UserSpec::new(format!("user{i}")));
-        let t = sandbox.issue_token(user, &["identify", "guilds.join"]);
-        let mut conn = pool.acquire().await.unwrap();
-        let now = Utc::now();
-        guildgate::sync::store::upsert_link(
-            &mut conn,
-            &guildgate::sync::store::LinkRow {
-                business_id: BUSINESS.into(),
-                customer_id: format!("cus_{i}"),
-                discord_user_id: user.to_string(),
-                access_token_enc: cipher.encrypt(&t.access_token),
-                refresh_token_enc: Some(cipher.encrypt(&t.refresh_token)),
-                expires_at: now + chrono::Duration::from_std(t.expires_in).unwrap(),
-                scopes: t.scope.clone(),
-            },
-            now,
+        common::link_sandbox_user(
+            &pool,
+            &settings,
+            &sandbox,
+            BUSINESS,
+            &format!("cus_{i}"),
+            user,
         )
-        .await
-        .unwrap();
+        .await;
         users.push(user);
     }
 

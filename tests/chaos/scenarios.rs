@@ -20,10 +20,7 @@ use axum::http::{HeaderMap, StatusCode};
 use chrono::Utc;
 use guildgate::amqp::Names;
 use guildgate::config::Settings;
-use guildgate::crypto::TokenCipher;
 use guildgate::store;
-use guildgate::webhooks::endpoints::{self, NewEndpoint};
-use guildgate::webhooks::ssrf::TargetPolicy;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use rand::rngs::StdRng;
@@ -404,22 +401,9 @@ impl Stack {
                 "0s,1s,2s,5s,10s,10s,10s,10s,10s".into(),
             ),
             ("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".into()),
-            ("GUILDGATE_DISCORD__API_BASE", sandbox.api_base()),
-            ("GUILDGATE_DISCORD__AUTHORIZE_URL", sandbox.authorize_url()),
-            (
-                "GUILDGATE_DISCORD__CLIENT_ID",
-                sandbox.client_id().to_string(),
-            ),
-            (
-                "GUILDGATE_DISCORD__CLIENT_SECRET",
-                sandbox.client_secret().to_string(),
-            ),
-            (
-                "GUILDGATE_DISCORD__BOT_TOKEN",
-                sandbox.bot_token().to_string(),
-            ),
         ]
         .into_iter()
+        .chain(common::sandbox_discord_env(&sandbox))
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         for (k, v) in opts.env {
@@ -491,47 +475,21 @@ impl Stack {
                     .await
                     .unwrap();
             }
-            for business in [model::MAIN, model::OTHER] {
-                endpoints::create(
-                    &mut conn,
-                    business,
-                    NewEndpoint {
-                        url: format!("{hook_base}/{business}"),
-                        description: None,
-                        filter_types: None,
-                        secret: Some(SECRET.into()),
-                    },
-                    TargetPolicy {
-                        allow_private: true,
-                    },
-                )
-                .await
-                .unwrap();
-            }
+        }
+        for business in [model::MAIN, model::OTHER] {
+            common::add_webhook_endpoint(
+                &pool,
+                business,
+                format!("{hook_base}/{business}"),
+                SECRET,
+            )
+            .await;
         }
         // Customers who linked Discord before buying.
-        let cipher = TokenCipher::from_base64(&settings.secrets.token_encryption_key).unwrap();
         let mut users = HashMap::new();
         for c in plan.linked() {
             let user = sandbox.add_user(UserSpec::new(c.id.clone()));
-            let t = sandbox.issue_token(user, &["identify", "guilds.join"]);
-            let now = Utc::now();
-            let mut conn = pool.acquire().await.unwrap();
-            guildgate::sync::store::upsert_link(
-                &mut conn,
-                &guildgate::sync::store::LinkRow {
-                    business_id: c.business.into(),
-                    customer_id: c.id.clone(),
-                    discord_user_id: user.to_string(),
-                    access_token_enc: cipher.encrypt(&t.access_token),
-                    refresh_token_enc: Some(cipher.encrypt(&t.refresh_token)),
-                    expires_at: now + chrono::Duration::days(7),
-                    scopes: t.scope.clone(),
-                },
-                now,
-            )
-            .await
-            .unwrap();
+            common::link_sandbox_user(&pool, &settings, &sandbox, c.business, &c.id, user).await;
             users.insert(c.id.clone(), user);
         }
 
@@ -969,23 +927,7 @@ impl Drop for Stack {
             w.kill();
             eprintln!("--- last lines of {} ---\n{}", w.name, w.log_tail(40));
         }
-        let (names, settings, db) = (self.names.clone(), self.settings.clone(), self.db.take());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let _ = tokio::time::timeout(Duration::from_secs(20), async {
-                    common::delete_broker_objects(&names, &settings).await;
-                    if let Some(db) = db {
-                        db.drop_db().await;
-                    }
-                })
-                .await;
-            });
-        })
-        .join();
+        common::cleanup_blocking(&self.names, &self.settings, self.db.take());
     }
 }
 
@@ -1113,11 +1055,26 @@ pub async fn crashes(p: &Params, cmd: &WorkerCommand) -> Report {
         stack.kill_and_restart().await;
         r.kills += 1;
     }
-    let c = stack.settle(&model, &plan, p.stall).await;
+    end(stack, r, &model, &plan, began, p.stall, |_, _| {}).await
+}
+
+/// The common end of a scenario: waits for the expected state, explains what differs in
+/// Discord, then [`finish`]es; the stack is removed unless something went wrong.
+async fn end(
+    mut stack: Stack,
+    mut r: Report,
+    model: &Model,
+    plan: &Plan,
+    began: Instant,
+    stall: Duration,
+    check: impl FnOnce(&Stats, &mut Report),
+) -> Report {
+    let c = stack.settle(model, plan, stall).await;
     for (customer, user) in c.mismatched.iter().take(5) {
         r.problems.push(stack.explain(customer, *user).await);
     }
     c.into_report(&mut r);
+    check(&stack.discord_stats(), &mut r);
     finish(&mut r, &stack).await;
     r.elapsed = began.elapsed();
     if r.passed() {
@@ -1126,7 +1083,7 @@ pub async fn crashes(p: &Params, cmd: &WorkerCommand) -> Report {
     r
 }
 
-/// The common end of a scenario: dead letters (none is expected) and Discord's view.
+/// Dead letters (none is expected) and Discord's view of the rate limits.
 async fn finish(r: &mut Report, stack: &Stack) {
     r.dead_lettered = stack.dead_letters().await;
     for (reason, count) in &r.dead_lettered {
@@ -1260,17 +1217,7 @@ pub async fn outages(p: &Params, cmd: &WorkerCommand) -> Report {
             restored.elapsed(),
         ));
     }
-    let c = stack.settle(&model, &plan, p.stall).await;
-    for (customer, user) in c.mismatched.iter().take(5) {
-        r.problems.push(stack.explain(customer, *user).await);
-    }
-    c.into_report(&mut r);
-    finish(&mut r, &stack).await;
-    r.elapsed = began.elapsed();
-    if r.passed() {
-        stack.stop().await;
-    }
-    r
+    end(stack, r, &model, &plan, began, p.stall, |_, _| {}).await
 }
 
 /// Scenario 3: every customer linked, and Discord answers 20 % of requests with a 5xx,
@@ -1289,7 +1236,7 @@ pub async fn discord_chaos(p: &Params, cmd: &WorkerCommand) -> Report {
             .with_default_bucket(10, Duration::from_secs(1))
             .with_global(50, Duration::from_secs(1)),
     );
-    let mut stack = Stack::start(
+    let stack = Stack::start(
         "discord",
         cmd,
         &plan,
@@ -1320,25 +1267,16 @@ pub async fn discord_chaos(p: &Params, cmd: &WorkerCommand) -> Report {
             r.problems.push(e);
         }
     }
-    let c = stack.settle(&model, &plan, p.stall).await;
-    for (customer, user) in c.mismatched.iter().take(5) {
-        r.problems.push(stack.explain(customer, *user).await);
-    }
-    c.into_report(&mut r);
-    let s = stack.discord_stats();
-    if s.rate_limited_forced == 0 || s.injected_errors == 0 {
-        r.problems.push(format!("the chaos did not happen: {s:?}"));
-    }
-    if s.invalid_requests * 10 > DISCORD_BAN_THRESHOLD {
-        r.problems.push(format!(
-            "{} invalid requests: not far below Discord's threshold",
-            s.invalid_requests
-        ));
-    }
-    finish(&mut r, &stack).await;
-    r.elapsed = began.elapsed();
-    if r.passed() {
-        stack.stop().await;
-    }
-    r
+    end(stack, r, &model, &plan, began, p.stall, |s, r| {
+        if s.rate_limited_forced == 0 || s.injected_errors == 0 {
+            r.problems.push(format!("the chaos did not happen: {s:?}"));
+        }
+        if s.invalid_requests * 10 > DISCORD_BAN_THRESHOLD {
+            r.problems.push(format!(
+                "{} invalid requests: not far below Discord's threshold",
+                s.invalid_requests
+            ));
+        }
+    })
+    .await
 }

@@ -2,8 +2,6 @@
 //! it, and the customer's side of the OAuth flow played through real HTTP.
 #![allow(dead_code)]
 
-use chrono::Utc;
-use guildgate::crypto::TokenCipher;
 use guildgate::grants::Grant;
 use guildgate::grants::link::LinkBuilder;
 use sandbox_discord::{
@@ -25,14 +23,9 @@ pub struct World {
 
 /// guildgate settings that point at `sandbox`.
 pub fn sandbox_env(sandbox: &Sandbox, cfg: TestConfig) -> TestConfig {
-    cfg.env("GUILDGATE_DISCORD__API_BASE", &sandbox.api_base())
-        .env("GUILDGATE_DISCORD__AUTHORIZE_URL", &sandbox.authorize_url())
-        .env(
-            "GUILDGATE_DISCORD__CLIENT_ID",
-            &sandbox.client_id().to_string(),
-        )
-        .env("GUILDGATE_DISCORD__CLIENT_SECRET", sandbox.client_secret())
-        .env("GUILDGATE_DISCORD__BOT_TOKEN", sandbox.bot_token())
+    crate::common::sandbox_discord_env(sandbox)
+        .into_iter()
+        .fold(cfg, |cfg, (k, v)| cfg.env(k, &v))
 }
 
 impl World {
@@ -125,29 +118,15 @@ impl World {
     /// Links a customer to a Discord user directly (tokens from the sandbox), as if
     /// they had authorized before.
     pub async fn link(&self, customer: &str, user: u64) {
-        let t = self.sandbox.issue_token(user, &["identify", "guilds.join"]);
-        let cipher =
-            TokenCipher::from_base64(&self.app.settings.secrets.token_encryption_key).unwrap();
-        let mut conn = self.app.pool.acquire().await.unwrap();
-        guildgate::store::setup::ensure_business(&mut conn, &self.app.business())
-            .await
-            .unwrap();
-        let now = Utc::now();
-        guildgate::sync::store::upsert_link(
-            &mut conn,
-            &guildgate::sync::store::LinkRow {
-                business_id: self.app.business(),
-                customer_id: customer.into(),
-                discord_user_id: user.to_string(),
-                access_token_enc: cipher.encrypt(&t.access_token),
-                refresh_token_enc: Some(cipher.encrypt(&t.refresh_token)),
-                expires_at: now + chrono::Duration::from_std(t.expires_in).unwrap(),
-                scopes: t.scope.clone(),
-            },
-            now,
+        crate::common::link_sandbox_user(
+            &self.app.pool,
+            &self.app.settings,
+            &self.sandbox,
+            &self.app.business(),
+            customer,
+            user,
         )
-        .await
-        .unwrap();
+        .await;
     }
 
     /// Queues a sync job for a grant (what re-saving an entitlement does).

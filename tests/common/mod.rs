@@ -488,36 +488,119 @@ pub async fn delete_broker_objects(names: &Names, settings: &Settings) {
 }
 
 impl Drop for TestApp {
-    /// A test that panicked never reached `stop`: clean up anyway, on a thread of its
-    /// own (this may run inside the test's runtime, which cannot be blocked on).
+    /// A test that panicked never reached `stop`: clean up anyway.
     fn drop(&mut self) {
         if self.cleaned {
             return;
         }
         self.shutdown.cancel();
-        let (names, settings, db) = (
-            self.names.clone(),
-            self.settings.clone(),
-            TestDb {
+        cleanup_blocking(
+            &self.names,
+            &self.settings,
+            Some(TestDb {
                 name: self.db.name.clone(),
                 url: self.db.url.clone(),
-            },
+            }),
         );
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let _ = tokio::time::timeout(Duration::from_secs(20), async {
-                    delete_broker_objects(&names, &settings).await;
-                    db.drop_db().await;
-                })
-                .await;
-            });
-        })
-        .join();
     }
+}
+
+/// Deletes a test's queues, exchanges and database from a `Drop`, on a thread of its
+/// own (a drop may run inside the test's runtime, which cannot be blocked on).
+pub fn cleanup_blocking(names: &Names, settings: &Settings, db: Option<TestDb>) {
+    let (names, settings) = (names.clone(), settings.clone());
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let _ = tokio::time::timeout(Duration::from_secs(20), async {
+                delete_broker_objects(&names, &settings).await;
+                if let Some(db) = db {
+                    db.drop_db().await;
+                }
+            })
+            .await;
+        });
+    })
+    .join();
+}
+
+/// Links `customer` of `business` to the sandbox user `user` (as the OAuth callback
+/// would), with a fresh token pair encrypted with the settings' key.
+pub async fn link_sandbox_user(
+    pool: &PgPool,
+    settings: &Settings,
+    sandbox: &sandbox_discord::Sandbox,
+    business: &str,
+    customer: &str,
+    user: u64,
+) {
+    let t = sandbox.issue_token(user, &["identify", "guilds.join"]);
+    let cipher =
+        guildgate::crypto::TokenCipher::from_base64(&settings.secrets.token_encryption_key)
+            .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    store::setup::ensure_business(&mut conn, business)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    guildgate::sync::store::upsert_link(
+        &mut conn,
+        &guildgate::sync::store::LinkRow {
+            business_id: business.into(),
+            customer_id: customer.into(),
+            discord_user_id: user.to_string(),
+            access_token_enc: cipher.encrypt(&t.access_token),
+            refresh_token_enc: Some(cipher.encrypt(&t.refresh_token)),
+            expires_at: now + chrono::Duration::from_std(t.expires_in).unwrap(),
+            scopes: t.scope.clone(),
+        },
+        now,
+    )
+    .await
+    .unwrap();
+}
+
+/// A webhook endpoint of `business` at `url` with `secret` (private targets allowed).
+pub async fn add_webhook_endpoint(pool: &PgPool, business: &str, url: String, secret: &str) {
+    let mut conn = pool.acquire().await.unwrap();
+    guildgate::webhooks::endpoints::create(
+        &mut conn,
+        business,
+        guildgate::webhooks::endpoints::NewEndpoint {
+            url,
+            description: None,
+            filter_types: None,
+            secret: Some(secret.into()),
+        },
+        guildgate::webhooks::ssrf::TargetPolicy {
+            allow_private: true,
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// The `GUILDGATE_DISCORD__*` variables that point guildgate at `sandbox`.
+pub fn sandbox_discord_env(sandbox: &sandbox_discord::Sandbox) -> Vec<(&'static str, String)> {
+    vec![
+        ("GUILDGATE_DISCORD__API_BASE", sandbox.api_base()),
+        ("GUILDGATE_DISCORD__AUTHORIZE_URL", sandbox.authorize_url()),
+        (
+            "GUILDGATE_DISCORD__CLIENT_ID",
+            sandbox.client_id().to_string(),
+        ),
+        (
+            "GUILDGATE_DISCORD__CLIENT_SECRET",
+            sandbox.client_secret().to_string(),
+        ),
+        (
+            "GUILDGATE_DISCORD__BOT_TOKEN",
+            sandbox.bot_token().to_string(),
+        ),
+    ]
 }
 
 /// A message taken from a queue.
