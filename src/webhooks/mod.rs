@@ -2,7 +2,7 @@
 //! one.
 //!
 //! ```text
-//! <prefix>.grant-events ─► fanout ─► one message per endpoint + outbox job (one statement)
+//! <prefix>.grant-events ─► fanout ─► one message per endpoint + outbox job (one statement per batch)
 //!                                          │ outbox relay (confirms)
 //!                                          ▼
 //!                          <prefix>.webhooks ─► deliver ─► POST, record attempt
@@ -54,6 +54,8 @@ pub fn spawn(
         pool: pool.clone(),
         broker: broker.clone(),
         prefetch: settings.amqp.prefetch,
+        batch_size: settings.amqp.batch_size,
+        batch_linger: settings.amqp.batch_linger,
         metrics: metrics.clone(),
     };
     for _ in 0..settings.amqp.consumers {
