@@ -1,12 +1,13 @@
 //! Delivery workers: competing consumers of `<prefix>.webhooks`, each job one message
 //! for one endpoint. Up to `webhooks.workers` jobs run at once per process.
 //!
-//! Per job: read the message and its endpoint, ask [`Isolation`] whether the endpoint
-//! may take another request, POST the exact stored body signed per attempt (redirects
-//! not followed, `webhooks.timeout`), record the attempt and the message's new state in
-//! one statement, and only then settle the job: ack, publish it to the retry tier of the
-//! next delay (confirmed) and ack, or park it in `<prefix>.webhooks.dead` and ack. A
-//! crash before the record leaves the job unacked, so the broker redelivers it and the
+//! Per job: read the message and its endpoint (grouped with other workers' reads into
+//! one query, [`super::reader`]), ask [`Isolation`] for a slot of the endpoint, POST the exact stored body signed per attempt
+//! (redirects not followed, `webhooks.timeout`), record the attempt and the message's
+//! new state (grouped with other workers' records into one statement,
+//! [`super::recorder`]), and only then settle the job: ack, publish it to the retry tier
+//! of the next delay (confirmed) and ack, or park it in `<prefix>.webhooks.dead` and ack.
+//! A crash before the record leaves the job unacked, so the broker redelivers it and the
 //! same `webhook-id` is sent again: receivers deduplicate on it.
 //!
 //! A database outage holds the job and retries it (possibly sending again once the
@@ -30,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::isolation::{Admission, Isolation, IsolationSettings};
 use super::messages::{self, AttemptRecord, DeliveryTarget, NewStatus, Recorded};
+use super::reader::{ReadError, Reader};
 use super::recorder::{RecordError, Recorder};
 use super::schedule::{self, AttemptResult, GiveUpReason, Next};
 use super::signing::{Secret, signature_header};
@@ -53,6 +55,8 @@ const RESPONSE_BYTES: usize = 1024;
 pub enum DeliverError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("reading: {0}")]
+    Read(#[from] ReadError),
     #[error("recording: {0}")]
     Record(#[from] RecordError),
     #[error("stopped between sending and recording (fault injection)")]
@@ -141,6 +145,7 @@ pub struct Deliverer {
     pub timeout: Duration,
     pub workers: usize,
     pub isolation: Isolation,
+    pub reader: Reader,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Test hook: stop once after sending and before recording, as a crash would.
@@ -187,6 +192,7 @@ impl Deliverer {
                 threshold: BREAKER_THRESHOLD,
                 cool_down: BREAKER_COOL_DOWN,
             }),
+            reader: Reader::spawn(pool.clone(), 256),
             recorder: Recorder::spawn(pool.clone(), 256),
             metrics,
             crash_after_send: Arc::new(AtomicBool::new(false)),
@@ -200,17 +206,16 @@ impl Deliverer {
         fields(webhook_message_id = %job.message_id, attempt = job.attempt)
     )]
     pub async fn handle(&self, job: &Job) -> Result<Outcome, DeliverError> {
-        // Ask first when the job names its endpoint: deferring a job for a busy
+        // Look first when the job names its endpoint: deferring a job for a hanging
         // endpoint then costs no database work (a dead endpoint's backlog cycles often).
-        let early = job
-            .endpoint_id
-            .as_deref()
-            .map(|ep| self.isolation.admit(ep, Instant::now()));
-        if let Some(Admission::Busy { stalled_for }) = early {
+        // Only a look: a slot is taken after the read, so it is held for the request
+        // alone, not while the read waits for the database.
+        if let Some(ep) = job.endpoint_id.as_deref()
+            && let Some(stalled_for) = self.isolation.stalled(ep, Instant::now(), STALLED_AFTER)
+        {
             return Ok(self.defer(job, stalled_for));
         }
-        let mut conn = self.pool.acquire().await?;
-        let Some(target) = messages::target(&mut conn, &job.message_id).await? else {
+        let Some(target) = self.reader.target(&job.message_id).await? else {
             // Its endpoint was deleted, with its messages.
             return Ok(Outcome::Ack("unknown_message"));
         };
@@ -219,18 +224,14 @@ impl Deliverer {
             return Ok(Outcome::Ack("not_pending"));
         }
         if target.disabled {
+            let mut conn = self.pool.acquire().await?;
             messages::fail_unattempted(&mut conn, &target.id, "the endpoint is disabled").await?;
             return Ok(Outcome::Ack("endpoint_disabled"));
         }
-        // Not holding a connection through the HTTP request keeps the pool for others.
-        drop(conn);
 
+        let admission = self.isolation.admit(&target.endpoint_id, Instant::now());
         let attempt = job.attempt + 1;
         let at = Utc::now();
-        let admission = match early {
-            Some(a) if job.endpoint_id.as_deref() == Some(target.endpoint_id.as_str()) => a,
-            _ => self.isolation.admit(&target.endpoint_id, Instant::now()),
-        };
         let (result, sent, label) = match admission {
             Admission::Busy { stalled_for } => return Ok(self.defer(job, stalled_for)),
             Admission::Open { failures } => {
@@ -523,7 +524,9 @@ impl Deliverer {
                     .await?;
                     return Ok(());
                 }
-                Err(e @ (DeliverError::Db(_) | DeliverError::Record(_))) => {
+                Err(
+                    e @ (DeliverError::Db(_) | DeliverError::Read(_) | DeliverError::Record(_)),
+                ) => {
                     let wait = backoff.next().unwrap_or(Duration::from_secs(5));
                     tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; holding the webhook job");
                     tokio::select! {

@@ -100,6 +100,26 @@ impl Isolation {
         })
     }
 
+    /// How long the endpoint has been stalled — at its cap with no request finished for
+    /// at least `stalled_after` — or `None` if it is not (also when its circuit is open:
+    /// that is answered by [`Isolation::admit`]). Only a look; takes no slot.
+    pub fn stalled(
+        &self,
+        endpoint: &str,
+        now: Instant,
+        stalled_after: Duration,
+    ) -> Option<Duration> {
+        let map = self.state.lock().expect("isolation lock");
+        let st = map.get(endpoint)?;
+        if st.open_until.is_some_and(|until| now < until)
+            || st.in_flight < self.settings.max_in_flight
+        {
+            return None;
+        }
+        let stalled_for = now.saturating_duration_since(st.last_progress.unwrap_or(now));
+        (stalled_for >= stalled_after).then_some(stalled_for)
+    }
+
     fn release(&self, endpoint: &str, result: Option<bool>, now: Instant) {
         let mut map = self.state.lock().expect("isolation lock");
         let Some(st) = map.get_mut(endpoint) else {
@@ -209,6 +229,30 @@ mod tests {
         go(i.admit("ep_a", much_later)).finish(true, much_later);
         go(i.admit("ep_a", much_later)).finish(false, much_later);
         assert!(matches!(i.admit("ep_a", much_later), Admission::Go(_)));
+    }
+
+    #[test]
+    fn stalled_is_a_look_that_takes_no_slot() {
+        const STALL: Duration = Duration::from_secs(1);
+        let i = iso();
+        let t = Instant::now();
+        assert_eq!(i.stalled("ep_a", t, STALL), None);
+        let _a = go(i.admit("ep_a", t));
+        assert_eq!(i.stalled("ep_a", t + STALL, STALL), None, "below its cap");
+        let b = go(i.admit("ep_a", t));
+        assert_eq!(
+            i.stalled("ep_a", t + STALL / 2, STALL),
+            None,
+            "not for long enough"
+        );
+        assert_eq!(i.stalled("ep_a", t + STALL * 2, STALL), Some(STALL * 2));
+        b.finish(true, t + STALL * 2);
+        let _b = go(i.admit("ep_a", t + STALL * 2));
+        assert_eq!(
+            i.stalled("ep_a", t + STALL * 2, STALL),
+            None,
+            "a request finished"
+        );
     }
 
     #[test]

@@ -146,19 +146,20 @@ pub async fn fan_out(
     Ok(counts)
 }
 
-/// The message and its endpoint, for one delivery attempt.
-pub async fn target(
+/// The messages and their endpoints, for delivery attempts, in one query (the
+/// delivery workers' group read, [`super::reader`]). Ids not found are left out.
+pub async fn targets(
     conn: &mut PgConnection,
-    message_id: &str,
-) -> Result<Option<DeliveryTarget>, sqlx::Error> {
+    message_ids: &[String],
+) -> Result<Vec<DeliveryTarget>, sqlx::Error> {
     sqlx::query_as(
         "SELECT m.id, m.status, m.body, e.id AS endpoint_id, e.url, e.disabled, e.secret,
                 CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END AS previous_secret
          FROM webhook_messages m JOIN webhook_endpoints e ON e.id = m.endpoint_id
-         WHERE m.id = $1",
+         WHERE m.id = ANY ($1)",
     )
-    .bind(message_id)
-    .fetch_optional(conn)
+    .bind(message_ids)
+    .fetch_all(conn)
     .await
 }
 

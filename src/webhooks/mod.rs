@@ -25,6 +25,7 @@ pub mod endpoints;
 pub mod fanout;
 pub mod isolation;
 pub mod messages;
+pub mod reader;
 pub mod recorder;
 pub mod replay;
 pub mod schedule;
