@@ -358,6 +358,8 @@ async fn a_crash_between_sending_and_recording_delivers_again_with_the_same_id()
         pool: app.pool.clone(),
         broker: deliverer.broker.clone(),
         prefetch: 1,
+        batch_size: 1,
+        batch_linger: std::time::Duration::ZERO,
         metrics: app.metrics.clone(),
     };
     let bytes = serde_json::to_vec(&body).unwrap();
@@ -517,6 +519,8 @@ async fn each_event_type_is_sent_at_most_once_per_grant_and_endpoint() {
         pool: app.pool.clone(),
         broker: guildgate::amqp::Broker::new(&app.settings, "test-fanout"),
         prefetch: 1,
+        batch_size: 1,
+        batch_linger: std::time::Duration::ZERO,
         metrics: app.metrics.clone(),
     };
     assert_eq!(
@@ -696,4 +700,94 @@ async fn republish(app: &TestApp, queue: &str, body: &[u8]) {
     assert!(confirm.is_ack());
     let _ = app;
     let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_grant_events_is_fanned_out_in_one_statement() {
+    let app = TestApp::spawn_with(TestConfig {
+        options: Some(Options {
+            webhooks: false,
+            ..Options::default()
+        }),
+        ..TestConfig::default()
+    })
+    .await;
+    let all = add_endpoint(&app, "http://127.0.0.1:9/all", None, SECRET).await;
+    let revoked_only = add_endpoint(
+        &app,
+        "http://127.0.0.1:9/revoked",
+        Some(&["entitlement_grant.revoked"]),
+        SECRET,
+    )
+    .await;
+    let event = |business: &str, grant: &str, event_type: &str| {
+        let mut body = common::events::fixture("../webhooks/entitlement_grant.created.json");
+        body["business_id"] = serde_json::json!(business);
+        body["type"] = serde_json::json!(event_type);
+        body["data"]["id"] = serde_json::json!(grant);
+        serde_json::to_vec(&body).unwrap()
+    };
+    let (created, revoked) = ("entitlement_grant.created", "entitlement_grant.revoked");
+    let batch = [
+        event(&app.business(), "grant_BatchA", created),
+        event(&app.business(), "grant_BatchA", revoked),
+        // The same grant event twice in one batch: created once.
+        event(&app.business(), "grant_BatchA", created),
+        b"not a grant event".to_vec(),
+        // A business without endpoints.
+        event("bus_nobody", "grant_BatchB", created),
+    ];
+    let bodies: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+    let fanout = Fanout {
+        pool: app.pool.clone(),
+        broker: guildgate::amqp::Broker::new(&app.settings, "test-fanout"),
+        prefetch: 1,
+        batch_size: 1,
+        batch_linger: std::time::Duration::ZERO,
+        metrics: app.metrics.clone(),
+    };
+    let outcomes = fanout.handle_batch(&bodies).await.unwrap();
+    assert_eq!(
+        outcomes[..3],
+        [Outcome::Ack(1), Outcome::Ack(2), Outcome::Ack(0)]
+    );
+    assert!(matches!(
+        outcomes[3],
+        Outcome::DeadLetter {
+            code: "bad_shape",
+            ..
+        }
+    ));
+    assert_eq!(outcomes[4], Outcome::Ack(0));
+
+    let ids = |ep: &Endpoint, types: &[&str]| {
+        let mut ids: Vec<String> = types
+            .iter()
+            .map(|t| messages::message_id("grant_BatchA", t, &ep.id))
+            .collect();
+        ids.sort();
+        ids
+    };
+    let stored = |m: Vec<Message>| {
+        let mut ids: Vec<String> = m.into_iter().map(|m| m.id).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(
+        stored(messages_of(&app, &all).await),
+        ids(&all, &[created, revoked])
+    );
+    assert_eq!(
+        stored(messages_of(&app, &revoked_only).await),
+        ids(&revoked_only, &[revoked])
+    );
+    // The whole batch again (a redelivery): nothing new.
+    let again = fanout.handle_batch(&bodies).await.unwrap();
+    assert_eq!(
+        again[..3],
+        [Outcome::Ack(0), Outcome::Ack(0), Outcome::Ack(0)]
+    );
+    assert_eq!(messages_of(&app, &all).await.len(), 2);
+    fanout.broker.close().await;
+    app.stop().await;
 }

@@ -1,12 +1,14 @@
 //! Delivery workers: competing consumers of `<prefix>.webhooks`, each job one message
 //! for one endpoint. Up to `webhooks.workers` jobs run at once per process.
 //!
-//! Per job: read the message and its endpoint, ask [`Isolation`] whether the endpoint
-//! may take another request, POST the exact stored body signed per attempt (redirects
-//! not followed, `webhooks.timeout`), record the attempt and the message's new state in
-//! one statement, and only then settle the job: ack, publish it to the retry tier of the
-//! next delay (confirmed) and ack, or park it in `<prefix>.webhooks.dead` and ack. A
-//! crash before the record leaves the job unacked, so the broker redelivers it and the
+//! Per job: read the message and its endpoint (grouped with other workers' reads into
+//! one query, [`super::reader`]), ask [`Isolation`] for a slot of the endpoint (waiting
+//! briefly if it is busy but answering), POST the exact stored body signed per attempt
+//! (redirects not followed, `webhooks.timeout`), record the attempt and the message's
+//! new state (grouped with other workers' records into one statement,
+//! [`super::recorder`]), and only then settle the job: ack, publish it to the retry tier
+//! of the next delay (confirmed) and ack, or park it in `<prefix>.webhooks.dead` and ack.
+//! A crash before the record leaves the job unacked, so the broker redelivers it and the
 //! same `webhook-id` is sent again: receivers deduplicate on it.
 //!
 //! A database outage holds the job and retries it (possibly sending again once the
@@ -30,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::isolation::{Admission, Isolation, IsolationSettings};
 use super::messages::{self, AttemptRecord, DeliveryTarget, NewStatus, Recorded};
+use super::reader::{ReadError, Reader};
 use super::recorder::{RecordError, Recorder};
 use super::schedule::{self, AttemptResult, GiveUpReason, Next};
 use super::signing::{Secret, signature_header};
@@ -46,6 +49,11 @@ pub const BREAKER_COOL_DOWN: Duration = Duration::from_secs(30);
 /// its other jobs wait for the tier that outlasts the requests in flight, instead of
 /// cycling through the shortest tier (each cycle costs the broker two writes).
 pub const STALLED_AFTER: Duration = Duration::from_secs(1);
+/// How long a job waits in the process for a slot of a busy (not stalled) endpoint
+/// before it is deferred.
+pub const BUSY_WAIT: Duration = Duration::from_secs(1);
+/// How often in a row a job was deferred without an attempt (absent: never).
+pub const DEFERRALS_HEADER: &str = "x-guildgate-deferrals";
 /// How much of an answer is kept with its attempt.
 const RESPONSE_BYTES: usize = 1024;
 
@@ -53,6 +61,8 @@ const RESPONSE_BYTES: usize = 1024;
 pub enum DeliverError {
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("reading: {0}")]
+    Read(#[from] ReadError),
     #[error("recording: {0}")]
     Record(#[from] RecordError),
     #[error("stopped between sending and recording (fault injection)")]
@@ -60,12 +70,14 @@ pub enum DeliverError {
 }
 
 /// One delivery job: a message id, its endpoint (so a busy or paused endpoint is
-/// recognised before any database work) and how many attempts this round has made.
+/// recognised before any database work), how many attempts this round has made and how
+/// often it was deferred since the last one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
     pub message_id: String,
     pub endpoint_id: Option<String>,
     pub attempt: u32,
+    pub deferrals: u32,
 }
 
 impl Job {
@@ -87,16 +99,20 @@ impl Job {
             message_id: id,
             endpoint_id: endpoint_id.filter(|e| e.len() <= 64),
             attempt: attempt.unwrap_or(0).clamp(0, 1000) as u32,
+            deferrals: 0,
         })
     }
 
     fn of(d: &Delivery) -> Option<Self> {
         let mid = d.properties.message_id().as_ref().map(|m| m.to_string());
-        Self::from_parts(
-            &d.data,
-            mid.as_deref(),
-            header_int(d.properties.headers().as_ref(), ATTEMPT_HEADER),
-        )
+        let headers = d.properties.headers().as_ref();
+        let job = Self::from_parts(&d.data, mid.as_deref(), header_int(headers, ATTEMPT_HEADER))?;
+        Some(Self {
+            deferrals: header_int(headers, DEFERRALS_HEADER)
+                .unwrap_or(0)
+                .clamp(0, 1000) as u32,
+            ..job
+        })
     }
 }
 
@@ -106,10 +122,11 @@ pub enum Outcome {
     /// Done with it; the label is the metrics outcome.
     Ack(&'static str),
     /// Publish it again after `delay` (a tier; zero = the work queue) carrying
-    /// `attempt`, then ack.
+    /// `attempt` and `deferrals`, then ack.
     Republish {
         delay: Duration,
         attempt: u32,
+        deferrals: u32,
         label: &'static str,
     },
     /// Park it in the dead queue with a reason, then ack.
@@ -141,6 +158,7 @@ pub struct Deliverer {
     pub timeout: Duration,
     pub workers: usize,
     pub isolation: Isolation,
+    pub reader: Reader,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Test hook: stop once after sending and before recording, as a crash would.
@@ -187,6 +205,7 @@ impl Deliverer {
                 threshold: BREAKER_THRESHOLD,
                 cool_down: BREAKER_COOL_DOWN,
             }),
+            reader: Reader::spawn(pool.clone(), 256),
             recorder: Recorder::spawn(pool.clone(), 256),
             metrics,
             crash_after_send: Arc::new(AtomicBool::new(false)),
@@ -200,17 +219,16 @@ impl Deliverer {
         fields(webhook_message_id = %job.message_id, attempt = job.attempt)
     )]
     pub async fn handle(&self, job: &Job) -> Result<Outcome, DeliverError> {
-        // Ask first when the job names its endpoint: deferring a job for a busy
+        // Look first when the job names its endpoint: deferring a job for a hanging
         // endpoint then costs no database work (a dead endpoint's backlog cycles often).
-        let early = job
-            .endpoint_id
-            .as_deref()
-            .map(|ep| self.isolation.admit(ep, Instant::now()));
-        if let Some(Admission::Busy { stalled_for }) = early {
+        // Only a look: a slot is taken after the read, so it is held for the request
+        // alone, not while the read waits for the database.
+        if let Some(ep) = job.endpoint_id.as_deref()
+            && let Some(stalled_for) = self.isolation.stalled(ep, Instant::now(), STALLED_AFTER)
+        {
             return Ok(self.defer(job, stalled_for));
         }
-        let mut conn = self.pool.acquire().await?;
-        let Some(target) = messages::target(&mut conn, &job.message_id).await? else {
+        let Some(target) = self.reader.target(&job.message_id).await? else {
             // Its endpoint was deleted, with its messages.
             return Ok(Outcome::Ack("unknown_message"));
         };
@@ -219,18 +237,14 @@ impl Deliverer {
             return Ok(Outcome::Ack("not_pending"));
         }
         if target.disabled {
+            let mut conn = self.pool.acquire().await?;
             messages::fail_unattempted(&mut conn, &target.id, "the endpoint is disabled").await?;
             return Ok(Outcome::Ack("endpoint_disabled"));
         }
-        // Not holding a connection through the HTTP request keeps the pool for others.
-        drop(conn);
 
+        let admission = self.admit(&target.endpoint_id).await;
         let attempt = job.attempt + 1;
         let at = Utc::now();
-        let admission = match early {
-            Some(a) if job.endpoint_id.as_deref() == Some(target.endpoint_id.as_str()) => a,
-            _ => self.isolation.admit(&target.endpoint_id, Instant::now()),
-        };
         let (result, sent, label) = match admission {
             Admission::Busy { stalled_for } => return Ok(self.defer(job, stalled_for)),
             Admission::Open { failures } => {
@@ -311,6 +325,7 @@ impl Deliverer {
             Next::RetryIn(delay) => Outcome::Republish {
                 delay,
                 attempt,
+                deferrals: 0,
                 label: "retry",
             },
             Next::GiveUp(reason) => Outcome::DeadLetter {
@@ -329,19 +344,29 @@ impl Deliverer {
         })
     }
 
-    /// Don't hold a worker waiting for a busy endpoint: come back after the shortest
-    /// tier (or, if the endpoint hangs, the tier that outlasts the requests in flight),
-    /// without counting an attempt.
+    /// Asks [`Isolation`] for a slot. An endpoint at its cap that is still answering is
+    /// waited for a little (up to [`BUSY_WAIT`]): with prefetched jobs spread unevenly
+    /// over endpoints, one often has a few more than its cap in hand, and each of
+    /// those would otherwise wait out the shortest retry tier (seconds) for a slot that
+    /// frees in milliseconds.
+    async fn admit(&self, endpoint: &str) -> Admission {
+        self.isolation
+            .admit_within(endpoint, BUSY_WAIT, STALLED_AFTER)
+            .await
+    }
+
+    /// Don't hold a worker for long for a busy endpoint: come back later
+    /// ([`schedule::defer_delay`]) without counting an attempt.
     fn defer(&self, job: &Job, stalled_for: Duration) -> Outcome {
-        let shortest = schedule::shortest_wait(&self.retry_delays).unwrap_or_default();
-        let delay = if stalled_for >= STALLED_AFTER {
-            schedule::tier_at_least(self.timeout, &self.retry_delays).max(shortest)
-        } else {
-            shortest
-        };
         Outcome::Republish {
-            delay,
+            delay: schedule::defer_delay(
+                stalled_for >= STALLED_AFTER,
+                job.deferrals,
+                self.timeout,
+                &self.retry_delays,
+            ),
             attempt: job.attempt,
+            deferrals: job.deferrals.saturating_add(1),
             label: "deferred",
         }
     }
@@ -523,7 +548,9 @@ impl Deliverer {
                     .await?;
                     return Ok(());
                 }
-                Err(e @ (DeliverError::Db(_) | DeliverError::Record(_))) => {
+                Err(
+                    e @ (DeliverError::Db(_) | DeliverError::Read(_) | DeliverError::Record(_)),
+                ) => {
                     let wait = backoff.next().unwrap_or(Duration::from_secs(5));
                     tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; holding the webhook job");
                     tokio::select! {
@@ -551,6 +578,7 @@ impl Deliverer {
             Outcome::Republish {
                 delay,
                 attempt,
+                deferrals,
                 label,
             } => {
                 let queue = if delay.is_zero() {
@@ -558,8 +586,11 @@ impl Deliverer {
                 } else {
                     Names::retry(&work, delay)
                 };
-                let out = Outgoing::to_queue(&queue, message_id, body)
+                let mut out = Outgoing::to_queue(&queue, message_id, body)
                     .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()));
+                if deferrals > 0 {
+                    out = out.header(DEFERRALS_HEADER, AMQPValue::LongLongInt(deferrals.into()));
+                }
                 // Confirmed before the ack: a crash in between leaves two jobs (the
                 // second finds the message settled or sends the same id), never none.
                 amqp::publish_confirmed(publisher, &[out]).await?;
@@ -638,7 +669,8 @@ mod tests {
             Job {
                 message_id: "msg_1".into(),
                 endpoint_id: Some("ep_1".into()),
-                attempt: 2
+                attempt: 2,
+                deferrals: 0,
             }
         );
         let j = Job::from_parts(b"", Some("msg_2"), None).unwrap();

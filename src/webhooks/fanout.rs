@@ -1,8 +1,9 @@
 //! Consumes `<prefix>.grant-events`: each grant event becomes one message per enabled
 //! endpoint of its business whose filter accepts the event type, each with a delivery
-//! job in the outbox, in one statement ([`messages::fan_out`]). The grant event is acked
-//! only after that commits, so a crash in between redelivers it, and the deterministic
-//! message ids make the redelivery create nothing new. The outbox relay publishes the
+//! job in the outbox. Grant events are taken in batches (whatever has arrived, up to
+//! `amqp.batch_size`) and fanned out in one statement ([`messages::fan_out`]). They are
+//! acked only after that commits, so a crash in between redelivers them, and the
+//! deterministic message ids make the redelivery create nothing new. The outbox relay publishes the
 //! jobs to `<prefix>.webhooks` with publisher confirms.
 //!
 //! A database outage holds the message and retries it; a body that can never be fanned
@@ -11,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::{Channel, Consumer};
@@ -108,36 +109,90 @@ pub struct Fanout {
     pub pool: PgPool,
     pub broker: Broker,
     pub prefetch: u16,
+    /// Grant events fanned out in one statement at most.
+    pub batch_size: usize,
+    /// How long to wait for a batch to fill (`amqp.batch_linger`).
+    pub batch_linger: Duration,
     pub metrics: Arc<Metrics>,
 }
 
 impl Fanout {
     /// Handles one grant event; a database error is returned for the caller to retry.
-    #[tracing::instrument(name = "webhook_fanout", skip_all, fields(grant_id = tracing::field::Empty, event_type = tracing::field::Empty))]
     pub async fn handle(&self, body: &[u8]) -> Result<Outcome, sqlx::Error> {
-        let event = match GrantEvent::decode(body) {
-            Ok(e) => e,
-            Err(e) => {
-                return Ok(Outcome::DeadLetter {
-                    code: e.code(),
-                    reason: e.to_string(),
-                });
+        let mut outcomes = self.handle_batch(&[body]).await?;
+        Ok(outcomes.remove(0))
+    }
+
+    /// Handles a batch of grant events in one statement: one outcome per body, in
+    /// order, once it has committed. A transient database error is returned for the
+    /// caller to retry the whole batch.
+    #[tracing::instrument(name = "webhook_fanout", skip_all, fields(size = bodies.len()))]
+    pub async fn handle_batch(&self, bodies: &[&[u8]]) -> Result<Vec<Outcome>, sqlx::Error> {
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; bodies.len()];
+        let mut events: Vec<(usize, GrantEvent)> = Vec::with_capacity(bodies.len());
+        for (i, body) in bodies.iter().enumerate() {
+            match GrantEvent::decode(body) {
+                Ok(e) => events.push((i, e)),
+                Err(e) => {
+                    outcomes[i] = Some(Outcome::DeadLetter {
+                        code: e.code(),
+                        reason: e.to_string(),
+                    })
+                }
             }
-        };
-        let span = tracing::Span::current();
-        span.record("grant_id", tracing::field::display(&event.grant_id));
-        span.record("event_type", tracing::field::display(&event.event_type));
+        }
+        if !events.is_empty() {
+            match self.fan_out(&events).await {
+                Ok(counts) => {
+                    for ((i, e), n) in events.iter().zip(counts) {
+                        tracing::debug!(grant_id = %e.grant_id, event_type = %e.event_type, messages = n, "fanned out");
+                        outcomes[*i] = Some(Outcome::Ack(n));
+                    }
+                }
+                Err(e) if store::is_transient(&e) => return Err(e),
+                Err(e) => {
+                    // Something in the batch is refused for what it holds (the ids are
+                    // checked, so this is rare): fan out one by one to find it and park
+                    // it, rather than block the grant events around it.
+                    tracing::warn!(error = %e, "fan-out batch refused by the database; one by one");
+                    for (i, ev) in &events {
+                        outcomes[*i] = Some(
+                            match self.fan_out(std::slice::from_ref(&(*i, ev.clone()))).await {
+                                Ok(n) => Outcome::Ack(n[0]),
+                                Err(e) if store::is_transient(&e) => return Err(e),
+                                Err(e) => {
+                                    tracing::error!(grant_id = %ev.grant_id, error = %e, "grant event refused by the database");
+                                    Outcome::DeadLetter {
+                                        code: "database_rejected",
+                                        reason: format!(
+                                            "the database refused this grant event: {e}"
+                                        ),
+                                    }
+                                }
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.expect("every grant event has an outcome"))
+            .collect())
+    }
+
+    async fn fan_out(&self, events: &[(usize, GrantEvent)]) -> Result<Vec<u64>, sqlx::Error> {
+        let batch: Vec<messages::FanoutEvent<'_>> = events
+            .iter()
+            .map(|(_, e)| messages::FanoutEvent {
+                business_id: e.business_id.as_str(),
+                grant_id: e.grant_id.as_str(),
+                event_type: &e.event_type,
+                body: &e.body,
+            })
+            .collect();
         let mut conn = self.pool.acquire().await?;
-        let n = messages::fan_out(
-            &mut conn,
-            event.business_id.as_str(),
-            event.grant_id.as_str(),
-            &event.event_type,
-            &event.body,
-        )
-        .await?;
-        tracing::debug!(grant_id = %event.grant_id, event_type = %event.event_type, messages = n, "fanned out");
-        Ok(Outcome::Ack(n))
+        messages::fan_out(&mut conn, &batch).await
     }
 
     /// Consumes until `shutdown`, resubscribing when the channel breaks.
@@ -170,21 +225,43 @@ impl Fanout {
         publisher: &Channel,
         shutdown: &CancellationToken,
     ) -> Result<(), BrokerError> {
+        let batch_size = self.batch_size.max(1);
         loop {
             let next = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
                 n = consumer.next() => n,
             };
-            let delivery = match next {
-                Some(Ok(d)) => d,
+            let mut batch = match next {
+                Some(Ok(d)) => vec![d],
                 Some(Err(e)) => return Err(e.into()),
                 None => return Err(BrokerError::ConsumerEnded),
             };
-            let outcome = self
-                .handle_until_committed(&delivery.data, shutdown)
-                .await?;
-            self.settle(&delivery, outcome, publisher).await?;
+            // Fill the batch for up to `batch_linger`: every statement here is a durable
+            // commit (an fsync) and wakes the relay, so under load a few milliseconds
+            // buy many grant events per commit; when idle, one waits at most this long.
+            let deadline = tokio::time::Instant::now() + self.batch_linger;
+            while batch.len() < batch_size && !shutdown.is_cancelled() {
+                let next = match consumer.next().now_or_never() {
+                    Some(next) => next,
+                    None => match tokio::time::timeout_at(deadline, consumer.next()).await {
+                        Ok(next) => next,
+                        Err(_) => break,
+                    },
+                };
+                match next {
+                    Some(Ok(d)) => batch.push(d),
+                    // An error ends the batch; the stream reports it again next time.
+                    _ => break,
+                }
+            }
+            let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
+            let outcomes = self.handle_until_committed(&bodies, shutdown).await?;
+            // Acked only now that the batch has committed: a crash before redelivers it,
+            // and the deterministic message ids make the redelivery create nothing new.
+            for (d, outcome) in batch.iter().zip(outcomes) {
+                self.settle(d, outcome, publisher).await?;
+            }
         }
     }
 
@@ -192,25 +269,16 @@ impl Fanout {
     /// up without acking, and the broker redelivers.
     async fn handle_until_committed(
         &self,
-        body: &[u8],
+        bodies: &[&[u8]],
         shutdown: &CancellationToken,
-    ) -> Result<Outcome, BrokerError> {
+    ) -> Result<Vec<Outcome>, BrokerError> {
         let mut backoff = amqp::reconnect_backoff();
         loop {
-            match self.handle(body).await {
+            match self.handle_batch(bodies).await {
                 Ok(o) => return Ok(o),
-                // Refused for what it holds (the ids are checked, so this is rare): park
-                // it rather than block the grant events behind it.
-                Err(e) if !store::is_transient(&e) => {
-                    tracing::error!(error = %e, "grant event refused by the database");
-                    return Ok(Outcome::DeadLetter {
-                        code: "database_rejected",
-                        reason: format!("the database refused this grant event: {e}"),
-                    });
-                }
                 Err(e) => {
                     let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; holding the grant event");
+                    tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; holding the grant events");
                     tokio::select! {
                         _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
                         _ = tokio::time::sleep(wait) => {}

@@ -4,12 +4,21 @@
 //! failures for `cool_down`. After the cool-down, requests go out again (up to the cap);
 //! one more failure re-opens the circuit at once, a success closes it.
 //!
-//! One owner: a mutex around a small map, held only for a lookup. It takes `now` from
-//! the caller, so it is tested without a clock.
+//! An endpoint at its cap that is making progress (a request of it finished recently) is
+//! briefly waited for by a few callers ([`Isolation::admit_within`]): its next slot
+//! frees within milliseconds, and sending then is far cheaper than parking the job in a
+//! retry tier for seconds. A stalled endpoint (a hanging or dead one) is never waited
+//! for, so it holds at most its cap of requests and its cap of short waits.
+//!
+//! One owner: a mutex around a small map, held only for a lookup. [`Isolation::admit`]
+//! takes `now` from the caller, so it is tested without a clock; the waiting variant
+//! reads Tokio's clock and is tested on paused time.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 #[derive(Clone, Copy, Debug)]
 pub struct IsolationSettings {
@@ -25,6 +34,17 @@ struct EndpointState {
     open_until: Option<Instant>,
     /// When a request last finished, or the endpoint last went from idle to busy.
     last_progress: Option<Instant>,
+    /// Callers in [`Isolation::admit_within`] waiting for a slot.
+    waiting: usize,
+    /// Woken once per finished request.
+    freed: Arc<Notify>,
+}
+
+impl EndpointState {
+    /// Nothing worth remembering: no request out, no failures, nobody waiting.
+    fn forgettable(&self) -> bool {
+        self.in_flight == 0 && self.consecutive_failures == 0 && self.waiting == 0
+    }
 }
 
 /// The guards of every endpoint this process delivers to. Cheap to clone.
@@ -76,6 +96,38 @@ impl Isolation {
 
     pub fn admit(&self, endpoint: &str, now: Instant) -> Admission {
         let mut map = self.state.lock().expect("isolation lock");
+        self.admit_locked(&mut map, endpoint, now, false)
+    }
+
+    /// How long the endpoint has been stalled — at its cap with no request finished for
+    /// at least `stalled_after` — or `None` if it is not (also when its circuit is open:
+    /// that is answered by [`Isolation::admit`]). Only a look; takes no slot.
+    pub fn stalled(
+        &self,
+        endpoint: &str,
+        now: Instant,
+        stalled_after: Duration,
+    ) -> Option<Duration> {
+        let map = self.state.lock().expect("isolation lock");
+        let st = map.get(endpoint)?;
+        if st.open_until.is_some_and(|until| now < until)
+            || st.in_flight < self.settings.max_in_flight
+        {
+            return None;
+        }
+        let stalled_for = now.saturating_duration_since(st.last_progress.unwrap_or(now));
+        (stalled_for >= stalled_after).then_some(stalled_for)
+    }
+
+    /// [`Isolation::admit`] on the locked map; `behind_waiters`: a slot is not taken
+    /// while others wait for one (they were first).
+    fn admit_locked(
+        &self,
+        map: &mut HashMap<String, EndpointState>,
+        endpoint: &str,
+        now: Instant,
+        behind_waiters: bool,
+    ) -> Admission {
         let st = map.entry(endpoint.to_string()).or_default();
         if let Some(until) = st.open_until
             && now < until
@@ -84,7 +136,7 @@ impl Isolation {
                 failures: st.consecutive_failures,
             };
         }
-        if st.in_flight >= self.settings.max_in_flight {
+        if st.in_flight >= self.settings.max_in_flight || (behind_waiters && st.waiting > 0) {
             let since = st.last_progress.unwrap_or(now);
             return Admission::Busy {
                 stalled_for: now.saturating_duration_since(since),
@@ -100,6 +152,62 @@ impl Isolation {
         })
     }
 
+    /// Like [`Isolation::admit`], but waits for a slot of an endpoint that is at its cap
+    /// and not stalled (a request of it finished less than `stalled_after` ago), for up
+    /// to `max_wait`, in turn with other waiters. At most `max_in_flight` callers wait
+    /// per endpoint; the others get `Busy` at once, as does everyone once the endpoint
+    /// has stalled or `max_wait` is over. Holding a job this long is cheaper than a trip
+    /// through a retry tier, and the bounds keep a slow endpoint from holding more than
+    /// twice its cap of workers.
+    pub async fn admit_within(
+        &self,
+        endpoint: &str,
+        max_wait: Duration,
+        stalled_after: Duration,
+    ) -> Admission {
+        let started = tokio::time::Instant::now();
+        // Declared before the lock guard below, so on every return it is dropped (and
+        // takes the lock) after the guard.
+        let mut queued: Option<Waiting> = None;
+        loop {
+            let now = tokio::time::Instant::now();
+            let (wait, mut notified) = {
+                let mut map = self.state.lock().expect("isolation lock");
+                let admission =
+                    self.admit_locked(&mut map, endpoint, now.into_std(), queued.is_none());
+                let Admission::Busy { stalled_for } = admission else {
+                    return admission;
+                };
+                let waited = now.saturating_duration_since(started);
+                if stalled_for >= stalled_after || waited >= max_wait {
+                    return admission;
+                }
+                let st = map.get_mut(endpoint).expect("a busy endpoint has state");
+                if queued.is_none() {
+                    if st.waiting >= self.settings.max_in_flight {
+                        return admission;
+                    }
+                    st.waiting += 1;
+                    queued = Some(Waiting {
+                        endpoint: endpoint.to_string(),
+                        isolation: self.clone(),
+                    });
+                }
+                // Registered before the lock is let go, so a request that finishes in
+                // between still wakes a waiter.
+                let mut notified = Box::pin(st.freed.clone().notified_owned());
+                notified.as_mut().enable();
+                (
+                    (stalled_after - stalled_for).min(max_wait - waited),
+                    notified,
+                )
+            };
+            // Woken when a request of the endpoint finishes; otherwise when it would
+            // count as stalled or the wait is over, and the look above answers `Busy`.
+            let _ = tokio::time::timeout(wait, notified.as_mut()).await;
+        }
+    }
+
     fn release(&self, endpoint: &str, result: Option<bool>, now: Instant) {
         let mut map = self.state.lock().expect("isolation lock");
         let Some(st) = map.get_mut(endpoint) else {
@@ -107,6 +215,7 @@ impl Isolation {
         };
         st.in_flight = st.in_flight.saturating_sub(1);
         st.last_progress = Some(now);
+        st.freed.notify_one();
         match result {
             Some(true) => {
                 st.consecutive_failures = 0;
@@ -121,8 +230,27 @@ impl Isolation {
             None => {}
         }
         // Forget healthy idle endpoints so the map stays as small as the traffic.
-        if st.in_flight == 0 && st.consecutive_failures == 0 {
+        if st.forgettable() {
             map.remove(endpoint);
+        }
+    }
+}
+
+/// A caller's place among an endpoint's waiters, given up when dropped (also when the
+/// waiting future is dropped).
+struct Waiting {
+    endpoint: String,
+    isolation: Isolation,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let mut map = self.isolation.state.lock().expect("isolation lock");
+        if let Some(st) = map.get_mut(&self.endpoint) {
+            st.waiting = st.waiting.saturating_sub(1);
+            if st.forgettable() {
+                map.remove(&self.endpoint);
+            }
         }
     }
 }
@@ -209,6 +337,107 @@ mod tests {
         go(i.admit("ep_a", much_later)).finish(true, much_later);
         go(i.admit("ep_a", much_later)).finish(false, much_later);
         assert!(matches!(i.admit("ep_a", much_later), Admission::Go(_)));
+    }
+
+    const STALL: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_endpoint_is_waited_for_until_a_request_finishes() {
+        let i = iso();
+        let a = go(i.admit("ep_a", tokio::time::Instant::now().into_std()));
+        let _b = go(i.admit("ep_a", tokio::time::Instant::now().into_std()));
+        let waiter = {
+            let i = i.clone();
+            tokio::spawn(async move {
+                let started = tokio::time::Instant::now();
+                let p = go(i.admit_within("ep_a", STALL, STALL).await);
+                (p, started.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        a.finish(true, tokio::time::Instant::now().into_std());
+        let (_p, waited) = waiter.await.unwrap();
+        assert_eq!(waited, Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_endpoint_is_not_waited_for() {
+        let i = iso();
+        let t = tokio::time::Instant::now();
+        let _a = go(i.admit("ep_a", t.into_std()));
+        let _b = go(i.admit("ep_a", t.into_std()));
+        // Waited for until it counts as stalled (no request finished for STALL)…
+        let a = i.admit_within("ep_a", Duration::from_secs(10), STALL).await;
+        assert!(matches!(a, Admission::Busy { stalled_for } if stalled_for == STALL));
+        assert_eq!(t.elapsed(), STALL);
+        // …and from then on not at all.
+        let a = i.admit_within("ep_a", Duration::from_secs(10), STALL).await;
+        assert!(matches!(a, Admission::Busy { .. }));
+        assert_eq!(t.elapsed(), STALL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_is_bounded_in_time_and_in_callers() {
+        let i = iso();
+        let t = tokio::time::Instant::now();
+        let _a = go(i.admit("ep_a", t.into_std()));
+        let _b = go(i.admit("ep_a", t.into_std()));
+        let max_wait = Duration::from_millis(200);
+        // Two (the cap) may wait; a third is turned away at once.
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let i = i.clone();
+                tokio::spawn(async move { i.admit_within("ep_a", max_wait, STALL).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        assert!(matches!(
+            i.admit_within("ep_a", max_wait, STALL).await,
+            Admission::Busy { .. }
+        ));
+        assert_eq!(t.elapsed(), Duration::ZERO);
+        for w in waiters {
+            assert!(matches!(w.await.unwrap(), Admission::Busy { .. }));
+        }
+        assert_eq!(t.elapsed(), max_wait);
+        // Their places are given back.
+        assert_eq!(i.state.lock().unwrap()["ep_a"].waiting, 0);
+    }
+
+    #[test]
+    fn stalled_is_a_look_that_takes_no_slot() {
+        let i = iso();
+        let t = Instant::now();
+        assert_eq!(i.stalled("ep_a", t, STALL), None);
+        let _a = go(i.admit("ep_a", t));
+        assert_eq!(i.stalled("ep_a", t + STALL, STALL), None, "below its cap");
+        let b = go(i.admit("ep_a", t));
+        assert_eq!(
+            i.stalled("ep_a", t + STALL / 2, STALL),
+            None,
+            "not for long enough"
+        );
+        assert_eq!(i.stalled("ep_a", t + STALL * 2, STALL), Some(STALL * 2));
+        b.finish(true, t + STALL * 2);
+        let _b = go(i.admit("ep_a", t + STALL * 2));
+        assert_eq!(
+            i.stalled("ep_a", t + STALL * 2, STALL),
+            None,
+            "a request finished"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_circuit_is_not_waited_for() {
+        let i = iso();
+        let t = tokio::time::Instant::now().into_std();
+        for _ in 0..3 {
+            go(i.admit("ep_a", t)).finish(false, t);
+        }
+        assert!(matches!(
+            i.admit_within("ep_a", STALL, STALL).await,
+            Admission::Open { failures: 3 }
+        ));
     }
 
     #[test]

@@ -69,53 +69,97 @@ impl std::fmt::Debug for DeliveryTarget {
     }
 }
 
-/// Creates one message per enabled endpoint of the business whose filter accepts the
-/// type, with a delivery job for each new one, in one statement. Messages that already
-/// exist (a redelivered grant event) are left alone and get no new job. Returns how many
-/// messages were created.
-pub async fn fan_out(
-    conn: &mut PgConnection,
-    business_id: &str,
-    grant_id: &str,
-    event_type: &str,
-    body: &str,
-) -> Result<u64, sqlx::Error> {
-    let r = sqlx::query(
-        "WITH ins AS (
-            INSERT INTO webhook_messages (id, endpoint_id, business_id, grant_id, event_type, body, next_attempt_at)
-            SELECT 'msg_' || substr(encode(sha256(convert_to($2 || ':' || $3 || ':' || e.id, 'UTF8')), 'hex'), 1, 32),
-                   e.id, $1, $2, $3, $4, now()
-            FROM webhook_endpoints e
-            WHERE e.business_id = $1 AND NOT e.disabled
-              AND (e.filter_types IS NULL OR $3 = ANY (e.filter_types))
-            ON CONFLICT DO NOTHING
-            RETURNING id, endpoint_id
-         )
-         INSERT INTO outbox (kind, message_id, payload)
-         SELECT 'webhook', id, jsonb_build_object('webhook_message_id', id, 'endpoint_id', endpoint_id) FROM ins",
-    )
-    .bind(business_id)
-    .bind(grant_id)
-    .bind(event_type)
-    .bind(body)
-    .execute(conn)
-    .await?;
-    Ok(r.rows_affected())
+/// One grant event to fan out with [`fan_out`].
+#[derive(Clone, Copy, Debug)]
+pub struct FanoutEvent<'a> {
+    pub business_id: &'a str,
+    pub grant_id: &'a str,
+    pub event_type: &'a str,
+    pub body: &'a str,
 }
 
-/// The message and its endpoint, for one delivery attempt.
-pub async fn target(
+/// Creates, for each event, one message per enabled endpoint of its business whose
+/// filter accepts the type, with a delivery job for each new one, in one statement for
+/// the whole batch (one commit instead of one per event). Messages that already exist (a
+/// redelivered grant event) are left alone and get no new job. Returns how many messages
+/// each event created, in order; an event repeated within the batch counts for its first
+/// occurrence only.
+pub async fn fan_out(
     conn: &mut PgConnection,
-    message_id: &str,
-) -> Result<Option<DeliveryTarget>, sqlx::Error> {
+    events: &[FanoutEvent<'_>],
+) -> Result<Vec<u64>, sqlx::Error> {
+    // Repeats would create nothing and only make the counts ambiguous.
+    let mut seen = std::collections::HashSet::new();
+    let unique: Vec<(usize, &FanoutEvent<'_>)> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| seen.insert((e.business_id, e.grant_id, e.event_type)))
+        .collect();
+    let (mut business, mut grant, mut kind, mut body) = (
+        Vec::with_capacity(unique.len()),
+        Vec::with_capacity(unique.len()),
+        Vec::with_capacity(unique.len()),
+        Vec::with_capacity(unique.len()),
+    );
+    for (_, e) in &unique {
+        business.push(e.business_id);
+        grant.push(e.grant_id);
+        kind.push(e.event_type);
+        body.push(e.body);
+    }
+    // Rows are inserted in message-id order, so two fan-outs of overlapping batches (a
+    // redelivery) wait on each other's keys in the same order instead of deadlocking.
+    let created: Vec<(i64, i64)> = sqlx::query_as(
+        "WITH ev AS (
+            SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[])
+                WITH ORDINALITY AS ev(business_id, grant_id, event_type, body, n)
+         ), ins AS (
+            INSERT INTO webhook_messages (id, endpoint_id, business_id, grant_id, event_type, body, next_attempt_at)
+            SELECT 'msg_' || substr(encode(sha256(convert_to(ev.grant_id || ':' || ev.event_type || ':' || e.id, 'UTF8')), 'hex'), 1, 32) AS id,
+                   e.id, ev.business_id, ev.grant_id, ev.event_type, ev.body, now()
+            FROM ev JOIN webhook_endpoints e ON e.business_id = ev.business_id
+            WHERE NOT e.disabled AND (e.filter_types IS NULL OR ev.event_type = ANY (e.filter_types))
+            ORDER BY 1
+            ON CONFLICT DO NOTHING
+            RETURNING id, endpoint_id, business_id, grant_id, event_type
+         ), jobs AS (
+            INSERT INTO outbox (kind, message_id, payload)
+            SELECT 'webhook', id, jsonb_build_object('webhook_message_id', id, 'endpoint_id', endpoint_id) FROM ins
+         )
+         SELECT ev.n, count(ins.id)
+         FROM ev JOIN ins USING (business_id, grant_id, event_type)
+         GROUP BY ev.n",
+    )
+    .bind(&business)
+    .bind(&grant)
+    .bind(&kind)
+    .bind(&body)
+    .fetch_all(conn)
+    .await?;
+    let mut counts = vec![0u64; events.len()];
+    for (n, count) in created {
+        // `n` counts from 1 over `unique`.
+        if let Some((i, _)) = usize::try_from(n - 1).ok().and_then(|k| unique.get(k)) {
+            counts[*i] = count.max(0) as u64;
+        }
+    }
+    Ok(counts)
+}
+
+/// The messages and their endpoints, for delivery attempts, in one query (the
+/// delivery workers' group read, [`super::reader`]). Ids not found are left out.
+pub async fn targets(
+    conn: &mut PgConnection,
+    message_ids: &[String],
+) -> Result<Vec<DeliveryTarget>, sqlx::Error> {
     sqlx::query_as(
         "SELECT m.id, m.status, m.body, e.id AS endpoint_id, e.url, e.disabled, e.secret,
                 CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END AS previous_secret
          FROM webhook_messages m JOIN webhook_endpoints e ON e.id = m.endpoint_id
-         WHERE m.id = $1",
+         WHERE m.id = ANY ($1)",
     )
-    .bind(message_id)
-    .fetch_optional(conn)
+    .bind(message_ids)
+    .fetch_all(conn)
     .await
 }
 

@@ -2,7 +2,7 @@
 //! one.
 //!
 //! ```text
-//! <prefix>.grant-events ─► fanout ─► one message per endpoint + outbox job (one statement)
+//! <prefix>.grant-events ─► fanout ─► one message per endpoint + outbox job (one statement per batch)
 //!                                          │ outbox relay (confirms)
 //!                                          ▼
 //!                          <prefix>.webhooks ─► deliver ─► POST, record attempt
@@ -25,6 +25,7 @@ pub mod endpoints;
 pub mod fanout;
 pub mod isolation;
 pub mod messages;
+pub mod reader;
 pub mod recorder;
 pub mod replay;
 pub mod schedule;
@@ -54,6 +55,8 @@ pub fn spawn(
         pool: pool.clone(),
         broker: broker.clone(),
         prefetch: settings.amqp.prefetch,
+        batch_size: settings.amqp.batch_size,
+        batch_linger: settings.amqp.batch_linger,
         metrics: metrics.clone(),
     };
     for _ in 0..settings.amqp.consumers {

@@ -81,6 +81,29 @@ pub fn shortest_wait(delays: &[Duration]) -> Option<Duration> {
     delays.iter().copied().filter(|d| !d.is_zero()).min()
 }
 
+/// Where a job goes that was not attempted because its endpoint had no free slot,
+/// given whether the endpoint hangs (no request finished for a while), how often in a
+/// row the job was deferred already and the request timeout. A hanging endpoint's jobs
+/// wait for the tier that outlasts the requests in flight. A busy one's go first to
+/// the back of the work queue (zero), by when it has most likely caught up, and only
+/// if it is busy again then to the shortest non-zero tier: each job cycles through the
+/// broker at most once without a pause.
+pub fn defer_delay(
+    hanging: bool,
+    deferrals: u32,
+    timeout: Duration,
+    delays: &[Duration],
+) -> Duration {
+    let shortest = shortest_wait(delays).unwrap_or_default();
+    if hanging {
+        tier_at_least(timeout, delays).max(shortest)
+    } else if deferrals == 0 {
+        Duration::ZERO
+    } else {
+        shortest
+    }
+}
+
 /// Reads a `Retry-After` value: delay-seconds or an HTTP date.
 pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
     let v = value.trim();
@@ -180,6 +203,20 @@ mod tests {
             Some(s(0))
         );
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn deferred_jobs_go_round_once_then_wait() {
+        let d = default_delays();
+        let timeout = s(15);
+        assert_eq!(defer_delay(false, 0, timeout, &d), s(0));
+        assert_eq!(defer_delay(false, 1, timeout, &d), s(5));
+        assert_eq!(defer_delay(false, 7, timeout, &d), s(5));
+        // A hanging endpoint: past the requests in flight, however often deferred.
+        assert_eq!(defer_delay(true, 0, timeout, &d), s(300));
+        assert_eq!(defer_delay(true, 3, timeout, &d), s(300));
+        // Every tier zero: nothing to wait in but the work queue.
+        assert_eq!(defer_delay(false, 1, timeout, &[s(0)]), s(0));
     }
 
     #[test]
