@@ -427,6 +427,60 @@ async fn a_dead_endpoint_does_not_hold_up_a_healthy_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_to_a_hanging_endpoint_give_their_workers_back() {
+    // As many workers as the hanging endpoint may have requests in flight: without
+    // giving them back, nothing else is sent until those requests time out.
+    let app = TestApp::spawn_with(
+        TestConfig::default()
+            .env("GUILDGATE_WEBHOOKS__TIMEOUT", "15s")
+            .env("GUILDGATE_WEBHOOKS__WORKERS", "2")
+            .env("GUILDGATE_WEBHOOKS__MAX_IN_FLIGHT_PER_ENDPOINT", "2"),
+    )
+    .await;
+    with_entitlement(&app).await;
+    let dead = Receiver::start(&[SECRET], |_| Reply::Hang).await;
+    let dead_ep = add_endpoint(&app, &dead.url, None, SECRET).await;
+    for i in 0..2 {
+        pay(
+            &app,
+            &format!("pay_{i}"),
+            &format!("cus_{i}"),
+            &format!("evt_{i}"),
+        )
+        .await;
+    }
+    wait_for("both workers waiting on the hanging endpoint", || async {
+        (dead.count() == 2).then_some(())
+    })
+    .await;
+    let healthy = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let ok_ep = add_endpoint(&app, &healthy.url, None, SECRET).await;
+    for i in 2..6 {
+        pay(
+            &app,
+            &format!("pay_{i}"),
+            &format!("cus_{i}"),
+            &format!("evt_{i}"),
+        )
+        .await;
+    }
+    wait_messages(&app, &ok_ep, 4, "delivered").await;
+    all_verified(&healthy);
+    // Before the hanging requests timed out: nothing of theirs has been recorded yet.
+    assert!(
+        messages_of(&app, &dead_ep)
+            .await
+            .iter()
+            .all(|m| m.status == "pending" && m.attempts == 0)
+    );
+    assert_eq!(dead.count(), 2, "at most the cap in flight");
+    let mut app = app;
+    // Shutdown waits for the requests in flight (bounded by the timeout).
+    let _ = app.shutdown().await;
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_secret_signs_alongside_the_old_one_for_a_day() {
     let app = TestApp::spawn().await;
     with_entitlement(&app).await;

@@ -1,5 +1,8 @@
 //! Delivery workers: competing consumers of `<prefix>.webhooks`, each job one message
-//! for one endpoint. Up to `webhooks.workers` jobs run at once per process.
+//! for one endpoint. Up to `webhooks.workers` jobs run at once per process; a job whose
+//! request has taken longer than [`STALLED_AFTER`] stops counting (its endpoint's
+//! in-flight cap bounds those), so a slow or hanging endpoint does not take workers
+//! from the others. The prefetch is twice the workers, to hold such jobs too.
 //!
 //! Per job: read the message and its endpoint (grouped with other workers' reads into
 //! one query, [`super::reader`]), ask [`Isolation`] for a slot of the endpoint (waiting
@@ -26,7 +29,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use serde::Deserialize;
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -219,6 +222,18 @@ impl Deliverer {
         fields(webhook_message_id = %job.message_id, attempt = job.attempt)
     )]
     pub async fn handle(&self, job: &Job) -> Result<Outcome, DeliverError> {
+        self.handle_in(job, &mut None).await
+    }
+
+    /// [`Deliverer::handle`] for a job that holds a worker slot: a request that takes
+    /// longer than [`STALLED_AFTER`] gives the slot back, so requests to a slow or
+    /// hanging endpoint (at most its in-flight cap of them) do not keep workers from
+    /// the other endpoints.
+    async fn handle_in(
+        &self,
+        job: &Job,
+        slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<Outcome, DeliverError> {
         // Look first when the job names its endpoint: deferring a job for a hanging
         // endpoint then costs no database work (a dead endpoint's backlog cycles often).
         // Only a look: a slot is taken after the read, so it is held for the request
@@ -261,7 +276,16 @@ impl Deliverer {
                 )
             }
             Admission::Go(permit) => {
-                let sent = self.send(&target).await;
+                let send = self.send(&target);
+                tokio::pin!(send);
+                let sent = tokio::select! {
+                    biased;
+                    sent = &mut send => sent,
+                    _ = tokio::time::sleep(STALLED_AFTER), if slot.is_some() => {
+                        slot.take();
+                        send.await
+                    }
+                };
                 let result = match sent.status {
                     Some(code) => schedule::classify(code, sent.retry_after),
                     None => AttemptResult::Failed { retry_after: None },
@@ -444,7 +468,9 @@ impl Deliverer {
     /// Consumes until `shutdown`, then lets the jobs in hand finish and settle.
     pub async fn run(self, shutdown: CancellationToken) {
         let queue = self.broker.names().webhooks();
-        let prefetch = u16::try_from(self.workers).unwrap_or(u16::MAX);
+        // Jobs in hand are the workers' plus those whose long requests gave their worker
+        // slot back (at most an in-flight cap per slow endpoint): room for as many again.
+        let prefetch = u16::try_from(self.workers.saturating_mul(2)).unwrap_or(u16::MAX);
         loop {
             let (ch, consumer, publisher) =
                 match self.broker.subscribe(&queue, "", prefetch, &shutdown).await {
@@ -501,13 +527,14 @@ impl Deliverer {
                 broken.clone(),
             );
             jobs.spawn(async move {
-                if let Err(e) = this.process(delivery, &publisher, &shutdown).await
+                if let Err(e) = this
+                    .process(delivery, &publisher, &shutdown, Some(slot))
+                    .await
                     && !matches!(e, BrokerError::ShuttingDown)
                 {
                     tracing::warn!(error = %e, "cannot settle a webhook job");
                     broken.cancel();
                 }
-                drop(slot);
             });
         }
         while jobs.join_next().await.is_some() {}
@@ -519,6 +546,7 @@ impl Deliverer {
         d: Delivery,
         publisher: &Channel,
         shutdown: &CancellationToken,
+        mut slot: Option<OwnedSemaphorePermit>,
     ) -> Result<(), BrokerError> {
         let Some(job) = Job::of(&d) else {
             let id = d.properties.message_id().as_ref().map(|m| m.to_string());
@@ -537,7 +565,7 @@ impl Deliverer {
         };
         let mut backoff = amqp::reconnect_backoff();
         let outcome = loop {
-            match self.handle(&job).await {
+            match self.handle_in(&job, &mut slot).await {
                 Ok(o) => break o,
                 Err(DeliverError::Injected) => {
                     // As if the process died here: the job goes back unacked.
