@@ -251,7 +251,23 @@ impl TestApp {
 
     /// Publishes to the platform's exchange as the platform does (routing key = type,
     /// `message_id` = event id), waiting for the broker's confirm.
+    /// Publishes with a publisher confirm; a broker that does not answer within 30 s
+    /// fails the test instead of hanging it.
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8], message_id: Option<&str>) {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            self.publish_raw_unbounded(routing_key, body, message_id),
+        )
+        .await
+        .expect("the broker confirms a publish within 30 s");
+    }
+
+    async fn publish_raw_unbounded(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        message_id: Option<&str>,
+    ) {
         let ch = self.publisher.create_channel().await.unwrap();
         ch.confirm_select(Default::default()).await.unwrap();
         let mut props = BasicProperties::default().with_delivery_mode(2);
