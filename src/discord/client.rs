@@ -249,13 +249,14 @@ impl DiscordClient {
         }
     }
 
-    /// The same client on another budget (the syncer's), sharing the invalid-request
-    /// counter, which Discord keeps per IP.
-    /// Taking over Discord work from another process: see [`GlobalGate::assume_full`](crate::discord::ratelimit::GlobalGate::assume_full).
+    /// Taking over Discord work from another process: see
+    /// [`GlobalGate::assume_full`](crate::discord::ratelimit::GlobalGate::assume_full).
     pub fn assume_global_window_spent(&self) {
         self.budget.assume_global_window_spent();
     }
 
+    /// The same client on another budget (the syncer's), sharing the invalid-request
+    /// counter, which Discord keeps per IP.
     pub fn with_budget(&self, budget: Budget) -> Self {
         Self {
             budget,

@@ -40,7 +40,8 @@ pub struct Input<'a> {
     /// What this grant applied before.
     pub applied: Option<Access>,
     pub member: MemberState,
-    /// What the customer's other live grants hold or are about to hold: never taken away.
+    /// What the customer's other live grants applied (or recorded they are applying):
+    /// never taken away.
     pub others: &'a [Access],
 }
 
