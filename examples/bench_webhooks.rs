@@ -1,15 +1,23 @@
 //! Webhook delivery throughput: `cargo run --release --example bench_webhooks`.
 //!
 //! Runs a real guildgate (fan-out, outbox relay, delivery workers; default webhook
-//! settings) against the local PostgreSQL and RabbitMQ, with 10 receivers on loopback
-//! (two businesses of five endpoints). Grant events are published straight to
-//! `<prefix>.grant-events`; a run ends when every receiver has what it should. Then the
-//! same again with one endpoint that accepts connections and never answers. The last
-//! line is JSON: `{"deliveries_per_s":…, "deliveries_per_s_with_dead_endpoint":…}`.
+//! settings) against the local PostgreSQL and RabbitMQ, with 10 receivers on loopback.
+//! Each round has two phases, each on endpoints of its own (two businesses of five):
+//! all ten answering, then nine answering and one that accepts connections and never
+//! answers (deleted after its phase, so its backlog does not spill into later rounds).
+//! Grant events are published straight to `<prefix>.grant-events`; a phase ends when
+//! every answering receiver has what it should. Per phase it prints the delivery
+//! outcomes and the machine's CPU time per 1,000 deliveries (and this process's share).
+//! Alternating the phases spreads drift (a growing database, other load) over both;
+//! the summary gives the medians and the median of the rounds' ratios. The last line is
+//! JSON: `deliveries_per_s` and `deliveries_per_s_with_dead_endpoint` (medians) and
+//! `dead_endpoint_ratio` (median of the rounds' ratios).
 //!
 //! `GUILDGATE_BENCH_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432`),
-//! `GUILDGATE_BENCH_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`) and
-//! `GUILDGATE_BENCH_EVENTS` (grant events per run, default 4000) adjust it.
+//! `GUILDGATE_BENCH_AMQP_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`),
+//! `GUILDGATE_BENCH_EVENTS` (grant events per phase, default 4000) and
+//! `GUILDGATE_BENCH_ROUNDS` (default 3) adjust it; `GUILDGATE_WEBHOOKS__*` and
+//! `GUILDGATE_OUTBOX__*` settings pass through.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +28,7 @@ use axum::Router;
 use axum::extract::State;
 use guildgate::app::{App, Options};
 use guildgate::config::Settings;
+use guildgate::metrics::Metrics;
 use guildgate::webhooks::endpoints::{self, NewEndpoint};
 use guildgate::webhooks::ssrf::TargetPolicy;
 use lapin::options::{BasicPublishOptions, QueueDeleteOptions};
@@ -29,8 +38,6 @@ use rand::distr::Alphanumeric;
 use serde_json::json;
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
-
-const BUSINESSES: [&str; 2] = ["bus_bench_a", "bus_bench_b"];
 
 fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_string())
@@ -98,14 +105,126 @@ fn grant_event(business: &str, grant_id: &str) -> Vec<u8> {
     serde_json::to_vec(&body).unwrap()
 }
 
+/// Two businesses of five endpoints each for one phase: endpoint `i` posts to `urls[i]`,
+/// except that with `dead` the last one posts there. Returns the businesses and the
+/// last endpoint's id.
+async fn phase_endpoints(
+    conn: &mut PgConnection,
+    phase: &str,
+    urls: &[String],
+    dead: Option<&str>,
+) -> ([String; 2], String) {
+    let businesses = [format!("bus_{phase}_a"), format!("bus_{phase}_b")];
+    let mut last = String::new();
+    for (i, url) in urls.iter().enumerate() {
+        let url = match dead {
+            Some(dead) if i == urls.len() - 1 => dead.to_string(),
+            _ => url.clone(),
+        };
+        last = endpoints::create(
+            conn,
+            &businesses[i / 5],
+            NewEndpoint {
+                url,
+                ..NewEndpoint::default()
+            },
+            TargetPolicy {
+                allow_private: true,
+            },
+        )
+        .await
+        .unwrap()
+        .id;
+    }
+    (businesses, last)
+}
+
+/// ", CPU … ms per 1,000 deliveries (this process …)" since `before`, or nothing.
+fn cpu_per_k(before: Option<(f64, f64)>, deliveries: u64) -> String {
+    match (before, cpu_now()) {
+        (Some((mb, pb)), Some((ma, pa))) => {
+            let per_k = |s: f64| s * 1000.0 / (deliveries as f64 / 1000.0);
+            format!(
+                "; CPU {:.0} ms per 1,000 deliveries, {:.0} of them in this process",
+                per_k(ma - mb),
+                per_k(pa - pb)
+            )
+        }
+        _ => String::new(),
+    }
+}
+
+/// The machine's busy CPU time and this process's, in seconds.
+fn cpu_now() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which ends with ')'): utime and stime are the
+    // 14th and 15th of the line, the 12th and 13th after it.
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let own = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0;
+    Some((machine_busy_s()?, own))
+}
+
+/// CPU time the whole machine has spent busy so far (all processes: guildgate, the
+/// broker, PostgreSQL), in seconds, from `/proc/stat`; `None` where that is not readable.
+fn machine_busy_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal …: busy is all but idle, iowait, steal.
+    let busy: f64 = cpu.iter().take(7).sum::<f64>() - cpu.get(3)? - cpu.get(4)?;
+    Some(busy / 100.0)
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let mid = xs.len() / 2;
+    if xs.len() % 2 == 1 {
+        xs[mid]
+    } else {
+        (xs[mid - 1] + xs[mid]) / 2.0
+    }
+}
+
+/// Delivery attempts by outcome so far (the `webhook_attempts` metric).
+fn outcomes(m: &Metrics) -> Vec<(&'static str, u64)> {
+    ["delivered", "deferred", "held", "unreachable", "rejected"]
+        .into_iter()
+        .map(|label| {
+            let n = m
+                .webhook_attempts
+                .get_or_create(&vec![("outcome", label.to_string())])
+                .get();
+            (label, n)
+        })
+        .collect()
+}
+
+/// The outcomes since `before`, for printing.
+fn outcomes_since(m: &Metrics, before: &[(&'static str, u64)]) -> String {
+    outcomes(m)
+        .iter()
+        .zip(before)
+        .map(|((label, n), (_, b))| format!("{label} {}", n - b))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Publishes `n` grant events (alternating businesses) and waits until `done` says the
 /// receivers have everything; returns the elapsed time.
 async fn run(
     publisher: &Connection,
     queue: &str,
+    businesses: &[String; 2],
     run: &str,
     n: usize,
-    done: impl Fn() -> bool,
+    delivered: impl Fn() -> u64,
+    want: u64,
 ) -> Duration {
     let ch = publisher.create_channel().await.unwrap();
     ch.confirm_select(Default::default()).await.unwrap();
@@ -114,7 +233,7 @@ async fn run(
         let mut confirms = Vec::new();
         for &i in chunk {
             let grant = format!("grant_{run}_{i}");
-            let body = grant_event(BUSINESSES[i % 2], &grant);
+            let body = grant_event(&businesses[i % 2], &grant);
             let c = ch
                 .basic_publish(
                     "".into(),
@@ -134,7 +253,7 @@ async fn run(
         }
     }
     let deadline = Instant::now() + Duration::from_secs(300);
-    while !done() {
+    while delivered() < want {
         assert!(Instant::now() < deadline, "deliveries did not complete");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -160,6 +279,7 @@ async fn main() {
         "amqp://guest:guest@127.0.0.1:5672/%2f",
     );
     let n: usize = env_or("GUILDGATE_BENCH_EVENTS", "4000").parse().unwrap();
+    let rounds: usize = env_or("GUILDGATE_BENCH_ROUNDS", "3").parse().unwrap();
     let db_name = format!("ggbench_{tag}");
     let prefix = format!("ggbench-{tag}");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -178,6 +298,10 @@ async fn main() {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
+    // Tuning knobs can be tried from the environment, e.g. GUILDGATE_WEBHOOKS__WORKERS=128.
+    .chain(std::env::vars().filter(|(k, _)| {
+        k.starts_with("GUILDGATE_WEBHOOKS__") || k.starts_with("GUILDGATE_OUTBOX__")
+    }))
     .collect();
     let settings = Settings::load_with_env(None, Some(env)).expect("settings");
     let options = Options {
@@ -190,75 +314,123 @@ async fn main() {
         .expect("guildgate starts (PostgreSQL and RabbitMQ must be running)");
     let names = guildgate::amqp::Names::from_settings(&settings);
     let shutdown = CancellationToken::new();
+    let metrics = app.metrics.clone();
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     let pool = PgPool::connect(&format!("{db_base}/{db_name}"))
         .await
         .unwrap();
 
     let counters: Vec<Arc<AtomicU64>> = (0..10).map(|_| Arc::default()).collect();
-    let mut endpoint_ids = Vec::new();
-    let mut conn = pool.acquire().await.unwrap();
-    for (i, c) in counters.iter().enumerate() {
-        let url = receiver(c.clone()).await;
-        let ep = endpoints::create(
-            &mut conn,
-            BUSINESSES[i / 5],
-            NewEndpoint {
-                url,
-                ..NewEndpoint::default()
-            },
-            TargetPolicy {
-                allow_private: true,
-            },
-        )
-        .await
-        .unwrap();
-        endpoint_ids.push(ep.id);
+    let mut urls = Vec::new();
+    for c in &counters {
+        urls.push(receiver(c.clone()).await);
     }
+    let dead_url = black_hole().await;
+    let mut conn = pool.acquire().await.unwrap();
     let publisher = Connection::connect(&amqp_url, ConnectionProperties::default())
         .await
         .unwrap();
     let total = |cs: &[Arc<AtomicU64>]| cs.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
+    let reset = || counters.iter().for_each(|c| c.store(0, Ordering::Relaxed));
 
     // Warm-up: connections, plans, pools.
     let warm = 200;
-    run(&publisher, &names.grant_events(), "warm", warm, || {
-        total(&counters) >= (warm * 5) as u64
-    })
+    let (businesses, _) = phase_endpoints(&mut conn, "warm", &urls, None).await;
+    run(
+        &publisher,
+        &names.grant_events(),
+        &businesses,
+        "warm",
+        warm,
+        || total(&counters),
+        (warm * 5) as u64,
+    )
     .await;
-    counters.iter().for_each(|c| c.store(0, Ordering::Relaxed));
 
-    let expected = (n * 5) as u64;
-    let t = run(&publisher, &names.grant_events(), "healthy", n, || {
-        total(&counters) >= expected
-    })
-    .await;
-    let healthy_rate = expected as f64 / t.as_secs_f64();
-    println!(
-        "10 endpoints: {expected} deliveries in {:.2} s = {healthy_rate:.0}/s",
-        t.as_secs_f64()
-    );
+    // Rounds of a healthy phase and a phase with one endpoint that never answers, each
+    // on endpoints of their own (a black-holed endpoint keeps its hanging requests and
+    // open circuit): alternating them spreads drift (a growing database, other load on
+    // the machine) over both.
+    let mut healthy_rates = Vec::new();
+    let mut dead_rates = Vec::new();
+    for round in 1..=rounds {
+        reset();
+        let expected = (n * 5) as u64;
+        let (businesses, _) = phase_endpoints(&mut conn, &format!("h{round}"), &urls, None).await;
+        let before = outcomes(&metrics);
+        let cpu_before = cpu_now();
+        let t = run(
+            &publisher,
+            &names.grant_events(),
+            &businesses,
+            &format!("healthy{round}"),
+            n,
+            || total(&counters),
+            expected,
+        )
+        .await;
+        let rate = expected as f64 / t.as_secs_f64();
+        healthy_rates.push(rate);
+        println!(
+            "round {round}, 10 endpoints: {expected} deliveries in {:.2} s = {rate:.0}/s",
+            t.as_secs_f64()
+        );
+        println!(
+            "  attempts: {}{}",
+            outcomes_since(&metrics, &before),
+            cpu_per_k(cpu_before, expected)
+        );
 
-    // One endpoint of business b never answers from now on.
-    let dead_url = black_hole().await;
-    sqlx::query("UPDATE webhook_endpoints SET url = $1 WHERE id = $2")
-        .bind(&dead_url)
-        .bind(&endpoint_ids[9])
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+        reset();
+        let healthy = &counters[..9];
+        let expected = (n.div_ceil(2) * 5 + (n / 2) * 4) as u64;
+        let (businesses, dead_endpoint) =
+            phase_endpoints(&mut conn, &format!("d{round}"), &urls, Some(&dead_url)).await;
+        let before = outcomes(&metrics);
+        let cpu_before = cpu_now();
+        let t = run(
+            &publisher,
+            &names.grant_events(),
+            &businesses,
+            &format!("dead{round}"),
+            n,
+            || total(healthy),
+            expected,
+        )
+        .await;
+        let rate = expected as f64 / t.as_secs_f64();
+        dead_rates.push(rate);
+        println!(
+            "round {round}, 9 endpoints + 1 never answering: {expected} deliveries to the healthy ones in {:.2} s = {rate:.0}/s",
+            t.as_secs_f64()
+        );
+        println!(
+            "  attempts: {}{}",
+            outcomes_since(&metrics, &before),
+            cpu_per_k(cpu_before, expected)
+        );
+        // The merchant removes the dead endpoint (its messages go with it), so its
+        // backlog does not come back during the rounds that follow.
+        sqlx::query("DELETE FROM webhook_endpoints WHERE id = $1")
+            .bind(&dead_endpoint)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
     drop(conn);
-    counters.iter().for_each(|c| c.store(0, Ordering::Relaxed));
-    let healthy = &counters[..9];
-    let expected_healthy = (n.div_ceil(2) * 5 + (n / 2) * 4) as u64;
-    let t = run(&publisher, &names.grant_events(), "dead", n, || {
-        total(healthy) >= expected_healthy
-    })
-    .await;
-    let dead_rate = expected_healthy as f64 / t.as_secs_f64();
+    // Each round's ratio compares two runs close in time, so it is steadier than the
+    // ratio of the medians when the machine's speed drifts.
+    let mut ratios: Vec<f64> = dead_rates
+        .iter()
+        .zip(&healthy_rates)
+        .map(|(d, h)| d / h)
+        .collect();
+    let round_ratio = median(&mut ratios);
+    let healthy_rate = median(&mut healthy_rates);
+    let dead_rate = median(&mut dead_rates);
     println!(
-        "9 endpoints + 1 never answering: {expected_healthy} deliveries to the healthy ones in {:.2} s = {dead_rate:.0}/s",
-        t.as_secs_f64()
+        "median of {rounds} rounds: {healthy_rate:.0}/s healthy, {dead_rate:.0}/s to the healthy endpoints beside a dead one ({:.2} of the healthy figure); median of the rounds' ratios {round_ratio:.2}",
+        dead_rate / healthy_rate
     );
 
     // Clean up without waiting for the requests held by the dead endpoint.
@@ -289,6 +461,8 @@ async fn main() {
         json!({
             "deliveries_per_s": healthy_rate.round(),
             "deliveries_per_s_with_dead_endpoint": dead_rate.round(),
+            "dead_endpoint_ratio": (round_ratio * 100.0).round() / 100.0,
+            "rounds": rounds,
         })
     );
 }

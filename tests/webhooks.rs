@@ -361,6 +361,7 @@ async fn a_crash_between_sending_and_recording_delivers_again_with_the_same_id()
         batch_size: 1,
         batch_linger: std::time::Duration::ZERO,
         metrics: app.metrics.clone(),
+        holds: None,
     };
     let bytes = serde_json::to_vec(&body).unwrap();
     assert_eq!(fanout.handle(&bytes).await.unwrap(), Outcome::Ack(1));
@@ -576,6 +577,7 @@ async fn each_event_type_is_sent_at_most_once_per_grant_and_endpoint() {
         batch_size: 1,
         batch_linger: std::time::Duration::ZERO,
         metrics: app.metrics.clone(),
+        holds: None,
     };
     assert_eq!(
         fanout.handle(m.body.as_bytes()).await.unwrap(),
@@ -799,6 +801,7 @@ async fn a_batch_of_grant_events_is_fanned_out_in_one_statement() {
         batch_size: 1,
         batch_linger: std::time::Duration::ZERO,
         metrics: app.metrics.clone(),
+        holds: None,
     };
     let outcomes = fanout.handle_batch(&bodies).await.unwrap();
     assert_eq!(
@@ -844,4 +847,241 @@ async fn a_batch_of_grant_events_is_fanned_out_in_one_statement() {
     assert_eq!(messages_of(&app, &all).await.len(), 2);
     fanout.broker.close().await;
     app.stop().await;
+}
+
+/// Held messages of the endpoint (`held_until` set).
+async fn held_of(app: &TestApp, ep: &Endpoint) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT id FROM webhook_messages WHERE endpoint_id = $1 AND held_until IS NOT NULL ORDER BY id",
+    )
+    .bind(&ep.id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_endpoints_messages_wait_held_and_go_when_it_answers() {
+    let mut app = TestApp::spawn_with(
+        TestConfig::default()
+            .env("GUILDGATE_WEBHOOKS__TIMEOUT", "3s")
+            .env("GUILDGATE_WEBHOOKS__WORKERS", "4")
+            .env("GUILDGATE_WEBHOOKS__MAX_IN_FLIGHT_PER_ENDPOINT", "2"),
+    )
+    .await;
+    with_entitlement(&app).await;
+    let hang = Arc::new(AtomicBool::new(true));
+    let receiver = {
+        let hang = hang.clone();
+        Receiver::start(&[SECRET], move |_| {
+            if hang.load(Ordering::SeqCst) {
+                Reply::Hang
+            } else {
+                Reply::Status(200)
+            }
+        })
+        .await
+    };
+    let ep = add_endpoint(&app, &receiver.url, None, SECRET).await;
+    for i in 0..10 {
+        pay(
+            &app,
+            &format!("pay_{i}"),
+            &format!("cus_{i}"),
+            &format!("evt_{i}"),
+        )
+        .await;
+    }
+    // Two requests hang; once no request has finished for a second, the other messages
+    // are held in the database without an attempt (not cycled through retry tiers).
+    let held = wait_for("the messages behind the hanging requests held", || async {
+        let p = held_of(&app, &ep).await;
+        (p.len() == 8).then_some(p)
+    })
+    .await;
+    assert_eq!(receiver.count(), 2, "only the in-flight cap was sent");
+    for id in &held {
+        assert!(
+            attempts_of(&app, id).await.is_empty(),
+            "{id}: held, not attempted"
+        );
+    }
+    // The endpoint answers again: everything is delivered, the held messages at their
+    // first attempt, with the ids they were held with.
+    hang.store(false, Ordering::SeqCst);
+    let msgs = wait_messages(&app, &ep, 10, "delivered").await;
+    all_verified(&receiver);
+    for m in msgs.iter().filter(|m| held.contains(&m.id)) {
+        assert_eq!(m.attempts, 1, "{}: one attempt, the delivery", m.id);
+    }
+    let ids: std::collections::HashSet<String> =
+        receiver.hits().into_iter().map(|h| h.id).collect();
+    assert_eq!(ids.len(), 10);
+    assert!(held_of(&app, &ep).await.is_empty());
+    app.cleanup().await;
+}
+
+/// The webhook jobs waiting in the outbox: message id and payload.
+async fn webhook_jobs(conn: &mut sqlx::PgConnection) -> Vec<(String, serde_json::Value)> {
+    sqlx::query_as("SELECT message_id, payload FROM outbox WHERE kind = 'webhook' ORDER BY id")
+        .fetch_all(conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_messages_get_jobs_when_due_a_bounded_number_per_endpoint() {
+    // No delivery workers and no relay: the jobs stay in the outbox to be looked at.
+    let mut app = TestApp::spawn_with(TestConfig {
+        options: Some(Options {
+            webhooks: false,
+            relay: false,
+            ..Options::default()
+        }),
+        ..TestConfig::default()
+    })
+    .await;
+    let ep = add_endpoint(&app, "http://127.0.0.1:9/held", None, SECRET).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let body = "{}";
+    let grants: Vec<String> = (0..4).map(|i| format!("grant_Hold{i}")).collect();
+    let events: Vec<messages::FanoutEvent<'_>> = grants
+        .iter()
+        .map(|g| messages::FanoutEvent {
+            business_id: &ep.business_id,
+            grant_id: g,
+            event_type: "entitlement_grant.created",
+            body,
+        })
+        .collect();
+    messages::fan_out(&mut conn, &events, &[]).await.unwrap();
+    sqlx::query("DELETE FROM outbox")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let ids: Vec<String> = grants
+        .iter()
+        .map(|g| messages::message_id(g, "entitlement_grant.created", &ep.id))
+        .collect();
+    let now = chrono::Utc::now();
+    let hold = |id: &str, secs: i64| messages::Held {
+        message_id: id.to_string(),
+        until: now + chrono::Duration::seconds(secs),
+        attempt: 2,
+        hold_count: 3,
+    };
+    // Three due, one an hour away.
+    let batch = [
+        hold(&ids[0], -3),
+        hold(&ids[1], -2),
+        hold(&ids[2], -1),
+        hold(&ids[3], 3600),
+    ];
+    messages::hold_many(&mut conn, &batch).await.unwrap();
+
+    // Two per endpoint per round, the longest-held first; each job carries the round's
+    // attempt count and how often the message was held.
+    assert_eq!(messages::release_due(&mut conn, 2, 100).await.unwrap(), 2);
+    let got = webhook_jobs(&mut conn).await;
+    assert_eq!(
+        got.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(),
+        [ids[0].as_str(), ids[1].as_str()]
+    );
+    assert_eq!(
+        got[0].1,
+        serde_json::json!({"webhook_message_id": ids[0], "endpoint_id": ep.id, "attempt": 2, "holds": 3})
+    );
+    assert_eq!(messages::release_due(&mut conn, 2, 100).await.unwrap(), 1);
+    assert_eq!(messages::release_due(&mut conn, 2, 100).await.unwrap(), 0);
+    assert_eq!(webhook_jobs(&mut conn).await.len(), 3);
+
+    // The endpoint answered: what it still has held is due at once.
+    assert_eq!(
+        messages::release_endpoint(&mut conn, &ep.id).await.unwrap(),
+        1
+    );
+    assert_eq!(messages::release_due(&mut conn, 2, 100).await.unwrap(), 1);
+    assert_eq!(webhook_jobs(&mut conn).await.len(), 4);
+
+    // A message settled while held is let go without a job.
+    messages::hold_many(&mut conn, &[hold(&ids[0], -1)])
+        .await
+        .unwrap();
+    sqlx::query("UPDATE webhook_messages SET status = 'delivered' WHERE id = $1")
+        .bind(&ids[0])
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(messages::release_due(&mut conn, 2, 100).await.unwrap(), 1);
+    assert_eq!(webhook_jobs(&mut conn).await.len(), 4);
+    // And a settled message is never held.
+    messages::hold_many(&mut conn, &[hold(&ids[0], -1)])
+        .await
+        .unwrap();
+    assert_eq!(messages::release_due(&mut conn, 2, 100).await.unwrap(), 0);
+    drop(conn);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_creates_the_messages_of_an_endpoint_known_to_fail_held() {
+    use guildgate::webhooks::isolation::{Admission, Isolation, IsolationSettings};
+    let mut app = TestApp::spawn_with(TestConfig {
+        options: Some(Options {
+            webhooks: false,
+            relay: false,
+            ..Options::default()
+        }),
+        ..TestConfig::default()
+    })
+    .await;
+    let failing = add_endpoint(&app, "http://127.0.0.1:9/failing", None, SECRET).await;
+    let fine = add_endpoint(&app, "http://127.0.0.1:9/fine", None, SECRET).await;
+    // The delivery workers' view: `failing` failed once, which opens its circuit.
+    let isolation = Isolation::new(IsolationSettings {
+        max_in_flight: 2,
+        threshold: 1,
+        cool_down: std::time::Duration::from_secs(60),
+    });
+    let Admission::Go(permit) = isolation.admit(&failing.id, std::time::Instant::now()) else {
+        panic!("a fresh endpoint is admitted");
+    };
+    permit.finish(false, std::time::Instant::now());
+    let fanout = Fanout {
+        pool: app.pool.clone(),
+        broker: guildgate::amqp::Broker::new(&app.settings, "test-fanout"),
+        prefetch: 1,
+        batch_size: 1,
+        batch_linger: std::time::Duration::ZERO,
+        metrics: app.metrics.clone(),
+        holds: Some((isolation, std::time::Duration::from_secs(15))),
+    };
+    let mut body = common::events::fixture("../webhooks/entitlement_grant.created.json");
+    body["business_id"] = serde_json::json!(app.business());
+    let bytes = serde_json::to_vec(&body).unwrap();
+    assert_eq!(fanout.handle(&bytes).await.unwrap(), Outcome::Ack(2));
+
+    // Both messages exist; only the healthy endpoint's has a job, the other is held
+    // until the circuit closes (a minute), with no attempt.
+    let held = held_of(&app, &failing).await;
+    assert_eq!(held.len(), 1);
+    assert!(held_of(&app, &fine).await.is_empty());
+    let mut conn = app.pool.acquire().await.unwrap();
+    let jobs = webhook_jobs(&mut conn).await;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].1["endpoint_id"], serde_json::json!(fine.id));
+    let until: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT held_until FROM webhook_messages WHERE id = $1")
+            .bind(&held[0])
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    let wait = until - chrono::Utc::now();
+    assert!(
+        wait > chrono::Duration::seconds(50) && wait <= chrono::Duration::seconds(60),
+        "held until the circuit closes: {wait}"
+    );
+    assert_eq!(messages_of(&app, &failing).await[0].attempts, 0);
+    drop(conn);
+    app.cleanup().await;
 }

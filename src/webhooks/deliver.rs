@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::isolation::{Admission, Isolation, IsolationSettings};
-use super::messages::{self, AttemptRecord, DeliveryTarget, NewStatus, Recorded};
+use super::messages::{self, AttemptRecord, DeliveryTarget, Held, NewStatus, Recorded};
 use super::reader::{ReadError, Reader};
 use super::recorder::{RecordError, Recorder};
 use super::schedule::{self, AttemptResult, GiveUpReason, Next};
@@ -49,8 +49,8 @@ pub const BREAKER_THRESHOLD: u32 = 5;
 /// How long a short-circuited endpoint is left alone.
 pub const BREAKER_COOL_DOWN: Duration = Duration::from_secs(30);
 /// An endpoint at its cap with no request finished for this long is taken to hang:
-/// its other jobs wait for the tier that outlasts the requests in flight, instead of
-/// cycling through the shortest tier (each cycle costs the broker two writes).
+/// its other messages are held in the database until the requests in flight have
+/// ended ([`schedule::hold_for`]), instead of cycling through the broker.
 pub const STALLED_AFTER: Duration = Duration::from_secs(1);
 /// How long a job waits in the process for a slot of a busy (not stalled) endpoint
 /// before it is deferred.
@@ -81,19 +81,26 @@ pub struct Job {
     pub endpoint_id: Option<String>,
     pub attempt: u32,
     pub deferrals: u32,
+    /// How often its message was held since its last attempt.
+    pub holds: u32,
 }
 
 impl Job {
-    /// Reads a job from its body (`{"webhook_message_id": …}`), falling back to the AMQP
-    /// `message_id`, and the attempt header (absent: a first attempt).
+    /// Reads a job from its body (`{"webhook_message_id": …}`; a job of a released
+    /// message also carries `attempt` and `holds`), falling back to the AMQP
+    /// `message_id`, and the attempt header (absent: the body's, else a first attempt).
     pub fn from_parts(body: &[u8], message_id: Option<&str>, attempt: Option<i64>) -> Option<Self> {
         #[derive(Deserialize)]
         struct Raw {
             webhook_message_id: String,
             endpoint_id: Option<String>,
+            attempt: Option<i64>,
+            holds: Option<i64>,
         }
         let raw = serde_json::from_slice::<Raw>(body).ok();
         let endpoint_id = raw.as_ref().and_then(|r| r.endpoint_id.clone());
+        let attempt = attempt.or(raw.as_ref().and_then(|r| r.attempt));
+        let holds = raw.as_ref().and_then(|r| r.holds).unwrap_or(0);
         let id = raw
             .map(|r| r.webhook_message_id)
             .or_else(|| message_id.map(str::to_string))
@@ -103,6 +110,7 @@ impl Job {
             endpoint_id: endpoint_id.filter(|e| e.len() <= 64),
             attempt: attempt.unwrap_or(0).clamp(0, 1000) as u32,
             deferrals: 0,
+            holds: holds.clamp(0, 1000) as u32,
         })
     }
 
@@ -163,6 +171,8 @@ pub struct Deliverer {
     pub isolation: Isolation,
     pub reader: Reader,
     pub recorder: Recorder,
+    /// A second group writer for holds, so they never slow the records' statements.
+    pub holder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Test hook: stop once after sending and before recording, as a crash would.
     pub crash_after_send: Arc<AtomicBool>,
@@ -210,6 +220,7 @@ impl Deliverer {
             }),
             reader: Reader::spawn(pool.clone(), 256),
             recorder: Recorder::spawn(pool.clone(), 256),
+            holder: Recorder::spawn(pool.clone(), 256),
             metrics,
             crash_after_send: Arc::new(AtomicBool::new(false)),
         })
@@ -234,14 +245,16 @@ impl Deliverer {
         job: &Job,
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Outcome, DeliverError> {
-        // Look first when the job names its endpoint: deferring a job for a hanging
-        // endpoint then costs no database work (a dead endpoint's backlog cycles often).
-        // Only a look: a slot is taken after the read, so it is held for the request
-        // alone, not while the read waits for the database.
+        // Look first when the job names its endpoint: holding a job of a hanging
+        // endpoint then costs no read. Only a look: a slot is taken after the read, so it
+        // is held for the request alone, not while the read waits for the database.
         if let Some(ep) = job.endpoint_id.as_deref()
-            && let Some(stalled_for) = self.isolation.stalled(ep, Instant::now(), STALLED_AFTER)
+            && self
+                .isolation
+                .stalled(ep, Instant::now(), STALLED_AFTER)
+                .is_some()
         {
-            return Ok(self.defer(job, stalled_for));
+            return self.hold(job, ep, None).await;
         }
         let Some(target) = self.reader.target(&job.message_id).await? else {
             // Its endpoint was deleted, with its messages.
@@ -261,19 +274,13 @@ impl Deliverer {
         let attempt = job.attempt + 1;
         let at = Utc::now();
         let (result, sent, label) = match admission {
-            Admission::Busy { stalled_for } => return Ok(self.defer(job, stalled_for)),
-            Admission::Open { failures } => {
-                let sent = Sent {
-                    error: Some(format!(
-                        "not sent: the endpoint failed {failures} times in a row and is paused"
-                    )),
-                    ..Sent::default()
-                };
-                (
-                    AttemptResult::Failed { retry_after: None },
-                    sent,
-                    "short_circuited",
-                )
+            Admission::Busy { stalled_for } if stalled_for >= STALLED_AFTER => {
+                return self.hold(job, &target.endpoint_id, None).await;
+            }
+            Admission::Busy { .. } => return Ok(self.defer(job)),
+            Admission::Open { failures, until } => {
+                tracing::debug!(failures, "circuit open; holding the message");
+                return self.hold(job, &target.endpoint_id, Some(until)).await;
             }
             Admission::Go(permit) => {
                 let send = self.send(&target);
@@ -290,7 +297,9 @@ impl Deliverer {
                     Some(code) => schedule::classify(code, sent.retry_after),
                     None => AttemptResult::Failed { retry_after: None },
                 };
-                permit.finish(result == AttemptResult::Delivered, Instant::now());
+                if permit.finish(result == AttemptResult::Delivered, Instant::now()) {
+                    self.release_held(&target.endpoint_id);
+                }
                 if sent.status.is_some() {
                     self.metrics
                         .webhook_latency
@@ -381,18 +390,70 @@ impl Deliverer {
 
     /// Don't hold a worker for long for a busy endpoint: come back later
     /// ([`schedule::defer_delay`]) without counting an attempt.
-    fn defer(&self, job: &Job, stalled_for: Duration) -> Outcome {
+    fn defer(&self, job: &Job) -> Outcome {
         Outcome::Republish {
-            delay: schedule::defer_delay(
-                stalled_for >= STALLED_AFTER,
-                job.deferrals,
-                self.timeout,
-                &self.retry_delays,
-            ),
+            delay: schedule::defer_delay(job.deferrals, &self.retry_delays),
             attempt: job.attempt,
             deferrals: job.deferrals.saturating_add(1),
             label: "deferred",
         }
+    }
+
+    /// The endpoint hangs, or its circuit is open until `open_until`: hold the message
+    /// in the database ([`schedule::hold_for`], at least until the circuit closes) and
+    /// ack the job, without counting an attempt. Sending its job back through a retry
+    /// tier instead would cost the broker a write per job, over and over, for as long as
+    /// the endpoint is down: with one dead endpoint of ten, most of what slowed the
+    /// others.
+    async fn hold(
+        &self,
+        job: &Job,
+        endpoint_id: &str,
+        open_until: Option<Instant>,
+    ) -> Result<Outcome, DeliverError> {
+        self.isolation.note_held(endpoint_id);
+        let mut wait = schedule::hold_for(job.holds, self.timeout);
+        if let Some(until) = open_until {
+            wait = wait.max(until.saturating_duration_since(Instant::now()));
+        }
+        self.holder
+            .hold(Held {
+                message_id: job.message_id.clone(),
+                until: Utc::now()
+                    + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX),
+                attempt: job.attempt,
+                hold_count: job.holds.saturating_add(1),
+            })
+            .await?;
+        self.metrics
+            .webhook_attempts
+            .get_or_create(&vec![("outcome", "held".to_string())])
+            .inc();
+        Ok(Outcome::Ack("held"))
+    }
+
+    /// The endpoint answered again after failing: its held messages need not wait out
+    /// their hold (the hold releaser sends them on its next round). Best effort, off the
+    /// delivery's path: if it fails, they go at their held time.
+    fn release_held(&self, endpoint_id: &str) {
+        let (pool, endpoint_id) = (self.pool.clone(), endpoint_id.to_string());
+        tokio::spawn(async move {
+            let released = match pool.acquire().await {
+                Ok(mut conn) => messages::release_endpoint(&mut conn, &endpoint_id).await,
+                Err(e) => Err(e),
+            };
+            match released {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    endpoint_id,
+                    messages = n,
+                    "endpoint answers again; releasing its held messages"
+                ),
+                Err(e) => {
+                    tracing::warn!(endpoint_id, error = %e, "cannot release held messages; they go at their held time")
+                }
+            }
+        });
     }
 
     /// One signed POST. Never fails: what went wrong is in `error`.
@@ -614,7 +675,13 @@ impl Deliverer {
                 } else {
                     Names::retry(&work, delay)
                 };
-                let mut out = Outgoing::to_queue(&queue, message_id, body)
+                // After an attempt, a released job's hold count no longer applies.
+                let body = if label == "retry" {
+                    without_holds(body)
+                } else {
+                    body.to_vec()
+                };
+                let mut out = Outgoing::to_queue(&queue, message_id, &body)
                     .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()));
                 if deferrals > 0 {
                     out = out.header(DEFERRALS_HEADER, AMQPValue::LongLongInt(deferrals.into()));
@@ -650,6 +717,19 @@ impl Deliverer {
         }
         d.ack(BasicAckOptions::default()).await?;
         Ok(())
+    }
+}
+
+/// A job's body without the `holds` a released job carries (unchanged if it has none or
+/// is not JSON).
+fn without_holds(body: &[u8]) -> Vec<u8> {
+    let Ok(mut job) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
+    else {
+        return body.to_vec();
+    };
+    match job.remove("holds") {
+        Some(_) => serde_json::to_vec(&job).unwrap_or_else(|_| body.to_vec()),
+        None => body.to_vec(),
     }
 }
 
@@ -699,8 +779,23 @@ mod tests {
                 endpoint_id: Some("ep_1".into()),
                 attempt: 2,
                 deferrals: 0,
+                holds: 0,
             }
         );
+        // A released job: the round's attempt count and its holds ride in the body; a
+        // header's count wins.
+        let released =
+            br#"{"webhook_message_id":"msg_1","endpoint_id":"ep_1","attempt":3,"holds":2}"#;
+        let j = Job::from_parts(released, None, None).unwrap();
+        assert_eq!((j.attempt, j.holds), (3, 2));
+        assert_eq!(Job::from_parts(released, None, Some(4)).unwrap().attempt, 4);
+        assert_eq!(
+            Job::from_parts(&without_holds(released), None, None)
+                .unwrap()
+                .holds,
+            0
+        );
+        assert_eq!(without_holds(b"not json"), b"not json");
         let j = Job::from_parts(b"", Some("msg_2"), None).unwrap();
         assert_eq!(j.attempt, 0);
         assert_eq!(j.message_id, "msg_2");

@@ -20,7 +20,9 @@ use serde::Deserialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::messages;
+use super::deliver::STALLED_AFTER;
+use super::isolation::Isolation;
+use super::{messages, schedule};
 use crate::amqp::{self, Broker, BrokerError, Names, Outgoing};
 use crate::ids::{BusinessId, GrantId};
 use crate::metrics::Metrics;
@@ -114,6 +116,10 @@ pub struct Fanout {
     /// How long to wait for a batch to fill (`amqp.batch_linger`).
     pub batch_linger: Duration,
     pub metrics: Arc<Metrics>,
+    /// The delivery workers' view of the endpoints in this process, with the request
+    /// timeout: messages for an endpoint that hangs or whose circuit is open are created
+    /// held ([`Isolation::holding`]), with no job. `None`: every message gets a job.
+    pub holds: Option<(Isolation, Duration)>,
 }
 
 impl Fanout {
@@ -191,8 +197,23 @@ impl Fanout {
                 body: &e.body,
             })
             .collect();
+        let held: Vec<(String, chrono::DateTime<chrono::Utc>)> = match &self.holds {
+            Some((isolation, timeout)) => {
+                let (now, wall) = (std::time::Instant::now(), chrono::Utc::now());
+                isolation
+                    .holding(now, STALLED_AFTER, schedule::hold_for(0, *timeout))
+                    .into_iter()
+                    .map(|(ep, until)| {
+                        let wait = chrono::Duration::from_std(until.saturating_duration_since(now))
+                            .unwrap_or(chrono::Duration::MAX);
+                        (ep, wall + wait)
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         let mut conn = self.pool.acquire().await?;
-        messages::fan_out(&mut conn, &batch).await
+        messages::fan_out(&mut conn, &batch, &held).await
     }
 
     /// Consumes until `shutdown`, resubscribing when the channel breaks.

@@ -38,12 +38,15 @@ struct EndpointState {
     waiting: usize,
     /// Woken once per finished request.
     freed: Arc<Notify>,
+    /// Messages of the endpoint were held since its last success.
+    held: bool,
 }
 
 impl EndpointState {
-    /// Nothing worth remembering: no request out, no failures, nobody waiting.
+    /// Nothing worth remembering: no request out, no failures, nobody waiting, nothing
+    /// held.
     fn forgettable(&self) -> bool {
-        self.in_flight == 0 && self.consecutive_failures == 0 && self.waiting == 0
+        self.in_flight == 0 && self.consecutive_failures == 0 && self.waiting == 0 && !self.held
     }
 }
 
@@ -63,9 +66,10 @@ pub enum Admission {
     Busy {
         stalled_for: Duration,
     },
-    /// The circuit is open (the endpoint failed too often in a row).
+    /// The circuit is open (the endpoint failed too often in a row) until `until`.
     Open {
         failures: u32,
+        until: Instant,
     },
 }
 
@@ -134,6 +138,7 @@ impl Isolation {
         {
             return Admission::Open {
                 failures: st.consecutive_failures,
+                until,
             };
         }
         if st.in_flight >= self.settings.max_in_flight || (behind_waiters && st.waiting > 0) {
@@ -208,11 +213,44 @@ impl Isolation {
         }
     }
 
-    fn release(&self, endpoint: &str, result: Option<bool>, now: Instant) {
+    /// The endpoints whose messages would be held now, with until when: those at their
+    /// cap with no request finished for `stalled_after` (until `hold` from now), and
+    /// those whose circuit is open (until it closes, and at least `hold` from now).
+    /// Noted as held: their next success reports a recovery.
+    pub fn holding(
+        &self,
+        now: Instant,
+        stalled_after: Duration,
+        hold: Duration,
+    ) -> Vec<(String, Instant)> {
+        let mut map = self.state.lock().expect("isolation lock");
+        let mut out = Vec::new();
+        for (endpoint, st) in map.iter_mut() {
+            let open = st.open_until.filter(|until| now < *until);
+            let stalled = st.in_flight >= self.settings.max_in_flight
+                && now.saturating_duration_since(st.last_progress.unwrap_or(now)) >= stalled_after;
+            if open.is_some() || stalled {
+                st.held = true;
+                out.push((endpoint.clone(), open.unwrap_or(now).max(now + hold)));
+            }
+        }
+        out
+    }
+
+    /// Notes that a message of the endpoint was held, so its next success reports a
+    /// recovery ([`Permit::finish`]).
+    pub fn note_held(&self, endpoint: &str) {
+        let mut map = self.state.lock().expect("isolation lock");
+        map.entry(endpoint.to_string()).or_default().held = true;
+    }
+
+    /// Frees a slot; returns whether a success ended a run of failures or holds.
+    fn release(&self, endpoint: &str, result: Option<bool>, now: Instant) -> bool {
         let mut map = self.state.lock().expect("isolation lock");
         let Some(st) = map.get_mut(endpoint) else {
-            return;
+            return false;
         };
+        let recovered = result == Some(true) && (st.consecutive_failures > 0 || st.held);
         st.in_flight = st.in_flight.saturating_sub(1);
         st.last_progress = Some(now);
         st.freed.notify_one();
@@ -220,6 +258,7 @@ impl Isolation {
             Some(true) => {
                 st.consecutive_failures = 0;
                 st.open_until = None;
+                st.held = false;
             }
             Some(false) => {
                 st.consecutive_failures += 1;
@@ -233,6 +272,7 @@ impl Isolation {
         if st.forgettable() {
             map.remove(endpoint);
         }
+        recovered
     }
 }
 
@@ -256,11 +296,12 @@ impl Drop for Waiting {
 }
 
 impl Permit {
-    /// Records whether the endpoint answered successfully.
-    pub fn finish(mut self, success: bool, now: Instant) {
-        if let Some(i) = self.isolation.take() {
-            i.release(&self.endpoint, Some(success), now);
-        }
+    /// Records whether the endpoint answered successfully. Returns whether this success
+    /// ended a run of failures or holds (the endpoint recovered).
+    pub fn finish(mut self, success: bool, now: Instant) -> bool {
+        self.isolation
+            .take()
+            .is_some_and(|i| i.release(&self.endpoint, Some(success), now))
     }
 }
 
@@ -326,7 +367,7 @@ mod tests {
         }
         assert!(matches!(
             i.admit("ep_a", t + Duration::from_secs(9)),
-            Admission::Open { failures: 3 }
+            Admission::Open { failures: 3, until } if until == t + Duration::from_secs(10)
         ));
         assert!(matches!(i.admit("ep_b", t), Admission::Go(_)));
         // Cool-down over: requests go again; one more failure re-opens at once.
@@ -334,7 +375,16 @@ mod tests {
         go(i.admit("ep_a", later)).finish(false, later);
         assert!(matches!(i.admit("ep_a", later), Admission::Open { .. }));
         let much_later = later + Duration::from_secs(10);
-        go(i.admit("ep_a", much_later)).finish(true, much_later);
+        assert!(
+            go(i.admit("ep_a", much_later)).finish(true, much_later),
+            "a success after failures is a recovery"
+        );
+        assert!(!go(i.admit("ep_a", much_later)).finish(true, much_later));
+        i.note_held("ep_a");
+        assert!(
+            go(i.admit("ep_a", much_later)).finish(true, much_later),
+            "a success after hold is a recovery"
+        );
         go(i.admit("ep_a", much_later)).finish(false, much_later);
         assert!(matches!(i.admit("ep_a", much_later), Admission::Go(_)));
     }
@@ -436,8 +486,42 @@ mod tests {
         }
         assert!(matches!(
             i.admit_within("ep_a", STALL, STALL).await,
-            Admission::Open { failures: 3 }
+            Admission::Open { failures: 3, .. }
         ));
+    }
+
+    #[test]
+    fn holding_names_stalled_and_open_endpoints() {
+        let i = iso();
+        let t = Instant::now();
+        let hold = Duration::from_secs(15);
+        // ep_a hangs: at its cap, nothing finished.
+        let _a = go(i.admit("ep_a", t));
+        let _b = go(i.admit("ep_a", t));
+        // ep_b is open until t + 10 s.
+        for _ in 0..3 {
+            go(i.admit("ep_b", t)).finish(false, t);
+        }
+        // ep_c is busy but answering.
+        let _c = go(i.admit("ep_c", t));
+        assert_eq!(
+            i.holding(t, STALL, hold),
+            [("ep_b".to_string(), t + hold)],
+            "ep_a is not stalled yet"
+        );
+        let later = t + STALL;
+        let mut got = i.holding(later, STALL, hold);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("ep_a".to_string(), later + hold),
+                ("ep_b".to_string(), later + hold)
+            ]
+        );
+        // A cool-down longer than the hold wins.
+        let got = i.holding(later, STALL, Duration::from_secs(1));
+        assert!(got.contains(&("ep_b".to_string(), t + Duration::from_secs(10))));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! SQL of webhook messages and their attempts. A message is one grant event for one
 //! endpoint; its id is the stable `webhook-id`. Delivery jobs are outbox rows of kind
 //! `webhook`, written in the same statement that creates or re-arms a message, so a
-//! message is never pending without a job on its way.
+//! message is never pending without a job on its way — or, while its endpoint hangs or
+//! its circuit is open, without a time at which [`release_due`] gives it one (held).
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
@@ -80,14 +81,19 @@ pub struct FanoutEvent<'a> {
 
 /// Creates, for each event, one message per enabled endpoint of its business whose
 /// filter accepts the type, with a delivery job for each new one, in one statement for
-/// the whole batch (one commit instead of one per event). Messages that already exist (a
+/// the whole batch (one commit instead of one per event). A message for an endpoint in
+/// `held` (it hangs or its circuit is open) is created held until the time given, with
+/// no job: it would only be held by the worker that took it. Messages that already exist (a
 /// redelivered grant event) are left alone and get no new job. Returns how many messages
 /// each event created, in order; an event repeated within the batch counts for its first
 /// occurrence only.
 pub async fn fan_out(
     conn: &mut PgConnection,
     events: &[FanoutEvent<'_>],
+    held: &[(String, DateTime<Utc>)],
 ) -> Result<Vec<u64>, sqlx::Error> {
+    let (held_endpoints, held_until): (Vec<&str>, Vec<DateTime<Utc>>) =
+        held.iter().map(|(e, t)| (e.as_str(), *t)).unzip();
     // Repeats would create nothing and only make the counts ambiguous.
     let mut seen = std::collections::HashSet::new();
     let unique: Vec<(usize, &FanoutEvent<'_>)> = events
@@ -113,18 +119,24 @@ pub async fn fan_out(
         "WITH ev AS (
             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[])
                 WITH ORDINALITY AS ev(business_id, grant_id, event_type, body, n)
+         ), held AS (
+            SELECT * FROM UNNEST($5::text[], $6::timestamptz[]) AS h(endpoint_id, until)
          ), ins AS (
-            INSERT INTO webhook_messages (id, endpoint_id, business_id, grant_id, event_type, body, next_attempt_at)
+            INSERT INTO webhook_messages (id, endpoint_id, business_id, grant_id, event_type, body,
+                                          next_attempt_at, held_until, hold_count)
             SELECT 'msg_' || substr(encode(sha256(convert_to(ev.grant_id || ':' || ev.event_type || ':' || e.id, 'UTF8')), 'hex'), 1, 32) AS id,
-                   e.id, ev.business_id, ev.grant_id, ev.event_type, ev.body, now()
+                   e.id, ev.business_id, ev.grant_id, ev.event_type, ev.body,
+                   coalesce(h.until, now()), h.until, CASE WHEN h.until IS NULL THEN 0 ELSE 1 END
             FROM ev JOIN webhook_endpoints e ON e.business_id = ev.business_id
+                 LEFT JOIN held h ON h.endpoint_id = e.id
             WHERE NOT e.disabled AND (e.filter_types IS NULL OR ev.event_type = ANY (e.filter_types))
             ORDER BY 1
             ON CONFLICT DO NOTHING
-            RETURNING id, endpoint_id, business_id, grant_id, event_type
+            RETURNING id, endpoint_id, business_id, grant_id, event_type, held_until
          ), jobs AS (
             INSERT INTO outbox (kind, message_id, payload)
-            SELECT 'webhook', id, jsonb_build_object('webhook_message_id', id, 'endpoint_id', endpoint_id) FROM ins
+            SELECT 'webhook', id, jsonb_build_object('webhook_message_id', id, 'endpoint_id', endpoint_id)
+            FROM ins WHERE held_until IS NULL
          )
          SELECT ev.n, count(ins.id)
          FROM ev JOIN ins USING (business_id, grant_id, event_type)
@@ -134,6 +146,8 @@ pub async fn fan_out(
     .bind(&grant)
     .bind(&kind)
     .bind(&body)
+    .bind(&held_endpoints)
+    .bind(&held_until)
     .fetch_all(conn)
     .await?;
     let mut counts = vec![0u64; events.len()];
@@ -240,6 +254,9 @@ pub async fn record_attempts(
             next_attempt_at = v.next_at,
             last_error = v.error,
             delivered_at = CASE WHEN v.status = 'delivered' THEN v.at ELSE m.delivered_at END,
+            -- An attempt supersedes a hold (a duplicate job ran meanwhile).
+            held_until = NULL,
+            hold_count = 0,
             updated_at = now()
          FROM v WHERE m.id = v.message_id",
     )
@@ -255,6 +272,102 @@ pub async fn record_attempts(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// A message to hold: its endpoint hangs or its circuit is open, so it waits in the
+/// database until `until` instead of cycling through the broker.
+#[derive(Clone, Debug)]
+pub struct Held {
+    pub message_id: String,
+    pub until: DateTime<Utc>,
+    /// The attempt count of the job's round, carried by the job it gets back.
+    pub attempt: u32,
+    /// How often it has been held since its last attempt, this time included.
+    pub hold_count: u32,
+}
+
+/// Holds many pending messages in one statement (settled messages are left alone).
+pub async fn hold_many(conn: &mut PgConnection, batch: &[Held]) -> Result<(), sqlx::Error> {
+    let (mut ids, mut until, mut attempt, mut count) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for p in batch {
+        ids.push(p.message_id.clone());
+        until.push(p.until);
+        attempt.push(i32::try_from(p.attempt).unwrap_or(i32::MAX));
+        count.push(i32::try_from(p.hold_count).unwrap_or(i32::MAX));
+    }
+    sqlx::query(
+        "UPDATE webhook_messages m SET
+            held_until = v.until, held_attempt = v.attempt, hold_count = v.hold_count,
+            next_attempt_at = v.until, updated_at = now()
+         FROM UNNEST($1::text[], $2::timestamptz[], $3::int[], $4::int[])
+            AS v(id, until, attempt, hold_count)
+         WHERE m.id = v.id AND m.status = 'pending'",
+    )
+    .bind(&ids)
+    .bind(&until)
+    .bind(&attempt)
+    .bind(&count)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Gives held messages whose time has come a delivery job again (an outbox row, in the
+/// same statement), at most `per_endpoint` of each endpoint and `limit` in all, the
+/// longest-held first. Safe to run in several processes at once: a message is
+/// released by whichever gets its row first, and the other skips it. Returns how many
+/// were released.
+pub async fn release_due(
+    conn: &mut PgConnection,
+    per_endpoint: i64,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(
+        "WITH due AS (
+            SELECT id FROM (
+                SELECT id, held_until,
+                       row_number() OVER (PARTITION BY endpoint_id ORDER BY held_until, id) AS n
+                FROM webhook_messages WHERE held_until <= now()
+            ) d
+            WHERE n <= $1 ORDER BY held_until, id LIMIT $2
+         ), locked AS (
+            SELECT m.id FROM webhook_messages m JOIN due USING (id)
+            WHERE m.held_until <= now()
+            FOR UPDATE OF m SKIP LOCKED
+         ), u AS (
+            UPDATE webhook_messages m SET held_until = NULL, updated_at = now()
+            FROM locked WHERE m.id = locked.id
+            RETURNING m.id, m.endpoint_id, m.status, m.held_attempt, m.hold_count
+         ), jobs AS (
+            INSERT INTO outbox (kind, message_id, payload)
+            SELECT 'webhook', id, jsonb_build_object('webhook_message_id', id,
+                'endpoint_id', endpoint_id, 'attempt', held_attempt, 'holds', hold_count)
+            FROM u WHERE status = 'pending'
+         )
+         SELECT count(*) FROM u",
+    )
+    .bind(per_endpoint)
+    .bind(limit)
+    .fetch_one(conn)
+    .await?;
+    Ok(n.max(0) as u64)
+}
+
+/// Makes every held message of an endpoint due now (it answered again), for the next
+/// [`release_due`]. Returns how many.
+pub async fn release_endpoint(
+    conn: &mut PgConnection,
+    endpoint_id: &str,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE webhook_messages SET held_until = now()
+         WHERE endpoint_id = $1 AND held_until > now()",
+    )
+    .bind(endpoint_id)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected())
 }
 
 /// Fails a pending message without an attempt (its endpoint is disabled).
@@ -284,7 +397,8 @@ pub async fn rearm(
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "WITH r AS (
-            UPDATE webhook_messages SET status = 'pending', next_attempt_at = now(), updated_at = now()
+            UPDATE webhook_messages SET status = 'pending', next_attempt_at = now(),
+                held_until = NULL, hold_count = 0, updated_at = now()
             WHERE business_id = $1
               AND ($2::text IS NULL OR id = $2)
               AND ($3::text IS NULL OR (endpoint_id = $3 AND status = 'failed'))

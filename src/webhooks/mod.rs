@@ -16,13 +16,16 @@
 //!   derived from (grant, event type, endpoint), so each grant sends each event type at
 //!   most once per endpoint however often its grant event is delivered.
 //! - [`deliver`]: competing workers; [`schedule`] decides retries, [`isolation`] keeps
-//!   a slow or dead endpoint from taking the workers of the others.
+//!   a slow or dead endpoint from taking the workers of the others; the messages of an
+//!   endpoint that hangs or whose circuit is open are held in PostgreSQL, and
+//!   [`holds`] sends them again when their time comes (or when the endpoint answers).
 //! - [`replay`]: send a message, or an endpoint's failed messages, again.
 //! - [`signing`]: `webhook-signature` values.
 
 pub mod deliver;
 pub mod endpoints;
 pub mod fanout;
+pub mod holds;
 pub mod isolation;
 pub mod messages;
 pub mod reader;
@@ -42,7 +45,8 @@ use crate::amqp::Broker;
 use crate::config::Settings;
 use crate::metrics::Metrics;
 
-/// Spawns the fan-out consumers (`amqp.consumers` of them) and the delivery workers.
+/// Spawns the fan-out consumers (`amqp.consumers` of them), the delivery workers and the
+/// hold releaser.
 pub fn spawn(
     tasks: &mut JoinSet<&'static str>,
     pool: &PgPool,
@@ -51,6 +55,16 @@ pub fn spawn(
     metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
 ) {
+    let deliverer = deliver::Deliverer::new(
+        pool.clone(),
+        broker.clone(),
+        &settings.webhooks,
+        metrics.clone(),
+    );
+    let fanout_holds = deliverer
+        .as_ref()
+        .ok()
+        .map(|d| (d.isolation.clone(), settings.webhooks.timeout));
     let fanout = fanout::Fanout {
         pool: pool.clone(),
         broker: broker.clone(),
@@ -58,6 +72,7 @@ pub fn spawn(
         batch_size: settings.amqp.batch_size,
         batch_linger: settings.amqp.batch_linger,
         metrics: metrics.clone(),
+        holds: fanout_holds,
     };
     for _ in 0..settings.amqp.consumers {
         let (f, s) = (fanout.clone(), shutdown.clone());
@@ -66,12 +81,12 @@ pub fn spawn(
             "webhook fan-out"
         });
     }
-    match deliver::Deliverer::new(
-        pool.clone(),
-        broker.clone(),
-        &settings.webhooks,
-        metrics.clone(),
-    ) {
+    let (p, s) = (pool.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        holds::run(p, s).await;
+        "webhook hold releaser"
+    });
+    match deliverer {
         Ok(d) => {
             let s = shutdown.clone();
             tasks.spawn(async move {

@@ -81,27 +81,33 @@ pub fn shortest_wait(delays: &[Duration]) -> Option<Duration> {
     delays.iter().copied().filter(|d| !d.is_zero()).min()
 }
 
-/// Where a job goes that was not attempted because its endpoint had no free slot,
-/// given whether the endpoint hangs (no request finished for a while), how often in a
-/// row the job was deferred already and the request timeout. A hanging endpoint's jobs
-/// wait for the tier that outlasts the requests in flight. A busy one's go first to
-/// the back of the work queue (zero), by when it has most likely caught up, and only
-/// if it is busy again then to the shortest non-zero tier: each job cycles through the
-/// broker at most once without a pause.
-pub fn defer_delay(
-    hanging: bool,
-    deferrals: u32,
-    timeout: Duration,
-    delays: &[Duration],
-) -> Duration {
-    let shortest = shortest_wait(delays).unwrap_or_default();
-    if hanging {
-        tier_at_least(timeout, delays).max(shortest)
-    } else if deferrals == 0 {
+/// Where a job goes that was not attempted because its endpoint, still answering, had
+/// no free slot, given how often in a row it was deferred already: first to the back of
+/// the work queue (zero), by when the endpoint has most likely caught up, and only if it
+/// is busy again then to the shortest non-zero tier, so each job cycles through the
+/// broker at most once without a pause. (A hanging endpoint's jobs are held instead:
+/// [`hold_for`].)
+pub fn defer_delay(deferrals: u32, delays: &[Duration]) -> Duration {
+    if deferrals == 0 {
         Duration::ZERO
     } else {
-        shortest
+        shortest_wait(delays).unwrap_or_default()
     }
+}
+
+/// The longest a message is held at a time.
+pub const MAX_HOLD: Duration = Duration::from_secs(300);
+
+/// How long a message of a hanging endpoint (or one whose circuit is open) is held,
+/// given how often it was held since its last attempt: the request timeout first (by
+/// then the requests in flight have ended, one way or the other), doubling each time
+/// up to [`MAX_HOLD`], so a long-dead endpoint's backlog costs less and less. A success
+/// of the endpoint ends every hold of its messages at once.
+pub fn hold_for(holds_before: u32, timeout: Duration) -> Duration {
+    let factor = 1u32 << holds_before.min(16);
+    timeout
+        .saturating_mul(factor)
+        .clamp(Duration::from_secs(1), MAX_HOLD)
 }
 
 /// Reads a `Retry-After` value: delay-seconds or an HTTP date.
@@ -208,15 +214,22 @@ mod tests {
     #[test]
     fn deferred_jobs_go_round_once_then_wait() {
         let d = default_delays();
-        let timeout = s(15);
-        assert_eq!(defer_delay(false, 0, timeout, &d), s(0));
-        assert_eq!(defer_delay(false, 1, timeout, &d), s(5));
-        assert_eq!(defer_delay(false, 7, timeout, &d), s(5));
-        // A hanging endpoint: past the requests in flight, however often deferred.
-        assert_eq!(defer_delay(true, 0, timeout, &d), s(300));
-        assert_eq!(defer_delay(true, 3, timeout, &d), s(300));
+        assert_eq!(defer_delay(0, &d), s(0));
+        assert_eq!(defer_delay(1, &d), s(5));
+        assert_eq!(defer_delay(7, &d), s(5));
         // Every tier zero: nothing to wait in but the work queue.
-        assert_eq!(defer_delay(false, 1, timeout, &[s(0)]), s(0));
+        assert_eq!(defer_delay(1, &[s(0)]), s(0));
+    }
+
+    #[test]
+    fn hold_doubles_up_to_a_cap() {
+        let timeout = s(15);
+        let cases = [(0, 15), (1, 30), (2, 60), (4, 240), (5, 300), (40, 300)];
+        for (holds, want) in cases {
+            assert_eq!(hold_for(holds, timeout), s(want), "held {holds} times");
+        }
+        // A tiny timeout still holds for a second.
+        assert_eq!(hold_for(0, Duration::from_millis(100)), s(1));
     }
 
     #[test]

@@ -1,0 +1,46 @@
+//! The hold releaser: gives held messages ([`super::messages::Held`]) a delivery job again
+//! once their time has come, a bounded number per endpoint and round so that a large
+//! backlog reaches the workers in steps rather than all at once. Runs in every process;
+//! [`messages::release_due`] lets each message go to one of them.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::messages;
+
+/// How often due messages are looked for.
+pub const INTERVAL: Duration = Duration::from_secs(1);
+/// At most this many messages of one endpoint per round.
+pub const PER_ENDPOINT: i64 = 250;
+/// At most this many messages per round (a full round is followed by another at once).
+pub const PER_ROUND: i64 = 1000;
+
+pub async fn run(pool: PgPool, shutdown: CancellationToken) {
+    loop {
+        let released = match pool.acquire().await {
+            Ok(mut conn) => messages::release_due(&mut conn, PER_ENDPOINT, PER_ROUND).await,
+            Err(e) => Err(e),
+        };
+        let full = match released {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::debug!(messages = n, "released webhook messages");
+                }
+                n >= PER_ROUND as u64
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot release webhook messages; trying again");
+                false
+            }
+        };
+        if full && !shutdown.is_cancelled() {
+            continue;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(INTERVAL) => {}
+        }
+    }
+}
