@@ -33,6 +33,9 @@ pub enum RelayError {
 }
 
 /// The relay.
+/// How often, at most, the relay reads the outbox backlog for its gauges.
+pub const BACKLOG_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct Relay {
     pub pool: PgPool,
@@ -94,6 +97,10 @@ impl Relay {
         let mut backoff = amqp::reconnect_backoff();
         let mut listener: Option<PgListener> = None;
         let mut ch: Option<Channel> = None;
+        // When the backlog gauges were last read: at most once per `BACKLOG_EVERY`, not
+        // after every drain (under load the relay drains hundreds of times a second, and
+        // each count scans the outbox).
+        let mut backlog_read: Option<std::time::Instant> = None;
         loop {
             if listener.is_none() {
                 match PgListener::connect_with(&self.pool).await {
@@ -141,9 +148,11 @@ impl Relay {
             if let Some(l) = listener.as_mut() {
                 while l.next_buffered().is_some() {}
             }
-            if let Ok(mut c) = self.pool.acquire().await
+            if backlog_read.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY)
+                && let Ok(mut c) = self.pool.acquire().await
                 && let Ok((n, lag)) = outbox::backlog(&mut c).await
             {
+                backlog_read = Some(std::time::Instant::now());
                 self.metrics.outbox_backlog.set(n);
                 self.metrics.outbox_lag_seconds.set(lag);
             }
