@@ -139,6 +139,25 @@ async fn phase_endpoints(
     (businesses, last)
 }
 
+/// Runs one phase of `deliveries`: its time, and a line with its delivery outcomes and
+/// CPU use.
+/// (`run` is not started before it is awaited here.)
+async fn phase(
+    metrics: &Metrics,
+    deliveries: u64,
+    run: impl std::future::Future<Output = Duration>,
+) -> (Duration, String) {
+    let before = outcomes(metrics);
+    let cpu_before = cpu_now();
+    let t = run.await;
+    let note = format!(
+        "  attempts: {}{}",
+        outcomes_since(metrics, &before),
+        cpu_per_k(cpu_before, deliveries)
+    );
+    (t, note)
+}
+
 /// ", CPU … ms per 1,000 deliveries (this process …)" since `before`, or nothing.
 fn cpu_per_k(before: Option<(f64, f64)>, deliveries: u64) -> String {
     match (before, cpu_now()) {
@@ -357,28 +376,25 @@ async fn main() {
         reset();
         let expected = (n * 5) as u64;
         let (businesses, _) = phase_endpoints(&mut conn, &format!("h{round}"), &urls, None).await;
-        let before = outcomes(&metrics);
-        let cpu_before = cpu_now();
-        let t = run(
-            &publisher,
-            &names.grant_events(),
-            &businesses,
-            &format!("healthy{round}"),
-            n,
-            || total(&counters),
+        let (t, note) = phase(
+            &metrics,
             expected,
+            run(
+                &publisher,
+                &names.grant_events(),
+                &businesses,
+                &format!("healthy{round}"),
+                n,
+                || total(&counters),
+                expected,
+            ),
         )
         .await;
         let rate = expected as f64 / t.as_secs_f64();
         healthy_rates.push(rate);
         println!(
-            "round {round}, 10 endpoints: {expected} deliveries in {:.2} s = {rate:.0}/s",
+            "round {round}, 10 endpoints: {expected} deliveries in {:.2} s = {rate:.0}/s\n{note}",
             t.as_secs_f64()
-        );
-        println!(
-            "  attempts: {}{}",
-            outcomes_since(&metrics, &before),
-            cpu_per_k(cpu_before, expected)
         );
 
         reset();
@@ -386,28 +402,25 @@ async fn main() {
         let expected = (n.div_ceil(2) * 5 + (n / 2) * 4) as u64;
         let (businesses, dead_endpoint) =
             phase_endpoints(&mut conn, &format!("d{round}"), &urls, Some(&dead_url)).await;
-        let before = outcomes(&metrics);
-        let cpu_before = cpu_now();
-        let t = run(
-            &publisher,
-            &names.grant_events(),
-            &businesses,
-            &format!("dead{round}"),
-            n,
-            || total(healthy),
+        let (t, note) = phase(
+            &metrics,
             expected,
+            run(
+                &publisher,
+                &names.grant_events(),
+                &businesses,
+                &format!("dead{round}"),
+                n,
+                || total(healthy),
+                expected,
+            ),
         )
         .await;
         let rate = expected as f64 / t.as_secs_f64();
         dead_rates.push(rate);
         println!(
-            "round {round}, 9 endpoints + 1 never answering: {expected} deliveries to the healthy ones in {:.2} s = {rate:.0}/s",
+            "round {round}, 9 endpoints + 1 never answering: {expected} deliveries to the healthy ones in {:.2} s = {rate:.0}/s\n{note}",
             t.as_secs_f64()
-        );
-        println!(
-            "  attempts: {}{}",
-            outcomes_since(&metrics, &before),
-            cpu_per_k(cpu_before, expected)
         );
         // The merchant removes the dead endpoint (its messages go with it), so its
         // backlog does not come back during the rounds that follow.

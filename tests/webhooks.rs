@@ -921,6 +921,20 @@ async fn a_hanging_endpoints_messages_wait_held_and_go_when_it_answers() {
     app.cleanup().await;
 }
 
+/// An app with neither delivery workers nor relay: webhook jobs stay in the outbox to be
+/// looked at.
+async fn without_delivery() -> TestApp {
+    TestApp::spawn_with(TestConfig {
+        options: Some(Options {
+            webhooks: false,
+            relay: false,
+            ..Options::default()
+        }),
+        ..TestConfig::default()
+    })
+    .await
+}
+
 /// The webhook jobs waiting in the outbox: message id and payload.
 async fn webhook_jobs(conn: &mut sqlx::PgConnection) -> Vec<(String, serde_json::Value)> {
     sqlx::query_as("SELECT message_id, payload FROM outbox WHERE kind = 'webhook' ORDER BY id")
@@ -931,16 +945,7 @@ async fn webhook_jobs(conn: &mut sqlx::PgConnection) -> Vec<(String, serde_json:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_messages_get_jobs_when_due_a_bounded_number_per_endpoint() {
-    // No delivery workers and no relay: the jobs stay in the outbox to be looked at.
-    let mut app = TestApp::spawn_with(TestConfig {
-        options: Some(Options {
-            webhooks: false,
-            relay: false,
-            ..Options::default()
-        }),
-        ..TestConfig::default()
-    })
-    .await;
+    let mut app = without_delivery().await;
     let ep = add_endpoint(&app, "http://127.0.0.1:9/held", None, SECRET).await;
     let mut conn = app.pool.acquire().await.unwrap();
     let body = "{}";
@@ -1026,15 +1031,7 @@ async fn held_messages_get_jobs_when_due_a_bounded_number_per_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fan_out_creates_the_messages_of_an_endpoint_known_to_fail_held() {
     use guildgate::webhooks::isolation::{Admission, Isolation, IsolationSettings};
-    let mut app = TestApp::spawn_with(TestConfig {
-        options: Some(Options {
-            webhooks: false,
-            relay: false,
-            ..Options::default()
-        }),
-        ..TestConfig::default()
-    })
-    .await;
+    let mut app = without_delivery().await;
     let failing = add_endpoint(&app, "http://127.0.0.1:9/failing", None, SECRET).await;
     let fine = add_endpoint(&app, "http://127.0.0.1:9/fine", None, SECRET).await;
     // The delivery workers' view: `failing` failed once, which opens its circuit.

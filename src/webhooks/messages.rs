@@ -332,7 +332,7 @@ pub async fn release_due(
             ) d
             WHERE n <= $1 ORDER BY held_until, id LIMIT $2
          ), locked AS (
-            SELECT m.id FROM webhook_messages m JOIN due USING (id)
+            SELECT m.id, m.held_until FROM webhook_messages m JOIN due USING (id)
             WHERE m.held_until <= now()
             FOR UPDATE OF m SKIP LOCKED
          ), u AS (
@@ -343,7 +343,8 @@ pub async fn release_due(
             INSERT INTO outbox (kind, message_id, payload)
             SELECT 'webhook', id, jsonb_build_object('webhook_message_id', id,
                 'endpoint_id', endpoint_id, 'attempt', held_attempt, 'holds', hold_count)
-            FROM u WHERE status = 'pending'
+            FROM u JOIN locked USING (id) WHERE u.status = 'pending'
+            ORDER BY locked.held_until, u.id
          )
          SELECT count(*) FROM u",
     )
