@@ -48,9 +48,11 @@ use crate::metrics::Metrics;
 pub const BREAKER_THRESHOLD: u32 = 5;
 /// How long a short-circuited endpoint is left alone.
 pub const BREAKER_COOL_DOWN: Duration = Duration::from_secs(30);
-/// An endpoint at its cap with no request finished for this long is taken to hang:
-/// its other messages are held in the database until the requests in flight have
-/// ended ([`schedule::hold_for`]), instead of cycling through the broker.
+/// An endpoint at its cap with no request finished for this long at most is taken to
+/// hang (sooner when requests usually answer fast: [`Isolation::stall_after`]): its
+/// other messages are held in the database until the requests in flight have ended
+/// ([`schedule::hold_for`]), instead of cycling through the broker. A request running
+/// this long gives its worker slot back.
 pub const STALLED_AFTER: Duration = Duration::from_secs(1);
 /// How long a job waits in the process for a slot of a busy (not stalled) endpoint
 /// before it is deferred.
@@ -251,7 +253,11 @@ impl Deliverer {
         if let Some(ep) = job.endpoint_id.as_deref()
             && self
                 .isolation
-                .stalled(ep, Instant::now(), STALLED_AFTER)
+                .stalled(
+                    ep,
+                    Instant::now(),
+                    self.isolation.stall_after(STALLED_AFTER),
+                )
                 .is_some()
         {
             return self.hold(job, ep, None).await;
@@ -274,7 +280,9 @@ impl Deliverer {
         let attempt = job.attempt + 1;
         let at = Utc::now();
         let (result, sent, label) = match admission {
-            Admission::Busy { stalled_for } if stalled_for >= STALLED_AFTER => {
+            Admission::Busy { stalled_for }
+                if stalled_for >= self.isolation.stall_after(STALLED_AFTER) =>
+            {
                 return self.hold(job, &target.endpoint_id, None).await;
             }
             Admission::Busy { .. } => return Ok(self.defer(job)),
@@ -384,7 +392,11 @@ impl Deliverer {
     /// frees in milliseconds.
     async fn admit(&self, endpoint: &str) -> Admission {
         self.isolation
-            .admit_within(endpoint, BUSY_WAIT, STALLED_AFTER)
+            .admit_within(
+                endpoint,
+                BUSY_WAIT,
+                self.isolation.stall_after(STALLED_AFTER),
+            )
             .await
     }
 

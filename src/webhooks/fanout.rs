@@ -201,7 +201,11 @@ impl Fanout {
             Some((isolation, timeout)) => {
                 let (now, wall) = (std::time::Instant::now(), chrono::Utc::now());
                 isolation
-                    .holding(now, STALLED_AFTER, schedule::hold_for(0, *timeout))
+                    .holding(
+                        now,
+                        isolation.stall_after(STALLED_AFTER),
+                        schedule::hold_for(0, *timeout),
+                    )
                     .into_iter()
                     .map(|(ep, until)| {
                         let wait = chrono::Duration::from_std(until.saturating_duration_since(now))

@@ -15,6 +15,7 @@
 //! reads Tokio's clock and is tested on paused time.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,7 +56,19 @@ impl EndpointState {
 pub struct Isolation {
     settings: IsolationSettings,
     state: Arc<Mutex<HashMap<String, EndpointState>>>,
+    /// A moving average of successful requests' latency, in microseconds, over every
+    /// endpoint of the process (0: none yet): what "no answer for a while" means here.
+    typical_us: Arc<AtomicU64>,
 }
+
+/// How long an endpoint at its cap may go without a request finishing before it counts
+/// as hanging: `STALL_FACTOR` times the typical latency of successful requests, within
+/// [`STALL_FLOOR`, `ceiling`], and `ceiling` until a request has succeeded. With fast
+/// receivers a hanging one is recognised in a fraction of a second; with slow ones (or
+/// none known) it takes the ceiling. Recognising one too early costs little: its
+/// messages are held, and its next success releases them.
+pub const STALL_FLOOR: Duration = Duration::from_millis(150);
+pub const STALL_FACTOR: u32 = 8;
 
 /// Whether a request to an endpoint may go out now.
 #[derive(Debug)]
@@ -80,6 +93,7 @@ pub enum Admission {
 pub struct Permit {
     endpoint: String,
     isolation: Option<Isolation>,
+    started: Instant,
 }
 
 impl std::fmt::Debug for Isolation {
@@ -95,7 +109,33 @@ impl Isolation {
         Self {
             settings,
             state: Arc::default(),
+            typical_us: Arc::default(),
         }
+    }
+
+    /// See [`STALL_FLOOR`].
+    pub fn stall_after(&self, ceiling: Duration) -> Duration {
+        match self.typical_us.load(Ordering::Relaxed) {
+            0 => ceiling,
+            us => (Duration::from_micros(us) * STALL_FACTOR)
+                .clamp(STALL_FLOOR, ceiling.max(STALL_FLOOR)),
+        }
+    }
+
+    fn observe_success(&self, latency: Duration) {
+        let sample = u64::try_from(latency.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let _ = self
+            .typical_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 {
+                    sample
+                } else {
+                    // An exponential moving average over about 16 requests.
+                    (old * 15 + sample) / 16
+                })
+            });
     }
 
     pub fn admit(&self, endpoint: &str, now: Instant) -> Admission {
@@ -154,6 +194,7 @@ impl Isolation {
         Admission::Go(Permit {
             endpoint: endpoint.to_string(),
             isolation: Some(self.clone()),
+            started: now,
         })
     }
 
@@ -299,9 +340,13 @@ impl Permit {
     /// Records whether the endpoint answered successfully. Returns whether this success
     /// ended a run of failures or holds (the endpoint recovered).
     pub fn finish(mut self, success: bool, now: Instant) -> bool {
-        self.isolation
-            .take()
-            .is_some_and(|i| i.release(&self.endpoint, Some(success), now))
+        let Some(i) = self.isolation.take() else {
+            return false;
+        };
+        if success {
+            i.observe_success(now.saturating_duration_since(self.started));
+        }
+        i.release(&self.endpoint, Some(success), now)
     }
 }
 
@@ -522,6 +567,30 @@ mod tests {
         // A cool-down longer than the hold wins.
         let got = i.holding(later, STALL, Duration::from_secs(1));
         assert!(got.contains(&("ep_b".to_string(), t + Duration::from_secs(10))));
+    }
+
+    #[test]
+    fn hanging_means_long_against_the_typical_answer() {
+        let i = iso();
+        let ceiling = Duration::from_secs(1);
+        assert_eq!(i.stall_after(ceiling), ceiling, "nothing known yet");
+        let t = Instant::now();
+        for _ in 0..50 {
+            go(i.admit("ep_a", t)).finish(true, t + Duration::from_millis(40));
+        }
+        assert_eq!(i.stall_after(ceiling), Duration::from_millis(320));
+        for _ in 0..100 {
+            go(i.admit("ep_a", t)).finish(true, t + Duration::from_millis(2));
+        }
+        assert_eq!(i.stall_after(ceiling), STALL_FLOOR);
+        // Failures say nothing about how fast an answer comes; slow successes move it up
+        // to the ceiling.
+        go(i.admit("ep_a", t)).finish(false, t + Duration::from_secs(30));
+        assert_eq!(i.stall_after(ceiling), STALL_FLOOR);
+        for _ in 0..100 {
+            go(i.admit("ep_a", t)).finish(true, t + Duration::from_millis(900));
+        }
+        assert_eq!(i.stall_after(ceiling), ceiling);
     }
 
     #[test]
