@@ -170,6 +170,19 @@ async fn pay(app: &TestApp, payment: &str, customer: &str, event_id: &str) {
         .await;
 }
 
+/// One payment per `i` (`pay_i` by `cus_i`, event `evt_i`).
+async fn pay_each(app: &TestApp, range: std::ops::Range<usize>) {
+    for i in range {
+        pay(
+            app,
+            &format!("pay_{i}"),
+            &format!("cus_{i}"),
+            &format!("evt_{i}"),
+        )
+        .await;
+    }
+}
+
 fn payment_event(app: &TestApp, payment_id: &str, customer: &str) -> serde_json::Value {
     payment(&app.business(), payment_id, customer, &["pdt_hooks"], T0)
 }
@@ -394,15 +407,7 @@ async fn a_dead_endpoint_does_not_hold_up_a_healthy_one() {
     let healthy = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
     let dead_ep = add_endpoint(&app, &dead.url, None, SECRET).await;
     let ok_ep = add_endpoint(&app, &healthy.url, None, SECRET).await;
-    for i in 0..10 {
-        pay(
-            &app,
-            &format!("pay_{i}"),
-            &format!("cus_{i}"),
-            &format!("evt_{i}"),
-        )
-        .await;
-    }
+    pay_each(&app, 0..10).await;
     // Four workers, and the dead endpoint's requests each hold one for 10 s: only the
     // in-flight cap lets the healthy endpoint get everything before the first of them
     // times out.
@@ -441,30 +446,14 @@ async fn requests_to_a_hanging_endpoint_give_their_workers_back() {
     with_entitlement(&app).await;
     let dead = Receiver::start(&[SECRET], |_| Reply::Hang).await;
     let dead_ep = add_endpoint(&app, &dead.url, None, SECRET).await;
-    for i in 0..2 {
-        pay(
-            &app,
-            &format!("pay_{i}"),
-            &format!("cus_{i}"),
-            &format!("evt_{i}"),
-        )
-        .await;
-    }
+    pay_each(&app, 0..2).await;
     wait_for("both workers waiting on the hanging endpoint", || async {
         (dead.count() == 2).then_some(())
     })
     .await;
     let healthy = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
     let ok_ep = add_endpoint(&app, &healthy.url, None, SECRET).await;
-    for i in 2..6 {
-        pay(
-            &app,
-            &format!("pay_{i}"),
-            &format!("cus_{i}"),
-            &format!("evt_{i}"),
-        )
-        .await;
-    }
+    pay_each(&app, 2..6).await;
     wait_messages(&app, &ok_ep, 4, "delivered").await;
     all_verified(&healthy);
     // Before the hanging requests timed out: nothing of theirs has been recorded yet.
@@ -883,15 +872,7 @@ async fn a_hanging_endpoints_messages_wait_held_and_go_when_it_answers() {
         .await
     };
     let ep = add_endpoint(&app, &receiver.url, None, SECRET).await;
-    for i in 0..10 {
-        pay(
-            &app,
-            &format!("pay_{i}"),
-            &format!("cus_{i}"),
-            &format!("evt_{i}"),
-        )
-        .await;
-    }
+    pay_each(&app, 0..10).await;
     // Two requests hang; once no request has finished for a second, the other messages
     // are held in the database without an attempt (not cycled through retry tiers).
     let held = wait_for("the messages behind the hanging requests held", || async {
