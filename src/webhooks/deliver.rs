@@ -33,6 +33,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::holds;
 use super::isolation::{Admission, Isolation, IsolationSettings};
 use super::messages::{self, AttemptRecord, DeliveryTarget, Held, NewStatus, Recorded};
 use super::reader::{ReadError, Reader};
@@ -172,9 +173,9 @@ pub struct Deliverer {
     pub workers: usize,
     pub isolation: Isolation,
     pub reader: Reader,
-    pub recorder: Recorder,
-    /// A second group writer for holds, so they never slow the records' statements.
-    pub holder: Recorder,
+    pub recorder: Recorder<Recorded>,
+    /// The group writer of holds: its own, so holds never slow the records' statements.
+    pub holder: Recorder<Held>,
     pub metrics: Arc<Metrics>,
     /// Test hook: stop once after sending and before recording, as a crash would.
     pub crash_after_send: Arc<AtomicBool>,
@@ -247,17 +248,15 @@ impl Deliverer {
         job: &Job,
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Outcome, DeliverError> {
+        // What "hanging" means for this job, from the typical latency now.
+        let stall_after = self.isolation.stall_after(STALLED_AFTER);
         // Look first when the job names its endpoint: holding a job of a hanging
         // endpoint then costs no read. Only a look: a slot is taken after the read, so it
         // is held for the request alone, not while the read waits for the database.
         if let Some(ep) = job.endpoint_id.as_deref()
             && self
                 .isolation
-                .stalled(
-                    ep,
-                    Instant::now(),
-                    self.isolation.stall_after(STALLED_AFTER),
-                )
+                .stalled(ep, Instant::now(), stall_after)
                 .is_some()
         {
             return self.hold(job, ep, None).await;
@@ -276,13 +275,11 @@ impl Deliverer {
             return Ok(Outcome::Ack("endpoint_disabled"));
         }
 
-        let admission = self.admit(&target.endpoint_id).await;
+        let admission = self.admit(&target.endpoint_id, stall_after).await;
         let attempt = job.attempt + 1;
         let at = Utc::now();
         let (result, sent, label) = match admission {
-            Admission::Busy { stalled_for }
-                if stalled_for >= self.isolation.stall_after(STALLED_AFTER) =>
-            {
+            Admission::Busy { stalled_for } if stalled_for >= stall_after => {
                 return self.hold(job, &target.endpoint_id, None).await;
             }
             Admission::Busy { .. } => return Ok(self.defer(job)),
@@ -390,13 +387,9 @@ impl Deliverer {
     /// over endpoints, one often has a few more than its cap in hand, and each of
     /// those would otherwise wait out the shortest retry tier (seconds) for a slot that
     /// frees in milliseconds.
-    async fn admit(&self, endpoint: &str) -> Admission {
+    async fn admit(&self, endpoint: &str, stall_after: Duration) -> Admission {
         self.isolation
-            .admit_within(
-                endpoint,
-                BUSY_WAIT,
-                self.isolation.stall_after(STALLED_AFTER),
-            )
+            .admit_within(endpoint, BUSY_WAIT, stall_after)
             .await
     }
 
@@ -424,15 +417,15 @@ impl Deliverer {
         open_until: Option<Instant>,
     ) -> Result<Outcome, DeliverError> {
         self.isolation.note_held(endpoint_id);
-        let mut wait = schedule::hold_for(job.holds, self.timeout);
-        if let Some(until) = open_until {
-            wait = wait.max(until.saturating_duration_since(Instant::now()));
-        }
+        let until = schedule::hold_until(
+            Instant::now(),
+            schedule::hold_for(job.holds, self.timeout),
+            open_until,
+        );
         self.holder
-            .hold(Held {
+            .record(Held {
                 message_id: job.message_id.clone(),
-                until: Utc::now()
-                    + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX),
+                until: holds::wall_clock(until),
                 attempt: job.attempt,
                 hold_count: job.holds.saturating_add(1),
             })

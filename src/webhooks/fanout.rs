@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::deliver::STALLED_AFTER;
 use super::isolation::Isolation;
-use super::{messages, schedule};
+use super::{holds, messages, schedule};
 use crate::amqp::{self, Broker, BrokerError, Names, Outgoing};
 use crate::ids::{BusinessId, GrantId};
 use crate::metrics::Metrics;
@@ -198,22 +198,15 @@ impl Fanout {
             })
             .collect();
         let held: Vec<(String, chrono::DateTime<chrono::Utc>)> = match &self.holds {
-            Some((isolation, timeout)) => {
-                let (now, wall) = (std::time::Instant::now(), chrono::Utc::now());
-                isolation
-                    .holding(
-                        now,
-                        isolation.stall_after(STALLED_AFTER),
-                        schedule::hold_for(0, *timeout),
-                    )
-                    .into_iter()
-                    .map(|(ep, until)| {
-                        let wait = chrono::Duration::from_std(until.saturating_duration_since(now))
-                            .unwrap_or(chrono::Duration::MAX);
-                        (ep, wall + wait)
-                    })
-                    .collect()
-            }
+            Some((isolation, timeout)) => isolation
+                .holding(
+                    std::time::Instant::now(),
+                    isolation.stall_after(STALLED_AFTER),
+                    schedule::hold_for(0, *timeout),
+                )
+                .into_iter()
+                .map(|(ep, until)| (ep, holds::wall_clock(until)))
+                .collect(),
             None => Vec::new(),
         };
         let mut conn = self.pool.acquire().await?;

@@ -3,7 +3,9 @@
 //! backlog reaches the workers in steps rather than all at once. Runs in every process;
 //! [`messages::release_due`] lets each message go to one of them.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
 
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -16,6 +18,15 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 pub const PER_ENDPOINT: i64 = 250;
 /// At most this many messages per round (a full round is followed by another at once).
 pub const PER_ROUND: i64 = 1000;
+
+/// The wall-clock time of `at`, an instant of this process (what `held_until` stores).
+pub fn wall_clock(at: Instant) -> DateTime<Utc> {
+    let wait =
+        TimeDelta::from_std(at.saturating_duration_since(Instant::now())).unwrap_or(TimeDelta::MAX);
+    Utc::now()
+        .checked_add_signed(wait)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
 
 pub async fn run(pool: PgPool, shutdown: CancellationToken) {
     loop {

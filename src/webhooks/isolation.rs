@@ -44,6 +44,21 @@ struct EndpointState {
 }
 
 impl EndpointState {
+    /// How long the endpoint has been at its cap of `max_in_flight` with no request
+    /// finished, if at least `stalled_after`.
+    fn stalled_for(
+        &self,
+        now: Instant,
+        max_in_flight: usize,
+        stalled_after: Duration,
+    ) -> Option<Duration> {
+        if self.in_flight < max_in_flight {
+            return None;
+        }
+        let stalled_for = now.saturating_duration_since(self.last_progress.unwrap_or(now));
+        (stalled_for >= stalled_after).then_some(stalled_for)
+    }
+
     /// Nothing worth remembering: no request out, no failures, nobody waiting, nothing
     /// held.
     fn forgettable(&self) -> bool {
@@ -154,13 +169,10 @@ impl Isolation {
     ) -> Option<Duration> {
         let map = self.state.lock().expect("isolation lock");
         let st = map.get(endpoint)?;
-        if st.open_until.is_some_and(|until| now < until)
-            || st.in_flight < self.settings.max_in_flight
-        {
+        if st.open_until.is_some_and(|until| now < until) {
             return None;
         }
-        let stalled_for = now.saturating_duration_since(st.last_progress.unwrap_or(now));
-        (stalled_for >= stalled_after).then_some(stalled_for)
+        st.stalled_for(now, self.settings.max_in_flight, stalled_after)
     }
 
     /// [`Isolation::admit`] on the locked map; `behind_waiters`: a slot is not taken
@@ -268,11 +280,15 @@ impl Isolation {
         let mut out = Vec::new();
         for (endpoint, st) in map.iter_mut() {
             let open = st.open_until.filter(|until| now < *until);
-            let stalled = st.in_flight >= self.settings.max_in_flight
-                && now.saturating_duration_since(st.last_progress.unwrap_or(now)) >= stalled_after;
+            let stalled = st
+                .stalled_for(now, self.settings.max_in_flight, stalled_after)
+                .is_some();
             if open.is_some() || stalled {
                 st.held = true;
-                out.push((endpoint.clone(), open.unwrap_or(now).max(now + hold)));
+                out.push((
+                    endpoint.clone(),
+                    super::schedule::hold_until(now, hold, open),
+                ));
             }
         }
         out

@@ -1,7 +1,7 @@
 //! The pure core of delivery: what an attempt's result means (delivered, retry when,
 //! give up), with no I/O and no clock of its own. Table-tested below.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
@@ -108,6 +108,12 @@ pub fn hold_for(holds_before: u32, timeout: Duration) -> Duration {
     timeout
         .saturating_mul(factor)
         .clamp(Duration::from_secs(1), MAX_HOLD)
+}
+
+/// Until when a message is held: `hold` from `now`, and at least until its endpoint's
+/// open circuit closes.
+pub fn hold_until(now: Instant, hold: Duration, open_until: Option<Instant>) -> Instant {
+    open_until.map_or(now + hold, |until| until.max(now + hold))
 }
 
 /// Reads a `Retry-After` value: delay-seconds or an HTTP date.
