@@ -324,6 +324,37 @@ pub async fn publish_confirmed(ch: &Channel, messages: &[Outgoing<'_>]) -> Resul
 }
 
 /// A string header value.
+/// Takes up to `max` more deliveries from `consumer`, waiting at most until `linger`
+/// from now for them (what has already arrived is taken without waiting), and none once
+/// `shutdown` is cancelled. Batching consumers use it: every batch costs a durable
+/// commit (an fsync), so under load a few milliseconds of waiting buy many messages per
+/// commit, and when idle a message waits at most `linger`. An error ends the batch; the
+/// stream reports it again on the next read.
+pub async fn more_deliveries(
+    consumer: &mut lapin::Consumer,
+    max: usize,
+    linger: Duration,
+    shutdown: &CancellationToken,
+) -> Vec<lapin::message::Delivery> {
+    use futures_util::{FutureExt, StreamExt};
+    let deadline = tokio::time::Instant::now() + linger;
+    let mut out = Vec::new();
+    while out.len() < max && !shutdown.is_cancelled() {
+        let next = match consumer.next().now_or_never() {
+            Some(next) => next,
+            None => match tokio::time::timeout_at(deadline, consumer.next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
+        };
+        match next {
+            Some(Ok(d)) => out.push(d),
+            _ => break,
+        }
+    }
+    out
+}
+
 pub fn header_str(v: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(v))
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::{Channel, Consumer};
@@ -294,21 +294,13 @@ impl EventConsumer {
             // commit (an fsync), so under load a few milliseconds of waiting buy many
             // events per commit; when idle, an event waits at most this long. After
             // shutdown only what is already in hand is finished.
-            let deadline = tokio::time::Instant::now() + self.batch_linger;
-            while batch.len() < self.batch_size && !shutdown.is_cancelled() {
-                let next = match consumer.next().now_or_never() {
-                    Some(next) => next,
-                    None => match tokio::time::timeout_at(deadline, consumer.next()).await {
-                        Ok(next) => next,
-                        Err(_) => break,
-                    },
-                };
-                match next {
-                    Some(Ok(d)) => batch.push((d, 0)),
-                    // An error ends the batch; the stream reports it again next time.
-                    _ => break,
-                }
-            }
+            let more = self.batch_size.saturating_sub(batch.len());
+            batch.extend(
+                amqp::more_deliveries(&mut consumer, more, self.batch_linger, shutdown)
+                    .await
+                    .into_iter()
+                    .map(|d| (d, 0)),
+            );
             // A delivery deferred a few times in a row (or any, once shutting down) is
             // applied by waiting for its lock, so none is deferred forever.
             let wait_for_locks =

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::{Channel, Consumer};
@@ -255,24 +255,12 @@ impl Fanout {
                 Some(Err(e)) => return Err(e.into()),
                 None => return Err(BrokerError::ConsumerEnded),
             };
-            // Fill the batch for up to `batch_linger`: every statement here is a durable
-            // commit (an fsync) and wakes the relay, so under load a few milliseconds
-            // buy many grant events per commit; when idle, one waits at most this long.
-            let deadline = tokio::time::Instant::now() + self.batch_linger;
-            while batch.len() < batch_size && !shutdown.is_cancelled() {
-                let next = match consumer.next().now_or_never() {
-                    Some(next) => next,
-                    None => match tokio::time::timeout_at(deadline, consumer.next()).await {
-                        Ok(next) => next,
-                        Err(_) => break,
-                    },
-                };
-                match next {
-                    Some(Ok(d)) => batch.push(d),
-                    // An error ends the batch; the stream reports it again next time.
-                    _ => break,
-                }
-            }
+            // Every statement here is a durable commit and wakes the relay: fill the
+            // batch for up to `batch_linger`. After shutdown only what is in hand is done.
+            let more = batch_size - batch.len();
+            batch.extend(
+                amqp::more_deliveries(&mut consumer, more, self.batch_linger, shutdown).await,
+            );
             let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
             let outcomes = self.handle_until_committed(&bodies, shutdown).await?;
             // Acked only now that the batch has committed: a crash before redelivers it,
