@@ -39,6 +39,10 @@ use serde_json::json;
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
+#[path = "common/measure.rs"]
+mod measure;
+use measure::{Cpu, median};
+
 fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_string())
 }
@@ -148,7 +152,7 @@ async fn phase(
     run: impl std::future::Future<Output = Duration>,
 ) -> (Duration, String) {
     let before = outcomes(metrics);
-    let cpu_before = cpu_now();
+    let cpu_before = Cpu::now();
     let t = run.await;
     let note = format!(
         "  attempts: {}{}",
@@ -159,54 +163,12 @@ async fn phase(
 }
 
 /// ", CPU … ms per 1,000 deliveries (this process …)" since `before`, or nothing.
-fn cpu_per_k(before: Option<(f64, f64)>, deliveries: u64) -> String {
-    match (before, cpu_now()) {
-        (Some((mb, pb)), Some((ma, pa))) => {
-            let per_k = |s: f64| s * 1000.0 / (deliveries as f64 / 1000.0);
-            format!(
-                "; CPU {:.0} ms per 1,000 deliveries, {:.0} of them in this process",
-                per_k(ma - mb),
-                per_k(pa - pb)
-            )
-        }
-        _ => String::new(),
-    }
-}
-
-/// The machine's busy CPU time and this process's, in seconds.
-fn cpu_now() -> Option<(f64, f64)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name (which ends with ')'): utime and stime are the
-    // 14th and 15th of the line, the 12th and 13th after it.
-    let after = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let own = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0;
-    Some((machine_busy_s()?, own))
-}
-
-/// CPU time the whole machine has spent busy so far (all processes: guildgate, the
-/// broker, PostgreSQL), in seconds, from `/proc/stat`; `None` where that is not readable.
-fn machine_busy_s() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let cpu: Vec<f64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    // user nice system idle iowait irq softirq steal …: busy is all but idle, iowait, steal.
-    let busy: f64 = cpu.iter().take(7).sum::<f64>() - cpu.get(3)? - cpu.get(4)?;
-    Some(busy / 100.0)
-}
-
-fn median(xs: &mut [f64]) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let mid = xs.len() / 2;
-    if xs.len() % 2 == 1 {
-        xs[mid]
-    } else {
-        (xs[mid - 1] + xs[mid]) / 2.0
+fn cpu_per_k(before: Option<Cpu>, deliveries: u64) -> String {
+    match Cpu::ms_per_k_since(before, deliveries) {
+        Some((machine, process)) => format!(
+            "; CPU {machine:.0} ms per 1,000 deliveries, {process:.0} of them in this process"
+        ),
+        None => String::new(),
     }
 }
 
