@@ -34,7 +34,7 @@ async fn one_time_payment_creates_a_pending_grant_with_its_webhook_and_a_sync_jo
 
     app.wait_outbox_empty().await;
     let events = wait_for("grant event", || async {
-        let m = app.drain_queue(&app.names.grant_events()).await;
+        let m = app.drain_grant_events().await;
         (!m.is_empty()).then_some(m)
     })
     .await;
@@ -232,7 +232,7 @@ async fn each_ending_of_a_subscription_revokes_with_its_reason() {
     }
     // Every grant emitted created then revoked, with stable ids.
     app.wait_outbox_empty().await;
-    let events = app.drain_queue(&app.names.grant_events()).await;
+    let events = app.drain_grant_events().await;
     assert_eq!(events.len(), 2 * cases.len());
     let revoked_events: Vec<_> = events
         .iter()
@@ -526,7 +526,7 @@ async fn duplicates_and_redeliveries_change_nothing() {
     assert_eq!(statuses(&app, "cus_2").await, [pending()]);
     app.wait_outbox_empty().await;
     assert_eq!(
-        app.drain_queue(&app.names.grant_events()).await.len(),
+        app.drain_grant_events().await.len(),
         2,
         "one created webhook per grant"
     );
@@ -695,5 +695,72 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_good_ones_flow() {
     for i in 0..poison.len() {
         assert_eq!(statuses(&app, &format!("cus_ok{i}")).await, [pending()]);
     }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchs_grant_events_leave_as_one_bundle_each_exactly_once() {
+    // One consumer lingering long enough for the ten events to share a batch, and the
+    // relay off, so the outbox rows stay to be looked at.
+    let app = TestApp::spawn_with(
+        common::TestConfig {
+            options: Some(guildgate::app::Options {
+                relay: false,
+                sync: false,
+                webhooks: false,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .env("GUILDGATE_AMQP__CONSUMERS", "1")
+        .env("GUILDGATE_AMQP__BATCH_LINGER", "2s"),
+    )
+    .await;
+    app.entitlement_for("pdt_life", "123456789012345678", None)
+        .await;
+    let b = app.business();
+    for i in 0..10 {
+        app.publish(
+            &payment(
+                &b,
+                &format!("pay_{i}"),
+                &format!("cus_{i}"),
+                &["pdt_life"],
+                T0,
+            ),
+            &format!("evt_{i}"),
+        )
+        .await;
+    }
+    app.wait_processed(10).await;
+    let rows: Vec<(String, serde_json::Value)> =
+        sqlx::query_as("SELECT kind, payload FROM outbox ORDER BY id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert!(
+        rows.iter().all(|(kind, _)| kind == "grant_events"),
+        "ingest writes grant events only as bundles: {rows:?}"
+    );
+    assert!(
+        rows.len() < 10,
+        "the batch's events share a bundle: {} rows",
+        rows.len()
+    );
+    let mut customers: Vec<String> = rows
+        .iter()
+        .flat_map(|(_, p)| p.as_array().unwrap().clone())
+        .map(|e| {
+            assert_eq!(e["type"], "entitlement_grant.created");
+            e["data"]["customer_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    customers.sort();
+    let expected: Vec<String> = {
+        let mut c: Vec<String> = (0..10).map(|i| format!("cus_{i}")).collect();
+        c.sort();
+        c
+    };
+    assert_eq!(customers, expected, "each grant's event exactly once");
     app.stop().await;
 }

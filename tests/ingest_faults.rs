@@ -98,7 +98,7 @@ async fn broker_cut_and_restored_resubscribes_and_loses_nothing() {
     assert_eq!(live_grants(&app).await, 150);
     // The relay reconnects too: every grant's webhook and sync job reach their queues.
     app.wait_outbox_empty().await;
-    let grant_events = app.drain_queue(&app.names.grant_events()).await;
+    let grant_events = app.drain_grant_events().await;
     let mut ids: Vec<_> = grant_events.iter().map(|m| m.message_id.clone()).collect();
     ids.sort();
     ids.dedup();
@@ -136,7 +136,7 @@ async fn relay_crash_between_publish_and_delete_republishes_with_the_same_ids() 
         !app.relay.crash_after_publish.load(Ordering::SeqCst),
         "the fault fired"
     );
-    let events = app.drain_queue(&app.names.grant_events()).await;
+    let events = app.drain_grant_events().await;
     assert_eq!(events.len(), 2, "published, 'crashed', published again");
     assert_eq!(events[0].message_id, events[1].message_id);
     assert_eq!(events[0].body, events[1].body);

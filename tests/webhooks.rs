@@ -725,6 +725,11 @@ async fn a_name_that_resolves_to_a_private_address_is_refused_at_connect_time() 
 
 /// Publishes a body straight to one of guildgate's queues (as a redelivery would).
 async fn republish(app: &TestApp, queue: &str, body: &[u8]) {
+    publish_to(app, queue, body, None).await
+}
+
+/// Publishes a body with a message id straight to one of guildgate's queues.
+async fn publish_to(app: &TestApp, queue: &str, body: &[u8], message_id: Option<&str>) {
     let conn = lapin::Connection::connect(&common::amqp_url(), Default::default())
         .await
         .unwrap();
@@ -736,7 +741,11 @@ async fn republish(app: &TestApp, queue: &str, body: &[u8]) {
             queue.into(),
             Default::default(),
             body,
-            lapin::BasicProperties::default().with_delivery_mode(2),
+            match message_id {
+                Some(id) => lapin::BasicProperties::default().with_message_id(id.into()),
+                None => lapin::BasicProperties::default(),
+            }
+            .with_delivery_mode(2),
         )
         .await
         .unwrap()
@@ -836,6 +845,79 @@ async fn a_batch_of_grant_events_is_fanned_out_in_one_statement() {
     assert_eq!(messages_of(&app, &all).await.len(), 2);
     fanout.broker.close().await;
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_is_fanned_out_and_its_bad_element_parked_alone() {
+    // Fan-out without the relay: the messages' jobs stay in the outbox, nothing is sent.
+    let mut app = TestApp::spawn_with(TestConfig {
+        options: Some(Options {
+            relay: false,
+            sync: false,
+            ..Options::default()
+        }),
+        ..TestConfig::default()
+    })
+    .await;
+    let ep = add_endpoint(&app, "http://127.0.0.1:9/all", None, SECRET).await;
+    let event = |grant: &str| {
+        let mut body = common::events::fixture("../webhooks/entitlement_grant.created.json");
+        body["business_id"] = serde_json::json!(app.business());
+        body["data"]["id"] = serde_json::json!(grant);
+        serde_json::to_string(&body).unwrap()
+    };
+    let bad = r#"{"type": "entitlement_grant.created", "data": {}}"#;
+    let bundle = format!(
+        "[{},{bad},\n{}]",
+        event("grant_BundleA"),
+        event("grant_BundleB")
+    );
+    let queue = app.names.grant_events();
+    let dead_queue = guildgate::amqp::Names::dead(&queue);
+    publish_to(&app, &queue, bundle.as_bytes(), Some("grant-events:b_one")).await;
+
+    // The good elements on either side of the bad one are fanned out...
+    let made = wait_for("the bundle's good events fanned out", || async {
+        let m = messages_of(&app, &ep).await;
+        (m.len() == 2).then_some(m)
+    })
+    .await;
+    let mut grants: Vec<&str> = made.iter().map(|m| m.grant_id.as_str()).collect();
+    grants.sort();
+    assert_eq!(grants, ["grant_BundleA", "grant_BundleB"]);
+    // ...and the bad one is parked on its own: its bytes, its reason, its own id.
+    let dead = wait_for("the bad element parked", || async {
+        let d = app.drain_queue(&dead_queue).await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message_id, "grant-events:b_one#1");
+    assert_eq!(dead[0].body, bad.as_bytes());
+    assert_eq!(
+        dead[0]
+            .header(guildgate::amqp::REASON_CODE_HEADER)
+            .as_deref(),
+        Some("bad_shape")
+    );
+
+    // A bundle whose elements cannot be told apart is parked whole, under its id.
+    let broken = br#"[{"type": "entitlement_grant.created", "#;
+    publish_to(&app, &queue, broken, Some("grant-events:b_broken")).await;
+    let dead = wait_for("the broken bundle parked", || async {
+        let d = app.drain_queue(&dead_queue).await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message_id, "grant-events:b_broken");
+    assert_eq!(dead[0].body, broken);
+
+    // Both were acked: nothing comes back when the consumer lets go of what it holds.
+    assert_eq!(app.shutdown().await, Ok(()));
+    assert_eq!(app.queue_len(&queue).await, 0);
+    assert_eq!(messages_of(&app, &ep).await.len(), 2);
+    app.cleanup().await;
 }
 
 /// Held messages of the endpoint (`held_until` set).

@@ -336,8 +336,19 @@ pub async fn more_deliveries(
     linger: Duration,
     shutdown: &CancellationToken,
 ) -> Vec<lapin::message::Delivery> {
-    use futures_util::{FutureExt, StreamExt};
     let deadline = tokio::time::Instant::now() + linger;
+    more_deliveries_until(consumer, max, deadline, shutdown).await
+}
+
+/// [`more_deliveries`] waiting at most until `deadline`: for a caller that fills a batch
+/// in several steps within one linger.
+pub async fn more_deliveries_until(
+    consumer: &mut lapin::Consumer,
+    max: usize,
+    deadline: tokio::time::Instant,
+    shutdown: &CancellationToken,
+) -> Vec<lapin::message::Delivery> {
+    use futures_util::{FutureExt, StreamExt};
     let mut out = Vec::new();
     while out.len() < max && !shutdown.is_cancelled() {
         let next = match consumer.next().now_or_never() {

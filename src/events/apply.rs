@@ -96,6 +96,9 @@ struct Writes {
     outbox_kinds: Vec<&'static str>,
     outbox_ids: Vec<String>,
     outbox_payloads: Vec<serde_json::Value>,
+    /// The batch's grant webhooks, in order: written as bundles at the end
+    /// ([`GRANT_EVENTS_PER_MESSAGE`] to an outbox row).
+    grant_events: Vec<serde_json::Value>,
     processed: Vec<db::ProcessedRow>,
     /// One row per subscription: the last snapshot applied in the batch.
     subscriptions: HashMap<String, db::SubscriptionRow>,
@@ -110,10 +113,11 @@ impl Writes {
         self.outbox_payloads.push(payload);
     }
 
-    /// The outbox rows of one grant transition: its webhook, and a sync job when
-    /// `needs_sync` — the customer has linked Discord (a delivery may be under way or
-    /// due) or the grant applied something that a revoke must undo. A grant of a customer
-    /// who never linked has nothing in Discord; the OAuth callback queues its sync.
+    /// What one grant transition emits: its webhook (bundled with the batch's others),
+    /// and a sync job when `needs_sync` — the customer has linked Discord (a delivery
+    /// may be under way or due) or the grant applied something that a revoke must undo.
+    /// A grant of a customer who never linked has nothing in Discord; the OAuth callback
+    /// queues its sync.
     fn transition(
         &mut self,
         links: &LinkBuilder,
@@ -122,11 +126,7 @@ impl Writes {
         now: DateTime<Utc>,
         needs_sync: bool,
     ) {
-        self.outbox(
-            OutboxKind::GrantEvent,
-            grant_event_id(&g.id, ev),
-            webhook_body(g, ev, now, links),
-        );
+        self.grant_events.push(webhook_body(g, ev, now, links));
         if needs_sync && matches!(ev, GrantEventType::Created | GrantEventType::Revoked) {
             let (id, payload) = sync_job(&g.id);
             self.outbox(OutboxKind::Sync, id, payload);
@@ -511,9 +511,21 @@ impl Applier {
         &self,
         conn: &mut PgConnection,
         state: &State,
-        w: Writes,
+        mut w: Writes,
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
+        let mut grant_events = std::mem::take(&mut w.grant_events).into_iter().peekable();
+        while grant_events.peek().is_some() {
+            let bundle: Vec<serde_json::Value> = grant_events
+                .by_ref()
+                .take(GRANT_EVENTS_PER_MESSAGE)
+                .collect();
+            w.outbox(
+                OutboxKind::GrantEvents,
+                format!("grant-events:{}", crate::ids::mint("b")),
+                serde_json::Value::Array(bundle),
+            );
+        }
         let new: HashSet<&String> = w.new_grants.iter().collect();
         let created: Vec<Grant> = state
             .sub_grants
@@ -539,6 +551,12 @@ impl Applier {
         Ok(())
     }
 }
+
+/// Grant webhooks an ingest batch writes to one outbox row (one message), at most. A
+/// batch of `amqp.batch_size` events emits about 1.2 per event (up to 4 for a plan
+/// change), so one row per batch in practice; the bound keeps a message small whatever
+/// the batch size is set to.
+pub const GRANT_EVENTS_PER_MESSAGE: usize = 256;
 
 /// The message id of a grant webhook: stable per grant and event type, so every repeat
 /// of it is recognisable downstream.

@@ -70,6 +70,7 @@ impl Relay {
                     "sync" => &sync,
                     // A webhook delivery job (crate::webhooks::messages).
                     "webhook" => &webhooks,
+                    // One grant event, or a bundle of them ("grant_events").
                     _ => &grant_events,
                 };
                 Outgoing::to_queue(queue, &r.message_id, body)

@@ -8,6 +8,9 @@ use sqlx::PgConnection;
 pub enum OutboxKind {
     /// A grant webhook body, for `<prefix>.grant-events`.
     GrantEvent,
+    /// Several grant webhook bodies (a JSON array, in order), relayed as one message to
+    /// `<prefix>.grant-events`: what one ingest batch emits.
+    GrantEvents,
     /// A grant id to sync with Discord, for `<prefix>.discord-sync`.
     Sync,
 }
@@ -16,6 +19,7 @@ impl OutboxKind {
     pub fn as_str(self) -> &'static str {
         match self {
             OutboxKind::GrantEvent => "grant_event",
+            OutboxKind::GrantEvents => "grant_events",
             OutboxKind::Sync => "sync",
         }
     }

@@ -9,6 +9,7 @@
 //! A database outage holds the message and retries it; a body that can never be fanned
 //! out (not a grant event) is dead-lettered with its reason.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::{Channel, Consumer};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -91,6 +93,50 @@ impl GrantEvent {
             event_type: raw.event_type,
             body: body.to_string(),
         })
+    }
+}
+
+/// The grant events one message carries, as byte ranges of its body (each element's
+/// bytes are sent exactly as they are): a bundle, a JSON array, is what one ingest batch
+/// emits; a single grant event is what the syncer and the API emit, and what a replayed
+/// parked event is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Carried {
+    pub bundle: bool,
+    pub events: Vec<Range<usize>>,
+}
+
+impl Carried {
+    /// Splits a message body; a bundle that is not a JSON array of values is refused
+    /// whole (its elements cannot be told apart).
+    pub fn of(body: &[u8]) -> Result<Self, FanoutError> {
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'[') {
+            return Ok(Self {
+                bundle: false,
+                events: std::iter::once(0..body.len()).collect(),
+            });
+        }
+        let text = std::str::from_utf8(body).map_err(|_| FanoutError::NotUtf8)?;
+        let items: Vec<&RawValue> =
+            serde_json::from_str(text).map_err(|e| FanoutError::Shape(e.to_string()))?;
+        let events = items
+            .into_iter()
+            .map(|item| {
+                // A raw value borrows its bytes from `text`: its offset is its range.
+                let start = item.get().as_ptr() as usize - text.as_ptr() as usize;
+                start..start + item.get().len()
+            })
+            .collect();
+        Ok(Self {
+            bundle: true,
+            events,
+        })
+    }
+
+    /// How many grant events, for filling a batch; a body that cannot be split counts
+    /// as one.
+    fn count(split: &Result<Self, FanoutError>) -> usize {
+        split.as_ref().map_or(1, |c| c.events.len())
     }
 }
 
@@ -250,23 +296,67 @@ impl Fanout {
                 _ = shutdown.cancelled() => return Ok(()),
                 n = consumer.next() => n,
             };
-            let mut batch = match next {
-                Some(Ok(d)) => vec![d],
+            let first = match next {
+                Some(Ok(d)) => d,
                 Some(Err(e)) => return Err(e.into()),
                 None => return Err(BrokerError::ConsumerEnded),
             };
             // Every statement here is a durable commit and wakes the relay: fill the
-            // batch for up to `batch_linger`. After shutdown only what is in hand is done.
-            let more = batch_size - batch.len();
-            batch.extend(
-                amqp::more_deliveries(&mut consumer, more, self.batch_linger, shutdown).await,
-            );
-            let bodies: Vec<&[u8]> = batch.iter().map(|d| d.data.as_slice()).collect();
-            let outcomes = self.handle_until_committed(&bodies, shutdown).await?;
+            // batch with up to `batch_size` grant events (a bundle is never split) for
+            // up to `batch_linger`. After shutdown only what is in hand is done.
+            let deadline = tokio::time::Instant::now() + self.batch_linger;
+            let split = Carried::of(&first.data);
+            let mut events = Carried::count(&split);
+            let mut batch = vec![(first, split)];
+            while events < batch_size {
+                let more = amqp::more_deliveries_until(&mut consumer, 1, deadline, shutdown).await;
+                let Some(d) = more.into_iter().next() else {
+                    break;
+                };
+                let split = Carried::of(&d.data);
+                events += Carried::count(&split);
+                batch.push((d, split));
+            }
+            let bodies: Vec<&[u8]> = batch
+                .iter()
+                .flat_map(|(d, split)| {
+                    split
+                        .iter()
+                        .flat_map(|c| c.events.iter().map(|r| &d.data[r.clone()]))
+                })
+                .collect();
+            let mut outcomes = self
+                .handle_until_committed(&bodies, shutdown)
+                .await?
+                .into_iter();
             // Acked only now that the batch has committed: a crash before redelivers it,
             // and the deterministic message ids make the redelivery create nothing new.
-            for (d, outcome) in batch.iter().zip(outcomes) {
-                self.settle(d, outcome, publisher).await?;
+            for (d, split) in &batch {
+                let carried = match split {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.park(
+                            d,
+                            &[(d.data.as_slice(), None, e.code(), e.to_string())],
+                            publisher,
+                        )
+                        .await?;
+                        d.ack(BasicAckOptions::default()).await?;
+                        continue;
+                    }
+                };
+                let mut parked = Vec::new();
+                for (i, range) in carried.events.iter().enumerate() {
+                    let outcome = outcomes.next().expect("one outcome per grant event");
+                    if let Outcome::DeadLetter { code, reason } = outcome {
+                        let element = carried.bundle.then_some(i);
+                        parked.push((&d.data[range.clone()], element, code, reason));
+                    }
+                }
+                if !parked.is_empty() {
+                    self.park(d, &parked, publisher).await?;
+                }
+                d.ack(BasicAckOptions::default()).await?;
             }
         }
     }
@@ -294,39 +384,42 @@ impl Fanout {
         }
     }
 
-    async fn settle(
+    /// Parks grant events of delivery `d` in `<prefix>.grant-events.dead`, each with its
+    /// reason: the whole message, or elements of a bundle (`Some(index)`), each on its
+    /// own with the id `<bundle id>#<index>`, so the bundle's good events are not held
+    /// back by a bad one. Confirmed before the caller acks the original: never in
+    /// neither place.
+    async fn park(
         &self,
         d: &Delivery,
-        outcome: Outcome,
+        events: &[(&[u8], Option<usize>, &'static str, String)],
         publisher: &Channel,
     ) -> Result<(), BrokerError> {
-        if let Outcome::DeadLetter { code, reason } = outcome {
-            let names: &Names = self.broker.names();
-            let (_dlx, _dead) = (
-                names.dead_letter_exchange(),
-                Names::dead(&names.grant_events()),
-            );
-            let id = d
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|m| m.to_string())
-                .unwrap_or_default();
-            tracing::warn!(message_id = %id, code, %reason, "dead-lettering grant event");
-            let out = Outgoing::parked(
-                names,
-                &names.grant_events(),
-                &id,
-                &d.data,
-                d.properties.headers().clone().unwrap_or_default(),
-                code,
-                &reason,
-            );
-            // Confirmed before the original is acked: never in neither place.
-            amqp::publish_confirmed(publisher, &[out]).await?;
-        }
-        d.ack(BasicAckOptions::default()).await?;
-        Ok(())
+        let names: &Names = self.broker.names();
+        let source = names.grant_events();
+        let id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        let ids: Vec<String> = events
+            .iter()
+            .map(|(_, element, _, _)| match element {
+                Some(i) => format!("{id}#{i}"),
+                None => id.clone(),
+            })
+            .collect();
+        let headers = d.properties.headers().clone().unwrap_or_default();
+        let out: Vec<Outgoing<'_>> = events
+            .iter()
+            .zip(&ids)
+            .map(|((body, _, code, reason), id)| {
+                tracing::warn!(message_id = %id, code, %reason, "dead-lettering grant event");
+                Outgoing::parked(names, &source, id, body, headers.clone(), code, reason)
+            })
+            .collect();
+        amqp::publish_confirmed(publisher, &out).await
     }
 }
 
@@ -344,6 +437,32 @@ mod tests {
         assert_eq!(e.grant_id.as_str(), "grant_DiscordPending5L");
         assert_eq!(e.event_type, "entitlement_grant.created");
         assert_eq!(e.body, CREATED);
+    }
+
+    #[test]
+    fn a_bundle_splits_into_its_elements_bytes_and_a_single_event_is_one() {
+        let single = Carried::of(CREATED.as_bytes()).unwrap();
+        assert!(!single.bundle);
+        assert_eq!(single.events.len(), 1);
+        assert_eq!(single.events[0], 0..CREATED.len());
+
+        // The fixture file ends with a newline: whitespace between elements is not theirs.
+        let created = CREATED.trim_end();
+        let other = created.replace("grant_DiscordPending5L", "grant_Other");
+        let body = format!(" [ {CREATED},\n{other} , 7]");
+        let bundle = Carried::of(body.as_bytes()).unwrap();
+        assert!(bundle.bundle);
+        let parts: Vec<&str> = bundle.events.iter().map(|r| &body[r.clone()]).collect();
+        // Each element's bytes as they were, whitespace around it excluded.
+        assert_eq!(parts, [created, other.as_str(), "7"]);
+        assert_eq!(GrantEvent::decode(parts[1].as_bytes()).unwrap().body, other);
+
+        assert!(Carried::of(b"[]").unwrap().events.is_empty());
+        assert!(matches!(
+            Carried::of(b"[{\"cut\": "),
+            Err(FanoutError::Shape(_))
+        ));
+        assert_eq!(Carried::of(b"[\xff]"), Err(FanoutError::NotUtf8));
     }
 
     #[test]

@@ -437,6 +437,35 @@ impl TestApp {
         out
     }
 
+    /// Drains `<prefix>.grant-events` and returns the grant events it held, one each: a
+    /// bundle (what an ingest batch emits) is opened into its elements, each named
+    /// `<grant>:<type>` like a single grant event.
+    pub async fn drain_grant_events(&self) -> Vec<Taken> {
+        let mut out = Vec::new();
+        for m in self.drain_queue(&self.names.grant_events()).await {
+            let carried = guildgate::webhooks::fanout::Carried::of(&m.body)
+                .expect("guildgate publishes well-formed grant events");
+            if !carried.bundle {
+                out.push(m);
+                continue;
+            }
+            for range in carried.events {
+                let body = m.body[range].to_vec();
+                let event: Value = serde_json::from_slice(&body).unwrap();
+                out.push(Taken {
+                    message_id: format!(
+                        "{}:{}",
+                        event["data"]["id"].as_str().unwrap(),
+                        event["type"].as_str().unwrap()
+                    ),
+                    headers: m.headers.clone(),
+                    body,
+                });
+            }
+        }
+        out
+    }
+
     /// Messages ready in a queue.
     pub async fn queue_len(&self, queue: &str) -> u32 {
         let ch = self.publisher.create_channel().await.unwrap();
