@@ -734,7 +734,7 @@ async fn a_batchs_grant_events_leave_as_one_bundle_each_exactly_once() {
     }
     app.wait_processed(10).await;
     let rows: Vec<(String, serde_json::Value)> =
-        sqlx::query_as("SELECT kind, payload FROM outbox ORDER BY id")
+        sqlx::query_as("SELECT kind, convert_from(payload, 'UTF8')::jsonb FROM outbox ORDER BY id")
             .fetch_all(&app.pool)
             .await
             .unwrap();

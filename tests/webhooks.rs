@@ -1000,7 +1000,9 @@ async fn without_delivery() -> TestApp {
 
 /// The webhook jobs waiting in the outbox: message id and payload.
 async fn webhook_jobs(conn: &mut sqlx::PgConnection) -> Vec<(String, serde_json::Value)> {
-    sqlx::query_as("SELECT message_id, payload FROM outbox WHERE kind = 'webhook' ORDER BY id")
+    sqlx::query_as(
+        "SELECT message_id, convert_from(payload, 'UTF8')::jsonb FROM outbox WHERE kind = 'webhook' ORDER BY id",
+    )
         .fetch_all(conn)
         .await
         .unwrap()

@@ -95,10 +95,10 @@ struct Writes {
     revoked: Vec<(String, RevocationReason)>,
     outbox_kinds: Vec<&'static str>,
     outbox_ids: Vec<String>,
-    outbox_payloads: Vec<serde_json::Value>,
-    /// The batch's grant webhooks, in order: written as bundles at the end
+    outbox_payloads: Vec<Vec<u8>>,
+    /// The batch's grant webhooks, in order, serialized: written as bundles at the end
     /// ([`GRANT_EVENTS_PER_MESSAGE`] to an outbox row).
-    grant_events: Vec<serde_json::Value>,
+    grant_events: Vec<Vec<u8>>,
     processed: Vec<db::ProcessedRow>,
     /// One row per subscription: the last snapshot applied in the batch.
     subscriptions: HashMap<String, db::SubscriptionRow>,
@@ -107,7 +107,7 @@ struct Writes {
 }
 
 impl Writes {
-    fn outbox(&mut self, kind: OutboxKind, id: String, payload: serde_json::Value) {
+    fn outbox(&mut self, kind: OutboxKind, id: String, payload: Vec<u8>) {
         self.outbox_kinds.push(kind.as_str());
         self.outbox_ids.push(id);
         self.outbox_payloads.push(payload);
@@ -126,7 +126,8 @@ impl Writes {
         now: DateTime<Utc>,
         needs_sync: bool,
     ) {
-        self.grant_events.push(webhook_body(g, ev, now, links));
+        self.grant_events
+            .push(json_bytes(&webhook_body(g, ev, now, links)));
         if needs_sync && matches!(ev, GrantEventType::Created | GrantEventType::Revoked) {
             let (id, payload) = sync_job(&g.id);
             self.outbox(OutboxKind::Sync, id, payload);
@@ -514,16 +515,23 @@ impl Applier {
         mut w: Writes,
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
-        let mut grant_events = std::mem::take(&mut w.grant_events).into_iter().peekable();
-        while grant_events.peek().is_some() {
-            let bundle: Vec<serde_json::Value> = grant_events
-                .by_ref()
-                .take(GRANT_EVENTS_PER_MESSAGE)
-                .collect();
+        let grant_events = std::mem::take(&mut w.grant_events);
+        for bodies in grant_events.chunks(GRANT_EVENTS_PER_MESSAGE) {
+            // A JSON array of the bodies, as they are.
+            let mut bundle =
+                Vec::with_capacity(bodies.iter().map(|b| b.len() + 1).sum::<usize>() + 1);
+            bundle.push(b'[');
+            for (i, body) in bodies.iter().enumerate() {
+                if i > 0 {
+                    bundle.push(b',');
+                }
+                bundle.extend_from_slice(body);
+            }
+            bundle.push(b']');
             w.outbox(
                 OutboxKind::GrantEvents,
                 format!("grant-events:{}", crate::ids::mint("b")),
-                serde_json::Value::Array(bundle),
+                bundle,
             );
         }
         let new: HashSet<&String> = w.new_grants.iter().collect();
@@ -564,11 +572,15 @@ pub fn grant_event_id(grant_id: &str, event: GrantEventType) -> String {
     format!("{grant_id}:{}", event.as_str())
 }
 
-fn sync_job(grant_id: &str) -> (String, serde_json::Value) {
+fn sync_job(grant_id: &str) -> (String, Vec<u8>) {
     (
         format!("sync:{grant_id}:{}", crate::ids::mint("s")),
-        serde_json::json!({ "grant_id": grant_id }),
+        json_bytes(&serde_json::json!({ "grant_id": grant_id })),
     )
+}
+
+fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(v).expect("a JSON value serializes")
 }
 
 /// Writes the outbox rows for one grant transition made outside ingest (the syncer,
@@ -580,7 +592,7 @@ pub async fn emit(
     event: GrantEventType,
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    let body = webhook_body(grant, event, now, links);
+    let body = json_bytes(&webhook_body(grant, event, now, links));
     outbox::insert(
         conn,
         OutboxKind::GrantEvent,

@@ -58,14 +58,9 @@ impl Relay {
         let names = self.broker.names();
         let (grant_events, sync, webhooks) =
             (names.grant_events(), names.discord_sync(), names.webhooks());
-        let bodies: Vec<Vec<u8>> = rows
-            .iter()
-            .map(|r| serde_json::to_vec(&r.payload).expect("JSON values serialize"))
-            .collect();
         let messages: Vec<Outgoing<'_>> = rows
             .iter()
-            .zip(&bodies)
-            .map(|(r, body): (&OutboxRow, &Vec<u8>)| {
+            .map(|r: &OutboxRow| {
                 let queue = match r.kind.as_str() {
                     "sync" => &sync,
                     // A webhook delivery job (crate::webhooks::messages).
@@ -73,7 +68,7 @@ impl Relay {
                     // One grant event, or a bundle of them ("grant_events").
                     _ => &grant_events,
                 };
-                Outgoing::to_queue(queue, &r.message_id, body)
+                Outgoing::to_queue(queue, &r.message_id, &r.payload)
             })
             .collect();
         amqp::publish_confirmed(ch, &messages).await?;

@@ -30,15 +30,16 @@ pub struct OutboxRow {
     pub id: i64,
     pub kind: String,
     pub message_id: String,
-    pub payload: serde_json::Value,
+    /// The message body, exactly as it is published (JSON).
+    pub payload: Vec<u8>,
 }
 
-/// Adds a row (in the caller's transaction).
+/// Adds a row (in the caller's transaction); `payload` is the message body as published.
 pub async fn insert(
     conn: &mut PgConnection,
     kind: OutboxKind,
     message_id: &str,
-    payload: &serde_json::Value,
+    payload: &[u8],
 ) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO outbox (kind, message_id, payload) VALUES ($1, $2, $3)")
         .bind(kind.as_str())
@@ -82,14 +83,14 @@ pub async fn insert_many(
     conn: &mut PgConnection,
     kinds: &[&'static str],
     message_ids: &[String],
-    payloads: &[serde_json::Value],
+    payloads: &[Vec<u8>],
 ) -> Result<(), sqlx::Error> {
     if kinds.is_empty() {
         return Ok(());
     }
     sqlx::query(
         "INSERT INTO outbox (kind, message_id, payload)
-         SELECT k, m, p FROM unnest($1::text[], $2::text[], $3::jsonb[]) WITH ORDINALITY AS t(k, m, p, o) ORDER BY o",
+         SELECT k, m, p FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY AS t(k, m, p, o) ORDER BY o",
     )
     .bind(kinds)
     .bind(message_ids)

@@ -135,7 +135,8 @@ pub async fn fan_out(
             RETURNING id, endpoint_id, business_id, grant_id, event_type, held_until
          ), jobs AS (
             INSERT INTO outbox (kind, message_id, payload)
-            SELECT 'webhook', id, jsonb_build_object('webhook_message_id', id, 'endpoint_id', endpoint_id)
+            SELECT 'webhook', id,
+                   convert_to(jsonb_build_object('webhook_message_id', id, 'endpoint_id', endpoint_id)::text, 'UTF8')
             FROM ins WHERE held_until IS NULL
          )
          SELECT ev.n, count(ins.id)
@@ -341,8 +342,8 @@ pub async fn release_due(
             RETURNING m.id, m.endpoint_id, m.status, m.held_attempt, m.hold_count
          ), jobs AS (
             INSERT INTO outbox (kind, message_id, payload)
-            SELECT 'webhook', id, jsonb_build_object('webhook_message_id', id,
-                'endpoint_id', endpoint_id, 'attempt', held_attempt, 'holds', hold_count)
+            SELECT 'webhook', id, convert_to(jsonb_build_object('webhook_message_id', id,
+                'endpoint_id', endpoint_id, 'attempt', held_attempt, 'holds', hold_count)::text, 'UTF8')
             FROM u JOIN locked USING (id) WHERE u.status = 'pending'
             ORDER BY locked.held_until, u.id
          )
@@ -406,7 +407,9 @@ pub async fn rearm(
             RETURNING id, endpoint_id
          )
          INSERT INTO outbox (kind, message_id, payload)
-         SELECT 'webhook', id, jsonb_build_object('webhook_message_id', id, 'endpoint_id', endpoint_id) FROM r
+         SELECT 'webhook', id,
+                convert_to(jsonb_build_object('webhook_message_id', id, 'endpoint_id', endpoint_id)::text, 'UTF8')
+         FROM r
          RETURNING message_id",
     )
     .bind(business_id)
