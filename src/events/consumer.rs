@@ -399,6 +399,17 @@ impl EventConsumer {
             // leaves a copy in both places, never in neither.
             amqp::publish_confirmed(publisher, &parked).await?;
         }
+        // One ack for the whole batch when none of it stays in hand: every delivery this
+        // channel gave us before the batch's last one was either acked with an earlier
+        // batch or deferred into this one (deferred deliveries open the next batch), so
+        // `multiple` on the highest tag acks exactly this batch. One frame instead of one
+        // per message, for lapin and for the broker.
+        if !outcomes.contains(&Outcome::Defer) {
+            if let Some((last, _)) = batch.iter().max_by_key(|(d, _)| d.delivery_tag) {
+                last.ack(BasicAckOptions { multiple: true }).await?;
+            }
+            return Ok(());
+        }
         for ((d, _), o) in batch.iter().zip(outcomes) {
             if *o == Outcome::Defer {
                 continue; // kept in hand for the next batch
