@@ -764,3 +764,40 @@ async fn a_batchs_grant_events_leave_as_one_bundle_each_exactly_once() {
     assert_eq!(customers, expected, "each grant's event exactly once");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_refuses_a_grant_of_another_business_entitlement() {
+    use guildgate::store::{grants, setup};
+    fn grant<'a>(business: &'a str, entitlement: &'a str) -> grants::NewGrant<'a> {
+        let now = chrono::Utc::now();
+        grants::NewGrant {
+            business_id: business,
+            brand_id: None,
+            entitlement_id: entitlement,
+            customer_id: "cus_1",
+            payment_id: Some("pay_1"),
+            subscription_id: None,
+            oauth_nonce: "n",
+            oauth_expires_at: now,
+            now,
+        }
+    }
+    let app = TestApp::spawn_ingest().await;
+    let ent = app
+        .entitlement_for("pdt_life", "123456789012345678", None)
+        .await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    setup::ensure_business(&mut conn, "bus_Other")
+        .await
+        .unwrap();
+    let err = grants::insert(&mut conn, grant("bus_Other", &ent))
+        .await
+        .expect_err("another business's entitlement");
+    let code = err.as_database_error().and_then(|e| e.code());
+    assert_eq!(code.as_deref(), Some("23503"), "{err}");
+    grants::insert(&mut conn, grant(&app.business(), &ent))
+        .await
+        .unwrap();
+    drop(conn);
+    app.stop().await;
+}
