@@ -60,6 +60,8 @@ pub enum StartError {
     Db(#[from] sqlx::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("schema: {0}")]
+    Schema(#[from] store::SchemaError),
     #[error("broker: {0}")]
     Broker(#[from] lapin::Error),
     #[error("cannot bind {addr}: {source}")]
@@ -108,6 +110,15 @@ impl App {
         let pool = store::pool(&settings.database)?;
         if options.migrate {
             store::migrate(&pool).await?;
+        } else {
+            // Another step migrates: refuse a schema this release was not built for. A
+            // database that cannot be read now is waited out like any outage later.
+            match store::check_schema(&pool).await {
+                Err(store::SchemaError::Db(e)) if store::is_transient(&e) => {
+                    tracing::warn!(error = %e, "cannot read the applied migrations; starting without checking them")
+                }
+                r => r?,
+            }
         }
         let broker = if options.declare {
             Broker::new(&settings, "guildgate")

@@ -25,7 +25,8 @@ struct Cli {
 enum Command {
     /// Run everything: HTTP, event consumers, outbox relay (migrates and declares topology first).
     Serve {
-        /// Do not run database migrations on start.
+        /// Do not run database migrations on start (`guildgate migrate` runs them); refuse
+        /// to start unless the database has exactly this release's migrations.
         #[arg(long)]
         no_migrate: bool,
         /// Do not declare RabbitMQ queues and exchanges on start (they must exist).

@@ -378,3 +378,60 @@ async fn healthz_and_readyz_follow_the_database() {
     let _ = app.shutdown().await;
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_migrating_refuses_a_schema_it_was_not_built_for() {
+    use guildgate::app::{App, Options, StartError};
+    use guildgate::store::{self, SchemaError};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let db = common::TestDb::create().await;
+    let settings = common::TestApp::settings_for(&db, &common::TestConfig::default(), 0);
+    let options = Options {
+        migrate: false,
+        ..Options::default()
+    };
+    let refusal = |r: Result<App, StartError>| match r {
+        Ok(_) => panic!("started against the wrong schema"),
+        Err(StartError::Schema(e)) => e,
+        Err(e) => panic!("refused for another reason: {e}"),
+    };
+
+    // Never migrated.
+    let e = refusal(App::build(settings.clone(), options.clone()).await);
+    assert!(matches!(e, SchemaError::Missing { version: 1, .. }), "{e}");
+    assert!(e.to_string().contains("guildgate migrate"), "{e}");
+
+    // Migrated by this release: starts.
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    store::migrate(&pool).await.unwrap();
+    let app = App::build(settings.clone(), options.clone())
+        .await
+        .expect("starts on its own schema");
+    app.broker.close().await;
+    drop(app);
+
+    // Migrated further by a newer release.
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (99991231000000, 'from a newer release', true, '\\x00', 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let e = refusal(App::build(settings.clone(), options).await);
+    assert!(
+        matches!(
+            e,
+            SchemaError::Unknown {
+                version: 99991231000000,
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    pool.close().await;
+    common::delete_broker_objects(&guildgate::amqp::Names::from_settings(&settings), &settings)
+        .await;
+    db.drop_db().await;
+}

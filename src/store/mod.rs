@@ -48,6 +48,70 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// Why the database's schema is not the one this binary was built with.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("reading the applied migrations: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(
+        "the database lacks migration {version} ({description}): run `guildgate migrate` of this release first"
+    )]
+    Missing { version: i64, description: String },
+    #[error(
+        "the database has migration {version} ({description}), which this guildgate does not know: a newer release migrated it; run that release"
+    )]
+    Unknown { version: i64, description: String },
+}
+
+/// Checks that the database has exactly this binary's migrations applied, for `serve
+/// --no-migrate` (where a separate step migrates): a replica must not run against a
+/// schema older or newer than its own, whose tables and columns it would misread.
+pub async fn check_schema(pool: &PgPool) -> Result<(), SchemaError> {
+    let mut conn = pool.acquire().await?;
+    let has_table: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?;
+    let applied: Vec<(i64, String)> = if has_table {
+        sqlx::query_as(
+            "SELECT version, description FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&mut *conn)
+        .await?
+    } else {
+        Vec::new()
+    };
+    let known: Vec<(i64, String)> = MIGRATOR
+        .iter()
+        .map(|m| (m.version, m.description.to_string()))
+        .collect();
+    compare_migrations(&applied, &known)
+}
+
+/// The first difference between the applied and the known migrations (by version).
+fn compare_migrations(
+    applied: &[(i64, String)],
+    known: &[(i64, String)],
+) -> Result<(), SchemaError> {
+    use std::collections::HashSet;
+    let applied_versions: HashSet<i64> = applied.iter().map(|(v, _)| *v).collect();
+    let known_versions: HashSet<i64> = known.iter().map(|(v, _)| *v).collect();
+    if let Some((version, description)) = applied.iter().find(|(v, _)| !known_versions.contains(v))
+    {
+        return Err(SchemaError::Unknown {
+            version: *version,
+            description: description.clone(),
+        });
+    }
+    if let Some((version, description)) = known.iter().find(|(v, _)| !applied_versions.contains(v))
+    {
+        return Err(SchemaError::Missing {
+            version: *version,
+            description: description.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// One column of `rows`, for binding a batch as arrays to `unnest(...)`.
 pub(crate) fn col<R, T>(rows: &[R], f: impl Fn(&R) -> T) -> Vec<T> {
     rows.iter().map(f).collect()
@@ -78,5 +142,44 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
                 || code == "23505"
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(v: &[i64]) -> Vec<(i64, String)> {
+        v.iter().map(|v| (*v, format!("m{v}"))).collect()
+    }
+
+    #[test]
+    fn the_schema_must_have_exactly_the_known_migrations() {
+        assert!(compare_migrations(&m(&[1, 2, 3]), &m(&[1, 2, 3])).is_ok());
+        assert!(matches!(
+            compare_migrations(&m(&[1, 2]), &m(&[1, 2, 3])),
+            Err(SchemaError::Missing { version: 3, .. })
+        ));
+        assert!(matches!(
+            compare_migrations(&m(&[]), &m(&[1, 2])),
+            Err(SchemaError::Missing { version: 1, .. })
+        ));
+        // A newer release's migration is named before anything missing.
+        assert!(matches!(
+            compare_migrations(&m(&[1, 4]), &m(&[1, 2])),
+            Err(SchemaError::Unknown { version: 4, .. })
+        ));
+    }
+
+    #[test]
+    fn the_embedded_migrations_are_the_ones_in_the_folder() {
+        let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql"))
+            })
+            .count();
+        assert_eq!(MIGRATOR.iter().count(), files);
     }
 }
