@@ -126,8 +126,7 @@ impl Writes {
         now: DateTime<Utc>,
         needs_sync: bool,
     ) {
-        self.grant_events
-            .push(json_bytes(&webhook_body(g, ev, now, links)));
+        self.grant_events.push(webhook_body(g, ev, now, links));
         if needs_sync && matches!(ev, GrantEventType::Created | GrantEventType::Revoked) {
             let (id, payload) = sync_job(&g.id);
             self.outbox(OutboxKind::Sync, id, payload);
@@ -575,12 +574,9 @@ pub fn grant_event_id(grant_id: &str, event: GrantEventType) -> String {
 fn sync_job(grant_id: &str) -> (String, Vec<u8>) {
     (
         format!("sync:{grant_id}:{}", crate::ids::mint("s")),
-        json_bytes(&serde_json::json!({ "grant_id": grant_id })),
+        serde_json::to_vec(&serde_json::json!({ "grant_id": grant_id }))
+            .expect("a JSON value serializes"),
     )
-}
-
-fn json_bytes(v: &serde_json::Value) -> Vec<u8> {
-    serde_json::to_vec(v).expect("a JSON value serializes")
 }
 
 /// Writes the outbox rows for one grant transition made outside ingest (the syncer,
@@ -592,7 +588,7 @@ pub async fn emit(
     event: GrantEventType,
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
-    let body = json_bytes(&webhook_body(grant, event, now, links));
+    let body = webhook_body(grant, event, now, links);
     outbox::insert(
         conn,
         OutboxKind::GrantEvent,

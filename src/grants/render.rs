@@ -2,7 +2,8 @@
 //! shapes them (`shared/fixtures/api/grant.json`, `shared/fixtures/webhooks/`).
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::link::LinkBuilder;
 use super::{Grant, GrantEventType};
@@ -12,66 +13,102 @@ pub fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-fn opt_ts(t: Option<DateTime<Utc>>) -> Value {
-    t.map(|t| Value::String(ts(t))).unwrap_or(Value::Null)
+/// The grant object's fields in the platform's order, borrowed from a grant. A webhook's
+/// `data` is the same object with `payload_type` in front.
+#[derive(Serialize)]
+struct GrantObject<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_type: Option<&'static str>,
+    id: &'a str,
+    business_id: &'a str,
+    brand_id: Option<&'a str>,
+    entitlement_id: &'a str,
+    customer_id: &'a str,
+    payment_id: Option<&'a str>,
+    subscription_id: Option<&'a str>,
+    status: &'a str,
+    integration_type: &'static str,
+    license_key: Option<()>,
+    digital_product_delivery: Option<()>,
+    delivered_at: Option<String>,
+    revoked_at: Option<String>,
+    revocation_reason: Option<&'a str>,
+    error_code: Option<&'a str>,
+    error_message: Option<&'a str>,
+    oauth_url: String,
+    oauth_expires_at: String,
+    metadata: &'a Value,
+    created_at: String,
+    updated_at: String,
+}
+
+impl<'a> GrantObject<'a> {
+    fn of(g: &'a Grant, links: &LinkBuilder, payload_type: Option<&'static str>) -> Self {
+        Self {
+            payload_type,
+            id: &g.id,
+            business_id: &g.business_id,
+            brand_id: g.brand_id.as_deref(),
+            entitlement_id: &g.entitlement_id,
+            customer_id: &g.customer_id,
+            payment_id: g.payment_id.as_deref(),
+            subscription_id: g.subscription_id.as_deref(),
+            status: &g.status,
+            integration_type: "discord",
+            license_key: None,
+            digital_product_delivery: None,
+            delivered_at: g.delivered_at.map(ts),
+            revoked_at: g.revoked_at.map(ts),
+            revocation_reason: g.revocation_reason.as_deref(),
+            error_code: g.error_code.as_deref(),
+            error_message: g.error_message.as_deref(),
+            oauth_url: links.url(&g.id, &g.oauth_nonce, g.oauth_expires_at),
+            oauth_expires_at: ts(g.oauth_expires_at),
+            metadata: &g.metadata,
+            created_at: ts(g.created_at),
+            updated_at: ts(g.updated_at),
+        }
+    }
+}
+
+/// An `entitlement_grant.*` webhook body.
+#[derive(Serialize)]
+struct WebhookBody<'a> {
+    business_id: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'static str,
+    timestamp: String,
+    data: GrantObject<'a>,
 }
 
 /// The REST grant object.
 pub fn grant_object(g: &Grant, links: &LinkBuilder) -> Value {
-    json!({
-        "id": g.id,
-        "business_id": g.business_id,
-        "brand_id": g.brand_id,
-        "entitlement_id": g.entitlement_id,
-        "customer_id": g.customer_id,
-        "payment_id": g.payment_id,
-        "subscription_id": g.subscription_id,
-        "status": g.status,
-        "integration_type": "discord",
-        "license_key": null,
-        "digital_product_delivery": null,
-        "delivered_at": opt_ts(g.delivered_at),
-        "revoked_at": opt_ts(g.revoked_at),
-        "revocation_reason": g.revocation_reason,
-        "error_code": g.error_code,
-        "error_message": g.error_message,
-        "oauth_url": links.url(&g.id, &g.oauth_nonce, g.oauth_expires_at),
-        "oauth_expires_at": ts(g.oauth_expires_at),
-        "metadata": g.metadata,
-        "created_at": ts(g.created_at),
-        "updated_at": ts(g.updated_at),
-    })
+    serde_json::to_value(GrantObject::of(g, links, None)).expect("a grant object serializes")
 }
 
-/// The webhook body for `event` of grant `g`, stamped `at`.
+/// The webhook body for `event` of grant `g`, stamped `at`, as the bytes sent: rendered
+/// straight from the grant, with no JSON value in between (ingest renders one per grant
+/// transition).
 pub fn webhook_body(
     g: &Grant,
     event: GrantEventType,
     at: DateTime<Utc>,
     links: &LinkBuilder,
-) -> Value {
-    let mut data = grant_object(g, links);
-    let obj = data.as_object_mut().expect("grant object");
-    // `payload_type` comes first in the platform's bodies; serde_json keeps insertion
-    // order only with preserve_order, so rebuild the map with it in front.
-    let mut ordered = serde_json::Map::new();
-    ordered.insert(
-        "payload_type".into(),
-        Value::String("EntitlementGrant".into()),
-    );
-    ordered.extend(std::mem::take(obj));
-    json!({
-        "business_id": g.business_id,
-        "type": event.as_str(),
-        "timestamp": ts(at),
-        "data": Value::Object(ordered),
+) -> Vec<u8> {
+    serde_json::to_vec(&WebhookBody {
+        business_id: &g.business_id,
+        event_type: event.as_str(),
+        timestamp: ts(at),
+        data: GrantObject::of(g, links, Some("EntitlementGrant")),
     })
+    .expect("a webhook body serializes")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Settings;
+    use serde_json::json;
 
     const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
 
@@ -130,16 +167,20 @@ mod tests {
     fn webhook_matches_the_fixture() {
         let s = Settings::load_with_env(None, Some(Default::default())).unwrap();
         let links = LinkBuilder::from_settings(&s);
-        let ours = webhook_body(
+        let bytes = webhook_body(
             &sample(),
             GrantEventType::Created,
             "2026-05-01T10:31:00Z".parse().unwrap(),
             &links,
         );
+        let ours: Value = serde_json::from_slice(&bytes).unwrap();
         let mut theirs = fixture("webhooks/entitlement_grant.created.json");
         theirs["data"]["oauth_url"] = ours["data"]["oauth_url"].clone();
         assert_eq!(ours, theirs);
-        let first = ours["data"].as_object().unwrap().keys().next().unwrap();
-        assert_eq!(first, "payload_type");
+        // The platform's key order too, envelope and data: the bytes are sent as rendered.
+        let order = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(order(&ours), order(&theirs));
+        assert_eq!(order(&ours["data"]), order(&theirs["data"]));
+        assert_eq!(order(&ours["data"])[0], "payload_type");
     }
 }
