@@ -718,20 +718,7 @@ async fn a_batchs_grant_events_leave_as_one_bundle_each_exactly_once() {
     .await;
     app.entitlement_for("pdt_life", "123456789012345678", None)
         .await;
-    let b = app.business();
-    for i in 0..10 {
-        app.publish(
-            &payment(
-                &b,
-                &format!("pay_{i}"),
-                &format!("cus_{i}"),
-                &["pdt_life"],
-                T0,
-            ),
-            &format!("evt_{i}"),
-        )
-        .await;
-    }
+    app.publish_payments(0..10).await;
     app.wait_processed(10).await;
     let rows: Vec<(String, serde_json::Value)> =
         sqlx::query_as("SELECT kind, convert_from(payload, 'UTF8')::jsonb FROM outbox ORDER BY id")

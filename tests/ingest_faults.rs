@@ -6,38 +6,16 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-use common::events::*;
 use common::proxy::Proxy;
 use common::{TestApp, TestConfig, wait_for};
 
 const GUILD: &str = "123456789012345678";
-
-fn at(i: usize) -> String {
-    format!("2026-05-01T10:{:02}:{:02}Z", (i / 60) % 60, i % 60)
-}
 
 fn addr_of(url: &str) -> SocketAddr {
     let u = url::Url::parse(url).unwrap();
     format!("{}:{}", u.host_str().unwrap(), u.port().unwrap_or(5432))
         .parse()
         .unwrap()
-}
-
-async fn publish_payments(app: &TestApp, range: std::ops::Range<usize>) {
-    let b = app.business();
-    for i in range {
-        app.publish(
-            &payment(
-                &b,
-                &format!("pay_{i}"),
-                &format!("cus_{i}"),
-                &["pdt_life"],
-                &at(i),
-            ),
-            &format!("evt_{i}"),
-        )
-        .await;
-    }
 }
 
 async fn live_grants(app: &TestApp) -> i64 {
@@ -56,10 +34,10 @@ async fn database_cut_and_restored_mid_stream_loses_and_dead_letters_nothing() {
     })
     .await;
     app.entitlement_for("pdt_life", GUILD, None).await;
-    publish_payments(&app, 0..50).await;
+    app.publish_payments(0..50).await;
     app.wait_processed(50).await;
     pg.cut();
-    publish_payments(&app, 50..150).await;
+    app.publish_payments(50..150).await;
     // Nothing can be applied while the database is unreachable...
     wait_for("the consumers to hold their batches", || async {
         (app.queue_len(&app.names.payment_events()).await < 100).then_some(())
@@ -88,11 +66,11 @@ async fn broker_cut_and_restored_resubscribes_and_loses_nothing() {
     })
     .await;
     app.entitlement_for("pdt_life", GUILD, None).await;
-    publish_payments(&app, 0..50).await;
+    app.publish_payments(0..50).await;
     app.wait_processed(50).await;
     amqp.cut();
     // The test publishes directly (not through the proxy): the queue fills meanwhile.
-    publish_payments(&app, 50..150).await;
+    app.publish_payments(50..150).await;
     amqp.restore();
     app.wait_processed(150).await;
     assert_eq!(live_grants(&app).await, 150);
@@ -110,7 +88,7 @@ async fn broker_cut_and_restored_resubscribes_and_loses_nothing() {
 async fn shutdown_with_messages_in_flight_acks_only_what_committed() {
     let mut app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_life", GUILD, None).await;
-    publish_payments(&app, 0..400).await;
+    app.publish_payments(0..400).await;
     wait_for("some progress", || async {
         (app.processed_count().await > 0).then_some(())
     })
@@ -129,7 +107,7 @@ async fn relay_crash_between_publish_and_delete_republishes_with_the_same_ids() 
     app.entitlement_for("pdt_life", GUILD, None).await;
     app.relay.crash_after_publish.store(true, Ordering::SeqCst);
     app.mark_linked("cus_0").await; // so the grant also gets a sync job
-    publish_payments(&app, 0..1).await;
+    app.publish_payments(0..1).await;
     app.wait_processed(1).await;
     app.wait_outbox_empty().await;
     assert!(

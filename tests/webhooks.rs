@@ -886,38 +886,37 @@ async fn a_bundle_is_fanned_out_and_its_bad_element_parked_alone() {
     grants.sort();
     assert_eq!(grants, ["grant_BundleA", "grant_BundleB"]);
     // ...and the bad one is parked on its own: its bytes, its reason, its own id.
-    let dead = wait_for("the bad element parked", || async {
-        let d = app.drain_queue(&dead_queue).await;
-        (!d.is_empty()).then_some(d)
-    })
-    .await;
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].message_id, "grant-events:b_one#1");
-    assert_eq!(dead[0].body, bad.as_bytes());
+    let dead = parked_one(&app, &dead_queue).await;
+    assert_eq!(dead.message_id, "grant-events:b_one#1");
+    assert_eq!(dead.body, bad.as_bytes());
     assert_eq!(
-        dead[0]
-            .header(guildgate::amqp::REASON_CODE_HEADER)
-            .as_deref(),
+        dead.header(guildgate::amqp::REASON_CODE_HEADER).as_deref(),
         Some("bad_shape")
     );
 
     // A bundle whose elements cannot be told apart is parked whole, under its id.
     let broken = br#"[{"type": "entitlement_grant.created", "#;
     publish_to(&app, &queue, broken, Some("grant-events:b_broken")).await;
-    let dead = wait_for("the broken bundle parked", || async {
-        let d = app.drain_queue(&dead_queue).await;
-        (!d.is_empty()).then_some(d)
-    })
-    .await;
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].message_id, "grant-events:b_broken");
-    assert_eq!(dead[0].body, broken);
+    let dead = parked_one(&app, &dead_queue).await;
+    assert_eq!(dead.message_id, "grant-events:b_broken");
+    assert_eq!(dead.body, broken);
 
     // Both were acked: nothing comes back when the consumer lets go of what it holds.
     assert_eq!(app.shutdown().await, Ok(()));
     assert_eq!(app.queue_len(&queue).await, 0);
     assert_eq!(messages_of(&app, &ep).await.len(), 2);
     app.cleanup().await;
+}
+
+/// Waits for a message parked in `queue`, takes it, and checks it is the only one.
+async fn parked_one(app: &TestApp, queue: &str) -> common::Taken {
+    let mut parked = wait_for("a message parked", || async {
+        let d = app.drain_queue(queue).await;
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(parked.len(), 1, "one message parked");
+    parked.remove(0)
 }
 
 /// Held messages of the endpoint (`held_until` set).

@@ -119,7 +119,7 @@ fn describe(dead_queue: &str, props: &BasicProperties, body: &[u8]) -> Parked {
         })
         .or_else(|| first_death(headers).and_then(|t| death_routing_key(&t)));
     Parked {
-        message_id: props.message_id().as_ref().map(|m| m.to_string()),
+        message_id: super::message_id(props),
         kind,
         reason_code: header_text(headers, REASON_CODE_HEADER),
         reason: header_text(headers, REASON_HEADER),

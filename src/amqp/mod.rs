@@ -366,6 +366,11 @@ pub async fn more_deliveries_until(
     out
 }
 
+/// A message's AMQP `message_id`, if it has one.
+pub fn message_id(props: &BasicProperties) -> Option<String> {
+    props.message_id().as_ref().map(|m| m.to_string())
+}
+
 pub fn header_str(v: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(v))
 }

@@ -75,7 +75,7 @@ impl Incoming {
             d.routing_key.to_string()
         };
         Self {
-            message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+            message_id: amqp::message_id(&d.properties),
             routing_key,
             body: d.data.clone(),
         }

@@ -594,12 +594,7 @@ impl SyncWorker {
         publisher: &Channel,
     ) -> Result<(), BrokerError> {
         let names: &Names = self.broker.names();
-        let message_id = d
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.to_string())
-            .unwrap_or_default();
+        let message_id = amqp::message_id(&d.properties).unwrap_or_default();
         match outcome {
             Outcome::Ack(_) => {}
             Outcome::Retry {

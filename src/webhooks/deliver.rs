@@ -118,7 +118,7 @@ impl Job {
     }
 
     fn of(d: &Delivery) -> Option<Self> {
-        let mid = d.properties.message_id().as_ref().map(|m| m.to_string());
+        let mid = amqp::message_id(&d.properties);
         let headers = d.properties.headers().as_ref();
         let job = Self::from_parts(&d.data, mid.as_deref(), header_int(headers, ATTEMPT_HEADER))?;
         Some(Self {
@@ -615,7 +615,7 @@ impl Deliverer {
         mut slot: Option<OwnedSemaphorePermit>,
     ) -> Result<(), BrokerError> {
         let Some(job) = Job::of(&d) else {
-            let id = d.properties.message_id().as_ref().map(|m| m.to_string());
+            let id = amqp::message_id(&d.properties);
             return self
                 .settle(
                     &d,

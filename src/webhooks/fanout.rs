@@ -397,12 +397,7 @@ impl Fanout {
     ) -> Result<(), BrokerError> {
         let names: &Names = self.broker.names();
         let source = names.grant_events();
-        let id = d
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.to_string())
-            .unwrap_or_default();
+        let id = amqp::message_id(&d.properties).unwrap_or_default();
         let ids: Vec<String> = events
             .iter()
             .map(|(_, element, _, _)| match element {

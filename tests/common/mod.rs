@@ -298,6 +298,23 @@ impl TestApp {
     }
 
     /// Creates the business (if new), an entitlement and attaches it to `product_id`.
+    /// Publishes one-time payments `pay_<i>` of customers `cus_<i>` for `pdt_life`, as
+    /// events `evt_<i>` a second apart.
+    pub async fn publish_payments(&self, range: std::ops::Range<usize>) {
+        let b = self.business();
+        for i in range {
+            let at = format!("2026-05-01T10:{:02}:{:02}Z", (i / 60) % 60, i % 60);
+            let event = events::payment(
+                &b,
+                &format!("pay_{i}"),
+                &format!("cus_{i}"),
+                &["pdt_life"],
+                &at,
+            );
+            self.publish(&event, &format!("evt_{i}")).await;
+        }
+    }
+
     pub async fn entitlement_for(
         &self,
         product_id: &str,
