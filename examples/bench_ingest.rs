@@ -599,23 +599,22 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
     let cpu = Cpu::ms_per_k_since(cpu_before, n as u64).map(|c| c.0);
     // What the relay had yet to publish when the last event committed: a relay that
     // falls behind would flatter the figure above.
-    let outbox_left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let outbox_rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let outbox_left = outbox_rows().await;
     // And once it has published everything: the rate guildgate sustains with the relay
     // keeping up, which is what a steady load needs.
     let drained_secs = if args.relay {
-        loop {
-            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-            if left == 0 {
-                break Some(started.elapsed().as_secs_f64());
-            }
+        let mut left = outbox_left;
+        while left > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            left = outbox_rows().await;
         }
+        Some(started.elapsed().as_secs_f64())
     } else {
         None
     };
