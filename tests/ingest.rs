@@ -788,3 +788,70 @@ async fn the_database_refuses_a_grant_of_another_business_entitlement() {
     drop(conn);
     app.stop().await;
 }
+
+/// A pause and an unpause of a subscription whose grant an earlier batch created, in one
+/// batch: the batch revokes the old grant before it inserts the new one, so the
+/// live-grant unique index never sees two live grants and the batch applies as a whole
+/// (it used to be refused and applied event by event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_and_an_unpause_in_one_batch_apply_together() {
+    use guildgate::events::apply::{Applied, Applier};
+    use guildgate::events::decode::{DecodeLimits, Decoded, decode};
+    use guildgate::grants::decide::Policy;
+    use guildgate::grants::link::LinkBuilder;
+
+    let app = TestApp::spawn_ingest().await;
+    app.entitlement_for("pdt_monthly", "123456789012345678", None)
+        .await;
+    let b = app.business();
+    let applier = Applier {
+        links: LinkBuilder::from_settings(&app.settings),
+        policy: Policy::default(),
+    };
+    let limits = DecodeLimits {
+        max_bytes: 1 << 20,
+        max_future_skew: chrono::Duration::hours(1),
+    };
+    let event = |kind: &str, status: &str, day: u32, id: &str| {
+        let body = subscription(kind, &b, "sub_1", "cus_1", "pdt_monthly", status, &t(day));
+        let body = serde_json::to_vec(&body).unwrap();
+        match decode(
+            Some(id),
+            &format!("subscription.{kind}"),
+            &body,
+            limits,
+            chrono::Utc::now(),
+        ) {
+            Ok(Decoded::Event(e)) => e,
+            other => panic!("{id} decodes to an event: {other:?}"),
+        }
+    };
+    // One batch in one transaction, as the consumer applies it.
+    let apply = async |events: &[&guildgate::events::Event]| {
+        let mut tx = app.pool.begin().await.unwrap();
+        let out = applier
+            .apply_batch(&mut tx, events, chrono::Utc::now())
+            .await;
+        tx.commit().await.unwrap();
+        out
+    };
+    let first = apply(&[&event("active", "active", 1, "e1")]).await;
+    assert_eq!(first.unwrap(), vec![Applied::Applied]);
+    let (paused, unpaused) = (
+        event("paused", "paused", 2, "e2"),
+        event("unpaused", "active", 3, "e3"),
+    );
+    let second = apply(&[&paused, &unpaused])
+        .await
+        .expect("the batch applies as a whole");
+    assert_eq!(second, vec![Applied::Applied, Applied::Applied]);
+    let grants = app.grants_of("cus_1").await;
+    assert_eq!(grants.len(), 2);
+    assert_eq!(grants[0].status, "Pending");
+    assert_eq!(grants[1].status, "Revoked");
+    assert_eq!(
+        grants[1].revocation_reason.as_deref(),
+        Some("subscription_paused")
+    );
+    app.stop().await;
+}

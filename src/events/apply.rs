@@ -290,11 +290,16 @@ impl Applier {
                 facts.product_entitlements.insert(p.clone(), es.clone());
             }
         }
-        let live = |gs: Option<&Vec<Grant>>| -> Vec<Grant> {
-            gs.map(|v| v.iter().filter(|g| g.status().is_live()).cloned().collect())
-                .unwrap_or_default()
+        // The decision reads a grant's id, entitlement, customer and status, not the
+        // whole row: no grant is cloned.
+        let live = |gs: Option<&Vec<Grant>>| -> Vec<GrantFact> {
+            gs.into_iter()
+                .flatten()
+                .filter(|g| g.status().is_live())
+                .filter_map(fact_of)
+                .collect()
         };
-        let grants: Vec<Grant> = match &event.kind {
+        facts.grants = match &event.kind {
             EventKind::PaymentSucceeded(p) => {
                 facts.payment_reversed =
                     state.reversals.get(&key(b, p.payment_id.as_str())).copied();
@@ -307,8 +312,10 @@ impl Applier {
                     None => state
                         .pay_grants
                         .get(&key(b, p.payment_id.as_str()))
-                        .cloned()
-                        .unwrap_or_default(),
+                        .into_iter()
+                        .flatten()
+                        .filter_map(fact_of)
+                        .collect(),
                 }
             }
             EventKind::RefundSucceeded(_) | EventKind::DisputeLost(_) => {
@@ -348,7 +355,6 @@ impl Applier {
                 live(all)
             }
         };
-        facts.grants = grants.iter().filter_map(fact_of).collect();
         facts
     }
 
@@ -533,28 +539,33 @@ impl Applier {
                 bundle,
             );
         }
-        let new: HashSet<&String> = w.new_grants.iter().collect();
-        let created: Vec<Grant> = state
-            .sub_grants
-            .values()
-            .chain(state.pay_grants.values())
-            .flatten()
-            .filter(|g| new.contains(&g.id))
-            .cloned()
-            .collect();
-        grant_store::insert_many(conn, &created).await?;
+        // Revocations first: a grant the batch creates may take the place of one it
+        // revokes (a pause and an unpause), and the live-grant unique indexes see the
+        // rows as they are written.
         let (ids, reasons): (Vec<String>, Vec<String>) = w
             .revoked
             .into_iter()
             .map(|(id, r)| (id, r.as_str().to_string()))
             .unzip();
         grant_store::revoke_many(conn, &ids, &reasons, now).await?;
-        let subscriptions: Vec<db::SubscriptionRow> = w.subscriptions.into_values().collect();
-        db::upsert_subscriptions(conn, &subscriptions).await?;
-        db::insert_payments(conn, &w.payments).await?;
-        db::insert_reversals(conn, &w.reversals).await?;
-        outbox::insert_many(conn, &w.outbox_kinds, &w.outbox_ids, &w.outbox_payloads).await?;
-        db::mark_processed_many(conn, &w.processed).await?;
+        let new: HashSet<&String> = w.new_grants.iter().collect();
+        let rows = db::BatchRows {
+            grants: state
+                .sub_grants
+                .values()
+                .chain(state.pay_grants.values())
+                .flatten()
+                .filter(|g| new.contains(&g.id))
+                .collect(),
+            subscriptions: w.subscriptions.into_values().collect(),
+            payments: w.payments,
+            reversals: w.reversals,
+            outbox_kinds: w.outbox_kinds,
+            outbox_ids: w.outbox_ids,
+            outbox_payloads: w.outbox_payloads,
+            processed: w.processed,
+        };
+        db::write_batch(conn, &rows).await?;
         Ok(())
     }
 }

@@ -3,7 +3,6 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::col;
 use crate::grants::{Grant, RevocationReason};
 
 /// A grant to insert.
@@ -119,38 +118,6 @@ pub async fn of_sources(
         .bind(sources)
         .fetch_all(conn)
         .await
-}
-
-/// Inserts grants as they are (a batch's new grants, in their final state).
-pub async fn insert_many(conn: &mut PgConnection, grants: &[Grant]) -> Result<(), sqlx::Error> {
-    if grants.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO grants (id, business_id, brand_id, entitlement_id, customer_id, payment_id,
-             subscription_id, status, revoked_at, revocation_reason, oauth_nonce, oauth_expires_at,
-             created_at, updated_at)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-             $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::text[], $12::timestamptz[],
-             $13::timestamptz[], $14::timestamptz[])",
-    )
-    .bind(col(grants, |g| g.id.clone()))
-    .bind(col(grants, |g| g.business_id.clone()))
-    .bind(col(grants, |g| g.brand_id.clone()))
-    .bind(col(grants, |g| g.entitlement_id.clone()))
-    .bind(col(grants, |g| g.customer_id.clone()))
-    .bind(col(grants, |g| g.payment_id.clone()))
-    .bind(col(grants, |g| g.subscription_id.clone()))
-    .bind(col(grants, |g| g.status.clone()))
-    .bind(col(grants, |g| g.revoked_at))
-    .bind(col(grants, |g| g.revocation_reason.clone()))
-    .bind(col(grants, |g| g.oauth_nonce.clone()))
-    .bind(col(grants, |g| g.oauth_expires_at))
-    .bind(col(grants, |g| g.created_at))
-    .bind(col(grants, |g| g.updated_at))
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// Revokes several live grants at `now`, each with its reason.

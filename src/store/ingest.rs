@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::col;
+use crate::grants::Grant;
 
 /// Serialises work on the same subscription or payment across consumers: a transaction
 /// takes the advisory locks of every key it will touch, in sorted order (so two batches
@@ -35,7 +36,8 @@ pub async fn try_lock_keys(
     .await
 }
 
-// ---- Batch forms: one round trip per kind of row for a whole batch of events. ----
+// ---- Batch forms: one round trip per kind of row read for a whole batch of events,
+// one statement for all of its writes but revocations. ----
 
 /// Which of `event_ids` were applied before.
 pub async fn processed_among(
@@ -54,27 +56,6 @@ pub struct ProcessedRow {
     pub event_type: &'static str,
     pub business_id: String,
     pub outcome: &'static str,
-}
-
-/// Records applied event ids with their outcomes.
-pub async fn mark_processed_many(
-    conn: &mut PgConnection,
-    rows: &[ProcessedRow],
-) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO processed_events (event_id, event_type, business_id, outcome)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])",
-    )
-    .bind(col(rows, |r| r.event_id.clone()))
-    .bind(col(rows, |r| r.event_type))
-    .bind(col(rows, |r| r.business_id.clone()))
-    .bind(col(rows, |r| r.outcome))
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// Active, undeleted entitlements of each (business, product) pair, as
@@ -133,32 +114,6 @@ pub struct SubscriptionRow {
     pub last_event_at: DateTime<Utc>,
 }
 
-/// Stores the latest applied snapshot of several subscriptions (one row each).
-pub async fn upsert_subscriptions(
-    conn: &mut PgConnection,
-    rows: &[SubscriptionRow],
-) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO subscriptions (subscription_id, business_id, customer_id, product_id, status, last_event_at)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
-         ON CONFLICT (subscription_id) DO UPDATE
-         SET customer_id = EXCLUDED.customer_id, product_id = EXCLUDED.product_id,
-             status = EXCLUDED.status, last_event_at = EXCLUDED.last_event_at, updated_at = now()",
-    )
-    .bind(col(rows, |r| r.subscription_id.clone()))
-    .bind(col(rows, |r| r.business_id.clone()))
-    .bind(col(rows, |r| r.customer_id.clone()))
-    .bind(col(rows, |r| r.product_id.clone()))
-    .bind(col(rows, |r| r.status.clone()))
-    .bind(col(rows, |r| r.last_event_at))
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// Payments as recorded: (business, payment, its subscription if any).
 pub async fn payments_many(
     conn: &mut PgConnection,
@@ -182,28 +137,6 @@ pub struct PaymentRow {
     pub business_id: String,
     pub customer_id: String,
     pub subscription_id: Option<String>,
-}
-
-/// Remembers payments (ignoring ones already known).
-pub async fn insert_payments(
-    conn: &mut PgConnection,
-    rows: &[PaymentRow],
-) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO payments (payment_id, business_id, customer_id, subscription_id)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
-         ON CONFLICT (payment_id) DO NOTHING",
-    )
-    .bind(col(rows, |r| r.payment_id.clone()))
-    .bind(col(rows, |r| r.business_id.clone()))
-    .bind(col(rows, |r| r.customer_id.clone()))
-    .bind(col(rows, |r| r.subscription_id.clone()))
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// Reversals recorded for payments: (business, payment, reason), the first per payment.
@@ -231,27 +164,6 @@ pub struct ReversalRow {
     pub business_id: String,
 }
 
-/// Remembers full refunds and lost disputes.
-pub async fn insert_reversals(
-    conn: &mut PgConnection,
-    rows: &[ReversalRow],
-) -> Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO payment_reversals (payment_id, reason, business_id)
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(col(rows, |r| r.payment_id.clone()))
-    .bind(col(rows, |r| r.reason))
-    .bind(col(rows, |r| r.business_id.clone()))
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// Which (business, customer) pairs have linked a Discord account.
 pub async fn linked_customers(
     conn: &mut PgConnection,
@@ -267,4 +179,137 @@ pub async fn linked_customers(
     .bind(customers)
     .fetch_all(conn)
     .await
+}
+
+/// Everything a batch writes besides revocations, as rows.
+#[derive(Default)]
+pub struct BatchRows<'a> {
+    /// Grants created by the batch, in their final state.
+    pub grants: Vec<&'a Grant>,
+    pub subscriptions: Vec<SubscriptionRow>,
+    pub payments: Vec<PaymentRow>,
+    pub reversals: Vec<ReversalRow>,
+    /// Outbox rows: kind, message id, payload, in order.
+    pub outbox_kinds: Vec<&'static str>,
+    pub outbox_ids: Vec<String>,
+    pub outbox_payloads: Vec<Vec<u8>>,
+    pub processed: Vec<ProcessedRow>,
+}
+
+impl BatchRows<'_> {
+    fn is_empty(&self) -> bool {
+        self.grants.is_empty()
+            && self.subscriptions.is_empty()
+            && self.payments.is_empty()
+            && self.reversals.is_empty()
+            && self.outbox_kinds.is_empty()
+            && self.processed.is_empty()
+    }
+}
+
+/// The statement of [`write_batch`]: one insert per table as data-modifying CTEs, so a
+/// batch's writes cost one round trip and one executor start instead of six. The
+/// tables are distinct, so the order in which PostgreSQL runs the parts does not
+/// matter. `$OUTBOX` is the outbox part, left out when there is nothing to relay (its
+/// statement trigger would wake the relay for nothing).
+macro_rules! write_batch_sql {
+    ($outbox:literal) => {
+        concat!(
+            "WITH new_grants AS (
+                INSERT INTO grants (id, business_id, brand_id, entitlement_id, customer_id, payment_id,
+                    subscription_id, status, revoked_at, revocation_reason, oauth_nonce, oauth_expires_at,
+                    created_at, updated_at)
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                    $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::text[], $12::timestamptz[],
+                    $13::timestamptz[], $14::timestamptz[])
+            ), snapshots AS (
+                INSERT INTO subscriptions (subscription_id, business_id, customer_id, product_id, status, last_event_at)
+                SELECT * FROM unnest($15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::timestamptz[])
+                ON CONFLICT (subscription_id) DO UPDATE
+                SET customer_id = EXCLUDED.customer_id, product_id = EXCLUDED.product_id,
+                    status = EXCLUDED.status, last_event_at = EXCLUDED.last_event_at, updated_at = now()
+            ), seen_payments AS (
+                INSERT INTO payments (payment_id, business_id, customer_id, subscription_id)
+                SELECT * FROM unnest($21::text[], $22::text[], $23::text[], $24::text[])
+                ON CONFLICT (payment_id) DO NOTHING
+            ), reversals AS (
+                INSERT INTO payment_reversals (payment_id, reason, business_id)
+                SELECT * FROM unnest($25::text[], $26::text[], $27::text[])
+                ON CONFLICT DO NOTHING
+            )",
+            $outbox,
+            "
+            INSERT INTO processed_events (event_id, event_type, business_id, outcome)
+            SELECT * FROM unnest($31::text[], $32::text[], $33::text[], $34::text[])"
+        )
+    };
+}
+
+const WRITE_BATCH: &str = write_batch_sql!(
+    ", relayed AS (
+        INSERT INTO outbox (kind, message_id, payload)
+        SELECT k, m, p FROM unnest($28::text[], $29::text[], $30::bytea[]) WITH ORDINALITY AS t(k, m, p, o)
+        ORDER BY o
+    )"
+);
+const WRITE_BATCH_NO_OUTBOX: &str =
+    write_batch_sql!(", relayed AS (SELECT $28::text[], $29::text[], $30::bytea[])");
+
+/// Writes a batch's new grants, subscription snapshots (the last per subscription),
+/// payments and reversals (ignoring ones already known), outbox rows and processed
+/// event ids, in one statement.
+pub async fn write_batch(conn: &mut PgConnection, rows: &BatchRows<'_>) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let sql = if rows.outbox_kinds.is_empty() {
+        WRITE_BATCH_NO_OUTBOX
+    } else {
+        WRITE_BATCH
+    };
+    let g = &rows.grants;
+    let (s, p, r, done) = (
+        &rows.subscriptions,
+        &rows.payments,
+        &rows.reversals,
+        &rows.processed,
+    );
+    sqlx::query(sql)
+        .bind(col(g, |g| g.id.as_str()))
+        .bind(col(g, |g| g.business_id.as_str()))
+        .bind(col(g, |g| g.brand_id.as_deref()))
+        .bind(col(g, |g| g.entitlement_id.as_str()))
+        .bind(col(g, |g| g.customer_id.as_str()))
+        .bind(col(g, |g| g.payment_id.as_deref()))
+        .bind(col(g, |g| g.subscription_id.as_deref()))
+        .bind(col(g, |g| g.status.as_str()))
+        .bind(col(g, |g| g.revoked_at))
+        .bind(col(g, |g| g.revocation_reason.as_deref()))
+        .bind(col(g, |g| g.oauth_nonce.as_str()))
+        .bind(col(g, |g| g.oauth_expires_at))
+        .bind(col(g, |g| g.created_at))
+        .bind(col(g, |g| g.updated_at))
+        .bind(col(s, |r| r.subscription_id.as_str()))
+        .bind(col(s, |r| r.business_id.as_str()))
+        .bind(col(s, |r| r.customer_id.as_str()))
+        .bind(col(s, |r| r.product_id.as_str()))
+        .bind(col(s, |r| r.status.as_str()))
+        .bind(col(s, |r| r.last_event_at))
+        .bind(col(p, |r| r.payment_id.as_str()))
+        .bind(col(p, |r| r.business_id.as_str()))
+        .bind(col(p, |r| r.customer_id.as_str()))
+        .bind(col(p, |r| r.subscription_id.as_deref()))
+        .bind(col(r, |r| r.payment_id.as_str()))
+        .bind(col(r, |r| r.reason))
+        .bind(col(r, |r| r.business_id.as_str()))
+        .bind(&rows.outbox_kinds)
+        .bind(&rows.outbox_ids)
+        .bind(&rows.outbox_payloads)
+        .bind(col(done, |r| r.event_id.as_str()))
+        .bind(col(done, |r| r.event_type))
+        .bind(col(done, |r| r.business_id.as_str()))
+        .bind(col(done, |r| r.outcome))
+        .execute(conn)
+        .await?;
+    Ok(())
 }

@@ -113,7 +113,7 @@ fn compare_migrations(
 }
 
 /// One column of `rows`, for binding a batch as arrays to `unnest(...)`.
-pub(crate) fn col<R, T>(rows: &[R], f: impl Fn(&R) -> T) -> Vec<T> {
+pub(crate) fn col<'a, R, T>(rows: &'a [R], f: impl Fn(&'a R) -> T) -> Vec<T> {
     rows.iter().map(f).collect()
 }
 
