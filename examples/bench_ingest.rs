@@ -597,6 +597,26 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
     }
     let secs = started.elapsed().as_secs_f64();
     let cpu = Cpu::ms_per_k_since(cpu_before, n as u64).map(|c| c.0);
+    // Every message of the workload is valid: one that was dead-lettered (a query the
+    // database refused, say) was settled without being applied, and the figure above
+    // would measure a failure.
+    let dead_queue = Names::dead(&Names::from_settings(&settings).payment_events());
+    let dead = ch
+        .queue_declare(
+            dead_queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(
+        dead, 0,
+        "{dead} events were dead-lettered; see {dead_queue}"
+    );
     // What the relay had yet to publish when the last event committed: a relay that
     // falls behind would flatter the figure above.
     let outbox_rows = || async {
