@@ -137,6 +137,7 @@ impl App {
             broker: broker.clone(),
             batch_size: settings.outbox.batch_size,
             sweep_interval: settings.outbox.sweep_interval,
+            linger: settings.outbox.linger,
             metrics: metrics.clone(),
             crash_after_publish: Arc::new(AtomicBool::new(false)),
         };

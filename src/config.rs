@@ -152,6 +152,9 @@ pub struct OutboxSettings {
     #[serde(deserialize_with = "duration")]
     pub sweep_interval: Duration,
     pub batch_size: i64,
+    /// The least time between the starts of two drains woken by notifications.
+    #[serde(deserialize_with = "duration")]
+    pub linger: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub event_latency: Histogram,
     /// Outbox rows relayed, by kind.
     pub outbox_relayed: Family<Labels, Counter>,
+    /// Relay transactions that published rows (each a commit and a confirmed publish).
+    pub outbox_drains: Counter,
     /// Rows waiting in the outbox, and the age of the oldest (seconds).
     pub outbox_backlog: Gauge,
     pub outbox_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -61,6 +63,12 @@ impl Metrics {
             "outbox_relayed",
             "Outbox rows relayed to RabbitMQ",
             outbox_relayed.clone(),
+        );
+        let outbox_drains = Counter::default();
+        registry.register(
+            "outbox_drains",
+            "Relay transactions that published outbox rows",
+            outbox_drains.clone(),
         );
         let outbox_backlog = Gauge::default();
         registry.register(
@@ -116,6 +124,7 @@ impl Metrics {
             events,
             event_latency,
             outbox_relayed,
+            outbox_drains,
             outbox_backlog,
             outbox_lag_seconds,
             syncs,

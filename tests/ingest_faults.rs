@@ -123,3 +123,40 @@ async fn relay_crash_between_publish_and_delete_republishes_with_the_same_ids() 
     assert_eq!(jobs[0].message_id, jobs[1].message_id);
     app.stop().await;
 }
+
+/// Transactions that commit within `outbox.linger` of the relay's last drain wait for it
+/// and leave together: under load one relay transaction (and one commit, one confirm
+/// round) carries the rows of many, instead of one drain per notifying commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_takes_rows_committed_close_together_in_one_drain() {
+    use guildgate::store::outbox::{self, OutboxKind};
+    // With a linger of 0s the same commits took 19 drains.
+    let app =
+        TestApp::spawn_with(TestConfig::ingest_only().env("GUILDGATE_OUTBOX__LINGER", "1s")).await;
+    // Twenty commits 10 ms apart, each notifying the relay.
+    for i in 0..20 {
+        let mut tx = app.pool.begin().await.unwrap();
+        outbox::insert(
+            &mut tx,
+            OutboxKind::Sync,
+            &format!("sync:t{i}"),
+            br#"{"grant_id":"grant_t"}"#,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    app.wait_outbox_empty().await;
+    let queue = app.names.discord_sync();
+    wait_for("all 20 sync jobs queued", || async {
+        (app.queue_len(&queue).await == 20).then_some(())
+    })
+    .await;
+    let drains = app.metrics.outbox_drains.get();
+    assert!(
+        (1..=3).contains(&drains),
+        "20 commits within a second took {drains} drains"
+    );
+    app.stop().await;
+}
