@@ -6,7 +6,9 @@
 //! (publish → commit of each applied event). In the same round it measures the raw
 //! baseline: the same publisher and messages through the same exchange into the same
 //! kind of queue, consumed with the same prefetch, consumer count and batched acks,
-//! doing no database work. Both phases also report the CPU the whole machine spent per
+//! doing no database work; once before guildgate's phase and once after it, and the
+//! round's baseline is the mean of the two (this machine's speed drifts within
+//! minutes, and two runs that bracket guildgate's phase cancel most of that). Both phases also report the CPU the whole machine spent per
 //! 1,000 events, which varies less between runs than throughput on a shared 2-core
 //! machine.
 //!
@@ -246,7 +248,9 @@ impl Args {
 /// One round's figures.
 struct Round {
     events_per_s: f64,
+    /// The mean of the baseline's two runs, before and after guildgate's phase.
     baseline_per_s: f64,
+    baselines_per_s: (f64, f64),
     p50_ms: f64,
     p99_ms: f64,
     /// Machine CPU per 1,000 events (ms): guildgate's phase, the baseline's.
@@ -314,10 +318,12 @@ async fn main() {
         let round = round(&args, &msgs, business).await;
         let cpu = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{c:.0}"));
         println!(
-            "round {r}: guildgate {:.0} events/s (CPU {} ms per 1,000 events), baseline {:.0} events/s (CPU {} ms), ratio {:.2}, p50 {:.0} ms, p99 {:.0} ms, outbox rows left {}{}",
+            "round {r}: guildgate {:.0} events/s (CPU {} ms per 1,000 events), baseline {:.0} events/s (before {:.0}, after {:.0}; CPU {} ms), ratio {:.2}, p50 {:.0} ms, p99 {:.0} ms, outbox rows left {}{}",
             round.events_per_s,
             cpu(round.cpu_ms_per_k),
             round.baseline_per_s,
+            round.baselines_per_s.0,
+            round.baselines_per_s.1,
             cpu(round.baseline_cpu_ms_per_k),
             round.events_per_s / round.baseline_per_s,
             round.p50_ms,
@@ -400,48 +406,28 @@ fn bench_env(db_url: &str, prefix: &str) -> HashMap<String, String> {
     .collect()
 }
 
-/// One round on its own database, exchange and queues: the baseline, then guildgate.
-async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
-    let n = args.events;
-    let db_base = std::env::var("GUILDGATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let tag: String = rand::rng()
-        .sample_iter(&rand::distr::Alphanumeric)
-        .take(8)
-        .map(char::from)
-        .collect::<String>()
-        .to_lowercase();
-    let db_name = format!("ggbench_{tag}");
-    let prefix = format!("ggbench-{tag}");
-    let mut admin = PgConnection::connect(&format!("{db_base}/postgres"))
-        .await
-        .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let settings = Settings::load_with_env(
-        None,
-        Some(bench_env(&format!("{db_base}/{db_name}"), &prefix)),
-    )
-    .unwrap();
-    let amqp_url = secrecy::ExposeSecret::expose_secret(&settings.amqp.url).to_string();
-    let conn = Connection::connect(&amqp_url, ConnectionProperties::default())
-        .await
-        .unwrap();
+/// The raw baseline: the same publisher and messages, through the same kind of exchange
+/// into the same queue (guildgate's own topology, declared under a prefix of its own),
+/// consumed with the same prefetch, consumer count and ack mode; no database.
+/// `--plain-baseline`: a bare quorum queue on the default exchange instead. Returns
+/// events per second and machine CPU per 1,000 events.
+async fn baseline(
+    conn: &Connection,
+    args: &Args,
+    msgs: &[Msg],
+    settings: &Settings,
+    prefix: &str,
+    label: &str,
+) -> (f64, Option<f64>) {
+    let n = msgs.len();
     let consumers = settings.amqp.consumers;
     let prefetch = settings.amqp.prefetch;
-
-    // --- Baseline: the same publisher and messages, through the same kind of exchange
-    // into the same queue (guildgate's own topology, declared under a prefix of its
-    // own), consumed with the same prefetch, consumer count and ack mode; no database.
-    // `--plain-baseline`: a bare quorum queue on the default exchange instead.
     let ch = conn.create_channel().await.unwrap();
     let base_settings =
-        Settings::load_with_env(None, Some(bench_env("-", &format!("{prefix}-baseline")))).unwrap();
+        Settings::load_with_env(None, Some(bench_env("-", &format!("{prefix}-{label}")))).unwrap();
     let base_names = Names::from_settings(&base_settings);
     let (baseline_q, baseline_exchange) = if args.plain_baseline {
-        let q = format!("{prefix}.baseline");
+        let q = format!("{prefix}.{label}");
         let mut qargs = FieldTable::default();
         qargs.insert(
             "x-queue-type".into(),
@@ -529,8 +515,8 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
     while acked.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let baseline_secs = started.elapsed().as_secs_f64();
-    let baseline_cpu = Cpu::ms_per_k_since(cpu_before, n as u64).map(|c| c.0);
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = Cpu::ms_per_k_since(cpu_before, n as u64).map(|c| c.0);
     stop.cancel();
     for c in consumer_channels {
         let _ = c.close(200, "done".into()).await;
@@ -539,6 +525,44 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
     let _ = ch
         .queue_delete(baseline_q.as_str().into(), QueueDeleteOptions::default())
         .await;
+
+    (n as f64 / secs, cpu)
+}
+
+/// One round on its own database, exchange and queues: the baseline, guildgate, the
+/// baseline again.
+async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
+    let n = args.events;
+    let db_base = std::env::var("GUILDGATE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let tag: String = rand::rng()
+        .sample_iter(&rand::distr::Alphanumeric)
+        .take(8)
+        .map(char::from)
+        .collect::<String>()
+        .to_lowercase();
+    let db_name = format!("ggbench_{tag}");
+    let prefix = format!("ggbench-{tag}");
+    let mut admin = PgConnection::connect(&format!("{db_base}/postgres"))
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let settings = Settings::load_with_env(
+        None,
+        Some(bench_env(&format!("{db_base}/{db_name}"), &prefix)),
+    )
+    .unwrap();
+    let amqp_url = secrecy::ExposeSecret::expose_secret(&settings.amqp.url).to_string();
+    let conn = Connection::connect(&amqp_url, ConnectionProperties::default())
+        .await
+        .unwrap();
+
+    // --- The baseline, before guildgate's phase and again after it: this machine's
+    // speed drifts within minutes, and the mean of the two brackets guildgate's phase.
+    let before = baseline(&conn, args, msgs, &settings, &prefix, "baseline").await;
 
     // --- guildgate.
     // Ingest only: the relay still publishes every webhook and sync job, but nothing
@@ -662,6 +686,7 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     shutdown.cancel();
     let _ = handle.await;
+    let after = baseline(&conn, args, msgs, &settings, &prefix, "baseline-after").await;
 
     // Clean up.
     delete_topology(&ch, &settings).await;
@@ -674,11 +699,15 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
 
     Round {
         events_per_s: n as f64 / secs,
-        baseline_per_s: n as f64 / baseline_secs,
+        baseline_per_s: (before.0 + after.0) / 2.0,
+        baselines_per_s: (before.0, after.0),
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
         cpu_ms_per_k: cpu,
-        baseline_cpu_ms_per_k: baseline_cpu,
+        baseline_cpu_ms_per_k: match (before.1, after.1) {
+            (Some(b), Some(a)) => Some((a + b) / 2.0),
+            (b, a) => b.or(a),
+        },
         outbox_left,
         relayed_per_s: drained_secs.map(|d| n as f64 / d),
         relayed_cpu_ms_per_k: drained_cpu,
