@@ -31,6 +31,9 @@ pub struct Metrics {
     pub outbox_relayed: Family<Labels, Counter>,
     /// Relay transactions that published rows (each a commit and a confirmed publish).
     pub outbox_drains: Counter,
+    /// Claims of outbox rows the relay ran, including those that found none (wake-ups
+    /// covered by an earlier drain, sweeps).
+    pub outbox_claims: Counter,
     /// Rows waiting in the outbox, and the age of the oldest (seconds).
     pub outbox_backlog: Gauge,
     pub outbox_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -69,6 +72,12 @@ impl Metrics {
             "outbox_drains",
             "Relay transactions that published outbox rows",
             outbox_drains.clone(),
+        );
+        let outbox_claims = Counter::default();
+        registry.register(
+            "outbox_claims",
+            "Outbox claims the relay ran, including ones that found no rows",
+            outbox_claims.clone(),
         );
         let outbox_backlog = Gauge::default();
         registry.register(
@@ -125,6 +134,7 @@ impl Metrics {
             event_latency,
             outbox_relayed,
             outbox_drains,
+            outbox_claims,
             outbox_backlog,
             outbox_lag_seconds,
             syncs,

@@ -126,13 +126,20 @@ async fn relay_crash_between_publish_and_delete_republishes_with_the_same_ids() 
 
 /// Transactions that commit within `outbox.linger` of the relay's last drain wait for it
 /// and leave together: under load one relay transaction (and one commit, one confirm
-/// round) carries the rows of many, instead of one drain per notifying commit.
+/// round) carries the rows of many, instead of one drain per notifying commit. And the
+/// notifications a drain covered are read and dropped, not left to wake the relay once
+/// per linger long after the load has stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_takes_rows_committed_close_together_in_one_drain() {
     use guildgate::store::outbox::{self, OutboxKind};
-    // With a linger of 0s the same commits took 19 drains.
-    let app =
-        TestApp::spawn_with(TestConfig::ingest_only().env("GUILDGATE_OUTBOX__LINGER", "1s")).await;
+    // With a linger of 0s the same commits took 19 drains. No sweeps: every claim the
+    // relay runs is a drain a notification asked for.
+    let app = TestApp::spawn_with(
+        TestConfig::ingest_only()
+            .env("GUILDGATE_OUTBOX__LINGER", "1s")
+            .env("GUILDGATE_OUTBOX__SWEEP_INTERVAL", "1h"),
+    )
+    .await;
     // Twenty commits 10 ms apart, each notifying the relay.
     for i in 0..20 {
         let mut tx = app.pool.begin().await.unwrap();
@@ -158,5 +165,12 @@ async fn the_relay_takes_rows_committed_close_together_in_one_drain() {
         (1..=3).contains(&drains),
         "20 commits within a second took {drains} drains"
     );
+    // Quiet once the rows are out: at most one more claim (for notifications that came
+    // during the last drain) in three and a half lingers. When the relay read one
+    // notification per linger, the 20 kept it claiming once a second.
+    let claims = app.metrics.outbox_claims.get();
+    tokio::time::sleep(std::time::Duration::from_millis(3500)).await;
+    let later = app.metrics.outbox_claims.get() - claims;
+    assert!(later <= 1, "{later} claims after the load had stopped");
     app.stop().await;
 }

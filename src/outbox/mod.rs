@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use lapin::Channel;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -56,6 +57,7 @@ pub struct Relay {
 impl Relay {
     /// Relays one batch; returns how many rows it published.
     pub async fn relay_once(&self, ch: &Channel) -> Result<usize, RelayError> {
+        self.metrics.outbox_claims.inc();
         let mut tx = self.pool.begin().await?;
         let rows = outbox::claim(&mut tx, self.batch_size).await?;
         if rows.is_empty() {
@@ -129,10 +131,27 @@ impl Relay {
             if let Some(wait) =
                 linger_wait(self.linger, drained_at.map(|at| at.elapsed()), notified)
             {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(wait) => {}
+                // Notifications that arrive meanwhile are read and dropped: the drain
+                // below covers their rows. Left unread, they would pile up (one read
+                // per linger against one per committing transaction), first in the
+                // socket, then in PostgreSQL's notification queue.
+                let until = tokio::time::Instant::now() + wait;
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep_until(until) => break,
+                        n = recv_or_pending(listener.as_mut()) => if n.is_err() {
+                            listener = None;
+                            break;
+                        },
+                    }
                 }
+            }
+            // Notifications already here are covered by the drain that starts now (each
+            // was sent after its transaction committed). Ones that arrive during the
+            // drain stay, and wake the next.
+            if let Some(l) = listener.as_mut() {
+                while let Some(Ok(Some(_))) = l.try_recv().now_or_never() {}
             }
             notified = false;
             drained_at = Some(std::time::Instant::now());
@@ -160,10 +179,6 @@ impl Relay {
                 continue;
             }
             backoff = amqp::reconnect_backoff();
-            // Notifications that arrived while draining are covered by that drain.
-            if let Some(l) = listener.as_mut() {
-                while l.next_buffered().is_some() {}
-            }
             if backlog_read.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY)
                 && let Ok(mut c) = self.pool.acquire().await
                 && let Ok((n, lag)) = outbox::backlog(&mut c).await
@@ -183,12 +198,7 @@ impl Relay {
                     return;
                 }
                 _ = tokio::time::sleep(self.sweep_interval) => {}
-                n = async {
-                    match listener.as_mut() {
-                        Some(l) => l.recv().await.map(|_| ()),
-                        None => std::future::pending().await,
-                    }
-                } => {
+                n = recv_or_pending(listener.as_mut()) => {
                     if n.is_err() {
                         listener = None;
                     } else {
@@ -197,6 +207,14 @@ impl Relay {
                 }
             }
         }
+    }
+}
+
+/// The next notification; never, without a listener.
+async fn recv_or_pending(listener: Option<&mut PgListener>) -> Result<(), sqlx::Error> {
+    match listener {
+        Some(l) => l.recv().await.map(|_| ()),
+        None => std::future::pending().await,
     }
 }
 
