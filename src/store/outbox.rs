@@ -77,25 +77,3 @@ pub async fn backlog(conn: &mut PgConnection) -> Result<(i64, f64), sqlx::Error>
     .fetch_one(conn)
     .await
 }
-
-/// Adds several rows in one statement, in order (in the caller's transaction).
-pub async fn insert_many(
-    conn: &mut PgConnection,
-    kinds: &[&'static str],
-    message_ids: &[String],
-    payloads: &[Vec<u8>],
-) -> Result<(), sqlx::Error> {
-    if kinds.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO outbox (kind, message_id, payload)
-         SELECT k, m, p FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY AS t(k, m, p, o) ORDER BY o",
-    )
-    .bind(kinds)
-    .bind(message_ids)
-    .bind(payloads)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
