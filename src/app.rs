@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use chrono::Duration as ChronoDuration;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -201,11 +200,7 @@ impl App {
                     revoke_on_subscription_refund: s.grants.revoke_on_subscription_refund,
                 },
             },
-            limits: DecodeLimits {
-                max_bytes: s.amqp.max_message_bytes,
-                max_future_skew: ChronoDuration::from_std(s.grants.max_future_skew)
-                    .unwrap_or(ChronoDuration::hours(1)),
-            },
+            limits: DecodeLimits::from_settings(s),
             prefetch: s.amqp.prefetch,
             batch_size: s.amqp.batch_size,
             batch_linger: s.amqp.batch_linger,

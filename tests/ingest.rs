@@ -808,10 +808,7 @@ async fn a_pause_and_an_unpause_in_one_batch_apply_together() {
         links: LinkBuilder::from_settings(&app.settings),
         policy: Policy::default(),
     };
-    let limits = DecodeLimits {
-        max_bytes: 1 << 20,
-        max_future_skew: chrono::Duration::hours(1),
-    };
+    let limits = DecodeLimits::from_settings(&app.settings);
     let event = |kind: &str, status: &str, day: u32, id: &str| {
         let body = subscription(kind, &b, "sub_1", "cus_1", "pdt_monthly", status, &t(day));
         let body = serde_json::to_vec(&body).unwrap();

@@ -75,6 +75,17 @@ pub struct DecodeLimits {
     pub max_future_skew: chrono::Duration,
 }
 
+impl DecodeLimits {
+    /// `amqp.max_message_bytes` and `grants.max_future_skew` (an hour if it does not fit).
+    pub fn from_settings(s: &crate::config::Settings) -> Self {
+        Self {
+            max_bytes: s.amqp.max_message_bytes,
+            max_future_skew: chrono::Duration::from_std(s.grants.max_future_skew)
+                .unwrap_or(chrono::Duration::hours(1)),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct RawEnvelope<'a> {
     business_id: Option<serde_json::Value>,
