@@ -8,9 +8,9 @@
 //! kind of queue, consumed with the same prefetch, consumer count and batched acks,
 //! doing no database work; once before guildgate's phase and once after it, and the
 //! round's baseline is the mean of the two (this machine's speed drifts within
-//! minutes, and two runs that bracket guildgate's phase cancel most of that). Both phases also report the CPU the whole machine spent per
-//! 1,000 events, which varies less between runs than throughput on a shared 2-core
-//! machine.
+//! minutes, and two runs that bracket guildgate's phase cancel most of that). Both
+//! phases also report the CPU the whole machine spent per 1,000 events, which varies
+//! less between runs than throughput on a shared 2-core machine.
 //!
 //! Each round (`--rounds`, 3) has its own database, exchange and queues; the summary and
 //! the last line (JSON) give medians, and the ratio is the median of the rounds' own
@@ -248,8 +248,7 @@ impl Args {
 /// One round's figures.
 struct Round {
     events_per_s: f64,
-    /// The mean of the baseline's two runs, before and after guildgate's phase.
-    baseline_per_s: f64,
+    /// The baseline's two runs, before and after guildgate's phase.
     baselines_per_s: (f64, f64),
     p50_ms: f64,
     p99_ms: f64,
@@ -262,6 +261,13 @@ struct Round {
     /// published every outbox row (with the relay on).
     relayed_per_s: Option<f64>,
     relayed_cpu_ms_per_k: Option<f64>,
+}
+
+impl Round {
+    /// The round's baseline: the mean of its two runs.
+    fn baseline_per_s(&self) -> f64 {
+        (self.baselines_per_s.0 + self.baselines_per_s.1) / 2.0
+    }
 }
 
 /// Fills a fresh database with what a deployment that has run for a while holds:
@@ -321,11 +327,11 @@ async fn main() {
             "round {r}: guildgate {:.0} events/s (CPU {} ms per 1,000 events), baseline {:.0} events/s (before {:.0}, after {:.0}; CPU {} ms), ratio {:.2}, p50 {:.0} ms, p99 {:.0} ms, outbox rows left {}{}",
             round.events_per_s,
             cpu(round.cpu_ms_per_k),
-            round.baseline_per_s,
+            round.baseline_per_s(),
             round.baselines_per_s.0,
             round.baselines_per_s.1,
             cpu(round.baseline_cpu_ms_per_k),
-            round.events_per_s / round.baseline_per_s,
+            round.events_per_s / round.baseline_per_s(),
             round.p50_ms,
             round.p99_ms,
             round.outbox_left,
@@ -333,7 +339,7 @@ async fn main() {
                 (Some(r), c) => format!(
                     "; all relayed: {r:.0} events/s (CPU {} ms), ratio {:.2}",
                     cpu(c),
-                    r / round.baseline_per_s
+                    r / round.baseline_per_s()
                 ),
                 _ => String::new(),
             },
@@ -346,10 +352,10 @@ async fn main() {
         (!xs.is_empty()).then(|| median(&mut xs).round())
     };
     let events_per_s = med(&|r| r.events_per_s);
-    let baseline_per_s = med(&|r| r.baseline_per_s);
+    let baseline_per_s = med(&|r| r.baseline_per_s());
     // The median of the rounds' own ratios: each pairs phases run minutes apart, which
     // is fairer than the ratio of medians when the machine's speed drifts.
-    let ratio = med(&|r| r.events_per_s / r.baseline_per_s);
+    let ratio = med(&|r| r.events_per_s / r.baseline_per_s());
     let (p50, p99) = (med(&|r| r.p50_ms), med(&|r| r.p99_ms));
     let settings = Settings::load_with_env(None, Some(bench_env("-", "-"))).unwrap();
     println!(
@@ -369,7 +375,7 @@ async fn main() {
             "p99_ms": (p99 * 10.0).round() / 10.0,
             "cpu_ms_per_1k_events": med_opt(&|r| r.cpu_ms_per_k),
             "relayed_events_per_s": med_opt(&|r| r.relayed_per_s),
-            "relayed_ratio": med_opt(&|r| r.relayed_per_s.map(|x| x / r.baseline_per_s * 100.0)).map(|x| x / 100.0),
+            "relayed_ratio": med_opt(&|r| r.relayed_per_s.map(|x| x / r.baseline_per_s() * 100.0)).map(|x| x / 100.0),
             "relayed_cpu_ms_per_1k_events": med_opt(&|r| r.relayed_cpu_ms_per_k),
             "baseline_cpu_ms_per_1k_events": med_opt(&|r| r.baseline_cpu_ms_per_k),
             "consumers": settings.amqp.consumers,
@@ -623,9 +629,8 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
     let cpu = Cpu::ms_per_k_since(cpu_before, n as u64).map(|c| c.0);
     // Every message of the workload is valid: one that was dead-lettered (a query the
     // database refused, say) was settled without being applied, and the figure above
-    // would measure a failure.
-    // (Counted by the consumer as it settles, so none is missed that is still on its
-    // way to the dead-letter queue.)
+    // would measure a failure. The consumer counts them as it settles, so none still on
+    // its way to the dead-letter queue is missed.
     let kinds: std::collections::BTreeSet<&str> =
         msgs.iter().map(|m| m.routing_key.as_str()).collect();
     let dead: u64 = kinds
@@ -692,7 +697,6 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
 
     Round {
         events_per_s: n as f64 / secs,
-        baseline_per_s: (before.0 + after.0) / 2.0,
         baselines_per_s: (before.0, after.0),
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),

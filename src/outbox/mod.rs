@@ -44,10 +44,10 @@ pub struct Relay {
     pub batch_size: i64,
     pub sweep_interval: Duration,
     /// A notification that arrives sooner than this after the last drain started waits
-    /// until this much has passed. Under load every committed transaction notifies, and
-    /// a drain each (a transaction, a commit, a confirmed publish) made the relay about a
-    /// seventh of ingest's CPU per event; waiting a little lets one drain take the rows
-    /// of several. An idle relay drains at once.
+    /// until this much has passed. Under load every transaction that writes outbox rows
+    /// notifies, and a drain each (a transaction, a commit, a confirmed publish) made the
+    /// relay about a seventh of ingest's CPU per event; waiting a little lets one drain
+    /// take the rows of several. An idle relay drains at once.
     pub linger: Duration,
     pub metrics: Arc<Metrics>,
     /// Test hook: fail once after publishing and before deleting, as a crash would.
@@ -103,8 +103,8 @@ impl Relay {
         let mut listener: Option<PgListener> = None;
         let mut ch: Option<Channel> = None;
         // When the backlog gauges were last read: at most once per `BACKLOG_EVERY`, not
-        // after every drain (under load the relay drains hundreds of times a second, and
-        // each count scans the outbox).
+        // after every drain (with no linger the relay drains hundreds of times a second
+        // under load, and each count scans the outbox).
         let mut backlog_read: Option<std::time::Instant> = None;
         // When the last drain started, and whether a notification woke this one.
         let mut drained_at: Option<std::time::Instant> = None;
