@@ -255,6 +255,14 @@ struct Round {
     /// Machine CPU per 1,000 events (ms): guildgate's phase, the baseline's.
     cpu_ms_per_k: Option<f64>,
     baseline_cpu_ms_per_k: Option<f64>,
+    /// This process's CPU per 1,000 events (ms): guildgate's phase (guildgate and the
+    /// publisher), the baseline's (its consumer and the same publisher). Steadier than
+    /// the machine's, and the difference is what guildgate itself costs.
+    process_cpu_ms_per_k: Option<f64>,
+    baseline_process_cpu_ms_per_k: Option<f64>,
+    /// Events per consumer transaction (deferred events count again in a later one):
+    /// the fixed costs of a transaction are shared by this many.
+    events_per_batch: Option<f64>,
     /// Outbox rows not yet relayed when the last event committed.
     outbox_left: i64,
     /// Events per second and machine CPU per 1,000 events until the relay had also
@@ -324,16 +332,19 @@ async fn main() {
         let round = round(&args, &msgs, business).await;
         let cpu = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{c:.0}"));
         println!(
-            "round {r}: guildgate {:.0} events/s (CPU {} ms per 1,000 events), baseline {:.0} events/s (before {:.0}, after {:.0}; CPU {} ms), ratio {:.2}, p50 {:.0} ms, p99 {:.0} ms, outbox rows left {}{}",
+            "round {r}: guildgate {:.0} events/s (CPU {} ms per 1,000 events, {} in this process), baseline {:.0} events/s (before {:.0}, after {:.0}; CPU {} ms, {} in this process), ratio {:.2}, p50 {:.0} ms, p99 {:.0} ms, {} events per transaction, outbox rows left {}{}",
             round.events_per_s,
             cpu(round.cpu_ms_per_k),
+            cpu(round.process_cpu_ms_per_k),
             round.baseline_per_s(),
             round.baselines_per_s.0,
             round.baselines_per_s.1,
             cpu(round.baseline_cpu_ms_per_k),
+            cpu(round.baseline_process_cpu_ms_per_k),
             round.events_per_s / round.baseline_per_s(),
             round.p50_ms,
             round.p99_ms,
+            cpu(round.events_per_batch),
             round.outbox_left,
             match (round.relayed_per_s, round.relayed_cpu_ms_per_k) {
                 (Some(r), c) => format!(
@@ -378,6 +389,9 @@ async fn main() {
             "relayed_ratio": med_opt(&|r| r.relayed_per_s.map(|x| x / r.baseline_per_s() * 100.0)).map(|x| x / 100.0),
             "relayed_cpu_ms_per_1k_events": med_opt(&|r| r.relayed_cpu_ms_per_k),
             "baseline_cpu_ms_per_1k_events": med_opt(&|r| r.baseline_cpu_ms_per_k),
+            "process_cpu_ms_per_1k_events": med_opt(&|r| r.process_cpu_ms_per_k),
+            "events_per_batch": med_opt(&|r| r.events_per_batch),
+            "baseline_process_cpu_ms_per_1k_events": med_opt(&|r| r.baseline_process_cpu_ms_per_k),
             "consumers": settings.amqp.consumers,
             "prefetch": settings.amqp.prefetch,
             "batch_size": settings.amqp.batch_size,
@@ -416,7 +430,7 @@ fn bench_env(db_url: &str, prefix: &str) -> HashMap<String, String> {
 /// into the same queue (guildgate's own topology, declared under a prefix of its own),
 /// consumed with the same prefetch, consumer count and ack mode; no database.
 /// `--plain-baseline`: a bare quorum queue on the default exchange instead. Returns
-/// events per second and machine CPU per 1,000 events.
+/// events per second and CPU per 1,000 events (the machine's, this process's).
 async fn baseline(
     conn: &Connection,
     args: &Args,
@@ -424,7 +438,7 @@ async fn baseline(
     settings: &Settings,
     prefix: &str,
     label: &str,
-) -> (f64, Option<f64>) {
+) -> (f64, Option<(f64, f64)>) {
     let n = msgs.len();
     let consumers = settings.amqp.consumers;
     let prefetch = settings.amqp.prefetch;
@@ -522,7 +536,7 @@ async fn baseline(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let secs = started.elapsed().as_secs_f64();
-    let cpu = Cpu::ms_per_k_since(cpu_before, n as u64).map(|c| c.0);
+    let cpu = Cpu::ms_per_k_since(cpu_before, n as u64);
     stop.cancel();
     for c in consumer_channels {
         let _ = c.close(200, "done".into()).await;
@@ -626,7 +640,10 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let secs = started.elapsed().as_secs_f64();
-    let cpu = Cpu::ms_per_k_since(cpu_before, n as u64).map(|c| c.0);
+    let cpu = Cpu::ms_per_k_since(cpu_before, n as u64);
+    let events_per_batch = metric_value(&metrics.render(), "guildgate_event_batch_seconds_count")
+        .filter(|b| *b > 0.0)
+        .map(|b| n as f64 / b);
     // Every message of the workload is valid: one that was dead-lettered (a query the
     // database refused, say) was settled without being applied, and the figure above
     // would measure a failure. The consumer counts them as it settles, so none still on
@@ -700,14 +717,28 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
         baselines_per_s: (before.0, after.0),
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
-        cpu_ms_per_k: cpu,
-        baseline_cpu_ms_per_k: match (before.1, after.1) {
-            (Some(b), Some(a)) => Some((a + b) / 2.0),
-            (b, a) => b.or(a),
-        },
+        cpu_ms_per_k: cpu.map(|c| c.0),
+        baseline_cpu_ms_per_k: mean_of(before.1.map(|c| c.0), after.1.map(|c| c.0)),
+        process_cpu_ms_per_k: cpu.map(|c| c.1),
+        events_per_batch,
+        baseline_process_cpu_ms_per_k: mean_of(before.1.map(|c| c.1), after.1.map(|c| c.1)),
         outbox_left,
         relayed_per_s: drained_secs.map(|d| n as f64 / d),
         relayed_cpu_ms_per_k: drained_cpu,
+    }
+}
+
+/// The value of an unlabelled sample `name` in Prometheus text exposition.
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The mean of the two where both are known, else the one that is.
+fn mean_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some((a + b) / 2.0),
+        (a, b) => a.or(b),
     }
 }
 
