@@ -260,6 +260,18 @@ impl App {
                 "outbox relay"
             });
         }
+        if let Some(retention) = self.settings.ingest.processed_retention {
+            let pruner = crate::events::retention::Pruner {
+                pool: self.pool.clone(),
+                retention,
+                metrics: self.metrics.clone(),
+            };
+            let (every, s) = (self.settings.ingest.prune_interval, shutdown.clone());
+            tasks.spawn(async move {
+                pruner.run_every(every, s).await;
+                "event id pruner"
+            });
+        }
         if let Some(every) = self.settings.reconcile.interval {
             // Discord reads on the side budget, never the syncer's.
             let reconciler = crate::reconcile::Reconciler {

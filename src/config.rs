@@ -66,6 +66,7 @@ pub struct Settings {
     pub discord: DiscordSettings,
     pub secrets: SecretSettings,
     pub grants: GrantSettings,
+    pub ingest: IngestSettings,
     pub outbox: OutboxSettings,
     pub sync: SyncSettings,
     pub webhooks: WebhookSettings,
@@ -146,6 +147,20 @@ pub struct GrantSettings {
     #[serde(deserialize_with = "duration")]
     pub max_future_skew: Duration,
 }
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct IngestSettings {
+    /// How long an applied event's id is kept to recognise a duplicate of it; `None`
+    /// (empty) = forever. Older ids are pruned every `prune_interval`.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub processed_retention: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub prune_interval: Duration,
+}
+
+/// The shortest `ingest.processed_retention` accepted: the platform may republish an
+/// event hours later, and one applied just before a crash is redelivered on restart.
+pub const MIN_PROCESSED_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Clone, Debug, Deserialize)]
 pub struct OutboxSettings {
@@ -263,6 +278,21 @@ impl Settings {
         if self.amqp.batch_size == 0 || self.amqp.consumers == 0 {
             return Err(ConfigError::Invalid(
                 "amqp.batch_size and amqp.consumers must be at least 1".into(),
+            ));
+        }
+        if self
+            .ingest
+            .processed_retention
+            .is_some_and(|r| r < MIN_PROCESSED_RETENTION)
+        {
+            return Err(ConfigError::Invalid(
+                "ingest.processed_retention must be at least 24h (or empty to keep every id)"
+                    .into(),
+            ));
+        }
+        if self.ingest.prune_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "ingest.prune_interval must be more than 0s".into(),
             ));
         }
         if self.sync.retry_delays.is_empty() || self.webhooks.retry_delays.is_empty() {
@@ -431,6 +461,37 @@ mod tests {
             Settings::load_with_env(
                 None,
                 Some(env(&[("GUILDGATE_RECONCILE__POLICY", "delete")]))
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn processed_retention_is_a_day_or_more_or_off() {
+        let load = |v: &str| {
+            Settings::load_with_env(
+                None,
+                Some(env(&[("GUILDGATE_INGEST__PROCESSED_RETENTION", v)])),
+            )
+        };
+        let defaults = Settings::load_with_env(None, Some(env(&[]))).unwrap();
+        assert_eq!(
+            defaults.ingest.processed_retention,
+            Some(Duration::from_secs(30 * 86400))
+        );
+        assert_eq!(defaults.ingest.prune_interval, Duration::from_secs(3600));
+        assert_eq!(
+            load("90d").unwrap().ingest.processed_retention,
+            Some(Duration::from_secs(90 * 86400))
+        );
+        assert_eq!(load("").unwrap().ingest.processed_retention, None);
+        assert_eq!(load("off").unwrap().ingest.processed_retention, None);
+        let err = load("12h").unwrap_err().to_string();
+        assert!(err.contains("ingest.processed_retention"), "{err}");
+        assert!(
+            Settings::load_with_env(
+                None,
+                Some(env(&[("GUILDGATE_INGEST__PRUNE_INTERVAL", "0s")]))
             )
             .is_err()
         );

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub events: Family<Labels, Counter>,
     /// Seconds from receipt of a batch to its commit.
     pub event_latency: Histogram,
+    /// Applied event ids deleted once older than the retention.
+    pub processed_pruned: Counter,
     /// Outbox rows relayed, by kind.
     pub outbox_relayed: Family<Labels, Counter>,
     /// Relay transactions that published rows (each a commit and a confirmed publish).
@@ -60,6 +62,12 @@ impl Metrics {
             "event_batch_seconds",
             "Seconds from receiving a batch of events to its commit",
             event_latency.clone(),
+        );
+        let processed_pruned = Counter::default();
+        registry.register(
+            "processed_events_pruned",
+            "Applied event ids deleted after ingest.processed_retention",
+            processed_pruned.clone(),
         );
         let outbox_relayed = Family::<Labels, Counter>::default();
         registry.register(
@@ -132,6 +140,7 @@ impl Metrics {
             events_settled: Default::default(),
             events,
             event_latency,
+            processed_pruned,
             outbox_relayed,
             outbox_drains,
             outbox_claims,

@@ -852,3 +852,197 @@ async fn a_pause_and_an_unpause_in_one_batch_apply_together() {
     );
     app.stop().await;
 }
+
+/// Grants of a business as (id, status, revocation reason), in a stable order.
+async fn all_grants(app: &TestApp) -> Vec<(String, String, Option<String>)> {
+    sqlx::query_as(
+        "SELECT id, status, revocation_reason FROM grants WHERE business_id = $1 ORDER BY id",
+    )
+    .bind(app.business())
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applied_event_ids_older_than_the_retention_are_pruned_in_chunks() {
+    use guildgate::events::retention::{PRUNE_CHUNK, Pruner};
+    let app = TestApp::spawn_ingest().await;
+    let b = app.business();
+    // More old ids than two chunks, and recent ones on both sides of the cutoff's day.
+    let old = 2 * PRUNE_CHUNK + 345;
+    sqlx::query(
+        "INSERT INTO processed_events (event_id, event_type, business_id, outcome, processed_at)
+         SELECT 'old_' || i, 'payment.succeeded', $1, 'applied', now() - interval '31 days' - i * interval '1 second'
+         FROM generate_series(1, $2) AS i",
+    )
+    .bind(&b)
+    .bind(old)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO processed_events (event_id, event_type, business_id, outcome, processed_at)
+         SELECT 'new_' || i, 'payment.succeeded', $1, 'applied', now() - interval '29 days' + i * interval '1 hour'
+         FROM generate_series(1, 10) AS i",
+    )
+    .bind(&b)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let pruner = Pruner {
+        pool: app.pool.clone(),
+        retention: std::time::Duration::from_secs(30 * 86400),
+        metrics: app.metrics.clone(),
+    };
+    let never = tokio_util::sync::CancellationToken::new();
+    let pruned = pruner.prune(chrono::Utc::now(), &never).await.unwrap();
+    assert_eq!(pruned, old as u64);
+    assert_eq!(app.metrics.processed_pruned.get(), old as u64);
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM processed_events ORDER BY processed_at")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(left.len(), 10);
+    assert!(left.iter().all(|id| id.starts_with("new_")), "{left:?}");
+    assert_eq!(pruner.prune(chrono::Utc::now(), &never).await.unwrap(), 0);
+    // The migration built its index (concurrently) and it is usable.
+    let valid: bool = sqlx::query_scalar(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = 'processed_events_processed_at'::regclass",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(valid);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_of_an_event_whose_id_was_pruned_changes_nothing() {
+    use guildgate::events::retention::Pruner;
+    let app = TestApp::spawn_ingest().await;
+    app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
+    app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    let events = [
+        (payment(&b, "pay_1", "cus_1", &["pdt_life"], &t(1)), "p1"),
+        (refund(&b, "pay_2", false, &t(2)), "r2"),
+        (payment(&b, "pay_2", "cus_2", &["pdt_life"], &t(1)), "p2"),
+        (payment(&b, "pay_3", "cus_3", &["pdt_life"], &t(1)), "p3"),
+        (dispute_lost(&b, "pay_3", &t(3)), "d3"),
+        (
+            subscription(
+                "active",
+                &b,
+                "sub_1",
+                "cus_4",
+                "pdt_monthly",
+                "active",
+                &t(1),
+            ),
+            "s1",
+        ),
+        (
+            subscription(
+                "active",
+                &b,
+                "sub_2",
+                "cus_5",
+                "pdt_monthly",
+                "active",
+                &t(1),
+            ),
+            "s2a",
+        ),
+        (
+            subscription(
+                "cancelled",
+                &b,
+                "sub_2",
+                "cus_5",
+                "pdt_monthly",
+                "cancelled",
+                &t(4),
+            ),
+            "s2c",
+        ),
+    ];
+    for (e, id) in &events {
+        app.publish(e, id).await;
+        // In order: the refund before its late payment, the cancellation last.
+        app.wait_processed(events.iter().position(|(_, i)| i == id).unwrap() as i64 + 1)
+            .await;
+    }
+    let before = all_grants(&app).await;
+    assert_eq!(before.len(), 4, "{before:?}");
+    app.wait_outbox_empty().await;
+    let first_webhooks = app.drain_grant_events().await.len();
+    assert_eq!(first_webhooks, 6, "four created, two revoked");
+
+    // Every id ages past the retention and is pruned.
+    sqlx::query("UPDATE processed_events SET processed_at = processed_at - interval '31 days'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let pruner = Pruner {
+        pool: app.pool.clone(),
+        retention: std::time::Duration::from_secs(30 * 86400),
+        metrics: app.metrics.clone(),
+    };
+    let never = tokio_util::sync::CancellationToken::new();
+    let pruned = pruner.prune(chrono::Utc::now(), &never).await.unwrap();
+    assert_eq!(pruned, events.len() as u64);
+
+    // The platform publishes every one of them again.
+    for (e, id) in &events {
+        app.publish(e, id).await;
+    }
+    app.wait_processed(events.len() as i64).await;
+    wait_for("every duplicate settled", || async {
+        let settled = app
+            .metrics
+            .events_settled
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (settled == 2 * events.len() as u64).then_some(())
+    })
+    .await;
+    assert_eq!(all_grants(&app).await, before);
+    app.wait_outbox_empty().await;
+    assert_eq!(app.drain_grant_events().await.len(), 0, "no webhook again");
+    assert_eq!(app.queue_len(&app.names.discord_sync()).await, 0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_prunes_applied_event_ids_on_its_interval() {
+    let app = TestApp::spawn_with(
+        common::TestConfig::ingest_only()
+            .env("GUILDGATE_INGEST__PROCESSED_RETENTION", "1d")
+            .env("GUILDGATE_INGEST__PRUNE_INTERVAL", "200ms"),
+    )
+    .await;
+    app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    app.publish(&payment(&b, "pay_1", "cus_1", &["pdt_life"], &t(1)), "p1")
+        .await;
+    app.wait_processed(1).await;
+    sqlx::query(
+        "INSERT INTO processed_events (event_id, event_type, business_id, outcome, processed_at)
+         VALUES ('ancient', 'payment.succeeded', $1, 'applied', now() - interval '2 days')",
+    )
+    .bind(&b)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    wait_for("the old id pruned", || async {
+        (app.metrics.processed_pruned.get() == 1).then_some(())
+    })
+    .await;
+    let left: Vec<String> = sqlx::query_scalar("SELECT event_id FROM processed_events")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ["p1"]);
+    app.stop().await;
+}

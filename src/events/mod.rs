@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod consumer;
 pub mod decode;
+pub mod retention;
 
 use chrono::{DateTime, Utc};
 

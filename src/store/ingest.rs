@@ -50,6 +50,25 @@ pub async fn processed_among(
         .await
 }
 
+/// Deletes up to `limit` applied event ids recorded before `cutoff`, oldest first,
+/// passing over rows another pruner holds. Returns how many it deleted.
+pub async fn prune_processed(
+    conn: &mut PgConnection,
+    cutoff: DateTime<Utc>,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM processed_events WHERE event_id IN (
+             SELECT event_id FROM processed_events WHERE processed_at < $1
+             ORDER BY processed_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(cutoff)
+    .bind(limit)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// An applied event id and its outcome.
 pub struct ProcessedRow {
     pub event_id: String,

@@ -1,0 +1,86 @@
+//! Pruning of applied event ids. `processed_events` is what makes a redelivered or
+//! duplicated event change nothing, but it would grow by one row per event forever. Ids
+//! older than `ingest.processed_retention` are deleted, a chunk per transaction, so a
+//! first prune of a large backlog never holds many locks or one long transaction.
+//!
+//! A duplicate of an event whose id was pruned is applied again, and the state it meets
+//! makes that change nothing: a subscription event is no newer than the last one applied
+//! to its subscription (stale), and a one-time payment, refund or lost dispute finds the
+//! grants or reversal it made already there.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::store;
+
+/// Ids deleted per transaction.
+pub const PRUNE_CHUNK: i64 = 5_000;
+
+/// Deletes applied event ids older than a retention, on a schedule.
+#[derive(Clone)]
+pub struct Pruner {
+    pub pool: PgPool,
+    pub retention: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Pruner {
+    /// Deletes every id recorded before `now - retention`, in chunks, and returns how
+    /// many. Stops early (with what it deleted so far) on `shutdown`.
+    pub async fn prune(
+        &self,
+        now: DateTime<Utc>,
+        shutdown: &CancellationToken,
+    ) -> Result<u64, sqlx::Error> {
+        // A retention longer than time itself has nothing to prune.
+        let Some(cutoff) = chrono::Duration::from_std(self.retention)
+            .ok()
+            .and_then(|r| now.checked_sub_signed(r))
+        else {
+            return Ok(0);
+        };
+        let mut total = 0;
+        loop {
+            let mut conn = self.pool.acquire().await?;
+            let n = store::ingest::prune_processed(&mut conn, cutoff, PRUNE_CHUNK).await?;
+            drop(conn);
+            total += n;
+            self.metrics.processed_pruned.inc_by(n);
+            if n < PRUNE_CHUNK as u64 || shutdown.is_cancelled() {
+                return Ok(total);
+            }
+            // Let ingest's transactions in between chunks.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Prunes a minute after start and then every `every`, until `shutdown`. A failed
+    /// pass (the database unavailable, say) is logged and tried again next time.
+    pub async fn run_every(self, every: Duration, shutdown: CancellationToken) {
+        let first = tokio::time::Instant::now() + every.min(Duration::from_secs(60));
+        let mut tick = tokio::time::interval_at(first, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.prune(Utc::now(), &shutdown).await {
+                Ok(0) => tracing::debug!("no applied event ids old enough to prune"),
+                Ok(n) => tracing::info!(
+                    pruned = n,
+                    retention = %humantime::format_duration(self.retention),
+                    "pruned applied event ids"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning applied event ids failed; trying again next interval")
+                }
+            }
+        }
+    }
+}
