@@ -864,9 +864,20 @@ async fn all_grants(app: &TestApp) -> Vec<(String, String, Option<String>)> {
     .unwrap()
 }
 
+/// Prunes the applied event ids recorded more than 30 days ago, now; returns how many.
+async fn prune_30_days_old(app: &TestApp) -> u64 {
+    let pruner = guildgate::events::retention::Pruner {
+        pool: app.pool.clone(),
+        retention: std::time::Duration::from_secs(30 * 86400),
+        metrics: app.metrics.clone(),
+    };
+    let never = tokio_util::sync::CancellationToken::new();
+    pruner.prune(chrono::Utc::now(), &never).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applied_event_ids_older_than_the_retention_are_pruned_in_chunks() {
-    use guildgate::events::retention::{PRUNE_CHUNK, Pruner};
+    use guildgate::events::retention::PRUNE_CHUNK;
     let app = TestApp::spawn_ingest().await;
     let b = app.business();
     // More old ids than two chunks, and recent ones on both sides of the cutoff's day.
@@ -890,13 +901,7 @@ async fn applied_event_ids_older_than_the_retention_are_pruned_in_chunks() {
     .execute(&app.pool)
     .await
     .unwrap();
-    let pruner = Pruner {
-        pool: app.pool.clone(),
-        retention: std::time::Duration::from_secs(30 * 86400),
-        metrics: app.metrics.clone(),
-    };
-    let never = tokio_util::sync::CancellationToken::new();
-    let pruned = pruner.prune(chrono::Utc::now(), &never).await.unwrap();
+    let pruned = prune_30_days_old(&app).await;
     assert_eq!(pruned, old as u64);
     assert_eq!(app.metrics.processed_pruned.get(), old as u64);
     let left: Vec<String> =
@@ -906,7 +911,7 @@ async fn applied_event_ids_older_than_the_retention_are_pruned_in_chunks() {
             .unwrap();
     assert_eq!(left.len(), 10);
     assert!(left.iter().all(|id| id.starts_with("new_")), "{left:?}");
-    assert_eq!(pruner.prune(chrono::Utc::now(), &never).await.unwrap(), 0);
+    assert_eq!(prune_30_days_old(&app).await, 0);
     // The migration built its index (concurrently) and it is usable.
     let valid: bool = sqlx::query_scalar(
         "SELECT indisvalid FROM pg_index WHERE indexrelid = 'processed_events_processed_at'::regclass",
@@ -920,7 +925,6 @@ async fn applied_event_ids_older_than_the_retention_are_pruned_in_chunks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_of_an_event_whose_id_was_pruned_changes_nothing() {
-    use guildgate::events::retention::Pruner;
     let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
     app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
@@ -985,13 +989,7 @@ async fn a_duplicate_of_an_event_whose_id_was_pruned_changes_nothing() {
         .execute(&app.pool)
         .await
         .unwrap();
-    let pruner = Pruner {
-        pool: app.pool.clone(),
-        retention: std::time::Duration::from_secs(30 * 86400),
-        metrics: app.metrics.clone(),
-    };
-    let never = tokio_util::sync::CancellationToken::new();
-    let pruned = pruner.prune(chrono::Utc::now(), &never).await.unwrap();
+    let pruned = prune_30_days_old(&app).await;
     assert_eq!(pruned, events.len() as u64);
 
     // The platform publishes every one of them again.

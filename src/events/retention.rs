@@ -3,10 +3,11 @@
 //! older than `ingest.processed_retention` are deleted, a chunk per transaction, so a
 //! first prune of a large backlog never holds many locks or one long transaction.
 //!
-//! A duplicate of an event whose id was pruned is applied again, and the state it meets
-//! makes that change nothing: a subscription event is no newer than the last one applied
-//! to its subscription (stale), and a one-time payment, refund or lost dispute finds the
-//! grants or reversal it made already there.
+//! A duplicate of an event whose id was pruned is decided again. For most events the state
+//! it meets makes that change nothing, but not for all (see the README): a refund of a
+//! subscription payment with `revoke_on_subscription_refund`, the last event of a
+//! subscription whose grant was revoked since for another reason, a one-time payment whose
+//! product gained an entitlement since. So pruning is off unless configured.
 
 use std::sync::Arc;
 use std::time::Duration;
