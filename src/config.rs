@@ -475,7 +475,10 @@ mod tests {
             )
         };
         let defaults = Settings::load_with_env(None, Some(env(&[]))).unwrap();
-        assert_eq!(defaults.ingest.processed_retention, None);
+        assert_eq!(
+            defaults.ingest.processed_retention,
+            Some(Duration::from_secs(30 * 86400))
+        );
         assert_eq!(defaults.ingest.prune_interval, Duration::from_secs(3600));
         assert_eq!(
             load("90d").unwrap().ingest.processed_retention,

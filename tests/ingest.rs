@@ -521,7 +521,9 @@ async fn duplicates_and_redeliveries_change_nothing() {
         (n == 6).then_some(())
     })
     .await;
-    assert_eq!(app.metrics.event_count("payment.succeeded", "duplicate"), 3);
+    // Two redeliveries of each id, and the payment under another id: recognised by the
+    // payment it records, not by its id.
+    assert_eq!(app.metrics.event_count("payment.succeeded", "duplicate"), 4);
     assert_eq!(statuses(&app, "cus_1").await, [pending()]);
     assert_eq!(statuses(&app, "cus_2").await, [pending()]);
     app.wait_outbox_empty().await;
@@ -996,7 +998,6 @@ async fn a_duplicate_of_an_event_whose_id_was_pruned_changes_nothing() {
     for (e, id) in &events {
         app.publish(e, id).await;
     }
-    app.wait_processed(events.len() as i64).await;
     wait_for("every duplicate settled", || async {
         let settled = app
             .metrics
@@ -1006,9 +1007,110 @@ async fn a_duplicate_of_an_event_whose_id_was_pruned_changes_nothing() {
     })
     .await;
     assert_eq!(all_grants(&app).await, before);
+    // The state recognises all but the cancelled subscription's first event, which is
+    // older than its last and so stale again (recorded as such).
+    assert_eq!(app.processed_count().await, 1);
     app.wait_outbox_empty().await;
     assert_eq!(app.drain_grant_events().await.len(), 0, "no webhook again");
     assert_eq!(app.queue_len(&app.names.discord_sync()).await, 0);
+    app.stop().await;
+}
+
+/// The cases where a pruned id alone let a duplicate change state (found in review):
+/// each is now recognised by the state its first application recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_after_pruning_is_recognised_by_the_state_it_recorded() {
+    let app = TestApp::spawn_with(
+        common::TestConfig::ingest_only()
+            .env("GUILDGATE_GRANTS__REVOKE_ON_SUBSCRIPTION_REFUND", "true"),
+    )
+    .await;
+    app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
+    app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    let active = |sub: &str, cus: &str, at: &str| {
+        subscription("active", &b, sub, cus, "pdt_monthly", "active", at)
+    };
+    let first = [
+        // A subscription payment refunded (revoking, by policy), then the subscription
+        // active again: a repeat of the refund must not revoke the new grant.
+        (active("sub_1", "cus_1", &t(1)), "s1a"),
+        (
+            subscription_payment(&b, "pay_1", "cus_1", "sub_1", "pdt_monthly", &t(1)),
+            "p1",
+        ),
+        (refund(&b, "pay_1", false, &t(2)), "r1"),
+        (active("sub_1", "cus_1", &t(3)), "s1b"),
+        // Two events stamped alike, the second revoking: a repeat of the first must not
+        // grant again.
+        (active("sub_2", "cus_2", &t(1)), "s2a"),
+        (
+            subscription(
+                "on_hold",
+                &b,
+                "sub_2",
+                "cus_2",
+                "pdt_monthly",
+                "on_hold",
+                &t(1),
+            ),
+            "s2h",
+        ),
+        // A one-time payment whose product gains an entitlement afterwards.
+        (payment(&b, "pay_3", "cus_3", &["pdt_life"], &t(1)), "p3"),
+    ];
+    for (i, (e, id)) in first.iter().enumerate() {
+        app.publish(e, id).await;
+        app.wait_processed(i as i64 + 1).await;
+    }
+    let s1 = statuses(&app, "cus_1").await;
+    assert_eq!(s1, [pending(), revoked("refund")]);
+    assert_eq!(
+        statuses(&app, "cus_2").await,
+        [revoked("subscription_on_hold")]
+    );
+    assert_eq!(statuses(&app, "cus_3").await, [pending()]);
+    app.entitlement_for("pdt_life", GUILD, Some("222222222222222222"))
+        .await;
+    let before = all_grants(&app).await;
+    app.wait_outbox_empty().await;
+    let webhooks = app.drain_grant_events().await.len();
+    assert_eq!(webhooks, 6, "four created, two revoked");
+
+    sqlx::query("UPDATE processed_events SET processed_at = processed_at - interval '31 days'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(prune_30_days_old(&app).await, first.len() as u64);
+
+    let repeats = ["r1", "p1", "s2a", "s2h", "p3"];
+    for (e, id) in first.iter().filter(|(_, id)| repeats.contains(id)) {
+        app.publish(e, id).await;
+    }
+    wait_for("every repeat settled", || async {
+        let settled = app
+            .metrics
+            .events_settled
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (settled == (first.len() + repeats.len()) as u64).then_some(())
+    })
+    .await;
+    assert_eq!(all_grants(&app).await, before);
+    // Repeats are counted as duplicates and not recorded again.
+    assert_eq!(app.processed_count().await, 0);
+    app.wait_outbox_empty().await;
+    assert_eq!(app.drain_grant_events().await.len(), 0, "no webhook again");
+
+    // A new event stamped like a subscription's last is still applied, and so is a
+    // reversal of another kind.
+    app.publish(&active("sub_2", "cus_2", &t(1)), "s2x").await;
+    app.publish(&dispute_lost(&b, "pay_3", &t(4)), "d3").await;
+    app.wait_processed(2).await;
+    assert_eq!(
+        statuses(&app, "cus_2").await,
+        [pending(), revoked("subscription_on_hold")]
+    );
+    assert_eq!(statuses(&app, "cus_3").await, [revoked("dispute_lost")]);
     app.stop().await;
 }
 

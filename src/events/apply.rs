@@ -76,12 +76,15 @@ struct State {
     processed: HashSet<String>,
     product_entitlements: HashMap<Key, Vec<EntitlementId>>,
     businesses_with_entitlements: HashSet<String>,
-    subscription_last: HashMap<String, DateTime<Utc>>,
+    /// Each subscription's last applied event time and the ids applied at it (`None`:
+    /// not recorded, a snapshot from before migration 0012).
+    subscription_last: HashMap<String, (DateTime<Utc>, Option<Vec<String>>)>,
     /// Grants by (business, subscription) and (business, payment), oldest first.
     sub_grants: HashMap<Key, Vec<Grant>>,
     pay_grants: HashMap<Key, Vec<Grant>>,
     payments: HashMap<Key, Option<String>>,
-    reversals: HashMap<Key, RevocationReason>,
+    /// Reversals recorded per payment, oldest first.
+    reversals: HashMap<Key, Vec<RevocationReason>>,
     /// Customers who linked a Discord account: only their grants can need Discord work.
     linked: HashSet<Key>,
 }
@@ -227,7 +230,11 @@ impl Applier {
                 state.payments.insert((b, p), s);
             }
             for (b, p, reason) in db::reversals_many(conn, &pay_b, &pay_p).await? {
-                state.reversals.insert((b, p), reason_of(&reason));
+                state
+                    .reversals
+                    .entry((b, p))
+                    .or_default()
+                    .push(reason_of(&reason));
             }
             for g in grant_store::of_sources(conn, &pay_b, &pay_p, false).await? {
                 let k = key(&g.business_id, g.payment_id.as_deref().unwrap_or_default());
@@ -235,9 +242,10 @@ impl Applier {
             }
         }
         if !sub_b.is_empty() {
-            state.subscription_last = db::subscriptions_last_event_at(conn, &sub_s)
+            state.subscription_last = db::subscriptions_last_applied(conn, &sub_s)
                 .await?
                 .into_iter()
+                .map(|(sub, at, ids)| (sub, (at, ids)))
                 .collect();
             for g in grant_store::of_sources(conn, &sub_b, &sub_s, true).await? {
                 let k = key(
@@ -301,12 +309,14 @@ impl Applier {
         };
         facts.grants = match &event.kind {
             EventKind::PaymentSucceeded(p) => {
+                let pay = key(b, p.payment_id.as_str());
                 facts.payment_reversed =
-                    state.reversals.get(&key(b, p.payment_id.as_str())).copied();
+                    state.reversals.get(&pay).and_then(|rs| rs.first()).copied();
+                facts.payment_recorded = state.payments.contains_key(&pay);
                 match &p.subscription_id {
                     Some(s) => {
                         facts.subscription_last_event_at =
-                            state.subscription_last.get(s.as_str()).copied();
+                            state.subscription_last.get(s.as_str()).map(|(at, _)| *at);
                         live(state.sub_grants.get(&key(b, s.as_str())))
                     }
                     None => state
@@ -325,6 +335,11 @@ impl Applier {
                     _ => unreachable!(),
                 };
                 facts.business_has_entitlements = state.businesses_with_entitlements.contains(b);
+                facts.reversals_recorded = state
+                    .reversals
+                    .get(&key(b, pay))
+                    .cloned()
+                    .unwrap_or_default();
                 facts.payment_subscription = state.payments.get(&key(b, pay)).map(|s| {
                     s.as_ref()
                         .and_then(|s| SubscriptionId::parse(s.as_str()).ok())
@@ -337,7 +352,10 @@ impl Applier {
             }
             EventKind::Subscription(_, s) => {
                 let sub = s.subscription_id.as_str();
-                facts.subscription_last_event_at = state.subscription_last.get(sub).copied();
+                if let Some((at, ids)) = state.subscription_last.get(sub) {
+                    facts.subscription_last_event_at = Some(*at);
+                    facts.subscription_last_event_ids = ids.clone();
+                }
                 let all = state.sub_grants.get(&key(b, sub));
                 // The latest grant of each entitlement decides whether it was revoked by
                 // hand; grants are oldest first, so later ones overwrite earlier ones.
@@ -374,6 +392,8 @@ impl Applier {
             // other merchants' and would only fill the table.
             Verdict::Irrelevant => return Applied::Irrelevant,
             Verdict::Stale => Applied::Stale,
+            // Not recorded again: its first application is.
+            Verdict::Repeat => return Applied::Duplicate,
             Verdict::Apply(effects) => {
                 for effect in &effects {
                     self.carry_out(state, writes, event, effect, now);
@@ -467,9 +487,21 @@ impl Applier {
             }
             Effect::RecordSubscription => {
                 if let EventKind::Subscription(_, s) = &event.kind {
-                    state
-                        .subscription_last
-                        .insert(s.subscription_id.to_string(), event.timestamp);
+                    let id = event.id.to_string();
+                    // Events stamped alike are all remembered; a later time starts afresh.
+                    let ids = match state.subscription_last.get_mut(s.subscription_id.as_str()) {
+                        Some((at, Some(ids))) if *at == event.timestamp => {
+                            ids.push(id);
+                            ids.clone()
+                        }
+                        _ => {
+                            state.subscription_last.insert(
+                                s.subscription_id.to_string(),
+                                (event.timestamp, Some(vec![id.clone()])),
+                            );
+                            vec![id]
+                        }
+                    };
                     writes.subscriptions.insert(
                         s.subscription_id.to_string(),
                         db::SubscriptionRow {
@@ -479,6 +511,7 @@ impl Applier {
                             product_id: s.product_id.to_string(),
                             status: s.status.as_str().to_string(),
                             last_event_at: event.timestamp,
+                            last_event_ids: ids,
                         },
                     );
                 }
@@ -503,7 +536,10 @@ impl Applier {
                     EventKind::DisputeLost(d) => d.payment_id.as_str(),
                     _ => return,
                 };
-                state.reversals.entry(key(b, pay)).or_insert(*reason);
+                let recorded = state.reversals.entry(key(b, pay)).or_default();
+                if !recorded.contains(reason) {
+                    recorded.push(*reason);
+                }
                 writes.reversals.push(db::ReversalRow {
                     payment_id: pay.to_string(),
                     reason: reason.as_str(),

@@ -3,11 +3,9 @@
 //! older than `ingest.processed_retention` are deleted, a chunk per transaction, so a
 //! first prune of a large backlog never holds many locks or one long transaction.
 //!
-//! A duplicate of an event whose id was pruned is decided again. For most events the state
-//! it meets makes that change nothing, but not for all (see the README): a refund of a
-//! subscription payment with `revoke_on_subscription_refund`, the last event of a
-//! subscription whose grant was revoked since for another reason, a one-time payment whose
-//! product gained an entitlement since. So pruning is off unless configured.
+//! A duplicate of an event whose id was pruned is recognised by the state its first
+//! application recorded (see [`crate::grants::decide`]'s `Repeat`): its payment, its
+//! reversal, or its id among those its subscription applied at its last event time.
 
 use std::sync::Arc;
 use std::time::Duration;

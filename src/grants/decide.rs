@@ -10,7 +10,10 @@
 //! - `on_hold`, `paused`, `cancelled`, `expired`, `failed` revoke every live grant;
 //! - `plan_changed` also revokes what the new product lacks;
 //! - a full refund of a one-time payment, or a lost dispute, revokes that payment's grants;
-//! - a subscription event older than the last one applied changes nothing.
+//! - a subscription event older than the last one applied changes nothing;
+//! - an event the recorded state shows as applied already (its payment, its reversal,
+//!   or its id among the subscription's events at the last applied time) changes
+//!   nothing, even once its id has left `processed_events`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -42,6 +45,13 @@ pub struct Facts {
     pub manually_revoked: HashSet<EntitlementId>,
     /// When the last applied event of this subscription was stamped, if any.
     pub subscription_last_event_at: Option<DateTime<Utc>>,
+    /// The ids of the subscription's events applied at that time; `None` when the
+    /// snapshot predates their recording (migration 0012).
+    pub subscription_last_event_ids: Option<Vec<String>>,
+    /// `payment.succeeded`: this payment was applied already.
+    pub payment_recorded: bool,
+    /// Refund / dispute: the reversals already recorded for this payment.
+    pub reversals_recorded: Vec<RevocationReason>,
     /// A full refund or lost dispute of this payment was seen (before the payment).
     pub payment_reversed: Option<RevocationReason>,
     /// Refund / dispute: the payment as recorded, `None` if guildgate never saw it;
@@ -92,6 +102,10 @@ pub enum Verdict {
     Irrelevant,
     /// Older than the subscription's last applied event: changes nothing.
     Stale,
+    /// Applied already, by the recorded state (a payment, a reversal, a subscription
+    /// event at the last applied time), though its id is not among the processed ones:
+    /// a duplicate that arrives after its id was pruned. Changes nothing.
+    Repeat,
     /// Apply these effects (possibly none).
     Apply(Vec<Effect>),
 }
@@ -100,6 +114,10 @@ pub enum Verdict {
 pub fn decide(facts: &Facts, event: &Event, policy: Policy) -> Verdict {
     match &event.kind {
         EventKind::PaymentSucceeded(p) => {
+            // A payment succeeds once; it is recorded whenever it was applied.
+            if facts.payment_recorded {
+                return Verdict::Repeat;
+            }
             if p.subscription_id.is_some() {
                 // A subscription's payment grants nothing itself; remember which
                 // subscription it paid for, so a refund of it can be mapped.
@@ -164,10 +182,19 @@ pub fn decide(facts: &Facts, event: &Event, policy: Policy) -> Verdict {
             if entitlements.is_empty() && facts.grants.is_empty() && !known {
                 return Verdict::Irrelevant;
             }
-            if let Some(last) = facts.subscription_last_event_at
-                && event.timestamp < last
-            {
-                return Verdict::Stale;
+            if let Some(last) = facts.subscription_last_event_at {
+                if event.timestamp < last {
+                    return Verdict::Stale;
+                }
+                // Events stamped alike are all applied; this one was, if it is named.
+                if event.timestamp == last
+                    && facts
+                        .subscription_last_event_ids
+                        .as_ref()
+                        .is_some_and(|ids| ids.iter().any(|id| id == event.id.as_str()))
+                {
+                    return Verdict::Repeat;
+                }
             }
             let mut effects = vec![Effect::RecordSubscription];
             match implied(*kind, &sub.status) {
@@ -208,6 +235,10 @@ pub fn decide(facts: &Facts, event: &Event, policy: Policy) -> Verdict {
 }
 
 fn reversal(facts: &Facts, reason: RevocationReason, policy: Policy) -> Verdict {
+    // A payment is fully refunded, or lost in a dispute, once.
+    if facts.reversals_recorded.contains(&reason) {
+        return Verdict::Repeat;
+    }
     let mut effects = Vec::new();
     match &facts.payment_subscription {
         // A subscription's payment: its own events decide, unless configured otherwise.
@@ -644,6 +675,93 @@ mod tests {
             Policy::default(),
         );
         assert_eq!(created(&same), ["e1"], "an equal timestamp is not older");
+    }
+
+    #[test]
+    fn an_event_the_recorded_state_shows_as_applied_is_a_repeat() {
+        // The test events' id is "evt".
+        let at = "2026-02-01T00:00:00Z";
+        let sub = Facts {
+            product_entitlements: products(&[("p1", &["e1"])]),
+            subscription_last_event_at: Some(t(at)),
+            subscription_last_event_ids: Some(vec!["other".into(), "evt".into()]),
+            ..Facts::default()
+        };
+        let active = |at| {
+            event(
+                subscription(SubscriptionEventType::Active, "p1", "active"),
+                at,
+            )
+        };
+        assert_eq!(
+            decide(&sub, &active(at), Policy::default()),
+            Verdict::Repeat
+        );
+        // Another event stamped alike is applied; so is one whose snapshot predates
+        // the recording of ids.
+        let others = Facts {
+            subscription_last_event_ids: Some(vec!["other".into()]),
+            ..sub.clone()
+        };
+        assert_eq!(
+            created(&decide(&others, &active(at), Policy::default())),
+            ["e1"]
+        );
+        let legacy = Facts {
+            subscription_last_event_ids: None,
+            ..sub.clone()
+        };
+        assert_eq!(
+            created(&decide(&legacy, &active(at), Policy::default())),
+            ["e1"]
+        );
+        // Older is stale, whatever the ids.
+        assert_eq!(
+            decide(&sub, &active("2026-01-01T00:00:00Z"), Policy::default()),
+            Verdict::Stale
+        );
+
+        // A recorded payment, one-time or a subscription's, even if its product has
+        // gained an entitlement since.
+        let paid = Facts {
+            product_entitlements: products(&[("p1", &["e1", "e2"])]),
+            grants: vec![grant("g1", "e1", GrantStatus::Delivered)],
+            payment_recorded: true,
+            subscription_last_event_at: Some(t(at)),
+            ..Facts::default()
+        };
+        for sub in [None, Some("sub")] {
+            let v = decide(&paid, &event(payment(sub, &["p1"]), at), Policy::default());
+            assert_eq!(v, Verdict::Repeat, "{sub:?}");
+        }
+
+        // A recorded reversal of the same kind; the other kind still applies.
+        let on = Policy {
+            revoke_on_subscription_refund: true,
+        };
+        let refunded = Facts {
+            grants: vec![grant("g1", "e1", GrantStatus::Delivered)],
+            payment_subscription: Some(Some(SubscriptionId::parse("sub").unwrap())),
+            business_has_entitlements: true,
+            reversals_recorded: vec![RevocationReason::Refund],
+            ..Facts::default()
+        };
+        assert_eq!(
+            decide(&refunded, &event(refund(false), at), on),
+            Verdict::Repeat
+        );
+        let one_time = Facts {
+            payment_subscription: Some(None),
+            ..refunded.clone()
+        };
+        let d = EventKind::DisputeLost(Dispute {
+            dispute_id: "d".into(),
+            payment_id: PaymentId::parse("pay").unwrap(),
+        });
+        assert_eq!(
+            revoked(&decide(&one_time, &event(d, at), on)),
+            [("g1", RevocationReason::DisputeLost)]
+        );
     }
 
     #[test]

@@ -110,13 +110,15 @@ pub async fn businesses_with_entitlements(
         .await
 }
 
-/// Last applied event time of each of `subscriptions`.
-pub async fn subscriptions_last_event_at(
+/// Each of `subscriptions`' last applied event time, with the ids of the events applied
+/// at that time (`None` for a snapshot written before they were recorded).
+pub async fn subscriptions_last_applied(
     conn: &mut PgConnection,
     subscriptions: &[String],
-) -> Result<Vec<(String, DateTime<Utc>)>, sqlx::Error> {
+) -> Result<Vec<(String, DateTime<Utc>, Option<Vec<String>>)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT subscription_id, last_event_at FROM subscriptions WHERE subscription_id = ANY($1)",
+        "SELECT subscription_id, last_event_at, last_event_ids FROM subscriptions
+         WHERE subscription_id = ANY($1)",
     )
     .bind(subscriptions)
     .fetch_all(conn)
@@ -131,6 +133,8 @@ pub struct SubscriptionRow {
     pub product_id: String,
     pub status: String,
     pub last_event_at: DateTime<Utc>,
+    /// The ids of the events applied at `last_event_at`, this batch's included.
+    pub last_event_ids: Vec<String>,
 }
 
 /// Payments as recorded: (business, payment, its subscription if any).
@@ -158,14 +162,15 @@ pub struct PaymentRow {
     pub subscription_id: Option<String>,
 }
 
-/// Reversals recorded for payments: (business, payment, reason), the first per payment.
+/// Reversals recorded for payments: (business, payment, reason), oldest first (at most
+/// one per reason).
 pub async fn reversals_many(
     conn: &mut PgConnection,
     businesses: &[String],
     payments: &[String],
 ) -> Result<Vec<(String, String, String)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT DISTINCT ON (business_id, payment_id) business_id, payment_id, reason FROM payment_reversals
+        "SELECT business_id, payment_id, reason FROM payment_reversals
          WHERE payment_id = ANY($2)
            AND (business_id, payment_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
          ORDER BY business_id, payment_id, created_at",
@@ -242,11 +247,15 @@ macro_rules! write_batch_sql {
                     $7::text[], $8::text[], $9::timestamptz[], $10::text[], $11::text[], $12::timestamptz[],
                     $13::timestamptz[], $14::timestamptz[])
             ), snapshots AS (
-                INSERT INTO subscriptions (subscription_id, business_id, customer_id, product_id, status, last_event_at)
-                SELECT * FROM unnest($15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::timestamptz[])
+                INSERT INTO subscriptions (subscription_id, business_id, customer_id, product_id, status,
+                    last_event_at, last_event_ids)
+                SELECT s, b, c, p, st, at, string_to_array(ids, ' ')
+                FROM unnest($15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::timestamptz[],
+                    $35::text[]) AS t(s, b, c, p, st, at, ids)
                 ON CONFLICT (subscription_id) DO UPDATE
                 SET customer_id = EXCLUDED.customer_id, product_id = EXCLUDED.product_id,
-                    status = EXCLUDED.status, last_event_at = EXCLUDED.last_event_at, updated_at = now()
+                    status = EXCLUDED.status, last_event_at = EXCLUDED.last_event_at,
+                    last_event_ids = EXCLUDED.last_event_ids, updated_at = now()
             ), seen_payments AS (
                 INSERT INTO payments (payment_id, business_id, customer_id, subscription_id)
                 SELECT * FROM unnest($21::text[], $22::text[], $23::text[], $24::text[])
@@ -328,6 +337,9 @@ pub async fn write_batch(conn: &mut PgConnection, rows: &BatchRows<'_>) -> Resul
         .bind(col(done, |r| r.event_type))
         .bind(col(done, |r| r.business_id.as_str()))
         .bind(col(done, |r| r.outcome))
+        // Event ids never hold a space (crate::ids), so one string per row carries its
+        // list through unnest, which cannot take arrays of unequal length.
+        .bind(col(s, |r| r.last_event_ids.join(" ")))
         .execute(conn)
         .await?;
     Ok(())

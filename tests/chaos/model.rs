@@ -565,8 +565,11 @@ pub struct Model {
     last_snapshot: HashMap<String, i64>,
     reversed: HashSet<String>,
     subscription_payments: HashSet<String>,
+    /// One-time payments applied, under whichever event id came first.
+    payments_applied: HashSet<String>,
     /// Event ids guildgate records (every event of a merchant with entitlements, except
-    /// partial refunds, exact duplicates and events of unknown subscriptions).
+    /// partial refunds, exact duplicates, a payment again under another id and events of
+    /// unknown subscriptions).
     pub recorded: usize,
 }
 
@@ -586,6 +589,11 @@ impl Model {
                 if *business == NONE {
                     return;
                 }
+                if subscription.is_none() && !self.payments_applied.insert(payment.clone()) {
+                    // The same payment under another event id: a repeat, recognised by
+                    // the payment recorded, and not recorded itself.
+                    return;
+                }
                 self.recorded += 1;
                 if subscription.is_some() {
                     // A subscription's payment grants nothing; its subscription decides.
@@ -600,13 +608,6 @@ impl Model {
                     .iter()
                     .flat_map(|p| product_entitlements(p).iter().copied())
                     .collect();
-                let already = self
-                    .grants
-                    .iter()
-                    .any(|g| g.key.2 == src && g.key.1 == *customer);
-                if already {
-                    return; // the same payment under another event id
-                }
                 for ent in wanted {
                     self.create((ent, customer.clone(), src.clone()));
                 }
