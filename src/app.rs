@@ -199,6 +199,7 @@ impl App {
                 policy: Policy {
                     revoke_on_subscription_refund: s.grants.revoke_on_subscription_refund,
                 },
+                processed_retention: s.ingest.processed_retention,
             },
             limits: DecodeLimits::from_settings(s),
             prefetch: s.amqp.prefetch,

@@ -514,13 +514,7 @@ async fn duplicates_and_redeliveries_change_nothing() {
     app.publish_raw("payment.succeeded", &body, None).await;
     // The same payment under another event id grants nothing twice either.
     app.publish(&p, "evt_other_id").await;
-    wait_for("all six deliveries", || async {
-        let m = &app.metrics;
-        let n = m.event_count("payment.succeeded", "applied")
-            + m.event_count("payment.succeeded", "duplicate");
-        (n == 6).then_some(())
-    })
-    .await;
+    app.wait_payments_decided(6).await;
     // Two redeliveries of each id, and the payment under another id: recognised by the
     // payment it records, not by its id.
     assert_eq!(app.metrics.event_count("payment.succeeded", "duplicate"), 4);
@@ -809,6 +803,7 @@ async fn a_pause_and_an_unpause_in_one_batch_apply_together() {
     let applier = Applier {
         links: LinkBuilder::from_settings(&app.settings),
         policy: Policy::default(),
+        processed_retention: None,
     };
     let limits = DecodeLimits::from_settings(&app.settings);
     let event = |kind: &str, status: &str, day: u32, id: &str| {
@@ -875,6 +870,15 @@ async fn prune_30_days_old(app: &TestApp) -> u64 {
     };
     let never = tokio_util::sync::CancellationToken::new();
     pruner.prune(chrono::Utc::now(), &never).await.unwrap()
+}
+
+/// Ages every applied event id past a 30-day retention and prunes them; returns how many.
+async fn age_and_prune_every_id(app: &TestApp) -> u64 {
+    sqlx::query("UPDATE processed_events SET processed_at = processed_at - interval '31 days'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    prune_30_days_old(app).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -987,25 +991,13 @@ async fn a_duplicate_of_an_event_whose_id_was_pruned_changes_nothing() {
     assert_eq!(first_webhooks, 6, "four created, two revoked");
 
     // Every id ages past the retention and is pruned.
-    sqlx::query("UPDATE processed_events SET processed_at = processed_at - interval '31 days'")
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    let pruned = prune_30_days_old(&app).await;
-    assert_eq!(pruned, events.len() as u64);
+    assert_eq!(age_and_prune_every_id(&app).await, events.len() as u64);
 
     // The platform publishes every one of them again.
     for (e, id) in &events {
         app.publish(e, id).await;
     }
-    wait_for("every duplicate settled", || async {
-        let settled = app
-            .metrics
-            .events_settled
-            .load(std::sync::atomic::Ordering::Relaxed);
-        (settled == 2 * events.len() as u64).then_some(())
-    })
-    .await;
+    app.wait_settled(2 * events.len() as u64).await;
     assert_eq!(all_grants(&app).await, before);
     // The state recognises all but the cancelled subscription's first event, which is
     // older than its last and so stale again (recorded as such).
@@ -1077,27 +1069,29 @@ async fn a_duplicate_after_pruning_is_recognised_by_the_state_it_recorded() {
     let webhooks = app.drain_grant_events().await.len();
     assert_eq!(webhooks, 6, "four created, two revoked");
 
-    sqlx::query("UPDATE processed_events SET processed_at = processed_at - interval '31 days'")
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    assert_eq!(prune_30_days_old(&app).await, first.len() as u64);
+    assert_eq!(age_and_prune_every_id(&app).await, first.len() as u64);
 
     let repeats = ["r1", "p1", "s2a", "s2h", "p3"];
     for (e, id) in first.iter().filter(|(_, id)| repeats.contains(id)) {
         app.publish(e, id).await;
     }
-    wait_for("every repeat settled", || async {
-        let settled = app
-            .metrics
-            .events_settled
-            .load(std::sync::atomic::Ordering::Relaxed);
-        (settled == (first.len() + repeats.len()) as u64).then_some(())
-    })
-    .await;
+    // The refund again under a new event id, as the platform might send it.
+    app.publish(&refund(&b, "pay_1", false, &t(2)), "r1_new_id")
+        .await;
+    app.wait_settled((first.len() + repeats.len() + 1) as u64)
+        .await;
     assert_eq!(all_grants(&app).await, before);
     // Repeats are counted as duplicates and not recorded again.
     assert_eq!(app.processed_count().await, 0);
+    let m = &app.metrics;
+    for (kind, n) in [
+        ("payment.succeeded", 2),
+        ("refund.succeeded", 2),
+        ("subscription.active", 1),
+        ("subscription.on_hold", 1),
+    ] {
+        assert_eq!(m.event_count(kind, "duplicate"), n, "{kind}");
+    }
     app.wait_outbox_empty().await;
     assert_eq!(app.drain_grant_events().await.len(), 0, "no webhook again");
 
@@ -1111,6 +1105,86 @@ async fn a_duplicate_after_pruning_is_recognised_by_the_state_it_recorded() {
         [pending(), revoked("subscription_on_hold")]
     );
     assert_eq!(statuses(&app, "cus_3").await, [revoked("dispute_lost")]);
+
+    // A lost dispute and then a refund, both before the subscription's payment: the
+    // refund is what the policy revokes for, whichever was recorded first.
+    app.publish(&active("sub_4", "cus_4", &t(1)), "s4a").await;
+    app.publish(&dispute_lost(&b, "pay_4", &t(2)), "d4").await;
+    app.wait_processed(4).await;
+    app.publish(&refund(&b, "pay_4", false, &t(2)), "r4").await;
+    app.wait_processed(5).await;
+    app.publish(
+        &subscription_payment(&b, "pay_4", "cus_4", "sub_4", "pdt_monthly", &t(1)),
+        "p4",
+    )
+    .await;
+    app.wait_processed(6).await;
+    assert_eq!(statuses(&app, "cus_4").await, [revoked("refund")]);
+    app.stop().await;
+}
+
+/// A snapshot written before ids were recorded (migration 0012): an event at its time is
+/// applied while the ids of that time are still kept, and taken as a repeat once they
+/// may have been pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_without_ids_takes_an_event_at_its_time_as_a_repeat_once_ids_may_be_pruned() {
+    let app = TestApp::spawn_ingest().await;
+    app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    let sub = |kind: &str, status: &str, day: u32| {
+        subscription(kind, &b, "sub_1", "cus_1", "pdt_monthly", status, &t(day))
+    };
+    app.publish(&sub("active", "active", 1), "a1").await;
+    app.wait_processed(1).await;
+    app.publish(&sub("on_hold", "on_hold", 2), "h2").await;
+    app.wait_processed(2).await;
+    // As an older release left it.
+    let legacy = |age: &'static str| {
+        sqlx::query(
+            "UPDATE subscriptions SET last_event_ids = NULL, updated_at = now() - $1::interval",
+        )
+        .bind(age)
+    };
+    legacy("1 hour").execute(&app.pool).await.unwrap();
+
+    // Within the retention the last event's id is still kept: a new event at its time
+    // is applied, and the snapshot still has no ids nor a newer write time.
+    app.publish(&sub("active", "active", 2), "a2").await;
+    app.wait_processed(3).await;
+    assert_eq!(
+        statuses(&app, "cus_1").await,
+        [pending(), revoked("subscription_on_hold")]
+    );
+    let (ids, age): (Option<Vec<String>>, bool) = sqlx::query_as(
+        "SELECT last_event_ids, updated_at < now() - interval '30 minutes' FROM subscriptions",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((ids, age), (None, true));
+
+    // Written longer ago than ids are kept (30 days by default), and the ids pruned: the
+    // on-hold event again is taken as the one applied, and revokes nothing.
+    legacy("31 days").execute(&app.pool).await.unwrap();
+    assert_eq!(age_and_prune_every_id(&app).await, 3);
+    app.publish(&sub("on_hold", "on_hold", 2), "h2").await;
+    app.wait_settled(4).await;
+    assert_eq!(
+        app.metrics.event_count("subscription.on_hold", "duplicate"),
+        1
+    );
+    assert_eq!(
+        statuses(&app, "cus_1").await,
+        [pending(), revoked("subscription_on_hold")]
+    );
+    // A later event starts the ids afresh.
+    app.publish(&sub("cancelled", "cancelled", 3), "c3").await;
+    app.wait_processed(1).await;
+    let ids: Option<Vec<String>> = sqlx::query_scalar("SELECT last_event_ids FROM subscriptions")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(ids, Some(vec!["c3".to_string()]));
     app.stop().await;
 }
 

@@ -553,13 +553,7 @@ async fn each_event_type_is_sent_at_most_once_per_grant_and_endpoint() {
     pay(&app, "pay_1", "cus_1", "evt_1").await;
     pay(&app, "pay_1", "cus_1", "evt_1_again").await;
     // The second is recognised by the payment the first recorded.
-    wait_for("both applied or recognised", || async {
-        let m = &app.metrics;
-        let n = m.event_count("payment.succeeded", "applied")
-            + m.event_count("payment.succeeded", "duplicate");
-        (n == 2).then_some(())
-    })
-    .await;
+    app.wait_payments_decided(2).await;
     assert_eq!(app.processed_count().await, 1);
     app.wait_outbox_empty().await;
     let m = wait_messages(&app, &ep, 1, "delivered").await.remove(0);

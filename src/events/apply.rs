@@ -29,7 +29,8 @@ use crate::store::{grants as grant_store, ingest as db};
 pub enum Applied {
     /// Effects written (possibly none).
     Applied,
-    /// The event id was applied before.
+    /// The event id was applied before, or the recorded state shows the event was
+    /// (its payment, its reversal, its id at its subscription's last time).
     Duplicate,
     /// Older than its subscription's last applied event.
     Stale,
@@ -53,6 +54,9 @@ impl Applied {
 pub struct Applier {
     pub links: LinkBuilder,
     pub policy: Policy,
+    /// How long applied event ids are kept (`ingest.processed_retention`; `None`:
+    /// forever).
+    pub processed_retention: Option<std::time::Duration>,
 }
 
 /// The advisory-lock key of the aggregate an event touches.
@@ -79,6 +83,9 @@ struct State {
     /// Each subscription's last applied event time and the ids applied at it (`None`:
     /// not recorded, a snapshot from before migration 0012).
     subscription_last: HashMap<String, (DateTime<Utc>, Option<Vec<String>>)>,
+    /// Subscriptions whose snapshot has no ids and was written before the oldest applied
+    /// event id still kept.
+    subscription_ids_pruned: HashSet<String>,
     /// Grants by (business, subscription) and (business, payment), oldest first.
     sub_grants: HashMap<Key, Vec<Grant>>,
     pay_grants: HashMap<Key, Vec<Grant>>,
@@ -150,7 +157,7 @@ impl Applier {
         events: &[&Event],
         now: DateTime<Utc>,
     ) -> Result<Vec<Applied>, sqlx::Error> {
-        let mut state = self.load(conn, events).await?;
+        let mut state = self.load(conn, events, now).await?;
         let mut writes = Writes::default();
         let mut out = Vec::with_capacity(events.len());
         for event in events {
@@ -160,7 +167,12 @@ impl Applier {
         Ok(out)
     }
 
-    async fn load(&self, conn: &mut PgConnection, events: &[&Event]) -> Result<State, sqlx::Error> {
+    async fn load(
+        &self,
+        conn: &mut PgConnection,
+        events: &[&Event],
+        now: DateTime<Utc>,
+    ) -> Result<State, sqlx::Error> {
         let mut state = State::default();
         let ids: Vec<String> = events.iter().map(|e| e.id.to_string()).collect();
         state.processed = db::processed_among(conn, &ids).await?.into_iter().collect();
@@ -242,11 +254,21 @@ impl Applier {
             }
         }
         if !sub_b.is_empty() {
-            state.subscription_last = db::subscriptions_last_applied(conn, &sub_s)
-                .await?
-                .into_iter()
-                .map(|(sub, at, ids)| (sub, (at, ids)))
-                .collect();
+            // Ids older than this may have been pruned.
+            let kept_since = self
+                .processed_retention
+                .and_then(|r| chrono::Duration::from_std(r).ok())
+                .and_then(|r| now.checked_sub_signed(r));
+            for s in db::subscriptions_last_applied(conn, &sub_s).await? {
+                if s.last_event_ids.is_none() && kept_since.is_some_and(|k| s.updated_at < k) {
+                    state
+                        .subscription_ids_pruned
+                        .insert(s.subscription_id.clone());
+                }
+                state
+                    .subscription_last
+                    .insert(s.subscription_id, (s.last_event_at, s.last_event_ids));
+            }
             for g in grant_store::of_sources(conn, &sub_b, &sub_s, true).await? {
                 let k = key(
                     &g.business_id,
@@ -310,8 +332,14 @@ impl Applier {
         facts.grants = match &event.kind {
             EventKind::PaymentSucceeded(p) => {
                 let pay = key(b, p.payment_id.as_str());
-                facts.payment_reversed =
-                    state.reversals.get(&pay).and_then(|rs| rs.first()).copied();
+                // A refund decides over a lost dispute when both were seen: only a
+                // refund can revoke a subscription's grants.
+                facts.payment_reversed = state.reversals.get(&pay).and_then(|rs| {
+                    rs.iter()
+                        .find(|r| **r == RevocationReason::Refund)
+                        .or(rs.first())
+                        .copied()
+                });
                 facts.payment_recorded = state.payments.contains_key(&pay);
                 match &p.subscription_id {
                     Some(s) => {
@@ -355,6 +383,8 @@ impl Applier {
                 if let Some((at, ids)) = state.subscription_last.get(sub) {
                     facts.subscription_last_event_at = Some(*at);
                     facts.subscription_last_event_ids = ids.clone();
+                    facts.subscription_last_ids_pruned =
+                        state.subscription_ids_pruned.contains(sub);
                 }
                 let all = state.sub_grants.get(&key(b, sub));
                 // The latest grant of each entitlement decides whether it was revoked by
@@ -489,17 +519,20 @@ impl Applier {
                 if let EventKind::Subscription(_, s) = &event.kind {
                     let id = event.id.to_string();
                     // Events stamped alike are all remembered; a later time starts afresh.
+                    // A snapshot without ids stays without them at its own time: the ids
+                    // of the events applied before are unknown.
                     let ids = match state.subscription_last.get_mut(s.subscription_id.as_str()) {
                         Some((at, Some(ids))) if *at == event.timestamp => {
                             ids.push(id);
-                            ids.clone()
+                            Some(ids.clone())
                         }
+                        Some((at, None)) if *at == event.timestamp => None,
                         _ => {
                             state.subscription_last.insert(
                                 s.subscription_id.to_string(),
                                 (event.timestamp, Some(vec![id.clone()])),
                             );
-                            vec![id]
+                            Some(vec![id])
                         }
                     };
                     writes.subscriptions.insert(

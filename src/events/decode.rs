@@ -6,7 +6,7 @@
 //! succeed becomes a [`DecodeError`], which the consumer dead-letters with the error's
 //! text as the reason.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
@@ -245,7 +245,10 @@ pub fn decode(
             field: "timestamp",
             detail: e.to_string(),
         })?
-        .with_timezone(&Utc);
+        .with_timezone(&Utc)
+        // PostgreSQL keeps microseconds: an event compared with a stored time must be
+        // compared at that precision, or its own repeat would look newer.
+        .trunc_subsecs(6);
     if timestamp > now + limits.max_future_skew {
         return Err(DecodeError::FutureTimestamp(timestamp));
     }
@@ -393,6 +396,25 @@ mod tests {
             event("subscription.active.json", "subscription.active").kind,
             EventKind::Subscription(SubscriptionEventType::Active, _)
         ));
+    }
+
+    #[test]
+    fn timestamps_keep_the_microseconds_postgresql_stores() {
+        let mut body: serde_json::Value =
+            serde_json::from_slice(&fixture("subscription.active.json")).unwrap();
+        body["timestamp"] = "2026-11-20T10:00:00.123456789Z".into();
+        let body = serde_json::to_vec(&body).unwrap();
+        let Decoded::Event(e) =
+            decode(Some("evt_1"), "subscription.active", &body, limits(), now()).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            e.timestamp,
+            "2026-11-20T10:00:00.123456Z"
+                .parse::<DateTime<Utc>>()
+                .unwrap()
+        );
     }
 
     #[test]

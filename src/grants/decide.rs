@@ -48,6 +48,10 @@ pub struct Facts {
     /// The ids of the subscription's events applied at that time; `None` when the
     /// snapshot predates their recording (migration 0012).
     pub subscription_last_event_ids: Option<Vec<String>>,
+    /// The snapshot predates that recording and was written longer ago than applied
+    /// event ids are kept: its last event's id may have been pruned, so an event
+    /// stamped at its time is taken as that event.
+    pub subscription_last_ids_pruned: bool,
     /// `payment.succeeded`: this payment was applied already.
     pub payment_recorded: bool,
     /// Refund / dispute: the reversals already recorded for this payment.
@@ -187,12 +191,11 @@ pub fn decide(facts: &Facts, event: &Event, policy: Policy) -> Verdict {
                     return Verdict::Stale;
                 }
                 // Events stamped alike are all applied; this one was, if it is named.
-                if event.timestamp == last
-                    && facts
-                        .subscription_last_event_ids
-                        .as_ref()
-                        .is_some_and(|ids| ids.iter().any(|id| id == event.id.as_str()))
-                {
+                let named = match &facts.subscription_last_event_ids {
+                    Some(ids) => ids.iter().any(|id| id == event.id.as_str()),
+                    None => facts.subscription_last_ids_pruned,
+                };
+                if event.timestamp == last && named {
                     return Verdict::Repeat;
                 }
             }
@@ -715,10 +718,36 @@ mod tests {
             created(&decide(&legacy, &active(at), Policy::default())),
             ["e1"]
         );
-        // Older is stale, whatever the ids.
+        // Older is stale, whatever the ids; a listed id stamped later is a new event.
         assert_eq!(
             decide(&sub, &active("2026-01-01T00:00:00Z"), Policy::default()),
             Verdict::Stale
+        );
+        assert_eq!(
+            created(&decide(
+                &sub,
+                &active("2026-03-01T00:00:00Z"),
+                Policy::default()
+            )),
+            ["e1"]
+        );
+        // Without ids, written before the oldest id still kept: the event at that time
+        // may be the last one, its id pruned, so it is taken as that one.
+        let pruned = Facts {
+            subscription_last_ids_pruned: true,
+            ..legacy.clone()
+        };
+        assert_eq!(
+            decide(&pruned, &active(at), Policy::default()),
+            Verdict::Repeat
+        );
+        assert_eq!(
+            created(&decide(
+                &pruned,
+                &active("2026-03-01T00:00:00Z"),
+                Policy::default()
+            )),
+            ["e1"]
         );
 
         // A recorded payment, one-time or a subscription's, even if its product has
@@ -750,6 +779,13 @@ mod tests {
             decide(&refunded, &event(refund(false), at), on),
             Verdict::Repeat
         );
+        for payment_subscription in [None, Some(None)] {
+            let f = Facts {
+                payment_subscription,
+                ..refunded.clone()
+            };
+            assert_eq!(decide(&f, &event(refund(false), at), on), Verdict::Repeat);
+        }
         let one_time = Facts {
             payment_subscription: Some(None),
             ..refunded.clone()

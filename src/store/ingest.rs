@@ -110,14 +110,26 @@ pub async fn businesses_with_entitlements(
         .await
 }
 
-/// Each of `subscriptions`' last applied event time, with the ids of the events applied
-/// at that time (`None` for a snapshot written before they were recorded).
+/// A subscription's last applied event, as its snapshot records it.
+#[derive(sqlx::FromRow)]
+pub struct LastApplied {
+    pub subscription_id: String,
+    pub last_event_at: DateTime<Utc>,
+    /// The ids of the events applied at `last_event_at`; `None` for a snapshot written
+    /// before they were recorded (migration 0012).
+    pub last_event_ids: Option<Vec<String>>,
+    /// When the snapshot was written; for one without ids, when it was last written
+    /// before ids were recorded.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The last applied event of each of `subscriptions` that has one.
 pub async fn subscriptions_last_applied(
     conn: &mut PgConnection,
     subscriptions: &[String],
-) -> Result<Vec<(String, DateTime<Utc>, Option<Vec<String>>)>, sqlx::Error> {
+) -> Result<Vec<LastApplied>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT subscription_id, last_event_at, last_event_ids FROM subscriptions
+        "SELECT subscription_id, last_event_at, last_event_ids, updated_at FROM subscriptions
          WHERE subscription_id = ANY($1)",
     )
     .bind(subscriptions)
@@ -133,8 +145,9 @@ pub struct SubscriptionRow {
     pub product_id: String,
     pub status: String,
     pub last_event_at: DateTime<Utc>,
-    /// The ids of the events applied at `last_event_at`, this batch's included.
-    pub last_event_ids: Vec<String>,
+    /// The ids of the events applied at `last_event_at`, this batch's included; `None`
+    /// while they are unknown (a snapshot from before migration 0012, at its own time).
+    pub last_event_ids: Option<Vec<String>>,
 }
 
 /// Payments as recorded: (business, payment, its subscription if any).
@@ -255,7 +268,11 @@ macro_rules! write_batch_sql {
                 ON CONFLICT (subscription_id) DO UPDATE
                 SET customer_id = EXCLUDED.customer_id, product_id = EXCLUDED.product_id,
                     status = EXCLUDED.status, last_event_at = EXCLUDED.last_event_at,
-                    last_event_ids = EXCLUDED.last_event_ids, updated_at = now()
+                    last_event_ids = EXCLUDED.last_event_ids,
+                    -- Without ids the time of the last write before they were recorded
+                    -- is what tells whether those ids may have been pruned.
+                    updated_at = CASE WHEN EXCLUDED.last_event_ids IS NULL
+                        THEN subscriptions.updated_at ELSE now() END
             ), seen_payments AS (
                 INSERT INTO payments (payment_id, business_id, customer_id, subscription_id)
                 SELECT * FROM unnest($21::text[], $22::text[], $23::text[], $24::text[])
@@ -339,7 +356,9 @@ pub async fn write_batch(conn: &mut PgConnection, rows: &BatchRows<'_>) -> Resul
         .bind(col(done, |r| r.outcome))
         // Event ids never hold a space (crate::ids), so one string per row carries its
         // list through unnest, which cannot take arrays of unequal length.
-        .bind(col(s, |r| r.last_event_ids.join(" ")))
+        .bind(col(s, |r| {
+            r.last_event_ids.as_ref().map(|ids| ids.join(" "))
+        }))
         .execute(conn)
         .await?;
     Ok(())

@@ -400,6 +400,31 @@ impl TestApp {
         .await
     }
 
+    /// Waits until `n` deliveries have been settled (acked or dead-lettered), recorded or
+    /// not.
+    pub async fn wait_settled(&self, n: u64) {
+        wait_for(&format!("{n} settled deliveries"), || async {
+            let settled = self
+                .metrics
+                .events_settled
+                .load(std::sync::atomic::Ordering::Relaxed);
+            (settled == n).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until `n` `payment.succeeded` deliveries were applied or recognised as
+    /// duplicates.
+    pub async fn wait_payments_decided(&self, n: u64) {
+        wait_for(&format!("{n} payments decided"), || async {
+            let m = &self.metrics;
+            let got = m.event_count("payment.succeeded", "applied")
+                + m.event_count("payment.succeeded", "duplicate");
+            (got == n).then_some(())
+        })
+        .await
+    }
+
     /// Waits until the outbox is empty (everything relayed).
     pub async fn wait_outbox_empty(&self) {
         wait_for("outbox to drain", || async {
