@@ -1220,3 +1220,65 @@ async fn serve_prunes_applied_event_ids_on_its_interval() {
     assert_eq!(left, ["p1"]);
     app.stop().await;
 }
+
+/// Payments and reversals are remembered per business: a payment id another business
+/// used first is still recorded, and its refund finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payment_id_another_business_used_is_recorded_and_refunded_per_business() {
+    let app = TestApp::spawn_ingest().await;
+    app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
+    let (a, b) = (app.business(), format!("{}_b", app.business()));
+    {
+        let mut conn = app.pool.acquire().await.unwrap();
+        guildgate::store::setup::ensure_business(&mut conn, &b)
+            .await
+            .unwrap();
+        let e = guildgate::store::setup::insert_entitlement(
+            &mut conn,
+            &b,
+            "B's role",
+            GUILD,
+            Some(ROLE),
+        )
+        .await
+        .unwrap();
+        guildgate::store::setup::set_product_entitlements(&mut conn, &b, "pdt_life", &[e.id])
+            .await
+            .unwrap();
+    }
+    app.publish(
+        &payment(&a, "pay_same", "cus_a", &["pdt_life"], &t(1)),
+        "pa",
+    )
+    .await;
+    app.wait_processed(1).await;
+    app.publish(
+        &payment(&b, "pay_same", "cus_b", &["pdt_life"], &t(1)),
+        "pb",
+    )
+    .await;
+    app.wait_processed(2).await;
+    app.publish(&refund(&b, "pay_same", false, &t(2)), "rb")
+        .await;
+    app.wait_processed(3).await;
+    let grants: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT business_id, status, revocation_reason FROM grants ORDER BY business_id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        grants,
+        [
+            (a.clone(), "Pending".to_string(), None),
+            (b.clone(), "Revoked".to_string(), Some("refund".to_string())),
+        ]
+    );
+    let recorded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM payments WHERE payment_id = 'pay_same'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(recorded, 2);
+    app.stop().await;
+}

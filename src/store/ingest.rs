@@ -276,7 +276,7 @@ macro_rules! write_batch_sql {
             ), seen_payments AS (
                 INSERT INTO payments (payment_id, business_id, customer_id, subscription_id)
                 SELECT * FROM unnest($21::text[], $22::text[], $23::text[], $24::text[])
-                ON CONFLICT (payment_id) DO NOTHING
+                ON CONFLICT (payment_id, business_id) DO NOTHING
             ), reversals AS (
                 INSERT INTO payment_reversals (payment_id, reason, business_id)
                 SELECT * FROM unnest($25::text[], $26::text[], $27::text[])
