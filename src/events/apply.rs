@@ -74,18 +74,24 @@ pub fn lock_key(event: &Event) -> String {
 
 type Key = (String, String); // (business, subscription or payment)
 
+/// A subscription's last applied event, kept current as the batch is decided.
+struct LastApplied {
+    at: DateTime<Utc>,
+    /// The ids of the events applied at `at`; `None`: not recorded (a snapshot from
+    /// before migration 0012, at its own time).
+    ids: Option<Vec<String>>,
+    /// Without ids, and written before the oldest applied event id still kept.
+    ids_pruned: bool,
+}
+
 /// The database state a batch reads, kept current in memory as the batch is decided.
 #[derive(Default)]
 struct State {
     processed: HashSet<String>,
     product_entitlements: HashMap<Key, Vec<EntitlementId>>,
     businesses_with_entitlements: HashSet<String>,
-    /// Each subscription's last applied event time and the ids applied at it (`None`:
-    /// not recorded, a snapshot from before migration 0012).
-    subscription_last: HashMap<String, (DateTime<Utc>, Option<Vec<String>>)>,
-    /// Subscriptions whose snapshot has no ids and was written before the oldest applied
-    /// event id still kept.
-    subscription_ids_pruned: HashSet<String>,
+    /// Each subscription's last applied event.
+    subscription_last: HashMap<String, LastApplied>,
     /// Grants by (business, subscription) and (business, payment), oldest first.
     sub_grants: HashMap<Key, Vec<Grant>>,
     pay_grants: HashMap<Key, Vec<Grant>>,
@@ -254,20 +260,21 @@ impl Applier {
             }
         }
         if !sub_b.is_empty() {
-            // Ids older than this may have been pruned.
+            // Ids recorded before this may have been pruned.
             let kept_since = self
                 .processed_retention
-                .and_then(|r| chrono::Duration::from_std(r).ok())
-                .and_then(|r| now.checked_sub_signed(r));
+                .and_then(|r| super::retention::kept_since(r, now));
             for s in db::subscriptions_last_applied(conn, &sub_s).await? {
-                if s.last_event_ids.is_none() && kept_since.is_some_and(|k| s.updated_at < k) {
-                    state
-                        .subscription_ids_pruned
-                        .insert(s.subscription_id.clone());
-                }
-                state
-                    .subscription_last
-                    .insert(s.subscription_id, (s.last_event_at, s.last_event_ids));
+                let ids_pruned =
+                    s.last_event_ids.is_none() && kept_since.is_some_and(|k| s.updated_at < k);
+                state.subscription_last.insert(
+                    s.subscription_id,
+                    LastApplied {
+                        at: s.last_event_at,
+                        ids: s.last_event_ids,
+                        ids_pruned,
+                    },
+                );
             }
             for g in grant_store::of_sources(conn, &sub_b, &sub_s, true).await? {
                 let k = key(
@@ -332,19 +339,12 @@ impl Applier {
         facts.grants = match &event.kind {
             EventKind::PaymentSucceeded(p) => {
                 let pay = key(b, p.payment_id.as_str());
-                // A refund decides over a lost dispute when both were seen: only a
-                // refund can revoke a subscription's grants.
-                facts.payment_reversed = state.reversals.get(&pay).and_then(|rs| {
-                    rs.iter()
-                        .find(|r| **r == RevocationReason::Refund)
-                        .or(rs.first())
-                        .copied()
-                });
+                facts.reversals_recorded = state.reversals.get(&pay).cloned().unwrap_or_default();
                 facts.payment_recorded = state.payments.contains_key(&pay);
                 match &p.subscription_id {
                     Some(s) => {
                         facts.subscription_last_event_at =
-                            state.subscription_last.get(s.as_str()).map(|(at, _)| *at);
+                            state.subscription_last.get(s.as_str()).map(|l| l.at);
                         live(state.sub_grants.get(&key(b, s.as_str())))
                     }
                     None => state
@@ -380,11 +380,10 @@ impl Applier {
             }
             EventKind::Subscription(_, s) => {
                 let sub = s.subscription_id.as_str();
-                if let Some((at, ids)) = state.subscription_last.get(sub) {
-                    facts.subscription_last_event_at = Some(*at);
-                    facts.subscription_last_event_ids = ids.clone();
-                    facts.subscription_last_ids_pruned =
-                        state.subscription_ids_pruned.contains(sub);
+                if let Some(last) = state.subscription_last.get(sub) {
+                    facts.subscription_last_event_at = Some(last.at);
+                    facts.subscription_last_event_ids = last.ids.clone();
+                    facts.subscription_last_ids_pruned = last.ids_pruned;
                 }
                 let all = state.sub_grants.get(&key(b, sub));
                 // The latest grant of each entitlement decides whether it was revoked by
@@ -517,24 +516,25 @@ impl Applier {
             }
             Effect::RecordSubscription => {
                 if let EventKind::Subscription(_, s) = &event.kind {
-                    let id = event.id.to_string();
                     // Events stamped alike are all remembered; a later time starts afresh.
+                    let fresh = || LastApplied {
+                        at: event.timestamp,
+                        ids: Some(Vec::new()),
+                        ids_pruned: false,
+                    };
+                    let last = state
+                        .subscription_last
+                        .entry(s.subscription_id.to_string())
+                        .or_insert_with(fresh);
+                    if last.at != event.timestamp {
+                        *last = fresh();
+                    }
                     // A snapshot without ids stays without them at its own time: the ids
                     // of the events applied before are unknown.
-                    let ids = match state.subscription_last.get_mut(s.subscription_id.as_str()) {
-                        Some((at, Some(ids))) if *at == event.timestamp => {
-                            ids.push(id);
-                            Some(ids.clone())
-                        }
-                        Some((at, None)) if *at == event.timestamp => None,
-                        _ => {
-                            state.subscription_last.insert(
-                                s.subscription_id.to_string(),
-                                (event.timestamp, Some(vec![id.clone()])),
-                            );
-                            Some(vec![id])
-                        }
-                    };
+                    if let Some(ids) = &mut last.ids {
+                        ids.push(event.id.to_string());
+                    }
+                    let ids = last.ids.clone();
                     writes.subscriptions.insert(
                         s.subscription_id.to_string(),
                         db::SubscriptionRow {

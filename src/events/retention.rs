@@ -20,6 +20,15 @@ use crate::store;
 /// Ids deleted per transaction.
 pub const PRUNE_CHUNK: i64 = 5_000;
 
+/// The oldest time whose applied ids are still kept under `retention`: ids recorded
+/// before it may have been pruned. `None` when the retention reaches past the start of
+/// time (nothing is pruned).
+pub fn kept_since(retention: Duration, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    chrono::Duration::from_std(retention)
+        .ok()
+        .and_then(|r| now.checked_sub_signed(r))
+}
+
 /// Deletes applied event ids older than a retention, on a schedule.
 #[derive(Clone)]
 pub struct Pruner {
@@ -37,10 +46,7 @@ impl Pruner {
         shutdown: &CancellationToken,
     ) -> Result<u64, sqlx::Error> {
         // A retention longer than time itself has nothing to prune.
-        let Some(cutoff) = chrono::Duration::from_std(self.retention)
-            .ok()
-            .and_then(|r| now.checked_sub_signed(r))
-        else {
+        let Some(cutoff) = kept_since(self.retention, now) else {
             return Ok(0);
         };
         let mut total = 0;

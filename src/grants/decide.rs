@@ -54,10 +54,9 @@ pub struct Facts {
     pub subscription_last_ids_pruned: bool,
     /// `payment.succeeded`: this payment was applied already.
     pub payment_recorded: bool,
-    /// Refund / dispute: the reversals already recorded for this payment.
+    /// Full refunds and lost disputes recorded for this payment (for a payment, seen
+    /// before it), oldest first.
     pub reversals_recorded: Vec<RevocationReason>,
-    /// A full refund or lost dispute of this payment was seen (before the payment).
-    pub payment_reversed: Option<RevocationReason>,
     /// Refund / dispute: the payment as recorded, `None` if guildgate never saw it;
     /// `Some(None)` for a one-time payment, `Some(Some(sub))` for a subscription's.
     pub payment_subscription: Option<Option<SubscriptionId>>,
@@ -125,11 +124,13 @@ pub fn decide(facts: &Facts, event: &Event, policy: Policy) -> Verdict {
             if p.subscription_id.is_some() {
                 // A subscription's payment grants nothing itself; remember which
                 // subscription it paid for, so a refund of it can be mapped.
-                if facts.subscription_last_event_at.is_none() && facts.payment_reversed.is_none() {
+                if facts.subscription_last_event_at.is_none() && facts.reversals_recorded.is_empty()
+                {
                     return Verdict::Irrelevant;
                 }
                 let mut effects = vec![Effect::RecordPayment];
-                if facts.payment_reversed == Some(RevocationReason::Refund)
+                // Only a refund revokes a subscription's grants, whichever came first.
+                if facts.reversals_recorded.contains(&RevocationReason::Refund)
                     && policy.revoke_on_subscription_refund
                 {
                     effects.extend(revoke_live(&facts.grants, RevocationReason::Refund));
@@ -142,11 +143,11 @@ pub fn decide(facts: &Facts, event: &Event, policy: Policy) -> Verdict {
                 .filter_map(|pid| facts.product_entitlements.get(pid))
                 .flatten()
                 .collect();
-            if wanted.is_empty() && facts.payment_reversed.is_none() {
+            if wanted.is_empty() && facts.reversals_recorded.is_empty() {
                 return Verdict::Irrelevant;
             }
             let mut effects = vec![Effect::RecordPayment];
-            if facts.payment_reversed.is_some() {
+            if !facts.reversals_recorded.is_empty() {
                 // Refunded or lost before we saw it: grant nothing.
                 return Verdict::Apply(effects);
             }
@@ -452,7 +453,7 @@ mod tests {
     fn refund_or_dispute_before_payment_makes_it_grant_nothing() {
         let facts = Facts {
             product_entitlements: products(&[("p1", &["e1"])]),
-            payment_reversed: Some(RevocationReason::Refund),
+            reversals_recorded: vec![RevocationReason::Refund],
             ..Facts::default()
         };
         let v = decide(
@@ -778,6 +779,22 @@ mod tests {
         assert_eq!(
             decide(&refunded, &event(refund(false), at), on),
             Verdict::Repeat
+        );
+        // A lost dispute and then a refund before a subscription's payment: the refund
+        // revokes, by policy.
+        let late = Facts {
+            grants: vec![grant("g1", "e1", GrantStatus::Delivered)],
+            subscription_last_event_at: Some(t(at)),
+            reversals_recorded: vec![RevocationReason::DisputeLost, RevocationReason::Refund],
+            ..Facts::default()
+        };
+        assert_eq!(
+            revoked(&decide(
+                &late,
+                &event(payment(Some("sub"), &["p1"]), at),
+                on
+            )),
+            [("g1", RevocationReason::Refund)]
         );
         for payment_subscription in [None, Some(None)] {
             let f = Facts {
