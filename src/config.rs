@@ -266,8 +266,15 @@ impl Settings {
     fn validate(&self) -> Result<(), ConfigError> {
         url::Url::parse(&self.http.public_url)
             .map_err(|e| ConfigError::Invalid(format!("http.public_url: {e}")))?;
-        url::Url::parse(&self.discord.authorize_url)
+        let authorize = url::Url::parse(&self.discord.authorize_url)
             .map_err(|e| ConfigError::Invalid(format!("discord.authorize_url: {e}")))?;
+        // RFC 6749 §3.1: an authorization endpoint has no fragment (the query is
+        // appended to it).
+        if authorize.fragment().is_some() {
+            return Err(ConfigError::Invalid(
+                "discord.authorize_url must not have a fragment (#...)".into(),
+            ));
+        }
         url::Url::parse(&self.discord.api_base)
             .map_err(|e| ConfigError::Invalid(format!("discord.api_base: {e}")))?;
         if self.amqp.queue_prefix.is_empty() || self.amqp.queue_prefix.len() > 100 {
@@ -495,6 +502,23 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn authorize_url_must_parse_and_have_no_fragment() {
+        let load = |v: &str| {
+            Settings::load_with_env(None, Some(env(&[("GUILDGATE_DISCORD__AUTHORIZE_URL", v)])))
+        };
+        assert!(load("https://discord.com/oauth2/authorize?prompt=none").is_ok());
+        let err = load("https://discord.com/oauth2/authorize#x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("discord.authorize_url must not have a fragment"),
+            "{err}"
+        );
+        let err = load("not a url").unwrap_err().to_string();
+        assert!(err.contains("discord.authorize_url"), "{err}");
     }
 
     #[test]

@@ -29,7 +29,8 @@ pub enum StateError {
 /// (a grant's customer OAuth) can never be accepted by another (the bot install).
 #[derive(Clone)]
 pub struct StateSigner {
-    key: SecretString,
+    /// The MAC keyed once; each use clones it (the key's hashing is not redone per state).
+    keyed: HmacSha256,
 }
 
 impl std::fmt::Debug for StateSigner {
@@ -48,12 +49,13 @@ struct Envelope<T> {
 
 impl StateSigner {
     pub fn new(key: SecretString) -> Self {
-        Self { key }
+        let keyed = <HmacSha256 as Mac>::new_from_slice(key.expose_secret().as_bytes())
+            .expect("HMAC takes any key length");
+        Self { keyed }
     }
 
     fn mac(&self, purpose: &str, payload: &str) -> HmacSha256 {
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(self.key.expose_secret().as_bytes())
-            .expect("HMAC takes any key length");
+        let mut mac = self.keyed.clone();
         mac.update(purpose.as_bytes());
         mac.update(b"\0");
         mac.update(payload.as_bytes());

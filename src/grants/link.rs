@@ -27,8 +27,9 @@ pub struct GrantState {
 /// Builds and checks grant links.
 #[derive(Clone, Debug)]
 pub struct LinkBuilder {
-    authorize_url: url::Url,
-    client_id: String,
+    /// The authorize URL with its constant query pairs, ending in `state=`: only the
+    /// state differs between links, and it needs no escaping (base64url and `.`).
+    prefix: String,
     redirect_uri: String,
     signer: StateSigner,
     pub ttl: chrono::Duration,
@@ -36,10 +37,20 @@ pub struct LinkBuilder {
 
 impl LinkBuilder {
     pub fn from_settings(s: &Settings) -> Self {
+        let redirect_uri = s.oauth_redirect_uri();
+        let mut url = url::Url::parse(&s.discord.authorize_url).expect("validated on load");
+        url.query_pairs_mut()
+            .append_pair("client_id", &s.discord.client_id)
+            .append_pair("response_type", "code")
+            .append_pair("scope", "identify guilds.join")
+            .append_pair("redirect_uri", &redirect_uri)
+            .append_pair("state", "");
+        let prefix: String = url.into();
+        // Settings reject an authorize URL with a fragment, which would follow the query.
+        assert!(prefix.ends_with("&state="), "validated on load");
         Self {
-            authorize_url: url::Url::parse(&s.discord.authorize_url).expect("validated on load"),
-            client_id: s.discord.client_id.clone(),
-            redirect_uri: s.oauth_redirect_uri(),
+            prefix,
+            redirect_uri,
             signer: StateSigner::new(s.secrets.state_signing_key.clone()),
             ttl: chrono::Duration::from_std(s.discord.oauth_link_ttl)
                 .unwrap_or(chrono::Duration::days(7)),
@@ -60,14 +71,16 @@ impl LinkBuilder {
             },
             expires_at.timestamp(),
         );
-        let mut url = self.authorize_url.clone();
-        url.query_pairs_mut()
-            .append_pair("client_id", &self.client_id)
-            .append_pair("response_type", "code")
-            .append_pair("scope", "identify guilds.join")
-            .append_pair("redirect_uri", &self.redirect_uri)
-            .append_pair("state", &state);
-        url.into()
+        debug_assert!(
+            state
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+            "a state is form-urlencoded as itself"
+        );
+        let mut url = String::with_capacity(self.prefix.len() + state.len());
+        url.push_str(&self.prefix);
+        url.push_str(&state);
+        url
     }
 
     /// Checks a `state` from the callback.
@@ -109,5 +122,35 @@ mod tests {
             }
         );
         assert_eq!(b.verify(&state, exp), Err(StateError::Expired));
+    }
+
+    #[test]
+    fn an_authorize_url_with_a_query_keeps_it_and_the_state_still_verifies() {
+        let env = [(
+            "GUILDGATE_DISCORD__AUTHORIZE_URL".to_string(),
+            "https://discord.example/oauth2/authorize?prompt=none".to_string(),
+        )];
+        let s = Settings::load_with_env(None, Some(env.into_iter().collect())).unwrap();
+        let b = LinkBuilder::from_settings(&s);
+        let exp: DateTime<Utc> = "2030-01-01T00:00:00Z".parse().unwrap();
+        let u = url::Url::parse(&b.url("grant_Y", "n_2", exp)).unwrap();
+        assert_eq!(u.host_str(), Some("discord.example"));
+        let pairs: Vec<(String, String)> = u.query_pairs().into_owned().collect();
+        let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "prompt",
+                "client_id",
+                "response_type",
+                "scope",
+                "redirect_uri",
+                "state"
+            ]
+        );
+        assert_eq!(pairs[3].1, "identify guilds.join");
+        assert_eq!(pairs[4].1, b.redirect_uri());
+        let now: DateTime<Utc> = "2029-01-01T00:00:00Z".parse().unwrap();
+        assert_eq!(b.verify(&pairs[5].1, now).unwrap().g, "grant_Y");
     }
 }
