@@ -861,15 +861,22 @@ async fn all_grants(app: &TestApp) -> Vec<(String, String, Option<String>)> {
     .unwrap()
 }
 
-/// Prunes the applied event ids recorded more than 30 days ago, now; returns how many.
-async fn prune_30_days_old(app: &TestApp) -> u64 {
-    let pruner = guildgate::events::retention::Pruner {
+/// A pruner of the applied event ids recorded more than 30 days ago.
+fn pruner_30_days(app: &TestApp) -> guildgate::events::retention::Pruner {
+    guildgate::events::retention::Pruner {
         pool: app.pool.clone(),
         retention: std::time::Duration::from_secs(30 * 86400),
         metrics: app.metrics.clone(),
-    };
+    }
+}
+
+/// Prunes the applied event ids recorded more than 30 days ago, now; returns how many.
+async fn prune_30_days_old(app: &TestApp) -> u64 {
     let never = tokio_util::sync::CancellationToken::new();
-    pruner.prune(chrono::Utc::now(), &never).await.unwrap()
+    pruner_30_days(app)
+        .prune(chrono::Utc::now(), &never)
+        .await
+        .unwrap()
 }
 
 /// Ages every applied event id past a 30-day retention and prunes them; returns how many.
@@ -926,6 +933,26 @@ async fn applied_event_ids_older_than_the_retention_are_pruned_in_chunks() {
     .await
     .unwrap();
     assert!(valid);
+    // A prune stopped by shutdown ends after the chunk in hand: the rest waits for the
+    // next pass.
+    sqlx::query(
+        "INSERT INTO processed_events (event_id, event_type, business_id, outcome, processed_at)
+         SELECT 'later_' || i, 'payment.succeeded', $1, 'applied', now() - interval '40 days'
+         FROM generate_series(1, $2) AS i",
+    )
+    .bind(&b)
+    .bind(PRUNE_CHUNK + 7)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let stopped = tokio_util::sync::CancellationToken::new();
+    stopped.cancel();
+    let first = pruner_30_days(&app)
+        .prune(chrono::Utc::now(), &stopped)
+        .await
+        .unwrap();
+    assert_eq!(first, PRUNE_CHUNK as u64);
+    assert_eq!(prune_30_days_old(&app).await, 7);
     app.stop().await;
 }
 

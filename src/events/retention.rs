@@ -20,6 +20,9 @@ use crate::store;
 /// Ids deleted per transaction.
 pub const PRUNE_CHUNK: i64 = 5_000;
 
+/// The longest pause between two chunks of one prune.
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+
 /// The oldest time whose applied ids are still kept under `retention`: ids recorded
 /// before it may have been pruned. `None` when the retention reaches past the start of
 /// time (nothing is pruned).
@@ -39,7 +42,10 @@ pub struct Pruner {
 
 impl Pruner {
     /// Deletes every id recorded before `now - retention`, in chunks, and returns how
-    /// many. Stops early (with what it deleted so far) on `shutdown`.
+    /// many. After a full chunk it pauses as long as that chunk took (up to a second),
+    /// so a large backlog (the first prune of a database that kept every id) keeps the
+    /// database busy at most half the time and ingest's transactions are not queued
+    /// behind it. Stops early (with what it deleted so far) on `shutdown`.
     pub async fn prune(
         &self,
         now: DateTime<Utc>,
@@ -51,16 +57,19 @@ impl Pruner {
         };
         let mut total = 0;
         loop {
+            let started = tokio::time::Instant::now();
             let mut conn = self.pool.acquire().await?;
             let n = store::ingest::prune_processed(&mut conn, cutoff, PRUNE_CHUNK).await?;
             drop(conn);
             total += n;
             self.metrics.processed_pruned.inc_by(n);
-            if n < PRUNE_CHUNK as u64 || shutdown.is_cancelled() {
+            if n < PRUNE_CHUNK as u64 {
                 return Ok(total);
             }
-            // Let ingest's transactions in between chunks.
-            tokio::task::yield_now().await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(total),
+                _ = tokio::time::sleep(started.elapsed().min(MAX_PAUSE)) => {}
+            }
         }
     }
 
