@@ -780,28 +780,51 @@ mod tests {
             decide(&refunded, &event(refund(false), at), on),
             Verdict::Repeat
         );
-        // A lost dispute and then a refund before a subscription's payment: the refund
-        // revokes, by policy.
-        let late = Facts {
+        // A lost dispute and a refund, in either order, before a subscription's
+        // payment: the refund revokes, by policy; a lost dispute alone does not.
+        use RevocationReason::{DisputeLost, Refund};
+        for reversals_recorded in [vec![DisputeLost, Refund], vec![Refund, DisputeLost]] {
+            let late = Facts {
+                grants: vec![grant("g1", "e1", GrantStatus::Delivered)],
+                subscription_last_event_at: Some(t(at)),
+                reversals_recorded,
+                ..Facts::default()
+            };
+            let v = decide(&late, &event(payment(Some("sub"), &["p1"]), at), on);
+            assert_eq!(
+                revoked(&v),
+                [("g1", Refund)],
+                "{:?}",
+                late.reversals_recorded
+            );
+        }
+        let disputed = Facts {
             grants: vec![grant("g1", "e1", GrantStatus::Delivered)],
             subscription_last_event_at: Some(t(at)),
-            reversals_recorded: vec![RevocationReason::DisputeLost, RevocationReason::Refund],
+            reversals_recorded: vec![DisputeLost],
             ..Facts::default()
         };
         assert_eq!(
-            revoked(&decide(
-                &late,
-                &event(payment(Some("sub"), &["p1"]), at),
-                on
-            )),
-            [("g1", RevocationReason::Refund)]
+            decide(&disputed, &event(payment(Some("sub"), &["p1"]), at), on),
+            Verdict::Apply(vec![Effect::RecordPayment])
         );
+        // The recorded refund is what makes a refund a repeat, whatever is known of
+        // its payment: without it, the same refund is applied.
         for payment_subscription in [None, Some(None)] {
             let f = Facts {
                 payment_subscription,
                 ..refunded.clone()
             };
             assert_eq!(decide(&f, &event(refund(false), at), on), Verdict::Repeat);
+            let first = Facts {
+                reversals_recorded: Vec::new(),
+                ..f
+            };
+            let v = decide(&first, &event(refund(false), at), on);
+            assert!(
+                matches!(&v, Verdict::Apply(e) if e.first() == Some(&Effect::RecordReversal { reason: Refund })),
+                "{v:?}"
+            );
         }
         let one_time = Facts {
             payment_subscription: Some(None),
