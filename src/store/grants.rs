@@ -94,30 +94,45 @@ pub async fn of_customer(
     .await
 }
 
-/// Every grant of several subscriptions or payments: `(business, subscription)` pairs
-/// when `by_subscription`, else `(business, payment)` pairs. Oldest first.
+/// A grant, and whether its customer has linked a Discord account.
+#[derive(sqlx::FromRow)]
+pub struct GrantOfSource {
+    #[sqlx(flatten)]
+    pub grant: Grant,
+    pub customer_linked: bool,
+}
+
+/// Every grant of several payments and subscriptions, given as `(business, payment)`
+/// and `(business, subscription)` pairs, oldest first, in one statement.
 pub async fn of_sources(
     conn: &mut PgConnection,
-    businesses: &[String],
-    sources: &[String],
-    by_subscription: bool,
-) -> Result<Vec<Grant>, sqlx::Error> {
-    let sql = if by_subscription {
-        // The `= ANY` restrictions let the planner use the (partial) indexes; the pair
-        // test keeps a subscription id from matching under another business.
-        "SELECT * FROM grants WHERE business_id = ANY($1) AND subscription_id = ANY($2)
-             AND (business_id, subscription_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-         ORDER BY created_at, id"
-    } else {
-        "SELECT * FROM grants WHERE business_id = ANY($1) AND payment_id = ANY($2)
-             AND (business_id, payment_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-         ORDER BY created_at, id"
-    };
-    sqlx::query_as(sql)
-        .bind(businesses)
-        .bind(sources)
-        .fetch_all(conn)
-        .await
+    payments: (&[String], &[String]),
+    subscriptions: (&[String], &[String]),
+) -> Result<Vec<GrantOfSource>, sqlx::Error> {
+    // The `= ANY` restrictions let the planner use the (partial) indexes; the pair
+    // tests keep an id from matching under another business. A grant has a payment or
+    // a subscription, never both, so the two parts never return the same row.
+    sqlx::query_as(
+        "SELECT g.*, EXISTS (SELECT 1 FROM discord_links l
+                             WHERE l.business_id = g.business_id AND l.customer_id = g.customer_id)
+                     AS customer_linked
+         FROM grants g
+         WHERE g.business_id = ANY($1) AND g.payment_id = ANY($2)
+           AND (g.business_id, g.payment_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+         UNION ALL
+         SELECT g.*, EXISTS (SELECT 1 FROM discord_links l
+                             WHERE l.business_id = g.business_id AND l.customer_id = g.customer_id)
+         FROM grants g
+         WHERE g.business_id = ANY($3) AND g.subscription_id = ANY($4)
+           AND (g.business_id, g.subscription_id) IN (SELECT * FROM unnest($3::text[], $4::text[]))
+         ORDER BY created_at, id",
+    )
+    .bind(payments.0)
+    .bind(payments.1)
+    .bind(subscriptions.0)
+    .bind(subscriptions.1)
+    .fetch_all(conn)
+    .await
 }
 
 /// Revokes several live grants at `now`, each with its reason.

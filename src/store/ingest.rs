@@ -36,19 +36,9 @@ pub async fn try_lock_keys(
     .await
 }
 
-// ---- Batch forms: one round trip per kind of row read for a whole batch of events,
-// one statement for all of its writes but revocations. ----
-
-/// Which of `event_ids` were applied before.
-pub async fn processed_among(
-    conn: &mut PgConnection,
-    event_ids: &[String],
-) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT event_id FROM processed_events WHERE event_id = ANY($1)")
-        .bind(event_ids)
-        .fetch_all(conn)
-        .await
-}
+// ---- Batch forms: what a whole batch of events needs is read in two statements (the
+// facts below, then the grants they lead to), and all of its writes but revocations go
+// out in one. ----
 
 /// Deletes up to `limit` applied event ids recorded before `cutoff`, oldest first,
 /// passing over rows another pruner holds. Returns how many it deleted.
@@ -77,41 +67,25 @@ pub struct ProcessedRow {
     pub outcome: &'static str,
 }
 
-/// Active, undeleted entitlements of each (business, product) pair, as
-/// (business, product, entitlement) in attachment order.
-pub async fn product_entitlements_many(
-    conn: &mut PgConnection,
-    businesses: &[String],
-    products: &[String],
-) -> Result<Vec<(String, String, String)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT pe.business_id, pe.product_id, pe.entitlement_id
-         FROM product_entitlements pe
-         JOIN entitlements e ON e.id = pe.entitlement_id
-         WHERE pe.business_id = ANY($1) AND pe.product_id = ANY($2)
-           AND (pe.business_id, pe.product_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-           AND e.deleted_at IS NULL AND e.is_active
-         ORDER BY pe.business_id, pe.product_id, pe.position, pe.entitlement_id",
-    )
-    .bind(businesses)
-    .bind(products)
-    .fetch_all(conn)
-    .await
-}
-
-/// Which of `businesses` have at least one entitlement (deleted ones included).
-pub async fn businesses_with_entitlements(
-    conn: &mut PgConnection,
-    businesses: &[String],
-) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT DISTINCT business_id FROM entitlements WHERE business_id = ANY($1)")
-        .bind(businesses)
-        .fetch_all(conn)
-        .await
+/// The keys a batch's facts are read by. Pairs are two arrays of equal length.
+#[derive(Default)]
+pub struct FactKeys {
+    /// Applied before?
+    pub event_ids: Vec<String>,
+    /// (business, product): active, undeleted entitlements attached.
+    pub products: (Vec<String>, Vec<String>),
+    /// Businesses that have at least one entitlement (deleted ones included)?
+    pub businesses: Vec<String>,
+    /// (business, payment): the payment as recorded, and its reversals.
+    pub payments: (Vec<String>, Vec<String>),
+    /// Subscriptions: their last applied event.
+    pub subscriptions: Vec<String>,
+    /// (business, customer): linked a Discord account?
+    pub customers: (Vec<String>, Vec<String>),
 }
 
 /// A subscription's last applied event, as its snapshot records it.
-#[derive(sqlx::FromRow)]
+#[derive(Debug, PartialEq)]
 pub struct LastApplied {
     pub subscription_id: String,
     pub last_event_at: DateTime<Utc>,
@@ -123,18 +97,175 @@ pub struct LastApplied {
     pub updated_at: DateTime<Utc>,
 }
 
-/// The last applied event of each of `subscriptions` that has one.
-pub async fn subscriptions_last_applied(
-    conn: &mut PgConnection,
-    subscriptions: &[String],
-) -> Result<Vec<LastApplied>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT subscription_id, last_event_at, last_event_ids, updated_at FROM subscriptions
-         WHERE subscription_id = ANY($1)",
-    )
-    .bind(subscriptions)
-    .fetch_all(conn)
-    .await
+/// One fact read for a batch.
+#[derive(Debug, PartialEq)]
+pub enum Fact {
+    /// This event id was applied before.
+    Processed(String),
+    /// An active entitlement attached to a product, at a position in its list.
+    ProductEntitlement {
+        business: String,
+        product: String,
+        entitlement: String,
+        position: i32,
+    },
+    /// This business has at least one entitlement.
+    BusinessWithEntitlements(String),
+    /// A payment as recorded, with its subscription for a subscription's payment.
+    Payment {
+        business: String,
+        payment: String,
+        subscription: Option<String>,
+    },
+    /// A full refund or lost dispute recorded for a payment.
+    Reversal {
+        business: String,
+        payment: String,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    /// A subscription's last applied event.
+    LastApplied(LastApplied),
+    /// This customer has linked a Discord account.
+    Linked { business: String, customer: String },
+}
+
+/// The row every part of [`FACTS`] returns: `kind` says what the other columns hold.
+#[derive(sqlx::FromRow)]
+struct FactRow {
+    kind: String,
+    a: String,
+    b: Option<String>,
+    c: Option<String>,
+    n: Option<i32>,
+    at: Option<DateTime<Utc>>,
+    at2: Option<DateTime<Utc>>,
+    ids: Option<Vec<String>>,
+}
+
+/// Every fact of [`FactKeys`], one part per kind, in one round trip. Each part is read
+/// as its own query would be: the `= ANY` restrictions let the planner use the indexes,
+/// the pair tests keep an id from matching under another business.
+const FACTS: &str = "
+    SELECT 'p'::text AS kind, event_id AS a, NULL::text AS b, NULL::text AS c, NULL::int AS n,
+           NULL::timestamptz AS at, NULL::timestamptz AS at2, NULL::text[] AS ids
+    FROM processed_events WHERE event_id = ANY($1)
+    UNION ALL
+    SELECT 'e', pe.business_id, pe.product_id, pe.entitlement_id, pe.position, NULL, NULL, NULL
+    FROM product_entitlements pe JOIN entitlements e ON e.id = pe.entitlement_id
+    WHERE pe.business_id = ANY($2) AND pe.product_id = ANY($3)
+      AND (pe.business_id, pe.product_id) IN (SELECT * FROM unnest($2::text[], $3::text[]))
+      AND e.deleted_at IS NULL AND e.is_active
+    UNION ALL
+    SELECT DISTINCT 'b', business_id, NULL, NULL, NULL::int, NULL::timestamptz, NULL::timestamptz, NULL::text[]
+    FROM entitlements WHERE business_id = ANY($4)
+    UNION ALL
+    SELECT 'y', business_id, payment_id, subscription_id, NULL, NULL, NULL, NULL
+    FROM payments
+    WHERE payment_id = ANY($6)
+      AND (business_id, payment_id) IN (SELECT * FROM unnest($5::text[], $6::text[]))
+    UNION ALL
+    SELECT 'r', business_id, payment_id, reason, NULL, created_at, NULL, NULL
+    FROM payment_reversals
+    WHERE payment_id = ANY($6)
+      AND (business_id, payment_id) IN (SELECT * FROM unnest($5::text[], $6::text[]))
+    UNION ALL
+    SELECT 's', subscription_id, NULL, NULL, NULL, last_event_at, updated_at, last_event_ids
+    FROM subscriptions WHERE subscription_id = ANY($7)
+    UNION ALL
+    SELECT 'l', business_id, customer_id, NULL, NULL, NULL, NULL, NULL
+    FROM discord_links
+    WHERE customer_id = ANY($9)
+      AND (business_id, customer_id) IN (SELECT * FROM unnest($8::text[], $9::text[]))";
+
+/// Reads the facts of a batch's keys, in one statement. Product entitlements come in
+/// attachment order per (business, product), reversals oldest first per payment.
+pub async fn facts(conn: &mut PgConnection, keys: &FactKeys) -> Result<Vec<Fact>, sqlx::Error> {
+    let rows: Vec<FactRow> = sqlx::query_as(FACTS)
+        .bind(&keys.event_ids)
+        .bind(&keys.products.0)
+        .bind(&keys.products.1)
+        .bind(&keys.businesses)
+        .bind(&keys.payments.0)
+        .bind(&keys.payments.1)
+        .bind(&keys.subscriptions)
+        .bind(&keys.customers.0)
+        .bind(&keys.customers.1)
+        .fetch_all(conn)
+        .await?;
+    let mut out: Vec<Fact> = rows.into_iter().filter_map(FactRow::into_fact).collect();
+    // Only the order within a kind and key matters to the callers.
+    out.sort_by(|x, y| x.order_key().cmp(&y.order_key()));
+    Ok(out)
+}
+
+impl Fact {
+    /// Product entitlements by (business, product, position, entitlement), reversals
+    /// by (business, payment, time, reason); every other kind ties.
+    fn order_key(&self) -> (u8, &str, &str, i64, &str) {
+        match self {
+            Fact::ProductEntitlement {
+                business,
+                product,
+                entitlement,
+                position,
+            } => (1, business, product, i64::from(*position), entitlement),
+            Fact::Reversal {
+                business,
+                payment,
+                reason,
+                at,
+            } => (2, business, payment, at.timestamp_micros(), reason),
+            _ => (0, "", "", 0, ""),
+        }
+    }
+}
+
+impl FactRow {
+    fn into_fact(self) -> Option<Fact> {
+        let FactRow {
+            kind,
+            a,
+            b,
+            c,
+            n,
+            at,
+            at2,
+            ids,
+        } = self;
+        Some(match kind.as_str() {
+            "p" => Fact::Processed(a),
+            "e" => Fact::ProductEntitlement {
+                business: a,
+                product: b?,
+                entitlement: c?,
+                position: n?,
+            },
+            "b" => Fact::BusinessWithEntitlements(a),
+            "y" => Fact::Payment {
+                business: a,
+                payment: b?,
+                subscription: c,
+            },
+            "r" => Fact::Reversal {
+                business: a,
+                payment: b?,
+                reason: c?,
+                at: at?,
+            },
+            "s" => Fact::LastApplied(LastApplied {
+                subscription_id: a,
+                last_event_at: at?,
+                last_event_ids: ids,
+                updated_at: at2?,
+            }),
+            "l" => Fact::Linked {
+                business: a,
+                customer: b?,
+            },
+            _ => return None,
+        })
+    }
 }
 
 /// A subscription's latest applied snapshot.
@@ -150,23 +281,6 @@ pub struct SubscriptionRow {
     pub last_event_ids: Option<Vec<String>>,
 }
 
-/// Payments as recorded: (business, payment, its subscription if any).
-pub async fn payments_many(
-    conn: &mut PgConnection,
-    businesses: &[String],
-    payments: &[String],
-) -> Result<Vec<(String, String, Option<String>)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT business_id, payment_id, subscription_id FROM payments
-         WHERE payment_id = ANY($2)
-           AND (business_id, payment_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-    )
-    .bind(businesses)
-    .bind(payments)
-    .fetch_all(conn)
-    .await
-}
-
 /// A payment seen, with its subscription for a subscription's payment.
 pub struct PaymentRow {
     pub payment_id: String,
@@ -175,47 +289,11 @@ pub struct PaymentRow {
     pub subscription_id: Option<String>,
 }
 
-/// Reversals recorded for payments: (business, payment, reason), oldest first (at most
-/// one per reason).
-pub async fn reversals_many(
-    conn: &mut PgConnection,
-    businesses: &[String],
-    payments: &[String],
-) -> Result<Vec<(String, String, String)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT business_id, payment_id, reason FROM payment_reversals
-         WHERE payment_id = ANY($2)
-           AND (business_id, payment_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-         ORDER BY business_id, payment_id, created_at",
-    )
-    .bind(businesses)
-    .bind(payments)
-    .fetch_all(conn)
-    .await
-}
-
 /// A full refund or lost dispute of a payment.
 pub struct ReversalRow {
     pub payment_id: String,
     pub reason: &'static str,
     pub business_id: String,
-}
-
-/// Which (business, customer) pairs have linked a Discord account.
-pub async fn linked_customers(
-    conn: &mut PgConnection,
-    businesses: &[String],
-    customers: &[String],
-) -> Result<Vec<(String, String)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT business_id, customer_id FROM discord_links
-         WHERE customer_id = ANY($2)
-           AND (business_id, customer_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-    )
-    .bind(businesses)
-    .bind(customers)
-    .fetch_all(conn)
-    .await
 }
 
 /// Everything a batch writes besides revocations, as rows.
