@@ -1147,6 +1147,21 @@ async fn a_duplicate_after_pruning_is_recognised_by_the_state_it_recorded() {
     .await;
     app.wait_processed(6).await;
     assert_eq!(statuses(&app, "cus_4").await, [revoked("refund")]);
+
+    // The subscription's first payment ahead of its first event, as the platform may
+    // send it: remembered, so its refund revokes (by policy) the grants that followed.
+    app.publish(
+        &subscription_payment(&b, "pay_5", "cus_5", "sub_5", "pdt_monthly", &t(1)),
+        "p5",
+    )
+    .await;
+    app.wait_processed(7).await;
+    app.publish(&active("sub_5", "cus_5", &t(1)), "s5a").await;
+    app.wait_processed(8).await;
+    assert_eq!(statuses(&app, "cus_5").await, [pending()]);
+    app.publish(&refund(&b, "pay_5", false, &t(2)), "r5").await;
+    app.wait_processed(9).await;
+    assert_eq!(statuses(&app, "cus_5").await, [revoked("refund")]);
     app.stop().await;
 }
 

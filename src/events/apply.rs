@@ -204,6 +204,9 @@ impl Applier {
                     if let Some(s) = &p.subscription_id {
                         sub_b.push(b.clone());
                         sub_s.push(s.to_string());
+                        if p.product_ids.is_empty() {
+                            keys.businesses.push(b.clone());
+                        }
                     }
                     customers.insert((b, p.customer_id.to_string()));
                 }
@@ -348,6 +351,7 @@ impl Applier {
         facts.grants = match &event.kind {
             EventKind::PaymentSucceeded(p) => {
                 let pay = key(b, p.payment_id.as_str());
+                facts.business_has_entitlements = state.businesses_with_entitlements.contains(b);
                 facts.reversals_recorded = state.reversals.get(&pay).cloned().unwrap_or_default();
                 facts.payment_recorded = state.payments.contains_key(&pay);
                 match &p.subscription_id {

@@ -61,7 +61,7 @@ pub struct Facts {
     /// `Some(None)` for a one-time payment, `Some(Some(sub))` for a subscription's.
     pub payment_subscription: Option<Option<SubscriptionId>>,
     /// The business has at least one entitlement (refunds and disputes are remembered
-    /// only for such businesses).
+    /// only for such businesses; so is a subscription's payment without a cart).
     pub business_has_entitlements: bool,
 }
 
@@ -123,8 +123,24 @@ pub fn decide(facts: &Facts, event: &Event, policy: Policy) -> Verdict {
             }
             if p.subscription_id.is_some() {
                 // A subscription's payment grants nothing itself; remember which
-                // subscription it paid for, so a refund of it can be mapped.
-                if facts.subscription_last_event_at.is_none() && facts.reversals_recorded.is_empty()
+                // subscription it paid for, so a refund of it can be mapped. It concerns
+                // guildgate when one of its products has entitlements (or, without a
+                // cart, its business has some), even before the subscription's first
+                // event: the platform may send the first payment ahead of
+                // `subscription.active`.
+                let for_entitlements = if p.product_ids.is_empty() {
+                    facts.business_has_entitlements
+                } else {
+                    p.product_ids.iter().any(|pid| {
+                        facts
+                            .product_entitlements
+                            .get(pid)
+                            .is_some_and(|e| !e.is_empty())
+                    })
+                };
+                if facts.subscription_last_event_at.is_none()
+                    && facts.reversals_recorded.is_empty()
+                    && !for_entitlements
                 {
                     return Verdict::Irrelevant;
                 }
@@ -447,6 +463,38 @@ mod tests {
             Policy::default(),
         );
         assert_eq!(v, Verdict::Apply(vec![Effect::RecordPayment]));
+    }
+
+    #[test]
+    fn subscription_payment_is_remembered_before_its_subscription_when_it_concerns_entitlements() {
+        let pay = |products: &[&str]| event(payment(Some("sub"), products), "2026-01-01T00:00:00Z");
+        let ents = Facts {
+            product_entitlements: products(&[("p1", &["e1"])]),
+            ..Facts::default()
+        };
+        // Its subscription not known yet: a product with entitlements is enough.
+        assert_eq!(
+            decide(&ents, &pay(&["p1"]), Policy::default()),
+            Verdict::Apply(vec![Effect::RecordPayment])
+        );
+        // A product without entitlements is not.
+        assert_eq!(
+            decide(&ents, &pay(&["p2"]), Policy::default()),
+            Verdict::Irrelevant
+        );
+        // Without a cart, the business decides.
+        let business = Facts {
+            business_has_entitlements: true,
+            ..Facts::default()
+        };
+        assert_eq!(
+            decide(&business, &pay(&[]), Policy::default()),
+            Verdict::Apply(vec![Effect::RecordPayment])
+        );
+        assert_eq!(
+            decide(&Facts::default(), &pay(&[]), Policy::default()),
+            Verdict::Irrelevant
+        );
     }
 
     #[test]
