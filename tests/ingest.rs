@@ -1324,3 +1324,55 @@ async fn a_payment_id_another_business_used_is_recorded_and_refunded_per_busines
     assert_eq!(recorded, 2);
     app.stop().await;
 }
+
+/// A subscription's payment takes its payment's lock as well as its subscription's, so a
+/// refund of it (which locks only the payment) is never decided beside it, each missing
+/// the other's row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_payment_waits_for_its_payments_lock() {
+    let app = TestApp::spawn_ingest().await;
+    app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    app.publish(
+        &subscription(
+            "active",
+            &b,
+            "sub_1",
+            "cus_1",
+            "pdt_monthly",
+            "active",
+            &t(1),
+        ),
+        "s1",
+    )
+    .await;
+    app.wait_processed(1).await;
+    // Another transaction holds the payment's lock, as a batch applying its refund would.
+    let mut other = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('pay:pay_1', 0))")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    app.publish(
+        &subscription_payment(&b, "pay_1", "cus_1", "sub_1", "pdt_monthly", &t(1)),
+        "p1",
+    )
+    .await;
+    // Deferred, then waiting for the lock: a request for it is queued behind ours.
+    wait_for("the payment's lock requested", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks
+             WHERE locktype = 'advisory' AND NOT granted
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        (waiting > 0).then_some(())
+    })
+    .await;
+    assert_eq!(app.processed_count().await, 1, "not applied while locked");
+    other.commit().await.unwrap();
+    app.wait_processed(2).await;
+    app.stop().await;
+}

@@ -9,7 +9,7 @@
 //! each other), and the writes go out in one statement (revocations in a second). With
 //! its begin, locks and commit, a batch of a hundred events costs seven round trips
 //! instead of a thousand. The caller
-//! holds the advisory locks of every aggregate in the batch ([`lock_key`]), so what was
+//! holds the advisory locks of every aggregate in the batch ([`lock_keys_of`]), so what was
 //! read cannot change underneath until the transaction ends.
 
 use std::collections::{HashMap, HashSet};
@@ -61,16 +61,20 @@ pub struct Applier {
     pub processed_retention: Option<std::time::Duration>,
 }
 
-/// The advisory-lock key of the aggregate an event touches.
-pub fn lock_key(event: &Event) -> String {
+/// The advisory-lock keys of the aggregates an event touches: its subscription or its
+/// payment. A subscription's payment takes both: its subscription's events read and
+/// write the subscription, and a refund or lost dispute of it, which locks only the
+/// payment, must see it recorded (or be seen by it) to map the payment to its
+/// subscription.
+pub fn lock_keys_of(event: &Event) -> Vec<String> {
     match &event.kind {
         EventKind::PaymentSucceeded(p) => match &p.subscription_id {
-            Some(s) => format!("sub:{s}"),
-            None => format!("pay:{}", p.payment_id),
+            Some(s) => vec![format!("sub:{s}"), format!("pay:{}", p.payment_id)],
+            None => vec![format!("pay:{}", p.payment_id)],
         },
-        EventKind::RefundSucceeded(r) => format!("pay:{}", r.payment_id),
-        EventKind::DisputeLost(d) => format!("pay:{}", d.payment_id),
-        EventKind::Subscription(_, s) => format!("sub:{}", s.subscription_id),
+        EventKind::RefundSucceeded(r) => vec![format!("pay:{}", r.payment_id)],
+        EventKind::DisputeLost(d) => vec![format!("pay:{}", d.payment_id)],
+        EventKind::Subscription(_, s) => vec![format!("sub:{}", s.subscription_id)],
     }
 }
 
@@ -158,7 +162,7 @@ fn key(business: &str, id: &str) -> Key {
 
 impl Applier {
     /// Applies a batch of events, in order, in the caller's transaction, which must hold
-    /// every event's [`lock_key`]. Returns one outcome per event.
+    /// every event's [`lock_keys_of`]. Returns one outcome per event.
     pub async fn apply_batch(
         &self,
         conn: &mut PgConnection,

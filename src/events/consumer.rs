@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::Event;
-use super::apply::{Applied, Applier, lock_key};
+use super::apply::{Applied, Applier, lock_keys_of};
 use super::decode::{DecodeError, DecodeLimits, Decoded, decode};
 use crate::amqp::dlq;
 use crate::amqp::{self, Broker, BrokerError, Names, Outgoing, header_str};
@@ -195,20 +195,24 @@ impl EventConsumer {
         wait_for_locks: bool,
     ) -> Result<Vec<Option<Applied>>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let keys: Vec<String> = events.iter().map(|(_, e)| lock_key(e)).collect();
+        let keys: Vec<Vec<String>> = events.iter().map(|(_, e)| lock_keys_of(e)).collect();
+        let all: Vec<String> = keys.iter().flatten().cloned().collect();
         let held: HashSet<String> = if wait_for_locks {
-            store::ingest::lock_keys(&mut tx, &keys).await?;
-            keys.iter().cloned().collect()
+            store::ingest::lock_keys(&mut tx, &all).await?;
+            all.into_iter().collect()
         } else {
-            store::ingest::try_lock_keys(&mut tx, &keys)
+            store::ingest::try_lock_keys(&mut tx, &all)
                 .await?
                 .into_iter()
                 .collect()
         };
+        // An event is applied only with all of its locks; one it does not have all of
+        // is deferred (a lock it did get is held until the commit, harmlessly).
+        let holds_all = |ks: &[String]| ks.iter().all(|k| held.contains(k));
         let batch: Vec<&Event> = events
             .iter()
             .zip(&keys)
-            .filter(|(_, k)| held.contains(*k))
+            .filter(|(_, ks)| holds_all(ks))
             .map(|((_, e), _)| e)
             .collect();
         let mut applied = if batch.is_empty() {
@@ -220,13 +224,7 @@ impl EventConsumer {
         tx.commit().await?;
         Ok(keys
             .iter()
-            .map(|k| {
-                if held.contains(k) {
-                    applied.next()
-                } else {
-                    None
-                }
-            })
+            .map(|ks| if holds_all(ks) { applied.next() } else { None })
             .collect())
     }
 
