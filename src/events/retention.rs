@@ -43,9 +43,10 @@ pub struct Pruner {
 impl Pruner {
     /// Deletes every id recorded before `now - retention`, in chunks, and returns how
     /// many. After a full chunk it pauses as long as that chunk took (up to a second),
-    /// so a large backlog (the first prune of a database that kept every id) keeps the
-    /// database busy at most half the time and ingest's transactions are not queued
-    /// behind it. Stops early (with what it deleted so far) on `shutdown`.
+    /// so a large backlog (the first prune of a database that kept every id) is deleted
+    /// at most half the time while chunks take under a second, and ingest's
+    /// transactions are not queued behind it. Stops early (with what it deleted so far)
+    /// on `shutdown`.
     pub async fn prune(
         &self,
         now: DateTime<Utc>,

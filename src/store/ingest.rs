@@ -193,7 +193,10 @@ pub async fn facts(conn: &mut PgConnection, keys: &FactKeys) -> Result<Vec<Fact>
         .bind(&keys.customers.1)
         .fetch_all(conn)
         .await?;
-    let mut out: Vec<Fact> = rows.into_iter().filter_map(FactRow::into_fact).collect();
+    let mut out = rows
+        .into_iter()
+        .map(FactRow::into_fact)
+        .collect::<Result<Vec<Fact>, sqlx::Error>>()?;
     // Only the order within a kind and key matters to the callers.
     out.sort_by(|x, y| x.order_key().cmp(&y.order_key()));
     Ok(out)
@@ -222,7 +225,10 @@ impl Fact {
 }
 
 impl FactRow {
-    fn into_fact(self) -> Option<Fact> {
+    /// The fact this row holds. A row [`FACTS`] cannot return (an unknown kind, a NULL
+    /// where its part selects a NOT NULL column) is an error, never dropped: a fact lost
+    /// silently could apply an event twice.
+    fn into_fact(self) -> Result<Fact, sqlx::Error> {
         let FactRow {
             kind,
             a,
@@ -233,37 +239,38 @@ impl FactRow {
             at2,
             ids,
         } = self;
-        Some(match kind.as_str() {
+        let bad = |what: &str| sqlx::Error::Decode(format!("fact row {kind:?}: {what}").into());
+        Ok(match kind.as_str() {
             "p" => Fact::Processed(a),
             "e" => Fact::ProductEntitlement {
                 business: a,
-                product: b?,
-                entitlement: c?,
-                position: n?,
+                product: b.ok_or_else(|| bad("no product"))?,
+                entitlement: c.ok_or_else(|| bad("no entitlement"))?,
+                position: n.ok_or_else(|| bad("no position"))?,
             },
             "b" => Fact::BusinessWithEntitlements(a),
             "y" => Fact::Payment {
                 business: a,
-                payment: b?,
+                payment: b.ok_or_else(|| bad("no payment"))?,
                 subscription: c,
             },
             "r" => Fact::Reversal {
                 business: a,
-                payment: b?,
-                reason: c?,
-                at: at?,
+                payment: b.ok_or_else(|| bad("no payment"))?,
+                reason: c.ok_or_else(|| bad("no reason"))?,
+                at: at.ok_or_else(|| bad("no time"))?,
             },
             "s" => Fact::LastApplied(LastApplied {
                 subscription_id: a,
-                last_event_at: at?,
+                last_event_at: at.ok_or_else(|| bad("no last event time"))?,
                 last_event_ids: ids,
-                updated_at: at2?,
+                updated_at: at2.ok_or_else(|| bad("no update time"))?,
             }),
             "l" => Fact::Linked {
                 business: a,
-                customer: b?,
+                customer: b.ok_or_else(|| bad("no customer"))?,
             },
-            _ => return None,
+            _ => return Err(bad("unknown kind")),
         })
     }
 }
@@ -440,4 +447,74 @@ pub async fn write_batch(conn: &mut PgConnection, rows: &BatchRows<'_>) -> Resul
         .execute(conn)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(kind: &str) -> FactRow {
+        FactRow {
+            kind: kind.into(),
+            a: "a".into(),
+            b: None,
+            c: None,
+            n: None,
+            at: None,
+            at2: None,
+            ids: None,
+        }
+    }
+
+    #[test]
+    fn a_fact_row_that_cannot_be_is_an_error_not_dropped() {
+        assert_eq!(row("p").into_fact().unwrap(), Fact::Processed("a".into()));
+        assert_eq!(
+            row("y").into_fact().unwrap_err().to_string(),
+            sqlx::Error::Decode("fact row \"y\": no payment".into()).to_string()
+        );
+        assert!(row("x").into_fact().is_err());
+        let at = Utc::now();
+        let s = FactRow {
+            at: Some(at),
+            ..row("s")
+        };
+        assert!(s.into_fact().is_err(), "no update time");
+    }
+
+    #[test]
+    fn product_entitlements_sort_by_position_and_reversals_by_time() {
+        let pe = |p: &str, e: &str, n: i32| Fact::ProductEntitlement {
+            business: "b".into(),
+            product: p.into(),
+            entitlement: e.into(),
+            position: n,
+        };
+        let rev = |r: &str, secs: i64| Fact::Reversal {
+            business: "b".into(),
+            payment: "pay".into(),
+            reason: r.into(),
+            at: DateTime::from_timestamp(secs, 0).unwrap(),
+        };
+        let mut facts = vec![
+            rev("refund", 20),
+            pe("p1", "e_b", 1),
+            Fact::Processed("x".into()),
+            pe("p1", "e_z", 0),
+            rev("dispute_lost", 10),
+            pe("p0", "e_y", 5),
+        ];
+        facts.sort_by(|x, y| x.order_key().cmp(&y.order_key()));
+        assert_eq!(
+            facts,
+            vec![
+                Fact::Processed("x".into()),
+                pe("p0", "e_y", 5),
+                pe("p1", "e_z", 0),
+                pe("p1", "e_b", 1),
+                rev("dispute_lost", 10),
+                rev("refund", 20),
+            ]
+        );
+    }
 }
