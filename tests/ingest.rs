@@ -1376,3 +1376,52 @@ async fn a_subscription_payment_waits_for_its_payments_lock() {
     app.wait_processed(2).await;
     app.stop().await;
 }
+
+/// A grant another transaction revokes while a batch is revoking it (the merchant's
+/// manual revoke through the API, say) keeps that revocation, and the batch emits no
+/// webhook of its own for it: one grant, one `entitlement_grant.revoked`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_revoked_elsewhere_meanwhile_gets_no_second_revoked_webhook() {
+    let app = TestApp::spawn_ingest().await;
+    app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    app.publish(&payment(&b, "pay_1", "cus_1", &["pdt_life"], &t(1)), "p1")
+        .await;
+    app.wait_processed(1).await;
+    app.wait_outbox_empty().await;
+    assert_eq!(app.drain_grant_events().await.len(), 1, "created");
+    // Revoked by hand in a transaction still open when the refund's batch reads the
+    // grant as live and goes to revoke it.
+    let mut other = app.pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE grants SET status = 'Revoked', revoked_at = now(), revocation_reason = 'manual',
+             updated_at = now()
+         WHERE customer_id = 'cus_1'",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    app.publish(&refund(&b, "pay_1", false, &t(2)), "r1").await;
+    wait_for("the batch waiting for the grant's row", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        (waiting > 0).then_some(())
+    })
+    .await;
+    other.commit().await.unwrap();
+    app.wait_processed(2).await;
+    assert_eq!(statuses(&app, "cus_1").await, [revoked("manual")]);
+    app.wait_outbox_empty().await;
+    let webhooks = app.drain_grant_events().await;
+    assert!(
+        webhooks.is_empty(),
+        "{:?}",
+        webhooks.iter().map(|w| &w.message_id).collect::<Vec<_>>()
+    );
+    app.stop().await;
+}

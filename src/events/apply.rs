@@ -119,8 +119,13 @@ struct Writes {
     outbox_ids: Vec<String>,
     outbox_payloads: Vec<Vec<u8>>,
     /// The batch's grant webhooks, in order, serialized: written as bundles at the end
-    /// ([`GRANT_EVENTS_PER_MESSAGE`] to an outbox row).
-    grant_events: Vec<Vec<u8>>,
+    /// ([`GRANT_EVENTS_PER_MESSAGE`] to an outbox row). With the id of a grant that
+    /// existed before the batch when it is that grant's revocation: emitted only if the
+    /// batch's update is what revoked it.
+    grant_events: Vec<(Option<String>, Vec<u8>)>,
+    /// Grants that existed before the batch, revoked by it, whose revocation needs a
+    /// sync job if it takes effect.
+    pending_syncs: Vec<String>,
     processed: Vec<db::ProcessedRow>,
     /// One row per subscription: the last snapshot applied in the batch.
     subscriptions: HashMap<String, db::SubscriptionRow>,
@@ -139,7 +144,10 @@ impl Writes {
     /// and a sync job when `needs_sync` — the customer has linked Discord (a delivery
     /// may be under way or due) or the grant applied something that a revoke must undo.
     /// A grant of a customer who never linked has nothing in Discord; the OAuth callback
-    /// queues its sync.
+    /// queues its sync. `if_revoked_here`: the revocation of a grant that existed before
+    /// the batch, which emits only if the batch's update is what revokes it — another
+    /// transaction (the API, another consumer) may have revoked it first, and emitted
+    /// its own webhook, with its own reason.
     fn transition(
         &mut self,
         links: &LinkBuilder,
@@ -147,11 +155,18 @@ impl Writes {
         ev: GrantEventType,
         now: DateTime<Utc>,
         needs_sync: bool,
+        if_revoked_here: bool,
     ) {
-        self.grant_events.push(webhook_body(g, ev, now, links));
+        let condition = if_revoked_here.then(|| g.id.clone());
+        self.grant_events
+            .push((condition, webhook_body(g, ev, now, links)));
         if needs_sync && matches!(ev, GrantEventType::Created | GrantEventType::Revoked) {
-            let (id, payload) = sync_job(&g.id);
-            self.outbox(OutboxKind::Sync, id, payload);
+            if if_revoked_here {
+                self.pending_syncs.push(g.id.clone());
+            } else {
+                let (id, payload) = sync_job(&g.id);
+                self.outbox(OutboxKind::Sync, id, payload);
+            }
         }
     }
 }
@@ -501,7 +516,14 @@ impl Applier {
                     applied_role_id: None,
                 };
                 let linked = state.linked.contains(&key(b, customer_id.as_str()));
-                writes.transition(&self.links, &grant, GrantEventType::Created, now, linked);
+                writes.transition(
+                    &self.links,
+                    &grant,
+                    GrantEventType::Created,
+                    now,
+                    linked,
+                    false,
+                );
                 writes.new_grants.push(grant.id.clone());
                 let list = match source {
                     GrantSource::Payment(p) => state.pay_grants.entry(key(b, p.as_str())),
@@ -525,8 +547,16 @@ impl Applier {
                     g.updated_at = now;
                     let needs_sync = g.applied_user_id.is_some()
                         || state.linked.contains(&key(&g.business_id, &g.customer_id));
-                    writes.transition(&self.links, g, GrantEventType::Revoked, now, needs_sync);
-                    if !writes.new_grants.contains(&g.id) {
+                    let existed = !writes.new_grants.contains(&g.id);
+                    writes.transition(
+                        &self.links,
+                        g,
+                        GrantEventType::Revoked,
+                        now,
+                        needs_sync,
+                        existed,
+                    );
+                    if existed {
                         writes.revoked.push((g.id.clone(), *reason));
                     }
                 }
@@ -606,7 +636,29 @@ impl Applier {
         mut w: Writes,
         now: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
-        let grant_events = std::mem::take(&mut w.grant_events);
+        // Revocations first: a grant the batch creates may take the place of one it
+        // revokes (a pause and an unpause), and the live-grant unique indexes see the
+        // rows as they are written. What another transaction revoked first stays as it
+        // revoked it, and this batch emits nothing for it.
+        let (ids, reasons): (Vec<String>, Vec<String>) = std::mem::take(&mut w.revoked)
+            .into_iter()
+            .map(|(id, r)| (id, r.as_str().to_string()))
+            .unzip();
+        let revoked_here: HashSet<String> = grant_store::revoke_many(conn, &ids, &reasons, now)
+            .await?
+            .into_iter()
+            .collect();
+        for grant in std::mem::take(&mut w.pending_syncs) {
+            if revoked_here.contains(&grant) {
+                let (id, payload) = sync_job(&grant);
+                w.outbox(OutboxKind::Sync, id, payload);
+            }
+        }
+        let grant_events: Vec<Vec<u8>> = std::mem::take(&mut w.grant_events)
+            .into_iter()
+            .filter(|(only_if, _)| only_if.as_ref().is_none_or(|g| revoked_here.contains(g)))
+            .map(|(_, body)| body)
+            .collect();
         for bodies in grant_events.chunks(GRANT_EVENTS_PER_MESSAGE) {
             // A JSON array of the bodies, as they are.
             let mut bundle =
@@ -625,15 +677,6 @@ impl Applier {
                 bundle,
             );
         }
-        // Revocations first: a grant the batch creates may take the place of one it
-        // revokes (a pause and an unpause), and the live-grant unique indexes see the
-        // rows as they are written.
-        let (ids, reasons): (Vec<String>, Vec<String>) = w
-            .revoked
-            .into_iter()
-            .map(|(id, r)| (id, r.as_str().to_string()))
-            .unzip();
-        grant_store::revoke_many(conn, &ids, &reasons, now).await?;
         let new: HashSet<&String> = w.new_grants.iter().collect();
         let rows = db::BatchRows {
             grants: state

@@ -135,25 +135,26 @@ pub async fn of_sources(
     .await
 }
 
-/// Revokes several live grants at `now`, each with its reason.
+/// Revokes several live grants at `now`, each with its reason, and returns the ids of
+/// those it revoked: a grant another transaction revoked first is left as it is.
 pub async fn revoke_many(
     conn: &mut PgConnection,
     ids: &[String],
     reasons: &[String],
     now: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
+) -> Result<Vec<String>, sqlx::Error> {
     if ids.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    sqlx::query(
+    sqlx::query_scalar(
         "UPDATE grants g SET status = 'Revoked', revoked_at = $3, revocation_reason = r.reason, updated_at = $3
          FROM unnest($1::text[], $2::text[]) AS r(id, reason)
-         WHERE g.id = r.id AND g.status <> 'Revoked'",
+         WHERE g.id = r.id AND g.status <> 'Revoked'
+         RETURNING g.id",
     )
     .bind(ids)
     .bind(reasons)
     .bind(now)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_all(conn)
+    .await
 }
