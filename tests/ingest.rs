@@ -99,24 +99,26 @@ fn revoked(reason: &str) -> (String, Option<String>) {
     ("Revoked".into(), Some(reason.into()))
 }
 
+/// `subscription.active` of a `pdt_monthly` subscription, stamped on day `day`.
+fn monthly_active(business: &str, sub: &str, customer: &str, day: u32) -> serde_json::Value {
+    subscription(
+        "active",
+        business,
+        sub,
+        customer,
+        "pdt_monthly",
+        "active",
+        &t(day),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_payment_grants_nothing_itself() {
     let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
     let b = app.business();
-    app.publish(
-        &subscription(
-            "active",
-            &b,
-            "sub_1",
-            "cus_1",
-            "pdt_monthly",
-            "active",
-            &t(1),
-        ),
-        "e1",
-    )
-    .await;
+    app.publish(&monthly_active(&b, "sub_1", "cus_1", 1), "e1")
+        .await;
     app.wait_processed(1).await;
     app.publish(
         &subscription_payment(&b, "pay_1", "cus_1", "sub_1", "pdt_monthly", &t(1)),
@@ -1333,19 +1335,8 @@ async fn a_subscription_payment_waits_for_its_payments_lock() {
     let app = TestApp::spawn_ingest().await;
     app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
     let b = app.business();
-    app.publish(
-        &subscription(
-            "active",
-            &b,
-            "sub_1",
-            "cus_1",
-            "pdt_monthly",
-            "active",
-            &t(1),
-        ),
-        "s1",
-    )
-    .await;
+    app.publish(&monthly_active(&b, "sub_1", "cus_1", 1), "s1")
+        .await;
     app.wait_processed(1).await;
     // Another transaction holds the payment's lock, as a batch applying its refund would.
     let mut other = app.pool.begin().await.unwrap();
