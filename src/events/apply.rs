@@ -8,9 +8,9 @@
 //! that state as it evolves in memory (two events of one subscription in one batch see
 //! each other), and the writes go out in one statement (revocations in a second). With
 //! its begin, locks and commit, a batch of a hundred events costs seven round trips
-//! instead of a thousand. The caller
-//! holds the advisory locks of every aggregate in the batch ([`lock_keys_of`]), so what was
-//! read cannot change underneath until the transaction ends.
+//! instead of a thousand. The caller holds the advisory locks of every aggregate in the
+//! batch ([`lock_keys_of`]), so what was read cannot change underneath until the
+//! transaction ends.
 
 use std::collections::{HashMap, HashSet};
 
