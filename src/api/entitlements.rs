@@ -1,5 +1,5 @@
 //! `/entitlements`: create, list, read, update and (soft) delete a business's Discord
-//! entitlements, shaped like the platform's (`shared/fixtures/api/entitlement.json`).
+//! entitlements, shaped like the platform's (`tests/fixtures/contract/api/entitlement.json`).
 //!
 //! Saving checks the configuration against Discord first (the server is connected to
 //! this business, the bot is in it with its permissions, the role exists and the bot can

@@ -1,5 +1,5 @@
 //! The one error type of the merchant API. Every failure becomes `{code, message}`
-//! (`shared/fixtures/api/error.json`) with its status; a 422 for several problems at once
+//! (`tests/fixtures/contract/api/error.json`) with its status; a 422 for several problems at once
 //! (a Discord misconfiguration can have more than one) also lists each in `errors`.
 //!
 //! 5xx answers are logged here with their cause and shown to the merchant without it:

@@ -25,7 +25,7 @@ use crate::http::oauth::renew_link;
 use crate::ids::CustomerId;
 use crate::store::grants as grant_store;
 
-/// A grant, as the platform shapes it (`shared/fixtures/api/grant.json`). Documentation
+/// A grant, as the platform shapes it (`tests/fixtures/contract/api/grant.json`). Documentation
 /// only: grants are rendered by [`grant_object`], which the webhooks share.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct GrantView {

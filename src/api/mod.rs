@@ -1,5 +1,5 @@
 //! The merchant REST API, compatible with the payment platform's entitlements API (same
-//! paths, JSON and pagination as `shared/fixtures/api/`), so a merchant's integration
+//! paths, JSON and pagination as `tests/fixtures/contract/api/`), so a merchant's integration
 //! works against either.
 //!
 //! - [`auth`]: `Authorization: Bearer <api key>` → the business; [`keys`]: key format.

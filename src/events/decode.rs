@@ -330,7 +330,10 @@ pub fn decode(
 mod tests {
     use super::*;
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/events");
+    const FIXTURES: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/contract/events"
+    );
 
     fn limits() -> DecodeLimits {
         DecodeLimits {

@@ -1,5 +1,5 @@
 //! The grant object and the `entitlement_grant.*` webhook body, exactly as the platform
-//! shapes them (`shared/fixtures/api/grant.json`, `shared/fixtures/webhooks/`).
+//! shapes them (`tests/fixtures/contract/api/grant.json`, `tests/fixtures/contract/webhooks/`).
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -110,7 +110,7 @@ mod tests {
     use crate::config::Settings;
     use serde_json::json;
 
-    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures");
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/contract");
 
     fn fixture(path: &str) -> Value {
         serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/{path}")).unwrap()).unwrap()

@@ -423,7 +423,7 @@ mod tests {
     use super::*;
 
     const CREATED: &str =
-        include_str!("../../../shared/fixtures/webhooks/entitlement_grant.created.json");
+        include_str!("../../tests/fixtures/contract/webhooks/entitlement_grant.created.json");
 
     #[test]
     fn decodes_the_webhook_fixture_and_keeps_its_bytes() {

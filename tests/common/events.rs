@@ -1,9 +1,12 @@
-//! Payment events in the platform's real shape, built from `shared/fixtures/events`
+//! Payment events in the platform's real shape, built from `tests/fixtures/contract/events`
 //! with the ids and timestamps a test needs.
 
 use serde_json::{Value, json};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/events");
+const FIXTURES: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/contract/events"
+);
 
 pub fn fixture(name: &str) -> Value {
     serde_json::from_slice(&std::fs::read(format!("{FIXTURES}/{name}")).unwrap()).unwrap()
