@@ -16,7 +16,7 @@ use sandbox_discord::{Consent, GuildIds, GuildSpec, RoleSpec, permissions};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/api");
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/contract/api");
 const T0: &str = "2026-05-01T10:31:00Z";
 
 fn fixture(name: &str) -> Value {
@@ -215,12 +215,10 @@ async fn missing_or_wrong_keys_are_401_with_a_json_body() {
     for bad in [
         "nonsense".to_string(),
         "gg_aaaaaaaaaaaaaaaaaaaa_bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb".to_string(),
-        // The right id with another secret.
-        format!(
-            "{}x",
-            &good.key.as_ref().unwrap()[..good.key.as_ref().unwrap().len() - 1]
-        ),
+        // The right id with another secret: the last character changed to a different one.
+        other_last_char(good.key.as_ref().unwrap()),
     ] {
+        assert_ne!(Some(&bad), good.key.as_ref(), "a wrong key must differ");
         let c = Client {
             key: Some(bad.clone()),
             ..good.clone()
@@ -1348,4 +1346,20 @@ async fn the_cli_creates_and_revokes_keys() {
     let out = run(&["api-key", "create", "--business-id", "bad id"]);
     assert!(!out.status.success());
     w.stop().await;
+}
+
+/// `key` with its last character replaced by a different one (never the same key).
+fn other_last_char(key: &str) -> String {
+    let (head, last) = key.split_at(key.len() - 1);
+    format!("{head}{}", if last == "x" { "y" } else { "x" })
+}
+
+#[test]
+fn other_last_char_always_differs() {
+    for key in ["gg_a_bx", "gg_a_by", "gg_a_b0"] {
+        let other = other_last_char(key);
+        assert_ne!(other, key);
+        assert_eq!(other.len(), key.len());
+        assert_eq!(other[..key.len() - 1], key[..key.len() - 1]);
+    }
 }
