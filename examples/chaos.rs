@@ -1,6 +1,6 @@
-//! The figures of issue 7: runs the crash, outage, Discord chaos and hostile-input
+//! The reliability figures: runs the crash, outage, Discord chaos and hostile-input
 //! scenarios against the local PostgreSQL and RabbitMQ with a sandbox Discord, and prints
-//! one table (Markdown, as in the README), then one JSON line.
+//! one table (Markdown, as in docs/reliability.md), then one JSON line.
 //!
 //! ```text
 //! cargo run --release --example chaos                 # 20,000 events, 5 kills, 30 s database outage

@@ -3,7 +3,8 @@
 //!
 //! Environment variables are `GUILDGATE_<SECTION>__<KEY>` (double underscore between
 //! section and key), plus `GUILDGATE_ENV` (`development` or `production`). They are a
-//! public contract and every key is listed in the README:
+//! public contract and every key is listed in `docs/configuration.md` (a test keeps the
+//! two in step):
 //!
 //! - `GUILDGATE_DATABASE__URL`, `__MAX_CONNECTIONS`
 //! - `GUILDGATE_AMQP__URL`, `__EXCHANGE`, `__QUEUE_PREFIX`, `__PREFETCH`, `__CONSUMERS`,
@@ -568,5 +569,238 @@ mod tests {
         assert_eq!(format_duration_short(Duration::from_secs(7200)), "2h");
         assert_eq!(format_duration_short(Duration::from_millis(250)), "250ms");
         assert_eq!(format_duration_short(Duration::ZERO), "0s");
+    }
+}
+
+/// `docs/configuration.md` documents every setting: its one table and the typed settings
+/// above must name the same keys, with the environment variable each is read from and the
+/// default `config/default.toml` gives it.
+#[cfg(test)]
+mod documented {
+    use std::cell::RefCell;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use serde::Deserialize;
+    use serde::de::value::{MapDeserializer, SeqDeserializer, StrDeserializer};
+    use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
+
+    use super::{DEFAULT_TOML, Settings};
+
+    /// Walks a type's `Deserialize` and records the dotted path of every leaf field, also
+    /// the optional ones that the shipped defaults leave out. Leaves get a harmless value
+    /// (`"1s"` parses as a string and as a duration; numbers are 1; enums their first
+    /// variant) so that custom field parsers run to the end.
+    struct Recorder<'a> {
+        path: String,
+        leaves: &'a RefCell<BTreeSet<String>>,
+    }
+
+    impl Recorder<'_> {
+        fn leaf(&self) {
+            self.leaves.borrow_mut().insert(self.path.clone());
+        }
+    }
+
+    type E = de::value::Error;
+
+    /// Number leaves: each method records its path and visits the given value.
+    macro_rules! numbers {
+        ($($($method:ident)+ => $visit:ident($value:expr);)+) => {
+            $($(
+                fn $method<V: Visitor<'de>>(self, v: V) -> Result<V::Value, E> {
+                    self.leaf();
+                    v.$visit($value)
+                }
+            )+)+
+        };
+    }
+
+    impl<'de> de::Deserializer<'de> for Recorder<'_> {
+        type Error = E;
+
+        fn deserialize_any<V: Visitor<'de>>(self, v: V) -> Result<V::Value, E> {
+            self.leaf();
+            v.visit_str("1s")
+        }
+        fn deserialize_bool<V: Visitor<'de>>(self, v: V) -> Result<V::Value, E> {
+            self.leaf();
+            v.visit_bool(false)
+        }
+        numbers! {
+            deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64 deserialize_i128
+            => visit_i64(1);
+            deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64 deserialize_u128
+            => visit_u64(1);
+            deserialize_f32 deserialize_f64 => visit_f64(1.0);
+        }
+        fn deserialize_option<V: Visitor<'de>>(self, v: V) -> Result<V::Value, E> {
+            self.leaf();
+            v.visit_none()
+        }
+        fn deserialize_seq<V: Visitor<'de>>(self, v: V) -> Result<V::Value, E> {
+            self.leaf();
+            v.visit_seq(SeqDeserializer::new(std::iter::once("1s")))
+        }
+        fn deserialize_map<V: Visitor<'de>>(self, v: V) -> Result<V::Value, E> {
+            self.leaf();
+            v.visit_map(MapDeserializer::new(std::iter::empty::<(&str, &str)>()))
+        }
+        fn deserialize_enum<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            variants: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, E> {
+            self.leaf();
+            v.visit_enum(StrDeserializer::<E>::new(variants[0]))
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            v: V,
+        ) -> Result<V::Value, E> {
+            v.visit_map(Fields {
+                parent: self,
+                fields: fields.iter(),
+                current: "",
+            })
+        }
+        fn deserialize_newtype_struct<V: Visitor<'de>>(
+            self,
+            _name: &'static str,
+            v: V,
+        ) -> Result<V::Value, E> {
+            v.visit_newtype_struct(self)
+        }
+
+        serde::forward_to_deserialize_any! {
+            char str string bytes byte_buf unit unit_struct tuple tuple_struct identifier
+            ignored_any
+        }
+    }
+
+    /// The fields of one struct, each deserialized by a [`Recorder`] one level deeper.
+    struct Fields<'a> {
+        parent: Recorder<'a>,
+        fields: std::slice::Iter<'static, &'static str>,
+        current: &'static str,
+    }
+
+    impl<'de> MapAccess<'de> for Fields<'_> {
+        type Error = E;
+
+        fn next_key_seed<K: DeserializeSeed<'de>>(
+            &mut self,
+            seed: K,
+        ) -> Result<Option<K::Value>, E> {
+            let Some(field) = self.fields.next() else {
+                return Ok(None);
+            };
+            self.current = field;
+            seed.deserialize((*field).into_deserializer()).map(Some)
+        }
+
+        fn next_value_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<T::Value, E> {
+            let path = if self.parent.path.is_empty() {
+                self.current.to_string()
+            } else {
+                format!("{}.{}", self.parent.path, self.current)
+            };
+            seed.deserialize(Recorder {
+                path,
+                leaves: self.parent.leaves,
+            })
+        }
+    }
+
+    /// Every leaf setting of [`Settings`], as dotted keys (`amqp.batch_linger`).
+    fn typed_keys() -> BTreeSet<String> {
+        let leaves = RefCell::new(BTreeSet::new());
+        Settings::deserialize(Recorder {
+            path: String::new(),
+            leaves: &leaves,
+        })
+        .expect("the recorder satisfies every field parser");
+        leaves.into_inner()
+    }
+
+    /// The rows of the table in `docs/configuration.md`: key → (variable, default).
+    fn documented_rows() -> BTreeMap<String, (String, String)> {
+        let doc = include_str!("../docs/configuration.md");
+        let mut rows = BTreeMap::new();
+        for line in doc.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            assert!(cells.len() >= 5, "a settings row has four cells: {line}");
+            let unquote = |c: &str| c.trim_matches('`').to_string();
+            let key = unquote(cells[1]);
+            let previous = rows.insert(key.clone(), (unquote(cells[2]), cells[3].to_string()));
+            assert!(previous.is_none(), "{key} is documented twice");
+        }
+        rows
+    }
+
+    /// The environment variable the `config` source maps to `key`.
+    fn variable(key: &str) -> String {
+        format!("GUILDGATE_{}", key.replace('.', "__").to_uppercase())
+    }
+
+    #[test]
+    fn every_setting_is_documented_and_nothing_else() {
+        let typed = typed_keys();
+        assert!(typed.contains("amqp.batch_linger") && typed.contains("env"));
+        assert!(
+            typed.contains("reconcile.interval"),
+            "optional settings are found"
+        );
+        let documented: BTreeSet<String> = documented_rows().into_keys().collect();
+        let undocumented: Vec<_> = typed.difference(&documented).collect();
+        let unknown: Vec<_> = documented.difference(&typed).collect();
+        assert!(
+            undocumented.is_empty() && unknown.is_empty(),
+            "docs/configuration.md lacks {undocumented:?} and names settings that do not exist: {unknown:?}"
+        );
+    }
+
+    #[test]
+    fn documented_variables_and_defaults_are_the_real_ones() {
+        let defaults = config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULT_TOML,
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .unwrap();
+        for (key, (var, default)) in documented_rows() {
+            assert_eq!(var, variable(&key), "the variable of {key}");
+            let default = default.trim_matches('`').trim_matches('"');
+            match defaults.get_string(&key) {
+                Ok(value) if value.is_empty() => assert!(
+                    default.starts_with("empty"),
+                    "{key} defaults to the empty string, documented as {default:?}"
+                ),
+                Ok(value) => assert_eq!(default, value, "the default of {key}"),
+                Err(_) => assert_eq!(default, "none", "{key} has no default"),
+            }
+        }
+    }
+
+    #[test]
+    fn variables_follow_the_config_sources_naming() {
+        assert_eq!(variable("env"), "GUILDGATE_ENV");
+        assert_eq!(
+            variable("amqp.batch_linger"),
+            "GUILDGATE_AMQP__BATCH_LINGER"
+        );
+        let s = super::Settings::load_with_env(
+            None,
+            Some(
+                [(variable("amqp.batch_linger"), "7ms".to_string())]
+                    .into_iter()
+                    .collect(),
+            ),
+        )
+        .unwrap();
+        assert_eq!(s.amqp.batch_linger, std::time::Duration::from_millis(7));
     }
 }

@@ -1,6 +1,6 @@
 //! guildgate: sells access to Discord servers. Payment events come in from RabbitMQ,
 //! become grants, and reach Discord and the merchant's webhooks through an outbox.
-//! See DESIGN.md for the architecture; each module's doc says what it owns.
+//! See docs/architecture.md for the architecture; each module's doc says what it owns.
 
 pub mod amqp;
 pub mod api;

@@ -3,7 +3,7 @@
 //! sandbox Discord in-process, Chromium through chromedriver (`common/browser.rs`).
 //!
 //! Each page is saved as a PNG under `<target>/browser-screenshots/`;
-//! `scripts/refresh-screenshots` copies them to `docs/screenshots/` for the README.
+//! `scripts/refresh-screenshots` copies them to `docs/screenshots/` for the docs.
 //! Without Chromium these tests fail (they never skip): `.ci/run` installs it.
 
 #[path = "common/browser.rs"]

@@ -1,5 +1,5 @@
-//! Issue 7 in CI: short versions of the scenarios that `cargo run --release --example
-//! chaos` runs in full (see the README's figures). Each fails on any loss, duplicate,
+//! The reliability scenarios in CI: short versions of the scenarios that
+//! `cargo run --release --example chaos` runs in full (see docs/reliability.md). Each fails on any loss, duplicate,
 //! dead letter for a transient cause, or Discord request into an exhausted bucket.
 //!
 //! `GUILDGATE_CHAOS_SEED` replays a run (each test prints its seed).

@@ -1,4 +1,4 @@
-//! Property tests (issue 7, scenario 5) of the two parsers that read bytes from outside:
+//! Property tests of the two parsers that read bytes from outside:
 //! payment event decoding and Discord's rate-limit headers. They run in CI with few
 //! cases; the `fuzz/` crate runs the same functions under libFuzzer for longer.
 

@@ -1,5 +1,5 @@
-//! Everything guildgate owns in RabbitMQ, named from the queue prefix (DESIGN.md, Names),
-//! and its declaration.
+//! Everything guildgate owns in RabbitMQ, named from the queue prefix
+//! (docs/architecture.md, "Names"), and its declaration.
 //!
 //! Every queue is a quorum queue (replicated, durable, with a delivery limit). Queues
 //! that can hold a message that will never succeed dead-letter to their `.dead` queue

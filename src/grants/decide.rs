@@ -1,7 +1,7 @@
 //! The pure core of ingest: given what the database says (the [`Facts`] the shell loaded
 //! for one event) and the event, decide what changes. No I/O and no clock.
 //!
-//! The rules are the event table of DESIGN.md:
+//! The rules are the event table of docs/architecture.md:
 //! - a one-time `payment.succeeded` grants each entitlement of each product in the cart,
 //!   unless a full refund or lost dispute of that payment was already seen;
 //! - `subscription.active` / `unpaused` (and any snapshot whose status is `active`) grant

@@ -4,8 +4,8 @@
 //! the reason code `tests/hostile/expected.txt` names, or deliberately ignored; the good
 //! ones around them must be applied, and the process must keep going.
 //!
-//! The expected outcomes are written by hand from the rules (README, "Transient vs
-//! permanent"), never asked of the code under test.
+//! The expected outcomes are written by hand from the rules (docs/architecture.md,
+//! "Transient and permanent failures"), never asked of the code under test.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;

@@ -8,8 +8,8 @@
 //! duplicates), so events of one subscription are applied in publish order whatever the
 //! consumers interleave, and the outcome is deterministic.
 //!
-//! [`Model`] applies the event table of DESIGN.md to those events, written here from the
-//! table and never from guildgate's own decision code: a test that asks the code under
+//! [`Model`] applies the event table of docs/architecture.md to those events, written here
+//! from the table and never from guildgate's own decision code: a test that asks the code under
 //! test what to expect cannot fail.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -556,7 +556,7 @@ pub struct ModelGrant {
     pub revoked: Option<&'static str>,
 }
 
-/// The event table of DESIGN.md, applied in order.
+/// The event table of docs/architecture.md, applied in order.
 #[derive(Default)]
 pub struct Model {
     pub grants: Vec<ModelGrant>,

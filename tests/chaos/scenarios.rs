@@ -1,7 +1,7 @@
-//! Issue 7's scenarios: crashes, outages, Discord chaos and hostile input, each returning
+//! The reliability scenarios: crashes, outages, Discord chaos and hostile input, each returning
 //! a [`Report`] whose problems are losses, duplicates or misbehaviour. `tests/chaos.rs`
 //! runs short versions in CI and fails on any problem; `examples/chaos.rs` runs the full
-//! ones and prints the figures table of the README.
+//! ones and prints the figures table of docs/reliability.md.
 //!
 //! Every scenario but the hostile one runs `guildgate serve` (or the same code in an
 //! example's child process) as a separate process against its own database, queue
@@ -59,7 +59,7 @@ pub struct Params {
 }
 
 impl Params {
-    /// The figures of the README (examples/chaos.rs).
+    /// The figures of docs/reliability.md (examples/chaos.rs).
     #[allow(dead_code)]
     pub fn full(seed: u64) -> Self {
         Self {
