@@ -807,8 +807,20 @@ async fn install_url_callback_guilds_and_roles() {
     assert_eq!(s, 200);
     let url = url::Url::parse(v["url"].as_str().unwrap()).unwrap();
     let q: std::collections::HashMap<String, String> = url.query_pairs().into_owned().collect();
-    assert_eq!(q["scope"], "bot");
+    assert_eq!(q["scope"], "bot identify");
+    assert_eq!(
+        q["response_type"], "code",
+        "a code grant: the exchange names the server"
+    );
     assert_eq!(q["permissions"], "268435459");
+    let expires = chrono::DateTime::parse_from_rfc3339(v["expires_at"].as_str().unwrap())
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let ttl = expires - chrono::Utc::now();
+    assert!(
+        ttl > chrono::Duration::minutes(9) && ttl <= chrono::Duration::minutes(10),
+        "install links live 10 minutes: {ttl}"
+    );
     assert_eq!(q["client_id"], w.sandbox.client_id().to_string());
     assert_eq!(
         q["redirect_uri"],
@@ -841,6 +853,8 @@ async fn install_url_callback_guilds_and_roles() {
     let (_, guilds) = c.get("/discord/guilds").await;
     assert_eq!(guilds["items"][0]["guild_id"], g.guild_id.to_string());
     assert_eq!(guilds["items"][0]["name"], "Acme <Community>");
+    assert_eq!(guilds["items"][0]["installed_by"], g.owner_id.to_string());
+    assert_eq!(guilds["items"][0]["status"], "connected");
 
     // The bot's role was placed on top; one above it now.
     let top = w
@@ -886,6 +900,301 @@ async fn install_url_callback_guilds_and_roles() {
         .unwrap();
     assert_eq!(w.get(&cancelled).await.0, 400);
     w.stop().await;
+}
+
+/// Plays the merchant's install up to Discord's redirect: the callback URL guildgate
+/// would receive, not yet opened.
+async fn install_callback(w: &World, c: &Client, guild: u64, user: u64) -> String {
+    let (s, v) = c.get("/discord/install-url").await;
+    assert_eq!(s, 200, "{v}");
+    w.sandbox
+        .consent(
+            v["url"].as_str().unwrap(),
+            user,
+            Consent::InstallBot { guild_id: guild },
+        )
+        .await
+        .expect("consent page works")
+}
+
+/// `url` with query parameter `key` set to `value` (or removed for `None`).
+fn with_param(url: &str, key: &str, value: Option<&str>) -> String {
+    let mut u = url::Url::parse(url).unwrap();
+    let pairs: Vec<(String, String)> = u
+        .query_pairs()
+        .into_owned()
+        .filter(|(k, _)| k != key)
+        .collect();
+    {
+        let mut q = u.query_pairs_mut();
+        q.clear();
+        for (k, v) in &pairs {
+            q.append_pair(k, v);
+        }
+        if let Some(v) = value {
+            q.append_pair(key, v);
+        }
+    }
+    u.into()
+}
+
+async fn guild_ids(c: &Client) -> Vec<String> {
+    let (s, v) = c.get("/discord/guilds").await;
+    assert_eq!(s, 200, "{v}");
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["guild_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_install_callback_connects_nothing() {
+    let w = World::start().await;
+    let a = client(&w, "bus_A").await;
+    let b = client(&w, "bus_B").await;
+    let victim = connected_guild(&w, &a, "A's server").await;
+
+    // B's own valid state, with A's server in the query and no code: nothing proves
+    // which server the bot was added to.
+    let (s, v) = b.get("/discord/install-url").await;
+    assert_eq!(s, 200, "{v}");
+    let url = url::Url::parse(v["url"].as_str().unwrap()).unwrap();
+    let state = url
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    let base = format!("http://{}/discord/bot/callback", w.app.addr);
+    let forged = with_param(
+        &with_param(&base, "state", Some(&state)),
+        "guild_id",
+        Some(&victim.guild_id.to_string()),
+    );
+    let (s, page) = w
+        .get(&with_param(&forged, "permissions", Some("268435459")))
+        .await;
+    assert_eq!(s, 400, "{page}");
+    assert!(page.contains("no authorization code"), "{page}");
+    // A made-up code: Discord confirms nothing.
+    let (s, page) = w.get(&with_param(&forged, "code", Some("made-up"))).await;
+    assert_eq!(s, 400, "{page}");
+    assert!(page.contains("Discord did not confirm"), "{page}");
+    assert!(guild_ids(&b).await.is_empty(), "nothing recorded for B");
+
+    // B's real install of its own server, with A's server put in the query: the server
+    // Discord's code exchange names is the one connected.
+    let own = w.guild("B's server");
+    let callback = install_callback(&w, &b, own.guild_id, own.owner_id).await;
+    let (s, page) = w
+        .get(&with_param(
+            &callback,
+            "guild_id",
+            Some(&victim.guild_id.to_string()),
+        ))
+        .await;
+    assert_eq!(s, 200, "{page}");
+    assert!(page.contains("B&#39;s server"), "{page}");
+    assert_eq!(guild_ids(&b).await, vec![own.guild_id.to_string()]);
+    assert_eq!(guild_ids(&a).await, vec![victim.guild_id.to_string()]);
+
+    // So B cannot sell A's roles.
+    let (s, v) = b
+        .post(
+            "/entitlements",
+            create_body(victim.guild_id, Some(victim.roles[0].1)),
+        )
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (422, Some("discord_guild_not_connected")),
+        "{v}"
+    );
+    let (s, _) = b
+        .get(&format!("/discord/guilds/{}/roles", victim.guild_id))
+        .await;
+    assert_eq!(s, 404);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_install_link_works_once() {
+    let w = World::start().await;
+    let a = client(&w, "bus_A").await;
+    let g = w.guild("Once");
+    let (_, v) = a.get("/discord/install-url").await;
+    let url = v["url"].as_str().unwrap();
+    // Two passes through Discord with the same link: two codes, one state.
+    let mut callbacks = Vec::new();
+    for _ in 0..2 {
+        callbacks.push(
+            w.sandbox
+                .consent(
+                    url,
+                    g.owner_id,
+                    Consent::InstallBot {
+                        guild_id: g.guild_id,
+                    },
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    let (s, page) = w.get(&callbacks[0]).await;
+    assert_eq!(s, 200, "{page}");
+    let (s, page) = w.get(&callbacks[1]).await;
+    assert_eq!(s, 400, "{page}");
+    assert!(page.contains("already used"), "{page}");
+    // The first callback again: its state is spent too.
+    let (s, page) = w.get(&callbacks[0]).await;
+    assert_eq!(s, 400, "{page}");
+    assert_eq!(guild_ids(&a).await, vec![g.guild_id.to_string()]);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_belongs_to_one_business_until_it_is_disconnected() {
+    let w = World::start().await;
+    let a = client(&w, "bus_A").await;
+    let b = client(&w, "bus_B").await;
+    let g = connected_guild(&w, &a, "Shared").await;
+
+    // The same person manages the server and runs B: B's install is refused.
+    let (s, page) = w
+        .get(&install_callback(&w, &b, g.guild_id, g.owner_id).await)
+        .await;
+    assert_eq!(s, 409, "{page}");
+    assert!(page.contains("another guildgate account"), "{page}");
+    assert!(
+        page.contains(&format!("DELETE /discord/guilds/{}", g.guild_id)),
+        "{page}"
+    );
+    assert!(guild_ids(&b).await.is_empty());
+    assert_eq!(guild_ids(&a).await, vec![g.guild_id.to_string()]);
+
+    // A cannot let go while an entitlement uses the server.
+    let ent = create_entitlement(&a, g.guild_id, Some(g.roles[0].1)).await;
+    let path = format!("/discord/guilds/{}", g.guild_id);
+    let (s, v) = a.delete(&path).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("discord_guild_in_use")),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains(ent["id"].as_str().unwrap()),
+        "{v}"
+    );
+    // B cannot disconnect A's server.
+    assert_eq!(b.delete(&path).await.0, 404);
+
+    let (s, _) = a
+        .delete(&format!("/entitlements/{}", ent["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(s, 204);
+    assert_eq!(a.delete(&path).await.0, 204);
+    assert!(guild_ids(&a).await.is_empty());
+    assert_eq!(a.delete(&path).await.0, 404);
+
+    // Now B can connect it.
+    let (s, page) = w
+        .get(&install_callback(&w, &b, g.guild_id, g.owner_id).await)
+        .await;
+    assert_eq!(s, 200, "{page}");
+    assert_eq!(guild_ids(&b).await, vec![g.guild_id.to_string()]);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_claimed_by_several_businesses_needs_a_new_install() {
+    let w = World::start().await;
+    let a = client(&w, "bus_A").await;
+    let b = client(&w, "bus_B").await;
+    let g = w.guild("Claimed twice");
+    // As the upgrade leaves a server that two businesses held without proof.
+    for business in ["bus_A", "bus_B"] {
+        sqlx::query(
+            "INSERT INTO discord_guilds (business_id, guild_id, name, needs_reinstall)
+             VALUES ($1, $2, 'Claimed twice', true)",
+        )
+        .bind(business)
+        .bind(g.guild_id.to_string())
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
+    }
+    let (_, v) = a.get("/discord/guilds").await;
+    assert_eq!(v["items"][0]["status"], "needs_reinstall", "{v}");
+    let (s, v) = a
+        .post("/entitlements", create_body(g.guild_id, Some(g.roles[0].1)))
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (422, Some("discord_guild_needs_reinstall")),
+        "{v}"
+    );
+    let (s, v) = a
+        .get(&format!("/discord/guilds/{}/roles", g.guild_id))
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("discord_guild_needs_reinstall")),
+        "{v}"
+    );
+
+    // A proves it manages the server: A's connection counts, B's claim is gone.
+    let (s, page) = w
+        .get(&install_callback(&w, &a, g.guild_id, g.owner_id).await)
+        .await;
+    assert_eq!(s, 200, "{page}");
+    let (_, v) = a.get("/discord/guilds").await;
+    assert_eq!(v["items"][0]["status"], "connected", "{v}");
+    assert!(guild_ids(&b).await.is_empty());
+    create_entitlement(&a, g.guild_id, Some(g.roles[0].1)).await;
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_keeps_sole_connections_and_marks_shared_ones() {
+    let db = common::TestDb::create().await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let migrator = &guildgate::store::MIGRATOR;
+    migrator.run_to(13, &pool).await.unwrap();
+    sqlx::query("INSERT INTO businesses (id) VALUES ('bus_A'), ('bus_B')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO discord_guilds (business_id, guild_id)
+         VALUES ('bus_A', '100'), ('bus_B', '100'), ('bus_A', '200')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    migrator.run(&pool).await.unwrap();
+    let rows: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT business_id, guild_id, needs_reinstall FROM discord_guilds
+         ORDER BY guild_id, business_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let row = |b: &str, g: &str, n: bool| (b.to_string(), g.to_string(), n);
+    assert_eq!(
+        rows,
+        vec![
+            row("bus_A", "100", true),
+            row("bus_B", "100", true),
+            row("bus_A", "200", false),
+        ]
+    );
+    pool.close().await;
+    db.drop_db().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1032,6 +1341,7 @@ async fn openapi_documents_exactly_the_real_routes() {
         "GET /discord/install-url",
         "GET /discord/bot/callback",
         "GET /discord/guilds",
+        "DELETE /discord/guilds/{guild_id}",
         "GET /discord/guilds/{guild_id}/roles",
         "POST /webhooks",
         "GET /webhooks",

@@ -28,8 +28,10 @@ use crate::http::AppState;
 
 /// `purpose` of bot-install states: a grant's OAuth state is never accepted here.
 pub const INSTALL_PURPOSE: &str = "bot-install";
-/// How long an install link stays valid.
-const INSTALL_TTL: Duration = Duration::hours(1);
+/// How long an install link stays valid. It is also single-use.
+const INSTALL_TTL: Duration = Duration::minutes(10);
+/// Scopes of the install: the bot, and `identify` to learn who installed it.
+const INSTALL_SCOPES: &str = "bot identify";
 
 /// Validates a guild/role configuration on the side budget; 422 with one problem per
 /// misconfiguration, 503 if Discord could not be asked.
@@ -61,6 +63,8 @@ pub async fn validate(
 struct InstallState {
     /// Business id.
     b: String,
+    /// The `bot_install_states` row this link consumes on its first use.
+    n: String,
 }
 
 fn signer(state: &AppState) -> StateSigner {
@@ -78,11 +82,11 @@ fn callback_uri(state: &AppState) -> String {
 pub struct InstallUrl {
     /// Open in a browser: Discord asks which server to add the bot to.
     pub url: String,
-    /// The link stops working after this.
+    /// The link stops working after this, or after its first use.
     pub expires_at: String,
 }
 
-/// The bot-install link for this business.
+/// The bot-install link for this business: valid once, for 10 minutes.
 #[utoipa::path(get, path = "/discord/install-url", tag = "discord",
     responses((status = 200, body = InstallUrl), (status = 401, body = ErrorBody)),
     security(("api_key" = [])))]
@@ -90,19 +94,29 @@ pub async fn install_url(
     merchant: Merchant,
     State(state): State<AppState>,
 ) -> ApiResult<ApiJson<InstallUrl>> {
-    let expires = Utc::now() + INSTALL_TTL;
+    let now = Utc::now();
+    let expires = now + INSTALL_TTL;
+    let nonce = crate::ids::mint("inst");
+    {
+        let mut conn = state.pool.acquire().await?;
+        db::create_install_state(&mut conn, &nonce, merchant.business(), now, expires).await?;
+    }
     let signed = signer(&state).sign(
         INSTALL_PURPOSE,
         InstallState {
             b: merchant.business().to_string(),
+            n: nonce,
         },
         expires.timestamp(),
     );
     let mut url = url::Url::parse(&state.settings.discord.authorize_url)
         .map_err(|e| ApiError::Internal(format!("discord.authorize_url: {e}")))?;
+    // A code grant: the callback exchanges the code, and Discord's answer names the
+    // server the bot was added to. Only that answer is believed.
     url.query_pairs_mut()
         .append_pair("client_id", &state.settings.discord.client_id)
-        .append_pair("scope", "bot")
+        .append_pair("response_type", "code")
+        .append_pair("scope", INSTALL_SCOPES)
         .append_pair("permissions", &permissions::REQUIRED.to_string())
         .append_pair("redirect_uri", &callback_uri(&state))
         .append_pair("state", &signed);
@@ -116,7 +130,12 @@ pub async fn install_url(
 #[into_params(parameter_in = Query)]
 pub struct CallbackQuery {
     pub state: Option<String>,
+    /// The authorization code to exchange; the server is what Discord's answer names.
+    pub code: Option<String>,
+    /// Sent by Discord, shown nowhere and never trusted: the code exchange says which
+    /// server it was.
     pub guild_id: Option<String>,
+    /// The permissions granted to the bot (decimal bit set), as Discord reports them.
     pub permissions: Option<String>,
     /// Set by Discord when the person cancelled.
     pub error: Option<String>,
@@ -132,7 +151,8 @@ fn escape(s: &str) -> String {
 
 fn page(status: StatusCode, title: &str, text: &str) -> Response {
     let body = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title>\
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{t}</title>\
          <style>body{{font-family:sans-serif;max-width:32em;margin:4em auto;padding:0 1em}}</style>\
          </head><body><h1>{t}</h1><p>{x}</p></body></html>",
         t = escape(title),
@@ -141,13 +161,16 @@ fn page(status: StatusCode, title: &str, text: &str) -> Response {
     (status, Html(body)).into_response()
 }
 
-/// Where Discord sends the merchant's browser after a bot install. Records the server
-/// for the business named in the signed state and shows a page.
+/// Where Discord sends the merchant's browser after a bot install. Consumes the
+/// single-use state, exchanges the code, and connects the server Discord's answer names
+/// to the business the state names, unless another business holds it.
 #[utoipa::path(get, path = "/discord/bot/callback", tag = "discord",
     params(CallbackQuery),
     responses(
         (status = 200, description = "Server connected (HTML page)", content_type = "text/html"),
-        (status = 400, description = "Cancelled, expired or altered link (HTML page)", content_type = "text/html"),
+        (status = 400, description = "Cancelled, expired, used or altered link, or a code Discord did not confirm (HTML page)", content_type = "text/html"),
+        (status = 409, description = "The server is connected to another business (HTML page)", content_type = "text/html"),
+        (status = 503, description = "Discord could not be asked (HTML page)", content_type = "text/html"),
     ))]
 pub async fn bot_callback(
     State(state): State<AppState>,
@@ -173,8 +196,8 @@ pub async fn bot_callback(
         .as_deref()
         .ok_or(crate::crypto::StateError::Tampered)
         .and_then(|s| signer(&state).verify::<InstallState>(INSTALL_PURPOSE, s, now.timestamp()));
-    let business = match verified {
-        Ok(s) => s.b,
+    let install = match verified {
+        Ok(s) => s,
         Err(e) => {
             return page(
                 StatusCode::BAD_REQUEST,
@@ -186,59 +209,117 @@ pub async fn bot_callback(
             );
         }
     };
-    let Some(guild) = q.guild_id.as_deref().and_then(Snowflake::parse) else {
+    let Some(code) = q.code.as_deref().filter(|c| !c.is_empty()) else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Not installed",
+            "Discord sent no authorization code, so there is no proof of which server the bot was added to. Nothing changed. Start again from a new install link.",
+        );
+    };
+    // The state is spent before anything else happens: a link works once, whatever
+    // follows.
+    let taken = async {
+        let mut conn = state.pool.acquire().await?;
+        db::take_install_state(&mut conn, &install.n, &install.b, now).await
+    }
+    .await;
+    match taken {
+        Ok(true) => {}
+        Ok(false) => {
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Link already used",
+                "This install link was already used or has expired. Ask for a new install link and try again.",
+            );
+        }
+        Err(e) => return record_failed(e),
+    }
+    let tokens = match state
+        .discord
+        .exchange_code(code, &callback_uri(&state))
+        .await
+    {
+        Ok(t) => t,
+        Err(DiscordError::BadUserToken) => {
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Not installed",
+                "Discord did not confirm this authorization (the code was already used or has expired). Nothing changed. Start again from a new install link.",
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot exchange a bot-install code");
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Discord could not be reached",
+                "The bot may have been added, but Discord could not confirm it just now. Nothing was recorded. Start again from a new install link in a moment.",
+            );
+        }
+    };
+    let Some(guild) = tokens.guild.clone() else {
         return page(
             StatusCode::BAD_REQUEST,
             "No server chosen",
-            "Discord did not say which server the bot was added to. Start again from the install link.",
+            "Discord did not say which server the bot was added to. Nothing changed. Start again from a new install link.",
         );
     };
-    let granted = q.permissions.as_deref().and_then(|p| p.parse::<i64>().ok());
-    // The name is shown to the merchant; if Discord cannot be asked now, the server is
-    // recorded without it rather than the install lost.
-    let name = match state.discord.guild(guild).await {
-        Ok(g) => Some(g.name),
-        Err(e @ DiscordError::NeedsHuman { .. }) => {
-            return page(StatusCode::BAD_REQUEST, "Not installed", &e.to_string());
-        }
+    // Who installed it, for the record; the install stands without it.
+    let installer = match state.discord.user(&tokens.access_token).await {
+        Ok(u) => Some(u.id.to_string()),
         Err(e) => {
-            tracing::warn!(error = %e, %guild, "cannot read the name of a newly connected server");
+            tracing::warn!(error = %e, guild = %guild.id, "cannot read who installed the bot");
             None
         }
     };
+    let granted = q.permissions.as_deref().and_then(|p| p.parse::<i64>().ok());
+    let guild_id = guild.id.to_string();
     let saved = async {
         let mut conn = state.pool.acquire().await?;
-        db::upsert(
+        db::connect(
             &mut conn,
-            &business,
-            &guild.to_string(),
-            name.as_deref(),
-            granted,
-            now,
+            db::Install {
+                business_id: &install.b,
+                guild_id: &guild_id,
+                name: &guild.name,
+                permissions: granted,
+                installed_by: installer.as_deref(),
+                now,
+            },
         )
         .await
     }
     .await;
     match saved {
-        Ok(row) => {
-            let shown = row.name.unwrap_or_else(|| format!("server {guild}"));
+        Ok(db::Connected::Connected(_)) => {
+            tracing::info!(business = %install.b, guild = %guild_id, installed_by = ?installer, "Discord server connected");
             page(
                 StatusCode::OK,
                 "Server connected",
                 &format!(
-                    "guildgate's bot is in \"{shown}\". You can close this window and create entitlements for it."
+                    "guildgate's bot is in \"{}\". You can close this window and create entitlements for it.",
+                    guild.name
                 ),
             )
         }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot record a bot install");
-            page(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Something went wrong",
-                "The server could not be recorded. Try the install link again in a moment.",
-            )
-        }
+        Ok(db::Connected::HeldByAnother) => page(
+            StatusCode::CONFLICT,
+            "Server already connected",
+            &format!(
+                "\"{}\" is connected to another guildgate account, and a server belongs to one account at a time. Nothing changed. To move it, the account that holds it disconnects it first (DELETE /discord/guilds/{guild_id} in its API, once none of its entitlements use the server); then install the bot again with a new link from this account.",
+                guild.name
+            ),
+        ),
+        Err(e) => record_failed(e),
     }
+}
+
+fn record_failed(e: sqlx::Error) -> Response {
+    tracing::error!(error = %e, "cannot record a bot install");
+    page(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Something went wrong",
+        "The server could not be recorded. Ask for a new install link and try again in a moment.",
+    )
 }
 
 fn capitalise(s: &str) -> String {
@@ -255,7 +336,31 @@ pub struct GuildView {
     pub name: Option<String>,
     /// The permissions granted at install (decimal bit set), if Discord said.
     pub permissions: Option<String>,
+    /// When the bot was (last) installed.
     pub installed_at: String,
+    /// Discord user id of who installed it, when known.
+    pub installed_by: Option<String>,
+    /// `connected`, or `needs_reinstall`: the connection was never proven and another
+    /// business claimed the same server, so entitlements for it are refused until this
+    /// business installs the bot again.
+    pub status: &'static str,
+}
+
+impl From<db::GuildRow> for GuildView {
+    fn from(g: db::GuildRow) -> Self {
+        GuildView {
+            guild_id: g.guild_id,
+            name: g.name,
+            permissions: g.permissions.map(|p| p.to_string()),
+            installed_at: ts(g.installed_at),
+            installed_by: g.installed_by,
+            status: if g.needs_reinstall {
+                "needs_reinstall"
+            } else {
+                "connected"
+            },
+        }
+    }
 }
 
 /// The Discord servers connected to this business.
@@ -269,16 +374,68 @@ pub async fn guilds(
     let mut conn = state.pool.acquire().await?;
     let rows = db::list(&mut conn, merchant.business()).await?;
     Ok(ApiJson(Items {
-        items: rows
-            .into_iter()
-            .map(|g| GuildView {
-                guild_id: g.guild_id,
-                name: g.name,
-                permissions: g.permissions.map(|p| p.to_string()),
-                installed_at: ts(g.installed_at),
-            })
-            .collect(),
+        items: rows.into_iter().map(GuildView::from).collect(),
     }))
+}
+
+/// Disconnects a server from this business. Refused (409) while entitlements of the
+/// business use it; grants of deleted entitlements keep what they hold until their own
+/// revocation. The bot stays in the server until someone removes it there.
+#[utoipa::path(delete, path = "/discord/guilds/{guild_id}", tag = "discord",
+    params(("guild_id" = String, Path, description = "A connected server's id")),
+    responses(
+        (status = 204, description = "Disconnected"), (status = 401, body = ErrorBody),
+        (status = 404, description = "Not a server connected to this business", body = ErrorBody),
+        (status = 409, description = "Entitlements still use the server (named in the message)", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn disconnect(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path(guild_id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let mut conn = state.pool.acquire().await?;
+    match db::disconnect(&mut conn, merchant.business(), &guild_id).await? {
+        db::Disconnected::Done => Ok(StatusCode::NO_CONTENT),
+        db::Disconnected::NotFound => Err(ApiError::NotFound("Discord server")),
+        db::Disconnected::InUse(users) => Err(ApiError::Conflict {
+            code: "discord_guild_in_use",
+            message: format!(
+                "Discord server {guild_id} is used by {}: delete them or move them to another server first.",
+                users
+                    .iter()
+                    .map(|(id, name)| format!("{id} ({name:?})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
+/// The connection of `guild_id` to the business, if it counts: 404 when there is none,
+/// 409 when it must be installed again first.
+pub(super) async fn connected(
+    conn: &mut sqlx::PgConnection,
+    business_id: &str,
+    guild_id: &str,
+) -> Result<db::GuildRow, ApiError> {
+    let row = db::get(conn, business_id, guild_id)
+        .await?
+        .ok_or(ApiError::NotFound("Discord server"))?;
+    if row.needs_reinstall {
+        return Err(needs_reinstall(guild_id));
+    }
+    Ok(row)
+}
+
+/// The error for a server whose connection was never proven.
+pub(super) fn needs_reinstall(guild_id: &str) -> ApiError {
+    ApiError::Conflict {
+        code: "discord_guild_needs_reinstall",
+        message: format!(
+            "Discord server {guild_id} must be connected again: install guildgate's bot with a new link from GET /discord/install-url to prove this account manages it."
+        ),
+    }
 }
 
 /// A role of a connected server, and whether guildgate can give it.
@@ -312,9 +469,7 @@ pub async fn roles(
     let guild = Snowflake::parse(&guild_id).ok_or(ApiError::NotFound("Discord server"))?;
     {
         let mut conn = state.pool.acquire().await?;
-        db::get(&mut conn, merchant.business(), &guild_id)
-            .await?
-            .ok_or(ApiError::NotFound("Discord server"))?;
+        connected(&mut conn, merchant.business(), &guild_id).await?;
     }
     let facts = gather(&state.discord, guild).await?;
     let mut roles: Vec<&Role> = facts.roles.iter().collect();

@@ -203,13 +203,20 @@ async fn check_discord(
     business_id: &str,
     f: &db::Fields,
 ) -> Result<(), ApiError> {
-    if guilds::get(conn, business_id, &f.guild_id).await?.is_none() {
+    let Some(guild) = guilds::get(conn, business_id, &f.guild_id).await? else {
         return Err(ApiError::Invalid(vec![Problem::new(
             "discord_guild_not_connected",
             format!(
                 "Discord server {} is not connected to this account. Add guildgate's bot to it with the link from GET /discord/install-url, then save again.",
                 f.guild_id
             ),
+        )]));
+    };
+    if guild.needs_reinstall {
+        let message = super::discord::needs_reinstall(&f.guild_id).to_string();
+        return Err(ApiError::Invalid(vec![Problem::new(
+            "discord_guild_needs_reinstall",
+            message,
         )]));
     }
     super::discord::validate(discord, &f.guild_id, f.role_id.as_deref()).await

@@ -57,6 +57,7 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(discord::install_url))
         .routes(routes!(discord::bot_callback))
         .routes(routes!(discord::guilds))
+        .routes(routes!(discord::disconnect))
         .routes(routes!(discord::roles))
         .routes(routes!(webhooks::create, webhooks::list))
         .routes(routes!(webhooks::get, webhooks::update, webhooks::delete))

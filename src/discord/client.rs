@@ -63,13 +63,23 @@ pub struct Member {
     pub roles: Vec<Snowflake>,
 }
 
-/// OAuth tokens of a customer.
+/// OAuth tokens of a customer (or of a merchant installing the bot).
 #[derive(Debug)]
 pub struct TokenSet {
     pub access_token: SecretString,
     pub refresh_token: Option<SecretString>,
     pub expires_in: Duration,
     pub scope: String,
+    /// The server the bot was added to, when the code came from a bot install: Discord's
+    /// own word for which server it was, unlike the callback's query string.
+    pub guild: Option<TokenGuild>,
+}
+
+/// The `guild` object of a bot-install token answer (the fields guildgate reads).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct TokenGuild {
+    pub id: Snowflake,
+    pub name: String,
 }
 
 #[derive(Deserialize)]
@@ -79,6 +89,8 @@ struct RawTokens {
     expires_in: u64,
     #[serde(default)]
     scope: String,
+    #[serde(default)]
+    guild: Option<TokenGuild>,
 }
 
 /// `PUT /guilds/{g}/members/{u}`.
@@ -647,6 +659,7 @@ impl DiscordClient {
                     refresh_token: raw.refresh_token.map(SecretString::from),
                     expires_in: Duration::from_secs(raw.expires_in),
                     scope: raw.scope,
+                    guild: raw.guild,
                 })
             }
             400 | 401 if a.message == "invalid_grant" => Err(DiscordError::BadUserToken),
