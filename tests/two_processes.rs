@@ -384,3 +384,53 @@ async fn two_processes_share_the_work_and_the_discord_syncer_fails_over() {
     drop(cluster);
     sandbox.shutdown().await;
 }
+
+/// Another process took the worker's port between [`common::worker::free_port`] picking
+/// it and the worker binding it, and answers `/readyz` there: the worker is started again
+/// on another port, and only its own answer counts as ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_port_was_taken_starts_on_another() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let db = TestDb::create().await;
+    let prefix = format!("ggtest-{}", tag());
+    let env: HashMap<String, String> = [
+        ("GUILDGATE_DATABASE__URL", db.url.clone()),
+        ("GUILDGATE_AMQP__URL", amqp_url()),
+        ("GUILDGATE_AMQP__QUEUE_PREFIX", prefix.clone()),
+        ("GUILDGATE_AMQP__EXCHANGE", format!("{prefix}.payments")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let settings = Settings::load_with_env(None, Some(env.clone())).expect("test settings");
+    let dir = std::env::temp_dir().join(format!("guildgate-port-{}", tag()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cluster = Cluster {
+        procs: Vec::new(),
+        db: Some(db),
+        names: Names::from_settings(&settings),
+        settings,
+        dir: dir.clone(),
+        passed: false,
+    };
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let other = axum::Router::new().route("/readyz", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(async move { axum::serve(taken, other).await });
+
+    let cmd = WorkerCommand {
+        program: env!("CARGO_BIN_EXE_guildgate").into(),
+        args: vec!["serve".into()],
+    };
+    cluster
+        .procs
+        .push(Worker::spawn_on(port, "w", &cmd, &env, &dir));
+    cluster.procs[0].wait_ready(Duration::from_secs(60)).await;
+    assert_ne!(cluster.procs[0].port, port, "started again on another port");
+    let metrics = cluster.procs[0].metrics().await;
+    assert!(
+        metrics.contains("guildgate_"),
+        "the worker itself answers: {metrics}"
+    );
+    cluster.passed = true;
+}

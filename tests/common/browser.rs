@@ -59,6 +59,54 @@ pub struct Browser {
 #[derive(Debug, Clone)]
 pub struct Element(String);
 
+/// Starts chromedriver on a loopback port that was free a moment ago. Another process
+/// may take the port before chromedriver binds it (and may even answer WebDriver there),
+/// so only chromedriver's own word that it started counts, and one that found its port
+/// taken is started again on another.
+fn start_chromedriver(chromedriver: &Path) -> (Child, u16) {
+    use std::io::{BufRead, BufReader};
+    use std::sync::mpsc::RecvTimeoutError;
+    for _ in 0..10 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut driver = Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromedriver.display()));
+        // Its output is read to the end on a thread of its own, so it never blocks on a
+        // full pipe.
+        let out = BufReader::new(driver.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut said = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) if line.contains("started successfully") => return (driver, port),
+                Ok(line) => said.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("chromedriver did not start within 20 s: {said:?}")
+                }
+            }
+        }
+        let _ = driver.wait();
+        if !said.iter().any(|l| l.contains("port not available")) {
+            panic!("chromedriver exited: {said:?}");
+        }
+    }
+    panic!("chromedriver found its port taken 10 times");
+}
+
 impl Browser {
     /// Starts chromedriver and a headless Chromium session. Panics with what to install
     /// when Chromium or chromedriver is missing.
@@ -75,21 +123,10 @@ impl Browser {
              (apt-get install -y chromium chromium-driver; .ci/run does this), \
              or set GUILDGATE_TEST_CHROMEDRIVER",
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let profile =
             std::env::temp_dir().join(format!("guildgate-chromium-{}", crate::common::tag()));
         std::fs::create_dir_all(&profile).unwrap();
-        let driver = Command::new(&chromedriver)
-            .arg(format!("--port={port}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromedriver.display()));
+        let (driver, port) = start_chromedriver(&chromedriver);
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(60))

@@ -19,6 +19,11 @@ pub struct Worker {
     child: Child,
     pub port: u16,
     pub log: PathBuf,
+    /// What started it, to start it again on another port (see [`Worker::wait_ready`]).
+    cmd: WorkerCommand,
+    env: HashMap<String, String>,
+    /// Where the lines of the current start begin in `log`.
+    log_from: u64,
 }
 
 impl Worker {
@@ -30,35 +35,27 @@ impl Worker {
         env: &HashMap<String, String>,
         dir: &Path,
     ) -> Self {
-        let port = free_port();
+        Self::spawn_on(free_port(), name, cmd, env, dir)
+    }
+
+    /// [`Worker::spawn`] on `port` first.
+    pub fn spawn_on(
+        port: u16,
+        name: &str,
+        cmd: &WorkerCommand,
+        env: &HashMap<String, String>,
+        dir: &Path,
+    ) -> Self {
         let log = dir.join(format!("{name}.log"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(&cmd.program)
-            .args(&cmd.args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(env)
-            .env("GUILDGATE_HTTP__ADDR", format!("127.0.0.1:{port}"))
-            .env(
-                "GUILDGATE_HTTP__PUBLIC_URL",
-                format!("http://127.0.0.1:{port}"),
-            )
-            .env("GUILDGATE_LOG__FORMAT", "json")
-            .env("RUST_LOG", "info,sqlx=warn,lapin=warn,amq_protocol=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", cmd.program.display()));
+        let (child, log_from) = start(cmd, env, &log, port);
         Self {
             name: name.to_string(),
             child,
             port,
             log,
+            cmd: cmd.clone(),
+            env: env.clone(),
+            log_from,
         }
     }
 
@@ -74,13 +71,25 @@ impl Worker {
     }
 
     /// Waits until `/readyz` answers 200; panics with the log's tail after `limit`.
+    ///
+    /// The port was free when [`free_port`] picked it, but another process may take it
+    /// before this one binds it (and may even answer `/readyz` there). So only an answer
+    /// after this start logged that it serves on the port counts, and a start that could
+    /// not bind its port is started again on another one.
     pub async fn wait_ready(&mut self, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
-            if matches!(reqwest::get(self.url("/readyz")).await, Ok(r) if r.status() == 200) {
+            if self.serving()
+                && matches!(reqwest::get(self.url("/readyz")).await, Ok(r) if r.status() == 200)
+            {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
+                if self.this_start().contains("cannot bind") {
+                    self.port = free_port();
+                    (self.child, self.log_from) = start(&self.cmd, &self.env, &self.log, self.port);
+                    continue;
+                }
                 panic!(
                     "worker {} exited ({status}) before it was ready:\n{}",
                     self.name,
@@ -95,6 +104,26 @@ impl Worker {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The log of the current start.
+    fn this_start(&self) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut lines = Vec::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f
+                .seek(SeekFrom::Start(self.log_from))
+                .and_then(|_| f.read_to_end(&mut lines));
+        }
+        String::from_utf8_lossy(&lines).into_owned()
+    }
+
+    /// Whether the current start logged that it serves on `port` (so it holds the port).
+    fn serving(&self) -> bool {
+        let addr = format!("\"127.0.0.1:{}\"", self.port);
+        self.this_start()
+            .lines()
+            .any(|l| l.contains("guildgate serving") && l.contains(&addr))
     }
 
     /// SIGKILL: no graceful shutdown, unacked deliveries go back to their queues.
@@ -117,6 +146,41 @@ impl Drop for Worker {
     }
 }
 
+/// Starts `cmd` on `port`, its stderr appended to `log`; returns the child and where
+/// its lines begin in `log`.
+fn start(
+    cmd: &WorkerCommand,
+    env: &HashMap<String, String>,
+    log: &Path,
+    port: u16,
+) -> (Child, u64) {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let from = file.metadata().unwrap().len();
+    let child = Command::new(&cmd.program)
+        .args(&cmd.args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env)
+        .env("GUILDGATE_HTTP__ADDR", format!("127.0.0.1:{port}"))
+        .env(
+            "GUILDGATE_HTTP__PUBLIC_URL",
+            format!("http://127.0.0.1:{port}"),
+        )
+        .env("GUILDGATE_LOG__FORMAT", "json")
+        .env("RUST_LOG", "info,sqlx=warn,lapin=warn,amq_protocol=warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", cmd.program.display()));
+    (child, from)
+}
+
+/// A port that was free a moment ago (see [`Worker::wait_ready`]).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
