@@ -349,3 +349,70 @@ async fn serve_reconciles_on_its_interval() {
     .await;
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_acts_only_on_drift_the_grant_still_shows() {
+    let w = World::start().await;
+    let g = w.guild("Acme Community");
+    let role = g.role("Patrons");
+    let guild = g.guild_id;
+    w.app
+        .entitlement_for("pdt_sub", &id(guild), Some(&id(role)))
+        .await;
+    let alice = w.user("alice");
+    let bob = w.user("bob");
+    let ga = deliver(&w, 1, "cus_a", alice).await;
+    // Alice loses the role: reconcile reads a missing role for her.
+    w.sandbox.add_member(guild, alice, &[]);
+    let r = reconciler(&w);
+    let (report, discord) = r.observe(&Scope::default()).await.unwrap();
+    assert_eq!(
+        kinds(&report),
+        vec![(DriftKind::MissingRole, alice, Some(ga.id.clone()))]
+    );
+
+    // Before the fixes are made, the customer moves the grant to another account, which
+    // holds the role.
+    let (status, page) = w.authorize(&ga, bob).await;
+    assert_eq!(status, 200, "{page}");
+    w.wait_grant(&ga.id, "moved to bob", |g| {
+        g.applied_user_id.as_deref() == Some(id(bob).as_str())
+    })
+    .await;
+
+    // A revoke judged on the old read would take bob's access away; read again, the grant
+    // no longer shows the drift.
+    let applied = r
+        .apply(report, &discord, DriftPolicy::Revoke)
+        .await
+        .unwrap();
+    assert_eq!(applied.findings[0].action, Some(Action::Changed));
+    let now = w.wait_status(&ga.id, "Delivered").await;
+    assert_eq!(now.applied_user_id.as_deref(), Some(id(bob).as_str()));
+    assert!(w.has_role(guild, bob, role));
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_at_a_time_runs_the_periodic_reconcile() {
+    let w = World::start().await;
+    let first = reconciler(&w);
+    let second = reconciler(&w);
+    let held = first
+        .lock_periodic_run()
+        .await
+        .unwrap()
+        .expect("nobody holds the lock yet");
+    assert!(
+        second.lock_periodic_run().await.unwrap().is_none(),
+        "a second process skips while the first runs"
+    );
+    // The lock goes with its connection (a process that dies releases it).
+    drop(held);
+    let again = wait_for("the lock released with its connection", || async {
+        second.lock_periodic_run().await.unwrap()
+    })
+    .await;
+    drop(again);
+    w.stop().await;
+}

@@ -51,6 +51,9 @@ pub enum Action {
     AlreadyRevoked,
     /// Reported only (a member guildgate did not grant is never touched).
     ReportedOnly,
+    /// Read again right before acting, the grant (or another grant of its customer) no
+    /// longer shows this drift: nothing was done; the next run looks again.
+    Changed,
 }
 
 impl Action {
@@ -60,6 +63,7 @@ impl Action {
             Action::Revoked => "revoked",
             Action::AlreadyRevoked => "already_revoked",
             Action::ReportedOnly => "reported_only",
+            Action::Changed => "changed",
         }
     }
 }
@@ -186,6 +190,53 @@ fn snowflake(s: Option<&str>) -> Option<Snowflake> {
     s.and_then(Snowflake::parse)
 }
 
+/// The grants reconcile judges (live ones, and revoked ones that still record what they
+/// applied) in `scope`, of one customer when `customer` is given.
+async fn load_grants<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    scope: &Scope,
+    customer: Option<&str>,
+) -> Result<Vec<GrantRow>, sqlx::Error> {
+    let rows: Vec<DbGrant> = sqlx::query_as(
+        "SELECT g.id, g.business_id, g.customer_id, g.status, g.applied_user_id,
+                g.applied_guild_id, g.applied_role_id, e.guild_id, e.role_id, l.discord_user_id
+         FROM grants g
+         JOIN entitlements e ON e.id = g.entitlement_id
+         LEFT JOIN discord_links l ON l.business_id = g.business_id AND l.customer_id = g.customer_id
+         WHERE (g.status <> 'Revoked' OR g.applied_user_id IS NOT NULL)
+           AND ($1::text IS NULL OR g.business_id = $1)
+           AND ($2::text IS NULL OR e.guild_id = $2 OR g.applied_guild_id = $2)
+           AND ($3::text IS NULL OR g.customer_id = $3)
+         ORDER BY g.created_at, g.id",
+    )
+    .bind(&scope.business_id)
+    .bind(&scope.guild_id)
+    .bind(customer)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            Some(GrantRow {
+                status: GrantStatus::parse(&r.status)?,
+                applied_user: snowflake(r.applied_user_id.as_deref()),
+                applied_guild: snowflake(r.applied_guild_id.as_deref()),
+                applied_role: snowflake(r.applied_role_id.as_deref()),
+                entitlement_guild: Snowflake::parse(&r.guild_id),
+                entitlement_role: snowflake(r.role_id.as_deref()),
+                linked_user: snowflake(r.discord_user_id.as_deref()),
+                id: r.id,
+                business_id: r.business_id,
+                customer_id: r.customer_id,
+            })
+        })
+        .collect())
+}
+
+/// The advisory lock (two-key form: `RECONCILE_LOCK.0` names guildgate's periodic
+/// jobs, `.1` this one) that lets one replica at a time run the periodic reconcile.
+const RECONCILE_LOCK: (i32, i32) = (0x6767_6174, 1);
+
 /// Compares grants with Discord and, with `apply`, queues the fixes.
 #[derive(Clone, Debug)]
 pub struct Reconciler {
@@ -199,38 +250,7 @@ impl Reconciler {
     /// Live grants, and revoked ones that still record what they applied (the syncer
     /// clears that once it undid it), in scope.
     async fn grants(&self, scope: &Scope) -> Result<Vec<GrantRow>, sqlx::Error> {
-        let rows: Vec<DbGrant> = sqlx::query_as(
-            "SELECT g.id, g.business_id, g.customer_id, g.status, g.applied_user_id,
-                    g.applied_guild_id, g.applied_role_id, e.guild_id, e.role_id, l.discord_user_id
-             FROM grants g
-             JOIN entitlements e ON e.id = g.entitlement_id
-             LEFT JOIN discord_links l ON l.business_id = g.business_id AND l.customer_id = g.customer_id
-             WHERE (g.status <> 'Revoked' OR g.applied_user_id IS NOT NULL)
-               AND ($1::text IS NULL OR g.business_id = $1)
-               AND ($2::text IS NULL OR e.guild_id = $2 OR g.applied_guild_id = $2)
-             ORDER BY g.created_at, g.id",
-        )
-        .bind(&scope.business_id)
-        .bind(&scope.guild_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|r| {
-                Some(GrantRow {
-                    status: GrantStatus::parse(&r.status)?,
-                    applied_user: snowflake(r.applied_user_id.as_deref()),
-                    applied_guild: snowflake(r.applied_guild_id.as_deref()),
-                    applied_role: snowflake(r.applied_role_id.as_deref()),
-                    entitlement_guild: Snowflake::parse(&r.guild_id),
-                    entitlement_role: snowflake(r.role_id.as_deref()),
-                    linked_user: snowflake(r.discord_user_id.as_deref()),
-                    id: r.id,
-                    business_id: r.business_id,
-                    customer_id: r.customer_id,
-                })
-            })
-            .collect())
+        load_grants(&self.pool, scope, None).await
     }
 
     /// Roles that entitlements (not deleted) gate, in scope.
@@ -283,6 +303,12 @@ impl Reconciler {
 
     /// Compares grants in `scope` with Discord; nothing is changed.
     pub async fn check(&self, scope: &Scope) -> Result<Report, ReconcileError> {
+        Ok(self.observe(scope).await?.0)
+    }
+
+    /// [`Reconciler::check`], also returning what Discord said, which
+    /// [`Reconciler::apply`] judges each fix against again right before making it.
+    pub async fn observe(&self, scope: &Scope) -> Result<(Report, DiscordState), ReconcileError> {
         let grants = self.grants(scope).await?;
         let gated = self.gated(scope).await?;
         let mut discord = DiscordState::default();
@@ -353,7 +379,7 @@ impl Reconciler {
                 action: None,
             })
             .collect();
-        Ok(report)
+        Ok((report, discord))
     }
 
     /// Compares and queues the fixes by `policy`.
@@ -363,22 +389,64 @@ impl Reconciler {
         apply: bool,
         policy: DriftPolicy,
     ) -> Result<Report, ReconcileError> {
-        let mut report = self.check(scope).await?;
-        if apply {
-            for row in &mut report.findings {
-                row.action = Some(self.fix(&row.finding, policy).await?);
-            }
-            report.applied = true;
-            report.policy = Some(policy);
+        let (report, discord) = self.observe(scope).await?;
+        if !apply {
+            return Ok(report);
         }
+        self.apply(report, &discord, policy).await
+    }
+
+    /// Makes the fixes of an observed report by `policy`, each only if the grant still
+    /// shows its drift when read again.
+    pub async fn apply(
+        &self,
+        mut report: Report,
+        discord: &DiscordState,
+        policy: DriftPolicy,
+    ) -> Result<Report, ReconcileError> {
+        for row in &mut report.findings {
+            row.action = Some(self.fix(&row.finding, policy, discord).await?);
+        }
+        report.applied = true;
+        report.policy = Some(policy);
         Ok(report)
     }
 
-    async fn fix(&self, f: &Finding, policy: DriftPolicy) -> Result<Action, sqlx::Error> {
+    /// Makes one fix, after reading the grant's customer's grants again (the grant
+    /// locked, so nothing changes it meanwhile) and judging them against what Discord
+    /// said: a finding read minutes earlier is acted on only if it still holds.
+    async fn fix(
+        &self,
+        f: &Finding,
+        policy: DriftPolicy,
+        discord: &DiscordState,
+    ) -> Result<Action, sqlx::Error> {
         let Some(grant_id) = &f.grant_id else {
             return Ok(Action::ReportedOnly);
         };
         let mut tx = self.pool.begin().await?;
+        let customer: Option<String> =
+            sqlx::query_scalar("SELECT customer_id FROM grants WHERE id = $1 FOR UPDATE")
+                .bind(grant_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let still = match &customer {
+            Some(customer) => {
+                let scope = Scope {
+                    business_id: Some(f.business_id.clone()),
+                    guild_id: None,
+                };
+                let now = load_grants(&mut *tx, &scope, Some(customer)).await?;
+                compare(&now, &[], discord)
+                    .iter()
+                    .any(|again| again.grant_id == f.grant_id && again.kind == f.kind)
+            }
+            None => false,
+        };
+        if !still {
+            tracing::info!(grant_id = %grant_id, drift = f.kind.as_str(), "reconcile left a finding the grant no longer shows");
+            return Ok(Action::Changed);
+        }
         let action = match (f.kind, policy) {
             (DriftKind::MissingRole | DriftKind::LeftServer, DriftPolicy::Revoke) => {
                 let now = Utc::now();
@@ -417,8 +485,22 @@ impl Reconciler {
         Ok(action)
     }
 
+    /// A connection of its own holding the periodic-reconcile lock, or `None` when
+    /// another process holds it.
+    pub async fn lock_periodic_run(&self) -> Result<Option<sqlx::PgConnection>, sqlx::Error> {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect_with(&self.pool.connect_options()).await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(RECONCILE_LOCK.0)
+            .bind(RECONCILE_LOCK.1)
+            .fetch_one(&mut conn)
+            .await?;
+        Ok(locked.then_some(conn))
+    }
+
     /// Reconciles everything every `every` (first after one interval), applying the
-    /// fixes by `policy`, until `shutdown` fires.
+    /// fixes by `policy`, until `shutdown` fires. Only one process at a time runs it;
+    /// the others skip the interval.
     pub async fn run_every(
         self,
         every: Duration,
@@ -432,12 +514,32 @@ impl Reconciler {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            // One replica at a time: the lock lives on a connection of its own (not one
+            // of the pool's, which stays free for everything else) and goes with it, also
+            // when this process dies mid-run.
+            let mut lock = match self.lock_periodic_run().await {
+                Ok(Some(conn)) => conn,
+                Ok(None) => {
+                    tracing::info!("another replica is reconciling; skipping this interval");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take the reconcile lock; trying again next interval");
+                    continue;
+                }
+            };
             let scope = Scope::default();
             let run = self.reconcile(&scope, true, policy);
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = run => r,
             };
+            let _ = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                .bind(RECONCILE_LOCK.0)
+                .bind(RECONCILE_LOCK.1)
+                .execute(&mut lock)
+                .await;
+            drop(lock);
             match result {
                 Ok(r) => tracing::info!(
                     findings = r.findings.len(),
