@@ -447,6 +447,66 @@ async fn malformed_invalid_and_oversized_bodies_get_clear_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_must_be_json_objects() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let role = g.roles[0].1;
+    let not_object = |s: u16, v: &Value| {
+        assert_eq!((s, v["code"].as_str()), (422, Some("invalid_body")), "{v}");
+        assert!(v["message"].as_str().unwrap().contains("object"), "{v}");
+    };
+
+    // serde would fill the struct by position from an array.
+    let by_position = json!([
+        "Patrons",
+        "discord",
+        {"guild_id": g.guild_id.to_string(), "role_id": role.to_string()}
+    ]);
+    let (s, v) = c.post("/entitlements", by_position).await;
+    not_object(s, &v);
+    for body in [json!("x"), json!(1), json!(null), json!(true)] {
+        let (s, v) = c.post("/entitlements", body).await;
+        not_object(s, &v);
+    }
+    assert_eq!(c.get("/entitlements").await.1["items"], json!([]));
+
+    let e = create_entitlement(&c, g.guild_id, Some(role)).await;
+    let id = e["id"].as_str().unwrap();
+    let (s, v) = c.patch(&format!("/entitlements/{id}"), json!([])).await;
+    not_object(s, &v);
+    let (s, v) = c
+        .put(
+            "/products/pdt_life/entitlements",
+            json!([[{"entitlement_id": id}]]),
+        )
+        .await;
+    not_object(s, &v);
+
+    let (s, ep) = c
+        .post("/webhooks", json!({"url": "http://127.0.0.1:9/hook"}))
+        .await;
+    assert_eq!(s, 201, "{ep}");
+    let ep = ep["id"].as_str().unwrap();
+    let (_, before) = c.get(&format!("/webhooks/{ep}/secret")).await;
+    let (s, v) = c
+        .post(&format!("/webhooks/{ep}/secret/rotate"), json!([]))
+        .await;
+    not_object(s, &v);
+    let (s, v) = c
+        .raw(
+            Method::POST,
+            &format!("/webhooks/{ep}/secret/rotate"),
+            None,
+            b" [ ] ".to_vec(),
+        )
+        .await;
+    not_object(s, &v);
+    assert_eq!(c.get(&format!("/webhooks/{ep}/secret")).await.1, before);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saving_explains_each_discord_misconfiguration() {
     let w = World::start().await;
     let c = client(&w, "bus_A").await;

@@ -5,6 +5,7 @@
 //! 5xx answers are logged here with their cause and shown to the merchant without it:
 //! a database error message can name tables, hosts or values that are not theirs to see.
 
+use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::StatusCode;
@@ -12,6 +13,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 
 /// One thing wrong with a request, as shown to the merchant.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -184,7 +186,9 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
-/// `Json<T>` whose rejections are [`ApiError`]s.
+/// `Json<T>` whose rejections are [`ApiError`]s, and which takes only a JSON object:
+/// serde fills a struct from an array by position, so `["name", "discord", {…}]` would
+/// otherwise pass for an entitlement.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
@@ -196,9 +200,59 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::Json(v) = axum::Json::<T>::from_request(req, state).await?;
-        Ok(ApiJson(v))
+        // Content type, size limit and syntax as axum checks them; the text is kept.
+        let axum::Json(raw) = axum::Json::<Box<RawValue>>::from_request(req, state).await?;
+        Ok(ApiJson(body_of(&raw)?))
     }
+}
+
+/// An optional JSON body: an empty (or all-whitespace) body is `T::default()`, and needs
+/// no `Content-Type`; any other body gets the checks of [`ApiJson`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OptionalApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for OptionalApiJson<T>
+where
+    T: DeserializeOwned + Default,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge
+            } else {
+                ApiError::Malformed(r.body_text())
+            }
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalApiJson(T::default()));
+        }
+        let raw: Box<RawValue> = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::Malformed(format!("The body is not valid JSON: {e}")))?;
+        Ok(OptionalApiJson(body_of(&raw)?))
+    }
+}
+
+/// What every JSON body must be before it is read into `T`: an object.
+fn body_of<T: DeserializeOwned>(raw: &RawValue) -> Result<T, ApiError> {
+    let text = raw.get().trim_start();
+    if !text.starts_with('{') {
+        let found = match text.as_bytes().first() {
+            Some(b'[') => "an array",
+            Some(b'"') => "a string",
+            Some(b't' | b'f') => "a boolean",
+            Some(b'n') => "null",
+            _ => "a number",
+        };
+        return Err(ApiError::Invalid(vec![Problem::new(
+            "invalid_body",
+            format!("The body must be a JSON object, not {found}."),
+        )]));
+    }
+    let axum::Json(v) = axum::Json::<T>::from_bytes(text.as_bytes())?;
+    Ok(v)
 }
 
 /// `Query<T>` whose rejections are [`ApiError`]s.

@@ -3,8 +3,6 @@
 //! owns the storage and the rules (SSRF guard, at most five endpoints, secret format,
 //! rotation overlap); this file only parses requests and shapes answers.
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -14,7 +12,7 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Merchant;
-use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody};
+use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, OptionalApiJson};
 use super::store::messages as db;
 use super::{Items, page};
 use crate::grants::render::ts;
@@ -278,27 +276,8 @@ pub async fn rotate(
     merchant: Merchant,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    OptionalApiJson(req): OptionalApiJson<RotateSecret>,
 ) -> ApiResult<ApiJson<SecretView>> {
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge
-        } else {
-            ApiError::Malformed(r.body_text())
-        }
-    })?;
-    // The body is optional, so it is read as bytes (no Content-Type needed when empty).
-    let req: RotateSecret = if body.iter().all(u8::is_ascii_whitespace) {
-        RotateSecret::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| {
-            if e.is_data() {
-                ApiError::field("body", e)
-            } else {
-                ApiError::Malformed(format!("The body is not valid JSON: {e}"))
-            }
-        })?
-    };
     let mut conn = state.pool.acquire().await?;
     let ep = endpoints::rotate_secret(
         &mut conn,
