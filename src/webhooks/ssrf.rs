@@ -116,9 +116,11 @@ impl Resolve for GuardedResolver {
     }
 }
 
-/// Whether an address is on the public internet: not private, loopback, link-local,
-/// unique-local, multicast, unspecified, shared (CGNAT), documentation, benchmarking or
-/// reserved, including IPv4 addresses embedded in IPv6 (mapped, NAT64, 6to4).
+/// Whether an address is on the public internet, checked against the IANA IPv4 and IPv6
+/// Special-Purpose Address Registries: not private, loopback, link-local, unique-local,
+/// multicast, unspecified, shared (CGNAT), documentation, benchmarking, discard-only,
+/// reserved or otherwise special, including IPv4 addresses embedded in IPv6 (mapped,
+/// NAT64, 6to4; IPv4-translated and local-use NAT64 addresses are refused outright).
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
@@ -137,6 +139,7 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || a == 0 // "this network", includes 0.0.0.0
         || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
         || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+        || (a == 192 && b == 88 && c == 99) // 6to4 relay anycast (deprecated, RFC 7526)
         || (a == 198 && (b == 18 || b == 19)) // benchmarking
         || a >= 240) // reserved
 }
@@ -158,14 +161,24 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         let [c, d] = seg[2].to_be_bytes();
         return is_public_v4(Ipv4Addr::new(a, b, c, d));
     }
-    !(ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_multicast()
-        || (seg[0] & 0xfe00) == 0xfc00 // unique local fc00::/7
-        || (seg[0] & 0xffc0) == 0xfe80 // link-local fe80::/10
-        || (seg[0] & 0xffc0) == 0xfec0 // site-local (deprecated) fec0::/10
-        || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
-        || seg[0..6] == [0, 0, 0, 0, 0, 0]) // IPv4-compatible (deprecated) and ::/96
+    // Only global unicast (2000::/3) is on the internet. Outside it lie the loopback and
+    // unspecified addresses, IPv4-compatible (::/96) and IPv4-translated
+    // (::ffff:0:0:0/96, RFC 2765) addresses, discard-only 100::/64 (RFC 6666), the dummy
+    // prefix 100:0:0:1::/64 (RFC 9780), local-use NAT64 64:ff9b:1::/48 (RFC 8215),
+    // segment-routing SIDs 5f00::/16 (RFC 9602), unique-local fc00::/7, link-local
+    // fe80::/10, site-local fec0::/10, multicast ff00::/8 and every block still
+    // reserved by the IETF.
+    if seg[0] & 0xe000 != 0x2000 {
+        return false;
+    }
+    let special = match seg[0] {
+        // IETF protocol assignments 2001::/23 (Teredo, benchmarking, ORCHID, anycast
+        // services) and documentation 2001:db8::/32
+        0x2001 => seg[1] < 0x0200 || seg[1] == 0x0db8,
+        // documentation 3fff::/20 (RFC 9637)
+        first => first & 0xfff0 == 0x3ff0,
+    };
+    !special
 }
 
 #[cfg(test)]
@@ -215,6 +228,77 @@ mod tests {
         }
     }
 
+    /// One address from each block of the IANA special-purpose registries that is not
+    /// globally reachable, or that embeds an address which is not.
+    #[test]
+    fn refuses_the_special_purpose_blocks_of_the_iana_registries() {
+        for ip in [
+            // IPv4
+            "0.1.2.3",
+            "192.0.0.9",
+            "192.0.0.170",
+            "192.0.2.1",
+            "192.88.99.1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "198.51.100.7",
+            "203.0.113.7",
+            "240.0.0.1",
+            // IPv4-compatible, mapped and translated (RFC 2765)
+            "::a00:1",
+            "::ffff:192.168.0.1",
+            "::ffff:0:a00:1",
+            "::ffff:0:7f00:1",
+            "::ffff:0:808:808",
+            // NAT64: well-known prefix to a private address, local-use prefix (RFC 8215)
+            "64:ff9b::a00:1",
+            "64:ff9b:1::a00:1",
+            "64:ff9b:1::808:808",
+            "64:ff9b:1:ffff:ffff:ffff:ffff:ffff",
+            // discard-only (RFC 6666) and dummy (RFC 9780) prefixes
+            "100::",
+            "100::1",
+            "100::ffff:ffff:ffff:ffff",
+            "100:0:0:1::1",
+            // IETF protocol assignments 2001::/23: Teredo, benchmarking, ORCHID
+            "2001::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001:2::1",
+            "2001:10::1",
+            "2001:20::1",
+            "2001:1ff::1",
+            // documentation, old and new (RFC 9637)
+            "2001:db8:ffff::1",
+            "3fff::1",
+            "3fff:fff:ffff::1",
+            // 6to4 of a private address
+            "2002:c0a8:1::1",
+            // segment-routing SIDs (RFC 9602), site-local, reserved blocks
+            "5f00::1",
+            "fec0::1",
+            "4000::1",
+            "8000::1",
+            "e000::1",
+            "ff0e::1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip} must not be public");
+        }
+        for ip in [
+            "8.8.8.8",
+            "192.0.1.1",
+            "192.88.98.1",
+            "198.20.0.1",
+            "2001:4860:4860::8888",
+            "2001:200::1",
+            "2a00:1450:4001::1",
+            "2600::1",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+        ] {
+            assert!(is_public(ip.parse().unwrap()), "{ip} is public");
+        }
+    }
+
     #[test]
     fn checks_scheme_credentials_and_literals() {
         let u = |s: &str| Url::parse(s).unwrap();
@@ -240,6 +324,15 @@ mod tests {
             Err(SsrfError::Credentials)
         );
         assert_eq!(check_target(&u("http://127.0.0.1:9/hook"), LOCAL), Ok(()));
+        for literal in ["[::ffff:0:a9fe:a9fe]", "[64:ff9b:1::a9fe:a9fe]", "[100::1]"] {
+            assert!(
+                matches!(
+                    check_target(&u(&format!("https://{literal}/hook")), STRICT),
+                    Err(SsrfError::NotPublic(_))
+                ),
+                "{literal}"
+            );
+        }
     }
 
     #[tokio::test]
