@@ -12,6 +12,9 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// The `type` label of payment events of every type guildgate does not act on.
+pub const OTHER_TYPE: &str = "other";
+
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~16 s
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
@@ -22,8 +25,8 @@ pub struct Metrics {
     registry: Registry,
     /// Every payment event settled, whatever its outcome (benchmarks, tests).
     pub events_settled: std::sync::atomic::AtomicU64,
-    /// Payment events by `type` and `outcome` (applied, duplicate, stale, irrelevant,
-    /// ignored, dead_lettered).
+    /// Payment events by `type` (one guildgate acts on, or [`OTHER_TYPE`]) and
+    /// `outcome` (applied, duplicate, stale, irrelevant, ignored, dead_lettered).
     pub events: Family<Labels, Counter>,
     /// Seconds from receipt of a batch to its commit.
     pub event_latency: Histogram,
@@ -155,18 +158,23 @@ impl Metrics {
         })
     }
 
-    pub fn event(&self, event_type: &str, outcome: &str) {
+    /// Counts a settled payment event. `event_type` may come from the message (its
+    /// `type`, or the routing key of one that could not be read): any type guildgate
+    /// does not act on is counted as [`OTHER_TYPE`], so publishers cannot add series.
+    pub fn event(&self, event_type: &str, outcome: &'static str) {
         self.events_settled
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let label = crate::events::known_type(event_type).unwrap_or(OTHER_TYPE);
         self.events
             .get_or_create(&vec![
-                ("type", event_type.to_string()),
+                ("type", label.to_string()),
                 ("outcome", outcome.to_string()),
             ])
             .inc();
     }
 
-    /// The current value of an event counter (tests, benchmarks).
+    /// The current value of the event counter labelled `type=event_type` (a type
+    /// guildgate acts on, or [`OTHER_TYPE`]) and `outcome` (tests, benchmarks).
     pub fn event_count(&self, event_type: &str, outcome: &str) -> u64 {
         self.events
             .get(&vec![

@@ -327,6 +327,49 @@ async fn a_full_flow_is_measured_and_logged_without_secrets() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_types_from_messages_do_not_become_metric_series() {
+    logs();
+    let mut app = TestApp::spawn_ingest().await;
+    let b = app.business();
+    // A type guildgate does not act on, on a key the `subscription.#` binding lets in:
+    // acknowledged and ignored.
+    let mut made_up = subscription("active", &b, "sub_1", "cus_1", "pdt_x", "active", T0);
+    made_up["type"] = serde_json::json!("subscription.made_up_type_1");
+    app.publish(&made_up, "m1").await;
+    // A key whose type disagrees: dead-lettered, counted by its routing key.
+    let body = serde_json::to_vec(&made_up).unwrap();
+    app.publish_raw("subscription.made_up_key_2", &body, Some("m2"))
+        .await;
+    // A type guildgate acts on keeps its own label.
+    app.publish(&payment(&b, "pay_1", "cus_1", &["pdt_nothing"], T0), "m3")
+        .await;
+
+    let m = wait_for("the three events in /metrics", || async {
+        let m = scrape(app.addr).await;
+        (sample(
+            &m,
+            "guildgate_events_total",
+            &["type=\"other\"", "outcome=\"ignored\""],
+        ) == Some(1.0)
+            && sample(
+                &m,
+                "guildgate_events_total",
+                &["type=\"other\"", "outcome=\"dead_lettered\""],
+            ) == Some(1.0)
+            && sample(
+                &m,
+                "guildgate_events_total",
+                &["type=\"payment.succeeded\"", "outcome=\"irrelevant\""],
+            ) == Some(1.0))
+        .then_some(m)
+    })
+    .await;
+    assert!(!m.contains("made_up"), "{m}");
+    let _ = app.shutdown().await;
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_and_readyz_follow_the_database() {
     logs();
     let pg = Proxy::start(addr_of(&common::database_base_url())).await;

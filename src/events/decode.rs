@@ -229,11 +229,7 @@ pub fn decode(
             event_type,
         });
     }
-    let known = matches!(
-        event_type.as_str(),
-        "payment.succeeded" | "refund.succeeded" | "dispute.lost"
-    ) || SubscriptionEventType::parse(&event_type).is_some();
-    if !known {
+    if super::known_type(&event_type).is_none() {
         return Ok(Decoded::Ignored { event_type });
     }
 

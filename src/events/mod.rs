@@ -33,6 +33,18 @@ impl Event {
     }
 }
 
+/// `type_name` as the `&'static str` of an event type guildgate acts on, `None` for any
+/// other type. Metrics label events by this, so a type made up by a publisher cannot
+/// create a series of its own.
+pub fn known_type(type_name: &str) -> Option<&'static str> {
+    match type_name {
+        "payment.succeeded" => Some("payment.succeeded"),
+        "refund.succeeded" => Some("refund.succeeded"),
+        "dispute.lost" => Some("dispute.lost"),
+        other => SubscriptionEventType::parse(other).map(SubscriptionEventType::type_name),
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum EventKind {
     PaymentSucceeded(Payment),

@@ -230,8 +230,11 @@ pub async fn hostile() -> Report {
             ));
         }
         if c.expected == "ignored" || c.expected == "irrelevant" {
+            // Types guildgate does not act on share one label.
+            let label = guildgate::events::known_type(&c.routing_key)
+                .unwrap_or(guildgate::metrics::OTHER_TYPE);
             *counted
-                .entry((c.routing_key.clone(), c.expected.as_str()))
+                .entry((label.to_string(), c.expected.as_str()))
                 .or_default() += 1;
         }
     }
