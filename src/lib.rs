@@ -13,6 +13,7 @@ pub mod grants;
 pub mod http;
 pub mod ids;
 pub mod metrics;
+pub mod nul;
 pub mod outbox;
 pub mod reconcile;
 pub mod store;

@@ -507,6 +507,96 @@ async fn request_bodies_must_be_json_objects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_characters_are_refused_naming_where_they_are() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let role = g.roles[0].1;
+    let refused = |(s, v): (u16, Value), code: &str, named: &str| {
+        assert_eq!((s, v["code"].as_str()), (422, Some(code)), "{v}");
+        let message = v["message"].as_str().unwrap();
+        assert!(message.starts_with(&format!("{named}: ")), "{v}");
+        assert!(message.contains("U+0000"), "{v}");
+    };
+
+    // In a JSON body: a field, a nested metadata value, a metadata key.
+    let mut body = create_body(g.guild_id, Some(role));
+    body["name"] = json!("Patrons\u{0}");
+    refused(
+        c.post("/entitlements", body).await,
+        "invalid_field",
+        "/name",
+    );
+    let mut body = create_body(g.guild_id, Some(role));
+    body["metadata"] = json!({"tier": {"perks": ["chat", "vip\u{0}"]}});
+    refused(
+        c.post("/entitlements", body).await,
+        "invalid_field",
+        "/metadata/tier/perks/1",
+    );
+    assert_eq!(c.get("/entitlements").await.1["items"], json!([]));
+    let e = create_entitlement(&c, g.guild_id, Some(role)).await;
+    let id = e["id"].as_str().unwrap();
+    refused(
+        c.patch(
+            &format!("/entitlements/{id}"),
+            json!({"metadata": {"gift\u{0}note": true}}),
+        )
+        .await,
+        "invalid_field",
+        "/metadata/gift\\u0000note",
+    );
+    refused(
+        c.post(
+            "/webhooks",
+            json!({"url": "http://127.0.0.1:9/hook", "description": "\u{0}"}),
+        )
+        .await,
+        "invalid_field",
+        "/description",
+    );
+
+    // In a path parameter.
+    refused(c.get("/entitlements/ent_%00").await, "invalid_field", "id");
+    refused(
+        c.delete(&format!("/entitlements/{id}/grants/gr_%00")).await,
+        "invalid_field",
+        "grant_id",
+    );
+    refused(
+        c.get("/customers/cus_%00/entitlement-grants").await,
+        "invalid_field",
+        "customer_id",
+    );
+    refused(c.delete("/webhooks/ep_%00").await, "invalid_field", "id");
+
+    // In a query parameter.
+    refused(
+        c.get("/entitlements?integration_type=discord%00").await,
+        "invalid_query",
+        "integration_type",
+    );
+    refused(
+        c.get(&format!("/entitlements/{id}/grants?customer_id=cus_%00"))
+            .await,
+        "invalid_query",
+        "customer_id",
+    );
+
+    // Nothing was changed, and the same requests without the NUL work.
+    let (s, after) = c.get(&format!("/entitlements/{id}")).await;
+    assert_eq!((s, &after), (200, &e));
+    assert_eq!(c.get("/webhooks").await.1["items"], json!([]));
+    assert_eq!(
+        c.get(&format!("/entitlements/{id}/grants?customer_id=cus_1"))
+            .await
+            .0,
+        200
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saving_explains_each_discord_misconfiguration() {
     let w = World::start().await;
     let c = client(&w, "bus_A").await;

@@ -12,7 +12,7 @@ use guildgate::events::{Decoded, EventKind, SubscriptionEventType, decode};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-const CODES: [&str; 8] = [
+const CODES: [&str; 9] = [
     "too_large",
     "invalid_json",
     "missing_field",
@@ -21,6 +21,7 @@ const CODES: [&str; 8] = [
     "business_mismatch",
     "future_timestamp",
     "routing_key_mismatch",
+    "nul_character",
 ];
 
 const TYPES: [&str; 13] = [

@@ -15,7 +15,7 @@ const KEYS: [&str; 6] = [
     "subscription.plan_changed",
 ];
 
-const CODES: [&str; 8] = [
+const CODES: [&str; 9] = [
     "too_large",
     "invalid_json",
     "missing_field",
@@ -24,6 +24,7 @@ const CODES: [&str; 8] = [
     "business_mismatch",
     "future_timestamp",
     "routing_key_mismatch",
+    "nul_character",
 ];
 
 fuzz_target!(|data: &[u8]| {

@@ -7,9 +7,10 @@
 
 use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::extract::{FromRequest, FromRequestParts, Query, RawPathParams, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -235,7 +236,8 @@ where
     }
 }
 
-/// What every JSON body must be before it is read into `T`: an object.
+/// What every JSON body must be before it is read into `T`: an object, without U+0000 in
+/// any string or key (PostgreSQL can store neither; see [`crate::nul`]).
 fn body_of<T: DeserializeOwned>(raw: &RawValue) -> Result<T, ApiError> {
     let text = raw.get().trim_start();
     if !text.starts_with('{') {
@@ -251,8 +253,44 @@ fn body_of<T: DeserializeOwned>(raw: &RawValue) -> Result<T, ApiError> {
             format!("The body must be a JSON object, not {found}."),
         )]));
     }
+    if let Some(at) = crate::nul::find_in_json(text.as_bytes()) {
+        return Err(ApiError::Invalid(vec![Problem::new(
+            "invalid_field",
+            at.to_string(),
+        )]));
+    }
     let axum::Json(v) = axum::Json::<T>::from_bytes(text.as_bytes())?;
     Ok(v)
+}
+
+/// Middleware of every API route: refuses a path or query parameter holding U+0000
+/// (PostgreSQL can store neither; see [`crate::nul`]) with a 422 naming it, before the
+/// handler runs. Bodies are checked by [`ApiJson`].
+pub async fn refuse_nul_params(
+    path: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
+    req: Request,
+    next: Next,
+) -> Response {
+    const NUL: &str = "must not contain U+0000 (the NUL character)";
+    if let Ok(params) = &path
+        && let Some((name, _)) = params
+            .iter()
+            .find(|(_, value)| crate::nul::contains_nul(value))
+    {
+        return ApiError::field(name, NUL).into_response();
+    }
+    let query = url::form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes());
+    for (name, value) in query {
+        if crate::nul::contains_nul(&name) || crate::nul::contains_nul(&value) {
+            let name = name.replace('\0', "\\u0000");
+            return ApiError::Invalid(vec![Problem::new(
+                "invalid_query",
+                format!("{name}: {NUL}"),
+            )])
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// `Query<T>` whose rejections are [`ApiError`]s.

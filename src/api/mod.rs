@@ -31,9 +31,10 @@ use self::error::ApiError;
 use self::store::Page;
 use crate::http::AppState;
 
-/// Every API route, plus `GET /openapi.json`.
+/// Every API route, plus `GET /openapi.json`; no path or query parameter of any of them
+/// may hold U+0000.
 pub fn router() -> Router<AppState> {
-    openapi::router()
+    openapi::router().layer(axum::middleware::from_fn(error::refuse_nul_params))
 }
 
 /// `page_size` when the merchant gives none, and the most it may ask for (the platform's).

@@ -51,6 +51,8 @@ pub enum DecodeError {
         routing_key: String,
         event_type: String,
     },
+    #[error("a string PostgreSQL cannot store: {0}")]
+    Nul(crate::nul::NulAt),
 }
 
 impl DecodeError {
@@ -64,6 +66,7 @@ impl DecodeError {
             DecodeError::BusinessMismatch { .. } => "business_mismatch",
             DecodeError::FutureTimestamp(_) => "future_timestamp",
             DecodeError::RoutingKeyMismatch { .. } => "routing_key_mismatch",
+            DecodeError::Nul(_) => "nul_character",
         }
     }
 }
@@ -231,6 +234,12 @@ pub fn decode(
     }
     if super::known_type(&event_type).is_none() {
         return Ok(Decoded::Ignored { event_type });
+    }
+    // Any string, read or not: PostgreSQL stores no U+0000, and an event is refused
+    // whole rather than applied with a field dropped. The body parsed above, so it is
+    // valid JSON.
+    if let Some(at) = crate::nul::find_in_json(body) {
+        return Err(DecodeError::Nul(at));
     }
 
     let id = event_id(message_id, body)?;
@@ -485,5 +494,8 @@ mod tests {
         );
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert_eq!(err(deep.as_bytes(), "dispute.lost").code(), "invalid_json");
+        let nul = err(br#"{"business_id":"b","type":"dispute.lost","timestamp":"2026-01-01T00:00:00Z","data":{"dispute_id":"d","payment_id":"p","x":["\u0000"]}}"#, "dispute.lost");
+        assert_eq!(nul.code(), "nul_character");
+        assert!(nul.to_string().contains("/data/x/0"), "{nul}");
     }
 }

@@ -248,7 +248,8 @@ pub async fn hostile() -> Report {
     }
     // Every good event around them was applied, and the last one too.
     // Every good event around them was applied, and the last one too, and so were the
-    // bad-looking but valid ones (SQL, HTML, NUL, huge and deep strings in fields).
+    // bad-looking but valid ones (SQL, HTML, an escaped backslash before `u0000`, huge and
+    // deep strings in fields).
     let mut grants = GrantCounts::default();
     let mut customers: Vec<String> = (0..cases.len()).map(|i| format!("cus_good{i}")).collect();
     customers.extend(
@@ -256,7 +257,7 @@ pub async fn hostile() -> Report {
             "cus_final",
             "cus_hsql",
             "cus_hhtml",
-            "cus_hnul",
+            "cus_hbslash",
             "cus_hhuge",
             "cus_hdeep",
             "cus_hsubhtml",
