@@ -496,6 +496,74 @@ async fn exhausted_retries_dead_letter_the_job_and_fail_the_grant() {
     w.stop().await;
 }
 
+/// A parked sync job replayed with `guildgate dlq replay` gets every retry tier again
+/// (it is not parked by its first transient failure), and keeps counting its replays
+/// through them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_sync_job_starts_its_retries_afresh_and_counts_its_replays() {
+    use guildgate::amqp::dlq;
+    let w = World::start().await;
+    let g = w.guild("Down");
+    let role = g.role("Patrons");
+    let erin = w.user("erin");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    w.link("cus_1", erin).await;
+    w.sandbox.set_error_rate(1.0);
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    w.wait_status(&grant.id, "Failed").await;
+    let dead = guildgate::amqp::Names::dead(&w.app.names.discord_sync());
+    wait_for("the job to be parked", || async {
+        (w.app.queue_len(&dead).await == 1).then_some(())
+    })
+    .await;
+    let retries = || {
+        w.app
+            .metrics
+            .syncs
+            .get_or_create(&vec![("outcome", "retry".to_string())])
+            .get()
+    };
+    let before = retries();
+
+    let broker = guildgate::amqp::Broker::without_declare(&w.app.settings, "test-dlq");
+    let ch = broker.try_channel().await.unwrap();
+    let publisher = broker.try_channel().await.unwrap();
+    publisher.confirm_select(Default::default()).await.unwrap();
+    let filter = dlq::ReplayFilter {
+        max_replays: 5,
+        ..Default::default()
+    };
+    let report = dlq::replay(&ch, &publisher, &w.app.names, &dead, &filter)
+        .await
+        .unwrap();
+    assert_eq!(report.replayed.len(), 1, "{report:?}");
+    broker.close().await;
+
+    // Discord still fails: the job goes through every tier again before it is parked.
+    let parked = wait_for("the replayed job to be parked again", || async {
+        let m = w.app.drain_queue(&dead).await;
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(parked[0].json()["grant_id"], grant.id.as_str());
+    assert_eq!(
+        retries() - before,
+        w.app.settings.sync.retry_delays.len() as u64,
+        "retries after the replay"
+    );
+    assert_eq!(
+        guildgate::amqp::header_int(parked[0].headers.as_ref(), dlq::REPLAYS_HEADER),
+        Some(1)
+    );
+    w.stop().await;
+}
+
 /// A syncer of its own (the app runs none), on its own broker connection.
 fn syncer(w: &World, name: &str) -> (guildgate::amqp::Broker, guildgate::sync::SyncWorker) {
     use guildgate::crypto::TokenCipher;

@@ -6,8 +6,10 @@
 //! consumers must not see it again — waits for the broker's confirm, and only then
 //! acknowledges (removes) the parked copy. A crash between the two leaves the message
 //! both replayed and parked; replaying it again is harmless, since every consumer is
-//! idempotent. Each replay increments `x-guildgate-replays`; a message replayed
-//! `max_replays` times is left parked with a warning rather than looping forever.
+//! idempotent. A replayed job starts its retries afresh (its attempt count is dropped);
+//! each replay increments `x-guildgate-replays` instead, which the job keeps through its
+//! retry tiers, and a message replayed `max_replays` times is left parked with a warning
+//! rather than looping forever.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -15,7 +17,8 @@ use lapin::{BasicProperties, Channel};
 use serde::Serialize;
 
 use super::{
-    BrokerError, Names, REASON_CODE_HEADER, REASON_HEADER, header_int, header_str, header_text,
+    ATTEMPT_HEADER, BrokerError, DEFERRALS_HEADER, Names, REASON_CODE_HEADER, REASON_HEADER,
+    header_int, header_str, header_text,
 };
 
 /// Header counting how often a message was replayed from a dead-letter queue.
@@ -249,7 +252,7 @@ pub async fn replay(
             dead_queue.trim_end_matches(".dead").to_string()
         };
         if !filter.dry_run {
-            let mut headers = d.properties.headers().clone().unwrap_or_default();
+            let mut headers = fresh_round(d.properties.headers().as_ref());
             headers.insert(
                 REPLAYS_HEADER.into(),
                 AMQPValue::LongLongInt(parked.replays + 1),
@@ -287,6 +290,17 @@ pub async fn replay(
     }
     let _ = ch.close(200, "replayed".into()).await;
     Ok(report)
+}
+
+/// The headers a replayed message keeps: all but the retry counters of the round that
+/// parked it (`x-guildgate-attempt`, `x-guildgate-deferrals`), so a replayed job starts
+/// its retries afresh instead of being parked again by its first transient failure. How
+/// often it was replayed is counted apart, in `x-guildgate-replays`.
+fn fresh_round(headers: Option<&FieldTable>) -> FieldTable {
+    let mut kept = headers.map(|h| h.inner().clone()).unwrap_or_default();
+    kept.remove(ATTEMPT_HEADER);
+    kept.remove(DEFERRALS_HEADER);
+    FieldTable::from(kept)
 }
 
 /// Empties a dead-letter queue; returns how many messages it held.

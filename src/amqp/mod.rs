@@ -29,6 +29,9 @@ pub const REASON_HEADER: &str = "x-guildgate-reason";
 pub const REASON_CODE_HEADER: &str = "x-guildgate-reason-code";
 /// Header carrying the attempt count of a retried job.
 pub const ATTEMPT_HEADER: &str = "x-guildgate-attempt";
+/// Header counting how often in a row a webhook job was deferred without an attempt
+/// (absent: never).
+pub const DEFERRALS_HEADER: &str = "x-guildgate-deferrals";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -283,6 +286,17 @@ impl<'a> Outgoing<'a> {
     pub fn header(mut self, key: &str, value: AMQPValue) -> Self {
         self.headers.insert(ShortString::from(key), value);
         self
+    }
+
+    /// Keeps the replay count (`x-guildgate-replays`) of the delivery this message
+    /// continues, if it has one: a job republished to a retry tier is still the message
+    /// an operator replayed, and the replay ceiling of `guildgate dlq replay` counts
+    /// across its rounds.
+    pub fn carrying_replays(self, from: Option<&FieldTable>) -> Self {
+        match header_int(from, dlq::REPLAYS_HEADER) {
+            Some(n) => self.header(dlq::REPLAYS_HEADER, AMQPValue::LongLongInt(n)),
+            None => self,
+        }
     }
 }
 

@@ -610,7 +610,8 @@ impl SyncWorker {
                     Names::retry(&queue, delay)
                 };
                 let mut out = Outgoing::to_queue(&target, &message_id, &d.data)
-                    .header(REASON_HEADER, header_str(&reason));
+                    .header(REASON_HEADER, header_str(&reason))
+                    .carrying_replays(d.properties.headers().as_ref());
                 out.headers.insert(
                     ATTEMPT_HEADER.into(),
                     AMQPValue::LongLongInt(i64::from(attempt)),

@@ -58,8 +58,7 @@ pub const STALLED_AFTER: Duration = Duration::from_secs(1);
 /// How long a job waits in the process for a slot of a busy (not stalled) endpoint
 /// before it is deferred.
 pub const BUSY_WAIT: Duration = Duration::from_secs(1);
-/// How often in a row a job was deferred without an attempt (absent: never).
-pub const DEFERRALS_HEADER: &str = "x-guildgate-deferrals";
+pub use crate::amqp::DEFERRALS_HEADER;
 /// How much of an answer is kept with its attempt.
 const RESPONSE_BYTES: usize = 1024;
 
@@ -687,7 +686,8 @@ impl Deliverer {
                     body.to_vec()
                 };
                 let mut out = Outgoing::to_queue(&queue, message_id, &body)
-                    .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()));
+                    .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()))
+                    .carrying_replays(d.properties.headers().as_ref());
                 if deferrals > 0 {
                     out = out.header(DEFERRALS_HEADER, AMQPValue::LongLongInt(deferrals.into()));
                 }
@@ -716,7 +716,8 @@ impl Deliverer {
                     code,
                     &reason,
                 )
-                .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()));
+                .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()))
+                .carrying_replays(d.properties.headers().as_ref());
                 amqp::publish_confirmed(publisher, &[out]).await?;
             }
         }
