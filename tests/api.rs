@@ -1347,6 +1347,90 @@ async fn the_upgrade_keeps_sole_connections_and_marks_shared_ones() {
     db.drop_db().await;
 }
 
+/// A message still pending has a delivery under way: sending it again beside it is
+/// refused (409). Failed messages are sent again a bounded page at a time, continued
+/// with the cursor each page returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_retries_refuse_pending_messages_and_page_failed_ones() {
+    use common::TestConfig;
+    use guildgate::app::Options;
+    let w = World::start_with(
+        sandbox_discord::SandboxConfig::default(),
+        TestConfig {
+            options: Some(Options {
+                webhooks: false,
+                relay: false,
+                ..Options::default()
+            }),
+            ..TestConfig::default()
+        },
+    )
+    .await;
+    let c = client(&w, "bus_A").await;
+    let (s, ep) = c
+        .post("/webhooks", json!({"url": "http://127.0.0.1:9/hook"}))
+        .await;
+    assert_eq!(s, 201, "{ep}");
+    let ep = ep["id"].as_str().unwrap();
+    // Messages 1 to 5 failed, 6 pending, 7 delivered.
+    sqlx::query(
+        "INSERT INTO webhook_messages (id, endpoint_id, business_id, grant_id, event_type, body, status)
+         SELECT 'msg_' || lpad(n::text, 32, '0'), $1, 'bus_A', 'grant_' || n,
+                'entitlement_grant.created', '{}',
+                CASE WHEN n <= 5 THEN 'failed' WHEN n = 6 THEN 'pending' ELSE 'delivered' END
+         FROM generate_series(1, 7) n",
+    )
+    .bind(ep)
+    .execute(&w.app.pool)
+    .await
+    .unwrap();
+    let id = |n: u32| format!("msg_{n:032}");
+    let jobs = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE kind = 'webhook'")
+            .fetch_one(&w.app.pool)
+            .await
+            .unwrap()
+    };
+    let retry = |n: u32| {
+        let c = c.clone();
+        let path = format!("/webhooks/{ep}/messages/{}/retry", id(n));
+        async move { c.post(&path, json!({})).await }
+    };
+
+    let (s, v) = retry(6).await;
+    assert_eq!(s, 409, "{v}");
+    assert_eq!(v["code"], "message_pending", "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert_eq!(jobs().await, 0, "no second job for a pending message");
+
+    let (s, v) = retry(7).await;
+    assert_eq!((s, &v["message_ids"]), (202, &json!([id(7)])), "delivered");
+    let (s, v) = retry(1).await;
+    assert_eq!((s, &v["message_ids"]), (202, &json!([id(1)])), "failed");
+    assert_eq!(retry(1).await.0, 409, "pending again once retried");
+    assert_eq!(jobs().await, 2);
+
+    let bulk = |q: String| {
+        let c = c.clone();
+        let path = format!("/webhooks/{ep}/messages/retry-failed{q}");
+        async move { c.post(&path, json!({})).await }
+    };
+    for bad in ["?limit=0", "?limit=1001", "?cursor=nope"] {
+        let (s, v) = bulk(bad.to_string()).await;
+        assert_eq!(s, 422, "{bad}: {v}");
+    }
+    let (s, page) = bulk("?limit=3".into()).await;
+    assert_eq!(s, 202, "{page}");
+    assert_eq!(page["message_ids"], json!([id(2), id(3), id(4)]));
+    assert_eq!(page["next_cursor"], json!(id(4)));
+    let (s, page) = bulk(format!("?limit=3&cursor={}", id(4))).await;
+    assert_eq!(s, 202, "{page}");
+    assert_eq!(page["message_ids"], json!([id(5)]));
+    assert_eq!(page["next_cursor"], Value::Null);
+    assert_eq!(jobs().await, 6);
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_endpoints_through_the_api() {
     let w = World::start().await;
@@ -1678,6 +1762,16 @@ async fn full_merchant_flow() {
         .iter()
         .find(|m| m["event_type"] == "entitlement_grant.revoked")
         .unwrap();
+    // Only a settled message is sent again: wait until its delivery is recorded.
+    wait_for("the revoked webhook recorded as delivered", || async {
+        let (_, v) = c.get(&format!("/webhooks/{ep_id}/messages")).await;
+        v["items"]
+            .as_array()?
+            .iter()
+            .any(|m| m["id"] == revoked_msg["id"] && m["status"] == "delivered")
+            .then_some(())
+    })
+    .await;
     let (s, v) = c
         .post(
             &format!(

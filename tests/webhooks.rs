@@ -607,10 +607,11 @@ async fn failed_messages_are_replayed_with_the_same_id() {
 
     healthy.store(true, Ordering::SeqCst);
     let mut conn = app.pool.acquire().await.unwrap();
-    let ids = replay::replay_failed(&mut conn, &app.business(), &ep.id)
+    let (ids, next) = replay::replay_failed(&mut conn, &app.business(), &ep.id, None, 100)
         .await
         .unwrap();
     assert_eq!(ids, vec![m.id.clone()]);
+    assert_eq!(next, None);
     wait_messages(&app, &ep, 1, "delivered").await;
     assert_eq!(r.count(), 5);
 

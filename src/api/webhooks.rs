@@ -395,9 +395,14 @@ pub struct Replayed {
 }
 
 /// Send one message again (a fresh retry schedule; the `webhook-id` stays the same).
+/// Only a settled message (`failed` or `delivered`) is sent again: a `pending` one is
+/// still being delivered, and a second delivery would send it twice at once (409).
 #[utoipa::path(post, path = "/webhooks/{id}/messages/{message_id}/retry", tag = "webhooks",
     params(("id" = String, Path, description = "Endpoint id (`ep_…`)"), ("message_id" = String, Path, description = "Message id (`msg_…`)")),
-    responses((status = 202, body = Replayed), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses(
+        (status = 202, body = Replayed), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "The message is still pending", body = ErrorBody),
+    ),
     security(("api_key" = [])))]
 pub async fn retry_message(
     merchant: Merchant,
@@ -409,8 +414,13 @@ pub async fn retry_message(
         .await?
         .filter(|m| m.endpoint_id == id && m.business_id == merchant.business())
         .ok_or(ApiError::NotFound("webhook message"))?;
+    // Conditional on its status in the same statement, so a message that became
+    // pending meanwhile is refused too.
     if !replay::replay_message(&mut tx, merchant.business(), &m.id).await? {
-        return Err(ApiError::NotFound("webhook message"));
+        return Err(ApiError::Conflict {
+            code: "message_pending",
+            message: "The message is still being delivered (status pending); retry it once it is failed or delivered.".into(),
+        });
     }
     tx.commit().await?;
     Ok((
@@ -421,19 +431,68 @@ pub async fn retry_message(
     ))
 }
 
-/// Send every failed message of the endpoint again.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RetryFailedQuery {
+    /// How many failed messages to send again: 1 to 1000, default 100.
+    pub limit: Option<i64>,
+    /// The `next_cursor` of the previous call, to continue after it.
+    pub cursor: Option<String>,
+}
+
+/// What a bulk replay queued, and where to continue.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReplayedPage {
+    /// The messages sent again (same `webhook-id`s), in id order.
+    pub message_ids: Vec<String>,
+    /// Pass as `cursor` to send the next failed messages; null when this call took the
+    /// last of them.
+    pub next_cursor: Option<String>,
+}
+
+/// Send the endpoint's failed messages again, at most `limit` per call, in id order;
+/// continue with `next_cursor` until it is null.
 #[utoipa::path(post, path = "/webhooks/{id}/messages/retry-failed", tag = "webhooks",
-    params(("id" = String, Path, description = "Endpoint id (`ep_…`)")),
-    responses((status = 202, body = Replayed), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    params(("id" = String, Path, description = "Endpoint id (`ep_…`)"), RetryFailedQuery),
+    responses((status = 202, body = ReplayedPage), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn retry_failed(
     merchant: Merchant,
     State(state): State<AppState>,
     Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<RetryFailedQuery>,
 ) -> ApiResult<impl IntoResponse> {
+    let limit = q.limit.unwrap_or(replay::DEFAULT_FAILED_PAGE);
+    if !(1..=replay::MAX_FAILED_PAGE).contains(&limit) {
+        return Err(ApiError::field(
+            "limit",
+            format!("must be between 1 and {}", replay::MAX_FAILED_PAGE),
+        ));
+    }
+    if let Some(c) = q.cursor.as_deref()
+        && (!c.starts_with("msg_") || c.len() > 64)
+    {
+        return Err(ApiError::field(
+            "cursor",
+            "is not a next_cursor this endpoint returned",
+        ));
+    }
     let mut tx = state.pool.begin().await?;
     endpoints::get(&mut tx, merchant.business(), &id).await?;
-    let ids = replay::replay_failed(&mut tx, merchant.business(), &id).await?;
+    let (ids, next_cursor) = replay::replay_failed(
+        &mut tx,
+        merchant.business(),
+        &id,
+        q.cursor.as_deref(),
+        limit,
+    )
+    .await?;
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, ApiJson(Replayed { message_ids: ids })))
+    Ok((
+        StatusCode::ACCEPTED,
+        ApiJson(ReplayedPage {
+            message_ids: ids,
+            next_cursor,
+        }),
+    ))
 }

@@ -389,21 +389,20 @@ pub async fn fail_unattempted(
     Ok(())
 }
 
-/// Re-arms messages (pending again, with a new job): one message of a business, or, with
-/// `endpoint_id`, every failed message of that endpoint. Returns the ids re-armed.
-pub async fn rearm(
+/// Re-arms one message of a business (pending again, with a new job) if it is settled:
+/// `failed` or `delivered`. A pending message (waiting for a retry, held, or being
+/// attempted right now) already has a job on its way, and a second would send it twice
+/// at once. Returns the id if it was re-armed.
+pub async fn rearm_settled(
     conn: &mut PgConnection,
     business_id: &str,
-    message_id: Option<&str>,
-    endpoint_id: Option<&str>,
-) -> Result<Vec<String>, sqlx::Error> {
+    message_id: &str,
+) -> Result<Option<String>, sqlx::Error> {
     sqlx::query_scalar(
         "WITH r AS (
             UPDATE webhook_messages SET status = 'pending', next_attempt_at = now(),
                 held_until = NULL, hold_count = 0, updated_at = now()
-            WHERE business_id = $1
-              AND ($2::text IS NULL OR id = $2)
-              AND ($3::text IS NULL OR (endpoint_id = $3 AND status = 'failed'))
+            WHERE business_id = $1 AND id = $2 AND status IN ('failed', 'delivered')
             RETURNING id, endpoint_id
          )
          INSERT INTO outbox (kind, message_id, payload)
@@ -414,9 +413,46 @@ pub async fn rearm(
     )
     .bind(business_id)
     .bind(message_id)
-    .bind(endpoint_id)
-    .fetch_all(conn)
+    .fetch_optional(conn)
     .await
+}
+
+/// Re-arms at most `limit` failed messages of an endpoint, in message-id order after
+/// `after` (a page's cursor). Returns the ids re-armed, in that order.
+pub async fn rearm_failed(
+    conn: &mut PgConnection,
+    business_id: &str,
+    endpoint_id: &str,
+    after: Option<&str>,
+    limit: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    let mut ids: Vec<String> = sqlx::query_scalar(
+        "WITH page AS (
+            SELECT id FROM webhook_messages
+            WHERE business_id = $1 AND endpoint_id = $2 AND status = 'failed'
+              AND ($3::text IS NULL OR id > $3)
+            ORDER BY id LIMIT $4
+            FOR UPDATE
+         ), r AS (
+            UPDATE webhook_messages m SET status = 'pending', next_attempt_at = now(),
+                held_until = NULL, hold_count = 0, updated_at = now()
+            FROM page WHERE m.id = page.id
+            RETURNING m.id, m.endpoint_id
+         )
+         INSERT INTO outbox (kind, message_id, payload)
+         SELECT 'webhook', id,
+                convert_to(jsonb_build_object('webhook_message_id', id, 'endpoint_id', endpoint_id)::text, 'UTF8')
+         FROM r ORDER BY id
+         RETURNING message_id",
+    )
+    .bind(business_id)
+    .bind(endpoint_id)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    ids.sort();
+    Ok(ids)
 }
 
 /// One message.
