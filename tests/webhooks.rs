@@ -29,6 +29,7 @@ const T0: &str = "2026-05-01T10:31:00Z";
 const T1: &str = "2026-05-01T11:00:00Z";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const SECRET_2: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+const SECRET_3: &str = "whsec_q8Zf1wH0nYbq3kP2LrT5vXc9aSd4eFg7";
 const LOCAL: TargetPolicy = TargetPolicy {
     allow_private: true,
 };
@@ -496,17 +497,64 @@ async fn a_rotated_secret_signs_alongside_the_old_one_for_a_day() {
     assert_eq!(r.hits()[0].signature.split(' ').count(), 2);
 
     // A day later only the new secret signs.
-    sqlx::query(
-        "UPDATE webhook_endpoints SET previous_secret_expires_at = now() - interval '1 second'",
-    )
-    .execute(&app.pool)
-    .await
-    .unwrap();
+    sqlx::query("UPDATE webhook_endpoint_old_secrets SET expires_at = now() - interval '1 second'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
     *r.secrets.lock().unwrap() = vec![SECRET_2.to_string()];
     pay(&app, "pay_2", "cus_2", "evt_2").await;
     wait_messages(&app, &ep, 2, "delivered").await;
     all_verified(&r);
     assert_eq!(r.hits()[1].signature.split(' ').count(), 1);
+    app.stop().await;
+}
+
+/// Rotating twice within a day keeps the first secret too: each secret still inside its
+/// overlap signs, one `v1,` entry each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_rotations_within_a_day_keep_every_secret_signing() {
+    let app = TestApp::spawn().await;
+    with_entitlement(&app).await;
+    // The receiver demands that all three secrets verify each request.
+    let r = Receiver::start(&[SECRET, SECRET_2, SECRET_3], |_| Reply::Status(200)).await;
+    let ep = add_endpoint(&app, &r.url, None, SECRET).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    for next in [SECRET_2, SECRET_3] {
+        let rotated = endpoints::rotate_secret(
+            &mut conn,
+            &app.business(),
+            &ep.id,
+            Some(next),
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(rotated.secret, next);
+    }
+    drop(conn);
+    pay(&app, "pay_1", "cus_1", "evt_1").await;
+    let first = wait_for("the first request", || async {
+        r.hits().into_iter().next()
+    })
+    .await;
+    assert_eq!(first.signature.split(' ').count(), 3, "{}", first.signature);
+    assert!(first.verified, "every live secret signs");
+    wait_messages(&app, &ep, 1, "delivered").await;
+
+    // Once the first secret's day is over, the two others still sign.
+    sqlx::query(
+        "UPDATE webhook_endpoint_old_secrets SET expires_at = now() - interval '1 second'
+         WHERE secret = $1",
+    )
+    .bind(SECRET)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    *r.secrets.lock().unwrap() = vec![SECRET_2.to_string(), SECRET_3.to_string()];
+    pay(&app, "pay_2", "cus_2", "evt_2").await;
+    wait_messages(&app, &ep, 2, "delivered").await;
+    all_verified(&r);
+    assert_eq!(r.hits().last().unwrap().signature.split(' ').count(), 2);
     app.stop().await;
 }
 

@@ -470,8 +470,8 @@ impl Deliverer {
         if let Err(e) = ssrf::check_target(&url, self.policy) {
             return refused(&format!("refused target: {e}"));
         }
-        let mut secrets = Vec::with_capacity(2);
-        for s in std::iter::once(&t.secret).chain(t.previous_secret.as_ref()) {
+        let mut secrets = Vec::with_capacity(1 + t.previous_secrets.len());
+        for s in std::iter::once(&t.secret).chain(&t.previous_secrets) {
             match Secret::parse(s) {
                 Ok(s) => secrets.push(s),
                 Err(e) => return refused(&format!("the endpoint's secret is unusable: {e}")),

@@ -250,7 +250,9 @@ pub async fn delete(
 }
 
 /// Rotates the secret: `new` (or a generated one) signs from now on, and the current one
-/// keeps signing too, as a second signature, for [`ROTATION_OVERLAP`].
+/// keeps signing too, as another signature, for [`ROTATION_OVERLAP`]. Secrets rotated
+/// away from earlier keep signing until their own overlap ends, so rotating twice within
+/// it drops neither (`webhook_endpoint_old_secrets`); expired ones are removed here.
 pub async fn rotate_secret(
     conn: &mut PgConnection,
     business_id: &str,
@@ -262,10 +264,24 @@ pub async fn rotate_secret(
         Some(s) => Secret::parse(s)?,
         None => Secret::generate(),
     };
+    // The secret rotated away from is read from the updated row (`previous_secret`), so
+    // of two rotations at once the second keeps the secret the first one set.
+    // `previous_secret` is still written for releases before migration 0015.
     sqlx::query_as(
-        "UPDATE webhook_endpoints SET previous_secret = secret, previous_secret_expires_at = $4,
-            secret = $3, updated_at = now()
-         WHERE business_id = $1 AND id = $2 RETURNING *",
+        "WITH upd AS (
+            UPDATE webhook_endpoints SET previous_secret = secret, previous_secret_expires_at = $4,
+                secret = $3, updated_at = now()
+            WHERE business_id = $1 AND id = $2 RETURNING *
+         ), kept AS (
+            INSERT INTO webhook_endpoint_old_secrets (endpoint_id, secret, expires_at)
+            SELECT id, previous_secret, $4 FROM upd
+            ON CONFLICT (endpoint_id, secret) DO UPDATE SET expires_at = EXCLUDED.expires_at
+         ), expired AS (
+            DELETE FROM webhook_endpoint_old_secrets o USING upd
+            WHERE o.endpoint_id = upd.id AND o.expires_at <= now()
+              AND o.secret <> upd.previous_secret
+         )
+         SELECT * FROM upd",
     )
     .bind(business_id)
     .bind(id)

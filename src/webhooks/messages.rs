@@ -54,8 +54,9 @@ pub struct DeliveryTarget {
     pub url: String,
     pub disabled: bool,
     pub secret: String,
-    /// Only while it still signs (within 24 h of a rotation).
-    pub previous_secret: Option<String>,
+    /// The secrets rotated away from that still sign (each for 24 h after its
+    /// rotation), newest first.
+    pub previous_secrets: Vec<String>,
 }
 
 impl std::fmt::Debug for DeliveryTarget {
@@ -169,7 +170,9 @@ pub async fn targets(
 ) -> Result<Vec<DeliveryTarget>, sqlx::Error> {
     sqlx::query_as(
         "SELECT m.id, m.status, m.body, e.id AS endpoint_id, e.url, e.disabled, e.secret,
-                CASE WHEN e.previous_secret_expires_at > now() THEN e.previous_secret END AS previous_secret
+                ARRAY(SELECT o.secret FROM webhook_endpoint_old_secrets o
+                      WHERE o.endpoint_id = e.id AND o.expires_at > now() AND o.secret <> e.secret
+                      ORDER BY o.expires_at DESC, o.secret) AS previous_secrets
          FROM webhook_messages m JOIN webhook_endpoints e ON e.id = m.endpoint_id
          WHERE m.id = ANY ($1)",
     )
