@@ -1327,6 +1327,87 @@ async fn a_payment_id_another_business_used_is_recorded_and_refunded_per_busines
     app.stop().await;
 }
 
+/// Subscription snapshots are kept per business: a subscription id another business
+/// used, later, does not make this business's events stale, and neither business's
+/// events change the other's snapshot or grants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_id_another_business_used_has_its_own_state() {
+    let app = TestApp::spawn_ingest().await;
+    app.entitlement_for("pdt_monthly", GUILD, Some(ROLE)).await;
+    let (a, b) = (app.business(), format!("{}_b", app.business()));
+    {
+        let mut conn = app.pool.acquire().await.unwrap();
+        guildgate::store::setup::ensure_business(&mut conn, &b)
+            .await
+            .unwrap();
+        let e = guildgate::store::setup::insert_entitlement(
+            &mut conn,
+            &b,
+            "B's role",
+            GUILD,
+            Some(ROLE),
+        )
+        .await
+        .unwrap();
+        guildgate::store::setup::set_product_entitlements(&mut conn, &b, "pdt_monthly", &[e.id])
+            .await
+            .unwrap();
+    }
+    app.publish(&monthly_active(&a, "sub_same", "cus_a", 5), "sa")
+        .await;
+    app.wait_processed(1).await;
+    // Older than A's last event, but B's own first one.
+    app.publish(&monthly_active(&b, "sub_same", "cus_b", 1), "sb")
+        .await;
+    app.wait_processed(2).await;
+    app.publish(
+        &subscription(
+            "cancelled",
+            &b,
+            "sub_same",
+            "cus_b",
+            "pdt_monthly",
+            "cancelled",
+            &t(2),
+        ),
+        "sb_cancel",
+    )
+    .await;
+    app.wait_processed(3).await;
+    let grants: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT business_id, status, revocation_reason FROM grants ORDER BY business_id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        grants,
+        [
+            (a.clone(), "Pending".to_string(), None),
+            (
+                b.clone(),
+                "Revoked".to_string(),
+                Some("subscription_cancelled".to_string())
+            ),
+        ]
+    );
+    let snapshots: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT business_id, customer_id, status FROM subscriptions
+         WHERE subscription_id = 'sub_same' ORDER BY business_id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        snapshots,
+        [
+            (a.clone(), "cus_a".to_string(), "active".to_string()),
+            (b.clone(), "cus_b".to_string(), "cancelled".to_string()),
+        ]
+    );
+    app.stop().await;
+}
+
 /// A subscription's payment takes its payment's lock as well as its subscription's, so a
 /// refund of it (which locks only the payment) is never decided beside it, each missing
 /// the other's row.

@@ -96,8 +96,8 @@ struct State {
     processed: HashSet<String>,
     product_entitlements: HashMap<Key, Vec<EntitlementId>>,
     businesses_with_entitlements: HashSet<String>,
-    /// Each subscription's last applied event.
-    subscription_last: HashMap<String, LastApplied>,
+    /// Each (business, subscription)'s last applied event.
+    subscription_last: HashMap<Key, LastApplied>,
     /// Grants by (business, subscription) and (business, payment), oldest first.
     sub_grants: HashMap<Key, Vec<Grant>>,
     pay_grants: HashMap<Key, Vec<Grant>>,
@@ -127,8 +127,8 @@ struct Writes {
     /// sync job if it takes effect.
     pending_syncs: Vec<String>,
     processed: Vec<db::ProcessedRow>,
-    /// One row per subscription: the last snapshot applied in the batch.
-    subscriptions: HashMap<String, db::SubscriptionRow>,
+    /// One row per (business, subscription): the last snapshot applied in the batch.
+    subscriptions: HashMap<Key, db::SubscriptionRow>,
     payments: Vec<db::PaymentRow>,
     reversals: Vec<db::ReversalRow>,
 }
@@ -248,7 +248,7 @@ impl Applier {
                 }
             }
         }
-        keys.subscriptions = sub_s.clone();
+        keys.subscriptions = (sub_b.clone(), sub_s.clone());
         keys.customers = customers.into_iter().unzip();
 
         // Ids recorded before this may have been pruned.
@@ -303,7 +303,7 @@ impl Applier {
                     let ids_pruned =
                         s.last_event_ids.is_none() && kept_since.is_some_and(|k| s.updated_at < k);
                     state.subscription_last.insert(
-                        s.subscription_id,
+                        (s.business_id, s.subscription_id),
                         LastApplied {
                             at: s.last_event_at,
                             ids: s.last_event_ids,
@@ -375,8 +375,10 @@ impl Applier {
                 facts.payment_recorded = state.payments.contains_key(&pay);
                 match &p.subscription_id {
                     Some(s) => {
-                        facts.subscription_last_event_at =
-                            state.subscription_last.get(s.as_str()).map(|l| l.at);
+                        facts.subscription_last_event_at = state
+                            .subscription_last
+                            .get(&key(b, s.as_str()))
+                            .map(|l| l.at);
                         live(state.sub_grants.get(&key(b, s.as_str())))
                     }
                     None => state
@@ -412,7 +414,7 @@ impl Applier {
             }
             EventKind::Subscription(_, s) => {
                 let sub = s.subscription_id.as_str();
-                if let Some(last) = state.subscription_last.get(sub) {
+                if let Some(last) = state.subscription_last.get(&key(b, sub)) {
                     facts.subscription_last_event_at = Some(last.at);
                     facts.subscription_last_event_ids = last.ids.clone();
                     facts.subscription_last_ids_pruned = last.ids_pruned;
@@ -571,7 +573,7 @@ impl Applier {
                     };
                     let last = state
                         .subscription_last
-                        .entry(s.subscription_id.to_string())
+                        .entry(key(b, s.subscription_id.as_str()))
                         .or_insert_with(fresh);
                     if last.at != event.timestamp {
                         *last = fresh();
@@ -583,7 +585,7 @@ impl Applier {
                     }
                     let ids = last.ids.clone();
                     writes.subscriptions.insert(
-                        s.subscription_id.to_string(),
+                        key(b, s.subscription_id.as_str()),
                         db::SubscriptionRow {
                             subscription_id: s.subscription_id.to_string(),
                             business_id: b.to_string(),

@@ -78,8 +78,8 @@ pub struct FactKeys {
     pub businesses: Vec<String>,
     /// (business, payment): the payment as recorded, and its reversals.
     pub payments: (Vec<String>, Vec<String>),
-    /// Subscriptions: their last applied event.
-    pub subscriptions: Vec<String>,
+    /// (business, subscription): its last applied event.
+    pub subscriptions: (Vec<String>, Vec<String>),
     /// (business, customer): linked a Discord account?
     pub customers: (Vec<String>, Vec<String>),
 }
@@ -87,6 +87,7 @@ pub struct FactKeys {
 /// A subscription's last applied event, as its snapshot records it.
 #[derive(Debug, PartialEq)]
 pub struct LastApplied {
+    pub business_id: String,
     pub subscription_id: String,
     pub last_event_at: DateTime<Utc>,
     /// The ids of the events applied at `last_event_at`; `None` for a snapshot written
@@ -170,8 +171,10 @@ const FACTS: &str = "
     WHERE payment_id = ANY($6)
       AND (business_id, payment_id) IN (SELECT * FROM unnest($5::text[], $6::text[]))
     UNION ALL
-    SELECT 's', subscription_id, NULL, NULL, NULL, last_event_at, updated_at, last_event_ids
-    FROM subscriptions WHERE subscription_id = ANY($7)
+    SELECT 's', business_id, subscription_id, NULL, NULL, last_event_at, updated_at, last_event_ids
+    FROM subscriptions
+    WHERE subscription_id = ANY($10)
+      AND (business_id, subscription_id) IN (SELECT * FROM unnest($7::text[], $10::text[]))
     UNION ALL
     SELECT 'l', business_id, customer_id, NULL, NULL, NULL, NULL, NULL
     FROM discord_links
@@ -188,9 +191,10 @@ pub async fn facts(conn: &mut PgConnection, keys: &FactKeys) -> Result<Vec<Fact>
         .bind(&keys.businesses)
         .bind(&keys.payments.0)
         .bind(&keys.payments.1)
-        .bind(&keys.subscriptions)
+        .bind(&keys.subscriptions.0)
         .bind(&keys.customers.0)
         .bind(&keys.customers.1)
+        .bind(&keys.subscriptions.1)
         .fetch_all(conn)
         .await?;
     let mut out = rows
@@ -261,7 +265,8 @@ impl FactRow {
                 at: at.ok_or_else(|| bad("no time"))?,
             },
             "s" => Fact::LastApplied(LastApplied {
-                subscription_id: a,
+                business_id: a,
+                subscription_id: b.ok_or_else(|| bad("no subscription"))?,
                 last_event_at: at.ok_or_else(|| bad("no last event time"))?,
                 last_event_ids: ids,
                 updated_at: at2.ok_or_else(|| bad("no update time"))?,
@@ -350,7 +355,7 @@ macro_rules! write_batch_sql {
                 SELECT s, b, c, p, st, at, string_to_array(ids, ' ')
                 FROM unnest($15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::timestamptz[],
                     $35::text[]) AS t(s, b, c, p, st, at, ids)
-                ON CONFLICT (subscription_id) DO UPDATE
+                ON CONFLICT (subscription_id, business_id) DO UPDATE
                 SET customer_id = EXCLUDED.customer_id, product_id = EXCLUDED.product_id,
                     status = EXCLUDED.status, last_event_at = EXCLUDED.last_event_at,
                     last_event_ids = EXCLUDED.last_event_ids,
