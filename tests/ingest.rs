@@ -696,6 +696,84 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_good_ones_flow() {
     app.stop().await;
 }
 
+/// A unique violation is retried with the event alone, once: an event that collides
+/// again is parked with its reason and the rest of its batch applies; one whose
+/// collision passes (a race lost) is applied by the retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_keeps_hitting_a_unique_violation_is_parked_alone() {
+    let app = TestApp::spawn_ingest().await;
+    app.entitlement_for("pdt_life", GUILD, Some(ROLE)).await;
+    let b = app.business();
+    // The fault: recording `evt_always` always collides; recording `evt_twice` collides
+    // the first two times (a sequence, which a rollback does not undo).
+    sqlx::raw_sql(
+        "CREATE SEQUENCE test_twice;
+         CREATE FUNCTION test_collide() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+            IF NEW.event_id = 'evt_always'
+               OR (NEW.event_id = 'evt_twice' AND nextval('test_twice') <= 2) THEN
+                RAISE unique_violation USING MESSAGE = 'injected collision';
+            END IF;
+            RETURN NEW;
+         END $$;
+         CREATE TRIGGER test_collide BEFORE INSERT ON processed_events
+            FOR EACH ROW EXECUTE FUNCTION test_collide();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let dead_q = format!("{}.dead", app.names.payment_events());
+
+    app.publish(
+        &payment(&b, "pay_1", "cus_1", &["pdt_life"], &t(1)),
+        "evt_1",
+    )
+    .await;
+    app.publish(
+        &payment(&b, "pay_2", "cus_2", &["pdt_life"], &t(1)),
+        "evt_always",
+    )
+    .await;
+    app.publish(
+        &payment(&b, "pay_3", "cus_3", &["pdt_life"], &t(1)),
+        "evt_3",
+    )
+    .await;
+    wait_for("the colliding event parked", || async {
+        (app.queue_len(&dead_q).await == 1).then_some(())
+    })
+    .await;
+    app.wait_processed(2).await;
+    assert_eq!(statuses(&app, "cus_1").await, [pending()]);
+    assert_eq!(statuses(&app, "cus_3").await, [pending()]);
+    assert!(statuses(&app, "cus_2").await.is_empty());
+    let parked = app.drain_queue(&dead_q).await;
+    assert_eq!(parked.len(), 1);
+    assert_eq!(parked[0].message_id, "evt_always");
+    assert_eq!(
+        parked[0].header("x-guildgate-reason-code").as_deref(),
+        Some("database_rejected")
+    );
+    let reason = parked[0].header("x-guildgate-reason").unwrap();
+    assert!(reason.contains("unique violation"), "{reason}");
+
+    app.publish(
+        &payment(&b, "pay_4", "cus_4", &["pdt_life"], &t(1)),
+        "evt_twice",
+    )
+    .await;
+    app.publish(
+        &payment(&b, "pay_5", "cus_5", &["pdt_life"], &t(1)),
+        "evt_5",
+    )
+    .await;
+    app.wait_processed(4).await;
+    assert_eq!(statuses(&app, "cus_4").await, [pending()]);
+    assert_eq!(statuses(&app, "cus_5").await, [pending()]);
+    assert_eq!(app.queue_len(&dead_q).await, 0);
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batchs_grant_events_leave_as_one_bundle_each_exactly_once() {
     // One consumer lingering long enough for the ten events to share a batch, and the

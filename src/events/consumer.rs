@@ -152,20 +152,42 @@ impl EventConsumer {
                         });
                     }
                 }
-                Err(e) if store::is_transient(&e) => return Err(e),
+                // A unique violation is transient only if a concurrent insert won a
+                // race; one event that always collides must not hold the batch forever.
+                Err(e) if store::is_transient(&e) && !store::is_unique_violation(&e) => {
+                    return Err(e);
+                }
                 Err(e) => {
-                    // Something in the batch is refused by the database for what it
-                    // is. Apply the events one by one to find it; the rest still apply.
+                    // Something in the batch is refused by the database: for what it is,
+                    // or by a unique violation. Apply the events one by one to find it;
+                    // the rest still apply.
                     tracing::warn!(error = %e, "batch refused by the database; applying one by one");
                     for (i, ev) in &events {
-                        match self
-                            .apply_all(std::slice::from_ref(&(*i, ev.clone())), now, true)
-                            .await
+                        let pair = (*i, ev.clone());
+                        let one = std::slice::from_ref(&pair);
+                        let mut result = self.apply_all(one, now, true).await;
+                        if let Err(e) = &result
+                            && store::is_unique_violation(e)
                         {
+                            // The race is real (another consumer or the API inserting the
+                            // same row): once more, alone, now that the winner committed.
+                            tracing::info!(event_id = %ev.id, error = %e, "unique violation; retrying the event once");
+                            result = self.apply_all(one, now, true).await;
+                        }
+                        match result {
                             Ok(a) => {
                                 let a = a[0].expect("waited for its lock");
                                 self.metrics.event(ev.type_name(), a.as_str());
                                 outcomes[*i] = Some(Outcome::Ack(a.as_str()));
+                            }
+                            Err(e) if store::is_unique_violation(&e) => {
+                                tracing::error!(event_id = %ev.id, error = %e, "event hit a unique violation again; parking it");
+                                outcomes[*i] = Some(Outcome::DeadLetter {
+                                    code: "database_rejected",
+                                    reason: format!(
+                                        "the database refused this event with a unique violation, also when retried alone: {e}"
+                                    ),
+                                });
                             }
                             Err(e) if store::is_transient(&e) => return Err(e),
                             Err(e) => {

@@ -145,6 +145,12 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether a database error is a unique violation (23505): transient when a concurrent
+/// insert won a race (a retry sees its row), permanent when the data always collides.
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
