@@ -7,6 +7,12 @@
 //! so a message is never dropped between the two. Retry tiers are TTL queues that
 //! dead-letter back into their work queue when the TTL expires; a tier is named by its
 //! delay because a queue's TTL cannot change once declared.
+//!
+//! Message size is not bounded here: RabbitMQ 3.10 has no per-queue or
+//! per-exchange limit on the size of one message, only the node-wide `max_message_size`
+//! of `rabbitmq.conf` (`deploy/rabbitmq/rabbitmq.conf` sets it), which AMQP does not let a
+//! client read or set. `x-max-length-bytes` bounds a queue's total, not one message.
+//! guildgate's own ceiling, `amqp.max_message_bytes`, applies once a payment event is read.
 
 use std::time::Duration;
 
@@ -225,6 +231,29 @@ pub fn all_queues(names: &Names, settings: &Settings) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The broker ceiling `deploy/rabbitmq/rabbitmq.conf` sets must let through every
+    /// payment event guildgate accepts and the largest message it publishes itself (a
+    /// bundle of grant webhooks, allowing 4 KiB per webhook), or the deployed broker
+    /// would refuse guildgate's own outbox.
+    #[test]
+    fn the_deployed_broker_message_ceiling_fits_what_guildgate_sends() {
+        let conf = include_str!("../../deploy/rabbitmq/rabbitmq.conf");
+        let ceiling: usize = conf
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == "max_message_size").then(|| v.trim().parse().expect("a number"))
+            })
+            .expect("rabbitmq.conf sets max_message_size");
+        let defaults = Settings::load_with_env(None, Some(Default::default())).unwrap();
+        assert!(ceiling >= defaults.amqp.max_message_bytes, "{ceiling}");
+        assert!(
+            ceiling >= crate::events::apply::GRANT_EVENTS_PER_MESSAGE * 4096,
+            "{ceiling}"
+        );
+    }
 
     #[test]
     fn names_follow_the_design() {
