@@ -401,6 +401,30 @@ async fn malformed_invalid_and_oversized_bodies_get_clear_errors() {
         .await;
     assert_eq!(s, 422);
     assert!(v["message"].as_str().unwrap().contains("name"), "{v}");
+    // Metadata values are strings, numbers or booleans, as the platform's are; every
+    // other value is named.
+    let (s, v) = c
+        .post(
+            "/entitlements",
+            json!({"name": "x", "integration_type": "discord",
+                   "integration_config": {"guild_id": "1"},
+                   "metadata": {"ok": "s", "n": 1.5, "b": true,
+                                "nested": {"a": 1}, "list": [1], "none": null}}),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (422, Some("invalid_field")), "{v}");
+    let message: String = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["message"].as_str().unwrap().to_string() + "\n")
+        .collect();
+    for key in ["metadata.nested:", "metadata.list:", "metadata.none:"] {
+        assert!(message.contains(key), "{key} {v}");
+    }
+    for key in ["metadata.ok:", "metadata.n:", "metadata.b:"] {
+        assert!(!message.contains(key), "{key} {v}");
+    }
     let (s, v) = c
         .post("/entitlements", json!({"name": "x", "integration_type": "discord", "integration_config": {"guild_id": 5}}))
         .await;

@@ -184,8 +184,20 @@ fn check_fields(f: &db::Fields, integration_type: &str) -> Result<(), ApiError> 
             "must be a Discord role id (digits, as a string) or null",
         );
     }
-    if !f.metadata.is_object() {
-        bad("metadata", "must be an object");
+    match f.metadata.as_object() {
+        None => bad("metadata", "must be an object"),
+        // The platform's metadata maps each key to a string, number or boolean: an SDK
+        // reading anything else back fails, so it is refused here.
+        Some(map) => {
+            for (key, value) in map {
+                if !(value.is_string() || value.is_number() || value.is_boolean()) {
+                    bad(
+                        &format!("metadata.{key}"),
+                        "must be a string, number or boolean",
+                    );
+                }
+            }
+        }
     }
     if problems.is_empty() {
         Ok(())
