@@ -1941,3 +1941,59 @@ fn other_last_char_always_differs() {
         assert_eq!(other[..key.len() - 1], key[..key.len() - 1]);
     }
 }
+
+// Load isolation: one caller's load never takes the service from the others.
+
+fn load_cfg(pairs: &[(&str, &str)]) -> common::TestConfig {
+    pairs
+        .iter()
+        .fold(common::TestConfig::default(), |cfg, (k, v)| cfg.env(k, v))
+}
+
+/// Saves waiting on a slow Discord hold no database connection: with a pool of two and
+/// three saves waiting, a request that needs the database is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saves_waiting_on_discord_leave_the_pool_to_others() {
+    let (w, gate) = World::start_gated(
+        sandbox_discord::SandboxConfig::default(),
+        load_cfg(&[("GUILDGATE_DATABASE__MAX_CONNECTIONS", "2")]).options(
+            guildgate::app::Options {
+                consumers: false,
+                relay: false,
+                sync: false,
+                webhooks: false,
+                ..guildgate::app::Options::default()
+            },
+        ),
+    )
+    .await;
+    let c = client(&w, "bus_A").await;
+    let mut ids = Vec::new();
+    for name in ["Acme", "Bolt", "Cask"] {
+        let g = connected_guild(&w, &c, name).await;
+        let e = create_entitlement(&c, g.guild_id, None).await;
+        ids.push(e["id"].as_str().unwrap().to_string());
+    }
+    gate.hold();
+    let saves: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (c, path) = (c.clone(), format!("/entitlements/{id}"));
+            tokio::spawn(async move { c.patch(&path, json!({"name": "Renamed"})).await })
+        })
+        .collect();
+    // Two saves (as many as the pool has connections) are waiting on Discord.
+    gate.wait_holding(2).await;
+    // Authentication and the read each need a connection.
+    let (s, v) = c.get("/entitlements").await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = c.get(&format!("/entitlements/{}", ids[0])).await;
+    assert_eq!(s, 200, "{v}");
+    gate.release();
+    for t in saves {
+        let (s, v) = t.await.unwrap();
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["name"], "Renamed");
+    }
+    w.stop().await;
+}

@@ -7,6 +7,10 @@
 //! grants. A save also hands grants back to the syncer: those that failed for a
 //! configuration cause, and, when the server or role changed, those that applied the old
 //! one, which the syncer moves (it undoes what each grant recorded it applied).
+//!
+//! No database connection is held while Discord is asked (that can take seconds under
+//! rate limits, or as long as Discord is slow): a save reads, gives its connection back,
+//! validates, and then writes in a transaction that checks again what it read.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -14,7 +18,7 @@ use axum::response::IntoResponse;
 use chrono::Utc;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Merchant;
@@ -206,12 +210,10 @@ fn check_fields(f: &db::Fields, integration_type: &str) -> Result<(), ApiError> 
     }
 }
 
-/// Checks the configuration against Discord: the server must have been connected by
-/// this business (a bot install proves the merchant manages it; without this, one
-/// merchant could sell roles in another's server), then the live checks.
-async fn check_discord(
+/// The server must have been connected by this business (a bot install proves the
+/// merchant manages it; without this, one merchant could sell roles in another's server).
+async fn check_connected(
     conn: &mut PgConnection,
-    discord: &DiscordClient,
     business_id: &str,
     f: &db::Fields,
 ) -> Result<(), ApiError> {
@@ -230,6 +232,22 @@ async fn check_discord(
             "discord_guild_needs_reinstall",
             message,
         )]));
+    }
+    Ok(())
+}
+
+/// Checks the configuration: connected to this business (a short read on a pooled
+/// connection, given back before Discord is asked), then the live checks on Discord,
+/// with no connection held.
+async fn check_discord(
+    pool: &PgPool,
+    discord: &DiscordClient,
+    business_id: &str,
+    f: &db::Fields,
+) -> Result<(), ApiError> {
+    {
+        let mut conn = pool.acquire().await?;
+        check_connected(&mut conn, business_id, f).await?;
     }
     super::discord::validate(discord, &f.guild_id, f.role_id.as_deref()).await
 }
@@ -261,9 +279,12 @@ pub async fn create(
             .unwrap_or_else(|| Value::Object(Default::default())),
     };
     check_fields(&f, &body.integration_type)?;
-    let mut conn = state.pool.acquire().await?;
-    check_discord(&mut conn, &state.discord, merchant.business(), &f).await?;
-    let e = db::insert(&mut conn, merchant.business(), &f, Utc::now()).await?;
+    check_discord(&state.pool, &state.discord, merchant.business(), &f).await?;
+    // Still connected now that Discord has answered (the check above ran before).
+    let mut tx = state.pool.begin().await?;
+    check_connected(&mut tx, merchant.business(), &f).await?;
+    let e = db::insert(&mut tx, merchant.business(), &f, Utc::now()).await?;
+    tx.commit().await?;
     Ok((StatusCode::CREATED, ApiJson(EntitlementView::from(&e))))
 }
 
@@ -328,10 +349,12 @@ pub async fn update(
     ApiJson(patch): ApiJson<UpdateEntitlement>,
 ) -> ApiResult<ApiJson<EntitlementView>> {
     let business = merchant.business();
-    let mut conn = state.pool.acquire().await?;
-    let before = db::get(&mut conn, business, &id, false)
-        .await?
-        .ok_or(ApiError::NotFound("entitlement"))?;
+    let before = {
+        let mut conn = state.pool.acquire().await?;
+        db::get(&mut conn, business, &id, false)
+            .await?
+            .ok_or(ApiError::NotFound("entitlement"))?
+    };
     let (guild_id, role_id) = match patch.integration_config {
         Some(c) => (c.guild_id, c.role_id),
         None => (before.guild_id.clone(), before.role_id.clone()),
@@ -347,11 +370,11 @@ pub async fn update(
         metadata: patch.metadata.unwrap_or_else(|| before.metadata.clone()),
     };
     check_fields(&f, &before.integration_type)?;
-    // Discord is asked outside the transaction: it can take seconds (rate limits), and
-    // a row lock must not be held that long. The row is re-read under lock below and
-    // the save refused if someone else changed it in between.
-    check_discord(&mut conn, &state.discord, business, &f).await?;
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    // Discord is asked with no connection held, let alone a row lock: it can take
+    // seconds (rate limits). The row is re-read under lock below and the save refused if
+    // someone else changed it in between.
+    check_discord(&state.pool, &state.discord, business, &f).await?;
+    let mut tx = state.pool.begin().await?;
     let current = db::get(&mut tx, business, &id, true)
         .await?
         .ok_or(ApiError::NotFound("entitlement"))?;
@@ -361,6 +384,7 @@ pub async fn update(
             message: "The entitlement was changed by another request while this one was validated. Read it again and retry.".into(),
         });
     }
+    check_connected(&mut tx, business, &f).await?;
     let now = Utc::now();
     let saved = db::update(&mut tx, &id, &f, now).await?;
     let moved = current.guild_id != saved.guild_id || current.role_id != saved.role_id;

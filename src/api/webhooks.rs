@@ -1,7 +1,9 @@
 //! `/webhooks`: a business's webhook endpoints, their signing secrets, and the messages
 //! sent to them with every attempt, plus replay. Built on [`crate::webhooks`], which
 //! owns the storage and the rules (SSRF guard, at most five endpoints, secret format,
-//! rotation overlap); this file only parses requests and shapes answers.
+//! rotation overlap); this file only parses requests and shapes answers. A URL is
+//! resolved (the SSRF guard) before a database connection is taken, never while one is
+//! held.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -135,27 +137,26 @@ pub async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<CreateEndpoint>,
 ) -> ApiResult<impl IntoResponse> {
-    let mut conn = state.pool.acquire().await?;
     let new = NewEndpoint {
         url: body.url,
         description: body.description,
         filter_types: body.filter_types,
         secret: body.secret,
     };
-    let mut ep = endpoints::create(&mut conn, merchant.business(), new, policy(&state)).await?;
-    if body.disabled == Some(true) {
+    let checked = endpoints::check_new(new, policy(&state)).await?;
+    let disable = if body.disabled == Some(true) {
         let patch = EndpointPatch {
             disabled: Some(true),
             ..Default::default()
         };
-        ep = endpoints::update(
-            &mut conn,
-            merchant.business(),
-            &ep.id,
-            patch,
-            policy(&state),
-        )
-        .await?;
+        Some(endpoints::check_patch(patch, policy(&state)).await?)
+    } else {
+        None
+    };
+    let mut conn = state.pool.acquire().await?;
+    let mut ep = endpoints::insert(&mut conn, merchant.business(), checked).await?;
+    if let Some(patch) = disable {
+        ep = endpoints::apply_patch(&mut conn, merchant.business(), &ep.id, patch).await?;
     }
     Ok((StatusCode::CREATED, ApiJson(EndpointView::from(&ep))))
 }
@@ -205,14 +206,15 @@ pub async fn update(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<UpdateEndpoint>,
 ) -> ApiResult<ApiJson<EndpointView>> {
-    let mut conn = state.pool.acquire().await?;
     let patch = EndpointPatch {
         url: body.url,
         description: body.description,
         filter_types: body.filter_types,
         disabled: body.disabled,
     };
-    let ep = endpoints::update(&mut conn, merchant.business(), &id, patch, policy(&state)).await?;
+    let patch = endpoints::check_patch(patch, policy(&state)).await?;
+    let mut conn = state.pool.acquire().await?;
+    let ep = endpoints::apply_patch(&mut conn, merchant.business(), &id, patch).await?;
     Ok(ApiJson(EndpointView::from(&ep)))
 }
 

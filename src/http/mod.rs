@@ -1,5 +1,11 @@
 //! HTTP: routers per concern, merged in [`app`]; the server itself is started by
 //! [`crate::app::App`].
+//!
+//! No handler holds a database connection while it waits for another peer (Discord, a
+//! DNS lookup): it reads what it needs, gives the connection back, calls out, and takes
+//! one again to write, checking there that what it read still holds. A slow Discord then
+//! costs a waiting request nothing but its own time, and the pool stays with ingest, the
+//! relay, the syncer and delivery.
 
 pub mod oauth;
 pub mod ops;

@@ -113,13 +113,20 @@ fn check_description(d: &Option<String>) -> Result<(), EndpointError> {
     }
 }
 
-/// Creates an endpoint after checking its URL (resolving it) and the business's limit.
-pub async fn create(
-    conn: &mut PgConnection,
-    business_id: &str,
+/// A new endpoint whose fields were checked, its URL resolved: ready to store.
+pub struct CheckedEndpoint {
+    url: url::Url,
+    description: Option<String>,
+    filter: Option<Vec<String>>,
+    secret: Secret,
+}
+
+/// Checks a new endpoint, resolving its URL (a DNS lookup, which can take seconds: call
+/// it before taking a database connection).
+pub async fn check_new(
     new: NewEndpoint,
     policy: TargetPolicy,
-) -> Result<Endpoint, EndpointError> {
+) -> Result<CheckedEndpoint, EndpointError> {
     let url = ssrf::check_on_save(&new.url, policy).await?;
     let filter = normalize_filter(new.filter_types)?;
     check_description(&new.description)?;
@@ -127,6 +134,38 @@ pub async fn create(
         Some(s) => Secret::parse(&s)?,
         None => Secret::generate(),
     };
+    Ok(CheckedEndpoint {
+        url,
+        description: new.description,
+        filter,
+        secret,
+    })
+}
+
+/// Creates an endpoint after checking its URL (resolving it) and the business's limit.
+/// Resolves while holding `conn`: handlers use [`check_new`] and [`insert`] instead.
+pub async fn create(
+    conn: &mut PgConnection,
+    business_id: &str,
+    new: NewEndpoint,
+    policy: TargetPolicy,
+) -> Result<Endpoint, EndpointError> {
+    let checked = check_new(new, policy).await?;
+    insert(conn, business_id, checked).await
+}
+
+/// Stores a checked endpoint, within the business's limit.
+pub async fn insert(
+    conn: &mut PgConnection,
+    business_id: &str,
+    new: CheckedEndpoint,
+) -> Result<Endpoint, EndpointError> {
+    let CheckedEndpoint {
+        url,
+        description,
+        filter,
+        secret,
+    } = new;
     let mut tx = sqlx::Connection::begin(conn).await?;
     store::setup::ensure_business(&mut tx, business_id).await?;
     // The business row lock serializes concurrent creates, so the count cannot race.
@@ -149,7 +188,7 @@ pub async fn create(
     .bind(crate::ids::mint("ep"))
     .bind(business_id)
     .bind(url.as_str())
-    .bind(&new.description)
+    .bind(&description)
     .bind(&filter)
     .bind(secret.expose())
     .fetch_one(&mut *tx)
@@ -183,15 +222,22 @@ pub async fn get(
         .ok_or(EndpointError::NotFound)
 }
 
-/// Applies a patch; a new URL is checked like on create. Enabling clears the reason it
-/// was disabled for.
-pub async fn update(
-    conn: &mut PgConnection,
-    business_id: &str,
-    id: &str,
+/// A patch whose fields were checked, a new URL resolved: ready to apply.
+pub struct CheckedPatch {
+    url: Option<String>,
+    set_desc: bool,
+    desc: Option<String>,
+    set_filter: bool,
+    filter: Option<Vec<String>>,
+    disabled: Option<bool>,
+}
+
+/// Checks a patch; a new URL is checked like on create (a DNS lookup: call it before
+/// taking a database connection).
+pub async fn check_patch(
     patch: EndpointPatch,
     policy: TargetPolicy,
-) -> Result<Endpoint, EndpointError> {
+) -> Result<CheckedPatch, EndpointError> {
     let url = match &patch.url {
         Some(u) => Some(ssrf::check_on_save(u, policy).await?.to_string()),
         None => None,
@@ -207,6 +253,45 @@ pub async fn update(
         Some(d) => (true, d),
         None => (false, None),
     };
+    Ok(CheckedPatch {
+        url,
+        set_desc,
+        desc,
+        set_filter,
+        filter,
+        disabled: patch.disabled,
+    })
+}
+
+/// Applies a patch; a new URL is checked like on create. Enabling clears the reason it
+/// was disabled for. Resolves while holding `conn`: handlers use [`check_patch`] and
+/// [`apply_patch`] instead.
+pub async fn update(
+    conn: &mut PgConnection,
+    business_id: &str,
+    id: &str,
+    patch: EndpointPatch,
+    policy: TargetPolicy,
+) -> Result<Endpoint, EndpointError> {
+    let checked = check_patch(patch, policy).await?;
+    apply_patch(conn, business_id, id, checked).await
+}
+
+/// Applies a checked patch.
+pub async fn apply_patch(
+    conn: &mut PgConnection,
+    business_id: &str,
+    id: &str,
+    patch: CheckedPatch,
+) -> Result<Endpoint, EndpointError> {
+    let CheckedPatch {
+        url,
+        set_desc,
+        desc,
+        set_filter,
+        filter,
+        disabled,
+    } = patch;
     sqlx::query_as(
         "UPDATE webhook_endpoints SET
             url = COALESCE($3, url),
@@ -225,7 +310,7 @@ pub async fn update(
     .bind(desc)
     .bind(set_filter)
     .bind(filter)
-    .bind(patch.disabled)
+    .bind(disabled)
     .fetch_optional(conn)
     .await?
     .ok_or(EndpointError::NotFound)

@@ -150,3 +150,114 @@ impl World {
         self.sandbox.shutdown().await;
     }
 }
+
+/// A stand-in in front of the sandbox's HTTP API that can hold every request until
+/// released: a Discord exactly as slow as a test needs, with the number of requests it
+/// holds in view, so tests wait on that instead of on time.
+pub struct Gate {
+    /// The address to give guildgate as `discord.api_base`.
+    pub api_base: String,
+    held: tokio::sync::watch::Sender<bool>,
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Gate {
+    /// A gate forwarding to `sandbox`, open.
+    pub async fn start(sandbox: &Sandbox) -> Self {
+        use axum::body::{Body, to_bytes};
+        use axum::extract::Request;
+        use axum::response::Response;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (held, _) = tokio::sync::watch::channel(false);
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let target = sandbox.base_url();
+        let http = reqwest::Client::new();
+        let (h, w) = (held.clone(), waiting.clone());
+        let forward = move |req: Request| {
+            let (mut rx, waiting, http, target) =
+                (h.subscribe(), w.clone(), http.clone(), target.clone());
+            async move {
+                if *rx.borrow_and_update() {
+                    waiting.fetch_add(1, Ordering::SeqCst);
+                    let _ = rx.wait_for(|held| !*held).await;
+                    waiting.fetch_sub(1, Ordering::SeqCst);
+                }
+                let (parts, body) = req.into_parts();
+                let body = to_bytes(body, 1 << 20).await.unwrap_or_default();
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                let mut headers = parts.headers.clone();
+                headers.remove(axum::http::header::HOST);
+                headers.remove(axum::http::header::CONTENT_LENGTH);
+                let answer = http
+                    .request(parts.method, format!("{target}{path}"))
+                    .headers(headers)
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("the sandbox answers");
+                let mut out = Response::builder().status(answer.status());
+                for (k, v) in answer.headers() {
+                    if k != axum::http::header::CONTENT_LENGTH
+                        && k != axum::http::header::TRANSFER_ENCODING
+                    {
+                        out = out.header(k, v);
+                    }
+                }
+                let bytes = answer.bytes().await.unwrap_or_default();
+                out.body(Body::from(bytes)).unwrap()
+            }
+        };
+        let app = axum::Router::new().fallback(forward);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api_base = format!("http://{}/api/v10", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        Self {
+            api_base,
+            held,
+            waiting,
+        }
+    }
+
+    /// Holds every request from now on until [`Gate::release`].
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Lets every held request (and every later one) through.
+    pub fn release(&self) {
+        self.held.send_replace(false);
+    }
+
+    /// Requests being held now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` requests are held.
+    pub async fn wait_holding(&self, n: usize) {
+        wait_for(&format!("{n} Discord requests held"), || async {
+            (self.waiting() >= n).then_some(())
+        })
+        .await
+    }
+}
+
+impl World {
+    /// A world whose guildgate reaches the sandbox's API through a [`Gate`].
+    pub async fn start_gated(sandbox: SandboxConfig, cfg: TestConfig) -> (Self, Gate) {
+        let sandbox = Sandbox::start(sandbox).await;
+        let gate = Gate::start(&sandbox).await;
+        let cfg = sandbox_env(&sandbox, cfg).env("GUILDGATE_DISCORD__API_BASE", &gate.api_base);
+        let app = TestApp::spawn_with(cfg).await;
+        let world = Self {
+            links: LinkBuilder::from_settings(&app.settings),
+            sandbox,
+            app,
+            http: reqwest::Client::new(),
+        };
+        (world, gate)
+    }
+}

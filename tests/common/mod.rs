@@ -137,6 +137,11 @@ impl TestConfig {
         self.env.push((k.to_string(), v.to_string()));
         self
     }
+
+    pub fn options(mut self, options: Options) -> Self {
+        self.options = Some(options);
+        self
+    }
 }
 
 /// A running guildgate with its own database, prefix and exchange.
