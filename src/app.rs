@@ -81,6 +81,8 @@ pub struct App {
     /// Discord on the side budget (HTTP handlers); the syncer gets its own budget.
     pub discord: DiscordClient,
     pub cipher: TokenCipher,
+    /// The HTTP rate limits (per business, per OAuth link and client address).
+    pub limits: Arc<http::limits::Limits>,
     listener: TcpListener,
     options: Options,
 }
@@ -146,6 +148,7 @@ impl App {
         Ok(Self {
             discord,
             cipher,
+            limits: Arc::new(http::limits::Limits::from_settings(&settings)),
             links: LinkBuilder::from_settings(&settings),
             settings: Arc::new(settings),
             pool,
@@ -170,6 +173,7 @@ impl App {
             metrics: self.metrics.clone(),
             discord: self.discord.clone(),
             cipher: self.cipher.clone(),
+            limits: self.limits.clone(),
         }
     }
 
@@ -218,7 +222,9 @@ impl App {
         let http_shutdown = shutdown.clone();
         let listener = self.listener;
         tasks.spawn(async move {
-            let r = axum::serve(listener, router)
+            // With the peer's address: the OAuth callback limits per client address.
+            let service = router.into_make_service_with_connect_info::<SocketAddr>();
+            let r = axum::serve(listener, service)
                 .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
                 .await;
             if let Err(e) = r {
@@ -226,6 +232,15 @@ impl App {
             }
             "http"
         });
+        {
+            let (limits, s) = (self.limits.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                limits
+                    .forget_idle_every(std::time::Duration::from_secs(60), s)
+                    .await;
+                "rate limit upkeep"
+            });
+        }
         if self.options.consumers {
             for _ in 0..self.settings.amqp.consumers {
                 let c = consumer.clone();

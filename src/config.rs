@@ -9,9 +9,12 @@
 //! - `GUILDGATE_DATABASE__URL`, `__MAX_CONNECTIONS`
 //! - `GUILDGATE_AMQP__URL`, `__EXCHANGE`, `__QUEUE_PREFIX`, `__PREFETCH`, `__CONSUMERS`,
 //!   `__BATCH_SIZE`, `__BATCH_LINGER`, `__MAX_MESSAGE_BYTES`, `__DELIVERY_LIMIT`
-//! - `GUILDGATE_HTTP__ADDR`, `__PUBLIC_URL`, `__MAX_BODY_BYTES`
+//! - `GUILDGATE_HTTP__ADDR`, `__PUBLIC_URL`, `__MAX_BODY_BYTES`, `__REQUEST_TIMEOUT`,
+//!   `__MAX_CONCURRENT_REQUESTS`, `__TRUSTED_PROXIES`
+//! - `GUILDGATE_API__REQUESTS_PER_SECOND`, `__BURST`
+//! - `GUILDGATE_OAUTH__CALLBACK_ATTEMPTS`, `__CALLBACK_WINDOW`, `__ADDRESS_ATTEMPTS`
 //! - `GUILDGATE_DISCORD__API_BASE`, `__AUTHORIZE_URL`, `__CLIENT_ID`, `__CLIENT_SECRET`,
-//!   `__BOT_TOKEN`, `__OAUTH_LINK_TTL`, `__SIDE_REQUESTS_PER_S`,
+//!   `__BOT_TOKEN`, `__OAUTH_LINK_TTL`, `__SIDE_REQUESTS_PER_S`, `__SIDE_QUEUE_TIMEOUT`,
 //!   `__INVALID_REQUEST_CEILING`, `__REQUEST_TIMEOUT`
 //! - `GUILDGATE_SECRETS__STATE_SIGNING_KEY`, `__TOKEN_ENCRYPTION_KEY`
 //! - `GUILDGATE_GRANTS__REVOKE_ON_SUBSCRIPTION_REFUND`, `__MAX_FUTURE_SKEW`
@@ -64,6 +67,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub amqp: AmqpSettings,
     pub http: HttpSettings,
+    pub api: ApiSettings,
+    pub oauth: OAuthSettings,
     pub discord: DiscordSettings,
     pub secrets: SecretSettings,
     pub grants: GrantSettings,
@@ -110,6 +115,52 @@ pub struct HttpSettings {
     /// Public base URL, used for the OAuth `redirect_uri`.
     pub public_url: String,
     pub max_body_bytes: usize,
+    /// Every request is answered within this (503 when the handler takes longer).
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// Requests handled at once per process; more are refused at once with 503.
+    pub max_concurrent_requests: usize,
+    /// Peers whose `X-Forwarded-For` is believed: addresses or CIDR ranges (checked when
+    /// the settings load; read them with [`HttpSettings::trusted_proxy_nets`]).
+    #[serde(deserialize_with = "string_list")]
+    pub trusted_proxies: Vec<String>,
+}
+
+impl HttpSettings {
+    /// `trusted_proxies` parsed (each was checked when the settings loaded).
+    pub fn trusted_proxy_nets(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|s| parse_net(s).ok())
+            .collect()
+    }
+}
+
+/// An address (`10.0.0.1`, a single host) or a CIDR range (`10.0.0.0/8`).
+pub fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR range"))
+}
+
+/// Limits of the merchant API, per business (after authentication).
+#[derive(Clone, Debug, Deserialize)]
+pub struct ApiSettings {
+    /// Requests per second a business may make, sustained.
+    pub requests_per_second: u32,
+    /// Requests a business may make at once above that rate.
+    pub burst: u32,
+}
+
+/// Limits of the customer's OAuth callback.
+#[derive(Clone, Debug, Deserialize)]
+pub struct OAuthSettings {
+    /// Callbacks per link (OAuth `state`) per `callback_window`.
+    pub callback_attempts: u32,
+    #[serde(deserialize_with = "duration")]
+    pub callback_window: Duration,
+    /// Callbacks per client address per `callback_window`.
+    pub address_attempts: u32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -125,6 +176,10 @@ pub struct DiscordSettings {
     /// Budget for Discord calls made outside the syncer (validation, role listing, the
     /// OAuth code exchange, reconcile reads), per process.
     pub side_requests_per_s: u32,
+    /// The longest a call waits for a slot of the side budget before it gives up
+    /// (the API answers 503, the OAuth callback a try-again page).
+    #[serde(deserialize_with = "duration")]
+    pub side_queue_timeout: Duration,
     /// 401/403/429 answers in a sliding 10 minutes after which guildgate stops calling.
     pub invalid_request_ceiling: u32,
     #[serde(deserialize_with = "duration")]
@@ -303,6 +358,24 @@ impl Settings {
                 "ingest.prune_interval must be more than 0s".into(),
             ));
         }
+        for p in &self.http.trusted_proxies {
+            parse_net(p).map_err(|e| ConfigError::Invalid(format!("http.trusted_proxies: {e}")))?;
+        }
+        if self.http.request_timeout.is_zero() || self.http.max_concurrent_requests == 0 {
+            return Err(ConfigError::Invalid(
+                "http.request_timeout and http.max_concurrent_requests must be more than 0".into(),
+            ));
+        }
+        if self.api.requests_per_second == 0
+            || self.api.burst == 0
+            || self.oauth.callback_attempts == 0
+            || self.oauth.address_attempts == 0
+            || self.oauth.callback_window.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "api.requests_per_second, api.burst, oauth.callback_attempts, oauth.address_attempts and oauth.callback_window must be more than 0".into(),
+            ));
+        }
         if self.sync.retry_delays.is_empty() || self.webhooks.retry_delays.is_empty() {
             return Err(ConfigError::Invalid(
                 "retry_delays needs at least one delay".into(),
@@ -391,6 +464,26 @@ fn duration_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Er
         .map(|s| parse_duration(s.trim()))
         .collect::<Result<_, _>>()
         .map_err(serde::de::Error::custom)
+}
+
+/// A comma-separated list (`a,b`) or, in a TOML file, an array of strings; empty
+/// entries are dropped, so `""` is the empty list.
+fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match Raw::deserialize(d)? {
+        Raw::One(s) => s.split(',').map(str::to_owned).collect(),
+        Raw::Many(v) => v,
+    };
+    Ok(items
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect())
 }
 
 /// Parses `250ms`, `5s`, `30m`, `2h`, `7d` (and `0` or `0s` for "immediately").
@@ -560,6 +653,22 @@ mod tests {
         assert!(!dbg.contains("dev-bot-token"));
         assert!(!dbg.contains("dev-state-signing-key"));
         assert!(!dbg.contains("guest:guest"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_ranges() {
+        let load = |v: &str| {
+            Settings::load_with_env(None, Some(env(&[("GUILDGATE_HTTP__TRUSTED_PROXIES", v)])))
+        };
+        let defaults = Settings::load_with_env(None, Some(env(&[]))).unwrap();
+        assert!(defaults.http.trusted_proxy_nets().is_empty());
+        let s = load("10.0.0.0/8, 127.0.0.1,::1").unwrap();
+        let nets = s.http.trusted_proxy_nets();
+        assert_eq!(nets.len(), 3);
+        assert!(nets[0].contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+        assert!(nets[1].contains(&"127.0.0.1".parse::<std::net::IpAddr>().unwrap()));
+        let err = load("10.0.0.0/8,proxy.internal").unwrap_err().to_string();
+        assert!(err.contains("http.trusted_proxies"), "{err}");
     }
 
     #[test]

@@ -1944,10 +1944,165 @@ fn other_last_char_always_differs() {
 
 // Load isolation: one caller's load never takes the service from the others.
 
+/// A request with the client's key, answered as (status, `Retry-After`, JSON body).
+async fn call_with_headers(c: &Client, path: &str) -> (u16, Option<String>, Value) {
+    let mut req = c.http.get(format!("{}{path}", c.base));
+    if let Some(k) = &c.key {
+        req = req.bearer_auth(k);
+    }
+    let r = req.send().await.expect("guildgate answers");
+    let status = r.status().as_u16();
+    let retry_after = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, retry_after, r.json().await.unwrap_or(Value::Null))
+}
+
 fn load_cfg(pairs: &[(&str, &str)]) -> common::TestConfig {
     pairs
         .iter()
         .fold(common::TestConfig::default(), |cfg, (k, v)| cfg.env(k, v))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_business_over_its_rate_gets_429_and_another_is_unaffected() {
+    let w = World::start_with(
+        sandbox_discord::SandboxConfig::default(),
+        load_cfg(&[
+            ("GUILDGATE_API__REQUESTS_PER_SECOND", "1"),
+            ("GUILDGATE_API__BURST", "3"),
+        ]),
+    )
+    .await;
+    let a = client(&w, "bus_A").await;
+    let b = client(&w, "bus_B").await;
+    // A spends its burst (one request a second comes back: ask until refused).
+    let mut refused = None;
+    for _ in 0..50 {
+        let (s, retry_after, body) = call_with_headers(&a, "/entitlements").await;
+        if s == 429 {
+            refused = Some((retry_after, body));
+            break;
+        }
+        assert_eq!(s, 200, "{body}");
+    }
+    let (retry_after, body) = refused.expect("business A is refused past its rate");
+    assert_eq!(body["code"], "rate_limited", "{body}");
+    assert!(body["message"].as_str().unwrap().contains("Retry-After"));
+    let secs: u64 = retry_after.expect("Retry-After").parse().unwrap();
+    assert!((1..=2).contains(&secs), "{secs}");
+    // B has a budget of its own.
+    let (s, _, body) = call_with_headers(&b, "/entitlements").await;
+    assert_eq!(s, 200, "{body}");
+    // A request without a valid key is refused for that, and spends nobody's budget.
+    assert_eq!(
+        call_with_headers(&anonymous(&w), "/entitlements").await.0,
+        401
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_slower_than_the_timeout_gets_503_in_the_error_shape() {
+    let (w, gate) = World::start_gated(
+        sandbox_discord::SandboxConfig::default(),
+        load_cfg(&[("GUILDGATE_HTTP__REQUEST_TIMEOUT", "1s")]),
+    )
+    .await;
+    let c = client(&w, "bus_A").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let e = create_entitlement(&c, g.guild_id, None).await;
+    let id = e["id"].as_str().unwrap();
+    // Discord stops answering: the save cannot finish.
+    gate.hold();
+    // Without a timeout the answer would never come: give up on it long after 1 s.
+    let (s, v) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        c.patch(&format!("/entitlements/{id}"), json!({"name": "Renamed"})),
+    )
+    .await
+    .expect("guildgate answers a request that outlives its timeout");
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["code"], "request_timeout", "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    gate.release();
+    // Nothing was saved.
+    let (_, now) = c.get(&format!("/entitlements/{id}")).await;
+    assert_eq!(now["name"], e["name"]);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_concurrency_limit_are_refused_at_once() {
+    let (w, gate) = World::start_gated(
+        sandbox_discord::SandboxConfig::default(),
+        load_cfg(&[("GUILDGATE_HTTP__MAX_CONCURRENT_REQUESTS", "2")]),
+    )
+    .await;
+    let c = client(&w, "bus_A").await;
+    let g1 = connected_guild(&w, &c, "Acme").await;
+    let g2 = connected_guild(&w, &c, "Bolt").await;
+    gate.hold();
+    let slow: Vec<_> = [g1.guild_id, g2.guild_id]
+        .into_iter()
+        .map(|g| {
+            let c = c.clone();
+            tokio::spawn(async move { c.get(&format!("/discord/guilds/{g}/roles")).await })
+        })
+        .collect();
+    // Both are in the handler, waiting on Discord.
+    gate.wait_holding(2).await;
+    let (s, retry_after, body) = call_with_headers(&anonymous(&w), "/healthz").await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["code"], "overloaded", "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    gate.release();
+    for t in slow {
+        let (s, v) = t.await.unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    assert_eq!(call_with_headers(&anonymous(&w), "/healthz").await.0, 200);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_get_no_side_budget_slot_in_time_get_503_not_a_wait() {
+    let w = World::start_with(
+        sandbox_discord::SandboxConfig::default(),
+        load_cfg(&[
+            ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "1"),
+            ("GUILDGATE_DISCORD__SIDE_QUEUE_TIMEOUT", "1s"),
+        ]),
+    )
+    .await;
+    let c = client(&w, "bus_A").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    // Four listings at once need at least eight Discord requests; the budget sends one
+    // a second, and nobody waits more than a second for theirs.
+    let answers: Vec<_> = (0..4)
+        .map(|_| {
+            let c = c.clone();
+            let path = format!("/discord/guilds/{}/roles", g.guild_id);
+            tokio::spawn(async move { call_with_headers(&c, &path).await })
+        })
+        .collect();
+    let mut busy = 0;
+    for t in answers {
+        let (s, retry_after, v) = t.await.unwrap();
+        match s {
+            200 => {}
+            503 => {
+                assert_eq!(v["code"], "discord_busy", "{v}");
+                assert!(v["message"].as_str().unwrap().contains("Try again"), "{v}");
+                assert_eq!(retry_after.as_deref(), Some("1"));
+                busy += 1;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert!(busy >= 1, "some callers were told to come back");
+    w.stop().await;
 }
 
 /// Saves waiting on a slow Discord hold no database connection: with a pool of two and

@@ -788,3 +788,142 @@ fn sandbox_cfg_without_syncer() -> TestConfig {
         ..TestConfig::default()
     }
 }
+
+// The OAuth callback's limits: per link and per client address.
+
+/// The signed `state` of a grant's current link.
+fn state_of(w: &World, grant: &guildgate::grants::Grant) -> String {
+    url::Url::parse(&w.oauth_url(grant))
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned()
+}
+
+/// GET of the callback with `X-Forwarded-For` if given: (status, `Retry-After`, page).
+async fn callback(
+    w: &World,
+    query: &str,
+    forwarded_for: Option<&str>,
+) -> (u16, Option<String>, String) {
+    let mut req = w.http.get(format!(
+        "http://{}/oauth/discord/callback?{query}",
+        w.app.addr
+    ));
+    if let Some(f) = forwarded_for {
+        req = req.header("x-forwarded-for", f);
+    }
+    let r = req.send().await.expect("guildgate answers");
+    let status = r.status().as_u16();
+    let retry_after = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, retry_after, r.text().await.unwrap())
+}
+
+fn token_requests(w: &World) -> usize {
+    w.sandbox
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/oauth2/token"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_tried_too_often_is_refused_without_asking_discord() {
+    let w = World::start_with(
+        SandboxConfig::default(),
+        TestConfig::default().env("GUILDGATE_OAUTH__CALLBACK_ATTEMPTS", "3"),
+    )
+    .await;
+    let g = w.guild("Acme");
+    let biz = w.app.business();
+    w.app.entitlement_for("pdt_a", &id(g.guild_id), None).await;
+    for (n, customer) in ["cus_1", "cus_2"].iter().enumerate() {
+        w.app
+            .publish(
+                &payment(&biz, &format!("pay_{n}"), customer, &["pdt_a"], T0),
+                &format!("evt_{n}"),
+            )
+            .await;
+    }
+    let first = w.grant_of("cus_1").await;
+    let second = w.grant_of("cus_2").await;
+    let state = state_of(&w, &first);
+    // Junk codes: Discord refuses each, up to the link's limit.
+    for _ in 0..3 {
+        let (s, _, page) = callback(&w, &format!("code=junk&state={state}"), None).await;
+        assert_eq!(s, 502, "{page}");
+    }
+    let asked = token_requests(&w);
+    let (s, retry_after, page) = callback(&w, &format!("code=junk&state={state}"), None).await;
+    assert_eq!(s, 429, "{page}");
+    assert!(page.contains("Too many attempts"), "{page}");
+    let secs: u64 = retry_after.expect("Retry-After").parse().unwrap();
+    assert!(secs >= 1, "{secs}");
+    assert_eq!(token_requests(&w), asked, "Discord was not asked");
+    // Another customer's link is not held back.
+    let alice = w.user("alice");
+    let (status, page) = w.authorize(&second, alice).await;
+    assert_eq!(status, 200, "{page}");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_are_limited_per_address_and_forwarded_for_only_counts_from_trusted_proxies() {
+    // Nothing trusted: the header is ignored, every attempt counts against the peer.
+    let w = World::start_with(
+        SandboxConfig::default(),
+        TestConfig::default().env("GUILDGATE_OAUTH__ADDRESS_ATTEMPTS", "3"),
+    )
+    .await;
+    for n in 0..3 {
+        let forged = format!("198.51.100.{n}");
+        assert_eq!(
+            callback(&w, "code=x&state=junk", Some(&forged)).await.0,
+            400
+        );
+    }
+    let (s, retry_after, page) = callback(&w, "code=x&state=junk", Some("198.51.100.99")).await;
+    assert_eq!(s, 429, "{page}");
+    assert!(retry_after.is_some());
+    w.stop().await;
+
+    // Behind a trusted proxy (the test itself, on loopback): the forwarded client counts.
+    let w = World::start_with(
+        SandboxConfig::default(),
+        TestConfig::default()
+            .env("GUILDGATE_OAUTH__ADDRESS_ATTEMPTS", "3")
+            .env("GUILDGATE_HTTP__TRUSTED_PROXIES", "127.0.0.1/32"),
+    )
+    .await;
+    for _ in 0..3 {
+        let r = callback(&w, "code=x&state=junk", Some("198.51.100.1")).await;
+        assert_eq!(r.0, 400, "{}", r.2);
+    }
+    assert_eq!(
+        callback(&w, "code=x&state=junk", Some("198.51.100.1"))
+            .await
+            .0,
+        429
+    );
+    // What the client wrote before the proxy's entry is not believed either.
+    assert_eq!(
+        callback(&w, "code=x&state=junk", Some("203.0.113.5, 198.51.100.1"))
+            .await
+            .0,
+        429
+    );
+    // Other clients behind the same proxy are not held back.
+    assert_eq!(
+        callback(&w, "code=x&state=junk", Some("198.51.100.2"))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(callback(&w, "code=x&state=junk", None).await.0, 400);
+    w.stop().await;
+}

@@ -1,6 +1,6 @@
 //! Authentication: `Authorization: Bearer <api key>` → the business the key belongs to.
 //! Every API handler takes a [`Merchant`]; without a valid key it answers 401 before
-//! the handler runs. Also the key management the CLI does (`guildgate api-key …`).
+//! the handler runs, and past its business's `api.requests_per_second` 429. Also the key management the CLI does (`guildgate api-key …`).
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -54,6 +54,11 @@ impl FromRequestParts<AppState> for Merchant {
         }
         let business_id = BusinessId::parse(row.business_id)
             .map_err(|e| ApiError::Internal(format!("stored business id: {e}")))?;
+        // After authentication, so that nobody can spend another business's budget.
+        state
+            .limits
+            .check_business(business_id.as_str())
+            .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
         Ok(Merchant { business_id })
     }
 }

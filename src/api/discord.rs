@@ -49,6 +49,9 @@ pub async fn validate(
             .first()
             .map(|p| p.message.clone())
             .unwrap_or_else(|| "Discord could not be asked; try again shortly.".into());
+        if transient.iter().any(|p| p.code == "discord_busy") {
+            return Err(ApiError::DiscordBusy(message));
+        }
         return Err(ApiError::Unavailable(message));
     }
     Err(ApiError::Invalid(
@@ -514,6 +517,9 @@ async fn gather(client: &DiscordClient, guild: Snowflake) -> Result<Facts, ApiEr
         DiscordError::NeedsHuman { message, .. } => {
             ApiError::Invalid(vec![Problem::new("discord_unknown_guild", message)])
         }
+        e @ DiscordError::Busy { .. } => ApiError::DiscordBusy(format!(
+            "Discord could not be asked: {e}. Try again in a few seconds."
+        )),
         other => ApiError::Unavailable(format!(
             "Discord could not be asked ({other}); try again shortly."
         )),

@@ -68,6 +68,21 @@ pub enum ApiError {
     /// A service guildgate depends on (Discord) cannot answer right now (503).
     #[error("{0}")]
     Unavailable(String),
+    /// Too many requests wait for Discord in this process; this one was not sent (503,
+    /// `Retry-After`).
+    #[error("{0}")]
+    DiscordBusy(String),
+    /// The business made more requests than `api.requests_per_second`/`api.burst`
+    /// allow (429, `Retry-After`).
+    #[error("rate limited for {retry_after:?}")]
+    RateLimited { retry_after: std::time::Duration },
+    /// The request took longer than `http.request_timeout` and was abandoned (503).
+    #[error("request timed out")]
+    Timeout,
+    /// `http.max_concurrent_requests` requests are being handled already (503,
+    /// `Retry-After`).
+    #[error("too many concurrent requests")]
+    Overloaded,
     /// Anything else: logged, shown as a bare 500.
     #[error("internal error: {0}")]
     Internal(String),
@@ -90,7 +105,11 @@ impl ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_)
+            | ApiError::DiscordBusy(_)
+            | ApiError::Timeout
+            | ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -129,6 +148,22 @@ impl ApiError {
                 }
             }
             ApiError::Unavailable(m) => one("service_unavailable", m.clone()),
+            ApiError::DiscordBusy(m) => one("discord_busy", m.clone()),
+            ApiError::RateLimited { retry_after } => one(
+                "rate_limited",
+                format!(
+                    "Too many requests for this account; try again in {} s (Retry-After).",
+                    retry_secs(*retry_after)
+                ),
+            ),
+            ApiError::Timeout => one(
+                "request_timeout",
+                "The request took too long and was abandoned; nothing it had not finished was saved. Try again.".into(),
+            ),
+            ApiError::Overloaded => one(
+                "overloaded",
+                "The server is handling too many requests right now. Try again in a moment.".into(),
+            ),
             ApiError::Internal(_) => one(
                 "internal_error",
                 "Something went wrong on our side; it was logged. Try again later.".into(),
@@ -137,13 +172,42 @@ impl ApiError {
     }
 }
 
+/// Whole seconds to wait, as `Retry-After` says it: rounded up, at least 1.
+pub fn retry_secs(d: std::time::Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
+impl ApiError {
+    /// The `Retry-After` of answers that have one.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited { retry_after } => Some(retry_secs(*retry_after)),
+            ApiError::DiscordBusy(_) | ApiError::Overloaded => Some(1),
+            _ => None,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
-            tracing::error!(error = %self, %status, "API request failed");
+        match &self {
+            // Load, not a fault: counted in metrics, not logged as an error each time.
+            ApiError::DiscordBusy(_) | ApiError::Timeout | ApiError::Overloaded => {
+                tracing::warn!(error = %self, %status, "API request refused under load")
+            }
+            _ if status.is_server_error() => {
+                tracing::error!(error = %self, %status, "API request failed")
+            }
+            _ => {}
         }
-        (status, axum::Json(self.body())).into_response()
+        let retry_after = self.retry_after();
+        let mut r = (status, axum::Json(self.body())).into_response();
+        if let Some(secs) = retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        r
     }
 }
 
@@ -318,3 +382,17 @@ impl<T: Serialize> IntoResponse for ApiJson<T> {
 
 /// What handlers return.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up() {
+        assert_eq!(retry_secs(Duration::ZERO), 1);
+        assert_eq!(retry_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_secs(Duration::from_secs(2)), 2);
+        assert_eq!(retry_secs(Duration::from_millis(2001)), 3);
+    }
+}

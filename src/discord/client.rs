@@ -254,7 +254,10 @@ impl DiscordClient {
             bot_token: settings.bot_token.clone(),
             client_id: settings.client_id.as_str().into(),
             client_secret: settings.client_secret.clone(),
-            budget: Budget::new("side", settings.side_requests_per_s),
+            // Bounded: customers and merchants wait on it, and can ask more of it than it
+            // carries; a caller told "busy" can try again, one left waiting holds a request.
+            budget: Budget::new("side", settings.side_requests_per_s)
+                .with_max_wait(settings.side_queue_timeout),
             invalid: InvalidRequests::new(settings.invalid_request_ceiling),
             metrics,
             bot_id: Arc::default(),
@@ -284,7 +287,14 @@ impl DiscordClient {
             if let Err(wait) = self.invalid.check() {
                 return Err(DiscordError::CeilingReached { retry_after: wait });
             }
-            let ticket = self.budget.acquire(call.verb, &call.route).await;
+            let ticket = match self.budget.acquire(call.verb, &call.route).await {
+                Ok(t) => t,
+                Err(e) => {
+                    self.count(call.label, "busy");
+                    tracing::warn!(route = call.label, budget = e.budget, waited = ?e.waited, "no Discord request slot came free in time");
+                    return Err(DiscordError::Busy { waited: e.waited });
+                }
+            };
             let mut req = match call.verb {
                 Verb::Get => self.http.get(&url),
                 Verb::Put => self.http.put(&url),

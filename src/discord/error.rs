@@ -35,6 +35,10 @@ pub enum DiscordError {
     /// client; what reaches a caller is long enough for a delay tier.
     #[error("rate limited by Discord for {retry_after:?}")]
     RateLimited { retry_after: Duration },
+    /// Too many calls are waiting for this process's side budget: this one got no slot
+    /// within `discord.side_queue_timeout` and was not sent. Try again shortly.
+    #[error("too many requests are waiting for Discord; none could be sent within {waited:?}")]
+    Busy { waited: Duration },
     /// 5xx, timeouts, connection failures: try again later.
     #[error("Discord is unavailable: {0}")]
     Retriable(String),
@@ -79,7 +83,9 @@ impl DiscordError {
         match self {
             DiscordError::RateLimited { retry_after }
             | DiscordError::CeilingReached { retry_after } => Some(*retry_after),
-            DiscordError::Retriable(_) | DiscordError::Unexpected { .. } => Some(Duration::ZERO),
+            DiscordError::Retriable(_)
+            | DiscordError::Busy { .. }
+            | DiscordError::Unexpected { .. } => Some(Duration::ZERO),
             DiscordError::NeedsHuman { .. } | DiscordError::BadUserToken => None,
         }
     }

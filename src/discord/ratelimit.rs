@@ -19,6 +19,11 @@
 //! elsewhere (validation, role listing, the OAuth code exchange), so that together they
 //! stay under the bot's global limit. This module never sees an HTTP client: the
 //! caller completes each [`Ticket`] with what it [`Observed`] in the answer.
+//!
+//! The side budget serves requests of customers and merchants, who can send more than it
+//! can carry: its line is bounded in time (`discord.side_queue_timeout`), and a caller
+//! that gets no slot within it is told [`QueueTimeout`] instead of waiting on. The
+//! syncer's budget waits as long as it takes: its work is queued in RabbitMQ already.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -215,6 +220,16 @@ pub struct Budget {
     name: &'static str,
     buckets: RateLimiter,
     gate: GlobalGate,
+    /// The longest [`Budget::acquire`] waits; `None`: as long as it takes.
+    max_wait: Option<Duration>,
+}
+
+/// No slot of a bounded budget came free within its `max_wait`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no slot of the {budget} budget came free within {waited:?}")]
+pub struct QueueTimeout {
+    pub budget: &'static str,
+    pub waited: Duration,
 }
 
 /// Permission to send one request; complete it with what the answer said, or drop it
@@ -235,7 +250,14 @@ impl Budget {
             // The global limit is ours (see the module doc); twilight's is disabled.
             buckets: RateLimiter::new(u16::MAX),
             gate: GlobalGate::new(global_per_s, Duration::from_secs(1)),
+            max_wait: None,
         }
+    }
+
+    /// The same budget, whose callers wait at most `max_wait` for a slot.
+    pub fn with_max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = Some(max_wait);
+        self
     }
 
     /// The syncer's budget: Discord's global limit minus what the side budget may use.
@@ -265,7 +287,22 @@ impl Budget {
     /// Adding and removing a member's role share one bucket at Discord. twilight learns
     /// shared buckets from answers, per method and path, so until both had an answer
     /// a 429 on one would not hold back the other: both are queued as one endpoint.
-    pub async fn acquire(&self, verb: Verb, route: &str) -> Ticket {
+    ///
+    /// A bounded budget gives up after its `max_wait`; the place in the line is left
+    /// (twilight skips a waiter that went away), and no slot is taken.
+    pub async fn acquire(&self, verb: Verb, route: &str) -> Result<Ticket, QueueTimeout> {
+        match self.max_wait {
+            None => Ok(self.acquire_unbounded(verb, route).await),
+            Some(waited) => tokio::time::timeout(waited, self.acquire_unbounded(verb, route))
+                .await
+                .map_err(|_| QueueTimeout {
+                    budget: self.name,
+                    waited,
+                }),
+        }
+    }
+
+    async fn acquire_unbounded(&self, verb: Verb, route: &str) -> Ticket {
         let method = match verb {
             Verb::Delete if route.ends_with("/roles/:role") => Verb::Put.twilight(),
             _ => verb.twilight(),
@@ -400,10 +437,36 @@ mod tests {
         assert!(Observed::parse(403, |_| None).counts_as_invalid());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_bounded_budget_gives_up_after_its_max_wait() {
+        let budget = Budget::new("side", 1).with_max_wait(Duration::from_secs(5));
+        let t = budget.acquire(Verb::Get, "guilds/1").await.unwrap();
+        drop(t);
+        // The one slot of this second is spent: the next caller would wait a second.
+        let start = Instant::now();
+        let err = Budget::acquire(
+            &Budget {
+                max_wait: Some(Duration::from_millis(500)),
+                ..budget.clone()
+            },
+            Verb::Get,
+            "guilds/2",
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.waited, Duration::from_millis(500));
+        assert_eq!(Instant::now() - start, Duration::from_millis(500));
+        // Within the bound it waits, and gets the slot.
+        assert!(budget.acquire(Verb::Get, "guilds/3").await.is_ok());
+    }
+
     #[tokio::test]
     async fn an_exhausted_bucket_holds_its_queue_until_reset() {
         let budget = Budget::new("test", 50);
-        let t = budget.acquire(Verb::Put, "guilds/1/members/:user").await;
+        let t = budget
+            .acquire(Verb::Put, "guilds/1/members/:user")
+            .await
+            .unwrap();
         // The reset counts from inside `complete`, so a clock read before it can only
         // see a longer wait, however the thread is scheduled.
         let start = std::time::Instant::now();
@@ -415,7 +478,10 @@ mod tests {
             reset_after: Some(Duration::from_millis(200)),
             ..Observed::default()
         });
-        let t = budget.acquire(Verb::Put, "guilds/1/members/:user").await;
+        let t = budget
+            .acquire(Verb::Put, "guilds/1/members/:user")
+            .await
+            .unwrap();
         assert!(
             start.elapsed() >= Duration::from_millis(195),
             "{:?}",
@@ -424,7 +490,10 @@ mod tests {
         drop(t);
         // Another guild is another bucket: not held.
         let start = std::time::Instant::now();
-        let t = budget.acquire(Verb::Put, "guilds/9/members/:user").await;
+        let t = budget
+            .acquire(Verb::Put, "guilds/9/members/:user")
+            .await
+            .unwrap();
         assert!(start.elapsed() < Duration::from_millis(100));
         drop(t);
     }
@@ -433,7 +502,7 @@ mod tests {
     async fn a_429_on_removing_a_role_holds_back_adding_one() {
         let budget = Budget::new("test", 50);
         let route = "guilds/1/members/:user/roles/:role";
-        let t = budget.acquire(Verb::Delete, route).await;
+        let t = budget.acquire(Verb::Delete, route).await.unwrap();
         let start = std::time::Instant::now();
         t.complete(&Observed {
             status: 429,
@@ -442,7 +511,7 @@ mod tests {
             scope: Some("shared".into()),
             ..Observed::default()
         });
-        let t = budget.acquire(Verb::Put, route).await;
+        let t = budget.acquire(Verb::Put, route).await.unwrap();
         assert!(
             start.elapsed() >= Duration::from_millis(195),
             "{:?}",

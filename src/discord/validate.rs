@@ -23,7 +23,7 @@ impl Problem {
 
     /// Discord could not be asked; not a configuration problem (retry later).
     pub fn is_transient(&self) -> bool {
-        self.code == "discord_unavailable"
+        matches!(self.code, "discord_unavailable" | "discord_busy")
     }
 
     /// The grant error code this problem corresponds to.
@@ -143,6 +143,10 @@ pub async fn validate_discord_config(
             };
             vec![Problem::new(code, message)]
         }
+        Err(e @ DiscordError::Busy { .. }) => vec![Problem::new(
+            "discord_busy",
+            format!("Discord could not be asked: {e}. Try again in a few seconds."),
+        )],
         Err(e) => vec![Problem::new(
             "discord_unavailable",
             format!("Discord could not be asked ({e}); try again shortly."),

@@ -1,12 +1,13 @@
-//! HTTP: routers per concern, merged in [`app`]; the server itself is started by
-//! [`crate::app::App`].
+//! HTTP: routers per concern, merged in [`app`] behind the load limits of [`limits`];
+//! the server itself is started by [`crate::app::App`].
 //!
 //! No handler holds a database connection while it waits for another peer (Discord, a
 //! DNS lookup): it reads what it needs, gives the connection back, calls out, and takes
 //! one again to write, checking there that what it read still holds. A slow Discord then
-//! costs a waiting request nothing but its own time, and the pool stays with ingest, the
-//! relay, the syncer and delivery.
+//! costs a waiting request nothing but its place under `http.max_concurrent_requests`,
+//! and the pool stays with ingest, the relay, the syncer and delivery.
 
+pub mod limits;
 pub mod oauth;
 pub mod ops;
 
@@ -34,15 +35,18 @@ pub struct AppState {
     pub discord: DiscordClient,
     /// Encrypts customers' Discord tokens at rest.
     pub cipher: TokenCipher,
+    /// Per-business and OAuth callback rate limits.
+    pub limits: Arc<limits::Limits>,
 }
 
 /// The whole HTTP surface, without a socket (tests call it directly too).
 pub fn app(state: AppState) -> Router {
     let limit = state.settings.http.max_body_bytes;
-    Router::new()
+    let settings = state.settings.clone();
+    let router = Router::new()
         .merge(ops::router())
         .merge(oauth::router())
         .merge(crate::api::router())
-        .layer(axum::extract::DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(limit));
+    limits::protect(router, &settings.http).with_state(state)
 }

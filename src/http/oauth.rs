@@ -7,6 +7,12 @@
 //! the used link cannot be replayed), queues a sync of every live grant of the customer
 //! (a different account moves their access: each grant records what it applied, and its
 //! sync removes that from the old account) and shows a small self-contained page.
+//!
+//! Every attempt costs Discord requests from the side budget that every customer's
+//! sign-in and every merchant's validation share, so attempts are limited per link
+//! (`oauth.callback_attempts`) and per client address (`oauth.address_attempts`) before
+//! anything is asked of the database or Discord; over either limit the page says when
+//! to try again (429, `Retry-After`).
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -19,6 +25,7 @@ use serde::Deserialize;
 use sqlx::PgConnection;
 
 use super::AppState;
+use super::limits::ClientIp;
 use crate::crypto::StateError;
 use crate::discord::{DiscordError, Snowflake};
 use crate::events::apply::queue_sync;
@@ -54,6 +61,12 @@ enum Page {
     Revoked,
     DiscordFailed,
     Unavailable,
+    /// Too many attempts with this link or from this address; try again after this.
+    TooMany {
+        retry_after: std::time::Duration,
+    },
+    /// Too many requests wait for Discord in this process; nothing was sent.
+    Busy,
 }
 
 /// The pages' words, in one place.
@@ -78,6 +91,10 @@ mod text {
     pub const UNAVAILABLE_TITLE: &str = "Something went wrong on our side";
     pub const UNAVAILABLE: &str =
         "We could not finish connecting your account. Please try again in a few minutes.";
+    pub const TOO_MANY_TITLE: &str = "Too many attempts";
+    pub const TOO_MANY: &str = "This link was tried too many times in a short while. Wait a few minutes, then open it again from your purchase page or the seller's customer portal.";
+    pub const BUSY_TITLE: &str = "Discord is busy right now";
+    pub const BUSY: &str = "Many people are connecting their accounts at the moment, so yours was not connected yet. Wait a few seconds, then open your link again.";
 }
 
 fn escape(s: &str) -> String {
@@ -97,7 +114,8 @@ impl Page {
             Page::Used => StatusCode::CONFLICT,
             Page::Revoked => StatusCode::GONE,
             Page::DiscordFailed => StatusCode::BAD_GATEWAY,
-            Page::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Page::Unavailable | Page::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            Page::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -136,6 +154,8 @@ impl Page {
                 text::UNAVAILABLE_TITLE,
                 format!("<p>{}</p>", text::UNAVAILABLE),
             ),
+            Page::TooMany { .. } => (text::TOO_MANY_TITLE, format!("<p>{}</p>", text::TOO_MANY)),
+            Page::Busy => (text::BUSY_TITLE, format!("<p>{}</p>", text::BUSY)),
         };
         format!(
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
@@ -150,7 +170,16 @@ h1{{font-size:1.4rem;margin-top:0}}.button{{display:inline-block;background:#586
 
 impl IntoResponse for Page {
     fn into_response(self) -> Response {
+        let retry_after = match &self {
+            Page::TooMany { retry_after } => Some(crate::api::error::retry_secs(*retry_after)),
+            Page::Busy => Some(5),
+            _ => None,
+        };
         let mut r = (self.status(), Html(self.html())).into_response();
+        if let Some(secs) = retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
         // The page is about one customer's link: never cache it.
         r.headers_mut().insert(
             axum::http::header::CACHE_CONTROL,
@@ -160,7 +189,17 @@ impl IntoResponse for Page {
     }
 }
 
-async fn callback(State(st): State<AppState>, Query(q): Query<CallbackQuery>) -> Page {
+async fn callback(
+    State(st): State<AppState>,
+    ClientIp(client): ClientIp,
+    Query(q): Query<CallbackQuery>,
+) -> Page {
+    if let Some(ip) = client
+        && let Err(retry_after) = st.limits.check_address(ip)
+    {
+        tracing::info!(%ip, "OAuth callback: too many attempts from one address");
+        return Page::TooMany { retry_after };
+    }
     match handle(&st, q).await {
         Ok(p) | Err(p) => p,
     }
@@ -177,6 +216,7 @@ fn discord_failed(e: DiscordError) -> Page {
             tracing::warn!(error = %e, "OAuth callback: Discord refused");
             Page::DiscordFailed
         }
+        DiscordError::Busy { .. } => Page::Busy,
         other => {
             tracing::warn!(error = %other, "OAuth callback: Discord unavailable");
             Page::Unavailable
@@ -191,6 +231,13 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         StateError::Tampered => Page::Tampered,
         StateError::Expired => Page::Expired,
     })?;
+    // Per link: one link's attempts, junk codes or not, cannot use up the side budget.
+    st.limits
+        .check_link(&format!("{}:{}", claims.g, claims.n))
+        .map_err(|retry_after| {
+            tracing::info!(grant_id = %claims.g, "OAuth callback: too many attempts with one link");
+            Page::TooMany { retry_after }
+        })?;
     let grant = {
         let mut conn = st.pool.acquire().await.map_err(db_failed)?;
         grant_store::get(&mut conn, &claims.g)

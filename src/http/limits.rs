@@ -1,0 +1,291 @@
+//! Load isolation at the HTTP edge, so that one caller's load cannot take the service
+//! from the others:
+//!
+//! - [`protect`]: every request is answered within `http.request_timeout`, and at most
+//!   `http.max_concurrent_requests` are handled at once; one more is refused at once
+//!   (503 `overloaded`) rather than queued behind them.
+//! - [`Limits`]: keyed GCRA rate limits (`governor`): the merchant API per business
+//!   (`api.requests_per_second`, `api.burst`, checked after authentication), the
+//!   customer's OAuth callback per link and per client address (`oauth.*`).
+//! - [`ClientIp`]: the client's address, from `X-Forwarded-For` only when the peer is
+//!   one of `http.trusted_proxies`.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::HeaderMap;
+use axum::http::request::Parts;
+use governor::clock::Clock;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ipnet::IpNet;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::{BoxError, ServiceBuilder};
+
+use super::AppState;
+use crate::api::error::ApiError;
+use crate::config::{HttpSettings, Settings};
+
+/// Wraps every route of `router` in the request timeout and the concurrency limit.
+/// The timeout is inside the limit, so an abandoned request frees its place at once.
+pub fn protect<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    settings: &HttpSettings,
+) -> Router<S> {
+    router.layer(
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(refusal))
+            .load_shed()
+            .layer(GlobalConcurrencyLimitLayer::new(
+                settings.max_concurrent_requests,
+            ))
+            .timeout(settings.request_timeout),
+    )
+}
+
+/// What a request refused by [`protect`] is answered, in the API's error shape.
+async fn refusal(err: BoxError) -> ApiError {
+    if err.is::<tower::timeout::error::Elapsed>() {
+        ApiError::Timeout
+    } else if err.is::<tower::load_shed::error::Overloaded>() {
+        ApiError::Overloaded
+    } else {
+        ApiError::Internal(err.to_string())
+    }
+}
+
+/// The keyed rate limits of one process.
+pub struct Limits {
+    business: DefaultKeyedRateLimiter<String>,
+    link: DefaultKeyedRateLimiter<String>,
+    address: DefaultKeyedRateLimiter<IpAddr>,
+    trusted_proxies: Vec<IpNet>,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("trusted_proxies", &self.trusted_proxies)
+            .finish_non_exhaustive()
+    }
+}
+
+fn nonzero(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
+}
+
+/// `n` per `window`, all of them at once if unused, coming back one by one.
+fn per_window(n: u32, window: Duration) -> Quota {
+    let n = nonzero(n);
+    let each = (window / n.get()).max(Duration::from_nanos(1));
+    Quota::with_period(each)
+        .expect("a positive period")
+        .allow_burst(n)
+}
+
+/// `Ok`, or how long until the next request of `key` is allowed.
+fn check<K>(limiter: &DefaultKeyedRateLimiter<K>, key: &K) -> Result<(), Duration>
+where
+    K: Clone + Eq + std::hash::Hash,
+{
+    limiter
+        .check_key(key)
+        .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
+}
+
+impl Limits {
+    pub fn from_settings(s: &Settings) -> Self {
+        let api =
+            Quota::per_second(nonzero(s.api.requests_per_second)).allow_burst(nonzero(s.api.burst));
+        let window = s.oauth.callback_window;
+        Self {
+            business: RateLimiter::keyed(api),
+            link: RateLimiter::keyed(per_window(s.oauth.callback_attempts, window)),
+            address: RateLimiter::keyed(per_window(s.oauth.address_attempts, window)),
+            trusted_proxies: s.http.trusted_proxy_nets(),
+        }
+    }
+
+    /// One merchant API request of `business`.
+    pub fn check_business(&self, business: &str) -> Result<(), Duration> {
+        check(&self.business, &business.to_string())
+    }
+
+    /// One OAuth callback with the link `link` (grant id and nonce).
+    pub fn check_link(&self, link: &str) -> Result<(), Duration> {
+        check(&self.link, &link.to_string())
+    }
+
+    /// One OAuth callback from `ip`.
+    pub fn check_address(&self, ip: IpAddr) -> Result<(), Duration> {
+        check(&self.address, &ip)
+    }
+
+    /// Forgets keys whose limit is back to full, so the maps hold only recent callers.
+    pub fn forget_idle(&self) {
+        self.business.retain_recent();
+        self.link.retain_recent();
+        self.address.retain_recent();
+        self.business.shrink_to_fit();
+        self.link.shrink_to_fit();
+        self.address.shrink_to_fit();
+    }
+
+    /// Calls [`Limits::forget_idle`] every `every` until `shutdown`.
+    pub async fn forget_idle_every(
+        &self,
+        every: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => self.forget_idle(),
+            }
+        }
+    }
+
+    fn trusted(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+
+    /// The client's address: the peer's, unless the peer is a trusted proxy; then the
+    /// nearest address in `X-Forwarded-For` (read from the right) that is not a trusted
+    /// proxy itself. Entries a client could have written (left of an untrusted one) are
+    /// never believed; an entry that is not an address ends the walk.
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.trusted(peer) {
+            return peer;
+        }
+        let hops: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        let mut client = peer;
+        for hop in hops.iter().rev() {
+            match hop.parse::<IpAddr>() {
+                Ok(ip) => {
+                    client = ip;
+                    if !self.trusted(ip) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        client
+    }
+}
+
+/// The client's address (see [`Limits::client_ip`]); `None` when the server was not
+/// started with connection info (a router called directly, without a socket).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientIp(pub Option<IpAddr>);
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        Ok(ClientIp(
+            peer.map(|p| state.limits.client_ip(p, &parts.headers)),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(trusted: &str) -> Limits {
+        let s = Settings::load_with_env(
+            None,
+            Some(
+                [
+                    (
+                        "GUILDGATE_HTTP__TRUSTED_PROXIES".to_string(),
+                        trusted.into(),
+                    ),
+                    ("GUILDGATE_API__REQUESTS_PER_SECOND".into(), "1".into()),
+                    ("GUILDGATE_API__BURST".into(), "2".into()),
+                ]
+                .into_iter()
+                .collect(),
+            ),
+        )
+        .unwrap();
+        Limits::from_settings(&s)
+    }
+
+    fn xff(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", v.parse().unwrap());
+        h
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let l = limits("10.0.0.0/8");
+        // An untrusted peer: the header is the client's own words.
+        assert_eq!(
+            l.client_ip(ip("203.0.113.9"), &xff("198.51.100.1")),
+            ip("203.0.113.9")
+        );
+        // A trusted proxy: the nearest untrusted hop, not what the client wrote before it.
+        assert_eq!(
+            l.client_ip(ip("10.0.0.2"), &xff("1.2.3.4, 198.51.100.1, 10.0.0.7")),
+            ip("198.51.100.1")
+        );
+        // No header, or garbage in it: the last address believed.
+        assert_eq!(
+            l.client_ip(ip("10.0.0.2"), &HeaderMap::new()),
+            ip("10.0.0.2")
+        );
+        assert_eq!(
+            l.client_ip(ip("10.0.0.2"), &xff("198.51.100.1, junk")),
+            ip("10.0.0.2")
+        );
+        // Nothing trusted (the default): never.
+        assert_eq!(
+            limits("").client_ip(ip("10.0.0.2"), &xff("198.51.100.1")),
+            ip("10.0.0.2")
+        );
+    }
+
+    #[test]
+    fn each_business_has_its_own_budget() {
+        let l = limits("");
+        assert!(l.check_business("bus_A").is_ok());
+        assert!(l.check_business("bus_A").is_ok());
+        let wait = l.check_business("bus_A").unwrap_err();
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert!(l.check_business("bus_B").is_ok());
+    }
+
+    #[test]
+    fn a_window_quota_allows_its_count_at_once() {
+        let q = per_window(10, Duration::from_secs(600));
+        assert_eq!(q.burst_size().get(), 10);
+        assert_eq!(q.replenish_interval(), Duration::from_secs(60));
+    }
+}
