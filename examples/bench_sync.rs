@@ -153,6 +153,7 @@ async fn main() {
                 refresh_token_enc: Some(cipher.encrypt(&t.refresh_token)),
                 expires_at: now + chrono::Duration::days(7),
                 scopes: t.scope.clone(),
+                token_version: 0,
             },
             now,
         )

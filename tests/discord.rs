@@ -720,6 +720,86 @@ async fn a_role_is_not_kept_for_a_grant_revoked_before_its_delivery() {
     w.stop().await;
 }
 
+/// The linked account of a customer, as stored.
+async fn linked_user(w: &World, customer: &str) -> String {
+    sqlx::query_scalar("SELECT discord_user_id FROM discord_links WHERE customer_id = $1")
+        .bind(customer)
+        .fetch_one(&w.app.pool)
+        .await
+        .unwrap()
+}
+
+/// A sync job reads the customer's link (alice, token about to expire) and is held
+/// before its Discord calls; meanwhile the customer links bob through the OAuth
+/// callback. The job's token refresh must not bring alice back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refresh_does_not_undo_a_relink_made_meanwhile() {
+    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let (_broker, worker) = syncer(&w, "syncer");
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    let (alice, bob) = (w.user("alice"), w.user("bob"));
+    w.link("cus_1", alice).await;
+    sqlx::query("UPDATE discord_links SET expires_at = now() WHERE customer_id = 'cus_1'")
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    w.app
+        .publish(&payment(&biz, "pay_2", "cus_1", &["pdt_a"], T1), "evt_2")
+        .await;
+    w.app.wait_processed(2).await;
+    let grants = w.app.grants_of("cus_1").await;
+    let (synced, clicked) = (grants[0].clone(), grants[1].clone());
+
+    // Hold the job after it read the link: it records its intent on the grant row.
+    let mut hold = w.app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM grants WHERE id = $1 FOR UPDATE")
+        .bind(&synced.id)
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let job = {
+        let worker = worker.clone();
+        let id = synced.id.clone();
+        tokio::spawn(async move { worker.handle(&id, 0).await })
+    };
+    wait_for("the sync job waiting on the grant", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE 'UPDATE grants%'",
+        )
+        .fetch_one(&w.app.pool)
+        .await
+        .unwrap();
+        (waiting == 1).then_some(())
+    })
+    .await;
+    let (status, page) = w.authorize(&clicked, bob).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(linked_user(&w, "cus_1").await, id(bob));
+    hold.rollback().await.unwrap();
+    job.await.unwrap().unwrap();
+    assert_eq!(
+        linked_user(&w, "cus_1").await,
+        id(bob),
+        "the refresh kept the newer link"
+    );
+
+    // The job's next run delivers to the account linked now.
+    worker.handle(&synced.id, 1).await.unwrap();
+    assert!(w.has_role(g.guild_id, bob, role));
+    assert!(!w.has_role(g.guild_id, alice, role));
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_syncer_takes_over_when_the_active_one_dies() {
     let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;

@@ -302,6 +302,7 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
                 .map(|r| st.cipher.encrypt(r.expose_secret())),
             expires_at: now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
             scopes: tokens.scope.clone(),
+            token_version: 0,
         };
         db::upsert_link(&mut tx, &row, now)
             .await

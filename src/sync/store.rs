@@ -16,6 +16,9 @@ pub struct LinkRow {
     pub refresh_token_enc: Option<Vec<u8>>,
     pub expires_at: DateTime<Utc>,
     pub scopes: String,
+    /// Bumped by every write of the tokens; a refresh stores its tokens only over the
+    /// version it read.
+    pub token_version: i64,
 }
 
 /// A live grant of the customer and what it applied (or is applying) in Discord.
@@ -34,7 +37,8 @@ pub async fn link_of(
     customer_id: &str,
 ) -> Result<Option<LinkRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT business_id, customer_id, discord_user_id, access_token_enc, refresh_token_enc, expires_at, scopes
+        "SELECT business_id, customer_id, discord_user_id, access_token_enc, refresh_token_enc, expires_at, scopes,
+             token_version
          FROM discord_links WHERE business_id = $1 AND customer_id = $2",
     )
     .bind(business_id)
@@ -43,7 +47,8 @@ pub async fn link_of(
     .await
 }
 
-/// Stores (or replaces) a customer's linked account.
+/// Stores (or replaces) a customer's linked account: the account they just authorized
+/// wins over whatever was stored (`token_version` of `l` is ignored and bumped).
 pub async fn upsert_link(
     conn: &mut PgConnection,
     l: &LinkRow,
@@ -56,7 +61,8 @@ pub async fn upsert_link(
          ON CONFLICT (business_id, customer_id) DO UPDATE SET
              discord_user_id = EXCLUDED.discord_user_id, access_token_enc = EXCLUDED.access_token_enc,
              refresh_token_enc = EXCLUDED.refresh_token_enc, expires_at = EXCLUDED.expires_at,
-             scopes = EXCLUDED.scopes, updated_at = EXCLUDED.updated_at",
+             scopes = EXCLUDED.scopes, updated_at = EXCLUDED.updated_at,
+             token_version = discord_links.token_version + 1",
     )
     .bind(&l.business_id)
     .bind(&l.customer_id)
@@ -69,6 +75,37 @@ pub async fn upsert_link(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Stores the tokens a refresh of `read` returned, only if the link is still `read`'s:
+/// the same Discord user at the same `token_version`. `false` when the customer linked
+/// again (possibly another account) meanwhile: that newer link stays as it is.
+pub async fn store_refreshed(
+    conn: &mut PgConnection,
+    read: &LinkRow,
+    access_token_enc: &[u8],
+    refresh_token_enc: Option<&[u8]>,
+    expires_at: DateTime<Utc>,
+    scopes: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE discord_links SET access_token_enc = $5, refresh_token_enc = $6, expires_at = $7,
+             scopes = $8, updated_at = $9, token_version = token_version + 1
+         WHERE business_id = $1 AND customer_id = $2 AND discord_user_id = $3 AND token_version = $4",
+    )
+    .bind(&read.business_id)
+    .bind(&read.customer_id)
+    .bind(&read.discord_user_id)
+    .bind(read.token_version)
+    .bind(access_token_enc)
+    .bind(refresh_token_enc)
+    .bind(expires_at)
+    .bind(scopes)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// The customer's other live grants.

@@ -365,30 +365,49 @@ impl SyncWorker {
             .ok_or(DiscordError::BadUserToken)?;
         let tokens = self.discord.refresh(&refresh).await?;
         let now = Utc::now();
-        let row = LinkRow {
-            access_token_enc: self
-                .cipher
-                .encrypt(secrecy::ExposeSecret::expose_secret(&tokens.access_token)),
-            refresh_token_enc: tokens
-                .refresh_token
-                .as_ref()
-                .map(|r| self.cipher.encrypt(secrecy::ExposeSecret::expose_secret(r))),
-            expires_at: now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
-            scopes: tokens.scope.clone(),
-            ..link.clone()
-        };
+        let access_enc = self
+            .cipher
+            .encrypt(secrecy::ExposeSecret::expose_secret(&tokens.access_token));
+        let refresh_enc = tokens
+            .refresh_token
+            .as_ref()
+            .map(|r| self.cipher.encrypt(secrecy::ExposeSecret::expose_secret(r)));
+        let expires_at = now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default();
         let stored = async {
             let mut conn = self.pool.acquire().await?;
-            db::upsert_link(&mut conn, &row, now).await
+            db::store_refreshed(
+                &mut conn,
+                link,
+                &access_enc,
+                refresh_enc.as_deref(),
+                expires_at,
+                &tokens.scope,
+                now,
+            )
+            .await
         }
         .await;
-        if let Err(e) = stored {
-            // The refresh token rotated; without storing it the customer must
-            // authorize again. Retry the job: the access token stays valid for now.
-            tracing::error!(error = %e, "cannot store refreshed Discord tokens");
-            return Err(DiscordError::Retriable(
-                "cannot store refreshed tokens".into(),
-            ));
+        match stored {
+            Ok(true) => {}
+            Ok(false) => {
+                // The customer linked again while this refresh ran: their new link
+                // stands, and its own sync jobs (queued by the callback) use it. These
+                // tokens belong to the account they left.
+                tracing::info!(
+                    "the customer linked again during a token refresh; keeping the newer link"
+                );
+                return Err(DiscordError::Retriable(
+                    "the customer linked again meanwhile".into(),
+                ));
+            }
+            Err(e) => {
+                // The refresh token rotated; without storing it the customer must
+                // authorize again. Retry the job: the access token stays valid for now.
+                tracing::error!(error = %e, "cannot store refreshed Discord tokens");
+                return Err(DiscordError::Retriable(
+                    "cannot store refreshed tokens".into(),
+                ));
+            }
         }
         Ok(tokens.access_token)
     }

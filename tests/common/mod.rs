@@ -648,6 +648,7 @@ pub async fn link_sandbox_user(
             refresh_token_enc: Some(cipher.encrypt(&t.refresh_token)),
             expires_at: now + chrono::Duration::from_std(t.expires_in).unwrap(),
             scopes: t.scope.clone(),
+            token_version: 0,
         },
         now,
     )
