@@ -21,7 +21,6 @@ use chrono::Utc;
 use guildgate::amqp::Names;
 use guildgate::app::{App, Options};
 use guildgate::config::Settings;
-use guildgate::crypto::TokenCipher;
 use guildgate::discord::permissions;
 use guildgate::store;
 use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
@@ -113,7 +112,7 @@ async fn main() {
     let app_task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
 
     // The world: 10 guilds with a role each, 1,000 linked customers, one grant each.
-    let cipher = TokenCipher::from_base64(&settings.secrets.token_encryption_key).unwrap();
+    let cipher = settings.token_cipher().unwrap();
     let business = "bus_bench";
     let mut conn = pool.acquire().await.unwrap();
     store::setup::ensure_business(&mut conn, business)
@@ -145,16 +144,20 @@ async fn main() {
         let customer = format!("cus_{n}");
         guildgate::sync::store::upsert_link(
             &mut tx,
-            &guildgate::sync::store::LinkRow {
-                business_id: business.into(),
-                customer_id: customer.clone(),
-                discord_user_id: user.to_string(),
-                access_token_enc: cipher.encrypt(&t.access_token),
-                refresh_token_enc: Some(cipher.encrypt(&t.refresh_token)),
-                expires_at: now + chrono::Duration::days(7),
-                scopes: t.scope.clone(),
-                token_version: 0,
-            },
+            &guildgate::sync::store::LinkRow::new(
+                business,
+                &customer,
+                user.to_string(),
+                guildgate::sync::store::SealedTokens::seal(
+                    &cipher,
+                    business,
+                    &customer,
+                    &t.access_token.clone().into(),
+                    Some(&t.refresh_token.clone().into()),
+                ),
+                now + chrono::Duration::days(7),
+                t.scope.clone(),
+            ),
             now,
         )
         .await

@@ -143,7 +143,8 @@ impl App {
             crash_after_publish: Arc::new(AtomicBool::new(false)),
         };
         let discord = DiscordClient::side(&settings.discord, metrics.clone());
-        let cipher = TokenCipher::from_base64(&settings.secrets.token_encryption_key)
+        let cipher = settings
+            .token_cipher()
             .expect("validated when the settings were loaded");
         Ok(Self {
             discord,

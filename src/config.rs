@@ -16,7 +16,8 @@
 //! - `GUILDGATE_DISCORD__API_BASE`, `__AUTHORIZE_URL`, `__CLIENT_ID`, `__CLIENT_SECRET`,
 //!   `__BOT_TOKEN`, `__OAUTH_LINK_TTL`, `__SIDE_REQUESTS_PER_S`, `__SIDE_QUEUE_TIMEOUT`,
 //!   `__INVALID_REQUEST_CEILING`, `__REQUEST_TIMEOUT`
-//! - `GUILDGATE_SECRETS__STATE_SIGNING_KEY`, `__TOKEN_ENCRYPTION_KEY`
+//! - `GUILDGATE_SECRETS__STATE_SIGNING_KEY`, `__TOKEN_ENCRYPTION_KEY`,
+//!   `__PREVIOUS_TOKEN_ENCRYPTION_KEYS`
 //! - `GUILDGATE_GRANTS__REVOKE_ON_SUBSCRIPTION_REFUND`, `__MAX_FUTURE_SKEW`
 //! - `GUILDGATE_OUTBOX__SWEEP_INTERVAL`, `__BATCH_SIZE`
 //! - `GUILDGATE_SYNC__RETRY_DELAYS`
@@ -192,6 +193,9 @@ pub struct SecretSettings {
     pub state_signing_key: SecretString,
     /// Base64 of 32 bytes; encrypts customers' Discord tokens at rest.
     pub token_encryption_key: SecretString,
+    /// Earlier token encryption keys (comma-separated base64 of 32 bytes each; empty
+    /// for none): they still decrypt tokens stored with them, never encrypt.
+    pub previous_token_encryption_keys: SecretString,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -383,6 +387,9 @@ impl Settings {
         }
         crate::crypto::TokenCipher::from_base64(&self.secrets.token_encryption_key)
             .map_err(|e| ConfigError::Invalid(format!("secrets.token_encryption_key: {e}")))?;
+        self.token_cipher().map_err(|e| {
+            ConfigError::Invalid(format!("secrets.previous_token_encryption_keys: {e}"))
+        })?;
         if self.secrets.state_signing_key.expose_secret().len() < 32 {
             return Err(ConfigError::Invalid(
                 "secrets.state_signing_key must be at least 32 characters".into(),
@@ -416,6 +423,14 @@ impl Settings {
             .filter(|(_, s)| DEV_SECRETS.contains(&s.expose_secret()))
             .map(|(n, _)| n)
             .collect()
+    }
+
+    /// The cipher of customers' tokens: the current key, and the previous ones.
+    pub fn token_cipher(&self) -> Result<crate::crypto::TokenCipher, String> {
+        crate::crypto::TokenCipher::with_previous(
+            &self.secrets.token_encryption_key,
+            &self.secrets.previous_token_encryption_keys,
+        )
     }
 
     /// The OAuth redirect target registered with Discord.

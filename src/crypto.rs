@@ -3,7 +3,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -100,11 +100,62 @@ impl StateSigner {
     }
 }
 
+/// One token encryption key and its id.
+#[derive(Clone)]
+struct TokenKey {
+    id: String,
+    cipher: XChaCha20Poly1305,
+}
+
+impl TokenKey {
+    fn from_base64(key: &str) -> Result<Self, String> {
+        let bytes = STANDARD
+            .decode(key.trim())
+            .map_err(|_| "must be base64".to_string())?;
+        if bytes.len() != 32 {
+            return Err(format!("must decode to 32 bytes, not {}", bytes.len()));
+        }
+        // The id names the key without revealing it: a prefix of a domain-separated
+        // hash of a 256-bit random key.
+        let mut h = <Sha256 as sha2::Digest>::new();
+        sha2::Digest::update(&mut h, b"guildgate token key id\0");
+        sha2::Digest::update(&mut h, &bytes);
+        let digest = sha2::Digest::finalize(h);
+        let id = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Self {
+            id,
+            cipher: XChaCha20Poly1305::new_from_slice(&bytes).expect("32-byte key"),
+        })
+    }
+
+    fn open(&self, stored: &[u8], aad: &[u8]) -> Result<SecretString, DecryptError> {
+        if stored.len() < 24 {
+            return Err(DecryptError);
+        }
+        let (nonce, ct) = stored.split_at(24);
+        let pt = self
+            .cipher
+            .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad })
+            .map_err(|_| DecryptError)?;
+        String::from_utf8(pt)
+            .map(SecretString::from)
+            .map_err(|_| DecryptError)
+    }
+}
+
 /// Encrypts customers' OAuth tokens at rest with XChaCha20-Poly1305 (random 192-bit
 /// nonce per value, stored in front of the ciphertext).
+///
+/// Each ciphertext is bound to where it is stored by associated data (the caller's
+/// `aad`, naming the row and column), so it cannot be moved to another row, and is
+/// stored with the id of the key that sealed it ([`TokenCipher::key_id`]). New values
+/// are sealed with the current key; values sealed with a previous key stay readable
+/// while that key is configured, so the key can be changed and the stored values
+/// re-encrypted afterwards.
 #[derive(Clone)]
 pub struct TokenCipher {
-    cipher: XChaCha20Poly1305,
+    current: TokenKey,
+    previous: Vec<TokenKey>,
 }
 
 impl std::fmt::Debug for TokenCipher {
@@ -118,43 +169,70 @@ impl std::fmt::Debug for TokenCipher {
 pub struct DecryptError;
 
 impl TokenCipher {
-    /// From the configured key: base64 of exactly 32 bytes.
+    /// From the configured key alone: base64 of exactly 32 bytes.
     pub fn from_base64(key: &SecretString) -> Result<Self, String> {
-        let bytes = STANDARD
-            .decode(key.expose_secret().trim())
-            .map_err(|_| "must be base64".to_string())?;
-        if bytes.len() != 32 {
-            return Err(format!("must decode to 32 bytes, not {}", bytes.len()));
-        }
-        Ok(Self {
-            cipher: XChaCha20Poly1305::new_from_slice(&bytes).expect("32-byte key"),
-        })
+        Self::with_previous(key, &SecretString::from(String::new()))
     }
 
-    pub fn encrypt(&self, plaintext: &str) -> Vec<u8> {
+    /// From the current key and the previous ones (comma-separated base64 of 32 bytes
+    /// each; empty for none), which only decrypt.
+    pub fn with_previous(current: &SecretString, previous: &SecretString) -> Result<Self, String> {
+        let current = TokenKey::from_base64(current.expose_secret())?;
+        let previous = previous
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .enumerate()
+            .map(|(i, k)| TokenKey::from_base64(k).map_err(|e| format!("key {}: {e}", i + 1)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { current, previous })
+    }
+
+    /// The id of the current key, stored with every value it encrypts.
+    pub fn key_id(&self) -> &str {
+        &self.current.id
+    }
+
+    /// Seals `plaintext` for the place `aad` names, with the current key.
+    pub fn encrypt(&self, plaintext: &str, aad: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; 24];
         rand::rng().fill_bytes(&mut nonce);
         let ct = self
+            .current
             .cipher
-            .encrypt(XNonce::from_slice(&nonce), plaintext.as_bytes())
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext.as_bytes(),
+                    aad,
+                },
+            )
             .expect("encryption of a short token cannot fail");
         let mut out = nonce.to_vec();
         out.extend_from_slice(&ct);
         out
     }
 
-    pub fn decrypt(&self, stored: &[u8]) -> Result<SecretString, DecryptError> {
-        if stored.len() < 24 {
-            return Err(DecryptError);
+    /// Opens a value sealed with the key `key_id` for the place `aad` names. `None`
+    /// is a value stored before keys had ids, sealed without associated data: every
+    /// configured key is tried.
+    pub fn decrypt(
+        &self,
+        stored: &[u8],
+        key_id: Option<&str>,
+        aad: &[u8],
+    ) -> Result<SecretString, DecryptError> {
+        let mut keys = std::iter::once(&self.current).chain(&self.previous);
+        match key_id {
+            Some(id) => keys
+                .find(|k| k.id == id)
+                .ok_or(DecryptError)?
+                .open(stored, aad),
+            None => keys
+                .find_map(|k| k.open(stored, b"").ok())
+                .ok_or(DecryptError),
         }
-        let (nonce, ct) = stored.split_at(24);
-        let pt = self
-            .cipher
-            .decrypt(XNonce::from_slice(nonce), ct)
-            .map_err(|_| DecryptError)?;
-        String::from_utf8(pt)
-            .map(SecretString::from)
-            .map_err(|_| DecryptError)
     }
 }
 
@@ -222,16 +300,73 @@ mod tests {
         );
     }
 
+    fn key(b: u8) -> SecretString {
+        SecretString::from(STANDARD.encode([b; 32]))
+    }
+
     #[test]
     fn token_cipher_round_trips_and_detects_corruption() {
-        let c = TokenCipher::from_base64(&SecretString::from(STANDARD.encode([7u8; 32]))).unwrap();
-        let a = c.encrypt("access-token");
-        let b = c.encrypt("access-token");
+        let c = TokenCipher::from_base64(&key(7)).unwrap();
+        let a = c.encrypt("access-token", b"row 1");
+        let b = c.encrypt("access-token", b"row 1");
         assert_ne!(a, b, "nonces differ");
-        assert_eq!(c.decrypt(&a).unwrap().expose_secret(), "access-token");
+        let id = Some(c.key_id());
+        assert_eq!(
+            c.decrypt(&a, id, b"row 1").unwrap().expose_secret(),
+            "access-token"
+        );
         let mut bad = a.clone();
         *bad.last_mut().unwrap() ^= 1;
-        assert!(c.decrypt(&bad).is_err());
+        assert!(c.decrypt(&bad, id, b"row 1").is_err());
         assert!(TokenCipher::from_base64(&SecretString::from("c2hvcnQ=")).is_err());
+    }
+
+    #[test]
+    fn a_token_opens_only_where_it_was_sealed_and_with_its_key() {
+        let c = TokenCipher::from_base64(&key(7)).unwrap();
+        let a = c.encrypt("access-token", b"row 1");
+        assert!(c.decrypt(&a, Some(c.key_id()), b"row 2").is_err());
+        assert!(c.decrypt(&a, Some("0000000000000000"), b"row 1").is_err());
+        assert!(c.decrypt(&a, None, b"row 1").is_err(), "not a legacy value");
+    }
+
+    #[test]
+    fn previous_keys_decrypt_and_only_the_current_one_encrypts() {
+        let old = TokenCipher::from_base64(&key(1)).unwrap();
+        let sealed = old.encrypt("t", b"row");
+        let legacy = {
+            // A value from before associated data: nonce + ciphertext of the bare token.
+            let nonce = [9u8; 24];
+            let mut v = nonce.to_vec();
+            v.extend(
+                old.current
+                    .cipher
+                    .encrypt(XNonce::from_slice(&nonce), b"t".as_slice())
+                    .unwrap(),
+            );
+            v
+        };
+        let both = format!(
+            " {} ,{}",
+            STANDARD.encode([2u8; 32]),
+            STANDARD.encode([1u8; 32])
+        );
+        let new = TokenCipher::with_previous(&key(3), &SecretString::from(both)).unwrap();
+        assert_ne!(new.key_id(), old.key_id());
+        let read = new.decrypt(&sealed, Some(old.key_id()), b"row").unwrap();
+        assert_eq!(read.expose_secret(), "t");
+        assert_eq!(
+            new.decrypt(&legacy, None, b"row").unwrap().expose_secret(),
+            "t"
+        );
+        let resealed = new.encrypt("t", b"row");
+        assert!(old.decrypt(&resealed, Some(new.key_id()), b"row").is_err());
+        assert!(TokenCipher::with_previous(&key(3), &SecretString::from("c2hvcnQ=")).is_err());
+        let only_new = TokenCipher::from_base64(&key(3)).unwrap();
+        assert!(
+            only_new
+                .decrypt(&sealed, Some(old.key_id()), b"row")
+                .is_err()
+        );
     }
 }

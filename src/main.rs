@@ -43,6 +43,9 @@ enum Command {
     /// Manage merchants' API keys (`Authorization: Bearer <key>` on the REST API).
     #[command(subcommand)]
     ApiKey(ApiKeyCommand),
+    /// Manage the keys of data guildgate encrypts.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Compare grants with Discord and report drift (a table, or JSON); --apply queues fixes.
     ///
     /// Finds delivered grants whose member lacks the role or left the server, revoked
@@ -122,6 +125,26 @@ enum DlqCommand {
 }
 
 #[derive(Subcommand)]
+enum KeysCommand {
+    /// Re-encrypt every customer's stored Discord tokens with the current
+    /// `secrets.token_encryption_key`.
+    ///
+    /// Tokens stored with a key listed in `secrets.previous_token_encryption_keys` (or
+    /// before keys had ids) are decrypted and written back with the current key, in
+    /// batches. Safe while `serve` runs (a link written meanwhile is left as written)
+    /// and to run again. Prints what it did; fails if some tokens no configured key
+    /// decrypts. Once it reports none remaining, the previous keys can be removed.
+    RotateTokens {
+        /// Links re-encrypted per transaction.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..))]
+        batch_size: i64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ApiKeyCommand {
     /// Create a key for a business (creating the business if new). Prints the key once on
     /// stdout; only its hash is stored, so it cannot be shown again.
@@ -182,6 +205,7 @@ fn main() -> ExitCode {
             }
             Command::ApiKey(cmd) => api_key(&settings, cmd).await,
             Command::Dlq(cmd) => dlq(&settings, cmd).await,
+            Command::Keys(cmd) => keys(&settings, cmd).await,
             Command::Reconcile {
                 business,
                 guild,
@@ -328,6 +352,41 @@ async fn dlq(settings: &Settings, cmd: DlqCommand) -> Result<(), String> {
     };
     broker.close().await;
     result
+}
+
+async fn keys(settings: &Settings, cmd: KeysCommand) -> Result<(), String> {
+    match cmd {
+        KeysCommand::RotateTokens { batch_size, json } => {
+            let cipher = settings.token_cipher()?;
+            let pool = guildgate::store::pool(&settings.database).map_err(|e| e.to_string())?;
+            let report = guildgate::sync::keys::rotate_tokens(&pool, &cipher, batch_size)
+                .await
+                .map_err(|e| e.to_string())?;
+            pool.close().await;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serializable")
+                );
+            } else {
+                println!(
+                    "re-encrypted {} link(s) with key {}; {} changed meanwhile; {} unreadable; {} not on the current key",
+                    report.reencrypted,
+                    cipher.key_id(),
+                    report.changed_meanwhile,
+                    report.unreadable,
+                    report.remaining
+                );
+            }
+            if report.unreadable > 0 {
+                return Err(format!(
+                    "{} link(s) could not be decrypted with any configured key; their customers must authorize again",
+                    report.unreadable
+                ));
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn reconcile(

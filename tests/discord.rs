@@ -566,7 +566,6 @@ async fn a_replayed_sync_job_starts_its_retries_afresh_and_counts_its_replays() 
 
 /// A syncer of its own (the app runs none), on its own broker connection.
 fn syncer(w: &World, name: &str) -> (guildgate::amqp::Broker, guildgate::sync::SyncWorker) {
-    use guildgate::crypto::TokenCipher;
     use guildgate::discord::DiscordClient;
     use guildgate::discord::ratelimit::Budget;
     let s = &w.app.settings;
@@ -575,7 +574,7 @@ fn syncer(w: &World, name: &str) -> (guildgate::amqp::Broker, guildgate::sync::S
         w.app.pool.clone(),
         broker.clone(),
         DiscordClient::side(&s.discord, w.app.metrics.clone()).with_budget(Budget::syncer(5)),
-        TokenCipher::from_base64(&s.secrets.token_encryption_key).unwrap(),
+        s.token_cipher().unwrap(),
         w.links.clone(),
         s.sync.retry_delays.clone(),
         w.app.metrics.clone(),
@@ -1005,5 +1004,193 @@ async fn callbacks_are_limited_per_address_and_forwarded_for_only_counts_from_tr
         400
     );
     assert_eq!(callback(&w, "code=x&state=junk", None).await.0, 400);
+    w.stop().await;
+}
+
+/// A base64 token encryption key of 32 bytes `b`.
+fn token_key(b: u8) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode([b; 32])
+}
+
+/// Links `customer` to `user` with tokens encrypted by `cipher`: bound to the row and
+/// stored with the key's id, or, with `legacy`, as before keys had ids (no associated
+/// data, no key id).
+async fn store_link_with(
+    w: &World,
+    customer: &str,
+    user: u64,
+    cipher: &guildgate::crypto::TokenCipher,
+    legacy: bool,
+) {
+    use guildgate::sync::store::token_aad;
+    let t = w.sandbox.issue_token(user, &["identify", "guilds.join"]);
+    let biz = w.app.business();
+    let aad = |column: &str| {
+        if legacy {
+            Vec::new()
+        } else {
+            token_aad(&biz, customer, column)
+        }
+    };
+    let mut conn = w.app.pool.acquire().await.unwrap();
+    guildgate::store::setup::ensure_business(&mut conn, &biz)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO discord_links (business_id, customer_id, discord_user_id, access_token_enc,
+             refresh_token_enc, expires_at, scopes, token_key_id)
+         VALUES ($1, $2, $3, $4, $5, now() + interval '1 day', $6, $7)",
+    )
+    .bind(&biz)
+    .bind(customer)
+    .bind(id(user))
+    .bind(cipher.encrypt(&t.access_token, &aad("access_token_enc")))
+    .bind(cipher.encrypt(&t.refresh_token, &aad("refresh_token_enc")))
+    .bind(&t.scope)
+    .bind((!legacy).then(|| cipher.key_id().to_string()))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+}
+
+/// Someone with write access to the database copies bob's link (his Discord user and
+/// token ciphertexts) into the row of another customer, who bought nothing for bob.
+/// The tokens are bound to bob's row: the copy does not decrypt, and bob gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_copied_to_another_customers_row_does_not_decrypt() {
+    let w = World::start().await;
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    let (alice, bob) = (w.user("alice"), w.user("bob"));
+    w.link("cus_1", alice).await;
+    w.link("cus_2", bob).await;
+    sqlx::query(
+        "UPDATE discord_links AS l SET discord_user_id = b.discord_user_id,
+             access_token_enc = b.access_token_enc, refresh_token_enc = b.refresh_token_enc
+         FROM discord_links AS b WHERE l.customer_id = 'cus_1' AND b.customer_id = 'cus_2'",
+    )
+    .execute(&w.app.pool)
+    .await
+    .unwrap();
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    let failed = w.wait_status(&grant.id, "Failed").await;
+    assert_eq!(
+        failed.error_code.as_deref(),
+        Some("discord_reauthorization_required")
+    );
+    assert!(w.sandbox.member(g.guild_id, bob).is_none());
+    w.stop().await;
+}
+
+/// Runs `guildgate keys …` against the test's database with the given keys.
+async fn keys_cli(w: &World, current: &str, previous: &str, args: &[&str]) -> (bool, String) {
+    use secrecy::ExposeSecret;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_guildgate"));
+    cmd.arg("keys")
+        .args(args)
+        .env(
+            "GUILDGATE_DATABASE__URL",
+            w.app.settings.database.url.expose_secret(),
+        )
+        .env("GUILDGATE_SECRETS__TOKEN_ENCRYPTION_KEY", current)
+        .env(
+            "GUILDGATE_SECRETS__PREVIOUS_TOKEN_ENCRYPTION_KEYS",
+            previous,
+        );
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The key changed: tokens stored with the previous key, and tokens stored before keys
+/// had ids, still work while the previous key is configured; `keys rotate-tokens`
+/// re-encrypts them with the current key (and can run again), after which the current
+/// key alone reads every token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_of_a_previous_key_stay_usable_and_rotate_to_the_current_one() {
+    use guildgate::crypto::TokenCipher;
+    use secrecy::SecretString;
+    let (old, new, lost) = (token_key(1), token_key(2), token_key(9));
+    let w = World::start_with(
+        SandboxConfig::default(),
+        TestConfig::default()
+            .env("GUILDGATE_SECRETS__TOKEN_ENCRYPTION_KEY", &new)
+            .env("GUILDGATE_SECRETS__PREVIOUS_TOKEN_ENCRYPTION_KEYS", &old),
+    )
+    .await;
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    let (alice, bob, carol) = (w.user("alice"), w.user("bob"), w.user("carol"));
+    let old_cipher = TokenCipher::from_base64(&SecretString::from(old.clone())).unwrap();
+    store_link_with(&w, "cus_1", alice, &old_cipher, true).await;
+    store_link_with(&w, "cus_2", bob, &old_cipher, false).await;
+    let lost_cipher = TokenCipher::from_base64(&SecretString::from(lost)).unwrap();
+    store_link_with(&w, "cus_3", carol, &lost_cipher, false).await;
+    for (n, customer) in ["cus_1", "cus_2"].into_iter().enumerate() {
+        w.app
+            .publish(
+                &payment(&biz, &format!("pay_{n}"), customer, &["pdt_a"], T0),
+                &format!("evt_{n}"),
+            )
+            .await;
+        let grant = w.grant_of(customer).await;
+        w.wait_status(&grant.id, "Delivered").await;
+    }
+    assert!(w.has_role(g.guild_id, alice, role));
+    assert!(w.has_role(g.guild_id, bob, role));
+
+    let (ok, help) = keys_cli(&w, &new, &old, &["rotate-tokens", "--help"]).await;
+    assert!(ok && help.contains("--batch-size"), "{help}");
+    let report = |out: &str| -> serde_json::Value { serde_json::from_str(out).unwrap() };
+    let args = ["rotate-tokens", "--batch-size", "1", "--json"];
+    let (ok, out) = keys_cli(&w, &new, &old, &args).await;
+    assert!(!ok, "a link no configured key reads fails the run: {out}");
+    let r = report(&out);
+    assert_eq!(
+        (r["reencrypted"].as_u64(), r["unreadable"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(r["remaining"], 1);
+    sqlx::query("DELETE FROM discord_links WHERE customer_id = 'cus_3'")
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
+    let (ok, out) = keys_cli(&w, &new, &old, &args).await;
+    assert!(ok, "{out}");
+    let r = report(&out);
+    assert_eq!(
+        (r["reencrypted"].as_u64(), r["remaining"].as_i64()),
+        (Some(0), Some(0))
+    );
+
+    // The current key alone reads every token now, and only where it is stored.
+    let current = TokenCipher::from_base64(&SecretString::from(new.clone())).unwrap();
+    let mut conn = w.app.pool.acquire().await.unwrap();
+    for customer in ["cus_1", "cus_2"] {
+        let link = guildgate::sync::store::link_of(&mut conn, &biz, customer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(link.token_key_id.as_deref(), Some(current.key_id()));
+        assert!(link.access_token(&current).is_ok(), "{customer}");
+        assert!(link.refresh_token(&current).unwrap().is_ok(), "{customer}");
+    }
+    drop(conn);
     w.stop().await;
 }

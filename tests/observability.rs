@@ -20,7 +20,6 @@ use common::events::*;
 use common::proxy::Proxy;
 use common::{TestApp, TestConfig, wait_for};
 use discord_world::World;
-use guildgate::crypto::TokenCipher;
 use guildgate::ids::BusinessId;
 use guildgate::webhooks::endpoints::{self, NewEndpoint};
 use guildgate::webhooks::ssrf::TargetPolicy;
@@ -257,17 +256,23 @@ async fn a_full_flow_is_measured_and_logged_without_secrets() {
         );
     }
 
-    let link: (Vec<u8>, Option<Vec<u8>>) = sqlx::query_as(
-        "SELECT access_token_enc, refresh_token_enc FROM discord_links WHERE customer_id = 'cus_1'",
-    )
-    .fetch_one(&w.app.pool)
-    .await
-    .unwrap();
+    let link = {
+        let mut conn = w.app.pool.acquire().await.unwrap();
+        guildgate::sync::store::link_of(&mut conn, &w.app.business(), "cus_1")
+            .await
+            .unwrap()
+            .unwrap()
+    };
     let settings = w.app.settings.clone();
-    let cipher = TokenCipher::from_base64(&settings.secrets.token_encryption_key).unwrap();
-    let access = cipher.decrypt(&link.0).unwrap().expose_secret().to_string();
-    let refresh = cipher
-        .decrypt(link.1.as_deref().unwrap())
+    let cipher = settings.token_cipher().unwrap();
+    let access = link
+        .access_token(&cipher)
+        .unwrap()
+        .expose_secret()
+        .to_string();
+    let refresh = link
+        .refresh_token(&cipher)
+        .unwrap()
         .unwrap()
         .expose_secret()
         .to_string();

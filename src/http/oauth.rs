@@ -20,7 +20,6 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use chrono::{DateTime, Utc};
-use secrecy::ExposeSecret;
 use serde::Deserialize;
 use sqlx::PgConnection;
 
@@ -291,19 +290,20 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         if grant.oauth_nonce != claims.n {
             return Err(Page::Used);
         }
-        let row = LinkRow {
-            business_id: grant.business_id.clone(),
-            customer_id: grant.customer_id.clone(),
-            discord_user_id: user.id.to_string(),
-            access_token_enc: st.cipher.encrypt(tokens.access_token.expose_secret()),
-            refresh_token_enc: tokens
-                .refresh_token
-                .as_ref()
-                .map(|r| st.cipher.encrypt(r.expose_secret())),
-            expires_at: now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
-            scopes: tokens.scope.clone(),
-            token_version: 0,
-        };
+        let row = LinkRow::new(
+            &grant.business_id,
+            &grant.customer_id,
+            user.id.to_string(),
+            db::SealedTokens::seal(
+                &st.cipher,
+                &grant.business_id,
+                &grant.customer_id,
+                &tokens.access_token,
+                tokens.refresh_token.as_ref(),
+            ),
+            now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
+            tokens.scope.clone(),
+        );
         db::upsert_link(&mut tx, &row, now)
             .await
             .map_err(db_failed)?;

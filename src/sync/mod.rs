@@ -4,8 +4,10 @@
 //!
 //! - [`worker`]: handle one job ([`worker::SyncWorker::handle`]) and the consume loop.
 //! - [`store`]: the SQL of linked accounts and the syncer's grant updates.
+//! - [`keys`]: re-encryption of stored tokens with the current key.
 //! - here: the pure retry decision, `(attempt, wait, tiers) -> tier | exhausted`.
 
+pub mod keys;
 pub mod store;
 pub mod worker;
 

@@ -353,38 +353,27 @@ impl SyncWorker {
             return Err(DiscordError::BadUserToken);
         };
         if link.expires_at > Utc::now() + REFRESH_MARGIN {
-            return self
-                .cipher
-                .decrypt(&link.access_token_enc)
+            return link
+                .access_token(&self.cipher)
                 .map_err(|_| DiscordError::BadUserToken);
         }
         let refresh = link
-            .refresh_token_enc
-            .as_deref()
-            .and_then(|r| self.cipher.decrypt(r).ok())
+            .refresh_token(&self.cipher)
+            .and_then(Result::ok)
             .ok_or(DiscordError::BadUserToken)?;
         let tokens = self.discord.refresh(&refresh).await?;
         let now = Utc::now();
-        let access_enc = self
-            .cipher
-            .encrypt(secrecy::ExposeSecret::expose_secret(&tokens.access_token));
-        let refresh_enc = tokens
-            .refresh_token
-            .as_ref()
-            .map(|r| self.cipher.encrypt(secrecy::ExposeSecret::expose_secret(r)));
+        let sealed = db::SealedTokens::seal(
+            &self.cipher,
+            &link.business_id,
+            &link.customer_id,
+            &tokens.access_token,
+            tokens.refresh_token.as_ref(),
+        );
         let expires_at = now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default();
         let stored = async {
             let mut conn = self.pool.acquire().await?;
-            db::store_refreshed(
-                &mut conn,
-                link,
-                &access_enc,
-                refresh_enc.as_deref(),
-                expires_at,
-                &tokens.scope,
-                now,
-            )
-            .await
+            db::store_refreshed(&mut conn, link, &sealed, expires_at, &tokens.scope, now).await
         }
         .await;
         match stored {

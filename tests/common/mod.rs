@@ -630,26 +630,29 @@ pub async fn link_sandbox_user(
     user: u64,
 ) {
     let t = sandbox.issue_token(user, &["identify", "guilds.join"]);
-    let cipher =
-        guildgate::crypto::TokenCipher::from_base64(&settings.secrets.token_encryption_key)
-            .unwrap();
+    let cipher = settings.token_cipher().unwrap();
     let mut conn = pool.acquire().await.unwrap();
     store::setup::ensure_business(&mut conn, business)
         .await
         .unwrap();
     let now = chrono::Utc::now();
+    let sealed = guildgate::sync::store::SealedTokens::seal(
+        &cipher,
+        business,
+        customer,
+        &t.access_token.clone().into(),
+        Some(&t.refresh_token.clone().into()),
+    );
     guildgate::sync::store::upsert_link(
         &mut conn,
-        &guildgate::sync::store::LinkRow {
-            business_id: business.into(),
-            customer_id: customer.into(),
-            discord_user_id: user.to_string(),
-            access_token_enc: cipher.encrypt(&t.access_token),
-            refresh_token_enc: Some(cipher.encrypt(&t.refresh_token)),
-            expires_at: now + chrono::Duration::from_std(t.expires_in).unwrap(),
-            scopes: t.scope.clone(),
-            token_version: 0,
-        },
+        &guildgate::sync::store::LinkRow::new(
+            business,
+            customer,
+            user.to_string(),
+            sealed,
+            now + chrono::Duration::from_std(t.expires_in).unwrap(),
+            t.scope.clone(),
+        ),
         now,
     )
     .await

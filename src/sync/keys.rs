@@ -1,0 +1,107 @@
+//! Re-encrypting customers' stored tokens with the current key
+//! (`guildgate keys rotate-tokens`), after `secrets.token_encryption_key` changed.
+//!
+//! Safe to run while `serve` runs, and to run again: it takes the links not yet on the
+//! current key in batches, in key order, and writes each one back only if nobody wrote
+//! it since it was read (same `token_version` and key id). A link written meanwhile was
+//! written by a refresh or a re-link, with the current key of that process. The
+//! `token_version` is not bumped: a refresh that read the link before the re-encryption
+//! still stores its new tokens.
+
+use serde::Serialize;
+use sqlx::PgPool;
+
+use super::store::{LinkRow, SealedTokens};
+use crate::crypto::TokenCipher;
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RotationReport {
+    /// Links re-encrypted with the current key.
+    pub reencrypted: u64,
+    /// Links written by someone else between the read and the write (left as written).
+    pub changed_meanwhile: u64,
+    /// Links no configured key decrypts (left as they are; their customers must
+    /// authorize again).
+    pub unreadable: u64,
+    /// Links still not on the current key after the run.
+    pub remaining: i64,
+}
+
+/// Re-encrypts every link not on `cipher`'s current key, `batch` links per transaction.
+pub async fn rotate_tokens(
+    pool: &PgPool,
+    cipher: &TokenCipher,
+    batch: i64,
+) -> Result<RotationReport, sqlx::Error> {
+    let current = cipher.key_id();
+    let mut report = RotationReport::default();
+    let mut after = (String::new(), String::new());
+    loop {
+        let rows: Vec<LinkRow> = sqlx::query_as(
+            "SELECT business_id, customer_id, discord_user_id, access_token_enc, refresh_token_enc,
+                 expires_at, scopes, token_version, token_key_id
+             FROM discord_links
+             WHERE token_key_id IS DISTINCT FROM $1 AND (business_id, customer_id) > ($2, $3)
+             ORDER BY business_id, customer_id
+             LIMIT $4",
+        )
+        .bind(current)
+        .bind(&after.0)
+        .bind(&after.1)
+        .bind(batch)
+        .fetch_all(pool)
+        .await?;
+        let Some(last) = rows.last() else { break };
+        after = (last.business_id.clone(), last.customer_id.clone());
+        let mut tx = pool.begin().await?;
+        for row in &rows {
+            let access = row.access_token(cipher);
+            let refresh = row.refresh_token(cipher).transpose();
+            let (Ok(access), Ok(refresh)) = (access, refresh) else {
+                tracing::warn!(
+                    business_id = %row.business_id,
+                    customer_id = %row.customer_id,
+                    key_id = row.token_key_id.as_deref().unwrap_or("none"),
+                    "no configured key decrypts this customer's tokens"
+                );
+                report.unreadable += 1;
+                continue;
+            };
+            let sealed = SealedTokens::seal(
+                cipher,
+                &row.business_id,
+                &row.customer_id,
+                &access,
+                refresh.as_ref(),
+            );
+            let done = sqlx::query(
+                "UPDATE discord_links SET access_token_enc = $5, refresh_token_enc = $6, token_key_id = $7
+                 WHERE business_id = $1 AND customer_id = $2 AND token_version = $3
+                   AND token_key_id IS NOT DISTINCT FROM $4",
+            )
+            .bind(&row.business_id)
+            .bind(&row.customer_id)
+            .bind(row.token_version)
+            .bind(&row.token_key_id)
+            .bind(&sealed.access_token_enc)
+            .bind(&sealed.refresh_token_enc)
+            .bind(&sealed.token_key_id)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 1 {
+                report.reencrypted += 1;
+            } else {
+                report.changed_meanwhile += 1;
+            }
+        }
+        tx.commit().await?;
+    }
+    report.remaining = sqlx::query_scalar(
+        "SELECT count(*) FROM discord_links WHERE token_key_id IS DISTINCT FROM $1",
+    )
+    .bind(current)
+    .fetch_one(pool)
+    .await?;
+    Ok(report)
+}
