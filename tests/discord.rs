@@ -1194,3 +1194,157 @@ async fn tokens_of_a_previous_key_stay_usable_and_rotate_to_the_current_one() {
     drop(conn);
     w.stop().await;
 }
+
+/// The customer's stored tokens, decrypted.
+async fn stored_tokens(w: &World, customer: &str) -> (String, String) {
+    use secrecy::ExposeSecret;
+    let mut conn = w.app.pool.acquire().await.unwrap();
+    let link = guildgate::sync::store::link_of(&mut conn, &w.app.business(), customer)
+        .await
+        .unwrap()
+        .expect("linked");
+    let cipher = w.app.settings.token_cipher().unwrap();
+    (
+        link.access_token(&cipher)
+            .unwrap()
+            .expose_secret()
+            .to_string(),
+        link.refresh_token(&cipher)
+            .unwrap()
+            .unwrap()
+            .expose_secret()
+            .to_string(),
+    )
+}
+
+/// Whether Discord still accepts an access token.
+async fn access_works(w: &World, access: &str) -> bool {
+    let status = w
+        .http
+        .get(format!("{}/users/@me", w.sandbox.api_base()))
+        .bearer_auth(access)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    status.is_success()
+}
+
+/// Whether Discord still accepts a refresh token (using it rotates it).
+async fn refresh_works(w: &World, refresh: &str) -> bool {
+    let id = w.sandbox.client_id().to_string();
+    w.http
+        .post(format!("{}/oauth2/token", w.sandbox.api_base()))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh),
+            ("client_id", &id),
+            ("client_secret", w.sandbox.client_secret()),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .is_success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tokens_are_revoked_and_forgotten_when_the_last_grant_ends() {
+    let w = World::start().await;
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    let alice = w.user("alice");
+    w.link("cus_1", alice).await;
+    for (n, at) in [(1, T0), (2, T1)] {
+        w.app
+            .publish(
+                &payment(&biz, &format!("pay_{n}"), "cus_1", &["pdt_a"], at),
+                &format!("evt_{n}"),
+            )
+            .await;
+    }
+    w.app.wait_processed(2).await;
+    let grants = w.app.grants_of("cus_1").await;
+    for g in &grants {
+        w.wait_status(&g.id, "Delivered").await;
+    }
+    let (access, refresh) = stored_tokens(&w, "cus_1").await;
+
+    // One grant ends: the other still needs the link.
+    w.app
+        .publish(&refund(&biz, "pay_1", false, T2), "evt_3")
+        .await;
+    let first = grants
+        .iter()
+        .find(|g| g.payment_id.as_deref() == Some("pay_1"))
+        .unwrap();
+    w.wait_grant(&first.id, "first revoke synced", |g| {
+        g.status == "Revoked" && g.applied_user_id.is_none()
+    })
+    .await;
+    assert!(w.has_role(g.guild_id, alice, role));
+    assert_eq!(stored_tokens(&w, "cus_1").await.0, access);
+    assert!(access_works(&w, &access).await);
+
+    // The last one ends: the tokens are revoked at Discord and forgotten.
+    w.app
+        .publish(&refund(&biz, "pay_2", false, T2), "evt_4")
+        .await;
+    wait_for("the link forgotten", || async {
+        let links: i64 = sqlx::query_scalar("SELECT count(*) FROM discord_links")
+            .fetch_one(&w.app.pool)
+            .await
+            .unwrap();
+        (links == 0).then_some(())
+    })
+    .await;
+    assert!(!w.has_role(g.guild_id, alice, role));
+    assert!(!access_works(&w, &access).await, "access token revoked");
+    assert!(!refresh_works(&w, &refresh).await, "refresh token revoked");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_to_another_discord_account_revokes_the_old_tokens() {
+    let w = World::start().await;
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    let (alice, bob) = (w.user("alice"), w.user("bob"));
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    let (status, page) = w.authorize(&grant, alice).await;
+    assert_eq!(status, 200, "{page}");
+    w.wait_status(&grant.id, "Delivered").await;
+    let (access, refresh) = stored_tokens(&w, "cus_1").await;
+
+    // Authorizing with another account revokes the old account's tokens.
+    let current = w.grant_of("cus_1").await;
+    let (status, page) = w.authorize(&current, bob).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(!access_works(&w, &access).await, "old access token revoked");
+    assert!(
+        !refresh_works(&w, &refresh).await,
+        "old refresh token revoked"
+    );
+    let (new_access, _) = stored_tokens(&w, "cus_1").await;
+    assert!(access_works(&w, &new_access).await);
+    w.wait_grant(&grant.id, "moved to bob", |g| {
+        g.applied_user_id.as_deref() == Some(id(bob).as_str())
+    })
+    .await;
+    wait_for("bob holds the role", || async {
+        w.has_role(g.guild_id, bob, role).then_some(())
+    })
+    .await;
+    w.stop().await;
+}

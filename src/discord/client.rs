@@ -700,6 +700,40 @@ impl DiscordClient {
         .await
     }
 
+    /// Revokes a customer's token (`POST /oauth2/token/revoke`, form-encoded with the
+    /// client credentials). `hint` is `access_token` or `refresh_token`. Discord answers
+    /// 200 also for a token it no longer knows, so a repeat is harmless.
+    pub async fn revoke_token(
+        &self,
+        token: &SecretString,
+        hint: &'static str,
+    ) -> Result<(), DiscordError> {
+        let form = vec![
+            ("token", token.expose_secret().to_string()),
+            ("token_type_hint", hint.to_string()),
+            ("client_id", self.client_id.to_string()),
+            (
+                "client_secret",
+                self.client_secret.expose_secret().to_string(),
+            ),
+        ];
+        let a = self
+            .send(Call {
+                verb: Verb::Post,
+                path: "oauth2/token/revoke".into(),
+                route: "oauth2/token/revoke".into(),
+                label: "POST /oauth2/token/revoke",
+                auth: Auth::None,
+                body: Body::Form(form),
+                idempotent: true,
+            })
+            .await?;
+        match a.status {
+            200 | 204 => Ok(()),
+            _ => Err(a.unexpected()),
+        }
+    }
+
     /// `GET /users/@me` with a customer's token.
     pub async fn user(&self, access_token: &SecretString) -> Result<User, DiscordError> {
         let a = self

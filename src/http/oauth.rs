@@ -32,6 +32,7 @@ use crate::grants::link::LinkBuilder;
 use crate::grants::{Grant, GrantStatus};
 use crate::store::{grants as grant_store, setup};
 use crate::sync::store::{self as db, LinkRow};
+use crate::sync::worker::revoke_tokens;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/oauth/discord/callback", get(callback))
@@ -276,7 +277,7 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         .await
         .map_err(discord_failed)?;
 
-    let guild_id = {
+    let (guild_id, previous) = {
         let mut tx = st.pool.begin().await.map_err(db_failed)?;
         // Locked, and the nonce checked again: of two callbacks racing with one link,
         // exactly one wins.
@@ -290,6 +291,12 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         if grant.oauth_nonce != claims.n {
             return Err(Page::Used);
         }
+        // The account linked so far; if the customer moves to another one, its tokens
+        // are revoked once this commits.
+        let previous = db::link_of(&mut tx, &grant.business_id, &grant.customer_id)
+            .await
+            .map_err(db_failed)?
+            .filter(|l| l.discord_user_id != user.id.to_string());
         let row = LinkRow::new(
             &grant.business_id,
             &grant.customer_id,
@@ -327,8 +334,22 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
             .await
             .map_err(db_failed)?;
         tx.commit().await.map_err(db_failed)?;
-        ent.map(|e| e.guild_id).unwrap_or_default()
+        (ent.map(|e| e.guild_id).unwrap_or_default(), previous)
     };
+    if let Some(old) = previous {
+        // Best effort: the old tokens are no longer stored anywhere, so a revoke that
+        // fails is logged and dropped rather than holding up the customer's page.
+        let access = old.access_token(&st.cipher).ok();
+        let refresh = old.refresh_token(&st.cipher).and_then(Result::ok);
+        match revoke_tokens(&st.discord, access.as_ref(), refresh.as_ref()).await {
+            Ok(()) => {
+                tracing::info!(grant_id = %grant.id, "revoked the tokens of the Discord account the customer left")
+            }
+            Err(e) => {
+                tracing::warn!(grant_id = %grant.id, error = %e, "cannot revoke the tokens of the Discord account the customer left; dropping them")
+            }
+        }
+    }
     tracing::info!(grant_id = %grant.id, discord_user_id = %user.id, "customer linked a Discord account");
     // The server's name is a courtesy: if Discord does not answer, show the id.
     let guild_name = match Snowflake::parse(&guild_id) {

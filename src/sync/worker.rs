@@ -68,6 +68,8 @@ struct Job {
     role: Option<Snowflake>,
     link: Option<LinkRow>,
     others: Vec<Access>,
+    /// The customer has another live grant (applied or not).
+    other_live: bool,
 }
 
 /// What a successful sync did.
@@ -115,7 +117,12 @@ impl SyncWorker {
             return Ok(Outcome::Ack("unknown_grant"));
         };
         self.record_intent(&mut job).await?;
-        let synced = self.sync(&job).await;
+        let mut synced = self.sync(&job).await;
+        if synced.is_ok()
+            && let Err(e) = self.forget_link_after_last_grant(&job).await
+        {
+            synced = Err(e);
+        }
         if self.fail_after_discord.load(Ordering::SeqCst) {
             return Err(sqlx::Error::Protocol(
                 "injected failure after the Discord calls".into(),
@@ -176,9 +183,11 @@ impl SyncWorker {
         };
         let link = db::link_of(&mut conn, &grant.business_id, &grant.customer_id).await?;
         let mut others = Vec::new();
-        for h in db::other_live_grants(&mut conn, &grant.business_id, &grant.customer_id, &grant.id)
-            .await?
-        {
+        let other_live =
+            db::other_live_grants(&mut conn, &grant.business_id, &grant.customer_id, &grant.id)
+                .await?;
+        let any_other_live = !other_live.is_empty();
+        for h in other_live {
             // Only what another grant applied (or recorded it is applying) keeps an
             // access. Not what it is yet to deliver: it may be revoked before its
             // delivery runs, and then nothing would ever take the access away. Its own
@@ -197,6 +206,7 @@ impl SyncWorker {
             role,
             link,
             others,
+            other_live: any_other_live,
         }))
     }
 
@@ -330,6 +340,49 @@ impl SyncWorker {
         Ok(Synced { plan: p })
     }
 
+    /// Once the customer's last grant ended and its access was taken away, their
+    /// tokens are revoked at Discord and the link forgotten: guildgate has nothing left
+    /// to do for them. A revoke Discord could not answer (outage, rate limit, an
+    /// unexpected answer) fails the job, which is retried on the sync tiers with the
+    /// link kept; a token Discord no longer accepts is simply forgotten.
+    async fn forget_link_after_last_grant(&self, job: &Job) -> Result<(), DiscordError> {
+        let Some(link) = &job.link else {
+            return Ok(());
+        };
+        if job.grant.status().is_live() || job.other_live {
+            return Ok(());
+        }
+        let access = link.access_token(&self.cipher).ok();
+        let refresh = link.refresh_token(&self.cipher).and_then(Result::ok);
+        match revoke_tokens(&self.discord, access.as_ref(), refresh.as_ref()).await {
+            Ok(()) => {}
+            Err(e) if e.human_code().is_none() => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "Discord refused to revoke the customer's tokens; forgetting them")
+            }
+        }
+        let forgotten = async {
+            let mut conn = self.pool.acquire().await?;
+            db::delete_link(&mut conn, link).await
+        }
+        .await;
+        match forgotten {
+            // `false`: the customer linked again meanwhile; that link stays.
+            Ok(gone) => {
+                if gone {
+                    tracing::info!(grant_id = %job.grant.id, "last grant ended: the customer's Discord tokens were revoked and forgotten");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot forget the customer's revoked tokens");
+                Err(DiscordError::Retriable(
+                    "cannot forget the customer's revoked tokens".into(),
+                ))
+            }
+        }
+    }
+
     /// "Missing Permissions" covers both a missing permission and the role hierarchy;
     /// ask Discord which, so the merchant reads what to fix.
     async fn explain(
@@ -385,6 +438,17 @@ impl SyncWorker {
                 tracing::info!(
                     "the customer linked again during a token refresh; keeping the newer link"
                 );
+                // Nobody will use these tokens of the account they left: revoke them
+                // (best effort: a failure is logged, and the tokens are kept nowhere).
+                if let Err(e) = revoke_tokens(
+                    &self.discord,
+                    Some(&tokens.access_token),
+                    tokens.refresh_token.as_ref(),
+                )
+                .await
+                {
+                    tracing::warn!(error = %e, "cannot revoke the tokens of a superseded refresh; dropping them");
+                }
                 return Err(DiscordError::Retriable(
                     "the customer linked again meanwhile".into(),
                 ));
@@ -642,6 +706,22 @@ impl SyncWorker {
         d.ack(BasicAckOptions::default()).await?;
         Ok(())
     }
+}
+
+/// Revokes a customer's tokens at Discord: the refresh token first (it ends the
+/// authorization), then the access token. Either may be absent.
+pub async fn revoke_tokens(
+    discord: &DiscordClient,
+    access: Option<&SecretString>,
+    refresh: Option<&SecretString>,
+) -> Result<(), DiscordError> {
+    if let Some(r) = refresh {
+        discord.revoke_token(r, "refresh_token").await?;
+    }
+    if let Some(a) = access {
+        discord.revoke_token(a, "access_token").await?;
+    }
+    Ok(())
 }
 
 fn access(user: Option<&str>, guild: Option<&str>, role: Option<&str>) -> Option<Access> {

@@ -157,11 +157,13 @@ pub enum RouteKind {
     CurrentUserGuilds,
     /// `POST /oauth2/token`
     TokenExchange,
+    /// `POST /oauth2/token/revoke`
+    TokenRevoke,
 }
 
 impl RouteKind {
     /// All route kinds.
-    pub const ALL: [RouteKind; 10] = [
+    pub const ALL: [RouteKind; 11] = [
         RouteKind::GetGuild,
         RouteKind::GetGuildRoles,
         RouteKind::GetMember,
@@ -172,6 +174,7 @@ impl RouteKind {
         RouteKind::CurrentUser,
         RouteKind::CurrentUserGuilds,
         RouteKind::TokenExchange,
+        RouteKind::TokenRevoke,
     ];
 
     /// The route shape, e.g. `"PUT /guilds/{guild_id}/members/{user_id}"`.
@@ -189,6 +192,7 @@ impl RouteKind {
             RouteKind::CurrentUser => "GET /users/@me",
             RouteKind::CurrentUserGuilds => "GET /users/@me/guilds",
             RouteKind::TokenExchange => "POST /oauth2/token",
+            RouteKind::TokenRevoke => "POST /oauth2/token/revoke",
         }
     }
 

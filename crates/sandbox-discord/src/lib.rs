@@ -13,6 +13,9 @@
 //!   short-lived codes, `redirect_uri` must match) and `refresh_token`
 //!   (rotating) grants; form-encoded bodies only; client auth in the form or
 //!   via HTTP Basic.
+//! * `POST /api/v10/oauth2/token/revoke` — revokes the authorization an access
+//!   or refresh token belongs to (all its tokens stop working); 200 with an
+//!   empty body, also for an unknown token; 401 for bad client credentials.
 //! * `GET /api/v10/users/@me`, `GET /api/v10/users/@me/guilds`.
 //! * `GET /api/v10/guilds/{g}`, `/roles`, `/members` (needs the members
 //!   intent), `GET|PUT|DELETE /members/{u}`,

@@ -1,5 +1,5 @@
-//! OAuth2: the consent page (`/oauth2/authorize`) and the token endpoint
-//! (`/api/v10/oauth2/token`).
+//! OAuth2: the consent page (`/oauth2/authorize`), the token endpoint
+//! (`/api/v10/oauth2/token`) and token revocation (`/api/v10/oauth2/token/revoke`).
 
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -426,6 +426,28 @@ fn basic_auth(headers: &HeaderMap) -> Option<(String, String)> {
     Some((id.to_owned(), secret.to_owned()))
 }
 
+/// Checks the application's credentials: HTTP Basic, or `client_id` and
+/// `client_secret` in the form. `Some` is the refusal to answer with.
+fn refuse_client(
+    cfg: &SandboxConfig,
+    headers: &HeaderMap,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+) -> Option<Response> {
+    let credentials =
+        basic_auth(headers).or_else(|| Some((client_id?, client_secret.unwrap_or_default())));
+    match credentials {
+        Some((id, secret)) if id == cfg.client_id.to_string() && secret == cfg.client_secret => {
+            None
+        }
+        _ => Some(oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Invalid client credentials",
+        )),
+    }
+}
+
 /// `POST /api/v10/oauth2/token` (form-encoded only).
 pub(crate) fn token_exchange(
     cfg: &SandboxConfig,
@@ -449,24 +471,16 @@ pub(crate) fn token_exchange(
         );
     }
 
-    let credentials = basic_auth(headers).or_else(|| {
-        Some((
-            form.client_id.clone()?,
-            form.client_secret.clone().unwrap_or_default(),
-        ))
-    });
-    match credentials {
-        Some((id, secret)) if id == cfg.client_id.to_string() && secret == cfg.client_secret => {}
-        _ => {
-            return oauth_error(
-                StatusCode::UNAUTHORIZED,
-                "invalid_client",
-                "Invalid client credentials",
-            );
-        }
+    if let Some(resp) = refuse_client(
+        cfg,
+        headers,
+        form.client_id.clone(),
+        form.client_secret.clone(),
+    ) {
+        return resp;
     }
 
-    let (user_id, scopes, guild_id) = if grant_type == "authorization_code" {
+    let (user_id, scopes, guild_id, authorization) = if grant_type == "authorization_code" {
         let Some(code) = form.code.as_deref() else {
             return invalid_request("Missing \"code\" in request.");
         };
@@ -488,7 +502,7 @@ pub(crate) fn token_exchange(
         if grant.redirect_uri.is_some() && grant.redirect_uri != form.redirect_uri {
             return invalid_grant("Invalid \"redirect_uri\" in request.");
         }
-        (grant.user_id, grant.scopes, grant.guild_id)
+        (grant.user_id, grant.scopes, grant.guild_id, None)
     } else {
         let Some(refresh) = form.refresh_token.as_deref() else {
             return invalid_request("Missing \"refresh_token\" in request.");
@@ -497,10 +511,13 @@ pub(crate) fn token_exchange(
         let Some(grant) = st.oauth.refresh.remove(refresh) else {
             return invalid_grant("Invalid \"refresh_token\" in request.");
         };
-        (grant.user_id, grant.scopes, None)
+        (grant.user_id, grant.scopes, None, Some(grant.authorization))
     };
 
-    let tokens = st.issue_tokens(cfg, user_id, scopes);
+    let tokens = match authorization {
+        Some(a) => st.issue_tokens_of(cfg, user_id, scopes, a),
+        None => st.issue_tokens(cfg, user_id, scopes),
+    };
     let mut body = json!({
         "token_type": "Bearer",
         "access_token": tokens.access_token,
@@ -512,4 +529,40 @@ pub(crate) fn token_exchange(
         body["guild"] = guild.json();
     }
     json_response(StatusCode::OK, &body)
+}
+
+#[derive(Deserialize, Default)]
+struct RevokeForm {
+    token: Option<String>,
+    /// `access_token` or `refresh_token`; like Discord, only a hint: either kind is
+    /// found whatever it says.
+    #[allow(dead_code)]
+    token_type_hint: Option<String>,
+    client_id: Option<String>,
+    client_secret: Option<String>,
+}
+
+/// `POST /api/v10/oauth2/token/revoke` (form-encoded, with the application's
+/// credentials): revokes the authorization the token belongs to, so its access and
+/// refresh tokens stop working. 200 with an empty body, also for a token that is
+/// unknown or already revoked (RFC 7009); 401 for bad client credentials.
+pub(crate) fn token_revoke(
+    cfg: &SandboxConfig,
+    st: &mut State,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    let form: RevokeForm = if is_form(headers) {
+        serde_urlencoded::from_bytes(body).unwrap_or_default()
+    } else {
+        RevokeForm::default()
+    };
+    if let Some(resp) = refuse_client(cfg, headers, form.client_id.clone(), form.client_secret) {
+        return resp;
+    }
+    let Some(token) = form.token.filter(|t| !t.is_empty()) else {
+        return invalid_request("Missing \"token\" in request.");
+    };
+    st.revoke(&token);
+    StatusCode::OK.into_response()
 }

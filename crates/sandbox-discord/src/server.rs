@@ -251,6 +251,7 @@ fn injected_error(status: u16) -> Response {
 #[derive(Clone, Copy, Debug)]
 enum Endpoint {
     Token,
+    TokenRevoke,
     Me,
     MyGuilds,
     Guild(u64),
@@ -271,6 +272,7 @@ impl Endpoint {
     fn kind(self) -> RouteKind {
         match self {
             Endpoint::Token => RouteKind::TokenExchange,
+            Endpoint::TokenRevoke => RouteKind::TokenRevoke,
             Endpoint::Me => RouteKind::CurrentUser,
             Endpoint::MyGuilds => RouteKind::CurrentUserGuilds,
             Endpoint::Guild(_) => RouteKind::GetGuild,
@@ -286,7 +288,7 @@ impl Endpoint {
     /// The major parameter (top-level resource) of the route.
     fn major(self) -> Option<u64> {
         match self {
-            Endpoint::Token | Endpoint::Me | Endpoint::MyGuilds => None,
+            Endpoint::Token | Endpoint::TokenRevoke | Endpoint::Me | Endpoint::MyGuilds => None,
             Endpoint::Guild(g)
             | Endpoint::Roles(g)
             | Endpoint::Members(g)
@@ -324,6 +326,7 @@ fn parse_route(method: &Method, rest: &str) -> Result<Endpoint, Response> {
     };
     match segs.as_slice() {
         ["oauth2", "token"] => only(Method::POST, Endpoint::Token),
+        ["oauth2", "token", "revoke"] => only(Method::POST, Endpoint::TokenRevoke),
         ["users", "@me"] => only(Method::GET, Endpoint::Me),
         ["users", "@me", "guilds"] => only(Method::GET, Endpoint::MyGuilds),
         ["guilds", g] => only(Method::GET, Endpoint::Guild(snowflake("guild_id", g)?)),
@@ -369,7 +372,7 @@ fn authenticate(
     ep: Endpoint,
     headers: &HeaderMap,
 ) -> Result<Caller, Response> {
-    if let Endpoint::Token = ep {
+    if let Endpoint::Token | Endpoint::TokenRevoke = ep {
         return Ok(Caller::Anonymous);
     }
     let auth = headers
@@ -481,6 +484,7 @@ async fn api(
 
     let mut resp = match ep {
         Endpoint::Token => oauth::token_exchange(cfg, st, headers, &body),
+        Endpoint::TokenRevoke => oauth::token_revoke(cfg, st, headers, &body),
         Endpoint::Me => current_user(cfg, st, &caller),
         Endpoint::MyGuilds => current_user_guilds(cfg, st, &caller, query),
         Endpoint::Guild(g) => get_guild(cfg, st, g),

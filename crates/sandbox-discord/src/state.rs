@@ -106,6 +106,9 @@ pub(crate) struct CodeGrant {
 #[derive(Clone, Debug)]
 pub(crate) struct AccessGrant {
     pub user_id: u64,
+    /// The authorization the token belongs to: the code exchange that started it and
+    /// every refresh since. Revoking any of its tokens revokes them all.
+    pub authorization: u64,
     pub scopes: Vec<String>,
     pub expires_at: Instant,
 }
@@ -113,6 +116,7 @@ pub(crate) struct AccessGrant {
 #[derive(Clone, Debug)]
 pub(crate) struct RefreshGrant {
     pub user_id: u64,
+    pub authorization: u64,
     pub scopes: Vec<String>,
 }
 
@@ -186,11 +190,24 @@ impl State {
         }
     }
 
+    /// Tokens of a new authorization.
     pub(crate) fn issue_tokens(
         &mut self,
         cfg: &SandboxConfig,
         user_id: u64,
         scopes: Vec<String>,
+    ) -> TokenGrant {
+        let authorization = rand::Rng::random(&mut self.rng);
+        self.issue_tokens_of(cfg, user_id, scopes, authorization)
+    }
+
+    /// Tokens of an existing authorization (a refresh).
+    pub(crate) fn issue_tokens_of(
+        &mut self,
+        cfg: &SandboxConfig,
+        user_id: u64,
+        scopes: Vec<String>,
+        authorization: u64,
     ) -> TokenGrant {
         let access_token = random_token(&mut self.rng, 30);
         let refresh_token = random_token(&mut self.rng, 30);
@@ -198,6 +215,7 @@ impl State {
             access_token.clone(),
             AccessGrant {
                 user_id,
+                authorization,
                 scopes: scopes.clone(),
                 expires_at: Instant::now() + cfg.access_token_lifetime,
             },
@@ -206,6 +224,7 @@ impl State {
             refresh_token.clone(),
             RefreshGrant {
                 user_id,
+                authorization,
                 scopes: scopes.clone(),
             },
         );
@@ -214,6 +233,21 @@ impl State {
             refresh_token,
             expires_in: cfg.access_token_lifetime,
             scope: scopes.join(" "),
+        }
+    }
+
+    /// Revokes the authorization `token` (an access or refresh token) belongs to: every
+    /// access and refresh token of it stops working. An unknown token changes nothing.
+    pub(crate) fn revoke(&mut self, token: &str) {
+        let authorization = self
+            .oauth
+            .access
+            .get(token)
+            .map(|g| g.authorization)
+            .or_else(|| self.oauth.refresh.get(token).map(|g| g.authorization));
+        if let Some(a) = authorization {
+            self.oauth.access.retain(|_, g| g.authorization != a);
+            self.oauth.refresh.retain(|_, g| g.authorization != a);
         }
     }
 

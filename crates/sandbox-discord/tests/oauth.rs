@@ -584,3 +584,152 @@ async fn users_me_with_bot_token_and_bad_tokens() {
 
     let _ = SandboxConfig::default();
 }
+
+async fn revoke(sb: &Sandbox, form: &[(&str, &str)]) -> reqwest::Response {
+    client()
+        .post(format!("{}/oauth2/token/revoke", sb.api_base()))
+        .form(form)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn me_status(sb: &Sandbox, access: &str) -> u16 {
+    Api::new(sb)
+        .bearer(Method::GET, "/users/@me", access)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn refresh_status(sb: &Sandbox, refresh: &str) -> u16 {
+    let id = sb.client_id().to_string();
+    exchange(
+        sb,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh),
+            ("client_id", &id),
+            ("client_secret", sb.client_secret()),
+        ],
+    )
+    .await
+    .status()
+    .as_u16()
+}
+
+#[tokio::test]
+async fn revoking_either_token_ends_the_authorization() {
+    let sb = Sandbox::start(relaxed()).await;
+    let alice = sb.add_user(UserSpec::new("alice"));
+    let id = sb.client_id().to_string();
+    for hint in ["access_token", "refresh_token"] {
+        let t = sb.issue_token(alice, &["identify", "guilds.join"]);
+        let other = sb.issue_token(alice, &["identify"]);
+        let token = if hint == "access_token" {
+            &t.access_token
+        } else {
+            &t.refresh_token
+        };
+        let resp = revoke(
+            &sb,
+            &[
+                ("token", token),
+                ("token_type_hint", hint),
+                ("client_id", &id),
+                ("client_secret", sb.client_secret()),
+            ],
+        )
+        .await;
+        assert_eq!(resp.status(), 200, "{hint}");
+        assert!(resp.bytes().await.unwrap().is_empty(), "empty body");
+        assert_eq!(me_status(&sb, &t.access_token).await, 401, "{hint}");
+        assert_eq!(refresh_status(&sb, &t.refresh_token).await, 400, "{hint}");
+        // Another authorization of the same user is untouched.
+        assert_eq!(me_status(&sb, &other.access_token).await, 200, "{hint}");
+    }
+}
+
+#[tokio::test]
+async fn revoking_after_a_refresh_ends_the_refreshed_tokens_too() {
+    let sb = Sandbox::start(relaxed()).await;
+    let alice = sb.add_user(UserSpec::new("alice"));
+    let id = sb.client_id().to_string();
+    let t = sb.issue_token(alice, &["identify"]);
+    let tok: Value = exchange(
+        &sb,
+        &[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", t.refresh_token.as_str()),
+            ("client_id", &id),
+            ("client_secret", sb.client_secret()),
+        ],
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let new_access = tok["access_token"].as_str().unwrap();
+    let resp = client()
+        .post(format!("{}/oauth2/token/revoke", sb.api_base()))
+        .basic_auth(sb.client_id(), Some(sb.client_secret()))
+        .form(&[("token", t.access_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(me_status(&sb, new_access).await, 401);
+}
+
+#[tokio::test]
+async fn revoke_accepts_unknown_tokens_and_refuses_bad_client_credentials() {
+    let sb = Sandbox::start(relaxed()).await;
+    let alice = sb.add_user(UserSpec::new("alice"));
+    let id = sb.client_id().to_string();
+    let t = sb.issue_token(alice, &["identify"]);
+    let unknown = revoke(
+        &sb,
+        &[
+            ("token", "not-a-token"),
+            ("client_id", &id),
+            ("client_secret", sb.client_secret()),
+        ],
+    )
+    .await;
+    assert_eq!(unknown.status(), 200);
+    assert!(unknown.bytes().await.unwrap().is_empty());
+
+    let bad = revoke(
+        &sb,
+        &[
+            ("token", t.access_token.as_str()),
+            ("client_id", &id),
+            ("client_secret", "nope"),
+        ],
+    )
+    .await;
+    assert_eq!(bad.status(), 401);
+    assert_eq!(
+        bad.json::<Value>().await.unwrap()["error"],
+        "invalid_client"
+    );
+    let anonymous = revoke(&sb, &[("token", t.access_token.as_str())]).await;
+    assert_eq!(anonymous.status(), 401);
+    assert_eq!(me_status(&sb, &t.access_token).await, 200, "still valid");
+
+    let missing = revoke(
+        &sb,
+        &[
+            ("client_id", id.as_str()),
+            ("client_secret", sb.client_secret()),
+        ],
+    )
+    .await;
+    assert_eq!(missing.status(), 400);
+    assert_eq!(
+        missing.json::<Value>().await.unwrap()["error"],
+        "invalid_request"
+    );
+}
