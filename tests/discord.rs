@@ -1249,66 +1249,6 @@ async fn refresh_works(w: &World, refresh: &str) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_tokens_are_revoked_and_forgotten_when_the_last_grant_ends() {
-    let w = World::start().await;
-    let g = w.guild("Acme");
-    let role = g.role("Patrons");
-    let biz = w.app.business();
-    w.app
-        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
-        .await;
-    let alice = w.user("alice");
-    w.link("cus_1", alice).await;
-    for (n, at) in [(1, T0), (2, T1)] {
-        w.app
-            .publish(
-                &payment(&biz, &format!("pay_{n}"), "cus_1", &["pdt_a"], at),
-                &format!("evt_{n}"),
-            )
-            .await;
-    }
-    w.app.wait_processed(2).await;
-    let grants = w.app.grants_of("cus_1").await;
-    for g in &grants {
-        w.wait_status(&g.id, "Delivered").await;
-    }
-    let (access, refresh) = stored_tokens(&w, "cus_1").await;
-
-    // One grant ends: the other still needs the link.
-    w.app
-        .publish(&refund(&biz, "pay_1", false, T2), "evt_3")
-        .await;
-    let first = grants
-        .iter()
-        .find(|g| g.payment_id.as_deref() == Some("pay_1"))
-        .unwrap();
-    w.wait_grant(&first.id, "first revoke synced", |g| {
-        g.status == "Revoked" && g.applied_user_id.is_none()
-    })
-    .await;
-    assert!(w.has_role(g.guild_id, alice, role));
-    assert_eq!(stored_tokens(&w, "cus_1").await.0, access);
-    assert!(access_works(&w, &access).await);
-
-    // The last one ends: the tokens are revoked at Discord and forgotten.
-    w.app
-        .publish(&refund(&biz, "pay_2", false, T2), "evt_4")
-        .await;
-    wait_for("the link forgotten", || async {
-        let links: i64 = sqlx::query_scalar("SELECT count(*) FROM discord_links")
-            .fetch_one(&w.app.pool)
-            .await
-            .unwrap();
-        (links == 0).then_some(())
-    })
-    .await;
-    assert!(!w.has_role(g.guild_id, alice, role));
-    assert!(!access_works(&w, &access).await, "access token revoked");
-    assert!(!refresh_works(&w, &refresh).await, "refresh token revoked");
-    w.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_to_another_discord_account_revokes_the_old_tokens() {
     let w = World::start().await;
     let g = w.guild("Acme");

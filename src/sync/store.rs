@@ -204,22 +204,6 @@ pub async fn store_refreshed(
     Ok(done.rows_affected() == 1)
 }
 
-/// Forgets a customer's link, if it is still the one `read` (same Discord user and
-/// `token_version`); `false` when they linked again meanwhile.
-pub async fn delete_link(conn: &mut PgConnection, read: &LinkRow) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query(
-        "DELETE FROM discord_links
-         WHERE business_id = $1 AND customer_id = $2 AND discord_user_id = $3 AND token_version = $4",
-    )
-    .bind(&read.business_id)
-    .bind(&read.customer_id)
-    .bind(&read.discord_user_id)
-    .bind(read.token_version)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
 /// The customer's other live grants.
 pub async fn other_live_grants(
     conn: &mut PgConnection,

@@ -68,8 +68,6 @@ struct Job {
     role: Option<Snowflake>,
     link: Option<LinkRow>,
     others: Vec<Access>,
-    /// The customer has another live grant (applied or not).
-    other_live: bool,
 }
 
 /// What a successful sync did.
@@ -117,12 +115,7 @@ impl SyncWorker {
             return Ok(Outcome::Ack("unknown_grant"));
         };
         self.record_intent(&mut job).await?;
-        let mut synced = self.sync(&job).await;
-        if synced.is_ok()
-            && let Err(e) = self.forget_link_after_last_grant(&job).await
-        {
-            synced = Err(e);
-        }
+        let synced = self.sync(&job).await;
         if self.fail_after_discord.load(Ordering::SeqCst) {
             return Err(sqlx::Error::Protocol(
                 "injected failure after the Discord calls".into(),
@@ -183,11 +176,9 @@ impl SyncWorker {
         };
         let link = db::link_of(&mut conn, &grant.business_id, &grant.customer_id).await?;
         let mut others = Vec::new();
-        let other_live =
-            db::other_live_grants(&mut conn, &grant.business_id, &grant.customer_id, &grant.id)
-                .await?;
-        let any_other_live = !other_live.is_empty();
-        for h in other_live {
+        for h in db::other_live_grants(&mut conn, &grant.business_id, &grant.customer_id, &grant.id)
+            .await?
+        {
             // Only what another grant applied (or recorded it is applying) keeps an
             // access. Not what it is yet to deliver: it may be revoked before its
             // delivery runs, and then nothing would ever take the access away. Its own
@@ -206,7 +197,6 @@ impl SyncWorker {
             role,
             link,
             others,
-            other_live: any_other_live,
         }))
     }
 
@@ -338,49 +328,6 @@ impl SyncWorker {
             }
         }
         Ok(Synced { plan: p })
-    }
-
-    /// Once the customer's last grant ended and its access was taken away, their
-    /// tokens are revoked at Discord and the link forgotten: guildgate has nothing left
-    /// to do for them. A revoke Discord could not answer (outage, rate limit, an
-    /// unexpected answer) fails the job, which is retried on the sync tiers with the
-    /// link kept; a token Discord no longer accepts is simply forgotten.
-    async fn forget_link_after_last_grant(&self, job: &Job) -> Result<(), DiscordError> {
-        let Some(link) = &job.link else {
-            return Ok(());
-        };
-        if job.grant.status().is_live() || job.other_live {
-            return Ok(());
-        }
-        let access = link.access_token(&self.cipher).ok();
-        let refresh = link.refresh_token(&self.cipher).and_then(Result::ok);
-        match revoke_tokens(&self.discord, access.as_ref(), refresh.as_ref()).await {
-            Ok(()) => {}
-            Err(e) if e.human_code().is_none() => return Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, "Discord refused to revoke the customer's tokens; forgetting them")
-            }
-        }
-        let forgotten = async {
-            let mut conn = self.pool.acquire().await?;
-            db::delete_link(&mut conn, link).await
-        }
-        .await;
-        match forgotten {
-            // `false`: the customer linked again meanwhile; that link stays.
-            Ok(gone) => {
-                if gone {
-                    tracing::info!(grant_id = %job.grant.id, "last grant ended: the customer's Discord tokens were revoked and forgotten");
-                }
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot forget the customer's revoked tokens");
-                Err(DiscordError::Retriable(
-                    "cannot forget the customer's revoked tokens".into(),
-                ))
-            }
-        }
     }
 
     /// "Missing Permissions" covers both a missing permission and the role hierarchy;
