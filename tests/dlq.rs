@@ -244,24 +244,49 @@ async fn a_parked_good_event_is_applied_when_replayed_with_filters() {
 
 #[test]
 fn every_command_has_help() {
-    for args in [
-        vec!["--help"],
-        vec!["serve", "--help"],
-        vec!["migrate", "--help"],
-        vec!["topology", "--help"],
-        vec!["dlq", "--help"],
-        vec!["dlq", "list", "--help"],
-        vec!["dlq", "replay", "--help"],
-        vec!["dlq", "purge", "--help"],
-    ] {
+    /// `guildgate <path> --help`, which must succeed and show a usage line.
+    fn help(path: &[String]) -> String {
         let out = Command::new(env!("CARGO_BIN_EXE_guildgate"))
-            .args(&args)
+            .args(path)
+            .arg("--help")
             .output()
             .unwrap();
-        assert!(out.status.success(), "{args:?}");
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains("Usage:"),
-            "{args:?}"
-        );
+        assert!(out.status.success(), "{path:?}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains("Usage:"), "{path:?}: {text}");
+        text
+    }
+    /// The subcommands a help text lists under `Commands:` (clap's own `help` aside).
+    fn subcommands(text: &str) -> Vec<String> {
+        text.lines()
+            .skip_while(|l| !l.starts_with("Commands:"))
+            .skip(1)
+            .take_while(|l| !l.trim().is_empty())
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|c| *c != "help")
+            .map(str::to_string)
+            .collect()
+    }
+    // Every command and subcommand clap knows, walked from the top, so a new command
+    // cannot be left out.
+    let mut seen = Vec::new();
+    let mut todo = vec![Vec::<String>::new()];
+    while let Some(path) = todo.pop() {
+        let text = help(&path);
+        for sub in subcommands(&text) {
+            let mut next = path.clone();
+            next.push(sub);
+            todo.push(next);
+        }
+        seen.push(path.join(" "));
+    }
+    for wanted in [
+        "serve",
+        "migrate",
+        "dlq replay",
+        "reconcile",
+        "keys rotate-tokens",
+    ] {
+        assert!(seen.iter().any(|s| s == wanted), "{wanted} in {seen:?}");
     }
 }
