@@ -2152,3 +2152,29 @@ async fn saves_waiting_on_discord_leave_the_pool_to_others() {
     }
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_and_methods_answer_in_the_error_shape() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let (s, v) = c.get("/no/such/route").await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("GET /no/such/route"),
+        "{v}"
+    );
+    // Without a key too: the path is unknown either way.
+    let (s, v) = anonymous(&w).get("/no/such/route").await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
+    // A known path with a method it does not take.
+    let (s, v) = c.put("/entitlements", json!({})).await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{v}"
+    );
+    w.stop().await;
+}

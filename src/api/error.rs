@@ -56,6 +56,15 @@ pub enum ApiError {
     /// so ids cannot be probed).
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// No route has this path (404), or none takes this method on it (405): answered in
+    /// the same shape as every other error, so an SDK's error names what was wrong.
+    #[error("no route {method} {path}")]
+    NoRoute {
+        method: String,
+        path: String,
+        /// The path exists with other methods.
+        other_methods: bool,
+    },
     /// The request conflicts with the current state (409).
     #[error("{message}")]
     Conflict { code: &'static str, message: String },
@@ -102,6 +111,11 @@ impl ApiError {
             ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NoRoute {
+                other_methods: false,
+                ..
+            } => StatusCode::NOT_FOUND,
+            ApiError::NoRoute { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -127,6 +141,25 @@ impl ApiError {
                 "Send a valid API key as `Authorization: Bearer <key>`.".into(),
             ),
             ApiError::NotFound(what) => one("not_found", format!("No such {what}.")),
+            ApiError::NoRoute {
+                method,
+                path,
+                other_methods,
+            } => {
+                // The path is the caller's own input: shown, but not at any length.
+                let shown: String = path.chars().take(200).collect();
+                if *other_methods {
+                    one(
+                        "method_not_allowed",
+                        format!("{method} is not a method of {shown}; the routes and their methods are listed at /openapi.json."),
+                    )
+                } else {
+                    one(
+                        "not_found",
+                        format!("There is no route {method} {shown}; the routes are listed at /openapi.json."),
+                    )
+                }
+            }
             ApiError::Conflict { code, message } => one(code, message.clone()),
             ApiError::TooLarge => one(
                 "payload_too_large",

@@ -47,6 +47,29 @@ pub fn app(state: AppState) -> Router {
         .merge(ops::router())
         .merge(oauth::router())
         .merge(crate::api::router())
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(axum::extract::DefaultBodyLimit::max(limit));
     limits::protect(router, &settings.http).with_state(state)
+}
+
+/// A path no route has: 404 in the API's error shape.
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> crate::api::error::ApiError {
+    crate::api::error::ApiError::NoRoute {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        other_methods: false,
+    }
+}
+
+/// A route's path with a method it does not take: 405 in the API's error shape.
+async fn wrong_method(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> crate::api::error::ApiError {
+    crate::api::error::ApiError::NoRoute {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        other_methods: true,
+    }
 }
