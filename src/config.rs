@@ -463,38 +463,33 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
     Ok(Some(d))
 }
 
-fn duration_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+/// The items of a comma-separated list (`a,b`) or, in a TOML file, of an array of
+/// strings, as written.
+fn list_items<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
         One(String),
         Many(Vec<String>),
     }
-    let items = match Raw::deserialize(d)? {
+    Ok(match Raw::deserialize(d)? {
         Raw::One(s) => s.split(',').map(str::to_owned).collect(),
         Raw::Many(v) => v,
-    };
-    items
+    })
+}
+
+/// A list of durations; every item must parse.
+fn duration_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    list_items(d)?
         .iter()
         .map(|s| parse_duration(s.trim()))
         .collect::<Result<_, _>>()
         .map_err(serde::de::Error::custom)
 }
 
-/// A comma-separated list (`a,b`) or, in a TOML file, an array of strings; empty
-/// entries are dropped, so `""` is the empty list.
+/// A list of strings; empty entries are dropped, so `""` is the empty list.
 fn string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        One(String),
-        Many(Vec<String>),
-    }
-    let items = match Raw::deserialize(d)? {
-        Raw::One(s) => s.split(',').map(str::to_owned).collect(),
-        Raw::Many(v) => v,
-    };
-    Ok(items
+    Ok(list_items(d)?
         .into_iter()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
