@@ -16,6 +16,7 @@ use crate::config::Settings;
 use crate::crypto::TokenCipher;
 use crate::discord::DiscordClient;
 use crate::discord::ratelimit::Budget;
+use crate::discord::shared::SharedLimits;
 use crate::events::apply::Applier;
 use crate::events::consumer::EventConsumer;
 use crate::events::decode::DecodeLimits;
@@ -142,7 +143,8 @@ impl App {
             metrics: metrics.clone(),
             crash_after_publish: Arc::new(AtomicBool::new(false)),
         };
-        let discord = DiscordClient::side(&settings.discord, metrics.clone());
+        let discord = DiscordClient::side(&settings.discord, metrics.clone())
+            .shared(SharedLimits::new(pool.clone(), &settings.discord.client_id));
         let cipher = settings
             .token_cipher()
             .expect("validated when the settings were loaded");

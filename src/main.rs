@@ -414,7 +414,11 @@ async fn reconcile(
         discord: guildgate::discord::DiscordClient::side(
             &settings.discord,
             guildgate::metrics::Metrics::new(),
-        ),
+        )
+        .shared(guildgate::discord::shared::SharedLimits::new(
+            pool.clone(),
+            &settings.discord.client_id,
+        )),
         links: guildgate::grants::link::LinkBuilder::from_settings(settings),
     };
     let scope = Scope {

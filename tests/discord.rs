@@ -568,12 +568,15 @@ async fn a_replayed_sync_job_starts_its_retries_afresh_and_counts_its_replays() 
 fn syncer(w: &World, name: &str) -> (guildgate::amqp::Broker, guildgate::sync::SyncWorker) {
     use guildgate::discord::DiscordClient;
     use guildgate::discord::ratelimit::Budget;
+    use guildgate::discord::shared::SharedLimits;
     let s = &w.app.settings;
     let broker = guildgate::amqp::Broker::new(s, name);
     let worker = guildgate::sync::SyncWorker::new(
         w.app.pool.clone(),
         broker.clone(),
-        DiscordClient::side(&s.discord, w.app.metrics.clone()).with_budget(Budget::syncer(5)),
+        DiscordClient::side(&s.discord, w.app.metrics.clone())
+            .shared(SharedLimits::new(w.app.pool.clone(), &s.discord.client_id))
+            .with_budget(Budget::syncer(5)),
         s.token_cipher().unwrap(),
         w.links.clone(),
         s.sync.retry_delays.clone(),

@@ -16,6 +16,7 @@ use super::Snowflake;
 use super::error::{DiscordError, HumanCode};
 use super::invalid::InvalidRequests;
 use super::ratelimit::{Budget, Observed, Verb};
+use super::shared::SharedLimits;
 use crate::config::DiscordSettings;
 use crate::metrics::Metrics;
 
@@ -227,6 +228,7 @@ pub struct DiscordClient {
     client_secret: SecretString,
     budget: Budget,
     invalid: InvalidRequests,
+    shared: Option<SharedLimits>,
     metrics: Arc<Metrics>,
     bot_id: Arc<OnceCell<Snowflake>>,
 }
@@ -259,20 +261,30 @@ impl DiscordClient {
             budget: Budget::new("side", settings.side_requests_per_s)
                 .with_max_wait(settings.side_queue_timeout),
             invalid: InvalidRequests::new(settings.invalid_request_ceiling),
+            shared: None,
             metrics,
             bot_id: Arc::default(),
         }
     }
 
-    /// Taking over Discord work from another process: see
-    /// [`GlobalGate::assume_full`](crate::discord::ratelimit::GlobalGate::assume_full).
-    pub fn assume_global_window_spent(&self) {
-        self.budget.assume_global_window_spent();
+    /// The same client counting against the bot's limits shared by every process: its
+    /// budget's requests made with the bot token, a global 429 and the invalid-request
+    /// count. Every production client is shared; a client without it keeps the limits
+    /// of this process only.
+    pub fn shared(mut self, limits: SharedLimits) -> Self {
+        self.budget = self.budget.shared(limits.clone());
+        self.invalid = self.invalid.shared(limits.clone());
+        self.shared = Some(limits);
+        self
     }
 
     /// The same client on another budget (the syncer's), sharing the invalid-request
-    /// counter, which Discord keeps per IP.
+    /// counter, which Discord keeps per IP (and the bot's shared budget, if any).
     pub fn with_budget(&self, budget: Budget) -> Self {
+        let budget = match &self.shared {
+            Some(limits) => budget.shared(limits.clone()),
+            None => budget,
+        };
         Self {
             budget,
             ..self.clone()
@@ -284,10 +296,11 @@ impl DiscordClient {
         let mut tries = 0;
         loop {
             tries += 1;
-            if let Err(wait) = self.invalid.check() {
+            if let Err(wait) = self.invalid.check().await {
                 return Err(DiscordError::CeilingReached { retry_after: wait });
             }
-            let ticket = match self.budget.acquire(call.verb, &call.route).await {
+            let bot = matches!(call.auth, Auth::Bot);
+            let ticket = match self.budget.acquire(call.verb, &call.route, bot).await {
                 Ok(t) => t,
                 Err(e) => {
                     self.count(call.label, "busy");
@@ -368,9 +381,9 @@ impl DiscordClient {
             let observed = observed.with_body_retry_after(body.retry_after, body.global);
             // Set on every answer, so the gauge also falls as old answers age out.
             let n = if observed.counts_as_invalid() {
-                self.invalid.record()
+                self.invalid.record().await
             } else {
-                self.invalid.count()
+                self.invalid.count().await
             };
             self.metrics.discord_invalid_requests.set(n as i64);
             ticket.complete(&observed);

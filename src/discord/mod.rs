@@ -14,6 +14,7 @@ pub mod error;
 pub mod invalid;
 pub mod plan;
 pub mod ratelimit;
+pub mod shared;
 pub mod validate;
 
 pub use client::DiscordClient;

@@ -14,11 +14,15 @@
 //!   burst at the boundary then lands in Discord's previous window and earns a global
 //!   429. A sliding window with a small margin has no boundary to fall across.
 //!
-//! The syncer owns one budget with the bot's global limit minus the side budget; every
-//! process has one small side budget (`discord.side_requests_per_s`) for calls made
-//! elsewhere (validation, role listing, the OAuth code exchange), so that together they
-//! stay under the bot's global limit. This module never sees an HTTP client: the
-//! caller completes each [`Ticket`] with what it [`Observed`] in the answer.
+//! The syncer owns one budget with the bot's global limit minus the side budget; calls
+//! made elsewhere (validation, role listing, the OAuth code exchange) share a small side
+//! budget (`discord.side_requests_per_s`), so that together they stay under the bot's
+//! global limit. Discord counts per bot, not per process: with [`SharedLimits`] every
+//! request made with the bot token also takes a slot of the bot's budget shared by all
+//! processes in PostgreSQL (see [`crate::discord::shared`]), and a global 429 pauses all
+//! of them. Requests made with a customer's own token are not the bot's and take only
+//! the process's slots. This module never sees an HTTP client: the caller completes
+//! each [`Ticket`] with what it [`Observed`] in the answer.
 //!
 //! The side budget serves requests of customers and merchants, who can send more than it
 //! can carry: its line is bounded in time (`discord.side_queue_timeout`), and a caller
@@ -31,6 +35,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use twilight_http_ratelimiting::{Endpoint, Method, Permit, RateLimitHeaders, RateLimiter};
+
+use super::shared::{self, SharedLimits};
 
 /// The longest a global 429 pauses every call.
 const MAX_GLOBAL_BLOCK: Duration = Duration::from_secs(3600);
@@ -102,16 +108,6 @@ impl GlobalGate {
                 Some(t) => tokio::time::sleep_until(t).await,
             }
         }
-    }
-
-    /// Counts a whole window as spent now. For a process that takes over from another
-    /// (a restart, a failover of the single active syncer): Discord still counts the
-    /// other process's requests of the last second, which this one never saw.
-    pub fn assume_full(&self) {
-        let now = Instant::now();
-        let mut st = self.state.lock().expect("gate state");
-        st.sent.clear();
-        st.sent.extend(std::iter::repeat_n(now, self.limit));
     }
 
     /// Stops every acquisition for `d` (a global 429's `retry_after`).
@@ -222,6 +218,9 @@ pub struct Budget {
     gate: GlobalGate,
     /// The longest [`Budget::acquire`] waits; `None`: as long as it takes.
     max_wait: Option<Duration>,
+    /// The bot's budget shared by every process, and this budget's ring in it.
+    shared: Option<(SharedLimits, &'static str)>,
+    limit: u32,
 }
 
 /// No slot of a bounded budget came free within its `max_wait`.
@@ -239,6 +238,7 @@ pub struct QueueTimeout {
 pub struct Ticket {
     permit: Permit,
     gate: GlobalGate,
+    shared: Option<SharedLimits>,
 }
 
 impl Budget {
@@ -251,7 +251,21 @@ impl Budget {
             buckets: RateLimiter::new(u16::MAX),
             gate: GlobalGate::new(global_per_s, Duration::from_secs(1)),
             max_wait: None,
+            shared: None,
+            limit: global_per_s,
         }
+    }
+
+    /// The same budget, whose requests made with the bot token also take a slot of the
+    /// bot's budget shared by every process (its ring is named after this budget).
+    pub fn shared(mut self, limits: SharedLimits) -> Self {
+        let kind = if self.name == "syncer" {
+            shared::SYNCER
+        } else {
+            shared::SIDE
+        };
+        self.shared = Some((limits, kind));
+        self
     }
 
     /// The same budget, whose callers wait at most `max_wait` for a slot.
@@ -266,11 +280,6 @@ impl Budget {
             "syncer",
             DISCORD_GLOBAL_PER_S.saturating_sub(side_requests_per_s),
         )
-    }
-
-    /// See [`GlobalGate::assume_full`].
-    pub fn assume_global_window_spent(&self) {
-        self.gate.assume_full();
     }
 
     pub fn name(&self) -> &'static str {
@@ -290,10 +299,18 @@ impl Budget {
     ///
     /// A bounded budget gives up after its `max_wait`; the place in the line is left
     /// (twilight skips a waiter that went away), and no slot is taken.
-    pub async fn acquire(&self, verb: Verb, route: &str) -> Result<Ticket, QueueTimeout> {
+    ///
+    /// `bot`: the request is made with the bot token, so it also takes a slot of the
+    /// shared budget, if there is one.
+    pub async fn acquire(
+        &self,
+        verb: Verb,
+        route: &str,
+        bot: bool,
+    ) -> Result<Ticket, QueueTimeout> {
         match self.max_wait {
-            None => Ok(self.acquire_unbounded(verb, route).await),
-            Some(waited) => tokio::time::timeout(waited, self.acquire_unbounded(verb, route))
+            None => Ok(self.acquire_unbounded(verb, route, bot).await),
+            Some(waited) => tokio::time::timeout(waited, self.acquire_unbounded(verb, route, bot))
                 .await
                 .map_err(|_| QueueTimeout {
                     budget: self.name,
@@ -302,7 +319,7 @@ impl Budget {
         }
     }
 
-    async fn acquire_unbounded(&self, verb: Verb, route: &str) -> Ticket {
+    async fn acquire_unbounded(&self, verb: Verb, route: &str, bot: bool) -> Ticket {
         let method = match verb {
             Verb::Delete if route.ends_with("/roles/:role") => Verb::Put.twilight(),
             _ => verb.twilight(),
@@ -315,9 +332,38 @@ impl Budget {
             })
             .await;
         self.gate.acquire().await;
+        let shared = match &self.shared {
+            Some((limits, kind)) if bot => {
+                self.take_shared(limits, kind).await;
+                Some(limits.clone())
+            }
+            _ => None,
+        };
         Ticket {
             permit,
             gate: self.gate.clone(),
+            shared,
+        }
+    }
+
+    /// Waits for a slot of the shared budget. A database that cannot be asked holds the
+    /// request (never sends it unaccounted): Discord's limit is not ours to guess.
+    async fn take_shared(&self, limits: &SharedLimits, kind: &'static str) {
+        let mut failures = 0u32;
+        loop {
+            match limits
+                .take(kind, self.limit, Duration::from_secs(1) + WINDOW_MARGIN)
+                .await
+            {
+                Ok(None) => return,
+                Ok(Some(wait)) => tokio::time::sleep(wait.min(MAX_GLOBAL_BLOCK)).await,
+                Err(e) => {
+                    failures += 1;
+                    let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
+                    tracing::warn!(error = %e, retry_in = ?wait, budget = self.name, "cannot take a slot of the shared Discord budget");
+                    tokio::time::sleep(wait).await;
+                }
+            }
         }
     }
 }
@@ -331,6 +377,15 @@ impl Ticket {
             let wait = o.retry_after.unwrap_or(Duration::from_secs(1));
             if o.is_global_limit() {
                 self.gate.block_for(wait);
+                if let Some(limits) = self.shared {
+                    // Every process must pause, not only this one; the local gate
+                    // already holds this one meanwhile.
+                    tokio::spawn(async move {
+                        if let Err(e) = limits.block_for(wait.min(MAX_GLOBAL_BLOCK)).await {
+                            tracing::warn!(error = %e, "cannot share a global Discord 429 with the other processes");
+                        }
+                    });
+                }
                 self.permit.complete(None);
             } else if let Some(bucket) = &o.bucket {
                 self.permit.complete(Some(RateLimitHeaders {
@@ -398,19 +453,6 @@ mod tests {
         assert_eq!(Instant::now() - start, Duration::from_millis(1500));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_takeover_waits_one_window_before_its_first_request() {
-        let gate = GlobalGate::new(5, Duration::from_secs(1));
-        gate.acquire().await;
-        let start = Instant::now();
-        gate.assume_full();
-        gate.acquire().await;
-        assert_eq!(
-            Instant::now() - start,
-            Duration::from_secs(1) + WINDOW_MARGIN
-        );
-    }
-
     #[test]
     fn observed_reads_discord_headers() {
         let h = |name: &str| -> Option<String> {
@@ -440,7 +482,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_bounded_budget_gives_up_after_its_max_wait() {
         let budget = Budget::new("side", 1).with_max_wait(Duration::from_secs(5));
-        let t = budget.acquire(Verb::Get, "guilds/1").await.unwrap();
+        let t = budget.acquire(Verb::Get, "guilds/1", true).await.unwrap();
         drop(t);
         // The one slot of this second is spent: the next caller would wait a second.
         let start = Instant::now();
@@ -451,20 +493,21 @@ mod tests {
             },
             Verb::Get,
             "guilds/2",
+            true,
         )
         .await
         .unwrap_err();
         assert_eq!(err.waited, Duration::from_millis(500));
         assert_eq!(Instant::now() - start, Duration::from_millis(500));
         // Within the bound it waits, and gets the slot.
-        assert!(budget.acquire(Verb::Get, "guilds/3").await.is_ok());
+        assert!(budget.acquire(Verb::Get, "guilds/3", true).await.is_ok());
     }
 
     #[tokio::test]
     async fn an_exhausted_bucket_holds_its_queue_until_reset() {
         let budget = Budget::new("test", 50);
         let t = budget
-            .acquire(Verb::Put, "guilds/1/members/:user")
+            .acquire(Verb::Put, "guilds/1/members/:user", true)
             .await
             .unwrap();
         // The reset counts from inside `complete`, so a clock read before it can only
@@ -479,7 +522,7 @@ mod tests {
             ..Observed::default()
         });
         let t = budget
-            .acquire(Verb::Put, "guilds/1/members/:user")
+            .acquire(Verb::Put, "guilds/1/members/:user", true)
             .await
             .unwrap();
         assert!(
@@ -491,7 +534,7 @@ mod tests {
         // Another guild is another bucket: not held.
         let start = std::time::Instant::now();
         let t = budget
-            .acquire(Verb::Put, "guilds/9/members/:user")
+            .acquire(Verb::Put, "guilds/9/members/:user", true)
             .await
             .unwrap();
         assert!(start.elapsed() < Duration::from_millis(100));
@@ -502,7 +545,7 @@ mod tests {
     async fn a_429_on_removing_a_role_holds_back_adding_one() {
         let budget = Budget::new("test", 50);
         let route = "guilds/1/members/:user/roles/:role";
-        let t = budget.acquire(Verb::Delete, route).await.unwrap();
+        let t = budget.acquire(Verb::Delete, route, true).await.unwrap();
         let start = std::time::Instant::now();
         t.complete(&Observed {
             status: 429,
@@ -511,7 +554,7 @@ mod tests {
             scope: Some("shared".into()),
             ..Observed::default()
         });
-        let t = budget.acquire(Verb::Put, route).await.unwrap();
+        let t = budget.acquire(Verb::Put, route, true).await.unwrap();
         assert!(
             start.elapsed() >= Duration::from_millis(195),
             "{:?}",

@@ -524,11 +524,10 @@ impl SyncWorker {
                 Ok(x) => x,
                 Err(_) => return,
             };
+            // No wait on taking over from another process (start-up or failover): the
+            // bot's budget is shared in the database, so the previous owner's requests
+            // of the last second are counted there already.
             let mut tasks: JoinSet<()> = JoinSet::new();
-            // The first job after subscribing means this consumer just became the
-            // single active one (start-up or failover); the previous owner's requests
-            // of the last second still count at Discord, so wait a global window.
-            let mut first = true;
             let ended = loop {
                 tokio::select! {
                     biased;
@@ -536,9 +535,6 @@ impl SyncWorker {
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                     next = consumer.next() => match next {
                         Some(Ok(d)) => {
-                            if std::mem::take(&mut first) {
-                                self.discord.assume_global_window_spent();
-                            }
                             let w = self.clone();
                             let p = publisher.clone();
                             let s = shutdown.clone();

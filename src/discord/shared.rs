@@ -1,0 +1,198 @@
+//! The bot's limits shared by every process through PostgreSQL: the global request
+//! budget, a global 429's pause, and the invalid-request count.
+//!
+//! Discord counts per bot (the global 50 requests/s) and per address (10,000 invalid
+//! answers in 10 minutes earn a ban), never per process: replicas and CLI runs that each
+//! kept their own budget would together exceed it. See `docs/architecture.md`
+//! ("One bot, one budget") for the design: rings of slots, one per kind of caller,
+//! taken in one round trip under the database's clock.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use super::invalid::WINDOW;
+
+/// How long a read of the shared invalid-request count is reused. Invalid answers are
+/// rare next to requests, and a check per request would double the database's work;
+/// the ceiling sits far enough under Discord's ban to absorb a second of staleness.
+const COUNT_TTL: Duration = Duration::from_secs(1);
+
+/// The width of the buckets the invalid answers are counted in (the migration's).
+const BUCKET: Duration = Duration::from_secs(10);
+
+/// The shared limits of one bot. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SharedLimits {
+    pool: PgPool,
+    /// The bot's application id: several bots may share one database.
+    bot: Arc<str>,
+    rings: Arc<[(&'static str, OnceCell<()>); 2]>,
+    count: Arc<Mutex<Option<(Instant, i64)>>>,
+}
+
+/// Kinds of callers, each with its own ring.
+pub const SYNCER: &str = "syncer";
+pub const SIDE: &str = "side";
+
+impl SharedLimits {
+    pub fn new(pool: PgPool, bot: &str) -> Self {
+        Self {
+            pool,
+            bot: bot.into(),
+            rings: Arc::new([(SYNCER, OnceCell::new()), (SIDE, OnceCell::new())]),
+            count: Arc::default(),
+        }
+    }
+
+    /// Takes one request slot of `kind`'s ring of `size` slots: `Ok(None)` when taken,
+    /// `Ok(Some(wait))` when none is free for `wait`.
+    pub async fn take(
+        &self,
+        kind: &'static str,
+        size: u32,
+        window: Duration,
+    ) -> Result<Option<Duration>, sqlx::Error> {
+        let mut contended = 0;
+        loop {
+            let wait: Option<f64> = sqlx::query_scalar("SELECT guildgate_discord_take($1, $2, $3)")
+                .bind(&*self.bot)
+                .bind(kind)
+                .bind(interval(window))
+                .fetch_one(&self.pool)
+                .await?;
+            match wait {
+                Some(w) if w <= 0.0 => return Ok(None),
+                // Free slots, all being taken by others right then: there may be one
+                // left for this taker.
+                Some(w) if w < 0.001 && contended < 100 => contended += 1,
+                Some(w) => {
+                    return Ok(Some(
+                        Duration::try_from_secs_f64(w).unwrap_or(Duration::from_secs(1)),
+                    ));
+                }
+                None => self.prepare(kind, size).await?,
+            }
+        }
+    }
+
+    /// Makes `kind`'s ring `size` slots long (once per process): slots are added, and
+    /// slots beyond `size` (a lowered setting) are removed. Every process must be
+    /// configured alike; the last to start decides.
+    async fn prepare(&self, kind: &'static str, size: u32) -> Result<(), sqlx::Error> {
+        let cell = &self
+            .rings
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .expect("a known kind")
+            .1;
+        cell.get_or_try_init(|| async {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO discord_budget_slots (bot, kind, slot)
+                 SELECT $1, $2, g FROM generate_series(1, $3) g
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&*self.bot)
+            .bind(kind)
+            .bind(i32::try_from(size.max(1)).unwrap_or(i32::MAX))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "DELETE FROM discord_budget_slots WHERE bot = $1 AND kind = $2 AND slot > $3",
+            )
+            .bind(&*self.bot)
+            .bind(kind)
+            .bind(i32::try_from(size.max(1)).unwrap_or(i32::MAX))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// A global 429: every process waits `d` (Discord's `retry_after`).
+    pub async fn block_for(&self, d: Duration) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO discord_budget_blocks (bot, blocked_until)
+             VALUES ($1, clock_timestamp() + $2)
+             ON CONFLICT (bot) DO UPDATE
+             SET blocked_until = greatest(discord_budget_blocks.blocked_until, excluded.blocked_until)",
+        )
+        .bind(&*self.bot)
+        .bind(interval(d))
+        .execute(&self.pool)
+        .await
+        .map(|_| ())
+    }
+
+    /// Counts one invalid answer; returns the count of the last 10 minutes.
+    pub async fn record_invalid(&self) -> Result<i64, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO discord_invalid_answers (bucket, answers)
+             VALUES (date_bin($1, clock_timestamp(), 'epoch'), 1)
+             ON CONFLICT (bucket) DO UPDATE SET answers = discord_invalid_answers.answers + 1",
+        )
+        .bind(interval(BUCKET))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM discord_invalid_answers WHERE bucket < clock_timestamp() - $1")
+            .bind(interval(WINDOW + BUCKET * 2))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let n = self.read_count().await?;
+        Ok(n)
+    }
+
+    /// Invalid answers of the last 10 minutes, counted by every process (a bucket that
+    /// reaches into the window counts whole: the count errs high, never low).
+    pub async fn invalid_count(&self) -> Result<i64, sqlx::Error> {
+        if let Some((at, n)) = *self.count.lock().expect("count cache")
+            && at.elapsed() < COUNT_TTL
+        {
+            return Ok(n);
+        }
+        self.read_count().await
+    }
+
+    async fn read_count(&self) -> Result<i64, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(answers), 0)::bigint FROM discord_invalid_answers
+             WHERE bucket > clock_timestamp() - $1",
+        )
+        .bind(interval(WINDOW + BUCKET))
+        .fetch_one(&self.pool)
+        .await?;
+        *self.count.lock().expect("count cache") = Some((Instant::now(), n));
+        Ok(n)
+    }
+
+    /// How long until the oldest counted bucket leaves the window.
+    pub async fn until_oldest_ages_out(&self) -> Result<Duration, sqlx::Error> {
+        let secs: Option<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM min(bucket) + $1 - clock_timestamp())::float8
+             FROM discord_invalid_answers WHERE bucket > clock_timestamp() - $1",
+        )
+        .bind(interval(WINDOW + BUCKET))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(secs
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .unwrap_or(BUCKET))
+    }
+}
+
+fn interval(d: Duration) -> sqlx::postgres::types::PgInterval {
+    sqlx::postgres::types::PgInterval {
+        months: 0,
+        days: 0,
+        microseconds: i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+    }
+}

@@ -1,0 +1,200 @@
+//! One bot, one budget: the bot's Discord limits shared by every process through
+//! PostgreSQL. Each "process" here is a Discord client of its own over one database, as
+//! replicas and CLI runs are. The sandbox Discord runs on a runtime (and thread) of its
+//! own, so the arrival times it records are not those of the clients' scheduler.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use guildgate::config::Settings;
+use guildgate::discord::DiscordClient;
+use guildgate::discord::Snowflake;
+use guildgate::discord::invalid::InvalidRequests;
+use guildgate::discord::ratelimit::Budget;
+use guildgate::discord::shared::{SIDE, SharedLimits};
+use guildgate::metrics::Metrics;
+use sandbox_discord::{GuildSpec, Sandbox, SandboxConfig, UserSpec, permissions};
+
+/// A sandbox Discord served by a runtime on a thread of its own; stops when the sender
+/// is dropped.
+fn sandbox_apart() -> (Sandbox, tokio::sync::oneshot::Sender<()>) {
+    let (give, take) = std::sync::mpsc::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            give.send(Sandbox::start(SandboxConfig::default()).await)
+                .unwrap();
+            let _ = stopped.await;
+        });
+    });
+    (take.recv().unwrap(), stop)
+}
+
+/// A database shared by the "processes" of one test.
+async fn shared_db() -> (common::TestDb, sqlx::PgPool) {
+    let db = common::TestDb::create().await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    guildgate::store::migrate(&pool).await.unwrap();
+    (db, pool)
+}
+
+/// Three processes on one bot, each at full demand: one replica's syncer, another
+/// replica's side budget and a `guildgate reconcile` run. Alone, each stays under its own
+/// budget (45 + 5 + 5 requests per second), which together is more than Discord's 50.
+/// Sharing the bot's budget in the database keeps them under the sandbox's global limit
+/// (50 requests per second, counted from the first arrival as Discord does): no global
+/// 429, never more than 50 bot requests in any second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_on_one_bot_share_its_global_limit() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (sandbox, _stop) = sandbox_apart();
+    let (db, pool) = shared_db().await;
+    let env = common::sandbox_discord_env(&sandbox)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    let s = Settings::load_with_env(None, Some(env)).unwrap().discord;
+    let process = |metrics: Arc<Metrics>| {
+        DiscordClient::side(&s, metrics).shared(SharedLimits::new(pool.clone(), &s.client_id))
+    };
+    let syncer_metrics = Metrics::new();
+    let syncer = process(syncer_metrics.clone()).with_budget(Budget::syncer(s.side_requests_per_s));
+    let replica = process(Metrics::new());
+    let reconcile = process(Metrics::new());
+    // Enough servers that the per-route buckets (5 per second each) never hold anyone
+    // back: only the global limit does.
+    let guilds: Vec<u64> = (0..24)
+        .map(|i| {
+            let spec =
+                GuildSpec::new(format!("G{i}")).with_bot_permissions(permissions::MANAGE_ROLES);
+            sandbox.add_guild(spec).guild_id
+        })
+        .collect();
+    let user = Snowflake::new(sandbox.add_user(UserSpec::new("una")));
+    sandbox.reset_stats();
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (client, workers) in [(syncer, 48), (replica, 6), (reconcile, 6)] {
+        for k in 0..workers {
+            let client = client.clone();
+            let guilds = guilds.clone();
+            tasks.spawn(async move {
+                let mut i = k;
+                while std::time::Instant::now() < until {
+                    let g = Snowflake::new(guilds[i % guilds.len()]);
+                    // Side callers that wait too long are told "busy": that is fine here.
+                    let _ = client.member(g, user).await;
+                    i += 7;
+                }
+            });
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+
+    let stats = sandbox.stats();
+    let mut bot: Vec<_> = sandbox
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/guilds/"))
+        .map(|r| r.at)
+        .collect();
+    bot.sort();
+    let busiest = bot
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            bot[i..]
+                .iter()
+                .take_while(|u| **u - *t < Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    let synced = common::worker::sample(
+        &syncer_metrics.render(),
+        "guildgate_discord_requests_total",
+        &[],
+    );
+    eprintln!(
+        "{} bot requests ({synced} by the syncer), at most {busiest} in any second, {} global 429s",
+        bot.len(),
+        stats.global_rate_limited
+    );
+    assert_eq!(stats.global_rate_limited, 0, "{stats:?}");
+    assert_eq!(stats.global_violations, 0, "{stats:?}");
+    assert!(busiest <= 50, "{busiest} bot requests in one second");
+    assert!(
+        bot.len() > 100,
+        "the clients did call Discord: {}",
+        bot.len()
+    );
+    pool.close().await;
+    db.drop_db().await;
+}
+
+/// A ring of N slots lets N requests through in any window, however many processes
+/// take from it at once, and says how long the others wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_budget_grants_its_slots_once_per_window() {
+    let (db, pool) = shared_db().await;
+    let processes: Vec<_> = (0..3)
+        .map(|_| SharedLimits::new(pool.clone(), "bot-a"))
+        .collect();
+    let window = Duration::from_secs(2);
+    let mut takes = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let p = processes[i % 3].clone();
+        takes.spawn(async move { p.take(SIDE, 5, window).await.unwrap() });
+    }
+    let answers = takes.join_all().await;
+    let granted = answers.iter().filter(|a| a.is_none()).count();
+    assert_eq!(granted, 5, "{answers:?}");
+    for wait in answers.iter().flatten() {
+        assert!(
+            *wait > Duration::from_secs(1) && *wait <= window,
+            "{wait:?}"
+        );
+    }
+    // Another bot has a budget of its own.
+    let other = SharedLimits::new(pool.clone(), "bot-b");
+    assert_eq!(other.take(SIDE, 5, window).await.unwrap(), None);
+    // A global 429 seen by one process stops every process of that bot.
+    processes[0]
+        .block_for(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let wait = processes[1].take(SIDE, 5, Duration::ZERO).await.unwrap();
+    assert!(
+        wait.is_some_and(|w| w > Duration::from_secs(25)),
+        "{wait:?}"
+    );
+    assert_eq!(other.take(SIDE, 5, Duration::ZERO).await.unwrap(), None);
+    pool.close().await;
+    db.drop_db().await;
+}
+
+/// Discord bans an address for invalid answers of every process behind it: each process
+/// stops at the ceiling counting the others' answers too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_answers_of_every_process_count_against_the_ceiling() {
+    let (db, pool) = shared_db().await;
+    let process = || InvalidRequests::new(3).shared(SharedLimits::new(pool.clone(), "bot"));
+    let (a, b) = (process(), process());
+    a.record().await;
+    a.record().await;
+    assert!(b.check().await.is_ok(), "two of three");
+    assert_eq!(b.record().await, 3);
+    let wait = process().check().await.unwrap_err();
+    assert!(
+        wait > Duration::from_secs(590) && wait <= Duration::from_secs(610),
+        "{wait:?}"
+    );
+    pool.close().await;
+    db.drop_db().await;
+}
