@@ -188,7 +188,8 @@ impl App {
             self.pool.clone(),
             self.broker.clone(),
             self.discord
-                .with_budget(Budget::syncer(self.settings.discord.side_requests_per_s)),
+                .with_budget(Budget::syncer(self.settings.discord.side_requests_per_s))
+                .with_stops(),
             self.cipher.clone(),
             self.links.clone(),
             self.settings.sync.retry_delays.clone(),

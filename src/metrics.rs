@@ -48,6 +48,8 @@ pub struct Metrics {
     pub discord_requests: Family<Labels, Counter>,
     /// 401/403/429 answers from Discord in the last 10 minutes.
     pub discord_invalid_requests: Gauge,
+    /// Stops recorded by `scope` (server, entitlement) and `code` (a fixed set).
+    pub discord_stops: Family<Labels, Counter>,
     /// Webhook attempts by outcome, and their latency.
     pub webhook_attempts: Family<Labels, Counter>,
     pub webhook_latency: Histogram,
@@ -120,6 +122,12 @@ impl Metrics {
             "401/403/429 answers from Discord in the last 10 minutes",
             discord_invalid_requests.clone(),
         );
+        let discord_stops = Family::<Labels, Counter>::default();
+        registry.register(
+            "discord_stops",
+            "Servers and entitlements the syncer stopped calling Discord for, by scope and code",
+            discord_stops.clone(),
+        );
         let webhook_attempts = Family::<Labels, Counter>::default();
         registry.register(
             "webhook_attempts",
@@ -152,6 +160,7 @@ impl Metrics {
             syncs,
             discord_requests,
             discord_invalid_requests,
+            discord_stops,
             webhook_attempts,
             webhook_latency,
             queue_depth,

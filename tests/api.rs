@@ -279,7 +279,12 @@ async fn the_platforms_create_request_works_as_is_and_entitlements_have_its_shap
         .await;
     assert_eq!(s, 201, "{e}");
     let want = fixture("entitlement.json");
-    assert_eq!(keys(&e), keys(&want));
+    // The platform's keys, plus guildgate's one extension (`health`), which the SDKs
+    // pass through.
+    let mut platform = e.clone();
+    assert_eq!(platform["health"], json!({"status": "ok"}), "{e}");
+    platform.as_object_mut().unwrap().remove("health");
+    assert_eq!(keys(&platform), keys(&want));
     for k in [
         "business_id",
         "name",
@@ -2176,5 +2181,187 @@ async fn unknown_routes_and_methods_answer_in_the_error_shape() {
         (405, Some("method_not_allowed")),
         "{v}"
     );
+    w.stop().await;
+}
+
+/// The bot loses Manage Roles in one server while thousands of jobs for it wait: the
+/// syncer stops calling Discord there after the first refusals (fewer than 20 invalid
+/// answers in all), records the jobs as waiting instead of spinning them in the queue,
+/// keeps serving the other server, and shows the stop in the entitlement's `health`.
+/// The merchant fixes the permission and saves the entitlement: the waiting removals run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_refusing_the_bot_is_stopped_not_hammered() {
+    const T0: &str = "2026-05-01T10:31:00Z";
+    const T1: &str = "2026-05-02T10:31:00Z";
+    let w = World::start().await;
+    let biz = w.app.business();
+    let c = client(&w, &biz).await;
+    let a = connected_guild(&w, &c, "Broken").await;
+    let b = connected_guild(&w, &c, "Fine").await;
+    let mut ents = Vec::new();
+    for (g, product) in [(&a, "pdt_a"), (&b, "pdt_b")] {
+        let (s, e) = c
+            .post(
+                "/entitlements",
+                create_body(g.guild_id, Some(g.role("Patrons"))),
+            )
+            .await;
+        assert_eq!(s, 201, "{e}");
+        let id = e["id"].as_str().unwrap().to_string();
+        w.app.attach(product, &[&id]).await;
+        ents.push(id);
+    }
+    let (ent_a, ent_b) = (ents[0].clone(), ents[1].clone());
+    let n = 40;
+    let mut users = Vec::new();
+    for i in 0..n {
+        let u = w.user(&format!("a{i}"));
+        w.link(&format!("cus_a{i}"), u).await;
+        w.app
+            .publish(
+                &payment(
+                    &biz,
+                    &format!("pay_a{i}"),
+                    &format!("cus_a{i}"),
+                    &["pdt_a"],
+                    T0,
+                ),
+                &format!("evt_a{i}"),
+            )
+            .await;
+        users.push(u);
+    }
+    let mut grants = Vec::new();
+    for i in 0..n {
+        let g = w.grant_of(&format!("cus_a{i}")).await;
+        grants.push(w.wait_status(&g.id, "Delivered").await.id);
+    }
+
+    // Manage Roles removed from the bot in one server, then every purchase refunded and
+    // each grant's job queued 50 times more: over 2,000 jobs that would each be refused.
+    let bot_role = w
+        .sandbox
+        .roles(a.guild_id)
+        .into_iter()
+        .find(|r| r.managed)
+        .unwrap()
+        .id;
+    w.sandbox.set_role_permissions(
+        a.guild_id,
+        bot_role,
+        permissions::KICK_MEMBERS | permissions::CREATE_INSTANT_INVITE,
+    );
+    w.sandbox.reset_stats();
+    let syncs = |outcome: &'static str| {
+        let m = w.app.metrics.render();
+        common::worker::sample(
+            &m,
+            "guildgate_discord_syncs_total",
+            &[&format!("outcome=\"{outcome}\"")],
+        ) as u64
+    };
+    let stopped_before = syncs("stopped");
+    for i in 0..n {
+        w.app
+            .publish(
+                &refund(&biz, &format!("pay_a{i}"), false, T1),
+                &format!("evt_r{i}"),
+            )
+            .await;
+    }
+    for g in &grants {
+        w.wait_status(g, "Revoked").await;
+    }
+    {
+        let mut tx = w.app.pool.begin().await.unwrap();
+        for g in &grants {
+            for _ in 0..50 {
+                guildgate::events::apply::queue_sync(&mut tx, g)
+                    .await
+                    .unwrap();
+            }
+        }
+        tx.commit().await.unwrap();
+    }
+    // Meanwhile the other server is served.
+    let fine = w.user("fine");
+    w.link("cus_b", fine).await;
+    w.app
+        .publish(&payment(&biz, "pay_b", "cus_b", &["pdt_b"], T0), "evt_b")
+        .await;
+    let gb = w.grant_of("cus_b").await;
+    w.wait_status(&gb.id, "Delivered").await;
+    assert!(w.has_role(b.guild_id, fine, b.role("Patrons")));
+    let jobs = (n + n * 50) as u64;
+    wait_for("every job of the stopped server acknowledged", || async {
+        (syncs("stopped") - stopped_before >= jobs).then_some(())
+    })
+    .await;
+    let stats = w.sandbox.stats();
+    eprintln!("invalid answers while stopping: {}", stats.invalid_requests);
+    assert!(stats.invalid_requests < 20, "{stats:?}");
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM discord_sync_waiting")
+        .fetch_one(&w.app.pool)
+        .await
+        .unwrap();
+    assert_eq!(waiting, n as i64);
+    // Removals waited: the members keep the role until the bot may remove it.
+    assert!(
+        users
+            .iter()
+            .all(|u| w.has_role(a.guild_id, *u, a.role("Patrons")))
+    );
+
+    let (_, e) = c.get(&format!("/entitlements/{ent_a}")).await;
+    assert_eq!(e["health"]["status"], "stopped", "{e}");
+    assert_eq!(e["health"]["code"], "discord_missing_permissions", "{e}");
+    assert_eq!(e["health"]["scope"], "entitlement", "{e}");
+    let (_, e) = c.get(&format!("/entitlements/{ent_b}")).await;
+    assert_eq!(e["health"], json!({"status": "ok"}), "{e}");
+    let (_, list) = c.get("/entitlements").await;
+    let healths: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["health"]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        healths.iter().filter(|s| **s == "stopped").count(),
+        1,
+        "{list}"
+    );
+    let m = w.app.metrics.render();
+    assert_eq!(
+        common::worker::sample(
+            &m,
+            "guildgate_discord_stops_total",
+            &[
+                "scope=\"entitlement\"",
+                "code=\"discord_missing_permissions\""
+            ],
+        ),
+        1.0
+    );
+
+    // A save before the fix does not validate and resumes nothing.
+    let (s, e) = c.patch(&format!("/entitlements/{ent_a}"), json!({})).await;
+    assert_eq!(s, 422, "{e}");
+    // The fix, and a save that validates: the waiting removals run.
+    w.sandbox
+        .set_role_permissions(a.guild_id, bot_role, BOT_PERMISSIONS);
+    let (s, e) = c.patch(&format!("/entitlements/{ent_a}"), json!({})).await;
+    assert_eq!(s, 200, "{e}");
+    assert_eq!(e["health"], json!({"status": "ok"}), "{e}");
+    for u in &users {
+        wait_for("the role removed after the resume", || async {
+            (!w.has_role(a.guild_id, *u, a.role("Patrons"))).then_some(())
+        })
+        .await;
+    }
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM discord_sync_waiting")
+        .fetch_one(&w.app.pool)
+        .await
+        .unwrap();
+    assert_eq!(waiting, 0);
     w.stop().await;
 }

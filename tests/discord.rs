@@ -351,6 +351,7 @@ async fn needs_a_human_fails_the_grant_with_its_code_and_a_fix_delivers_it() {
         guild: u64,
         role: u64,
         user: u64,
+        entitlement: String,
     }
     let mut cases = Vec::new();
     for (i, code) in [
@@ -386,7 +387,8 @@ async fn needs_a_human_fails_the_grant_with_its_code_and_a_fix_delivers_it() {
         }
         let product = format!("pdt_{i}");
         let customer = format!("cus_{i}");
-        w.app
+        let entitlement = w
+            .app
             .entitlement_for(&product, &id(ids.guild_id), Some(&id(role)))
             .await;
         w.link(&customer, user).await;
@@ -404,6 +406,7 @@ async fn needs_a_human_fails_the_grant_with_its_code_and_a_fix_delivers_it() {
             guild: ids.guild_id,
             role,
             user,
+            entitlement,
         });
     }
     for (i, c) in cases.iter().enumerate() {
@@ -452,7 +455,22 @@ async fn needs_a_human_fails_the_grant_with_its_code_and_a_fix_delivers_it() {
             }
             _ => unreachable!(),
         }
-        if c.code != "discord_reauthorization_required" {
+        // Discord refusing the bot stops the server or the entitlement: the merchant's
+        // next save that validates resumes it (the save itself is tested in the API
+        // tests; these entitlements were written without the install flow).
+        let stopped = matches!(
+            c.code,
+            "discord_missing_permissions" | "discord_role_hierarchy" | "discord_unknown_guild"
+        );
+        if stopped {
+            let mut tx = w.app.pool.begin().await.unwrap();
+            let queued =
+                guildgate::sync::stops::resume_and_queue(&mut tx, &id(c.guild), &c.entitlement)
+                    .await
+                    .unwrap();
+            tx.commit().await.unwrap();
+            assert_eq!(queued, 1, "{}: the grant waited for the resume", c.code);
+        } else if c.code != "discord_reauthorization_required" {
             w.resync(&grant.id).await;
         }
         let delivered = w.wait_status(&grant.id, "Delivered").await;

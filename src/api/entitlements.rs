@@ -30,6 +30,7 @@ use crate::discord::{HumanCode, Snowflake};
 use crate::grants::render::ts;
 use crate::http::AppState;
 use crate::store::setup::Entitlement;
+use crate::sync::stops;
 
 /// The only integration guildgate implements.
 pub const DISCORD: &str = "discord";
@@ -73,6 +74,85 @@ pub struct EntitlementView {
     /// RFC 3339, whole seconds, UTC.
     pub created_at: String,
     pub updated_at: String,
+    /// guildgate extension: whether guildgate can act for this entitlement in Discord.
+    pub health: Health,
+}
+
+/// Whether guildgate can act for an entitlement in Discord (a guildgate extension).
+#[derive(Clone, Debug, Default, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`, or `stopped`: Discord refused the bot in the entitlement's server (the bot
+    /// was removed) or for its role (Manage Roles removed, the role above the bot's), so
+    /// guildgate stopped calling Discord for it. Grants not yet delivered fail with
+    /// `code`; delivered ones keep their access; removals wait. Fix it in Discord, then
+    /// save the entitlement again (`PATCH`, any or no change): once the save validates,
+    /// the waiting work resumes.
+    #[schema(example = "ok")]
+    pub status: String,
+    /// The grants' `error_code` for the cause (`discord_unknown_guild`,
+    /// `discord_missing_permissions`, `discord_role_hierarchy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Whether the whole server is stopped (`server`) or this entitlement (`entitlement`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// RFC 3339, whole seconds, UTC: when guildgate stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+impl Health {
+    fn ok() -> Self {
+        Self {
+            status: "ok".into(),
+            ..Self::default()
+        }
+    }
+
+    fn stopped(s: &stops::Stop) -> Self {
+        Self {
+            status: "stopped".into(),
+            code: Some(s.code.clone()),
+            message: Some(s.message.clone()),
+            scope: Some(
+                if s.entitlement_id.is_some() {
+                    "entitlement"
+                } else {
+                    "server"
+                }
+                .into(),
+            ),
+            since: Some(ts(s.since)),
+        }
+    }
+}
+
+/// The API objects of `rows`, with their health.
+pub async fn views(
+    conn: &mut sqlx::PgConnection,
+    rows: &[Entitlement],
+) -> Result<Vec<EntitlementView>, sqlx::Error> {
+    let keys: Vec<(String, String)> = rows
+        .iter()
+        .map(|e| (e.id.clone(), e.guild_id.clone()))
+        .collect();
+    let stopped: std::collections::HashMap<String, stops::Stop> =
+        stops::of_entitlements(conn, &keys)
+            .await?
+            .into_iter()
+            .collect();
+    Ok(rows
+        .iter()
+        .map(|e| {
+            let mut v = EntitlementView::from(e);
+            if let Some(s) = stopped.get(&e.id) {
+                v.health = Health::stopped(s);
+            }
+            v
+        })
+        .collect())
 }
 
 impl From<&Entitlement> for EntitlementView {
@@ -91,6 +171,7 @@ impl From<&Entitlement> for EntitlementView {
             metadata: e.metadata.clone(),
             created_at: ts(e.created_at),
             updated_at: ts(e.updated_at),
+            health: Health::ok(),
         }
     }
 }
@@ -284,6 +365,8 @@ pub async fn create(
     let mut tx = state.pool.begin().await?;
     check_connected(&mut tx, merchant.business(), &f).await?;
     let e = db::insert(&mut tx, merchant.business(), &f, Utc::now()).await?;
+    // The bot is in the server (validated above): a stop of the whole server is over.
+    resume(&mut tx, &e).await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, ApiJson(EntitlementView::from(&e))))
 }
@@ -308,7 +391,7 @@ pub async fn list(
     )
     .await?;
     Ok(ApiJson(Items {
-        items: rows.iter().map(EntitlementView::from).collect(),
+        items: views(&mut conn, &rows).await?,
     }))
 }
 
@@ -326,7 +409,8 @@ pub async fn get(
     let e = db::get(&mut conn, merchant.business(), &id, false)
         .await?
         .ok_or(ApiError::NotFound("entitlement"))?;
-    Ok(ApiJson(EntitlementView::from(&e)))
+    let view = views(&mut conn, std::slice::from_ref(&e)).await?.remove(0);
+    Ok(ApiJson(view))
 }
 
 /// Update an entitlement. Every save re-validates against Discord and retries the
@@ -392,8 +476,19 @@ pub async fn update(
     for grant_id in db::grants_to_resync(&mut tx, &id, &causes, moved).await? {
         crate::events::apply::queue_sync(&mut tx, &grant_id).await?;
     }
+    resume(&mut tx, &saved).await?;
     tx.commit().await?;
     Ok(ApiJson(EntitlementView::from(&saved)))
+}
+
+/// A save of `e` validated against Discord: the stops covering it are over, and the
+/// grants waiting on them are queued again (see [`stops`]).
+async fn resume(tx: &mut sqlx::PgConnection, e: &Entitlement) -> Result<(), sqlx::Error> {
+    let queued = stops::resume_and_queue(tx, &e.guild_id, &e.id).await?;
+    if queued > 0 {
+        tracing::info!(entitlement_id = %e.id, queued, "entitlement saved; waiting Discord work resumed");
+    }
+    Ok(())
 }
 
 /// Delete an entitlement. A soft delete, as on the platform: it disappears from the API

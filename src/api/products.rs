@@ -91,10 +91,9 @@ pub async fn put(
     }
     setup::set_product_entitlements(&mut tx, business, product.as_str(), &ids).await?;
     let items = db::of_product(&mut tx, business, product.as_str()).await?;
+    let items = super::entitlements::views(&mut tx, &items).await?;
     tx.commit().await?;
-    Ok(ApiJson(Items {
-        items: items.iter().map(EntitlementView::from).collect(),
-    }))
+    Ok(ApiJson(Items { items }))
 }
 
 /// The entitlements a product grants, in order.
@@ -111,6 +110,6 @@ pub async fn get(
     let mut conn = state.pool.acquire().await?;
     let items = db::of_product(&mut conn, merchant.business(), product.as_str()).await?;
     Ok(ApiJson(Items {
-        items: items.iter().map(EntitlementView::from).collect(),
+        items: super::entitlements::views(&mut conn, &items).await?,
     }))
 }

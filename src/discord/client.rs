@@ -17,6 +17,7 @@ use super::error::{DiscordError, HumanCode};
 use super::invalid::InvalidRequests;
 use super::ratelimit::{Budget, Observed, Verb};
 use super::shared::SharedLimits;
+use super::stops::{Remembered, StopKey};
 use crate::config::DiscordSettings;
 use crate::metrics::Metrics;
 
@@ -149,6 +150,19 @@ struct Call<'a> {
     body: Body,
     /// Safe to send again after a 5xx or a lost answer.
     idempotent: bool,
+    /// The role the call is about, if any (for [`StopKey::Role`]).
+    role: Option<Snowflake>,
+}
+
+impl Call<'_> {
+    /// The server a guild route is about.
+    fn guild(&self) -> Option<Snowflake> {
+        let mut parts = self.path.split(['/', '?']);
+        match (parts.next(), parts.next()) {
+            (Some("guilds"), Some(id)) => Snowflake::parse(id),
+            _ => None,
+        }
+    }
 }
 
 /// An answer that was not a 429 (those are handled inside [`DiscordClient::send`]).
@@ -229,6 +243,8 @@ pub struct DiscordClient {
     budget: Budget,
     invalid: InvalidRequests,
     shared: Option<SharedLimits>,
+    /// The syncer's: where the bot just lost access (see [`crate::discord::stops`]).
+    stops: Option<Arc<Remembered>>,
     metrics: Arc<Metrics>,
     bot_id: Arc<OnceCell<Snowflake>>,
 }
@@ -262,6 +278,7 @@ impl DiscordClient {
                 .with_max_wait(settings.side_queue_timeout),
             invalid: InvalidRequests::new(settings.invalid_request_ceiling),
             shared: None,
+            stops: None,
             metrics,
             bot_id: Arc::default(),
         }
@@ -276,6 +293,32 @@ impl DiscordClient {
         self.invalid = self.invalid.shared(limits.clone());
         self.shared = Some(limits);
         self
+    }
+
+    /// The same client remembering where the bot just lost access: a request to a server
+    /// the bot is not in, or about a role it may not manage, fails with
+    /// [`DiscordError::Stopped`] without being sent for a short while after the first
+    /// answer saying so. The syncer's; calls that check a configuration (validation)
+    /// must always ask Discord.
+    pub fn with_stops(self) -> Self {
+        Self {
+            stops: Some(Arc::default()),
+            ..self
+        }
+    }
+
+    /// No stop is recorded for `guild` and `role` any more (a resume): forget what this
+    /// client remembers of one, unless remembered less than `settled` ago (see
+    /// [`Remembered::forget`]).
+    pub fn forget_stop(&self, guild: Snowflake, role: Option<Snowflake>, settled: Duration) {
+        if let Some(stops) = &self.stops {
+            stops.forget(guild, role, settled);
+        }
+    }
+
+    fn stopped(&self, call: &Call<'_>) -> Option<StopKey> {
+        let stops = self.stops.as_ref()?;
+        stops.covering(call.guild()?, call.role)
     }
 
     /// The same client on another budget (the syncer's), sharing the invalid-request
@@ -299,6 +342,9 @@ impl DiscordClient {
             if let Err(wait) = self.invalid.check().await {
                 return Err(DiscordError::CeilingReached { retry_after: wait });
             }
+            if let Some(key) = self.stopped(&call) {
+                return Err(DiscordError::Stopped { key });
+            }
             let bot = matches!(call.auth, Auth::Bot);
             let ticket = match self.budget.acquire(call.verb, &call.route, bot).await {
                 Ok(t) => t,
@@ -308,6 +354,13 @@ impl DiscordClient {
                     return Err(DiscordError::Busy { waited: e.waited });
                 }
             };
+            // Waiting in a bucket's line behind the request that found the bot without
+            // access: not sent (the slot stays spent, the bucket's line moves on).
+            if let Some(key) = self.stopped(&call) {
+                drop(ticket);
+                self.count(call.label, "stopped");
+                return Err(DiscordError::Stopped { key });
+            }
             let mut req = match call.verb {
                 Verb::Get => self.http.get(&url),
                 Verb::Put => self.http.put(&url),
@@ -379,6 +432,15 @@ impl DiscordClient {
                 ErrorBody::default()
             };
             let observed = observed.with_body_retry_after(body.retry_after, body.global);
+            if let (Some(stops), Some(guild)) = (&self.stops, call.guild()) {
+                match (status, body.code) {
+                    (403, Some(50001)) | (404, Some(10004)) => {
+                        stops.remember(StopKey::Server(guild));
+                    }
+                    (403, Some(50013)) => stops.remember(StopKey::Role(guild, call.role)),
+                    _ => {}
+                }
+            }
             // Set on every answer, so the gauge also falls as old answers age out.
             let n = if observed.counts_as_invalid() {
                 self.invalid.record().await
@@ -431,6 +493,7 @@ impl DiscordClient {
             auth: Auth::Bot,
             body: Body::Empty,
             idempotent: true,
+            role: None,
         }
     }
 
@@ -557,6 +620,7 @@ impl DiscordClient {
         let a = self
             .send(Call {
                 body: Body::Json(body),
+                role: roles.first().copied(),
                 ..Self::bot_call(
                     Verb::Put,
                     format!("guilds/{g}/members/{u}"),
@@ -595,12 +659,15 @@ impl DiscordClient {
         } else {
             "DELETE /guilds/:guild/members/:user/roles/:role"
         };
-        self.send(Self::bot_call(
-            verb,
-            format!("guilds/{g}/members/{u}/roles/{r}"),
-            format!("guilds/{g}/members/:user/roles/:role"),
-            label,
-        ))
+        self.send(Call {
+            role: Some(r),
+            ..Self::bot_call(
+                verb,
+                format!("guilds/{g}/members/{u}/roles/{r}"),
+                format!("guilds/{g}/members/:user/roles/:role"),
+                label,
+            )
+        })
         .await
     }
 
@@ -672,6 +739,7 @@ impl DiscordClient {
                 body: Body::Form(form),
                 // A code is single-use and a refresh token rotates: never resend.
                 idempotent: false,
+                role: None,
             })
             .await?;
         match a.status {
@@ -739,6 +807,7 @@ impl DiscordClient {
                 auth: Auth::None,
                 body: Body::Form(form),
                 idempotent: true,
+                role: None,
             })
             .await?;
         match a.status {

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use super::stops::StopKey;
+
 /// Failures only a person can fix; the stable `error_code` of a failed grant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum HumanCode {
@@ -46,6 +48,10 @@ pub enum DiscordError {
     /// last 10 minutes (Discord bans the IP at 10,000).
     #[error("paused: too many invalid Discord requests in the last 10 minutes")]
     CeilingReached { retry_after: Duration },
+    /// Not sent: the bot just lost access to the server (or may not manage the role)
+    /// and the request would only earn an invalid answer. See [`crate::discord::stops`].
+    #[error("not sent: the bot lately had no access there ({key:?})")]
+    Stopped { key: StopKey },
     /// A merchant (or the customer) must change something first.
     #[error("{message}")]
     NeedsHuman { code: HumanCode, message: String },
@@ -85,6 +91,7 @@ impl DiscordError {
             | DiscordError::CeilingReached { retry_after } => Some(*retry_after),
             DiscordError::Retriable(_)
             | DiscordError::Busy { .. }
+            | DiscordError::Stopped { .. }
             | DiscordError::Unexpected { .. } => Some(Duration::ZERO),
             DiscordError::NeedsHuman { .. } | DiscordError::BadUserToken => None,
         }

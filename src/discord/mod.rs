@@ -15,6 +15,7 @@ pub mod invalid;
 pub mod plan;
 pub mod ratelimit;
 pub mod shared;
+pub mod stops;
 pub mod validate;
 
 pub use client::DiscordClient;

@@ -20,6 +20,7 @@ use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::stops;
 use super::store::{self as db, LinkRow};
 use super::{Outcome, next_retry};
 use crate::amqp::{
@@ -114,16 +115,25 @@ impl SyncWorker {
         let Some(mut job) = self.load(grant_id).await? else {
             return Ok(Outcome::Ack("unknown_grant"));
         };
-        self.record_intent(&mut job).await?;
-        let synced = self.sync(&job).await;
-        if self.fail_after_discord.load(Ordering::SeqCst) {
-            return Err(sqlx::Error::Protocol(
-                "injected failure after the Discord calls".into(),
-            ));
-        }
-        let outcome = match synced {
-            Ok(s) => self.record_success(&job, s).await?,
-            Err(e) => self.record_failure(&job, e, attempt).await?,
+        let outcome = match self.stop_covering(&job).await? {
+            Some(stop) => self.wait_for_resume(&job, &stop).await?,
+            None => {
+                if let Some(guild) = job.guild {
+                    self.discord
+                        .forget_stop(guild, job.role, crate::discord::stops::SETTLED);
+                }
+                self.record_intent(&mut job).await?;
+                let synced = self.sync(&job).await;
+                if self.fail_after_discord.load(Ordering::SeqCst) {
+                    return Err(sqlx::Error::Protocol(
+                        "injected failure after the Discord calls".into(),
+                    ));
+                }
+                match synced {
+                    Ok(s) => self.record_success(&job, s).await?,
+                    Err(e) => self.record_failure_or_stop(&job, e, attempt).await?,
+                }
+            }
         };
         let label = match &outcome {
             Outcome::Ack(l) => *l,
@@ -136,6 +146,111 @@ impl SyncWorker {
             .get_or_create(&vec![("outcome", label.to_string())])
             .inc();
         Ok(outcome)
+    }
+
+    /// The server a job's calls go to: the entitlement's, or for a grant whose
+    /// entitlement lost its server, the one it applied access in.
+    fn guild_of(job: &Job) -> Option<String> {
+        job.guild
+            .map(|g| g.to_string())
+            .or_else(|| job.grant.applied_guild_id.clone())
+    }
+
+    /// The stop covering the job's server or entitlement, if one is recorded.
+    async fn stop_covering(&self, job: &Job) -> Result<Option<stops::Stop>, sqlx::Error> {
+        let Some(guild) = Self::guild_of(job) else {
+            return Ok(None);
+        };
+        let mut conn = self.pool.acquire().await?;
+        stops::covering(&mut conn, &guild, &job.grant.entitlement_id).await
+    }
+
+    /// A job under a stop: not sent to Discord. The grant is recorded as waiting (the
+    /// resume queues it again); one not yet delivered becomes `Failed` with the stop's
+    /// code, as if Discord had refused it, and one delivered stays delivered (the
+    /// entitlement's `health` tells the merchant).
+    async fn wait_for_resume(&self, job: &Job, stop: &stops::Stop) -> Result<Outcome, sqlx::Error> {
+        let g = &job.grant;
+        {
+            let mut conn = self.pool.acquire().await?;
+            stops::wait(
+                &mut conn,
+                &g.id,
+                &stop.guild_id,
+                &g.entitlement_id,
+                Utc::now(),
+            )
+            .await?;
+        }
+        self.fail(g, &stop.code, &stop.message).await?;
+        Ok(Outcome::Ack("stopped"))
+    }
+
+    /// A failed sync. Discord saying the bot has no access to the server, or may not do
+    /// what the entitlement needs there, stops further calls for it (see
+    /// [`stops`]); every other failure is the job's own.
+    async fn record_failure_or_stop(
+        &self,
+        job: &Job,
+        e: DiscordError,
+        attempt: u32,
+    ) -> Result<Outcome, sqlx::Error> {
+        let Some(guild) = Self::guild_of(job) else {
+            return self.record_failure(job, e, attempt).await;
+        };
+        let scope = match e.human_code() {
+            Some(HumanCode::UnknownGuild) => stops::Scope::Server,
+            Some(HumanCode::MissingPermissions | HumanCode::RoleHierarchy) => {
+                stops::Scope::Entitlement(&job.grant.entitlement_id)
+            }
+            _ if matches!(e, DiscordError::Stopped { .. }) => {
+                // Held back by the client's memory of a stop just seen: the job that
+                // saw it records the stop (within moments), and this one waits with
+                // the others. No stop recorded even after that: a resume removed it,
+                // so forget the memory and go again, as the same attempt.
+                if let Some(stop) = self.stop_covering(job).await? {
+                    return self.wait_for_resume(job, &stop).await;
+                }
+                tokio::time::sleep(crate::discord::stops::SETTLED).await;
+                if let Some(stop) = self.stop_covering(job).await? {
+                    return self.wait_for_resume(job, &stop).await;
+                }
+                if let Some(g) = job.guild {
+                    self.discord.forget_stop(g, job.role, Duration::ZERO);
+                }
+                return Ok(Outcome::Retry {
+                    attempt,
+                    delay: Duration::ZERO,
+                    reason: "the stop holding it back was lifted".into(),
+                });
+            }
+            _ => return self.record_failure(job, e, attempt).await,
+        };
+        let code = e.human_code().expect("matched above").as_str();
+        let message = e.to_string();
+        let now = Utc::now();
+        let recorded = {
+            let mut conn = self.pool.acquire().await?;
+            stops::record(&mut conn, &guild, scope, code, &message, now).await?
+        };
+        if recorded {
+            tracing::warn!(guild_id = %guild, entitlement_id = %job.grant.entitlement_id, scope = scope.label(), code, %message, "Discord refused the bot; calls stopped until the entitlement is saved again");
+            self.metrics
+                .discord_stops
+                .get_or_create(&vec![
+                    ("scope", scope.label().to_string()),
+                    ("code", code.to_string()),
+                ])
+                .inc();
+        }
+        let stop = stops::Stop {
+            guild_id: guild,
+            entitlement_id: None,
+            code: code.to_string(),
+            message,
+            since: now,
+        };
+        self.wait_for_resume(job, &stop).await
     }
 
     /// Before a first delivery, records what the grant is about to apply. Should the
