@@ -1309,3 +1309,253 @@ async fn switching_to_another_discord_account_revokes_the_old_tokens() {
     .await;
     w.stop().await;
 }
+
+/// Waits until the syncer has recorded the grant as holding nothing any more.
+async fn wait_released(w: &World, grant_id: &str) {
+    wait_for("the grant's access released", || async {
+        let applied: Option<String> =
+            sqlx::query_scalar("SELECT applied_user_id FROM grants WHERE id = $1")
+                .bind(grant_id)
+                .fetch_one(&w.app.pool)
+                .await
+                .unwrap();
+        applied.is_none().then_some(())
+    })
+    .await;
+}
+
+/// guildgate takes away only what it gave: a member who joined before buying a
+/// membership is not kicked when it ends, and a role a moderator gave before the
+/// purchase stays. What guildgate itself added still goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_what_guildgate_gave_is_taken_away() {
+    let w = World::start().await;
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app.entitlement_for("pdt_m", &id(g.guild_id), None).await;
+    w.app
+        .entitlement_for("pdt_r", &id(g.guild_id), Some(&id(role)))
+        .await;
+    let regular = w.user("regular");
+    w.sandbox.add_member(g.guild_id, regular, &[]);
+    let moderated = w.user("moderated");
+    w.sandbox.add_member(g.guild_id, moderated, &[role]);
+    let newcomer = w.user("newcomer");
+    let cases = [
+        ("cus_1", regular, "pdt_m"),
+        ("cus_2", moderated, "pdt_r"),
+        ("cus_3", newcomer, "pdt_m"),
+    ];
+    let mut grants = Vec::new();
+    for (i, (customer, user, product)) in cases.iter().enumerate() {
+        w.link(customer, *user).await;
+        w.app
+            .publish(
+                &payment(&biz, &format!("pay_{i}"), customer, &[product], T0),
+                &format!("evt_{i}"),
+            )
+            .await;
+        let grant = w.grant_of(customer).await;
+        w.wait_status(&grant.id, "Delivered").await;
+        grants.push(grant.id);
+    }
+    assert!(w.sandbox.member(g.guild_id, newcomer).is_some());
+    for (i, grant) in grants.iter().enumerate() {
+        w.app
+            .publish(
+                &refund(&biz, &format!("pay_{i}"), false, T1),
+                &format!("evt_r{i}"),
+            )
+            .await;
+        w.wait_status(grant, "Revoked").await;
+        wait_released(&w, grant).await;
+    }
+    assert!(
+        w.sandbox.member(g.guild_id, regular).is_some(),
+        "a member from before the purchase is not kicked"
+    );
+    assert!(
+        w.has_role(g.guild_id, moderated, role),
+        "a role a moderator gave stays"
+    );
+    assert!(
+        w.sandbox.member(g.guild_id, newcomer).is_none(),
+        "a member guildgate added is removed"
+    );
+    let kicks = w
+        .sandbox
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE" && r.path.ends_with(&format!("/members/{regular}")))
+        .count();
+    assert_eq!(kicks, 0);
+    // What was there before stays recorded as found (not drift for reconcile); what
+    // guildgate added is forgotten once taken away.
+    let holdings: Vec<(String, String, bool)> =
+        sqlx::query_as("SELECT user_id, role_id, found FROM discord_holdings ORDER BY user_id")
+            .fetch_all(&w.app.pool)
+            .await
+            .unwrap();
+    let mut want = vec![
+        (id(regular), String::new(), true),
+        (id(moderated), id(role), true),
+        (id(moderated), String::new(), true),
+    ];
+    want.sort();
+    let mut got = holdings;
+    got.sort();
+    assert_eq!(got, want);
+    let reconciler = guildgate::reconcile::Reconciler {
+        pool: w.app.pool.clone(),
+        discord: guildgate::discord::DiscordClient::side(
+            &w.app.settings.discord,
+            guildgate::metrics::Metrics::new(),
+        ),
+        links: w.links.clone(),
+    };
+    let report = reconciler
+        .check(&guildgate::reconcile::Scope::default())
+        .await
+        .unwrap();
+    assert!(
+        report.findings.is_empty(),
+        "a role found already there is not drift: {:?}",
+        report.findings
+    );
+    w.stop().await;
+}
+
+/// One Discord account linked under two customers (two checkouts, two emails), and a
+/// grant of another business for the same role (the server moved to a new business while
+/// the first one's subscription still runs): the role stays while any of them pays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_stays_while_any_customer_or_business_still_pays_for_it() {
+    let w = World::start().await;
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_r", &id(g.guild_id), Some(&id(role)))
+        .await;
+    let other_biz = "bus_OtherBusiness1";
+    {
+        let mut conn = w.app.pool.acquire().await.unwrap();
+        guildgate::store::setup::ensure_business(&mut conn, other_biz)
+            .await
+            .unwrap();
+        let e = guildgate::store::setup::insert_entitlement(
+            &mut conn,
+            other_biz,
+            "Old owner's Patrons",
+            &id(g.guild_id),
+            Some(&id(role)),
+        )
+        .await
+        .unwrap();
+        guildgate::store::setup::set_product_entitlements(&mut conn, other_biz, "pdt_o", &[e.id])
+            .await
+            .unwrap();
+    }
+    let u = w.user("twice");
+    w.link("cus_a", u).await;
+    w.link("cus_b", u).await;
+    common::link_sandbox_user(
+        &w.app.pool,
+        &w.app.settings,
+        &w.sandbox,
+        other_biz,
+        "cus_o",
+        u,
+    )
+    .await;
+    let purchases = [
+        (biz.as_str(), "cus_a", "pdt_r"),
+        (biz.as_str(), "cus_b", "pdt_r"),
+        (other_biz, "cus_o", "pdt_o"),
+    ];
+    let mut grants = Vec::new();
+    for (i, (business, customer, product)) in purchases.iter().enumerate() {
+        w.app
+            .publish(
+                &payment(business, &format!("pay_{i}"), customer, &[product], T0),
+                &format!("evt_{i}"),
+            )
+            .await;
+        let grant = wait_for("the grant", || async {
+            let id: Option<String> = sqlx::query_scalar(
+                "SELECT id FROM grants WHERE business_id = $1 AND customer_id = $2",
+            )
+            .bind(business)
+            .bind(customer)
+            .fetch_optional(&w.app.pool)
+            .await
+            .unwrap();
+            id
+        })
+        .await;
+        w.wait_status(&grant, "Delivered").await;
+        grants.push(grant);
+    }
+    for (i, (business, _, _)) in purchases.iter().enumerate() {
+        w.app
+            .publish(
+                &refund(business, &format!("pay_{i}"), false, T1),
+                &format!("evt_r{i}"),
+            )
+            .await;
+        w.wait_status(&grants[i], "Revoked").await;
+        wait_released(&w, &grants[i]).await;
+        let last = i == purchases.len() - 1;
+        assert_eq!(
+            w.has_role(g.guild_id, u, role),
+            !last,
+            "after refund {i}: the role stays while another grant holds it"
+        );
+    }
+    w.stop().await;
+}
+
+/// An account switch records the new account as about to be given access before the
+/// call: the role is added for the new account, then recording it fails (the database
+/// goes away). The revoke that follows takes the role from both accounts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_after_an_interrupted_account_switch_removes_both_roles() {
+    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let (_broker, worker) = syncer(&w, "syncer");
+    let fail = worker.fail_after_discord.clone();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(worker.run(stop.clone()));
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    let (old, new) = (w.user("old"), w.user("new"));
+    w.link("cus_1", old).await;
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    w.wait_status(&grant.id, "Delivered").await;
+    // The customer links another account; its sync fails after the Discord calls.
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    w.link("cus_1", new).await;
+    w.resync(&grant.id).await;
+    wait_for("the role added to the new account", || async {
+        w.has_role(g.guild_id, new, role).then_some(())
+    })
+    .await;
+    w.app
+        .publish(&refund(&biz, "pay_1", false, T1), "evt_2")
+        .await;
+    w.wait_status(&grant.id, "Revoked").await;
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_released(&w, &grant.id).await;
+    assert!(!w.has_role(g.guild_id, new, role), "the new account's role");
+    assert!(!w.has_role(g.guild_id, old, role), "the old account's role");
+    stop.cancel();
+    let _ = task.await;
+    w.stop().await;
+}

@@ -1,6 +1,12 @@
 //! What Discord calls make it match one grant: a pure function of the grant's state,
-//! its entitlement, the customer's linked account, what Discord said about the member
-//! and what the customer's other live grants hold. No I/O; table-tested below.
+//! its entitlement, the customer's linked account, what Discord said about the member,
+//! what other live grants hold (of any customer or business: one Discord account can be
+//! linked under several) and what guildgate found already there. No I/O; table-tested
+//! below.
+//!
+//! guildgate takes away only what it gave: an access it found already there (a member
+//! who joined before buying, a role a moderator gave) is never removed, and an access
+//! another live grant still holds is never removed either.
 //!
 //! The syncer runs the calls in order. When an answer shows the member differs from
 //! what was assumed (already a member, or no longer one), it plans again with that
@@ -37,12 +43,16 @@ pub struct Input<'a> {
     pub role: Option<Snowflake>,
     /// The customer's linked Discord account, if they authorized.
     pub linked_user: Option<Snowflake>,
-    /// What this grant applied before.
-    pub applied: Option<Access>,
+    /// What this grant holds: what it applied, and what it recorded it was about to
+    /// apply (an account switch or a role change a crash interrupted).
+    pub held: &'a [Access],
     pub member: MemberState,
-    /// What the customer's other live grants applied (or recorded they are applying):
-    /// never taken away.
+    /// What other live grants applied (or recorded they are applying), of any customer
+    /// or business: never taken away.
     pub others: &'a [Access],
+    /// Accesses guildgate found already there when it first gave them (`role: None`:
+    /// the membership): never taken away.
+    pub found: &'a [Access],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,6 +86,8 @@ pub struct Plan {
     pub delivers: bool,
     /// Live, but the customer has not linked an account yet: nothing to do.
     pub awaiting_link: bool,
+    /// Accesses this grant lets go of, and whether another grant keeps each.
+    pub released: Vec<(Access, bool)>,
 }
 
 /// The calls that make Discord match the grant.
@@ -108,38 +120,42 @@ pub fn plan(i: &Input<'_>) -> Plan {
             (MemberState::Present { .. }, _) => {}
         }
     }
-    if let Some(a) = i.applied.filter(|a| Some(*a) != desired) {
-        let keeps: Vec<&Access> = i.others.iter().chain(desired.as_ref()).collect();
-        match a.role {
-            Some(role) => {
-                let kept = keeps
-                    .iter()
-                    .any(|o| o.user == a.user && o.guild == a.guild && o.role == Some(role));
-                if !kept {
-                    calls.push(Call::RemoveRole {
-                        guild: a.guild,
-                        user: a.user,
-                        role,
-                    });
-                }
-            }
-            None => {
-                // Any other access in the guild needs the membership.
-                let kept = keeps.iter().any(|o| o.user == a.user && o.guild == a.guild);
-                if !kept {
-                    calls.push(Call::RemoveMember {
-                        guild: a.guild,
-                        user: a.user,
-                    });
-                }
-            }
+    let keeps: Vec<&Access> = i.others.iter().chain(desired.as_ref()).collect();
+    let found = |a: &Access| i.found.contains(a);
+    let mut released = Vec::new();
+    for a in i.held.iter().filter(|a| Some(**a) != desired) {
+        if released.iter().any(|(r, _)| r == a) {
+            continue;
         }
+        let kept = match a.role {
+            Some(role) => keeps
+                .iter()
+                .any(|o| o.user == a.user && o.guild == a.guild && o.role == Some(role)),
+            // Any other access in the guild needs the membership.
+            None => keeps.iter().any(|o| o.user == a.user && o.guild == a.guild),
+        };
+        released.push((*a, kept));
+        if kept || found(a) {
+            continue;
+        }
+        calls.push(match a.role {
+            Some(role) => Call::RemoveRole {
+                guild: a.guild,
+                user: a.user,
+                role,
+            },
+            None => Call::RemoveMember {
+                guild: a.guild,
+                user: a.user,
+            },
+        });
     }
     Plan {
         calls,
         applied_after: desired,
         delivers: desired.is_some(),
         awaiting_link: i.live && i.linked_user.is_none(),
+        released,
     }
 }
 
@@ -176,9 +192,10 @@ mod tests {
             guild: s(G),
             role: role.map(s),
             linked_user: linked.map(s),
-            applied,
+            held: Box::leak(applied.into_iter().collect::<Vec<_>>().into_boxed_slice()),
             member,
             others,
+            found: &[],
         }
     }
 
@@ -376,6 +393,131 @@ mod tests {
             assert_eq!(p.calls, calls, "{name}");
             assert_eq!(p.applied_after, after, "{name}");
             assert_eq!(p.delivers, after.is_some(), "{name}");
+        }
+    }
+
+    /// Who else holds an access, and what was there before guildgate.
+    #[test]
+    fn takes_away_only_what_it_gave_and_nobody_else_holds() {
+        use Call::*;
+        use MemberState::*;
+        let revoke =
+            |held: &'static [Access], others: &'static [Access], found: &'static [Access]| Input {
+                live: false,
+                guild: s(G),
+                role: Some(s(R)),
+                linked_user: Some(s(U1)),
+                held,
+                member: Unknown,
+                others,
+                found,
+            };
+        let role_u1: &'static [Access] = Box::leak(Box::new([acc(U1, Some(R))]));
+        let member_u1: &'static [Access] = Box::leak(Box::new([acc(U1, None)]));
+        let remove_role = RemoveRole {
+            guild: s(G),
+            user: s(U1),
+            role: s(R),
+        };
+        type Released = Vec<(Access, bool)>;
+        let cases: Vec<(&str, Input, Vec<Call>, Released)> = vec![
+            (
+                "a role a moderator gave before the purchase stays",
+                revoke(role_u1, &[], role_u1),
+                vec![],
+                vec![(acc(U1, Some(R)), false)],
+            ),
+            (
+                "a member who was there before buying is not kicked",
+                Input {
+                    role: None,
+                    ..revoke(member_u1, &[], member_u1)
+                },
+                vec![],
+                vec![(acc(U1, None), false)],
+            ),
+            (
+                "a member guildgate added is kicked",
+                Input {
+                    role: None,
+                    ..revoke(member_u1, &[], &[])
+                },
+                vec![RemoveMember {
+                    guild: s(G),
+                    user: s(U1),
+                }],
+                vec![(acc(U1, None), false)],
+            ),
+            (
+                "two customers, one Discord account: the other's grant keeps the role",
+                revoke(role_u1, role_u1, &[]),
+                vec![],
+                vec![(acc(U1, Some(R)), true)],
+            ),
+            (
+                "two products of one business on one server: the other keeps the role",
+                revoke(role_u1, role_u1, &[]),
+                vec![],
+                vec![(acc(U1, Some(R)), true)],
+            ),
+            (
+                "a server that moved to another business: the first one's live grant keeps it",
+                revoke(role_u1, role_u1, &[]),
+                vec![],
+                vec![(acc(U1, Some(R)), true)],
+            ),
+            (
+                "the last holder goes: the role guildgate added goes",
+                revoke(role_u1, &[], &[]),
+                vec![remove_role],
+                vec![(acc(U1, Some(R)), false)],
+            ),
+            (
+                "membership only beside a role grant: the membership stays",
+                Input {
+                    role: None,
+                    ..revoke(member_u1, role_u1, &[])
+                },
+                vec![],
+                vec![(acc(U1, None), true)],
+            ),
+            (
+                "an interrupted account switch: both accounts held, the old one released",
+                Input {
+                    live: true,
+                    linked_user: Some(s(U2)),
+                    member: present(&[R]),
+                    ..revoke(
+                        Box::leak(Box::new([acc(U1, Some(R)), acc(U2, Some(R))])),
+                        &[],
+                        &[],
+                    )
+                },
+                vec![remove_role],
+                vec![(acc(U1, Some(R)), false)],
+            ),
+            (
+                "an account switch whose old account another holding keeps",
+                Input {
+                    live: true,
+                    linked_user: Some(s(U2)),
+                    member: present(&[R]),
+                    ..revoke(role_u1, role_u1, &[])
+                },
+                vec![],
+                vec![(acc(U1, Some(R)), true)],
+            ),
+        ];
+        for (name, i, calls, released) in cases {
+            let p = plan(&i);
+            assert_eq!(p.calls, calls, "{name}");
+            assert_eq!(p.released, released, "{name}");
+        }
+    }
+
+    fn present(roles: &[u64]) -> MemberState {
+        MemberState::Present {
+            roles: roles.iter().copied().map(s).collect(),
         }
     }
 

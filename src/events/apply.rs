@@ -516,6 +516,9 @@ impl Applier {
                     applied_user_id: None,
                     applied_guild_id: None,
                     applied_role_id: None,
+                    intent_user_id: None,
+                    intent_guild_id: None,
+                    intent_role_id: None,
                 };
                 let linked = state.linked.contains(&key(b, customer_id.as_str()));
                 writes.transition(

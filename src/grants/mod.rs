@@ -134,6 +134,11 @@ pub struct Grant {
     pub applied_user_id: Option<String>,
     pub applied_guild_id: Option<String>,
     pub applied_role_id: Option<String>,
+    /// What this grant is about to apply beside what it applied (an account switch or
+    /// a role change under way), recorded before the call to Discord.
+    pub intent_user_id: Option<String>,
+    pub intent_guild_id: Option<String>,
+    pub intent_role_id: Option<String>,
 }
 
 impl Grant {

@@ -146,6 +146,9 @@ mod tests {
             applied_user_id: None,
             applied_guild_id: None,
             applied_role_id: None,
+            intent_user_id: None,
+            intent_guild_id: None,
+            intent_role_id: None,
         }
     }
 

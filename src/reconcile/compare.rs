@@ -75,6 +75,9 @@ pub struct DiscordState {
     pub members: HashMap<(Snowflake, Snowflake), Option<Vec<Snowflake>>>,
     /// Guilds whose members were listed in full: user → roles.
     pub listed: HashMap<Snowflake, HashMap<Snowflake, Vec<Snowflake>>>,
+    /// Roles guildgate found already there when it first gave them, as
+    /// `(guild, user, role)` (its holdings): not drift while they stay.
+    pub found: HashSet<(Snowflake, Snowflake, Snowflake)>,
 }
 
 impl DiscordState {
@@ -97,7 +100,7 @@ pub enum DriftKind {
     /// A delivered grant whose member is not in the server.
     LeftServer,
     /// A revoked grant whose member still holds what it gave, and no other live grant
-    /// of the customer gives it.
+    /// (of any customer) gives it.
     StillHolds,
     /// A member holding a gated role without any live grant giving it.
     Ungranted,
@@ -196,8 +199,14 @@ pub fn compare(grants: &[GrantRow], gated: &[GatedRole], discord: &DiscordState)
                 if a.role.is_some_and(|r| !roles.contains(&r)) {
                     continue;
                 }
-                let customer = &by_customer[&(g.business_id.as_str(), g.customer_id.as_str())];
-                if given_by_live(customer.iter().copied(), Some(&g.id), &a) {
+                // One Discord account can be linked under several customers: any live
+                // grant giving the same access explains it.
+                if given_by_live(grants, Some(&g.id), &a) {
+                    continue;
+                }
+                if a.role
+                    .is_some_and(|r| discord.found.contains(&(a.guild, a.user, r)))
+                {
                     continue;
                 }
                 if let Some(r) = a.role {
@@ -215,7 +224,10 @@ pub fn compare(grants: &[GrantRow], gated: &[GatedRole], discord: &DiscordState)
         }
         for (user, roles) in members {
             for gr in &gated_here {
-                if !roles.contains(&gr.role) || still_held.contains(&(*guild, *user, gr.role)) {
+                if !roles.contains(&gr.role)
+                    || still_held.contains(&(*guild, *user, gr.role))
+                    || discord.found.contains(&(*guild, *user, gr.role))
+                {
                     continue;
                 }
                 let wanted = Access {
@@ -309,6 +321,7 @@ mod tests {
                 })
                 .collect(),
             listed: HashMap::new(),
+            found: HashSet::new(),
         }
     }
 
@@ -323,6 +336,7 @@ mod tests {
                     .collect(),
             )]
             .into(),
+            found: HashSet::new(),
         }
     }
 
@@ -513,6 +527,42 @@ mod tests {
             let got = compare(&grants, &gated, &discord);
             assert_eq!(kinds(&got), want, "{name}");
         }
+    }
+
+    /// The holdings' rules: an access another customer's grant explains, or one
+    /// guildgate found already there, is not drift.
+    #[test]
+    fn holdings_explain_what_would_look_like_drift() {
+        use GrantStatus::*;
+        // One Discord account under two customers: one revoked (its removal skipped,
+        // since the other holds the role), the other live.
+        let got = compare(
+            &[
+                grant("g1", "c1", Revoked, 1, Some(R), true),
+                grant("g2", "c2", Delivered, 1, Some(R), true),
+            ],
+            &[gated(R)],
+            &listed(&[(1, &[R])]),
+        );
+        assert_eq!(got, vec![]);
+        // A role a moderator gave before the purchase, whose grant has ended.
+        let mut found = listed(&[(1, &[R])]);
+        found.found.insert((s(G), s(1), s(R)));
+        assert_eq!(
+            compare(
+                &[grant("g1", "c1", Revoked, 1, Some(R), false)],
+                &[gated(R)],
+                &found
+            ),
+            vec![]
+        );
+        // Without the holding, it is a role nobody pays for.
+        let got = compare(
+            &[grant("g1", "c1", Revoked, 1, Some(R), false)],
+            &[gated(R)],
+            &listed(&[(1, &[R])]),
+        );
+        assert_eq!(kinds(&got), vec![(DriftKind::Ungranted, 1, None)]);
     }
 
     #[test]

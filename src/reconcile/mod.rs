@@ -277,6 +277,31 @@ impl Reconciler {
             .collect())
     }
 
+    /// The roles guildgate found already there in `guilds` (its holdings).
+    async fn found_roles(
+        &self,
+        guilds: &BTreeSet<Snowflake>,
+    ) -> Result<HashSet<(Snowflake, Snowflake, Snowflake)>, sqlx::Error> {
+        let ids: Vec<String> = guilds.iter().map(|g| g.to_string()).collect();
+        let rows: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT guild_id, user_id, role_id FROM discord_holdings
+             WHERE found AND role_id <> '' AND guild_id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(g, u, r)| {
+                Some((
+                    Snowflake::parse(&g)?,
+                    Snowflake::parse(&u)?,
+                    Snowflake::parse(&r)?,
+                ))
+            })
+            .collect())
+    }
+
     /// Every member of a guild, page by page; `Ok(None)` if Discord refuses the list.
     async fn list_members(
         &self,
@@ -322,6 +347,7 @@ impl Reconciler {
             policy: None,
         };
         let guilds: BTreeSet<Snowflake> = gated.iter().map(|g| g.guild).collect();
+        discord.found = self.found_roles(&guilds).await?;
         for guild in guilds {
             match self.list_members(guild).await {
                 Ok(Some(members)) => {

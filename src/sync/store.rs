@@ -115,13 +115,16 @@ impl LinkRow {
     }
 }
 
-/// A live grant of the customer and what it applied (or is applying) in Discord.
+/// A live grant and what it applied (or is applying) in Discord.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Holding {
     pub id: String,
     pub applied_user_id: Option<String>,
     pub applied_guild_id: Option<String>,
     pub applied_role_id: Option<String>,
+    pub intent_user_id: Option<String>,
+    pub intent_guild_id: Option<String>,
+    pub intent_role_id: Option<String>,
 }
 
 /// The linked account of a customer of a business.
@@ -204,23 +207,155 @@ pub async fn store_refreshed(
     Ok(done.rows_affected() == 1)
 }
 
-/// The customer's other live grants.
-pub async fn other_live_grants(
+/// Live grants other than `except_grant`, of any customer or business, that hold (or
+/// are about to hold) an access of one of `accounts` (`(guild, Discord user)` pairs).
+pub async fn other_holders(
     conn: &mut PgConnection,
-    business_id: &str,
-    customer_id: &str,
+    accounts: &[(String, String)],
     except_grant: &str,
 ) -> Result<Vec<Holding>, sqlx::Error> {
+    let (guilds, users): (Vec<String>, Vec<String>) = accounts.iter().cloned().unzip();
     sqlx::query_as(
-        "SELECT id, applied_user_id, applied_guild_id, applied_role_id
-         FROM grants
-         WHERE business_id = $1 AND customer_id = $2 AND id <> $3 AND status <> 'Revoked'",
+        "SELECT g.id, g.applied_user_id, g.applied_guild_id, g.applied_role_id,
+                g.intent_user_id, g.intent_guild_id, g.intent_role_id
+         FROM unnest($1::text[], $2::text[]) AS a (guild_id, user_id)
+         JOIN grants g ON (g.applied_guild_id = a.guild_id AND g.applied_user_id = a.user_id)
+                       OR (g.intent_guild_id = a.guild_id AND g.intent_user_id = a.user_id)
+         WHERE g.id <> $3 AND g.status <> 'Revoked'",
     )
-    .bind(business_id)
-    .bind(customer_id)
+    .bind(&guilds)
+    .bind(&users)
     .bind(except_grant)
     .fetch_all(conn)
     .await
+}
+
+/// An access of a Discord account (`role_id` `None`: the membership) as recorded in
+/// `discord_holdings`.
+pub type AccessKey = (String, String, Option<String>);
+
+/// The accesses of `accounts` guildgate found already there when it first gave them.
+pub async fn found_accesses(
+    conn: &mut PgConnection,
+    accounts: &[(String, String)],
+) -> Result<Vec<AccessKey>, sqlx::Error> {
+    let (guilds, users): (Vec<String>, Vec<String>) = accounts.iter().cloned().unzip();
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT h.guild_id, h.user_id, h.role_id
+         FROM unnest($1::text[], $2::text[]) AS a (guild_id, user_id)
+         JOIN discord_holdings h ON h.guild_id = a.guild_id AND h.user_id = a.user_id
+         WHERE h.found",
+    )
+    .bind(&guilds)
+    .bind(&users)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(g, u, r)| (g, u, (!r.is_empty()).then_some(r)))
+        .collect())
+}
+
+/// Records accesses about to be given, as added by guildgate until an answer shows they
+/// were there already; returns those that were not recorded before.
+pub async fn hold(
+    conn: &mut PgConnection,
+    accesses: &[AccessKey],
+    now: DateTime<Utc>,
+) -> Result<Vec<AccessKey>, sqlx::Error> {
+    let mut created = Vec::new();
+    for (g, u, r) in accesses {
+        let done = sqlx::query(
+            "INSERT INTO discord_holdings (guild_id, user_id, role_id, found, since)
+             VALUES ($1, $2, $3, false, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(g)
+        .bind(u)
+        .bind(r.as_deref().unwrap_or(""))
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        if done.rows_affected() == 1 {
+            created.push((g.clone(), u.clone(), r.clone()));
+        }
+    }
+    Ok(created)
+}
+
+/// Records whether accesses were found already there (`true`: the answers showed them
+/// before guildgate gave them) or added by guildgate (`false`: Discord added them now).
+pub async fn set_found(
+    conn: &mut PgConnection,
+    accesses: &[AccessKey],
+    found: bool,
+) -> Result<(), sqlx::Error> {
+    for (g, u, r) in accesses {
+        sqlx::query(
+            "UPDATE discord_holdings SET found = $4
+             WHERE guild_id = $1 AND user_id = $2 AND role_id = $3",
+        )
+        .bind(g)
+        .bind(u)
+        .bind(r.as_deref().unwrap_or(""))
+        .bind(found)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// `access` was let go by its last holder: removed at Discord, so forget it, and the
+/// account's membership record once no live grant holds anything of that account in
+/// the server any more. An access found already there stays recorded as found (it is
+/// still there, and not guildgate's: reconcile does not count it as drift).
+pub async fn forget_holding(
+    conn: &mut PgConnection,
+    access: &AccessKey,
+) -> Result<(), sqlx::Error> {
+    let (g, u, r) = access;
+    sqlx::query(
+        "DELETE FROM discord_holdings
+         WHERE guild_id = $1 AND user_id = $2 AND role_id = $3 AND NOT found",
+    )
+    .bind(g)
+    .bind(u)
+    .bind(r.as_deref().unwrap_or(""))
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "DELETE FROM discord_holdings h
+         WHERE h.guild_id = $1 AND h.user_id = $2 AND h.role_id = '' AND NOT h.found
+         AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.status <> 'Revoked'
+             AND ((g.applied_guild_id = $1 AND g.applied_user_id = $2)
+               OR (g.intent_guild_id = $1 AND g.intent_user_id = $2)))",
+    )
+    .bind(g)
+    .bind(u)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Records what a grant is about to apply beside what it holds (an account switch, a
+/// role change), before the call to Discord.
+pub async fn set_intent(
+    conn: &mut PgConnection,
+    id: &str,
+    intent: &AccessKey,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE grants SET intent_guild_id = $2, intent_user_id = $3, intent_role_id = $4, updated_at = $5
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(&intent.0)
+    .bind(&intent.1)
+    .bind(&intent.2)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Ids of every live grant of a customer (to sync after they linked an account).
@@ -238,7 +373,8 @@ pub async fn live_grant_ids(
     .await
 }
 
-/// Records what a grant applied in Discord (`None`: nothing any more).
+/// Records what a grant applied in Discord (`None`: nothing any more); it is about to
+/// apply nothing else.
 pub async fn set_applied(
     conn: &mut PgConnection,
     id: &str,
@@ -250,7 +386,8 @@ pub async fn set_applied(
         None => (None, None, None),
     };
     sqlx::query(
-        "UPDATE grants SET applied_user_id = $2, applied_guild_id = $3, applied_role_id = $4, updated_at = $5
+        "UPDATE grants SET applied_user_id = $2, applied_guild_id = $3, applied_role_id = $4,
+             intent_user_id = NULL, intent_guild_id = NULL, intent_role_id = NULL, updated_at = $5
          WHERE id = $1",
     )
     .bind(id)

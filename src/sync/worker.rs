@@ -1,8 +1,11 @@
 //! One sync job: read what the grant should be now, make Discord match it, record what
 //! was applied. Level-triggered: a job names a grant, not a command, so duplicate, late
 //! or replayed jobs are harmless. The consume loop below runs jobs concurrently (the
-//! rate limiter orders the calls), but never two of the same customer at once: their
-//! grants share a linked account, whose refresh token rotates, and may share a role.
+//! rate limiter orders the calls), but never two of the same customer at once (their
+//! grants share a linked account, whose refresh token rotates), nor two that touch the
+//! same Discord account in the same server (grants of several customers, even of several
+//! businesses, can hold the same role of one account, and each decides whether the
+//! others still need it).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,12 +71,24 @@ struct Job {
     guild: Option<Snowflake>,
     role: Option<Snowflake>,
     link: Option<LinkRow>,
+    /// What the grant applied, and what it recorded it is about to apply.
+    held: Vec<Access>,
+    /// What other live grants (of any customer or business) hold of the same accounts.
     others: Vec<Access>,
+    /// Accesses of the same accounts guildgate found already there.
+    found: Vec<Access>,
+    /// Accesses this run recorded as held for the first time: an answer saying they
+    /// were there already makes them found.
+    created: Vec<Access>,
 }
 
 /// What a successful sync did.
 struct Synced {
     plan: plan::Plan,
+    /// Accesses Discord showed were there before this run gave them.
+    present_before: Vec<Access>,
+    /// Accesses Discord added for this run (so guildgate's own from now on).
+    added: Vec<Access>,
 }
 
 impl SyncWorker {
@@ -112,6 +127,22 @@ impl SyncWorker {
         };
         let _turn = self.locks.lock(&customer).await;
         // Read again under the customer's lock: the job before may have changed it.
+        let Some(job) = self.load(grant_id).await? else {
+            return Ok(Outcome::Ack("unknown_grant"));
+        };
+        // Then the Discord accounts it touches, in a fixed order (no two jobs wait on
+        // each other), and read once more: a job of another customer holding the same
+        // account may have just changed what the others hold.
+        let mut accounts: Vec<String> = Self::accounts(&job)
+            .into_iter()
+            .map(|(g, u)| format!("{g}/{u}"))
+            .collect();
+        accounts.sort();
+        accounts.dedup();
+        let mut _accounts = Vec::with_capacity(accounts.len());
+        for a in &accounts {
+            _accounts.push(self.locks.lock(&format!("account:{a}")).await);
+        }
         let Some(mut job) = self.load(grant_id).await? else {
             return Ok(Outcome::Ack("unknown_grant"));
         };
@@ -253,26 +284,80 @@ impl SyncWorker {
         self.wait_for_resume(job, &stop).await
     }
 
-    /// Before a first delivery, records what the grant is about to apply. Should the
-    /// Discord calls succeed and the commit after them fail (a crash, the database gone)
-    /// while the grant is revoked meanwhile, the revoke still knows what to take away.
-    /// Recording more than was applied is harmless: removing a role a member lacks, or
-    /// a member who is not there, changes nothing.
+    /// The `(guild, Discord user)` accounts a job touches: those it holds, and the one
+    /// it is to deliver to.
+    fn accounts(job: &Job) -> Vec<(Snowflake, Snowflake)> {
+        let mut out: Vec<(Snowflake, Snowflake)> =
+            job.held.iter().map(|a| (a.guild, a.user)).collect();
+        if let (Some(g), Some(u)) = (
+            job.guild,
+            job.link
+                .as_ref()
+                .and_then(|l| Snowflake::parse(&l.discord_user_id)),
+        ) {
+            out.push((g, u));
+        }
+        out
+    }
+
+    /// Before any call that gives something, records what the grant is about to apply
+    /// (as the grant's applied access on a first delivery, as its intent beside what it
+    /// holds on an account switch or a role change) and holds the accesses as added.
+    /// Should the Discord calls succeed and their record fail (a crash, the database
+    /// gone), whatever runs next still knows what to take away. Recording more than was
+    /// applied is harmless: removing a role a member lacks, or a member who is not
+    /// there, changes nothing.
     async fn record_intent(&self, job: &mut Job) -> Result<(), sqlx::Error> {
         let g = &job.grant;
-        if !g.status().is_live() || g.applied_user_id.is_some() {
+        if !g.status().is_live() {
             return Ok(());
         }
-        let user = job.link.as_ref().map(|l| l.discord_user_id.clone());
+        let user = job
+            .link
+            .as_ref()
+            .and_then(|l| Snowflake::parse(&l.discord_user_id));
         let (Some(user), Some(guild)) = (user, job.guild) else {
             return Ok(());
         };
-        let intent = (user, guild.to_string(), job.role.map(|r| r.to_string()));
-        let mut conn = self.pool.acquire().await?;
-        db::set_applied(&mut conn, &g.id, Some(intent.clone()), Utc::now()).await?;
-        job.grant.applied_user_id = Some(intent.0);
-        job.grant.applied_guild_id = Some(intent.1);
-        job.grant.applied_role_id = intent.2;
+        let want = Access {
+            user,
+            guild,
+            role: job.role,
+        };
+        let key = |a: &Access| {
+            (
+                a.guild.to_string(),
+                a.user.to_string(),
+                a.role.map(|r| r.to_string()),
+            )
+        };
+        let mut keys = vec![key(&Access { role: None, ..want })];
+        if want.role.is_some() {
+            keys.push(key(&want));
+        }
+        let now = Utc::now();
+        let mut tx = self.pool.begin().await?;
+        let applied = job.held.first().copied();
+        if applied.is_none() {
+            let k = key(&want);
+            db::set_applied(&mut tx, &g.id, Some((k.1, k.0, k.2)), now).await?;
+            job.held.push(want);
+        } else if !job.held.contains(&want) {
+            db::set_intent(&mut tx, &g.id, &key(&want), now).await?;
+            job.held.push(want);
+        }
+        let created = db::hold(&mut tx, &keys, now).await?;
+        tx.commit().await?;
+        job.created = created
+            .into_iter()
+            .filter_map(|(g, u, r)| {
+                Some(Access {
+                    guild: Snowflake::parse(&g)?,
+                    user: Snowflake::parse(&u)?,
+                    role: r.as_deref().and_then(Snowflake::parse),
+                })
+            })
+            .collect();
         Ok(())
     }
 
@@ -290,28 +375,72 @@ impl SyncWorker {
             None => (None, None),
         };
         let link = db::link_of(&mut conn, &grant.business_id, &grant.customer_id).await?;
+        let held: Vec<Access> = [
+            access(
+                grant.applied_user_id.as_deref(),
+                grant.applied_guild_id.as_deref(),
+                grant.applied_role_id.as_deref(),
+            ),
+            access(
+                grant.intent_user_id.as_deref(),
+                grant.intent_guild_id.as_deref(),
+                grant.intent_role_id.as_deref(),
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let mut accounts: Vec<(String, String)> = held
+            .iter()
+            .map(|a| (a.guild.to_string(), a.user.to_string()))
+            .collect();
+        if let (Some(g), Some(l)) = (guild, &link) {
+            accounts.push((g.to_string(), l.discord_user_id.clone()));
+        }
         let mut others = Vec::new();
-        for h in db::other_live_grants(&mut conn, &grant.business_id, &grant.customer_id, &grant.id)
-            .await?
-        {
+        for h in db::other_holders(&mut conn, &accounts, &grant.id).await? {
             // Only what another grant applied (or recorded it is applying) keeps an
             // access. Not what it is yet to deliver: it may be revoked before its
             // delivery runs, and then nothing would ever take the access away. Its own
             // delivery gives the access back, after a moment without it.
-            if let Some(a) = access(
-                h.applied_user_id.as_deref(),
-                h.applied_guild_id.as_deref(),
-                h.applied_role_id.as_deref(),
-            ) {
+            for a in [
+                access(
+                    h.applied_user_id.as_deref(),
+                    h.applied_guild_id.as_deref(),
+                    h.applied_role_id.as_deref(),
+                ),
+                access(
+                    h.intent_user_id.as_deref(),
+                    h.intent_guild_id.as_deref(),
+                    h.intent_role_id.as_deref(),
+                ),
+            ]
+            .into_iter()
+            .flatten()
+            {
                 others.push(a);
             }
         }
+        let found = db::found_accesses(&mut conn, &accounts)
+            .await?
+            .into_iter()
+            .filter_map(|(g, u, r)| {
+                Some(Access {
+                    guild: Snowflake::parse(&g)?,
+                    user: Snowflake::parse(&u)?,
+                    role: r.as_deref().and_then(Snowflake::parse),
+                })
+            })
+            .collect();
         Ok(Some(Job {
             grant,
             guild,
             role,
             link,
+            held,
             others,
+            found,
+            created: Vec::new(),
         }))
     }
 
@@ -320,11 +449,6 @@ impl SyncWorker {
     async fn sync(&self, job: &Job) -> Result<Synced, DiscordError> {
         let g = &job.grant;
         let live = g.status().is_live();
-        let applied = access(
-            g.applied_user_id.as_deref(),
-            g.applied_guild_id.as_deref(),
-            g.applied_role_id.as_deref(),
-        );
         let Some(guild) = job.guild else {
             if live {
                 return Err(DiscordError::human(
@@ -334,7 +458,7 @@ impl SyncWorker {
             }
             // A revoked grant whose entitlement is broken: undo what it applied, if
             // anything, using the recorded guild.
-            return self.undo_only(job, applied).await;
+            return self.undo_only(job).await;
         };
         let linked_user = job
             .link
@@ -350,8 +474,8 @@ impl SyncWorker {
         let mut member = MemberState::Unknown;
         if live
             && g.status() == GrantStatus::Delivered
-            && applied == desired
             && let Some(d) = desired
+            && job.held == [d]
         {
             member = match self.discord.member(d.guild, d.user).await? {
                 None => MemberState::Absent,
@@ -359,15 +483,18 @@ impl SyncWorker {
             };
         }
         let mut token: Option<SecretString> = None;
+        let mut present_before = Vec::new();
+        let mut added = Vec::new();
         for _ in 0..4 {
             let p = plan::plan(&plan::Input {
                 live,
                 guild,
                 role: job.role,
                 linked_user,
-                applied,
+                held: &job.held,
                 member: member.clone(),
                 others: &job.others,
+                found: &job.found,
             });
             let mut replan = false;
             for call in &p.calls {
@@ -379,10 +506,38 @@ impl SyncWorker {
                         let t = token.as_ref().expect("set above");
                         let roles: Vec<Snowflake> = role.into_iter().collect();
                         match self.discord.add_member(guild, user, t, &roles).await {
-                            Ok(AddMember::Added) => {}
+                            Ok(AddMember::Added) => {
+                                added.push(Access {
+                                    role: None,
+                                    user,
+                                    guild,
+                                });
+                                if role.is_some() {
+                                    added.push(Access { role, user, guild });
+                                }
+                            }
                             Ok(AddMember::AlreadyMember) => {
-                                // 204 changes nothing: the role still has to be added.
-                                member = MemberState::Present { roles: vec![] };
+                                // 204 changes nothing: they were a member before, and
+                                // whether they hold the role already only their member
+                                // object says (adding a role answers 204 either way).
+                                present_before.push(Access {
+                                    role: None,
+                                    user,
+                                    guild,
+                                });
+                                member = match self.discord.member(guild, user).await? {
+                                    None => MemberState::Absent,
+                                    Some(m) => {
+                                        if let Some(r) = role.filter(|r| m.roles.contains(r)) {
+                                            present_before.push(Access {
+                                                role: Some(r),
+                                                user,
+                                                guild,
+                                            });
+                                        }
+                                        MemberState::Present { roles: m.roles }
+                                    }
+                                };
                                 replan = true;
                                 break;
                             }
@@ -391,7 +546,11 @@ impl SyncWorker {
                     }
                     Call::AddRole { guild, user, role } => {
                         match self.discord.add_role(guild, user, role).await {
-                            Ok(MemberChange::Done) => {}
+                            Ok(MemberChange::Done) => added.push(Access {
+                                role: Some(role),
+                                user,
+                                guild,
+                            }),
                             Ok(MemberChange::NotMember) => {
                                 member = MemberState::Absent;
                                 replan = true;
@@ -413,7 +572,11 @@ impl SyncWorker {
                 }
             }
             if !replan {
-                return Ok(Synced { plan: p });
+                return Ok(Synced {
+                    plan: p,
+                    present_before,
+                    added,
+                });
             }
         }
         Err(DiscordError::Retriable(
@@ -421,15 +584,16 @@ impl SyncWorker {
         ))
     }
 
-    async fn undo_only(&self, job: &Job, applied: Option<Access>) -> Result<Synced, DiscordError> {
+    async fn undo_only(&self, job: &Job) -> Result<Synced, DiscordError> {
         let p = plan::plan(&plan::Input {
             live: false,
-            guild: applied.map_or(Snowflake::new(0), |a| a.guild),
+            guild: job.held.first().map_or(Snowflake::new(0), |a| a.guild),
             role: None,
             linked_user: None,
-            applied,
+            held: &job.held,
             member: MemberState::Unknown,
             others: &job.others,
+            found: &job.found,
         });
         for call in &p.calls {
             match *call {
@@ -442,7 +606,11 @@ impl SyncWorker {
                 _ => {}
             }
         }
-        Ok(Synced { plan: p })
+        Ok(Synced {
+            plan: p,
+            present_before: Vec::new(),
+            added: Vec::new(),
+        })
     }
 
     /// "Missing Permissions" covers both a missing permission and the role hierarchy;
@@ -541,6 +709,31 @@ impl SyncWorker {
             )
         });
         db::set_applied(&mut tx, &grant.id, applied, now).await?;
+        let key = |a: &Access| {
+            (
+                a.guild.to_string(),
+                a.user.to_string(),
+                a.role.map(|r| r.to_string()),
+            )
+        };
+        // There before this run first gave them: never taken away.
+        let found: Vec<db::AccessKey> = s
+            .present_before
+            .iter()
+            .filter(|a| job.created.contains(a))
+            .map(key)
+            .collect();
+        db::set_found(&mut tx, &found, true).await?;
+        // Added by Discord for this run: guildgate's to take away, whatever was
+        // recorded before (a found role a moderator removed since, given back now).
+        let added: Vec<db::AccessKey> = s.added.iter().map(key).collect();
+        db::set_found(&mut tx, &added, false).await?;
+        // Let go of by their last holder: removed at Discord (or left there, if found).
+        for (a, kept) in &s.plan.released {
+            if !kept {
+                db::forget_holding(&mut tx, &key(a)).await?;
+            }
+        }
         let mut label = if s.plan.awaiting_link {
             "awaiting_link"
         } else if !job.grant.status().is_live() {
