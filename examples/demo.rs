@@ -222,6 +222,7 @@ async fn main() {
                 description: Some("demo receiver".into()),
                 filter_types: None,
                 secret: Some(secret.into()),
+                ..Default::default()
             },
             guildgate::webhooks::ssrf::TargetPolicy {
                 allow_private: true,

@@ -615,7 +615,7 @@ async fn nul_characters_are_refused_naming_where_they_are() {
     // Nothing was changed, and the same requests without the NUL work.
     let (s, after) = c.get(&format!("/entitlements/{id}")).await;
     assert_eq!((s, &after), (200, &e));
-    assert_eq!(c.get("/webhooks").await.1["items"], json!([]));
+    assert_eq!(c.get("/webhooks").await.1["data"], json!([]));
     assert_eq!(
         c.get(&format!("/entitlements/{id}/grants?customer_id=cus_1"))
             .await
@@ -753,6 +753,8 @@ async fn one_business_never_sees_or_changes_anothers_objects() {
         (Method::GET, format!("/webhooks/{ep}")),
         (Method::PATCH, format!("/webhooks/{ep}")),
         (Method::GET, format!("/webhooks/{ep}/secret")),
+        (Method::GET, format!("/webhooks/{ep}/headers")),
+        (Method::PATCH, format!("/webhooks/{ep}/headers")),
         (Method::POST, format!("/webhooks/{ep}/secret/rotate")),
         (Method::GET, format!("/webhooks/{ep}/messages")),
         (
@@ -761,7 +763,8 @@ async fn one_business_never_sees_or_changes_anothers_objects() {
         ),
         (Method::DELETE, format!("/webhooks/{ep}")),
     ] {
-        let body = matches!(m, Method::PATCH).then(|| json!({"name": "stolen"}));
+        let body = matches!(m, Method::PATCH)
+            .then(|| json!({"name": "stolen", "headers": {"x-stolen": "1"}}));
         let (s, v) = a.call(m.clone(), &path, body).await;
         assert_eq!(s, 404, "{m} {path}: {v}");
         assert_eq!(v["code"], "not_found");
@@ -778,7 +781,7 @@ async fn one_business_never_sees_or_changes_anothers_objects() {
         json!([])
     );
     assert_eq!(a.get("/discord/guilds").await.1["items"], json!([]));
-    assert_eq!(a.get("/webhooks").await.1["items"], json!([]));
+    assert_eq!(a.get("/webhooks").await.1["data"], json!([]));
     // A cannot build on B's server either.
     let (s, v) = a.post("/entitlements", create_body(g.guild_id, None)).await;
     assert_eq!(
@@ -1472,10 +1475,7 @@ async fn webhook_endpoints_through_the_api() {
     assert_eq!(ep["filter_types"], json!(["entitlement_grant.revoked"]));
     let id = ep["id"].as_str().unwrap();
     assert_eq!(
-        c.get("/webhooks").await.1["items"]
-            .as_array()
-            .unwrap()
-            .len(),
+        c.get("/webhooks").await.1["data"].as_array().unwrap().len(),
         1
     );
     assert_eq!(c.get(&format!("/webhooks/{id}")).await.1, ep);
@@ -1612,6 +1612,8 @@ async fn openapi_documents_exactly_the_real_routes() {
         "PATCH /webhooks/{id}",
         "DELETE /webhooks/{id}",
         "GET /webhooks/{id}/secret",
+        "GET /webhooks/{id}/headers",
+        "PATCH /webhooks/{id}/headers",
         "POST /webhooks/{id}/secret/rotate",
         "GET /webhooks/{id}/messages",
         "POST /webhooks/{id}/messages/{message_id}/retry",

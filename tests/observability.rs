@@ -155,6 +155,7 @@ async fn a_full_flow_is_measured_and_logged_without_secrets() {
                 description: None,
                 filter_types: None,
                 secret: Some(SECRET.into()),
+                ..NewEndpoint::default()
             },
             TargetPolicy {
                 allow_private: true,

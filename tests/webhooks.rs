@@ -22,6 +22,7 @@ use guildgate::webhooks::fanout::{Fanout, Outcome};
 use guildgate::webhooks::messages::{self, Message};
 use guildgate::webhooks::replay;
 use guildgate::webhooks::ssrf::{SsrfError, TargetPolicy};
+use serde_json::json;
 use standardwebhooks::Webhook;
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +52,7 @@ struct Hit {
     body: Vec<u8>,
     /// Every secret the receiver holds verified the request.
     verified: bool,
+    headers: HeaderMap,
 }
 
 type Script = Arc<dyn Fn(usize) -> Reply + Send + Sync>;
@@ -112,6 +114,7 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> 
             signature: h("webhook-signature"),
             body: body.to_vec(),
             verified,
+            headers: headers.clone(),
         });
         hits.len() - 1
     };
@@ -139,6 +142,7 @@ async fn add_endpoint(app: &TestApp, url: &str, filter: Option<&[&str]>, secret:
             description: Some("test receiver".into()),
             filter_types: filter.map(|f| f.iter().map(|s| s.to_string()).collect()),
             secret: Some(secret.to_string()),
+            ..NewEndpoint::default()
         },
         LOCAL,
     )
@@ -1196,4 +1200,499 @@ async fn fan_out_creates_the_messages_of_an_endpoint_known_to_fail_held() {
     assert_eq!(messages_of(&app, &failing).await[0].attempts, 0);
     drop(conn);
     app.cleanup().await;
+}
+
+/// A merchant's client of the REST API, as the platform's SDKs call it.
+struct Api {
+    base: String,
+    key: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    /// A key for `business` (created if new).
+    async fn of(app: &TestApp, business: &str) -> Self {
+        let mut conn = app.pool.acquire().await.unwrap();
+        let (_, key) = guildgate::api::auth::create_api_key(
+            &mut conn,
+            &guildgate::ids::BusinessId::parse(business).unwrap(),
+            Some("test"),
+        )
+        .await
+        .unwrap();
+        use secrecy::ExposeSecret;
+        Self {
+            base: format!("http://{}", app.addr),
+            key: key.expose_secret().to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.expect("guildgate answers");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let v = if text.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+        };
+        (status, v)
+    }
+
+    async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn patch(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::PATCH, path, Some(body)).await
+    }
+}
+
+/// An app whose API budget does not get in the way of a test that makes many calls.
+async fn api_app() -> TestApp {
+    TestApp::spawn_with(
+        TestConfig::default()
+            .env("GUILDGATE_API__REQUESTS_PER_SECOND", "1000")
+            .env("GUILDGATE_API__BURST", "1000"),
+    )
+    .await
+}
+
+/// Asserts a 422 whose message names `what`.
+fn refused_naming(got: (u16, serde_json::Value), code: &str, what: &str) {
+    let (s, v) = got;
+    assert_eq!(s, 422, "{what}: {v}");
+    assert_eq!(v["code"], code, "{what}: {v}");
+    assert!(
+        v["message"].as_str().unwrap().contains(what),
+        "the message names {what}: {v}"
+    );
+}
+
+/// The fields of the SDK's `WebhookDetails`, each of the type it reads.
+fn assert_webhook_details(v: &serde_json::Value) {
+    for field in ["id", "created_at", "description", "updated_at", "url"] {
+        assert!(v[field].is_string(), "{field} is a string: {v}");
+    }
+    assert!(v["metadata"].is_object(), "metadata is an object: {v}");
+    assert!(
+        v["metadata"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|x| x.is_string()),
+        "{v}"
+    );
+    assert!(v["disabled"].is_boolean(), "{v}");
+    assert!(
+        v["filter_types"].is_null() || v["filter_types"].is_array(),
+        "{v}"
+    );
+    assert!(v["rate_limit"].is_null() || v["rate_limit"].is_u64(), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_endpoints_are_listed_in_cursor_pages() {
+    let app = api_app().await;
+    let api = Api::of(&app, &app.business()).await;
+    let mut made = Vec::new();
+    for n in 0..5 {
+        let (s, ep) = api
+            .post(
+                "/webhooks",
+                json!({"url": format!("http://127.0.0.1:9/{n}")}),
+            )
+            .await;
+        assert_eq!(s, 201, "{ep}");
+        made.push(ep["id"].as_str().unwrap().to_string());
+    }
+
+    // As the SDK's cursor pagination walks it: `iterator` of each page until `done`.
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    let mut query = "?limit=2".to_string();
+    loop {
+        let (s, page) = api.get(&format!("/webhooks{query}")).await;
+        assert_eq!(s, 200, "{page}");
+        pages += 1;
+        let data = page["data"].as_array().unwrap();
+        assert!(data.len() <= 2, "{page}");
+        for ep in data {
+            assert_webhook_details(ep);
+            seen.push(ep["id"].as_str().unwrap().to_string());
+        }
+        if page["done"] == json!(true) {
+            break;
+        }
+        assert_eq!(page["done"], json!(false), "{page}");
+        let it = page["iterator"]
+            .as_str()
+            .expect("an iterator to go on with");
+        query = format!("?limit=2&iterator={it}");
+        assert!(pages < 10, "the pages never end");
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, made, "every endpoint once, oldest first");
+
+    // Without a limit, one page holds all of them.
+    let (_, all) = api.get("/webhooks").await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 5);
+    assert_eq!(all["done"], json!(true));
+    // A page past the last is empty and done.
+    let last = all["iterator"].as_str().unwrap().to_string();
+    let (s, after) = api.get(&format!("/webhooks?iterator={last}")).await;
+    assert_eq!(s, 200, "{after}");
+    assert_eq!(
+        (after["data"].clone(), after["done"].clone()),
+        (json!([]), json!(true))
+    );
+
+    for bad in [
+        "limit=0",
+        "limit=251",
+        "limit=two",
+        "iterator=nope",
+        "iterator=ep_1",
+    ] {
+        let (s, v) = api.get(&format!("/webhooks?{bad}")).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (422, Some("invalid_query")),
+            "{bad}: {v}"
+        );
+    }
+    // Another business's list is its own.
+    let other = Api::of(&app, "bus_Other").await;
+    let (_, theirs) = other.get("/webhooks").await;
+    assert_eq!(theirs["data"], json!([]));
+    assert_eq!(theirs["done"], json!(true));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_details_carry_metadata_description_and_rate_limit() {
+    let app = api_app().await;
+    let api = Api::of(&app, &app.business()).await;
+    // The fields an SDK's create sends.
+    let (s, ep) = api
+        .post(
+            "/webhooks",
+            json!({"url": "http://127.0.0.1:9/hook", "description": null, "disabled": false,
+                   "filter_types": ["entitlement_grant.created"],
+                   "metadata": {"team": "billing", "env": "prod"}, "rate_limit": 25}),
+        )
+        .await;
+    assert_eq!(s, 201, "{ep}");
+    assert_webhook_details(&ep);
+    assert_eq!(ep["description"], "");
+    assert_eq!(ep["metadata"], json!({"team": "billing", "env": "prod"}));
+    assert_eq!(ep["rate_limit"], 25);
+    let id = ep["id"].as_str().unwrap();
+    assert_eq!(api.get(&format!("/webhooks/{id}")).await.1, ep);
+
+    // Defaults: empty metadata and description, no rate limit.
+    let (s, bare) = api
+        .post("/webhooks", json!({"url": "http://127.0.0.1:9/bare"}))
+        .await;
+    assert_eq!(s, 201, "{bare}");
+    assert_webhook_details(&bare);
+    assert_eq!(
+        (&bare["description"], &bare["metadata"], &bare["rate_limit"]),
+        (&json!(""), &json!({}), &serde_json::Value::Null)
+    );
+
+    // The fields an SDK's update sends; those absent stay.
+    let path = format!("/webhooks/{id}");
+    let (s, up) = api
+        .patch(
+            &path,
+            json!({"metadata": {"team": "growth"}, "rate_limit": 3, "description": "main"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{up}");
+    assert_webhook_details(&up);
+    assert_eq!(up["metadata"], json!({"team": "growth"}));
+    assert_eq!(up["rate_limit"], 3);
+    assert_eq!(up["description"], "main");
+    assert_eq!(up["filter_types"], json!(["entitlement_grant.created"]));
+    let (_, up) = api.patch(&path, json!({"disabled": true})).await;
+    assert_eq!(
+        (&up["metadata"], &up["rate_limit"]),
+        (&json!({"team": "growth"}), &json!(3))
+    );
+    let (s, up) = api
+        .patch(
+            &path,
+            json!({"rate_limit": null, "metadata": null, "description": null}),
+        )
+        .await;
+    assert_eq!(s, 200, "{up}");
+    assert_eq!(
+        (&up["description"], &up["metadata"], &up["rate_limit"]),
+        (&json!(""), &json!({}), &serde_json::Value::Null)
+    );
+    assert_eq!(api.get(&path).await.1, up);
+
+    for (body, field) in [
+        (json!({"rate_limit": 0}), "rate_limit"),
+        (json!({"rate_limit": 10001}), "rate_limit"),
+        (json!({"metadata": {"n": 1}}), "metadata"),
+        (json!({"metadata": "x"}), "metadata"),
+    ] {
+        refused_naming(api.patch(&path, body.clone()).await, "invalid_field", field);
+        let mut create = body;
+        create["url"] = json!("http://127.0.0.1:9/x");
+        refused_naming(api.post("/webhooks", create).await, "invalid_field", field);
+    }
+    assert_eq!(api.get(&path).await.1, up, "nothing refused was saved");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_headers_round_trip_and_go_with_every_delivery() {
+    let app = api_app().await;
+    with_entitlement(&app).await;
+    let r = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let api = Api::of(&app, &app.business()).await;
+    let (s, ep) = api
+        .post(
+            "/webhooks",
+            json!({"url": r.url, "secret": SECRET, "headers": {"X-Tenant": "acme"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{ep}");
+    assert!(
+        ep.get("headers").is_none(),
+        "headers are read on their own route"
+    );
+    let id = ep["id"].as_str().unwrap();
+    let path = format!("/webhooks/{id}/headers");
+    assert_eq!(
+        api.get(&path).await,
+        (
+            200,
+            json!({"headers": {"X-Tenant": "acme"}, "sensitive": []})
+        )
+    );
+
+    // PATCH replaces them all; credentials are listed by name only.
+    let (s, v) = api
+        .patch(
+            &path,
+            json!({"headers": {"X-Region": "eu west", "Authorization": "Bearer s3cret", "X-Api-Key": "k"}}),
+        )
+        .await;
+    assert_eq!((s, v), (204, serde_json::Value::Null));
+    let (s, got) = api.get(&path).await;
+    assert_eq!(s, 200, "{got}");
+    assert_eq!(got["headers"], json!({"X-Region": "eu west"}));
+    let mut sensitive: Vec<&str> = got["sensitive"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    sensitive.sort();
+    assert_eq!(sensitive, ["Authorization", "X-Api-Key"]);
+
+    // A delivery carries every one of them, next to a valid signature.
+    pay(&app, "pay_1", "cus_1", "evt_1").await;
+    wait_for("a delivery", || async { (r.count() > 0).then_some(()) }).await;
+    all_verified(&r);
+    let hit = &r.hits()[0];
+    let h = |k: &str| {
+        hit.headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    assert_eq!(h("x-region").as_deref(), Some("eu west"));
+    assert_eq!(h("authorization").as_deref(), Some("Bearer s3cret"));
+    assert_eq!(h("x-api-key").as_deref(), Some("k"));
+    assert_eq!(h("x-tenant"), None, "replaced headers are not sent");
+    assert_eq!(h("content-type").as_deref(), Some("application/json"));
+
+    // `{}` removes them.
+    assert_eq!(api.patch(&path, json!({"headers": {}})).await.0, 204);
+    assert_eq!(
+        api.get(&path).await,
+        (200, json!({"headers": {}, "sensitive": []}))
+    );
+
+    // Another business's endpoint is not found, and untouched.
+    let other = Api::of(&app, "bus_Other").await;
+    assert_eq!(other.get(&path).await.0, 404);
+    let (s, v) = other
+        .patch(&path, json!({"headers": {"X-Evil": "1"}}))
+        .await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
+    assert_eq!(api.get(&path).await.1["headers"], json!({}));
+    assert_eq!(api.get("/webhooks/ep_nope/headers").await.0, 404);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_guildgate_or_the_connection_owns_are_refused() {
+    let app = api_app().await;
+    let api = Api::of(&app, &app.business()).await;
+    let (s, ep) = api
+        .post(
+            "/webhooks",
+            json!({"url": "http://127.0.0.1:9/hook", "headers": {"X-Keep": "1"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{ep}");
+    let path = format!("/webhooks/{}/headers", ep["id"].as_str().unwrap());
+    for name in [
+        "webhook-id",
+        "Webhook-Timestamp",
+        "WEBHOOK-SIGNATURE",
+        "Connection",
+        "keep-alive",
+        "Transfer-Encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "Proxy-Authorization",
+        "proxy-connection",
+        "Host",
+        "content-length",
+        "Content-Type",
+        "bad name",
+        "x:colon",
+        "",
+    ] {
+        let body = json!({"headers": {name: "v"}});
+        refused_naming(
+            api.patch(&path, body).await,
+            "invalid_field",
+            &format!("headers.{name}"),
+        );
+    }
+    for value in ["a\r\nX-Injected: 1", "tab\u{7f}", "caf\u{e9}"] {
+        let body = json!({"headers": {"X-Ok": value}});
+        refused_naming(
+            api.patch(&path, body).await,
+            "invalid_field",
+            "headers.X-Ok",
+        );
+    }
+    refused_naming(
+        api.patch(&path, json!({"headers": {"X-Dup": "1", "x-dup": "2"}}))
+            .await,
+        "invalid_field",
+        "headers.x-dup",
+    );
+    refused_naming(
+        api.post(
+            "/webhooks",
+            json!({"url": "http://127.0.0.1:9/x", "headers": {"webhook-signature": "v1,forged"}}),
+        )
+        .await,
+        "invalid_field",
+        "headers.webhook-signature",
+    );
+    assert_eq!(
+        api.patch(&path, json!({})).await.0,
+        422,
+        "headers is required"
+    );
+    assert_eq!(
+        api.get(&path).await,
+        (200, json!({"headers": {"X-Keep": "1"}, "sensitive": []})),
+        "nothing refused was saved"
+    );
+    assert_eq!(
+        api.get("/webhooks").await.1["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_repeated_with_its_idempotency_key_returns_the_first_endpoint() {
+    let app = api_app().await;
+    let api = Api::of(&app, &app.business()).await;
+    let body = json!({"url": "http://127.0.0.1:9/hook", "idempotency_key": "create-1", "metadata": {"a": "1"}});
+    let (s, first) = api.post("/webhooks", body.clone()).await;
+    assert_eq!(s, 201, "{first}");
+    let (s, again) = api.post("/webhooks", body.clone()).await;
+    assert_eq!((s, &again), (200, &first));
+    // Whatever else the repeat says, it changes nothing.
+    let mut changed = body.clone();
+    changed["url"] = json!("http://127.0.0.1:9/other");
+    changed["disabled"] = json!(true);
+    let (s, again) = api.post("/webhooks", changed).await;
+    assert_eq!((s, &again), (200, &first));
+    assert_eq!(
+        api.get("/webhooks").await.1["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // At the limit, a repeat still answers its endpoint rather than 409.
+    for n in 0..4 {
+        let (s, v) = api
+            .post("/webhooks", json!({"url": format!("http://127.0.0.1:9/{n}"), "idempotency_key": format!("fill-{n}")}))
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+    let (s, again) = api.post("/webhooks", body.clone()).await;
+    assert_eq!((s, &again["id"]), (200, &first["id"]));
+    let (s, v) = api
+        .post(
+            "/webhooks",
+            json!({"url": "http://127.0.0.1:9/6", "idempotency_key": "create-2"}),
+        )
+        .await;
+    assert_eq!((s, v["code"].as_str()), (409, Some("limit_reached")), "{v}");
+
+    // Keys are per business.
+    let other = Api::of(&app, "bus_Other").await;
+    let (s, theirs) = other.post("/webhooks", body.clone()).await;
+    assert_eq!(s, 201, "{theirs}");
+    assert_ne!(theirs["id"], first["id"]);
+    refused_naming(
+        api.post(
+            "/webhooks",
+            json!({"url": "http://127.0.0.1:9/x", "idempotency_key": ""}),
+        )
+        .await,
+        "invalid_field",
+        "idempotency_key",
+    );
+    // Once its endpoint is deleted, the key creates anew.
+    let id = first["id"].as_str().unwrap();
+    assert_eq!(
+        api.call(reqwest::Method::DELETE, &format!("/webhooks/{id}"), None)
+            .await
+            .0,
+        204
+    );
+    let (s, fresh) = api.post("/webhooks", body).await;
+    assert_eq!(s, 201, "{fresh}");
+    assert_ne!(fresh["id"], first["id"]);
+    app.stop().await;
 }

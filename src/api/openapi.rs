@@ -16,7 +16,7 @@ use crate::http::AppState;
 #[openapi(
     info(
         title = "guildgate merchant API",
-        description = "Discord entitlements, compatible with the Dodo Payments entitlements API: same paths, objects and pagination (`page_size`, `page_number`, answers `{\"items\": [...]}`). Authenticate with `Authorization: Bearer <api key>`. Errors are `{code, message}`."
+        description = "Discord entitlements, compatible with the Dodo Payments entitlements API: same paths, objects and pagination (`page_size`, `page_number`, answers `{\"items\": [...]}`; webhook endpoints are listed in cursor pages `{\"data\": [...], \"iterator\", \"done\"}` like the platform's). Authenticate with `Authorization: Bearer <api key>`. Errors are `{code, message}`."
     ),
     modifiers(&BearerAuth),
     tags(
@@ -61,6 +61,7 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(discord::roles))
         .routes(routes!(webhooks::create, webhooks::list))
         .routes(routes!(webhooks::get, webhooks::update, webhooks::delete))
+        .routes(routes!(webhooks::headers, webhooks::update_headers))
         .routes(routes!(webhooks::secret))
         .routes(routes!(webhooks::rotate))
         .routes(routes!(webhooks::list_messages))

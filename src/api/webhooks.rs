@@ -5,21 +5,27 @@
 //! resolved (the SSRF guard) before a database connection is taken, never while one is
 //! held.
 
+use std::collections::BTreeMap;
+
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use chrono::Utc;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Merchant;
-use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, OptionalApiJson};
+use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, OptionalApiJson, Problem};
 use super::store::messages as db;
 use super::{Items, page};
 use crate::grants::render::ts;
 use crate::http::AppState;
-use crate::webhooks::endpoints::{self, Endpoint, EndpointError, EndpointPatch, NewEndpoint};
+use crate::webhooks::endpoints::{
+    self, After, Endpoint, EndpointError, EndpointPatch, NewEndpoint, Strings,
+};
 use crate::webhooks::messages::{self, Message};
 use crate::webhooks::replay;
 use crate::webhooks::ssrf::TargetPolicy;
@@ -35,6 +41,14 @@ impl From<EndpointError> for ApiError {
             EndpointError::DescriptionTooLong => {
                 ApiError::field("description", "must be at most 1000 characters")
             }
+            EndpointError::RateLimit => ApiError::field(
+                "rate_limit",
+                format!(
+                    "must be between 1 and {} (deliveries per second), or null for no limit",
+                    endpoints::MAX_RATE_LIMIT
+                ),
+            ),
+            EndpointError::Invalid { field, why } => ApiError::field(&field, why),
             e @ EndpointError::TooMany => ApiError::Conflict {
                 code: "limit_reached",
                 message: format!("{e}. Delete one before adding another."),
@@ -51,17 +65,24 @@ fn policy(state: &AppState) -> TargetPolicy {
     }
 }
 
-/// A webhook endpoint (its secret is read separately).
+/// A webhook endpoint, shaped as the platform's `WebhookDetails` (its secret and custom
+/// headers are read separately).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EndpointView {
     pub id: String,
     pub url: String,
-    pub description: Option<String>,
+    /// Empty when none was given.
+    pub description: String,
+    /// Strings by string, as given; empty when none.
+    pub metadata: BTreeMap<String, String>,
     /// Only these event types are sent; null: every type.
     pub filter_types: Option<Vec<String>>,
     pub disabled: bool,
     /// Why it is disabled, when it is.
     pub disabled_reason: Option<String>,
+    /// Deliveries per second at most; null: no limit.
+    #[schema(value_type = Option<i32>, minimum = 1, maximum = 10000)]
+    pub rate_limit: Option<i32>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -71,10 +92,12 @@ impl From<&Endpoint> for EndpointView {
         Self {
             id: e.id.clone(),
             url: e.url.clone(),
-            description: e.description.clone(),
+            description: e.description.clone().unwrap_or_default(),
+            metadata: e.metadata.0.clone(),
             filter_types: e.filter_types.clone(),
             disabled: e.disabled,
             disabled_reason: e.disabled_reason.clone(),
+            rate_limit: e.rate_limit,
             created_at: ts(e.created_at),
             updated_at: ts(e.updated_at),
         }
@@ -97,6 +120,20 @@ pub struct CreateEndpoint {
     /// Create it disabled.
     #[serde(default)]
     pub disabled: Option<bool>,
+    /// Strings by string, returned as given (at most 50 keys).
+    #[serde(default)]
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Deliveries per second at most (1 to 10000); absent or null: no limit.
+    #[serde(default)]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 10000)]
+    pub rate_limit: Option<i64>,
+    /// Custom headers sent with every delivery (see `PATCH /webhooks/{id}/headers`).
+    #[serde(default)]
+    pub headers: Option<BTreeMap<String, String>>,
+    /// A create repeated with the same key returns the endpoint the first one created
+    /// (at most 255 characters).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
 }
 
 /// `PATCH /webhooks/{id}`: only the fields present change.
@@ -114,6 +151,14 @@ pub struct UpdateEndpoint {
     pub filter_types: Option<Option<Vec<String>>>,
     #[serde(default)]
     pub disabled: Option<bool>,
+    /// Replaces the metadata; `null`: empty.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<BTreeMap<String, String>>)]
+    pub metadata: Option<Option<BTreeMap<String, String>>>,
+    /// Deliveries per second at most (1 to 10000); `null`: no limit.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 10000)]
+    pub rate_limit: Option<Option<i64>>,
 }
 
 fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
@@ -122,11 +167,14 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     Option::<T>::deserialize(d).map(Some)
 }
 
-/// Add a webhook endpoint (at most five per business).
+/// Add a webhook endpoint (at most five per business). With an `idempotency_key` an
+/// endpoint of the business was created with, nothing is created: that endpoint is
+/// answered.
 #[utoipa::path(post, path = "/webhooks", tag = "webhooks",
     request_body = CreateEndpoint,
     responses(
         (status = 201, body = EndpointView),
+        (status = 200, description = "The endpoint an earlier create with this `idempotency_key` made", body = EndpointView),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 409, description = "Five endpoints already", body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 422, body = ErrorBody),
@@ -142,6 +190,10 @@ pub async fn create(
         description: body.description,
         filter_types: body.filter_types,
         secret: body.secret,
+        metadata: body.metadata,
+        rate_limit: body.rate_limit,
+        headers: body.headers,
+        idempotency_key: body.idempotency_key,
     };
     let checked = endpoints::check_new(new, policy(&state)).await?;
     let disable = if body.disabled == Some(true) {
@@ -154,25 +206,97 @@ pub async fn create(
         None
     };
     let mut conn = state.pool.acquire().await?;
-    let mut ep = endpoints::insert(&mut conn, merchant.business(), checked).await?;
+    let (mut ep, created) = endpoints::insert(&mut conn, merchant.business(), checked).await?;
+    if !created {
+        // A repeated create: the first one's endpoint, as it is now, changed by nothing.
+        return Ok((StatusCode::OK, ApiJson(EndpointView::from(&ep))));
+    }
     if let Some(patch) = disable {
         ep = endpoints::apply_patch(&mut conn, merchant.business(), &ep.id, patch).await?;
     }
     Ok((StatusCode::CREATED, ApiJson(EndpointView::from(&ep))))
 }
 
-/// The business's webhook endpoints, oldest first.
+/// `limit` when the merchant gives none, and the most it may ask for (the platform's
+/// webhook list).
+pub const DEFAULT_LIST_LIMIT: i64 = 50;
+pub const MAX_LIST_LIMIT: i64 = 250;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// How many endpoints per page: 1 to 250, default 50.
+    #[param(minimum = 1, maximum = 250)]
+    pub limit: Option<i64>,
+    /// The `iterator` of the previous page, to continue after it.
+    pub iterator: Option<String>,
+}
+
+/// A page of endpoints, as the platform's cursor pages.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EndpointPage {
+    pub data: Vec<EndpointView>,
+    /// Pass as `iterator` to read on after this page (null when nothing was read yet).
+    pub iterator: Option<String>,
+    /// Whether this page holds the last endpoint.
+    pub done: bool,
+}
+
+/// The opaque `iterator` of a page ending with `e`.
+fn iterator_of(e: &Endpoint) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{}.{}", e.created_at.timestamp_micros(), e.id))
+}
+
+/// Reads an `iterator` [`iterator_of`] made; `None` for anything else.
+fn parse_iterator(it: &str) -> Option<After> {
+    let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(it).ok()?).ok()?;
+    let (micros, id) = raw.split_once('.')?;
+    let created_at = DateTime::<Utc>::from_timestamp_micros(micros.parse().ok()?)?;
+    (id.starts_with("ep_") && id.len() <= 64).then(|| After {
+        created_at,
+        id: id.to_string(),
+    })
+}
+
+fn invalid_query(message: impl Into<String>) -> ApiError {
+    ApiError::Invalid(vec![Problem::new("invalid_query", message)])
+}
+
+/// The business's webhook endpoints, oldest first, a page at a time: pass each page's
+/// `iterator` to read the next, until `done`.
 #[utoipa::path(get, path = "/webhooks", tag = "webhooks",
-    responses((status = 200, body = Items<EndpointView>), (status = 401, body = ErrorBody)),
+    params(ListQuery),
+    responses((status = 200, body = EndpointPage), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn list(
     merchant: Merchant,
     State(state): State<AppState>,
-) -> ApiResult<ApiJson<Items<EndpointView>>> {
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<ApiJson<EndpointPage>> {
+    let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+        return Err(invalid_query(format!(
+            "limit: must be between 1 and {MAX_LIST_LIMIT}"
+        )));
+    }
+    let after = match q.iterator.as_deref() {
+        Some(it) => Some(
+            parse_iterator(it)
+                .ok_or_else(|| invalid_query("iterator: is not an iterator this list returned"))?,
+        ),
+        None => None,
+    };
     let mut conn = state.pool.acquire().await?;
-    let rows = endpoints::list(&mut conn, merchant.business()).await?;
-    Ok(ApiJson(Items {
-        items: rows.iter().map(EndpointView::from).collect(),
+    // One more than asked for tells whether this page is the last.
+    let mut rows =
+        endpoints::page(&mut conn, merchant.business(), after.as_ref(), limit + 1).await?;
+    let done = rows.len() as i64 <= limit;
+    rows.truncate(limit as usize);
+    Ok(ApiJson(EndpointPage {
+        // An empty page keeps the place it was asked for, to poll for newer endpoints.
+        iterator: rows.last().map(iterator_of).or(q.iterator),
+        data: rows.iter().map(EndpointView::from).collect(),
+        done,
     }))
 }
 
@@ -211,6 +335,8 @@ pub async fn update(
         description: body.description,
         filter_types: body.filter_types,
         disabled: body.disabled,
+        metadata: body.metadata,
+        rate_limit: body.rate_limit,
     };
     let patch = endpoints::check_patch(patch, policy(&state)).await?;
     let mut conn = state.pool.acquire().await?;
@@ -230,6 +356,72 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     let mut conn = state.pool.acquire().await?;
     endpoints::delete(&mut conn, merchant.business(), &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// An endpoint's custom headers, as the platform's `HeaderRetrieveResponse`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HeadersView {
+    /// The headers whose values may be shown, by name.
+    pub headers: BTreeMap<String, String>,
+    /// The names of the headers that hold credentials (their names say so: `auth`,
+    /// `token`, `secret`, `key`, `cookie`, …); their values are sent but never shown.
+    pub sensitive: Vec<String>,
+}
+
+/// `PATCH /webhooks/{id}/headers`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct UpdateHeaders {
+    /// Every custom header, by name: replaces those set before (`{}` removes them all).
+    pub headers: BTreeMap<String, String>,
+}
+
+/// The custom headers sent with every delivery to the endpoint.
+#[utoipa::path(get, path = "/webhooks/{id}/headers", tag = "webhooks",
+    params(("id" = String, Path, description = "Endpoint id (`ep_…`)")),
+    responses((status = 200, body = HeadersView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn headers(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<ApiJson<HeadersView>> {
+    let mut conn = state.pool.acquire().await?;
+    let ep = endpoints::get(&mut conn, merchant.business(), &id).await?;
+    let (sensitive, shown): (Strings, Strings) = ep
+        .headers
+        .0
+        .into_iter()
+        .partition(|(name, _)| endpoints::is_sensitive(name));
+    Ok(ApiJson(HeadersView {
+        headers: shown,
+        sensitive: sensitive.into_keys().collect(),
+    }))
+}
+
+/// Replace the custom headers sent with every delivery to the endpoint. Refused (422,
+/// naming the header): the Standard Webhooks headers (`webhook-id`,
+/// `webhook-timestamp`, `webhook-signature`), `host`, `content-type`,
+/// `content-length`, hop-by-hop headers (`connection`, `keep-alive`,
+/// `transfer-encoding`, `te`, `trailer`, `upgrade`, `proxy-*`), invalid names, values
+/// that are not printable ASCII, a name given twice in different case.
+#[utoipa::path(patch, path = "/webhooks/{id}/headers", tag = "webhooks",
+    params(("id" = String, Path, description = "Endpoint id (`ep_…`)")),
+    request_body = UpdateHeaders,
+    responses(
+        (status = 204, description = "Replaced"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn update_headers(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<UpdateHeaders>,
+) -> ApiResult<StatusCode> {
+    endpoints::check_headers(&body.headers)?;
+    let mut conn = state.pool.acquire().await?;
+    endpoints::set_headers(&mut conn, merchant.business(), &id, &body.headers).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -497,4 +689,33 @@ pub async fn retry_failed(
             next_cursor,
         }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iterators_read_back_only_what_they_were() {
+        let at = DateTime::<Utc>::from_timestamp_micros(1_777_777_777_123_456).unwrap();
+        let it = URL_SAFE_NO_PAD.encode(format!("{}.ep_abc", at.timestamp_micros()));
+        assert_eq!(
+            parse_iterator(&it),
+            Some(After {
+                created_at: at,
+                id: "ep_abc".into()
+            })
+        );
+        for bad in [
+            "",
+            "nope",
+            "ep_abc",
+            &URL_SAFE_NO_PAD.encode("x.ep_abc"),
+            &URL_SAFE_NO_PAD.encode("1.msg_abc"),
+            &URL_SAFE_NO_PAD.encode("1"),
+            &URL_SAFE_NO_PAD.encode(format!("1.ep_{}", "a".repeat(80))),
+        ] {
+            assert_eq!(parse_iterator(bad), None, "{bad}");
+        }
+    }
 }

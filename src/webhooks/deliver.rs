@@ -477,6 +477,21 @@ impl Deliverer {
                 Err(e) => return refused(&format!("the endpoint's secret is unusable: {e}")),
             }
         }
+        // The merchant's custom headers, checked on save; the Standard Webhooks headers
+        // and those of the body and connection cannot be among them, so nothing below
+        // is overridden.
+        let mut custom = reqwest::header::HeaderMap::with_capacity(t.headers.len());
+        for (name, value) in t.headers.iter() {
+            match (
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+                reqwest::header::HeaderValue::from_str(value),
+            ) {
+                (Ok(n), Ok(v)) => {
+                    custom.append(n, v);
+                }
+                _ => return refused(&format!("the custom header {name:?} is unusable")),
+            }
+        }
         // A fresh timestamp per attempt, so receivers can refuse replays of old ones.
         let ts = Utc::now().timestamp();
         let signature = signature_header(&secrets, &t.id, ts, t.body.as_bytes());
@@ -484,6 +499,7 @@ impl Deliverer {
         let r = self
             .client
             .post(url)
+            .headers(custom)
             .header("webhook-id", &t.id)
             .header("webhook-timestamp", ts.to_string())
             .header("webhook-signature", signature)

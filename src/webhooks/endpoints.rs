@@ -1,11 +1,14 @@
 //! Webhook endpoints per business: storage and the rules checked on save (the SSRF
-//! guard, at most [`MAX_ENDPOINTS_PER_BUSINESS`], event-type filters, secrets). The REST
-//! routes are built on these functions.
+//! guard, at most [`MAX_ENDPOINTS_PER_BUSINESS`], event-type filters, secrets, metadata,
+//! custom headers, rate limits). The REST routes are built on these functions.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
+use reqwest::header::{HeaderName, HeaderValue};
 use sqlx::PgConnection;
+use sqlx::types::Json;
 
 use super::signing::{Secret, SecretError};
 use super::ssrf::{self, SsrfError, TargetPolicy};
@@ -16,6 +19,54 @@ pub const MAX_ENDPOINTS_PER_BUSINESS: i64 = 5;
 
 /// How long the previous secret keeps signing after a rotation.
 pub const ROTATION_OVERLAP: chrono::Duration = chrono::Duration::hours(24);
+
+/// `metadata` and custom `headers`: strings by string.
+pub type Strings = BTreeMap<String, String>;
+
+/// The highest `rate_limit` (deliveries per second) an endpoint may have.
+pub const MAX_RATE_LIMIT: i64 = 10_000;
+/// Bounds of `metadata`: it is returned with every read of the endpoint.
+pub const MAX_METADATA_KEYS: usize = 50;
+pub const MAX_METADATA_KEY_CHARS: usize = 100;
+pub const MAX_METADATA_VALUE_CHARS: usize = 1000;
+/// Bounds of the custom headers: they go out with every delivery.
+pub const MAX_HEADERS: usize = 20;
+pub const MAX_HEADER_NAME_BYTES: usize = 256;
+pub const MAX_HEADER_VALUE_BYTES: usize = 4096;
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+
+/// Headers guildgate sets on every delivery (Standard Webhooks, and those that describe
+/// the body or the connection, which the HTTP client owns): a custom header of one of
+/// these names would forge the signature or break the request.
+const RESERVED_HEADERS: &[&str] = &[
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+    "content-length",
+    "content-type",
+];
+
+/// Parts of a header name that mark it as holding a credential: such a header's value is
+/// never shown again (`GET /webhooks/{id}/headers` lists its name in `sensitive`).
+const SENSITIVE_PARTS: &[&str] = &[
+    "auth",
+    "cookie",
+    "token",
+    "secret",
+    "key",
+    "password",
+    "passwd",
+    "signature",
+    "session",
+    "credential",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
@@ -29,6 +80,10 @@ pub enum EndpointError {
     BadFilter(String),
     #[error("description is longer than 1000 characters")]
     DescriptionTooLong,
+    #[error("rate_limit: must be between 1 and {MAX_RATE_LIMIT} (deliveries per second)")]
+    RateLimit,
+    #[error("{field}: {why}")]
+    Invalid { field: String, why: String },
     #[error("no such endpoint")]
     NotFound,
     #[error("database: {0}")]
@@ -48,6 +103,12 @@ pub struct Endpoint {
     pub secret: String,
     pub previous_secret: Option<String>,
     pub previous_secret_expires_at: Option<DateTime<Utc>>,
+    pub metadata: Json<Strings>,
+    /// Deliveries per second at most; `None`: no limit.
+    pub rate_limit: Option<i32>,
+    /// Custom headers sent with every delivery (may hold credentials).
+    pub headers: Json<Strings>,
+    pub idempotency_key: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -60,6 +121,7 @@ impl fmt::Debug for Endpoint {
             .field("url", &self.url)
             .field("filter_types", &self.filter_types)
             .field("disabled", &self.disabled)
+            .field("rate_limit", &self.rate_limit)
             .finish_non_exhaustive()
     }
 }
@@ -73,6 +135,14 @@ pub struct NewEndpoint {
     pub filter_types: Option<Vec<String>>,
     /// A secret of the merchant's choosing; generated when `None`.
     pub secret: Option<String>,
+    /// `None`: empty.
+    pub metadata: Option<Strings>,
+    /// Deliveries per second at most; `None`: no limit.
+    pub rate_limit: Option<i64>,
+    /// Custom headers sent with every delivery; `None`: none.
+    pub headers: Option<Strings>,
+    /// A create repeated with the same key returns the endpoint the first one made.
+    pub idempotency_key: Option<String>,
 }
 
 /// A partial update; `None` leaves a field as it is.
@@ -82,6 +152,10 @@ pub struct EndpointPatch {
     pub description: Option<Option<String>>,
     pub filter_types: Option<Option<Vec<String>>>,
     pub disabled: Option<bool>,
+    /// `Some(None)`: empty.
+    pub metadata: Option<Option<Strings>>,
+    /// `Some(None)`: no limit.
+    pub rate_limit: Option<Option<i64>>,
 }
 
 /// Whether an endpoint's filter accepts an event type (the same rule the fan-out's
@@ -113,12 +187,117 @@ fn check_description(d: &Option<String>) -> Result<(), EndpointError> {
     }
 }
 
+fn check_rate_limit(r: Option<i64>) -> Result<Option<i32>, EndpointError> {
+    match r {
+        None => Ok(None),
+        Some(r) if (1..=MAX_RATE_LIMIT).contains(&r) => Ok(i32::try_from(r).ok()),
+        Some(_) => Err(EndpointError::RateLimit),
+    }
+}
+
+fn invalid(field: impl Into<String>, why: impl Into<String>) -> EndpointError {
+    EndpointError::Invalid {
+        field: field.into(),
+        why: why.into(),
+    }
+}
+
+fn check_metadata(m: Option<Strings>) -> Result<Strings, EndpointError> {
+    let m = m.unwrap_or_default();
+    if m.len() > MAX_METADATA_KEYS {
+        return Err(invalid(
+            "metadata",
+            format!("at most {MAX_METADATA_KEYS} keys"),
+        ));
+    }
+    for (k, v) in &m {
+        if k.is_empty() || k.chars().count() > MAX_METADATA_KEY_CHARS {
+            return Err(invalid(
+                "metadata",
+                format!("a key must have 1 to {MAX_METADATA_KEY_CHARS} characters"),
+            ));
+        }
+        if v.chars().count() > MAX_METADATA_VALUE_CHARS {
+            return Err(invalid(
+                format!("metadata.{k}"),
+                format!("must be at most {MAX_METADATA_VALUE_CHARS} characters"),
+            ));
+        }
+    }
+    Ok(m)
+}
+
+/// Checks custom headers: valid HTTP names and values, none guildgate sets itself or
+/// that belongs to the connection, each name once (names are case-insensitive).
+pub fn check_headers(headers: &Strings) -> Result<(), EndpointError> {
+    if headers.len() > MAX_HEADERS {
+        return Err(invalid("headers", format!("at most {MAX_HEADERS} headers")));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (name, value) in headers {
+        let field = format!("headers.{name}");
+        if name.len() > MAX_HEADER_NAME_BYTES || HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(invalid(field, "is not a valid header name"));
+        }
+        let lower = name.to_ascii_lowercase();
+        if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("proxy-") {
+            return Err(invalid(
+                field,
+                "is set by guildgate or belongs to the connection; it cannot be a custom header",
+            ));
+        }
+        if !seen.insert(lower) {
+            return Err(invalid(
+                field,
+                "is given twice (header names are case-insensitive)",
+            ));
+        }
+        // Visible ASCII, spaces and tabs only: no line breaks (header injection), and no
+        // bytes whose meaning receivers disagree on.
+        let printable = value
+            .bytes()
+            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b));
+        if value.len() > MAX_HEADER_VALUE_BYTES
+            || !printable
+            || HeaderValue::from_str(value).is_err()
+        {
+            return Err(invalid(
+                field,
+                format!(
+                    "the value must be printable ASCII of at most {MAX_HEADER_VALUE_BYTES} bytes"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a custom header holds a credential by its name: its value is not shown again.
+pub fn is_sensitive(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    SENSITIVE_PARTS.iter().any(|p| lower.contains(p))
+}
+
+fn check_idempotency_key(k: &Option<String>) -> Result<(), EndpointError> {
+    match k {
+        Some(k) if k.is_empty() || k.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS => Err(invalid(
+            "idempotency_key",
+            format!("must have 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A new endpoint whose fields were checked, its URL resolved: ready to store.
 pub struct CheckedEndpoint {
     url: url::Url,
     description: Option<String>,
     filter: Option<Vec<String>>,
     secret: Secret,
+    metadata: Strings,
+    rate_limit: Option<i32>,
+    headers: Strings,
+    idempotency_key: Option<String>,
 }
 
 /// Checks a new endpoint, resolving its URL (a DNS lookup, which can take seconds: call
@@ -134,11 +313,20 @@ pub async fn check_new(
         Some(s) => Secret::parse(&s)?,
         None => Secret::generate(),
     };
+    let metadata = check_metadata(new.metadata)?;
+    let rate_limit = check_rate_limit(new.rate_limit)?;
+    let headers = new.headers.unwrap_or_default();
+    check_headers(&headers)?;
+    check_idempotency_key(&new.idempotency_key)?;
     Ok(CheckedEndpoint {
         url,
         description: new.description,
         filter,
         secret,
+        metadata,
+        rate_limit,
+        headers,
+        idempotency_key: new.idempotency_key,
     })
 }
 
@@ -151,20 +339,27 @@ pub async fn create(
     policy: TargetPolicy,
 ) -> Result<Endpoint, EndpointError> {
     let checked = check_new(new, policy).await?;
-    insert(conn, business_id, checked).await
+    Ok(insert(conn, business_id, checked).await?.0)
 }
 
-/// Stores a checked endpoint, within the business's limit.
+/// Stores a checked endpoint, within the business's limit; `true` with it. With an
+/// idempotency key that an endpoint of the business was created with, returns that
+/// endpoint and `false` instead (also when the business is at its limit: nothing new is
+/// stored).
 pub async fn insert(
     conn: &mut PgConnection,
     business_id: &str,
     new: CheckedEndpoint,
-) -> Result<Endpoint, EndpointError> {
+) -> Result<(Endpoint, bool), EndpointError> {
     let CheckedEndpoint {
         url,
         description,
         filter,
         secret,
+        metadata,
+        rate_limit,
+        headers,
+        idempotency_key,
     } = new;
     let mut tx = sqlx::Connection::begin(conn).await?;
     store::setup::ensure_business(&mut tx, business_id).await?;
@@ -173,6 +368,19 @@ pub async fn insert(
         .bind(business_id)
         .execute(&mut *tx)
         .await?;
+    // Under the same lock, so of two creates with one key the second finds the first.
+    if let Some(key) = &idempotency_key {
+        let first: Option<Endpoint> = sqlx::query_as(
+            "SELECT * FROM webhook_endpoints WHERE business_id = $1 AND idempotency_key = $2",
+        )
+        .bind(business_id)
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(first) = first {
+            return Ok((first, false));
+        }
+    }
     let n: i64 =
         sqlx::query_scalar("SELECT count(*) FROM webhook_endpoints WHERE business_id = $1")
             .bind(business_id)
@@ -182,8 +390,9 @@ pub async fn insert(
         return Err(EndpointError::TooMany);
     }
     let ep = sqlx::query_as(
-        "INSERT INTO webhook_endpoints (id, business_id, url, description, filter_types, secret)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
+        "INSERT INTO webhook_endpoints (id, business_id, url, description, filter_types, secret,
+                                        metadata, rate_limit, headers, idempotency_key)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
     )
     .bind(crate::ids::mint("ep"))
     .bind(business_id)
@@ -191,10 +400,14 @@ pub async fn insert(
     .bind(&description)
     .bind(&filter)
     .bind(secret.expose())
+    .bind(Json(&metadata))
+    .bind(rate_limit)
+    .bind(Json(&headers))
+    .bind(&idempotency_key)
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(ep)
+    Ok((ep, true))
 }
 
 /// Every endpoint of a business, oldest first.
@@ -206,6 +419,34 @@ pub async fn list(
         .bind(business_id)
         .fetch_all(conn)
         .await
+}
+
+/// Where a page of endpoints continues: after the endpoint created at `created_at` with
+/// id `id` (endpoints are listed by creation, then id).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct After {
+    pub created_at: DateTime<Utc>,
+    pub id: String,
+}
+
+/// At most `limit` endpoints of a business, oldest first, after `after`.
+pub async fn page(
+    conn: &mut PgConnection,
+    business_id: &str,
+    after: Option<&After>,
+    limit: i64,
+) -> Result<Vec<Endpoint>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM webhook_endpoints
+         WHERE business_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
+         ORDER BY created_at, id LIMIT $4",
+    )
+    .bind(business_id)
+    .bind(after.map(|a| a.created_at))
+    .bind(after.map(|a| a.id.as_str()))
+    .bind(limit)
+    .fetch_all(conn)
+    .await
 }
 
 /// One endpoint of a business.
@@ -230,6 +471,9 @@ pub struct CheckedPatch {
     set_filter: bool,
     filter: Option<Vec<String>>,
     disabled: Option<bool>,
+    metadata: Option<Strings>,
+    set_rate_limit: bool,
+    rate_limit: Option<i32>,
 }
 
 /// Checks a patch; a new URL is checked like on create (a DNS lookup: call it before
@@ -253,6 +497,14 @@ pub async fn check_patch(
         Some(d) => (true, d),
         None => (false, None),
     };
+    let metadata = match patch.metadata {
+        Some(m) => Some(check_metadata(m)?),
+        None => None,
+    };
+    let (set_rate_limit, rate_limit) = match patch.rate_limit {
+        Some(r) => (true, check_rate_limit(r)?),
+        None => (false, None),
+    };
     Ok(CheckedPatch {
         url,
         set_desc,
@@ -260,6 +512,9 @@ pub async fn check_patch(
         set_filter,
         filter,
         disabled: patch.disabled,
+        metadata,
+        set_rate_limit,
+        rate_limit,
     })
 }
 
@@ -291,6 +546,9 @@ pub async fn apply_patch(
         set_filter,
         filter,
         disabled,
+        metadata,
+        set_rate_limit,
+        rate_limit,
     } = patch;
     sqlx::query_as(
         "UPDATE webhook_endpoints SET
@@ -300,6 +558,8 @@ pub async fn apply_patch(
             disabled = COALESCE($8, disabled),
             disabled_reason = CASE WHEN $8 IS NULL THEN disabled_reason
                                    WHEN $8 THEN 'disabled by the merchant' ELSE NULL END,
+            metadata = COALESCE($9, metadata),
+            rate_limit = CASE WHEN $10 THEN $11 ELSE rate_limit END,
             updated_at = now()
          WHERE business_id = $1 AND id = $2 RETURNING *",
     )
@@ -311,6 +571,30 @@ pub async fn apply_patch(
     .bind(set_filter)
     .bind(filter)
     .bind(disabled)
+    .bind(metadata.map(Json))
+    .bind(set_rate_limit)
+    .bind(rate_limit)
+    .fetch_optional(conn)
+    .await?
+    .ok_or(EndpointError::NotFound)
+}
+
+/// Replaces the custom headers of an endpoint of the business (checked with
+/// [`check_headers`]).
+pub async fn set_headers(
+    conn: &mut PgConnection,
+    business_id: &str,
+    id: &str,
+    headers: &Strings,
+) -> Result<Endpoint, EndpointError> {
+    check_headers(headers)?;
+    sqlx::query_as(
+        "UPDATE webhook_endpoints SET headers = $3, updated_at = now()
+         WHERE business_id = $1 AND id = $2 RETURNING *",
+    )
+    .bind(business_id)
+    .bind(id)
+    .bind(Json(headers))
     .fetch_optional(conn)
     .await?
     .ok_or(EndpointError::NotFound)
@@ -392,5 +676,87 @@ mod tests {
             normalize_filter(Some(vec!["a b".into()])),
             Err(EndpointError::BadFilter(_))
         ));
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> Strings {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn refused_header(pairs: &[(&str, &str)]) -> String {
+        match check_headers(&headers(pairs)) {
+            Err(EndpointError::Invalid { field, .. }) => field,
+            other => panic!("{pairs:?} must be refused, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn custom_headers_are_checked() {
+        assert!(
+            check_headers(&headers(&[
+                ("X-Tenant", "acme"),
+                ("Authorization", "Bearer a\tb")
+            ]))
+            .is_ok()
+        );
+        assert!(check_headers(&Strings::new()).is_ok());
+        for name in [
+            "webhook-id",
+            "Webhook-Signature",
+            "webhook-timestamp",
+            "Proxy-Authenticate",
+            "TE",
+            "Content-Type",
+            "a b",
+            "",
+        ] {
+            assert_eq!(refused_header(&[(name, "v")]), format!("headers.{name}"));
+        }
+        for value in ["a\nb", "a\rb", "\u{0}", "é"] {
+            assert_eq!(refused_header(&[("X-A", value)]), "headers.X-A");
+        }
+        assert_eq!(refused_header(&[("X-A", "1"), ("x-a", "2")]), "headers.x-a");
+        let many: Vec<(String, String)> = (0..=MAX_HEADERS)
+            .map(|i| (format!("x-{i}"), "v".to_string()))
+            .collect();
+        assert!(check_headers(&many.into_iter().collect()).is_err());
+    }
+
+    #[test]
+    fn credentials_are_recognised_by_their_header_names() {
+        for name in [
+            "Authorization",
+            "X-Api-Key",
+            "x-auth-token",
+            "Cookie",
+            "X-Client-Secret",
+        ] {
+            assert!(is_sensitive(name), "{name}");
+        }
+        for name in ["X-Tenant", "X-Region", "Accept"] {
+            assert!(!is_sensitive(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn rate_limits_and_metadata_are_bounded() {
+        assert_eq!(check_rate_limit(None).unwrap(), None);
+        assert_eq!(check_rate_limit(Some(1)).unwrap(), Some(1));
+        assert_eq!(
+            check_rate_limit(Some(MAX_RATE_LIMIT)).unwrap(),
+            Some(10_000)
+        );
+        for bad in [0, -1, MAX_RATE_LIMIT + 1, i64::MAX] {
+            assert!(matches!(
+                check_rate_limit(Some(bad)),
+                Err(EndpointError::RateLimit)
+            ));
+        }
+        assert_eq!(check_metadata(None).unwrap(), Strings::new());
+        assert!(check_metadata(Some(headers(&[("", "v")]))).is_err());
+        let long = "x".repeat(MAX_METADATA_VALUE_CHARS + 1);
+        assert!(check_metadata(Some(headers(&[("k", &long)]))).is_err());
     }
 }

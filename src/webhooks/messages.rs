@@ -57,6 +57,10 @@ pub struct DeliveryTarget {
     /// The secrets rotated away from that still sign (each for 24 h after its
     /// rotation), newest first.
     pub previous_secrets: Vec<String>,
+    /// The endpoint's custom headers, sent with every attempt (may hold credentials).
+    pub headers: sqlx::types::Json<super::endpoints::Strings>,
+    /// The endpoint's deliveries per second at most; `None`: no limit.
+    pub rate_limit: Option<i32>,
 }
 
 impl std::fmt::Debug for DeliveryTarget {
@@ -170,6 +174,7 @@ pub async fn targets(
 ) -> Result<Vec<DeliveryTarget>, sqlx::Error> {
     sqlx::query_as(
         "SELECT m.id, m.status, m.body, e.id AS endpoint_id, e.url, e.disabled, e.secret,
+                e.headers, e.rate_limit,
                 ARRAY(SELECT o.secret FROM webhook_endpoint_old_secrets o
                       WHERE o.endpoint_id = e.id AND o.expires_at > now() AND o.secret <> e.secret
                       ORDER BY o.expires_at DESC, o.secret) AS previous_secrets

@@ -670,6 +670,7 @@ pub async fn add_webhook_endpoint(pool: &PgPool, business: &str, url: String, se
             description: None,
             filter_types: None,
             secret: Some(secret.into()),
+            ..Default::default()
         },
         guildgate::webhooks::ssrf::TargetPolicy {
             allow_private: true,
