@@ -53,6 +53,7 @@ struct Hit {
     /// Every secret the receiver holds verified the request.
     verified: bool,
     headers: HeaderMap,
+    at: std::time::Instant,
 }
 
 type Script = Arc<dyn Fn(usize) -> Reply + Send + Sync>;
@@ -115,6 +116,7 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> 
             body: body.to_vec(),
             verified,
             headers: headers.clone(),
+            at: std::time::Instant::now(),
         });
         hits.len() - 1
     };
@@ -1694,5 +1696,80 @@ async fn a_create_repeated_with_its_idempotency_key_returns_the_first_endpoint()
     let (s, fresh) = api.post("/webhooks", body).await;
     assert_eq!(s, 201, "{fresh}");
     assert_ne!(fresh["id"], first["id"]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_rate_limit_is_obeyed() {
+    const RATE: usize = 2;
+    const N: usize = 12;
+    let app = api_app().await;
+    with_entitlement(&app).await;
+    let r = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let api = Api::of(&app, &app.business()).await;
+    let (s, ep) = api
+        .post(
+            "/webhooks",
+            json!({"url": r.url, "secret": SECRET, "rate_limit": RATE,
+                   "filter_types": ["entitlement_grant.created"]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{ep}");
+    let id = ep["id"].as_str().unwrap();
+    // A burst: N messages due at once.
+    pay_each(&app, 0..N).await;
+    wait_for("every message delivered", || async {
+        let (_, v) = api
+            .get(&format!("/webhooks/{id}/messages?page_size=100"))
+            .await;
+        let items = v["items"].as_array()?;
+        (items.len() == N && items.iter().all(|m| m["status"] == "delivered")).then_some(())
+    })
+    .await;
+
+    let mut at: Vec<_> = r.hits().iter().map(|h| h.at).collect();
+    at.sort();
+    assert_eq!(at.len(), N, "each message once: none lost, none sent twice");
+    all_verified(&r);
+    let second = std::time::Duration::from_secs(1);
+    for (i, start) in at.iter().enumerate() {
+        let within = at[i..].iter().take_while(|t| **t < *start + second).count();
+        // One more than the rate for timer slack at the window's edges.
+        assert!(
+            within <= RATE + 1,
+            "{within} deliveries within a second of delivery {i}: {:?}",
+            at.iter()
+                .map(|t| t.duration_since(at[0]))
+                .collect::<Vec<_>>()
+        );
+    }
+    // At RATE a second, N deliveries take (N - 1) / RATE seconds at least; allow for
+    // timer slack.
+    let span = at[N - 1].duration_since(at[0]);
+    let least = second * u32::try_from(N - 1).unwrap() / u32::try_from(RATE).unwrap();
+    assert!(span >= least * 4 / 5, "{N} deliveries in {span:?}");
+
+    // Without the limit, the backlog goes at once.
+    let (s, v) = api
+        .patch(&format!("/webhooks/{id}"), json!({"rate_limit": null}))
+        .await;
+    assert_eq!(
+        (s, &v["rate_limit"]),
+        (200, &serde_json::Value::Null),
+        "{v}"
+    );
+    let before = r.count();
+    let started = std::time::Instant::now();
+    pay_each(&app, N..2 * N).await;
+    wait_for("the second burst", || async {
+        (r.count() == before + N).then_some(())
+    })
+    .await;
+    let hits = r.hits();
+    let last = hits.iter().map(|h| h.at).max().unwrap();
+    assert!(
+        last.duration_since(started) < least,
+        "unlimited, the burst takes less"
+    );
     app.stop().await;
 }

@@ -5,8 +5,10 @@
 //! from the others. The prefetch is twice the workers, to hold such jobs too.
 //!
 //! Per job: read the message and its endpoint (grouped with other workers' reads into
-//! one query, [`super::reader`]), ask [`Isolation`] for a slot of the endpoint (waiting
-//! briefly if it is busy but answering), POST the exact stored body signed per attempt
+//! one query, [`super::reader`]), take a turn of the endpoint's `rate_limit` if it has
+//! one ([`Pacing`]: waiting briefly, or holding the message until a later turn), ask
+//! [`Isolation`] for a slot of the endpoint (waiting briefly if it is busy but
+//! answering), POST the exact stored body signed per attempt
 //! (redirects not followed, `webhooks.timeout`), record the attempt and the message's
 //! new state (grouped with other workers' records into one statement,
 //! [`super::recorder`]), and only then settle the job: ack, publish it to the retry tier
@@ -17,6 +19,7 @@
 //! A database outage holds the job and retries it (possibly sending again once the
 //! database is back): it never fails or dead-letters a message.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -36,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::holds;
 use super::isolation::{Admission, Isolation, IsolationSettings};
 use super::messages::{self, AttemptRecord, DeliveryTarget, Held, NewStatus, Recorded};
+use super::pacing::{Pace, Pacing};
 use super::reader::{ReadError, Reader};
 use super::recorder::{RecordError, Recorder};
 use super::schedule::{self, AttemptResult, GiveUpReason, Next};
@@ -171,6 +175,8 @@ pub struct Deliverer {
     pub timeout: Duration,
     pub workers: usize,
     pub isolation: Isolation,
+    /// The endpoints' `rate_limit`s.
+    pub pacing: Pacing,
     pub reader: Reader,
     pub recorder: Recorder<Recorded>,
     /// The group writer of holds: its own, so holds never slow the records' statements.
@@ -220,6 +226,8 @@ impl Deliverer {
                 threshold: BREAKER_THRESHOLD,
                 cool_down: BREAKER_COOL_DOWN,
             }),
+            // As many may wait for a turn as for a slot of a busy endpoint.
+            pacing: Pacing::new(settings.max_in_flight_per_endpoint.max(1)),
             reader: Reader::spawn(pool.clone(), 256),
             recorder: Recorder::spawn(pool.clone(), 256),
             holder: Recorder::spawn(pool.clone(), 256),
@@ -272,6 +280,20 @@ impl Deliverer {
             let mut conn = self.pool.acquire().await?;
             messages::fail_unattempted(&mut conn, &target.id, "the endpoint is disabled").await?;
             return Ok(Outcome::Ack("endpoint_disabled"));
+        }
+        // The rate limit before the slot: a job waiting for its turn must not hold one of
+        // the endpoint's in-flight slots, or a paced endpoint would look hung. A turn
+        // taken by a job that then finds no slot goes unused: the rate only gets lower.
+        if let Some(per_second) = target
+            .rate_limit
+            .and_then(|r| u32::try_from(r).ok())
+            .and_then(NonZeroU32::new)
+            && let Pace::HoldUntil(at) = self
+                .pacing
+                .turn(&target.endpoint_id, per_second, BUSY_WAIT)
+                .await
+        {
+            return self.hold_until(job, at).await;
         }
 
         let admission = self.admit(&target.endpoint_id, stall_after).await;
@@ -434,6 +456,26 @@ impl Deliverer {
             .get_or_create(&vec![("outcome", "held".to_string())])
             .inc();
         Ok(Outcome::Ack("held"))
+    }
+
+    /// The endpoint's rate limit has no turn for the job soon: hold its message in the
+    /// database until the turn booked for it, and ack the job, without counting an
+    /// attempt or a hold (the endpoint is fine; a later hang must not wait longer for
+    /// it). The hold releaser gives it a job again then, in the order of its turn.
+    async fn hold_until(&self, job: &Job, at: Instant) -> Result<Outcome, DeliverError> {
+        self.holder
+            .record(Held {
+                message_id: job.message_id.clone(),
+                until: holds::wall_clock(at),
+                attempt: job.attempt,
+                hold_count: job.holds,
+            })
+            .await?;
+        self.metrics
+            .webhook_attempts
+            .get_or_create(&vec![("outcome", "paced".to_string())])
+            .inc();
+        Ok(Outcome::Ack("paced"))
     }
 
     /// The endpoint answered again after failing: its held messages need not wait out

@@ -18,7 +18,8 @@
 //! - [`deliver`]: competing workers; [`schedule`] decides retries, [`isolation`] keeps
 //!   a slow or dead endpoint from taking the workers of the others; the messages of an
 //!   endpoint that hangs or whose circuit is open are held in PostgreSQL, and
-//!   [`holds`] sends them again when their time comes (or when the endpoint answers).
+//!   [`holds`] sends them again when their time comes (or when the endpoint answers);
+//!   [`pacing`] keeps an endpoint's deliveries within its `rate_limit`.
 //! - [`replay`]: send a message, or an endpoint's failed messages, again.
 //! - [`signing`]: `webhook-signature` values.
 
@@ -28,6 +29,7 @@ pub mod fanout;
 pub mod holds;
 pub mod isolation;
 pub mod messages;
+pub mod pacing;
 pub mod reader;
 pub mod recorder;
 pub mod replay;
