@@ -625,6 +625,33 @@ async fn nul_characters_are_refused_naming_where_they_are() {
     w.stop().await;
 }
 
+/// A percent-encoded path parameter that is not UTF-8 is refused like any invalid
+/// parameter, in the error shape, before authentication; not with axum's plain-text 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_parameters_that_are_not_utf8_are_refused_in_the_error_shape() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    for (path, named) in [
+        ("/entitlements/ent_%FF", "id"),
+        ("/webhooks/ep_%C3%28/secret", "id"),
+        ("/customers/cus_%FF/entitlement-grants", "customer_id"),
+        ("/entitlements/ent_1/grants/gr_%E2%82", "grant_id"),
+    ] {
+        for client in [&c, &anonymous(&w)] {
+            let (s, v) = client.get(path).await;
+            assert_eq!(
+                (s, v["code"].as_str()),
+                (422, Some("invalid_field")),
+                "{path}: {v}"
+            );
+            let message = v["message"].as_str().unwrap();
+            assert!(message.starts_with(&format!("{named}: ")), "{v}");
+            assert!(message.contains("UTF-8"), "{v}");
+        }
+    }
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saving_explains_each_discord_misconfiguration() {
     let w = World::start().await;

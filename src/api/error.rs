@@ -6,7 +6,7 @@
 //! a database error message can name tables, hosts or values that are not theirs to see.
 
 use axum::body::Bytes;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, QueryRejection, RawPathParamsRejection};
 use axum::extract::{FromRequest, FromRequestParts, Query, RawPathParams, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
@@ -361,20 +361,34 @@ fn body_of<T: DeserializeOwned>(raw: &RawValue) -> Result<T, ApiError> {
 }
 
 /// Middleware of every API route: refuses a path or query parameter holding U+0000
-/// (PostgreSQL can store neither; see [`crate::nul`]) with a 422 naming it, before the
-/// handler runs. Bodies are checked by [`ApiJson`].
-pub async fn refuse_nul_params(
-    path: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
+/// (PostgreSQL can store neither; see [`crate::nul`]), and a path parameter whose
+/// percent-encoding is not UTF-8, with a 422 naming it, before the handler runs (else
+/// the handler's `Path` would answer the latter with axum's plain-text 400, outside the
+/// error shape). Bodies are checked by [`ApiJson`].
+pub async fn refuse_bad_params(
+    path: Result<RawPathParams, RawPathParamsRejection>,
     req: Request,
     next: Next,
 ) -> Response {
     const NUL: &str = "must not contain U+0000 (the NUL character)";
-    if let Ok(params) = &path
-        && let Some((name, _)) = params
-            .iter()
-            .find(|(_, value)| crate::nul::contains_nul(value))
-    {
-        return ApiError::field(name, NUL).into_response();
+    match &path {
+        Ok(params) => {
+            if let Some((name, _)) = params
+                .iter()
+                .find(|(_, value)| crate::nul::contains_nul(value))
+            {
+                return ApiError::field(name, NUL).into_response();
+            }
+        }
+        Err(RawPathParamsRejection::InvalidUtf8InPathParam(e)) => {
+            // axum keeps the parameter's name to itself but for its message:
+            // "Invalid UTF-8 in `name`".
+            let text = e.body_text();
+            let name = text.split('`').nth(1).unwrap_or("path parameter");
+            return ApiError::field(name, "must be percent-encoded UTF-8").into_response();
+        }
+        // No parameters matched (a route without any): nothing to check.
+        Err(_) => {}
     }
     let query = url::form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes());
     for (name, value) in query {

@@ -32,9 +32,9 @@ use self::store::Page;
 use crate::http::AppState;
 
 /// Every API route, plus `GET /openapi.json`; no path or query parameter of any of them
-/// may hold U+0000.
+/// may hold U+0000, nor a path parameter be anything but UTF-8.
 pub fn router() -> Router<AppState> {
-    openapi::router().layer(axum::middleware::from_fn(error::refuse_nul_params))
+    openapi::router().layer(axum::middleware::from_fn(error::refuse_bad_params))
 }
 
 /// `page_size` when the merchant gives none, and the most it may ask for (the platform's).
