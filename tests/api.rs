@@ -1108,6 +1108,18 @@ async fn install_url_callback_guilds_and_roles() {
         .await
         .unwrap();
     assert_eq!(w.get(&cancelled).await.0, 400);
+
+    // The bot was removed from the server since: its roles cannot be read (documented
+    // beside the 404 of a server never connected).
+    w.sandbox.remove_bot(g.guild_id);
+    let (s, v) = c
+        .get(&format!("/discord/guilds/{}/roles", g.guild_id))
+        .await;
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (422, Some("discord_unknown_guild")),
+        "{v}"
+    );
     w.stop().await;
 }
 
@@ -1594,7 +1606,7 @@ async fn openapi_documents_exactly_the_real_routes() {
     let paths = doc["paths"].as_object().unwrap();
     let mut documented = Vec::new();
     for (path, ops) in paths {
-        for method in ops.as_object().unwrap().keys() {
+        for (method, op) in ops.as_object().unwrap() {
             documented.push(format!("{} {path}", method.to_uppercase()));
             // Every documented route exists: without a key it answers 401 (or, for the
             // browser callback, its error page), never 404/405.
@@ -1611,6 +1623,23 @@ async fn openapi_documents_exactly_the_real_routes() {
             );
             if path != "/discord/bot/callback" {
                 assert_eq!(s, 401, "{method} {path} must require a key");
+            }
+            // The document says which routes need a key, and what the edge answers
+            // them: 401, 429 (per business) and 503 (load), as the real ones do.
+            let secured = op["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("api_key").is_some()));
+            assert_eq!(
+                secured,
+                s == 401,
+                "{method} {path}: security {}",
+                op["security"]
+            );
+            let responses = &op["responses"];
+            for status in ["401", "429", "503"] {
+                let documented = responses.get(status).is_some();
+                let expected = secured || status == "503";
+                assert_eq!(documented, expected, "{method} {path}: {status}");
             }
         }
     }

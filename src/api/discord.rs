@@ -461,6 +461,8 @@ pub struct RoleView {
     responses(
         (status = 200, body = Items<RoleView>), (status = 401, body = ErrorBody),
         (status = 404, description = "Not a server connected to this business", body = ErrorBody),
+        (status = 409, description = "The server must be connected again first (`discord_guild_needs_reinstall`)", body = ErrorBody),
+        (status = 422, description = "Discord does not know the server, or the bot is no longer in it (`discord_unknown_guild`)", body = ErrorBody),
         (status = 503, body = ErrorBody),
     ),
     security(("api_key" = [])))]

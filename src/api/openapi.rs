@@ -1,10 +1,20 @@
 //! The API's routes and their OpenAPI 3 document (`GET /openapi.json`). Every route is
 //! registered here through its handler's `#[utoipa::path]` annotation, which also
 //! documents it, so the served document and the real routes cannot disagree.
+//!
+//! What the edge answers for every route (the load limits of [`crate::http::limits`],
+//! authentication, the checks of [`super::error`]) is added to each operation by
+//! [`EdgeResponses`] rather than repeated in every annotation, where a new route could
+//! forget it.
 
 use axum::routing::get;
 use axum::{Json, Router};
+use utoipa::openapi::content::Content;
+use utoipa::openapi::header::Header;
+use utoipa::openapi::path::Operation;
+use utoipa::openapi::response::{Response, ResponseBuilder};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{Object, ObjectBuilder, Ref, RefOr, Type};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -41,6 +51,204 @@ impl Modify for BearerAuth {
     }
 }
 
+/// The responses the HTTP edge can give on every route, whatever its handler does, added
+/// to every operation of the document (after the routes are in it: `modifiers(…)` of
+/// [`ApiDoc`] run before any route is):
+///
+/// - 503 everywhere: `overloaded` (`http.max_concurrent_requests`) and
+///   `request_timeout` (`http.request_timeout`) wrap every route, and the Discord-calling
+///   routes add `service_unavailable` and `discord_busy`. An operation that documents a
+///   503 of its own (Discord, an HTML page) keeps it, with the load causes added.
+/// - 401 and 429 on every operation that needs an API key: authentication, then the
+///   business's `api.requests_per_second`/`api.burst`, run before the handler.
+/// - 422 everywhere: a U+0000 in any path or query parameter, or a path parameter that
+///   is not UTF-8, is refused before the handler runs
+///   ([`super::error::refuse_bad_params`]).
+/// - 400 and 413 on every operation with a body: what [`super::error::ApiJson`] answers
+///   for a body that is not JSON, or over `http.max_body_bytes`.
+pub struct EdgeResponses;
+
+const UNAUTHORIZED: &str = "Unauthorized";
+const RATE_LIMITED: &str = "RateLimited";
+const UNAVAILABLE: &str = "Unavailable";
+/// Why any route can answer 503, after "the server is".
+const UNDER_LOAD: &str = "under load: `overloaded` (too many requests at once; `Retry-After`) or `request_timeout` (the request took longer than `http.request_timeout` and was abandoned; nothing it had not finished was saved).";
+
+fn error_body() -> Content {
+    Content::new(Some(Ref::from_schema_name("ErrorBody")))
+}
+
+/// `Retry-After`, in whole seconds.
+fn retry_after(when: &str) -> Header {
+    let seconds: Object = ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(1))
+        .build();
+    let mut h = Header::new(seconds);
+    h.description = Some(format!("Seconds to wait before trying again; {when}."));
+    h
+}
+
+fn error_response(description: &str) -> ResponseBuilder {
+    ResponseBuilder::new()
+        .description(description)
+        .content("application/json", error_body())
+}
+
+impl EdgeResponses {
+    fn shared() -> [(&'static str, Response); 3] {
+        [
+            (
+                UNAUTHORIZED,
+                error_response(
+                    "No API key, or not a valid one (`unauthorized`): send `Authorization: Bearer <api key>`.",
+                )
+                .build(),
+            ),
+            (
+                RATE_LIMITED,
+                error_response(
+                    "This business sent more requests than `api.requests_per_second`/`api.burst` allow (`rate_limited`). Each business has its own budget.",
+                )
+                .header("Retry-After", retry_after("always sent"))
+                .build(),
+            ),
+            (
+                UNAVAILABLE,
+                error_response(&format!("The server is {UNDER_LOAD}"))
+                    .header(
+                        "Retry-After",
+                        retry_after("sent with `overloaded`"),
+                    )
+                    .build(),
+            ),
+        ]
+    }
+
+    fn operation(op: &mut Operation) {
+        let protected = op
+            .security
+            .as_ref()
+            .is_some_and(|s| !s.is_empty() && !s.iter().any(is_anonymous));
+        let has_body = op.request_body.is_some();
+        let responses = &mut op.responses.responses;
+        let mut shared = |status: &str, name: &str| {
+            // An annotation's own answer for the status, when it says more than the
+            // shared one (a description), is kept.
+            let keep =
+                matches!(responses.get(status), Some(RefOr::T(r)) if !r.description.is_empty());
+            if !keep {
+                responses.insert(status.into(), Ref::from_response_name(name).into());
+            }
+        };
+        if protected {
+            shared("401", UNAUTHORIZED);
+            shared("429", RATE_LIMITED);
+        }
+        match responses.get_mut("503") {
+            Some(RefOr::T(own)) => {
+                let said = own.description.trim_end_matches('.');
+                let said = if said.is_empty() {
+                    "Discord could not be asked (`service_unavailable`, or `discord_busy` with `Retry-After`)"
+                } else {
+                    said
+                };
+                own.description =
+                    format!("{said}. Or, in the error shape, the server is {UNDER_LOAD}");
+                // Load is refused before the handler runs, in the API's error shape,
+                // also on routes whose own answers are pages.
+                own.content
+                    .entry("application/json".into())
+                    .or_insert_with(error_body);
+                own.headers
+                    .entry("Retry-After".into())
+                    .or_insert_with(|| retry_after("sent with `overloaded` and `discord_busy`"));
+            }
+            Some(RefOr::Ref(_)) => {}
+            None => {
+                responses.insert("503".into(), Ref::from_response_name(UNAVAILABLE).into());
+            }
+        }
+        // A bad path or query parameter is refused before the handler runs; a body is
+        // refused by `ApiJson` when it is not JSON or too large.
+        let edge: &[&str] = if has_body {
+            &["400", "413", "422"]
+        } else {
+            &["422"]
+        };
+        for &status in edge {
+            responses.entry(status.into()).or_insert_with(|| {
+                ResponseBuilder::new()
+                    .content("application/json", error_body())
+                    .build()
+                    .into()
+            });
+        }
+        // Annotations name the body of most errors and leave the why to this.
+        for (status, response) in responses.iter_mut() {
+            if let RefOr::T(r) = response
+                && r.description.is_empty()
+                && let Some(why) = generic_error(status)
+            {
+                r.description = why.into();
+            }
+        }
+    }
+}
+
+/// What an error status means on any route, for operations that do not say more.
+fn generic_error(status: &str) -> Option<&'static str> {
+    Some(match status {
+        "400" => "The body is not JSON, or not sent as `application/json` (`malformed_request`).",
+        "404" => "No such object for this business (`not_found`).",
+        "413" => "The body is larger than `http.max_body_bytes` (`payload_too_large`).",
+        "422" => {
+            "The body, a field, or a path or query parameter is invalid, or holds U+0000 (`invalid_body`, `invalid_field`, `invalid_query`; the message names it)."
+        }
+        _ => return None,
+    })
+}
+
+/// Every operation of `openapi`.
+fn operations(openapi: &mut utoipa::openapi::OpenApi) -> impl Iterator<Item = &mut Operation> {
+    openapi.paths.paths.values_mut().flat_map(|item| {
+        [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.options,
+            &mut item.head,
+            &mut item.patch,
+            &mut item.trace,
+        ]
+        .into_iter()
+        .flatten()
+    })
+}
+
+/// What [`document`] and [`router`] add to the routes' own documentation.
+fn finish(openapi: &mut utoipa::openapi::OpenApi) {
+    EdgeResponses.modify(openapi);
+}
+
+/// `{}` in a security list: the operation may also be called without credentials.
+fn is_anonymous(req: &utoipa::openapi::security::SecurityRequirement) -> bool {
+    serde_json::to_value(req).is_ok_and(|v| v.as_object().is_some_and(|o| o.is_empty()))
+}
+
+impl Modify for EdgeResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (name, response) in Self::shared() {
+            components.responses.insert(name.into(), response.into());
+        }
+        for op in operations(openapi) {
+            Self::operation(op);
+        }
+    }
+}
+
 /// The API's routes with their documentation.
 fn documented() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -71,12 +279,15 @@ fn documented() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document of the API.
 pub fn document() -> utoipa::openapi::OpenApi {
-    documented().into_openapi()
+    let mut doc = documented().into_openapi();
+    finish(&mut doc);
+    doc
 }
 
 /// Every API route, and `GET /openapi.json` serving their document.
 pub fn router() -> Router<AppState> {
-    let (router, doc) = documented().split_for_parts();
+    let (router, mut doc) = documented().split_for_parts();
+    finish(&mut doc);
     let doc = std::sync::Arc::new(doc);
     router.route(
         "/openapi.json",
@@ -85,4 +296,106 @@ pub fn router() -> Router<AppState> {
             async move { Json(doc.as_ref().clone()) }
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+
+    /// `response`, or the shared response it refers to.
+    fn resolve<'a>(doc: &'a Value, response: &'a Value) -> &'a Value {
+        match response["$ref"].as_str() {
+            Some(r) => {
+                let name = r.strip_prefix("#/components/responses/").unwrap();
+                &doc["components"]["responses"][name]
+            }
+            None => response,
+        }
+    }
+
+    /// Every operation of the document, as (`METHOD path`, operation).
+    fn operations(doc: &Value) -> Vec<(String, &Value)> {
+        let mut out = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                out.push((format!("{} {path}", method.to_uppercase()), op));
+            }
+        }
+        out
+    }
+
+    fn is_error_shape(doc: &Value, r: &Value) -> bool {
+        let r = resolve(doc, r);
+        r["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ErrorBody"
+            && !r["description"].as_str().unwrap_or("").is_empty()
+    }
+
+    fn has_retry_after(doc: &Value, r: &Value) -> bool {
+        resolve(doc, r)["headers"]["Retry-After"]["schema"]["type"] == "integer"
+    }
+
+    #[test]
+    fn every_operation_documents_what_the_edge_answers() {
+        let doc = serde_json::to_value(document()).unwrap();
+        let ops = operations(&doc);
+        assert!(ops.len() > 20, "{ops:?}");
+        let mut protected = 0;
+        for (name, op) in ops {
+            let responses = &op["responses"];
+            let status = |s: &str| &responses[s];
+            // The concurrency limit and the timeout wrap every route.
+            assert!(is_error_shape(&doc, status("503")), "{name}: 503");
+            assert!(
+                has_retry_after(&doc, status("503")),
+                "{name}: 503 Retry-After"
+            );
+            // A NUL in any path or query parameter is refused before the handler.
+            assert!(!status("422").is_null(), "{name}: 422");
+            if op["requestBody"].is_object() {
+                for s in ["400", "413", "422"] {
+                    assert!(is_error_shape(&doc, status(s)), "{name}: {s}");
+                }
+            }
+            let secured = op["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("api_key").is_some()));
+            if secured {
+                protected += 1;
+                assert!(is_error_shape(&doc, status("401")), "{name}: 401");
+                assert!(is_error_shape(&doc, status("429")), "{name}: 429");
+                assert!(
+                    has_retry_after(&doc, status("429")),
+                    "{name}: 429 Retry-After"
+                );
+            } else {
+                assert!(
+                    status("429").is_null(),
+                    "{name} has no per-business rate limit"
+                );
+            }
+        }
+        assert!(protected > 20);
+    }
+
+    #[test]
+    fn an_operations_own_503_keeps_its_content_and_gains_the_load_causes() {
+        let doc = serde_json::to_value(document()).unwrap();
+        let callback = &doc["paths"]["/discord/bot/callback"]["get"]["responses"]["503"];
+        // The page Discord's outage shows, and the error body load is refused with.
+        assert!(callback["content"]["text/html"].is_object(), "{callback}");
+        assert!(is_error_shape(&doc, callback), "{callback}");
+        let text = callback["description"].as_str().unwrap();
+        assert!(text.contains("Discord could not be asked"), "{text}");
+        assert!(text.contains("`overloaded`"), "{text}");
+        let roles = &doc["paths"]["/discord/guilds/{guild_id}/roles"]["get"]["responses"]["503"];
+        assert!(
+            roles["description"]
+                .as_str()
+                .unwrap()
+                .contains("`discord_busy`"),
+            "{roles}"
+        );
+    }
 }
