@@ -518,10 +518,11 @@ async fn request_bodies_must_be_json_objects() {
     assert_eq!(s, 201, "{ep}");
     let ep = ep["id"].as_str().unwrap();
     let (_, before) = c.get(&format!("/webhooks/{ep}/secret")).await;
-    let (s, v) = c
-        .post(&format!("/webhooks/{ep}/secret/rotate"), json!([]))
-        .await;
-    not_object(s, &v);
+    // An optional body is left out, never `null` (the document says so too).
+    for body in [json!([]), json!(null)] {
+        let (s, v) = c.post(&format!("/webhooks/{ep}/secret/rotate"), body).await;
+        not_object(s, &v);
+    }
     let (s, v) = c
         .raw(
             Method::POST,
@@ -871,10 +872,18 @@ async fn lists_paginate_and_filter() {
         c.get("/entitlements?integration_type=license_key").await.1["items"],
         json!([])
     );
-    for bad in ["page_size=0", "page_size=101", "page_number=-1"] {
+    for bad in [
+        "page_size=0",
+        "page_size=101",
+        "page_number=-1",
+        "page_number=4294967296",
+    ] {
         let (s, v) = c.get(&format!("/entitlements?{bad}")).await;
         assert_eq!(s, 422, "{bad}: {v}");
     }
+    // Any u32 is a page number, as the document says (not only an int32).
+    let (s, v) = c.get("/entitlements?page_number=4294967295").await;
+    assert_eq!((s, &v["items"]), (200, &json!([])), "{v}");
 
     // Grants: by status, by customer, paginated.
     c.put(
@@ -1486,7 +1495,8 @@ async fn webhook_retries_refuse_pending_messages_and_page_failed_ones() {
         let path = format!("/webhooks/{ep}/messages/retry-failed{q}");
         async move { c.post(&path, json!({})).await }
     };
-    for bad in ["?limit=0", "?limit=1001", "?cursor=nope"] {
+    let too_long = format!("?cursor=msg_{}", "a".repeat(61));
+    for bad in ["?limit=0", "?limit=1001", "?cursor=nope", too_long.as_str()] {
         let (s, v) = bulk(bad.to_string()).await;
         assert_eq!(s, 422, "{bad}: {v}");
     }
@@ -1499,6 +1509,9 @@ async fn webhook_retries_refuse_pending_messages_and_page_failed_ones() {
     assert_eq!(page["message_ids"], json!([id(5)]));
     assert_eq!(page["next_cursor"], Value::Null);
     assert_eq!(jobs().await, 6);
+    // A cursor's 64 are characters, as the document's `maxLength` counts (not bytes).
+    let (s, v) = bulk(format!("?cursor=msg_{}", "é".repeat(60))).await;
+    assert_eq!(s, 202, "{v}");
     w.stop().await;
 }
 

@@ -93,7 +93,9 @@ async fn render(
 #[into_params(parameter_in = Query)]
 pub struct EntitlementGrantsQuery {
     /// `Pending`, `Delivered`, `Failed` or `Revoked`.
+    #[param(pattern = "^(Pending|Delivered|Failed|Revoked)$")]
     pub status: Option<String>,
+    #[param(pattern = r"^[A-Za-z0-9_.:-]{1,128}$")]
     pub customer_id: Option<String>,
     /// 1 to 100, default 10.
     pub page_size: Option<u32>,
@@ -196,6 +198,7 @@ pub async fn revoke(
 #[into_params(parameter_in = Query)]
 pub struct CustomerGrantsQuery {
     /// `Pending`, `Delivered`, `Failed` or `Revoked`.
+    #[param(pattern = "^(Pending|Delivered|Failed|Revoked)$")]
     pub status: Option<String>,
     /// 1 to 100, default 10.
     pub page_size: Option<u32>,
@@ -205,7 +208,7 @@ pub struct CustomerGrantsQuery {
 
 /// A customer's grants across entitlements, newest first.
 #[utoipa::path(get, path = "/customers/{customer_id}/entitlement-grants", tag = "grants",
-    params(("customer_id" = String, Path, description = "The platform's customer id"), CustomerGrantsQuery),
+    params(("customer_id" = String, Path, description = "The platform's customer id", pattern = r"^[A-Za-z0-9_.:-]{1,128}$"), CustomerGrantsQuery),
     responses((status = 200, body = Items<GrantView>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn of_customer(

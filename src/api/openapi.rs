@@ -5,21 +5,25 @@
 //! What the edge answers for every route (the load limits of [`crate::http::limits`],
 //! authentication, the checks of [`super::error`]) is added to each operation by
 //! [`EdgeResponses`] rather than repeated in every annotation, where a new route could
-//! forget it.
+//! forget it; [`Pagination`] and [`OptionalBodies`] say, once for every route, what the
+//! derive gets wrong about paging and optional bodies.
 
 use axum::routing::get;
 use axum::{Json, Router};
 use utoipa::openapi::content::Content;
 use utoipa::openapi::header::Header;
-use utoipa::openapi::path::Operation;
+use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::response::{Response, ResponseBuilder};
+use utoipa::openapi::schema::SchemaType;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::openapi::{Object, ObjectBuilder, Ref, RefOr, Type};
+use utoipa::openapi::{
+    KnownFormat, Object, ObjectBuilder, Ref, RefOr, Required, Schema, SchemaFormat, Type,
+};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{discord, entitlements, grants, products, webhooks};
+use super::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, discord, entitlements, grants, products, webhooks};
 use crate::http::AppState;
 
 #[derive(OpenApi)]
@@ -209,6 +213,77 @@ fn generic_error(status: &str) -> Option<&'static str> {
     })
 }
 
+/// The paging parameters of every list, as [`super::page`] reads them: `page_size` 1 to
+/// [`MAX_PAGE_SIZE`], `page_number` any `u32` (the derive would say int32, and refuse half
+/// of what the server takes). Said once here, beside the constants, for every list.
+pub struct Pagination;
+
+impl Modify for Pagination {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let size: Object = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int32)))
+            .minimum(Some(1))
+            .maximum(Some(MAX_PAGE_SIZE))
+            .default(Some(DEFAULT_PAGE_SIZE.into()))
+            .build();
+        let number: Object = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(0))
+            .maximum(Some(u32::MAX))
+            .default(Some(0.into()))
+            .build();
+        for op in operations(openapi) {
+            for param in op.parameters.iter_mut().flatten() {
+                if param.parameter_in != ParameterIn::Query {
+                    continue;
+                }
+                match param.name.as_str() {
+                    "page_size" => param.schema = Some(size.clone().into()),
+                    "page_number" => param.schema = Some(number.clone().into()),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// Request bodies are JSON objects or nothing ([`super::error::OptionalApiJson`]); never
+/// JSON `null`, which every route refuses with `invalid_body`. The derive documents an
+/// optional body (`Option<T>`) as "`null` or `T`": this says "`T`, not required" instead.
+pub struct OptionalBodies;
+
+impl Modify for OptionalBodies {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for op in operations(openapi) {
+            let Some(body) = op.request_body.as_mut() else {
+                continue;
+            };
+            let mut optional = false;
+            for content in body.content.values_mut() {
+                let Some(RefOr::T(Schema::OneOf(one))) = &content.schema else {
+                    continue;
+                };
+                let mut not_null = one.items.iter().filter(|s| !is_null(s));
+                if let (Some(only), None) = (not_null.next(), not_null.next())
+                    && one.items.len() == 2
+                {
+                    content.schema = Some(only.clone());
+                    optional = true;
+                }
+            }
+            if optional {
+                body.required = Some(Required::False);
+            }
+        }
+    }
+}
+
+fn is_null(schema: &RefOr<Schema>) -> bool {
+    matches!(schema, RefOr::T(Schema::Object(o)) if o.schema_type == SchemaType::Type(Type::Null))
+}
+
 /// Every operation of `openapi`.
 fn operations(openapi: &mut utoipa::openapi::OpenApi) -> impl Iterator<Item = &mut Operation> {
     openapi.paths.paths.values_mut().flat_map(|item| {
@@ -229,6 +304,8 @@ fn operations(openapi: &mut utoipa::openapi::OpenApi) -> impl Iterator<Item = &m
 
 /// What [`document`] and [`router`] add to the routes' own documentation.
 fn finish(openapi: &mut utoipa::openapi::OpenApi) {
+    Pagination.modify(openapi);
+    OptionalBodies.modify(openapi);
     EdgeResponses.modify(openapi);
 }
 
@@ -396,6 +473,40 @@ mod tests {
                 .unwrap()
                 .contains("`discord_busy`"),
             "{roles}"
+        );
+    }
+
+    #[test]
+    fn paging_and_optional_bodies_are_documented_as_the_server_reads_them() {
+        let doc = serde_json::to_value(document()).unwrap();
+        let mut lists = 0;
+        for (name, op) in operations(&doc) {
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                let schema = &p["schema"];
+                match p["name"].as_str().unwrap() {
+                    "page_size" => {
+                        lists += 1;
+                        assert_eq!(
+                            (&schema["minimum"], &schema["maximum"]),
+                            (&1.into(), &MAX_PAGE_SIZE.into()),
+                            "{name}"
+                        );
+                    }
+                    "page_number" => {
+                        assert_eq!(schema["maximum"], u32::MAX, "{name}");
+                    }
+                    _ => {}
+                }
+            }
+        }
+        assert!(lists >= 4, "{lists}");
+        // An optional body is left out, never `null` (which every route refuses).
+        let rotate = &doc["paths"]["/webhooks/{id}/secret/rotate"]["post"]["requestBody"];
+        assert_eq!(rotate["required"], false, "{rotate}");
+        assert_eq!(
+            rotate["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/RotateSecret",
+            "{rotate}"
         );
     }
 }

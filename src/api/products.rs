@@ -27,6 +27,7 @@ pub struct Attachment {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct SetProductEntitlements {
     /// At most 50; `[]` detaches everything.
+    #[schema(max_items = 50)]
     pub entitlements: Vec<Attachment>,
 }
 
@@ -36,7 +37,7 @@ fn product(id: String) -> Result<ProductId, ApiError> {
 
 /// Replace the entitlements a product grants.
 #[utoipa::path(put, path = "/products/{product_id}/entitlements", tag = "products",
-    params(("product_id" = String, Path, description = "The platform's product id (`pdt_…`)")),
+    params(("product_id" = String, Path, description = "The platform's product id (`pdt_…`)", pattern = r"^[A-Za-z0-9_.:-]{1,128}$")),
     request_body = SetProductEntitlements,
     responses(
         (status = 200, body = Items<EntitlementView>),
@@ -98,7 +99,7 @@ pub async fn put(
 
 /// The entitlements a product grants, in order.
 #[utoipa::path(get, path = "/products/{product_id}/entitlements", tag = "products",
-    params(("product_id" = String, Path, description = "The platform's product id (`pdt_…`)")),
+    params(("product_id" = String, Path, description = "The platform's product id (`pdt_…`)", pattern = r"^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 200, body = Items<EntitlementView>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn get(

@@ -108,14 +108,22 @@ impl From<&Endpoint> for EndpointView {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateEndpoint {
     /// A public `https` URL.
+    #[schema(format = "uri")]
     pub url: String,
     #[serde(default)]
+    #[schema(max_length = 1000)]
     pub description: Option<String>,
     /// e.g. `["entitlement_grant.revoked"]`; absent or empty: every type.
     #[serde(default)]
     pub filter_types: Option<Vec<String>>,
-    /// A `whsec_…` secret of your choosing; generated when absent.
+    /// A `whsec_…` secret of your choosing (base64 of 24 to 64 bytes); generated when
+    /// absent.
     #[serde(default)]
+    // What `Secret::parse` takes: canonical standard base64 of 24 to 64 bytes (whole
+    // groups of four characters, then one or two more bytes with their padding).
+    #[schema(
+        pattern = r"^whsec_(?:(?:[A-Za-z0-9+/]{4}){8,21}(?:[A-Za-z0-9+/][AQgw]==)?|(?:[A-Za-z0-9+/]{4}){8,20}[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$"
+    )]
     pub secret: Option<String>,
     /// Create it disabled.
     #[serde(default)]
@@ -139,11 +147,13 @@ pub struct CreateEndpoint {
 /// `PATCH /webhooks/{id}`: only the fields present change.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct UpdateEndpoint {
+    /// A public `https` URL.
     #[serde(default)]
+    #[schema(format = "uri")]
     pub url: Option<String>,
     /// `null` clears it.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 1000)]
     pub description: Option<Option<String>>,
     /// `null` or `[]`: every type.
     #[serde(default, deserialize_with = "present")]
@@ -450,8 +460,14 @@ pub async fn secret(
 /// `POST /webhooks/{id}/secret/rotate`; the body is optional.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct RotateSecret {
-    /// A `whsec_…` secret of your choosing; generated when absent.
+    /// A `whsec_…` secret of your choosing (base64 of 24 to 64 bytes); generated when
+    /// absent.
     #[serde(default)]
+    // What `Secret::parse` takes: canonical standard base64 of 24 to 64 bytes (whole
+    // groups of four characters, then one or two more bytes with their padding).
+    #[schema(
+        pattern = r"^whsec_(?:(?:[A-Za-z0-9+/]{4}){8,21}(?:[A-Za-z0-9+/][AQgw]==)?|(?:[A-Za-z0-9+/]{4}){8,20}[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)$"
+    )]
     pub secret: Option<String>,
 }
 
@@ -459,7 +475,7 @@ pub struct RotateSecret {
 /// signing too (a second signature) for 24 hours, so receivers can switch without a gap.
 #[utoipa::path(post, path = "/webhooks/{id}/secret/rotate", tag = "webhooks",
     params(("id" = String, Path, description = "Endpoint id (`ep_…`)")),
-    request_body(content = Option<RotateSecret>, description = "Optional"),
+    request_body(content = Option<RotateSecret>, description = "Optional: without a body, a secret is generated"),
     responses(
         (status = 200, description = "The new secret", body = SecretView),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -519,6 +535,7 @@ pub struct MessageView {
 #[into_params(parameter_in = Query)]
 pub struct MessagesQuery {
     /// `pending`, `delivered` or `failed`.
+    #[param(pattern = "^(pending|delivered|failed)$")]
     pub status: Option<String>,
     /// 1 to 100, default 10.
     pub page_size: Option<u32>,
@@ -629,8 +646,10 @@ pub async fn retry_message(
 #[into_params(parameter_in = Query)]
 pub struct RetryFailedQuery {
     /// How many failed messages to send again: 1 to 1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
     /// The `next_cursor` of the previous call, to continue after it.
+    #[param(pattern = "^msg_", max_length = 64)]
     pub cursor: Option<String>,
 }
 
@@ -663,8 +682,9 @@ pub async fn retry_failed(
             format!("must be between 1 and {}", replay::MAX_FAILED_PAGE),
         ));
     }
+    // Characters, not bytes: the document's `maxLength` counts them so.
     if let Some(c) = q.cursor.as_deref()
-        && (!c.starts_with("msg_") || c.len() > 64)
+        && (!c.starts_with("msg_") || c.chars().count() > 64)
     {
         return Err(ApiError::field(
             "cursor",
