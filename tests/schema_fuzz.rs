@@ -143,8 +143,18 @@ const DEPENDS_ON_STATE: &[(&str, &str, &str)] = &[
         "422",
         "each entitlement listed must exist, be this business's and be listed once",
     ),
+    (
+        "GET /webhooks",
+        "422",
+        "an `iterator` must be one a previous page returned (it is opaque: any other string is refused)",
+    ),
     ("POST /webhooks", "422", URLS_NEED_DNS),
     ("PATCH /webhooks/{id}", "422", URLS_NEED_DNS),
+    (
+        "PATCH /webhooks/{id}/headers",
+        "422",
+        "a header's name must be an HTTP token and not one guildgate or the connection owns (the document says so in words: JSON Schema's propertyNames is not generated)",
+    ),
     (
         "GET /discord/bot/callback",
         "400",
@@ -189,6 +199,8 @@ const SEEDED_IDS: &[(&str, &[(&str, &str)])] = &[
     ("GET /webhooks/{id}", &[("id", "endpoint")]),
     ("PATCH /webhooks/{id}", &[("id", "endpoint")]),
     ("GET /webhooks/{id}/secret", &[("id", "endpoint")]),
+    ("GET /webhooks/{id}/headers", &[("id", "endpoint")]),
+    ("PATCH /webhooks/{id}/headers", &[("id", "endpoint")]),
     ("POST /webhooks/{id}/secret/rotate", &[("id", "endpoint")]),
     ("GET /webhooks/{id}/messages", &[("id", "endpoint")]),
     (
@@ -344,7 +356,7 @@ async fn seeded() -> Seeded {
     )
     .await;
     let (_, v) = call(Method::GET, "/webhooks", None).await;
-    let endpoint = v["items"][0]["id"].as_str().unwrap().to_string();
+    let endpoint = v["data"][0]["id"].as_str().unwrap().to_string();
     w.app
         .publish(
             &common::events::payment(
@@ -615,7 +627,7 @@ async fn every_protected_operation_answers_401_without_a_valid_key() {
     assert_eq!(grant["status"], "Pending", "{grant}");
     let endpoints = get("/webhooks".into()).await;
     assert_eq!(
-        endpoints["items"].as_array().unwrap().len(),
+        endpoints["data"].as_array().unwrap().len(),
         1,
         "{endpoints}"
     );

@@ -1380,6 +1380,11 @@ async fn webhook_endpoints_are_listed_in_cursor_pages() {
             "{bad}: {v}"
         );
     }
+    // An empty iterator is the first page.
+    let (s, first) = api.get("/webhooks?limit=2&iterator=").await;
+    assert_eq!(s, 200, "{first}");
+    let (_, start) = api.get("/webhooks?limit=2").await;
+    assert_eq!(first["data"], start["data"]);
     // Another business's list is its own.
     let other = Api::of(&app, "bus_Other").await;
     let (_, theirs) = other.get("/webhooks").await;

@@ -238,7 +238,8 @@ pub struct ListQuery {
     /// How many endpoints per page: 1 to 250, default 50.
     #[param(minimum = 1, maximum = 250)]
     pub limit: Option<i64>,
-    /// The `iterator` of the previous page, to continue after it.
+    /// The `iterator` of the previous page, to continue after it (absent or empty: the
+    /// first page).
     pub iterator: Option<String>,
 }
 
@@ -289,7 +290,9 @@ pub async fn list(
             "limit: must be between 1 and {MAX_LIST_LIMIT}"
         )));
     }
-    let after = match q.iterator.as_deref() {
+    // An empty iterator is no iterator: the first page (clients that keep the last
+    // page's value in a string start with an empty one).
+    let after = match q.iterator.as_deref().filter(|it| !it.is_empty()) {
         Some(it) => Some(
             parse_iterator(it)
                 .ok_or_else(|| invalid_query("iterator: is not an iterator this list returned"))?,
