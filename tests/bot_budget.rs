@@ -78,7 +78,16 @@ async fn processes_on_one_bot_share_its_global_limit() {
         .collect();
     let user = Snowflake::new(sandbox.add_user(UserSpec::new("una")));
     sandbox.reset_stats();
-    let until = std::time::Instant::now() + Duration::from_secs(4);
+    let busy = Duration::from_secs(4);
+    let until = std::time::Instant::now() + busy;
+    // What the syncer sent while every process wanted more than the bot allows.
+    let sent_while_busy = {
+        let m = syncer_metrics.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(busy).await;
+            common::worker::sample(&m.render(), "guildgate_discord_requests_total", &[])
+        })
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for (client, workers) in [(syncer, 48), (replica, 6), (reconcile, 6)] {
         for k in 0..workers {
@@ -96,6 +105,15 @@ async fn processes_on_one_bot_share_its_global_limit() {
         }
     }
     while tasks.join_next().await.is_some() {}
+    let sent_while_busy = sent_while_busy.await.unwrap();
+    // The syncer's share: Discord's 50 per second less the side budget's.
+    let share = f64::from(50 - s.side_requests_per_s);
+    let used = sent_while_busy / busy.as_secs_f64() / share;
+    eprintln!(
+        "the syncer sent {:.1} requests/s under full demand: {:.0} % of its share ({share:.1}/s)",
+        sent_while_busy / busy.as_secs_f64(),
+        used * 100.0
+    );
 
     let stats = sandbox.stats();
     let mut bot: Vec<_> = sandbox
