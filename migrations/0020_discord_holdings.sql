@@ -44,3 +44,7 @@ CREATE INDEX grants_applied_account ON grants (applied_guild_id, applied_user_id
     WHERE applied_user_id IS NOT NULL;
 CREATE INDEX grants_intent_account ON grants (intent_guild_id, intent_user_id)
     WHERE intent_user_id IS NOT NULL;
+
+-- The customer's page says when the account they link is linked to another customer of
+-- the business too (two checkouts under two emails).
+CREATE INDEX discord_links_account ON discord_links (business_id, discord_user_id);

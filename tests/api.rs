@@ -1669,12 +1669,14 @@ async fn openapi_documents_exactly_the_real_routes() {
         "GET /entitlements/{id}/grants",
         "GET /entitlements/{id}/grants/{grant_id}",
         "DELETE /entitlements/{id}/grants/{grant_id}",
+        "GET /entitlements/{id}/grants/{grant_id}/history",
         "GET /customers/{customer_id}/entitlement-grants",
         "GET /discord/install-url",
         "GET /discord/bot/callback",
         "GET /discord/guilds",
         "DELETE /discord/guilds/{guild_id}",
         "GET /discord/guilds/{guild_id}/roles",
+        "GET /discord/guilds/{guild_id}/members/{user_id}/access",
         "POST /webhooks",
         "GET /webhooks",
         "GET /webhooks/{id}",
@@ -2434,5 +2436,115 @@ async fn a_server_refusing_the_bot_is_stopped_not_hammered() {
         .await
         .unwrap();
     assert_eq!(waiting, 0);
+    w.stop().await;
+}
+
+/// Support's views of a grant and of a Discord account: the grant's history says what
+/// happened (with Discord's answers), and the access view says which of the business's
+/// grants give the account what, what guildgate added versus found already there, and
+/// only a count of other businesses' grants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grants_history_and_an_accounts_access_explain_themselves() {
+    const T0: &str = "2026-05-01T10:31:00Z";
+    const T1: &str = "2026-05-02T10:31:00Z";
+    let w = World::start().await;
+    let biz = w.app.business();
+    let c = client(&w, &biz).await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let role = g.role("Patrons");
+    let (s, e) = c
+        .post("/entitlements", create_body(g.guild_id, Some(role)))
+        .await;
+    assert_eq!(s, 201, "{e}");
+    let ent = e["id"].as_str().unwrap().to_string();
+    w.app.attach("pdt_a", &[&ent]).await;
+    // A member who had the role before buying.
+    let u = w.user("moderated");
+    w.sandbox.add_member(g.guild_id, u, &[role]);
+    w.link("cus_1", u).await;
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    w.wait_status(&grant.id, "Delivered").await;
+
+    let access = format!("/discord/guilds/{}/members/{u}/access", g.guild_id);
+    let (s, v) = c.get(&access).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["grants"][0]["grant_id"], grant.id.as_str(), "{v}");
+    assert_eq!(v["grants"][0]["role_id"], role.to_string(), "{v}");
+    let origins: Vec<(Value, Value)> = v["holdings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["role_id"].clone(), h["origin"].clone()))
+        .collect();
+    assert_eq!(
+        origins,
+        vec![
+            (Value::Null, json!("found")),
+            (json!(role.to_string()), json!("found")),
+        ],
+        "{v}"
+    );
+    assert_eq!(v["other_businesses_grants"], 0);
+
+    w.app
+        .publish(&refund(&biz, "pay_1", false, T1), "evt_2")
+        .await;
+    w.wait_status(&grant.id, "Revoked").await;
+    let history = format!("/entitlements/{ent}/grants/{}/history", grant.id);
+    let events = wait_for("the revoke's sync in the history", || async {
+        let (_, v) = c.get(&history).await;
+        let events: Vec<String> = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["event"].as_str().unwrap().to_string())
+            .collect();
+        events
+            .contains(&"left_in_place".to_string())
+            .then_some(events)
+    })
+    .await;
+    assert_eq!(
+        events,
+        [
+            "created",
+            "member_found",
+            "role_found",
+            "delivered",
+            "revoked",
+            "left_in_place",
+        ],
+    );
+    let (_, v) = c.get(&history).await;
+    let found = &v["items"][1];
+    assert_eq!(
+        found["detail"]["answer"], "204 No Content: already a member",
+        "{v}"
+    );
+    let left = &v["items"][5];
+    assert_eq!(
+        left["detail"]["reason"], "it was there before guildgate gave it",
+        "{v}"
+    );
+    assert_eq!(v["items"][4]["detail"]["reason"], "refund", "{v}");
+    assert!(
+        w.has_role(g.guild_id, u, role),
+        "the role a moderator gave stays"
+    );
+
+    // Another business sees neither.
+    let other = client(&w, "bus_SomeoneElse1").await;
+    assert_eq!(other.get(&access).await.0, 404);
+    assert_eq!(other.get(&history).await.0, 404);
+    let (s, v) = c
+        .get(&format!(
+            "/discord/guilds/{}/members/not-an-id/access",
+            g.guild_id
+        ))
+        .await;
+    assert_eq!((s, v["code"].as_str()), (422, Some("invalid_field")), "{v}");
     w.stop().await;
 }

@@ -189,13 +189,24 @@ async fn authorizing_another_account_moves_the_access() {
         .publish(&payment(&biz, "pay_a", "cus_1", &["pdt_a"], T0), "evt_1")
         .await;
     let grant = w.grant_of("cus_1").await;
-    assert_eq!(w.authorize(&grant, alice).await.0, 200);
+    let (status, page) = w.authorize(&grant, alice).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("<b>alice</b>"),
+        "the page names the account: {page}"
+    );
+    assert!(!page.contains("moves to this account"), "{page}");
     let delivered = w.wait_status(&grant.id, "Delivered").await;
     assert!(w.has_role(g.guild_id, alice, role));
 
     // The grant's current link (a new nonce after the first use), another account.
     let (status, page) = w.authorize(&delivered, bob).await;
     assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("<b>bob</b>"),
+        "the page names the account linked now: {page}"
+    );
+    assert!(page.contains("moves to this account"), "{page}");
     w.wait_grant(&grant.id, "moved to bob", |g| {
         g.applied_user_id.as_deref() == Some(id(bob).as_str())
     })
@@ -205,6 +216,48 @@ async fn authorizing_another_account_moves_the_access() {
         (!w.has_role(g.guild_id, alice, role)).then_some(())
     })
     .await;
+    // The grant keeps its status (and so sends no second `delivered` webhook), and its
+    // history records the switch and what was done for it.
+    let now = w.grant_of("cus_1").await;
+    assert_eq!(now.status, "Delivered");
+    let history = {
+        let mut conn = w.app.pool.acquire().await.unwrap();
+        guildgate::grants::history::of(&mut conn, &now)
+            .await
+            .unwrap()
+    };
+    let switched = history
+        .iter()
+        .find(|e| e.event == "switched")
+        .expect("the switch is in the history");
+    assert_eq!(switched.detail["from_discord_user_id"], id(alice));
+    assert_eq!(switched.detail["discord_user_id"], id(bob));
+    assert!(
+        history
+            .iter()
+            .any(|e| e.event == "role_removed" && e.detail["discord_user_id"] == id(alice)),
+        "{history:?}"
+    );
+    assert_eq!(
+        history.iter().filter(|e| e.event == "delivered").count(),
+        1,
+        "{history:?}"
+    );
+
+    // Another customer of the business (a second checkout) links bob too: the link is
+    // made, and the page says so.
+    w.app
+        .publish(&payment(&biz, "pay_b", "cus_2", &["pdt_a"], T0), "evt_2")
+        .await;
+    let second = w.grant_of("cus_2").await;
+    let (status, page) = w.authorize(&second, bob).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("also connected to another purchase"),
+        "{page}"
+    );
+    w.wait_status(&second.id, "Delivered").await;
+    assert!(w.has_role(g.guild_id, bob, role));
     w.stop().await;
 }
 
@@ -1390,6 +1443,28 @@ async fn only_what_guildgate_gave_is_taken_away() {
         .filter(|r| r.method == "DELETE" && r.path.ends_with(&format!("/members/{regular}")))
         .count();
     assert_eq!(kicks, 0);
+    // Every change says why in the server's audit log.
+    let newcomer_grant = &grants[2];
+    let reasons: Vec<(String, Option<String>)> = w
+        .sandbox
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with(&format!("/members/{newcomer}")) && r.method != "GET")
+        .map(|r| (r.method, r.audit_log_reason))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (
+                "PUT".to_string(),
+                Some(format!("guildgate: {newcomer_grant} delivered"))
+            ),
+            (
+                "DELETE".to_string(),
+                Some(format!("guildgate: {newcomer_grant} revoked (refund)"))
+            ),
+        ]
+    );
     // What was there before stays recorded as found (not drift for reconcile); what
     // guildgate added is forgotten once taken away.
     let holdings: Vec<(String, String, bool)> =

@@ -548,7 +548,8 @@ async fn every_protected_operation_answers_401_without_a_valid_key() {
                 .replace("{message_id}", &id_of("message"))
                 .replace("{customer_id}", &id_of("customer"))
                 .replace("{product_id}", &id_of("product"))
-                .replace("{guild_id}", &id_of("guild"));
+                .replace("{guild_id}", &id_of("guild"))
+                .replace("{user_id}", "1234567890123456789");
             assert!(
                 !concrete.contains('{'),
                 "{path}: a parameter without a value"

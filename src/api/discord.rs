@@ -454,6 +454,122 @@ pub struct RoleView {
     pub problem: Option<Problem>,
 }
 
+/// What one Discord account holds in a server through guildgate (a guildgate
+/// extension, for support).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccessView {
+    pub guild_id: String,
+    pub discord_user_id: String,
+    /// This business's grants that give (or are giving, or are taking back) this account
+    /// something in the server.
+    pub grants: Vec<AccessGrant>,
+    /// What guildgate gave this account in the server (`role_id` null: the membership),
+    /// and whether it `added` it or `found` it already there (then it never removes it).
+    pub holdings: Vec<AccessHolding>,
+    /// Live grants of other businesses holding something of this account in the server
+    /// (a server that changed hands): counted only, never named.
+    pub other_businesses_grants: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct AccessGrant {
+    pub grant_id: String,
+    pub entitlement_id: String,
+    pub customer_id: String,
+    pub status: String,
+    /// The role it gives; null: the membership only.
+    pub role_id: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AccessHolding {
+    pub role_id: Option<String>,
+    /// `added` or `found`.
+    pub origin: String,
+    /// RFC 3339, UTC.
+    pub since: String,
+}
+
+/// What a Discord account holds in a connected server through guildgate: which of this
+/// business's grants give it what, what guildgate added versus found already there,
+/// and how many grants of other businesses hold something there too.
+#[utoipa::path(get, path = "/discord/guilds/{guild_id}/members/{user_id}/access", tag = "discord",
+    params(
+        ("guild_id" = String, Path, description = "A connected server's id"),
+        ("user_id" = String, Path, description = "A Discord user id"),
+    ),
+    responses(
+        (status = 200, body = AccessView), (status = 401, body = ErrorBody),
+        (status = 404, description = "Not a server connected to this business", body = ErrorBody),
+        (status = 422, description = "`user_id` is not a Discord id", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn member_access(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path((guild_id, user_id)): Path<(String, String)>,
+) -> ApiResult<ApiJson<AccessView>> {
+    let business = merchant.business();
+    let mut conn = state.pool.acquire().await?;
+    db::get(&mut conn, business, &guild_id)
+        .await?
+        .ok_or(ApiError::NotFound("Discord server"))?;
+    if Snowflake::parse(&user_id).is_none() {
+        return Err(ApiError::Invalid(vec![Problem::new(
+            "invalid_field",
+            "user_id: must be a Discord id",
+        )]));
+    }
+    let grants: Vec<AccessGrant> = sqlx::query_as(
+        "SELECT id AS grant_id, entitlement_id, customer_id, status,
+                CASE WHEN applied_guild_id = $2 AND applied_user_id = $3 THEN applied_role_id
+                     ELSE intent_role_id END AS role_id
+         FROM grants
+         WHERE business_id = $1
+           AND ((applied_guild_id = $2 AND applied_user_id = $3)
+             OR (intent_guild_id = $2 AND intent_user_id = $3))
+         ORDER BY created_at, id",
+    )
+    .bind(business)
+    .bind(&guild_id)
+    .bind(&user_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let holdings: Vec<(String, bool, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "SELECT role_id, found, since FROM discord_holdings
+         WHERE guild_id = $1 AND user_id = $2 ORDER BY role_id",
+    )
+    .bind(&guild_id)
+    .bind(&user_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let other_businesses_grants: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM grants
+         WHERE business_id <> $1 AND status <> 'Revoked'
+           AND ((applied_guild_id = $2 AND applied_user_id = $3)
+             OR (intent_guild_id = $2 AND intent_user_id = $3))",
+    )
+    .bind(business)
+    .bind(&guild_id)
+    .bind(&user_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(ApiJson(AccessView {
+        guild_id,
+        discord_user_id: user_id,
+        grants,
+        holdings: holdings
+            .into_iter()
+            .map(|(role, found, since)| AccessHolding {
+                role_id: (!role.is_empty()).then_some(role),
+                origin: if found { "found" } else { "added" }.into(),
+                since: crate::grants::render::ts(since),
+            })
+            .collect(),
+        other_businesses_grants,
+    }))
+}
+
 /// The roles of a connected server, highest first: those the bot can assign, and for the
 /// others why not.
 #[utoipa::path(get, path = "/discord/guilds/{guild_id}/roles", tag = "discord",

@@ -17,6 +17,7 @@ use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody};
 use super::store::{entitlements, grants as db};
 use super::{Items, page};
 use crate::events::apply::emit;
+use crate::grants::history::{self, Entry};
 use crate::grants::link::LinkBuilder;
 use crate::grants::render::grant_object;
 use crate::grants::{Grant, GrantEventType, GrantStatus, RevocationReason};
@@ -153,6 +154,28 @@ pub async fn get(
         .ok_or(ApiError::NotFound("grant"))?;
     let mut out = render(&mut conn, &state.links, vec![g], Utc::now()).await?;
     Ok(ApiJson(out.remove(0)))
+}
+
+/// A grant's history, oldest first (a guildgate extension): created, linked, account
+/// switched, each change made in Discord with Discord's answer, what was left in place
+/// and why, delivered, failed with its code, waiting on a stopped server, revoked with
+/// its reason.
+#[utoipa::path(get, path = "/entitlements/{id}/grants/{grant_id}/history", tag = "grants",
+    params(("id" = String, Path, description = "Entitlement id"), ("grant_id" = String, Path, description = "Grant id")),
+    responses((status = 200, body = Items<Entry>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn history(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path((id, grant_id)): Path<(String, String)>,
+) -> ApiResult<ApiJson<Items<Entry>>> {
+    let mut conn = state.pool.acquire().await?;
+    let g = db::get(&mut conn, merchant.business(), &id, &grant_id, false)
+        .await?
+        .ok_or(ApiError::NotFound("grant"))?;
+    Ok(ApiJson(Items {
+        items: history::of(&mut conn, &g).await?,
+    }))
 }
 
 /// Revoke a grant by hand (`revocation_reason: manual`). The role (or, for a

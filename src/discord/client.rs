@@ -152,6 +152,8 @@ struct Call<'a> {
     idempotent: bool,
     /// The role the call is about, if any (for [`StopKey::Role`]).
     role: Option<Snowflake>,
+    /// Why the change is made, for the server's audit log (`X-Audit-Log-Reason`).
+    reason: Option<&'a str>,
 }
 
 impl Call<'_> {
@@ -163,6 +165,16 @@ impl Call<'_> {
             _ => None,
         }
     }
+}
+
+/// Discord shows at most 512 characters of a reason.
+const MAX_AUDIT_LOG_REASON: usize = 512;
+
+/// `X-Audit-Log-Reason`: URL-encoded (Discord's rule for anything beyond plain ASCII),
+/// cut to what Discord shows.
+fn audit_log_reason(reason: &str) -> String {
+    let cut: String = reason.chars().take(MAX_AUDIT_LOG_REASON).collect();
+    percent_encoding::utf8_percent_encode(&cut, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 /// An answer that was not a 429 (those are handled inside [`DiscordClient::send`]).
@@ -381,6 +393,9 @@ impl DiscordClient {
                 }
                 Auth::None => req,
             };
+            if let Some(reason) = call.reason {
+                req = req.header("X-Audit-Log-Reason", audit_log_reason(reason));
+            }
             req = match &call.body {
                 Body::Empty => req,
                 Body::Json(v) => req.json(v),
@@ -494,6 +509,7 @@ impl DiscordClient {
             body: Body::Empty,
             idempotent: true,
             role: None,
+            reason: None,
         }
     }
 
@@ -612,6 +628,7 @@ impl DiscordClient {
         u: Snowflake,
         access_token: &SecretString,
         roles: &[Snowflake],
+        reason: &str,
     ) -> Result<AddMember, DiscordError> {
         let body = serde_json::json!({
             "access_token": access_token.expose_secret(),
@@ -621,6 +638,7 @@ impl DiscordClient {
             .send(Call {
                 body: Body::Json(body),
                 role: roles.first().copied(),
+                reason: Some(reason),
                 ..Self::bot_call(
                     Verb::Put,
                     format!("guilds/{g}/members/{u}"),
@@ -653,6 +671,7 @@ impl DiscordClient {
         g: Snowflake,
         u: Snowflake,
         r: Snowflake,
+        reason: &str,
     ) -> Result<Answer, DiscordError> {
         let label = if verb == Verb::Put {
             "PUT /guilds/:guild/members/:user/roles/:role"
@@ -661,6 +680,7 @@ impl DiscordClient {
         };
         self.send(Call {
             role: Some(r),
+            reason: Some(reason),
             ..Self::bot_call(
                 verb,
                 format!("guilds/{g}/members/{u}/roles/{r}"),
@@ -677,8 +697,9 @@ impl DiscordClient {
         g: Snowflake,
         u: Snowflake,
         r: Snowflake,
+        reason: &str,
     ) -> Result<MemberChange, DiscordError> {
-        let a = self.member_role(Verb::Put, g, u, r).await?;
+        let a = self.member_role(Verb::Put, g, u, r, reason).await?;
         match (a.status, a.code) {
             (204, _) | (200, _) => Ok(MemberChange::Done),
             (404, Some(10007)) => Ok(MemberChange::NotMember),
@@ -692,8 +713,9 @@ impl DiscordClient {
         g: Snowflake,
         u: Snowflake,
         r: Snowflake,
+        reason: &str,
     ) -> Result<MemberChange, DiscordError> {
-        let a = self.member_role(Verb::Delete, g, u, r).await?;
+        let a = self.member_role(Verb::Delete, g, u, r, reason).await?;
         match (a.status, a.code) {
             (204, _) | (200, _) | (404, Some(10011)) => Ok(MemberChange::Done),
             (404, Some(10007)) => Ok(MemberChange::NotMember),
@@ -706,14 +728,18 @@ impl DiscordClient {
         &self,
         g: Snowflake,
         u: Snowflake,
+        reason: &str,
     ) -> Result<MemberChange, DiscordError> {
         let a = self
-            .send(Self::bot_call(
-                Verb::Delete,
-                format!("guilds/{g}/members/{u}"),
-                format!("guilds/{g}/members/:user"),
-                "DELETE /guilds/:guild/members/:user",
-            ))
+            .send(Call {
+                reason: Some(reason),
+                ..Self::bot_call(
+                    Verb::Delete,
+                    format!("guilds/{g}/members/{u}"),
+                    format!("guilds/{g}/members/:user"),
+                    "DELETE /guilds/:guild/members/:user",
+                )
+            })
             .await?;
         match (a.status, a.code) {
             (204, _) | (200, _) => Ok(MemberChange::Done),
@@ -740,6 +766,7 @@ impl DiscordClient {
                 // A code is single-use and a refresh token rotates: never resend.
                 idempotent: false,
                 role: None,
+                reason: None,
             })
             .await?;
         match a.status {
@@ -808,6 +835,7 @@ impl DiscordClient {
                 body: Body::Form(form),
                 idempotent: true,
                 role: None,
+                reason: None,
             })
             .await?;
         match a.status {

@@ -5,6 +5,7 @@
 //! - [`render`]: the Dodo-compatible JSON of a grant and of its webhooks.
 
 pub mod decide;
+pub mod history;
 pub mod link;
 pub mod render;
 

@@ -51,6 +51,13 @@ enum Page {
     Connected {
         guild_name: String,
         guild_id: String,
+        /// The Discord account linked now, as its owner knows it.
+        account: String,
+        /// The customer had linked another account before: access moved from it.
+        switched: bool,
+        /// Another customer of the same business (another checkout) has this account
+        /// linked too: both keep their access.
+        shared: bool,
     },
     Denied {
         retry_url: Option<String>,
@@ -72,8 +79,9 @@ enum Page {
 /// The pages' words, in one place.
 mod text {
     pub const CONNECTED_TITLE: &str = "You're in";
-    pub const CONNECTED: &str =
-        "Your Discord account is connected. You'll get access to <b>{guild}</b> in a moment.";
+    pub const CONNECTED: &str = "Your Discord account <b>{account}</b> is connected. You'll get access to <b>{guild}</b> in a moment.";
+    pub const SWITCHED: &str = "Your access moves to this account from the Discord account you connected before, which loses what it was given for this purchase.";
+    pub const SHARED: &str = "This Discord account is also connected to another purchase from this store: both purchases count towards it.";
     pub const OPEN_SERVER: &str = "Open the server in Discord";
     pub const DENIED_TITLE: &str = "Authorization cancelled";
     pub const DENIED: &str = "You cancelled on Discord, so we could not give you access. You can try again whenever you like.";
@@ -124,11 +132,26 @@ impl Page {
             Page::Connected {
                 guild_name,
                 guild_id,
+                account,
+                switched,
+                shared,
             } => (
                 text::CONNECTED_TITLE,
                 format!(
-                    "<p>{}</p><p><a class=\"button\" href=\"https://discord.com/channels/{}\">{}</a></p>",
-                    text::CONNECTED.replace("{guild}", &escape(guild_name)),
+                    "<p>{}</p>{}{}<p><a class=\"button\" href=\"https://discord.com/channels/{}\">{}</a></p>",
+                    text::CONNECTED
+                        .replace("{account}", &escape(account))
+                        .replace("{guild}", &escape(guild_name)),
+                    if *switched {
+                        format!("<p class=\"switched\">{}</p>", text::SWITCHED)
+                    } else {
+                        String::new()
+                    },
+                    if *shared {
+                        format!("<p class=\"shared\">{}</p>", text::SHARED)
+                    } else {
+                        String::new()
+                    },
                     escape(guild_id),
                     text::OPEN_SERVER
                 ),
@@ -277,7 +300,7 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         .await
         .map_err(discord_failed)?;
 
-    let (guild_id, previous) = {
+    let (guild_id, previous, shared) = {
         let mut tx = st.pool.begin().await.map_err(db_failed)?;
         // Locked, and the nonce checked again: of two callbacks racing with one link,
         // exactly one wins.
@@ -314,6 +337,15 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         db::upsert_link(&mut tx, &row, now)
             .await
             .map_err(db_failed)?;
+        // People buy twice under two emails: the link is made, and the page says so.
+        let shared = db::linked_elsewhere(
+            &mut tx,
+            &grant.business_id,
+            &grant.customer_id,
+            &user.id.to_string(),
+        )
+        .await
+        .map_err(db_failed)?;
         db::set_nonce(
             &mut tx,
             &grant.id,
@@ -323,19 +355,37 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         )
         .await
         .map_err(db_failed)?;
-        // Every live grant of the customer follows the linked account.
+        // Every live grant of the customer follows the linked account (their histories
+        // show what the syncer changes); this grant's history says who linked what.
         for id in db::live_grant_ids(&mut tx, &grant.business_id, &grant.customer_id)
             .await
             .map_err(db_failed)?
         {
             queue_sync(&mut tx, &id).await.map_err(db_failed)?;
         }
+        let (event, mut detail) = match &previous {
+            Some(old) => (
+                "switched",
+                serde_json::json!({ "from_discord_user_id": old.discord_user_id }),
+            ),
+            None => ("linked", serde_json::json!({})),
+        };
+        detail["discord_user_id"] = user.id.to_string().into();
+        detail["also_linked_to_another_customer"] = shared.into();
+        crate::grants::history::record(&mut tx, &grant.id, now, event, detail)
+            .await
+            .map_err(db_failed)?;
         let ent = setup::entitlement(&mut tx, &grant.entitlement_id)
             .await
             .map_err(db_failed)?;
         tx.commit().await.map_err(db_failed)?;
-        (ent.map(|e| e.guild_id).unwrap_or_default(), previous)
+        (
+            ent.map(|e| e.guild_id).unwrap_or_default(),
+            previous,
+            shared,
+        )
     };
+    let switched = previous.is_some();
     if let Some(old) = previous {
         // Best effort: the old tokens are no longer stored anywhere, so a revoke that
         // fails is logged and dropped rather than holding up the customer's page.
@@ -364,6 +414,12 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
     Ok(Page::Connected {
         guild_name,
         guild_id,
+        account: user
+            .global_name
+            .clone()
+            .unwrap_or_else(|| user.username.clone()),
+        switched,
+        shared,
     })
 }
 
@@ -404,9 +460,26 @@ mod tests {
         let p = Page::Connected {
             guild_name: "<Acme & co>".into(),
             guild_id: "123".into(),
+            account: "una<script>".into(),
+            switched: false,
+            shared: false,
         };
         let h = p.html();
         assert!(h.contains("&lt;Acme &amp; co&gt;"), "{h}");
+        assert!(h.contains("<b>una&lt;script&gt;</b>"), "{h}");
+        assert!(!h.contains(text::SWITCHED) && !h.contains(text::SHARED));
+        let h = Page::Connected {
+            guild_name: "Acme".into(),
+            guild_id: "123".into(),
+            account: "una".into(),
+            switched: true,
+            shared: true,
+        }
+        .html();
+        assert!(
+            h.contains(text::SWITCHED) && h.contains(text::SHARED),
+            "{h}"
+        );
         assert!(h.contains("https://discord.com/channels/123"));
         assert_eq!(Page::Expired.status(), StatusCode::GONE);
         assert_eq!(Page::Tampered.status(), StatusCode::BAD_REQUEST);

@@ -91,14 +91,14 @@ pub async fn record(
     Ok(r.rows_affected() == 1)
 }
 
-/// Records that `grant_id`'s sync waits for a resume.
+/// Records that `grant_id`'s sync waits for a resume; false if it already did.
 pub async fn wait(
     conn: &mut PgConnection,
     grant_id: &str,
     guild_id: &str,
     entitlement_id: &str,
     now: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     sqlx::query(
         "INSERT INTO discord_sync_waiting (grant_id, guild_id, entitlement_id, since)
          VALUES ($1, $2, $3, $4) ON CONFLICT (grant_id) DO NOTHING",
@@ -108,8 +108,8 @@ pub async fn wait(
     .bind(entitlement_id)
     .bind(now)
     .execute(conn)
-    .await?;
-    Ok(())
+    .await
+    .map(|r| r.rows_affected() == 1)
 }
 
 /// A save of `entitlement_id` validated against Discord in `guild_id`: the bot is in the

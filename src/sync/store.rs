@@ -358,6 +358,24 @@ pub async fn set_intent(
     Ok(())
 }
 
+/// Whether another customer of the business has `discord_user_id` linked too.
+pub async fn linked_elsewhere(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+    discord_user_id: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM discord_links
+         WHERE business_id = $1 AND customer_id <> $2 AND discord_user_id = $3)",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .bind(discord_user_id)
+    .fetch_one(conn)
+    .await
+}
+
 /// Ids of every live grant of a customer (to sync after they linked an account).
 pub async fn live_grant_ids(
     conn: &mut PgConnection,

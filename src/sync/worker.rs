@@ -36,6 +36,7 @@ use crate::discord::plan::{self, Access, Call, MemberState};
 use crate::discord::validate::explain_missing_permissions;
 use crate::discord::{DiscordClient, DiscordError, HumanCode, Snowflake};
 use crate::events::apply::emit;
+use crate::grants::history;
 use crate::grants::link::LinkBuilder;
 use crate::grants::{Grant, GrantEventType, GrantStatus};
 use crate::metrics::Metrics;
@@ -89,6 +90,8 @@ struct Synced {
     present_before: Vec<Access>,
     /// Accesses Discord added for this run (so guildgate's own from now on).
     added: Vec<Access>,
+    /// What was done in Discord, with Discord's answer, for the grant's history.
+    changes: Vec<(&'static str, Access, &'static str)>,
 }
 
 impl SyncWorker {
@@ -203,15 +206,19 @@ impl SyncWorker {
     async fn wait_for_resume(&self, job: &Job, stop: &stops::Stop) -> Result<Outcome, sqlx::Error> {
         let g = &job.grant;
         {
-            let mut conn = self.pool.acquire().await?;
-            stops::wait(
-                &mut conn,
-                &g.id,
-                &stop.guild_id,
-                &g.entitlement_id,
-                Utc::now(),
-            )
-            .await?;
+            let now = Utc::now();
+            let mut tx = self.pool.begin().await?;
+            if stops::wait(&mut tx, &g.id, &stop.guild_id, &g.entitlement_id, now).await? {
+                history::record(
+                    &mut tx,
+                    &g.id,
+                    now,
+                    "waiting",
+                    serde_json::json!({ "code": stop.code, "guild_id": stop.guild_id }),
+                )
+                .await?;
+            }
+            tx.commit().await?;
         }
         self.fail(g, &stop.code, &stop.message).await?;
         Ok(Outcome::Ack("stopped"))
@@ -482,9 +489,11 @@ impl SyncWorker {
                 Some(m) => MemberState::Present { roles: m.roles },
             };
         }
+        let reasons = Reasons::of(job, desired);
         let mut token: Option<SecretString> = None;
         let mut present_before = Vec::new();
         let mut added = Vec::new();
+        let mut changes = Vec::new();
         for _ in 0..4 {
             let p = plan::plan(&plan::Input {
                 live,
@@ -505,7 +514,11 @@ impl SyncWorker {
                         }
                         let t = token.as_ref().expect("set above");
                         let roles: Vec<Snowflake> = role.into_iter().collect();
-                        match self.discord.add_member(guild, user, t, &roles).await {
+                        match self
+                            .discord
+                            .add_member(guild, user, t, &roles, &reasons.add)
+                            .await
+                        {
                             Ok(AddMember::Added) => {
                                 added.push(Access {
                                     role: None,
@@ -520,20 +533,28 @@ impl SyncWorker {
                                 // 204 changes nothing: they were a member before, and
                                 // whether they hold the role already only their member
                                 // object says (adding a role answers 204 either way).
-                                present_before.push(Access {
+                                let membership = Access {
                                     role: None,
                                     user,
                                     guild,
-                                });
+                                };
+                                changes.push((
+                                    "member_found",
+                                    membership,
+                                    "204 No Content: already a member",
+                                ));
+                                present_before.push(membership);
                                 member = match self.discord.member(guild, user).await? {
                                     None => MemberState::Absent,
                                     Some(m) => {
                                         if let Some(r) = role.filter(|r| m.roles.contains(r)) {
-                                            present_before.push(Access {
+                                            let a = Access {
                                                 role: Some(r),
                                                 user,
                                                 guild,
-                                            });
+                                            };
+                                            changes.push(("role_found", a, "already held"));
+                                            present_before.push(a);
                                         }
                                         MemberState::Present { roles: m.roles }
                                     }
@@ -545,12 +566,16 @@ impl SyncWorker {
                         }
                     }
                     Call::AddRole { guild, user, role } => {
-                        match self.discord.add_role(guild, user, role).await {
-                            Ok(MemberChange::Done) => added.push(Access {
-                                role: Some(role),
-                                user,
-                                guild,
-                            }),
+                        match self.discord.add_role(guild, user, role, &reasons.add).await {
+                            Ok(MemberChange::Done) => {
+                                let a = Access {
+                                    role: Some(role),
+                                    user,
+                                    guild,
+                                };
+                                changes.push(("role_added", a, "204 No Content"));
+                                added.push(a);
+                            }
                             Ok(MemberChange::NotMember) => {
                                 member = MemberState::Absent;
                                 replan = true;
@@ -560,13 +585,39 @@ impl SyncWorker {
                         }
                     }
                     Call::RemoveRole { guild, user, role } => {
-                        if let Err(e) = self.discord.remove_role(guild, user, role).await {
-                            return Err(self.explain(e, guild, Some(role)).await);
+                        match self
+                            .discord
+                            .remove_role(guild, user, role, &reasons.remove)
+                            .await
+                        {
+                            Ok(c) => changes.push((
+                                "role_removed",
+                                Access {
+                                    role: Some(role),
+                                    user,
+                                    guild,
+                                },
+                                answer(c),
+                            )),
+                            Err(e) => return Err(self.explain(e, guild, Some(role)).await),
                         }
                     }
                     Call::RemoveMember { guild, user } => {
-                        if let Err(e) = self.discord.remove_member(guild, user).await {
-                            return Err(self.explain(e, guild, None).await);
+                        match self
+                            .discord
+                            .remove_member(guild, user, &reasons.remove)
+                            .await
+                        {
+                            Ok(c) => changes.push((
+                                "member_removed",
+                                Access {
+                                    role: None,
+                                    user,
+                                    guild,
+                                },
+                                answer(c),
+                            )),
+                            Err(e) => return Err(self.explain(e, guild, None).await),
                         }
                     }
                 }
@@ -576,6 +627,7 @@ impl SyncWorker {
                     plan: p,
                     present_before,
                     added,
+                    changes,
                 });
             }
         }
@@ -585,6 +637,7 @@ impl SyncWorker {
     }
 
     async fn undo_only(&self, job: &Job) -> Result<Synced, DiscordError> {
+        let reasons = Reasons::of(job, None);
         let p = plan::plan(&plan::Input {
             live: false,
             guild: job.held.first().map_or(Snowflake::new(0), |a| a.guild),
@@ -598,10 +651,14 @@ impl SyncWorker {
         for call in &p.calls {
             match *call {
                 Call::RemoveRole { guild, user, role } => {
-                    self.discord.remove_role(guild, user, role).await?;
+                    self.discord
+                        .remove_role(guild, user, role, &reasons.remove)
+                        .await?;
                 }
                 Call::RemoveMember { guild, user } => {
-                    self.discord.remove_member(guild, user).await?;
+                    self.discord
+                        .remove_member(guild, user, &reasons.remove)
+                        .await?;
                 }
                 _ => {}
             }
@@ -610,6 +667,7 @@ impl SyncWorker {
             plan: p,
             present_before: Vec::new(),
             added: Vec::new(),
+            changes: Vec::new(),
         })
     }
 
@@ -734,6 +792,23 @@ impl SyncWorker {
                 db::forget_holding(&mut tx, &key(a)).await?;
             }
         }
+        for (event, a, answer) in &s.changes {
+            let mut detail = access_detail(a);
+            detail["answer"] = (*answer).into();
+            history::record(&mut tx, &grant.id, now, event, detail).await?;
+        }
+        for (a, kept) in &s.plan.released {
+            let why = if *kept {
+                "another live grant holds it"
+            } else if job.found.contains(a) {
+                "it was there before guildgate gave it"
+            } else {
+                continue;
+            };
+            let mut detail = access_detail(a);
+            detail["reason"] = why.into();
+            history::record(&mut tx, &grant.id, now, "left_in_place", detail).await?;
+        }
         let mut label = if s.plan.awaiting_link {
             "awaiting_link"
         } else if !job.grant.status().is_live() {
@@ -755,6 +830,7 @@ impl SyncWorker {
                 now,
             )
             .await?;
+            history::record(&mut tx, &grant.id, now, "delivered", serde_json::json!({})).await?;
             label = "delivered";
         }
         tx.commit().await?;
@@ -810,8 +886,20 @@ impl SyncWorker {
         }
         let now = Utc::now();
         let mut tx = self.pool.begin().await?;
-        if let Some(failed) = db::mark_failed(&mut tx, &g.id, code, message, now).await? {
-            emit(&mut tx, &self.links, &failed, GrantEventType::Failed, now).await?;
+        let moved = db::mark_failed(&mut tx, &g.id, code, message, now).await?;
+        if let Some(failed) = &moved {
+            emit(&mut tx, &self.links, failed, GrantEventType::Failed, now).await?;
+        }
+        // Once per failure, not once per job that finds it still failing.
+        if moved.is_some() || g.error_code.as_deref() != Some(code) {
+            history::record(
+                &mut tx,
+                &g.id,
+                now,
+                "failed",
+                serde_json::json!({ "code": code, "message": message }),
+            )
+            .await?;
         }
         tx.commit().await
     }
@@ -973,6 +1061,55 @@ pub async fn revoke_tokens(
         discord.revoke_token(a, "access_token").await?;
     }
     Ok(())
+}
+
+/// Discord's answer to a removal, for the grant's history.
+fn answer(c: MemberChange) -> &'static str {
+    match c {
+        MemberChange::Done => "204 No Content",
+        MemberChange::NotMember => "404 Unknown Member: not in the server",
+    }
+}
+
+/// An access as the grant's history shows it.
+fn access_detail(a: &Access) -> serde_json::Value {
+    serde_json::json!({
+        "guild_id": a.guild.to_string(),
+        "discord_user_id": a.user.to_string(),
+        "role_id": a.role.map(|r| r.to_string()),
+    })
+}
+
+/// What the server's audit log says of guildgate's changes (`X-Audit-Log-Reason`), so
+/// moderators can tell why a role came or went.
+struct Reasons {
+    add: String,
+    remove: String,
+}
+
+impl Reasons {
+    fn of(job: &Job, desired: Option<Access>) -> Self {
+        let g = &job.grant;
+        let moved = desired.is_some_and(|d| job.held.iter().any(|h| *h != d));
+        let add = if moved {
+            format!(
+                "guildgate: {} moved to the customer's current account or role",
+                g.id
+            )
+        } else {
+            format!("guildgate: {} delivered", g.id)
+        };
+        let remove = if g.status().is_live() {
+            format!("guildgate: {} moved to another account or role", g.id)
+        } else {
+            format!(
+                "guildgate: {} revoked ({})",
+                g.id,
+                g.revocation_reason.as_deref().unwrap_or("revoked")
+            )
+        };
+        Self { add, remove }
+    }
 }
 
 fn access(user: Option<&str>, guild: Option<&str>, role: Option<&str>) -> Option<Access> {

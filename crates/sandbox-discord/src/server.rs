@@ -38,6 +38,16 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response
         .unwrap_or_default();
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().map(str::to_owned);
+    // Discord takes the reason URL-encoded (it may hold any Unicode).
+    let audit_log_reason = parts
+        .headers
+        .get("x-audit-log-reason")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        });
     let q = query.as_deref().unwrap_or("");
     let mut info = RecordInfo::default();
 
@@ -106,6 +116,7 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response
         forced: info.forced,
         violation: info.violation,
         injected_error: info.injected_error,
+        audit_log_reason,
     });
     resp
 }

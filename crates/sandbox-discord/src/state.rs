@@ -79,6 +79,9 @@ pub struct RequestRecord {
     pub violation: bool,
     /// The answer was an injected 5xx.
     pub injected_error: bool,
+    /// The `X-Audit-Log-Reason` header, URL-decoded (Discord shows it in the server's
+    /// audit log).
+    pub audit_log_reason: Option<String>,
 }
 
 /// Extra facts the request handler fills in for the log.
