@@ -112,6 +112,22 @@ impl GlobalGate {
         }
     }
 
+    /// Waits out a global block that began after this caller's slot was taken (a 429
+    /// answered while it waited on the shared budget): a slot taken is not a licence
+    /// to send into a block Discord just announced.
+    pub async fn wait_unblocked(&self) {
+        loop {
+            let until = {
+                let st = self.state.lock().expect("gate state");
+                st.blocked_until.filter(|b| *b > Instant::now())
+            };
+            match until {
+                Some(b) => tokio::time::sleep_until(b).await,
+                None => return,
+            }
+        }
+    }
+
     /// Stops every acquisition for `d` (a global 429's `retry_after`).
     pub fn block_for(&self, d: Duration) {
         // A `retry_after` is Discord's word, but not an unbounded one: an absurd value
@@ -337,6 +353,7 @@ impl Budget {
         let shared = match &self.shared {
             Some((limits, kind)) if bot => {
                 self.take_shared(limits, kind).await;
+                self.gate.wait_unblocked().await;
                 Some(limits.clone())
             }
             _ => None,
@@ -444,6 +461,18 @@ mod tests {
             let in_window = times[i..].iter().filter(|u| **u - *t < period).count();
             assert!(in_window <= 5);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_block_after_the_slot_was_taken_is_waited_out() {
+        let gate = GlobalGate::new(50, Duration::from_secs(1));
+        gate.acquire().await;
+        gate.block_for(Duration::from_millis(700));
+        let start = Instant::now();
+        gate.wait_unblocked().await;
+        assert_eq!(Instant::now() - start, Duration::from_millis(700));
+        gate.wait_unblocked().await;
+        assert_eq!(Instant::now() - start, Duration::from_millis(700));
     }
 
     #[tokio::test(start_paused = true)]
