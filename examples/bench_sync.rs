@@ -166,7 +166,7 @@ async fn main() {
             &mut tx,
             store::grants::NewGrant {
                 business_id: business,
-                brand_id: None,
+                brand_id: business,
                 entitlement_id: &ents[n % GUILDS],
                 customer_id: &customer,
                 payment_id: Some(&format!("pay_{n}")),

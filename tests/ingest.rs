@@ -835,7 +835,7 @@ async fn the_database_refuses_a_grant_of_another_business_entitlement() {
         let now = chrono::Utc::now();
         grants::NewGrant {
             business_id: business,
-            brand_id: None,
+            brand_id: "brd_1",
             entitlement_id: entitlement,
             customer_id: "cus_1",
             payment_id: Some("pay_1"),

@@ -106,6 +106,9 @@ struct State {
     reversals: HashMap<Key, Vec<RevocationReason>>,
     /// Customers who linked a Discord account: only their grants can need Discord work.
     linked: HashSet<Key>,
+    /// Each business's most recent brand, for a grant whose event names none: read for
+    /// the businesses of such events, then the brand of each grant the batch makes.
+    brands: HashMap<String, String>,
 }
 
 /// The writes a batch makes, flushed once at the end.
@@ -214,6 +217,9 @@ impl Applier {
             let b = e.business_id.to_string();
             match &e.kind {
                 EventKind::PaymentSucceeded(p) => {
+                    if p.brand_id.is_none() {
+                        keys.brandless.push(b.clone());
+                    }
                     for product in &p.product_ids {
                         keys.products.0.push(b.clone());
                         keys.products.1.push(product.to_string());
@@ -240,6 +246,9 @@ impl Applier {
                     keys.businesses.push(b);
                 }
                 EventKind::Subscription(_, s) => {
+                    if s.brand_id.is_none() {
+                        keys.brandless.push(b.clone());
+                    }
                     keys.products.0.push(b.clone());
                     keys.products.1.push(s.product_id.to_string());
                     sub_b.push(b.clone());
@@ -250,6 +259,8 @@ impl Applier {
         }
         keys.subscriptions = (sub_b.clone(), sub_s.clone());
         keys.customers = customers.into_iter().unzip();
+        keys.brandless.sort();
+        keys.brandless.dedup();
 
         // Ids recorded before this may have been pruned.
         let kept_since = self
@@ -313,6 +324,11 @@ impl Applier {
                 }
                 db::Fact::Linked { business, customer } => {
                     state.linked.insert((business, customer));
+                }
+                db::Fact::Brand { business, brand } => {
+                    if let Some(brand) = brand {
+                        state.brands.insert(business, brand);
+                    }
                 }
             }
         }
@@ -494,10 +510,22 @@ impl Applier {
                     GrantSource::Payment(p) => (Some(p.to_string()), None),
                     GrantSource::Subscription(s) => (None, Some(s.to_string())),
                 };
+                // The platform's events always name a brand, and its grants always have
+                // one; an event without gets the business's most recent brand, or before
+                // any the business's id (a business's default brand on the platform).
+                let brand_id = match brand_id {
+                    Some(x) => x.to_string(),
+                    None => state
+                        .brands
+                        .get(b)
+                        .cloned()
+                        .unwrap_or_else(|| b.to_string()),
+                };
+                state.brands.insert(b.to_string(), brand_id.clone());
                 let grant = Grant {
                     id: GrantId::mint().to_string(),
                     business_id: b.to_string(),
-                    brand_id: brand_id.as_ref().map(|x| x.to_string()),
+                    brand_id,
                     entitlement_id: entitlement_id.to_string(),
                     customer_id: customer_id.to_string(),
                     payment_id,

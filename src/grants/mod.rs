@@ -115,7 +115,7 @@ impl GrantEventType {
 pub struct Grant {
     pub id: String,
     pub business_id: String,
-    pub brand_id: Option<String>,
+    pub brand_id: String,
     pub entitlement_id: String,
     pub customer_id: String,
     pub payment_id: Option<String>,

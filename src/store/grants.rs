@@ -9,7 +9,7 @@ use crate::grants::{Grant, RevocationReason};
 #[derive(Clone, Debug)]
 pub struct NewGrant<'a> {
     pub business_id: &'a str,
-    pub brand_id: Option<&'a str>,
+    pub brand_id: &'a str,
     pub entitlement_id: &'a str,
     pub customer_id: &'a str,
     pub payment_id: Option<&'a str>,
@@ -39,6 +39,22 @@ pub async fn insert(conn: &mut PgConnection, g: NewGrant<'_>) -> Result<Grant, s
     .bind(g.now)
     .fetch_one(conn)
     .await
+}
+
+/// The business's most recent brand: that of its newest grant, or, before it has any,
+/// the business's own id, which on the platform is the id of a business's default brand.
+/// What a product shows, and what a grant gets when its event names no brand.
+pub async fn business_brand(
+    conn: &mut PgConnection,
+    business_id: &str,
+) -> Result<String, sqlx::Error> {
+    let latest: Option<String> = sqlx::query_scalar(
+        "SELECT brand_id FROM grants WHERE business_id = $1 ORDER BY created_at DESC, id DESC LIMIT 1",
+    )
+    .bind(business_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(latest.unwrap_or_else(|| business_id.to_string()))
 }
 
 /// Revokes a live grant; `None` if it was already revoked (or does not exist).

@@ -82,6 +82,8 @@ pub struct FactKeys {
     pub subscriptions: (Vec<String>, Vec<String>),
     /// (business, customer): linked a Discord account?
     pub customers: (Vec<String>, Vec<String>),
+    /// Businesses with an event in the batch that names no brand: their most recent one.
+    pub brandless: Vec<String>,
 }
 
 /// A subscription's last applied event, as its snapshot records it.
@@ -129,6 +131,11 @@ pub enum Fact {
     LastApplied(LastApplied),
     /// This customer has linked a Discord account.
     Linked { business: String, customer: String },
+    /// The brand of the business's newest grant; `None` before it has any.
+    Brand {
+        business: String,
+        brand: Option<String>,
+    },
 }
 
 /// The row every part of [`FACTS`] returns: `kind` says what the other columns hold.
@@ -179,7 +186,11 @@ const FACTS: &str = "
     SELECT 'l', business_id, customer_id, NULL, NULL, NULL, NULL, NULL
     FROM discord_links
     WHERE customer_id = ANY($9)
-      AND (business_id, customer_id) IN (SELECT * FROM unnest($8::text[], $9::text[]))";
+      AND (business_id, customer_id) IN (SELECT * FROM unnest($8::text[], $9::text[]))
+    UNION ALL
+    SELECT 'd', b, (SELECT brand_id FROM grants WHERE business_id = b
+                    ORDER BY created_at DESC, id DESC LIMIT 1), NULL, NULL, NULL, NULL, NULL
+    FROM unnest($11::text[]) AS b";
 
 /// Reads the facts of a batch's keys, in one statement. Product entitlements come in
 /// attachment order per (business, product), reversals oldest first per payment.
@@ -195,6 +206,7 @@ pub async fn facts(conn: &mut PgConnection, keys: &FactKeys) -> Result<Vec<Fact>
         .bind(&keys.customers.0)
         .bind(&keys.customers.1)
         .bind(&keys.subscriptions.1)
+        .bind(&keys.brandless)
         .fetch_all(conn)
         .await?;
     let mut out = rows
@@ -274,6 +286,10 @@ impl FactRow {
             "l" => Fact::Linked {
                 business: a,
                 customer: b.ok_or_else(|| bad("no customer"))?,
+            },
+            "d" => Fact::Brand {
+                business: a,
+                brand: b,
             },
             _ => return Err(bad("unknown kind")),
         })
@@ -412,7 +428,7 @@ pub async fn write_batch(conn: &mut PgConnection, rows: &BatchRows<'_>) -> Resul
     sqlx::query(sql)
         .bind(col(g, |g| g.id.as_str()))
         .bind(col(g, |g| g.business_id.as_str()))
-        .bind(col(g, |g| g.brand_id.as_deref()))
+        .bind(col(g, |g| g.brand_id.as_str()))
         .bind(col(g, |g| g.entitlement_id.as_str()))
         .bind(col(g, |g| g.customer_id.as_str()))
         .bind(col(g, |g| g.payment_id.as_deref()))
