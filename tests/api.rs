@@ -808,6 +808,19 @@ async fn one_business_never_sees_or_changes_anothers_objects() {
         a.get("/customers/cus_b/entitlement-grants").await.1["items"],
         json!([])
     );
+    assert_eq!(
+        a.get("/customers/cus_b/entitlements").await.1["items"],
+        json!([])
+    );
+    let (s, v) = a.get("/products/pdt_b").await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
+    let (s, v) = a
+        .patch(
+            "/products/pdt_b",
+            json!({"entitlements": [{"entitlement_id": id}]}),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
     assert_eq!(a.get("/discord/guilds").await.1["items"], json!([]));
     assert_eq!(a.get("/webhooks").await.1["data"], json!([]));
     // A cannot build on B's server either.
@@ -820,6 +833,14 @@ async fn one_business_never_sees_or_changes_anothers_objects() {
     // B's objects are untouched.
     let (_, still) = b.get(&format!("/entitlements/{id}/grants/{gid}")).await;
     assert_eq!(still["status"], "Pending");
+    assert_eq!(
+        b.get("/products/pdt_b").await.1["entitlements"][0]["id"],
+        id
+    );
+    assert_eq!(
+        b.get("/customers/cus_b/entitlements").await.1["items"][0]["grant_id"],
+        gid
+    );
     assert_eq!(
         b.get(&format!("/entitlements/{id}")).await.1["name"],
         "Patrons Discord Role"
@@ -1666,11 +1687,14 @@ async fn openapi_documents_exactly_the_real_routes() {
         "DELETE /entitlements/{id}",
         "PUT /products/{product_id}/entitlements",
         "GET /products/{product_id}/entitlements",
+        "GET /products/{product_id}",
+        "PATCH /products/{product_id}",
         "GET /entitlements/{id}/grants",
         "GET /entitlements/{id}/grants/{grant_id}",
         "DELETE /entitlements/{id}/grants/{grant_id}",
         "GET /entitlements/{id}/grants/{grant_id}/history",
         "GET /customers/{customer_id}/entitlement-grants",
+        "GET /customers/{customer_id}/entitlements",
         "GET /discord/install-url",
         "GET /discord/bot/callback",
         "GET /discord/guilds",
@@ -2546,5 +2570,337 @@ async fn a_grants_history_and_an_accounts_access_explain_themselves() {
         ))
         .await;
     assert_eq!((s, v["code"].as_str()), (422, Some("invalid_field")), "{v}");
+    w.stop().await;
+}
+
+/// The platform's SDK reads a product with `products.retrieve` and sets its
+/// entitlements with `products.update(id, entitlements=[…])`: `GET`/`PATCH
+/// /products/{id}`, which share `PUT /products/{id}/entitlements`'s list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn products_read_and_update_as_the_platforms_sdk_calls_them() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let other = client(&w, "bus_B").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let e1 = create_entitlement(&c, g.guild_id, None).await;
+    let e2 = create_entitlement(&c, g.guild_id, Some(g.role("Patrons"))).await;
+    let (id1, id2) = (e1["id"].as_str().unwrap(), e2["id"].as_str().unwrap());
+
+    // Never seen: 404 in the error shape.
+    let (s, v) = c.get("/products/pdt_new").await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
+
+    // PATCH with entitlements creates the association, answering no body.
+    let (s, v) = c
+        .patch(
+            "/products/pdt_new",
+            json!({"name": "Gold", "price": {"type": "one_time_price", "price": 500, "currency": "USD"},
+                   "entitlements": [{"entitlement_id": id2}, {"entitlement_id": id1}]}),
+        )
+        .await;
+    assert_eq!((s, &v), (200, &Value::Null));
+    let (s, p) = c.get("/products/pdt_new").await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(p["product_id"], "pdt_new");
+    assert_eq!(p["business_id"], "bus_A");
+    // No grant yet names a brand: the business's default brand, whose id is its own.
+    assert_eq!(p["brand_id"], "bus_A");
+    // What guildgate does not know is absent, not null or invented.
+    for absent in [
+        "price",
+        "name",
+        "tax_category",
+        "is_recurring",
+        "created_at",
+    ] {
+        assert!(p.get(absent).is_none(), "{absent} in {p}");
+    }
+    let summary = &p["entitlements"][0];
+    assert_eq!(
+        keys(summary),
+        [
+            "description",
+            "id",
+            "integration_config",
+            "integration_type",
+            "name"
+        ]
+    );
+    assert_eq!(summary["id"], id2);
+    assert_eq!(summary["integration_type"], "discord");
+    assert_eq!(
+        summary["integration_config"]["role_id"],
+        g.role("Patrons").to_string()
+    );
+    assert_eq!(p["entitlements"][1]["id"], id1);
+    // The same list as guildgate's own route, both ways.
+    let listed = c.get("/products/pdt_new/entitlements").await.1;
+    assert_eq!(listed["items"][0]["id"], id2);
+    c.put(
+        "/products/pdt_new/entitlements",
+        json!({"entitlements": [{"entitlement_id": id1}]}),
+    )
+    .await;
+    let p = c.get("/products/pdt_new").await.1;
+    assert_eq!(p["entitlements"].as_array().unwrap().len(), 1);
+    assert_eq!(p["entitlements"][0]["id"], id1);
+
+    // The platform's other fields change nothing; refused lists change nothing.
+    let (s, _) = c
+        .patch(
+            "/products/pdt_new",
+            json!({"name": "Platinum", "entitlements": null}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    for bad in [
+        json!({"entitlements": [{"entitlement_id": id1}, {"entitlement_id": id1}]}),
+        json!({"entitlements": [{"entitlement_id": "ent_missing"}]}),
+        json!({"entitlements": "x"}),
+    ] {
+        let (s, v) = c.patch("/products/pdt_new", bad.clone()).await;
+        assert_eq!(s, 422, "{bad}: {v}");
+    }
+    assert_eq!(
+        c.get("/products/pdt_new").await.1["entitlements"][0]["id"],
+        id1
+    );
+
+    // Another business sees nothing of it, and cannot attach this one's entitlements.
+    let (s, v) = other.get("/products/pdt_new").await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")));
+    let (s, _) = other
+        .patch(
+            "/products/pdt_new",
+            json!({"entitlements": [{"entitlement_id": id1}]}),
+        )
+        .await;
+    assert_eq!(s, 422);
+    assert_eq!(other.get("/products/pdt_new").await.0, 404);
+
+    // A grant's brand becomes the business's most recent one.
+    w.app
+        .publish(
+            &payment("bus_A", "pay_1", "cus_1", &["pdt_new"], T0),
+            "evt_1",
+        )
+        .await;
+    w.app.wait_processed(1).await;
+    assert_eq!(c.get("/products/pdt_new").await.1["brand_id"], "brd_3hQp");
+
+    // `[]` detaches everything: the product is unknown again.
+    let (s, _) = c
+        .patch("/products/pdt_new", json!({"entitlements": []}))
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(c.get("/products/pdt_new").await.0, 404);
+    w.stop().await;
+}
+
+/// `customers.list_entitlements(customer_id)`: what a customer holds through live
+/// grants, in the SDK's `CustomerListEntitlementsResponse` shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customers_entitlements_are_its_live_grants_in_the_sdks_shape() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let other = client(&w, "bus_B").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let e1 = create_entitlement(&c, g.guild_id, None).await;
+    let (s, e2) = c
+        .post(
+            "/entitlements",
+            json!({"name": "Gold role", "description": "The gold role",
+                   "integration_type": "discord",
+                   "integration_config": {"guild_id": g.guild_id.to_string(), "role_id": g.role("Patrons").to_string()}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{e2}");
+    let (id1, id2) = (e1["id"].as_str().unwrap(), e2["id"].as_str().unwrap());
+    c.put(
+        "/products/pdt_1/entitlements",
+        json!({"entitlements": [{"entitlement_id": id1}, {"entitlement_id": id2}]}),
+    )
+    .await;
+    assert_eq!(
+        c.get("/customers/cus_1/entitlements").await.1,
+        json!({"items": []})
+    );
+    w.app
+        .publish(&payment("bus_A", "pay_1", "cus_1", &["pdt_1"], T0), "evt_1")
+        .await;
+    w.app
+        .publish(&payment("bus_A", "pay_2", "cus_2", &["pdt_1"], T0), "evt_2")
+        .await;
+    w.app.wait_processed(2).await;
+
+    let (s, v) = c.get("/customers/cus_1/entitlements").await;
+    assert_eq!(s, 200, "{v}");
+    let items = v["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{v}");
+    let gold = items.iter().find(|i| i["entitlement_id"] == id2).unwrap();
+    assert_eq!(
+        keys(gold),
+        [
+            "created_at",
+            "delivered_at",
+            "entitlement_description",
+            "entitlement_id",
+            "entitlement_name",
+            "grant_id",
+            "integration_type",
+            "revoked_at",
+            "status",
+            "updated_at"
+        ]
+    );
+    assert_eq!(gold["entitlement_name"], "Gold role");
+    assert_eq!(gold["entitlement_description"], "The gold role");
+    assert_eq!(gold["integration_type"], "discord");
+    // Lower case here, as the platform writes this list.
+    assert_eq!(gold["status"], "pending");
+    let grant = c
+        .get(&format!("/entitlements/{id2}/grants?customer_id=cus_1"))
+        .await
+        .1["items"][0]
+        .clone();
+    assert_eq!(gold["grant_id"], grant["id"]);
+    assert_eq!(gold["created_at"], grant["created_at"]);
+
+    // A revoked grant is no longer held.
+    let gid = grant["id"].as_str().unwrap();
+    let (s, _) = c.delete(&format!("/entitlements/{id2}/grants/{gid}")).await;
+    assert_eq!(s, 200);
+    let v = c.get("/customers/cus_1/entitlements").await.1;
+    let held: Vec<&str> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["entitlement_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(held, [id1]);
+
+    // Tenant-isolated: another business's customer of the same id holds nothing here.
+    assert_eq!(
+        other.get("/customers/cus_1/entitlements").await.1,
+        json!({"items": []})
+    );
+    let (s, v) = c.get("/customers/%20/entitlements").await;
+    assert_eq!((s, v["code"].as_str()), (422, Some("invalid_field")), "{v}");
+    w.stop().await;
+}
+
+/// `customers.list_entitlement_grants(…, integration_type=…)`: `discord` is every grant,
+/// the platform's other types none, anything else a 422.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customers_grants_filter_by_integration_type() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let e = create_entitlement(&c, g.guild_id, None).await;
+    c.put(
+        "/products/pdt_1/entitlements",
+        json!({"entitlements": [{"entitlement_id": e["id"]}]}),
+    )
+    .await;
+    w.app
+        .publish(&payment("bus_A", "pay_1", "cus_1", &["pdt_1"], T0), "evt_1")
+        .await;
+    w.app.wait_processed(1).await;
+    let path = "/customers/cus_1/entitlement-grants";
+    let count = |v: &Value| v["items"].as_array().unwrap().len();
+    assert_eq!(count(&c.get(path).await.1), 1);
+    let (s, v) = c.get(&format!("{path}?integration_type=discord")).await;
+    assert_eq!((s, count(&v)), (200, 1), "{v}");
+    for other in [
+        "telegram",
+        "github",
+        "figma",
+        "framer",
+        "notion",
+        "digital_files",
+        "license_key",
+        "feature_flag",
+    ] {
+        let (s, v) = c.get(&format!("{path}?integration_type={other}")).await;
+        assert_eq!((s, &v), (200, &json!({"items": []})), "{other}");
+    }
+    for bad in ["Discord", "slack", ""] {
+        let (s, v) = c.get(&format!("{path}?integration_type={bad}")).await;
+        assert_eq!(s, 422, "{bad:?}: {v}");
+        assert_eq!(v["code"], "invalid_query", "{bad:?}");
+        assert!(
+            v["message"].as_str().unwrap().contains("integration_type"),
+            "{v}"
+        );
+    }
+    w.stop().await;
+}
+
+/// Every grant has `feature` (null) where the platform's JSON has it, in the API and in
+/// webhooks, and a brand: its event's, else the business's most recent, else the
+/// business's default brand (its own id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_always_have_a_brand_and_a_null_feature() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let e = create_entitlement(&c, g.guild_id, None).await;
+    let id = e["id"].as_str().unwrap();
+    c.put(
+        "/products/pdt_1/entitlements",
+        json!({"entitlements": [{"entitlement_id": id}]}),
+    )
+    .await;
+    let hook = Receiver::start().await;
+    let (s, ep) = c.post("/webhooks", json!({"url": hook.url})).await;
+    assert_eq!(s, 201, "{ep}");
+    let brandless = |pay: &str, cus: &str| {
+        let mut ev = payment("bus_A", pay, cus, &["pdt_1"], T0);
+        ev["data"].as_object_mut().unwrap().remove("brand_id");
+        ev
+    };
+    let grant_of = |cus: &'static str| {
+        let c = c.clone();
+        async move {
+            c.get(&format!("/entitlements/{id}/grants?customer_id={cus}"))
+                .await
+                .1["items"][0]
+                .clone()
+        }
+    };
+
+    w.app.publish(&brandless("pay_1", "cus_1"), "evt_1").await;
+    w.app.wait_processed(1).await;
+    assert_eq!(grant_of("cus_1").await["brand_id"], "bus_A");
+    w.app
+        .publish(&payment("bus_A", "pay_2", "cus_2", &["pdt_1"], T0), "evt_2")
+        .await;
+    w.app.wait_processed(2).await;
+    assert_eq!(grant_of("cus_2").await["brand_id"], "brd_3hQp");
+    w.app.publish(&brandless("pay_3", "cus_3"), "evt_3").await;
+    w.app.wait_processed(3).await;
+    let third = grant_of("cus_3").await;
+    assert_eq!(third["brand_id"], "brd_3hQp");
+
+    // The platform's key order, `feature` included, in the API and in webhooks.
+    let order = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(order(&third), order(&fixture("grant.json")));
+    assert_eq!(third["feature"], Value::Null);
+    let listed = c.get("/customers/cus_3/entitlement-grants").await.1;
+    assert_eq!(order(&listed["items"][0]), order(&fixture("grant.json")));
+    let body = hook
+        .wait_type(third["id"].as_str().unwrap(), "entitlement_grant.created")
+        .await;
+    let want: Value = serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/contract/webhooks/entitlement_grant.created.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(order(&body["data"]), order(&want["data"]));
+    assert_eq!(body["data"]["feature"], Value::Null);
+    assert_eq!(body["data"]["brand_id"], "brd_3hQp");
     w.stop().await;
 }

@@ -144,6 +144,11 @@ const DEPENDS_ON_STATE: &[(&str, &str, &str)] = &[
         "each entitlement listed must exist, be this business's and be listed once",
     ),
     (
+        "PATCH /products/{product_id}",
+        "422",
+        "each entitlement listed must exist, be this business's and be listed once",
+    ),
+    (
         "GET /webhooks",
         "422",
         "an `iterator` must be one a previous page returned (it is opaque: any other string is refused)",
@@ -184,6 +189,12 @@ const SEEDED_IDS: &[(&str, &[(&str, &str)])] = &[
         "GET /customers/{customer_id}/entitlement-grants",
         &[("customer_id", "customer")],
     ),
+    (
+        "GET /customers/{customer_id}/entitlements",
+        &[("customer_id", "customer")],
+    ),
+    ("GET /products/{product_id}", &[("product_id", "product")]),
+    ("PATCH /products/{product_id}", &[("product_id", "product")]),
     (
         "GET /products/{product_id}/entitlements",
         &[("product_id", "product")],

@@ -19,7 +19,7 @@ use super::{Items, page};
 use crate::events::apply::emit;
 use crate::grants::history::{self, Entry};
 use crate::grants::link::LinkBuilder;
-use crate::grants::render::grant_object;
+use crate::grants::render::{grant_object, ts};
 use crate::grants::{Grant, GrantEventType, GrantStatus, RevocationReason};
 use crate::http::AppState;
 use crate::http::oauth::renew_link;
@@ -32,7 +32,7 @@ use crate::store::grants as grant_store;
 pub struct GrantView {
     pub id: String,
     pub business_id: String,
-    pub brand_id: Option<String>,
+    pub brand_id: String,
     pub entitlement_id: String,
     pub customer_id: String,
     pub payment_id: Option<String>,
@@ -47,6 +47,9 @@ pub struct GrantView {
     /// Always null for Discord.
     #[schema(value_type = Option<String>)]
     pub digital_product_delivery: Option<()>,
+    /// Always null for Discord (the platform fills it for `feature_flag` only).
+    #[schema(value_type = Option<Object>)]
+    pub feature: Option<()>,
     pub delivered_at: Option<String>,
     pub revoked_at: Option<String>,
     /// `manual`, `refund`, `subscription_cancelled`, …
@@ -217,12 +220,34 @@ pub async fn revoke(
     Ok(ApiJson(grant_object(&g, &state.links)))
 }
 
+/// The platform's integration types, as its SDKs send them in `integration_type`. Only
+/// `discord` exists in guildgate; the others are known so that a filter on them answers
+/// an empty page, as the platform does for a business without such grants, rather than
+/// an error an SDK's own type check would not expect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IntegrationType {
+    Discord,
+    Telegram,
+    Github,
+    Figma,
+    Framer,
+    Notion,
+    DigitalFiles,
+    LicenseKey,
+    FeatureFlag,
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct CustomerGrantsQuery {
     /// `Pending`, `Delivered`, `Failed` or `Revoked`.
     #[param(pattern = "^(Pending|Delivered|Failed|Revoked)$")]
     pub status: Option<String>,
+    /// Only grants of this integration type: every grant for `discord`, none for the
+    /// platform's other types; any other value is refused (`invalid_query`).
+    #[param(inline)]
+    pub integration_type: Option<IntegrationType>,
     /// 1 to 100, default 10.
     pub page_size: Option<u32>,
     /// 0-based.
@@ -243,6 +268,11 @@ pub async fn of_customer(
     let p = page(q.page_size, q.page_number)?;
     let st = status(q.status)?;
     let customer = CustomerId::parse(customer_id).map_err(|e| ApiError::field("customer_id", e))?;
+    if q.integration_type
+        .is_some_and(|t| t != IntegrationType::Discord)
+    {
+        return Ok(ApiJson(Items { items: Vec::new() }));
+    }
     let mut conn = state.pool.acquire().await?;
     let rows = db::of_customer(
         &mut conn,
@@ -254,4 +284,60 @@ pub async fn of_customer(
     .await?;
     let items = render(&mut conn, &state.links, rows, Utc::now()).await?;
     Ok(ApiJson(Items { items }))
+}
+
+/// An entitlement a customer holds, one per live grant, as the platform's SDKs read it
+/// (`CustomerListEntitlementsResponse`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CustomerEntitlement {
+    pub grant_id: String,
+    pub entitlement_id: String,
+    pub entitlement_name: String,
+    pub entitlement_description: Option<String>,
+    /// Always `discord`.
+    pub integration_type: String,
+    /// `pending`, `delivered` or `failed`: lower case here, as the platform writes it in
+    /// this list (grants themselves say `Pending`, …). Revoked grants are not listed.
+    pub status: String,
+    pub delivered_at: Option<String>,
+    /// Always null: revoked grants are not listed.
+    pub revoked_at: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<db::Held> for CustomerEntitlement {
+    fn from(h: db::Held) -> Self {
+        Self {
+            grant_id: h.grant_id,
+            entitlement_id: h.entitlement_id,
+            entitlement_name: h.entitlement_name,
+            entitlement_description: h.entitlement_description,
+            integration_type: h.integration_type,
+            status: h.status.to_lowercase(),
+            delivered_at: h.delivered_at.map(ts),
+            revoked_at: h.revoked_at.map(ts),
+            created_at: ts(h.created_at),
+            updated_at: ts(h.updated_at),
+        }
+    }
+}
+
+/// The entitlements a customer holds: one item per live grant (pending, delivered or
+/// failed and awaiting a retry), newest first, unpaginated as on the platform.
+#[utoipa::path(get, path = "/customers/{customer_id}/entitlements", tag = "grants",
+    params(("customer_id" = String, Path, description = "The platform's customer id", pattern = r"^[A-Za-z0-9_.:-]{1,128}$")),
+    responses((status = 200, body = Items<CustomerEntitlement>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn entitlements_of_customer(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path(customer_id): Path<String>,
+) -> ApiResult<ApiJson<Items<CustomerEntitlement>>> {
+    let customer = CustomerId::parse(customer_id).map_err(|e| ApiError::field("customer_id", e))?;
+    let mut conn = state.pool.acquire().await?;
+    let rows = db::held_by_customer(&mut conn, merchant.business(), customer.as_str()).await?;
+    Ok(ApiJson(Items {
+        items: rows.into_iter().map(CustomerEntitlement::from).collect(),
+    }))
 }

@@ -336,10 +336,12 @@ fn documented() -> OpenApiRouter<AppState> {
             entitlements::delete
         ))
         .routes(routes!(products::put, products::get))
+        .routes(routes!(products::retrieve, products::update))
         .routes(routes!(grants::of_entitlement))
         .routes(routes!(grants::get, grants::revoke))
         .routes(routes!(grants::history))
         .routes(routes!(grants::of_customer))
+        .routes(routes!(grants::entitlements_of_customer))
         .routes(routes!(discord::install_url))
         .routes(routes!(discord::bot_callback))
         .routes(routes!(discord::guilds))

@@ -1,5 +1,6 @@
 //! SQL of grants as the merchant API lists them: one business's, filtered, paginated.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::Page;
@@ -71,4 +72,41 @@ pub async fn get(
         .bind(grant_id)
         .fetch_optional(conn)
         .await
+}
+
+/// A live grant of a customer with its entitlement's name and description, as
+/// `GET /customers/{customer_id}/entitlements` lists it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Held {
+    pub grant_id: String,
+    pub entitlement_id: String,
+    pub entitlement_name: String,
+    pub entitlement_description: Option<String>,
+    pub integration_type: String,
+    pub status: String,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A customer's live (unrevoked) grants of a business, newest first, each with its
+/// entitlement, a deleted one's included (its grants outlive it until revoked).
+pub async fn held_by_customer(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+) -> Result<Vec<Held>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT g.id AS grant_id, g.entitlement_id, e.name AS entitlement_name,
+                e.description AS entitlement_description, e.integration_type, g.status,
+                g.delivered_at, g.revoked_at, g.created_at, g.updated_at
+         FROM grants g JOIN entitlements e ON e.id = g.entitlement_id
+         WHERE g.business_id = $1 AND g.customer_id = $2 AND g.status <> 'Revoked'
+         ORDER BY g.created_at DESC, g.id DESC",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .fetch_all(conn)
+    .await
 }
