@@ -123,7 +123,22 @@ async fn processes_on_one_bot_share_its_global_limit() {
         .map(|r| r.at)
         .collect();
     bot.sort();
-    let busiest = bot
+    // Discord's global window is a second from the first request it counts; the next
+    // starts with the first request after it. The most any such window held:
+    let mut busiest = 0;
+    let mut i = 0;
+    while i < bot.len() {
+        let n = bot[i..]
+            .iter()
+            .take_while(|u| **u - bot[i] < Duration::from_secs(1))
+            .count();
+        busiest = busiest.max(n);
+        i += n;
+    }
+    // The most any second held, wherever it starts. Stricter than Discord, and noisy:
+    // the sandbox stamps a burst's requests one after another as its one thread gets to
+    // them, so it is printed, not asserted.
+    let sliding = bot
         .iter()
         .enumerate()
         .map(|(i, t)| {
@@ -140,13 +155,16 @@ async fn processes_on_one_bot_share_its_global_limit() {
         &[],
     );
     eprintln!(
-        "{} bot requests ({synced} by the syncer), at most {busiest} in any second, {} global 429s",
+        "{} bot requests ({synced} by the syncer), at most {busiest} in any of Discord's windows ({sliding} in any sliding second), {} global 429s",
         bot.len(),
         stats.global_rate_limited
     );
     assert_eq!(stats.global_rate_limited, 0, "{stats:?}");
     assert_eq!(stats.global_violations, 0, "{stats:?}");
-    assert!(busiest <= 50, "{busiest} bot requests in one second");
+    assert!(
+        busiest <= 50,
+        "{busiest} bot requests in one of Discord's windows"
+    );
     assert!(
         bot.len() > 100,
         "the clients did call Discord: {}",

@@ -47,9 +47,7 @@ pub const DISCORD_GLOBAL_PER_S: u32 = 50;
 /// Slack added to every sliding window: covers the jitter between our send time and
 /// Discord's arrival time, so a window that held `limit` sends here never holds more
 /// than `limit` arrivals there.
-/// 50 ms: a loaded machine (or a busy runtime) can send the last requests of a full
-/// window tens of milliseconds after their slots were taken.
-pub const WINDOW_MARGIN: Duration = Duration::from_millis(50);
+pub const WINDOW_MARGIN: Duration = Duration::from_millis(25);
 
 /// At most `limit` acquisitions in any `period + WINDOW_MARGIN`, first come first
 /// served, and nothing at all while blocked by a global 429.
