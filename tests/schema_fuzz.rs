@@ -13,117 +13,34 @@
 mod common;
 #[path = "common/discord.rs"]
 mod discord_world;
+#[path = "common/python.rs"]
+mod python;
+#[path = "common/seed.rs"]
+mod seed;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use discord_world::World;
 use guildgate::ids::BusinessId;
+use python::{TMP, Tool};
 use reqwest::Method;
-use sandbox_discord::{Consent, SandboxConfig};
 use secrecy::ExposeSecret;
+use seed::{Endpoint, Seeded, seeded};
 use serde_json::{Value, json};
 
-/// Every Python package of the fuzzer, pinned.
-const REQUIREMENTS: &str = include_str!("schemathesis/requirements.txt");
-/// Where this test keeps what it makes: the virtualenv, the reports.
-const TMP: &str = env!("CARGO_TARGET_TMPDIR");
+/// The fuzzer's CLI and every Python package it imports, pinned.
+const SCHEMATHESIS: Tool = Tool {
+    env_var: "GUILDGATE_SCHEMATHESIS",
+    requirements_path: "tests/schemathesis/requirements.txt",
+    requirements: include_str!("schemathesis/requirements.txt"),
+    package: "schemathesis",
+    program: "schemathesis",
+    // `schemathesis, version 4.32.5`
+    version_args: &["--version"],
+};
 /// Far beyond a run's 10 to 20 s, even on a busy machine.
 const RUN_DEADLINE: Duration = Duration::from_secs(600);
-
-/// The pinned Schemathesis version.
-fn pinned() -> &'static str {
-    REQUIREMENTS
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("schemathesis=="))
-        .expect("tests/schemathesis/requirements.txt pins schemathesis")
-}
-
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {shown}: {e}"))?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(format!("{shown} failed ({}):\n{text}", out.status))
-    }
-}
-
-/// The version a Schemathesis CLI reports (`schemathesis, version 4.32.5`).
-fn version_of(cli: &Path) -> Result<String, String> {
-    let out = run(Command::new(cli).arg("--version"))?;
-    out.split_whitespace()
-        .last()
-        .map(str::to_string)
-        .ok_or_else(|| format!("{} --version said nothing", cli.display()))
-}
-
-/// The Schemathesis CLI to use, of the pinned version.
-fn schemathesis() -> PathBuf {
-    // Tests of this file may ask at once; one of them installs.
-    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    let want = pinned();
-    let help = format!(
-        "Set GUILDGATE_SCHEMATHESIS to a Schemathesis {want} CLI (pip install -r \
-         tests/schemathesis/requirements.txt into a virtualenv; .ci/run does), or make \
-         python3 with venv and PyPI reachable so that this test installs it (docs/testing.md)."
-    );
-    if let Some(cli) = std::env::var_os("GUILDGATE_SCHEMATHESIS") {
-        let cli = PathBuf::from(cli);
-        match version_of(&cli) {
-            Ok(v) if v == want => return cli,
-            Ok(v) => panic!(
-                "GUILDGATE_SCHEMATHESIS={} is Schemathesis {v}, not the pinned {want}. {help}",
-                cli.display()
-            ),
-            Err(e) => panic!("GUILDGATE_SCHEMATHESIS is not usable: {e}. {help}"),
-        }
-    }
-    let venv = Path::new(TMP).join(format!("schemathesis-{want}"));
-    let cli = venv.join("bin").join("schemathesis");
-    // Written last: a virtualenv without it (an interrupted install) is made again.
-    let installed = venv.join("guildgate-requirements.txt");
-    if std::fs::read_to_string(&installed).is_ok_and(|r| r == REQUIREMENTS)
-        && version_of(&cli).is_ok_and(|v| v == want)
-    {
-        return cli;
-    }
-    let _ = std::fs::remove_dir_all(&venv);
-    let requirements = Path::new(TMP).join("schemathesis-requirements.txt");
-    let made = std::fs::write(&requirements, REQUIREMENTS)
-        .map_err(|e| format!("cannot write {}: {e}", requirements.display()))
-        .and_then(|_| run(Command::new("python3").args(["-m", "venv"]).arg(&venv)))
-        .and_then(|_| {
-            run(Command::new(venv.join("bin").join("pip"))
-                .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
-                .arg(&requirements))
-        })
-        .and_then(|_| version_of(&cli))
-        .and_then(|v| {
-            if v == want {
-                Ok(())
-            } else {
-                Err(format!("installed Schemathesis {v}, not {want}"))
-            }
-        })
-        .and_then(|_| {
-            std::fs::write(&installed, REQUIREMENTS)
-                .map_err(|e| format!("cannot write {}: {e}", installed.display()))
-        });
-    if let Err(e) = made {
-        panic!("Schemathesis {want} is needed and could not be installed: {e}\n{help}");
-    }
-    cli
-}
 
 /// What the default `positive_data_acceptance` check allows a schema-valid request.
 const ACCEPTED: &[&str] = &["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"];
@@ -268,144 +185,6 @@ fn config(ids: &[(&str, String)]) -> String {
     toml
 }
 
-/// A running guildgate with one of everything the API shows, and what a run needs.
-struct Seeded {
-    world: World,
-    key: String,
-    /// Kind of object → the seeded one's id (see [`SEEDED_IDS`]).
-    ids: Vec<(&'static str, String)>,
-}
-
-/// A guildgate whose business has a connected server, an entitlement attached to a
-/// product, a customer's grant of it, and a webhook endpoint with the message of that
-/// grant (failed: the endpoint is not reachable), so that lists answer real objects and
-/// operations on one object can be given real ids.
-async fn seeded() -> Seeded {
-    let w = World::start_with(
-        SandboxConfig::default(),
-        common::TestConfig::default()
-            // Far above what the fuzzer sends: a 429 is documented, but would answer in
-            // place of the handler the request was generated for.
-            .env("GUILDGATE_API__REQUESTS_PER_SECOND", "1000000")
-            .env("GUILDGATE_API__BURST", "1000000")
-            // Webhook URLs are checked as in production.
-            .env("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "false"),
-    )
-    .await;
-    let business = w.app.business();
-    let key = {
-        let mut conn = w.app.pool.acquire().await.unwrap();
-        let (_, key) = guildgate::api::auth::create_api_key(
-            &mut conn,
-            &BusinessId::parse(business.clone()).unwrap(),
-            Some("schema fuzz"),
-        )
-        .await
-        .unwrap();
-        key.expose_secret().to_string()
-    };
-    let base = format!("http://{}", w.app.addr);
-    let call = |method: Method, path: &str, body: Option<Value>| {
-        let mut req = w
-            .http
-            .request(method, format!("{base}{path}"))
-            .bearer_auth(&key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        async move {
-            let r = req.send().await.expect("guildgate answers");
-            (
-                r.status().as_u16(),
-                r.json::<Value>().await.unwrap_or(Value::Null),
-            )
-        }
-    };
-    // A server connected through the real install flow.
-    let g = w.guild("Acme");
-    let (s, v) = call(Method::GET, "/discord/install-url", None).await;
-    assert_eq!(s, 200, "{v}");
-    let callback = w
-        .sandbox
-        .consent(
-            v["url"].as_str().unwrap(),
-            g.owner_id,
-            Consent::InstallBot {
-                guild_id: g.guild_id,
-            },
-        )
-        .await
-        .expect("consent page works");
-    let (s, page) = w.get(&callback).await;
-    assert_eq!(s, 200, "{page}");
-    let (s, e) = call(
-        Method::POST,
-        "/entitlements",
-        Some(json!({
-            "name": "Patrons Discord Role",
-            "integration_type": "discord",
-            "integration_config": {"guild_id": g.guild_id.to_string(), "role_id": g.role("Patrons").to_string()},
-            "metadata": {"tier": "gold"},
-        })),
-    )
-    .await;
-    assert_eq!(s, 201, "{e}");
-    let entitlement = e["id"].as_str().unwrap().to_string();
-    let (s, v) = call(
-        Method::PUT,
-        "/products/pdt_fuzz/entitlements",
-        Some(json!({"entitlements": [{"entitlement_id": entitlement}]})),
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
-    // Private addresses are refused at delivery: the grant's message fails.
-    common::add_webhook_endpoint(
-        &w.app.pool,
-        &business,
-        "https://127.0.0.1:9/guildgate".into(),
-        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-    )
-    .await;
-    let (_, v) = call(Method::GET, "/webhooks", None).await;
-    let endpoint = v["data"][0]["id"].as_str().unwrap().to_string();
-    w.app
-        .publish(
-            &common::events::payment(
-                &business,
-                "pay_fuzz",
-                "cus_fuzz",
-                &["pdt_fuzz"],
-                "2026-05-01T10:31:00Z",
-            ),
-            "evt_fuzz",
-        )
-        .await;
-    let grant = w.grant_of("cus_fuzz").await.id;
-    let message = common::wait_for("the grant's webhook message to fail", || {
-        let path = format!("/webhooks/{endpoint}/messages");
-        let call = &call;
-        async move {
-            let (_, v) = call(Method::GET, &path, None).await;
-            let m = &v["items"][0];
-            (m["status"] == "failed").then(|| m["id"].as_str().unwrap().to_string())
-        }
-    })
-    .await;
-    Seeded {
-        world: w,
-        key,
-        ids: vec![
-            ("entitlement", entitlement),
-            ("grant", grant),
-            ("customer", "cus_fuzz".into()),
-            ("product", "pdt_fuzz".into()),
-            ("guild", g.guild_id.to_string()),
-            ("endpoint", endpoint),
-            ("message", message),
-        ],
-    }
-}
-
 /// `name` from the environment as a number, else `default`.
 fn number_from_env(name: &str, default: u64) -> String {
     match std::env::var(name) {
@@ -420,8 +199,8 @@ fn number_from_env(name: &str, default: u64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_keeps_to_its_openapi_document_under_a_schema_fuzzer() {
-    let cli = schemathesis();
-    let Seeded { world: w, key, ids } = seeded().await;
+    let cli = SCHEMATHESIS.program();
+    let Seeded { world: w, key, ids } = seeded(Endpoint::Unreachable).await;
     // Every operation the configuration names is one of the document's: a renamed
     // route would otherwise drop its exception or its ids without a word.
     let doc: Value = w
@@ -528,7 +307,7 @@ async fn the_api_keeps_to_its_openapi_document_under_a_schema_fuzzer() {
 /// operations it says need none do not ask for one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_protected_operation_answers_401_without_a_valid_key() {
-    let Seeded { world: w, ids, .. } = seeded().await;
+    let Seeded { world: w, ids, .. } = seeded(Endpoint::Unreachable).await;
     let base = format!("http://{}", w.app.addr);
     let (s, doc) = {
         let r = w
