@@ -115,18 +115,6 @@ impl LinkRow {
     }
 }
 
-/// A live grant and what it applied (or is applying) in Discord.
-#[derive(Clone, Debug, sqlx::FromRow)]
-pub struct Holding {
-    pub id: String,
-    pub applied_user_id: Option<String>,
-    pub applied_guild_id: Option<String>,
-    pub applied_role_id: Option<String>,
-    pub intent_user_id: Option<String>,
-    pub intent_guild_id: Option<String>,
-    pub intent_role_id: Option<String>,
-}
-
 /// The linked account of a customer of a business.
 pub async fn link_of(
     conn: &mut PgConnection,
@@ -213,12 +201,10 @@ pub async fn other_holders(
     conn: &mut PgConnection,
     accounts: &[(String, String)],
     except_grant: &str,
-) -> Result<Vec<Holding>, sqlx::Error> {
+) -> Result<Vec<Grant>, sqlx::Error> {
     let (guilds, users): (Vec<String>, Vec<String>) = accounts.iter().cloned().unzip();
     sqlx::query_as(
-        "SELECT g.id, g.applied_user_id, g.applied_guild_id, g.applied_role_id,
-                g.intent_user_id, g.intent_guild_id, g.intent_role_id
-         FROM unnest($1::text[], $2::text[]) AS a (guild_id, user_id)
+        "SELECT g.* FROM unnest($1::text[], $2::text[]) AS a (guild_id, user_id)
          JOIN grants g ON (g.applied_guild_id = a.guild_id AND g.applied_user_id = a.user_id)
                        OR (g.intent_guild_id = a.guild_id AND g.intent_user_id = a.user_id)
          WHERE g.id <> $3 AND g.status <> 'Revoked'",

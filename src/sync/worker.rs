@@ -382,21 +382,7 @@ impl SyncWorker {
             None => (None, None),
         };
         let link = db::link_of(&mut conn, &grant.business_id, &grant.customer_id).await?;
-        let held: Vec<Access> = [
-            access(
-                grant.applied_user_id.as_deref(),
-                grant.applied_guild_id.as_deref(),
-                grant.applied_role_id.as_deref(),
-            ),
-            access(
-                grant.intent_user_id.as_deref(),
-                grant.intent_guild_id.as_deref(),
-                grant.intent_role_id.as_deref(),
-            ),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
+        let held = held_by(&grant);
         let mut accounts: Vec<(String, String)> = held
             .iter()
             .map(|a| (a.guild.to_string(), a.user.to_string()))
@@ -410,23 +396,7 @@ impl SyncWorker {
             // access. Not what it is yet to deliver: it may be revoked before its
             // delivery runs, and then nothing would ever take the access away. Its own
             // delivery gives the access back, after a moment without it.
-            for a in [
-                access(
-                    h.applied_user_id.as_deref(),
-                    h.applied_guild_id.as_deref(),
-                    h.applied_role_id.as_deref(),
-                ),
-                access(
-                    h.intent_user_id.as_deref(),
-                    h.intent_guild_id.as_deref(),
-                    h.intent_role_id.as_deref(),
-                ),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                others.push(a);
-            }
+            others.extend(held_by(&h));
         }
         let found = db::found_accesses(&mut conn, &accounts)
             .await?
@@ -1110,6 +1080,25 @@ impl Reasons {
         };
         Self { add, remove }
     }
+}
+
+/// What a grant holds: what it applied, and what it recorded it is about to apply.
+fn held_by(g: &Grant) -> Vec<Access> {
+    [
+        access(
+            g.applied_user_id.as_deref(),
+            g.applied_guild_id.as_deref(),
+            g.applied_role_id.as_deref(),
+        ),
+        access(
+            g.intent_user_id.as_deref(),
+            g.intent_guild_id.as_deref(),
+            g.intent_role_id.as_deref(),
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 fn access(user: Option<&str>, guild: Option<&str>, role: Option<&str>) -> Option<Access> {
