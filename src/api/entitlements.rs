@@ -34,8 +34,8 @@ use crate::sync::stops;
 
 /// The only integration guildgate implements.
 pub const DISCORD: &str = "discord";
-const MAX_NAME: usize = 255;
-const MAX_DESCRIPTION: usize = 2000;
+pub const MAX_NAME: usize = 255;
+pub const MAX_DESCRIPTION: usize = 2000;
 
 /// Failed grants whose cause a re-save may have fixed (the merchant's configuration, not
 /// the customer's account).
@@ -229,6 +229,19 @@ pub struct ListQuery {
     pub page_size: Option<u32>,
     /// 0-based.
     pub page_number: Option<u32>,
+    /// Shows each entitlement's `name` and `description` in this locale where it has a
+    /// translation (the exact code's, else its language's: `pt-BR` → `pt`); an unknown
+    /// code, or none, shows the base text.
+    pub locale: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReadQuery {
+    /// Shows the `name` and `description` in this locale where they have a translation
+    /// (the exact code's, else its language's: `pt-BR` → `pt`); an unknown code, or
+    /// none, shows the base text.
+    pub locale: Option<String>,
 }
 
 /// Checks every merchant-set field, reporting every problem at once.
@@ -390,27 +403,29 @@ pub async fn list(
         p,
     )
     .await?;
-    Ok(ApiJson(Items {
-        items: views(&mut conn, &rows).await?,
-    }))
+    let mut items = views(&mut conn, &rows).await?;
+    super::translations::localize(&mut conn, &mut items, q.locale.as_deref()).await?;
+    Ok(ApiJson(Items { items }))
 }
 
 /// Read an entitlement.
 #[utoipa::path(get, path = "/entitlements/{id}", tag = "entitlements",
-    params(("id" = String, Path, description = "Entitlement id (`ent_…`)")),
+    params(("id" = String, Path, description = "Entitlement id (`ent_…`)"), ReadQuery),
     responses((status = 200, body = EntitlementView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn get(
     merchant: Merchant,
     State(state): State<AppState>,
     Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ReadQuery>,
 ) -> ApiResult<ApiJson<EntitlementView>> {
     let mut conn = state.pool.acquire().await?;
     let e = db::get(&mut conn, merchant.business(), &id, false)
         .await?
         .ok_or(ApiError::NotFound("entitlement"))?;
-    let view = views(&mut conn, std::slice::from_ref(&e)).await?.remove(0);
-    Ok(ApiJson(view))
+    let mut view = views(&mut conn, std::slice::from_ref(&e)).await?;
+    super::translations::localize(&mut conn, &mut view, q.locale.as_deref()).await?;
+    Ok(ApiJson(view.remove(0)))
 }
 
 /// Update an entitlement. Every save re-validates against Discord and retries the

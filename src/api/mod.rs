@@ -4,8 +4,9 @@
 //!
 //! - [`auth`]: `Authorization: Bearer <api key>` → the business; [`keys`]: key format.
 //! - [`error`]: the one error type, `{code, message}` with the right status.
-//! - [`entitlements`], [`products`], [`grants`], [`discord`], [`webhooks`]: the routes,
-//!   one file per resource, each parsing its input into typed values at the edge.
+//! - [`entitlements`], [`translations`], [`products`], [`grants`], [`discord`],
+//!   [`webhooks`]: the routes, one file per resource, each parsing its input into typed
+//!   values at the edge.
 //! - [`openapi`]: `GET /openapi.json`, generated from the handlers' annotations; the
 //!   routes are registered through the same annotations, so the two cannot drift.
 //! - [`store`]: the SQL the API adds.
@@ -22,6 +23,7 @@ pub mod keys;
 pub mod openapi;
 pub mod products;
 pub mod store;
+pub mod translations;
 pub mod webhooks;
 
 use axum::Router;

@@ -23,7 +23,10 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, discord, entitlements, grants, products, webhooks};
+use super::{
+    DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, discord, entitlements, grants, products, translations,
+    webhooks,
+};
 use crate::http::AppState;
 
 #[derive(OpenApi)]
@@ -337,6 +340,8 @@ fn documented() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(products::put, products::get))
         .routes(routes!(products::retrieve, products::update))
+        .routes(routes!(translations::list))
+        .routes(routes!(translations::put, translations::delete))
         .routes(routes!(grants::of_entitlement))
         .routes(routes!(grants::get, grants::revoke))
         .routes(routes!(grants::history))

@@ -7,6 +7,7 @@ pub mod grants;
 pub mod guilds;
 pub mod keys;
 pub mod messages;
+pub mod translations;
 
 /// A page of a list: `LIMIT`/`OFFSET` from `page_size`/`page_number`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
