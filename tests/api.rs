@@ -768,11 +768,26 @@ async fn one_business_never_sees_or_changes_anothers_objects() {
         .post("/webhooks", json!({"url": "http://127.0.0.1:9/hook"}))
         .await;
     let ep = ep["id"].as_str().unwrap();
+    let (s, v) = b
+        .put(
+            &format!("/entitlements/{id}/translations/fr"),
+            json!({"name": "Rôle de B"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
 
     assert_eq!(a.get("/entitlements").await.1["items"], json!([]));
     for (m, path) in [
         (Method::GET, format!("/entitlements/{id}")),
+        (Method::GET, format!("/entitlements/{id}?locale=fr")),
         (Method::PATCH, format!("/entitlements/{id}")),
+        (Method::GET, format!("/entitlements/{id}/translations")),
+        (Method::PUT, format!("/entitlements/{id}/translations/fr")),
+        (Method::PUT, format!("/entitlements/{id}/translations/de")),
+        (
+            Method::DELETE,
+            format!("/entitlements/{id}/translations/fr"),
+        ),
         (Method::DELETE, format!("/entitlements/{id}")),
         (Method::GET, format!("/entitlements/{id}/grants")),
         (Method::GET, format!("/entitlements/{id}/grants/{gid}")),
@@ -791,7 +806,7 @@ async fn one_business_never_sees_or_changes_anothers_objects() {
         ),
         (Method::DELETE, format!("/webhooks/{ep}")),
     ] {
-        let body = matches!(m, Method::PATCH)
+        let body = matches!(m, Method::PATCH | Method::PUT)
             .then(|| json!({"name": "stolen", "headers": {"x-stolen": "1"}}));
         let (s, v) = a.call(m.clone(), &path, body).await;
         assert_eq!(s, 404, "{m} {path}: {v}");
@@ -845,7 +860,199 @@ async fn one_business_never_sees_or_changes_anothers_objects() {
         b.get(&format!("/entitlements/{id}")).await.1["name"],
         "Patrons Discord Role"
     );
+    let (_, translations) = b.get(&format!("/entitlements/{id}/translations")).await;
+    assert_eq!(translations["items"].as_array().unwrap().len(), 1);
+    assert_eq!(translations["items"][0]["locale"], "fr");
+    assert_eq!(translations["items"][0]["name"], "Rôle de B");
     assert_eq!(b.get(&format!("/webhooks/{ep}")).await.0, 200);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn translations_round_trip_and_show_in_reads_with_a_locale() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let mut body = create_body(g.guild_id, Some(g.role("Patrons")));
+    body["description"] = json!("Access to the patrons' channels");
+    let (s, e) = c.post("/entitlements", body).await;
+    assert_eq!(s, 201, "{e}");
+    let id = e["id"].as_str().unwrap();
+    let other = create_entitlement(&c, g.guild_id, None).await;
+    let other_id = other["id"].as_str().unwrap();
+    let path = |locale: &str| format!("/entitlements/{id}/translations/{locale}");
+
+    // A new locale is 201; replacing it is 200, and replaces the whole translation.
+    let (s, t) = c
+        .put(
+            &path("fr"),
+            json!({"name": "Rôle des mécènes", "description": "Accès aux salons"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{t}");
+    assert_eq!(
+        (&t["locale"], &t["name"], &t["description"]),
+        (
+            &json!("fr"),
+            &json!("Rôle des mécènes"),
+            &json!("Accès aux salons")
+        )
+    );
+    assert!(t["updated_at"].as_str().unwrap().ends_with('Z'), "{t}");
+    let (s, t) = c.put(&path("fr"), json!({"name": "Rôle mécène"})).await;
+    assert_eq!(s, 200, "{t}");
+    assert_eq!(
+        (&t["name"], &t["description"]),
+        (&json!("Rôle mécène"), &Value::Null)
+    );
+    // Only a description: the name shows the base text in that locale.
+    let (s, t) = c.put(&path("pt"), json!({"description": "Acesso"})).await;
+    assert_eq!(s, 201, "{t}");
+    let (s, t) = c.put(&path("de"), json!({"name": "Gönner-Rolle"})).await;
+    assert_eq!(s, 201, "{t}");
+
+    let (s, all) = c.get(&format!("/entitlements/{id}/translations")).await;
+    assert_eq!(s, 200, "{all}");
+    let locales: Vec<&str> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["locale"].as_str().unwrap())
+        .collect();
+    assert_eq!(locales, ["de", "fr", "pt"]);
+    let (_, some) = c
+        .get(&format!(
+            "/entitlements/{id}/translations?locale=fr&locale=pt&locale=es"
+        ))
+        .await;
+    assert_eq!(some["items"].as_array().unwrap().len(), 2, "{some}");
+    assert_eq!(
+        c.get(&format!("/entitlements/{other_id}/translations"))
+            .await
+            .1["items"],
+        json!([])
+    );
+
+    // Reads with a locale: the exact code, then its language, else the base text.
+    let read = |q: &str| {
+        let c = &c;
+        let q = q.to_owned();
+        async move {
+            let (s, v) = c.get(&format!("/entitlements/{id}{q}")).await;
+            assert_eq!(s, 200, "{v}");
+            (v["name"].clone(), v["description"].clone())
+        }
+    };
+    assert_eq!(
+        read("?locale=fr").await,
+        (
+            json!("Rôle mécène"),
+            json!("Access to the patrons' channels")
+        )
+    );
+    assert_eq!(
+        read("?locale=pt-BR").await,
+        (json!("Patrons Discord Role"), json!("Acesso"))
+    );
+    assert_eq!(read("?locale=de-AT").await.0, json!("Gönner-Rolle"));
+    for base in ["", "?locale=", "?locale=es", "?locale=xx-YY", "?locale=FR"] {
+        assert_eq!(
+            read(base).await,
+            (
+                json!("Patrons Discord Role"),
+                json!("Access to the patrons' channels")
+            ),
+            "{base}"
+        );
+    }
+    let (s, list) = c.get("/entitlements?locale=pt-BR&page_size=100").await;
+    assert_eq!(s, 200, "{list}");
+    let items = list["items"].as_array().unwrap();
+    let mine = items.iter().find(|e| e["id"] == id).unwrap();
+    assert_eq!(mine["description"], "Acesso");
+    assert_eq!(mine["name"], "Patrons Discord Role");
+    let theirs = items.iter().find(|e| e["id"] == other_id).unwrap();
+    assert_eq!(theirs["name"], "Patrons Discord Role");
+    let (_, list) = c.get("/entitlements?locale=fr").await;
+    let mine = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == id)
+        .unwrap()
+        .clone();
+    assert_eq!(mine["name"], "Rôle mécène");
+    // The base text itself is unchanged.
+    assert_eq!(
+        c.get(&format!("/entitlements/{id}")).await.1["name"],
+        "Patrons Discord Role"
+    );
+
+    // Delete: gone from the list and from reads; a second delete finds nothing.
+    let (s, v) = c.delete(&path("fr")).await;
+    assert_eq!(s, 204, "{v}");
+    let (s, v) = c.delete(&path("fr")).await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
+    assert_eq!(read("?locale=fr").await.0, json!("Patrons Discord Role"));
+    let (_, all) = c.get(&format!("/entitlements/{id}/translations")).await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 2, "{all}");
+
+    // A deleted entitlement's translations go with it.
+    assert_eq!(c.delete(&format!("/entitlements/{id}")).await.0, 204);
+    let (s, _) = c.get(&format!("/entitlements/{id}/translations")).await;
+    assert_eq!(s, 404);
+    let (s, _) = c.put(&path("fr"), json!({"name": "x"})).await;
+    assert_eq!(s, 404);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_translation_refuses_an_unknown_locale_and_invalid_fields() {
+    let w = World::start().await;
+    let c = client(&w, "bus_A").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let e = create_entitlement(&c, g.guild_id, None).await;
+    let id = e["id"].as_str().unwrap();
+    for bad in ["xx", "FR", "pt-BR", "fr%20", "fran%C3%A7ais"] {
+        let path = format!("/entitlements/{id}/translations/{bad}");
+        for (s, v) in [
+            c.put(&path, json!({"name": "Rôle"})).await,
+            c.delete(&path).await,
+        ] {
+            assert_eq!(
+                (s, v["code"].as_str()),
+                (422, Some("invalid_field")),
+                "{bad}: {v}"
+            );
+            assert!(
+                v["message"].as_str().unwrap().starts_with("locale: "),
+                "{v}"
+            );
+        }
+    }
+    let path = format!("/entitlements/{id}/translations/fr");
+    for (body, field) in [
+        (json!({"name": "  "}), "name"),
+        (json!({"name": "n".repeat(256)}), "name"),
+        (json!({"description": "d".repeat(2001)}), "description"),
+    ] {
+        let (s, v) = c.put(&path, body).await;
+        assert_eq!((s, v["code"].as_str()), (422, Some("invalid_field")), "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{field}: ")),
+            "{v}"
+        );
+    }
+    // Nothing invalid was saved.
+    let (_, all) = c.get(&format!("/entitlements/{id}/translations")).await;
+    assert_eq!(all["items"], json!([]), "{all}");
+    let (s, v) = c
+        .put("/entitlements/ent_nope/translations/fr", json!({}))
+        .await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
     w.stop().await;
 }
 
@@ -1689,6 +1896,9 @@ async fn openapi_documents_exactly_the_real_routes() {
         "GET /products/{product_id}/entitlements",
         "GET /products/{product_id}",
         "PATCH /products/{product_id}",
+        "GET /entitlements/{id}/translations",
+        "PUT /entitlements/{id}/translations/{locale}",
+        "DELETE /entitlements/{id}/translations/{locale}",
         "GET /entitlements/{id}/grants",
         "GET /entitlements/{id}/grants/{grant_id}",
         "DELETE /entitlements/{id}/grants/{grant_id}",

@@ -95,6 +95,18 @@ const SEEDED_IDS: &[(&str, &[(&str, &str)])] = &[
     ("PATCH /entitlements/{id}", &[("id", "entitlement")]),
     ("GET /entitlements/{id}/grants", &[("id", "entitlement")]),
     (
+        "GET /entitlements/{id}/translations",
+        &[("id", "entitlement")],
+    ),
+    (
+        "PUT /entitlements/{id}/translations/{locale}",
+        &[("id", "entitlement")],
+    ),
+    (
+        "DELETE /entitlements/{id}/translations/{locale}",
+        &[("id", "entitlement")],
+    ),
+    (
         "GET /entitlements/{id}/grants/{grant_id}",
         &[("id", "entitlement"), ("grant_id", "grant")],
     ),
@@ -339,6 +351,7 @@ async fn every_protected_operation_answers_401_without_a_valid_key() {
                 .replace("{customer_id}", &id_of("customer"))
                 .replace("{product_id}", &id_of("product"))
                 .replace("{guild_id}", &id_of("guild"))
+                .replace("{locale}", "fr")
                 .replace("{user_id}", "1234567890123456789");
             assert!(
                 !concrete.contains('{'),
