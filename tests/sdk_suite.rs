@@ -3,8 +3,7 @@
 //! every Discord-relevant method the SDK has, as a merchant does, and validates each raw
 //! answer strictly against the model the SDK parses it into (the models themselves take
 //! a missing field as None). It also verifies a webhook guildgate delivered with the
-//! SDK's `webhooks.unwrap`. Entitlement translations, not implemented yet, are called and
-//! listed as known gaps without failing.
+//! SDK's `webhooks.unwrap`.
 //!
 //! The interpreter is `GUILDGATE_DODOPAYMENTS_PYTHON` if set (`.ci/run` prepares it),
 //! else a virtualenv this test makes once under the cargo target directory (`python3 -m
