@@ -3,7 +3,8 @@
 //! every Discord-relevant method the SDK has, as a merchant does, and validates each raw
 //! answer strictly against the model the SDK parses it into (the models themselves take
 //! a missing field as None). It also verifies a webhook guildgate delivered with the
-//! SDK's `webhooks.unwrap`.
+//! SDK's `webhooks.unwrap`, and that guildgate's `/openapi.json` agrees with the SDK's
+//! models (required fields, nullability, JSON types) for every object they share.
 //!
 //! The interpreter is `GUILDGATE_DODOPAYMENTS_PYTHON` if set (`.ci/run` prepares it),
 //! else a virtualenv this test makes once under the cargo target directory (`python3 -m

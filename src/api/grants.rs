@@ -41,11 +41,13 @@ pub struct GrantView {
     pub status: String,
     /// Always `discord`.
     pub integration_type: String,
-    /// Always null for Discord.
-    #[schema(value_type = Option<String>)]
+    /// Always null for Discord (the platform's `LicenseKeyGrant` object for `license_key`
+    /// entitlements only).
+    #[schema(value_type = Option<Object>)]
     pub license_key: Option<()>,
-    /// Always null for Discord.
-    #[schema(value_type = Option<String>)]
+    /// Always null for Discord (the platform's `DigitalProductDelivery` object for
+    /// `digital_files` entitlements only).
+    #[schema(value_type = Option<Object>)]
     pub digital_product_delivery: Option<()>,
     /// Always null for Discord (the platform fills it for `feature_flag` only).
     #[schema(value_type = Option<Object>)]

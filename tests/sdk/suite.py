@@ -12,7 +12,11 @@ The SDK's models take a missing field as None, so a parsed answer proves little:
 answer's raw JSON is validated again, strictly (no coercion, every required field
 present, every value of its declared type), against the model the SDK parses it into.
 
-Exit status 0 when every call succeeded and every answer kept to its model.
+It also compares guildgate's /openapi.json with the SDK's models, object by object, and
+prints a table of every field compared.
+
+Exit status 0 when every call succeeded, every answer kept to its model and the document
+agreed with the models.
 """
 
 import json
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any, List
 
 import dodopayments
+import httpx
 import standardwebhooks
 from dodopayments import DodoPayments
 from dodopayments.types import (
@@ -511,6 +516,218 @@ def not_found():
 
 
 check("errors: NotFoundError on an unknown id", not_found)
+
+
+# --- The OpenAPI document agrees with the SDK's models ------------------------------
+#
+# A merchant's generator or reviewer reads /openapi.json, the SDK reads the wire: every
+# object both know is compared field by field. A field the SDK requires must be
+# documented as required; nullability must agree; JSON types must agree.
+
+# The SDK's fields guildgate does not serve, on purpose (docs/migrating.md): (object,
+# field) -> why.
+NOT_SERVED = {
+    ("Product", field): "the platform's product data; guildgate keeps only its entitlements (docs/migrating.md)"
+    for field in (
+        "created_at",
+        "updated_at",
+        "credit_entitlements",
+        "is_recurring",
+        "license_key_enabled",
+        "metadata",
+        "price",
+        "tax_category",
+        "addons",
+        "description",
+        "digital_product_delivery",
+        "image",
+        "license_key_activation_message",
+        "license_key_activations_limit",
+        "license_key_duration",
+        "name",
+        "pricing_mode",
+        "product_collection_id",
+    )
+}
+NOT_SERVED.update(
+    {
+        ("EntitlementTranslation", f): "belongs to license-key and digital-file entitlements, never Discord ones"
+        for f in ("activation_message", "instructions")
+    }
+)
+# Fields the SDK takes as optional or nullable that guildgate always sends, non-null:
+# documenting them as required and non-null is narrower than the SDK, and true.
+ALWAYS_SENT = {
+    ("EntitlementGrant", "oauth_url"): "a Discord grant always has its connect link",
+    ("EntitlementGrant", "oauth_expires_at"): "a Discord grant's connect link always expires",
+    ("WebhookDetails", "disabled"): "an endpoint is enabled or disabled, never unknown",
+    ("CursorPage", "done"): "a page always says whether it is the last",
+}
+
+
+def sdk_shape(annotation: Any):
+    """(JSON types, nullable) of a pydantic annotation."""
+    import datetime
+    import typing
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:
+        nullable = type(None) in args
+        types = set()
+        for a in args:
+            if a is not type(None):
+                t, n = sdk_shape(a)
+                types |= t
+                nullable = nullable or n
+        return types, nullable
+    if origin is typing.Literal:
+        return {{str: "string", int: "integer", bool: "boolean"}[type(args[0])]}, False
+    if origin in (list, List):
+        return {"array"}, False
+    if origin is dict:
+        return {"object"}, False
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {"object"}, False
+    return {
+        {str: "string", datetime.datetime: "string", int: "integer", float: "number", bool: "boolean"}[annotation]
+    }, False
+
+
+def doc_shape(doc: dict, schema: dict):
+    """(JSON types, nullable) of an OpenAPI 3.1 schema, following `$ref`s."""
+    if "$ref" in schema:
+        return doc_shape(doc, resolve(doc, schema))
+    for key in ("oneOf", "anyOf"):
+        if key in schema:
+            types, nullable = set(), False
+            for s in schema[key]:
+                t, n = doc_shape(doc, s)
+                types |= t
+                nullable = nullable or n
+            return types, nullable
+    if "allOf" in schema and len(schema["allOf"]) == 1:
+        return doc_shape(doc, schema["allOf"][0])
+    t = schema.get("type")
+    if t is None and "enum" in schema:
+        t = sorted({{str: "string", int: "integer", bool: "boolean"}[type(v)] for v in schema["enum"] if v is not None})
+        return set(t), None in schema["enum"]
+    types = set(t if isinstance(t, list) else [t] if t else [])
+    nullable = "null" in types or schema.get("nullable") is True
+    types.discard("null")
+    if not types:
+        raise Failed(f"the document's schema {schema} has no JSON type")
+    return types, nullable
+
+
+def resolve(doc: dict, schema: dict) -> dict:
+    while "$ref" in schema:
+        name = schema["$ref"].removeprefix("#/components/schemas/")
+        schema = doc["components"]["schemas"][name]
+    return schema
+
+
+def answer(doc: dict, method: str, path: str) -> dict:
+    """The schema of an operation's 200 answer."""
+    op = doc["paths"][path][method]
+    return resolve(doc, op["responses"]["200"]["content"]["application/json"]["schema"])
+
+
+def prop(doc: dict, schema: dict, field: str) -> dict:
+    return resolve(doc, schema["properties"][field])
+
+
+def items(doc: dict, schema: dict, field: str) -> dict:
+    return resolve(doc, prop(doc, schema, field)["items"])
+
+
+agreement: List[tuple] = []
+
+
+def agree(label: str, model: Any, schema: dict, doc: dict) -> None:
+    """Compares `model`'s fields with `schema`; records a row per field."""
+    name = label.split(" ")[0]
+    props, required = schema.get("properties", {}), set(schema.get("required", []))
+    for field, info in model.model_fields.items():
+        sdk_types, sdk_null = sdk_shape(info.annotation)
+        sdk_required = info.is_required()
+        sdk = f"{'|'.join(sorted(sdk_types))}{'?' if sdk_null else ''}{'' if sdk_required else ' opt'}"
+        if (name, field) in NOT_SERVED:
+            agreement.append((label, field, sdk, "-", "not served: " + NOT_SERVED[(name, field)]))
+            continue
+        if field not in props:
+            agreement.append((label, field, sdk, "absent", "DISAGREE"))
+            failures.append(f"openapi {label}.{field}: the SDK has it, the document does not")
+            continue
+        doc_types, doc_null = doc_shape(doc, props[field])
+        doc_required = field in required
+        documented = f"{'|'.join(sorted(doc_types))}{'?' if doc_null else ''}{'' if doc_required else ' opt'}"
+        problems = []
+        if not doc_types & sdk_types:
+            problems.append(f"type {sorted(doc_types)} where the SDK has {sorted(sdk_types)}")
+        if sdk_required and not doc_required:
+            problems.append("the SDK requires it, the document does not")
+        if not sdk_null and doc_null:
+            problems.append("documented nullable, the SDK takes no null")
+        narrower = (sdk_null or not sdk_required) and doc_required and not doc_null
+        if narrower and (name, field) not in ALWAYS_SENT:
+            problems.append("documented as always sent non-null, the SDK takes it as optional")
+        if problems:
+            failures.append(f"openapi {label}.{field}: " + "; ".join(problems))
+        verdict = "DISAGREE" if problems else ("ok, always sent: " + ALWAYS_SENT[(name, field)] if narrower else "ok")
+        agreement.append((label, field, sdk, documented, verdict))
+
+
+def openapi_agrees():
+    import typing
+
+    from dodopayments.pagination import SyncCursorPagePagination
+    from dodopayments.types.customer_list_entitlements_response import Item
+    from dodopayments.types.product_entitlement_summary import ProductEntitlementSummary
+
+    doc = client.get("/openapi.json", cast_to=httpx.Response).json()
+    entitlement = answer(doc, "get", "/entitlements/{id}")
+    grants = answer(doc, "get", "/entitlements/{id}/grants")
+    customer = answer(doc, "get", "/customers/{customer_id}/entitlements")
+    translations = answer(doc, "get", "/entitlements/{id}/translations")
+    product = answer(doc, "get", "/products/{product_id}")
+    pages = answer(doc, "get", "/webhooks")
+
+    class CursorPage(BaseModel):
+        # The SDK's cursor page, without its machinery.
+        data: List[WebhookDetails]
+        iterator: typing.Optional[str] = None
+        done: typing.Optional[bool] = None
+
+    expect(
+        set(CursorPage.model_fields) == set(SyncCursorPagePagination.model_fields),
+        f"the SDK's cursor page changed: {sorted(SyncCursorPagePagination.model_fields)}",
+    )
+    pairs = [
+        ("Entitlement", Entitlement, entitlement),
+        ("DiscordConfig", DiscordConfig, prop(doc, entitlement, "integration_config")),
+        ("EntitlementGrant", EntitlementGrant, items(doc, grants, "items")),
+        ("EntitlementGrant (single)", EntitlementGrant, answer(doc, "get", "/entitlements/{id}/grants/{grant_id}")),
+        ("WebhookDetails", WebhookDetails, answer(doc, "get", "/webhooks/{id}")),
+        ("CursorPage", CursorPage, pages),
+        ("WebhookDetails (in a page)", WebhookDetails, items(doc, pages, "data")),
+        ("EntitlementTranslationsListResponse", EntitlementTranslationsListResponse, translations),
+        ("EntitlementTranslation", EntitlementTranslation, items(doc, translations, "items")),
+        ("CustomerListEntitlementsResponse", CustomerListEntitlementsResponse, customer),
+        ("CustomerEntitlementItem", Item, items(doc, customer, "items")),
+        ("Product", Product, product),
+        ("ProductEntitlementSummary", ProductEntitlementSummary, items(doc, product, "entitlements")),
+    ]
+    for name, model, schema in pairs:
+        agree(name, model, schema, doc)
+    widths = [max(len(str(row[i])) for row in agreement) for i in range(4)]
+    print(f"OpenAPI document against the SDK's models ({len(agreement)} fields):")
+    print(f"  {'object':{widths[0]}}  {'field':{widths[1]}}  {'SDK':{widths[2]}}  {'document':{widths[3]}}  verdict")
+    for row in agreement:
+        print(f"  {row[0]:{widths[0]}}  {row[1]:{widths[1]}}  {row[2]:{widths[2]}}  {row[3]:{widths[3]}}  {row[4]}")
+
+
+check("openapi.json agrees with the SDK's models", openapi_agrees)
 
 print(f"dodopayments {dodopayments.__version__}: {len(covered)} methods called")
 for name in covered:
