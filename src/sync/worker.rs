@@ -130,7 +130,7 @@ impl SyncWorker {
         };
         let _turn = self.locks.lock(&customer).await;
         // Read again under the customer's lock: the job before may have changed it.
-        let Some(job) = self.load(grant_id).await? else {
+        let Some(job) = self.load(grant_id, false).await? else {
             return Ok(Outcome::Ack("unknown_grant"));
         };
         // Then the Discord accounts it touches, in a fixed order (no two jobs wait on
@@ -146,7 +146,7 @@ impl SyncWorker {
         for a in &accounts {
             _accounts.push(self.locks.lock(&format!("account:{a}")).await);
         }
-        let Some(mut job) = self.load(grant_id).await? else {
+        let Some(mut job) = self.load(grant_id, true).await? else {
             return Ok(Outcome::Ack("unknown_grant"));
         };
         let outcome = match self.stop_covering(&job).await? {
@@ -294,17 +294,7 @@ impl SyncWorker {
     /// The `(guild, Discord user)` accounts a job touches: those it holds, and the one
     /// it is to deliver to.
     fn accounts(job: &Job) -> Vec<(Snowflake, Snowflake)> {
-        let mut out: Vec<(Snowflake, Snowflake)> =
-            job.held.iter().map(|a| (a.guild, a.user)).collect();
-        if let (Some(g), Some(u)) = (
-            job.guild,
-            job.link
-                .as_ref()
-                .and_then(|l| Snowflake::parse(&l.discord_user_id)),
-        ) {
-            out.push((g, u));
-        }
-        out
+        accounts_of(&job.held, job.guild, job.link.as_ref())
     }
 
     /// Before any call that gives something, records what the grant is about to apply
@@ -331,44 +321,32 @@ impl SyncWorker {
             guild,
             role: job.role,
         };
-        let key = |a: &Access| {
-            (
-                a.guild.to_string(),
-                a.user.to_string(),
-                a.role.map(|r| r.to_string()),
-            )
-        };
-        let mut keys = vec![key(&Access { role: None, ..want })];
+        // Held already: recorded, with its holdings, when it was first given.
+        if job.held.contains(&want) {
+            return Ok(());
+        }
+        let mut keys = vec![access_key(&Access { role: None, ..want })];
         if want.role.is_some() {
-            keys.push(key(&want));
+            keys.push(access_key(&want));
         }
         let now = Utc::now();
         let mut tx = self.pool.begin().await?;
-        let applied = job.held.first().copied();
-        if applied.is_none() {
-            let k = key(&want);
-            db::set_applied(&mut tx, &g.id, Some((k.1, k.0, k.2)), now).await?;
-            job.held.push(want);
-        } else if !job.held.contains(&want) {
-            db::set_intent(&mut tx, &g.id, &key(&want), now).await?;
-            job.held.push(want);
+        if job.held.is_empty() {
+            let (g_id, u, r) = access_key(&want);
+            db::set_applied(&mut tx, &g.id, Some((u, g_id, r)), now).await?;
+        } else {
+            db::set_intent(&mut tx, &g.id, &access_key(&want), now).await?;
         }
+        job.held.push(want);
         let created = db::hold(&mut tx, &keys, now).await?;
         tx.commit().await?;
-        job.created = created
-            .into_iter()
-            .filter_map(|(g, u, r)| {
-                Some(Access {
-                    guild: Snowflake::parse(&g)?,
-                    user: Snowflake::parse(&u)?,
-                    role: r.as_deref().and_then(Snowflake::parse),
-                })
-            })
-            .collect();
+        job.created = created.into_iter().filter_map(access_of).collect();
         Ok(())
     }
 
-    async fn load(&self, grant_id: &str) -> Result<Option<Job>, sqlx::Error> {
+    /// Reads what a job needs. `holders`: also what other grants hold of the same
+    /// accounts and what was found there; without it, enough to know the accounts.
+    async fn load(&self, grant_id: &str, holders: bool) -> Result<Option<Job>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         let Some(grant) = grant_store::get(&mut conn, grant_id).await? else {
             return Ok(None);
@@ -383,32 +361,25 @@ impl SyncWorker {
         };
         let link = db::link_of(&mut conn, &grant.business_id, &grant.customer_id).await?;
         let held = held_by(&grant);
-        let mut accounts: Vec<(String, String)> = held
-            .iter()
-            .map(|a| (a.guild.to_string(), a.user.to_string()))
-            .collect();
-        if let (Some(g), Some(l)) = (guild, &link) {
-            accounts.push((g.to_string(), l.discord_user_id.clone()));
+        let (mut others, mut found) = (Vec::new(), Vec::new());
+        if holders {
+            let accounts: Vec<(String, String)> = accounts_of(&held, guild, link.as_ref())
+                .into_iter()
+                .map(|(g, u)| (g.to_string(), u.to_string()))
+                .collect();
+            for h in db::other_holders(&mut conn, &accounts, &grant.id).await? {
+                // Only what another grant applied (or recorded it is applying) keeps an
+                // access. Not what it is yet to deliver: it may be revoked before its
+                // delivery runs, and then nothing would ever take the access away. Its
+                // own delivery gives the access back, after a moment without it.
+                others.extend(held_by(&h));
+            }
+            found = db::found_accesses(&mut conn, &accounts)
+                .await?
+                .into_iter()
+                .filter_map(access_of)
+                .collect();
         }
-        let mut others = Vec::new();
-        for h in db::other_holders(&mut conn, &accounts, &grant.id).await? {
-            // Only what another grant applied (or recorded it is applying) keeps an
-            // access. Not what it is yet to deliver: it may be revoked before its
-            // delivery runs, and then nothing would ever take the access away. Its own
-            // delivery gives the access back, after a moment without it.
-            others.extend(held_by(&h));
-        }
-        let found = db::found_accesses(&mut conn, &accounts)
-            .await?
-            .into_iter()
-            .filter_map(|(g, u, r)| {
-                Some(Access {
-                    guild: Snowflake::parse(&g)?,
-                    user: Snowflake::parse(&u)?,
-                    role: r.as_deref().and_then(Snowflake::parse),
-                })
-            })
-            .collect();
         Ok(Some(Job {
             grant,
             guild,
@@ -737,29 +708,22 @@ impl SyncWorker {
             )
         });
         db::set_applied(&mut tx, &grant.id, applied, now).await?;
-        let key = |a: &Access| {
-            (
-                a.guild.to_string(),
-                a.user.to_string(),
-                a.role.map(|r| r.to_string()),
-            )
-        };
         // There before this run first gave them: never taken away.
         let found: Vec<db::AccessKey> = s
             .present_before
             .iter()
             .filter(|a| job.created.contains(a))
-            .map(key)
+            .map(access_key)
             .collect();
         db::set_found(&mut tx, &found, true).await?;
         // Added by Discord for this run: guildgate's to take away, whatever was
         // recorded before (a found role a moderator removed since, given back now).
-        let added: Vec<db::AccessKey> = s.added.iter().map(key).collect();
+        let added: Vec<db::AccessKey> = s.added.iter().map(access_key).collect();
         db::set_found(&mut tx, &added, false).await?;
         // Let go of by their last holder: removed at Discord (or left there, if found).
         for (a, kept) in &s.plan.released {
             if !kept {
-                db::forget_holding(&mut tx, &key(a)).await?;
+                db::forget_holding(&mut tx, &access_key(a)).await?;
             }
         }
         for (event, a, answer) in &s.changes {
@@ -1080,6 +1044,41 @@ impl Reasons {
         };
         Self { add, remove }
     }
+}
+
+/// The `(guild, Discord user)` accounts of what is held, and of the linked account in
+/// the entitlement's guild.
+fn accounts_of(
+    held: &[Access],
+    guild: Option<Snowflake>,
+    link: Option<&LinkRow>,
+) -> Vec<(Snowflake, Snowflake)> {
+    let mut out: Vec<(Snowflake, Snowflake)> = held.iter().map(|a| (a.guild, a.user)).collect();
+    if let (Some(g), Some(u)) = (
+        guild,
+        link.and_then(|l| Snowflake::parse(&l.discord_user_id)),
+    ) {
+        out.push((g, u));
+    }
+    out
+}
+
+/// An access as `discord_holdings` keys it.
+fn access_key(a: &Access) -> db::AccessKey {
+    (
+        a.guild.to_string(),
+        a.user.to_string(),
+        a.role.map(|r| r.to_string()),
+    )
+}
+
+/// An access read back from its key.
+fn access_of((g, u, r): db::AccessKey) -> Option<Access> {
+    Some(Access {
+        guild: Snowflake::parse(&g)?,
+        user: Snowflake::parse(&u)?,
+        role: r.as_deref().and_then(Snowflake::parse),
+    })
 }
 
 /// What a grant holds: what it applied, and what it recorded it is about to apply.
