@@ -82,6 +82,11 @@ const DEPENDS_ON_STATE: &[(&str, &str, &str)] = &[
         "400",
         "only an unused `state` signed by GET /discord/install-url, with Discord's code, connects a server",
     ),
+    (
+        "GET /oauth/discord/callback",
+        "400",
+        "only the `state` of a grant's own `oauth_url`, with Discord's code, links an account",
+    ),
 ];
 
 /// Path parameters that are given the id of a seeded object half of the time (a

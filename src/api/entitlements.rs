@@ -66,6 +66,7 @@ pub struct EntitlementView {
     pub name: String,
     pub description: Option<String>,
     /// Always `discord`.
+    #[schema(value_type = super::values::DiscordIntegration)]
     pub integration_type: String,
     pub integration_config: IntegrationConfig,
     pub is_active: bool,

@@ -38,8 +38,10 @@ pub struct GrantView {
     pub payment_id: Option<String>,
     pub subscription_id: Option<String>,
     /// `Pending`, `Delivered`, `Failed` or `Revoked`.
+    #[schema(value_type = super::values::GrantStatusName)]
     pub status: String,
     /// Always `discord`.
+    #[schema(value_type = super::values::DiscordIntegration)]
     pub integration_type: String,
     /// Always null for Discord (the platform's `LicenseKeyGrant` object for `license_key`
     /// entitlements only).
@@ -297,15 +299,29 @@ pub struct CustomerEntitlement {
     pub entitlement_name: String,
     pub entitlement_description: Option<String>,
     /// Always `discord`.
+    #[schema(value_type = super::values::DiscordIntegration)]
     pub integration_type: String,
     /// `pending`, `delivered` or `failed`: lower case here, as the platform writes it in
     /// this list (grants themselves say `Pending`, …). Revoked grants are not listed.
+    #[schema(value_type = super::values::HeldStatus)]
     pub status: String,
     pub delivered_at: Option<String>,
     /// Always null: revoked grants are not listed.
     pub revoked_at: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+}
+
+impl super::translations::Localized for CustomerEntitlement {
+    fn entitlement_id(&self) -> &str {
+        &self.entitlement_id
+    }
+    fn texts(&mut self) -> (&mut String, &mut Option<String>) {
+        (
+            &mut self.entitlement_name,
+            &mut self.entitlement_description,
+        )
+    }
 }
 
 impl From<db::Held> for CustomerEntitlement {
@@ -328,18 +344,20 @@ impl From<db::Held> for CustomerEntitlement {
 /// The entitlements a customer holds: one item per live grant (pending, delivered or
 /// failed and awaiting a retry), newest first, unpaginated as on the platform.
 #[utoipa::path(get, path = "/customers/{customer_id}/entitlements", tag = "grants",
-    params(("customer_id" = String, Path, description = "The platform's customer id", pattern = r"^[A-Za-z0-9_.:-]{1,128}$")),
+    params(("customer_id" = String, Path, description = "The platform's customer id", pattern = r"^[A-Za-z0-9_.:-]{1,128}$"), super::entitlements::ReadQuery),
     responses((status = 200, body = Items<CustomerEntitlement>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn entitlements_of_customer(
     merchant: Merchant,
     State(state): State<AppState>,
     Path(customer_id): Path<String>,
+    ApiQuery(q): ApiQuery<super::entitlements::ReadQuery>,
 ) -> ApiResult<ApiJson<Items<CustomerEntitlement>>> {
     let customer = CustomerId::parse(customer_id).map_err(|e| ApiError::field("customer_id", e))?;
     let mut conn = state.pool.acquire().await?;
     let rows = db::held_by_customer(&mut conn, merchant.business(), customer.as_str()).await?;
-    Ok(ApiJson(Items {
-        items: rows.into_iter().map(CustomerEntitlement::from).collect(),
-    }))
+    let mut items: Vec<CustomerEntitlement> =
+        rows.into_iter().map(CustomerEntitlement::from).collect();
+    super::translations::localize(&mut conn, &mut items, q.locale.as_deref()).await?;
+    Ok(ApiJson(Items { items }))
 }

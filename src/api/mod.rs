@@ -9,7 +9,8 @@
 //!   values at the edge.
 //! - [`openapi`]: `GET /openapi.json`, generated from the handlers' annotations; the
 //!   routes are registered through the same annotations, so the two cannot drift.
-//! - [`store`]: the SQL the API adds.
+//! - [`store`]: the SQL the API adds; [`values`]: the closed sets of values of some
+//!   string fields, as the document states them.
 //!
 //! Every object belongs to one business; a query always names the caller's business, so
 //! another business's object is simply not found (404).
@@ -24,6 +25,7 @@ pub mod openapi;
 pub mod products;
 pub mod store;
 pub mod translations;
+pub mod values;
 pub mod webhooks;
 
 use axum::Router;

@@ -14,6 +14,7 @@ use utoipa::openapi::content::Content;
 use utoipa::openapi::header::Header;
 use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::response::{Response, ResponseBuilder};
+use utoipa::openapi::schema::OneOfBuilder;
 use utoipa::openapi::schema::SchemaType;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::openapi::{
@@ -42,6 +43,8 @@ use crate::http::AppState;
         (name = "grants", description = "What customers were given"),
         (name = "discord", description = "Connected Discord servers"),
         (name = "webhooks", description = "Webhook endpoints and messages"),
+        (name = "customers", description = "Pages the customer's browser is sent to"),
+        (name = "operations", description = "Health, readiness and metrics, for load balancers and monitoring"),
     )
 )]
 struct ApiDoc;
@@ -164,9 +167,21 @@ impl EdgeResponses {
                     format!("{said}. Or, in the error shape, the server is {UNDER_LOAD}");
                 // Load is refused before the handler runs, in the API's error shape,
                 // also on routes whose own answers are pages.
-                own.content
-                    .entry("application/json".into())
-                    .or_insert_with(error_body);
+                // A JSON answer of the route's own (readiness) or the error shape.
+                match own.content.get_mut("application/json") {
+                    Some(json) => {
+                        if let Some(schema) = json.schema.take() {
+                            let either = OneOfBuilder::new()
+                                .item(schema)
+                                .item(Ref::from_schema_name("ErrorBody"))
+                                .build();
+                            json.schema = Some(RefOr::T(Schema::OneOf(either)));
+                        }
+                    }
+                    None => {
+                        own.content.insert("application/json".into(), error_body());
+                    }
+                }
                 own.headers
                     .entry("Retry-After".into())
                     .or_insert_with(|| retry_after("sent with `overloaded` and `discord_busy`"));
@@ -361,6 +376,8 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(webhooks::list_messages))
         .routes(routes!(webhooks::retry_message))
         .routes(routes!(webhooks::retry_failed))
+        .merge(crate::http::oauth::router())
+        .merge(crate::http::ops::router())
 }
 
 /// The OpenAPI document of the API.
@@ -386,7 +403,7 @@ pub fn router() -> Router<AppState> {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::Value;
+    use serde_json::{Value, json};
 
     use super::*;
 
@@ -414,8 +431,14 @@ mod tests {
 
     fn is_error_shape(doc: &Value, r: &Value) -> bool {
         let r = resolve(doc, r);
-        r["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ErrorBody"
-            && !r["description"].as_str().unwrap_or("").is_empty()
+        let schema = &r["content"]["application/json"]["schema"];
+        let error = json!({"$ref": "#/components/schemas/ErrorBody"});
+        // The error shape, or (a route with its own JSON answer) one of them.
+        let shaped = *schema == error
+            || schema["oneOf"]
+                .as_array()
+                .is_some_and(|o| o.contains(&error));
+        shaped && !r["description"].as_str().unwrap_or("").is_empty()
     }
 
     fn has_retry_after(doc: &Value, r: &Value) -> bool {
@@ -455,10 +478,16 @@ mod tests {
                     has_retry_after(&doc, status("429")),
                     "{name}: 429 Retry-After"
                 );
-            } else {
+            } else if name != "GET /oauth/discord/callback" {
                 assert!(
                     status("429").is_null(),
                     "{name} has no per-business rate limit"
+                );
+            } else {
+                // The customer's callback has its own limits, per link and per address.
+                assert!(
+                    has_retry_after(&doc, status("429")),
+                    "{name}: 429 Retry-After"
                 );
             }
         }

@@ -17,7 +17,8 @@ use super::Items;
 use super::auth::Merchant;
 use super::entitlements::EntitlementView;
 use super::entitlements::IntegrationConfig;
-use super::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
+use super::entitlements::ReadQuery;
+use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, Problem};
 use super::store::entitlements as db;
 use crate::http::AppState;
 use crate::ids::ProductId;
@@ -143,8 +144,18 @@ pub struct ProductEntitlement {
     pub name: String,
     pub description: Option<String>,
     /// Always `discord`.
+    #[schema(value_type = super::values::DiscordIntegration)]
     pub integration_type: String,
     pub integration_config: IntegrationConfig,
+}
+
+impl super::translations::Localized for ProductEntitlement {
+    fn entitlement_id(&self) -> &str {
+        &self.id
+    }
+    fn texts(&mut self) -> (&mut String, &mut Option<String>) {
+        (&mut self.name, &mut self.description)
+    }
 }
 
 impl From<&Entitlement> for ProductEntitlement {
@@ -179,13 +190,14 @@ pub struct ProductView {
 /// Read a product: the entitlements it grants. A product with none attached is one
 /// guildgate does not know (404).
 #[utoipa::path(get, path = "/products/{product_id}", tag = "products",
-    params(("product_id" = String, Path, description = "The platform's product id (`pdt_…`)", pattern = r"^[A-Za-z0-9_.:-]{1,128}$")),
+    params(("product_id" = String, Path, description = "The platform's product id (`pdt_…`)", pattern = r"^[A-Za-z0-9_.:-]{1,128}$"), ReadQuery),
     responses((status = 200, body = ProductView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn retrieve(
     merchant: Merchant,
     State(state): State<AppState>,
     Path(product_id): Path<String>,
+    ApiQuery(q): ApiQuery<ReadQuery>,
 ) -> ApiResult<ApiJson<ProductView>> {
     let product = product(product_id)?;
     let business = merchant.business();
@@ -194,11 +206,14 @@ pub async fn retrieve(
     if rows.is_empty() {
         return Err(ApiError::NotFound("product"));
     }
+    let mut entitlements: Vec<ProductEntitlement> =
+        rows.iter().map(ProductEntitlement::from).collect();
+    super::translations::localize(&mut conn, &mut entitlements, q.locale.as_deref()).await?;
     Ok(ApiJson(ProductView {
         product_id: product.to_string(),
         business_id: business.to_string(),
         brand_id: business_brand(&mut conn, business).await?,
-        entitlements: rows.iter().map(ProductEntitlement::from).collect(),
+        entitlements,
     }))
 }
 

@@ -279,12 +279,30 @@ fn candidates(code: &str) -> Vec<String> {
     out
 }
 
+/// Something shown with an entitlement's name and description, which a read with
+/// `?locale=` shows translated.
+pub trait Localized {
+    /// The entitlement whose translations apply.
+    fn entitlement_id(&self) -> &str;
+    /// Where its name and description are.
+    fn texts(&mut self) -> (&mut String, &mut Option<String>);
+}
+
+impl Localized for EntitlementView {
+    fn entitlement_id(&self) -> &str {
+        &self.id
+    }
+    fn texts(&mut self) -> (&mut String, &mut Option<String>) {
+        (&mut self.name, &mut self.description)
+    }
+}
+
 /// Shows `views` in `locale`: each field with a translation (the exact locale's, else
 /// its language's) replaces the base text; the rest stays as it is. No locale, an empty
 /// one, or one with no translation leaves them unchanged, as on the platform.
-pub async fn localize(
+pub async fn localize<V: Localized>(
     conn: &mut sqlx::PgConnection,
-    views: &mut [EntitlementView],
+    views: &mut [V],
     locale: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     let Some(code) = locale.filter(|c| !c.is_empty()) else {
@@ -294,7 +312,12 @@ pub async fn localize(
         return Ok(());
     }
     let wanted = candidates(code);
-    let ids: Vec<String> = views.iter().map(|v| v.id.clone()).collect();
+    let mut ids: Vec<String> = views
+        .iter()
+        .map(|v| v.entitlement_id().to_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
     let found = db::of_entitlements(conn, &ids, &wanted).await?;
     let best = |id: &str, field: fn(&Translation) -> Option<&String>| {
         wanted.iter().find_map(|l| {
@@ -306,11 +329,13 @@ pub async fn localize(
         })
     };
     for v in views.iter_mut() {
-        if let Some(name) = best(&v.id, |t| t.name.as_ref()) {
-            v.name = name;
+        let id = v.entitlement_id().to_owned();
+        let (name, description) = v.texts();
+        if let Some(translated) = best(&id, |t| t.name.as_ref()) {
+            *name = translated;
         }
-        if let Some(description) = best(&v.id, |t| t.description.as_ref()) {
-            v.description = Some(description);
+        if let Some(translated) = best(&id, |t| t.description.as_ref()) {
+            *description = Some(translated);
         }
     }
     Ok(())

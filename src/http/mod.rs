@@ -44,8 +44,6 @@ pub fn app(state: AppState) -> Router {
     let limit = state.settings.http.max_body_bytes;
     let settings = state.settings.clone();
     let router = Router::new()
-        .merge(ops::router())
-        .merge(oauth::router())
         .merge(crate::api::router())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)

@@ -14,14 +14,15 @@
 //! anything is asked of the database or Discord; over either limit the page says when
 //! to try again (429, `Retry-After`).
 
-use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use sqlx::PgConnection;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::limits::ClientIp;
@@ -34,14 +35,21 @@ use crate::store::{grants as grant_store, setup};
 use crate::sync::store::{self as db, LinkRow};
 use crate::sync::worker::revoke_tokens;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/oauth/discord/callback", get(callback))
+/// The route, documented in `/openapi.json` under the `customers` tag.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(callback))
 }
 
-#[derive(Debug, Deserialize)]
+/// What Discord appends to the redirect: the code and the state on consent, `error`
+/// (and the state) when the customer cancelled.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct CallbackQuery {
+    /// The authorization code to exchange for the customer's token.
     code: Option<String>,
+    /// The signed state of the grant's link (`oauth_url`).
     state: Option<String>,
+    /// Set by Discord when the customer cancelled (`access_denied`).
     error: Option<String>,
 }
 
@@ -212,11 +220,29 @@ impl IntoResponse for Page {
     }
 }
 
+/// Where Discord sends the customer's browser after they authorize (the redirect of a
+/// grant's `oauth_url`). Shows a self-contained HTML page in every case; never cached.
+#[utoipa::path(get, path = "/oauth/discord/callback", tag = "customers",
+    params(CallbackQuery),
+    responses(
+        (status = 200, description = "Connected, or cancelled on Discord with a link to try again (HTML page)", content_type = "text/html"),
+        (status = 400, description = "The link is incomplete or was altered (HTML page)", content_type = "text/html"),
+        (status = 409, description = "The link was already used (HTML page)", content_type = "text/html"),
+        (status = 410, description = "The link expired, or the access it was for has ended (HTML page)", content_type = "text/html"),
+        (status = 429, description = "Too many attempts with this link or from this address (HTML page)", content_type = "text/html",
+            headers(("Retry-After" = u64, description = "Seconds to wait before trying again"))),
+        (status = 502, description = "Discord did not accept the authorization (HTML page)", content_type = "text/html"),
+        (status = 503, description = "The database or Discord could not be reached, or Discord is busy (HTML page; `Retry-After` when busy)", content_type = "text/html"),
+    ))]
 async fn callback(
     State(st): State<AppState>,
     ClientIp(client): ClientIp,
-    Query(q): Query<CallbackQuery>,
+    query: Result<Query<CallbackQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Page {
+    // A query that does not parse (a parameter given twice) is an altered link.
+    let Ok(Query(q)) = query else {
+        return Page::Tampered;
+    };
     if let Some(ip) = client
         && let Err(retry_after) = st.limits.check_address(ip)
     {

@@ -463,9 +463,14 @@ def localized_reads():
     # An unknown code shows the base text, as the SDK documents.
     e = client.entitlements.retrieve(new_id, locale="xx")
     expect(e.name == "SDK Discord Role (renamed)", f"entitlements.retrieve locale=xx: {e.name!r}")
+    # The product shows its entitlements translated too.
+    _, raw, _ = raw_call(client.products.with_raw_response.retrieve, product_id, locale="fr")
+    product_view("products.retrieve (locale)", raw)
+    names = {e["id"]: e["name"] for e in json.loads(raw)["entitlements"]}
+    expect(names.get(new_id) == "Rôle Discord (bis)", f"products.retrieve locale=fr: {raw}")
 
 
-check("entitlements.retrieve/list (locale)", localized_reads)
+check("entitlements.retrieve/list, products.retrieve (locale)", localized_reads)
 
 
 def delete_translation():
@@ -564,6 +569,13 @@ ALWAYS_SENT = {
     ("CursorPage", "done"): "a page always says whether it is the last",
 }
 
+# Objects the SDK declares that guildgate always sends as null, so there is nothing
+# inside them to compare: (object, field) -> why.
+ALWAYS_NULL = {
+    ("EntitlementGrant", f): "filled by the platform for other integration types only; null on every Discord grant"
+    for f in ("license_key", "digital_product_delivery", "feature")
+}
+
 
 def sdk_shape(annotation: Any):
     """(JSON types, nullable) of a pydantic annotation."""
@@ -642,10 +654,92 @@ def items(doc: dict, schema: dict, field: str) -> dict:
 
 
 agreement: List[tuple] = []
+# (model, schema) pairs already compared, so a nested object reached twice is one row set.
+compared: set = set()
+
+
+def sdk_values(annotation: Any):
+    """The values a `Literal` annotation allows (through Optional/Union), else None."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return set(typing.get_args(annotation))
+    if origin is typing.Union:
+        values = set()
+        for a in typing.get_args(annotation):
+            if a is type(None):
+                continue
+            v = sdk_values(a)
+            if v is None:
+                return None
+            values |= v
+        return values
+    return None
+
+
+def doc_values(doc: dict, schema: dict):
+    """The values an OpenAPI schema allows (`enum`, `const`, through `$ref`/oneOf), else None."""
+    schema = resolve(doc, schema)
+    if "enum" in schema:
+        return {v for v in schema["enum"] if v is not None}
+    if "const" in schema:
+        return {schema["const"]}
+    for key in ("oneOf", "anyOf"):
+        if key in schema:
+            values = set()
+            for s in schema[key]:
+                s = resolve(doc, s)
+                if s.get("type") == "null":
+                    continue
+                v = doc_values(doc, s)
+                if v is None:
+                    return None
+                values |= v
+            return values
+    if "allOf" in schema and len(schema["allOf"]) == 1:
+        return doc_values(doc, schema["allOf"][0])
+    return None
+
+
+def nested_model(annotation: Any):
+    """(model, is_list) when the annotation is one pydantic model, a list of one, or
+    either of them optional; else None."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is typing.Union and len(args) == 1:
+        return nested_model(args[0])
+    if origin in (list, List) and len(args) == 1:
+        inner = nested_model(args[0])
+        return (inner[0], True) if inner and not inner[1] else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    return None
+
+
+def object_schema(doc: dict, schema: dict):
+    """The object schema behind a (possibly nullable) property, or None."""
+    schema = resolve(doc, schema)
+    if "properties" in schema:
+        return schema
+    for key in ("oneOf", "anyOf"):
+        objects = [o for o in (object_schema(doc, s) for s in schema.get(key, [])) if o]
+        if len(objects) == 1:
+            return objects[0]
+    if "allOf" in schema and len(schema["allOf"]) == 1:
+        return object_schema(doc, schema["allOf"][0])
+    return None
 
 
 def agree(label: str, model: Any, schema: dict, doc: dict) -> None:
-    """Compares `model`'s fields with `schema`; records a row per field."""
+    """Compares `model`'s fields with `schema`, and the objects nested in them; records a
+    row per field."""
+    key = (model, json.dumps(schema, sort_keys=True))
+    if key in compared:
+        return
+    compared.add(key)
     name = label.split(" ")[0]
     props, required = schema.get("properties", {}), set(schema.get("required", []))
     for field, info in model.model_fields.items():
@@ -672,10 +766,38 @@ def agree(label: str, model: Any, schema: dict, doc: dict) -> None:
         narrower = (sdk_null or not sdk_required) and doc_required and not doc_null
         if narrower and (name, field) not in ALWAYS_SENT:
             problems.append("documented as always sent non-null, the SDK takes it as optional")
+        # Allowed values: everything the document says may be sent, the SDK must accept.
+        allowed = sdk_values(info.annotation)
+        if allowed is not None:
+            values = doc_values(doc, props[field])
+            if values is None:
+                problems.append(f"the SDK takes only {sorted(allowed)}, the document allows any value")
+            elif not values <= allowed:
+                problems.append(f"documented values {sorted(values - allowed)} the SDK does not take")
+            else:
+                documented += f" {len(values)} values"
         if problems:
             failures.append(f"openapi {label}.{field}: " + "; ".join(problems))
         verdict = "DISAGREE" if problems else ("ok, always sent: " + ALWAYS_SENT[(name, field)] if narrower else "ok")
         agreement.append((label, field, sdk, documented, verdict))
+        # Inside nested objects, field by field as well.
+        nested = nested_model(info.annotation)
+        if nested and (name, field) in ALWAYS_NULL:
+            verdict += ", always null: " + ALWAYS_NULL[(name, field)]
+            agreement[-1] = (label, field, sdk, documented, verdict)
+        elif nested and not problems:
+            inner_model, is_list = nested
+            inner = resolve(doc, props[field])
+            if is_list:
+                inner = object_schema(doc, inner.get("items", {})) if "items" in inner else None
+                if inner is None:
+                    inner = object_schema(doc, next((s.get("items", {}) for s in resolve(doc, props[field]).get("oneOf", []) if "items" in s), {}))
+            else:
+                inner = object_schema(doc, inner)
+            if inner is None:
+                failures.append(f"openapi {label}.{field}: the SDK has an object {inner_model.__name__}, the document no object schema")
+            else:
+                agree(f"{inner_model.__name__} (in {label}.{field})", inner_model, inner, doc)
 
 
 def openapi_agrees():
