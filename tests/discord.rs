@@ -710,6 +710,135 @@ async fn a_revoke_removes_a_role_whose_delivery_was_never_recorded() {
     w.stop().await;
 }
 
+/// Found-ness survives a crash between Discord's answer and its record. Three first
+/// deliveries die right after their Discord calls, every attempt, until refunds revoke
+/// them: a member who was in the server with the role before buying, a member who was in
+/// without it (guildgate adds the role), and a newcomer (guildgate adds the member and the
+/// role). Each retry finds them in the server; it must still tell what was there before
+/// from what an attempt whose answer was lost had added. The revokes then take away
+/// exactly what guildgate gave: the regular keeps the membership, the moderated one the
+/// role too, the newcomer is left with nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_found_stays_found_when_a_crash_loses_discords_answer() {
+    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let (_broker, worker) = syncer(&w, "syncer");
+    let fail = worker.fail_after_discord.clone();
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(worker.run(stop.clone()));
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_r", &id(g.guild_id), Some(&id(role)))
+        .await;
+    // In the server for an hour already.
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let moderated = w.user("moderated");
+    w.sandbox
+        .add_member_since(g.guild_id, moderated, &[role], long_ago);
+    let regular = w.user("regular");
+    w.sandbox
+        .add_member_since(g.guild_id, regular, &[], long_ago);
+    let newcomer = w.user("newcomer");
+    let cases = [
+        ("cus_1", moderated),
+        ("cus_2", regular),
+        ("cus_3", newcomer),
+    ];
+    let mut grants = Vec::new();
+    for (i, (customer, user)) in cases.iter().enumerate() {
+        w.link(customer, *user).await;
+        w.app
+            .publish(
+                &payment(&biz, &format!("pay_{i}"), customer, &["pdt_r"], T0),
+                &format!("evt_{i}"),
+            )
+            .await;
+        grants.push(w.grant_of(customer).await.id);
+    }
+    // Each has the role at Discord, and no delivery is on record.
+    for (_, user) in &cases {
+        wait_for("the role at Discord", || async {
+            w.has_role(g.guild_id, *user, role).then_some(())
+        })
+        .await;
+    }
+    // Let every delivery be retried into a server it had already changed.
+    wait_for("two attempts of every delivery", || async {
+        let adds = w.sandbox.requests();
+        cases
+            .iter()
+            .all(|(_, user)| {
+                let path = format!("/api/v10/guilds/{}/members/{user}", g.guild_id);
+                adds.iter()
+                    .filter(|r| r.method == "PUT" && r.path == path)
+                    .count()
+                    >= 2
+            })
+            .then_some(())
+    })
+    .await;
+    for (i, grant) in grants.iter().enumerate() {
+        let status: String = sqlx::query_scalar("SELECT status FROM grants WHERE id = $1")
+            .bind(grant)
+            .fetch_one(&w.app.pool)
+            .await
+            .unwrap();
+        assert_eq!(status, "Pending", "delivery {i} was not recorded");
+    }
+    for i in 0..cases.len() {
+        w.app
+            .publish(
+                &refund(&biz, &format!("pay_{i}"), false, T1),
+                &format!("evt_r{i}"),
+            )
+            .await;
+    }
+    for grant in &grants {
+        w.wait_status(grant, "Revoked").await;
+    }
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for("the newcomer's role taken away", || async {
+        (!w.has_role(g.guild_id, newcomer, role)).then_some(())
+    })
+    .await;
+    wait_for("the regular's role taken away", || async {
+        (!w.has_role(g.guild_id, regular, role)).then_some(())
+    })
+    .await;
+    for grant in &grants {
+        wait_released(&w, grant).await;
+    }
+    assert!(
+        w.has_role(g.guild_id, moderated, role),
+        "the role a moderator gave stays"
+    );
+    assert!(
+        w.sandbox.member(g.guild_id, regular).is_some(),
+        "the regular stays"
+    );
+    // A role entitlement never kicks: the newcomer stays a member without the role.
+    assert!(!w.has_role(g.guild_id, newcomer, role));
+    let found: Vec<(String, String, bool)> = sqlx::query_as(
+        "SELECT user_id, role_id, found FROM discord_holdings WHERE guild_id = $1 ORDER BY 1, 2",
+    )
+    .bind(id(g.guild_id))
+    .fetch_all(&w.app.pool)
+    .await
+    .unwrap();
+    let mut expected = vec![
+        (id(moderated), String::new(), true),
+        (id(moderated), id(role), true),
+        (id(regular), String::new(), true),
+    ];
+    expected.sort();
+    assert_eq!(found, expected, "what stays recorded is what was found");
+    stop.cancel();
+    let _ = task.await;
+    w.stop().await;
+}
+
 /// Two subscriptions give the same role. The first is delivered; the second's delivery
 /// is delayed; the first is cancelled, then the second before its delivery ran. The role
 /// must go: a grant that never delivered anything must not keep another's role alive.

@@ -393,6 +393,65 @@ async fn apply_acts_only_on_drift_the_grant_still_shows() {
     w.stop().await;
 }
 
+/// One Discord account linked under two customers (two checkouts): both grants give it
+/// the role. Nothing is drift while the role is there. When someone removes it in
+/// Discord, neither grant has its access and no holding explains it: the `revoke`
+/// policy revokes both, and the role is not given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_accounts_removed_role_revokes_every_grant_that_gave_it() {
+    let w = World::start().await;
+    let g = w.guild("Acme Community");
+    let role = g.role("Patrons");
+    let guild = g.guild_id;
+    w.app
+        .entitlement_for("pdt_sub", &id(guild), Some(&id(role)))
+        .await;
+    let alice = w.user("alice");
+    let first = deliver(&w, 1, "cus_a", alice).await;
+    let second = deliver(&w, 2, "cus_b", alice).await;
+    let r = reconciler(&w);
+    let report = r.check(&Scope::default()).await.unwrap();
+    assert!(report.findings.is_empty(), "{}", report.table());
+
+    w.sandbox.add_member(guild, alice, &[]);
+    let (report, discord) = r.observe(&Scope::default()).await.unwrap();
+    let mut found = kinds(&report);
+    found.sort_by(|a, b| a.2.cmp(&b.2));
+    let mut want = vec![
+        (DriftKind::MissingRole, alice, Some(first.id.clone())),
+        (DriftKind::MissingRole, alice, Some(second.id.clone())),
+    ];
+    want.sort_by(|a, b| a.2.cmp(&b.2));
+    assert_eq!(found, want);
+    let applied = r
+        .apply(report, &discord, DriftPolicy::Revoke)
+        .await
+        .unwrap();
+    assert!(
+        applied
+            .findings
+            .iter()
+            .all(|f| f.action == Some(Action::Revoked)),
+        "{}",
+        applied.table()
+    );
+    for grant in [&first, &second] {
+        let revoked = w
+            .wait_grant(&grant.id, "revoked and synced", |g| {
+                g.status == "Revoked" && g.applied_user_id.is_none()
+            })
+            .await;
+        assert_eq!(
+            revoked.revocation_reason.as_deref(),
+            Some("platform_external")
+        );
+    }
+    assert!(!w.has_role(guild, alice, role));
+    let again = r.check(&Scope::default()).await.unwrap();
+    assert!(again.findings.is_empty(), "{}", again.table());
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_process_at_a_time_runs_the_periodic_reconcile() {
     let w = World::start().await;

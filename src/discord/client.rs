@@ -63,6 +63,9 @@ pub struct Member {
     pub user: Option<User>,
     #[serde(default)]
     pub roles: Vec<Snowflake>,
+    /// When the user joined the server, by Discord's clock.
+    #[serde(default)]
+    pub joined_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// OAuth tokens of a customer (or of a merchant installing the bot).

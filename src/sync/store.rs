@@ -242,8 +242,32 @@ pub async fn found_accesses(
         .collect())
 }
 
-/// Records accesses about to be given, as added by guildgate until an answer shows they
-/// were there already; returns those that were not recorded before.
+/// The accesses of `accounts` recorded before a call to Discord whose answer was never
+/// recorded (a run died in between), with when they were about to be given.
+pub async fn unsettled_accesses(
+    conn: &mut PgConnection,
+    accounts: &[(String, String)],
+) -> Result<Vec<(AccessKey, DateTime<Utc>)>, sqlx::Error> {
+    let (guilds, users): (Vec<String>, Vec<String>) = accounts.iter().cloned().unzip();
+    let rows: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT h.guild_id, h.user_id, h.role_id, h.since
+         FROM unnest($1::text[], $2::text[]) AS a (guild_id, user_id)
+         JOIN discord_holdings h ON h.guild_id = a.guild_id AND h.user_id = a.user_id
+         WHERE NOT h.settled",
+    )
+    .bind(&guilds)
+    .bind(&users)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(g, u, r, since)| ((g, u, (!r.is_empty()).then_some(r)), since))
+        .collect())
+}
+
+/// Records accesses about to be given, unsettled (counted as added by guildgate) until
+/// Discord's answer says whether they were there already; returns those that were not
+/// recorded before.
 pub async fn hold(
     conn: &mut PgConnection,
     accesses: &[AccessKey],
@@ -252,8 +276,8 @@ pub async fn hold(
     let mut created = Vec::new();
     for (g, u, r) in accesses {
         let done = sqlx::query(
-            "INSERT INTO discord_holdings (guild_id, user_id, role_id, found, since)
-             VALUES ($1, $2, $3, false, $4) ON CONFLICT DO NOTHING",
+            "INSERT INTO discord_holdings (guild_id, user_id, role_id, found, since, settled)
+             VALUES ($1, $2, $3, false, $4, false) ON CONFLICT DO NOTHING",
         )
         .bind(g)
         .bind(u)
@@ -269,7 +293,8 @@ pub async fn hold(
 }
 
 /// Records whether accesses were found already there (`true`: the answers showed them
-/// before guildgate gave them) or added by guildgate (`false`: Discord added them now).
+/// before guildgate gave them) or added by guildgate (`false`: Discord added them now),
+/// settling them.
 pub async fn set_found(
     conn: &mut PgConnection,
     accesses: &[AccessKey],
@@ -277,7 +302,7 @@ pub async fn set_found(
 ) -> Result<(), sqlx::Error> {
     for (g, u, r) in accesses {
         sqlx::query(
-            "UPDATE discord_holdings SET found = $4
+            "UPDATE discord_holdings SET found = $4, settled = true
              WHERE guild_id = $1 AND user_id = $2 AND role_id = $3",
         )
         .bind(g)

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::message::Delivery;
@@ -78,16 +78,33 @@ struct Job {
     others: Vec<Access>,
     /// Accesses of the same accounts guildgate found already there.
     found: Vec<Access>,
-    /// Accesses this run recorded as held for the first time: an answer saying they
-    /// were there already makes them found.
-    created: Vec<Access>,
+    /// Accesses of the same accounts held before a call whose answer is not on record
+    /// yet (this run's, or one a crash interrupted), with when they were about to be
+    /// given: the next answer about them settles whether guildgate added them.
+    unsettled: Vec<(Access, DateTime<Utc>)>,
+}
+
+/// Discord's answer, as the history shows it, when a member (or their role) turns out
+/// to be there because a run that died before recording it had added them.
+const ADDED_BEFORE_A_CRASH: &str = "204 No Content: added by an earlier attempt whose answer was not recorded (joined after guildgate was about to add them)";
+
+/// Why a sync did not finish.
+enum SyncFailure {
+    /// Discord refused or could not be asked.
+    Discord(DiscordError),
+    /// Discord's answer could not be recorded before the next call.
+    Database(sqlx::Error),
+}
+
+impl From<DiscordError> for SyncFailure {
+    fn from(e: DiscordError) -> Self {
+        Self::Discord(e)
+    }
 }
 
 /// What a successful sync did.
 struct Synced {
     plan: plan::Plan,
-    /// Accesses Discord showed were there before this run gave them.
-    present_before: Vec<Access>,
     /// Accesses Discord added for this run (so guildgate's own from now on).
     added: Vec<Access>,
     /// What was done in Discord, with Discord's answer, for the grant's history.
@@ -165,7 +182,10 @@ impl SyncWorker {
                 }
                 match synced {
                     Ok(s) => self.record_success(&job, s).await?,
-                    Err(e) => self.record_failure_or_stop(&job, e, attempt).await?,
+                    Err(SyncFailure::Discord(e)) => {
+                        self.record_failure_or_stop(&job, e, attempt).await?
+                    }
+                    Err(SyncFailure::Database(e)) => return Err(e),
                 }
             }
         };
@@ -340,7 +360,8 @@ impl SyncWorker {
         job.held.push(want);
         let created = db::hold(&mut tx, &keys, now).await?;
         tx.commit().await?;
-        job.created = created.into_iter().filter_map(access_of).collect();
+        job.unsettled
+            .extend(created.into_iter().filter_map(access_of).map(|a| (a, now)));
         Ok(())
     }
 
@@ -361,7 +382,7 @@ impl SyncWorker {
         };
         let link = db::link_of(&mut conn, &grant.business_id, &grant.customer_id).await?;
         let held = held_by(&grant);
-        let (mut others, mut found) = (Vec::new(), Vec::new());
+        let (mut others, mut found, mut unsettled) = (Vec::new(), Vec::new(), Vec::new());
         if holders {
             let accounts: Vec<(String, String)> = accounts_of(&held, guild, link.as_ref())
                 .into_iter()
@@ -379,6 +400,11 @@ impl SyncWorker {
                 .into_iter()
                 .filter_map(access_of)
                 .collect();
+            unsettled = db::unsettled_accesses(&mut conn, &accounts)
+                .await?
+                .into_iter()
+                .filter_map(|(key, since)| Some((access_of(key)?, since)))
+                .collect();
         }
         Ok(Some(Job {
             grant,
@@ -388,13 +414,13 @@ impl SyncWorker {
             held,
             others,
             found,
-            created: Vec::new(),
+            unsettled,
         }))
     }
 
     /// Makes Discord match the grant. Replans when an answer shows the member differs
     /// from what was assumed; every call is idempotent.
-    async fn sync(&self, job: &Job) -> Result<Synced, DiscordError> {
+    async fn sync(&self, job: &Job) -> Result<Synced, SyncFailure> {
         let g = &job.grant;
         let live = g.status().is_live();
         let Some(guild) = job.guild else {
@@ -402,11 +428,12 @@ impl SyncWorker {
                 return Err(DiscordError::human(
                     HumanCode::UnknownGuild,
                     "The entitlement's Discord server id is not valid. Fix the entitlement's guild_id.",
-                ));
+                )
+                .into());
             }
             // A revoked grant whose entitlement is broken: undo what it applied, if
             // anything, using the recorded guild.
-            return self.undo_only(job).await;
+            return Ok(self.undo_only(job).await?);
         };
         let linked_user = job
             .link
@@ -432,7 +459,6 @@ impl SyncWorker {
         }
         let reasons = Reasons::of(job, desired);
         let mut token: Option<SecretString> = None;
-        let mut present_before = Vec::new();
         let mut added = Vec::new();
         let mut changes = Vec::new();
         for _ in 0..4 {
@@ -471,31 +497,32 @@ impl SyncWorker {
                                 }
                             }
                             Ok(AddMember::AlreadyMember) => {
-                                // 204 changes nothing: they were a member before, and
-                                // whether they hold the role already only their member
-                                // object says (adding a role answers 204 either way).
-                                let membership = Access {
-                                    role: None,
-                                    user,
-                                    guild,
-                                };
-                                changes.push((
-                                    "member_found",
-                                    membership,
-                                    "204 No Content: already a member",
-                                ));
-                                present_before.push(membership);
+                                // 204 changes nothing: they were a member already, and
+                                // whether they hold the role only their member object
+                                // says (adding a role answers 204 either way).
                                 member = match self.discord.member(guild, user).await? {
                                     None => MemberState::Absent,
                                     Some(m) => {
-                                        if let Some(r) = role.filter(|r| m.roles.contains(r)) {
-                                            let a = Access {
-                                                role: Some(r),
-                                                user,
-                                                guild,
+                                        let seen = self
+                                            .settle_present(job, guild, user, role, &m)
+                                            .await
+                                            .map_err(SyncFailure::Database)?;
+                                        for (a, by_us) in seen {
+                                            let event = match (a.role, by_us) {
+                                                (None, false) => "member_found",
+                                                (None, true) => "member_added",
+                                                (Some(_), false) => "role_found",
+                                                (Some(_), true) => "role_added",
                                             };
-                                            changes.push(("role_found", a, "already held"));
-                                            present_before.push(a);
+                                            let answer = match (a.role, by_us) {
+                                                (_, true) => ADDED_BEFORE_A_CRASH,
+                                                (None, false) => "204 No Content: already a member",
+                                                (Some(_), false) => "already held",
+                                            };
+                                            changes.push((event, a, answer));
+                                            if by_us {
+                                                added.push(a);
+                                            }
                                         }
                                         MemberState::Present { roles: m.roles }
                                     }
@@ -503,7 +530,7 @@ impl SyncWorker {
                                 replan = true;
                                 break;
                             }
-                            Err(e) => return Err(self.explain(e, guild, role).await),
+                            Err(e) => return Err(self.explain(e, guild, role).await.into()),
                         }
                     }
                     Call::AddRole { guild, user, role } => {
@@ -522,7 +549,9 @@ impl SyncWorker {
                                 replan = true;
                                 break;
                             }
-                            Err(e) => return Err(self.explain(e, guild, Some(role)).await),
+                            Err(e) => {
+                                return Err(self.explain(e, guild, Some(role)).await.into());
+                            }
                         }
                     }
                     Call::RemoveRole { guild, user, role } => {
@@ -540,7 +569,9 @@ impl SyncWorker {
                                 },
                                 answer(c),
                             )),
-                            Err(e) => return Err(self.explain(e, guild, Some(role)).await),
+                            Err(e) => {
+                                return Err(self.explain(e, guild, Some(role)).await.into());
+                            }
                         }
                     }
                     Call::RemoveMember { guild, user } => {
@@ -558,7 +589,7 @@ impl SyncWorker {
                                 },
                                 answer(c),
                             )),
-                            Err(e) => return Err(self.explain(e, guild, None).await),
+                            Err(e) => return Err(self.explain(e, guild, None).await.into()),
                         }
                     }
                 }
@@ -566,7 +597,6 @@ impl SyncWorker {
             if !replan {
                 return Ok(Synced {
                     plan: p,
-                    present_before,
                     added,
                     changes,
                 });
@@ -574,7 +604,73 @@ impl SyncWorker {
         }
         Err(DiscordError::Retriable(
             "the member changed under every attempt; trying again later".into(),
-        ))
+        )
+        .into())
+    }
+
+    /// The member is in the server (Discord answered 204 to adding them) and `m` is
+    /// their member object. Settles, before any further call, whether guildgate added
+    /// what the job holds unsettled of it: the membership by when they joined (after
+    /// guildgate was about to add them: an earlier attempt's add, whose answer a crash
+    /// lost), the role by whether they hold it (held and the membership guildgate's:
+    /// that attempt gave it with the membership; held otherwise: found; not held: it is
+    /// about to be added, so recorded as added before the call). Returns the membership
+    /// and, if held, the role, each with whether guildgate added it.
+    async fn settle_present(
+        &self,
+        job: &Job,
+        guild: Snowflake,
+        user: Snowflake,
+        role: Option<Snowflake>,
+        m: &crate::discord::client::Member,
+    ) -> Result<Vec<(Access, bool)>, sqlx::Error> {
+        let since = |a: &Access| {
+            job.unsettled
+                .iter()
+                .find(|(u, _)| u == a)
+                .map(|(_, since)| *since)
+        };
+        let membership = Access {
+            role: None,
+            user,
+            guild,
+        };
+        // Discord's clock against this host's: both kept by NTP, and the add always
+        // comes at least a commit after `since`. A member without `joined_at` is
+        // taken as found: never taken away on a guess.
+        let joined_after = |since: DateTime<Utc>| m.joined_at.is_some_and(|joined| joined >= since);
+        let member_by_us = since(&membership).is_some_and(joined_after);
+        let mut seen = vec![(membership, member_by_us)];
+        let (mut found, mut ours) = (Vec::new(), Vec::new());
+        if since(&membership).is_some() {
+            if member_by_us { &mut ours } else { &mut found }.push(access_key(&membership));
+        }
+        if let Some(r) = role {
+            let a = Access {
+                role: Some(r),
+                user,
+                guild,
+            };
+            let held = m.roles.contains(&r);
+            if held {
+                seen.push((a, member_by_us));
+            }
+            if since(&a).is_some() {
+                if held && !member_by_us {
+                    &mut found
+                } else {
+                    &mut ours
+                }
+                .push(access_key(&a));
+            }
+        }
+        if !found.is_empty() || !ours.is_empty() {
+            let mut tx = self.pool.begin().await?;
+            db::set_found(&mut tx, &found, true).await?;
+            db::set_found(&mut tx, &ours, false).await?;
+            tx.commit().await?;
+        }
+        Ok(seen)
     }
 
     async fn undo_only(&self, job: &Job) -> Result<Synced, DiscordError> {
@@ -606,7 +702,6 @@ impl SyncWorker {
         }
         Ok(Synced {
             plan: p,
-            present_before: Vec::new(),
             added: Vec::new(),
             changes: Vec::new(),
         })
@@ -708,14 +803,7 @@ impl SyncWorker {
             )
         });
         db::set_applied(&mut tx, &grant.id, applied, now).await?;
-        // There before this run first gave them: never taken away.
-        let found: Vec<db::AccessKey> = s
-            .present_before
-            .iter()
-            .filter(|a| job.created.contains(a))
-            .map(access_key)
-            .collect();
-        db::set_found(&mut tx, &found, true).await?;
+        // What was there before it was given was settled as found when Discord said so.
         // Added by Discord for this run: guildgate's to take away, whatever was
         // recorded before (a found role a moderator removed since, given back now).
         let added: Vec<db::AccessKey> = s.added.iter().map(access_key).collect();

@@ -338,6 +338,9 @@ struct Stack {
     guilds: HashMap<&'static str, u64>,
     /// Linked customers' Discord users.
     users: HashMap<String, u64>,
+    /// What some of those users had before buying anything: (guild, roles) they were
+    /// in, long before the traffic. guildgate finds it there and never takes it away.
+    before: HashMap<u64, Vec<(u64, Vec<u64>)>>,
     receiver: Arc<ReceiverState>,
     publisher: Connection,
     channel: Channel,
@@ -499,6 +502,24 @@ impl Stack {
             users.insert(c.id.clone(), user);
             previous = Some(user);
         }
+        // Some of them were in a server before they bought: a member of the
+        // membership-only server, a member of the main one with the gold role a
+        // moderator gave, a member of the main one without a role.
+        let long_ago = std::time::SystemTime::now() - Duration::from_secs(86_400);
+        let mut before: HashMap<u64, Vec<(u64, Vec<u64>)>> = HashMap::new();
+        let mut distinct: Vec<u64> = users.values().copied().collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        for (i, user) in distinct.into_iter().enumerate() {
+            let had = match i % 7 {
+                1 => (club.guild_id, Vec::new()),
+                3 => (main.guild_id, vec![main.role("Gold")]),
+                5 => (main.guild_id, Vec::new()),
+                _ => continue,
+            };
+            sandbox.add_member_since(had.0, user, &had.1, long_ago);
+            before.entry(user).or_default().push(had);
+        }
 
         let publisher = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
@@ -527,6 +548,7 @@ impl Stack {
             ]
             .into(),
             users,
+            before,
             receiver,
             publisher,
             channel,
@@ -741,8 +763,9 @@ impl Stack {
         }
 
         // Discord: each linked Discord account holds exactly the roles of the live grants
-        // of every customer linked to it, is a member wherever one of them puts it, and
-        // is not in the membership-only server without one.
+        // of every customer linked to it and the roles it had before buying, is a member
+        // wherever one of them puts it or it was before, and is not in the
+        // membership-only server without either.
         let live = model.live_entitlements();
         let sandbox = self.sandbox();
         let mut accounts: BTreeMap<u64, Vec<&String>> = BTreeMap::new();
@@ -761,7 +784,15 @@ impl Stack {
                     .map(|e| &self.ents[e])
                     .filter(|e| e.guild == *guild)
                     .collect();
-                let want_roles: BTreeSet<u64> = here.iter().filter_map(|e| e.role).collect();
+                let had = self
+                    .before
+                    .get(user)
+                    .and_then(|b| b.iter().find(|(g, _)| g == guild));
+                let want_roles: BTreeSet<u64> = here
+                    .iter()
+                    .filter_map(|e| e.role)
+                    .chain(had.into_iter().flat_map(|(_, roles)| roles.iter().copied()))
+                    .collect();
                 let gated: BTreeSet<u64> = self
                     .ents
                     .values()
@@ -780,7 +811,7 @@ impl Stack {
                     })
                     .unwrap_or_default();
                 let membership_only = gated.is_empty();
-                let ok = if !here.is_empty() {
+                let ok = if !here.is_empty() || had.is_some() {
                     member.is_some() && has_roles == want_roles
                 } else if membership_only {
                     member.is_none()

@@ -470,6 +470,21 @@ impl Sandbox {
     /// # Panics
     /// If the guild or user is unknown.
     pub fn add_member(&self, guild_id: u64, user_id: u64, roles: &[u64]) {
+        self.add_member_since(guild_id, user_id, roles, SystemTime::now());
+    }
+
+    /// Adds a member who joined at `joined_at` (a member who was in the server long
+    /// before anything else happened, say), with roles.
+    ///
+    /// # Panics
+    /// If the user or guild is unknown.
+    pub fn add_member_since(
+        &self,
+        guild_id: u64,
+        user_id: u64,
+        roles: &[u64],
+        joined_at: SystemTime,
+    ) {
         self.with_state(|st| {
             assert!(
                 st.world.users.contains_key(&user_id),
@@ -486,7 +501,7 @@ impl Sandbox {
                     user_id,
                     roles: roles.iter().copied().filter(|r| *r != guild_id).collect(),
                     nick: None,
-                    joined_at: SystemTime::now(),
+                    joined_at,
                 },
             );
         });
