@@ -360,17 +360,27 @@ fn body_of<T: DeserializeOwned>(raw: &RawValue) -> Result<T, ApiError> {
     Ok(v)
 }
 
+/// Routes whose answers are HTML pages for a person's browser, never the error shape.
+pub const BROWSER_PAGES: &[&str] = &["/oauth/discord/callback", "/discord/bot/callback"];
+
 /// Middleware of every API route: refuses a path or query parameter holding U+0000
 /// (PostgreSQL can store neither; see [`crate::nul`]), and a path parameter whose
 /// percent-encoding is not UTF-8, with a 422 naming it, before the handler runs (else
 /// the handler's `Path` would answer the latter with axum's plain-text 400, outside the
 /// error shape). Bodies are checked by [`ApiJson`].
+///
+/// The pages browsers are sent to ([`BROWSER_PAGES`]) are left to their handlers, which
+/// answer with a page a person can read: a parameter holding U+0000 there is an altered
+/// link, refused by its signature before anything is stored.
 pub async fn refuse_bad_params(
     path: Result<RawPathParams, RawPathParamsRejection>,
     req: Request,
     next: Next,
 ) -> Response {
     const NUL: &str = "must not contain U+0000 (the NUL character)";
+    if BROWSER_PAGES.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
     match &path {
         Ok(params) => {
             if let Some((name, _)) = params

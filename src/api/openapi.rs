@@ -135,7 +135,9 @@ impl EdgeResponses {
         ]
     }
 
-    fn operation(op: &mut Operation) {
+    /// `page`: a route browsers are sent to, whose parameters its handler checks (no
+    /// edge 422).
+    fn operation(op: &mut Operation, page: bool) {
         let protected = op
             .security
             .as_ref()
@@ -193,10 +195,10 @@ impl EdgeResponses {
         }
         // A bad path or query parameter is refused before the handler runs; a body is
         // refused by `ApiJson` when it is not JSON or too large.
-        let edge: &[&str] = if has_body {
-            &["400", "413", "422"]
-        } else {
-            &["422"]
+        let edge: &[&str] = match (has_body, page) {
+            (true, _) => &["400", "413", "422"],
+            (false, false) => &["422"],
+            (false, true) => &[],
         };
         for &status in edge {
             responses.entry(status.into()).or_insert_with(|| {
@@ -338,8 +340,20 @@ impl Modify for EdgeResponses {
         for (name, response) in Self::shared() {
             components.responses.insert(name.into(), response.into());
         }
-        for op in operations(openapi) {
-            Self::operation(op);
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let page = super::error::BROWSER_PAGES.contains(&path.as_str());
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                Self::operation(op, page);
+            }
         }
     }
 }
@@ -460,8 +474,11 @@ mod tests {
                 has_retry_after(&doc, status("503")),
                 "{name}: 503 Retry-After"
             );
-            // A NUL in any path or query parameter is refused before the handler.
-            assert!(!status("422").is_null(), "{name}: 422");
+            // A NUL in any path or query parameter is refused before the handler, but
+            // on the pages browsers are sent to, which show a page instead.
+            let page = ["GET /oauth/discord/callback", "GET /discord/bot/callback"]
+                .contains(&name.as_str());
+            assert_eq!(status("422").is_null(), page, "{name}: 422");
             if op["requestBody"].is_object() {
                 for s in ["400", "413", "422"] {
                     assert!(is_error_shape(&doc, status(s)), "{name}: {s}");
