@@ -292,6 +292,18 @@ impl App {
                 "event id pruner"
             });
         }
+        {
+            let timers = crate::grants::timers::Timers {
+                pool: self.pool.clone(),
+                links: self.links.clone(),
+                metrics: self.metrics.clone(),
+            };
+            let (every, s) = (self.settings.grants.timer_interval, shutdown.clone());
+            tasks.spawn(async move {
+                timers.run_every(every, s).await;
+                "grant timers"
+            });
+        }
         if let Some(every) = self.settings.reconcile.interval {
             // Discord reads on the side budget, never the syncer's.
             let reconciler = crate::reconcile::Reconciler {

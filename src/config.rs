@@ -206,6 +206,10 @@ pub struct GrantSettings {
     /// would make every later event of their subscription look stale.
     #[serde(deserialize_with = "duration")]
     pub max_future_skew: Duration,
+    /// How often each process looks for grants whose due time has passed (the end of a
+    /// grace period) and revokes them.
+    #[serde(deserialize_with = "duration")]
+    pub timer_interval: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -355,6 +359,11 @@ impl Settings {
             return Err(ConfigError::Invalid(
                 "ingest.processed_retention must be at least 24h (or empty to keep every id)"
                     .into(),
+            ));
+        }
+        if self.grants.timer_interval.is_zero() {
+            return Err(ConfigError::Invalid(
+                "grants.timer_interval must be more than 0s".into(),
             ));
         }
         if self.ingest.prune_interval.is_zero() {

@@ -50,6 +50,9 @@ pub struct Metrics {
     pub discord_invalid_requests: Gauge,
     /// Stops recorded by `scope` (server, entitlement) and `code` (a fixed set).
     pub discord_stops: Family<Labels, Counter>,
+    /// Grants revoked because their due time passed (the end of a grace period), by
+    /// `reason`.
+    pub grant_timers: Family<Labels, Counter>,
     /// Webhook attempts by outcome, and their latency.
     pub webhook_attempts: Family<Labels, Counter>,
     pub webhook_latency: Histogram,
@@ -128,6 +131,12 @@ impl Metrics {
             "Servers and entitlements the syncer stopped calling Discord for, by scope and code",
             discord_stops.clone(),
         );
+        let grant_timers = Family::<Labels, Counter>::default();
+        registry.register(
+            "grant_timers_fired",
+            "Grants revoked when their due time passed (the end of a grace period), by reason",
+            grant_timers.clone(),
+        );
         let webhook_attempts = Family::<Labels, Counter>::default();
         registry.register(
             "webhook_attempts",
@@ -161,6 +170,7 @@ impl Metrics {
             discord_requests,
             discord_invalid_requests,
             discord_stops,
+            grant_timers,
             webhook_attempts,
             webhook_latency,
             queue_depth,

@@ -1910,6 +1910,7 @@ async fn openapi_documents_exactly_the_real_routes() {
         "PUT /entitlements/{id}/translations/{locale}",
         "DELETE /entitlements/{id}/translations/{locale}",
         "GET /entitlements/{id}/grants",
+        "POST /entitlements/{id}/grants",
         "GET /entitlements/{id}/grants/{grant_id}",
         "DELETE /entitlements/{id}/grants/{grant_id}",
         "GET /entitlements/{id}/grants/{grant_id}/history",
@@ -3162,5 +3163,313 @@ async fn grants_always_have_a_brand_and_a_null_feature() {
     assert_eq!(order(&body["data"]), order(&want["data"]));
     assert_eq!(body["data"]["feature"], Value::Null);
     assert_eq!(body["data"]["brand_id"], "brd_3hQp");
+    w.stop().await;
+}
+
+/// A grace period (`integration_config.grace_period_days`, a guildgate extension): a
+/// subscription on hold or failed keeps its access until the period ends, an active
+/// subscription ends the grace, a cancellation revokes at once, and the durable timer
+/// revokes the grant with the hold's reason when its due time has passed, taking the
+/// role away. The history shows each step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grace_period_keeps_access_until_it_ends_unless_the_subscription_returns() {
+    let w = World::start().await;
+    let biz = w.app.business();
+    let c = client(&w, &biz).await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let role = g.role("Patrons");
+    let mut body = create_body(g.guild_id, Some(role));
+    body["integration_config"]["grace_period_days"] = json!(3);
+    let (s, e) = c.post("/entitlements", body).await;
+    assert_eq!(s, 201, "{e}");
+    assert_eq!(e["integration_config"]["grace_period_days"], 3, "{e}");
+    let ent = e["id"].as_str().unwrap().to_string();
+    for bad in [json!(0), json!(366), json!(-1)] {
+        let mut config = e["integration_config"].clone();
+        config["grace_period_days"] = bad.clone();
+        let (s, v) = c
+            .patch(
+                &format!("/entitlements/{ent}"),
+                json!({"integration_config": config}),
+            )
+            .await;
+        assert_eq!(s, 422, "{bad}: {v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .contains("integration_config.grace_period_days"),
+            "{v}"
+        );
+    }
+    // Without the key, a config read back has none.
+    let (_, plain) = c
+        .post("/entitlements", create_body(g.guild_id, Some(role)))
+        .await;
+    assert!(
+        plain["integration_config"]
+            .as_object()
+            .unwrap()
+            .get("grace_period_days")
+            .is_none(),
+        "{plain}"
+    );
+    w.app.attach("pdt_s", &[&ent]).await;
+
+    let at = |minutes_ago: i64| {
+        (chrono::Utc::now() - chrono::TimeDelta::minutes(minutes_ago))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let sub = |kind: &str, id: &str, customer: &str, status: &str, t: &str, evt: &str| {
+        let (kind, id, customer, status, t, evt) = (
+            kind.to_string(),
+            id.to_string(),
+            customer.to_string(),
+            status.to_string(),
+            t.to_string(),
+            evt.to_string(),
+        );
+        let w = &w;
+        let biz = biz.clone();
+        async move {
+            w.app
+                .publish(
+                    &subscription(&kind, &biz, &id, &customer, "pdt_s", &status, &t),
+                    &evt,
+                )
+                .await;
+        }
+    };
+    let history = |grant: String| {
+        let (c, ent) = (&c, ent.clone());
+        async move {
+            let (s, v) = c
+                .get(&format!("/entitlements/{ent}/grants/{grant}/history"))
+                .await;
+            assert_eq!(s, 200, "{v}");
+            v["items"].as_array().unwrap().clone()
+        }
+    };
+    let has = |items: &[Value], event: &str| items.iter().filter(|e| e["event"] == event).count();
+
+    let u = w.user("una");
+    w.link("cus_1", u).await;
+    sub("active", "sub_1", "cus_1", "active", &at(10), "evt_1").await;
+    let grant = w.grant_of("cus_1").await;
+    w.wait_status(&grant.id, "Delivered").await;
+    assert!(w.has_role(g.guild_id, u, role));
+
+    // On hold: kept, with its end three days after the event.
+    let held_at = at(9);
+    sub("on_hold", "sub_1", "cus_1", "on_hold", &held_at, "evt_2").await;
+    let items = wait_for("the grace in the history", || async {
+        let items = history(grant.id.clone()).await;
+        (has(&items, "grace_started") == 1).then_some(items)
+    })
+    .await;
+    let started = items
+        .iter()
+        .find(|e| e["event"] == "grace_started")
+        .unwrap();
+    let until =
+        chrono::DateTime::parse_from_rfc3339(&held_at).unwrap() + chrono::TimeDelta::days(3);
+    assert_eq!(
+        started["detail"]["until"],
+        until
+            .with_timezone(&chrono::Utc)
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    assert_eq!(started["detail"]["reason"], "subscription_on_hold");
+    assert_eq!(
+        w.wait_status(&grant.id, "Delivered").await.status,
+        "Delivered"
+    );
+    assert!(w.has_role(g.guild_id, u, role));
+
+    // Active again: the grace ends, the grant stays, no second grant.
+    sub("active", "sub_1", "cus_1", "active", &at(8), "evt_3").await;
+    wait_for("the grace's end in the history", || async {
+        let items = history(grant.id.clone()).await;
+        (has(&items, "grace_ended") == 1).then_some(())
+    })
+    .await;
+    let (_, grants) = c
+        .get(&format!("/entitlements/{ent}/grants?customer_id=cus_1"))
+        .await;
+    assert_eq!(grants["items"].as_array().unwrap().len(), 1, "{grants}");
+    assert_eq!(grants["items"][0]["status"], "Delivered");
+
+    // Failed: a new grace. A second failure keeps its end.
+    sub("failed", "sub_1", "cus_1", "failed", &at(7), "evt_4").await;
+    sub("failed", "sub_1", "cus_1", "failed", &at(6), "evt_5").await;
+    wait_for("the second grace", || async {
+        let items = history(grant.id.clone()).await;
+        (has(&items, "grace_started") == 2).then_some(())
+    })
+    .await;
+    let ends: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT ends_at FROM grants WHERE id = $1")
+            .bind(&grant.id)
+            .fetch_one(&w.app.pool)
+            .await
+            .unwrap();
+    let first_failure = chrono::DateTime::parse_from_rfc3339(&at(7)).unwrap();
+    assert!(
+        ends.unwrap() <= first_failure + chrono::TimeDelta::days(3) + chrono::TimeDelta::minutes(1)
+    );
+    assert!(w.has_role(g.guild_id, u, role));
+
+    // Three days pass: the timer revokes it with the failure's reason.
+    sqlx::query("UPDATE grants SET ends_at = now() - interval '1 second' WHERE id = $1")
+        .bind(&grant.id)
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
+    let timers = guildgate::grants::timers::Timers {
+        pool: w.app.pool.clone(),
+        links: w.links.clone(),
+        metrics: w.app.metrics.clone(),
+    };
+    let fired = timers.fire_due().await.unwrap();
+    assert!(fired <= 1);
+    let revoked = w.wait_status(&grant.id, "Revoked").await;
+    assert_eq!(
+        revoked.revocation_reason.as_deref(),
+        Some("subscription_failed")
+    );
+    wait_for("the role taken away", || async {
+        (!w.has_role(g.guild_id, u, role)).then_some(())
+    })
+    .await;
+    // Due once: nothing is due any more.
+    assert_eq!(timers.fire_due().await.unwrap(), 0);
+    let items = history(grant.id.clone()).await;
+    let ended: Vec<&Value> = items
+        .iter()
+        .filter(|e| e["event"] == "grace_ended")
+        .collect();
+    assert_eq!(ended.len(), 2, "{items:?}");
+    assert_eq!(ended[1]["detail"]["outcome"], "revoked");
+    let order: Vec<&str> = items.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let pos = |event: &str| order.iter().rposition(|e| *e == event).unwrap();
+    assert!(pos("grace_ended") <= pos("revoked"), "{order:?}");
+    assert!(pos("revoked") < pos("role_removed"), "{order:?}");
+
+    // A cancellation during the grace revokes at once.
+    let v = w.user("vera");
+    w.link("cus_2", v).await;
+    sub("active", "sub_2", "cus_2", "active", &at(10), "evt_6").await;
+    let second = w.grant_of("cus_2").await;
+    w.wait_status(&second.id, "Delivered").await;
+    sub("on_hold", "sub_2", "cus_2", "on_hold", &at(9), "evt_7").await;
+    sub("cancelled", "sub_2", "cus_2", "cancelled", &at(8), "evt_8").await;
+    let revoked = w.wait_status(&second.id, "Revoked").await;
+    assert_eq!(
+        revoked.revocation_reason.as_deref(),
+        Some("subscription_cancelled")
+    );
+    w.stop().await;
+}
+
+/// Comp access (`POST /entitlements/{id}/grants`, a guildgate extension): a grant without
+/// a payment, delivered like any other; asking again answers the live one; another
+/// business cannot give or see it; when `expires_at` passes, the grant timer revokes it
+/// with `expired` and the role goes; afterwards a new one can be given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comp_access_is_given_without_a_payment_and_expires() {
+    let w = World::start().await;
+    let biz = w.app.business();
+    let c = client(&w, &biz).await;
+    let other = client(&w, "bus_Other").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let role = g.role("Patrons");
+    let e = create_entitlement(&c, g.guild_id, Some(role)).await;
+    let ent = e["id"].as_str().unwrap().to_string();
+    let path = format!("/entitlements/{ent}/grants");
+    let u = w.user("una");
+    w.link("cus_1", u).await;
+
+    // Refused: bad customer, bad or past expiry, another business's entitlement.
+    for (body, field) in [
+        (json!({"customer_id": " "}), "customer_id"),
+        (
+            json!({"customer_id": "cus_1", "expires_at": "tomorrow"}),
+            "expires_at",
+        ),
+        (
+            json!({"customer_id": "cus_1", "expires_at": "2020-01-01T00:00:00Z"}),
+            "expires_at",
+        ),
+    ] {
+        let (s, v) = c.post(&path, body.clone()).await;
+        assert_eq!(s, 422, "{body}: {v}");
+        assert!(v["message"].as_str().unwrap().contains(field), "{v}");
+    }
+    let (s, v) = other.post(&path, json!({"customer_id": "cus_1"})).await;
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")), "{v}");
+
+    let expires = (chrono::Utc::now() + chrono::TimeDelta::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let (s, first) = c
+        .post(
+            &path,
+            json!({"customer_id": "cus_1", "expires_at": expires}),
+        )
+        .await;
+    assert_eq!(s, 201, "{first}");
+    let id = first["id"].as_str().unwrap().to_string();
+    assert_eq!(first["payment_id"], Value::Null);
+    assert_eq!(first["subscription_id"], Value::Null);
+    assert_eq!(first["status"], "Pending");
+    // The customer linked Discord before: delivered at once.
+    w.wait_status(&id, "Delivered").await;
+    assert!(w.has_role(g.guild_id, u, role));
+    let (s, again) = c.post(&path, json!({"customer_id": "cus_1"})).await;
+    assert_eq!(s, 200, "{again}");
+    assert_eq!(again["id"], id.as_str());
+    let (s, _) = other.get(&format!("{path}/{id}")).await;
+    assert_eq!(s, 404);
+    let (_, history) = c.get(&format!("{path}/{id}/history")).await;
+    let comp = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "comp")
+        .cloned()
+        .unwrap_or_else(|| panic!("{history}"));
+    assert_eq!(comp["detail"]["expires_at"], expires.as_str());
+
+    // The hour passes: revoked with `expired`, and the role goes.
+    sqlx::query("UPDATE grants SET ends_at = now() - interval '1 second' WHERE id = $1")
+        .bind(&id)
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
+    let timers = guildgate::grants::timers::Timers {
+        pool: w.app.pool.clone(),
+        links: w.links.clone(),
+        metrics: w.app.metrics.clone(),
+    };
+    timers.fire_due().await.unwrap();
+    let revoked = w.wait_status(&id, "Revoked").await;
+    assert_eq!(revoked.revocation_reason.as_deref(), Some("expired"));
+    wait_for("the role taken away", || async {
+        (!w.has_role(g.guild_id, u, role)).then_some(())
+    })
+    .await;
+
+    // Given again, without an end: a new grant.
+    let (s, next) = c.post(&path, json!({"customer_id": "cus_1"})).await;
+    assert_eq!(s, 201, "{next}");
+    assert_ne!(next["id"], id.as_str());
+    w.wait_status(next["id"].as_str().unwrap(), "Delivered")
+        .await;
+    let ends: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT ends_at FROM grants WHERE id = $1")
+            .bind(next["id"].as_str().unwrap())
+            .fetch_one(&w.app.pool)
+            .await
+            .unwrap();
+    assert_eq!(ends, None);
     w.stop().await;
 }

@@ -34,6 +34,8 @@ use crate::sync::stops;
 
 /// The only integration guildgate implements.
 pub const DISCORD: &str = "discord";
+/// The longest grace period an entitlement may have, in days.
+const MAX_GRACE_DAYS: i64 = 365;
 pub const MAX_NAME: usize = 255;
 pub const MAX_DESCRIPTION: usize = 2000;
 
@@ -56,6 +58,24 @@ pub struct IntegrationConfig {
     #[serde(default)]
     #[schema(example = "987654321098765432")]
     pub role_id: Option<String>,
+    /// guildgate extension: days a subscription's access is kept after it goes
+    /// `on_hold` or `failed` (1 to 365); revoked when they end unless the subscription
+    /// is active again. Absent or null: revoked at once, as on the platform. Returned
+    /// only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 365, example = 7)]
+    pub grace_period_days: Option<i64>,
+}
+
+impl IntegrationConfig {
+    /// The config of a stored entitlement.
+    pub fn of(e: &Entitlement) -> Self {
+        Self {
+            guild_id: e.guild_id.clone(),
+            role_id: e.role_id.clone(),
+            grace_period_days: e.grace_period_days.map(i64::from),
+        }
+    }
 }
 
 /// An entitlement, as the platform shapes it.
@@ -164,10 +184,7 @@ impl From<&Entitlement> for EntitlementView {
             name: e.name.clone(),
             description: e.description.clone(),
             integration_type: e.integration_type.clone(),
-            integration_config: IntegrationConfig {
-                guild_id: e.guild_id.clone(),
-                role_id: e.role_id.clone(),
-            },
+            integration_config: IntegrationConfig::of(e),
             is_active: e.is_active,
             metadata: e.metadata.clone(),
             created_at: ts(e.created_at),
@@ -274,6 +291,14 @@ fn check_fields(f: &db::Fields, integration_type: &str) -> Result<(), ApiError> 
             "must be a Discord server id (digits, as a string)",
         );
     }
+    if f.grace_period_days
+        .is_some_and(|d| !(1..=MAX_GRACE_DAYS).contains(&d))
+    {
+        bad(
+            "integration_config.grace_period_days",
+            "must be a whole number of days from 1 to 365, or null for none",
+        );
+    }
     if f.role_id
         .as_deref()
         .is_some_and(|r| Snowflake::parse(r).is_none())
@@ -368,6 +393,7 @@ pub async fn create(
         description: body.description,
         guild_id: body.integration_config.guild_id,
         role_id: body.integration_config.role_id,
+        grace_period_days: body.integration_config.grace_period_days,
         is_active: body.is_active.unwrap_or(true),
         metadata: body
             .metadata
@@ -455,9 +481,14 @@ pub async fn update(
             .await?
             .ok_or(ApiError::NotFound("entitlement"))?
     };
-    let (guild_id, role_id) = match patch.integration_config {
-        Some(c) => (c.guild_id, c.role_id),
-        None => (before.guild_id.clone(), before.role_id.clone()),
+    // A config replaces the whole config, as on the platform.
+    let (guild_id, role_id, grace_period_days) = match patch.integration_config {
+        Some(c) => (c.guild_id, c.role_id, c.grace_period_days),
+        None => (
+            before.guild_id.clone(),
+            before.role_id.clone(),
+            before.grace_period_days.map(i64::from),
+        ),
     };
     let f = db::Fields {
         name: patch.name.unwrap_or_else(|| before.name.clone()),
@@ -466,6 +497,7 @@ pub async fn update(
             .unwrap_or_else(|| before.description.clone()),
         guild_id,
         role_id,
+        grace_period_days,
         is_active: patch.is_active.unwrap_or(before.is_active),
         metadata: patch.metadata.unwrap_or_else(|| before.metadata.clone()),
     };

@@ -163,6 +163,110 @@ pub async fn get(
     Ok(ApiJson(out.remove(0)))
 }
 
+/// `POST /entitlements/{id}/grants`: comp access for a customer.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CompGrant {
+    /// The platform's customer id of the customer to give access to.
+    #[schema(pattern = r"^[A-Za-z0-9_.:-]{1,128}$")]
+    pub customer_id: String,
+    /// When the access ends (RFC 3339, in the future); absent or null: until revoked.
+    #[serde(default)]
+    #[schema(format = DateTime)]
+    pub expires_at: Option<String>,
+}
+
+/// Give a customer access without a payment (comp access; a guildgate extension). The
+/// grant is like any other: `entitlement_grant.created` is sent, the customer connects
+/// Discord through its `oauth_url` (or is delivered at once if they have before), and
+/// it is revoked by hand or, with `expires_at`, when that passes (`revocation_reason:
+/// expired`). One live comp grant per customer and entitlement: asking again answers it
+/// (200) unchanged.
+#[utoipa::path(post, path = "/entitlements/{id}/grants", tag = "grants",
+    params(("id" = String, Path, description = "Entitlement id")),
+    request_body = CompGrant,
+    responses(
+        (status = 201, description = "Comp access given", body = GrantView),
+        (status = 200, description = "The customer's live comp grant for this entitlement, unchanged", body = GrantView),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 422, description = "`customer_id` or `expires_at` is invalid, or `expires_at` is not in the future (`invalid_field`)", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn comp(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CompGrant>,
+) -> ApiResult<(axum::http::StatusCode, ApiJson<Value>)> {
+    let now = Utc::now();
+    let customer =
+        CustomerId::parse(body.customer_id).map_err(|e| ApiError::field("customer_id", e))?;
+    let expires_at = body
+        .expires_at
+        .map(|t| {
+            DateTime::parse_from_rfc3339(&t)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| ApiError::field("expires_at", "must be an RFC 3339 time"))
+        })
+        .transpose()?;
+    if expires_at.is_some_and(|t| t <= now) {
+        return Err(ApiError::field("expires_at", "must be in the future"));
+    }
+    let business = merchant.business();
+    let mut tx = state.pool.begin().await?;
+    entitlements::get(&mut tx, business, &id, false)
+        .await?
+        .ok_or(ApiError::NotFound("entitlement"))?;
+    let live = db::live_comp(&mut tx, &id, customer.as_str()).await?;
+    let (status, g) = match live {
+        Some(g) => (axum::http::StatusCode::OK, g),
+        None => {
+            let brand = grant_store::business_brand(&mut tx, business).await?;
+            let grant_id = crate::ids::GrantId::mint().to_string();
+            let nonce = LinkBuilder::new_nonce();
+            let new = db::NewComp {
+                id: &grant_id,
+                business_id: business,
+                brand_id: &brand,
+                entitlement_id: &id,
+                customer_id: customer.as_str(),
+                oauth_nonce: &nonce,
+                oauth_expires_at: now + state.links.ttl,
+                expires_at,
+                now,
+            };
+            match db::insert_comp(&mut tx, &new).await? {
+                Some(g) => {
+                    // The grant, its webhook and its sync job commit together.
+                    emit(&mut tx, &state.links, &g, GrantEventType::Created, now).await?;
+                    history::record(
+                        &mut tx,
+                        &g.id,
+                        now,
+                        "comp",
+                        serde_json::json!({"expires_at": expires_at.map(ts)}),
+                    )
+                    .await?;
+                    (axum::http::StatusCode::CREATED, g)
+                }
+                // Given meanwhile by a concurrent request: answer that one.
+                None => {
+                    drop(tx);
+                    let mut conn = state.pool.acquire().await?;
+                    let g = db::live_comp(&mut conn, &id, customer.as_str())
+                        .await?
+                        .ok_or_else(|| ApiError::Internal("a comp grant vanished".into()))?;
+                    let mut out = render(&mut conn, &state.links, vec![g], now).await?;
+                    return Ok((axum::http::StatusCode::OK, ApiJson(out.remove(0))));
+                }
+            }
+        }
+    };
+    tx.commit().await?;
+    let mut conn = state.pool.acquire().await?;
+    let mut out = render(&mut conn, &state.links, vec![g], now).await?;
+    Ok((status, ApiJson(out.remove(0))))
+}
+
 /// A grant's history, oldest first (a guildgate extension): created, linked, account
 /// switched, each change made in Discord with Discord's answer, what was left in place
 /// and why, delivered, failed with its code, waiting on a stopped server, revoked with

@@ -371,7 +371,7 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(products::retrieve, products::update))
         .routes(routes!(translations::list))
         .routes(routes!(translations::put, translations::delete))
-        .routes(routes!(grants::of_entitlement))
+        .routes(routes!(grants::of_entitlement, grants::comp))
         .routes(routes!(grants::get, grants::revoke))
         .routes(routes!(grants::history))
         .routes(routes!(grants::of_customer))

@@ -165,10 +165,7 @@ impl From<&Entitlement> for ProductEntitlement {
             name: e.name.clone(),
             description: e.description.clone(),
             integration_type: e.integration_type.clone(),
-            integration_config: IntegrationConfig {
-                guild_id: e.guild_id.clone(),
-                role_id: e.role_id.clone(),
-            },
+            integration_config: IntegrationConfig::of(e),
         }
     }
 }

@@ -69,13 +69,22 @@ pub struct Applier {
 pub fn lock_keys_of(event: &Event) -> Vec<String> {
     match &event.kind {
         EventKind::PaymentSucceeded(p) => match &p.subscription_id {
-            Some(s) => vec![format!("sub:{s}"), format!("pay:{}", p.payment_id)],
+            Some(s) => vec![
+                subscription_key(s.as_str()),
+                format!("pay:{}", p.payment_id),
+            ],
             None => vec![format!("pay:{}", p.payment_id)],
         },
         EventKind::RefundSucceeded(r) => vec![format!("pay:{}", r.payment_id)],
         EventKind::DisputeLost(d) => vec![format!("pay:{}", d.payment_id)],
-        EventKind::Subscription(_, s) => vec![format!("sub:{}", s.subscription_id)],
+        EventKind::Subscription(_, s) => vec![subscription_key(s.subscription_id.as_str())],
     }
+}
+
+/// The advisory-lock key of a subscription: whoever changes its grants outside ingest
+/// (the grace timer) takes it too.
+pub fn subscription_key(subscription_id: &str) -> String {
+    format!("sub:{subscription_id}")
 }
 
 type Key = (String, String); // (business, subscription or payment)
@@ -109,6 +118,9 @@ struct State {
     /// Each business's most recent brand, for a grant whose event names none: read for
     /// the businesses of such events, then the brand of each grant the batch makes.
     brands: HashMap<String, String>,
+    /// Grace periods in days, by (business, entitlement), of businesses with
+    /// subscription events in the batch.
+    grace_days: HashMap<Key, u32>,
 }
 
 /// The writes a batch makes, flushed once at the end.
@@ -134,6 +146,8 @@ struct Writes {
     subscriptions: HashMap<Key, db::SubscriptionRow>,
     payments: Vec<db::PaymentRow>,
     reversals: Vec<db::ReversalRow>,
+    /// Grace periods started (with their end) or ended, in order.
+    grace: Vec<db::GraceRow>,
 }
 
 impl Writes {
@@ -330,6 +344,15 @@ impl Applier {
                         state.brands.insert(business, brand);
                     }
                 }
+                db::Fact::Grace {
+                    business,
+                    entitlement,
+                    days,
+                } => {
+                    if let Ok(days) = u32::try_from(days) {
+                        state.grace_days.insert((business, entitlement), days);
+                    }
+                }
             }
         }
         if !keys.payments.0.is_empty() || !sub_b.is_empty() {
@@ -449,6 +472,14 @@ impl Applier {
                     })
                     .filter_map(|g| EntitlementId::parse(g.entitlement_id.as_str()).ok())
                     .collect();
+                facts.grace_days = state
+                    .grace_days
+                    .iter()
+                    .filter(|((business, _), _)| business == b)
+                    .filter_map(|((_, e), days)| {
+                        Some((EntitlementId::parse(e.as_str()).ok()?, *days))
+                    })
+                    .collect();
                 live(all)
             }
         };
@@ -547,6 +578,8 @@ impl Applier {
                     intent_user_id: None,
                     intent_guild_id: None,
                     intent_role_id: None,
+                    ends_at: None,
+                    ends_reason: None,
                 };
                 let linked = state.linked.contains(&key(b, customer_id.as_str()));
                 writes.transition(
@@ -592,6 +625,44 @@ impl Applier {
                     if existed {
                         writes.revoked.push((g.id.clone(), *reason));
                     }
+                }
+            }
+            Effect::StartGrace {
+                grant_id,
+                reason,
+                until,
+            } => {
+                if let Some(g) = state
+                    .sub_grants
+                    .values_mut()
+                    .flatten()
+                    .find(|g| &g.id == grant_id && g.status().is_live())
+                {
+                    g.ends_at = Some(*until);
+                    g.ends_reason = Some(reason.as_str().to_string());
+                    g.updated_at = now;
+                    writes.grace.push(db::GraceRow {
+                        grant_id: g.id.clone(),
+                        ends_at: Some(*until),
+                        reason: Some(reason.as_str()),
+                    });
+                }
+            }
+            Effect::EndGrace { grant_id } => {
+                if let Some(g) = state
+                    .sub_grants
+                    .values_mut()
+                    .flatten()
+                    .find(|g| &g.id == grant_id && g.ends_at.is_some())
+                {
+                    g.ends_at = None;
+                    g.ends_reason = None;
+                    g.updated_at = now;
+                    writes.grace.push(db::GraceRow {
+                        grant_id: g.id.clone(),
+                        ends_at: None,
+                        reason: None,
+                    });
                 }
             }
             Effect::RecordSubscription => {
@@ -710,6 +781,7 @@ impl Applier {
                 bundle,
             );
         }
+        let grace = std::mem::take(&mut w.grace);
         let new: HashSet<&String> = w.new_grants.iter().collect();
         let rows = db::BatchRows {
             grants: state
@@ -728,6 +800,8 @@ impl Applier {
             processed: w.processed,
         };
         db::write_batch(conn, &rows).await?;
+        // After the grants the batch created: one may start its grace in the same batch.
+        db::write_grace(conn, &grace, now).await?;
         Ok(())
     }
 }
@@ -795,5 +869,6 @@ fn fact_of(g: &Grant) -> Option<GrantFact> {
         entitlement_id: EntitlementId::parse(g.entitlement_id.as_str()).ok()?,
         customer_id: CustomerId::parse(g.customer_id.as_str()).ok()?,
         status: GrantStatus::parse(&g.status)?,
+        in_grace: g.subscription_id.is_some() && g.ends_at.is_some(),
     })
 }

@@ -7,7 +7,10 @@
 //! - `subscription.active` / `unpaused` (and any snapshot whose status is `active`) grant
 //!   each entitlement of the product that has no live grant for the subscription, unless
 //!   the last grant of that entitlement was revoked by hand;
-//! - `on_hold`, `paused`, `cancelled`, `expired`, `failed` revoke every live grant;
+//! - `on_hold`, `paused`, `cancelled`, `expired`, `failed` revoke every live grant, except
+//!   that `on_hold` and `failed` start the grace period of a grant whose entitlement has
+//!   one (it stays live until the period ends, which revokes it with that reason), and a
+//!   later `active` ends the grace;
 //! - `plan_changed` also revokes what the new product lacks;
 //! - a full refund of a one-time payment, or a lost dispute, revokes that payment's grants;
 //! - a subscription event older than the last one applied changes nothing;
@@ -30,6 +33,8 @@ pub struct GrantFact {
     pub entitlement_id: EntitlementId,
     pub customer_id: CustomerId,
     pub status: GrantStatus,
+    /// In a grace period: due to end unless the subscription is active again first.
+    pub in_grace: bool,
 }
 
 /// What the shell loaded from the database for one event.
@@ -63,6 +68,8 @@ pub struct Facts {
     /// The business has at least one entitlement (refunds and disputes are remembered
     /// only for such businesses; so is a subscription's payment without a cart).
     pub business_has_entitlements: bool,
+    /// The grace period, in days, of the business's entitlements that have one.
+    pub grace_days: HashMap<EntitlementId, u32>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -90,6 +97,15 @@ pub enum Effect {
         grant_id: String,
         reason: RevocationReason,
     },
+    /// Keep a live grant until `until`, then revoke it with `reason` unless the
+    /// subscription is active again first.
+    StartGrace {
+        grant_id: String,
+        reason: RevocationReason,
+        until: DateTime<Utc>,
+    },
+    /// The subscription is active again: the grant's grace period is over, and it stays.
+    EndGrace { grant_id: String },
     /// Remember the subscription's latest snapshot (for ordering and refunds).
     RecordSubscription,
     /// Remember a payment (its subscription, for a later refund).
@@ -235,6 +251,15 @@ pub fn decide(facts: &Facts, event: &Event, policy: Policy) -> Verdict {
                             });
                         }
                     }
+                    for g in facts
+                        .grants
+                        .iter()
+                        .filter(|g| g.status.is_live() && g.in_grace)
+                    {
+                        effects.push(Effect::EndGrace {
+                            grant_id: g.id.clone(),
+                        });
+                    }
                     if *kind == SubscriptionEventType::PlanChanged {
                         for g in &facts.grants {
                             if g.status.is_live() && !entitlements.contains(&g.entitlement_id) {
@@ -243,6 +268,26 @@ pub fn decide(facts: &Facts, event: &Event, policy: Policy) -> Verdict {
                                     reason: RevocationReason::PlanChanged,
                                 });
                             }
+                        }
+                    }
+                }
+                Implied::Revoke(
+                    reason @ (RevocationReason::SubscriptionOnHold
+                    | RevocationReason::SubscriptionFailed),
+                ) => {
+                    for g in facts.grants.iter().filter(|g| g.status.is_live()) {
+                        match facts.grace_days.get(&g.entitlement_id) {
+                            // Already in grace: its end stays where the first hold put it.
+                            Some(_) if g.in_grace => {}
+                            Some(days) => effects.push(Effect::StartGrace {
+                                grant_id: g.id.clone(),
+                                reason,
+                                until: event.timestamp + chrono::TimeDelta::days(i64::from(*days)),
+                            }),
+                            None => effects.push(Effect::RevokeGrant {
+                                grant_id: g.id.clone(),
+                                reason,
+                            }),
                         }
                     }
                 }
@@ -373,6 +418,7 @@ mod tests {
             entitlement_id: ent(e),
             customer_id: cus(),
             status,
+            in_grace: false,
         }
     }
     fn products(pairs: &[(&str, &[&str])]) -> HashMap<ProductId, Vec<EntitlementId>> {
@@ -408,6 +454,158 @@ mod tests {
                 })
                 .collect(),
             _ => vec![],
+        }
+    }
+
+    /// Grace periods, by table: the event, whether the grant is in grace already, and
+    /// what must happen to a live grant of an entitlement with (e1) or without (e2) a
+    /// three-day grace period.
+    #[test]
+    fn on_hold_and_failed_start_a_grace_period_where_the_entitlement_has_one() {
+        use SubscriptionEventType as T;
+        let at = "2026-03-01T12:00:00Z";
+        let until = t("2026-03-04T12:00:00Z");
+        #[derive(Debug, PartialEq)]
+        enum Want {
+            Grace(RevocationReason),
+            Revoke(RevocationReason),
+            EndGrace,
+            Nothing,
+        }
+        use RevocationReason as R;
+        let cases: &[(T, &str, bool, &str, Want)] = &[
+            (
+                T::OnHold,
+                "on_hold",
+                false,
+                "e1",
+                Want::Grace(R::SubscriptionOnHold),
+            ),
+            (
+                T::Failed,
+                "failed",
+                false,
+                "e1",
+                Want::Grace(R::SubscriptionFailed),
+            ),
+            (
+                T::Updated,
+                "on_hold",
+                false,
+                "e1",
+                Want::Grace(R::SubscriptionOnHold),
+            ),
+            (
+                T::Renewed,
+                "failed",
+                false,
+                "e1",
+                Want::Grace(R::SubscriptionFailed),
+            ),
+            // A second hold keeps the first one's end.
+            (T::OnHold, "on_hold", true, "e1", Want::Nothing),
+            (T::Failed, "failed", true, "e1", Want::Nothing),
+            // Without a grace period, at once.
+            (
+                T::OnHold,
+                "on_hold",
+                false,
+                "e2",
+                Want::Revoke(R::SubscriptionOnHold),
+            ),
+            (
+                T::Failed,
+                "failed",
+                false,
+                "e2",
+                Want::Revoke(R::SubscriptionFailed),
+            ),
+            // Other endings never wait, in grace or not.
+            (
+                T::Cancelled,
+                "cancelled",
+                false,
+                "e1",
+                Want::Revoke(R::SubscriptionCancelled),
+            ),
+            (
+                T::Cancelled,
+                "cancelled",
+                true,
+                "e1",
+                Want::Revoke(R::SubscriptionCancelled),
+            ),
+            (
+                T::Expired,
+                "expired",
+                true,
+                "e1",
+                Want::Revoke(R::SubscriptionExpired),
+            ),
+            (
+                T::Paused,
+                "paused",
+                true,
+                "e1",
+                Want::Revoke(R::SubscriptionPaused),
+            ),
+            // Active again: the grace ends and the grant stays (no new grant).
+            (T::Active, "active", true, "e1", Want::EndGrace),
+            (T::Renewed, "active", true, "e1", Want::EndGrace),
+            (T::Active, "active", false, "e1", Want::Nothing),
+        ];
+        for (kind, status, in_grace, entitlement, want) in cases {
+            let facts = Facts {
+                product_entitlements: products(&[("p1", &["e1", "e2"])]),
+                grants: vec![GrantFact {
+                    in_grace: *in_grace,
+                    ..grant("g1", entitlement, GrantStatus::Delivered)
+                }],
+                subscription_last_event_at: Some(t("2026-02-01T00:00:00Z")),
+                grace_days: [(ent("e1"), 3)].into(),
+                ..Facts::default()
+            };
+            let v = decide(
+                &facts,
+                &event(subscription(*kind, "p1", status), at),
+                Policy::default(),
+            );
+            let Verdict::Apply(effects) = &v else {
+                panic!("{kind:?} {status}: {v:?}");
+            };
+            let got: Vec<Want> = effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::StartGrace {
+                        grant_id,
+                        reason,
+                        until: u,
+                    } => {
+                        assert_eq!((grant_id.as_str(), *u), ("g1", until), "{kind:?}");
+                        Some(Want::Grace(*reason))
+                    }
+                    Effect::RevokeGrant { reason, .. } => Some(Want::Revoke(*reason)),
+                    Effect::EndGrace { grant_id } => {
+                        assert_eq!(grant_id, "g1");
+                        Some(Want::EndGrace)
+                    }
+                    Effect::CreateGrant { entitlement_id, .. } => {
+                        // e2 has no live grant in the cases of e1, and the reverse.
+                        assert_ne!(
+                            entitlement_id.as_str(),
+                            *entitlement,
+                            "{kind:?}: a second grant"
+                        );
+                        None
+                    }
+                    _ => None,
+                })
+                .collect();
+            let got = got.into_iter().next().unwrap_or(Want::Nothing);
+            assert_eq!(
+                &got, want,
+                "{kind:?} {status} in_grace={in_grace} {entitlement}"
+            );
         }
     }
 

@@ -20,7 +20,7 @@ pub struct Entry {
     pub at: DateTime<Utc>,
     /// `created`, `linked`, `switched`, `member_added`, `member_found`, `role_added`,
     /// `role_found`, `role_removed`, `member_removed`, `left_in_place`, `delivered`,
-    /// `failed`, `waiting`, `revoked`.
+    /// `failed`, `waiting`, `grace_started`, `grace_ended`, `revoked`.
     pub event: String,
     /// What the event concerns (Discord ids, Discord's answer, a code, a reason).
     #[schema(value_type = Object)]

@@ -8,6 +8,7 @@ pub mod decide;
 pub mod history;
 pub mod link;
 pub mod render;
+pub mod timers;
 
 use chrono::{DateTime, Utc};
 
@@ -59,6 +60,8 @@ pub enum RevocationReason {
     DisputeLost,
     Manual,
     PlatformExternal,
+    /// A comp grant's `expires_at` passed.
+    Expired,
 }
 
 impl RevocationReason {
@@ -75,6 +78,7 @@ impl RevocationReason {
             DisputeLost => "dispute_lost",
             Manual => "manual",
             PlatformExternal => "platform_external",
+            Expired => "expired",
         }
     }
 }
@@ -140,6 +144,10 @@ pub struct Grant {
     pub intent_user_id: Option<String>,
     pub intent_guild_id: Option<String>,
     pub intent_role_id: Option<String>,
+    /// When the grant ends unless something changes first (the end of a grace period),
+    /// and the reason it is revoked with then.
+    pub ends_at: Option<DateTime<Utc>>,
+    pub ends_reason: Option<String>,
 }
 
 impl Grant {

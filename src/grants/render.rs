@@ -153,6 +153,8 @@ mod tests {
             intent_user_id: None,
             intent_guild_id: None,
             intent_role_id: None,
+            ends_at: None,
+            ends_reason: None,
         }
     }
 

@@ -76,6 +76,42 @@ pub async fn revoke(
     .await
 }
 
+/// Live grants whose due time has passed, soonest first: `(id, subscription)`.
+pub async fn due(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<(String, Option<String>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, subscription_id FROM grants
+         WHERE ends_at <= $1 AND status <> 'Revoked'
+         ORDER BY ends_at LIMIT $2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Revokes a grant whose due time has passed with the reason it was due for, if it is
+/// still live and due; returns it revoked.
+pub async fn end_due(
+    conn: &mut PgConnection,
+    id: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE grants SET status = 'Revoked', revoked_at = $2, revocation_reason = ends_reason,
+             ends_at = NULL, ends_reason = NULL, updated_at = $2
+         WHERE id = $1 AND status <> 'Revoked' AND ends_at <= $2
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(now)
+    .fetch_optional(conn)
+    .await
+}
+
 /// One grant by id.
 pub async fn get(conn: &mut PgConnection, id: &str) -> Result<Option<Grant>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM grants WHERE id = $1")

@@ -136,6 +136,12 @@ pub enum Fact {
         business: String,
         brand: Option<String>,
     },
+    /// An entitlement of a business with subscription events, and its grace period.
+    Grace {
+        business: String,
+        entitlement: String,
+        days: i32,
+    },
 }
 
 /// The row every part of [`FACTS`] returns: `kind` says what the other columns hold.
@@ -190,7 +196,10 @@ const FACTS: &str = "
     UNION ALL
     SELECT 'd', b, (SELECT brand_id FROM grants WHERE business_id = b
                     ORDER BY created_at DESC, id DESC LIMIT 1), NULL, NULL, NULL, NULL, NULL
-    FROM unnest($11::text[]) AS b";
+    FROM unnest($11::text[]) AS b
+    UNION ALL
+    SELECT 'g', business_id, id, NULL, grace_period_days, NULL, NULL, NULL
+    FROM entitlements WHERE business_id = ANY($7) AND grace_period_days IS NOT NULL";
 
 /// Reads the facts of a batch's keys, in one statement. Product entitlements come in
 /// attachment order per (business, product), reversals oldest first per payment.
@@ -291,6 +300,11 @@ impl FactRow {
                 business: a,
                 brand: b,
             },
+            "g" => Fact::Grace {
+                business: a,
+                entitlement: b.ok_or_else(|| bad("no entitlement"))?,
+                days: n.ok_or_else(|| bad("no days"))?,
+            },
             _ => return Err(bad("unknown kind")),
         })
     }
@@ -315,6 +329,54 @@ pub struct PaymentRow {
     pub business_id: String,
     pub customer_id: String,
     pub subscription_id: Option<String>,
+}
+
+/// A grace period started (`ends_at`: its end, `reason`: what the grant is revoked
+/// with then) or ended (both `None`: the subscription is active again).
+pub struct GraceRow {
+    pub grant_id: String,
+    pub ends_at: Option<DateTime<Utc>>,
+    pub reason: Option<&'static str>,
+}
+
+/// Writes grace periods started or ended, in order, with their history entries
+/// (`grace_started`, `grace_ended`). Rare (a subscription on hold or failed, with a
+/// grace period), so one statement per row; a revoked grant is left as it is.
+pub async fn write_grace(
+    conn: &mut PgConnection,
+    rows: &[GraceRow],
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    for r in rows {
+        let changed = sqlx::query(
+            "UPDATE grants SET ends_at = $2, ends_reason = $3, updated_at = $4
+             WHERE id = $1 AND status <> 'Revoked'",
+        )
+        .bind(&r.grant_id)
+        .bind(r.ends_at)
+        .bind(r.reason)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        if changed.rows_affected() == 0 {
+            continue;
+        }
+        let (event, detail) = match r.ends_at {
+            Some(until) => (
+                "grace_started",
+                serde_json::json!({
+                    "until": crate::grants::render::ts(until),
+                    "reason": r.reason,
+                }),
+            ),
+            None => (
+                "grace_ended",
+                serde_json::json!({"outcome": "kept", "why": "the subscription is active again"}),
+            ),
+        };
+        crate::grants::history::record(conn, &r.grant_id, now, event, detail).await?;
+    }
+    Ok(())
 }
 
 /// A full refund or lost dispute of a payment.

@@ -19,6 +19,8 @@ pub struct Entitlement {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub deleted_at: Option<DateTime<Utc>>,
+    /// Days a subscription's access is kept after it goes on hold or fails.
+    pub grace_period_days: Option<i32>,
 }
 
 /// Creates the business if it does not exist.

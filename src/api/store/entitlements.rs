@@ -13,6 +13,8 @@ pub struct Fields {
     pub description: Option<String>,
     pub guild_id: String,
     pub role_id: Option<String>,
+    /// Checked to be 1 to 365 before it is stored.
+    pub grace_period_days: Option<i64>,
     pub is_active: bool,
     pub metadata: serde_json::Value,
 }
@@ -26,8 +28,8 @@ pub async fn insert(
 ) -> Result<Entitlement, sqlx::Error> {
     sqlx::query_as(
         "INSERT INTO entitlements (id, business_id, name, description, guild_id, role_id, is_active,
-             metadata, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) RETURNING *",
+             metadata, created_at, updated_at, grace_period_days)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10::int) RETURNING *",
     )
     .bind(crate::ids::EntitlementId::mint().as_str())
     .bind(business_id)
@@ -38,6 +40,7 @@ pub async fn insert(
     .bind(f.is_active)
     .bind(&f.metadata)
     .bind(now)
+    .bind(f.grace_period_days)
     .fetch_one(conn)
     .await
 }
@@ -104,7 +107,7 @@ pub async fn update(
 ) -> Result<Entitlement, sqlx::Error> {
     sqlx::query_as(
         "UPDATE entitlements SET name = $2, description = $3, guild_id = $4, role_id = $5,
-             is_active = $6, metadata = $7, updated_at = $8
+             is_active = $6, metadata = $7, updated_at = $8, grace_period_days = $9::int
          WHERE id = $1 RETURNING *",
     )
     .bind(id)
@@ -115,6 +118,7 @@ pub async fn update(
     .bind(f.is_active)
     .bind(&f.metadata)
     .bind(now)
+    .bind(f.grace_period_days)
     .fetch_one(conn)
     .await
 }

@@ -110,3 +110,60 @@ pub async fn held_by_customer(
     .fetch_all(conn)
     .await
 }
+
+/// The live comp grant of a customer for an entitlement, locked, if there is one.
+pub async fn live_comp(
+    conn: &mut PgConnection,
+    entitlement_id: &str,
+    customer_id: &str,
+) -> Result<Option<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM grants WHERE entitlement_id = $1 AND customer_id = $2 AND comp
+           AND status <> 'Revoked' FOR UPDATE",
+    )
+    .bind(entitlement_id)
+    .bind(customer_id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// A comp grant to insert: given by the merchant, without a payment.
+pub struct NewComp<'a> {
+    pub id: &'a str,
+    pub business_id: &'a str,
+    pub brand_id: &'a str,
+    pub entitlement_id: &'a str,
+    pub customer_id: &'a str,
+    pub oauth_nonce: &'a str,
+    pub oauth_expires_at: DateTime<Utc>,
+    /// Revoked with `expired` then.
+    pub expires_at: Option<DateTime<Utc>>,
+    pub now: DateTime<Utc>,
+}
+
+/// Inserts a comp grant, `Pending`; `None` when another transaction inserted the
+/// customer's live comp grant for the entitlement first.
+pub async fn insert_comp(
+    conn: &mut PgConnection,
+    g: &NewComp<'_>,
+) -> Result<Option<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "INSERT INTO grants (id, business_id, brand_id, entitlement_id, customer_id, status,
+             oauth_nonce, oauth_expires_at, created_at, updated_at, comp, ends_at, ends_reason)
+         VALUES ($1, $2, $3, $4, $5, 'Pending', $6, $7, $8, $8, true, $9,
+             CASE WHEN $9::timestamptz IS NULL THEN NULL ELSE 'expired' END)
+         ON CONFLICT DO NOTHING
+         RETURNING *",
+    )
+    .bind(g.id)
+    .bind(g.business_id)
+    .bind(g.brand_id)
+    .bind(g.entitlement_id)
+    .bind(g.customer_id)
+    .bind(g.oauth_nonce)
+    .bind(g.oauth_expires_at)
+    .bind(g.now)
+    .bind(g.expires_at)
+    .fetch_optional(conn)
+    .await
+}
