@@ -303,6 +303,15 @@ impl App {
                 timers.run_every(every, s).await;
                 "grant timers"
             });
+            let backfiller = crate::grants::backfill::Backfiller {
+                pool: self.pool.clone(),
+                links: self.links.clone(),
+            };
+            let s = shutdown.clone();
+            tasks.spawn(async move {
+                backfiller.run_every(every, s).await;
+                "backfill"
+            });
         }
         if let Some(every) = self.settings.reconcile.interval {
             // Discord reads on the side budget, never the syncer's.

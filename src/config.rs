@@ -207,7 +207,8 @@ pub struct GrantSettings {
     #[serde(deserialize_with = "duration")]
     pub max_future_skew: Duration,
     /// How often each process looks for grants whose due time has passed (the end of a
-    /// grace period) and revokes them.
+    /// grace period, a comp grant's expiry) and revokes them, and works through the
+    /// backfills of newly attached entitlements.
     #[serde(deserialize_with = "duration")]
     pub timer_interval: Duration,
 }

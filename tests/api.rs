@@ -3350,6 +3350,12 @@ async fn a_grace_period_keeps_access_until_it_ends_unless_the_subscription_retur
         .collect();
     assert_eq!(ended.len(), 2, "{items:?}");
     assert_eq!(ended[1]["detail"]["outcome"], "revoked");
+    // The revoke's sync records its Discord change once it has made it.
+    let items = wait_for("the removal in the history", || async {
+        let items = history(grant.id.clone()).await;
+        (has(&items, "role_removed") == 1).then_some(items)
+    })
+    .await;
     let order: Vec<&str> = items.iter().map(|e| e["event"].as_str().unwrap()).collect();
     let pos = |event: &str| order.iter().rposition(|e| *e == event).unwrap();
     assert!(pos("grace_ended") <= pos("revoked"), "{order:?}");
@@ -3471,5 +3477,121 @@ async fn comp_access_is_given_without_a_payment_and_expires() {
             .await
             .unwrap();
     assert_eq!(ends, None);
+    w.stop().await;
+}
+
+/// Backfill: a business with entitlements has its other products' purchases recorded;
+/// attaching an entitlement to such a product gives it to the live subscriptions and
+/// paid one-time purchases (not the refunded or cancelled ones), through the same
+/// delivery as every grant, and `GET /products/{id}` counts what is left. Detaching
+/// revokes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attaching_an_entitlement_gives_it_to_earlier_buyers() {
+    const T0: &str = "2026-05-01T10:00:00Z";
+    const T1: &str = "2026-05-01T11:00:00Z";
+    let w = World::start().await;
+    let biz = w.app.business();
+    let c = client(&w, &biz).await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let role = g.role("Patrons");
+    let first = create_entitlement(&c, g.guild_id, None).await;
+    w.app
+        .attach("pdt_a", &[first["id"].as_str().unwrap()])
+        .await;
+    let later = create_entitlement(&c, g.guild_id, Some(role)).await;
+    let later_id = later["id"].as_str().unwrap().to_string();
+
+    // Purchases of pdt_b, which grants nothing yet.
+    let u = w.user("una");
+    w.link("cus_1", u).await;
+    let events = [
+        subscription("active", &biz, "sub_1", "cus_1", "pdt_b", "active", T0),
+        payment(&biz, "pay_2", "cus_2", &["pdt_b", "pdt_x"], T0),
+        payment(&biz, "pay_3", "cus_3", &["pdt_b"], T0),
+        refund(&biz, "pay_3", false, T1),
+        subscription("active", &biz, "sub_4", "cus_4", "pdt_b", "active", T0),
+        subscription(
+            "cancelled",
+            &biz,
+            "sub_4",
+            "cus_4",
+            "pdt_b",
+            "cancelled",
+            T1,
+        ),
+    ];
+    for (i, e) in events.iter().enumerate() {
+        w.app.publish(e, &format!("evt_{i}")).await;
+    }
+    w.app.wait_processed(events.len() as i64).await;
+    for customer in ["cus_1", "cus_2", "cus_3", "cus_4"] {
+        assert!(w.app.grants_of(customer).await.is_empty(), "{customer}");
+    }
+
+    let (s, v) = c
+        .put(
+            "/products/pdt_b/entitlements",
+            json!({"entitlements": [{"entitlement_id": later_id}]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, product) = c.get("/products/pdt_b").await;
+    assert_eq!(s, 200, "{product}");
+    assert_eq!(product["backfilling"], 2, "{product}");
+
+    let backfiller = guildgate::grants::backfill::Backfiller {
+        pool: w.app.pool.clone(),
+        links: w.links.clone(),
+    };
+    // The process's own backfill task may have given some already.
+    let given = backfiller.pass().await.unwrap();
+    assert!(given <= 2);
+    assert_eq!(backfiller.pass().await.unwrap(), 0);
+    assert_eq!(c.get("/products/pdt_b").await.1["backfilling"], 0);
+
+    let sub = w.grant_of("cus_1").await;
+    assert_eq!(sub.subscription_id.as_deref(), Some("sub_1"));
+    assert_eq!(sub.entitlement_id, later_id);
+    w.wait_status(&sub.id, "Delivered").await;
+    assert!(w.has_role(g.guild_id, u, role));
+    let one_time = w.grant_of("cus_2").await;
+    assert_eq!(one_time.payment_id.as_deref(), Some("pay_2"));
+    assert_eq!(one_time.status, "Pending");
+    assert!(w.app.grants_of("cus_3").await.is_empty(), "refunded");
+    assert!(w.app.grants_of("cus_4").await.is_empty(), "cancelled");
+    let (_, history) = c
+        .get(&format!(
+            "/entitlements/{later_id}/grants/{}/history",
+            sub.id
+        ))
+        .await;
+    assert!(
+        history["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event"] == "backfilled"),
+        "{history}"
+    );
+    // The subscription's next event finds its grant: no second one.
+    w.app
+        .publish(
+            &subscription("renewed", &biz, "sub_1", "cus_1", "pdt_b", "active", T1),
+            "evt_renew",
+        )
+        .await;
+    w.app.wait_processed(events.len() as i64 + 1).await;
+    assert_eq!(w.app.grants_of("cus_1").await.len(), 1);
+
+    // Detaching takes nothing away.
+    let (s, _) = c
+        .put("/products/pdt_b/entitlements", json!({"entitlements": []}))
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        w.wait_status(&sub.id, "Delivered").await.status,
+        "Delivered"
+    );
+    assert!(w.has_role(g.guild_id, u, role));
     w.stop().await;
 }

@@ -608,13 +608,26 @@ async fn events_without_entitlements_are_acked_and_counted() {
     app.publish(&unknown, "u1").await;
     wait_for("four events counted", || async {
         let m = &app.metrics;
-        (m.event_count("payment.succeeded", "irrelevant") == 2
+        (m.event_count("payment.succeeded", "irrelevant") == 1
+            && m.event_count("payment.succeeded", "applied") == 1
             && m.event_count("subscription.active", "irrelevant") == 1
             && m.event_count("other", "ignored") == 1)
             .then_some(())
     })
     .await;
-    assert_eq!(app.processed_count().await, 0, "nothing recorded for them");
+    // Only the purchase of a business with entitlements is recorded, with its products
+    // (a later backfill reaches it), and it grants nothing.
+    assert_eq!(app.processed_count().await, 1);
+    let recorded: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT payment_id, product_ids FROM payments")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        recorded,
+        [("pay_1".to_string(), Some("pdt_other".to_string()))]
+    );
+    assert!(app.grants_of("cus_1").await.is_empty());
     assert_eq!(app.queue_len(&app.names.payment_events()).await, 0);
     assert_eq!(
         app.queue_len(&format!("{}.dead", app.names.payment_events()))

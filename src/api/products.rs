@@ -89,6 +89,8 @@ async fn replace(
     if !problems.is_empty() {
         return Err(ApiError::Invalid(problems));
     }
+    // Newly attached entitlements reach the product's earlier buyers (docs/api.md).
+    crate::store::backfill::start(tx, business, product.as_str(), &ids).await?;
     setup::set_product_entitlements(tx, business, product.as_str(), &ids).await?;
     Ok(())
 }
@@ -182,6 +184,10 @@ pub struct ProductView {
     pub brand_id: String,
     /// In the order they were attached.
     pub entitlements: Vec<ProductEntitlement>,
+    /// guildgate extension: earlier purchases (live subscriptions, paid one-time
+    /// purchases) that newly attached entitlements are still being given to; 0 once
+    /// every one has its grant.
+    pub backfilling: i64,
 }
 
 /// Read a product: the entitlements it grants. A product with none attached is one
@@ -211,6 +217,8 @@ pub async fn retrieve(
         business_id: business.to_string(),
         brand_id: business_brand(&mut conn, business).await?,
         entitlements,
+        backfilling: crate::store::backfill::remaining(&mut conn, business, product.as_str())
+            .await?,
     }))
 }
 

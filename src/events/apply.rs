@@ -240,12 +240,11 @@ impl Applier {
                     }
                     keys.payments.0.push(b.clone());
                     keys.payments.1.push(p.payment_id.to_string());
+                    // A business with entitlements records every payment (backfill).
+                    keys.businesses.push(b.clone());
                     if let Some(s) = &p.subscription_id {
                         sub_b.push(b.clone());
                         sub_s.push(s.to_string());
-                        if p.product_ids.is_empty() {
-                            keys.businesses.push(b.clone());
-                        }
                     }
                     customers.insert((b, p.customer_id.to_string()));
                 }
@@ -265,12 +264,15 @@ impl Applier {
                     }
                     keys.products.0.push(b.clone());
                     keys.products.1.push(s.product_id.to_string());
+                    keys.businesses.push(b.clone());
                     sub_b.push(b.clone());
                     sub_s.push(s.subscription_id.to_string());
                     customers.insert((b, s.customer_id.to_string()));
                 }
             }
         }
+        keys.businesses.sort();
+        keys.businesses.dedup();
         keys.subscriptions = (sub_b.clone(), sub_s.clone());
         keys.customers = customers.into_iter().unzip();
         keys.brandless.sort();
@@ -453,6 +455,7 @@ impl Applier {
             }
             EventKind::Subscription(_, s) => {
                 let sub = s.subscription_id.as_str();
+                facts.business_has_entitlements = state.businesses_with_entitlements.contains(b);
                 if let Some(last) = state.subscription_last.get(&key(b, sub)) {
                     facts.subscription_last_event_at = Some(last.at);
                     facts.subscription_last_event_ids = last.ids.clone();
@@ -711,6 +714,12 @@ impl Applier {
                         business_id: b.to_string(),
                         customer_id: p.customer_id.to_string(),
                         subscription_id: sub,
+                        product_ids: p
+                            .product_ids
+                            .iter()
+                            .map(|id| id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" "),
                     });
                 }
             }

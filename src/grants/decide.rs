@@ -175,7 +175,10 @@ pub fn decide(facts: &Facts, event: &Event, policy: Policy) -> Verdict {
                 .filter_map(|pid| facts.product_entitlements.get(pid))
                 .flatten()
                 .collect();
-            if wanted.is_empty() && facts.reversals_recorded.is_empty() {
+            if wanted.is_empty()
+                && facts.reversals_recorded.is_empty()
+                && !facts.business_has_entitlements
+            {
                 return Verdict::Irrelevant;
             }
             let mut effects = vec![Effect::RecordPayment];
@@ -216,7 +219,12 @@ pub fn decide(facts: &Facts, event: &Event, policy: Policy) -> Verdict {
                 .map(Vec::as_slice)
                 .unwrap_or_default();
             let known = facts.subscription_last_event_at.is_some();
-            if entitlements.is_empty() && facts.grants.is_empty() && !known {
+            // A business with entitlements records every subscription (backfill).
+            if entitlements.is_empty()
+                && facts.grants.is_empty()
+                && !known
+                && !facts.business_has_entitlements
+            {
                 return Verdict::Irrelevant;
             }
             if let Some(last) = facts.subscription_last_event_at {

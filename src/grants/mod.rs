@@ -4,6 +4,7 @@
 //! - [`link`]: the customer's signed OAuth link.
 //! - [`render`]: the Dodo-compatible JSON of a grant and of its webhooks.
 
+pub mod backfill;
 pub mod decide;
 pub mod history;
 pub mod link;

@@ -329,6 +329,8 @@ pub struct PaymentRow {
     pub business_id: String,
     pub customer_id: String,
     pub subscription_id: Option<String>,
+    /// The products of its cart, space-separated (for a later backfill).
+    pub product_ids: String,
 }
 
 /// A grace period started (`ends_at`: its end, `reason`: what the grant is revoked
@@ -442,8 +444,8 @@ macro_rules! write_batch_sql {
                     updated_at = CASE WHEN EXCLUDED.last_event_ids IS NULL
                         THEN subscriptions.updated_at ELSE now() END
             ), seen_payments AS (
-                INSERT INTO payments (payment_id, business_id, customer_id, subscription_id)
-                SELECT * FROM unnest($21::text[], $22::text[], $23::text[], $24::text[])
+                INSERT INTO payments (payment_id, business_id, customer_id, subscription_id, product_ids)
+                SELECT * FROM unnest($21::text[], $22::text[], $23::text[], $24::text[], $36::text[])
                 ON CONFLICT (payment_id, business_id) DO NOTHING
             ), reversals AS (
                 INSERT INTO payment_reversals (payment_id, reason, business_id)
@@ -527,6 +529,8 @@ pub async fn write_batch(conn: &mut PgConnection, rows: &BatchRows<'_>) -> Resul
         .bind(col(s, |r| {
             r.last_event_ids.as_ref().map(|ids| ids.join(" "))
         }))
+        // Product ids never hold a space either (crate::ids).
+        .bind(col(p, |r| r.product_ids.as_str()))
         .execute(conn)
         .await?;
     Ok(())

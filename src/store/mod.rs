@@ -5,6 +5,7 @@
 //! database or a checked-in `.sqlx` cache at build time, which CI and a fresh clone do
 //! not have.
 
+pub mod backfill;
 pub mod grants;
 pub mod ingest;
 pub mod outbox;

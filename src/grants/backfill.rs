@@ -1,0 +1,103 @@
+//! Backfill: an entitlement attached to a product that already has live subscriptions
+//! or paid one-time purchases is given to those customers, as if their purchase had
+//! just happened: a grant per subscription or payment, `entitlement_grant.created`,
+//! and a Discord sync for customers who connected Discord, all through the outbox, so
+//! the syncer delivers within the same Discord budget as every other grant.
+//!
+//! Attaching records a `backfills` row. Every process works through open rows every
+//! `grants.timer_interval`, a page of customers at a time, each grant in its own
+//! transaction under the ingest lock of its subscription or payment (so an event of
+//! the same purchase is applied before or after, never in between) and only if the
+//! purchase still has no grant of the entitlement; a row is done when no customer is
+//! left. What guildgate recorded is what it can reach: every subscription snapshot and
+//! payment of a business since it got its first entitlement. Detaching revokes nothing.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use super::GrantEventType;
+use super::history;
+use super::link::LinkBuilder;
+use crate::events::apply::{emit, subscription_key};
+use crate::store::{backfill as db, ingest};
+
+/// Customers one pass gives grants to at most, per backfill.
+const PAGE: i64 = 100;
+
+pub struct Backfiller {
+    pub pool: PgPool,
+    pub links: LinkBuilder,
+}
+
+impl Backfiller {
+    /// Works through open backfills every `every`, until `stop`.
+    pub async fn run_every(&self, every: Duration, stop: CancellationToken) {
+        loop {
+            loop {
+                match self.pass().await {
+                    // More may be left: go on at once, unless stopping.
+                    Ok(n) if n > 0 && !stop.is_cancelled() => {
+                        tracing::info!(granted = n, "backfill: grants given");
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "backfill: database error; trying again");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// One page of every open backfill; returns how many grants this process gave.
+    pub async fn pass(&self) -> Result<usize, sqlx::Error> {
+        let open = {
+            let mut conn = self.pool.acquire().await?;
+            db::open(&mut conn).await?
+        };
+        let mut given = 0;
+        for b in open {
+            let candidates = {
+                let mut conn = self.pool.acquire().await?;
+                db::candidates(&mut conn, &b, PAGE).await?
+            };
+            if candidates.is_empty() {
+                let mut conn = self.pool.acquire().await?;
+                db::finish(&mut conn, b.id, Utc::now()).await?;
+                continue;
+            }
+            for c in candidates {
+                let now = Utc::now();
+                let mut tx = self.pool.begin().await?;
+                let key = match &c.source {
+                    db::Source::Subscription(s) => subscription_key(s),
+                    db::Source::Payment(p) => format!("pay:{p}"),
+                };
+                ingest::lock_keys(&mut tx, &[key]).await?;
+                // Under the lock: still attached, and the purchase still has no grant.
+                let Some(g) = db::give(&mut tx, &b, &c, &self.links, now).await? else {
+                    continue;
+                };
+                emit(&mut tx, &self.links, &g, GrantEventType::Created, now).await?;
+                history::record(
+                    &mut tx,
+                    &g.id,
+                    now,
+                    "backfilled",
+                    serde_json::json!({"product_id": b.product_id}),
+                )
+                .await?;
+                tx.commit().await?;
+                given += 1;
+            }
+        }
+        Ok(given)
+    }
+}
