@@ -612,9 +612,10 @@ impl SyncWorker {
     /// their member object. Settles, before any further call, whether guildgate added
     /// what the job holds unsettled of it: the membership by when they joined (after
     /// guildgate was about to add them: an earlier attempt's add, whose answer a crash
-    /// lost), the role by whether they hold it (held and the membership guildgate's:
-    /// that attempt gave it with the membership; held otherwise: found; not held: it is
-    /// about to be added, so recorded as added before the call). Returns the membership
+    /// lost), the role by whether they hold it (held by a member who joined after
+    /// guildgate was about to give it: the add that joined them carried it; held
+    /// otherwise: found; not held: it is about to be added, so recorded as added before
+    /// the call). Returns the membership
     /// and, if held, the role, each with whether guildgate added it.
     async fn settle_present(
         &self,
@@ -652,11 +653,15 @@ impl SyncWorker {
                 guild,
             };
             let held = m.roles.contains(&r);
+            // Held by a member who joined after guildgate was about to give the role:
+            // the add that joined them carried it. Held by one who was there before:
+            // found, since guildgate records a role as its own before adding it alone.
+            let role_by_us = held && since(&a).is_some_and(joined_after);
             if held {
-                seen.push((a, member_by_us));
+                seen.push((a, role_by_us));
             }
             if since(&a).is_some() {
-                if held && !member_by_us {
+                if held && !role_by_us {
                     &mut found
                 } else {
                     &mut ours
