@@ -3166,6 +3166,21 @@ async fn grants_always_have_a_brand_and_a_null_feature() {
     w.stop().await;
 }
 
+/// Moves a grant's due time into the past (a test cannot wait days), and answers the
+/// grant timer that revokes what is due.
+async fn pass_due_time(w: &World, grant: &str) -> guildgate::grants::timers::Timers {
+    sqlx::query("UPDATE grants SET ends_at = now() - interval '1 second' WHERE id = $1")
+        .bind(grant)
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
+    guildgate::grants::timers::Timers {
+        pool: w.app.pool.clone(),
+        links: w.links.clone(),
+        metrics: w.app.metrics.clone(),
+    }
+}
+
 /// A grace period (`integration_config.grace_period_days`, a guildgate extension): a
 /// subscription on hold or failed keeps its access until the period ends, an active
 /// subscription ends the grace, a cancellation revokes at once, and the durable timer
@@ -3320,16 +3335,7 @@ async fn a_grace_period_keeps_access_until_it_ends_unless_the_subscription_retur
     assert!(w.has_role(g.guild_id, u, role));
 
     // Three days pass: the timer revokes it with the failure's reason.
-    sqlx::query("UPDATE grants SET ends_at = now() - interval '1 second' WHERE id = $1")
-        .bind(&grant.id)
-        .execute(&w.app.pool)
-        .await
-        .unwrap();
-    let timers = guildgate::grants::timers::Timers {
-        pool: w.app.pool.clone(),
-        links: w.links.clone(),
-        metrics: w.app.metrics.clone(),
-    };
+    let timers = pass_due_time(&w, &grant.id).await;
     let fired = timers.fire_due().await.unwrap();
     assert!(fired <= 1);
     let revoked = w.wait_status(&grant.id, "Revoked").await;
@@ -3446,16 +3452,7 @@ async fn comp_access_is_given_without_a_payment_and_expires() {
     assert_eq!(comp["detail"]["expires_at"], expires.as_str());
 
     // The hour passes: revoked with `expired`, and the role goes.
-    sqlx::query("UPDATE grants SET ends_at = now() - interval '1 second' WHERE id = $1")
-        .bind(&id)
-        .execute(&w.app.pool)
-        .await
-        .unwrap();
-    let timers = guildgate::grants::timers::Timers {
-        pool: w.app.pool.clone(),
-        links: w.links.clone(),
-        metrics: w.app.metrics.clone(),
-    };
+    let timers = pass_due_time(&w, &id).await;
     timers.fire_due().await.unwrap();
     let revoked = w.wait_status(&id, "Revoked").await;
     assert_eq!(revoked.revocation_reason.as_deref(), Some("expired"));

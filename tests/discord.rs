@@ -656,17 +656,49 @@ fn syncer(w: &World, name: &str) -> (guildgate::amqp::Broker, guildgate::sync::S
     (broker, worker)
 }
 
+/// A syncer of its own whose every job fails after its Discord calls and before they
+/// are recorded (as when the database goes away, or the process dies, right then),
+/// until [`CrashingSyncer::recover`].
+struct CrashingSyncer {
+    _broker: guildgate::amqp::Broker,
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CrashingSyncer {
+    fn start(w: &World) -> Self {
+        let (broker, worker) = syncer(w, "syncer");
+        let fail = worker.fail_after_discord.clone();
+        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(worker.run(stop.clone()));
+        Self {
+            _broker: broker,
+            fail,
+            stop,
+            task,
+        }
+    }
+
+    /// Jobs record what they did again.
+    fn recover(&self) {
+        self.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
 /// The role was added at Discord but recording it failed (the database went away);
 /// the grant is refunded before the job is retried. The revoke must still take the role
 /// away: the syncer recorded what it was about to apply before calling Discord.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_removes_a_role_whose_delivery_was_never_recorded() {
     let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
-    let (_broker, worker) = syncer(&w, "syncer");
-    let fail = worker.fail_after_discord.clone();
-    fail.store(true, std::sync::atomic::Ordering::SeqCst);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(worker.run(stop.clone()));
+    let crashing = CrashingSyncer::start(&w);
     let g = w.guild("Acme");
     let role = g.role("Patrons");
     let biz = w.app.business();
@@ -693,7 +725,7 @@ async fn a_revoke_removes_a_role_whose_delivery_was_never_recorded() {
     })
     .await;
     // Once the database answers again, the record agrees.
-    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    crashing.recover();
     wait_for("nothing applied any more", || async {
         let applied: Option<String> =
             sqlx::query_scalar("SELECT applied_role_id FROM grants WHERE id = $1")
@@ -705,8 +737,7 @@ async fn a_revoke_removes_a_role_whose_delivery_was_never_recorded() {
     })
     .await;
     assert!(!w.has_role(g.guild_id, u, role));
-    stop.cancel();
-    let _ = task.await;
+    crashing.stop().await;
     w.stop().await;
 }
 
@@ -721,11 +752,7 @@ async fn a_revoke_removes_a_role_whose_delivery_was_never_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_was_found_stays_found_when_a_crash_loses_discords_answer() {
     let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
-    let (_broker, worker) = syncer(&w, "syncer");
-    let fail = worker.fail_after_discord.clone();
-    fail.store(true, std::sync::atomic::Ordering::SeqCst);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(worker.run(stop.clone()));
+    let crashing = CrashingSyncer::start(&w);
     let g = w.guild("Acme");
     let role = g.role("Patrons");
     let biz = w.app.business();
@@ -798,7 +825,7 @@ async fn what_was_found_stays_found_when_a_crash_loses_discords_answer() {
     for grant in &grants {
         w.wait_status(grant, "Revoked").await;
     }
-    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    crashing.recover();
     wait_for("the newcomer's role taken away", || async {
         (!w.has_role(g.guild_id, newcomer, role)).then_some(())
     })
@@ -834,8 +861,7 @@ async fn what_was_found_stays_found_when_a_crash_loses_discords_answer() {
     ];
     expected.sort();
     assert_eq!(found, expected, "what stays recorded is what was found");
-    stop.cancel();
-    let _ = task.await;
+    crashing.stop().await;
     w.stop().await;
 }
 

@@ -170,6 +170,27 @@ def update():
 check("entitlements.update", update)
 
 
+def extension_keys():
+    # guildgate's own integration_config key goes through the SDK's typed call and
+    # comes back on read, both in the raw answer and on the SDK's parsed model.
+    status, raw, _ = raw_call(
+        client.entitlements.with_raw_response.update,
+        new_id,
+        integration_config={"guild_id": guild_id, "role_id": role_id, "grace_period_days": 7},
+    )
+    expect(status == 200, f"entitlements.update (grace_period_days): {status} {raw}")
+    _, raw, parsed = raw_call(client.entitlements.with_raw_response.retrieve, new_id)
+    discord_entitlement("entitlements.retrieve (grace_period_days)", raw)
+    expect(json.loads(raw)["integration_config"].get("grace_period_days") == 7, f"grace_period_days not kept: {raw}")
+    expect(
+        getattr(parsed.integration_config, "grace_period_days", None) == 7,
+        f"the SDK's model does not carry grace_period_days: {parsed.integration_config!r}",
+    )
+
+
+check("entitlements.update with integration_config.grace_period_days (extension)", extension_keys)
+
+
 def list_entitlements():
     _, raw, parsed = raw_call(client.entitlements.with_raw_response.list, integration_type="discord", page_size=100)
     items = page("entitlements.list", "items", Entitlement, raw)
@@ -485,6 +506,29 @@ def delete_translation():
 
 
 check("entitlements.translations.delete", delete_translation)
+
+
+def comp_grant():
+    # An extension route, through the SDK's own client (its auth, retries and errors).
+    r = client.post(
+        f"/entitlements/{new_id}/grants",
+        body={"customer_id": "cus_sdk_comp"},
+        cast_to=httpx.Response,
+    )
+    expect(r.status_code == 201, f"POST /entitlements/{{id}}/grants: {r.status_code} {r.text}")
+    g = strict("comp grant", EntitlementGrant, r.text)
+    expect(g.payment_id is None and g.subscription_id is None, f"comp grant has a source: {r.text}")
+    again = client.post(
+        f"/entitlements/{new_id}/grants",
+        body={"customer_id": "cus_sdk_comp"},
+        cast_to=httpx.Response,
+    )
+    expect(again.status_code == 200 and again.json()["id"] == g.id, f"a repeat made another: {again.text}")
+    listed = client.entitlements.grants.list(new_id, customer_id="cus_sdk_comp")
+    expect([x.id for x in listed.items] == [g.id], f"grants.list does not show the comp grant: {listed}")
+
+
+check("comp access through the SDK's client (extension)", comp_grant)
 
 
 # --- Revoking and deleting, last: they take away what the rest reads ----------------
