@@ -306,6 +306,7 @@ impl App {
             let backfiller = crate::grants::backfill::Backfiller {
                 pool: self.pool.clone(),
                 links: self.links.clone(),
+                per_second: self.settings.grants.backfill_per_second,
             };
             let s = shutdown.clone();
             tasks.spawn(async move {

@@ -211,6 +211,10 @@ pub struct GrantSettings {
     /// backfills of newly attached entitlements.
     #[serde(deserialize_with = "duration")]
     pub timer_interval: Duration,
+    /// Grants a process gives per second at most while backfilling: each may queue a
+    /// Discord sync, and the sync queue is shared by every business, so a backfill of a
+    /// large product leaves room for everyone's deliveries.
+    pub backfill_per_second: f64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -360,6 +364,11 @@ impl Settings {
             return Err(ConfigError::Invalid(
                 "ingest.processed_retention must be at least 24h (or empty to keep every id)"
                     .into(),
+            ));
+        }
+        if !(self.grants.backfill_per_second.is_finite() && self.grants.backfill_per_second > 0.0) {
+            return Err(ConfigError::Invalid(
+                "grants.backfill_per_second must be more than 0".into(),
             ));
         }
         if self.grants.timer_interval.is_zero() {
@@ -585,6 +594,29 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn grant_timers_and_backfill_pace_must_be_positive() {
+        let load = |k: &str, v: &str| Settings::load_with_env(None, Some(env(&[(k, v)])));
+        let defaults = Settings::load_with_env(None, Some(env(&[]))).unwrap();
+        assert_eq!(defaults.grants.timer_interval, Duration::from_secs(30));
+        assert_eq!(defaults.grants.backfill_per_second, 20.0);
+        assert_eq!(
+            load("GUILDGATE_GRANTS__BACKFILL_PER_SECOND", "2.5")
+                .unwrap()
+                .grants
+                .backfill_per_second,
+            2.5
+        );
+        for (k, v) in [
+            ("GUILDGATE_GRANTS__BACKFILL_PER_SECOND", "0"),
+            ("GUILDGATE_GRANTS__BACKFILL_PER_SECOND", "-1"),
+            ("GUILDGATE_GRANTS__TIMER_INTERVAL", "0s"),
+        ] {
+            let err = load(k, v).unwrap_err().to_string();
+            assert!(err.contains("grants."), "{k}={v}: {err}");
+        }
     }
 
     #[test]

@@ -3539,6 +3539,7 @@ async fn attaching_an_entitlement_gives_it_to_earlier_buyers() {
     let backfiller = guildgate::grants::backfill::Backfiller {
         pool: w.app.pool.clone(),
         links: w.links.clone(),
+        per_second: w.app.settings.grants.backfill_per_second,
     };
     // The process's own backfill task may have given some already.
     let given = backfiller.pass().await.unwrap();

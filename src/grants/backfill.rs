@@ -9,7 +9,10 @@
 //! transaction under the ingest lock of its subscription or payment (so an event of
 //! the same purchase is applied before or after, never in between) and only if the
 //! purchase still has no grant of the entitlement; a row is done when no customer is
-//! left. What guildgate recorded is what it can reach: every subscription snapshot and
+//! left. Grants are given at most `grants.backfill_per_second` per process: each may
+//! queue a Discord sync, and the sync queue is shared by every business, so a backfill
+//! of a product with many buyers never holds up other merchants' deliveries for long.
+//! What guildgate recorded is what it can reach: every subscription snapshot and
 //! payment of a business since it got its first entitlement. Detaching revokes nothing.
 
 use std::time::Duration;
@@ -30,6 +33,8 @@ const PAGE: i64 = 100;
 pub struct Backfiller {
     pub pool: PgPool,
     pub links: LinkBuilder,
+    /// At most this many grants per second (`grants.backfill_per_second`).
+    pub per_second: f64,
 }
 
 impl Backfiller {
@@ -96,6 +101,8 @@ impl Backfiller {
                 .await?;
                 tx.commit().await?;
                 given += 1;
+                // Paced: each grant may queue a sync on the queue every business shares.
+                tokio::time::sleep(Duration::from_secs_f64(1.0 / self.per_second)).await;
             }
         }
         Ok(given)
