@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -39,6 +38,8 @@ pub struct Options {
     pub sync: bool,
     /// Webhook fan-out (`<prefix>.grant-events`) and delivery (`<prefix>.webhooks`).
     pub webhooks: bool,
+    /// Where the relay and the syncer fail on purpose: none, except in tests.
+    pub faults: crate::faults::SharedFaults,
 }
 
 impl Default for Options {
@@ -50,6 +51,7 @@ impl Default for Options {
             relay: true,
             sync: true,
             webhooks: true,
+            faults: crate::faults::none(),
         }
     }
 }
@@ -141,7 +143,7 @@ impl App {
             sweep_interval: settings.outbox.sweep_interval,
             linger: settings.outbox.linger,
             metrics: metrics.clone(),
-            crash_after_publish: Arc::new(AtomicBool::new(false)),
+            faults: options.faults.clone(),
         };
         let discord = DiscordClient::side(&settings.discord, metrics.clone())
             .shared(SharedLimits::new(pool.clone(), &settings.discord.client_id));
@@ -195,6 +197,7 @@ impl App {
             self.settings.sync.retry_delays.clone(),
             self.metrics.clone(),
         )
+        .with_faults(self.options.faults.clone())
     }
 
     pub fn event_consumer(&self) -> EventConsumer {

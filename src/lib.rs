@@ -9,6 +9,7 @@ pub mod config;
 pub mod crypto;
 pub mod discord;
 pub mod events;
+pub mod faults;
 pub mod grants;
 pub mod http;
 pub mod ids;

@@ -661,29 +661,41 @@ fn syncer(w: &World, name: &str) -> (guildgate::amqp::Broker, guildgate::sync::S
 /// until [`CrashingSyncer::recover`].
 struct CrashingSyncer {
     _broker: guildgate::amqp::Broker,
-    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    faults: std::sync::Arc<common::Injected>,
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl CrashingSyncer {
     fn start(w: &World) -> Self {
+        let s = Self::healthy(w);
+        s.crash();
+        s
+    }
+
+    /// Failing only once [`CrashingSyncer::crash`] is called.
+    fn healthy(w: &World) -> Self {
         let (broker, worker) = syncer(w, "syncer");
-        let fail = worker.fail_after_discord.clone();
-        fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let faults = std::sync::Arc::new(common::Injected::default());
+        let worker = worker.with_faults(faults.clone());
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(worker.run(stop.clone()));
         Self {
             _broker: broker,
-            fail,
+            faults,
             stop,
             task,
         }
     }
 
+    /// Every job fails after its Discord calls from now on.
+    fn crash(&self) {
+        self.faults.set(guildgate::faults::Point::AfterDiscord);
+    }
+
     /// Jobs record what they did again.
     fn recover(&self) {
-        self.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.faults.clear(guildgate::faults::Point::AfterDiscord);
     }
 
     async fn stop(self) {
@@ -1752,10 +1764,7 @@ async fn a_role_stays_while_any_customer_or_business_still_pays_for_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_after_an_interrupted_account_switch_removes_both_roles() {
     let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
-    let (_broker, worker) = syncer(&w, "syncer");
-    let fail = worker.fail_after_discord.clone();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(worker.run(stop.clone()));
+    let crashing = CrashingSyncer::healthy(&w);
     let g = w.guild("Acme");
     let role = g.role("Patrons");
     let biz = w.app.business();
@@ -1770,7 +1779,7 @@ async fn a_revoke_after_an_interrupted_account_switch_removes_both_roles() {
     let grant = w.grant_of("cus_1").await;
     w.wait_status(&grant.id, "Delivered").await;
     // The customer links another account; its sync fails after the Discord calls.
-    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    crashing.crash();
     w.link("cus_1", new).await;
     w.resync(&grant.id).await;
     wait_for("the role added to the new account", || async {
@@ -1781,11 +1790,10 @@ async fn a_revoke_after_an_interrupted_account_switch_removes_both_roles() {
         .publish(&refund(&biz, "pay_1", false, T1), "evt_2")
         .await;
     w.wait_status(&grant.id, "Revoked").await;
-    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    crashing.recover();
     wait_released(&w, &grant.id).await;
     assert!(!w.has_role(g.guild_id, new, role), "the new account's role");
     assert!(!w.has_role(g.guild_id, old, role), "the old account's role");
-    stop.cancel();
-    let _ = task.await;
+    crashing.stop().await;
     w.stop().await;
 }

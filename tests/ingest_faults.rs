@@ -4,10 +4,11 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use common::proxy::Proxy;
-use common::{TestApp, TestConfig, wait_for};
+use common::{Injected, TestApp, TestConfig, wait_for};
+use guildgate::faults::Point;
 
 const GUILD: &str = "123456789012345678";
 
@@ -103,17 +104,15 @@ async fn shutdown_with_messages_in_flight_acks_only_what_committed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_crash_between_publish_and_delete_republishes_with_the_same_ids() {
-    let app = TestApp::spawn_ingest().await;
+    let faults = Arc::new(Injected::default());
+    faults.once(Point::AfterPublish);
+    let app = TestApp::spawn_with(TestConfig::ingest_only().faults(faults.clone())).await;
     app.entitlement_for("pdt_life", GUILD, None).await;
-    app.relay.crash_after_publish.store(true, Ordering::SeqCst);
     app.mark_linked("cus_0").await; // so the grant also gets a sync job
     app.publish_payments(0..1).await;
     app.wait_processed(1).await;
     app.wait_outbox_empty().await;
-    assert!(
-        !app.relay.crash_after_publish.load(Ordering::SeqCst),
-        "the fault fired"
-    );
+    assert!(!faults.pending(Point::AfterPublish), "the fault fired");
     let events = app.drain_grant_events().await;
     assert_eq!(events.len(), 2, "published, 'crashed', published again");
     assert_eq!(events[0].message_id, events[1].message_id);

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use common::events::*;
 use common::{TestApp, TestConfig, wait_for};
 use guildgate::app::Options;
+use guildgate::faults::Point;
 use guildgate::webhooks::deliver::Deliverer;
 use guildgate::webhooks::endpoints::{self, Endpoint, EndpointError, NewEndpoint};
 use guildgate::webhooks::fanout::{Fanout, Outcome};
@@ -368,7 +369,9 @@ async fn a_crash_between_sending_and_recording_delivers_again_with_the_same_id()
         app.metrics.clone(),
     )
     .unwrap();
-    deliverer.crash_after_send.store(true, Ordering::SeqCst);
+    let faults = Arc::new(common::Injected::default());
+    faults.once(Point::AfterSend);
+    let deliverer = deliverer.with_faults(faults.clone());
     let stop = CancellationToken::new();
     let worker = tokio::spawn(deliverer.clone().run(stop.clone()));
 
@@ -387,7 +390,7 @@ async fn a_crash_between_sending_and_recording_delivers_again_with_the_same_id()
     assert_eq!(fanout.handle(&bytes).await.unwrap(), Outcome::Ack(1));
 
     let m = &wait_messages(&app, &ep, 1, "delivered").await[0];
-    assert!(!deliverer.crash_after_send.load(Ordering::SeqCst));
+    assert!(!faults.pending(Point::AfterSend), "the fault fired");
     let hits = r.hits();
     assert_eq!(hits.len(), 2, "sent, crashed, sent again");
     assert!(hits.iter().all(|h| h.id == m.id));

@@ -10,7 +10,7 @@
 //! message keeps its `message_id`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -50,8 +50,9 @@ pub struct Relay {
     /// take the rows of several. An idle relay drains at once.
     pub linger: Duration,
     pub metrics: Arc<Metrics>,
-    /// Test hook: fail once after publishing and before deleting, as a crash would.
-    pub crash_after_publish: Arc<AtomicBool>,
+    /// Where tests make a drain fail after publishing and before deleting, as a crash
+    /// would ([`crate::faults::Point::AfterPublish`]).
+    pub faults: crate::faults::SharedFaults,
 }
 
 impl Relay {
@@ -80,7 +81,7 @@ impl Relay {
             })
             .collect();
         amqp::publish_confirmed(ch, &messages).await?;
-        if self.crash_after_publish.swap(false, Ordering::SeqCst) {
+        if self.faults.fails(crate::faults::Point::AfterPublish) {
             // Dropping the transaction rolls back: the rows stay, as after a crash.
             return Err(RelayError::Injected);
         }

@@ -8,7 +8,7 @@
 //! others still need it).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -60,9 +60,9 @@ pub struct SyncWorker {
     pub links: LinkBuilder,
     pub retry_delays: Vec<Duration>,
     pub metrics: Arc<Metrics>,
-    /// Test hook: while set, every job fails after its Discord calls and before they
-    /// are recorded, as when the database goes away (or the process dies) right then.
-    pub fail_after_discord: Arc<AtomicBool>,
+    /// Where tests make a job fail after its Discord calls and before they are
+    /// recorded, as when the database goes away (or the process dies) right then.
+    faults: crate::faults::SharedFaults,
     locks: KeyedLocks,
 }
 
@@ -129,9 +129,15 @@ impl SyncWorker {
             links,
             retry_delays,
             metrics,
-            fail_after_discord: Arc::new(AtomicBool::new(false)),
+            faults: crate::faults::none(),
             locks: KeyedLocks::default(),
         }
+    }
+
+    /// The same syncer, failing where `faults` says (tests).
+    pub fn with_faults(mut self, faults: crate::faults::SharedFaults) -> Self {
+        self.faults = faults;
+        self
     }
 
     /// Handles one job: `attempt` is how many retries it had. A database error is
@@ -175,7 +181,7 @@ impl SyncWorker {
                 }
                 self.record_intent(&mut job).await?;
                 let synced = self.sync(&job).await;
-                if self.fail_after_discord.load(Ordering::SeqCst) {
+                if self.faults.fails(crate::faults::Point::AfterDiscord) {
                     return Err(sqlx::Error::Protocol(
                         "injected failure after the Discord calls".into(),
                     ));

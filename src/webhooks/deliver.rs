@@ -21,7 +21,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -182,8 +182,9 @@ pub struct Deliverer {
     /// The group writer of holds: its own, so holds never slow the records' statements.
     pub holder: Recorder<Held>,
     pub metrics: Arc<Metrics>,
-    /// Test hook: stop once after sending and before recording, as a crash would.
-    pub crash_after_send: Arc<AtomicBool>,
+    /// Where tests make a delivery stop after sending and before recording, as a crash
+    /// would ([`crate::faults::Point::AfterSend`]).
+    faults: crate::faults::SharedFaults,
 }
 
 /// The HTTP client every delivery uses: no redirects, no proxy (it would bypass the
@@ -232,8 +233,14 @@ impl Deliverer {
             recorder: Recorder::spawn(pool.clone(), 256),
             holder: Recorder::spawn(pool.clone(), 256),
             metrics,
-            crash_after_send: Arc::new(AtomicBool::new(false)),
+            faults: crate::faults::none(),
         })
+    }
+
+    /// The same deliverer, failing where `faults` says (tests).
+    pub fn with_faults(mut self, faults: crate::faults::SharedFaults) -> Self {
+        self.faults = faults;
+        self
     }
 
     /// Handles one job up to the point of settling it.
@@ -345,7 +352,7 @@ impl Deliverer {
             .webhook_attempts
             .get_or_create(&vec![("outcome", label.to_string())])
             .inc();
-        if self.crash_after_send.swap(false, Ordering::SeqCst) {
+        if self.faults.fails(crate::faults::Point::AfterSend) {
             return Err(DeliverError::Injected);
         }
 

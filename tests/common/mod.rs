@@ -20,6 +20,7 @@ use std::time::Duration;
 use guildgate::amqp::Names;
 use guildgate::app::{App, Options};
 use guildgate::config::Settings;
+use guildgate::faults::{Faults, Point};
 use guildgate::grants::Grant;
 use guildgate::metrics::Metrics;
 use guildgate::outbox::Relay;
@@ -108,6 +109,41 @@ impl TestDb {
     }
 }
 
+/// Faults a test injects into guildgate ([`guildgate::faults`]): a point fails while it
+/// is set, or once.
+#[derive(Debug, Default)]
+pub struct Injected {
+    always: std::sync::Mutex<std::collections::HashSet<Point>>,
+    once: std::sync::Mutex<std::collections::HashSet<Point>>,
+}
+
+impl Injected {
+    /// `point` fails every time until [`Injected::clear`].
+    pub fn set(&self, point: Point) {
+        self.always.lock().unwrap().insert(point);
+    }
+
+    pub fn clear(&self, point: Point) {
+        self.always.lock().unwrap().remove(&point);
+    }
+
+    /// `point` fails the next time only.
+    pub fn once(&self, point: Point) {
+        self.once.lock().unwrap().insert(point);
+    }
+
+    /// A fault asked for [`once`](Injected::once) has not fired yet.
+    pub fn pending(&self, point: Point) -> bool {
+        self.once.lock().unwrap().contains(&point)
+    }
+}
+
+impl Faults for Injected {
+    fn fails(&self, point: Point) -> bool {
+        self.always.lock().unwrap().contains(&point) || self.once.lock().unwrap().remove(&point)
+    }
+}
+
 /// How to build a [`TestApp`].
 #[derive(Default)]
 pub struct TestConfig {
@@ -131,6 +167,12 @@ impl TestConfig {
             }),
             ..Self::default()
         }
+    }
+
+    /// The same, with the relay and the syncer failing where `faults` says.
+    pub fn faults(mut self, faults: Arc<Injected>) -> Self {
+        self.options.get_or_insert_with(Options::default).faults = faults;
+        self
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Self {
