@@ -9,6 +9,9 @@ use std::sync::Arc;
 /// The points where a step can be made to fail as if the process died right there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Point {
+    /// The Discord syncer, after recording what it is about to give and before any
+    /// Discord call.
+    BeforeDiscord,
     /// The Discord syncer, after its Discord calls and before recording them.
     AfterDiscord,
     /// The outbox relay, after publishing a batch and before deleting its rows.

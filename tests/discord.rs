@@ -877,6 +877,64 @@ async fn what_was_found_stays_found_when_a_crash_loses_discords_answer() {
     w.stop().await;
 }
 
+/// A run records what it is about to give, then dies before asking Discord anything,
+/// every time, until a refund revokes the grant. The member had the role (and was in the
+/// server) long before buying: the revoke must read the member before taking anything
+/// away, and leave both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_after_a_crash_before_any_call_leaves_what_was_there() {
+    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let crashing = CrashingSyncer::healthy(&w);
+    crashing.faults.set(guildgate::faults::Point::BeforeDiscord);
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_r", &id(g.guild_id), Some(&id(role)))
+        .await;
+    let moderated = w.user("moderated");
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    w.sandbox
+        .add_member_since(g.guild_id, moderated, &[role], long_ago);
+    w.link("cus_1", moderated).await;
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_r"], T0), "evt_1")
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    wait_for("the intent recorded", || async {
+        let applied: Option<String> =
+            sqlx::query_scalar("SELECT applied_role_id FROM grants WHERE id = $1")
+                .bind(&grant.id)
+                .fetch_one(&w.app.pool)
+                .await
+                .unwrap();
+        applied.is_some().then_some(())
+    })
+    .await;
+    w.app
+        .publish(&refund(&biz, "pay_1", false, T1), "evt_2")
+        .await;
+    w.wait_status(&grant.id, "Revoked").await;
+    crashing
+        .faults
+        .clear(guildgate::faults::Point::BeforeDiscord);
+    wait_released(&w, &grant.id).await;
+    assert!(
+        w.has_role(g.guild_id, moderated, role),
+        "the role a moderator gave stays"
+    );
+    assert!(w.sandbox.member(g.guild_id, moderated).is_some());
+    let removals = w
+        .sandbox
+        .requests()
+        .iter()
+        .filter(|r| r.method == "DELETE")
+        .count();
+    assert_eq!(removals, 0, "nothing was taken away");
+    crashing.stop().await;
+    w.stop().await;
+}
+
 /// Two subscriptions give the same role. The first is delivered; the second's delivery
 /// is delayed; the first is cancelled, then the second before its delivery ran. The role
 /// must go: a grant that never delivered anything must not keep another's role alive.

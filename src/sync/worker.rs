@@ -180,6 +180,11 @@ impl SyncWorker {
                         .forget_stop(guild, job.role, crate::discord::stops::SETTLED);
                 }
                 self.record_intent(&mut job).await?;
+                if self.faults.fails(crate::faults::Point::BeforeDiscord) {
+                    return Err(sqlx::Error::Protocol(
+                        "injected failure before the Discord calls".into(),
+                    ));
+                }
                 let synced = self.sync(&job).await;
                 if self.faults.fails(crate::faults::Point::AfterDiscord) {
                     return Err(sqlx::Error::Protocol(
@@ -463,6 +468,12 @@ impl SyncWorker {
                 Some(m) => MemberState::Present { roles: m.roles },
             };
         }
+        // What this run may take away but whose Discord answer was never recorded (a run
+        // died after recording its intent): settled from the member first, so nothing
+        // that was there before is taken away.
+        let mut found = job.found.clone();
+        let kept = if live { desired } else { None };
+        found.extend(self.settle_before_release(job, kept).await?);
         let reasons = Reasons::of(job, desired);
         let mut token: Option<SecretString> = None;
         let mut added = Vec::new();
@@ -476,7 +487,7 @@ impl SyncWorker {
                 held: &job.held,
                 member: member.clone(),
                 others: &job.others,
-                found: &job.found,
+                found: &found,
             });
             let mut replan = false;
             for call in &p.calls {
@@ -612,6 +623,50 @@ impl SyncWorker {
             "the member changed under every attempt; trying again later".into(),
         )
         .into())
+    }
+
+    /// Unsettled accesses this run would let go of (not the one it delivers), settled
+    /// from their member's current state before anything is removed; returns those
+    /// found already there. Only after a run died between recording its intent and
+    /// recording Discord's answer: one member read per account.
+    async fn settle_before_release(
+        &self,
+        job: &Job,
+        kept: Option<Access>,
+    ) -> Result<Vec<Access>, SyncFailure> {
+        let pending: Vec<Access> = job
+            .held
+            .iter()
+            .filter(|a| Some(**a) != kept)
+            .filter(|a| job.unsettled.iter().any(|(u, _)| u == *a))
+            .copied()
+            .collect();
+        let mut found = Vec::new();
+        for a in pending {
+            match self.discord.member(a.guild, a.user).await? {
+                // Not in the server: nothing of it is there to take away or keep.
+                None => {
+                    let mut tx = self.pool.begin().await.map_err(SyncFailure::Database)?;
+                    db::set_found(&mut tx, &[access_key(&a)], false)
+                        .await
+                        .map_err(SyncFailure::Database)?;
+                    tx.commit().await.map_err(SyncFailure::Database)?;
+                }
+                Some(m) => {
+                    let seen = self
+                        .settle_present(job, a.guild, a.user, a.role, &m)
+                        .await
+                        .map_err(SyncFailure::Database)?;
+                    let was_unsettled = |x: &Access| job.unsettled.iter().any(|(u, _)| u == x);
+                    found.extend(
+                        seen.into_iter()
+                            .filter(|(x, by_us)| !by_us && was_unsettled(x))
+                            .map(|(x, _)| x),
+                    );
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// The member is in the server (Discord answered 204 to adding them) and `m` is
