@@ -628,44 +628,55 @@ impl SyncWorker {
     /// Unsettled accesses this run would let go of (not the one it delivers), settled
     /// from their member's current state before anything is removed; returns those
     /// found already there. Only after a run died between recording its intent and
-    /// recording Discord's answer: one member read per account.
+    /// recording Discord's answer: one member read per account, whatever it holds there.
     async fn settle_before_release(
         &self,
         job: &Job,
         kept: Option<Access>,
     ) -> Result<Vec<Access>, SyncFailure> {
+        let unsettled = |a: &Access| job.unsettled.iter().any(|(u, _)| u == a);
         let pending: Vec<Access> = job
             .held
             .iter()
-            .filter(|a| Some(**a) != kept)
-            .filter(|a| job.unsettled.iter().any(|(u, _)| u == *a))
+            .filter(|a| Some(**a) != kept && unsettled(a))
             .copied()
             .collect();
+        let mut accounts: Vec<(Snowflake, Snowflake)> =
+            pending.iter().map(|a| (a.guild, a.user)).collect();
+        accounts.sort();
+        accounts.dedup();
         let mut found = Vec::new();
-        for a in pending {
-            match self.discord.member(a.guild, a.user).await? {
+        for (guild, user) in accounts {
+            let here = pending
+                .iter()
+                .filter(|a| (a.guild, a.user) == (guild, user));
+            match self.discord.member(guild, user).await? {
                 // Not in the server: nothing of it is there to take away or keep.
                 None => {
+                    let keys: Vec<db::AccessKey> = here.map(access_key).collect();
                     let mut tx = self.pool.begin().await.map_err(SyncFailure::Database)?;
-                    db::set_found(&mut tx, &[access_key(&a)], false)
+                    db::set_found(&mut tx, &keys, false)
                         .await
                         .map_err(SyncFailure::Database)?;
                     tx.commit().await.map_err(SyncFailure::Database)?;
                 }
                 Some(m) => {
-                    let seen = self
-                        .settle_present(job, a.guild, a.user, a.role, &m)
-                        .await
-                        .map_err(SyncFailure::Database)?;
-                    let was_unsettled = |x: &Access| job.unsettled.iter().any(|(u, _)| u == x);
-                    found.extend(
-                        seen.into_iter()
-                            .filter(|(x, by_us)| !by_us && was_unsettled(x))
-                            .map(|(x, _)| x),
-                    );
+                    for a in here {
+                        let seen = self
+                            .settle_present(job, guild, user, a.role, &m)
+                            .await
+                            .map_err(SyncFailure::Database)?;
+                        found.extend(
+                            seen.into_iter()
+                                .filter(|(x, by_us)| !by_us && unsettled(x))
+                                .map(|(x, _)| x),
+                        );
+                    }
                 }
             }
         }
+        found.sort_by_key(|a| (a.guild, a.user, a.role));
+        found.dedup();
         Ok(found)
     }
 
