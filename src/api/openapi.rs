@@ -306,7 +306,14 @@ fn is_null(schema: &RefOr<Schema>) -> bool {
 
 /// Every operation of `openapi`.
 fn operations(openapi: &mut utoipa::openapi::OpenApi) -> impl Iterator<Item = &mut Operation> {
-    openapi.paths.paths.values_mut().flat_map(|item| {
+    paths_and_operations(openapi).map(|(_, op)| op)
+}
+
+/// Every operation of the document with its path.
+fn paths_and_operations(
+    openapi: &mut utoipa::openapi::OpenApi,
+) -> impl Iterator<Item = (&str, &mut Operation)> {
+    openapi.paths.paths.iter_mut().flat_map(|(path, item)| {
         [
             &mut item.get,
             &mut item.put,
@@ -319,6 +326,7 @@ fn operations(openapi: &mut utoipa::openapi::OpenApi) -> impl Iterator<Item = &m
         ]
         .into_iter()
         .flatten()
+        .map(move |op| (path.as_str(), op))
     })
 }
 
@@ -340,20 +348,8 @@ impl Modify for EdgeResponses {
         for (name, response) in Self::shared() {
             components.responses.insert(name.into(), response.into());
         }
-        for (path, item) in openapi.paths.paths.iter_mut() {
-            let page = super::error::BROWSER_PAGES.contains(&path.as_str());
-            for op in [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                Self::operation(op, page);
-            }
+        for (path, op) in paths_and_operations(openapi) {
+            Self::operation(op, super::error::BROWSER_PAGES.contains(&path));
         }
     }
 }
