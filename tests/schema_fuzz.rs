@@ -20,7 +20,7 @@ mod seed;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use guildgate::ids::BusinessId;
 use python::{TMP, Tool};
@@ -301,26 +301,9 @@ async fn the_api_keeps_to_its_openapi_document_under_a_schema_fuzzer() {
         // A proxy of the environment (set for pip) must not stand between the two.
         .env("NO_PROXY", "127.0.0.1")
         .env("no_proxy", "127.0.0.1");
-    // Its output goes to a file beside the report, and a run that outlives its deadline
-    // (a request that never ends, say) is killed rather than left to hold the suite.
+    // Its output goes to a file beside the report.
     let output = reports.join("output.txt");
-    let file = std::fs::File::create(&output).unwrap();
-    cmd.stdout(file.try_clone().unwrap()).stderr(file);
-    let started = Instant::now();
-    let mut child = cmd.spawn().expect("the Schemathesis CLI starts");
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if started.elapsed() > RUN_DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let took = started.elapsed();
-    let text = std::fs::read_to_string(&output).unwrap_or_default();
+    let (status, took, text) = python::run_with_deadline(&mut cmd, &output, RUN_DEADLINE).await;
     let status = status.unwrap_or_else(|| {
         panic!("Schemathesis did not finish within {RUN_DEADLINE:?}; killed:\n{text}")
     });

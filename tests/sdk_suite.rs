@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -84,7 +84,6 @@ async fn the_platforms_python_sdk_works_against_guildgate() {
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/suite.py");
     let output = Path::new(python::TMP).join("sdk-suite-output.txt");
-    let file = std::fs::File::create(&output).unwrap();
     let mut cmd = Command::new(&python);
     cmd.arg(&script)
         .env("GUILDGATE_BASE_URL", format!("http://{}", w.app.addr))
@@ -98,26 +97,8 @@ async fn the_platforms_python_sdk_works_against_guildgate() {
         // A proxy of the environment (set for pip) must not stand between the two.
         .env("NO_PROXY", "127.0.0.1")
         .env("no_proxy", "127.0.0.1")
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .stdout(file.try_clone().unwrap())
-        .stderr(file);
-    // A run that outlives its deadline (a request that never ends, say) is killed
-    // rather than left to hold the suite.
-    let started = Instant::now();
-    let mut child = cmd.spawn().expect("the SDK's Python starts");
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if started.elapsed() > RUN_DEADLINE {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let took = started.elapsed();
-    let text = std::fs::read_to_string(&output).unwrap_or_default();
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    let (status, took, text) = python::run_with_deadline(&mut cmd, &output, RUN_DEADLINE).await;
     let status = status.unwrap_or_else(|| {
         panic!("tests/sdk/suite.py did not finish within {RUN_DEADLINE:?}; killed:\n{text}")
     });

@@ -124,3 +124,41 @@ impl Tool {
         program
     }
 }
+
+/// Runs `cmd` with its stdout and stderr in the file `output`, killing it if it is still
+/// running after `deadline` (a request that never ends, say) rather than letting it
+/// hold the suite. Returns its exit status (`None`: killed), how long it ran, and what
+/// it wrote.
+pub async fn run_with_deadline(
+    cmd: &mut Command,
+    output: &Path,
+    deadline: std::time::Duration,
+) -> (
+    Option<std::process::ExitStatus>,
+    std::time::Duration,
+    String,
+) {
+    let file = std::fs::File::create(output).unwrap();
+    cmd.stdout(file.try_clone().unwrap()).stderr(file);
+    let started = std::time::Instant::now();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("{:?} starts: {e}", cmd.get_program()));
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let took = started.elapsed();
+    (
+        status,
+        took,
+        std::fs::read_to_string(output).unwrap_or_default(),
+    )
+}
