@@ -7,9 +7,13 @@
 //! 1. the merchant's setup: a Discord server with a "Patrons" role, an entitlement for
 //!    it attached to a product, a webhook endpoint (a small receiver in this process
 //!    that verifies every signature with the `standardwebhooks` crate);
-//! 2. the platform publishes `payment.succeeded` → a `Pending` grant with an `oauth_url`;
-//! 3. the customer follows the link, presses Authorize on the consent page, lands on
-//!    guildgate's result page → the grant is `Delivered` and the member holds the role;
+//! 2. the platform publishes `payment.succeeded` → a `Pending` grant with an `oauth_url`,
+//!    and guildgate emails the customer a "Join the Discord" link (an SMTP receiver in
+//!    this process takes the email and prints it);
+//! 3. the customer follows the link in the email, presses Authorize on the consent page,
+//!    lands on guildgate's result page → the grant is `Delivered` and the member holds
+//!    the role;
+//!    her access page (linked from the email) shows the grant and what she can do;
 //! 4. the platform publishes `refund.succeeded` → `Revoked`, the role is gone.
 //!
 //! Uses the database `guildgate_demo` (created if missing) and the queue prefix
@@ -131,6 +135,9 @@ async fn main() {
     let hooks_url = format!("http://{}/hooks", hooks.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(hooks, receiver).await });
 
+    // --- An SMTP receiver for guildgate's emails.
+    let (smtp_port, mut inbox) = smtp_receiver::start().await;
+
     // --- guildgate, pointed at the sandbox.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -162,6 +169,14 @@ async fn main() {
             sandbox.bot_token().to_string(),
         ),
         ("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".into()),
+        (
+            "GUILDGATE_EMAIL__SMTP_URL",
+            format!("smtp://127.0.0.1:{smtp_port}"),
+        ),
+        (
+            "GUILDGATE_EMAIL__FROM",
+            "Acme Community <access@acme.example>".into(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -190,6 +205,21 @@ async fn main() {
         guildgate::store::setup::ensure_business(&mut c, BUSINESS)
             .await
             .unwrap();
+        // The merchant's bot install, as Discord confirmed it (the API's install flow
+        // records this; tests/api.rs walks it).
+        guildgate::api::store::guilds::connect(
+            &mut c,
+            guildgate::api::store::guilds::Install {
+                business_id: BUSINESS,
+                guild_id: &guild.guild_id.to_string(),
+                name: "Acme Community",
+                permissions: None,
+                installed_by: None,
+                now: chrono::Utc::now(),
+            },
+        )
+        .await
+        .unwrap();
         let ent = guildgate::store::setup::insert_entitlement(
             &mut c,
             BUSINESS,
@@ -257,14 +287,42 @@ async fn main() {
     }), &format!("evt_pay{run}")).await;
     let g = wait_grant(&pool, &customer, "Pending", |g| g.status == "Pending").await;
     let url = links.url(&g.id, &g.oauth_nonce, g.oauth_expires_at);
+    println!("   grant {} is Pending", g.id);
+    let raw = tokio::time::timeout(Duration::from_secs(30), inbox.recv())
+        .await
+        .expect("guildgate emails the customer within 30 s")
+        .expect("the SMTP receiver runs");
+    let email = mail_parser::MessageParser::default()
+        .parse(&raw)
+        .expect("a MIME message");
+    let text = email.body_text(0).unwrap_or_default();
     println!(
-        "   grant {} is Pending; the customer's link:\n   {url}",
-        g.id
+        "   email received by the SMTP receiver:\n   From: {}\n   To: {}\n   Subject: {}\n",
+        email
+            .from()
+            .and_then(|a| a.first())
+            .and_then(|a| a.address())
+            .unwrap_or("?"),
+        email
+            .to()
+            .and_then(|a| a.first())
+            .and_then(|a| a.address())
+            .unwrap_or("?"),
+        email.subject().unwrap_or("?"),
     );
+    for line in text.lines() {
+        println!("   | {line}");
+    }
+    assert!(text.contains(&url), "the email carries the grant's link");
+    let access = text
+        .split_whitespace()
+        .find(|w| w.contains("/access?t="))
+        .expect("the email links the access page")
+        .to_string();
 
     step(
         3,
-        "Ada opens the link, presses Authorize, and lands on guildgate's page",
+        "Ada opens the link in the email, presses Authorize, and lands on guildgate's page",
     );
     let callback = sandbox
         .consent(&url, ada, Consent::Authorize)
@@ -288,6 +346,26 @@ async fn main() {
         "   grant {} is Delivered; in Discord ada holds roles {:?} (Patrons = {role})",
         g.id, member.roles
     );
+
+    println!(
+        "   Ada opens her access page from the email ({}/access?t=…):",
+        settings.http.public_url
+    );
+    let page = reqwest::get(&access)
+        .await
+        .expect("access page")
+        .text()
+        .await
+        .unwrap_or_default();
+    for (label, value) in page
+        .split("<dt>")
+        .skip(1)
+        .filter_map(|d| d.split_once("</dt><dd>"))
+        .map(|(l, rest)| (l, rest.split("</dd>").next().unwrap_or("")))
+    {
+        println!("   | {label}: {value}");
+    }
+    println!("   | actions: Get my role back, Use another Discord account");
 
     step(4, "The platform publishes refund.succeeded");
     publish(&amqp, &settings.amqp.exchange, &json!({
@@ -330,4 +408,73 @@ async fn main() {
     }
     shutdown.cancel();
     let _ = running.await;
+}
+
+/// A plain SMTP receiver on loopback for the demo's emails: it accepts every message
+/// and hands its bytes to the demo. Not a mail server (no TLS, no auth, one client at
+/// a time): just enough of RFC 5321 for guildgate to deliver to it.
+mod smtp_receiver {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    pub async fn start() -> (u16, mpsc::UnboundedReceiver<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = session(socket, tx).await;
+                });
+            }
+        });
+        (port, rx)
+    }
+
+    async fn session(
+        socket: tokio::net::TcpStream,
+        tx: mpsc::UnboundedSender<Vec<u8>>,
+    ) -> std::io::Result<()> {
+        let (read, mut write) = socket.into_split();
+        let mut lines = BufReader::new(read);
+        write.write_all(b"220 demo SMTP receiver\r\n").await?;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if lines.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            let reply: &[u8] = match verb.as_str() {
+                "EHLO" => b"250-demo\r\n250 8BITMIME\r\n",
+                "HELO" | "MAIL" | "RCPT" | "RSET" | "NOOP" => b"250 OK\r\n",
+                "DATA" => {
+                    write.write_all(b"354 end with .\r\n").await?;
+                    let mut message = Vec::new();
+                    loop {
+                        line.clear();
+                        if lines.read_line(&mut line).await? == 0 {
+                            return Ok(());
+                        }
+                        if line == ".\r\n" || line == ".\n" {
+                            break;
+                        }
+                        // Dot-stuffing (RFC 5321 4.5.2).
+                        let l = line.strip_prefix('.').unwrap_or(&line);
+                        message.extend_from_slice(l.as_bytes());
+                    }
+                    let _ = tx.send(message);
+                    b"250 accepted\r\n"
+                }
+                "QUIT" => {
+                    write.write_all(b"221 bye\r\n").await?;
+                    return Ok(());
+                }
+                _ => b"502 not implemented\r\n",
+            };
+            write.write_all(reply).await?;
+        }
+    }
 }

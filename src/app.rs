@@ -38,6 +38,8 @@ pub struct Options {
     pub sync: bool,
     /// Webhook fan-out (`<prefix>.grant-events`) and delivery (`<prefix>.webhooks`).
     pub webhooks: bool,
+    /// The email worker (`<prefix>.emails`), when `email.smtp_url` is set.
+    pub email: bool,
     /// Where the relay and the syncer fail on purpose: none, except in tests.
     pub faults: crate::faults::SharedFaults,
 }
@@ -51,6 +53,7 @@ impl Default for Options {
             relay: true,
             sync: true,
             webhooks: true,
+            email: true,
             faults: crate::faults::none(),
         }
     }
@@ -200,6 +203,22 @@ impl App {
         .with_faults(self.options.faults.clone())
     }
 
+    /// The email worker (`email.smtp_url` must be set).
+    pub fn email_worker(&self) -> Result<crate::email::worker::EmailWorker, String> {
+        let s = &self.settings.email;
+        Ok(crate::email::worker::EmailWorker {
+            pool: self.pool.clone(),
+            broker: self.broker.clone(),
+            mailer: crate::email::transport::Mailer::from_settings(s)?,
+            from: s.from.parse().map_err(|e| format!("email.from: {e}"))?,
+            links: self.links.clone(),
+            retry_delays: s.retry_delays.clone(),
+            per_recipient_per_hour: s.per_recipient_per_hour,
+            recipient_secret: self.settings.secrets.state_signing_key.clone(),
+            metrics: self.metrics.clone(),
+        })
+    }
+
     pub fn event_consumer(&self) -> EventConsumer {
         let s = &self.settings;
         EventConsumer {
@@ -211,6 +230,7 @@ impl App {
                     revoke_on_subscription_refund: s.grants.revoke_on_subscription_refund,
                 },
                 processed_retention: s.ingest.processed_retention,
+                email: s.email.enabled(),
             },
             limits: DecodeLimits::from_settings(s),
             prefetch: s.amqp.prefetch,
@@ -226,6 +246,11 @@ impl App {
         let router = http::app(self.state());
         let consumer = self.event_consumer();
         let syncer = self.sync_worker();
+        let mailer = if self.options.email && self.settings.email.enabled() {
+            Some(self.email_worker()?)
+        } else {
+            None
+        };
         let http_shutdown = shutdown.clone();
         let listener = self.listener;
         tasks.spawn(async move {
@@ -267,6 +292,13 @@ impl App {
                 &self.metrics,
                 &shutdown,
             );
+        }
+        if let Some(worker) = mailer {
+            let s = shutdown.clone();
+            tasks.spawn(async move {
+                worker.run(s).await;
+                "email worker"
+            });
         }
         if self.options.sync {
             let s = shutdown.clone();
@@ -310,11 +342,21 @@ impl App {
                 pool: self.pool.clone(),
                 links: self.links.clone(),
                 per_second: self.settings.grants.backfill_per_second,
+                email: self.settings.email.enabled(),
             };
             let s = shutdown.clone();
             tasks.spawn(async move {
                 backfiller.run_every(every, s).await;
                 "backfill"
+            });
+            let upkeep = crate::email::upkeep::Upkeep {
+                pool: self.pool.clone(),
+                send: self.settings.email.enabled(),
+            };
+            let s = shutdown.clone();
+            tasks.spawn(async move {
+                upkeep.run_every(every, s).await;
+                "email upkeep"
             });
         }
         if let Some(every) = self.settings.reconcile.interval {

@@ -79,6 +79,7 @@ pub struct Settings {
     pub webhooks: WebhookSettings,
     pub log: LogSettings,
     pub reconcile: ReconcileSettings,
+    pub email: EmailSettings,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -258,6 +259,38 @@ pub struct WebhookSettings {
     pub max_in_flight_per_endpoint: usize,
 }
 
+/// Delivery email ([`crate::email`]). Email is off when `smtp_url` is empty.
+#[derive(Clone, Debug, Deserialize)]
+pub struct EmailSettings {
+    /// `smtp://host:port` (plain, or `?tls=required` for STARTTLS, `?tls=opportunistic`),
+    /// `smtps://user:pass@host:465` (TLS from the start); user and password
+    /// percent-encoded. A secret: it may carry the password.
+    pub smtp_url: SecretString,
+    /// `From` of every email, e.g. `Acme Access <access@example.com>`.
+    pub from: String,
+    /// A PEM file of CA certificates to trust for the SMTP server besides the system's
+    /// (a private CA); empty: the system's only.
+    pub ca_file: String,
+    /// The wait before each retry of an email the server did not take.
+    #[serde(deserialize_with = "duration_list")]
+    pub retry_delays: Vec<Duration>,
+    /// Emails one recipient is sent per hour at most, across businesses; the rest wait.
+    pub per_recipient_per_hour: u32,
+    /// The longest one SMTP conversation may take.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// How long the access-page link in an email works.
+    #[serde(deserialize_with = "duration")]
+    pub access_link_ttl: Duration,
+}
+
+impl EmailSettings {
+    /// Whether guildgate sends email at all.
+    pub fn enabled(&self) -> bool {
+        !self.smtp_url.expose_secret().trim().is_empty()
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -399,7 +432,22 @@ impl Settings {
                 "api.requests_per_second, api.burst, oauth.callback_attempts, oauth.address_attempts and oauth.callback_window must be more than 0".into(),
             ));
         }
-        if self.sync.retry_delays.is_empty() || self.webhooks.retry_delays.is_empty() {
+        if self.email.enabled() {
+            crate::email::transport::check(&self.email)
+                .map_err(|e| ConfigError::Invalid(format!("email: {e}")))?;
+        }
+        if self.email.per_recipient_per_hour == 0
+            || self.email.timeout.is_zero()
+            || self.email.access_link_ttl.is_zero()
+        {
+            return Err(ConfigError::Invalid(
+                "email.per_recipient_per_hour, email.timeout and email.access_link_ttl must be more than 0".into(),
+            ));
+        }
+        if self.sync.retry_delays.is_empty()
+            || self.webhooks.retry_delays.is_empty()
+            || self.email.retry_delays.is_empty()
+        {
             return Err(ConfigError::Invalid(
                 "retry_delays needs at least one delay".into(),
             ));

@@ -2,16 +2,19 @@
 //! become grants, and reach Discord and the merchant's webhooks through an outbox.
 //! See docs/architecture.md for the architecture; each module's doc says what it owns.
 
+pub mod access;
 pub mod amqp;
 pub mod api;
 pub mod app;
 pub mod config;
 pub mod crypto;
 pub mod discord;
+pub mod email;
 pub mod events;
 pub mod faults;
 pub mod grants;
 pub mod http;
+pub mod i18n;
 pub mod ids;
 pub mod metrics;
 pub mod nul;

@@ -46,6 +46,9 @@ enum Command {
     /// Manage the keys of data guildgate encrypts.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Act on one grant.
+    #[command(subcommand)]
+    Grants(GrantsCommand),
     /// Compare grants with Discord and report drift (a table, or JSON); --apply queues fixes.
     ///
     /// Finds delivered grants whose member lacks the role or left the server, revoked
@@ -81,7 +84,7 @@ enum DlqCommand {
     /// the broker's x-death record. Nothing is removed.
     List {
         /// A dead-letter queue: `payment-events`, `discord-sync`, `grant-events`,
-        /// `webhooks`, or its full name.
+        /// `webhooks`, `emails`, or its full name.
         queue: Option<String>,
         /// How many messages to show.
         #[arg(long, default_value_t = 20)]
@@ -121,6 +124,20 @@ enum DlqCommand {
         /// Confirm: without it nothing is deleted.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GrantsCommand {
+    /// Email a grant's customer again: the "Join the Discord" email while the grant waits
+    /// for their Discord account, otherwise the link to their access page.
+    ///
+    /// Queues the email (a running `serve` with email configured sends it) and prints its
+    /// id. Refused when email is off (`email.smtp_url` empty), the grant is revoked, or no
+    /// address is known for the customer.
+    Resend {
+        /// The grant (`grant_…`).
+        grant_id: String,
     },
 }
 
@@ -206,6 +223,7 @@ fn main() -> ExitCode {
             Command::ApiKey(cmd) => api_key(&settings, cmd).await,
             Command::Dlq(cmd) => dlq(&settings, cmd).await,
             Command::Keys(cmd) => keys(&settings, cmd).await,
+            Command::Grants(cmd) => grants(&settings, cmd).await,
             Command::Reconcile {
                 business,
                 guild,
@@ -448,6 +466,27 @@ async fn serve(settings: Settings, no_migrate: bool, no_declare: bool) -> Result
         ..Options::default()
     };
     guildgate::app::serve(settings, options).await
+}
+
+async fn grants(settings: &Settings, cmd: GrantsCommand) -> Result<(), String> {
+    let pool = guildgate::store::pool(&settings.database).map_err(|e| e.to_string())?;
+    match cmd {
+        GrantsCommand::Resend { grant_id } => {
+            let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+            let grant = guildgate::store::grants::get(&mut tx, &grant_id)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("no grant {grant_id}"))?;
+            let job = guildgate::email::resend::queue(&mut tx, &grant, settings.email.enabled())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|r| format!("not resent: {r}"))?;
+            tx.commit().await.map_err(|e| e.to_string())?;
+            eprintln!("Queued email {} for grant {grant_id}.", job.email_id);
+            println!("{}", job.email_id);
+            Ok(())
+        }
+    }
 }
 
 async fn api_key(settings: &Settings, cmd: ApiKeyCommand) -> Result<(), String> {

@@ -53,6 +53,9 @@ pub struct Metrics {
     /// Grants revoked because their due time passed (the end of a grace period), by
     /// `reason`.
     pub grant_timers: Family<Labels, Counter>,
+    /// Delivery emails by `kind` (join, reminder, resend) and `outcome` (sent, skipped,
+    /// retried, deferred, failed, duplicate).
+    pub emails: Family<Labels, Counter>,
     /// Webhook attempts by outcome, and their latency.
     pub webhook_attempts: Family<Labels, Counter>,
     pub webhook_latency: Histogram,
@@ -137,6 +140,12 @@ impl Metrics {
             "Grants revoked when their due time passed (the end of a grace period), by reason",
             grant_timers.clone(),
         );
+        let emails = Family::<Labels, Counter>::default();
+        registry.register(
+            "emails",
+            "Delivery emails by kind and outcome",
+            emails.clone(),
+        );
         let webhook_attempts = Family::<Labels, Counter>::default();
         registry.register(
             "webhook_attempts",
@@ -171,6 +180,7 @@ impl Metrics {
             discord_invalid_requests,
             discord_stops,
             grant_timers,
+            emails,
             webhook_attempts,
             webhook_latency,
             queue_depth,

@@ -4,6 +4,8 @@
 mod common;
 #[path = "common/discord.rs"]
 mod discord_world;
+#[path = "common/smtp.rs"]
+mod smtp;
 
 use std::sync::{Arc, Mutex};
 
@@ -1863,14 +1865,9 @@ async fn openapi_documents_exactly_the_real_routes() {
                 ![404, 405].contains(&s),
                 "{method} {path} answered {s}: {v}"
             );
-            let open = [
-                "/discord/bot/callback",
-                "/oauth/discord/callback",
-                "/healthz",
-                "/readyz",
-                "/metrics",
-            ];
-            if !open.contains(&path.as_str()) {
+            let open = guildgate::api::error::BROWSER_PAGES.contains(&path.as_str())
+                || ["/healthz", "/readyz", "/metrics"].contains(&path.as_str());
+            if !open {
                 assert_eq!(s, 401, "{method} {path} must require a key");
             }
             // The document says which routes need a key, and what the edge answers
@@ -1887,8 +1884,10 @@ async fn openapi_documents_exactly_the_real_routes() {
             let responses = &op["responses"];
             for status in ["401", "429", "503"] {
                 let documented = responses.get(status).is_some();
-                // The customer's callback has limits of its own (per link, per address).
-                let own_limit = status == "429" && path == "/oauth/discord/callback";
+                // The customer's callback and actions have limits of their own (per
+                // link or customer, per address).
+                let own_limit = status == "429"
+                    && (path == "/oauth/discord/callback" || path.starts_with("/access/"));
                 let expected = secured || status == "503" || own_limit;
                 assert_eq!(documented, expected, "{method} {path}: {status}");
             }
@@ -1935,6 +1934,14 @@ async fn openapi_documents_exactly_the_real_routes() {
         "POST /webhooks/{id}/messages/{message_id}/retry",
         "POST /webhooks/{id}/messages/retry-failed",
         "GET /oauth/discord/callback",
+        "POST /entitlements/{id}/grants/{grant_id}/resend",
+        "GET /access",
+        "POST /access/connect",
+        "POST /access/restore",
+        "POST /access/switch",
+        "POST /access/switch/confirm",
+        "GET /business/settings",
+        "PATCH /business/settings",
         "GET /healthz",
         "GET /readyz",
         "GET /metrics",
@@ -3540,6 +3547,7 @@ async fn attaching_an_entitlement_gives_it_to_earlier_buyers() {
         pool: w.app.pool.clone(),
         links: w.links.clone(),
         per_second: w.app.settings.grants.backfill_per_second,
+        email: false,
     };
     // The process's own backfill task may have given some already.
     let given = backfiller.pass().await.unwrap();
@@ -3591,5 +3599,603 @@ async fn attaching_an_entitlement_gives_it_to_earlier_buyers() {
         "Delivered"
     );
     assert!(w.has_role(g.guild_id, u, role));
+    w.stop().await;
+}
+
+/// A World whose guildgate emails through a real SMTP server (STARTTLS with a private
+/// CA, AUTH), with one retry after 1 s and at most `per_hour` emails per recipient.
+async fn world_with_email(per_hour: u32) -> (World, smtp::SmtpServer) {
+    let server = smtp::SmtpServer::start().await;
+    let cfg = common::TestConfig::default()
+        .env("GUILDGATE_EMAIL__SMTP_URL", &server.url())
+        .env("GUILDGATE_EMAIL__CA_FILE", server.ca.to_str().unwrap())
+        .env("GUILDGATE_EMAIL__FROM", "Acme Access <access@acme.test>")
+        .env("GUILDGATE_EMAIL__RETRY_DELAYS", "1s")
+        .env(
+            "GUILDGATE_EMAIL__PER_RECIPIENT_PER_HOUR",
+            &per_hour.to_string(),
+        );
+    let w = World::start_with(sandbox_discord::SandboxConfig::default(), cfg).await;
+    (w, server)
+}
+
+/// An entitlement of `role`, attached to the product `pdt_gold`; its id.
+async fn sold_as_gold(c: &Client, guild: u64, role: u64) -> String {
+    let e = create_entitlement(c, guild, Some(role)).await;
+    let ent = e["id"].as_str().unwrap().to_string();
+    let (s, v) = c
+        .put(
+            "/products/pdt_gold/entitlements",
+            json!({"entitlements": [{"entitlement_id": ent}]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    ent
+}
+
+/// A one-time purchase whose event names the buyer's email address.
+async fn purchase(w: &World, payment_id: &str, customer: &str, product: &str, email: &str) {
+    let mut p = payment(&w.app.business(), payment_id, customer, &[product], T0);
+    p["data"]["customer"]["email"] = json!(email);
+    w.app.publish(&p, &format!("evt_{payment_id}")).await;
+}
+
+async fn email_row(w: &World, id: &str) -> Option<(String, i32, Option<String>)> {
+    sqlx::query_as("SELECT status, attempts, detail FROM emails WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&w.app.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_email_status(w: &World, id: &str, status: &str) -> (String, i32, Option<String>) {
+    wait_for(&format!("email {id} {status}"), || async {
+        email_row(w, id).await.filter(|r| r.0 == status)
+    })
+    .await
+}
+
+fn email_count(w: &World, kind: &str, outcome: &str) -> u64 {
+    w.app
+        .metrics
+        .emails
+        .get_or_create(&vec![
+            ("kind", kind.to_string()),
+            ("outcome", outcome.to_string()),
+        ])
+        .get()
+}
+
+/// Delivery email end to end: the business's settings, a buyer who has not linked
+/// Discord gets one "Join the Discord" email in the business's language (STARTTLS, AUTH,
+/// plain and HTML parts, `Reply-To` the support address) whose link connects them; the
+/// same job delivered again sends nothing; a resend of a delivered grant links the access
+/// page; an entitlement with emails turned off sends nothing until the merchant resends;
+/// a returning customer gets none; another business cannot resend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buyers_are_emailed_a_join_link_and_merchants_can_resend() {
+    let (w, mail) = world_with_email(5).await;
+    let biz = w.app.business();
+    let c = client(&w, &biz).await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let role = g.role("Patrons");
+
+    let (s, v) = c.get("/business/settings").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v,
+        json!({"default_locale": "en", "support_email": null, "reminder_days": [],
+               "email_enabled": true, "updated_at": null})
+    );
+    let (s, v) = c
+        .patch(
+            "/business/settings",
+            json!({"default_locale": "it", "support_email": "nope", "reminder_days": [0]}),
+        )
+        .await;
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(v["errors"].as_array().unwrap().len(), 3, "{v}");
+    let (s, v) = c
+        .patch(
+            "/business/settings",
+            json!({"default_locale": "de", "support_email": "help@acme.test"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["default_locale"], "de");
+    assert_eq!(
+        c.get("/business/settings").await.1["support_email"],
+        "help@acme.test"
+    );
+
+    let gold = create_entitlement(&c, g.guild_id, Some(role)).await;
+    let gold = gold["id"].as_str().unwrap().to_string();
+    let mut body = create_body(g.guild_id, Some(role));
+    body["integration_config"]["send_email"] = json!(false);
+    let (s, quiet) = c.post("/entitlements", body).await;
+    assert_eq!(s, 201, "{quiet}");
+    assert_eq!(quiet["integration_config"]["send_email"], false);
+    let quiet = quiet["id"].as_str().unwrap().to_string();
+    for (product, ent) in [("pdt_gold", &gold), ("pdt_quiet", &quiet)] {
+        let (s, v) = c
+            .put(
+                &format!("/products/{product}/entitlements"),
+                json!({"entitlements": [{"entitlement_id": ent}]}),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+
+    purchase(&w, "pay_1", "cus_1", "pdt_gold", "buyer@example.test").await;
+    let got = mail.wait_for("buyer@example.test", 1).await;
+    let m = &got[0];
+    assert_eq!(m.envelope["tls"], true, "sent after STARTTLS");
+    assert_eq!(m.envelope["login"], smtp::USER);
+    assert_eq!(m.subject(), "Tritt Acme auf Discord bei");
+    assert_eq!(m.address("From").as_deref(), Some("access@acme.test"));
+    assert_eq!(m.address("To").as_deref(), Some("buyer@example.test"));
+    assert_eq!(m.address("Reply-To").as_deref(), Some("help@acme.test"));
+    assert_eq!(m.part_types(), ["text/plain", "text/html"]);
+    assert_eq!(m.header("Content-Language").as_deref(), Some("de"));
+    let grant = w.grant_of("cus_1").await;
+    let (_, api) = c
+        .get(&format!("/entitlements/{gold}/grants/{}", grant.id))
+        .await;
+    let join = api["oauth_url"].as_str().unwrap().to_string();
+    let text = m.text();
+    assert!(text.contains(&join), "{text}");
+    assert!(text.contains("Patrons Discord Role") && text.contains("Discord beitreten"));
+    let html = m.html();
+    assert!(html.contains(&join.replace('&', "&amp;")), "{html}");
+    assert!(html.contains("lang=\"de\""));
+    let access = text
+        .split_whitespace()
+        .find(|w| w.contains("/access?t="))
+        .expect("an access link");
+    let token = access.split_once("?t=").unwrap().1;
+    let who = w.links.verify_access(token, chrono::Utc::now()).unwrap();
+    assert_eq!((who.b.as_str(), who.c.as_str()), (biz.as_str(), "cus_1"));
+
+    // The link in the email connects the customer.
+    let una = w.user("una");
+    let (_, status, page) = w.consent(&join, una, Consent::Authorize).await;
+    assert_eq!(status, 200, "{page}");
+    w.wait_status(&grant.id, "Delivered").await;
+    assert!(w.has_role(g.guild_id, una, role));
+
+    // The same job delivered again (a crash before its ack) sends nothing.
+    let job = guildgate::email::Job::join(&grant.id, Some("buyer@example.test"));
+    w.app
+        .publish_to_queue(&w.app.names.emails(), &job.email_id, &job.payload())
+        .await;
+    wait_for("the duplicate job settled", || async {
+        (email_count(&w, "join", "duplicate") >= 1).then_some(())
+    })
+    .await;
+    assert_eq!(mail.wait_for("buyer@example.test", 1).await.len(), 1);
+
+    // A resend of a delivered grant links the access page, not Discord.
+    let resend = format!("/entitlements/{gold}/grants/{}/resend", grant.id);
+    let (s, v) = c.post(&resend, json!({})).await;
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v["email_id"], format!("{}:resend:1", grant.id));
+    let got = mail.wait_for("buyer@example.test", 2).await;
+    assert_eq!(got[1].subject(), "Dein Zugang zu Acme auf Discord");
+    assert!(
+        !got[1].text().contains("oauth2/authorize"),
+        "{}",
+        got[1].text()
+    );
+    assert!(got[1].text().contains("/access?t="));
+    let other = client(&w, "bus_Other").await;
+    assert_eq!(other.post(&resend, json!({})).await.0, 404);
+    // An operator's resend, through the binary: the third email.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_guildgate"))
+        .args(["grants", "resend", &grant.id])
+        .env("GUILDGATE_DATABASE__URL", &w.app.db.url)
+        .env("GUILDGATE_EMAIL__SMTP_URL", mail.url())
+        .env("GUILDGATE_EMAIL__CA_FILE", mail.ca.to_str().unwrap())
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}:resend:2", grant.id)
+    );
+    assert!(!stderr.contains(smtp::PASSWORD), "{stderr}");
+    mail.wait_for("buyer@example.test", 3).await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_guildgate"))
+        .args(["grants", "resend", "grant_unknown"])
+        .env("GUILDGATE_DATABASE__URL", &w.app.db.url)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no grant grant_unknown"));
+    let (_, history) = c
+        .get(&format!("/entitlements/{gold}/grants/{}/history", grant.id))
+        .await;
+    let sent: Vec<&Value> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "email_sent")
+        .collect();
+    assert_eq!(sent.len(), 3, "{history}");
+    assert_eq!(
+        sent[1]["detail"],
+        json!({"email": "resend", "letter": "access"})
+    );
+
+    // Emails turned off for an entitlement: nothing, until the merchant asks.
+    purchase(&w, "pay_2", "cus_2", "pdt_quiet", "quiet@example.test").await;
+    let quiet_grant = wait_for("the quiet grant", || async {
+        w.app.grants_of("cus_2").await.into_iter().next()
+    })
+    .await;
+    let (_, _, why) = wait_email_status(&w, &format!("{}:join", quiet_grant.id), "skipped").await;
+    assert_eq!(why.as_deref(), Some("turned_off"));
+    assert!(
+        mail.received()
+            .iter()
+            .all(|m| m.rcpt() != ["quiet@example.test"])
+    );
+    let (s, v) = c
+        .post(
+            &format!("/entitlements/{quiet}/grants/{}/resend", quiet_grant.id),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 202, "{v}");
+    let got = mail.wait_for("quiet@example.test", 1).await;
+    assert_eq!(got[0].subject(), "Tritt Acme auf Discord bei");
+
+    // A returning customer is delivered at once: no email.
+    purchase(&w, "pay_3", "cus_1", "pdt_gold", "buyer@example.test").await;
+    let again = wait_for("the second grant delivered", || async {
+        w.app
+            .grants_of("cus_1")
+            .await
+            .into_iter()
+            .find(|g| g.payment_id.as_deref() == Some("pay_3") && g.status == "Delivered")
+    })
+    .await;
+    assert_eq!(email_row(&w, &format!("{}:join", again.id)).await, None);
+    w.stop().await;
+}
+
+/// What the SMTP server does not take: a refusal for good fails the email at once and
+/// parks its job with the reason; a temporary refusal is retried on the next tier and
+/// then sent; past the per-recipient rate an email waits instead of going out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_emails_are_parked_or_retried_and_a_recipient_is_not_flooded() {
+    let (w, mail) = world_with_email(2).await;
+    let biz = w.app.business();
+    let c = client(&w, &biz).await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let ent = sold_as_gold(&c, g.guild_id, g.role("Patrons")).await;
+
+    purchase(&w, "pay_1", "cus_1", "pdt_gold", "reject@example.test").await;
+    let rejected = wait_for("a grant", || async {
+        w.app.grants_of("cus_1").await.into_iter().next()
+    })
+    .await;
+    let (_, attempts, why) =
+        wait_email_status(&w, &format!("{}:join", rejected.id), "failed").await;
+    assert_eq!(attempts, 1, "a refusal for good is not retried");
+    assert!(why.unwrap().contains("550"));
+    let dead = guildgate::amqp::Names::dead(&w.app.names.emails());
+    let parked = wait_for("the parked job", || async {
+        let got = w.app.drain_queue(&dead).await;
+        (!got.is_empty()).then_some(got)
+    })
+    .await;
+    assert_eq!(parked[0].message_id, format!("{}:join", rejected.id));
+    assert_eq!(
+        parked[0].header("x-guildgate-reason-code").as_deref(),
+        Some("rejected")
+    );
+
+    purchase(&w, "pay_2", "cus_2", "pdt_gold", "tempfail@example.test").await;
+    let got = mail.wait_for("tempfail@example.test", 1).await;
+    assert_eq!(got.len(), 1);
+    let flaky = w.app.grants_of("cus_2").await.remove(0);
+    let (_, attempts, _) = wait_email_status(&w, &format!("{}:join", flaky.id), "sent").await;
+    assert_eq!(attempts, 2, "sent on the retry");
+
+    // Two emails an hour for one recipient: the join email and one resend go, the
+    // second resend waits.
+    purchase(&w, "pay_3", "cus_3", "pdt_gold", "many@example.test").await;
+    mail.wait_for("many@example.test", 1).await;
+    let grant = w.app.grants_of("cus_3").await.remove(0);
+    let resend = format!("/entitlements/{ent}/grants/{}/resend", grant.id);
+    assert_eq!(c.post(&resend, json!({})).await.0, 202);
+    mail.wait_for("many@example.test", 2).await;
+    assert_eq!(c.post(&resend, json!({})).await.0, 202);
+    wait_for("the third email held back", || async {
+        (email_count(&w, "resend", "deferred") >= 1).then_some(())
+    })
+    .await;
+    let row = email_row(&w, &format!("{}:resend:2", grant.id))
+        .await
+        .unwrap();
+    assert_eq!(row.0, "queued");
+    assert_eq!(mail.wait_for("many@example.test", 2).await.len(), 2);
+    w.stop().await;
+}
+
+/// Reminders go on the business's reminder days to customers who still have not
+/// connected, once each; addresses are deleted once the customer has no live grant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_customers_are_reminded_once_and_addresses_are_not_kept() {
+    let (w, mail) = world_with_email(5).await;
+    let biz = w.app.business();
+    let c = client(&w, &biz).await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let ent = sold_as_gold(&c, g.guild_id, g.role("Patrons")).await;
+    let (s, _) = c
+        .patch("/business/settings", json!({"reminder_days": [2, 5]}))
+        .await;
+    assert_eq!(s, 200);
+    purchase(&w, "pay_1", "cus_1", "pdt_gold", "late@example.test").await;
+    purchase(&w, "pay_2", "cus_2", "pdt_gold", "early@example.test").await;
+    mail.wait_for("late@example.test", 1).await;
+    mail.wait_for("early@example.test", 1).await;
+    let late = w.app.grants_of("cus_1").await.remove(0);
+    sqlx::query("UPDATE grants SET created_at = now() - interval '2 days 1 hour' WHERE id = $1")
+        .bind(&late.id)
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
+    let upkeep = guildgate::email::upkeep::Upkeep {
+        pool: w.app.pool.clone(),
+        send: true,
+    };
+    assert_eq!(upkeep.once().await.unwrap().0, 1, "one reminder is due");
+    assert_eq!(upkeep.once().await.unwrap().0, 0, "and only once");
+    let got = mail.wait_for("late@example.test", 2).await;
+    assert_eq!(got[1].subject(), "Reminder: join Acme on Discord");
+    assert!(got[1].text().contains("oauth2/authorize"));
+    assert_eq!(mail.received().len(), 3, "the newer grant is not reminded");
+
+    // Revoked: the customer has no live grant, and their address goes.
+    let (s, _) = c
+        .delete(&format!("/entitlements/{ent}/grants/{}", late.id))
+        .await;
+    assert_eq!(s, 200);
+    upkeep.once().await.unwrap();
+    let kept: Vec<String> =
+        sqlx::query_scalar("SELECT customer_id FROM customer_contacts ORDER BY customer_id")
+            .fetch_all(&w.app.pool)
+            .await
+            .unwrap();
+    assert_eq!(kept, ["cus_2"]);
+    w.stop().await;
+}
+
+/// A client that does not follow redirects, with a language.
+fn browser_like(lang: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::ACCEPT_LANGUAGE,
+        reqwest::header::HeaderValue::from_str(lang).unwrap(),
+    );
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+/// Posts a form; returns (status, Location or body).
+async fn post_form(http: &reqwest::Client, url: &str, form: &[(&str, &str)]) -> (u16, String) {
+    let r = http.post(url).form(form).send().await.unwrap();
+    let status = r.status().as_u16();
+    let location = r
+        .headers()
+        .get("location")
+        .map(|l| l.to_str().unwrap().to_string());
+    (
+        status,
+        location.unwrap_or(r.text().await.unwrap_or_default()),
+    )
+}
+
+/// The value of a hidden input in a page.
+fn hidden_value(page: &str, name: &str) -> String {
+    let at = page
+        .find(&format!("name=\"{name}\" value=\""))
+        .unwrap_or_else(|| panic!("no {name} in {page}"));
+    let rest = &page[at + name.len() + 15..];
+    rest[..rest.find('"').unwrap()].replace("&amp;", "&")
+}
+
+/// The customer's access page end to end over HTTP: reached from the email's link, in
+/// the reader's language; Connect, Get my role back (after leaving the server), and Use
+/// another Discord account with its confirmation; another customer's grant, an altered
+/// or expired link, and a used confirmation are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_page_lets_customers_connect_restore_and_switch() {
+    let (w, mail) = world_with_email(10).await;
+    let biz = w.app.business();
+    let c = client(&w, &biz).await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let role = g.role("Patrons");
+    let ent = sold_as_gold(&c, g.guild_id, role).await;
+    purchase(&w, "pay_1", "cus_1", "pdt_gold", "buyer@example.test").await;
+    purchase(&w, "pay_2", "cus_2", "pdt_gold", "other@example.test").await;
+    let got = mail.wait_for("buyer@example.test", 1).await;
+    let access = got[0]
+        .text()
+        .split_whitespace()
+        .find(|w| w.contains("/access?t="))
+        .unwrap()
+        .to_string();
+    let token = access.split_once("?t=").unwrap().1.to_string();
+    let base = format!("http://{}", w.app.addr);
+    let de = browser_like("de-DE,de;q=0.9,en;q=0.5");
+
+    let r = de.get(&access).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert_eq!(r.headers()["content-language"], "de");
+    let page = r.text().await.unwrap();
+    assert!(page.contains("<html lang=\"de\">"), "{page}");
+    assert!(page.contains("Patrons Discord Role") && page.contains("Acme"));
+    assert!(page.contains("Patrons"), "the role by its name");
+    assert!(page.contains("Discord verbinden"), "{page}");
+    let grant = w.grant_of("cus_1").await;
+    assert_eq!(hidden_value(&page, "grant"), grant.id);
+
+    // Refused: an altered link, an expired one, another customer's grant.
+    let (s, _) = w.get(&format!("{base}/access?t={token}x")).await;
+    assert_eq!(s, 400);
+    let old = w.links.access_token(
+        &biz,
+        "cus_1",
+        chrono::Utc::now() - chrono::TimeDelta::minutes(1),
+    );
+    let (s, page) = w.get(&format!("{base}/access?t={old}")).await;
+    assert_eq!(s, 410, "{page}");
+    let theirs = w.grant_of("cus_2").await;
+    let (s, _) = post_form(
+        &de,
+        &format!("{base}/access/connect"),
+        &[("t", &token), ("grant", &theirs.id)],
+    )
+    .await;
+    assert_eq!(s, 400);
+
+    // Connect: to Discord with the grant's link.
+    let (s, to) = post_form(
+        &de,
+        &format!("{base}/access/connect"),
+        &[("t", &token), ("grant", &grant.id)],
+    )
+    .await;
+    assert_eq!(s, 303, "{to}");
+    let una = w.user("una");
+    let (_, status, page) = w.consent(&to, una, Consent::Authorize).await;
+    assert_eq!(status, 200, "{page}");
+    w.wait_status(&grant.id, "Delivered").await;
+    wait_for("una holds the role", || async {
+        w.has_role(g.guild_id, una, role).then_some(())
+    })
+    .await;
+    let page = de.get(&access).send().await.unwrap().text().await.unwrap();
+    assert!(
+        page.contains("Aktiv") && page.contains("Meine Rolle zurückholen"),
+        "{page}"
+    );
+    assert!(page.contains("<b>una</b>"), "the account connected: {page}");
+
+    // Left the server: Get my role back.
+    w.sandbox.remove_member(g.guild_id, una);
+    let (s, to) = post_form(
+        &de,
+        &format!("{base}/access/restore"),
+        &[("t", &token), ("grant", &grant.id)],
+    )
+    .await;
+    assert_eq!(s, 303, "{to}");
+    assert!(to.ends_with("&done=restore"), "{to}");
+    let page = de
+        .get(format!("{base}{to}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("role=\"status\""), "{page}");
+    wait_for("una back in the server with the role", || async {
+        w.has_role(g.guild_id, una, role).then_some(())
+    })
+    .await;
+
+    // Discord forgot the authorization: a new grant fails asking for a new one, and
+    // Reconnect gets the customer a fresh link.
+    w.sandbox.revoke_tokens(una);
+    purchase(&w, "pay_3", "cus_1", "pdt_gold", "buyer@example.test").await;
+    let second = wait_for("the second grant", || async {
+        w.app
+            .grants_of("cus_1")
+            .await
+            .into_iter()
+            .find(|g| g.payment_id.as_deref() == Some("pay_3"))
+    })
+    .await;
+    let failed = w.wait_status(&second.id, "Failed").await;
+    assert_eq!(
+        failed.error_code.as_deref(),
+        Some("discord_reauthorization_required")
+    );
+    let page = de.get(&access).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("Discord neu verbinden"), "{page}");
+    let (s, to) = post_form(
+        &de,
+        &format!("{base}/access/connect"),
+        &[("t", &token), ("grant", &second.id)],
+    )
+    .await;
+    assert_eq!(s, 303, "{to}");
+    let (_, status, page) = w.consent(&to, una, Consent::Authorize).await;
+    assert_eq!(status, 200, "{page}");
+    w.wait_status(&second.id, "Delivered").await;
+
+    // Use another Discord account: nothing changes until the customer confirms.
+    let vic = w.user("vic");
+    let (s, to) = post_form(&de, &format!("{base}/access/switch"), &[("t", &token)]).await;
+    assert_eq!(s, 303, "{to}");
+    let (_, status, confirm) = w.consent(&to, vic, Consent::Authorize).await;
+    assert_eq!(status, 200, "{confirm}");
+    assert!(
+        confirm.contains("una") && confirm.contains("vic"),
+        "{confirm}"
+    );
+    assert!(w.has_role(g.guild_id, una, role), "nothing moved yet");
+    let s_value = hidden_value(&confirm, "s");
+    let (s, done) = post_form(
+        &de,
+        &format!("{base}/access/switch/confirm"),
+        &[("s", &s_value)],
+    )
+    .await;
+    assert_eq!(s, 200, "{done}");
+    assert!(done.contains("vic"), "{done}");
+    wait_for("the role moved to vic", || async {
+        (w.has_role(g.guild_id, vic, role) && !w.has_role(g.guild_id, una, role)).then_some(())
+    })
+    .await;
+    let (s, _) = post_form(
+        &de,
+        &format!("{base}/access/switch/confirm"),
+        &[("s", &s_value)],
+    )
+    .await;
+    assert_eq!(s, 410, "a confirmation works once");
+
+    // Choosing the account already connected keeps it, with its fresh authorization
+    // (the page Discord sends back to is in the business's language here: the sandbox
+    // sends no Accept-Language).
+    let (_, to) = post_form(&de, &format!("{base}/access/switch"), &[("t", &token)]).await;
+    let (_, status, same) = w.consent(&to, vic, Consent::Authorize).await;
+    assert_eq!(status, 200);
+    assert!(same.contains("Connected again"), "{same}");
+
+    let (_, history) = c
+        .get(&format!("/entitlements/{ent}/grants/{}/history", grant.id))
+        .await;
+    let events: Vec<&str> = history["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert!(
+        events.contains(&"restore_requested") && events.contains(&"switched"),
+        "{events:?}"
+    );
     w.stop().await;
 }

@@ -12,7 +12,7 @@ mod common;
 #[path = "common/discord.rs"]
 mod discord_world;
 
-use browser::{Browser, screenshot_dir};
+use browser::{Browser, ENTER, screenshot_dir};
 use common::events::*;
 use discord_world::World;
 
@@ -216,4 +216,154 @@ async fn cancelled_expired_tampered_and_revoked_links_each_get_their_own_page() 
     w.stop().await;
     drop(b);
     eprintln!("browser error pages took {:?}", started.elapsed());
+}
+
+/// Checks what every access page must be at a phone's width: in `lang`, self-contained,
+/// no sideways scrolling, no axe-core violation of serious or critical impact. Saves
+/// its screenshot as `name`.
+async fn access_page(b: &Browser, name: &str, lang: &str) {
+    b.screenshot(&screenshot_dir().join(format!("{name}.png")))
+        .await;
+    let src = b.source().await;
+    assert!(src.contains(&format!("<html lang=\"{lang}\"")), "{src}");
+    for external in ["<link", "<script", "<img", "src=", "@import", "url("] {
+        assert!(!src.contains(external), "{external} in {src}");
+    }
+    assert!(!b.scrolls_sideways().await, "{name} scrolls sideways");
+    let violations = b.serious_accessibility_violations().await;
+    assert!(violations.is_empty(), "{name}: {violations:?}");
+}
+
+/// The customer's access page in Chromium at a phone's width, by keyboard alone: Tab to
+/// *Connect Discord*, Enter, authorize on Discord; back on the page Tab to *Get my role
+/// back* after leaving the server, Enter; Tab to *Use another Discord account*, choose
+/// another account on Discord, Tab to the confirmation, Enter. Every page of ours is
+/// checked with axe-core and for sideways scrolling, and saved as a screenshot; a
+/// German browser gets the German page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_page_works_by_keyboard_on_a_phone() {
+    let b = Browser::start().await;
+    b.set_window_size(PHONE.0, PHONE.1).await;
+    let w = World::start().await;
+    let g = w.guild("Acme Community");
+    let role = g.role("Patrons");
+    let (alice, bob) = (w.user("alice"), w.user("bob"));
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &g.guild_id.to_string(), Some(&role.to_string()))
+        .await;
+    sqlx::query("UPDATE entitlements SET role_name = 'Patrons', name = 'Patrons of Acme'")
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO discord_guilds (business_id, guild_id, name) VALUES ($1, $2, 'Acme Community')")
+        .bind(&biz)
+        .bind(g.guild_id.to_string())
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    let grant = w.grant_of("cus_1").await;
+    let page = w.links.access_url(
+        &biz,
+        "cus_1",
+        chrono::Utc::now() + chrono::TimeDelta::hours(1),
+    );
+
+    // The check can fail: a page with an unlabelled button and an image without text.
+    b.goto("data:text/html,<html lang=en><title>x</title><main><button></button><img src=x></main></html>")
+        .await;
+    let found: Vec<String> = b
+        .serious_accessibility_violations()
+        .await
+        .into_iter()
+        .map(|v| v.0)
+        .collect();
+    assert!(found.contains(&"button-name".to_string()), "{found:?}");
+
+    b.goto(&page).await;
+    b.wait_url("/access").await;
+    access_page(&b, "access-pending", "en").await;
+    assert!(main_text(&b).await.contains("Patrons of Acme"));
+    b.tab_to("Connect Discord").await;
+    b.press(&[ENTER]).await;
+    let discord = b.wait_url("/oauth2/authorize").await;
+    b.goto(&as_user(&discord, alice)).await;
+    b.wait_url("/oauth2/authorize").await;
+    b.click(&b.find("button[value=authorize]").await).await;
+    b.wait_url("/oauth/discord/callback").await;
+    w.wait_status(&grant.id, "Delivered").await;
+
+    // Left the server: the role back, by keyboard.
+    w.sandbox.remove_member(g.guild_id, alice);
+    b.goto(&page).await;
+    b.wait_url("/access").await;
+    access_page(&b, "access-delivered", "en").await;
+    b.tab_to("Get my role back").await;
+    b.press(&[ENTER]).await;
+    b.wait_url("done=restore").await;
+    access_page(&b, "access-restored", "en").await;
+    assert!(
+        b.text(&b.find(".notice").await)
+            .await
+            .contains("being restored")
+    );
+    wait_for_role(&w, g.guild_id, alice, role).await;
+
+    // Another account, confirmed on a page that shows both.
+    b.tab_to("Use another Discord account").await;
+    b.press(&[ENTER]).await;
+    let discord = b.wait_url("/oauth2/authorize").await;
+    b.goto(&as_user(&discord, bob)).await;
+    b.wait_url("/oauth2/authorize").await;
+    b.click(&b.find("button[value=authorize]").await).await;
+    b.wait_url("/oauth/discord/callback").await;
+    access_page(&b, "access-confirm-switch", "en").await;
+    let text = main_text(&b).await;
+    assert!(text.contains("alice") && text.contains("bob"), "{text}");
+    b.tab_to("Switch to bob").await;
+    b.press(&[ENTER]).await;
+    b.wait_url("/access/switch/confirm").await;
+    access_page(&b, "access-switched", "en").await;
+    wait_for_role(&w, g.guild_id, bob, role).await;
+    w.stop().await;
+    drop(b);
+
+    // A German browser.
+    let de = Browser::start_in("de-DE").await;
+    de.set_window_size(PHONE.0, PHONE.1).await;
+    let w = World::start().await;
+    let biz = w.app.business();
+    let g = w.guild("Acme Community");
+    w.app
+        .entitlement_for("pdt_a", &g.guild_id.to_string(), None)
+        .await;
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    w.grant_of("cus_1").await;
+    let page = w.links.access_url(
+        &biz,
+        "cus_1",
+        chrono::Utc::now() + chrono::TimeDelta::hours(1),
+    );
+    de.goto(&page).await;
+    de.wait_url("/access").await;
+    access_page(&de, "access-de", "de").await;
+    let text = main_text(&de).await;
+    assert!(
+        text.contains("Dein Discord-Zugang") && text.contains("Mitgliedschaft im Server"),
+        "{text}"
+    );
+    de.tab_to("Discord verbinden").await;
+    w.stop().await;
+}
+
+async fn wait_for_role(w: &World, guild: u64, user: u64, role: u64) {
+    common::wait_for("the role in Discord", || async {
+        w.has_role(guild, user, role).then_some(())
+    })
+    .await;
 }

@@ -897,6 +897,7 @@ async fn a_pause_and_an_unpause_in_one_batch_apply_together() {
         links: LinkBuilder::from_settings(&app.settings),
         policy: Policy::default(),
         processed_retention: None,
+        email: false,
     };
     let limits = DecodeLimits::from_settings(&app.settings);
     let event = |kind: &str, status: &str, day: u32, id: &str| {

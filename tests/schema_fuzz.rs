@@ -92,7 +92,18 @@ const DEPENDS_ON_STATE: &[(&str, &str, &str)] = &[
         "400",
         "only the `state` of a grant's own `oauth_url`, with Discord's code, links an account",
     ),
+    ("GET /access", "400", ACCESS_TOKEN),
+    ("POST /access/connect", "400", ACCESS_TOKEN),
+    ("POST /access/restore", "400", ACCESS_TOKEN),
+    ("POST /access/switch", "400", ACCESS_TOKEN),
+    (
+        "POST /access/switch/confirm",
+        "400",
+        "only a confirmation signed by the page Discord sent the customer back to is accepted",
+    ),
 ];
+
+const ACCESS_TOKEN: &str = "only the signed token of a customer's email link (and one of their own live grants) is accepted";
 
 /// Path parameters that are given the id of a seeded object half of the time (a
 /// generated id is never found), so that operations on one object reach past their 404:

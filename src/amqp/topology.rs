@@ -66,6 +66,9 @@ impl Names {
     pub fn webhooks(&self) -> String {
         self.q("webhooks")
     }
+    pub fn emails(&self) -> String {
+        self.q("emails")
+    }
     /// The dead-letter exchange (direct; routing key = the dead queue's name).
     pub fn dead_letter_exchange(&self) -> String {
         self.q("dead-letter")
@@ -80,12 +83,13 @@ impl Names {
     }
 
     /// The work queues that have a dead-letter queue.
-    pub fn work_queues(&self) -> [String; 4] {
+    pub fn work_queues(&self) -> [String; 5] {
         [
             self.payment_events(),
             self.discord_sync(),
             self.grant_events(),
             self.webhooks(),
+            self.emails(),
         ]
     }
 
@@ -189,6 +193,7 @@ pub async fn declare(ch: &Channel, names: &Names, settings: &Settings) -> Result
     for (queue, delays) in [
         (names.discord_sync(), &settings.sync.retry_delays),
         (names.webhooks(), &settings.webhooks.retry_delays),
+        (names.emails(), &settings.email.retry_delays),
     ] {
         for delay in delays.iter().filter(|d| !d.is_zero()) {
             let tier = Names::retry(&queue, *delay);
@@ -217,6 +222,7 @@ pub fn all_queues(names: &Names, settings: &Settings) -> Vec<String> {
     for (queue, delays) in [
         (names.discord_sync(), &settings.sync.retry_delays),
         (names.webhooks(), &settings.webhooks.retry_delays),
+        (names.emails(), &settings.email.retry_delays),
     ] {
         for d in delays.iter().filter(|d| !d.is_zero()) {
             let t = Names::retry(&queue, *d);

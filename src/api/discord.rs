@@ -39,9 +39,10 @@ pub async fn validate(
     client: &DiscordClient,
     guild_id: &str,
     role_id: Option<&str>,
-) -> Result<(), ApiError> {
-    let Err(problems) = validate_discord_config(client, guild_id, role_id).await else {
-        return Ok(());
+) -> Result<Option<String>, ApiError> {
+    let problems = match validate_discord_config(client, guild_id, role_id).await {
+        Ok(role_name) => return Ok(role_name),
+        Err(p) => p,
     };
     let (transient, real): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.is_transient());
     if real.is_empty() {
@@ -144,13 +145,7 @@ pub struct CallbackQuery {
     pub error: Option<String>,
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
+use crate::i18n::escape_html as escape;
 
 fn page(status: StatusCode, title: &str, text: &str) -> Response {
     let body = format!(

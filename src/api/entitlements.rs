@@ -65,6 +65,14 @@ pub struct IntegrationConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 365, example = 7)]
     pub grace_period_days: Option<i64>,
+    /// guildgate extension: whether guildgate emails customers whose grant needs their
+    /// Discord account (a "Join the Discord" email, and the business's reminders).
+    /// Absent or null: yes, when the operator configured email; `false` for merchants
+    /// who send their own from the `entitlement_grant.created` webhook. Returned only
+    /// when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = true)]
+    pub send_email: Option<bool>,
 }
 
 impl IntegrationConfig {
@@ -74,6 +82,7 @@ impl IntegrationConfig {
             guild_id: e.guild_id.clone(),
             role_id: e.role_id.clone(),
             grace_period_days: e.grace_period_days.map(i64::from),
+            send_email: e.send_email,
         }
     }
 }
@@ -232,7 +241,7 @@ pub struct UpdateEntitlement {
 }
 
 /// Tells "absent" (`None`) from "null" (`Some(None)`).
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+pub(crate) fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     d: D,
 ) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
@@ -364,7 +373,7 @@ async fn check_discord(
     discord: &DiscordClient,
     business_id: &str,
     f: &db::Fields,
-) -> Result<(), ApiError> {
+) -> Result<Option<String>, ApiError> {
     {
         let mut conn = pool.acquire().await?;
         check_connected(&mut conn, business_id, f).await?;
@@ -388,19 +397,21 @@ pub async fn create(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<CreateEntitlement>,
 ) -> ApiResult<impl IntoResponse> {
-    let f = db::Fields {
+    let mut f = db::Fields {
         name: body.name,
         description: body.description,
         guild_id: body.integration_config.guild_id,
         role_id: body.integration_config.role_id,
         grace_period_days: body.integration_config.grace_period_days,
+        send_email: body.integration_config.send_email,
+        role_name: None,
         is_active: body.is_active.unwrap_or(true),
         metadata: body
             .metadata
             .unwrap_or_else(|| Value::Object(Default::default())),
     };
     check_fields(&f, &body.integration_type)?;
-    check_discord(&state.pool, &state.discord, merchant.business(), &f).await?;
+    f.role_name = check_discord(&state.pool, &state.discord, merchant.business(), &f).await?;
     // Still connected now that Discord has answered (the check above ran before).
     let mut tx = state.pool.begin().await?;
     check_connected(&mut tx, merchant.business(), &f).await?;
@@ -482,15 +493,16 @@ pub async fn update(
             .ok_or(ApiError::NotFound("entitlement"))?
     };
     // A config replaces the whole config, as on the platform.
-    let (guild_id, role_id, grace_period_days) = match patch.integration_config {
-        Some(c) => (c.guild_id, c.role_id, c.grace_period_days),
+    let (guild_id, role_id, grace_period_days, send_email) = match patch.integration_config {
+        Some(c) => (c.guild_id, c.role_id, c.grace_period_days, c.send_email),
         None => (
             before.guild_id.clone(),
             before.role_id.clone(),
             before.grace_period_days.map(i64::from),
+            before.send_email,
         ),
     };
-    let f = db::Fields {
+    let mut f = db::Fields {
         name: patch.name.unwrap_or_else(|| before.name.clone()),
         description: patch
             .description
@@ -498,6 +510,8 @@ pub async fn update(
         guild_id,
         role_id,
         grace_period_days,
+        send_email,
+        role_name: None,
         is_active: patch.is_active.unwrap_or(before.is_active),
         metadata: patch.metadata.unwrap_or_else(|| before.metadata.clone()),
     };
@@ -505,7 +519,7 @@ pub async fn update(
     // Discord is asked with no connection held, let alone a row lock: it can take
     // seconds (rate limits). The row is re-read under lock below and the save refused if
     // someone else changed it in between.
-    check_discord(&state.pool, &state.discord, business, &f).await?;
+    f.role_name = check_discord(&state.pool, &state.discord, business, &f).await?;
     let mut tx = state.pool.begin().await?;
     let current = db::get(&mut tx, business, &id, true)
         .await?

@@ -361,7 +361,15 @@ fn body_of<T: DeserializeOwned>(raw: &RawValue) -> Result<T, ApiError> {
 }
 
 /// Routes whose answers are HTML pages for a person's browser, never the error shape.
-pub const BROWSER_PAGES: &[&str] = &["/oauth/discord/callback", "/discord/bot/callback"];
+pub const BROWSER_PAGES: &[&str] = &[
+    "/oauth/discord/callback",
+    "/discord/bot/callback",
+    "/access",
+    "/access/connect",
+    "/access/restore",
+    "/access/switch",
+    "/access/switch/confirm",
+];
 
 /// Middleware of every API route: refuses a path or query parameter holding U+0000
 /// (PostgreSQL can store neither; see [`crate::nul`]), and a path parameter whose

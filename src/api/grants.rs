@@ -173,6 +173,11 @@ pub struct CompGrant {
     #[serde(default)]
     #[schema(format = DateTime)]
     pub expires_at: Option<String>,
+    /// Where to email the customer their link (a guildgate extension): with email on,
+    /// a comp grant that needs their Discord account is emailed like a purchase's.
+    #[serde(default)]
+    #[schema(format = Email, example = "ada@example.com")]
+    pub customer_email: Option<String>,
 }
 
 /// Give a customer access without a payment (comp access; a guildgate extension). The
@@ -211,6 +216,13 @@ pub async fn comp(
     if expires_at.is_some_and(|t| t <= now) {
         return Err(ApiError::field("expires_at", "must be in the future"));
     }
+    let email = match body.customer_email.as_deref() {
+        None => None,
+        Some(raw) => Some(
+            crate::email::address(Some(raw))
+                .ok_or_else(|| ApiError::field("customer_email", "must be an email address"))?,
+        ),
+    };
     let business = merchant.business();
     let mut tx = state.pool.begin().await?;
     entitlements::get(&mut tx, business, &id, false)
@@ -238,6 +250,14 @@ pub async fn comp(
                 Some(g) => {
                     // The grant, its webhook and its sync job commit together.
                     emit(&mut tx, &state.links, &g, GrantEventType::Created, now).await?;
+                    if state.settings.email.enabled()
+                        && let Some(to) = email.as_deref()
+                    {
+                        // The worker sends it only while the grant waits for the
+                        // customer's account (a linked customer is delivered at once).
+                        let job = crate::email::Job::join(&g.id, Some(to));
+                        crate::store::email::queue(&mut tx, &job, business).await?;
+                    }
                     history::record(
                         &mut tx,
                         &g.id,
@@ -263,6 +283,56 @@ pub async fn comp(
     let mut conn = state.pool.acquire().await?;
     let mut out = render(&mut conn, &state.links, vec![g], now).await?;
     Ok((status, ApiJson(out.remove(0))))
+}
+
+/// A resend that was queued.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ResendView {
+    /// The email's id (`<grant_id>:resend:<n>`).
+    #[schema(example = "grant_7f3kq2:resend:1")]
+    pub email_id: String,
+    pub grant_id: String,
+    /// Always `queued`: the email worker sends it (its outcome shows in the grant's
+    /// history as `email_sent`).
+    #[schema(example = "queued")]
+    pub status: String,
+}
+
+/// Email the customer again (a guildgate extension): the "Join the Discord" email
+/// while the grant waits for their Discord account, otherwise an email with the link to
+/// their access page. Sent even when the entitlement's `send_email` is `false`.
+#[utoipa::path(post, path = "/entitlements/{id}/grants/{grant_id}/resend", tag = "grants",
+    params(("id" = String, Path, description = "Entitlement id"), ("grant_id" = String, Path, description = "Grant id")),
+    responses(
+        (status = 202, description = "Queued", body = ResendView),
+        (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "Email is off on this guildgate (`email_disabled`), the grant is revoked (`grant_revoked`), or no address is known for the customer (`no_email_address`)", body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn resend(
+    merchant: Merchant,
+    State(state): State<AppState>,
+    Path((id, grant_id)): Path<(String, String)>,
+) -> ApiResult<(axum::http::StatusCode, ApiJson<ResendView>)> {
+    let mut tx = state.pool.begin().await?;
+    let g = db::get(&mut tx, merchant.business(), &id, &grant_id, false)
+        .await?
+        .ok_or(ApiError::NotFound("grant"))?;
+    let job = crate::email::resend::queue(&mut tx, &g, state.settings.email.enabled())
+        .await?
+        .map_err(|r| ApiError::Conflict {
+            code: r.code(),
+            message: r.to_string(),
+        })?;
+    tx.commit().await?;
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        ApiJson(ResendView {
+            email_id: job.email_id,
+            grant_id: job.grant_id,
+            status: "queued".into(),
+        }),
+    ))
 }
 
 /// A grant's history, oldest first (a guildgate extension): created, linked, account

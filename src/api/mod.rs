@@ -23,6 +23,7 @@ pub mod grants;
 pub mod keys;
 pub mod openapi;
 pub mod products;
+pub mod settings;
 pub mod store;
 pub mod translations;
 pub mod values;

@@ -25,8 +25,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{
-    DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, discord, entitlements, grants, products, translations,
-    webhooks,
+    DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, discord, entitlements, grants, products, settings,
+    translations, webhooks,
 };
 use crate::http::AppState;
 
@@ -43,6 +43,7 @@ use crate::http::AppState;
         (name = "grants", description = "What customers were given"),
         (name = "discord", description = "Connected Discord servers"),
         (name = "webhooks", description = "Webhook endpoints and messages"),
+        (name = "business", description = "The business's delivery-email settings (a guildgate extension)"),
         (name = "customers", description = "Pages the customer's browser is sent to"),
         (name = "operations", description = "Health, readiness and metrics, for load balancers and monitoring"),
     )
@@ -194,9 +195,11 @@ impl EdgeResponses {
             }
         }
         // A bad path or query parameter is refused before the handler runs; a body is
-        // refused by `ApiJson` when it is not JSON or too large.
+        // refused by `ApiJson` when it is not JSON or too large. A page's form is read
+        // by its handler, which answers a page; only its size is the edge's.
         let edge: &[&str] = match (has_body, page) {
-            (true, _) => &["400", "413", "422"],
+            (true, false) => &["400", "413", "422"],
+            (true, true) => &["413"],
             (false, false) => &["422"],
             (false, true) => &[],
         };
@@ -370,6 +373,8 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(grants::of_entitlement, grants::comp))
         .routes(routes!(grants::get, grants::revoke))
         .routes(routes!(grants::history))
+        .routes(routes!(grants::resend))
+        .routes(routes!(settings::get, settings::update))
         .routes(routes!(grants::of_customer))
         .routes(routes!(grants::entitlements_of_customer))
         .routes(routes!(discord::install_url))
@@ -387,6 +392,7 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(webhooks::retry_message))
         .routes(routes!(webhooks::retry_failed))
         .merge(crate::http::oauth::router())
+        .merge(crate::access::router())
         .merge(crate::http::ops::router())
 }
 
@@ -472,11 +478,16 @@ mod tests {
             );
             // A NUL in any path or query parameter is refused before the handler, but
             // on the pages browsers are sent to, which show a page instead.
-            let page = ["GET /oauth/discord/callback", "GET /discord/bot/callback"]
-                .contains(&name.as_str());
+            let page = super::super::error::BROWSER_PAGES
+                .contains(&name.split_once(' ').map_or("", |(_, p)| p));
             assert_eq!(status("422").is_null(), page, "{name}: 422");
             if op["requestBody"].is_object() {
-                for s in ["400", "413", "422"] {
+                let edge: &[&str] = if page {
+                    &["413"]
+                } else {
+                    &["400", "413", "422"]
+                };
+                for s in edge {
                     assert!(is_error_shape(&doc, status(s)), "{name}: {s}");
                 }
             }
@@ -491,13 +502,14 @@ mod tests {
                     has_retry_after(&doc, status("429")),
                     "{name}: 429 Retry-After"
                 );
-            } else if name != "GET /oauth/discord/callback" {
+            } else if name != "GET /oauth/discord/callback" && !name.starts_with("POST /access/") {
                 assert!(
                     status("429").is_null(),
                     "{name} has no per-business rate limit"
                 );
             } else {
-                // The customer's callback has its own limits, per link and per address.
+                // The customer's callback and actions have their own limits, per link or
+                // customer and per address.
                 assert!(
                     has_retry_after(&doc, status("429")),
                     "{name}: 429 Retry-After"

@@ -109,12 +109,13 @@ pub fn check(f: &GuildFacts<'_>, role_id: Option<Snowflake>) -> Vec<Problem> {
     problems
 }
 
-/// Validates `guild_id` and `role_id` (`None`: membership only) against Discord.
+/// Validates `guild_id` and `role_id` (`None`: membership only) against Discord; on
+/// success, the role's name (`None` for membership only).
 pub async fn validate_discord_config(
     client: &DiscordClient,
     guild_id: &str,
     role_id: Option<&str>,
-) -> Result<(), Vec<Problem>> {
+) -> Result<Option<String>, Vec<Problem>> {
     let Some(guild) = Snowflake::parse(guild_id) else {
         return Err(vec![Problem::new(
             "discord_unknown_guild",
@@ -133,7 +134,7 @@ pub async fn validate_discord_config(
             }
         },
     };
-    let problems = match gather(client, guild, role).await {
+    let (problems, role_name) = match gather(client, guild, role).await {
         Ok(p) => p,
         Err(DiscordError::NeedsHuman { code, message }) => {
             let code = match code {
@@ -141,29 +142,36 @@ pub async fn validate_discord_config(
                 HumanCode::UnknownGuild => "discord_unknown_guild",
                 _ => "discord_missing_permissions",
             };
-            vec![Problem::new(code, message)]
+            (vec![Problem::new(code, message)], None)
         }
-        Err(e @ DiscordError::Busy { .. }) => vec![Problem::new(
-            "discord_busy",
-            format!("Discord could not be asked: {e}. Try again in a few seconds."),
-        )],
-        Err(e) => vec![Problem::new(
-            "discord_unavailable",
-            format!("Discord could not be asked ({e}); try again shortly."),
-        )],
+        Err(e @ DiscordError::Busy { .. }) => (
+            vec![Problem::new(
+                "discord_busy",
+                format!("Discord could not be asked: {e}. Try again in a few seconds."),
+            )],
+            None,
+        ),
+        Err(e) => (
+            vec![Problem::new(
+                "discord_unavailable",
+                format!("Discord could not be asked ({e}); try again shortly."),
+            )],
+            None,
+        ),
     };
     if problems.is_empty() {
-        Ok(())
+        Ok(role_name)
     } else {
         Err(problems)
     }
 }
 
+/// The problems of a configuration, and the role's name when it exists.
 async fn gather(
     client: &DiscordClient,
     guild: Snowflake,
     role: Option<Snowflake>,
-) -> Result<Vec<Problem>, DiscordError> {
+) -> Result<(Vec<Problem>, Option<String>), DiscordError> {
     let g = client.guild(guild).await?;
     let roles = if g.roles.is_empty() {
         client.roles(guild).await?
@@ -172,7 +180,8 @@ async fn gather(
     };
     let bot = client.bot_member(guild).await?;
     let bot_roles = bot.map(|m| m.roles);
-    Ok(check(
+    let name = role.and_then(|r| roles.iter().find(|x| x.id == r).map(|x| x.name.clone()));
+    let problems = check(
         &GuildFacts {
             guild_id: guild,
             guild_name: &g.name,
@@ -180,7 +189,8 @@ async fn gather(
             bot_roles: bot_roles.as_deref(),
         },
         role,
-    ))
+    );
+    Ok((problems, name))
 }
 
 /// Turns a "Missing Permissions" answer met while syncing into the precise problem
@@ -192,7 +202,7 @@ pub async fn explain_missing_permissions(
     original: DiscordError,
 ) -> DiscordError {
     match gather(client, guild, role).await {
-        Ok(problems) => match problems.into_iter().find(|p| !p.is_transient()) {
+        Ok((problems, _)) => match problems.into_iter().find(|p| !p.is_transient()) {
             Some(p) => DiscordError::human(p.human_code(), p.message),
             None => original,
         },

@@ -59,6 +59,9 @@ pub struct Applier {
     /// How long applied event ids are kept (`ingest.processed_retention`; `None`:
     /// forever).
     pub processed_retention: Option<std::time::Duration>,
+    /// Whether delivery email is on (`email.smtp_url` set): a grant made for a customer
+    /// who has not linked Discord queues a join email to the event's address.
+    pub email: bool,
 }
 
 /// The advisory-lock keys of the aggregates an event touches: its subscription or its
@@ -594,6 +597,13 @@ impl Applier {
                     false,
                 );
                 writes.new_grants.push(grant.id.clone());
+                if self.email
+                    && !linked
+                    && let Some(to) = event.customer_email.as_deref()
+                {
+                    let job = crate::email::Job::join(&grant.id, Some(to));
+                    writes.outbox(OutboxKind::Email, job.email_id.clone(), job.payload());
+                }
                 let list = match source {
                     GrantSource::Payment(p) => state.pay_grants.entry(key(b, p.as_str())),
                     GrantSource::Subscription(s) => state.sub_grants.entry(key(b, s.as_str())),

@@ -102,6 +102,15 @@ struct RawEnvelope<'a> {
 #[derive(Deserialize)]
 struct RawCustomer {
     customer_id: Option<String>,
+    /// Where delivery email goes; an event without a usable one still applies.
+    #[serde(default)]
+    email: Option<serde_json::Value>,
+}
+
+impl RawCustomer {
+    fn email(&self) -> Option<String> {
+        crate::email::address(self.email.as_ref().and_then(|v| v.as_str()))
+    }
 }
 
 #[derive(Deserialize)]
@@ -259,11 +268,13 @@ pub fn decode(
     }
     let data = required(env.data, "data")?;
 
+    let mut customer_email = None;
     let kind = match event_type.as_str() {
         "payment.succeeded" => {
             let p: RawPayment = data_as(data, "data")?;
             check_business(&business_id, p.business_id)?;
             let customer = required(p.customer, "data.customer")?;
+            customer_email = customer.email();
             let cart = p.product_cart.unwrap_or_default();
             let product_ids = cart
                 .into_iter()
@@ -305,6 +316,7 @@ pub fn decode(
             let s: RawSubscription = data_as(data, "data")?;
             check_business(&business_id, s.business_id)?;
             let customer = required(s.customer, "data.customer")?;
+            customer_email = customer.email();
             EventKind::Subscription(
                 t,
                 Subscription {
@@ -328,6 +340,7 @@ pub fn decode(
         business_id,
         timestamp,
         kind,
+        customer_email,
     }))
 }
 
@@ -365,6 +378,7 @@ mod tests {
     #[test]
     fn decodes_every_fixture() {
         let e = event("payment.succeeded.one_time.json", "payment.succeeded");
+        assert_eq!(e.customer_email.as_deref(), Some("ada@example.com"));
         let EventKind::PaymentSucceeded(p) = e.kind else {
             panic!()
         };

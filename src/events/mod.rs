@@ -19,6 +19,8 @@ pub struct Event {
     pub business_id: BusinessId,
     pub timestamp: DateTime<Utc>,
     pub kind: EventKind,
+    /// `data.customer.email`, when it is an address an email can go to.
+    pub customer_email: Option<String>,
 }
 
 impl Event {

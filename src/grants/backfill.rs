@@ -35,6 +35,9 @@ pub struct Backfiller {
     pub links: LinkBuilder,
     /// At most this many grants per second (`grants.backfill_per_second`).
     pub per_second: f64,
+    /// Whether email is on: a backfilled grant's customer is emailed when guildgate
+    /// holds their address (they have another live grant with the business).
+    pub email: bool,
 }
 
 impl Backfiller {
@@ -91,6 +94,14 @@ impl Backfiller {
                     continue;
                 };
                 emit(&mut tx, &self.links, &g, GrantEventType::Created, now).await?;
+                if self.email
+                    && crate::store::email::contact(&mut tx, &g.business_id, &g.customer_id)
+                        .await?
+                        .is_some()
+                {
+                    let job = crate::email::Job::join(&g.id, None);
+                    crate::store::email::queue(&mut tx, &job, &g.business_id).await?;
+                }
                 history::record(
                     &mut tx,
                     &g.id,

@@ -391,6 +391,7 @@ mod tests {
             business_id: BusinessId::parse("bus").unwrap(),
             timestamp: t(at),
             kind,
+            customer_email: None,
         }
     }
     fn cus() -> CustomerId {

@@ -15,6 +15,35 @@ use crate::crypto::{StateError, StateSigner};
 /// `purpose` of grant OAuth states, so no other signed state is accepted in their place.
 pub const PURPOSE: &str = "grant-oauth";
 
+/// `purpose` of access-page links.
+pub const ACCESS_PURPOSE: &str = "customer-access";
+
+/// What an access-page link carries: one customer of one business.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessToken {
+    /// Business id.
+    pub b: String,
+    /// The platform's customer id.
+    pub c: String,
+}
+
+/// `purpose` of the OAuth `state` of "use another Discord account".
+pub const SWITCH_PURPOSE: &str = "customer-account-switch";
+/// `purpose` of the confirmation of a switch.
+pub const CONFIRM_PURPOSE: &str = "customer-account-switch-confirm";
+/// How long a switch may take: from the access page to Discord and back, and from the
+/// confirmation page to the confirm.
+pub const SWITCH_TTL_MINUTES: i64 = 15;
+
+/// What a switch's confirmation carries: the customer and the pending switch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchConfirm {
+    pub b: String,
+    pub c: String,
+    /// The pending switch's id.
+    pub p: String,
+}
+
 /// What a grant's `state` carries.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GrantState {
@@ -33,6 +62,10 @@ pub struct LinkBuilder {
     redirect_uri: String,
     signer: StateSigner,
     pub ttl: chrono::Duration,
+    /// `http.public_url`, without a trailing `/`.
+    public_url: String,
+    /// How long an access-page link works.
+    pub access_ttl: chrono::Duration,
 }
 
 impl LinkBuilder {
@@ -54,6 +87,9 @@ impl LinkBuilder {
             signer: StateSigner::new(s.secrets.state_signing_key.clone()),
             ttl: chrono::Duration::from_std(s.discord.oauth_link_ttl)
                 .unwrap_or(chrono::Duration::days(7)),
+            public_url: s.http.public_url.trim_end_matches('/').to_string(),
+            access_ttl: chrono::Duration::from_std(s.email.access_link_ttl)
+                .unwrap_or(chrono::Duration::days(30)),
         }
     }
 
@@ -86,6 +122,85 @@ impl LinkBuilder {
     /// Checks a `state` from the callback.
     pub fn verify(&self, state: &str, now: DateTime<Utc>) -> Result<GrantState, StateError> {
         self.signer.verify(PURPOSE, state, now.timestamp())
+    }
+
+    /// The customer's access page: signed for one customer of one business, working
+    /// until `expires_at`.
+    pub fn access_url(
+        &self,
+        business_id: &str,
+        customer_id: &str,
+        expires_at: DateTime<Utc>,
+    ) -> String {
+        let token = self.access_token(business_id, customer_id, expires_at);
+        format!("{}/access?t={token}", self.public_url)
+    }
+
+    /// The signed token of an access link (base64url and `.`: needs no escaping).
+    pub fn access_token(
+        &self,
+        business_id: &str,
+        customer_id: &str,
+        expires_at: DateTime<Utc>,
+    ) -> String {
+        self.signer.sign(
+            ACCESS_PURPOSE,
+            AccessToken {
+                b: business_id.to_string(),
+                c: customer_id.to_string(),
+            },
+            expires_at.timestamp(),
+        )
+    }
+
+    /// Checks an access token.
+    pub fn verify_access(
+        &self,
+        token: &str,
+        now: DateTime<Utc>,
+    ) -> Result<AccessToken, StateError> {
+        self.signer.verify(ACCESS_PURPOSE, token, now.timestamp())
+    }
+
+    /// Discord's authorize URL for a customer choosing another account: the `state`
+    /// names the customer (not a grant) and lasts [`SWITCH_TTL_MINUTES`]; `prompt=consent`
+    /// lets them pick the account.
+    pub fn switch_url(&self, business_id: &str, customer_id: &str, now: DateTime<Utc>) -> String {
+        let state = self.signer.sign(
+            SWITCH_PURPOSE,
+            AccessToken {
+                b: business_id.to_string(),
+                c: customer_id.to_string(),
+            },
+            (now + chrono::Duration::minutes(SWITCH_TTL_MINUTES)).timestamp(),
+        );
+        format!("{}{state}&prompt=consent", self.prefix)
+    }
+
+    /// Checks the `state` of a switch coming back from Discord.
+    pub fn verify_switch(
+        &self,
+        state: &str,
+        now: DateTime<Utc>,
+    ) -> Result<AccessToken, StateError> {
+        self.signer.verify(SWITCH_PURPOSE, state, now.timestamp())
+    }
+
+    /// The signed confirmation of a pending switch.
+    pub fn sign_confirm(&self, c: &SwitchConfirm, now: DateTime<Utc>) -> String {
+        self.signer.sign(
+            CONFIRM_PURPOSE,
+            c.clone(),
+            (now + chrono::Duration::minutes(SWITCH_TTL_MINUTES)).timestamp(),
+        )
+    }
+
+    pub fn verify_confirm(
+        &self,
+        token: &str,
+        now: DateTime<Utc>,
+    ) -> Result<SwitchConfirm, StateError> {
+        self.signer.verify(CONFIRM_PURPOSE, token, now.timestamp())
     }
 
     /// A fresh link nonce.
@@ -122,6 +237,30 @@ mod tests {
             }
         );
         assert_eq!(b.verify(&state, exp), Err(StateError::Expired));
+    }
+
+    #[test]
+    fn access_links_verify_only_as_access_links() {
+        let s = Settings::load_with_env(None, Some(Default::default())).unwrap();
+        let b = LinkBuilder::from_settings(&s);
+        let exp: DateTime<Utc> = "2030-01-01T00:00:00Z".parse().unwrap();
+        let now: DateTime<Utc> = "2029-01-01T00:00:00Z".parse().unwrap();
+        let u = b.access_url("bus_1", "cus_1", exp);
+        assert!(u.starts_with("http://127.0.0.1:8080/access?t="), "{u}");
+        let t = u.split_once("?t=").unwrap().1;
+        assert_eq!(
+            b.verify_access(t, now).unwrap(),
+            AccessToken {
+                b: "bus_1".into(),
+                c: "cus_1".into()
+            }
+        );
+        assert_eq!(b.verify_access(t, exp), Err(StateError::Expired));
+        // A grant's OAuth state is no access token, nor the other way round.
+        let oauth = b.url("grant_X", "n_1", exp);
+        let state = oauth.split_once("state=").unwrap().1;
+        assert_eq!(b.verify_access(state, now), Err(StateError::Tampered));
+        assert_eq!(b.verify(t, now), Err(StateError::Tampered));
     }
 
     #[test]

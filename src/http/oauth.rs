@@ -113,13 +113,7 @@ mod text {
     pub const BUSY: &str = "Many people are connecting their accounts at the moment, so yours was not connected yet. Wait a few seconds, then open your link again.";
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
+use crate::i18n::escape_html as escape;
 
 impl Page {
     fn status(&self) -> StatusCode {
@@ -237,20 +231,30 @@ impl IntoResponse for Page {
 async fn callback(
     State(st): State<AppState>,
     ClientIp(client): ClientIp,
+    headers: axum::http::HeaderMap,
     query: Result<Query<CallbackQuery>, axum::extract::rejection::QueryRejection>,
-) -> Page {
+) -> Response {
     // A query that does not parse (a parameter given twice) is an altered link.
     let Ok(Query(q)) = query else {
-        return Page::Tampered;
+        return Page::Tampered.into_response();
     };
     if let Some(ip) = client
         && let Err(retry_after) = st.limits.check_address(ip)
     {
         tracing::info!(%ip, "OAuth callback: too many attempts from one address");
-        return Page::TooMany { retry_after };
+        return Page::TooMany { retry_after }.into_response();
+    }
+    // A customer choosing another account from their access page comes back here too
+    // (Discord knows one redirect): its state names the customer, not a grant.
+    if let Some(who) = q
+        .state
+        .as_deref()
+        .and_then(|s| st.links.verify_switch(s, Utc::now()).ok())
+    {
+        return crate::access::switch_returned(&st, &headers, who, q.code, q.error).await;
     }
     match handle(&st, q).await {
-        Ok(p) | Err(p) => p,
+        Ok(p) | Err(p) => p.into_response(),
     }
 }
 
@@ -340,12 +344,6 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         if grant.oauth_nonce != claims.n {
             return Err(Page::Used);
         }
-        // The account linked so far; if the customer moves to another one, its tokens
-        // are revoked once this commits.
-        let previous = db::link_of(&mut tx, &grant.business_id, &grant.customer_id)
-            .await
-            .map_err(db_failed)?
-            .filter(|l| l.discord_user_id != user.id.to_string());
         let row = LinkRow::new(
             &grant.business_id,
             &grant.customer_id,
@@ -360,18 +358,6 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
             now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
             tokens.scope.clone(),
         );
-        db::upsert_link(&mut tx, &row, now)
-            .await
-            .map_err(db_failed)?;
-        // People buy twice under two emails: the link is made, and the page says so.
-        let shared = db::linked_elsewhere(
-            &mut tx,
-            &grant.business_id,
-            &grant.customer_id,
-            &user.id.to_string(),
-        )
-        .await
-        .map_err(db_failed)?;
         db::set_nonce(
             &mut tx,
             &grant.id,
@@ -381,24 +367,8 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         )
         .await
         .map_err(db_failed)?;
-        // Every live grant of the customer follows the linked account (their histories
-        // show what the syncer changes); this grant's history says who linked what.
-        for id in db::live_grant_ids(&mut tx, &grant.business_id, &grant.customer_id)
-            .await
-            .map_err(db_failed)?
-        {
-            queue_sync(&mut tx, &id).await.map_err(db_failed)?;
-        }
-        let (event, mut detail) = match &previous {
-            Some(old) => (
-                "switched",
-                serde_json::json!({ "from_discord_user_id": old.discord_user_id }),
-            ),
-            None => ("linked", serde_json::json!({})),
-        };
-        detail["discord_user_id"] = user.id.to_string().into();
-        detail["also_linked_to_another_customer"] = shared.into();
-        crate::grants::history::record(&mut tx, &grant.id, now, event, detail)
+        let names = (user.username.as_str(), user.global_name.as_deref());
+        let Linked { previous, shared } = link_account(&mut tx, &row, names, Some(&grant.id), now)
             .await
             .map_err(db_failed)?;
         let ent = setup::entitlement(&mut tx, &grant.entitlement_id)
@@ -413,18 +383,7 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
     };
     let switched = previous.is_some();
     if let Some(old) = previous {
-        // Best effort: the old tokens are no longer stored anywhere, so a revoke that
-        // fails is logged and dropped rather than holding up the customer's page.
-        let access = old.access_token(&st.cipher).ok();
-        let refresh = old.refresh_token(&st.cipher).and_then(Result::ok);
-        match revoke_tokens(&st.discord, access.as_ref(), refresh.as_ref()).await {
-            Ok(()) => {
-                tracing::info!(grant_id = %grant.id, "revoked the tokens of the Discord account the customer left")
-            }
-            Err(e) => {
-                tracing::warn!(grant_id = %grant.id, error = %e, "cannot revoke the tokens of the Discord account the customer left; dropping them")
-            }
-        }
+        revoke_left_tokens(st, old, &grant.customer_id).await;
     }
     tracing::info!(grant_id = %grant.id, discord_user_id = %user.id, "customer linked a Discord account");
     // The server's name is a courtesy: if Discord does not answer, show the id.
@@ -447,6 +406,77 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         switched,
         shared,
     })
+}
+
+/// What linking an account changed.
+pub(crate) struct Linked {
+    /// The account the customer had linked before, when it was another one: its tokens
+    /// are to be revoked once the transaction commits ([`revoke_left_tokens`]).
+    pub previous: Option<LinkRow>,
+    /// Another customer of the business has this account linked too.
+    pub shared: bool,
+}
+
+/// Links `row`'s account (with its `names`: username, display name) to its customer, in
+/// the caller's transaction, and queues a sync of every live grant of the customer: a
+/// different account moves their access (each grant records what it applied, and its
+/// sync removes that from the old account). The history of `history_grant` records
+/// `linked` or `switched`; without one, every live grant's does.
+pub(crate) async fn link_account(
+    tx: &mut PgConnection,
+    row: &LinkRow,
+    names: (&str, Option<&str>),
+    history_grant: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Linked, sqlx::Error> {
+    let (business, customer) = (row.business_id.as_str(), row.customer_id.as_str());
+    let previous = db::link_of(tx, business, customer)
+        .await?
+        .filter(|l| l.discord_user_id != row.discord_user_id);
+    db::upsert_link(tx, row, now).await?;
+    crate::store::access::set_names(tx, business, customer, names.0, names.1).await?;
+    // People buy twice under two emails: the link is made, and the page says so.
+    let shared = db::linked_elsewhere(tx, business, customer, &row.discord_user_id).await?;
+    let live = db::live_grant_ids(tx, business, customer).await?;
+    for id in &live {
+        queue_sync(tx, id).await?;
+    }
+    let (event, mut detail) = match &previous {
+        Some(old) => (
+            "switched",
+            serde_json::json!({ "from_discord_user_id": old.discord_user_id }),
+        ),
+        None => ("linked", serde_json::json!({})),
+    };
+    detail["discord_user_id"] = row.discord_user_id.clone().into();
+    detail["also_linked_to_another_customer"] = shared.into();
+    let recorded: Vec<&str> = match history_grant {
+        Some(g) => vec![g],
+        None => live.iter().map(String::as_str).collect(),
+    };
+    for g in recorded {
+        crate::grants::history::record(tx, g, now, event, detail.clone()).await?;
+    }
+    Ok(Linked { previous, shared })
+}
+
+/// Revokes at Discord the tokens of the account a customer left. Best effort: they are
+/// no longer stored anywhere, so a revoke that fails is logged and dropped rather than
+/// holding up the customer's page.
+pub(crate) async fn revoke_left_tokens(st: &AppState, old: LinkRow, customer_id: &str) {
+    let access = old.access_token(&st.cipher).ok();
+    let refresh = old.refresh_token(&st.cipher).and_then(Result::ok);
+    match revoke_tokens(&st.discord, access.as_ref(), refresh.as_ref()).await {
+        Ok(()) => {
+            tracing::info!(
+                customer_id,
+                "revoked the tokens of the Discord account the customer left"
+            )
+        }
+        Err(e) => {
+            tracing::warn!(customer_id, error = %e, "cannot revoke the tokens of the Discord account the customer left; dropping them")
+        }
+    }
 }
 
 /// For a `Pending` grant whose link expired: a new nonce and expiry, so its

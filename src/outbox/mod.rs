@@ -65,8 +65,12 @@ impl Relay {
             return Ok(0);
         }
         let names = self.broker.names();
-        let (grant_events, sync, webhooks) =
-            (names.grant_events(), names.discord_sync(), names.webhooks());
+        let (grant_events, sync, webhooks, emails) = (
+            names.grant_events(),
+            names.discord_sync(),
+            names.webhooks(),
+            names.emails(),
+        );
         let messages: Vec<Outgoing<'_>> = rows
             .iter()
             .map(|r: &OutboxRow| {
@@ -74,6 +78,8 @@ impl Relay {
                     "sync" => &sync,
                     // A webhook delivery job (crate::webhooks::messages).
                     "webhook" => &webhooks,
+                    // A delivery email job (crate::email).
+                    "email" => &emails,
                     // One grant event, or a bundle of them ("grant_events").
                     _ => &grant_events,
                 };

@@ -5,7 +5,9 @@
 //! database or a checked-in `.sqlx` cache at build time, which CI and a fresh clone do
 //! not have.
 
+pub mod access;
 pub mod backfill;
+pub mod email;
 pub mod grants;
 pub mod ingest;
 pub mod outbox;

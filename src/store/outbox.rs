@@ -13,6 +13,8 @@ pub enum OutboxKind {
     GrantEvents,
     /// A grant id to sync with Discord, for `<prefix>.discord-sync`.
     Sync,
+    /// A delivery email job, for `<prefix>.emails` ([`crate::email::Job`]).
+    Email,
 }
 
 impl OutboxKind {
@@ -21,6 +23,7 @@ impl OutboxKind {
             OutboxKind::GrantEvent => "grant_event",
             OutboxKind::GrantEvents => "grant_events",
             OutboxKind::Sync => "sync",
+            OutboxKind::Email => "email",
         }
     }
 }

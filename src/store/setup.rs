@@ -21,6 +21,10 @@ pub struct Entitlement {
     pub deleted_at: Option<DateTime<Utc>>,
     /// Days a subscription's access is kept after it goes on hold or fails.
     pub grace_period_days: Option<i32>,
+    /// Whether guildgate emails the entitlement's customers (`None`: yes, the default).
+    pub send_email: Option<bool>,
+    /// The role's name when the configuration was last checked with Discord.
+    pub role_name: Option<String>,
 }
 
 /// Creates the business if it does not exist.

@@ -16,6 +16,57 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde_json::{Value, json};
 
+/// WebDriver's key values.
+pub const TAB: &str = "\u{E004}";
+pub const ENTER: &str = "\u{E007}";
+
+/// The axe-core version the accessibility checks use (`tests/axe/version`).
+const AXE_VERSION: &str = include_str!("../axe/version");
+
+/// axe-core's `axe.min.js`: the file `GUILDGATE_AXE_JS` names (`.ci/run` sets it), else
+/// the pinned version fetched once from npm (`npm pack`) under the target directory.
+pub fn axe_source() -> String {
+    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SOURCE
+        .get_or_init(|| {
+            let path = match std::env::var("GUILDGATE_AXE_JS") {
+                Ok(p) => PathBuf::from(p),
+                Err(_) => fetch_axe(),
+            };
+            std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("cannot read axe-core at {}: {e}", path.display()))
+        })
+        .clone()
+}
+
+fn fetch_axe() -> PathBuf {
+    let version = AXE_VERSION.trim();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("axe-core-{version}"));
+    let js = dir.join("package/axe.min.js");
+    if js.is_file() {
+        return js;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |cmd: &mut Command| {
+        let out = cmd
+            .current_dir(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?} (npm and tar are needed to fetch axe-core, or set GUILDGATE_AXE_JS): {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("npm").args(["pack", "--silent", &format!("axe-core@{version}")]));
+    run(Command::new("tar").args([
+        "-xzf",
+        &format!("axe-core-{version}.tgz"),
+        "package/axe.min.js",
+    ]));
+    js
+}
+
 /// The W3C key of an element reference.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
@@ -111,6 +162,11 @@ impl Browser {
     /// Starts chromedriver and a headless Chromium session. Panics with what to install
     /// when Chromium or chromedriver is missing.
     pub async fn start() -> Self {
+        Self::start_in("en-US").await
+    }
+
+    /// The same, with a browser whose languages (`Accept-Language`) are `lang`.
+    pub async fn start_in(lang: &str) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let chromium = find_binary("GUILDGATE_TEST_CHROMIUM", &["chromium", "chromium-browser"])
             .expect(
@@ -143,6 +199,8 @@ impl Browser {
         b.wait_ready().await;
         let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|s| s.to_string()).collect();
         args.push(format!("--user-data-dir={}", b.profile.display()));
+        args.push(format!("--lang={lang}"));
+        args.push(format!("--accept-lang={lang}"));
         let caps = json!({
             "capabilities": {
                 "alwaysMatch": {
@@ -323,6 +381,83 @@ impl Browser {
             Some(json!({"script": script, "args": []})),
         )
         .await
+    }
+
+    /// Presses keys on the keyboard, one after the other (WebDriver key values:
+    /// [`TAB`], [`ENTER`], or characters).
+    pub async fn press(&self, keys: &[&str]) {
+        let actions: Vec<Value> = keys
+            .iter()
+            .flat_map(|k| {
+                [
+                    json!({"type": "keyDown", "value": k}),
+                    json!({"type": "keyUp", "value": k}),
+                ]
+            })
+            .collect();
+        self.call(
+            reqwest::Method::POST,
+            &self.s("/actions"),
+            Some(json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]})),
+        )
+        .await;
+    }
+
+    /// The visible text of the focused element.
+    pub async fn focused_text(&self) -> String {
+        self.execute(
+            "const e = document.activeElement; return e ? (e.innerText || e.value || '') : ''",
+        )
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+    }
+
+    /// Presses Tab until the focused element's text is `label` (at most 30 times); panics
+    /// if the keyboard cannot reach it.
+    pub async fn tab_to(&self, label: &str) {
+        for _ in 0..30 {
+            self.press(&[TAB]).await;
+            if self.focused_text().await == label {
+                return;
+            }
+        }
+        panic!("{label:?} cannot be reached with the keyboard");
+    }
+
+    /// Whether the page is wider than the window (sideways scrolling).
+    pub async fn scrolls_sideways(&self) -> bool {
+        self.execute(
+            "return document.documentElement.scrollWidth > document.documentElement.clientWidth",
+        )
+        .await
+            == json!(true)
+    }
+
+    /// Runs axe-core in the page; returns its violations of `serious` or `critical`
+    /// impact as `(rule, impact, help, nodes)`.
+    pub async fn serious_accessibility_violations(&self) -> Vec<(String, String, String, u64)> {
+        let script = format!(
+            "{}\nreturn axe.run(document).then(r => r.violations\
+             .filter(v => v.impact === 'serious' || v.impact === 'critical')\
+             .map(v => [v.id, v.impact, v.help, v.nodes.length]));",
+            axe_source()
+        );
+        let v = self.execute(&script).await;
+        v.as_array()
+            .unwrap_or_else(|| panic!("axe did not run: {v}"))
+            .iter()
+            .map(|x| {
+                (
+                    x[0].as_str().unwrap_or_default().to_string(),
+                    x[1].as_str().unwrap_or_default().to_string(),
+                    x[2].as_str().unwrap_or_default().to_string(),
+                    x[3].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 
     /// Waits until the page's URL contains `part` and it has loaded.

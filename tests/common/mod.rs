@@ -301,9 +301,20 @@ impl TestApp {
     /// Publishes with a publisher confirm; a broker that does not answer within 30 s
     /// fails the test instead of hanging it.
     pub async fn publish_raw(&self, routing_key: &str, body: &[u8], message_id: Option<&str>) {
+        let exchange = self.settings.amqp.exchange.clone();
         tokio::time::timeout(
             Duration::from_secs(30),
-            self.publish_raw_unbounded(routing_key, body, message_id),
+            self.publish_raw_unbounded(&exchange, routing_key, body, message_id),
+        )
+        .await
+        .expect("the broker confirms a publish within 30 s");
+    }
+
+    /// Publishes straight to one of guildgate's own queues (a job delivered again).
+    pub async fn publish_to_queue(&self, queue: &str, message_id: &str, body: &[u8]) {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            self.publish_raw_unbounded("", queue, body, Some(message_id)),
         )
         .await
         .expect("the broker confirms a publish within 30 s");
@@ -311,6 +322,7 @@ impl TestApp {
 
     async fn publish_raw_unbounded(
         &self,
+        exchange: &str,
         routing_key: &str,
         body: &[u8],
         message_id: Option<&str>,
@@ -323,7 +335,7 @@ impl TestApp {
         }
         let confirm = ch
             .basic_publish(
-                self.settings.amqp.exchange.as_str().into(),
+                exchange.into(),
                 routing_key.into(),
                 BasicPublishOptions::default(),
                 body,

@@ -15,6 +15,11 @@ pub struct Fields {
     pub role_id: Option<String>,
     /// Checked to be 1 to 365 before it is stored.
     pub grace_period_days: Option<i64>,
+    /// `None`: on (the default).
+    pub send_email: Option<bool>,
+    /// The role's name as Discord gave it when the configuration was checked (shown on
+    /// the customer's access page).
+    pub role_name: Option<String>,
     pub is_active: bool,
     pub metadata: serde_json::Value,
 }
@@ -28,8 +33,8 @@ pub async fn insert(
 ) -> Result<Entitlement, sqlx::Error> {
     sqlx::query_as(
         "INSERT INTO entitlements (id, business_id, name, description, guild_id, role_id, is_active,
-             metadata, created_at, updated_at, grace_period_days)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10::int) RETURNING *",
+             metadata, created_at, updated_at, grace_period_days, send_email, role_name)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10::int, $11, $12) RETURNING *",
     )
     .bind(crate::ids::EntitlementId::mint().as_str())
     .bind(business_id)
@@ -41,6 +46,8 @@ pub async fn insert(
     .bind(&f.metadata)
     .bind(now)
     .bind(f.grace_period_days)
+    .bind(f.send_email)
+    .bind(&f.role_name)
     .fetch_one(conn)
     .await
 }
@@ -107,7 +114,8 @@ pub async fn update(
 ) -> Result<Entitlement, sqlx::Error> {
     sqlx::query_as(
         "UPDATE entitlements SET name = $2, description = $3, guild_id = $4, role_id = $5,
-             is_active = $6, metadata = $7, updated_at = $8, grace_period_days = $9::int
+             is_active = $6, metadata = $7, updated_at = $8, grace_period_days = $9::int,
+             send_email = $10, role_name = $11
          WHERE id = $1 RETURNING *",
     )
     .bind(id)
@@ -119,6 +127,8 @@ pub async fn update(
     .bind(&f.metadata)
     .bind(now)
     .bind(f.grace_period_days)
+    .bind(f.send_email)
+    .bind(&f.role_name)
     .fetch_one(conn)
     .await
 }

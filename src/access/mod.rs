@@ -1,0 +1,637 @@
+//! The customer's access page, reached from the signed, expiring link in every email
+//! (`/access?t=…`, [`crate::grants::link::LinkBuilder::access_url`]): the customer's
+//! grants with one business, in their language, with one action each where one applies.
+//!
+//! - *Connect* (pending) and *Reconnect* (Discord needs a new authorization): to
+//!   Discord with the grant's link, renewed when it expired or for a reconnect.
+//! - *Get my role back* (delivered) and *Try again* (their account was in too many
+//!   servers): a sync of the grant now, through the same queue and Discord budget as
+//!   every other sync.
+//! - *Use another Discord account*: to Discord with a state that names the customer;
+//!   back on the OAuth callback ([`switch_returned`]) the chosen account waits in
+//!   `account_switches` while a page shows both accounts and asks to confirm; the
+//!   confirmation moves the link and syncs every live grant.
+//!
+//! Every action is a form that posts the access token back; each costs Discord work,
+//! so actions are limited per customer (`oauth.callback_attempts` per
+//! `oauth.callback_window`) and per address (`oauth.address_attempts`) like the OAuth
+//! callback. The pages are never cached.
+
+// The error of every step is the page to show instead, built once per request: its
+// size does not matter.
+#![allow(clippy::result_large_err)]
+
+pub mod page;
+pub mod texts;
+
+use axum::Form;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use chrono::Utc;
+use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use self::page::{Account, Item, Page, Role, State as GrantState};
+use crate::crypto::StateError;
+use crate::grants::link::{AccessToken, LinkBuilder, SWITCH_TTL_MINUTES, SwitchConfirm};
+use crate::grants::{GrantStatus, history};
+use crate::http::AppState;
+use crate::http::limits::ClientIp;
+use crate::http::oauth::{Linked, link_account, renew_link, revoke_left_tokens};
+use crate::i18n::Lang;
+use crate::store::access as db;
+use crate::store::email as settings_db;
+use crate::store::grants as grant_store;
+use crate::sync::store::{self as links_db, LinkRow};
+
+/// The routes, documented in `/openapi.json` under the `customers` tag.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(show))
+        .routes(routes!(connect))
+        .routes(routes!(restore))
+        .routes(routes!(switch))
+        .routes(routes!(confirm))
+}
+
+/// A page in a language, answered with its status, never cached.
+struct Shown {
+    page: Page,
+    lang: Lang,
+}
+
+impl Shown {
+    fn status(&self) -> StatusCode {
+        match self.page {
+            Page::Expired => StatusCode::GONE,
+            Page::Invalid => StatusCode::BAD_REQUEST,
+            Page::TooMany => StatusCode::TOO_MANY_REQUESTS,
+            Page::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::OK,
+        }
+    }
+}
+
+impl IntoResponse for Shown {
+    fn into_response(self) -> Response {
+        let mut r = (self.status(), Html(self.page.html(self.lang))).into_response();
+        let h = r.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(
+            header::CONTENT_LANGUAGE,
+            HeaderValue::from_static(self.lang.tag()),
+        );
+        // The page's links carry the access token: never send it on as a referrer.
+        h.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+        if matches!(self.page, Page::TooMany) {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+        }
+        r
+    }
+}
+
+/// The reader's language (`Accept-Language`), else the business's, else English.
+fn lang_of(headers: &HeaderMap, business_default: Option<&str>) -> Lang {
+    headers
+        .get(header::ACCEPT_LANGUAGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Lang::negotiate)
+        .or_else(|| business_default.and_then(Lang::parse))
+        .unwrap_or_default()
+}
+
+fn invalid(lang: Lang) -> Shown {
+    Shown {
+        page: Page::Invalid,
+        lang,
+    }
+}
+
+fn failed(e: sqlx::Error, lang: Lang) -> Shown {
+    tracing::error!(error = %e, "access page: database error");
+    Shown {
+        page: Page::Unavailable,
+        lang,
+    }
+}
+
+/// The customer an access token names, or the page that says why not.
+fn verify(st: &AppState, token: &str, lang: Lang) -> Result<AccessToken, Shown> {
+    st.links
+        .verify_access(token, Utc::now())
+        .map_err(|e| refused(e, lang))
+}
+
+/// The page of a signed value that does not verify.
+fn refused(e: StateError, lang: Lang) -> Shown {
+    Shown {
+        page: match e {
+            StateError::Expired => Page::Expired,
+            StateError::Tampered => Page::Invalid,
+        },
+        lang,
+    }
+}
+
+/// An action costs Discord work: limited per customer and per client address.
+fn limit(
+    st: &AppState,
+    who: &AccessToken,
+    ip: Option<std::net::IpAddr>,
+    lang: Lang,
+) -> Result<(), Shown> {
+    let over = ip.is_some_and(|ip| st.limits.check_address(ip).is_err())
+        || st
+            .limits
+            .check_link(&format!("access:{}:{}", who.b, who.c))
+            .is_err();
+    if over {
+        tracing::info!(business_id = %who.b, "access page: too many actions");
+        return Err(Shown {
+            page: Page::TooMany,
+            lang,
+        });
+    }
+    Ok(())
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct ShowQuery {
+    /// The signed access token of the customer's link.
+    t: Option<String>,
+    /// `restore`: say that the access asked back is on its way.
+    done: Option<String>,
+}
+
+/// The customer's access page (HTML), in the reader's language.
+#[utoipa::path(get, path = "/access", tag = "customers",
+    params(ShowQuery),
+    responses(
+        (status = 200, description = "The customer's grants with this business and what they can do (HTML page)", content_type = "text/html"),
+        (status = 400, description = "The link is incomplete or was altered (HTML page)", content_type = "text/html"),
+        (status = 410, description = "The link expired (HTML page)", content_type = "text/html"),
+        (status = 503, description = "The database could not be reached (HTML page)", content_type = "text/html"),
+    ))]
+async fn show(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<ShowQuery>, axum::extract::rejection::QueryRejection>,
+) -> Shown {
+    let lang = lang_of(&headers, None);
+    let Some((token, done)) = query.ok().and_then(|Query(q)| q.t.map(|t| (t, q.done))) else {
+        return invalid(lang);
+    };
+    match render(&st, &headers, &token, done.as_deref() == Some("restore")).await {
+        Ok(s) | Err(s) => s,
+    }
+}
+
+async fn render(
+    st: &AppState,
+    headers: &HeaderMap,
+    token: &str,
+    restored: bool,
+) -> Result<Shown, Shown> {
+    let lang = lang_of(headers, None);
+    let who = verify(st, token, lang)?;
+    let mut conn = st.pool.acquire().await.map_err(|e| failed(e, lang))?;
+    let settings = settings_db::settings(&mut conn, &who.b)
+        .await
+        .map_err(|e| failed(e, lang))?;
+    let lang = lang_of(headers, Some(&settings.default_locale));
+    let rows = db::grants(
+        &mut conn,
+        &who.b,
+        &who.c,
+        lang.translation_locale().as_str(),
+    )
+    .await
+    .map_err(|e| failed(e, lang))?;
+    let account = db::linked_account(&mut conn, &who.b, &who.c)
+        .await
+        .map_err(|e| failed(e, lang))?
+        .map(|(id, username, global_name)| Account {
+            id,
+            username,
+            global_name,
+        });
+    let items = rows
+        .into_iter()
+        .map(|r| Item {
+            state: GrantState::of(
+                &r.status,
+                r.error_code.as_deref(),
+                r.revocation_reason.as_deref(),
+            ),
+            product: r.translated_name.unwrap_or(r.entitlement_name),
+            server: r.guild_name.unwrap_or(r.guild_id),
+            role: match (r.role_id, r.role_name) {
+                (None, _) => Role::Membership,
+                (Some(_), Some(name)) => Role::Named(name),
+                (Some(_), None) => Role::Unnamed,
+            },
+            grant_id: r.id,
+        })
+        .collect();
+    Ok(Shown {
+        page: Page::Access {
+            token: token.to_string(),
+            account,
+            items,
+            restored,
+        },
+        lang,
+    })
+}
+
+/// A form of an action on one grant.
+#[derive(Deserialize, ToSchema)]
+struct GrantForm {
+    /// The access token.
+    t: String,
+    /// One of the customer's grants.
+    grant: String,
+}
+
+/// The customer's grant a form names (never another customer's), live.
+async fn grant_of(
+    st: &AppState,
+    who: &AccessToken,
+    grant_id: &str,
+    lang: Lang,
+) -> Result<crate::grants::Grant, Shown> {
+    let mut conn = st.pool.acquire().await.map_err(|e| failed(e, lang))?;
+    grant_store::get(&mut conn, grant_id)
+        .await
+        .map_err(|e| failed(e, lang))?
+        .filter(|g| g.business_id == who.b && g.customer_id == who.c)
+        .filter(|g| g.status() != GrantStatus::Revoked)
+        .ok_or(invalid(lang))
+}
+
+type FormResult<T> = Result<Form<T>, axum::extract::rejection::FormRejection>;
+
+/// What an action on one grant starts with: its form, the customer the token names
+/// (within the action limits), and their live grant the form names.
+async fn action_on_grant(
+    st: &AppState,
+    ip: Option<std::net::IpAddr>,
+    lang: Lang,
+    form: FormResult<GrantForm>,
+) -> Result<(GrantForm, crate::grants::Grant), Shown> {
+    let Form(f) = form.map_err(|_| invalid(lang))?;
+    let who = verify(st, &f.t, lang)?;
+    limit(st, &who, ip, lang)?;
+    let g = grant_of(st, &who, &f.grant, lang).await?;
+    Ok((f, g))
+}
+
+/// *Connect* or *Reconnect*: to Discord with the grant's link. A pending grant's
+/// expired link is renewed; a grant that needs a new authorization gets a new link.
+#[utoipa::path(post, path = "/access/connect", tag = "customers",
+    request_body(content = GrantForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 303, description = "To Discord's authorization with the grant's link"),
+        (status = 400, description = "The form is incomplete, altered, or names no live grant of the customer (HTML page)", content_type = "text/html"),
+        (status = 410, description = "The link expired (HTML page)", content_type = "text/html"),
+        (status = 429, description = "Too many actions (HTML page)", content_type = "text/html",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "The database could not be reached (HTML page)", content_type = "text/html"),
+    ))]
+async fn connect(
+    State(st): State<AppState>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    form: FormResult<GrantForm>,
+) -> Response {
+    let lang = lang_of(&headers, None);
+    let r = async {
+        let (_, g) = action_on_grant(&st, ip, lang, form).await?;
+        let now = Utc::now();
+        let mut conn = st.pool.acquire().await.map_err(|e| failed(e, lang))?;
+        let g = if g.status() == GrantStatus::Pending {
+            renew_link(&mut conn, &st.links, &g, now).await
+        } else {
+            links_db::set_nonce(
+                &mut conn,
+                &g.id,
+                &LinkBuilder::new_nonce(),
+                now + st.links.ttl,
+                now,
+            )
+            .await
+        }
+        .map_err(|e| failed(e, lang))?;
+        Ok::<_, Shown>(
+            Redirect::to(&st.links.url(&g.id, &g.oauth_nonce, g.oauth_expires_at)).into_response(),
+        )
+    }
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// *Get my role back* / *Try again*: a sync of the grant, now.
+#[utoipa::path(post, path = "/access/restore", tag = "customers",
+    request_body(content = GrantForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 303, description = "Back to the access page, which says the access is on its way"),
+        (status = 400, description = "The form is incomplete, altered, or names no live grant of the customer (HTML page)", content_type = "text/html"),
+        (status = 410, description = "The link expired (HTML page)", content_type = "text/html"),
+        (status = 429, description = "Too many actions (HTML page)", content_type = "text/html",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "The database could not be reached (HTML page)", content_type = "text/html"),
+    ))]
+async fn restore(
+    State(st): State<AppState>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    form: FormResult<GrantForm>,
+) -> Response {
+    let lang = lang_of(&headers, None);
+    let r = async {
+        let (f, g) = action_on_grant(&st, ip, lang, form).await?;
+        let mut tx = st.pool.begin().await.map_err(|e| failed(e, lang))?;
+        crate::events::apply::queue_sync(&mut tx, &g.id)
+            .await
+            .map_err(|e| failed(e, lang))?;
+        history::record(
+            &mut tx,
+            &g.id,
+            Utc::now(),
+            "restore_requested",
+            serde_json::json!({"by": "customer"}),
+        )
+        .await
+        .map_err(|e| failed(e, lang))?;
+        tx.commit().await.map_err(|e| failed(e, lang))?;
+        tracing::info!(grant_id = %g.id, "customer asked for their access back");
+        Ok::<_, Shown>(Redirect::to(&format!("/access?t={}&done=restore", f.t)).into_response())
+    }
+    .await;
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Deserialize, ToSchema)]
+struct TokenForm {
+    /// The access token.
+    t: String,
+}
+
+/// *Use another Discord account*: to Discord, to choose one. Nothing changes until the
+/// customer confirms on the page they come back to.
+#[utoipa::path(post, path = "/access/switch", tag = "customers",
+    request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 303, description = "To Discord's authorization, to choose an account"),
+        (status = 400, description = "The form is incomplete or altered (HTML page)", content_type = "text/html"),
+        (status = 410, description = "The link expired (HTML page)", content_type = "text/html"),
+        (status = 429, description = "Too many actions (HTML page)", content_type = "text/html",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
+async fn switch(
+    State(st): State<AppState>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    form: FormResult<TokenForm>,
+) -> Response {
+    let lang = lang_of(&headers, None);
+    let r = (|| {
+        let Form(f) = form.map_err(|_| invalid(lang))?;
+        let who = verify(&st, &f.t, lang)?;
+        limit(&st, &who, ip, lang)?;
+        Ok::<_, Shown>(
+            Redirect::to(&st.links.switch_url(&who.b, &who.c, Utc::now())).into_response(),
+        )
+    })();
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The access page's address for a customer, with a fresh token.
+fn access_url_of(st: &AppState, b: &str, c: &str) -> String {
+    st.links.access_url(b, c, Utc::now() + st.links.access_ttl)
+}
+
+/// Back from Discord with the account the customer chose to switch to: shows both
+/// accounts and asks to confirm (or says it is the same account). Nothing changes yet.
+pub async fn switch_returned(
+    st: &AppState,
+    headers: &HeaderMap,
+    who: AccessToken,
+    code: Option<String>,
+    error: Option<String>,
+) -> Response {
+    let lang = lang_of(headers, None);
+    let back = access_url_of(st, &who.b, &who.c);
+    if error.is_some() {
+        // Cancelled on Discord: nothing to confirm; back to the page.
+        return Redirect::to(&back).into_response();
+    }
+    let r = async {
+        let Some(code) = code.filter(|c| !c.is_empty()) else {
+            return Err(invalid(lang));
+        };
+        limit(st, &who, None, lang)?;
+        let unavailable = |e: crate::discord::DiscordError| {
+            tracing::warn!(error = %e, "account switch: Discord did not answer");
+            Shown {
+                page: Page::Unavailable,
+                lang,
+            }
+        };
+        let tokens = st
+            .discord
+            .exchange_code(&code, st.links.redirect_uri())
+            .await
+            .map_err(unavailable)?;
+        let user = st
+            .discord
+            .user(&tokens.access_token)
+            .await
+            .map_err(unavailable)?;
+        let chosen = Account {
+            id: user.id.to_string(),
+            username: Some(user.username.clone()),
+            global_name: user.global_name.clone(),
+        };
+        let now = Utc::now();
+        let row = LinkRow::new(
+            &who.b,
+            &who.c,
+            chosen.id.clone(),
+            links_db::SealedTokens::seal(
+                &st.cipher,
+                &who.b,
+                &who.c,
+                &tokens.access_token,
+                tokens.refresh_token.as_ref(),
+            ),
+            now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
+            tokens.scope.clone(),
+        );
+        let names = (user.username.as_str(), user.global_name.as_deref());
+        let mut tx = st.pool.begin().await.map_err(|e| failed(e, lang))?;
+        let current = db::linked_account(&mut tx, &who.b, &who.c)
+            .await
+            .map_err(|e| failed(e, lang))?
+            .map(|(id, username, global_name)| Account {
+                id,
+                username,
+                global_name,
+            });
+        let now_account = match current {
+            Some(a) if a.id != chosen.id => a,
+            // Nothing linked yet (nothing to switch from), or the account linked now,
+            // authorized again (a reconnect): its fresh tokens are stored at once and
+            // every live grant is synced.
+            other => {
+                link_account(&mut tx, &row, names, None, now)
+                    .await
+                    .map_err(|e| failed(e, lang))?;
+                tx.commit().await.map_err(|e| failed(e, lang))?;
+                let page = match other {
+                    Some(_) => Page::Same {
+                        account: chosen,
+                        back,
+                    },
+                    None => Page::Switched {
+                        account: chosen,
+                        back,
+                    },
+                };
+                return Ok(Shown { page, lang });
+            }
+        };
+        let pending = db::Switch {
+            id: crate::ids::mint("asw"),
+            business_id: who.b.clone(),
+            customer_id: who.c.clone(),
+            discord_user_id: chosen.id.clone(),
+            username: user.username.clone(),
+            global_name: user.global_name.clone(),
+            access_token_enc: row.access_token_enc,
+            refresh_token_enc: row.refresh_token_enc,
+            token_key_id: row.token_key_id.unwrap_or_default(),
+            token_expires_at: row.expires_at,
+            scopes: row.scopes,
+            expires_at: now + chrono::Duration::minutes(SWITCH_TTL_MINUTES),
+        };
+        db::save_switch(&mut tx, &pending)
+            .await
+            .map_err(|e| failed(e, lang))?;
+        tx.commit().await.map_err(|e| failed(e, lang))?;
+        let confirmation = st.links.sign_confirm(
+            &SwitchConfirm {
+                b: who.b.clone(),
+                c: who.c.clone(),
+                p: pending.id,
+            },
+            now,
+        );
+        Ok(Shown {
+            page: Page::Confirm {
+                now: now_account,
+                new: chosen,
+                confirmation,
+                back,
+            },
+            lang,
+        })
+    }
+    .await;
+    match r {
+        Ok(s) | Err(s) => s.into_response(),
+    }
+}
+
+#[derive(Deserialize, ToSchema)]
+struct ConfirmForm {
+    /// The signed confirmation of the pending switch.
+    s: String,
+}
+
+/// The customer confirmed the switch: the link moves to the chosen account and every
+/// live grant follows it.
+#[utoipa::path(post, path = "/access/switch/confirm", tag = "customers",
+    request_body(content = ConfirmForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "Switched (HTML page)", content_type = "text/html"),
+        (status = 400, description = "The form is incomplete or altered (HTML page)", content_type = "text/html"),
+        (status = 410, description = "The confirmation expired or was used (HTML page)", content_type = "text/html"),
+        (status = 429, description = "Too many actions (HTML page)", content_type = "text/html",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "The database could not be reached (HTML page)", content_type = "text/html"),
+    ))]
+async fn confirm(
+    State(st): State<AppState>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    form: FormResult<ConfirmForm>,
+) -> Response {
+    let lang = lang_of(&headers, None);
+    let r = async {
+        let Form(f) = form.map_err(|_| invalid(lang))?;
+        let now = Utc::now();
+        let c = st
+            .links
+            .verify_confirm(&f.s, now)
+            .map_err(|e| refused(e, lang))?;
+        let who = AccessToken {
+            b: c.b.clone(),
+            c: c.c.clone(),
+        };
+        limit(&st, &who, ip, lang)?;
+        let mut tx = st.pool.begin().await.map_err(|e| failed(e, lang))?;
+        // Taken once: a second confirm (a double click, a replay) finds nothing.
+        let Some(p) = db::take_switch(&mut tx, &c.p, &c.b, &c.c, now)
+            .await
+            .map_err(|e| failed(e, lang))?
+        else {
+            return Err(Shown {
+                page: Page::Expired,
+                lang,
+            });
+        };
+        let row = LinkRow {
+            business_id: p.business_id.clone(),
+            customer_id: p.customer_id.clone(),
+            discord_user_id: p.discord_user_id.clone(),
+            access_token_enc: p.access_token_enc,
+            refresh_token_enc: p.refresh_token_enc,
+            expires_at: p.token_expires_at,
+            scopes: p.scopes,
+            token_version: 0,
+            token_key_id: Some(p.token_key_id),
+        };
+        let Linked { previous, .. } =
+            link_account(&mut tx, &row, (&p.username, p.global_name.as_deref()), None, now)
+                .await
+                .map_err(|e| failed(e, lang))?;
+        tx.commit().await.map_err(|e| failed(e, lang))?;
+        if let Some(old) = previous {
+            revoke_left_tokens(&st, old, &c.c).await;
+        }
+        tracing::info!(business_id = %c.b, discord_user_id = %p.discord_user_id, "customer switched Discord account");
+        Ok::<_, Shown>(Shown {
+            page: Page::Switched {
+                account: Account {
+                    id: p.discord_user_id,
+                    username: Some(p.username),
+                    global_name: p.global_name,
+                },
+                back: access_url_of(&st, &c.b, &c.c),
+            },
+            lang,
+        })
+    }
+    .await;
+    match r {
+        Ok(s) | Err(s) => s.into_response(),
+    }
+}

@@ -1,0 +1,60 @@
+//! Sending a grant's email again, asked for by the merchant (`POST
+//! /entitlements/{id}/grants/{grant_id}/resend`) or an operator (`guildgate grants
+//! resend`).
+
+use sqlx::PgConnection;
+
+use super::Job;
+use crate::grants::{Grant, GrantStatus};
+use crate::store::email as db;
+use crate::store::grants as grant_store;
+
+/// Why a resend was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("this guildgate sends no email (no SMTP server is configured)")]
+    EmailOff,
+    #[error("the grant is revoked")]
+    Revoked,
+    #[error("no email address is known for the grant's customer")]
+    NoAddress,
+}
+
+impl Refused {
+    pub fn code(self) -> &'static str {
+        match self {
+            Refused::EmailOff => "email_disabled",
+            Refused::Revoked => "grant_revoked",
+            Refused::NoAddress => "no_email_address",
+        }
+    }
+}
+
+/// Queues the next resend of a grant, in the caller's transaction: the join email while
+/// it is pending, else the access email. Each call queues one more (the `n`th resend).
+pub async fn queue(
+    tx: &mut PgConnection,
+    grant: &Grant,
+    email_on: bool,
+) -> Result<Result<Job, Refused>, sqlx::Error> {
+    if !email_on {
+        return Ok(Err(Refused::EmailOff));
+    }
+    // Locked: two resends at once number themselves one after the other.
+    let Some(grant) = grant_store::get_for_update(tx, &grant.id).await? else {
+        return Ok(Err(Refused::Revoked));
+    };
+    if grant.status() == GrantStatus::Revoked {
+        return Ok(Err(Refused::Revoked));
+    }
+    if db::contact(tx, &grant.business_id, &grant.customer_id)
+        .await?
+        .is_none()
+    {
+        return Ok(Err(Refused::NoAddress));
+    }
+    let n = db::resends(tx, &grant.id).await? + 1;
+    let job = Job::resend(&grant.id, n);
+    db::queue(tx, &job, &grant.business_id).await?;
+    Ok(Ok(job))
+}

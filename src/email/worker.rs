@@ -1,0 +1,518 @@
+//! The email worker: consumes `<prefix>.emails`, one job at a time per process (one
+//! SMTP server serves them all; its pooled connections are reused).
+//!
+//! Per job: remember the address a join job carries, record the email (`emails`, one
+//! row per id: a job delivered again finds it settled and sends nothing), decide whether
+//! it is still wanted ([`decide`]), keep to `email.per_recipient_per_hour` (an email
+//! over it waits on a retry tier, without counting an attempt), send it, and record the
+//! result before acking. A crash between sending and recording sends it again on
+//! redelivery, with the same `Message-ID`. A database outage holds the job.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use hmac::{Hmac, Mac};
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lettre::message::Mailbox;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::Sha256;
+use sqlx::PgPool;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+use super::compose::{self, Draft, Letter};
+use super::transport::Mailer;
+use super::{Job, Kind};
+use crate::amqp::{self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, header_int};
+use crate::grants::GrantStatus;
+use crate::grants::history;
+use crate::grants::link::LinkBuilder;
+use crate::http::oauth::renew_link;
+use crate::i18n::Lang;
+use crate::metrics::Metrics;
+use crate::store::email::{self as db, Context};
+use crate::store::grants as grant_store;
+use crate::webhooks::schedule::{self, AttemptResult, Next};
+
+/// What to do with an email.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Send(Letter),
+    /// Not wanted (any more); the reason is recorded.
+    Skip(&'static str),
+    /// Settled before (a job delivered again).
+    Duplicate,
+}
+
+/// Whether an email goes out. `status` is its row's; `send_email` the entitlement's
+/// switch. A join email or reminder is only for a grant still waiting for the customer's
+/// account, and only when the merchant left emails on; a resend (asked for by hand) goes
+/// to any live grant: the join email while it is pending, else the access email.
+pub fn decide(
+    kind: Kind,
+    status: &str,
+    grant: GrantStatus,
+    send_email: Option<bool>,
+    has_address: bool,
+) -> Decision {
+    if status != "queued" {
+        return Decision::Duplicate;
+    }
+    if grant == GrantStatus::Revoked {
+        return Decision::Skip("grant_revoked");
+    }
+    if !has_address {
+        return Decision::Skip("no_address");
+    }
+    match kind {
+        Kind::Resend if grant == GrantStatus::Pending => Decision::Send(Letter::Join),
+        Kind::Resend => Decision::Send(Letter::Access),
+        _ if send_email == Some(false) => Decision::Skip("turned_off"),
+        _ if grant != GrantStatus::Pending => Decision::Skip("already_connected"),
+        Kind::Join => Decision::Send(Letter::Join),
+        Kind::Reminder => Decision::Send(Letter::Reminder),
+    }
+}
+
+/// What happens to a job. Only the loop acks.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Ack(&'static str),
+    /// Publish it to the retry tier of `delay`, carrying `attempt`, then ack.
+    Retry {
+        delay: Duration,
+        attempt: u32,
+        label: &'static str,
+    },
+    /// Park it in the dead queue with a reason, then ack.
+    DeadLetter {
+        code: &'static str,
+        reason: String,
+    },
+}
+
+/// The email workers of one process.
+#[derive(Clone)]
+pub struct EmailWorker {
+    pub pool: PgPool,
+    pub broker: Broker,
+    pub mailer: Mailer,
+    pub from: Mailbox,
+    pub links: LinkBuilder,
+    pub retry_delays: Vec<Duration>,
+    pub per_recipient_per_hour: u32,
+    /// Keys the recipient hash kept in `emails` (the state signing key).
+    pub recipient_secret: SecretString,
+    pub metrics: Arc<Metrics>,
+}
+
+impl EmailWorker {
+    /// A keyed hash of an address (case-folded), so `emails` can count what one
+    /// recipient was sent without keeping the address.
+    fn recipient_key(&self, address: &str) -> Vec<u8> {
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(self.recipient_secret.expose_secret().as_bytes())
+                .expect("HMAC takes any key length");
+        mac.update(b"email-recipient:");
+        mac.update(address.to_lowercase().as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    }
+
+    fn count(&self, kind: Kind, outcome: &str) {
+        self.metrics
+            .emails
+            .get_or_create(&vec![
+                ("kind", kind.as_str().to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Handles one job; `attempt` is how many attempts earlier rounds made.
+    pub async fn handle(&self, job: &Job, attempt: u32) -> Result<Outcome, sqlx::Error> {
+        let now = Utc::now();
+        let kind = job.kind();
+        let mut conn = self.pool.acquire().await?;
+        let Some(grant) = grant_store::get(&mut conn, &job.grant_id).await? else {
+            return Ok(Outcome::DeadLetter {
+                code: "unknown_grant",
+                reason: format!("no grant {}", job.grant_id),
+            });
+        };
+        if let Some(to) = job.to.as_deref().and_then(|t| super::address(Some(t))) {
+            db::save_contact(&mut conn, &grant.business_id, &grant.customer_id, &to).await?;
+        }
+        let row = db::claim(
+            &mut conn,
+            &job.email_id,
+            &grant.business_id,
+            &grant.id,
+            kind.as_str(),
+        )
+        .await?;
+        let Some(ctx) = db::context(&mut conn, &grant.entitlement_id, &grant.customer_id).await?
+        else {
+            db::settle(
+                &mut conn,
+                &job.email_id,
+                "skipped",
+                row.attempts,
+                None,
+                Some("no_entitlement"),
+                now,
+            )
+            .await?;
+            self.count(kind, "skipped");
+            return Ok(Outcome::Ack("skipped"));
+        };
+        let to: Option<Mailbox> = ctx.email.as_deref().and_then(|e| e.parse().ok());
+        let letter = match decide(
+            kind,
+            &row.status,
+            grant.status(),
+            ctx.send_email,
+            to.is_some(),
+        ) {
+            Decision::Duplicate => {
+                self.count(kind, "duplicate");
+                return Ok(Outcome::Ack("duplicate"));
+            }
+            Decision::Skip(why) => {
+                db::settle(
+                    &mut conn,
+                    &job.email_id,
+                    "skipped",
+                    row.attempts,
+                    None,
+                    Some(why),
+                    now,
+                )
+                .await?;
+                self.count(kind, "skipped");
+                return Ok(Outcome::Ack("skipped"));
+            }
+            Decision::Send(letter) => letter,
+        };
+        let to = to.expect("decide sends only with an address");
+        let key = self.recipient_key(to.email.as_ref());
+        let (sent, oldest) = db::sent_in_last_hour(&mut conn, &key, now).await?;
+        if sent >= i64::from(self.per_recipient_per_hour) {
+            let wait = oldest
+                .map(|t| {
+                    (t + chrono::Duration::hours(1) - now)
+                        .to_std()
+                        .unwrap_or_default()
+                })
+                .unwrap_or(Duration::from_secs(3600));
+            self.count(kind, "deferred");
+            return Ok(Outcome::Retry {
+                delay: schedule::tier_at_least(wait, &self.retry_delays),
+                attempt,
+                label: "deferred",
+            });
+        }
+        let grant = renew_link(&mut conn, &self.links, &grant, now).await?;
+        let message = self.compose(&grant, &ctx, letter, to, &job.email_id, now);
+        let this_attempt = attempt + 1;
+        let result = match message {
+            Ok(m) => self.mailer.send(m).await,
+            Err(e) => Err(super::transport::SendError {
+                permanent: true,
+                detail: format!("cannot build the message: {e}"),
+            }),
+        };
+        let attempts = i32::try_from(this_attempt).unwrap_or(i32::MAX);
+        match result {
+            Ok(()) => {
+                let mut tx = self.pool.begin().await?;
+                db::settle(
+                    &mut tx,
+                    &job.email_id,
+                    "sent",
+                    attempts,
+                    Some(&key),
+                    None,
+                    Utc::now(),
+                )
+                .await?;
+                history::record(
+                    &mut tx,
+                    &grant.id,
+                    Utc::now(),
+                    "email_sent",
+                    serde_json::json!({"email": kind.as_str(), "letter": letter_name(letter)}),
+                )
+                .await?;
+                tx.commit().await?;
+                self.count(kind, "sent");
+                Ok(Outcome::Ack("sent"))
+            }
+            Err(e) => {
+                let failed = AttemptResult::Failed { retry_after: None };
+                let next = if e.permanent {
+                    None
+                } else {
+                    match schedule::next(this_attempt, &failed, &self.retry_delays) {
+                        Next::RetryIn(delay) => Some(delay),
+                        _ => None,
+                    }
+                };
+                if let Some(delay) = next {
+                    db::attempt_failed(&mut conn, &job.email_id, attempts, &e.detail).await?;
+                    self.count(kind, "retried");
+                    return Ok(Outcome::Retry {
+                        delay,
+                        attempt: this_attempt,
+                        label: "retry",
+                    });
+                }
+                db::settle(
+                    &mut conn,
+                    &job.email_id,
+                    "failed",
+                    attempts,
+                    Some(&key),
+                    Some(&e.detail),
+                    Utc::now(),
+                )
+                .await?;
+                self.count(kind, "failed");
+                Ok(Outcome::DeadLetter {
+                    // Refused for good (5xx), or no retry left.
+                    code: if e.permanent {
+                        "rejected"
+                    } else {
+                        "retries_exhausted"
+                    },
+                    reason: e.detail,
+                })
+            }
+        }
+    }
+
+    fn compose(
+        &self,
+        grant: &crate::grants::Grant,
+        ctx: &Context,
+        letter: Letter,
+        to: Mailbox,
+        email_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<lettre::Message, lettre::error::Error> {
+        let lang = ctx
+            .default_locale
+            .as_deref()
+            .and_then(Lang::parse)
+            .unwrap_or_default();
+        let join_url = self
+            .links
+            .url(&grant.id, &grant.oauth_nonce, grant.oauth_expires_at);
+        let access_url = self.links.access_url(
+            &grant.business_id,
+            &grant.customer_id,
+            now + self.links.access_ttl,
+        );
+        let product = ctx
+            .translated_name
+            .as_deref()
+            .unwrap_or(&ctx.entitlement_name);
+        let server = ctx.guild_name.as_deref().unwrap_or("Discord");
+        let domain = self.from.email.domain().to_string();
+        compose::message(&Draft {
+            letter,
+            lang,
+            product,
+            server,
+            join_url: Some(join_url.as_str()),
+            access_url: &access_url,
+            from: self.from.clone(),
+            to,
+            reply_to: ctx.support_email.as_deref().and_then(|s| s.parse().ok()),
+            message_id: format!("<{}@{domain}>", email_id.replace(':', ".")),
+        })
+    }
+
+    /// Consumes until `shutdown`; the job in hand finishes and settles first.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let queue = self.broker.names().emails();
+        loop {
+            let (ch, mut consumer, publisher) =
+                match self.broker.subscribe(&queue, "", 4, &shutdown).await {
+                    Ok(x) => x,
+                    Err(_) => return,
+                };
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    n = consumer.next() => n,
+                };
+                let Some(Ok(delivery)) = next else { break };
+                match self.process(delivery, &publisher, &shutdown).await {
+                    Ok(()) => {}
+                    Err(BrokerError::ShuttingDown) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot settle an email job; resubscribing");
+                        break;
+                    }
+                }
+            }
+            let _ = ch.close(200, "bye".into()).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Handles one delivery through database outages, then settles it.
+    async fn process(
+        &self,
+        d: Delivery,
+        publisher: &Channel,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BrokerError> {
+        let attempt = header_int(d.properties.headers().as_ref(), ATTEMPT_HEADER)
+            .unwrap_or(0)
+            .clamp(0, 1000) as u32;
+        let Some(job) = Job::parse(&d.data) else {
+            let id = amqp::message_id(&d.properties).unwrap_or_default();
+            let outcome = Outcome::DeadLetter {
+                code: "bad_job",
+                reason: "not an email job".into(),
+            };
+            return self.settle(&d, &id, attempt, outcome, publisher).await;
+        };
+        let mut backoff = amqp::reconnect_backoff();
+        let outcome = loop {
+            match self.handle(&job, attempt).await {
+                Ok(o) => break o,
+                Err(e) => {
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; holding the email job");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        };
+        self.settle(&d, &job.email_id, attempt, outcome, publisher)
+            .await
+    }
+
+    async fn settle(
+        &self,
+        d: &Delivery,
+        message_id: &str,
+        attempt: u32,
+        outcome: Outcome,
+        publisher: &Channel,
+    ) -> Result<(), BrokerError> {
+        let names: &Names = self.broker.names();
+        let work = names.emails();
+        match outcome {
+            Outcome::Ack(_) => {}
+            Outcome::Retry { delay, attempt, .. } => {
+                let queue = if delay.is_zero() {
+                    work.clone()
+                } else {
+                    Names::retry(&work, delay)
+                };
+                let out = Outgoing::to_queue(&queue, message_id, &d.data)
+                    .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()))
+                    .carrying_replays(d.properties.headers().as_ref());
+                amqp::publish_confirmed(publisher, &[out]).await?;
+            }
+            Outcome::DeadLetter { code, reason } => {
+                tracing::warn!(message_id, code, %reason, "email failed; parking it");
+                let out = Outgoing::parked(
+                    names,
+                    &work,
+                    message_id,
+                    &d.data,
+                    FieldTable::default(),
+                    code,
+                    &reason,
+                )
+                .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()))
+                .carrying_replays(d.properties.headers().as_ref());
+                amqp::publish_confirmed(publisher, &[out]).await?;
+            }
+        }
+        d.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+}
+
+fn letter_name(l: Letter) -> &'static str {
+    match l {
+        Letter::Join => "join",
+        Letter::Reminder => "reminder",
+        Letter::Access => "access",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use GrantStatus::*;
+
+    #[test]
+    fn an_email_goes_out_only_while_it_is_wanted() {
+        let d = decide;
+        assert_eq!(
+            d(Kind::Join, "queued", Pending, None, true),
+            Decision::Send(Letter::Join)
+        );
+        assert_eq!(
+            d(Kind::Reminder, "queued", Pending, Some(true), true),
+            Decision::Send(Letter::Reminder)
+        );
+        // Settled before: a redelivered job.
+        for status in ["sent", "skipped", "failed"] {
+            assert_eq!(
+                d(Kind::Join, status, Pending, None, true),
+                Decision::Duplicate
+            );
+        }
+        // The customer connected meanwhile, or the grant ended.
+        assert_eq!(
+            d(Kind::Reminder, "queued", Delivered, None, true),
+            Decision::Skip("already_connected")
+        );
+        assert_eq!(
+            d(Kind::Join, "queued", Revoked, None, true),
+            Decision::Skip("grant_revoked")
+        );
+        // The merchant sends their own.
+        assert_eq!(
+            d(Kind::Join, "queued", Pending, Some(false), true),
+            Decision::Skip("turned_off")
+        );
+        assert_eq!(
+            d(Kind::Join, "queued", Pending, None, false),
+            Decision::Skip("no_address")
+        );
+        // A resend is asked for by hand: it goes out even with emails turned off.
+        assert_eq!(
+            d(Kind::Resend, "queued", Pending, Some(false), true),
+            Decision::Send(Letter::Join)
+        );
+        assert_eq!(
+            d(Kind::Resend, "queued", Delivered, None, true),
+            Decision::Send(Letter::Access)
+        );
+        assert_eq!(
+            d(Kind::Resend, "queued", Failed, None, true),
+            Decision::Send(Letter::Access)
+        );
+        assert_eq!(
+            d(Kind::Resend, "queued", Revoked, None, true),
+            Decision::Skip("grant_revoked")
+        );
+    }
+}

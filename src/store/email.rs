@@ -1,0 +1,320 @@
+//! SQL of delivery email: customers' addresses, businesses' settings, and the state of
+//! every email (migration 0029).
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use crate::store::outbox::{self, OutboxKind};
+
+/// A business's settings (defaults when it never saved any).
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct BusinessSettings {
+    pub default_locale: String,
+    pub support_email: Option<String>,
+    pub reminder_days: Vec<i32>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl Default for BusinessSettings {
+    fn default() -> Self {
+        Self {
+            default_locale: "en".into(),
+            support_email: None,
+            reminder_days: Vec::new(),
+            updated_at: None,
+        }
+    }
+}
+
+pub async fn settings(
+    conn: &mut PgConnection,
+    business_id: &str,
+) -> Result<BusinessSettings, sqlx::Error> {
+    Ok(sqlx::query_as(
+        "SELECT default_locale, support_email, reminder_days, updated_at
+         FROM business_settings WHERE business_id = $1",
+    )
+    .bind(business_id)
+    .fetch_optional(conn)
+    .await?
+    .unwrap_or_default())
+}
+
+pub async fn save_settings(
+    conn: &mut PgConnection,
+    business_id: &str,
+    s: &BusinessSettings,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO business_settings (business_id, default_locale, support_email, reminder_days, updated_at)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (business_id) DO UPDATE SET default_locale = EXCLUDED.default_locale,
+             support_email = EXCLUDED.support_email, reminder_days = EXCLUDED.reminder_days,
+             updated_at = EXCLUDED.updated_at",
+    )
+    .bind(business_id)
+    .bind(&s.default_locale)
+    .bind(&s.support_email)
+    .bind(&s.reminder_days)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Remembers (or updates) a customer's address.
+pub async fn save_contact(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+    email: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO customer_contacts (business_id, customer_id, email) VALUES ($1, $2, $3)
+         ON CONFLICT (business_id, customer_id) DO UPDATE SET email = EXCLUDED.email, updated_at = now()
+         WHERE customer_contacts.email <> EXCLUDED.email",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .bind(email)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A customer's address, if guildgate holds one.
+pub async fn contact(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT email FROM customer_contacts WHERE business_id = $1 AND customer_id = $2",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Deletes the addresses of customers without a live grant with the business, and
+/// returns how many.
+pub async fn prune_contacts(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "DELETE FROM customer_contacts c WHERE NOT EXISTS (
+             SELECT 1 FROM grants g WHERE g.business_id = c.business_id
+               AND g.customer_id = c.customer_id AND g.status <> 'Revoked')",
+    )
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// Deletes the rows of emails settled more than 90 days ago (they keep no address; the
+/// hourly count and the once-per-kind rule look back much less far), and returns how
+/// many.
+pub async fn prune_settled(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "DELETE FROM emails WHERE status <> 'queued' AND updated_at < now() - interval '90 days'",
+    )
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// An email's row.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct EmailRow {
+    pub status: String,
+    pub attempts: i32,
+}
+
+/// The email's row, made `queued` if it is new.
+pub async fn claim(
+    conn: &mut PgConnection,
+    id: &str,
+    business_id: &str,
+    grant_id: &str,
+    kind: &str,
+) -> Result<EmailRow, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO emails (id, business_id, grant_id, kind) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(business_id)
+    .bind(grant_id)
+    .bind(kind)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query_as("SELECT status, attempts FROM emails WHERE id = $1")
+        .bind(id)
+        .fetch_one(conn)
+        .await
+}
+
+/// Writes a new `queued` email and its job; `false` (and nothing written) when the
+/// email already exists.
+pub async fn queue(
+    conn: &mut PgConnection,
+    job: &crate::email::Job,
+    business_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let new = sqlx::query(
+        "INSERT INTO emails (id, business_id, grant_id, kind) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&job.email_id)
+    .bind(business_id)
+    .bind(&job.grant_id)
+    .bind(job.kind().as_str())
+    .execute(&mut *conn)
+    .await?
+    .rows_affected()
+        == 1;
+    if new {
+        outbox::insert(conn, OutboxKind::Email, &job.email_id, &job.payload()).await?;
+    }
+    Ok(new)
+}
+
+/// How many resends a grant had.
+pub async fn resends(conn: &mut PgConnection, grant_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM emails WHERE grant_id = $1 AND kind = 'resend'")
+        .bind(grant_id)
+        .fetch_one(conn)
+        .await
+}
+
+/// What an email is about, read when it is sent.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Context {
+    pub entitlement_name: String,
+    /// The name in the business's language, where the merchant translated it.
+    pub translated_name: Option<String>,
+    pub guild_id: String,
+    pub guild_name: Option<String>,
+    pub send_email: Option<bool>,
+    pub default_locale: Option<String>,
+    pub support_email: Option<String>,
+    pub email: Option<String>,
+}
+
+/// The context of an email about a grant of `entitlement_id` for `customer_id`.
+pub async fn context(
+    conn: &mut PgConnection,
+    entitlement_id: &str,
+    customer_id: &str,
+) -> Result<Option<Context>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT e.name AS entitlement_name, t.name AS translated_name, e.guild_id,
+                dg.name AS guild_name, e.send_email, s.default_locale, s.support_email, c.email
+         FROM entitlements e
+         LEFT JOIN discord_guilds dg ON dg.business_id = e.business_id AND dg.guild_id = e.guild_id
+         LEFT JOIN business_settings s ON s.business_id = e.business_id
+         LEFT JOIN customer_contacts c ON c.business_id = e.business_id AND c.customer_id = $2
+         LEFT JOIN LATERAL (
+             SELECT name FROM entitlement_translations
+             WHERE entitlement_id = e.id
+               AND locale = split_part(lower(COALESCE(s.default_locale, 'en')), '-', 1)
+         ) t ON true
+         WHERE e.id = $1",
+    )
+    .bind(entitlement_id)
+    .bind(customer_id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Emails sent to a recipient in the hour before `now`, and when the oldest of them was.
+pub async fn sent_in_last_hour(
+    conn: &mut PgConnection,
+    recipient_key: &[u8],
+    now: DateTime<Utc>,
+) -> Result<(i64, Option<DateTime<Utc>>), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*), min(sent_at) FROM emails
+         WHERE recipient_key = $1 AND sent_at > $2 - interval '1 hour'",
+    )
+    .bind(recipient_key)
+    .bind(now)
+    .fetch_one(conn)
+    .await
+}
+
+/// Settles an email: `sent`, `skipped` or `failed`, with the attempts it took and why.
+pub async fn settle(
+    conn: &mut PgConnection,
+    id: &str,
+    status: &str,
+    attempts: i32,
+    recipient_key: Option<&[u8]>,
+    detail: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE emails SET status = $2, attempts = $3, recipient_key = COALESCE($4, recipient_key),
+             detail = $5, sent_at = CASE WHEN $2 = 'sent' THEN $6 END, updated_at = $6
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(status)
+    .bind(attempts)
+    .bind(recipient_key)
+    .bind(detail)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Records a failed attempt of an email that will be retried.
+pub async fn attempt_failed(
+    conn: &mut PgConnection,
+    id: &str,
+    attempts: i32,
+    detail: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE emails SET attempts = $2, detail = $3, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(attempts)
+        .bind(detail)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A reminder that is due.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct DueReminder {
+    pub grant_id: String,
+    pub business_id: String,
+    pub days: i32,
+}
+
+/// Pending grants that reached one of their business's reminder days (within a week
+/// of it: a reminder that could not be sent then is not sent weeks late), whose
+/// customer was sent the join email, and that have not had that reminder.
+pub async fn due_reminders(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<DueReminder>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT g.id AS grant_id, g.business_id, d.days
+         FROM business_settings s
+         CROSS JOIN LATERAL unnest(s.reminder_days) AS d(days)
+         JOIN grants g ON g.business_id = s.business_id AND g.status = 'Pending'
+              AND g.created_at <= $1 - make_interval(days => d.days)
+              AND g.created_at > $1 - make_interval(days => d.days + 7)
+         WHERE EXISTS (SELECT 1 FROM emails e WHERE e.id = g.id || ':join' AND e.status = 'sent')
+           AND NOT EXISTS (SELECT 1 FROM emails e WHERE e.id = g.id || ':reminder:' || d.days)
+         ORDER BY g.created_at
+         LIMIT $2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
