@@ -358,6 +358,16 @@ async fn the_access_page_works_by_keyboard_on_a_phone() {
         "{text}"
     );
     de.tab_to("Discord verbinden").await;
+    de.press(&[ENTER]).await;
+    let discord = de.wait_url("/oauth2/authorize").await;
+    let carla = w.user("carla");
+    de.goto(&as_user(&discord, carla)).await;
+    de.wait_url("/oauth2/authorize").await;
+    de.click(&de.find("button[value=authorize]").await).await;
+    de.wait_url("/oauth/discord/callback").await;
+    // The callback's page speaks German too.
+    access_page(&de, "connected-de", "de").await;
+    assert_eq!(de.text(&de.find("main h1").await).await, "Du bist dabei");
     w.stop().await;
 }
 

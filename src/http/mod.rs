@@ -7,6 +7,7 @@
 //! costs a waiting request nothing but its place under `http.max_concurrent_requests`,
 //! and the pool stays with ingest, the relay, the syncer and delivery.
 
+mod callback_texts;
 pub mod limits;
 pub mod oauth;
 pub mod ops;

@@ -84,36 +84,10 @@ enum Page {
     Busy,
 }
 
-/// The pages' words, in one place.
-mod text {
-    pub const CONNECTED_TITLE: &str = "You're in";
-    pub const CONNECTED: &str = "Your Discord account <b>{account}</b> is connected. You'll get access to <b>{guild}</b> in a moment.";
-    pub const SWITCHED: &str = "Your access moves to this account from the Discord account you connected before, which loses what it was given for this purchase.";
-    pub const SHARED: &str = "This Discord account is also connected to another purchase from this store: both purchases count towards it.";
-    pub const OPEN_SERVER: &str = "Open the server in Discord";
-    pub const DENIED_TITLE: &str = "Authorization cancelled";
-    pub const DENIED: &str = "You cancelled on Discord, so we could not give you access. You can try again whenever you like.";
-    pub const TRY_AGAIN: &str = "Try again";
-    pub const EXPIRED_TITLE: &str = "This link has expired";
-    pub const EXPIRED: &str = "Links to claim access are valid for a limited time. Get a fresh one where you found this one (your purchase page or the seller's customer portal).";
-    pub const TAMPERED_TITLE: &str = "This link is not valid";
-    pub const TAMPERED: &str = "The link is incomplete or was altered. Open it again from your purchase page or the seller's customer portal.";
-    pub const USED_TITLE: &str = "This link was already used";
-    pub const USED: &str = "Each link works once. If you need to connect a different Discord account, use the current link from your purchase page or the seller's customer portal.";
-    pub const REVOKED_TITLE: &str = "This access has ended";
-    pub const REVOKED: &str = "The purchase this link belongs to no longer includes access to the Discord server (for example, the subscription ended or was refunded).";
-    pub const DISCORD_TITLE: &str = "Discord didn't confirm your account";
-    pub const DISCORD: &str = "Discord did not accept the authorization. Please open the link again and authorize once more.";
-    pub const UNAVAILABLE_TITLE: &str = "Something went wrong on our side";
-    pub const UNAVAILABLE: &str =
-        "We could not finish connecting your account. Please try again in a few minutes.";
-    pub const TOO_MANY_TITLE: &str = "Too many attempts";
-    pub const TOO_MANY: &str = "This link was tried too many times in a short while. Wait a few minutes, then open it again from your purchase page or the seller's customer portal.";
-    pub const BUSY_TITLE: &str = "Discord is busy right now";
-    pub const BUSY: &str = "Many people are connecting their accounts at the moment, so yours was not connected yet. Wait a few seconds, then open your link again.";
-}
+/// The pages' words, in every language.
+use super::callback_texts as texts;
 
-use crate::i18n::escape_html as escape;
+use crate::i18n::{Lang, escape_html as escape};
 
 impl Page {
     fn status(&self) -> StatusCode {
@@ -129,7 +103,8 @@ impl Page {
         }
     }
 
-    fn html(&self) -> String {
+    fn html(&self, lang: Lang) -> String {
+        let text = texts::of(lang);
         let (title, body) = match self {
             Page::Connected {
                 guild_name,
@@ -138,69 +113,75 @@ impl Page {
                 switched,
                 shared,
             } => (
-                text::CONNECTED_TITLE,
+                text.connected_title,
                 format!(
                     "<p>{}</p>{}{}<p><a class=\"button\" href=\"https://discord.com/channels/{}\">{}</a></p>",
-                    text::CONNECTED
+                    text.connected
                         .replace("{account}", &escape(account))
                         .replace("{guild}", &escape(guild_name)),
                     if *switched {
-                        format!("<p class=\"switched\">{}</p>", text::SWITCHED)
+                        format!("<p class=\"switched\">{}</p>", text.switched)
                     } else {
                         String::new()
                     },
                     if *shared {
-                        format!("<p class=\"shared\">{}</p>", text::SHARED)
+                        format!("<p class=\"shared\">{}</p>", text.shared)
                     } else {
                         String::new()
                     },
                     escape(guild_id),
-                    text::OPEN_SERVER
+                    text.open_server
                 ),
             ),
             Page::Denied { retry_url } => (
-                text::DENIED_TITLE,
+                text.denied_title,
                 match retry_url {
                     Some(u) => format!(
                         "<p>{}</p><p><a class=\"button\" href=\"{}\">{}</a></p>",
-                        text::DENIED,
+                        text.denied,
                         escape(u),
-                        text::TRY_AGAIN
+                        text.try_again
                     ),
-                    None => format!("<p>{}</p>", text::DENIED),
+                    None => format!("<p>{}</p>", text.denied),
                 },
             ),
-            Page::Expired => (text::EXPIRED_TITLE, format!("<p>{}</p>", text::EXPIRED)),
-            Page::Tampered => (text::TAMPERED_TITLE, format!("<p>{}</p>", text::TAMPERED)),
-            Page::Used => (text::USED_TITLE, format!("<p>{}</p>", text::USED)),
-            Page::Revoked => (text::REVOKED_TITLE, format!("<p>{}</p>", text::REVOKED)),
-            Page::DiscordFailed => (text::DISCORD_TITLE, format!("<p>{}</p>", text::DISCORD)),
+            Page::Expired => (text.expired_title, format!("<p>{}</p>", text.expired)),
+            Page::Tampered => (text.tampered_title, format!("<p>{}</p>", text.tampered)),
+            Page::Used => (text.used_title, format!("<p>{}</p>", text.used)),
+            Page::Revoked => (text.revoked_title, format!("<p>{}</p>", text.revoked)),
+            Page::DiscordFailed => (text.discord_title, format!("<p>{}</p>", text.discord)),
             Page::Unavailable => (
-                text::UNAVAILABLE_TITLE,
-                format!("<p>{}</p>", text::UNAVAILABLE),
+                text.unavailable_title,
+                format!("<p>{}</p>", text.unavailable),
             ),
-            Page::TooMany { .. } => (text::TOO_MANY_TITLE, format!("<p>{}</p>", text::TOO_MANY)),
-            Page::Busy => (text::BUSY_TITLE, format!("<p>{}</p>", text::BUSY)),
+            Page::TooMany { .. } => (text.too_many_title, format!("<p>{}</p>", text.too_many)),
+            Page::Busy => (text.busy_title, format!("<p>{}</p>", text.busy)),
         };
         format!(
-            "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+            "<!doctype html><html lang=\"{lang}\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{title}</title>\
 <style>body{{font-family:system-ui,sans-serif;background:#f2f3f5;color:#2e3338;display:flex;justify-content:center;padding:4rem 1rem}}\
 main{{background:#fff;border-radius:8px;padding:2rem;max-width:28rem;box-shadow:0 2px 10px rgba(0,0,0,.1)}}\
 h1{{font-size:1.4rem;margin-top:0}}.button{{display:inline-block;background:#5865f2;color:#fff;padding:.6rem 1.2rem;border-radius:4px;text-decoration:none}}</style>\
-</head><body><main><h1>{title}</h1>{body}</main></body></html>"
+</head><body><main><h1>{title}</h1>{body}</main></body></html>",
+            lang = lang.tag(),
         )
     }
 }
 
-impl IntoResponse for Page {
-    fn into_response(self) -> Response {
+impl Page {
+    /// The page in `lang`, with its status; never cached.
+    fn respond(self, lang: Lang) -> Response {
         let retry_after = match &self {
             Page::TooMany { retry_after } => Some(crate::api::error::retry_secs(*retry_after)),
             Page::Busy => Some(5),
             _ => None,
         };
-        let mut r = (self.status(), Html(self.html())).into_response();
+        let mut r = (self.status(), Html(self.html(lang))).into_response();
+        r.headers_mut().insert(
+            axum::http::header::CONTENT_LANGUAGE,
+            axum::http::HeaderValue::from_static(lang.tag()),
+        );
         if let Some(secs) = retry_after {
             r.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, secs.into());
@@ -234,15 +215,20 @@ async fn callback(
     headers: axum::http::HeaderMap,
     query: Result<Query<CallbackQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
+    let lang = headers
+        .get(axum::http::header::ACCEPT_LANGUAGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Lang::negotiate)
+        .unwrap_or_default();
     // A query that does not parse (a parameter given twice) is an altered link.
     let Ok(Query(q)) = query else {
-        return Page::Tampered.into_response();
+        return Page::Tampered.respond(lang);
     };
     if let Some(ip) = client
         && let Err(retry_after) = st.limits.check_address(ip)
     {
         tracing::info!(%ip, "OAuth callback: too many attempts from one address");
-        return Page::TooMany { retry_after }.into_response();
+        return Page::TooMany { retry_after }.respond(lang);
     }
     // A customer choosing another account from their access page comes back here too
     // (Discord knows one redirect): its state names the customer, not a grant.
@@ -254,7 +240,7 @@ async fn callback(
         return crate::access::switch_returned(&st, &headers, who, q.code, q.error).await;
     }
     match handle(&st, q).await {
-        Ok(p) | Err(p) => p.into_response(),
+        Ok(p) | Err(p) => p.respond(lang),
     }
 }
 
@@ -330,7 +316,7 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         .await
         .map_err(discord_failed)?;
 
-    let (guild_id, previous, shared) = {
+    let (guild_id, known_name, previous, shared) = {
         let mut tx = st.pool.begin().await.map_err(db_failed)?;
         // Locked, and the nonce checked again: of two callbacks racing with one link,
         // exactly one wins.
@@ -374,12 +360,14 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         let ent = setup::entitlement(&mut tx, &grant.entitlement_id)
             .await
             .map_err(db_failed)?;
+        let guild_id = ent.map(|e| e.guild_id).unwrap_or_default();
+        // The name the server had when the merchant connected it: asking Discord would
+        // cost every customer's sign-in a third request of the shared side budget.
+        let known_name = setup::guild_name(&mut tx, &grant.business_id, &guild_id)
+            .await
+            .map_err(db_failed)?;
         tx.commit().await.map_err(db_failed)?;
-        (
-            ent.map(|e| e.guild_id).unwrap_or_default(),
-            previous,
-            shared,
-        )
+        (guild_id, known_name, previous, shared)
     };
     let switched = previous.is_some();
     if let Some(old) = previous {
@@ -387,14 +375,15 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
     }
     tracing::info!(grant_id = %grant.id, discord_user_id = %user.id, "customer linked a Discord account");
     // The server's name is a courtesy: if Discord does not answer, show the id.
-    let guild_name = match Snowflake::parse(&guild_id) {
-        Some(g) => st
+    let guild_name = match (known_name, Snowflake::parse(&guild_id)) {
+        (Some(name), _) => name,
+        (None, Some(g)) => st
             .discord
             .guild(g)
             .await
             .map(|g| g.name)
             .unwrap_or_else(|_| "the server".into()),
-        None => "the server".into(),
+        (None, None) => "the server".into(),
     };
     Ok(Page::Connected {
         guild_name,
@@ -520,10 +509,11 @@ mod tests {
             switched: false,
             shared: false,
         };
-        let h = p.html();
+        let text = texts::of(Lang::En);
+        let h = p.html(Lang::En);
         assert!(h.contains("&lt;Acme &amp; co&gt;"), "{h}");
         assert!(h.contains("<b>una&lt;script&gt;</b>"), "{h}");
-        assert!(!h.contains(text::SWITCHED) && !h.contains(text::SHARED));
+        assert!(!h.contains(text.switched) && !h.contains(text.shared));
         let h = Page::Connected {
             guild_name: "Acme".into(),
             guild_id: "123".into(),
@@ -531,11 +521,10 @@ mod tests {
             switched: true,
             shared: true,
         }
-        .html();
-        assert!(
-            h.contains(text::SWITCHED) && h.contains(text::SHARED),
-            "{h}"
-        );
+        .html(Lang::Fr);
+        let fr = texts::of(Lang::Fr);
+        assert!(h.contains(fr.switched) && h.contains(fr.shared), "{h}");
+        assert!(h.contains("<html lang=\"fr\">"), "{h}");
         assert!(h.contains("https://discord.com/channels/123"));
         assert_eq!(Page::Expired.status(), StatusCode::GONE);
         assert_eq!(Page::Tampered.status(), StatusCode::BAD_REQUEST);

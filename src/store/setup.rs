@@ -27,6 +27,22 @@ pub struct Entitlement {
     pub role_name: Option<String>,
 }
 
+/// The name a connected server had when it was connected (or reconnected).
+pub async fn guild_name(
+    conn: &mut PgConnection,
+    business_id: &str,
+    guild_id: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    Ok(sqlx::query_scalar::<_, Option<String>>(
+        "SELECT name FROM discord_guilds WHERE business_id = $1 AND guild_id = $2",
+    )
+    .bind(business_id)
+    .bind(guild_id)
+    .fetch_optional(conn)
+    .await?
+    .flatten())
+}
+
 /// Creates the business if it does not exist.
 pub async fn ensure_business(conn: &mut PgConnection, id: &str) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO businesses (id) VALUES ($1) ON CONFLICT DO NOTHING")
