@@ -42,6 +42,8 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "common/measure.rs"]
 mod measure;
+#[path = "common/world.rs"]
+mod world;
 use measure::{Cpu, median};
 
 struct Msg {
@@ -541,7 +543,7 @@ async fn baseline(
     for c in consumer_channels {
         let _ = c.close(200, "done".into()).await;
     }
-    delete_topology(&ch, &base_settings).await;
+    world::delete_topology(&ch, &base_settings).await;
     let _ = ch
         .queue_delete(baseline_q.as_str().into(), QueueDeleteOptions::default())
         .await;
@@ -703,7 +705,7 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
     // Clean up, then the second baseline: with the round's database dropped (which
     // waits for a checkpoint), PostgreSQL's after-work on guildgate's writes
     // (autovacuum, flushing dirty pages) does not slow it down.
-    delete_topology(&ch, &settings).await;
+    world::delete_topology(&ch, &settings).await;
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE {db_name} WITH (FORCE)"
     )))
@@ -739,20 +741,5 @@ fn mean_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) => Some((a + b) / 2.0),
         (a, b) => a.or(b),
-    }
-}
-
-/// Deletes the queues and exchanges of `settings`' topology.
-async fn delete_topology(ch: &Channel, settings: &Settings) {
-    let names = Names::from_settings(settings);
-    for q in guildgate::amqp::topology::all_queues(&names, settings) {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for ex in [settings.amqp.exchange.clone(), names.dead_letter_exchange()] {
-        let _ = ch
-            .exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
     }
 }

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use guildgate::amqp::Names;
 use guildgate::app::{App, Options};
 use guildgate::config::Settings;
 use guildgate::ids::BusinessId;
@@ -35,6 +34,8 @@ use sqlx::{Connection as _, PgConnection};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+#[path = "common/world.rs"]
+mod world;
 const BUSINESS: &str = "bus_bench";
 
 struct Args {
@@ -290,17 +291,7 @@ async fn main() {
 
     shutdown.cancel();
     let _ = handle.await;
-    let names = Names::from_settings(&settings);
-    for q in guildgate::amqp::topology::all_queues(&names, &settings) {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for ex in [settings.amqp.exchange.clone(), names.dead_letter_exchange()] {
-        let _ = ch
-            .exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
+    world::delete_topology(&ch, &settings).await;
     let _ = conn.close(200, "done".into()).await;
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE {db_name} WITH (FORCE)"

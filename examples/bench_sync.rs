@@ -23,12 +23,14 @@ use guildgate::app::{App, Options};
 use guildgate::config::Settings;
 use guildgate::discord::permissions;
 use guildgate::store;
-use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::{Connection, ConnectionProperties};
 use sandbox_discord::{GuildSpec, RouteKind, Sandbox, SandboxConfig, UserSpec};
 use sqlx::{Connection as _, PgConnection};
 use tokio_util::sync::CancellationToken;
 
+#[path = "common/world.rs"]
+mod world;
 const GRANTS: usize = 1000;
 const GUILDS: usize = 10;
 const BUCKET: u32 = 10;
@@ -75,24 +77,11 @@ async fn main() {
             format!("http://127.0.0.1:{port}"),
         ),
         ("GUILDGATE_OUTBOX__SWEEP_INTERVAL", "200ms".into()),
-        ("GUILDGATE_DISCORD__API_BASE", sandbox.api_base()),
-        ("GUILDGATE_DISCORD__AUTHORIZE_URL", sandbox.authorize_url()),
-        (
-            "GUILDGATE_DISCORD__CLIENT_ID",
-            sandbox.client_id().to_string(),
-        ),
-        (
-            "GUILDGATE_DISCORD__CLIENT_SECRET",
-            sandbox.client_secret().to_string(),
-        ),
-        (
-            "GUILDGATE_DISCORD__BOT_TOKEN",
-            sandbox.bot_token().to_string(),
-        ),
         // Nothing else calls Discord here: the syncer gets the whole global limit.
         ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "0".into()),
     ]
     .into_iter()
+    .chain(world::sandbox_env(&sandbox))
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let settings = Settings::load_with_env(None, Some(env)).expect("settings");
@@ -234,16 +223,7 @@ async fn main() {
     let _ = sync_task.await;
     shutdown.cancel();
     let _ = app_task.await;
-    for q in guildgate::amqp::topology::all_queues(&names, &settings) {
-        let _ = ch
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await;
-    }
-    for ex in [settings.amqp.exchange.clone(), names.dead_letter_exchange()] {
-        let _ = ch
-            .exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
+    world::delete_topology(&ch, &settings).await;
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
     )))

@@ -31,7 +31,7 @@ use guildgate::config::Settings;
 use guildgate::metrics::Metrics;
 use guildgate::webhooks::endpoints::{self, NewEndpoint};
 use guildgate::webhooks::ssrf::TargetPolicy;
-use lapin::options::{BasicPublishOptions, QueueDeleteOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -41,6 +41,8 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "common/measure.rs"]
 mod measure;
+#[path = "common/world.rs"]
+mod world;
 use measure::{Cpu, median};
 
 fn env_or(key: &str, default: &str) -> String {
@@ -412,16 +414,7 @@ async fn main() {
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(20), handle).await;
     if let Ok(ch) = publisher.create_channel().await {
-        for q in guildgate::amqp::topology::all_queues(&names, &settings) {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for ex in [settings.amqp.exchange.clone(), names.dead_letter_exchange()] {
-            let _ = ch
-                .exchange_delete(ex.as_str().into(), Default::default())
-                .await;
-        }
+        world::delete_topology(&ch, &settings).await;
     }
     pool.close().await;
     if let Ok(mut admin) = PgConnection::connect(&format!("{db_base}/postgres")).await {

@@ -35,6 +35,8 @@ use sandbox_discord::{Consent, GuildSpec, Sandbox, SandboxConfig, UserSpec, perm
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+#[path = "common/world.rs"]
+mod world;
 const BUSINESS: &str = "bus_demo";
 
 fn step(n: u32, text: &str) {
@@ -154,20 +156,6 @@ async fn main() {
             "GUILDGATE_HTTP__PUBLIC_URL",
             format!("http://127.0.0.1:{port}"),
         ),
-        ("GUILDGATE_DISCORD__API_BASE", sandbox.api_base()),
-        ("GUILDGATE_DISCORD__AUTHORIZE_URL", sandbox.authorize_url()),
-        (
-            "GUILDGATE_DISCORD__CLIENT_ID",
-            sandbox.client_id().to_string(),
-        ),
-        (
-            "GUILDGATE_DISCORD__CLIENT_SECRET",
-            sandbox.client_secret().to_string(),
-        ),
-        (
-            "GUILDGATE_DISCORD__BOT_TOKEN",
-            sandbox.bot_token().to_string(),
-        ),
         ("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".into()),
         (
             "GUILDGATE_EMAIL__SMTP_URL",
@@ -179,6 +167,7 @@ async fn main() {
         ),
     ]
     .into_iter()
+    .chain(world::sandbox_env(&sandbox))
     .map(|(k, v)| (k.to_string(), v))
     .chain(std::env::vars().filter(|(k, _)| k.starts_with("GUILDGATE_AMQP__URL")))
     .collect();
