@@ -167,9 +167,7 @@ async fn main() {
         )
         .await
         .unwrap();
-        guildgate::events::apply::queue_sync(&mut tx, &g.id)
-            .await
-            .unwrap();
+        guildgate::outbox::queue_sync(&mut tx, &g.id).await.unwrap();
     }
     tx.commit().await.unwrap();
     drop(conn);

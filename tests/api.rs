@@ -2605,9 +2605,7 @@ async fn a_server_refusing_the_bot_is_stopped_not_hammered() {
         let mut tx = w.app.pool.begin().await.unwrap();
         for g in &grants {
             for _ in 0..50 {
-                guildgate::events::apply::queue_sync(&mut tx, g)
-                    .await
-                    .unwrap();
+                guildgate::outbox::queue_sync(&mut tx, g).await.unwrap();
             }
         }
         tx.commit().await.unwrap();

@@ -358,7 +358,7 @@ async fn restore(
     let r = async {
         let (f, g) = action_on_grant(&st, ip, lang, form).await?;
         let mut tx = st.pool.begin().await.map_err(|e| failed(e, lang))?;
-        crate::events::apply::queue_sync(&mut tx, &g.id)
+        crate::outbox::queue_sync(&mut tx, &g.id)
             .await
             .map_err(|e| failed(e, lang))?;
         history::record(

@@ -256,7 +256,7 @@ mod tests {
         let defaults = Settings::load_with_env(None, Some(Default::default())).unwrap();
         assert!(ceiling >= defaults.amqp.max_message_bytes, "{ceiling}");
         assert!(
-            ceiling >= crate::events::apply::GRANT_EVENTS_PER_MESSAGE * 4096,
+            ceiling >= crate::outbox::produce::GRANT_EVENTS_PER_MESSAGE * 4096,
             "{ceiling}"
         );
     }

@@ -536,7 +536,7 @@ pub async fn update(
     let moved = current.guild_id != saved.guild_id || current.role_id != saved.role_id;
     let causes: Vec<&str> = CONFIG_CAUSES.iter().map(|c| c.as_str()).collect();
     for grant_id in db::grants_to_resync(&mut tx, &id, &causes, moved).await? {
-        crate::events::apply::queue_sync(&mut tx, &grant_id).await?;
+        crate::outbox::queue_sync(&mut tx, &grant_id).await?;
     }
     resume(&mut tx, &saved).await?;
     tx.commit().await?;

@@ -16,7 +16,6 @@ use super::auth::Merchant;
 use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody};
 use super::store::{entitlements, grants as db};
 use super::{Items, page};
-use crate::events::apply::emit;
 use crate::grants::history::{self, Entry};
 use crate::grants::link::LinkBuilder;
 use crate::grants::render::{grant_object, ts};
@@ -24,6 +23,7 @@ use crate::grants::{Grant, GrantEventType, GrantStatus, RevocationReason};
 use crate::http::AppState;
 use crate::http::oauth::renew_link;
 use crate::ids::CustomerId;
+use crate::outbox::emit;
 use crate::store::grants as grant_store;
 
 /// A grant, as the platform shapes it (`tests/fixtures/contract/api/grant.json`). Documentation

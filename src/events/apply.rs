@@ -23,7 +23,8 @@ use crate::grants::link::LinkBuilder;
 use crate::grants::render::webhook_body;
 use crate::grants::{Grant, GrantEventType, GrantStatus, RevocationReason};
 use crate::ids::{CustomerId, EntitlementId, GrantId, ProductId, SubscriptionId};
-use crate::store::outbox::{self, OutboxKind};
+use crate::outbox::produce::{GRANT_EVENTS_PER_MESSAGE, grant_events_bundle, sync_job};
+use crate::store::outbox::OutboxKind;
 use crate::store::{grants as grant_store, ingest as db};
 
 /// What applying one event did; also the `outcome` label of metrics.
@@ -783,22 +784,8 @@ impl Applier {
             .map(|(_, body)| body)
             .collect();
         for bodies in grant_events.chunks(GRANT_EVENTS_PER_MESSAGE) {
-            // A JSON array of the bodies, as they are.
-            let mut bundle =
-                Vec::with_capacity(bodies.iter().map(|b| b.len() + 1).sum::<usize>() + 1);
-            bundle.push(b'[');
-            for (i, body) in bodies.iter().enumerate() {
-                if i > 0 {
-                    bundle.push(b',');
-                }
-                bundle.extend_from_slice(body);
-            }
-            bundle.push(b']');
-            w.outbox(
-                OutboxKind::GrantEvents,
-                format!("grant-events:{}", crate::ids::mint("b")),
-                bundle,
-            );
+            let (id, bundle) = grant_events_bundle(bodies);
+            w.outbox(OutboxKind::GrantEvents, id, bundle);
         }
         let grace = std::mem::take(&mut w.grace);
         let new: HashSet<&String> = w.new_grants.iter().collect();
@@ -823,55 +810,6 @@ impl Applier {
         db::write_grace(conn, &grace, now).await?;
         Ok(())
     }
-}
-
-/// Grant webhooks an ingest batch writes to one outbox row (one message), at most. A
-/// batch of `amqp.batch_size` events emits about 1.2 per event (up to 4 for a plan
-/// change), so one row per batch in practice; the bound keeps a message small whatever
-/// the batch size is set to.
-pub const GRANT_EVENTS_PER_MESSAGE: usize = 256;
-
-/// The message id of a grant webhook: stable per grant and event type, so every repeat
-/// of it is recognisable downstream.
-pub fn grant_event_id(grant_id: &str, event: GrantEventType) -> String {
-    format!("{grant_id}:{}", event.as_str())
-}
-
-fn sync_job(grant_id: &str) -> (String, Vec<u8>) {
-    (
-        format!("sync:{grant_id}:{}", crate::ids::mint("s")),
-        serde_json::to_vec(&serde_json::json!({ "grant_id": grant_id }))
-            .expect("a JSON value serializes"),
-    )
-}
-
-/// Writes the outbox rows for one grant transition made outside ingest (the syncer,
-/// the API): the webhook body and, for `created`/`revoked`, a sync job.
-pub async fn emit(
-    conn: &mut PgConnection,
-    links: &LinkBuilder,
-    grant: &Grant,
-    event: GrantEventType,
-    now: DateTime<Utc>,
-) -> Result<(), sqlx::Error> {
-    let body = webhook_body(grant, event, now, links);
-    outbox::insert(
-        conn,
-        OutboxKind::GrantEvent,
-        &grant_event_id(&grant.id, event),
-        &body,
-    )
-    .await?;
-    if matches!(event, GrantEventType::Created | GrantEventType::Revoked) {
-        queue_sync(conn, &grant.id).await?;
-    }
-    Ok(())
-}
-
-/// Writes a sync job for a grant.
-pub async fn queue_sync(conn: &mut PgConnection, grant_id: &str) -> Result<(), sqlx::Error> {
-    let (id, payload) = sync_job(grant_id);
-    outbox::insert(conn, OutboxKind::Sync, &id, &payload).await
 }
 
 fn reason_of(s: &str) -> RevocationReason {

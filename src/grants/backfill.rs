@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use super::GrantEventType;
 use super::history;
 use super::link::LinkBuilder;
-use crate::events::apply::{emit, subscription_key};
+use crate::events::apply::subscription_key;
+use crate::outbox::emit;
 use crate::store::{backfill as db, ingest};
 
 /// Customers one pass gives grants to at most, per backfill.

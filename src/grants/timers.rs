@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use super::history;
 use super::link::LinkBuilder;
 use super::{GrantEventType, RevocationReason};
-use crate::events::apply::{emit, subscription_key};
+use crate::events::apply::subscription_key;
+use crate::outbox::emit;
 use crate::store::{grants as grant_store, ingest};
 
 /// How many due grants one pass revokes at most; the next pass takes the rest.

@@ -9,6 +9,10 @@
 //! publishes the row again later: every consumer downstream is idempotent and every
 //! message keeps its `message_id`.
 
+pub mod produce;
+
+pub use produce::{emit, queue_sync};
+
 use std::sync::Arc;
 
 use std::time::Duration;

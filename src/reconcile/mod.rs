@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 pub use self::compare::{DiscordState, DriftKind, Finding, GatedRole, GrantRow, compare};
 pub use crate::config::DriftPolicy;
 use crate::discord::{DiscordClient, Snowflake};
-use crate::events::apply::{emit, queue_sync};
 use crate::grants::link::LinkBuilder;
 use crate::grants::{GrantEventType, GrantStatus, RevocationReason};
+use crate::outbox::{emit, queue_sync};
 use crate::store::grants as grant_store;
 
 /// Members per page of `GET /guilds/{g}/members` (Discord's maximum).

@@ -4,8 +4,6 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use crate::store::outbox::{self, OutboxKind};
-
 /// A business's settings (defaults when it never saved any).
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct BusinessSettings {
@@ -174,7 +172,7 @@ pub async fn queue(
     .rows_affected()
         == 1;
     if new {
-        outbox::insert(conn, OutboxKind::Email, &job.email_id, &job.payload()).await?;
+        crate::outbox::produce::queue_email(conn, job).await?;
     }
     Ok(new)
 }

@@ -182,7 +182,7 @@ pub async fn resume_and_queue(
 ) -> Result<usize, sqlx::Error> {
     let grants = resume(conn, guild_id, entitlement_id).await?;
     for grant_id in &grants {
-        crate::events::apply::queue_sync(conn, grant_id).await?;
+        crate::outbox::queue_sync(conn, grant_id).await?;
     }
     Ok(grants.len())
 }

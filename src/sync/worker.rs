@@ -35,11 +35,11 @@ use crate::discord::client::{AddMember, MemberChange};
 use crate::discord::plan::{self, Access, Call, MemberState};
 use crate::discord::validate::explain_missing_permissions;
 use crate::discord::{DiscordClient, DiscordError, HumanCode, Snowflake};
-use crate::events::apply::emit;
 use crate::grants::history;
 use crate::grants::link::LinkBuilder;
 use crate::grants::{Grant, GrantEventType, GrantStatus};
 use crate::metrics::Metrics;
+use crate::outbox::emit;
 use crate::store::{self, grants as grant_store, setup};
 
 /// Jobs handled at once (and the channel prefetch). They mostly wait on the rate

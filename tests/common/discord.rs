@@ -132,7 +132,7 @@ impl World {
     /// Queues a sync job for a grant (what re-saving an entitlement does).
     pub async fn resync(&self, grant_id: &str) {
         let mut tx = self.app.pool.begin().await.unwrap();
-        guildgate::events::apply::queue_sync(&mut tx, grant_id)
+        guildgate::outbox::queue_sync(&mut tx, grant_id)
             .await
             .unwrap();
         tx.commit().await.unwrap();
