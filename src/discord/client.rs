@@ -404,6 +404,9 @@ impl DiscordClient {
                 Body::Json(v) => req.json(v),
                 Body::Form(f) => req.form(f),
             };
+            // The last look before the request leaves: a global 429 that another request
+            // got while this one was being built holds it back.
+            ticket.wait_unblocked().await;
             let resp = match req.send().await {
                 Ok(r) => r,
                 Err(e) => {

@@ -386,6 +386,12 @@ impl Budget {
 }
 
 impl Ticket {
+    /// Waits out a global block announced since the slot was taken: a request built
+    /// while another one's global 429 arrived is not sent into it.
+    pub async fn wait_unblocked(&self) {
+        self.gate.wait_unblocked().await;
+    }
+
     /// Feeds the answer back: bucket headers update the bucket; a 429 exhausts the
     /// bucket (or, if global, the gate) for its `retry_after`.
     pub fn complete(self, o: &Observed) {
