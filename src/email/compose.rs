@@ -182,6 +182,19 @@ mod tests {
     }
 
     #[test]
+    fn names_cannot_add_headers() {
+        let mut d = draft(Letter::Join, Lang::En);
+        d.server = "Acme\r\nBcc: thief@evil.test";
+        d.product = "VIP\nX-Injected: 1";
+        let raw = String::from_utf8(message(&d).unwrap().formatted()).unwrap();
+        let headers = raw.split("\r\n\r\n").next().unwrap();
+        for line in headers.lines() {
+            assert!(!line.starts_with("Bcc:"), "{raw}");
+            assert!(!line.starts_with("X-Injected:"), "{raw}");
+        }
+    }
+
+    #[test]
     fn the_message_has_both_parts_and_the_headers() {
         let m = message(&draft(Letter::Reminder, Lang::Ja)).unwrap();
         let raw = String::from_utf8(m.formatted()).unwrap();
