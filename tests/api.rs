@@ -4131,6 +4131,9 @@ async fn the_access_page_lets_customers_connect_restore_and_switch() {
     );
     let page = de.get(&access).send().await.unwrap().text().await.unwrap();
     assert!(page.contains("Discord neu verbinden"), "{page}");
+    // The account itself is marked: a delivered grant keeps its status, so the page
+    // also asks beside the account.
+    assert!(page.contains("class=\"warning\""), "{page}");
     let (s, to) = post_form(
         &de,
         &format!("{base}/access/connect"),
@@ -4141,6 +4144,8 @@ async fn the_access_page_lets_customers_connect_restore_and_switch() {
     let (_, status, page) = w.consent(&to, una, Consent::Authorize).await;
     assert_eq!(status, 200, "{page}");
     w.wait_status(&second.id, "Delivered").await;
+    let page = de.get(&access).send().await.unwrap().text().await.unwrap();
+    assert!(!page.contains("class=\"warning\""), "connected again: {page}");
 
     // Use another Discord account: nothing changes until the customer confirms.
     let vic = w.user("vic");

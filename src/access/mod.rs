@@ -214,14 +214,15 @@ async fn render(
     )
     .await
     .map_err(|e| failed(e, lang))?;
-    let account = db::linked_account(&mut conn, &who.b, &who.c)
+    let linked = db::linked_account(&mut conn, &who.b, &who.c)
         .await
-        .map_err(|e| failed(e, lang))?
-        .map(|(id, username, global_name)| Account {
-            id,
-            username,
-            global_name,
-        });
+        .map_err(|e| failed(e, lang))?;
+    let reauthorize = linked.as_ref().is_some_and(|l| l.3);
+    let account = linked.map(|(id, username, global_name, _)| Account {
+        id,
+        username,
+        global_name,
+    });
     let items = rows
         .into_iter()
         .map(|r| Item {
@@ -244,6 +245,7 @@ async fn render(
         page: Page::Access {
             token: token.to_string(),
             account,
+            reauthorize,
             items,
             restored,
         },
@@ -480,7 +482,7 @@ pub async fn switch_returned(
         let current = db::linked_account(&mut tx, &who.b, &who.c)
             .await
             .map_err(|e| failed(e, lang))?
-            .map(|(id, username, global_name)| Account {
+            .map(|(id, username, global_name, _)| Account {
                 id,
                 username,
                 global_name,

@@ -88,6 +88,8 @@ pub enum Page {
         /// The access token, carried by every form.
         token: String,
         account: Option<Account>,
+        /// Discord refused the account's stored authorization: ask to connect again.
+        reauthorize: bool,
         items: Vec<Item>,
         /// A notice after an action ("your access is being restored").
         restored: bool,
@@ -126,6 +128,7 @@ button,.button{font:inherit;display:inline-block;background:#3d45c4;color:#fff;b
 button.secondary,.button.secondary{background:#fff;color:#3d45c4;border:1px solid #3d45c4}\
 button:focus-visible,.button:focus-visible,a:focus-visible{outline:3px solid #0b5cad;outline-offset:2px}\
 a{color:#3d45c4}.hint{color:#4c545c;margin:.25rem 0}.notice{background:#dafbe1;border:1px solid #1a7f37;border-radius:6px;padding:.5rem .75rem}\
+.warning{background:#fff8c5;border:1px solid #9a6700;border-radius:6px;padding:.5rem .75rem}\
 .account{display:flex;align-items:center;gap:.75rem;margin:.5rem 0}\
 .avatar{flex:none;width:2.5rem;height:2.5rem;border-radius:50%;display:inline-flex;align-items:center;justify-content:center;color:#fff;font-weight:bold;font-size:1.1rem}\
 .accounts{display:grid;gap:.75rem;margin:.75rem 0}.actions{display:flex;flex-wrap:wrap;gap:.75rem;align-items:center;margin-top:1rem}\
@@ -269,6 +272,7 @@ impl Page {
             Page::Access {
                 token,
                 account,
+                reauthorize,
                 items,
                 restored,
             } => {
@@ -293,17 +297,27 @@ impl Page {
                     esc(t.account_title)
                 ));
                 match account {
-                    Some(a) => body.push_str(&format!(
-                        "{}<p class=\"hint\">{}</p>{}",
-                        account_html(a),
-                        esc(t.use_another_hint),
-                        button(
-                            "/access/switch",
-                            &[("t", token)],
-                            t.use_another,
-                            "secondary"
-                        )
-                    )),
+                    Some(a) => {
+                        body.push_str(&account_html(a));
+                        if *reauthorize {
+                            // The same flow: choosing the same account connects it again.
+                            body.push_str(&format!(
+                                "<p class=\"warning\">{}</p>{}",
+                                esc(t.reconnect_hint),
+                                button("/access/switch", &[("t", token)], t.reconnect, "")
+                            ));
+                        }
+                        body.push_str(&format!(
+                            "<p class=\"hint\">{}</p>{}",
+                            esc(t.use_another_hint),
+                            button(
+                                "/access/switch",
+                                &[("t", token)],
+                                t.use_another,
+                                "secondary"
+                            )
+                        ));
+                    }
                     None => body.push_str(&format!("<p>{}</p>", esc(t.account_none))),
                 }
                 body.push_str("</section>");
@@ -394,6 +408,7 @@ mod tests {
                 username: Some("una".into()),
                 global_name: Some("Una <U>".into()),
             }),
+            reauthorize: false,
             items,
             restored: false,
         }
@@ -443,6 +458,21 @@ mod tests {
         assert!(h.contains("value=\"tok.en&quot;\""));
         assert!(h.contains("Discord を連携する"));
         assert!(!h.contains("<script") && !h.contains("<img") && !h.contains("http"));
+    }
+
+    #[test]
+    fn a_refused_authorization_asks_to_connect_again() {
+        let mut p = access(vec![item(State::Delivered)]);
+        if let Page::Access { reauthorize, .. } = &mut p {
+            *reauthorize = true;
+        }
+        let h = p.html(Lang::En);
+        assert!(
+            h.contains("class=\"warning\"") && h.contains("Reconnect Discord"),
+            "{h}"
+        );
+        let plain = access(vec![item(State::Delivered)]).html(Lang::En);
+        assert!(!plain.contains("Reconnect Discord"));
     }
 
     #[test]

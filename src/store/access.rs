@@ -45,20 +45,38 @@ pub async fn grants(
     .await
 }
 
-/// The customer's linked account: id, username, display name.
+/// The customer's linked account: id, username, display name, and whether Discord
+/// refused its authorization since it was linked.
 pub async fn linked_account(
     conn: &mut PgConnection,
     business_id: &str,
     customer_id: &str,
-) -> Result<Option<(String, Option<String>, Option<String>)>, sqlx::Error> {
+) -> Result<Option<(String, Option<String>, Option<String>, bool)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT discord_user_id, username, global_name FROM discord_links
-         WHERE business_id = $1 AND customer_id = $2",
+        "SELECT discord_user_id, username, global_name, needs_authorization_since IS NOT NULL
+         FROM discord_links WHERE business_id = $1 AND customer_id = $2",
     )
     .bind(business_id)
     .bind(customer_id)
     .fetch_optional(conn)
     .await
+}
+
+/// Notes that Discord refused the customer's stored authorization.
+pub async fn needs_authorization(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE discord_links SET needs_authorization_since = COALESCE(needs_authorization_since, now())
+         WHERE business_id = $1 AND customer_id = $2",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Records the names of a customer's linked account.

@@ -148,7 +148,8 @@ pub async fn upsert_link(
              refresh_token_enc = EXCLUDED.refresh_token_enc, expires_at = EXCLUDED.expires_at,
              scopes = EXCLUDED.scopes, updated_at = EXCLUDED.updated_at,
              token_key_id = EXCLUDED.token_key_id,
-             token_version = discord_links.token_version + 1",
+             token_version = discord_links.token_version + 1,
+             needs_authorization_since = NULL",
     )
     .bind(&l.business_id)
     .bind(&l.customer_id)

@@ -949,6 +949,17 @@ impl SyncWorker {
                 other => other.to_string(),
             };
             tracing::warn!(grant_id = %g.id, code = code.as_str(), %message, "grant needs a human");
+            if code == crate::discord::HumanCode::ReauthorizationRequired {
+                // Also for a delivered grant, which keeps its status: the customer's
+                // access page asks them to connect again.
+                let mut conn = self.pool.acquire().await?;
+                crate::store::access::needs_authorization(
+                    &mut conn,
+                    &g.business_id,
+                    &g.customer_id,
+                )
+                .await?;
+            }
             self.fail(g, code.as_str(), &message).await?;
             return Ok(Outcome::Ack("needs_human"));
         }
