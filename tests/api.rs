@@ -4145,7 +4145,10 @@ async fn the_access_page_lets_customers_connect_restore_and_switch() {
     assert_eq!(status, 200, "{page}");
     w.wait_status(&second.id, "Delivered").await;
     let page = de.get(&access).send().await.unwrap().text().await.unwrap();
-    assert!(!page.contains("class=\"warning\""), "connected again: {page}");
+    assert!(
+        !page.contains("class=\"warning\""),
+        "connected again: {page}"
+    );
 
     // Use another Discord account: nothing changes until the customer confirms.
     let vic = w.user("vic");
