@@ -88,6 +88,40 @@ impl Lang {
     }
 }
 
+/// Declares a table of what customers read: a struct of one `&'static str` per field,
+/// `all()` (every string in field order, for [`assert_translated`]) and `of(lang)`, the
+/// table of a language, given the table constant of each language.
+macro_rules! texts {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$fmeta:meta])* pub $field:ident, )*
+        }
+        languages { $( $lang:ident => $table:ident ),* $(,)? }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: &'static str, )*
+        }
+
+        #[cfg(test)]
+        impl $name {
+            /// Every string, in field order.
+            pub fn all(&self) -> Vec<&'static str> {
+                vec![$(self.$field),*]
+            }
+        }
+
+        /// The strings of a language.
+        pub fn of(lang: $crate::i18n::Lang) -> &'static $name {
+            match lang {
+                $( $crate::i18n::Lang::$lang => &$table, )*
+            }
+        }
+    };
+}
+pub(crate) use texts;
+
 /// Text made safe to put in HTML, in an element or a quoted attribute.
 pub fn escape_html(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

@@ -1,33 +1,41 @@
-//! What the emails say, in every [`Lang`]. `{product}` and `{server}` are filled in by
+//! What the emails say, in every [`Lang`](crate::i18n::Lang). `{product}` and `{server}` are filled in by
 //! [`super::compose`] (escaped for the HTML part).
 
-use crate::i18n::Lang;
-
-/// The strings of the emails in one language.
-pub struct Texts {
-    /// Subject of the first email of a grant that needs the customer's Discord account.
-    pub join_subject: &'static str,
-    /// Subject of a reminder.
-    pub reminder_subject: &'static str,
-    /// Subject of an email about access already delivered (a resend).
-    pub access_subject: &'static str,
-    pub greeting: &'static str,
-    /// The first paragraph of a join email.
-    pub join_intro: &'static str,
-    /// The first paragraph of a reminder.
-    pub reminder_intro: &'static str,
-    /// The first paragraph of an email about delivered access.
-    pub access_intro: &'static str,
-    /// The button that opens the grant's Discord authorization.
-    pub join_button: &'static str,
-    /// The button that opens the access page.
-    pub access_button: &'static str,
-    /// Before the access page link, in a join email or reminder.
-    pub access_hint: &'static str,
-    /// When there is a support address (the email's `Reply-To`).
-    pub reply_hint: &'static str,
-    /// The last line: why they got it.
-    pub footer: &'static str,
+crate::i18n::texts! {
+    /// The strings of the emails in one language.
+    pub struct Texts {
+        /// Subject of the first email of a grant that needs the customer's Discord account.
+        pub join_subject,
+        /// Subject of a reminder.
+        pub reminder_subject,
+        /// Subject of an email about access already delivered (a resend).
+        pub access_subject,
+        pub greeting,
+        /// The first paragraph of a join email.
+        pub join_intro,
+        /// The first paragraph of a reminder.
+        pub reminder_intro,
+        /// The first paragraph of an email about delivered access.
+        pub access_intro,
+        /// The button that opens the grant's Discord authorization.
+        pub join_button,
+        /// The button that opens the access page.
+        pub access_button,
+        /// Before the access page link, in a join email or reminder.
+        pub access_hint,
+        /// When there is a support address (the email's `Reply-To`).
+        pub reply_hint,
+        /// The last line: why they got it.
+        pub footer,
+    }
+    languages {
+        En => EN,
+        De => DE,
+        Fr => FR,
+        Es => ES,
+        PtBr => PT_BR,
+        Ja => JA,
+    }
 }
 
 const EN: Texts = Texts {
@@ -119,38 +127,6 @@ const JA: Texts = Texts {
     reply_hint: "ご不明な点は、このメールに返信してください。",
     footer: "このメールは {product} のご購入に基づいてお送りしています。",
 };
-
-/// The email strings of a language.
-pub fn of(lang: Lang) -> &'static Texts {
-    match lang {
-        Lang::En => &EN,
-        Lang::De => &DE,
-        Lang::Fr => &FR,
-        Lang::Es => &ES,
-        Lang::PtBr => &PT_BR,
-        Lang::Ja => &JA,
-    }
-}
-
-impl Texts {
-    /// Every string, in field order (tests).
-    pub fn all(&self) -> Vec<&'static str> {
-        vec![
-            self.join_subject,
-            self.reminder_subject,
-            self.access_subject,
-            self.greeting,
-            self.join_intro,
-            self.reminder_intro,
-            self.access_intro,
-            self.join_button,
-            self.access_button,
-            self.access_hint,
-            self.reply_hint,
-            self.footer,
-        ]
-    }
-}
 
 #[cfg(test)]
 mod tests {

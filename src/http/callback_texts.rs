@@ -1,33 +1,41 @@
-//! What the OAuth callback's pages say, in every [`Lang`]. `{account}` and `{guild}`
+//! What the OAuth callback's pages say, in every [`Lang`](crate::i18n::Lang). `{account}` and `{guild}`
 //! are filled in, escaped, by the page (the `<b>` around them is the page's markup).
 
-use crate::i18n::Lang;
-
-pub struct Texts {
-    pub connected_title: &'static str,
-    pub connected: &'static str,
-    pub switched: &'static str,
-    pub shared: &'static str,
-    pub open_server: &'static str,
-    pub denied_title: &'static str,
-    pub denied: &'static str,
-    pub try_again: &'static str,
-    pub expired_title: &'static str,
-    pub expired: &'static str,
-    pub tampered_title: &'static str,
-    pub tampered: &'static str,
-    pub used_title: &'static str,
-    pub used: &'static str,
-    pub revoked_title: &'static str,
-    pub revoked: &'static str,
-    pub discord_title: &'static str,
-    pub discord: &'static str,
-    pub unavailable_title: &'static str,
-    pub unavailable: &'static str,
-    pub too_many_title: &'static str,
-    pub too_many: &'static str,
-    pub busy_title: &'static str,
-    pub busy: &'static str,
+crate::i18n::texts! {
+    pub struct Texts {
+        pub connected_title,
+        pub connected,
+        pub switched,
+        pub shared,
+        pub open_server,
+        pub denied_title,
+        pub denied,
+        pub try_again,
+        pub expired_title,
+        pub expired,
+        pub tampered_title,
+        pub tampered,
+        pub used_title,
+        pub used,
+        pub revoked_title,
+        pub revoked,
+        pub discord_title,
+        pub discord,
+        pub unavailable_title,
+        pub unavailable,
+        pub too_many_title,
+        pub too_many,
+        pub busy_title,
+        pub busy,
+    }
+    languages {
+        En => EN,
+        De => DE,
+        Fr => FR,
+        Es => ES,
+        PtBr => PT_BR,
+        Ja => JA,
+    }
 }
 
 const EN: Texts = Texts {
@@ -191,51 +199,6 @@ const JA: Texts = Texts {
     busy_title: "Discord が混み合っています",
     busy: "現在多くの方がアカウントを連携しているため、まだ連携できていません。数秒待ってから、もう一度リンクを開いてください。",
 };
-
-/// The callback pages' strings of a language.
-pub fn of(lang: Lang) -> &'static Texts {
-    match lang {
-        Lang::En => &EN,
-        Lang::De => &DE,
-        Lang::Fr => &FR,
-        Lang::Es => &ES,
-        Lang::PtBr => &PT_BR,
-        Lang::Ja => &JA,
-    }
-}
-
-#[cfg(test)]
-impl Texts {
-    /// Every string, in field order.
-    pub fn all(&self) -> Vec<&'static str> {
-        vec![
-            self.connected_title,
-            self.connected,
-            self.switched,
-            self.shared,
-            self.open_server,
-            self.denied_title,
-            self.denied,
-            self.try_again,
-            self.expired_title,
-            self.expired,
-            self.tampered_title,
-            self.tampered,
-            self.used_title,
-            self.used,
-            self.revoked_title,
-            self.revoked,
-            self.discord_title,
-            self.discord,
-            self.unavailable_title,
-            self.unavailable,
-            self.too_many_title,
-            self.too_many,
-            self.busy_title,
-            self.busy,
-        ]
-    }
-}
 
 #[cfg(test)]
 mod tests {
