@@ -55,7 +55,7 @@ async fn processes_on_one_bot_share_its_global_limit() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (sandbox, _stop) = sandbox_apart();
     let (db, pool) = shared_db().await;
-    let env = common::sandbox_discord_env(&sandbox)
+    let env = common::world::sandbox_env(&sandbox)
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();

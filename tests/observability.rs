@@ -480,7 +480,6 @@ async fn serve_without_migrating_refuses_a_schema_it_was_not_built_for() {
     );
 
     pool.close().await;
-    common::delete_broker_objects(&guildgate::amqp::Names::from_settings(&settings), &settings)
-        .await;
+    common::delete_broker_objects(&settings).await;
     db.drop_db().await;
 }

@@ -17,7 +17,6 @@ use common::events::payment;
 use common::worker::{Worker, WorkerCommand, sample};
 use common::{TestDb, amqp_url, tag};
 use discord_world::BOT_PERMISSIONS;
-use guildgate::amqp::Names;
 use guildgate::config::Settings;
 use guildgate::store;
 use lapin::options::BasicPublishOptions;
@@ -33,7 +32,6 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 struct Cluster {
     procs: Vec<Worker>,
     db: Option<TestDb>,
-    names: Names,
     settings: Settings,
     dir: std::path::PathBuf,
     passed: bool,
@@ -49,7 +47,7 @@ impl Drop for Cluster {
                 eprintln!("--- last lines of {} ---\n{}", p.name, p.log_tail(40));
             }
         }
-        common::cleanup_blocking(&self.names, &self.settings, self.db.take());
+        common::cleanup_blocking(&self.settings, self.db.take());
         if self.passed {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -95,11 +93,10 @@ async fn two_processes_share_the_work_and_the_discord_syncer_fails_over() {
         ("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".into()),
     ]
     .into_iter()
-    .chain(common::sandbox_discord_env(&sandbox))
+    .chain(common::world::sandbox_env(&sandbox))
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let settings = Settings::load_with_env(None, Some(env.clone())).expect("test settings");
-    let names = Names::from_settings(&settings);
     let dir = std::env::temp_dir().join(format!("guildgate-two-{}", tag()));
     std::fs::create_dir_all(&dir).unwrap();
     let pool = PgPool::connect(&db.url).await.unwrap();
@@ -107,7 +104,6 @@ async fn two_processes_share_the_work_and_the_discord_syncer_fails_over() {
     let mut cluster = Cluster {
         procs: Vec::new(),
         db: Some(db),
-        names,
         settings: settings.clone(),
         dir: dir.clone(),
         passed: false,
@@ -408,7 +404,6 @@ async fn a_worker_whose_port_was_taken_starts_on_another() {
     let mut cluster = Cluster {
         procs: Vec::new(),
         db: Some(db),
-        names: Names::from_settings(&settings),
         settings,
         dir: dir.clone(),
         passed: false,

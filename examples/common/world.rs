@@ -1,5 +1,6 @@
-//! What the examples share besides measuring: guildgate's settings that point at a
-//! sandbox Discord, and removing a run's queues and exchanges. Included with `#[path]`.
+//! What the examples and the tests share: guildgate's settings that point at a
+//! sandbox Discord, and removing a run's queues and exchanges. The examples and
+//! `tests/common` include it with `#[path]`.
 #![allow(dead_code)]
 
 use guildgate::amqp::Names;

@@ -406,7 +406,7 @@ impl Stack {
             ("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".into()),
         ]
         .into_iter()
-        .chain(common::sandbox_discord_env(&sandbox))
+        .chain(common::world::sandbox_env(&sandbox))
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         for (k, v) in opts.env {
@@ -950,7 +950,7 @@ impl Stack {
         if let Some(mut w) = self.worker.take() {
             w.kill();
         }
-        common::delete_broker_objects(&self.names, &self.settings).await;
+        common::delete_broker_objects(&self.settings).await;
         let _ = self.publisher.close(200, "done".into()).await;
         self.pool.close().await;
         if let Some(db) = self.db.take() {
@@ -973,7 +973,7 @@ impl Drop for Stack {
             w.kill();
             eprintln!("--- last lines of {} ---\n{}", w.name, w.log_tail(40));
         }
-        common::cleanup_blocking(&self.names, &self.settings, self.db.take());
+        common::cleanup_blocking(&self.settings, self.db.take());
     }
 }
 

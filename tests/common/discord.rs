@@ -23,7 +23,7 @@ pub struct World {
 
 /// guildgate settings that point at `sandbox`.
 pub fn sandbox_env(sandbox: &Sandbox, cfg: TestConfig) -> TestConfig {
-    crate::common::sandbox_discord_env(sandbox)
+    crate::common::world::sandbox_env(sandbox)
         .into_iter()
         .fold(cfg, |cfg, (k, v)| cfg.env(k, &v))
 }

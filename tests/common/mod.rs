@@ -10,6 +10,8 @@
 pub mod events;
 pub mod proxy;
 pub mod worker;
+#[path = "../../examples/common/world.rs"]
+pub mod world;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,9 +27,7 @@ use guildgate::grants::Grant;
 use guildgate::metrics::Metrics;
 use guildgate::outbox::Relay;
 use guildgate::store;
-use lapin::options::{
-    BasicAckOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -605,7 +605,7 @@ impl TestApp {
 
     pub async fn cleanup(&mut self) {
         self.cleaned = true;
-        delete_broker_objects(&self.names, &self.settings).await;
+        delete_broker_objects(&self.settings).await;
         let _ = self.publisher.close(200, "done".into()).await;
         self.pool.close().await;
         self.db.drop_db().await;
@@ -614,21 +614,12 @@ impl TestApp {
 
 /// Deletes a test's queues and exchanges (quorum queues are never auto-deleted, and each
 /// holds broker file handles).
-pub async fn delete_broker_objects(names: &Names, settings: &Settings) {
+pub async fn delete_broker_objects(settings: &Settings) {
     let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await else {
         return;
     };
     if let Ok(ch) = conn.create_channel().await {
-        for q in guildgate::amqp::topology::all_queues(names, settings) {
-            let _ = ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for ex in [settings.amqp.exchange.clone(), names.dead_letter_exchange()] {
-            let _ = ch
-                .exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+        world::delete_topology(&ch, settings).await;
     }
     let _ = conn.close(200, "done".into()).await;
 }
@@ -641,7 +632,6 @@ impl Drop for TestApp {
         }
         self.shutdown.cancel();
         cleanup_blocking(
-            &self.names,
             &self.settings,
             Some(TestDb {
                 name: self.db.name.clone(),
@@ -653,8 +643,8 @@ impl Drop for TestApp {
 
 /// Deletes a test's queues, exchanges and database from a `Drop`, on a thread of its
 /// own (a drop may run inside the test's runtime, which cannot be blocked on).
-pub fn cleanup_blocking(names: &Names, settings: &Settings, db: Option<TestDb>) {
-    let (names, settings) = (names.clone(), settings.clone());
+pub fn cleanup_blocking(settings: &Settings, db: Option<TestDb>) {
+    let settings = settings.clone();
     let _ = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -662,7 +652,7 @@ pub fn cleanup_blocking(names: &Names, settings: &Settings, db: Option<TestDb>) 
             .unwrap();
         rt.block_on(async {
             let _ = tokio::time::timeout(Duration::from_secs(20), async {
-                delete_broker_objects(&names, &settings).await;
+                delete_broker_objects(&settings).await;
                 if let Some(db) = db {
                     db.drop_db().await;
                 }
@@ -732,26 +722,6 @@ pub async fn add_webhook_endpoint(pool: &PgPool, business: &str, url: String, se
     )
     .await
     .unwrap();
-}
-
-/// The `GUILDGATE_DISCORD__*` variables that point guildgate at `sandbox`.
-pub fn sandbox_discord_env(sandbox: &sandbox_discord::Sandbox) -> Vec<(&'static str, String)> {
-    vec![
-        ("GUILDGATE_DISCORD__API_BASE", sandbox.api_base()),
-        ("GUILDGATE_DISCORD__AUTHORIZE_URL", sandbox.authorize_url()),
-        (
-            "GUILDGATE_DISCORD__CLIENT_ID",
-            sandbox.client_id().to_string(),
-        ),
-        (
-            "GUILDGATE_DISCORD__CLIENT_SECRET",
-            sandbox.client_secret().to_string(),
-        ),
-        (
-            "GUILDGATE_DISCORD__BOT_TOKEN",
-            sandbox.bot_token().to_string(),
-        ),
-    ]
 }
 
 /// A message taken from a queue.
