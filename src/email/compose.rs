@@ -19,6 +19,17 @@ pub enum Letter {
     Access,
 }
 
+impl Letter {
+    /// Its name in the grant's history.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Letter::Join => "join",
+            Letter::Reminder => "reminder",
+            Letter::Access => "access",
+        }
+    }
+}
+
 /// Everything an email says and where it goes.
 #[derive(Clone, Debug)]
 pub struct Draft<'a> {

@@ -146,14 +146,7 @@ impl EmailWorker {
         if let Some(to) = job.to.as_deref().and_then(|t| super::address(Some(t))) {
             db::save_contact(&mut conn, &grant.business_id, &grant.customer_id, &to).await?;
         }
-        let row = db::claim(
-            &mut conn,
-            &job.email_id,
-            &grant.business_id,
-            &grant.id,
-            kind.as_str(),
-        )
-        .await?;
+        let row = db::claim(&mut conn, job, &grant.business_id).await?;
         let Some(ctx) = db::context(&mut conn, &grant.entitlement_id, &grant.customer_id).await?
         else {
             db::settle(
@@ -228,7 +221,8 @@ impl EmailWorker {
         let attempts = i32::try_from(this_attempt).unwrap_or(i32::MAX);
         match result {
             Ok(()) => {
-                let mut tx = self.pool.begin().await?;
+                // On the connection already held: no second one from the pool.
+                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
                 db::settle(
                     &mut tx,
                     &job.email_id,
@@ -244,7 +238,7 @@ impl EmailWorker {
                     &grant.id,
                     Utc::now(),
                     "email_sent",
-                    serde_json::json!({"email": kind.as_str(), "letter": letter_name(letter)}),
+                    serde_json::json!({"email": kind.as_str(), "letter": letter.as_str()}),
                 )
                 .await?;
                 tx.commit().await?;
@@ -445,14 +439,6 @@ impl EmailWorker {
         }
         d.ack(BasicAckOptions::default()).await?;
         Ok(())
-    }
-}
-
-fn letter_name(l: Letter) -> &'static str {
-    match l {
-        Letter::Join => "join",
-        Letter::Reminder => "reminder",
-        Letter::Access => "access",
     }
 }
 

@@ -128,26 +128,35 @@ pub struct EmailRow {
     pub attempts: i32,
 }
 
-/// The email's row, made `queued` if it is new.
-pub async fn claim(
+/// Records a new `queued` email for a job; `false` when the email already exists.
+async fn insert(
     conn: &mut PgConnection,
-    id: &str,
+    job: &crate::email::Job,
     business_id: &str,
-    grant_id: &str,
-    kind: &str,
-) -> Result<EmailRow, sqlx::Error> {
-    sqlx::query(
+) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query(
         "INSERT INTO emails (id, business_id, grant_id, kind) VALUES ($1, $2, $3, $4)
          ON CONFLICT (id) DO NOTHING",
     )
-    .bind(id)
+    .bind(&job.email_id)
     .bind(business_id)
-    .bind(grant_id)
-    .bind(kind)
-    .execute(&mut *conn)
-    .await?;
+    .bind(&job.grant_id)
+    .bind(job.kind().as_str())
+    .execute(conn)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// The email's row, made `queued` if it is new.
+pub async fn claim(
+    conn: &mut PgConnection,
+    job: &crate::email::Job,
+    business_id: &str,
+) -> Result<EmailRow, sqlx::Error> {
+    insert(&mut *conn, job, business_id).await?;
     sqlx::query_as("SELECT status, attempts FROM emails WHERE id = $1")
-        .bind(id)
+        .bind(&job.email_id)
         .fetch_one(conn)
         .await
 }
@@ -159,18 +168,7 @@ pub async fn queue(
     job: &crate::email::Job,
     business_id: &str,
 ) -> Result<bool, sqlx::Error> {
-    let new = sqlx::query(
-        "INSERT INTO emails (id, business_id, grant_id, kind) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(&job.email_id)
-    .bind(business_id)
-    .bind(&job.grant_id)
-    .bind(job.kind().as_str())
-    .execute(&mut *conn)
-    .await?
-    .rows_affected()
-        == 1;
+    let new = insert(&mut *conn, job, business_id).await?;
     if new {
         crate::outbox::produce::queue_email(conn, job).await?;
     }
