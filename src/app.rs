@@ -352,6 +352,7 @@ impl App {
             let upkeep = crate::email::upkeep::Upkeep {
                 pool: self.pool.clone(),
                 send: self.settings.email.enabled(),
+                prune_every: self.settings.ingest.prune_interval,
             };
             let s = shutdown.clone();
             tasks.spawn(async move {

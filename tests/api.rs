@@ -3949,6 +3949,7 @@ async fn pending_customers_are_reminded_once_and_addresses_are_not_kept() {
     let upkeep = guildgate::email::upkeep::Upkeep {
         pool: w.app.pool.clone(),
         send: true,
+        prune_every: w.app.settings.ingest.prune_interval,
     };
     assert_eq!(upkeep.once().await.unwrap().0, 1, "one reminder is due");
     assert_eq!(upkeep.once().await.unwrap().0, 0, "and only once");
