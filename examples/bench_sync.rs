@@ -147,6 +147,7 @@ async fn main() {
                 now + chrono::Duration::days(7),
                 t.scope.clone(),
             ),
+            None,
             now,
         )
         .await

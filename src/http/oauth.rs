@@ -422,8 +422,7 @@ pub(crate) async fn link_account(
     let previous = db::link_of(tx, business, customer)
         .await?
         .filter(|l| l.discord_user_id != row.discord_user_id);
-    db::upsert_link(tx, row, now).await?;
-    crate::store::access::set_names(tx, business, customer, names.0, names.1).await?;
+    db::upsert_link(tx, row, Some(names), now).await?;
     // People buy twice under two emails: the link is made, and the page says so.
     let shared = db::linked_elsewhere(tx, business, customer, &row.discord_user_id).await?;
     let live = db::live_grant_ids(tx, business, customer).await?;

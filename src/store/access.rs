@@ -79,27 +79,6 @@ pub async fn needs_authorization(
     Ok(())
 }
 
-/// Records the names of a customer's linked account.
-pub async fn set_names(
-    conn: &mut PgConnection,
-    business_id: &str,
-    customer_id: &str,
-    username: &str,
-    global_name: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE discord_links SET username = $3, global_name = $4
-         WHERE business_id = $1 AND customer_id = $2",
-    )
-    .bind(business_id)
-    .bind(customer_id)
-    .bind(username)
-    .bind(global_name)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// A switch waiting for the customer's confirmation.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Switch {

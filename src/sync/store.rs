@@ -133,17 +133,21 @@ pub async fn link_of(
 }
 
 /// Stores (or replaces) a customer's linked account: the account they just authorized
-/// wins over whatever was stored (`token_version` of `l` is ignored and bumped).
+/// wins over whatever was stored (`token_version` of `l` is ignored and bumped), with
+/// its `names` (username, display name) as Discord gave them, if known.
 pub async fn upsert_link(
     conn: &mut PgConnection,
     l: &LinkRow,
+    names: Option<(&str, Option<&str>)>,
     now: DateTime<Utc>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO discord_links (business_id, customer_id, discord_user_id, access_token_enc,
-             refresh_token_enc, expires_at, scopes, created_at, updated_at, token_key_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)
+             refresh_token_enc, expires_at, scopes, created_at, updated_at, token_key_id,
+             username, global_name)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11)
          ON CONFLICT (business_id, customer_id) DO UPDATE SET
+             username = EXCLUDED.username, global_name = EXCLUDED.global_name,
              discord_user_id = EXCLUDED.discord_user_id, access_token_enc = EXCLUDED.access_token_enc,
              refresh_token_enc = EXCLUDED.refresh_token_enc, expires_at = EXCLUDED.expires_at,
              scopes = EXCLUDED.scopes, updated_at = EXCLUDED.updated_at,
@@ -160,6 +164,8 @@ pub async fn upsert_link(
     .bind(&l.scopes)
     .bind(now)
     .bind(&l.token_key_id)
+    .bind(names.map(|n| n.0))
+    .bind(names.and_then(|n| n.1))
     .execute(conn)
     .await?;
     Ok(())

@@ -697,6 +697,7 @@ pub async fn link_sandbox_user(
             now + chrono::Duration::from_std(t.expires_in).unwrap(),
             t.scope.clone(),
         ),
+        None,
         now,
     )
     .await
