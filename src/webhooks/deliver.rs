@@ -6,13 +6,16 @@
 //!
 //! Per job: read the message and its endpoint (grouped with other workers' reads into
 //! one query, [`super::reader`]), take a turn of the endpoint's `rate_limit` if it has
-//! one ([`Pacing`]: waiting briefly, or holding the message until a later turn), ask
-//! [`Isolation`] for a slot of the endpoint (waiting briefly if it is busy but
-//! answering), POST the exact stored body signed per attempt
-//! (redirects not followed, `webhooks.timeout`), record the attempt and the message's
-//! new state (grouped with other workers' records into one statement,
-//! [`super::recorder`]), and only then settle the job: ack, publish it to the retry tier
-//! of the next delay (confirmed) and ack, or park it in `<prefix>.webhooks.dead` and ack.
+//! one ([`Pacing`]: waiting briefly, or holding the message until a later turn), wait
+//! until the endpoint's jobs that arrived before it have decided ([`Line`]), ask
+//! [`Isolation`] for a slot of the endpoint (waiting briefly only for a fast endpoint;
+//! a busy one's message is parked in the database and sent by the endpoint's puller as
+//! its slots free, [`parking`]; a hanging one's is held), POST the exact stored body
+//! signed per attempt (redirects not followed, `webhooks.timeout`), record the attempt
+//! and the message's new state (grouped with other workers' records into one
+//! statement, [`super::recorder`]), and only then settle the job: ack, publish it to the
+//! retry tier of the next delay (confirmed) and ack, or park it in
+//! `<prefix>.webhooks.dead` and ack.
 //! A crash before the record leaves the job unacked, so the broker redelivers it and the
 //! same `webhook-id` is sent again: receivers deduplicate on it.
 //!
@@ -24,7 +27,7 @@ use std::sync::Arc;
 
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -35,11 +38,13 @@ use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::holds;
 use super::isolation::{Admission, Isolation, IsolationSettings};
-use super::messages::{self, AttemptRecord, DeliveryTarget, Held, NewStatus, Recorded};
+use super::messages::{self, AttemptRecord, DeliveryTarget, Held, NewStatus, Parked, Recorded};
 use super::pacing::{Pace, Pacing};
+use super::parking::{self, Line, ParkWrite, Parking, Place};
 use super::reader::{ReadError, Reader};
 use super::recorder::{RecordError, Recorder};
 use super::schedule::{self, AttemptResult, GiveUpReason, Next};
@@ -54,15 +59,18 @@ pub const BREAKER_THRESHOLD: u32 = 5;
 /// How long a short-circuited endpoint is left alone.
 pub const BREAKER_COOL_DOWN: Duration = Duration::from_secs(30);
 /// An endpoint at its cap with no request finished for this long at most is taken to
-/// hang (sooner when requests usually answer fast: [`Isolation::stall_after`]): its
+/// hang (sooner or later as its requests usually answer: [`Isolation::stall_after`]): its
 /// other messages are held in the database until the requests in flight have ended
 /// ([`schedule::hold_for`]), instead of cycling through the broker. A request running
 /// this long gives its worker slot back.
 pub const STALLED_AFTER: Duration = Duration::from_secs(1);
-/// How long a job waits in the process for a slot of a busy (not stalled) endpoint
-/// before it is deferred.
+/// How long a job waits in the process for its turn of its endpoint's `rate_limit`
+/// before its message is held until that turn.
 pub const BUSY_WAIT: Duration = Duration::from_secs(1);
-pub use crate::amqp::DEFERRALS_HEADER;
+/// An endpoint at its cap whose requests typically answer faster than this (or none of
+/// whose requests has answered yet) is waited for, this long at most; a slower one's
+/// jobs are parked at once ([`parking`]).
+pub const FAST: Duration = Duration::from_millis(25);
 /// How much of an answer is kept with its attempt.
 const RESPONSE_BYTES: usize = 1024;
 
@@ -79,14 +87,12 @@ pub enum DeliverError {
 }
 
 /// One delivery job: a message id, its endpoint (so a busy or paused endpoint is
-/// recognised before any database work), how many attempts this round has made and how
-/// often it was deferred since the last one.
+/// recognised before any database work) and how many attempts this round has made.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
     pub message_id: String,
     pub endpoint_id: Option<String>,
     pub attempt: u32,
-    pub deferrals: u32,
     /// How often its message was held since its last attempt.
     pub holds: u32,
 }
@@ -115,7 +121,6 @@ impl Job {
             message_id: id,
             endpoint_id: endpoint_id.filter(|e| e.len() <= 64),
             attempt: attempt.unwrap_or(0).clamp(0, 1000) as u32,
-            deferrals: 0,
             holds: holds.clamp(0, 1000) as u32,
         })
     }
@@ -123,13 +128,7 @@ impl Job {
     fn of(d: &Delivery) -> Option<Self> {
         let mid = amqp::message_id(&d.properties);
         let headers = d.properties.headers().as_ref();
-        let job = Self::from_parts(&d.data, mid.as_deref(), header_int(headers, ATTEMPT_HEADER))?;
-        Some(Self {
-            deferrals: header_int(headers, DEFERRALS_HEADER)
-                .unwrap_or(0)
-                .clamp(0, 1000) as u32,
-            ..job
-        })
+        Self::from_parts(&d.data, mid.as_deref(), header_int(headers, ATTEMPT_HEADER))
     }
 }
 
@@ -138,14 +137,9 @@ impl Job {
 pub enum Outcome {
     /// Done with it; the label is the metrics outcome.
     Ack(&'static str),
-    /// Publish it again after `delay` (a tier; zero = the work queue) carrying
-    /// `attempt` and `deferrals`, then ack.
-    Republish {
-        delay: Duration,
-        attempt: u32,
-        deferrals: u32,
-        label: &'static str,
-    },
+    /// An attempt failed: publish it again after `delay` (a tier; zero = the work
+    /// queue) carrying `attempt`, then ack.
+    Retry { delay: Duration, attempt: u32 },
     /// Park it in the dead queue with a reason, then ack.
     DeadLetter {
         code: &'static str,
@@ -181,6 +175,19 @@ pub struct Deliverer {
     pub recorder: Recorder<Recorded>,
     /// The group writer of holds: its own, so holds never slow the records' statements.
     pub holder: Recorder<Held>,
+    /// The group writer of parks, and which endpoints have parked messages here.
+    pub parker: Recorder<Parked>,
+    pub parking: Parking,
+    /// The pullers of parked messages and their deliveries, awaited on shutdown.
+    pub pullers: TaskTracker,
+    /// `webhooks.max_in_flight_per_endpoint`: also how many parked messages a pull takes.
+    pub max_in_flight: usize,
+    /// Cancelled when the process stops (set by [`Deliverer::run`]).
+    pub stop: CancellationToken,
+    /// Requests for pulled messages at once, over every endpoint (4 × the workers).
+    pub(super) pulled_requests: Arc<Semaphore>,
+    /// The jobs in hand per endpoint, in the order they decide.
+    pub(super) line: Line,
     pub metrics: Arc<Metrics>,
     /// Where tests make a delivery stop after sending and before recording, as a crash
     /// would ([`crate::faults::Point::AfterSend`]).
@@ -232,6 +239,13 @@ impl Deliverer {
             reader: Reader::spawn(pool.clone(), 256),
             recorder: Recorder::spawn(pool.clone(), 256),
             holder: Recorder::spawn(pool.clone(), 256),
+            parker: Recorder::spawn(pool.clone(), 256),
+            parking: Parking::default(),
+            pullers: TaskTracker::new(),
+            max_in_flight: settings.max_in_flight_per_endpoint.max(1),
+            stop: CancellationToken::new(),
+            pulled_requests: Arc::new(Semaphore::new(settings.workers.max(1).saturating_mul(4))),
+            line: Line::default(),
             metrics,
             faults: crate::faults::none(),
         })
@@ -243,6 +257,13 @@ impl Deliverer {
         self
     }
 
+    /// The time a job arrived: the wall clock, but later than every arrival before it in
+    /// this process (by a microsecond at least, the database's resolution), so parked
+    /// messages keep the order of their jobs.
+    pub fn arrival(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_micros(self.line.stamp()).unwrap_or_else(Utc::now)
+    }
+
     /// Handles one job up to the point of settling it.
     #[tracing::instrument(
         name = "webhook_delivery",
@@ -250,43 +271,127 @@ impl Deliverer {
         fields(webhook_message_id = %job.message_id, attempt = job.attempt)
     )]
     pub async fn handle(&self, job: &Job) -> Result<Outcome, DeliverError> {
-        self.handle_in(job, &mut None).await
+        self.handle_in(job, self.arrival(), &mut None, &mut None)
+            .await
     }
 
     /// [`Deliverer::handle`] for a job that holds a worker slot: a request that takes
     /// longer than [`STALLED_AFTER`] gives the slot back, so requests to a slow or
     /// hanging endpoint (at most its in-flight cap of them) do not keep workers from
     /// the other endpoints.
+    ///
+    /// `place`: the job's place in its endpoint's [`Line`], left once it has decided.
     async fn handle_in(
         &self,
         job: &Job,
+        arrived: DateTime<Utc>,
+        place: &mut Option<Place>,
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Outcome, DeliverError> {
-        // What "hanging" means for this job, from the typical latency now.
-        let stall_after = self.isolation.stall_after(STALLED_AFTER);
         // Look first when the job names its endpoint: holding a job of a hanging
         // endpoint then costs no read. Only a look: a slot is taken after the read, so it
         // is held for the request alone, not while the read waits for the database.
         if let Some(ep) = job.endpoint_id.as_deref()
             && self
                 .isolation
-                .stalled(ep, Instant::now(), stall_after)
+                .stalled(ep, Instant::now(), STALLED_AFTER)
                 .is_some()
         {
+            place.take();
             return self.hold(job, ep, None).await;
         }
+        // Behind the endpoint's parked messages, so first attempts keep their order; and
+        // parked at once when an in-flight cap of its jobs is ahead of this one here
+        // already, unless it is fast (those decide first: they would park too, or take
+        // the slots; a fast endpoint's free in milliseconds).
+        if let Some(ep) = job.endpoint_id.as_deref()
+            && (self.parking.is_parked(ep)
+                || (place
+                    .as_ref()
+                    .is_some_and(|p| p.ahead() >= self.max_in_flight)
+                    && !self.waits_for_slots(ep)))
+        {
+            // The place is left once the park is written (by the caller): a puller
+            // waits for the parks of the jobs before its time, so it pulls them in order.
+            let write = self.parking.begin(ep);
+            return self.park_begun(job, write, arrived).await;
+        }
+        let target = match self.prepare(job, BUSY_WAIT).await? {
+            Ok(target) => target,
+            Err(outcome) => {
+                place.take();
+                return Ok(outcome);
+            }
+        };
+        if let Some(p) = place.as_ref() {
+            p.front().await;
+        }
+        let ep = target.endpoint_id.clone();
+        // What "hanging" means for this endpoint, from its typical latency now.
+        let stall_after = self.isolation.stall_after(&ep, STALLED_AFTER);
+        // Behind parked messages; else a slot if one is free. The slot of an endpoint
+        // not known to be slow is waited for briefly (a fast one's frees within
+        // milliseconds, and waiting costs less than parking); a slow one's never (a
+        // waiting job would hold a worker, and the jobs behind it in line): the message
+        // of a busy endpoint is parked, that of a hanging one held.
+        let admission = if self.parking.is_parked(&ep) {
+            None
+        } else if self.waits_for_slots(&ep) {
+            Some(self.isolation.admit_within(&ep, FAST, stall_after).await)
+        } else {
+            Some(self.isolation.admit(&ep, Instant::now()))
+        };
+        match admission {
+            Some(Admission::Go(permit)) => {
+                place.take();
+                self.attempt(job, target, permit, slot, false).await
+            }
+            Some(Admission::Open { failures, until }) => {
+                place.take();
+                tracing::debug!(failures, "circuit open; holding the message");
+                self.hold(job, &ep, Some(until)).await
+            }
+            Some(Admission::Busy { stalled_for }) if stalled_for >= stall_after => {
+                place.take();
+                self.hold(job, &ep, None).await
+            }
+            // At its cap and answering, or behind parked messages. Marked parked at
+            // once, so the jobs behind it park too; the place is left once the park is
+            // written (by the caller), so a puller pulls the parks in order.
+            _ => {
+                let write = self.parking.begin(&ep);
+                self.park_begun(job, write, arrived).await
+            }
+        }
+    }
+
+    /// Whether a job waits (up to [`FAST`]) for a slot of the endpoint at its cap: unless
+    /// its requests typically take [`FAST`] or longer.
+    fn waits_for_slots(&self, endpoint: &str) -> bool {
+        self.isolation.typical(endpoint).is_none_or(|t| t < FAST)
+    }
+
+    /// Reads the job's message and its endpoint and takes a turn of the endpoint's rate
+    /// limit: the target to send to, or what to do with a job that needs no attempt.
+    ///
+    /// `pace_wait`: how long to wait for a turn of the rate limit before holding.
+    pub(super) async fn prepare(
+        &self,
+        job: &Job,
+        pace_wait: Duration,
+    ) -> Result<Result<DeliveryTarget, Outcome>, DeliverError> {
         let Some(target) = self.reader.target(&job.message_id).await? else {
             // Its endpoint was deleted, with its messages.
-            return Ok(Outcome::Ack("unknown_message"));
+            return Ok(Err(Outcome::Ack("unknown_message")));
         };
         if target.status != "pending" {
             // A duplicate job of a message already settled.
-            return Ok(Outcome::Ack("not_pending"));
+            return Ok(Err(Outcome::Ack("not_pending")));
         }
         if target.disabled {
             let mut conn = self.pool.acquire().await?;
             messages::fail_unattempted(&mut conn, &target.id, "the endpoint is disabled").await?;
-            return Ok(Outcome::Ack("endpoint_disabled"));
+            return Ok(Err(Outcome::Ack("endpoint_disabled")));
         }
         // The rate limit before the slot: a job waiting for its turn must not hold one of
         // the endpoint's in-flight slots, or a paced endpoint would look hung. A turn
@@ -297,55 +402,54 @@ impl Deliverer {
             .and_then(NonZeroU32::new)
             && let Pace::HoldUntil(at) = self
                 .pacing
-                .turn(&target.endpoint_id, per_second, BUSY_WAIT)
+                .turn(&target.endpoint_id, per_second, pace_wait)
                 .await
         {
-            return self.hold_until(job, at).await;
+            return self.hold_until(job, at).await.map(Err);
         }
+        Ok(Ok(target))
+    }
 
-        let admission = self.admit(&target.endpoint_id, stall_after).await;
+    /// One attempt with a slot of the endpoint: send, record, and what to do with the
+    /// job. `pulled`: the message came out of parking and has no job in the broker, so
+    /// a retry is held in the database with the attempt's record.
+    pub(super) async fn attempt(
+        &self,
+        job: &Job,
+        target: DeliveryTarget,
+        permit: super::isolation::Permit,
+        slot: &mut Option<OwnedSemaphorePermit>,
+        pulled: bool,
+    ) -> Result<Outcome, DeliverError> {
         let attempt = job.attempt + 1;
         let at = Utc::now();
-        let (result, sent, label) = match admission {
-            Admission::Busy { stalled_for } if stalled_for >= stall_after => {
-                return self.hold(job, &target.endpoint_id, None).await;
+        let send = self.send(&target);
+        tokio::pin!(send);
+        let sent = tokio::select! {
+            biased;
+            sent = &mut send => sent,
+            _ = tokio::time::sleep(STALLED_AFTER), if slot.is_some() => {
+                slot.take();
+                send.await
             }
-            Admission::Busy { .. } => return Ok(self.defer(job)),
-            Admission::Open { failures, until } => {
-                tracing::debug!(failures, "circuit open; holding the message");
-                return self.hold(job, &target.endpoint_id, Some(until)).await;
-            }
-            Admission::Go(permit) => {
-                let send = self.send(&target);
-                tokio::pin!(send);
-                let sent = tokio::select! {
-                    biased;
-                    sent = &mut send => sent,
-                    _ = tokio::time::sleep(STALLED_AFTER), if slot.is_some() => {
-                        slot.take();
-                        send.await
-                    }
-                };
-                let result = match sent.status {
-                    Some(code) => schedule::classify(code, sent.retry_after),
-                    None => AttemptResult::Failed { retry_after: None },
-                };
-                if permit.finish(result == AttemptResult::Delivered, Instant::now()) {
-                    self.release_held(&target.endpoint_id);
-                }
-                if sent.status.is_some() {
-                    self.metrics
-                        .webhook_latency
-                        .observe(sent.latency.as_secs_f64());
-                }
-                let label = match (&result, sent.status) {
-                    (AttemptResult::Delivered, _) => "delivered",
-                    (AttemptResult::Gone, _) => "gone",
-                    (_, Some(_)) => "rejected",
-                    (_, None) => "unreachable",
-                };
-                (result, sent, label)
-            }
+        };
+        let result = match sent.status {
+            Some(code) => schedule::classify(code, sent.retry_after),
+            None => AttemptResult::Failed { retry_after: None },
+        };
+        if permit.finish(result == AttemptResult::Delivered, Instant::now()) {
+            self.release_held(&target.endpoint_id);
+        }
+        if sent.status.is_some() {
+            self.metrics
+                .webhook_latency
+                .observe(sent.latency.as_secs_f64());
+        }
+        let label = match (&result, sent.status) {
+            (AttemptResult::Delivered, _) => "delivered",
+            (AttemptResult::Gone, _) => "gone",
+            (_, Some(_)) => "rejected",
+            (_, None) => "unreachable",
         };
         tracing::debug!(outcome = label, status = ?sent.status, "webhook attempt");
         self.metrics
@@ -371,6 +475,10 @@ impl Deliverer {
             }
             Next::GiveUp(GiveUpReason::Exhausted) => (NewStatus::Failed, None),
         };
+        let hold_retry = match status {
+            NewStatus::Pending { next_attempt_at } if pulled => Some((next_attempt_at, attempt)),
+            _ => None,
+        };
         let record = AttemptRecord {
             at,
             status_code: sent.status.map(i32::from),
@@ -384,16 +492,12 @@ impl Deliverer {
                 attempt: record,
                 status,
                 disable: disable.map(str::to_string),
+                hold_retry,
             })
             .await?;
         Ok(match next {
             Next::Delivered => Outcome::Ack("delivered"),
-            Next::RetryIn(delay) => Outcome::Republish {
-                delay,
-                attempt,
-                deferrals: 0,
-                label: "retry",
-            },
+            Next::RetryIn(delay) => Outcome::Retry { delay, attempt },
             Next::GiveUp(reason) => Outcome::DeadLetter {
                 code: reason.code(),
                 reason: match reason {
@@ -410,26 +514,37 @@ impl Deliverer {
         })
     }
 
-    /// Asks [`Isolation`] for a slot. An endpoint at its cap that is still answering is
-    /// waited for a little (up to [`BUSY_WAIT`]): with prefetched jobs spread unevenly
-    /// over endpoints, one often has a few more than its cap in hand, and each of
-    /// those would otherwise wait out the shortest retry tier (seconds) for a slot that
-    /// frees in milliseconds.
-    async fn admit(&self, endpoint: &str, stall_after: Duration) -> Admission {
-        self.isolation
-            .admit_within(endpoint, BUSY_WAIT, stall_after)
-            .await
-    }
-
-    /// Don't hold a worker for long for a busy endpoint: come back later
-    /// ([`schedule::defer_delay`]) without counting an attempt.
-    fn defer(&self, job: &Job) -> Outcome {
-        Outcome::Republish {
-            delay: schedule::defer_delay(job.deferrals, &self.retry_delays),
-            attempt: job.attempt,
-            deferrals: job.deferrals.saturating_add(1),
-            label: "deferred",
+    /// The endpoint is at its cap and still answering (or has parked messages): park the
+    /// message in the database and ack the job, without counting an attempt; this
+    /// process's puller of the endpoint sends it when its turn and a slot come
+    /// ([`parking`]). `write`: from [`Parking::begin`], taken before the job left its
+    /// place in line, so the jobs behind it park too.
+    async fn park_begun(
+        &self,
+        job: &Job,
+        write: ParkWrite,
+        arrived: DateTime<Utc>,
+    ) -> Result<Outcome, DeliverError> {
+        let endpoint_id = write.endpoint().to_string();
+        self.parker
+            .record(Parked {
+                message_id: job.message_id.clone(),
+                at: arrived,
+                lease_until: Utc::now()
+                    + chrono::Duration::from_std(parking::LEASE).unwrap_or(chrono::Duration::MAX),
+                attempt: job.attempt,
+                hold_count: job.holds,
+            })
+            .await?;
+        if write.written() {
+            let this = self.clone();
+            self.pullers.spawn(this.pull(endpoint_id));
         }
+        self.metrics
+            .webhook_attempts
+            .get_or_create(&vec![("outcome", "parked".to_string())])
+            .inc();
+        Ok(Outcome::Ack("parked"))
     }
 
     /// The endpoint hangs, or its circuit is open until `open_until`: hold the message
@@ -485,23 +600,32 @@ impl Deliverer {
         Ok(Outcome::Ack("paced"))
     }
 
-    /// The endpoint answered again after failing: its held messages need not wait out
-    /// their hold (the hold releaser sends them on its next round). Best effort, off the
-    /// delivery's path: if it fails, they go at their held time.
+    /// The endpoint answered again after failing or being held: its held messages need
+    /// not wait out their hold. They are parked, and this process's puller sends them
+    /// at the endpoint's pace. Best effort, off the delivery's path: if it fails, they
+    /// go at their held time.
     fn release_held(&self, endpoint_id: &str) {
-        let (pool, endpoint_id) = (self.pool.clone(), endpoint_id.to_string());
+        let (this, endpoint_id) = (self.clone(), endpoint_id.to_string());
         tokio::spawn(async move {
-            let released = match pool.acquire().await {
-                Ok(mut conn) => messages::release_endpoint(&mut conn, &endpoint_id).await,
+            let lease = Utc::now()
+                + chrono::Duration::from_std(parking::LEASE).unwrap_or(chrono::Duration::MAX);
+            let parked = match this.pool.acquire().await {
+                Ok(mut conn) => messages::park_held(&mut conn, &endpoint_id, lease).await,
                 Err(e) => Err(e),
             };
-            match released {
+            match parked {
                 Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    endpoint_id,
-                    messages = n,
-                    "endpoint answers again; releasing its held messages"
-                ),
+                Ok(n) => {
+                    tracing::info!(
+                        endpoint_id,
+                        messages = n,
+                        "endpoint answers again; sending its held messages"
+                    );
+                    if this.parking.begin(&endpoint_id).written() {
+                        let puller = this.clone();
+                        this.pullers.spawn(puller.pull(endpoint_id));
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(endpoint_id, error = %e, "cannot release held messages; they go at their held time")
                 }
@@ -596,7 +720,8 @@ impl Deliverer {
     }
 
     /// Consumes until `shutdown`, then lets the jobs in hand finish and settle.
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        self.stop = shutdown.clone();
         let queue = self.broker.names().webhooks();
         // Jobs in hand are the workers' plus those whose long requests gave their worker
         // slot back (at most an in-flight cap per slow endpoint): room for as many again.
@@ -605,15 +730,18 @@ impl Deliverer {
             let (ch, consumer, publisher) =
                 match self.broker.subscribe(&queue, "", prefetch, &shutdown).await {
                     Ok(x) => x,
-                    Err(_) => return,
+                    Err(_) => break,
                 };
             self.consume(consumer, publisher, &shutdown).await;
             let _ = ch.close(200, "bye".into()).await;
             if shutdown.is_cancelled() {
-                return;
+                break;
             }
             tracing::warn!("webhooks consumer interrupted; resubscribing");
         }
+        // The pullers stop with `shutdown`; their requests in flight finish and record.
+        self.pullers.close();
+        self.pullers.wait().await;
     }
 
     /// Takes jobs while a worker slot is free; returns when shutting down or when the
@@ -650,6 +778,17 @@ impl Deliverer {
                 }
                 None => break,
             };
+            // Taken here, in the order the broker hands jobs over: parked messages are
+            // pulled in this order.
+            let job = Job::of(&delivery);
+            let place = job
+                .as_ref()
+                .and_then(|j| j.endpoint_id.as_deref())
+                .map(|ep| self.line.join(ep));
+            let arrived = place
+                .as_ref()
+                .and_then(|p| DateTime::from_timestamp_micros(p.at()))
+                .unwrap_or_else(|| self.arrival());
             let (this, publisher, shutdown, broken) = (
                 self.clone(),
                 publisher.clone(),
@@ -658,7 +797,14 @@ impl Deliverer {
             );
             jobs.spawn(async move {
                 if let Err(e) = this
-                    .process(delivery, &publisher, &shutdown, Some(slot))
+                    .process(
+                        delivery,
+                        job,
+                        (arrived, place),
+                        &publisher,
+                        &shutdown,
+                        Some(slot),
+                    )
                     .await
                     && !matches!(e, BrokerError::ShuttingDown)
                 {
@@ -674,11 +820,13 @@ impl Deliverer {
     async fn process(
         &self,
         d: Delivery,
+        job: Option<Job>,
+        (arrived, mut place): (DateTime<Utc>, Option<Place>),
         publisher: &Channel,
         shutdown: &CancellationToken,
         mut slot: Option<OwnedSemaphorePermit>,
     ) -> Result<(), BrokerError> {
-        let Some(job) = Job::of(&d) else {
+        let Some(job) = job else {
             let id = amqp::message_id(&d.properties);
             return self
                 .settle(
@@ -695,8 +843,11 @@ impl Deliverer {
         };
         let mut backoff = amqp::reconnect_backoff();
         let outcome = loop {
-            match self.handle_in(&job, &mut slot).await {
-                Ok(o) => break o,
+            match self.handle_in(&job, arrived, &mut place, &mut slot).await {
+                Ok(o) => {
+                    place.take();
+                    break o;
+                }
                 Err(DeliverError::Injected) => {
                     // As if the process died here: the job goes back unacked.
                     d.nack(BasicNackOptions {
@@ -709,6 +860,8 @@ impl Deliverer {
                 Err(
                     e @ (DeliverError::Db(_) | DeliverError::Read(_) | DeliverError::Record(_)),
                 ) => {
+                    // Out of line while it waits: the jobs behind it need not.
+                    place.take();
                     let wait = backoff.next().unwrap_or(Duration::from_secs(5));
                     tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; holding the webhook job");
                     tokio::select! {
@@ -733,38 +886,20 @@ impl Deliverer {
         let body = &d.data;
         match outcome {
             Outcome::Ack(_) => {}
-            Outcome::Republish {
-                delay,
-                attempt,
-                deferrals,
-                label,
-            } => {
+            Outcome::Retry { delay, attempt } => {
                 let queue = if delay.is_zero() {
                     work.clone()
                 } else {
                     Names::retry(&work, delay)
                 };
                 // After an attempt, a released job's hold count no longer applies.
-                let body = if label == "retry" {
-                    without_holds(body)
-                } else {
-                    body.to_vec()
-                };
-                let mut out = Outgoing::to_queue(&queue, message_id, &body)
+                let body = without_holds(body);
+                let out = Outgoing::to_queue(&queue, message_id, &body)
                     .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()))
                     .carrying_replays(d.properties.headers().as_ref());
-                if deferrals > 0 {
-                    out = out.header(DEFERRALS_HEADER, AMQPValue::LongLongInt(deferrals.into()));
-                }
                 // Confirmed before the ack: a crash in between leaves two jobs (the
                 // second finds the message settled or sends the same id), never none.
                 amqp::publish_confirmed(publisher, &[out]).await?;
-                if label == "deferred" {
-                    self.metrics
-                        .webhook_attempts
-                        .get_or_create(&vec![("outcome", label.to_string())])
-                        .inc();
-                }
             }
             Outcome::DeadLetter {
                 code,
@@ -849,7 +984,6 @@ mod tests {
                 message_id: "msg_1".into(),
                 endpoint_id: Some("ep_1".into()),
                 attempt: 2,
-                deferrals: 0,
                 holds: 0,
             }
         );

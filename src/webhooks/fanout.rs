@@ -247,7 +247,7 @@ impl Fanout {
             Some((isolation, timeout)) => isolation
                 .holding(
                     std::time::Instant::now(),
-                    isolation.stall_after(STALLED_AFTER),
+                    STALLED_AFTER,
                     schedule::hold_for(0, *timeout),
                 )
                 .into_iter()

@@ -1,5 +1,6 @@
 //! The hold releaser: gives held messages ([`super::messages::Held`]) a delivery job again
-//! once their time has come, a bounded number per endpoint and round so that a large
+//! once their time has come (and parked ones once nobody pulls them any more,
+//! [`super::parking`]), a bounded number per endpoint and round so that a large
 //! backlog reaches the workers in steps rather than all at once. Runs in every process;
 //! [`messages::release_due`] lets each message go to one of them.
 
@@ -31,7 +32,13 @@ pub fn wall_clock(at: Instant) -> DateTime<Utc> {
 pub async fn run(pool: PgPool, shutdown: CancellationToken) {
     loop {
         let released = match pool.acquire().await {
-            Ok(mut conn) => messages::release_due(&mut conn, PER_ENDPOINT, PER_ROUND).await,
+            Ok(mut conn) => {
+                let released = messages::release_due(&mut conn, PER_ENDPOINT, PER_ROUND).await;
+                if let Err(e) = messages::drop_idle_leases(&mut conn).await {
+                    tracing::warn!(error = %e, "cannot drop idle parking leases");
+                }
+                released
+            }
             Err(e) => Err(e),
         };
         let full = match released {

@@ -71,19 +71,30 @@ impl EndpointState {
 pub struct Isolation {
     settings: IsolationSettings,
     state: Arc<Mutex<HashMap<String, EndpointState>>>,
-    /// A moving average of successful requests' latency, in microseconds, over every
-    /// endpoint of the process (0: none yet): what "no answer for a while" means here.
-    typical_us: Arc<AtomicU64>,
+    /// Per endpoint, a moving average of its successful requests' latency in
+    /// microseconds: what "no answer for a while" means for it. Kept while the endpoint
+    /// is idle (its state above is not); locked after `state` when both are.
+    typical: Arc<Mutex<HashMap<String, u64>>>,
+    /// The same over every endpoint of the process (0: none yet), for endpoints none of
+    /// whose requests has succeeded yet.
+    typical_all_us: Arc<AtomicU64>,
 }
 
 /// How long an endpoint at its cap may go without a request finishing before it counts
-/// as hanging: `STALL_FACTOR` times the typical latency of successful requests, within
-/// [`STALL_FLOOR`, `ceiling`], and `ceiling` until a request has succeeded. With fast
-/// receivers a hanging one is recognised in a fraction of a second; with slow ones (or
-/// none known) it takes the ceiling. Recognising one too early costs little: its
-/// messages are held, and its next success releases them.
+/// as hanging: `STALL_FACTOR` times the typical latency of its own successful requests,
+/// within [`STALL_FLOOR`, [`STALL_CEILING`]]; until one of its requests has succeeded,
+/// `STALL_FACTOR` times the typical latency over every endpoint, within
+/// [`STALL_FLOOR`, the caller's ceiling]. A fast receiver that stops answering is
+/// recognised in a fraction of a second, and one that always takes a second is not
+/// mistaken for a hanging one once it has answered. Taking one for hanging too early
+/// costs little: its messages are held, and its first success parks them to be sent at
+/// its pace.
 pub const STALL_FLOOR: Duration = Duration::from_millis(150);
 pub const STALL_FACTOR: u32 = 8;
+pub const STALL_CEILING: Duration = Duration::from_secs(10);
+/// Endpoints whose typical latency is remembered at most (beyond it, one is forgotten
+/// for each new one).
+const TYPICAL_KEPT: usize = 10_000;
 
 /// Whether a request to an endpoint may go out now.
 #[derive(Debug)]
@@ -124,33 +135,57 @@ impl Isolation {
         Self {
             settings,
             state: Arc::default(),
-            typical_us: Arc::default(),
+            typical: Arc::default(),
+            typical_all_us: Arc::default(),
         }
     }
 
+    /// How long the endpoint may go at its cap without a request finishing before it
+    /// counts as hanging, at most `ceiling` while none of its requests has succeeded.
     /// See [`STALL_FLOOR`].
-    pub fn stall_after(&self, ceiling: Duration) -> Duration {
-        match self.typical_us.load(Ordering::Relaxed) {
-            0 => ceiling,
-            us => (Duration::from_micros(us) * STALL_FACTOR)
-                .clamp(STALL_FLOOR, ceiling.max(STALL_FLOOR)),
+    pub fn stall_after(&self, endpoint: &str, ceiling: Duration) -> Duration {
+        let typical = self.typical.lock().expect("isolation lock");
+        match typical.get(endpoint) {
+            Some(&us) => {
+                (Duration::from_micros(us) * STALL_FACTOR).clamp(STALL_FLOOR, STALL_CEILING)
+            }
+            None => match self.typical_all_us.load(Ordering::Relaxed) {
+                0 => ceiling,
+                us => (Duration::from_micros(us) * STALL_FACTOR)
+                    .clamp(STALL_FLOOR, ceiling.max(STALL_FLOOR)),
+            },
         }
     }
 
-    fn observe_success(&self, latency: Duration) {
+    /// The endpoint's typical successful latency, if one of its requests has succeeded.
+    pub fn typical(&self, endpoint: &str) -> Option<Duration> {
+        let typical = self.typical.lock().expect("isolation lock");
+        typical.get(endpoint).map(|us| Duration::from_micros(*us))
+    }
+
+    fn observe_success(&self, endpoint: &str, latency: Duration) {
         let sample = u64::try_from(latency.as_micros())
             .unwrap_or(u64::MAX)
             .max(1);
         let _ = self
-            .typical_us
+            .typical_all_us
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
                 Some(if old == 0 {
                     sample
                 } else {
-                    // An exponential moving average over about 16 requests.
                     (old * 15 + sample) / 16
                 })
             });
+        let mut typical = self.typical.lock().expect("isolation lock");
+        if typical.len() >= TYPICAL_KEPT
+            && !typical.contains_key(endpoint)
+            && let Some(any) = typical.keys().next().cloned()
+        {
+            typical.remove(&any);
+        }
+        let avg = typical.entry(endpoint.to_string()).or_insert(sample);
+        // An exponential moving average over about 16 requests.
+        *avg = (*avg * 15 + sample) / 16;
     }
 
     pub fn admit(&self, endpoint: &str, now: Instant) -> Admission {
@@ -159,20 +194,20 @@ impl Isolation {
     }
 
     /// How long the endpoint has been stalled — at its cap with no request finished for
-    /// at least `stalled_after` — or `None` if it is not (also when its circuit is open:
-    /// that is answered by [`Isolation::admit`]). Only a look; takes no slot.
-    pub fn stalled(
-        &self,
-        endpoint: &str,
-        now: Instant,
-        stalled_after: Duration,
-    ) -> Option<Duration> {
+    /// at least [`Isolation::stall_after`] (with `fallback`) — or `None` if it is not
+    /// (also when its circuit is open: that is answered by [`Isolation::admit`]). Only a
+    /// look; takes no slot.
+    pub fn stalled(&self, endpoint: &str, now: Instant, fallback: Duration) -> Option<Duration> {
         let map = self.state.lock().expect("isolation lock");
         let st = map.get(endpoint)?;
         if st.open_until.is_some_and(|until| now < until) {
             return None;
         }
-        st.stalled_for(now, self.settings.max_in_flight, stalled_after)
+        st.stalled_for(
+            now,
+            self.settings.max_in_flight,
+            self.stall_after(endpoint, fallback),
+        )
     }
 
     /// [`Isolation::admit`] on the locked map; `behind_waiters`: a slot is not taken
@@ -267,13 +302,14 @@ impl Isolation {
     }
 
     /// The endpoints whose messages would be held now, with until when: those at their
-    /// cap with no request finished for `stalled_after` (until `hold` from now), and
+    /// cap with no request finished for their [`Isolation::stall_after`] (with
+    /// `fallback`; until `hold` from now), and
     /// those whose circuit is open (until it closes, and at least `hold` from now).
     /// Noted as held: their next success reports a recovery.
     pub fn holding(
         &self,
         now: Instant,
-        stalled_after: Duration,
+        fallback: Duration,
         hold: Duration,
     ) -> Vec<(String, Instant)> {
         let mut map = self.state.lock().expect("isolation lock");
@@ -281,7 +317,11 @@ impl Isolation {
         for (endpoint, st) in map.iter_mut() {
             let open = st.open_until.filter(|until| now < *until);
             let stalled = st
-                .stalled_for(now, self.settings.max_in_flight, stalled_after)
+                .stalled_for(
+                    now,
+                    self.settings.max_in_flight,
+                    self.stall_after(endpoint, fallback),
+                )
                 .is_some();
             if open.is_some() || stalled {
                 st.held = true;
@@ -360,7 +400,7 @@ impl Permit {
             return false;
         };
         if success {
-            i.observe_success(now.saturating_duration_since(self.started));
+            i.observe_success(&self.endpoint, now.saturating_duration_since(self.started));
         }
         i.release(&self.endpoint, Some(success), now)
     }
@@ -586,27 +626,40 @@ mod tests {
     }
 
     #[test]
-    fn hanging_means_long_against_the_typical_answer() {
+    fn hanging_means_long_against_the_endpoints_own_typical_answer() {
         let i = iso();
-        let ceiling = Duration::from_secs(1);
-        assert_eq!(i.stall_after(ceiling), ceiling, "nothing known yet");
+        let fallback = Duration::from_secs(1);
+        assert_eq!(
+            i.stall_after("ep_a", fallback),
+            fallback,
+            "nothing known yet"
+        );
         let t = Instant::now();
         for _ in 0..50 {
             go(i.admit("ep_a", t)).finish(true, t + Duration::from_millis(40));
         }
-        assert_eq!(i.stall_after(ceiling), Duration::from_millis(320));
+        assert_eq!(i.stall_after("ep_a", fallback), Duration::from_millis(320));
+        // Another endpoint's answers say nothing about this one.
+        for _ in 0..50 {
+            go(i.admit("ep_b", t)).finish(true, t + Duration::from_secs(2));
+        }
+        assert_eq!(i.stall_after("ep_a", fallback), Duration::from_millis(320));
+        assert_eq!(i.stall_after("ep_b", fallback), STALL_CEILING);
+        // One never answered yet: from every endpoint's answers, at most the ceiling.
+        assert_eq!(i.stall_after("ep_c", fallback), fallback);
         for _ in 0..100 {
             go(i.admit("ep_a", t)).finish(true, t + Duration::from_millis(2));
         }
-        assert_eq!(i.stall_after(ceiling), STALL_FLOOR);
+        assert_eq!(i.stall_after("ep_a", fallback), STALL_FLOOR);
+        assert_eq!(i.stall_after("ep_c", fallback), STALL_FLOOR);
         // Failures say nothing about how fast an answer comes; slow successes move it up
-        // to the ceiling.
+        // (a receiver that always takes a second is not taken to hang after one).
         go(i.admit("ep_a", t)).finish(false, t + Duration::from_secs(30));
-        assert_eq!(i.stall_after(ceiling), STALL_FLOOR);
+        assert_eq!(i.stall_after("ep_a", fallback), STALL_FLOOR);
         for _ in 0..100 {
-            go(i.admit("ep_a", t)).finish(true, t + Duration::from_millis(900));
+            go(i.admit("ep_a", t)).finish(true, t + Duration::from_millis(1000));
         }
-        assert_eq!(i.stall_after(ceiling), ceiling);
+        assert!(i.stall_after("ep_a", fallback) > Duration::from_secs(7));
     }
 
     #[test]

@@ -211,6 +211,11 @@ pub struct Recorded {
     pub attempt: AttemptRecord,
     pub status: NewStatus,
     pub disable: Option<String>,
+    /// A message with no job in the broker (it was pulled from parking) that will be
+    /// attempted again: held until its next attempt, when [`release_due`] gives it a
+    /// job carrying this attempt's number, written with the attempt itself so the
+    /// message is never pending without either.
+    pub hold_retry: Option<(DateTime<Utc>, u32)>,
 }
 
 /// Records many attempts in one statement (the delivery workers' group commit): one
@@ -225,7 +230,13 @@ pub async fn record_attempts(
     let (mut at, mut code, mut latency, mut error, mut response) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut status, mut next, mut disable) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut hold, mut hold_attempt) = (Vec::new(), Vec::new());
     for r in batch {
+        hold.push(r.hold_retry.map(|(until, _)| until));
+        hold_attempt.push(
+            r.hold_retry
+                .map(|(_, a)| i32::try_from(a).unwrap_or(i32::MAX)),
+        );
         let (s, n) = match r.status {
             NewStatus::Delivered => ("delivered", None),
             NewStatus::Pending { next_attempt_at } => ("pending", Some(next_attempt_at)),
@@ -244,8 +255,10 @@ pub async fn record_attempts(
     sqlx::query(
         "WITH v AS (
             SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::int[], $4::int[], $5::text[],
-                                 $6::text[], $7::text[], $8::timestamptz[], $9::text[])
-                AS v(message_id, at, status_code, latency_ms, error, response, status, next_at, disable)
+                                 $6::text[], $7::text[], $8::timestamptz[], $9::text[],
+                                 $10::timestamptz[], $11::int[])
+                AS v(message_id, at, status_code, latency_ms, error, response, status, next_at, disable,
+                     hold, hold_attempt)
          ), a AS (
             -- Only for messages that still exist (an endpoint deleted meanwhile takes its
             -- messages along), so one vanished message cannot fail the batch.
@@ -263,9 +276,12 @@ pub async fn record_attempts(
             next_attempt_at = v.next_at,
             last_error = v.error,
             delivered_at = CASE WHEN v.status = 'delivered' THEN v.at ELSE m.delivered_at END,
-            -- An attempt supersedes a hold (a duplicate job ran meanwhile).
-            held_until = NULL,
+            -- An attempt supersedes a hold or a parking (a duplicate job ran meanwhile),
+            -- unless it holds the message for its retry.
+            held_until = CASE WHEN v.status = 'pending' THEN v.hold END,
+            held_attempt = coalesce(v.hold_attempt, m.held_attempt),
             hold_count = 0,
+            parked_at = NULL,
             updated_at = now()
          FROM v WHERE m.id = v.message_id",
     )
@@ -278,6 +294,8 @@ pub async fn record_attempts(
     .bind(&status)
     .bind(&next)
     .bind(&disable)
+    .bind(&hold)
+    .bind(&hold_attempt)
     .execute(conn)
     .await?;
     Ok(())
@@ -308,7 +326,7 @@ pub async fn hold_many(conn: &mut PgConnection, batch: &[Held]) -> Result<(), sq
     sqlx::query(
         "UPDATE webhook_messages m SET
             held_until = v.until, held_attempt = v.attempt, hold_count = v.hold_count,
-            next_attempt_at = v.until, updated_at = now()
+            next_attempt_at = v.until, parked_at = NULL, updated_at = now()
          FROM UNNEST($1::text[], $2::timestamptz[], $3::int[], $4::int[])
             AS v(id, until, attempt, hold_count)
          WHERE m.id = v.id AND m.status = 'pending'",
@@ -334,18 +352,29 @@ pub async fn release_due(
 ) -> Result<u64, sqlx::Error> {
     let n: i64 = sqlx::query_scalar(
         "WITH due AS (
-            SELECT id FROM (
-                SELECT id, held_until,
+            SELECT id, at FROM (
+                SELECT id, held_until AS at,
                        row_number() OVER (PARTITION BY endpoint_id ORDER BY held_until, id) AS n
                 FROM webhook_messages WHERE held_until <= now()
             ) d
-            WHERE n <= $1 ORDER BY held_until, id LIMIT $2
+            WHERE n <= $1
+            UNION ALL
+            -- Parked messages nobody pulls any more (the lease of their puller ran out).
+            SELECT m.id, m.parked_at FROM webhook_parking p
+            CROSS JOIN LATERAL (
+                SELECT id, parked_at FROM webhook_messages
+                WHERE endpoint_id = p.endpoint_id AND parked_at IS NOT NULL AND held_until IS NULL
+                ORDER BY parked_at, id LIMIT $1
+            ) m
+            WHERE p.lease_until <= now()
+         ), first AS (
+            SELECT id, at FROM due ORDER BY at, id LIMIT $2
          ), locked AS (
-            SELECT m.id, m.held_until FROM webhook_messages m JOIN due USING (id)
-            WHERE m.held_until <= now()
+            SELECT m.id, first.at FROM webhook_messages m JOIN first USING (id)
+            WHERE m.held_until <= now() OR (m.parked_at IS NOT NULL AND m.held_until IS NULL)
             FOR UPDATE OF m SKIP LOCKED
          ), u AS (
-            UPDATE webhook_messages m SET held_until = NULL, updated_at = now()
+            UPDATE webhook_messages m SET held_until = NULL, parked_at = NULL, updated_at = now()
             FROM locked WHERE m.id = locked.id
             RETURNING m.id, m.endpoint_id, m.status, m.held_attempt, m.hold_count
          ), jobs AS (
@@ -353,12 +382,208 @@ pub async fn release_due(
             SELECT 'webhook', id, convert_to(jsonb_build_object('webhook_message_id', id,
                 'endpoint_id', endpoint_id, 'attempt', held_attempt, 'holds', hold_count)::text, 'UTF8')
             FROM u JOIN locked USING (id) WHERE u.status = 'pending'
-            ORDER BY locked.held_until, u.id
+            ORDER BY locked.at, u.id
          )
          SELECT count(*) FROM u",
     )
     .bind(per_endpoint)
     .bind(limit)
+    .fetch_one(conn)
+    .await?;
+    Ok(n.max(0) as u64)
+}
+
+/// Forgets the parking leases that ran out over endpoints with nothing parked any more.
+pub async fn drop_idle_leases(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "DELETE FROM webhook_parking WHERE endpoint_id IN (
+            SELECT endpoint_id FROM webhook_parking p WHERE lease_until <= now()
+              AND NOT EXISTS (SELECT 1 FROM webhook_messages m
+                              WHERE m.endpoint_id = p.endpoint_id AND m.parked_at IS NOT NULL
+                                AND m.held_until IS NULL)
+            ORDER BY endpoint_id FOR UPDATE SKIP LOCKED)",
+    )
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// A message to park: its endpoint is at its in-flight cap, so it waits in the
+/// database, in order, until this process pulls it ([`pull_parked`]).
+#[derive(Clone, Debug)]
+pub struct Parked {
+    pub message_id: String,
+    /// When it was parked: the endpoint's parked messages are pulled in this order.
+    pub at: DateTime<Utc>,
+    /// Until when the process that parks it promises to pull (renewed by each pull).
+    pub lease_until: DateTime<Utc>,
+    /// The attempt count of the job's round, and its holds since the last attempt.
+    pub attempt: u32,
+    pub hold_count: u32,
+}
+
+/// Parks many pending messages in one statement (settled ones are left alone) and
+/// takes or extends the lease of their endpoints.
+pub async fn park_many(conn: &mut PgConnection, batch: &[Parked]) -> Result<(), sqlx::Error> {
+    let (mut ids, mut at, mut lease, mut attempt, mut count) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for p in batch {
+        ids.push(p.message_id.clone());
+        at.push(p.at);
+        lease.push(p.lease_until);
+        attempt.push(i32::try_from(p.attempt).unwrap_or(i32::MAX));
+        count.push(i32::try_from(p.hold_count).unwrap_or(i32::MAX));
+    }
+    sqlx::query(
+        "WITH v AS (
+            SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[], $4::int[], $5::int[])
+                AS v(id, at, lease_until, attempt, hold_count)
+         ), p AS (
+            UPDATE webhook_messages m SET
+                parked_at = v.at, held_until = NULL, held_attempt = v.attempt,
+                hold_count = v.hold_count, updated_at = now()
+            FROM v WHERE m.id = v.id AND m.status = 'pending'
+              -- Not one taken from parking and being sent (a duplicate job).
+              AND NOT (m.parked_at IS NOT NULL AND m.held_until IS NOT NULL)
+            RETURNING m.endpoint_id, v.lease_until
+         )
+         INSERT INTO webhook_parking (endpoint_id, lease_until)
+         SELECT endpoint_id, max(lease_until) FROM p GROUP BY endpoint_id
+         ORDER BY endpoint_id
+         ON CONFLICT (endpoint_id) DO UPDATE
+            SET lease_until = greatest(webhook_parking.lease_until, EXCLUDED.lease_until)",
+    )
+    .bind(&ids)
+    .bind(&at)
+    .bind(&lease)
+    .bind(&attempt)
+    .bind(&count)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A message taken out of parking to be attempted.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct Pulled {
+    pub id: String,
+    pub held_attempt: i32,
+    pub hold_count: i32,
+}
+
+/// Takes the oldest `limit` parked messages of an endpoint, in the order they were
+/// parked, holding each until `claim_until` (should the process stop before recording
+/// its attempt, [`release_due`] gives it a job then; `parked_at` stays until then, so a
+/// taken message is told from a held one), and renews the endpoint's lease until
+/// `lease_until`. Messages another process is taking right now are skipped.
+pub async fn pull_parked(
+    conn: &mut PgConnection,
+    endpoint_id: &str,
+    limit: i64,
+    claim_until: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+) -> Result<Vec<Pulled>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH picked AS (
+            SELECT id, parked_at FROM webhook_messages
+            WHERE endpoint_id = $1 AND parked_at IS NOT NULL AND held_until IS NULL
+            ORDER BY parked_at, id LIMIT $2
+            FOR UPDATE SKIP LOCKED
+         ), lease AS (
+            UPDATE webhook_parking SET lease_until = greatest(lease_until, $4)
+            WHERE endpoint_id = $1
+         ), u AS (
+            UPDATE webhook_messages m SET held_until = $3, updated_at = now()
+            FROM picked WHERE m.id = picked.id
+            RETURNING m.id, m.held_attempt, m.hold_count
+         )
+         SELECT u.id, u.held_attempt, u.hold_count FROM u JOIN picked USING (id)
+         ORDER BY picked.parked_at, u.id",
+    )
+    .bind(endpoint_id)
+    .bind(limit)
+    .bind(claim_until)
+    .bind(lease_until)
+    .fetch_all(conn)
+    .await
+}
+
+/// Holds the parked messages of an endpoint that hangs or whose circuit is open until
+/// `until`, and those of `pulled` too (taken, not attempted), as
+/// [`hold_many`] would hold their jobs. Returns how many.
+pub async fn hold_parked(
+    conn: &mut PgConnection,
+    endpoint_id: &str,
+    until: DateTime<Utc>,
+    pulled: &[String],
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE webhook_messages SET held_until = $2, next_attempt_at = $2, parked_at = NULL,
+            hold_count = hold_count + 1, updated_at = now()
+         WHERE endpoint_id = $1 AND status = 'pending'
+           AND ((parked_at IS NOT NULL AND held_until IS NULL) OR id = ANY ($3))",
+    )
+    .bind(endpoint_id)
+    .bind(until)
+    .bind(pulled)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Hands an endpoint's parked messages back (the process pulling them is stopping):
+/// ends its lease, so the hold releaser of whichever process runs it next gives them
+/// jobs, and makes those it pulled but did not attempt (`pulled`) due now. Returns how
+/// many of those.
+pub async fn unclaim(
+    conn: &mut PgConnection,
+    endpoint_id: &str,
+    pulled: &[String],
+) -> Result<u64, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(
+        "WITH lease AS (
+            UPDATE webhook_parking SET lease_until = now() WHERE endpoint_id = $1
+         ), u AS (
+            UPDATE webhook_messages SET held_until = now()
+            WHERE id = ANY ($2) AND held_until IS NOT NULL AND status = 'pending'
+            RETURNING id
+         )
+         SELECT count(*) FROM u",
+    )
+    .bind(endpoint_id)
+    .bind(pulled)
+    .fetch_one(conn)
+    .await?;
+    Ok(n.max(0) as u64)
+}
+
+/// Parks every held message of an endpoint (it answered again after hanging, failing
+/// or being taken for hanging), oldest first, behind nothing: its puller sends them at
+/// its pace instead of the whole backlog going back through the broker at once. Takes
+/// or extends the endpoint's lease until `lease_until`. Messages taken to be sent are
+/// left alone. Returns how many.
+pub async fn park_held(
+    conn: &mut PgConnection,
+    endpoint_id: &str,
+    lease_until: DateTime<Utc>,
+) -> Result<u64, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(
+        "WITH p AS (
+            UPDATE webhook_messages SET parked_at = created_at, held_until = NULL, updated_at = now()
+            WHERE endpoint_id = $1 AND held_until > now() AND parked_at IS NULL AND status = 'pending'
+              -- Held for hanging or a circuit (holds counted), not retries on their schedule.
+              AND hold_count > 0
+            RETURNING id
+         ), lease AS (
+            INSERT INTO webhook_parking (endpoint_id, lease_until)
+            SELECT $1, $2 WHERE EXISTS (SELECT 1 FROM p)
+            ON CONFLICT (endpoint_id) DO UPDATE
+               SET lease_until = greatest(webhook_parking.lease_until, EXCLUDED.lease_until)
+         )
+         SELECT count(*) FROM p",
+    )
+    .bind(endpoint_id)
+    .bind(lease_until)
     .fetch_one(conn)
     .await?;
     Ok(n.max(0) as u64)
@@ -387,7 +612,8 @@ pub async fn fail_unattempted(
     reason: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE webhook_messages SET status = 'failed', last_error = $2, next_attempt_at = NULL, updated_at = now()
+        "UPDATE webhook_messages SET status = 'failed', last_error = $2, next_attempt_at = NULL,
+            held_until = NULL, parked_at = NULL, updated_at = now()
          WHERE id = $1 AND status = 'pending'",
     )
     .bind(message_id)
@@ -409,7 +635,7 @@ pub async fn rearm_settled(
     sqlx::query_scalar(
         "WITH r AS (
             UPDATE webhook_messages SET status = 'pending', next_attempt_at = now(),
-                held_until = NULL, hold_count = 0, updated_at = now()
+                held_until = NULL, parked_at = NULL, hold_count = 0, updated_at = now()
             WHERE business_id = $1 AND id = $2 AND status IN ('failed', 'delivered')
             RETURNING id, endpoint_id
          )
@@ -443,7 +669,7 @@ pub async fn rearm_failed(
             FOR UPDATE
          ), r AS (
             UPDATE webhook_messages m SET status = 'pending', next_attempt_at = now(),
-                held_until = NULL, hold_count = 0, updated_at = now()
+                held_until = NULL, parked_at = NULL, hold_count = 0, updated_at = now()
             FROM page WHERE m.id = page.id
             RETURNING m.id, m.endpoint_id
          )

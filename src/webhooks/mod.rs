@@ -17,9 +17,11 @@
 //!   most once per endpoint however often its grant event is delivered.
 //! - [`deliver`]: competing workers; [`schedule`] decides retries, [`isolation`] keeps
 //!   a slow or dead endpoint from taking the workers of the others; the messages of an
-//!   endpoint that hangs or whose circuit is open are held in PostgreSQL, and
-//!   [`holds`] sends them again when their time comes (or when the endpoint answers);
-//!   [`pacing`] keeps an endpoint's deliveries within its `rate_limit`.
+//!   endpoint at its in-flight cap are parked in PostgreSQL and pulled in order as its
+//!   requests finish ([`parking`]); those of an endpoint that hangs or whose circuit is
+//!   open are held there, and [`holds`] sends them again when their time comes (or
+//!   parks them when the endpoint answers); [`pacing`] keeps an endpoint's deliveries
+//!   within its `rate_limit`.
 //! - [`replay`]: send a message, or an endpoint's failed messages, again.
 //! - [`signing`]: `webhook-signature` values.
 
@@ -30,6 +32,7 @@ pub mod holds;
 pub mod isolation;
 pub mod messages;
 pub mod pacing;
+pub mod parking;
 pub mod reader;
 pub mod recorder;
 pub mod replay;

@@ -11,7 +11,7 @@ use std::future::Future;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, oneshot};
 
-use super::messages::{self, Held, Recorded};
+use super::messages::{self, Held, Parked, Recorded};
 
 /// Why a write did not happen; the worker holds its job and tries again.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -47,6 +47,15 @@ impl GroupWrite for Held {
         batch: &[Self],
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
         messages::hold_many(conn, batch)
+    }
+}
+
+impl GroupWrite for Parked {
+    fn write_all(
+        conn: &mut PgConnection,
+        batch: &[Self],
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send {
+        messages::park_many(conn, batch)
     }
 }
 

@@ -75,26 +75,6 @@ pub fn tier_at_least(d: Duration, delays: &[Duration]) -> Duration {
         .unwrap_or_default()
 }
 
-/// The shortest non-zero tier: where a message waits that was not attempted (its
-/// endpoint was at its in-flight cap). `None` when every tier is zero.
-pub fn shortest_wait(delays: &[Duration]) -> Option<Duration> {
-    delays.iter().copied().filter(|d| !d.is_zero()).min()
-}
-
-/// Where a job goes that was not attempted because its endpoint, still answering, had
-/// no free slot, given how often in a row it was deferred already: first to the back of
-/// the work queue (zero), by when the endpoint has most likely caught up, and only if it
-/// is busy again then to the shortest non-zero tier, so each job cycles through the
-/// broker at most once without a pause. (A hanging endpoint's jobs are held instead:
-/// [`hold_for`].)
-pub fn defer_delay(deferrals: u32, delays: &[Duration]) -> Duration {
-    if deferrals == 0 {
-        Duration::ZERO
-    } else {
-        shortest_wait(delays).unwrap_or_default()
-    }
-}
-
 /// The longest a message is held at a time.
 pub const MAX_HOLD: Duration = Duration::from_secs(300);
 
@@ -218,16 +198,6 @@ mod tests {
     }
 
     #[test]
-    fn deferred_jobs_go_round_once_then_wait() {
-        let d = default_delays();
-        assert_eq!(defer_delay(0, &d), s(0));
-        assert_eq!(defer_delay(1, &d), s(5));
-        assert_eq!(defer_delay(7, &d), s(5));
-        // Every tier zero: nothing to wait in but the work queue.
-        assert_eq!(defer_delay(1, &[s(0)]), s(0));
-    }
-
-    #[test]
     fn hold_doubles_up_to_a_cap() {
         let timeout = s(15);
         let cases = [(0, 15), (1, 30), (2, 60), (4, 240), (5, 300), (40, 300)];
@@ -236,11 +206,5 @@ mod tests {
         }
         // A tiny timeout still holds for a second.
         assert_eq!(hold_for(0, Duration::from_millis(100)), s(1));
-    }
-
-    #[test]
-    fn shortest_wait_skips_zero() {
-        assert_eq!(shortest_wait(&default_delays()), Some(s(5)));
-        assert_eq!(shortest_wait(&[s(0)]), None);
     }
 }

@@ -1,4 +1,6 @@
-//! Webhook delivery throughput: `cargo run --release --example bench_webhooks`.
+//! Webhook delivery throughput: `cargo run --release --example bench_webhooks`
+//! (`-- healthy` for the rounds below alone, `-- slow` for the slow-endpoint phases of
+//! [`slow`] alone; both by default).
 //!
 //! Runs a real guildgate (fan-out, outbox relay, delivery workers; default webhook
 //! settings) against the local PostgreSQL and RabbitMQ, with 10 receivers on loopback.
@@ -39,9 +41,10 @@ use serde_json::json;
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-#[path = "common/measure.rs"]
+#[path = "../common/measure.rs"]
 mod measure;
-#[path = "common/world.rs"]
+mod slow;
+#[path = "../common/world.rs"]
 mod world;
 use measure::{Cpu, median};
 
@@ -176,16 +179,24 @@ fn cpu_per_k(before: Option<Cpu>, deliveries: u64) -> String {
 
 /// Delivery attempts by outcome so far (the `webhook_attempts` metric).
 fn outcomes(m: &Metrics) -> Vec<(&'static str, u64)> {
-    ["delivered", "deferred", "held", "unreachable", "rejected"]
-        .into_iter()
-        .map(|label| {
-            let n = m
-                .webhook_attempts
-                .get_or_create(&vec![("outcome", label.to_string())])
-                .get();
-            (label, n)
-        })
-        .collect()
+    [
+        "delivered",
+        "deferred",
+        "parked",
+        "pulled",
+        "held",
+        "unreachable",
+        "rejected",
+    ]
+    .into_iter()
+    .map(|label| {
+        let n = m
+            .webhook_attempts
+            .get_or_create(&vec![("outcome", label.to_string())])
+            .get();
+        (label, n)
+    })
+    .collect()
 }
 
 /// The outcomes since `before`, for printing.
@@ -198,25 +209,12 @@ fn outcomes_since(m: &Metrics, before: &[(&'static str, u64)]) -> String {
         .join(", ")
 }
 
-/// Publishes `n` grant events (alternating businesses) and waits until `done` says the
-/// receivers have everything; returns the elapsed time.
-async fn run(
-    publisher: &Connection,
-    queue: &str,
-    businesses: &[String; 2],
-    run: &str,
-    n: usize,
-    delivered: impl Fn() -> u64,
-    want: u64,
-) -> Duration {
-    let ch = publisher.create_channel().await.unwrap();
-    ch.confirm_select(Default::default()).await.unwrap();
-    let started = Instant::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+/// Publishes a grant event per (business, grant id), confirmed, in that order.
+async fn publish_events(ch: &lapin::Channel, queue: &str, events: &[(&str, String)]) {
+    for chunk in events.chunks(500) {
         let mut confirms = Vec::new();
-        for &i in chunk {
-            let grant = format!("grant_{run}_{i}");
-            let body = grant_event(&businesses[i % 2], &grant);
+        for (business, grant) in chunk {
+            let body = grant_event(business, grant);
             let c = ch
                 .basic_publish(
                     "".into(),
@@ -235,6 +233,26 @@ async fn run(
             assert!(c.await.unwrap().is_ack());
         }
     }
+}
+
+/// Publishes `n` grant events (alternating businesses) and waits until `done` says the
+/// receivers have everything; returns the elapsed time.
+async fn run(
+    publisher: &Connection,
+    queue: &str,
+    businesses: &[String; 2],
+    run: &str,
+    n: usize,
+    delivered: impl Fn() -> u64,
+    want: u64,
+) -> Duration {
+    let ch = publisher.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let started = Instant::now();
+    let events: Vec<(&str, String)> = (0..n)
+        .map(|i| (businesses[i % 2].as_str(), format!("grant_{run}_{i}")))
+        .collect();
+    publish_events(&ch, queue, &events).await;
     let deadline = Instant::now() + Duration::from_secs(300);
     while delivered() < want {
         assert!(Instant::now() < deadline, "deliveries did not complete");
@@ -262,6 +280,15 @@ async fn main() {
         "amqp://guest:guest@127.0.0.1:5672/%2f",
     );
     let n: usize = env_or("GUILDGATE_BENCH_EVENTS", "4000").parse().unwrap();
+    // `healthy`: only the rounds of healthy and dead-endpoint phases; `slow`: only the
+    // slow-endpoint phases; neither: both.
+    let only = std::env::args().nth(1);
+    let (healthy_phases, slow_phases) = match only.as_deref() {
+        Some("healthy") => (true, false),
+        Some("slow") => (false, true),
+        None => (true, true),
+        Some(other) => panic!("unknown argument {other:?}: healthy, slow or none"),
+    };
     let rounds: usize = env_or("GUILDGATE_BENCH_ROUNDS", "3").parse().unwrap();
     let db_name = format!("ggbench_{tag}");
     let prefix = format!("ggbench-{tag}");
@@ -336,7 +363,7 @@ async fn main() {
     // the machine) over both.
     let mut healthy_rates = Vec::new();
     let mut dead_rates = Vec::new();
-    for round in 1..=rounds {
+    for round in (1..=rounds).filter(|_| healthy_phases) {
         reset();
         let expected = (n * 5) as u64;
         let (businesses, _) = phase_endpoints(&mut conn, &format!("h{round}"), &urls, None).await;
@@ -394,6 +421,26 @@ async fn main() {
             .await
             .unwrap();
     }
+    let slow_figures = if slow_phases {
+        Some(
+            slow::run(
+                slow::Bench {
+                    conn: &mut conn,
+                    publisher: &publisher,
+                    queue: names.grant_events(),
+                    metrics: metrics.clone(),
+                    cap: settings.webhooks.max_in_flight_per_endpoint,
+                    tag: 0,
+                    idle_cpu: slow::idle_cpu().await,
+                },
+                n,
+                rounds,
+            )
+            .await,
+        )
+    } else {
+        None
+    };
     drop(conn);
     // Each round's ratio compares two runs close in time, so it is steadier than the
     // ratio of the medians when the machine's speed drifts.
@@ -405,10 +452,12 @@ async fn main() {
     let round_ratio = median(&mut ratios);
     let healthy_rate = median(&mut healthy_rates);
     let dead_rate = median(&mut dead_rates);
-    println!(
-        "median of {rounds} rounds: {healthy_rate:.0}/s healthy, {dead_rate:.0}/s to the healthy endpoints beside a dead one ({:.2} of the healthy figure); median of the rounds' ratios {round_ratio:.2}",
-        dead_rate / healthy_rate
-    );
+    if healthy_phases {
+        println!(
+            "median of {rounds} rounds: {healthy_rate:.0}/s healthy, {dead_rate:.0}/s to the healthy endpoints beside a dead one ({:.2} of the healthy figure); median of the rounds' ratios {round_ratio:.2}",
+            dead_rate / healthy_rate
+        );
+    }
 
     // Clean up without waiting for the requests held by the dead endpoint.
     shutdown.cancel();
@@ -431,6 +480,7 @@ async fn main() {
             "deliveries_per_s_with_dead_endpoint": dead_rate.round(),
             "dead_endpoint_ratio": (round_ratio * 100.0).round() / 100.0,
             "rounds": rounds,
+            "slow_endpoints": slow_figures,
         })
     );
 }

@@ -1,0 +1,540 @@
+//! Parking: where the jobs of an endpoint at its in-flight cap wait. A job that finds
+//! its endpoint busy (every slot taken, requests still finishing) writes its message
+//! as parked in PostgreSQL ([`messages::park_many`], grouped with other workers'
+//! parks) and is acked; one puller per parked endpoint and process then takes the
+//! endpoint's parked messages, oldest first, a slot at a time, as its requests finish
+//! ([`messages::pull_parked`]), and delivers them without another trip through the
+//! broker. Waiting costs a row, not a republish per second, however slow the endpoint.
+//!
+//! Order: the jobs of an endpoint in this process's hands decide (send, park or hold)
+//! one after the other in the order they arrived ([`Line`]), and while an endpoint has
+//! parked messages its new jobs are parked behind them, pulled in the order they
+//! arrived: first attempts keep the order of the jobs (within a process; competing
+//! processes each keep their own).
+//!
+//! Nothing is lost when a process stops: a pulled message is held in the database
+//! until its attempt is recorded (and given a job again by the hold releaser if it
+//! never is), and each pull renews the endpoint's lease; once the lease has run out,
+//! the hold releaser gives the parked messages jobs again. A puller stops when the
+//! endpoint has nothing parked any more, or when it hangs or its circuit opens (the
+//! parked messages then go the way of held ones once the lease has run out).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use lapin::types::{AMQPValue, FieldTable};
+
+use super::deliver::{Deliverer, Job, Outcome, STALLED_AFTER};
+use super::isolation::{Admission, Permit};
+use super::messages::{self, Pulled};
+use super::{holds, schedule};
+use crate::amqp::{self, ATTEMPT_HEADER, Outgoing};
+
+/// How long an endpoint's parked messages are left to the process pulling them
+/// without a pull before the hold releaser gives them jobs again.
+pub const LEASE: Duration = Duration::from_secs(30);
+
+/// The jobs of each endpoint that this process has in hand and that have not yet
+/// decided whether to send, park or hold, by arrival: a job decides only once every
+/// job of its endpoint that arrived before it has (they are reading their message,
+/// milliseconds), so a later job never takes a free slot ahead of an earlier one.
+#[derive(Clone, Default)]
+pub struct Line {
+    inner: Arc<Mutex<LineState>>,
+}
+
+#[derive(Default)]
+struct LineState {
+    /// The last arrival stamp handed out (microseconds since the epoch), so stamps are
+    /// unique and follow the order of [`Line::join`] calls.
+    last: i64,
+    endpoints: HashMap<String, Waiters>,
+}
+
+#[derive(Default)]
+struct Waiters {
+    places: BTreeSet<i64>,
+    /// Woken when a place of this endpoint is left.
+    moved: Arc<tokio::sync::Notify>,
+}
+
+/// A job's place in its endpoint's [`Line`]; leaving it (dropping) lets the next one on.
+pub struct Place {
+    line: Line,
+    endpoint: String,
+    at: i64,
+    /// How many jobs of the endpoint were in line ahead of it when it joined.
+    ahead: usize,
+}
+
+impl LineState {
+    fn stamp(&mut self) -> i64 {
+        self.last = Utc::now().timestamp_micros().max(self.last + 1);
+        self.last
+    }
+}
+
+impl Line {
+    /// An arrival stamp: the wall clock in microseconds, later than every stamp before.
+    pub fn stamp(&self) -> i64 {
+        self.inner.lock().expect("line lock").stamp()
+    }
+
+    /// Joins the line of `endpoint` with a new arrival stamp ([`Place::at`]).
+    pub fn join(&self, endpoint: &str) -> Place {
+        let mut st = self.inner.lock().expect("line lock");
+        let at = st.stamp();
+        let line = st.endpoints.entry(endpoint.to_string()).or_default();
+        let ahead = line.places.len();
+        line.places.insert(at);
+        Place {
+            line: self.clone(),
+            endpoint: endpoint.to_string(),
+            at,
+            ahead,
+        }
+    }
+
+    /// Whether the first place of `endpoint` is at `at` or later (or there is none),
+    /// and what wakes a change, registered under the same lock.
+    fn look(&self, endpoint: &str, at: i64) -> Option<Arc<tokio::sync::Notify>> {
+        let st = self.inner.lock().expect("line lock");
+        let w = st.endpoints.get(endpoint)?;
+        match w.places.first() {
+            Some(first) if *first < at => Some(w.moved.clone()),
+            _ => None,
+        }
+    }
+
+    /// Waits until every job of `endpoint` stamped before `at` has decided.
+    async fn wait_before(&self, endpoint: &str, at: i64) {
+        loop {
+            let Some(moved) = self.look(endpoint, at) else {
+                return;
+            };
+            let notified = moved.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.look(endpoint, at).is_none() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits until no job of `endpoint` stamped before now is still deciding.
+    pub async fn clear_before_now(&self, endpoint: &str) {
+        let now = self.stamp();
+        self.wait_before(endpoint, now).await
+    }
+}
+
+impl Place {
+    /// The job's arrival stamp.
+    pub fn at(&self) -> i64 {
+        self.at
+    }
+
+    /// How many jobs of the endpoint were in line ahead of this one when it joined.
+    pub fn ahead(&self) -> usize {
+        self.ahead
+    }
+
+    /// Waits until every job that arrived before this one has decided.
+    pub async fn front(&self) {
+        self.line.wait_before(&self.endpoint, self.at).await
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut st = self.line.inner.lock().expect("line lock");
+        if let Some(w) = st.endpoints.get_mut(&self.endpoint) {
+            w.places.remove(&self.at);
+            w.moved.notify_waiters();
+            if w.places.is_empty() {
+                st.endpoints.remove(&self.endpoint);
+            }
+        }
+    }
+}
+
+/// Which endpoints this process parks messages of, and whether it pulls them.
+#[derive(Clone, Default)]
+pub struct Parking {
+    state: Arc<Mutex<HashMap<String, State>>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Parks being written.
+    writing: usize,
+    /// A puller runs.
+    pulling: bool,
+    /// Counts written parks: a puller that found nothing stops only if none was
+    /// written since it looked.
+    written: u64,
+}
+
+/// A park being written; dropping it (written or not) ends it.
+pub struct ParkWrite {
+    parking: Parking,
+    endpoint: String,
+}
+
+impl Parking {
+    /// Whether the endpoint has parked messages here (or is getting some): its new jobs
+    /// go behind them.
+    pub fn is_parked(&self, endpoint: &str) -> bool {
+        self.state
+            .lock()
+            .expect("parking lock")
+            .contains_key(endpoint)
+    }
+
+    /// Starts parking a message of `endpoint`: from now on its new jobs park too.
+    pub fn begin(&self, endpoint: &str) -> ParkWrite {
+        let mut map = self.state.lock().expect("parking lock");
+        map.entry(endpoint.to_string()).or_default().writing += 1;
+        ParkWrite {
+            parking: self.clone(),
+            endpoint: endpoint.to_string(),
+        }
+    }
+
+    fn written(&self, endpoint: &str) -> u64 {
+        let map = self.state.lock().expect("parking lock");
+        map.get(endpoint).map_or(0, |s| s.written)
+    }
+
+    /// The puller found nothing parked: it stops (returns true) unless a park was
+    /// written since it looked (`written` then).
+    fn drained(&self, endpoint: &str, written: u64) -> bool {
+        let mut map = self.state.lock().expect("parking lock");
+        let Some(st) = map.get_mut(endpoint) else {
+            return true;
+        };
+        if st.written != written {
+            return false;
+        }
+        st.pulling = false;
+        if st.writing == 0 {
+            map.remove(endpoint);
+        }
+        true
+    }
+
+    /// The puller stopped for another reason (the endpoint hangs, or shutting down).
+    fn stopped(&self, endpoint: &str) {
+        let mut map = self.state.lock().expect("parking lock");
+        if let Some(st) = map.get_mut(endpoint) {
+            st.pulling = false;
+            if st.writing == 0 {
+                map.remove(endpoint);
+            }
+        }
+    }
+}
+
+impl ParkWrite {
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The park is written: returns whether a puller must start (none runs).
+    pub fn written(self) -> bool {
+        let mut map = self.parking.state.lock().expect("parking lock");
+        let st = map.entry(self.endpoint.clone()).or_default();
+        st.written += 1;
+        !std::mem::replace(&mut st.pulling, true)
+    }
+}
+
+impl Drop for ParkWrite {
+    fn drop(&mut self) {
+        let mut map = self.parking.state.lock().expect("parking lock");
+        if let Some(st) = map.get_mut(&self.endpoint) {
+            st.writing = st.writing.saturating_sub(1);
+            if st.writing == 0 && !st.pulling {
+                map.remove(&self.endpoint);
+            }
+        }
+    }
+}
+
+impl Deliverer {
+    /// Pulls the parked messages of `endpoint` as its slots free, until none is left,
+    /// it hangs, its circuit opens or the process stops.
+    pub(super) async fn pull(self, endpoint: String) {
+        let mut pulled: VecDeque<Pulled> = VecDeque::new();
+        let mut backoff = amqp::reconnect_backoff();
+        // Set when the endpoint hangs (`None`) or its circuit is open (until when).
+        let mut holding: Option<Option<Instant>> = None;
+        loop {
+            let stall_after = self.isolation.stall_after(&endpoint, STALLED_AFTER);
+            let admission = tokio::select! {
+                _ = self.stop.cancelled() => break,
+                a = self.isolation.admit_within(&endpoint, STALLED_AFTER, stall_after) => a,
+            };
+            let permit = match admission {
+                Admission::Go(permit) => permit,
+                Admission::Busy { stalled_for } if stalled_for < stall_after => {
+                    // Behind the endpoint's other waiters: look again shortly.
+                    tokio::select! {
+                        _ = self.stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(5)) => continue,
+                    }
+                }
+                Admission::Busy { .. } => {
+                    holding = Some(None);
+                    break;
+                }
+                Admission::Open { until, .. } => {
+                    holding = Some(Some(until));
+                    break;
+                }
+            };
+            // Jobs that arrived before now and are still deciding (or writing their
+            // park) go first: they would take a slot, or park ahead of what is parked.
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = self.line.clear_before_now(&endpoint) => {}
+            }
+            if pulled.is_empty() {
+                let written = self.parking.written(&endpoint);
+                match self.pull_some(&endpoint).await {
+                    Ok(rows) => {
+                        backoff = amqp::reconnect_backoff();
+                        pulled.extend(rows);
+                    }
+                    Err(e) => {
+                        drop(permit);
+                        let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                        tracing::warn!(endpoint, error = %e, retry_in = ?wait, "cannot pull parked webhook messages");
+                        tokio::select! {
+                            _ = self.stop.cancelled() => break,
+                            _ = tokio::time::sleep(wait) => continue,
+                        }
+                    }
+                }
+                if pulled.is_empty() {
+                    drop(permit);
+                    if self.parking.drained(&endpoint, written) {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            let Some(next) = pulled.pop_front() else {
+                continue;
+            };
+            // One of the process's requests for pulled messages: however many endpoints
+            // have parked backlogs, they share this many at once.
+            let request = tokio::select! {
+                _ = self.stop.cancelled() => {
+                    pulled.push_front(next);
+                    break;
+                }
+                r = self.pulled_requests.clone().acquire_owned() => r.expect("never closed"),
+            };
+            let this = self.clone();
+            let ep = endpoint.clone();
+            self.pullers.spawn(async move {
+                this.deliver_pulled(next, ep, permit).await;
+                drop(request);
+            });
+        }
+        self.parking.stopped(&endpoint);
+        let ids: Vec<String> = pulled.into_iter().map(|p| p.id).collect();
+        let done = match (holding, self.pool.acquire().await) {
+            (_, Err(e)) => Err(e),
+            // The endpoint hangs or its circuit is open: what waits for it is held, as
+            // its jobs would be, until its time or the endpoint's next success.
+            (Some(open_until), Ok(mut conn)) => {
+                self.isolation.note_held(&endpoint);
+                let until = schedule::hold_until(
+                    Instant::now(),
+                    schedule::hold_for(0, self.timeout),
+                    open_until,
+                );
+                let n = messages::hold_parked(&mut conn, &endpoint, holds::wall_clock(until), &ids)
+                    .await;
+                if let Ok(n) = n {
+                    tracing::info!(
+                        endpoint,
+                        messages = n,
+                        "endpoint hangs or its circuit is open; holding its parked messages"
+                    );
+                }
+                n
+            }
+            // Stopping: what it pulled and did not attempt is due now, and the rest is
+            // released once the lease is gone, by whichever process runs first.
+            (None, Ok(mut conn)) => messages::unclaim(&mut conn, &endpoint, &ids).await,
+        };
+        if let Err(e) = done {
+            tracing::warn!(endpoint, error = %e, "cannot hand back parked webhook messages; they go when their lease or hold ends");
+        }
+    }
+
+    /// Takes up to an in-flight cap of the endpoint's parked messages.
+    async fn pull_some(&self, endpoint: &str) -> Result<Vec<Pulled>, sqlx::Error> {
+        let now = Utc::now();
+        let lease = chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::MAX);
+        // Long enough for a pulled message to wait for its slot and be sent: it must not
+        // be released to the broker while its attempt runs.
+        let claim = lease
+            + chrono::Duration::from_std(
+                self.timeout.saturating_mul(2) + super::deliver::BUSY_WAIT,
+            )
+            .unwrap_or_default();
+        let mut conn = self.pool.acquire().await?;
+        messages::pull_parked(
+            &mut conn,
+            endpoint,
+            i64::try_from(self.max_in_flight).unwrap_or(i64::MAX),
+            now + claim,
+            now + lease,
+        )
+        .await
+    }
+
+    /// Attempts one pulled message with the slot taken for it. A retry is held in the
+    /// database with the attempt's record; anything that fails here leaves the message
+    /// held until its claim runs out, when the hold releaser gives it a job.
+    async fn deliver_pulled(self, p: Pulled, endpoint: String, permit: Permit) {
+        let job = Job {
+            message_id: p.id,
+            endpoint_id: Some(endpoint),
+            attempt: u32::try_from(p.held_attempt).unwrap_or(0),
+            holds: u32::try_from(p.hold_count).unwrap_or(0),
+        };
+        self.metrics
+            .webhook_attempts
+            .get_or_create(&vec![("outcome", "pulled".to_string())])
+            .inc();
+        // No wait for a rate limit's turn while holding a slot: held until the turn.
+        let outcome = match self.prepare(&job, Duration::ZERO).await {
+            Ok(Ok(target)) => self.attempt(&job, target, permit, &mut None, true).await,
+            Ok(Err(outcome)) => Ok(outcome),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(Outcome::DeadLetter {
+                code,
+                reason,
+                attempt,
+            }) => self.dead_letter(&job, code, &reason, attempt).await,
+            // Delivered, or held for its retry by its record.
+            Ok(Outcome::Ack(_) | Outcome::Retry { .. }) => {}
+            Err(e) => {
+                tracing::warn!(webhook_message_id = job.message_id, error = %e, "a pulled webhook message goes again when its hold ends");
+            }
+        }
+    }
+
+    /// Parks a pulled message that gave up in the dead queue, as its job would be. It is
+    /// `failed` in the database already (and can be replayed from there); this only
+    /// tells ops, so a broker that cannot take it is logged, not retried.
+    async fn dead_letter(&self, job: &Job, code: &'static str, reason: &str, attempt: u32) {
+        tracing::warn!(webhook_message_id = job.message_id, code, %reason, "webhook message failed; parking it");
+        let names = self.broker.names();
+        let work = names.webhooks();
+        let body = serde_json::json!({
+            "webhook_message_id": job.message_id,
+            "endpoint_id": job.endpoint_id,
+        })
+        .to_string();
+        let out = Outgoing::parked(
+            names,
+            &work,
+            &job.message_id,
+            body.as_bytes(),
+            FieldTable::default(),
+            code,
+            reason,
+        )
+        .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()));
+        let published = match self.broker.confirm_channel(&self.stop).await {
+            Ok(ch) => {
+                let r = amqp::publish_confirmed(&ch, &[out]).await;
+                let _ = ch.close(200, "bye".into()).await;
+                r
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = published {
+            tracing::warn!(webhook_message_id = job.message_id, error = %e, "cannot park a failed webhook message in the dead queue; it stays failed in the database");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_puller_starts_once_and_stops_only_when_nothing_was_parked_since_it_looked() {
+        let p = Parking::default();
+        assert!(!p.is_parked("ep_1"));
+        let first = p.begin("ep_1");
+        // New jobs go behind a park being written.
+        assert!(p.is_parked("ep_1"));
+        assert!(first.written(), "the first park starts a puller");
+        assert!(!p.begin("ep_1").written(), "one puller per endpoint");
+        let seen = p.written("ep_1");
+        let late = p.begin("ep_1");
+        assert!(!late.written());
+        assert!(!p.drained("ep_1", seen), "a park came in after the look");
+        let seen = p.written("ep_1");
+        assert!(p.drained("ep_1", seen));
+        assert!(!p.is_parked("ep_1"), "forgotten once drained");
+        // A park written after the puller stopped starts another.
+        assert!(p.begin("ep_1").written());
+        p.stopped("ep_1");
+        assert!(!p.is_parked("ep_1"));
+    }
+
+    #[tokio::test]
+    async fn a_job_decides_after_those_of_its_endpoint_that_arrived_before_it() {
+        let line = Line::default();
+        let first = line.join("ep_1");
+        let second = line.join("ep_1");
+        assert_eq!((first.ahead(), second.ahead()), (0, 1));
+        assert!(first.at() < second.at());
+        let other = line.join("ep_2");
+        // Another endpoint's jobs do not wait.
+        tokio::time::timeout(std::time::Duration::from_secs(1), other.front())
+            .await
+            .expect("first of its own line");
+        let waiting = tokio::spawn(async move {
+            second.front().await;
+            second
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "the second waits for the first");
+        first.front().await;
+        drop(first);
+        let second = tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+            .await
+            .expect("on once the first has decided")
+            .unwrap();
+        drop(second);
+        assert!(!line.inner.lock().unwrap().endpoints.contains_key("ep_1"));
+    }
+
+    #[test]
+    fn a_park_that_fails_to_be_written_is_forgotten() {
+        let p = Parking::default();
+        drop(p.begin("ep_1"));
+        assert!(!p.is_parked("ep_1"));
+        // While one is being written, a stopped puller keeps the endpoint parked.
+        let writing = p.begin("ep_2");
+        p.stopped("ep_2");
+        assert!(p.is_parked("ep_2"));
+        drop(writing);
+        assert!(!p.is_parked("ep_2"));
+    }
+}
