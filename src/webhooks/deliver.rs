@@ -302,14 +302,15 @@ impl Deliverer {
         }
         // Behind the endpoint's parked messages, so first attempts keep their order; and
         // parked at once when an in-flight cap of its jobs is ahead of this one here
-        // already, unless it is fast (those decide first: they would park too, or take
-        // the slots; a fast endpoint's free in milliseconds).
+        // already, unless it is known to be fast (those decide first: they would park
+        // too, or take the slots; a fast endpoint's free in milliseconds, and waiting in
+        // line for one that has not answered yet could hold many workers).
         if let Some(ep) = job.endpoint_id.as_deref()
             && (self.parking.is_parked(ep)
                 || (place
                     .as_ref()
                     .is_some_and(|p| p.ahead() >= self.max_in_flight)
-                    && !self.waits_for_slots(ep)))
+                    && !self.known_fast(ep)))
         {
             // The place is left once the park is written (by the caller): a puller
             // waits for the parks of the jobs before its time, so it pulls them in order.
@@ -369,6 +370,11 @@ impl Deliverer {
     /// its requests typically take [`FAST`] or longer.
     fn waits_for_slots(&self, endpoint: &str) -> bool {
         self.isolation.typical(endpoint).is_none_or(|t| t < FAST)
+    }
+
+    /// Whether the endpoint's requests typically answer within [`FAST`].
+    fn known_fast(&self, endpoint: &str) -> bool {
+        self.isolation.typical(endpoint).is_some_and(|t| t < FAST)
     }
 
     /// Reads the job's message and its endpoint and takes a turn of the endpoint's rate
