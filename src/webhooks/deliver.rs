@@ -565,7 +565,6 @@ impl Deliverer {
         endpoint_id: &str,
         open_until: Option<Instant>,
     ) -> Result<Outcome, DeliverError> {
-        self.isolation.note_held(endpoint_id);
         let until = schedule::hold_until(
             Instant::now(),
             schedule::hold_for(job.holds, self.timeout),
@@ -579,6 +578,9 @@ impl Deliverer {
                 hold_count: job.holds.saturating_add(1),
             })
             .await?;
+        // Noted once written: a success of the endpoint before then parks the holds
+        // written so far and ends the note, and its next success must park this one.
+        self.isolation.note_held(endpoint_id);
         self.metrics
             .webhook_attempts
             .get_or_create(&vec![("outcome", "held".to_string())])

@@ -256,7 +256,15 @@ impl Fanout {
             None => Vec::new(),
         };
         let mut conn = self.pool.acquire().await?;
-        messages::fan_out(&mut conn, &batch, &held).await
+        let created = messages::fan_out(&mut conn, &batch, &held).await?;
+        // Noted again once written: a success of the endpoint in between ended its
+        // holds, and its next one must park these too.
+        if let Some((isolation, _)) = &self.holds {
+            for (endpoint, _) in &held {
+                isolation.note_held(endpoint);
+            }
+        }
+        Ok(created)
     }
 
     /// Consumes until `shutdown`, resubscribing when the channel breaks.

@@ -353,7 +353,6 @@ impl Deliverer {
             // The endpoint hangs or its circuit is open: what waits for it is held, as
             // its jobs would be, until its time or the endpoint's next success.
             (Some(open_until), Ok(mut conn)) => {
-                self.isolation.note_held(&endpoint);
                 let until = schedule::hold_until(
                     Instant::now(),
                     schedule::hold_for(0, self.timeout),
@@ -361,6 +360,8 @@ impl Deliverer {
                 );
                 let n = messages::hold_parked(&mut conn, &endpoint, holds::wall_clock(until), &ids)
                     .await;
+                // Noted once written, so the endpoint's next success parks them.
+                self.isolation.note_held(&endpoint);
                 if let Ok(n) = n {
                     tracing::info!(
                         endpoint,
