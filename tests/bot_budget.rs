@@ -192,8 +192,10 @@ async fn the_shared_budget_grants_its_slots_once_per_window() {
     let granted = answers.iter().filter(|a| a.is_none()).count();
     assert_eq!(granted, 5, "{answers:?}");
     for wait in answers.iter().flatten() {
+        // At most a window, give or take the time between a taker's clock reading and
+        // a slot another taker stamped a moment later.
         assert!(
-            *wait > Duration::from_secs(1) && *wait <= window,
+            *wait > Duration::from_secs(1) && *wait <= window + Duration::from_millis(50),
             "{wait:?}"
         );
     }
