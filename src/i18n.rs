@@ -90,14 +90,15 @@ impl Lang {
 
 /// Declares a table of what customers read: a struct of one `&'static str` per field,
 /// `all()` (every string in field order, for [`assert_translated`]) and `of(lang)`, the
-/// table of a language, given the table constant of each language.
+/// table of a language: the calling module's constants `EN`, `DE`, `FR`, `ES`, `PT_BR`
+/// and `JA`, one per [`Lang`] (a language added here fails to build until each table
+/// has its constant).
 macro_rules! texts {
     (
         $(#[$meta:meta])*
         pub struct $name:ident {
             $( $(#[$fmeta:meta])* pub $field:ident, )*
         }
-        languages { $( $lang:ident => $table:ident ),* $(,)? }
     ) => {
         $(#[$meta])*
         pub struct $name {
@@ -112,10 +113,17 @@ macro_rules! texts {
             }
         }
 
-        /// The strings of a language.
+        /// The strings of a language: the module's `EN`, `DE`, `FR`, `ES`, `PT_BR` and
+        /// `JA` tables.
         pub fn of(lang: $crate::i18n::Lang) -> &'static $name {
+            use $crate::i18n::Lang;
             match lang {
-                $( $crate::i18n::Lang::$lang => &$table, )*
+                Lang::En => &EN,
+                Lang::De => &DE,
+                Lang::Fr => &FR,
+                Lang::Es => &ES,
+                Lang::PtBr => &PT_BR,
+                Lang::Ja => &JA,
             }
         }
     };

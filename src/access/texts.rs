@@ -60,14 +60,6 @@ crate::i18n::texts! {
         pub reason_expired,
         pub reason_other,
     }
-    languages {
-        En => EN,
-        De => DE,
-        Fr => FR,
-        Es => ES,
-        PtBr => PT_BR,
-        Ja => JA,
-    }
 }
 
 const EN: Texts = Texts {

@@ -28,14 +28,6 @@ crate::i18n::texts! {
         /// The last line: why they got it.
         pub footer,
     }
-    languages {
-        En => EN,
-        De => DE,
-        Fr => FR,
-        Es => ES,
-        PtBr => PT_BR,
-        Ja => JA,
-    }
 }
 
 const EN: Texts = Texts {

@@ -28,14 +28,6 @@ crate::i18n::texts! {
         pub busy_title,
         pub busy,
     }
-    languages {
-        En => EN,
-        De => DE,
-        Fr => FR,
-        Es => ES,
-        PtBr => PT_BR,
-        Ja => JA,
-    }
 }
 
 const EN: Texts = Texts {
