@@ -159,21 +159,9 @@ async fn main() {
         ("GUILDGATE_HTTP__ADDR", "127.0.0.1:0".into()),
         ("GUILDGATE_API__REQUESTS_PER_SECOND", "100000".into()),
         ("GUILDGATE_API__BURST", "100000".into()),
-        ("GUILDGATE_DISCORD__API_BASE", sandbox.api_base()),
-        (
-            "GUILDGATE_DISCORD__CLIENT_ID",
-            sandbox.client_id().to_string(),
-        ),
-        (
-            "GUILDGATE_DISCORD__CLIENT_SECRET",
-            sandbox.client_secret().to_string(),
-        ),
-        (
-            "GUILDGATE_DISCORD__BOT_TOKEN",
-            sandbox.bot_token().to_string(),
-        ),
     ]
     .into_iter()
+    .chain(world::sandbox_env(&sandbox))
     .map(|(k, v)| (k.to_string(), v))
     .collect();
     let settings = Settings::load_with_env(None, Some(env)).unwrap();

@@ -137,29 +137,22 @@ async fn main() {
     let role = guild.role("Patrons");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let env: HashMap<String, String> = [
-        ("GUILDGATE_DATABASE__URL", format!("{db_base}/{db_name}")),
-        ("GUILDGATE_AMQP__URL", amqp_url.clone()),
-        ("GUILDGATE_AMQP__QUEUE_PREFIX", prefix.clone()),
-        ("GUILDGATE_AMQP__EXCHANGE", format!("{prefix}.payments")),
-        ("GUILDGATE_HTTP__ADDR", format!("127.0.0.1:{port}")),
-        (
-            "GUILDGATE_HTTP__PUBLIC_URL",
-            format!("http://127.0.0.1:{port}"),
-        ),
-        ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "20".into()),
-        ("GUILDGATE_OAUTH__ADDRESS_ATTEMPTS", "1000000".into()),
-    ]
-    .into_iter()
-    .chain(world::sandbox_env(&sandbox))
-    .map(|(k, v)| (k.to_string(), v))
-    // Tuning knobs can be tried from the environment, e.g. GUILDGATE_OUTBOX__LINGER=0s.
-    .chain(std::env::vars().filter(|(k, _)| {
-        k.starts_with("GUILDGATE_OUTBOX__")
-            || k == "GUILDGATE_AMQP__BATCH_LINGER"
-            || k == "GUILDGATE_AMQP__BATCH_SIZE"
-    }))
-    .collect();
+    let env: HashMap<String, String> =
+        world::bench_env(format!("{db_base}/{db_name}"), &amqp_url, &prefix, port)
+            .into_iter()
+            .chain([
+                ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "20".into()),
+                ("GUILDGATE_OAUTH__ADDRESS_ATTEMPTS", "1000000".into()),
+            ])
+            .chain(world::sandbox_env(&sandbox))
+            .map(|(k, v)| (k.to_string(), v))
+            // Tuning knobs can be tried from the environment, e.g. GUILDGATE_OUTBOX__LINGER=0s.
+            .chain(std::env::vars().filter(|(k, _)| {
+                k.starts_with("GUILDGATE_OUTBOX__")
+                    || k == "GUILDGATE_AMQP__BATCH_LINGER"
+                    || k == "GUILDGATE_AMQP__BATCH_SIZE"
+            }))
+            .collect();
     let settings = Settings::load_with_env(None, Some(env)).expect("settings");
     let names = Names::from_settings(&settings);
     let app = App::build_with_listener(

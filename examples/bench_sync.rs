@@ -66,24 +66,17 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let prefix = format!("ggbench-{tag}");
-    let env: HashMap<String, String> = [
-        ("GUILDGATE_DATABASE__URL", format!("{db_base}/{db_name}")),
-        ("GUILDGATE_AMQP__URL", amqp_url.clone()),
-        ("GUILDGATE_AMQP__QUEUE_PREFIX", prefix.clone()),
-        ("GUILDGATE_AMQP__EXCHANGE", format!("{prefix}.payments")),
-        ("GUILDGATE_HTTP__ADDR", format!("127.0.0.1:{port}")),
-        (
-            "GUILDGATE_HTTP__PUBLIC_URL",
-            format!("http://127.0.0.1:{port}"),
-        ),
-        ("GUILDGATE_OUTBOX__SWEEP_INTERVAL", "200ms".into()),
-        // Nothing else calls Discord here: the syncer gets the whole global limit.
-        ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "0".into()),
-    ]
-    .into_iter()
-    .chain(world::sandbox_env(&sandbox))
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let env: HashMap<String, String> =
+        world::bench_env(format!("{db_base}/{db_name}"), &amqp_url, &prefix, port)
+            .into_iter()
+            .chain([
+                ("GUILDGATE_OUTBOX__SWEEP_INTERVAL", "200ms".into()),
+                // Nothing else calls Discord here: the syncer gets the whole global limit.
+                ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "0".into()),
+            ])
+            .chain(world::sandbox_env(&sandbox))
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
     let settings = Settings::load_with_env(None, Some(env)).expect("settings");
     let app = App::build_with_listener(
         settings.clone(),

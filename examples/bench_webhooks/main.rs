@@ -294,25 +294,16 @@ async fn main() {
     let prefix = format!("ggbench-{tag}");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let env: HashMap<String, String> = [
-        ("GUILDGATE_DATABASE__URL", format!("{db_base}/{db_name}")),
-        ("GUILDGATE_AMQP__URL", amqp_url.clone()),
-        ("GUILDGATE_AMQP__QUEUE_PREFIX", prefix.clone()),
-        ("GUILDGATE_AMQP__EXCHANGE", format!("{prefix}.payments")),
-        ("GUILDGATE_HTTP__ADDR", format!("127.0.0.1:{port}")),
-        (
-            "GUILDGATE_HTTP__PUBLIC_URL",
-            format!("http://127.0.0.1:{port}"),
-        ),
-        ("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    // Tuning knobs can be tried from the environment, e.g. GUILDGATE_WEBHOOKS__WORKERS=128.
-    .chain(std::env::vars().filter(|(k, _)| {
-        k.starts_with("GUILDGATE_WEBHOOKS__") || k.starts_with("GUILDGATE_OUTBOX__")
-    }))
-    .collect();
+    let env: HashMap<String, String> =
+        world::bench_env(format!("{db_base}/{db_name}"), &amqp_url, &prefix, port)
+            .into_iter()
+            .chain([("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".into())])
+            .map(|(k, v)| (k.to_string(), v))
+            // Tuning knobs can be tried from the environment, e.g. GUILDGATE_WEBHOOKS__WORKERS=128.
+            .chain(std::env::vars().filter(|(k, _)| {
+                k.starts_with("GUILDGATE_WEBHOOKS__") || k.starts_with("GUILDGATE_OUTBOX__")
+            }))
+            .collect();
     let settings = Settings::load_with_env(None, Some(env)).expect("settings");
     let options = Options {
         consumers: false,

@@ -9,6 +9,27 @@ use lapin::Channel;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use sandbox_discord::Sandbox;
 
+/// The settings of a benchmark's own guildgate: its database, the broker, queues and
+/// exchange named from `prefix`, and HTTP on `port` of 127.0.0.1.
+pub fn bench_env(
+    database_url: String,
+    amqp_url: &str,
+    prefix: &str,
+    port: u16,
+) -> Vec<(&'static str, String)> {
+    vec![
+        ("GUILDGATE_DATABASE__URL", database_url),
+        ("GUILDGATE_AMQP__URL", amqp_url.to_string()),
+        ("GUILDGATE_AMQP__QUEUE_PREFIX", prefix.to_string()),
+        ("GUILDGATE_AMQP__EXCHANGE", format!("{prefix}.payments")),
+        ("GUILDGATE_HTTP__ADDR", format!("127.0.0.1:{port}")),
+        (
+            "GUILDGATE_HTTP__PUBLIC_URL",
+            format!("http://127.0.0.1:{port}"),
+        ),
+    ]
+}
+
 /// The `GUILDGATE_DISCORD__*` settings that point guildgate at `sandbox`.
 pub fn sandbox_env(sandbox: &Sandbox) -> Vec<(&'static str, String)> {
     vec![
