@@ -114,6 +114,24 @@ fn grant_event(business: &str, grant_id: &str) -> Vec<u8> {
     serde_json::to_vec(&body).unwrap()
 }
 
+/// Adds an endpoint posting to `url` (on loopback) to `business`; returns its id.
+async fn add_endpoint(conn: &mut PgConnection, business: &str, url: String) -> String {
+    endpoints::create(
+        conn,
+        business,
+        NewEndpoint {
+            url,
+            ..NewEndpoint::default()
+        },
+        TargetPolicy {
+            allow_private: true,
+        },
+    )
+    .await
+    .unwrap()
+    .id
+}
+
 /// Two businesses of five endpoints each for one phase: endpoint `i` posts to `urls[i]`,
 /// except that with `dead` the last one posts there. Returns the businesses and the
 /// last endpoint's id.
@@ -130,20 +148,7 @@ async fn phase_endpoints(
             Some(dead) if i == urls.len() - 1 => dead.to_string(),
             _ => url.clone(),
         };
-        last = endpoints::create(
-            conn,
-            &businesses[i / 5],
-            NewEndpoint {
-                url,
-                ..NewEndpoint::default()
-            },
-            TargetPolicy {
-                allow_private: true,
-            },
-        )
-        .await
-        .unwrap()
-        .id;
+        last = add_endpoint(conn, &businesses[i / 5], url).await;
     }
     (businesses, last)
 }

@@ -21,8 +21,6 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::State;
 use guildgate::metrics::Metrics;
-use guildgate::webhooks::endpoints::{self, NewEndpoint};
-use guildgate::webhooks::ssrf::TargetPolicy;
 use lapin::Connection;
 use serde_json::json;
 use sqlx::PgConnection;
@@ -183,19 +181,12 @@ impl Bench<'_> {
         let mut out = Vec::new();
         for latency in latencies {
             let (url, receiver) = receiver(*latency).await;
-            endpoints::create(
+            crate::add_endpoint(
                 self.conn,
                 &format!("bus_{phase}_{}_{business}", self.tag),
-                NewEndpoint {
-                    url,
-                    ..NewEndpoint::default()
-                },
-                TargetPolicy {
-                    allow_private: true,
-                },
+                url,
             )
-            .await
-            .unwrap();
+            .await;
             out.push(Endpoint {
                 latency: *latency,
                 business,
