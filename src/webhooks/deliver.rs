@@ -180,8 +180,6 @@ pub struct Deliverer {
     pub parking: Parking,
     /// The pullers of parked messages and their deliveries, awaited on shutdown.
     pub pullers: TaskTracker,
-    /// `webhooks.max_in_flight_per_endpoint`: also how many parked messages a pull takes.
-    pub max_in_flight: usize,
     /// Cancelled when the process stops (set by [`Deliverer::run`]).
     pub stop: CancellationToken,
     /// Requests for pulled messages at once, over every endpoint (4 × the workers).
@@ -242,7 +240,6 @@ impl Deliverer {
             parker: Recorder::spawn(pool.clone(), 256),
             parking: Parking::default(),
             pullers: TaskTracker::new(),
-            max_in_flight: settings.max_in_flight_per_endpoint.max(1),
             stop: CancellationToken::new(),
             pulled_requests: Arc::new(Semaphore::new(settings.workers.max(1).saturating_mul(4))),
             line: Line::default(),
@@ -309,7 +306,7 @@ impl Deliverer {
             && (self.parking.is_parked(ep)
                 || (place
                     .as_ref()
-                    .is_some_and(|p| p.ahead() >= self.max_in_flight)
+                    .is_some_and(|p| p.ahead() >= self.isolation.max_in_flight())
                     && !self.known_fast(ep)))
         {
             // The place is left once the park is written (by the caller): a puller
@@ -531,26 +528,29 @@ impl Deliverer {
         write: ParkWrite,
         arrived: DateTime<Utc>,
     ) -> Result<Outcome, DeliverError> {
-        let endpoint_id = write.endpoint().to_string();
         self.parker
             .record(Parked {
                 message_id: job.message_id.clone(),
                 at: arrived,
-                lease_until: Utc::now()
-                    + chrono::Duration::from_std(parking::LEASE).unwrap_or(chrono::Duration::MAX),
+                lease_until: parking::lease_until(Utc::now()),
                 attempt: job.attempt,
                 hold_count: job.holds,
             })
             .await?;
-        if write.written() {
-            let this = self.clone();
-            self.pullers.spawn(this.pull(endpoint_id));
-        }
+        self.parked(write);
         self.metrics
             .webhook_attempts
             .get_or_create(&vec![("outcome", "parked".to_string())])
             .inc();
         Ok(Outcome::Ack("parked"))
+    }
+
+    /// A park is written: the endpoint's puller starts unless one runs.
+    fn parked(&self, write: ParkWrite) {
+        let endpoint = write.endpoint().to_string();
+        if write.written() {
+            self.pullers.spawn(self.clone().pull(endpoint));
+        }
     }
 
     /// The endpoint hangs, or its circuit is open until `open_until`: hold the message
@@ -615,8 +615,7 @@ impl Deliverer {
     fn release_held(&self, endpoint_id: &str) {
         let (this, endpoint_id) = (self.clone(), endpoint_id.to_string());
         tokio::spawn(async move {
-            let lease = Utc::now()
-                + chrono::Duration::from_std(parking::LEASE).unwrap_or(chrono::Duration::MAX);
+            let lease = parking::lease_until(Utc::now());
             let parked = match this.pool.acquire().await {
                 Ok(mut conn) => messages::park_held(&mut conn, &endpoint_id, lease).await,
                 Err(e) => Err(e),
@@ -629,10 +628,7 @@ impl Deliverer {
                         messages = n,
                         "endpoint answers again; sending its held messages"
                     );
-                    if this.parking.begin(&endpoint_id).written() {
-                        let puller = this.clone();
-                        this.pullers.spawn(puller.pull(endpoint_id));
-                    }
+                    this.parked(this.parking.begin(&endpoint_id));
                 }
                 Err(e) => {
                     tracing::warn!(endpoint_id, error = %e, "cannot release held messages; they go at their held time")

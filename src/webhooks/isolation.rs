@@ -140,6 +140,11 @@ impl Isolation {
         }
     }
 
+    /// The cap of requests in flight per endpoint.
+    pub fn max_in_flight(&self) -> usize {
+        self.settings.max_in_flight
+    }
+
     /// How long the endpoint may go at its cap without a request finishing before it
     /// counts as hanging, at most `ceiling` while none of its requests has succeeded.
     /// See [`STALL_FLOOR`].

@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use lapin::types::{AMQPValue, FieldTable};
 
 use super::deliver::{Deliverer, Job, Outcome, STALLED_AFTER};
@@ -35,6 +35,11 @@ use crate::amqp::{self, ATTEMPT_HEADER, Outgoing};
 /// How long an endpoint's parked messages are left to the process pulling them
 /// without a pull before the hold releaser gives them jobs again.
 pub const LEASE: Duration = Duration::from_secs(30);
+
+/// Until when a lease taken or renewed at `now` runs.
+pub fn lease_until(now: DateTime<Utc>) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::MAX)
+}
 
 /// The jobs of each endpoint that this process has in hand and that have not yet
 /// decided whether to send, park or hold, by arrival: a job decides only once every
@@ -204,7 +209,7 @@ impl Parking {
         }
     }
 
-    fn written(&self, endpoint: &str) -> u64 {
+    fn writes(&self, endpoint: &str) -> u64 {
         let map = self.state.lock().expect("parking lock");
         map.get(endpoint).map_or(0, |s| s.written)
     }
@@ -303,7 +308,7 @@ impl Deliverer {
                 _ = self.line.clear_before_now(&endpoint) => {}
             }
             if pulled.is_empty() {
-                let written = self.parking.written(&endpoint);
+                let written = self.parking.writes(&endpoint);
                 match self.pull_some(&endpoint).await {
                     Ok(rows) => {
                         backoff = amqp::reconnect_backoff();
@@ -383,10 +388,9 @@ impl Deliverer {
     /// Takes up to an in-flight cap of the endpoint's parked messages.
     async fn pull_some(&self, endpoint: &str) -> Result<Vec<Pulled>, sqlx::Error> {
         let now = Utc::now();
-        let lease = chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::MAX);
         // Long enough for a pulled message to wait for its slot and be sent: it must not
         // be released to the broker while its attempt runs.
-        let claim = lease
+        let claim = lease_until(now)
             + chrono::Duration::from_std(
                 self.timeout.saturating_mul(2) + super::deliver::BUSY_WAIT,
             )
@@ -395,9 +399,9 @@ impl Deliverer {
         messages::pull_parked(
             &mut conn,
             endpoint,
-            i64::try_from(self.max_in_flight).unwrap_or(i64::MAX),
-            now + claim,
-            now + lease,
+            i64::try_from(self.isolation.max_in_flight()).unwrap_or(i64::MAX),
+            claim,
+            lease_until(now),
         )
         .await
     }
@@ -485,11 +489,11 @@ mod tests {
         assert!(p.is_parked("ep_1"));
         assert!(first.written(), "the first park starts a puller");
         assert!(!p.begin("ep_1").written(), "one puller per endpoint");
-        let seen = p.written("ep_1");
+        let seen = p.writes("ep_1");
         let late = p.begin("ep_1");
         assert!(!late.written());
         assert!(!p.drained("ep_1", seen), "a park came in after the look");
-        let seen = p.written("ep_1");
+        let seen = p.writes("ep_1");
         assert!(p.drained("ep_1", seen));
         assert!(!p.is_parked("ep_1"), "forgotten once drained");
         // A park written after the puller stopped starts another.
