@@ -1,11 +1,15 @@
-//! The reliability figures: runs the crash, outage, Discord chaos and hostile-input
-//! scenarios against the local PostgreSQL and RabbitMQ with a sandbox Discord, and prints
+//! The reliability figures: runs the crash, outage, Discord chaos, hostile-input,
+//! RabbitMQ cluster and PostgreSQL failover scenarios against the local PostgreSQL and
+//! RabbitMQ (the last two start three RabbitMQ nodes, and a primary and standby, of
+//! their own) with a sandbox Discord, and prints
 //! one table (Markdown, as in docs/reliability.md), then one JSON line.
 //!
 //! ```text
 //! cargo run --release --example chaos                 # 20,000 events, 5 kills, 30 s database outage
 //! cargo run --release --example chaos -- --short      # what CI runs (tests/chaos.rs)
 //! cargo run --release --example chaos -- --only crashes --events 5000 --kills 3
+//! cargo run --release --example chaos -- --only cluster   # three RabbitMQ nodes, two killed
+//! cargo run --release --example chaos -- --only standby   # PostgreSQL primary killed, standby promoted
 //! ```
 //!
 //! The worker that is killed is this program started again as `chaos worker`, which
@@ -51,8 +55,9 @@ struct Args {
     /// Replay a run.
     #[arg(long)]
     seed: Option<u64>,
-    /// Only these scenarios: crashes, outages, discord, hostile (repeatable).
-    #[arg(long, value_parser = ["crashes", "outages", "discord", "hostile"])]
+    /// Only these scenarios: crashes, outages, discord, hostile, cluster, standby
+    /// (repeatable).
+    #[arg(long, value_parser = ["crashes", "outages", "discord", "hostile", "cluster", "standby"])]
     only: Vec<String>,
 }
 
@@ -108,6 +113,12 @@ fn main() -> ExitCode {
         }
         if wanted("hostile") {
             reports.push(hostile::hostile().await);
+        }
+        if wanted("cluster") {
+            reports.push(scenarios::cluster(&p, &cmd).await);
+        }
+        if wanted("standby") {
+            reports.push(scenarios::standby(&p, &cmd).await);
         }
         reports
     });

@@ -7,7 +7,7 @@
 //! two in step):
 //!
 //! - `GUILDGATE_DATABASE__URL`, `__MAX_CONNECTIONS`
-//! - `GUILDGATE_AMQP__URL`, `__EXCHANGE`, `__QUEUE_PREFIX`, `__PREFETCH`, `__CONSUMERS`,
+//! - `GUILDGATE_AMQP__URL`, `__URLS`, `__QUORUM_REPLICAS`, `__LEADER_LOCATOR`, `__EXCHANGE`, `__QUEUE_PREFIX`, `__PREFETCH`, `__CONSUMERS`,
 //!   `__BATCH_SIZE`, `__BATCH_LINGER`, `__MAX_MESSAGE_BYTES`, `__DELIVERY_LIMIT`
 //! - `GUILDGATE_HTTP__ADDR`, `__PUBLIC_URL`, `__MAX_BODY_BYTES`, `__REQUEST_TIMEOUT`,
 //!   `__MAX_CONCURRENT_REQUESTS`, `__TRUSTED_PROXIES`
@@ -91,6 +91,17 @@ pub struct DatabaseSettings {
 #[derive(Clone, Debug, Deserialize)]
 pub struct AmqpSettings {
     pub url: SecretString,
+    /// The nodes of a RabbitMQ cluster, comma-separated URLs with credentials; when set,
+    /// they win over `url` (read them with [`AmqpSettings::nodes`]). A TOML file may
+    /// give an array instead.
+    #[serde(deserialize_with = "secret_list")]
+    pub urls: SecretString,
+    /// Replicas of each quorum queue, declared when a queue is first created
+    /// (`x-quorum-initial-group-size`); `None`: the broker's default.
+    pub quorum_replicas: Option<u16>,
+    /// Where a new quorum queue's leader goes (`x-queue-leader-locator`:
+    /// `client-local` or `balanced`); `None`: the broker's default.
+    pub leader_locator: Option<String>,
     /// The platform's topic exchange that carries every merchant's payment events.
     pub exchange: String,
     /// Prefix of every queue and exchange guildgate owns.
@@ -109,6 +120,39 @@ pub struct AmqpSettings {
     /// Quorum-queue `x-delivery-limit`: a message redelivered this often is dead-lettered
     /// by the broker (guards against a message that crashes the process every time).
     pub delivery_limit: u32,
+}
+
+impl AmqpSettings {
+    /// The node URLs to connect to, in order: those of `urls` when it names any, else
+    /// `url` alone. Every item was checked when the settings loaded.
+    pub fn nodes(&self) -> Vec<SecretString> {
+        let listed: Vec<SecretString> = self
+            .urls
+            .expose_secret()
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| SecretString::from(u.to_owned()))
+            .collect();
+        if listed.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            listed
+        }
+    }
+}
+
+/// Where a node URL points, for logs: `host:port`, never the credentials.
+pub fn node_label(url: &SecretString) -> String {
+    match url::Url::parse(url.expose_secret()) {
+        Ok(u) => format!(
+            "{}:{}",
+            u.host_str().unwrap_or("?"),
+            u.port()
+                .unwrap_or(if u.scheme() == "amqps" { 5671 } else { 5672 })
+        ),
+        Err(_) => "an unparsable URL".into(),
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -384,6 +428,32 @@ impl Settings {
                 "amqp.queue_prefix must be 1 to 100 characters".into(),
             ));
         }
+        for node in self.amqp.nodes() {
+            // The error never quotes the URL: it carries a password.
+            let scheme = url::Url::parse(node.expose_secret())
+                .map_err(|e| ConfigError::Invalid(format!("amqp.url(s): a node URL: {e}")))?
+                .scheme()
+                .to_owned();
+            if scheme != "amqp" && scheme != "amqps" {
+                return Err(ConfigError::Invalid(format!(
+                    "amqp.url(s): a node URL has the scheme {scheme:?}, not amqp or amqps"
+                )));
+            }
+        }
+        if self.amqp.quorum_replicas == Some(0) {
+            return Err(ConfigError::Invalid(
+                "amqp.quorum_replicas must be at least 1 (or unset for the broker's default)"
+                    .into(),
+            ));
+        }
+        if let Some(l) = &self.amqp.leader_locator
+            && l != "client-local"
+            && l != "balanced"
+        {
+            return Err(ConfigError::Invalid(format!(
+                "amqp.leader_locator must be client-local or balanced, not {l:?}"
+            )));
+        }
         if self.amqp.batch_size == 0 || self.amqp.consumers == 0 {
             return Err(ConfigError::Invalid(
                 "amqp.batch_size and amqp.consumers must be at least 1".into(),
@@ -545,6 +615,12 @@ fn list_items<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> 
     })
 }
 
+/// A list of secrets (a comma-separated list or an array), held as one secret with
+/// its items joined by commas.
+fn secret_list<'de, D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+    Ok(SecretString::from(list_items(d)?.join(",")))
+}
+
 /// A list of durations; every item must parse.
 fn duration_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
     list_items(d)?
@@ -595,6 +671,52 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn cluster_nodes_win_over_the_single_url_and_never_show_their_passwords() {
+        let one = Settings::load_with_env(None, Some(env(&[]))).unwrap();
+        let nodes = one.amqp.nodes();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].expose_secret(), one.amqp.url.expose_secret());
+        assert_eq!(one.amqp.quorum_replicas, None);
+        assert_eq!(one.amqp.leader_locator, None);
+
+        let three = Settings::load_with_env(
+            None,
+            Some(env(&[
+                (
+                    "GUILDGATE_AMQP__URLS",
+                    "amqp://u:pw1@mq-a:5672/%2f, amqp://u:pw2@mq-b:5673/%2f,amqps://u:pw3@mq-c/%2f",
+                ),
+                ("GUILDGATE_AMQP__QUORUM_REPLICAS", "3"),
+                ("GUILDGATE_AMQP__LEADER_LOCATOR", "balanced"),
+            ])),
+        )
+        .unwrap();
+        let labels: Vec<String> = three.amqp.nodes().iter().map(node_label).collect();
+        assert_eq!(labels, ["mq-a:5672", "mq-b:5673", "mq-c:5671"]);
+        assert_eq!(three.amqp.quorum_replicas, Some(3));
+        assert_eq!(three.amqp.leader_locator.as_deref(), Some("balanced"));
+        assert!(!format!("{:?}", three.amqp).contains("pw"));
+
+        let bad = |pairs: &[(&str, &str)]| {
+            Settings::load_with_env(None, Some(env(pairs)))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = bad(&[(
+            "GUILDGATE_AMQP__URLS",
+            "amqp://u:secretpw@a/%2f,http://u:secretpw@b/",
+        )]);
+        assert!(e.contains("\"http\""), "{e}");
+        assert!(!e.contains("secretpw"), "{e}");
+        let e = bad(&[("GUILDGATE_AMQP__URLS", "amqp://u:secretpw@a/%2f,not a url")]);
+        assert!(e.contains("amqp.url(s)") && !e.contains("secretpw"), "{e}");
+        let e = bad(&[("GUILDGATE_AMQP__LEADER_LOCATOR", "random")]);
+        assert!(e.contains("client-local or balanced"), "{e}");
+        let e = bad(&[("GUILDGATE_AMQP__QUORUM_REPLICAS", "0")]);
+        assert!(e.contains("at least 1"), "{e}");
     }
 
     #[test]

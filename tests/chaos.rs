@@ -69,3 +69,22 @@ async fn discord_chaos_delivers_everything_within_the_rate_limits() {
 async fn hostile_input_is_dead_lettered_or_ignored_and_good_events_flow() {
     check(hostile::hostile().await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dying_rabbitmq_node_loses_and_doubles_nothing() {
+    let r = scenarios::cluster(&params(), &guildgate()).await;
+    assert_eq!(
+        r.kills, 2,
+        "the leader's node and guildgate's node were killed"
+    );
+    assert_eq!(r.recovery.len(), 2, "two recoveries measured");
+    check(r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_failover_loses_and_doubles_nothing() {
+    let r = scenarios::standby(&params(), &guildgate()).await;
+    assert_eq!(r.kills, 1, "the primary was killed");
+    assert_eq!(r.recovery.len(), 1, "the recovery was measured");
+    check(r);
+}

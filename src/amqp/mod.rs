@@ -4,6 +4,10 @@
 //! sees an error, asks [`Broker::channel`] again, and that call reconnects (with
 //! backoff) and re-declares the topology once for everybody. Deliveries that were in
 //! flight are redelivered by the broker, and every consumer is idempotent.
+//!
+//! With a cluster (`amqp.urls`) the connection goes to one node, picked at random so
+//! that replicas spread over the nodes; when it breaks, the reconnect tries the next
+//! node first, then the others in turn.
 
 pub mod dlq;
 pub mod topology;
@@ -56,6 +60,10 @@ struct Inner {
     settings: Settings,
     names: Names,
     conn: Mutex<Option<Connection>>,
+    /// The nodes to connect to (one without a cluster).
+    nodes: Vec<secrecy::SecretString>,
+    /// The node a connect tries first.
+    next_node: std::sync::atomic::AtomicUsize,
     /// Set once the topology was declared on the current connection (readiness).
     ready: std::sync::atomic::AtomicBool,
     /// Declare the topology on every (re)connect.
@@ -79,6 +87,8 @@ impl Broker {
                 settings: settings.clone(),
                 names: Names::from_settings(settings),
                 conn: Mutex::new(None),
+                nodes: settings.amqp.nodes(),
+                next_node: rand::random_range(0..settings.amqp.nodes().len()).into(),
                 ready: false.into(),
                 declare,
             }),
@@ -109,33 +119,102 @@ impl Broker {
                 .ready
                 .store(false, std::sync::atomic::Ordering::Relaxed);
             *guard = None;
+            // The node was lost: the next one is tried first.
+            self.inner
+                .next_node
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let props = ConnectionProperties::default()
-            .with_connection_name(LongString::from(self.inner.name.as_str()));
-        // Bounded, so a half-open network path cannot hang every task behind this lock.
-        let conn = tokio::time::timeout(
-            Duration::from_secs(15),
-            Connection::connect(self.inner.settings.amqp.url.expose_secret(), props),
-        )
-        .await
-        .map_err(|_| {
-            lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connecting to RabbitMQ timed out",
-                ),
-            )))
-        })??;
-        let ch = conn.create_channel().await?;
-        if self.inner.declare {
-            topology::declare(&ch, &self.inner.names, &self.inner.settings).await?;
+        let conn = self.connect_some_node().await?;
+        let prepared = async {
+            let ch = conn.create_channel().await?;
+            if self.inner.declare {
+                topology::declare(&ch, &self.inner.names, &self.inner.settings).await?;
+            }
+            Ok::<_, lapin::Error>(ch)
         }
-        tracing::info!(connection = %self.inner.name, declared = self.inner.declare, "connected to RabbitMQ");
+        .await;
+        let ch = match prepared {
+            Ok(ch) => ch,
+            Err(e) => {
+                // A node that accepts connections but cannot serve (a paused minority,
+                // a node still starting): the next try starts elsewhere.
+                self.inner
+                    .next_node
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            connection = %self.inner.name,
+            node = %self.node(),
+            declared = self.inner.declare,
+            "connected to RabbitMQ"
+        );
         self.inner
             .ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
         *guard = Some(conn);
         Ok(ch)
+    }
+
+    /// The node a connection goes to now (`host:port`): the one connected to, or the
+    /// one the next connect tries first.
+    pub fn node(&self) -> String {
+        crate::config::node_label(&self.inner.nodes[self.current_node()])
+    }
+
+    fn current_node(&self) -> usize {
+        self.inner
+            .next_node
+            .load(std::sync::atomic::Ordering::Relaxed)
+            % self.inner.nodes.len()
+    }
+
+    /// A connection to the first node that answers, from [`Self::current_node`] on,
+    /// each node tried once; the error of the last one when none does. Each try is
+    /// bounded, so a half-open network path cannot hang every task behind the lock.
+    async fn connect_some_node(&self) -> Result<Connection, lapin::Error> {
+        let nodes = &self.inner.nodes;
+        let per_node = (CONNECT_TIMEOUT / nodes.len() as u32).max(MIN_NODE_TIMEOUT);
+        let first = self.current_node();
+        let mut last = None;
+        for i in 0..nodes.len() {
+            let k = (first + i) % nodes.len();
+            let props = ConnectionProperties::default()
+                .with_connection_name(LongString::from(self.inner.name.as_str()));
+            let tried = tokio::time::timeout(
+                per_node,
+                Connection::connect(nodes[k].expose_secret(), props),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(lapin::Error::from(lapin::ErrorKind::IOError(Arc::new(
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "connecting to RabbitMQ timed out",
+                    ),
+                ))))
+            });
+            match tried {
+                Ok(conn) => {
+                    self.inner
+                        .next_node
+                        .store(k, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    if nodes.len() > 1 {
+                        tracing::warn!(
+                            node = %crate::config::node_label(&nodes[k]),
+                            error = %e,
+                            "RabbitMQ node unreachable; trying the next"
+                        );
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one node"))
     }
 
     /// A channel, waiting with backoff (forever, or until `shutdown`) while the broker is
@@ -218,6 +297,11 @@ impl Broker {
         }
     }
 }
+
+/// How long one connect may take in all, shared by the nodes tried...
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// ...but at least this per node.
+const MIN_NODE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Exponential from 100 ms to 5 s, never giving up.
 pub fn reconnect_backoff() -> impl Iterator<Item = Duration> {

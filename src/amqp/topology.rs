@@ -142,7 +142,14 @@ pub async fn declare(ch: &Channel, names: &Names, settings: &Settings) -> Result
     .await?;
 
     let delivery_limit = AMQPValue::LongInt(settings.amqp.delivery_limit as i32);
-    let quorum = ("x-queue-type", s("quorum"));
+    // Every queue is a quorum queue, with the cluster placement the settings ask for.
+    let mut quorum = vec![("x-queue-type", s("quorum"))];
+    if let Some(n) = settings.amqp.quorum_replicas {
+        quorum.push(("x-quorum-initial-group-size", AMQPValue::LongInt(n.into())));
+    }
+    if let Some(l) = &settings.amqp.leader_locator {
+        quorum.push(("x-queue-leader-locator", s(l)));
+    }
     let at_least_once = [
         ("x-dead-letter-strategy", s("at-least-once")),
         ("x-overflow", s("reject-publish")),
@@ -150,12 +157,8 @@ pub async fn declare(ch: &Channel, names: &Names, settings: &Settings) -> Result
 
     for queue in names.work_queues() {
         let dead = Names::dead(&queue);
-        ch.queue_declare(
-            dead.as_str().into(),
-            durable(),
-            args(std::slice::from_ref(&quorum)),
-        )
-        .await?;
+        ch.queue_declare(dead.as_str().into(), durable(), args(&quorum))
+            .await?;
         ch.queue_bind(
             dead.as_str().into(),
             dlx.as_str().into(),
@@ -164,12 +167,12 @@ pub async fn declare(ch: &Channel, names: &Names, settings: &Settings) -> Result
             FieldTable::default(),
         )
         .await?;
-        let mut a = vec![
-            quorum.clone(),
+        let mut a = quorum.clone();
+        a.extend([
             ("x-dead-letter-exchange", s(&dlx)),
             ("x-dead-letter-routing-key", s(&dead)),
             ("x-delivery-limit", delivery_limit.clone()),
-        ];
+        ]);
         a.extend(at_least_once.iter().cloned());
         if queue == names.discord_sync() {
             // One process owns Discord's rate limit; the others stand by.
@@ -197,8 +200,8 @@ pub async fn declare(ch: &Channel, names: &Names, settings: &Settings) -> Result
     ] {
         for delay in delays.iter().filter(|d| !d.is_zero()) {
             let tier = Names::retry(&queue, *delay);
-            let mut a = vec![
-                quorum.clone(),
+            let mut a = quorum.clone();
+            a.extend([
                 (
                     "x-message-ttl",
                     AMQPValue::LongLongInt(delay.as_millis() as i64),
@@ -206,7 +209,7 @@ pub async fn declare(ch: &Channel, names: &Names, settings: &Settings) -> Result
                 // Expired messages go back to the work queue through the default exchange.
                 ("x-dead-letter-exchange", s("")),
                 ("x-dead-letter-routing-key", s(&queue)),
-            ];
+            ]);
             a.extend(at_least_once.iter().cloned());
             ch.queue_declare(tier.as_str().into(), durable(), args(&a))
                 .await?;

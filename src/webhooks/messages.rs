@@ -557,6 +557,22 @@ pub async fn unclaim(
     Ok(n.max(0) as u64)
 }
 
+/// Makes pulled messages whose attempt went wrong before it was recorded (the database
+/// failed under it) due now, instead of when their claim runs out: the hold releaser
+/// gives them jobs within a second. A message whose attempt was recorded after all
+/// (delivered, or held for its retry: no longer parked) is left as it is.
+pub async fn due_now(conn: &mut PgConnection, pulled: &[String]) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE webhook_messages SET held_until = now()
+         WHERE id = ANY ($1) AND parked_at IS NOT NULL AND held_until > now()
+           AND status = 'pending'",
+    )
+    .bind(pulled)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Parks every held message of an endpoint (it answered again after hanging, failing
 /// or being taken for hanging), oldest first, behind nothing: its puller sends them at
 /// its pace instead of the whole backlog going back through the broker at once. Takes

@@ -407,8 +407,9 @@ impl Deliverer {
     }
 
     /// Attempts one pulled message with the slot taken for it. A retry is held in the
-    /// database with the attempt's record; anything that fails here leaves the message
-    /// held until its claim runs out, when the hold releaser gives it a job.
+    /// database with the attempt's record; a database failure before the record makes
+    /// the message due again once the database answers (the hold releaser gives it a
+    /// job), and if even that fails it stays held until its claim runs out.
     async fn deliver_pulled(self, p: Pulled, endpoint: String, permit: Permit) {
         let job = Job {
             message_id: p.id,
@@ -435,7 +436,30 @@ impl Deliverer {
             // Delivered, or held for its retry by its record.
             Ok(Outcome::Ack(_) | Outcome::Retry { .. }) => {}
             Err(e) => {
-                tracing::warn!(webhook_message_id = job.message_id, error = %e, "a pulled webhook message goes again when its hold ends");
+                tracing::warn!(webhook_message_id = job.message_id, error = %e, "a pulled webhook message failed before its record; it goes again once the database answers");
+                self.due_again(&job.message_id).await;
+            }
+        }
+    }
+
+    /// Makes a pulled message whose attempt failed on the database due at once, as
+    /// soon as the database answers again, rather than when its claim runs out (a
+    /// minute): after a database failover it goes within seconds. Gives up when the
+    /// process stops; the claim still ends.
+    async fn due_again(&self, message_id: &str) {
+        let mut backoff = amqp::reconnect_backoff();
+        let ids = [message_id.to_string()];
+        loop {
+            let done = match self.pool.acquire().await {
+                Ok(mut conn) => messages::due_now(&mut conn, &ids).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            let Err(e) = done else { return };
+            let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+            tracing::debug!(webhook_message_id = message_id, error = %e, retry_in = ?wait, "cannot make a pulled message due yet");
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }

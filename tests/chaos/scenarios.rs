@@ -32,7 +32,9 @@ use sandbox_discord::{
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
+use crate::common::pg_standby::PgStandbyPair;
 use crate::common::proxy::Proxy;
+use crate::common::rabbit_cluster::RabbitCluster;
 use crate::common::worker::{Worker, WorkerCommand};
 use crate::common::{self, TestDb, amqp_url, tag};
 use crate::model::{self, ENTITLEMENTS, Model, Plan, Source};
@@ -54,6 +56,10 @@ pub struct Params {
     pub receiver_outage: Duration,
     /// Events of the Discord chaos scenario (every customer linked).
     pub discord_events: usize,
+    /// Events of the RabbitMQ cluster scenario.
+    pub cluster_events: usize,
+    /// Events of the PostgreSQL failover scenario.
+    pub standby_events: usize,
     /// Give up waiting for the expected state after this long without progress.
     pub stall: Duration,
 }
@@ -72,6 +78,8 @@ impl Params {
             db_outage: Duration::from_secs(30),
             receiver_outage: Duration::from_secs(15),
             discord_events: 600,
+            cluster_events: 6_000,
+            standby_events: 6_000,
             stall: Duration::from_secs(90),
         }
     }
@@ -88,6 +96,8 @@ impl Params {
             db_outage: Duration::from_secs(4),
             receiver_outage: Duration::from_secs(3),
             discord_events: 160,
+            cluster_events: 800,
+            standby_events: 800,
             stall: Duration::from_secs(60),
         }
     }
@@ -318,6 +328,13 @@ struct StackOptions {
     sandbox: SandboxConfig,
     /// Route the worker's database and broker connections through cuttable proxies.
     proxied: bool,
+    /// The nodes of a RabbitMQ cluster to use instead of the machine's broker: guildgate
+    /// gets them all (`amqp.urls`), the platform's publisher connects to the first that
+    /// answers and moves on when it is lost.
+    amqp_nodes: Vec<String>,
+    /// The PostgreSQL server (a URL without a database) to use instead of the
+    /// machine's.
+    database_base: Option<String>,
     env: Vec<(&'static str, String)>,
 }
 
@@ -344,6 +361,8 @@ struct Stack {
     receiver: Arc<ReceiverState>,
     publisher: Connection,
     channel: Channel,
+    /// Where the publisher may connect (the machine's broker, or a cluster's nodes).
+    publisher_nodes: Vec<String>,
     db_proxy: Option<Proxy>,
     amqp_proxy: Option<Proxy>,
     passed: bool,
@@ -358,10 +377,18 @@ impl Stack {
     ) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let sandbox = Sandbox::start(opts.sandbox).await;
-        let db = TestDb::create().await;
+        let db = match &opts.database_base {
+            Some(base) => TestDb::create_on(base).await,
+            None => TestDb::create().await,
+        };
         let pool = PgPool::connect(&db.url).await.unwrap();
         store::migrate(&pool).await.unwrap();
         let prefix = format!("ggtest-{}", tag());
+        let publisher_nodes = if opts.amqp_nodes.is_empty() {
+            vec![amqp_url()]
+        } else {
+            opts.amqp_nodes.clone()
+        };
         let (db_proxy, amqp_proxy) = if opts.proxied {
             let pg: std::net::SocketAddr = url::Url::parse(&db.url)
                 .unwrap()
@@ -391,6 +418,7 @@ impl Stack {
                     None => amqp_url(),
                 },
             ),
+            ("GUILDGATE_AMQP__URLS", opts.amqp_nodes.join(",")),
             ("GUILDGATE_AMQP__QUEUE_PREFIX", prefix.clone()),
             ("GUILDGATE_AMQP__EXCHANGE", format!("{prefix}.payments")),
             ("GUILDGATE_AMQP__CONSUMERS", "2".into()),
@@ -521,11 +549,7 @@ impl Stack {
             before.entry(user).or_default().push(had);
         }
 
-        let publisher = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .unwrap();
-        let channel = publisher.create_channel().await.unwrap();
-        channel.confirm_select(Default::default()).await.unwrap();
+        let (publisher, channel) = connect_publisher(&publisher_nodes).await;
         let dir = std::env::temp_dir().join(format!("guildgate-chaos-{name}-{}", tag()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut stack = Self {
@@ -552,6 +576,7 @@ impl Stack {
             receiver,
             publisher,
             channel,
+            publisher_nodes,
             db_proxy,
             amqp_proxy,
             passed: false,
@@ -580,13 +605,49 @@ impl Stack {
         self.spawn_worker().await;
     }
 
-    /// Publishes `msgs` to the platform's exchange with publisher confirms.
-    async fn publish(&self, msgs: &[crate::model::Msg]) {
-        let exchange = self.settings.amqp.exchange.clone();
-        let mut confirms = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            confirms.push(
-                self.channel
+    /// Reads what guildgate wrote from `url` from now on (the database moved).
+    async fn repoint_checks(&mut self, url: &str) {
+        self.pool.close().await;
+        self.pool = PgPool::connect(url).await.unwrap();
+    }
+
+    /// Connects the publisher again when its node was lost.
+    async fn ensure_publisher(&mut self) {
+        if !self.publisher.status().connected() || !self.channel.status().connected() {
+            self.reconnect_publisher().await;
+        }
+    }
+
+    /// Connects the publisher to `url` (one of its nodes) now, and to the others in
+    /// turn when that one is lost.
+    async fn move_publisher_to(&mut self, url: &str) {
+        let k = self
+            .publisher_nodes
+            .iter()
+            .position(|n| n == url)
+            .expect("one of the publisher's nodes");
+        self.publisher_nodes.rotate_left(k);
+        self.reconnect_publisher().await;
+    }
+
+    async fn reconnect_publisher(&mut self) {
+        let _ = self.publisher.close(200, "reconnecting".into()).await;
+        (self.publisher, self.channel) = connect_publisher(&self.publisher_nodes).await;
+    }
+
+    /// Publishes `msgs` to the platform's exchange with publisher confirms, as the
+    /// platform does: what the broker did not confirm (its node died under the publish)
+    /// is published again, on another node if need be.
+    async fn publish(&mut self, msgs: &[crate::model::Msg]) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut pending: Vec<&crate::model::Msg> = msgs.iter().collect();
+        while !pending.is_empty() {
+            self.ensure_publisher().await;
+            let exchange = self.settings.amqp.exchange.clone();
+            let mut sent = Vec::with_capacity(pending.len());
+            for m in pending {
+                let confirm = self
+                    .channel
                     .basic_publish(
                         exchange.as_str().into(),
                         m.routing_key.as_str().into(),
@@ -597,16 +658,61 @@ impl Stack {
                             .with_content_type("application/json".into())
                             .with_message_id(m.message_id.as_str().into()),
                     )
-                    .await
-                    .expect("publish"),
-            );
+                    .await;
+                sent.push((m, confirm));
+            }
+            let mut unconfirmed = Vec::new();
+            for (m, confirm) in sent {
+                let acked = match confirm {
+                    Ok(c) => c.await.is_ok_and(|c| c.is_ack()),
+                    Err(_) => false,
+                };
+                if !acked {
+                    unconfirmed.push(m);
+                }
+            }
+            if !unconfirmed.is_empty() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the broker refused or lost {} message(s) for a minute",
+                    unconfirmed.len()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.reconnect_publisher().await;
+            }
+            pending = unconfirmed;
         }
-        for c in confirms {
-            assert!(
-                c.await.expect("confirm").is_ack(),
-                "the broker refused a message"
-            );
+    }
+
+    /// Publishes a round and waits until everything published so far (`recorded`
+    /// events) is applied; a round not applied within `stall` is a problem.
+    async fn publish_round(
+        &mut self,
+        round: &[crate::model::Msg],
+        recorded: usize,
+        stall: Duration,
+        r: &mut Report,
+    ) {
+        self.publish(round).await;
+        if let Err(e) = self.wait_processed(recorded, stall).await {
+            r.problems.push(e);
         }
+    }
+
+    /// Publishes the first half of a round (after `before` events) and waits until some
+    /// of it is applied; returns the other half, for after the fault.
+    async fn publish_half<'a>(
+        &mut self,
+        round: &'a [crate::model::Msg],
+        before: usize,
+        stall: Duration,
+    ) -> &'a [crate::model::Msg] {
+        let (first, second) = round.split_at(round.len() / 2);
+        self.publish(first).await;
+        let _ = self
+            .wait_processed(before + first.len().min(1), stall)
+            .await;
+        second
     }
 
     async fn processed(&self) -> i64 {
@@ -977,6 +1083,18 @@ impl Drop for Stack {
     }
 }
 
+/// A confirming publisher on the first of `nodes` that answers.
+async fn connect_publisher(nodes: &[String]) -> (Connection, Channel) {
+    for url in nodes {
+        if let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await {
+            let channel = conn.create_channel().await.unwrap();
+            channel.confirm_select(Default::default()).await.unwrap();
+            return (conn, channel);
+        }
+    }
+    panic!("no RabbitMQ node of {} answers", nodes.len());
+}
+
 fn short_queue(q: &str) -> &str {
     // `<prefix>.payment-events.dead` → `payment-events`
     let q = q.strip_suffix(".dead").unwrap_or(q);
@@ -1282,7 +1400,7 @@ pub async fn discord_chaos(p: &Params, cmd: &WorkerCommand) -> Report {
             .with_default_bucket(10, Duration::from_secs(1))
             .with_global(50, Duration::from_secs(1)),
     );
-    let stack = Stack::start(
+    let mut stack = Stack::start(
         "discord",
         cmd,
         &plan,
@@ -1325,4 +1443,185 @@ pub async fn discord_chaos(p: &Params, cmd: &WorkerCommand) -> Report {
         }
     })
     .await
+}
+
+/// Scenario 5: guildgate on a three-node RabbitMQ cluster. While events flow, the node
+/// leading the payment-events queue is SIGKILLed (and started again), then the node
+/// guildgate is connected to. The platform keeps publishing, moving to a live node
+/// when it loses its own.
+pub async fn cluster(p: &Params, cmd: &WorkerCommand) -> Report {
+    let began = Instant::now();
+    let mut nodes = RabbitCluster::start(3).await;
+    let plan = model::generate(p.cluster_events, p.seed ^ 0xc105, p.linked_share);
+    let model = model_of(&plan);
+    let mut r = Report {
+        scenario: "cluster",
+        events_sent: plan.messages(),
+        ..Report::default()
+    };
+    r.notes.push(format!(
+        "3 RabbitMQ nodes started and joined in {:.0} s",
+        began.elapsed().as_secs_f64()
+    ));
+    let mut stack = Stack::start(
+        "cluster",
+        cmd,
+        &plan,
+        StackOptions {
+            sandbox: roomy(),
+            amqp_nodes: nodes.urls(),
+            env: vec![
+                ("GUILDGATE_AMQP__QUORUM_REPLICAS", "3".into()),
+                ("GUILDGATE_AMQP__LEADER_LOCATOR", "balanced".into()),
+            ],
+            ..StackOptions::default()
+        },
+    )
+    .await;
+    let queue = stack.names.payment_events();
+    let mut m = Model::default();
+    for (i, round) in plan.rounds.iter().enumerate() {
+        let before = m.recorded;
+        for msg in round {
+            m.apply(msg);
+        }
+        let fault = match i {
+            1 => Some("leader node"),
+            2 => Some("connected node"),
+            _ => None,
+        };
+        let Some(fault) = fault else {
+            stack
+                .publish_round(round, m.recorded, p.stall, &mut r)
+                .await;
+            continue;
+        };
+        // A live node tells who leads the queue; guildgate's connection tells its node.
+        let victim = if fault == "leader node" {
+            nodes.leader_of(0, &queue).await
+        } else {
+            nodes
+                .nodes_with_connection("guildgate")
+                .await
+                .first()
+                .copied()
+        };
+        let Some(victim) = victim else {
+            r.problems
+                .push(format!("cannot tell which node is the {fault}"));
+            stack.publish(round).await;
+            continue;
+        };
+        // Half of the round, some of it applied, then the kill, then the other half:
+        // events are in flight when the node dies, and more arrive while guildgate
+        // moves to another node. The platform publishes through the dying node too.
+        stack.move_publisher_to(&nodes.url(victim)).await;
+        let second = stack.publish_half(round, before, p.stall).await;
+        nodes.kill(victim);
+        let killed = Instant::now();
+        r.kills += 1;
+        stack.publish(second).await;
+        // Recovered when everything published up to and after the kill is applied.
+        if let Err(e) = stack.wait_processed(m.recorded, p.stall).await {
+            r.problems
+                .push(format!("after the {fault} was killed: {e}"));
+        }
+        let recovered = killed.elapsed();
+        r.recovery.push((fault, recovered));
+        r.notes.push(format!(
+            "{fault} (node {victim}) killed: every event published before and after it applied {:.1} s later",
+            recovered.as_secs_f64()
+        ));
+        let restarting = Instant::now();
+        nodes.restart(victim).await;
+        r.notes.push(format!(
+            "node {victim} back in the cluster {:.0} s after its restart",
+            restarting.elapsed().as_secs_f64()
+        ));
+    }
+    stack.ensure_publisher().await;
+    let r = end(stack, r, &model, &plan, began, p.stall, |_, _| {}).await;
+    drop(nodes);
+    r
+}
+
+/// Scenario 6: guildgate's PostgreSQL is a primary with a synchronous standby, reached
+/// through a TCP proxy (HAProxy's place in production). While events flow, the
+/// standby's replication link is cut (the primary's commits now wait), the primary is
+/// killed with SIGKILL, the standby promoted and the proxy pointed at it. The platform
+/// keeps publishing throughout.
+pub async fn standby(p: &Params, cmd: &WorkerCommand) -> Report {
+    let began = Instant::now();
+    let mut pair = PgStandbyPair::start().await;
+    let plan = model::generate(p.standby_events, p.seed ^ 0x5eb1, p.linked_share);
+    let model = model_of(&plan);
+    let mut r = Report {
+        scenario: "standby",
+        events_sent: plan.messages(),
+        ..Report::default()
+    };
+    r.notes.push(format!(
+        "primary and synchronous standby made and started in {:.0} s",
+        began.elapsed().as_secs_f64()
+    ));
+    let mut stack = Stack::start(
+        "standby",
+        cmd,
+        &plan,
+        StackOptions {
+            sandbox: roomy(),
+            proxied: true,
+            database_base: Some(pair.primary_base()),
+            ..StackOptions::default()
+        },
+    )
+    .await;
+    let db_name = stack.db.as_ref().expect("a database").name.clone();
+    let mut m = Model::default();
+    for (i, round) in plan.rounds.iter().enumerate() {
+        let before = m.recorded;
+        for msg in round {
+            m.apply(msg);
+        }
+        if i != 2 {
+            stack
+                .publish_round(round, m.recorded, p.stall, &mut r)
+                .await;
+            continue;
+        }
+        let second = stack.publish_half(round, before, p.stall).await;
+        // The standby stops hearing from the primary; what the primary commits after
+        // this exists nowhere else, so nothing of it may have been acknowledged.
+        pair.cut_replication();
+        stack.publish(second).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        pair.kill_primary();
+        let killed = Instant::now();
+        r.kills += 1;
+        pair.promote_standby().await;
+        let promoted = killed.elapsed();
+        stack
+            .db_proxy
+            .as_ref()
+            .expect("proxied")
+            .retarget(([127, 0, 0, 1], pair.standby_port).into());
+        stack
+            .repoint_checks(&pair.url_of(pair.standby_port, &db_name))
+            .await;
+        if let Err(e) = stack.wait_processed(m.recorded, p.stall).await {
+            r.problems.push(format!(
+                "after the primary was killed and the standby promoted: {e}"
+            ));
+        }
+        let recovered = killed.elapsed();
+        r.recovery.push(("failover", recovered));
+        r.notes.push(format!(
+            "primary killed: standby promoted {:.1} s later, every event published before and after applied {:.1} s after the kill",
+            promoted.as_secs_f64(),
+            recovered.as_secs_f64()
+        ));
+    }
+    let r = end(stack, r, &model, &plan, began, p.stall, |_, _| {}).await;
+    drop(pair);
+    r
 }

@@ -8,7 +8,9 @@
 #![allow(dead_code)]
 
 pub mod events;
+pub mod pg_standby;
 pub mod proxy;
+pub mod rabbit_cluster;
 pub mod worker;
 #[path = "../../examples/common/world.rs"]
 pub mod world;
@@ -77,12 +79,19 @@ where
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    /// The server's URL without a database.
+    base: String,
 }
 
 impl TestDb {
     pub async fn create() -> Self {
+        Self::create_on(&database_base_url()).await
+    }
+
+    /// A fresh database on the server at `base` (a URL without a database).
+    pub async fn create_on(base: &str) -> Self {
         let name = format!("ggtest_{}", tag());
-        let mut admin = PgConnection::connect(&format!("{}/postgres", database_base_url()))
+        let mut admin = PgConnection::connect(&format!("{base}/postgres"))
             .await
             .expect("PostgreSQL must be running (see README)");
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
@@ -90,15 +99,14 @@ impl TestDb {
             .await
             .unwrap();
         Self {
-            url: format!("{}/{name}", database_base_url()),
+            url: format!("{base}/{name}"),
             name,
+            base: base.to_string(),
         }
     }
 
     pub async fn drop_db(&self) {
-        if let Ok(mut admin) =
-            PgConnection::connect(&format!("{}/postgres", database_base_url())).await
-        {
+        if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", self.base)).await {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name
@@ -636,6 +644,7 @@ impl Drop for TestApp {
             Some(TestDb {
                 name: self.db.name.clone(),
                 url: self.db.url.clone(),
+                base: self.db.base.clone(),
             }),
         );
     }

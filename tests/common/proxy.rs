@@ -1,9 +1,10 @@
 //! An in-process TCP proxy that can cut every connection through it and refuse new ones,
-//! to simulate a database or broker outage without touching the shared servers.
+//! to simulate a database or broker outage without touching the shared servers, and be
+//! pointed at another server (what HAProxy in front of a database does on failover).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -11,6 +12,7 @@ use tokio::sync::watch;
 pub struct Proxy {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
+    target: Arc<Mutex<SocketAddr>>,
     cut_tx: watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -22,6 +24,8 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
         let (cut_tx, cut_rx) = watch::channel(0u64);
+        let target = Arc::new(Mutex::new(target));
+        let target2 = target.clone();
         let up2 = up.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -35,6 +39,7 @@ impl Proxy {
                 let mut cut = cut_rx.clone();
                 // Only cuts after this connection was accepted concern it.
                 cut.borrow_and_update();
+                let target = *target2.lock().unwrap();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
@@ -52,6 +57,7 @@ impl Proxy {
         Self {
             addr,
             up,
+            target,
             cut_tx,
             task,
         }
@@ -65,6 +71,12 @@ impl Proxy {
 
     pub fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Sends new connections to `to` and drops the open ones (which went elsewhere).
+    pub fn retarget(&self, to: SocketAddr) {
+        *self.target.lock().unwrap() = to;
+        self.cut_tx.send_modify(|n| *n += 1);
     }
 }
 
