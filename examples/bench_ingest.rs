@@ -37,7 +37,6 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use sqlx::{Connection as _, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 #[path = "common/measure.rs"]
@@ -565,13 +564,7 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
         .to_lowercase();
     let db_name = format!("ggbench_{tag}");
     let prefix = format!("ggbench-{tag}");
-    let mut admin = PgConnection::connect(&format!("{db_base}/postgres"))
-        .await
-        .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    let mut admin = world::create_database(&db_base, &db_name).await;
     let settings = Settings::load_with_env(
         None,
         Some(bench_env(&format!("{db_base}/{db_name}"), &prefix)),

@@ -30,7 +30,6 @@ use rand::Rng;
 use sandbox_discord::{GuildSpec, Latency, Sandbox, SandboxConfig, permissions};
 use secrecy::ExposeSecret;
 use serde_json::json;
-use sqlx::{Connection as _, PgConnection};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -144,13 +143,7 @@ async fn main() {
         .to_lowercase();
     let db_name = format!("ggbench_{tag}");
     let prefix = format!("ggbench-{tag}");
-    let mut admin = PgConnection::connect(&format!("{db_base}/postgres"))
-        .await
-        .unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    let mut admin = world::create_database(&db_base, &db_name).await;
     let env: HashMap<String, String> = [
         ("GUILDGATE_DATABASE__URL", format!("{db_base}/{db_name}")),
         ("GUILDGATE_AMQP__URL", amqp_url.clone()),

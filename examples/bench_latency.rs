@@ -37,7 +37,6 @@ use lapin::options::{
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use sandbox_discord::{Consent, GuildSpec, Sandbox, SandboxConfig, UserSpec};
 use serde_json::{Value, json};
-use sqlx::{Connection as _, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 #[path = "common/world.rs"]
@@ -120,13 +119,7 @@ async fn main() {
     let tag = guildgate::ids::mint("l").to_lowercase().replace('_', "");
     let db_name = format!("ggbench_{tag}");
     let prefix = format!("ggbench-{tag}");
-    let mut admin = PgConnection::connect(&format!("{db_base}/postgres"))
-        .await
-        .expect("PostgreSQL");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    let mut admin = world::create_database(&db_base, &db_name).await;
 
     let sandbox = Sandbox::start(SandboxConfig::default()).await;
     let guild = sandbox.add_guild(

@@ -26,7 +26,6 @@ use guildgate::store;
 use lapin::options::QueueDeclareOptions;
 use lapin::{Connection, ConnectionProperties};
 use sandbox_discord::{GuildSpec, RouteKind, Sandbox, SandboxConfig, UserSpec};
-use sqlx::{Connection as _, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 #[path = "common/world.rs"]
@@ -49,13 +48,7 @@ async fn main() {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let tag = guildgate::ids::mint("b").to_lowercase().replace('_', "");
     let db_name = format!("ggbench_{tag}");
-    let mut admin = PgConnection::connect(&format!("{db_base}/postgres"))
-        .await
-        .expect("PostgreSQL");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db_name}")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    let mut admin = world::create_database(&db_base, &db_name).await;
 
     let sandbox = Sandbox::start(
         SandboxConfig::default()

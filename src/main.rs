@@ -426,19 +426,7 @@ async fn reconcile(
         return Err(format!("--guild: '{g}' is not a Discord id"));
     }
     let pool = guildgate::store::pool(&settings.database).map_err(|e| e.to_string())?;
-    let reconciler = Reconciler {
-        pool: pool.clone(),
-        // The side budget: a reconcile never starves the syncer.
-        discord: guildgate::discord::DiscordClient::side(
-            &settings.discord,
-            guildgate::metrics::Metrics::new(),
-        )
-        .shared(guildgate::discord::shared::SharedLimits::new(
-            pool.clone(),
-            &settings.discord.client_id,
-        )),
-        links: guildgate::grants::link::LinkBuilder::from_settings(settings),
-    };
+    let reconciler = Reconciler::standalone(settings, pool.clone());
     let scope = Scope {
         business_id: business,
         guild_id: guild,

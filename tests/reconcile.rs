@@ -32,6 +32,18 @@ fn reconciler(w: &World) -> Reconciler {
     }
 }
 
+/// A world whose bot may list members, with `pdt_sub` gating the Patrons role of its
+/// guild: (world, guild, role).
+async fn patrons_world(cfg: TestConfig) -> (World, u64, u64) {
+    let w = World::start_with(SandboxConfig::default().with_members_intent(true), cfg).await;
+    let g = w.guild("Acme Community");
+    let (guild, role) = (g.guild_id, g.role("Patrons"));
+    w.app
+        .entitlement_for("pdt_sub", &id(guild), Some(&id(role)))
+        .await;
+    (w, guild, role)
+}
+
 /// A grant of `pdt_sub` to `customer`, delivered to `user` through the real flow (a
 /// returning customer whose link works: the subscription starts, the syncer delivers).
 async fn deliver(w: &World, n: u32, customer: &str, user: u64) -> Grant {
@@ -95,17 +107,7 @@ async fn cli(w: &World, args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finds_every_kind_of_drift_and_restore_fixes_it() {
-    let w = World::start_with(
-        SandboxConfig::default().with_members_intent(true),
-        TestConfig::default(),
-    )
-    .await;
-    let g = w.guild("Acme Community");
-    let role = g.role("Patrons");
-    let guild = g.guild_id;
-    w.app
-        .entitlement_for("pdt_sub", &id(guild), Some(&id(role)))
-        .await;
+    let (w, guild, role) = patrons_world(TestConfig::default()).await;
     let (alice, bob, carol, dave) = (
         w.user("alice"),
         w.user("bob"),
@@ -327,19 +329,12 @@ async fn revoke_policy_revokes_with_platform_external_through_the_binary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_reconciles_on_its_interval() {
-    let w = World::start_with(
-        SandboxConfig::default().with_members_intent(true),
+    let (w, guild, role) = patrons_world(
         TestConfig::default()
             .env("GUILDGATE_RECONCILE__INTERVAL", "300ms")
             .env("GUILDGATE_RECONCILE__POLICY", "restore"),
     )
     .await;
-    let g = w.guild("Acme Community");
-    let role = g.role("Patrons");
-    let guild = g.guild_id;
-    w.app
-        .entitlement_for("pdt_sub", &id(guild), Some(&id(role)))
-        .await;
     let alice = w.user("alice");
     deliver(&w, 1, "cus_a", alice).await;
     w.sandbox.add_member(guild, alice, &[]);
@@ -474,4 +469,99 @@ async fn one_process_at_a_time_runs_the_periodic_reconcile() {
     .await;
     drop(again);
     w.stop().await;
+}
+
+/// The member-list requests the sandbox saw for `guild`, as their `after` values.
+fn listings(w: &World, guild: u64) -> Vec<String> {
+    let path = format!("/api/v10/guilds/{guild}/members");
+    w.sandbox
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path == path)
+        .map(|r| {
+            r.query
+                .unwrap_or_default()
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("after=").map(str::to_owned))
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_guild_is_listed_keeping_only_what_matters_and_carried_on_after_an_interruption() {
+    let (w, guild, role) = patrons_world(TestConfig::default()).await;
+    let alice = w.user("alice");
+    let ga = deliver(&w, 1, "cus_a", alice).await;
+    w.sandbox.add_member(guild, alice, &[]);
+    // 20,000 more members; every thousandth holds the gated role without a grant.
+    let crowd = w.sandbox.add_crowd(guild, 20_000, |i| {
+        if i % 1000 == 7 { vec![role] } else { vec![] }
+    });
+    let holders: Vec<u64> = crowd.iter().skip(7).step_by(1000).copied().collect();
+    assert_eq!(holders.len(), 20);
+    w.sandbox.set_latency(sandbox_discord::Latency::Fixed(
+        std::time::Duration::from_millis(30),
+    ));
+
+    // The first run is interrupted (its task dropped, as a killed process would be)
+    // after a few pages.
+    let r = reconciler(&w);
+    let first = tokio::spawn({
+        let r = reconciler(&w);
+        async move { r.check(&Scope::default()).await }
+    });
+    wait_for("five pages of members listed", || async {
+        (listings(&w, guild).len() >= 5).then_some(())
+    })
+    .await;
+    first.abort();
+    let _ = first.await;
+    let (listed, kept): (i64, i64) = sqlx::query_as(
+        "SELECT l.listed, (SELECT count(*) FROM reconcile_listed_members m
+                           WHERE m.guild_id = l.guild_id AND m.scope = l.scope)
+         FROM reconcile_listings l WHERE l.guild_id = $1",
+    )
+    .bind(id(guild))
+    .fetch_one(&w.app.pool)
+    .await
+    .unwrap();
+    assert!(listed >= 3000, "pages were saved as they came: {listed}");
+    // What it kept of those thousands: the role holders among them and alice.
+    assert!(kept <= 6, "only members that matter are kept: {kept}");
+    let before = listings(&w, guild).len();
+
+    // The next run carries on where the first stopped, and finds everything.
+    w.sandbox.set_latency(sandbox_discord::Latency::None);
+    let report = r.check(&Scope::default()).await.unwrap();
+    let second = &listings(&w, guild)[before..];
+    assert_ne!(
+        second[0], "0",
+        "the second run did not start from the beginning"
+    );
+    assert!(
+        second.len() < 21,
+        "the second run listed {} pages of 21",
+        second.len()
+    );
+    let mut want: Vec<(DriftKind, u64, Option<String>)> = holders
+        .iter()
+        .map(|u| (DriftKind::Ungranted, *u, None))
+        .collect();
+    want.push((DriftKind::MissingRole, alice, Some(ga.id.clone())));
+    let mut got = kinds(&report);
+    got.sort_by_key(|k| (k.1, format!("{:?}", k.0)));
+    want.sort_by_key(|k| (k.1, format!("{:?}", k.0)));
+    assert_eq!(got, want, "{}", report.table());
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM reconcile_listings")
+        .fetch_one(&w.app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "a finished listing leaves nothing behind");
+
+    // A third run starts from the beginning.
+    let n = listings(&w, guild).len();
+    r.check(&Scope::default()).await.unwrap();
+    assert_eq!(listings(&w, guild)[n], "0");
+    w.app.stop().await;
 }

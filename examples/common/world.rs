@@ -30,6 +30,20 @@ pub fn bench_env(
     ]
 }
 
+/// Creates a benchmark's database `name` on the server at `base` (a URL without a
+/// database); returns the admin connection that drops it at the end.
+pub async fn create_database(base: &str, name: &str) -> sqlx::PgConnection {
+    use sqlx::Connection as _;
+    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
+        .await
+        .expect("PostgreSQL must be running (see README)");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .expect("CREATE DATABASE");
+    admin
+}
+
 /// The `GUILDGATE_DISCORD__*` settings that point guildgate at `sandbox`.
 pub fn sandbox_env(sandbox: &Sandbox) -> Vec<(&'static str, String)> {
     vec![

@@ -73,7 +73,10 @@ pub struct GatedRole {
 pub struct DiscordState {
     /// `GET /guilds/{g}/members/{u}` answers: `None` = not a member, else their roles.
     pub members: HashMap<(Snowflake, Snowflake), Option<Vec<Snowflake>>>,
-    /// Guilds whose members were listed in full: user → roles.
+    /// Guilds whose members were listed in full: user → roles, for the members that
+    /// hold a gated role of the guild or that a grant names there (no one else matters
+    /// to the comparison). A user absent from a listed guild is not a member, or holds
+    /// no gated role and is named by no grant.
     pub listed: HashMap<Snowflake, HashMap<Snowflake, Vec<Snowflake>>>,
     /// Roles guildgate found already there when it first gave them, as
     /// `(guild, user, role)` (its holdings): not drift while they stay.

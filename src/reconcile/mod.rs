@@ -28,9 +28,59 @@ use crate::grants::link::LinkBuilder;
 use crate::grants::{GrantEventType, GrantStatus, RevocationReason};
 use crate::outbox::{emit, queue_sync};
 use crate::store::grants as grant_store;
+use crate::store::reconcile as listing_store;
 
 /// Members per page of `GET /guilds/{g}/members` (Discord's maximum).
 const PAGE: u16 = 1000;
+/// An interrupted member listing is carried on by a run this soon after; an older one
+/// starts again (members change).
+pub const RESUMABLE_FOR: Duration = Duration::from_secs(3600);
+/// A progress line every this many pages of members.
+const PROGRESS_EVERY: u32 = 10;
+
+/// What of a guild's member list the comparison needs: members holding a gated role
+/// of the guild, and the users grants name there (to give, or to take back). Everyone
+/// else in a large guild is passed over.
+#[derive(Default)]
+struct Relevant {
+    gated: HashMap<Snowflake, HashSet<Snowflake>>,
+    users: HashMap<Snowflake, HashSet<Snowflake>>,
+}
+
+impl Relevant {
+    fn new(grants: &[GrantRow], gated: &[GatedRole]) -> Self {
+        let mut r = Self::default();
+        for g in gated {
+            r.gated.entry(g.guild).or_default().insert(g.role);
+        }
+        for g in grants {
+            for a in [g.applied(), g.desired()].into_iter().flatten() {
+                r.users.entry(a.guild).or_default().insert(a.user);
+            }
+        }
+        r
+    }
+
+    fn keeps(&self, guild: Snowflake, user: Snowflake, roles: &[Snowflake]) -> bool {
+        self.users.get(&guild).is_some_and(|u| u.contains(&user))
+            || self
+                .gated
+                .get(&guild)
+                .is_some_and(|g| roles.iter().any(|r| g.contains(r)))
+    }
+}
+
+impl Scope {
+    /// The scope as a key: a listing saved under one scope is carried on by a run of
+    /// the same scope only (the members kept depend on its grants).
+    fn key(&self) -> String {
+        format!(
+            "business={};guild={}",
+            self.business_id.as_deref().unwrap_or("*"),
+            self.guild_id.as_deref().unwrap_or("*")
+        )
+    }
+}
 
 /// Which grants and guilds to look at.
 #[derive(Clone, Debug, Default)]
@@ -247,6 +297,22 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
+    /// A reconciler for a process of its own (`guildgate reconcile`): Discord is read
+    /// on the side budget, never the syncer's, shared with every other process
+    /// through PostgreSQL.
+    pub fn standalone(settings: &crate::config::Settings, pool: PgPool) -> Self {
+        Self {
+            discord: DiscordClient::side(&settings.discord, crate::metrics::Metrics::new()).shared(
+                crate::discord::shared::SharedLimits::new(
+                    pool.clone(),
+                    &settings.discord.client_id,
+                ),
+            ),
+            links: LinkBuilder::from_settings(settings),
+            pool,
+        }
+    }
+
     /// Live grants, and revoked ones that still record what they applied (the syncer
     /// clears that once it undid it), in scope.
     async fn grants(&self, scope: &Scope) -> Result<Vec<GrantRow>, sqlx::Error> {
@@ -302,26 +368,129 @@ impl Reconciler {
             .collect())
     }
 
-    /// Every member of a guild, page by page; `Ok(None)` if Discord refuses the list.
+    /// The members of `guild` that matter to the comparison (see [`Relevant`]), page
+    /// by page on the side budget; `Ok(None)` if Discord refuses the list. Memory
+    /// follows the members kept, not the guild's size. Each page is saved
+    /// ([`crate::store::reconcile`]) so that a run interrupted midway is carried on by
+    /// the next run of the same scope within [`RESUMABLE_FOR`]; saving is best-effort
+    /// (a database error costs the resumption, not the listing).
     async fn list_members(
         &self,
         guild: Snowflake,
+        relevant: &Relevant,
+        scope: &str,
     ) -> Result<Option<HashMap<Snowflake, Vec<Snowflake>>>, crate::discord::DiscordError> {
-        let mut out = HashMap::new();
-        let mut after = None;
+        let key = guild.to_string();
+        let mut saving = true;
+        let progress = match self.pool.acquire().await {
+            Ok(mut conn) => listing_store::begin(
+                &mut conn,
+                &key,
+                scope,
+                RESUMABLE_FOR.as_secs_f64(),
+            )
+            .await
+            .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+        .unwrap_or_else(|e| {
+            tracing::warn!(guild = %guild, error = %e, "cannot save the listing's progress; it starts from the beginning");
+            saving = false;
+            listing_store::Progress::default()
+        });
+        let mut out: HashMap<Snowflake, Vec<Snowflake>> = progress
+            .kept
+            .iter()
+            .filter_map(|(u, roles)| {
+                Some((
+                    Snowflake::parse(u)?,
+                    roles.iter().filter_map(|r| Snowflake::parse(r)).collect(),
+                ))
+            })
+            .collect();
+        let mut after = progress.after_user.as_deref().and_then(Snowflake::parse);
+        let mut listed = progress.listed;
+        if after.is_some() {
+            tracing::info!(guild = %guild, listed, kept = out.len(), "carrying on an interrupted member listing");
+        }
+        let mut pages = 0u32;
         loop {
             let Some(page) = self.discord.members_page(guild, PAGE, after).await? else {
                 return Ok(None);
             };
             let n = page.len();
+            let from = after;
+            let mut kept_now: Vec<(String, Vec<String>)> = Vec::new();
             for m in page {
-                if let Some(u) = m.user {
-                    after = Some(after.map_or(u.id, |a: Snowflake| a.max(u.id)));
+                let Some(u) = m.user else { continue };
+                after = Some(after.map_or(u.id, |a: Snowflake| a.max(u.id)));
+                if relevant.keeps(guild, u.id, &m.roles) {
+                    kept_now.push((
+                        u.id.to_string(),
+                        m.roles.iter().map(ToString::to_string).collect(),
+                    ));
                     out.insert(u.id, m.roles);
                 }
             }
+            listed += i64::try_from(n).unwrap_or(i64::MAX);
+            pages += 1;
             if n < PAGE as usize {
+                if saving && let Ok(mut conn) = self.pool.acquire().await {
+                    let _ = listing_store::finish(&mut conn, &key, scope).await;
+                }
+                tracing::info!(guild = %guild, listed, kept = out.len(), "listed every member");
                 return Ok(Some(out));
+            }
+            if saving && let Some(to) = after {
+                saving = self
+                    .save_page(&key, scope, from, to, listed, &kept_now)
+                    .await;
+            }
+            if pages.is_multiple_of(PROGRESS_EVERY) {
+                tracing::info!(guild = %guild, listed, kept = out.len(), "listing members");
+            }
+        }
+    }
+
+    /// Saves a listed page; `false` once saving stops (another run took the listing
+    /// over, or the database failed).
+    async fn save_page(
+        &self,
+        guild: &str,
+        scope: &str,
+        from: Option<Snowflake>,
+        to: Snowflake,
+        listed: i64,
+        kept: &[(String, Vec<String>)],
+    ) -> bool {
+        let from = from.map(|f| f.to_string());
+        let saved = match self.pool.acquire().await {
+            Ok(mut conn) => {
+                listing_store::save_page(
+                    &mut conn,
+                    guild,
+                    scope,
+                    from.as_deref(),
+                    &to.to_string(),
+                    listed,
+                    kept,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match saved {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::info!(
+                    guild,
+                    "another run took this member listing over; this one no longer saves its progress"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(guild, error = %e, "cannot save the listing's progress; it goes on unsaved");
+                false
             }
         }
     }
@@ -348,8 +517,10 @@ impl Reconciler {
         };
         let guilds: BTreeSet<Snowflake> = gated.iter().map(|g| g.guild).collect();
         discord.found = self.found_roles(&guilds).await?;
+        let relevant = Relevant::new(&grants, &gated);
+        let scope_key = scope.key();
         for guild in guilds {
-            match self.list_members(guild).await {
+            match self.list_members(guild, &relevant, &scope_key).await {
                 Ok(Some(members)) => {
                     discord.listed.insert(guild, members);
                     report.guilds_listed.push(guild);

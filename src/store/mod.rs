@@ -11,6 +11,7 @@ pub mod email;
 pub mod grants;
 pub mod ingest;
 pub mod outbox;
+pub mod reconcile;
 pub mod setup;
 
 use secrecy::ExposeSecret;
