@@ -1,11 +1,9 @@
 //! The merchant REST API through real HTTP: a real guildgate on its own database and
 //! queues, the sandbox Discord in-process, requests sent with reqwest.
 
-mod common;
-#[path = "common/discord.rs"]
-mod discord_world;
-#[path = "common/smtp.rs"]
-mod smtp;
+use crate::common;
+use crate::discord_world;
+use crate::smtp;
 
 use std::sync::{Arc, Mutex};
 

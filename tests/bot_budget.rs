@@ -3,7 +3,7 @@
 //! replicas and CLI runs are. The sandbox Discord runs on a runtime (and thread) of its
 //! own, so the arrival times it records are not those of the clients' scheduler.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

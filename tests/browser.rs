@@ -6,11 +6,9 @@
 //! `scripts/refresh-screenshots` copies them to `docs/screenshots/` for the docs.
 //! Without Chromium these tests fail (they never skip): `.ci/run` installs it.
 
-#[path = "common/browser.rs"]
-mod browser;
-mod common;
-#[path = "common/discord.rs"]
-mod discord_world;
+use crate::common;
+use crate::discord_world;
+use crate::webdriver as browser;
 
 use browser::{Browser, ENTER, screenshot_dir};
 use common::events::*;

@@ -4,13 +4,9 @@
 //!
 //! `GUILDGATE_CHAOS_SEED` replays a run (each test prints its seed).
 
-mod common;
-#[path = "chaos/hostile.rs"]
-mod hostile;
-#[path = "chaos/model.rs"]
-mod model;
-#[path = "chaos/scenarios.rs"]
-mod scenarios;
+use crate::common;
+use crate::hostile_scenario as hostile;
+use crate::scenarios;
 
 use common::worker::WorkerCommand;
 use scenarios::{Params, Report};

@@ -1,9 +1,8 @@
 //! Delivering and revoking Discord access end to end: real RabbitMQ and PostgreSQL,
 //! the sandbox Discord in-process, the customer's OAuth played through real HTTP.
 
-mod common;
-#[path = "common/discord.rs"]
-mod discord_world;
+use crate::common;
+use crate::discord_world;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Dead-letter tooling (`guildgate dlq …`), through the real binary and the library.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

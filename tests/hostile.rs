@@ -2,7 +2,7 @@
 //! OAuth `state` values. The hostile message corpus in `tests/hostile/` is scenario 4 of
 //! tests/chaos.rs.
 
-mod common;
+use crate::common;
 
 use common::TestApp;
 

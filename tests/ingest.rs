@@ -1,7 +1,7 @@
 //! Ingest: payment events from RabbitMQ into grants, exactly once (real RabbitMQ and
 //! PostgreSQL; each test has its own database, exchange and queue prefix).
 
-mod common;
+use crate::common;
 
 use common::events::*;
 use common::{TestApp, wait_for};

@@ -1,7 +1,7 @@
 //! Ingest under faults: database and broker connections cut mid-stream, shutdown with
 //! messages in flight, and a relay crash between publish and delete.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

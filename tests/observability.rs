@@ -5,9 +5,8 @@
 //! Every test of this binary logs into one in-memory buffer, in the JSON format of
 //! `GUILDGATE_LOG__FORMAT=json`, at `trace` for guildgate.
 
-mod common;
-#[path = "common/discord.rs"]
-mod discord_world;
+use crate::common;
+use crate::discord_world;
 
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -57,7 +56,7 @@ impl Captured {
 }
 
 /// Installs the JSON subscriber (as `telemetry::init(LogFormat::Json)` does, but into a
-/// buffer) before anything else can install one.
+/// buffer): the process's one subscriber, so the test reading it runs [`alone`].
 fn logs() -> Captured {
     static LOGS: OnceLock<Captured> = OnceLock::new();
     LOGS.get_or_init(|| {
@@ -69,7 +68,8 @@ fn logs() -> Captured {
             .with_writer(c.clone())
             .json()
             .flatten_event(true)
-            .init();
+            .try_init()
+            .expect("the only subscriber of its process: run this test alone");
         c
     })
     .clone()
@@ -132,8 +132,31 @@ fn addr_of(url: &str) -> SocketAddr {
         .unwrap()
 }
 
+/// Runs the ignored test `name` of this module alone, in a process of its own (this
+/// test binary started again for it): it reads every log line of its process, and the
+/// other tests of the binary share theirs.
+fn alone(name: &str) {
+    let out = std::process::Command::new(std::env::current_exe().expect("own path"))
+        .args(["--exact", &format!("observability::{name}")])
+        .args(["--ignored", "--test-threads=1"])
+        .output()
+        .expect("the test binary starts");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{name}, run alone:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_full_flow_is_measured_and_logged_without_secrets() {
+    alone("full_flow_alone");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_flow_is_measured_and_logged_without_secrets() {
+#[ignore = "run alone, in a process of its own, by a_full_flow_is_measured_and_logged_without_secrets"]
+async fn full_flow_alone() {
     let logs = logs();
     let w = World::start().await;
     let g = w.guild("Acme Community");
@@ -334,7 +357,6 @@ async fn a_full_flow_is_measured_and_logged_without_secrets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_types_from_messages_do_not_become_metric_series() {
-    logs();
     let mut app = TestApp::spawn_ingest().await;
     let b = app.business();
     // A type guildgate does not act on, on a key the `subscription.#` binding lets in:
@@ -377,7 +399,6 @@ async fn event_types_from_messages_do_not_become_metric_series() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_and_readyz_follow_the_database() {
-    logs();
     let pg = Proxy::start(addr_of(&common::database_base_url())).await;
     let mut app = TestApp::spawn_with(TestConfig {
         db_via: Some(pg.addr),

@@ -2,9 +2,8 @@
 //! real flow, drift made in the sandbox Discord and the database, then reconcile through
 //! the library, the binary and `serve`'s periodic run.
 
-mod common;
-#[path = "common/discord.rs"]
-mod discord_world;
+use crate::common;
+use crate::discord_world;
 
 use common::events::*;
 use common::{TestConfig, wait_for};

@@ -10,13 +10,8 @@
 //! this test makes once under the cargo target directory (`python3 -m venv`, `pip
 //! install` from PyPI). Without either the test fails, saying so: it never skips.
 
-mod common;
-#[path = "common/discord.rs"]
-mod discord_world;
-#[path = "common/python.rs"]
-mod python;
-#[path = "common/seed.rs"]
-mod seed;
+use crate::python;
+use crate::seed;
 
 use std::path::Path;
 use std::process::Command;

@@ -11,13 +11,8 @@
 //! venv`, `pip install` from PyPI). Without either the test fails, saying so: it never
 //! skips.
 
-mod common;
-#[path = "common/discord.rs"]
-mod discord_world;
-#[path = "common/python.rs"]
-mod python;
-#[path = "common/seed.rs"]
-mod seed;
+use crate::python;
+use crate::seed;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -3,9 +3,8 @@
 //! process talks to Discord (the single active consumer of `<prefix>.discord-sync`), and
 //! when that process is killed (SIGKILL) the other takes over with nothing lost.
 
-mod common;
-#[path = "common/discord.rs"]
-mod discord_world;
+use crate::common;
+use crate::discord_world;
 
 use std::collections::HashMap;
 use std::sync::Arc;

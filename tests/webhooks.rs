@@ -3,7 +3,7 @@
 //! retry delays). Every receiver checks every signature with the `standardwebhooks`
 //! crate, an implementation that is not ours, which also refuses stale timestamps.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
