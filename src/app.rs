@@ -315,16 +315,30 @@ impl App {
                 "outbox relay"
             });
         }
-        if let Some(retention) = self.settings.ingest.processed_retention {
-            let pruner = crate::events::retention::Pruner {
+        use crate::events::retention::{Pruner, Target};
+        for (retention, target, name) in [
+            (
+                self.settings.ingest.processed_retention,
+                Target::EventIds,
+                "event id pruner",
+            ),
+            (
+                self.settings.webhooks.message_retention,
+                Target::WebhookMessages,
+                "webhook message pruner",
+            ),
+        ] {
+            let Some(retention) = retention else { continue };
+            let pruner = Pruner {
                 pool: self.pool.clone(),
                 retention,
                 metrics: self.metrics.clone(),
+                target,
             };
             let (every, s) = (self.settings.ingest.prune_interval, shutdown.clone());
             tasks.spawn(async move {
                 pruner.run_every(every, s).await;
-                "event id pruner"
+                name
             });
         }
         {

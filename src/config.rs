@@ -301,6 +301,10 @@ pub struct WebhookSettings {
     pub timeout: Duration,
     pub workers: usize,
     pub max_in_flight_per_endpoint: usize,
+    /// How long a delivered or failed message (its body and attempts, for the API and
+    /// replay) is kept; `None` (empty) = forever. Pruned every `ingest.prune_interval`.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub message_retention: Option<Duration>,
 }
 
 /// Delivery email ([`crate::email`]). Email is off when `smtp_url` is empty.
@@ -479,6 +483,16 @@ impl Settings {
                 "grants.timer_interval must be more than 0s".into(),
             ));
         }
+        if self
+            .webhooks
+            .message_retention
+            .is_some_and(|r| r < MIN_PROCESSED_RETENTION)
+        {
+            return Err(ConfigError::Invalid(
+                "webhooks.message_retention must be at least 24h (or empty to keep every message)"
+                    .into(),
+            ));
+        }
         if self.ingest.prune_interval.is_zero() {
             return Err(ConfigError::Invalid(
                 "ingest.prune_interval must be more than 0s".into(),
@@ -594,7 +608,7 @@ fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>
     let d = parse_duration(s).map_err(serde::de::Error::custom)?;
     if d.is_zero() {
         return Err(serde::de::Error::custom(
-            "reconcile.interval must be positive (leave it empty to turn it off)",
+            "must be positive (leave it empty to turn it off)",
         ));
     }
     Ok(Some(d))

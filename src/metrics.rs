@@ -32,6 +32,9 @@ pub struct Metrics {
     pub event_latency: Histogram,
     /// Applied event ids deleted once older than the retention.
     pub processed_pruned: Counter,
+    /// Settled webhook messages (with their attempts) deleted once older than
+    /// `webhooks.message_retention`.
+    pub webhook_messages_pruned: Counter,
     /// Outbox rows relayed, by kind.
     pub outbox_relayed: Family<Labels, Counter>,
     /// Relay transactions that published rows (each a commit and a confirmed publish).
@@ -79,6 +82,12 @@ impl Metrics {
             "processed_events_pruned",
             "Applied event ids deleted after ingest.processed_retention",
             processed_pruned.clone(),
+        );
+        let webhook_messages_pruned = Counter::default();
+        registry.register(
+            "webhook_messages_pruned",
+            "Delivered or failed webhook messages deleted after webhooks.message_retention",
+            webhook_messages_pruned.clone(),
         );
         let outbox_relayed = Family::<Labels, Counter>::default();
         registry.register(
@@ -170,6 +179,7 @@ impl Metrics {
             events,
             event_latency,
             processed_pruned,
+            webhook_messages_pruned,
             outbox_relayed,
             outbox_drains,
             outbox_claims,

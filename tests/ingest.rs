@@ -961,6 +961,7 @@ fn pruner_30_days(app: &TestApp) -> guildgate::events::retention::Pruner {
         pool: app.pool.clone(),
         retention: std::time::Duration::from_secs(30 * 86400),
         metrics: app.metrics.clone(),
+        target: guildgate::events::retention::Target::EventIds,
     }
 }
 

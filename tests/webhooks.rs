@@ -2076,3 +2076,73 @@ async fn a_low_rate_limit_is_obeyed() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_messages_past_their_retention_are_pruned_with_their_attempts_pending_ones_never() {
+    let app = TestApp::spawn_with(TestConfig::ingest_only()).await;
+    let ep = add_endpoint(&app, "http://127.0.0.1:9/hook", None, SECRET).await;
+    // (id, status, age in days)
+    let rows = [
+        ("msg_old_delivered", "delivered", 100),
+        ("msg_old_failed", "failed", 95),
+        ("msg_old_pending", "pending", 120),
+        ("msg_young_delivered", "delivered", 80),
+    ];
+    for (id, status, days) in rows {
+        sqlx::query(
+            "INSERT INTO webhook_messages (id, endpoint_id, business_id, grant_id, event_type, body,
+                 status, created_at, updated_at)
+             VALUES ($1, $2, $3, 'grant_' || $1, 'entitlement_grant.created', '{}', $4,
+                 now() - make_interval(days => $5), now() - make_interval(days => $5))",
+        )
+        .bind(id)
+        .bind(&ep.id)
+        .bind(app.business())
+        .bind(status)
+        .bind(days)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO webhook_attempts (message_id, status_code, latency_ms) VALUES ($1, 200, 5)",
+        )
+        .bind(id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    }
+    let pruner = guildgate::events::retention::Pruner {
+        pool: app.pool.clone(),
+        retention: std::time::Duration::from_secs(90 * 86400),
+        metrics: app.metrics.clone(),
+        target: guildgate::events::retention::Target::WebhookMessages,
+    };
+    let pruned = pruner
+        .prune(chrono::Utc::now(), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2);
+    let left: Vec<String> = sqlx::query_scalar("SELECT id FROM webhook_messages ORDER BY id")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ["msg_old_pending", "msg_young_delivered"]);
+    let attempts: Vec<String> =
+        sqlx::query_scalar("SELECT message_id FROM webhook_attempts ORDER BY message_id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        attempts, left,
+        "the pruned messages' attempts went with them"
+    );
+    assert_eq!(
+        common::worker::sample(
+            &app.metrics.render(),
+            "guildgate_webhook_messages_pruned_total",
+            &[]
+        ),
+        2.0
+    );
+    app.stop().await;
+}

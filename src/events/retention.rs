@@ -1,7 +1,10 @@
-//! Pruning of applied event ids. `processed_events` is what makes a redelivered or
-//! duplicated event change nothing, but it would grow by one row per event forever. Ids
-//! older than `ingest.processed_retention` are deleted, a chunk per transaction, so a
-//! first prune of a large backlog never holds many locks or one long transaction.
+//! Pruning of what grows by a row per event forever: applied event ids and settled
+//! webhook messages. `processed_events` is what makes a redelivered or duplicated event
+//! change nothing; ids older than `ingest.processed_retention` are deleted. Delivered
+//! and failed webhook messages (bodies and attempts, kept for the API and replay) older
+//! than `webhooks.message_retention` are deleted; pending ones never. Both go a chunk per
+//! transaction, so a first prune of a large backlog never holds many locks or one long
+//! transaction.
 //!
 //! A duplicate of an event whose id was pruned is recognised by the state its first
 //! application recorded (see [`crate::grants::decide`]'s `Repeat`): its payment, its
@@ -32,16 +35,35 @@ pub fn kept_since(retention: Duration, now: DateTime<Utc>) -> Option<DateTime<Ut
         .and_then(|r| now.checked_sub_signed(r))
 }
 
-/// Deletes applied event ids older than a retention, on a schedule.
+/// What a [`Pruner`] deletes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Applied event ids (`processed_events`).
+    EventIds,
+    /// Delivered and failed webhook messages, with their attempts.
+    WebhookMessages,
+}
+
+impl Target {
+    fn what(self) -> &'static str {
+        match self {
+            Target::EventIds => "applied event ids",
+            Target::WebhookMessages => "settled webhook messages",
+        }
+    }
+}
+
+/// Deletes rows older than a retention, on a schedule.
 #[derive(Clone)]
 pub struct Pruner {
     pub pool: PgPool,
     pub retention: Duration,
     pub metrics: Arc<Metrics>,
+    pub target: Target,
 }
 
 impl Pruner {
-    /// Deletes every id recorded before `now - retention`, in chunks, and returns how
+    /// Deletes every row recorded before `now - retention`, in chunks, and returns how
     /// many. After a full chunk it pauses as long as that chunk took (up to a second),
     /// so a large backlog (the first prune of a database that kept every id) is deleted
     /// at most half the time while chunks take under a second, and ingest's
@@ -60,10 +82,22 @@ impl Pruner {
         loop {
             let started = tokio::time::Instant::now();
             let mut conn = self.pool.acquire().await?;
-            let n = store::ingest::prune_processed(&mut conn, cutoff, PRUNE_CHUNK).await?;
+            let n = match self.target {
+                Target::EventIds => {
+                    let n = store::ingest::prune_processed(&mut conn, cutoff, PRUNE_CHUNK).await?;
+                    self.metrics.processed_pruned.inc_by(n);
+                    n
+                }
+                Target::WebhookMessages => {
+                    let n =
+                        crate::webhooks::messages::prune_settled(&mut conn, cutoff, PRUNE_CHUNK)
+                            .await?;
+                    self.metrics.webhook_messages_pruned.inc_by(n);
+                    n
+                }
+            };
             drop(conn);
             total += n;
-            self.metrics.processed_pruned.inc_by(n);
             if n < PRUNE_CHUNK as u64 {
                 return Ok(total);
             }
@@ -85,15 +119,17 @@ impl Pruner {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            let what = self.target.what();
             match self.prune(Utc::now(), &shutdown).await {
-                Ok(0) => tracing::debug!("no applied event ids old enough to prune"),
+                Ok(0) => tracing::debug!(what, "nothing old enough to prune"),
                 Ok(n) => tracing::info!(
+                    what,
                     pruned = n,
                     retention = %humantime::format_duration(self.retention),
-                    "pruned applied event ids"
+                    "pruned"
                 ),
                 Err(e) => {
-                    tracing::warn!(error = %e, "pruning applied event ids failed; trying again next interval")
+                    tracing::warn!(what, error = %e, "pruning failed; trying again next interval")
                 }
             }
         }

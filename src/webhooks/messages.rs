@@ -557,6 +557,26 @@ pub async fn unclaim(
     Ok(n.max(0) as u64)
 }
 
+/// Deletes up to `limit` delivered or failed messages created before `cutoff`, with
+/// their attempts, passing over rows another pruner holds; a pending message is never
+/// deleted. Returns how many it deleted.
+pub async fn prune_settled(
+    conn: &mut PgConnection,
+    cutoff: DateTime<Utc>,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        "DELETE FROM webhook_messages WHERE id IN (
+             SELECT id FROM webhook_messages WHERE created_at < $1 AND status <> 'pending'
+             LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(cutoff)
+    .bind(limit)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Makes pulled messages whose attempt went wrong before it was recorded (the database
 /// failed under it) due now, instead of when their claim runs out: the hold releaser
 /// gives them jobs within a second. A message whose attempt was recorded after all
