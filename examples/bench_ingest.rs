@@ -476,11 +476,7 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
     // waits for a checkpoint), PostgreSQL's after-work on guildgate's writes
     // (autovacuum, flushing dirty pages) does not slow it down.
     world::delete_topology(&ch, &settings).await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE {db_name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await;
+    world::drop_database(&mut admin, &db_name).await;
     let after = baseline(&conn, args, msgs, &settings, &prefix, "baseline-after").await;
     let _ = conn.close(200, "done".into()).await;
 

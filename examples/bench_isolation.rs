@@ -274,11 +274,7 @@ async fn main() {
     let _ = handle.await;
     world::delete_topology(&ch, &settings).await;
     let _ = conn.close(200, "done".into()).await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE {db_name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await;
+    world::drop_database(&mut admin, &db_name).await;
     sandbox.shutdown().await;
 
     let outcomes = outcomes.lock().await.clone();

@@ -360,11 +360,7 @@ async fn main() {
         world::delete_topology(&ch, &settings).await;
     }
     pool.close().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await;
+    world::drop_database(&mut admin, &db_name).await;
     println!(
         "{}",
         json!({

@@ -19,6 +19,8 @@ use guildgate::reconcile::{DriftKind, Reconciler, Scope};
 use guildgate::store;
 use sandbox_discord::{GuildSpec, Sandbox, SandboxConfig};
 
+#[path = "common/measure.rs"]
+mod measure;
 #[path = "common/world.rs"]
 mod world;
 
@@ -77,18 +79,6 @@ struct Run {
     peak_kib: u64,
 }
 
-fn peak_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// Runs a child; kills it once `kill_after_pages` member pages were listed, if given.
 async fn run_child(
     env: &HashMap<String, String>,
@@ -107,7 +97,7 @@ async fn run_child(
     let pid = child.id();
     let mut peak = 0;
     loop {
-        if let Some(k) = peak_kib(pid) {
+        if let Some((_, k)) = measure::memory_kib(pid) {
             peak = peak.max(k);
         }
         if kill_after_pages.is_some_and(|n| pages(sandbox) - pages_before >= n) {
@@ -249,10 +239,6 @@ async fn parent(members: usize) {
         })
     );
     pool.close().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await;
+    world::drop_database(&mut admin, &db_name).await;
     sandbox.shutdown().await;
 }

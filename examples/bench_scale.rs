@@ -22,6 +22,8 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::json;
 
+#[path = "common/measure.rs"]
+mod measure;
 #[path = "common/workload.rs"]
 mod workload;
 #[path = "common/world.rs"]
@@ -136,22 +138,6 @@ impl Parts {
     fn total(&self) -> f64 {
         self.guildgate + self.postgres + self.rabbitmq + self.publisher
     }
-}
-
-/// Resident memory of a process in KiB: (`VmRSS`, `VmHWM`).
-fn memory_kib(pid: u32) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))?
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .ok()
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 struct Outcome {
@@ -291,7 +277,7 @@ async fn round(events: usize, msgs: &[workload::Msg], distinct: usize, n: usize)
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
         if n == 1
-            && let Some((_, hwm)) = memory_kib(first)
+            && let Some((_, hwm)) = measure::memory_kib(first)
         {
             peak_kib = peak_kib.max(hwm);
         }
@@ -313,7 +299,8 @@ async fn round(events: usize, msgs: &[workload::Msg], distinct: usize, n: usize)
     let cpu = Parts::now(&pids).per_k_since(&before, events);
     let memory = if n == 1 {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        memory_kib(first).map(|(rss, hwm)| (peak_kib.max(hwm) as f64 / 1024.0, rss as f64 / 1024.0))
+        measure::memory_kib(first)
+            .map(|(rss, hwm)| (peak_kib.max(hwm) as f64 / 1024.0, rss as f64 / 1024.0))
     } else {
         None
     };
@@ -329,11 +316,7 @@ async fn round(events: usize, msgs: &[workload::Msg], distinct: usize, n: usize)
     world::delete_topology(&ch, &settings).await;
     let _ = conn.close(200, "done".into()).await;
     pool.close().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE {db_name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await;
+    world::drop_database(&mut admin, &db_name).await;
     Outcome {
         replicas: n,
         events_per_s: events as f64 / secs,

@@ -209,11 +209,7 @@ async fn main() {
     shutdown.cancel();
     let _ = app_task.await;
     world::delete_topology(&ch, &settings).await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await;
+    world::drop_database(&mut admin, &db_name).await;
     eprintln!(
         "{GRANTS} grants, {GUILDS} guilds, bucket {BUCKET}/s per guild, global {GLOBAL}/s: {} Discord requests, {} violations",
         stats.total_requests,

@@ -1090,26 +1090,11 @@ async fn held_messages_get_jobs_when_due_a_bounded_number_per_endpoint() {
     let mut app = without_delivery().await;
     let ep = add_endpoint(&app, "http://127.0.0.1:9/held", None, SECRET).await;
     let mut conn = app.pool.acquire().await.unwrap();
-    let body = "{}";
-    let grants: Vec<String> = (0..4).map(|i| format!("grant_Hold{i}")).collect();
-    let events: Vec<messages::FanoutEvent<'_>> = grants
-        .iter()
-        .map(|g| messages::FanoutEvent {
-            business_id: &ep.business_id,
-            grant_id: g,
-            event_type: "entitlement_grant.created",
-            body,
-        })
-        .collect();
-    messages::fan_out(&mut conn, &events, &[]).await.unwrap();
+    let ids = messages_for(&mut conn, &ep, 4).await;
     sqlx::query("DELETE FROM outbox")
         .execute(&mut *conn)
         .await
         .unwrap();
-    let ids: Vec<String> = grants
-        .iter()
-        .map(|g| messages::message_id(g, "entitlement_grant.created", &ep.id))
-        .collect();
     let now = chrono::Utc::now();
     let hold = |id: &str, secs: i64| messages::Held {
         message_id: id.to_string(),

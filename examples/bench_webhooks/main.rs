@@ -182,26 +182,35 @@ fn cpu_per_k(before: Option<Cpu>, deliveries: u64) -> String {
     }
 }
 
-/// Delivery attempts by outcome so far (the `webhook_attempts` metric).
+/// Delivery attempts with each of `labels` as their outcome so far (the
+/// `webhook_attempts` metric).
+fn attempt_counts(m: &Metrics, labels: &[&'static str]) -> Vec<(&'static str, u64)> {
+    labels
+        .iter()
+        .map(|&label| {
+            let n = m
+                .webhook_attempts
+                .get_or_create(&vec![("outcome", label.to_string())])
+                .get();
+            (label, n)
+        })
+        .collect()
+}
+
+/// Delivery attempts by outcome so far.
 fn outcomes(m: &Metrics) -> Vec<(&'static str, u64)> {
-    [
-        "delivered",
-        "deferred",
-        "parked",
-        "pulled",
-        "held",
-        "unreachable",
-        "rejected",
-    ]
-    .into_iter()
-    .map(|label| {
-        let n = m
-            .webhook_attempts
-            .get_or_create(&vec![("outcome", label.to_string())])
-            .get();
-        (label, n)
-    })
-    .collect()
+    attempt_counts(
+        m,
+        &[
+            "delivered",
+            "deferred",
+            "parked",
+            "pulled",
+            "held",
+            "unreachable",
+            "rejected",
+        ],
+    )
 }
 
 /// The outcomes since `before`, for printing.
@@ -463,11 +472,7 @@ async fn main() {
     }
     pool.close().await;
     if let Ok(mut admin) = PgConnection::connect(&format!("{db_base}/postgres")).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"
-        )))
-        .execute(&mut admin)
-        .await;
+        world::drop_database(&mut admin, &db_name).await;
     }
     println!(
         "{}",

@@ -157,16 +157,10 @@ fn counters(m: &Metrics) -> (u64, Vec<(&'static str, u64)>) {
         .outbox_relayed
         .get_or_create(&vec![("kind", "webhook".to_string())])
         .get();
-    let outcomes = ["delivered", "deferred", "parked", "pulled", "held", "paced"]
-        .into_iter()
-        .map(|label| {
-            let n = m
-                .webhook_attempts
-                .get_or_create(&vec![("outcome", label.to_string())])
-                .get();
-            (label, n)
-        })
-        .collect();
+    let outcomes = crate::attempt_counts(
+        m,
+        &["delivered", "deferred", "parked", "pulled", "held", "paced"],
+    );
     (relayed, outcomes)
 }
 

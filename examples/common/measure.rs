@@ -1,5 +1,7 @@
 //! What the benchmarks measure besides time: the CPU the whole machine and this process
-//! spent, and medians over rounds. Included by the bench examples with `#[path]`.
+//! spent, a process's memory, and medians over rounds. Included by the bench examples
+//! with `#[path]`.
+#![allow(dead_code)]
 
 /// CPU seconds spent so far: the whole machine busy (every process: guildgate, the
 /// broker, PostgreSQL, the publisher) and this process alone; `None` where `/proc` is
@@ -62,4 +64,20 @@ pub fn median(xs: &mut [f64]) -> f64 {
     } else {
         (xs[mid - 1] + xs[mid]) / 2.0
     }
+}
+
+/// Resident memory of a process in KiB: (`VmRSS`, `VmHWM`).
+pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
 }

@@ -44,6 +44,16 @@ pub async fn create_database(base: &str, name: &str) -> sqlx::PgConnection {
     admin
 }
 
+/// Drops a benchmark's database `name` (best effort: the run's figures are printed
+/// whether or not it goes).
+pub async fn drop_database(admin: &mut sqlx::PgConnection, name: &str) {
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(admin)
+    .await;
+}
+
 /// The `GUILDGATE_DISCORD__*` settings that point guildgate at `sandbox`.
 pub fn sandbox_env(sandbox: &Sandbox) -> Vec<(&'static str, String)> {
     vec![

@@ -81,14 +81,15 @@ impl Broker {
     }
 
     fn build(settings: &Settings, name: &str, declare: bool) -> Self {
+        let nodes = settings.amqp.nodes();
         Self {
             inner: Arc::new(Inner {
                 name: name.to_string(),
                 settings: settings.clone(),
                 names: Names::from_settings(settings),
                 conn: Mutex::new(None),
-                nodes: settings.amqp.nodes(),
-                next_node: rand::random_range(0..settings.amqp.nodes().len()).into(),
+                next_node: rand::random_range(0..nodes.len()).into(),
+                nodes,
                 ready: false.into(),
                 declare,
             }),

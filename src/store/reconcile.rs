@@ -33,7 +33,7 @@ pub async fn begin(
     .bind(max_age_s)
     .execute(&mut *conn)
     .await?;
-    let found: Option<(String, i64)> = sqlx::query_as(
+    let (after, listed): (String, i64) = sqlx::query_as(
         "INSERT INTO reconcile_listings (guild_id, scope, after_user, listed)
          VALUES ($1, $2, '', 0)
          ON CONFLICT (guild_id, scope) DO UPDATE SET updated_at = now()
@@ -41,15 +41,14 @@ pub async fn begin(
     )
     .bind(guild)
     .bind(scope)
-    .fetch_optional(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    let (after, listed) = found.unwrap_or_default();
     if after.is_empty() {
         return Ok(Progress::default());
     }
     let kept = sqlx::query_as(
         "SELECT user_id, roles FROM reconcile_listed_members
-         WHERE guild_id = $1 AND scope = $2 ORDER BY user_id",
+         WHERE guild_id = $1 AND scope = $2",
     )
     .bind(guild)
     .bind(scope)

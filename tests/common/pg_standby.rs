@@ -164,12 +164,6 @@ impl PgStandbyPair {
         assert!(promoted, "the standby was not promoted within 60 s");
     }
 
-    /// Rows of `sql` (one count) on the server at `port`.
-    pub async fn count(&self, port: u16, db: &str, sql: &'static str) -> i64 {
-        let mut conn = PgConnection::connect(&self.url_of(port, db)).await.unwrap();
-        sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
-    }
-
     fn spawn(&self, data: &Path, port: u16, name: &str) -> Child {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         let mut cmd = self.command("postgres");
