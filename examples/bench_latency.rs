@@ -306,8 +306,8 @@ async fn main() {
     );
 
     // --- 2. Authorization → role, at a steady rate of links.
-    let grants: Vec<(String, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT id, oauth_nonce, oauth_expires_at FROM grants ORDER BY created_at, id LIMIT $1",
+    let grants: Vec<(String, String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT business_id, id, oauth_nonce, oauth_expires_at FROM grants ORDER BY created_at, id LIMIT $1",
     )
     .bind(args.links as i64)
     .fetch_all(&pool)
@@ -317,11 +317,11 @@ async fn main() {
     let http = reqwest::Client::new();
     let mut tasks = tokio::task::JoinSet::new();
     let link_start = Instant::now();
-    for (k, (id, nonce, expires)) in grants.into_iter().enumerate() {
+    for (k, (business, id, nonce, expires)) in grants.into_iter().enumerate() {
         let at = link_start + Duration::from_secs_f64(k as f64 / args.link_rate);
         tokio::time::sleep_until(at.into()).await;
         let user = sandbox.add_user(UserSpec::new(format!("u{k}")));
-        let url = links.url(&id, &nonce, expires);
+        let url = links.url(&business, &id, &nonce, expires);
         let (sandbox, http) = (sandbox.clone(), http.clone());
         let guild_id = guild.guild_id;
         tasks.spawn(async move {

@@ -51,7 +51,9 @@ async fn child() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let settings = Settings::load(None).expect("settings");
     let pool = store::pool(&settings.database).expect("pool");
-    let r = Reconciler::standalone(&settings, pool);
+    let r = Reconciler::standalone(&settings, pool)
+        .await
+        .expect("applications");
     let report = r.check(&Scope::default()).await.expect("reconcile");
     let count = |k: DriftKind| {
         report

@@ -1,10 +1,17 @@
-//! Discord sync benchmark: `cargo run --release --example bench_sync`.
+//! Discord sync benchmark: `cargo run --release --example bench_sync [-- --bots N]`.
 //!
 //! 1,000 grants of customers who already linked their Discord account, across 10
 //! guilds, synced by guildgate's syncer (real RabbitMQ and PostgreSQL) against the
 //! sandbox Discord with a per-guild bucket of 10 `PUT /guilds/{g}/members/{u}` per
 //! second and the global limit of 50 requests per second. Each grant needs one call
 //! (add the member with the role: 201).
+//!
+//! With `--bots N` (1 to 9), N businesses side by side, each with 1,000 grants in its
+//! own 10 guilds: the first on the shared bot, the others each with its own Discord
+//! application (registered as `PUT /discord/application` stores it). Every bot has its
+//! own global limit, so each is measured against the same floor, from the syncer's start
+//! to its business's last delivery; its 429s and violations are its own bot's. One JSON
+//! line per bot.
 //!
 //! `floor_seconds` is what the limits allow at best: Discord's windows are fixed and
 //! start with their first request, so `n` requests under `limit` per `window` need at
@@ -17,7 +24,6 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use guildgate::amqp::Names;
 use guildgate::app::{App, Options};
 use guildgate::config::Settings;
@@ -25,7 +31,7 @@ use guildgate::discord::permissions;
 use guildgate::store;
 use lapin::options::QueueDeclareOptions;
 use lapin::{Connection, ConnectionProperties};
-use sandbox_discord::{GuildSpec, RouteKind, Sandbox, SandboxConfig, UserSpec};
+use sandbox_discord::{GuildSpec, RouteKind, Sandbox, SandboxConfig};
 use tokio_util::sync::CancellationToken;
 
 #[path = "common/world.rs"]
@@ -39,9 +45,26 @@ fn floor_seconds(n: usize, limit: u32, window: f64) -> f64 {
     (n.div_ceil(limit as usize) as f64 - 1.0).max(0.0) * window
 }
 
+/// One business of the run, and its bot.
+struct Tenant {
+    business: String,
+    /// Its own application; `None`: the shared bot.
+    app: Option<sandbox_discord::AppCredentials>,
+    seconds: Option<f64>,
+}
+
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<String> = std::env::args().collect();
+    let bots: usize = match args.iter().position(|a| a == "--bots") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .filter(|n| (1..=9).contains(n))
+            .expect("--bots takes a number from 1 to 9"),
+        None => 1,
+    };
     let db_base = std::env::var("GUILDGATE_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
     let amqp_url = std::env::var("GUILDGATE_TEST_AMQP_URL")
@@ -83,78 +106,90 @@ async fn main() {
     .expect("app builds");
     let worker = app.sync_worker();
     let pool = app.pool.clone();
+    let registry = app.bots.clone();
     let shutdown = CancellationToken::new();
     let app_task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
 
-    // The world: 10 guilds with a role each, 1,000 linked customers, one grant each.
+    // The world: per business, 10 guilds with a role each, 1,000 linked customers,
+    // one grant each.
     let cipher = settings.token_cipher().unwrap();
-    let business = "bus_bench";
+    let mut tenants: Vec<Tenant> = (0..bots)
+        .map(|b| Tenant {
+            business: format!("bus_bench{b}"),
+            app: (b > 0).then(|| sandbox.add_application(&format!("Bench Bot {b}"))),
+            seconds: None,
+        })
+        .collect();
     let mut conn = pool.acquire().await.unwrap();
-    store::setup::ensure_business(&mut conn, business)
-        .await
-        .unwrap();
-    let mut ents = Vec::new();
-    for i in 0..GUILDS {
-        let ids = sandbox.add_guild(
-            GuildSpec::new(format!("Guild {i}"))
-                .with_bot_permissions(permissions::REQUIRED)
-                .with_role("Patrons", 1),
-        );
-        let e = store::setup::insert_entitlement(
-            &mut conn,
-            business,
-            "bench",
-            &ids.guild_id.to_string(),
-            Some(&ids.role("Patrons").to_string()),
-        )
-        .await
-        .unwrap();
-        ents.push(e.id);
-    }
-    let now = Utc::now();
-    let mut tx = pool.begin().await.unwrap();
-    for n in 0..GRANTS {
-        let user = sandbox.add_user(UserSpec::new(format!("user{n}")));
-        let t = sandbox.issue_token(user, &["identify", "guilds.join"]);
-        let customer = format!("cus_{n}");
-        guildgate::sync::store::upsert_link(
-            &mut tx,
-            &guildgate::sync::store::LinkRow::new(
-                business,
-                &customer,
-                user.to_string(),
-                guildgate::sync::store::SealedTokens::seal(
+    for t in &tenants {
+        store::setup::ensure_business(&mut conn, &t.business)
+            .await
+            .unwrap();
+        if let Some(app) = &t.app {
+            // What `PUT /discord/application` stores, once Discord confirmed it.
+            let seal = |v: &str, column: &str| {
+                guildgate::discord::bots::seal(
                     &cipher,
-                    business,
-                    &customer,
-                    &t.access_token.clone().into(),
-                    Some(&t.refresh_token.clone().into()),
-                ),
-                now + chrono::Duration::days(7),
-                t.scope.clone(),
-            ),
-            None,
-            now,
-        )
-        .await
-        .unwrap();
-        let g = store::grants::insert(
-            &mut tx,
-            store::grants::NewGrant {
-                business_id: business,
-                brand_id: business,
-                entitlement_id: &ents[n % GUILDS],
-                customer_id: &customer,
-                payment_id: Some(&format!("pay_{n}")),
-                subscription_id: None,
-                oauth_nonce: "n_bench",
-                oauth_expires_at: now + chrono::Duration::days(7),
-                now,
-            },
-        )
-        .await
-        .unwrap();
-        guildgate::outbox::queue_sync(&mut tx, &g.id).await.unwrap();
+                    &t.business,
+                    &secrecy::SecretString::from(v.to_string()),
+                    column,
+                )
+            };
+            sqlx::query(
+                "INSERT INTO discord_applications (business_id, client_id, client_secret_enc,
+                     bot_token_enc, key_id, bot_username, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, now(), now())",
+            )
+            .bind(&t.business)
+            .bind(app.client_id.to_string())
+            .bind(seal(&app.client_secret, "client_secret_enc"))
+            .bind(seal(&app.bot_token, "bot_token_enc"))
+            .bind(cipher.key_id())
+            .bind(&app.bot_username)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        }
+    }
+    registry.refresh().await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    for t in &tenants {
+        let business = t.business.as_str();
+        let mut ents = Vec::new();
+        for i in 0..GUILDS {
+            let spec = GuildSpec::new(format!("{business} guild {i}")).with_role("Patrons", 1);
+            let ids = match &t.app {
+                None => sandbox.add_guild(spec.with_bot_permissions(permissions::REQUIRED)),
+                Some(app) => {
+                    let ids = sandbox.add_guild(spec.without_bot());
+                    sandbox.install_app_bot(ids.guild_id, app.client_id, permissions::REQUIRED);
+                    ids
+                }
+            };
+            let e = store::setup::insert_entitlement(
+                &mut tx,
+                business,
+                "bench",
+                &ids.guild_id.to_string(),
+                Some(&ids.role("Patrons").to_string()),
+            )
+            .await
+            .unwrap();
+            ents.push(e.id);
+        }
+        for n in 0..GRANTS {
+            world::linked_grant(
+                &mut tx,
+                &sandbox,
+                &cipher,
+                business,
+                t.app.as_ref(),
+                &format!("cus_{n}"),
+                &ents[n % GUILDS],
+                &format!("pay_{n}"),
+            )
+            .await;
+        }
     }
     tx.commit().await.unwrap();
     drop(conn);
@@ -177,7 +212,7 @@ async fn main() {
             )
             .await
             .unwrap();
-        if q.message_count() as usize >= GRANTS {
+        if q.message_count() as usize >= GRANTS * bots {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -187,45 +222,70 @@ async fn main() {
     let sync_stop = CancellationToken::new();
     let sync_task = tokio::spawn(worker.run(sync_stop.clone()));
     loop {
-        let delivered: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM grants WHERE status = 'Delivered'")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        if delivered as usize >= GRANTS {
+        let delivered: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT business_id, count(*) FROM grants WHERE status = 'Delivered' GROUP BY business_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        for t in tenants.iter_mut().filter(|t| t.seconds.is_none()) {
+            if delivered
+                .iter()
+                .any(|(b, n)| *b == t.business && *n as usize >= GRANTS)
+            {
+                t.seconds = Some(started.elapsed().as_secs_f64());
+            }
+        }
+        if tenants.iter().all(|t| t.seconds.is_some()) {
             break;
         }
         if started.elapsed() > Duration::from_secs(300) {
-            panic!("only {delivered} of {GRANTS} delivered after 300 s");
+            panic!("not every grant delivered after 300 s: {delivered:?}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let seconds = started.elapsed().as_secs_f64();
-    let stats = sandbox.stats();
     let floor = floor_seconds(GRANTS, GLOBAL, 1.0).max(floor_seconds(GRANTS / GUILDS, BUCKET, 1.0));
-
+    let shared_id = sandbox.client_id();
+    let results: Vec<(String, sandbox_discord::Stats, f64)> = tenants
+        .iter()
+        .map(|t| {
+            let id = t.app.as_ref().map_or(shared_id, |a| a.client_id);
+            (
+                t.app
+                    .as_ref()
+                    .map_or_else(|| "shared".to_string(), |a| a.bot_username.clone()),
+                sandbox.app_stats(id),
+                t.seconds.expect("measured"),
+            )
+        })
+        .collect();
     sync_stop.cancel();
     let _ = sync_task.await;
     shutdown.cancel();
     let _ = app_task.await;
     world::delete_topology(&ch, &settings).await;
     world::drop_database(&mut admin, &db_name).await;
-    eprintln!(
-        "{GRANTS} grants, {GUILDS} guilds, bucket {BUCKET}/s per guild, global {GLOBAL}/s: {} Discord requests, {} violations",
-        stats.total_requests,
-        stats.violations()
-    );
-    println!(
-        "{}",
-        serde_json::json!({
-            "grants": GRANTS,
-            "guilds": GUILDS,
-            "discord_requests": stats.total_requests,
-            "seconds": (seconds * 1000.0).round() / 1000.0,
-            "floor_seconds": floor,
-            "ratio": ((seconds / floor) * 1000.0).round() / 1000.0,
-            "rate_limited_responses": stats.rate_limited,
-            "bucket_violations": stats.violations(),
-        })
-    );
+    for (bot, stats, seconds) in results {
+        eprintln!(
+            "{bot}: {GRANTS} grants, {GUILDS} guilds, bucket {BUCKET}/s per guild, global {GLOBAL}/s: {} Discord requests, {} violations",
+            stats.total_requests,
+            stats.violations()
+        );
+        println!(
+            "{}",
+            serde_json::json!({
+                "bot": bot,
+                "bots": bots,
+                "grants": GRANTS,
+                "guilds": GUILDS,
+                "discord_requests": stats.total_requests,
+                "seconds": (seconds * 1000.0).round() / 1000.0,
+                "floor_seconds": floor,
+                "ratio": ((seconds / floor) * 1000.0).round() / 1000.0,
+                "rate_limited_responses": stats.rate_limited,
+                "global_rate_limited": stats.global_rate_limited,
+                "bucket_violations": stats.violations(),
+            })
+        );
+    }
 }

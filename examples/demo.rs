@@ -275,7 +275,7 @@ async fn main() {
                  "total_amount": 4900, "currency": "USD", "status": "succeeded"}
     }), &format!("evt_pay{run}")).await;
     let g = wait_grant(&pool, &customer, "Pending", |g| g.status == "Pending").await;
-    let url = links.url(&g.id, &g.oauth_nonce, g.oauth_expires_at);
+    let url = links.url(&g.business_id, &g.id, &g.oauth_nonce, g.oauth_expires_at);
     println!("   grant {} is Pending", g.id);
     let raw = tokio::time::timeout(Duration::from_secs(30), inbox.recv())
         .await

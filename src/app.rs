@@ -13,9 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::Broker;
 use crate::config::Settings;
 use crate::crypto::TokenCipher;
-use crate::discord::DiscordClient;
-use crate::discord::ratelimit::Budget;
-use crate::discord::shared::SharedLimits;
+use crate::discord::Bots;
 use crate::events::apply::Applier;
 use crate::events::consumer::EventConsumer;
 use crate::events::decode::DecodeLimits;
@@ -84,8 +82,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub links: LinkBuilder,
     pub relay: Relay,
-    /// Discord on the side budget (HTTP handlers); the syncer gets its own budget.
-    pub discord: DiscordClient,
+    /// The bots, each with a side budget (HTTP handlers) and the syncer's.
+    pub bots: Bots,
     pub cipher: TokenCipher,
     /// The HTTP rate limits (per business, per OAuth link and client address).
     pub limits: Arc<http::limits::Limits>,
@@ -148,16 +146,27 @@ impl App {
             metrics: metrics.clone(),
             faults: options.faults.clone(),
         };
-        let discord = DiscordClient::side(&settings.discord, metrics.clone())
-            .shared(SharedLimits::new(pool.clone(), &settings.discord.client_id));
         let cipher = settings
             .token_cipher()
             .expect("validated when the settings were loaded");
+        let bots = Bots::new(
+            pool.clone(),
+            cipher.clone(),
+            &settings.discord,
+            metrics.clone(),
+        );
+        // Which business speaks through its own bot, before the first request needs it.
+        if let Err(e) = bots.refresh().await {
+            if !store::is_transient(&e) {
+                return Err(e.into());
+            }
+            tracing::warn!(error = %e, "cannot read the businesses' Discord applications yet; reading them again shortly");
+        }
         Ok(Self {
-            discord,
+            links: LinkBuilder::from_settings(&settings).with_directory(bots.directory()),
+            bots,
             cipher,
             limits: Arc::new(http::limits::Limits::from_settings(&settings)),
-            links: LinkBuilder::from_settings(&settings),
             settings: Arc::new(settings),
             pool,
             broker,
@@ -179,7 +188,7 @@ impl App {
             broker: self.broker.clone(),
             links: self.links.clone(),
             metrics: self.metrics.clone(),
-            discord: self.discord.clone(),
+            bots: self.bots.clone(),
             cipher: self.cipher.clone(),
             limits: self.limits.clone(),
         }
@@ -192,9 +201,7 @@ impl App {
         SyncWorker::new(
             self.pool.clone(),
             self.broker.clone(),
-            self.discord
-                .with_budget(Budget::syncer(self.settings.discord.side_requests_per_s))
-                .with_stops(),
+            self.bots.clone(),
             self.cipher.clone(),
             self.links.clone(),
             self.settings.sync.retry_delays.clone(),
@@ -264,6 +271,13 @@ impl App {
             }
             "http"
         });
+        {
+            let (bots, s) = (self.bots.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                bots.keep_fresh(s).await;
+                "discord applications"
+            });
+        }
         {
             let (limits, s) = (self.limits.clone(), shutdown.clone());
             tasks.spawn(async move {
@@ -378,7 +392,7 @@ impl App {
             // Discord reads on the side budget, never the syncer's.
             let reconciler = crate::reconcile::Reconciler {
                 pool: self.pool.clone(),
-                discord: self.discord.clone(),
+                bots: self.bots.clone(),
                 links: self.links.clone(),
             };
             let policy = self.settings.reconcile.policy;

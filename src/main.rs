@@ -388,12 +388,19 @@ async fn keys(settings: &Settings, cmd: KeysCommand) -> Result<(), String> {
                 );
             } else {
                 println!(
-                    "re-encrypted {} link(s) with key {}; {} changed meanwhile; {} unreadable; {} not on the current key",
+                    "re-encrypted {} link(s) and {} Discord application(s) with key {}; {} changed meanwhile; {} unreadable; {} link(s) not on the current key",
                     report.reencrypted,
+                    report.applications_reencrypted,
                     cipher.key_id(),
                     report.changed_meanwhile,
-                    report.unreadable,
+                    report.unreadable + report.applications_unreadable,
                     report.remaining
+                );
+            }
+            if report.applications_unreadable > 0 {
+                tracing::warn!(
+                    applications = report.applications_unreadable,
+                    "some businesses' Discord applications could not be decrypted with any configured key; they must register them again"
                 );
             }
             if report.unreadable > 0 {
@@ -426,7 +433,9 @@ async fn reconcile(
         return Err(format!("--guild: '{g}' is not a Discord id"));
     }
     let pool = guildgate::store::pool(&settings.database).map_err(|e| e.to_string())?;
-    let reconciler = Reconciler::standalone(settings, pool.clone());
+    let reconciler = Reconciler::standalone(settings, pool.clone())
+        .await
+        .map_err(|e| format!("database: {e}"))?;
     let scope = Scope {
         business_id: business,
         guild_id: guild,

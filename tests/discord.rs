@@ -636,17 +636,20 @@ async fn a_replayed_sync_job_starts_its_retries_afresh_and_counts_its_replays() 
 
 /// A syncer of its own (the app runs none), on its own broker connection.
 fn syncer(w: &World, name: &str) -> (guildgate::amqp::Broker, guildgate::sync::SyncWorker) {
-    use guildgate::discord::DiscordClient;
-    use guildgate::discord::ratelimit::Budget;
-    use guildgate::discord::shared::SharedLimits;
     let s = &w.app.settings;
     let broker = guildgate::amqp::Broker::new(s, name);
+    // A syncer budget of 5 requests/s: Discord's 50 less a side budget of 45.
+    let mut discord = s.discord.clone();
+    discord.side_requests_per_s = 45;
     let worker = guildgate::sync::SyncWorker::new(
         w.app.pool.clone(),
         broker.clone(),
-        DiscordClient::side(&s.discord, w.app.metrics.clone())
-            .shared(SharedLimits::new(w.app.pool.clone(), &s.discord.client_id))
-            .with_budget(Budget::syncer(5)),
+        guildgate::discord::Bots::new(
+            w.app.pool.clone(),
+            s.token_cipher().unwrap(),
+            &discord,
+            w.app.metrics.clone(),
+        ),
         s.token_cipher().unwrap(),
         w.links.clone(),
         s.sync.retry_delays.clone(),
@@ -1453,6 +1456,39 @@ async fn tokens_of_a_previous_key_stay_usable_and_rotate_to_the_current_one() {
     assert!(w.has_role(g.guild_id, alice, role));
     assert!(w.has_role(g.guild_id, bob, role));
 
+    // Another business's own Discord application, sealed with the old key too.
+    let app_biz = "bus_own_app";
+    {
+        let mut conn = w.app.pool.acquire().await.unwrap();
+        guildgate::store::setup::ensure_business(&mut conn, app_biz)
+            .await
+            .unwrap();
+    }
+    let secret = SecretString::from("app-secret".to_string());
+    let token = SecretString::from("app-bot-token".to_string());
+    sqlx::query(
+        "INSERT INTO discord_applications (business_id, client_id, client_secret_enc,
+             bot_token_enc, key_id, bot_username, created_at, updated_at)
+         VALUES ($1, '1400000000000000001', $2, $3, $4, 'Acme Bot', now(), now())",
+    )
+    .bind(app_biz)
+    .bind(guildgate::discord::bots::seal(
+        &old_cipher,
+        app_biz,
+        &secret,
+        "client_secret_enc",
+    ))
+    .bind(guildgate::discord::bots::seal(
+        &old_cipher,
+        app_biz,
+        &token,
+        "bot_token_enc",
+    ))
+    .bind(old_cipher.key_id())
+    .execute(&w.app.pool)
+    .await
+    .unwrap();
+
     let (ok, help) = keys_cli(&w, &new, &old, &["rotate-tokens", "--help"]).await;
     assert!(ok && help.contains("--batch-size"), "{help}");
     let report = |out: &str| -> serde_json::Value { serde_json::from_str(out).unwrap() };
@@ -1465,6 +1501,7 @@ async fn tokens_of_a_previous_key_stay_usable_and_rotate_to_the_current_one() {
         (Some(2), Some(1))
     );
     assert_eq!(r["remaining"], 1);
+    assert_eq!(r["applications_reencrypted"], 1);
     sqlx::query("DELETE FROM discord_links WHERE customer_id = 'cus_3'")
         .execute(&w.app.pool)
         .await
@@ -1488,6 +1525,21 @@ async fn tokens_of_a_previous_key_stay_usable_and_rotate_to_the_current_one() {
         assert_eq!(link.token_key_id.as_deref(), Some(current.key_id()));
         assert!(link.access_token(&current).is_ok(), "{customer}");
         assert!(link.refresh_token(&current).unwrap().is_ok(), "{customer}");
+    }
+    let app: guildgate::discord::bots::AppRow =
+        sqlx::query_as("SELECT * FROM discord_applications WHERE business_id = $1")
+            .bind(app_biz)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(app.key_id, current.key_id());
+    let keys = app
+        .keys(&current)
+        .expect("the current key reads the application");
+    {
+        use secrecy::ExposeSecret;
+        assert_eq!(keys.client_secret.expose_secret(), "app-secret");
+        assert_eq!(keys.bot_token.expose_secret(), "app-bot-token");
     }
     drop(conn);
     w.stop().await;
@@ -1707,10 +1759,7 @@ async fn only_what_guildgate_gave_is_taken_away() {
     assert_eq!(got, want);
     let reconciler = guildgate::reconcile::Reconciler {
         pool: w.app.pool.clone(),
-        discord: guildgate::discord::DiscordClient::side(
-            &w.app.settings.discord,
-            guildgate::metrics::Metrics::new(),
-        ),
+        bots: w.app.bots.clone(),
         links: w.links.clone(),
     };
     let report = reconciler
@@ -1853,4 +1902,91 @@ async fn a_revoke_after_an_interrupted_account_switch_removes_both_roles() {
     assert!(!w.has_role(g.guild_id, old, role), "the old account's role");
     crashing.stop().await;
     w.stop().await;
+}
+
+/// A job that read a stop before a resume passed never leaves its grant waiting for a
+/// resume that will not come: it waits only while a stop still covers it, and a resume
+/// under way holds it until the resume has committed (or the resume finds its row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_never_waits_for_a_resume_that_already_passed() {
+    use guildgate::sync::stops::{self, Scope, Waiting};
+    let db = common::TestDb::create().await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    guildgate::store::migrate(&pool).await.unwrap();
+    let now = chrono::Utc::now();
+    let mut conn = pool.acquire().await.unwrap();
+    let guild = "1500000000000000001";
+    guildgate::store::setup::ensure_business(&mut conn, "bus_1")
+        .await
+        .unwrap();
+    let e = guildgate::store::setup::insert_entitlement(&mut conn, "bus_1", "e", guild, None)
+        .await
+        .unwrap();
+    let ent: &'static str = Box::leak(e.id.into_boxed_str());
+    async fn grant(conn: &mut sqlx::PgConnection, ent: &str, n: usize) -> String {
+        let now = chrono::Utc::now();
+        guildgate::store::grants::insert(
+            conn,
+            guildgate::store::grants::NewGrant {
+                business_id: "bus_1",
+                brand_id: "bus_1",
+                entitlement_id: ent,
+                customer_id: &format!("cus_{n}"),
+                payment_id: Some(&format!("pay_{n}")),
+                subscription_id: None,
+                oauth_nonce: "n",
+                oauth_expires_at: now + chrono::Duration::days(7),
+                now,
+            },
+        )
+        .await
+        .unwrap()
+        .id
+    }
+    let g1 = grant(&mut conn, ent, 1).await;
+    let g2: &'static str = Box::leak(grant(&mut conn, ent, 2).await.into_boxed_str());
+    stops::record(
+        &mut conn,
+        guild,
+        Scope::Entitlement(ent),
+        "discord_missing_permissions",
+        "m",
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        stops::wait(&mut conn, &g1, guild, ent, now).await.unwrap(),
+        Waiting::Started
+    );
+    assert_eq!(
+        stops::wait(&mut conn, &g1, guild, ent, now).await.unwrap(),
+        Waiting::Already
+    );
+    // A resume under way (its stop deleted, not committed) holds a waiting job back
+    // until it commits; then the job finds no stop and runs instead of waiting.
+    let mut resume = pool.begin().await.unwrap();
+    let queued = stops::resume(&mut resume, guild, ent).await.unwrap();
+    assert_eq!(queued, std::slice::from_ref(&g1));
+    let late = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            let w = stops::wait(&mut tx, g2, guild, ent, now).await.unwrap();
+            tx.commit().await.unwrap();
+            w
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!late.is_finished(), "held by the resume's lock");
+    resume.commit().await.unwrap();
+    assert_eq!(late.await.unwrap(), Waiting::Lifted);
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM discord_sync_waiting")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(waiting, 0);
+    drop(conn);
+    pool.close().await;
+    db.drop_db().await;
 }

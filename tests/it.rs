@@ -45,6 +45,8 @@ mod ingest;
 mod ingest_faults;
 #[path = "observability.rs"]
 mod observability;
+#[path = "own_bot.rs"]
+mod own_bot;
 #[path = "properties.rs"]
 mod properties;
 #[path = "reconcile.rs"]

@@ -9,9 +9,7 @@ use common::events::*;
 use common::{TestConfig, wait_for};
 use discord_world::{World, sandbox_env};
 use guildgate::app::Options;
-use guildgate::discord::DiscordClient;
 use guildgate::grants::Grant;
-use guildgate::metrics::Metrics;
 use guildgate::reconcile::{Action, DriftKind, DriftPolicy, Reconciler, Report, Scope};
 use sandbox_discord::SandboxConfig;
 use secrecy::ExposeSecret;
@@ -26,7 +24,7 @@ fn id(n: u64) -> String {
 fn reconciler(w: &World) -> Reconciler {
     Reconciler {
         pool: w.app.pool.clone(),
-        discord: DiscordClient::side(&w.app.settings.discord, Metrics::new()),
+        bots: w.app.bots.clone(),
         links: w.links.clone(),
     }
 }

@@ -65,6 +65,11 @@ const DEPENDS_ON_STATE: &[(&str, &str, &str)] = &[
         "422",
         "an `iterator` must be one a previous page returned (it is opaque: any other string is refused)",
     ),
+    (
+        "PUT /discord/application",
+        "422",
+        "the bot token and the client secret must be the application's, which Discord decides",
+    ),
     ("POST /webhooks", "422", URLS_NEED_DNS),
     ("PATCH /webhooks/{id}", "422", URLS_NEED_DNS),
     (

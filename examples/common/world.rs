@@ -88,3 +88,67 @@ pub async fn delete_topology(ch: &Channel, settings: &Settings) {
             .await;
     }
 }
+
+/// A customer of `business` who already authorized Discord (a sandbox user whose tokens,
+/// issued to `app` or to the shared application, are stored), with a grant of
+/// `entitlement` and its sync job queued, in `tx`; returns the grant's id.
+#[allow(clippy::too_many_arguments)]
+pub async fn linked_grant(
+    tx: &mut sqlx::PgConnection,
+    sandbox: &Sandbox,
+    cipher: &guildgate::crypto::TokenCipher,
+    business: &str,
+    app: Option<&sandbox_discord::AppCredentials>,
+    customer: &str,
+    entitlement: &str,
+    payment: &str,
+) -> String {
+    let now = chrono::Utc::now();
+    let user = sandbox.add_user(sandbox_discord::UserSpec::new(format!(
+        "{business}-{customer}"
+    )));
+    let scopes = ["identify", "guilds.join"];
+    let t = match app {
+        None => sandbox.issue_token(user, &scopes),
+        Some(a) => sandbox.issue_token_for(a.client_id, user, &scopes),
+    };
+    use guildgate::sync::store::{LinkRow, SealedTokens, upsert_link};
+    let link = LinkRow::new(
+        business,
+        customer,
+        user.to_string(),
+        SealedTokens::seal(
+            cipher,
+            business,
+            customer,
+            &t.access_token.clone().into(),
+            Some(&t.refresh_token.clone().into()),
+        ),
+        now + chrono::Duration::days(7),
+        t.scope.clone(),
+    )
+    .issued_by(app.map(|a| a.client_id.to_string()));
+    upsert_link(&mut *tx, &link, None, now)
+        .await
+        .expect("link stored");
+    let g = guildgate::store::grants::insert(
+        &mut *tx,
+        guildgate::store::grants::NewGrant {
+            business_id: business,
+            brand_id: business,
+            entitlement_id: entitlement,
+            customer_id: customer,
+            payment_id: Some(payment),
+            subscription_id: None,
+            oauth_nonce: "n_linked",
+            oauth_expires_at: now + chrono::Duration::days(7),
+            now,
+        },
+    )
+    .await
+    .expect("grant stored");
+    guildgate::outbox::queue_sync(&mut *tx, &g.id)
+        .await
+        .expect("sync queued");
+    g.id
+}

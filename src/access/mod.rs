@@ -332,7 +332,11 @@ async fn connect(
         }
         .map_err(|e| failed(e, lang))?;
         Ok::<_, Shown>(
-            Redirect::to(&st.links.url(&g.id, &g.oauth_nonce, g.oauth_expires_at)).into_response(),
+            Redirect::to(
+                &st.links
+                    .url(&g.business_id, &g.id, &g.oauth_nonce, g.oauth_expires_at),
+            )
+            .into_response(),
         )
     }
     .await;
@@ -447,13 +451,20 @@ pub async fn switch_returned(
                 lang,
             }
         };
-        let tokens = st
-            .discord
+        let bot = st.bots.of_business(&who.b).await.map_err(|e| {
+            tracing::error!(error = %e, "account switch: the business's bot cannot be used");
+            Shown {
+                page: Page::Unavailable,
+                lang,
+            }
+        })?;
+        let tokens = bot
+            .side
             .exchange_code(&code, st.links.redirect_uri())
             .await
             .map_err(unavailable)?;
-        let user = st
-            .discord
+        let user = bot
+            .side
             .user(&tokens.access_token)
             .await
             .map_err(unavailable)?;
@@ -476,7 +487,8 @@ pub async fn switch_returned(
             ),
             now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
             tokens.scope.clone(),
-        );
+        )
+        .issued_by(bot.issuer());
         let names = (user.username.as_str(), user.global_name.as_deref());
         let mut tx = st.pool.begin().await.map_err(|e| failed(e, lang))?;
         let current = db::linked_account(&mut tx, &who.b, &who.c)
@@ -523,6 +535,7 @@ pub async fn switch_returned(
             token_expires_at: row.expires_at,
             scopes: row.scopes,
             expires_at: now + chrono::Duration::minutes(SWITCH_TTL_MINUTES),
+            client_id: row.client_id,
         };
         db::save_switch(&mut tx, &pending)
             .await
@@ -610,6 +623,7 @@ async fn confirm(
             scopes: p.scopes,
             token_version: 0,
             token_key_id: Some(p.token_key_id),
+            client_id: p.client_id,
         };
         let Linked { previous, .. } =
             link_account(&mut tx, &row, (&p.username, p.global_name.as_deref()), None, now)

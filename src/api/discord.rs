@@ -115,10 +115,16 @@ pub async fn install_url(
     );
     let mut url = url::Url::parse(&state.settings.discord.authorize_url)
         .map_err(|e| ApiError::Internal(format!("discord.authorize_url: {e}")))?;
+    // The business's own bot, if it registered an application; else the shared one.
+    let client_id = state
+        .bots
+        .directory()
+        .client_id_of(merchant.business())
+        .unwrap_or_else(|| state.settings.discord.client_id.clone());
     // A code grant: the callback exchanges the code, and Discord's answer names the
     // server the bot was added to. Only that answer is believed.
     url.query_pairs_mut()
-        .append_pair("client_id", &state.settings.discord.client_id)
+        .append_pair("client_id", &client_id)
         .append_pair("response_type", "code")
         .append_pair("scope", INSTALL_SCOPES)
         .append_pair("permissions", &permissions::REQUIRED.to_string())
@@ -232,11 +238,18 @@ pub async fn bot_callback(
         }
         Err(e) => return record_failed(e),
     }
-    let tokens = match state
-        .discord
-        .exchange_code(code, &callback_uri(&state))
-        .await
-    {
+    let bot = match state.bots.of_business(&install.b).await {
+        Ok(bot) => bot,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the business's bot for a bot install");
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Something went wrong",
+                "The install could not be checked just now. Nothing was recorded. Start again from a new install link in a moment.",
+            );
+        }
+    };
+    let tokens = match bot.side.exchange_code(code, &callback_uri(&state)).await {
         Ok(t) => t,
         Err(DiscordError::BadUserToken) => {
             return page(
@@ -262,7 +275,7 @@ pub async fn bot_callback(
         );
     };
     // Who installed it, for the record; the install stands without it.
-    let installer = match state.discord.user(&tokens.access_token).await {
+    let installer = match bot.side.user(&tokens.access_token).await {
         Ok(u) => Some(u.id.to_string()),
         Err(e) => {
             tracing::warn!(error = %e, guild = %guild.id, "cannot read who installed the bot");
@@ -294,7 +307,12 @@ pub async fn bot_callback(
                 StatusCode::OK,
                 "Server connected",
                 &format!(
-                    "guildgate's bot is in \"{}\". You can close this window and create entitlements for it.",
+                    "{} is in \"{}\". You can close this window and create entitlements for it.",
+                    if bot.own {
+                        "Your bot"
+                    } else {
+                        "guildgate's bot"
+                    },
                     guild.name
                 ),
             )
@@ -587,7 +605,8 @@ pub async fn roles(
         let mut conn = state.pool.acquire().await?;
         connected(&mut conn, merchant.business(), &guild_id).await?;
     }
-    let facts = gather(&state.discord, guild).await?;
+    let bot = state.bots.of_business(merchant.business()).await?;
+    let facts = gather(&bot.side, guild).await?;
     let mut roles: Vec<&Role> = facts.roles.iter().collect();
     roles.sort_by(|a, b| b.position.cmp(&a.position).then(a.id.cmp(&b.id)));
     let bot_roles = facts.bot_roles.as_deref();

@@ -25,7 +25,7 @@ use super::auth::Merchant;
 use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, Problem};
 use super::store::{entitlements as db, guilds};
 use super::{Items, page};
-use crate::discord::DiscordClient;
+use crate::discord::Bots;
 use crate::discord::{HumanCode, Snowflake};
 use crate::grants::render::ts;
 use crate::http::AppState;
@@ -370,7 +370,7 @@ async fn check_connected(
 /// with no connection held.
 async fn check_discord(
     pool: &PgPool,
-    discord: &DiscordClient,
+    bots: &Bots,
     business_id: &str,
     f: &db::Fields,
 ) -> Result<Option<String>, ApiError> {
@@ -378,7 +378,9 @@ async fn check_discord(
         let mut conn = pool.acquire().await?;
         check_connected(&mut conn, business_id, f).await?;
     }
-    super::discord::validate(discord, &f.guild_id, f.role_id.as_deref()).await
+    // Checked with the bot that will serve the server: the business's own, if any.
+    let bot = bots.of_business(business_id).await?;
+    super::discord::validate(&bot.side, &f.guild_id, f.role_id.as_deref()).await
 }
 
 /// Create an entitlement.
@@ -411,7 +413,7 @@ pub async fn create(
             .unwrap_or_else(|| Value::Object(Default::default())),
     };
     check_fields(&f, &body.integration_type)?;
-    f.role_name = check_discord(&state.pool, &state.discord, merchant.business(), &f).await?;
+    f.role_name = check_discord(&state.pool, &state.bots, merchant.business(), &f).await?;
     // Still connected now that Discord has answered (the check above ran before).
     let mut tx = state.pool.begin().await?;
     check_connected(&mut tx, merchant.business(), &f).await?;
@@ -519,7 +521,7 @@ pub async fn update(
     // Discord is asked with no connection held, let alone a row lock: it can take
     // seconds (rate limits). The row is re-read under lock below and the save refused if
     // someone else changed it in between.
-    f.role_name = check_discord(&state.pool, &state.discord, business, &f).await?;
+    f.role_name = check_discord(&state.pool, &state.bots, business, &f).await?;
     let mut tx = state.pool.begin().await?;
     let current = db::get(&mut tx, business, &id, true)
         .await?

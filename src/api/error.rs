@@ -244,6 +244,18 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<crate::discord::bots::BotError> for ApiError {
+    fn from(e: crate::discord::bots::BotError) -> Self {
+        match e {
+            crate::discord::bots::BotError::Db(e) => e.into(),
+            crate::discord::bots::BotError::Sealed => ApiError::Conflict {
+                code: "discord_application_unreadable",
+                message: "The secrets of this business's Discord application cannot be decrypted with the configured keys. Register the application again with PUT /discord/application.".into(),
+            },
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         ApiError::Internal(format!("database: {e}"))

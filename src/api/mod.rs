@@ -5,6 +5,7 @@
 //! - [`auth`]: `Authorization: Bearer <api key>` → the business; [`keys`]: key format.
 //! - [`error`]: the one error type, `{code, message}` with the right status.
 //! - [`entitlements`], [`translations`], [`products`], [`grants`], [`discord`],
+//!   [`application`] (a business's own bot),
 //!   [`webhooks`]: the routes, one file per resource, each parsing its input into typed
 //!   values at the edge.
 //! - [`openapi`]: `GET /openapi.json`, generated from the handlers' annotations; the
@@ -15,6 +16,7 @@
 //! Every object belongs to one business; a query always names the caller's business, so
 //! another business's object is simply not found (404).
 
+pub mod application;
 pub mod auth;
 pub mod discord;
 pub mod entitlements;

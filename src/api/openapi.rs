@@ -25,8 +25,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{
-    DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, discord, entitlements, grants, products, settings,
-    translations, webhooks,
+    DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, application, discord, entitlements, grants, products,
+    settings, translations, webhooks,
 };
 use crate::http::AppState;
 
@@ -383,6 +383,11 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(discord::disconnect))
         .routes(routes!(discord::roles))
         .routes(routes!(discord::member_access))
+        .routes(routes!(
+            application::put,
+            application::get,
+            application::delete
+        ))
         .routes(routes!(webhooks::create, webhooks::list))
         .routes(routes!(webhooks::get, webhooks::update, webhooks::delete))
         .routes(routes!(webhooks::headers, webhooks::update_headers))

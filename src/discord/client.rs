@@ -246,6 +246,34 @@ impl Answer {
     }
 }
 
+/// The credentials of one Discord application: its OAuth client and its bot.
+#[derive(Clone)]
+pub struct AppKeys {
+    /// The application's id, which is also its bot user's id.
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub bot_token: SecretString,
+}
+
+impl std::fmt::Debug for AppKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppKeys")
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppKeys {
+    /// The shared application of the configuration.
+    pub fn of_settings(s: &DiscordSettings) -> Self {
+        Self {
+            client_id: s.client_id.clone(),
+            client_secret: s.client_secret.clone(),
+            bot_token: s.bot_token.clone(),
+        }
+    }
+}
+
 /// A Discord client on one budget. Cheap to clone; clones share the budget, the
 /// invalid-request counter and the connection pool.
 #[derive(Clone)]
@@ -277,6 +305,11 @@ impl DiscordClient {
     /// The side client of a process: the small `side_requests_per_s` budget. Spawns the
     /// bucket actor, so call it inside a tokio runtime.
     pub fn side(settings: &DiscordSettings, metrics: Arc<Metrics>) -> Self {
+        Self::side_of(settings, &AppKeys::of_settings(settings), metrics)
+    }
+
+    /// The side client of one application (a business's own, or the shared one).
+    pub fn side_of(settings: &DiscordSettings, app: &AppKeys, metrics: Arc<Metrics>) -> Self {
         let http = reqwest::Client::builder()
             .timeout(settings.request_timeout)
             .build()
@@ -284,9 +317,9 @@ impl DiscordClient {
         Self {
             http,
             base: settings.api_base.trim_end_matches('/').into(),
-            bot_token: settings.bot_token.clone(),
-            client_id: settings.client_id.as_str().into(),
-            client_secret: settings.client_secret.clone(),
+            bot_token: app.bot_token.clone(),
+            client_id: app.client_id.as_str().into(),
+            client_secret: app.client_secret.clone(),
             // Bounded: customers and merchants wait on it, and can ask more of it than it
             // carries; a caller told "busy" can try again, one left waiting holds a request.
             budget: Budget::new("side", settings.side_requests_per_s)
@@ -329,6 +362,11 @@ impl DiscordClient {
         if let Some(stops) = &self.stops {
             stops.forget(guild, role, settled);
         }
+    }
+
+    /// The id of the application this client speaks for.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
     }
 
     fn stopped(&self, call: &Call<'_>) -> Option<StopKey> {
@@ -453,6 +491,10 @@ impl DiscordClient {
                 ErrorBody::default()
             };
             let observed = observed.with_body_retry_after(body.retry_after, body.global);
+            // What the answer says of the limits applies before anything else is awaited:
+            // a global 429 holds back every request of this process at once, not after
+            // the invalid answer is counted in the database.
+            ticket.complete(&observed);
             if let (Some(stops), Some(guild)) = (&self.stops, call.guild()) {
                 match (status, body.code) {
                     (403, Some(50001)) | (404, Some(10004)) => {
@@ -469,7 +511,6 @@ impl DiscordClient {
                 self.invalid.count().await
             };
             self.metrics.discord_invalid_requests.set(n as i64);
-            ticket.complete(&observed);
             self.count(call.label, &status.to_string());
             if status == 429 {
                 let wait = observed.retry_after.unwrap_or(Duration::from_secs(1));
@@ -503,6 +544,26 @@ impl DiscordClient {
                 ("status", status.to_string()),
             ])
             .inc();
+    }
+
+    /// A form posted to an OAuth endpoint with the client credentials (no bot token).
+    fn form_call(
+        path: &'static str,
+        label: &'static str,
+        form: Vec<(&'static str, String)>,
+        idempotent: bool,
+    ) -> Call<'static> {
+        Call {
+            verb: Verb::Post,
+            path: path.into(),
+            route: path.into(),
+            label,
+            auth: Auth::None,
+            body: Body::Form(form),
+            idempotent,
+            role: None,
+            reason: None,
+        }
     }
 
     fn bot_call(verb: Verb, path: String, route: String, label: &'static str) -> Call<'static> {
@@ -590,6 +651,47 @@ impl DiscordClient {
             (200, _) => a.json().map(Some),
             (403, Some(50001)) => Ok(None),
             _ => Err(a.guild_error(g).unwrap_or_else(|| a.unexpected())),
+        }
+    }
+
+    /// The bot's own user (`GET /users/@me` with the bot token), asked every time:
+    /// checks a bot token before it is stored.
+    pub async fn bot_user(&self) -> Result<User, DiscordError> {
+        let a = self
+            .send(Self::bot_call(
+                Verb::Get,
+                "users/@me".into(),
+                "users/@me".into(),
+                "GET /users/@me",
+            ))
+            .await?;
+        match a.status {
+            200 => a.json::<User>(),
+            401 => Err(DiscordError::BadCredentials),
+            _ => Err(a.unexpected()),
+        }
+    }
+
+    /// Checks the client id and secret with a client-credentials grant (`POST
+    /// /oauth2/token`, `grant_type=client_credentials`, scope `identify`). The token it
+    /// returns is the application owner's, and is dropped unused.
+    pub async fn check_client(&self) -> Result<(), DiscordError> {
+        let form = self.with_client(vec![
+            ("grant_type", "client_credentials".to_string()),
+            ("scope", "identify".to_string()),
+        ]);
+        let a = self
+            .send(Self::form_call(
+                "oauth2/token",
+                "POST /oauth2/token",
+                form,
+                true,
+            ))
+            .await?;
+        match a.status {
+            200 => Ok(()),
+            400 | 401 => Err(DiscordError::BadCredentials),
+            _ => Err(a.unexpected()),
         }
     }
 
@@ -754,26 +856,26 @@ impl DiscordClient {
         }
     }
 
-    async fn token(&self, form: Vec<(&'static str, String)>) -> Result<TokenSet, DiscordError> {
-        let mut form = form;
+    /// `form` with the application's client credentials.
+    fn with_client(&self, mut form: Vec<(&'static str, String)>) -> Vec<(&'static str, String)> {
         form.push(("client_id", self.client_id.to_string()));
         form.push((
             "client_secret",
             self.client_secret.expose_secret().to_string(),
         ));
+        form
+    }
+
+    async fn token(&self, form: Vec<(&'static str, String)>) -> Result<TokenSet, DiscordError> {
+        let form = self.with_client(form);
+        // A code is single-use and a refresh token rotates: never resend.
         let a = self
-            .send(Call {
-                verb: Verb::Post,
-                path: "oauth2/token".into(),
-                route: "oauth2/token".into(),
-                label: "POST /oauth2/token",
-                auth: Auth::None,
-                body: Body::Form(form),
-                // A code is single-use and a refresh token rotates: never resend.
-                idempotent: false,
-                role: None,
-                reason: None,
-            })
+            .send(Self::form_call(
+                "oauth2/token",
+                "POST /oauth2/token",
+                form,
+                false,
+            ))
             .await?;
         match a.status {
             200 => {
@@ -822,27 +924,17 @@ impl DiscordClient {
         token: &SecretString,
         hint: &'static str,
     ) -> Result<(), DiscordError> {
-        let form = vec![
+        let form = self.with_client(vec![
             ("token", token.expose_secret().to_string()),
             ("token_type_hint", hint.to_string()),
-            ("client_id", self.client_id.to_string()),
-            (
-                "client_secret",
-                self.client_secret.expose_secret().to_string(),
-            ),
-        ];
+        ]);
         let a = self
-            .send(Call {
-                verb: Verb::Post,
-                path: "oauth2/token/revoke".into(),
-                route: "oauth2/token/revoke".into(),
-                label: "POST /oauth2/token/revoke",
-                auth: Auth::None,
-                body: Body::Form(form),
-                idempotent: true,
-                role: None,
-                reason: None,
-            })
+            .send(Self::form_call(
+                "oauth2/token/revoke",
+                "POST /oauth2/token/revoke",
+                form,
+                true,
+            ))
             .await?;
         match a.status {
             200 | 204 => Ok(()),

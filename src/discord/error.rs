@@ -58,6 +58,10 @@ pub enum DiscordError {
     /// The customer's token is revoked, expired beyond refresh, or not theirs.
     #[error("the customer's Discord authorization is no longer valid")]
     BadUserToken,
+    /// Discord refused an application's credentials (a bot token or a client secret
+    /// being checked before they are stored).
+    #[error("Discord refused the application's credentials")]
+    BadCredentials,
     /// An answer guildgate does not expect (a bug on one side): retried like an outage.
     #[error("unexpected Discord answer {status} (code {code:?}): {message}")]
     Unexpected {
@@ -93,7 +97,9 @@ impl DiscordError {
             | DiscordError::Busy { .. }
             | DiscordError::Stopped { .. }
             | DiscordError::Unexpected { .. } => Some(Duration::ZERO),
-            DiscordError::NeedsHuman { .. } | DiscordError::BadUserToken => None,
+            DiscordError::NeedsHuman { .. }
+            | DiscordError::BadUserToken
+            | DiscordError::BadCredentials => None,
         }
     }
 }

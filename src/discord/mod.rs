@@ -1,6 +1,7 @@
 //! Discord: the HTTP client guildgate talks to Discord with, and the pure decisions
 //! about what to ask of it.
 //!
+//! - [`bots`]: which bot speaks for a business (its own application, or the shared one).
 //! - [`client`]: typed calls (reqwest), each through a rate-limit budget.
 //! - [`ratelimit`]: per-bucket queues learned from headers (twilight's actor) behind a
 //!   sliding-window gate for the global limit; the syncer's budget and a small side one.
@@ -9,6 +10,7 @@
 //! - [`plan`]: `(grant, entitlement, link, member, other grants) -> calls`, pure.
 //! - [`validate`]: checks a guild/role configuration before it is saved.
 
+pub mod bots;
 pub mod client;
 pub mod error;
 pub mod invalid;
@@ -18,6 +20,7 @@ pub mod shared;
 pub mod stops;
 pub mod validate;
 
+pub use bots::{Bot, Bots};
 pub use client::DiscordClient;
 pub use error::{DiscordError, HumanCode};
 

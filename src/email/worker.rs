@@ -302,9 +302,12 @@ impl EmailWorker {
             .as_deref()
             .and_then(Lang::parse)
             .unwrap_or_default();
-        let join_url = self
-            .links
-            .url(&grant.id, &grant.oauth_nonce, grant.oauth_expires_at);
+        let join_url = self.links.url(
+            &grant.business_id,
+            &grant.id,
+            &grant.oauth_nonce,
+            grant.oauth_expires_at,
+        );
         let access_url = self.links.access_url(
             &grant.business_id,
             &grant.customer_id,

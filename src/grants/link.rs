@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Settings;
 use crate::crypto::{StateError, StateSigner};
+use crate::discord::bots::Directory;
 
 /// `purpose` of grant OAuth states, so no other signed state is accepted in their place.
 pub const PURPOSE: &str = "grant-oauth";
@@ -59,6 +60,11 @@ pub struct LinkBuilder {
     /// The authorize URL with its constant query pairs, ending in `state=`: only the
     /// state differs between links, and it needs no escaping (base64url and `.`).
     prefix: String,
+    /// The same prefix cut where the client id goes, for businesses with their own
+    /// Discord application (their client id is a snowflake: digits need no escaping).
+    around_client: (String, String),
+    /// Which business has its own application.
+    directory: Directory,
     redirect_uri: String,
     signer: StateSigner,
     pub ttl: chrono::Duration,
@@ -71,18 +77,26 @@ pub struct LinkBuilder {
 impl LinkBuilder {
     pub fn from_settings(s: &Settings) -> Self {
         let redirect_uri = s.oauth_redirect_uri();
-        let mut url = url::Url::parse(&s.discord.authorize_url).expect("validated on load");
-        url.query_pairs_mut()
-            .append_pair("client_id", &s.discord.client_id)
-            .append_pair("response_type", "code")
-            .append_pair("scope", "identify guilds.join")
-            .append_pair("redirect_uri", &redirect_uri)
-            .append_pair("state", "");
-        let prefix: String = url.into();
+        let prefix_for = |client_id: &str| -> String {
+            let mut url = url::Url::parse(&s.discord.authorize_url).expect("validated on load");
+            url.query_pairs_mut()
+                .append_pair("client_id", client_id)
+                .append_pair("response_type", "code")
+                .append_pair("scope", "identify guilds.join")
+                .append_pair("redirect_uri", &redirect_uri)
+                .append_pair("state", "");
+            url.into()
+        };
+        let prefix = prefix_for(&s.discord.client_id);
         // Settings reject an authorize URL with a fragment, which would follow the query.
         assert!(prefix.ends_with("&state="), "validated on load");
+        const MARK: &str = "GUILDGATECLIENTID";
+        let marked = prefix_for(MARK);
+        let (head, tail) = marked.split_once(MARK).expect("the mark is in the query");
         Self {
             prefix,
+            around_client: (head.to_string(), tail.to_string()),
+            directory: Directory::default(),
             redirect_uri,
             signer: StateSigner::new(s.secrets.state_signing_key.clone()),
             ttl: chrono::Duration::from_std(s.discord.oauth_link_ttl)
@@ -93,12 +107,26 @@ impl LinkBuilder {
         }
     }
 
+    /// The same builder, giving the links of a business with its own Discord application
+    /// that application's client id.
+    pub fn with_directory(mut self, directory: Directory) -> Self {
+        self.directory = directory;
+        self
+    }
+
     pub fn redirect_uri(&self) -> &str {
         &self.redirect_uri
     }
 
-    /// The `oauth_url` of a grant.
-    pub fn url(&self, grant_id: &str, nonce: &str, expires_at: DateTime<Utc>) -> String {
+    /// The `oauth_url` of a grant of `business_id`: Discord's authorize URL for the
+    /// business's own application if it has one, else for the shared one.
+    pub fn url(
+        &self,
+        business_id: &str,
+        grant_id: &str,
+        nonce: &str,
+        expires_at: DateTime<Utc>,
+    ) -> String {
         let state = self.signer.sign(
             PURPOSE,
             GrantState {
@@ -113,10 +141,24 @@ impl LinkBuilder {
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
             "a state is form-urlencoded as itself"
         );
-        let mut url = String::with_capacity(self.prefix.len() + state.len());
-        url.push_str(&self.prefix);
+        let prefix = self.prefix_of(business_id);
+        let mut url = String::with_capacity(prefix.len() + state.len());
+        url.push_str(&prefix);
         url.push_str(&state);
         url
+    }
+
+    /// The authorize URL up to its `state=` for `business_id`'s application.
+    fn prefix_of(&self, business_id: &str) -> std::borrow::Cow<'_, str> {
+        match self.directory.client_id_of(business_id) {
+            None => std::borrow::Cow::Borrowed(&self.prefix),
+            Some(client_id) => {
+                let (head, tail) = &self.around_client;
+                let encoded: String =
+                    url::form_urlencoded::byte_serialize(client_id.as_bytes()).collect();
+                std::borrow::Cow::Owned(format!("{head}{encoded}{tail}"))
+            }
+        }
     }
 
     /// Checks a `state` from the callback.
@@ -174,7 +216,7 @@ impl LinkBuilder {
             },
             (now + chrono::Duration::minutes(SWITCH_TTL_MINUTES)).timestamp(),
         );
-        format!("{}{state}&prompt=consent", self.prefix)
+        format!("{}{state}&prompt=consent", self.prefix_of(business_id))
     }
 
     /// Checks the `state` of a switch coming back from Discord.
@@ -218,9 +260,9 @@ mod tests {
         let s = Settings::load_with_env(None, Some(Default::default())).unwrap();
         let b = LinkBuilder::from_settings(&s);
         let exp: DateTime<Utc> = "2030-01-01T00:00:00Z".parse().unwrap();
-        let u = b.url("grant_X", "n_1", exp);
+        let u = b.url("bus_1", "grant_X", "n_1", exp);
         assert!(u.starts_with("https://discord.com/oauth2/authorize?client_id=1100000000000000001&response_type=code&scope=identify+guilds.join&redirect_uri=http%3A%2F%2F127.0.0.1%3A8080%2Foauth%2Fdiscord%2Fcallback&state="), "{u}");
-        assert_eq!(u, b.url("grant_X", "n_1", exp), "deterministic");
+        assert_eq!(u, b.url("bus_1", "grant_X", "n_1", exp), "deterministic");
         let state = url::Url::parse(&u)
             .unwrap()
             .query_pairs()
@@ -237,6 +279,27 @@ mod tests {
             }
         );
         assert_eq!(b.verify(&state, exp), Err(StateError::Expired));
+    }
+
+    #[test]
+    fn a_business_with_its_own_application_gets_links_naming_it() {
+        let s = Settings::load_with_env(None, Some(Default::default())).unwrap();
+        let directory = Directory::default();
+        let b = LinkBuilder::from_settings(&s).with_directory(directory.clone());
+        let exp: DateTime<Utc> = "2030-01-01T00:00:00Z".parse().unwrap();
+        directory.set("bus_own", Some(("1200000000000000077".into(), Utc::now())));
+        let own = b.url("bus_own", "grant_X", "n_1", exp);
+        let shared = b.url("bus_1", "grant_X", "n_1", exp);
+        assert_eq!(
+            own,
+            shared.replace(
+                "client_id=1100000000000000001",
+                "client_id=1200000000000000077"
+            ),
+            "only the client id differs"
+        );
+        directory.set("bus_own", None);
+        assert_eq!(b.url("bus_own", "grant_X", "n_1", exp), shared);
     }
 
     #[test]
@@ -257,7 +320,7 @@ mod tests {
         );
         assert_eq!(b.verify_access(t, exp), Err(StateError::Expired));
         // A grant's OAuth state is no access token, nor the other way round.
-        let oauth = b.url("grant_X", "n_1", exp);
+        let oauth = b.url("bus_1", "grant_X", "n_1", exp);
         let state = oauth.split_once("state=").unwrap().1;
         assert_eq!(b.verify_access(state, now), Err(StateError::Tampered));
         assert_eq!(b.verify(t, now), Err(StateError::Tampered));
@@ -272,7 +335,7 @@ mod tests {
         let s = Settings::load_with_env(None, Some(env.into_iter().collect())).unwrap();
         let b = LinkBuilder::from_settings(&s);
         let exp: DateTime<Utc> = "2030-01-01T00:00:00Z".parse().unwrap();
-        let u = url::Url::parse(&b.url("grant_Y", "n_2", exp)).unwrap();
+        let u = url::Url::parse(&b.url("bus_1", "grant_Y", "n_2", exp)).unwrap();
         assert_eq!(u.host_str(), Some("discord.example"));
         let pairs: Vec<(String, String)> = u.query_pairs().into_owned().collect();
         let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();

@@ -66,7 +66,7 @@ impl<'a> GrantObject<'a> {
             revocation_reason: g.revocation_reason.as_deref(),
             error_code: g.error_code.as_deref(),
             error_message: g.error_message.as_deref(),
-            oauth_url: links.url(&g.id, &g.oauth_nonce, g.oauth_expires_at),
+            oauth_url: links.url(&g.business_id, &g.id, &g.oauth_nonce, g.oauth_expires_at),
             oauth_expires_at: ts(g.oauth_expires_at),
             metadata: &g.metadata,
             created_at: ts(g.created_at),

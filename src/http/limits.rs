@@ -63,8 +63,14 @@ pub struct Limits {
     business: DefaultKeyedRateLimiter<String>,
     link: DefaultKeyedRateLimiter<String>,
     address: DefaultKeyedRateLimiter<IpAddr>,
+    application: DefaultKeyedRateLimiter<String>,
     trusted_proxies: Vec<IpNet>,
 }
+
+/// Checks of a business's Discord application credentials per hour and process: each
+/// check asks Discord, and wrong credentials earn 401s, which Discord counts against
+/// the address every business shares.
+pub const APPLICATION_CHECKS_PER_HOUR: u32 = 10;
 
 impl std::fmt::Debug for Limits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -106,6 +112,10 @@ impl Limits {
             business: RateLimiter::keyed(api),
             link: RateLimiter::keyed(per_window(s.oauth.callback_attempts, window)),
             address: RateLimiter::keyed(per_window(s.oauth.address_attempts, window)),
+            application: RateLimiter::keyed(per_window(
+                APPLICATION_CHECKS_PER_HOUR,
+                Duration::from_secs(3600),
+            )),
             trusted_proxies: s.http.trusted_proxy_nets(),
         }
     }
@@ -120,6 +130,11 @@ impl Limits {
         check(&self.link, &link.to_string())
     }
 
+    /// One check of `business`'s Discord application credentials.
+    pub fn check_application(&self, business: &str) -> Result<(), Duration> {
+        check(&self.application, &business.to_string())
+    }
+
     /// One OAuth callback from `ip`.
     pub fn check_address(&self, ip: IpAddr) -> Result<(), Duration> {
         check(&self.address, &ip)
@@ -130,6 +145,8 @@ impl Limits {
         self.business.retain_recent();
         self.link.retain_recent();
         self.address.retain_recent();
+        self.application.retain_recent();
+        self.application.shrink_to_fit();
         self.business.shrink_to_fit();
         self.link.shrink_to_fit();
         self.address.shrink_to_fit();

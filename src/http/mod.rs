@@ -20,7 +20,7 @@ use sqlx::PgPool;
 use crate::amqp::Broker;
 use crate::config::Settings;
 use crate::crypto::TokenCipher;
-use crate::discord::DiscordClient;
+use crate::discord::Bots;
 use crate::grants::link::LinkBuilder;
 use crate::metrics::Metrics;
 
@@ -32,8 +32,9 @@ pub struct AppState {
     pub broker: Broker,
     pub links: LinkBuilder,
     pub metrics: Arc<Metrics>,
-    /// Discord on this process's small side budget (OAuth exchange, validation).
-    pub discord: DiscordClient,
+    /// The bots: a business's own, or the shared one, each on this process's small side
+    /// budget here (OAuth exchange, validation).
+    pub bots: Bots,
     /// Encrypts customers' Discord tokens at rest.
     pub cipher: TokenCipher,
     /// Per-business and OAuth callback rate limits.

@@ -294,10 +294,12 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
     if q.error.is_some() {
         // The link was not used: offer it again.
         return Err(Page::Denied {
-            retry_url: Some(
-                st.links
-                    .url(&grant.id, &grant.oauth_nonce, grant.oauth_expires_at),
-            ),
+            retry_url: Some(st.links.url(
+                &grant.business_id,
+                &grant.id,
+                &grant.oauth_nonce,
+                grant.oauth_expires_at,
+            )),
         });
     }
     let code = q
@@ -305,13 +307,18 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         .as_deref()
         .filter(|c| !c.is_empty())
         .ok_or(Page::Tampered)?;
-    let tokens = st
-        .discord
+    // The business's own application, if it has one: the link was made for it.
+    let bot = st.bots.of_business(&grant.business_id).await.map_err(|e| {
+        tracing::error!(error = %e, "OAuth callback: the business's bot cannot be used");
+        Page::Unavailable
+    })?;
+    let tokens = bot
+        .side
         .exchange_code(code, st.links.redirect_uri())
         .await
         .map_err(discord_failed)?;
-    let user = st
-        .discord
+    let user = bot
+        .side
         .user(&tokens.access_token)
         .await
         .map_err(discord_failed)?;
@@ -343,7 +350,8 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
             ),
             now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
             tokens.scope.clone(),
-        );
+        )
+        .issued_by(bot.issuer());
         db::set_nonce(
             &mut tx,
             &grant.id,
@@ -377,8 +385,8 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
     // The server's name is a courtesy: if Discord does not answer, show the id.
     let guild_name = match (known_name, Snowflake::parse(&guild_id)) {
         (Some(name), _) => name,
-        (None, Some(g)) => st
-            .discord
+        (None, Some(g)) => bot
+            .side
             .guild(g)
             .await
             .map(|g| g.name)
@@ -454,7 +462,26 @@ pub(crate) async fn link_account(
 pub(crate) async fn revoke_left_tokens(st: &AppState, old: LinkRow, customer_id: &str) {
     let access = old.access_token(&st.cipher).ok();
     let refresh = old.refresh_token(&st.cipher).and_then(Result::ok);
-    match revoke_tokens(&st.discord, access.as_ref(), refresh.as_ref()).await {
+    // Only the application that issued them can revoke them.
+    let bot = match st
+        .bots
+        .of_application(&old.business_id, old.client_id.as_deref())
+        .await
+    {
+        Ok(Some(bot)) => bot,
+        Ok(None) => {
+            tracing::info!(
+                customer_id,
+                "the tokens of the Discord account the customer left belong to an application the business no longer uses; dropping them"
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(customer_id, error = %e, "cannot revoke the tokens of the Discord account the customer left; dropping them");
+            return;
+        }
+    };
+    match revoke_tokens(&bot.side, access.as_ref(), refresh.as_ref()).await {
         Ok(()) => {
             tracing::info!(
                 customer_id,

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::compare::{DiscordState, DriftKind, Finding, GatedRole, GrantRow, compare};
 pub use crate::config::DriftPolicy;
-use crate::discord::{DiscordClient, Snowflake};
+use crate::discord::{Bots, DiscordClient, Snowflake};
 use crate::grants::link::LinkBuilder;
 use crate::grants::{GrantEventType, GrantStatus, RevocationReason};
 use crate::outbox::{emit, queue_sync};
@@ -291,8 +291,9 @@ const RECONCILE_LOCK: (i32, i32) = (0x6767_6174, 1);
 #[derive(Clone, Debug)]
 pub struct Reconciler {
     pub pool: PgPool,
-    /// Must be a side-budget client ([`DiscordClient::side`]), never the syncer's.
-    pub discord: DiscordClient,
+    /// Each guild is read with its business's bot, on its side budget, never the
+    /// syncer's.
+    pub bots: Bots,
     pub links: LinkBuilder,
 }
 
@@ -300,16 +301,41 @@ impl Reconciler {
     /// A reconciler for a process of its own (`guildgate reconcile`): Discord is read
     /// on the side budget, never the syncer's, shared with every other process
     /// through PostgreSQL.
-    pub fn standalone(settings: &crate::config::Settings, pool: PgPool) -> Self {
-        Self {
-            discord: DiscordClient::side(&settings.discord, crate::metrics::Metrics::new()).shared(
-                crate::discord::shared::SharedLimits::new(
-                    pool.clone(),
-                    &settings.discord.client_id,
-                ),
-            ),
-            links: LinkBuilder::from_settings(settings),
+    pub async fn standalone(
+        settings: &crate::config::Settings,
+        pool: PgPool,
+    ) -> Result<Self, sqlx::Error> {
+        let cipher = settings
+            .token_cipher()
+            .expect("validated when the settings were loaded");
+        let bots = Bots::new(
+            pool.clone(),
+            cipher,
+            &settings.discord,
+            crate::metrics::Metrics::new(),
+        );
+        bots.refresh().await?;
+        Ok(Self {
+            links: LinkBuilder::from_settings(settings).with_directory(bots.directory()),
+            bots,
             pool,
+        })
+    }
+
+    /// The side client of the bot that serves `guild`: its business's (`owners`).
+    async fn client_for(
+        &self,
+        owners: &HashMap<Snowflake, String>,
+        guild: Snowflake,
+    ) -> Result<DiscordClient, crate::discord::DiscordError> {
+        match owners.get(&guild) {
+            None => Ok(self.bots.shared().side.clone()),
+            Some(business) => self
+                .bots
+                .of_business(business)
+                .await
+                .map(|b| b.side)
+                .map_err(|e| crate::discord::DiscordError::Retriable(e.to_string())),
         }
     }
 
@@ -376,6 +402,7 @@ impl Reconciler {
     /// (a database error costs the resumption, not the listing).
     async fn list_members(
         &self,
+        discord: &DiscordClient,
         guild: Snowflake,
         relevant: &Relevant,
         scope: &str,
@@ -415,7 +442,7 @@ impl Reconciler {
         }
         let mut pages = 0u32;
         loop {
-            let Some(page) = self.discord.members_page(guild, PAGE, after).await? else {
+            let Some(page) = discord.members_page(guild, PAGE, after).await? else {
                 return Ok(None);
             };
             let n = page.len();
@@ -519,8 +546,27 @@ impl Reconciler {
         discord.found = self.found_roles(&guilds).await?;
         let relevant = Relevant::new(&grants, &gated);
         let scope_key = scope.key();
+        // Which business each guild is read for: its bot is the one in the server.
+        let mut owners: HashMap<Snowflake, String> = HashMap::new();
+        for g in &gated {
+            owners
+                .entry(g.guild)
+                .or_insert_with(|| g.business_id.clone());
+        }
+        for g in &grants {
+            for guild in [g.entitlement_guild, g.applied_guild].into_iter().flatten() {
+                owners.entry(guild).or_insert_with(|| g.business_id.clone());
+            }
+        }
         for guild in guilds {
-            match self.list_members(guild, &relevant, &scope_key).await {
+            let listed = match self.client_for(&owners, guild).await {
+                Ok(discord) => {
+                    self.list_members(&discord, guild, &relevant, &scope_key)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match listed {
                 Ok(Some(members)) => {
                     discord.listed.insert(guild, members);
                     report.guilds_listed.push(guild);
@@ -550,7 +596,11 @@ impl Reconciler {
             if failed_guilds.contains(&guild) {
                 continue;
             }
-            match self.discord.member(guild, user).await {
+            let read = match self.client_for(&owners, guild).await {
+                Ok(discord) => discord.member(guild, user).await,
+                Err(e) => Err(e),
+            };
+            match read {
                 Ok(m) => {
                     discord.members.insert((guild, user), m.map(|m| m.roles));
                 }

@@ -94,6 +94,8 @@ pub struct Switch {
     pub token_expires_at: DateTime<Utc>,
     pub scopes: String,
     pub expires_at: DateTime<Utc>,
+    /// The application the tokens were issued to; `None`: the shared one.
+    pub client_id: Option<String>,
 }
 
 /// Stores a pending switch, deleting the ones that expired.
@@ -104,8 +106,8 @@ pub async fn save_switch(conn: &mut PgConnection, s: &Switch) -> Result<(), sqlx
     sqlx::query(
         "INSERT INTO account_switches (id, business_id, customer_id, discord_user_id, username,
              global_name, access_token_enc, refresh_token_enc, token_key_id, token_expires_at,
-             scopes, expires_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+             scopes, expires_at, client_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(&s.id)
     .bind(&s.business_id)
@@ -119,6 +121,7 @@ pub async fn save_switch(conn: &mut PgConnection, s: &Switch) -> Result<(), sqlx
     .bind(s.token_expires_at)
     .bind(&s.scopes)
     .bind(s.expires_at)
+    .bind(&s.client_id)
     .execute(conn)
     .await?;
     Ok(())
@@ -136,7 +139,8 @@ pub async fn take_switch(
         "DELETE FROM account_switches
          WHERE id = $1 AND business_id = $2 AND customer_id = $3 AND expires_at > $4
          RETURNING id, business_id, customer_id, discord_user_id, username, global_name,
-             access_token_enc, refresh_token_enc, token_key_id, token_expires_at, scopes, expires_at",
+             access_token_enc, refresh_token_enc, token_key_id, token_expires_at, scopes, expires_at,
+             client_id",
     )
     .bind(id)
     .bind(business_id)

@@ -26,6 +26,11 @@ pub struct RotationReport {
     pub unreadable: u64,
     /// Links still not on the current key after the run.
     pub remaining: i64,
+    /// Businesses' own Discord applications whose secrets were re-encrypted.
+    pub applications_reencrypted: u64,
+    /// Applications no configured key decrypts (left as they are: the business
+    /// registers its application again).
+    pub applications_unreadable: u64,
 }
 
 /// Re-encrypts every link not on `cipher`'s current key, `batch` links per transaction.
@@ -40,7 +45,7 @@ pub async fn rotate_tokens(
     loop {
         let rows: Vec<LinkRow> = sqlx::query_as(
             "SELECT business_id, customer_id, discord_user_id, access_token_enc, refresh_token_enc,
-                 expires_at, scopes, token_version, token_key_id
+                 expires_at, scopes, token_version, token_key_id, client_id
              FROM discord_links
              WHERE token_key_id IS DISTINCT FROM $1 AND (business_id, customer_id) > ($2, $3)
              ORDER BY business_id, customer_id
@@ -97,6 +102,7 @@ pub async fn rotate_tokens(
         }
         tx.commit().await?;
     }
+    rotate_applications(pool, cipher, &mut report).await?;
     report.remaining = sqlx::query_scalar(
         "SELECT count(*) FROM discord_links WHERE token_key_id IS DISTINCT FROM $1",
     )
@@ -104,4 +110,52 @@ pub async fn rotate_tokens(
     .fetch_one(pool)
     .await?;
     Ok(report)
+}
+
+/// Re-encrypts the secrets of businesses' own Discord applications not on the current
+/// key, each written back only if it did not change since it was read.
+async fn rotate_applications(
+    pool: &PgPool,
+    cipher: &TokenCipher,
+    report: &mut RotationReport,
+) -> Result<(), sqlx::Error> {
+    use crate::discord::bots::{AppRow, seal};
+    let rows: Vec<AppRow> = sqlx::query_as(
+        "SELECT business_id, client_id, client_secret_enc, bot_token_enc, key_id, bot_username,
+                created_at, updated_at
+         FROM discord_applications WHERE key_id <> $1",
+    )
+    .bind(cipher.key_id())
+    .fetch_all(pool)
+    .await?;
+    for row in rows {
+        let Ok(keys) = row.keys(cipher) else {
+            tracing::warn!(business_id = %row.business_id, key_id = %row.key_id, "no configured key decrypts this business's Discord application");
+            report.applications_unreadable += 1;
+            continue;
+        };
+        let done = sqlx::query(
+            "UPDATE discord_applications SET client_secret_enc = $4, bot_token_enc = $5, key_id = $6
+             WHERE business_id = $1 AND updated_at = $2 AND key_id = $3",
+        )
+        .bind(&row.business_id)
+        .bind(row.updated_at)
+        .bind(&row.key_id)
+        .bind(seal(
+            cipher,
+            &row.business_id,
+            &keys.client_secret,
+            "client_secret_enc",
+        ))
+        .bind(seal(cipher, &row.business_id, &keys.bot_token, "bot_token_enc"))
+        .bind(cipher.key_id())
+        .execute(pool)
+        .await?;
+        if done.rows_affected() == 1 {
+            report.applications_reencrypted += 1;
+        } else {
+            report.changed_meanwhile += 1;
+        }
+    }
+    Ok(())
 }

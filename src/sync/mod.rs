@@ -8,6 +8,7 @@
 //! - here: the pure retry decision, `(attempt, wait, tiers) -> tier | exhausted`.
 
 pub mod keys;
+pub mod lanes;
 pub mod stops;
 pub mod store;
 pub mod worker;

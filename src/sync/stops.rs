@@ -91,15 +91,42 @@ pub async fn record(
     Ok(r.rows_affected() == 1)
 }
 
-/// Records that `grant_id`'s sync waits for a resume; false if it already did.
+/// What [`wait`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waiting {
+    /// The grant waits for a resume from now on.
+    Started,
+    /// It was waiting already.
+    Already,
+    /// No stop covers it any more: a resume came since the stop was read, and the job
+    /// must run instead.
+    Lifted,
+}
+
+/// Records that `grant_id`'s sync waits for a resume, as long as a stop still covers it.
+/// The covering stop is locked while the row is written: a resume deleting it either
+/// commits first (then nothing is written) or waits for this transaction (then it finds
+/// the row and queues the grant), so no grant is left waiting for a resume that passed.
 pub async fn wait(
     conn: &mut PgConnection,
     grant_id: &str,
     guild_id: &str,
     entitlement_id: &str,
     now: DateTime<Utc>,
-) -> Result<bool, sqlx::Error> {
-    sqlx::query(
+) -> Result<Waiting, sqlx::Error> {
+    let covered: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM discord_stops
+         WHERE guild_id = $1 AND (entitlement_id IS NULL OR entitlement_id = $2)
+         LIMIT 1 FOR SHARE",
+    )
+    .bind(guild_id)
+    .bind(entitlement_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if covered.is_none() {
+        return Ok(Waiting::Lifted);
+    }
+    let r = sqlx::query(
         "INSERT INTO discord_sync_waiting (grant_id, guild_id, entitlement_id, since)
          VALUES ($1, $2, $3, $4) ON CONFLICT (grant_id) DO NOTHING",
     )
@@ -108,8 +135,12 @@ pub async fn wait(
     .bind(entitlement_id)
     .bind(now)
     .execute(conn)
-    .await
-    .map(|r| r.rows_affected() == 1)
+    .await?;
+    Ok(if r.rows_affected() == 1 {
+        Waiting::Started
+    } else {
+        Waiting::Already
+    })
 }
 
 /// A save of `entitlement_id` validated against Discord in `guild_id`: the bot is in the

@@ -24,6 +24,8 @@ pub struct LinkRow {
     /// The key that encrypted the tokens; `None`: stored before keys had ids, without
     /// associated data.
     pub token_key_id: Option<String>,
+    /// The application the tokens were issued to; `None`: the shared one.
+    pub client_id: Option<String>,
 }
 
 /// The associated data that binds a token ciphertext to its row and column, so a
@@ -85,7 +87,15 @@ impl LinkRow {
             scopes,
             token_version: 0,
             token_key_id: Some(tokens.token_key_id),
+            client_id: None,
         }
+    }
+
+    /// The same link, its tokens issued to `client_id`'s application (`None`: the
+    /// shared one).
+    pub fn issued_by(mut self, client_id: Option<String>) -> Self {
+        self.client_id = client_id;
+        self
     }
 
     fn open(
@@ -123,7 +133,7 @@ pub async fn link_of(
 ) -> Result<Option<LinkRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT business_id, customer_id, discord_user_id, access_token_enc, refresh_token_enc, expires_at, scopes,
-             token_version, token_key_id
+             token_version, token_key_id, client_id
          FROM discord_links WHERE business_id = $1 AND customer_id = $2",
     )
     .bind(business_id)
@@ -144,14 +154,14 @@ pub async fn upsert_link(
     sqlx::query(
         "INSERT INTO discord_links (business_id, customer_id, discord_user_id, access_token_enc,
              refresh_token_enc, expires_at, scopes, created_at, updated_at, token_key_id,
-             username, global_name)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11)
+             username, global_name, client_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)
          ON CONFLICT (business_id, customer_id) DO UPDATE SET
              username = EXCLUDED.username, global_name = EXCLUDED.global_name,
              discord_user_id = EXCLUDED.discord_user_id, access_token_enc = EXCLUDED.access_token_enc,
              refresh_token_enc = EXCLUDED.refresh_token_enc, expires_at = EXCLUDED.expires_at,
              scopes = EXCLUDED.scopes, updated_at = EXCLUDED.updated_at,
-             token_key_id = EXCLUDED.token_key_id,
+             token_key_id = EXCLUDED.token_key_id, client_id = EXCLUDED.client_id,
              token_version = discord_links.token_version + 1,
              needs_authorization_since = NULL",
     )
@@ -166,6 +176,7 @@ pub async fn upsert_link(
     .bind(&l.token_key_id)
     .bind(names.map(|n| n.0))
     .bind(names.and_then(|n| n.1))
+    .bind(&l.client_id)
     .execute(conn)
     .await?;
     Ok(())

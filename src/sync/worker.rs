@@ -22,7 +22,9 @@ use secrecy::SecretString;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use super::lanes::{self, Lane, Lanes};
 use super::stops;
 use super::store::{self as db, LinkRow};
 use super::{Outcome, next_retry};
@@ -31,10 +33,11 @@ use crate::amqp::{
     header_str,
 };
 use crate::crypto::TokenCipher;
+use crate::discord::bots::BotError;
 use crate::discord::client::{AddMember, MemberChange};
 use crate::discord::plan::{self, Access, Call, MemberState};
 use crate::discord::validate::explain_missing_permissions;
-use crate::discord::{DiscordClient, DiscordError, HumanCode, Snowflake};
+use crate::discord::{Bots, DiscordClient, DiscordError, HumanCode, Snowflake};
 use crate::grants::history;
 use crate::grants::link::LinkBuilder;
 use crate::grants::{Grant, GrantEventType, GrantStatus};
@@ -42,9 +45,12 @@ use crate::metrics::Metrics;
 use crate::outbox::emit;
 use crate::store::{self, grants as grant_store, setup};
 
-/// Jobs handled at once (and the channel prefetch). They mostly wait on the rate
+/// Jobs of one bot handled at once ([`lanes::PER_BOT`]). They mostly wait on the rate
 /// limiter; enough of them keep every bucket and the global limit busy.
-pub const CONCURRENCY: u16 = 64;
+pub const CONCURRENCY: u16 = lanes::PER_BOT as u16;
+/// The channel prefetch: twice a lane, so one bot's full lane leaves room for the
+/// deliveries of the others (and for the parking of its own).
+pub const PREFETCH: u16 = 2 * CONCURRENCY;
 
 /// A user token this close to expiry is refreshed before it is used.
 const REFRESH_MARGIN: chrono::Duration = chrono::Duration::minutes(5);
@@ -54,8 +60,8 @@ const REFRESH_MARGIN: chrono::Duration = chrono::Duration::minutes(5);
 pub struct SyncWorker {
     pub pool: PgPool,
     pub broker: Broker,
-    /// A client on the syncer's own budget.
-    pub discord: DiscordClient,
+    /// The bots; jobs use the syncer's client of their business's bot.
+    pub bots: Bots,
     pub cipher: TokenCipher,
     pub links: LinkBuilder,
     pub retry_delays: Vec<Duration>,
@@ -64,10 +70,16 @@ pub struct SyncWorker {
     /// recorded, as when the database goes away (or the process dies) right then.
     faults: crate::faults::SharedFaults,
     locks: KeyedLocks,
+    /// A lane per bot (see [`lanes`]).
+    lanes: Lanes,
+    /// The drainers of parked jobs and the jobs they run.
+    drainers: TaskTracker,
 }
 
 /// Everything one job reads before calling Discord.
 struct Job {
+    /// The syncer's client of the business's bot.
+    discord: DiscordClient,
     grant: Grant,
     guild: Option<Snowflake>,
     role: Option<Snowflake>,
@@ -115,7 +127,7 @@ impl SyncWorker {
     pub fn new(
         pool: PgPool,
         broker: Broker,
-        discord: DiscordClient,
+        bots: Bots,
         cipher: TokenCipher,
         links: LinkBuilder,
         retry_delays: Vec<Duration>,
@@ -124,13 +136,15 @@ impl SyncWorker {
         Self {
             pool,
             broker,
-            discord,
+            bots,
             cipher,
             links,
             retry_delays,
             metrics,
             faults: crate::faults::none(),
             locks: KeyedLocks::default(),
+            lanes: Lanes::default(),
+            drainers: TaskTracker::new(),
         }
     }
 
@@ -144,16 +158,40 @@ impl SyncWorker {
     /// returned as such; the loop holds the job and tries again.
     #[tracing::instrument(name = "discord_sync", skip_all, fields(grant_id = %grant_id, attempt))]
     pub async fn handle(&self, grant_id: &str, attempt: u32) -> Result<Outcome, sqlx::Error> {
-        let customer = {
+        let (customer, business) = {
             let mut conn = self.pool.acquire().await?;
             match grant_store::get(&mut conn, grant_id).await? {
-                Some(g) => format!("{}/{}", g.business_id, g.customer_id),
+                Some(g) => (
+                    format!("{}/{}", g.business_id, g.customer_id),
+                    g.business_id,
+                ),
                 None => return Ok(Outcome::Ack("unknown_grant")),
+            }
+        };
+        let discord = match self.bots.of_business(&business).await {
+            Ok(bot) => bot.syncer,
+            Err(BotError::Db(e)) => return Err(e),
+            Err(e @ BotError::Sealed) => {
+                tracing::error!(business_id = %business, error = %e, "cannot use the business's bot");
+                let reason = e.to_string();
+                return Ok(
+                    match next_retry(attempt, Duration::ZERO, &self.retry_delays) {
+                        Some((attempt, delay)) => Outcome::Retry {
+                            attempt,
+                            delay,
+                            reason,
+                        },
+                        None => Outcome::DeadLetter {
+                            code: "discord_application_unreadable",
+                            reason,
+                        },
+                    },
+                );
             }
         };
         let _turn = self.locks.lock(&customer).await;
         // Read again under the customer's lock: the job before may have changed it.
-        let Some(job) = self.load(grant_id, false).await? else {
+        let Some(job) = self.load(grant_id, false, &discord).await? else {
             return Ok(Outcome::Ack("unknown_grant"));
         };
         // Then the Discord accounts it touches, in a fixed order (no two jobs wait on
@@ -169,14 +207,14 @@ impl SyncWorker {
         for a in &accounts {
             _accounts.push(self.locks.lock(&format!("account:{a}")).await);
         }
-        let Some(mut job) = self.load(grant_id, true).await? else {
+        let Some(mut job) = self.load(grant_id, true, &discord).await? else {
             return Ok(Outcome::Ack("unknown_grant"));
         };
         let outcome = match self.stop_covering(&job).await? {
-            Some(stop) => self.wait_for_resume(&job, &stop).await?,
+            Some(stop) => self.wait_for_resume(&job, &stop, attempt).await?,
             None => {
                 if let Some(guild) = job.guild {
-                    self.discord
+                    job.discord
                         .forget_stop(guild, job.role, crate::discord::stops::SETTLED);
                 }
                 self.record_intent(&mut job).await?;
@@ -234,12 +272,28 @@ impl SyncWorker {
     /// resume queues it again); one not yet delivered becomes `Failed` with the stop's
     /// code, as if Discord had refused it, and one delivered stays delivered (the
     /// entitlement's `health` tells the merchant).
-    async fn wait_for_resume(&self, job: &Job, stop: &stops::Stop) -> Result<Outcome, sqlx::Error> {
+    async fn wait_for_resume(
+        &self,
+        job: &Job,
+        stop: &stops::Stop,
+        attempt: u32,
+    ) -> Result<Outcome, sqlx::Error> {
         let g = &job.grant;
         {
             let now = Utc::now();
             let mut tx = self.pool.begin().await?;
-            if stops::wait(&mut tx, &g.id, &stop.guild_id, &g.entitlement_id, now).await? {
+            let waiting =
+                stops::wait(&mut tx, &g.id, &stop.guild_id, &g.entitlement_id, now).await?;
+            if waiting == stops::Waiting::Lifted {
+                // Resumed since the stop was read: the job runs again, as the same attempt.
+                tx.rollback().await?;
+                return Ok(Outcome::Retry {
+                    attempt,
+                    delay: Duration::ZERO,
+                    reason: "the stop holding it back was lifted".into(),
+                });
+            }
+            if waiting == stops::Waiting::Started {
                 history::record(
                     &mut tx,
                     &g.id,
@@ -278,14 +332,14 @@ impl SyncWorker {
                 // the others. No stop recorded even after that: a resume removed it,
                 // so forget the memory and go again, as the same attempt.
                 if let Some(stop) = self.stop_covering(job).await? {
-                    return self.wait_for_resume(job, &stop).await;
+                    return self.wait_for_resume(job, &stop, attempt).await;
                 }
                 tokio::time::sleep(crate::discord::stops::SETTLED).await;
                 if let Some(stop) = self.stop_covering(job).await? {
-                    return self.wait_for_resume(job, &stop).await;
+                    return self.wait_for_resume(job, &stop, attempt).await;
                 }
                 if let Some(g) = job.guild {
-                    self.discord.forget_stop(g, job.role, Duration::ZERO);
+                    job.discord.forget_stop(g, job.role, Duration::ZERO);
                 }
                 return Ok(Outcome::Retry {
                     attempt,
@@ -319,7 +373,7 @@ impl SyncWorker {
             message,
             since: now,
         };
-        self.wait_for_resume(job, &stop).await
+        self.wait_for_resume(job, &stop, attempt).await
     }
 
     /// The `(guild, Discord user)` accounts a job touches: those it holds, and the one
@@ -378,7 +432,12 @@ impl SyncWorker {
 
     /// Reads what a job needs. `holders`: also what other grants hold of the same
     /// accounts and what was found there; without it, enough to know the accounts.
-    async fn load(&self, grant_id: &str, holders: bool) -> Result<Option<Job>, sqlx::Error> {
+    async fn load(
+        &self,
+        grant_id: &str,
+        holders: bool,
+        discord: &DiscordClient,
+    ) -> Result<Option<Job>, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
         let Some(grant) = grant_store::get(&mut conn, grant_id).await? else {
             return Ok(None);
@@ -418,6 +477,7 @@ impl SyncWorker {
                 .collect();
         }
         Ok(Some(Job {
+            discord: discord.clone(),
             grant,
             guild,
             role,
@@ -463,7 +523,7 @@ impl SyncWorker {
             && let Some(d) = desired
             && job.held == [d]
         {
-            member = match self.discord.member(d.guild, d.user).await? {
+            member = match job.discord.member(d.guild, d.user).await? {
                 None => MemberState::Absent,
                 Some(m) => MemberState::Present { roles: m.roles },
             };
@@ -498,7 +558,7 @@ impl SyncWorker {
                         }
                         let t = token.as_ref().expect("set above");
                         let roles: Vec<Snowflake> = role.into_iter().collect();
-                        match self
+                        match job
                             .discord
                             .add_member(guild, user, t, &roles, &reasons.add)
                             .await
@@ -517,7 +577,7 @@ impl SyncWorker {
                                 // 204 changes nothing: they were a member already, and
                                 // whether they hold the role only their member object
                                 // says (adding a role answers 204 either way).
-                                member = match self.discord.member(guild, user).await? {
+                                member = match job.discord.member(guild, user).await? {
                                     None => MemberState::Absent,
                                     Some(m) => {
                                         let seen = self
@@ -547,11 +607,11 @@ impl SyncWorker {
                                 replan = true;
                                 break;
                             }
-                            Err(e) => return Err(self.explain(e, guild, role).await.into()),
+                            Err(e) => return Err(self.explain(job, e, guild, role).await.into()),
                         }
                     }
                     Call::AddRole { guild, user, role } => {
-                        match self.discord.add_role(guild, user, role, &reasons.add).await {
+                        match job.discord.add_role(guild, user, role, &reasons.add).await {
                             Ok(MemberChange::Done) => {
                                 let a = Access {
                                     role: Some(role),
@@ -567,12 +627,12 @@ impl SyncWorker {
                                 break;
                             }
                             Err(e) => {
-                                return Err(self.explain(e, guild, Some(role)).await.into());
+                                return Err(self.explain(job, e, guild, Some(role)).await.into());
                             }
                         }
                     }
                     Call::RemoveRole { guild, user, role } => {
-                        match self
+                        match job
                             .discord
                             .remove_role(guild, user, role, &reasons.remove)
                             .await
@@ -587,12 +647,12 @@ impl SyncWorker {
                                 answer(c),
                             )),
                             Err(e) => {
-                                return Err(self.explain(e, guild, Some(role)).await.into());
+                                return Err(self.explain(job, e, guild, Some(role)).await.into());
                             }
                         }
                     }
                     Call::RemoveMember { guild, user } => {
-                        match self
+                        match job
                             .discord
                             .remove_member(guild, user, &reasons.remove)
                             .await
@@ -606,7 +666,7 @@ impl SyncWorker {
                                 },
                                 answer(c),
                             )),
-                            Err(e) => return Err(self.explain(e, guild, None).await.into()),
+                            Err(e) => return Err(self.explain(job, e, guild, None).await.into()),
                         }
                     }
                 }
@@ -650,7 +710,7 @@ impl SyncWorker {
             let here = pending
                 .iter()
                 .filter(|a| (a.guild, a.user) == (guild, user));
-            match self.discord.member(guild, user).await? {
+            match job.discord.member(guild, user).await? {
                 // Not in the server: nothing of it is there to take away or keep.
                 None => {
                     let keys: Vec<db::AccessKey> = here.map(access_key).collect();
@@ -765,12 +825,12 @@ impl SyncWorker {
         for call in &p.calls {
             match *call {
                 Call::RemoveRole { guild, user, role } => {
-                    self.discord
+                    job.discord
                         .remove_role(guild, user, role, &reasons.remove)
                         .await?;
                 }
                 Call::RemoveMember { guild, user } => {
-                    self.discord
+                    job.discord
                         .remove_member(guild, user, &reasons.remove)
                         .await?;
                 }
@@ -788,13 +848,14 @@ impl SyncWorker {
     /// ask Discord which, so the merchant reads what to fix.
     async fn explain(
         &self,
+        job: &Job,
         e: DiscordError,
         guild: Snowflake,
         role: Option<Snowflake>,
     ) -> DiscordError {
         match e.human_code() {
             Some(HumanCode::MissingPermissions) => {
-                explain_missing_permissions(&self.discord, guild, role, e).await
+                explain_missing_permissions(&job.discord, guild, role, e).await
             }
             _ => e,
         }
@@ -806,6 +867,16 @@ impl SyncWorker {
         let Some(link) = &job.link else {
             return Err(DiscordError::BadUserToken);
         };
+        // Discord lets a bot add only users who authorized its own application: tokens
+        // issued to another one (the business changed bots since) need a new
+        // authorization, and asking Discord would only earn a 403.
+        let issuer = link
+            .client_id
+            .as_deref()
+            .unwrap_or(self.bots.shared().client_id());
+        if issuer != job.discord.client_id() {
+            return Err(DiscordError::BadUserToken);
+        }
         if link.expires_at > Utc::now() + REFRESH_MARGIN {
             return link
                 .access_token(&self.cipher)
@@ -815,7 +886,7 @@ impl SyncWorker {
             .refresh_token(&self.cipher)
             .and_then(Result::ok)
             .ok_or(DiscordError::BadUserToken)?;
-        let tokens = self.discord.refresh(&refresh).await?;
+        let tokens = job.discord.refresh(&refresh).await?;
         let now = Utc::now();
         let sealed = db::SealedTokens::seal(
             &self.cipher,
@@ -842,7 +913,7 @@ impl SyncWorker {
                 // Nobody will use these tokens of the account they left: revoke them
                 // (best effort: a failure is logged, and the tokens are kept nowhere).
                 if let Err(e) = revoke_tokens(
-                    &self.discord,
+                    &job.discord,
                     Some(&tokens.access_token),
                     tokens.refresh_token.as_ref(),
                 )
@@ -1024,7 +1095,7 @@ impl SyncWorker {
         loop {
             let (ch, mut consumer, publisher) = match self
                 .broker
-                .subscribe(&queue, "guildgate-syncer", CONCURRENCY, &shutdown)
+                .subscribe(&queue, "guildgate-syncer", PREFETCH, &shutdown)
                 .await
             {
                 Ok(x) => x,
@@ -1034,11 +1105,14 @@ impl SyncWorker {
             // bot's budget is shared in the database, so the previous owner's requests
             // of the last second are counted there already.
             let mut tasks: JoinSet<()> = JoinSet::new();
+            let mut watch = tokio::time::interval(lanes::WATCH_EVERY);
+            watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let ended = loop {
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break None,
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                    _ = watch.tick() => self.drain_undrained(&shutdown).await,
                     next = consumer.next() => match next {
                         Some(Ok(d)) => {
                             let w = self.clone();
@@ -1055,6 +1129,9 @@ impl SyncWorker {
             while tasks.join_next().await.is_some() {}
             match ended {
                 None => {
+                    // The drainers stop taking parked jobs and finish the ones they run.
+                    self.drainers.close();
+                    self.drainers.wait().await;
                     let _ = ch.close(200, "shutdown".into()).await;
                     let _ = publisher.close(200, "shutdown".into()).await;
                     return;
@@ -1085,20 +1162,41 @@ impl SyncWorker {
                 reason: format!("not a sync job: {e}"),
             },
             Ok(job) => {
-                let mut backoff = amqp::reconnect_backoff();
-                loop {
-                    match self.handle(&job.grant_id, attempt).await {
-                        Ok(o) => break o,
-                        Err(e) => {
-                            // Transient or not, a database failure is never the job's
-                            // fault: hold it (never dead-letter) and try again.
-                            let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                            tracing::warn!(error = %e, transient = store::is_transient(&e), retry_in = ?wait, "database unavailable; holding the sync job");
-                            tokio::select! {
-                                _ = shutdown.cancelled() => return, // unacked: redelivered
-                                _ = tokio::time::sleep(wait) => {}
-                            }
+                let grant = job.grant_id.as_str();
+                // Unacked on shutdown: redelivered.
+                let Some(lane) = self.held(shutdown, || self.lane_of(grant)).await else {
+                    return;
+                };
+                match Lanes::seat_now(&lane) {
+                    Some(seat) => {
+                        let Some(outcome) =
+                            self.held(shutdown, || self.handle(grant, attempt)).await
+                        else {
+                            return;
+                        };
+                        let settled = self.settle(&d, outcome, publisher).await;
+                        drop(seat);
+                        if let Err(e) = settled {
+                            tracing::warn!(error = %e, "cannot settle a sync job; the broker will redeliver it");
                         }
+                        return;
+                    }
+                    None => {
+                        let parked = self
+                            .held(shutdown, || {
+                                lanes::park(&self.pool, grant, &lane.bot, attempt)
+                            })
+                            .await;
+                        if parked.is_none() {
+                            return;
+                        }
+                        lane.set_backlog(true);
+                        self.metrics
+                            .syncs
+                            .get_or_create(&vec![("outcome", "parked".to_string())])
+                            .inc();
+                        self.start_drainer(lane, shutdown);
+                        Outcome::Ack("parked")
                     }
                 }
             }
@@ -1108,14 +1206,213 @@ impl SyncWorker {
         }
     }
 
+    /// Runs `f` until the database answers: a database failure is never the job's fault,
+    /// so the job is held (never dead-lettered) and `f` tried again. `None` on shutdown.
+    async fn held<T, F, Fut>(&self, shutdown: &CancellationToken, mut f: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        let mut backoff = amqp::reconnect_backoff();
+        loop {
+            match f().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %e, transient = store::is_transient(&e), retry_in = ?wait, "database unavailable; holding the sync job");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The lane of the bot that serves the grant's business (the shared bot's for a
+    /// grant that does not exist: its job is acked as such).
+    async fn lane_of(&self, grant_id: &str) -> Result<Arc<Lane>, sqlx::Error> {
+        let business: Option<String> =
+            sqlx::query_scalar("SELECT business_id FROM grants WHERE id = $1")
+                .bind(grant_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        let bot = business
+            .and_then(|b| self.bots.directory().client_id_of(&b))
+            .unwrap_or_else(|| self.bots.shared().client_id().to_string());
+        Ok(self.lanes.lane(&bot))
+    }
+
+    /// Starts the drainer of `lane`'s parked jobs, unless one runs in this process.
+    fn start_drainer(&self, lane: Arc<Lane>, shutdown: &CancellationToken) {
+        if !lane.start_draining() {
+            return;
+        }
+        let (w, s) = (self.clone(), shutdown.clone());
+        self.drainers.spawn(async move {
+            w.drain(&lane, &s).await;
+            lane.stop_draining();
+        });
+    }
+
+    /// Starts drainers for the bots whose parked jobs nobody drains (their drainer's
+    /// process stopped, or a park came as the drainer finished).
+    async fn drain_undrained(&self, shutdown: &CancellationToken) {
+        match lanes::undrained(&self.pool).await {
+            Ok(bots) => {
+                for bot in bots {
+                    let lane = self.lanes.lane(&bot);
+                    lane.set_backlog(true);
+                    self.start_drainer(lane, shutdown);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot look for parked sync jobs"),
+        }
+    }
+
+    /// Runs `lane`'s parked jobs as its seats free up, while this process holds the
+    /// bot's lease, until none waits or `shutdown`.
+    async fn drain(&self, lane: &Arc<Lane>, shutdown: &CancellationToken) {
+        let pool = &self.pool;
+        let holder = self.lanes.holder.clone();
+        let Ok(publisher) = self.broker.confirm_channel(shutdown).await else {
+            return;
+        };
+        let mut jobs: JoinSet<()> = JoinSet::new();
+        let mut fresh = true;
+        let pause = |d: Duration| async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(d) => {}
+            }
+        };
+        while !shutdown.is_cancelled() {
+            while jobs.try_join_next().is_some() {}
+            match lanes::lease(pool, &lane.bot, &holder, fresh).await {
+                Ok(true) => fresh = false,
+                Ok(false) => {
+                    // Another process drains the bot; look again while jobs wait.
+                    match lanes::parked(pool, &lane.bot).await {
+                        Ok(0) => break,
+                        _ => {
+                            pause(lanes::LEASE / 3).await;
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, bot = %lane.bot, "cannot take the lease of parked sync jobs");
+                    pause(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+            // A seat, renewing the lease while the lane is full.
+            let seat = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                seat = lane.seat() => seat,
+                _ = tokio::time::sleep(lanes::LEASE / 3) => continue,
+            };
+            match lanes::take(pool, &lane.bot, &holder).await {
+                Ok(Some((grant, attempt))) => {
+                    let (w, p, s, h) = (
+                        self.clone(),
+                        publisher.clone(),
+                        shutdown.clone(),
+                        holder.clone(),
+                    );
+                    jobs.spawn(async move {
+                        w.run_parked(&grant, attempt, &p, &s, &h).await;
+                        drop(seat);
+                    });
+                }
+                Ok(None) => {
+                    drop(seat);
+                    // None waits: new jobs take seats again, unless one parked meanwhile.
+                    lane.set_backlog(false);
+                    match lanes::parked(pool, &lane.bot).await {
+                        Ok(0) => break,
+                        Ok(_) => {
+                            lane.set_backlog(true);
+                            // Being run: wait for those before looking again.
+                            if jobs.join_next().await.is_none() {
+                                pause(Duration::from_millis(200)).await;
+                            }
+                        }
+                        Err(_) => lane.set_backlog(true),
+                    }
+                }
+                Err(e) => {
+                    drop(seat);
+                    tracing::warn!(error = %e, bot = %lane.bot, "cannot take a parked sync job");
+                    pause(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        while jobs.join_next().await.is_some() {}
+        if let Err(e) = lanes::release(pool, &lane.bot, &holder).await {
+            tracing::warn!(error = %e, bot = %lane.bot, "cannot end the lease of parked sync jobs; it runs out by itself");
+        }
+        let _ = publisher.close(200, "drained".into()).await;
+    }
+
+    /// Runs one parked job, publishes a retry or dead letter, and ends its row.
+    async fn run_parked(
+        &self,
+        grant_id: &str,
+        attempt: u32,
+        publisher: &Channel,
+        shutdown: &CancellationToken,
+        holder: &str,
+    ) {
+        // Left taken on shutdown: the bot's next drainer gives it back.
+        let Some(outcome) = self.held(shutdown, || self.handle(grant_id, attempt)).await else {
+            return;
+        };
+        let (message_id, body) = crate::outbox::produce::sync_job(grant_id);
+        if let Err(e) = self
+            .publish_outcome(&message_id, &body, None, outcome, publisher)
+            .await
+        {
+            tracing::warn!(error = %e, grant_id, "cannot publish the outcome of a parked sync job; it runs again");
+            let _ = self
+                .held(shutdown, || lanes::give_back(&self.pool, grant_id, holder))
+                .await;
+            return;
+        }
+        let _ = self
+            .held(shutdown, || lanes::finish(&self.pool, grant_id, holder))
+            .await;
+    }
+
     async fn settle(
         &self,
         d: &Delivery,
         outcome: Outcome,
         publisher: &Channel,
     ) -> Result<(), BrokerError> {
-        let names: &Names = self.broker.names();
         let message_id = amqp::message_id(&d.properties).unwrap_or_default();
+        self.publish_outcome(
+            &message_id,
+            &d.data,
+            d.properties.headers().as_ref(),
+            outcome,
+            publisher,
+        )
+        .await?;
+        d.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+
+    /// Publishes what a job's outcome asks for (a retry, a dead letter), confirmed.
+    async fn publish_outcome(
+        &self,
+        message_id: &str,
+        data: &[u8],
+        headers: Option<&lapin::types::FieldTable>,
+        outcome: Outcome,
+        publisher: &Channel,
+    ) -> Result<(), BrokerError> {
+        let names: &Names = self.broker.names();
         match outcome {
             Outcome::Ack(_) => {}
             Outcome::Retry {
@@ -1130,9 +1427,9 @@ impl SyncWorker {
                 } else {
                     Names::retry(&queue, delay)
                 };
-                let mut out = Outgoing::to_queue(&target, &message_id, &d.data)
+                let mut out = Outgoing::to_queue(&target, message_id, data)
                     .header(REASON_HEADER, header_str(&reason))
-                    .carrying_replays(d.properties.headers().as_ref());
+                    .carrying_replays(headers);
                 out.headers.insert(
                     ATTEMPT_HEADER.into(),
                     AMQPValue::LongLongInt(i64::from(attempt)),
@@ -1143,16 +1440,15 @@ impl SyncWorker {
                 let out = Outgoing::parked(
                     names,
                     &names.discord_sync(),
-                    &message_id,
-                    &d.data,
-                    d.properties.headers().clone().unwrap_or_default(),
+                    message_id,
+                    data,
+                    headers.cloned().unwrap_or_default(),
                     code,
                     &reason,
                 );
                 amqp::publish_confirmed(publisher, &[out]).await?;
             }
         }
-        d.ack(BasicAckOptions::default()).await?;
         Ok(())
     }
 }

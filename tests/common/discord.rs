@@ -37,7 +37,7 @@ impl World {
         let sandbox = Sandbox::start(sandbox).await;
         let app = TestApp::spawn_with(sandbox_env(&sandbox, cfg)).await;
         Self {
-            links: LinkBuilder::from_settings(&app.settings),
+            links: LinkBuilder::from_settings(&app.settings).with_directory(app.bots.directory()),
             sandbox,
             app,
             http: reqwest::Client::new(),
@@ -60,7 +60,8 @@ impl World {
 
     /// The grant's current `oauth_url`.
     pub fn oauth_url(&self, g: &Grant) -> String {
-        self.links.url(&g.id, &g.oauth_nonce, g.oauth_expires_at)
+        self.links
+            .url(&g.business_id, &g.id, &g.oauth_nonce, g.oauth_expires_at)
     }
 
     /// Plays the customer: opens `url` on the sandbox consent page as `user`, presses
@@ -253,7 +254,7 @@ impl World {
         let cfg = sandbox_env(&sandbox, cfg).env("GUILDGATE_DISCORD__API_BASE", &gate.api_base);
         let app = TestApp::spawn_with(cfg).await;
         let world = Self {
-            links: LinkBuilder::from_settings(&app.settings),
+            links: LinkBuilder::from_settings(&app.settings).with_directory(app.bots.directory()),
             sandbox,
             app,
             http: reqwest::Client::new(),

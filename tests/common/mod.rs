@@ -203,6 +203,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub metrics: Arc<Metrics>,
     pub relay: Relay,
+    /// The app's bots (the shared one, and businesses' own).
+    pub bots: guildgate::discord::Bots,
     pub shutdown: CancellationToken,
     pub db: TestDb,
     publisher: Connection,
@@ -279,6 +281,7 @@ impl TestApp {
             .expect("app builds");
         let metrics = app.metrics.clone();
         let relay = app.relay.clone();
+        let bots = app.bots.clone();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
         let publisher = Connection::connect(&amqp_url(), ConnectionProperties::default())
@@ -291,6 +294,7 @@ impl TestApp {
             addr,
             metrics,
             relay,
+            bots,
             shutdown,
             db,
             publisher,

@@ -20,18 +20,20 @@ pub const DEFAULT_CLIENT_SECRET: &str = "sandbox-client-secret";
 /// them afterwards through the [`Sandbox`](crate::Sandbox) methods.
 #[derive(Clone, Debug)]
 pub struct SandboxConfig {
-    /// Token expected in `Authorization: Bot <token>`.
+    /// Token expected in `Authorization: Bot <token>` from the default
+    /// application's bot (more applications: [`Sandbox::add_application`](crate::Sandbox::add_application)).
     pub bot_token: String,
-    /// Snowflake of the bot user.
+    /// Snowflake of the default application's bot user.
     pub bot_user_id: u64,
-    /// Username of the bot user; also the name of the managed role created
-    /// when the bot is installed into a guild.
+    /// Username of the default application's bot user; also the name of the
+    /// managed role created when the bot is installed into a guild.
     pub bot_username: String,
-    /// OAuth2 client (application) id.
+    /// OAuth2 client (application) id of the default application.
     pub client_id: u64,
-    /// OAuth2 client secret.
+    /// OAuth2 client secret of the default application.
     pub client_secret: String,
-    /// Registered redirect URIs. Empty means "accept any http(s) URI".
+    /// Redirect URIs registered for the default application. Empty means
+    /// "accept any http(s) URI" (what added applications always accept).
     pub redirect_uris: Vec<String>,
     /// Per-route and global rate limits.
     pub rate_limits: RateLimitConfig,
@@ -39,8 +41,9 @@ pub struct SandboxConfig {
     pub code_lifetime: Duration,
     /// Lifetime of issued access tokens (Discord: 7 days).
     pub access_token_lifetime: Duration,
-    /// Whether the privileged GUILD_MEMBERS intent is enabled for the bot,
-    /// which `GET /guilds/{g}/members` requires.
+    /// Whether the privileged GUILD_MEMBERS intent is enabled for the bots
+    /// (one switch for every application), which `GET /guilds/{g}/members`
+    /// requires.
     pub members_intent: bool,
     /// Initial fault injection settings.
     pub faults: FaultConfig,
@@ -241,7 +244,8 @@ pub struct RateLimitConfig {
     pub default_bucket: BucketLimit,
     /// Per route kind overrides.
     pub routes: HashMap<RouteKind, BucketLimit>,
-    /// Global limit per bot token / per user token (default 50 per 1 s).
+    /// Global limit per bot token (each application's bot has its own window)
+    /// and per user token (default 50 per 1 s).
     pub global: BucketLimit,
 }
 
@@ -354,7 +358,8 @@ pub enum ForcedScope {
     /// A per-resource ("shared") limit on the next matching bucketed request;
     /// `None` matches any route kind.
     Shared(Option<RouteKind>),
-    /// The global limit on the next bot-token request.
+    /// The global limit on the next bot-token request, whichever application's
+    /// bot sends it; the block it starts applies to that application's bot only.
     Global,
 }
 
@@ -381,7 +386,7 @@ impl ForcedRateLimit {
         }
     }
 
-    /// `count` global 429s on bot-token requests.
+    /// `count` global 429s on bot-token requests (of any application).
     pub fn global(count: u32) -> Self {
         Self {
             count,

@@ -6,28 +6,42 @@
 //!
 //! What it serves:
 //!
+//! * Several Discord applications side by side, as on Discord: the default
+//!   one from [`SandboxConfig`] and any added with
+//!   [`Sandbox::add_application`]. Each has its own client id (equal to its
+//!   bot user's id), client secret, bot user and bot token, OAuth2 codes and
+//!   tokens, guild memberships, managed roles and global rate limit.
 //! * `GET|POST /oauth2/authorize` — a self-contained HTML consent page
 //!   (user login select, optional server select for `scope=bot`, Authorize and
-//!   Cancel buttons) that redirects like Discord does.
+//!   Cancel buttons) for any registered application's `client_id`, that
+//!   redirects like Discord does; a bot install installs that application's
+//!   bot.
 //! * `POST /api/v10/oauth2/token` — `authorization_code` (single-use,
-//!   short-lived codes, `redirect_uri` must match) and `refresh_token`
-//!   (rotating) grants; form-encoded bodies only; client auth in the form or
-//!   via HTTP Basic.
+//!   short-lived codes, `redirect_uri` must match), `refresh_token`
+//!   (rotating) and `client_credentials` (a token for the application's owner,
+//!   accepted nowhere else: it proves the client secret) grants; form-encoded
+//!   bodies only; client auth in the form or
+//!   via HTTP Basic, and codes and refresh tokens only redeemable by the
+//!   application they were issued for.
 //! * `POST /api/v10/oauth2/token/revoke` — revokes the authorization an access
 //!   or refresh token belongs to (all its tokens stop working); 200 with an
 //!   empty body, also for an unknown token; 401 for bad client credentials.
-//! * `GET /api/v10/users/@me`, `GET /api/v10/users/@me/guilds`.
+//! * `GET /api/v10/users/@me`, `GET /api/v10/users/@me/guilds` (with a bot
+//!   token: that bot's user and guilds).
 //! * `GET /api/v10/guilds/{g}`, `/roles`, `/members` (needs the members
 //!   intent), `GET|PUT|DELETE /members/{u}`,
 //!   `PUT|DELETE /members/{u}/roles/{r}`, with Discord's permission and role
-//!   hierarchy rules and JSON error bodies `{"code", "message"}`.
+//!   hierarchy rules (for the calling bot) and JSON error bodies
+//!   `{"code", "message"}`.
 //! * Per-route buckets (`X-RateLimit-*` headers, fixed windows starting at the
-//!   first request, keyed by route shape + guild id + caller) and a global
-//!   limit per bot/user token; 429 bodies and headers as documented by Discord.
+//!   first request, keyed by route shape + guild id + caller, each bot being
+//!   its own caller) and a global limit per bot/user token; 429 bodies and
+//!   headers as documented by Discord.
 //! * Fault injection: random 5xx, latency, forced shared/global 429s.
-//! * Inspection: member state, a request log, and [`Stats`] including
-//!   *violations* — requests sent into a bucket the sandbox had already
-//!   reported exhausted.
+//! * Inspection: member state, a request log (naming the application of each
+//!   bot request), and [`Stats`] — overall and per application
+//!   ([`Sandbox::app_stats`]) — including *violations*: requests sent into a
+//!   bucket the sandbox had already reported exhausted.
 //!
 //! ```no_run
 //! use sandbox_discord::{Consent, GuildSpec, Sandbox, SandboxConfig, UserSpec, permissions};
@@ -50,16 +64,42 @@
 //! # }
 //! ```
 //!
+//! A second application (a merchant's own bot) next to the default one:
+//!
+//! ```no_run
+//! use sandbox_discord::{GuildSpec, Sandbox, SandboxConfig, UserSpec, permissions};
+//! # async fn demo() {
+//! let sandbox = Sandbox::start(SandboxConfig::default()).await;
+//! let guild = sandbox.add_guild(GuildSpec::new("Acme Community")).guild_id;
+//! let merchant = sandbox.add_application("Acme Bot");
+//! sandbox.install_app_bot(guild, merchant.client_id, permissions::CREATE_INSTANT_INVITE);
+//! let alice = sandbox.add_user(UserSpec::new("alice"));
+//! // Only `merchant`'s bot (`Authorization: Bot {merchant.bot_token}`) may add
+//! // alice with this token.
+//! let grant = sandbox.issue_token_for(merchant.client_id, alice, &["identify", "guilds.join"]);
+//! # let _ = grant;
+//! # }
+//! ```
+//!
 //! ## Decisions where Discord is ambiguous or undocumented
 //!
+//! * The methods without an application in their name (`bot_token`,
+//!   `client_id`, `install_bot`, `issue_token`, `bot_permissions`, …) and
+//!   [`GuildSpec`]'s bot mean the default application. An added application
+//!   accepts any http(s) redirect URI. [`Stats`] from [`Sandbox::stats`]
+//!   count every request; [`Sandbox::app_stats`] those carrying that
+//!   application's bot token (whatever their route or answer; an unknown bot
+//!   token belongs to no application). The members intent is one switch for
+//!   every application.
 //! * Unknown guild id → 404 `10004 Unknown Guild`; a guild that exists but
-//!   the bot is not in → 403 `50001 Missing Access` (what Discord answers).
+//!   the calling bot is not in → 403 `50001 Missing Access` (what Discord
+//!   answers).
 //! * A user id that is not a member → 404 `10007 Unknown Member` on the
 //!   get/kick/role routes; on `PUT /members/{u}` a user id unknown to the
 //!   sandbox → 404 `10013 Unknown User`.
 //! * `PUT /members/{u}` check order: bot in guild → body → user exists →
-//!   access token (must be live, belong to that user and carry `guilds.join`,
-//!   else 403 `50025`) → Create Instant Invite (403 `50013`) → already a
+//!   access token (must be live, belong to that user, carry `guilds.join` and
+//!   have been issued to the calling bot's application, else 403 `50025`) → Create Instant Invite (403 `50013`) → already a
 //!   member (204, other fields ignored) → banned (403 `40007`) → roles (each
 //!   must exist: 404 `10011`; Manage Roles + not managed + strictly below the
 //!   bot's highest role, else 403 `50013`) → `nick` needs Manage Nicknames →
@@ -71,11 +111,15 @@
 //! * Hierarchy compares positions only (no id tie-break); the owner and
 //!   ADMINISTRATOR bypass permission checks, the owner also the hierarchy.
 //! * The `@everyone` role of a new [`GuildSpec`] has no permissions.
-//! * Bot install (`scope=bot`) places the bot's managed role above every
-//!   existing role; reinstalling updates that role's permissions.
-//! * Global limit: per bot token and per user bearer token; the token
-//!   exchange is not subject to it (it is bucketed, keyed as anonymous).
-//!   Forced global 429s only hit bot-token requests.
+//! * Bot install (`scope=bot`) places the bot's managed role (named after
+//!   the bot) above every existing role; reinstalling updates that role's
+//!   permissions. Several bots can be in one guild, each with its own role.
+//! * Global limit: per bot token (each application's bot has its own window)
+//!   and per user bearer token (per user, whichever application issued it);
+//!   the token exchange is not subject to it (it is bucketed, keyed as
+//!   anonymous, shared by all applications). Forced global 429s only hit
+//!   bot-token requests: each hits the next one, of whichever application,
+//!   and blocks that application's bot only.
 //! * Injected 5xx happen before any processing (no side effect, no rate-limit
 //!   accounting, no rate-limit headers).
 //! * `Retry-After` header is whole seconds rounded up (at least 1), the body's
@@ -85,9 +129,14 @@
 //!   a 429's retry-after) counts as a violation. Forced 429s themselves never
 //!   do, and shared-scope 429s are excluded from `invalid_requests` as on
 //!   Discord.
-//! * Codes are consumed by any exchange attempt that names them (also a
-//!   failed one with a wrong `redirect_uri`). Refreshing rotates the refresh
-//!   token; the previous access token stays valid until it expires.
+//! * Codes are consumed by any exchange attempt of their application that
+//!   names them (also a failed one with a wrong `redirect_uri`). Refreshing
+//!   rotates the refresh token; the previous access token stays valid until
+//!   it expires.
+//! * A code or refresh token presented with another application's (valid)
+//!   credentials is unknown to that application: 400 `invalid_grant`, and it
+//!   is neither consumed nor rotated. Revoking another application's token
+//!   answers 200 and revokes nothing.
 //! * A non-form token request is not understood, so it fails like a form
 //!   without `grant_type`: 400 `unsupported_grant_type`.
 
@@ -115,7 +164,7 @@ pub use config::{
 pub use consent::{Consent, ConsentError};
 pub use model::{GuildIds, GuildSpec, MemberView, RoleSpec, RoleView, UserSpec, permissions};
 pub use ratelimit::RateLimitScope;
-pub use state::{RequestRecord, Stats, TokenGrant};
+pub use state::{AppCredentials, RequestRecord, Stats, TokenGrant};
 
 use model::{Guild, Member, Role, User};
 use state::{Shared, State};
@@ -219,22 +268,22 @@ impl Sandbox {
         &self.shared.cfg
     }
 
-    /// The bot token (`Authorization: Bot <token>`).
+    /// The default application's bot token (`Authorization: Bot <token>`).
     pub fn bot_token(&self) -> &str {
         &self.shared.cfg.bot_token
     }
 
-    /// The bot's user id.
+    /// The default application's bot user id.
     pub fn bot_user_id(&self) -> u64 {
         self.shared.cfg.bot_user_id
     }
 
-    /// The OAuth2 client id.
+    /// The default application's OAuth2 client id.
     pub fn client_id(&self) -> u64 {
         self.shared.cfg.client_id
     }
 
-    /// The OAuth2 client secret.
+    /// The default application's OAuth2 client secret.
     pub fn client_secret(&self) -> &str {
         &self.shared.cfg.client_secret
     }
@@ -361,7 +410,12 @@ impl Sandbox {
             );
             st.world.guilds.insert(guild_id, guild);
             let bot_role_id = if spec.bot {
-                st.install_bot(cfg, guild_id, spec.bot_permissions, spec.bot_role_position)
+                st.install_bot(
+                    cfg.client_id,
+                    guild_id,
+                    spec.bot_permissions,
+                    spec.bot_role_position,
+                )
             } else {
                 None
             };
@@ -442,24 +496,74 @@ impl Sandbox {
         });
     }
 
-    /// Puts the bot into the guild (if absent) and sets its managed role's
-    /// permissions, like a bot install. Returns the bot role id.
+    /// Puts the default application's bot into the guild (if absent) and sets
+    /// its managed role's permissions, like a bot install. Returns the bot role
+    /// id.
     ///
     /// # Panics
     /// If the guild is unknown.
     pub fn install_bot(&self, guild_id: u64, permissions: u64) -> u64 {
-        let cfg = &self.shared.cfg;
-        self.with_state(|st| st.install_bot(cfg, guild_id, permissions, None))
-            .unwrap_or_else(|| panic!("sandbox-discord: unknown guild {guild_id}"))
+        self.install_app_bot(guild_id, self.client_id(), permissions)
     }
 
-    /// Removes the bot (and its managed role) from a guild.
+    /// Removes the default application's bot (and its managed role) from a
+    /// guild.
     ///
     /// # Panics
     /// If the guild is unknown.
     pub fn remove_bot(&self, guild_id: u64) {
-        let bot = self.bot_user_id();
-        self.with_guild(guild_id, |g| {
+        self.remove_app_bot(guild_id, self.client_id());
+    }
+
+    // -- applications -----------------------------------------------------------
+
+    /// Registers another application with its own bot user (username
+    /// `bot_username`, also the name of its managed role in guilds). Its client
+    /// id — equal to the bot user's id, as on Discord — is a fresh snowflake;
+    /// its client secret and bot token are random and distinct from every
+    /// other application's. It accepts any http(s) redirect URI and is in no
+    /// guild until [`Sandbox::install_app_bot`] or a bot install on the consent
+    /// page.
+    pub fn add_application(&self, bot_username: &str) -> AppCredentials {
+        self.with_state(|st| st.add_application(bot_username))
+    }
+
+    /// The bot user id of application `client_id`.
+    fn app_bot_user_id(st: &State, client_id: u64) -> u64 {
+        st.app(client_id)
+            .unwrap_or_else(|| panic!("sandbox-discord: unknown application {client_id}"))
+            .bot_user_id
+    }
+
+    /// Installs application `client_id`'s bot into a guild with `permissions`,
+    /// as a bot install through the consent page would: the bot becomes a
+    /// member holding its managed role (named after the bot, placed above
+    /// every existing role); reinstalling only updates that role's
+    /// permissions. Returns the managed role's id.
+    ///
+    /// # Panics
+    /// If the guild or the application is unknown.
+    pub fn install_app_bot(&self, guild_id: u64, client_id: u64, permissions: u64) -> u64 {
+        self.with_state(|st| {
+            Self::app_bot_user_id(st, client_id);
+            st.install_bot(client_id, guild_id, permissions, None)
+        })
+        .unwrap_or_else(|| panic!("sandbox-discord: unknown guild {guild_id}"))
+    }
+
+    /// Removes application `client_id`'s bot (and its managed role) from a
+    /// guild; no-op if the bot is not in it.
+    ///
+    /// # Panics
+    /// If the guild or the application is unknown.
+    pub fn remove_app_bot(&self, guild_id: u64, client_id: u64) {
+        self.with_state(|st| {
+            let bot = Self::app_bot_user_id(st, client_id);
+            let g = st
+                .world
+                .guilds
+                .get_mut(&guild_id)
+                .unwrap_or_else(|| panic!("sandbox-discord: unknown guild {guild_id}"));
             g.members.remove(&bot);
             g.roles.retain(|_, r| r.bot_id != Some(bot));
         });
@@ -589,26 +693,38 @@ impl Sandbox {
         self.with_state(|st| st.members_intent = on);
     }
 
-    /// Issues tokens for a user directly, skipping the consent flow.
+    /// Issues tokens of the default application for a user directly, skipping
+    /// the consent flow.
     ///
     /// # Panics
     /// If the user is unknown.
     pub fn issue_token(&self, user_id: u64, scopes: &[&str]) -> TokenGrant {
+        self.issue_token_for(self.client_id(), user_id, scopes)
+    }
+
+    /// Issues tokens of application `client_id` for a user directly, skipping
+    /// the consent flow.
+    ///
+    /// # Panics
+    /// If the application or the user is unknown.
+    pub fn issue_token_for(&self, client_id: u64, user_id: u64, scopes: &[&str]) -> TokenGrant {
         let cfg = &self.shared.cfg;
         self.with_state(|st| {
+            Self::app_bot_user_id(st, client_id);
             assert!(
                 st.world.users.contains_key(&user_id),
                 "sandbox-discord: unknown user {user_id}"
             );
             st.issue_tokens(
                 cfg,
+                client_id,
                 user_id,
                 scopes.iter().map(|s| (*s).to_owned()).collect(),
             )
         })
     }
 
-    /// Revokes every access and refresh token of a user.
+    /// Revokes every access and refresh token of a user (of every application).
     pub fn revoke_tokens(&self, user_id: u64) {
         self.with_state(|st| {
             st.oauth.access.retain(|_, g| g.user_id != user_id);
@@ -645,11 +761,17 @@ impl Sandbox {
         })
     }
 
-    /// The bot's computed guild permissions (`None` if the bot is not in the
-    /// guild or the guild is unknown).
+    /// The default application's bot's computed guild permissions (`None` if
+    /// the bot is not in the guild or the guild is unknown).
     pub fn bot_permissions(&self, guild_id: u64) -> Option<u64> {
-        let bot = self.bot_user_id();
+        self.app_bot_permissions(guild_id, self.client_id())
+    }
+
+    /// Application `client_id`'s bot's computed guild permissions (`None` if
+    /// the bot is not in the guild, or the guild or application is unknown).
+    pub fn app_bot_permissions(&self, guild_id: u64, client_id: u64) -> Option<u64> {
         self.with_state(|st| {
+            let bot = st.app(client_id)?.bot_user_id;
             let g = st.world.guilds.get(&guild_id)?;
             g.members.contains_key(&bot).then(|| g.permissions_of(bot))
         })
@@ -661,16 +783,27 @@ impl Sandbox {
         self.with_state(|st| st.log.iter().cloned().collect())
     }
 
-    /// The counters.
+    /// The counters over every request (all applications, user tokens, OAuth2
+    /// pages and endpoints).
     pub fn stats(&self) -> Stats {
         self.with_state(|st| st.stats.clone())
     }
 
-    /// Clears the request log and the counters (not the rate-limit state).
+    /// The counters over the requests made with application `client_id`'s bot
+    /// token only (all zero for an application that made none, or an unknown
+    /// one). Requests with an unknown bot token (401) belong to no
+    /// application.
+    pub fn app_stats(&self, client_id: u64) -> Stats {
+        self.with_state(|st| st.app_stats.get(&client_id).cloned().unwrap_or_default())
+    }
+
+    /// Clears the request log and the counters, overall and per application
+    /// (not the rate-limit state).
     pub fn reset_stats(&self) {
         self.with_state(|st| {
             st.log.clear();
             st.stats = Stats::default();
+            st.app_stats.clear();
         });
     }
 

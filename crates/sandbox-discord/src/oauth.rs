@@ -46,6 +46,8 @@ struct AuthorizeParams {
 }
 
 struct Validated {
+    /// The application being authorized.
+    client_id: u64,
     scopes: Vec<String>,
     bot: bool,
     code: bool,
@@ -54,14 +56,18 @@ struct Validated {
     permissions: u64,
 }
 
-fn validate(cfg: &SandboxConfig, p: &AuthorizeParams) -> Result<Validated, String> {
+fn validate(st: &State, p: &AuthorizeParams) -> Result<Validated, String> {
     let client_id = p.client_id.as_deref().unwrap_or("");
     if client_id.is_empty() {
         return Err("Missing client_id.".into());
     }
-    if client_id != cfg.client_id.to_string() {
+    let Some(app) = st
+        .apps
+        .iter()
+        .find(|a| client_id == a.client_id.to_string())
+    else {
         return Err("Unknown Application: invalid client_id.".into());
-    }
+    };
     let scopes: Vec<String> = p
         .scope
         .as_deref()
@@ -89,10 +95,10 @@ fn validate(cfg: &SandboxConfig, p: &AuthorizeParams) -> Result<Validated, Strin
     let redirect_uri = p.redirect_uri.clone().filter(|r| !r.is_empty());
     match &redirect_uri {
         Some(r) => {
-            let allowed = if cfg.redirect_uris.is_empty() {
+            let allowed = if app.redirect_uris.is_empty() {
                 r.starts_with("http://") || r.starts_with("https://")
             } else {
-                cfg.redirect_uris.iter().any(|u| u == r)
+                app.redirect_uris.iter().any(|u| u == r)
             };
             if !allowed {
                 return Err("Invalid OAuth2 redirect_uri.".into());
@@ -108,6 +114,7 @@ fn validate(cfg: &SandboxConfig, p: &AuthorizeParams) -> Result<Validated, Strin
             .map_err(|_| format!("Invalid permissions: {raw}."))?,
     };
     Ok(Validated {
+        client_id: app.client_id,
         scopes,
         bot,
         code,
@@ -164,7 +171,7 @@ fn scope_description(scope: &str) -> &'static str {
     }
 }
 
-fn consent_page(cfg: &SandboxConfig, st: &State, p: &AuthorizeParams, v: &Validated) -> Response {
+fn consent_page(st: &State, p: &AuthorizeParams, v: &Validated) -> Response {
     let login = p.login.as_deref().and_then(|l| l.parse::<u64>().ok());
     let mut form = String::from("<form method=\"post\" action=\"/oauth2/authorize\">");
     for (name, value) in [
@@ -236,9 +243,10 @@ fn consent_page(cfg: &SandboxConfig, st: &State, p: &AuthorizeParams, v: &Valida
         .iter()
         .map(|s| format!("<li>{}</li>", scope_description(s)))
         .collect();
+    let app_name = st.app(v.client_id).map_or("", |a| a.bot_username.as_str());
     let body = format!(
         "<h1>{} wants to access your account</h1><ul class=\"scopes\">{scopes}</ul>{form}",
-        html_escape(&cfg.bot_username)
+        html_escape(app_name)
     );
     page(StatusCode::OK, "Discord Sandbox - Authorize", &body)
 }
@@ -288,13 +296,13 @@ pub(crate) fn authorize_page(
             "<p>405</p>",
         );
     };
-    let v = match validate(cfg, &params) {
+    let mut st = shared.lock();
+    let v = match validate(&st, &params) {
         Ok(v) => v,
         Err(msg) => return error_page(&msg),
     };
-    let mut st = shared.lock();
     if *method == Method::GET {
-        return consent_page(cfg, &st, &params, &v);
+        return consent_page(&st, &params, &v);
     }
 
     let state_param = v.state.clone();
@@ -343,7 +351,7 @@ pub(crate) fn authorize_page(
         if !manages(guild, user_id) {
             return error_page("You need the Manage Server permission in that server.");
         }
-        st.install_bot(cfg, g, v.permissions, None);
+        st.install_bot(v.client_id, g, v.permissions, None);
         guild_id = Some(g);
     }
 
@@ -352,6 +360,7 @@ pub(crate) fn authorize_page(
         st.oauth.codes.insert(
             code.clone(),
             CodeGrant {
+                client_id: v.client_id,
                 user_id,
                 redirect_uri: v.redirect_uri.clone(),
                 scopes: v.scopes.clone(),
@@ -426,26 +435,32 @@ fn basic_auth(headers: &HeaderMap) -> Option<(String, String)> {
     Some((id.to_owned(), secret.to_owned()))
 }
 
-/// Checks the application's credentials: HTTP Basic, or `client_id` and
-/// `client_secret` in the form. `Some` is the refusal to answer with.
-fn refuse_client(
-    cfg: &SandboxConfig,
+/// Checks an application's credentials: HTTP Basic, or `client_id` and
+/// `client_secret` in the form. `Ok` is the authenticated application's client
+/// id, `Err` the refusal to answer with.
+#[allow(clippy::result_large_err)]
+fn authenticate_client(
+    st: &State,
     headers: &HeaderMap,
     client_id: Option<String>,
     client_secret: Option<String>,
-) -> Option<Response> {
+) -> Result<u64, Response> {
     let credentials =
         basic_auth(headers).or_else(|| Some((client_id?, client_secret.unwrap_or_default())));
-    match credentials {
-        Some((id, secret)) if id == cfg.client_id.to_string() && secret == cfg.client_secret => {
-            None
-        }
-        _ => Some(oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "invalid_client",
-            "Invalid client credentials",
-        )),
-    }
+    credentials
+        .and_then(|(id, secret)| {
+            st.apps
+                .iter()
+                .find(|a| id == a.client_id.to_string() && secret == a.client_secret)
+        })
+        .map(|a| a.client_id)
+        .ok_or_else(|| {
+            oauth_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                "Invalid client credentials",
+            )
+        })
 }
 
 /// `POST /api/v10/oauth2/token` (form-encoded only).
@@ -462,7 +477,10 @@ pub(crate) fn token_exchange(
         TokenForm::default()
     };
     let grant_type = form.grant_type.clone().unwrap_or_default();
-    if grant_type != "authorization_code" && grant_type != "refresh_token" {
+    if !matches!(
+        grant_type.as_str(),
+        "authorization_code" | "refresh_token" | "client_credentials"
+    ) {
         let shown = form.grant_type.as_deref().unwrap_or("None");
         return oauth_error(
             StatusCode::BAD_REQUEST,
@@ -471,24 +489,46 @@ pub(crate) fn token_exchange(
         );
     }
 
-    if let Some(resp) = refuse_client(
-        cfg,
+    let client_id = match authenticate_client(
+        st,
         headers,
         form.client_id.clone(),
         form.client_secret.clone(),
     ) {
-        return resp;
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+
+    if grant_type == "client_credentials" {
+        // A token for the application's owner, as Discord gives one; nothing else
+        // of the sandbox accepts it.
+        let token = crate::util::random_token(&mut st.rng, 30);
+        return json_response(
+            StatusCode::OK,
+            &json!({
+                "token_type": "Bearer",
+                "access_token": token,
+                "expires_in": 604_800,
+                "scope": "identify",
+            }),
+        );
     }
 
     let (user_id, scopes, guild_id, authorization) = if grant_type == "authorization_code" {
         let Some(code) = form.code.as_deref() else {
             return invalid_request("Missing \"code\" in request.");
         };
-        let needs_redirect = st
+        // A code issued for another application is unknown to this one (and stays
+        // usable by its own application).
+        let Some(needs_redirect) = st
             .oauth
             .codes
             .get(code)
-            .is_some_and(|c| c.redirect_uri.is_some());
+            .filter(|c| c.client_id == client_id)
+            .map(|c| c.redirect_uri.is_some())
+        else {
+            return invalid_grant("Invalid \"code\" in request.");
+        };
         if needs_redirect && form.redirect_uri.is_none() {
             return invalid_request("Missing \"redirect_uri\" in request.");
         }
@@ -507,6 +547,15 @@ pub(crate) fn token_exchange(
         let Some(refresh) = form.refresh_token.as_deref() else {
             return invalid_request("Missing \"refresh_token\" in request.");
         };
+        // A refresh token of another application is unknown to this one.
+        if st
+            .oauth
+            .refresh
+            .get(refresh)
+            .is_none_or(|g| g.client_id != client_id)
+        {
+            return invalid_grant("Invalid \"refresh_token\" in request.");
+        }
         // Refresh tokens rotate: the presented one dies now.
         let Some(grant) = st.oauth.refresh.remove(refresh) else {
             return invalid_grant("Invalid \"refresh_token\" in request.");
@@ -515,8 +564,8 @@ pub(crate) fn token_exchange(
     };
 
     let tokens = match authorization {
-        Some(a) => st.issue_tokens_of(cfg, user_id, scopes, a),
-        None => st.issue_tokens(cfg, user_id, scopes),
+        Some(a) => st.issue_tokens_of(cfg, client_id, user_id, scopes, a),
+        None => st.issue_tokens(cfg, client_id, user_id, scopes),
     };
     let mut body = json!({
         "token_type": "Bearer",
@@ -545,24 +594,22 @@ struct RevokeForm {
 /// `POST /api/v10/oauth2/token/revoke` (form-encoded, with the application's
 /// credentials): revokes the authorization the token belongs to, so its access and
 /// refresh tokens stop working. 200 with an empty body, also for a token that is
-/// unknown or already revoked (RFC 7009); 401 for bad client credentials.
-pub(crate) fn token_revoke(
-    cfg: &SandboxConfig,
-    st: &mut State,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Response {
+/// unknown, already revoked or another application's (RFC 7009; nothing is revoked
+/// then); 401 for bad client credentials.
+pub(crate) fn token_revoke(st: &mut State, headers: &HeaderMap, body: &[u8]) -> Response {
     let form: RevokeForm = if is_form(headers) {
         serde_urlencoded::from_bytes(body).unwrap_or_default()
     } else {
         RevokeForm::default()
     };
-    if let Some(resp) = refuse_client(cfg, headers, form.client_id.clone(), form.client_secret) {
-        return resp;
-    }
+    let client_id =
+        match authenticate_client(st, headers, form.client_id.clone(), form.client_secret) {
+            Ok(c) => c,
+            Err(resp) => return resp,
+        };
     let Some(token) = form.token.filter(|t| !t.is_empty()) else {
         return invalid_request("Missing \"token\" in request.");
     };
-    st.revoke(&token);
+    st.revoke(client_id, &token);
     StatusCode::OK.into_response()
 }

@@ -11,7 +11,8 @@ use crate::config::{BucketLimit, ForcedRateLimit, ForcedScope, RateLimitConfig, 
 /// Who a limit applies to (Discord limits per bot token / per user token).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Principal {
-    Bot,
+    /// The bot of the application with this client id.
+    Bot(u64),
     User(u64),
     /// No authorization (OAuth2 token exchange): keyed by "IP", i.e. shared.
     Anonymous,
@@ -199,7 +200,9 @@ impl Limiter {
         // Global limit (forced first, then earned).
         if req.global {
             let g = self.globals.entry(req.principal.clone()).or_default();
-            if *req.principal == Principal::Bot
+            // A forced global 429 hits the next bot-token request, of whichever
+            // application, and blocks that application's global limit.
+            if matches!(req.principal, Principal::Bot(_))
                 && let Some(f) = take_forced(forced, |s| *s == ForcedScope::Global)
             {
                 g.blocked_until = Some(now + f.retry_after);
@@ -305,7 +308,7 @@ mod tests {
         );
         let mut l = Limiter::default();
         let mut q = VecDeque::new();
-        let p = Principal::Bot;
+        let p = Principal::Bot(1);
         let a = l.check(Instant::now(), &cfg, &mut q, req(&p));
         assert!(matches!(a.decision, Decision::Allow(Some(ref h)) if h.remaining == 1));
         let b = l.check(Instant::now(), &cfg, &mut q, req(&p));

@@ -18,11 +18,11 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::config::{Latency, RouteKind, SandboxConfig};
+use crate::config::{Latency, RouteKind};
 use crate::model::{Member, permissions};
 use crate::oauth;
 use crate::ratelimit::{self, BucketHeaders, Decision, Limited, Principal, RateLimitScope};
-use crate::state::{RecordInfo, RequestRecord, Shared, State};
+use crate::state::{Bot, RecordInfo, RequestRecord, Shared, State, Stats};
 use crate::util::epoch_secs;
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
@@ -74,8 +74,36 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response
 
     let status = resp.status().as_u16();
     tracing::debug!(method = %parts.method, %path, status, "sandbox-discord request");
-    let mut st = shared.lock();
-    let s = &mut st.stats;
+    let mut guard = shared.lock();
+    let st = &mut *guard;
+    count(&mut st.stats, status, &info);
+    if let Some(client_id) = info.client_id {
+        count(st.app_stats.entry(client_id).or_default(), status, &info);
+    }
+    while st.log_limit > 0 && st.log.len() >= st.log_limit {
+        st.log.pop_front();
+    }
+    st.log.push_back(RequestRecord {
+        method: parts.method.to_string(),
+        path,
+        query,
+        status,
+        at,
+        time,
+        bucket: info.bucket,
+        major: info.major,
+        rate_limit_scope: info.scope,
+        forced: info.forced,
+        violation: info.violation,
+        injected_error: info.injected_error,
+        audit_log_reason,
+        client_id: info.client_id,
+    });
+    resp
+}
+
+/// Counts an answered request (violations are counted when the limiter sees them).
+fn count(s: &mut Stats, status: u16, info: &RecordInfo) {
     s.total_requests += 1;
     match status {
         401 => s.unauthorized += 1,
@@ -100,25 +128,6 @@ async fn handle(AxState(shared): AxState<Arc<Shared>>, req: Request) -> Response
     if info.injected_error {
         s.injected_errors += 1;
     }
-    while st.log_limit > 0 && st.log.len() >= st.log_limit {
-        st.log.pop_front();
-    }
-    st.log.push_back(RequestRecord {
-        method: parts.method.to_string(),
-        path,
-        query,
-        status,
-        at,
-        time,
-        bucket: info.bucket,
-        major: info.major,
-        rate_limit_scope: info.scope,
-        forced: info.forced,
-        violation: info.violation,
-        injected_error: info.injected_error,
-        audit_log_reason,
-    });
-    resp
 }
 
 // ---------------------------------------------------------------------------
@@ -372,29 +381,41 @@ fn parse_route(method: &Method, rest: &str) -> Result<Endpoint, Response> {
 
 /// Who is calling.
 enum Caller {
-    Bot,
-    User { id: u64 },
+    /// An application's bot (`Authorization: Bot <token>`).
+    Bot(Bot),
+    User {
+        id: u64,
+    },
     Anonymous,
 }
 
-fn authenticate(
-    cfg: &SandboxConfig,
-    st: &State,
-    ep: Endpoint,
-    headers: &HeaderMap,
-) -> Result<Caller, Response> {
+fn authorization(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// The bot a request to `/api/v10/{rest}` is made by, for the counters and the
+/// log: a known bot token on any route but the OAuth2 token endpoints (which
+/// authenticate the application, not its bot).
+fn attributed_bot(st: &State, rest: &str, headers: &HeaderMap) -> Option<Bot> {
+    if rest.starts_with("oauth2/token") {
+        return None;
+    }
+    let token = authorization(headers).strip_prefix("Bot ")?;
+    st.app_by_token(token).map(|a| a.bot())
+}
+
+fn authenticate(st: &State, ep: Endpoint, headers: &HeaderMap) -> Result<Caller, Response> {
     if let Endpoint::Token | Endpoint::TokenRevoke = ep {
         return Ok(Caller::Anonymous);
     }
-    let auth = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let auth = authorization(headers);
     if let Some(token) = auth.strip_prefix("Bot ") {
-        return if token == cfg.bot_token {
-            Ok(Caller::Bot)
-        } else {
-            Err(unauthorized())
+        return match st.app_by_token(token) {
+            Some(app) => Ok(Caller::Bot(app.bot())),
+            None => Err(unauthorized()),
         };
     }
     if let Some(token) = auth.strip_prefix("Bearer ") {
@@ -432,17 +453,18 @@ async fn api(
     body: Bytes,
     info: &mut RecordInfo,
 ) -> Response {
+    let cfg = &shared.cfg;
+    let mut guard = shared.lock();
+    let st = &mut *guard;
+    info.client_id = attributed_bot(st, rest, headers).map(|b| b.client_id);
+
     let ep = match parse_route(method, rest) {
         Ok(ep) => ep,
         Err(resp) => return resp,
     };
     // Slow answers: the request is handled on arrival and its answer arrives late
     // (the caller sleeps `info.delay` before answering).
-    info.delay = sample_latency(&mut shared.lock());
-
-    let cfg = &shared.cfg;
-    let mut guard = shared.lock();
-    let st = &mut *guard;
+    info.delay = sample_latency(st);
 
     let rate = st.faults.error_rate.clamp(0.0, 1.0);
     if rate > 0.0 && !st.faults.error_statuses.is_empty() && st.rng.random_bool(rate) {
@@ -451,12 +473,12 @@ async fn api(
         return injected_error(st.faults.error_statuses[idx]);
     }
 
-    let caller = match authenticate(cfg, st, ep, headers) {
+    let caller = match authenticate(st, ep, headers) {
         Ok(c) => c,
         Err(resp) => return resp,
     };
     let principal = match &caller {
-        Caller::Bot => Principal::Bot,
+        Caller::Bot(bot) => Principal::Bot(bot.client_id),
         Caller::User { id, .. } => Principal::User(*id),
         Caller::Anonymous => Principal::Anonymous,
     };
@@ -476,12 +498,11 @@ async fn api(
             answered_at: Instant::now() + info.delay,
         },
     );
-    if verdict.bucket_violation {
-        st.stats.bucket_violations += 1;
-    }
-    if verdict.global_violation {
-        st.stats.global_violations += 1;
-    }
+    st.count_violations(
+        info.client_id,
+        verdict.bucket_violation,
+        verdict.global_violation,
+    );
     info.violation = verdict.bucket_violation || verdict.global_violation;
     let bucket_headers = match verdict.decision {
         Decision::Limited(l) => {
@@ -493,23 +514,28 @@ async fn api(
         Decision::Allow(h) => h,
     };
 
-    let mut resp = match ep {
-        Endpoint::Token => oauth::token_exchange(cfg, st, headers, &body),
-        Endpoint::TokenRevoke => oauth::token_revoke(cfg, st, headers, &body),
-        Endpoint::Me => current_user(cfg, st, &caller),
-        Endpoint::MyGuilds => current_user_guilds(cfg, st, &caller, query),
-        Endpoint::Guild(g) => get_guild(cfg, st, g),
-        Endpoint::Roles(g) => get_roles(cfg, st, g),
-        Endpoint::Members(g) => list_members(cfg, st, g, query),
-        Endpoint::GetMember(g, u) => get_member(cfg, st, g, u),
-        Endpoint::AddMember(g, u) => add_member(cfg, st, g, u, &body),
-        Endpoint::RemoveMember(g, u) => remove_member(cfg, st, g, u),
-        Endpoint::MemberRole {
-            guild,
-            user,
-            role,
-            add,
-        } => member_role(cfg, st, guild, user, role, add),
+    let mut resp = match (ep, &caller) {
+        (Endpoint::Token, _) => oauth::token_exchange(cfg, st, headers, &body),
+        (Endpoint::TokenRevoke, _) => oauth::token_revoke(st, headers, &body),
+        (Endpoint::Me, _) => current_user(st, &caller),
+        (Endpoint::MyGuilds, _) => current_user_guilds(st, &caller, query),
+        // Guild routes are bot-only (`authenticate` refuses anything else).
+        (_, Caller::User { .. } | Caller::Anonymous) => unauthorized(),
+        (Endpoint::Guild(g), Caller::Bot(bot)) => get_guild(*bot, st, g),
+        (Endpoint::Roles(g), Caller::Bot(bot)) => get_roles(*bot, st, g),
+        (Endpoint::Members(g), Caller::Bot(bot)) => list_members(*bot, st, g, query),
+        (Endpoint::GetMember(g, u), Caller::Bot(bot)) => get_member(*bot, st, g, u),
+        (Endpoint::AddMember(g, u), Caller::Bot(bot)) => add_member(*bot, st, g, u, &body),
+        (Endpoint::RemoveMember(g, u), Caller::Bot(bot)) => remove_member(*bot, st, g, u),
+        (
+            Endpoint::MemberRole {
+                guild,
+                user,
+                role,
+                add,
+            },
+            Caller::Bot(bot),
+        ) => member_role(*bot, st, guild, user, role, add),
     };
     if let Some(h) = &bucket_headers {
         add_bucket_headers(resp.headers_mut(), h);
@@ -521,14 +547,10 @@ async fn api(
 // Handlers
 // ---------------------------------------------------------------------------
 
-/// The guild, if it exists (10004) and the bot is in it (50001).
-fn bot_guild<'a>(
-    cfg: &SandboxConfig,
-    st: &'a State,
-    guild_id: u64,
-) -> Result<&'a crate::model::Guild, Response> {
+/// The guild, if it exists (10004) and the calling bot is in it (50001).
+fn bot_guild(bot: Bot, st: &State, guild_id: u64) -> Result<&crate::model::Guild, Response> {
     let guild = st.world.guilds.get(&guild_id).ok_or_else(unknown_guild)?;
-    if !guild.members.contains_key(&cfg.bot_user_id) {
+    if !guild.members.contains_key(&bot.user_id) {
         return Err(missing_access());
     }
     Ok(guild)
@@ -543,9 +565,9 @@ macro_rules! tri {
     };
 }
 
-fn current_user(cfg: &SandboxConfig, st: &State, caller: &Caller) -> Response {
+fn current_user(st: &State, caller: &Caller) -> Response {
     let id = match caller {
-        Caller::Bot => cfg.bot_user_id,
+        Caller::Bot(bot) => bot.user_id,
         Caller::User { id, .. } => *id,
         Caller::Anonymous => return unauthorized(),
     };
@@ -604,9 +626,9 @@ fn page(query: &str, default: u32, max: u32) -> Result<(u32, u64), Response> {
     Ok((limit, after))
 }
 
-fn current_user_guilds(cfg: &SandboxConfig, st: &State, caller: &Caller, query: &str) -> Response {
+fn current_user_guilds(st: &State, caller: &Caller, query: &str) -> Response {
     let user_id = match caller {
-        Caller::Bot => cfg.bot_user_id,
+        Caller::Bot(bot) => bot.user_id,
         Caller::User { id, .. } => *id,
         Caller::Anonymous => return unauthorized(),
     };
@@ -632,19 +654,19 @@ fn current_user_guilds(cfg: &SandboxConfig, st: &State, caller: &Caller, query: 
     json_response(StatusCode::OK, &Value::Array(guilds))
 }
 
-fn get_guild(cfg: &SandboxConfig, st: &State, guild_id: u64) -> Response {
-    let guild = tri!(bot_guild(cfg, st, guild_id));
+fn get_guild(bot: Bot, st: &State, guild_id: u64) -> Response {
+    let guild = tri!(bot_guild(bot, st, guild_id));
     json_response(StatusCode::OK, &guild.json())
 }
 
-fn get_roles(cfg: &SandboxConfig, st: &State, guild_id: u64) -> Response {
-    let guild = tri!(bot_guild(cfg, st, guild_id));
+fn get_roles(bot: Bot, st: &State, guild_id: u64) -> Response {
+    let guild = tri!(bot_guild(bot, st, guild_id));
     let roles: Vec<Value> = guild.sorted_roles().iter().map(|r| r.json()).collect();
     json_response(StatusCode::OK, &Value::Array(roles))
 }
 
-fn get_member(cfg: &SandboxConfig, st: &State, guild_id: u64, user_id: u64) -> Response {
-    let guild = tri!(bot_guild(cfg, st, guild_id));
+fn get_member(bot: Bot, st: &State, guild_id: u64, user_id: u64) -> Response {
+    let guild = tri!(bot_guild(bot, st, guild_id));
     match guild.members.get(&user_id) {
         Some(m) => json_response(
             StatusCode::OK,
@@ -654,8 +676,8 @@ fn get_member(cfg: &SandboxConfig, st: &State, guild_id: u64, user_id: u64) -> R
     }
 }
 
-fn list_members(cfg: &SandboxConfig, st: &State, guild_id: u64, query: &str) -> Response {
-    let guild = tri!(bot_guild(cfg, st, guild_id));
+fn list_members(bot: Bot, st: &State, guild_id: u64, query: &str) -> Response {
+    let guild = tri!(bot_guild(bot, st, guild_id));
     if !st.members_intent {
         return missing_access();
     }
@@ -678,14 +700,8 @@ struct AddMemberBody {
     nick: Option<String>,
 }
 
-fn add_member(
-    cfg: &SandboxConfig,
-    st: &mut State,
-    guild_id: u64,
-    user_id: u64,
-    body: &[u8],
-) -> Response {
-    let guild = tri!(bot_guild(cfg, st, guild_id));
+fn add_member(bot: Bot, st: &mut State, guild_id: u64, user_id: u64, body: &[u8]) -> Response {
+    let guild = tri!(bot_guild(bot, st, guild_id));
     let parsed: AddMemberBody = match serde_json::from_slice(body) {
         Ok(b) => b,
         Err(_) => {
@@ -706,11 +722,16 @@ fn add_member(
     let Some(user) = st.world.users.get(&user_id) else {
         return unknown_user();
     };
+    // The token must be live, the user's, carry `guilds.join` and have been issued
+    // to the calling bot's application.
     match st.access_grant(&token) {
-        Some(g) if g.user_id == user_id && g.scopes.iter().any(|s| s == "guilds.join") => {}
+        Some(g)
+            if g.user_id == user_id
+                && g.client_id == bot.client_id
+                && g.scopes.iter().any(|s| s == "guilds.join") => {}
         _ => return invalid_oauth_token(),
     }
-    let perms = guild.permissions_of(cfg.bot_user_id);
+    let perms = guild.permissions_of(bot.user_id);
     if perms & permissions::CREATE_INSTANT_INVITE == 0 {
         return missing_permissions();
     }
@@ -732,7 +753,7 @@ fn add_member(
         };
         if perms & permissions::MANAGE_ROLES == 0
             || role.managed
-            || !guild.outranks_role(cfg.bot_user_id, role)
+            || !guild.outranks_role(bot.user_id, role)
         {
             return missing_permissions();
         }
@@ -757,15 +778,15 @@ fn add_member(
     json_response(StatusCode::CREATED, &json)
 }
 
-fn remove_member(cfg: &SandboxConfig, st: &mut State, guild_id: u64, user_id: u64) -> Response {
-    let guild = tri!(bot_guild(cfg, st, guild_id));
-    if guild.permissions_of(cfg.bot_user_id) & permissions::KICK_MEMBERS == 0 {
+fn remove_member(bot: Bot, st: &mut State, guild_id: u64, user_id: u64) -> Response {
+    let guild = tri!(bot_guild(bot, st, guild_id));
+    if guild.permissions_of(bot.user_id) & permissions::KICK_MEMBERS == 0 {
         return missing_permissions();
     }
     if !guild.members.contains_key(&user_id) {
         return unknown_member();
     }
-    if !guild.outranks_member(cfg.bot_user_id, user_id) {
+    if !guild.outranks_member(bot.user_id, user_id) {
         return missing_permissions();
     }
     if let Some(g) = st.world.guilds.get_mut(&guild_id) {
@@ -775,15 +796,15 @@ fn remove_member(cfg: &SandboxConfig, st: &mut State, guild_id: u64, user_id: u6
 }
 
 fn member_role(
-    cfg: &SandboxConfig,
+    bot: Bot,
     st: &mut State,
     guild_id: u64,
     user_id: u64,
     role_id: u64,
     add: bool,
 ) -> Response {
-    let guild = tri!(bot_guild(cfg, st, guild_id));
-    if guild.permissions_of(cfg.bot_user_id) & permissions::MANAGE_ROLES == 0 {
+    let guild = tri!(bot_guild(bot, st, guild_id));
+    if guild.permissions_of(bot.user_id) & permissions::MANAGE_ROLES == 0 {
         return missing_permissions();
     }
     if !guild.members.contains_key(&user_id) {
@@ -792,7 +813,7 @@ fn member_role(
     let Some(role) = guild.roles.get(&role_id) else {
         return unknown_role();
     };
-    if role.managed || role.id == guild_id || !guild.outranks_role(cfg.bot_user_id, role) {
+    if role.managed || role.id == guild_id || !guild.outranks_role(bot.user_id, role) {
         return missing_permissions();
     }
     if let Some(m) = st

@@ -82,11 +82,17 @@ pub struct RequestRecord {
     /// The `X-Audit-Log-Reason` header, URL-decoded (Discord shows it in the server's
     /// audit log).
     pub audit_log_reason: Option<String>,
+    /// The application whose bot token authenticated the request (`None` for user
+    /// tokens, the OAuth2 token endpoints, the consent page and unauthenticated
+    /// requests).
+    pub client_id: Option<u64>,
 }
 
 /// Extra facts the request handler fills in for the log.
 #[derive(Debug, Default)]
 pub(crate) struct RecordInfo {
+    /// The application whose bot token the request carries.
+    pub client_id: Option<u64>,
     pub bucket: Option<String>,
     pub major: Option<u64>,
     pub scope: Option<RateLimitScope>,
@@ -99,6 +105,8 @@ pub(crate) struct RecordInfo {
 
 #[derive(Clone, Debug)]
 pub(crate) struct CodeGrant {
+    /// The application the code was issued for.
+    pub client_id: u64,
     pub user_id: u64,
     pub redirect_uri: Option<String>,
     pub scopes: Vec<String>,
@@ -108,6 +116,8 @@ pub(crate) struct CodeGrant {
 
 #[derive(Clone, Debug)]
 pub(crate) struct AccessGrant {
+    /// The application the token was issued to.
+    pub client_id: u64,
     pub user_id: u64,
     /// The authorization the token belongs to: the code exchange that started it and
     /// every refresh since. Revoking any of its tokens revokes them all.
@@ -118,6 +128,7 @@ pub(crate) struct AccessGrant {
 
 #[derive(Clone, Debug)]
 pub(crate) struct RefreshGrant {
+    pub client_id: u64,
     pub user_id: u64,
     pub authorization: u64,
     pub scopes: Vec<String>,
@@ -128,6 +139,48 @@ pub(crate) struct OAuthState {
     pub codes: HashMap<String, CodeGrant>,
     pub access: HashMap<String, AccessGrant>,
     pub refresh: HashMap<String, RefreshGrant>,
+}
+
+/// One application registered with the sandbox: its OAuth2 client and its bot user.
+#[derive(Clone, Debug)]
+pub(crate) struct App {
+    pub client_id: u64,
+    pub bot_user_id: u64,
+    pub bot_token: String,
+    pub bot_username: String,
+    pub client_secret: String,
+    /// Registered redirect URIs; empty accepts any http(s) URI.
+    pub redirect_uris: Vec<String>,
+}
+
+/// Who a bot-token request comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Bot {
+    pub client_id: u64,
+    pub user_id: u64,
+}
+
+impl App {
+    pub(crate) fn bot(&self) -> Bot {
+        Bot {
+            client_id: self.client_id,
+            user_id: self.bot_user_id,
+        }
+    }
+}
+
+/// Credentials of one application registered with the sandbox.
+#[derive(Clone, Debug)]
+pub struct AppCredentials {
+    /// OAuth2 client (application) id, which is also the bot user's id, as on
+    /// Discord.
+    pub client_id: u64,
+    /// OAuth2 client secret.
+    pub client_secret: String,
+    /// Token for `Authorization: Bot <token>`.
+    pub bot_token: String,
+    /// Username of the bot user (and name of its managed role in guilds).
+    pub bot_username: String,
 }
 
 /// Tokens issued to a user, as returned by the token endpoint.
@@ -144,6 +197,8 @@ pub struct TokenGrant {
 }
 
 pub(crate) struct State {
+    /// Registered applications; the first is the default one from the config.
+    pub apps: Vec<App>,
     pub world: World,
     pub oauth: OAuthState,
     pub limiter: Limiter,
@@ -152,6 +207,8 @@ pub(crate) struct State {
     pub faults: FaultConfig,
     pub members_intent: bool,
     pub stats: Stats,
+    /// Counters of the requests made with each application's bot token.
+    pub app_stats: HashMap<u64, Stats>,
     pub log: VecDeque<RequestRecord>,
     pub log_limit: usize,
     pub rng: StdRng,
@@ -166,6 +223,7 @@ impl State {
         };
         let mut ids = Snowflakes::default();
         ids.observe(cfg.bot_user_id);
+        ids.observe(cfg.client_id);
         let mut world = World::default();
         world.users.insert(
             cfg.bot_user_id,
@@ -177,7 +235,16 @@ impl State {
                 at_guild_limit: false,
             },
         );
+        let default_app = App {
+            client_id: cfg.client_id,
+            bot_user_id: cfg.bot_user_id,
+            bot_token: cfg.bot_token.clone(),
+            bot_username: cfg.bot_username.clone(),
+            client_secret: cfg.client_secret.clone(),
+            redirect_uris: cfg.redirect_uris.clone(),
+        };
         Self {
+            apps: vec![default_app],
             world,
             oauth: OAuthState::default(),
             limiter: Limiter::default(),
@@ -186,6 +253,7 @@ impl State {
             faults: cfg.faults.clone(),
             members_intent: cfg.members_intent,
             stats: Stats::default(),
+            app_stats: HashMap::new(),
             log: VecDeque::new(),
             log_limit: cfg.request_log_limit,
             rng,
@@ -197,17 +265,19 @@ impl State {
     pub(crate) fn issue_tokens(
         &mut self,
         cfg: &SandboxConfig,
+        client_id: u64,
         user_id: u64,
         scopes: Vec<String>,
     ) -> TokenGrant {
         let authorization = rand::Rng::random(&mut self.rng);
-        self.issue_tokens_of(cfg, user_id, scopes, authorization)
+        self.issue_tokens_of(cfg, client_id, user_id, scopes, authorization)
     }
 
     /// Tokens of an existing authorization (a refresh).
     pub(crate) fn issue_tokens_of(
         &mut self,
         cfg: &SandboxConfig,
+        client_id: u64,
         user_id: u64,
         scopes: Vec<String>,
         authorization: u64,
@@ -217,6 +287,7 @@ impl State {
         self.oauth.access.insert(
             access_token.clone(),
             AccessGrant {
+                client_id,
                 user_id,
                 authorization,
                 scopes: scopes.clone(),
@@ -226,6 +297,7 @@ impl State {
         self.oauth.refresh.insert(
             refresh_token.clone(),
             RefreshGrant {
+                client_id,
                 user_id,
                 authorization,
                 scopes: scopes.clone(),
@@ -239,15 +311,23 @@ impl State {
         }
     }
 
-    /// Revokes the authorization `token` (an access or refresh token) belongs to: every
-    /// access and refresh token of it stops working. An unknown token changes nothing.
-    pub(crate) fn revoke(&mut self, token: &str) {
+    /// Revokes the authorization `token` (an access or refresh token of application
+    /// `client_id`) belongs to: every access and refresh token of it stops working. An
+    /// unknown token, or one of another application, changes nothing.
+    pub(crate) fn revoke(&mut self, client_id: u64, token: &str) {
         let authorization = self
             .oauth
             .access
             .get(token)
-            .map(|g| g.authorization)
-            .or_else(|| self.oauth.refresh.get(token).map(|g| g.authorization));
+            .map(|g| (g.client_id, g.authorization))
+            .or_else(|| {
+                self.oauth
+                    .refresh
+                    .get(token)
+                    .map(|g| (g.client_id, g.authorization))
+            })
+            .filter(|(c, _)| *c == client_id)
+            .map(|(_, a)| a);
         if let Some(a) = authorization {
             self.oauth.access.retain(|_, g| g.authorization != a);
             self.oauth.refresh.retain(|_, g| g.authorization != a);
@@ -262,21 +342,97 @@ impl State {
             .filter(|g| Instant::now() < g.expires_at)
     }
 
-    /// Adds the bot to a guild (or updates its integration role) with exactly
-    /// `permissions`, as the bot-install OAuth flow does. Returns the role id.
+    /// The application with this client id.
+    pub(crate) fn app(&self, client_id: u64) -> Option<&App> {
+        self.apps.iter().find(|a| a.client_id == client_id)
+    }
+
+    /// The application whose bot token this is.
+    pub(crate) fn app_by_token(&self, token: &str) -> Option<&App> {
+        self.apps.iter().find(|a| a.bot_token == token)
+    }
+
+    /// Counts rate-limit violations, overall and for the bot that made the request.
+    pub(crate) fn count_violations(&mut self, client_id: Option<u64>, bucket: bool, global: bool) {
+        let app = client_id.map(|c| self.app_stats.entry(c).or_default());
+        for s in std::iter::once(&mut self.stats).chain(app) {
+            if bucket {
+                s.bucket_violations += 1;
+            }
+            if global {
+                s.global_violations += 1;
+            }
+        }
+    }
+
+    /// Registers a new application with its own bot user.
+    pub(crate) fn add_application(&mut self, bot_username: &str) -> AppCredentials {
+        let client_id = self.ids.next();
+        let id_part = base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            client_id.to_string(),
+        );
+        // Discord-shaped: base64 of the bot id, a timestamp part, an HMAC part.
+        let bot_token = format!(
+            "{id_part}.{}.{}",
+            random_token(&mut self.rng, 6),
+            random_token(&mut self.rng, 38)
+        );
+        let client_secret = loop {
+            let secret = random_token(&mut self.rng, 32);
+            if self.apps.iter().all(|a| a.client_secret != secret) {
+                break secret;
+            }
+        };
+        self.world.users.insert(
+            client_id,
+            User {
+                id: client_id,
+                username: bot_username.to_owned(),
+                global_name: None,
+                bot: true,
+                at_guild_limit: false,
+            },
+        );
+        let app = App {
+            client_id,
+            bot_user_id: client_id,
+            bot_token,
+            bot_username: bot_username.to_owned(),
+            client_secret,
+            redirect_uris: Vec::new(),
+        };
+        let creds = AppCredentials {
+            client_id,
+            client_secret: app.client_secret.clone(),
+            bot_token: app.bot_token.clone(),
+            bot_username: app.bot_username.clone(),
+        };
+        self.apps.push(app);
+        creds
+    }
+
+    /// Adds application `client_id`'s bot to a guild (or updates its integration
+    /// role) with exactly `permissions`, as the bot-install OAuth flow does. Returns
+    /// the role id; `None` if the guild or the application is unknown.
     pub(crate) fn install_bot(
         &mut self,
-        cfg: &SandboxConfig,
+        client_id: u64,
         guild_id: u64,
         permissions: u64,
         position: Option<i64>,
     ) -> Option<u64> {
+        let app = self.app(client_id)?;
+        let (bot_id, bot_name) = (app.bot_user_id, app.bot_username.clone());
+        if !self.world.guilds.contains_key(&guild_id) {
+            return None;
+        }
         let role_id = self.ids.next();
         let guild = self.world.guilds.get_mut(&guild_id)?;
         let existing = guild
             .roles
             .values()
-            .find(|r| r.bot_id == Some(cfg.bot_user_id))
+            .find(|r| r.bot_id == Some(bot_id))
             .map(|r| r.id);
         let role_id = match existing {
             Some(id) => {
@@ -294,25 +450,22 @@ impl State {
                     role_id,
                     crate::model::Role {
                         id: role_id,
-                        name: cfg.bot_username.clone(),
+                        name: bot_name,
                         position,
                         permissions,
                         managed: true,
-                        bot_id: Some(cfg.bot_user_id),
+                        bot_id: Some(bot_id),
                     },
                 );
                 role_id
             }
         };
-        let member = guild
-            .members
-            .entry(cfg.bot_user_id)
-            .or_insert_with(|| Member {
-                user_id: cfg.bot_user_id,
-                roles: Default::default(),
-                nick: None,
-                joined_at: SystemTime::now(),
-            });
+        let member = guild.members.entry(bot_id).or_insert_with(|| Member {
+            user_id: bot_id,
+            roles: Default::default(),
+            nick: None,
+            joined_at: SystemTime::now(),
+        });
         member.roles.insert(role_id);
         Some(role_id)
     }

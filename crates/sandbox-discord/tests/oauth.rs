@@ -281,6 +281,39 @@ async fn unsupported_grant_type_is_rejected() {
 }
 
 #[tokio::test]
+async fn client_credentials_prove_the_secret_and_give_an_owner_token() {
+    let sb = Sandbox::start(relaxed()).await;
+    let id = sb.client_id().to_string();
+    let grant = |secret: String| {
+        let (sb, id) = (&sb, id.clone());
+        async move {
+            exchange(
+                sb,
+                &[
+                    ("grant_type", "client_credentials"),
+                    ("scope", "identify"),
+                    ("client_id", &id),
+                    ("client_secret", &secret),
+                ],
+            )
+            .await
+        }
+    };
+    let ok = grant(sb.client_secret().to_string()).await;
+    assert_eq!(ok.status(), 200);
+    let body: Value = ok.json().await.unwrap();
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["scope"], "identify");
+    assert!(body.get("refresh_token").is_none());
+    let wrong = grant("not-the-secret".into()).await;
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(
+        wrong.json::<Value>().await.unwrap()["error"],
+        "invalid_client"
+    );
+}
+
+#[tokio::test]
 async fn codes_and_access_tokens_expire() {
     let cfg = relaxed()
         .with_code_lifetime(Duration::from_millis(100))

@@ -42,6 +42,15 @@ impl Api {
         }
     }
 
+    /// Calls as another application's bot.
+    pub fn with_bot_token(sb: &Sandbox, bot_token: &str) -> Self {
+        Self {
+            http: client(),
+            base: sb.api_base(),
+            bot_token: bot_token.to_owned(),
+        }
+    }
+
     pub fn bot(&self, method: Method, path: &str) -> RequestBuilder {
         self.http
             .request(method, format!("{}{path}", self.base))
