@@ -168,7 +168,7 @@ async fn main() {
     let (key, entitlements) = {
         let mut c = app.pool.acquire().await.unwrap();
         use guildgate::store::setup::*;
-        let (_, key) = guildgate::api::auth::create_api_key(
+        let (_, key) = guildgate::web::api::auth::create_api_key(
             &mut c,
             &BusinessId::parse(BUSINESS).unwrap(),
             Some("bench"),

@@ -163,9 +163,9 @@ async fn main() {
         use guildgate::store::setup::*;
         ensure_business(&mut c, BUSINESS).await.unwrap();
         // The merchant's bot install, as the API records it.
-        guildgate::api::store::guilds::connect(
+        guildgate::web::api::store::guilds::connect(
             &mut c,
-            guildgate::api::store::guilds::Install {
+            guildgate::web::api::store::guilds::Install {
                 business_id: BUSINESS,
                 guild_id: &guild.guild_id.to_string(),
                 name: "Latency",

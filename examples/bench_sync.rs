@@ -135,18 +135,19 @@ async fn main() {
                     column,
                 )
             };
-            sqlx::query(
-                "INSERT INTO discord_applications (business_id, client_id, client_secret_enc,
-                     bot_token_enc, key_id, bot_username, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, now(), now())",
+            let client_id = app.client_id.to_string();
+            guildgate::store::applications::save(
+                &pool,
+                guildgate::store::applications::NewApp {
+                    business_id: &t.business,
+                    client_id: &client_id,
+                    client_secret_enc: seal(&app.client_secret, "client_secret_enc"),
+                    bot_token_enc: seal(&app.bot_token, "bot_token_enc"),
+                    key_id: cipher.key_id(),
+                    bot_username: &app.bot_username,
+                    now: chrono::Utc::now(),
+                },
             )
-            .bind(&t.business)
-            .bind(app.client_id.to_string())
-            .bind(seal(&app.client_secret, "client_secret_enc"))
-            .bind(seal(&app.bot_token, "bot_token_enc"))
-            .bind(cipher.key_id())
-            .bind(&app.bot_username)
-            .execute(&mut *conn)
             .await
             .unwrap();
         }

@@ -196,9 +196,9 @@ async fn main() {
             .unwrap();
         // The merchant's bot install, as Discord confirmed it (the API's install flow
         // records this; tests/api.rs walks it).
-        guildgate::api::store::guilds::connect(
+        guildgate::web::api::store::guilds::connect(
             &mut c,
-            guildgate::api::store::guilds::Install {
+            guildgate::web::api::store::guilds::Install {
                 business_id: BUSINESS,
                 guild_id: &guild.guild_id.to_string(),
                 name: "Acme Community",

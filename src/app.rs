@@ -19,11 +19,11 @@ use crate::events::consumer::EventConsumer;
 use crate::events::decode::DecodeLimits;
 use crate::grants::decide::Policy;
 use crate::grants::link::LinkBuilder;
-use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::outbox::Relay;
 use crate::store;
 use crate::sync::SyncWorker;
+use crate::web::{self, AppState};
 
 /// What `serve` should run.
 #[derive(Clone, Debug)]
@@ -86,7 +86,7 @@ pub struct App {
     pub bots: Bots,
     pub cipher: TokenCipher,
     /// The HTTP rate limits (per business, per OAuth link and client address).
-    pub limits: Arc<http::limits::Limits>,
+    pub limits: Arc<web::limits::Limits>,
     listener: TcpListener,
     options: Options,
 }
@@ -166,7 +166,7 @@ impl App {
             links: LinkBuilder::from_settings(&settings).with_directory(bots.directory()),
             bots,
             cipher,
-            limits: Arc::new(http::limits::Limits::from_settings(&settings)),
+            limits: Arc::new(web::limits::Limits::from_settings(&settings)),
             settings: Arc::new(settings),
             pool,
             broker,
@@ -250,7 +250,7 @@ impl App {
     /// Runs until `shutdown` fires, then waits for every task to finish what it holds.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), String> {
         let mut tasks: JoinSet<&'static str> = JoinSet::new();
-        let router = http::app(self.state());
+        let router = web::app(self.state());
         let consumer = self.event_consumer();
         let syncer = self.sync_worker();
         let mailer = if self.options.email && self.settings.email.enabled() {

@@ -2,8 +2,6 @@
 //! French, Spanish, Brazilian Portuguese and Japanese. A business picks the language of
 //! its emails (`/business/settings`); a page follows the reader's `Accept-Language`.
 
-use crate::api::translations::Locale;
-
 /// A language customers can read guildgate in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Lang {
@@ -73,18 +71,6 @@ impl Lang {
             }
         }
         best.map(|(_, l)| l)
-    }
-
-    /// The platform's locale code of the merchant's translations for this language.
-    pub fn translation_locale(self) -> Locale {
-        match self {
-            Lang::En => Locale::En,
-            Lang::De => Locale::De,
-            Lang::Fr => Locale::Fr,
-            Lang::Es => Locale::Es,
-            Lang::PtBr => Locale::Pt,
-            Lang::Ja => Locale::Ja,
-        }
     }
 }
 

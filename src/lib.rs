@@ -2,9 +2,7 @@
 //! become grants, and reach Discord and the merchant's webhooks through an outbox.
 //! See docs/architecture.md for the architecture; each module's doc says what it owns.
 
-pub mod access;
 pub mod amqp;
-pub mod api;
 pub mod app;
 pub mod config;
 pub mod crypto;
@@ -13,7 +11,6 @@ pub mod email;
 pub mod events;
 pub mod faults;
 pub mod grants;
-pub mod http;
 pub mod i18n;
 pub mod ids;
 pub mod metrics;
@@ -23,4 +20,5 @@ pub mod reconcile;
 pub mod store;
 pub mod sync;
 pub mod telemetry;
+pub mod web;
 pub mod webhooks;

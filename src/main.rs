@@ -501,7 +501,7 @@ async fn api_key(settings: &Settings, cmd: ApiKeyCommand) -> Result<(), String> 
             let business = guildgate::ids::BusinessId::parse(business_id)
                 .map_err(|e| format!("--business-id: {e}"))?;
             let (id, key) =
-                guildgate::api::auth::create_api_key(&mut conn, &business, name.as_deref())
+                guildgate::web::api::auth::create_api_key(&mut conn, &business, name.as_deref())
                     .await
                     .map_err(|e| e.to_string())?;
             // The key alone on stdout, so `KEY=$(guildgate api-key create …)` works;
@@ -513,7 +513,7 @@ async fn api_key(settings: &Settings, cmd: ApiKeyCommand) -> Result<(), String> 
             Ok(())
         }
         ApiKeyCommand::Revoke { key_id } => {
-            if guildgate::api::auth::revoke_api_key(&mut conn, &key_id)
+            if guildgate::web::api::auth::revoke_api_key(&mut conn, &key_id)
                 .await
                 .map_err(|e| e.to_string())?
             {

@@ -97,7 +97,7 @@ impl Client {
 /// A key for `business` (created if new), straight through the library.
 pub(crate) async fn client(w: &World, business: &str) -> Client {
     let mut conn = w.app.pool.acquire().await.unwrap();
-    let (_, key) = guildgate::api::auth::create_api_key(
+    let (_, key) = guildgate::web::api::auth::create_api_key(
         &mut conn,
         &BusinessId::parse(business).unwrap(),
         Some("test"),
@@ -252,7 +252,7 @@ async fn missing_or_wrong_keys_are_401_with_a_json_body() {
     {
         let mut conn = w.app.pool.acquire().await.unwrap();
         assert!(
-            guildgate::api::auth::revoke_api_key(&mut conn, &key_id)
+            guildgate::web::api::auth::revoke_api_key(&mut conn, &key_id)
                 .await
                 .unwrap()
         );
@@ -1868,7 +1868,7 @@ async fn openapi_documents_exactly_the_real_routes() {
                 ![404, 405].contains(&s),
                 "{method} {path} answered {s}: {v}"
             );
-            let open = guildgate::api::error::BROWSER_PAGES.contains(&path.as_str())
+            let open = guildgate::web::error::BROWSER_PAGES.contains(&path.as_str())
                 || ["/healthz", "/readyz", "/metrics"].contains(&path.as_str());
             if !open {
                 assert_eq!(s, 401, "{method} {path} must require a key");
@@ -1959,7 +1959,7 @@ async fn openapi_documents_exactly_the_real_routes() {
     assert_eq!(documented, want);
     assert_eq!(
         doc,
-        serde_json::to_value(guildgate::api::openapi::document()).unwrap()
+        serde_json::to_value(guildgate::web::openapi::document()).unwrap()
     );
     w.stop().await;
 }

@@ -310,7 +310,7 @@ async fn bad_states_are_rejected_and_expired_links_renewed() {
     // Renewed: a fresh link works.
     let mut conn = w.app.pool.acquire().await.unwrap();
     let renewed =
-        guildgate::http::oauth::renew_link(&mut conn, &w.links, &expired, chrono::Utc::now())
+        guildgate::store::grants::renew_link(&mut conn, &w.links, &expired, chrono::Utc::now())
             .await
             .unwrap();
     drop(conn);
@@ -1526,15 +1526,12 @@ async fn tokens_of_a_previous_key_stay_usable_and_rotate_to_the_current_one() {
         assert!(link.access_token(&current).is_ok(), "{customer}");
         assert!(link.refresh_token(&current).unwrap().is_ok(), "{customer}");
     }
-    let app: guildgate::discord::bots::AppRow =
-        sqlx::query_as("SELECT * FROM discord_applications WHERE business_id = $1")
-            .bind(app_biz)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
+    let app = guildgate::store::applications::of_business(&w.app.pool, app_biz)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(app.key_id, current.key_id());
-    let keys = app
-        .keys(&current)
+    let keys = guildgate::discord::bots::keys_of(&app, &current)
         .expect("the current key reads the application");
     {
         use secrecy::ExposeSecret;

@@ -186,7 +186,7 @@ async fn full_flow_alone() {
         )
         .await
         .unwrap();
-        let (_, key) = guildgate::api::auth::create_api_key(
+        let (_, key) = guildgate::web::api::auth::create_api_key(
             &mut conn,
             &BusinessId::parse(biz.clone()).unwrap(),
             Some("observability"),

@@ -356,11 +356,15 @@ async fn a_bot_with_a_deep_backlog_holds_up_no_other_bots_jobs() {
         (0, 0),
         "{own:?}"
     );
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM discord_sync_parked")
-        .fetch_one(&w.app.pool)
-        .await
-        .unwrap();
-    assert_eq!(left, 0, "every parked job ran and left");
+    // A run's row goes once its outcome is settled, just after the grant's commit.
+    wait_for("every parked job ran and left", || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM discord_sync_parked")
+            .fetch_one(&w.app.pool)
+            .await
+            .unwrap();
+        (left == 0).then_some(())
+    })
+    .await;
     w.stop().await;
 }
 

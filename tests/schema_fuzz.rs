@@ -421,7 +421,7 @@ async fn every_protected_operation_answers_401_without_a_valid_key() {
     // Nothing the refused requests asked for happened.
     let key = {
         let mut conn = w.app.pool.acquire().await.unwrap();
-        let (_, key) = guildgate::api::auth::create_api_key(
+        let (_, key) = guildgate::web::api::auth::create_api_key(
             &mut conn,
             &BusinessId::parse(w.app.business()).unwrap(),
             None,

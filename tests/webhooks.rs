@@ -1478,7 +1478,7 @@ impl Api {
     /// A key for `business` (created if new).
     async fn of(app: &TestApp, business: &str) -> Self {
         let mut conn = app.pool.acquire().await.unwrap();
-        let (_, key) = guildgate::api::auth::create_api_key(
+        let (_, key) = guildgate::web::api::auth::create_api_key(
             &mut conn,
             &guildgate::ids::BusinessId::parse(business).unwrap(),
             Some("test"),

@@ -27,6 +27,8 @@ use super::shared::SharedLimits;
 use crate::config::DiscordSettings;
 use crate::crypto::{DecryptError, TokenCipher};
 use crate::metrics::Metrics;
+use crate::store::applications;
+pub use crate::store::applications::AppRow;
 
 /// How often every process reads again which business has which application.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
@@ -116,35 +118,20 @@ impl Directory {
     }
 }
 
-/// A business's application as stored, secrets still sealed.
-#[derive(Clone, Debug, sqlx::FromRow)]
-pub struct AppRow {
-    pub business_id: String,
-    pub client_id: String,
-    pub client_secret_enc: Vec<u8>,
-    pub bot_token_enc: Vec<u8>,
-    pub key_id: String,
-    pub bot_username: String,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl AppRow {
-    /// The application's credentials, opened.
-    pub fn keys(&self, cipher: &TokenCipher) -> Result<AppKeys, DecryptError> {
-        let open = |stored: &[u8], column: &str| {
-            cipher.decrypt(
-                stored,
-                Some(&self.key_id),
-                &secret_aad(&self.business_id, column),
-            )
-        };
-        Ok(AppKeys {
-            client_id: self.client_id.clone(),
-            client_secret: open(&self.client_secret_enc, "client_secret_enc")?,
-            bot_token: open(&self.bot_token_enc, "bot_token_enc")?,
-        })
-    }
+/// The credentials of a stored application, opened.
+pub fn keys_of(row: &AppRow, cipher: &TokenCipher) -> Result<AppKeys, DecryptError> {
+    let open = |stored: &[u8], column: &str| {
+        cipher.decrypt(
+            stored,
+            Some(&row.key_id),
+            &secret_aad(&row.business_id, column),
+        )
+    };
+    Ok(AppKeys {
+        client_id: row.client_id.clone(),
+        client_secret: open(&row.client_secret_enc, "client_secret_enc")?,
+        bot_token: open(&row.bot_token_enc, "bot_token_enc")?,
+    })
 }
 
 /// Every bot a process speaks with. Cheap to clone.
@@ -251,19 +238,12 @@ impl Bots {
         {
             return Ok(bot.clone());
         }
-        let row: Option<AppRow> = sqlx::query_as(
-            "SELECT business_id, client_id, client_secret_enc, bot_token_enc, key_id, bot_username,
-                    created_at, updated_at
-             FROM discord_applications WHERE client_id = $1",
-        )
-        .bind(client_id)
-        .fetch_optional(&self.inner.pool)
-        .await?;
+        let row = applications::of_client(&self.inner.pool, client_id).await?;
         let Some(row) = row else {
             // Removed since the directory was read: the shared bot, as it will say.
             return Ok(self.inner.shared.clone());
         };
-        let keys = row.keys(&self.inner.cipher).map_err(|_| BotError::Sealed)?;
+        let keys = keys_of(&row, &self.inner.cipher).map_err(|_| BotError::Sealed)?;
         let mut bot = Bot::new(
             &self.inner.settings,
             &keys,
@@ -290,10 +270,7 @@ impl Bots {
 
     /// Reads again which business has which application.
     pub async fn refresh(&self) -> Result<(), sqlx::Error> {
-        let rows: Vec<(String, String, DateTime<Utc>)> =
-            sqlx::query_as("SELECT business_id, client_id, updated_at FROM discord_applications")
-                .fetch_all(&self.inner.pool)
-                .await?;
+        let rows = applications::directory(&self.inner.pool).await?;
         let all: HashMap<_, _> = rows.into_iter().map(|(b, c, u)| (b, (c, u))).collect();
         let mut own = self.inner.own.lock().await;
         own.retain(|client, _| all.values().any(|(c, _)| c == client));

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{ExponentialBuilder, Retryable};
 use reqwest::header::{AUTHORIZATION, USER_AGENT};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -274,6 +275,24 @@ impl AppKeys {
     }
 }
 
+/// A try of a call that did not end in an answer to return.
+enum Unsettled {
+    /// No further try: this is the outcome.
+    Done(DiscordError),
+    /// Worth another try, after Discord's `wait` or the backoff's pause; `last` is the
+    /// outcome if none is left.
+    Again {
+        last: Result<Answer, DiscordError>,
+        wait: Option<Duration>,
+    },
+}
+
+impl Unsettled {
+    fn again(&self) -> bool {
+        matches!(self, Unsettled::Again { .. })
+    }
+}
+
 /// A Discord client on one budget. Cheap to clone; clones share the budget, the
 /// invalid-request counter and the connection pool.
 #[derive(Clone)]
@@ -387,153 +406,183 @@ impl DiscordClient {
         }
     }
 
+    /// Sends a call through the budget: tried up to [`TRIES`] times, waiting out a
+    /// short 429 as Discord asks and pausing 100 ms, then 400 ms, after a 5xx or a lost
+    /// answer of an idempotent call ([`backon`]). The last answer or error is returned.
     async fn send(&self, call: Call<'_>) -> Result<Answer, DiscordError> {
         let url = format!("{}/{}", self.base, call.path);
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            if let Err(wait) = self.invalid.check().await {
-                return Err(DiscordError::CeilingReached { retry_after: wait });
+        let tried = (|| self.try_once(&call, &url))
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_factor(4.0)
+                    .with_max_times(TRIES as usize - 1),
+            )
+            .when(Unsettled::again)
+            // Discord's own wait replaces the pause, within the same number of tries.
+            .adjust(|u, pause| match u {
+                Unsettled::Again { wait: Some(w), .. } => pause.map(|_| *w),
+                _ => pause,
+            })
+            .await;
+        match tried {
+            Ok(answer) => Ok(answer),
+            Err(Unsettled::Done(e)) => Err(e),
+            Err(Unsettled::Again { last, .. }) => last,
+        }
+    }
+
+    /// One try of a call.
+    async fn try_once(&self, call: &Call<'_>, url: &str) -> Result<Answer, Unsettled> {
+        if let Err(wait) = self.invalid.check().await {
+            return Err(Unsettled::Done(DiscordError::CeilingReached {
+                retry_after: wait,
+            }));
+        }
+        if let Some(key) = self.stopped(call) {
+            return Err(Unsettled::Done(DiscordError::Stopped { key }));
+        }
+        let bot = matches!(call.auth, Auth::Bot);
+        let ticket = match self.budget.acquire(call.verb, &call.route, bot).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.count(call.label, "busy");
+                tracing::warn!(route = call.label, budget = e.budget, waited = ?e.waited, "no Discord request slot came free in time");
+                return Err(Unsettled::Done(DiscordError::Busy { waited: e.waited }));
             }
-            if let Some(key) = self.stopped(&call) {
-                return Err(DiscordError::Stopped { key });
-            }
-            let bot = matches!(call.auth, Auth::Bot);
-            let ticket = match self.budget.acquire(call.verb, &call.route, bot).await {
-                Ok(t) => t,
-                Err(e) => {
-                    self.count(call.label, "busy");
-                    tracing::warn!(route = call.label, budget = e.budget, waited = ?e.waited, "no Discord request slot came free in time");
-                    return Err(DiscordError::Busy { waited: e.waited });
-                }
-            };
-            // Waiting in a bucket's line behind the request that found the bot without
-            // access: not sent (the slot stays spent, the bucket's line moves on).
-            if let Some(key) = self.stopped(&call) {
+        };
+        // Waiting in a bucket's line behind the request that found the bot without
+        // access: not sent (the slot stays spent, the bucket's line moves on).
+        if let Some(key) = self.stopped(call) {
+            drop(ticket);
+            self.count(call.label, "stopped");
+            return Err(Unsettled::Done(DiscordError::Stopped { key }));
+        }
+        let mut req = match call.verb {
+            Verb::Get => self.http.get(url),
+            Verb::Put => self.http.put(url),
+            Verb::Post => self.http.post(url),
+            Verb::Delete => self.http.delete(url),
+        }
+        .header(
+            USER_AGENT,
+            "DiscordBot (https://github.com/guildgate/guildgate, 0.1)",
+        );
+        req = match &call.auth {
+            Auth::Bot => req.header(
+                AUTHORIZATION,
+                format!("Bot {}", self.bot_token.expose_secret()),
+            ),
+            Auth::Bearer(t) => req.header(AUTHORIZATION, format!("Bearer {}", t.expose_secret())),
+            Auth::None => req,
+        };
+        if let Some(reason) = call.reason {
+            req = req.header("X-Audit-Log-Reason", audit_log_reason(reason));
+        }
+        req = match &call.body {
+            Body::Empty => req,
+            Body::Json(v) => req.json(v),
+            Body::Form(f) => req.form(f),
+        };
+        // The last look before the request leaves: a global 429 that another request
+        // got while this one was being built holds it back.
+        ticket.wait_unblocked().await;
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                // No answer: the ticket is dropped, which frees the bucket's queue.
                 drop(ticket);
-                self.count(call.label, "stopped");
-                return Err(DiscordError::Stopped { key });
-            }
-            let mut req = match call.verb {
-                Verb::Get => self.http.get(&url),
-                Verb::Put => self.http.put(&url),
-                Verb::Post => self.http.post(&url),
-                Verb::Delete => self.http.delete(&url),
-            }
-            .header(
-                USER_AGENT,
-                "DiscordBot (https://github.com/guildgate/guildgate, 0.1)",
-            );
-            req = match call.auth {
-                Auth::Bot => req.header(
-                    AUTHORIZATION,
-                    format!("Bot {}", self.bot_token.expose_secret()),
-                ),
-                Auth::Bearer(t) => {
-                    req.header(AUTHORIZATION, format!("Bearer {}", t.expose_secret()))
+                self.count(call.label, "error");
+                let err = DiscordError::Retriable(describe(&e));
+                if call.idempotent {
+                    return Err(Unsettled::Again {
+                        last: Err(err),
+                        wait: None,
+                    });
                 }
-                Auth::None => req,
-            };
-            if let Some(reason) = call.reason {
-                req = req.header("X-Audit-Log-Reason", audit_log_reason(reason));
+                return Err(Unsettled::Done(err));
             }
-            req = match &call.body {
-                Body::Empty => req,
-                Body::Json(v) => req.json(v),
-                Body::Form(f) => req.form(f),
-            };
-            // The last look before the request leaves: a global 429 that another request
-            // got while this one was being built holds it back.
-            ticket.wait_unblocked().await;
-            let resp = match req.send().await {
-                Ok(r) => r,
-                Err(e) => {
-                    // No answer: the ticket is dropped, which frees the bucket's queue.
-                    drop(ticket);
-                    self.count(call.label, "error");
-                    let err = DiscordError::Retriable(describe(&e));
-                    if call.idempotent && tries < TRIES {
-                        tokio::time::sleep(backoff(tries)).await;
-                        continue;
-                    }
-                    return Err(err);
+        };
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let observed = Observed::parse(status, |name| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
+        let bytes = match resp.bytes().await {
+            Ok(b) => b.to_vec(),
+            Err(e) => {
+                ticket.complete(&observed);
+                self.count(call.label, "error");
+                return Err(Unsettled::Done(DiscordError::Retriable(describe(&e))));
+            }
+        };
+        #[derive(Deserialize, Default)]
+        struct ErrorBody {
+            code: Option<u64>,
+            #[serde(default)]
+            message: Option<String>,
+            retry_after: Option<f64>,
+            global: Option<bool>,
+            /// OAuth errors: `{"error": "invalid_grant", ...}`.
+            error: Option<String>,
+        }
+        let body: ErrorBody = if status >= 300 {
+            serde_json::from_slice(&bytes).unwrap_or_default()
+        } else {
+            ErrorBody::default()
+        };
+        let observed = observed.with_body_retry_after(body.retry_after, body.global);
+        // What the answer says of the limits applies before anything else is awaited:
+        // a global 429 holds back every request of this process at once, not after
+        // the invalid answer is counted in the database.
+        ticket.complete(&observed);
+        if let (Some(stops), Some(guild)) = (&self.stops, call.guild()) {
+            match (status, body.code) {
+                (403, Some(50001)) | (404, Some(10004)) => {
+                    stops.remember(StopKey::Server(guild));
                 }
-            };
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let observed = Observed::parse(status, |name| {
-                headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            });
-            let bytes = match resp.bytes().await {
-                Ok(b) => b.to_vec(),
-                Err(e) => {
-                    ticket.complete(&observed);
-                    self.count(call.label, "error");
-                    return Err(DiscordError::Retriable(describe(&e)));
-                }
-            };
-            #[derive(Deserialize, Default)]
-            struct ErrorBody {
-                code: Option<u64>,
-                #[serde(default)]
-                message: Option<String>,
-                retry_after: Option<f64>,
-                global: Option<bool>,
-                /// OAuth errors: `{"error": "invalid_grant", ...}`.
-                error: Option<String>,
+                (403, Some(50013)) => stops.remember(StopKey::Role(guild, call.role)),
+                _ => {}
             }
-            let body: ErrorBody = if status >= 300 {
-                serde_json::from_slice(&bytes).unwrap_or_default()
-            } else {
-                ErrorBody::default()
-            };
-            let observed = observed.with_body_retry_after(body.retry_after, body.global);
-            // What the answer says of the limits applies before anything else is awaited:
-            // a global 429 holds back every request of this process at once, not after
-            // the invalid answer is counted in the database.
-            ticket.complete(&observed);
-            if let (Some(stops), Some(guild)) = (&self.stops, call.guild()) {
-                match (status, body.code) {
-                    (403, Some(50001)) | (404, Some(10004)) => {
-                        stops.remember(StopKey::Server(guild));
-                    }
-                    (403, Some(50013)) => stops.remember(StopKey::Role(guild, call.role)),
-                    _ => {}
-                }
+        }
+        // Set on every answer, so the gauge also falls as old answers age out.
+        let n = if observed.counts_as_invalid() {
+            self.invalid.record().await
+        } else {
+            self.invalid.count().await
+        };
+        self.metrics.discord_invalid_requests.set(n as i64);
+        self.count(call.label, &status.to_string());
+        if status == 429 {
+            let wait = observed.retry_after.unwrap_or(Duration::from_secs(1));
+            tracing::info!(route = call.label, retry_after = ?wait, global = observed.is_global_limit(), scope = ?observed.scope, "Discord rate limit hit");
+            let limited = DiscordError::RateLimited { retry_after: wait };
+            if wait <= MAX_INLINE_WAIT {
+                // The budget already holds the bucket (or everything, if global) for
+                // `wait`; waiting it out too covers a 429 without bucket headers.
+                return Err(Unsettled::Again {
+                    last: Err(limited),
+                    wait: Some(wait),
+                });
             }
-            // Set on every answer, so the gauge also falls as old answers age out.
-            let n = if observed.counts_as_invalid() {
-                self.invalid.record().await
-            } else {
-                self.invalid.count().await
-            };
-            self.metrics.discord_invalid_requests.set(n as i64);
-            self.count(call.label, &status.to_string());
-            if status == 429 {
-                let wait = observed.retry_after.unwrap_or(Duration::from_secs(1));
-                tracing::info!(route = call.label, retry_after = ?wait, global = observed.is_global_limit(), scope = ?observed.scope, "Discord rate limit hit");
-                if wait <= MAX_INLINE_WAIT && tries < TRIES {
-                    // The budget already holds the bucket (or everything, if global)
-                    // for `wait`; sleeping too covers a 429 without bucket headers.
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-                return Err(DiscordError::RateLimited { retry_after: wait });
-            }
-            if status >= 500 && call.idempotent && tries < TRIES {
-                tokio::time::sleep(backoff(tries)).await;
-                continue;
-            }
-            return Ok(Answer {
-                status,
-                code: body.code,
-                message: body.message.or(body.error).unwrap_or_default(),
-                bytes,
+            return Err(Unsettled::Done(limited));
+        }
+        let answer = Answer {
+            status,
+            code: body.code,
+            message: body.message.or(body.error).unwrap_or_default(),
+            bytes,
+        };
+        if status >= 500 && call.idempotent {
+            return Err(Unsettled::Again {
+                last: Ok(answer),
+                wait: None,
             });
         }
+        Ok(answer)
     }
 
     fn count(&self, route: &'static str, status: &str) {
@@ -963,10 +1012,6 @@ impl DiscordClient {
             _ => Err(a.unexpected()),
         }
     }
-}
-
-fn backoff(tries: u32) -> Duration {
-    Duration::from_millis(100 * 4u64.pow(tries.saturating_sub(1)))
 }
 
 /// A reqwest error without its URL (which carries no secret, but is noise).

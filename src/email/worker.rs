@@ -31,11 +31,11 @@ use crate::amqp::{self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, he
 use crate::grants::GrantStatus;
 use crate::grants::history;
 use crate::grants::link::LinkBuilder;
-use crate::http::oauth::renew_link;
 use crate::i18n::Lang;
 use crate::metrics::Metrics;
 use crate::store::email::{self as db, Context};
 use crate::store::grants as grant_store;
+use crate::store::grants::renew_link;
 use crate::webhooks::schedule::{self, AttemptResult, Next};
 
 /// What to do with an email.

@@ -3,7 +3,8 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use crate::grants::{Grant, RevocationReason};
+use crate::grants::link::LinkBuilder;
+use crate::grants::{Grant, GrantStatus, RevocationReason};
 
 /// A grant to insert.
 #[derive(Clone, Debug)]
@@ -209,4 +210,30 @@ pub async fn revoke_many(
     .bind(now)
     .fetch_all(conn)
     .await
+}
+
+/// For a `Pending` grant whose link expired: a new nonce and expiry, so its
+/// `oauth_url` works again. Any other grant is returned as it is.
+pub async fn renew_link(
+    conn: &mut PgConnection,
+    links: &LinkBuilder,
+    grant: &Grant,
+    now: DateTime<Utc>,
+) -> Result<Grant, sqlx::Error> {
+    if grant.status() != GrantStatus::Pending || grant.oauth_expires_at > now {
+        return Ok(grant.clone());
+    }
+    match crate::sync::store::renew_nonce_if_expired(
+        conn,
+        &grant.id,
+        &LinkBuilder::new_nonce(),
+        now + links.ttl,
+        now,
+    )
+    .await?
+    {
+        Some(g) => Ok(g),
+        // Renewed by a concurrent reader: use theirs.
+        None => Ok(get(conn, &grant.id).await?.unwrap_or_else(|| grant.clone())),
+    }
 }

@@ -6,6 +6,7 @@
 //! not have.
 
 pub mod access;
+pub mod applications;
 pub mod backfill;
 pub mod email;
 pub mod grants;

@@ -119,39 +119,29 @@ async fn rotate_applications(
     cipher: &TokenCipher,
     report: &mut RotationReport,
 ) -> Result<(), sqlx::Error> {
-    use crate::discord::bots::{AppRow, seal};
-    let rows: Vec<AppRow> = sqlx::query_as(
-        "SELECT business_id, client_id, client_secret_enc, bot_token_enc, key_id, bot_username,
-                created_at, updated_at
-         FROM discord_applications WHERE key_id <> $1",
-    )
-    .bind(cipher.key_id())
-    .fetch_all(pool)
-    .await?;
-    for row in rows {
-        let Ok(keys) = row.keys(cipher) else {
+    use crate::discord::bots::{keys_of, seal};
+    use crate::store::applications;
+    for row in applications::not_on_key(pool, cipher.key_id()).await? {
+        let Ok(keys) = keys_of(&row, cipher) else {
             tracing::warn!(business_id = %row.business_id, key_id = %row.key_id, "no configured key decrypts this business's Discord application");
             report.applications_unreadable += 1;
             continue;
         };
-        let done = sqlx::query(
-            "UPDATE discord_applications SET client_secret_enc = $4, bot_token_enc = $5, key_id = $6
-             WHERE business_id = $1 AND updated_at = $2 AND key_id = $3",
+        let mut conn = pool.acquire().await?;
+        let resealed = applications::reseal(
+            &mut conn,
+            &row,
+            &seal(
+                cipher,
+                &row.business_id,
+                &keys.client_secret,
+                "client_secret_enc",
+            ),
+            &seal(cipher, &row.business_id, &keys.bot_token, "bot_token_enc"),
+            cipher.key_id(),
         )
-        .bind(&row.business_id)
-        .bind(row.updated_at)
-        .bind(&row.key_id)
-        .bind(seal(
-            cipher,
-            &row.business_id,
-            &keys.client_secret,
-            "client_secret_enc",
-        ))
-        .bind(seal(cipher, &row.business_id, &keys.bot_token, "bot_token_enc"))
-        .bind(cipher.key_id())
-        .execute(pool)
         .await?;
-        if done.rows_affected() == 1 {
+        if resealed {
             report.applications_reencrypted += 1;
         } else {
             report.changed_meanwhile += 1;

@@ -59,7 +59,7 @@ pub async fn seeded(endpoint: Endpoint) -> Seeded {
     let business = w.app.business();
     let key = {
         let mut conn = w.app.pool.acquire().await.unwrap();
-        let (_, key) = guildgate::api::auth::create_api_key(
+        let (_, key) = guildgate::web::api::auth::create_api_key(
             &mut conn,
             &BusinessId::parse(business.clone()).unwrap(),
             Some("seeded"),

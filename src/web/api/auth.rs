@@ -8,11 +8,11 @@ use axum::http::request::Parts;
 use secrecy::SecretString;
 use sqlx::PgConnection;
 
-use super::error::ApiError;
 use super::keys::{NewKey, PresentedKey};
 use super::store::keys as db;
-use crate::http::AppState;
 use crate::ids::BusinessId;
+use crate::web::AppState;
+use crate::web::error::ApiError;
 
 /// The authenticated caller.
 #[derive(Clone, Debug)]

@@ -18,13 +18,13 @@ use super::auth::Merchant;
 use super::entitlements::EntitlementView;
 use super::entitlements::IntegrationConfig;
 use super::entitlements::ReadQuery;
-use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, Problem};
 use super::store::entitlements as db;
-use crate::http::AppState;
 use crate::ids::ProductId;
 use crate::store::grants::business_brand;
 use crate::store::setup;
 use crate::store::setup::Entitlement;
+use crate::web::AppState;
+use crate::web::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, Problem};
 
 /// The most entitlements one product may grant (the platform's limit).
 pub const MAX_PER_PRODUCT: usize = 50;

@@ -13,18 +13,18 @@ use sqlx::PgConnection;
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Merchant;
-use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody};
 use super::store::{entitlements, grants as db};
 use super::{Items, page};
 use crate::grants::history::{self, Entry};
 use crate::grants::link::LinkBuilder;
 use crate::grants::render::{grant_object, ts};
 use crate::grants::{Grant, GrantEventType, GrantStatus, RevocationReason};
-use crate::http::AppState;
-use crate::http::oauth::renew_link;
 use crate::ids::CustomerId;
 use crate::outbox::emit;
 use crate::store::grants as grant_store;
+use crate::store::grants::renew_link;
+use crate::web::AppState;
+use crate::web::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody};
 
 /// A grant, as the platform shapes it (`tests/fixtures/contract/api/grant.json`). Documentation
 /// only: grants are rendered by [`grant_object`], which the webhooks share.

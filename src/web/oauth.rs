@@ -17,23 +17,21 @@
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde::Deserialize;
-use sqlx::PgConnection;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
+use super::accounts::{Linked, link_account, revoke_left_tokens};
 use super::limits::ClientIp;
 use crate::crypto::StateError;
 use crate::discord::{DiscordError, Snowflake};
+use crate::grants::GrantStatus;
 use crate::grants::link::LinkBuilder;
-use crate::grants::{Grant, GrantStatus};
-use crate::outbox::queue_sync;
 use crate::store::{grants as grant_store, setup};
 use crate::sync::store::{self as db, LinkRow};
-use crate::sync::worker::revoke_tokens;
 
 /// The route, documented in `/openapi.json` under the `customers` tag.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -173,7 +171,7 @@ impl Page {
     /// The page in `lang`, with its status; never cached.
     fn respond(self, lang: Lang) -> Response {
         let retry_after = match &self {
-            Page::TooMany { retry_after } => Some(crate::api::error::retry_secs(*retry_after)),
+            Page::TooMany { retry_after } => Some(crate::web::error::retry_secs(*retry_after)),
             Page::Busy => Some(5),
             _ => None,
         };
@@ -237,7 +235,7 @@ async fn callback(
         .as_deref()
         .and_then(|s| st.links.verify_switch(s, Utc::now()).ok())
     {
-        return crate::access::switch_returned(&st, &headers, who, q.code, q.error).await;
+        return crate::web::access::switch_returned(&st, &headers, who, q.code, q.error).await;
     }
     match handle(&st, q).await {
         Ok(p) | Err(p) => p.respond(lang),
@@ -403,123 +401,6 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         switched,
         shared,
     })
-}
-
-/// What linking an account changed.
-pub(crate) struct Linked {
-    /// The account the customer had linked before, when it was another one: its tokens
-    /// are to be revoked once the transaction commits ([`revoke_left_tokens`]).
-    pub previous: Option<LinkRow>,
-    /// Another customer of the business has this account linked too.
-    pub shared: bool,
-}
-
-/// Links `row`'s account (with its `names`: username, display name) to its customer, in
-/// the caller's transaction, and queues a sync of every live grant of the customer: a
-/// different account moves their access (each grant records what it applied, and its
-/// sync removes that from the old account). The history of `history_grant` records
-/// `linked` or `switched`; without one, every live grant's does.
-pub(crate) async fn link_account(
-    tx: &mut PgConnection,
-    row: &LinkRow,
-    names: (&str, Option<&str>),
-    history_grant: Option<&str>,
-    now: DateTime<Utc>,
-) -> Result<Linked, sqlx::Error> {
-    let (business, customer) = (row.business_id.as_str(), row.customer_id.as_str());
-    let previous = db::link_of(tx, business, customer)
-        .await?
-        .filter(|l| l.discord_user_id != row.discord_user_id);
-    db::upsert_link(tx, row, Some(names), now).await?;
-    // People buy twice under two emails: the link is made, and the page says so.
-    let shared = db::linked_elsewhere(tx, business, customer, &row.discord_user_id).await?;
-    let live = db::live_grant_ids(tx, business, customer).await?;
-    for id in &live {
-        queue_sync(tx, id).await?;
-    }
-    let (event, mut detail) = match &previous {
-        Some(old) => (
-            "switched",
-            serde_json::json!({ "from_discord_user_id": old.discord_user_id }),
-        ),
-        None => ("linked", serde_json::json!({})),
-    };
-    detail["discord_user_id"] = row.discord_user_id.clone().into();
-    detail["also_linked_to_another_customer"] = shared.into();
-    let recorded: Vec<&str> = match history_grant {
-        Some(g) => vec![g],
-        None => live.iter().map(String::as_str).collect(),
-    };
-    for g in recorded {
-        crate::grants::history::record(tx, g, now, event, detail.clone()).await?;
-    }
-    Ok(Linked { previous, shared })
-}
-
-/// Revokes at Discord the tokens of the account a customer left. Best effort: they are
-/// no longer stored anywhere, so a revoke that fails is logged and dropped rather than
-/// holding up the customer's page.
-pub(crate) async fn revoke_left_tokens(st: &AppState, old: LinkRow, customer_id: &str) {
-    let access = old.access_token(&st.cipher).ok();
-    let refresh = old.refresh_token(&st.cipher).and_then(Result::ok);
-    // Only the application that issued them can revoke them.
-    let bot = match st
-        .bots
-        .of_application(&old.business_id, old.client_id.as_deref())
-        .await
-    {
-        Ok(Some(bot)) => bot,
-        Ok(None) => {
-            tracing::info!(
-                customer_id,
-                "the tokens of the Discord account the customer left belong to an application the business no longer uses; dropping them"
-            );
-            return;
-        }
-        Err(e) => {
-            tracing::warn!(customer_id, error = %e, "cannot revoke the tokens of the Discord account the customer left; dropping them");
-            return;
-        }
-    };
-    match revoke_tokens(&bot.side, access.as_ref(), refresh.as_ref()).await {
-        Ok(()) => {
-            tracing::info!(
-                customer_id,
-                "revoked the tokens of the Discord account the customer left"
-            )
-        }
-        Err(e) => {
-            tracing::warn!(customer_id, error = %e, "cannot revoke the tokens of the Discord account the customer left; dropping them")
-        }
-    }
-}
-
-/// For a `Pending` grant whose link expired: a new nonce and expiry, so its
-/// `oauth_url` works again. Any other grant is returned as it is.
-pub async fn renew_link(
-    conn: &mut PgConnection,
-    links: &LinkBuilder,
-    grant: &Grant,
-    now: DateTime<Utc>,
-) -> Result<Grant, sqlx::Error> {
-    if grant.status() != GrantStatus::Pending || grant.oauth_expires_at > now {
-        return Ok(grant.clone());
-    }
-    match db::renew_nonce_if_expired(
-        conn,
-        &grant.id,
-        &LinkBuilder::new_nonce(),
-        now + links.ttl,
-        now,
-    )
-    .await?
-    {
-        Some(g) => Ok(g),
-        // Renewed by a concurrent reader: use theirs.
-        None => Ok(grant_store::get(conn, &grant.id)
-            .await?
-            .unwrap_or_else(|| grant.clone())),
-    }
 }
 
 #[cfg(test)]

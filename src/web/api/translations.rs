@@ -18,11 +18,11 @@ use utoipa::ToSchema;
 use super::Items;
 use super::auth::Merchant;
 use super::entitlements::{EntitlementView, MAX_DESCRIPTION, MAX_NAME};
-use super::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
 use super::store::entitlements as entitlements_db;
 use super::store::translations::{self as db, Translation};
 use crate::grants::render::ts;
-use crate::http::AppState;
+use crate::web::AppState;
+use crate::web::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
 
 macro_rules! locales {
     ($($variant:ident = $code:literal),* $(,)?) => {

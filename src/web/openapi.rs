@@ -1,8 +1,8 @@
-//! The API's routes and their OpenAPI 3 document (`GET /openapi.json`). Every route is
+//! Every HTTP route and its OpenAPI 3 document (`GET /openapi.json`). Every route is
 //! registered here through its handler's `#[utoipa::path]` annotation, which also
 //! documents it, so the served document and the real routes cannot disagree.
 //!
-//! What the edge answers for every route (the load limits of [`crate::http::limits`],
+//! What the edge answers for every route (the load limits of [`super::limits`],
 //! authentication, the checks of [`super::error`]) is added to each operation by
 //! [`EdgeResponses`] rather than repeated in every annotation, where a new route could
 //! forget it; [`Pagination`] and [`OptionalBodies`] say, once for every route, what the
@@ -24,11 +24,11 @@ use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{
+use super::AppState;
+use super::api::{
     DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, application, discord, entitlements, grants, products,
     settings, translations, webhooks,
 };
-use crate::http::AppState;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -236,7 +236,7 @@ fn generic_error(status: &str) -> Option<&'static str> {
     })
 }
 
-/// The paging parameters of every list, as [`super::page`] reads them: `page_size` 1 to
+/// The paging parameters of every list, as [`super::api::page`] reads them: `page_size` 1 to
 /// [`MAX_PAGE_SIZE`], `page_number` any `u32` (the derive would say int32, and refuse half
 /// of what the server takes). Said once here, beside the constants, for every list.
 pub struct Pagination;
@@ -396,9 +396,9 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(webhooks::list_messages))
         .routes(routes!(webhooks::retry_message))
         .routes(routes!(webhooks::retry_failed))
-        .merge(crate::http::oauth::router())
-        .merge(crate::access::router())
-        .merge(crate::http::ops::router())
+        .merge(super::oauth::router())
+        .merge(super::access::router())
+        .merge(super::ops::router())
 }
 
 /// The OpenAPI document of the API.

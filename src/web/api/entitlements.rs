@@ -22,15 +22,15 @@ use sqlx::{PgConnection, PgPool};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Merchant;
-use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, Problem};
 use super::store::{entitlements as db, guilds};
 use super::{Items, page};
 use crate::discord::Bots;
 use crate::discord::{HumanCode, Snowflake};
 use crate::grants::render::ts;
-use crate::http::AppState;
 use crate::store::setup::Entitlement;
 use crate::sync::stops;
+use crate::web::AppState;
+use crate::web::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, Problem};
 
 /// The only integration guildgate implements.
 pub const DISCORD: &str = "discord";

@@ -9,11 +9,11 @@ use utoipa::ToSchema;
 
 use super::auth::Merchant;
 use super::entitlements::present;
-use super::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
 use crate::grants::render::ts;
-use crate::http::AppState;
 use crate::i18n::Lang;
 use crate::store::email::{self as db, BusinessSettings};
+use crate::web::AppState;
+use crate::web::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
 
 /// The most reminder days a business may set.
 const MAX_REMINDERS: usize = 5;

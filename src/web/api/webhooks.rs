@@ -18,11 +18,13 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Merchant;
-use super::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, OptionalApiJson, Problem};
 use super::store::messages as db;
 use super::{Items, page};
 use crate::grants::render::ts;
-use crate::http::AppState;
+use crate::web::AppState;
+use crate::web::error::{
+    ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, OptionalApiJson, Problem,
+};
 use crate::webhooks::endpoints::{
     self, After, Endpoint, EndpointError, EndpointPatch, NewEndpoint, Strings,
 };

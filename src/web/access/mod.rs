@@ -38,14 +38,15 @@ use self::page::{Account, Item, Page, Role, State as GrantState};
 use crate::crypto::StateError;
 use crate::grants::link::{AccessToken, LinkBuilder, SWITCH_TTL_MINUTES, SwitchConfirm};
 use crate::grants::{GrantStatus, history};
-use crate::http::AppState;
-use crate::http::limits::ClientIp;
-use crate::http::oauth::{Linked, link_account, renew_link, revoke_left_tokens};
 use crate::i18n::Lang;
 use crate::store::access as db;
 use crate::store::email as settings_db;
 use crate::store::grants as grant_store;
+use crate::store::grants::renew_link;
 use crate::sync::store::{self as links_db, LinkRow};
+use crate::web::AppState;
+use crate::web::accounts::{Linked, link_account, revoke_left_tokens};
+use crate::web::limits::ClientIp;
 
 /// The routes, documented in `/openapi.json` under the `customers` tag.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -206,14 +207,9 @@ async fn render(
         .await
         .map_err(|e| failed(e, lang))?;
     let lang = lang_of(headers, Some(&settings.default_locale));
-    let rows = db::grants(
-        &mut conn,
-        &who.b,
-        &who.c,
-        lang.translation_locale().as_str(),
-    )
-    .await
-    .map_err(|e| failed(e, lang))?;
+    let rows = db::grants(&mut conn, &who.b, &who.c, translation_locale(lang).as_str())
+        .await
+        .map_err(|e| failed(e, lang))?;
     let linked = db::linked_account(&mut conn, &who.b, &who.c)
         .await
         .map_err(|e| failed(e, lang))?;
@@ -649,5 +645,18 @@ async fn confirm(
     .await;
     match r {
         Ok(s) | Err(s) => s.into_response(),
+    }
+}
+
+/// The platform's locale code of the merchant's translations for a customer's language.
+fn translation_locale(lang: Lang) -> crate::web::api::translations::Locale {
+    use crate::web::api::translations::Locale;
+    match lang {
+        Lang::En => Locale::En,
+        Lang::De => Locale::De,
+        Lang::Fr => Locale::Fr,
+        Lang::Es => Locale::Es,
+        Lang::PtBr => Locale::Pt,
+        Lang::Ja => Locale::Ja,
     }
 }

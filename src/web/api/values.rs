@@ -40,7 +40,7 @@ mod tests {
     fn values_are_the_wire_values() {
         assert_eq!(
             serde_json::to_value(DiscordIntegration::Discord).unwrap(),
-            crate::api::entitlements::DISCORD
+            crate::web::api::entitlements::DISCORD
         );
         for (name, status) in [
             (

@@ -3,13 +3,12 @@
 //! works against either.
 //!
 //! - [`auth`]: `Authorization: Bearer <api key>` → the business; [`keys`]: key format.
-//! - [`error`]: the one error type, `{code, message}` with the right status.
 //! - [`entitlements`], [`translations`], [`products`], [`grants`], [`discord`],
 //!   [`application`] (a business's own bot),
 //!   [`webhooks`]: the routes, one file per resource, each parsing its input into typed
 //!   values at the edge.
-//! - [`openapi`]: `GET /openapi.json`, generated from the handlers' annotations; the
-//!   routes are registered through the same annotations, so the two cannot drift.
+//! - The routes are registered, and documented, by [`crate::web::openapi`]; errors are
+//!   [`crate::web::error::ApiError`].
 //! - [`store`]: the SQL the API adds; [`values`]: the closed sets of values of some
 //!   string fields, as the document states them.
 //!
@@ -20,10 +19,8 @@ pub mod application;
 pub mod auth;
 pub mod discord;
 pub mod entitlements;
-pub mod error;
 pub mod grants;
 pub mod keys;
-pub mod openapi;
 pub mod products;
 pub mod settings;
 pub mod store;
@@ -31,18 +28,10 @@ pub mod translations;
 pub mod values;
 pub mod webhooks;
 
-use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use self::error::ApiError;
 use self::store::Page;
-use crate::http::AppState;
-
-/// Every API route, plus `GET /openapi.json`; no path or query parameter of any of them
-/// may hold U+0000, nor a path parameter be anything but UTF-8.
-pub fn router() -> Router<AppState> {
-    openapi::router().layer(axum::middleware::from_fn(error::refuse_bad_params))
-}
+use crate::web::error::ApiError;
 
 /// `page_size` when the merchant gives none, and the most it may ask for (the platform's).
 pub const DEFAULT_PAGE_SIZE: u32 = 10;

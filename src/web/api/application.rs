@@ -20,12 +20,13 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::Merchant;
-use super::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
-use crate::discord::bots::{self, AppRow};
+use crate::discord::bots;
 use crate::discord::client::AppKeys;
 use crate::discord::{DiscordError, Snowflake};
 use crate::grants::render::ts;
-use crate::http::AppState;
+use crate::store::applications::{self, AppRow, NewApp, Saved};
+use crate::web::AppState;
+use crate::web::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
 
 /// The credentials of a Discord application (Discord's developer portal, "OAuth2" and
 /// "Bot" pages).
@@ -68,17 +69,6 @@ fn view(state: &AppState, row: &AppRow) -> ApplicationView {
         created_at: ts(row.created_at),
         updated_at: ts(row.updated_at),
     }
-}
-
-const COLUMNS: &str = "business_id, client_id, client_secret_enc, bot_token_enc, key_id, bot_username, created_at, updated_at";
-
-async fn stored(pool: &sqlx::PgPool, business: &str) -> Result<Option<AppRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM discord_applications WHERE business_id = $1"
-    )))
-    .bind(business)
-    .fetch_optional(pool)
-    .await
 }
 
 /// A secret as Discord issues them: printable ASCII without spaces, of a sane length.
@@ -155,11 +145,7 @@ pub async fn put(
         ));
     }
     // Held by another business: said before Discord is asked.
-    let holder: Option<String> =
-        sqlx::query_scalar("SELECT business_id FROM discord_applications WHERE client_id = $1")
-            .bind(&client_id)
-            .fetch_optional(&state.pool)
-            .await?;
+    let holder = applications::holder(&state.pool, &client_id).await?;
     if holder.as_deref().is_some_and(|h| h != business) {
         return Err(taken());
     }
@@ -191,40 +177,26 @@ pub async fn put(
         .await
         .map_err(|e| refused(e, "client secret"))?;
     let cipher = &state.cipher;
-    let now = Utc::now();
-    let saved: Result<AppRow, sqlx::Error> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO discord_applications ({COLUMNS})
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
-         ON CONFLICT (business_id) DO UPDATE SET
-             client_id = EXCLUDED.client_id, client_secret_enc = EXCLUDED.client_secret_enc,
-             bot_token_enc = EXCLUDED.bot_token_enc, key_id = EXCLUDED.key_id,
-             bot_username = EXCLUDED.bot_username, updated_at = EXCLUDED.updated_at
-         RETURNING {COLUMNS}"
-    )))
-    .bind(business)
-    .bind(&client_id)
-    .bind(bots::seal(
-        cipher,
-        business,
-        &keys.client_secret,
-        "client_secret_enc",
-    ))
-    .bind(bots::seal(
-        cipher,
-        business,
-        &keys.bot_token,
-        "bot_token_enc",
-    ))
-    .bind(cipher.key_id())
-    .bind(&bot.username)
-    .bind(now)
-    .fetch_one(&state.pool)
-    .await;
-    let row = match saved {
-        Ok(row) => row,
-        // Another business registered it between the check and the write.
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Err(taken()),
-        Err(e) => return Err(e.into()),
+    let saved = applications::save(
+        &state.pool,
+        NewApp {
+            business_id: business,
+            client_id: &client_id,
+            client_secret_enc: bots::seal(
+                cipher,
+                business,
+                &keys.client_secret,
+                "client_secret_enc",
+            ),
+            bot_token_enc: bots::seal(cipher, business, &keys.bot_token, "bot_token_enc"),
+            key_id: cipher.key_id(),
+            bot_username: &bot.username,
+            now: Utc::now(),
+        },
+    )
+    .await?;
+    let Saved::Saved(row) = saved else {
+        return Err(taken());
     };
     state
         .bots
@@ -251,7 +223,7 @@ pub async fn get(
     merchant: Merchant,
     State(state): State<AppState>,
 ) -> ApiResult<ApiJson<ApplicationView>> {
-    let row = stored(&state.pool, merchant.business())
+    let row = applications::of_business(&state.pool, merchant.business())
         .await?
         .ok_or(ApiError::NotFound("Discord application"))?;
     Ok(ApiJson(view(&state, &row)))
@@ -268,11 +240,7 @@ pub async fn get(
     security(("api_key" = [])))]
 pub async fn delete(merchant: Merchant, State(state): State<AppState>) -> ApiResult<StatusCode> {
     let business = merchant.business();
-    let gone = sqlx::query("DELETE FROM discord_applications WHERE business_id = $1")
-        .bind(business)
-        .execute(&state.pool)
-        .await?;
-    if gone.rows_affected() == 0 {
+    if !applications::delete(&state.pool, business).await? {
         return Err(ApiError::NotFound("Discord application"));
     }
     state.bots.changed(business, None);

@@ -27,8 +27,8 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::{BoxError, ServiceBuilder};
 
 use super::AppState;
-use crate::api::error::ApiError;
 use crate::config::{HttpSettings, Settings};
+use crate::web::error::ApiError;
 
 /// Wraps every route of `router` in the request timeout and the concurrency limit.
 /// The timeout is inside the limit, so an abandoned request frees its place at once.

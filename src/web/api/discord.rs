@@ -17,14 +17,14 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::Items;
 use super::auth::Merchant;
-use super::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
 use super::store::guilds as db;
 use crate::crypto::StateSigner;
 use crate::discord::client::Role;
 use crate::discord::validate::{GuildFacts, check, validate_discord_config};
 use crate::discord::{DiscordClient, DiscordError, Snowflake, permissions};
 use crate::grants::render::ts;
-use crate::http::AppState;
+use crate::web::AppState;
+use crate::web::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
 
 /// `purpose` of bot-install states: a grant's OAuth state is never accepted here.
 pub const INSTALL_PURPOSE: &str = "bot-install";

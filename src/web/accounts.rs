@@ -1,0 +1,99 @@
+//! Linking a customer's Discord account to them, which the OAuth callback and the access
+//! page's account switch both do, and revoking the tokens of the account they left.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+
+use super::AppState;
+use crate::outbox::queue_sync;
+use crate::sync::store::{self as db, LinkRow};
+use crate::sync::worker::revoke_tokens;
+
+/// What linking an account changed.
+pub struct Linked {
+    /// The account the customer had linked before, when it was another one: its tokens
+    /// are to be revoked once the transaction commits ([`revoke_left_tokens`]).
+    pub previous: Option<LinkRow>,
+    /// Another customer of the business has this account linked too.
+    pub shared: bool,
+}
+
+/// Links `row`'s account (with its `names`: username, display name) to its customer, in
+/// the caller's transaction, and queues a sync of every live grant of the customer: a
+/// different account moves their access (each grant records what it applied, and its
+/// sync removes that from the old account). The history of `history_grant` records
+/// `linked` or `switched`; without one, every live grant's does.
+pub async fn link_account(
+    tx: &mut PgConnection,
+    row: &LinkRow,
+    names: (&str, Option<&str>),
+    history_grant: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Linked, sqlx::Error> {
+    let (business, customer) = (row.business_id.as_str(), row.customer_id.as_str());
+    let previous = db::link_of(tx, business, customer)
+        .await?
+        .filter(|l| l.discord_user_id != row.discord_user_id);
+    db::upsert_link(tx, row, Some(names), now).await?;
+    // People buy twice under two emails: the link is made, and the page says so.
+    let shared = db::linked_elsewhere(tx, business, customer, &row.discord_user_id).await?;
+    let live = db::live_grant_ids(tx, business, customer).await?;
+    for id in &live {
+        queue_sync(tx, id).await?;
+    }
+    let (event, mut detail) = match &previous {
+        Some(old) => (
+            "switched",
+            serde_json::json!({ "from_discord_user_id": old.discord_user_id }),
+        ),
+        None => ("linked", serde_json::json!({})),
+    };
+    detail["discord_user_id"] = row.discord_user_id.clone().into();
+    detail["also_linked_to_another_customer"] = shared.into();
+    let recorded: Vec<&str> = match history_grant {
+        Some(g) => vec![g],
+        None => live.iter().map(String::as_str).collect(),
+    };
+    for g in recorded {
+        crate::grants::history::record(tx, g, now, event, detail.clone()).await?;
+    }
+    Ok(Linked { previous, shared })
+}
+
+/// Revokes at Discord the tokens of the account a customer left. Best effort: they are
+/// no longer stored anywhere, so a revoke that fails is logged and dropped rather than
+/// holding up the customer's page.
+pub async fn revoke_left_tokens(st: &AppState, old: LinkRow, customer_id: &str) {
+    let access = old.access_token(&st.cipher).ok();
+    let refresh = old.refresh_token(&st.cipher).and_then(Result::ok);
+    // Only the application that issued them can revoke them.
+    let bot = match st
+        .bots
+        .of_application(&old.business_id, old.client_id.as_deref())
+        .await
+    {
+        Ok(Some(bot)) => bot,
+        Ok(None) => {
+            tracing::info!(
+                customer_id,
+                "the tokens of the Discord account the customer left belong to an application the business no longer uses; dropping them"
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(customer_id, error = %e, "cannot revoke the tokens of the Discord account the customer left; dropping them");
+            return;
+        }
+    };
+    match revoke_tokens(&bot.side, access.as_ref(), refresh.as_ref()).await {
+        Ok(()) => {
+            tracing::info!(
+                customer_id,
+                "revoked the tokens of the Discord account the customer left"
+            )
+        }
+        Err(e) => {
+            tracing::warn!(customer_id, error = %e, "cannot revoke the tokens of the Discord account the customer left; dropping them")
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! What every handler can reach.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+
+use super::limits::Limits;
+use crate::amqp::Broker;
+use crate::config::Settings;
+use crate::crypto::TokenCipher;
+use crate::discord::Bots;
+use crate::grants::link::LinkBuilder;
+use crate::metrics::Metrics;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub pool: PgPool,
+    pub broker: Broker,
+    pub links: LinkBuilder,
+    pub metrics: Arc<Metrics>,
+    /// The bots: a business's own, or the shared one, each on this process's small side
+    /// budget here (OAuth exchange, validation).
+    pub bots: Bots,
+    /// Encrypts customers' Discord tokens at rest.
+    pub cipher: TokenCipher,
+    /// Per-business and OAuth callback rate limits.
+    pub limits: Arc<Limits>,
+}
