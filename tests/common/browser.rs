@@ -1,6 +1,6 @@
-//! A headless Chromium for the browser tests, driven through chromedriver's W3C
-//! WebDriver HTTP API with `reqwest` (no WebDriver client crate: the few calls the
-//! tests need are below).
+//! A headless Chromium for the browser tests, driven through chromedriver with the
+//! `fantoccini` WebDriver client; [`Browser`] keeps the few steps the tests take in one
+//! place (find, click, keys, scripts, axe-core, screenshots).
 //!
 //! [`Browser::start`] spawns `chromedriver` on a free loopback port and opens a session
 //! with Chromium in a new, empty profile directory; dropping the [`Browser`] ends the
@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use base64::Engine as _;
+use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
 /// WebDriver's key values.
@@ -67,9 +68,6 @@ fn fetch_axe() -> PathBuf {
     js
 }
 
-/// The W3C key of an element reference.
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-
 /// Chromium's flags: headless, and nothing that reaches the internet by itself.
 const CHROMIUM_ARGS: [&str; 8] = [
     "--headless",
@@ -101,14 +99,14 @@ fn find_binary(env: &str, candidates: &[&str]) -> Option<PathBuf> {
 pub struct Browser {
     driver: Child,
     base: String,
+    client: Client,
     session: String,
-    http: reqwest::Client,
     profile: PathBuf,
 }
 
 /// An element found on the page.
 #[derive(Debug, Clone)]
-pub struct Element(String);
+pub struct Element(fantoccini::elements::Element);
 
 /// Starts chromedriver on a loopback port that was free a moment ago. Another process
 /// may take the port before chromedriver binds it (and may even answer WebDriver there),
@@ -183,224 +181,129 @@ impl Browser {
             std::env::temp_dir().join(format!("guildgate-chromium-{}", crate::common::tag()));
         std::fs::create_dir_all(&profile).unwrap();
         let (driver, port) = start_chromedriver(&chromedriver);
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .unwrap();
         let base = format!("http://127.0.0.1:{port}");
-        let mut b = Self {
-            driver,
-            base,
-            session: String::new(),
-            http,
-            profile,
-        };
-        b.wait_ready().await;
         let mut args: Vec<String> = CHROMIUM_ARGS.iter().map(|s| s.to_string()).collect();
-        args.push(format!("--user-data-dir={}", b.profile.display()));
+        args.push(format!("--user-data-dir={}", profile.display()));
         args.push(format!("--lang={lang}"));
         args.push(format!("--accept-lang={lang}"));
         let caps = json!({
-            "capabilities": {
-                "alwaysMatch": {
-                    "browserName": "chrome",
-                    "goog:chromeOptions": {
-                        "binary": chromium.display().to_string(),
-                        "args": args,
-                    }
-                }
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium.display().to_string(),
+                "args": args,
             }
         });
-        let v = b.call(reqwest::Method::POST, "/session", Some(caps)).await;
-        b.session = v["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no WebDriver session: {v}"))
-            .to_string();
-        b
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = self.http.get(format!("{}/status", self.base)).send().await
-                && let Ok(v) = r.json::<Value>().await
-                && v["value"]["ready"] == json!(true)
-            {
-                return;
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!("chromedriver did not become ready within 20 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// One WebDriver command; returns its `value`, panicking on a WebDriver error.
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method.clone(), &url);
-        if let Some(b) = body {
-            req = req.json(&b);
-        } else if method == reqwest::Method::POST {
-            req = req.json(&json!({}));
-        }
-        let r = req
-            .send()
+        let Value::Object(caps) = caps else {
+            unreachable!("an object")
+        };
+        // chromedriver is on loopback, over plain HTTP.
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&base)
             .await
-            .unwrap_or_else(|e| panic!("WebDriver {path}: {e}"));
-        let status = r.status();
-        let v: Value = r.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            panic!("WebDriver {method} {path}: {status} {v}");
+            .unwrap_or_else(|e| panic!("no WebDriver session: {e}"));
+        let session = client
+            .session_id()
+            .await
+            .ok()
+            .flatten()
+            .expect("a session id");
+        Self {
+            driver,
+            base,
+            client,
+            session,
+            profile,
         }
-        v["value"].clone()
-    }
-
-    fn s(&self, path: &str) -> String {
-        format!("/session/{}{path}", self.session)
     }
 
     /// Sets the window's size in CSS pixels (a phone's, for the screenshots).
     pub async fn set_window_size(&self, width: u32, height: u32) {
-        self.call(
-            reqwest::Method::POST,
-            &self.s("/window/rect"),
-            Some(json!({"width": width, "height": height})),
-        )
-        .await;
+        self.client
+            .set_window_size(width, height)
+            .await
+            .expect("window resized");
     }
 
     pub async fn goto(&self, url: &str) {
-        self.call(
-            reqwest::Method::POST,
-            &self.s("/url"),
-            Some(json!({ "url": url })),
-        )
-        .await;
+        self.client
+            .goto(url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot open {url}: {e}"));
     }
 
     pub async fn current_url(&self) -> String {
-        self.call(reqwest::Method::GET, &self.s("/url"), None)
+        self.client
+            .current_url()
             .await
-            .as_str()
+            .map(|u| u.to_string())
             .unwrap_or_default()
-            .to_string()
     }
 
     pub async fn title(&self) -> String {
-        self.call(reqwest::Method::GET, &self.s("/title"), None)
-            .await
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        self.client.title().await.unwrap_or_default()
     }
 
     pub async fn source(&self) -> String {
-        self.call(reqwest::Method::GET, &self.s("/source"), None)
-            .await
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        self.client.source().await.unwrap_or_default()
     }
 
     /// The first element matching a CSS selector (panics if none).
     pub async fn find(&self, css: &str) -> Element {
-        let v = self
-            .call(
-                reqwest::Method::POST,
-                &self.s("/element"),
-                Some(json!({"using": "css selector", "value": css})),
-            )
-            .await;
         Element(
-            v[ELEMENT]
-                .as_str()
-                .unwrap_or_else(|| panic!("no element {css}: {v}"))
-                .to_string(),
+            self.client
+                .find(Locator::Css(css))
+                .await
+                .unwrap_or_else(|e| panic!("no element {css}: {e}")),
         )
     }
 
     /// Every element matching a CSS selector.
     pub async fn find_all(&self, css: &str) -> Vec<Element> {
-        let v = self
-            .call(
-                reqwest::Method::POST,
-                &self.s("/elements"),
-                Some(json!({"using": "css selector", "value": css})),
-            )
-            .await;
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|e| e[ELEMENT].as_str().map(|s| Element(s.to_string())))
-                    .collect()
-            })
+        self.client
+            .find_all(Locator::Css(css))
+            .await
             .unwrap_or_default()
+            .into_iter()
+            .map(Element)
+            .collect()
     }
 
     pub async fn click(&self, e: &Element) {
-        self.call(
-            reqwest::Method::POST,
-            &self.s(&format!("/element/{}/click", e.0)),
-            None,
-        )
-        .await;
+        e.0.click().await.expect("clicked");
     }
 
     /// The rendered text of an element.
     pub async fn text(&self, e: &Element) -> String {
-        self.call(
-            reqwest::Method::GET,
-            &self.s(&format!("/element/{}/text", e.0)),
-            None,
-        )
-        .await
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+        e.0.text().await.unwrap_or_default()
     }
 
     /// An attribute or, failing that, a property of an element (e.g. `href`).
     pub async fn attribute(&self, e: &Element, name: &str) -> Option<String> {
-        self.call(
-            reqwest::Method::GET,
-            &self.s(&format!("/element/{}/attribute/{name}", e.0)),
-            None,
-        )
-        .await
-        .as_str()
-        .map(str::to_string)
+        e.0.attr(name).await.ok().flatten()
     }
 
     /// Runs a script in the page and returns its result.
     pub async fn execute(&self, script: &str) -> Value {
-        self.call(
-            reqwest::Method::POST,
-            &self.s("/execute/sync"),
-            Some(json!({"script": script, "args": []})),
-        )
-        .await
+        self.client
+            .execute(script, Vec::new())
+            .await
+            .unwrap_or_else(|e| panic!("script failed: {e}"))
     }
 
     /// Presses keys on the keyboard, one after the other (WebDriver key values:
     /// [`TAB`], [`ENTER`], or characters).
     pub async fn press(&self, keys: &[&str]) {
-        let actions: Vec<Value> = keys
-            .iter()
-            .flat_map(|k| {
-                [
-                    json!({"type": "keyDown", "value": k}),
-                    json!({"type": "keyUp", "value": k}),
-                ]
-            })
-            .collect();
-        self.call(
-            reqwest::Method::POST,
-            &self.s("/actions"),
-            Some(json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]})),
-        )
-        .await;
+        let mut actions = KeyActions::new("keyboard".into());
+        for value in keys.iter().flat_map(|k| k.chars()) {
+            actions = actions
+                .then(KeyAction::Down { value })
+                .then(KeyAction::Up { value });
+        }
+        self.client
+            .perform_actions(actions)
+            .await
+            .expect("keys pressed");
     }
 
     /// The visible text of the focused element.
@@ -479,12 +382,7 @@ impl Browser {
 
     /// Saves a PNG of the viewport to `path`.
     pub async fn screenshot(&self, path: &Path) {
-        let v = self
-            .call(reqwest::Method::GET, &self.s("/screenshot"), None)
-            .await;
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(v.as_str().expect("base64 screenshot"))
-            .expect("valid base64");
+        let png = self.client.screenshot().await.expect("a screenshot");
         assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).unwrap();
