@@ -432,6 +432,37 @@ impl DiscordClient {
         }
     }
 
+    /// The HTTP request of a call: its verb and URL, the bot's or the customer's token,
+    /// the audit-log reason and the body.
+    fn request(&self, call: &Call<'_>, url: &str) -> reqwest::RequestBuilder {
+        let req = match call.verb {
+            Verb::Get => self.http.get(url),
+            Verb::Put => self.http.put(url),
+            Verb::Post => self.http.post(url),
+            Verb::Delete => self.http.delete(url),
+        }
+        .header(
+            USER_AGENT,
+            "DiscordBot (https://github.com/guildgate/guildgate, 0.1)",
+        );
+        let mut req = match &call.auth {
+            Auth::Bot => req.header(
+                AUTHORIZATION,
+                format!("Bot {}", self.bot_token.expose_secret()),
+            ),
+            Auth::Bearer(t) => req.header(AUTHORIZATION, format!("Bearer {}", t.expose_secret())),
+            Auth::None => req,
+        };
+        if let Some(reason) = call.reason {
+            req = req.header("X-Audit-Log-Reason", audit_log_reason(reason));
+        }
+        match &call.body {
+            Body::Empty => req,
+            Body::Json(v) => req.json(v),
+            Body::Form(f) => req.form(f),
+        }
+    }
+
     /// One try of a call.
     async fn try_once(&self, call: &Call<'_>, url: &str) -> Result<Answer, Unsettled> {
         if let Err(wait) = self.invalid.check().await {
@@ -458,32 +489,7 @@ impl DiscordClient {
             self.count(call.label, "stopped");
             return Err(Unsettled::Done(DiscordError::Stopped { key }));
         }
-        let mut req = match call.verb {
-            Verb::Get => self.http.get(url),
-            Verb::Put => self.http.put(url),
-            Verb::Post => self.http.post(url),
-            Verb::Delete => self.http.delete(url),
-        }
-        .header(
-            USER_AGENT,
-            "DiscordBot (https://github.com/guildgate/guildgate, 0.1)",
-        );
-        req = match &call.auth {
-            Auth::Bot => req.header(
-                AUTHORIZATION,
-                format!("Bot {}", self.bot_token.expose_secret()),
-            ),
-            Auth::Bearer(t) => req.header(AUTHORIZATION, format!("Bearer {}", t.expose_secret())),
-            Auth::None => req,
-        };
-        if let Some(reason) = call.reason {
-            req = req.header("X-Audit-Log-Reason", audit_log_reason(reason));
-        }
-        req = match &call.body {
-            Body::Empty => req,
-            Body::Json(v) => req.json(v),
-            Body::Form(f) => req.form(f),
-        };
+        let req = self.request(call, url);
         // The last look before the request leaves: a global 429 that another request
         // got while this one was being built holds it back.
         ticket.wait_unblocked().await;

@@ -22,7 +22,7 @@ use crate::grants::decide::{self, Effect, Facts, GrantFact, GrantSource, Policy,
 use crate::grants::link::LinkBuilder;
 use crate::grants::render::webhook_body;
 use crate::grants::{Grant, GrantEventType, GrantStatus, RevocationReason};
-use crate::ids::{CustomerId, EntitlementId, GrantId, ProductId, SubscriptionId};
+use crate::ids::{BrandId, CustomerId, EntitlementId, GrantId, ProductId, SubscriptionId};
 use crate::outbox::produce::{GRANT_EVENTS_PER_MESSAGE, grant_events_bundle, sync_job};
 use crate::store::outbox::OutboxKind;
 use crate::store::{grants as grant_store, ingest as db};
@@ -528,6 +528,7 @@ impl Applier {
         outcome
     }
 
+    /// Carries out one effect on the batch's state and its pending writes.
     fn carry_out(
         &self,
         state: &mut State,
@@ -536,219 +537,160 @@ impl Applier {
         effect: &Effect,
         now: DateTime<Utc>,
     ) {
-        let b = event.business_id.as_str();
         match effect {
             Effect::CreateGrant {
                 entitlement_id,
                 customer_id,
                 brand_id,
                 source,
-            } => {
-                let (payment_id, subscription_id) = match source {
-                    GrantSource::Payment(p) => (Some(p.to_string()), None),
-                    GrantSource::Subscription(s) => (None, Some(s.to_string())),
-                };
-                // The platform's events always name a brand, and its grants always have
-                // one; an event without gets the business's most recent brand, or before
-                // any the business's id (a business's default brand on the platform).
-                let brand_id = match brand_id {
-                    Some(x) => x.to_string(),
-                    None => state
-                        .brands
-                        .get(b)
-                        .cloned()
-                        .unwrap_or_else(|| b.to_string()),
-                };
-                state.brands.insert(b.to_string(), brand_id.clone());
-                let grant = Grant {
-                    id: GrantId::mint().to_string(),
-                    business_id: b.to_string(),
-                    brand_id,
-                    entitlement_id: entitlement_id.to_string(),
-                    customer_id: customer_id.to_string(),
-                    payment_id,
-                    subscription_id,
-                    status: GrantStatus::Pending.as_str().to_string(),
-                    delivered_at: None,
-                    revoked_at: None,
-                    revocation_reason: None,
-                    error_code: None,
-                    error_message: None,
-                    oauth_nonce: LinkBuilder::new_nonce(),
-                    oauth_expires_at: now + self.links.ttl,
-                    metadata: serde_json::json!({}),
-                    created_at: now,
-                    updated_at: now,
-                    applied_user_id: None,
-                    applied_guild_id: None,
-                    applied_role_id: None,
-                    intent_user_id: None,
-                    intent_guild_id: None,
-                    intent_role_id: None,
-                    ends_at: None,
-                    ends_reason: None,
-                };
-                let linked = state.linked.contains(&key(b, customer_id.as_str()));
-                writes.transition(
-                    &self.links,
-                    &grant,
-                    GrantEventType::Created,
-                    now,
-                    linked,
-                    false,
-                );
-                writes.new_grants.push(grant.id.clone());
-                if self.email
-                    && !linked
-                    && let Some(to) = event.customer_email.as_deref()
-                {
-                    let job = crate::email::Job::join(&grant.id, Some(to));
-                    writes.outbox(OutboxKind::Email, job.email_id.clone(), job.payload());
-                }
-                let list = match source {
-                    GrantSource::Payment(p) => state.pay_grants.entry(key(b, p.as_str())),
-                    GrantSource::Subscription(s) => state.sub_grants.entry(key(b, s.as_str())),
-                };
-                list.or_default().push(grant);
-            }
+            } => self.create_grant(
+                state,
+                writes,
+                event,
+                NewGrant {
+                    entitlement_id,
+                    customer_id,
+                    brand_id: brand_id.as_ref(),
+                    source,
+                },
+                now,
+            ),
             Effect::RevokeGrant { grant_id, reason } => {
-                let grant = state
-                    .sub_grants
-                    .values_mut()
-                    .chain(state.pay_grants.values_mut())
-                    .flatten()
-                    .find(|g| &g.id == grant_id);
-                if let Some(g) = grant
-                    && g.status().is_live()
-                {
-                    g.status = GrantStatus::Revoked.as_str().to_string();
-                    g.revoked_at = Some(now);
-                    g.revocation_reason = Some(reason.as_str().to_string());
-                    g.updated_at = now;
-                    let needs_sync = g.applied_user_id.is_some()
-                        || state.linked.contains(&key(&g.business_id, &g.customer_id));
-                    let existed = !writes.new_grants.contains(&g.id);
-                    writes.transition(
-                        &self.links,
-                        g,
-                        GrantEventType::Revoked,
-                        now,
-                        needs_sync,
-                        existed,
-                    );
-                    if existed {
-                        writes.revoked.push((g.id.clone(), *reason));
-                    }
-                }
+                self.revoke_grant(state, writes, grant_id, *reason, now)
             }
             Effect::StartGrace {
                 grant_id,
                 reason,
                 until,
-            } => {
-                if let Some(g) = state
-                    .sub_grants
-                    .values_mut()
-                    .flatten()
-                    .find(|g| &g.id == grant_id && g.status().is_live())
-                {
-                    g.ends_at = Some(*until);
-                    g.ends_reason = Some(reason.as_str().to_string());
-                    g.updated_at = now;
-                    writes.grace.push(db::GraceRow {
-                        grant_id: g.id.clone(),
-                        ends_at: Some(*until),
-                        reason: Some(reason.as_str()),
-                    });
-                }
-            }
-            Effect::EndGrace { grant_id } => {
-                if let Some(g) = state
-                    .sub_grants
-                    .values_mut()
-                    .flatten()
-                    .find(|g| &g.id == grant_id && g.ends_at.is_some())
-                {
-                    g.ends_at = None;
-                    g.ends_reason = None;
-                    g.updated_at = now;
-                    writes.grace.push(db::GraceRow {
-                        grant_id: g.id.clone(),
-                        ends_at: None,
-                        reason: None,
-                    });
-                }
-            }
-            Effect::RecordSubscription => {
-                if let EventKind::Subscription(_, s) = &event.kind {
-                    // Events stamped alike are all remembered; a later time starts afresh.
-                    let fresh = || LastApplied {
-                        at: event.timestamp,
-                        ids: Some(Vec::new()),
-                        ids_pruned: false,
-                    };
-                    let last = state
-                        .subscription_last
-                        .entry(key(b, s.subscription_id.as_str()))
-                        .or_insert_with(fresh);
-                    if last.at != event.timestamp {
-                        *last = fresh();
-                    }
-                    // A snapshot without ids stays without them at its own time: the ids
-                    // of the events applied before are unknown.
-                    if let Some(ids) = &mut last.ids {
-                        ids.push(event.id.to_string());
-                    }
-                    let ids = last.ids.clone();
-                    writes.subscriptions.insert(
-                        key(b, s.subscription_id.as_str()),
-                        db::SubscriptionRow {
-                            subscription_id: s.subscription_id.to_string(),
-                            business_id: b.to_string(),
-                            customer_id: s.customer_id.to_string(),
-                            product_id: s.product_id.to_string(),
-                            status: s.status.as_str().to_string(),
-                            last_event_at: event.timestamp,
-                            last_event_ids: ids,
-                        },
-                    );
-                }
-            }
-            Effect::RecordPayment => {
-                if let EventKind::PaymentSucceeded(p) = &event.kind {
-                    let sub = p.subscription_id.as_ref().map(|s| s.to_string());
-                    state
-                        .payments
-                        .insert(key(b, p.payment_id.as_str()), sub.clone());
-                    writes.payments.push(db::PaymentRow {
-                        payment_id: p.payment_id.to_string(),
-                        business_id: b.to_string(),
-                        customer_id: p.customer_id.to_string(),
-                        subscription_id: sub,
-                        product_ids: p
-                            .product_ids
-                            .iter()
-                            .map(|id| id.as_str())
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                    });
-                }
-            }
-            Effect::RecordReversal { reason } => {
-                let pay = match &event.kind {
-                    EventKind::RefundSucceeded(r) => r.payment_id.as_str(),
-                    EventKind::DisputeLost(d) => d.payment_id.as_str(),
-                    _ => return,
-                };
-                let recorded = state.reversals.entry(key(b, pay)).or_default();
-                if !recorded.contains(reason) {
-                    recorded.push(*reason);
-                }
-                writes.reversals.push(db::ReversalRow {
-                    payment_id: pay.to_string(),
-                    reason: reason.as_str(),
-                    business_id: b.to_string(),
-                });
+            } => start_grace(state, writes, grant_id, *reason, *until, now),
+            Effect::EndGrace { grant_id } => end_grace(state, writes, grant_id, now),
+            Effect::RecordSubscription => record_subscription(state, writes, event),
+            Effect::RecordPayment => record_payment(state, writes, event),
+            Effect::RecordReversal { reason } => record_reversal(state, writes, event, *reason),
+        }
+    }
+
+    /// A new grant: pending, with its OAuth link, its webhook and, for a customer who has
+    /// linked no account, the email that asks them to.
+    fn create_grant(
+        &self,
+        state: &mut State,
+        writes: &mut Writes,
+        event: &Event,
+        new: NewGrant<'_>,
+        now: DateTime<Utc>,
+    ) {
+        let b = event.business_id.as_str();
+        let NewGrant {
+            entitlement_id,
+            customer_id,
+            brand_id,
+            source,
+        } = new;
+        let (payment_id, subscription_id) = match source {
+            GrantSource::Payment(p) => (Some(p.to_string()), None),
+            GrantSource::Subscription(s) => (None, Some(s.to_string())),
+        };
+        // The platform's events always name a brand, and its grants always have
+        // one; an event without gets the business's most recent brand, or before
+        // any the business's id (a business's default brand on the platform).
+        let brand_id = match brand_id {
+            Some(x) => x.to_string(),
+            None => state
+                .brands
+                .get(b)
+                .cloned()
+                .unwrap_or_else(|| b.to_string()),
+        };
+        state.brands.insert(b.to_string(), brand_id.clone());
+        let grant = Grant {
+            id: GrantId::mint().to_string(),
+            business_id: b.to_string(),
+            brand_id,
+            entitlement_id: entitlement_id.to_string(),
+            customer_id: customer_id.to_string(),
+            payment_id,
+            subscription_id,
+            status: GrantStatus::Pending.as_str().to_string(),
+            delivered_at: None,
+            revoked_at: None,
+            revocation_reason: None,
+            error_code: None,
+            error_message: None,
+            oauth_nonce: LinkBuilder::new_nonce(),
+            oauth_expires_at: now + self.links.ttl,
+            metadata: serde_json::json!({}),
+            created_at: now,
+            updated_at: now,
+            applied_user_id: None,
+            applied_guild_id: None,
+            applied_role_id: None,
+            intent_user_id: None,
+            intent_guild_id: None,
+            intent_role_id: None,
+            ends_at: None,
+            ends_reason: None,
+        };
+        let linked = state.linked.contains(&key(b, customer_id.as_str()));
+        writes.transition(
+            &self.links,
+            &grant,
+            GrantEventType::Created,
+            now,
+            linked,
+            false,
+        );
+        writes.new_grants.push(grant.id.clone());
+        if self.email
+            && !linked
+            && let Some(to) = event.customer_email.as_deref()
+        {
+            let job = crate::email::Job::join(&grant.id, Some(to));
+            writes.outbox(OutboxKind::Email, job.email_id.clone(), job.payload());
+        }
+        let list = match source {
+            GrantSource::Payment(p) => state.pay_grants.entry(key(b, p.as_str())),
+            GrantSource::Subscription(s) => state.sub_grants.entry(key(b, s.as_str())),
+        };
+        list.or_default().push(grant);
+    }
+
+    /// Revokes a live grant of the batch's state (with its webhook and, if Discord holds
+    /// anything of it, its sync).
+    fn revoke_grant(
+        &self,
+        state: &mut State,
+        writes: &mut Writes,
+        grant_id: &str,
+        reason: RevocationReason,
+        now: DateTime<Utc>,
+    ) {
+        let grant = state
+            .sub_grants
+            .values_mut()
+            .chain(state.pay_grants.values_mut())
+            .flatten()
+            .find(|g| g.id == grant_id);
+        if let Some(g) = grant
+            && g.status().is_live()
+        {
+            g.status = GrantStatus::Revoked.as_str().to_string();
+            g.revoked_at = Some(now);
+            g.revocation_reason = Some(reason.as_str().to_string());
+            g.updated_at = now;
+            let needs_sync = g.applied_user_id.is_some()
+                || state.linked.contains(&key(&g.business_id, &g.customer_id));
+            let existed = !writes.new_grants.contains(&g.id);
+            writes.transition(
+                &self.links,
+                g,
+                GrantEventType::Revoked,
+                now,
+                needs_sync,
+                existed,
+            );
+            if existed {
+                writes.revoked.push((g.id.clone(), reason));
             }
         }
     }
@@ -828,4 +770,145 @@ fn fact_of(g: &Grant) -> Option<GrantFact> {
         status: GrantStatus::parse(&g.status)?,
         in_grace: g.subscription_id.is_some() && g.ends_at.is_some(),
     })
+}
+
+/// What a new grant is given.
+struct NewGrant<'a> {
+    entitlement_id: &'a EntitlementId,
+    customer_id: &'a CustomerId,
+    brand_id: Option<&'a BrandId>,
+    source: &'a GrantSource,
+}
+
+/// A grace period starts for a live subscription grant: it stays until `until`.
+fn start_grace(
+    state: &mut State,
+    writes: &mut Writes,
+    grant_id: &str,
+    reason: RevocationReason,
+    until: DateTime<Utc>,
+    now: DateTime<Utc>,
+) {
+    if let Some(g) = state
+        .sub_grants
+        .values_mut()
+        .flatten()
+        .find(|g| g.id == grant_id && g.status().is_live())
+    {
+        g.ends_at = Some(until);
+        g.ends_reason = Some(reason.as_str().to_string());
+        g.updated_at = now;
+        writes.grace.push(db::GraceRow {
+            grant_id: g.id.clone(),
+            ends_at: Some(until),
+            reason: Some(reason.as_str()),
+        });
+    }
+}
+
+/// A grace period ends early: the subscription is active again.
+fn end_grace(state: &mut State, writes: &mut Writes, grant_id: &str, now: DateTime<Utc>) {
+    if let Some(g) = state
+        .sub_grants
+        .values_mut()
+        .flatten()
+        .find(|g| g.id == grant_id && g.ends_at.is_some())
+    {
+        g.ends_at = None;
+        g.ends_reason = None;
+        g.updated_at = now;
+        writes.grace.push(db::GraceRow {
+            grant_id: g.id.clone(),
+            ends_at: None,
+            reason: None,
+        });
+    }
+}
+
+/// Remembers a subscription event: the snapshot, and the ids applied at its time.
+fn record_subscription(state: &mut State, writes: &mut Writes, event: &Event) {
+    let b = event.business_id.as_str();
+
+    if let EventKind::Subscription(_, s) = &event.kind {
+        // Events stamped alike are all remembered; a later time starts afresh.
+        let fresh = || LastApplied {
+            at: event.timestamp,
+            ids: Some(Vec::new()),
+            ids_pruned: false,
+        };
+        let last = state
+            .subscription_last
+            .entry(key(b, s.subscription_id.as_str()))
+            .or_insert_with(fresh);
+        if last.at != event.timestamp {
+            *last = fresh();
+        }
+        // A snapshot without ids stays without them at its own time: the ids
+        // of the events applied before are unknown.
+        if let Some(ids) = &mut last.ids {
+            ids.push(event.id.to_string());
+        }
+        let ids = last.ids.clone();
+        writes.subscriptions.insert(
+            key(b, s.subscription_id.as_str()),
+            db::SubscriptionRow {
+                subscription_id: s.subscription_id.to_string(),
+                business_id: b.to_string(),
+                customer_id: s.customer_id.to_string(),
+                product_id: s.product_id.to_string(),
+                status: s.status.as_str().to_string(),
+                last_event_at: event.timestamp,
+                last_event_ids: ids,
+            },
+        );
+    }
+}
+
+/// Remembers a payment: for later refunds, disputes and backfills.
+fn record_payment(state: &mut State, writes: &mut Writes, event: &Event) {
+    let b = event.business_id.as_str();
+
+    if let EventKind::PaymentSucceeded(p) = &event.kind {
+        let sub = p.subscription_id.as_ref().map(|s| s.to_string());
+        state
+            .payments
+            .insert(key(b, p.payment_id.as_str()), sub.clone());
+        writes.payments.push(db::PaymentRow {
+            payment_id: p.payment_id.to_string(),
+            business_id: b.to_string(),
+            customer_id: p.customer_id.to_string(),
+            subscription_id: sub,
+            product_ids: p
+                .product_ids
+                .iter()
+                .map(|id| id.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        });
+    }
+}
+
+/// Remembers a refund or a lost dispute of a payment.
+fn record_reversal(
+    state: &mut State,
+    writes: &mut Writes,
+    event: &Event,
+    reason: RevocationReason,
+) {
+    let b = event.business_id.as_str();
+
+    let pay = match &event.kind {
+        EventKind::RefundSucceeded(r) => r.payment_id.as_str(),
+        EventKind::DisputeLost(d) => d.payment_id.as_str(),
+        _ => return,
+    };
+    let recorded = state.reversals.entry(key(b, pay)).or_default();
+    if !recorded.contains(&reason) {
+        recorded.push(reason);
+    }
+    writes.reversals.push(db::ReversalRow {
+        payment_id: pay.to_string(),
+        reason: reason.as_str(),
+        business_id: b.to_string(),
+    });
 }
