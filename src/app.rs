@@ -251,13 +251,8 @@ impl App {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), String> {
         let mut tasks: JoinSet<&'static str> = JoinSet::new();
         let router = web::app(self.state());
-        let consumer = self.event_consumer();
-        let syncer = self.sync_worker();
-        let mailer = if self.options.email && self.settings.email.enabled() {
-            Some(self.email_worker()?)
-        } else {
-            None
-        };
+        self.spawn_workers(&mut tasks, &shutdown)?;
+        self.spawn_periodic(&mut tasks, &shutdown);
         let http_shutdown = shutdown.clone();
         let listener = self.listener;
         tasks.spawn(async move {
@@ -271,22 +266,28 @@ impl App {
             }
             "http"
         });
-        {
-            let (bots, s) = (self.bots.clone(), shutdown.clone());
-            tasks.spawn(async move {
-                bots.keep_fresh(s).await;
-                "discord applications"
-            });
+        let first_exit = supervise(tasks, &shutdown).await;
+        self.broker.close().await;
+        self.pool.close().await;
+        match first_exit {
+            Some(name) => Err(format!("task '{name}' ended unexpectedly")),
+            None => Ok(()),
         }
-        {
-            let (limits, s) = (self.limits.clone(), shutdown.clone());
-            tasks.spawn(async move {
-                limits
-                    .forget_idle_every(std::time::Duration::from_secs(60), s)
-                    .await;
-                "rate limit upkeep"
-            });
-        }
+    }
+
+    /// The queue consumers and the relay, as `options` asks.
+    fn spawn_workers(
+        &self,
+        tasks: &mut JoinSet<&'static str>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), String> {
+        let consumer = self.event_consumer();
+        let syncer = self.sync_worker();
+        let mailer = if self.options.email && self.settings.email.enabled() {
+            Some(self.email_worker()?)
+        } else {
+            None
+        };
         if self.options.consumers {
             for _ in 0..self.settings.amqp.consumers {
                 let c = consumer.clone();
@@ -299,12 +300,12 @@ impl App {
         }
         if self.options.webhooks {
             crate::webhooks::spawn(
-                &mut tasks,
+                tasks,
                 &self.pool,
                 &self.broker,
                 &self.settings,
                 &self.metrics,
-                &shutdown,
+                shutdown,
             );
         }
         if let Some(worker) = mailer {
@@ -327,6 +328,28 @@ impl App {
             tasks.spawn(async move {
                 relay.run(s).await;
                 "outbox relay"
+            });
+        }
+        Ok(())
+    }
+
+    /// What runs every so often: the bots' directory, limits upkeep, pruners, timers,
+    /// backfills, email upkeep, the drift reconcile, the queue-depth sampler.
+    fn spawn_periodic(&self, tasks: &mut JoinSet<&'static str>, shutdown: &CancellationToken) {
+        {
+            let (bots, s) = (self.bots.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                bots.keep_fresh(s).await;
+                "discord applications"
+            });
+        }
+        {
+            let (limits, s) = (self.limits.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                limits
+                    .forget_idle_every(std::time::Duration::from_secs(60), s)
+                    .await;
+                "rate limit upkeep"
             });
         }
         use crate::events::retention::{Pruner, Target};
@@ -416,54 +439,56 @@ impl App {
                 "queue depth sampler"
             });
         }
-        let mut first_exit: Option<&'static str> = None;
-        loop {
-            let done = if shutdown.is_cancelled() {
-                // Say what is still finishing its work, rather than hang silently.
-                match tokio::time::timeout(std::time::Duration::from_secs(10), tasks.join_next())
-                    .await
-                {
-                    Ok(Some(done)) => done,
-                    Ok(None) => break,
-                    Err(_) => {
-                        tracing::warn!(
-                            tasks = tasks.len(),
-                            "still waiting for tasks to finish after shutdown"
-                        );
-                        continue;
-                    }
+    }
+}
+
+/// Waits for every task until `shutdown` and then until each finished what it holds;
+/// a task that ends before `shutdown` stops everything. Returns that task's name.
+async fn supervise(
+    mut tasks: JoinSet<&'static str>,
+    shutdown: &CancellationToken,
+) -> Option<&'static str> {
+    let mut first_exit: Option<&'static str> = None;
+    loop {
+        let done = if shutdown.is_cancelled() {
+            // Say what is still finishing its work, rather than hang silently.
+            match tokio::time::timeout(std::time::Duration::from_secs(10), tasks.join_next()).await
+            {
+                Ok(Some(done)) => done,
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        tasks = tasks.len(),
+                        "still waiting for tasks to finish after shutdown"
+                    );
+                    continue;
                 }
-            } else {
-                match tasks.join_next().await {
-                    Some(done) => done,
-                    None => break,
-                }
-            };
-            let name = match done {
-                Ok(name) => name,
-                Err(e) => {
-                    tracing::error!(error = %e, "task panicked");
-                    "a task (panicked)"
-                }
-            };
-            if !shutdown.is_cancelled() {
-                tracing::error!(
-                    task = name,
-                    "task ended before shutdown; stopping everything"
-                );
-                first_exit.get_or_insert(name);
-                shutdown.cancel();
-            } else {
-                tracing::info!(task = name, "task stopped");
             }
-        }
-        self.broker.close().await;
-        self.pool.close().await;
-        match first_exit {
-            Some(name) => Err(format!("task '{name}' ended unexpectedly")),
-            None => Ok(()),
+        } else {
+            match tasks.join_next().await {
+                Some(done) => done,
+                None => break,
+            }
+        };
+        let name = match done {
+            Ok(name) => name,
+            Err(e) => {
+                tracing::error!(error = %e, "task panicked");
+                "a task (panicked)"
+            }
+        };
+        if !shutdown.is_cancelled() {
+            tracing::error!(
+                task = name,
+                "task ended before shutdown; stopping everything"
+            );
+            first_exit.get_or_insert(name);
+            shutdown.cancel();
+        } else {
+            tracing::info!(task = name, "task stopped");
         }
     }
+    first_exit
 }
 
 /// `guildgate serve`: builds everything and runs it until SIGTERM or Ctrl-C, then lets
