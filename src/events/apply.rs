@@ -225,167 +225,22 @@ impl Applier {
         now: DateTime<Utc>,
     ) -> Result<State, sqlx::Error> {
         let mut state = State::default();
-        let mut keys = db::FactKeys {
-            event_ids: events.iter().map(|e| e.id.to_string()).collect(),
-            ..db::FactKeys::default()
-        };
-        let (mut sub_b, mut sub_s) = (Vec::new(), Vec::new());
-        let mut customers: HashSet<(String, String)> = HashSet::new();
-        for e in events {
-            let b = e.business_id.to_string();
-            match &e.kind {
-                EventKind::PaymentSucceeded(p) => {
-                    if p.brand_id.is_none() {
-                        keys.brandless.push(b.clone());
-                    }
-                    for product in &p.product_ids {
-                        keys.products.0.push(b.clone());
-                        keys.products.1.push(product.to_string());
-                    }
-                    keys.payments.0.push(b.clone());
-                    keys.payments.1.push(p.payment_id.to_string());
-                    // A business with entitlements records every payment (backfill).
-                    keys.businesses.push(b.clone());
-                    if let Some(s) = &p.subscription_id {
-                        sub_b.push(b.clone());
-                        sub_s.push(s.to_string());
-                    }
-                    customers.insert((b, p.customer_id.to_string()));
-                }
-                EventKind::RefundSucceeded(r) => {
-                    keys.payments.0.push(b.clone());
-                    keys.payments.1.push(r.payment_id.to_string());
-                    keys.businesses.push(b);
-                }
-                EventKind::DisputeLost(d) => {
-                    keys.payments.0.push(b.clone());
-                    keys.payments.1.push(d.payment_id.to_string());
-                    keys.businesses.push(b);
-                }
-                EventKind::Subscription(_, s) => {
-                    if s.brand_id.is_none() {
-                        keys.brandless.push(b.clone());
-                    }
-                    keys.products.0.push(b.clone());
-                    keys.products.1.push(s.product_id.to_string());
-                    keys.businesses.push(b.clone());
-                    sub_b.push(b.clone());
-                    sub_s.push(s.subscription_id.to_string());
-                    customers.insert((b, s.customer_id.to_string()));
-                }
-            }
-        }
-        keys.businesses.sort();
-        keys.businesses.dedup();
-        keys.subscriptions = (sub_b.clone(), sub_s.clone());
-        keys.customers = customers.into_iter().unzip();
-        keys.brandless.sort();
-        keys.brandless.dedup();
-
+        let (keys, mut subscriptions) = fact_keys(events);
         // Ids recorded before this may have been pruned.
         let kept_since = self
             .processed_retention
             .and_then(|r| super::retention::kept_since(r, now));
         for fact in db::facts(conn, &keys).await? {
-            match fact {
-                db::Fact::Processed(id) => {
-                    state.processed.insert(id);
-                }
-                db::Fact::ProductEntitlement {
-                    business,
-                    product,
-                    entitlement,
-                    ..
-                } => {
-                    if let Ok(e) = EntitlementId::parse(entitlement) {
-                        state
-                            .product_entitlements
-                            .entry((business, product))
-                            .or_default()
-                            .push(e);
-                    }
-                }
-                db::Fact::BusinessWithEntitlements(b) => {
-                    state.businesses_with_entitlements.insert(b);
-                }
-                db::Fact::Payment {
-                    business,
-                    payment,
-                    subscription,
-                } => {
-                    // A refund of a subscription's payment needs that subscription's grants.
-                    if let Some(sub) = &subscription {
-                        sub_b.push(business.clone());
-                        sub_s.push(sub.clone());
-                    }
-                    state.payments.insert((business, payment), subscription);
-                }
-                db::Fact::Reversal {
-                    business,
-                    payment,
-                    reason,
-                    ..
-                } => state
-                    .reversals
-                    .entry((business, payment))
-                    .or_default()
-                    .push(reason_of(&reason)),
-                db::Fact::LastApplied(s) => {
-                    let ids_pruned =
-                        s.last_event_ids.is_none() && kept_since.is_some_and(|k| s.updated_at < k);
-                    state.subscription_last.insert(
-                        (s.business_id, s.subscription_id),
-                        LastApplied {
-                            at: s.last_event_at,
-                            ids: s.last_event_ids,
-                            ids_pruned,
-                        },
-                    );
-                }
-                db::Fact::Linked { business, customer } => {
-                    state.linked.insert((business, customer));
-                }
-                db::Fact::Brand { business, brand } => {
-                    if let Some(brand) = brand {
-                        state.brands.insert(business, brand);
-                    }
-                }
-                db::Fact::Grace {
-                    business,
-                    entitlement,
-                    days,
-                } => {
-                    if let Ok(days) = u32::try_from(days) {
-                        state.grace_days.insert((business, entitlement), days);
-                    }
-                }
-            }
+            state.learn(fact, kept_since, &mut subscriptions);
         }
-        if !keys.payments.0.is_empty() || !sub_b.is_empty() {
+        if !keys.payments.0.is_empty() || !subscriptions.0.is_empty() {
             let grants = grant_store::of_sources(
                 conn,
                 (&keys.payments.0, &keys.payments.1),
-                (&sub_b, &sub_s),
+                (&subscriptions.0, &subscriptions.1),
             )
             .await?;
-            for grant_store::GrantOfSource {
-                grant: g,
-                customer_linked,
-            } in grants
-            {
-                // Customers of the grants an event may touch (a refund names none).
-                if customer_linked {
-                    state
-                        .linked
-                        .insert((g.business_id.clone(), g.customer_id.clone()));
-                }
-                let (k, list) = match (&g.subscription_id, &g.payment_id) {
-                    (Some(s), _) => (key(&g.business_id, s), &mut state.sub_grants),
-                    (None, Some(p)) => (key(&g.business_id, p), &mut state.pay_grants),
-                    (None, None) => continue,
-                };
-                list.entry(k).or_default().push(g);
-            }
+            state.add_grants(grants);
         }
         Ok(state)
     }
@@ -770,6 +625,179 @@ fn fact_of(g: &Grant) -> Option<GrantFact> {
         status: GrantStatus::parse(&g.status)?,
         in_grace: g.subscription_id.is_some() && g.ends_at.is_some(),
     })
+}
+
+/// What the facts of a batch are keyed by, and the subscriptions whose grants it needs
+/// (businesses, subscription ids).
+fn fact_keys(events: &[&Event]) -> (db::FactKeys, (Vec<String>, Vec<String>)) {
+    let mut keys = db::FactKeys {
+        event_ids: events.iter().map(|e| e.id.to_string()).collect(),
+        ..db::FactKeys::default()
+    };
+    let (mut sub_b, mut sub_s) = (Vec::new(), Vec::new());
+    let mut customers: HashSet<(String, String)> = HashSet::new();
+    for e in events {
+        let b = e.business_id.to_string();
+        match &e.kind {
+            EventKind::PaymentSucceeded(p) => {
+                if p.brand_id.is_none() {
+                    keys.brandless.push(b.clone());
+                }
+                for product in &p.product_ids {
+                    keys.products.0.push(b.clone());
+                    keys.products.1.push(product.to_string());
+                }
+                keys.payments.0.push(b.clone());
+                keys.payments.1.push(p.payment_id.to_string());
+                // A business with entitlements records every payment (backfill).
+                keys.businesses.push(b.clone());
+                if let Some(s) = &p.subscription_id {
+                    sub_b.push(b.clone());
+                    sub_s.push(s.to_string());
+                }
+                customers.insert((b, p.customer_id.to_string()));
+            }
+            EventKind::RefundSucceeded(r) => {
+                keys.payments.0.push(b.clone());
+                keys.payments.1.push(r.payment_id.to_string());
+                keys.businesses.push(b);
+            }
+            EventKind::DisputeLost(d) => {
+                keys.payments.0.push(b.clone());
+                keys.payments.1.push(d.payment_id.to_string());
+                keys.businesses.push(b);
+            }
+            EventKind::Subscription(_, s) => {
+                if s.brand_id.is_none() {
+                    keys.brandless.push(b.clone());
+                }
+                keys.products.0.push(b.clone());
+                keys.products.1.push(s.product_id.to_string());
+                keys.businesses.push(b.clone());
+                sub_b.push(b.clone());
+                sub_s.push(s.subscription_id.to_string());
+                customers.insert((b, s.customer_id.to_string()));
+            }
+        }
+    }
+    keys.businesses.sort();
+    keys.businesses.dedup();
+    keys.subscriptions = (sub_b.clone(), sub_s.clone());
+    keys.customers = customers.into_iter().unzip();
+    keys.brandless.sort();
+    keys.brandless.dedup();
+
+    (keys, (sub_b, sub_s))
+}
+
+impl State {
+    /// Takes in one fact read for the batch. A payment of a subscription adds that
+    /// subscription to `subscriptions` (a refund of it needs its grants).
+    fn learn(
+        &mut self,
+        fact: db::Fact,
+        kept_since: Option<DateTime<Utc>>,
+        subscriptions: &mut (Vec<String>, Vec<String>),
+    ) {
+        let state = self;
+        let (sub_b, sub_s) = (&mut subscriptions.0, &mut subscriptions.1);
+        match fact {
+            db::Fact::Processed(id) => {
+                state.processed.insert(id);
+            }
+            db::Fact::ProductEntitlement {
+                business,
+                product,
+                entitlement,
+                ..
+            } => {
+                if let Ok(e) = EntitlementId::parse(entitlement) {
+                    state
+                        .product_entitlements
+                        .entry((business, product))
+                        .or_default()
+                        .push(e);
+                }
+            }
+            db::Fact::BusinessWithEntitlements(b) => {
+                state.businesses_with_entitlements.insert(b);
+            }
+            db::Fact::Payment {
+                business,
+                payment,
+                subscription,
+            } => {
+                // A refund of a subscription's payment needs that subscription's grants.
+                if let Some(sub) = &subscription {
+                    sub_b.push(business.clone());
+                    sub_s.push(sub.clone());
+                }
+                state.payments.insert((business, payment), subscription);
+            }
+            db::Fact::Reversal {
+                business,
+                payment,
+                reason,
+                ..
+            } => state
+                .reversals
+                .entry((business, payment))
+                .or_default()
+                .push(reason_of(&reason)),
+            db::Fact::LastApplied(s) => {
+                let ids_pruned =
+                    s.last_event_ids.is_none() && kept_since.is_some_and(|k| s.updated_at < k);
+                state.subscription_last.insert(
+                    (s.business_id, s.subscription_id),
+                    LastApplied {
+                        at: s.last_event_at,
+                        ids: s.last_event_ids,
+                        ids_pruned,
+                    },
+                );
+            }
+            db::Fact::Linked { business, customer } => {
+                state.linked.insert((business, customer));
+            }
+            db::Fact::Brand { business, brand } => {
+                if let Some(brand) = brand {
+                    state.brands.insert(business, brand);
+                }
+            }
+            db::Fact::Grace {
+                business,
+                entitlement,
+                days,
+            } => {
+                if let Ok(days) = u32::try_from(days) {
+                    state.grace_days.insert((business, entitlement), days);
+                }
+            }
+        }
+    }
+
+    /// Takes in the grants of the batch's payments and subscriptions.
+    fn add_grants(&mut self, grants: Vec<grant_store::GrantOfSource>) {
+        let state = self;
+        for grant_store::GrantOfSource {
+            grant: g,
+            customer_linked,
+        } in grants
+        {
+            // Customers of the grants an event may touch (a refund names none).
+            if customer_linked {
+                state
+                    .linked
+                    .insert((g.business_id.clone(), g.customer_id.clone()));
+            }
+            let (k, list) = match (&g.subscription_id, &g.payment_id) {
+                (Some(s), _) => (key(&g.business_id, s), &mut state.sub_grants),
+                (None, Some(p)) => (key(&g.business_id, p), &mut state.pay_grants),
+                (None, None) => continue,
+            };
+            list.entry(k).or_default().push(g);
+        }
+    }
 }
 
 /// What a new grant is given.
