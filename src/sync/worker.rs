@@ -114,6 +114,20 @@ impl From<DiscordError> for SyncFailure {
     }
 }
 
+/// What a sync run did so far: the accesses Discord added for it, and what was done
+/// with Discord's answer, for the grant's history.
+#[derive(Default)]
+struct Run {
+    added: Vec<Access>,
+    changes: Vec<(&'static str, Access, &'static str)>,
+}
+
+/// After one call: the plan goes on, or is made again from the member Discord showed.
+enum Next {
+    Go,
+    Replan(MemberState),
+}
+
 /// What a successful sync did.
 struct Synced {
     plan: plan::Plan,
@@ -536,8 +550,7 @@ impl SyncWorker {
         found.extend(self.settle_before_release(job, kept).await?);
         let reasons = Reasons::of(job, desired);
         let mut token: Option<SecretString> = None;
-        let mut added = Vec::new();
-        let mut changes = Vec::new();
+        let mut run = Run::default();
         for _ in 0..4 {
             let p = plan::plan(&plan::Input {
                 live,
@@ -549,140 +562,164 @@ impl SyncWorker {
                 others: &job.others,
                 found: &found,
             });
-            let mut replan = false;
+            let mut replanned = None;
             for call in &p.calls {
-                match *call {
-                    Call::AddMember { guild, user, role } => {
-                        if token.is_none() {
-                            token = Some(self.user_token(job).await?);
-                        }
-                        let t = token.as_ref().expect("set above");
-                        let roles: Vec<Snowflake> = role.into_iter().collect();
-                        match job
-                            .discord
-                            .add_member(guild, user, t, &roles, &reasons.add)
-                            .await
-                        {
-                            Ok(AddMember::Added) => {
-                                added.push(Access {
-                                    role: None,
-                                    user,
-                                    guild,
-                                });
-                                if role.is_some() {
-                                    added.push(Access { role, user, guild });
-                                }
-                            }
-                            Ok(AddMember::AlreadyMember) => {
-                                // 204 changes nothing: they were a member already, and
-                                // whether they hold the role only their member object
-                                // says (adding a role answers 204 either way).
-                                member = match job.discord.member(guild, user).await? {
-                                    None => MemberState::Absent,
-                                    Some(m) => {
-                                        let seen = self
-                                            .settle_present(job, guild, user, role, &m)
-                                            .await
-                                            .map_err(SyncFailure::Database)?;
-                                        for (a, by_us) in seen {
-                                            let event = match (a.role, by_us) {
-                                                (None, false) => "member_found",
-                                                (None, true) => "member_added",
-                                                (Some(_), false) => "role_found",
-                                                (Some(_), true) => "role_added",
-                                            };
-                                            let answer = match (a.role, by_us) {
-                                                (_, true) => ADDED_BEFORE_A_CRASH,
-                                                (None, false) => "204 No Content: already a member",
-                                                (Some(_), false) => "already held",
-                                            };
-                                            changes.push((event, a, answer));
-                                            if by_us {
-                                                added.push(a);
-                                            }
-                                        }
-                                        MemberState::Present { roles: m.roles }
-                                    }
-                                };
-                                replan = true;
-                                break;
-                            }
-                            Err(e) => return Err(self.explain(job, e, guild, role).await.into()),
-                        }
-                    }
-                    Call::AddRole { guild, user, role } => {
-                        match job.discord.add_role(guild, user, role, &reasons.add).await {
-                            Ok(MemberChange::Done) => {
-                                let a = Access {
-                                    role: Some(role),
-                                    user,
-                                    guild,
-                                };
-                                changes.push(("role_added", a, "204 No Content"));
-                                added.push(a);
-                            }
-                            Ok(MemberChange::NotMember) => {
-                                member = MemberState::Absent;
-                                replan = true;
-                                break;
-                            }
-                            Err(e) => {
-                                return Err(self.explain(job, e, guild, Some(role)).await.into());
-                            }
-                        }
-                    }
-                    Call::RemoveRole { guild, user, role } => {
-                        match job
-                            .discord
-                            .remove_role(guild, user, role, &reasons.remove)
-                            .await
-                        {
-                            Ok(c) => changes.push((
-                                "role_removed",
-                                Access {
-                                    role: Some(role),
-                                    user,
-                                    guild,
-                                },
-                                answer(c),
-                            )),
-                            Err(e) => {
-                                return Err(self.explain(job, e, guild, Some(role)).await.into());
-                            }
-                        }
-                    }
-                    Call::RemoveMember { guild, user } => {
-                        match job
-                            .discord
-                            .remove_member(guild, user, &reasons.remove)
-                            .await
-                        {
-                            Ok(c) => changes.push((
-                                "member_removed",
-                                Access {
-                                    role: None,
-                                    user,
-                                    guild,
-                                },
-                                answer(c),
-                            )),
-                            Err(e) => return Err(self.explain(job, e, guild, None).await.into()),
-                        }
-                    }
+                if let Next::Replan(m) = self
+                    .make_call(job, *call, &reasons, &mut token, &mut run)
+                    .await?
+                {
+                    replanned = Some(m);
+                    break;
                 }
             }
-            if !replan {
-                return Ok(Synced {
-                    plan: p,
-                    added,
-                    changes,
-                });
+            match replanned {
+                None => {
+                    return Ok(Synced {
+                        plan: p,
+                        added: run.added,
+                        changes: run.changes,
+                    });
+                }
+                Some(m) => member = m,
             }
         }
         Err(DiscordError::Retriable(
             "the member changed under every attempt; trying again later".into(),
         )
         .into())
+    }
+
+    /// Makes one planned call and records what it did in `run`; says whether the plan
+    /// goes on or must be made again from the member Discord showed.
+    async fn make_call(
+        &self,
+        job: &Job,
+        call: Call,
+        reasons: &Reasons,
+        token: &mut Option<SecretString>,
+        run: &mut Run,
+    ) -> Result<Next, SyncFailure> {
+        match call {
+            Call::AddMember { guild, user, role } => {
+                if token.is_none() {
+                    *token = Some(self.user_token(job).await?);
+                }
+                let t = token.as_ref().expect("set above");
+                let roles: Vec<Snowflake> = role.into_iter().collect();
+                match job
+                    .discord
+                    .add_member(guild, user, t, &roles, &reasons.add)
+                    .await
+                {
+                    Ok(AddMember::Added) => {
+                        run.added.push(Access {
+                            role: None,
+                            user,
+                            guild,
+                        });
+                        if role.is_some() {
+                            run.added.push(Access { role, user, guild });
+                        }
+                        Ok(Next::Go)
+                    }
+                    Ok(AddMember::AlreadyMember) => Ok(Next::Replan(
+                        self.already_member(job, guild, user, role, run).await?,
+                    )),
+                    Err(e) => Err(self.explain(job, e, guild, role).await.into()),
+                }
+            }
+            Call::AddRole { guild, user, role } => {
+                match job.discord.add_role(guild, user, role, &reasons.add).await {
+                    Ok(MemberChange::Done) => {
+                        let a = Access {
+                            role: Some(role),
+                            user,
+                            guild,
+                        };
+                        run.changes.push(("role_added", a, "204 No Content"));
+                        run.added.push(a);
+                        Ok(Next::Go)
+                    }
+                    Ok(MemberChange::NotMember) => Ok(Next::Replan(MemberState::Absent)),
+                    Err(e) => Err(self.explain(job, e, guild, Some(role)).await.into()),
+                }
+            }
+            Call::RemoveRole { guild, user, role } => {
+                match job
+                    .discord
+                    .remove_role(guild, user, role, &reasons.remove)
+                    .await
+                {
+                    Ok(c) => {
+                        let a = Access {
+                            role: Some(role),
+                            user,
+                            guild,
+                        };
+                        run.changes.push(("role_removed", a, answer(c)));
+                        Ok(Next::Go)
+                    }
+                    Err(e) => Err(self.explain(job, e, guild, Some(role)).await.into()),
+                }
+            }
+            Call::RemoveMember { guild, user } => {
+                match job
+                    .discord
+                    .remove_member(guild, user, &reasons.remove)
+                    .await
+                {
+                    Ok(c) => {
+                        let a = Access {
+                            role: None,
+                            user,
+                            guild,
+                        };
+                        run.changes.push(("member_removed", a, answer(c)));
+                        Ok(Next::Go)
+                    }
+                    Err(e) => Err(self.explain(job, e, guild, None).await.into()),
+                }
+            }
+        }
+    }
+
+    /// Discord answered 204 to adding the member: that changes nothing, they were a
+    /// member already, and whether they hold the role only their member object says
+    /// (adding a role answers 204 either way). Reads it, settles what the job held
+    /// unsettled of it, and returns it for the next plan.
+    async fn already_member(
+        &self,
+        job: &Job,
+        guild: Snowflake,
+        user: Snowflake,
+        role: Option<Snowflake>,
+        run: &mut Run,
+    ) -> Result<MemberState, SyncFailure> {
+        let Some(m) = job.discord.member(guild, user).await? else {
+            return Ok(MemberState::Absent);
+        };
+        let seen = self
+            .settle_present(job, guild, user, role, &m)
+            .await
+            .map_err(SyncFailure::Database)?;
+        for (a, by_us) in seen {
+            let event = match (a.role, by_us) {
+                (None, false) => "member_found",
+                (None, true) => "member_added",
+                (Some(_), false) => "role_found",
+                (Some(_), true) => "role_added",
+            };
+            let answer = match (a.role, by_us) {
+                (_, true) => ADDED_BEFORE_A_CRASH,
+                (None, false) => "204 No Content: already a member",
+                (Some(_), false) => "already held",
+            };
+            run.changes.push((event, a, answer));
+            if by_us {
+                run.added.push(a);
+            }
+        }
+        Ok(MemberState::Present { roles: m.roles })
     }
 
     /// Unsettled accesses this run would let go of (not the one it delivers), settled
