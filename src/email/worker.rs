@@ -149,18 +149,9 @@ impl EmailWorker {
         let row = db::claim(&mut conn, job, &grant.business_id).await?;
         let Some(ctx) = db::context(&mut conn, &grant.entitlement_id, &grant.customer_id).await?
         else {
-            db::settle(
-                &mut conn,
-                &job.email_id,
-                "skipped",
-                row.attempts,
-                None,
-                Some("no_entitlement"),
-                now,
-            )
-            .await?;
-            self.count(kind, "skipped");
-            return Ok(Outcome::Ack("skipped"));
+            return self
+                .skip(&mut conn, job, row.attempts, "no_entitlement", now)
+                .await;
         };
         let to: Option<Mailbox> = ctx.email.as_deref().and_then(|e| e.parse().ok());
         let letter = match decide(
@@ -175,32 +166,13 @@ impl EmailWorker {
                 return Ok(Outcome::Ack("duplicate"));
             }
             Decision::Skip(why) => {
-                db::settle(
-                    &mut conn,
-                    &job.email_id,
-                    "skipped",
-                    row.attempts,
-                    None,
-                    Some(why),
-                    now,
-                )
-                .await?;
-                self.count(kind, "skipped");
-                return Ok(Outcome::Ack("skipped"));
+                return self.skip(&mut conn, job, row.attempts, why, now).await;
             }
             Decision::Send(letter) => letter,
         };
         let to = to.expect("decide sends only with an address");
         let key = self.recipient_key(to.email.as_ref());
-        let (sent, oldest) = db::sent_in_last_hour(&mut conn, &key, now).await?;
-        if sent >= i64::from(self.per_recipient_per_hour) {
-            let wait = oldest
-                .map(|t| {
-                    (t + chrono::Duration::hours(1) - now)
-                        .to_std()
-                        .unwrap_or_default()
-                })
-                .unwrap_or(Duration::from_secs(3600));
+        if let Some(wait) = self.recipient_full(&mut conn, &key, now).await? {
             self.count(kind, "deferred");
             return Ok(Outcome::Retry {
                 delay: schedule::tier_at_least(wait, &self.retry_delays),
@@ -221,71 +193,145 @@ impl EmailWorker {
         let attempts = i32::try_from(this_attempt).unwrap_or(i32::MAX);
         match result {
             Ok(()) => {
-                // On the connection already held: no second one from the pool.
-                let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-                db::settle(
-                    &mut tx,
-                    &job.email_id,
-                    "sent",
-                    attempts,
-                    Some(&key),
-                    None,
-                    Utc::now(),
-                )
-                .await?;
-                history::record(
-                    &mut tx,
-                    &grant.id,
-                    Utc::now(),
-                    "email_sent",
-                    serde_json::json!({"email": kind.as_str(), "letter": letter.as_str()}),
-                )
-                .await?;
-                tx.commit().await?;
-                self.count(kind, "sent");
-                Ok(Outcome::Ack("sent"))
+                self.sent(&mut conn, job, &grant.id, letter, &key, attempts)
+                    .await
             }
-            Err(e) => {
-                let failed = AttemptResult::Failed { retry_after: None };
-                let next = if e.permanent {
-                    None
-                } else {
-                    match schedule::next(this_attempt, &failed, &self.retry_delays) {
-                        Next::RetryIn(delay) => Some(delay),
-                        _ => None,
-                    }
-                };
-                if let Some(delay) = next {
-                    db::attempt_failed(&mut conn, &job.email_id, attempts, &e.detail).await?;
-                    self.count(kind, "retried");
-                    return Ok(Outcome::Retry {
-                        delay,
-                        attempt: this_attempt,
-                        label: "retry",
-                    });
-                }
-                db::settle(
-                    &mut conn,
-                    &job.email_id,
-                    "failed",
-                    attempts,
-                    Some(&key),
-                    Some(&e.detail),
-                    Utc::now(),
-                )
-                .await?;
-                self.count(kind, "failed");
-                Ok(Outcome::DeadLetter {
-                    // Refused for good (5xx), or no retry left.
-                    code: if e.permanent {
-                        "rejected"
-                    } else {
-                        "retries_exhausted"
-                    },
-                    reason: e.detail,
-                })
-            }
+            Err(e) => self.not_sent(&mut conn, job, e, &key, this_attempt).await,
         }
+    }
+
+    /// Settles a job that sends nothing, saying `why`.
+    async fn skip(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        job: &Job,
+        attempts: i32,
+        why: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Outcome, sqlx::Error> {
+        db::settle(
+            conn,
+            &job.email_id,
+            "skipped",
+            attempts,
+            None,
+            Some(why),
+            now,
+        )
+        .await?;
+        self.count(job.kind(), "skipped");
+        Ok(Outcome::Ack("skipped"))
+    }
+
+    /// How long until the recipient (by `key`) may be sent another email, when they had
+    /// `email.per_recipient_per_hour` in the last hour.
+    async fn recipient_full(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        key: &[u8],
+        now: DateTime<Utc>,
+    ) -> Result<Option<Duration>, sqlx::Error> {
+        let (sent, oldest) = db::sent_in_last_hour(conn, key, now).await?;
+        if sent < i64::from(self.per_recipient_per_hour) {
+            return Ok(None);
+        }
+        Ok(Some(
+            oldest
+                .map(|t| {
+                    (t + chrono::Duration::hours(1) - now)
+                        .to_std()
+                        .unwrap_or_default()
+                })
+                .unwrap_or(Duration::from_secs(3600)),
+        ))
+    }
+
+    /// The email went out: recorded as sent, with the grant's history.
+    async fn sent(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        job: &Job,
+        grant_id: &str,
+        letter: Letter,
+        key: &[u8],
+        attempts: i32,
+    ) -> Result<Outcome, sqlx::Error> {
+        let kind = job.kind();
+        // On the connection already held: no second one from the pool.
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        db::settle(
+            &mut tx,
+            &job.email_id,
+            "sent",
+            attempts,
+            Some(key),
+            None,
+            Utc::now(),
+        )
+        .await?;
+        history::record(
+            &mut tx,
+            grant_id,
+            Utc::now(),
+            "email_sent",
+            serde_json::json!({"email": kind.as_str(), "letter": letter.as_str()}),
+        )
+        .await?;
+        tx.commit().await?;
+        self.count(kind, "sent");
+        Ok(Outcome::Ack("sent"))
+    }
+
+    /// The email did not go out: tried again later, or failed for good (refused, or no
+    /// retry left).
+    async fn not_sent(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        job: &Job,
+        e: super::transport::SendError,
+        key: &[u8],
+        this_attempt: u32,
+    ) -> Result<Outcome, sqlx::Error> {
+        let kind = job.kind();
+        let attempts = i32::try_from(this_attempt).unwrap_or(i32::MAX);
+        let failed = AttemptResult::Failed { retry_after: None };
+        let next = if e.permanent {
+            None
+        } else {
+            match schedule::next(this_attempt, &failed, &self.retry_delays) {
+                Next::RetryIn(delay) => Some(delay),
+                _ => None,
+            }
+        };
+        if let Some(delay) = next {
+            db::attempt_failed(conn, &job.email_id, attempts, &e.detail).await?;
+            self.count(kind, "retried");
+            return Ok(Outcome::Retry {
+                delay,
+                attempt: this_attempt,
+                label: "retry",
+            });
+        }
+        db::settle(
+            conn,
+            &job.email_id,
+            "failed",
+            attempts,
+            Some(key),
+            Some(&e.detail),
+            Utc::now(),
+        )
+        .await?;
+        self.count(kind, "failed");
+        Ok(Outcome::DeadLetter {
+            // Refused for good (5xx), or no retry left.
+            code: if e.permanent {
+                "rejected"
+            } else {
+                "retries_exhausted"
+            },
+            reason: e.detail,
+        })
     }
 
     fn compose(
