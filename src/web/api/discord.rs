@@ -19,7 +19,7 @@ use super::Items;
 use super::auth::Merchant;
 use super::store::guilds as db;
 use crate::crypto::StateSigner;
-use crate::discord::client::Role;
+use crate::discord::client::{Role, TokenGuild, TokenSet};
 use crate::discord::validate::{GuildFacts, check, validate_discord_config};
 use crate::discord::{DiscordClient, DiscordError, Snowflake, permissions};
 use crate::grants::render::ts;
@@ -187,92 +187,10 @@ pub async fn bot_callback(
             "This link is malformed. Start again from the install link.",
         );
     };
-    if q.error.is_some() {
-        return page(
-            StatusCode::BAD_REQUEST,
-            "Not installed",
-            "The bot was not added: the authorization was cancelled. Nothing changed.",
-        );
-    }
     let now = Utc::now();
-    let verified = q
-        .state
-        .as_deref()
-        .ok_or(crate::crypto::StateError::Tampered)
-        .and_then(|s| signer(&state).verify::<InstallState>(INSTALL_PURPOSE, s, now.timestamp()));
-    let install = match verified {
-        Ok(s) => s,
-        Err(e) => {
-            return page(
-                StatusCode::BAD_REQUEST,
-                "Link not valid",
-                &format!(
-                    "{}. Ask for a new install link and try again.",
-                    capitalise(&e.to_string())
-                ),
-            );
-        }
-    };
-    let Some(code) = q.code.as_deref().filter(|c| !c.is_empty()) else {
-        return page(
-            StatusCode::BAD_REQUEST,
-            "Not installed",
-            "Discord sent no authorization code, so there is no proof of which server the bot was added to. Nothing changed. Start again from a new install link.",
-        );
-    };
-    // The state is spent before anything else happens: a link works once, whatever
-    // follows.
-    let taken = async {
-        let mut conn = state.pool.acquire().await?;
-        db::take_install_state(&mut conn, &install.n, &install.b, now).await
-    }
-    .await;
-    match taken {
-        Ok(true) => {}
-        Ok(false) => {
-            return page(
-                StatusCode::BAD_REQUEST,
-                "Link already used",
-                "This install link was already used or has expired. Ask for a new install link and try again.",
-            );
-        }
-        Err(e) => return record_failed(e),
-    }
-    let bot = match state.bots.of_business(&install.b).await {
-        Ok(bot) => bot,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot use the business's bot for a bot install");
-            return page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Something went wrong",
-                "The install could not be checked just now. Nothing was recorded. Start again from a new install link in a moment.",
-            );
-        }
-    };
-    let tokens = match bot.side.exchange_code(code, &callback_uri(&state)).await {
-        Ok(t) => t,
-        Err(DiscordError::BadUserToken) => {
-            return page(
-                StatusCode::BAD_REQUEST,
-                "Not installed",
-                "Discord did not confirm this authorization (the code was already used or has expired). Nothing changed. Start again from a new install link.",
-            );
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot exchange a bot-install code");
-            return page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Discord could not be reached",
-                "The bot may have been added, but Discord could not confirm it just now. Nothing was recorded. Start again from a new install link in a moment.",
-            );
-        }
-    };
-    let Some(guild) = tokens.guild.clone() else {
-        return page(
-            StatusCode::BAD_REQUEST,
-            "No server chosen",
-            "Discord did not say which server the bot was added to. Nothing changed. Start again from a new install link.",
-        );
+    let (install, bot, tokens, guild) = match confirmed_install(&state, &q, now).await {
+        Ok(x) => x,
+        Err(refused) => return refused,
     };
     // Who installed it, for the record; the install stands without it.
     let installer = match bot.side.user(&tokens.access_token).await {
@@ -327,6 +245,103 @@ pub async fn bot_callback(
         ),
         Err(e) => record_failed(e),
     }
+}
+
+/// The install a bot-install callback proves: its single-use state (spent here, whatever
+/// follows), and the server Discord's token answer names, with the business's bot and
+/// the installer's tokens. Any other outcome is the page that says why.
+async fn confirmed_install(
+    state: &AppState,
+    q: &CallbackQuery,
+    now: chrono::DateTime<Utc>,
+) -> Result<(InstallState, crate::discord::Bot, TokenSet, TokenGuild), Response> {
+    if q.error.is_some() {
+        return Err(page(
+            StatusCode::BAD_REQUEST,
+            "Not installed",
+            "The bot was not added: the authorization was cancelled. Nothing changed.",
+        ));
+    }
+    let verified = q
+        .state
+        .as_deref()
+        .ok_or(crate::crypto::StateError::Tampered)
+        .and_then(|s| signer(state).verify::<InstallState>(INSTALL_PURPOSE, s, now.timestamp()));
+    let install = match verified {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(page(
+                StatusCode::BAD_REQUEST,
+                "Link not valid",
+                &format!(
+                    "{}. Ask for a new install link and try again.",
+                    capitalise(&e.to_string())
+                ),
+            ));
+        }
+    };
+    let Some(code) = q.code.as_deref().filter(|c| !c.is_empty()) else {
+        return Err(page(
+            StatusCode::BAD_REQUEST,
+            "Not installed",
+            "Discord sent no authorization code, so there is no proof of which server the bot was added to. Nothing changed. Start again from a new install link.",
+        ));
+    };
+    // The state is spent before anything else happens: a link works once, whatever
+    // follows.
+    let taken = async {
+        let mut conn = state.pool.acquire().await?;
+        db::take_install_state(&mut conn, &install.n, &install.b, now).await
+    }
+    .await;
+    match taken {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(page(
+                StatusCode::BAD_REQUEST,
+                "Link already used",
+                "This install link was already used or has expired. Ask for a new install link and try again.",
+            ));
+        }
+        Err(e) => return Err(record_failed(e)),
+    }
+    let bot = match state.bots.of_business(&install.b).await {
+        Ok(bot) => bot,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use the business's bot for a bot install");
+            return Err(page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Something went wrong",
+                "The install could not be checked just now. Nothing was recorded. Start again from a new install link in a moment.",
+            ));
+        }
+    };
+    let tokens = match bot.side.exchange_code(code, &callback_uri(state)).await {
+        Ok(t) => t,
+        Err(DiscordError::BadUserToken) => {
+            return Err(page(
+                StatusCode::BAD_REQUEST,
+                "Not installed",
+                "Discord did not confirm this authorization (the code was already used or has expired). Nothing changed. Start again from a new install link.",
+            ));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot exchange a bot-install code");
+            return Err(page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Discord could not be reached",
+                "The bot may have been added, but Discord could not confirm it just now. Nothing was recorded. Start again from a new install link in a moment.",
+            ));
+        }
+    };
+    let Some(guild) = tokens.guild.clone() else {
+        return Err(page(
+            StatusCode::BAD_REQUEST,
+            "No server chosen",
+            "Discord did not say which server the bot was added to. Nothing changed. Start again from a new install link.",
+        ));
+    };
+    Ok((install, bot, tokens, guild))
 }
 
 fn record_failed(e: sqlx::Error) -> Response {
