@@ -175,11 +175,27 @@ impl Pacing {
         let _first_in_line = line.lock().await;
         loop {
             match limiter.check() {
-                Ok(()) => return Pace::Go,
+                Ok(()) => {
+                    // A turn taken now: the endpoint's limiter is not full again for an
+                    // interval, so it must not be forgotten (and replaced by a full one)
+                    // before then.
+                    self.used(endpoint);
+                    return Pace::Go;
+                }
                 Err(not_until) => {
                     tokio::time::sleep(not_until.wait_time_from(TokioClock.now())).await
                 }
             }
+        }
+    }
+}
+
+impl Pacing {
+    /// `endpoint` took a turn now.
+    fn used(&self, endpoint: &str) {
+        let mut state = self.state.lock().expect("pacing lock");
+        if let Some(p) = state.endpoints.get_mut(endpoint) {
+            p.last_used = TokioClock.now();
         }
     }
 }
@@ -223,6 +239,27 @@ mod tests {
 
     fn per_second(n: u32) -> NonZeroU32 {
         NonZeroU32::new(n).unwrap()
+    }
+
+    /// A job that waited in line past the prune takes its turn, and the endpoint is not
+    /// forgotten right after: the next job still waits an interval.
+    #[tokio::test(start_paused = true)]
+    async fn a_turn_taken_after_a_wait_keeps_the_endpoint_remembered() {
+        let p = Pacing::new(8);
+        let t = tokio::time::Instant::now();
+        assert_eq!(p.turn("ep_a", per_second(1), MAX_WAIT).await, Pace::Go);
+        tokio::time::sleep(Duration::from_millis(9_500)).await;
+        assert_eq!(p.turn("ep_a", per_second(1), MAX_WAIT).await, Pace::Go);
+        // Waits in line until 10.5 s, past the next prune (10 s after the first).
+        assert_eq!(p.turn("ep_a", per_second(1), MAX_WAIT).await, Pace::Go);
+        let waited = t.elapsed();
+        assert_eq!(waited, Duration::from_millis(10_500));
+        assert_eq!(p.turn("ep_a", per_second(1), MAX_WAIT).await, Pace::Go);
+        assert_eq!(
+            t.elapsed() - waited,
+            Duration::from_secs(1),
+            "one turn a second, also right after a prune"
+        );
     }
 
     #[tokio::test(start_paused = true)]
