@@ -28,8 +28,8 @@ use super::accounts::{Linked, link_account, revoke_left_tokens};
 use super::limits::ClientIp;
 use crate::crypto::StateError;
 use crate::discord::{DiscordError, Snowflake};
-use crate::grants::GrantStatus;
-use crate::grants::link::LinkBuilder;
+use crate::grants::link::{GrantState, LinkBuilder};
+use crate::grants::{Grant, GrantStatus};
 use crate::store::{grants as grant_store, setup};
 use crate::sync::store::{self as db, LinkRow};
 
@@ -263,6 +263,69 @@ fn discord_failed(e: DiscordError) -> Page {
 
 async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
     let now = Utc::now();
+    let (claims, grant) = grant_of_link(st, &q, now).await?;
+    let code = q
+        .code
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .ok_or(Page::Tampered)?;
+    // The business's own application, if it has one: the link was made for it.
+    let bot = st.bots.of_business(&grant.business_id).await.map_err(|e| {
+        tracing::error!(error = %e, "OAuth callback: the business's bot cannot be used");
+        Page::Unavailable
+    })?;
+    let tokens = bot
+        .side
+        .exchange_code(code, st.links.redirect_uri())
+        .await
+        .map_err(discord_failed)?;
+    let user = bot
+        .side
+        .user(&tokens.access_token)
+        .await
+        .map_err(discord_failed)?;
+    let Recorded {
+        guild_id,
+        known_name,
+        previous,
+        shared,
+    } = record_link(st, &claims.n, &grant.id, &bot, &tokens, &user, now).await?;
+    let switched = previous.is_some();
+    if let Some(old) = previous {
+        revoke_left_tokens(st, old, &grant.customer_id).await;
+    }
+    tracing::info!(grant_id = %grant.id, discord_user_id = %user.id, "customer linked a Discord account");
+    // The server's name is a courtesy: if Discord does not answer, show the id.
+    let guild_name = match (known_name, Snowflake::parse(&guild_id)) {
+        (Some(name), _) => name,
+        (None, Some(g)) => bot
+            .side
+            .guild(g)
+            .await
+            .map(|g| g.name)
+            .unwrap_or_else(|_| "the server".into()),
+        (None, None) => "the server".into(),
+    };
+    Ok(Page::Connected {
+        guild_name,
+        guild_id,
+        account: user
+            .global_name
+            .clone()
+            .unwrap_or_else(|| user.username.clone()),
+        switched,
+        shared,
+    })
+}
+
+/// The grant a callback's link names, checked: signed, within its per-link limit, for a
+/// grant that exists, is not revoked and still has this link (nonce). A link the customer
+/// cancelled on Discord is offered again.
+async fn grant_of_link(
+    st: &AppState,
+    q: &CallbackQuery,
+    now: chrono::DateTime<Utc>,
+) -> Result<(GrantState, Grant), Page> {
     let state = q.state.as_deref().ok_or(Page::Tampered)?;
     let claims = st.links.verify(state, now).map_err(|e| match e {
         StateError::Tampered => Page::Tampered,
@@ -300,105 +363,87 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
             )),
         });
     }
-    let code = q
-        .code
-        .as_deref()
-        .filter(|c| !c.is_empty())
-        .ok_or(Page::Tampered)?;
-    // The business's own application, if it has one: the link was made for it.
-    let bot = st.bots.of_business(&grant.business_id).await.map_err(|e| {
-        tracing::error!(error = %e, "OAuth callback: the business's bot cannot be used");
-        Page::Unavailable
-    })?;
-    let tokens = bot
-        .side
-        .exchange_code(code, st.links.redirect_uri())
-        .await
-        .map_err(discord_failed)?;
-    let user = bot
-        .side
-        .user(&tokens.access_token)
-        .await
-        .map_err(discord_failed)?;
+    Ok((claims, grant))
+}
 
-    let (guild_id, known_name, previous, shared) = {
-        let mut tx = st.pool.begin().await.map_err(db_failed)?;
-        // Locked, and the nonce checked again: of two callbacks racing with one link,
-        // exactly one wins.
-        let grant = grant_store::get_for_update(&mut tx, &grant.id)
-            .await
-            .map_err(db_failed)?
-            .ok_or(Page::Tampered)?;
-        if grant.status() == GrantStatus::Revoked {
-            return Err(Page::Revoked);
-        }
-        if grant.oauth_nonce != claims.n {
-            return Err(Page::Used);
-        }
-        let row = LinkRow::new(
+/// What recording a link did.
+struct Recorded {
+    guild_id: String,
+    /// The server's name when the merchant connected it.
+    known_name: Option<String>,
+    /// The account the customer had linked before, when it was another one.
+    previous: Option<LinkRow>,
+    /// Another customer of the business has this account linked too.
+    shared: bool,
+}
+
+/// Links the authorized account to the grant's customer, in one transaction with the
+/// grant locked and its nonce checked again (of two callbacks racing with one link,
+/// exactly one wins), and spends the link.
+async fn record_link(
+    st: &AppState,
+    nonce: &str,
+    grant_id: &str,
+    bot: &crate::discord::Bot,
+    tokens: &crate::discord::client::TokenSet,
+    user: &crate::discord::client::User,
+    now: chrono::DateTime<Utc>,
+) -> Result<Recorded, Page> {
+    let mut tx = st.pool.begin().await.map_err(db_failed)?;
+    // Locked, and the nonce checked again: of two callbacks racing with one link,
+    // exactly one wins.
+    let grant = grant_store::get_for_update(&mut tx, grant_id)
+        .await
+        .map_err(db_failed)?
+        .ok_or(Page::Tampered)?;
+    if grant.status() == GrantStatus::Revoked {
+        return Err(Page::Revoked);
+    }
+    if grant.oauth_nonce != nonce {
+        return Err(Page::Used);
+    }
+    let row = LinkRow::new(
+        &grant.business_id,
+        &grant.customer_id,
+        user.id.to_string(),
+        db::SealedTokens::seal(
+            &st.cipher,
             &grant.business_id,
             &grant.customer_id,
-            user.id.to_string(),
-            db::SealedTokens::seal(
-                &st.cipher,
-                &grant.business_id,
-                &grant.customer_id,
-                &tokens.access_token,
-                tokens.refresh_token.as_ref(),
-            ),
-            now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
-            tokens.scope.clone(),
-        )
-        .issued_by(bot.issuer());
-        db::set_nonce(
-            &mut tx,
-            &grant.id,
-            &LinkBuilder::new_nonce(),
-            now + st.links.ttl,
-            now,
-        )
+            &tokens.access_token,
+            tokens.refresh_token.as_ref(),
+        ),
+        now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
+        tokens.scope.clone(),
+    )
+    .issued_by(bot.issuer());
+    db::set_nonce(
+        &mut tx,
+        &grant.id,
+        &LinkBuilder::new_nonce(),
+        now + st.links.ttl,
+        now,
+    )
+    .await
+    .map_err(db_failed)?;
+    let names = (user.username.as_str(), user.global_name.as_deref());
+    let Linked { previous, shared } = link_account(&mut tx, &row, names, Some(&grant.id), now)
         .await
         .map_err(db_failed)?;
-        let names = (user.username.as_str(), user.global_name.as_deref());
-        let Linked { previous, shared } = link_account(&mut tx, &row, names, Some(&grant.id), now)
-            .await
-            .map_err(db_failed)?;
-        let ent = setup::entitlement(&mut tx, &grant.entitlement_id)
-            .await
-            .map_err(db_failed)?;
-        let guild_id = ent.map(|e| e.guild_id).unwrap_or_default();
-        // The name the server had when the merchant connected it: asking Discord would
-        // cost every customer's sign-in a third request of the shared side budget.
-        let known_name = setup::guild_name(&mut tx, &grant.business_id, &guild_id)
-            .await
-            .map_err(db_failed)?;
-        tx.commit().await.map_err(db_failed)?;
-        (guild_id, known_name, previous, shared)
-    };
-    let switched = previous.is_some();
-    if let Some(old) = previous {
-        revoke_left_tokens(st, old, &grant.customer_id).await;
-    }
-    tracing::info!(grant_id = %grant.id, discord_user_id = %user.id, "customer linked a Discord account");
-    // The server's name is a courtesy: if Discord does not answer, show the id.
-    let guild_name = match (known_name, Snowflake::parse(&guild_id)) {
-        (Some(name), _) => name,
-        (None, Some(g)) => bot
-            .side
-            .guild(g)
-            .await
-            .map(|g| g.name)
-            .unwrap_or_else(|_| "the server".into()),
-        (None, None) => "the server".into(),
-    };
-    Ok(Page::Connected {
-        guild_name,
+    let ent = setup::entitlement(&mut tx, &grant.entitlement_id)
+        .await
+        .map_err(db_failed)?;
+    let guild_id = ent.map(|e| e.guild_id).unwrap_or_default();
+    // The name the server had when the merchant connected it: asking Discord would
+    // cost every customer's sign-in a third request of the shared side budget.
+    let known_name = setup::guild_name(&mut tx, &grant.business_id, &guild_id)
+        .await
+        .map_err(db_failed)?;
+    tx.commit().await.map_err(db_failed)?;
+    Ok(Recorded {
         guild_id,
-        account: user
-            .global_name
-            .clone()
-            .unwrap_or_else(|| user.username.clone()),
-        switched,
+        known_name,
+        previous,
         shared,
     })
 }
