@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use guildgate::app::{App, Options};
 use guildgate::config::Settings;
-use guildgate::ids::BusinessId;
+use guildgate::domain::ids::BusinessId;
 use lapin::options::*;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use rand::Rng;

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use guildgate::config::Settings;
 use guildgate::discord::permissions;
-use guildgate::reconcile::{DriftKind, Reconciler, Scope};
+use guildgate::domain::compare::DriftKind;
+use guildgate::reconcile::{Reconciler, Scope};
 use guildgate::store;
 use sandbox_discord::{GuildSpec, Sandbox, SandboxConfig};
 
@@ -136,7 +137,9 @@ async fn parent(members: usize) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let db_base = std::env::var("GUILDGATE_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let tag = guildgate::ids::mint("b").to_lowercase().replace('_', "");
+    let tag = guildgate::domain::ids::mint("b")
+        .to_lowercase()
+        .replace('_', "");
     let db_name = format!("ggbench_{tag}");
     let mut admin = world::create_database(&db_base, &db_name).await;
     let db_url = format!("{db_base}/{db_name}");

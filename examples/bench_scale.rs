@@ -207,7 +207,9 @@ async fn round(events: usize, msgs: &[workload::Msg], distinct: usize, n: usize)
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
     let amqp_url = std::env::var("GUILDGATE_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let tag = guildgate::ids::mint("s").to_lowercase().replace('_', "");
+    let tag = guildgate::domain::ids::mint("s")
+        .to_lowercase()
+        .replace('_', "");
     let db_name = format!("ggbench_{tag}");
     let prefix = format!("ggbench-{tag}");
     let mut admin = world::create_database(&db_base, &db_name).await;

@@ -27,7 +27,7 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use guildgate::app::{App, Options};
 use guildgate::config::Settings;
-use guildgate::grants::Grant;
+use guildgate::domain::{Grant, GrantStatus, RevocationReason};
 use guildgate::grants::link::LinkBuilder;
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -274,7 +274,10 @@ async fn main() {
                  "customer": cust, "subscription_id": null, "product_cart": [{"product_id": product, "quantity": 1}],
                  "total_amount": 4900, "currency": "USD", "status": "succeeded"}
     }), &format!("evt_pay{run}")).await;
-    let g = wait_grant(&pool, &customer, "Pending", |g| g.status == "Pending").await;
+    let g = wait_grant(&pool, &customer, "Pending", |g| {
+        g.status == GrantStatus::Pending
+    })
+    .await;
     let url = links.url(&g.business_id, &g.id, &g.oauth_nonce, g.oauth_expires_at);
     println!("   grant {} is Pending", g.id);
     let raw = tokio::time::timeout(Duration::from_secs(30), inbox.recv())
@@ -329,7 +332,10 @@ async fn main() {
         .and_then(|t| t.split("</title>").next())
         .unwrap_or("?");
     println!("   result page: \"{title}\"");
-    let g = wait_grant(&pool, &customer, "Delivered", |g| g.status == "Delivered").await;
+    let g = wait_grant(&pool, &customer, "Delivered", |g| {
+        g.status == GrantStatus::Delivered
+    })
+    .await;
     let member = sandbox.member(guild.guild_id, ada).expect("ada joined");
     println!(
         "   grant {} is Delivered; in Discord ada holds roles {:?} (Patrons = {role})",
@@ -362,7 +368,10 @@ async fn main() {
         "data": {"payload_type": "Refund", "refund_id": format!("ref_demo{run}"), "payment_id": payment, "business_id": BUSINESS,
                  "is_partial": false, "amount": 4900, "currency": "USD", "status": "succeeded"}
     }), &format!("evt_ref{run}")).await;
-    let g = wait_grant(&pool, &customer, "Revoked", |g| g.status == "Revoked").await;
+    let g = wait_grant(&pool, &customer, "Revoked", |g| {
+        g.status == GrantStatus::Revoked
+    })
+    .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while sandbox
         .member(guild.guild_id, ada)
@@ -378,7 +387,7 @@ async fn main() {
     println!(
         "   grant {} is Revoked ({}); ada's roles now {:?}",
         g.id,
-        g.revocation_reason.as_deref().unwrap_or("?"),
+        g.revocation_reason.map_or("?", RevocationReason::as_str),
         roles
     );
 

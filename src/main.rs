@@ -428,7 +428,7 @@ async fn reconcile(
         None => settings.reconcile.policy,
     };
     if let Some(g) = &guild
-        && guildgate::discord::Snowflake::parse(g).is_none()
+        && guildgate::domain::Snowflake::parse(g).is_none()
     {
         return Err(format!("--guild: '{g}' is not a Discord id"));
     }
@@ -498,7 +498,7 @@ async fn api_key(settings: &Settings, cmd: ApiKeyCommand) -> Result<(), String> 
     let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
     match cmd {
         ApiKeyCommand::Create { business_id, name } => {
-            let business = guildgate::ids::BusinessId::parse(business_id)
+            let business = guildgate::domain::ids::BusinessId::parse(business_id)
                 .map_err(|e| format!("--business-id: {e}"))?;
             let (id, key) =
                 guildgate::web::api::auth::create_api_key(&mut conn, &business, name.as_deref())

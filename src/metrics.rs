@@ -203,7 +203,7 @@ impl Metrics {
     pub fn event(&self, event_type: &str, outcome: &'static str) {
         self.events_settled
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let label = crate::events::known_type(event_type).unwrap_or(OTHER_TYPE);
+        let label = crate::domain::event::known_type(event_type).unwrap_or(OTHER_TYPE);
         self.events
             .get_or_create(&vec![
                 ("type", label.to_string()),

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use common::events::*;
 use common::wait_for;
 use discord_world::{BOT_PERMISSIONS, World};
-use guildgate::ids::BusinessId;
+use guildgate::domain::ids::BusinessId;
 use reqwest::Method;
 use sandbox_discord::{Consent, GuildIds, GuildSpec, RoleSpec, permissions};
 use secrecy::ExposeSecret;
@@ -3357,7 +3357,7 @@ async fn a_grace_period_keeps_access_until_it_ends_unless_the_subscription_retur
     assert!(fired <= 1);
     let revoked = w.wait_status(&grant.id, "Revoked").await;
     assert_eq!(
-        revoked.revocation_reason.as_deref(),
+        revoked.revocation_reason.map(|r| r.as_str()),
         Some("subscription_failed")
     );
     wait_for("the role taken away", || async {
@@ -3394,7 +3394,7 @@ async fn a_grace_period_keeps_access_until_it_ends_unless_the_subscription_retur
     sub("cancelled", "sub_2", "cus_2", "cancelled", &at(8), "evt_8").await;
     let revoked = w.wait_status(&second.id, "Revoked").await;
     assert_eq!(
-        revoked.revocation_reason.as_deref(),
+        revoked.revocation_reason.map(|r| r.as_str()),
         Some("subscription_cancelled")
     );
     w.stop().await;
@@ -3472,7 +3472,10 @@ async fn comp_access_is_given_without_a_payment_and_expires() {
     let timers = pass_due_time(&w, &id).await;
     timers.fire_due().await.unwrap();
     let revoked = w.wait_status(&id, "Revoked").await;
-    assert_eq!(revoked.revocation_reason.as_deref(), Some("expired"));
+    assert_eq!(
+        revoked.revocation_reason.map(|r| r.as_str()),
+        Some("expired")
+    );
     wait_for("the role taken away", || async {
         (!w.has_role(g.guild_id, u, role)).then_some(())
     })

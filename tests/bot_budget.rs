@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use guildgate::config::Settings;
 use guildgate::discord::DiscordClient;
-use guildgate::discord::Snowflake;
 use guildgate::discord::invalid::InvalidRequests;
 use guildgate::discord::ratelimit::Budget;
 use guildgate::discord::shared::{SIDE, SharedLimits};
+use guildgate::domain::Snowflake;
 use guildgate::metrics::Metrics;
 use sandbox_discord::{GuildSpec, Sandbox, SandboxConfig, UserSpec, permissions};
 

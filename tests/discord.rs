@@ -1172,7 +1172,7 @@ fn sandbox_cfg_without_syncer() -> TestConfig {
 // The OAuth callback's limits: per link and per client address.
 
 /// The signed `state` of a grant's current link.
-fn state_of(w: &World, grant: &guildgate::grants::Grant) -> String {
+fn state_of(w: &World, grant: &guildgate::domain::Grant) -> String {
     url::Url::parse(&w.oauth_url(grant))
         .unwrap()
         .query_pairs()

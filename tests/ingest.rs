@@ -85,7 +85,12 @@ async fn statuses(app: &TestApp, customer: &str) -> Vec<(String, Option<String>)
         .grants_of(customer)
         .await
         .into_iter()
-        .map(|g| (g.status, g.revocation_reason))
+        .map(|g| {
+            (
+                g.status.to_string(),
+                g.revocation_reason.map(|r| r.to_string()),
+            )
+        })
         .collect();
     v.sort();
     v
@@ -226,7 +231,7 @@ async fn each_ending_of_a_subscription_revokes_with_its_reason() {
         assert_eq!(grants.len(), 1, "{kind}");
         assert_eq!(grants[0].status, "Revoked", "{kind}");
         assert_eq!(
-            grants[0].revocation_reason.as_deref(),
+            grants[0].revocation_reason.map(|r| r.as_str()),
             Some(*reason),
             "{kind}"
         );
@@ -300,7 +305,7 @@ async fn plan_change_keeps_shared_revokes_lacking_adds_new() {
     assert_eq!(by_ent(&shared)[0].status, "Pending");
     assert_eq!(by_ent(&basic_only)[0].status, "Revoked");
     assert_eq!(
-        by_ent(&basic_only)[0].revocation_reason.as_deref(),
+        by_ent(&basic_only)[0].revocation_reason.map(|r| r.as_str()),
         Some("plan_changed")
     );
     assert_eq!(by_ent(&vip_only).len(), 1);
@@ -387,7 +392,7 @@ async fn manual_revoke_is_never_followed_by_a_new_grant() {
         guildgate::store::grants::revoke(
             &mut conn,
             &g.id,
-            guildgate::grants::RevocationReason::Manual,
+            guildgate::domain::RevocationReason::Manual,
             chrono::Utc::now(),
         )
         .await
@@ -494,7 +499,7 @@ async fn pause_then_unpause_creates_a_new_grant() {
     assert_eq!(grants[0].status, "Pending");
     assert_eq!(grants[1].status, "Revoked");
     assert_eq!(
-        grants[1].revocation_reason.as_deref(),
+        grants[1].revocation_reason.map(|r| r.as_str()),
         Some("subscription_paused")
     );
     assert_ne!(grants[0].id, grants[1].id);
@@ -884,9 +889,9 @@ async fn the_database_refuses_a_grant_of_another_business_entitlement() {
 /// (it used to be refused and applied event by event).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_and_an_unpause_in_one_batch_apply_together() {
+    use guildgate::domain::decide::Policy;
     use guildgate::events::apply::{Applied, Applier};
     use guildgate::events::decode::{DecodeLimits, Decoded, decode};
-    use guildgate::grants::decide::Policy;
     use guildgate::grants::link::LinkBuilder;
 
     let app = TestApp::spawn_ingest().await;
@@ -915,7 +920,7 @@ async fn a_pause_and_an_unpause_in_one_batch_apply_together() {
         }
     };
     // One batch in one transaction, as the consumer applies it.
-    let apply = async |events: &[&guildgate::events::Event]| {
+    let apply = async |events: &[&guildgate::domain::event::Event]| {
         let mut tx = app.pool.begin().await.unwrap();
         let out = applier
             .apply_batch(&mut tx, events, chrono::Utc::now())
@@ -938,7 +943,7 @@ async fn a_pause_and_an_unpause_in_one_batch_apply_together() {
     assert_eq!(grants[0].status, "Pending");
     assert_eq!(grants[1].status, "Revoked");
     assert_eq!(
-        grants[1].revocation_reason.as_deref(),
+        grants[1].revocation_reason.map(|r| r.as_str()),
         Some("subscription_paused")
     );
     app.stop().await;

@@ -19,7 +19,7 @@ use common::events::*;
 use common::proxy::Proxy;
 use common::{TestApp, TestConfig, wait_for};
 use discord_world::World;
-use guildgate::ids::BusinessId;
+use guildgate::domain::ids::BusinessId;
 use guildgate::webhooks::endpoints::{self, NewEndpoint};
 use guildgate::webhooks::ssrf::TargetPolicy;
 use sandbox_discord::ForcedRateLimit;

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use guildgate::discord::ratelimit::Observed;
+use guildgate::domain::event::{EventKind, SubscriptionEventType};
 use guildgate::events::decode::DecodeLimits;
-use guildgate::events::{Decoded, EventKind, SubscriptionEventType, decode};
+use guildgate::events::{Decoded, decode};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 

@@ -9,8 +9,9 @@ use common::events::*;
 use common::{TestConfig, wait_for};
 use discord_world::{World, sandbox_env};
 use guildgate::app::Options;
-use guildgate::grants::Grant;
-use guildgate::reconcile::{Action, DriftKind, DriftPolicy, Reconciler, Report, Scope};
+use guildgate::domain::Grant;
+use guildgate::domain::compare::DriftKind;
+use guildgate::reconcile::{Action, DriftPolicy, Reconciler, Report, Scope};
 use sandbox_discord::SandboxConfig;
 use secrecy::ExposeSecret;
 
@@ -300,7 +301,7 @@ async fn revoke_policy_revokes_with_platform_external_through_the_binary() {
         })
         .await;
     assert_eq!(
-        revoked.revocation_reason.as_deref(),
+        revoked.revocation_reason.map(|r| r.as_str()),
         Some("platform_external")
     );
     let queue = w.app.names.grant_events();
@@ -434,7 +435,7 @@ async fn a_shared_accounts_removed_role_revokes_every_grant_that_gave_it() {
             })
             .await;
         assert_eq!(
-            revoked.revocation_reason.as_deref(),
+            revoked.revocation_reason.map(|r| r.as_str()),
             Some("platform_external")
         );
     }

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use guildgate::ids::BusinessId;
+use guildgate::domain::ids::BusinessId;
 use python::{TMP, Tool};
 use reqwest::Method;
 use secrecy::ExposeSecret;

@@ -1480,7 +1480,7 @@ impl Api {
         let mut conn = app.pool.acquire().await.unwrap();
         let (_, key) = guildgate::web::api::auth::create_api_key(
             &mut conn,
-            &guildgate::ids::BusinessId::parse(business).unwrap(),
+            &guildgate::domain::ids::BusinessId::parse(business).unwrap(),
             Some("test"),
         )
         .await

@@ -13,13 +13,13 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use tokio::sync::OnceCell;
 
-use super::Snowflake;
 use super::error::{DiscordError, HumanCode};
 use super::invalid::InvalidRequests;
 use super::ratelimit::{Budget, Observed, Verb};
 use super::shared::SharedLimits;
 use super::stops::{Remembered, StopKey};
 use crate::config::DiscordSettings;
+use crate::domain::Snowflake;
 use crate::metrics::Metrics;
 
 /// 429s asking for at most this long are waited out inline; longer ones go back to the

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::Snowflake;
+use crate::domain::Snowflake;
 
 /// How long a remembered stop holds requests back.
 pub const REMEMBERED: Duration = Duration::from_secs(10);

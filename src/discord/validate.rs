@@ -4,7 +4,8 @@
 
 use super::client::{DiscordClient, Role};
 use super::error::{DiscordError, HumanCode};
-use super::{Snowflake, permissions};
+use super::permissions;
+use crate::domain::Snowflake;
 
 /// One thing a merchant must fix.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]

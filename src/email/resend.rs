@@ -5,7 +5,7 @@
 use sqlx::PgConnection;
 
 use super::Job;
-use crate::grants::{Grant, GrantStatus};
+use crate::domain::{Grant, GrantStatus};
 use crate::store::email as db;
 use crate::store::grants as grant_store;
 
@@ -44,7 +44,7 @@ pub async fn queue(
     let Some(grant) = grant_store::get_for_update(tx, &grant.id).await? else {
         return Ok(Err(Refused::Revoked));
     };
-    if grant.status() == GrantStatus::Revoked {
+    if grant.status == GrantStatus::Revoked {
         return Ok(Err(Refused::Revoked));
     }
     if db::contact(tx, &grant.business_id, &grant.customer_id)

@@ -28,7 +28,8 @@ use super::compose::{self, Draft, Letter};
 use super::transport::Mailer;
 use super::{Job, Kind};
 use crate::amqp::{self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, header_int};
-use crate::grants::GrantStatus;
+use crate::domain::GrantStatus;
+use crate::domain::retry;
 use crate::grants::history;
 use crate::grants::link::LinkBuilder;
 use crate::i18n::Lang;
@@ -36,7 +37,6 @@ use crate::metrics::Metrics;
 use crate::store::email::{self as db, Context};
 use crate::store::grants as grant_store;
 use crate::store::grants::renew_link;
-use crate::webhooks::schedule::{self, AttemptResult, Next};
 
 /// What to do with an email.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,7 +157,7 @@ impl EmailWorker {
         let letter = match decide(
             kind,
             &row.status,
-            grant.status(),
+            grant.status,
             ctx.send_email,
             to.is_some(),
         ) {
@@ -175,7 +175,9 @@ impl EmailWorker {
         if let Some(wait) = self.recipient_full(&mut conn, &key, now).await? {
             self.count(kind, "deferred");
             return Ok(Outcome::Retry {
-                delay: schedule::tier_at_least(wait, &self.retry_delays),
+                delay: retry::next(0, wait, &self.retry_delays)
+                    .expect("email.retry_delays is never empty")
+                    .delay,
                 attempt,
                 label: "deferred",
             });
@@ -294,14 +296,10 @@ impl EmailWorker {
     ) -> Result<Outcome, sqlx::Error> {
         let kind = job.kind();
         let attempts = i32::try_from(this_attempt).unwrap_or(i32::MAX);
-        let failed = AttemptResult::Failed { retry_after: None };
         let next = if e.permanent {
             None
         } else {
-            match schedule::next(this_attempt, &failed, &self.retry_delays) {
-                Next::RetryIn(delay) => Some(delay),
-                _ => None,
-            }
+            retry::next(this_attempt - 1, Duration::ZERO, &self.retry_delays).map(|r| r.delay)
         };
         if let Some(delay) = next {
             db::attempt_failed(conn, &job.email_id, attempts, &e.detail).await?;
@@ -336,7 +334,7 @@ impl EmailWorker {
 
     fn compose(
         &self,
-        grant: &crate::grants::Grant,
+        grant: &crate::domain::Grant,
         ctx: &Context,
         letter: Letter,
         to: Mailbox,

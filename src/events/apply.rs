@@ -1,4 +1,4 @@
-//! The shell around [`crate::grants::decide`]: load what a batch of events needs, decide
+//! The shell around [`crate::domain::decide`]: load what a batch of events needs, decide
 //! each event in order, and write the effects — grant rows, bookkeeping, outbox rows and
 //! the processed event ids that make a redelivery a no-op — in the caller's transaction.
 //!
@@ -17,12 +17,12 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use super::{Event, EventKind};
-use crate::grants::decide::{self, Effect, Facts, GrantFact, GrantSource, Policy, Verdict};
+use crate::domain::decide::{self, Effect, Facts, GrantFact, GrantSource, Policy, Verdict};
+use crate::domain::event::{Event, EventKind};
+use crate::domain::ids::{BrandId, CustomerId, EntitlementId, GrantId, ProductId, SubscriptionId};
+use crate::domain::{Grant, GrantEventType, GrantStatus, RevocationReason};
 use crate::grants::link::LinkBuilder;
 use crate::grants::render::webhook_body;
-use crate::grants::{Grant, GrantEventType, GrantStatus, RevocationReason};
-use crate::ids::{BrandId, CustomerId, EntitlementId, GrantId, ProductId, SubscriptionId};
 use crate::outbox::produce::{GRANT_EVENTS_PER_MESSAGE, grant_events_bundle, sync_job};
 use crate::store::outbox::OutboxKind;
 use crate::store::{grants as grant_store, ingest as db};
@@ -263,7 +263,7 @@ impl Applier {
         let live = |gs: Option<&Vec<Grant>>| -> Vec<GrantFact> {
             gs.into_iter()
                 .flatten()
-                .filter(|g| g.status().is_live())
+                .filter(|g| g.status.is_live())
                 .filter_map(fact_of)
                 .collect()
         };
@@ -329,9 +329,7 @@ impl Applier {
                 }
                 facts.manually_revoked = latest
                     .values()
-                    .filter(|g| {
-                        g.revocation_reason.as_deref() == Some(RevocationReason::Manual.as_str())
-                    })
+                    .filter(|g| g.revocation_reason == Some(RevocationReason::Manual))
                     .filter_map(|g| EntitlementId::parse(g.entitlement_id.as_str()).ok())
                     .collect();
                 facts.grace_days = state
@@ -466,7 +464,7 @@ impl Applier {
             customer_id: customer_id.to_string(),
             payment_id,
             subscription_id,
-            status: GrantStatus::Pending.as_str().to_string(),
+            status: GrantStatus::Pending,
             delivered_at: None,
             revoked_at: None,
             revocation_reason: None,
@@ -527,11 +525,11 @@ impl Applier {
             .flatten()
             .find(|g| g.id == grant_id);
         if let Some(g) = grant
-            && g.status().is_live()
+            && g.status.is_live()
         {
-            g.status = GrantStatus::Revoked.as_str().to_string();
+            g.status = GrantStatus::Revoked;
             g.revoked_at = Some(now);
-            g.revocation_reason = Some(reason.as_str().to_string());
+            g.revocation_reason = Some(reason);
             g.updated_at = now;
             let needs_sync = g.applied_user_id.is_some()
                 || state.linked.contains(&key(&g.business_id, &g.customer_id));
@@ -622,7 +620,7 @@ fn fact_of(g: &Grant) -> Option<GrantFact> {
         id: g.id.clone(),
         entitlement_id: EntitlementId::parse(g.entitlement_id.as_str()).ok()?,
         customer_id: CustomerId::parse(g.customer_id.as_str()).ok()?,
-        status: GrantStatus::parse(&g.status)?,
+        status: g.status,
         in_grace: g.subscription_id.is_some() && g.ends_at.is_some(),
     })
 }
@@ -821,10 +819,10 @@ fn start_grace(
         .sub_grants
         .values_mut()
         .flatten()
-        .find(|g| g.id == grant_id && g.status().is_live())
+        .find(|g| g.id == grant_id && g.status.is_live())
     {
         g.ends_at = Some(until);
-        g.ends_reason = Some(reason.as_str().to_string());
+        g.ends_reason = Some(reason);
         g.updated_at = now;
         writes.grace.push(db::GraceRow {
             grant_id: g.id.clone(),

@@ -21,11 +21,11 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::Event;
 use super::apply::{Applied, Applier, lock_keys_of};
 use super::decode::{DecodeError, DecodeLimits, Decoded, decode};
 use crate::amqp::dlq;
 use crate::amqp::{self, Broker, BrokerError, Names, Outgoing, header_str};
+use crate::domain::event::Event;
 use crate::metrics::Metrics;
 use crate::store;
 

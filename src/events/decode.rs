@@ -11,11 +11,11 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-use super::{
+use crate::domain::event::{
     Dispute, Event, EventKind, Payment, Refund, Subscription, SubscriptionEventType,
     SubscriptionStatus,
 };
-use crate::ids::{
+use crate::domain::ids::{
     BrandId, BusinessId, CustomerId, EventId, IdError, PaymentId, ProductId, SubscriptionId,
 };
 
@@ -241,7 +241,7 @@ pub fn decode(
             event_type,
         });
     }
-    if super::known_type(&event_type).is_none() {
+    if crate::domain::event::known_type(&event_type).is_none() {
         return Ok(Decoded::Ignored { event_type });
     }
     // Any string, read or not: PostgreSQL stores no U+0000, and an event is refused

@@ -7,7 +7,7 @@
 //! transaction.
 //!
 //! A duplicate of an event whose id was pruned is recognised by the state its first
-//! application recorded (see [`crate::grants::decide`]'s `Repeat`): its payment, its
+//! application recorded (see [`crate::domain::decide`]'s `Repeat`): its payment, its
 //! reversal, or its id among those its subscription applied at its last event time.
 
 use std::sync::Arc;

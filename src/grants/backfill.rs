@@ -21,9 +21,9 @@ use chrono::Utc;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::GrantEventType;
 use super::history;
 use super::link::LinkBuilder;
+use crate::domain::GrantEventType;
 use crate::events::apply::subscription_key;
 use crate::outbox::emit;
 use crate::store::{backfill as db, ingest};

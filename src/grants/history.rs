@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::PgConnection;
 
-use super::Grant;
+use crate::domain::Grant;
 
 /// One entry of a grant's history.
 #[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -71,7 +71,7 @@ pub async fn of(conn: &mut PgConnection, g: &Grant) -> Result<Vec<Entry>, sqlx::
         out.push(Entry {
             at,
             event: "revoked".into(),
-            detail: json!({ "reason": g.revocation_reason }),
+            detail: json!({ "reason": g.revocation_reason.map(crate::domain::RevocationReason::as_str) }),
         });
     }
     // Stable: entries recorded in one transaction share a time and keep their order.

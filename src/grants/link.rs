@@ -247,7 +247,7 @@ impl LinkBuilder {
 
     /// A fresh link nonce.
     pub fn new_nonce() -> String {
-        crate::ids::mint("n")
+        crate::domain::ids::mint("n")
     }
 }
 

@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::link::LinkBuilder;
-use super::{Grant, GrantEventType};
+use crate::domain::{Grant, GrantEventType};
 
 /// Timestamps as the platform writes them: RFC 3339, whole seconds, `Z`.
 pub fn ts(t: DateTime<Utc>) -> String {
@@ -56,14 +56,16 @@ impl<'a> GrantObject<'a> {
             customer_id: &g.customer_id,
             payment_id: g.payment_id.as_deref(),
             subscription_id: g.subscription_id.as_deref(),
-            status: &g.status,
+            status: g.status.as_str(),
             integration_type: "discord",
             license_key: None,
             digital_product_delivery: None,
             feature: None,
             delivered_at: g.delivered_at.map(ts),
             revoked_at: g.revoked_at.map(ts),
-            revocation_reason: g.revocation_reason.as_deref(),
+            revocation_reason: g
+                .revocation_reason
+                .map(crate::domain::RevocationReason::as_str),
             error_code: g.error_code.as_deref(),
             error_message: g.error_message.as_deref(),
             oauth_url: links.url(&g.business_id, &g.id, &g.oauth_nonce, g.oauth_expires_at),
@@ -136,7 +138,7 @@ mod tests {
             customer_id: "cus_8wM2kq1Zr7".into(),
             payment_id: None,
             subscription_id: Some("sub_0NXzr8fEJ4".into()),
-            status: "Pending".into(),
+            status: crate::domain::GrantStatus::Pending,
             delivered_at: None,
             revoked_at: None,
             revocation_reason: None,

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::history;
 use super::link::LinkBuilder;
-use super::{GrantEventType, RevocationReason};
+use crate::domain::{GrantEventType, RevocationReason};
 use crate::events::apply::subscription_key;
 use crate::outbox::emit;
 use crate::store::{grants as grant_store, ingest};
@@ -67,13 +67,13 @@ impl Timers {
             };
             emit(&mut tx, &self.links, &g, GrantEventType::Revoked, now).await?;
             // A comp grant's expiry is its `revoked` entry; a grace period ends too.
-            if g.revocation_reason.as_deref() != Some(RevocationReason::Expired.as_str()) {
+            if g.revocation_reason != Some(RevocationReason::Expired) {
                 history::record(
                     &mut tx,
                     &g.id,
                     now,
                     "grace_ended",
-                    serde_json::json!({"outcome": "revoked", "reason": g.revocation_reason}),
+                    serde_json::json!({"outcome": "revoked", "reason": g.revocation_reason.map(RevocationReason::as_str)}),
                 )
                 .await?;
             }
@@ -82,7 +82,10 @@ impl Timers {
                 .grant_timers
                 .get_or_create(&vec![(
                     "reason",
-                    g.revocation_reason.clone().unwrap_or_default(),
+                    g.revocation_reason
+                        .map(RevocationReason::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
                 )])
                 .inc();
             revoked += 1;

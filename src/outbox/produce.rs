@@ -6,9 +6,9 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
+use crate::domain::{Grant, GrantEventType};
 use crate::grants::link::LinkBuilder;
 use crate::grants::render::webhook_body;
-use crate::grants::{Grant, GrantEventType};
 use crate::store::outbox::{self, OutboxKind};
 
 /// Grant webhooks an ingest batch writes to one outbox row (one message), at most. A
@@ -25,7 +25,7 @@ pub fn grant_event_id(grant_id: &str, event: GrantEventType) -> String {
 
 pub fn sync_job(grant_id: &str) -> (String, Vec<u8>) {
     (
-        format!("sync:{grant_id}:{}", crate::ids::mint("s")),
+        format!("sync:{grant_id}:{}", crate::domain::ids::mint("s")),
         serde_json::to_vec(&serde_json::json!({ "grant_id": grant_id }))
             .expect("a JSON value serializes"),
     )
@@ -73,7 +73,10 @@ pub fn grant_events_bundle(bodies: &[Vec<u8>]) -> (String, Vec<u8>) {
         bundle.extend_from_slice(body);
     }
     bundle.push(b']');
-    (format!("grant-events:{}", crate::ids::mint("b")), bundle)
+    (
+        format!("grant-events:{}", crate::domain::ids::mint("b")),
+        bundle,
+    )
 }
 
 /// Writes an email job.

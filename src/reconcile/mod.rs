@@ -11,8 +11,6 @@
 //! Members holding a gated role without a grant ([`DriftKind::Ungranted`]) are only
 //! reported: guildgate never touches a member it did not grant.
 
-pub mod compare;
-
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
@@ -21,11 +19,12 @@ use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-pub use self::compare::{DiscordState, DriftKind, Finding, GatedRole, GrantRow, compare};
 pub use crate::config::DriftPolicy;
-use crate::discord::{Bots, DiscordClient, Snowflake};
+use crate::discord::{Bots, DiscordClient};
+use crate::domain::Snowflake;
+use crate::domain::compare::{DiscordState, DriftKind, Finding, GatedRole, GrantRow, compare};
+use crate::domain::{GrantEventType, GrantStatus, RevocationReason};
 use crate::grants::link::LinkBuilder;
-use crate::grants::{GrantEventType, GrantStatus, RevocationReason};
 use crate::outbox::{emit, queue_sync};
 use crate::store::grants as grant_store;
 use crate::store::reconcile as listing_store;

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use crate::grants::Grant;
+use crate::domain::Grant;
 use crate::grants::link::LinkBuilder;
 
 /// An entitlement attached to a product, to give to the product's earlier buyers.
@@ -186,7 +186,7 @@ pub async fn give(
          ON CONFLICT DO NOTHING
          RETURNING *",
     )
-    .bind(crate::ids::GrantId::mint().as_str())
+    .bind(crate::domain::ids::GrantId::mint().as_str())
     .bind(&b.business_id)
     .bind(&brand)
     .bind(&b.entitlement_id)

@@ -1,10 +1,80 @@
 //! SQL of the grant aggregate.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgArgumentBuffer, PgRow, PgTypeInfo, PgValueRef, Postgres};
+use sqlx::{PgConnection, Row};
 
+use crate::domain::{Grant, GrantStatus, RevocationReason};
 use crate::grants::link::LinkBuilder;
-use crate::grants::{Grant, GrantStatus, RevocationReason};
+
+/// Grants come out of any `SELECT` or `RETURNING` of all their columns (`*` or `g.*`).
+impl<'r> sqlx::FromRow<'r, PgRow> for Grant {
+    fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Grant {
+            id: row.try_get("id")?,
+            business_id: row.try_get("business_id")?,
+            brand_id: row.try_get("brand_id")?,
+            entitlement_id: row.try_get("entitlement_id")?,
+            customer_id: row.try_get("customer_id")?,
+            payment_id: row.try_get("payment_id")?,
+            subscription_id: row.try_get("subscription_id")?,
+            status: row.try_get("status")?,
+            delivered_at: row.try_get("delivered_at")?,
+            revoked_at: row.try_get("revoked_at")?,
+            revocation_reason: row.try_get("revocation_reason")?,
+            error_code: row.try_get("error_code")?,
+            error_message: row.try_get("error_message")?,
+            oauth_nonce: row.try_get("oauth_nonce")?,
+            oauth_expires_at: row.try_get("oauth_expires_at")?,
+            metadata: row.try_get("metadata")?,
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+            applied_user_id: row.try_get("applied_user_id")?,
+            applied_guild_id: row.try_get("applied_guild_id")?,
+            applied_role_id: row.try_get("applied_role_id")?,
+            intent_user_id: row.try_get("intent_user_id")?,
+            intent_guild_id: row.try_get("intent_guild_id")?,
+            intent_role_id: row.try_get("intent_role_id")?,
+            ends_at: row.try_get("ends_at")?,
+            ends_reason: row.try_get("ends_reason")?,
+        })
+    }
+}
+
+/// A domain value stored as its text (`as_str`), read back with `parse`: a text the
+/// domain does not know is an error, never taken for another value.
+macro_rules! stored_as_text {
+    ($t:ty, $what:literal) => {
+        impl sqlx::Type<Postgres> for $t {
+            fn type_info() -> PgTypeInfo {
+                <&str as sqlx::Type<Postgres>>::type_info()
+            }
+
+            fn compatible(ty: &PgTypeInfo) -> bool {
+                <&str as sqlx::Type<Postgres>>::compatible(ty)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, Postgres> for $t {
+            fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+                let text = <&str as sqlx::Decode<Postgres>>::decode(value)?;
+                <$t>::parse(text)
+                    .ok_or_else(|| format!(concat!("unknown ", $what, " {:?}"), text).into())
+            }
+        }
+
+        impl sqlx::Encode<'_, Postgres> for $t {
+            fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+                <&str as sqlx::Encode<Postgres>>::encode(self.as_str(), buf)
+            }
+        }
+    };
+}
+
+stored_as_text!(GrantStatus, "grant status");
+stored_as_text!(RevocationReason, "revocation reason");
 
 /// A grant to insert.
 #[derive(Clone, Debug)]
@@ -28,7 +98,7 @@ pub async fn insert(conn: &mut PgConnection, g: NewGrant<'_>) -> Result<Grant, s
          VALUES ($1, $2, $3, $4, $5, $6, $7, 'Pending', $8, $9, $10, $10)
          RETURNING *",
     )
-    .bind(crate::ids::GrantId::mint().as_str())
+    .bind(crate::domain::ids::GrantId::mint().as_str())
     .bind(g.business_id)
     .bind(g.brand_id)
     .bind(g.entitlement_id)
@@ -220,7 +290,7 @@ pub async fn renew_link(
     grant: &Grant,
     now: DateTime<Utc>,
 ) -> Result<Grant, sqlx::Error> {
-    if grant.status() != GrantStatus::Pending || grant.oauth_expires_at > now {
+    if grant.status != GrantStatus::Pending || grant.oauth_expires_at > now {
         return Ok(grant.clone());
     }
     match crate::sync::store::renew_nonce_if_expired(

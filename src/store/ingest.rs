@@ -1,11 +1,11 @@
 //! SQL of ingest bookkeeping: processed event ids, subscription snapshots, payments and
-//! their reversals, and the lookups that build [`crate::grants::decide::Facts`].
+//! their reversals, and the lookups that build [`crate::domain::decide::Facts`].
 
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::col;
-use crate::grants::Grant;
+use crate::domain::Grant;
 
 /// Serialises work on the same subscription or payment across consumers: a transaction
 /// takes the advisory locks of every key it will touch, in sorted order (so two batches
@@ -499,7 +499,10 @@ pub async fn write_batch(conn: &mut PgConnection, rows: &BatchRows<'_>) -> Resul
         .bind(col(g, |g| g.subscription_id.as_deref()))
         .bind(col(g, |g| g.status.as_str()))
         .bind(col(g, |g| g.revoked_at))
-        .bind(col(g, |g| g.revocation_reason.as_deref()))
+        .bind(col(g, |g| {
+            g.revocation_reason
+                .map(crate::domain::RevocationReason::as_str)
+        }))
         .bind(col(g, |g| g.oauth_nonce.as_str()))
         .bind(col(g, |g| g.oauth_expires_at))
         .bind(col(g, |g| g.created_at))
@@ -524,12 +527,12 @@ pub async fn write_batch(conn: &mut PgConnection, rows: &BatchRows<'_>) -> Resul
         .bind(col(done, |r| r.event_type))
         .bind(col(done, |r| r.business_id.as_str()))
         .bind(col(done, |r| r.outcome))
-        // Event ids never hold a space (crate::ids), so one string per row carries its
+        // Event ids never hold a space (crate::domain::ids), so one string per row carries its
         // list through unnest, which cannot take arrays of unequal length.
         .bind(col(s, |r| {
             r.last_event_ids.as_ref().map(|ids| ids.join(" "))
         }))
-        // Product ids never hold a space either (crate::ids).
+        // Product ids never hold a space either (crate::domain::ids).
         .bind(col(p, |r| r.product_ids.as_str()))
         .execute(conn)
         .await?;

@@ -64,7 +64,7 @@ pub async fn insert_entitlement(
         "INSERT INTO entitlements (id, business_id, name, guild_id, role_id) VALUES ($1, $2, $3, $4, $5)
          RETURNING *",
     )
-    .bind(crate::ids::EntitlementId::mint().as_str())
+    .bind(crate::domain::ids::EntitlementId::mint().as_str())
     .bind(business_id)
     .bind(name)
     .bind(guild_id)

@@ -80,7 +80,7 @@ impl Default for Lanes {
     fn default() -> Self {
         Self {
             lanes: Arc::default(),
-            holder: crate::ids::mint("syncer").into(),
+            holder: crate::domain::ids::mint("syncer").into(),
         }
     }
 }

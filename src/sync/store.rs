@@ -6,7 +6,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgConnection;
 
 use crate::crypto::{DecryptError, TokenCipher};
-use crate::grants::Grant;
+use crate::domain::Grant;
 
 /// A customer's linked Discord account, tokens still encrypted.
 #[derive(Clone, Debug, sqlx::FromRow)]

@@ -24,10 +24,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::Outcome;
 use super::lanes::{self, Lane, Lanes};
 use super::stops;
 use super::store::{self as db, LinkRow};
-use super::{Outcome, next_retry};
 use crate::amqp::{
     self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, REASON_HEADER, header_int,
     header_str,
@@ -35,12 +35,14 @@ use crate::amqp::{
 use crate::crypto::TokenCipher;
 use crate::discord::bots::BotError;
 use crate::discord::client::{AddMember, MemberChange};
-use crate::discord::plan::{self, Access, Call, MemberState};
 use crate::discord::validate::explain_missing_permissions;
-use crate::discord::{Bots, DiscordClient, DiscordError, HumanCode, Snowflake};
+use crate::discord::{Bots, DiscordClient, DiscordError, HumanCode};
+use crate::domain::Snowflake;
+use crate::domain::plan::{self, Access, Call, MemberState};
+use crate::domain::retry;
+use crate::domain::{Grant, GrantEventType, GrantStatus};
 use crate::grants::history;
 use crate::grants::link::LinkBuilder;
-use crate::grants::{Grant, GrantEventType, GrantStatus};
 use crate::metrics::Metrics;
 use crate::outbox::emit;
 use crate::store::{self, grants as grant_store, setup};
@@ -189,10 +191,10 @@ impl SyncWorker {
                 tracing::error!(business_id = %business, error = %e, "cannot use the business's bot");
                 let reason = e.to_string();
                 return Ok(
-                    match next_retry(attempt, Duration::ZERO, &self.retry_delays) {
-                        Some((attempt, delay)) => Outcome::Retry {
-                            attempt,
-                            delay,
+                    match retry::next(attempt, Duration::ZERO, &self.retry_delays) {
+                        Some(r) => Outcome::Retry {
+                            attempt: r.tier as u32 + 1,
+                            delay: r.delay,
                             reason,
                         },
                         None => Outcome::DeadLetter {
@@ -405,7 +407,7 @@ impl SyncWorker {
     /// there, changes nothing.
     async fn record_intent(&self, job: &mut Job) -> Result<(), sqlx::Error> {
         let g = &job.grant;
-        if !g.status().is_live() {
+        if !g.status.is_live() {
             return Ok(());
         }
         let user = job
@@ -507,7 +509,7 @@ impl SyncWorker {
     /// from what was assumed; every call is idempotent.
     async fn sync(&self, job: &Job) -> Result<Synced, SyncFailure> {
         let g = &job.grant;
-        let live = g.status().is_live();
+        let live = g.status.is_live();
         let Some(guild) = job.guild else {
             if live {
                 return Err(DiscordError::human(
@@ -533,7 +535,7 @@ impl SyncWorker {
         // delivery just tries to add, which also says whether they were in.
         let mut member = MemberState::Unknown;
         if live
-            && g.status() == GrantStatus::Delivered
+            && g.status == GrantStatus::Delivered
             && let Some(d) = desired
             && job.held == [d]
         {
@@ -1018,7 +1020,7 @@ impl SyncWorker {
         }
         let mut label = if s.plan.awaiting_link {
             "awaiting_link"
-        } else if !job.grant.status().is_live() {
+        } else if !job.grant.status.is_live() {
             "revoked"
         } else {
             "in_sync"
@@ -1026,7 +1028,7 @@ impl SyncWorker {
         // Revoked meanwhile: keep the record of what was applied (the revoke's own job
         // undoes it), but do not deliver.
         if s.plan.delivers
-            && grant.status().is_live()
+            && grant.status.is_live()
             && let Some(delivered) = db::mark_delivered(&mut tx, &grant.id, now).await?
         {
             emit(
@@ -1072,8 +1074,9 @@ impl SyncWorker {
             return Ok(Outcome::Ack("needs_human"));
         }
         let wait = e.retry_after().unwrap_or_default();
-        match next_retry(attempt, wait, &self.retry_delays) {
-            Some((attempt, delay)) => {
+        match retry::next(attempt, wait, &self.retry_delays) {
+            Some(retry::Retry { tier, delay }) => {
+                let attempt = tier as u32 + 1;
                 tracing::info!(grant_id = %g.id, error = %e, attempt, ?delay, "Discord sync will be retried");
                 Ok(Outcome::Retry {
                     attempt,
@@ -1099,7 +1102,7 @@ impl SyncWorker {
     /// A live grant not yet delivered becomes `Failed` (one `failed` webhook per grant).
     /// A delivered or revoked one keeps its status: a grant only moves forward.
     async fn fail(&self, g: &Grant, code: &str, message: &str) -> Result<(), sqlx::Error> {
-        if !matches!(g.status(), GrantStatus::Pending | GrantStatus::Failed) {
+        if !matches!(g.status, GrantStatus::Pending | GrantStatus::Failed) {
             return Ok(());
         }
         let now = Utc::now();
@@ -1542,13 +1545,14 @@ impl Reasons {
         } else {
             format!("guildgate: {} delivered", g.id)
         };
-        let remove = if g.status().is_live() {
+        let remove = if g.status.is_live() {
             format!("guildgate: {} moved to another account or role", g.id)
         } else {
             format!(
                 "guildgate: {} revoked ({})",
                 g.id,
-                g.revocation_reason.as_deref().unwrap_or("revoked")
+                g.revocation_reason
+                    .map_or("revoked", crate::domain::RevocationReason::as_str)
             )
         };
         Self { add, remove }

@@ -27,9 +27,10 @@ use super::AppState;
 use super::accounts::{Linked, link_account, revoke_left_tokens};
 use super::limits::ClientIp;
 use crate::crypto::StateError;
-use crate::discord::{DiscordError, Snowflake};
+use crate::discord::DiscordError;
+use crate::domain::Snowflake;
+use crate::domain::{Grant, GrantStatus};
 use crate::grants::link::{GrantState, LinkBuilder};
-use crate::grants::{Grant, GrantStatus};
 use crate::store::{grants as grant_store, setup};
 use crate::sync::store::{self as db, LinkRow};
 
@@ -346,7 +347,7 @@ async fn grant_of_link(
             // A validly signed state for a grant we do not have: another database.
             .ok_or(Page::Tampered)?
     };
-    if grant.status() == GrantStatus::Revoked {
+    if grant.status == GrantStatus::Revoked {
         return Err(Page::Revoked);
     }
     if grant.oauth_nonce != claims.n {
@@ -396,7 +397,7 @@ async fn record_link(
         .await
         .map_err(db_failed)?
         .ok_or(Page::Tampered)?;
-    if grant.status() == GrantStatus::Revoked {
+    if grant.status == GrantStatus::Revoked {
         return Err(Page::Revoked);
     }
     if grant.oauth_nonce != nonce {

@@ -394,7 +394,7 @@ pub async fn insert(
                                         metadata, rate_limit, headers, idempotency_key)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
     )
-    .bind(crate::ids::mint("ep"))
+    .bind(crate::domain::ids::mint("ep"))
     .bind(business_id)
     .bind(url.as_str())
     .bind(&description)

@@ -26,7 +26,7 @@ use super::deliver::STALLED_AFTER;
 use super::isolation::Isolation;
 use super::{holds, messages, schedule};
 use crate::amqp::{self, Broker, BrokerError, Names, Outgoing};
-use crate::ids::{BusinessId, GrantId};
+use crate::domain::ids::{BusinessId, GrantId};
 use crate::metrics::Metrics;
 use crate::store;
 

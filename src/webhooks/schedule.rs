@@ -5,6 +5,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
+use crate::domain::retry;
+
 /// What one attempt came to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AttemptResult {
@@ -45,34 +47,23 @@ impl GiveUpReason {
 
 /// Decides after attempt number `attempt` (1 for the first) of this delivery round.
 /// `delays[i]` is the wait before attempt `i + 2`; after `delays.len() + 1` attempts the
-/// message gives up. A `Retry-After` is rounded up to the smallest tier that honours it
-/// (or the longest tier), never shortening the schedule: a tier's delay is fixed by its
-/// queue's TTL, so arbitrary delays are not possible.
+/// message gives up. A `Retry-After` is rounded up to a tier by [`retry::next`], never
+/// shortening the schedule; only a failure counts as an attempt.
 pub fn next(attempt: u32, result: &AttemptResult, delays: &[Duration]) -> Next {
     match result {
         AttemptResult::Delivered => Next::Delivered,
         AttemptResult::Gone => Next::GiveUp(GiveUpReason::Gone),
         AttemptResult::Failed { retry_after } => {
-            let Some(&scheduled) = delays.get(attempt.saturating_sub(1) as usize) else {
-                return Next::GiveUp(GiveUpReason::Exhausted);
-            };
-            let wanted = retry_after
-                .map(|ra| tier_at_least(ra, delays))
-                .unwrap_or_default();
-            Next::RetryIn(scheduled.max(wanted))
+            match retry::next(
+                attempt.saturating_sub(1),
+                retry_after.unwrap_or_default(),
+                delays,
+            ) {
+                Some(r) => Next::RetryIn(r.delay),
+                None => Next::GiveUp(GiveUpReason::Exhausted),
+            }
         }
     }
-}
-
-/// The smallest configured delay that is at least `d`, or the longest one.
-pub fn tier_at_least(d: Duration, delays: &[Duration]) -> Duration {
-    delays
-        .iter()
-        .copied()
-        .filter(|t| *t >= d)
-        .min()
-        .or_else(|| delays.iter().copied().max())
-        .unwrap_or_default()
 }
 
 /// The longest a message is held at a time.

@@ -231,7 +231,7 @@ pub async fn hostile() -> Report {
         }
         if c.expected == "ignored" || c.expected == "irrelevant" {
             // Types guildgate does not act on share one label.
-            let label = guildgate::events::known_type(&c.routing_key)
+            let label = guildgate::domain::event::known_type(&c.routing_key)
                 .unwrap_or(guildgate::metrics::OTHER_TYPE);
             *counted
                 .entry((label.to_string(), c.expected.as_str()))

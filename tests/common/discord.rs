@@ -2,7 +2,7 @@
 //! it, and the customer's side of the OAuth flow played through real HTTP.
 #![allow(dead_code)]
 
-use guildgate::grants::Grant;
+use guildgate::domain::Grant;
 use guildgate::grants::link::LinkBuilder;
 use sandbox_discord::{
     Consent, GuildIds, GuildSpec, Sandbox, SandboxConfig, UserSpec, permissions,

@@ -2,7 +2,7 @@
 //! drive the API from outside (a schema fuzzer, the platform's SDK).
 #![allow(dead_code)]
 
-use guildgate::ids::BusinessId;
+use guildgate::domain::ids::BusinessId;
 use reqwest::Method;
 use sandbox_discord::{Consent, SandboxConfig};
 use secrecy::ExposeSecret;

@@ -36,8 +36,9 @@ use utoipa_axum::routes;
 
 use self::page::{Account, Item, Page, Role, State as GrantState};
 use crate::crypto::StateError;
+use crate::domain::GrantStatus;
+use crate::grants::history;
 use crate::grants::link::{AccessToken, LinkBuilder, SWITCH_TTL_MINUTES, SwitchConfirm};
-use crate::grants::{GrantStatus, history};
 use crate::i18n::Lang;
 use crate::store::access as db;
 use crate::store::email as settings_db;
@@ -264,13 +265,13 @@ async fn grant_of(
     who: &AccessToken,
     grant_id: &str,
     lang: Lang,
-) -> Result<crate::grants::Grant, Shown> {
+) -> Result<crate::domain::Grant, Shown> {
     let mut conn = st.pool.acquire().await.map_err(|e| failed(e, lang))?;
     grant_store::get(&mut conn, grant_id)
         .await
         .map_err(|e| failed(e, lang))?
         .filter(|g| g.business_id == who.b && g.customer_id == who.c)
-        .filter(|g| g.status() != GrantStatus::Revoked)
+        .filter(|g| g.status != GrantStatus::Revoked)
         .ok_or(invalid(lang))
 }
 
@@ -283,7 +284,7 @@ async fn action_on_grant(
     ip: Option<std::net::IpAddr>,
     lang: Lang,
     form: FormResult<GrantForm>,
-) -> Result<(GrantForm, crate::grants::Grant), Shown> {
+) -> Result<(GrantForm, crate::domain::Grant), Shown> {
     let Form(f) = form.map_err(|_| invalid(lang))?;
     let who = verify(st, &f.t, lang)?;
     limit(st, &who, ip, lang)?;
@@ -314,7 +315,7 @@ async fn connect(
         let (_, g) = action_on_grant(&st, ip, lang, form).await?;
         let now = Utc::now();
         let mut conn = st.pool.acquire().await.map_err(|e| failed(e, lang))?;
-        let g = if g.status() == GrantStatus::Pending {
+        let g = if g.status == GrantStatus::Pending {
             renew_link(&mut conn, &st.links, &g, now).await
         } else {
             links_db::set_nonce(
@@ -519,7 +520,7 @@ pub async fn switch_returned(
             }
         };
         let pending = db::Switch {
-            id: crate::ids::mint("asw"),
+            id: crate::domain::ids::mint("asw"),
             business_id: who.b.clone(),
             customer_id: who.c.clone(),
             discord_user_id: chosen.id.clone(),

@@ -20,9 +20,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::Merchant;
+use crate::discord::DiscordError;
 use crate::discord::bots;
 use crate::discord::client::AppKeys;
-use crate::discord::{DiscordError, Snowflake};
+use crate::domain::Snowflake;
 use crate::grants::render::ts;
 use crate::store::applications::{self, AppRow, NewApp, Saved};
 use crate::web::AppState;

@@ -10,7 +10,7 @@ use sqlx::PgConnection;
 
 use super::keys::{NewKey, PresentedKey};
 use super::store::keys as db;
-use crate::ids::BusinessId;
+use crate::domain::ids::BusinessId;
 use crate::web::AppState;
 use crate::web::error::ApiError;
 

@@ -21,7 +21,8 @@ use super::store::guilds as db;
 use crate::crypto::StateSigner;
 use crate::discord::client::{Role, TokenGuild, TokenSet};
 use crate::discord::validate::{GuildFacts, check, validate_discord_config};
-use crate::discord::{DiscordClient, DiscordError, Snowflake, permissions};
+use crate::discord::{DiscordClient, DiscordError, permissions};
+use crate::domain::Snowflake;
 use crate::grants::render::ts;
 use crate::web::AppState;
 use crate::web::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
@@ -100,7 +101,7 @@ pub async fn install_url(
 ) -> ApiResult<ApiJson<InstallUrl>> {
     let now = Utc::now();
     let expires = now + INSTALL_TTL;
-    let nonce = crate::ids::mint("inst");
+    let nonce = crate::domain::ids::mint("inst");
     {
         let mut conn = state.pool.acquire().await?;
         db::create_install_state(&mut conn, &nonce, merchant.business(), now, expires).await?;

@@ -15,11 +15,11 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Merchant;
 use super::store::{entitlements, grants as db};
 use super::{Items, page};
+use crate::domain::ids::CustomerId;
+use crate::domain::{Grant, GrantEventType, GrantStatus, RevocationReason};
 use crate::grants::history::{self, Entry};
 use crate::grants::link::LinkBuilder;
 use crate::grants::render::{grant_object, ts};
-use crate::grants::{Grant, GrantEventType, GrantStatus, RevocationReason};
-use crate::ids::CustomerId;
 use crate::outbox::emit;
 use crate::store::grants as grant_store;
 use crate::store::grants::renew_link;
@@ -233,7 +233,7 @@ pub async fn comp(
         Some(g) => (axum::http::StatusCode::OK, g),
         None => {
             let brand = grant_store::business_brand(&mut tx, business).await?;
-            let grant_id = crate::ids::GrantId::mint().to_string();
+            let grant_id = crate::domain::ids::GrantId::mint().to_string();
             let nonce = LinkBuilder::new_nonce();
             let new = db::NewComp {
                 id: &grant_id,

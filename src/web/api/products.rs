@@ -19,7 +19,7 @@ use super::entitlements::EntitlementView;
 use super::entitlements::IntegrationConfig;
 use super::entitlements::ReadQuery;
 use super::store::entitlements as db;
-use crate::ids::ProductId;
+use crate::domain::ids::ProductId;
 use crate::store::grants::business_brand;
 use crate::store::setup;
 use crate::store::setup::Entitlement;

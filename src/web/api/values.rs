@@ -45,16 +45,16 @@ mod tests {
         for (name, status) in [
             (
                 GrantStatusName::Pending,
-                crate::grants::GrantStatus::Pending,
+                crate::domain::GrantStatus::Pending,
             ),
             (
                 GrantStatusName::Delivered,
-                crate::grants::GrantStatus::Delivered,
+                crate::domain::GrantStatus::Delivered,
             ),
-            (GrantStatusName::Failed, crate::grants::GrantStatus::Failed),
+            (GrantStatusName::Failed, crate::domain::GrantStatus::Failed),
             (
                 GrantStatusName::Revoked,
-                crate::grants::GrantStatus::Revoked,
+                crate::domain::GrantStatus::Revoked,
             ),
         ] {
             assert_eq!(serde_json::to_value(name).unwrap(), status.as_str());

@@ -36,7 +36,7 @@ pub async fn insert(
              metadata, created_at, updated_at, grace_period_days, send_email, role_name)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10::int, $11, $12) RETURNING *",
     )
-    .bind(crate::ids::EntitlementId::mint().as_str())
+    .bind(crate::domain::ids::EntitlementId::mint().as_str())
     .bind(business_id)
     .bind(&f.name)
     .bind(&f.description)

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::Page;
-use crate::grants::Grant;
+use crate::domain::Grant;
 
 /// A page of an entitlement's grants, newest first, optionally by status and customer.
 pub async fn of_entitlement(

@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use crate::discord::Snowflake;
-use crate::grants::GrantStatus;
+use super::GrantStatus;
+use super::Snowflake;
 
 /// A grant as reconcile sees it: its status, what it applied in Discord, what its
 /// entitlement asks for, and the customer's linked Discord account.

@@ -22,9 +22,9 @@ use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 
+use super::event::{Event, EventKind, SubscriptionEventType, SubscriptionStatus};
+use super::ids::{BrandId, CustomerId, EntitlementId, PaymentId, ProductId, SubscriptionId};
 use super::{GrantStatus, RevocationReason};
-use crate::events::{Event, EventKind, SubscriptionEventType, SubscriptionStatus};
-use crate::ids::{BrandId, CustomerId, EntitlementId, PaymentId, ProductId, SubscriptionId};
 
 /// A grant the event may touch.
 #[derive(Clone, Debug, PartialEq)]
@@ -376,8 +376,8 @@ fn implied(kind: SubscriptionEventType, status: &SubscriptionStatus) -> Implied 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Dispute, Payment, Refund, Subscription};
-    use crate::ids::{BusinessId, EventId};
+    use crate::domain::event::{Dispute, Payment, Refund, Subscription};
+    use crate::domain::ids::{BusinessId, EventId};
 
     fn ent(s: &str) -> EntitlementId {
         EntitlementId::parse(s).unwrap()

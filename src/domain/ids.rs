@@ -114,6 +114,57 @@ impl EntitlementId {
     }
 }
 
+/// A Discord id (snowflake): digits only, parsed once at the edge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Snowflake(u64);
+
+impl Snowflake {
+    pub fn new(id: u64) -> Self {
+        Self(id)
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok().map(Self)
+    }
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Snowflake {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Snowflake {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Discord sends snowflakes as strings; accept numbers too.
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            S(String),
+            N(u64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::S(s) => {
+                Snowflake::parse(&s).ok_or_else(|| serde::de::Error::custom("bad snowflake"))
+            }
+            Raw::N(n) => Ok(Snowflake(n)),
+        }
+    }
+}
+
+impl serde::Serialize for Snowflake {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
