@@ -167,7 +167,7 @@ async fn main() {
     let addr = app.local_addr();
     let (key, entitlements) = {
         let mut c = app.pool.acquire().await.unwrap();
-        use guildgate::store::setup::*;
+        use guildgate::store::entitlements::{insert_entitlement, set_product_entitlements};
         let (_, key) = guildgate::web::api::auth::create_api_key(
             &mut c,
             &BusinessId::parse(BUSINESS).unwrap(),

@@ -162,12 +162,15 @@ async fn main() {
     .expect("guildgate starts (PostgreSQL and RabbitMQ must be running)");
     {
         let mut c = app.pool.acquire().await.unwrap();
-        use guildgate::store::setup::*;
+        use guildgate::store::{
+            businesses::ensure_business,
+            entitlements::{insert_entitlement, set_product_entitlements},
+        };
         ensure_business(&mut c, BUSINESS).await.unwrap();
         // The merchant's bot install, as the API records it.
-        guildgate::web::api::store::guilds::connect(
+        guildgate::store::guilds::connect(
             &mut c,
-            guildgate::web::api::store::guilds::Install {
+            guildgate::store::guilds::Install {
                 business_id: BUSINESS,
                 guild_id: &guild.guild_id.to_string(),
                 name: "Latency",

@@ -166,10 +166,10 @@ async fn parent(members: usize) {
     });
     let business = "bus_bench";
     let mut conn = pool.acquire().await.unwrap();
-    store::setup::ensure_business(&mut conn, business)
+    store::businesses::ensure_business(&mut conn, business)
         .await
         .unwrap();
-    let e = store::setup::insert_entitlement(
+    let e = store::entitlements::insert_entitlement(
         &mut conn,
         business,
         "bench",

@@ -124,7 +124,7 @@ async fn main() {
         .collect();
     let mut conn = pool.acquire().await.unwrap();
     for t in &tenants {
-        store::setup::ensure_business(&mut conn, &t.business)
+        store::businesses::ensure_business(&mut conn, &t.business)
             .await
             .unwrap();
         if let Some(app) = &t.app {
@@ -169,7 +169,7 @@ async fn main() {
                     ids
                 }
             };
-            let e = store::setup::insert_entitlement(
+            let e = store::entitlements::insert_entitlement(
                 &mut tx,
                 business,
                 "bench",

@@ -191,14 +191,14 @@ async fn main() {
     let product = "pdt_patrons_lifetime";
     {
         let mut c = pool.acquire().await.unwrap();
-        guildgate::store::setup::ensure_business(&mut c, BUSINESS)
+        guildgate::store::businesses::ensure_business(&mut c, BUSINESS)
             .await
             .unwrap();
         // The merchant's bot install, as Discord confirmed it (the API's install flow
         // records this; tests/api.rs walks it).
-        guildgate::web::api::store::guilds::connect(
+        guildgate::store::guilds::connect(
             &mut c,
-            guildgate::web::api::store::guilds::Install {
+            guildgate::store::guilds::Install {
                 business_id: BUSINESS,
                 guild_id: &guild.guild_id.to_string(),
                 name: "Acme Community",
@@ -209,7 +209,7 @@ async fn main() {
         )
         .await
         .unwrap();
-        let ent = guildgate::store::setup::insert_entitlement(
+        let ent = guildgate::store::entitlements::insert_entitlement(
             &mut c,
             BUSINESS,
             "Patrons Discord Role",
@@ -218,7 +218,7 @@ async fn main() {
         )
         .await
         .unwrap();
-        guildgate::store::setup::set_product_entitlements(
+        guildgate::store::entitlements::set_product_entitlements(
             &mut c,
             BUSINESS,
             product,

@@ -1324,7 +1324,7 @@ async fn store_link_with(
     cipher: &guildgate::crypto::TokenCipher,
     legacy: bool,
 ) {
-    use guildgate::sync::store::token_aad;
+    use guildgate::store::links::token_aad;
     let t = w.sandbox.issue_token(user, &["identify", "guilds.join"]);
     let biz = w.app.business();
     let aad = |column: &str| {
@@ -1335,7 +1335,7 @@ async fn store_link_with(
         }
     };
     let mut conn = w.app.pool.acquire().await.unwrap();
-    guildgate::store::setup::ensure_business(&mut conn, &biz)
+    guildgate::store::businesses::ensure_business(&mut conn, &biz)
         .await
         .unwrap();
     sqlx::query(
@@ -1460,7 +1460,7 @@ async fn tokens_of_a_previous_key_stay_usable_and_rotate_to_the_current_one() {
     let app_biz = "bus_own_app";
     {
         let mut conn = w.app.pool.acquire().await.unwrap();
-        guildgate::store::setup::ensure_business(&mut conn, app_biz)
+        guildgate::store::businesses::ensure_business(&mut conn, app_biz)
             .await
             .unwrap();
     }
@@ -1518,7 +1518,7 @@ async fn tokens_of_a_previous_key_stay_usable_and_rotate_to_the_current_one() {
     let current = TokenCipher::from_base64(&SecretString::from(new.clone())).unwrap();
     let mut conn = w.app.pool.acquire().await.unwrap();
     for customer in ["cus_1", "cus_2"] {
-        let link = guildgate::sync::store::link_of(&mut conn, &biz, customer)
+        let link = guildgate::store::links::link_of(&mut conn, &biz, customer)
             .await
             .unwrap()
             .unwrap();
@@ -1546,7 +1546,7 @@ async fn tokens_of_a_previous_key_stay_usable_and_rotate_to_the_current_one() {
 async fn stored_tokens(w: &World, customer: &str) -> (String, String) {
     use secrecy::ExposeSecret;
     let mut conn = w.app.pool.acquire().await.unwrap();
-    let link = guildgate::sync::store::link_of(&mut conn, &w.app.business(), customer)
+    let link = guildgate::store::links::link_of(&mut conn, &w.app.business(), customer)
         .await
         .unwrap()
         .expect("linked");
@@ -1786,10 +1786,10 @@ async fn a_role_stays_while_any_customer_or_business_still_pays_for_it() {
     let other_biz = "bus_OtherBusiness1";
     {
         let mut conn = w.app.pool.acquire().await.unwrap();
-        guildgate::store::setup::ensure_business(&mut conn, other_biz)
+        guildgate::store::businesses::ensure_business(&mut conn, other_biz)
             .await
             .unwrap();
-        let e = guildgate::store::setup::insert_entitlement(
+        let e = guildgate::store::entitlements::insert_entitlement(
             &mut conn,
             other_biz,
             "Old owner's Patrons",
@@ -1798,9 +1798,14 @@ async fn a_role_stays_while_any_customer_or_business_still_pays_for_it() {
         )
         .await
         .unwrap();
-        guildgate::store::setup::set_product_entitlements(&mut conn, other_biz, "pdt_o", &[e.id])
-            .await
-            .unwrap();
+        guildgate::store::entitlements::set_product_entitlements(
+            &mut conn,
+            other_biz,
+            "pdt_o",
+            &[e.id],
+        )
+        .await
+        .unwrap();
     }
     let u = w.user("twice");
     w.link("cus_a", u).await;
@@ -1913,12 +1918,13 @@ async fn a_grant_never_waits_for_a_resume_that_already_passed() {
     let now = chrono::Utc::now();
     let mut conn = pool.acquire().await.unwrap();
     let guild = "1500000000000000001";
-    guildgate::store::setup::ensure_business(&mut conn, "bus_1")
+    guildgate::store::businesses::ensure_business(&mut conn, "bus_1")
         .await
         .unwrap();
-    let e = guildgate::store::setup::insert_entitlement(&mut conn, "bus_1", "e", guild, None)
-        .await
-        .unwrap();
+    let e =
+        guildgate::store::entitlements::insert_entitlement(&mut conn, "bus_1", "e", guild, None)
+            .await
+            .unwrap();
     let ent: &'static str = Box::leak(e.id.into_boxed_str());
     async fn grant(conn: &mut sqlx::PgConnection, ent: &str, n: usize) -> String {
         let now = chrono::Utc::now();

@@ -848,7 +848,7 @@ async fn a_batchs_grant_events_leave_as_one_bundle_each_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_refuses_a_grant_of_another_business_entitlement() {
-    use guildgate::store::{grants, setup};
+    use guildgate::store::{businesses, grants};
     fn grant<'a>(business: &'a str, entitlement: &'a str) -> grants::NewGrant<'a> {
         let now = chrono::Utc::now();
         grants::NewGrant {
@@ -868,7 +868,7 @@ async fn the_database_refuses_a_grant_of_another_business_entitlement() {
         .entitlement_for("pdt_life", "123456789012345678", None)
         .await;
     let mut conn = app.pool.acquire().await.unwrap();
-    setup::ensure_business(&mut conn, "bus_Other")
+    businesses::ensure_business(&mut conn, "bus_Other")
         .await
         .unwrap();
     let err = grants::insert(&mut conn, grant("bus_Other", &ent))
@@ -1372,10 +1372,10 @@ async fn a_payment_id_another_business_used_is_recorded_and_refunded_per_busines
     let (a, b) = (app.business(), format!("{}_b", app.business()));
     {
         let mut conn = app.pool.acquire().await.unwrap();
-        guildgate::store::setup::ensure_business(&mut conn, &b)
+        guildgate::store::businesses::ensure_business(&mut conn, &b)
             .await
             .unwrap();
-        let e = guildgate::store::setup::insert_entitlement(
+        let e = guildgate::store::entitlements::insert_entitlement(
             &mut conn,
             &b,
             "B's role",
@@ -1384,9 +1384,14 @@ async fn a_payment_id_another_business_used_is_recorded_and_refunded_per_busines
         )
         .await
         .unwrap();
-        guildgate::store::setup::set_product_entitlements(&mut conn, &b, "pdt_life", &[e.id])
-            .await
-            .unwrap();
+        guildgate::store::entitlements::set_product_entitlements(
+            &mut conn,
+            &b,
+            "pdt_life",
+            &[e.id],
+        )
+        .await
+        .unwrap();
     }
     app.publish(
         &payment(&a, "pay_same", "cus_a", &["pdt_life"], &t(1)),
@@ -1435,10 +1440,10 @@ async fn a_subscription_id_another_business_used_has_its_own_state() {
     let (a, b) = (app.business(), format!("{}_b", app.business()));
     {
         let mut conn = app.pool.acquire().await.unwrap();
-        guildgate::store::setup::ensure_business(&mut conn, &b)
+        guildgate::store::businesses::ensure_business(&mut conn, &b)
             .await
             .unwrap();
-        let e = guildgate::store::setup::insert_entitlement(
+        let e = guildgate::store::entitlements::insert_entitlement(
             &mut conn,
             &b,
             "B's role",
@@ -1447,9 +1452,14 @@ async fn a_subscription_id_another_business_used_has_its_own_state() {
         )
         .await
         .unwrap();
-        guildgate::store::setup::set_product_entitlements(&mut conn, &b, "pdt_monthly", &[e.id])
-            .await
-            .unwrap();
+        guildgate::store::entitlements::set_product_entitlements(
+            &mut conn,
+            &b,
+            "pdt_monthly",
+            &[e.id],
+        )
+        .await
+        .unwrap();
     }
     app.publish(&monthly_active(&a, "sub_same", "cus_a", 5), "sa")
         .await;

@@ -282,7 +282,7 @@ async fn full_flow_alone() {
 
     let link = {
         let mut conn = w.app.pool.acquire().await.unwrap();
-        guildgate::sync::store::link_of(&mut conn, &w.app.business(), "cus_1")
+        guildgate::store::links::link_of(&mut conn, &w.app.business(), "cus_1")
             .await
             .unwrap()
             .unwrap()

@@ -251,7 +251,7 @@ async fn backlog(
 ) -> Vec<String> {
     let cipher = w.app.settings.token_cipher().unwrap();
     let mut tx = w.app.pool.begin().await.unwrap();
-    store::setup::ensure_business(&mut tx, business)
+    store::businesses::ensure_business(&mut tx, business)
         .await
         .unwrap();
     let mut ids = Vec::new();
@@ -299,8 +299,10 @@ async fn a_bot_with_a_deep_backlog_holds_up_no_other_bots_jobs() {
         .install_app_bot(ga.guild_id, app.client_id, permissions::REQUIRED);
     let gb = w.guild("Calm");
     let mut conn = w.app.pool.acquire().await.unwrap();
-    store::setup::ensure_business(&mut conn, &b).await.unwrap();
-    let ent_a = store::setup::insert_entitlement(
+    store::businesses::ensure_business(&mut conn, &b)
+        .await
+        .unwrap();
+    let ent_a = store::entitlements::insert_entitlement(
         &mut conn,
         &a,
         "busy",
@@ -309,7 +311,7 @@ async fn a_bot_with_a_deep_backlog_holds_up_no_other_bots_jobs() {
     )
     .await
     .unwrap();
-    let ent_b = store::setup::insert_entitlement(
+    let ent_b = store::entitlements::insert_entitlement(
         &mut conn,
         &b,
         "calm",
@@ -453,7 +455,7 @@ async fn parked_jobs_run_once_more_when_asked_again_and_outlive_their_drainer() 
     let alice = w.user("alice");
     w.link("cus_1", alice).await;
     let mut conn = pool.acquire().await.unwrap();
-    let ent = store::setup::insert_entitlement(
+    let ent = store::entitlements::insert_entitlement(
         &mut conn,
         &w.app.business(),
         "acme",

@@ -135,10 +135,10 @@ async fn two_processes_share_the_work_and_the_discord_syncer_fails_over() {
     };
     {
         let mut conn = pool.acquire().await.unwrap();
-        store::setup::ensure_business(&mut conn, BUSINESS)
+        store::businesses::ensure_business(&mut conn, BUSINESS)
             .await
             .unwrap();
-        let e = store::setup::insert_entitlement(
+        let e = store::entitlements::insert_entitlement(
             &mut conn,
             BUSINESS,
             "Patrons",
@@ -147,7 +147,7 @@ async fn two_processes_share_the_work_and_the_discord_syncer_fails_over() {
         )
         .await
         .unwrap();
-        store::setup::set_product_entitlements(&mut conn, BUSINESS, "pdt_1", &[e.id])
+        store::entitlements::set_product_entitlements(&mut conn, BUSINESS, "pdt_1", &[e.id])
             .await
             .unwrap();
     }

@@ -173,7 +173,10 @@ pub async fn publish_all(
 /// The business's catalog: four entitlements and the products the workload buys
 /// (`pdt_life`, `pdt_bundle`, `pdt_monthly`, `pdt_vip`); returns the entitlement ids.
 pub async fn setup(pool: &sqlx::PgPool, business: &str) -> Vec<String> {
-    use guildgate::store::setup::*;
+    use guildgate::store::{
+        businesses::ensure_business,
+        entitlements::{insert_entitlement, set_product_entitlements},
+    };
     let mut c = pool.acquire().await.unwrap();
     ensure_business(&mut c, business).await.unwrap();
     let mut ents = Vec::new();

@@ -112,7 +112,7 @@ pub async fn linked_grant(
         None => sandbox.issue_token(user, &scopes),
         Some(a) => sandbox.issue_token_for(a.client_id, user, &scopes),
     };
-    use guildgate::sync::store::{LinkRow, SealedTokens, upsert_link};
+    use guildgate::store::links::{LinkRow, SealedTokens, upsert_link};
     let link = LinkRow::new(
         business,
         customer,

@@ -89,9 +89,8 @@ impl Pruner {
                     n
                 }
                 Target::WebhookMessages => {
-                    let n =
-                        crate::webhooks::messages::prune_settled(&mut conn, cutoff, PRUNE_CHUNK)
-                            .await?;
+                    let n = crate::store::messages::prune_settled(&mut conn, cutoff, PRUNE_CHUNK)
+                        .await?;
                     self.metrics.webhook_messages_pruned.inc_by(n);
                     n
                 }

@@ -80,7 +80,7 @@ impl Relay {
             .map(|r: &OutboxRow| {
                 let queue = match r.kind.as_str() {
                     "sync" => &sync,
-                    // A webhook delivery job (crate::webhooks::messages).
+                    // A webhook delivery job (crate::store::messages).
                     "webhook" => &webhooks,
                     // A delivery email job (crate::email).
                     "email" => &emails,

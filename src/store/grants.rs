@@ -6,6 +6,7 @@ use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgArgumentBuffer, PgRow, PgTypeInfo, PgValueRef, Postgres};
 use sqlx::{PgConnection, Row};
 
+use super::Page;
 use crate::domain::{Grant, GrantStatus, RevocationReason};
 use crate::grants::link::LinkBuilder;
 
@@ -293,7 +294,7 @@ pub async fn renew_link(
     if grant.status != GrantStatus::Pending || grant.oauth_expires_at > now {
         return Ok(grant.clone());
     }
-    match crate::sync::store::renew_nonce_if_expired(
+    match renew_nonce_if_expired(
         conn,
         &grant.id,
         &LinkBuilder::new_nonce(),
@@ -306,4 +307,325 @@ pub async fn renew_link(
         // Renewed by a concurrent reader: use theirs.
         None => Ok(get(conn, &grant.id).await?.unwrap_or_else(|| grant.clone())),
     }
+}
+
+// The merchant API's reads and comp grants: one business's grants, filtered, paginated.
+
+/// A page of an entitlement's grants, newest first, optionally by status and customer.
+pub async fn page_of_entitlement(
+    conn: &mut PgConnection,
+    business_id: &str,
+    entitlement_id: &str,
+    status: Option<&str>,
+    customer_id: Option<&str>,
+    page: Page,
+) -> Result<Vec<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM grants
+         WHERE business_id = $1 AND entitlement_id = $2
+           AND ($3::text IS NULL OR status = $3) AND ($4::text IS NULL OR customer_id = $4)
+         ORDER BY created_at DESC, id DESC LIMIT $5 OFFSET $6",
+    )
+    .bind(business_id)
+    .bind(entitlement_id)
+    .bind(status)
+    .bind(customer_id)
+    .bind(page.limit)
+    .bind(page.offset)
+    .fetch_all(conn)
+    .await
+}
+
+/// A page of a customer's grants across entitlements, newest first.
+pub async fn page_of_customer(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+    status: Option<&str>,
+    page: Page,
+) -> Result<Vec<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM grants
+         WHERE business_id = $1 AND customer_id = $2 AND ($3::text IS NULL OR status = $3)
+         ORDER BY created_at DESC, id DESC LIMIT $4 OFFSET $5",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .bind(status)
+    .bind(page.limit)
+    .bind(page.offset)
+    .fetch_all(conn)
+    .await
+}
+
+/// One grant of an entitlement of a business, locked when `lock`.
+pub async fn get_of_entitlement(
+    conn: &mut PgConnection,
+    business_id: &str,
+    entitlement_id: &str,
+    grant_id: &str,
+    lock: bool,
+) -> Result<Option<Grant>, sqlx::Error> {
+    let sql = if lock {
+        "SELECT * FROM grants WHERE business_id = $1 AND entitlement_id = $2 AND id = $3 FOR UPDATE"
+    } else {
+        "SELECT * FROM grants WHERE business_id = $1 AND entitlement_id = $2 AND id = $3"
+    };
+    sqlx::query_as(sql)
+        .bind(business_id)
+        .bind(entitlement_id)
+        .bind(grant_id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// A live grant of a customer with its entitlement's name and description, as
+/// `GET /customers/{customer_id}/entitlements` lists it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Held {
+    pub grant_id: String,
+    pub entitlement_id: String,
+    pub entitlement_name: String,
+    pub entitlement_description: Option<String>,
+    pub integration_type: String,
+    pub status: String,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A customer's live (unrevoked) grants of a business, newest first, each with its
+/// entitlement, a deleted one's included (its grants outlive it until revoked).
+pub async fn held_by_customer(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+) -> Result<Vec<Held>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT g.id AS grant_id, g.entitlement_id, e.name AS entitlement_name,
+                e.description AS entitlement_description, e.integration_type, g.status,
+                g.delivered_at, g.revoked_at, g.created_at, g.updated_at
+         FROM grants g JOIN entitlements e ON e.id = g.entitlement_id
+         WHERE g.business_id = $1 AND g.customer_id = $2 AND g.status <> 'Revoked'
+         ORDER BY g.created_at DESC, g.id DESC",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// The live comp grant of a customer for an entitlement, locked, if there is one.
+pub async fn live_comp(
+    conn: &mut PgConnection,
+    entitlement_id: &str,
+    customer_id: &str,
+) -> Result<Option<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM grants WHERE entitlement_id = $1 AND customer_id = $2 AND comp
+           AND status <> 'Revoked' FOR UPDATE",
+    )
+    .bind(entitlement_id)
+    .bind(customer_id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// A comp grant to insert: given by the merchant, without a payment.
+pub struct NewComp<'a> {
+    pub id: &'a str,
+    pub business_id: &'a str,
+    pub brand_id: &'a str,
+    pub entitlement_id: &'a str,
+    pub customer_id: &'a str,
+    pub oauth_nonce: &'a str,
+    pub oauth_expires_at: DateTime<Utc>,
+    /// Revoked with `expired` then.
+    pub expires_at: Option<DateTime<Utc>>,
+    pub now: DateTime<Utc>,
+}
+
+/// Inserts a comp grant, `Pending`; `None` when another transaction inserted the
+/// customer's live comp grant for the entitlement first.
+pub async fn insert_comp(
+    conn: &mut PgConnection,
+    g: &NewComp<'_>,
+) -> Result<Option<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "INSERT INTO grants (id, business_id, brand_id, entitlement_id, customer_id, status,
+             oauth_nonce, oauth_expires_at, created_at, updated_at, comp, ends_at, ends_reason)
+         VALUES ($1, $2, $3, $4, $5, 'Pending', $6, $7, $8, $8, true, $9,
+             CASE WHEN $9::timestamptz IS NULL THEN NULL ELSE 'expired' END)
+         ON CONFLICT DO NOTHING
+         RETURNING *",
+    )
+    .bind(g.id)
+    .bind(g.business_id)
+    .bind(g.brand_id)
+    .bind(g.entitlement_id)
+    .bind(g.customer_id)
+    .bind(g.oauth_nonce)
+    .bind(g.oauth_expires_at)
+    .bind(g.now)
+    .bind(g.expires_at)
+    .fetch_optional(conn)
+    .await
+}
+
+// What the syncer and the OAuth callback change on a grant.
+
+/// Records what a grant is about to apply beside what it holds (an account switch, a
+/// role change), before the call to Discord.
+pub async fn set_intent(
+    conn: &mut PgConnection,
+    id: &str,
+    intent: &super::holdings::AccessKey,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE grants SET intent_guild_id = $2, intent_user_id = $3, intent_role_id = $4, updated_at = $5
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(&intent.0)
+    .bind(&intent.1)
+    .bind(&intent.2)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Ids of every live grant of a customer (to sync after they linked an account).
+pub async fn live_grant_ids(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM grants WHERE business_id = $1 AND customer_id = $2 AND status <> 'Revoked' ORDER BY created_at",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Records what a grant applied in Discord (`None`: nothing any more); it is about to
+/// apply nothing else.
+pub async fn set_applied(
+    conn: &mut PgConnection,
+    id: &str,
+    applied: Option<(String, String, Option<String>)>,
+    now: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let (u, g, r) = match applied {
+        Some((u, g, r)) => (Some(u), Some(g), r),
+        None => (None, None, None),
+    };
+    sqlx::query(
+        "UPDATE grants SET applied_user_id = $2, applied_guild_id = $3, applied_role_id = $4,
+             intent_user_id = NULL, intent_guild_id = NULL, intent_role_id = NULL, updated_at = $5
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(u)
+    .bind(g)
+    .bind(r)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// `Pending`/`Failed` → `Delivered`; `None` if the grant was in another status.
+pub async fn mark_delivered(
+    conn: &mut PgConnection,
+    id: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE grants SET status = 'Delivered', delivered_at = $2, error_code = NULL, error_message = NULL, updated_at = $2
+         WHERE id = $1 AND status IN ('Pending', 'Failed')
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(now)
+    .fetch_optional(conn)
+    .await
+}
+
+/// `Pending` → `Failed` with an error (returns the grant), or, for a grant already
+/// `Failed`, refreshes its error (returns `None`: no second `failed` webhook).
+pub async fn mark_failed(
+    conn: &mut PgConnection,
+    id: &str,
+    code: &str,
+    message: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<Grant>, sqlx::Error> {
+    let moved: Option<Grant> = sqlx::query_as(
+        "UPDATE grants SET status = 'Failed', error_code = $2, error_message = $3, updated_at = $4
+         WHERE id = $1 AND status = 'Pending'
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(code)
+    .bind(message)
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if moved.is_none() {
+        sqlx::query(
+            "UPDATE grants SET error_code = $2, error_message = $3, updated_at = $4 WHERE id = $1 AND status = 'Failed'",
+        )
+        .bind(id)
+        .bind(code)
+        .bind(message)
+        .bind(now)
+        .execute(conn)
+        .await?;
+    }
+    Ok(moved)
+}
+
+/// Gives a grant a new link nonce (and expiry): the old `oauth_url` stops working.
+pub async fn set_nonce(
+    conn: &mut PgConnection,
+    id: &str,
+    nonce: &str,
+    expires_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<Grant, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE grants SET oauth_nonce = $2, oauth_expires_at = $3, updated_at = $4 WHERE id = $1 RETURNING *",
+    )
+    .bind(id)
+    .bind(nonce)
+    .bind(expires_at)
+    .bind(now)
+    .fetch_one(conn)
+    .await
+}
+
+/// A new nonce and expiry for a `Pending` grant whose link expired; `None` if it is
+/// not (any more) pending and expired.
+pub async fn renew_nonce_if_expired(
+    conn: &mut PgConnection,
+    id: &str,
+    nonce: &str,
+    expires_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<Option<Grant>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE grants SET oauth_nonce = $2, oauth_expires_at = $3, updated_at = $4
+         WHERE id = $1 AND status = 'Pending' AND oauth_expires_at <= $4 RETURNING *",
+    )
+    .bind(id)
+    .bind(nonce)
+    .bind(expires_at)
+    .bind(now)
+    .fetch_optional(conn)
+    .await
 }

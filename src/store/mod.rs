@@ -6,14 +6,28 @@
 //! not have.
 
 pub mod access;
+pub mod api_keys;
 pub mod applications;
 pub mod backfill;
+pub mod businesses;
 pub mod email;
+pub mod entitlements;
 pub mod grants;
+pub mod guilds;
+pub mod holdings;
 pub mod ingest;
+pub mod links;
+pub mod messages;
 pub mod outbox;
 pub mod reconcile;
-pub mod setup;
+pub mod translations;
+
+/// A page of a list: `LIMIT`/`OFFSET` from `page_size`/`page_number`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Page {
+    pub limit: i64,
+    pub offset: i64,
+}
 
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

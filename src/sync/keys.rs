@@ -11,8 +11,8 @@
 use serde::Serialize;
 use sqlx::PgPool;
 
-use super::store::{LinkRow, SealedTokens};
 use crate::crypto::TokenCipher;
+use crate::store::links::{LinkRow, SealedTokens};
 
 /// What a run did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -3,13 +3,11 @@
 //! Discord match one grant per job.
 //!
 //! - [`worker`]: handle one job ([`worker::SyncWorker::handle`]) and the consume loop.
-//! - [`store`]: the SQL of linked accounts and the syncer's grant updates.
 //! - [`keys`]: re-encryption of stored tokens with the current key.
 
 pub mod keys;
 pub mod lanes;
 pub mod stops;
-pub mod store;
 pub mod worker;
 
 use std::time::Duration;

@@ -27,7 +27,6 @@ use tokio_util::task::TaskTracker;
 use super::Outcome;
 use super::lanes::{self, Lane, Lanes};
 use super::stops;
-use super::store::{self as db, LinkRow};
 use crate::amqp::{
     self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, REASON_HEADER, header_int,
     header_str,
@@ -45,7 +44,9 @@ use crate::grants::history;
 use crate::grants::link::LinkBuilder;
 use crate::metrics::Metrics;
 use crate::outbox::emit;
-use crate::store::{self, grants as grant_store, setup};
+use crate::store::links::LinkRow;
+use crate::store::{self, entitlements, grants as grant_store};
+use crate::store::{holdings, links};
 
 /// Jobs of one bot handled at once ([`lanes::PER_BOT`]). They mostly wait on the rate
 /// limiter; enough of them keep every bucket and the global limit busy.
@@ -434,12 +435,12 @@ impl SyncWorker {
         let mut tx = self.pool.begin().await?;
         if job.held.is_empty() {
             let (g_id, u, r) = access_key(&want);
-            db::set_applied(&mut tx, &g.id, Some((u, g_id, r)), now).await?;
+            grant_store::set_applied(&mut tx, &g.id, Some((u, g_id, r)), now).await?;
         } else {
-            db::set_intent(&mut tx, &g.id, &access_key(&want), now).await?;
+            grant_store::set_intent(&mut tx, &g.id, &access_key(&want), now).await?;
         }
         job.held.push(want);
-        let created = db::hold(&mut tx, &keys, now).await?;
+        let created = holdings::hold(&mut tx, &keys, now).await?;
         tx.commit().await?;
         job.unsettled
             .extend(created.into_iter().filter_map(access_of).map(|a| (a, now)));
@@ -458,7 +459,7 @@ impl SyncWorker {
         let Some(grant) = grant_store::get(&mut conn, grant_id).await? else {
             return Ok(None);
         };
-        let ent = setup::entitlement(&mut conn, &grant.entitlement_id).await?;
+        let ent = entitlements::entitlement(&mut conn, &grant.entitlement_id).await?;
         let (guild, role) = match &ent {
             Some(e) => (
                 Snowflake::parse(&e.guild_id),
@@ -466,7 +467,7 @@ impl SyncWorker {
             ),
             None => (None, None),
         };
-        let link = db::link_of(&mut conn, &grant.business_id, &grant.customer_id).await?;
+        let link = links::link_of(&mut conn, &grant.business_id, &grant.customer_id).await?;
         let held = held_by(&grant);
         let (mut others, mut found, mut unsettled) = (Vec::new(), Vec::new(), Vec::new());
         if holders {
@@ -474,19 +475,19 @@ impl SyncWorker {
                 .into_iter()
                 .map(|(g, u)| (g.to_string(), u.to_string()))
                 .collect();
-            for h in db::other_holders(&mut conn, &accounts, &grant.id).await? {
+            for h in holdings::other_holders(&mut conn, &accounts, &grant.id).await? {
                 // Only what another grant applied (or recorded it is applying) keeps an
                 // access. Not what it is yet to deliver: it may be revoked before its
                 // delivery runs, and then nothing would ever take the access away. Its
                 // own delivery gives the access back, after a moment without it.
                 others.extend(held_by(&h));
             }
-            found = db::found_accesses(&mut conn, &accounts)
+            found = holdings::found_accesses(&mut conn, &accounts)
                 .await?
                 .into_iter()
                 .filter_map(access_of)
                 .collect();
-            unsettled = db::unsettled_accesses(&mut conn, &accounts)
+            unsettled = holdings::unsettled_accesses(&mut conn, &accounts)
                 .await?
                 .into_iter()
                 .filter_map(|(key, since)| Some((access_of(key)?, since)))
@@ -752,9 +753,9 @@ impl SyncWorker {
             match job.discord.member(guild, user).await? {
                 // Not in the server: nothing of it is there to take away or keep.
                 None => {
-                    let keys: Vec<db::AccessKey> = here.map(access_key).collect();
+                    let keys: Vec<holdings::AccessKey> = here.map(access_key).collect();
                     let mut tx = self.pool.begin().await.map_err(SyncFailure::Database)?;
-                    db::set_found(&mut tx, &keys, false)
+                    holdings::set_found(&mut tx, &keys, false)
                         .await
                         .map_err(SyncFailure::Database)?;
                     tx.commit().await.map_err(SyncFailure::Database)?;
@@ -842,8 +843,8 @@ impl SyncWorker {
         }
         if !found.is_empty() || !ours.is_empty() {
             let mut tx = self.pool.begin().await?;
-            db::set_found(&mut tx, &found, true).await?;
-            db::set_found(&mut tx, &ours, false).await?;
+            holdings::set_found(&mut tx, &found, true).await?;
+            holdings::set_found(&mut tx, &ours, false).await?;
             tx.commit().await?;
         }
         Ok(seen)
@@ -927,7 +928,7 @@ impl SyncWorker {
             .ok_or(DiscordError::BadUserToken)?;
         let tokens = job.discord.refresh(&refresh).await?;
         let now = Utc::now();
-        let sealed = db::SealedTokens::seal(
+        let sealed = links::SealedTokens::seal(
             &self.cipher,
             &link.business_id,
             &link.customer_id,
@@ -937,7 +938,7 @@ impl SyncWorker {
         let expires_at = now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default();
         let stored = async {
             let mut conn = self.pool.acquire().await?;
-            db::store_refreshed(&mut conn, link, &sealed, expires_at, &tokens.scope, now).await
+            links::store_refreshed(&mut conn, link, &sealed, expires_at, &tokens.scope, now).await
         }
         .await;
         match stored {
@@ -989,16 +990,16 @@ impl SyncWorker {
                 a.role.map(|r| r.to_string()),
             )
         });
-        db::set_applied(&mut tx, &grant.id, applied, now).await?;
+        grant_store::set_applied(&mut tx, &grant.id, applied, now).await?;
         // What was there before it was given was settled as found when Discord said so.
         // Added by Discord for this run: guildgate's to take away, whatever was
         // recorded before (a found role a moderator removed since, given back now).
-        let added: Vec<db::AccessKey> = s.added.iter().map(access_key).collect();
-        db::set_found(&mut tx, &added, false).await?;
+        let added: Vec<holdings::AccessKey> = s.added.iter().map(access_key).collect();
+        holdings::set_found(&mut tx, &added, false).await?;
         // Let go of by their last holder: removed at Discord (or left there, if found).
         for (a, kept) in &s.plan.released {
             if !kept {
-                db::forget_holding(&mut tx, &access_key(a)).await?;
+                holdings::forget_holding(&mut tx, &access_key(a)).await?;
             }
         }
         for (event, a, answer) in &s.changes {
@@ -1029,7 +1030,7 @@ impl SyncWorker {
         // undoes it), but do not deliver.
         if s.plan.delivers
             && grant.status.is_live()
-            && let Some(delivered) = db::mark_delivered(&mut tx, &grant.id, now).await?
+            && let Some(delivered) = grant_store::mark_delivered(&mut tx, &grant.id, now).await?
         {
             emit(
                 &mut tx,
@@ -1107,7 +1108,7 @@ impl SyncWorker {
         }
         let now = Utc::now();
         let mut tx = self.pool.begin().await?;
-        let moved = db::mark_failed(&mut tx, &g.id, code, message, now).await?;
+        let moved = grant_store::mark_failed(&mut tx, &g.id, code, message, now).await?;
         if let Some(failed) = &moved {
             emit(&mut tx, &self.links, failed, GrantEventType::Failed, now).await?;
         }
@@ -1577,7 +1578,7 @@ fn accounts_of(
 }
 
 /// An access as `discord_holdings` keys it.
-fn access_key(a: &Access) -> db::AccessKey {
+fn access_key(a: &Access) -> holdings::AccessKey {
     (
         a.guild.to_string(),
         a.user.to_string(),
@@ -1586,7 +1587,7 @@ fn access_key(a: &Access) -> db::AccessKey {
 }
 
 /// An access read back from its key.
-fn access_of((g, u, r): db::AccessKey) -> Option<Access> {
+fn access_of((g, u, r): holdings::AccessKey) -> Option<Access> {
     Some(Access {
         guild: Snowflake::parse(&g)?,
         user: Snowflake::parse(&u)?,

@@ -6,7 +6,8 @@ use sqlx::PgConnection;
 
 use super::AppState;
 use crate::outbox::queue_sync;
-use crate::sync::store::{self as db, LinkRow};
+use crate::store::links::LinkRow;
+use crate::store::{grants, links};
 use crate::sync::worker::revoke_tokens;
 
 /// What linking an account changed.
@@ -31,13 +32,13 @@ pub async fn link_account(
     now: DateTime<Utc>,
 ) -> Result<Linked, sqlx::Error> {
     let (business, customer) = (row.business_id.as_str(), row.customer_id.as_str());
-    let previous = db::link_of(tx, business, customer)
+    let previous = links::link_of(tx, business, customer)
         .await?
         .filter(|l| l.discord_user_id != row.discord_user_id);
-    db::upsert_link(tx, row, Some(names), now).await?;
+    links::upsert_link(tx, row, Some(names), now).await?;
     // People buy twice under two emails: the link is made, and the page says so.
-    let shared = db::linked_elsewhere(tx, business, customer, &row.discord_user_id).await?;
-    let live = db::live_grant_ids(tx, business, customer).await?;
+    let shared = links::linked_elsewhere(tx, business, customer, &row.discord_user_id).await?;
+    let live = grants::live_grant_ids(tx, business, customer).await?;
     for id in &live {
         queue_sync(tx, id).await?;
     }

@@ -31,8 +31,9 @@ use crate::discord::DiscordError;
 use crate::domain::Snowflake;
 use crate::domain::{Grant, GrantStatus};
 use crate::grants::link::{GrantState, LinkBuilder};
-use crate::store::{grants as grant_store, setup};
-use crate::sync::store::{self as db, LinkRow};
+use crate::store::links;
+use crate::store::links::LinkRow;
+use crate::store::{entitlements, grants as grant_store, guilds};
 
 /// The route, documented in `/openapi.json` under the `customers` tag.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -407,7 +408,7 @@ async fn record_link(
         &grant.business_id,
         &grant.customer_id,
         user.id.to_string(),
-        db::SealedTokens::seal(
+        links::SealedTokens::seal(
             &st.cipher,
             &grant.business_id,
             &grant.customer_id,
@@ -418,7 +419,7 @@ async fn record_link(
         tokens.scope.clone(),
     )
     .issued_by(bot.issuer());
-    db::set_nonce(
+    grant_store::set_nonce(
         &mut tx,
         &grant.id,
         &LinkBuilder::new_nonce(),
@@ -431,13 +432,13 @@ async fn record_link(
     let Linked { previous, shared } = link_account(&mut tx, &row, names, Some(&grant.id), now)
         .await
         .map_err(db_failed)?;
-    let ent = setup::entitlement(&mut tx, &grant.entitlement_id)
+    let ent = entitlements::entitlement(&mut tx, &grant.entitlement_id)
         .await
         .map_err(db_failed)?;
     let guild_id = ent.map(|e| e.guild_id).unwrap_or_default();
     // The name the server had when the merchant connected it: asking Discord would
     // cost every customer's sign-in a third request of the shared side budget.
-    let known_name = setup::guild_name(&mut tx, &grant.business_id, &guild_id)
+    let known_name = guilds::guild_name(&mut tx, &grant.business_id, &guild_id)
         .await
         .map_err(db_failed)?;
     tx.commit().await.map_err(db_failed)?;

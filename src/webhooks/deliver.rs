@@ -42,7 +42,6 @@ use tokio_util::task::TaskTracker;
 
 use super::holds;
 use super::isolation::{Admission, Isolation, IsolationSettings};
-use super::messages::{self, AttemptRecord, DeliveryTarget, Held, NewStatus, Parked, Recorded};
 use super::pacing::{Pace, Pacing};
 use super::parking::{self, Line, ParkWrite, Parking, Place};
 use super::reader::{ReadError, Reader};
@@ -53,6 +52,9 @@ use super::ssrf::{self, GuardedResolver, TargetPolicy};
 use crate::amqp::{self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, header_int};
 use crate::config::WebhookSettings;
 use crate::metrics::Metrics;
+use crate::store::messages::{
+    self, AttemptRecord, DeliveryTarget, Held, NewStatus, Parked, Recorded,
+};
 
 /// Consecutive failures after which an endpoint is short-circuited.
 pub const BREAKER_THRESHOLD: u32 = 5;

@@ -362,7 +362,7 @@ pub async fn insert(
         idempotency_key,
     } = new;
     let mut tx = sqlx::Connection::begin(conn).await?;
-    store::setup::ensure_business(&mut tx, business_id).await?;
+    store::businesses::ensure_business(&mut tx, business_id).await?;
     // The business row lock serializes concurrent creates, so the count cannot race.
     sqlx::query("SELECT 1 FROM businesses WHERE id = $1 FOR UPDATE")
         .bind(business_id)

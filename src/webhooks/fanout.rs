@@ -24,11 +24,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::deliver::STALLED_AFTER;
 use super::isolation::Isolation;
-use super::{holds, messages, schedule};
+use super::{holds, schedule};
 use crate::amqp::{self, Broker, BrokerError, Names, Outgoing};
 use crate::domain::ids::{BusinessId, GrantId};
 use crate::metrics::Metrics;
 use crate::store;
+use crate::store::messages;
 
 /// Why a grant event cannot be fanned out.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,4 +1,4 @@
-//! The hold releaser: gives held messages ([`super::messages::Held`]) a delivery job again
+//! The hold releaser: gives held messages ([`crate::store::messages::Held`]) a delivery job again
 //! once their time has come (and parked ones once nobody pulls them any more,
 //! [`super::parking`]), a bounded number per endpoint and round so that a large
 //! backlog reaches the workers in steps rather than all at once. Runs in every process;
@@ -11,7 +11,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::messages;
+use crate::store::messages;
 
 /// How often due messages are looked for.
 pub const INTERVAL: Duration = Duration::from_secs(1);

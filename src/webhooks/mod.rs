@@ -30,7 +30,7 @@ pub mod endpoints;
 pub mod fanout;
 pub mod holds;
 pub mod isolation;
-pub mod messages;
+
 pub mod pacing;
 pub mod parking;
 pub mod reader;

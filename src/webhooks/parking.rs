@@ -28,9 +28,9 @@ use lapin::types::{AMQPValue, FieldTable};
 
 use super::deliver::{Deliverer, Job, Outcome, STALLED_AFTER};
 use super::isolation::{Admission, Permit};
-use super::messages::{self, Pulled};
 use super::{holds, schedule};
 use crate::amqp::{self, ATTEMPT_HEADER, Outgoing};
+use crate::store::messages::{self, Pulled};
 
 /// How long an endpoint's parked messages are left to the process pulling them
 /// without a pull before the hold releaser gives them jobs again.

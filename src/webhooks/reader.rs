@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 
-use super::messages::{self, DeliveryTarget};
+use crate::store::messages::{self, DeliveryTarget};
 
 /// Why a target was not read; the worker holds its job and tries again.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -11,7 +11,7 @@ use std::future::Future;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{mpsc, oneshot};
 
-use super::messages::{self, Held, Parked, Recorded};
+use crate::store::messages::{self, Held, Parked, Recorded};
 
 /// Why a write did not happen; the worker holds its job and tries again.
 #[derive(Debug, Clone, thiserror::Error)]

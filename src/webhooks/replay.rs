@@ -6,7 +6,7 @@
 
 use sqlx::PgConnection;
 
-use super::messages;
+use crate::store::messages;
 
 /// How many failed messages one `retry-failed` call replays when the caller says nothing.
 pub const DEFAULT_FAILED_PAGE: i64 = 100;

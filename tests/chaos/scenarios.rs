@@ -477,12 +477,14 @@ impl Stack {
         {
             let mut conn = pool.acquire().await.unwrap();
             for b in [model::MAIN, model::OTHER, model::NONE] {
-                store::setup::ensure_business(&mut conn, b).await.unwrap();
+                store::businesses::ensure_business(&mut conn, b)
+                    .await
+                    .unwrap();
             }
             for (ent, business, guild, role) in ENTITLEMENTS {
                 let g = guilds[guild];
                 let role_id = role.map(|r| g.role(r));
-                let e = store::setup::insert_entitlement(
+                let e = store::entitlements::insert_entitlement(
                     &mut conn,
                     business,
                     ent,
@@ -502,7 +504,7 @@ impl Stack {
             }
             for (business, product, wanted) in model::PRODUCTS {
                 let ids: Vec<String> = wanted.iter().map(|e| ents[e].id.clone()).collect();
-                store::setup::set_product_entitlements(&mut conn, business, product, &ids)
+                store::entitlements::set_product_entitlements(&mut conn, business, product, &ids)
                     .await
                     .unwrap();
             }

@@ -393,10 +393,10 @@ impl TestApp {
         role_id: Option<&str>,
     ) -> String {
         let mut conn = self.pool.acquire().await.unwrap();
-        store::setup::ensure_business(&mut conn, &self.business())
+        store::businesses::ensure_business(&mut conn, &self.business())
             .await
             .unwrap();
-        let e = store::setup::insert_entitlement(
+        let e = store::entitlements::insert_entitlement(
             &mut conn,
             &self.business(),
             "Patrons Discord Role",
@@ -414,9 +414,14 @@ impl TestApp {
         .await
         .unwrap();
         ids.push(e.id.clone());
-        store::setup::set_product_entitlements(&mut conn, &self.business(), product_id, &ids)
-            .await
-            .unwrap();
+        store::entitlements::set_product_entitlements(
+            &mut conn,
+            &self.business(),
+            product_id,
+            &ids,
+        )
+        .await
+        .unwrap();
         e.id
     }
 
@@ -424,16 +429,21 @@ impl TestApp {
     pub async fn attach(&self, product_id: &str, entitlement_ids: &[&str]) {
         let mut conn = self.pool.acquire().await.unwrap();
         let ids: Vec<String> = entitlement_ids.iter().map(|s| s.to_string()).collect();
-        store::setup::set_product_entitlements(&mut conn, &self.business(), product_id, &ids)
-            .await
-            .unwrap();
+        store::entitlements::set_product_entitlements(
+            &mut conn,
+            &self.business(),
+            product_id,
+            &ids,
+        )
+        .await
+        .unwrap();
     }
 
     /// Marks a customer as having linked a Discord account (a bare row: enough for
     /// ingest, which only asks whether a link exists).
     pub async fn mark_linked(&self, customer_id: &str) {
         let mut conn = self.pool.acquire().await.unwrap();
-        store::setup::ensure_business(&mut conn, &self.business())
+        store::businesses::ensure_business(&mut conn, &self.business())
             .await
             .unwrap();
         sqlx::query(
@@ -689,20 +699,20 @@ pub async fn link_sandbox_user(
     let t = sandbox.issue_token(user, &["identify", "guilds.join"]);
     let cipher = settings.token_cipher().unwrap();
     let mut conn = pool.acquire().await.unwrap();
-    store::setup::ensure_business(&mut conn, business)
+    store::businesses::ensure_business(&mut conn, business)
         .await
         .unwrap();
     let now = chrono::Utc::now();
-    let sealed = guildgate::sync::store::SealedTokens::seal(
+    let sealed = guildgate::store::links::SealedTokens::seal(
         &cipher,
         business,
         customer,
         &t.access_token.clone().into(),
         Some(&t.refresh_token.clone().into()),
     );
-    guildgate::sync::store::upsert_link(
+    guildgate::store::links::upsert_link(
         &mut conn,
-        &guildgate::sync::store::LinkRow::new(
+        &guildgate::store::links::LinkRow::new(
             business,
             customer,
             user.to_string(),

@@ -44,7 +44,8 @@ use crate::store::access as db;
 use crate::store::email as settings_db;
 use crate::store::grants as grant_store;
 use crate::store::grants::renew_link;
-use crate::sync::store::{self as links_db, LinkRow};
+use crate::store::links;
+use crate::store::links::LinkRow;
 use crate::web::AppState;
 use crate::web::accounts::{Linked, link_account, revoke_left_tokens};
 use crate::web::limits::ClientIp;
@@ -318,7 +319,7 @@ async fn connect(
         let g = if g.status == GrantStatus::Pending {
             renew_link(&mut conn, &st.links, &g, now).await
         } else {
-            links_db::set_nonce(
+            grant_store::set_nonce(
                 &mut conn,
                 &g.id,
                 &LinkBuilder::new_nonce(),
@@ -475,7 +476,7 @@ pub async fn switch_returned(
             &who.b,
             &who.c,
             chosen.id.clone(),
-            links_db::SealedTokens::seal(
+            links::SealedTokens::seal(
                 &st.cipher,
                 &who.b,
                 &who.c,

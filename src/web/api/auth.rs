@@ -9,8 +9,8 @@ use secrecy::SecretString;
 use sqlx::PgConnection;
 
 use super::keys::{NewKey, PresentedKey};
-use super::store::keys as db;
 use crate::domain::ids::BusinessId;
+use crate::store::api_keys as db;
 use crate::web::AppState;
 use crate::web::error::ApiError;
 
@@ -72,7 +72,7 @@ pub async fn create_api_key(
 ) -> Result<(String, SecretString), sqlx::Error> {
     let key = NewKey::mint();
     let mut tx = sqlx::Connection::begin(conn).await?;
-    crate::store::setup::ensure_business(&mut tx, business_id.as_str()).await?;
+    crate::store::businesses::ensure_business(&mut tx, business_id.as_str()).await?;
     db::insert(&mut tx, &key.id, business_id.as_str(), name, &key.hash).await?;
     tx.commit().await?;
     Ok((key.id, key.text))

@@ -17,13 +17,13 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::Items;
 use super::auth::Merchant;
-use super::store::guilds as db;
 use crate::crypto::StateSigner;
 use crate::discord::client::{Role, TokenGuild, TokenSet};
 use crate::discord::validate::{GuildFacts, check, validate_discord_config};
 use crate::discord::{DiscordClient, DiscordError, permissions};
 use crate::domain::Snowflake;
 use crate::grants::render::ts;
+use crate::store::guilds as db;
 use crate::web::AppState;
 use crate::web::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
 

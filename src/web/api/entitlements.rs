@@ -22,13 +22,13 @@ use sqlx::{PgConnection, PgPool};
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Merchant;
-use super::store::{entitlements as db, guilds};
 use super::{Items, page};
 use crate::discord::Bots;
 use crate::discord::HumanCode;
 use crate::domain::Snowflake;
 use crate::grants::render::ts;
-use crate::store::setup::Entitlement;
+use crate::store::entitlements::Entitlement;
+use crate::store::{entitlements as db, guilds};
 use crate::sync::stops;
 use crate::web::AppState;
 use crate::web::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, Problem};

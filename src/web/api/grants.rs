@@ -13,7 +13,6 @@ use sqlx::PgConnection;
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Merchant;
-use super::store::{entitlements, grants as db};
 use super::{Items, page};
 use crate::domain::ids::CustomerId;
 use crate::domain::{Grant, GrantEventType, GrantStatus, RevocationReason};
@@ -23,6 +22,7 @@ use crate::grants::render::{grant_object, ts};
 use crate::outbox::emit;
 use crate::store::grants as grant_store;
 use crate::store::grants::renew_link;
+use crate::store::{entitlements, grants as db};
 use crate::web::AppState;
 use crate::web::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody};
 
@@ -132,7 +132,7 @@ pub async fn of_entitlement(
     entitlements::get_any(&mut conn, merchant.business(), &id)
         .await?
         .ok_or(ApiError::NotFound("entitlement"))?;
-    let rows = db::of_entitlement(
+    let rows = db::page_of_entitlement(
         &mut conn,
         merchant.business(),
         &id,
@@ -156,7 +156,7 @@ pub async fn get(
     Path((id, grant_id)): Path<(String, String)>,
 ) -> ApiResult<ApiJson<Value>> {
     let mut conn = state.pool.acquire().await?;
-    let g = db::get(&mut conn, merchant.business(), &id, &grant_id, false)
+    let g = db::get_of_entitlement(&mut conn, merchant.business(), &id, &grant_id, false)
         .await?
         .ok_or(ApiError::NotFound("grant"))?;
     let mut out = render(&mut conn, &state.links, vec![g], Utc::now()).await?;
@@ -315,7 +315,7 @@ pub async fn resend(
     Path((id, grant_id)): Path<(String, String)>,
 ) -> ApiResult<(axum::http::StatusCode, ApiJson<ResendView>)> {
     let mut tx = state.pool.begin().await?;
-    let g = db::get(&mut tx, merchant.business(), &id, &grant_id, false)
+    let g = db::get_of_entitlement(&mut tx, merchant.business(), &id, &grant_id, false)
         .await?
         .ok_or(ApiError::NotFound("grant"))?;
     let job = crate::email::resend::queue(&mut tx, &g, state.settings.email.enabled())
@@ -349,7 +349,7 @@ pub async fn history(
     Path((id, grant_id)): Path<(String, String)>,
 ) -> ApiResult<ApiJson<Items<Entry>>> {
     let mut conn = state.pool.acquire().await?;
-    let g = db::get(&mut conn, merchant.business(), &id, &grant_id, false)
+    let g = db::get_of_entitlement(&mut conn, merchant.business(), &id, &grant_id, false)
         .await?
         .ok_or(ApiError::NotFound("grant"))?;
     Ok(ApiJson(Items {
@@ -373,7 +373,7 @@ pub async fn revoke(
     let now = Utc::now();
     let mut tx = state.pool.begin().await?;
     // Locked, so a concurrent event that revokes or delivers it waits for this one.
-    let g = db::get(&mut tx, merchant.business(), &id, &grant_id, true)
+    let g = db::get_of_entitlement(&mut tx, merchant.business(), &id, &grant_id, true)
         .await?
         .ok_or(ApiError::NotFound("grant"))?;
     let g = match grant_store::revoke(&mut tx, &g.id, RevocationReason::Manual, now).await? {
@@ -450,7 +450,7 @@ pub async fn of_customer(
         return Ok(ApiJson(Items { items: Vec::new() }));
     }
     let mut conn = state.pool.acquire().await?;
-    let rows = db::of_customer(
+    let rows = db::page_of_customer(
         &mut conn,
         merchant.business(),
         customer.as_str(),

@@ -23,14 +23,13 @@ pub mod grants;
 pub mod keys;
 pub mod products;
 pub mod settings;
-pub mod store;
 pub mod translations;
 pub mod values;
 pub mod webhooks;
 
 use serde::{Deserialize, Serialize};
 
-use self::store::Page;
+use crate::store::Page;
 use crate::web::error::ApiError;
 
 /// `page_size` when the merchant gives none, and the most it may ask for (the platform's).

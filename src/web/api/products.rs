@@ -18,11 +18,11 @@ use super::auth::Merchant;
 use super::entitlements::EntitlementView;
 use super::entitlements::IntegrationConfig;
 use super::entitlements::ReadQuery;
-use super::store::entitlements as db;
 use crate::domain::ids::ProductId;
+use crate::store::entitlements as db;
+use crate::store::entitlements;
+use crate::store::entitlements::Entitlement;
 use crate::store::grants::business_brand;
-use crate::store::setup;
-use crate::store::setup::Entitlement;
 use crate::web::AppState;
 use crate::web::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, Problem};
 
@@ -91,7 +91,7 @@ async fn replace(
     }
     // Newly attached entitlements reach the product's earlier buyers (docs/api.md).
     crate::store::backfill::start(tx, business, product.as_str(), &ids).await?;
-    setup::set_product_entitlements(tx, business, product.as_str(), &ids).await?;
+    entitlements::set_product_entitlements(tx, business, product.as_str(), &ids).await?;
     Ok(())
 }
 

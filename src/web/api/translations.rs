@@ -18,9 +18,9 @@ use utoipa::ToSchema;
 use super::Items;
 use super::auth::Merchant;
 use super::entitlements::{EntitlementView, MAX_DESCRIPTION, MAX_NAME};
-use super::store::entitlements as entitlements_db;
-use super::store::translations::{self as db, Translation};
 use crate::grants::render::ts;
+use crate::store::entitlements as entitlements_db;
+use crate::store::translations::{self as db, Translation};
 use crate::web::AppState;
 use crate::web::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
 

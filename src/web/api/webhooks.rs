@@ -18,9 +18,10 @@ use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Merchant;
-use super::store::messages as db;
 use super::{Items, page};
 use crate::grants::render::ts;
+use crate::store::messages as db;
+use crate::store::messages::{self, Message};
 use crate::web::AppState;
 use crate::web::error::{
     ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, OptionalApiJson, Problem,
@@ -28,7 +29,6 @@ use crate::web::error::{
 use crate::webhooks::endpoints::{
     self, After, Endpoint, EndpointError, EndpointPatch, NewEndpoint, Strings,
 };
-use crate::webhooks::messages::{self, Message};
 use crate::webhooks::replay;
 use crate::webhooks::ssrf::TargetPolicy;
 
@@ -570,7 +570,7 @@ pub async fn list_messages(
     }
     let mut conn = state.pool.acquire().await?;
     endpoints::get(&mut conn, merchant.business(), &id).await?;
-    let rows = db::of_endpoint(&mut conn, &id, q.status.as_deref(), p).await?;
+    let rows = db::page_of_endpoint(&mut conn, &id, q.status.as_deref(), p).await?;
     let mut items = Vec::with_capacity(rows.len());
     for m in rows {
         let attempts = messages::attempts(&mut conn, &m.id).await?;

@@ -212,3 +212,19 @@ pub async fn get(
         .fetch_optional(conn)
         .await
 }
+
+/// The name a connected server had when it was connected (or reconnected).
+pub async fn guild_name(
+    conn: &mut PgConnection,
+    business_id: &str,
+    guild_id: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    Ok(sqlx::query_scalar::<_, Option<String>>(
+        "SELECT name FROM discord_guilds WHERE business_id = $1 AND guild_id = $2",
+    )
+    .bind(business_id)
+    .bind(guild_id)
+    .fetch_optional(conn)
+    .await?
+    .flatten())
+}

@@ -8,6 +8,8 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 
+use super::Page;
+
 /// The `webhook-id` of (grant, event type, endpoint): `msg_` + the first 128 bits of
 /// SHA-256 of `grant:type:endpoint`, in hex. The fan-out computes the same in SQL.
 pub fn message_id(grant_id: &str, event_type: &str, endpoint_id: &str) -> String {
@@ -58,7 +60,7 @@ pub struct DeliveryTarget {
     /// rotation), newest first.
     pub previous_secrets: Vec<String>,
     /// The endpoint's custom headers, sent with every attempt (may hold credentials).
-    pub headers: sqlx::types::Json<super::endpoints::Strings>,
+    pub headers: sqlx::types::Json<crate::webhooks::endpoints::Strings>,
     /// The endpoint's deliveries per second at most; `None`: no limit.
     pub rate_limit: Option<i32>,
 }
@@ -761,6 +763,27 @@ pub async fn attempts(
         .bind(message_id)
         .fetch_all(conn)
         .await
+}
+
+/// A page of an endpoint's messages, newest first, optionally by status.
+pub async fn page_of_endpoint(
+    conn: &mut PgConnection,
+    endpoint_id: &str,
+    status: Option<&str>,
+    page: Page,
+) -> Result<Vec<Message>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, endpoint_id, business_id, grant_id, event_type, body, status, attempts,
+                next_attempt_at, last_error, delivered_at
+         FROM webhook_messages WHERE endpoint_id = $1 AND ($2::text IS NULL OR status = $2)
+         ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4",
+    )
+    .bind(endpoint_id)
+    .bind(status)
+    .bind(page.limit)
+    .bind(page.offset)
+    .fetch_all(conn)
+    .await
 }
 
 #[cfg(test)]
