@@ -227,7 +227,7 @@ async fn main() {
         .await
         .unwrap();
         // One demo endpoint at a time: remove the ones earlier runs registered.
-        for e in guildgate::webhooks::endpoints::list(&mut c, BUSINESS)
+        for e in guildgate::store::endpoints::list(&mut c, BUSINESS)
             .await
             .unwrap()
         {

@@ -1911,7 +1911,7 @@ async fn a_revoke_after_an_interrupted_account_switch_removes_both_roles() {
 /// under way holds it until the resume has committed (or the resume finds its row).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_never_waits_for_a_resume_that_already_passed() {
-    use guildgate::sync::stops::{self, Scope, Waiting};
+    use guildgate::store::stops::{self, Scope, Waiting};
     let db = common::TestDb::create().await;
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     guildgate::store::migrate(&pool).await.unwrap();

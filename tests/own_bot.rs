@@ -419,15 +419,22 @@ async fn a_customer_who_authorized_another_application_is_asked_again_not_added_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_jobs_run_once_more_when_asked_again_and_outlive_their_drainer() {
-    use guildgate::sync::lanes;
+    use guildgate::store::sync_parking as lanes;
+    use guildgate::sync::lanes::LEASE;
     let w = World::start().await;
     let pool = &w.app.pool;
     // The rows alone: a job asked again while it runs runs once more, at the back.
     lanes::park(pool, "grant_x", "bot_1", 2).await.unwrap();
     lanes::park(pool, "grant_x", "bot_1", 0).await.unwrap();
-    assert!(lanes::lease(pool, "bot_1", "me", true).await.unwrap());
     assert!(
-        !lanes::lease(pool, "bot_1", "other", true).await.unwrap(),
+        lanes::lease(pool, "bot_1", "me", true, LEASE)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !lanes::lease(pool, "bot_1", "other", true, LEASE)
+            .await
+            .unwrap(),
         "one holder"
     );
     assert_eq!(

@@ -17,9 +17,10 @@ use common::events::*;
 use common::{TestApp, TestConfig, wait_for};
 use guildgate::app::Options;
 use guildgate::faults::Point;
+use guildgate::store::endpoints::Endpoint;
 use guildgate::store::messages::{self, Message};
 use guildgate::webhooks::deliver::Deliverer;
-use guildgate::webhooks::endpoints::{self, Endpoint, EndpointError, NewEndpoint};
+use guildgate::webhooks::endpoints::{self, EndpointError, NewEndpoint};
 use guildgate::webhooks::fanout::{Fanout, Outcome};
 use guildgate::webhooks::replay;
 use guildgate::webhooks::ssrf::{SsrfError, TargetPolicy};
@@ -744,9 +745,21 @@ async fn endpoints_are_checked_on_save_and_limited_to_five() {
         endpoints::create(&mut conn, &b, try_create("https://1.1.1.1/hook"), strict).await,
         Err(EndpointError::TooMany)
     ));
-    assert_eq!(endpoints::list(&mut conn, &b).await.unwrap().len(), 5);
+    assert_eq!(
+        guildgate::store::endpoints::list(&mut conn, &b)
+            .await
+            .unwrap()
+            .len(),
+        5
+    );
     endpoints::delete(&mut conn, &b, &created.id).await.unwrap();
-    assert_eq!(endpoints::list(&mut conn, &b).await.unwrap().len(), 4);
+    assert_eq!(
+        guildgate::store::endpoints::list(&mut conn, &b)
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
     drop(conn);
     app.stop().await;
 }

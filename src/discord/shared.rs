@@ -15,6 +15,7 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use super::invalid::WINDOW;
+use crate::store::budget;
 
 /// How long a read of the shared invalid-request count is reused. Invalid answers are
 /// rare next to requests, and a check per request would double the database's work;
@@ -58,12 +59,7 @@ impl SharedLimits {
     ) -> Result<Option<Duration>, sqlx::Error> {
         let mut contended = 0;
         loop {
-            let wait: Option<f64> = sqlx::query_scalar("SELECT guildgate_discord_take($1, $2, $3)")
-                .bind(&*self.bot)
-                .bind(kind)
-                .bind(interval(window))
-                .fetch_one(&self.pool)
-                .await?;
+            let wait = budget::take_slot(&self.pool, &self.bot, kind, window).await?;
             match wait {
                 Some(w) if w <= 0.0 => return Ok(None),
                 // Free slots, all being taken by others right then: there may be one
@@ -89,63 +85,19 @@ impl SharedLimits {
             .find(|(k, _)| *k == kind)
             .expect("a known kind")
             .1;
-        cell.get_or_try_init(|| async {
-            let mut tx = self.pool.begin().await?;
-            sqlx::query(
-                "INSERT INTO discord_budget_slots (bot, kind, slot)
-                 SELECT $1, $2, g FROM generate_series(1, $3) g
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(&*self.bot)
-            .bind(kind)
-            .bind(i32::try_from(size.max(1)).unwrap_or(i32::MAX))
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "DELETE FROM discord_budget_slots WHERE bot = $1 AND kind = $2 AND slot > $3",
-            )
-            .bind(&*self.bot)
-            .bind(kind)
-            .bind(i32::try_from(size.max(1)).unwrap_or(i32::MAX))
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await
-        })
-        .await
-        .map(|_| ())
+        cell.get_or_try_init(|| budget::size_ring(&self.pool, &self.bot, kind, size))
+            .await
+            .map(|_| ())
     }
 
     /// A global 429: every process waits `d` (Discord's `retry_after`).
     pub async fn block_for(&self, d: Duration) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO discord_budget_blocks (bot, blocked_until)
-             VALUES ($1, clock_timestamp() + $2)
-             ON CONFLICT (bot) DO UPDATE
-             SET blocked_until = greatest(discord_budget_blocks.blocked_until, excluded.blocked_until)",
-        )
-        .bind(&*self.bot)
-        .bind(interval(d))
-        .execute(&self.pool)
-        .await
-        .map(|_| ())
+        budget::block_for(&self.pool, &self.bot, d).await
     }
 
     /// Counts one invalid answer; returns the count of the last 10 minutes.
     pub async fn record_invalid(&self) -> Result<i64, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO discord_invalid_answers (bucket, answers)
-             VALUES (date_bin($1, clock_timestamp(), 'epoch'), 1)
-             ON CONFLICT (bucket) DO UPDATE SET answers = discord_invalid_answers.answers + 1",
-        )
-        .bind(interval(BUCKET))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM discord_invalid_answers WHERE bucket < clock_timestamp() - $1")
-            .bind(interval(WINDOW + BUCKET * 2))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        budget::record_invalid(&self.pool, BUCKET, WINDOW + BUCKET * 2).await?;
         let n = self.read_count().await?;
         Ok(n)
     }
@@ -162,37 +114,17 @@ impl SharedLimits {
     }
 
     async fn read_count(&self) -> Result<i64, sqlx::Error> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT coalesce(sum(answers), 0)::bigint FROM discord_invalid_answers
-             WHERE bucket > clock_timestamp() - $1",
-        )
-        .bind(interval(WINDOW + BUCKET))
-        .fetch_one(&self.pool)
-        .await?;
+        let n = budget::invalid_count(&self.pool, WINDOW + BUCKET).await?;
         *self.count.lock().expect("count cache") = Some((Instant::now(), n));
         Ok(n)
     }
 
     /// How long until the oldest counted bucket leaves the window.
     pub async fn until_oldest_ages_out(&self) -> Result<Duration, sqlx::Error> {
-        let secs: Option<f64> = sqlx::query_scalar(
-            "SELECT extract(epoch FROM min(bucket) + $1 - clock_timestamp())::float8
-             FROM discord_invalid_answers WHERE bucket > clock_timestamp() - $1",
-        )
-        .bind(interval(WINDOW + BUCKET))
-        .fetch_one(&self.pool)
-        .await?;
+        let secs = budget::oldest_leaves_in(&self.pool, WINDOW + BUCKET).await?;
         Ok(secs
             .filter(|s| s.is_finite() && *s > 0.0)
             .and_then(|s| Duration::try_from_secs_f64(s).ok())
             .unwrap_or(BUCKET))
-    }
-}
-
-fn interval(d: Duration) -> sqlx::postgres::types::PgInterval {
-    sqlx::postgres::types::PgInterval {
-        months: 0,
-        days: 0,
-        microseconds: i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
     }
 }

@@ -30,7 +30,7 @@ use super::{Job, Kind};
 use crate::amqp::{self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, header_int};
 use crate::domain::GrantStatus;
 use crate::domain::retry;
-use crate::grants::history;
+use crate::store::history;
 use crate::grants::link::LinkBuilder;
 use crate::i18n::Lang;
 use crate::metrics::Metrics;

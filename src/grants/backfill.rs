@@ -21,11 +21,11 @@ use chrono::Utc;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::history;
 use super::link::LinkBuilder;
 use crate::domain::GrantEventType;
 use crate::events::apply::subscription_key;
 use crate::outbox::emit;
+use crate::store::history;
 use crate::store::{backfill as db, ingest};
 
 /// Customers one pass gives grants to at most, per backfill.

@@ -2,7 +2,8 @@
 //! support. Creation and revocation are read from the grant row; everything else (the
 //! customer linking or switching accounts, each change the syncer made in Discord with
 //! Discord's answer, what it left in place and why, delivery, failures, waiting on a
-//! stopped server) is recorded as it happens, in the transaction that records it.
+//! stopped server) is recorded as it happens, in the transaction that records it
+//! ([`crate::store::history::record`]).
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -10,9 +11,10 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 
 use crate::domain::Grant;
+use crate::store::history;
 
 /// One entry of a grant's history.
-#[derive(Clone, Debug, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Entry {
     /// RFC 3339, UTC.
     #[serde(serialize_with = "rfc3339")]
@@ -31,24 +33,6 @@ fn rfc3339<S: serde::Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::E
     s.serialize_str(&crate::grants::render::ts(*at))
 }
 
-/// Records one event of `grant_id`.
-pub async fn record(
-    conn: &mut PgConnection,
-    grant_id: &str,
-    at: DateTime<Utc>,
-    event: &str,
-    detail: Value,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO grant_history (grant_id, at, event, detail) VALUES ($1, $2, $3, $4)")
-        .bind(grant_id)
-        .bind(at)
-        .bind(event)
-        .bind(detail)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// The grant's history, oldest first: its creation and revocation (from the row) and
 /// every recorded event.
 pub async fn of(conn: &mut PgConnection, g: &Grant) -> Result<Vec<Entry>, sqlx::Error> {
@@ -60,13 +44,12 @@ pub async fn of(conn: &mut PgConnection, g: &Grant) -> Result<Vec<Entry>, sqlx::
             "subscription_id": g.subscription_id,
         }),
     }];
-    let recorded: Vec<Entry> = sqlx::query_as(
-        "SELECT at, event, detail FROM grant_history WHERE grant_id = $1 ORDER BY id",
-    )
-    .bind(&g.id)
-    .fetch_all(conn)
-    .await?;
-    out.extend(recorded);
+    let recorded = history::recorded(conn, &g.id).await?;
+    out.extend(
+        recorded
+            .into_iter()
+            .map(|(at, event, detail)| Entry { at, event, detail }),
+    );
     if let Some(at) = g.revoked_at {
         out.push(Entry {
             at,

@@ -214,74 +214,6 @@ pub enum ReconcileError {
     Db(#[from] sqlx::Error),
 }
 
-#[derive(sqlx::FromRow)]
-struct DbGrant {
-    id: String,
-    business_id: String,
-    customer_id: String,
-    status: String,
-    applied_user_id: Option<String>,
-    applied_guild_id: Option<String>,
-    applied_role_id: Option<String>,
-    guild_id: String,
-    role_id: Option<String>,
-    discord_user_id: Option<String>,
-}
-
-#[derive(sqlx::FromRow)]
-struct DbGated {
-    business_id: String,
-    guild_id: String,
-    role_id: String,
-}
-
-fn snowflake(s: Option<&str>) -> Option<Snowflake> {
-    s.and_then(Snowflake::parse)
-}
-
-/// The grants reconcile judges (live ones, and revoked ones that still record what they
-/// applied) in `scope`, of one customer when `customer` is given.
-async fn load_grants<'e>(
-    db: impl sqlx::PgExecutor<'e>,
-    scope: &Scope,
-    customer: Option<&str>,
-) -> Result<Vec<GrantRow>, sqlx::Error> {
-    let rows: Vec<DbGrant> = sqlx::query_as(
-        "SELECT g.id, g.business_id, g.customer_id, g.status, g.applied_user_id,
-                g.applied_guild_id, g.applied_role_id, e.guild_id, e.role_id, l.discord_user_id
-         FROM grants g
-         JOIN entitlements e ON e.id = g.entitlement_id
-         LEFT JOIN discord_links l ON l.business_id = g.business_id AND l.customer_id = g.customer_id
-         WHERE (g.status <> 'Revoked' OR g.applied_user_id IS NOT NULL)
-           AND ($1::text IS NULL OR g.business_id = $1)
-           AND ($2::text IS NULL OR e.guild_id = $2 OR g.applied_guild_id = $2)
-           AND ($3::text IS NULL OR g.customer_id = $3)
-         ORDER BY g.created_at, g.id",
-    )
-    .bind(&scope.business_id)
-    .bind(&scope.guild_id)
-    .bind(customer)
-    .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|r| {
-            Some(GrantRow {
-                status: GrantStatus::parse(&r.status)?,
-                applied_user: snowflake(r.applied_user_id.as_deref()),
-                applied_guild: snowflake(r.applied_guild_id.as_deref()),
-                applied_role: snowflake(r.applied_role_id.as_deref()),
-                entitlement_guild: Snowflake::parse(&r.guild_id),
-                entitlement_role: snowflake(r.role_id.as_deref()),
-                linked_user: snowflake(r.discord_user_id.as_deref()),
-                id: r.id,
-                business_id: r.business_id,
-                customer_id: r.customer_id,
-            })
-        })
-        .collect())
-}
-
 /// The advisory lock (two-key form: `RECONCILE_LOCK.0` names guildgate's periodic
 /// jobs, `.1` this one) that lets one replica at a time run the periodic reconcile.
 const RECONCILE_LOCK: (i32, i32) = (0x6767_6174, 1);
@@ -341,31 +273,23 @@ impl Reconciler {
     /// Live grants, and revoked ones that still record what they applied (the syncer
     /// clears that once it undid it), in scope.
     async fn grants(&self, scope: &Scope) -> Result<Vec<GrantRow>, sqlx::Error> {
-        load_grants(&self.pool, scope, None).await
+        listing_store::judged_grants(
+            &self.pool,
+            scope.business_id.as_deref(),
+            scope.guild_id.as_deref(),
+            None,
+        )
+        .await
     }
 
     /// Roles that entitlements (not deleted) gate, in scope.
     async fn gated(&self, scope: &Scope) -> Result<Vec<GatedRole>, sqlx::Error> {
-        let rows: Vec<DbGated> = sqlx::query_as(
-            "SELECT DISTINCT business_id, guild_id, role_id FROM entitlements
-             WHERE deleted_at IS NULL AND role_id IS NOT NULL
-               AND ($1::text IS NULL OR business_id = $1)
-               AND ($2::text IS NULL OR guild_id = $2)",
+        listing_store::gated_roles(
+            &self.pool,
+            scope.business_id.as_deref(),
+            scope.guild_id.as_deref(),
         )
-        .bind(&scope.business_id)
-        .bind(&scope.guild_id)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|r| {
-                Some(GatedRole {
-                    guild: Snowflake::parse(&r.guild_id)?,
-                    role: Snowflake::parse(&r.role_id)?,
-                    business_id: r.business_id,
-                })
-            })
-            .collect())
+        .await
     }
 
     /// The roles guildgate found already there in `guilds` (its holdings).
@@ -373,24 +297,7 @@ impl Reconciler {
         &self,
         guilds: &BTreeSet<Snowflake>,
     ) -> Result<HashSet<(Snowflake, Snowflake, Snowflake)>, sqlx::Error> {
-        let ids: Vec<String> = guilds.iter().map(|g| g.to_string()).collect();
-        let rows: Vec<(String, String, String)> = sqlx::query_as(
-            "SELECT guild_id, user_id, role_id FROM discord_holdings
-             WHERE found AND role_id <> '' AND guild_id = ANY($1)",
-        )
-        .bind(&ids)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(g, u, r)| {
-                Some((
-                    Snowflake::parse(&g)?,
-                    Snowflake::parse(&u)?,
-                    Snowflake::parse(&r)?,
-                ))
-            })
-            .collect())
+        listing_store::found_roles(&self.pool, guilds).await
     }
 
     /// The members of `guild` that matter to the comparison (see [`Relevant`]), page
@@ -671,18 +578,20 @@ impl Reconciler {
             return Ok(Action::ReportedOnly);
         };
         let mut tx = self.pool.begin().await?;
-        let customer: Option<String> =
-            sqlx::query_scalar("SELECT customer_id FROM grants WHERE id = $1 FOR UPDATE")
-                .bind(grant_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let customer = grant_store::customer_for_update(&mut tx, grant_id).await?;
         let still = match &customer {
             Some(customer) => {
                 let scope = Scope {
                     business_id: Some(f.business_id.clone()),
                     guild_id: None,
                 };
-                let now = load_grants(&mut *tx, &scope, Some(customer)).await?;
+                let now = listing_store::judged_grants(
+                    &mut *tx,
+                    scope.business_id.as_deref(),
+                    scope.guild_id.as_deref(),
+                    Some(customer),
+                )
+                .await?;
                 compare(&now, &[], discord)
                     .iter()
                     .any(|again| again.grant_id == f.grant_id && again.kind == f.kind)
@@ -736,11 +645,7 @@ impl Reconciler {
     pub async fn lock_periodic_run(&self) -> Result<Option<sqlx::PgConnection>, sqlx::Error> {
         use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect_with(&self.pool.connect_options()).await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-            .bind(RECONCILE_LOCK.0)
-            .bind(RECONCILE_LOCK.1)
-            .fetch_one(&mut conn)
-            .await?;
+        let locked = crate::store::try_session_lock(&mut conn, RECONCILE_LOCK).await?;
         Ok(locked.then_some(conn))
     }
 
@@ -780,11 +685,7 @@ impl Reconciler {
                 _ = shutdown.cancelled() => return,
                 r = run => r,
             };
-            let _ = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-                .bind(RECONCILE_LOCK.0)
-                .bind(RECONCILE_LOCK.1)
-                .execute(&mut lock)
-                .await;
+            let _ = crate::store::session_unlock(&mut lock, RECONCILE_LOCK).await;
             drop(lock);
             match result {
                 Ok(r) => tracing::info!(

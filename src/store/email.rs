@@ -38,6 +38,16 @@ pub async fn settings(
     .unwrap_or_default())
 }
 
+/// Locks the business's settings until the transaction ends (their row may not exist
+/// yet), so concurrent changes apply one after the other.
+pub async fn lock_settings(conn: &mut PgConnection, business_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('business-settings:' || $1, 0))")
+        .bind(business_id)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
 pub async fn save_settings(
     conn: &mut PgConnection,
     business_id: &str,

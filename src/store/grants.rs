@@ -203,6 +203,28 @@ pub async fn get_for_update(
         .await
 }
 
+/// Locks a grant and returns its customer; `None` if there is no such grant.
+pub async fn customer_for_update(
+    conn: &mut PgConnection,
+    id: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT customer_id FROM grants WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// The business a grant belongs to; `None` if there is no such grant.
+pub async fn business_of<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    id: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT business_id FROM grants WHERE id = $1")
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
 /// Every grant of a customer of a business, newest first (tests, API).
 pub async fn of_customer(
     conn: &mut PgConnection,

@@ -158,3 +158,77 @@ pub async fn forget_holding(
     .await?;
     Ok(())
 }
+
+/// A grant of a business that gives (or is giving, or is taking back) a Discord account
+/// something in a server, and the role it concerns (`None`: the membership only).
+#[derive(Debug, sqlx::FromRow)]
+pub struct AccountGrant {
+    pub grant_id: String,
+    pub entitlement_id: String,
+    pub customer_id: String,
+    pub status: crate::domain::GrantStatus,
+    pub role_id: Option<String>,
+}
+
+/// The grants of `business_id` that hold or are about to hold something of the account
+/// (`guild_id`, `user_id`), oldest first.
+pub async fn grants_of_account(
+    conn: &mut PgConnection,
+    business_id: &str,
+    guild_id: &str,
+    user_id: &str,
+) -> Result<Vec<AccountGrant>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id AS grant_id, entitlement_id, customer_id, status,
+                CASE WHEN applied_guild_id = $2 AND applied_user_id = $3 THEN applied_role_id
+                     ELSE intent_role_id END AS role_id
+         FROM grants
+         WHERE business_id = $1
+           AND ((applied_guild_id = $2 AND applied_user_id = $3)
+             OR (intent_guild_id = $2 AND intent_user_id = $3))
+         ORDER BY created_at, id",
+    )
+    .bind(business_id)
+    .bind(guild_id)
+    .bind(user_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// What guildgate recorded of the account (`guild_id`, `user_id`): the role (empty: the
+/// membership), whether it was found already there, and since when.
+pub async fn of_account(
+    conn: &mut PgConnection,
+    guild_id: &str,
+    user_id: &str,
+) -> Result<Vec<(String, bool, DateTime<Utc>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT role_id, found, since FROM discord_holdings
+         WHERE guild_id = $1 AND user_id = $2 ORDER BY role_id",
+    )
+    .bind(guild_id)
+    .bind(user_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// How many live grants of businesses other than `business_id` hold or are about to
+/// hold something of the account (`guild_id`, `user_id`).
+pub async fn other_businesses_holding(
+    conn: &mut PgConnection,
+    business_id: &str,
+    guild_id: &str,
+    user_id: &str,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM grants
+         WHERE business_id <> $1 AND status <> 'Revoked'
+           AND ((applied_guild_id = $2 AND applied_user_id = $3)
+             OR (intent_guild_id = $2 AND intent_user_id = $3))",
+    )
+    .bind(business_id)
+    .bind(guild_id)
+    .bind(user_id)
+    .fetch_one(conn)
+    .await
+}

@@ -376,7 +376,7 @@ pub async fn write_grace(
                 serde_json::json!({"outcome": "kept", "why": "the subscription is active again"}),
             ),
         };
-        crate::grants::history::record(conn, &r.grant_id, now, event, detail).await?;
+        super::history::record(conn, &r.grant_id, now, event, detail).await?;
     }
     Ok(())
 }

@@ -229,3 +229,59 @@ pub async fn linked_elsewhere(
     .fetch_one(conn)
     .await
 }
+
+/// At most `limit` links whose tokens are not sealed with the key `key_id`, after the
+/// link `after` (business, customer), in that order.
+pub async fn not_sealed_with(
+    pool: &sqlx::PgPool,
+    key_id: &str,
+    after: (&str, &str),
+    limit: i64,
+) -> Result<Vec<LinkRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT business_id, customer_id, discord_user_id, access_token_enc, refresh_token_enc,
+             expires_at, scopes, token_version, token_key_id, client_id
+         FROM discord_links
+         WHERE token_key_id IS DISTINCT FROM $1 AND (business_id, customer_id) > ($2, $3)
+         ORDER BY business_id, customer_id
+         LIMIT $4",
+    )
+    .bind(key_id)
+    .bind(after.0)
+    .bind(after.1)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Writes `row`'s tokens sealed anew, only if the link did not change since `row` was
+/// read; `false` if it did.
+pub async fn reseal(
+    conn: &mut PgConnection,
+    row: &LinkRow,
+    sealed: &SealedTokens,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE discord_links SET access_token_enc = $5, refresh_token_enc = $6, token_key_id = $7
+         WHERE business_id = $1 AND customer_id = $2 AND token_version = $3
+           AND token_key_id IS NOT DISTINCT FROM $4",
+    )
+    .bind(&row.business_id)
+    .bind(&row.customer_id)
+    .bind(row.token_version)
+    .bind(&row.token_key_id)
+    .bind(&sealed.access_token_enc)
+    .bind(&sealed.refresh_token_enc)
+    .bind(&sealed.token_key_id)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// How many links are not sealed with the key `key_id`.
+pub async fn count_not_sealed_with(pool: &sqlx::PgPool, key_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM discord_links WHERE token_key_id IS DISTINCT FROM $1")
+        .bind(key_id)
+        .fetch_one(pool)
+        .await
+}

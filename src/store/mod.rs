@@ -9,17 +9,22 @@ pub mod access;
 pub mod api_keys;
 pub mod applications;
 pub mod backfill;
+pub mod budget;
 pub mod businesses;
 pub mod email;
+pub mod endpoints;
 pub mod entitlements;
 pub mod grants;
 pub mod guilds;
+pub mod history;
 pub mod holdings;
 pub mod ingest;
 pub mod links;
 pub mod messages;
 pub mod outbox;
 pub mod reconcile;
+pub mod stops;
+pub mod sync_parking;
 pub mod translations;
 
 /// A page of a list: `LIMIT`/`OFFSET` from `page_size`/`page_number`.
@@ -31,7 +36,7 @@ pub struct Page {
 
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, migrate::Migrator};
+use sqlx::{PgConnection, PgPool, migrate::Migrator};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -170,12 +175,85 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
 }
 
+/// Whether the database answers a query now.
+pub async fn answers(pool: &PgPool) -> bool {
+    sqlx::query("SELECT 1").execute(pool).await.is_ok()
+}
+
+/// Takes a session-level advisory lock (two-key form) on `conn` without waiting:
+/// `false` when another session holds it. It lasts until [`session_unlock`] or until the
+/// connection closes, also when the process dies.
+pub async fn try_session_lock(
+    conn: &mut PgConnection,
+    key: (i32, i32),
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+        .bind(key.0)
+        .bind(key.1)
+        .fetch_one(conn)
+        .await
+}
+
+/// Releases a lock [`try_session_lock`] took on `conn`.
+pub async fn session_unlock(conn: &mut PgConnection, key: (i32, i32)) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+        .bind(key.0)
+        .bind(key.1)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+/// A duration as PostgreSQL's `interval` (microseconds; a duration beyond them is the
+/// longest interval).
+pub fn pg_interval(d: std::time::Duration) -> sqlx::postgres::types::PgInterval {
+    sqlx::postgres::types::PgInterval {
+        months: 0,
+        days: 0,
+        microseconds: i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn m(v: &[i64]) -> Vec<(i64, String)> {
         v.iter().map(|v| (*v, format!("m{v}"))).collect()
+    }
+
+    /// Every source file outside `src/store`, recursively.
+    fn sources_outside_the_store(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("a source folder") {
+            let path = entry.expect("a source entry").path();
+            if path.is_dir() {
+                if !path.ends_with("store") {
+                    sources_outside_the_store(&path, out);
+                }
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    #[test]
+    fn only_the_store_runs_sql() {
+        let mut files = Vec::new();
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        sources_outside_the_store(&src, &mut files);
+        assert!(files.len() > 50, "read only {} files", files.len());
+        // `sqlx::query` also covers `query_as`, `query_scalar` and their `_with` forms.
+        let calls = ["sqlx::query", "sqlx::raw_sql", "QueryBuilder"];
+        for path in files {
+            let text = std::fs::read_to_string(&path).expect("readable source");
+            for call in &calls {
+                assert!(
+                    !text.contains(call),
+                    "{} calls {call}: SQL belongs in src/store",
+                    path.display()
+                );
+            }
+        }
     }
 
     #[test]

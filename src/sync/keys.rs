@@ -12,7 +12,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::crypto::TokenCipher;
-use crate::store::links::{LinkRow, SealedTokens};
+use crate::store::links::{self, SealedTokens};
 
 /// What a run did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -43,20 +43,7 @@ pub async fn rotate_tokens(
     let mut report = RotationReport::default();
     let mut after = (String::new(), String::new());
     loop {
-        let rows: Vec<LinkRow> = sqlx::query_as(
-            "SELECT business_id, customer_id, discord_user_id, access_token_enc, refresh_token_enc,
-                 expires_at, scopes, token_version, token_key_id, client_id
-             FROM discord_links
-             WHERE token_key_id IS DISTINCT FROM $1 AND (business_id, customer_id) > ($2, $3)
-             ORDER BY business_id, customer_id
-             LIMIT $4",
-        )
-        .bind(current)
-        .bind(&after.0)
-        .bind(&after.1)
-        .bind(batch)
-        .fetch_all(pool)
-        .await?;
+        let rows = links::not_sealed_with(pool, current, (&after.0, &after.1), batch).await?;
         let Some(last) = rows.last() else { break };
         after = (last.business_id.clone(), last.customer_id.clone());
         let mut tx = pool.begin().await?;
@@ -80,21 +67,8 @@ pub async fn rotate_tokens(
                 &access,
                 refresh.as_ref(),
             );
-            let done = sqlx::query(
-                "UPDATE discord_links SET access_token_enc = $5, refresh_token_enc = $6, token_key_id = $7
-                 WHERE business_id = $1 AND customer_id = $2 AND token_version = $3
-                   AND token_key_id IS NOT DISTINCT FROM $4",
-            )
-            .bind(&row.business_id)
-            .bind(&row.customer_id)
-            .bind(row.token_version)
-            .bind(&row.token_key_id)
-            .bind(&sealed.access_token_enc)
-            .bind(&sealed.refresh_token_enc)
-            .bind(&sealed.token_key_id)
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() == 1 {
+            let done = links::reseal(&mut tx, row, &sealed).await?;
+            if done {
                 report.reencrypted += 1;
             } else {
                 report.changed_meanwhile += 1;
@@ -103,12 +77,7 @@ pub async fn rotate_tokens(
         tx.commit().await?;
     }
     rotate_applications(pool, cipher, &mut report).await?;
-    report.remaining = sqlx::query_scalar(
-        "SELECT count(*) FROM discord_links WHERE token_key_id IS DISTINCT FROM $1",
-    )
-    .bind(current)
-    .fetch_one(pool)
-    .await?;
+    report.remaining = links::count_not_sealed_with(pool, current).await?;
     Ok(report)
 }
 

@@ -26,7 +26,6 @@ use tokio_util::task::TaskTracker;
 
 use super::Outcome;
 use super::lanes::{self, Lane, Lanes};
-use super::stops;
 use crate::amqp::{
     self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, REASON_HEADER, header_int,
     header_str,
@@ -40,11 +39,13 @@ use crate::domain::Snowflake;
 use crate::domain::plan::{self, Access, Call, MemberState};
 use crate::domain::retry;
 use crate::domain::{Grant, GrantEventType, GrantStatus};
-use crate::grants::history;
 use crate::grants::link::LinkBuilder;
 use crate::metrics::Metrics;
 use crate::outbox::emit;
+use crate::store::history;
 use crate::store::links::LinkRow;
+use crate::store::stops;
+use crate::store::sync_parking as parking;
 use crate::store::{self, entitlements, grants as grant_store};
 use crate::store::{holdings, links};
 
@@ -1225,7 +1226,7 @@ impl SyncWorker {
                     None => {
                         let parked = self
                             .held(shutdown, || {
-                                lanes::park(&self.pool, grant, &lane.bot, attempt)
+                                parking::park(&self.pool, grant, &lane.bot, attempt)
                             })
                             .await;
                         if parked.is_none() {
@@ -1273,11 +1274,7 @@ impl SyncWorker {
     /// The lane of the bot that serves the grant's business (the shared bot's for a
     /// grant that does not exist: its job is acked as such).
     async fn lane_of(&self, grant_id: &str) -> Result<Arc<Lane>, sqlx::Error> {
-        let business: Option<String> =
-            sqlx::query_scalar("SELECT business_id FROM grants WHERE id = $1")
-                .bind(grant_id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let business = grant_store::business_of(&self.pool, grant_id).await?;
         let bot = business
             .and_then(|b| self.bots.directory().client_id_of(&b))
             .unwrap_or_else(|| self.bots.shared().client_id().to_string());
@@ -1299,7 +1296,7 @@ impl SyncWorker {
     /// Starts drainers for the bots whose parked jobs nobody drains (their drainer's
     /// process stopped, or a park came as the drainer finished).
     async fn drain_undrained(&self, shutdown: &CancellationToken) {
-        match lanes::undrained(&self.pool).await {
+        match parking::undrained(&self.pool).await {
             Ok(bots) => {
                 for bot in bots {
                     let lane = self.lanes.lane(&bot);
@@ -1329,11 +1326,11 @@ impl SyncWorker {
         };
         while !shutdown.is_cancelled() {
             while jobs.try_join_next().is_some() {}
-            match lanes::lease(pool, &lane.bot, &holder, fresh).await {
+            match parking::lease(pool, &lane.bot, &holder, fresh, lanes::LEASE).await {
                 Ok(true) => fresh = false,
                 Ok(false) => {
                     // Another process drains the bot; look again while jobs wait.
-                    match lanes::parked(pool, &lane.bot).await {
+                    match parking::parked(pool, &lane.bot).await {
                         Ok(0) => break,
                         _ => {
                             pause(lanes::LEASE / 3).await;
@@ -1353,7 +1350,7 @@ impl SyncWorker {
                 seat = lane.seat() => seat,
                 _ = tokio::time::sleep(lanes::LEASE / 3) => continue,
             };
-            match lanes::take(pool, &lane.bot, &holder).await {
+            match parking::take(pool, &lane.bot, &holder).await {
                 Ok(Some((grant, attempt))) => {
                     let (w, p, s, h) = (
                         self.clone(),
@@ -1370,7 +1367,7 @@ impl SyncWorker {
                     drop(seat);
                     // None waits: new jobs take seats again, unless one parked meanwhile.
                     lane.set_backlog(false);
-                    match lanes::parked(pool, &lane.bot).await {
+                    match parking::parked(pool, &lane.bot).await {
                         Ok(0) => break,
                         Ok(_) => {
                             lane.set_backlog(true);
@@ -1390,7 +1387,7 @@ impl SyncWorker {
             }
         }
         while jobs.join_next().await.is_some() {}
-        if let Err(e) = lanes::release(pool, &lane.bot, &holder).await {
+        if let Err(e) = parking::release(pool, &lane.bot, &holder).await {
             tracing::warn!(error = %e, bot = %lane.bot, "cannot end the lease of parked sync jobs; it runs out by itself");
         }
         let _ = publisher.close(200, "drained".into()).await;
@@ -1416,12 +1413,14 @@ impl SyncWorker {
         {
             tracing::warn!(error = %e, grant_id, "cannot publish the outcome of a parked sync job; it runs again");
             let _ = self
-                .held(shutdown, || lanes::give_back(&self.pool, grant_id, holder))
+                .held(shutdown, || {
+                    parking::give_back(&self.pool, grant_id, holder)
+                })
                 .await;
             return;
         }
         let _ = self
-            .held(shutdown, || lanes::finish(&self.pool, grant_id, holder))
+            .held(shutdown, || parking::finish(&self.pool, grant_id, holder))
             .await;
     }
 

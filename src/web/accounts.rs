@@ -56,7 +56,7 @@ pub async fn link_account(
         None => live.iter().map(String::as_str).collect(),
     };
     for g in recorded {
-        crate::grants::history::record(tx, g, now, event, detail.clone()).await?;
+        crate::store::history::record(tx, g, now, event, detail.clone()).await?;
     }
     Ok(Linked { previous, shared })
 }

@@ -53,7 +53,7 @@ async fn healthz() -> Json<Alive> {
         (status = 503, description = "The database or the broker is not reachable; the body says which", body = Readiness),
     ))]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let database = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
+    let database = crate::store::answers(&state.pool).await;
     let broker = state.broker.is_ready();
     let status = if database && broker {
         StatusCode::OK

@@ -2,26 +2,20 @@
 //! guard, at most [`MAX_ENDPOINTS_PER_BUSINESS`], event-type filters, secrets, metadata,
 //! custom headers, rate limits). The REST routes are built on these functions.
 
-use std::collections::BTreeMap;
-use std::fmt;
-
 use chrono::{DateTime, Utc};
 use reqwest::header::{HeaderName, HeaderValue};
 use sqlx::PgConnection;
-use sqlx::types::Json;
 
 use super::signing::{Secret, SecretError};
 use super::ssrf::{self, SsrfError, TargetPolicy};
-use crate::store;
+use crate::store::endpoints::{self as store, Inserted, NewRow, PatchRow};
+pub use crate::store::endpoints::{After, Endpoint, Strings};
 
 /// Like the payment platform: at most this many endpoints per business.
 pub const MAX_ENDPOINTS_PER_BUSINESS: i64 = 5;
 
 /// How long the previous secret keeps signing after a rotation.
 pub const ROTATION_OVERLAP: chrono::Duration = chrono::Duration::hours(24);
-
-/// `metadata` and custom `headers`: strings by string.
-pub type Strings = BTreeMap<String, String>;
 
 /// The highest `rate_limit` (deliveries per second) an endpoint may have.
 pub const MAX_RATE_LIMIT: i64 = 10_000;
@@ -88,42 +82,6 @@ pub enum EndpointError {
     NotFound,
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
-}
-
-/// A stored endpoint. `Debug` leaves the secrets out.
-#[derive(Clone, PartialEq, sqlx::FromRow)]
-pub struct Endpoint {
-    pub id: String,
-    pub business_id: String,
-    pub url: String,
-    pub description: Option<String>,
-    pub filter_types: Option<Vec<String>>,
-    pub disabled: bool,
-    pub disabled_reason: Option<String>,
-    pub secret: String,
-    pub previous_secret: Option<String>,
-    pub previous_secret_expires_at: Option<DateTime<Utc>>,
-    pub metadata: Json<Strings>,
-    /// Deliveries per second at most; `None`: no limit.
-    pub rate_limit: Option<i32>,
-    /// Custom headers sent with every delivery (may hold credentials).
-    pub headers: Json<Strings>,
-    pub idempotency_key: Option<String>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl fmt::Debug for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Endpoint")
-            .field("id", &self.id)
-            .field("business_id", &self.business_id)
-            .field("url", &self.url)
-            .field("filter_types", &self.filter_types)
-            .field("disabled", &self.disabled)
-            .field("rate_limit", &self.rate_limit)
-            .finish_non_exhaustive()
-    }
 }
 
 /// What a merchant sends to create an endpoint.
@@ -351,102 +309,21 @@ pub async fn insert(
     business_id: &str,
     new: CheckedEndpoint,
 ) -> Result<(Endpoint, bool), EndpointError> {
-    let CheckedEndpoint {
-        url,
-        description,
-        filter,
-        secret,
-        metadata,
-        rate_limit,
-        headers,
-        idempotency_key,
-    } = new;
-    let mut tx = sqlx::Connection::begin(conn).await?;
-    store::businesses::ensure_business(&mut tx, business_id).await?;
-    // The business row lock serializes concurrent creates, so the count cannot race.
-    sqlx::query("SELECT 1 FROM businesses WHERE id = $1 FOR UPDATE")
-        .bind(business_id)
-        .execute(&mut *tx)
-        .await?;
-    // Under the same lock, so of two creates with one key the second finds the first.
-    if let Some(key) = &idempotency_key {
-        let first: Option<Endpoint> = sqlx::query_as(
-            "SELECT * FROM webhook_endpoints WHERE business_id = $1 AND idempotency_key = $2",
-        )
-        .bind(business_id)
-        .bind(key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(first) = first {
-            return Ok((first, false));
-        }
+    let row = NewRow {
+        url: new.url.as_str(),
+        description: new.description.as_deref(),
+        filter_types: new.filter.as_deref(),
+        secret: new.secret.expose(),
+        metadata: &new.metadata,
+        rate_limit: new.rate_limit,
+        headers: &new.headers,
+        idempotency_key: new.idempotency_key.as_deref(),
+    };
+    match store::insert(conn, business_id, &row, MAX_ENDPOINTS_PER_BUSINESS).await? {
+        Inserted::New(ep) => Ok((ep, true)),
+        Inserted::Existing(ep) => Ok((ep, false)),
+        Inserted::TooMany => Err(EndpointError::TooMany),
     }
-    let n: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM webhook_endpoints WHERE business_id = $1")
-            .bind(business_id)
-            .fetch_one(&mut *tx)
-            .await?;
-    if n >= MAX_ENDPOINTS_PER_BUSINESS {
-        return Err(EndpointError::TooMany);
-    }
-    let ep = sqlx::query_as(
-        "INSERT INTO webhook_endpoints (id, business_id, url, description, filter_types, secret,
-                                        metadata, rate_limit, headers, idempotency_key)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING *",
-    )
-    .bind(crate::domain::ids::mint("ep"))
-    .bind(business_id)
-    .bind(url.as_str())
-    .bind(&description)
-    .bind(&filter)
-    .bind(secret.expose())
-    .bind(Json(&metadata))
-    .bind(rate_limit)
-    .bind(Json(&headers))
-    .bind(&idempotency_key)
-    .fetch_one(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok((ep, true))
-}
-
-/// Every endpoint of a business, oldest first.
-pub async fn list(
-    conn: &mut PgConnection,
-    business_id: &str,
-) -> Result<Vec<Endpoint>, sqlx::Error> {
-    sqlx::query_as("SELECT * FROM webhook_endpoints WHERE business_id = $1 ORDER BY created_at, id")
-        .bind(business_id)
-        .fetch_all(conn)
-        .await
-}
-
-/// Where a page of endpoints continues: after the endpoint created at `created_at` with
-/// id `id` (endpoints are listed by creation, then id).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct After {
-    pub created_at: DateTime<Utc>,
-    pub id: String,
-}
-
-/// At most `limit` endpoints of a business, oldest first, after `after`.
-pub async fn page(
-    conn: &mut PgConnection,
-    business_id: &str,
-    after: Option<&After>,
-    limit: i64,
-) -> Result<Vec<Endpoint>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT * FROM webhook_endpoints
-         WHERE business_id = $1 AND ($2::timestamptz IS NULL OR (created_at, id) > ($2, $3))
-         ORDER BY created_at, id LIMIT $4",
-    )
-    .bind(business_id)
-    .bind(after.map(|a| a.created_at))
-    .bind(after.map(|a| a.id.as_str()))
-    .bind(limit)
-    .fetch_all(conn)
-    .await
 }
 
 /// One endpoint of a business.
@@ -455,10 +332,7 @@ pub async fn get(
     business_id: &str,
     id: &str,
 ) -> Result<Endpoint, EndpointError> {
-    sqlx::query_as("SELECT * FROM webhook_endpoints WHERE business_id = $1 AND id = $2")
-        .bind(business_id)
-        .bind(id)
-        .fetch_optional(conn)
+    store::get(conn, business_id, id)
         .await?
         .ok_or(EndpointError::NotFound)
 }
@@ -550,33 +424,20 @@ pub async fn apply_patch(
         set_rate_limit,
         rate_limit,
     } = patch;
-    sqlx::query_as(
-        "UPDATE webhook_endpoints SET
-            url = COALESCE($3, url),
-            description = CASE WHEN $4 THEN $5 ELSE description END,
-            filter_types = CASE WHEN $6 THEN $7 ELSE filter_types END,
-            disabled = COALESCE($8, disabled),
-            disabled_reason = CASE WHEN $8 IS NULL THEN disabled_reason
-                                   WHEN $8 THEN 'disabled by the merchant' ELSE NULL END,
-            metadata = COALESCE($9, metadata),
-            rate_limit = CASE WHEN $10 THEN $11 ELSE rate_limit END,
-            updated_at = now()
-         WHERE business_id = $1 AND id = $2 RETURNING *",
-    )
-    .bind(business_id)
-    .bind(id)
-    .bind(url)
-    .bind(set_desc)
-    .bind(desc)
-    .bind(set_filter)
-    .bind(filter)
-    .bind(disabled)
-    .bind(metadata.map(Json))
-    .bind(set_rate_limit)
-    .bind(rate_limit)
-    .fetch_optional(conn)
-    .await?
-    .ok_or(EndpointError::NotFound)
+    let row = PatchRow {
+        url,
+        set_description: set_desc,
+        description: desc,
+        set_filter,
+        filter_types: filter,
+        disabled,
+        metadata,
+        set_rate_limit,
+        rate_limit,
+    };
+    store::update(conn, business_id, id, row)
+        .await?
+        .ok_or(EndpointError::NotFound)
 }
 
 /// Replaces the custom headers of an endpoint of the business (checked with
@@ -588,16 +449,9 @@ pub async fn set_headers(
     headers: &Strings,
 ) -> Result<Endpoint, EndpointError> {
     check_headers(headers)?;
-    sqlx::query_as(
-        "UPDATE webhook_endpoints SET headers = $3, updated_at = now()
-         WHERE business_id = $1 AND id = $2 RETURNING *",
-    )
-    .bind(business_id)
-    .bind(id)
-    .bind(Json(headers))
-    .fetch_optional(conn)
-    .await?
-    .ok_or(EndpointError::NotFound)
+    store::set_headers(conn, business_id, id, headers)
+        .await?
+        .ok_or(EndpointError::NotFound)
 }
 
 /// Deletes an endpoint with its messages and attempts; jobs still queued for them find
@@ -607,15 +461,11 @@ pub async fn delete(
     business_id: &str,
     id: &str,
 ) -> Result<(), EndpointError> {
-    let r = sqlx::query("DELETE FROM webhook_endpoints WHERE business_id = $1 AND id = $2")
-        .bind(business_id)
-        .bind(id)
-        .execute(conn)
-        .await?;
-    if r.rows_affected() == 0 {
-        return Err(EndpointError::NotFound);
+    if store::delete(conn, business_id, id).await? {
+        Ok(())
+    } else {
+        Err(EndpointError::NotFound)
     }
-    Ok(())
 }
 
 /// Rotates the secret: `new` (or a generated one) signs from now on, and the current one
@@ -633,30 +483,13 @@ pub async fn rotate_secret(
         Some(s) => Secret::parse(s)?,
         None => Secret::generate(),
     };
-    // The secret rotated away from is read from the updated row (`previous_secret`), so
-    // of two rotations at once the second keeps the secret the first one set.
-    // `previous_secret` is still written for releases before migration 0015.
-    sqlx::query_as(
-        "WITH upd AS (
-            UPDATE webhook_endpoints SET previous_secret = secret, previous_secret_expires_at = $4,
-                secret = $3, updated_at = now()
-            WHERE business_id = $1 AND id = $2 RETURNING *
-         ), kept AS (
-            INSERT INTO webhook_endpoint_old_secrets (endpoint_id, secret, expires_at)
-            SELECT id, previous_secret, $4 FROM upd
-            ON CONFLICT (endpoint_id, secret) DO UPDATE SET expires_at = EXCLUDED.expires_at
-         ), expired AS (
-            DELETE FROM webhook_endpoint_old_secrets o USING upd
-            WHERE o.endpoint_id = upd.id AND o.expires_at <= now()
-              AND o.secret <> upd.previous_secret
-         )
-         SELECT * FROM upd",
+    store::rotate_secret(
+        conn,
+        business_id,
+        id,
+        secret.expose(),
+        now + ROTATION_OVERLAP,
     )
-    .bind(business_id)
-    .bind(id)
-    .bind(secret.expose())
-    .bind(now + ROTATION_OVERLAP)
-    .fetch_optional(conn)
     .await?
     .ok_or(EndpointError::NotFound)
 }

@@ -24,6 +24,7 @@ use crate::discord::{DiscordClient, DiscordError, permissions};
 use crate::domain::Snowflake;
 use crate::grants::render::ts;
 use crate::store::guilds as db;
+use crate::store::holdings;
 use crate::web::AppState;
 use crate::web::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
 
@@ -500,7 +501,7 @@ pub struct AccessView {
     pub other_businesses_grants: i64,
 }
 
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct AccessGrant {
     pub grant_id: String,
     pub entitlement_id: String,
@@ -549,45 +550,24 @@ pub async fn member_access(
             "user_id: must be a Discord id",
         )]));
     }
-    let grants: Vec<AccessGrant> = sqlx::query_as(
-        "SELECT id AS grant_id, entitlement_id, customer_id, status,
-                CASE WHEN applied_guild_id = $2 AND applied_user_id = $3 THEN applied_role_id
-                     ELSE intent_role_id END AS role_id
-         FROM grants
-         WHERE business_id = $1
-           AND ((applied_guild_id = $2 AND applied_user_id = $3)
-             OR (intent_guild_id = $2 AND intent_user_id = $3))
-         ORDER BY created_at, id",
-    )
-    .bind(business)
-    .bind(&guild_id)
-    .bind(&user_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    let holdings: Vec<(String, bool, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-        "SELECT role_id, found, since FROM discord_holdings
-         WHERE guild_id = $1 AND user_id = $2 ORDER BY role_id",
-    )
-    .bind(&guild_id)
-    .bind(&user_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    let other_businesses_grants: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM grants
-         WHERE business_id <> $1 AND status <> 'Revoked'
-           AND ((applied_guild_id = $2 AND applied_user_id = $3)
-             OR (intent_guild_id = $2 AND intent_user_id = $3))",
-    )
-    .bind(business)
-    .bind(&guild_id)
-    .bind(&user_id)
-    .fetch_one(&mut *conn)
-    .await?;
+    let grants = holdings::grants_of_account(&mut conn, business, &guild_id, &user_id).await?;
+    let held = holdings::of_account(&mut conn, &guild_id, &user_id).await?;
+    let other_businesses_grants =
+        holdings::other_businesses_holding(&mut conn, business, &guild_id, &user_id).await?;
     Ok(ApiJson(AccessView {
         guild_id,
         discord_user_id: user_id,
-        grants,
-        holdings: holdings
+        grants: grants
+            .into_iter()
+            .map(|g| AccessGrant {
+                grant_id: g.grant_id,
+                entitlement_id: g.entitlement_id,
+                customer_id: g.customer_id,
+                status: g.status.as_str().into(),
+                role_id: g.role_id,
+            })
+            .collect(),
+        holdings: held
             .into_iter()
             .map(|(role, found, since)| AccessHolding {
                 role_id: (!role.is_empty()).then_some(role),

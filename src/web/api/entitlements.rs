@@ -28,8 +28,8 @@ use crate::discord::HumanCode;
 use crate::domain::Snowflake;
 use crate::grants::render::ts;
 use crate::store::entitlements::Entitlement;
+use crate::store::stops;
 use crate::store::{entitlements as db, guilds};
-use crate::sync::stops;
 use crate::web::AppState;
 use crate::web::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, Problem};
 
@@ -549,7 +549,7 @@ pub async fn update(
 /// A save of `e` validated against Discord: the stops covering it are over, and the
 /// grants waiting on them are queued again (see [`stops`]).
 async fn resume(tx: &mut sqlx::PgConnection, e: &Entitlement) -> Result<(), sqlx::Error> {
-    let queued = stops::resume_and_queue(tx, &e.guild_id, &e.id).await?;
+    let queued = crate::sync::stops::resume_and_queue(tx, &e.guild_id, &e.id).await?;
     if queued > 0 {
         tracing::info!(entitlement_id = %e.id, queued, "entitlement saved; waiting Discord work resumed");
     }

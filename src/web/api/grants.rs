@@ -258,7 +258,7 @@ pub async fn comp(
                         let job = crate::email::Job::join(&g.id, Some(to));
                         crate::store::email::queue(&mut tx, &job, business).await?;
                     }
-                    history::record(
+                    crate::store::history::record(
                         &mut tx,
                         &g.id,
                         now,

@@ -172,10 +172,7 @@ pub async fn update(
     let now = Utc::now();
     let mut tx = state.pool.begin().await?;
     // Serializes concurrent changes of one business (the row may not exist yet).
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('business-settings:' || $1, 0))")
-        .bind(merchant.business())
-        .execute(&mut *tx)
-        .await?;
+    db::lock_settings(&mut tx, merchant.business()).await?;
     let current = db::settings(&mut tx, merchant.business()).await?;
     let next = apply(current, patch)?;
     db::save_settings(&mut tx, merchant.business(), &next, now).await?;

@@ -20,15 +20,14 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Merchant;
 use super::{Items, page};
 use crate::grants::render::ts;
+use crate::store::endpoints::{self as endpoint_store, After, Endpoint, Strings};
 use crate::store::messages as db;
 use crate::store::messages::{self, Message};
 use crate::web::AppState;
 use crate::web::error::{
     ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, OptionalApiJson, Problem,
 };
-use crate::webhooks::endpoints::{
-    self, After, Endpoint, EndpointError, EndpointPatch, NewEndpoint, Strings,
-};
+use crate::webhooks::endpoints::{self, EndpointError, EndpointPatch, NewEndpoint};
 use crate::webhooks::replay;
 use crate::webhooks::ssrf::TargetPolicy;
 
@@ -304,7 +303,7 @@ pub async fn list(
     let mut conn = state.pool.acquire().await?;
     // One more than asked for tells whether this page is the last.
     let mut rows =
-        endpoints::page(&mut conn, merchant.business(), after.as_ref(), limit + 1).await?;
+        endpoint_store::page(&mut conn, merchant.business(), after.as_ref(), limit + 1).await?;
     let done = rows.len() as i64 <= limit;
     rows.truncate(limit as usize);
     Ok(ApiJson(EndpointPage {

@@ -1,0 +1,110 @@
+//! SQL of the limits every process shares per bot (`discord_budget_slots`,
+//! `discord_budget_blocks`) and per address (`discord_invalid_answers`); the logic
+//! around them is [`crate::discord::shared`].
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use super::pg_interval;
+
+/// Takes a slot of `bot`'s ring of `kind` (`guildgate_discord_take`, under the
+/// database's clock): `Some(w)` with `w <= 0` when taken, `w > 0` the seconds until one
+/// frees, `None` when the ring has no slots yet.
+pub async fn take_slot(
+    pool: &PgPool,
+    bot: &str,
+    kind: &str,
+    window: Duration,
+) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT guildgate_discord_take($1, $2, $3)")
+        .bind(bot)
+        .bind(kind)
+        .bind(pg_interval(window))
+        .fetch_one(pool)
+        .await
+}
+
+/// Makes `bot`'s ring of `kind` `size` slots long: slots are added, and slots beyond
+/// `size` removed.
+pub async fn size_ring(pool: &PgPool, bot: &str, kind: &str, size: u32) -> Result<(), sqlx::Error> {
+    let size = i32::try_from(size.max(1)).unwrap_or(i32::MAX);
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO discord_budget_slots (bot, kind, slot)
+         SELECT $1, $2, g FROM generate_series(1, $3) g
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(bot)
+    .bind(kind)
+    .bind(size)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM discord_budget_slots WHERE bot = $1 AND kind = $2 AND slot > $3")
+        .bind(bot)
+        .bind(kind)
+        .bind(size)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Blocks `bot` for `d` from now (a global 429), unless it is blocked for longer.
+pub async fn block_for(pool: &PgPool, bot: &str, d: Duration) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO discord_budget_blocks (bot, blocked_until)
+         VALUES ($1, clock_timestamp() + $2)
+         ON CONFLICT (bot) DO UPDATE
+         SET blocked_until = greatest(discord_budget_blocks.blocked_until, excluded.blocked_until)",
+    )
+    .bind(bot)
+    .bind(pg_interval(d))
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
+/// Counts one invalid answer in the bucket of `bucket` width it falls in, and forgets
+/// buckets older than `keep`.
+pub async fn record_invalid(
+    pool: &PgPool,
+    bucket: Duration,
+    keep: Duration,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO discord_invalid_answers (bucket, answers)
+         VALUES (date_bin($1, clock_timestamp(), 'epoch'), 1)
+         ON CONFLICT (bucket) DO UPDATE SET answers = discord_invalid_answers.answers + 1",
+    )
+    .bind(pg_interval(bucket))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM discord_invalid_answers WHERE bucket < clock_timestamp() - $1")
+        .bind(pg_interval(keep))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await
+}
+
+/// Invalid answers in the buckets that start within `window` of now.
+pub async fn invalid_count(pool: &PgPool, window: Duration) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(answers), 0)::bigint FROM discord_invalid_answers
+         WHERE bucket > clock_timestamp() - $1",
+    )
+    .bind(pg_interval(window))
+    .fetch_one(pool)
+    .await
+}
+
+/// Seconds until the oldest bucket within `window` of now leaves it; `None` without one.
+pub async fn oldest_leaves_in(pool: &PgPool, window: Duration) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM min(bucket) + $1 - clock_timestamp())::float8
+         FROM discord_invalid_answers WHERE bucket > clock_timestamp() - $1",
+    )
+    .bind(pg_interval(window))
+    .fetch_one(pool)
+    .await
+}
