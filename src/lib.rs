@@ -16,6 +16,7 @@ pub mod i18n;
 pub mod metrics;
 pub mod nul;
 pub mod outbox;
+pub mod queue;
 pub mod reconcile;
 pub mod store;
 pub mod sync;

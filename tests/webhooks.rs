@@ -21,7 +21,7 @@ use guildgate::store::endpoints::Endpoint;
 use guildgate::store::messages::{self, Message};
 use guildgate::webhooks::deliver::Deliverer;
 use guildgate::webhooks::endpoints::{self, EndpointError, NewEndpoint};
-use guildgate::webhooks::fanout::{Fanout, Outcome};
+use guildgate::webhooks::fanout::{Fanned, Fanout};
 use guildgate::webhooks::replay;
 use guildgate::webhooks::ssrf::{SsrfError, TargetPolicy};
 use serde_json::json;
@@ -394,7 +394,7 @@ async fn a_crash_between_sending_and_recording_delivers_again_with_the_same_id()
         holds: None,
     };
     let bytes = serde_json::to_vec(&body).unwrap();
-    assert_eq!(fanout.handle(&bytes).await.unwrap(), Outcome::Ack(1));
+    assert_eq!(fanout.handle(&bytes).await.unwrap(), Fanned::Messages(1));
 
     let m = &wait_messages(&app, &ep, 1, "delivered").await[0];
     assert!(!faults.pending(Point::AfterSend), "the fault fired");
@@ -636,7 +636,7 @@ async fn each_event_type_is_sent_at_most_once_per_grant_and_endpoint() {
     };
     assert_eq!(
         fanout.handle(m.body.as_bytes()).await.unwrap(),
-        Outcome::Ack(0)
+        Fanned::Messages(0)
     );
     republish(&app, &app.names.grant_events(), m.body.as_bytes()).await;
     wait_for("the grant event consumed", || async {
@@ -883,16 +883,20 @@ async fn a_batch_of_grant_events_is_fanned_out_in_one_statement() {
     let outcomes = fanout.handle_batch(&bodies).await.unwrap();
     assert_eq!(
         outcomes[..3],
-        [Outcome::Ack(1), Outcome::Ack(2), Outcome::Ack(0)]
+        [
+            Fanned::Messages(1),
+            Fanned::Messages(2),
+            Fanned::Messages(0)
+        ]
     );
     assert!(matches!(
         outcomes[3],
-        Outcome::DeadLetter {
+        Fanned::Refused {
             code: "bad_shape",
             ..
         }
     ));
-    assert_eq!(outcomes[4], Outcome::Ack(0));
+    assert_eq!(outcomes[4], Fanned::Messages(0));
 
     let ids = |ep: &Endpoint, types: &[&str]| {
         let mut ids: Vec<String> = types
@@ -919,7 +923,11 @@ async fn a_batch_of_grant_events_is_fanned_out_in_one_statement() {
     let again = fanout.handle_batch(&bodies).await.unwrap();
     assert_eq!(
         again[..3],
-        [Outcome::Ack(0), Outcome::Ack(0), Outcome::Ack(0)]
+        [
+            Fanned::Messages(0),
+            Fanned::Messages(0),
+            Fanned::Messages(0)
+        ]
     );
     assert_eq!(messages_of(&app, &all).await.len(), 2);
     fanout.broker.close().await;
@@ -1453,7 +1461,7 @@ async fn fan_out_creates_the_messages_of_an_endpoint_known_to_fail_held() {
     let mut body = common::events::fixture("../webhooks/entitlement_grant.created.json");
     body["business_id"] = serde_json::json!(app.business());
     let bytes = serde_json::to_vec(&body).unwrap();
-    assert_eq!(fanout.handle(&bytes).await.unwrap(), Outcome::Ack(2));
+    assert_eq!(fanout.handle(&bytes).await.unwrap(), Fanned::Messages(2));
 
     // Both messages exist; only the healthy endpoint's has a job, the other is held
     // until the circuit closes (a minute), with no attempt.

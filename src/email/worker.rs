@@ -11,12 +11,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
-use lapin::Channel;
-use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
-use lapin::types::{AMQPValue, FieldTable};
 use lettre::message::Mailbox;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
@@ -27,16 +22,17 @@ use tokio_util::sync::CancellationToken;
 use super::compose::{self, Draft, Letter};
 use super::transport::Mailer;
 use super::{Job, Kind};
-use crate::amqp::{self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, header_int};
+use crate::amqp::{Broker, Names};
 use crate::domain::GrantStatus;
 use crate::domain::retry;
-use crate::store::history;
 use crate::grants::link::LinkBuilder;
 use crate::i18n::Lang;
 use crate::metrics::Metrics;
+use crate::queue::{self, Outcome};
 use crate::store::email::{self as db, Context};
 use crate::store::grants as grant_store;
 use crate::store::grants::renew_link;
+use crate::store::history;
 
 /// What to do with an email.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,23 +72,6 @@ pub fn decide(
         Kind::Join => Decision::Send(Letter::Join),
         Kind::Reminder => Decision::Send(Letter::Reminder),
     }
-}
-
-/// What happens to a job. Only the loop acks.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    Ack(&'static str),
-    /// Publish it to the retry tier of `delay`, carrying `attempt`, then ack.
-    Retry {
-        delay: Duration,
-        attempt: u32,
-        label: &'static str,
-    },
-    /// Park it in the dead queue with a reason, then ack.
-    DeadLetter {
-        code: &'static str,
-        reason: String,
-    },
 }
 
 /// The email workers of one process.
@@ -179,7 +158,7 @@ impl EmailWorker {
                     .expect("email.retry_delays is never empty")
                     .delay,
                 attempt,
-                label: "deferred",
+                reason: "the recipient's hourly limit is reached".into(),
             });
         }
         let grant = renew_link(&mut conn, &self.links, &grant, now).await?;
@@ -307,7 +286,7 @@ impl EmailWorker {
             return Ok(Outcome::Retry {
                 delay,
                 attempt: this_attempt,
-                label: "retry",
+                reason: e.detail.clone(),
             });
         }
         db::settle(
@@ -376,116 +355,46 @@ impl EmailWorker {
             message_id: format!("<{}@{domain}>", email_id.replace(':', ".")),
         })
     }
+}
 
-    /// Consumes until `shutdown`; the job in hand finishes and settles first.
+impl EmailWorker {
+    /// Consumes `<prefix>.emails` until `shutdown`; the job in hand finishes and
+    /// settles first.
     pub async fn run(self, shutdown: CancellationToken) {
-        let queue = self.broker.names().emails();
-        loop {
-            let (ch, mut consumer, publisher) =
-                match self.broker.subscribe(&queue, "", 4, &shutdown).await {
-                    Ok(x) => x,
-                    Err(_) => return,
-                };
-            loop {
-                let next = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => break,
-                    n = consumer.next() => n,
-                };
-                let Some(Ok(delivery)) = next else { break };
-                match self.process(delivery, &publisher, &shutdown).await {
-                    Ok(()) => {}
-                    Err(BrokerError::ShuttingDown) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot settle an email job; resubscribing");
-                        break;
-                    }
-                }
-            }
-            let _ = ch.close(200, "bye".into()).await;
-            if shutdown.is_cancelled() {
-                return;
-            }
+        let broker = self.broker.clone();
+        queue::run(&self, &broker, shutdown).await;
+    }
+}
+
+impl queue::Handler for EmailWorker {
+    fn queue(&self, names: &Names) -> String {
+        names.emails()
+    }
+
+    fn shape(&self) -> queue::Shape {
+        queue::Shape {
+            prefetch: 4,
+            batch: 1,
+            linger: Duration::ZERO,
         }
     }
 
-    /// Handles one delivery through database outages, then settles it.
-    async fn process(
+    async fn handle(
         &self,
-        d: Delivery,
-        publisher: &Channel,
-        shutdown: &CancellationToken,
-    ) -> Result<(), BrokerError> {
-        let attempt = header_int(d.properties.headers().as_ref(), ATTEMPT_HEADER)
-            .unwrap_or(0)
-            .clamp(0, 1000) as u32;
-        let Some(job) = Job::parse(&d.data) else {
-            let id = amqp::message_id(&d.properties).unwrap_or_default();
-            let outcome = Outcome::DeadLetter {
-                code: "bad_job",
-                reason: "not an email job".into(),
-            };
-            return self.settle(&d, &id, attempt, outcome, publisher).await;
-        };
-        let mut backoff = amqp::reconnect_backoff();
-        let outcome = loop {
-            match self.handle(&job, attempt).await {
-                Ok(o) => break o,
-                Err(e) => {
-                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; holding the email job");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        };
-        self.settle(&d, &job.email_id, attempt, outcome, publisher)
-            .await
-    }
-
-    async fn settle(
-        &self,
-        d: &Delivery,
-        message_id: &str,
-        attempt: u32,
-        outcome: Outcome,
-        publisher: &Channel,
-    ) -> Result<(), BrokerError> {
-        let names: &Names = self.broker.names();
-        let work = names.emails();
-        match outcome {
-            Outcome::Ack(_) => {}
-            Outcome::Retry { delay, attempt, .. } => {
-                let queue = if delay.is_zero() {
-                    work.clone()
-                } else {
-                    Names::retry(&work, delay)
-                };
-                let out = Outgoing::to_queue(&queue, message_id, &d.data)
-                    .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()))
-                    .carrying_replays(d.properties.headers().as_ref());
-                amqp::publish_confirmed(publisher, &[out]).await?;
-            }
-            Outcome::DeadLetter { code, reason } => {
-                tracing::warn!(message_id, code, %reason, "email failed; parking it");
-                let out = Outgoing::parked(
-                    names,
-                    &work,
-                    message_id,
-                    &d.data,
-                    FieldTable::default(),
-                    code,
-                    &reason,
-                )
-                .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()))
-                .carrying_replays(d.properties.headers().as_ref());
-                amqp::publish_confirmed(publisher, &[out]).await?;
-            }
+        jobs: &[queue::Job],
+        _shutdown: &CancellationToken,
+    ) -> Result<Vec<Outcome>, sqlx::Error> {
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            outcomes.push(match Job::parse(&j.body) {
+                Some(job) => self.handle(&job, j.attempt).await?,
+                None => Outcome::DeadLetter {
+                    code: "bad_job",
+                    reason: "not an email job".into(),
+                },
+            });
         }
-        d.ack(BasicAckOptions::default()).await?;
-        Ok(())
+        Ok(outcomes)
     }
 }
 

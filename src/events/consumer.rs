@@ -13,33 +13,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
-use futures_util::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
-use lapin::{Channel, Consumer};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::apply::{Applied, Applier, lock_keys_of};
 use super::decode::{DecodeError, DecodeLimits, Decoded, decode};
-use crate::amqp::dlq;
-use crate::amqp::{self, Broker, BrokerError, Names, Outgoing, header_str};
+use crate::amqp::{Broker, Names};
 use crate::domain::event::Event;
 use crate::metrics::Metrics;
+use crate::queue::{self, Job, Outcome};
 use crate::store;
-
-/// What to do with one delivery once its batch is settled. Only the loop acks.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    /// Acknowledge; the label is the metrics outcome.
-    Ack(&'static str),
-    /// Park in the dead-letter queue with a reason, then acknowledge.
-    DeadLetter { code: &'static str, reason: String },
-    /// Another consumer's transaction holds this event's subscription or payment: keep
-    /// the delivery in hand (unacked) and apply it with the next batch.
-    Defer,
-}
 
 /// The event consumer's settings and handles.
 #[derive(Clone)]
@@ -55,33 +39,6 @@ pub struct EventConsumer {
     pub metrics: Arc<Metrics>,
 }
 
-/// One delivery's bytes and metadata, detached from lapin so tests can build them.
-#[derive(Clone, Debug)]
-pub struct Incoming {
-    pub message_id: Option<String>,
-    pub routing_key: String,
-    pub body: Vec<u8>,
-}
-
-impl Incoming {
-    fn of(d: &Delivery) -> Self {
-        // A replayed message arrives through the default exchange, its routing key the
-        // queue's name; its original key travels in a header (or is unknown, and then
-        // not checked).
-        let routing_key = if d.exchange.as_str().is_empty() {
-            amqp::header_text(d.properties.headers().as_ref(), dlq::ROUTING_KEY_HEADER)
-                .unwrap_or_default()
-        } else {
-            d.routing_key.to_string()
-        };
-        Self {
-            message_id: amqp::message_id(&d.properties),
-            routing_key,
-            body: d.data.clone(),
-        }
-    }
-}
-
 impl EventConsumer {
     /// Decides and applies one batch. Returns one outcome per message, in order, once
     /// the batch's transaction has committed; a transient database error is returned
@@ -93,7 +50,7 @@ impl EventConsumer {
     /// subscriptions, duplicates), and waiting would serialise them.
     pub async fn handle_batch(
         &self,
-        batch: &[Incoming],
+        batch: &[Job],
         wait_for_locks: bool,
     ) -> Result<Vec<Outcome>, sqlx::Error> {
         let span = tracing::info_span!(
@@ -115,7 +72,7 @@ impl EventConsumer {
 
     async fn handle_batch_inner(
         &self,
-        batch: &[Incoming],
+        batch: &[Job],
         wait_for_locks: bool,
     ) -> Result<Vec<Outcome>, sqlx::Error> {
         let now = Utc::now();
@@ -253,190 +210,58 @@ impl EventConsumer {
     /// Consumes until `shutdown`: stops taking messages, finishes and acks the batch in
     /// hand, and returns. Broker and database outages are waited out.
     pub async fn run(self, shutdown: CancellationToken) {
-        let queue = self.broker.names().payment_events();
-        loop {
-            let (ch, consumer, publisher) = match self
-                .broker
-                .subscribe(&queue, "", self.prefetch, &shutdown)
-                .await
-            {
-                Ok(x) => x,
-                Err(_) => return, // shutting down
-            };
-            match self.consume(consumer, &publisher, &shutdown).await {
-                Ok(()) => {
-                    // Closing returns unacked prefetched deliveries to the queue. Bounded:
-                    // a broker that does not answer must not hold up the shutdown.
-                    let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(5),
-                        ch.close(200, "shutdown".into()),
-                    )
-                    .await;
-                    return;
-                }
-                Err(e) => {
-                    // The stream ended or the channel broke: subscribe again. Deliveries
-                    // we held unacked are redelivered by the broker.
-                    tracing::warn!(error = %e, "payment-events consumer interrupted; resubscribing");
-                    let _ = tokio::time::timeout(
-                        std::time::Duration::from_secs(5),
-                        ch.close(200, "resubscribe".into()),
-                    )
-                    .await;
-                }
-            }
+        let broker = self.broker.clone();
+        queue::run(&self, &broker, shutdown).await;
+    }
+}
+
+impl queue::Handler for EventConsumer {
+    fn queue(&self, names: &Names) -> String {
+        names.payment_events()
+    }
+
+    fn shape(&self) -> queue::Shape {
+        queue::Shape {
+            prefetch: self.prefetch,
+            batch: self.batch_size,
+            linger: self.batch_linger,
         }
     }
 
-    async fn consume(
+    async fn handle(
         &self,
-        mut consumer: Consumer,
-        publisher: &Channel,
+        jobs: &[Job],
         shutdown: &CancellationToken,
-    ) -> Result<(), BrokerError> {
-        // Deliveries deferred by earlier batches, with how often each was deferred.
-        let mut carry: Vec<(Delivery, u32)> = Vec::new();
-        loop {
-            let mut batch: Vec<(Delivery, u32)> = std::mem::take(&mut carry);
-            if batch.is_empty() {
-                let first = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return Ok(()),
-                    next = consumer.next() => next,
-                };
-                match first {
-                    Some(Ok(d)) => batch.push((d, 0)),
-                    Some(Err(e)) => return Err(e.into()),
-                    None => return Err(BrokerError::ConsumerEnded),
-                }
-            }
-            // Fill the batch for up to `batch_linger`: every transaction costs a durable
-            // commit (an fsync), so under load a few milliseconds of waiting buy many
-            // events per commit; when idle, an event waits at most this long. After
-            // shutdown only what is already in hand is finished.
-            let more = self.batch_size.saturating_sub(batch.len());
-            batch.extend(
-                amqp::more_deliveries(&mut consumer, more, self.batch_linger, shutdown)
-                    .await
-                    .into_iter()
-                    .map(|d| (d, 0)),
-            );
-            // A delivery deferred a few times in a row (or any, once shutting down) is
-            // applied by waiting for its lock, so none is deferred forever.
-            let wait_for_locks =
-                shutdown.is_cancelled() || batch.iter().any(|(_, deferred)| *deferred >= 3);
-            let started = Instant::now();
-            let incoming: Vec<Incoming> = batch.iter().map(|(d, _)| Incoming::of(d)).collect();
-            let outcomes = self
-                .handle_until_committed(&incoming, wait_for_locks, shutdown)
-                .await?;
-            self.metrics
-                .event_latency
-                .observe(started.elapsed().as_secs_f64());
-            self.settle(&batch, &incoming, &outcomes, publisher).await?;
-            carry = batch
-                .into_iter()
-                .zip(&outcomes)
-                .filter(|(_, o)| **o == Outcome::Defer)
-                .map(|((d, n), _)| (d, n + 1))
-                .collect();
-            if shutdown.is_cancelled() && carry.is_empty() {
-                return Ok(());
+    ) -> Result<Vec<Outcome>, sqlx::Error> {
+        // A delivery deferred a few times in a row (or any, once shutting down) is
+        // applied by waiting for its lock, so none is deferred forever.
+        let wait_for_locks = shutdown.is_cancelled() || jobs.iter().any(|j| j.deferred >= 3);
+        let started = Instant::now();
+        let outcomes = self.handle_batch(jobs, wait_for_locks).await?;
+        self.metrics
+            .event_latency
+            .observe(started.elapsed().as_secs_f64());
+        for (job, outcome) in jobs.iter().zip(&outcomes) {
+            if matches!(outcome, Outcome::DeadLetter { .. }) {
+                self.metrics.event(&job.routing_key, "dead_lettered");
             }
         }
+        Ok(outcomes)
     }
 
-    /// Retries a batch through database outages until it commits. On shutdown during an
-    /// outage, gives up without acking (the broker redelivers).
-    async fn handle_until_committed(
-        &self,
-        batch: &[Incoming],
-        wait_for_locks: bool,
-        shutdown: &CancellationToken,
-    ) -> Result<Vec<Outcome>, BrokerError> {
-        let mut backoff = amqp::reconnect_backoff();
-        loop {
-            match self.handle_batch(batch, wait_for_locks).await {
-                Ok(o) => return Ok(o),
-                Err(e) => {
-                    let wait = backoff.next().unwrap_or(std::time::Duration::from_secs(5));
-                    tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; holding the batch");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
+    /// The message's own id, else the body's hash (the event id decoding would have
+    /// used).
+    fn dead_letter_id(&self, job: &Job) -> String {
+        job.message_id.clone().unwrap_or_else(|| {
+            super::decode::event_id(None, &job.body)
+                .map(|id| id.to_string())
+                .unwrap_or_default()
+        })
     }
 
-    async fn settle(
-        &self,
-        batch: &[(Delivery, u32)],
-        incoming: &[Incoming],
-        outcomes: &[Outcome],
-        publisher: &Channel,
-    ) -> Result<(), BrokerError> {
-        let names: &Names = self.broker.names();
-        // The id a parked copy carries: the message's own, else the body's hash (the
-        // event id decoding would have used). Computed only for what is parked.
-        let dead_ids: Vec<(usize, String)> = outcomes
-            .iter()
-            .enumerate()
-            .filter(|(_, o)| matches!(o, Outcome::DeadLetter { .. }))
-            .map(|(i, _)| {
-                let m = &incoming[i];
-                let id = m.message_id.clone().unwrap_or_else(|| {
-                    super::decode::event_id(None, &m.body)
-                        .map(|id| id.to_string())
-                        .unwrap_or_default()
-                });
-                (i, id)
-            })
-            .collect();
-        let mut parked = Vec::with_capacity(dead_ids.len());
-        for (i, id) in &dead_ids {
-            let (i, m) = (*i, &incoming[*i]);
-            let Outcome::DeadLetter { code, reason } = &outcomes[i] else {
-                unreachable!("filtered above")
-            };
-            tracing::warn!(message_id = %id, routing_key = %m.routing_key, code, %reason, "dead-lettering payment event");
-            let out = Outgoing::parked(
-                names,
-                &names.payment_events(),
-                id,
-                &m.body,
-                batch[i].0.properties.headers().clone().unwrap_or_default(),
-                code,
-                reason,
-            )
-            .header(dlq::ROUTING_KEY_HEADER, header_str(&m.routing_key));
-            parked.push(out);
-            self.metrics.event(&m.routing_key, "dead_lettered");
-        }
-        if !parked.is_empty() {
-            // Confirmed by the broker before the originals are acked: a crash in between
-            // leaves a copy in both places, never in neither.
-            amqp::publish_confirmed(publisher, &parked).await?;
-        }
-        // One ack for the whole batch when none of it stays in hand: every delivery this
-        // channel gave us before the batch's last one was either acked with an earlier
-        // batch or deferred into this one (deferred deliveries open the next batch), so
-        // `multiple` on the highest tag acks exactly this batch. One frame instead of one
-        // per message, for lapin and for the broker.
-        if !outcomes.contains(&Outcome::Defer) {
-            if let Some((last, _)) = batch.iter().max_by_key(|(d, _)| d.delivery_tag) {
-                last.ack(BasicAckOptions { multiple: true }).await?;
-            }
-            return Ok(());
-        }
-        for ((d, _), o) in batch.iter().zip(outcomes) {
-            if *o == Outcome::Defer {
-                continue; // kept in hand for the next batch
-            }
-            d.ack(BasicAckOptions::default()).await?;
-        }
-        Ok(())
+    /// A replay of a parked event needs its original routing key (its event type).
+    fn dead_letter_keeps_routing_key(&self) -> bool {
+        true
     }
 }
 

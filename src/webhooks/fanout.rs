@@ -7,16 +7,13 @@
 //! jobs to `<prefix>.webhooks` with publisher confirms.
 //!
 //! A database outage holds the message and retries it; a body that can never be fanned
-//! out (not a grant event) is dead-lettered with its reason.
+//! out (not a grant event) is dead-lettered with its reason. The loop around it is the
+//! one queue worker ([`crate::queue`]).
 
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
-use lapin::{Channel, Consumer};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use sqlx::PgPool;
@@ -25,9 +22,10 @@ use tokio_util::sync::CancellationToken;
 use super::deliver::STALLED_AFTER;
 use super::isolation::Isolation;
 use super::{holds, schedule};
-use crate::amqp::{self, Broker, BrokerError, Names, Outgoing};
+use crate::amqp::{Broker, Names};
 use crate::domain::ids::{BusinessId, GrantId};
 use crate::metrics::Metrics;
+use crate::queue;
 use crate::store;
 use crate::store::messages;
 
@@ -141,15 +139,13 @@ impl Carried {
     }
 }
 
-/// What to do with one grant event. Only the loop acks.
+/// What became of one grant event.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
+pub enum Fanned {
     /// Fanned out into this many new messages (0 for a redelivery or no endpoints).
-    Ack(u64),
-    DeadLetter {
-        code: &'static str,
-        reason: String,
-    },
+    Messages(u64),
+    /// Refused for what it holds: to be parked with why.
+    Refused { code: &'static str, reason: String },
 }
 
 /// The fan-out consumer.
@@ -171,7 +167,7 @@ pub struct Fanout {
 
 impl Fanout {
     /// Handles one grant event; a database error is returned for the caller to retry.
-    pub async fn handle(&self, body: &[u8]) -> Result<Outcome, sqlx::Error> {
+    pub async fn handle(&self, body: &[u8]) -> Result<Fanned, sqlx::Error> {
         let mut outcomes = self.handle_batch(&[body]).await?;
         Ok(outcomes.remove(0))
     }
@@ -180,14 +176,14 @@ impl Fanout {
     /// order, once it has committed. A transient database error is returned for the
     /// caller to retry the whole batch.
     #[tracing::instrument(name = "webhook_fanout", skip_all, fields(size = bodies.len()))]
-    pub async fn handle_batch(&self, bodies: &[&[u8]]) -> Result<Vec<Outcome>, sqlx::Error> {
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; bodies.len()];
+    pub async fn handle_batch(&self, bodies: &[&[u8]]) -> Result<Vec<Fanned>, sqlx::Error> {
+        let mut outcomes: Vec<Option<Fanned>> = vec![None; bodies.len()];
         let mut events: Vec<(usize, GrantEvent)> = Vec::with_capacity(bodies.len());
         for (i, body) in bodies.iter().enumerate() {
             match GrantEvent::decode(body) {
                 Ok(e) => events.push((i, e)),
                 Err(e) => {
-                    outcomes[i] = Some(Outcome::DeadLetter {
+                    outcomes[i] = Some(Fanned::Refused {
                         code: e.code(),
                         reason: e.to_string(),
                     })
@@ -199,7 +195,7 @@ impl Fanout {
                 Ok(counts) => {
                     for ((i, e), n) in events.iter().zip(counts) {
                         tracing::debug!(grant_id = %e.grant_id, event_type = %e.event_type, messages = n, "fanned out");
-                        outcomes[*i] = Some(Outcome::Ack(n));
+                        outcomes[*i] = Some(Fanned::Messages(n));
                     }
                 }
                 Err(e) if store::is_transient(&e) => return Err(e),
@@ -211,11 +207,11 @@ impl Fanout {
                     for (i, ev) in &events {
                         outcomes[*i] = Some(
                             match self.fan_out(std::slice::from_ref(&(*i, ev.clone()))).await {
-                                Ok(n) => Outcome::Ack(n[0]),
+                                Ok(n) => Fanned::Messages(n[0]),
                                 Err(e) if store::is_transient(&e) => return Err(e),
                                 Err(e) => {
                                     tracing::error!(grant_id = %ev.grant_id, error = %e, "grant event refused by the database");
-                                    Outcome::DeadLetter {
+                                    Fanned::Refused {
                                         code: "database_rejected",
                                         reason: format!(
                                             "the database refused this grant event: {e}"
@@ -268,162 +264,90 @@ impl Fanout {
         Ok(created)
     }
 
-    /// Consumes until `shutdown`, resubscribing when the channel breaks.
+    /// Consumes `<prefix>.grant-events` until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
-        let queue = self.broker.names().grant_events();
-        loop {
-            let (ch, consumer, publisher) = match self
-                .broker
-                .subscribe(&queue, "", self.prefetch, &shutdown)
-                .await
-            {
-                Ok(x) => x,
-                Err(_) => return,
-            };
-            let r = self.consume(consumer, &publisher, &shutdown).await;
-            let _ = ch.close(200, "bye".into()).await;
-            match r {
-                Ok(()) => return,
-                Err(e) => {
-                    // Unacked grant events are redelivered by the broker.
-                    tracing::warn!(error = %e, "grant-events consumer interrupted; resubscribing");
-                }
-            }
+        let broker = self.broker.clone();
+        queue::run(&self, &broker, shutdown).await;
+    }
+}
+
+impl queue::Handler for Fanout {
+    fn queue(&self, names: &Names) -> String {
+        names.grant_events()
+    }
+
+    fn shape(&self) -> queue::Shape {
+        queue::Shape {
+            prefetch: self.prefetch,
+            batch: self.batch_size.max(1),
+            linger: self.batch_linger,
         }
     }
 
-    async fn consume(
+    /// A bundle counts as its grant events: a batch holds `batch_size` of them at most,
+    /// and a bundle is never split.
+    fn size(&self, job: &queue::Job) -> usize {
+        Carried::count(&Carried::of(&job.body))
+    }
+
+    /// Fans out every grant event of the batch in one statement. Acked only once it
+    /// has committed: a crash before redelivers, and the deterministic message ids make
+    /// the redelivery create nothing new. A bundle's refused elements are parked each
+    /// on its own, so its good events are not held back by a bad one.
+    async fn handle(
         &self,
-        mut consumer: Consumer,
-        publisher: &Channel,
-        shutdown: &CancellationToken,
-    ) -> Result<(), BrokerError> {
-        let batch_size = self.batch_size.max(1);
-        loop {
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ok(()),
-                n = consumer.next() => n,
-            };
-            let first = match next {
-                Some(Ok(d)) => d,
-                Some(Err(e)) => return Err(e.into()),
-                None => return Err(BrokerError::ConsumerEnded),
-            };
-            // Every statement here is a durable commit and wakes the relay: fill the
-            // batch with up to `batch_size` grant events (a bundle is never split) for
-            // up to `batch_linger`. After shutdown only what is in hand is done.
-            let deadline = tokio::time::Instant::now() + self.batch_linger;
-            let split = Carried::of(&first.data);
-            let mut events = Carried::count(&split);
-            let mut batch = vec![(first, split)];
-            while events < batch_size {
-                let more = amqp::more_deliveries_until(&mut consumer, 1, deadline, shutdown).await;
-                let Some(d) = more.into_iter().next() else {
-                    break;
-                };
-                let split = Carried::of(&d.data);
-                events += Carried::count(&split);
-                batch.push((d, split));
-            }
-            let bodies: Vec<&[u8]> = batch
-                .iter()
-                .flat_map(|(d, split)| {
-                    split
-                        .iter()
-                        .flat_map(|c| c.events.iter().map(|r| &d.data[r.clone()]))
-                })
-                .collect();
-            let mut outcomes = self
-                .handle_until_committed(&bodies, shutdown)
-                .await?
-                .into_iter();
-            // Acked only now that the batch has committed: a crash before redelivers it,
-            // and the deterministic message ids make the redelivery create nothing new.
-            for (d, split) in &batch {
+        jobs: &[queue::Job],
+        _shutdown: &CancellationToken,
+    ) -> Result<Vec<queue::Outcome>, sqlx::Error> {
+        let splits: Vec<Result<Carried, FanoutError>> =
+            jobs.iter().map(|j| Carried::of(&j.body)).collect();
+        let bodies: Vec<&[u8]> = jobs
+            .iter()
+            .zip(&splits)
+            .flat_map(|(j, split)| {
+                split
+                    .iter()
+                    .flat_map(|c| c.events.iter().map(|r| &j.body[r.clone()]))
+            })
+            .collect();
+        let mut fanned = self.handle_batch(&bodies).await?.into_iter();
+        Ok(jobs
+            .iter()
+            .zip(&splits)
+            .map(|(j, split)| {
                 let carried = match split {
                     Ok(c) => c,
                     Err(e) => {
-                        self.park(
-                            d,
-                            &[(d.data.as_slice(), None, e.code(), e.to_string())],
-                            publisher,
-                        )
-                        .await?;
-                        d.ack(BasicAckOptions::default()).await?;
-                        continue;
+                        return queue::Outcome::DeadLetter {
+                            code: e.code(),
+                            reason: e.to_string(),
+                        };
                     }
                 };
-                let mut parked = Vec::new();
-                for (i, range) in carried.events.iter().enumerate() {
-                    let outcome = outcomes.next().expect("one outcome per grant event");
-                    if let Outcome::DeadLetter { code, reason } = outcome {
-                        let element = carried.bundle.then_some(i);
-                        parked.push((&d.data[range.clone()], element, code, reason));
+                let mut parts = Vec::new();
+                for (index, range) in carried.events.iter().enumerate() {
+                    let Fanned::Refused { code, reason } =
+                        fanned.next().expect("one result per grant event")
+                    else {
+                        continue;
+                    };
+                    if !carried.bundle {
+                        return queue::Outcome::DeadLetter { code, reason };
                     }
+                    parts.push(queue::DeadPart {
+                        index,
+                        body: j.body[range.clone()].to_vec(),
+                        code,
+                        reason,
+                    });
                 }
-                if !parked.is_empty() {
-                    self.park(d, &parked, publisher).await?;
+                if parts.is_empty() {
+                    queue::Outcome::Ack("fanned_out")
+                } else {
+                    queue::Outcome::DeadLetterParts(parts)
                 }
-                d.ack(BasicAckOptions::default()).await?;
-            }
-        }
-    }
-
-    /// Retries through database outages (never dead-letters for them); on shutdown gives
-    /// up without acking, and the broker redelivers.
-    async fn handle_until_committed(
-        &self,
-        bodies: &[&[u8]],
-        shutdown: &CancellationToken,
-    ) -> Result<Vec<Outcome>, BrokerError> {
-        let mut backoff = amqp::reconnect_backoff();
-        loop {
-            match self.handle_batch(bodies).await {
-                Ok(o) => return Ok(o),
-                Err(e) => {
-                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; holding the grant events");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
-    }
-
-    /// Parks grant events of delivery `d` in `<prefix>.grant-events.dead`, each with its
-    /// reason: the whole message, or elements of a bundle (`Some(index)`), each on its
-    /// own with the id `<bundle id>#<index>`, so the bundle's good events are not held
-    /// back by a bad one. Confirmed before the caller acks the original: never in
-    /// neither place.
-    async fn park(
-        &self,
-        d: &Delivery,
-        events: &[(&[u8], Option<usize>, &'static str, String)],
-        publisher: &Channel,
-    ) -> Result<(), BrokerError> {
-        let names: &Names = self.broker.names();
-        let source = names.grant_events();
-        let id = amqp::message_id(&d.properties).unwrap_or_default();
-        let ids: Vec<String> = events
-            .iter()
-            .map(|(_, element, _, _)| match element {
-                Some(i) => format!("{id}#{i}"),
-                None => id.clone(),
             })
-            .collect();
-        let headers = d.properties.headers().clone().unwrap_or_default();
-        let out: Vec<Outgoing<'_>> = events
-            .iter()
-            .zip(&ids)
-            .map(|((body, _, code, reason), id)| {
-                tracing::warn!(message_id = %id, code, %reason, "dead-lettering grant event");
-                Outgoing::parked(names, &source, id, body, headers.clone(), code, reason)
-            })
-            .collect();
-        amqp::publish_confirmed(publisher, &out).await
+            .collect())
     }
 }
 
