@@ -421,9 +421,12 @@ async fn a_customer_who_authorized_another_application_is_asked_again_not_added_
 async fn parked_jobs_run_once_more_when_asked_again_and_outlive_their_drainer() {
     use guildgate::store::sync_parking as lanes;
     use guildgate::sync::lanes::LEASE;
-    let w = World::start().await;
-    let pool = &w.app.pool;
-    // The rows alone: a job asked again while it runs runs once more, at the back.
+    // The rows alone, in a database no syncer watches (a running one would start
+    // draining them): a job asked again while it runs runs once more, at the back.
+    let db = common::TestDb::create().await;
+    let bare = sqlx::PgPool::connect(&db.url).await.unwrap();
+    store::migrate(&bare).await.unwrap();
+    let pool = &bare;
     lanes::park(pool, "grant_x", "bot_1", 2).await.unwrap();
     lanes::park(pool, "grant_x", "bot_1", 0).await.unwrap();
     assert!(
@@ -454,10 +457,13 @@ async fn parked_jobs_run_once_more_when_asked_again_and_outlive_their_drainer() 
     lanes::finish(pool, "grant_x", "me").await.unwrap();
     assert_eq!(lanes::parked(pool, "bot_1").await.unwrap(), 0);
     lanes::release(pool, "bot_1", "me").await.unwrap();
+    bare.close().await;
 
     // A grant whose parked job a process took and never finished (it died), its lease
     // run out: the running syncer finds it, takes the lease, gives the job back and
     // runs it.
+    let w = World::start().await;
+    let pool = &w.app.pool;
     let g = w.guild("Acme");
     let alice = w.user("alice");
     w.link("cus_1", alice).await;

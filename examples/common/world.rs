@@ -89,6 +89,46 @@ pub async fn delete_topology(ch: &Channel, settings: &Settings) {
     }
 }
 
+/// Links `customer` of `business` to the sandbox user `user` as the OAuth callback
+/// would: a fresh token pair (issued to `app`, or to the shared application), sealed
+/// with `cipher` for the customer's row.
+#[allow(clippy::too_many_arguments)]
+pub async fn link_user(
+    conn: &mut sqlx::PgConnection,
+    sandbox: &Sandbox,
+    cipher: &guildgate::crypto::TokenCipher,
+    business: &str,
+    app: Option<&sandbox_discord::AppCredentials>,
+    customer: &str,
+    user: u64,
+    now: chrono::DateTime<chrono::Utc>,
+) {
+    use guildgate::store::links::{LinkRow, SealedTokens, upsert_link};
+    let scopes = ["identify", "guilds.join"];
+    let t = match app {
+        None => sandbox.issue_token(user, &scopes),
+        Some(a) => sandbox.issue_token_for(a.client_id, user, &scopes),
+    };
+    let link = LinkRow::new(
+        business,
+        customer,
+        user.to_string(),
+        SealedTokens::seal(
+            cipher,
+            business,
+            customer,
+            &t.access_token.clone().into(),
+            Some(&t.refresh_token.clone().into()),
+        ),
+        now + chrono::Duration::from_std(t.expires_in).expect("a token's lifetime"),
+        t.scope.clone(),
+    )
+    .issued_by(app.map(|a| a.client_id.to_string()));
+    upsert_link(conn, &link, None, now)
+        .await
+        .expect("link stored");
+}
+
 /// A customer of `business` who already authorized Discord (a sandbox user whose tokens,
 /// issued to `app` or to the shared application, are stored), with a grant of
 /// `entitlement` and its sync job queued, in `tx`; returns the grant's id.
@@ -107,30 +147,10 @@ pub async fn linked_grant(
     let user = sandbox.add_user(sandbox_discord::UserSpec::new(format!(
         "{business}-{customer}"
     )));
-    let scopes = ["identify", "guilds.join"];
-    let t = match app {
-        None => sandbox.issue_token(user, &scopes),
-        Some(a) => sandbox.issue_token_for(a.client_id, user, &scopes),
-    };
-    use guildgate::store::links::{LinkRow, SealedTokens, upsert_link};
-    let link = LinkRow::new(
-        business,
-        customer,
-        user.to_string(),
-        SealedTokens::seal(
-            cipher,
-            business,
-            customer,
-            &t.access_token.clone().into(),
-            Some(&t.refresh_token.clone().into()),
-        ),
-        now + chrono::Duration::days(7),
-        t.scope.clone(),
+    link_user(
+        &mut *tx, sandbox, cipher, business, app, customer, user, now,
     )
-    .issued_by(app.map(|a| a.client_id.to_string()));
-    upsert_link(&mut *tx, &link, None, now)
-        .await
-        .expect("link stored");
+    .await;
     let g = guildgate::store::grants::insert(
         &mut *tx,
         guildgate::store::grants::NewGrant {

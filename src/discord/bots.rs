@@ -11,7 +11,7 @@
 //! grant's `oauth_url` is rendered where no database is at hand. A bot's secrets are
 //! read and decrypted when it is first used, and again after its row changed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -55,17 +55,14 @@ impl Bot {
         keys: &AppKeys,
         pool: &PgPool,
         metrics: &Arc<Metrics>,
+        own: bool,
     ) -> Self {
         let side = DiscordClient::side_of(settings, keys, metrics.clone())
             .shared(SharedLimits::new(pool.clone(), &keys.client_id));
         let syncer = side
             .with_budget(Budget::syncer(settings.side_requests_per_s))
             .with_stops();
-        Self {
-            side,
-            syncer,
-            own: false,
-        }
+        Self { side, syncer, own }
     }
 
     /// The application's id (also its bot user's id).
@@ -180,7 +177,13 @@ impl Bots {
         settings: &DiscordSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let shared = Bot::new(settings, &AppKeys::of_settings(settings), &pool, &metrics);
+        let shared = Bot::new(
+            settings,
+            &AppKeys::of_settings(settings),
+            &pool,
+            &metrics,
+            false,
+        );
         Self {
             inner: Arc::new(Inner {
                 pool,
@@ -244,13 +247,13 @@ impl Bots {
             return Ok(self.inner.shared.clone());
         };
         let keys = keys_of(&row, &self.inner.cipher).map_err(|_| BotError::Sealed)?;
-        let mut bot = Bot::new(
+        let bot = Bot::new(
             &self.inner.settings,
             &keys,
             &self.inner.pool,
             &self.inner.metrics,
+            true,
         );
-        bot.own = true;
         own.insert(client_id.to_string(), (row.updated_at, bot.clone()));
         Ok(bot)
     }
@@ -272,8 +275,9 @@ impl Bots {
     pub async fn refresh(&self) -> Result<(), sqlx::Error> {
         let rows = applications::directory(&self.inner.pool).await?;
         let all: HashMap<_, _> = rows.into_iter().map(|(b, c, u)| (b, (c, u))).collect();
+        let registered: HashSet<&String> = all.values().map(|(c, _)| c).collect();
         let mut own = self.inner.own.lock().await;
-        own.retain(|client, _| all.values().any(|(c, _)| c == client));
+        own.retain(|client, _| registered.contains(client));
         self.inner.directory.replace(all);
         Ok(())
     }

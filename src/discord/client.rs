@@ -753,20 +753,7 @@ impl DiscordClient {
     /// The bot's own user id (`GET /users/@me` once, then remembered).
     pub async fn bot_user_id(&self) -> Result<Snowflake, DiscordError> {
         self.bot_id
-            .get_or_try_init(|| async {
-                let a = self
-                    .send(Self::bot_call(
-                        Verb::Get,
-                        "users/@me".into(),
-                        "users/@me".into(),
-                        "GET /users/@me",
-                    ))
-                    .await?;
-                match a.status {
-                    200 => a.json::<User>().map(|u| u.id),
-                    _ => Err(a.unexpected()),
-                }
-            })
+            .get_or_try_init(|| async { self.bot_user().await.map(|u| u.id) })
             .await
             .copied()
     }

@@ -4,6 +4,17 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
+/// The `SELECT` of whole application rows ([`AppRow`]) where `$cond` holds.
+macro_rules! select_apps {
+    ($cond:literal) => {
+        concat!(
+            "SELECT business_id, client_id, client_secret_enc, bot_token_enc, key_id, ",
+            "bot_username, created_at, updated_at FROM discord_applications WHERE ",
+            $cond
+        )
+    };
+}
+
 /// A business's application as stored, secrets still sealed.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct AppRow {
@@ -37,26 +48,18 @@ pub enum Saved {
 
 /// `business_id`'s application.
 pub async fn of_business(pool: &PgPool, business_id: &str) -> Result<Option<AppRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT business_id, client_id, client_secret_enc, bot_token_enc, key_id, bot_username,
-                created_at, updated_at
-         FROM discord_applications WHERE business_id = $1",
-    )
-    .bind(business_id)
-    .fetch_optional(pool)
-    .await
+    sqlx::query_as(select_apps!("business_id = $1"))
+        .bind(business_id)
+        .fetch_optional(pool)
+        .await
 }
 
 /// The application `client_id` names.
 pub async fn of_client(pool: &PgPool, client_id: &str) -> Result<Option<AppRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT business_id, client_id, client_secret_enc, bot_token_enc, key_id, bot_username,
-                created_at, updated_at
-         FROM discord_applications WHERE client_id = $1",
-    )
-    .bind(client_id)
-    .fetch_optional(pool)
-    .await
+    sqlx::query_as(select_apps!("client_id = $1"))
+        .bind(client_id)
+        .fetch_optional(pool)
+        .await
 }
 
 /// The business holding application `client_id`, if any.
@@ -99,7 +102,7 @@ pub async fn save(pool: &PgPool, a: NewApp<'_>) -> Result<Saved, sqlx::Error> {
     match saved {
         Ok(row) => Ok(Saved::Saved(row)),
         // Another business registered it between a check and this write.
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(Saved::Taken),
+        Err(e) if super::is_unique_violation(&e) => Ok(Saved::Taken),
         Err(e) => Err(e),
     }
 }
@@ -115,14 +118,10 @@ pub async fn delete(pool: &PgPool, business_id: &str) -> Result<bool, sqlx::Erro
 
 /// Applications whose secrets are not sealed with `key_id`.
 pub async fn not_on_key(pool: &PgPool, key_id: &str) -> Result<Vec<AppRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT business_id, client_id, client_secret_enc, bot_token_enc, key_id, bot_username,
-                created_at, updated_at
-         FROM discord_applications WHERE key_id <> $1",
-    )
-    .bind(key_id)
-    .fetch_all(pool)
-    .await
+    sqlx::query_as(select_apps!("key_id <> $1"))
+        .bind(key_id)
+        .fetch_all(pool)
+        .await
 }
 
 /// Writes `read`'s secrets sealed anew with `key_id`, only if the row is still as read;

@@ -42,6 +42,15 @@ pub struct Lane {
 }
 
 impl Lane {
+    /// A seat now, unless the lane's jobs fill it or parked ones wait: then the job
+    /// parks.
+    pub fn seat_now(&self) -> Option<OwnedSemaphorePermit> {
+        if self.backlog.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.seats.clone().try_acquire_owned().ok()
+    }
+
     /// A seat, waiting for one.
     pub async fn seat(&self) -> OwnedSemaphorePermit {
         self.seats
@@ -98,14 +107,5 @@ impl Lanes {
                 })
             })
             .clone()
-    }
-
-    /// A seat in `lane` now, unless its jobs fill it or parked ones wait: then the job
-    /// parks.
-    pub fn seat_now(lane: &Lane) -> Option<OwnedSemaphorePermit> {
-        if lane.backlog.load(Ordering::SeqCst) {
-            return None;
-        }
-        lane.seats.clone().try_acquire_owned().ok()
     }
 }

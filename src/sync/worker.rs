@@ -1209,7 +1209,7 @@ impl SyncWorker {
                 let Some(lane) = self.held(shutdown, || self.lane_of(grant)).await else {
                     return;
                 };
-                match Lanes::seat_now(&lane) {
+                match lane.seat_now() {
                     Some(seat) => {
                         let Some(outcome) =
                             self.held(shutdown, || self.handle(grant, attempt)).await

@@ -696,35 +696,16 @@ pub async fn link_sandbox_user(
     customer: &str,
     user: u64,
 ) {
-    let t = sandbox.issue_token(user, &["identify", "guilds.join"]);
     let cipher = settings.token_cipher().unwrap();
     let mut conn = pool.acquire().await.unwrap();
     store::businesses::ensure_business(&mut conn, business)
         .await
         .unwrap();
     let now = chrono::Utc::now();
-    let sealed = guildgate::store::links::SealedTokens::seal(
-        &cipher,
-        business,
-        customer,
-        &t.access_token.clone().into(),
-        Some(&t.refresh_token.clone().into()),
-    );
-    guildgate::store::links::upsert_link(
-        &mut conn,
-        &guildgate::store::links::LinkRow::new(
-            business,
-            customer,
-            user.to_string(),
-            sealed,
-            now + chrono::Duration::from_std(t.expires_in).unwrap(),
-            t.scope.clone(),
-        ),
-        None,
-        now,
+    world::link_user(
+        &mut conn, sandbox, &cipher, business, None, customer, user, now,
     )
-    .await
-    .unwrap();
+    .await;
 }
 
 /// A webhook endpoint of `business` at `url` with `secret` (private targets allowed).
