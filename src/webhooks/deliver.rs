@@ -316,7 +316,7 @@ impl Deliverer {
             let write = self.parking.begin(ep);
             return self.park_begun(job, write, arrived).await;
         }
-        let target = match self.prepare(job, BUSY_WAIT).await? {
+        let target = match self.target(job).await? {
             Ok(target) => target,
             Err(outcome) => {
                 place.take();
@@ -325,6 +325,10 @@ impl Deliverer {
         };
         if let Some(p) = place.as_ref() {
             p.front().await;
+        }
+        if let Some(outcome) = self.pace(job, &target, BUSY_WAIT).await? {
+            place.take();
+            return Ok(outcome);
         }
         let ep = target.endpoint_id.clone();
         // What "hanging" means for this endpoint, from its typical latency now.
@@ -385,6 +389,19 @@ impl Deliverer {
         job: &Job,
         pace_wait: Duration,
     ) -> Result<Result<DeliveryTarget, Outcome>, DeliverError> {
+        let target = match self.target(job).await? {
+            Ok(target) => target,
+            Err(outcome) => return Ok(Err(outcome)),
+        };
+        Ok(match self.pace(job, &target, pace_wait).await? {
+            Some(outcome) => Err(outcome),
+            None => Ok(target),
+        })
+    }
+
+    /// Reads the job's message and its endpoint: the target to send to, or what to do
+    /// with a job that needs no attempt.
+    async fn target(&self, job: &Job) -> Result<Result<DeliveryTarget, Outcome>, DeliverError> {
         let Some(target) = self.reader.target(&job.message_id).await? else {
             // Its endpoint was deleted, with its messages.
             return Ok(Err(Outcome::Ack("unknown_message")));
@@ -398,9 +415,24 @@ impl Deliverer {
             messages::fail_unattempted(&mut conn, &target.id, "the endpoint is disabled").await?;
             return Ok(Err(Outcome::Ack("endpoint_disabled")));
         }
-        // The rate limit before the slot: a job waiting for its turn must not hold one of
-        // the endpoint's in-flight slots, or a paced endpoint would look hung. A turn
-        // taken by a job that then finds no slot goes unused: the rate only gets lower.
+        Ok(Ok(target))
+    }
+
+    /// Takes a turn of the target endpoint's rate limit, if it has one: `None` to send
+    /// now, or the outcome of holding the message until its turn.
+    ///
+    /// The rate limit before the slot: a job waiting for its turn must not hold one of
+    /// the endpoint's in-flight slots, or a paced endpoint would look hung. A turn taken
+    /// by a job that then finds no slot goes unused: the rate only gets lower. A job in
+    /// the endpoint's line takes its turn once it is at the front, so turns are used in
+    /// the order of the line: a turn taken early by a job that then waited behind others
+    /// would let it go out together with them.
+    async fn pace(
+        &self,
+        job: &Job,
+        target: &DeliveryTarget,
+        pace_wait: Duration,
+    ) -> Result<Option<Outcome>, DeliverError> {
         if let Some(per_second) = target
             .rate_limit
             .and_then(|r| u32::try_from(r).ok())
@@ -410,9 +442,9 @@ impl Deliverer {
                 .turn(&target.endpoint_id, per_second, pace_wait)
                 .await
         {
-            return self.hold_until(job, at).await.map(Err);
+            return self.hold_until(job, at).await.map(Some);
         }
-        Ok(Ok(target))
+        Ok(None)
     }
 
     /// One attempt with a slot of the endpoint: send, record, and what to do with the
