@@ -60,7 +60,7 @@ pub struct DeliveryTarget {
     /// rotation), newest first.
     pub previous_secrets: Vec<String>,
     /// The endpoint's custom headers, sent with every attempt (may hold credentials).
-    pub headers: sqlx::types::Json<crate::webhooks::endpoints::Strings>,
+    pub headers: sqlx::types::Json<super::endpoints::Strings>,
     /// The endpoint's deliveries per second at most; `None`: no limit.
     pub rate_limit: Option<i32>,
 }

@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 use super::signing::{Secret, SecretError};
 use super::ssrf::{self, SsrfError, TargetPolicy};
 use crate::store::endpoints::{self as store, Inserted, NewRow, PatchRow};
-pub use crate::store::endpoints::{After, Endpoint, Strings};
+use crate::store::endpoints::{Endpoint, Strings};
 
 /// Like the payment platform: at most this many endpoints per business.
 pub const MAX_ENDPOINTS_PER_BUSINESS: i64 = 5;
