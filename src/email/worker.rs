@@ -355,9 +355,7 @@ impl EmailWorker {
             message_id: format!("<{}@{domain}>", email_id.replace(':', ".")),
         })
     }
-}
 
-impl EmailWorker {
     /// Consumes `<prefix>.emails` until `shutdown`; the job in hand finishes and
     /// settles first.
     pub async fn run(self, shutdown: CancellationToken) {
@@ -387,7 +385,8 @@ impl queue::Handler for EmailWorker {
         let mut outcomes = Vec::with_capacity(jobs.len());
         for j in jobs {
             outcomes.push(match Job::parse(&j.body) {
-                Some(job) => self.handle(&job, j.attempt).await?,
+                // The header's count, bounded: `handle` counts one more.
+                Some(job) => self.handle(&job, j.attempt.min(1000)).await?,
                 None => Outcome::DeadLetter {
                     code: "bad_job",
                     reason: "not an email job".into(),

@@ -162,7 +162,10 @@ pub async fn run<H: Handler>(handler: &H, broker: &Broker, shutdown: Cancellatio
         else {
             return; // shutting down
         };
-        let ended = consume(handler, names, &queue, consumer, &publisher, &shutdown).await;
+        let ended = consume(
+            handler, shape, names, &queue, consumer, &publisher, &shutdown,
+        )
+        .await;
         // Closing returns unacked prefetched deliveries to the queue. Bounded: a broker
         // that does not answer must not hold up the shutdown.
         let _ = tokio::time::timeout(Duration::from_secs(5), ch.close(200, "bye".into())).await;
@@ -177,18 +180,19 @@ pub async fn run<H: Handler>(handler: &H, broker: &Broker, shutdown: Cancellatio
 
 async fn consume<H: Handler>(
     handler: &H,
+    shape: Shape,
     names: &Names,
     queue: &str,
     mut consumer: Consumer,
     publisher: &Channel,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let shape = handler.shape();
-    // Deliveries deferred by earlier batches, with their jobs.
-    let mut carry: Vec<(Delivery, Job)> = Vec::new();
+    // Deliveries deferred by earlier batches, with their jobs. A batch keeps its
+    // deliveries (to settle) and their jobs (for the handler) side by side.
+    let mut carry: (Vec<Delivery>, Vec<Job>) = Default::default();
     loop {
-        let mut batch = std::mem::take(&mut carry);
-        if batch.is_empty() {
+        let (mut deliveries, mut jobs) = std::mem::take(&mut carry);
+        if deliveries.is_empty() {
             let first = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
@@ -196,8 +200,8 @@ async fn consume<H: Handler>(
             };
             match first {
                 Some(Ok(d)) => {
-                    let job = Job::of(&d);
-                    batch.push((d, job));
+                    jobs.push(Job::of(&d));
+                    deliveries.push(d);
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => return Err(BrokerError::ConsumerEnded),
@@ -207,7 +211,7 @@ async fn consume<H: Handler>(
         // buy many jobs per commit; when idle a job waits at most the linger. After
         // shutdown only what is in hand is finished.
         let deadline = tokio::time::Instant::now() + shape.linger;
-        let mut size: usize = batch.iter().map(|(_, j)| handler.size(j)).sum();
+        let mut size: usize = jobs.iter().map(|j| handler.size(j)).sum();
         while size < shape.batch {
             let more = amqp::more_deliveries_until(&mut consumer, 1, deadline, shutdown).await;
             let Some(d) = more.into_iter().next() else {
@@ -215,21 +219,31 @@ async fn consume<H: Handler>(
             };
             let job = Job::of(&d);
             size += handler.size(&job);
-            batch.push((d, job));
+            jobs.push(job);
+            deliveries.push(d);
         }
-        let jobs: Vec<Job> = batch.iter().map(|(_, j)| j.clone()).collect();
         let outcomes = handled(handler, queue, &jobs, shutdown).await?;
-        settle(handler, names, queue, &batch, &outcomes, publisher).await?;
-        carry = batch
+        settle(
+            handler,
+            names,
+            queue,
+            &deliveries,
+            &jobs,
+            &outcomes,
+            publisher,
+        )
+        .await?;
+        carry = deliveries
             .into_iter()
+            .zip(jobs)
             .zip(outcomes)
             .filter(|(_, o)| *o == Outcome::Defer)
             .map(|((d, mut job), _)| {
                 job.deferred += 1;
                 (d, job)
             })
-            .collect();
-        if shutdown.is_cancelled() && carry.is_empty() {
+            .unzip();
+        if shutdown.is_cancelled() && carry.0.is_empty() {
             return Ok(());
         }
     }
@@ -267,21 +281,20 @@ async fn settle<H: Handler>(
     handler: &H,
     names: &Names,
     queue: &str,
-    batch: &[(Delivery, Job)],
+    deliveries: &[Delivery],
+    jobs: &[Job],
     outcomes: &[Outcome],
     publisher: &Channel,
 ) -> Result<(), BrokerError> {
-    let ids: Vec<Ids> = batch
+    let ids: Vec<Ids> = jobs
         .iter()
         .zip(outcomes)
-        .map(|((_, job), o)| Ids::of(handler, job, o))
+        .map(|(job, o)| Ids::of(handler, job, o))
         .collect();
     let mut out: Vec<Outgoing<'_>> = Vec::new();
-    for (((d, job), outcome), ids) in batch.iter().zip(outcomes).zip(&ids) {
+    for (((d, job), outcome), ids) in deliveries.iter().zip(jobs).zip(outcomes).zip(&ids) {
         let headers = d.properties.headers().as_ref();
-        out.extend(copies(
-            handler, names, queue, ids, &d.data, job, headers, outcome,
-        ));
+        out.extend(copies(handler, names, queue, ids, job, headers, outcome));
     }
     if !out.is_empty() {
         amqp::publish_confirmed(publisher, &out).await?;
@@ -291,12 +304,12 @@ async fn settle<H: Handler>(
     // or deferred into this one (deferred deliveries open the next batch), so
     // `multiple` on the highest tag acks exactly this batch.
     if !outcomes.contains(&Outcome::Defer) {
-        if let Some((last, _)) = batch.iter().max_by_key(|(d, _)| d.delivery_tag) {
+        if let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) {
             last.ack(BasicAckOptions { multiple: true }).await?;
         }
         return Ok(());
     }
-    for ((d, _), o) in batch.iter().zip(outcomes) {
+    for (d, o) in deliveries.iter().zip(outcomes) {
         if *o != Outcome::Defer {
             d.ack(BasicAckOptions::default()).await?;
         }
@@ -329,17 +342,16 @@ impl Ids {
 
 /// The messages `outcome` publishes for a job: a copy for its retry tier, or parked
 /// copies for the dead-letter queue; none for an ack or a deferral.
-#[allow(clippy::too_many_arguments)]
 fn copies<'a, H: Handler>(
     handler: &H,
     names: &Names,
     queue: &str,
     ids: &'a Ids,
-    body: &'a [u8],
-    job: &Job,
+    job: &'a Job,
     headers: Option<&FieldTable>,
     outcome: &'a Outcome,
 ) -> Vec<Outgoing<'a>> {
+    let body = job.body.as_slice();
     match outcome {
         Outcome::Ack(_) | Outcome::Defer => Vec::new(),
         Outcome::Retry {
