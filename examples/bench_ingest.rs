@@ -311,7 +311,7 @@ async fn baseline(
                     }
                 };
                 let more =
-                    guildgate::amqp::more_deliveries(&mut consumer, batch_size - 1, linger, &stop)
+                    guildgate::queue::more_deliveries(&mut consumer, batch_size - 1, linger, &stop)
                         .await;
                 let n = 1 + more.len();
                 let last = more.last().unwrap_or(&first);

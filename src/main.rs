@@ -254,7 +254,7 @@ fn main() -> ExitCode {
 }
 
 async fn dlq(settings: &Settings, cmd: DlqCommand) -> Result<(), String> {
-    use guildgate::amqp::dlq as d;
+    use guildgate::queue::dlq as d;
     let broker = guildgate::amqp::Broker::without_declare(settings, "guildgate-dlq");
     let names = guildgate::amqp::Names::from_settings(settings);
     let resolve = |q: &str| {

@@ -571,7 +571,7 @@ async fn exhausted_retries_dead_letter_the_job_and_fail_the_grant() {
 /// through them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_sync_job_starts_its_retries_afresh_and_counts_its_replays() {
-    use guildgate::amqp::dlq;
+    use guildgate::queue::dlq;
     let w = World::start().await;
     let g = w.guild("Down");
     let role = g.role("Patrons");

@@ -9,7 +9,6 @@
 //! that replicas spread over the nodes; when it breaks, the reconnect tries the next
 //! node first, then the others in turn.
 
-pub mod dlq;
 pub mod topology;
 
 use std::borrow::Cow;
@@ -36,6 +35,13 @@ pub const ATTEMPT_HEADER: &str = "x-guildgate-attempt";
 /// Header counting how often in a row a webhook job was deferred without an attempt
 /// (absent: never).
 pub const DEFERRALS_HEADER: &str = "x-guildgate-deferrals";
+/// Header counting how often a message was replayed from a dead-letter queue.
+pub const REPLAYS_HEADER: &str = "x-guildgate-replays";
+/// Header naming the queue a message was dead-lettered from.
+pub const SOURCE_QUEUE_HEADER: &str = "x-guildgate-source-queue";
+/// Header keeping a payment event's original routing key (its type) across a replay,
+/// which goes through the default exchange.
+pub const ROUTING_KEY_HEADER: &str = "x-guildgate-routing-key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -361,7 +367,7 @@ impl<'a> Outgoing<'a> {
         }
         .header(REASON_HEADER, header_str(reason))
         .header(REASON_CODE_HEADER, header_str(code))
-        .header(dlq::SOURCE_QUEUE_HEADER, header_str(source_queue))
+        .header(SOURCE_QUEUE_HEADER, header_str(source_queue))
         .header(
             "x-guildgate-dead-at",
             AMQPValue::LongLongInt(chrono::Utc::now().timestamp()),
@@ -378,8 +384,8 @@ impl<'a> Outgoing<'a> {
     /// an operator replayed, and the replay ceiling of `guildgate dlq replay` counts
     /// across its rounds.
     pub fn carrying_replays(self, from: Option<&FieldTable>) -> Self {
-        match header_int(from, dlq::REPLAYS_HEADER) {
-            Some(n) => self.header(dlq::REPLAYS_HEADER, AMQPValue::LongLongInt(n)),
+        match header_int(from, REPLAYS_HEADER) {
+            Some(n) => self.header(REPLAYS_HEADER, AMQPValue::LongLongInt(n)),
             None => self,
         }
     }
@@ -422,54 +428,12 @@ pub async fn publish_confirmed(ch: &Channel, messages: &[Outgoing<'_>]) -> Resul
     Ok(())
 }
 
-/// A string header value.
-/// Takes up to `max` more deliveries from `consumer`, waiting at most until `linger`
-/// from now for them (what has already arrived is taken without waiting), and none once
-/// `shutdown` is cancelled. Batching consumers use it: every batch costs a durable
-/// commit (an fsync), so under load a few milliseconds of waiting buy many messages per
-/// commit, and when idle a message waits at most `linger`. An error ends the batch; the
-/// stream reports it again on the next read.
-pub async fn more_deliveries(
-    consumer: &mut lapin::Consumer,
-    max: usize,
-    linger: Duration,
-    shutdown: &CancellationToken,
-) -> Vec<lapin::message::Delivery> {
-    let deadline = tokio::time::Instant::now() + linger;
-    more_deliveries_until(consumer, max, deadline, shutdown).await
-}
-
-/// [`more_deliveries`] waiting at most until `deadline`: for a caller that fills a batch
-/// in several steps within one linger.
-pub async fn more_deliveries_until(
-    consumer: &mut lapin::Consumer,
-    max: usize,
-    deadline: tokio::time::Instant,
-    shutdown: &CancellationToken,
-) -> Vec<lapin::message::Delivery> {
-    use futures_util::{FutureExt, StreamExt};
-    let mut out = Vec::new();
-    while out.len() < max && !shutdown.is_cancelled() {
-        let next = match consumer.next().now_or_never() {
-            Some(next) => next,
-            None => match tokio::time::timeout_at(deadline, consumer.next()).await {
-                Ok(next) => next,
-                Err(_) => break,
-            },
-        };
-        match next {
-            Some(Ok(d)) => out.push(d),
-            _ => break,
-        }
-    }
-    out
-}
-
 /// A message's AMQP `message_id`, if it has one.
 pub fn message_id(props: &BasicProperties) -> Option<String> {
     props.message_id().as_ref().map(|m| m.to_string())
 }
 
+/// A string header value.
 pub fn header_str(v: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(v))
 }

@@ -368,7 +368,9 @@ impl queue::Handler for EmailWorker {
     fn queue(&self, names: &Names) -> String {
         names.emails()
     }
+}
 
+impl queue::Batched for EmailWorker {
     fn shape(&self) -> queue::Shape {
         queue::Shape {
             prefetch: 4,

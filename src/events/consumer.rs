@@ -220,6 +220,23 @@ impl queue::Handler for EventConsumer {
         names.payment_events()
     }
 
+    /// The message's own id, else the body's hash (the event id decoding would have
+    /// used).
+    fn dead_letter_id(&self, job: &Job) -> String {
+        job.message_id.clone().unwrap_or_else(|| {
+            super::decode::event_id(None, &job.body)
+                .map(|id| id.to_string())
+                .unwrap_or_default()
+        })
+    }
+
+    /// A replay of a parked event needs its original routing key (its event type).
+    fn dead_letter_keeps_routing_key(&self) -> bool {
+        true
+    }
+}
+
+impl queue::Batched for EventConsumer {
     fn shape(&self) -> queue::Shape {
         queue::Shape {
             prefetch: self.prefetch,
@@ -247,21 +264,6 @@ impl queue::Handler for EventConsumer {
             }
         }
         Ok(outcomes)
-    }
-
-    /// The message's own id, else the body's hash (the event id decoding would have
-    /// used).
-    fn dead_letter_id(&self, job: &Job) -> String {
-        job.message_id.clone().unwrap_or_else(|| {
-            super::decode::event_id(None, &job.body)
-                .map(|id| id.to_string())
-                .unwrap_or_default()
-        })
-    }
-
-    /// A replay of a parked event needs its original routing key (its event type).
-    fn dead_letter_keeps_routing_key(&self) -> bool {
-        true
     }
 }
 

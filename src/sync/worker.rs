@@ -13,23 +13,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
 use lapin::Channel;
-use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
-use lapin::types::AMQPValue;
 use secrecy::SecretString;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::Outcome;
 use super::lanes::{self, Lane, Lanes};
-use crate::amqp::{
-    self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, REASON_HEADER, header_int,
-    header_str,
-};
+use crate::amqp::{self, Broker, Names};
 use crate::crypto::TokenCipher;
 use crate::discord::bots::BotError;
 use crate::discord::client::{AddMember, MemberChange};
@@ -42,6 +34,7 @@ use crate::domain::{Grant, GrantEventType, GrantStatus};
 use crate::grants::link::LinkBuilder;
 use crate::metrics::Metrics;
 use crate::outbox::emit;
+use crate::queue::{self, Outcome};
 use crate::store::history;
 use crate::store::links::LinkRow;
 use crate::store::stops;
@@ -259,7 +252,8 @@ impl SyncWorker {
         let label = match &outcome {
             Outcome::Ack(l) => *l,
             Outcome::Retry { .. } => "retry",
-            Outcome::DeadLetter { .. } => "dead_lettered",
+            Outcome::DeadLetter { .. } | Outcome::DeadLetterParts(_) => "dead_lettered",
+            Outcome::Defer => "deferred",
         };
         tracing::debug!(outcome = label, "sync job handled");
         self.metrics
@@ -1129,123 +1123,66 @@ impl SyncWorker {
 
     // -- the consume loop ---------------------------------------------------------
 
-    /// Consumes until `shutdown`: stops taking jobs, finishes the ones in hand, returns.
-    /// When the stream ends or the channel breaks it subscribes again; unacked jobs
-    /// are redelivered by the broker.
+    /// Consumes until `shutdown`: stops taking jobs, finishes the ones in hand (and the
+    /// parked ones being run), returns. Jobs run concurrently on the queue worker
+    /// ([`queue::run_concurrent`]); meanwhile a watch starts drainers for bots whose
+    /// parked jobs nobody drains.
     pub async fn run(self, shutdown: CancellationToken) {
-        let queue = self.broker.names().discord_sync();
-        loop {
-            let (ch, mut consumer, publisher) = match self
-                .broker
-                .subscribe(&queue, "guildgate-syncer", PREFETCH, &shutdown)
-                .await
-            {
-                Ok(x) => x,
-                Err(_) => return,
-            };
-            // No wait on taking over from another process (start-up or failover): the
-            // bot's budget is shared in the database, so the previous owner's requests
-            // of the last second are counted there already.
-            let mut tasks: JoinSet<()> = JoinSet::new();
-            let mut watch = tokio::time::interval(lanes::WATCH_EVERY);
-            watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let ended = loop {
+        // No wait on taking over from another process (start-up or failover): the
+        // bot's budget is shared in the database, so the previous owner's requests of
+        // the last second are counted there already.
+        let watch = async {
+            let mut every = tokio::time::interval(lanes::WATCH_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
                 tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => break None,
-                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                    _ = watch.tick() => self.drain_undrained(&shutdown).await,
-                    next = consumer.next() => match next {
-                        Some(Ok(d)) => {
-                            let w = self.clone();
-                            let p = publisher.clone();
-                            let s = shutdown.clone();
-                            tasks.spawn(async move { w.process(d, &p, &s).await });
-                        }
-                        Some(Err(e)) => break Some(BrokerError::from(e)),
-                        None => break Some(BrokerError::ConsumerEnded),
-                    },
-                }
-            };
-            // Finish what we hold before leaving or resubscribing.
-            while tasks.join_next().await.is_some() {}
-            match ended {
-                None => {
-                    // The drainers stop taking parked jobs and finish the ones they run.
-                    self.drainers.close();
-                    self.drainers.wait().await;
-                    let _ = ch.close(200, "shutdown".into()).await;
-                    let _ = publisher.close(200, "shutdown".into()).await;
-                    return;
-                }
-                Some(e) => {
-                    tracing::warn!(error = %e, "discord-sync consumer interrupted; resubscribing");
-                    let _ = ch.close(200, "resubscribe".into()).await;
+                    _ = shutdown.cancelled() => return,
+                    _ = every.tick() => self.drain_undrained(&shutdown).await,
                 }
             }
-        }
+        };
+        let broker = self.broker.clone();
+        tokio::join!(
+            queue::run_concurrent(self.clone(), &broker, shutdown.clone()),
+            watch
+        );
+        // The drainers stop taking parked jobs and finish the ones they run.
+        self.drainers.close();
+        self.drainers.wait().await;
     }
 
-    /// Handles one delivery and settles it: ack only after the grant's changes are
-    /// committed (and a retry or dead-letter copy is confirmed by the broker), so a
-    /// crash in between redelivers instead of losing.
-    async fn process(&self, d: Delivery, publisher: &Channel, shutdown: &CancellationToken) {
+    /// One delivered job: run now if its bot's lane has a seat, else parked in the
+    /// database for the lane's drainer (see [`lanes`]).
+    async fn handle_delivered(
+        &self,
+        job: &queue::Job,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, sqlx::Error> {
         #[derive(serde::Deserialize)]
         struct SyncJob {
             grant_id: String,
         }
-        let headers = d.properties.headers().clone();
-        let attempt = header_int(headers.as_ref(), ATTEMPT_HEADER)
-            .and_then(|a| u32::try_from(a).ok())
-            .unwrap_or(0);
-        let outcome = match serde_json::from_slice::<SyncJob>(&d.data) {
-            Err(e) => Outcome::DeadLetter {
-                code: "invalid_sync_job",
-                reason: format!("not a sync job: {e}"),
-            },
-            Ok(job) => {
-                let grant = job.grant_id.as_str();
-                // Unacked on shutdown: redelivered.
-                let Some(lane) = self.held(shutdown, || self.lane_of(grant)).await else {
-                    return;
-                };
-                match lane.seat_now() {
-                    Some(seat) => {
-                        let Some(outcome) =
-                            self.held(shutdown, || self.handle(grant, attempt)).await
-                        else {
-                            return;
-                        };
-                        let settled = self.settle(&d, outcome, publisher).await;
-                        drop(seat);
-                        if let Err(e) = settled {
-                            tracing::warn!(error = %e, "cannot settle a sync job; the broker will redeliver it");
-                        }
-                        return;
-                    }
-                    None => {
-                        let parked = self
-                            .held(shutdown, || {
-                                parking::park(&self.pool, grant, &lane.bot, attempt)
-                            })
-                            .await;
-                        if parked.is_none() {
-                            return;
-                        }
-                        lane.set_backlog(true);
-                        self.metrics
-                            .syncs
-                            .get_or_create(&vec![("outcome", "parked".to_string())])
-                            .inc();
-                        self.start_drainer(lane, shutdown);
-                        Outcome::Ack("parked")
-                    }
-                }
+        let grant = match serde_json::from_slice::<SyncJob>(&job.body) {
+            Ok(j) => j.grant_id,
+            Err(e) => {
+                return Ok(Outcome::DeadLetter {
+                    code: "invalid_sync_job",
+                    reason: format!("not a sync job: {e}"),
+                });
             }
         };
-        if let Err(e) = self.settle(&d, outcome, publisher).await {
-            tracing::warn!(error = %e, "cannot settle a sync job; the broker will redeliver it");
+        let lane = self.lane_of(&grant).await?;
+        if let Some(_seat) = lane.seat_now() {
+            return self.handle(&grant, job.attempt).await;
         }
+        parking::park(&self.pool, &grant, &lane.bot, job.attempt).await?;
+        lane.set_backlog(true);
+        self.metrics
+            .syncs
+            .get_or_create(&vec![("outcome", "parked".to_string())])
+            .inc();
+        self.start_drainer(lane, shutdown);
+        Ok(Outcome::Ack("parked"))
     }
 
     /// Runs `f` until the database answers: a database failure is never the job's fault,
@@ -1407,10 +1344,13 @@ impl SyncWorker {
             return;
         };
         let (message_id, body) = crate::outbox::produce::sync_job(grant_id);
-        if let Err(e) = self
-            .publish_outcome(&message_id, &body, None, outcome, publisher)
-            .await
-        {
+        let job = queue::Job {
+            message_id: Some(message_id),
+            body,
+            attempt,
+            ..queue::Job::default()
+        };
+        if let Err(e) = queue::publish(self, self.broker.names(), &job, &outcome, publisher).await {
             tracing::warn!(error = %e, grant_id, "cannot publish the outcome of a parked sync job; it runs again");
             let _ = self
                 .held(shutdown, || {
@@ -1423,73 +1363,42 @@ impl SyncWorker {
             .held(shutdown, || parking::finish(&self.pool, grant_id, holder))
             .await;
     }
+}
 
-    async fn settle(
-        &self,
-        d: &Delivery,
-        outcome: Outcome,
-        publisher: &Channel,
-    ) -> Result<(), BrokerError> {
-        let message_id = amqp::message_id(&d.properties).unwrap_or_default();
-        self.publish_outcome(
-            &message_id,
-            &d.data,
-            d.properties.headers().as_ref(),
-            outcome,
-            publisher,
-        )
-        .await?;
-        d.ack(BasicAckOptions::default()).await?;
-        Ok(())
+impl queue::Handler for SyncWorker {
+    fn queue(&self, names: &Names) -> String {
+        names.discord_sync()
     }
 
-    /// Publishes what a job's outcome asks for (a retry, a dead letter), confirmed.
-    async fn publish_outcome(
+    fn consumer_tag(&self) -> &'static str {
+        "guildgate-syncer"
+    }
+}
+
+impl queue::Concurrent for SyncWorker {
+    type Arrival = ();
+    type Error = sqlx::Error;
+
+    fn prefetch(&self) -> u16 {
+        PREFETCH
+    }
+
+    /// As many as the prefetch: jobs mostly wait on the rate limiter, and a bot's lane
+    /// bounds how many of its jobs run (the rest are parked).
+    fn workers(&self) -> usize {
+        usize::from(PREFETCH)
+    }
+
+    fn arrive(&self, _job: &queue::Job) {}
+
+    async fn handle_one(
         &self,
-        message_id: &str,
-        data: &[u8],
-        headers: Option<&lapin::types::FieldTable>,
-        outcome: Outcome,
-        publisher: &Channel,
-    ) -> Result<(), BrokerError> {
-        let names: &Names = self.broker.names();
-        match outcome {
-            Outcome::Ack(_) => {}
-            Outcome::Retry {
-                attempt,
-                delay,
-                reason,
-            } => {
-                let queue = names.discord_sync();
-                // A zero delay has no tier queue: straight back to the work queue.
-                let target = if delay.is_zero() {
-                    queue
-                } else {
-                    Names::retry(&queue, delay)
-                };
-                let mut out = Outgoing::to_queue(&target, message_id, data)
-                    .header(REASON_HEADER, header_str(&reason))
-                    .carrying_replays(headers);
-                out.headers.insert(
-                    ATTEMPT_HEADER.into(),
-                    AMQPValue::LongLongInt(i64::from(attempt)),
-                );
-                amqp::publish_confirmed(publisher, &[out]).await?;
-            }
-            Outcome::DeadLetter { code, reason } => {
-                let out = Outgoing::parked(
-                    names,
-                    &names.discord_sync(),
-                    message_id,
-                    data,
-                    headers.cloned().unwrap_or_default(),
-                    code,
-                    &reason,
-                );
-                amqp::publish_confirmed(publisher, &[out]).await?;
-            }
-        }
-        Ok(())
+        job: &queue::Job,
+        _arrival: &mut (),
+        _slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+        shutdown: &CancellationToken,
+    ) -> Result<Outcome, sqlx::Error> {
+        self.handle_delivered(job, shutdown).await
     }
 }
 

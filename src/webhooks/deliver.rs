@@ -27,16 +27,12 @@ use std::sync::Arc;
 
 use std::time::{Duration, Instant};
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Consumer};
 use serde::Deserialize;
 use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -49,9 +45,10 @@ use super::recorder::{RecordError, Recorder};
 use super::schedule::{self, AttemptResult, GiveUpReason, Next};
 use super::signing::{Secret, signature_header};
 use super::ssrf::{self, GuardedResolver, TargetPolicy};
-use crate::amqp::{self, ATTEMPT_HEADER, Broker, BrokerError, Names, Outgoing, header_int};
+use crate::amqp::{Broker, Names};
 use crate::config::WebhookSettings;
 use crate::metrics::Metrics;
+use crate::queue::{self, Outcome};
 use crate::store::messages::{
     self, AttemptRecord, DeliveryTarget, Held, NewStatus, Parked, Recorded,
 };
@@ -127,27 +124,11 @@ impl Job {
         })
     }
 
-    fn of(d: &Delivery) -> Option<Self> {
-        let mid = amqp::message_id(&d.properties);
-        let headers = d.properties.headers().as_ref();
-        Self::from_parts(&d.data, mid.as_deref(), header_int(headers, ATTEMPT_HEADER))
+    /// Reads a job from a queue job (a header count of zero or none: the body's).
+    fn of(job: &queue::Job) -> Option<Self> {
+        let header = (job.attempt > 0).then_some(i64::from(job.attempt));
+        Self::from_parts(&job.body, job.message_id.as_deref(), header)
     }
-}
-
-/// What to do with a job. Only the loop acks.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    /// Done with it; the label is the metrics outcome.
-    Ack(&'static str),
-    /// An attempt failed: publish it again after `delay` (a tier; zero = the work
-    /// queue) carrying `attempt`, then ack.
-    Retry { delay: Duration, attempt: u32 },
-    /// Park it in the dead queue with a reason, then ack.
-    DeadLetter {
-        code: &'static str,
-        reason: String,
-        attempt: u32,
-    },
 }
 
 /// What came back from one POST.
@@ -516,6 +497,10 @@ impl Deliverer {
             NewStatus::Pending { next_attempt_at } if pulled => Some((next_attempt_at, attempt)),
             _ => None,
         };
+        let why = match next {
+            Next::Delivered => String::new(),
+            _ => failure(&sent),
+        };
         let record = AttemptRecord {
             at,
             status_code: sent.status.map(i32::from),
@@ -534,19 +519,19 @@ impl Deliverer {
             .await?;
         Ok(match next {
             Next::Delivered => Outcome::Ack("delivered"),
-            Next::RetryIn(delay) => Outcome::Retry { delay, attempt },
+            Next::RetryIn(delay) => Outcome::Retry {
+                attempt,
+                delay,
+                reason: format!("attempt {attempt} failed: {why}"),
+            },
             Next::GiveUp(reason) => Outcome::DeadLetter {
                 code: reason.code(),
                 reason: match reason {
                     GiveUpReason::Gone => "the endpoint answered 410 Gone; it is disabled".into(),
-                    GiveUpReason::Exhausted => format!(
-                        "no success after {attempt} attempts; last: {}",
-                        sent.error
-                            .or(sent.status.map(|s| format!("HTTP {s}")))
-                            .unwrap_or_default()
-                    ),
+                    GiveUpReason::Exhausted => {
+                        format!("no success after {attempt} attempts; last: {why}")
+                    }
                 },
-                attempt,
             },
         })
     }
@@ -757,224 +742,118 @@ impl Deliverer {
         }
     }
 
-    /// Consumes until `shutdown`, then lets the jobs in hand finish and settle.
+    /// Consumes until `shutdown`, then lets the jobs in hand finish and settle. Jobs
+    /// run concurrently on the queue worker ([`queue::run_concurrent`]).
     pub async fn run(mut self, shutdown: CancellationToken) {
         self.stop = shutdown.clone();
-        let queue = self.broker.names().webhooks();
-        // Jobs in hand are the workers' plus those whose long requests gave their worker
-        // slot back (at most an in-flight cap per slow endpoint): room for as many again.
-        let prefetch = u16::try_from(self.workers.saturating_mul(2)).unwrap_or(u16::MAX);
-        loop {
-            let (ch, consumer, publisher) =
-                match self.broker.subscribe(&queue, "", prefetch, &shutdown).await {
-                    Ok(x) => x,
-                    Err(_) => break,
-                };
-            self.consume(consumer, publisher, &shutdown).await;
-            let _ = ch.close(200, "bye".into()).await;
-            if shutdown.is_cancelled() {
-                break;
-            }
-            tracing::warn!("webhooks consumer interrupted; resubscribing");
-        }
+        let broker = self.broker.clone();
+        queue::run_concurrent(self.clone(), &broker, shutdown).await;
         // The pullers stop with `shutdown`; their requests in flight finish and record.
         self.pullers.close();
         self.pullers.wait().await;
     }
+}
 
-    /// Takes jobs while a worker slot is free; returns when shutting down or when the
-    /// channel broke (after the jobs in hand have finished).
-    async fn consume(
+/// A job as it arrived: read from its delivery, its place in its endpoint's line and
+/// when it arrived (taken in the order the broker hands jobs over: parked messages are
+/// pulled in this order).
+pub struct Arrival {
+    job: Option<Job>,
+    at: DateTime<Utc>,
+    place: Option<Place>,
+}
+
+impl queue::Handler for Deliverer {
+    fn queue(&self, names: &Names) -> String {
+        names.webhooks()
+    }
+
+    fn dead_letter_id(&self, job: &queue::Job) -> String {
+        match Job::of(job) {
+            Some(j) => j.message_id,
+            None => job.message_id.clone().unwrap_or_default(),
+        }
+    }
+
+    /// After an attempt, a released job's hold count no longer applies.
+    fn retry_body<'a>(&self, job: &'a queue::Job) -> Cow<'a, [u8]> {
+        without_holds(&job.body)
+    }
+}
+
+impl queue::Concurrent for Deliverer {
+    type Arrival = Arrival;
+    type Error = DeliverError;
+
+    /// Jobs in hand are the workers' plus those whose long requests gave their worker
+    /// slot back (at most an in-flight cap per slow endpoint): room for as many again.
+    fn prefetch(&self) -> u16 {
+        u16::try_from(self.workers.saturating_mul(2)).unwrap_or(u16::MAX)
+    }
+
+    fn workers(&self) -> usize {
+        self.workers
+    }
+
+    fn arrive(&self, job: &queue::Job) -> Arrival {
+        let job = Job::of(job);
+        let place = job
+            .as_ref()
+            .and_then(|j| j.endpoint_id.as_deref())
+            .map(|ep| self.line.join(ep));
+        let at = place
+            .as_ref()
+            .and_then(|p| DateTime::from_timestamp_micros(p.at()))
+            .unwrap_or_else(|| self.arrival());
+        Arrival { job, at, place }
+    }
+
+    /// A job that stops as a crash would (fault injection) goes back unacked.
+    async fn handle_one(
         &self,
-        mut consumer: Consumer,
-        publisher: Channel,
-        shutdown: &CancellationToken,
-    ) {
-        let slots = Arc::new(Semaphore::new(self.workers));
-        // Set by a job that could not settle: the channel is unusable, resubscribe so
-        // the broker redelivers whatever this channel held.
-        let broken = CancellationToken::new();
-        let mut jobs = JoinSet::new();
-        loop {
-            while jobs.try_join_next().is_some() {}
-            let slot = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = broken.cancelled() => break,
-                s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
-            };
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                _ = broken.cancelled() => break,
-                n = consumer.next() => n,
-            };
-            let delivery = match next {
-                Some(Ok(d)) => d,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "webhooks consumer failed");
-                    break;
-                }
-                None => break,
-            };
-            // Taken here, in the order the broker hands jobs over: parked messages are
-            // pulled in this order.
-            let job = Job::of(&delivery);
-            let place = job
-                .as_ref()
-                .and_then(|j| j.endpoint_id.as_deref())
-                .map(|ep| self.line.join(ep));
-            let arrived = place
-                .as_ref()
-                .and_then(|p| DateTime::from_timestamp_micros(p.at()))
-                .unwrap_or_else(|| self.arrival());
-            let (this, publisher, shutdown, broken) = (
-                self.clone(),
-                publisher.clone(),
-                shutdown.clone(),
-                broken.clone(),
-            );
-            jobs.spawn(async move {
-                if let Err(e) = this
-                    .process(
-                        delivery,
-                        job,
-                        (arrived, place),
-                        &publisher,
-                        &shutdown,
-                        Some(slot),
-                    )
-                    .await
-                    && !matches!(e, BrokerError::ShuttingDown)
-                {
-                    tracing::warn!(error = %e, "cannot settle a webhook job");
-                    broken.cancel();
-                }
+        _job: &queue::Job,
+        arrival: &mut Arrival,
+        slot: &mut Option<OwnedSemaphorePermit>,
+        _shutdown: &CancellationToken,
+    ) -> Result<Outcome, DeliverError> {
+        let Some(job) = arrival.job.as_ref() else {
+            return Ok(Outcome::DeadLetter {
+                code: "bad_job",
+                reason: "not a webhook job (no webhook_message_id)".into(),
             });
-        }
-        while jobs.join_next().await.is_some() {}
-    }
-
-    /// Handles one delivery through database outages, then settles it.
-    async fn process(
-        &self,
-        d: Delivery,
-        job: Option<Job>,
-        (arrived, mut place): (DateTime<Utc>, Option<Place>),
-        publisher: &Channel,
-        shutdown: &CancellationToken,
-        mut slot: Option<OwnedSemaphorePermit>,
-    ) -> Result<(), BrokerError> {
-        let Some(job) = job else {
-            let id = amqp::message_id(&d.properties);
-            return self
-                .settle(
-                    &d,
-                    id.as_deref().unwrap_or(""),
-                    Outcome::DeadLetter {
-                        code: "bad_job",
-                        reason: "not a webhook job (no webhook_message_id)".into(),
-                        attempt: 0,
-                    },
-                    publisher,
-                )
-                .await;
         };
-        let mut backoff = amqp::reconnect_backoff();
-        let outcome = loop {
-            match self.handle_in(&job, arrived, &mut place, &mut slot).await {
-                Ok(o) => {
-                    place.take();
-                    break o;
-                }
-                Err(DeliverError::Injected) => {
-                    // As if the process died here: the job goes back unacked.
-                    d.nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await?;
-                    return Ok(());
-                }
-                Err(
-                    e @ (DeliverError::Db(_) | DeliverError::Read(_) | DeliverError::Record(_)),
-                ) => {
-                    // Out of line while it waits: the jobs behind it need not.
-                    place.take();
-                    let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(error = %e, retry_in = ?wait, "database unavailable; holding the webhook job");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        };
-        self.settle(&d, &job.message_id, outcome, publisher).await
-    }
-
-    async fn settle(
-        &self,
-        d: &Delivery,
-        message_id: &str,
-        outcome: Outcome,
-        publisher: &Channel,
-    ) -> Result<(), BrokerError> {
-        let names: &Names = self.broker.names();
-        let work = names.webhooks();
-        let body = &d.data;
-        match outcome {
-            Outcome::Ack(_) => {}
-            Outcome::Retry { delay, attempt } => {
-                let queue = if delay.is_zero() {
-                    work.clone()
-                } else {
-                    Names::retry(&work, delay)
-                };
-                // After an attempt, a released job's hold count no longer applies.
-                let body = without_holds(body);
-                let out = Outgoing::to_queue(&queue, message_id, &body)
-                    .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()))
-                    .carrying_replays(d.properties.headers().as_ref());
-                // Confirmed before the ack: a crash in between leaves two jobs (the
-                // second finds the message settled or sends the same id), never none.
-                amqp::publish_confirmed(publisher, &[out]).await?;
-            }
-            Outcome::DeadLetter {
-                code,
-                reason,
-                attempt,
-            } => {
-                tracing::warn!(message_id, code, %reason, "webhook message failed; parking it");
-                let out = Outgoing::parked(
-                    names,
-                    &work,
-                    message_id,
-                    body,
-                    FieldTable::default(),
-                    code,
-                    &reason,
-                )
-                .header(ATTEMPT_HEADER, AMQPValue::LongLongInt(attempt.into()))
-                .carrying_replays(d.properties.headers().as_ref());
-                amqp::publish_confirmed(publisher, &[out]).await?;
-            }
+        let handled = self
+            .handle_in(job, arrival.at, &mut arrival.place, slot)
+            .await;
+        // Out of line once decided, and while it waits for the database: the jobs
+        // behind it need not.
+        arrival.place.take();
+        match handled {
+            Err(DeliverError::Injected) => Ok(Outcome::Defer),
+            other => other,
         }
-        d.ack(BasicAckOptions::default()).await?;
-        Ok(())
     }
 }
 
 /// A job's body without the `holds` a released job carries (unchanged if it has none or
 /// is not JSON).
-fn without_holds(body: &[u8]) -> Vec<u8> {
+fn without_holds(body: &[u8]) -> Cow<'_, [u8]> {
     let Ok(mut job) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
     else {
-        return body.to_vec();
+        return Cow::Borrowed(body);
     };
     match job.remove("holds") {
-        Some(_) => serde_json::to_vec(&job).unwrap_or_else(|_| body.to_vec()),
-        None => body.to_vec(),
+        Some(_) => serde_json::to_vec(&job).map_or(Cow::Borrowed(body), Cow::Owned),
+        None => Cow::Borrowed(body),
     }
+}
+
+/// What went wrong with a request: its error, else its status.
+fn failure(sent: &Sent) -> String {
+    sent.error
+        .clone()
+        .or(sent.status.map(|s| format!("HTTP {s}")))
+        .unwrap_or_default()
 }
 
 fn refused(why: &str) -> Sent {
@@ -1038,7 +917,7 @@ mod tests {
                 .holds,
             0
         );
-        assert_eq!(without_holds(b"not json"), b"not json");
+        assert_eq!(&*without_holds(b"not json"), b"not json");
         let j = Job::from_parts(b"", Some("msg_2"), None).unwrap();
         assert_eq!(j.attempt, 0);
         assert_eq!(j.message_id, "msg_2");

@@ -275,7 +275,9 @@ impl queue::Handler for Fanout {
     fn queue(&self, names: &Names) -> String {
         names.grant_events()
     }
+}
 
+impl queue::Batched for Fanout {
     fn shape(&self) -> queue::Shape {
         queue::Shape {
             prefetch: self.prefetch,

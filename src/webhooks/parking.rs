@@ -26,10 +26,11 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use lapin::types::{AMQPValue, FieldTable};
 
-use super::deliver::{Deliverer, Job, Outcome, STALLED_AFTER};
+use super::deliver::{Deliverer, Job, STALLED_AFTER};
 use super::isolation::{Admission, Permit};
 use super::{holds, schedule};
 use crate::amqp::{self, ATTEMPT_HEADER, Outgoing};
+use crate::queue::Outcome;
 use crate::store::messages::{self, Pulled};
 
 /// How long an endpoint's parked messages are left to the process pulling them
@@ -428,13 +429,12 @@ impl Deliverer {
             Err(e) => Err(e),
         };
         match outcome {
-            Ok(Outcome::DeadLetter {
-                code,
-                reason,
-                attempt,
-            }) => self.dead_letter(&job, code, &reason, attempt).await,
+            // Only an attempt gives up: the one after the job's.
+            Ok(Outcome::DeadLetter { code, reason }) => {
+                self.dead_letter(&job, code, &reason, job.attempt + 1).await
+            }
             // Delivered, or held for its retry by its record.
-            Ok(Outcome::Ack(_) | Outcome::Retry { .. }) => {}
+            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(webhook_message_id = job.message_id, error = %e, "a pulled webhook message failed before its record; it goes again once the database answers");
                 self.due_again(&job.message_id).await;

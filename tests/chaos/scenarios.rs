@@ -1031,12 +1031,12 @@ impl Stack {
     async fn dead_letters(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
         let ch = self.publisher.create_channel().await.unwrap();
-        let depths = guildgate::amqp::dlq::depths(&ch, &self.names)
+        let depths = guildgate::queue::dlq::depths(&ch, &self.names)
             .await
             .unwrap_or_default();
         for d in depths.into_iter().filter(|d| d.messages > 0) {
             let ch = self.publisher.create_channel().await.unwrap();
-            let parked = guildgate::amqp::dlq::peek(&ch, &d.queue, d.messages as usize)
+            let parked = guildgate::queue::dlq::peek(&ch, &d.queue, d.messages as usize)
                 .await
                 .unwrap_or_default();
             for p in parked {

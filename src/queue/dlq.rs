@@ -16,18 +16,11 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use serde::Serialize;
 
-use super::{
+use crate::amqp::{
     ATTEMPT_HEADER, BrokerError, DEFERRALS_HEADER, Names, REASON_CODE_HEADER, REASON_HEADER,
     header_int, header_str, header_text,
 };
-
-/// Header counting how often a message was replayed from a dead-letter queue.
-pub const REPLAYS_HEADER: &str = "x-guildgate-replays";
-/// Header naming the queue a message was dead-lettered from.
-pub const SOURCE_QUEUE_HEADER: &str = "x-guildgate-source-queue";
-/// Header keeping a payment event's original routing key (its type) across a replay,
-/// which goes through the default exchange.
-pub const ROUTING_KEY_HEADER: &str = "x-guildgate-routing-key";
+pub use crate::amqp::{REPLAYS_HEADER, ROUTING_KEY_HEADER, SOURCE_QUEUE_HEADER};
 
 /// A dead-letter queue and how many messages it holds.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -122,7 +115,7 @@ fn describe(dead_queue: &str, props: &BasicProperties, body: &[u8]) -> Parked {
         })
         .or_else(|| first_death(headers).and_then(|t| death_routing_key(&t)));
     Parked {
-        message_id: super::message_id(props),
+        message_id: crate::amqp::message_id(props),
         kind,
         reason_code: header_text(headers, REASON_CODE_HEADER),
         reason: header_text(headers, REASON_HEADER),
