@@ -4,6 +4,7 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::Value;
+use utoipa::ToSchema;
 
 use super::link::LinkBuilder;
 use crate::domain::{Grant, GrantEventType};
@@ -13,11 +14,15 @@ pub fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-/// The grant object's fields in the platform's order, borrowed from a grant. A webhook's
-/// `data` is the same object with `payload_type` in front.
-#[derive(Serialize)]
-struct GrantObject<'a> {
+/// A grant, as the platform shapes it (`tests/fixtures/contract/api/grant.json`): the
+/// REST grant object and, with `payload_type` in front, a webhook's `data`. Its fields
+/// in the platform's order, borrowed from a [`Grant`]. The OpenAPI document names it
+/// `GrantView`.
+#[derive(Serialize, ToSchema)]
+#[schema(as = GrantView)]
+pub struct GrantObject<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     payload_type: Option<&'static str>,
     id: &'a str,
     business_id: &'a str,
@@ -26,23 +31,57 @@ struct GrantObject<'a> {
     customer_id: &'a str,
     payment_id: Option<&'a str>,
     subscription_id: Option<&'a str>,
+    /// `Pending`, `Delivered`, `Failed` or `Revoked`.
+    #[schema(value_type = GrantStatusName)]
     status: &'a str,
+    /// Always `discord`.
+    #[schema(value_type = DiscordIntegration)]
     integration_type: &'static str,
+    /// Always null for Discord (the platform's `LicenseKeyGrant` object for `license_key`
+    /// entitlements only).
+    #[schema(value_type = Option<Object>)]
     license_key: Option<()>,
+    /// Always null for Discord (the platform's `DigitalProductDelivery` object for
+    /// `digital_files` entitlements only).
+    #[schema(value_type = Option<Object>)]
     digital_product_delivery: Option<()>,
-    /// The platform's `feature_flag` payload; present (null) on every grant so a client
-    /// reading it finds the key, as on the platform's other integrations.
+    /// Always null for Discord (the platform fills it for `feature_flag` only). Present
+    /// on every grant so a client reading it finds the key, as on the platform's other
+    /// integrations.
+    #[schema(value_type = Option<Object>)]
     feature: Option<()>,
     delivered_at: Option<String>,
     revoked_at: Option<String>,
+    /// `manual`, `refund`, `subscription_cancelled`, …
     revocation_reason: Option<&'a str>,
+    /// Why a `Failed` grant failed (`discord_role_hierarchy`, …).
     error_code: Option<&'a str>,
     error_message: Option<&'a str>,
+    /// Where the customer connects their Discord account.
     oauth_url: String,
     oauth_expires_at: String,
+    #[schema(value_type = Object)]
     metadata: &'a Value,
     created_at: String,
     updated_at: String,
+}
+
+/// The integration type of every entitlement and grant guildgate serves: `discord`
+/// (the OpenAPI document's closed set for the field).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscordIntegration {
+    Discord,
+}
+
+/// A grant's status, capitalised as on the platform's grant objects (the OpenAPI
+/// document's closed set for the field).
+#[derive(Serialize, ToSchema)]
+pub enum GrantStatusName {
+    Pending,
+    Delivered,
+    Failed,
+    Revoked,
 }
 
 impl<'a> GrantObject<'a> {

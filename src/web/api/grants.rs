@@ -18,57 +18,13 @@ use crate::domain::ids::CustomerId;
 use crate::domain::{Grant, GrantEventType, GrantStatus, RevocationReason};
 use crate::grants::history::{self, Entry};
 use crate::grants::link::LinkBuilder;
-use crate::grants::render::{grant_object, ts};
+use crate::grants::render::{GrantObject, grant_object, ts};
 use crate::outbox::emit;
 use crate::store::grants as grant_store;
 use crate::store::grants::renew_link;
 use crate::store::{entitlements, grants as db};
 use crate::web::AppState;
 use crate::web::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody};
-
-/// A grant, as the platform shapes it (`tests/fixtures/contract/api/grant.json`). Documentation
-/// only: grants are rendered by [`grant_object`], which the webhooks share.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct GrantView {
-    pub id: String,
-    pub business_id: String,
-    pub brand_id: String,
-    pub entitlement_id: String,
-    pub customer_id: String,
-    pub payment_id: Option<String>,
-    pub subscription_id: Option<String>,
-    /// `Pending`, `Delivered`, `Failed` or `Revoked`.
-    #[schema(value_type = super::values::GrantStatusName)]
-    pub status: String,
-    /// Always `discord`.
-    #[schema(value_type = super::values::DiscordIntegration)]
-    pub integration_type: String,
-    /// Always null for Discord (the platform's `LicenseKeyGrant` object for `license_key`
-    /// entitlements only).
-    #[schema(value_type = Option<Object>)]
-    pub license_key: Option<()>,
-    /// Always null for Discord (the platform's `DigitalProductDelivery` object for
-    /// `digital_files` entitlements only).
-    #[schema(value_type = Option<Object>)]
-    pub digital_product_delivery: Option<()>,
-    /// Always null for Discord (the platform fills it for `feature_flag` only).
-    #[schema(value_type = Option<Object>)]
-    pub feature: Option<()>,
-    pub delivered_at: Option<String>,
-    pub revoked_at: Option<String>,
-    /// `manual`, `refund`, `subscription_cancelled`, …
-    pub revocation_reason: Option<String>,
-    /// Why a `Failed` grant failed (`discord_role_hierarchy`, …).
-    pub error_code: Option<String>,
-    pub error_message: Option<String>,
-    /// Where the customer connects their Discord account.
-    pub oauth_url: String,
-    pub oauth_expires_at: String,
-    #[schema(value_type = Object)]
-    pub metadata: Value,
-    pub created_at: String,
-    pub updated_at: String,
-}
 
 fn status(s: Option<String>) -> Result<Option<GrantStatus>, ApiError> {
     s.map(|s| {
@@ -114,7 +70,7 @@ pub struct EntitlementGrantsQuery {
 /// The grants of an entitlement (a deleted one's too), newest first.
 #[utoipa::path(get, path = "/entitlements/{id}/grants", tag = "grants",
     params(("id" = String, Path, description = "Entitlement id"), EntitlementGrantsQuery),
-    responses((status = 200, body = Items<GrantView>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
+    responses((status = 200, body = Items<GrantObject>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn of_entitlement(
     merchant: Merchant,
@@ -148,7 +104,7 @@ pub async fn of_entitlement(
 /// One grant of an entitlement.
 #[utoipa::path(get, path = "/entitlements/{id}/grants/{grant_id}", tag = "grants",
     params(("id" = String, Path, description = "Entitlement id"), ("grant_id" = String, Path, description = "Grant id")),
-    responses((status = 200, body = GrantView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = GrantObject), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn get(
     merchant: Merchant,
@@ -190,8 +146,8 @@ pub struct CompGrant {
     params(("id" = String, Path, description = "Entitlement id")),
     request_body = CompGrant,
     responses(
-        (status = 201, description = "Comp access given", body = GrantView),
-        (status = 200, description = "The customer's live comp grant for this entitlement, unchanged", body = GrantView),
+        (status = 201, description = "Comp access given", body = GrantObject),
+        (status = 200, description = "The customer's live comp grant for this entitlement, unchanged", body = GrantObject),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 422, description = "`customer_id` or `expires_at` is invalid, or `expires_at` is not in the future (`invalid_field`)", body = ErrorBody),
     ),
@@ -363,7 +319,7 @@ pub async fn history(
 /// returns it unchanged. Later payment events never re-grant it.
 #[utoipa::path(delete, path = "/entitlements/{id}/grants/{grant_id}", tag = "grants",
     params(("id" = String, Path, description = "Entitlement id"), ("grant_id" = String, Path, description = "Grant id")),
-    responses((status = 200, description = "The revoked grant", body = GrantView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, description = "The revoked grant", body = GrantObject), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn revoke(
     merchant: Merchant,
@@ -433,7 +389,7 @@ pub struct CustomerGrantsQuery {
 /// A customer's grants across entitlements, newest first.
 #[utoipa::path(get, path = "/customers/{customer_id}/entitlement-grants", tag = "grants",
     params(("customer_id" = String, Path, description = "The platform's customer id", pattern = r"^[A-Za-z0-9_.:-]{1,128}$"), CustomerGrantsQuery),
-    responses((status = 200, body = Items<GrantView>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)),
+    responses((status = 200, body = Items<GrantObject>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn of_customer(
     merchant: Merchant,

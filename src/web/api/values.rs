@@ -5,21 +5,7 @@
 use serde::Serialize;
 use utoipa::ToSchema;
 
-/// The integration type of every entitlement and grant guildgate serves: `discord`.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DiscordIntegration {
-    Discord,
-}
-
-/// A grant's status, capitalised as on the platform's grant objects.
-#[derive(Serialize, ToSchema)]
-pub enum GrantStatusName {
-    Pending,
-    Delivered,
-    Failed,
-    Revoked,
-}
+pub use crate::grants::render::{DiscordIntegration, GrantStatusName};
 
 /// A live grant's status in a customer's entitlements, lower case as the platform writes
 /// that list (revoked grants are not listed).
