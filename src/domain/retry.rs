@@ -11,6 +11,14 @@ pub struct Retry {
     pub delay: Duration,
 }
 
+impl Retry {
+    /// The retries done once this one is, for a queue that counts the tiers it skipped
+    /// as used: `tier + 1`.
+    pub fn tiers_used(&self) -> u32 {
+        u32::try_from(self.tier).map_or(u32::MAX, |t| t.saturating_add(1))
+    }
+}
+
 /// The retry after `done` retries that must wait at least `wait` (a `Retry-After`, a
 /// recipient's full hour; zero for none): tier `done`, or the first later tier at least
 /// `wait` long (the last if none is). `None` once every tier was used.
@@ -57,5 +65,7 @@ mod tests {
             assert_eq!(got, want, "{done} {wait:?}");
         }
         assert_eq!(next(0, s(1), &[]), None);
+        // A wait that skips to the last tier uses them all.
+        assert_eq!(next(0, s(1000), &tiers).map(|r| r.tiers_used()), Some(3));
     }
 }

@@ -188,7 +188,7 @@ impl SyncWorker {
                 return Ok(
                     match retry::next(attempt, Duration::ZERO, &self.retry_delays) {
                         Some(r) => Outcome::Retry {
-                            attempt: r.tier as u32 + 1,
+                            attempt: r.tiers_used(),
                             delay: r.delay,
                             reason,
                         },
@@ -1071,8 +1071,8 @@ impl SyncWorker {
         }
         let wait = e.retry_after().unwrap_or_default();
         match retry::next(attempt, wait, &self.retry_delays) {
-            Some(retry::Retry { tier, delay }) => {
-                let attempt = tier as u32 + 1;
+            Some(r) => {
+                let (attempt, delay) = (r.tiers_used(), r.delay);
                 tracing::info!(grant_id = %g.id, error = %e, attempt, ?delay, "Discord sync will be retried");
                 Ok(Outcome::Retry {
                     attempt,
