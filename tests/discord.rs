@@ -310,7 +310,7 @@ async fn bad_states_are_rejected_and_expired_links_renewed() {
     // Renewed: a fresh link works.
     let mut conn = w.app.pool.acquire().await.unwrap();
     let renewed =
-        guildgate::store::grants::renew_link(&mut conn, &w.links, &expired, chrono::Utc::now())
+        guildgate::grants::link::renew_link(&mut conn, &w.links, &expired, chrono::Utc::now())
             .await
             .unwrap();
     drop(conn);

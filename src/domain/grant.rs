@@ -1,7 +1,12 @@
 //! A grant: what a customer was given, with its typed status and reasons. How it is
 //! stored is the store's business (`store::grants`), how it is shown the web's.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
+
+/// Timestamps as the platform writes them: RFC 3339, whole seconds, `Z`.
+pub fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
 
 /// An enum whose values travel as fixed names: `as_str`, `parse` (a name it does not
 /// know is `None`, never another value), `ALL` and `Display`.

@@ -115,6 +115,28 @@ impl Job {
     }
 }
 
+/// Writes a new `queued` email and its job (an outbox row, relayed to `<prefix>.emails`)
+/// in the caller's transaction; `false`, and nothing written, when the email already
+/// exists.
+pub async fn queue(
+    conn: &mut sqlx::PgConnection,
+    job: &Job,
+    business_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let new = crate::store::email::insert(
+        &mut *conn,
+        &job.email_id,
+        &job.grant_id,
+        job.kind().as_str(),
+        business_id,
+    )
+    .await?;
+    if new {
+        crate::outbox::produce::queue_email(conn, job).await?;
+    }
+    Ok(new)
+}
+
 /// A customer address from a payment event, if it is one an email can go to.
 pub fn address(raw: Option<&str>) -> Option<String> {
     let raw = raw?.trim();

@@ -55,6 +55,6 @@ pub async fn queue(
     }
     let n = db::resends(tx, &grant.id).await? + 1;
     let job = Job::resend(&grant.id, n);
-    db::queue(tx, &job, &grant.business_id).await?;
+    super::queue(tx, &job, &grant.business_id).await?;
     Ok(Ok(job))
 }

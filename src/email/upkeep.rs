@@ -71,7 +71,7 @@ impl Upkeep {
             let mut tx = self.pool.begin().await?;
             for r in db::due_reminders(&mut tx, Utc::now(), BATCH).await? {
                 let job = Job::reminder(&r.grant_id, r.days);
-                if db::queue(&mut tx, &job, &r.business_id).await? {
+                if super::queue(&mut tx, &job, &r.business_id).await? {
                     queued += 1;
                 }
             }

@@ -26,12 +26,12 @@ use crate::amqp::{Broker, Names};
 use crate::domain::GrantStatus;
 use crate::domain::retry;
 use crate::grants::link::LinkBuilder;
+use crate::grants::link::renew_link;
 use crate::i18n::Lang;
 use crate::metrics::Metrics;
 use crate::queue::{self, Outcome};
 use crate::store::email::{self as db, Context};
 use crate::store::grants as grant_store;
-use crate::store::grants::renew_link;
 use crate::store::history;
 
 /// What to do with an email.
@@ -125,7 +125,14 @@ impl EmailWorker {
         if let Some(to) = job.to.as_deref().and_then(|t| super::address(Some(t))) {
             db::save_contact(&mut conn, &grant.business_id, &grant.customer_id, &to).await?;
         }
-        let row = db::claim(&mut conn, job, &grant.business_id).await?;
+        let row = db::claim(
+            &mut conn,
+            &job.email_id,
+            &job.grant_id,
+            job.kind().as_str(),
+            &grant.business_id,
+        )
+        .await?;
         let Some(ctx) = db::context(&mut conn, &grant.entitlement_id, &grant.customer_id).await?
         else {
             return self

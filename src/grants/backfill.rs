@@ -91,7 +91,8 @@ impl Backfiller {
                 };
                 ingest::lock_keys(&mut tx, &[key]).await?;
                 // Under the lock: still attached, and the purchase still has no grant.
-                let Some(g) = db::give(&mut tx, &b, &c, &self.links, now).await? else {
+                let (nonce, expires_at) = self.links.fresh(now);
+                let Some(g) = db::give(&mut tx, &b, &c, (&nonce, expires_at), now).await? else {
                     continue;
                 };
                 emit(&mut tx, &self.links, &g, GrantEventType::Created, now).await?;
@@ -101,7 +102,7 @@ impl Backfiller {
                         .is_some()
                 {
                     let job = crate::email::Job::join(&g.id, None);
-                    crate::store::email::queue(&mut tx, &job, &g.business_id).await?;
+                    crate::email::queue(&mut tx, &job, &g.business_id).await?;
                 }
                 history::record(
                     &mut tx,

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::Settings;
 use crate::crypto::{StateError, StateSigner};
 use crate::discord::bots::Directory;
+use crate::domain::{Grant, GrantStatus};
+use crate::store::grants;
+use sqlx::PgConnection;
 
 /// `purpose` of grant OAuth states, so no other signed state is accepted in their place.
 pub const PURPOSE: &str = "grant-oauth";
@@ -248,6 +251,32 @@ impl LinkBuilder {
     /// A fresh link nonce.
     pub fn new_nonce() -> String {
         crate::domain::ids::mint("n")
+    }
+
+    /// A fresh link made `now`: a new nonce, and when it expires.
+    pub fn fresh(&self, now: DateTime<Utc>) -> (String, DateTime<Utc>) {
+        (Self::new_nonce(), now + self.ttl)
+    }
+}
+
+/// For a `Pending` grant whose link expired: a new nonce and expiry, so its
+/// `oauth_url` works again. Any other grant is returned as it is.
+pub async fn renew_link(
+    conn: &mut PgConnection,
+    links: &LinkBuilder,
+    grant: &Grant,
+    now: DateTime<Utc>,
+) -> Result<Grant, sqlx::Error> {
+    if grant.status != GrantStatus::Pending || grant.oauth_expires_at > now {
+        return Ok(grant.clone());
+    }
+    let (nonce, expires_at) = links.fresh(now);
+    match grants::renew_nonce_if_expired(conn, &grant.id, &nonce, expires_at, now).await? {
+        Some(g) => Ok(g),
+        // Renewed by a concurrent reader: use theirs.
+        None => Ok(grants::get(conn, &grant.id)
+            .await?
+            .unwrap_or_else(|| grant.clone())),
     }
 }
 

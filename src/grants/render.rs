@@ -1,7 +1,7 @@
 //! The grant object and the `entitlement_grant.*` webhook body, exactly as the platform
 //! shapes them (`tests/fixtures/contract/api/grant.json`, `tests/fixtures/contract/webhooks/`).
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -9,10 +9,7 @@ use utoipa::ToSchema;
 use super::link::LinkBuilder;
 use crate::domain::{Grant, GrantEventType};
 
-/// Timestamps as the platform writes them: RFC 3339, whole seconds, `Z`.
-pub fn ts(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Secs, true)
-}
+pub use crate::domain::grant::ts;
 
 /// A grant, as the platform shapes it (`tests/fixtures/contract/api/grant.json`): the
 /// REST grant object and, with `payload_type` in front, a webhook's `data`. Its fields

@@ -5,7 +5,6 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use crate::domain::Grant;
-use crate::grants::link::LinkBuilder;
 
 /// An entitlement attached to a product, to give to the product's earlier buyers.
 #[derive(Debug, sqlx::FromRow)]
@@ -156,13 +155,13 @@ pub async fn finish(
 }
 
 /// Gives `b`'s entitlement to the purchase `c`, `Pending`, if it is still attached and
-/// the purchase still live without a grant of it; the caller holds the purchase's
-/// ingest lock.
+/// the purchase still live without a grant of it, with the fresh link `(nonce,
+/// expires_at)`; the caller holds the purchase's ingest lock.
 pub async fn give(
     conn: &mut PgConnection,
     b: &Backfill,
     c: &Candidate,
-    links: &LinkBuilder,
+    (nonce, expires_at): (&str, DateTime<Utc>),
     now: DateTime<Utc>,
 ) -> Result<Option<Grant>, sqlx::Error> {
     let brand = super::grants::business_brand(&mut *conn, &b.business_id).await?;
@@ -193,8 +192,8 @@ pub async fn give(
     .bind(&c.customer_id)
     .bind(payment)
     .bind(subscription)
-    .bind(LinkBuilder::new_nonce())
-    .bind(now + links.ttl)
+    .bind(nonce)
+    .bind(expires_at)
     .bind(now)
     .bind(&b.product_id)
     .fetch_optional(conn)

@@ -138,20 +138,23 @@ pub struct EmailRow {
     pub attempts: i32,
 }
 
-/// Records a new `queued` email for a job; `false` when the email already exists.
-async fn insert(
+/// Records a new `queued` email of `kind` for a grant; `false` when the email already
+/// exists.
+pub async fn insert(
     conn: &mut PgConnection,
-    job: &crate::email::Job,
+    email_id: &str,
+    grant_id: &str,
+    kind: &str,
     business_id: &str,
 ) -> Result<bool, sqlx::Error> {
     Ok(sqlx::query(
         "INSERT INTO emails (id, business_id, grant_id, kind) VALUES ($1, $2, $3, $4)
          ON CONFLICT (id) DO NOTHING",
     )
-    .bind(&job.email_id)
+    .bind(email_id)
     .bind(business_id)
-    .bind(&job.grant_id)
-    .bind(job.kind().as_str())
+    .bind(grant_id)
+    .bind(kind)
     .execute(conn)
     .await?
     .rows_affected()
@@ -161,28 +164,16 @@ async fn insert(
 /// The email's row, made `queued` if it is new.
 pub async fn claim(
     conn: &mut PgConnection,
-    job: &crate::email::Job,
+    email_id: &str,
+    grant_id: &str,
+    kind: &str,
     business_id: &str,
 ) -> Result<EmailRow, sqlx::Error> {
-    insert(&mut *conn, job, business_id).await?;
+    insert(&mut *conn, email_id, grant_id, kind, business_id).await?;
     sqlx::query_as("SELECT status, attempts FROM emails WHERE id = $1")
-        .bind(&job.email_id)
+        .bind(email_id)
         .fetch_one(conn)
         .await
-}
-
-/// Writes a new `queued` email and its job; `false` (and nothing written) when the
-/// email already exists.
-pub async fn queue(
-    conn: &mut PgConnection,
-    job: &crate::email::Job,
-    business_id: &str,
-) -> Result<bool, sqlx::Error> {
-    let new = insert(&mut *conn, job, business_id).await?;
-    if new {
-        crate::outbox::produce::queue_email(conn, job).await?;
-    }
-    Ok(new)
 }
 
 /// How many resends a grant had.

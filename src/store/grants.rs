@@ -8,7 +8,6 @@ use sqlx::{PgConnection, Row};
 
 use super::Page;
 use crate::domain::{Grant, GrantStatus, RevocationReason};
-use crate::grants::link::LinkBuilder;
 
 /// Grants come out of any `SELECT` or `RETURNING` of all their columns (`*` or `g.*`).
 impl<'r> sqlx::FromRow<'r, PgRow> for Grant {
@@ -303,32 +302,6 @@ pub async fn revoke_many(
     .bind(now)
     .fetch_all(conn)
     .await
-}
-
-/// For a `Pending` grant whose link expired: a new nonce and expiry, so its
-/// `oauth_url` works again. Any other grant is returned as it is.
-pub async fn renew_link(
-    conn: &mut PgConnection,
-    links: &LinkBuilder,
-    grant: &Grant,
-    now: DateTime<Utc>,
-) -> Result<Grant, sqlx::Error> {
-    if grant.status != GrantStatus::Pending || grant.oauth_expires_at > now {
-        return Ok(grant.clone());
-    }
-    match renew_nonce_if_expired(
-        conn,
-        &grant.id,
-        &LinkBuilder::new_nonce(),
-        now + links.ttl,
-        now,
-    )
-    .await?
-    {
-        Some(g) => Ok(g),
-        // Renewed by a concurrent reader: use theirs.
-        None => Ok(get(conn, &grant.id).await?.unwrap_or_else(|| grant.clone())),
-    }
 }
 
 // The merchant API's reads and comp grants: one business's grants, filtered, paginated.

@@ -367,7 +367,7 @@ pub async fn write_grace(
             Some(until) => (
                 "grace_started",
                 serde_json::json!({
-                    "until": crate::grants::render::ts(until),
+                    "until": crate::domain::grant::ts(until),
                     "reason": r.reason,
                 }),
             ),

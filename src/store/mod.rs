@@ -256,6 +256,35 @@ mod tests {
         }
     }
 
+    /// The store sits under everything that uses it: its code (doc links aside) names
+    /// no module of guildgate but the domain and the leaves it needs (settings, token
+    /// sealing), so no import goes from the store back up.
+    #[test]
+    fn the_store_imports_nothing_above_it() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store");
+        let allowed = ["store", "domain", "config", "crypto"];
+        let mut read = 0;
+        for entry in std::fs::read_dir(&dir).expect("src/store") {
+            let path = entry.expect("a directory entry").path();
+            let text = std::fs::read_to_string(&path).expect("readable source");
+            read += 1;
+            for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for (i, _) in line.match_indices("crate::") {
+                    let module: String = line[i + "crate::".len()..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    assert!(
+                        module.is_empty() || allowed.contains(&module.as_str()),
+                        "{} uses crate::{module}: the store may use only {allowed:?}",
+                        path.display()
+                    );
+                }
+            }
+        }
+        assert!(read > 20, "read only {read} files");
+    }
+
     #[test]
     fn the_schema_must_have_exactly_the_known_migrations() {
         assert!(compare_migrations(&m(&[1, 2, 3]), &m(&[1, 2, 3])).is_ok());

@@ -18,10 +18,10 @@ use crate::domain::ids::CustomerId;
 use crate::domain::{Grant, GrantEventType, GrantStatus, RevocationReason};
 use crate::grants::history::{self, Entry};
 use crate::grants::link::LinkBuilder;
+use crate::grants::link::renew_link;
 use crate::grants::render::{GrantObject, grant_object, ts};
 use crate::outbox::emit;
 use crate::store::grants as grant_store;
-use crate::store::grants::renew_link;
 use crate::store::{entitlements, grants as db};
 use crate::web::AppState;
 use crate::web::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody};
@@ -212,7 +212,7 @@ pub async fn comp(
                         // The worker sends it only while the grant waits for the
                         // customer's account (a linked customer is delivered at once).
                         let job = crate::email::Job::join(&g.id, Some(to));
-                        crate::store::email::queue(&mut tx, &job, business).await?;
+                        crate::email::queue(&mut tx, &job, business).await?;
                     }
                     crate::store::history::record(
                         &mut tx,
