@@ -442,125 +442,150 @@ pub async fn switch_returned(
             return Err(invalid(lang));
         };
         limit(st, &who, None, lang)?;
-        let unavailable = |e: crate::discord::DiscordError| {
-            tracing::warn!(error = %e, "account switch: Discord did not answer");
-            Shown {
-                page: Page::Unavailable,
-                lang,
-            }
-        };
-        let bot = st.bots.of_business(&who.b).await.map_err(|e| {
-            tracing::error!(error = %e, "account switch: the business's bot cannot be used");
-            Shown {
-                page: Page::Unavailable,
-                lang,
-            }
-        })?;
-        let tokens = bot
-            .side
-            .exchange_code(&code, st.links.redirect_uri())
-            .await
-            .map_err(unavailable)?;
-        let user = bot
-            .side
-            .user(&tokens.access_token)
-            .await
-            .map_err(unavailable)?;
-        let chosen = Account {
-            id: user.id.to_string(),
-            username: Some(user.username.clone()),
-            global_name: user.global_name.clone(),
-        };
-        let now = Utc::now();
-        let row = LinkRow::new(
-            &who.b,
-            &who.c,
-            chosen.id.clone(),
-            links::SealedTokens::seal(
-                &st.cipher,
-                &who.b,
-                &who.c,
-                &tokens.access_token,
-                tokens.refresh_token.as_ref(),
-            ),
-            now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
-            tokens.scope.clone(),
-        )
-        .issued_by(bot.issuer());
-        let names = (user.username.as_str(), user.global_name.as_deref());
-        let mut tx = st.pool.begin().await.map_err(|e| failed(e, lang))?;
-        let current = db::linked_account(&mut tx, &who.b, &who.c)
-            .await
-            .map_err(|e| failed(e, lang))?
-            .map(|(id, username, global_name, _)| Account {
-                id,
-                username,
-                global_name,
-            });
-        let now_account = match current {
-            Some(a) if a.id != chosen.id => a,
-            // Nothing linked yet (nothing to switch from), or the account linked now,
-            // authorized again (a reconnect): its fresh tokens are stored at once and
-            // every live grant is synced.
-            other => {
-                link_account(&mut tx, &row, names, None, now)
-                    .await
-                    .map_err(|e| failed(e, lang))?;
-                tx.commit().await.map_err(|e| failed(e, lang))?;
-                let page = match other {
-                    Some(_) => Page::Same {
-                        account: chosen,
-                        back,
-                    },
-                    None => Page::Switched {
-                        account: chosen,
-                        back,
-                    },
-                };
-                return Ok(Shown { page, lang });
-            }
-        };
-        let pending = db::Switch {
-            id: crate::domain::ids::mint("asw"),
-            business_id: who.b.clone(),
-            customer_id: who.c.clone(),
-            discord_user_id: chosen.id.clone(),
-            username: user.username.clone(),
-            global_name: user.global_name.clone(),
-            access_token_enc: row.access_token_enc,
-            refresh_token_enc: row.refresh_token_enc,
-            token_key_id: row.token_key_id.unwrap_or_default(),
-            token_expires_at: row.expires_at,
-            scopes: row.scopes,
-            expires_at: now + chrono::Duration::minutes(SWITCH_TTL_MINUTES),
-            client_id: row.client_id,
-        };
-        db::save_switch(&mut tx, &pending)
-            .await
-            .map_err(|e| failed(e, lang))?;
-        tx.commit().await.map_err(|e| failed(e, lang))?;
-        let confirmation = st.links.sign_confirm(
-            &SwitchConfirm {
-                b: who.b.clone(),
-                c: who.c.clone(),
-                p: pending.id,
-            },
-            now,
-        );
-        Ok(Shown {
-            page: Page::Confirm {
-                now: now_account,
-                new: chosen,
-                confirmation,
-                back,
-            },
-            lang,
-        })
+        let chosen = chosen_account(st, &who, &code, lang).await?;
+        pend_switch(st, &who, chosen, back, lang).await
     }
     .await;
     match r {
         Ok(s) | Err(s) => s.into_response(),
     }
+}
+
+/// The account a customer authorized on Discord, with its tokens sealed for their link.
+struct Chosen {
+    account: Account,
+    username: String,
+    global_name: Option<String>,
+    row: LinkRow,
+}
+
+/// Exchanges the authorization `code` with the business's bot and reads whose it is.
+async fn chosen_account(
+    st: &AppState,
+    who: &AccessToken,
+    code: &str,
+    lang: Lang,
+) -> Result<Chosen, Shown> {
+    let unavailable = || Shown {
+        page: Page::Unavailable,
+        lang,
+    };
+    let bot = st.bots.of_business(&who.b).await.map_err(|e| {
+        tracing::error!(error = %e, "account switch: the business's bot cannot be used");
+        unavailable()
+    })?;
+    let asked = async {
+        let tokens = bot
+            .side
+            .exchange_code(code, st.links.redirect_uri())
+            .await?;
+        let user = bot.side.user(&tokens.access_token).await?;
+        Ok::<_, crate::discord::DiscordError>((tokens, user))
+    };
+    let (tokens, user) = asked.await.map_err(|e| {
+        tracing::warn!(error = %e, "account switch: Discord did not answer");
+        unavailable()
+    })?;
+    let row = LinkRow::new(
+        &who.b,
+        &who.c,
+        user.id.to_string(),
+        links::SealedTokens::seal(
+            &st.cipher,
+            &who.b,
+            &who.c,
+            &tokens.access_token,
+            tokens.refresh_token.as_ref(),
+        ),
+        Utc::now() + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
+        tokens.scope.clone(),
+    )
+    .issued_by(bot.issuer());
+    Ok(Chosen {
+        account: Account {
+            id: user.id.to_string(),
+            username: Some(user.username.clone()),
+            global_name: user.global_name.clone(),
+        },
+        username: user.username,
+        global_name: user.global_name,
+        row,
+    })
+}
+
+/// What the chosen account means for the customer's link: with nothing linked, or the
+/// same account authorized again (a reconnect), it is stored at once and every live
+/// grant synced; another account is kept as a pending switch for them to confirm.
+async fn pend_switch(
+    st: &AppState,
+    who: &AccessToken,
+    chosen: Chosen,
+    back: String,
+    lang: Lang,
+) -> Result<Shown, Shown> {
+    let now = Utc::now();
+    let mut tx = st.pool.begin().await.map_err(|e| failed(e, lang))?;
+    let current = db::linked_account(&mut tx, &who.b, &who.c)
+        .await
+        .map_err(|e| failed(e, lang))?
+        .map(|(id, username, global_name, _)| Account {
+            id,
+            username,
+            global_name,
+        });
+    let now_account = match current {
+        Some(a) if a.id != chosen.account.id => a,
+        other => {
+            let names = (chosen.username.as_str(), chosen.global_name.as_deref());
+            link_account(&mut tx, &chosen.row, names, None, now)
+                .await
+                .map_err(|e| failed(e, lang))?;
+            tx.commit().await.map_err(|e| failed(e, lang))?;
+            let account = chosen.account;
+            let page = match other {
+                Some(_) => Page::Same { account, back },
+                None => Page::Switched { account, back },
+            };
+            return Ok(Shown { page, lang });
+        }
+    };
+    let row = chosen.row;
+    let pending = db::Switch {
+        id: crate::domain::ids::mint("asw"),
+        business_id: who.b.clone(),
+        customer_id: who.c.clone(),
+        discord_user_id: chosen.account.id.clone(),
+        username: chosen.username,
+        global_name: chosen.global_name,
+        access_token_enc: row.access_token_enc,
+        refresh_token_enc: row.refresh_token_enc,
+        token_key_id: row.token_key_id.unwrap_or_default(),
+        token_expires_at: row.expires_at,
+        scopes: row.scopes,
+        expires_at: now + chrono::Duration::minutes(SWITCH_TTL_MINUTES),
+        client_id: row.client_id,
+    };
+    db::save_switch(&mut tx, &pending)
+        .await
+        .map_err(|e| failed(e, lang))?;
+    tx.commit().await.map_err(|e| failed(e, lang))?;
+    let confirmation = st.links.sign_confirm(
+        &SwitchConfirm {
+            b: who.b.clone(),
+            c: who.c.clone(),
+            p: pending.id,
+        },
+        now,
+    );
+    Ok(Shown {
+        page: Page::Confirm {
+            now: now_account,
+            new: chosen.account,
+            confirmation,
+            back,
+        },
+        lang,
+    })
 }
 
 #[derive(Deserialize, ToSchema)]
