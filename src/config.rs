@@ -413,147 +413,150 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Refuses settings that cannot work, naming the setting and why.
     fn validate(&self) -> Result<(), ConfigError> {
+        self.check_addresses()?;
+        self.check_amqp()?;
+        self.check_intervals()?;
+        self.check_limits()?;
+        self.check_email()?;
+        self.check_secrets()
+    }
+
+    /// The public URL, Discord's endpoints and trusted proxies parse.
+    fn check_addresses(&self) -> Result<(), ConfigError> {
         url::Url::parse(&self.http.public_url)
             .map_err(|e| ConfigError::Invalid(format!("http.public_url: {e}")))?;
         let authorize = url::Url::parse(&self.discord.authorize_url)
             .map_err(|e| ConfigError::Invalid(format!("discord.authorize_url: {e}")))?;
         // RFC 6749 §3.1: an authorization endpoint has no fragment (the query is
         // appended to it).
-        if authorize.fragment().is_some() {
-            return Err(ConfigError::Invalid(
-                "discord.authorize_url must not have a fragment (#...)".into(),
-            ));
-        }
+        ensure(
+            authorize.fragment().is_none(),
+            "discord.authorize_url must not have a fragment (#...)",
+        )?;
         url::Url::parse(&self.discord.api_base)
             .map_err(|e| ConfigError::Invalid(format!("discord.api_base: {e}")))?;
-        if self.amqp.queue_prefix.is_empty() || self.amqp.queue_prefix.len() > 100 {
-            return Err(ConfigError::Invalid(
-                "amqp.queue_prefix must be 1 to 100 characters".into(),
-            ));
+        for p in &self.http.trusted_proxies {
+            parse_net(p).map_err(|e| ConfigError::Invalid(format!("http.trusted_proxies: {e}")))?;
         }
+        Ok(())
+    }
+
+    /// The broker's nodes, names and queue arguments.
+    fn check_amqp(&self) -> Result<(), ConfigError> {
+        ensure(
+            !self.amqp.queue_prefix.is_empty() && self.amqp.queue_prefix.len() <= 100,
+            "amqp.queue_prefix must be 1 to 100 characters",
+        )?;
         for node in self.amqp.nodes() {
             // The error never quotes the URL: it carries a password.
             let scheme = url::Url::parse(node.expose_secret())
                 .map_err(|e| ConfigError::Invalid(format!("amqp.url(s): a node URL: {e}")))?
                 .scheme()
                 .to_owned();
-            if scheme != "amqp" && scheme != "amqps" {
-                return Err(ConfigError::Invalid(format!(
-                    "amqp.url(s): a node URL has the scheme {scheme:?}, not amqp or amqps"
-                )));
-            }
+            ensure(
+                scheme == "amqp" || scheme == "amqps",
+                format!("amqp.url(s): a node URL has the scheme {scheme:?}, not amqp or amqps"),
+            )?;
         }
-        if self.amqp.quorum_replicas == Some(0) {
-            return Err(ConfigError::Invalid(
-                "amqp.quorum_replicas must be at least 1 (or unset for the broker's default)"
-                    .into(),
-            ));
+        ensure(
+            self.amqp.quorum_replicas != Some(0),
+            "amqp.quorum_replicas must be at least 1 (or unset for the broker's default)",
+        )?;
+        if let Some(l) = &self.amqp.leader_locator {
+            ensure(
+                l == "client-local" || l == "balanced",
+                format!("amqp.leader_locator must be client-local or balanced, not {l:?}"),
+            )?;
         }
-        if let Some(l) = &self.amqp.leader_locator
-            && l != "client-local"
-            && l != "balanced"
-        {
-            return Err(ConfigError::Invalid(format!(
-                "amqp.leader_locator must be client-local or balanced, not {l:?}"
-            )));
-        }
-        if self.amqp.batch_size == 0 || self.amqp.consumers == 0 {
-            return Err(ConfigError::Invalid(
-                "amqp.batch_size and amqp.consumers must be at least 1".into(),
-            ));
-        }
-        if self
-            .ingest
-            .processed_retention
-            .is_some_and(|r| r < MIN_PROCESSED_RETENTION)
-        {
-            return Err(ConfigError::Invalid(
-                "ingest.processed_retention must be at least 24h (or empty to keep every id)"
-                    .into(),
-            ));
-        }
-        if !(self.grants.backfill_per_second.is_finite() && self.grants.backfill_per_second > 0.0) {
-            return Err(ConfigError::Invalid(
-                "grants.backfill_per_second must be more than 0".into(),
-            ));
-        }
-        if self.grants.timer_interval.is_zero() {
-            return Err(ConfigError::Invalid(
-                "grants.timer_interval must be more than 0s".into(),
-            ));
-        }
-        if self
-            .webhooks
-            .message_retention
-            .is_some_and(|r| r < MIN_PROCESSED_RETENTION)
-        {
-            return Err(ConfigError::Invalid(
-                "webhooks.message_retention must be at least 24h (or empty to keep every message)"
-                    .into(),
-            ));
-        }
-        if self.ingest.prune_interval.is_zero() {
-            return Err(ConfigError::Invalid(
-                "ingest.prune_interval must be more than 0s".into(),
-            ));
-        }
-        for p in &self.http.trusted_proxies {
-            parse_net(p).map_err(|e| ConfigError::Invalid(format!("http.trusted_proxies: {e}")))?;
-        }
-        if self.http.request_timeout.is_zero() || self.http.max_concurrent_requests == 0 {
-            return Err(ConfigError::Invalid(
-                "http.request_timeout and http.max_concurrent_requests must be more than 0".into(),
-            ));
-        }
-        if self.api.requests_per_second == 0
-            || self.api.burst == 0
-            || self.oauth.callback_attempts == 0
-            || self.oauth.address_attempts == 0
-            || self.oauth.callback_window.is_zero()
-        {
-            return Err(ConfigError::Invalid(
-                "api.requests_per_second, api.burst, oauth.callback_attempts, oauth.address_attempts and oauth.callback_window must be more than 0".into(),
-            ));
-        }
+        ensure(
+            self.amqp.batch_size > 0 && self.amqp.consumers > 0,
+            "amqp.batch_size and amqp.consumers must be at least 1",
+        )
+    }
+
+    /// Retentions, timers and retry schedules.
+    fn check_intervals(&self) -> Result<(), ConfigError> {
+        let too_short = |r: Option<Duration>| r.is_some_and(|r| r < MIN_PROCESSED_RETENTION);
+        ensure(
+            !too_short(self.ingest.processed_retention),
+            "ingest.processed_retention must be at least 24h (or empty to keep every id)",
+        )?;
+        ensure(
+            !too_short(self.webhooks.message_retention),
+            "webhooks.message_retention must be at least 24h (or empty to keep every message)",
+        )?;
+        ensure(
+            !self.grants.timer_interval.is_zero(),
+            "grants.timer_interval must be more than 0s",
+        )?;
+        ensure(
+            !self.ingest.prune_interval.is_zero(),
+            "ingest.prune_interval must be more than 0s",
+        )?;
+        ensure(
+            !(self.sync.retry_delays.is_empty()
+                || self.webhooks.retry_delays.is_empty()
+                || self.email.retry_delays.is_empty()),
+            "retry_delays needs at least one delay",
+        )
+    }
+
+    /// Rates, bursts and the limits of the HTTP server.
+    fn check_limits(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.grants.backfill_per_second.is_finite() && self.grants.backfill_per_second > 0.0,
+            "grants.backfill_per_second must be more than 0",
+        )?;
+        ensure(
+            !self.http.request_timeout.is_zero() && self.http.max_concurrent_requests > 0,
+            "http.request_timeout and http.max_concurrent_requests must be more than 0",
+        )?;
+        ensure(
+            self.api.requests_per_second > 0
+                && self.api.burst > 0
+                && self.oauth.callback_attempts > 0
+                && self.oauth.address_attempts > 0
+                && !self.oauth.callback_window.is_zero(),
+            "api.requests_per_second, api.burst, oauth.callback_attempts, oauth.address_attempts and oauth.callback_window must be more than 0",
+        )
+    }
+
+    /// The mail server, when email is on, and the email limits.
+    fn check_email(&self) -> Result<(), ConfigError> {
         if self.email.enabled() {
             crate::email::transport::check(&self.email)
                 .map_err(|e| ConfigError::Invalid(format!("email: {e}")))?;
         }
-        if self.email.per_recipient_per_hour == 0
-            || self.email.timeout.is_zero()
-            || self.email.access_link_ttl.is_zero()
-        {
-            return Err(ConfigError::Invalid(
-                "email.per_recipient_per_hour, email.timeout and email.access_link_ttl must be more than 0".into(),
-            ));
-        }
-        if self.sync.retry_delays.is_empty()
-            || self.webhooks.retry_delays.is_empty()
-            || self.email.retry_delays.is_empty()
-        {
-            return Err(ConfigError::Invalid(
-                "retry_delays needs at least one delay".into(),
-            ));
-        }
+        ensure(
+            self.email.per_recipient_per_hour > 0
+                && !self.email.timeout.is_zero()
+                && !self.email.access_link_ttl.is_zero(),
+            "email.per_recipient_per_hour, email.timeout and email.access_link_ttl must be more than 0",
+        )
+    }
+
+    /// The keys are usable, and none has its public development value in production.
+    fn check_secrets(&self) -> Result<(), ConfigError> {
         crate::crypto::TokenCipher::from_base64(&self.secrets.token_encryption_key)
             .map_err(|e| ConfigError::Invalid(format!("secrets.token_encryption_key: {e}")))?;
         self.token_cipher().map_err(|e| {
             ConfigError::Invalid(format!("secrets.previous_token_encryption_keys: {e}"))
         })?;
-        if self.secrets.state_signing_key.expose_secret().len() < 32 {
-            return Err(ConfigError::Invalid(
-                "secrets.state_signing_key must be at least 32 characters".into(),
-            ));
-        }
+        ensure(
+            self.secrets.state_signing_key.expose_secret().len() >= 32,
+            "secrets.state_signing_key must be at least 32 characters",
+        )?;
         if self.env == Environment::Production {
             let dev = self.secrets_named_dev();
-            if !dev.is_empty() {
-                return Err(ConfigError::Invalid(format!(
+            ensure(
+                dev.is_empty(),
+                format!(
                     "GUILDGATE_ENV=production but these secrets still have their public development values: {}",
                     dev.join(", ")
-                )));
-            }
+                ),
+            )?;
         }
         Ok(())
     }
@@ -672,6 +675,15 @@ pub fn format_duration_short(d: Duration) -> String {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
+    }
+}
+
+/// `Ok` when `ok`, else the setting error `why`.
+fn ensure(ok: bool, why: impl Into<String>) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(why.into()))
     }
 }
 
