@@ -379,7 +379,7 @@ impl App {
             });
         }
         {
-            let timers = crate::grants::timers::Timers {
+            let timers = crate::lifecycle::timers::Timers {
                 pool: self.pool.clone(),
                 links: self.links.clone(),
                 metrics: self.metrics.clone(),
@@ -389,7 +389,7 @@ impl App {
                 timers.run_every(every, s).await;
                 "grant timers"
             });
-            let backfiller = crate::grants::backfill::Backfiller {
+            let backfiller = crate::lifecycle::backfill::Backfiller {
                 pool: self.pool.clone(),
                 links: self.links.clone(),
                 per_second: self.settings.grants.backfill_per_second,
@@ -429,10 +429,10 @@ impl App {
             let (broker, metrics, s) =
                 (self.broker.clone(), self.metrics.clone(), shutdown.clone());
             tasks.spawn(async move {
-                crate::metrics::sample_queue_depths(
+                crate::amqp::depths::sample_queue_depths(
                     broker,
                     metrics,
-                    crate::metrics::QUEUE_DEPTH_INTERVAL,
+                    crate::amqp::depths::QUEUE_DEPTH_INTERVAL,
                     s,
                 )
                 .await;

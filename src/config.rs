@@ -523,12 +523,10 @@ impl Settings {
         )
     }
 
-    /// The mail server, when email is on, and the email limits.
+    /// The email limits. The mail server's address and TLS files are the email
+    /// module's to check ([`crate::email::transport::check`], run by the binary after
+    /// loading).
     fn check_email(&self) -> Result<(), ConfigError> {
-        if self.email.enabled() {
-            crate::email::transport::check(&self.email)
-                .map_err(|e| ConfigError::Invalid(format!("email: {e}")))?;
-        }
         ensure(
             self.email.per_recipient_per_hour > 0
                 && !self.email.timeout.is_zero()

@@ -13,6 +13,7 @@ pub mod events;
 pub mod faults;
 pub mod grants;
 pub mod i18n;
+pub mod lifecycle;
 pub mod metrics;
 pub mod nul;
 pub mod outbox;
@@ -23,3 +24,80 @@ pub mod sync;
 pub mod telemetry;
 pub mod web;
 pub mod webhooks;
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// Which top-level modules each top-level module's code (tests and comments aside)
+    /// names through `crate::`.
+    fn imports() -> BTreeMap<String, BTreeSet<String>> {
+        fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+            for entry in std::fs::read_dir(dir).expect("a source folder") {
+                let path = entry.expect("a directory entry").path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    out.push(path);
+                }
+            }
+        }
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        walk(&src, &mut files);
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for path in files {
+            let rel = path.strip_prefix(&src).expect("under src");
+            let first = rel.components().next().expect("a file").as_os_str();
+            let module = first.to_string_lossy().trim_end_matches(".rs").to_string();
+            let text = std::fs::read_to_string(&path).expect("readable source");
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            let edges = graph.entry(module.clone()).or_default();
+            for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for (i, _) in line.match_indices("crate::") {
+                    let to: String = line[i + "crate::".len()..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    if !to.is_empty() && to != module {
+                        edges.insert(to);
+                    }
+                }
+            }
+        }
+        graph
+    }
+
+    /// A circle of imports through `from`, if there is one.
+    fn circle(
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        from: &str,
+        path: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|m| m == from) {
+            return Some(path[at..].to_vec());
+        }
+        path.push(from.to_string());
+        for to in graph.get(from).into_iter().flatten() {
+            if let Some(c) = circle(graph, to, path) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        None
+    }
+
+    /// Imports go one way: from the edges (the app, the web, the consumers) down to the
+    /// store and the domain, never around in a circle.
+    #[test]
+    fn no_module_imports_its_way_back_to_itself() {
+        let graph = imports();
+        assert!(graph.len() > 15, "read only {} modules", graph.len());
+        for module in graph.keys() {
+            if let Some(c) = circle(&graph, module, &mut Vec::new()) {
+                panic!("an import circle: {} -> {}", c.join(" -> "), c[0]);
+            }
+        }
+    }
+}

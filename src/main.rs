@@ -183,7 +183,13 @@ enum ApiKeyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load(cli.config.as_deref()) {
+    let settings = match Settings::load(cli.config.as_deref()).and_then(|s| {
+        if s.email.enabled() {
+            guildgate::email::transport::check(&s.email)
+                .map_err(|e| guildgate::config::ConfigError::Invalid(format!("email: {e}")))?;
+        }
+        Ok(s)
+    }) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("guildgate: {e}");

@@ -3185,13 +3185,13 @@ async fn grants_always_have_a_brand_and_a_null_feature() {
 
 /// Moves a grant's due time into the past (a test cannot wait days), and answers the
 /// grant timer that revokes what is due.
-async fn pass_due_time(w: &World, grant: &str) -> guildgate::grants::timers::Timers {
+async fn pass_due_time(w: &World, grant: &str) -> guildgate::lifecycle::timers::Timers {
     sqlx::query("UPDATE grants SET ends_at = now() - interval '1 second' WHERE id = $1")
         .bind(grant)
         .execute(&w.app.pool)
         .await
         .unwrap();
-    guildgate::grants::timers::Timers {
+    guildgate::lifecycle::timers::Timers {
         pool: w.app.pool.clone(),
         links: w.links.clone(),
         metrics: w.app.metrics.clone(),
@@ -3556,7 +3556,7 @@ async fn attaching_an_entitlement_gives_it_to_earlier_buyers() {
     assert_eq!(s, 200, "{product}");
     assert_eq!(product["backfilling"], 2, "{product}");
 
-    let backfiller = guildgate::grants::backfill::Backfiller {
+    let backfiller = guildgate::lifecycle::backfill::Backfiller {
         pool: w.app.pool.clone(),
         links: w.links.clone(),
         per_second: w.app.settings.grants.backfill_per_second,

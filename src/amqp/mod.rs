@@ -9,6 +9,7 @@
 //! that replicas spread over the nodes; when it breaks, the reconnect tries the next
 //! node first, then the others in turn.
 
+pub mod depths;
 pub mod topology;
 
 use std::borrow::Cow;

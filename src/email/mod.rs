@@ -132,7 +132,7 @@ pub async fn queue(
     )
     .await?;
     if new {
-        crate::outbox::produce::queue_email(conn, job).await?;
+        crate::outbox::produce::queue_email(conn, &job.email_id, &job.payload()).await?;
     }
     Ok(new)
 }

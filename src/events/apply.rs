@@ -24,6 +24,7 @@ use crate::domain::{Grant, GrantEventType, GrantStatus, RevocationReason};
 use crate::grants::link::LinkBuilder;
 use crate::grants::render::webhook_body;
 use crate::outbox::produce::{GRANT_EVENTS_PER_MESSAGE, grant_events_bundle, sync_job};
+use crate::store::ingest::{payment_key, subscription_key};
 use crate::store::outbox::OutboxKind;
 use crate::store::{grants as grant_store, ingest as db};
 
@@ -75,20 +76,14 @@ pub fn lock_keys_of(event: &Event) -> Vec<String> {
         EventKind::PaymentSucceeded(p) => match &p.subscription_id {
             Some(s) => vec![
                 subscription_key(s.as_str()),
-                format!("pay:{}", p.payment_id),
+                payment_key(p.payment_id.as_str()),
             ],
-            None => vec![format!("pay:{}", p.payment_id)],
+            None => vec![payment_key(p.payment_id.as_str())],
         },
-        EventKind::RefundSucceeded(r) => vec![format!("pay:{}", r.payment_id)],
-        EventKind::DisputeLost(d) => vec![format!("pay:{}", d.payment_id)],
+        EventKind::RefundSucceeded(r) => vec![payment_key(r.payment_id.as_str())],
+        EventKind::DisputeLost(d) => vec![payment_key(d.payment_id.as_str())],
         EventKind::Subscription(_, s) => vec![subscription_key(s.subscription_id.as_str())],
     }
-}
-
-/// The advisory-lock key of a subscription: whoever changes its grants outside ingest
-/// (the grace timer) takes it too.
-pub fn subscription_key(subscription_id: &str) -> String {
-    format!("sub:{subscription_id}")
 }
 
 type Key = (String, String); // (business, subscription or payment)

@@ -1,11 +1,10 @@
-//! Grants: what a customer was given, its lifecycle, and how it is shown to merchants.
+//! Grants as customers and merchants see them (the grant itself and what changes it
+//! are [`crate::domain::grant`] and [`crate::domain::decide`]).
 //!
-//! - [`decide`]: the pure core, `(facts, event) -> effects`.
-//! - [`link`]: the customer's signed OAuth link.
+//! - [`link`]: the customer's signed OAuth link, and its renewal.
 //! - [`render`]: the Dodo-compatible JSON of a grant and of its webhooks.
+//! - [`history`]: a grant's history as the API shows it.
 
-pub mod backfill;
 pub mod history;
 pub mod link;
 pub mod render;
-pub mod timers;

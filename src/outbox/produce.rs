@@ -79,10 +79,11 @@ pub fn grant_events_bundle(bodies: &[Vec<u8>]) -> (String, Vec<u8>) {
     )
 }
 
-/// Writes an email job.
+/// Writes an email job: its email id (the message id) and its body.
 pub async fn queue_email(
     conn: &mut PgConnection,
-    job: &crate::email::Job,
+    email_id: &str,
+    payload: &[u8],
 ) -> Result<(), sqlx::Error> {
-    outbox::insert(conn, OutboxKind::Email, &job.email_id, &job.payload()).await
+    outbox::insert(conn, OutboxKind::Email, email_id, payload).await
 }

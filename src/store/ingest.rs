@@ -7,6 +7,17 @@ use sqlx::PgConnection;
 use super::col;
 use crate::domain::Grant;
 
+/// The advisory-lock key of a subscription: whoever changes its grants outside ingest
+/// (the grace timer, a backfill) takes it too.
+pub fn subscription_key(subscription_id: &str) -> String {
+    format!("sub:{subscription_id}")
+}
+
+/// The advisory-lock key of a payment.
+pub fn payment_key(payment_id: &str) -> String {
+    format!("pay:{payment_id}")
+}
+
 /// Serialises work on the same subscription or payment across consumers: a transaction
 /// takes the advisory locks of every key it will touch, in sorted order (so two batches
 /// never wait on each other in a cycle), and holds them until it ends.

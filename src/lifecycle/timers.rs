@@ -15,11 +15,11 @@ use chrono::Utc;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::link::LinkBuilder;
 use crate::domain::{GrantEventType, RevocationReason};
-use crate::events::apply::subscription_key;
+use crate::grants::link::LinkBuilder;
 use crate::outbox::emit;
 use crate::store::history;
+use crate::store::ingest::subscription_key;
 use crate::store::{grants as grant_store, ingest};
 
 /// How many due grants one pass revokes at most; the next pass takes the rest.

@@ -21,11 +21,11 @@ use chrono::Utc;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::link::LinkBuilder;
 use crate::domain::GrantEventType;
-use crate::events::apply::subscription_key;
+use crate::grants::link::LinkBuilder;
 use crate::outbox::emit;
 use crate::store::history;
+use crate::store::ingest::subscription_key;
 use crate::store::{backfill as db, ingest};
 
 /// Customers one pass gives grants to at most, per backfill.
@@ -87,7 +87,7 @@ impl Backfiller {
                 let mut tx = self.pool.begin().await?;
                 let key = match &c.source {
                     db::Source::Subscription(s) => subscription_key(s),
-                    db::Source::Payment(p) => format!("pay:{p}"),
+                    db::Source::Payment(p) => crate::store::ingest::payment_key(p),
                 };
                 ingest::lock_keys(&mut tx, &[key]).await?;
                 // Under the lock: still attached, and the purchase still has no grant.
