@@ -118,6 +118,9 @@ struct Round {
     /// published every outbox row (with the relay on).
     relayed_per_s: Option<f64>,
     relayed_cpu_ms_per_k: Option<f64>,
+    /// PostgreSQL's write-ahead log per event in guildgate's phase (the whole server's,
+    /// relay and background work included): records, full-page images, bytes.
+    wal_per_event: Wal,
 }
 
 impl Round {
@@ -138,7 +141,7 @@ async fn main() {
         let round = round(&args, &msgs, business).await;
         let cpu = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{c:.0}"));
         println!(
-            "round {r}: guildgate {:.0} events/s (CPU {} ms per 1,000 events, {} in this process), baseline {:.0} events/s (before {:.0}, after {:.0}; CPU {} ms, {} in this process), ratio {:.2}, p50 {:.0} ms, p99 {:.0} ms, {} events per transaction, outbox rows left {}{}",
+            "round {r}: guildgate {:.0} events/s (CPU {} ms per 1,000 events, {} in this process), baseline {:.0} events/s (before {:.0}, after {:.0}; CPU {} ms, {} in this process), ratio {:.2}, p50 {:.0} ms, p99 {:.0} ms, {} events per transaction, outbox rows left {}, WAL per event {:.1} records ({:.2} full pages), {:.0} bytes{}",
             round.events_per_s,
             cpu(round.cpu_ms_per_k),
             cpu(round.process_cpu_ms_per_k),
@@ -152,6 +155,9 @@ async fn main() {
             round.p99_ms,
             cpu(round.events_per_batch),
             round.outbox_left,
+            round.wal_per_event.records,
+            round.wal_per_event.fpi,
+            round.wal_per_event.bytes,
             match (round.relayed_per_s, round.relayed_cpu_ms_per_k) {
                 (Some(r), c) => format!(
                     "; all relayed: {r:.0} events/s (CPU {} ms), ratio {:.2}",
@@ -197,6 +203,9 @@ async fn main() {
             "baseline_cpu_ms_per_1k_events": med_opt(&|r| r.baseline_cpu_ms_per_k),
             "process_cpu_ms_per_1k_events": med_opt(&|r| r.process_cpu_ms_per_k),
             "events_per_batch": med_opt(&|r| r.events_per_batch),
+            "wal_records_per_event": med_opt(&|r| Some(r.wal_per_event.records * 10.0)).map(|x| x / 10.0),
+            "wal_fpi_per_event": med_opt(&|r| Some(r.wal_per_event.fpi * 100.0)).map(|x| x / 100.0),
+            "wal_bytes_per_event": med_opt(&|r| Some(r.wal_per_event.bytes)),
             "baseline_process_cpu_ms_per_1k_events": med_opt(&|r| r.baseline_process_cpu_ms_per_k),
             "consumers": settings.amqp.consumers,
             "prefetch": settings.amqp.prefetch,
@@ -405,6 +414,7 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     let ch = conn.create_channel().await.unwrap();
     let mut sent = HashMap::new();
+    let wal_before = Wal::now(&pool).await;
     let cpu_before = Cpu::now();
     let started = Instant::now();
     publish_all(&ch, &settings.amqp.exchange, msgs, &mut sent).await;
@@ -470,6 +480,8 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
         })
         .collect();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    // Before the shutdown, which closes the pool; everything is applied and relayed.
+    let wal_per_event = Wal::now(&pool).await.per_event_since(wal_before, n);
     shutdown.cancel();
     let _ = handle.await;
     // Clean up, then the second baseline: with the round's database dropped (which
@@ -493,6 +505,45 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
         outbox_left,
         relayed_per_s: drained_secs.map(|d| n as f64 / d),
         relayed_cpu_ms_per_k: drained_cpu,
+        wal_per_event,
+    }
+}
+
+/// PostgreSQL's write-ahead log counters (`pg_stat_wal`, the whole server's), or their
+/// difference per event.
+#[derive(Clone, Copy, Default)]
+struct Wal {
+    records: f64,
+    fpi: f64,
+    bytes: f64,
+}
+
+impl Wal {
+    /// The counters now. A backend reports its WAL when it goes idle, at most once a
+    /// second: read after a second of quiet.
+    async fn now(pool: &sqlx::PgPool) -> Self {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (records, fpi, bytes): (f64, f64, f64) = sqlx::query_as(
+            "SELECT wal_records::float8, wal_fpi::float8, wal_bytes::float8 FROM pg_stat_wal",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        Self {
+            records,
+            fpi,
+            bytes,
+        }
+    }
+
+    /// What was written since `before`, per event.
+    fn per_event_since(self, before: Self, events: usize) -> Self {
+        let n = events.max(1) as f64;
+        Self {
+            records: (self.records - before.records) / n,
+            fpi: (self.fpi - before.fpi) / n,
+            bytes: (self.bytes - before.bytes) / n,
+        }
     }
 }
 
