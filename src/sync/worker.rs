@@ -1,7 +1,7 @@
 //! One sync job: read what the grant should be now, make Discord match it, record what
 //! was applied. Level-triggered: a job names a grant, not a command, so duplicate, late
-//! or replayed jobs are harmless. The consume loop below runs jobs concurrently (the
-//! rate limiter orders the calls), but never two of the same customer at once (their
+//! or replayed jobs are harmless. The queue worker runs jobs concurrently (the rate
+//! limiter orders the calls), but never two of the same customer at once (their
 //! grants share a linked account, whose refresh token rotates), nor two that touch the
 //! same Discord account in the same server (grants of several customers, even of several
 //! businesses, can hold the same role of one account, and each decides whether the

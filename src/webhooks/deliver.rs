@@ -441,16 +441,48 @@ impl Deliverer {
     ) -> Result<Outcome, DeliverError> {
         let attempt = job.attempt + 1;
         let at = Utc::now();
-        let send = self.send(&target);
+        let sent = self.send_in_slot(&target, slot).await;
+        let result = self.judge(&target, &sent, permit);
+        if self.faults.fails(crate::faults::Point::AfterSend) {
+            return Err(DeliverError::Injected);
+        }
+        let next = schedule::next(attempt, &result, &self.retry_delays);
+        let why = match next {
+            Next::Delivered => String::new(),
+            _ => failure(&sent),
+        };
+        self.record(&target, attempt, at, sent, &next, pulled)
+            .await?;
+        Ok(outcome(next, attempt, &why))
+    }
+
+    /// Sends, giving the worker slot back once the request has taken
+    /// [`STALLED_AFTER`].
+    async fn send_in_slot(
+        &self,
+        target: &DeliveryTarget,
+        slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Sent {
+        let send = self.send(target);
         tokio::pin!(send);
-        let sent = tokio::select! {
+        tokio::select! {
             biased;
             sent = &mut send => sent,
             _ = tokio::time::sleep(STALLED_AFTER), if slot.is_some() => {
                 slot.take();
                 send.await
             }
-        };
+        }
+    }
+
+    /// What an answer means, told to the endpoint's circuit (releasing its held
+    /// messages once it answers again) and counted.
+    fn judge(
+        &self,
+        target: &DeliveryTarget,
+        sent: &Sent,
+        permit: super::isolation::Permit,
+    ) -> AttemptResult {
         let result = match sent.status {
             Some(code) => schedule::classify(code, sent.retry_after),
             None => AttemptResult::Failed { retry_after: None },
@@ -474,12 +506,21 @@ impl Deliverer {
             .webhook_attempts
             .get_or_create(&vec![("outcome", label.to_string())])
             .inc();
-        if self.faults.fails(crate::faults::Point::AfterSend) {
-            return Err(DeliverError::Injected);
-        }
+        result
+    }
 
-        let next = schedule::next(attempt, &result, &self.retry_delays);
-        let (status, disable) = match &next {
+    /// Records the attempt and the message's new state (a pulled message's retry held
+    /// in the database with it).
+    async fn record(
+        &self,
+        target: &DeliveryTarget,
+        attempt: u32,
+        at: DateTime<Utc>,
+        sent: Sent,
+        next: &Next,
+        pulled: bool,
+    ) -> Result<(), DeliverError> {
+        let (status, disable) = match next {
             Next::Delivered => (NewStatus::Delivered, None),
             Next::RetryIn(d) => (
                 NewStatus::Pending {
@@ -497,15 +538,11 @@ impl Deliverer {
             NewStatus::Pending { next_attempt_at } if pulled => Some((next_attempt_at, attempt)),
             _ => None,
         };
-        let why = match next {
-            Next::Delivered => String::new(),
-            _ => failure(&sent),
-        };
         let record = AttemptRecord {
             at,
             status_code: sent.status.map(i32::from),
             latency_ms: sent.latency.as_millis().min(i32::MAX as u128) as i32,
-            error: sent.error.clone(),
+            error: sent.error,
             response: sent.response,
         };
         self.recorder
@@ -517,23 +554,7 @@ impl Deliverer {
                 hold_retry,
             })
             .await?;
-        Ok(match next {
-            Next::Delivered => Outcome::Ack("delivered"),
-            Next::RetryIn(delay) => Outcome::Retry {
-                attempt,
-                delay,
-                reason: format!("attempt {attempt} failed: {why}"),
-            },
-            Next::GiveUp(reason) => Outcome::DeadLetter {
-                code: reason.code(),
-                reason: match reason {
-                    GiveUpReason::Gone => "the endpoint answered 410 Gone; it is disabled".into(),
-                    GiveUpReason::Exhausted => {
-                        format!("no success after {attempt} attempts; last: {why}")
-                    }
-                },
-            },
-        })
+        Ok(())
     }
 
     /// The endpoint is at its cap and still answering (or has parked messages): park the
@@ -845,6 +866,28 @@ fn without_holds(body: &[u8]) -> Cow<'_, [u8]> {
     match job.remove("holds") {
         Some(_) => serde_json::to_vec(&job).map_or(Cow::Borrowed(body), Cow::Owned),
         None => Cow::Borrowed(body),
+    }
+}
+
+/// What the job's queue does after attempt `attempt`: done, a retry after the next
+/// delay, or parked (`why`: what went wrong last).
+fn outcome(next: Next, attempt: u32, why: &str) -> Outcome {
+    match next {
+        Next::Delivered => Outcome::Ack("delivered"),
+        Next::RetryIn(delay) => Outcome::Retry {
+            attempt,
+            delay,
+            reason: format!("attempt {attempt} failed: {why}"),
+        },
+        Next::GiveUp(reason) => Outcome::DeadLetter {
+            code: reason.code(),
+            reason: match reason {
+                GiveUpReason::Gone => "the endpoint answered 410 Gone; it is disabled".into(),
+                GiveUpReason::Exhausted => {
+                    format!("no success after {attempt} attempts; last: {why}")
+                }
+            },
+        },
     }
 }
 
