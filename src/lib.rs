@@ -28,12 +28,12 @@ pub mod webhooks;
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
 
-    /// Which top-level modules each top-level module's code (tests and comments aside)
-    /// names through `crate::`.
-    fn imports() -> BTreeMap<String, BTreeSet<String>> {
-        fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    /// Every source file under `src/<under>` (all of `src` for `""`), recursively, with
+    /// its path relative to `src` and its text; the layout tests read the code with it.
+    pub(crate) fn sources(under: &str) -> Vec<(PathBuf, String)> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
             for entry in std::fs::read_dir(dir).expect("a source folder") {
                 let path = entry.expect("a directory entry").path();
                 if path.is_dir() {
@@ -45,25 +45,42 @@ mod tests {
         }
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let mut files = Vec::new();
-        walk(&src, &mut files);
+        walk(&src.join(under), &mut files);
+        files
+            .into_iter()
+            .map(|path| {
+                let text = std::fs::read_to_string(&path).expect("readable source");
+                (
+                    path.strip_prefix(&src).expect("under src").to_path_buf(),
+                    text,
+                )
+            })
+            .collect()
+    }
+
+    /// The top-level modules a line names through `crate::`.
+    pub(crate) fn crate_modules(line: &str) -> impl Iterator<Item = String> + '_ {
+        line.match_indices("crate::")
+            .map(move |(i, _)| {
+                line[i + "crate::".len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect::<String>()
+            })
+            .filter(|m| !m.is_empty())
+    }
+
+    /// Which top-level modules each top-level module's code (tests and comments aside)
+    /// names through `crate::`.
+    fn imports() -> BTreeMap<String, BTreeSet<String>> {
         let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for path in files {
-            let rel = path.strip_prefix(&src).expect("under src");
+        for (rel, text) in sources("") {
             let first = rel.components().next().expect("a file").as_os_str();
             let module = first.to_string_lossy().trim_end_matches(".rs").to_string();
-            let text = std::fs::read_to_string(&path).expect("readable source");
             let code = text.split("#[cfg(test)]").next().unwrap_or_default();
             let edges = graph.entry(module.clone()).or_default();
             for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
-                for (i, _) in line.match_indices("crate::") {
-                    let to: String = line[i + "crate::".len()..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                        .collect();
-                    if !to.is_empty() && to != module {
-                        edges.insert(to);
-                    }
-                }
+                edges.extend(crate_modules(line).filter(|to| *to != module));
             }
         }
         graph

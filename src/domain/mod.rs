@@ -39,13 +39,10 @@ mod tests {
             "std::net",
             "std::env",
         ];
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/domain");
-        let mut read = 0;
-        for entry in std::fs::read_dir(&dir).expect("src/domain") {
-            let path = entry.expect("a file of src/domain").path();
-            let source = std::fs::read_to_string(&path).expect("readable source");
+        let files = crate::tests::sources("domain");
+        let read = files.len();
+        for (path, source) in files {
             let text = source.split("#[cfg(test)]").next().unwrap_or_default();
-            read += 1;
             let needles = crates
                 .iter()
                 .map(|c| format!("{c}::"))
@@ -53,7 +50,7 @@ mod tests {
             for needle in needles {
                 assert!(
                     !text.contains(&needle),
-                    "{} uses {needle}: the domain does no I/O",
+                    "src/{} uses {needle}: the domain does no I/O",
                     path.display()
                 );
             }

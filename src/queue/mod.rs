@@ -308,26 +308,14 @@ async fn subscribed<H, F, Fut>(
 
 #[cfg(test)]
 mod tests {
-    fn sources_outside_the_queue(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
-        for entry in std::fs::read_dir(dir).expect("a source folder") {
-            let path = entry.expect("a source entry").path();
-            if path.is_dir() {
-                if path != std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/queue") {
-                    sources_outside_the_queue(&path, out);
-                }
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                out.push(path);
-            }
-        }
-    }
-
     /// Only the queue worker takes deliveries and settles them: everybody else sees
     /// jobs and outcomes.
     #[test]
     fn only_the_queue_worker_touches_deliveries() {
-        let mut files = Vec::new();
-        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        sources_outside_the_queue(&src, &mut files);
+        let files: Vec<_> = crate::tests::sources("")
+            .into_iter()
+            .filter(|(path, _)| !path.starts_with("queue"))
+            .collect();
         assert!(files.len() > 50, "read only {} files", files.len());
         let names = [
             "lapin::message",
@@ -340,13 +328,12 @@ mod tests {
             "basic_nack",
             "basic_reject",
         ];
-        for path in files {
-            let text = std::fs::read_to_string(&path).expect("readable source");
+        for (path, text) in files {
             for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
                 for name in &names {
                     assert!(
                         !line.contains(name),
-                        "{} names {name}: deliveries belong to src/queue",
+                        "src/{} names {name}: deliveries belong to src/queue",
                         path.display()
                     );
                 }

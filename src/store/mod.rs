@@ -222,34 +222,20 @@ mod tests {
         v.iter().map(|v| (*v, format!("m{v}"))).collect()
     }
 
-    /// Every source file outside `src/store`, recursively.
-    fn sources_outside_the_store(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
-        for entry in std::fs::read_dir(dir).expect("a source folder") {
-            let path = entry.expect("a source entry").path();
-            if path.is_dir() {
-                if !path.ends_with("store") {
-                    sources_outside_the_store(&path, out);
-                }
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                out.push(path);
-            }
-        }
-    }
-
     #[test]
     fn only_the_store_runs_sql() {
-        let mut files = Vec::new();
-        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        sources_outside_the_store(&src, &mut files);
+        let files: Vec<_> = crate::tests::sources("")
+            .into_iter()
+            .filter(|(path, _)| !path.starts_with("store"))
+            .collect();
         assert!(files.len() > 50, "read only {} files", files.len());
         // `sqlx::query` also covers `query_as`, `query_scalar` and their `_with` forms.
         let calls = ["sqlx::query", "sqlx::raw_sql", "QueryBuilder"];
-        for path in files {
-            let text = std::fs::read_to_string(&path).expect("readable source");
+        for (path, text) in files {
             for call in &calls {
                 assert!(
                     !text.contains(call),
-                    "{} calls {call}: SQL belongs in src/store",
+                    "src/{} calls {call}: SQL belongs in src/store",
                     path.display()
                 );
             }
@@ -261,22 +247,16 @@ mod tests {
     /// sealing), so no import goes from the store back up.
     #[test]
     fn the_store_imports_nothing_above_it() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store");
-        let allowed = ["store", "domain", "config", "crypto"];
-        let mut read = 0;
-        for entry in std::fs::read_dir(&dir).expect("src/store") {
-            let path = entry.expect("a directory entry").path();
-            let text = std::fs::read_to_string(&path).expect("readable source");
-            read += 1;
+        // `tests`: the layout tests' helpers, which exist in test builds only.
+        let allowed = ["store", "domain", "config", "crypto", "tests"];
+        let files = crate::tests::sources("store");
+        let read = files.len();
+        for (path, text) in files {
             for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
-                for (i, _) in line.match_indices("crate::") {
-                    let module: String = line[i + "crate::".len()..]
-                        .chars()
-                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                        .collect();
+                for module in crate::tests::crate_modules(line) {
                     assert!(
-                        module.is_empty() || allowed.contains(&module.as_str()),
-                        "{} uses crate::{module}: the store may use only {allowed:?}",
+                        allowed.contains(&module.as_str()),
+                        "src/{} uses crate::{module}: the store may use only {allowed:?}",
                         path.display()
                     );
                 }
