@@ -5,10 +5,40 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::AppState;
+use crate::discord::Bot;
+use crate::discord::client::{TokenSet, User};
 use crate::outbox::queue_sync;
 use crate::store::links::LinkRow;
 use crate::store::{grants, links};
 use crate::sync::worker::revoke_tokens;
+
+/// The link row of the account a customer of `business` just authorized with `bot`:
+/// Discord's tokens sealed for the customer's row, expiring with the access token,
+/// issued by `bot`'s application.
+pub fn authorized_row(
+    st: &AppState,
+    bot: &Bot,
+    (business, customer): (&str, &str),
+    user: &User,
+    tokens: &TokenSet,
+    now: DateTime<Utc>,
+) -> LinkRow {
+    LinkRow::new(
+        business,
+        customer,
+        user.id.to_string(),
+        links::SealedTokens::seal(
+            &st.cipher,
+            business,
+            customer,
+            &tokens.access_token,
+            tokens.refresh_token.as_ref(),
+        ),
+        now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
+        tokens.scope.clone(),
+    )
+    .issued_by(bot.issuer())
+}
 
 /// What linking an account changed.
 pub struct Linked {

@@ -24,14 +24,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::accounts::{Linked, link_account, revoke_left_tokens};
+use super::accounts::{Linked, authorized_row, link_account, revoke_left_tokens};
 use super::limits::ClientIp;
 use crate::crypto::StateError;
 use crate::discord::DiscordError;
 use crate::domain::Snowflake;
 use crate::domain::{Grant, GrantStatus};
 use crate::grants::link::{GrantState, LinkBuilder};
-use crate::store::links;
 use crate::store::links::LinkRow;
 use crate::store::{entitlements, grants as grant_store, guilds};
 
@@ -404,21 +403,14 @@ async fn record_link(
     if grant.oauth_nonce != nonce {
         return Err(Page::Used);
     }
-    let row = LinkRow::new(
-        &grant.business_id,
-        &grant.customer_id,
-        user.id.to_string(),
-        links::SealedTokens::seal(
-            &st.cipher,
-            &grant.business_id,
-            &grant.customer_id,
-            &tokens.access_token,
-            tokens.refresh_token.as_ref(),
-        ),
-        now + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
-        tokens.scope.clone(),
-    )
-    .issued_by(bot.issuer());
+    let row = authorized_row(
+        st,
+        bot,
+        (&grant.business_id, &grant.customer_id),
+        user,
+        tokens,
+        now,
+    );
     grant_store::set_nonce(
         &mut tx,
         &grant.id,

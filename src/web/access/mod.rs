@@ -44,7 +44,6 @@ use crate::store::access as db;
 use crate::store::email as settings_db;
 use crate::store::grants as grant_store;
 use crate::store::history;
-use crate::store::links;
 use crate::store::links::LinkRow;
 use crate::web::AppState;
 use crate::web::accounts::{Linked, link_account, revoke_left_tokens};
@@ -453,10 +452,19 @@ pub async fn switch_returned(
 
 /// The account a customer authorized on Discord, with its tokens sealed for their link.
 struct Chosen {
-    account: Account,
-    username: String,
-    global_name: Option<String>,
+    user: crate::discord::client::User,
     row: LinkRow,
+}
+
+impl Chosen {
+    /// The account as the pages show it.
+    fn account(&self) -> Account {
+        Account {
+            id: self.user.id.to_string(),
+            username: Some(self.user.username.clone()),
+            global_name: self.user.global_name.clone(),
+        }
+    }
 }
 
 /// Exchanges the authorization `code` with the business's bot and reads whose it is.
@@ -486,31 +494,9 @@ async fn chosen_account(
         tracing::warn!(error = %e, "account switch: Discord did not answer");
         unavailable()
     })?;
-    let row = LinkRow::new(
-        &who.b,
-        &who.c,
-        user.id.to_string(),
-        links::SealedTokens::seal(
-            &st.cipher,
-            &who.b,
-            &who.c,
-            &tokens.access_token,
-            tokens.refresh_token.as_ref(),
-        ),
-        Utc::now() + chrono::Duration::from_std(tokens.expires_in).unwrap_or_default(),
-        tokens.scope.clone(),
-    )
-    .issued_by(bot.issuer());
-    Ok(Chosen {
-        account: Account {
-            id: user.id.to_string(),
-            username: Some(user.username.clone()),
-            global_name: user.global_name.clone(),
-        },
-        username: user.username,
-        global_name: user.global_name,
-        row,
-    })
+    let row =
+        super::accounts::authorized_row(st, &bot, (&who.b, &who.c), &user, &tokens, Utc::now());
+    Ok(Chosen { user, row })
 }
 
 /// What the chosen account means for the customer's link: with nothing linked, or the
@@ -533,15 +519,16 @@ async fn pend_switch(
             username,
             global_name,
         });
+    let account = chosen.account();
     let now_account = match current {
-        Some(a) if a.id != chosen.account.id => a,
+        Some(a) if a.id != account.id => a,
         other => {
-            let names = (chosen.username.as_str(), chosen.global_name.as_deref());
+            let user = &chosen.user;
+            let names = (user.username.as_str(), user.global_name.as_deref());
             link_account(&mut tx, &chosen.row, names, None, now)
                 .await
                 .map_err(|e| failed(e, lang))?;
             tx.commit().await.map_err(|e| failed(e, lang))?;
-            let account = chosen.account;
             let page = match other {
                 Some(_) => Page::Same { account, back },
                 None => Page::Switched { account, back },
@@ -554,9 +541,9 @@ async fn pend_switch(
         id: crate::domain::ids::mint("asw"),
         business_id: who.b.clone(),
         customer_id: who.c.clone(),
-        discord_user_id: chosen.account.id.clone(),
-        username: chosen.username,
-        global_name: chosen.global_name,
+        discord_user_id: account.id.clone(),
+        username: chosen.user.username,
+        global_name: chosen.user.global_name,
         access_token_enc: row.access_token_enc,
         refresh_token_enc: row.refresh_token_enc,
         token_key_id: row.token_key_id.unwrap_or_default(),
@@ -580,7 +567,7 @@ async fn pend_switch(
     Ok(Shown {
         page: Page::Confirm {
             now: now_account,
-            new: chosen.account,
+            new: account,
             confirmation,
             back,
         },
