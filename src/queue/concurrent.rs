@@ -27,6 +27,15 @@ pub(super) async fn consume<H: Concurrent>(
     // Set by a job that could not settle: the channel is unusable; the jobs in hand
     // finish and the loop subscribes again, so the broker redelivers what it held.
     let broken = CancellationToken::new();
+    // What every job's task needs of the loop, shared: a job costs one reference.
+    let shared = Arc::new(Task {
+        handler: handler.clone(),
+        names: names.clone(),
+        queue: queue.to_string(),
+        publisher,
+        shutdown: shutdown.clone(),
+        broken: broken.clone(),
+    });
     let mut tasks = JoinSet::new();
     let ended = loop {
         while tasks.try_join_next().is_some() {}
@@ -48,21 +57,13 @@ pub(super) async fn consume<H: Concurrent>(
         };
         let job = Job::of(&delivery);
         let arrival = handler.arrive(&job);
-        let task = Task {
-            handler: handler.clone(),
-            names: names.clone(),
-            queue: queue.to_string(),
-            publisher: publisher.clone(),
-            shutdown: shutdown.clone(),
-            broken: broken.clone(),
-        };
-        tasks.spawn(task.run(delivery, job, arrival, slot));
+        tasks.spawn(shared.clone().run(delivery, job, arrival, slot));
     };
     while tasks.join_next().await.is_some() {}
     ended
 }
 
-/// What one job's task needs of the loop.
+/// What a job's task needs of the loop: one per subscription, shared by its jobs.
 struct Task<H> {
     handler: H,
     names: Names,
@@ -74,7 +75,7 @@ struct Task<H> {
 
 impl<H: Concurrent> Task<H> {
     async fn run(
-        self,
+        self: Arc<Self>,
         delivery: Delivery,
         job: Job,
         arrival: H::Arrival,
