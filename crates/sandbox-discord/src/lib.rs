@@ -126,7 +126,9 @@
 //!   `retry_after` and `X-RateLimit-Reset-After` carry millisecond precision.
 //! * A shared-scope 429 (forced) blocks that bucket for its retry-after; a
 //!   request arriving during any advertised wait (Remaining 0 until reset, or
-//!   a 429's retry-after) counts as a violation. Forced 429s themselves never
+//!   a 429's retry-after) counts as a violation, once the answer that advertised
+//!   it could have been read: its latency plus [`ANSWER_TRANSIT`] after it was
+//!   handled. Forced 429s themselves never
 //!   do, and shared-scope 429s are excluded from `invalid_requests` as on
 //!   Discord.
 //! * Codes are consumed by any exchange attempt of their application that
@@ -163,7 +165,7 @@ pub use config::{
 };
 pub use consent::{Consent, ConsentError};
 pub use model::{GuildIds, GuildSpec, MemberView, RoleSpec, RoleView, UserSpec, permissions};
-pub use ratelimit::RateLimitScope;
+pub use ratelimit::{ANSWER_TRANSIT, RateLimitScope};
 pub use state::{AppCredentials, RequestRecord, Stats, TokenGrant};
 
 use model::{Guild, Member, Role, User};

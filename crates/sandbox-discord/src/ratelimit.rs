@@ -8,6 +8,12 @@ use tokio::time::Instant;
 
 use crate::config::{BucketLimit, ForcedRateLimit, ForcedScope, RateLimitConfig, RouteKind};
 
+/// How long after an answer leaves the client is taken to know what it says: the way
+/// back and the reading. A request arriving sooner was sent before the client could
+/// have held it back (on a busy machine the answer itself leaves a few milliseconds
+/// after its latency), so it is not counted as a violation.
+pub const ANSWER_TRANSIT: Duration = Duration::from_millis(20);
+
 /// Who a limit applies to (Discord limits per bot token / per user token).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Principal {

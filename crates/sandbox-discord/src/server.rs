@@ -495,7 +495,7 @@ async fn api(
             major: ep.major(),
             principal: &principal,
             global: !matches!(caller, Caller::Anonymous),
-            answered_at: Instant::now() + info.delay,
+            answered_at: Instant::now() + info.delay + ratelimit::ANSWER_TRANSIT,
         },
     );
     st.count_violations(

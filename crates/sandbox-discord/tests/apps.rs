@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{Api, client, expect_error, header, param, relaxed};
 use reqwest::Method;
 use sandbox_discord::{
-    Consent, ConsentError, ForcedRateLimit, GuildIds, GuildSpec, Sandbox, UserSpec,
+    ANSWER_TRANSIT, Consent, ConsentError, ForcedRateLimit, GuildIds, GuildSpec, Sandbox, UserSpec,
     permissions as p,
 };
 use serde_json::{Value, json};
@@ -123,7 +123,8 @@ async fn each_bot_has_its_own_global_limit_and_counters() {
         );
     }
     assert_eq!(get_guild(&api_b, ids.guild_id).await.status(), 429);
-    // Sent into the exhausted global window: a violation of A only.
+    // Sent into the exhausted global window once A could know it: a violation of A only.
+    tokio::time::sleep(ANSWER_TRANSIT).await;
     assert_eq!(get_guild(&api_a, ids.guild_id).await.status(), 429);
 
     let a = sb.app_stats(sb.client_id());
