@@ -417,6 +417,8 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
     let wal_before = Wal::now(&pool).await;
     let cpu_before = Cpu::now();
     let started = Instant::now();
+    // On stderr, for a profiler to start on (docs/benchmarks.md, "Where ingest's cost goes").
+    eprintln!("guildgate phase: publishing {n} events");
     publish_all(&ch, &settings.amqp.exchange, msgs, &mut sent).await;
     while (metrics.events_settled.load(Ordering::Relaxed) as usize) < n {
         tokio::time::sleep(Duration::from_millis(5)).await;
