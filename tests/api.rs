@@ -3159,6 +3159,21 @@ async fn grants_always_have_a_brand_and_a_null_feature() {
     w.app.wait_processed(3).await;
     let third = grant_of("cus_3").await;
     assert_eq!(third["brand_id"], "brd_3hQp");
+    // The newest grant of the business decides, whichever entitlement it is of.
+    let other = create_entitlement(&c, g.guild_id, None).await;
+    let other_id = other["id"].as_str().unwrap();
+    c.put(
+        "/products/pdt_2/entitlements",
+        json!({"entitlements": [{"entitlement_id": other_id}]}),
+    )
+    .await;
+    let mut branded = payment("bus_A", "pay_4", "cus_4", &["pdt_2"], T0);
+    branded["data"]["brand_id"] = json!("brd_other");
+    w.app.publish(&branded, "evt_4").await;
+    w.app.wait_processed(4).await;
+    w.app.publish(&brandless("pay_5", "cus_5"), "evt_5").await;
+    w.app.wait_processed(5).await;
+    assert_eq!(grant_of("cus_5").await["brand_id"], "brd_other");
 
     // The platform's key order, `feature` included, in the API and in webhooks.
     let order = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();

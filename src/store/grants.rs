@@ -112,6 +112,27 @@ pub async fn insert(conn: &mut PgConnection, g: NewGrant<'_>) -> Result<Grant, s
     .await
 }
 
+/// A scalar subquery: the brand of the newest grant (by creation, then id) of the
+/// business `$business` names, NULL before it has any. A grant names an entitlement of
+/// its own business (a foreign key), so it is the newest of the business's entitlements'
+/// newest grants, each one step down `grants_entitlement_created`: no index by business
+/// and time is kept for this lookup, which only events naming no brand and the product
+/// listing need, while every grant written would pay for one.
+macro_rules! newest_grant_brand {
+    ($business:literal) => {
+        concat!(
+            "(SELECT g.brand_id FROM entitlements e
+               CROSS JOIN LATERAL (SELECT brand_id, created_at, id FROM grants
+                                   WHERE entitlement_id = e.id
+                                   ORDER BY created_at DESC, id DESC LIMIT 1) g
+               WHERE e.business_id = ",
+            $business,
+            " ORDER BY g.created_at DESC, g.id DESC LIMIT 1)"
+        )
+    };
+}
+pub(crate) use newest_grant_brand;
+
 /// The business's most recent brand: that of its newest grant, or, before it has any,
 /// the business's own id, which on the platform is the id of a business's default brand.
 /// What a product shows, and what a grant gets when its event names no brand.
@@ -119,12 +140,11 @@ pub async fn business_brand(
     conn: &mut PgConnection,
     business_id: &str,
 ) -> Result<String, sqlx::Error> {
-    let latest: Option<String> = sqlx::query_scalar(
-        "SELECT brand_id FROM grants WHERE business_id = $1 ORDER BY created_at DESC, id DESC LIMIT 1",
-    )
-    .bind(business_id)
-    .fetch_optional(conn)
-    .await?;
+    // One row always: the subquery is NULL before the business has a grant.
+    let latest: Option<String> = sqlx::query_scalar(concat!("SELECT ", newest_grant_brand!("$1")))
+        .bind(business_id)
+        .fetch_one(conn)
+        .await?;
     Ok(latest.unwrap_or_else(|| business_id.to_string()))
 }
 

@@ -171,7 +171,7 @@ struct FactRow {
 /// Every fact of [`FactKeys`], one part per kind, in one round trip. Each part is read
 /// as its own query would be: the `= ANY` restrictions let the planner use the indexes,
 /// the pair tests keep an id from matching under another business.
-const FACTS: &str = "
+const FACTS: &str = concat!("
     SELECT 'p'::text AS kind, event_id AS a, NULL::text AS b, NULL::text AS c, NULL::int AS n,
            NULL::timestamptz AS at, NULL::timestamptz AS at2, NULL::text[] AS ids
     FROM processed_events WHERE event_id = ANY($1)
@@ -205,12 +205,13 @@ const FACTS: &str = "
     WHERE customer_id = ANY($9)
       AND (business_id, customer_id) IN (SELECT * FROM unnest($8::text[], $9::text[]))
     UNION ALL
-    SELECT 'd', b, (SELECT brand_id FROM grants WHERE business_id = b
-                    ORDER BY created_at DESC, id DESC LIMIT 1), NULL, NULL, NULL, NULL, NULL
+    SELECT 'd', b, ",
+    super::grants::newest_grant_brand!("b"),
+    ", NULL, NULL, NULL, NULL, NULL
     FROM unnest($11::text[]) AS b
     UNION ALL
     SELECT 'g', business_id, id, NULL, grace_period_days, NULL, NULL, NULL
-    FROM entitlements WHERE business_id = ANY($7) AND grace_period_days IS NOT NULL";
+    FROM entitlements WHERE business_id = ANY($7) AND grace_period_days IS NOT NULL");
 
 /// Reads the facts of a batch's keys, in one statement. Product entitlements come in
 /// attachment order per (business, product), reversals oldest first per payment.
