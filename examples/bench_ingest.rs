@@ -12,11 +12,12 @@
 //! phases also report the CPU the whole machine spent per 1,000 events, which varies
 //! less between runs than throughput on a shared 2-core machine.
 //!
-//! Each round (`--rounds`, 3) has its own database, exchange and queues; the summary and
+//! Each round (`--rounds`, 5) has its own database, exchange and queues; the summary and
 //! the last line (JSON) give medians, and the ratio is the median of the rounds' own
-//! ratios. The database first gets `--history` (100,000) earlier events' rows and an
-//! ANALYZE, as a deployment that has run for a while has; `--history 0` measures a cold
-//! start on empty tables instead.
+//! ratios. A round's database is a copy of one seeded once per run with `--history`
+//! (100,000) earlier events' rows and an ANALYZE, as a deployment that has run for a
+//! while has, so rounds are short and start alike; `--history 0` measures a cold start on
+//! empty tables instead.
 //!
 //! Uses `GUILDGATE_TEST_DATABASE_URL` / `GUILDGATE_TEST_AMQP_URL` like the tests and
 //! deletes its database, queues and exchanges at the end of each round. `--no-relay`
@@ -79,14 +80,14 @@ impl Args {
         };
         if args.iter().any(|a| a == "--help" || a == "-h") {
             println!(
-                "bench_ingest [--events N (50000)] [--rounds N (3)] [--history N (100000)] [--no-relay] [--plain-baseline]\n\
+                "bench_ingest [--events N (50000)] [--rounds N (5)] [--history N (100000)] [--no-relay] [--plain-baseline]\n\
                  Tuning from the environment: GUILDGATE_AMQP__*, GUILDGATE_OUTBOX__*, GUILDGATE_DATABASE__MAX_CONNECTIONS."
             );
             std::process::exit(0);
         }
         Args {
             events: num("--events", 50_000),
-            rounds: num("--rounds", 3).max(1),
+            rounds: num("--rounds", 5).max(1),
             history: num("--history", 100_000),
             relay: !args.iter().any(|a| a == "--no-relay"),
             plain_baseline: args.iter().any(|a| a == "--plain-baseline"),
@@ -136,9 +137,10 @@ async fn main() {
     let args = Args::parse();
     let business = "bus_bench";
     let msgs = workload(args.events, business);
+    let seeded = Seeded::create(&args, business).await;
     let mut rounds = Vec::new();
     for r in 1..=args.rounds {
-        let round = round(&args, &msgs, business).await;
+        let round = round(&args, &msgs, &seeded).await;
         let cpu = |c: Option<f64>| c.map_or("-".to_string(), |c| format!("{c:.0}"));
         println!(
             "round {r}: guildgate {:.0} events/s (CPU {} ms per 1,000 events, {} in this process), baseline {:.0} events/s (before {:.0}, after {:.0}; CPU {} ms, {} in this process), ratio {:.2}, p50 {:.0} ms, p99 {:.0} ms, {} events per transaction, outbox rows left {}, WAL per event {:.1} records ({:.2} full pages), {:.0} bytes{}",
@@ -169,6 +171,7 @@ async fn main() {
         );
         rounds.push(round);
     }
+    seeded.drop().await;
     let med = |f: &dyn Fn(&Round) -> f64| median(&mut rounds.iter().map(f).collect::<Vec<_>>());
     let med_opt = |f: &dyn Fn(&Round) -> Option<f64>| {
         let mut xs: Vec<f64> = rounds.iter().filter_map(f).collect();
@@ -364,21 +367,64 @@ async fn baseline(
     (n as f64 / secs, cpu)
 }
 
-/// One round on its own database, exchange and queues: the baseline, guildgate, the
-/// baseline again.
-async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
-    let n = args.events;
-    let db_base = std::env::var("GUILDGATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let tag: String = rand::rng()
+/// The server the rounds' databases are on (a URL without a database).
+fn db_base() -> String {
+    std::env::var("GUILDGATE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// A short random name part, so that runs side by side do not meet.
+fn tag() -> String {
+    rand::rng()
         .sample_iter(&rand::distr::Alphanumeric)
         .take(8)
         .map(char::from)
         .collect::<String>()
-        .to_lowercase();
+        .to_lowercase()
+}
+
+/// The database every round starts from: guildgate's schema, the business and its
+/// entitlements, `--history` earlier events' rows and their statistics. Seeded once
+/// (most of a round's time otherwise) and copied for each round, so rounds are short
+/// and start from the same state.
+struct Seeded {
+    name: String,
+}
+
+impl Seeded {
+    async fn create(args: &Args, business: &str) -> Seeded {
+        let name = format!("ggbench_{}_seed", tag());
+        let admin = world::create_database(&db_base(), &name).await;
+        let pool = sqlx::PgPool::connect(&format!("{}/{name}", db_base()))
+            .await
+            .unwrap();
+        guildgate::store::migrate(&pool).await.unwrap();
+        let ents = workload::setup(&pool, business).await;
+        workload::seed_history(&pool, business, &ents, args.history).await;
+        // A template must have no connections when it is copied.
+        pool.close().await;
+        let _ = sqlx::Connection::close(admin).await;
+        Seeded { name }
+    }
+
+    async fn drop(self) {
+        let mut admin =
+            <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{}/postgres", db_base()))
+                .await
+                .unwrap();
+        world::drop_database(&mut admin, &self.name).await;
+    }
+}
+
+/// One round on its own database (a copy of the seeded one), exchange and queues: the
+/// baseline, guildgate, the baseline again.
+async fn round(args: &Args, msgs: &[Msg], seeded: &Seeded) -> Round {
+    let n = args.events;
+    let db_base = db_base();
+    let tag = tag();
     let db_name = format!("ggbench_{tag}");
     let prefix = format!("ggbench-{tag}");
-    let mut admin = world::create_database(&db_base, &db_name).await;
+    let mut admin = world::clone_database(&db_base, &db_name, &seeded.name).await;
     let settings = Settings::load_with_env(
         None,
         Some(bench_env(&format!("{db_base}/{db_name}"), &prefix)),
@@ -404,10 +450,6 @@ async fn round(args: &Args, msgs: &[Msg], business: &str) -> Round {
         ..Options::default()
     };
     let app = App::build(settings.clone(), options).await.unwrap();
-    {
-        let ents = workload::setup(&app.pool, business).await;
-        workload::seed_history(&app.pool, business, &ents, args.history).await;
-    }
     let pool = app.pool.clone();
     let metrics = app.metrics.clone();
     let shutdown = CancellationToken::new();

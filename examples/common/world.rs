@@ -44,6 +44,27 @@ pub async fn create_database(base: &str, name: &str) -> sqlx::PgConnection {
     admin
 }
 
+/// Like [`create_database`], as a copy of `template` (a database nobody is connected
+/// to): a benchmark seeds one database once and gives each round a copy of it.
+pub async fn clone_database(base: &str, name: &str, template: &str) -> sqlx::PgConnection {
+    use sqlx::Connection as _;
+    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
+        .await
+        .expect("PostgreSQL must be running (see README)");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE {name} TEMPLATE {template}"
+    )))
+    .execute(&mut admin)
+    .await
+    .expect("CREATE DATABASE … TEMPLATE");
+    // The copy is written to the WAL, and an idle backend reports its WAL statistics up
+    // to ten seconds late: closed, it reports them now, before anything is measured.
+    let _ = admin.close().await;
+    sqlx::PgConnection::connect(&format!("{base}/postgres"))
+        .await
+        .expect("PostgreSQL must be running (see README)")
+}
+
 /// Drops a benchmark's database `name` (best effort: the run's figures are printed
 /// whether or not it goes).
 pub async fn drop_database(admin: &mut sqlx::PgConnection, name: &str) {
