@@ -349,10 +349,12 @@ async fn baseline(
     let mut sent = HashMap::new();
     let cpu_before = Cpu::now();
     let started = Instant::now();
+    eprintln!("{label}: publishing {n} events");
     publish_all(&ch, &baseline_exchange, &baseline_msgs, &mut sent).await;
     while acked.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    eprintln!("{label}: all acked");
     let secs = started.elapsed().as_secs_f64();
     let cpu = Cpu::ms_per_k_since(cpu_before, n as u64);
     stop.cancel();
@@ -459,12 +461,14 @@ async fn round(args: &Args, msgs: &[Msg], seeded: &Seeded) -> Round {
     let wal_before = Wal::now(&pool).await;
     let cpu_before = Cpu::now();
     let started = Instant::now();
-    // On stderr, for a profiler to start on (docs/benchmarks.md, "Where ingest's cost goes").
+    // On stderr, as the baseline's, for a profiler to start and stop on
+    // (docs/benchmarks.md, "Where ingest's cost goes").
     eprintln!("guildgate phase: publishing {n} events");
     publish_all(&ch, &settings.amqp.exchange, msgs, &mut sent).await;
     while (metrics.events_settled.load(Ordering::Relaxed) as usize) < n {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    eprintln!("guildgate phase: all settled");
     let secs = started.elapsed().as_secs_f64();
     let cpu = Cpu::ms_per_k_since(cpu_before, n as u64);
     let events_per_batch = metric_value(&metrics.render(), "guildgate_event_batch_seconds_count")
