@@ -410,11 +410,7 @@ impl Seeded {
     }
 
     async fn drop(self) {
-        let mut admin =
-            <sqlx::PgConnection as sqlx::Connection>::connect(&format!("{}/postgres", db_base()))
-                .await
-                .unwrap();
-        world::drop_database(&mut admin, &self.name).await;
+        world::drop_database(&mut world::admin(&db_base()).await, &self.name).await;
     }
 }
 

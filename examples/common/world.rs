@@ -30,39 +30,40 @@ pub fn bench_env(
     ]
 }
 
-/// Creates a benchmark's database `name` on the server at `base` (a URL without a
-/// database); returns the admin connection that drops it at the end.
-pub async fn create_database(base: &str, name: &str) -> sqlx::PgConnection {
+/// A connection to the server at `base` (a URL without a database), to its `postgres`
+/// database: what creates and drops a benchmark's databases.
+pub async fn admin(base: &str) -> sqlx::PgConnection {
     use sqlx::Connection as _;
-    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
+    sqlx::PgConnection::connect(&format!("{base}/postgres"))
         .await
-        .expect("PostgreSQL must be running (see README)");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .expect("PostgreSQL must be running (see README)")
+}
+
+/// Runs `create` (a `CREATE DATABASE`) on a new admin connection and returns it.
+async fn create(base: &str, create: String) -> sqlx::PgConnection {
+    let mut admin = admin(base).await;
+    sqlx::query(sqlx::AssertSqlSafe(create.clone()))
         .execute(&mut admin)
         .await
-        .expect("CREATE DATABASE");
+        .unwrap_or_else(|e| panic!("{create}: {e}"));
     admin
+}
+
+/// Creates a benchmark's database `name` on the server at `base`; returns the admin
+/// connection that drops it at the end.
+pub async fn create_database(base: &str, name: &str) -> sqlx::PgConnection {
+    create(base, format!("CREATE DATABASE {name}")).await
 }
 
 /// Like [`create_database`], as a copy of `template` (a database nobody is connected
 /// to): a benchmark seeds one database once and gives each round a copy of it.
 pub async fn clone_database(base: &str, name: &str, template: &str) -> sqlx::PgConnection {
     use sqlx::Connection as _;
-    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
-        .await
-        .expect("PostgreSQL must be running (see README)");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "CREATE DATABASE {name} TEMPLATE {template}"
-    )))
-    .execute(&mut admin)
-    .await
-    .expect("CREATE DATABASE … TEMPLATE");
+    let copied = create(base, format!("CREATE DATABASE {name} TEMPLATE {template}")).await;
     // The copy is written to the WAL, and an idle backend reports its WAL statistics up
     // to ten seconds late: closed, it reports them now, before anything is measured.
-    let _ = admin.close().await;
-    sqlx::PgConnection::connect(&format!("{base}/postgres"))
-        .await
-        .expect("PostgreSQL must be running (see README)")
+    let _ = copied.close().await;
+    admin(base).await
 }
 
 /// Drops a benchmark's database `name` (best effort: the run's figures are printed
