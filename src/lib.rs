@@ -58,6 +58,17 @@ mod tests {
             .collect()
     }
 
+    /// Every source file outside `src/<owner>`: where a layout test looks for what only
+    /// `owner` may do. Fails if it read too few files to mean anything.
+    pub(crate) fn sources_outside(owner: &str) -> Vec<(PathBuf, String)> {
+        let files: Vec<_> = sources("")
+            .into_iter()
+            .filter(|(path, _)| !path.starts_with(owner))
+            .collect();
+        assert!(files.len() > 50, "read only {} files", files.len());
+        files
+    }
+
     /// The top-level modules a line names through `crate::`.
     pub(crate) fn crate_modules(line: &str) -> impl Iterator<Item = String> + '_ {
         line.match_indices("crate::")
