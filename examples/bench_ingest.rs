@@ -137,7 +137,7 @@ async fn main() {
     let args = Args::parse();
     let business = "bus_bench";
     let msgs = workload(args.events, business);
-    let seeded = Seeded::create(&args, business).await;
+    let seeded = seed(&args, business).await;
     let mut rounds = Vec::new();
     for r in 1..=args.rounds {
         let round = round(&args, &msgs, &seeded).await;
@@ -171,7 +171,7 @@ async fn main() {
         );
         rounds.push(round);
     }
-    seeded.drop().await;
+    seeded.drop_db().await;
     let med = |f: &dyn Fn(&Round) -> f64| median(&mut rounds.iter().map(f).collect::<Vec<_>>());
     let med_opt = |f: &dyn Fn(&Round) -> Option<f64>| {
         let mut xs: Vec<f64> = rounds.iter().filter_map(f).collect();
@@ -389,45 +389,26 @@ fn tag() -> String {
 /// entitlements, `--history` earlier events' rows and their statistics. Seeded once
 /// (most of a round's time otherwise) and copied for each round, so rounds are short
 /// and start from the same state.
-struct Seeded {
-    name: String,
-}
-
-impl Seeded {
-    async fn create(args: &Args, business: &str) -> Seeded {
-        let name = format!("ggbench_{}_seed", tag());
-        let admin = world::create_database(&db_base(), &name).await;
-        let pool = sqlx::PgPool::connect(&format!("{}/{name}", db_base()))
-            .await
-            .unwrap();
-        guildgate::store::migrate(&pool).await.unwrap();
-        let ents = workload::setup(&pool, business).await;
-        workload::seed_history(&pool, business, &ents, args.history).await;
-        // A template must have no connections when it is copied.
-        pool.close().await;
-        let _ = sqlx::Connection::close(admin).await;
-        Seeded { name }
-    }
-
-    async fn drop(self) {
-        world::drop_database(&mut world::admin(&db_base()).await, &self.name).await;
-    }
+async fn seed(args: &Args, business: &str) -> world::Database {
+    let db = world::Database::new(&db_base(), &format!("ggbench_{}_seed", tag())).await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    guildgate::store::migrate(&pool).await.unwrap();
+    let ents = workload::setup(&pool, business).await;
+    workload::seed_history(&pool, business, &ents, args.history).await;
+    // A template must have no connections when it is copied.
+    pool.close().await;
+    db
 }
 
 /// One round on its own database (a copy of the seeded one), exchange and queues: the
 /// baseline, guildgate, the baseline again.
-async fn round(args: &Args, msgs: &[Msg], seeded: &Seeded) -> Round {
+async fn round(args: &Args, msgs: &[Msg], seeded: &world::Database) -> Round {
     let n = args.events;
     let db_base = db_base();
     let tag = tag();
-    let db_name = format!("ggbench_{tag}");
     let prefix = format!("ggbench-{tag}");
-    let mut admin = world::clone_database(&db_base, &db_name, &seeded.name).await;
-    let settings = Settings::load_with_env(
-        None,
-        Some(bench_env(&format!("{db_base}/{db_name}"), &prefix)),
-    )
-    .unwrap();
+    let db = world::Database::copy(&db_base, &format!("ggbench_{tag}"), &seeded.name).await;
+    let settings = Settings::load_with_env(None, Some(bench_env(&db.url, &prefix))).unwrap();
     let amqp_url = secrecy::ExposeSecret::expose_secret(&settings.amqp.url).to_string();
     let conn = Connection::connect(&amqp_url, ConnectionProperties::default())
         .await
@@ -532,7 +513,7 @@ async fn round(args: &Args, msgs: &[Msg], seeded: &Seeded) -> Round {
     // waits for a checkpoint), PostgreSQL's after-work on guildgate's writes
     // (autovacuum, flushing dirty pages) does not slow it down.
     world::delete_topology(&ch, &settings).await;
-    world::drop_database(&mut admin, &db_name).await;
+    db.drop_db().await;
     let after = baseline(&conn, args, msgs, &settings, &prefix, "baseline-after").await;
     let _ = conn.close(200, "done".into()).await;
 

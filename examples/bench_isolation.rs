@@ -141,11 +141,10 @@ async fn main() {
         .map(char::from)
         .collect::<String>()
         .to_lowercase();
-    let db_name = format!("ggbench_{tag}");
     let prefix = format!("ggbench-{tag}");
-    let mut admin = world::create_database(&db_base, &db_name).await;
+    let db = world::Database::new(&db_base, &format!("ggbench_{tag}")).await;
     let env: HashMap<String, String> = [
-        ("GUILDGATE_DATABASE__URL", format!("{db_base}/{db_name}")),
+        ("GUILDGATE_DATABASE__URL", db.url.clone()),
         ("GUILDGATE_AMQP__URL", amqp_url.clone()),
         ("GUILDGATE_AMQP__QUEUE_PREFIX", prefix.clone()),
         ("GUILDGATE_AMQP__EXCHANGE", format!("{prefix}.payments")),
@@ -274,7 +273,7 @@ async fn main() {
     let _ = handle.await;
     world::delete_topology(&ch, &settings).await;
     let _ = conn.close(200, "done".into()).await;
-    world::drop_database(&mut admin, &db_name).await;
+    db.drop_db().await;
     sandbox.shutdown().await;
 
     let outcomes = outcomes.lock().await.clone();

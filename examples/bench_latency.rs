@@ -119,9 +119,8 @@ async fn main() {
     let tag = guildgate::domain::ids::mint("l")
         .to_lowercase()
         .replace('_', "");
-    let db_name = format!("ggbench_{tag}");
     let prefix = format!("ggbench-{tag}");
-    let mut admin = world::create_database(&db_base, &db_name).await;
+    let db = world::Database::new(&db_base, &format!("ggbench_{tag}")).await;
 
     let sandbox = Sandbox::start(SandboxConfig::default()).await;
     let guild = sandbox.add_guild(
@@ -132,22 +131,21 @@ async fn main() {
     let role = guild.role("Patrons");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let env: HashMap<String, String> =
-        world::bench_env(format!("{db_base}/{db_name}"), &amqp_url, &prefix, port)
-            .into_iter()
-            .chain([
-                ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "20".into()),
-                ("GUILDGATE_OAUTH__ADDRESS_ATTEMPTS", "1000000".into()),
-            ])
-            .chain(world::sandbox_env(&sandbox))
-            .map(|(k, v)| (k.to_string(), v))
-            // Tuning knobs can be tried from the environment, e.g. GUILDGATE_OUTBOX__LINGER=0s.
-            .chain(std::env::vars().filter(|(k, _)| {
-                k.starts_with("GUILDGATE_OUTBOX__")
-                    || k == "GUILDGATE_AMQP__BATCH_LINGER"
-                    || k == "GUILDGATE_AMQP__BATCH_SIZE"
-            }))
-            .collect();
+    let env: HashMap<String, String> = world::bench_env(db.url.clone(), &amqp_url, &prefix, port)
+        .into_iter()
+        .chain([
+            ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "20".into()),
+            ("GUILDGATE_OAUTH__ADDRESS_ATTEMPTS", "1000000".into()),
+        ])
+        .chain(world::sandbox_env(&sandbox))
+        .map(|(k, v)| (k.to_string(), v))
+        // Tuning knobs can be tried from the environment, e.g. GUILDGATE_OUTBOX__LINGER=0s.
+        .chain(std::env::vars().filter(|(k, _)| {
+            k.starts_with("GUILDGATE_OUTBOX__")
+                || k == "GUILDGATE_AMQP__BATCH_LINGER"
+                || k == "GUILDGATE_AMQP__BATCH_SIZE"
+        }))
+        .collect();
     let settings = Settings::load_with_env(None, Some(env)).expect("settings");
     let names = Names::from_settings(&settings);
     let app = App::build_with_listener(
@@ -365,7 +363,7 @@ async fn main() {
         world::delete_topology(&ch, &settings).await;
     }
     pool.close().await;
-    world::drop_database(&mut admin, &db_name).await;
+    db.drop_db().await;
     println!(
         "{}",
         json!({

@@ -140,9 +140,8 @@ async fn parent(members: usize) {
     let tag = guildgate::domain::ids::mint("b")
         .to_lowercase()
         .replace('_', "");
-    let db_name = format!("ggbench_{tag}");
-    let mut admin = world::create_database(&db_base, &db_name).await;
-    let db_url = format!("{db_base}/{db_name}");
+    let db = world::Database::new(&db_base, &format!("ggbench_{tag}")).await;
+    let db_url = db.url.clone();
     let pool = sqlx::PgPool::connect(&db_url).await.unwrap();
     store::migrate(&pool).await.unwrap();
 
@@ -244,6 +243,6 @@ async fn parent(members: usize) {
         })
     );
     pool.close().await;
-    world::drop_database(&mut admin, &db_name).await;
+    db.drop_db().await;
     sandbox.shutdown().await;
 }

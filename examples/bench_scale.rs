@@ -210,10 +210,9 @@ async fn round(events: usize, msgs: &[workload::Msg], distinct: usize, n: usize)
     let tag = guildgate::domain::ids::mint("s")
         .to_lowercase()
         .replace('_', "");
-    let db_name = format!("ggbench_{tag}");
     let prefix = format!("ggbench-{tag}");
-    let mut admin = world::create_database(&db_base, &db_name).await;
-    let db_url = format!("{db_base}/{db_name}");
+    let db = world::Database::new(&db_base, &format!("ggbench_{tag}")).await;
+    let db_url = db.url.clone();
     let pool = sqlx::PgPool::connect(&db_url).await.unwrap();
     guildgate::store::migrate(&pool).await.unwrap();
     let ents = workload::setup(&pool, BUSINESS).await;
@@ -318,7 +317,7 @@ async fn round(events: usize, msgs: &[workload::Msg], distinct: usize, n: usize)
     world::delete_topology(&ch, &settings).await;
     let _ = conn.close(200, "done".into()).await;
     pool.close().await;
-    world::drop_database(&mut admin, &db_name).await;
+    db.drop_db().await;
     Outcome {
         replicas: n,
         events_per_s: events as f64 / secs,

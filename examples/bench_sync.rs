@@ -72,8 +72,7 @@ async fn main() {
     let tag = guildgate::domain::ids::mint("b")
         .to_lowercase()
         .replace('_', "");
-    let db_name = format!("ggbench_{tag}");
-    let mut admin = world::create_database(&db_base, &db_name).await;
+    let db = world::Database::new(&db_base, &format!("ggbench_{tag}")).await;
 
     let sandbox = Sandbox::start(
         SandboxConfig::default()
@@ -84,17 +83,16 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let prefix = format!("ggbench-{tag}");
-    let env: HashMap<String, String> =
-        world::bench_env(format!("{db_base}/{db_name}"), &amqp_url, &prefix, port)
-            .into_iter()
-            .chain([
-                ("GUILDGATE_OUTBOX__SWEEP_INTERVAL", "200ms".into()),
-                // Nothing else calls Discord here: the syncer gets the whole global limit.
-                ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "0".into()),
-            ])
-            .chain(world::sandbox_env(&sandbox))
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+    let env: HashMap<String, String> = world::bench_env(db.url.clone(), &amqp_url, &prefix, port)
+        .into_iter()
+        .chain([
+            ("GUILDGATE_OUTBOX__SWEEP_INTERVAL", "200ms".into()),
+            // Nothing else calls Discord here: the syncer gets the whole global limit.
+            ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "0".into()),
+        ])
+        .chain(world::sandbox_env(&sandbox))
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     let settings = Settings::load_with_env(None, Some(env)).expect("settings");
     let app = App::build_with_listener(
         settings.clone(),
@@ -267,7 +265,7 @@ async fn main() {
     shutdown.cancel();
     let _ = app_task.await;
     world::delete_topology(&ch, &settings).await;
-    world::drop_database(&mut admin, &db_name).await;
+    db.drop_db().await;
     for (bot, stats, seconds) in results {
         eprintln!(
             "{bot}: {GRANTS} grants, {GUILDS} guilds, bucket {BUCKET}/s per guild, global {GLOBAL}/s: {} Discord requests, {} violations",

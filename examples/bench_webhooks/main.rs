@@ -38,7 +38,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde_json::json;
-use sqlx::{Connection as _, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 #[path = "../common/measure.rs"]
@@ -304,20 +304,19 @@ async fn main() {
         Some(other) => panic!("unknown argument {other:?}: healthy, slow or none"),
     };
     let rounds: usize = env_or("GUILDGATE_BENCH_ROUNDS", "3").parse().unwrap();
-    let db_name = format!("ggbench_{tag}");
+    let db = world::Database::new(&db_base, &format!("ggbench_{tag}")).await;
     let prefix = format!("ggbench-{tag}");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let env: HashMap<String, String> =
-        world::bench_env(format!("{db_base}/{db_name}"), &amqp_url, &prefix, port)
-            .into_iter()
-            .chain([("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".into())])
-            .map(|(k, v)| (k.to_string(), v))
-            // Tuning knobs can be tried from the environment, e.g. GUILDGATE_WEBHOOKS__WORKERS=128.
-            .chain(std::env::vars().filter(|(k, _)| {
-                k.starts_with("GUILDGATE_WEBHOOKS__") || k.starts_with("GUILDGATE_OUTBOX__")
-            }))
-            .collect();
+    let env: HashMap<String, String> = world::bench_env(db.url.clone(), &amqp_url, &prefix, port)
+        .into_iter()
+        .chain([("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true".into())])
+        .map(|(k, v)| (k.to_string(), v))
+        // Tuning knobs can be tried from the environment, e.g. GUILDGATE_WEBHOOKS__WORKERS=128.
+        .chain(std::env::vars().filter(|(k, _)| {
+            k.starts_with("GUILDGATE_WEBHOOKS__") || k.starts_with("GUILDGATE_OUTBOX__")
+        }))
+        .collect();
     let settings = Settings::load_with_env(None, Some(env)).expect("settings");
     let options = Options {
         consumers: false,
@@ -331,9 +330,7 @@ async fn main() {
     let shutdown = CancellationToken::new();
     let metrics = app.metrics.clone();
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-    let pool = PgPool::connect(&format!("{db_base}/{db_name}"))
-        .await
-        .unwrap();
+    let pool = PgPool::connect(&db.url).await.unwrap();
 
     let counters: Vec<Arc<AtomicU64>> = (0..10).map(|_| Arc::default()).collect();
     let mut urls = Vec::new();
@@ -471,9 +468,7 @@ async fn main() {
         world::delete_topology(&ch, &settings).await;
     }
     pool.close().await;
-    if let Ok(mut admin) = PgConnection::connect(&format!("{db_base}/postgres")).await {
-        world::drop_database(&mut admin, &db_name).await;
-    }
+    db.drop_db().await;
     println!(
         "{}",
         json!({

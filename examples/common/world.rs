@@ -32,48 +32,108 @@ pub fn bench_env(
 
 /// A connection to the server at `base` (a URL without a database), to its `postgres`
 /// database: what creates and drops a benchmark's databases.
-pub async fn admin(base: &str) -> sqlx::PgConnection {
+async fn admin(base: &str) -> sqlx::PgConnection {
     use sqlx::Connection as _;
     sqlx::PgConnection::connect(&format!("{base}/postgres"))
         .await
         .expect("PostgreSQL must be running (see README)")
 }
 
-/// Runs `create` (a `CREATE DATABASE`) on a new admin connection and returns it.
-async fn create(base: &str, create: String) -> sqlx::PgConnection {
-    let mut admin = admin(base).await;
-    sqlx::query(sqlx::AssertSqlSafe(create.clone()))
-        .execute(&mut admin)
+/// A database of a run's own on the server at `base` (a URL without a database),
+/// dropped with it: by [`Database::drop_db`] at the end of the run, or when the value
+/// goes (a run or test that panicked), so no failure leaves one behind.
+pub struct Database {
+    pub name: String,
+    pub url: String,
+    base: String,
+    dropped: std::sync::atomic::AtomicBool,
+}
+
+impl Database {
+    /// Creates database `name`.
+    pub async fn new(base: &str, name: &str) -> Database {
+        Self::run_create(base, name, format!("CREATE DATABASE {name}")).await
+    }
+
+    /// Creates database `name` as a copy of `template` (a database nobody is connected
+    /// to): a benchmark seeds one database once and gives each round a copy of it.
+    pub async fn copy(base: &str, name: &str, template: &str) -> Database {
+        Self::run_create(
+            base,
+            name,
+            format!("CREATE DATABASE {name} TEMPLATE {template}"),
+        )
         .await
-        .unwrap_or_else(|e| panic!("{create}: {e}"));
-    admin
+    }
+
+    async fn run_create(base: &str, name: &str, create: String) -> Database {
+        use sqlx::Connection as _;
+        let mut admin = admin(base).await;
+        sqlx::query(sqlx::AssertSqlSafe(create.clone()))
+            .execute(&mut admin)
+            .await
+            .unwrap_or_else(|e| panic!("{create}: {e}"));
+        // A copy is written to the WAL, and an idle backend reports its WAL statistics
+        // up to ten seconds late: closed, it reports them now, before anything is
+        // measured.
+        let _ = admin.close().await;
+        Database {
+            name: name.to_string(),
+            url: format!("{base}/{name}"),
+            base: base.to_string(),
+            dropped: Default::default(),
+        }
+    }
+
+    /// Drops the database, once. Best effort: a run's figures are printed whether or
+    /// not it goes, and a server that is gone (a test killed it) took it along.
+    pub async fn drop_db(&self) {
+        use sqlx::Connection as _;
+        if self.dropped.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let Ok(mut admin) = sqlx::PgConnection::connect(&format!("{}/postgres", self.base)).await
+        else {
+            return;
+        };
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut admin)
+        .await;
+    }
 }
 
-/// Creates a benchmark's database `name` on the server at `base`; returns the admin
-/// connection that drops it at the end.
-pub async fn create_database(base: &str, name: &str) -> sqlx::PgConnection {
-    create(base, format!("CREATE DATABASE {name}")).await
+impl Drop for Database {
+    fn drop(&mut self) {
+        if *self.dropped.get_mut() {
+            return;
+        }
+        let db = Database {
+            name: std::mem::take(&mut self.name),
+            url: std::mem::take(&mut self.url),
+            base: std::mem::take(&mut self.base),
+            dropped: Default::default(),
+        };
+        *self.dropped.get_mut() = true;
+        block_on_aside(async move { db.drop_db().await });
+    }
 }
 
-/// Like [`create_database`], as a copy of `template` (a database nobody is connected
-/// to): a benchmark seeds one database once and gives each round a copy of it.
-pub async fn clone_database(base: &str, name: &str, template: &str) -> sqlx::PgConnection {
-    use sqlx::Connection as _;
-    let copied = create(base, format!("CREATE DATABASE {name} TEMPLATE {template}")).await;
-    // The copy is written to the WAL, and an idle backend reports its WAL statistics up
-    // to ten seconds late: closed, it reports them now, before anything is measured.
-    let _ = copied.close().await;
-    admin(base).await
-}
-
-/// Drops a benchmark's database `name` (best effort: the run's figures are printed
-/// whether or not it goes).
-pub async fn drop_database(admin: &mut sqlx::PgConnection, name: &str) {
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(admin)
-    .await;
+/// Runs `work` to its end (for up to 20 s) from a `Drop`, which may run inside a
+/// runtime that cannot be blocked on: on a thread and a runtime of its own.
+pub fn block_on_aside(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(20), work).await;
+        });
+    })
+    .join();
 }
 
 /// The `GUILDGATE_DISCORD__*` settings that point guildgate at `sandbox`.

@@ -34,7 +34,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde_json::Value;
-use sqlx::{Connection as _, PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 pub fn database_base_url() -> String {
@@ -75,13 +75,8 @@ where
     }
 }
 
-/// A database of its own for one test.
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-    /// The server's URL without a database.
-    base: String,
-}
+/// A database of its own for one test, dropped with it (see [`world::Database`]).
+pub type TestDb = world::Database;
 
 impl TestDb {
     pub async fn create() -> Self {
@@ -90,30 +85,7 @@ impl TestDb {
 
     /// A fresh database on the server at `base` (a URL without a database).
     pub async fn create_on(base: &str) -> Self {
-        let name = format!("ggtest_{}", tag());
-        let mut admin = PgConnection::connect(&format!("{base}/postgres"))
-            .await
-            .expect("PostgreSQL must be running (see README)");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        Self {
-            url: format!("{base}/{name}"),
-            name,
-            base: base.to_string(),
-        }
-    }
-
-    pub async fn drop_db(&self) {
-        if let Ok(mut admin) = PgConnection::connect(&format!("{}/postgres", self.base)).await {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            )))
-            .execute(&mut admin)
-            .await;
-        }
+        Self::new(base, &format!("ggtest_{}", tag())).await
     }
 }
 
@@ -653,37 +625,20 @@ impl Drop for TestApp {
             return;
         }
         self.shutdown.cancel();
-        cleanup_blocking(
-            &self.settings,
-            Some(TestDb {
-                name: self.db.name.clone(),
-                url: self.db.url.clone(),
-                base: self.db.base.clone(),
-            }),
-        );
+        // The database goes with `self.db`.
+        cleanup_blocking(&self.settings, None);
     }
 }
 
-/// Deletes a test's queues, exchanges and database from a `Drop`, on a thread of its
-/// own (a drop may run inside the test's runtime, which cannot be blocked on).
+/// Deletes a test's queues, exchanges and database from a `Drop`.
 pub fn cleanup_blocking(settings: &Settings, db: Option<TestDb>) {
     let settings = settings.clone();
-    let _ = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let _ = tokio::time::timeout(Duration::from_secs(20), async {
-                delete_broker_objects(&settings).await;
-                if let Some(db) = db {
-                    db.drop_db().await;
-                }
-            })
-            .await;
-        });
-    })
-    .join();
+    world::block_on_aside(async move {
+        delete_broker_objects(&settings).await;
+        if let Some(db) = db {
+            db.drop_db().await;
+        }
+    });
 }
 
 /// Links `customer` of `business` to the sandbox user `user` (as the OAuth callback
