@@ -505,10 +505,9 @@ async fn round(args: &Args, msgs: &[Msg], seeded: &world::Database) -> Round {
         })
         .collect();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    // Before the shutdown, which closes the pool; everything is applied and relayed.
-    let wal_per_event = Wal::now(&pool).await.per_event_since(wal_before, n);
     shutdown.cancel();
     let _ = handle.await;
+    let wal_per_event = Wal::once_gone(&db).await.per_event_since(wal_before, n);
     // Clean up, then the second baseline: with the round's database dropped (which
     // waits for a checkpoint), PostgreSQL's after-work on guildgate's writes
     // (autovacuum, flushing dirty pages) does not slow it down.
@@ -545,9 +544,38 @@ struct Wal {
 
 impl Wal {
     /// The counters now. A backend reports its WAL when it goes idle, at most once a
-    /// second: read after a second of quiet.
+    /// second (and, within a second of its last report, only ten seconds later): read
+    /// after a second of quiet, for a start with nothing before it in flight.
     async fn now(pool: &sqlx::PgPool) -> Self {
         tokio::time::sleep(Duration::from_millis(1100)).await;
+        Self::read(pool).await
+    }
+
+    /// The counters once every backend of `db` has exited (a backend reports all it
+    /// has not yet on its way out, before it leaves `pg_stat_activity`): what a run
+    /// wrote, to its last record.
+    async fn once_gone(db: &world::Database) -> Self {
+        let server = sqlx::PgPool::connect(&format!("{}/postgres", db_base()))
+            .await
+            .unwrap();
+        loop {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+                    .bind(&db.name)
+                    .fetch_one(&server)
+                    .await
+                    .unwrap();
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let wal = Self::read(&server).await;
+        server.close().await;
+        wal
+    }
+
+    async fn read(pool: &sqlx::PgPool) -> Self {
         let (records, fpi, bytes): (f64, f64, f64) = sqlx::query_as(
             "SELECT wal_records::float8, wal_fpi::float8, wal_bytes::float8 FROM pg_stat_wal",
         )
