@@ -63,6 +63,8 @@ struct Args {
     history: usize,
     relay: bool,
     plain_baseline: bool,
+    /// SQL run on the seeded database before its copies are made.
+    seed_sql: Option<String>,
 }
 
 impl Args {
@@ -80,8 +82,10 @@ impl Args {
         };
         if args.iter().any(|a| a == "--help" || a == "-h") {
             println!(
-                "bench_ingest [--events N (50000)] [--rounds N (5)] [--history N (100000)] [--no-relay] [--plain-baseline]\n\
-                 Tuning from the environment: GUILDGATE_AMQP__*, GUILDGATE_OUTBOX__*, GUILDGATE_DATABASE__MAX_CONNECTIONS."
+                "bench_ingest [--events N (50000)] [--rounds N (5)] [--history N (100000)] [--no-relay] [--plain-baseline] [--seed-sql FILE]\n\
+                 Tuning from the environment: GUILDGATE_AMQP__*, GUILDGATE_OUTBOX__*, GUILDGATE_DATABASE__MAX_CONNECTIONS.\n\
+                 --seed-sql runs FILE's statements on the seeded database (then ANALYZE) before the rounds copy it:\n\
+                 a schema change measured without a migration."
             );
             std::process::exit(0);
         }
@@ -91,6 +95,10 @@ impl Args {
             history: num("--history", 100_000),
             relay: !args.iter().any(|a| a == "--no-relay"),
             plain_baseline: args.iter().any(|a| a == "--plain-baseline"),
+            seed_sql: args.iter().position(|a| a == "--seed-sql").map(|i| {
+                let path = args.get(i + 1).expect("--seed-sql takes a file");
+                std::fs::read_to_string(path).unwrap_or_else(|e| panic!("--seed-sql {path}: {e}"))
+            }),
         }
     }
 }
@@ -395,6 +403,12 @@ async fn seed(args: &Args, business: &str) -> world::Database {
     guildgate::store::migrate(&pool).await.unwrap();
     let ents = workload::setup(&pool, business).await;
     workload::seed_history(&pool, business, &ents, args.history).await;
+    if let Some(sql) = &args.seed_sql {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{sql};\nANALYZE")))
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("--seed-sql: {e}"));
+    }
     // A template must have no connections when it is copied.
     pool.close().await;
     db
