@@ -70,6 +70,19 @@ impl Client {
     pub(crate) async fn delete(&self, path: &str) -> (u16, Value) {
         self.call(Method::DELETE, path, None).await
     }
+    /// `PUT /products/{product}/entitlements`: the product's list becomes `entitlements`,
+    /// in order.
+    pub(crate) async fn attach(&self, product: &str, entitlements: &[&str]) -> (u16, Value) {
+        let list: Vec<Value> = entitlements
+            .iter()
+            .map(|e| json!({"entitlement_id": e}))
+            .collect();
+        self.put(
+            &format!("/products/{product}/entitlements"),
+            json!({"entitlements": list}),
+        )
+        .await
+    }
     /// Raw body with a content type.
     async fn raw(
         &self,
@@ -340,11 +353,7 @@ async fn the_platforms_create_request_works_as_is_and_entitlements_have_its_shap
     assert_eq!(m["integration_config"]["role_id"], Value::Null);
 
     // Soft delete: gone from the API and its products, grants kept and not revoked.
-    c.put(
-        "/products/pdt_1/entitlements",
-        json!({"entitlements": [{"entitlement_id": id}]}),
-    )
-    .await;
+    c.attach("pdt_1", &[id]).await;
     w.app
         .publish(
             &payment("bus_H4ekzPSlcg", "pay_1", "cus_1", &["pdt_1"], T0),
@@ -755,11 +764,7 @@ async fn one_business_never_sees_or_changes_anothers_objects() {
     let g = connected_guild(&w, &b, "B's server").await;
     let e = create_entitlement(&b, g.guild_id, Some(g.role("Patrons"))).await;
     let id = e["id"].as_str().unwrap();
-    b.put(
-        "/products/pdt_b/entitlements",
-        json!({"entitlements": [{"entitlement_id": id}]}),
-    )
-    .await;
+    b.attach("pdt_b", &[id]).await;
     w.app
         .publish(&payment("bus_B", "pay_b", "cus_b", &["pdt_b"], T0), "evt_b")
         .await;
@@ -817,12 +822,7 @@ async fn one_business_never_sees_or_changes_anothers_objects() {
         assert_eq!(s, 404, "{m} {path}: {v}");
         assert_eq!(v["code"], "not_found");
     }
-    let (s, v) = a
-        .put(
-            "/products/pdt_a/entitlements",
-            json!({"entitlements": [{"entitlement_id": id}]}),
-        )
-        .await;
+    let (s, v) = a.attach("pdt_a", &[id]).await;
     assert_eq!(s, 422, "{v}");
     assert_eq!(
         a.get("/customers/cus_b/entitlement-grants").await.1["items"],
@@ -1119,11 +1119,7 @@ async fn lists_paginate_and_filter() {
     assert_eq!((s, &v["items"]), (200, &json!([])), "{v}");
 
     // Grants: by status, by customer, paginated.
-    c.put(
-        "/products/pdt_1/entitlements",
-        json!({"entitlements": [{"entitlement_id": made[0]}]}),
-    )
-    .await;
+    c.attach("pdt_1", &[&made[0]]).await;
     for i in 0..3 {
         w.app
             .publish(
@@ -1972,11 +1968,7 @@ async fn a_pending_grant_read_after_its_link_expired_gets_a_new_link() {
     let g = connected_guild(&w, &c, "Acme").await;
     let e = create_entitlement(&c, g.guild_id, None).await;
     let id = e["id"].as_str().unwrap();
-    c.put(
-        "/products/pdt_1/entitlements",
-        json!({"entitlements": [{"entitlement_id": id}]}),
-    )
-    .await;
+    c.attach("pdt_1", &[id]).await;
     w.app
         .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_1"], T0), "evt_1")
         .await;
@@ -2044,15 +2036,7 @@ async fn full_merchant_flow() {
         .await;
     assert_eq!(s, 201, "{e}");
     let ent = e["id"].as_str().unwrap();
-    assert_eq!(
-        c.put(
-            "/products/pdt_gold/entitlements",
-            json!({"entitlements": [{"entitlement_id": ent}]})
-        )
-        .await
-        .0,
-        200
-    );
+    assert_eq!(c.attach("pdt_gold", &[ent]).await.0, 200);
     let hook = Receiver::start().await;
     let (s, ep) = c.post("/webhooks", json!({"url": hook.url})).await;
     assert_eq!(s, 201, "{ep}");
@@ -2160,11 +2144,7 @@ async fn re_saving_retries_failed_grants_and_a_new_role_moves_delivered_ones() {
     let patrons = g.role("Patrons");
     let e = create_entitlement(&c, g.guild_id, Some(patrons)).await;
     let ent = e["id"].as_str().unwrap();
-    c.put(
-        "/products/pdt_1/entitlements",
-        json!({"entitlements": [{"entitlement_id": ent}]}),
-    )
-    .await;
+    c.attach("pdt_1", &[ent]).await;
 
     // The merchant breaks the hierarchy after saving: the grant fails.
     w.sandbox.set_role_position(g.guild_id, patrons, 500);
@@ -2878,11 +2858,7 @@ async fn products_read_and_update_as_the_platforms_sdk_calls_them() {
     // The same list as guildgate's own route, both ways.
     let listed = c.get("/products/pdt_new/entitlements").await.1;
     assert_eq!(listed["items"][0]["id"], id2);
-    c.put(
-        "/products/pdt_new/entitlements",
-        json!({"entitlements": [{"entitlement_id": id1}]}),
-    )
-    .await;
+    c.attach("pdt_new", &[id1]).await;
     let p = c.get("/products/pdt_new").await.1;
     assert_eq!(p["entitlements"].as_array().unwrap().len(), 1);
     assert_eq!(p["entitlements"][0]["id"], id1);
@@ -2958,11 +2934,7 @@ async fn a_customers_entitlements_are_its_live_grants_in_the_sdks_shape() {
         .await;
     assert_eq!(s, 201, "{e2}");
     let (id1, id2) = (e1["id"].as_str().unwrap(), e2["id"].as_str().unwrap());
-    c.put(
-        "/products/pdt_1/entitlements",
-        json!({"entitlements": [{"entitlement_id": id1}, {"entitlement_id": id2}]}),
-    )
-    .await;
+    c.attach("pdt_1", &[id1, id2]).await;
     assert_eq!(
         c.get("/customers/cus_1/entitlements").await.1,
         json!({"items": []})
@@ -3075,11 +3047,7 @@ async fn a_customers_grants_filter_by_integration_type() {
     let c = client(&w, "bus_A").await;
     let g = connected_guild(&w, &c, "Acme").await;
     let e = create_entitlement(&c, g.guild_id, None).await;
-    c.put(
-        "/products/pdt_1/entitlements",
-        json!({"entitlements": [{"entitlement_id": e["id"]}]}),
-    )
-    .await;
+    c.attach("pdt_1", &[e["id"].as_str().unwrap()]).await;
     w.app
         .publish(&payment("bus_A", "pay_1", "cus_1", &["pdt_1"], T0), "evt_1")
         .await;
@@ -3124,11 +3092,7 @@ async fn grants_always_have_a_brand_and_a_null_feature() {
     let g = connected_guild(&w, &c, "Acme").await;
     let e = create_entitlement(&c, g.guild_id, None).await;
     let id = e["id"].as_str().unwrap();
-    c.put(
-        "/products/pdt_1/entitlements",
-        json!({"entitlements": [{"entitlement_id": id}]}),
-    )
-    .await;
+    c.attach("pdt_1", &[id]).await;
     let hook = Receiver::start().await;
     let (s, ep) = c.post("/webhooks", json!({"url": hook.url})).await;
     assert_eq!(s, 201, "{ep}");
@@ -3162,11 +3126,7 @@ async fn grants_always_have_a_brand_and_a_null_feature() {
     // The newest grant of the business decides, whichever entitlement it is of.
     let other = create_entitlement(&c, g.guild_id, None).await;
     let other_id = other["id"].as_str().unwrap();
-    c.put(
-        "/products/pdt_2/entitlements",
-        json!({"entitlements": [{"entitlement_id": other_id}]}),
-    )
-    .await;
+    c.attach("pdt_2", &[other_id]).await;
     let mut branded = payment("bus_A", "pay_4", "cus_4", &["pdt_2"], T0);
     branded["data"]["brand_id"] = json!("brd_other");
     w.app.publish(&branded, "evt_4").await;
@@ -3560,12 +3520,7 @@ async fn attaching_an_entitlement_gives_it_to_earlier_buyers() {
         assert!(w.app.grants_of(customer).await.is_empty(), "{customer}");
     }
 
-    let (s, v) = c
-        .put(
-            "/products/pdt_b/entitlements",
-            json!({"entitlements": [{"entitlement_id": later_id}]}),
-        )
-        .await;
+    let (s, v) = c.attach("pdt_b", &[&later_id]).await;
     assert_eq!(s, 200, "{v}");
     let (s, product) = c.get("/products/pdt_b").await;
     assert_eq!(s, 200, "{product}");
@@ -3651,12 +3606,7 @@ async fn world_with_email(per_hour: u32) -> (World, smtp::SmtpServer) {
 async fn sold_as_gold(c: &Client, guild: u64, role: u64) -> String {
     let e = create_entitlement(c, guild, Some(role)).await;
     let ent = e["id"].as_str().unwrap().to_string();
-    let (s, v) = c
-        .put(
-            "/products/pdt_gold/entitlements",
-            json!({"entitlements": [{"entitlement_id": ent}]}),
-        )
-        .await;
+    let (s, v) = c.attach("pdt_gold", &[&ent]).await;
     assert_eq!(s, 200, "{v}");
     ent
 }
@@ -3745,12 +3695,7 @@ async fn buyers_are_emailed_a_join_link_and_merchants_can_resend() {
     assert_eq!(quiet["integration_config"]["send_email"], false);
     let quiet = quiet["id"].as_str().unwrap().to_string();
     for (product, ent) in [("pdt_gold", &gold), ("pdt_quiet", &quiet)] {
-        let (s, v) = c
-            .put(
-                &format!("/products/{product}/entitlements"),
-                json!({"entitlements": [{"entitlement_id": ent}]}),
-            )
-            .await;
+        let (s, v) = c.attach(product, &[ent]).await;
         assert_eq!(s, 200, "{v}");
     }
 

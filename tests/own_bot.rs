@@ -139,12 +139,7 @@ async fn a_business_with_its_own_bot_connects_links_and_syncs_through_it_alone()
     let patrons = g.role("Patrons");
     let e = create_entitlement(&c, g.guild_id, Some(patrons)).await;
     let ent = e["id"].as_str().unwrap();
-    let (s, v) = c
-        .put(
-            "/products/pdt_1/entitlements",
-            json!({"entitlements": [{"entitlement_id": ent}]}),
-        )
-        .await;
+    let (s, v) = c.attach("pdt_1", &[ent]).await;
     assert_eq!(s, 200, "{v}");
     w.app
         .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_1"], T0), "evt_1")
@@ -387,11 +382,7 @@ async fn a_customer_who_authorized_another_application_is_asked_again_not_added_
     let (s, page) = connect(&w, &c, &g).await;
     assert_eq!(s, 200, "{page}");
     let e = create_entitlement(&c, g.guild_id, Some(g.role("Patrons"))).await;
-    c.put(
-        "/products/pdt_1/entitlements",
-        json!({"entitlements": [{"entitlement_id": e["id"]}]}),
-    )
-    .await;
+    c.attach("pdt_1", &[e["id"].as_str().unwrap()]).await;
     w.app
         .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_1"], T0), "evt_1")
         .await;
