@@ -1597,14 +1597,21 @@ async fn a_server_claimed_by_several_businesses_needs_a_new_install() {
         (422, Some("discord_guild_needs_reinstall")),
         "{v}"
     );
-    let (s, v) = a
-        .get(&format!("/discord/guilds/{}/roles", g.guild_id))
-        .await;
-    assert_eq!(
-        (s, v["code"].as_str()),
-        (409, Some("discord_guild_needs_reinstall")),
-        "{v}"
-    );
+    // Neither its roles nor who holds what there, until the bot is installed again.
+    for path in [
+        format!("/discord/guilds/{}/roles", g.guild_id),
+        format!(
+            "/discord/guilds/{}/members/{}/access",
+            g.guild_id, g.owner_id
+        ),
+    ] {
+        let (s, v) = a.get(&path).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (409, Some("discord_guild_needs_reinstall")),
+            "{path}: {v}"
+        );
+    }
 
     // A proves it manages the server: A's connection counts, B's claim is gone.
     let (s, page) = w
@@ -1615,6 +1622,12 @@ async fn a_server_claimed_by_several_businesses_needs_a_new_install() {
     assert_eq!(v["items"][0]["status"], "connected", "{v}");
     assert!(guild_ids(&b).await.is_empty());
     create_entitlement(&a, g.guild_id, Some(g.roles[0].1)).await;
+    let access = format!(
+        "/discord/guilds/{}/members/{}/access",
+        g.guild_id, g.owner_id
+    );
+    assert_eq!(a.get(&access).await.0, 200);
+    assert_eq!(b.get(&access).await.0, 404);
     w.stop().await;
 }
 

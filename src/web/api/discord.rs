@@ -531,6 +531,7 @@ pub struct AccessHolding {
     responses(
         (status = 200, body = AccessView), (status = 401, body = ErrorBody),
         (status = 404, description = "Not a server connected to this business", body = ErrorBody),
+        (status = 409, description = "The server must be connected again first (`discord_guild_needs_reinstall`)", body = ErrorBody),
         (status = 422, description = "`user_id` is not a Discord id", body = ErrorBody),
     ),
     security(("api_key" = [])))]
@@ -541,9 +542,9 @@ pub async fn member_access(
 ) -> ApiResult<ApiJson<AccessView>> {
     let business = merchant.business();
     let mut conn = state.pool.acquire().await?;
-    db::get(&mut conn, business, &guild_id)
-        .await?
-        .ok_or(ApiError::NotFound("Discord server"))?;
+    // A connection never proven (one several businesses claimed) shows nothing of the
+    // server until this business installs the bot again.
+    connected(&mut conn, business, &guild_id).await?;
     if Snowflake::parse(&user_id).is_none() {
         return Err(ApiError::Invalid(vec![Problem::new(
             "invalid_field",
