@@ -212,6 +212,19 @@ async fn an_application_serves_one_business_and_stays_its_own() {
     let b = client(&w, "bus_other").await;
     let app = w.sandbox.add_application("Acme Bot");
     register(&a, &app).await;
+    // Without the application's credentials, its id tells nothing of whose it is: the
+    // same refusal as for any application the credentials are not of.
+    let stranger = w.sandbox.add_application("Nobody's Bot");
+    for id in [app.client_id, stranger.client_id] {
+        let guess = json!({"client_id": id.to_string(), "client_secret": "guessed-secret",
+                           "bot_token": "guessed.bot.token"});
+        let (s, v) = b.put("/discord/application", guess).await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (422, Some("discord_application_refused")),
+            "{v}"
+        );
+    }
     let (s, v) = b.put("/discord/application", body(&app)).await;
     assert_eq!(
         (s, v["code"].as_str()),

@@ -145,11 +145,6 @@ pub async fn put(
             "is the shared bot's application; register an application of your own",
         ));
     }
-    // Held by another business: said before Discord is asked.
-    let holder = applications::holder(&state.pool, &client_id).await?;
-    if holder.as_deref().is_some_and(|h| h != business) {
-        return Err(taken());
-    }
     state
         .limits
         .check_application(business)
@@ -177,6 +172,12 @@ pub async fn put(
         .check_client()
         .await
         .map_err(|e| refused(e, "client secret"))?;
+    // Held by another business: said only to whoever holds the application's
+    // credentials, after the rate limit, so an id alone tells no one whose it is.
+    let holder = applications::holder(&state.pool, &client_id).await?;
+    if holder.as_deref().is_some_and(|h| h != business) {
+        return Err(taken());
+    }
     let cipher = &state.cipher;
     let saved = applications::save(
         &state.pool,
