@@ -2438,6 +2438,78 @@ async fn callers_that_get_no_side_budget_slot_in_time_get_503_not_a_wait() {
     w.stop().await;
 }
 
+/// One business asking the shared bot far more than its side budget carries takes at
+/// most its seats of it: another business's listing waits behind those, not behind the
+/// whole flood, and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_business_flooding_the_shared_bot_leaves_another_its_turn() {
+    let w = World::start_with(
+        sandbox_discord::SandboxConfig::default(),
+        load_cfg(&[
+            ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "1"),
+            ("GUILDGATE_DISCORD__SIDE_QUEUE_TIMEOUT", "5s"),
+        ]),
+    )
+    .await;
+    let a = client(&w, "bus_A").await;
+    let b = client(&w, "bus_B").await;
+    // Discord's buckets are per server, so a flood spread over several servers reaches
+    // the budget's line all at once.
+    let mut flooded = Vec::new();
+    for i in 0..6 {
+        flooded.push(connected_guild(&w, &a, &format!("Flooder {i}")).await);
+    }
+    let gb = connected_guild(&w, &b, "Neighbour").await;
+    let roles = |g: &GuildIds| format!("/discord/guilds/{}/roles", g.guild_id);
+    // Two listings of each of A's six servers at once: about thirty-six Discord
+    // requests, six at a time in the budget's line, on a budget of one a second whose
+    // callers wait five at most. Without seats the neighbour's requests wait behind six
+    // of them each; with them, behind two.
+    let flood: Vec<_> = flooded
+        .iter()
+        .flat_map(|g| [roles(g), roles(g)])
+        .map(|path| {
+            let a = a.clone();
+            tokio::spawn(async move { a.get(&path).await })
+        })
+        .collect();
+    let a_paths: Vec<String> = flooded
+        .iter()
+        .map(|g| format!("/api/v10/guilds/{}", g.guild_id))
+        .collect();
+    let sent_for_a = || {
+        w.sandbox
+            .requests()
+            .iter()
+            .filter(|r| a_paths.iter().any(|p| r.path.starts_with(p)))
+            .count()
+    };
+    let before = sent_for_a();
+    wait_for("the flood under way", || async {
+        (sent_for_a() > before).then_some(())
+    })
+    .await;
+    let (s, v) = b.get(&roles(&gb)).await;
+    assert_eq!(s, 200, "the neighbour's listing is answered: {v}");
+    let mut busy = 0;
+    for t in flood {
+        let (s, v) = t.await.unwrap();
+        match s {
+            200 => {}
+            503 => {
+                assert_eq!(v["code"], "discord_busy", "{v}");
+                busy += 1;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert!(
+        busy >= 1,
+        "the flood is told to come back, not the neighbour"
+    );
+    w.stop().await;
+}
+
 /// Saves waiting on a slow Discord hold no database connection: with a pool of two and
 /// three saves waiting, a request that needs the database is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

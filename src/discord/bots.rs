@@ -18,7 +18,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 use sqlx::PgPool;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::client::{AppKeys, DiscordClient};
@@ -146,6 +146,15 @@ struct Inner {
     directory: Directory,
     /// Built bots by client id, with the change of the row they were built from.
     own: Mutex<HashMap<String, (DateTime<Utc>, Bot)>>,
+    /// Each business's seats on the shared bot's side budget ([`DiscordClient::seated`]).
+    seats: std::sync::Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// How many side calls one business may have waiting or under way at once on the shared
+/// bot, in one process: half the side budget's requests per second (at least two), so a
+/// business alone still fills the budget and one asking more leaves the rest to others.
+pub fn seats_per_business(side_requests_per_s: u32) -> usize {
+    (side_requests_per_s as usize).div_ceil(2).max(2)
 }
 
 impl std::fmt::Debug for Bots {
@@ -193,6 +202,7 @@ impl Bots {
                 shared,
                 directory: Directory::default(),
                 own: Mutex::default(),
+                seats: Default::default(),
             }),
         }
     }
@@ -207,11 +217,33 @@ impl Bots {
         self.inner.directory.clone()
     }
 
-    /// The bot of `business`: its own application's, else the shared one.
+    /// The bot of `business`: its own application's, else the shared one, whose side
+    /// calls take the business's seats.
     pub async fn of_business(&self, business: &str) -> Result<Bot, BotError> {
         match self.inner.directory.entry(business) {
-            None => Ok(self.inner.shared.clone()),
+            None => Ok(self.shared_for(business)),
             Some((client_id, changed)) => self.own(&client_id, changed).await,
+        }
+    }
+
+    /// The shared bot, its side calls seated as `business`'s.
+    fn shared_for(&self, business: &str) -> Bot {
+        let seats = self
+            .inner
+            .seats
+            .lock()
+            .expect("seats lock")
+            .entry(business.to_string())
+            .or_insert_with(|| {
+                Arc::new(Semaphore::new(seats_per_business(
+                    self.inner.settings.side_requests_per_s,
+                )))
+            })
+            .clone();
+        let shared = &self.inner.shared;
+        Bot {
+            side: shared.side.seated(seats),
+            ..shared.clone()
         }
     }
 
@@ -225,8 +257,8 @@ impl Bots {
     ) -> Result<Option<Bot>, BotError> {
         let shared = self.inner.shared.client_id();
         match client_id {
-            None => Ok(Some(self.inner.shared.clone())),
-            Some(c) if c == shared => Ok(Some(self.inner.shared.clone())),
+            None => Ok(Some(self.shared_for(business))),
+            Some(c) if c == shared => Ok(Some(self.shared_for(business))),
             Some(c) => match self.inner.directory.entry(business) {
                 Some((own, changed)) if own == c => Ok(Some(self.own(&own, changed).await?)),
                 _ => Ok(None),

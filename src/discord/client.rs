@@ -11,7 +11,7 @@ use backon::{ExponentialBuilder, Retryable};
 use reqwest::header::{AUTHORIZATION, USER_AGENT};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, Semaphore};
 
 use super::error::{DiscordError, HumanCode};
 use super::invalid::InvalidRequests;
@@ -307,6 +307,9 @@ pub struct DiscordClient {
     shared: Option<SharedLimits>,
     /// The syncer's: where the bot just lost access (see [`crate::discord::stops`]).
     stops: Option<Arc<Remembered>>,
+    /// The seats of the one business this client calls for, on a bot it shares with
+    /// other businesses (see [`DiscordClient::seated`]).
+    seats: Option<Arc<Semaphore>>,
     metrics: Arc<Metrics>,
     bot_id: Arc<OnceCell<Snowflake>>,
 }
@@ -346,6 +349,7 @@ impl DiscordClient {
             invalid: InvalidRequests::new(settings.invalid_request_ceiling),
             shared: None,
             stops: None,
+            seats: None,
             metrics,
             bot_id: Arc::default(),
         }
@@ -371,6 +375,20 @@ impl DiscordClient {
         Self {
             stops: Some(Arc::default()),
             ..self
+        }
+    }
+
+    /// The same client calling for one business on a bot other businesses share: each
+    /// of its calls first takes one of `seats` (the business's, in this process), held
+    /// until its answer, so one business has at most that many calls waiting for or
+    /// using the budget and the budget's line (first come, first served) never holds
+    /// more than that of one business ahead of another's. A business asking more waits
+    /// on its own seats, as long as the budget would have let it wait, and is then told
+    /// busy.
+    pub fn seated(&self, seats: Arc<Semaphore>) -> Self {
+        Self {
+            seats: Some(seats),
+            ..self.clone()
         }
     }
 
@@ -473,6 +491,24 @@ impl DiscordClient {
         if let Some(key) = self.stopped(call) {
             return Err(Unsettled::Done(DiscordError::Stopped { key }));
         }
+        let _seat = match &self.seats {
+            None => None,
+            Some(seats) => {
+                let seat = seats.clone().acquire_owned();
+                let seat = match self.budget.max_wait() {
+                    None => Ok(seat.await),
+                    Some(waited) => tokio::time::timeout(waited, seat).await.map_err(|_| waited),
+                };
+                match seat {
+                    Ok(seat) => Some(seat.expect("seats are never closed")),
+                    Err(waited) => {
+                        self.count(call.label, "busy");
+                        tracing::warn!(route = call.label, waited = ?waited, "this business's calls filled its seats on the shared bot");
+                        return Err(Unsettled::Done(DiscordError::Busy { waited }));
+                    }
+                }
+            }
+        };
         let bot = matches!(call.auth, Auth::Bot);
         let ticket = match self.budget.acquire(call.verb, &call.route, bot).await {
             Ok(t) => t,

@@ -290,6 +290,11 @@ impl Budget {
         self
     }
 
+    /// The longest [`Budget::acquire`] waits; `None`: as long as it takes.
+    pub fn max_wait(&self) -> Option<Duration> {
+        self.max_wait
+    }
+
     /// The syncer's budget: Discord's global limit minus what the side budget may use.
     pub fn syncer(side_requests_per_s: u32) -> Self {
         Self::new(
