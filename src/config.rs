@@ -322,7 +322,7 @@ pub struct EmailSettings {
     /// The wait before each retry of an email the server did not take.
     #[serde(deserialize_with = "duration_list")]
     pub retry_delays: Vec<Duration>,
-    /// Emails one recipient is sent per hour at most, across businesses; the rest wait.
+    /// Emails one recipient is sent by one business per hour at most; the rest wait.
     pub per_recipient_per_hour: u32,
     /// The longest one SMTP conversation may take.
     #[serde(deserialize_with = "duration")]

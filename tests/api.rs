@@ -3980,6 +3980,29 @@ async fn refused_emails_are_parked_or_retried_and_a_recipient_is_not_flooded() {
         .unwrap();
     assert_eq!(row.0, "queued");
     assert_eq!(mail.wait_for("many@example.test", 2).await.len(), 2);
+
+    // The limit is this business's: another business's email to the same address,
+    // meanwhile, goes.
+    let other = client(&w, "bus_other").await;
+    let og = connected_guild(&w, &other, "Other").await;
+    let oent = create_entitlement(&other, og.guild_id, Some(og.role("Patrons"))).await;
+    let oent = oent["id"].as_str().unwrap();
+    let (s, _) = other
+        .post(
+            &format!("/entitlements/{oent}/grants"),
+            json!({"customer_id": "cus_o", "customer_email": "many@example.test"}),
+        )
+        .await;
+    assert_eq!(s, 201);
+    assert_eq!(mail.wait_for("many@example.test", 3).await.len(), 3);
+    assert_eq!(
+        email_row(&w, &format!("{}:resend:2", grant.id))
+            .await
+            .unwrap()
+            .0,
+        "queued",
+        "the first business's third email still waits"
+    );
     w.stop().await;
 }
 

@@ -158,7 +158,10 @@ impl EmailWorker {
         };
         let to = to.expect("decide sends only with an address");
         let key = self.recipient_key(to.email.as_ref());
-        if let Some(wait) = self.recipient_full(&mut conn, &key, now).await? {
+        if let Some(wait) = self
+            .recipient_full(&mut conn, &grant.business_id, &key, now)
+            .await?
+        {
             self.count(kind, "deferred");
             return Ok(Outcome::Retry {
                 delay: retry::next(0, wait, &self.retry_delays)
@@ -211,15 +214,17 @@ impl EmailWorker {
         Ok(Outcome::Ack("skipped"))
     }
 
-    /// How long until the recipient (by `key`) may be sent another email, when they had
-    /// `email.per_recipient_per_hour` in the last hour.
+    /// How long until the recipient (by `key`) may be sent another email of `business`,
+    /// when it sent them `email.per_recipient_per_hour` in the last hour. Counted per
+    /// business: one business's emails never hold back another's.
     async fn recipient_full(
         &self,
         conn: &mut sqlx::PgConnection,
+        business: &str,
         key: &[u8],
         now: DateTime<Utc>,
     ) -> Result<Option<Duration>, sqlx::Error> {
-        let (sent, oldest) = db::sent_in_last_hour(conn, key, now).await?;
+        let (sent, oldest) = db::sent_in_last_hour(conn, business, key, now).await?;
         if sent < i64::from(self.per_recipient_per_hour) {
             return Ok(None);
         }

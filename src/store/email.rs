@@ -224,18 +224,21 @@ pub async fn context(
     .await
 }
 
-/// Emails sent to a recipient in the hour before `now`, and when the oldest of them was.
+/// Emails a business sent to a recipient in the hour before `now`, and when the oldest
+/// of them was.
 pub async fn sent_in_last_hour(
     conn: &mut PgConnection,
+    business_id: &str,
     recipient_key: &[u8],
     now: DateTime<Utc>,
 ) -> Result<(i64, Option<DateTime<Utc>>), sqlx::Error> {
     sqlx::query_as(
         "SELECT count(*), min(sent_at) FROM emails
-         WHERE recipient_key = $1 AND sent_at > $2 - interval '1 hour'",
+         WHERE recipient_key = $1 AND sent_at > $2 - interval '1 hour' AND business_id = $3",
     )
     .bind(recipient_key)
     .bind(now)
+    .bind(business_id)
     .fetch_one(conn)
     .await
 }
