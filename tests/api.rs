@@ -3670,6 +3670,62 @@ async fn attaching_an_entitlement_gives_it_to_earlier_buyers() {
     w.stop().await;
 }
 
+/// One business's many backfills take turns with another's: the open ones a pass
+/// reads include every business's oldest, however many the first business has. On a
+/// database no process watches (a running backfiller would close these rows, which
+/// have no purchases to reach).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfills_take_turns_by_business() {
+    use guildgate::store;
+    let db = common::TestDb::create().await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    store::migrate(&pool).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let mut entitlement = async |business: &str| {
+        store::businesses::ensure_business(&mut conn, business)
+            .await
+            .unwrap();
+        store::entitlements::insert_entitlement(&mut conn, business, "gold", "1", Some("2"))
+            .await
+            .unwrap()
+            .id
+    };
+    let busy = entitlement("bus_busy").await;
+    let other = entitlement("bus_other").await;
+    // The busy business attached its entitlement to 150 products first.
+    for i in 0..150 {
+        let product = format!("pdt_{i}");
+        store::backfill::start(&mut conn, "bus_busy", &product, std::slice::from_ref(&busy))
+            .await
+            .unwrap();
+    }
+    store::backfill::start(
+        &mut conn,
+        "bus_other",
+        "pdt_x",
+        std::slice::from_ref(&other),
+    )
+    .await
+    .unwrap();
+    let open = store::backfill::open(&mut conn).await.unwrap();
+    let seen: Vec<(&str, &str)> = open
+        .iter()
+        .map(|b| (b.business_id.as_str(), b.product_id.as_str()))
+        .collect();
+    assert_eq!(seen.len(), 100);
+    assert_eq!(
+        seen[..3],
+        [
+            ("bus_busy", "pdt_0"),
+            ("bus_other", "pdt_x"),
+            ("bus_busy", "pdt_1")
+        ],
+        "every business's oldest, then every business's next"
+    );
+    drop(conn);
+    pool.close().await;
+}
+
 /// A World whose guildgate emails through a real SMTP server (STARTTLS with a private
 /// CA, AUTH), with one retry after 1 s and at most `per_hour` emails per recipient.
 async fn world_with_email(per_hour: u32) -> (World, smtp::SmtpServer) {

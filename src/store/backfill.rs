@@ -50,11 +50,16 @@ pub async fn start(
     Ok(())
 }
 
-/// Open backfills, oldest first.
+/// Up to 100 open backfills, taken in turns by business: every business's oldest, then
+/// every business's second oldest, and so on, so that one business's many backfills
+/// never keep another's waiting for a turn.
 pub async fn open(conn: &mut PgConnection) -> Result<Vec<Backfill>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, business_id, product_id, entitlement_id FROM backfills
-         WHERE done_at IS NULL ORDER BY created_at, id LIMIT 100",
+        "SELECT id, business_id, product_id, entitlement_id FROM (
+             SELECT id, business_id, product_id, entitlement_id, created_at,
+                    row_number() OVER (PARTITION BY business_id ORDER BY created_at, id) AS turn
+             FROM backfills WHERE done_at IS NULL) AS b
+         ORDER BY turn, created_at, id LIMIT 100",
     )
     .fetch_all(conn)
     .await
