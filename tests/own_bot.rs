@@ -521,3 +521,64 @@ async fn parked_jobs_run_once_more_when_asked_again_and_outlive_their_drainer() 
     .await;
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_owners_grant_stops_its_own_entitlement_not_the_server() {
+    let w = World::start().await;
+    let a = w.app.business();
+    let ca = client(&w, &a).await;
+    let g = w.guild("Acme");
+    let (s, page) = connect(&w, &ca, &g).await;
+    assert_eq!(s, 200, "{page}");
+    let ent_a = create_entitlement(&ca, g.guild_id, Some(g.role("Patrons"))).await;
+    let ent_a = ent_a["id"].as_str().unwrap().to_string();
+    // A business that had the server once: its entitlement still names it, its grant is
+    // live, and its bot now is one the server does not have.
+    let former = "bus_former";
+    let app = w.sandbox.add_application("Former Bot");
+    register(&client(&w, former).await, &app).await;
+    let ent_former = {
+        let mut conn = w.app.pool.acquire().await.unwrap();
+        store::entitlements::insert_entitlement(
+            &mut conn,
+            former,
+            "old",
+            &g.guild_id.to_string(),
+            Some(&g.role("Patrons").to_string()),
+        )
+        .await
+        .unwrap()
+        .id
+    };
+    backlog(&w, former, Some(&app), &ent_former, 1).await;
+    let stops = || async {
+        sqlx::query_as::<_, (Option<String>, String)>(
+            "SELECT entitlement_id, code FROM discord_stops WHERE guild_id = $1",
+        )
+        .bind(g.guild_id.to_string())
+        .fetch_all(&w.app.pool)
+        .await
+        .unwrap()
+    };
+    let recorded = wait_for("the former owner's grant refused", || async {
+        let s = stops().await;
+        (!s.is_empty()).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        recorded,
+        vec![(
+            Some(ent_former.clone()),
+            "discord_unknown_guild".to_string()
+        )],
+        "its own entitlement stops, not the server"
+    );
+    // The server's owner is not held back.
+    backlog(&w, &a, None, &ent_a, 1).await;
+    wait_for("the owner's grant delivered", || async {
+        (delivered(&w, &a).await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(stops().await.len(), 1);
+    w.stop().await;
+}

@@ -30,7 +30,7 @@ impl Scope<'_> {
         }
     }
 
-    fn entitlement(&self) -> Option<&str> {
+    pub fn entitlement(&self) -> Option<&str> {
         match self {
             Scope::Server => None,
             Scope::Entitlement(id) => Some(id),

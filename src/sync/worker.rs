@@ -364,10 +364,22 @@ impl SyncWorker {
         let code = e.human_code().expect("matched above").as_str();
         let message = e.to_string();
         let now = Utc::now();
-        let recorded = {
-            let mut conn = self.pool.acquire().await?;
-            stops::record(&mut conn, &guild, scope, code, &message, now).await?
+        let mut conn = self.pool.acquire().await?;
+        // The whole server stops only for the business connected to it: a grant of one
+        // that is not (it had the server once, its bot is not there) stops its own
+        // entitlement, never the server's owner.
+        let scope = match scope {
+            stops::Scope::Server
+                if crate::store::guilds::get(&mut conn, &job.grant.business_id, &guild)
+                    .await?
+                    .is_none() =>
+            {
+                stops::Scope::Entitlement(&job.grant.entitlement_id)
+            }
+            scope => scope,
         };
+        let recorded = stops::record(&mut conn, &guild, scope, code, &message, now).await?;
+        drop(conn);
         if recorded {
             tracing::warn!(guild_id = %guild, entitlement_id = %job.grant.entitlement_id, scope = scope.label(), code, %message, "Discord refused the bot; calls stopped until the entitlement is saved again");
             self.metrics
@@ -380,7 +392,7 @@ impl SyncWorker {
         }
         let stop = stops::Stop {
             guild_id: guild,
-            entitlement_id: None,
+            entitlement_id: scope.entitlement().map(str::to_string),
             code: code.to_string(),
             message,
             since: now,
