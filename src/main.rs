@@ -480,10 +480,15 @@ async fn grants(settings: &Settings, cmd: GrantsCommand) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())?
                 .ok_or_else(|| format!("no grant {grant_id}"))?;
-            let job = guildgate::email::resend::queue(&mut tx, &grant, settings.email.enabled())
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|r| format!("not resent: {r}"))?;
+            let job = guildgate::email::resend::queue(
+                &mut tx,
+                &grant,
+                settings.email.enabled(),
+                guildgate::email::resend::AskedBy::Operator,
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|r| format!("not resent: {r}"))?;
             tx.commit().await.map_err(|e| e.to_string())?;
             eprintln!("Queued email {} for grant {grant_id}.", job.email_id);
             println!("{}", job.email_id);

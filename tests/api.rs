@@ -4036,6 +4036,10 @@ async fn refused_emails_are_parked_or_retried_and_a_recipient_is_not_flooded() {
         .unwrap();
     assert_eq!(row.0, "queued");
     assert_eq!(mail.wait_for("many@example.test", 2).await.len(), 2);
+    // A merchant may ask three resends of a grant an hour; the fourth is refused.
+    assert_eq!(c.post(&resend, json!({})).await.0, 202);
+    let (s, v) = c.post(&resend, json!({})).await;
+    assert_eq!((s, v["code"].as_str()), (429, Some("rate_limited")), "{v}");
 
     // The limit is this business's: another business's email to the same address,
     // meanwhile, goes.

@@ -2,12 +2,19 @@
 //! /entitlements/{id}/grants/{grant_id}/resend`) or an operator (`guildgate grants
 //! resend`).
 
+use std::time::Duration;
+
+use chrono::Utc;
 use sqlx::PgConnection;
 
 use super::Job;
 use crate::domain::{Grant, GrantStatus};
 use crate::store::email as db;
 use crate::store::grants as grant_store;
+
+/// Resends a merchant may ask for one grant in an hour: enough for a customer who lost
+/// the email, not a way to flood the email queue every business shares.
+pub const MERCHANT_RESENDS_PER_HOUR: i64 = 3;
 
 /// Why a resend was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -18,6 +25,8 @@ pub enum Refused {
     Revoked,
     #[error("no email address is known for the grant's customer")]
     NoAddress,
+    #[error("the grant was resent {MERCHANT_RESENDS_PER_HOUR} times in the last hour")]
+    TooMany { retry_after: Duration },
 }
 
 impl Refused {
@@ -26,8 +35,17 @@ impl Refused {
             Refused::EmailOff => "email_disabled",
             Refused::Revoked => "grant_revoked",
             Refused::NoAddress => "no_email_address",
+            Refused::TooMany { .. } => "rate_limited",
         }
     }
+}
+
+/// Who asks for a resend: a merchant is held to [`MERCHANT_RESENDS_PER_HOUR`], an
+/// operator (`guildgate grants resend`) is not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AskedBy {
+    Merchant,
+    Operator,
 }
 
 /// Queues the next resend of a grant, in the caller's transaction: the join email while
@@ -36,6 +54,7 @@ pub async fn queue(
     tx: &mut PgConnection,
     grant: &Grant,
     email_on: bool,
+    asked_by: AskedBy,
 ) -> Result<Result<Job, Refused>, sqlx::Error> {
     if !email_on {
         return Ok(Err(Refused::EmailOff));
@@ -52,6 +71,17 @@ pub async fn queue(
         .is_none()
     {
         return Ok(Err(Refused::NoAddress));
+    }
+    if asked_by == AskedBy::Merchant {
+        let now = Utc::now();
+        let (recent, oldest) =
+            db::resends_since(tx, &grant.id, now - chrono::Duration::hours(1)).await?;
+        if recent >= MERCHANT_RESENDS_PER_HOUR {
+            let retry_after = oldest
+                .and_then(|t| (t + chrono::Duration::hours(1) - now).to_std().ok())
+                .unwrap_or(Duration::from_secs(3600));
+            return Ok(Err(Refused::TooMany { retry_after }));
+        }
     }
     let n = db::resends(tx, &grant.id).await? + 1;
     let job = Job::resend(&grant.id, n);

@@ -256,7 +256,8 @@ pub struct ResendView {
 
 /// Email the customer again (a guildgate extension): the "Join the Discord" email
 /// while the grant waits for their Discord account, otherwise an email with the link to
-/// their access page. Sent even when the entitlement's `send_email` is `false`.
+/// their access page. Sent even when the entitlement's `send_email` is `false`. Three a
+/// grant an hour; a fourth answers 429 `rate_limited` with `Retry-After`.
 #[utoipa::path(post, path = "/entitlements/{id}/grants/{grant_id}/resend", tag = "grants",
     params(("id" = String, Path, description = "Entitlement id"), ("grant_id" = String, Path, description = "Grant id")),
     responses(
@@ -274,12 +275,22 @@ pub async fn resend(
     let g = db::get_of_entitlement(&mut tx, merchant.business(), &id, &grant_id, false)
         .await?
         .ok_or(ApiError::NotFound("grant"))?;
-    let job = crate::email::resend::queue(&mut tx, &g, state.settings.email.enabled())
-        .await?
-        .map_err(|r| ApiError::Conflict {
+    let job = crate::email::resend::queue(
+        &mut tx,
+        &g,
+        state.settings.email.enabled(),
+        crate::email::resend::AskedBy::Merchant,
+    )
+    .await?
+    .map_err(|r| match r {
+        crate::email::resend::Refused::TooMany { retry_after } => {
+            ApiError::RateLimited { retry_after }
+        }
+        r => ApiError::Conflict {
             code: r.code(),
             message: r.to_string(),
-        })?;
+        },
+    })?;
     tx.commit().await?;
     Ok((
         axum::http::StatusCode::ACCEPTED,
