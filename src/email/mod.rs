@@ -137,6 +137,21 @@ pub async fn queue(
     Ok(new)
 }
 
+/// Under an hourly limit that is full, how long until its oldest counted email is an
+/// hour old, as of `now`; an hour when that is not known.
+fn until_an_hour_after(
+    oldest: Option<chrono::DateTime<chrono::Utc>>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> std::time::Duration {
+    oldest
+        .map(|t| {
+            (t + chrono::Duration::hours(1) - now)
+                .to_std()
+                .unwrap_or_default()
+        })
+        .unwrap_or(std::time::Duration::from_secs(3600))
+}
+
 /// A customer address from a payment event, if it is one an email can go to.
 pub fn address(raw: Option<&str>) -> Option<String> {
     let raw = raw?.trim();

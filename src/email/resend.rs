@@ -72,18 +72,15 @@ pub async fn queue(
     {
         return Ok(Err(Refused::NoAddress));
     }
-    if asked_by == AskedBy::Merchant {
-        let now = Utc::now();
-        let (recent, oldest) =
-            db::resends_since(tx, &grant.id, now - chrono::Duration::hours(1)).await?;
-        if recent >= MERCHANT_RESENDS_PER_HOUR {
-            let retry_after = oldest
-                .and_then(|t| (t + chrono::Duration::hours(1) - now).to_std().ok())
-                .unwrap_or(Duration::from_secs(3600));
-            return Ok(Err(Refused::TooMany { retry_after }));
-        }
+    let now = Utc::now();
+    let (had, recent, oldest) =
+        db::resends(tx, &grant.id, now - chrono::Duration::hours(1)).await?;
+    if asked_by == AskedBy::Merchant && recent >= MERCHANT_RESENDS_PER_HOUR {
+        return Ok(Err(Refused::TooMany {
+            retry_after: super::until_an_hour_after(oldest, now),
+        }));
     }
-    let n = db::resends(tx, &grant.id).await? + 1;
+    let n = had + 1;
     let job = Job::resend(&grant.id, n);
     super::queue(tx, &job, &grant.business_id).await?;
     Ok(Ok(job))

@@ -228,15 +228,7 @@ impl EmailWorker {
         if sent < i64::from(self.per_recipient_per_hour) {
             return Ok(None);
         }
-        Ok(Some(
-            oldest
-                .map(|t| {
-                    (t + chrono::Duration::hours(1) - now)
-                        .to_std()
-                        .unwrap_or_default()
-                })
-                .unwrap_or(Duration::from_secs(3600)),
-        ))
+        Ok(Some(super::until_an_hour_after(oldest, now)))
     }
 
     /// The email went out: recorded as sent, with the grant's history.

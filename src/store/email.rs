@@ -176,28 +176,22 @@ pub async fn claim(
         .await
 }
 
-/// How many resends a grant had.
-/// A grant's resends queued since `since`, and when the oldest of them was.
-pub async fn resends_since(
+/// A grant's resends: how many it had, how many of them were queued since `since`, and
+/// when the oldest of those was.
+pub async fn resends(
     conn: &mut PgConnection,
     grant_id: &str,
     since: DateTime<Utc>,
-) -> Result<(i64, Option<DateTime<Utc>>), sqlx::Error> {
+) -> Result<(i64, i64, Option<DateTime<Utc>>), sqlx::Error> {
     sqlx::query_as(
-        "SELECT count(*), min(created_at) FROM emails
-         WHERE grant_id = $1 AND kind = 'resend' AND created_at > $2",
+        "SELECT count(*), count(*) FILTER (WHERE created_at > $2),
+                min(created_at) FILTER (WHERE created_at > $2)
+         FROM emails WHERE grant_id = $1 AND kind = 'resend'",
     )
     .bind(grant_id)
     .bind(since)
     .fetch_one(conn)
     .await
-}
-
-pub async fn resends(conn: &mut PgConnection, grant_id: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM emails WHERE grant_id = $1 AND kind = 'resend'")
-        .bind(grant_id)
-        .fetch_one(conn)
-        .await
 }
 
 /// What an email is about, read when it is sent.
