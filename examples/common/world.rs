@@ -32,11 +32,9 @@ pub fn bench_env(
 
 /// A connection to the server at `base` (a URL without a database), to its `postgres`
 /// database: what creates and drops a benchmark's databases.
-async fn admin(base: &str) -> sqlx::PgConnection {
+async fn admin(base: &str) -> Result<sqlx::PgConnection, sqlx::Error> {
     use sqlx::Connection as _;
-    sqlx::PgConnection::connect(&format!("{base}/postgres"))
-        .await
-        .expect("PostgreSQL must be running (see README)")
+    sqlx::PgConnection::connect(&format!("{base}/postgres")).await
 }
 
 /// A database of a run's own on the server at `base` (a URL without a database),
@@ -68,7 +66,9 @@ impl Database {
 
     async fn run_create(base: &str, name: &str, create: String) -> Database {
         use sqlx::Connection as _;
-        let mut admin = admin(base).await;
+        let mut admin = admin(base)
+            .await
+            .expect("PostgreSQL must be running (see README)");
         sqlx::query(sqlx::AssertSqlSafe(create.clone()))
             .execute(&mut admin)
             .await
@@ -88,12 +88,10 @@ impl Database {
     /// Drops the database, once. Best effort: a run's figures are printed whether or
     /// not it goes, and a server that is gone (a test killed it) took it along.
     pub async fn drop_db(&self) {
-        use sqlx::Connection as _;
         if self.dropped.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let Ok(mut admin) = sqlx::PgConnection::connect(&format!("{}/postgres", self.base)).await
-        else {
+        let Ok(mut admin) = admin(&self.base).await else {
             return;
         };
         let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
