@@ -1187,11 +1187,7 @@ async fn products_take_up_to_fifty_of_the_businesss_own_entitlements() {
         .as_str()
         .unwrap()
         .to_string();
-    let body = |ids: &[&str]| json!({"entitlements": ids.iter().map(|i| json!({"entitlement_id": i})).collect::<Vec<_>>()});
-
-    let (s, v) = c
-        .put("/products/pdt_1/entitlements", body(&[&e2, &e1]))
-        .await;
+    let (s, v) = c.attach("pdt_1", &[&e2, &e1]).await;
     assert_eq!(s, 200, "{v}");
     let ids = |v: &Value| {
         v["items"]
@@ -1207,7 +1203,7 @@ async fn products_take_up_to_fifty_of_the_businesss_own_entitlements() {
         vec![e2.clone(), e1.clone()]
     );
     // Replaces.
-    c.put("/products/pdt_1/entitlements", body(&[&e1])).await;
+    c.attach("pdt_1", &[&e1]).await;
     assert_eq!(
         ids(&c.get("/products/pdt_1/entitlements").await.1),
         vec![e1.clone()]
@@ -1215,17 +1211,13 @@ async fn products_take_up_to_fifty_of_the_businesss_own_entitlements() {
 
     let many: Vec<String> = (0..51).map(|_| e1.clone()).collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
-    let (s, v) = c.put("/products/pdt_1/entitlements", body(&many)).await;
+    let (s, v) = c.attach("pdt_1", &many).await;
     assert_eq!(s, 422);
     assert!(v["message"].as_str().unwrap().contains("at most 50"), "{v}");
-    let (s, v) = c
-        .put("/products/pdt_1/entitlements", body(&[&e1, &e1]))
-        .await;
+    let (s, v) = c.attach("pdt_1", &[&e1, &e1]).await;
     assert_eq!(s, 422);
     assert!(v["message"].as_str().unwrap().contains("twice"), "{v}");
-    let (s, v) = c
-        .put("/products/pdt_1/entitlements", body(&[&e1, "ent_missing"]))
-        .await;
+    let (s, v) = c.attach("pdt_1", &[&e1, "ent_missing"]).await;
     assert_eq!(s, 422);
     assert!(
         v["message"].as_str().unwrap().contains("entitlements[1]"),
@@ -1241,7 +1233,7 @@ async fn products_take_up_to_fifty_of_the_businesss_own_entitlements() {
         .await;
     assert_eq!(s, 422, "{v}");
     // [] clears.
-    let (s, v) = c.put("/products/pdt_1/entitlements", body(&[])).await;
+    let (s, v) = c.attach("pdt_1", &[]).await;
     assert_eq!((s, &v["items"]), (200, &json!([])));
     w.stop().await;
 }
@@ -1598,12 +1590,13 @@ async fn a_server_claimed_by_several_businesses_needs_a_new_install() {
         "{v}"
     );
     // Neither its roles nor who holds what there, until the bot is installed again.
+    let access = format!(
+        "/discord/guilds/{}/members/{}/access",
+        g.guild_id, g.owner_id
+    );
     for path in [
         format!("/discord/guilds/{}/roles", g.guild_id),
-        format!(
-            "/discord/guilds/{}/members/{}/access",
-            g.guild_id, g.owner_id
-        ),
+        access.clone(),
     ] {
         let (s, v) = a.get(&path).await;
         assert_eq!(
@@ -1622,10 +1615,6 @@ async fn a_server_claimed_by_several_businesses_needs_a_new_install() {
     assert_eq!(v["items"][0]["status"], "connected", "{v}");
     assert!(guild_ids(&b).await.is_empty());
     create_entitlement(&a, g.guild_id, Some(g.roles[0].1)).await;
-    let access = format!(
-        "/discord/guilds/{}/members/{}/access",
-        g.guild_id, g.owner_id
-    );
     assert_eq!(a.get(&access).await.0, 200);
     assert_eq!(b.get(&access).await.0, 404);
     w.stop().await;
