@@ -597,12 +597,41 @@ impl TestApp {
         self.cleanup().await;
     }
 
+    /// Stops the app if it still runs, then deletes the queues, exchanges and database
+    /// of this test. Removing them under a running app would have it resubscribe and
+    /// reconnect meanwhile; so the app goes first, and must stop within 30 s like
+    /// [`TestApp::shutdown`]. Each removal after it is best effort and bounded: one
+    /// that does not finish is reported and left to the next CI run's sweep, rather
+    /// than holding the test (and the suite) forever.
     pub async fn cleanup(&mut self) {
         self.cleaned = true;
-        delete_broker_objects(&self.settings).await;
-        let _ = self.publisher.close(200, "done".into()).await;
-        self.pool.close().await;
-        self.db.drop_db().await;
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), h)
+                .await
+                .expect("app stops within 30 s");
+        }
+        bounded("deleting the queues and exchanges", async {
+            delete_broker_objects(&self.settings).await
+        })
+        .await;
+        bounded("closing the publishing connection", async {
+            let _ = self.publisher.close(200, "done".into()).await;
+        })
+        .await;
+        bounded("closing the pool", self.pool.close()).await;
+        bounded("dropping the database", self.db.drop_db()).await;
+    }
+}
+
+/// Runs one step of a test's cleanup for at most 30 s; one that takes longer is named on
+/// stderr and abandoned.
+async fn bounded(step: &str, work: impl Future<Output = ()>) {
+    if tokio::time::timeout(Duration::from_secs(30), work)
+        .await
+        .is_err()
+    {
+        eprintln!("cleanup: {step} did not finish within 30 s; left behind");
     }
 }
 
