@@ -43,6 +43,8 @@ enum Reply {
     Status(u16),
     /// Answers with this status after a while.
     After(std::time::Duration, u16),
+    /// Answers with this status once the token is cancelled, or after a while.
+    Until(CancellationToken, std::time::Duration, u16),
     /// Never answers.
     Hang,
     RedirectTo(String),
@@ -133,6 +135,10 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> 
             tokio::time::sleep(wait).await;
             (StatusCode::from_u16(code).unwrap(), "ok").into_response()
         }
+        Reply::Until(gate, wait, code) => {
+            let _ = tokio::time::timeout(wait, gate.cancelled()).await;
+            (StatusCode::from_u16(code).unwrap(), "ok").into_response()
+        }
         Reply::Hang => std::future::pending().await,
         Reply::RedirectTo(url) => (
             StatusCode::TEMPORARY_REDIRECT,
@@ -143,10 +149,20 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> 
 }
 
 async fn add_endpoint(app: &TestApp, url: &str, filter: Option<&[&str]>, secret: &str) -> Endpoint {
+    add_endpoint_of(app, &app.business(), url, filter, secret).await
+}
+
+async fn add_endpoint_of(
+    app: &TestApp,
+    business: &str,
+    url: &str,
+    filter: Option<&[&str]>,
+    secret: &str,
+) -> Endpoint {
     let mut conn = app.pool.acquire().await.unwrap();
     endpoints::create(
         &mut conn,
-        &app.business(),
+        business,
         NewEndpoint {
             url: url.to_string(),
             description: Some("test receiver".into()),
@@ -1377,6 +1393,35 @@ async fn parked_messages_are_pulled_in_order_and_released_once_nobody_pulls_them
     app.cleanup().await;
 }
 
+/// Publishes `jobs` (message id and payload) to the webhook queue in their order, and
+/// starts a deliverer of `workers` workers and `cap` requests per endpoint on it, until
+/// the token is cancelled.
+async fn deliver_jobs(
+    app: &TestApp,
+    jobs: &[(String, serde_json::Value)],
+    workers: usize,
+    cap: usize,
+) -> (Deliverer, CancellationToken, tokio::task::JoinHandle<()>) {
+    let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
+    for (id, payload) in jobs {
+        let body = serde_json::to_vec(payload).unwrap();
+        publish_to(app, &queue, &body, Some(id)).await;
+    }
+    let mut settings = app.settings.webhooks.clone();
+    settings.workers = workers;
+    settings.max_in_flight_per_endpoint = cap;
+    let deliverer = Deliverer::new(
+        app.pool.clone(),
+        guildgate::amqp::Broker::new(&app.settings, "test-deliverer"),
+        &settings,
+        app.metrics.clone(),
+    )
+    .unwrap();
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(deliverer.clone().run(stop.clone()));
+    (deliverer, stop, worker)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     let mut app = without_delivery().await;
@@ -1389,23 +1434,7 @@ async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     let mut conn = app.pool.acquire().await.unwrap();
     let ids = messages_for(&mut conn, &ep, 12).await;
     let jobs = webhook_jobs(&mut conn).await;
-    let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
-    for (id, payload) in &jobs {
-        let body = serde_json::to_vec(payload).unwrap();
-        publish_to(&app, &queue, &body, Some(id)).await;
-    }
-    let mut settings = app.settings.webhooks.clone();
-    settings.workers = 4;
-    settings.max_in_flight_per_endpoint = 1;
-    let deliverer = Deliverer::new(
-        app.pool.clone(),
-        guildgate::amqp::Broker::new(&app.settings, "test-deliverer"),
-        &settings,
-        app.metrics.clone(),
-    )
-    .unwrap();
-    let stop = CancellationToken::new();
-    let worker = tokio::spawn(deliverer.clone().run(stop.clone()));
+    let (deliverer, stop, worker) = deliver_jobs(&app, &jobs, 4, 1).await;
     wait_messages(&app, &ep, 12, "delivered").await;
     stop.cancel();
     worker.await.unwrap();
@@ -1432,6 +1461,70 @@ async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     .await
     .unwrap();
     assert_eq!(waiting, 0);
+    drop(conn);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_business_holds_its_share_of_the_workers_and_another_is_served_meanwhile() {
+    let mut app = without_delivery().await;
+    // Business A's endpoint holds its answers (each under the second after which a
+    // request gives its worker back anyway) until business B's message has arrived.
+    let b_arrived = CancellationToken::new();
+    let gate = b_arrived.clone();
+    let a = Receiver::start(&[SECRET], move |_| {
+        Reply::Until(gate.clone(), std::time::Duration::from_secs(5), 200)
+    })
+    .await;
+    let opens = b_arrived.clone();
+    let b = Receiver::start(&[SECRET], move |_| {
+        opens.cancel();
+        Reply::Status(200)
+    })
+    .await;
+    let ep_a = add_endpoint(&app, &a.url, None, SECRET).await;
+    let ep_b = add_endpoint_of(&app, "bus_Other00001", &b.url, None, SECRET).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let ids_a = messages_for(&mut conn, &ep_a, 4).await;
+    let mut jobs = webhook_jobs(&mut conn).await;
+    sqlx::query("DELETE FROM outbox")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    messages_for(&mut conn, &ep_b, 1).await;
+    jobs.extend(webhook_jobs(&mut conn).await);
+    // A's four jobs first, then B's: four workers, and A's endpoint takes four at once.
+    let (deliverer, stop, worker) = deliver_jobs(&app, &jobs, 4, 4).await;
+    assert_eq!(deliverer.shares.share(), 1, "a quarter of four workers");
+    wait_messages(&app, &ep_a, 4, "delivered").await;
+    wait_messages(&app, &ep_b, 1, "delivered").await;
+    stop.cancel();
+    worker.await.unwrap();
+    deliverer.broker.close().await;
+
+    // A's requests held one worker between them: B's message went out while they were
+    // all still waiting, not once a second had given their workers back.
+    let a_hits = a.hits();
+    assert_eq!(a_hits.len(), 4, "each of A's sent once");
+    let mut sent_a: Vec<String> = a_hits.iter().map(|h| h.id.clone()).collect();
+    sent_a.sort();
+    let mut want = ids_a.clone();
+    want.sort();
+    assert_eq!(sent_a, want);
+    let first_a = a_hits.iter().map(|h| h.at).min().unwrap();
+    let b_at = b.hits()[0].at;
+    assert!(
+        b_at.saturating_duration_since(first_a) < guildgate::webhooks::deliver::STALLED_AFTER,
+        "B's message waited {:?} behind A's requests",
+        b_at.saturating_duration_since(first_a)
+    );
+    all_verified(&a);
+    all_verified(&b);
+    assert_eq!(
+        deliverer.shares.held(&ep_a.business_id),
+        0,
+        "shares given back"
+    );
     drop(conn);
     app.cleanup().await;
 }

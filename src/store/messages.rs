@@ -53,6 +53,8 @@ pub struct DeliveryTarget {
     pub status: String,
     pub body: String,
     pub endpoint_id: String,
+    /// The endpoint's business.
+    pub business_id: String,
     pub url: String,
     pub disabled: bool,
     pub secret: String,
@@ -71,6 +73,7 @@ impl std::fmt::Debug for DeliveryTarget {
             .field("id", &self.id)
             .field("status", &self.status)
             .field("endpoint_id", &self.endpoint_id)
+            .field("business_id", &self.business_id)
             .field("url", &self.url)
             .field("disabled", &self.disabled)
             .finish_non_exhaustive()
@@ -175,7 +178,7 @@ pub async fn targets(
     message_ids: &[String],
 ) -> Result<Vec<DeliveryTarget>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT m.id, m.status, m.body, e.id AS endpoint_id, e.url, e.disabled, e.secret,
+        "SELECT m.id, m.status, m.body, e.id AS endpoint_id, e.business_id, e.url, e.disabled, e.secret,
                 e.headers, e.rate_limit,
                 ARRAY(SELECT o.secret FROM webhook_endpoint_old_secrets o
                       WHERE o.endpoint_id = e.id AND o.expires_at > now() AND o.secret <> e.secret

@@ -2,7 +2,10 @@
 //! for one endpoint. Up to `webhooks.workers` jobs run at once per process; a job whose
 //! request has taken longer than [`STALLED_AFTER`] stops counting (its endpoint's
 //! in-flight cap bounds those), so a slow or hanging endpoint does not take workers
-//! from the others. The prefetch is twice the workers, to hold such jobs too.
+//! from the others, and so does one whose business's requests hold its share of the
+//! workers already ([`Shares`]: a quarter), so one business's endpoints do not take
+//! them from other businesses. The prefetch is twice the workers, to hold such jobs
+//! too.
 //!
 //! Per job: read the message and its endpoint (grouped with other workers' reads into
 //! one query, [`super::reader`]), take a turn of the endpoint's `rate_limit` if it has
@@ -43,6 +46,7 @@ use super::parking::{self, Line, ParkWrite, Parking, Place};
 use super::reader::{ReadError, Reader};
 use super::recorder::{RecordError, Recorder};
 use super::schedule::{self, AttemptResult, GiveUpReason, Next};
+use super::shares::Shares;
 use super::signing::{Secret, signature_header};
 use super::ssrf::{self, GuardedResolver, TargetPolicy};
 use crate::amqp::{Broker, Names};
@@ -169,6 +173,8 @@ pub struct Deliverer {
     pub(super) pulled_requests: Arc<Semaphore>,
     /// The jobs in hand per endpoint, in the order they decide.
     pub(super) line: Line,
+    /// The worker slots each business's requests hold.
+    pub shares: Shares,
     pub metrics: Arc<Metrics>,
     /// Where tests make a delivery stop after sending and before recording, as a crash
     /// would ([`crate::faults::Point::AfterSend`]).
@@ -226,6 +232,7 @@ impl Deliverer {
             stop: CancellationToken::new(),
             pulled_requests: Arc::new(Semaphore::new(settings.workers.max(1).saturating_mul(4))),
             line: Line::default(),
+            shares: Shares::of_workers(settings.workers.max(1)),
             metrics,
             faults: crate::faults::none(),
         })
@@ -457,12 +464,19 @@ impl Deliverer {
     }
 
     /// Sends, giving the worker slot back once the request has taken
-    /// [`STALLED_AFTER`].
+    /// [`STALLED_AFTER`], or at once if the endpoint's business holds its share of the
+    /// workers already ([`Shares`]).
     async fn send_in_slot(
         &self,
         target: &DeliveryTarget,
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Sent {
+        let mut share = slot
+            .as_ref()
+            .and_then(|_| self.shares.take(&target.business_id));
+        if share.is_none() {
+            slot.take();
+        }
         let send = self.send(target);
         tokio::pin!(send);
         tokio::select! {
@@ -470,6 +484,7 @@ impl Deliverer {
             sent = &mut send => sent,
             _ = tokio::time::sleep(STALLED_AFTER), if slot.is_some() => {
                 slot.take();
+                share.take();
                 send.await
             }
         }
