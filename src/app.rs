@@ -87,6 +87,8 @@ pub struct App {
     pub cipher: TokenCipher,
     /// The HTTP rate limits (per business, per OAuth link and client address).
     pub limits: Arc<web::limits::Limits>,
+    /// The API keys that authenticated recently.
+    pub keys: web::api::auth::KnownKeys,
     listener: TcpListener,
     options: Options,
 }
@@ -167,6 +169,7 @@ impl App {
             bots,
             cipher,
             limits: Arc::new(web::limits::Limits::from_settings(&settings)),
+            keys: web::api::auth::KnownKeys::default(),
             settings: Arc::new(settings),
             pool,
             broker,
@@ -191,6 +194,7 @@ impl App {
             bots: self.bots.clone(),
             cipher: self.cipher.clone(),
             limits: self.limits.clone(),
+            keys: self.keys.clone(),
         }
     }
 

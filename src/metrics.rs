@@ -64,6 +64,9 @@ pub struct Metrics {
     pub webhook_latency: Histogram,
     /// Messages per queue, sampled.
     pub queue_depth: Family<Labels, Gauge>,
+    /// API key reads by `source`: `memory` (a key that authenticated recently) or
+    /// `database`.
+    pub api_key_reads: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -173,6 +176,12 @@ impl Metrics {
             "Messages ready in each queue",
             queue_depth.clone(),
         );
+        let api_key_reads = Family::<Labels, Counter>::default();
+        registry.register(
+            "api_key_reads",
+            "API keys read by source (memory, database)",
+            api_key_reads.clone(),
+        );
         Arc::new(Self {
             registry,
             events_settled: Default::default(),
@@ -194,7 +203,15 @@ impl Metrics {
             webhook_attempts,
             webhook_latency,
             queue_depth,
+            api_key_reads,
         })
+    }
+
+    /// Counts one API key read from `source` (`memory` or `database`).
+    pub fn api_key_read(&self, source: &'static str) {
+        self.api_key_reads
+            .get_or_create(&vec![("source", source.to_string())])
+            .inc();
     }
 
     /// Counts a settled payment event. `event_type` may come from the message (its

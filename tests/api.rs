@@ -2301,6 +2301,7 @@ async fn one_business_over_its_rate_gets_429_and_another_is_unaffected() {
     let b = client(&w, "bus_B").await;
     // A spends its burst (one request a second comes back: ask until refused).
     let mut refused = None;
+    let mut answered = 0;
     for _ in 0..50 {
         let (s, retry_after, body) = call_with_headers(&a, "/entitlements").await;
         if s == 429 {
@@ -2308,6 +2309,7 @@ async fn one_business_over_its_rate_gets_429_and_another_is_unaffected() {
             break;
         }
         assert_eq!(s, 200, "{body}");
+        answered += 1;
     }
     let (retry_after, body) = refused.expect("business A is refused past its rate");
     assert_eq!(body["code"], "rate_limited", "{body}");
@@ -2322,6 +2324,86 @@ async fn one_business_over_its_rate_gets_429_and_another_is_unaffected() {
         call_with_headers(&anonymous(&w), "/entitlements").await.0,
         401
     );
+    // A's key was read for each request answered, not for its refusal; B's once.
+    assert_eq!(key_reads(&w, "database"), answered + 1);
+    w.stop().await;
+}
+
+/// API key reads from `source` (`memory` or `database`) so far.
+fn key_reads(w: &World, source: &str) -> u64 {
+    w.app
+        .metrics
+        .api_key_reads
+        .get(&vec![("source", source.to_string())])
+        .map(|c| c.get())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_past_the_rate_read_no_key_and_a_revoked_key_is_refused_at_once() {
+    let w = World::start_with(
+        sandbox_discord::SandboxConfig::default(),
+        load_cfg(&[
+            ("GUILDGATE_API__REQUESTS_PER_SECOND", "1"),
+            ("GUILDGATE_API__BURST", "2"),
+        ]),
+    )
+    .await;
+    let mut conn = w.app.pool.acquire().await.unwrap();
+    let (key_id, key) = guildgate::web::api::auth::create_api_key(
+        &mut conn,
+        &BusinessId::parse("bus_A").unwrap(),
+        Some("test"),
+    )
+    .await
+    .unwrap();
+    let text = key.expose_secret().to_string();
+    let with_key = |k: &str| Client {
+        base: format!("http://{}", w.app.addr),
+        key: Some(k.to_string()),
+        http: reqwest::Client::new(),
+    };
+    let c = with_key(&text);
+    // Answered until the rate refuses: each answer read the key, no refusal did.
+    let mut answered = 0;
+    loop {
+        let (s, _, body) = call_with_headers(&c, "/entitlements").await;
+        if s == 429 {
+            break;
+        }
+        assert_eq!(s, 200, "{body}");
+        answered += 1;
+    }
+    assert_eq!(key_reads(&w, "database"), answered);
+    assert_eq!(call_with_headers(&c, "/entitlements").await.0, 429);
+    assert_eq!(
+        key_reads(&w, "database"),
+        answered,
+        "refused without a read"
+    );
+    assert_eq!(key_reads(&w, "memory"), 2);
+
+    // The key's id with another secret: refused for that, not for the rate.
+    let (s, _, body) = call_with_headers(&with_key(&other_last_char(&text)), "/entitlements").await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (401, Some("unauthorized")),
+        "{body}"
+    );
+
+    // Revoked: the first request the rate lets through is refused.
+    assert!(
+        guildgate::web::api::auth::revoke_api_key(&mut conn, &key_id)
+            .await
+            .unwrap()
+    );
+    drop(conn);
+    let status = wait_for("a request the rate lets through", || async {
+        let s = call_with_headers(&c, "/entitlements").await.0;
+        (s != 429).then_some(s)
+    })
+    .await;
+    assert_eq!(status, 401);
     w.stop().await;
 }
 

@@ -27,4 +27,6 @@ pub struct AppState {
     pub cipher: TokenCipher,
     /// Per-business and OAuth callback rate limits.
     pub limits: Arc<Limits>,
+    /// The API keys that authenticated recently.
+    pub keys: crate::web::api::auth::KnownKeys,
 }

@@ -1,6 +1,14 @@
 //! Authentication: `Authorization: Bearer <api key>` → the business the key belongs to.
 //! Every API handler takes a [`Merchant`]; without a valid key it answers 401 before
 //! the handler runs, and past its business's `api.requests_per_second` 429. Also the key management the CLI does (`guildgate api-key …`).
+//!
+//! A key that authenticated is remembered by this process for [`KNOWN_KEY_TTL`]
+//! ([`KnownKeys`]), so that its business's requests past the rate limit are refused
+//! without a database read or a pool connection. A request the limit lets through
+//! always reads its key, so a revoked key is refused at once.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
@@ -43,23 +51,95 @@ impl FromRequestParts<AppState> for Merchant {
             return Err(ApiError::Unauthorized);
         }
         let key = PresentedKey::parse(token.trim()).ok_or(ApiError::Unauthorized)?;
+        let limited = |business: &BusinessId| {
+            state
+                .limits
+                .check_business(business.as_str())
+                .map_err(|retry_after| ApiError::RateLimited { retry_after })
+        };
+        // A key known to be its business's (the secret matches what it matched) is
+        // counted against the rate limit first: past it, refused without a read.
+        let known = state.keys.get(&key.id);
+        if let Some(known) = &known {
+            if !key.matches(&known.key_hash) {
+                state.metrics.api_key_read("memory");
+                return Err(ApiError::Unauthorized);
+            }
+            if let Err(refused) = limited(&known.business_id) {
+                state.metrics.api_key_read("memory");
+                return Err(refused);
+            }
+        }
+        state.metrics.api_key_read("database");
         let mut conn = state.pool.acquire().await?;
         let row = db::get(&mut conn, &key.id)
             .await?
             .ok_or(ApiError::Unauthorized)?;
+        drop(conn);
         // Compare the hash even for a revoked key, so both refusals cost the same.
         let ok = key.matches(&row.key_hash) && row.revoked_at.is_none();
         if !ok {
+            state.keys.forget(&key.id);
             return Err(ApiError::Unauthorized);
         }
         let business_id = BusinessId::parse(row.business_id)
             .map_err(|e| ApiError::Internal(format!("stored business id: {e}")))?;
-        // After authentication, so that nobody can spend another business's budget.
-        state
-            .limits
-            .check_business(business_id.as_str())
-            .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
+        if known.is_none() {
+            // After authentication, so that nobody can spend another business's budget.
+            limited(&business_id)?;
+            state.keys.insert(
+                key.id.clone(),
+                Arc::new(Known {
+                    business_id: business_id.clone(),
+                    key_hash: row.key_hash,
+                }),
+            );
+        }
         Ok(Merchant { business_id })
+    }
+}
+
+/// How long a process remembers a key that authenticated: how long its business's
+/// requests past the rate limit are refused without a read.
+pub const KNOWN_KEY_TTL: Duration = Duration::from_secs(5);
+/// Keys remembered at most per process (beyond it, the least used are forgotten).
+const KNOWN_KEYS: u64 = 10_000;
+
+/// A key that authenticated: whose it is, and the hash a presented secret must match.
+pub struct Known {
+    business_id: BusinessId,
+    key_hash: Vec<u8>,
+}
+
+/// The keys that authenticated in this process within [`KNOWN_KEY_TTL`], by key id.
+/// Only keys that matched their stored hash and were not revoked are kept (a key found
+/// revoked is forgotten); a secret presented with a known id is still checked against
+/// the hash. Cheap to clone.
+#[derive(Clone)]
+pub struct KnownKeys(moka::sync::Cache<String, Arc<Known>>);
+
+impl Default for KnownKeys {
+    fn default() -> Self {
+        KnownKeys(
+            moka::sync::Cache::builder()
+                .max_capacity(KNOWN_KEYS)
+                .time_to_live(KNOWN_KEY_TTL)
+                .build(),
+        )
+    }
+}
+
+impl KnownKeys {
+    fn get(&self, id: &str) -> Option<Arc<Known>> {
+        self.0.get(id)
+    }
+
+    fn insert(&self, id: String, known: Arc<Known>) {
+        self.0.insert(id, known);
+    }
+
+    fn forget(&self, id: &str) {
+        self.0.invalidate(id);
     }
 }
 
