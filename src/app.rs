@@ -225,6 +225,7 @@ impl App {
             links: self.links.clone(),
             retry_delays: s.retry_delays.clone(),
             per_recipient_per_hour: s.per_recipient_per_hour,
+            per_business_per_hour: s.per_business_per_hour,
             recipient_secret: self.settings.secrets.state_signing_key.clone(),
             metrics: self.metrics.clone(),
         })

@@ -324,6 +324,8 @@ pub struct EmailSettings {
     pub retry_delays: Vec<Duration>,
     /// Emails one recipient is sent by one business per hour at most; the rest wait.
     pub per_recipient_per_hour: u32,
+    /// Emails one business sends per hour at most, to all its recipients; the rest wait.
+    pub per_business_per_hour: u32,
     /// The longest one SMTP conversation may take.
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
@@ -529,9 +531,10 @@ impl Settings {
     fn check_email(&self) -> Result<(), ConfigError> {
         ensure(
             self.email.per_recipient_per_hour > 0
+                && self.email.per_business_per_hour > 0
                 && !self.email.timeout.is_zero()
                 && !self.email.access_link_ttl.is_zero(),
-            "email.per_recipient_per_hour, email.timeout and email.access_link_ttl must be more than 0",
+            "email.per_recipient_per_hour, email.per_business_per_hour, email.timeout and email.access_link_ttl must be more than 0",
         )
     }
 

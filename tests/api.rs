@@ -3800,16 +3800,22 @@ async fn backfills_take_turns_by_business() {
 /// A World whose guildgate emails through a real SMTP server (STARTTLS with a private
 /// CA, AUTH), with one retry after 1 s and at most `per_hour` emails per recipient.
 async fn world_with_email(per_hour: u32) -> (World, smtp::SmtpServer) {
+    world_with_email_settings(&[(
+        "GUILDGATE_EMAIL__PER_RECIPIENT_PER_HOUR",
+        &per_hour.to_string(),
+    )])
+    .await
+}
+
+/// A world whose emails go to a test SMTP server, with `env` besides.
+async fn world_with_email_settings(env: &[(&str, &str)]) -> (World, smtp::SmtpServer) {
     let server = smtp::SmtpServer::start().await;
     let cfg = common::TestConfig::default()
         .env("GUILDGATE_EMAIL__SMTP_URL", &server.url())
         .env("GUILDGATE_EMAIL__CA_FILE", server.ca.to_str().unwrap())
         .env("GUILDGATE_EMAIL__FROM", "Acme Access <access@acme.test>")
-        .env("GUILDGATE_EMAIL__RETRY_DELAYS", "1s")
-        .env(
-            "GUILDGATE_EMAIL__PER_RECIPIENT_PER_HOUR",
-            &per_hour.to_string(),
-        );
+        .env("GUILDGATE_EMAIL__RETRY_DELAYS", "1s");
+    let cfg = env.iter().fold(cfg, |cfg, (k, v)| cfg.env(k, v));
     let w = World::start_with(sandbox_discord::SandboxConfig::default(), cfg).await;
     (w, server)
 }
@@ -4134,6 +4140,55 @@ async fn refused_emails_are_parked_or_retried_and_a_recipient_is_not_flooded() {
         "queued",
         "the first business's third email still waits"
     );
+    w.stop().await;
+}
+
+/// A business sends `email.per_business_per_hour` emails an hour at most, whatever
+/// addresses it gives its comp grants: the rest wait, and another business's go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_past_its_hourly_emails_waits_and_another_sends() {
+    let (w, mail) =
+        world_with_email_settings(&[("GUILDGATE_EMAIL__PER_BUSINESS_PER_HOUR", "2")]).await;
+    let comp = |c: &Client, ent: &str, customer: &str, email: &str| {
+        let (c, path) = (c.clone(), format!("/entitlements/{ent}/grants"));
+        let body = json!({"customer_id": customer, "customer_email": email});
+        async move {
+            let (s, v) = c.post(&path, body).await;
+            assert_eq!(s, 201, "{v}");
+        }
+    };
+    let a = client(&w, "bus_A").await;
+    let ga = connected_guild(&w, &a, "Acme").await;
+    let ea = create_entitlement(&a, ga.guild_id, Some(ga.role("Patrons"))).await;
+    let ea = ea["id"].as_str().unwrap();
+    for i in 0..3 {
+        comp(&a, ea, &format!("cus_{i}"), &format!("a{i}@example.test")).await;
+    }
+    wait_for("A's third email held back", || async {
+        (email_count(&w, "join", "deferred") >= 1).then_some(())
+    })
+    .await;
+
+    let b = client(&w, "bus_B").await;
+    let gb = connected_guild(&w, &b, "Other").await;
+    let eb = create_entitlement(&b, gb.guild_id, Some(gb.role("Patrons"))).await;
+    comp(&b, eb["id"].as_str().unwrap(), "cus_b", "b@example.test").await;
+    mail.wait_for("b@example.test", 1).await;
+
+    let to_a = mail
+        .received()
+        .iter()
+        .flat_map(|m| m.rcpt())
+        .filter(|r| r.starts_with('a'))
+        .count();
+    assert_eq!(to_a, 2, "A's two emails of the hour went, the third waits");
+    let queued: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM emails WHERE business_id = 'bus_A' AND status = 'queued'",
+    )
+    .fetch_one(&w.app.pool)
+    .await
+    .unwrap();
+    assert_eq!(queued, 1);
     w.stop().await;
 }
 

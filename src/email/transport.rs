@@ -141,6 +141,7 @@ mod tests {
             ca_file: String::new(),
             retry_delays: vec![Duration::from_secs(1)],
             per_recipient_per_hour: 5,
+            per_business_per_hour: 1000,
             timeout: Duration::from_secs(5),
             access_link_ttl: Duration::from_secs(60),
         }

@@ -3,8 +3,9 @@
 //!
 //! Per job: remember the address a join job carries, record the email (`emails`, one
 //! row per id: a job delivered again finds it settled and sends nothing), decide whether
-//! it is still wanted ([`decide`]), keep to `email.per_recipient_per_hour` (an email
-//! over it waits on a retry tier, without counting an attempt), send it, and record the
+//! it is still wanted ([`decide`]), keep to `email.per_recipient_per_hour` and
+//! `email.per_business_per_hour` (an email over either waits on a retry tier, without
+//! counting an attempt), send it, and record the
 //! result before acking. A crash between sending and recording sends it again on
 //! redelivery, with the same `Message-ID`. A database outage holds the job.
 
@@ -84,6 +85,7 @@ pub struct EmailWorker {
     pub links: LinkBuilder,
     pub retry_delays: Vec<Duration>,
     pub per_recipient_per_hour: u32,
+    pub per_business_per_hour: u32,
     /// Keys the recipient hash kept in `emails` (the state signing key).
     pub recipient_secret: SecretString,
     pub metrics: Arc<Metrics>,
@@ -158,17 +160,24 @@ impl EmailWorker {
         };
         let to = to.expect("decide sends only with an address");
         let key = self.recipient_key(to.email.as_ref());
-        if let Some(wait) = self
+        let full = match self
             .recipient_full(&mut conn, &grant.business_id, &key, now)
             .await?
         {
+            Some(wait) => Some((wait, "the recipient's hourly limit is reached")),
+            None => self
+                .business_full(&mut conn, &grant.business_id, now)
+                .await?
+                .map(|wait| (wait, "the business's hourly limit is reached")),
+        };
+        if let Some((wait, reason)) = full {
             self.count(kind, "deferred");
             return Ok(Outcome::Retry {
                 delay: retry::next(0, wait, &self.retry_delays)
                     .expect("email.retry_delays is never empty")
                     .delay,
                 attempt,
-                reason: "the recipient's hourly limit is reached".into(),
+                reason: reason.into(),
             });
         }
         let grant = renew_link(&mut conn, &self.links, &grant, now).await?;
@@ -229,6 +238,20 @@ impl EmailWorker {
             return Ok(None);
         }
         Ok(Some(super::until_an_hour_after(oldest, now)))
+    }
+
+    /// How long until `business` may send another email, when it sent
+    /// `email.per_business_per_hour` in the last hour (to anyone): one business cannot
+    /// take the email worker and the mail server every business shares, whatever
+    /// addresses it gives its comp grants.
+    async fn business_full(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        business: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Duration>, sqlx::Error> {
+        let nth = db::nth_latest_sent(conn, business, self.per_business_per_hour, now).await?;
+        Ok(nth.map(|at| super::until_an_hour_after(Some(at), now)))
     }
 
     /// The email went out: recorded as sent, with the grant's history.

@@ -253,6 +253,27 @@ pub async fn sent_in_last_hour(
     .await
 }
 
+/// When `business`'s `n`-th latest email of the last hour before `now` was sent: `None`
+/// while it sent fewer than `n` in that hour. Reads at most `n` entries of
+/// `emails_business_sent`.
+pub async fn nth_latest_sent(
+    conn: &mut PgConnection,
+    business_id: &str,
+    n: u32,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT sent_at FROM emails
+         WHERE business_id = $1 AND sent_at > $2 - interval '1 hour'
+         ORDER BY sent_at DESC OFFSET $3 - 1 LIMIT 1",
+    )
+    .bind(business_id)
+    .bind(now)
+    .bind(i64::from(n.max(1)))
+    .fetch_optional(conn)
+    .await
+}
+
 /// Settles an email: `sent`, `skipped` or `failed`, with the attempts it took and why.
 pub async fn settle(
     conn: &mut PgConnection,
