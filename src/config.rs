@@ -301,6 +301,10 @@ pub struct WebhookSettings {
     pub timeout: Duration,
     pub workers: usize,
     pub max_in_flight_per_endpoint: usize,
+    /// Messages one business may send again per hour and process, through
+    /// `POST /webhooks/{id}/messages/{message_id}/retry` (one each) and
+    /// `…/retry-failed` (its `limit` each).
+    pub replays_per_hour: u32,
     /// How long a delivered or failed message (its body and attempts, for the API and
     /// replay) is kept; `None` (empty) = forever. Pruned every `ingest.prune_interval`.
     #[serde(default, deserialize_with = "optional_duration")]
@@ -518,10 +522,11 @@ impl Settings {
         ensure(
             self.api.requests_per_second > 0
                 && self.api.burst > 0
+                && self.webhooks.replays_per_hour > 0
                 && self.oauth.callback_attempts > 0
                 && self.oauth.address_attempts > 0
                 && !self.oauth.callback_window.is_zero(),
-            "api.requests_per_second, api.burst, oauth.callback_attempts, oauth.address_attempts and oauth.callback_window must be more than 0",
+            "api.requests_per_second, api.burst, webhooks.replays_per_hour, oauth.callback_attempts, oauth.address_attempts and oauth.callback_window must be more than 0",
         )
     }
 

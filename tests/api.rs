@@ -1746,6 +1746,75 @@ async fn webhook_retries_refuse_pending_messages_and_page_failed_ones() {
     w.stop().await;
 }
 
+/// Replays count against a business's hourly budget: a retry one message, a bulk retry
+/// its `limit`; past it 429, while another business replays on its own budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_count_against_the_business_hourly_budget() {
+    use guildgate::app::Options;
+    let w = World::start_with(
+        sandbox_discord::SandboxConfig::default(),
+        load_cfg(&[("GUILDGATE_WEBHOOKS__REPLAYS_PER_HOUR", "4")]).options(Options {
+            webhooks: false,
+            relay: false,
+            ..Options::default()
+        }),
+    )
+    .await;
+    // Each business's endpoint with failed messages 1 to 5.
+    let mut ends = Vec::new();
+    for business in ["bus_A", "bus_B"] {
+        let c = client(&w, business).await;
+        let (s, ep) = c
+            .post("/webhooks", json!({"url": "http://127.0.0.1:9/hook"}))
+            .await;
+        assert_eq!(s, 201, "{ep}");
+        let ep = ep["id"].as_str().unwrap().to_string();
+        sqlx::query(
+            "INSERT INTO webhook_messages (id, endpoint_id, business_id, grant_id, event_type, body, status)
+             SELECT 'msg_' || $2 || lpad(n::text, 26, '0'), $1, $2, 'grant_' || n,
+                    'entitlement_grant.created', '{}', 'failed'
+             FROM generate_series(1, 5) n",
+        )
+        .bind(&ep)
+        .bind(business)
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
+        ends.push((c, ep, business));
+    }
+    let retry = |(c, ep, business): &(Client, String, &str), n: u32| {
+        let c = c.clone();
+        let path = format!("/webhooks/{ep}/messages/msg_{business}{n:026}/retry");
+        async move { c.post(&path, json!({})).await }
+    };
+    let bulk = |(c, ep, _): &(Client, String, &str), limit: u32| {
+        let c = c.clone();
+        let path = format!("/webhooks/{ep}/messages/retry-failed?limit={limit}");
+        async move { c.post(&path, json!({})).await }
+    };
+    let (a, b) = (&ends[0], &ends[1]);
+    assert_eq!(retry(a, 1).await.0, 202);
+    let (s, page) = bulk(a, 3).await;
+    assert_eq!(s, 202, "{page}");
+    assert_eq!(page["message_ids"].as_array().unwrap().len(), 3);
+    // Four of four spent: the next one waits for the hour to give one back.
+    let (s, v) = retry(a, 5).await;
+    assert_eq!((s, v["code"].as_str()), (429, Some("rate_limited")), "{v}");
+    let (s, v) = bulk(a, 1000).await;
+    assert_eq!(s, 429, "{v}");
+    // B's budget is its own; a bulk retry past the whole budget counts as all of it.
+    let (s, page) = bulk(b, 1000).await;
+    assert_eq!(s, 202, "{page}");
+    assert_eq!(page["message_ids"].as_array().unwrap().len(), 5);
+    assert_eq!(retry(b, 1).await.0, 429);
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'webhook'")
+        .fetch_one(&w.app.pool)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 9, "a job per message sent again, none for a refusal");
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_endpoints_through_the_api() {
     let w = World::start().await;

@@ -64,6 +64,9 @@ pub struct Limits {
     link: DefaultKeyedRateLimiter<String>,
     address: DefaultKeyedRateLimiter<IpAddr>,
     application: DefaultKeyedRateLimiter<String>,
+    replays: DefaultKeyedRateLimiter<String>,
+    /// The most messages one replay may count (the replay budget's burst).
+    replay_burst: NonZeroU32,
     trusted_proxies: Vec<IpNet>,
 }
 
@@ -116,6 +119,11 @@ impl Limits {
                 APPLICATION_CHECKS_PER_HOUR,
                 Duration::from_secs(3600),
             )),
+            replays: RateLimiter::keyed(per_window(
+                s.webhooks.replays_per_hour,
+                Duration::from_secs(3600),
+            )),
+            replay_burst: nonzero(s.webhooks.replays_per_hour),
             trusted_proxies: s.http.trusted_proxy_nets(),
         }
     }
@@ -135,6 +143,18 @@ impl Limits {
         check(&self.application, &business.to_string())
     }
 
+    /// `messages` webhook messages of `business` sent again. A replay of more than the
+    /// whole hourly budget counts as the whole budget.
+    pub fn check_replays(&self, business: &str, messages: u32) -> Result<(), Duration> {
+        let n = nonzero(messages).min(self.replay_burst);
+        match self.replays.check_key_n(&business.to_string(), n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(self.replays.clock().now())),
+            // Not reachable: `n` is at most the burst.
+            Err(_) => Err(Duration::from_secs(3600)),
+        }
+    }
+
     /// One OAuth callback from `ip`.
     pub fn check_address(&self, ip: IpAddr) -> Result<(), Duration> {
         check(&self.address, &ip)
@@ -146,7 +166,9 @@ impl Limits {
         self.link.retain_recent();
         self.address.retain_recent();
         self.application.retain_recent();
+        self.replays.retain_recent();
         self.application.shrink_to_fit();
+        self.replays.shrink_to_fit();
         self.business.shrink_to_fit();
         self.link.shrink_to_fit();
         self.address.shrink_to_fit();

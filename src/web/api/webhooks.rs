@@ -602,6 +602,16 @@ fn message_view(m: Message, attempts: Vec<messages::Attempt>) -> MessageView {
     }
 }
 
+/// Counts `messages` replays against the business's `webhooks.replays_per_hour`: every
+/// replayed message is a delivery job in the queue every business shares, ahead of the
+/// others' new ones.
+fn replays_allowed(state: &AppState, merchant: &Merchant, messages: u32) -> ApiResult<()> {
+    state
+        .limits
+        .check_replays(merchant.business(), messages)
+        .map_err(|retry_after| ApiError::RateLimited { retry_after })
+}
+
 /// What a replay queued.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Replayed {
@@ -612,6 +622,7 @@ pub struct Replayed {
 /// Send one message again (a fresh retry schedule; the `webhook-id` stays the same).
 /// Only a settled message (`failed` or `delivered`) is sent again: a `pending` one is
 /// still being delivered, and a second delivery would send it twice at once (409).
+/// Each call counts one against the business's `webhooks.replays_per_hour`.
 #[utoipa::path(post, path = "/webhooks/{id}/messages/{message_id}/retry", tag = "webhooks",
     params(("id" = String, Path, description = "Endpoint id (`ep_…`)"), ("message_id" = String, Path, description = "Message id (`msg_…`)")),
     responses(
@@ -624,6 +635,7 @@ pub async fn retry_message(
     State(state): State<AppState>,
     Path((id, message_id)): Path<(String, String)>,
 ) -> ApiResult<impl IntoResponse> {
+    replays_allowed(&state, &merchant, 1)?;
     let mut tx = state.pool.begin().await?;
     let m = messages::get(&mut tx, &message_id)
         .await?
@@ -668,7 +680,8 @@ pub struct ReplayedPage {
 }
 
 /// Send the endpoint's failed messages again, at most `limit` per call, in id order;
-/// continue with `next_cursor` until it is null.
+/// continue with `next_cursor` until it is null. Each call counts its `limit` against
+/// the business's `webhooks.replays_per_hour`.
 #[utoipa::path(post, path = "/webhooks/{id}/messages/retry-failed", tag = "webhooks",
     params(("id" = String, Path, description = "Endpoint id (`ep_…`)"), RetryFailedQuery),
     responses((status = 202, body = ReplayedPage), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
@@ -695,6 +708,7 @@ pub async fn retry_failed(
             "is not a next_cursor this endpoint returned",
         ));
     }
+    replays_allowed(&state, &merchant, u32::try_from(limit).unwrap_or(u32::MAX))?;
     let mut tx = state.pool.begin().await?;
     endpoints::get(&mut tx, merchant.business(), &id).await?;
     let (ids, next_cursor) = replay::replay_failed(
