@@ -383,8 +383,8 @@ impl DiscordClient {
     /// until its answer, so one business has at most that many calls waiting for or
     /// using the budget and the budget's line (first come, first served) never holds
     /// more than that of one business ahead of another's. A business asking more waits
-    /// on its own seats, as long as the budget would have let it wait, and is then told
-    /// busy.
+    /// on its own seats; what it waited there counts against the budget's wait, so a
+    /// call is told busy after the budget's `max_wait` in all.
     pub fn seated(&self, seats: Arc<Semaphore>) -> Self {
         Self {
             seats: Some(seats),
@@ -491,6 +491,7 @@ impl DiscordClient {
         if let Some(key) = self.stopped(call) {
             return Err(Unsettled::Done(DiscordError::Stopped { key }));
         }
+        let started = tokio::time::Instant::now();
         let _seat = match &self.seats {
             None => None,
             Some(seats) => {
@@ -510,7 +511,12 @@ impl DiscordClient {
             }
         };
         let bot = matches!(call.auth, Auth::Bot);
-        let ticket = match self.budget.acquire(call.verb, &call.route, bot).await {
+        // The seat's wait counts against the budget's: busy after `max_wait` in all.
+        let ticket = match self
+            .budget
+            .acquire_after(call.verb, &call.route, bot, started.elapsed())
+            .await
+        {
             Ok(t) => t,
             Err(e) => {
                 self.count(call.label, "busy");

@@ -329,14 +329,30 @@ impl Budget {
         route: &str,
         bot: bool,
     ) -> Result<Ticket, QueueTimeout> {
+        self.acquire_after(verb, route, bot, Duration::ZERO).await
+    }
+
+    /// [`Budget::acquire`] for a caller that has waited `spent` already on this call's
+    /// way here (for a seat of its business): a bounded budget waits only what is left
+    /// of its `max_wait`, so the call is told busy after `max_wait` in all.
+    pub async fn acquire_after(
+        &self,
+        verb: Verb,
+        route: &str,
+        bot: bool,
+        spent: Duration,
+    ) -> Result<Ticket, QueueTimeout> {
         match self.max_wait {
             None => Ok(self.acquire_unbounded(verb, route, bot).await),
-            Some(waited) => tokio::time::timeout(waited, self.acquire_unbounded(verb, route, bot))
-                .await
-                .map_err(|_| QueueTimeout {
-                    budget: self.name,
-                    waited,
-                }),
+            Some(waited) => tokio::time::timeout(
+                waited.saturating_sub(spent),
+                self.acquire_unbounded(verb, route, bot),
+            )
+            .await
+            .map_err(|_| QueueTimeout {
+                budget: self.name,
+                waited,
+            }),
         }
     }
 
@@ -541,6 +557,18 @@ mod tests {
         assert_eq!(Instant::now() - start, Duration::from_millis(500));
         // Within the bound it waits, and gets the slot.
         assert!(budget.acquire(Verb::Get, "guilds/3", true).await.is_ok());
+        // A caller that spent 4.5 s of the 5 on its way waits the half second left.
+        let start = Instant::now();
+        let err = budget
+            .acquire_after(Verb::Get, "guilds/4", true, Duration::from_millis(4500))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.waited,
+            Duration::from_secs(5),
+            "busy after the bound in all"
+        );
+        assert_eq!(Instant::now() - start, Duration::from_millis(500));
     }
 
     #[tokio::test]
