@@ -84,22 +84,24 @@ impl FromRequestParts<AppState> for Merchant {
         }
         let business_id = BusinessId::parse(row.business_id)
             .map_err(|e| ApiError::Internal(format!("stored business id: {e}")))?;
+        // Remembered (again) from each read, so a key in use stays known, and before the
+        // rate is checked, so a first request past it is remembered too.
+        state.keys.insert(
+            key.id.clone(),
+            Arc::new(Known {
+                business_id: business_id.clone(),
+                key_hash: row.key_hash,
+            }),
+        );
         if known.is_none() {
             // After authentication, so that nobody can spend another business's budget.
             limited(&business_id)?;
-            state.keys.insert(
-                key.id.clone(),
-                Arc::new(Known {
-                    business_id: business_id.clone(),
-                    key_hash: row.key_hash,
-                }),
-            );
         }
         Ok(Merchant { business_id })
     }
 }
 
-/// How long a process remembers a key that authenticated: how long its business's
+/// How long a process remembers a key after it last read it: how long its business's
 /// requests past the rate limit are refused without a read.
 pub const KNOWN_KEY_TTL: Duration = Duration::from_secs(5);
 /// Keys remembered at most per process (beyond it, the least used are forgotten).
