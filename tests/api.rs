@@ -1802,16 +1802,25 @@ async fn replays_count_against_the_business_hourly_budget() {
     assert_eq!((s, v["code"].as_str()), (429, Some("rate_limited")), "{v}");
     let (s, v) = bulk(a, 1000).await;
     assert_eq!(s, 429, "{v}");
-    // B's budget is its own; a bulk retry past the whole budget counts as all of it.
+    // A message that is not there costs nothing.
+    let (s, v) =
+        b.0.post(
+            &format!("/webhooks/{}/messages/msg_nope/retry", b.1),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 404, "{v}");
+    // B's budget is its own; a bulk retry asking more than the whole budget gets it.
     let (s, page) = bulk(b, 1000).await;
     assert_eq!(s, 202, "{page}");
-    assert_eq!(page["message_ids"].as_array().unwrap().len(), 5);
-    assert_eq!(retry(b, 1).await.0, 429);
+    assert_eq!(page["message_ids"].as_array().unwrap().len(), 4);
+    assert!(page["next_cursor"].is_string(), "{page}");
+    assert_eq!(retry(b, 5).await.0, 429);
     let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE kind = 'webhook'")
         .fetch_one(&w.app.pool)
         .await
         .unwrap();
-    assert_eq!(jobs, 9, "a job per message sent again, none for a refusal");
+    assert_eq!(jobs, 8, "a job per message sent again, none for a refusal");
     w.stop().await;
 }
 

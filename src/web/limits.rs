@@ -143,8 +143,13 @@ impl Limits {
         check(&self.application, &business.to_string())
     }
 
-    /// `messages` webhook messages of `business` sent again. A replay of more than the
-    /// whole hourly budget counts as the whole budget.
+    /// The most messages one business may send again in an hour.
+    pub fn replay_budget(&self) -> u32 {
+        self.replay_burst.get()
+    }
+
+    /// `messages` webhook messages of `business` sent again (at most
+    /// [`Limits::replay_budget`]; more counts as that).
     pub fn check_replays(&self, business: &str, messages: u32) -> Result<(), Duration> {
         let n = nonzero(messages).min(self.replay_burst);
         match self.replays.check_key_n(&business.to_string(), n) {

@@ -635,12 +635,12 @@ pub async fn retry_message(
     State(state): State<AppState>,
     Path((id, message_id)): Path<(String, String)>,
 ) -> ApiResult<impl IntoResponse> {
-    replays_allowed(&state, &merchant, 1)?;
     let mut tx = state.pool.begin().await?;
     let m = messages::get(&mut tx, &message_id)
         .await?
         .filter(|m| m.endpoint_id == id && m.business_id == merchant.business())
         .ok_or(ApiError::NotFound("webhook message"))?;
+    replays_allowed(&state, &merchant, 1)?;
     // Conditional on its status in the same statement, so a message that became
     // pending meanwhile is refused too.
     if !replay::replay_message(&mut tx, merchant.business(), &m.id).await? {
@@ -681,7 +681,8 @@ pub struct ReplayedPage {
 
 /// Send the endpoint's failed messages again, at most `limit` per call, in id order;
 /// continue with `next_cursor` until it is null. Each call counts its `limit` against
-/// the business's `webhooks.replays_per_hour`.
+/// the business's `webhooks.replays_per_hour` (a `limit` over the whole budget is taken
+/// as the budget).
 #[utoipa::path(post, path = "/webhooks/{id}/messages/retry-failed", tag = "webhooks",
     params(("id" = String, Path, description = "Endpoint id (`ep_…`)"), RetryFailedQuery),
     responses((status = 202, body = ReplayedPage), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)),
@@ -708,9 +709,11 @@ pub async fn retry_failed(
             "is not a next_cursor this endpoint returned",
         ));
     }
-    replays_allowed(&state, &merchant, u32::try_from(limit).unwrap_or(u32::MAX))?;
+    // Never more than the whole hourly budget in one call.
+    let limit = limit.min(i64::from(state.limits.replay_budget()));
     let mut tx = state.pool.begin().await?;
     endpoints::get(&mut tx, merchant.business(), &id).await?;
+    replays_allowed(&state, &merchant, u32::try_from(limit).unwrap_or(u32::MAX))?;
     let (ids, next_cursor) = replay::replay_failed(
         &mut tx,
         merchant.business(),
