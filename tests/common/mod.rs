@@ -600,17 +600,18 @@ impl TestApp {
     /// Stops the app if it still runs, then deletes the queues, exchanges and database
     /// of this test. Removing them under a running app would have it resubscribe and
     /// reconnect meanwhile; so the app goes first, and must stop within 30 s like
-    /// [`TestApp::shutdown`]. Each removal after it is best effort and bounded: one
+    /// [`TestApp::shutdown`] (the test fails otherwise, once the removals are done). Each removal after it is best effort and bounded: one
     /// that does not finish is reported and left to the next CI run's sweep, rather
     /// than holding the test (and the suite) forever.
     pub async fn cleanup(&mut self) {
         self.cleaned = true;
         self.shutdown.cancel();
-        if let Some(h) = self.handle.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), h)
+        let stopped = match self.handle.take() {
+            Some(h) => tokio::time::timeout(Duration::from_secs(30), h)
                 .await
-                .expect("app stops within 30 s");
-        }
+                .is_ok(),
+            None => true,
+        };
         bounded("deleting the queues and exchanges", async {
             delete_broker_objects(&self.settings).await
         })
@@ -621,6 +622,8 @@ impl TestApp {
         .await;
         bounded("closing the pool", self.pool.close()).await;
         bounded("dropping the database", self.db.drop_db()).await;
+        // Said once its queues and database are gone: a failed test leaves nothing.
+        assert!(stopped, "app stops within 30 s");
     }
 }
 
