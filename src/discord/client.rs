@@ -384,7 +384,7 @@ impl DiscordClient {
     /// using the budget and the budget's line (first come, first served) never holds
     /// more than that of one business ahead of another's. A business asking more waits
     /// on its own seats; what it waited there counts against the budget's wait, so a
-    /// call is told busy after the budget's `max_wait` in all.
+    /// try is told busy after the budget's `max_wait` in all.
     pub fn seated(&self, seats: Arc<Semaphore>) -> Self {
         Self {
             seats: Some(seats),
