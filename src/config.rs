@@ -189,13 +189,17 @@ pub fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("{s:?} is not an IP address or CIDR range"))
 }
 
-/// Limits of the merchant API, per business (after authentication).
+/// Limits of the merchant API: per business (after authentication), and per client
+/// address for reading keys the process does not know (before it).
 #[derive(Clone, Debug, Deserialize)]
 pub struct ApiSettings {
     /// Requests per second a business may make, sustained.
     pub requests_per_second: u32,
     /// Requests a business may make at once above that rate.
     pub burst: u32,
+    /// API keys not known to the process (not read in the last 5 s) read from the
+    /// database per client address and second; a burst of five times as many.
+    pub key_reads_per_address_per_second: u32,
 }
 
 /// Limits of the customer's OAuth callback.
@@ -522,11 +526,12 @@ impl Settings {
         ensure(
             self.api.requests_per_second > 0
                 && self.api.burst > 0
+                && self.api.key_reads_per_address_per_second > 0
                 && self.webhooks.replays_per_hour > 0
                 && self.oauth.callback_attempts > 0
                 && self.oauth.address_attempts > 0
                 && !self.oauth.callback_window.is_zero(),
-            "api.requests_per_second, api.burst, webhooks.replays_per_hour, oauth.callback_attempts, oauth.address_attempts and oauth.callback_window must be more than 0",
+            "api.requests_per_second, api.burst, api.key_reads_per_address_per_second, webhooks.replays_per_hour, oauth.callback_attempts, oauth.address_attempts and oauth.callback_window must be more than 0",
         )
     }
 

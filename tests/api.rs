@@ -2407,6 +2407,40 @@ async fn one_business_over_its_rate_gets_429_and_another_is_unaffected() {
     w.stop().await;
 }
 
+/// Keys the process does not know are read within their address's limit: made-up keys
+/// cannot cost a database read each, and a key known already is not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_keys_from_one_address_are_read_within_its_limit() {
+    let w = World::start_with(
+        sandbox_discord::SandboxConfig::default(),
+        load_cfg(&[("GUILDGATE_API__KEY_READS_PER_ADDRESS_PER_SECOND", "1")]),
+    )
+    .await;
+    let a = client(&w, "bus_A").await;
+    assert_eq!(call_with_headers(&a, "/entitlements").await.0, 200);
+    let made_up = |n: usize| Client {
+        base: format!("http://{}", w.app.addr),
+        key: Some(format!("gg_{n:0>20}_{}", "b".repeat(40))),
+        http: reqwest::Client::new(),
+    };
+    // A burst of five reads an address (one a second after): A's first and four made up.
+    for n in 0..4 {
+        assert_eq!(call_with_headers(&made_up(n), "/entitlements").await.0, 401);
+    }
+    assert_eq!(key_reads(&w, "database"), 5);
+    let (s, retry_after, body) = call_with_headers(&made_up(4), "/entitlements").await;
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (429, Some("rate_limited")),
+        "{body}"
+    );
+    assert!(retry_after.is_some());
+    assert_eq!(key_reads(&w, "database"), 5, "refused without a read");
+    // A's key is known: read (its revocation would show at once), not held back.
+    assert_eq!(call_with_headers(&a, "/entitlements").await.0, 200);
+    w.stop().await;
+}
+
 /// API key reads from `source` (`memory` or `database`) so far.
 fn key_reads(w: &World, source: &str) -> u64 {
     w.app

@@ -65,6 +65,7 @@ pub struct Limits {
     address: DefaultKeyedRateLimiter<IpAddr>,
     application: DefaultKeyedRateLimiter<String>,
     replays: DefaultKeyedRateLimiter<String>,
+    key_reads: DefaultKeyedRateLimiter<IpAddr>,
     /// The most messages one replay may count (the replay budget's burst).
     replay_burst: NonZeroU32,
     trusted_proxies: Vec<IpNet>,
@@ -124,6 +125,11 @@ impl Limits {
                 Duration::from_secs(3600),
             )),
             replay_burst: nonzero(s.webhooks.replays_per_hour),
+            key_reads: RateLimiter::keyed(
+                Quota::per_second(nonzero(s.api.key_reads_per_address_per_second)).allow_burst(
+                    nonzero(s.api.key_reads_per_address_per_second.saturating_mul(5)),
+                ),
+            ),
             trusted_proxies: s.http.trusted_proxy_nets(),
         }
     }
@@ -160,6 +166,11 @@ impl Limits {
         }
     }
 
+    /// One read of an API key the process does not know, for a request from `ip`.
+    pub fn check_key_read(&self, ip: IpAddr) -> Result<(), Duration> {
+        check(&self.key_reads, &ip)
+    }
+
     /// One OAuth callback from `ip`.
     pub fn check_address(&self, ip: IpAddr) -> Result<(), Duration> {
         check(&self.address, &ip)
@@ -172,6 +183,8 @@ impl Limits {
         self.address.retain_recent();
         self.application.retain_recent();
         self.replays.retain_recent();
+        self.key_reads.retain_recent();
+        self.key_reads.shrink_to_fit();
         self.application.shrink_to_fit();
         self.replays.shrink_to_fit();
         self.business.shrink_to_fit();

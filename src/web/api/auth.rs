@@ -5,7 +5,9 @@
 //! A key that authenticated is remembered by this process for [`KNOWN_KEY_TTL`]
 //! ([`KnownKeys`]), so that its business's requests past the rate limit are refused
 //! without a database read or a pool connection. A request the limit lets through
-//! always reads its key, so a revoked key is refused at once.
+//! always reads its key, so a revoked key is refused at once. A key the process does
+//! not know is read only within its client address's
+//! `api.key_reads_per_address_per_second`, so made-up keys cannot cost a read each.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,7 @@ use crate::domain::ids::BusinessId;
 use crate::store::api_keys as db;
 use crate::web::AppState;
 use crate::web::error::ApiError;
+use crate::web::limits::ClientIp;
 
 /// The authenticated caller.
 #[derive(Clone, Debug)]
@@ -69,6 +72,16 @@ impl FromRequestParts<AppState> for Merchant {
                 state.metrics.api_key_read("memory");
                 return Err(refused);
             }
+        }
+        if known.is_none()
+            && let Ok(ClientIp(Some(ip))) = ClientIp::from_request_parts(parts, state).await
+        {
+            // Made-up keys are never known: one address cannot spend a read (and a
+            // pool connection) per request with them.
+            state
+                .limits
+                .check_key_read(ip)
+                .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
         }
         state.metrics.api_key_read("database");
         let mut conn = state.pool.acquire().await?;
