@@ -109,27 +109,33 @@ impl Client {
 
 /// A key for `business` (created if new), straight through the library.
 pub(crate) async fn client(w: &World, business: &str) -> Client {
+    keyed_client(w, business).await.1
+}
+
+/// [`client`], with the key's id (`key_…`).
+async fn keyed_client(w: &World, business: &str) -> (String, Client) {
     let mut conn = w.app.pool.acquire().await.unwrap();
-    let (_, key) = guildgate::web::api::auth::create_api_key(
+    let (id, key) = guildgate::web::api::auth::create_api_key(
         &mut conn,
         &BusinessId::parse(business).unwrap(),
         Some("test"),
     )
     .await
     .unwrap();
+    (id, with_key(w, Some(key.expose_secret())))
+}
+
+/// A client presenting `key` as it is (none: no `Authorization`).
+fn with_key(w: &World, key: Option<&str>) -> Client {
     Client {
         base: format!("http://{}", w.app.addr),
-        key: Some(key.expose_secret().to_string()),
+        key: key.map(str::to_string),
         http: reqwest::Client::new(),
     }
 }
 
 fn anonymous(w: &World) -> Client {
-    Client {
-        base: format!("http://{}", w.app.addr),
-        key: None,
-        http: reqwest::Client::new(),
-    }
+    with_key(w, None)
 }
 
 /// Connects a sandbox guild to the client's business through the real install flow:
@@ -2298,11 +2304,7 @@ async fn the_cli_creates_and_revokes_keys() {
         .find(|w| w.starts_with("key_"))
         .unwrap()
         .to_string();
-    let c = Client {
-        base: format!("http://{}", w.app.addr),
-        key: Some(key.clone()),
-        http: reqwest::Client::new(),
-    };
+    let c = with_key(&w, Some(&key));
     assert_eq!(c.get("/entitlements").await.0, 200);
     let stored: Vec<u8> =
         sqlx::query_scalar("SELECT key_hash FROM api_keys WHERE business_id = 'bus_New'")
@@ -2378,18 +2380,7 @@ async fn one_business_over_its_rate_gets_429_and_another_is_unaffected() {
     let a = client(&w, "bus_A").await;
     let b = client(&w, "bus_B").await;
     // A spends its burst (one request a second comes back: ask until refused).
-    let mut refused = None;
-    let mut answered = 0;
-    for _ in 0..50 {
-        let (s, retry_after, body) = call_with_headers(&a, "/entitlements").await;
-        if s == 429 {
-            refused = Some((retry_after, body));
-            break;
-        }
-        assert_eq!(s, 200, "{body}");
-        answered += 1;
-    }
-    let (retry_after, body) = refused.expect("business A is refused past its rate");
+    let (answered, retry_after, body) = until_refused(&a).await;
     assert_eq!(body["code"], "rate_limited", "{body}");
     assert!(body["message"].as_str().unwrap().contains("Retry-After"));
     let secs: u64 = retry_after.expect("Retry-After").parse().unwrap();
@@ -2418,11 +2409,7 @@ async fn made_up_keys_from_one_address_are_read_within_its_limit() {
     .await;
     let a = client(&w, "bus_A").await;
     assert_eq!(call_with_headers(&a, "/entitlements").await.0, 200);
-    let made_up = |n: usize| Client {
-        base: format!("http://{}", w.app.addr),
-        key: Some(format!("gg_{n:0>20}_{}", "b".repeat(40))),
-        http: reqwest::Client::new(),
-    };
+    let made_up = |n: usize| with_key(&w, Some(&format!("gg_{n:0>20}_{}", "b".repeat(40))));
     // A burst of five reads an address (one a second after): A's first and four made up.
     for n in 0..4 {
         assert_eq!(call_with_headers(&made_up(n), "/entitlements").await.0, 401);
@@ -2439,6 +2426,19 @@ async fn made_up_keys_from_one_address_are_read_within_its_limit() {
     // A's key is known: read (its revocation would show at once), not held back.
     assert_eq!(call_with_headers(&a, "/entitlements").await.0, 200);
     w.stop().await;
+}
+
+/// Asks `GET /entitlements` until the rate refuses (50 times at most): how many were
+/// answered (each 200), and the refusal's `Retry-After` and body.
+async fn until_refused(c: &Client) -> (u64, Option<String>, Value) {
+    for answered in 0..50 {
+        let (s, retry_after, body) = call_with_headers(c, "/entitlements").await;
+        if s == 429 {
+            return (answered, retry_after, body);
+        }
+        assert_eq!(s, 200, "{body}");
+    }
+    panic!("still answered after 50 requests: the rate never refused");
 }
 
 /// API key reads from `source` (`memory` or `database`) so far.
@@ -2461,31 +2461,10 @@ async fn refusals_past_the_rate_read_no_key_and_a_revoked_key_is_refused_at_once
         ]),
     )
     .await;
-    let mut conn = w.app.pool.acquire().await.unwrap();
-    let (key_id, key) = guildgate::web::api::auth::create_api_key(
-        &mut conn,
-        &BusinessId::parse("bus_A").unwrap(),
-        Some("test"),
-    )
-    .await
-    .unwrap();
-    let text = key.expose_secret().to_string();
-    let with_key = |k: &str| Client {
-        base: format!("http://{}", w.app.addr),
-        key: Some(k.to_string()),
-        http: reqwest::Client::new(),
-    };
-    let c = with_key(&text);
+    let (key_id, c) = keyed_client(&w, "bus_A").await;
+    let text = c.key.clone().unwrap();
     // Answered until the rate refuses: each answer read the key, no refusal did.
-    let mut answered = 0;
-    loop {
-        let (s, _, body) = call_with_headers(&c, "/entitlements").await;
-        if s == 429 {
-            break;
-        }
-        assert_eq!(s, 200, "{body}");
-        answered += 1;
-    }
+    let (answered, _, _) = until_refused(&c).await;
     assert_eq!(key_reads(&w, "database"), answered);
     assert_eq!(call_with_headers(&c, "/entitlements").await.0, 429);
     assert_eq!(
@@ -2496,7 +2475,8 @@ async fn refusals_past_the_rate_read_no_key_and_a_revoked_key_is_refused_at_once
     assert_eq!(key_reads(&w, "memory"), 2);
 
     // The key's id with another secret: refused for that, not for the rate.
-    let (s, _, body) = call_with_headers(&with_key(&other_last_char(&text)), "/entitlements").await;
+    let wrong = with_key(&w, Some(&other_last_char(&text)));
+    let (s, _, body) = call_with_headers(&wrong, "/entitlements").await;
     assert_eq!(
         (s, body["code"].as_str()),
         (401, Some("unauthorized")),
@@ -2504,6 +2484,7 @@ async fn refusals_past_the_rate_read_no_key_and_a_revoked_key_is_refused_at_once
     );
 
     // Revoked: the first request the rate lets through is refused.
+    let mut conn = w.app.pool.acquire().await.unwrap();
     assert!(
         guildgate::web::api::auth::revoke_api_key(&mut conn, &key_id)
             .await
