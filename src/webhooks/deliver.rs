@@ -620,6 +620,10 @@ impl Deliverer {
         endpoint_id: &str,
         open_until: Option<Instant>,
     ) -> Result<Outcome, DeliverError> {
+        // Begun before the write: a success of the endpoint while it is written parks
+        // the holds written so far, its next success this one; and when none follows
+        // (that success was its last request's), this one is parked at once.
+        let note = self.isolation.begin_hold(endpoint_id);
         let until = schedule::hold_until(
             Instant::now(),
             schedule::hold_for(job.holds, self.timeout),
@@ -633,9 +637,9 @@ impl Deliverer {
                 hold_count: job.holds.saturating_add(1),
             })
             .await?;
-        // Noted once written: a success of the endpoint before then parks the holds
-        // written so far and ends the note, and its next success must park this one.
-        self.isolation.note_held(endpoint_id);
+        if note.written() {
+            self.release_held(endpoint_id);
+        }
         self.metrics
             .webhook_attempts
             .get_or_create(&vec![("outcome", "held".to_string())])
@@ -667,7 +671,7 @@ impl Deliverer {
     /// not wait out their hold. They are parked, and this process's puller sends them
     /// at the endpoint's pace. Best effort, off the delivery's path: if it fails, they
     /// go at their held time.
-    fn release_held(&self, endpoint_id: &str) {
+    pub(super) fn release_held(&self, endpoint_id: &str) {
         let (this, endpoint_id) = (self.clone(), endpoint_id.to_string());
         tokio::spawn(async move {
             let lease = parking::lease_until(Utc::now());

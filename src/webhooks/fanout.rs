@@ -240,7 +240,7 @@ impl Fanout {
                 body: &e.body,
             })
             .collect();
-        let held: Vec<(String, chrono::DateTime<chrono::Utc>)> = match &self.holds {
+        let (held, notes): (Vec<_>, Vec<_>) = match &self.holds {
             Some((isolation, timeout)) => isolation
                 .holding(
                     std::time::Instant::now(),
@@ -248,17 +248,21 @@ impl Fanout {
                     schedule::hold_for(0, *timeout),
                 )
                 .into_iter()
-                .map(|(ep, until)| (ep, holds::wall_clock(until)))
-                .collect(),
-            None => Vec::new(),
+                .map(|(ep, until, note)| ((ep, holds::wall_clock(until)), note))
+                .unzip(),
+            None => (Vec::new(), Vec::new()),
         };
         let mut conn = self.pool.acquire().await?;
         let created = messages::fan_out(&mut conn, &batch, &held).await?;
-        // Noted again once written: a success of the endpoint in between ended its
-        // holds, and its next one must park these too.
-        if let Some((isolation, _)) = &self.holds {
-            for (endpoint, _) in &held {
-                isolation.note_held(endpoint);
+        // Noted once written, so the endpoint's next success parks these holds. One
+        // that succeeded while they were written may have had its last request in
+        // flight answer then: its holds are made due at once, and the hold releaser
+        // gives them jobs.
+        for ((endpoint, _), note) in held.iter().zip(notes) {
+            if note.written()
+                && let Err(e) = messages::release_endpoint(&mut conn, endpoint).await
+            {
+                tracing::warn!(endpoint, error = %e, "cannot release held messages; they go at their held time");
             }
         }
         Ok(created)

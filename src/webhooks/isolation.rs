@@ -41,6 +41,10 @@ struct EndpointState {
     freed: Arc<Notify>,
     /// Messages of the endpoint were held since its last success.
     held: bool,
+    /// Its successful requests, counted: a hold being written compares them.
+    successes: u64,
+    /// Holds being written ([`HoldNote`]): the state is kept, and with it the count.
+    hold_writes: usize,
 }
 
 impl EndpointState {
@@ -62,7 +66,11 @@ impl EndpointState {
     /// Nothing worth remembering: no request out, no failures, nobody waiting, nothing
     /// held.
     fn forgettable(&self) -> bool {
-        self.in_flight == 0 && self.consecutive_failures == 0 && self.waiting == 0 && !self.held
+        self.in_flight == 0
+            && self.consecutive_failures == 0
+            && self.waiting == 0
+            && !self.held
+            && self.hold_writes == 0
     }
 }
 
@@ -310,13 +318,13 @@ impl Isolation {
     /// cap with no request finished for their [`Isolation::stall_after`] (with
     /// `fallback`; until `hold` from now), and
     /// those whose circuit is open (until it closes, and at least `hold` from now).
-    /// Noted as held: their next success reports a recovery.
+    /// Each with the note of its hold ([`Isolation::begin_hold`]), begun with the look.
     pub fn holding(
         &self,
         now: Instant,
         fallback: Duration,
         hold: Duration,
-    ) -> Vec<(String, Instant)> {
+    ) -> Vec<(String, Instant, HoldNote)> {
         let mut map = self.state.lock().expect("isolation lock");
         let mut out = Vec::new();
         for (endpoint, st) in map.iter_mut() {
@@ -329,21 +337,46 @@ impl Isolation {
                 )
                 .is_some();
             if open.is_some() || stalled {
-                st.held = true;
+                st.hold_writes += 1;
                 out.push((
                     endpoint.clone(),
                     super::schedule::hold_until(now, hold, open),
+                    HoldNote {
+                        isolation: self.clone(),
+                        endpoint: endpoint.clone(),
+                        successes: st.successes,
+                    },
                 ));
             }
         }
         out
     }
 
-    /// Notes that a message of the endpoint was held, so its next success reports a
-    /// recovery ([`Permit::finish`]).
-    pub fn note_held(&self, endpoint: &str) {
+    /// Starts writing a hold of the endpoint's messages. Once written,
+    /// [`HoldNote::written`] notes it, so the endpoint's next success reports a recovery
+    /// ([`Permit::finish`]) and releases it; or says that the endpoint succeeded while
+    /// it was written, when the success found nothing to release and none may follow.
+    pub fn begin_hold(&self, endpoint: &str) -> HoldNote {
         let mut map = self.state.lock().expect("isolation lock");
-        map.entry(endpoint.to_string()).or_default().held = true;
+        let st = map.entry(endpoint.to_string()).or_default();
+        st.hold_writes += 1;
+        HoldNote {
+            isolation: self.clone(),
+            endpoint: endpoint.to_string(),
+            successes: st.successes,
+        }
+    }
+
+    /// Changes the endpoint's state with `change`, and forgets it if that left it
+    /// healthy and idle.
+    fn let_go(&self, endpoint: &str, change: impl FnOnce(&mut EndpointState)) {
+        let mut map = self.state.lock().expect("isolation lock");
+        if let Some(st) = map.get_mut(endpoint) {
+            change(st);
+            if st.forgettable() {
+                map.remove(endpoint);
+            }
+        }
     }
 
     /// Frees a slot; returns whether a success ended a run of failures or holds.
@@ -361,6 +394,7 @@ impl Isolation {
                 st.consecutive_failures = 0;
                 st.open_until = None;
                 st.held = false;
+                st.successes += 1;
             }
             Some(false) => {
                 st.consecutive_failures += 1;
@@ -378,6 +412,41 @@ impl Isolation {
     }
 }
 
+/// A hold of an endpoint's messages being written (from [`Isolation::begin_hold`]);
+/// dropped unwritten (the write failed), it notes nothing.
+pub struct HoldNote {
+    isolation: Isolation,
+    endpoint: String,
+    successes: u64,
+}
+
+impl HoldNote {
+    /// The hold is written. Returns whether the endpoint succeeded meanwhile: its
+    /// success released the holds written before this one, and if it was the last of
+    /// its requests, nothing else will; the caller releases the endpoint's holds then.
+    /// Otherwise the endpoint's next success does.
+    #[must_use = "a recovery while the hold was written must release it"]
+    pub fn written(self) -> bool {
+        // The lock is let go before `self` is dropped, which takes it again.
+        let mut map = self.isolation.state.lock().expect("isolation lock");
+        let st = map.entry(self.endpoint.clone()).or_default();
+        let recovered = st.successes != self.successes;
+        if !recovered {
+            st.held = true;
+        }
+        drop(map);
+        recovered
+    }
+}
+
+impl Drop for HoldNote {
+    fn drop(&mut self) {
+        self.isolation.let_go(&self.endpoint, |st| {
+            st.hold_writes = st.hold_writes.saturating_sub(1);
+        });
+    }
+}
+
 /// A caller's place among an endpoint's waiters, given up when dropped (also when the
 /// waiting future is dropped).
 struct Waiting {
@@ -387,13 +456,9 @@ struct Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        let mut map = self.isolation.state.lock().expect("isolation lock");
-        if let Some(st) = map.get_mut(&self.endpoint) {
+        self.isolation.let_go(&self.endpoint, |st| {
             st.waiting = st.waiting.saturating_sub(1);
-            if st.forgettable() {
-                map.remove(&self.endpoint);
-            }
-        }
+        });
     }
 }
 
@@ -486,7 +551,7 @@ mod tests {
             "a success after failures is a recovery"
         );
         assert!(!go(i.admit("ep_a", much_later)).finish(true, much_later));
-        i.note_held("ep_a");
+        assert!(!i.begin_hold("ep_a").written());
         assert!(
             go(i.admit("ep_a", much_later)).finish(true, much_later),
             "a success after hold is a recovery"
@@ -596,6 +661,17 @@ mod tests {
         ));
     }
 
+    /// What [`Isolation::holding`] names, without the notes, sorted.
+    fn held(i: &Isolation, now: Instant, hold: Duration) -> Vec<(String, Instant)> {
+        let mut got: Vec<_> = i
+            .holding(now, STALL, hold)
+            .into_iter()
+            .map(|(e, until, _)| (e, until))
+            .collect();
+        got.sort();
+        got
+    }
+
     #[test]
     fn holding_names_stalled_and_open_endpoints() {
         let i = iso();
@@ -611,23 +687,49 @@ mod tests {
         // ep_c is busy but answering.
         let _c = go(i.admit("ep_c", t));
         assert_eq!(
-            i.holding(t, STALL, hold),
+            held(&i, t, hold),
             [("ep_b".to_string(), t + hold)],
             "ep_a is not stalled yet"
         );
         let later = t + STALL;
-        let mut got = i.holding(later, STALL, hold);
-        got.sort();
         assert_eq!(
-            got,
+            held(&i, later, hold),
             [
                 ("ep_a".to_string(), later + hold),
                 ("ep_b".to_string(), later + hold)
             ]
         );
         // A cool-down longer than the hold wins.
-        let got = i.holding(later, STALL, Duration::from_secs(1));
+        let got = held(&i, later, Duration::from_secs(1));
         assert!(got.contains(&("ep_b".to_string(), t + Duration::from_secs(10))));
+    }
+
+    #[test]
+    fn a_success_while_a_hold_is_written_is_told_and_a_later_one_reports_a_recovery() {
+        let i = iso();
+        let t = Instant::now();
+        // The last request in flight answers while the hold is written: nothing would
+        // release the hold, so the writer is told.
+        let last = go(i.admit("ep_a", t));
+        let note = i.begin_hold("ep_a");
+        assert!(!last.finish(true, t), "nothing was held yet");
+        assert!(note.written(), "a success while the hold was written");
+        // Written with no success meanwhile: the next success reports a recovery.
+        let note = i.begin_hold("ep_a");
+        assert!(!note.written());
+        assert!(
+            go(i.admit("ep_a", t)).finish(true, t),
+            "a success after a hold"
+        );
+        // An idle endpoint's state is forgotten, but not while a hold is written: the
+        // count the writer compares with stays.
+        let note = i.begin_hold("ep_b");
+        go(i.admit("ep_b", t)).finish(true, t);
+        assert!(note.written());
+        assert!(i.state.lock().unwrap().is_empty(), "forgotten once written");
+        // A hold given up (its write failed) notes nothing.
+        drop(i.begin_hold("ep_c"));
+        assert!(!go(i.admit("ep_c", t)).finish(true, t));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use lapin::types::{AMQPValue, FieldTable};
 
 use super::deliver::{Deliverer, Job, STALLED_AFTER};
-use super::isolation::{Admission, Permit};
+use super::isolation::{Admission, HoldNote, Permit};
 use super::{holds, schedule};
 use crate::amqp::{self, ATTEMPT_HEADER, Outgoing};
 use crate::queue::Outcome;
@@ -276,8 +276,9 @@ impl Deliverer {
     pub(super) async fn pull(self, endpoint: String) {
         let mut pulled: VecDeque<Pulled> = VecDeque::new();
         let mut backoff = amqp::reconnect_backoff();
-        // Set when the endpoint hangs (`None`) or its circuit is open (until when).
-        let mut holding: Option<Option<Instant>> = None;
+        // Set when the endpoint hangs (`None`) or its circuit is open (until when), with
+        // the note of the hold, begun as soon as that is seen.
+        let mut holding: Option<(Option<Instant>, HoldNote)> = None;
         loop {
             let stall_after = self.isolation.stall_after(&endpoint, STALLED_AFTER);
             let admission = tokio::select! {
@@ -294,11 +295,11 @@ impl Deliverer {
                     }
                 }
                 Admission::Busy { .. } => {
-                    holding = Some(None);
+                    holding = Some((None, self.isolation.begin_hold(&endpoint)));
                     break;
                 }
                 Admission::Open { until, .. } => {
-                    holding = Some(Some(until));
+                    holding = Some((Some(until), self.isolation.begin_hold(&endpoint)));
                     break;
                 }
             };
@@ -358,7 +359,7 @@ impl Deliverer {
             (_, Err(e)) => Err(e),
             // The endpoint hangs or its circuit is open: what waits for it is held, as
             // its jobs would be, until its time or the endpoint's next success.
-            (Some(open_until), Ok(mut conn)) => {
+            (Some((open_until, note)), Ok(mut conn)) => {
                 let until = schedule::hold_until(
                     Instant::now(),
                     schedule::hold_for(0, self.timeout),
@@ -366,8 +367,12 @@ impl Deliverer {
                 );
                 let n = messages::hold_parked(&mut conn, &endpoint, holds::wall_clock(until), &ids)
                     .await;
-                // Noted once written, so the endpoint's next success parks them.
-                self.isolation.note_held(&endpoint);
+                // Noted once written, so the endpoint's next success parks them; parked
+                // at once if it succeeded while they were written (its requests in
+                // flight may all have answered then, and no success would follow).
+                if n.is_ok() && note.written() {
+                    self.release_held(&endpoint);
+                }
                 if let Ok(n) = n {
                     tracing::info!(
                         endpoint,
