@@ -1671,17 +1671,14 @@ async fn the_upgrade_keeps_sole_connections_and_marks_shared_ones() {
 async fn webhook_retries_refuse_pending_messages_and_page_failed_ones() {
     use common::TestConfig;
     use guildgate::app::Options;
-    let w = World::start_with(
-        sandbox_discord::SandboxConfig::default(),
-        TestConfig {
-            options: Some(Options {
-                webhooks: false,
-                relay: false,
-                ..Options::default()
-            }),
-            ..TestConfig::default()
-        },
-    )
+    let w = World::configured(TestConfig {
+        options: Some(Options {
+            webhooks: false,
+            relay: false,
+            ..Options::default()
+        }),
+        ..TestConfig::default()
+    })
     .await;
     let c = client(&w, "bus_A").await;
     let (s, ep) = c
@@ -1757,8 +1754,7 @@ async fn webhook_retries_refuse_pending_messages_and_page_failed_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_count_against_the_business_hourly_budget() {
     use guildgate::app::Options;
-    let w = World::start_with(
-        sandbox_discord::SandboxConfig::default(),
+    let w = World::configured(
         load_cfg(&[("GUILDGATE_WEBHOOKS__REPLAYS_PER_HOUR", "4")]).options(Options {
             webhooks: false,
             relay: false,
@@ -2369,13 +2365,10 @@ fn load_cfg(pairs: &[(&str, &str)]) -> common::TestConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_business_over_its_rate_gets_429_and_another_is_unaffected() {
-    let w = World::start_with(
-        sandbox_discord::SandboxConfig::default(),
-        load_cfg(&[
-            ("GUILDGATE_API__REQUESTS_PER_SECOND", "1"),
-            ("GUILDGATE_API__BURST", "3"),
-        ]),
-    )
+    let w = World::configured(load_cfg(&[
+        ("GUILDGATE_API__REQUESTS_PER_SECOND", "1"),
+        ("GUILDGATE_API__BURST", "3"),
+    ]))
     .await;
     let a = client(&w, "bus_A").await;
     let b = client(&w, "bus_B").await;
@@ -2402,10 +2395,10 @@ async fn one_business_over_its_rate_gets_429_and_another_is_unaffected() {
 /// cannot cost a database read each, and a key known already is not held back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn made_up_keys_from_one_address_are_read_within_its_limit() {
-    let w = World::start_with(
-        sandbox_discord::SandboxConfig::default(),
-        load_cfg(&[("GUILDGATE_API__KEY_READS_PER_ADDRESS_PER_SECOND", "1")]),
-    )
+    let w = World::configured(load_cfg(&[(
+        "GUILDGATE_API__KEY_READS_PER_ADDRESS_PER_SECOND",
+        "1",
+    )]))
     .await;
     let a = client(&w, "bus_A").await;
     assert_eq!(call_with_headers(&a, "/entitlements").await.0, 200);
@@ -2453,13 +2446,10 @@ fn key_reads(w: &World, source: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_past_the_rate_read_no_key_and_a_revoked_key_is_refused_at_once() {
-    let w = World::start_with(
-        sandbox_discord::SandboxConfig::default(),
-        load_cfg(&[
-            ("GUILDGATE_API__REQUESTS_PER_SECOND", "1"),
-            ("GUILDGATE_API__BURST", "2"),
-        ]),
-    )
+    let w = World::configured(load_cfg(&[
+        ("GUILDGATE_API__REQUESTS_PER_SECOND", "1"),
+        ("GUILDGATE_API__BURST", "2"),
+    ]))
     .await;
     let (key_id, c) = keyed_client(&w, "bus_A").await;
     let text = c.key.clone().unwrap();
@@ -2565,13 +2555,10 @@ async fn requests_over_the_concurrency_limit_are_refused_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_that_get_no_side_budget_slot_in_time_get_503_not_a_wait() {
-    let w = World::start_with(
-        sandbox_discord::SandboxConfig::default(),
-        load_cfg(&[
-            ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "1"),
-            ("GUILDGATE_DISCORD__SIDE_QUEUE_TIMEOUT", "1s"),
-        ]),
-    )
+    let w = World::configured(load_cfg(&[
+        ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "1"),
+        ("GUILDGATE_DISCORD__SIDE_QUEUE_TIMEOUT", "1s"),
+    ]))
     .await;
     let c = client(&w, "bus_A").await;
     let g = connected_guild(&w, &c, "Acme").await;
@@ -2607,13 +2594,10 @@ async fn callers_that_get_no_side_budget_slot_in_time_get_503_not_a_wait() {
 /// whole flood, and is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_business_flooding_the_shared_bot_leaves_another_its_turn() {
-    let w = World::start_with(
-        sandbox_discord::SandboxConfig::default(),
-        load_cfg(&[
-            ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "1"),
-            ("GUILDGATE_DISCORD__SIDE_QUEUE_TIMEOUT", "5s"),
-        ]),
-    )
+    let w = World::configured(load_cfg(&[
+        ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "1"),
+        ("GUILDGATE_DISCORD__SIDE_QUEUE_TIMEOUT", "5s"),
+    ]))
     .await;
     let a = client(&w, "bus_A").await;
     let b = client(&w, "bus_B").await;
@@ -3909,7 +3893,7 @@ async fn world_with_email_settings(env: &[(&str, &str)]) -> (World, smtp::SmtpSe
         .env("GUILDGATE_EMAIL__FROM", "Acme Access <access@acme.test>")
         .env("GUILDGATE_EMAIL__RETRY_DELAYS", "1s");
     let cfg = env.iter().fold(cfg, |cfg, (k, v)| cfg.env(k, v));
-    let w = World::start_with(sandbox_discord::SandboxConfig::default(), cfg).await;
+    let w = World::configured(cfg).await;
     (w, server)
 }
 

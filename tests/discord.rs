@@ -711,7 +711,7 @@ impl CrashingSyncer {
 /// away: the syncer recorded what it was about to apply before calling Discord.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_removes_a_role_whose_delivery_was_never_recorded() {
-    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let w = World::configured(sandbox_cfg_without_syncer()).await;
     let crashing = CrashingSyncer::start(&w);
     let g = w.guild("Acme");
     let role = g.role("Patrons");
@@ -765,7 +765,7 @@ async fn a_revoke_removes_a_role_whose_delivery_was_never_recorded() {
 /// role too, the newcomer is left with nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_was_found_stays_found_when_a_crash_loses_discords_answer() {
-    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let w = World::configured(sandbox_cfg_without_syncer()).await;
     let crashing = CrashingSyncer::start(&w);
     let g = w.guild("Acme");
     let role = g.role("Patrons");
@@ -885,7 +885,7 @@ async fn what_was_found_stays_found_when_a_crash_loses_discords_answer() {
 /// away, and leave both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_after_a_crash_before_any_call_leaves_what_was_there() {
-    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let w = World::configured(sandbox_cfg_without_syncer()).await;
     let crashing = CrashingSyncer::healthy(&w);
     crashing.faults.set(guildgate::faults::Point::BeforeDiscord);
     let g = w.guild("Acme");
@@ -942,7 +942,7 @@ async fn a_revoke_after_a_crash_before_any_call_leaves_what_was_there() {
 /// must go: a grant that never delivered anything must not keep another's role alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_is_not_kept_for_a_grant_revoked_before_its_delivery() {
-    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let w = World::configured(sandbox_cfg_without_syncer()).await;
     let g = w.guild("Acme");
     let role = g.role("Patrons");
     let biz = w.app.business();
@@ -1034,7 +1034,7 @@ async fn linked_user(w: &World, customer: &str) -> String {
 /// callback. The job's token refresh must not bring alice back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_refresh_does_not_undo_a_relink_made_meanwhile() {
-    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let w = World::configured(sandbox_cfg_without_syncer()).await;
     let (_broker, worker) = syncer(&w, "syncer");
     let g = w.guild("Acme");
     let role = g.role("Patrons");
@@ -1102,7 +1102,7 @@ async fn a_token_refresh_does_not_undo_a_relink_made_meanwhile() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_syncer_takes_over_when_the_active_one_dies() {
-    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let w = World::configured(sandbox_cfg_without_syncer()).await;
     let (broker_a, a) = syncer(&w, "syncer-a");
     let (_broker_b, b) = syncer(&w, "syncer-b");
     let stop = tokio_util::sync::CancellationToken::new();
@@ -1214,11 +1214,8 @@ fn token_requests(w: &World) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_tried_too_often_is_refused_without_asking_discord() {
-    let w = World::start_with(
-        SandboxConfig::default(),
-        TestConfig::default().env("GUILDGATE_OAUTH__CALLBACK_ATTEMPTS", "3"),
-    )
-    .await;
+    let w = World::configured(TestConfig::default().env("GUILDGATE_OAUTH__CALLBACK_ATTEMPTS", "3"))
+        .await;
     let g = w.guild("Acme");
     let biz = w.app.business();
     w.app.entitlement_for("pdt_a", &id(g.guild_id), None).await;
@@ -1255,11 +1252,8 @@ async fn a_link_tried_too_often_is_refused_without_asking_discord() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_are_limited_per_address_and_forwarded_for_only_counts_from_trusted_proxies() {
     // Nothing trusted: the header is ignored, every attempt counts against the peer.
-    let w = World::start_with(
-        SandboxConfig::default(),
-        TestConfig::default().env("GUILDGATE_OAUTH__ADDRESS_ATTEMPTS", "3"),
-    )
-    .await;
+    let w = World::configured(TestConfig::default().env("GUILDGATE_OAUTH__ADDRESS_ATTEMPTS", "3"))
+        .await;
     for n in 0..3 {
         let forged = format!("198.51.100.{n}");
         assert_eq!(
@@ -1273,8 +1267,7 @@ async fn callbacks_are_limited_per_address_and_forwarded_for_only_counts_from_tr
     w.stop().await;
 
     // Behind a trusted proxy (the test itself, on loopback): the forwarded client counts.
-    let w = World::start_with(
-        SandboxConfig::default(),
+    let w = World::configured(
         TestConfig::default()
             .env("GUILDGATE_OAUTH__ADDRESS_ATTEMPTS", "3")
             .env("GUILDGATE_HTTP__TRUSTED_PROXIES", "127.0.0.1/32"),
@@ -1424,8 +1417,7 @@ async fn tokens_of_a_previous_key_stay_usable_and_rotate_to_the_current_one() {
     use guildgate::crypto::TokenCipher;
     use secrecy::SecretString;
     let (old, new, lost) = (token_key(1), token_key(2), token_key(9));
-    let w = World::start_with(
-        SandboxConfig::default(),
+    let w = World::configured(
         TestConfig::default()
             .env("GUILDGATE_SECRETS__TOKEN_ENCRYPTION_KEY", &new)
             .env("GUILDGATE_SECRETS__PREVIOUS_TOKEN_ENCRYPTION_KEYS", &old),
@@ -1871,7 +1863,7 @@ async fn a_role_stays_while_any_customer_or_business_still_pays_for_it() {
 /// goes away). The revoke that follows takes the role from both accounts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoke_after_an_interrupted_account_switch_removes_both_roles() {
-    let w = World::start_with(SandboxConfig::default(), sandbox_cfg_without_syncer()).await;
+    let w = World::configured(sandbox_cfg_without_syncer()).await;
     let crashing = CrashingSyncer::healthy(&w);
     let g = w.guild("Acme");
     let role = g.role("Patrons");

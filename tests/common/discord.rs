@@ -30,7 +30,12 @@ pub fn sandbox_env(sandbox: &Sandbox, cfg: TestConfig) -> TestConfig {
 
 impl World {
     pub async fn start() -> Self {
-        Self::start_with(SandboxConfig::default(), TestConfig::default()).await
+        Self::configured(TestConfig::default()).await
+    }
+
+    /// A world on the default sandbox, its guildgate configured by `cfg`.
+    pub async fn configured(cfg: TestConfig) -> Self {
+        Self::start_with(SandboxConfig::default(), cfg).await
     }
 
     pub async fn start_with(sandbox: SandboxConfig, cfg: TestConfig) -> Self {
