@@ -42,7 +42,7 @@ use tokio_util::task::TaskTracker;
 use super::holds;
 use super::isolation::{Admission, Isolation, IsolationSettings};
 use super::pacing::{Pace, Pacing};
-use super::parking::{self, Line, ParkWrite, Parking, Place};
+use super::parking::{self, Line, Look, ParkWrite, Parking, Place};
 use super::reader::{ReadError, Reader};
 use super::recorder::{RecordError, Recorder};
 use super::schedule::{self, AttemptResult, GiveUpReason, Next};
@@ -326,7 +326,7 @@ impl Deliverer {
         // milliseconds, and waiting costs less than parking); a slow one's never (a
         // waiting job would hold a worker, and the jobs behind it in line): the message
         // of a busy endpoint is parked, that of a hanging one held.
-        let admission = if self.parking.is_parked(&ep) {
+        let admission = if self.behind_parked(&ep).await {
             None
         } else if self.waits_for_slots(&ep) {
             Some(self.isolation.admit_within(&ep, FAST, stall_after).await)
@@ -357,6 +357,20 @@ impl Deliverer {
         }
     }
 
+    /// Whether a job at the front of its endpoint's line goes behind parked messages. If
+    /// the endpoint's puller is finishing (it has caught up with a fast endpoint), the
+    /// job waits for it, up to [`FAST`], rather than park and keep the endpoint parked.
+    async fn behind_parked(&self, endpoint: &str) -> bool {
+        match self.parking.look(endpoint) {
+            Look::Free => false,
+            Look::Parked => true,
+            Look::Closing(ended) => {
+                let _ = tokio::time::timeout(FAST, ended).await;
+                !matches!(self.parking.look(endpoint), Look::Free)
+            }
+        }
+    }
+
     /// Whether a job waits (up to [`FAST`]) for a slot of the endpoint at its cap: unless
     /// its requests typically take [`FAST`] or longer.
     fn waits_for_slots(&self, endpoint: &str) -> bool {
@@ -364,7 +378,7 @@ impl Deliverer {
     }
 
     /// Whether the endpoint's requests typically answer within [`FAST`].
-    fn known_fast(&self, endpoint: &str) -> bool {
+    pub(super) fn known_fast(&self, endpoint: &str) -> bool {
         self.isolation.typical(endpoint).is_some_and(|t| t < FAST)
     }
 

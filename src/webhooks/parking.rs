@@ -20,11 +20,13 @@
 //! parked messages then go the way of held ones once the lease has run out).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use lapin::types::{AMQPValue, FieldTable};
+use tokio::sync::futures::OwnedNotified;
 
 use super::deliver::{Deliverer, Job, STALLED_AFTER};
 use super::isolation::{Admission, HoldNote, Permit};
@@ -182,6 +184,24 @@ struct State {
     /// Counts written parks: a puller that found nothing stops only if none was
     /// written since it looked.
     written: u64,
+    /// The puller of a fast endpoint has caught up (its last pull took less than it
+    /// could): the job at the front of the endpoint's line waits for it to finish
+    /// instead of parking ([`Parking::look`]), so the endpoint can leave parking while
+    /// its jobs keep coming.
+    closing: bool,
+    /// Woken when the endpoint leaves parking.
+    ended: Arc<tokio::sync::Notify>,
+}
+
+/// Where a job of an endpoint stands against its parked messages.
+pub enum Look {
+    /// Nothing parked: the job goes its way.
+    Free,
+    /// Behind parked messages: the job parks.
+    Parked,
+    /// The puller is finishing ([`State::closing`]): resolves when it has, for a job
+    /// that may wait for that (its endpoint is fast) rather than park.
+    Closing(Pin<Box<OwnedNotified>>),
 }
 
 /// A park being written; dropping it (written or not) ends it.
@@ -191,13 +211,40 @@ pub struct ParkWrite {
 }
 
 impl Parking {
-    /// Whether the endpoint has parked messages here (or is getting some): its new jobs
-    /// go behind them.
+    /// Whether the endpoint has parked messages here (or is getting some) and its
+    /// puller is not finishing: its new jobs go behind them.
     pub fn is_parked(&self, endpoint: &str) -> bool {
-        self.state
-            .lock()
-            .expect("parking lock")
-            .contains_key(endpoint)
+        matches!(self.look(endpoint), Look::Parked)
+    }
+
+    /// Where a new job of the endpoint stands ([`Look`]).
+    pub fn look(&self, endpoint: &str) -> Look {
+        let map = self.state.lock().expect("parking lock");
+        match map.get(endpoint) {
+            None => Look::Free,
+            Some(st) if st.closing => {
+                // Registered under the lock, so an end in between still wakes it.
+                let mut ended = Box::pin(st.ended.clone().notified_owned());
+                ended.as_mut().enable();
+                Look::Closing(ended)
+            }
+            Some(_) => Look::Parked,
+        }
+    }
+
+    /// The puller says whether it is finishing ([`State::closing`]).
+    fn closing(&self, endpoint: &str, closing: bool) {
+        let mut map = self.state.lock().expect("parking lock");
+        if let Some(st) = map.get_mut(endpoint) {
+            st.closing = closing;
+        }
+    }
+
+    /// Forgets the endpoint's parking, waking the jobs waiting for its end.
+    fn end(map: &mut HashMap<String, State>, endpoint: &str) {
+        if let Some(st) = map.remove(endpoint) {
+            st.ended.notify_waiters();
+        }
     }
 
     /// Starts parking a message of `endpoint`: from now on its new jobs park too.
@@ -227,7 +274,7 @@ impl Parking {
         }
         st.pulling = false;
         if st.writing == 0 {
-            map.remove(endpoint);
+            Self::end(&mut map, endpoint);
         }
         true
     }
@@ -238,7 +285,7 @@ impl Parking {
         if let Some(st) = map.get_mut(endpoint) {
             st.pulling = false;
             if st.writing == 0 {
-                map.remove(endpoint);
+                Self::end(&mut map, endpoint);
             }
         }
     }
@@ -264,7 +311,7 @@ impl Drop for ParkWrite {
         if let Some(st) = map.get_mut(&self.endpoint) {
             st.writing = st.writing.saturating_sub(1);
             if st.writing == 0 && !st.pulling {
-                map.remove(&self.endpoint);
+                Parking::end(&mut map, &self.endpoint);
             }
         }
     }
@@ -275,6 +322,7 @@ impl Deliverer {
     /// it hangs, its circuit opens or the process stops.
     pub(super) async fn pull(self, endpoint: String) {
         let mut pulled: VecDeque<Pulled> = VecDeque::new();
+        let mut closing = false;
         let mut backoff = amqp::reconnect_backoff();
         // Set when the endpoint hangs (`None`) or its circuit is open (until when), with
         // the note of the hold, begun as soon as that is seen.
@@ -305,15 +353,24 @@ impl Deliverer {
             };
             // Jobs that arrived before now and are still deciding (or writing their
             // park) go first: they would take a slot, or park ahead of what is parked.
-            tokio::select! {
-                _ = self.stop.cancelled() => break,
-                _ = self.line.clear_before_now(&endpoint) => {}
+            // Not while finishing: the job at the front of the line then waits for this
+            // puller to end (one that gives up parks, in its order, and is pulled).
+            if !closing {
+                tokio::select! {
+                    _ = self.stop.cancelled() => break,
+                    _ = self.line.clear_before_now(&endpoint) => {}
+                }
             }
             if pulled.is_empty() {
                 let written = self.parking.writes(&endpoint);
                 match self.pull_some(&endpoint).await {
                     Ok(rows) => {
                         backoff = amqp::reconnect_backoff();
+                        // Caught up with a fast endpoint: its next job waits for the end
+                        // rather than park, so parking can end while jobs keep coming.
+                        closing = rows.len() < self.isolation.max_in_flight()
+                            && self.known_fast(&endpoint);
+                        self.parking.closing(&endpoint, closing);
                         pulled.extend(rows);
                     }
                     Err(e) => {
@@ -529,6 +586,33 @@ mod tests {
         assert!(p.begin("ep_1").written());
         p.stopped("ep_1");
         assert!(!p.is_parked("ep_1"));
+    }
+
+    #[tokio::test]
+    async fn a_finishing_puller_lets_the_next_job_wait_for_the_end_of_parking() {
+        let p = Parking::default();
+        assert!(matches!(p.look("ep_1"), Look::Free));
+        assert!(p.begin("ep_1").written());
+        assert!(matches!(p.look("ep_1"), Look::Parked));
+        p.closing("ep_1", true);
+        assert!(
+            !p.is_parked("ep_1"),
+            "a new job may wait instead of parking"
+        );
+        let Look::Closing(ended) = p.look("ep_1") else {
+            panic!("the puller is finishing");
+        };
+        let seen = p.writes("ep_1");
+        assert!(p.drained("ep_1", seen));
+        tokio::time::timeout(std::time::Duration::from_secs(1), ended)
+            .await
+            .expect("woken when parking ends");
+        assert!(matches!(p.look("ep_1"), Look::Free));
+        // A full pull again: new jobs park.
+        assert!(p.begin("ep_1").written());
+        p.closing("ep_1", true);
+        p.closing("ep_1", false);
+        assert!(p.is_parked("ep_1"));
     }
 
     #[tokio::test]
