@@ -73,8 +73,9 @@ pub struct Bench<'a> {
     /// `webhooks.max_in_flight_per_endpoint`.
     pub cap: usize,
     pub tag: usize,
-    /// The machine's CPU seconds per second with guildgate idle, measured first: a slow
-    /// phase lasts long for few deliveries, and the machine's idle load (PostgreSQL,
+    /// The machine's CPU seconds per second with guildgate idle, measured again before
+    /// each one-endpoint phase and each round (the machine drifts): a slow phase lasts
+    /// long for few deliveries, and the machine's idle load (PostgreSQL,
     /// the broker, guildgate's timers) would otherwise dominate its CPU per delivery.
     pub idle_cpu: f64,
 }
@@ -275,8 +276,19 @@ impl Bench<'_> {
     }
 }
 
+impl Bench<'_> {
+    /// Measures the machine's idle load again ([`Bench::idle_cpu`]) and says it.
+    async fn measure_idle(&mut self) {
+        self.idle_cpu = idle_cpu().await;
+        println!(
+            "machine CPU with guildgate idle: {:.0} ms per second",
+            self.idle_cpu * 1000.0
+        );
+    }
+}
+
 /// The machine's CPU seconds per second over a few idle seconds.
-pub async fn idle_cpu() -> f64 {
+async fn idle_cpu() -> f64 {
     let (before, started) = (Cpu::now(), Instant::now());
     tokio::time::sleep(Duration::from_secs(5)).await;
     match (before, Cpu::now()) {
@@ -287,10 +299,6 @@ pub async fn idle_cpu() -> f64 {
 
 /// Runs the phases; returns the last line's figures.
 pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_json::Value {
-    println!(
-        "machine CPU with guildgate idle: {:.0} ms per second",
-        b.idle_cpu * 1000.0
-    );
     let seconds: f64 = std::env::var("GUILDGATE_BENCH_SLOW_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -301,6 +309,7 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
     for latency in [ms(50), ms(200), ms(1000)] {
         let name = format!("{}ms", latency.as_millis());
         let events = (seconds * cap as f64 / latency.as_secs_f64()).ceil() as usize;
+        b.measure_idle().await;
         let eps = b.endpoints(&name, 0, &[latency]).await;
         let m = b.phase(&name, eps, [events, 0]).await;
         m.print(&format!("one endpoint answering in {name}"), cap);
@@ -312,6 +321,7 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
     let (mut fast_cpu, mut worst_mixed) = (Vec::new(), Vec::new());
     let mut mixed_cpu = Vec::new();
     for round in 1..=rounds {
+        b.measure_idle().await;
         let eps = b.endpoints("fast", 0, &[Duration::ZERO; 5]).await;
         let fast = b.phase("fast", eps, [fast_events, 0]).await;
         fast.print(
