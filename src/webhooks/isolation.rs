@@ -337,15 +337,10 @@ impl Isolation {
                 )
                 .is_some();
             if open.is_some() || stalled {
-                st.hold_writes += 1;
                 out.push((
                     endpoint.clone(),
                     super::schedule::hold_until(now, hold, open),
-                    HoldNote {
-                        isolation: self.clone(),
-                        endpoint: endpoint.clone(),
-                        successes: st.successes,
-                    },
+                    self.note(endpoint, st),
                 ));
             }
         }
@@ -358,7 +353,11 @@ impl Isolation {
     /// it was written, when the success found nothing to release and none may follow.
     pub fn begin_hold(&self, endpoint: &str) -> HoldNote {
         let mut map = self.state.lock().expect("isolation lock");
-        let st = map.entry(endpoint.to_string()).or_default();
+        self.note(endpoint, map.entry(endpoint.to_string()).or_default())
+    }
+
+    /// A hold of the endpoint (whose state is `st`, locked) begins.
+    fn note(&self, endpoint: &str, st: &mut EndpointState) -> HoldNote {
         st.hold_writes += 1;
         HoldNote {
             isolation: self.clone(),
@@ -367,24 +366,26 @@ impl Isolation {
         }
     }
 
-    /// Changes the endpoint's state with `change`, and forgets it if that left it
-    /// healthy and idle.
-    fn let_go(&self, endpoint: &str, change: impl FnOnce(&mut EndpointState)) {
+    /// Changes the endpoint's state with `change` (`None` if it has none), and forgets
+    /// it if that left it healthy and idle, so the map stays as small as the traffic.
+    fn let_go<R>(&self, endpoint: &str, change: impl FnOnce(&mut EndpointState) -> R) -> Option<R> {
         let mut map = self.state.lock().expect("isolation lock");
-        if let Some(st) = map.get_mut(endpoint) {
-            change(st);
-            if st.forgettable() {
-                map.remove(endpoint);
-            }
+        let st = map.get_mut(endpoint)?;
+        let r = change(st);
+        if st.forgettable() {
+            map.remove(endpoint);
         }
+        Some(r)
     }
 
     /// Frees a slot; returns whether a success ended a run of failures or holds.
     fn release(&self, endpoint: &str, result: Option<bool>, now: Instant) -> bool {
-        let mut map = self.state.lock().expect("isolation lock");
-        let Some(st) = map.get_mut(endpoint) else {
-            return false;
-        };
+        self.let_go(endpoint, |st| self.finished(st, result, now))
+            .unwrap_or(false)
+    }
+
+    /// A request of the endpoint whose state is `st` finished with `result`.
+    fn finished(&self, st: &mut EndpointState, result: Option<bool>, now: Instant) -> bool {
         let recovered = result == Some(true) && (st.consecutive_failures > 0 || st.held);
         st.in_flight = st.in_flight.saturating_sub(1);
         st.last_progress = Some(now);
@@ -403,10 +404,6 @@ impl Isolation {
                 }
             }
             None => {}
-        }
-        // Forget healthy idle endpoints so the map stays as small as the traffic.
-        if st.forgettable() {
-            map.remove(endpoint);
         }
         recovered
     }
