@@ -98,6 +98,12 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// A 429 told to come back after `retry_after`: what a refusal of
+    /// [`crate::web::limits::Limits`] answers.
+    pub fn rate_limited(retry_after: std::time::Duration) -> Self {
+        ApiError::RateLimited { retry_after }
+    }
+
     /// A 422 naming `field`.
     pub fn field(field: &str, message: impl std::fmt::Display) -> Self {
         ApiError::Invalid(vec![Problem::new(

@@ -148,7 +148,7 @@ pub async fn put(
     state
         .limits
         .check_application(business)
-        .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
+        .map_err(ApiError::rate_limited)?;
     let keys = AppKeys {
         client_id: client_id.clone(),
         client_secret: body.client_secret,

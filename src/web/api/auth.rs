@@ -58,7 +58,7 @@ impl FromRequestParts<AppState> for Merchant {
             state
                 .limits
                 .check_business(business.as_str())
-                .map_err(|retry_after| ApiError::RateLimited { retry_after })
+                .map_err(ApiError::rate_limited)
         };
         // A key known to be its business's (the secret matches what it matched) is
         // counted against the rate limit first: past it, refused without a read.
@@ -81,7 +81,7 @@ impl FromRequestParts<AppState> for Merchant {
             state
                 .limits
                 .check_key_read(ip)
-                .map_err(|retry_after| ApiError::RateLimited { retry_after })?;
+                .map_err(ApiError::rate_limited)?;
         }
         state.metrics.api_key_read("database");
         let mut conn = state.pool.acquire().await?;

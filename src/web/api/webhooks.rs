@@ -609,7 +609,7 @@ fn replays_allowed(state: &AppState, merchant: &Merchant, messages: u32) -> ApiR
     state
         .limits
         .check_replays(merchant.business(), messages)
-        .map_err(|retry_after| ApiError::RateLimited { retry_after })
+        .map_err(ApiError::rate_limited)
 }
 
 /// What a replay queued.
