@@ -581,13 +581,19 @@ impl TestApp {
 
     /// Graceful shutdown (as on SIGTERM); returns how the app ended.
     pub async fn shutdown(&mut self) -> Result<(), String> {
+        self.end_app()
+            .await
+            .expect("app stops within 30 s")
+            .expect("app task does not panic")
+    }
+
+    /// Cancels the app and waits for its task, 30 s at most: `None` if it has not ended
+    /// by then (a task awaited before counts as ended well).
+    async fn end_app(&mut self) -> Option<Result<Result<(), String>, tokio::task::JoinError>> {
         self.shutdown.cancel();
         match self.handle.take() {
-            Some(h) => tokio::time::timeout(Duration::from_secs(30), h)
-                .await
-                .expect("app stops within 30 s")
-                .expect("app task does not panic"),
-            None => Ok(()),
+            Some(h) => tokio::time::timeout(Duration::from_secs(30), h).await.ok(),
+            None => Some(Ok(Ok(()))),
         }
     }
 
@@ -600,18 +606,13 @@ impl TestApp {
     /// Stops the app if it still runs, then deletes the queues, exchanges and database
     /// of this test. Removing them under a running app would have it resubscribe and
     /// reconnect meanwhile; so the app goes first, and must stop within 30 s like
-    /// [`TestApp::shutdown`] (the test fails otherwise, once the removals are done). Each removal after it is best effort and bounded: one
-    /// that does not finish is reported and left to the next CI run's sweep, rather
-    /// than holding the test (and the suite) forever.
+    /// [`TestApp::shutdown`] (the test fails otherwise, once the removals are done).
+    /// Each removal after it is best effort and bounded: one that does not finish is
+    /// reported and left to the next CI run's sweep, rather than holding the test (and
+    /// the suite) forever.
     pub async fn cleanup(&mut self) {
         self.cleaned = true;
-        self.shutdown.cancel();
-        let stopped = match self.handle.take() {
-            Some(h) => tokio::time::timeout(Duration::from_secs(30), h)
-                .await
-                .is_ok(),
-            None => true,
-        };
+        let stopped = self.end_app().await.is_some();
         bounded("deleting the queues and exchanges", async {
             delete_broker_objects(&self.settings).await
         })
