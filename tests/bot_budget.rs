@@ -174,6 +174,65 @@ async fn processes_on_one_bot_share_its_global_limit() {
     db.drop_db().await;
 }
 
+/// Longer than any request of these tests takes.
+const LEASE: Duration = Duration::from_secs(60);
+
+/// A slot is held while its request is in flight and free again a window after the
+/// answer, so a request that took long to reach Discord never shares a window there
+/// with the next request of its slot; a taker that died frees it when its lease ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_is_free_a_window_after_its_answer_or_its_lease() {
+    let (db, pool) = shared_db().await;
+    let limits = SharedLimits::new(pool.clone(), "bot-a");
+    let window = Duration::from_secs(1);
+    let in_flight = limits.take(SIDE, 1, window, LEASE).await.unwrap().unwrap();
+    // In flight for longer than a window: still taken.
+    tokio::time::sleep(window + Duration::from_millis(500)).await;
+    let wait = limits.take(SIDE, 1, window, LEASE).await.unwrap();
+    assert!(
+        wait.as_ref().is_err_and(|w| *w == window),
+        "a slot in flight is no sooner free than a window from now: {wait:?}"
+    );
+    // Answered: free a window after the answer.
+    drop(in_flight);
+    let released = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT taken_at <= clock_timestamp() FROM discord_budget_slots WHERE bot = 'bot-a'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !released().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let wait = limits
+        .take(SIDE, 1, window, LEASE)
+        .await
+        .unwrap()
+        .expect_err("a window has not passed since the answer");
+    assert!(wait <= window, "{wait:?}");
+    tokio::time::sleep(wait).await;
+    assert!(limits.take(SIDE, 1, window, LEASE).await.unwrap().is_ok());
+
+    // A taker that dies with its request in flight never releases its slot: it is
+    // free a window after the lease ends.
+    let dying = SharedLimits::new(pool.clone(), "bot-b");
+    let lease = Duration::from_millis(500);
+    std::mem::forget(dying.take(SIDE, 1, window, lease).await.unwrap().unwrap());
+    let wait = dying.take(SIDE, 1, window, lease).await.unwrap();
+    assert!(wait.is_err(), "{wait:?}");
+    tokio::time::sleep(lease + window + Duration::from_millis(100)).await;
+    assert!(dying.take(SIDE, 1, window, lease).await.unwrap().is_ok());
+    pool.close().await;
+    db.drop_db().await;
+}
+
 /// A ring of N slots lets N requests through in any window, however many processes
 /// take from it at once, and says how long the others wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,13 +248,13 @@ async fn the_shared_budget_grants_its_slots_once_per_window() {
     let mut takes = tokio::task::JoinSet::new();
     for i in 0..12 {
         let p = processes[i % 3].clone();
-        takes.spawn(async move { p.take(SIDE, 5, window).await.unwrap() });
+        takes.spawn(async move { p.take(SIDE, 5, window, LEASE).await.unwrap() });
     }
     let answers = takes.join_all().await;
     let spread = started.elapsed();
-    let granted = answers.iter().filter(|a| a.is_none()).count();
+    let granted = answers.iter().filter(|a| a.is_ok()).count();
     assert_eq!(granted, 5, "{answers:?}");
-    for wait in answers.iter().flatten() {
+    for wait in answers.iter().filter_map(|a| a.as_ref().err()) {
         // Until the oldest slot, stamped since `started`, is a window old: at least a
         // window less the time the takes took, at most a window, give or take the time
         // between a taker's clock reading and a slot another taker stamped a moment
@@ -208,18 +267,27 @@ async fn the_shared_budget_grants_its_slots_once_per_window() {
     }
     // Another bot has a budget of its own.
     let other = SharedLimits::new(pool.clone(), "bot-b");
-    assert_eq!(other.take(SIDE, 5, window).await.unwrap(), None);
+    assert!(other.take(SIDE, 5, window, LEASE).await.unwrap().is_ok());
     // A global 429 seen by one process stops every process of that bot.
     processes[0]
         .block_for(Duration::from_secs(30))
         .await
         .unwrap();
-    let wait = processes[1].take(SIDE, 5, Duration::ZERO).await.unwrap();
+    let wait = processes[1]
+        .take(SIDE, 5, Duration::ZERO, LEASE)
+        .await
+        .unwrap();
     assert!(
-        wait.is_some_and(|w| w > Duration::from_secs(25)),
+        wait.as_ref().is_err_and(|w| *w > Duration::from_secs(25)),
         "{wait:?}"
     );
-    assert_eq!(other.take(SIDE, 5, Duration::ZERO).await.unwrap(), None);
+    assert!(
+        other
+            .take(SIDE, 5, Duration::ZERO, LEASE)
+            .await
+            .unwrap()
+            .is_ok()
+    );
     pool.close().await;
     db.drop_db().await;
 }

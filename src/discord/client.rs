@@ -293,6 +293,11 @@ impl Unsettled {
     }
 }
 
+/// A slot of the bot's shared budget is leased for the request timeout and this: the
+/// time between the slot and the request, and between the answer and the slot's
+/// release, on a busy machine.
+const LEASE_BEYOND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A Discord client on one budget. Cheap to clone; clones share the budget, the
 /// invalid-request counter and the connection pool.
 #[derive(Clone)]
@@ -305,6 +310,8 @@ pub struct DiscordClient {
     budget: Budget,
     invalid: InvalidRequests,
     shared: Option<SharedLimits>,
+    /// How long a slot of the shared budget is leased: longer than a request may take.
+    lease: Duration,
     /// The syncer's: where the bot just lost access (see [`crate::discord::stops`]).
     stops: Option<Arc<Remembered>>,
     /// The seats of the one business this client calls for, on a bot it shares with
@@ -348,6 +355,7 @@ impl DiscordClient {
                 .with_max_wait(settings.side_queue_timeout),
             invalid: InvalidRequests::new(settings.invalid_request_ceiling),
             shared: None,
+            lease: settings.request_timeout + LEASE_BEYOND_TIMEOUT,
             stops: None,
             seats: None,
             metrics,
@@ -360,7 +368,7 @@ impl DiscordClient {
     /// count. Every production client is shared; a client without it keeps the limits
     /// of this process only.
     pub fn shared(mut self, limits: SharedLimits) -> Self {
-        self.budget = self.budget.shared(limits.clone());
+        self.budget = self.budget.shared(limits.clone(), self.lease);
         self.invalid = self.invalid.shared(limits.clone());
         self.shared = Some(limits);
         self
@@ -415,7 +423,7 @@ impl DiscordClient {
     /// counter, which Discord keeps per IP (and the bot's shared budget, if any).
     pub fn with_budget(&self, budget: Budget) -> Self {
         let budget = match &self.shared {
-            Some(limits) => budget.shared(limits.clone()),
+            Some(limits) => budget.shared(limits.clone(), self.lease),
             None => budget,
         };
         Self {

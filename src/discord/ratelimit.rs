@@ -7,12 +7,12 @@
 //!   bucket and major parameter (the guild), and holds a queue while its bucket is
 //!   exhausted. Its reset time is computed when the answer arrives, so it is never
 //!   earlier than Discord's.
-//! - **Global limit**: our own [`GlobalGate`], a sliding window: never more than
-//!   `limit` requests in any `period + margin`. twilight's built-in global limit is
+//! - **Global limit**: our own [`GlobalGate`]: never more than `limit` requests in any
+//!   `period`, a slot being free again a `period` after its request's answer. twilight's built-in global limit is
 //!   switched off (`u16::MAX`) because it counts fixed one-second windows from its own
 //!   first permit, while Discord's window starts when the first request *arrives*; a
 //!   burst at the boundary then lands in Discord's previous window and earns a global
-//!   429. A sliding window with a small margin has no boundary to fall across.
+//!   429. Slots counted from the answers have no boundary to fall across.
 //!
 //! The syncer owns one budget with the bot's global limit minus the side budget; calls
 //! made elsewhere (validation, role listing, the OAuth code exchange) share a small side
@@ -33,10 +33,11 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use twilight_http_ratelimiting::{Endpoint, Method, Permit, RateLimitHeaders, RateLimiter};
 
-use super::shared::{self, SharedLimits};
+use super::shared::{self, SharedLimits, SharedSlot};
 
 /// The longest a global 429 pauses every call.
 const MAX_GLOBAL_BLOCK: Duration = Duration::from_secs(3600);
@@ -44,13 +45,13 @@ const MAX_GLOBAL_BLOCK: Duration = Duration::from_secs(3600);
 /// Discord's global limit per bot token, per second.
 pub const DISCORD_GLOBAL_PER_S: u32 = 50;
 
-/// Slack added to every sliding window: covers the jitter between our send time and
-/// Discord's arrival time, so a window that held `limit` sends here never holds more
-/// than `limit` arrivals there.
-pub const WINDOW_MARGIN: Duration = Duration::from_millis(25);
-
-/// At most `limit` acquisitions in any `period + WINDOW_MARGIN`, first come first
-/// served, and nothing at all while blocked by a global 429.
+/// At most `limit` requests in any `period`, first come first served, and nothing at
+/// all while blocked by a global 429. A slot is held from its acquisition until its
+/// request is answered (the [`GateSlot`] dropped), and is free again a `period` after
+/// that: the answer comes after the request reached Discord, so two requests of one
+/// slot arrive there more than a `period` apart however long each took to get there
+/// (a busy machine can hold a request between its slot and the wire for longer than
+/// any fixed margin would cover).
 #[derive(Clone, Debug)]
 pub struct GlobalGate {
     limit: usize,
@@ -58,12 +59,32 @@ pub struct GlobalGate {
     state: Arc<Mutex<GateState>>,
     /// Held by the one waiter at the head of the line (tokio's mutex is fair, FIFO).
     turnstile: Arc<tokio::sync::Mutex<()>>,
+    /// An answer came while every slot was in flight.
+    answered: Arc<Notify>,
 }
 
 #[derive(Debug, Default)]
 struct GateState {
-    sent: VecDeque<Instant>,
+    /// When the requests of the last `period` were answered, oldest first.
+    answers: VecDeque<Instant>,
+    in_flight: usize,
     blocked_until: Option<Instant>,
+}
+
+/// One slot of a [`GlobalGate`], held while its request is in flight.
+#[derive(Debug)]
+pub struct GateSlot {
+    gate: GlobalGate,
+}
+
+impl Drop for GateSlot {
+    fn drop(&mut self) {
+        let mut st = self.gate.state.lock().expect("gate state");
+        st.in_flight -= 1;
+        st.answers.push_back(Instant::now());
+        drop(st);
+        self.gate.answered.notify_one();
+    }
 }
 
 impl GlobalGate {
@@ -71,41 +92,47 @@ impl GlobalGate {
     pub fn new(limit: u32, period: Duration) -> Self {
         Self {
             limit: limit.max(1) as usize,
-            period: period + WINDOW_MARGIN,
+            period,
             state: Arc::default(),
             turnstile: Arc::default(),
+            answered: Arc::default(),
         }
     }
 
-    /// Waits for a slot and takes it.
-    pub async fn acquire(&self) {
+    /// Waits for a slot and takes it until the returned [`GateSlot`] is dropped.
+    pub async fn acquire(&self) -> GateSlot {
         let _head = self.turnstile.lock().await;
         loop {
-            let wait_until = {
+            let wait = {
                 let mut st = self.state.lock().expect("gate state");
                 let now = Instant::now();
                 match st.blocked_until {
-                    Some(b) if now < b => Some(b),
+                    Some(b) if now < b => Some(Some(b)),
                     _ => {
                         while st
-                            .sent
+                            .answers
                             .front()
                             .is_some_and(|t| now.duration_since(*t) >= self.period)
                         {
-                            st.sent.pop_front();
+                            st.answers.pop_front();
                         }
-                        if st.sent.len() < self.limit {
-                            st.sent.push_back(now);
+                        if st.answers.len() + st.in_flight < self.limit {
+                            st.in_flight += 1;
                             None
                         } else {
-                            st.sent.front().map(|t| *t + self.period)
+                            // The oldest answer frees the first slot; an answer still to
+                            // come frees one no sooner than a period after it.
+                            Some(st.answers.front().map(|t| *t + self.period))
                         }
                     }
                 }
             };
-            match wait_until {
-                None => return,
-                Some(t) => tokio::time::sleep_until(t).await,
+            match wait {
+                None => return GateSlot { gate: self.clone() },
+                Some(Some(t)) => tokio::time::sleep_until(t).await,
+                // Every slot in flight. `notify_one` keeps a wake-up given before this
+                // waits, so an answer between the look and the wait is not missed.
+                Some(None) => self.answered.notified().await,
             }
         }
     }
@@ -234,8 +261,9 @@ pub struct Budget {
     gate: GlobalGate,
     /// The longest [`Budget::acquire`] waits; `None`: as long as it takes.
     max_wait: Option<Duration>,
-    /// The bot's budget shared by every process, and this budget's ring in it.
-    shared: Option<(SharedLimits, &'static str)>,
+    /// The bot's budget shared by every process, this budget's ring in it, and how long
+    /// a slot of it is leased (longer than any request takes).
+    shared: Option<(SharedLimits, &'static str, Duration)>,
     limit: u32,
 }
 
@@ -248,13 +276,14 @@ pub struct QueueTimeout {
 }
 
 /// Permission to send one request; complete it with what the answer said, or drop it
-/// if no answer came (the bucket queue then moves on).
+/// if no answer came (the bucket queue then moves on). Its global slots (this process's
+/// and the bot's shared one) are held until then.
 #[must_use = "complete the ticket with the answer's headers"]
 #[derive(Debug)]
 pub struct Ticket {
     permit: Permit,
-    gate: GlobalGate,
-    shared: Option<SharedLimits>,
+    slot: GateSlot,
+    shared: Option<SharedSlot>,
 }
 
 impl Budget {
@@ -274,13 +303,15 @@ impl Budget {
 
     /// The same budget, whose requests made with the bot token also take a slot of the
     /// bot's budget shared by every process (its ring is named after this budget).
-    pub fn shared(mut self, limits: SharedLimits) -> Self {
+    /// A slot of it is leased for `lease`, longer than any request may take: a process
+    /// that dies with requests in flight leaves their slots taken that long.
+    pub fn shared(mut self, limits: SharedLimits, lease: Duration) -> Self {
         let kind = if self.name == "syncer" {
             shared::SYNCER
         } else {
             shared::SIDE
         };
-        self.shared = Some((limits, kind));
+        self.shared = Some((limits, kind, lease));
         self
     }
 
@@ -368,33 +399,38 @@ impl Budget {
                 path: route.to_string(),
             })
             .await;
-        self.gate.acquire().await;
+        let slot = self.gate.acquire().await;
         let shared = match &self.shared {
-            Some((limits, kind)) if bot => {
-                self.take_shared(limits, kind).await;
+            Some((limits, kind, lease)) if bot => {
+                let shared = self.take_shared(limits, kind, *lease).await;
                 self.gate.wait_unblocked().await;
-                Some(limits.clone())
+                Some(shared)
             }
             _ => None,
         };
         Ticket {
             permit,
-            gate: self.gate.clone(),
+            slot,
             shared,
         }
     }
 
     /// Waits for a slot of the shared budget. A database that cannot be asked holds the
     /// request (never sends it unaccounted): Discord's limit is not ours to guess.
-    async fn take_shared(&self, limits: &SharedLimits, kind: &'static str) {
+    async fn take_shared(
+        &self,
+        limits: &SharedLimits,
+        kind: &'static str,
+        lease: Duration,
+    ) -> SharedSlot {
         let mut failures = 0u32;
         loop {
             match limits
-                .take(kind, self.limit, Duration::from_secs(1) + WINDOW_MARGIN)
+                .take(kind, self.limit, Duration::from_secs(1), lease)
                 .await
             {
-                Ok(None) => return,
-                Ok(Some(wait)) => tokio::time::sleep(wait.min(MAX_GLOBAL_BLOCK)).await,
+                Ok(Ok(slot)) => return slot,
+                Ok(Err(wait)) => tokio::time::sleep(wait.min(MAX_GLOBAL_BLOCK)).await,
                 Err(e) => {
                     failures += 1;
                     let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
@@ -410,7 +446,7 @@ impl Ticket {
     /// Waits out a global block announced since the slot was taken: a request built
     /// while another one's global 429 arrived is not sent into it.
     pub async fn wait_unblocked(&self) {
-        self.gate.wait_unblocked().await;
+        self.slot.gate.wait_unblocked().await;
     }
 
     /// Feeds the answer back: bucket headers update the bucket; a 429 exhausts the
@@ -420,8 +456,8 @@ impl Ticket {
         if o.status == 429 {
             let wait = o.retry_after.unwrap_or(Duration::from_secs(1));
             if o.is_global_limit() {
-                self.gate.block_for(wait);
-                if let Some(limits) = self.shared {
+                self.slot.gate.block_for(wait);
+                if let Some(limits) = self.shared.as_ref().map(|s| s.limits().clone()) {
                     // Every process must pause, not only this one; the local gate
                     // already holds this one meanwhile.
                     tokio::spawn(async move {
@@ -474,11 +510,12 @@ mod tests {
         let start = Instant::now();
         let mut times = Vec::new();
         for _ in 0..12 {
-            gate.acquire().await;
+            // Answered at once.
+            drop(gate.acquire().await);
             times.push(Instant::now() - start);
         }
-        // 5 at once, 5 after one period (+margin), 2 after two.
-        let period = Duration::from_secs(1) + WINDOW_MARGIN;
+        // 5 at once, 5 after one period, 2 after two.
+        let period = Duration::from_secs(1);
         assert!(times[..5].iter().all(|t| *t == Duration::ZERO), "{times:?}");
         assert!(times[5..10].iter().all(|t| *t == period), "{times:?}");
         assert_eq!(times[10], period * 2);
@@ -488,10 +525,49 @@ mod tests {
         }
     }
 
+    /// A request that takes long to reach Discord must not share a window there with
+    /// the next request of its slot: the slot is free a period after the answer, not
+    /// after it was taken.
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_is_free_a_period_after_its_answer() {
+        let gate = GlobalGate::new(2, Duration::from_secs(1));
+        let start = Instant::now();
+        let slow = gate.acquire().await;
+        drop(gate.acquire().await);
+        let answered = tokio::spawn(async move {
+            // In flight for 1.5 periods.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            drop(slow);
+        });
+        // The quick one's slot comes back a period after its answer.
+        drop(gate.acquire().await);
+        assert_eq!(Instant::now() - start, Duration::from_secs(1));
+        // The slow one's slot a period after its answer, not a period after it was taken.
+        drop(gate.acquire().await);
+        assert_eq!(Instant::now() - start, Duration::from_millis(2000));
+        let _held = gate.acquire().await;
+        assert_eq!(Instant::now() - start, Duration::from_millis(2500));
+        answered.await.unwrap();
+    }
+
+    /// Every slot in flight: the first answer is waited for, then a period.
+    #[tokio::test(start_paused = true)]
+    async fn with_every_slot_in_flight_the_next_waits_for_an_answer() {
+        let gate = GlobalGate::new(1, Duration::from_secs(1));
+        let start = Instant::now();
+        let held = gate.acquire().await;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            drop(held);
+        });
+        drop(gate.acquire().await);
+        assert_eq!(Instant::now() - start, Duration::from_secs(4));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_block_after_the_slot_was_taken_is_waited_out() {
         let gate = GlobalGate::new(50, Duration::from_secs(1));
-        gate.acquire().await;
+        let _slot = gate.acquire().await;
         gate.block_for(Duration::from_millis(700));
         let start = Instant::now();
         gate.wait_unblocked().await;
@@ -505,7 +581,7 @@ mod tests {
         let gate = GlobalGate::new(50, Duration::from_secs(1));
         gate.block_for(Duration::from_millis(1500));
         let start = Instant::now();
-        gate.acquire().await;
+        let _slot = gate.acquire().await;
         assert_eq!(Instant::now() - start, Duration::from_millis(1500));
     }
 

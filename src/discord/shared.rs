@@ -10,12 +10,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use super::invalid::WINDOW;
-use crate::store::budget;
+use crate::store::budget::{self, Lease};
 
 /// How long a read of the shared invalid-request count is reused. Invalid answers are
 /// rare next to requests, and a check per request would double the database's work;
@@ -35,6 +36,43 @@ pub struct SharedLimits {
     count: Arc<Mutex<Option<(Instant, i64)>>>,
 }
 
+/// A slot of the bot's shared budget, taken for one request and held until dropped,
+/// which says the request was answered (or will not be sent): the slot is free again a
+/// window after that. A window counted from the answer, which comes after the request
+/// reached Discord, keeps two requests of one slot apart at Discord by a window however
+/// long each took to get there.
+#[derive(Debug)]
+pub struct SharedSlot {
+    limits: SharedLimits,
+    kind: &'static str,
+    slot: i32,
+    until: DateTime<Utc>,
+}
+
+impl SharedSlot {
+    /// The limits the slot is of.
+    pub fn limits(&self) -> &SharedLimits {
+        &self.limits
+    }
+}
+
+impl Drop for SharedSlot {
+    fn drop(&mut self) {
+        // Outside a runtime (nothing of this crate drops one there) the lease ends it.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (limits, kind, slot, until) = (self.limits.clone(), self.kind, self.slot, self.until);
+        rt.spawn(async move {
+            if let Err(e) = budget::release_slot(&limits.pool, &limits.bot, kind, slot, until).await
+            {
+                // The slot stays taken until its lease ends: fewer requests, never more.
+                tracing::warn!(error = %e, kind, "cannot free a slot of the shared Discord budget");
+            }
+        });
+    }
+}
+
 /// Kinds of callers, each with its own ring.
 pub const SYNCER: &str = "syncer";
 pub const SIDE: &str = "side";
@@ -49,28 +87,36 @@ impl SharedLimits {
         }
     }
 
-    /// Takes one request slot of `kind`'s ring of `size` slots: `Ok(None)` when taken,
-    /// `Ok(Some(wait))` when none is free for `wait`.
+    /// Takes one request slot of `kind`'s ring of `size` slots for a request that takes
+    /// at most `lease`: `Ok(Ok(slot))` when taken (held until the slot is dropped, a
+    /// window after which it is free again), `Ok(Err(wait))` when none is free for `wait`.
     pub async fn take(
         &self,
         kind: &'static str,
         size: u32,
         window: Duration,
-    ) -> Result<Option<Duration>, sqlx::Error> {
+        lease: Duration,
+    ) -> Result<Result<SharedSlot, Duration>, sqlx::Error> {
         let mut contended = 0;
         loop {
-            let wait = budget::take_slot(&self.pool, &self.bot, kind, window).await?;
-            match wait {
-                Some(w) if w <= 0.0 => return Ok(None),
+            match budget::lease_slot(&self.pool, &self.bot, kind, window, lease).await? {
+                Lease::Taken { slot, until } => {
+                    return Ok(Ok(SharedSlot {
+                        limits: self.clone(),
+                        kind,
+                        slot,
+                        until,
+                    }));
+                }
                 // Free slots, all being taken by others right then: there may be one
                 // left for this taker.
-                Some(w) if w < 0.001 && contended < 100 => contended += 1,
-                Some(w) => {
-                    return Ok(Some(
-                        Duration::try_from_secs_f64(w).unwrap_or(Duration::from_secs(1)),
+                Lease::Wait(w) if w < 0.001 && contended < 100 => contended += 1,
+                Lease::Wait(w) => {
+                    return Ok(Err(
+                        Duration::try_from_secs_f64(w).unwrap_or(Duration::from_secs(1))
                     ));
                 }
-                None => self.prepare(kind, size).await?,
+                Lease::NoRing => self.prepare(kind, size).await?,
             }
         }
     }

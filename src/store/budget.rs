@@ -4,25 +4,69 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::pg_interval;
 
-/// Takes a slot of `bot`'s ring of `kind` (`guildgate_discord_take`, under the
-/// database's clock): `Some(w)` with `w <= 0` when taken, `w > 0` the seconds until one
-/// frees, `None` when the ring has no slots yet.
-pub async fn take_slot(
+/// What [`lease_slot`] answered.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Lease {
+    /// Slot `slot` was taken, leased until `until` (its token for [`release_slot`]).
+    Taken { slot: i32, until: DateTime<Utc> },
+    /// No slot is free for this many seconds.
+    Wait(f64),
+    /// The ring has no slots yet.
+    NoRing,
+}
+
+/// Takes a slot of `bot`'s ring of `kind` for a request (`guildgate_discord_lease`,
+/// under the database's clock), leased for `lease`: it stays taken until
+/// [`release_slot`] stamps it with the answer's time, or until the lease ends.
+pub async fn lease_slot(
     pool: &PgPool,
     bot: &str,
     kind: &str,
     window: Duration,
-) -> Result<Option<f64>, sqlx::Error> {
-    sqlx::query_scalar("SELECT guildgate_discord_take($1, $2, $3)")
-        .bind(bot)
-        .bind(kind)
-        .bind(pg_interval(window))
-        .fetch_one(pool)
-        .await
+    lease: Duration,
+) -> Result<Lease, sqlx::Error> {
+    let (wait, slot, until): (Option<f64>, Option<i32>, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT wait, slot, leased_until FROM guildgate_discord_lease($1, $2, $3, $4)",
+    )
+    .bind(bot)
+    .bind(kind)
+    .bind(pg_interval(window))
+    .bind(pg_interval(lease))
+    .fetch_one(pool)
+    .await?;
+    Ok(match (slot, until, wait) {
+        (Some(slot), Some(until), _) => Lease::Taken { slot, until },
+        (_, _, Some(w)) => Lease::Wait(w),
+        _ => Lease::NoRing,
+    })
+}
+
+/// The request of a slot leased until `until` was answered (or will not be sent): the
+/// slot is free a window from now. A slot whose lease ended and was taken again is left
+/// to its new taker.
+pub async fn release_slot(
+    pool: &PgPool,
+    bot: &str,
+    kind: &str,
+    slot: i32,
+    until: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE discord_budget_slots SET taken_at = clock_timestamp()
+          WHERE bot = $1 AND kind = $2 AND slot = $3 AND taken_at = $4",
+    )
+    .bind(bot)
+    .bind(kind)
+    .bind(slot)
+    .bind(until)
+    .execute(pool)
+    .await
+    .map(|_| ())
 }
 
 /// Makes `bot`'s ring of `kind` `size` slots long: slots are added, and slots beyond
