@@ -1465,6 +1465,25 @@ async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     app.cleanup().await;
 }
 
+/// `n` messages for business A's endpoints (that of `ep_a` and any other of A's), then
+/// one for B's `ep_b`: A's message ids, and the jobs of all of them, A's first.
+async fn jobs_of_a_then_b(
+    conn: &mut sqlx::PgConnection,
+    ep_a: &Endpoint,
+    n: usize,
+    ep_b: &Endpoint,
+) -> (Vec<String>, Vec<(String, serde_json::Value)>) {
+    let ids_a = messages_for(conn, ep_a, n).await;
+    let mut jobs = webhook_jobs(conn).await;
+    sqlx::query("DELETE FROM outbox")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    messages_for(conn, ep_b, 1).await;
+    jobs.extend(webhook_jobs(conn).await);
+    (ids_a, jobs)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_business_holds_its_share_of_the_workers_and_another_is_served_meanwhile() {
     let mut app = without_delivery().await;
@@ -1485,14 +1504,7 @@ async fn one_business_holds_its_share_of_the_workers_and_another_is_served_meanw
     let ep_a = add_endpoint(&app, &a.url, None, SECRET).await;
     let ep_b = add_endpoint_of(&app, "bus_Other00001", &b.url, None, SECRET).await;
     let mut conn = app.pool.acquire().await.unwrap();
-    let ids_a = messages_for(&mut conn, &ep_a, 4).await;
-    let mut jobs = webhook_jobs(&mut conn).await;
-    sqlx::query("DELETE FROM outbox")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    messages_for(&mut conn, &ep_b, 1).await;
-    jobs.extend(webhook_jobs(&mut conn).await);
+    let (ids_a, jobs) = jobs_of_a_then_b(&mut conn, &ep_a, 4, &ep_b).await;
     // A's four jobs first, then B's: four workers, and A's endpoint takes four at once.
     let (deliverer, stop, worker) = deliver_jobs(&app, &jobs, 4, 4).await;
     assert_eq!(deliverer.shares.share(), 1, "a quarter of four workers");
@@ -1522,6 +1534,88 @@ async fn one_business_holds_its_share_of_the_workers_and_another_is_served_meanw
     all_verified(&b);
     assert_eq!(
         deliverer.shares.held(&ep_a.business_id),
+        0,
+        "shares given back"
+    );
+    drop(conn);
+    app.cleanup().await;
+}
+
+/// Jobs waiting for their turn of an endpoint's `rate_limit` (and the jobs in line
+/// behind them) hold workers, as requests do: together they hold only their business's
+/// share, and another business's message is not kept behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_waiting_for_a_rate_limit_hold_only_their_business_share_of_the_workers() {
+    let mut app = without_delivery().await;
+    let a = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let b = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    // Three endpoints of A's, one delivery a second each, three messages each: every
+    // endpoint's second message waits for its turn, its third in line behind it.
+    let mut eps_a = Vec::new();
+    for _ in 0..3 {
+        let ep = add_endpoint(&app, &a.url, None, SECRET).await;
+        let mut conn = app.pool.acquire().await.unwrap();
+        endpoints::update(
+            &mut conn,
+            &ep.business_id,
+            &ep.id,
+            guildgate::webhooks::endpoints::EndpointPatch {
+                rate_limit: Some(Some(1)),
+                ..Default::default()
+            },
+            LOCAL,
+        )
+        .await
+        .unwrap();
+        eps_a.push(ep);
+    }
+    let ep_b = add_endpoint_of(&app, "bus_Other00001", &b.url, None, SECRET).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let (ids_a, jobs) = jobs_of_a_then_b(&mut conn, &eps_a[0], 3, &ep_b).await;
+    assert_eq!(ids_a.len(), 9, "three messages for each of A's endpoints");
+    // A's nine jobs first, then B's: four workers.
+    let (deliverer, stop, worker) = deliver_jobs(&app, &jobs, 4, 4).await;
+    assert_eq!(deliverer.shares.share(), 1, "a quarter of four workers");
+    wait_messages(&app, &ep_b, 1, "delivered").await;
+    // Every endpoint of A's has had its first turn.
+    for ep in &eps_a {
+        wait_for("the first message of each of A's endpoints", || async {
+            let m = messages_of(&app, ep).await;
+            m.iter().any(|m| m.status == "delivered").then_some(())
+        })
+        .await;
+    }
+    stop.cancel();
+    worker.await.unwrap();
+    deliverer.broker.close().await;
+
+    // B's message went out while A's jobs waited for their turns, not a turn later.
+    let a_hits = a.hits();
+    let first_a = a_hits.iter().map(|h| h.at).min().unwrap();
+    let b_at = b.hits()[0].at;
+    assert!(
+        b_at.saturating_duration_since(first_a) < std::time::Duration::from_millis(500),
+        "B's message waited {:?} behind A's jobs waiting for their turns",
+        b_at.saturating_duration_since(first_a)
+    );
+    // None of A's lost or sent twice: the ones not sent yet are held until their turns.
+    let mut sent_a: Vec<String> = a_hits.iter().map(|h| h.id.clone()).collect();
+    sent_a.sort();
+    sent_a.dedup();
+    assert_eq!(sent_a.len(), a_hits.len(), "each of A's sent once at most");
+    for ep in &eps_a {
+        let m = messages_of(&app, ep).await;
+        assert_eq!(m.len(), 3);
+        assert!(
+            m.iter()
+                .all(|m| m.status == "delivered" || m.status == "pending"),
+            "{m:?}"
+        );
+    }
+    all_verified(&a);
+    all_verified(&b);
+    assert_eq!(
+        deliverer.shares.held(&eps_a[0].business_id),
         0,
         "shares given back"
     );

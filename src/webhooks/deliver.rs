@@ -311,10 +311,36 @@ impl Deliverer {
                 return Ok(outcome);
             }
         };
+        // A job of a rate-limited endpoint may wait for its turn up to `BUSY_WAIT`, and
+        // the jobs behind it in line for it, each holding its worker: those waits count
+        // against the business's share of the workers as its requests do. With the share
+        // full, a job waits for nothing: behind others in line it is held until a time
+        // booked after the turns they may take, at the front it goes if its turn is free
+        // now and is held until its turn otherwise.
+        let share = match (&slot, paced(&target)) {
+            (Some(_), Some(_)) => Some(self.shares.take(&target.business_id)),
+            _ => None,
+        };
+        let over_share = matches!(share, Some(None));
+        if over_share
+            && place.as_ref().is_some_and(|p| p.ahead() > 0)
+            && let Some(per_second) = paced(&target)
+        {
+            let at = self.pacing.book(&target.endpoint_id, per_second, BUSY_WAIT);
+            place.take();
+            return self.hold_until(job, at).await;
+        }
         if let Some(p) = place.as_ref() {
             p.front().await;
         }
-        if let Some(outcome) = self.pace(job, &target, BUSY_WAIT).await? {
+        let pace_wait = if over_share {
+            Duration::ZERO
+        } else {
+            BUSY_WAIT
+        };
+        let turn = self.pace(job, &target, pace_wait).await?;
+        drop(share);
+        if let Some(outcome) = turn {
             place.take();
             return Ok(outcome);
         }
@@ -435,10 +461,7 @@ impl Deliverer {
         target: &DeliveryTarget,
         pace_wait: Duration,
     ) -> Result<Option<Outcome>, DeliverError> {
-        if let Some(per_second) = target
-            .rate_limit
-            .and_then(|r| u32::try_from(r).ok())
-            .and_then(NonZeroU32::new)
+        if let Some(per_second) = paced(target)
             && let Pace::HoldUntil(at) = self
                 .pacing
                 .turn(&target.endpoint_id, per_second, pace_wait)
@@ -900,6 +923,14 @@ fn without_holds(body: &[u8]) -> Cow<'_, [u8]> {
         Some(_) => serde_json::to_vec(&job).map_or(Cow::Borrowed(body), Cow::Owned),
         None => Cow::Borrowed(body),
     }
+}
+
+/// The endpoint's `rate_limit`, if it has one.
+fn paced(target: &DeliveryTarget) -> Option<NonZeroU32> {
+    target
+        .rate_limit
+        .and_then(|r| u32::try_from(r).ok())
+        .and_then(NonZeroU32::new)
 }
 
 /// What the job's queue does after attempt `attempt`: done, a retry after the next

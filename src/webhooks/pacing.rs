@@ -75,6 +75,14 @@ impl Paced {
         }
     }
 
+    /// Books a time to hold a message until: an interval after the last one booked, and
+    /// after `after` (the turns until then are left to jobs waiting in the process).
+    fn book(&mut self, after: Instant) -> Instant {
+        let at = self.booked_until.filter(|b| *b > after).unwrap_or(after) + self.interval();
+        self.booked_until = Some(at);
+        at
+    }
+
     fn interval(&self) -> Duration {
         Duration::from_secs(1) / self.per_second.get()
     }
@@ -157,10 +165,7 @@ impl Pacing {
                 interval * u32::try_from(p.waiting + 1).unwrap_or(u32::MAX)
             };
             if wait > max_wait || p.waiting >= self.max_waiting {
-                let after = now + max_wait;
-                let at = p.booked_until.filter(|b| *b > after).unwrap_or(after) + interval;
-                p.booked_until = Some(at);
-                return Pace::HoldUntil(at);
+                return Pace::HoldUntil(p.book(now + max_wait));
             }
             p.waiting += 1;
             (
@@ -191,6 +196,20 @@ impl Pacing {
 }
 
 impl Pacing {
+    /// A time to hold a message of `endpoint` until, without taking or waiting for a
+    /// turn: for a job that may not wait in the process, behind jobs that may (their
+    /// turns within `horizon` are left to them).
+    pub fn book(&self, endpoint: &str, per_second: NonZeroU32, horizon: Duration) -> Instant {
+        let now = TokioClock.now();
+        let mut state = self.state.lock().expect("pacing lock");
+        let p = state
+            .endpoints
+            .entry(endpoint.to_string())
+            .or_insert_with(|| Paced::new(per_second, now));
+        p.last_used = now;
+        p.book(now + horizon)
+    }
+
     /// `endpoint` took a turn now.
     fn used(&self, endpoint: &str) {
         let mut state = self.state.lock().expect("pacing lock");
@@ -259,6 +278,24 @@ mod tests {
             t.elapsed() - waited,
             Duration::from_secs(1),
             "one turn a second, also right after a prune"
+        );
+    }
+
+    /// Times booked for jobs that may not wait come after the turns the waiting jobs
+    /// may take, one interval apart, and after the holds booked before them.
+    #[tokio::test(start_paused = true)]
+    async fn booked_times_follow_the_waiting_jobs_turns_and_each_other() {
+        let p = Pacing::new(8);
+        let now = TokioClock.now();
+        let first = p.book("ep_a", per_second(2), MAX_WAIT);
+        assert_eq!(first, now + MAX_WAIT + Duration::from_millis(500));
+        let second = p.book("ep_a", per_second(2), MAX_WAIT);
+        assert_eq!(second, first + Duration::from_millis(500));
+        // A job that would wait too long is held after them.
+        assert_eq!(p.turn("ep_a", per_second(2), MAX_WAIT).await, Pace::Go);
+        assert_eq!(
+            p.turn("ep_a", per_second(2), Duration::ZERO).await,
+            Pace::HoldUntil(second + Duration::from_millis(500))
         );
     }
 

@@ -4,10 +4,11 @@
 //! [`super::deliver::STALLED_AFTER`] does. Its endpoints' in-flight caps still bound
 //! them, so it delivers as fast as before; but a business whose endpoints answer just
 //! under a second, several endpoints at their caps, keeps a quarter of the workers,
-//! not most of them. The share counts requests being sent, not jobs waiting before
-//! that (for their turn of an endpoint's `rate_limit`: at most its in-flight cap, up to
-//! a second each); and the prefetch (twice the workers) still bounds the jobs in hand,
-//! so several businesses far over their shares at once can fill it.
+//! not most of them. The share counts requests being sent and jobs waiting for their
+//! turn of an endpoint's `rate_limit` (up to a second each), or in its line behind one
+//! that does: with the share full, such a job is held until its turn instead of
+//! waiting in a worker. The prefetch (twice the workers) still bounds the jobs in
+//! hand, so several businesses far over their shares at once can fill it.
 //!
 //! Per process, like the workers: a mutex around a small map of the businesses with a
 //! request out, held for a lookup.
