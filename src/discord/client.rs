@@ -535,7 +535,7 @@ impl DiscordClient {
         // Waiting in a bucket's line behind the request that found the bot without
         // access: not sent (the slot stays spent, the bucket's line moves on).
         if let Some(key) = self.stopped(call) {
-            drop(ticket);
+            ticket.abandon().await;
             self.count(call.label, "stopped");
             return Err(Unsettled::Done(DiscordError::Stopped { key }));
         }
@@ -546,8 +546,8 @@ impl DiscordClient {
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
-                // No answer: the ticket is dropped, which frees the bucket's queue.
-                drop(ticket);
+                // No answer: the bucket's queue moves on.
+                ticket.abandon().await;
                 self.count(call.label, "error");
                 let err = DiscordError::Retriable(describe(&e));
                 if call.idempotent {
@@ -570,7 +570,7 @@ impl DiscordClient {
         let bytes = match resp.bytes().await {
             Ok(b) => b.to_vec(),
             Err(e) => {
-                ticket.complete(&observed);
+                ticket.complete(&observed).wait().await;
                 self.count(call.label, "error");
                 return Err(Unsettled::Done(DiscordError::Retriable(describe(&e))));
             }
@@ -594,7 +594,7 @@ impl DiscordClient {
         // What the answer says of the limits applies before anything else is awaited:
         // a global 429 holds back every request of this process at once, not after
         // the invalid answer is counted in the database.
-        ticket.complete(&observed);
+        ticket.complete(&observed).wait().await;
         if let (Some(stops), Some(guild)) = (&self.stops, call.guild()) {
             match (status, body.code) {
                 (403, Some(50001)) | (404, Some(10004)) => {

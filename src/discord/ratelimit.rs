@@ -450,14 +450,21 @@ impl Ticket {
     }
 
     /// Feeds the answer back: bucket headers update the bucket; a 429 exhausts the
-    /// bucket (or, if global, the gate) for its `retry_after`.
-    pub fn complete(self, o: &Observed) {
+    /// bucket (or, if global, the gate) for its `retry_after`. This process's global
+    /// slot is free a period from now; the bot's shared slot once the returned
+    /// [`Released`] is awaited.
+    pub fn complete(self, o: &Observed) -> Released {
+        let Ticket {
+            permit,
+            slot,
+            shared,
+        } = self;
         let now = std::time::Instant::now();
-        if o.status == 429 {
+        let headers = if o.status == 429 {
             let wait = o.retry_after.unwrap_or(Duration::from_secs(1));
             if o.is_global_limit() {
-                self.slot.gate.block_for(wait);
-                if let Some(limits) = self.shared.as_ref().map(|s| s.limits().clone()) {
+                slot.gate.block_for(wait);
+                if let Some(limits) = shared.as_ref().map(|s| s.limits().clone()) {
                     // Every process must pause, not only this one; the local gate
                     // already holds this one meanwhile.
                     tokio::spawn(async move {
@@ -466,29 +473,59 @@ impl Ticket {
                         }
                     });
                 }
-                self.permit.complete(None);
-            } else if let Some(bucket) = &o.bucket {
-                self.permit.complete(Some(RateLimitHeaders {
+                None
+            } else {
+                o.bucket.as_ref().map(|bucket| RateLimitHeaders {
                     bucket: bucket.as_bytes().to_vec(),
                     limit: 0,
                     remaining: 0,
                     reset_at: now + wait,
-                }));
-            } else {
-                self.permit.complete(None);
+                })
             }
-            return;
-        }
-        match (&o.bucket, o.limit, o.remaining, o.reset_after) {
-            (Some(bucket), Some(limit), Some(remaining), Some(reset_after)) => {
-                self.permit.complete(Some(RateLimitHeaders {
-                    bucket: bucket.as_bytes().to_vec(),
-                    limit: u16::try_from(limit).unwrap_or(u16::MAX),
-                    remaining: u16::try_from(remaining).unwrap_or(u16::MAX),
-                    reset_at: now + reset_after,
-                }))
+        } else {
+            match (&o.bucket, o.limit, o.remaining, o.reset_after) {
+                (Some(bucket), Some(limit), Some(remaining), Some(reset_after)) => {
+                    Some(RateLimitHeaders {
+                        bucket: bucket.as_bytes().to_vec(),
+                        limit: u16::try_from(limit).unwrap_or(u16::MAX),
+                        remaining: u16::try_from(remaining).unwrap_or(u16::MAX),
+                        reset_at: now + reset_after,
+                    })
+                }
+                _ => None,
             }
-            _ => self.permit.complete(None),
+        };
+        permit.complete(headers);
+        drop(slot);
+        Released(shared)
+    }
+
+    /// No answer came (or the request was not sent): the bucket's line moves on and the
+    /// slots are free a period from now.
+    pub async fn abandon(self) {
+        let Ticket {
+            permit,
+            slot,
+            shared,
+        } = self;
+        drop(permit);
+        drop(slot);
+        Released(shared).wait().await;
+    }
+}
+
+/// The bot's shared slot of a completed [`Ticket`]: free a window after it is awaited
+/// (or, dropped, soon after).
+#[must_use = "await the release of the shared slot"]
+#[derive(Debug)]
+pub struct Released(Option<SharedSlot>);
+
+impl Released {
+    /// Frees the shared slot (a window from now), so a caller that returns after this
+    /// (a command about to exit) leaves no slot taken until its lease ends.
+    pub async fn wait(self) {
+        if let Some(slot) = self.0 {
+            slot.release().await;
         }
     }
 }
@@ -664,7 +701,9 @@ mod tests {
             remaining: Some(0),
             reset_after: Some(Duration::from_millis(200)),
             ..Observed::default()
-        });
+        })
+        .wait()
+        .await;
         let t = budget
             .acquire(Verb::Put, "guilds/1/members/:user", true)
             .await
@@ -697,7 +736,9 @@ mod tests {
             retry_after: Some(Duration::from_millis(200)),
             scope: Some("shared".into()),
             ..Observed::default()
-        });
+        })
+        .wait()
+        .await;
         let t = budget.acquire(Verb::Put, route, true).await.unwrap();
         assert!(
             start.elapsed() >= Duration::from_millis(195),

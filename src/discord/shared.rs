@@ -36,17 +36,17 @@ pub struct SharedLimits {
     count: Arc<Mutex<Option<(Instant, i64)>>>,
 }
 
-/// A slot of the bot's shared budget, taken for one request and held until dropped,
-/// which says the request was answered (or will not be sent): the slot is free again a
-/// window after that. A window counted from the answer, which comes after the request
-/// reached Discord, keeps two requests of one slot apart at Discord by a window however
-/// long each took to get there.
+/// A slot of the bot's shared budget, taken for one request and held until released
+/// (or dropped), which says the request was answered (or will not be sent): the slot is
+/// free again a window after that. A window counted from the answer, which comes after
+/// the request reached Discord, keeps two requests of one slot apart at Discord by a
+/// window however long each took to get there.
 #[derive(Debug)]
 pub struct SharedSlot {
     limits: SharedLimits,
     kind: &'static str,
-    slot: i32,
-    until: DateTime<Utc>,
+    /// The slot and the end of its lease; `None` once released.
+    lease: Option<(i32, DateTime<Utc>)>,
 }
 
 impl SharedSlot {
@@ -54,22 +54,28 @@ impl SharedSlot {
     pub fn limits(&self) -> &SharedLimits {
         &self.limits
     }
+
+    /// Frees the slot a window from now. If the database cannot be told, the slot stays
+    /// taken until its lease ends: fewer requests, never more.
+    pub async fn release(mut self) {
+        if let Some((slot, until)) = self.lease.take() {
+            self.limits.release(self.kind, slot, until).await;
+        }
+    }
 }
 
 impl Drop for SharedSlot {
     fn drop(&mut self) {
-        // Outside a runtime (nothing of this crate drops one there) the lease ends it.
+        // Dropped unreleased (a caller cancelled mid-request): released soon, off the
+        // caller's path. Outside a runtime the lease ends it.
+        let Some((slot, until)) = self.lease.take() else {
+            return;
+        };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (limits, kind, slot, until) = (self.limits.clone(), self.kind, self.slot, self.until);
-        rt.spawn(async move {
-            if let Err(e) = budget::release_slot(&limits.pool, &limits.bot, kind, slot, until).await
-            {
-                // The slot stays taken until its lease ends: fewer requests, never more.
-                tracing::warn!(error = %e, kind, "cannot free a slot of the shared Discord budget");
-            }
-        });
+        let (limits, kind) = (self.limits.clone(), self.kind);
+        rt.spawn(async move { limits.release(kind, slot, until).await });
     }
 }
 
@@ -104,8 +110,7 @@ impl SharedLimits {
                     return Ok(Ok(SharedSlot {
                         limits: self.clone(),
                         kind,
-                        slot,
-                        until,
+                        lease: Some((slot, until)),
                     }));
                 }
                 // Free slots, all being taken by others right then: there may be one
@@ -118,6 +123,12 @@ impl SharedLimits {
                 }
                 Lease::NoRing => self.prepare(kind, size).await?,
             }
+        }
+    }
+
+    async fn release(&self, kind: &'static str, slot: i32, until: DateTime<Utc>) {
+        if let Err(e) = budget::release_slot(&self.pool, &self.bot, kind, slot, until).await {
+            tracing::warn!(error = %e, kind, "cannot free a slot of the shared Discord budget");
         }
     }
 
