@@ -194,23 +194,14 @@ async fn a_slot_is_free_a_window_after_its_answer_or_its_lease() {
         "a slot in flight is no sooner free than a window from now: {wait:?}"
     );
     // Answered: free a window after the answer.
-    drop(in_flight);
-    let released = || async {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT taken_at <= clock_timestamp() FROM discord_budget_slots WHERE bot = 'bot-a'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !released().await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slot was never released"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    in_flight.release().await;
+    let released: bool = sqlx::query_scalar(
+        "SELECT taken_at <= clock_timestamp() FROM discord_budget_slots WHERE bot = 'bot-a'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(released, "released once its release is awaited");
     let wait = limits
         .take(SIDE, 1, window, LEASE)
         .await
@@ -229,6 +220,46 @@ async fn a_slot_is_free_a_window_after_its_answer_or_its_lease() {
     assert!(wait.is_err(), "{wait:?}");
     tokio::time::sleep(lease + window + Duration::from_millis(100)).await;
     assert!(dying.take(SIDE, 1, window, lease).await.unwrap().is_ok());
+    pool.close().await;
+    db.drop_db().await;
+}
+
+/// A request that waited out a global 429 after taking its slot may find the slot's
+/// lease over: it renews the lease while the slot is still its own, and once another
+/// process has taken the slot it waits for a slot of its own again before it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_whose_lease_ran_out_is_renewed_or_taken_again() {
+    let (db, pool) = shared_db().await;
+    let limits = SharedLimits::new(pool.clone(), "bot-a");
+    let (window, lease) = (Duration::from_millis(200), Duration::from_millis(400));
+    let leased_for = || async {
+        sqlx::query_scalar::<_, f64>(
+            "SELECT extract(epoch FROM taken_at - clock_timestamp())::float8
+               FROM discord_budget_slots WHERE bot = 'bot-a'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    let mut first = limits.take_waiting("test", SIDE, 1, window, lease).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.renew().await;
+    assert!(
+        leased_for().await > 0.3,
+        "renewed within its lease: leased from now again"
+    );
+    // The lease runs out, a window passes, and another process takes the one slot.
+    tokio::time::sleep(lease + window + Duration::from_millis(100)).await;
+    let other = limits.take_waiting("test", SIDE, 1, window, lease).await;
+    let started = std::time::Instant::now();
+    first.renew().await;
+    assert!(
+        started.elapsed() >= lease + window - Duration::from_millis(50),
+        "the slot another took is not used again before its lease and a window end: {:?}",
+        started.elapsed()
+    );
+    other.release().await;
+    first.release().await;
     pool.close().await;
     db.drop_db().await;
 }

@@ -520,7 +520,7 @@ impl DiscordClient {
         };
         let bot = matches!(call.auth, Auth::Bot);
         // The seat's wait counts against the budget's: busy after `max_wait` in all.
-        let ticket = match self
+        let mut ticket = match self
             .budget
             .acquire_after(call.verb, &call.route, bot, started.elapsed())
             .await

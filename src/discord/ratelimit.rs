@@ -140,15 +140,20 @@ impl GlobalGate {
     /// Waits out a global block that began after this caller's slot was taken (a 429
     /// answered while it waited on the shared budget): a slot taken is not a licence
     /// to send into a block Discord just announced.
-    pub async fn wait_unblocked(&self) {
+    /// Whether there was a block to wait out.
+    pub async fn wait_unblocked(&self) -> bool {
+        let mut waited = false;
         loop {
             let until = {
                 let st = self.state.lock().expect("gate state");
                 st.blocked_until.filter(|b| *b > Instant::now())
             };
             match until {
-                Some(b) => tokio::time::sleep_until(b).await,
-                None => return,
+                Some(b) => {
+                    waited = true;
+                    tokio::time::sleep_until(b).await
+                }
+                None => return waited,
             }
         }
     }
@@ -402,9 +407,14 @@ impl Budget {
         let slot = self.gate.acquire().await;
         let shared = match &self.shared {
             Some((limits, kind, lease)) if bot => {
-                let shared = self.take_shared(limits, kind, *lease).await;
+                // A block is waited out before the shared slot's lease begins, not
+                // during it; one announced after is seen by the ticket's own look.
                 self.gate.wait_unblocked().await;
-                Some(shared)
+                Some(
+                    limits
+                        .take_waiting(self.name, kind, self.limit, Duration::from_secs(1), *lease)
+                        .await,
+                )
             }
             _ => None,
         };
@@ -414,39 +424,20 @@ impl Budget {
             shared,
         }
     }
-
-    /// Waits for a slot of the shared budget. A database that cannot be asked holds the
-    /// request (never sends it unaccounted): Discord's limit is not ours to guess.
-    async fn take_shared(
-        &self,
-        limits: &SharedLimits,
-        kind: &'static str,
-        lease: Duration,
-    ) -> SharedSlot {
-        let mut failures = 0u32;
-        loop {
-            match limits
-                .take(kind, self.limit, Duration::from_secs(1), lease)
-                .await
-            {
-                Ok(Ok(slot)) => return slot,
-                Ok(Err(wait)) => tokio::time::sleep(wait.min(MAX_GLOBAL_BLOCK)).await,
-                Err(e) => {
-                    failures += 1;
-                    let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
-                    tracing::warn!(error = %e, retry_in = ?wait, budget = self.name, "cannot take a slot of the shared Discord budget");
-                    tokio::time::sleep(wait).await;
-                }
-            }
-        }
-    }
 }
 
 impl Ticket {
     /// Waits out a global block announced since the slot was taken: a request built
     /// while another one's global 429 arrived is not sent into it.
-    pub async fn wait_unblocked(&self) {
-        self.slot.gate.wait_unblocked().await;
+    ///
+    /// A shared slot whose lease may have run out meanwhile (a block can outlast it) is
+    /// renewed, or, taken by another since, replaced by a new one.
+    pub async fn wait_unblocked(&mut self) {
+        if self.slot.gate.wait_unblocked().await
+            && let Some(shared) = &mut self.shared
+        {
+            shared.renew().await;
+        }
     }
 
     /// Feeds the answer back: bucket headers update the bucket; a 429 exhausts the

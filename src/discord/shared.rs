@@ -23,6 +23,10 @@ use crate::store::budget::{self, Lease};
 /// the ceiling sits far enough under Discord's ban to absorb a second of staleness.
 const COUNT_TTL: Duration = Duration::from_secs(1);
 
+/// The longest a taker sleeps before asking for a slot again (a global block's pause is
+/// capped the same).
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
 /// The width of the buckets the invalid answers are counted in (the migration's).
 const BUCKET: Duration = Duration::from_secs(10);
 
@@ -44,10 +48,24 @@ pub struct SharedLimits {
 #[derive(Debug)]
 pub struct SharedSlot {
     limits: SharedLimits,
-    kind: &'static str,
+    take: Take,
     /// The slot and the end of its lease; `None` once released.
     lease: Option<(i32, DateTime<Utc>)>,
 }
+
+/// What a slot was taken as: enough to take another like it.
+#[derive(Clone, Copy, Debug)]
+struct Take {
+    budget: &'static str,
+    kind: &'static str,
+    size: u32,
+    window: Duration,
+    lease: Duration,
+}
+
+/// How long a slot dropped without being released (its caller was cancelled, perhaps
+/// with the request on its way) stays taken before it is released.
+const DROPPED_HOLD: Duration = Duration::from_secs(1);
 
 impl SharedSlot {
     /// The limits the slot is of.
@@ -59,23 +77,58 @@ impl SharedSlot {
     /// taken until its lease ends: fewer requests, never more.
     pub async fn release(mut self) {
         if let Some((slot, until)) = self.lease.take() {
-            self.limits.release(self.kind, slot, until).await;
+            self.limits.release(self.take.kind, slot, until).await;
+        }
+    }
+
+    /// Leases the slot again from now (its request waited out a global block, which may
+    /// outlast a lease); if the lease ran out and another process took the slot since,
+    /// takes a new one, waiting for it as long as it takes.
+    pub async fn renew(&mut self) {
+        let Some((slot, until)) = self.lease else {
+            return;
+        };
+        let t = self.take;
+        let renewed = budget::renew_slot(
+            &self.limits.pool,
+            &self.limits.bot,
+            t.kind,
+            slot,
+            until,
+            t.lease,
+        )
+        .await;
+        match renewed {
+            Ok(Some(until)) => self.lease = Some((slot, until)),
+            // Taken by another, or not known: a new slot (the old one, if still ours,
+            // runs out with its lease).
+            Ok(None) | Err(_) => {
+                self.lease = None;
+                let fresh = self
+                    .limits
+                    .take_waiting(t.budget, t.kind, t.size, t.window, t.lease)
+                    .await;
+                *self = fresh;
+            }
         }
     }
 }
 
 impl Drop for SharedSlot {
     fn drop(&mut self) {
-        // Dropped unreleased (a caller cancelled mid-request): released soon, off the
-        // caller's path. Outside a runtime the lease ends it.
+        // Dropped unreleased (its caller was cancelled, perhaps mid-request): released
+        // a little later, off the caller's path. Outside a runtime the lease ends it.
         let Some((slot, until)) = self.lease.take() else {
             return;
         };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (limits, kind) = (self.limits.clone(), self.kind);
-        rt.spawn(async move { limits.release(kind, slot, until).await });
+        let (limits, kind) = (self.limits.clone(), self.take.kind);
+        rt.spawn(async move {
+            tokio::time::sleep(DROPPED_HOLD).await;
+            limits.release(kind, slot, until).await;
+        });
     }
 }
 
@@ -109,7 +162,13 @@ impl SharedLimits {
                 Lease::Taken { slot, until } => {
                     return Ok(Ok(SharedSlot {
                         limits: self.clone(),
-                        kind,
+                        take: Take {
+                            budget: "",
+                            kind,
+                            size,
+                            window,
+                            lease,
+                        },
                         lease: Some((slot, until)),
                     }));
                 }
@@ -122,6 +181,46 @@ impl SharedLimits {
                     ));
                 }
                 Lease::NoRing => self.prepare(kind, size).await?,
+            }
+        }
+    }
+
+    /// Takes a slot of `kind`'s ring for a request of `budget`, waiting for one as long
+    /// as it takes. A database that cannot be asked holds the request (never sends it
+    /// unaccounted): Discord's limit is not ours to guess. Each attempt runs as a task
+    /// of its own, so a caller cancelled while the database answers leaves no slot
+    /// taken until its lease ends: the slot taken then is released.
+    pub async fn take_waiting(
+        &self,
+        budget: &'static str,
+        kind: &'static str,
+        size: u32,
+        window: Duration,
+        lease: Duration,
+    ) -> SharedSlot {
+        let mut failures = 0u32;
+        loop {
+            let limits = self.clone();
+            let taken =
+                tokio::spawn(async move { limits.take(kind, size, window, lease).await }).await;
+            match taken {
+                Ok(Ok(Ok(mut slot))) => {
+                    slot.take.budget = budget;
+                    return slot;
+                }
+                Ok(Ok(Err(wait))) => tokio::time::sleep(wait.min(MAX_WAIT)).await,
+                Ok(Err(e)) => {
+                    failures += 1;
+                    let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
+                    tracing::warn!(error = %e, retry_in = ?wait, budget, "cannot take a slot of the shared Discord budget");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, budget, "taking a slot of the shared Discord budget failed");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20))))
+                        .await;
+                }
             }
         }
     }

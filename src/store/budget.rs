@@ -46,6 +46,30 @@ pub async fn lease_slot(
     })
 }
 
+/// Leases the slot leased until `until` again, for `lease` from now, if nobody took it
+/// since: the new end of its lease, or `None` when it was taken by another.
+pub async fn renew_slot(
+    pool: &PgPool,
+    bot: &str,
+    kind: &str,
+    slot: i32,
+    until: DateTime<Utc>,
+    lease: Duration,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE discord_budget_slots SET taken_at = clock_timestamp() + $5
+          WHERE bot = $1 AND kind = $2 AND slot = $3 AND taken_at = $4
+         RETURNING taken_at",
+    )
+    .bind(bot)
+    .bind(kind)
+    .bind(slot)
+    .bind(until)
+    .bind(pg_interval(lease))
+    .fetch_optional(pool)
+    .await
+}
+
 /// The request of a slot leased until `until` was answered (or will not be sent): the
 /// slot is free a window from now. A slot whose lease ended and was taken again is left
 /// to its new taker.

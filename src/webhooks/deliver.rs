@@ -315,8 +315,9 @@ impl Deliverer {
         // the jobs behind it in line for it, each holding its worker: those waits count
         // against the business's share of the workers as its requests do. With the share
         // full, a job waits for nothing: behind others in line it is held until a time
-        // booked after the turns they may take, at the front it goes if its turn is free
-        // now and is held until its turn otherwise.
+        // booked after the turns they may take (a hold releaser's round apart, so these
+        // come back one at a time and each finds the front of its line), at the front it
+        // goes if its turn is free now and is held until a booked time otherwise.
         let share = match (&slot, paced(&target)) {
             (Some(_), Some(_)) => Some(self.shares.take(&target.business_id)),
             _ => None,
@@ -326,7 +327,9 @@ impl Deliverer {
             && place.as_ref().is_some_and(|p| p.ahead() > 0)
             && let Some(per_second) = paced(&target)
         {
-            let at = self.pacing.book(&target.endpoint_id, per_second, BUSY_WAIT);
+            let at = self
+                .pacing
+                .book(&target.endpoint_id, per_second, BUSY_WAIT, holds::INTERVAL);
             place.take();
             return self.hold_until(job, at).await;
         }

@@ -75,10 +75,12 @@ impl Paced {
         }
     }
 
-    /// Books a time to hold a message until: an interval after the last one booked, and
-    /// after `after` (the turns until then are left to jobs waiting in the process).
-    fn book(&mut self, after: Instant) -> Instant {
-        let at = self.booked_until.filter(|b| *b > after).unwrap_or(after) + self.interval();
+    /// Books a time to hold a message until: `spacing` (an interval at least) after the
+    /// last one booked, and after `after` (the turns until then are left to jobs waiting
+    /// in the process).
+    fn book(&mut self, after: Instant, spacing: Duration) -> Instant {
+        let at = self.booked_until.filter(|b| *b > after).unwrap_or(after)
+            + self.interval().max(spacing);
         self.booked_until = Some(at);
         at
     }
@@ -165,7 +167,7 @@ impl Pacing {
                 interval * u32::try_from(p.waiting + 1).unwrap_or(u32::MAX)
             };
             if wait > max_wait || p.waiting >= self.max_waiting {
-                return Pace::HoldUntil(p.book(now + max_wait));
+                return Pace::HoldUntil(p.book(now + max_wait, Duration::ZERO));
             }
             p.waiting += 1;
             (
@@ -198,16 +200,31 @@ impl Pacing {
 impl Pacing {
     /// A time to hold a message of `endpoint` until, without taking or waiting for a
     /// turn: for a job that may not wait in the process, behind jobs that may (their
-    /// turns within `horizon` are left to them).
-    pub fn book(&self, endpoint: &str, per_second: NonZeroU32, horizon: Duration) -> Instant {
+    /// turns within `horizon` are left to them). Booked `spacing` apart at least, so
+    /// that such messages come back one at a time when the hold releaser's rounds are
+    /// that far apart, and each finds the front of its line rather than being held
+    /// again behind the others released with it.
+    pub fn book(
+        &self,
+        endpoint: &str,
+        per_second: NonZeroU32,
+        horizon: Duration,
+        spacing: Duration,
+    ) -> Instant {
         let now = TokioClock.now();
         let mut state = self.state.lock().expect("pacing lock");
         let p = state
             .endpoints
             .entry(endpoint.to_string())
             .or_insert_with(|| Paced::new(per_second, now));
+        if p.per_second != per_second {
+            // As `turn` does: a changed limit applies from now.
+            p.per_second = per_second;
+            p.limiter = Arc::new(limiter(per_second));
+            p.booked_until = None;
+        }
         p.last_used = now;
-        p.book(now + horizon)
+        p.book(now + horizon, spacing)
     }
 
     /// `endpoint` took a turn now.
@@ -287,16 +304,20 @@ mod tests {
     async fn booked_times_follow_the_waiting_jobs_turns_and_each_other() {
         let p = Pacing::new(8);
         let now = TokioClock.now();
-        let first = p.book("ep_a", per_second(2), MAX_WAIT);
+        let first = p.book("ep_a", per_second(2), MAX_WAIT, Duration::ZERO);
         assert_eq!(first, now + MAX_WAIT + Duration::from_millis(500));
-        let second = p.book("ep_a", per_second(2), MAX_WAIT);
+        let second = p.book("ep_a", per_second(2), MAX_WAIT, Duration::ZERO);
         assert_eq!(second, first + Duration::from_millis(500));
         // A job that would wait too long is held after them.
         assert_eq!(p.turn("ep_a", per_second(2), MAX_WAIT).await, Pace::Go);
+        let third = second + Duration::from_millis(500);
         assert_eq!(
             p.turn("ep_a", per_second(2), Duration::ZERO).await,
-            Pace::HoldUntil(second + Duration::from_millis(500))
+            Pace::HoldUntil(third)
         );
+        // Spaced wider than the interval when asked.
+        let spaced = p.book("ep_a", per_second(2), MAX_WAIT, Duration::from_secs(1));
+        assert_eq!(spaced, third + Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]
