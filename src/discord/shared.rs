@@ -147,8 +147,9 @@ impl SharedLimits {
     }
 
     /// Takes one request slot of `kind`'s ring of `size` slots for a request that takes
-    /// at most `lease`: `Ok(Ok(slot))` when taken (held until the slot is dropped, a
-    /// window after which it is free again), `Ok(Err(wait))` when none is free for `wait`.
+    /// at most `lease`: `Ok(Ok(slot))` when taken (held until the slot is released or
+    /// dropped, a window after which it is free again), `Ok(Err(wait))` when none is
+    /// free for `wait`.
     pub async fn take(
         &self,
         kind: &'static str,
