@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use twilight_http_ratelimiting::{Endpoint, Method, Permit, RateLimitHeaders, RateLimiter};
 
-use super::shared::{self, SharedLimits, SharedSlot};
+use super::shared::{self, DROPPED_HOLD, SharedLimits, SharedSlot};
 
 /// The longest a global 429 pauses every call.
 const MAX_GLOBAL_BLOCK: Duration = Duration::from_secs(3600);
@@ -47,7 +47,7 @@ pub const DISCORD_GLOBAL_PER_S: u32 = 50;
 
 /// At most `limit` requests in any `period`, first come first served, and nothing at
 /// all while blocked by a global 429. A slot is held from its acquisition until its
-/// request is answered (the [`GateSlot`] dropped), and is free again a `period` after
+/// request is answered ([`GateSlot::answered`]), and is free again a `period` after
 /// that: the answer comes after the request reached Discord, so two requests of one
 /// slot arrive there more than a `period` apart however long each took to get there
 /// (a busy machine can hold a request between its slot and the wire for longer than
@@ -75,15 +75,32 @@ struct GateState {
 #[derive(Debug)]
 pub struct GateSlot {
     gate: GlobalGate,
+    answered: bool,
+}
+
+impl GateSlot {
+    /// The request was answered (or will not be sent): the slot is free a period from
+    /// now.
+    pub fn answered(mut self) {
+        self.answered = true;
+    }
 }
 
 impl Drop for GateSlot {
     fn drop(&mut self) {
-        let mut st = self.gate.state.lock().expect("gate state");
-        st.in_flight -= 1;
-        st.answers.push_back(Instant::now());
-        drop(st);
-        self.gate.answered.notify_one();
+        // Dropped without an answer (its caller was cancelled, perhaps with the request
+        // on its way): held a little longer, as the bot's shared slot is.
+        if !self.answered
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let gate = self.gate.clone();
+            rt.spawn(async move {
+                tokio::time::sleep(DROPPED_HOLD).await;
+                gate.free_one();
+            });
+            return;
+        }
+        self.gate.free_one();
     }
 }
 
@@ -99,7 +116,17 @@ impl GlobalGate {
         }
     }
 
-    /// Waits for a slot and takes it until the returned [`GateSlot`] is dropped.
+    /// One slot in flight was answered now.
+    fn free_one(&self) {
+        let mut st = self.state.lock().expect("gate state");
+        st.in_flight -= 1;
+        st.answers.push_back(Instant::now());
+        drop(st);
+        self.answered.notify_one();
+    }
+
+    /// Waits for a slot and takes it until the returned [`GateSlot`] is answered (or
+    /// dropped).
     pub async fn acquire(&self) -> GateSlot {
         let _head = self.turnstile.lock().await;
         loop {
@@ -128,7 +155,12 @@ impl GlobalGate {
                 }
             };
             match wait {
-                None => return GateSlot { gate: self.clone() },
+                None => {
+                    return GateSlot {
+                        gate: self.clone(),
+                        answered: false,
+                    };
+                }
                 Some(Some(t)) => tokio::time::sleep_until(t).await,
                 // Every slot in flight. `notify_one` keeps a wake-up given before this
                 // waits, so an answer between the look and the wait is not missed.
@@ -487,7 +519,7 @@ impl Ticket {
             }
         };
         permit.complete(headers);
-        drop(slot);
+        slot.answered();
         Released(shared)
     }
 
@@ -500,7 +532,7 @@ impl Ticket {
             shared,
         } = self;
         drop(permit);
-        drop(slot);
+        slot.answered();
         Released(shared).wait().await;
     }
 }
@@ -538,8 +570,7 @@ mod tests {
         let start = Instant::now();
         let mut times = Vec::new();
         for _ in 0..12 {
-            // Answered at once.
-            drop(gate.acquire().await);
+            gate.acquire().await.answered();
             times.push(Instant::now() - start);
         }
         // 5 at once, 5 after one period, 2 after two.
@@ -561,17 +592,17 @@ mod tests {
         let gate = GlobalGate::new(2, Duration::from_secs(1));
         let start = Instant::now();
         let slow = gate.acquire().await;
-        drop(gate.acquire().await);
+        gate.acquire().await.answered();
         let answered = tokio::spawn(async move {
             // In flight for 1.5 periods.
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            drop(slow);
+            slow.answered();
         });
         // The quick one's slot comes back a period after its answer.
-        drop(gate.acquire().await);
+        gate.acquire().await.answered();
         assert_eq!(Instant::now() - start, Duration::from_secs(1));
         // The slow one's slot a period after its answer, not a period after it was taken.
-        drop(gate.acquire().await);
+        gate.acquire().await.answered();
         assert_eq!(Instant::now() - start, Duration::from_millis(2000));
         let _held = gate.acquire().await;
         assert_eq!(Instant::now() - start, Duration::from_millis(2500));
@@ -586,10 +617,24 @@ mod tests {
         let held = gate.acquire().await;
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(3)).await;
-            drop(held);
+            held.answered();
         });
-        drop(gate.acquire().await);
+        gate.acquire().await.answered();
         assert_eq!(Instant::now() - start, Duration::from_secs(4));
+    }
+
+    /// A slot dropped without an answer (its caller cancelled, the request perhaps on
+    /// its way) is held a little longer before its period starts.
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_dropped_without_an_answer_is_held_a_little_longer() {
+        let gate = GlobalGate::new(1, Duration::from_secs(1));
+        let start = Instant::now();
+        drop(gate.acquire().await);
+        gate.acquire().await.answered();
+        assert_eq!(
+            Instant::now() - start,
+            DROPPED_HOLD + Duration::from_secs(1)
+        );
     }
 
     #[tokio::test(start_paused = true)]

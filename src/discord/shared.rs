@@ -65,7 +65,7 @@ struct Take {
 
 /// How long a slot dropped without being released (its caller was cancelled, perhaps
 /// with the request on its way) stays taken before it is released.
-const DROPPED_HOLD: Duration = Duration::from_secs(1);
+pub const DROPPED_HOLD: Duration = Duration::from_secs(1);
 
 impl SharedSlot {
     /// The limits the slot is of.
