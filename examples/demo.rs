@@ -267,7 +267,10 @@ async fn main() {
     let now = chrono::Utc::now().to_rfc3339();
 
     step(2, "The platform publishes payment.succeeded");
-    let cust = json!({"customer_id": customer, "email": "ada@example.com", "name": "Ada Lovelace", "metadata": {}, "phone_number": null});
+    // An address of this run's own: the demo's database is kept between runs, and one
+    // address gets at most `email.per_recipient_per_hour` emails from the business.
+    let address = format!("ada+{run}@example.com");
+    let cust = json!({"customer_id": customer, "email": address, "name": "Ada Lovelace", "metadata": {}, "phone_number": null});
     publish(&amqp, &settings.amqp.exchange, &json!({
         "business_id": BUSINESS, "type": "payment.succeeded", "timestamp": now,
         "data": {"payload_type": "Payment", "payment_id": payment, "business_id": BUSINESS, "brand_id": "brd_demo",
