@@ -100,10 +100,10 @@ impl SharedSlot {
         .await;
         match renewed {
             Ok(Some(until)) => self.lease = Some((slot, until)),
-            // Taken by another, or not known: a new slot (the old one, if still ours,
-            // runs out with its lease).
+            // Taken by another, or not known: a new slot. The old lease is kept until the
+            // new one is taken (a renewal cancelled meanwhile leaves the ticket a lease),
+            // then let go: its release frees the slot only if it is still this lease's.
             Ok(None) | Err(_) => {
-                self.lease = None;
                 let fresh = self
                     .limits
                     .take_waiting(t.budget, t.kind, t.size, t.window, t.lease)
