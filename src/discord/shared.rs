@@ -202,25 +202,22 @@ impl SharedLimits {
         let mut failures = 0u32;
         loop {
             let limits = self.clone();
-            let taken =
-                tokio::spawn(async move { limits.take(kind, size, window, lease).await }).await;
+            // A take that panicked is a failure like the database's.
+            let taken = tokio::spawn(async move { limits.take(kind, size, window, lease).await })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
             match taken {
-                Ok(Ok(Ok(mut slot))) => {
+                Ok(Ok(mut slot)) => {
                     slot.take.budget = budget;
                     return slot;
                 }
-                Ok(Ok(Err(wait))) => tokio::time::sleep(wait.min(MAX_WAIT)).await,
-                Ok(Err(e)) => {
+                Ok(Err(wait)) => tokio::time::sleep(wait.min(MAX_WAIT)).await,
+                Err(e) => {
                     failures += 1;
                     let wait = Duration::from_millis(100 * u64::from(failures.min(20)));
                     tracing::warn!(error = %e, retry_in = ?wait, budget, "cannot take a slot of the shared Discord budget");
                     tokio::time::sleep(wait).await;
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::error!(error = %e, budget, "taking a slot of the shared Discord budget failed");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(failures.min(20))))
-                        .await;
                 }
             }
         }

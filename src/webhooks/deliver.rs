@@ -318,14 +318,15 @@ impl Deliverer {
         // booked after the turns they may take (a hold releaser's round apart, so these
         // come back one at a time and each finds the front of its line), at the front it
         // goes if its turn is free now and is held until a booked time otherwise.
-        let share = match (&slot, paced(&target)) {
+        let rate = paced(&target);
+        let share = match (&slot, rate) {
             (Some(_), Some(_)) => Some(self.shares.take(&target.business_id)),
             _ => None,
         };
         let over_share = matches!(share, Some(None));
         if over_share
             && place.as_ref().is_some_and(|p| p.ahead() > 0)
-            && let Some(per_second) = paced(&target)
+            && let Some(per_second) = rate
         {
             let at = self
                 .pacing

@@ -143,18 +143,7 @@ impl Pacing {
             let now = TokioClock.now();
             let mut state = self.state.lock().expect("pacing lock");
             state.prune(now);
-            let p = state
-                .endpoints
-                .entry(endpoint.to_string())
-                .or_insert_with(|| Paced::new(per_second, now));
-            if p.per_second != per_second {
-                // A changed limit applies from now; the jobs already waiting finish
-                // their turns on the old one.
-                p.per_second = per_second;
-                p.limiter = Arc::new(limiter(per_second));
-                p.booked_until = None;
-            }
-            p.last_used = now;
+            let p = state.paced(endpoint, per_second, now);
             let interval = p.interval();
             // When this job's turn would come: the limiter says for the first in line;
             // behind others, each of them takes a turn first.
@@ -213,18 +202,9 @@ impl Pacing {
     ) -> Instant {
         let now = TokioClock.now();
         let mut state = self.state.lock().expect("pacing lock");
-        let p = state
-            .endpoints
-            .entry(endpoint.to_string())
-            .or_insert_with(|| Paced::new(per_second, now));
-        if p.per_second != per_second {
-            // As `turn` does: a changed limit applies from now.
-            p.per_second = per_second;
-            p.limiter = Arc::new(limiter(per_second));
-            p.booked_until = None;
-        }
-        p.last_used = now;
-        p.book(now + horizon, spacing)
+        state
+            .paced(endpoint, per_second, now)
+            .book(now + horizon, spacing)
     }
 
     /// `endpoint` took a turn now.
@@ -237,6 +217,22 @@ impl Pacing {
 }
 
 impl State {
+    /// `endpoint`'s pacing at `per_second`, used now. A changed limit applies from now;
+    /// the jobs already waiting finish their turns on the old one.
+    fn paced(&mut self, endpoint: &str, per_second: NonZeroU32, now: Instant) -> &mut Paced {
+        let p = self
+            .endpoints
+            .entry(endpoint.to_string())
+            .or_insert_with(|| Paced::new(per_second, now));
+        if p.per_second != per_second {
+            p.per_second = per_second;
+            p.limiter = Arc::new(limiter(per_second));
+            p.booked_until = None;
+        }
+        p.last_used = now;
+        p
+    }
+
     /// Forgets the endpoints no longer paced, now and then, so the map stays as small as
     /// the rate-limited traffic.
     fn prune(&mut self, now: Instant) {
