@@ -1465,6 +1465,88 @@ async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     app.cleanup().await;
 }
 
+/// A parked message's target is read with its pull, so the messages of a pull wait for
+/// their slots ready to go; one that waited longer than `BUSY_WAIT` for its slot is
+/// read again, so a change to the endpoint reaches its parked messages within that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pulled_message_that_waited_long_for_its_slot_goes_where_its_endpoint_points_now() {
+    let mut app = without_delivery().await;
+    // The first request answers in 2 s, so the endpoint is known to be slow (not to
+    // hang while the next ones wait); the second when the test opens `first`, the
+    // others when it opens `rest`.
+    let (first, rest) = (CancellationToken::new(), CancellationToken::new());
+    let (first_gate, rest_gate) = (first.clone(), rest.clone());
+    let long = std::time::Duration::from_secs(30);
+    let old = Receiver::start(&[SECRET], move |n| match n {
+        0 => Reply::After(std::time::Duration::from_secs(2), 200),
+        1 => Reply::Until(first_gate.clone(), long, 200),
+        _ => Reply::Until(rest_gate.clone(), long, 200),
+    })
+    .await;
+    let new = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let ep = add_endpoint(&app, &old.url, None, SECRET).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    messages_for(&mut conn, &ep, 7).await;
+    let jobs = webhook_jobs(&mut conn).await;
+    let (deliverer, stop, worker) = deliver_jobs(&app, &jobs[..1], 4, 2).await;
+    wait_for("the first delivery", || async {
+        let m = messages_of(&app, &ep).await;
+        (m.iter().filter(|m| m.status == "delivered").count() == 1).then_some(())
+    })
+    .await;
+    // Two of the other six go out and wait; the other four park.
+    let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
+    for (id, payload) in &jobs[1..] {
+        app.publish_to_queue(&queue, id, &serde_json::to_vec(payload).unwrap())
+            .await;
+    }
+    wait_for("two in flight and four parked", || async {
+        let parked: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM webhook_messages WHERE parked_at IS NOT NULL")
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        (old.count() == 3 && parked == 4).then_some(())
+    })
+    .await;
+    // A slot frees: the puller pulls two (an in-flight cap), reading their targets,
+    // and sends the first; the second waits for the next slot.
+    first.cancel();
+    wait_for("the first pulled message sent", || async {
+        (old.count() == 4).then_some(())
+    })
+    .await;
+    endpoints::update(
+        &mut conn,
+        &ep.business_id,
+        &ep.id,
+        endpoints::EndpointPatch {
+            url: Some(new.url.clone()),
+            ..Default::default()
+        },
+        LOCAL,
+    )
+    .await
+    .unwrap();
+    let waited = guildgate::webhooks::deliver::BUSY_WAIT + std::time::Duration::from_millis(200);
+    tokio::time::sleep(waited).await;
+    rest.cancel();
+    wait_messages(&app, &ep, 7, "delivered").await;
+    stop.cancel();
+    worker.await.unwrap();
+    deliverer.broker.close().await;
+
+    // The first, the two in flight and the first pulled went to the old address; the
+    // second pulled, read before the change but sent after waiting longer than
+    // `BUSY_WAIT`, went to the new one, as did the two pulled after the change.
+    assert_eq!(old.count(), 4, "sent to the old address");
+    assert_eq!(new.count(), 3, "sent to the new address");
+    all_verified(&old);
+    all_verified(&new);
+    drop(conn);
+    app.cleanup().await;
+}
+
 /// `n` messages for business A's endpoints (that of `ep_a` and any other of A's), then
 /// one for B's `ep_b`: A's message ids, and the jobs of all of them, A's first.
 async fn jobs_of_a_then_b(

@@ -412,16 +412,22 @@ impl Deliverer {
         self.isolation.typical(endpoint).is_some_and(|t| t < FAST)
     }
 
-    /// Reads the job's message and its endpoint and takes a turn of the endpoint's rate
-    /// limit: the target to send to, or what to do with a job that needs no attempt.
+    /// Checks the job's message and its endpoint, as read (`read`) or read now, and takes
+    /// a turn of the endpoint's rate limit: the target to send to, or what to do with a
+    /// job that needs no attempt.
     ///
     /// `pace_wait`: how long to wait for a turn of the rate limit before holding.
     pub(super) async fn prepare(
         &self,
         job: &Job,
+        read: Option<Option<DeliveryTarget>>,
         pace_wait: Duration,
     ) -> Result<Result<DeliveryTarget, Outcome>, DeliverError> {
-        let target = match self.target(job).await? {
+        let read = match read {
+            Some(read) => read,
+            None => self.reader.target(&job.message_id).await?,
+        };
+        let target = match self.checked(read).await? {
             Ok(target) => target,
             Err(outcome) => return Ok(Err(outcome)),
         };
@@ -434,7 +440,17 @@ impl Deliverer {
     /// Reads the job's message and its endpoint: the target to send to, or what to do
     /// with a job that needs no attempt.
     async fn target(&self, job: &Job) -> Result<Result<DeliveryTarget, Outcome>, DeliverError> {
-        let Some(target) = self.reader.target(&job.message_id).await? else {
+        let read = self.reader.target(&job.message_id).await?;
+        self.checked(read).await
+    }
+
+    /// What a message and its endpoint as read (`None`: the message is gone) mean: the
+    /// target to send to, or what to do with a job that needs no attempt.
+    async fn checked(
+        &self,
+        read: Option<DeliveryTarget>,
+    ) -> Result<Result<DeliveryTarget, Outcome>, DeliverError> {
+        let Some(target) = read else {
             // Its endpoint was deleted, with its messages.
             return Ok(Err(Outcome::Ack("unknown_message")));
         };

@@ -28,12 +28,12 @@ use chrono::{DateTime, Utc};
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::futures::OwnedNotified;
 
-use super::deliver::{Deliverer, Job, STALLED_AFTER};
+use super::deliver::{BUSY_WAIT, Deliverer, Job, STALLED_AFTER};
 use super::isolation::{Admission, HoldNote, Permit};
 use super::{holds, schedule};
 use crate::amqp::{self, ATTEMPT_HEADER, Outgoing};
 use crate::queue::Outcome;
-use crate::store::messages::{self, Pulled};
+use crate::store::messages::{self, DeliveryTarget, Pulled};
 
 /// How long an endpoint's parked messages are left to the process pulling them
 /// without a pull before the hold releaser gives them jobs again.
@@ -317,11 +317,19 @@ impl Drop for ParkWrite {
     }
 }
 
+/// A pulled message and its target as read right after the pull (`None`: the message
+/// is gone): the messages of a pull wait for their slots with what they need to go.
+pub(super) struct Ready {
+    pulled: Pulled,
+    target: Option<DeliveryTarget>,
+    read_at: Instant,
+}
+
 impl Deliverer {
     /// Pulls the parked messages of `endpoint` as its slots free, until none is left,
     /// it hangs, its circuit opens or the process stops.
     pub(super) async fn pull(self, endpoint: String) {
-        let mut pulled: VecDeque<Pulled> = VecDeque::new();
+        let mut pulled: VecDeque<Ready> = VecDeque::new();
         let mut closing = false;
         let mut backoff = amqp::reconnect_backoff();
         // Set when the endpoint hangs (`None`) or its circuit is open (until when), with
@@ -411,7 +419,7 @@ impl Deliverer {
             });
         }
         self.parking.stopped(&endpoint);
-        let ids: Vec<String> = pulled.into_iter().map(|p| p.id).collect();
+        let ids: Vec<String> = pulled.into_iter().map(|r| r.pulled.id).collect();
         let done = match (holding, self.pool.acquire().await) {
             (_, Err(e)) => Err(e),
             // The endpoint hangs or its circuit is open: what waits for it is held, as
@@ -448,32 +456,59 @@ impl Deliverer {
         }
     }
 
-    /// Takes up to an in-flight cap of the endpoint's parked messages.
-    async fn pull_some(&self, endpoint: &str) -> Result<Vec<Pulled>, sqlx::Error> {
+    /// Takes up to an in-flight cap of the endpoint's parked messages, and reads their
+    /// targets.
+    async fn pull_some(&self, endpoint: &str) -> Result<Vec<Ready>, sqlx::Error> {
         let now = Utc::now();
         // Long enough for a pulled message to wait for its slot and be sent: it must not
         // be released to the broker while its attempt runs.
         let claim = lease_until(now)
-            + chrono::Duration::from_std(
-                self.timeout.saturating_mul(2) + super::deliver::BUSY_WAIT,
-            )
-            .unwrap_or_default();
+            + chrono::Duration::from_std(self.timeout.saturating_mul(2) + BUSY_WAIT)
+                .unwrap_or_default();
         let mut conn = self.pool.acquire().await?;
-        messages::pull_parked(
+        let pulled = messages::pull_parked(
             &mut conn,
             endpoint,
             i64::try_from(self.isolation.max_in_flight()).unwrap_or(i64::MAX),
             claim,
             lease_until(now),
         )
-        .await
+        .await?;
+        if pulled.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = pulled.iter().map(|p| p.id.clone()).collect();
+        let mut targets: HashMap<String, DeliveryTarget> = messages::targets(&mut conn, &ids)
+            .await?
+            .into_iter()
+            .map(|t| (t.id.clone(), t))
+            .collect();
+        let read_at = Instant::now();
+        Ok(pulled
+            .into_iter()
+            .map(|p| Ready {
+                target: targets.remove(&p.id),
+                pulled: p,
+                read_at,
+            })
+            .collect())
     }
 
     /// Attempts one pulled message with the slot taken for it. A retry is held in the
     /// database with the attempt's record; a database failure before the record makes
     /// the message due again once the database answers (the hold releaser gives it a
     /// job), and if even that fails it stays held until its claim runs out.
-    async fn deliver_pulled(self, p: Pulled, endpoint: String, permit: Permit) {
+    ///
+    /// The target read with the pull is used if it is at most [`BUSY_WAIT`] old (as a
+    /// job's may be after waiting for its rate limit's turn), so a change to the
+    /// endpoint applies to its parked messages within that; else it is read again.
+    async fn deliver_pulled(self, ready: Ready, endpoint: String, permit: Permit) {
+        let Ready {
+            pulled: p,
+            target,
+            read_at,
+        } = ready;
+        let read = (read_at.elapsed() <= BUSY_WAIT).then_some(target);
         let job = Job {
             message_id: p.id,
             endpoint_id: Some(endpoint),
@@ -485,7 +520,7 @@ impl Deliverer {
             .get_or_create(&vec![("outcome", "pulled".to_string())])
             .inc();
         // No wait for a rate limit's turn while holding a slot: held until the turn.
-        let outcome = match self.prepare(&job, Duration::ZERO).await {
+        let outcome = match self.prepare(&job, read, Duration::ZERO).await {
             Ok(Ok(target)) => self.attempt(&job, target, permit, &mut None, true).await,
             Ok(Err(outcome)) => Ok(outcome),
             Err(e) => Err(e),
