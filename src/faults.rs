@@ -18,6 +18,9 @@ pub enum Point {
     AfterPublish,
     /// Webhook delivery, after the endpoint answered and before recording the attempt.
     AfterSend,
+    /// Webhook delivery, a read of the targets of parked messages just pulled (a
+    /// database failure there, not a crash).
+    PulledRead,
 }
 
 /// Whether a step fails at a point.

@@ -1402,6 +1402,17 @@ async fn deliver_jobs(
     workers: usize,
     cap: usize,
 ) -> (Deliverer, CancellationToken, tokio::task::JoinHandle<()>) {
+    deliver_jobs_failing(app, jobs, workers, cap, guildgate::faults::none()).await
+}
+
+/// [`deliver_jobs`] with a deliverer failing where `faults` says.
+async fn deliver_jobs_failing(
+    app: &TestApp,
+    jobs: &[(String, serde_json::Value)],
+    workers: usize,
+    cap: usize,
+    faults: guildgate::faults::SharedFaults,
+) -> (Deliverer, CancellationToken, tokio::task::JoinHandle<()>) {
     let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
     for (id, payload) in jobs {
         let body = serde_json::to_vec(payload).unwrap();
@@ -1416,24 +1427,41 @@ async fn deliver_jobs(
         &settings,
         app.metrics.clone(),
     )
-    .unwrap();
+    .unwrap()
+    .with_faults(faults);
     let stop = CancellationToken::new();
     let worker = tokio::spawn(deliverer.clone().run(stop.clone()));
     (deliverer, stop, worker)
+}
+
+/// An endpoint answering in 80 ms, `n` messages for it and their jobs (with a
+/// connection of the test's): its message ids in order, and the jobs.
+async fn busy_endpoint(
+    app: &TestApp,
+    n: usize,
+) -> (
+    Receiver,
+    Endpoint,
+    sqlx::pool::PoolConnection<sqlx::Postgres>,
+    Vec<String>,
+    Vec<(String, serde_json::Value)>,
+) {
+    let r = Receiver::start(&[SECRET], |_| {
+        Reply::After(std::time::Duration::from_millis(80), 200)
+    })
+    .await;
+    let ep = add_endpoint(app, &r.url, None, SECRET).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let ids = messages_for(&mut conn, &ep, n).await;
+    let jobs = webhook_jobs(&mut conn).await;
+    (r, ep, conn, ids, jobs)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     let mut app = without_delivery().await;
     // 80 ms per request and one at a time: four workers and 12 jobs keep it busy.
-    let r = Receiver::start(&[SECRET], |_| {
-        Reply::After(std::time::Duration::from_millis(80), 200)
-    })
-    .await;
-    let ep = add_endpoint(&app, &r.url, None, SECRET).await;
-    let mut conn = app.pool.acquire().await.unwrap();
-    let ids = messages_for(&mut conn, &ep, 12).await;
-    let jobs = webhook_jobs(&mut conn).await;
+    let (r, ep, mut conn, ids, jobs) = busy_endpoint(&app, 12).await;
     let (deliverer, stop, worker) = deliver_jobs(&app, &jobs, 4, 1).await;
     wait_messages(&app, &ep, 12, "delivered").await;
     stop.cancel();
@@ -1461,6 +1489,34 @@ async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     .await
     .unwrap();
     assert_eq!(waiting, 0);
+    drop(conn);
+    app.cleanup().await;
+}
+
+/// The read of pulled messages' targets fails: the pull has taken them already, so
+/// each reads its own when its slot frees, and none waits for its claim to run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulled_messages_whose_read_failed_read_their_own_and_go() {
+    let mut app = without_delivery().await;
+    let (r, ep, conn, ids, jobs) = busy_endpoint(&app, 8).await;
+    let faults = Arc::new(common::Injected::default());
+    faults.set(Point::PulledRead);
+    let (deliverer, stop, worker) = deliver_jobs_failing(&app, &jobs, 4, 1, faults.clone()).await;
+    wait_messages(&app, &ep, 8, "delivered").await;
+    stop.cancel();
+    worker.await.unwrap();
+    deliverer.broker.close().await;
+
+    let count = |label: &str| {
+        app.metrics
+            .webhook_attempts
+            .get_or_create(&vec![("outcome", label.to_string())])
+            .get()
+    };
+    assert!(count("pulled") >= 4, "pulled {}", count("pulled"));
+    let sent: Vec<String> = r.hits().into_iter().map(|h| h.id).collect();
+    assert_eq!(sent, ids, "each sent once, in order");
+    all_verified(&r);
     drop(conn);
     app.cleanup().await;
 }

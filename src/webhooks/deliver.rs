@@ -178,7 +178,7 @@ pub struct Deliverer {
     pub metrics: Arc<Metrics>,
     /// Where tests make a delivery stop after sending and before recording, as a crash
     /// would ([`crate::faults::Point::AfterSend`]).
-    faults: crate::faults::SharedFaults,
+    pub(super) faults: crate::faults::SharedFaults,
 }
 
 /// The HTTP client every delivery uses: no redirects, no proxy (it would bypass the

@@ -317,11 +317,13 @@ impl Drop for ParkWrite {
     }
 }
 
-/// A pulled message and its target as read right after the pull (`None`: the message
-/// is gone): the messages of a pull wait for their slots with what they need to go.
+/// A pulled message and its target as read right after the pull: the messages of a
+/// pull wait for their slots with what they need to go.
 pub(super) struct Ready {
     pulled: Pulled,
-    target: Option<DeliveryTarget>,
+    /// `None`: not read (the read failed; the message reads its own when it goes);
+    /// `Some(None)`: the message is gone.
+    target: Option<Option<DeliveryTarget>>,
     read_at: Instant,
 }
 
@@ -477,21 +479,40 @@ impl Deliverer {
         if pulled.is_empty() {
             return Ok(Vec::new());
         }
+        // The pull is committed: a failed read must not lose what it took, so each
+        // message then reads its own when its slot frees.
         let ids: Vec<String> = pulled.iter().map(|p| p.id.clone()).collect();
-        let mut targets: HashMap<String, DeliveryTarget> = messages::targets(&mut conn, &ids)
-            .await?
-            .into_iter()
-            .map(|t| (t.id.clone(), t))
-            .collect();
+        let mut targets: Option<HashMap<String, DeliveryTarget>> = match self
+            .read_pulled(&mut conn, &ids)
+            .await
+        {
+            Ok(read) => Some(read.into_iter().map(|t| (t.id.clone(), t)).collect()),
+            Err(e) => {
+                tracing::warn!(endpoint, error = %e, "cannot read pulled webhook messages; each reads its own");
+                None
+            }
+        };
         let read_at = Instant::now();
         Ok(pulled
             .into_iter()
             .map(|p| Ready {
-                target: targets.remove(&p.id),
+                target: targets.as_mut().map(|t| t.remove(&p.id)),
                 pulled: p,
                 read_at,
             })
             .collect())
+    }
+
+    /// The targets of messages just pulled.
+    async fn read_pulled(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        ids: &[String],
+    ) -> Result<Vec<DeliveryTarget>, sqlx::Error> {
+        if self.faults.fails(crate::faults::Point::PulledRead) {
+            return Err(sqlx::Error::PoolTimedOut);
+        }
+        messages::targets(conn, ids).await
     }
 
     /// Attempts one pulled message with the slot taken for it. A retry is held in the
@@ -508,7 +529,7 @@ impl Deliverer {
             target,
             read_at,
         } = ready;
-        let read = (read_at.elapsed() <= BUSY_WAIT).then_some(target);
+        let read = target.filter(|_| read_at.elapsed() <= BUSY_WAIT);
         let job = Job {
             message_id: p.id,
             endpoint_id: Some(endpoint),

@@ -2,7 +2,9 @@
 //! is sent, and one query per job (each with its own pool connection) made the read the
 //! largest share of the database's work; instead the workers hand their message ids to
 //! one task that reads whatever has queued up with one query and answers each worker.
-//! Under light load a batch is a single id, so nothing waits for a timer.
+//! Under light load a batch is a single id, so nothing waits for a timer. (Parked
+//! messages are read by the pull that takes them, [`super::parking`], and come here
+//! only when that read is more than a second old or failed.)
 
 use std::collections::HashMap;
 
