@@ -1434,6 +1434,14 @@ async fn deliver_jobs_failing(
     (deliverer, stop, worker)
 }
 
+/// The webhook attempts the app counted with `outcome`.
+fn attempts(app: &TestApp, outcome: &str) -> u64 {
+    app.metrics
+        .webhook_attempts
+        .get_or_create(&vec![("outcome", outcome.to_string())])
+        .get()
+}
+
 /// An endpoint answering in 80 ms, `n` messages for it and their jobs (with a
 /// connection of the test's): its message ids in order, and the jobs.
 async fn busy_endpoint(
@@ -1472,12 +1480,7 @@ async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     let sent: Vec<String> = r.hits().into_iter().map(|h| h.id).collect();
     assert_eq!(sent, ids);
     all_verified(&r);
-    let count = |label: &str| {
-        app.metrics
-            .webhook_attempts
-            .get_or_create(&vec![("outcome", label.to_string())])
-            .get()
-    };
+    let count = |outcome: &str| attempts(&app, outcome);
     assert!(count("parked") >= 5, "parked {}", count("parked"));
     assert_eq!(count("pulled"), count("parked"));
     // Nothing went through the broker again: no new job in the outbox, none left behind.
@@ -1501,18 +1504,13 @@ async fn pulled_messages_whose_read_failed_read_their_own_and_go() {
     let (r, ep, conn, ids, jobs) = busy_endpoint(&app, 8).await;
     let faults = Arc::new(common::Injected::default());
     faults.set(Point::PulledRead);
-    let (deliverer, stop, worker) = deliver_jobs_failing(&app, &jobs, 4, 1, faults.clone()).await;
+    let (deliverer, stop, worker) = deliver_jobs_failing(&app, &jobs, 4, 1, faults).await;
     wait_messages(&app, &ep, 8, "delivered").await;
     stop.cancel();
     worker.await.unwrap();
     deliverer.broker.close().await;
 
-    let count = |label: &str| {
-        app.metrics
-            .webhook_attempts
-            .get_or_create(&vec![("outcome", label.to_string())])
-            .get()
-    };
+    let count = |outcome: &str| attempts(&app, outcome);
     assert!(count("pulled") >= 4, "pulled {}", count("pulled"));
     let sent: Vec<String> = r.hits().into_iter().map(|h| h.id).collect();
     assert_eq!(sent, ids, "each sent once, in order");

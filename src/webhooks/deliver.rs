@@ -177,7 +177,8 @@ pub struct Deliverer {
     pub shares: Shares,
     pub metrics: Arc<Metrics>,
     /// Where tests make a delivery stop after sending and before recording, as a crash
-    /// would ([`crate::faults::Point::AfterSend`]).
+    /// would ([`crate::faults::Point::AfterSend`]), or the read of pulled messages fail
+    /// ([`crate::faults::Point::PulledRead`]).
     pub(super) faults: crate::faults::SharedFaults,
 }
 
@@ -423,11 +424,11 @@ impl Deliverer {
         read: Option<Option<DeliveryTarget>>,
         pace_wait: Duration,
     ) -> Result<Result<DeliveryTarget, Outcome>, DeliverError> {
-        let read = match read {
-            Some(read) => read,
-            None => self.reader.target(&job.message_id).await?,
+        let checked = match read {
+            Some(read) => self.checked(read).await?,
+            None => self.target(job).await?,
         };
-        let target = match self.checked(read).await? {
+        let target = match checked {
             Ok(target) => target,
             Err(outcome) => return Ok(Err(outcome)),
         };

@@ -7,8 +7,9 @@
 //! not most of them. The share counts requests being sent and jobs waiting for their
 //! turn of an endpoint's `rate_limit` (up to a second each), or in its line behind one
 //! that does: with the share full, such a job goes if its turn is free now and is
-//! otherwise held until a booked time instead of waiting in a worker. The prefetch (twice the workers) still bounds the jobs in
-//! hand, so several businesses far over their shares at once can fill it.
+//! otherwise held until a booked time instead of waiting in a worker. The prefetch
+//! (twice the workers) still bounds the jobs in hand, so several businesses far over
+//! their shares at once can fill it.
 //!
 //! Per process, like the workers: a mutex around a small map of the businesses with a
 //! request out, held for a lookup.
