@@ -1605,3 +1605,42 @@ async fn a_grant_revoked_elsewhere_meanwhile_gets_no_second_revoked_webhook() {
     );
     app.stop().await;
 }
+
+/// An ingest transaction runs its statements' generic plans from the first execution
+/// (PostgreSQL would otherwise plan the first five anew and, for small arrays of keys,
+/// keep doing so), and only it: the setting ends with the transaction, so the connection
+/// goes back to the pool as it came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_transaction_runs_generic_plans_and_leaves_its_connection_as_it_was() {
+    let db = common::TestDb::create().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let probe = "SELECT count(*) FROM pg_class WHERE relname = ANY($1::text[])";
+    let mut tx = guildgate::store::ingest::begin(&pool).await.unwrap();
+    for _ in 0..6 {
+        let _: i64 = sqlx::query_scalar(probe)
+            .bind(vec!["pg_class".to_string()])
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    }
+    let (generic, custom): (i64, i64) = sqlx::query_as(
+        "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
+    )
+    .bind(probe)
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!((generic, custom), (6, 0), "generic and custom plans");
+    tx.commit().await.unwrap();
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mode, "auto", "the pool's one connection after the commit");
+    pool.close().await;
+    db.drop_db().await;
+}

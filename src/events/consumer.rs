@@ -173,7 +173,7 @@ impl EventConsumer {
         now: chrono::DateTime<Utc>,
         wait_for_locks: bool,
     ) -> Result<Vec<Option<Applied>>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = store::ingest::begin(&self.pool).await?;
         let keys: Vec<Vec<String>> = events.iter().map(|(_, e)| lock_keys_of(e)).collect();
         let all: Vec<String> = keys.iter().flatten().cloned().collect();
         let held: HashSet<String> = if wait_for_locks {
