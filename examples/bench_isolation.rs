@@ -44,6 +44,10 @@ struct Args {
 }
 
 fn args() -> Args {
+    world::help(
+        "bench_isolation [--events N (20000)] [--saves N (50)] [--latency-ms MS (2000)]\n\
+         Ingest alone, beside merchants' saves waiting on a slow sandbox Discord, and alone again.",
+    );
     let mut a = Args {
         events: 20_000,
         saves: 50,

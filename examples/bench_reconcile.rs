@@ -28,6 +28,10 @@ mod world;
 const GRANTS: usize = 2000;
 
 fn main() {
+    world::help(
+        "bench_reconcile [--members N (100000)]\n\
+         `guildgate reconcile` against a sandbox server of N members and 2,000 delivered grants.",
+    );
     let mut args = std::env::args().skip(1);
     let first = args.next();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -33,6 +33,10 @@ const BUSINESS: &str = "bus_bench";
 const HISTORY: usize = 100_000;
 
 fn main() {
+    world::help(
+        "bench_scale [--events N (50000)] [--replicas 1,2,3]\n\
+         Ingest with one, two and three guildgate processes on one database and broker.",
+    );
     let args: Vec<String> = std::env::args().collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -93,6 +93,11 @@ async fn publish(conn: &Connection, exchange: &str, event: &Value, id: &str) {
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    world::help(
+        "demo [--keep-running]\n\
+         Plays one customer's purchase end to end against a sandbox Discord and the local\n\
+         PostgreSQL and RabbitMQ; --keep-running keeps guildgate serving afterwards, until Ctrl-C.",
+    );
     let keep_running = std::env::args().any(|a| a == "--keep-running");
 
     // --- A sandbox Discord with the merchant's server.

@@ -278,6 +278,12 @@ async fn run(
 
 #[tokio::main]
 async fn main() {
+    world::help(
+        "bench_webhooks [healthy | slow]\n\
+         Webhook delivery: healthy endpoints and one dead one (healthy), endpoints of 50 ms,\n\
+         200 ms and 1 s and a mixed phase (slow), or both. GUILDGATE_BENCH_EVENTS (4000) and\n\
+         GUILDGATE_BENCH_ROUNDS (3) size it; GUILDGATE_WEBHOOKS__* tune guildgate.",
+    );
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tag: String = rand::rng()
         .sample_iter(&Alphanumeric)

@@ -252,3 +252,11 @@ pub async fn linked_grant(
         .expect("sync queued");
     g.id
 }
+
+/// Prints `usage` and exits when the command line asks for help (`--help`, `-h`).
+pub fn help(usage: &str) {
+    if std::env::args().skip(1).any(|a| a == "--help" || a == "-h") {
+        println!("{}", usage.trim());
+        std::process::exit(0);
+    }
+}
