@@ -80,15 +80,12 @@ impl Args {
                 })
                 .unwrap_or(default)
         };
-        if args.iter().any(|a| a == "--help" || a == "-h") {
-            println!(
-                "bench_ingest [--events N (50000)] [--rounds N (5)] [--history N (100000)] [--no-relay] [--plain-baseline] [--seed-sql FILE]\n\
-                 Tuning from the environment: GUILDGATE_AMQP__*, GUILDGATE_OUTBOX__*, GUILDGATE_DATABASE__MAX_CONNECTIONS.\n\
-                 --seed-sql runs FILE's statements on the seeded database (then ANALYZE) before the rounds copy it:\n\
-                 a schema change measured without a migration."
-            );
-            std::process::exit(0);
-        }
+        world::help(
+            "bench_ingest [--events N (50000)] [--rounds N (5)] [--history N (100000)] [--no-relay] [--plain-baseline] [--seed-sql FILE]\n\
+             Tuning from the environment: GUILDGATE_AMQP__*, GUILDGATE_OUTBOX__*, GUILDGATE_DATABASE__MAX_CONNECTIONS.\n\
+             --seed-sql runs FILE's statements on the seeded database (then ANALYZE) before the rounds copy it:\n\
+             a schema change measured without a migration.",
+        );
         Args {
             events: num("--events", 50_000),
             rounds: num("--rounds", 5).max(1),

@@ -56,13 +56,10 @@ struct Args {
 
 impl Args {
     fn parse() -> Self {
+        world::help(
+            "bench_latency [--rate EVENTS_PER_S (1000)] [--seconds S (20)] [--links N (1000)] [--link-rate PER_S (4)] [--history N (100000)]",
+        );
         let args: Vec<String> = std::env::args().collect();
-        if args.iter().any(|a| a == "--help" || a == "-h") {
-            println!(
-                "bench_latency [--rate EVENTS_PER_S (1000)] [--seconds S (20)] [--links N (1000)] [--link-rate PER_S (4)] [--history N (100000)]"
-            );
-            std::process::exit(0);
-        }
         let num = |flag: &str, default: f64| -> f64 {
             args.iter()
                 .position(|a| a == flag)
