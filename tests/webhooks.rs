@@ -1029,14 +1029,30 @@ async fn parked_one(app: &TestApp, queue: &str) -> common::Taken {
 /// The messages of an endpoint held (not those taken from parking to be sent, which are
 /// held only until their attempt is recorded).
 async fn held_of(app: &TestApp, ep: &Endpoint) -> Vec<String> {
-    sqlx::query_scalar(
-        "SELECT id FROM webhook_messages
-         WHERE endpoint_id = $1 AND held_until IS NOT NULL AND parked_at IS NULL ORDER BY id",
+    waiting_of(app, ep, |w| w.held && !w.parked).await
+}
+
+/// Where a message stands: waiting in parking, held, or neither.
+#[derive(sqlx::FromRow)]
+struct Waiting {
+    id: String,
+    status: String,
+    attempts: i32,
+    parked: bool,
+    held: bool,
+}
+
+/// The ids of an endpoint's messages standing as `which` says, in id order.
+async fn waiting_of(app: &TestApp, ep: &Endpoint, which: fn(&Waiting) -> bool) -> Vec<String> {
+    let all: Vec<Waiting> = sqlx::query_as(
+        "SELECT id, status, attempts, parked_at IS NOT NULL AS parked, held_until IS NOT NULL AS held
+         FROM webhook_messages WHERE endpoint_id = $1 ORDER BY id",
     )
     .bind(&ep.id)
     .fetch_all(&app.pool)
     .await
-    .unwrap()
+    .unwrap();
+    all.into_iter().filter(which).map(|w| w.id).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1519,6 +1535,36 @@ async fn pulled_messages_whose_read_failed_read_their_own_and_go() {
     app.cleanup().await;
 }
 
+/// Waits for the first of seven jobs (the only one published so far) to be delivered,
+/// then publishes the other six: two go out and wait on an endpoint of an in-flight cap
+/// of two, and four park.
+async fn first_delivered_then_two_in_flight_four_parked(
+    app: &TestApp,
+    ep: &Endpoint,
+    r: &Receiver,
+    jobs: &[(String, serde_json::Value)],
+) {
+    wait_for("the first delivery", || async {
+        let m = messages_of(app, ep).await;
+        (m.iter().filter(|m| m.status == "delivered").count() == 1).then_some(())
+    })
+    .await;
+    let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
+    for (id, payload) in &jobs[1..] {
+        app.publish_to_queue(&queue, id, &serde_json::to_vec(payload).unwrap())
+            .await;
+    }
+    wait_for("two in flight and four parked", || async {
+        let parked: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM webhook_messages WHERE parked_at IS NOT NULL")
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        (r.count() == 3 && parked == 4).then_some(())
+    })
+    .await;
+}
+
 /// A parked message's target is read with its pull, so the messages of a pull wait for
 /// their slots ready to go; one that waited longer than `BUSY_WAIT` for its slot is
 /// read again, so a change to the endpoint reaches its parked messages within that.
@@ -1543,26 +1589,7 @@ async fn a_pulled_message_that_waited_long_for_its_slot_goes_where_its_endpoint_
     messages_for(&mut conn, &ep, 7).await;
     let jobs = webhook_jobs(&mut conn).await;
     let (deliverer, stop, worker) = deliver_jobs(&app, &jobs[..1], 4, 2).await;
-    wait_for("the first delivery", || async {
-        let m = messages_of(&app, &ep).await;
-        (m.iter().filter(|m| m.status == "delivered").count() == 1).then_some(())
-    })
-    .await;
-    // Two of the other six go out and wait; the other four park.
-    let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
-    for (id, payload) in &jobs[1..] {
-        app.publish_to_queue(&queue, id, &serde_json::to_vec(payload).unwrap())
-            .await;
-    }
-    wait_for("two in flight and four parked", || async {
-        let parked: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM webhook_messages WHERE parked_at IS NOT NULL")
-                .fetch_one(&app.pool)
-                .await
-                .unwrap();
-        (old.count() == 3 && parked == 4).then_some(())
-    })
-    .await;
+    first_delivered_then_two_in_flight_four_parked(&app, &ep, &old, &jobs).await;
     // A slot frees: the puller pulls two (an in-flight cap), reading their targets,
     // and sends the first; the second waits for the next slot.
     first.cancel();
@@ -1598,6 +1625,145 @@ async fn a_pulled_message_that_waited_long_for_its_slot_goes_where_its_endpoint_
     all_verified(&old);
     all_verified(&new);
     drop(conn);
+    app.cleanup().await;
+}
+
+/// Seven messages of an endpoint with an in-flight cap of two, with their first pull
+/// taken ([`first_pull_taken`]).
+struct Pulling {
+    r: Receiver,
+    ep: Endpoint,
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    ids: Vec<String>,
+    deliverer: Deliverer,
+    stop: CancellationToken,
+    worker: tokio::task::JoinHandle<()>,
+    /// Answers the third request (in flight) with its status.
+    third: CancellationToken,
+    /// Answers every later request with 200.
+    rest: CancellationToken,
+}
+
+/// Delivers seven messages of an endpoint with an in-flight cap of two up to its first
+/// pull: the first answered in 100 ms (slow enough to park behind, quick enough to pull
+/// ahead), the second answered once the other six were two in flight and four parked,
+/// so the puller took the next two (an in-flight cap) and sent the first of them, while
+/// the second waits for a slot. The third request answers `third_status` when the test
+/// opens `third`.
+async fn first_pull_taken(app: &TestApp, third_status: u16) -> Pulling {
+    let gates = [(); 3].map(|_| CancellationToken::new());
+    let [second, third, rest] = gates.clone();
+    let long = std::time::Duration::from_secs(30);
+    let r = Receiver::start(&[SECRET], move |n| match n {
+        0 => Reply::After(std::time::Duration::from_millis(100), 200),
+        1 => Reply::Until(gates[0].clone(), long, 200),
+        2 => Reply::Until(gates[1].clone(), long, third_status),
+        _ => Reply::Until(gates[2].clone(), long, 200),
+    })
+    .await;
+    let ep = add_endpoint(app, &r.url, None, SECRET).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let ids = messages_for(&mut conn, &ep, 7).await;
+    let jobs = webhook_jobs(&mut conn).await;
+    let (deliverer, stop, worker) = deliver_jobs(app, &jobs[..1], 4, 2).await;
+    first_delivered_then_two_in_flight_four_parked(app, &ep, &r, &jobs).await;
+    second.cancel();
+    wait_for("the first pulled message sent", || async {
+        (r.count() == 4).then_some(())
+    })
+    .await;
+    Pulling {
+        r,
+        ep,
+        conn,
+        ids,
+        deliverer,
+        stop,
+        worker,
+        third,
+        rest,
+    }
+}
+
+/// The messages of an endpoint pulled from parking and not yet recorded (being sent or
+/// waiting for their slot), by id.
+async fn taken_of(app: &TestApp, ep: &Endpoint) -> Vec<String> {
+    waiting_of(app, ep, |w| {
+        w.parked && w.held && w.status == "pending" && w.attempts == 0
+    })
+    .await
+}
+
+/// An endpoint answering well within `BUSY_WAIT` has its next pull taken while the
+/// last message of the pull before is sent, so a freed slot does not wait for the
+/// database; the order holds, and what was taken ahead is handed back, due at once,
+/// when the process stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_endpoints_next_pull_is_taken_ahead_and_handed_back_on_stop() {
+    let mut app = without_delivery().await;
+    let mut p = first_pull_taken(&app, 200).await;
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(taken_of(&app, &p.ep).await, sorted(p.ids[3..5].to_vec()));
+    // Another frees: the second goes, and with it the next pull is taken, while both
+    // slots are still busy.
+    p.third.cancel();
+    wait_for("the next pull taken ahead", || async {
+        let taken = taken_of(&app, &p.ep).await;
+        (p.r.count() == 5 && taken.len() == 4).then_some(())
+    })
+    .await;
+    assert_eq!(taken_of(&app, &p.ep).await, sorted(p.ids[3..].to_vec()));
+    let ahead = sorted(p.ids[5..].to_vec());
+
+    // Stopping hands them back due now, for the hold releaser, not when their claim
+    // runs out; the two in flight finish and are recorded.
+    p.stop.cancel();
+    wait_for("the pull taken ahead handed back", || async {
+        let due: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM webhook_messages WHERE id = ANY ($1) AND held_until <= now()",
+        )
+        .bind(&ahead)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        (due == 2).then_some(())
+    })
+    .await;
+    p.rest.cancel();
+    p.worker.await.unwrap();
+    p.deliverer.broker.close().await;
+    assert_eq!(p.r.count(), 5, "nothing sent after the p.stop");
+    let delivered: Vec<String> = messages_of(&app, &p.ep)
+        .await
+        .into_iter()
+        .filter(|m| m.status == "delivered")
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(delivered.len(), 5);
+    assert!(ahead.iter().all(|id| !delivered.contains(id)));
+    sqlx::query("DELETE FROM outbox")
+        .execute(&mut *p.conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        messages::release_due(&mut p.conn, 10, 100).await.unwrap(),
+        2
+    );
+    let mut released: Vec<String> = webhook_jobs(&mut p.conn)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    released.sort();
+    assert_eq!(released, ahead, "given jobs again");
+    // Each sent once so far, in the order of their jobs.
+    let sent: Vec<String> = p.r.hits().into_iter().map(|h| h.id).collect();
+    assert_eq!(sent, p.ids[..5].to_vec());
+    all_verified(&p.r);
+    drop(p.conn);
     app.cleanup().await;
 }
 
