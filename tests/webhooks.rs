@@ -1767,6 +1767,79 @@ async fn a_quick_endpoints_next_pull_is_taken_ahead_and_handed_back_on_stop() {
     app.cleanup().await;
 }
 
+/// A 410 Gone from one request: nothing is sent to the endpoint after it, neither a
+/// parked message pulled before it (its target read while the endpoint was enabled) on
+/// a slot that another request frees while the 410 is being recorded, nor what is parked
+/// behind. Requests wait for the record (which disables the endpoint) and read their
+/// targets again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_pulled_before_a_410_is_sent_after_it() {
+    let mut app = without_delivery().await;
+    // The next two were pulled with their targets (the endpoint enabled).
+    let p = first_pull_taken(&app, 410).await;
+    // The record of the 410 is held up (the test holds the endpoint's row, which it
+    // disables). Meanwhile the 410's slot frees, and the other request in flight answers
+    // 200 and frees another: the message waiting with its old target must not go.
+    let mut hold_up = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM webhook_endpoints WHERE id = $1 FOR UPDATE")
+        .bind(&p.ep.id)
+        .execute(&mut *hold_up)
+        .await
+        .unwrap();
+    p.third.cancel();
+    wait_for("the 410 answered", || async {
+        (attempts(&app, "gone") == 1).then_some(())
+    })
+    .await;
+    p.rest.cancel();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        p.r.count(),
+        4,
+        "nothing sent while the 410 is being recorded"
+    );
+    hold_up.commit().await.unwrap();
+    let status_of = |ms: &[Message], id: &str| {
+        let m = ms.iter().find(|m| m.id == id).expect("the message");
+        (m.status.clone(), m.last_error.clone().unwrap_or_default())
+    };
+    wait_for("the messages after the 410 failed unsent", || async {
+        let ms = messages_of(&app, &p.ep).await;
+        p.ids[4..]
+            .iter()
+            .all(|id| status_of(&ms, id).0 == "failed")
+            .then_some(())
+    })
+    .await;
+    wait_for("the one in flight delivered", || async {
+        let ms = messages_of(&app, &p.ep).await;
+        (status_of(&ms, &p.ids[3]).0 == "delivered").then_some(())
+    })
+    .await;
+    p.stop.cancel();
+    p.worker.await.unwrap();
+    p.deliverer.broker.close().await;
+
+    let sent: Vec<String> = p.r.hits().into_iter().map(|h| h.id).collect();
+    assert_eq!(sent, p.ids[..4].to_vec(), "nothing sent after the 410");
+    let ms = messages_of(&app, &p.ep).await;
+    assert_eq!(status_of(&ms, &p.ids[2]).0, "failed");
+    let answered: Vec<Option<i32>> = attempts_of(&app, &p.ids[2])
+        .await
+        .into_iter()
+        .map(|a| a.status_code)
+        .collect();
+    assert_eq!(answered, vec![Some(410)]);
+    for id in &p.ids[4..] {
+        assert_eq!(
+            status_of(&ms, id),
+            ("failed".into(), "the endpoint is disabled".into())
+        );
+    }
+    drop(p.conn);
+    app.cleanup().await;
+}
+
 /// `n` messages for business A's endpoints (that of `ep_a` and any other of A's), then
 /// one for B's `ep_b`: A's message ids, and the jobs of all of them, A's first.
 async fn jobs_of_a_then_b(

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::holds;
-use super::isolation::{Admission, Isolation, IsolationSettings};
+use super::isolation::{Admission, GoneNote, Isolation, IsolationSettings};
 use super::pacing::{Pace, Pacing};
 use super::parking::{self, Line, Look, ParkWrite, Parking, Place};
 use super::reader::{ReadError, Reader};
@@ -504,10 +504,22 @@ impl Deliverer {
         slot: &mut Option<OwnedSemaphorePermit>,
         pulled: bool,
     ) -> Result<Outcome, DeliverError> {
+        // The endpoint answered 410 Gone lately (waited for while it is recorded), and
+        // this target may have been read before: read it again, so that nothing more goes
+        // to an endpoint that asked for nothing more (it is disabled now, unless enabled
+        // again since).
+        let target = if self.isolation.gone(&target.endpoint_id).await {
+            match self.target(job).await? {
+                Ok(target) => target,
+                Err(outcome) => return Ok(outcome),
+            }
+        } else {
+            target
+        };
         let attempt = job.attempt + 1;
         let at = Utc::now();
         let sent = self.send_in_slot(&target, slot).await;
-        let result = self.judge(&target, &sent, permit);
+        let (result, gone) = self.judge(&target, &sent, permit);
         if self.faults.fails(crate::faults::Point::AfterSend) {
             return Err(DeliverError::Injected);
         }
@@ -518,6 +530,9 @@ impl Deliverer {
         };
         self.record(&target, attempt, at, sent, &next, pulled)
             .await?;
+        if let Some(gone) = gone {
+            gone.recorded(Instant::now());
+        }
         Ok(outcome(next, attempt, &why))
     }
 
@@ -549,17 +564,21 @@ impl Deliverer {
     }
 
     /// What an answer means, told to the endpoint's circuit (releasing its held
-    /// messages once it answers again) and counted.
+    /// messages once it answers again) and counted. A 410 Gone is noted before its slot
+    /// is given back, so that no request of the endpoint goes out until it is recorded
+    /// (the note says when).
     fn judge(
         &self,
         target: &DeliveryTarget,
         sent: &Sent,
         permit: super::isolation::Permit,
-    ) -> AttemptResult {
+    ) -> (AttemptResult, Option<GoneNote>) {
         let result = match sent.status {
             Some(code) => schedule::classify(code, sent.retry_after),
             None => AttemptResult::Failed { retry_after: None },
         };
+        let gone =
+            (result == AttemptResult::Gone).then(|| self.isolation.gone_begin(&target.endpoint_id));
         if permit.finish(result == AttemptResult::Delivered, Instant::now()) {
             self.release_held(&target.endpoint_id);
         }
@@ -579,7 +598,7 @@ impl Deliverer {
             .webhook_attempts
             .get_or_create(&vec![("outcome", label.to_string())])
             .inc();
-        result
+        (result, gone)
     }
 
     /// Records the attempt and the message's new state (a pulled message's retry held

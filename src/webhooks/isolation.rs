@@ -86,7 +86,25 @@ pub struct Isolation {
     /// The same over every endpoint of the process (0: none yet), for endpoints none of
     /// whose requests has succeeded yet.
     typical_all_us: Arc<AtomicU64>,
+    /// The 410 Gone answers of endpoints, being recorded or recorded within
+    /// [`GONE_KEPT`] ([`Isolation::gone`]).
+    gone: Arc<Mutex<HashMap<String, Gone>>>,
 }
+
+/// An endpoint's 410 Gone answers: how many are being recorded (the record disables
+/// the endpoint in the database), and when the last was recorded.
+#[derive(Default)]
+struct Gone {
+    recording: usize,
+    recorded_at: Option<Instant>,
+    /// Woken when a record ends (written or not).
+    ended: Arc<Notify>,
+}
+
+/// How long an endpoint's recorded 410 Gone is remembered: longer than a target is
+/// kept between its read and its request (a pulled message's a second at most, a job's
+/// as long as the jobs ahead of it in its endpoint's line wait for their turns).
+pub const GONE_KEPT: Duration = Duration::from_secs(60);
 
 /// How long an endpoint at its cap may go without a request finishing before it counts
 /// as hanging: `STALL_FACTOR` times the typical latency of its own successful requests,
@@ -145,6 +163,48 @@ impl Isolation {
             state: Arc::default(),
             typical: Arc::default(),
             typical_all_us: Arc::default(),
+            gone: Arc::default(),
+        }
+    }
+
+    /// The endpoint answered 410 Gone: until the returned note says it is recorded (or
+    /// is dropped, the record failed), a request about to go to the endpoint waits in
+    /// [`Isolation::gone`]. Begun before the answer's slot is given back.
+    pub fn gone_begin(&self, endpoint: &str) -> GoneNote {
+        let now = Instant::now();
+        let mut gone = self.gone.lock().expect("isolation lock");
+        gone.retain(|_, g| {
+            g.recording > 0
+                || g.recorded_at
+                    .is_some_and(|at| now.saturating_duration_since(at) < GONE_KEPT)
+        });
+        gone.entry(endpoint.to_string()).or_default().recording += 1;
+        GoneNote {
+            isolation: self.clone(),
+            endpoint: endpoint.to_string(),
+            recorded_at: None,
+        }
+    }
+
+    /// Whether a request to the endpoint must read its target again first: a 410 Gone of
+    /// it was recorded within [`GONE_KEPT`] (the endpoint is disabled unless enabled again
+    /// since). While one is being recorded, waits for that.
+    pub async fn gone(&self, endpoint: &str) -> bool {
+        loop {
+            let ended = {
+                let gone = self.gone.lock().expect("isolation lock");
+                let Some(g) = gone.get(endpoint) else {
+                    return false;
+                };
+                if g.recording == 0 {
+                    return g.recorded_at.is_some_and(|at| at.elapsed() < GONE_KEPT);
+                }
+                // Registered under the lock, so an end in between still wakes it.
+                let mut ended = Box::pin(g.ended.clone().notified_owned());
+                ended.as_mut().enable();
+                ended
+            };
+            ended.await;
         }
     }
 
@@ -481,6 +541,33 @@ impl Drop for Permit {
     }
 }
 
+/// A 410 Gone being recorded (from [`Isolation::gone_begin`]).
+pub struct GoneNote {
+    isolation: Isolation,
+    endpoint: String,
+    recorded_at: Option<Instant>,
+}
+
+impl GoneNote {
+    /// The 410 is recorded (the endpoint disabled) at `now`.
+    pub fn recorded(mut self, now: Instant) {
+        self.recorded_at = Some(now);
+    }
+}
+
+impl Drop for GoneNote {
+    fn drop(&mut self) {
+        let mut gone = self.isolation.gone.lock().expect("isolation lock");
+        if let Some(g) = gone.get_mut(&self.endpoint) {
+            g.recording = g.recording.saturating_sub(1);
+            if self.recorded_at.is_some() {
+                g.recorded_at = self.recorded_at;
+            }
+            g.ended.notify_waiters();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -491,6 +578,33 @@ mod tests {
             threshold: 3,
             cool_down: Duration::from_secs(10),
         })
+    }
+
+    #[tokio::test]
+    async fn a_410_being_recorded_is_waited_for_then_remembered_for_a_while() {
+        let i = iso();
+        assert!(!i.gone("ep_a").await);
+        // Recording: a request of the endpoint waits, another endpoint's does not.
+        let note = i.gone_begin("ep_a");
+        assert!(!i.gone("ep_b").await);
+        let waiting = tokio::spawn({
+            let i = i.clone();
+            async move { i.gone("ep_a").await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "waits while the 410 is recorded");
+        note.recorded(Instant::now());
+        assert!(waiting.await.unwrap(), "gone once recorded");
+        // A record that failed leaves nothing to read again.
+        drop(i.gone_begin("ep_c"));
+        assert!(!i.gone("ep_c").await);
+        // Forgotten after GONE_KEPT, when another 410 is noted.
+        i.gone.lock().unwrap().get_mut("ep_a").unwrap().recorded_at =
+            Instant::now().checked_sub(GONE_KEPT);
+        assert!(!i.gone("ep_a").await);
+        drop(i.gone_begin("ep_d"));
+        let kept: Vec<String> = i.gone.lock().unwrap().keys().cloned().collect();
+        assert!(!kept.contains(&"ep_a".to_string()), "{kept:?}");
     }
 
     fn go(a: Admission) -> Permit {
