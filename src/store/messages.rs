@@ -538,8 +538,9 @@ pub async fn hold_parked(
 
 /// Hands an endpoint's parked messages back (the process pulling them is stopping):
 /// ends its lease, so the hold releaser of whichever process runs it next gives them
-/// jobs, and makes those it pulled but did not attempt (`pulled`) due now. Returns how
-/// many of those.
+/// jobs, and makes those it pulled but did not attempt (`pulled`) due now. They are due
+/// from when they were parked, which the hold releaser orders them by, as it does the
+/// parked ones: they go first, in the order they were parked. Returns how many.
 pub async fn unclaim(
     conn: &mut PgConnection,
     endpoint_id: &str,
@@ -549,7 +550,7 @@ pub async fn unclaim(
         "WITH lease AS (
             UPDATE webhook_parking SET lease_until = now() WHERE endpoint_id = $1
          ), u AS (
-            UPDATE webhook_messages SET held_until = now()
+            UPDATE webhook_messages SET held_until = least(coalesce(parked_at, now()), now())
             WHERE id = ANY ($2) AND held_until IS NOT NULL AND status = 'pending'
             RETURNING id
          )

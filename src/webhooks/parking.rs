@@ -460,13 +460,14 @@ impl Deliverer {
                 ahead = Some(Ahead::start(self.clone(), endpoint.clone()));
             }
         }
-        self.parking.stopped(&endpoint);
-        // What a pull running ahead took is handed back or held with the rest.
+        // What a pull running ahead took is handed back or held with the rest; the
+        // endpoint stays parked here until it has finished taking.
         if let Some(ahead) = ahead
             && let (_, Ok(rows)) = ahead.taken().await
         {
             pulled.extend(rows);
         }
+        self.parking.stopped(&endpoint);
         let ids: Vec<String> = pulled.into_iter().map(|r| r.pulled.id).collect();
         let done = match (holding, self.pool.acquire().await) {
             (_, Err(e)) => Err(e),
