@@ -1645,8 +1645,10 @@ struct Pulling {
 }
 
 /// Delivers seven messages of an endpoint with an in-flight cap of two up to its first
-/// pull: the first answered in 100 ms (slow enough to park behind, quick enough to pull
-/// ahead), the second answered once the other six were two in flight and four parked,
+/// pull: the first answered in 250 ms (slow enough to park behind, quick enough to pull
+/// ahead even once the gated requests below count in its typical latency, and slow
+/// enough that two requests held for a second or two do not make it look hanging), the
+/// second answered once the other six were two in flight and four parked,
 /// so the puller took the next two (an in-flight cap) and sent the first of them, while
 /// the second waits for a slot. The third request answers `third_status` when the test
 /// opens `third`.
@@ -1655,7 +1657,7 @@ async fn first_pull_taken(app: &TestApp, third_status: u16) -> Pulling {
     let [second, third, rest] = gates.clone();
     let long = std::time::Duration::from_secs(30);
     let r = Receiver::start(&[SECRET], move |n| match n {
-        0 => Reply::After(std::time::Duration::from_millis(100), 200),
+        0 => Reply::After(std::time::Duration::from_millis(250), 200),
         1 => Reply::Until(gates[0].clone(), long, 200),
         2 => Reply::Until(gates[1].clone(), long, third_status),
         _ => Reply::Until(gates[2].clone(), long, 200),
