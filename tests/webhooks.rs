@@ -1720,8 +1720,9 @@ async fn a_quick_endpoints_next_pull_is_taken_ahead_and_handed_back_on_stop() {
     assert_eq!(taken_of(&app, &p.ep).await, sorted(p.ids[3..].to_vec()));
     let ahead = sorted(p.ids[5..].to_vec());
 
-    // Stopping hands them back due now, for the hold releaser, not when their claim
-    // runs out; the two in flight finish and are recorded.
+    // Stopping hands them back due at once (from when they were parked), for the hold
+    // releaser, not when their claim runs out; the two in flight finish and are
+    // recorded.
     p.stop.cancel();
     wait_for("the pull taken ahead handed back", || async {
         // Due from when they were parked, so that they keep their place.
@@ -1738,7 +1739,7 @@ async fn a_quick_endpoints_next_pull_is_taken_ahead_and_handed_back_on_stop() {
     p.rest.cancel();
     p.worker.await.unwrap();
     p.deliverer.broker.close().await;
-    assert_eq!(p.r.count(), 5, "nothing sent after the p.stop");
+    assert_eq!(p.r.count(), 5, "nothing sent after the stop");
     let delivered: Vec<String> = messages_of(&app, &p.ep)
         .await
         .into_iter()

