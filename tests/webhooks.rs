@@ -1512,6 +1512,66 @@ async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     app.cleanup().await;
 }
 
+/// An endpoint that answers quickly has several in-flight caps of its parked messages
+/// taken in one pull, as many as it answers in about a quarter of a second, rather than
+/// one cap per pull; they still go in order, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_endpoints_pull_takes_several_caps_in_order() {
+    let mut app = without_delivery().await;
+    // 40 ms per request, one at a time (so the order they arrive in is the order they
+    // were sent in): quick, yet too slow for a job to wait for its slot, so the jobs
+    // behind the one in flight park.
+    let r = Receiver::start(&[SECRET], |_| {
+        Reply::After(std::time::Duration::from_millis(40), 200)
+    })
+    .await;
+    let ep = add_endpoint(&app, &r.url, None, SECRET).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let ids = messages_for(&mut conn, &ep, 30).await;
+    let jobs = webhook_jobs(&mut conn).await;
+    // The first answer tells how quick the endpoint is; then the rest come at once.
+    let (deliverer, stop, worker) = deliver_jobs(&app, &jobs[..1], 4, 1).await;
+    first_delivered(&app, &ep).await;
+    let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
+    for (id, payload) in &jobs[1..] {
+        app.publish_to_queue(&queue, id, &serde_json::to_vec(payload).unwrap())
+            .await;
+    }
+    // A cap at a time, with the next pull taken ahead, never has more than two caps
+    // taken and unrecorded.
+    let most = wait_for("more than two caps taken at once", || async {
+        let taken = taken_of(&app, &ep).await.len();
+        (taken > 2).then_some(taken)
+    })
+    .await;
+    let all = wait_for("every message delivered", || async {
+        let m = messages_of(&app, &ep).await;
+        (m.iter().all(|m| m.status == "delivered")).then_some(m)
+    })
+    .await;
+    stop.cancel();
+    worker.await.unwrap();
+    deliverer.broker.close().await;
+
+    assert_eq!(all.len(), 30);
+    let sent: Vec<String> = r.hits().into_iter().map(|h| h.id).collect();
+    assert_eq!(
+        sent, ids,
+        "each sent once, in order (at most {most} taken at once)"
+    );
+    all_verified(&r);
+    let count = |outcome: &str| attempts(&app, outcome);
+    assert!(count("parked") >= 20, "parked {}", count("parked"));
+    assert_eq!(count("pulled"), count("parked"));
+    assert_eq!(
+        webhook_jobs(&mut conn).await.len(),
+        30,
+        "nothing republished"
+    );
+    drop(conn);
+    app.cleanup().await;
+}
+
 /// The read of pulled messages' targets fails: the pull has taken them already, so
 /// each reads its own when its slot frees, and none waits for its claim to run out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1535,6 +1595,15 @@ async fn pulled_messages_whose_read_failed_read_their_own_and_go() {
     app.cleanup().await;
 }
 
+/// Waits until one message of the endpoint is delivered.
+async fn first_delivered(app: &TestApp, ep: &Endpoint) {
+    wait_for("the first delivery", || async {
+        let m = messages_of(app, ep).await;
+        (m.iter().filter(|m| m.status == "delivered").count() == 1).then_some(())
+    })
+    .await;
+}
+
 /// Waits for the first of seven jobs (the only one published so far) to be delivered,
 /// then publishes the other six: two go out and wait on an endpoint of an in-flight cap
 /// of two, and four park.
@@ -1544,11 +1613,7 @@ async fn first_delivered_then_two_in_flight_four_parked(
     r: &Receiver,
     jobs: &[(String, serde_json::Value)],
 ) {
-    wait_for("the first delivery", || async {
-        let m = messages_of(app, ep).await;
-        (m.iter().filter(|m| m.status == "delivered").count() == 1).then_some(())
-    })
-    .await;
+    first_delivered(app, ep).await;
     let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
     for (id, payload) in &jobs[1..] {
         app.publish_to_queue(&queue, id, &serde_json::to_vec(payload).unwrap())

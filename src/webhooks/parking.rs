@@ -39,6 +39,13 @@ use crate::store::messages::{self, DeliveryTarget, Pulled};
 /// without a pull before the hold releaser gives them jobs again.
 pub const LEASE: Duration = Duration::from_secs(30);
 
+/// How long the messages of one pull of a quick endpoint take to send at its
+/// in-flight cap ([`Deliverer::pull_size`]).
+const PULL_SPAN: Duration = Duration::from_millis(250);
+
+/// At most this many in-flight caps of messages in one pull.
+const PULL_CAPS: usize = 8;
+
 /// Until when a lease taken or renewed at `now` runs.
 pub fn lease_until(now: DateTime<Utc>) -> DateTime<Utc> {
     now + chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::MAX)
@@ -331,7 +338,15 @@ pub(super) struct Ready {
 /// its slot or is being sent. Without it, a freed slot waited for the pull's two round
 /// trips to the database after every in-flight cap of messages: an endpoint answering
 /// in 50 ms ran at 0.91 of its cap's rate alone, 0.95–0.96 with it.
-struct Ahead(tokio::task::JoinHandle<(u64, Result<Vec<Ready>, sqlx::Error>)>);
+struct Ahead(tokio::task::JoinHandle<Took>);
+
+/// What a pull took: the count of parks written before it looked (for
+/// [`Parking::drained`]), how many it asked for, and the messages.
+struct Took {
+    written: u64,
+    limit: usize,
+    rows: Result<Vec<Ready>, sqlx::Error>,
+}
 
 impl Ahead {
     /// Starts the pull once the jobs of the endpoint that arrived before now have
@@ -339,7 +354,7 @@ impl Ahead {
     fn start(deliverer: Deliverer, endpoint: String) -> Self {
         Self(tokio::spawn(async move {
             tokio::select! {
-                _ = deliverer.stop.cancelled() => return (0, Ok(Vec::new())),
+                _ = deliverer.stop.cancelled() => return Took { written: 0, limit: 0, rows: Ok(Vec::new()) },
                 _ = deliverer.line.clear_before_now(&endpoint) => {}
             }
             deliverer.pull_looked(&endpoint).await
@@ -347,12 +362,11 @@ impl Ahead {
     }
 
     /// What the pull took (waiting for it to finish).
-    async fn taken(self) -> (u64, Result<Vec<Ready>, sqlx::Error>) {
-        self.0.await.unwrap_or_else(|e| {
-            (
-                0,
-                Err(sqlx::Error::Protocol(format!("a parked pull ended: {e}"))),
-            )
+    async fn taken(self) -> Took {
+        self.0.await.unwrap_or_else(|e| Took {
+            written: 0,
+            limit: 0,
+            rows: Err(sqlx::Error::Protocol(format!("a parked pull ended: {e}"))),
         })
     }
 }
@@ -365,7 +379,7 @@ impl Deliverer {
         let mut closing = false;
         // The next pull, taken while the last of the one before is sent ([`Ahead`]).
         let mut ahead: Option<Ahead> = None;
-        // The last pull took a full in-flight cap: more is likely parked.
+        // The last pull took all it asked for: more is likely parked.
         let mut full = false;
         let mut backoff = amqp::reconnect_backoff();
         // Set when the endpoint hangs (`None`) or its circuit is open (until when), with
@@ -406,14 +420,18 @@ impl Deliverer {
                 }
             }
             if pulled.is_empty() {
-                let (written, got) = match ahead.take() {
+                let Took {
+                    written,
+                    limit,
+                    rows,
+                } = match ahead.take() {
                     Some(ahead) => ahead.taken().await,
                     None => self.pull_looked(&endpoint).await,
                 };
-                match got {
+                match rows {
                     Ok(rows) => {
                         backoff = amqp::reconnect_backoff();
-                        full = rows.len() >= self.isolation.max_in_flight();
+                        full = rows.len() >= limit;
                         // Caught up with a fast endpoint: its next job waits for the end
                         // rather than park, so parking can end while jobs keep coming.
                         closing = !full && self.known_fast(&endpoint);
@@ -463,7 +481,7 @@ impl Deliverer {
         // What a pull running ahead took is handed back or held with the rest; the
         // endpoint stays parked here until it has finished taking.
         if let Some(ahead) = ahead
-            && let (_, Ok(rows)) = ahead.taken().await
+            && let Ok(rows) = ahead.taken().await.rows
         {
             pulled.extend(rows);
         }
@@ -514,16 +532,39 @@ impl Deliverer {
             .is_some_and(|t| t < BUSY_WAIT / 2)
     }
 
-    /// [`Self::pull_some`], with the count of parks written before it looked (for
-    /// [`Parking::drained`]).
-    async fn pull_looked(&self, endpoint: &str) -> (u64, Result<Vec<Ready>, sqlx::Error>) {
+    /// [`Self::pull_some`] of [`Self::pull_size`] messages, with the count of parks
+    /// written before it looked.
+    async fn pull_looked(&self, endpoint: &str) -> Took {
         let written = self.parking.writes(endpoint);
-        (written, self.pull_some(endpoint).await)
+        let limit = self.pull_size(endpoint);
+        Took {
+            written,
+            limit,
+            rows: self.pull_some(endpoint, limit).await,
+        }
     }
 
-    /// Takes up to an in-flight cap of the endpoint's parked messages, and reads their
-    /// targets.
-    async fn pull_some(&self, endpoint: &str) -> Result<Vec<Ready>, sqlx::Error> {
+    /// How many parked messages of the endpoint one pull takes: an in-flight cap, or
+    /// for an endpoint that answers quickly as many caps as it typically answers in
+    /// [`PULL_SPAN`] (at most [`PULL_CAPS`]). Each pull costs two statements, so
+    /// pulling a cap at a time spent most of a quick endpoint's database work on the
+    /// pulls; the targets read with a pull are then at most about `PULL_SPAN` old when
+    /// sent, well within the [`BUSY_WAIT`] they are trusted for.
+    fn pull_size(&self, endpoint: &str) -> usize {
+        let cap = self.isolation.max_in_flight();
+        let caps = self
+            .isolation
+            .typical(endpoint)
+            .map_or(1, |t| PULL_SPAN.as_nanos() / t.as_nanos().max(1));
+        cap.saturating_mul(
+            usize::try_from(caps)
+                .unwrap_or(PULL_CAPS)
+                .clamp(1, PULL_CAPS),
+        )
+    }
+
+    /// Takes up to `limit` of the endpoint's parked messages, and reads their targets.
+    async fn pull_some(&self, endpoint: &str, limit: usize) -> Result<Vec<Ready>, sqlx::Error> {
         let now = Utc::now();
         // Long enough for a pulled message to wait for its slot and be sent: it must not
         // be released to the broker while its attempt runs.
@@ -534,7 +575,7 @@ impl Deliverer {
         let pulled = messages::pull_parked(
             &mut conn,
             endpoint,
-            i64::try_from(self.isolation.max_in_flight()).unwrap_or(i64::MAX),
+            i64::try_from(limit).unwrap_or(i64::MAX),
             claim,
             lease_until(now),
         )
