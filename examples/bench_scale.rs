@@ -82,34 +82,11 @@ struct Parts {
     publisher: f64,
 }
 
-/// (name, utime + stime, cutime + cstime) of a process, in seconds.
-fn proc_stat(pid: &str) -> Option<(String, f64, f64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (head, after) = stat.rsplit_once(')')?;
-    let name = head.split_once('(')?.1.to_string();
-    let f: Vec<f64> = after
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0.0))
-        .collect();
-    Some((
-        name,
-        (f.get(11)? + f.get(12)?) / 100.0,
-        (f.get(13)? + f.get(14)?) / 100.0,
-    ))
-}
-
 impl Parts {
     fn now(replicas: &HashSet<u32>) -> Parts {
         let mut p = Parts::default();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let name = entry.file_name();
-            let Some(pid) = name
-                .to_str()
-                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-            else {
-                continue;
-            };
-            let Some((comm, own, children)) = proc_stat(pid) else {
+        for pid in measure::pids() {
+            let Some((comm, own, children)) = measure::proc_stat(&pid) else {
                 continue;
             };
             let pid_n: u32 = pid.parse().unwrap_or(0);

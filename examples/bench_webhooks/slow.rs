@@ -25,7 +25,7 @@ use lapin::Connection;
 use serde_json::json;
 use sqlx::PgConnection;
 
-use crate::measure::{Cpu, median};
+use crate::measure::{Cpu, Split, median};
 
 /// One receiver: answers 200 after its latency, counting what it got and when.
 #[derive(Default)]
@@ -98,6 +98,9 @@ pub struct Measured {
     pub cpu_per_k: Option<f64>,
     /// The same less the machine's idle load over the phase.
     pub busy_cpu_per_k: Option<f64>,
+    /// PostgreSQL's, RabbitMQ's and this process's share of it (idle load included):
+    /// steadier than the figure above idle when a phase is long for few deliveries.
+    pub split_per_k: Option<[f64; 3]>,
     pub republishes_per_delivery: f64,
     outcomes: String,
 }
@@ -136,6 +139,11 @@ impl Measured {
                 ))
                 .unwrap_or_default()
         );
+        if let Some([pg, mq, me]) = self.split_per_k {
+            println!(
+                "  CPU per 1,000 deliveries by process: PostgreSQL {pg:.0} ms, RabbitMQ {mq:.0} ms, this process {me:.0} ms"
+            );
+        }
         for (latency, n, rate) in &self.rates {
             let ideal = (!latency.is_zero())
                 .then(|| cap as f64 / latency.as_secs_f64())
@@ -202,7 +210,7 @@ impl Bench<'_> {
         self.tag += 1;
         let businesses = [0, 1].map(|b| format!("bus_{phase}_{}_{b}", self.tag - 1));
         let (relayed_before, outcomes_before) = counters(&self.metrics);
-        let cpu = Cpu::now();
+        let (cpu, split) = (Cpu::now(), Split::now());
         let ch = self.publisher.create_channel().await.unwrap();
         ch.confirm_select(Default::default()).await.unwrap();
         let started = Instant::now();
@@ -231,6 +239,7 @@ impl Bench<'_> {
         }
         let elapsed = started.elapsed();
         let cpu_per_k = Cpu::ms_per_k_since(cpu, want).map(|(machine, _)| machine);
+        let split_per_k = Split::ms_per_k_since(split, want);
         let idle_per_k = self.idle_cpu * elapsed.as_secs_f64() * 1000.0 / (want as f64 / 1000.0);
         let busy_cpu_per_k = cpu_per_k.map(|c| c - idle_per_k);
         let (relayed, outcomes) = counters(&self.metrics);
@@ -266,6 +275,7 @@ impl Bench<'_> {
             rates,
             cpu_per_k,
             busy_cpu_per_k,
+            split_per_k,
             republishes_per_delivery: (deferred + released) as f64 / want as f64,
             outcomes: outcomes_delta
                 .iter()
@@ -360,6 +370,11 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
                 "republishes_per_delivery": (m.republishes_per_delivery * 1000.0).round() / 1000.0,
                 "cpu_ms_per_1000": m.cpu_per_k.map(f64::round),
                 "cpu_above_idle_ms_per_1000": m.busy_cpu_per_k.map(f64::round),
+                "cpu_ms_per_1000_by_process": m.split_per_k.map(|[pg, mq, me]| json!({
+                    "postgres": pg.round(),
+                    "rabbitmq": mq.round(),
+                    "this_process": me.round(),
+                })),
                 "cpu_of_fast": m.busy_cpu_per_k.map(|c| (c / fast_cpu * 100.0).round() / 100.0),
             }),
         );

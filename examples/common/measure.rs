@@ -14,15 +14,9 @@ pub struct Cpu {
 
 impl Cpu {
     pub fn now() -> Option<Cpu> {
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // Fields after the command name (which ends with ')'): utime and stime are the
-        // 14th and 15th of the line, the 12th and 13th after it.
-        let after = stat.rsplit_once(')')?.1;
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let process_s = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0;
         Some(Cpu {
             machine_s: machine_busy_s()?,
-            process_s,
+            process_s: proc_stat("self")?.1,
         })
     }
 
@@ -34,6 +28,76 @@ impl Cpu {
             per_k(a.machine_s - b.machine_s),
             per_k(a.process_s - b.process_s),
         ))
+    }
+}
+
+/// (name, utime + stime, cutime + cstime) of a process, in seconds, from
+/// `/proc/<pid>/stat`: its own CPU and that of its children that ended.
+pub fn proc_stat(pid: &str) -> Option<(String, f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses; utime, stime, cutime and cstime are the 14th
+    // to 17th fields of the line, the 12th to 15th after the name.
+    let (head, after) = stat.rsplit_once(')')?;
+    let name = head.split_once('(')?.1.to_string();
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    Some((
+        name,
+        (f.get(11)? + f.get(12)?) / 100.0,
+        (f.get(13)? + f.get(14)?) / 100.0,
+    ))
+}
+
+/// The ids of the machine's processes, as `/proc` lists them.
+pub fn pids() -> impl Iterator<Item = String> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// CPU seconds spent so far by the machine's PostgreSQL processes (every backend and
+/// background process, and the backends that ended) and by its RabbitMQ node
+/// (`beam.smp`), and by this process: where a phase's CPU goes.
+#[derive(Clone, Copy, Debug)]
+pub struct Split {
+    pub postgres_s: f64,
+    pub rabbitmq_s: f64,
+    pub process_s: f64,
+}
+
+impl Split {
+    pub fn now() -> Option<Split> {
+        let (mut postgres_s, mut rabbitmq_s) = (0.0, 0.0);
+        for pid in pids() {
+            match proc_stat(&pid) {
+                // The postmaster's children's time holds backends that ended.
+                Some((name, own, children)) if name == "postgres" => postgres_s += own + children,
+                Some((name, own, _)) if name == "beam.smp" => rabbitmq_s += own,
+                _ => {}
+            }
+        }
+        Some(Split {
+            postgres_s,
+            rabbitmq_s,
+            process_s: proc_stat("self")?.1,
+        })
+    }
+
+    /// Milliseconds per 1,000 units of work since `before`: PostgreSQL, RabbitMQ, this
+    /// process.
+    pub fn ms_per_k_since(before: Option<Split>, units: u64) -> Option<[f64; 3]> {
+        let (b, a) = (before?, Split::now()?);
+        let per_k = |s: f64| s * 1000.0 / (units as f64 / 1000.0);
+        Some([
+            per_k(a.postgres_s - b.postgres_s),
+            per_k(a.rabbitmq_s - b.rabbitmq_s),
+            per_k(a.process_s - b.process_s),
+        ])
     }
 }
 
