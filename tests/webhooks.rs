@@ -5,7 +5,7 @@
 
 use crate::common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -1512,6 +1512,52 @@ async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     app.cleanup().await;
 }
 
+/// An endpoint of `r`, `n` messages for it and their jobs, the first of which is
+/// delivered (by `workers` workers, `cap` requests at once): it tells how quick the
+/// endpoint is.
+struct Started {
+    ep: Endpoint,
+    conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+    ids: Vec<String>,
+    jobs: Vec<(String, serde_json::Value)>,
+    deliverer: Deliverer,
+    stop: CancellationToken,
+    worker: tokio::task::JoinHandle<()>,
+}
+
+async fn first_of_many_delivered(
+    app: &TestApp,
+    r: &Receiver,
+    n: usize,
+    workers: usize,
+    cap: usize,
+) -> Started {
+    let ep = add_endpoint(app, &r.url, None, SECRET).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let ids = messages_for(&mut conn, &ep, n).await;
+    let jobs = webhook_jobs(&mut conn).await;
+    let (deliverer, stop, worker) = deliver_jobs(app, &jobs[..1], workers, cap).await;
+    first_delivered(app, &ep).await;
+    Started {
+        ep,
+        conn,
+        ids,
+        jobs,
+        deliverer,
+        stop,
+        worker,
+    }
+}
+
+/// Waits until every message of the endpoint is delivered; returns them.
+async fn every_delivered(app: &TestApp, ep: &Endpoint) -> Vec<Message> {
+    wait_for("every message delivered", || async {
+        let m = messages_of(app, ep).await;
+        (m.iter().all(|m| m.status == "delivered")).then_some(m)
+    })
+    .await
+}
+
 /// An endpoint that answers quickly has several in-flight caps of its parked messages
 /// taken in one pull, as many as it answers in about a quarter of a second, rather than
 /// one cap per pull; they still go in order, each once.
@@ -1525,30 +1571,29 @@ async fn a_quick_endpoints_pull_takes_several_caps_in_order() {
         Reply::After(std::time::Duration::from_millis(40), 200)
     })
     .await;
-    let ep = add_endpoint(&app, &r.url, None, SECRET).await;
-    let mut conn = app.pool.acquire().await.unwrap();
-    let ids = messages_for(&mut conn, &ep, 30).await;
-    let jobs = webhook_jobs(&mut conn).await;
-    // The first answer tells how quick the endpoint is; then the rest come at once.
-    let (deliverer, stop, worker) = deliver_jobs(&app, &jobs[..1], 4, 1).await;
-    first_delivered(&app, &ep).await;
+    let Started {
+        ep,
+        mut conn,
+        ids,
+        jobs,
+        deliverer,
+        stop,
+        worker,
+    } = first_of_many_delivered(&app, &r, 30, 4, 1).await;
+    // Then the rest come, in order.
     let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
     for (id, payload) in &jobs[1..] {
         app.publish_to_queue(&queue, id, &serde_json::to_vec(payload).unwrap())
             .await;
     }
-    // A cap at a time, with the next pull taken ahead, never has more than two caps
-    // taken and unrecorded.
+    // A cap at a time, with the next pull taken ahead, has at most two caps taken and
+    // unrecorded, and one more being recorded (its slot is given back first).
     let most = wait_for("more than two caps taken at once", || async {
         let taken = taken_of(&app, &ep).await.len();
-        (taken > 2).then_some(taken)
+        (taken > 3).then_some(taken)
     })
     .await;
-    let all = wait_for("every message delivered", || async {
-        let m = messages_of(&app, &ep).await;
-        (m.iter().all(|m| m.status == "delivered")).then_some(m)
-    })
-    .await;
+    let all = every_delivered(&app, &ep).await;
     stop.cancel();
     worker.await.unwrap();
     deliverer.broker.close().await;
@@ -1569,6 +1614,75 @@ async fn a_quick_endpoints_pull_takes_several_caps_in_order() {
         "nothing republished"
     );
     drop(conn);
+    app.cleanup().await;
+}
+
+/// An endpoint that slows down after a large pull of its parked messages: once the
+/// rest of the pull has waited in hand for more than half a second, all but a cap of it
+/// goes back to parking and is pulled again, so the next pull, which renews the
+/// endpoint's lease, is never far off and no claim runs out on a message still waiting
+/// to go. Each message is sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_pull_of_an_endpoint_that_slows_down_is_put_back_and_pulled_again() {
+    let mut app = without_delivery().await;
+    // 30 ms per request (pulled up to 64 at a time), until the test slows it down.
+    let latency_ms = Arc::new(AtomicU64::new(30));
+    let latency = latency_ms.clone();
+    let r = Receiver::start(&[SECRET], move |_| {
+        Reply::After(
+            std::time::Duration::from_millis(latency.load(Ordering::SeqCst)),
+            200,
+        )
+    })
+    .await;
+    // More workers than the cap of eight, so the jobs behind the eight in flight park.
+    let mut b = first_of_many_delivered(&app, &r, 200, 16, 8).await;
+    // Then the rest, all at once, faster than the endpoint takes them, so a backlog parks.
+    let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
+    let bodies: Vec<(&str, Vec<u8>)> = b.jobs[1..]
+        .iter()
+        .map(|(id, payload)| (id.as_str(), serde_json::to_vec(payload).unwrap()))
+        .collect();
+    futures_util::future::join_all(
+        bodies
+            .iter()
+            .map(|(id, body)| app.publish_to_queue(&queue, id, body)),
+    )
+    .await;
+    // A large pull taken (a cap at a time, with one ahead, has at most 17 taken).
+    wait_for("a large pull taken", || async {
+        (taken_of(&app, &b.ep).await.len() > 20).then_some(())
+    })
+    .await;
+    // Six times as slow: the rest of the pull waits longer than half a second, and the
+    // endpoint does not look hanging (eight times its typical latency without an answer).
+    let typical = b.deliverer.isolation.typical(&b.ep.id).expect("answered");
+    latency_ms.store(
+        u64::try_from(typical.as_millis() * 6).unwrap(),
+        Ordering::SeqCst,
+    );
+    let all = every_delivered(&app, &b.ep).await;
+    b.stop.cancel();
+    b.worker.await.unwrap();
+    b.deliverer.broker.close().await;
+
+    assert_eq!(all.len(), 200);
+    let count = |outcome: &str| attempts(&app, outcome);
+    assert!(count("put_back") >= 1, "put back {}", count("put_back"));
+    assert_eq!(count("held"), 0, "never taken for hanging");
+    // Each sent once (eight at once, so in no strict order).
+    let mut sent: Vec<String> = r.hits().into_iter().map(|h| h.id).collect();
+    sent.sort();
+    let mut want = b.ids.clone();
+    want.sort();
+    assert_eq!(sent, want);
+    all_verified(&r);
+    assert_eq!(
+        webhook_jobs(&mut b.conn).await.len(),
+        200,
+        "nothing republished"
+    );
+    drop(b.conn);
     app.cleanup().await;
 }
 

@@ -513,6 +513,21 @@ pub async fn pull_parked(
     .await
 }
 
+/// Puts messages taken by [`pull_parked`] and not attempted back in parking: they keep
+/// their `parked_at`, so the endpoint's next pull takes them first, in their order.
+/// Returns how many.
+pub async fn put_back(conn: &mut PgConnection, ids: &[String]) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE webhook_messages SET held_until = NULL, updated_at = now()
+         WHERE id = ANY ($1) AND status = 'pending'
+           AND parked_at IS NOT NULL AND held_until IS NOT NULL",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected())
+}
+
 /// Holds the parked messages of an endpoint that hangs or whose circuit is open until
 /// `until`, and those of `pulled` too (taken, not attempted), as
 /// [`hold_many`] would hold their jobs. Returns how many.

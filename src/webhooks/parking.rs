@@ -43,8 +43,15 @@ pub const LEASE: Duration = Duration::from_secs(30);
 /// in-flight cap ([`Deliverer::pull_size`]).
 const PULL_SPAN: Duration = Duration::from_millis(250);
 
-/// At most this many in-flight caps of messages in one pull.
+/// At most this many in-flight caps of messages in one pull, and at most this many
+/// messages (or one cap, if that is more): fewer than the hold releaser gives jobs to
+/// per endpoint and round, so a pull handed back on stop goes first whole.
 const PULL_CAPS: usize = 8;
+const PULL_MOST: usize = 64;
+
+/// How long the messages of a pull larger than a cap may wait in hand (twice what a
+/// pull is sized for) before what is left of it is put back.
+const PUT_BACK_AFTER: Duration = Duration::from_millis(500);
 
 /// Until when a lease taken or renewed at `now` runs.
 pub fn lease_until(now: DateTime<Utc>) -> DateTime<Utc> {
@@ -354,7 +361,7 @@ impl Ahead {
     fn start(deliverer: Deliverer, endpoint: String) -> Self {
         Self(tokio::spawn(async move {
             tokio::select! {
-                _ = deliverer.stop.cancelled() => return Took { written: 0, limit: 0, rows: Ok(Vec::new()) },
+                _ = deliverer.stop.cancelled() => return Took { written: 0, limit: usize::MAX, rows: Ok(Vec::new()) },
                 _ = deliverer.line.clear_before_now(&endpoint) => {}
             }
             deliverer.pull_looked(&endpoint).await
@@ -365,7 +372,7 @@ impl Ahead {
     async fn taken(self) -> Took {
         self.0.await.unwrap_or_else(|e| Took {
             written: 0,
-            limit: 0,
+            limit: usize::MAX,
             rows: Err(sqlx::Error::Protocol(format!("a parked pull ended: {e}"))),
         })
     }
@@ -419,6 +426,25 @@ impl Deliverer {
                     _ = self.line.clear_before_now(&endpoint) => {}
                 }
             }
+            // A larger pull's messages wait in hand only while they are fresh: once they
+            // were read more than [`PUT_BACK_AFTER`] ago (the endpoint slowed down since),
+            // all but a cap of them go back to parking, in their place, and are pulled
+            // again at the endpoint's size now. So, as with a pull of one cap, the next
+            // pull (which renews the lease) is at most a round of slots away, a message
+            // goes before its claim runs out, and none needs its target read again.
+            let cap = self.isolation.max_in_flight();
+            if pulled.len() > cap
+                && pulled
+                    .front()
+                    .is_some_and(|r| r.read_at.elapsed() > PUT_BACK_AFTER)
+            {
+                let back = pulled.split_off(cap);
+                let ids: Vec<String> = back.iter().map(|r| r.pulled.id.clone()).collect();
+                if let Err(e) = self.put_back(&ids).await {
+                    tracing::warn!(endpoint, error = %e, "cannot put pulled webhook messages back in parking; they wait in hand");
+                    pulled.extend(back);
+                }
+            }
             if pulled.is_empty() {
                 let Took {
                     written,
@@ -432,9 +458,11 @@ impl Deliverer {
                     Ok(rows) => {
                         backoff = amqp::reconnect_backoff();
                         full = rows.len() >= limit;
-                        // Caught up with a fast endpoint: its next job waits for the end
-                        // rather than park, so parking can end while jobs keep coming.
-                        closing = !full && self.known_fast(&endpoint);
+                        // Caught up with a fast endpoint (less than a cap was left): its
+                        // next job waits for the end rather than park, so parking can end
+                        // while jobs keep coming.
+                        closing = rows.len() < self.isolation.max_in_flight()
+                            && self.known_fast(&endpoint);
                         self.parking.closing(&endpoint, closing);
                         pulled.extend(rows);
                     }
@@ -546,28 +574,31 @@ impl Deliverer {
 
     /// How many parked messages of the endpoint one pull takes: an in-flight cap, or
     /// for an endpoint that answers quickly as many caps as it typically answers in
-    /// [`PULL_SPAN`] (at most [`PULL_CAPS`]). Each pull costs two statements, so
-    /// pulling a cap at a time spent most of a quick endpoint's database work on the
-    /// pulls; the targets read with a pull are then at most about `PULL_SPAN` old when
-    /// sent, well within the [`BUSY_WAIT`] they are trusted for.
+    /// [`PULL_SPAN`] (at most [`PULL_CAPS`] and [`PULL_MOST`]). Each pull costs two
+    /// statements, so pulling a cap at a time spent most of a quick endpoint's database
+    /// work on the pulls; the targets read with a pull are then typically about
+    /// `PULL_SPAN` old at most when sent, well within the [`BUSY_WAIT`] they are trusted
+    /// for (should the endpoint slow down, what is left of the pull after that is put
+    /// back).
     fn pull_size(&self, endpoint: &str) -> usize {
         let cap = self.isolation.max_in_flight();
         let caps = self
             .isolation
             .typical(endpoint)
             .map_or(1, |t| PULL_SPAN.as_nanos() / t.as_nanos().max(1));
-        cap.saturating_mul(
-            usize::try_from(caps)
-                .unwrap_or(PULL_CAPS)
-                .clamp(1, PULL_CAPS),
-        )
+        let caps = usize::try_from(caps)
+            .unwrap_or(PULL_CAPS)
+            .clamp(1, PULL_CAPS);
+        cap.saturating_mul(caps).min(PULL_MOST).max(cap)
     }
 
     /// Takes up to `limit` of the endpoint's parked messages, and reads their targets.
     async fn pull_some(&self, endpoint: &str, limit: usize) -> Result<Vec<Ready>, sqlx::Error> {
         let now = Utc::now();
         // Long enough for a pulled message to wait for its slot and be sent: it must not
-        // be released to the broker while its attempt runs.
+        // be released to the broker while its attempt runs. The messages of a pull wait
+        // in hand a second at most beyond their cap's turn (the puller puts back what is
+        // left of a larger pull then), so this holds for any pull size.
         let claim = lease_until(now)
             + chrono::Duration::from_std(self.timeout.saturating_mul(2) + BUSY_WAIT)
                 .unwrap_or_default();
@@ -605,6 +636,17 @@ impl Deliverer {
                 read_at,
             })
             .collect())
+    }
+
+    /// Puts messages pulled and not sent back in parking, where they were.
+    async fn put_back(&self, ids: &[String]) -> Result<(), sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        let n = messages::put_back(&mut conn, ids).await?;
+        self.metrics
+            .webhook_attempts
+            .get_or_create(&vec![("outcome", "put_back".to_string())])
+            .inc_by(n);
+        Ok(())
     }
 
     /// The targets of messages just pulled.
