@@ -21,6 +21,9 @@ pub enum Point {
     /// Webhook delivery, a read of the targets of parked messages just pulled (a
     /// database failure there, not a crash).
     PulledRead,
+    /// Webhook delivery, the answer to putting pulled messages back in parking, lost
+    /// after the put-back committed (a connection that drops then).
+    PutBackAnswer,
 }
 
 /// Whether a step fails at a point.

@@ -1531,12 +1531,14 @@ async fn first_of_many_delivered(
     n: usize,
     workers: usize,
     cap: usize,
+    faults: guildgate::faults::SharedFaults,
 ) -> Started {
     let ep = add_endpoint(app, &r.url, None, SECRET).await;
     let mut conn = app.pool.acquire().await.unwrap();
     let ids = messages_for(&mut conn, &ep, n).await;
     let jobs = webhook_jobs(&mut conn).await;
-    let (deliverer, stop, worker) = deliver_jobs(app, &jobs[..1], workers, cap).await;
+    let (deliverer, stop, worker) =
+        deliver_jobs_failing(app, &jobs[..1], workers, cap, faults).await;
     first_delivered(app, &ep).await;
     Started {
         ep,
@@ -1579,7 +1581,7 @@ async fn a_quick_endpoints_pull_takes_several_caps_in_order() {
         deliverer,
         stop,
         worker,
-    } = first_of_many_delivered(&app, &r, 30, 4, 1).await;
+    } = first_of_many_delivered(&app, &r, 30, 4, 1, guildgate::faults::none()).await;
     // Then the rest come, in order.
     let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
     for (id, payload) in &jobs[1..] {
@@ -1617,26 +1619,35 @@ async fn a_quick_endpoints_pull_takes_several_caps_in_order() {
     app.cleanup().await;
 }
 
-/// An endpoint that slows down after a large pull of its parked messages: once the
-/// rest of the pull has waited in hand for more than half a second, all but a cap of it
-/// goes back to parking and is pulled again, so the next pull, which renews the
-/// endpoint's lease, is never far off and no claim runs out on a message still waiting
-/// to go. Each message is sent once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_large_pull_of_an_endpoint_that_slows_down_is_put_back_and_pulled_again() {
-    let mut app = without_delivery().await;
-    // 30 ms per request (pulled up to 64 at a time), until the test slows it down.
-    let latency_ms = Arc::new(AtomicU64::new(30));
-    let latency = latency_ms.clone();
-    let r = Receiver::start(&[SECRET], move |_| {
-        Reply::After(
-            std::time::Duration::from_millis(latency.load(Ordering::SeqCst)),
-            200,
-        )
+/// An endpoint answering in 30 ms, four requests at once (so pulled up to 32 at a
+/// time), that slows down after a large pull of its 60 parked messages, delivered with
+/// `faults` until all are delivered: the receiver, the message ids, the test's
+/// connection and the messages.
+async fn slowed_down_after_a_large_pull(
+    app: &TestApp,
+    faults: guildgate::faults::SharedFaults,
+) -> (
+    Receiver,
+    Vec<String>,
+    sqlx::pool::PoolConnection<sqlx::Postgres>,
+    Vec<Message>,
+) {
+    // From request `slow_from` on, each request takes half as long again as the one
+    // before, up to 400 ms: gradually enough that the endpoint never looks hanging (its
+    // typical latency follows), fast enough that the rest of the pull waits in hand for
+    // more than half a second.
+    let slow_from = Arc::new(AtomicU64::new(u64::MAX));
+    let from = slow_from.clone();
+    let r = Receiver::start(&[SECRET], move |n| {
+        let ms = match (n as u64).checked_sub(from.load(Ordering::SeqCst)) {
+            None => 30.0,
+            Some(m) => (30.0 * 1.5f64.powi(i32::try_from(m.min(20)).unwrap())).min(400.0),
+        };
+        Reply::After(std::time::Duration::from_secs_f64(ms / 1000.0), 200)
     })
     .await;
-    // More workers than the cap of eight, so the jobs behind the eight in flight park.
-    let mut b = first_of_many_delivered(&app, &r, 200, 16, 8).await;
+    // More workers than the cap of four, so the jobs behind the four in flight park.
+    let b = first_of_many_delivered(app, &r, 60, 16, 4, faults).await;
     // Then the rest, all at once, faster than the endpoint takes them, so a backlog parks.
     let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
     let bodies: Vec<(&str, Vec<u8>)> = b.jobs[1..]
@@ -1649,40 +1660,74 @@ async fn a_large_pull_of_an_endpoint_that_slows_down_is_put_back_and_pulled_agai
             .map(|(id, body)| app.publish_to_queue(&queue, id, body)),
     )
     .await;
-    // A large pull taken (a cap at a time, with one ahead, has at most 17 taken).
+    // A large pull taken, with more than four caps of it still to go (a cap at a time,
+    // with one ahead and one being recorded, has at most 12 taken).
     wait_for("a large pull taken", || async {
-        (taken_of(&app, &b.ep).await.len() > 20).then_some(())
+        (taken_of(app, &b.ep).await.len() > 20).then_some(())
     })
     .await;
-    // Six times as slow: the rest of the pull waits longer than half a second, and the
-    // endpoint does not look hanging (eight times its typical latency without an answer).
-    let typical = b.deliverer.isolation.typical(&b.ep.id).expect("answered");
-    latency_ms.store(
-        u64::try_from(typical.as_millis() * 6).unwrap(),
-        Ordering::SeqCst,
-    );
-    let all = every_delivered(&app, &b.ep).await;
+    slow_from.store(r.count() as u64, Ordering::SeqCst);
+    let all = every_delivered(app, &b.ep).await;
     b.stop.cancel();
     b.worker.await.unwrap();
     b.deliverer.broker.close().await;
+    (r, b.ids, b.conn, all)
+}
 
-    assert_eq!(all.len(), 200);
+/// Each of the endpoint's messages was sent once (four at once, so in no strict
+/// order), and none went through the broker again.
+async fn each_sent_once_none_republished(
+    r: &Receiver,
+    ids: &[String],
+    conn: &mut sqlx::PgConnection,
+    all: &[Message],
+) {
+    assert_eq!(all.len(), ids.len());
+    let mut sent: Vec<String> = r.hits().into_iter().map(|h| h.id).collect();
+    sent.sort();
+    let mut want = ids.to_vec();
+    want.sort();
+    assert_eq!(sent, want, "each sent once");
+    all_verified(r);
+    assert_eq!(
+        webhook_jobs(conn).await.len(),
+        ids.len(),
+        "nothing republished"
+    );
+}
+
+/// An endpoint that slows down after a large pull of its parked messages: once the
+/// rest of the pull has waited in hand for more than half a second, all but a cap of it
+/// goes back to parking and is pulled again, so the next pull, which renews the
+/// endpoint's lease, is never far off and no claim runs out on a message still waiting
+/// to go. Each message is sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_pull_of_an_endpoint_that_slows_down_is_put_back_and_pulled_again() {
+    let mut app = without_delivery().await;
+    let (r, ids, mut conn, all) =
+        slowed_down_after_a_large_pull(&app, guildgate::faults::none()).await;
+
     let count = |outcome: &str| attempts(&app, outcome);
     assert!(count("put_back") >= 1, "put back {}", count("put_back"));
     assert_eq!(count("held"), 0, "never taken for hanging");
-    // Each sent once (eight at once, so in no strict order).
-    let mut sent: Vec<String> = r.hits().into_iter().map(|h| h.id).collect();
-    sent.sort();
-    let mut want = b.ids.clone();
-    want.sort();
-    assert_eq!(sent, want);
-    all_verified(&r);
-    assert_eq!(
-        webhook_jobs(&mut b.conn).await.len(),
-        200,
-        "nothing republished"
-    );
-    drop(b.conn);
+    each_sent_once_none_republished(&r, &ids, &mut conn, &all).await;
+    drop(conn);
+    app.cleanup().await;
+}
+
+/// A put-back commits but its answer is lost: the puller cannot tell whether the
+/// messages are back in parking, so it never sends them itself; they go once, pulled
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_whose_put_back_answer_was_lost_are_not_sent_twice() {
+    let mut app = without_delivery().await;
+    let faults = Arc::new(common::Injected::default());
+    faults.once(Point::PutBackAnswer);
+    let (r, ids, mut conn, all) = slowed_down_after_a_large_pull(&app, faults.clone()).await;
+
+    assert!(!faults.pending(Point::PutBackAnswer), "a put-back happened");
+    each_sent_once_none_republished(&r, &ids, &mut conn, &all).await;
+    drop(conn);
     app.cleanup().await;
 }
 

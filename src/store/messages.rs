@@ -515,14 +515,20 @@ pub async fn pull_parked(
 
 /// Puts messages taken by [`pull_parked`] and not attempted back in parking: they keep
 /// their `parked_at`, so the endpoint's next pull takes them first, in their order.
-/// Returns how many.
-pub async fn put_back(conn: &mut PgConnection, ids: &[String]) -> Result<u64, sqlx::Error> {
+/// Only those still held until `claim`, the pull's (not released and taken again
+/// meanwhile). Returns how many.
+pub async fn put_back(
+    conn: &mut PgConnection,
+    ids: &[String],
+    claim: DateTime<Utc>,
+) -> Result<u64, sqlx::Error> {
     let r = sqlx::query(
         "UPDATE webhook_messages SET held_until = NULL, updated_at = now()
          WHERE id = ANY ($1) AND status = 'pending'
-           AND parked_at IS NOT NULL AND held_until IS NOT NULL",
+           AND parked_at IS NOT NULL AND held_until = $2",
     )
     .bind(ids)
+    .bind(claim)
     .execute(conn)
     .await?;
     Ok(r.rows_affected())

@@ -45,7 +45,8 @@ const PULL_SPAN: Duration = Duration::from_millis(250);
 
 /// At most this many in-flight caps of messages in one pull, and at most this many
 /// messages (or one cap, if that is more): fewer than the hold releaser gives jobs to
-/// per endpoint and round, so a pull handed back on stop goes first whole.
+/// per endpoint and round (unless the cap is larger), so a pull handed back on stop
+/// goes first whole.
 const PULL_CAPS: usize = 8;
 const PULL_MOST: usize = 64;
 
@@ -198,8 +199,8 @@ struct State {
     /// Counts written parks: a puller that found nothing stops only if none was
     /// written since it looked.
     written: u64,
-    /// The puller of a fast endpoint has caught up (its last pull took less than it
-    /// could): the job at the front of the endpoint's line waits for it to finish
+    /// The puller of a fast endpoint has caught up (its last pull took less than a
+    /// cap): the job at the front of the endpoint's line waits for it to finish
     /// instead of parking ([`Parking::look`]), so the endpoint can leave parking while
     /// its jobs keep coming.
     closing: bool,
@@ -339,6 +340,8 @@ pub(super) struct Ready {
     /// `Some(None)`: the message is gone.
     target: Option<Option<DeliveryTarget>>,
     read_at: Instant,
+    /// Until when the pull holds it (`held_until`).
+    claim: DateTime<Utc>,
 }
 
 /// An endpoint's next pull, taken while the last message of the pull before waits for
@@ -392,6 +395,8 @@ impl Deliverer {
         // Set when the endpoint hangs (`None`) or its circuit is open (until when), with
         // the note of the hold, begun as soon as that is seen.
         let mut holding: Option<(Option<Instant>, HoldNote)> = None;
+        // Messages whose put-back failed (it may have committed), with their claim.
+        let mut unsure: Vec<(Vec<String>, DateTime<Utc>)> = Vec::new();
         loop {
             let stall_after = self.isolation.stall_after(&endpoint, STALLED_AFTER);
             let admission = tokio::select! {
@@ -427,11 +432,19 @@ impl Deliverer {
                 }
             }
             // A larger pull's messages wait in hand only while they are fresh: once they
-            // were read more than [`PUT_BACK_AFTER`] ago (the endpoint slowed down since),
-            // all but a cap of them go back to parking, in their place, and are pulled
-            // again at the endpoint's size now. So, as with a pull of one cap, the next
-            // pull (which renews the lease) is at most a round of slots away, a message
-            // goes before its claim runs out, and none needs its target read again.
+            // were read more than [`PUT_BACK_AFTER`] ago (the endpoint slowed down since,
+            // or this process is busy), all but a cap of them go back to parking, in their
+            // place, and are pulled again at the endpoint's size then. So, much as with a
+            // pull of one cap, the next pull (which renews the lease) is at most half a
+            // second and a round or two of slots away, and a message goes well before its
+            // claim runs out. One whose put-back failed is never sent from here (the put-
+            // back may have committed): it is put back again while its claim is this
+            // pull's, and otherwise goes when its claim runs out, as after a crash.
+            if let Some((ids, claim)) = unsure.last()
+                && self.put_back(ids, *claim).await.is_ok()
+            {
+                unsure.pop();
+            }
             let cap = self.isolation.max_in_flight();
             if pulled.len() > cap
                 && pulled
@@ -440,9 +453,11 @@ impl Deliverer {
             {
                 let back = pulled.split_off(cap);
                 let ids: Vec<String> = back.iter().map(|r| r.pulled.id.clone()).collect();
-                if let Err(e) = self.put_back(&ids).await {
-                    tracing::warn!(endpoint, error = %e, "cannot put pulled webhook messages back in parking; they wait in hand");
-                    pulled.extend(back);
+                if let Some(claim) = back.front().map(|r| r.claim)
+                    && let Err(e) = self.put_back(&ids, claim).await
+                {
+                    tracing::warn!(endpoint, error = %e, "cannot put pulled webhook messages back in parking; trying again");
+                    unsure.push((ids, claim));
                 }
             }
             if pulled.is_empty() {
@@ -596,9 +611,9 @@ impl Deliverer {
     async fn pull_some(&self, endpoint: &str, limit: usize) -> Result<Vec<Ready>, sqlx::Error> {
         let now = Utc::now();
         // Long enough for a pulled message to wait for its slot and be sent: it must not
-        // be released to the broker while its attempt runs. The messages of a pull wait
-        // in hand a second at most beyond their cap's turn (the puller puts back what is
-        // left of a larger pull then), so this holds for any pull size.
+        // be released to the broker while its attempt runs. The messages of a larger pull
+        // wait in hand about half a second at most beyond a cap's turn (the puller puts
+        // back what is left of it then), so this holds for any pull size.
         let claim = lease_until(now)
             + chrono::Duration::from_std(self.timeout.saturating_mul(2) + BUSY_WAIT)
                 .unwrap_or_default();
@@ -631,6 +646,7 @@ impl Deliverer {
         Ok(pulled
             .into_iter()
             .map(|p| Ready {
+                claim,
                 target: targets.as_mut().map(|t| t.remove(&p.id)),
                 pulled: p,
                 read_at,
@@ -638,14 +654,20 @@ impl Deliverer {
             .collect())
     }
 
-    /// Puts messages pulled and not sent back in parking, where they were.
-    async fn put_back(&self, ids: &[String]) -> Result<(), sqlx::Error> {
+    /// Puts messages pulled and not sent back in parking, where they were, while they are
+    /// still held by the pull that took them (until `claim`).
+    async fn put_back(&self, ids: &[String], claim: DateTime<Utc>) -> Result<(), sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        let n = messages::put_back(&mut conn, ids).await?;
+        let n = messages::put_back(&mut conn, ids, claim).await?;
         self.metrics
             .webhook_attempts
             .get_or_create(&vec![("outcome", "put_back".to_string())])
             .inc_by(n);
+        if self.faults.fails(crate::faults::Point::PutBackAnswer) {
+            return Err(sqlx::Error::Protocol(
+                "the put-back's answer was lost".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -674,6 +696,7 @@ impl Deliverer {
             pulled: p,
             target,
             read_at,
+            ..
         } = ready;
         let read = target.filter(|_| read_at.elapsed() <= BUSY_WAIT);
         let job = Job {
