@@ -168,7 +168,15 @@ fn counters(m: &Metrics) -> (u64, Vec<(&'static str, u64)>) {
         .get();
     let outcomes = crate::attempt_counts(
         m,
-        &["delivered", "deferred", "parked", "pulled", "put_back", "held", "paced"],
+        &[
+            "delivered",
+            "deferred",
+            "parked",
+            "pulled",
+            "put_back",
+            "held",
+            "paced",
+        ],
     );
     (relayed, outcomes)
 }
