@@ -180,8 +180,25 @@ fn start(
     (child, from)
 }
 
-/// A port that was free a moment ago (see [`Worker::wait_ready`]).
+/// A port that was free a moment ago (see [`Worker::wait_ready`]), picked below the
+/// kernel's range of ephemeral ports: a port from that range can be taken, between
+/// this check and the server binding it, as the source port of any connection the
+/// suite opens meanwhile (a RabbitMQ node once failed to start so).
 pub fn free_port() -> u16 {
+    use rand::Rng;
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if first_ephemeral > 11_000 {
+        let mut rng = rand::rng();
+        for _ in 0..1000 {
+            let port = rng.random_range(10_000..first_ephemeral);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
