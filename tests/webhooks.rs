@@ -1583,11 +1583,7 @@ async fn a_quick_endpoints_pull_takes_several_caps_in_order() {
         worker,
     } = first_of_many_delivered(&app, &r, 30, 4, 1, guildgate::faults::none()).await;
     // Then the rest come, in order.
-    let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
-    for (id, payload) in &jobs[1..] {
-        app.publish_to_queue(&queue, id, &serde_json::to_vec(payload).unwrap())
-            .await;
-    }
+    publish_in_order(&app, &jobs[1..]).await;
     // A cap at a time, with the next pull taken ahead, has at most two caps taken and
     // unrecorded, and one more being recorded (its slot is given back first).
     let most = wait_for("more than two caps taken at once", || async {
@@ -1754,6 +1750,15 @@ async fn pulled_messages_whose_read_failed_read_their_own_and_go() {
     app.cleanup().await;
 }
 
+/// Publishes `jobs` to the webhook queue one after the other, so they arrive in order.
+async fn publish_in_order(app: &TestApp, jobs: &[(String, serde_json::Value)]) {
+    let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
+    for (id, payload) in jobs {
+        app.publish_to_queue(&queue, id, &serde_json::to_vec(payload).unwrap())
+            .await;
+    }
+}
+
 /// Waits until one message of the endpoint is delivered.
 async fn first_delivered(app: &TestApp, ep: &Endpoint) {
     wait_for("the first delivery", || async {
@@ -1773,11 +1778,7 @@ async fn first_delivered_then_two_in_flight_four_parked(
     jobs: &[(String, serde_json::Value)],
 ) {
     first_delivered(app, ep).await;
-    let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
-    for (id, payload) in &jobs[1..] {
-        app.publish_to_queue(&queue, id, &serde_json::to_vec(payload).unwrap())
-            .await;
-    }
+    publish_in_order(app, &jobs[1..]).await;
     wait_for("two in flight and four parked", || async {
         let parked: i64 =
             sqlx::query_scalar("SELECT count(*) FROM webhook_messages WHERE parked_at IS NOT NULL")

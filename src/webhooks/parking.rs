@@ -476,8 +476,7 @@ impl Deliverer {
                         // Caught up with a fast endpoint (less than a cap was left): its
                         // next job waits for the end rather than park, so parking can end
                         // while jobs keep coming.
-                        closing = rows.len() < self.isolation.max_in_flight()
-                            && self.known_fast(&endpoint);
+                        closing = rows.len() < cap && self.known_fast(&endpoint);
                         self.parking.closing(&endpoint, closing);
                         pulled.extend(rows);
                     }
