@@ -1418,7 +1418,7 @@ async fn deliver_jobs(
     workers: usize,
     cap: usize,
 ) -> (Deliverer, CancellationToken, tokio::task::JoinHandle<()>) {
-    deliver_jobs_failing(app, jobs, workers, cap, guildgate::faults::none()).await
+    deliver_jobs_with(app, jobs, workers, cap, |d| d).await
 }
 
 /// [`deliver_jobs`] with a deliverer failing where `faults` says.
@@ -1428,6 +1428,17 @@ async fn deliver_jobs_failing(
     workers: usize,
     cap: usize,
     faults: guildgate::faults::SharedFaults,
+) -> (Deliverer, CancellationToken, tokio::task::JoinHandle<()>) {
+    deliver_jobs_with(app, jobs, workers, cap, |d| d.with_faults(faults)).await
+}
+
+/// [`deliver_jobs`] with the deliverer changed by `tune` before it runs.
+async fn deliver_jobs_with(
+    app: &TestApp,
+    jobs: &[(String, serde_json::Value)],
+    workers: usize,
+    cap: usize,
+    tune: impl FnOnce(Deliverer) -> Deliverer,
 ) -> (Deliverer, CancellationToken, tokio::task::JoinHandle<()>) {
     let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
     for (id, payload) in jobs {
@@ -1443,8 +1454,8 @@ async fn deliver_jobs_failing(
         &settings,
         app.metrics.clone(),
     )
-    .unwrap()
-    .with_faults(faults);
+    .unwrap();
+    let deliverer = tune(deliverer);
     let stop = CancellationToken::new();
     let worker = tokio::spawn(deliverer.clone().run(stop.clone()));
     (deliverer, stop, worker)
@@ -1870,19 +1881,21 @@ struct Pulling {
 }
 
 /// Delivers seven messages of an endpoint with an in-flight cap of two up to its first
-/// pull: the first answered in 250 ms (slow enough to park behind, quick enough to pull
-/// ahead even once the gated requests below count in its typical latency, and slow
-/// enough that two requests held for a second or two do not make it look hanging), the
-/// second answered once the other six were two in flight and four parked,
-/// so the puller took the next two (an in-flight cap) and sent the first of them, while
-/// the second waits for a slot. The third request answers `third_status` when the test
-/// opens `third`.
+/// pull: the first answered in 150 ms (slow enough to park behind and for a pull of one
+/// cap, quick enough to pull ahead even once the held requests below, seconds long on
+/// a busy machine, count in its typical latency), the second answered once the other
+/// six were two in flight and four parked, so the puller took the next two (an
+/// in-flight cap) and sent the first of them, while the second waits for a slot. The
+/// third request answers `third_status` when the test opens `third`. The deliverer
+/// takes the endpoint for hanging only after 60 times its typical latency (9 s): the
+/// test holds two requests while it looks, which on a busy machine may take longer than
+/// the 8 times (1.2 s) of service, and a hang would hold the parked messages.
 async fn first_pull_taken(app: &TestApp, third_status: u16) -> Pulling {
     let gates = [(); 3].map(|_| CancellationToken::new());
     let [second, third, rest] = gates.clone();
     let long = std::time::Duration::from_secs(30);
     let r = Receiver::start(&[SECRET], move |n| match n {
-        0 => Reply::After(std::time::Duration::from_millis(250), 200),
+        0 => Reply::After(std::time::Duration::from_millis(150), 200),
         1 => Reply::Until(gates[0].clone(), long, 200),
         2 => Reply::Until(gates[1].clone(), long, third_status),
         _ => Reply::Until(gates[2].clone(), long, 200),
@@ -1892,7 +1905,8 @@ async fn first_pull_taken(app: &TestApp, third_status: u16) -> Pulling {
     let mut conn = app.pool.acquire().await.unwrap();
     let ids = messages_for(&mut conn, &ep, 7).await;
     let jobs = webhook_jobs(&mut conn).await;
-    let (deliverer, stop, worker) = deliver_jobs(app, &jobs[..1], 4, 2).await;
+    let (deliverer, stop, worker) =
+        deliver_jobs_with(app, &jobs[..1], 4, 2, |d| d.with_stall_factor(60)).await;
     first_delivered_then_two_in_flight_four_parked(app, &ep, &r, &jobs).await;
     second.cancel();
     wait_for("the first pulled message sent", || async {
@@ -2237,6 +2251,7 @@ async fn fan_out_creates_the_messages_of_an_endpoint_known_to_fail_held() {
         max_in_flight: 2,
         threshold: 1,
         cool_down: std::time::Duration::from_secs(60),
+        stall_factor: guildgate::webhooks::isolation::STALL_FACTOR,
     });
     let Admission::Go(permit) = isolation.admit(&failing.id, std::time::Instant::now()) else {
         panic!("a fresh endpoint is admitted");

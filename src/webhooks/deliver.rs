@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::holds;
-use super::isolation::{Admission, GoneNote, Isolation, IsolationSettings};
+use super::isolation::{Admission, GoneNote, Isolation, IsolationSettings, STALL_FACTOR};
 use super::pacing::{Pace, Pacing};
 use super::parking::{self, Line, Look, ParkWrite, Parking, Place};
 use super::reader::{ReadError, Reader};
@@ -221,6 +221,7 @@ impl Deliverer {
                 max_in_flight: settings.max_in_flight_per_endpoint.max(1),
                 threshold: BREAKER_THRESHOLD,
                 cool_down: BREAKER_COOL_DOWN,
+                stall_factor: STALL_FACTOR,
             }),
             // As many may wait for a turn as for a slot of a busy endpoint.
             pacing: Pacing::new(settings.max_in_flight_per_endpoint.max(1)),
@@ -242,6 +243,17 @@ impl Deliverer {
     /// The same deliverer, failing where `faults` says (tests).
     pub fn with_faults(mut self, faults: crate::faults::SharedFaults) -> Self {
         self.faults = faults;
+        self
+    }
+
+    /// The same deliverer, taking an endpoint at its cap for hanging only after `factor`
+    /// times its typical latency without an answer (tests that hold requests up while
+    /// they look, which takes longer on a busy machine). Before it runs.
+    pub fn with_stall_factor(mut self, factor: u32) -> Self {
+        self.isolation = Isolation::new(IsolationSettings {
+            stall_factor: factor,
+            ..self.isolation.settings()
+        });
         self
     }
 

@@ -26,6 +26,9 @@ pub struct IsolationSettings {
     pub max_in_flight: usize,
     pub threshold: u32,
     pub cool_down: Duration,
+    /// How many times its typical latency an endpoint at its cap may go without a
+    /// request finishing before it counts as hanging ([`STALL_FACTOR`] in service).
+    pub stall_factor: u32,
 }
 
 #[derive(Default)]
@@ -107,10 +110,10 @@ struct Gone {
 pub const GONE_KEPT: Duration = Duration::from_secs(60);
 
 /// How long an endpoint at its cap may go without a request finishing before it counts
-/// as hanging: `STALL_FACTOR` times the typical latency of its own successful requests,
-/// within [`STALL_FLOOR`, [`STALL_CEILING`]]; until one of its requests has succeeded,
-/// `STALL_FACTOR` times the typical latency over every endpoint, within
-/// [`STALL_FLOOR`, the caller's ceiling]. A fast receiver that stops answering is
+/// as hanging: the stall factor ([`STALL_FACTOR`] in service) times the typical latency
+/// of its own successful requests, within [`STALL_FLOOR`, [`STALL_CEILING`]]; until one
+/// of its requests has succeeded, the factor times the typical latency over every
+/// endpoint, within [`STALL_FLOOR`, the caller's ceiling]. A fast receiver that stops answering is
 /// recognised in a fraction of a second, and one that always takes a second is not
 /// mistaken for a hanging one once it has answered. Taking one for hanging too early
 /// costs little: its messages are held, and its first success parks them to be sent at
@@ -208,6 +211,11 @@ impl Isolation {
         }
     }
 
+    /// What this was built with.
+    pub fn settings(&self) -> IsolationSettings {
+        self.settings
+    }
+
     /// The cap of requests in flight per endpoint.
     pub fn max_in_flight(&self) -> usize {
         self.settings.max_in_flight
@@ -219,12 +227,11 @@ impl Isolation {
     pub fn stall_after(&self, endpoint: &str, ceiling: Duration) -> Duration {
         let typical = self.typical.lock().expect("isolation lock");
         match typical.get(endpoint) {
-            Some(&us) => {
-                (Duration::from_micros(us) * STALL_FACTOR).clamp(STALL_FLOOR, STALL_CEILING)
-            }
+            Some(&us) => (Duration::from_micros(us) * self.settings.stall_factor)
+                .clamp(STALL_FLOOR, STALL_CEILING),
             None => match self.typical_all_us.load(Ordering::Relaxed) {
                 0 => ceiling,
-                us => (Duration::from_micros(us) * STALL_FACTOR)
+                us => (Duration::from_micros(us) * self.settings.stall_factor)
                     .clamp(STALL_FLOOR, ceiling.max(STALL_FLOOR)),
             },
         }
@@ -577,6 +584,7 @@ mod tests {
             max_in_flight: 2,
             threshold: 3,
             cool_down: Duration::from_secs(10),
+            stall_factor: STALL_FACTOR,
         })
     }
 
