@@ -1421,17 +1421,6 @@ async fn deliver_jobs(
     deliver_jobs_with(app, jobs, workers, cap, |d| d).await
 }
 
-/// [`deliver_jobs`] with a deliverer failing where `faults` says.
-async fn deliver_jobs_failing(
-    app: &TestApp,
-    jobs: &[(String, serde_json::Value)],
-    workers: usize,
-    cap: usize,
-    faults: guildgate::faults::SharedFaults,
-) -> (Deliverer, CancellationToken, tokio::task::JoinHandle<()>) {
-    deliver_jobs_with(app, jobs, workers, cap, |d| d.with_faults(faults)).await
-}
-
 /// [`deliver_jobs`] with the deliverer changed by `tune` before it runs.
 async fn deliver_jobs_with(
     app: &TestApp,
@@ -1497,7 +1486,9 @@ async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     let mut app = without_delivery().await;
     // 80 ms per request and one at a time: four workers and 12 jobs keep it busy.
     let (r, ep, mut conn, ids, jobs) = busy_endpoint(&app, 12).await;
-    let (deliverer, stop, worker) = deliver_jobs(&app, &jobs, 4, 1).await;
+    // Patient with a request slowed by a busy machine (see `first_of_many_delivered`).
+    let (deliverer, stop, worker) =
+        deliver_jobs_with(&app, &jobs, 4, 1, |d| d.with_stall_factor(60)).await;
     wait_messages(&app, &ep, 12, "delivered").await;
     stop.cancel();
     worker.await.unwrap();
@@ -1548,8 +1539,13 @@ async fn first_of_many_delivered(
     let mut conn = app.pool.acquire().await.unwrap();
     let ids = messages_for(&mut conn, &ep, n).await;
     let jobs = webhook_jobs(&mut conn).await;
-    let (deliverer, stop, worker) =
-        deliver_jobs_failing(app, &jobs[..1], workers, cap, faults).await;
+    // Patient with an endpoint whose requests do not finish (60 times its typical
+    // latency): these tests send in order behind a cap, and one request slowed by a busy
+    // machine must not pass for a hang, whose held messages would go again out of order.
+    let (deliverer, stop, worker) = deliver_jobs_with(app, &jobs[..1], workers, cap, |d| {
+        d.with_faults(faults).with_stall_factor(60)
+    })
+    .await;
     first_delivered(app, &ep).await;
     Started {
         ep,
@@ -1746,7 +1742,11 @@ async fn pulled_messages_whose_read_failed_read_their_own_and_go() {
     let (r, ep, conn, ids, jobs) = busy_endpoint(&app, 8).await;
     let faults = Arc::new(common::Injected::default());
     faults.set(Point::PulledRead);
-    let (deliverer, stop, worker) = deliver_jobs_failing(&app, &jobs, 4, 1, faults).await;
+    // Patient with a request slowed by a busy machine (see `first_of_many_delivered`).
+    let (deliverer, stop, worker) = deliver_jobs_with(&app, &jobs, 4, 1, |d| {
+        d.with_faults(faults).with_stall_factor(60)
+    })
+    .await;
     wait_messages(&app, &ep, 8, "delivered").await;
     stop.cancel();
     worker.await.unwrap();
