@@ -1882,14 +1882,14 @@ struct Pulling {
 
 /// Delivers seven messages of an endpoint with an in-flight cap of two up to its first
 /// pull: the first answered in 150 ms (slow enough to park behind and for a pull of one
-/// cap, quick enough to pull ahead even once the held requests below, seconds long on
-/// a busy machine, count in its typical latency), the second answered once the other
-/// six were two in flight and four parked, so the puller took the next two (an
-/// in-flight cap) and sent the first of them, while the second waits for a slot. The
-/// third request answers `third_status` when the test opens `third`. The deliverer
-/// takes the endpoint for hanging only after 60 times its typical latency (9 s): the
-/// test holds two requests while it looks, which on a busy machine may take longer than
-/// the 8 times (1.2 s) of service, and a hang would hold the parked messages.
+/// cap), the second answered once the other six were two in flight and four parked, so
+/// the puller took the next two (an in-flight cap) and sent the first of them, while
+/// the second waits for a slot. The third request answers `third_status` when the test
+/// opens `third`. The test holds two requests while it looks, which on a busy machine
+/// may take seconds, so its deliverer is patient: it takes the endpoint for hanging
+/// only after 60 times its typical latency (9 s, not the 1.2 s of service, after which
+/// the parked messages would be held), and pulls ahead while that latency, which the
+/// held requests raise once they answer, is under 5 s (not half a second).
 async fn first_pull_taken(app: &TestApp, third_status: u16) -> Pulling {
     let gates = [(); 3].map(|_| CancellationToken::new());
     let [second, third, rest] = gates.clone();
@@ -1905,8 +1905,11 @@ async fn first_pull_taken(app: &TestApp, third_status: u16) -> Pulling {
     let mut conn = app.pool.acquire().await.unwrap();
     let ids = messages_for(&mut conn, &ep, 7).await;
     let jobs = webhook_jobs(&mut conn).await;
-    let (deliverer, stop, worker) =
-        deliver_jobs_with(app, &jobs[..1], 4, 2, |d| d.with_stall_factor(60)).await;
+    let (deliverer, stop, worker) = deliver_jobs_with(app, &jobs[..1], 4, 2, |d| {
+        d.with_stall_factor(60)
+            .with_pull_ahead_below(std::time::Duration::from_secs(5))
+    })
+    .await;
     first_delivered_then_two_in_flight_four_parked(app, &ep, &r, &jobs).await;
     second.cancel();
     wait_for("the first pulled message sent", || async {

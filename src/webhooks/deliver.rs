@@ -180,7 +180,15 @@ pub struct Deliverer {
     /// would ([`crate::faults::Point::AfterSend`]), or the read of pulled messages fail
     /// ([`crate::faults::Point::PulledRead`]).
     pub(super) faults: crate::faults::SharedFaults,
+    /// An endpoint whose requests typically answer faster than this has its next pull
+    /// taken ahead ([`PULL_AHEAD_BELOW`] in service).
+    pub(super) pull_ahead_below: Duration,
 }
+
+/// An endpoint whose requests typically answer within this has its next pull taken
+/// while the last message of the one before is sent: well within [`BUSY_WAIT`], so the
+/// targets read with it are still fresh when their slots free.
+pub const PULL_AHEAD_BELOW: Duration = Duration::from_millis(500);
 
 /// The HTTP client every delivery uses: no redirects, no proxy (it would bypass the
 /// SSRF guard), the guarded resolver, the configured timeout for the whole exchange.
@@ -237,6 +245,7 @@ impl Deliverer {
             shares: Shares::of_workers(settings.workers.max(1)),
             metrics,
             faults: crate::faults::none(),
+            pull_ahead_below: PULL_AHEAD_BELOW,
         })
     }
 
@@ -254,6 +263,13 @@ impl Deliverer {
             stall_factor: factor,
             ..self.isolation.settings()
         });
+        self
+    }
+
+    /// The same deliverer, taking an endpoint's next pull ahead while its requests
+    /// typically answer within `below` (tests whose held requests count in that).
+    pub fn with_pull_ahead_below(mut self, below: Duration) -> Self {
+        self.pull_ahead_below = below;
         self
     }
 

@@ -566,12 +566,13 @@ impl Deliverer {
     }
 
     /// Whether the endpoint's next pull may be taken ahead, while the last message of
-    /// the one before is sent: its requests answer well within [`BUSY_WAIT`], so the
-    /// targets read with it are still fresh when their slots free.
+    /// the one before is sent: its requests answer within
+    /// [`super::deliver::PULL_AHEAD_BELOW`], so the targets read with it are still fresh
+    /// when their slots free.
     fn pulls_ahead(&self, endpoint: &str) -> bool {
         self.isolation
             .typical(endpoint)
-            .is_some_and(|t| t < BUSY_WAIT / 2)
+            .is_some_and(|t| t < self.pull_ahead_below)
     }
 
     /// [`Self::pull_some`] of [`Self::pull_size`] messages, with the count of parks
