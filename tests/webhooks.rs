@@ -1486,9 +1486,7 @@ async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     let mut app = without_delivery().await;
     // 80 ms per request and one at a time: four workers and 12 jobs keep it busy.
     let (r, ep, mut conn, ids, jobs) = busy_endpoint(&app, 12).await;
-    // Patient with a request slowed by a busy machine (see `first_of_many_delivered`).
-    let (deliverer, stop, worker) =
-        deliver_jobs_with(&app, &jobs, 4, 1, |d| d.with_stall_factor(60)).await;
+    let (deliverer, stop, worker) = deliver_jobs_with(&app, &jobs, 4, 1, patient).await;
     wait_messages(&app, &ep, 12, "delivered").await;
     stop.cancel();
     worker.await.unwrap();
@@ -1533,19 +1531,13 @@ async fn first_of_many_delivered(
     n: usize,
     workers: usize,
     cap: usize,
-    faults: guildgate::faults::SharedFaults,
+    tune: impl FnOnce(Deliverer) -> Deliverer,
 ) -> Started {
     let ep = add_endpoint(app, &r.url, None, SECRET).await;
     let mut conn = app.pool.acquire().await.unwrap();
     let ids = messages_for(&mut conn, &ep, n).await;
     let jobs = webhook_jobs(&mut conn).await;
-    // Patient with an endpoint whose requests do not finish (60 times its typical
-    // latency): these tests send in order behind a cap, and one request slowed by a busy
-    // machine must not pass for a hang, whose held messages would go again out of order.
-    let (deliverer, stop, worker) = deliver_jobs_with(app, &jobs[..1], workers, cap, |d| {
-        d.with_faults(faults).with_stall_factor(60)
-    })
-    .await;
+    let (deliverer, stop, worker) = deliver_jobs_with(app, &jobs[..1], workers, cap, tune).await;
     first_delivered(app, &ep).await;
     Started {
         ep,
@@ -1556,6 +1548,14 @@ async fn first_of_many_delivered(
         stop,
         worker,
     }
+}
+
+/// A deliverer that takes an endpoint for hanging only after 60 times its typical
+/// latency, for tests that check the order an endpoint's messages arrive in, one at a
+/// time behind a cap: one request slowed by a busy machine must not pass for a hang,
+/// whose held messages would go again in another order. Not for tests of hanging.
+fn patient(d: Deliverer) -> Deliverer {
+    d.with_stall_factor(60)
 }
 
 /// Waits until every message of the endpoint is delivered; returns them.
@@ -1588,7 +1588,7 @@ async fn a_quick_endpoints_pull_takes_several_caps_in_order() {
         deliverer,
         stop,
         worker,
-    } = first_of_many_delivered(&app, &r, 30, 4, 1, guildgate::faults::none()).await;
+    } = first_of_many_delivered(&app, &r, 30, 4, 1, patient).await;
     // Then the rest come, in order.
     publish_in_order(&app, &jobs[1..]).await;
     // A cap at a time, with the next pull taken ahead, has at most two caps taken and
@@ -1650,7 +1650,7 @@ async fn slowed_down_after_a_large_pull(
     })
     .await;
     // More workers than the cap of four, so the jobs behind the four in flight park.
-    let b = first_of_many_delivered(app, &r, 60, 16, 4, faults).await;
+    let b = first_of_many_delivered(app, &r, 60, 16, 4, |d| d.with_faults(faults)).await;
     // Then the rest, all at once, faster than the endpoint takes them, so a backlog parks.
     let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();
     let bodies: Vec<(&str, Vec<u8>)> = b.jobs[1..]
@@ -1742,11 +1742,8 @@ async fn pulled_messages_whose_read_failed_read_their_own_and_go() {
     let (r, ep, conn, ids, jobs) = busy_endpoint(&app, 8).await;
     let faults = Arc::new(common::Injected::default());
     faults.set(Point::PulledRead);
-    // Patient with a request slowed by a busy machine (see `first_of_many_delivered`).
-    let (deliverer, stop, worker) = deliver_jobs_with(&app, &jobs, 4, 1, |d| {
-        d.with_faults(faults).with_stall_factor(60)
-    })
-    .await;
+    let (deliverer, stop, worker) =
+        deliver_jobs_with(&app, &jobs, 4, 1, |d| patient(d.with_faults(faults))).await;
     wait_messages(&app, &ep, 8, "delivered").await;
     stop.cancel();
     worker.await.unwrap();
@@ -1938,10 +1935,11 @@ async fn taken_of(app: &TestApp, ep: &Endpoint) -> Vec<String> {
     .await
 }
 
-/// An endpoint answering well within `BUSY_WAIT` has its next pull taken while the
-/// last message of the pull before is sent, so a freed slot does not wait for the
-/// database; the order holds, and what was taken ahead is handed back, due at once,
-/// when the process stops.
+/// An endpoint answering within its pull-ahead bound (`PULL_AHEAD_BELOW` in service,
+/// raised here: see [`first_pull_taken`]) has its next pull taken while the last
+/// message of the pull before is sent, so a freed slot does not wait for the database;
+/// the order holds, and what was taken ahead is handed back, due at once, when the
+/// process stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quick_endpoints_next_pull_is_taken_ahead_and_handed_back_on_stop() {
     let mut app = without_delivery().await;

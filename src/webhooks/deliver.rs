@@ -188,7 +188,7 @@ pub struct Deliverer {
 /// An endpoint whose requests typically answer within this has its next pull taken
 /// while the last message of the one before is sent: well within [`BUSY_WAIT`], so the
 /// targets read with it are still fresh when their slots free.
-pub const PULL_AHEAD_BELOW: Duration = Duration::from_millis(500);
+pub const PULL_AHEAD_BELOW: Duration = Duration::from_nanos(BUSY_WAIT.as_nanos() as u64 / 2);
 
 /// The HTTP client every delivery uses: no redirects, no proxy (it would bypass the
 /// SSRF guard), the guarded resolver, the configured timeout for the whole exchange.
@@ -257,7 +257,9 @@ impl Deliverer {
 
     /// The same deliverer, taking an endpoint at its cap for hanging only after `factor`
     /// times its typical latency without an answer (tests that hold requests up while
-    /// they look, which takes longer on a busy machine). Before it runs.
+    /// they look, which takes longer on a busy machine). Its isolation starts afresh:
+    /// call it before the deliverer runs and before anything shares that (the fan-out
+    /// of the process's app does).
     pub fn with_stall_factor(mut self, factor: u32) -> Self {
         self.isolation = Isolation::new(IsolationSettings {
             stall_factor: factor,

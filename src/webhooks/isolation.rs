@@ -113,11 +113,11 @@ pub const GONE_KEPT: Duration = Duration::from_secs(60);
 /// as hanging: the stall factor ([`STALL_FACTOR`] in service) times the typical latency
 /// of its own successful requests, within [`STALL_FLOOR`, [`STALL_CEILING`]]; until one
 /// of its requests has succeeded, the factor times the typical latency over every
-/// endpoint, within [`STALL_FLOOR`, the caller's ceiling]. A fast receiver that stops answering is
-/// recognised in a fraction of a second, and one that always takes a second is not
-/// mistaken for a hanging one once it has answered. Taking one for hanging too early
-/// costs little: its messages are held, and its first success parks them to be sent at
-/// its pace.
+/// endpoint, within [`STALL_FLOOR`, the caller's ceiling]. A fast receiver that stops
+/// answering is recognised in a fraction of a second, and one that always takes a
+/// second is not mistaken for a hanging one once it has answered. Taking one for
+/// hanging too early costs little: its messages are held, and its first success parks
+/// them to be sent at its pace.
 pub const STALL_FLOOR: Duration = Duration::from_millis(150);
 pub const STALL_FACTOR: u32 = 8;
 pub const STALL_CEILING: Duration = Duration::from_secs(10);
