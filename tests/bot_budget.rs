@@ -232,31 +232,42 @@ async fn a_slot_whose_lease_ran_out_is_renewed_or_taken_again() {
     let (db, pool) = shared_db().await;
     let limits = SharedLimits::new(pool.clone(), "bot-a");
     let (window, lease) = (Duration::from_millis(200), Duration::from_millis(400));
-    let leased_for = || async {
-        sqlx::query_scalar::<_, f64>(
-            "SELECT extract(epoch FROM taken_at - clock_timestamp())::float8
-               FROM discord_budget_slots WHERE bot = 'bot-a'",
+    // Times under the database's clock, which the slots use, so that a busy machine
+    // slowing the test down between two statements cannot change what they show.
+    let db_now = || async {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT clock_timestamp()")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    // The end of the one slot's lease (or the time of its answer).
+    let leased_until = || async {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+            "SELECT taken_at FROM discord_budget_slots WHERE bot = 'bot-a'",
         )
         .fetch_one(&pool)
         .await
         .unwrap()
     };
+    let chrono_of = |d: Duration| chrono::Duration::from_std(d).unwrap();
     let mut first = limits.take_waiting("test", SIDE, 1, window, lease).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = db_now().await;
     first.renew().await;
     assert!(
-        leased_for().await > 0.3,
-        "renewed within its lease: leased from now again"
+        leased_until().await >= before + chrono_of(lease),
+        "renewed within its lease: leased from the renewal again"
     );
     // The lease runs out, a window passes, and another process takes the one slot.
     tokio::time::sleep(lease + window + Duration::from_millis(100)).await;
     let other = limits.take_waiting("test", SIDE, 1, window, lease).await;
-    let started = std::time::Instant::now();
+    let others_until = leased_until().await;
     first.renew().await;
+    let renewed_at = db_now().await;
     assert!(
-        started.elapsed() >= lease + window - Duration::from_millis(50),
-        "the slot another took is not used again before its lease and a window end: {:?}",
-        started.elapsed()
+        renewed_at >= others_until + chrono_of(window) - chrono_of(Duration::from_millis(50)),
+        "the slot another took is not used again before its lease and a window end: \
+         renewed at {renewed_at}, the other's lease until {others_until}"
     );
     other.release().await;
     first.release().await;
