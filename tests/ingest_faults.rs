@@ -140,6 +140,7 @@ async fn the_relay_takes_rows_committed_close_together_in_one_drain() {
     )
     .await;
     // Twenty commits 10 ms apart, each notifying the relay.
+    let started = std::time::Instant::now();
     for i in 0..20 {
         let mut tx = app.pool.begin().await.unwrap();
         outbox::insert(
@@ -153,16 +154,21 @@ async fn the_relay_takes_rows_committed_close_together_in_one_drain() {
         tx.commit().await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    let span = started.elapsed();
     app.wait_outbox_empty().await;
     let queue = app.names.discord_sync();
     wait_for("all 20 sync jobs queued", || async {
         (app.queue_len(&queue).await == 20).then_some(())
     })
     .await;
+    // One drain at the first commit, one a linger after each drain while the commits
+    // come, and one for those of the last: 3 when they take well under a second, as
+    // they do on an idle machine, more only when a busy machine spreads them out.
     let drains = app.metrics.outbox_drains.get();
+    let most = 2 + span.as_secs_f64().ceil() as u64;
     assert!(
-        (1..=3).contains(&drains),
-        "20 commits within a second took {drains} drains"
+        (1..=most).contains(&drains),
+        "20 commits over {span:?} took {drains} drains (at most {most})"
     );
     // Quiet once the rows are out: at most one more claim (for notifications that came
     // during the last drain) in three and a half lingers. When the relay read one
