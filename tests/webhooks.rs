@@ -1551,9 +1551,10 @@ async fn first_of_many_delivered(
 }
 
 /// A deliverer that takes an endpoint for hanging only after 60 times its typical
-/// latency, for tests that check the order an endpoint's messages arrive in, one at a
-/// time behind a cap: one request slowed by a busy machine must not pass for a hang,
-/// whose held messages would go again in another order. Not for tests of hanging.
+/// latency, for tests that hold requests while they look or check the order an
+/// endpoint's messages arrive in, one at a time behind a cap: a request held or slowed
+/// by a busy machine must not pass for a hang, whose held messages would go again in
+/// another order. Not for tests of hanging.
 fn patient(d: Deliverer) -> Deliverer {
     d.with_stall_factor(60)
 }
@@ -1903,8 +1904,7 @@ async fn first_pull_taken(app: &TestApp, third_status: u16) -> Pulling {
     let ids = messages_for(&mut conn, &ep, 7).await;
     let jobs = webhook_jobs(&mut conn).await;
     let (deliverer, stop, worker) = deliver_jobs_with(app, &jobs[..1], 4, 2, |d| {
-        d.with_stall_factor(60)
-            .with_pull_ahead_below(std::time::Duration::from_secs(5))
+        patient(d).with_pull_ahead_below(std::time::Duration::from_secs(5))
     })
     .await;
     first_delivered_then_two_in_flight_four_parked(app, &ep, &r, &jobs).await;

@@ -358,13 +358,26 @@ struct Took {
     rows: Result<Vec<Ready>, sqlx::Error>,
 }
 
+impl Took {
+    /// A pull that did not run (stopped first, or its task failed), with `rows`: never
+    /// full, and looked before any park was written, so nothing is taken for drained
+    /// on it.
+    fn nothing(rows: Result<Vec<Ready>, sqlx::Error>) -> Self {
+        Took {
+            written: 0,
+            limit: usize::MAX,
+            rows,
+        }
+    }
+}
+
 impl Ahead {
     /// Starts the pull once the jobs of the endpoint that arrived before now have
     /// decided, as the puller's own pulls do; a stop before that takes nothing.
     fn start(deliverer: Deliverer, endpoint: String) -> Self {
         Self(tokio::spawn(async move {
             tokio::select! {
-                _ = deliverer.stop.cancelled() => return Took { written: 0, limit: usize::MAX, rows: Ok(Vec::new()) },
+                _ = deliverer.stop.cancelled() => return Took::nothing(Ok(Vec::new())),
                 _ = deliverer.line.clear_before_now(&endpoint) => {}
             }
             deliverer.pull_looked(&endpoint).await
@@ -373,10 +386,10 @@ impl Ahead {
 
     /// What the pull took (waiting for it to finish).
     async fn taken(self) -> Took {
-        self.0.await.unwrap_or_else(|e| Took {
-            written: 0,
-            limit: usize::MAX,
-            rows: Err(sqlx::Error::Protocol(format!("a parked pull ended: {e}"))),
+        self.0.await.unwrap_or_else(|e| {
+            Took::nothing(Err(sqlx::Error::Protocol(format!(
+                "a parked pull ended: {e}"
+            ))))
         })
     }
 }
