@@ -46,7 +46,7 @@ mod measure;
 mod workload;
 #[path = "common/world.rs"]
 mod world;
-use measure::{Cpu, median};
+use measure::{Cpu, median, metric_value};
 use workload::{Msg, publish_all, workload};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -609,12 +609,6 @@ impl Wal {
             bytes: (self.bytes - before.bytes) / n,
         }
     }
-}
-
-/// The value of an unlabelled sample `name` in Prometheus text exposition.
-fn metric_value(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// The mean of the two where both are known, else the one that is.

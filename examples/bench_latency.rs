@@ -16,7 +16,9 @@
 //!    which is raised to 20 requests/s here (the syncer keeps 30); all callbacks come
 //!    from one address, whose limit is lifted.
 //!
-//! Prints p50, p99 and max of each; the last line is JSON. `GUILDGATE_OUTBOX__*`,
+//! Prints p50, p99 and max of each, and for the ingest part the machine's CPU per 1,000
+//! events (PostgreSQL's, RabbitMQ's and this process's part of it) and the events per
+//! ingest transaction and per relay drain; the last line is JSON. `GUILDGATE_OUTBOX__*`,
 //! `GUILDGATE_AMQP__BATCH_LINGER` and `GUILDGATE_AMQP__BATCH_SIZE` pass through. Uses
 //! `GUILDGATE_TEST_DATABASE_URL` / `GUILDGATE_TEST_AMQP_URL` like the tests, and deletes
 //! its database, queues and exchanges at the end.
@@ -39,6 +41,8 @@ use sandbox_discord::{Consent, GuildSpec, Sandbox, SandboxConfig, UserSpec};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+#[path = "common/measure.rs"]
+mod measure;
 #[path = "common/workload.rs"]
 mod workload;
 #[path = "common/world.rs"]
@@ -140,7 +144,7 @@ async fn main() {
         ])
         .chain(world::sandbox_env(&sandbox))
         .map(|(k, v)| (k.to_string(), v))
-        // Tuning knobs can be tried from the environment, e.g. GUILDGATE_OUTBOX__LINGER=0s.
+        // Tuning knobs can be tried from the environment, e.g. GUILDGATE_OUTBOX__LINGER=10ms.
         .chain(std::env::vars().filter(|(k, _)| {
             k.starts_with("GUILDGATE_OUTBOX__")
                 || k == "GUILDGATE_AMQP__BATCH_LINGER"
@@ -199,6 +203,7 @@ async fn main() {
         workload::seed_history(&app.pool, BUSINESS, &vec![e.id; 4], args.history).await;
     }
     let pool = app.pool.clone();
+    let metrics = app.metrics.clone();
     let links = guildgate::grants::link::LinkBuilder::from_settings(&settings);
     let shutdown = CancellationToken::new();
     let app_task = tokio::spawn(app.run_until_stopped(shutdown.clone()));
@@ -247,6 +252,7 @@ async fn main() {
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .unwrap();
+    let (cpu_before, split_before) = (measure::Cpu::now(), measure::Split::now());
     let (started, wall_start) = (Instant::now(), Utc::now());
     let mut sent: HashMap<String, Instant> = HashMap::with_capacity(n);
     let mut tick = tokio::time::interval(Duration::from_millis(5));
@@ -287,6 +293,22 @@ async fn main() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // What the steady rate costs: the machine's CPU (everything on it: guildgate, the
+    // broker, PostgreSQL, this benchmark's publisher and consumer) and how many ingest
+    // transactions and relay drains carried the events.
+    let cpu = measure::Cpu::ms_per_k_since(cpu_before, n as u64).map(|(machine, _)| machine);
+    let [pg, mq, process] =
+        measure::Split::ms_per_k_since(split_before, n as u64).map_or([None; 3], |s| s.map(Some));
+    let rendered = metrics.render();
+    let per = |name: &str| {
+        measure::metric_value(&rendered, name)
+            .filter(|c| *c > 0.0)
+            .map(|c| n as f64 / c)
+    };
+    let (per_batch, per_drain) = (
+        per("guildgate_event_batch_seconds_count"),
+        per("guildgate_outbox_drains_total"),
+    );
     let wall = |t: Instant| wall_start + chrono::Duration::from_std(t - started).unwrap();
     let rows: Vec<(String, DateTime<Utc>)> =
         sqlx::query_as("SELECT event_id, processed_at FROM processed_events")
@@ -309,9 +331,16 @@ async fn main() {
     assert_eq!(commit.len(), n, "every event applied");
     let (c50, c99, cmax) = summary(&mut commit);
     let (r50, r99, rmax) = summary(&mut relay);
+    let shown = |x: Option<f64>| x.map_or("?".to_string(), |x| format!("{x:.1}"));
     println!(
-        "ingest at {:.0} events/s ({n} events in {published_in:.1} s): publish → commit p50 {c50:.1} ms, p99 {c99:.1} ms, max {cmax:.1} ms; publish → relayed p50 {r50:.1} ms, p99 {r99:.1} ms, max {rmax:.1} ms",
-        n as f64 / published_in
+        "ingest at {:.0} events/s ({n} events in {published_in:.1} s): publish → commit p50 {c50:.1} ms, p99 {c99:.1} ms, max {cmax:.1} ms; publish → relayed p50 {r50:.1} ms, p99 {r99:.1} ms, max {rmax:.1} ms; machine CPU {} ms per 1,000 events (PostgreSQL {}, RabbitMQ {}, this process {}), {} events per ingest transaction, {} per relay drain",
+        n as f64 / published_in,
+        shown(cpu),
+        shown(pg),
+        shown(mq),
+        shown(process),
+        shown(per_batch),
+        shown(per_drain),
     );
 
     // --- 2. Authorization → role, at a steady rate of links.
@@ -378,6 +407,12 @@ async fn main() {
             "events": n,
             "commit_p50_ms": round1(c50), "commit_p99_ms": round1(c99), "commit_max_ms": round1(cmax),
             "relayed_p50_ms": round1(r50), "relayed_p99_ms": round1(r99), "relayed_max_ms": round1(rmax),
+            "cpu_ms_per_1k_events": cpu.map(round1),
+            "postgres_cpu_ms_per_1k_events": pg.map(round1),
+            "rabbitmq_cpu_ms_per_1k_events": mq.map(round1),
+            "process_cpu_ms_per_1k_events": process.map(round1),
+            "events_per_batch": per_batch.map(round1),
+            "events_per_drain": per_drain.map(round1),
             "links": to_role.len(),
             "link_rate": args.link_rate,
             "authorization_to_role_p50_ms": round1(a50),
