@@ -123,6 +123,81 @@ async fn relay_crash_between_publish_and_delete_republishes_with_the_same_ids() 
     app.stop().await;
 }
 
+/// A batch whose delete is slow to commit does not hold up the rows committed after it:
+/// the relay publishes them while that delete still waits, and the deletes commit in
+/// order once it can. Here a trigger makes the first row's delete wait for a lock the
+/// test holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_committed_during_a_slow_delete_are_published_without_waiting_for_it() {
+    use guildgate::store::outbox::{self, OutboxKind};
+    let app = TestApp::spawn_with(TestConfig::ingest_only()).await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION wait_for_the_test() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN OLD; END $$;
+         CREATE TRIGGER slow_delete BEFORE DELETE ON outbox FOR EACH ROW
+         WHEN (OLD.message_id = 'sync:slow') EXECUTE FUNCTION wait_for_the_test();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let mut lock = app.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let pool = &app.pool;
+    let commit = |message_id: &'static str| async move {
+        let mut tx = pool.begin().await.unwrap();
+        outbox::insert(
+            &mut tx,
+            OutboxKind::Sync,
+            message_id,
+            br#"{"grant_id":"grant_t"}"#,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    };
+    let queue = app.names.discord_sync();
+    let published = |n: u32| {
+        let queue = &queue;
+        let app = &app;
+        move || async move { (app.queue_len(queue).await == n).then_some(()) }
+    };
+    commit("sync:slow").await;
+    wait_for("the first row published", published(1)).await;
+    // Its delete now waits for the lock.
+    commit("sync:next").await;
+    wait_for(
+        "the next row published while the delete before it waits",
+        published(2),
+    )
+    .await;
+    let left: Vec<String> = sqlx::query_scalar("SELECT message_id FROM outbox ORDER BY id")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        ["sync:slow", "sync:next"],
+        "neither delete committed yet"
+    );
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    drop(lock);
+    app.wait_outbox_empty().await;
+    let ids: Vec<String> = app
+        .drain_queue(&queue)
+        .await
+        .into_iter()
+        .map(|m| m.message_id)
+        .collect();
+    assert_eq!(ids, ["sync:slow", "sync:next"], "each once, in order");
+    app.stop().await;
+}
+
 /// Transactions that commit within `outbox.linger` of the relay's last drain wait for it
 /// and leave together: under load one relay transaction (and one commit, one confirm
 /// round) carries the rows of many, instead of one drain per notifying commit. And the

@@ -5,9 +5,10 @@
 //! inserted rows commits) and also sweeps every `outbox.sweep_interval`, which picks up
 //! rows a crash left behind and anything a lost notification missed. Rows are claimed
 //! with `FOR UPDATE SKIP LOCKED`, so several replicas relay side by side without
-//! publishing the same row at the same time. A crash between publish and delete
-//! publishes the row again later: every consumer downstream is idempotent and every
-//! message keeps its `message_id`.
+//! publishing the same row at the same time; the same lock lets one relay claim and
+//! publish its next batch while the delete of the batch before still commits. A crash
+//! between publish and delete publishes the row again later: every consumer downstream
+//! is idempotent and every message keeps its `message_id`.
 
 pub mod produce;
 
@@ -48,10 +49,11 @@ pub struct Relay {
     pub batch_size: i64,
     pub sweep_interval: Duration,
     /// A notification that arrives sooner than this after the last drain started waits
-    /// until this much has passed. Under load every transaction that writes outbox rows
-    /// notifies, and a drain each (a transaction, a commit, a confirmed publish) made the
-    /// relay about a seventh of ingest's CPU per event; waiting a little lets one drain
-    /// take the rows of several. An idle relay drains at once.
+    /// until this much has passed, so that one drain takes the rows of more commits. The
+    /// default is none: a drain already takes every row committed while the one before
+    /// it ran, and waiting only delayed rows (at 1,000 events/s a 10 ms linger added
+    /// about 10 ms to the p99 from publish to relayed, and saved no CPU under full load).
+    /// An idle relay drains at once.
     pub linger: Duration,
     pub metrics: Arc<Metrics>,
     /// Where tests make a drain fail after publishing and before deleting, as a crash
@@ -59,14 +61,27 @@ pub struct Relay {
     pub faults: crate::faults::SharedFaults,
 }
 
+/// A batch the broker confirmed, whose rows' delete has not committed yet: its
+/// transaction still holds them, so another claim skips them.
+struct Published {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    ids: Vec<i64>,
+    kinds: Vec<String>,
+}
+
+/// The delete of the batch before, committing on its own task.
+type Settling = Option<tokio::task::JoinHandle<Result<(), RelayError>>>;
+
 impl Relay {
-    /// Relays one batch; returns how many rows it published.
-    pub async fn relay_once(&self, ch: &Channel) -> Result<usize, RelayError> {
+    /// Claims the oldest unsent rows and publishes them, confirmed; `None` when there
+    /// are none. The rows stay locked until [`settle`] deletes them, or until the batch
+    /// is dropped and its transaction rolls back.
+    async fn publish_batch(&self, ch: &Channel) -> Result<Option<Published>, RelayError> {
         self.metrics.outbox_claims.inc();
         let mut tx = self.pool.begin().await?;
         let rows = outbox::claim(&mut tx, self.batch_size).await?;
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         let names = self.broker.names();
         let (grant_events, sync, webhooks, emails) = (
@@ -95,21 +110,47 @@ impl Relay {
             // Dropping the transaction rolls back: the rows stay, as after a crash.
             return Err(RelayError::Injected);
         }
-        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-        outbox::delete(&mut tx, &ids).await?;
-        tx.commit().await?;
-        self.metrics.outbox_drains.inc();
-        for r in &rows {
-            self.metrics
-                .outbox_relayed
-                .get_or_create(&vec![("kind", r.kind.clone())])
-                .inc();
+        let (ids, kinds) = rows.into_iter().map(|r| (r.id, r.kind)).unzip();
+        Ok(Some(Published { tx, ids, kinds }))
+    }
+
+    /// One drain step: claims and publishes a batch while the delete of the batch before
+    /// it may still be committing, then hands this batch's delete to a task of its own.
+    /// Rows committed meanwhile are thus published without waiting for that commit,
+    /// and the deletes still commit one at a time, in order. Returns how many rows it
+    /// published.
+    ///
+    /// A delete that failed leaves its rows to be published again under the same
+    /// message ids, after newer rows perhaps (their first publication kept its order).
+    /// One that had already ended is reported before anything is claimed; one that
+    /// fails while this step publishes is reported after this step's own delete is
+    /// under way, and this step's claim may have published its rows once more.
+    async fn relay_step(&self, ch: &Channel, settling: &mut Settling) -> Result<usize, RelayError> {
+        if settling.as_ref().is_some_and(|t| t.is_finished()) {
+            settled(settling).await?;
         }
-        Ok(rows.len())
+        // A step that claims nothing, or fails to publish, leaves the delete before it
+        // to finish on its own.
+        let batch = match self.publish_batch(ch).await {
+            Ok(Some(batch)) => batch,
+            other => return other.map(|_| 0),
+        };
+        let before = settled(settling).await;
+        let n = batch.ids.len();
+        *settling = Some(tokio::spawn(settle(batch, self.metrics.clone())));
+        before.map(|()| n)
     }
 
     /// Relays until `shutdown`, then drains what is already committed (best effort).
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut settling: Settling = None;
+        self.relay_until(&shutdown, &mut settling).await;
+        if let Err(e) = settled(&mut settling).await {
+            tracing::warn!(error = %e, "outbox relay's last delete failed; its rows are relayed again");
+        }
+    }
+
+    async fn relay_until(&self, shutdown: &CancellationToken, settling: &mut Settling) {
         let mut backoff = amqp::reconnect_backoff();
         let mut listener: Option<PgListener> = None;
         let mut ch: Option<Channel> = None;
@@ -133,7 +174,7 @@ impl Relay {
                 }
             }
             if ch.as_ref().is_none_or(|c| !c.status().connected()) {
-                match self.broker.confirm_channel(&shutdown).await {
+                match self.broker.confirm_channel(shutdown).await {
                     Ok(c) => ch = Some(c),
                     Err(_) => return,
                 }
@@ -168,7 +209,7 @@ impl Relay {
             drained_at = Some(std::time::Instant::now());
             // Drain everything that is waiting.
             let drained = loop {
-                match self.relay_once(channel).await {
+                match self.relay_step(channel, settling).await {
                     Ok(n) if (n as i64) < self.batch_size => break Ok(()),
                     Ok(_) => continue,
                     Err(e) => break Err(e),
@@ -190,13 +231,21 @@ impl Relay {
                 continue;
             }
             backoff = amqp::reconnect_backoff();
-            if backlog_read.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY)
-                && let Ok(mut c) = self.pool.acquire().await
-                && let Ok((n, lag)) = outbox::backlog(&mut c).await
-            {
-                backlog_read = Some(std::time::Instant::now());
-                self.metrics.outbox_backlog.set(n);
-                self.metrics.outbox_lag_seconds.set(lag);
+            if backlog_read.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
+                // A delete still committing is not waited for: its rows (one batch, out
+                // already) count until the next read, at most a sweep later.
+                if settling.as_ref().is_some_and(|t| t.is_finished())
+                    && let Err(e) = settled(settling).await
+                {
+                    tracing::warn!(error = %e, "outbox delete failed; its rows are relayed again");
+                }
+                if let Ok(mut c) = self.pool.acquire().await
+                    && let Ok((n, lag)) = outbox::backlog(&mut c).await
+                {
+                    backlog_read = Some(std::time::Instant::now());
+                    self.metrics.outbox_backlog.set(n);
+                    self.metrics.outbox_lag_seconds.set(lag);
+                }
             }
             if shutdown.is_cancelled() {
                 return;
@@ -205,7 +254,9 @@ impl Relay {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     // One last drain of what committed before shutdown.
-                    let _ = self.relay_once(channel).await;
+                    if let Err(e) = self.relay_step(channel, settling).await {
+                        tracing::warn!(error = %e, "outbox relay's last drain failed; its rows are relayed again");
+                    }
                     return;
                 }
                 _ = tokio::time::sleep(self.sweep_interval) => {}
@@ -218,6 +269,35 @@ impl Relay {
                 }
             }
         }
+    }
+}
+
+/// Deletes a published batch's rows and commits.
+async fn settle(batch: Published, metrics: Arc<Metrics>) -> Result<(), RelayError> {
+    let Published { mut tx, ids, kinds } = batch;
+    outbox::delete(&mut tx, &ids).await?;
+    tx.commit().await?;
+    metrics.outbox_drains.inc();
+    for kind in kinds {
+        metrics
+            .outbox_relayed
+            .get_or_create(&vec![("kind", kind)])
+            .inc();
+    }
+    Ok(())
+}
+
+/// Waits for the delete still committing, if any.
+async fn settled(settling: &mut Settling) -> Result<(), RelayError> {
+    match settling.take() {
+        None => Ok(()),
+        Some(task) => match task.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // The runtime is shutting down; the transaction rolled back with its task,
+            // and its rows stay for the next relay.
+            Err(_) => Ok(()),
+        },
     }
 }
 
