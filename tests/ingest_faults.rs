@@ -123,13 +123,28 @@ async fn relay_crash_between_publish_and_delete_republishes_with_the_same_ids() 
     app.stop().await;
 }
 
+/// Commits one outbox row of a sync job, in a transaction of its own (which notifies the
+/// relay).
+async fn commit_sync_row(pool: &sqlx::PgPool, message_id: &str) {
+    use guildgate::store::outbox::{self, OutboxKind};
+    let mut tx = pool.begin().await.unwrap();
+    outbox::insert(
+        &mut tx,
+        OutboxKind::Sync,
+        message_id,
+        br#"{"grant_id":"grant_t"}"#,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
 /// A batch whose delete is slow to commit does not hold up the rows committed after it:
 /// the relay publishes them while that delete still waits, and the deletes commit in
 /// order once it can. Here a trigger makes the first row's delete wait for a lock the
 /// test holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_committed_during_a_slow_delete_are_published_without_waiting_for_it() {
-    use guildgate::store::outbox::{self, OutboxKind};
     let app = TestApp::spawn_with(TestConfig::ingest_only()).await;
     sqlx::raw_sql(
         "CREATE FUNCTION wait_for_the_test() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -145,29 +160,16 @@ async fn rows_committed_during_a_slow_delete_are_published_without_waiting_for_i
         .execute(&mut *lock)
         .await
         .unwrap();
-    let pool = &app.pool;
-    let commit = |message_id: &'static str| async move {
-        let mut tx = pool.begin().await.unwrap();
-        outbox::insert(
-            &mut tx,
-            OutboxKind::Sync,
-            message_id,
-            br#"{"grant_id":"grant_t"}"#,
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-    };
     let queue = app.names.discord_sync();
     let published = |n: u32| {
         let queue = &queue;
         let app = &app;
         move || async move { (app.queue_len(queue).await == n).then_some(()) }
     };
-    commit("sync:slow").await;
+    commit_sync_row(&app.pool, "sync:slow").await;
     wait_for("the first row published", published(1)).await;
     // Its delete now waits for the lock.
-    commit("sync:next").await;
+    commit_sync_row(&app.pool, "sync:next").await;
     wait_for(
         "the next row published while the delete before it waits",
         published(2),
@@ -205,7 +207,6 @@ async fn rows_committed_during_a_slow_delete_are_published_without_waiting_for_i
 /// per linger long after the load has stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_takes_rows_committed_close_together_in_one_drain() {
-    use guildgate::store::outbox::{self, OutboxKind};
     // With a linger of 0s the same commits took 19 drains. No sweeps: every claim the
     // relay runs is a drain a notification asked for.
     let app = TestApp::spawn_with(
@@ -217,16 +218,7 @@ async fn the_relay_takes_rows_committed_close_together_in_one_drain() {
     // Twenty commits 10 ms apart, each notifying the relay.
     let started = std::time::Instant::now();
     for i in 0..20 {
-        let mut tx = app.pool.begin().await.unwrap();
-        outbox::insert(
-            &mut tx,
-            OutboxKind::Sync,
-            &format!("sync:t{i}"),
-            br#"{"grant_id":"grant_t"}"#,
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
+        commit_sync_row(&app.pool, &format!("sync:t{i}")).await;
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let span = started.elapsed();

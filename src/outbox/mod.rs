@@ -126,9 +126,7 @@ impl Relay {
     /// fails while this step publishes is reported after this step's own delete is
     /// under way, and this step's claim may have published its rows once more.
     async fn relay_step(&self, ch: &Channel, settling: &mut Settling) -> Result<usize, RelayError> {
-        if settling.as_ref().is_some_and(|t| t.is_finished()) {
-            settled(settling).await?;
-        }
+        settled_if_done(settling).await?;
         // A step that claims nothing, or fails to publish, leaves the delete before it
         // to finish on its own.
         let batch = match self.publish_batch(ch).await {
@@ -234,9 +232,7 @@ impl Relay {
             if backlog_read.is_none_or(|t| t.elapsed() >= BACKLOG_EVERY) {
                 // A delete still committing is not waited for: its rows (one batch, out
                 // already) count until the next read, at most a sweep later.
-                if settling.as_ref().is_some_and(|t| t.is_finished())
-                    && let Err(e) = settled(settling).await
-                {
+                if let Err(e) = settled_if_done(settling).await {
                     tracing::warn!(error = %e, "outbox delete failed; its rows are relayed again");
                 }
                 if let Ok(mut c) = self.pool.acquire().await
@@ -298,6 +294,15 @@ async fn settled(settling: &mut Settling) -> Result<(), RelayError> {
             // and its rows stay for the next relay.
             Err(_) => Ok(()),
         },
+    }
+}
+
+/// Collects the delete before if it has ended, without waiting for one still running.
+async fn settled_if_done(settling: &mut Settling) -> Result<(), RelayError> {
+    if settling.as_ref().is_some_and(|t| t.is_finished()) {
+        settled(settling).await
+    } else {
+        Ok(())
     }
 }
 
