@@ -280,6 +280,10 @@ pub struct IngestSettings {
 /// event hours later, and one applied just before a crash is redelivered on restart.
 pub const MIN_PROCESSED_RETENTION: Duration = Duration::from_secs(24 * 3600);
 
+/// The longest `webhooks.record_linger`: what it saves is a statement per few
+/// attempts, and what it costs is records (a message's state in the API) that late.
+pub const MAX_RECORD_LINGER: Duration = Duration::from_millis(100);
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct OutboxSettings {
     #[serde(deserialize_with = "duration")]
@@ -305,6 +309,11 @@ pub struct WebhookSettings {
     pub timeout: Duration,
     pub workers: usize,
     pub max_in_flight_per_endpoint: usize,
+    /// How long the record of a parked message's attempt may wait for others to share
+    /// its commit ([`crate::webhooks::recorder::Recorder::record_patient`]); at most
+    /// [`MAX_RECORD_LINGER`].
+    #[serde(deserialize_with = "duration")]
+    pub record_linger: Duration,
     /// Messages one business may send again per hour and process, through
     /// `POST /webhooks/{id}/messages/{message_id}/retry` (one each) and
     /// `…/retry-failed` (its `limit` each).
@@ -504,6 +513,10 @@ impl Settings {
         ensure(
             !self.ingest.prune_interval.is_zero(),
             "ingest.prune_interval must be more than 0s",
+        )?;
+        ensure(
+            self.webhooks.record_linger <= MAX_RECORD_LINGER,
+            "webhooks.record_linger must be at most 100ms",
         )?;
         ensure(
             !(self.sync.retry_delays.is_empty()
@@ -824,6 +837,22 @@ mod tests {
             let err = load(k, v).unwrap_err().to_string();
             assert!(err.contains("grants."), "{k}={v}: {err}");
         }
+    }
+
+    #[test]
+    fn the_record_linger_is_a_tenth_of_a_second_at_most() {
+        let load = |v: &str| {
+            Settings::load_with_env(None, Some(env(&[("GUILDGATE_WEBHOOKS__RECORD_LINGER", v)])))
+        };
+        let defaults = Settings::load_with_env(None, Some(env(&[]))).unwrap();
+        assert_eq!(defaults.webhooks.record_linger, Duration::from_millis(20));
+        assert_eq!(load("0s").unwrap().webhooks.record_linger, Duration::ZERO);
+        assert_eq!(
+            load("100ms").unwrap().webhooks.record_linger,
+            MAX_RECORD_LINGER
+        );
+        let err = load("101ms").unwrap_err().to_string();
+        assert!(err.contains("webhooks.record_linger"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -1512,6 +1513,50 @@ async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     app.cleanup().await;
 }
 
+/// The attempts of parked messages, which no job waits for, share commits while their
+/// endpoint answers one request at a time, 80 ms apart; the attempt of a job, whose ack
+/// waits for it, commits at once and takes the waiting ones along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulled_attempts_of_an_endpoint_answering_one_at_a_time_share_commits() {
+    let mut app = without_delivery().await;
+    let (_r, ep, mut conn, _ids, jobs) = busy_endpoint(&app, 12).await;
+    let pool = app.pool.clone();
+    let lingering = move |d: Deliverer| {
+        let mut d = patient(d);
+        d.recorder = guildgate::webhooks::recorder::Recorder::spawn_lingering(
+            pool,
+            256,
+            Duration::from_secs(3),
+        );
+        d
+    };
+    let (deliverer, stop, worker) = deliver_jobs_with(&app, &jobs, 4, 1, lingering).await;
+    wait_messages(&app, &ep, 12, "delivered").await;
+    stop.cancel();
+    worker.await.unwrap();
+    deliverer.broker.close().await;
+
+    let pulled = attempts(&app, "pulled");
+    assert!(pulled >= 5, "pulled {pulled}");
+    let commits: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT a.xmin::text) FROM webhook_attempts a
+         JOIN webhook_messages m ON m.id = a.message_id WHERE m.endpoint_id = $1",
+    )
+    .bind(&ep.id)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    // One commit per job sent at once; the pulled ones (one commit each before) share
+    // them or a few more: all of them in one while sends take less than the linger.
+    let pulled = i64::try_from(pulled).unwrap();
+    assert!(
+        commits <= (12 - pulled) + pulled / 2,
+        "12 attempts ({pulled} pulled) took {commits} commits"
+    );
+    drop(conn);
+    app.cleanup().await;
+}
+
 /// An endpoint of `r`, `n` messages for it and their jobs, the first of which is
 /// delivered (by `workers` workers, `cap` requests at once): it tells how quick the
 /// endpoint is.
@@ -2960,4 +3005,97 @@ async fn settled_messages_past_their_retention_are_pruned_with_their_attempts_pe
         2.0
     );
     app.stop().await;
+}
+
+/// A write for the recorder tests: each statement stamps its rows with its transaction.
+struct Noted(i32);
+
+impl guildgate::webhooks::recorder::GroupWrite for Noted {
+    async fn write_all(conn: &mut sqlx::PgConnection, batch: &[Self]) -> Result<(), sqlx::Error> {
+        let values: Vec<i32> = batch.iter().map(|n| n.0).collect();
+        sqlx::query("INSERT INTO noted (v, tx) SELECT unnest($1::int[]), txid_current()")
+            .bind(&values)
+            .execute(conn)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// A recorder of [`Noted`] lingering `linger`, over a database of its own.
+async fn noted_recorder(
+    linger: std::time::Duration,
+) -> (
+    common::TestDb,
+    sqlx::PgPool,
+    guildgate::webhooks::recorder::Recorder<Noted>,
+) {
+    let db = common::TestDb::create().await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::query("CREATE TABLE noted (v int PRIMARY KEY, tx bigint NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let recorder =
+        guildgate::webhooks::recorder::Recorder::spawn_lingering(pool.clone(), 256, linger);
+    (db, pool, recorder)
+}
+
+/// The commits the recorder took, each as the values it wrote.
+async fn noted_commits(pool: &sqlx::PgPool) -> Vec<Vec<i32>> {
+    sqlx::query_scalar("SELECT array_agg(v ORDER BY v) FROM noted GROUP BY tx ORDER BY min(v)")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Records that nothing but their own task waits for (a pulled message's attempt) and
+/// that come milliseconds apart, as a slow endpoint's answers do, share one commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patient_records_coming_apart_share_one_commit() {
+    let (_db, pool, recorder) = noted_recorder(Duration::from_secs(3)).await;
+    let mut tasks = Vec::new();
+    for v in 1..=3 {
+        let r = recorder.clone();
+        tasks.push(tokio::spawn(
+            async move { r.record_patient(Noted(v)).await },
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("a patient record waited beyond its linger")
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(noted_commits(&pool).await, vec![vec![1, 2, 3]]);
+}
+
+/// A record that someone waits for (a job's ack) never waits for the linger: alone it
+/// commits at once, and joining patient ones it takes them along at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_someone_waits_for_ends_the_linger() {
+    use futures_util::FutureExt;
+    let (_db, pool, recorder) = noted_recorder(Duration::from_secs(600)).await;
+    let within = Duration::from_secs(30);
+    tokio::time::timeout(within, recorder.record(Noted(1)))
+        .await
+        .expect("a lone record waited for the linger")
+        .unwrap();
+    let patient = recorder.record_patient(Noted(2));
+    tokio::pin!(patient);
+    // Polled once, it is in the recorder's channel (which has room), ahead of the next.
+    assert!((&mut patient).now_or_never().is_none());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (urgent, patient) = tokio::join!(
+        tokio::time::timeout(within, recorder.record(Noted(3))),
+        tokio::time::timeout(within, patient),
+    );
+    urgent
+        .expect("a record waited for the linger of the patient one before it")
+        .unwrap();
+    patient
+        .expect("the patient record was not taken along")
+        .unwrap();
+    assert_eq!(noted_commits(&pool).await, vec![vec![1], vec![2, 3]]);
 }

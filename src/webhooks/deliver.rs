@@ -234,7 +234,7 @@ impl Deliverer {
             // As many may wait for a turn as for a slot of a busy endpoint.
             pacing: Pacing::new(settings.max_in_flight_per_endpoint.max(1)),
             reader: Reader::spawn(pool.clone(), 256),
-            recorder: Recorder::spawn(pool.clone(), 256),
+            recorder: Recorder::spawn_lingering(pool.clone(), 256, settings.record_linger),
             holder: Recorder::spawn(pool.clone(), 256),
             parker: Recorder::spawn(pool.clone(), 256),
             parking: Parking::default(),
@@ -397,7 +397,7 @@ impl Deliverer {
         match admission {
             Some(Admission::Go(permit)) => {
                 place.take();
-                self.attempt(job, target, permit, slot, false).await
+                self.attempt(job, target, permit, slot, None).await
             }
             Some(Admission::Open { failures, until }) => {
                 place.take();
@@ -525,14 +525,16 @@ impl Deliverer {
 
     /// One attempt with a slot of the endpoint: send, record, and what to do with the
     /// job. `pulled`: the message came out of parking and has no job in the broker, so
-    /// a retry is held in the database with the attempt's record.
+    /// a retry is held in the database with the attempt's record, and its record may
+    /// wait for company ([`Recorder::record_patient`]); it carries the process's request
+    /// for it ([`Deliverer::pulled_requests`]), given back once answered.
     pub(super) async fn attempt(
         &self,
         job: &Job,
         target: DeliveryTarget,
         permit: super::isolation::Permit,
         slot: &mut Option<OwnedSemaphorePermit>,
-        pulled: bool,
+        pulled: Option<OwnedSemaphorePermit>,
     ) -> Result<Outcome, DeliverError> {
         // The endpoint answered 410 Gone lately (waited for while it is recorded), and
         // this target may have been read before: read it again, so that nothing more goes
@@ -549,6 +551,16 @@ impl Deliverer {
         let attempt = job.attempt + 1;
         let at = Utc::now();
         let sent = self.send_in_slot(&target, slot).await;
+        // A pulled message's request is answered: the next may go while it is recorded.
+        // What waits for its record is bounded by what the pulls took, as pulls and
+        // records go to the same database.
+        let pulled = match pulled {
+            Some(request) => {
+                drop(request);
+                true
+            }
+            None => false,
+        };
         let (result, gone) = self.judge(&target, &sent, permit);
         if self.faults.fails(crate::faults::Point::AfterSend) {
             return Err(DeliverError::Injected);
@@ -667,15 +679,21 @@ impl Deliverer {
             error: sent.error,
             response: sent.response,
         };
-        self.recorder
-            .record(Recorded {
-                message_id: target.id.clone(),
-                attempt: record,
-                status,
-                disable: disable.map(str::to_string),
-                hold_retry,
-            })
-            .await?;
+        let recorded = Recorded {
+            message_id: target.id.clone(),
+            attempt: record,
+            status,
+            disable: disable.map(str::to_string),
+            hold_retry,
+        };
+        // A pulled message has no job to settle, so its record may wait a moment for
+        // others to share its commit; not one that disables the endpoint, whose next
+        // requests wait for it.
+        if pulled && recorded.disable.is_none() {
+            self.recorder.record_patient(recorded).await?;
+        } else {
+            self.recorder.record(recorded).await?;
+        }
         Ok(())
     }
 

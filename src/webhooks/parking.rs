@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use lapin::types::{AMQPValue, FieldTable};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::futures::OwnedNotified;
 
 use super::deliver::{BUSY_WAIT, Deliverer, Job, STALLED_AFTER};
@@ -515,7 +516,8 @@ impl Deliverer {
                 continue;
             };
             // One of the process's requests for pulled messages: however many endpoints
-            // have parked backlogs, they share this many at once.
+            // have parked backlogs, they share this many at once. Given back once the
+            // request is answered, before its record (which may linger).
             let request = tokio::select! {
                 _ = self.stop.cancelled() => {
                     pulled.push_front(next);
@@ -525,10 +527,8 @@ impl Deliverer {
             };
             let this = self.clone();
             let ep = endpoint.clone();
-            self.pullers.spawn(async move {
-                this.deliver_pulled(next, ep, permit).await;
-                drop(request);
-            });
+            self.pullers
+                .spawn(async move { this.deliver_pulled(next, ep, permit, request).await });
             if pulled.is_empty() && full && !closing && self.pulls_ahead(&endpoint) {
                 ahead = Some(Ahead::start(self.clone(), endpoint.clone()));
             }
@@ -704,7 +704,13 @@ impl Deliverer {
     /// The target read with the pull is used if it is at most [`BUSY_WAIT`] old (as a
     /// job's may be after waiting for its rate limit's turn), so a change to the
     /// endpoint applies to its parked messages within that; else it is read again.
-    async fn deliver_pulled(self, ready: Ready, endpoint: String, permit: Permit) {
+    async fn deliver_pulled(
+        self,
+        ready: Ready,
+        endpoint: String,
+        permit: Permit,
+        request: OwnedSemaphorePermit,
+    ) {
         let Ready {
             pulled: p,
             target,
@@ -724,7 +730,10 @@ impl Deliverer {
             .inc();
         // No wait for a rate limit's turn while holding a slot: held until the turn.
         let outcome = match self.prepare(&job, read, Duration::ZERO).await {
-            Ok(Ok(target)) => self.attempt(&job, target, permit, &mut None, true).await,
+            Ok(Ok(target)) => {
+                self.attempt(&job, target, permit, &mut None, Some(request))
+                    .await
+            }
             Ok(Err(outcome)) => Ok(outcome),
             Err(e) => Err(e),
         };
