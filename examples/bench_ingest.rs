@@ -46,7 +46,7 @@ mod measure;
 mod workload;
 #[path = "common/world.rs"]
 mod world;
-use measure::{Cpu, median, metric_value};
+use measure::{Cpu, Wal, median, metric_value};
 use workload::{Msg, publish_all, workload};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -446,7 +446,7 @@ async fn round(args: &Args, msgs: &[Msg], seeded: &world::Database) -> Round {
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     let ch = conn.create_channel().await.unwrap();
     let mut sent = HashMap::new();
-    let wal_before = Wal::now(&pool).await;
+    let wal_before = wal_now(&pool).await;
     let cpu_before = Cpu::now();
     let started = Instant::now();
     // On stderr, as the baseline's, for a profiler to start and stop on
@@ -518,7 +518,7 @@ async fn round(args: &Args, msgs: &[Msg], seeded: &world::Database) -> Round {
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     shutdown.cancel();
     let _ = handle.await;
-    let wal_per_event = Wal::once_gone(&db).await.per_event_since(wal_before, n);
+    let wal_per_event = wal_once_gone(&db).await.per_unit_since(wal_before, n);
     // Clean up, then the second baseline: with the round's database dropped (which
     // waits for a checkpoint), PostgreSQL's after-work on guildgate's writes
     // (autovacuum, flushing dirty pages) does not slow it down.
@@ -544,71 +544,36 @@ async fn round(args: &Args, msgs: &[Msg], seeded: &world::Database) -> Round {
     }
 }
 
-/// PostgreSQL's write-ahead log counters (`pg_stat_wal`, the whole server's), or their
-/// difference per event.
-#[derive(Clone, Copy, Default)]
-struct Wal {
-    records: f64,
-    fpi: f64,
-    bytes: f64,
+/// The WAL counters after a second of quiet ([`Wal`]): a backend reports its WAL when it
+/// goes idle, at most once a second (and, within a second of its last report, only ten
+/// seconds later), so a start read so has nothing before it still in flight.
+async fn wal_now(pool: &sqlx::PgPool) -> Wal {
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    Wal::read(pool).await
 }
 
-impl Wal {
-    /// The counters now. A backend reports its WAL when it goes idle, at most once a
-    /// second (and, within a second of its last report, only ten seconds later): read
-    /// after a second of quiet, for a start with nothing before it in flight.
-    async fn now(pool: &sqlx::PgPool) -> Self {
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        Self::read(pool).await
-    }
-
-    /// The counters once every backend of `db` has exited (a backend reports all it
-    /// has not yet on its way out, before it leaves `pg_stat_activity`): what a run
-    /// wrote, to its last record.
-    async fn once_gone(db: &world::Database) -> Self {
-        let server = sqlx::PgPool::connect(&format!("{}/postgres", db_base()))
-            .await
-            .unwrap();
-        loop {
-            let left: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
-                    .bind(&db.name)
-                    .fetch_one(&server)
-                    .await
-                    .unwrap();
-            if left == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let wal = Self::read(&server).await;
-        server.close().await;
-        wal
-    }
-
-    async fn read(pool: &sqlx::PgPool) -> Self {
-        let (records, fpi, bytes): (f64, f64, f64) = sqlx::query_as(
-            "SELECT wal_records::float8, wal_fpi::float8, wal_bytes::float8 FROM pg_stat_wal",
-        )
-        .fetch_one(pool)
+/// The WAL counters once every backend of `db` has exited (a backend reports all it has
+/// not yet on its way out, before it leaves `pg_stat_activity`): what a run wrote, to
+/// its last record.
+async fn wal_once_gone(db: &world::Database) -> Wal {
+    let server = sqlx::PgPool::connect(&format!("{}/postgres", db_base()))
         .await
         .unwrap();
-        Self {
-            records,
-            fpi,
-            bytes,
+    loop {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+                .bind(&db.name)
+                .fetch_one(&server)
+                .await
+                .unwrap();
+        if left == 0 {
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-
-    /// What was written since `before`, per event.
-    fn per_event_since(self, before: Self, events: usize) -> Self {
-        let n = events.max(1) as f64;
-        Self {
-            records: (self.records - before.records) / n,
-            fpi: (self.fpi - before.fpi) / n,
-            bytes: (self.bytes - before.bytes) / n,
-        }
-    }
+    let wal = Wal::read(&server).await;
+    server.close().await;
+    wal
 }
 
 /// The mean of the two where both are known, else the one that is.

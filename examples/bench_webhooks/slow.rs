@@ -25,7 +25,7 @@ use lapin::Connection;
 use serde_json::json;
 use sqlx::PgConnection;
 
-use crate::measure::{Cpu, Split, median};
+use crate::measure::{Cpu, Split, Wal, median};
 
 /// One receiver: answers 200 after its latency, counting what it got and when.
 #[derive(Default)]
@@ -102,6 +102,8 @@ pub struct Measured {
     /// steadier than the figure above idle when a phase is long for few deliveries.
     pub split_per_k: Option<[f64; 3]>,
     pub republishes_per_delivery: f64,
+    /// PostgreSQL's write-ahead log per delivery, read a second after the phase.
+    pub wal: Wal,
     outcomes: String,
 }
 
@@ -138,6 +140,11 @@ impl Measured {
                     "; machine CPU {c:.0} ms per 1,000 deliveries, {b:.0} above idle"
                 ))
                 .unwrap_or_default()
+        );
+        println!(
+            "  PostgreSQL's WAL per delivery: {:.1} records, {:.2} KB",
+            self.wal.records,
+            self.wal.bytes / 1000.0
         );
         if let Some([pg, mq, me]) = self.split_per_k {
             println!(
@@ -218,6 +225,7 @@ impl Bench<'_> {
         self.tag += 1;
         let businesses = [0, 1].map(|b| format!("bus_{phase}_{}_{b}", self.tag - 1));
         let (relayed_before, outcomes_before) = counters(&self.metrics);
+        let wal = Wal::read(&mut *self.conn).await;
         let (cpu, split) = (Cpu::now(), Split::now());
         let ch = self.publisher.create_channel().await.unwrap();
         ch.confirm_select(Default::default()).await.unwrap();
@@ -251,6 +259,12 @@ impl Bench<'_> {
         let idle_per_k = self.idle_cpu * elapsed.as_secs_f64() * 1000.0 / (want as f64 / 1000.0);
         let busy_cpu_per_k = cpu_per_k.map(|c| c - idle_per_k);
         let (relayed, outcomes) = counters(&self.metrics);
+        // Backends add their WAL to `pg_stat_wal` when they go idle, at most once a
+        // second.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let wal = Wal::read(&mut *self.conn)
+            .await
+            .per_unit_since(wal, want as usize);
         let outcomes_delta: Vec<(&str, u64)> = outcomes
             .iter()
             .zip(&outcomes_before)
@@ -285,6 +299,7 @@ impl Bench<'_> {
             busy_cpu_per_k,
             split_per_k,
             republishes_per_delivery: (deferred + released) as f64 / want as f64,
+            wal,
             outcomes: outcomes_delta
                 .iter()
                 .map(|(l, n)| format!("{l} {n}"))
@@ -383,6 +398,8 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
                     "rabbitmq": mq.round(),
                     "this_process": me.round(),
                 })),
+                "wal_records_per_delivery": (m.wal.records * 10.0).round() / 10.0,
+                "wal_bytes_per_delivery": m.wal.bytes.round(),
                 "cpu_of_fast": m.busy_cpu_per_k.map(|c| (c / fast_cpu * 100.0).round() / 100.0),
             }),
         );

@@ -151,3 +151,40 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// PostgreSQL's write-ahead log counters (`pg_stat_wal`, the whole server's, so
+/// background work counts), or their difference per unit of work. A backend adds to
+/// them when it goes idle, at most once a second: a reading misses up to the last
+/// second of each connection still open.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Wal {
+    pub records: f64,
+    pub fpi: f64,
+    pub bytes: f64,
+}
+
+impl Wal {
+    pub async fn read<'c, E: sqlx::PgExecutor<'c>>(db: E) -> Self {
+        let (records, fpi, bytes): (f64, f64, f64) = sqlx::query_as(
+            "SELECT wal_records::float8, wal_fpi::float8, wal_bytes::float8 FROM pg_stat_wal",
+        )
+        .fetch_one(db)
+        .await
+        .unwrap();
+        Self {
+            records,
+            fpi,
+            bytes,
+        }
+    }
+
+    /// What was written since `before`, per unit.
+    pub fn per_unit_since(self, before: Self, units: usize) -> Self {
+        let n = units.max(1) as f64;
+        Self {
+            records: (self.records - before.records) / n,
+            fpi: (self.fpi - before.fpi) / n,
+            bytes: (self.bytes - before.bytes) / n,
+        }
+    }
+}
