@@ -1026,7 +1026,6 @@ async fn parked_one(app: &TestApp, queue: &str) -> common::Taken {
     parked.remove(0)
 }
 
-/// Held messages of the endpoint (`held_until` set).
 /// The messages of an endpoint held (not those taken from parking to be sent, which are
 /// held only until their attempt is recorded).
 async fn held_of(app: &TestApp, ep: &Endpoint) -> Vec<String> {
@@ -1046,8 +1045,10 @@ struct Waiting {
 /// The ids of an endpoint's messages standing as `which` says, in id order.
 async fn waiting_of(app: &TestApp, ep: &Endpoint, which: fn(&Waiting) -> bool) -> Vec<String> {
     let all: Vec<Waiting> = sqlx::query_as(
-        "SELECT id, status, attempts, parked_at IS NOT NULL AS parked, held_until IS NOT NULL AS held
-         FROM webhook_messages WHERE endpoint_id = $1 ORDER BY id",
+        "SELECT m.id, m.status, m.attempts, k.message_id IS NOT NULL AS parked,
+                (m.held_until IS NOT NULL OR k.taken_until IS NOT NULL) AS held
+         FROM webhook_messages m LEFT JOIN webhook_parked k ON k.message_id = m.id
+         WHERE m.endpoint_id = $1 ORDER BY m.id",
     )
     .bind(&ep.id)
     .fetch_all(&app.pool)
@@ -1233,16 +1234,262 @@ async fn messages_for(conn: &mut sqlx::PgConnection, ep: &Endpoint, n: usize) ->
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parked_messages_are_pulled_in_order_and_released_once_nobody_pulls_them() {
-    let mut app = without_delivery().await;
+/// An app without delivery, an endpoint nobody answers at and `n` of its messages,
+/// their jobs taken away: what the parking statements are tried on.
+async fn parking_ground(
+    n: usize,
+) -> (
+    TestApp,
+    Endpoint,
+    sqlx::pool::PoolConnection<sqlx::Postgres>,
+    Vec<String>,
+) {
+    let app = without_delivery().await;
     let ep = add_endpoint(&app, "http://127.0.0.1:9/parked", None, SECRET).await;
     let mut conn = app.pool.acquire().await.unwrap();
-    let ids = messages_for(&mut conn, &ep, 5).await;
+    let ids = messages_for(&mut conn, &ep, n).await;
     sqlx::query("DELETE FROM outbox")
         .execute(&mut *conn)
         .await
         .unwrap();
+    (app, ep, conn, ids)
+}
+
+/// How many messages are parked or taken from parking.
+async fn parked_rows(conn: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM webhook_parked")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// The upgrade to parked rows of their own moves what is parked, and what was taken from
+/// parking and not yet recorded, in the same state; held and plain messages stay as they
+/// were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_moves_parked_and_taken_messages_to_their_own_rows() {
+    let db = common::TestDb::create().await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let migrator = &guildgate::store::MIGRATOR;
+    migrator.run_to(38, &pool).await.unwrap();
+    sqlx::query(
+        "WITH b AS (INSERT INTO businesses (id) VALUES ('bus_A'))
+         INSERT INTO webhook_endpoints (id, business_id, url, secret)
+         VALUES ('ep_1', 'bus_A', 'http://127.0.0.1:9/hook', 'whsec_x')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // Parked; taken to be sent (parked and held until its claim); held; plain;
+    // delivered after it was parked by a job that ran twice.
+    sqlx::query(
+        "INSERT INTO webhook_messages (id, endpoint_id, business_id, grant_id, event_type, body,
+                                       status, parked_at, held_until, held_attempt, hold_count)
+         VALUES
+         ('msg_p', 'ep_1', 'bus_A', 'g1', 't', '{}', 'pending', '2026-01-01T00:00:01Z', NULL, 2, 1),
+         ('msg_t', 'ep_1', 'bus_A', 'g2', 't', '{}', 'pending', '2026-01-01T00:00:02Z',
+          '2026-01-01T00:01:00Z', 0, 0),
+         ('msg_h', 'ep_1', 'bus_A', 'g3', 't', '{}', 'pending', NULL, '2026-01-01T00:02:00Z', 1, 3),
+         ('msg_n', 'ep_1', 'bus_A', 'g4', 't', '{}', 'pending', NULL, NULL, 0, 0),
+         ('msg_d', 'ep_1', 'bus_A', 'g5', 't', '{}', 'delivered', '2026-01-01T00:00:03Z', NULL, 0, 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    migrator.run(&pool).await.unwrap();
+    type Row = (String, String, Option<String>, i32, i32);
+    let parked: Vec<Row> = sqlx::query_as(
+        "SELECT message_id, to_char(parked_at AT TIME ZONE 'UTC', 'HH24:MI:SS'),
+                to_char(taken_until AT TIME ZONE 'UTC', 'HH24:MI:SS'), attempt, hold_count
+         FROM webhook_parked ORDER BY message_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let row = |id: &str, at: &str, taken: Option<&str>, attempt, holds| -> Row {
+        (id.into(), at.into(), taken.map(Into::into), attempt, holds)
+    };
+    assert_eq!(
+        parked,
+        vec![
+            row("msg_p", "00:00:01", None, 2, 1),
+            row("msg_t", "00:00:02", Some("00:01:00"), 0, 0),
+        ]
+    );
+    let held: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM webhook_messages WHERE held_until IS NOT NULL ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(held, vec!["msg_h"], "a taken message is no longer held");
+    pool.close().await;
+    db.drop_db().await;
+}
+
+/// Parking a message and taking it to be sent write a narrow row of its own, not the
+/// message's row with its body: that is rewritten once, by the attempt's record, as
+/// for a message sent at once, and the record ends the parking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_messages_own_row_is_written_only_by_its_record() {
+    let (mut app, ep, mut conn, mut ids) = parking_ground(1).await;
+    let id = ids.remove(0);
+    // The transaction that last wrote the message's row.
+    async fn writer(conn: &mut sqlx::PgConnection, id: &str) -> String {
+        sqlx::query_scalar("SELECT xmin::text FROM webhook_messages WHERE id = $1")
+            .bind(id)
+            .fetch_one(conn)
+            .await
+            .unwrap()
+    }
+    let created = writer(&mut conn, &id).await;
+    let now = chrono::Utc::now();
+    let secs = chrono::Duration::seconds;
+    messages::park_many(
+        &mut conn,
+        &[messages::Parked {
+            message_id: id.clone(),
+            at: now,
+            lease_until: now + secs(30),
+            attempt: 0,
+            hold_count: 0,
+        }],
+    )
+    .await
+    .unwrap();
+    let pulled = messages::pull_parked(&mut conn, &ep.id, 8, now + secs(60), now + secs(30))
+        .await
+        .unwrap();
+    assert_eq!(pulled.len(), 1);
+    assert_eq!(
+        writer(&mut conn, &id).await,
+        created,
+        "parking and taking rewrote the message's row"
+    );
+    let parked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM webhook_parked WHERE message_id = $1 AND taken_until IS NOT NULL",
+    )
+    .bind(&id)
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(parked, 1, "taken, in its parked row");
+
+    messages::record_attempts(
+        &mut conn,
+        &[messages::Recorded {
+            message_id: id.clone(),
+            attempt: messages::AttemptRecord {
+                at: now,
+                status_code: Some(200),
+                ..Default::default()
+            },
+            status: messages::NewStatus::Delivered,
+            disable: None,
+            hold_retry: None,
+        }],
+    )
+    .await
+    .unwrap();
+    assert_ne!(writer(&mut conn, &id).await, created);
+    assert_eq!(
+        messages::get(&mut conn, &id).await.unwrap().unwrap().status,
+        "delivered"
+    );
+    let left = parked_rows(&mut conn).await;
+    assert_eq!(left, 0, "the record ends the parking");
+    drop(conn);
+    app.cleanup().await;
+}
+
+/// A duplicate job of a message may record or hold it while its parked row is being
+/// written, and leave that row behind: neither the puller nor the hold releaser sends
+/// such a message a second time. Two jobs of one message parking in one batch park it
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_row_left_beside_a_record_or_a_hold_sends_nothing_twice() {
+    let (mut app, ep, mut conn, ids) = parking_ground(5).await;
+    let now = chrono::Utc::now();
+    let secs = chrono::Duration::seconds;
+    let park = |id: &String, at| messages::Parked {
+        message_id: id.clone(),
+        at,
+        lease_until: now + secs(30),
+        attempt: 0,
+        hold_count: 0,
+    };
+    let mut batch: Vec<messages::Parked> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| park(id, now + secs(i as i64)))
+        .collect();
+    batch.push(park(&ids[0], now + secs(10)));
+    messages::park_many(&mut conn, &batch).await.unwrap();
+    let parked_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT parked_at FROM webhook_parked WHERE message_id = $1")
+            .bind(&ids[0])
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(
+        parked_at.timestamp(),
+        now.timestamp(),
+        "its earlier parking"
+    );
+    // A duplicate job delivered the first; another held the second, due now.
+    let settle = "UPDATE webhook_messages SET status = 'delivered' WHERE id = $1";
+    let hold =
+        "UPDATE webhook_messages SET held_until = now() - interval '1 second', hold_count = 1
+                WHERE id = $1";
+    for (sql, id) in [(settle, &ids[0]), (hold, &ids[1])] {
+        sqlx::query(sql).bind(id).execute(&mut *conn).await.unwrap();
+    }
+    let pulled = messages::pull_parked(&mut conn, &ep.id, 3, now + secs(60), now + secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        pulled.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+        vec![ids[2].as_str()],
+        "only what still waits for the puller"
+    );
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT message_id FROM webhook_parked ORDER BY parked_at")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(left, ids[2..].to_vec(), "the rows left behind are dropped");
+
+    // The same for the hold releaser, once nobody pulls: the fourth is delivered and the
+    // fifth held meanwhile; each message gets one job at most.
+    for (sql, id) in [(settle, &ids[3]), (hold, &ids[4])] {
+        sqlx::query(sql).bind(id).execute(&mut *conn).await.unwrap();
+    }
+    sqlx::query("UPDATE webhook_parking SET lease_until = now() - interval '1 second'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    messages::unclaim(&mut conn, &ep.id, &ids[2..3])
+        .await
+        .unwrap();
+    messages::release_due(&mut conn, 10, 100).await.unwrap();
+    let mut jobs: Vec<String> = webhook_jobs(&mut conn)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    jobs.sort();
+    let mut want = vec![ids[1].clone(), ids[2].clone(), ids[4].clone()];
+    want.sort();
+    assert_eq!(jobs, want);
+    let left = parked_rows(&mut conn).await;
+    assert_eq!(left, 0);
+    drop(conn);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_messages_are_pulled_in_order_and_released_once_nobody_pulls_them() {
+    let (mut app, ep, mut conn, ids) = parking_ground(5).await;
     let now = chrono::Utc::now();
     let secs = chrono::Duration::seconds;
     // Parked in the reverse of their ids' order, on the third attempt of their round.
@@ -1503,7 +1750,8 @@ async fn a_busy_endpoints_jobs_wait_parked_in_order_not_republished() {
     // Nothing went through the broker again: no new job in the outbox, none left behind.
     assert_eq!(webhook_jobs(&mut conn).await.len(), 12);
     let waiting: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM webhook_messages WHERE parked_at IS NOT NULL OR held_until IS NOT NULL",
+        "SELECT (SELECT count(*) FROM webhook_messages WHERE held_until IS NOT NULL)
+              + (SELECT count(*) FROM webhook_parked)",
     )
     .fetch_one(&mut *conn)
     .await
@@ -1834,11 +2082,10 @@ async fn first_delivered_then_two_in_flight_four_parked(
     first_delivered(app, ep).await;
     publish_in_order(app, &jobs[1..]).await;
     wait_for("two in flight and four parked", || async {
-        let parked: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM webhook_messages WHERE parked_at IS NOT NULL")
-                .fetch_one(&app.pool)
-                .await
-                .unwrap();
+        let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_parked")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
         (r.count() == 3 && parked == 4).then_some(())
     })
     .await;
@@ -2012,7 +2259,7 @@ async fn a_quick_endpoints_next_pull_is_taken_ahead_and_handed_back_on_stop() {
     wait_for("the pull taken ahead handed back", || async {
         // Due from when they were parked, so that they keep their place.
         let due: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM webhook_messages WHERE id = ANY ($1) AND held_until = parked_at",
+            "SELECT count(*) FROM webhook_parked WHERE message_id = ANY ($1) AND taken_until = parked_at",
         )
         .bind(&ahead)
         .fetch_one(&app.pool)

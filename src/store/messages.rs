@@ -274,6 +274,10 @@ pub async fn record_attempts(
             UPDATE webhook_endpoints e SET disabled = true, disabled_reason = v.disable, updated_at = now()
             FROM v JOIN webhook_messages m ON m.id = v.message_id
             WHERE v.disable IS NOT NULL AND e.id = m.endpoint_id
+         ), unparked AS (
+            -- An attempt supersedes a parking (a duplicate job ran meanwhile) and ends a
+            -- message's time taken from parking.
+            DELETE FROM webhook_parked k USING v WHERE k.message_id = v.message_id
          )
          UPDATE webhook_messages m SET
             status = CASE WHEN m.status = 'delivered' AND v.status <> 'delivered' THEN m.status ELSE v.status END,
@@ -281,12 +285,11 @@ pub async fn record_attempts(
             next_attempt_at = v.next_at,
             last_error = v.error,
             delivered_at = CASE WHEN v.status = 'delivered' THEN v.at ELSE m.delivered_at END,
-            -- An attempt supersedes a hold or a parking (a duplicate job ran meanwhile),
-            -- unless it holds the message for its retry.
+            -- An attempt supersedes a hold (a duplicate job ran meanwhile), unless it
+            -- holds the message for its retry.
             held_until = CASE WHEN v.status = 'pending' THEN v.hold END,
             held_attempt = coalesce(v.hold_attempt, m.held_attempt),
             hold_count = 0,
-            parked_at = NULL,
             updated_at = now()
          FROM v WHERE m.id = v.message_id",
     )
@@ -318,7 +321,8 @@ pub struct Held {
     pub hold_count: u32,
 }
 
-/// Holds many pending messages in one statement (settled messages are left alone).
+/// Holds many pending messages in one statement (settled messages are left alone); a
+/// hold supersedes a parking.
 pub async fn hold_many(conn: &mut PgConnection, batch: &[Held]) -> Result<(), sqlx::Error> {
     let (mut ids, mut until, mut attempt, mut count) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -329,12 +333,16 @@ pub async fn hold_many(conn: &mut PgConnection, batch: &[Held]) -> Result<(), sq
         count.push(i32::try_from(p.hold_count).unwrap_or(i32::MAX));
     }
     sqlx::query(
-        "UPDATE webhook_messages m SET
+        "WITH v AS (
+            SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::int[], $4::int[])
+                AS v(id, until, attempt, hold_count)
+         ), unparked AS (
+            DELETE FROM webhook_parked k USING v WHERE k.message_id = v.id
+         )
+         UPDATE webhook_messages m SET
             held_until = v.until, held_attempt = v.attempt, hold_count = v.hold_count,
-            next_attempt_at = v.until, parked_at = NULL, updated_at = now()
-         FROM UNNEST($1::text[], $2::timestamptz[], $3::int[], $4::int[])
-            AS v(id, until, attempt, hold_count)
-         WHERE m.id = v.id AND m.status = 'pending'",
+            next_attempt_at = v.until, updated_at = now()
+         FROM v WHERE m.id = v.id AND m.status = 'pending'",
     )
     .bind(&ids)
     .bind(&until)
@@ -347,9 +355,11 @@ pub async fn hold_many(conn: &mut PgConnection, batch: &[Held]) -> Result<(), sq
 
 /// Gives held messages whose time has come a delivery job again (an outbox row, in the
 /// same statement), at most `per_endpoint` of each endpoint and `limit` in all, the
-/// longest-held first. Safe to run in several processes at once: a message is
-/// released by whichever gets its row first, and the other skips it. Returns how many
-/// were released.
+/// longest-held first. So too messages taken from parking whose attempt was never
+/// recorded once their time taken runs out, and parked messages nobody pulls any more
+/// (the lease of their puller ran out). Safe to run in several processes at once: a
+/// message is released by whichever gets its row first, and the other skips it.
+/// Returns how many were released.
 pub async fn release_due(
     conn: &mut PgConnection,
     per_endpoint: i64,
@@ -357,39 +367,65 @@ pub async fn release_due(
 ) -> Result<u64, sqlx::Error> {
     let n: i64 = sqlx::query_scalar(
         "WITH due AS (
-            SELECT id, at FROM (
-                SELECT id, held_until AS at,
+            SELECT id, endpoint_id, at, false AS parked FROM (
+                SELECT id, endpoint_id, held_until AS at,
                        row_number() OVER (PARTITION BY endpoint_id ORDER BY held_until, id) AS n
                 FROM webhook_messages WHERE held_until <= now()
             ) d
             WHERE n <= $1
             UNION ALL
-            -- Parked messages nobody pulls any more (the lease of their puller ran out).
-            SELECT m.id, m.parked_at FROM webhook_parking p
+            SELECT message_id, endpoint_id, at, true FROM (
+                SELECT message_id, endpoint_id, taken_until AS at,
+                       row_number() OVER (PARTITION BY endpoint_id ORDER BY taken_until, message_id) AS n
+                FROM webhook_parked WHERE taken_until <= now()
+            ) t
+            WHERE n <= $1
+            UNION ALL
+            SELECT k.message_id, p.endpoint_id, k.parked_at, true FROM webhook_parking p
             CROSS JOIN LATERAL (
-                SELECT id, parked_at FROM webhook_messages
-                WHERE endpoint_id = p.endpoint_id AND parked_at IS NOT NULL AND held_until IS NULL
-                ORDER BY parked_at, id LIMIT $1
-            ) m
+                SELECT message_id, parked_at FROM webhook_parked
+                WHERE endpoint_id = p.endpoint_id AND taken_until IS NULL
+                ORDER BY parked_at, message_id LIMIT $1
+            ) k
             WHERE p.lease_until <= now()
          ), first AS (
-            SELECT id, at FROM due ORDER BY at, id LIMIT $2
-         ), locked AS (
+            SELECT id, at, parked FROM (
+                SELECT *, row_number() OVER (PARTITION BY endpoint_id ORDER BY at, id) AS n FROM due
+            ) d
+            WHERE n <= $1 ORDER BY at, id LIMIT $2
+         ), locked_held AS (
             SELECT m.id, first.at FROM webhook_messages m JOIN first USING (id)
-            WHERE m.held_until <= now() OR (m.parked_at IS NOT NULL AND m.held_until IS NULL)
+            WHERE NOT first.parked AND m.held_until <= now()
             FOR UPDATE OF m SKIP LOCKED
-         ), u AS (
-            UPDATE webhook_messages m SET held_until = NULL, parked_at = NULL, updated_at = now()
-            FROM locked WHERE m.id = locked.id
-            RETURNING m.id, m.endpoint_id, m.status, m.held_attempt, m.hold_count
+         ), locked_parked AS (
+            -- Re-checked on the row as it is once locked: one pulled meanwhile is skipped.
+            SELECT k.message_id AS id, first.at FROM webhook_parked k JOIN first ON first.id = k.message_id
+            WHERE first.parked AND (k.taken_until IS NULL OR k.taken_until <= now())
+            FOR UPDATE OF k SKIP LOCKED
+         ), held AS (
+            UPDATE webhook_messages m SET held_until = NULL, updated_at = now()
+            FROM locked_held l WHERE m.id = l.id
+            RETURNING m.id, m.endpoint_id, m.status, m.held_attempt AS attempt, m.hold_count
+         ), unparked AS (
+            DELETE FROM webhook_parked k USING locked_parked l WHERE k.message_id = l.id
+            RETURNING k.message_id AS id, k.attempt, k.hold_count
+         ), released AS (
+            SELECT id, endpoint_id, status = 'pending' AS live, attempt, hold_count, l.at
+            FROM held JOIN locked_held l USING (id)
+            UNION ALL
+            -- A parked row of a message recorded or held meanwhile (by a duplicate job)
+            -- is dropped without a job.
+            SELECT id, m.endpoint_id, m.status = 'pending' AND m.held_until IS NULL,
+                   u.attempt, u.hold_count, l.at
+            FROM unparked u JOIN locked_parked l USING (id) JOIN webhook_messages m USING (id)
          ), jobs AS (
             INSERT INTO outbox (kind, message_id, payload)
             SELECT 'webhook', id, convert_to(jsonb_build_object('webhook_message_id', id,
-                'endpoint_id', endpoint_id, 'attempt', held_attempt, 'holds', hold_count)::text, 'UTF8')
-            FROM u JOIN locked USING (id) WHERE u.status = 'pending'
-            ORDER BY locked.at, u.id
+                'endpoint_id', endpoint_id, 'attempt', attempt, 'holds', hold_count)::text, 'UTF8')
+            FROM released WHERE live
+            ORDER BY at, id
          )
-         SELECT count(*) FROM u",
+         SELECT count(*) FROM released",
     )
     .bind(per_endpoint)
     .bind(limit)
@@ -403,9 +439,8 @@ pub async fn drop_idle_leases(conn: &mut PgConnection) -> Result<u64, sqlx::Erro
     let r = sqlx::query(
         "DELETE FROM webhook_parking WHERE endpoint_id IN (
             SELECT endpoint_id FROM webhook_parking p WHERE lease_until <= now()
-              AND NOT EXISTS (SELECT 1 FROM webhook_messages m
-                              WHERE m.endpoint_id = p.endpoint_id AND m.parked_at IS NOT NULL
-                                AND m.held_until IS NULL)
+              AND NOT EXISTS (SELECT 1 FROM webhook_parked k
+                              WHERE k.endpoint_id = p.endpoint_id AND k.taken_until IS NULL)
             ORDER BY endpoint_id FOR UPDATE SKIP LOCKED)",
     )
     .execute(conn)
@@ -427,9 +462,16 @@ pub struct Parked {
     pub hold_count: u32,
 }
 
-/// Parks many pending messages in one statement (settled ones are left alone) and
-/// takes or extends the lease of their endpoints.
+/// Parks many pending messages in one statement (settled ones, and ones taken from
+/// parking and being sent, are left alone; a parking supersedes a hold) and takes or
+/// extends the lease of their endpoints. The messages' own rows are not written unless
+/// they were held.
 pub async fn park_many(conn: &mut PgConnection, batch: &[Parked]) -> Result<(), sqlx::Error> {
+    // Two jobs of one message (a redelivery) may park in one batch: its earlier parking
+    // counts, since one row cannot be written twice by one statement.
+    let mut batch: Vec<&Parked> = batch.iter().collect();
+    batch.sort_by(|a, b| (&a.message_id, a.at).cmp(&(&b.message_id, b.at)));
+    batch.dedup_by(|later, first| later.message_id == first.message_id);
     let (mut ids, mut at, mut lease, mut attempt, mut count) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for p in batch {
@@ -441,19 +483,34 @@ pub async fn park_many(conn: &mut PgConnection, batch: &[Parked]) -> Result<(), 
     }
     sqlx::query(
         "WITH v AS (
-            SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::timestamptz[], $4::int[], $5::int[])
+            SELECT v.*, m.endpoint_id, m.held_until FROM UNNEST($1::text[], $2::timestamptz[],
+                    $3::timestamptz[], $4::int[], $5::int[])
                 AS v(id, at, lease_until, attempt, hold_count)
+            JOIN webhook_messages m ON m.id = v.id
+            WHERE m.status = 'pending'
+            ORDER BY m.id
+            -- Waits for a record, hold or deletion of the message under way and reads the
+            -- row it left (a lock, not a new version of the row).
+            FOR SHARE OF m
          ), p AS (
-            UPDATE webhook_messages m SET
-                parked_at = v.at, held_until = NULL, held_attempt = v.attempt,
-                hold_count = v.hold_count, updated_at = now()
-            FROM v WHERE m.id = v.id AND m.status = 'pending'
-              -- Not one taken from parking and being sent (a duplicate job).
-              AND NOT (m.parked_at IS NOT NULL AND m.held_until IS NOT NULL)
-            RETURNING m.endpoint_id, v.lease_until
+            -- Rows in message-id order, so two parks of overlapping batches wait on each
+            -- other's keys in the same order instead of deadlocking.
+            INSERT INTO webhook_parked (message_id, endpoint_id, parked_at, attempt, hold_count)
+            SELECT id, endpoint_id, at, attempt, hold_count FROM v ORDER BY id
+            ON CONFLICT (message_id) DO UPDATE SET
+                parked_at = EXCLUDED.parked_at, attempt = EXCLUDED.attempt,
+                hold_count = EXCLUDED.hold_count
+            -- Not one taken from parking and being sent (a duplicate job).
+            WHERE webhook_parked.taken_until IS NULL
+            RETURNING message_id
+         ), unheld AS (
+            UPDATE webhook_messages m SET held_until = NULL, updated_at = now()
+            FROM v JOIN p ON p.message_id = v.id
+            WHERE m.id = v.id AND v.held_until IS NOT NULL
          )
          INSERT INTO webhook_parking (endpoint_id, lease_until)
-         SELECT endpoint_id, max(lease_until) FROM p GROUP BY endpoint_id
+         SELECT endpoint_id, max(lease_until) FROM v JOIN p ON p.message_id = v.id
+         GROUP BY endpoint_id
          ORDER BY endpoint_id
          ON CONFLICT (endpoint_id) DO UPDATE
             SET lease_until = greatest(webhook_parking.lease_until, EXCLUDED.lease_until)",
@@ -477,10 +534,11 @@ pub struct Pulled {
 }
 
 /// Takes the oldest `limit` parked messages of an endpoint, in the order they were
-/// parked, holding each until `claim_until` (should the process stop before recording
-/// its attempt, [`release_due`] gives it a job then; `parked_at` stays until then, so a
-/// taken message is told from a held one), and renews the endpoint's lease until
-/// `lease_until`. Messages another process is taking right now are skipped.
+/// parked, each until `claim_until` (should the process stop before recording its
+/// attempt, [`release_due`] gives it a job then; its parked row stays until then), and
+/// renews the endpoint's lease until `lease_until`. Messages another process is taking
+/// right now are skipped; parked rows of messages recorded or held meanwhile (by a
+/// duplicate job) are dropped.
 pub async fn pull_parked(
     conn: &mut PgConnection,
     endpoint_id: &str,
@@ -490,20 +548,26 @@ pub async fn pull_parked(
 ) -> Result<Vec<Pulled>, sqlx::Error> {
     sqlx::query_as(
         "WITH picked AS (
-            SELECT id, parked_at FROM webhook_messages
-            WHERE endpoint_id = $1 AND parked_at IS NOT NULL AND held_until IS NULL
-            ORDER BY parked_at, id LIMIT $2
-            FOR UPDATE SKIP LOCKED
+            SELECT k.message_id, k.parked_at, m.status = 'pending' AND m.held_until IS NULL AS live
+            FROM webhook_parked k JOIN webhook_messages m ON m.id = k.message_id
+            WHERE k.endpoint_id = $1 AND k.taken_until IS NULL
+            ORDER BY k.parked_at, k.message_id LIMIT $2
+            FOR UPDATE OF k SKIP LOCKED
          ), lease AS (
             UPDATE webhook_parking SET lease_until = greatest(lease_until, $4)
             WHERE endpoint_id = $1
+         ), stale AS (
+            -- Recorded or held by a job of the message that ran meanwhile.
+            DELETE FROM webhook_parked k USING picked
+            WHERE k.message_id = picked.message_id AND NOT picked.live
          ), u AS (
-            UPDATE webhook_messages m SET held_until = $3, updated_at = now()
-            FROM picked WHERE m.id = picked.id
-            RETURNING m.id, m.held_attempt, m.hold_count
+            UPDATE webhook_parked k SET taken_until = $3
+            FROM picked WHERE k.message_id = picked.message_id AND picked.live
+            RETURNING k.message_id, k.attempt, k.hold_count
          )
-         SELECT u.id, u.held_attempt, u.hold_count FROM u JOIN picked USING (id)
-         ORDER BY picked.parked_at, u.id",
+         SELECT u.message_id AS id, u.attempt AS held_attempt, u.hold_count
+         FROM u JOIN picked USING (message_id)
+         ORDER BY picked.parked_at, u.message_id",
     )
     .bind(endpoint_id)
     .bind(limit)
@@ -514,7 +578,7 @@ pub async fn pull_parked(
 }
 
 /// Puts messages taken by [`pull_parked`] and not attempted back in parking: they keep
-/// their `parked_at`, so the endpoint's next pull takes them first, in their order.
+/// their place, so the endpoint's next pull takes them first, in their order.
 /// Only those still held until `claim`, the pull's (not released and taken again
 /// meanwhile). Returns how many.
 pub async fn put_back(
@@ -523,9 +587,8 @@ pub async fn put_back(
     claim: DateTime<Utc>,
 ) -> Result<u64, sqlx::Error> {
     let r = sqlx::query(
-        "UPDATE webhook_messages SET held_until = NULL, updated_at = now()
-         WHERE id = ANY ($1) AND status = 'pending'
-           AND parked_at IS NOT NULL AND held_until = $2",
+        "UPDATE webhook_parked SET taken_until = NULL
+         WHERE message_id = ANY ($1) AND taken_until = $2",
     )
     .bind(ids)
     .bind(claim)
@@ -544,10 +607,14 @@ pub async fn hold_parked(
     pulled: &[String],
 ) -> Result<u64, sqlx::Error> {
     let r = sqlx::query(
-        "UPDATE webhook_messages SET held_until = $2, next_attempt_at = $2, parked_at = NULL,
-            hold_count = hold_count + 1, updated_at = now()
-         WHERE endpoint_id = $1 AND status = 'pending'
-           AND ((parked_at IS NOT NULL AND held_until IS NULL) OR id = ANY ($3))",
+        "WITH unparked AS (
+            DELETE FROM webhook_parked
+            WHERE endpoint_id = $1 AND (taken_until IS NULL OR message_id = ANY ($3))
+            RETURNING message_id, attempt, hold_count
+         )
+         UPDATE webhook_messages m SET held_until = $2, next_attempt_at = $2,
+            held_attempt = u.attempt, hold_count = u.hold_count + 1, updated_at = now()
+         FROM unparked u WHERE m.id = u.message_id AND m.status = 'pending'",
     )
     .bind(endpoint_id)
     .bind(until)
@@ -571,9 +638,9 @@ pub async fn unclaim(
         "WITH lease AS (
             UPDATE webhook_parking SET lease_until = now() WHERE endpoint_id = $1
          ), u AS (
-            UPDATE webhook_messages SET held_until = least(coalesce(parked_at, now()), now())
-            WHERE id = ANY ($2) AND held_until IS NOT NULL AND status = 'pending'
-            RETURNING id
+            UPDATE webhook_parked SET taken_until = least(parked_at, now())
+            WHERE message_id = ANY ($2) AND taken_until IS NOT NULL
+            RETURNING message_id
          )
          SELECT count(*) FROM u",
     )
@@ -610,9 +677,8 @@ pub async fn prune_settled(
 /// (delivered, or held for its retry: no longer parked) is left as it is.
 pub async fn due_now(conn: &mut PgConnection, pulled: &[String]) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
-        "UPDATE webhook_messages SET held_until = now()
-         WHERE id = ANY ($1) AND parked_at IS NOT NULL AND held_until > now()
-           AND status = 'pending'",
+        "UPDATE webhook_parked SET taken_until = now()
+         WHERE message_id = ANY ($1) AND taken_until > now()",
     )
     .bind(pulled)
     .execute(conn)
@@ -632,11 +698,15 @@ pub async fn park_held(
 ) -> Result<u64, sqlx::Error> {
     let n: i64 = sqlx::query_scalar(
         "WITH p AS (
-            UPDATE webhook_messages SET parked_at = created_at, held_until = NULL, updated_at = now()
-            WHERE endpoint_id = $1 AND held_until > now() AND parked_at IS NULL AND status = 'pending'
+            UPDATE webhook_messages SET held_until = NULL, updated_at = now()
+            WHERE endpoint_id = $1 AND held_until > now() AND status = 'pending'
               -- Held for hanging or a circuit (holds counted), not retries on their schedule.
               AND hold_count > 0
-            RETURNING id
+            RETURNING id, endpoint_id, created_at, held_attempt, hold_count
+         ), parked AS (
+            INSERT INTO webhook_parked (message_id, endpoint_id, parked_at, attempt, hold_count)
+            SELECT id, endpoint_id, created_at, held_attempt, hold_count FROM p ORDER BY id
+            ON CONFLICT (message_id) DO NOTHING
          ), lease AS (
             INSERT INTO webhook_parking (endpoint_id, lease_until)
             SELECT $1, $2 WHERE EXISTS (SELECT 1 FROM p)
@@ -661,7 +731,7 @@ pub async fn release_endpoint(
 ) -> Result<u64, sqlx::Error> {
     let r = sqlx::query(
         "UPDATE webhook_messages SET held_until = now()
-         WHERE endpoint_id = $1 AND held_until > now() AND parked_at IS NULL
+         WHERE endpoint_id = $1 AND held_until > now()
            AND status = 'pending' AND hold_count > 0",
     )
     .bind(endpoint_id)
@@ -677,8 +747,11 @@ pub async fn fail_unattempted(
     reason: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE webhook_messages SET status = 'failed', last_error = $2, next_attempt_at = NULL,
-            held_until = NULL, parked_at = NULL, updated_at = now()
+        "WITH unparked AS (
+            DELETE FROM webhook_parked WHERE message_id = $1
+         )
+         UPDATE webhook_messages SET status = 'failed', last_error = $2, next_attempt_at = NULL,
+            held_until = NULL, updated_at = now()
          WHERE id = $1 AND status = 'pending'",
     )
     .bind(message_id)
@@ -700,9 +773,11 @@ pub async fn rearm_settled(
     sqlx::query_scalar(
         "WITH r AS (
             UPDATE webhook_messages SET status = 'pending', next_attempt_at = now(),
-                held_until = NULL, parked_at = NULL, hold_count = 0, updated_at = now()
+                held_until = NULL, hold_count = 0, updated_at = now()
             WHERE business_id = $1 AND id = $2 AND status IN ('failed', 'delivered')
             RETURNING id, endpoint_id
+         ), unparked AS (
+            DELETE FROM webhook_parked WHERE message_id IN (SELECT id FROM r)
          )
          INSERT INTO outbox (kind, message_id, payload)
          SELECT 'webhook', id,
@@ -734,9 +809,11 @@ pub async fn rearm_failed(
             FOR UPDATE
          ), r AS (
             UPDATE webhook_messages m SET status = 'pending', next_attempt_at = now(),
-                held_until = NULL, parked_at = NULL, hold_count = 0, updated_at = now()
+                held_until = NULL, hold_count = 0, updated_at = now()
             FROM page WHERE m.id = page.id
             RETURNING m.id, m.endpoint_id
+         ), unparked AS (
+            DELETE FROM webhook_parked WHERE message_id IN (SELECT id FROM r)
          )
          INSERT INTO outbox (kind, message_id, payload)
          SELECT 'webhook', id,

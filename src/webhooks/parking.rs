@@ -341,7 +341,7 @@ pub(super) struct Ready {
     /// `Some(None)`: the message is gone.
     target: Option<Option<DeliveryTarget>>,
     read_at: Instant,
-    /// Until when the pull holds it (`held_until`).
+    /// Until when the pull takes it (`webhook_parked.taken_until`).
     claim: DateTime<Utc>,
 }
 
