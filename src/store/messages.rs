@@ -367,19 +367,11 @@ pub async fn release_due(
 ) -> Result<u64, sqlx::Error> {
     let n: i64 = sqlx::query_scalar(
         "WITH due AS (
-            SELECT id, endpoint_id, at, false AS parked FROM (
-                SELECT id, endpoint_id, held_until AS at,
-                       row_number() OVER (PARTITION BY endpoint_id ORDER BY held_until, id) AS n
-                FROM webhook_messages WHERE held_until <= now()
-            ) d
-            WHERE n <= $1
+            SELECT id, endpoint_id, held_until AS at, false AS parked
+            FROM webhook_messages WHERE held_until <= now()
             UNION ALL
-            SELECT message_id, endpoint_id, at, true FROM (
-                SELECT message_id, endpoint_id, taken_until AS at,
-                       row_number() OVER (PARTITION BY endpoint_id ORDER BY taken_until, message_id) AS n
-                FROM webhook_parked WHERE taken_until <= now()
-            ) t
-            WHERE n <= $1
+            SELECT message_id, endpoint_id, taken_until, true
+            FROM webhook_parked WHERE taken_until <= now()
             UNION ALL
             SELECT k.message_id, p.endpoint_id, k.parked_at, true FROM webhook_parking p
             CROSS JOIN LATERAL (
@@ -389,6 +381,7 @@ pub async fn release_due(
             ) k
             WHERE p.lease_until <= now()
          ), first AS (
+            -- At most `per_endpoint` of each endpoint, whichever way they are due.
             SELECT id, at, parked FROM (
                 SELECT *, row_number() OVER (PARTITION BY endpoint_id ORDER BY at, id) AS n FROM due
             ) d
