@@ -225,9 +225,25 @@ fn outcomes_since(m: &Metrics, before: &[(&'static str, u64)]) -> String {
 
 /// Publishes a grant event per (business, grant id), confirmed, in that order.
 async fn publish_events(ch: &lapin::Channel, queue: &str, events: &[(&str, String)]) {
-    for chunk in events.chunks(500) {
+    publish_events_paced(ch, queue, events, None).await
+}
+
+/// Publishes grant events, all at once or, with `pace`, that many per second, evenly
+/// spaced; returns once the broker has confirmed them all.
+async fn publish_events_paced(
+    ch: &lapin::Channel,
+    queue: &str,
+    events: &[(&str, String)],
+    pace: Option<f64>,
+) {
+    let started = tokio::time::Instant::now();
+    for (c, chunk) in events.chunks(500).enumerate() {
         let mut confirms = Vec::new();
-        for (business, grant) in chunk {
+        for (i, (business, grant)) in chunk.iter().enumerate() {
+            if let Some(rate) = pace {
+                let at = (c * 500 + i) as f64 / rate;
+                tokio::time::sleep_until(started + Duration::from_secs_f64(at)).await;
+            }
             let body = grant_event(business, grant);
             let c = ch
                 .basic_publish(

@@ -8,7 +8,11 @@
 //!
 //! - Three phases of one endpoint answering in 50 ms, 200 ms and 1 s, each with enough
 //!   events to take about `GUILDGATE_BENCH_SLOW_SECONDS` (15) at the ideal rate: the
-//!   backlog of one endpoint is where waiting costs most.
+//!   backlog of one endpoint is where waiting costs most. After the 50 ms phase, the
+//!   same number of events to one endpoint answering at once, published at the pace
+//!   the 50 ms endpoint was served ("paced"): what deliveries cost at that rate with
+//!   nothing to wait for, since at 150 deliveries/s every request, answer and commit
+//!   wakes the process, the broker and the database for itself alone.
 //! - Rounds of two phases, alternating: five endpoints answering at once ("fast"), then
 //!   the same number of events to five such endpoints beside a second business with
 //!   five slow ones (50 ms, 100 ms, 200 ms, 500 ms, 1 s; "mixed"). The fast endpoints'
@@ -221,6 +225,7 @@ impl Bench<'_> {
         phase: &str,
         endpoints: Vec<Endpoint>,
         events: [usize; 2],
+        pace: Option<f64>,
     ) -> Measured {
         self.tag += 1;
         let businesses = [0, 1].map(|b| format!("bus_{phase}_{}_{b}", self.tag - 1));
@@ -245,7 +250,7 @@ impl Bench<'_> {
                 )
             })
             .collect();
-        crate::publish_events(&ch, &self.queue, &published).await;
+        crate::publish_events_paced(&ch, &self.queue, &published, pace).await;
         let _ = ch.close(200, "done".into()).await;
         let want: u64 = endpoints.iter().map(|e| events[e.business] as u64).sum();
         let deadline = Instant::now() + Duration::from_secs(600);
@@ -362,14 +367,38 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
     let ms = Duration::from_millis;
     let cap = b.cap;
     let mut phases = Vec::new();
+    let mut paced_cpu = None;
     for latency in [ms(50), ms(200), ms(1000)] {
         let name = format!("{}ms", latency.as_millis());
         let events = (seconds * cap as f64 / latency.as_secs_f64()).ceil() as usize;
         b.measure_idle().await;
         let eps = b.endpoints(&name, 0, &[latency]).await;
-        let m = b.phase(&name, eps, [events, 0]).await;
+        let m = b.phase(&name, eps, [events, 0], None).await;
         m.print(&format!("one endpoint answering in {name}"), cap);
+        let pace = (latency == ms(50))
+            .then(|| m.rates.first().map(|r| r.2))
+            .flatten();
         phases.push((name, m));
+        if let Some(pace) = pace {
+            // The same deliveries at the same pace to an endpoint that answers at once:
+            // what delivering at that rate costs with nothing to wait for, to tell the
+            // cost of a slow endpoint's waiting from the cost of a low rate.
+            b.measure_idle().await;
+            let eps = b.endpoints("paced", 0, &[Duration::ZERO]).await;
+            let p = b.phase("paced", eps, [events, 0], Some(pace)).await;
+            p.print(
+                &format!("one endpoint answering at once, fed at the 50 ms endpoint's {pace:.0}/s"),
+                cap,
+            );
+            paced_cpu = p.busy_cpu_per_k;
+            if let (Some(slow), Some(paced)) = (phases[0].1.busy_cpu_per_k, paced_cpu) {
+                println!(
+                    "  the 50 ms endpoint's CPU per delivery above idle: {:.2} times this",
+                    slow / paced
+                );
+            }
+            phases.push(("paced".into(), p));
+        }
     }
     let slow = [ms(50), ms(100), ms(200), ms(500), ms(1000)];
     let slow_events = (seconds * cap as f64).ceil() as usize;
@@ -379,14 +408,16 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
     for round in 1..=rounds {
         b.measure_idle().await;
         let eps = b.endpoints("fast", 0, &[Duration::ZERO; 5]).await;
-        let fast = b.phase("fast", eps, [fast_events, 0]).await;
+        let fast = b.phase("fast", eps, [fast_events, 0], None).await;
         fast.print(
             &format!("round {round}, 5 endpoints answering at once"),
             cap,
         );
         let mut eps = b.endpoints("mixed", 0, &[Duration::ZERO; 5]).await;
         eps.extend(b.endpoints("mixed", 1, &slow).await);
-        let mixed = b.phase("mixed", eps, [fast_events, slow_events]).await;
+        let mixed = b
+            .phase("mixed", eps, [fast_events, slow_events], None)
+            .await;
         mixed.print(
             &format!("round {round}, the same beside 5 endpoints answering in 50 ms to 1 s"),
             cap,
@@ -426,6 +457,15 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
                 "cpu_of_fast": m.busy_cpu_per_k.map(|c| (c / fast_cpu * 100.0).round() / 100.0),
             }),
         );
+        if name == "50ms"
+            && let Some((c, p)) = m.busy_cpu_per_k.zip(paced_cpu)
+            && let Some(o) = out.get_mut(name.as_str()).and_then(|v| v.as_object_mut())
+        {
+            o.insert(
+                "cpu_of_paced".into(),
+                json!((c / p * 100.0).round() / 100.0),
+            );
+        }
     }
     out.insert(
         "fast_beside_slow_ratio".into(),
