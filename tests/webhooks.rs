@@ -2302,6 +2302,180 @@ async fn a_quick_endpoints_next_pull_is_taken_ahead_and_handed_back_on_stop() {
     app.cleanup().await;
 }
 
+/// An endpoint that answers its first request at once (a quick endpoint: a pull asks
+/// for several in-flight caps), its next two when the first two gates open and every
+/// later one when the third does; `n` messages for it, and the first delivered by a
+/// deliverer of four workers and an in-flight cap of two.
+struct Gated {
+    r: Receiver,
+    gates: [CancellationToken; 3],
+    s: Started,
+}
+
+async fn quick_and_gated(app: &TestApp, n: usize, tune: fn(Deliverer) -> Deliverer) -> Gated {
+    let gates = [(); 3].map(|_| CancellationToken::new());
+    let script = gates.clone();
+    let long = std::time::Duration::from_secs(30);
+    let r = Receiver::start(&[SECRET], move |n| match n {
+        0 => Reply::Status(200),
+        1 => Reply::Until(script[0].clone(), long, 200),
+        2 => Reply::Until(script[1].clone(), long, 200),
+        _ => Reply::Until(script[2].clone(), long, 200),
+    })
+    .await;
+    let s = first_of_many_delivered(app, &r, n, 4, 2, tune).await;
+    Gated { r, gates, s }
+}
+
+impl Gated {
+    /// Publishes jobs 1 to 4: two go out, two park. Then the first gate opens: the
+    /// pull takes both parked messages and the first of them goes, the other is left in
+    /// hand.
+    async fn one_in_hand(&self, app: &TestApp) {
+        publish_in_order(app, &self.s.jobs[1..5]).await;
+        wait_for("two in flight and two parked", || async {
+            (self.r.count() == 3 && waiting_parked(app).await == 2).then_some(())
+        })
+        .await;
+        self.gates[0].cancel();
+        wait_for("the first pulled message sent", || async {
+            (self.r.count() == 4).then_some(())
+        })
+        .await;
+        assert_eq!(
+            taken_of(app, &self.s.ep).await,
+            sorted(self.s.ids[3..5].to_vec())
+        );
+    }
+
+    /// Opens the last gate, waits for every message to be delivered and stops.
+    async fn finish(self, app: &TestApp) -> Receiver {
+        self.gates[2].cancel();
+        every_delivered(app, &self.s.ep).await;
+        self.s.stop.cancel();
+        self.s.worker.await.unwrap();
+        self.s.deliverer.broker.close().await;
+        drop(self.s.conn);
+        self.r
+    }
+}
+
+/// Parked messages not taken by a pull.
+async fn waiting_parked(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM webhook_parked WHERE taken_until IS NULL")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+fn sorted(mut ids: Vec<String>) -> Vec<String> {
+    ids.sort();
+    ids
+}
+
+/// Each message sent once and in the order of its job, but for the pairs starting at
+/// the indexes in `pairs`, which went out at once into two free slots and may arrive in
+/// either order.
+fn sent_in_order(r: &Receiver, ids: &[String], pairs: &[usize]) {
+    let sent: Vec<String> = r.hits().into_iter().map(|h| h.id).collect();
+    assert_eq!(sent.len(), ids.len(), "sent {sent:?}");
+    let mut i = 0;
+    while i < ids.len() {
+        let end = if pairs.contains(&i) { i + 2 } else { i + 1 };
+        assert_eq!(
+            sorted(sent[i..end].to_vec()),
+            sorted(ids[i..end].to_vec()),
+            "sent {sent:?}"
+        );
+        i = end;
+    }
+    all_verified(r);
+}
+
+/// A message in the puller's hand goes when a slot frees, without waiting for the jobs
+/// of its endpoint that arrived since and are still writing their parks: they park
+/// behind it anyway. Here a later job's park waits on a lock of its message's row; the
+/// message in hand goes meanwhile, and the later one after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_in_hand_goes_while_later_jobs_write_their_parks() {
+    let mut app = without_delivery().await;
+    let g = quick_and_gated(&app, 6, patient).await;
+    g.one_in_hand(&app).await;
+    // A later job whose park cannot be written yet: its message's row is locked.
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM webhook_messages WHERE id = $1 FOR UPDATE")
+        .bind(&g.s.ids[5])
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    publish_in_order(&app, &g.s.jobs[5..]).await;
+    wait_for("the later job writing its park", || async {
+        park_waits_on_a_lock(&app).await.then_some(())
+    })
+    .await;
+    // The other slot frees: the message in hand goes while the park still waits.
+    g.gates[1].cancel();
+    wait_for("the message in hand sent", || async {
+        (g.r.count() == 5).then_some(())
+    })
+    .await;
+    lock.rollback().await.unwrap();
+    let ids = g.s.ids.clone();
+    let r = g.finish(&app).await;
+    // The second and third went out together into two free slots.
+    sent_in_order(&r, &ids, &[1]);
+    app.cleanup().await;
+}
+
+/// Whether a park being written waits on a lock.
+async fn park_waits_on_a_lock(app: &TestApp) -> bool {
+    sqlx::query_scalar(
+        "SELECT count(*) > 0 FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'
+           AND query LIKE '%INSERT INTO webhook_parked%'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+/// A pull that took less than it asked for is followed by one taken ahead when more
+/// messages were parked since it looked: an endpoint whose backlog is still arriving
+/// (its jobs parking behind the ones pulled) has its next pull ready when a slot frees,
+/// rather than after a trip to the database with the slot empty. The order holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_parked_since_a_short_pull_is_pulled_ahead() {
+    let mut app = without_delivery().await;
+    let g = quick_and_gated(&app, 7, |d| {
+        patient(d).with_pull_ahead_below(std::time::Duration::from_secs(5))
+    })
+    .await;
+    // The pull took two, less than it asks for.
+    g.one_in_hand(&app).await;
+    // Two more park behind them, after the pull looked (counted once the worker has
+    // seen their parks written, which is what the puller looks at).
+    let parked = attempts(&app, "parked");
+    publish_in_order(&app, &g.s.jobs[5..]).await;
+    wait_for("two more parked", || async {
+        (waiting_parked(&app).await == 2 && attempts(&app, "parked") == parked + 2).then_some(())
+    })
+    .await;
+    // The other slot frees: the last message in hand goes, and the next pull is taken
+    // with it, while both slots are busy again.
+    g.gates[1].cancel();
+    wait_for("the next pull taken ahead", || async {
+        let taken = taken_of(&app, &g.s.ep).await;
+        (g.r.count() == 5 && taken.len() == 4).then_some(())
+    })
+    .await;
+    assert_eq!(taken_of(&app, &g.s.ep).await, sorted(g.s.ids[3..].to_vec()));
+    let ids = g.s.ids.clone();
+    let r = g.finish(&app).await;
+    // The second and third, and the last two, went out together into two free slots.
+    sent_in_order(&r, &ids, &[1, 5]);
+    app.cleanup().await;
+}
+
 /// A 410 Gone from one request: nothing is sent to the endpoint after it, neither a
 /// parked message pulled before it (its target read while the endpoint was enabled) on
 /// a slot that another request frees while the 410 is being recorded, nor what is parked

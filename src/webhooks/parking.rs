@@ -405,6 +405,9 @@ impl Deliverer {
         let mut ahead: Option<Ahead> = None;
         // The last pull took all it asked for: more is likely parked.
         let mut full = false;
+        // The count of parks written before the last pull looked: if more were written
+        // since, more is parked too.
+        let mut looked = 0;
         let mut backoff = amqp::reconnect_backoff();
         // Set when the endpoint hangs (`None`) or its circuit is open (until when), with
         // the note of the hold, begun as soon as that is seen.
@@ -435,11 +438,16 @@ impl Deliverer {
                     break;
                 }
             };
-            // Jobs that arrived before now and are still deciding (or writing their
-            // park) go first: they would take a slot, or park ahead of what is parked.
+            // Before a pull, jobs that arrived before now and are still deciding (or
+            // writing their park) go first: they would take a slot, or park ahead of what
+            // the pull takes. Not before sending a message in hand: a job still deciding
+            // parks (the endpoint being parked) and is pulled later, so it goes after what
+            // is in hand either way. Waiting for it only left the slot empty while a
+            // stream of new jobs wrote their parks, tens of milliseconds per slot on a
+            // busy machine.
             // Not while finishing: the job at the front of the line then waits for this
             // puller to end (one that gives up parks, in its order, and is pulled).
-            if !closing {
+            if !closing && pulled.is_empty() && ahead.is_none() {
                 tokio::select! {
                     _ = self.stop.cancelled() => break,
                     _ = self.line.clear_before_now(&endpoint) => {}
@@ -487,6 +495,7 @@ impl Deliverer {
                     Ok(rows) => {
                         backoff = amqp::reconnect_backoff();
                         full = rows.len() >= limit;
+                        looked = written;
                         // Caught up with a fast endpoint (less than a cap was left): its
                         // next job waits for the end rather than park, so parking can end
                         // while jobs keep coming.
@@ -529,7 +538,8 @@ impl Deliverer {
             let ep = endpoint.clone();
             self.pullers
                 .spawn(async move { this.deliver_pulled(next, ep, permit, request).await });
-            if pulled.is_empty() && full && !closing && self.pulls_ahead(&endpoint) {
+            let more = full || self.parking.writes(&endpoint) != looked;
+            if pulled.is_empty() && more && !closing && self.pulls_ahead(&endpoint) {
                 ahead = Some(Ahead::start(self.clone(), endpoint.clone()));
             }
         }
