@@ -446,7 +446,7 @@ async fn round(args: &Args, msgs: &[Msg], seeded: &world::Database) -> Round {
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     let ch = conn.create_channel().await.unwrap();
     let mut sent = HashMap::new();
-    let wal_before = wal_now(&pool).await;
+    let wal_before = Wal::read_after_quiet(&pool).await;
     let cpu_before = Cpu::now();
     let started = Instant::now();
     // On stderr, as the baseline's, for a profiler to start and stop on
@@ -542,14 +542,6 @@ async fn round(args: &Args, msgs: &[Msg], seeded: &world::Database) -> Round {
         relayed_cpu_ms_per_k: drained_cpu,
         wal_per_event,
     }
-}
-
-/// The WAL counters after a second of quiet ([`Wal`]): a backend reports its WAL when it
-/// goes idle, at most once a second (and, within a second of its last report, only ten
-/// seconds later), so a start read so has nothing before it still in flight.
-async fn wal_now(pool: &sqlx::PgPool) -> Wal {
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    Wal::read(pool).await
 }
 
 /// The WAL counters once every backend of `db` has exited (a backend reports all it has

@@ -277,10 +277,7 @@ impl Bench<'_> {
         let idle_per_k = self.idle_cpu * elapsed.as_secs_f64() * 1000.0 / (want as f64 / 1000.0);
         let busy_cpu_per_k = cpu_per_k.map(|c| c - idle_per_k);
         let (relayed, outcomes) = counters(&self.metrics);
-        // Backends add their WAL to `pg_stat_wal` when they go idle, at most once a
-        // second.
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        let wal = Wal::read(&mut *self.conn)
+        let wal = Wal::read_after_quiet(&mut *self.conn)
             .await
             .per_unit_since(wal, want as usize);
         let outcomes_delta: Vec<(&str, u64)> = outcomes
@@ -401,7 +398,8 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
     let ms = Duration::from_millis;
     let cap = b.cap;
     let mut phases = Vec::new();
-    let mut paced_cpu = None;
+    // The 50 ms endpoint's CPU per delivery above idle against the paced phase's.
+    let mut of_paced = None;
     for latency in [ms(50), ms(200), ms(1000)] {
         let name = format!("{}ms", latency.as_millis());
         let events = (seconds * cap as f64 / latency.as_secs_f64()).ceil() as usize;
@@ -412,6 +410,7 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
         let pace = (latency == ms(50))
             .then(|| m.rates.first().map(|r| r.2))
             .flatten();
+        let slow_cpu = m.busy_cpu_per_k;
         phases.push((name, m));
         if let Some(pace) = pace {
             // The same deliveries at the same pace to an endpoint that answers at once:
@@ -424,12 +423,9 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
                 &format!("one endpoint answering at once, fed at the 50 ms endpoint's {pace:.0}/s"),
                 cap,
             );
-            paced_cpu = p.busy_cpu_per_k;
-            if let (Some(slow), Some(paced)) = (phases[0].1.busy_cpu_per_k, paced_cpu) {
-                println!(
-                    "  the 50 ms endpoint's CPU per delivery above idle: {:.2} times this",
-                    slow / paced
-                );
+            of_paced = slow_cpu.zip(p.busy_cpu_per_k).map(|(s, p)| s / p);
+            if let Some(r) = of_paced {
+                println!("  the 50 ms endpoint's CPU per delivery above idle: {r:.2} times this");
             }
             phases.push(("paced".into(), p));
         }
@@ -492,13 +488,10 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
             }),
         );
         if name == "50ms"
-            && let Some((c, p)) = m.busy_cpu_per_k.zip(paced_cpu)
+            && let Some(r) = of_paced
             && let Some(o) = out.get_mut(name.as_str()).and_then(|v| v.as_object_mut())
         {
-            o.insert(
-                "cpu_of_paced".into(),
-                json!((c / p * 100.0).round() / 100.0),
-            );
+            o.insert("cpu_of_paced".into(), json!((r * 100.0).round() / 100.0));
         }
     }
     out.insert(

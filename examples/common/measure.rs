@@ -178,6 +178,14 @@ impl Wal {
         }
     }
 
+    /// The counters after a second of quiet: a backend reports its WAL when it goes
+    /// idle, at most once a second (and, within a second of its last report, only ten
+    /// seconds later), so what was written before the call is counted by then.
+    pub async fn read_after_quiet<'c, E: sqlx::PgExecutor<'c>>(db: E) -> Self {
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        Self::read(db).await
+    }
+
     /// What was written since `before`, per unit.
     pub fn per_unit_since(self, before: Self, units: usize) -> Self {
         let n = units.max(1) as f64;
