@@ -1215,6 +1215,27 @@ async fn held_messages_get_jobs_when_due_a_bounded_number_per_endpoint() {
 
 /// Creates `n` messages for an endpoint (with their jobs in the outbox, in the order
 /// they are to be sent) and returns their ids.
+/// Pulls up to `limit` parked messages of the endpoint, whenever they were parked,
+/// each taken for a minute from `now`.
+async fn pull_unbounded(
+    conn: &mut sqlx::PgConnection,
+    endpoint_id: &str,
+    limit: i64,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<messages::Pulled>, sqlx::Error> {
+    let secs = chrono::Duration::seconds;
+    let any_time = chrono::DateTime::<chrono::Utc>::MAX_UTC;
+    messages::pull_parked(
+        conn,
+        endpoint_id,
+        limit,
+        any_time,
+        now + secs(60),
+        now + secs(30),
+    )
+    .await
+}
+
 async fn messages_for(conn: &mut sqlx::PgConnection, ep: &Endpoint, n: usize) -> Vec<String> {
     let grants: Vec<String> = (0..n).map(|i| format!("grant_Park{i}")).collect();
     let events: Vec<messages::FanoutEvent<'_>> = grants
@@ -1357,9 +1378,7 @@ async fn a_parked_messages_own_row_is_written_only_by_its_record() {
     )
     .await
     .unwrap();
-    let pulled = messages::pull_parked(&mut conn, &ep.id, 8, now + secs(60), now + secs(30))
-        .await
-        .unwrap();
+    let pulled = pull_unbounded(&mut conn, &ep.id, 8, now).await.unwrap();
     assert_eq!(pulled.len(), 1);
     assert_eq!(
         writer(&mut conn, &id).await,
@@ -1444,9 +1463,7 @@ async fn a_parked_row_left_beside_a_record_or_a_hold_sends_nothing_twice() {
     for (sql, id) in [(settle, &ids[0]), (hold, &ids[1])] {
         sqlx::query(sql).bind(id).execute(&mut *conn).await.unwrap();
     }
-    let pulled = messages::pull_parked(&mut conn, &ep.id, 3, now + secs(60), now + secs(30))
-        .await
-        .unwrap();
+    let pulled = pull_unbounded(&mut conn, &ep.id, 3, now).await.unwrap();
     assert_eq!(
         pulled.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
         vec![ids[2].as_str()],
@@ -1514,10 +1531,31 @@ async fn parked_messages_are_pulled_in_order_and_released_once_nobody_pulls_them
         "no job while parked"
     );
 
-    // Pulled oldest first, held until their claim runs out.
-    let pulled = messages::pull_parked(&mut conn, &ep.id, 2, now + secs(60), now + secs(30))
+    // A pull bounded at the first one's time takes nothing, and says what waits.
+    let first = by_time[0].at;
+    let none = messages::pull_parked(&mut conn, &ep.id, 5, first, now + secs(60), now)
         .await
         .unwrap();
+    assert!(none.is_empty());
+    assert!(
+        messages::parked_from(&mut conn, &ep.id, first)
+            .await
+            .unwrap()
+    );
+    assert!(!messages::parked_from(&mut conn, &ep.id, now).await.unwrap());
+
+    // Pulled oldest first, held until their claim runs out; bounded at the third
+    // one's time, a pull of three takes two.
+    let pulled = messages::pull_parked(
+        &mut conn,
+        &ep.id,
+        3,
+        by_time[2].at,
+        now + secs(60),
+        now + secs(30),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         pulled,
         vec![
@@ -1619,13 +1657,12 @@ async fn parked_messages_are_pulled_in_order_and_released_once_nobody_pulls_them
             .unwrap(),
         1
     );
-    let pulled: Vec<String> =
-        messages::pull_parked(&mut conn, &ep.id, 10, now + secs(60), now + secs(30))
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|p| p.id)
-            .collect();
+    let pulled: Vec<String> = pull_unbounded(&mut conn, &ep.id, 10, now)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
     assert_eq!(pulled, [in_order[2].clone()]);
     assert_eq!(
         messages::park_held(&mut conn, &ep.id, now + secs(30))
@@ -1648,7 +1685,7 @@ async fn parked_messages_are_pulled_in_order_and_released_once_nobody_pulls_them
     .await
     .unwrap();
     assert!(
-        messages::pull_parked(&mut conn, &ep.id, 10, now + secs(60), now + secs(30))
+        pull_unbounded(&mut conn, &ep.id, 10, now)
             .await
             .unwrap()
             .is_empty()
@@ -2425,6 +2462,70 @@ async fn a_message_in_hand_goes_while_later_jobs_write_their_parks() {
     // The second and third went out together into two free slots.
     sent_in_order(&r, &ids, &[1]);
     app.cleanup().await;
+}
+
+/// A pull takes only what was parked before the first job of its endpoint still
+/// deciding here: a later job's park, written while that one's is still being written,
+/// waits behind it. Here the puller is finishing (its last pull took less than a cap of
+/// a quick endpoint), so it pulls without waiting for the line; the test holds a place
+/// in the line (job A, deciding) and writes the park of a later job (B) itself. B goes
+/// only once A has parked, after it. (Should the machine be so slow that the endpoint
+/// no longer counts as quick, the puller waits for the line anyway.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_jobs_park_waits_for_an_earlier_job_still_deciding() {
+    let mut app = without_delivery().await;
+    let g = quick_and_gated(&app, 6, patient).await;
+    let ep = g.s.ep.id.clone();
+    // Two go out, one parks; the first gate opens and the pull takes the one parked:
+    // less than a cap, so the puller is finishing.
+    publish_in_order(&app, &g.s.jobs[1..4]).await;
+    wait_for("two in flight and one parked", || async {
+        (g.r.count() == 3 && waiting_parked(&app).await == 1).then_some(())
+    })
+    .await;
+    g.gates[0].cancel();
+    wait_for("the parked message sent", || async {
+        (g.r.count() == 4).then_some(())
+    })
+    .await;
+    // A is deciding; B, which arrived after it, has its park written.
+    let (a, b) = (g.s.ids[5].clone(), g.s.ids[4].clone());
+    let place = g.s.deliverer.line().join(&ep);
+    let a_at = chrono::DateTime::from_timestamp_micros(place.at()).unwrap();
+    park_row(&app, &b, &ep, a_at + chrono::Duration::milliseconds(1)).await;
+    // A slot frees: the puller looks, and must not take B.
+    g.gates[1].cancel();
+    wait_for("the second request answered", || async {
+        (attempts(&app, "delivered") >= 3).then_some(())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(g.r.count(), 4, "B was sent ahead of A");
+    assert!(!taken_of(&app, &g.s.ep).await.contains(&b), "B was taken");
+    // A parks and leaves the line; both go, A first.
+    park_row(&app, &a, &ep, a_at).await;
+    drop(place);
+    // A goes into the free slot; B waits for the next.
+    wait_for("A sent", || async { (g.r.count() == 5).then_some(()) }).await;
+    let ids = g.s.ids.clone();
+    let r = g.finish(&app).await;
+    let order = [&ids[..4], &[a, b]].concat();
+    // The second and third went out together into two free slots.
+    sent_in_order(&r, &order, &[1]);
+    app.cleanup().await;
+}
+
+/// Writes the park of a message, as its job would.
+async fn park_row(app: &TestApp, id: &str, ep: &str, at: chrono::DateTime<chrono::Utc>) {
+    sqlx::query(
+        "INSERT INTO webhook_parked (message_id, endpoint_id, parked_at) VALUES ($1, $2, $3)",
+    )
+    .bind(id)
+    .bind(ep)
+    .bind(at)
+    .execute(&app.pool)
+    .await
+    .unwrap();
 }
 
 /// Whether a park being written waits on a lock.

@@ -526,16 +526,20 @@ pub struct Pulled {
     pub hold_count: i32,
 }
 
-/// Takes the oldest `limit` parked messages of an endpoint, in the order they were
-/// parked, each until `claim_until` (should the process stop before recording its
-/// attempt, [`release_due`] gives it a job then; its parked row stays until then), and
-/// renews the endpoint's lease until `lease_until`. Messages another process is taking
+/// Takes the oldest `limit` parked messages of an endpoint parked before `before`, in
+/// the order they were parked, each until `claim_until` (should the process stop before
+/// recording its attempt, [`release_due`] gives it a job then; its parked row stays
+/// until then), and renews the endpoint's lease until `lease_until`. Messages another process is taking
 /// right now are skipped; parked rows of messages recorded or held meanwhile (by a
 /// duplicate job) are dropped.
+///
+/// `before` leaves out parks stamped at or after it: the puller's own process may still
+/// be writing parks stamped earlier than those, which must go first.
 pub async fn pull_parked(
     conn: &mut PgConnection,
     endpoint_id: &str,
     limit: i64,
+    before: DateTime<Utc>,
     claim_until: DateTime<Utc>,
     lease_until: DateTime<Utc>,
 ) -> Result<Vec<Pulled>, sqlx::Error> {
@@ -543,7 +547,7 @@ pub async fn pull_parked(
         "WITH picked AS (
             SELECT k.message_id, k.parked_at, m.status = 'pending' AND m.held_until IS NULL AS live
             FROM webhook_parked k JOIN webhook_messages m ON m.id = k.message_id
-            WHERE k.endpoint_id = $1 AND k.taken_until IS NULL
+            WHERE k.endpoint_id = $1 AND k.taken_until IS NULL AND k.parked_at < $5
             ORDER BY k.parked_at, k.message_id LIMIT $2
             FOR UPDATE OF k SKIP LOCKED
          ), lease AS (
@@ -566,7 +570,25 @@ pub async fn pull_parked(
     .bind(limit)
     .bind(claim_until)
     .bind(lease_until)
+    .bind(before)
     .fetch_all(conn)
+    .await
+}
+
+/// Whether an endpoint has messages parked at or after `from` and not taken: left
+/// out of a pull bounded there ([`pull_parked`]).
+pub async fn parked_from(
+    conn: &mut PgConnection,
+    endpoint_id: &str,
+    from: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM webhook_parked
+            WHERE endpoint_id = $1 AND taken_until IS NULL AND parked_at >= $2)",
+    )
+    .bind(endpoint_id)
+    .bind(from)
+    .fetch_one(conn)
     .await
 }
 

@@ -282,6 +282,14 @@ impl Deliverer {
         DateTime::from_timestamp_micros(self.line.stamp()).unwrap_or_else(Utc::now)
     }
 
+    /// The jobs of each endpoint in this process's hands that are still deciding
+    /// whether to send, park or hold ([`Line`]). For tests: a place held in it holds
+    /// up the endpoint's puller.
+    #[doc(hidden)]
+    pub fn line(&self) -> &Line {
+        &self.line
+    }
+
     /// Handles one job up to the point of settling it.
     #[tracing::instrument(
         name = "webhook_delivery",

@@ -10,7 +10,9 @@
 //! one after the other in the order they arrived ([`Line`]), and while an endpoint has
 //! parked messages its new jobs are parked behind them, pulled in the order they
 //! arrived: first attempts keep the order of the jobs (within a process; competing
-//! processes each keep their own).
+//! processes each keep their own). Parks are written in whatever order their writes
+//! reach the database, so a pull takes only what was parked before the first job of
+//! the endpoint still deciding ([`Deliverer::pull_looked`]).
 //!
 //! Nothing is lost when a process stops: a pulled message is held in the database
 //! until its attempt is recorded (and given a job again by the hold releaser if it
@@ -146,6 +148,16 @@ impl Line {
             }
             notified.await;
         }
+    }
+
+    /// The stamp of the first job of `endpoint` still deciding (or writing its park), if
+    /// any: every job stamped before it has decided and its park, if it parked, is
+    /// written. (A job whose park could not be written leaves its place with the error
+    /// and parks again when it is tried again; while the database fails, order is kept
+    /// as far as the writes that succeed allow.)
+    fn first(&self, endpoint: &str) -> Option<i64> {
+        let st = self.inner.lock().expect("line lock");
+        st.endpoints.get(endpoint)?.places.first().copied()
     }
 
     /// Waits until no job of `endpoint` stamped before now is still deciding.
@@ -357,6 +369,9 @@ struct Took {
     written: u64,
     limit: usize,
     rows: Result<Vec<Ready>, sqlx::Error>,
+    /// It took nothing, but messages parked at or after its bound wait: the stamp of
+    /// the job still deciding that bounded it.
+    bounded_by: Option<i64>,
 }
 
 impl Took {
@@ -368,6 +383,7 @@ impl Took {
             written: 0,
             limit: usize::MAX,
             rows,
+            bounded_by: None,
         }
     }
 }
@@ -487,6 +503,7 @@ impl Deliverer {
                     written,
                     limit,
                     rows,
+                    bounded_by,
                 } = match ahead.take() {
                     Some(ahead) => ahead.taken().await,
                     None => self.pull_looked(&endpoint).await,
@@ -498,8 +515,11 @@ impl Deliverer {
                         looked = written;
                         // Caught up with a fast endpoint (less than a cap was left): its
                         // next job waits for the end rather than park, so parking can end
-                        // while jobs keep coming.
-                        closing = rows.len() < cap && self.known_fast(&endpoint);
+                        // while jobs keep coming. Not when messages wait behind a job still
+                        // deciding (which then parks at once rather than wait for an end
+                        // that cannot come first).
+                        closing =
+                            rows.len() < cap && bounded_by.is_none() && self.known_fast(&endpoint);
                         self.parking.closing(&endpoint, closing);
                         pulled.extend(rows);
                     }
@@ -515,6 +535,15 @@ impl Deliverer {
                 }
                 if pulled.is_empty() {
                     drop(permit);
+                    // What is parked waits behind a job still deciding: pulled once it
+                    // has (it may park ahead of them).
+                    if let Some(first) = bounded_by {
+                        tokio::select! {
+                            _ = self.stop.cancelled() => break,
+                            _ = self.line.wait_before(&endpoint, first.saturating_add(1)) => {}
+                        }
+                        continue;
+                    }
                     if self.parking.drained(&endpoint, written) {
                         return;
                     }
@@ -600,14 +629,50 @@ impl Deliverer {
 
     /// [`Self::pull_some`] of [`Self::pull_size`] messages, with the count of parks
     /// written before it looked.
+    ///
+    /// Only messages parked before the first job of the endpoint still deciding here:
+    /// that job may yet park, and a later job's park, written first, must not go ahead
+    /// of it (a job behind parked messages parks without waiting for the jobs before
+    /// it, so parks reach the database in whatever order their writes do). Every job
+    /// stamped before it has decided and written its park, so what the pull takes is
+    /// in order. (A pull normally waits for the jobs before its time first, but not
+    /// while its puller is finishing, nor can it wait for those that arrive while it
+    /// looks.)
     async fn pull_looked(&self, endpoint: &str) -> Took {
         let written = self.parking.writes(endpoint);
         let limit = self.pull_size(endpoint);
+        let first = self.line.first(endpoint);
+        let before = first
+            .and_then(DateTime::from_timestamp_micros)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let rows = self.pull_some(endpoint, limit, before).await;
+        let bounded_by = match (&rows, first) {
+            (Ok(rows), Some(first)) if rows.is_empty() => {
+                match self.parked_from(endpoint, before).await {
+                    Ok(true) => Some(first),
+                    Ok(false) => None,
+                    // Unknown: looked at again once that job has decided, rather than
+                    // taken for drained.
+                    Err(e) => {
+                        tracing::warn!(endpoint, error = %e, "cannot look for parked webhook messages");
+                        Some(first)
+                    }
+                }
+            }
+            _ => None,
+        };
         Took {
             written,
             limit,
-            rows: self.pull_some(endpoint, limit).await,
+            rows,
+            bounded_by,
         }
+    }
+
+    /// Whether the endpoint has messages parked at or after `from`.
+    async fn parked_from(&self, endpoint: &str, from: DateTime<Utc>) -> Result<bool, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        messages::parked_from(&mut conn, endpoint, from).await
     }
 
     /// How many parked messages of the endpoint one pull takes: an in-flight cap, or
@@ -630,8 +695,14 @@ impl Deliverer {
         cap.saturating_mul(caps).min(PULL_MOST).max(cap)
     }
 
-    /// Takes up to `limit` of the endpoint's parked messages, and reads their targets.
-    async fn pull_some(&self, endpoint: &str, limit: usize) -> Result<Vec<Ready>, sqlx::Error> {
+    /// Takes up to `limit` of the endpoint's messages parked before `before`, and reads
+    /// their targets.
+    async fn pull_some(
+        &self,
+        endpoint: &str,
+        limit: usize,
+        before: DateTime<Utc>,
+    ) -> Result<Vec<Ready>, sqlx::Error> {
         let now = Utc::now();
         // Long enough for a pulled message to wait for its slot and be sent: it must not
         // be released to the broker while its attempt runs. The messages of a larger pull
@@ -645,6 +716,7 @@ impl Deliverer {
             &mut conn,
             endpoint,
             i64::try_from(limit).unwrap_or(i64::MAX),
+            before,
             claim,
             lease_until(now),
         )
