@@ -47,7 +47,7 @@ mod workload;
 #[path = "common/world.rs"]
 mod world;
 use measure::{Cpu, Wal, median, metric_value};
-use workload::{Msg, publish_all, workload};
+use workload::{Msg, publish_all};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -61,6 +61,8 @@ struct Args {
     events: usize,
     rounds: usize,
     history: usize,
+    /// Businesses the events (and the history) are spread over.
+    businesses: usize,
     relay: bool,
     plain_baseline: bool,
     /// SQL run on the seeded database before its copies are made.
@@ -81,8 +83,9 @@ impl Args {
                 .unwrap_or(default)
         };
         world::help(
-            "bench_ingest [--events N (50000)] [--rounds N (5)] [--history N (100000)] [--no-relay] [--plain-baseline] [--seed-sql FILE]\n\
+            "bench_ingest [--events N (50000)] [--rounds N (5)] [--history N (100000)] [--businesses N (1)] [--no-relay] [--plain-baseline] [--seed-sql FILE]\n\
              Tuning from the environment: GUILDGATE_AMQP__*, GUILDGATE_OUTBOX__*, GUILDGATE_DATABASE__MAX_CONNECTIONS.\n\
+             --businesses spreads the events and the history over N businesses, taken in turn (a batch then holds many).\n\
              --seed-sql runs FILE's statements on the seeded database (then ANALYZE) before the rounds copy it:\n\
              a schema change measured without a migration.",
         );
@@ -90,6 +93,7 @@ impl Args {
             events: num("--events", 50_000),
             rounds: num("--rounds", 5).max(1),
             history: num("--history", 100_000),
+            businesses: num("--businesses", 1).max(1),
             relay: !args.iter().any(|a| a == "--no-relay"),
             plain_baseline: args.iter().any(|a| a == "--plain-baseline"),
             seed_sql: args.iter().position(|a| a == "--seed-sql").map(|i| {
@@ -140,9 +144,12 @@ impl Round {
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
-    let business = "bus_bench";
-    let msgs = workload(args.events, business);
-    let seeded = seed(&args, business).await;
+    let businesses: Vec<String> = match args.businesses {
+        1 => vec!["bus_bench".to_string()],
+        n => (1..=n).map(|k| format!("bus_bench_{k}")).collect(),
+    };
+    let msgs = workload::workload_of(args.events, &businesses);
+    let seeded = seed(&args, &businesses).await;
     let mut rounds = Vec::new();
     for r in 1..=args.rounds {
         let round = round(&args, &msgs, &seeded).await;
@@ -199,6 +206,7 @@ async fn main() {
             "events": args.events,
             "rounds": args.rounds,
             "history": args.history,
+            "businesses": args.businesses,
             "events_per_s": events_per_s.round(),
             "baseline_events_per_s": baseline_per_s.round(),
             "ratio": (ratio * 100.0).round() / 100.0,
@@ -394,12 +402,14 @@ fn tag() -> String {
 /// entitlements, `--history` earlier events' rows and their statistics. Seeded once
 /// (most of a round's time otherwise) and copied for each round, so rounds are short
 /// and start from the same state.
-async fn seed(args: &Args, business: &str) -> world::Database {
+async fn seed(args: &Args, businesses: &[String]) -> world::Database {
     let db = world::Database::new(&db_base(), &format!("ggbench_{}_seed", tag())).await;
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     guildgate::store::migrate(&pool).await.unwrap();
-    let ents = workload::setup(&pool, business).await;
-    workload::seed_history(&pool, business, &ents, args.history).await;
+    for business in businesses {
+        let ents = workload::setup(&pool, business).await;
+        workload::seed_history(&pool, business, &ents, args.history / businesses.len()).await;
+    }
     if let Some(sql) = &args.seed_sql {
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{sql};\nANALYZE")))
             .execute(&pool)

@@ -1,4 +1,4 @@
-//! The ingest benchmarks' workload: a realistic mix of payment events for one business,
+//! The ingest benchmarks' workload: a realistic mix of payment events for a business,
 //! the catalog it needs, a history of earlier events, and confirmed publishing.
 //! Included by the bench examples with `#[path]`.
 #![allow(dead_code)]
@@ -31,6 +31,12 @@ fn customer(c: &str) -> Value {
 /// changing plan, cancelling, refunds, lost disputes, events of products without
 /// entitlements, and redelivered duplicates.
 pub fn workload(n: usize, business: &str) -> Vec<Msg> {
+    mix(n, business, "")
+}
+
+/// [`workload`] with every id (events, payments, subscriptions, customers, refunds,
+/// disputes) starting with `tag`.
+fn mix(n: usize, business: &str, tag: &str) -> Vec<Msg> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let t0: DateTime<Utc> = "2026-05-01T00:00:00Z".parse().unwrap();
     let mut out: Vec<Msg> = Vec::with_capacity(n);
@@ -43,7 +49,7 @@ pub fn workload(n: usize, business: &str) -> Vec<Msg> {
         let roll: u32 = rng.random_range(0..100);
         let (kind, data) = match roll {
             0..=34 => {
-                let pay = format!("pay_{i}");
+                let pay = format!("{tag}pay_{i}");
                 payments.push(pay.clone());
                 let product = if rng.random_bool(0.5) {
                     "pdt_life"
@@ -53,16 +59,22 @@ pub fn workload(n: usize, business: &str) -> Vec<Msg> {
                 (
                     "payment.succeeded",
                     json!({"payload_type": "Payment", "payment_id": pay, "business_id": business,
-                    "brand_id": "brd_1", "customer": customer(&format!("cus_{i}")), "subscription_id": null,
+                    "brand_id": "brd_1", "customer": customer(&format!("{tag}cus_{i}")), "subscription_id": null,
                     "product_cart": [{"product_id": product, "quantity": 1}], "total_amount": 4900, "status": "succeeded"}),
                 )
             }
             35..=54 => {
-                let sub = format!("sub_{i}");
-                subs.push((sub.clone(), format!("cus_{i}"), "pdt_monthly"));
+                let sub = format!("{tag}sub_{i}");
+                subs.push((sub.clone(), format!("{tag}cus_{i}"), "pdt_monthly"));
                 (
                     "subscription.active",
-                    sub_data(business, &sub, &format!("cus_{i}"), "pdt_monthly", "active"),
+                    sub_data(
+                        business,
+                        &sub,
+                        &format!("{tag}cus_{i}"),
+                        "pdt_monthly",
+                        "active",
+                    ),
                 )
             }
             55..=69 if !subs.is_empty() => {
@@ -92,7 +104,7 @@ pub fn workload(n: usize, business: &str) -> Vec<Msg> {
                 let pay = payments.swap_remove(rng.random_range(0..payments.len()));
                 (
                     "refund.succeeded",
-                    json!({"payload_type": "Refund", "refund_id": format!("ref_{i}"), "payment_id": pay,
+                    json!({"payload_type": "Refund", "refund_id": format!("{tag}ref_{i}"), "payment_id": pay,
                     "business_id": business, "is_partial": false, "amount": 4900}),
                 )
             }
@@ -100,14 +112,14 @@ pub fn workload(n: usize, business: &str) -> Vec<Msg> {
                 let pay = payments.swap_remove(rng.random_range(0..payments.len()));
                 (
                     "dispute.lost",
-                    json!({"payload_type": "Dispute", "dispute_id": format!("dsp_{i}"), "payment_id": pay,
+                    json!({"payload_type": "Dispute", "dispute_id": format!("{tag}dsp_{i}"), "payment_id": pay,
                     "business_id": business}),
                 )
             }
             89..=95 => (
                 "payment.succeeded",
-                json!({"payload_type": "Payment", "payment_id": format!("pay_{i}"),
-                "business_id": business, "customer": customer(&format!("cus_{i}")), "subscription_id": null,
+                json!({"payload_type": "Payment", "payment_id": format!("{tag}pay_{i}"),
+                "business_id": business, "customer": customer(&format!("{tag}cus_{i}")), "subscription_id": null,
                 "product_cart": [{"product_id": "pdt_no_entitlements", "quantity": 1}]}),
             ),
             _ if !out.is_empty() => {
@@ -124,10 +136,37 @@ pub fn workload(n: usize, business: &str) -> Vec<Msg> {
             _ => continue,
         };
         out.push(Msg {
-            id: format!("evt_{i}"),
+            id: format!("{tag}evt_{i}"),
             routing_key: kind.to_string(),
             body: serde_json::to_vec(&base(business, kind, at, data)).unwrap(),
         });
+    }
+    out
+}
+
+/// [`workload`] of `n` events spread over several businesses: each business's own mix
+/// (its ids prefixed with the business, so no two businesses share an event, payment,
+/// subscription or customer id, as on the platform), taken in turn, so a batch holds the
+/// events of many businesses, as a platform serving many merchants publishes them. With
+/// one business, exactly [`workload`].
+pub fn workload_of(n: usize, businesses: &[String]) -> Vec<Msg> {
+    if let [business] = businesses {
+        return workload(n, business);
+    }
+    let count = businesses.len().max(1);
+    let mut each: Vec<std::vec::IntoIter<Msg>> = businesses
+        .iter()
+        .enumerate()
+        .map(|(k, b)| {
+            let share = n / count + usize::from(k < n % count);
+            mix(share, b, &format!("{b}_")).into_iter()
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        for msgs in &mut each {
+            out.extend(msgs.next());
+        }
     }
     out
 }
@@ -208,7 +247,8 @@ pub async fn setup(pool: &sqlx::PgPool, business: &str) -> Vec<String> {
 }
 
 /// Fills a fresh database with what a deployment that has run for a while holds:
-/// `n` earlier events' payments, subscriptions, grants (some revoked), processed ids and
+/// `n` earlier events' payments (grant and event ids start with `old_` and the business,
+/// so several businesses can be seeded), subscriptions, grants (some revoked), processed ids and
 /// reversals, then ANALYZEs, as autovacuum would have by then. Without it every table
 /// starts empty and the planner's first plans (sequential scans of tiny tables) are
 /// measured as the tables grow, which no running deployment sees for long.
@@ -228,7 +268,7 @@ pub async fn seed_history(pool: &sqlx::PgPool, business: &str, ents: &[String], 
         "INSERT INTO grants (id, business_id, brand_id, entitlement_id, customer_id, payment_id,
              subscription_id, status, delivered_at, revoked_at, revocation_reason, oauth_nonce,
              oauth_expires_at, created_at, updated_at)
-         SELECT 'old_gr_' || i, $1, 'brd_1', ($3::text[])[1 + i % 4], 'old_cus_' || i,
+         SELECT 'old_' || $1 || '_gr_' || i, $1, 'brd_1', ($3::text[])[1 + i % 4], 'old_cus_' || i,
                 CASE WHEN i % 3 <> 0 THEN 'old_pay_' || i END,
                 CASE WHEN i % 3 = 0 THEN 'old_sub_' || i END,
                 CASE WHEN i % 10 = 0 THEN 'Revoked' WHEN i % 2 = 0 THEN 'Delivered' ELSE 'Pending' END,
@@ -238,7 +278,7 @@ pub async fn seed_history(pool: &sqlx::PgPool, business: &str, ents: &[String], 
                 md5(i::text), now() - interval '23 days', now() - interval '30 days', now() - interval '1 day'
          FROM generate_series(1, $2) AS i",
         "INSERT INTO processed_events (event_id, event_type, business_id, outcome)
-         SELECT 'old_evt_' || i, 'payment.succeeded', $1, 'applied' FROM generate_series(1, $2) AS i",
+         SELECT 'old_' || $1 || '_evt_' || i, 'payment.succeeded', $1, 'applied' FROM generate_series(1, $2) AS i",
         "INSERT INTO payment_reversals (payment_id, reason, business_id)
          SELECT 'old_pay_' || i, 'refund', $1 FROM generate_series(20, $2, 20) AS i",
     ];

@@ -186,17 +186,19 @@ struct FactRow {
 
 /// Every fact of [`FactKeys`], one part per kind, in one round trip. Each part is read
 /// as its own query would be: the `= ANY` restrictions let the planner use the indexes,
-/// the pair tests keep an id from matching under another business.
+/// the pair tests keep an id from matching under another business. Product entitlements
+/// are looked up one (business, product) pair at a time: `business_id = ANY(..) AND
+/// product_id = ANY(..)` would probe every business of the batch with every product.
 const FACTS: &str = concat!("
     SELECT 'p'::text AS kind, event_id AS a, NULL::text AS b, NULL::text AS c, NULL::int AS n,
            NULL::timestamptz AS at, NULL::timestamptz AS at2, NULL::text[] AS ids
     FROM processed_events WHERE event_id = ANY($1)
     UNION ALL
     SELECT 'e', pe.business_id, pe.product_id, pe.entitlement_id, pe.position, NULL, NULL, NULL
-    FROM product_entitlements pe JOIN entitlements e ON e.id = pe.entitlement_id
-    WHERE pe.business_id = ANY($2) AND pe.product_id = ANY($3)
-      AND (pe.business_id, pe.product_id) IN (SELECT * FROM unnest($2::text[], $3::text[]))
-      AND e.deleted_at IS NULL AND e.is_active
+    FROM (SELECT DISTINCT * FROM unnest($2::text[], $3::text[])) AS k(business_id, product_id)
+    JOIN product_entitlements pe ON pe.business_id = k.business_id AND pe.product_id = k.product_id
+    JOIN entitlements e ON e.id = pe.entitlement_id
+    WHERE e.deleted_at IS NULL AND e.is_active
     UNION ALL
     SELECT DISTINCT 'b', business_id, NULL, NULL, NULL::int, NULL::timestamptz, NULL::timestamptz, NULL::text[]
     FROM entitlements WHERE business_id = ANY($4)
