@@ -2492,7 +2492,7 @@ async fn a_later_jobs_park_waits_for_an_earlier_job_still_deciding() {
     let (a, b) = (g.s.ids[5].clone(), g.s.ids[4].clone());
     let place = g.s.deliverer.line().join(&ep);
     let a_at = chrono::DateTime::from_timestamp_micros(place.at()).unwrap();
-    park_row(&app, &b, &ep, a_at + chrono::Duration::milliseconds(1)).await;
+    park_row(&app, &b, a_at + chrono::Duration::milliseconds(1)).await;
     // A slot frees: the puller looks, and must not take B.
     g.gates[1].cancel();
     wait_for("the second request answered", || async {
@@ -2503,7 +2503,7 @@ async fn a_later_jobs_park_waits_for_an_earlier_job_still_deciding() {
     assert_eq!(g.r.count(), 4, "B was sent ahead of A");
     assert!(!taken_of(&app, &g.s.ep).await.contains(&b), "B was taken");
     // A parks and leaves the line; both go, A first.
-    park_row(&app, &a, &ep, a_at).await;
+    park_row(&app, &a, a_at).await;
     drop(place);
     // A goes into the free slot; B waits for the next.
     wait_for("A sent", || async { (g.r.count() == 5).then_some(()) }).await;
@@ -2515,17 +2515,17 @@ async fn a_later_jobs_park_waits_for_an_earlier_job_still_deciding() {
     app.cleanup().await;
 }
 
-/// Writes the park of a message, as its job would.
-async fn park_row(app: &TestApp, id: &str, ep: &str, at: chrono::DateTime<chrono::Utc>) {
-    sqlx::query(
-        "INSERT INTO webhook_parked (message_id, endpoint_id, parked_at) VALUES ($1, $2, $3)",
-    )
-    .bind(id)
-    .bind(ep)
-    .bind(at)
-    .execute(&app.pool)
-    .await
-    .unwrap();
+/// Writes the park of a message stamped `at`, as its job would.
+async fn park_row(app: &TestApp, id: &str, at: chrono::DateTime<chrono::Utc>) {
+    let mut conn = app.pool.acquire().await.unwrap();
+    let park = messages::Parked {
+        message_id: id.to_string(),
+        at,
+        lease_until: guildgate::webhooks::parking::lease_until(chrono::Utc::now()),
+        attempt: 0,
+        hold_count: 0,
+    };
+    messages::park_many(&mut conn, &[park]).await.unwrap();
 }
 
 /// Whether a park being written waits on a lock.

@@ -529,9 +529,9 @@ pub struct Pulled {
 /// Takes the oldest `limit` parked messages of an endpoint parked before `before`, in
 /// the order they were parked, each until `claim_until` (should the process stop before
 /// recording its attempt, [`release_due`] gives it a job then; its parked row stays
-/// until then), and renews the endpoint's lease until `lease_until`. Messages another process is taking
-/// right now are skipped; parked rows of messages recorded or held meanwhile (by a
-/// duplicate job) are dropped.
+/// until then), and renews the endpoint's lease until `lease_until`. Messages another
+/// process is taking right now are skipped; parked rows of messages recorded or held
+/// meanwhile (by a duplicate job) are dropped.
 ///
 /// `before` leaves out parks stamped at or after it: the puller's own process may still
 /// be writing parks stamped earlier than those, which must go first.
