@@ -1185,14 +1185,6 @@ async fn held_messages_get_jobs_when_due_a_bounded_number_per_endpoint() {
     assert_eq!(messages::release_due(&mut conn, 2, 100).await.unwrap(), 0);
     assert_eq!(webhook_jobs(&mut conn).await.len(), 3);
 
-    // The endpoint answered: what it still has held is due at once.
-    assert_eq!(
-        messages::release_endpoint(&mut conn, &ep.id).await.unwrap(),
-        1
-    );
-    assert_eq!(messages::release_due(&mut conn, 2, 100).await.unwrap(), 1);
-    assert_eq!(webhook_jobs(&mut conn).await.len(), 4);
-
     // A message settled while held is let go without a job.
     messages::hold_many(&mut conn, &[hold(&ids[0], -1)])
         .await
@@ -1203,7 +1195,7 @@ async fn held_messages_get_jobs_when_due_a_bounded_number_per_endpoint() {
         .await
         .unwrap();
     assert_eq!(messages::release_due(&mut conn, 2, 100).await.unwrap(), 1);
-    assert_eq!(webhook_jobs(&mut conn).await.len(), 4);
+    assert_eq!(webhook_jobs(&mut conn).await.len(), 3);
     // And a settled message is never held.
     messages::hold_many(&mut conn, &[hold(&ids[0], -1)])
         .await
@@ -2808,39 +2800,66 @@ async fn jobs_waiting_for_a_rate_limit_hold_only_their_business_share_of_the_wor
     app.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fan_out_creates_the_messages_of_an_endpoint_known_to_fail_held() {
-    use guildgate::webhooks::isolation::{Admission, Isolation, IsolationSettings};
-    let mut app = without_delivery().await;
-    let failing = add_endpoint(&app, "http://127.0.0.1:9/failing", None, SECRET).await;
-    let fine = add_endpoint(&app, "http://127.0.0.1:9/fine", None, SECRET).await;
-    // The delivery workers' view: `failing` failed once, which opens its circuit.
-    let isolation = Isolation::new(IsolationSettings {
-        max_in_flight: 2,
-        threshold: 1,
-        cool_down: std::time::Duration::from_secs(60),
-        stall_factor: guildgate::webhooks::isolation::STALL_FACTOR,
-    });
-    let Admission::Go(permit) = isolation.admit(&failing.id, std::time::Instant::now()) else {
-        panic!("a fresh endpoint is admitted");
-    };
-    permit.finish(false, std::time::Instant::now());
-    let fanout = Fanout {
+/// A deliverer of `app` whose endpoints take at most `cap` requests at once, not
+/// running: tests drive its view of the endpoints.
+fn idle_deliverer(app: &TestApp, cap: usize) -> Deliverer {
+    let mut settings = app.settings.webhooks.clone();
+    settings.max_in_flight_per_endpoint = cap;
+    Deliverer::new(
+        app.pool.clone(),
+        guildgate::amqp::Broker::new(&app.settings, "test-deliverer"),
+        &settings,
+        app.metrics.clone(),
+    )
+    .unwrap()
+}
+
+/// A fan-out of `app` beside the delivery workers `deliverer`.
+fn fanout_beside(app: &TestApp, deliverer: &Deliverer) -> Fanout {
+    Fanout {
         pool: app.pool.clone(),
         broker: guildgate::amqp::Broker::new(&app.settings, "test-fanout"),
         prefetch: 1,
         batch_size: 1,
         batch_linger: std::time::Duration::ZERO,
         metrics: app.metrics.clone(),
-        holds: Some((isolation, std::time::Duration::from_secs(15))),
-    };
+        holds: Some(deliverer.clone()),
+    }
+}
+
+/// A grant event of `app`'s business, as the fan-out consumes it.
+fn grant_event(app: &TestApp) -> Vec<u8> {
     let mut body = common::events::fixture("../webhooks/entitlement_grant.created.json");
     body["business_id"] = serde_json::json!(app.business());
-    let bytes = serde_json::to_vec(&body).unwrap();
-    assert_eq!(fanout.handle(&bytes).await.unwrap(), Fanned::Messages(2));
+    serde_json::to_vec(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_creates_the_messages_of_an_endpoint_known_to_fail_held() {
+    use guildgate::webhooks::deliver::{BREAKER_COOL_DOWN, BREAKER_THRESHOLD};
+    use guildgate::webhooks::isolation::Admission;
+    let mut app = without_delivery().await;
+    let failing = add_endpoint(&app, "http://127.0.0.1:9/failing", None, SECRET).await;
+    let fine = add_endpoint(&app, "http://127.0.0.1:9/fine", None, SECRET).await;
+    // The delivery workers' view: `failing` failed often enough to open its circuit.
+    let deliverer = idle_deliverer(&app, BREAKER_THRESHOLD as usize);
+    for _ in 0..BREAKER_THRESHOLD {
+        let Admission::Go(permit) = deliverer
+            .isolation
+            .admit(&failing.id, std::time::Instant::now())
+        else {
+            panic!("admitted until its circuit opens");
+        };
+        permit.finish(false, std::time::Instant::now());
+    }
+    let fanout = fanout_beside(&app, &deliverer);
+    assert_eq!(
+        fanout.handle(&grant_event(&app)).await.unwrap(),
+        Fanned::Messages(2)
+    );
 
     // Both messages exist; only the healthy endpoint's has a job, the other is held
-    // until the circuit closes (a minute), with no attempt.
+    // until the circuit closes, with no attempt.
     let held = held_of(&app, &failing).await;
     assert_eq!(held.len(), 1);
     assert!(held_of(&app, &fine).await.is_empty());
@@ -2854,13 +2873,93 @@ async fn fan_out_creates_the_messages_of_an_endpoint_known_to_fail_held() {
             .fetch_one(&mut *conn)
             .await
             .unwrap();
-    let wait = until - chrono::Utc::now();
+    let wait = (until - chrono::Utc::now()).to_std().unwrap();
     assert!(
-        wait > chrono::Duration::seconds(50) && wait <= chrono::Duration::seconds(60),
-        "held until the circuit closes: {wait}"
+        wait > BREAKER_COOL_DOWN - std::time::Duration::from_secs(10) && wait <= BREAKER_COOL_DOWN,
+        "held until the circuit closes: {wait:?}"
     );
     assert_eq!(messages_of(&app, &failing).await[0].attempts, 0);
     drop(conn);
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_hold_written_as_its_endpoint_answers_is_parked_for_its_puller() {
+    use guildgate::webhooks::isolation::Admission;
+    let mut app = without_delivery().await;
+    let receiver = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let ep = add_endpoint(&app, &receiver.url, None, SECRET).await;
+    // The endpoint's one slot has been taken for two seconds with no answer: longer
+    // than an endpoint none of whose requests has answered may go before it counts as
+    // hanging, so what the fan-out creates for it is held.
+    let deliverer = idle_deliverer(&app, 1);
+    let two_seconds_ago = std::time::Instant::now()
+        .checked_sub(std::time::Duration::from_secs(2))
+        .unwrap();
+    let Admission::Go(permit) = deliverer.isolation.admit(&ep.id, two_seconds_ago) else {
+        panic!("a fresh endpoint is admitted");
+    };
+    // The fan-out's statement waits behind a lock, so the endpoint answers while its
+    // hold is being written: that success comes too early to park the hold, and no
+    // request of the endpoint is left to answer after it.
+    let mut locker = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE webhook_messages IN SHARE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let fanout = fanout_beside(&app, &deliverer);
+    let body = grant_event(&app);
+    let fanning = tokio::spawn(async move { fanout.handle(&body).await });
+    wait_for("the fan-out waiting for its write", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks
+             WHERE NOT granted AND relation = 'webhook_messages'::regclass",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        (waiting > 0).then_some(())
+    })
+    .await;
+    assert!(
+        !permit.finish(true, std::time::Instant::now()),
+        "nothing was held when it answered"
+    );
+    locker.commit().await.unwrap();
+    assert_eq!(fanning.await.unwrap().unwrap(), Fanned::Messages(1));
+
+    // The fan-out saw the answer once its hold was written and parked the message for
+    // this process's puller, which sends it: no hold releaser runs here, and no job
+    // goes through the broker for it.
+    let delivered = wait_messages(&app, &ep, 1, "delivered").await;
+    assert_eq!(delivered[0].attempts, 1);
+    assert_eq!(receiver.count(), 1);
+    all_verified(&receiver);
+    let mut conn = app.pool.acquire().await.unwrap();
+    assert!(webhook_jobs(&mut conn).await.is_empty(), "no job for it");
+    drop(conn);
+    deliverer.stop.cancel();
+    deliverer.pullers.close();
+    deliverer.pullers.wait().await;
+    app.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_the_deliverer_made_before_it_runs_stops_with_it() {
+    // The fan-out holds such a copy and starts pullers through it: they must see the
+    // process stop, or a graceful shutdown waits for them to drain their endpoints.
+    let mut app = without_delivery().await;
+    let deliverer = idle_deliverer(&app, 1);
+    let copy = deliverer.clone();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(deliverer.run(shutdown.clone()));
+    assert!(!copy.stop.is_cancelled(), "running");
+    shutdown.cancel();
+    tokio::time::timeout(std::time::Duration::from_secs(30), running)
+        .await
+        .expect("the deliverer stops")
+        .unwrap();
+    assert!(copy.stop.is_cancelled(), "the copy's pullers stop too");
     app.cleanup().await;
 }
 

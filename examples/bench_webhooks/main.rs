@@ -301,6 +301,10 @@ async fn main() {
          GUILDGATE_BENCH_ROUNDS (3) size it; GUILDGATE_WEBHOOKS__* tune guildgate.",
     );
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // guildgate's own logs (to stderr), only when asked for: they cost time in a phase.
+    if std::env::var_os("RUST_LOG").is_some() {
+        guildgate::telemetry::init(guildgate::config::LogFormat::Text);
+    }
     let tag: String = rand::rng()
         .sample_iter(&Alphanumeric)
         .take(8)

@@ -737,24 +737,6 @@ pub async fn park_held(
     Ok(n.max(0) as u64)
 }
 
-/// Makes the messages of an endpoint held for hanging or a circuit due now (it
-/// answered again), for the next [`release_due`]; retries keep their schedule.
-/// Returns how many.
-pub async fn release_endpoint(
-    conn: &mut PgConnection,
-    endpoint_id: &str,
-) -> Result<u64, sqlx::Error> {
-    let r = sqlx::query(
-        "UPDATE webhook_messages SET held_until = now()
-         WHERE endpoint_id = $1 AND held_until > now()
-           AND status = 'pending' AND hold_count > 0",
-    )
-    .bind(endpoint_id)
-    .execute(conn)
-    .await?;
-    Ok(r.rows_affected())
-}
-
 /// Fails a pending message without an attempt (its endpoint is disabled).
 pub async fn fail_unattempted(
     conn: &mut PgConnection,

@@ -167,7 +167,8 @@ pub struct Deliverer {
     pub parking: Parking,
     /// The pullers of parked messages and their deliveries, awaited on shutdown.
     pub pullers: TaskTracker,
-    /// Cancelled when the process stops (set by [`Deliverer::run`]).
+    /// Cancelled when the process stops (by [`Deliverer::run`]'s `shutdown`), in every
+    /// copy of the deliverer.
     pub stop: CancellationToken,
     /// Requests for pulled messages at once, over every endpoint (4 × the workers).
     pub(super) pulled_requests: Arc<Semaphore>,
@@ -916,11 +917,19 @@ impl Deliverer {
     }
 
     /// Consumes until `shutdown`, then lets the jobs in hand finish and settle. Jobs
-    /// run concurrently on the queue worker ([`queue::run_concurrent`]).
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        self.stop = shutdown.clone();
+    /// run concurrently on the queue worker ([`queue::run_concurrent`]). `shutdown`
+    /// cancels [`Deliverer::stop`], which every copy of this deliverer shares: the
+    /// fan-out's copy, made before this runs, starts pullers too (when an endpoint
+    /// answers while its hold is written), and they stop with the others.
+    pub async fn run(self, shutdown: CancellationToken) {
         let broker = self.broker.clone();
-        queue::run_concurrent(self.clone(), &broker, shutdown).await;
+        let stop = self.stop.clone();
+        let consume = queue::run_concurrent(self.clone(), &broker, shutdown.clone());
+        let stopping = async {
+            shutdown.cancelled().await;
+            stop.cancel();
+        };
+        tokio::join!(consume, stopping);
         // The pullers stop with `shutdown`; their requests in flight finish and record.
         self.pullers.close();
         self.pullers.wait().await;

@@ -19,8 +19,7 @@ use serde_json::value::RawValue;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::deliver::STALLED_AFTER;
-use super::isolation::Isolation;
+use super::deliver::{Deliverer, STALLED_AFTER};
 use super::{holds, schedule};
 use crate::amqp::{Broker, Names};
 use crate::domain::ids::{BusinessId, GrantId};
@@ -159,10 +158,11 @@ pub struct Fanout {
     /// How long to wait for a batch to fill (`amqp.batch_linger`).
     pub batch_linger: Duration,
     pub metrics: Arc<Metrics>,
-    /// The delivery workers' view of the endpoints in this process, with the request
-    /// timeout: messages for an endpoint that hangs or whose circuit is open are created
-    /// held ([`Isolation::holding`]), with no job. `None`: every message gets a job.
-    pub holds: Option<(Isolation, Duration)>,
+    /// The delivery workers of this process: messages for an endpoint that hangs or
+    /// whose circuit is open in their view ([`super::isolation::Isolation::holding`])
+    /// are created held, with no job, and parked for the endpoint's puller once it
+    /// answers again. `None`: every message gets a job.
+    pub holds: Option<Deliverer>,
 }
 
 impl Fanout {
@@ -241,11 +241,12 @@ impl Fanout {
             })
             .collect();
         let (held, notes): (Vec<_>, Vec<_>) = match &self.holds {
-            Some((isolation, timeout)) => isolation
+            Some(deliverer) => deliverer
+                .isolation
                 .holding(
                     std::time::Instant::now(),
                     STALLED_AFTER,
-                    schedule::hold_for(0, *timeout),
+                    schedule::hold_for(0, deliverer.timeout),
                 )
                 .into_iter()
                 .map(|(ep, until, note)| ((ep, holds::wall_clock(until)), note))
@@ -254,15 +255,19 @@ impl Fanout {
         };
         let mut conn = self.pool.acquire().await?;
         let created = messages::fan_out(&mut conn, &batch, &held).await?;
+        drop(conn);
         // Noted once written, so the endpoint's next success parks these holds. One
         // that succeeded while they were written may have had its last request in
-        // flight answer then: its holds are made due at once, and the hold releaser
-        // gives them jobs.
-        for ((endpoint, _), note) in held.iter().zip(notes) {
-            if note.written()
-                && let Err(e) = messages::release_endpoint(&mut conn, endpoint).await
-            {
-                tracing::warn!(endpoint, error = %e, "cannot release held messages; they go at their held time");
+        // flight answer then: its held messages are parked at once, as that success
+        // parks them, for its puller to send at its pace. (Making them due for the
+        // hold releaser instead raced with that success's parking: when it came
+        // first, the parking found nothing held, and the whole backlog went back
+        // through the broker a second later.)
+        if let Some(deliverer) = &self.holds {
+            for ((endpoint, _), note) in held.iter().zip(notes) {
+                if note.written() {
+                    deliverer.release_held(endpoint);
+                }
             }
         }
         Ok(created)

@@ -68,10 +68,7 @@ pub fn spawn(
         &settings.webhooks,
         metrics.clone(),
     );
-    let fanout_holds = deliverer
-        .as_ref()
-        .ok()
-        .map(|d| (d.isolation.clone(), settings.webhooks.timeout));
+    let fanout_holds = deliverer.as_ref().ok().cloned();
     let fanout = fanout::Fanout {
         pool: pool.clone(),
         broker: broker.clone(),
