@@ -18,8 +18,9 @@
 //! until its attempt is recorded (and given a job again by the hold releaser if it
 //! never is), and each pull renews the endpoint's lease; once the lease has run out,
 //! the hold releaser gives the parked messages jobs again. A puller stops when the
-//! endpoint has nothing parked any more, or when it hangs or its circuit opens (the
-//! parked messages then go the way of held ones once the lease has run out).
+//! endpoint has nothing parked any more, or when it hangs or its circuit opens (its
+//! parked messages are then held, as its jobs would be, and parked again at its next
+//! success).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::pin::Pin;
