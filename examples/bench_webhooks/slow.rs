@@ -14,8 +14,10 @@
 //!   nothing to wait for, since at 150 deliveries/s every request, answer and commit
 //!   wakes the process, the broker and the database for itself alone.
 //! - Rounds of two phases, alternating: five endpoints answering at once ("fast"), then
-//!   the same number of events to five such endpoints beside a second business with
-//!   five slow ones (50 ms, 100 ms, 200 ms, 500 ms, 1 s; "mixed"), whose events are
+//!   the same number of events to five such endpoints beside five slow ones (50 ms,
+//!   100 ms, 200 ms, 500 ms, 1 s; "mixed"), each in a business of its own with enough
+//!   events to take `GUILDGATE_BENCH_SLOW_SECONDS` at its ideal rate, so that each
+//!   endpoint's rate is measured over the same span. The slow businesses' events are
 //!   published and fanned out first, so their backlog is there when the fast ones
 //!   start. The fast endpoints' rate in the mixed phase against the fast phase is what
 //!   the slow ones cost them.
@@ -86,7 +88,8 @@ pub struct Bench<'a> {
     pub idle_cpu: f64,
 }
 
-/// An endpoint of a phase: its latency, its receiver and its business (0 or 1).
+/// An endpoint of a phase: its latency, its receiver and its business (an index into
+/// the phase's businesses).
 struct Endpoint {
     latency: Duration,
     business: usize,
@@ -220,31 +223,33 @@ impl Bench<'_> {
         out
     }
 
-    /// Publishes `events[b]` grant events to business `b` (those of business 1 first)
-    /// and waits until every endpoint has them all.
+    /// Publishes `events[b]` grant events to business `b` (those of the businesses
+    /// after the first one first) and waits until every endpoint has them all.
     async fn phase(
         &mut self,
         phase: &str,
         endpoints: Vec<Endpoint>,
-        events: [usize; 2],
+        events: &[usize],
         pace: Option<f64>,
     ) -> Measured {
         self.tag += 1;
-        let businesses = [0, 1].map(|b| format!("bus_{phase}_{}_{b}", self.tag - 1));
+        let businesses: Vec<String> = (0..events.len())
+            .map(|b| format!("bus_{phase}_{}_{b}", self.tag - 1))
+            .collect();
         let (relayed_before, outcomes_before) = counters(&self.metrics);
         let wal = Wal::read(&mut *self.conn).await;
         let (cpu, split) = (Cpu::now(), Split::now());
         let ch = self.publisher.create_channel().await.unwrap();
         ch.confirm_select(Default::default()).await.unwrap();
         let started = Instant::now();
-        // The second business's events first, fanned out before the first business's
+        // The other businesses' events first, fanned out before the first business's
         // are published: in the mixed phase, the slow endpoints then have their whole
-        // backlog while the fast ones are served. Published in one go, the two
-        // businesses' events went through the fan-out side by side, and the slow
-        // endpoints' jobs reached the workers over a second, many behind fast ones: the
-        // 50 ms endpoint was fed at about its ideal rate, so it could not reach it.
-        let order: Vec<(usize, usize)> = (0..events[1])
-            .map(|i| (1, i))
+        // backlog while the fast ones are served. Published in one go, the businesses'
+        // events went through the fan-out side by side, and the slow endpoints' jobs
+        // reached the workers over a second, many behind fast ones: the 50 ms endpoint
+        // was fed at about its ideal rate, so it could not reach it.
+        let order: Vec<(usize, usize)> = (1..events.len())
+            .flat_map(|b| (0..events[b]).map(move |i| (b, i)))
             .chain((0..events[0]).map(|i| (0, i)))
             .collect();
         let published: Vec<(&str, String)> = order
@@ -256,12 +261,11 @@ impl Bench<'_> {
                 )
             })
             .collect();
-        let (second, first) = published.split_at(events[1]);
-        crate::publish_events_paced(&ch, &self.queue, second, pace).await;
-        if !second.is_empty() {
-            let of_second = endpoints.iter().filter(|e| e.business == 1).count();
-            self.wait_for_messages(&businesses[1], events[1] * of_second)
-                .await;
+        let (others, first) = published.split_at(events[1..].iter().sum());
+        crate::publish_events_paced(&ch, &self.queue, others, pace).await;
+        for (b, business) in businesses.iter().enumerate().skip(1) {
+            let of_it = endpoints.iter().filter(|e| e.business == b).count();
+            self.wait_for_messages(business, events[b] * of_it).await;
         }
         crate::publish_events_paced(&ch, &self.queue, first, pace).await;
         let _ = ch.close(200, "done".into()).await;
@@ -405,7 +409,7 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
         let events = (seconds * cap as f64 / latency.as_secs_f64()).ceil() as usize;
         b.measure_idle().await;
         let eps = b.endpoints(&name, 0, &[latency]).await;
-        let m = b.phase(&name, eps, [events, 0], None).await;
+        let m = b.phase(&name, eps, &[events], None).await;
         m.print(&format!("one endpoint answering in {name}"), cap);
         let pace = (latency == ms(50))
             .then(|| m.rates.first().map(|r| r.2))
@@ -418,7 +422,7 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
             // cost of a slow endpoint's waiting from the cost of a low rate.
             b.measure_idle().await;
             let eps = b.endpoints("paced", 0, &[Duration::ZERO]).await;
-            let p = b.phase("paced", eps, [events, 0], Some(pace)).await;
+            let p = b.phase("paced", eps, &[events], Some(pace)).await;
             p.print(
                 &format!("one endpoint answering at once, fed at the 50 ms endpoint's {pace:.0}/s"),
                 cap,
@@ -431,23 +435,31 @@ pub async fn run(mut b: Bench<'_>, fast_events: usize, rounds: usize) -> serde_j
         }
     }
     let slow = [ms(50), ms(100), ms(200), ms(500), ms(1000)];
-    let slow_events = (seconds * cap as f64).ceil() as usize;
+    // Each slow endpoint's backlog takes `seconds` at its ideal rate, so each rate is
+    // measured over the same span (given the 1 s endpoint's count, the 50 ms endpoint's
+    // rate was over 0.75 s, its start included).
+    let events: Vec<usize> = std::iter::once(fast_events)
+        .chain(
+            slow.iter()
+                .map(|l| (seconds * cap as f64 / l.as_secs_f64()).ceil() as usize),
+        )
+        .collect();
     let (mut fast_rates, mut mixed_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let (mut fast_cpu, mut worst_mixed) = (Vec::new(), Vec::new());
     let mut mixed_cpu = Vec::new();
     for round in 1..=rounds {
         b.measure_idle().await;
         let eps = b.endpoints("fast", 0, &[Duration::ZERO; 5]).await;
-        let fast = b.phase("fast", eps, [fast_events, 0], None).await;
+        let fast = b.phase("fast", eps, &[fast_events], None).await;
         fast.print(
             &format!("round {round}, 5 endpoints answering at once"),
             cap,
         );
         let mut eps = b.endpoints("mixed", 0, &[Duration::ZERO; 5]).await;
-        eps.extend(b.endpoints("mixed", 1, &slow).await);
-        let mixed = b
-            .phase("mixed", eps, [fast_events, slow_events], None)
-            .await;
+        for (i, latency) in slow.iter().enumerate() {
+            eps.extend(b.endpoints("mixed", i + 1, &[*latency]).await);
+        }
+        let mixed = b.phase("mixed", eps, &events, None).await;
         mixed.print(
             &format!("round {round}, the same beside 5 endpoints answering in 50 ms to 1 s"),
             cap,
