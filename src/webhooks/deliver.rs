@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::holds;
-use super::isolation::{Admission, GoneNote, Isolation, IsolationSettings, STALL_FACTOR};
+use super::isolation::{Admission, GoneNote, HoldNote, Isolation, IsolationSettings, STALL_FACTOR};
 use super::pacing::{Pace, Pacing};
 use super::parking::{self, Line, Look, ParkWrite, Parking, Place};
 use super::reader::{ReadError, Reader};
@@ -319,13 +319,12 @@ impl Deliverer {
         // endpoint then costs no read. Only a look: a slot is taken after the read, so it
         // is held for the request alone, not while the read waits for the database.
         if let Some(ep) = job.endpoint_id.as_deref()
-            && self
+            && let Some(note) = self
                 .isolation
-                .stalled(ep, Instant::now(), STALLED_AFTER)
-                .is_some()
+                .hold_if_stalled(ep, Instant::now(), STALLED_AFTER)
         {
             place.take();
-            return self.hold(job, ep, None).await;
+            return self.hold(job, ep, None, note).await;
         }
         // Behind the endpoint's parked messages, so first attempts keep their order; and
         // parked at once when an in-flight cap of its jobs is ahead of this one here
@@ -408,14 +407,20 @@ impl Deliverer {
                 place.take();
                 self.attempt(job, target, permit, slot, None).await
             }
-            Some(Admission::Open { failures, until }) => {
+            Some(Admission::Open {
+                failures,
+                until,
+                seen,
+            }) => {
                 place.take();
                 tracing::debug!(failures, "circuit open; holding the message");
-                self.hold(job, &ep, Some(until)).await
+                let note = self.isolation.begin_hold_after(&ep, seen);
+                self.hold(job, &ep, Some(until), note).await
             }
-            Some(Admission::Busy { stalled_for }) if stalled_for >= stall_after => {
+            Some(Admission::Busy { stalled_for, seen }) if stalled_for >= stall_after => {
                 place.take();
-                self.hold(job, &ep, None).await
+                let note = self.isolation.begin_hold_after(&ep, seen);
+                self.hold(job, &ep, None, note).await
             }
             // At its cap and answering, or behind parked messages. Marked parked at
             // once, so the jobs behind it park too; the place is left once the park is
@@ -748,16 +753,18 @@ impl Deliverer {
     /// tier instead would cost the broker a write per job, over and over, for as long as
     /// the endpoint is down: with one dead endpoint of ten, most of what slowed the
     /// others.
+    ///
+    /// `note` was begun when the endpoint was seen hanging or open, before the write: a
+    /// success of the endpoint since parks the holds written so far, its next success
+    /// this one; and when none follows (that success was its last request's), this one
+    /// is parked at once.
     async fn hold(
         &self,
         job: &Job,
         endpoint_id: &str,
         open_until: Option<Instant>,
+        note: HoldNote,
     ) -> Result<Outcome, DeliverError> {
-        // Begun before the write: a success of the endpoint while it is written parks
-        // the holds written so far, its next success this one; and when none follows
-        // (that success was its last request's), this one is parked at once.
-        let note = self.isolation.begin_hold(endpoint_id);
         let until = schedule::hold_until(
             Instant::now(),
             schedule::hold_for(job.holds, self.timeout),

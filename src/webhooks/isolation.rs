@@ -131,13 +131,17 @@ pub enum Admission {
     Go(Permit),
     /// The endpoint already has `max_in_flight` requests out, and none of them has
     /// finished for `stalled_for` (a long time means it hangs rather than is busy).
+    /// `seen`: its successes so far, for a hold begun on this answer
+    /// ([`Isolation::begin_hold_after`]).
     Busy {
         stalled_for: Duration,
+        seen: u64,
     },
     /// The circuit is open (the endpoint failed too often in a row) until `until`.
     Open {
         failures: u32,
         until: Instant,
+        seen: u64,
     },
 }
 
@@ -306,12 +310,14 @@ impl Isolation {
             return Admission::Open {
                 failures: st.consecutive_failures,
                 until,
+                seen: st.successes,
             };
         }
         if st.in_flight >= self.settings.max_in_flight || (behind_waiters && st.waiting > 0) {
             let since = st.last_progress.unwrap_or(now);
             return Admission::Busy {
                 stalled_for: now.saturating_duration_since(since),
+                seen: st.successes,
             };
         }
         if st.in_flight == 0 {
@@ -348,7 +354,7 @@ impl Isolation {
                 let mut map = self.state.lock().expect("isolation lock");
                 let admission =
                     self.admit_locked(&mut map, endpoint, now.into_std(), queued.is_none());
-                let Admission::Busy { stalled_for } = admission else {
+                let Admission::Busy { stalled_for, .. } = admission else {
                     return admission;
                 };
                 let waited = now.saturating_duration_since(started);
@@ -423,13 +429,45 @@ impl Isolation {
         self.note(endpoint, map.entry(endpoint.to_string()).or_default())
     }
 
+    /// [`Isolation::begin_hold`] for a hold decided on an [`Admission`] that saw `seen`
+    /// successes: a success since that answer counts as one while the hold was written.
+    /// Begun only once the answer is in hand, a hold would miss the endpoint's last
+    /// requests answering in between (its holds then waited out their time, with
+    /// nothing left in flight to answer and release them).
+    pub fn begin_hold_after(&self, endpoint: &str, seen: u64) -> HoldNote {
+        let mut map = self.state.lock().expect("isolation lock");
+        // Forgotten since: every request it had out ended, none failing.
+        let ended = !map.contains_key(endpoint);
+        let mut note = self.note(endpoint, map.entry(endpoint.to_string()).or_default());
+        note.successes = if ended { None } else { Some(seen) };
+        note
+    }
+
+    /// Begins a hold of the endpoint's messages ([`Isolation::begin_hold`]) if it is
+    /// stalled now ([`Isolation::stalled`]), under one look.
+    pub fn hold_if_stalled(
+        &self,
+        endpoint: &str,
+        now: Instant,
+        fallback: Duration,
+    ) -> Option<HoldNote> {
+        let stall_after = self.stall_after(endpoint, fallback);
+        let mut map = self.state.lock().expect("isolation lock");
+        let st = map.get_mut(endpoint)?;
+        if st.open_until.is_some_and(|until| now < until) {
+            return None;
+        }
+        st.stalled_for(now, self.settings.max_in_flight, stall_after)?;
+        Some(self.note(endpoint, st))
+    }
+
     /// A hold of the endpoint (whose state is `st`, locked) begins.
     fn note(&self, endpoint: &str, st: &mut EndpointState) -> HoldNote {
         st.hold_writes += 1;
         HoldNote {
             isolation: self.clone(),
             endpoint: endpoint.to_string(),
-            successes: st.successes,
+            successes: Some(st.successes),
         }
     }
 
@@ -481,7 +519,9 @@ impl Isolation {
 pub struct HoldNote {
     isolation: Isolation,
     endpoint: String,
-    successes: u64,
+    /// The endpoint's successes when the hold was decided; `None`: its requests have
+    /// all ended since (its state was forgotten), so no answer may come to release it.
+    successes: Option<u64>,
 }
 
 impl HoldNote {
@@ -494,7 +534,7 @@ impl HoldNote {
         // The lock is let go before `self` is dropped, which takes it again.
         let mut map = self.isolation.state.lock().expect("isolation lock");
         let st = map.entry(self.endpoint.clone()).or_default();
-        let recovered = st.successes != self.successes;
+        let recovered = self.successes != Some(st.successes);
         if !recovered {
             st.held = true;
         }
@@ -630,7 +670,7 @@ mod tests {
         let _b = go(i.admit("ep_a", t));
         assert!(matches!(
             i.admit("ep_a", t + Duration::from_secs(3)),
-            Admission::Busy { stalled_for } if stalled_for == Duration::from_secs(3)
+            Admission::Busy { stalled_for, .. } if stalled_for == Duration::from_secs(3)
         ));
         // Another endpoint is not affected.
         let _c = go(i.admit("ep_b", t));
@@ -657,7 +697,7 @@ mod tests {
         }
         assert!(matches!(
             i.admit("ep_a", t + Duration::from_secs(9)),
-            Admission::Open { failures: 3, until } if until == t + Duration::from_secs(10)
+            Admission::Open { failures: 3, until, .. } if until == t + Duration::from_secs(10)
         ));
         assert!(matches!(i.admit("ep_b", t), Admission::Go(_)));
         // Cool-down over: requests go again; one more failure re-opens at once.
@@ -708,7 +748,7 @@ mod tests {
         let _b = go(i.admit("ep_a", t.into_std()));
         // Waited for until it counts as stalled (no request finished for STALL)…
         let a = i.admit_within("ep_a", Duration::from_secs(10), STALL).await;
-        assert!(matches!(a, Admission::Busy { stalled_for } if stalled_for == STALL));
+        assert!(matches!(a, Admission::Busy { stalled_for, .. } if stalled_for == STALL));
         assert_eq!(t.elapsed(), STALL);
         // …and from then on not at all.
         let a = i.admit_within("ep_a", Duration::from_secs(10), STALL).await;
@@ -849,6 +889,42 @@ mod tests {
         // A hold given up (its write failed) notes nothing.
         drop(i.begin_hold("ep_c"));
         assert!(!go(i.admit("ep_c", t)).finish(true, t));
+    }
+
+    #[test]
+    fn a_hold_decided_before_the_last_answers_is_released_by_them() {
+        let i = Isolation::new(IsolationSettings {
+            max_in_flight: 1,
+            threshold: 5,
+            cool_down: Duration::from_secs(30),
+            stall_factor: STALL_FACTOR,
+        });
+        let t = Instant::now();
+        let request = go(i.admit("ep_a", t));
+        // Seen hanging: its one request has been out for a while.
+        let Admission::Busy { stalled_for, seen } = i.admit("ep_a", t + STALL) else {
+            panic!("at its cap");
+        };
+        assert_eq!(stalled_for, STALL);
+        // Its last request answers before the hold is begun: that success found nothing
+        // to release, and no request is left to answer after the hold is written.
+        assert!(!request.finish(true, t + STALL));
+        let note = i.begin_hold_after("ep_a", seen);
+        assert!(
+            note.written(),
+            "the answer since counts: the writer releases the hold"
+        );
+        // Looked at and begun under one look when stalled, not otherwise; with no
+        // answer since, the hold waits for the next one.
+        let _request = go(i.admit("ep_b", t));
+        assert!(
+            i.hold_if_stalled("ep_b", t, STALL).is_none(),
+            "not stalled yet"
+        );
+        let note = i
+            .hold_if_stalled("ep_b", t + STALL, STALL)
+            .expect("stalled");
+        assert!(!note.written(), "no answer since the look");
     }
 
     #[test]

@@ -19,8 +19,8 @@
 //! never is), and each pull renews the endpoint's lease; once the lease has run out,
 //! the hold releaser gives the parked messages jobs again. A puller stops when the
 //! endpoint has nothing parked any more, or when it hangs or its circuit opens (its
-//! parked messages are then held, as its jobs would be, and parked again at its next
-//! success).
+//! parked messages are then held, as its jobs would be: parked again at its next
+//! success, or given jobs by the hold releaser when the hold ends).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::pin::Pin;
@@ -439,19 +439,20 @@ impl Deliverer {
             };
             let permit = match admission {
                 Admission::Go(permit) => permit,
-                Admission::Busy { stalled_for } if stalled_for < stall_after => {
+                Admission::Busy { stalled_for, .. } if stalled_for < stall_after => {
                     // Behind the endpoint's other waiters: look again shortly.
                     tokio::select! {
                         _ = self.stop.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_millis(5)) => continue,
                     }
                 }
-                Admission::Busy { .. } => {
-                    holding = Some((None, self.isolation.begin_hold(&endpoint)));
+                Admission::Busy { seen, .. } => {
+                    holding = Some((None, self.isolation.begin_hold_after(&endpoint, seen)));
                     break;
                 }
-                Admission::Open { until, .. } => {
-                    holding = Some((Some(until), self.isolation.begin_hold(&endpoint)));
+                Admission::Open { until, seen, .. } => {
+                    let note = self.isolation.begin_hold_after(&endpoint, seen);
+                    holding = Some((Some(until), note));
                     break;
                 }
             };
