@@ -283,7 +283,17 @@ impl Isolation {
     /// look; takes no slot.
     pub fn stalled(&self, endpoint: &str, now: Instant, fallback: Duration) -> Option<Duration> {
         let map = self.state.lock().expect("isolation lock");
-        let st = map.get(endpoint)?;
+        self.stalled_in(endpoint, map.get(endpoint)?, now, fallback)
+    }
+
+    /// [`Isolation::stalled`] of the endpoint whose state is `st` (locked).
+    fn stalled_in(
+        &self,
+        endpoint: &str,
+        st: &EndpointState,
+        now: Instant,
+        fallback: Duration,
+    ) -> Option<Duration> {
         if st.open_until.is_some_and(|until| now < until) {
             return None;
         }
@@ -402,14 +412,7 @@ impl Isolation {
         let mut out = Vec::new();
         for (endpoint, st) in map.iter_mut() {
             let open = st.open_until.filter(|until| now < *until);
-            let stalled = st
-                .stalled_for(
-                    now,
-                    self.settings.max_in_flight,
-                    self.stall_after(endpoint, fallback),
-                )
-                .is_some();
-            if open.is_some() || stalled {
+            if open.is_some() || self.stalled_in(endpoint, st, now, fallback).is_some() {
                 out.push((
                     endpoint.clone(),
                     super::schedule::hold_until(now, hold, open),
@@ -451,13 +454,9 @@ impl Isolation {
         now: Instant,
         fallback: Duration,
     ) -> Option<HoldNote> {
-        let stall_after = self.stall_after(endpoint, fallback);
         let mut map = self.state.lock().expect("isolation lock");
         let st = map.get_mut(endpoint)?;
-        if st.open_until.is_some_and(|until| now < until) {
-            return None;
-        }
-        st.stalled_for(now, self.settings.max_in_flight, stall_after)?;
+        self.stalled_in(endpoint, st, now, fallback)?;
         Some(self.note(endpoint, st))
     }
 
