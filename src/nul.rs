@@ -2,7 +2,9 @@
 //! (`invalid byte sequence for encoding "UTF8": 0x00`) nor in `jsonb` (`unsupported
 //! Unicode escape sequence`), so a string holding it is refused where it enters (the
 //! API's extractors, the event decoder) with the place named, instead of failing deep
-//! inside a transaction.
+//! inside a transaction. Text that guildgate keeps without owning it (what a webhook
+//! endpoint answered) cannot be refused, since it has already arrived: [`storable`]
+//! replaces the NUL instead.
 //!
 //! JSON can hold a NUL in a string only as the escape `\u0000` (a raw one is not JSON).
 //! [`find_in_json`] finds it with one pass over the text that follows the nesting with a
@@ -46,6 +48,17 @@ impl fmt::Display for NulAt {
 /// Whether `s` holds U+0000.
 pub fn contains_nul(s: &str) -> bool {
     s.contains('\0')
+}
+
+/// `s` with each U+0000 replaced by U+FFFD (the replacement character), so that text
+/// guildgate keeps but does not own (a webhook endpoint's answer, an error it caused)
+/// can always be stored: refusing it is not an option, since it was already received.
+pub fn storable(s: String) -> String {
+    if contains_nul(&s) {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s
+    }
 }
 
 enum Frame {
@@ -142,6 +155,13 @@ fn pointer(json: &[u8], stack: &[Frame]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn storable_text_has_no_nul() {
+        assert_eq!(storable("ok".to_string()), "ok");
+        assert_eq!(storable("a\0b\0".to_string()), "a\u{FFFD}b\u{FFFD}");
+        assert_eq!(storable(String::new()), "");
+    }
 
     fn at(json: &str) -> Option<NulAt> {
         serde_json::from_str::<serde_json::Value>(json).expect("the tests' JSON is valid");

@@ -48,6 +48,8 @@ enum Reply {
     Until(CancellationToken, std::time::Duration, u16),
     /// Never answers.
     Hang,
+    /// Answers with this status and body.
+    Body(u16, &'static str),
     RedirectTo(String),
 }
 
@@ -141,6 +143,7 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> 
             (StatusCode::from_u16(code).unwrap(), "ok").into_response()
         }
         Reply::Hang => std::future::pending().await,
+        Reply::Body(code, body) => (StatusCode::from_u16(code).unwrap(), body).into_response(),
         Reply::RedirectTo(url) => (
             StatusCode::TEMPORARY_REDIRECT,
             [(axum::http::header::LOCATION, url)],
@@ -267,6 +270,38 @@ async fn a_grant_event_reaches_the_endpoint_signed_with_a_stable_id() {
     assert_eq!(attempts[0].status_code, Some(200));
     assert_eq!(attempts[0].response.as_deref(), Some("ok"));
     assert_eq!(m.attempts, 1);
+    app.stop().await;
+}
+
+/// An answer is kept as text, which PostgreSQL refuses with U+0000 in it: an endpoint
+/// answering with a NUL must not fail its record (which sent it the message again and
+/// again, and failed the other endpoints' records written with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_holding_a_nul_is_recorded_and_not_sent_again() {
+    let app = TestApp::spawn().await;
+    with_entitlement(&app).await;
+    let nul = Receiver::start(&[SECRET], |_| Reply::Body(200, "ok\0then\0")).await;
+    let plain = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let ep_nul = add_endpoint(&app, &nul.url, None, SECRET).await;
+    let ep_plain = add_endpoint(&app, &plain.url, None, SECRET).await;
+    pay_each(&app, 0..20).await;
+
+    let got = wait_messages(&app, &ep_nul, 20, "delivered").await;
+    wait_messages(&app, &ep_plain, 20, "delivered").await;
+    for m in &got {
+        assert_eq!(m.attempts, 1, "{m:?}");
+        let attempts = attempts_of(&app, &m.id).await;
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].status_code, Some(200));
+        assert_eq!(
+            attempts[0].response.as_deref(),
+            Some("ok\u{FFFD}then\u{FFFD}")
+        );
+    }
+    // Nothing is sent again once recorded.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(nul.count(), 20);
+    assert_eq!(plain.count(), 20);
     app.stop().await;
 }
 

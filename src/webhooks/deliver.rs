@@ -918,7 +918,11 @@ impl Deliverer {
             status: Some(status),
             retry_after,
             error: error.filter(|_| !(200..300).contains(&status)),
-            response: Some(String::from_utf8_lossy(&head).into_owned()),
+            // Stored as text: an answer holding U+0000 would fail the record (and every
+            // other attempt recorded with it) for as long as it was sent again.
+            response: Some(crate::nul::storable(
+                String::from_utf8_lossy(&head).into_owned(),
+            )),
             latency: started.elapsed(),
         }
     }
@@ -1099,7 +1103,7 @@ fn describe(e: reqwest::Error) -> String {
         out.push_str(&s.to_string());
         src = s.source();
     }
-    out
+    crate::nul::storable(out)
 }
 
 #[cfg(test)]
