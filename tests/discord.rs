@@ -124,6 +124,108 @@ async fn membership_only_revoke_removes_the_member() {
     w.stop().await;
 }
 
+/// A server belongs to one business at a time. A business that deleted its entitlement
+/// and disconnected the server keeps its grants (they end as their purchases do), but
+/// once another business holds the server, those grants give nothing more there: not a
+/// new customer's access, not the role moved to another account. What they gave is
+/// still taken away when they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_gives_nothing_in_a_server_another_business_holds_now() {
+    let w = World::start().await;
+    let g = w.guild("Sold Server");
+    let role = g.role("Patrons");
+    let (alice, bob, carol) = (w.user("alice"), w.user("bob"), w.user("carol"));
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    w.link("cus_1", alice).await;
+    w.link("cus_2", bob).await;
+    w.app
+        .publish(&payment(&biz, "pay_1", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    let first = w.grant_of("cus_1").await;
+    w.wait_status(&first.id, "Delivered").await;
+    assert!(w.has_role(g.guild_id, alice, role));
+
+    // Another business connects the server.
+    {
+        let mut conn = w.app.pool.acquire().await.unwrap();
+        guildgate::store::businesses::ensure_business(&mut conn, "bus_new_owner")
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO discord_guilds (business_id, guild_id, name, installed_at, updated_at)
+             VALUES ('bus_new_owner', $1, 'Sold Server', now(), now())",
+        )
+        .bind(id(g.guild_id))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    }
+
+    // A new purchase of the old business's product gives nothing there.
+    w.app
+        .publish(&payment(&biz, "pay_2", "cus_2", &["pdt_a"], T0), "evt_2")
+        .await;
+    let second = w.grant_of("cus_2").await;
+    let failed = w.wait_status(&second.id, "Failed").await;
+    assert_eq!(
+        failed.error_code.as_deref(),
+        Some("discord_guild_held_by_another"),
+        "{:?}",
+        failed.error_message
+    );
+    assert!(w.sandbox.member(g.guild_id, bob).is_none());
+    // Nor does it claim anything there, which would hold the access against the
+    // server's owner.
+    let holdings = |user: u64| {
+        let pool = w.app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM discord_holdings WHERE guild_id = $1 AND user_id = $2",
+            )
+            .bind(id(g.guild_id))
+            .bind(id(user))
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(
+        (
+            failed.applied_user_id.as_deref(),
+            failed.intent_user_id.as_deref()
+        ),
+        (None, None)
+    );
+    assert_eq!(holdings(bob).await, 0);
+
+    // Nor does the old customer moving the role to another account (a delivered grant
+    // stays delivered: only what it gave stays given). Without the check, the sync
+    // adds the new account within milliseconds.
+    w.link("cus_1", carol).await;
+    w.resync(&first.id).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(w.sandbox.member(g.guild_id, carol).is_none());
+    let kept = w.grant_of("cus_1").await;
+    assert_eq!(kept.status, "Delivered");
+    assert_eq!(kept.intent_user_id, None);
+    assert_eq!(holdings(carol).await, 0);
+    assert!(w.has_role(g.guild_id, alice, role));
+
+    // Ending the first purchase still takes away what it gave.
+    w.app
+        .publish(&refund(&biz, "pay_1", false, T1), "evt_3")
+        .await;
+    w.wait_grant(&first.id, "revoke synced", |g| {
+        g.status == "Revoked" && g.applied_user_id.is_none()
+    })
+    .await;
+    assert!(!w.has_role(g.guild_id, alice, role), "role removed");
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_one_of_two_grants_of_the_same_role_keeps_it_and_returning_customers_need_no_oauth()
  {

@@ -522,22 +522,19 @@ async fn parked_jobs_run_once_more_when_asked_again_and_outlive_their_drainer() 
     w.stop().await;
 }
 
+/// A business that had a server once: its entitlement still names it, its grant is
+/// live, and its bot now is one the server does not have. While nobody holds the server,
+/// Discord's refusal stops that entitlement, not the server; once another business
+/// holds it, such a grant is refused before any call. Either way the server's owner is
+/// not held back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_former_owners_grant_stops_its_own_entitlement_not_the_server() {
     let w = World::start().await;
     let a = w.app.business();
     let ca = client(&w, &a).await;
     let g = w.guild("Acme");
-    let (s, page) = connect(&w, &ca, &g).await;
-    assert_eq!(s, 200, "{page}");
-    let ent_a = create_entitlement(&ca, g.guild_id, Some(g.role("Patrons"))).await;
-    let ent_a = ent_a["id"].as_str().unwrap().to_string();
-    // A business that had the server once: its entitlement still names it, its grant is
-    // live, and its bot now is one the server does not have.
-    let former = "bus_former";
-    let app = w.sandbox.add_application("Former Bot");
-    register(&client(&w, former).await, &app).await;
-    let ent_former = {
+    let former_entitlement = async |former: &str, app: &AppCredentials| {
+        register(&client(&w, former).await, app).await;
         let mut conn = w.app.pool.acquire().await.unwrap();
         store::entitlements::insert_entitlement(
             &mut conn,
@@ -550,6 +547,9 @@ async fn a_former_owners_grant_stops_its_own_entitlement_not_the_server() {
         .unwrap()
         .id
     };
+    let former = "bus_former";
+    let app = w.sandbox.add_application("Former Bot");
+    let ent_former = former_entitlement(former, &app).await;
     backlog(&w, former, Some(&app), &ent_former, 1).await;
     let stops = || async {
         sqlx::query_as::<_, (Option<String>, String)>(
@@ -573,12 +573,40 @@ async fn a_former_owners_grant_stops_its_own_entitlement_not_the_server() {
         )],
         "its own entitlement stops, not the server"
     );
-    // The server's owner is not held back.
+    // The server's owner connects it and is not held back.
+    let (s, page) = connect(&w, &ca, &g).await;
+    assert_eq!(s, 200, "{page}");
+    let ent_a = create_entitlement(&ca, g.guild_id, Some(g.role("Patrons"))).await;
+    let ent_a = ent_a["id"].as_str().unwrap().to_string();
     backlog(&w, &a, None, &ent_a, 1).await;
     wait_for("the owner's grant delivered", || async {
         (delivered(&w, &a).await == 1).then_some(())
     })
     .await;
+    assert_eq!(stops().await.len(), 1);
+
+    // Another former owner's grant, now that the server is held: refused without a
+    // call, so it earns no invalid answer and records no stop.
+    let later = "bus_former_later";
+    let app_later = w.sandbox.add_application("Later Bot");
+    let ent_later = former_entitlement(later, &app_later).await;
+    let sent = w.sandbox.app_stats(app_later.client_id).total_requests;
+    let grant = backlog(&w, later, Some(&app_later), &ent_later, 1).await;
+    let failed = wait_for("the later former owner's grant refused", || async {
+        let g: (String, Option<String>) =
+            sqlx::query_as("SELECT status, error_code FROM grants WHERE id = $1")
+                .bind(&grant[0])
+                .fetch_one(&w.app.pool)
+                .await
+                .unwrap();
+        (g.0 == "Failed").then_some(g)
+    })
+    .await;
+    assert_eq!(failed.1.as_deref(), Some("discord_guild_held_by_another"));
+    assert_eq!(
+        w.sandbox.app_stats(app_later.client_id).total_requests,
+        sent
+    );
     assert_eq!(stops().await.len(), 1);
     w.stop().await;
 }

@@ -15,6 +15,9 @@ pub enum HumanCode {
     UserBanned,
     TooManyGuilds,
     ReauthorizationRequired,
+    /// The server is connected to another business now: this grant's business gives no
+    /// access there.
+    GuildHeldByAnother,
 }
 
 impl HumanCode {
@@ -27,6 +30,7 @@ impl HumanCode {
             HumanCode::UserBanned => "discord_user_banned",
             HumanCode::TooManyGuilds => "discord_too_many_guilds",
             HumanCode::ReauthorizationRequired => "discord_reauthorization_required",
+            HumanCode::GuildHeldByAnother => "discord_guild_held_by_another",
         }
     }
 }

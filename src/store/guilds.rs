@@ -187,6 +187,23 @@ pub async fn disconnect(
     Ok(Disconnected::Done)
 }
 
+/// Whether another business than `business_id` holds the server (a proven connection):
+/// then the server is that business's, and nothing of this one's is given there.
+pub async fn held_by_another(
+    conn: &mut PgConnection,
+    business_id: &str,
+    guild_id: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM discord_guilds
+            WHERE guild_id = $1 AND business_id <> $2 AND NOT needs_reinstall)",
+    )
+    .bind(guild_id)
+    .bind(business_id)
+    .fetch_one(conn)
+    .await
+}
+
 /// The servers of a business, in install order.
 pub async fn list(
     conn: &mut PgConnection,

@@ -91,6 +91,11 @@ struct Job {
     /// yet (this run's, or one a crash interrupted), with when they were about to be
     /// given: the next answer about them settles whether guildgate added them.
     unsettled: Vec<(Access, DateTime<Utc>)>,
+    /// Another business holds the entitlement's server now (the grant's business
+    /// disconnected it, and another connected it). Read under the job's customer and
+    /// account locks, just before the calls: a server connected to another business
+    /// in between (milliseconds) is seen by the grant's next job.
+    guild_held_by_another: bool,
 }
 
 /// Discord's answer, as the history shows it, when a member (or their role) turns out
@@ -415,7 +420,9 @@ impl SyncWorker {
     /// there, changes nothing.
     async fn record_intent(&self, job: &mut Job) -> Result<(), sqlx::Error> {
         let g = &job.grant;
-        if !g.status.is_live() {
+        // Refused before any call ([`Self::sync`]): nothing is about to be applied, and
+        // a claim recorded anyway would hold the access against the server's owner.
+        if !g.status.is_live() || job.guild_held_by_another {
             return Ok(());
         }
         let user = job
@@ -474,6 +481,13 @@ impl SyncWorker {
             ),
             None => (None, None),
         };
+        let guild_held_by_another = match guild {
+            Some(g) => {
+                crate::store::guilds::held_by_another(&mut conn, &grant.business_id, &g.to_string())
+                    .await?
+            }
+            None => false,
+        };
         let link = links::link_of(&mut conn, &grant.business_id, &grant.customer_id).await?;
         let held = held_by(&grant);
         let (mut others, mut found, mut unsettled) = (Vec::new(), Vec::new(), Vec::new());
@@ -510,6 +524,7 @@ impl SyncWorker {
             others,
             found,
             unsettled,
+            guild_held_by_another,
         }))
     }
 
@@ -530,6 +545,18 @@ impl SyncWorker {
             // anything, using the recorded guild.
             return Ok(self.undo_only(job).await?);
         };
+        // A server belongs to one business at a time: once another holds it, a grant of
+        // the one that left gives nothing there (what it gave is still taken away when
+        // it ends).
+        if live && job.guild_held_by_another {
+            return Err(DiscordError::human(
+                HumanCode::GuildHeldByAnother,
+                format!(
+                    "Discord server {guild} is connected to another guildgate account now, so this grant gives nothing there. Revoke the grant, or give the customer an entitlement in a server this account holds."
+                ),
+            )
+            .into());
+        }
         let linked_user = job
             .link
             .as_ref()
