@@ -182,6 +182,20 @@ impl HttpSettings {
     }
 }
 
+/// A listen address: `host:port` or `[v6]:port`, the host an IP address or a name
+/// (resolved when the socket is bound), the port a number.
+fn listen_address(s: &str) -> Result<(), String> {
+    if s.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let bad = || format!("{s:?} is not host:port (for example 127.0.0.1:8080 or [::]:8080)");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || host.contains([':', '[', ']', '/', ' ']) || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
 /// An address (`10.0.0.1`, a single host) or a CIDR range (`10.0.0.0/8`).
 pub fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
     s.parse::<ipnet::IpNet>()
@@ -444,6 +458,8 @@ impl Settings {
 
     /// The public URL, Discord's endpoints and trusted proxies parse.
     fn check_addresses(&self) -> Result<(), ConfigError> {
+        listen_address(&self.http.addr)
+            .map_err(|e| ConfigError::Invalid(format!("http.addr: {e}")))?;
         url::Url::parse(&self.http.public_url)
             .map_err(|e| ConfigError::Invalid(format!("http.public_url: {e}")))?;
         let authorize = url::Url::parse(&self.discord.authorize_url)
@@ -814,6 +830,34 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn the_listen_address_is_checked_on_load() {
+        let load =
+            |v: &str| Settings::load_with_env(None, Some(env(&[("GUILDGATE_HTTP__ADDR", v)])));
+        for good in [
+            "127.0.0.1:8080",
+            "0.0.0.0:0",
+            "[::]:8080",
+            "[::1]:80",
+            "localhost:8080",
+        ] {
+            assert!(load(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "8080",
+            "127.0.0.1",
+            "127.0.0.1:http",
+            "127.0.0.1:70000",
+            ":8080",
+            "::1:80",
+            "a b:80",
+        ] {
+            let err = load(bad).expect_err(bad).to_string();
+            assert!(err.contains("http.addr"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -394,28 +394,34 @@ async fn keys(settings: &Settings, cmd: KeysCommand) -> Result<(), String> {
                 );
             } else {
                 println!(
-                    "re-encrypted {} link(s) and {} Discord application(s) with key {}; {} changed meanwhile; {} unreadable; {} link(s) not on the current key",
+                    "re-encrypted {} link(s) and {} Discord application(s) with key {}; {} changed meanwhile; {} unreadable; {} link(s) and {} application(s) not on the current key",
                     report.reencrypted,
                     report.applications_reencrypted,
                     cipher.key_id(),
                     report.changed_meanwhile,
                     report.unreadable + report.applications_unreadable,
-                    report.remaining
+                    report.remaining,
+                    report.applications_remaining
                 );
             }
-            if report.applications_unreadable > 0 {
-                tracing::warn!(
-                    applications = report.applications_unreadable,
-                    "some businesses' Discord applications could not be decrypted with any configured key; they must register them again"
-                );
-            }
+            let mut unreadable = Vec::new();
             if report.unreadable > 0 {
-                return Err(format!(
+                unreadable.push(format!(
                     "{} link(s) could not be decrypted with any configured key; their customers must authorize again",
                     report.unreadable
                 ));
             }
-            Ok(())
+            if report.applications_unreadable > 0 {
+                unreadable.push(format!(
+                    "{} Discord application(s) could not be decrypted with any configured key; their businesses must register them again",
+                    report.applications_unreadable
+                ));
+            }
+            if unreadable.is_empty() {
+                Ok(())
+            } else {
+                Err(unreadable.join("; "))
+            }
         }
     }
 }

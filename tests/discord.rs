@@ -1552,36 +1552,38 @@ async fn tokens_of_a_previous_key_stay_usable_and_rotate_to_the_current_one() {
 
     // Another business's own Discord application, sealed with the old key too.
     let app_biz = "bus_own_app";
-    {
-        let mut conn = w.app.pool.acquire().await.unwrap();
-        guildgate::store::businesses::ensure_business(&mut conn, app_biz)
-            .await
-            .unwrap();
-    }
     let secret = SecretString::from("app-secret".to_string());
     let token = SecretString::from("app-bot-token".to_string());
-    sqlx::query(
-        "INSERT INTO discord_applications (business_id, client_id, client_secret_enc,
-             bot_token_enc, key_id, bot_username, created_at, updated_at)
-         VALUES ($1, '1400000000000000001', $2, $3, $4, 'Acme Bot', now(), now())",
-    )
-    .bind(app_biz)
-    .bind(guildgate::discord::bots::seal(
-        &old_cipher,
-        app_biz,
-        &secret,
-        "client_secret_enc",
-    ))
-    .bind(guildgate::discord::bots::seal(
-        &old_cipher,
-        app_biz,
-        &token,
-        "bot_token_enc",
-    ))
-    .bind(old_cipher.key_id())
-    .execute(&w.app.pool)
-    .await
-    .unwrap();
+    let register = async |business: &str, client_id: &str, cipher: &TokenCipher| {
+        let mut conn = w.app.pool.acquire().await.unwrap();
+        guildgate::store::businesses::ensure_business(&mut conn, business)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO discord_applications (business_id, client_id, client_secret_enc,
+                 bot_token_enc, key_id, bot_username, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, 'Acme Bot', now(), now())",
+        )
+        .bind(business)
+        .bind(client_id)
+        .bind(guildgate::discord::bots::seal(
+            cipher,
+            business,
+            &secret,
+            "client_secret_enc",
+        ))
+        .bind(guildgate::discord::bots::seal(
+            cipher,
+            business,
+            &token,
+            "bot_token_enc",
+        ))
+        .bind(cipher.key_id())
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    };
+    register(app_biz, "1400000000000000001", &old_cipher).await;
 
     let (ok, help) = keys_cli(&w, &new, &old, &["rotate-tokens", "--help"]).await;
     assert!(ok && help.contains("--batch-size"), "{help}");
@@ -1600,12 +1602,30 @@ async fn tokens_of_a_previous_key_stay_usable_and_rotate_to_the_current_one() {
         .execute(&w.app.pool)
         .await
         .unwrap();
+    // An application no configured key reads fails the run as well.
+    register("bus_lost_app", "1400000000000000002", &lost_cipher).await;
+    let (ok, out) = keys_cli(&w, &new, &old, &args).await;
+    assert!(
+        !ok,
+        "an application no configured key reads fails the run: {out}"
+    );
+    let r = report(&out);
+    assert_eq!(r["applications_unreadable"], 1);
+    assert_eq!(r["applications_remaining"], 1, "{r}");
+    sqlx::query("DELETE FROM discord_applications WHERE business_id = 'bus_lost_app'")
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
     let (ok, out) = keys_cli(&w, &new, &old, &args).await;
     assert!(ok, "{out}");
     let r = report(&out);
     assert_eq!(
-        (r["reencrypted"].as_u64(), r["remaining"].as_i64()),
-        (Some(0), Some(0))
+        (
+            r["reencrypted"].as_u64(),
+            r["remaining"].as_i64(),
+            r["applications_remaining"].as_i64()
+        ),
+        (Some(0), Some(0), Some(0))
     );
 
     // The current key alone reads every token now, and only where it is stored.

@@ -19,7 +19,8 @@ use crate::store::links::{self, SealedTokens};
 pub struct RotationReport {
     /// Links re-encrypted with the current key.
     pub reencrypted: u64,
-    /// Links written by someone else between the read and the write (left as written).
+    /// Links and applications written by someone else between the read and the write
+    /// (left as written).
     pub changed_meanwhile: u64,
     /// Links no configured key decrypts (left as they are; their customers must
     /// authorize again).
@@ -31,6 +32,8 @@ pub struct RotationReport {
     /// Applications no configured key decrypts (left as they are: the business
     /// registers its application again).
     pub applications_unreadable: u64,
+    /// Applications still not on the current key after the run.
+    pub applications_remaining: i64,
 }
 
 /// Re-encrypts every link not on `cipher`'s current key, `batch` links per transaction.
@@ -78,6 +81,12 @@ pub async fn rotate_tokens(
     }
     rotate_applications(pool, cipher, &mut report).await?;
     report.remaining = links::count_not_sealed_with(pool, current).await?;
+    report.applications_remaining = i64::try_from(
+        crate::store::applications::not_on_key(pool, current)
+            .await?
+            .len(),
+    )
+    .unwrap_or(i64::MAX);
     Ok(report)
 }
 
