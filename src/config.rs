@@ -3,29 +3,8 @@
 //!
 //! Environment variables are `GUILDGATE_<SECTION>__<KEY>` (double underscore between
 //! section and key), plus `GUILDGATE_ENV` (`development` or `production`). They are a
-//! public contract and every key is listed in `docs/configuration.md` (a test keeps the
-//! two in step):
-//!
-//! - `GUILDGATE_DATABASE__URL`, `__MAX_CONNECTIONS`
-//! - `GUILDGATE_AMQP__URL`, `__URLS`, `__QUORUM_REPLICAS`, `__LEADER_LOCATOR`, `__EXCHANGE`, `__QUEUE_PREFIX`, `__PREFETCH`, `__CONSUMERS`,
-//!   `__BATCH_SIZE`, `__BATCH_LINGER`, `__MAX_MESSAGE_BYTES`, `__DELIVERY_LIMIT`
-//! - `GUILDGATE_HTTP__ADDR`, `__PUBLIC_URL`, `__MAX_BODY_BYTES`, `__REQUEST_TIMEOUT`,
-//!   `__MAX_CONCURRENT_REQUESTS`, `__TRUSTED_PROXIES`
-//! - `GUILDGATE_API__REQUESTS_PER_SECOND`, `__BURST`
-//! - `GUILDGATE_OAUTH__CALLBACK_ATTEMPTS`, `__CALLBACK_WINDOW`, `__ADDRESS_ATTEMPTS`
-//! - `GUILDGATE_DISCORD__API_BASE`, `__AUTHORIZE_URL`, `__CLIENT_ID`, `__CLIENT_SECRET`,
-//!   `__BOT_TOKEN`, `__OAUTH_LINK_TTL`, `__SIDE_REQUESTS_PER_S`, `__SIDE_QUEUE_TIMEOUT`,
-//!   `__INVALID_REQUEST_CEILING`, `__REQUEST_TIMEOUT`
-//! - `GUILDGATE_SECRETS__STATE_SIGNING_KEY`, `__TOKEN_ENCRYPTION_KEY`,
-//!   `__PREVIOUS_TOKEN_ENCRYPTION_KEYS`
-//! - `GUILDGATE_GRANTS__REVOKE_ON_SUBSCRIPTION_REFUND`, `__MAX_FUTURE_SKEW`
-//! - `GUILDGATE_OUTBOX__SWEEP_INTERVAL`, `__BATCH_SIZE`
-//! - `GUILDGATE_SYNC__RETRY_DELAYS`
-//! - `GUILDGATE_WEBHOOKS__RETRY_DELAYS`, `__ALLOW_PRIVATE_TARGETS`, `__TIMEOUT`,
-//!   `__WORKERS`, `__MAX_IN_FLIGHT_PER_ENDPOINT`
-//! - `GUILDGATE_LOG__FORMAT` (`text` or `json`)
-//! - `GUILDGATE_RECONCILE__INTERVAL` (a duration like `24h`; empty = off, the default),
-//!   `__POLICY` (`restore` or `revoke`, default `restore`)
+//! public contract: every key, its variable and its default is in the table of
+//! `docs/configuration.md`, and a test keeps that table and [`Settings`] in step.
 //!
 //! Secrets are [`SecretString`]: their `Debug` prints `[REDACTED]`, so logging the
 //! settings never leaks them.

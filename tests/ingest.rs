@@ -1135,7 +1135,7 @@ async fn a_duplicate_of_an_event_whose_id_was_pruned_changes_nothing() {
     app.stop().await;
 }
 
-/// The cases where a pruned id alone let a duplicate change state (found in review):
+/// The cases where a pruned id alone let a duplicate change state:
 /// each is now recognised by the state its first application recorded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_after_pruning_is_recognised_by_the_state_it_recorded() {
