@@ -225,6 +225,8 @@ pub struct DiscordSettings {
     pub side_queue_timeout: Duration,
     /// 401/403/429 answers in a sliding 10 minutes after which guildgate stops calling.
     pub invalid_request_ceiling: u32,
+    /// What one business's calls may collect of that ceiling before its own calls wait.
+    pub invalid_request_ceiling_per_business: u32,
     #[serde(deserialize_with = "duration")]
     pub request_timeout: Duration,
 }
@@ -531,6 +533,12 @@ impl Settings {
             !self.http.request_timeout.is_zero() && self.http.max_concurrent_requests > 0,
             "http.request_timeout and http.max_concurrent_requests must be more than 0",
         )?;
+        // A share above the whole ceiling counts as the ceiling (so a deployment that
+        // lowered the ceiling below the default share keeps starting).
+        ensure(
+            self.discord.invalid_request_ceiling_per_business > 0,
+            "discord.invalid_request_ceiling_per_business must be more than 0",
+        )?;
         ensure(
             self.api.requests_per_second > 0
                 && self.api.burst > 0
@@ -808,6 +816,47 @@ mod tests {
                 Some(env(&[("GUILDGATE_RECONCILE__POLICY", "delete")]))
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn a_business_share_of_the_invalid_ceiling_is_checked_on_load() {
+        let load = |share: &str| {
+            Settings::load_with_env(
+                None,
+                Some(env(&[
+                    ("GUILDGATE_DISCORD__INVALID_REQUEST_CEILING", "1000"),
+                    (
+                        "GUILDGATE_DISCORD__INVALID_REQUEST_CEILING_PER_BUSINESS",
+                        share,
+                    ),
+                ])),
+            )
+        };
+        assert_eq!(
+            load("1000")
+                .unwrap()
+                .discord
+                .invalid_request_ceiling_per_business,
+            1000
+        );
+        // Above the ceiling it counts as the ceiling (InvalidRequests::new).
+        assert!(load("1001").is_ok());
+        let err = load("0").expect_err("0").to_string();
+        assert!(
+            err.contains("invalid_request_ceiling_per_business"),
+            "{err}"
+        );
+        // A lowered ceiling with the default share still loads.
+        assert!(
+            Settings::load_with_env(
+                None,
+                Some(env(&[(
+                    "GUILDGATE_DISCORD__INVALID_REQUEST_CEILING",
+                    "100"
+                )]))
+            )
+            .is_ok()
         );
     }
 

@@ -334,12 +334,39 @@ async fn the_shared_budget_grants_its_slots_once_per_window() {
     db.drop_db().await;
 }
 
+/// One business's invalid answers, wherever they were earned, stop its calls in every
+/// process at its share of the ceiling, and no other business's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_share_of_invalid_answers_counts_in_every_process() {
+    let (db, pool) = shared_db().await;
+    let process = || InvalidRequests::new(10, 2).shared(SharedLimits::new(pool.clone(), "bot"));
+    let (one, two) = (process(), process());
+    // Enough answers of others that the whole count could hold a business's share.
+    one.for_business("bus_b").record().await;
+    one.record().await;
+    one.for_business("bus_a").record().await;
+    assert!(
+        two.for_business("bus_a").check().await.is_ok(),
+        "one of two"
+    );
+    two.for_business("bus_a").record().await;
+    let wait = process().for_business("bus_a").check().await.unwrap_err();
+    assert!(
+        wait > Duration::from_secs(590) && wait <= Duration::from_secs(610),
+        "{wait:?}"
+    );
+    assert!(process().for_business("bus_b").check().await.is_ok());
+    assert!(process().check().await.is_ok());
+    pool.close().await;
+    db.drop_db().await;
+}
+
 /// Discord bans an address for invalid answers of every process behind it: each process
 /// stops at the ceiling counting the others' answers too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_answers_of_every_process_count_against_the_ceiling() {
     let (db, pool) = shared_db().await;
-    let process = || InvalidRequests::new(3).shared(SharedLimits::new(pool.clone(), "bot"));
+    let process = || InvalidRequests::new(3, 3).shared(SharedLimits::new(pool.clone(), "bot"));
     let (a, b) = (process(), process());
     a.record().await;
     a.record().await;

@@ -124,6 +124,111 @@ async fn membership_only_revoke_removes_the_member() {
     w.stop().await;
 }
 
+/// Every invalid answer counts against the address, so one business could otherwise
+/// spend the whole ceiling (customers banned from its own server, a revoked bot token)
+/// and stop every business's Discord calls. Its share fills first: its calls wait, and
+/// another business on the same bot is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_at_its_share_of_invalid_answers_holds_up_no_other() {
+    let w = World::configured(TestConfig::default().env(
+        "GUILDGATE_DISCORD__INVALID_REQUEST_CEILING_PER_BUSINESS",
+        "2",
+    ))
+    .await;
+    let biz = w.app.business();
+    let g = w.guild("Banning Server");
+    let role = g.role("Patrons");
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    for i in 0..3 {
+        let user = w.user(&format!("banned{i}"));
+        w.sandbox.ban(g.guild_id, user);
+        w.link(&format!("cus_{i}"), user).await;
+    }
+    for i in 0..2 {
+        w.app
+            .publish(
+                &payment(
+                    &biz,
+                    &format!("pay_{i}"),
+                    &format!("cus_{i}"),
+                    &["pdt_a"],
+                    T0,
+                ),
+                &format!("evt_{i}"),
+            )
+            .await;
+        let grant = w.grant_of(&format!("cus_{i}")).await;
+        let failed = w.wait_status(&grant.id, "Failed").await;
+        assert_eq!(failed.error_code.as_deref(), Some("discord_user_banned"));
+    }
+    // The business's share is spent: its next call waits.
+    w.app
+        .publish(&payment(&biz, "pay_2", "cus_2", &["pdt_a"], T0), "evt_2")
+        .await;
+    let waiting = w.grant_of("cus_2").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Another business on the same bot is served meanwhile.
+    let other = "bus_other";
+    let g2 = w.guild("Other Server");
+    let role2 = g2.role("Patrons");
+    {
+        use guildgate::store::{businesses, entitlements};
+        let mut conn = w.app.pool.acquire().await.unwrap();
+        businesses::ensure_business(&mut conn, other).await.unwrap();
+        let e = entitlements::insert_entitlement(
+            &mut conn,
+            other,
+            "Members",
+            &id(g2.guild_id),
+            Some(&id(role2)),
+        )
+        .await
+        .unwrap();
+        entitlements::set_product_entitlements(&mut conn, other, "pdt_b", &[e.id])
+            .await
+            .unwrap();
+    }
+    let vera = w.user("vera");
+    common::link_sandbox_user(
+        &w.app.pool,
+        &w.app.settings,
+        &w.sandbox,
+        other,
+        "cus_v",
+        vera,
+    )
+    .await;
+    w.app
+        .publish(&payment(other, "pay_v", "cus_v", &["pdt_b"], T0), "evt_v")
+        .await;
+    wait_for("the other business's grant delivered", || async {
+        w.has_role(g2.guild_id, vera, role2).then_some(())
+    })
+    .await;
+
+    // Its own call was never sent (with the tests' short retry tiers it may have run out
+    // of them meanwhile: a pause of minutes outlasts them).
+    let held = w.wait_grant(&waiting.id, "the third grant", |_| true).await;
+    assert_ne!(
+        held.error_code.as_deref(),
+        Some("discord_user_banned"),
+        "{held:?}"
+    );
+    let adds = w
+        .sandbox
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.method == "PUT" && r.path.contains(&format!("/guilds/{}/members/", g.guild_id))
+        })
+        .count();
+    assert_eq!(adds, 2, "the business's third call was not sent");
+    w.stop().await;
+}
+
 /// A server belongs to one business at a time. A business that deleted its entitlement
 /// and disconnected the server keeps its grants (they end as their purchases do), but
 /// once another business holds the server, those grants give nothing more there: not a

@@ -65,6 +65,15 @@ impl Bot {
         Self { side, syncer, own }
     }
 
+    /// The same bot, its calls made for `business`.
+    fn for_business(self, business: &str) -> Self {
+        Self {
+            side: self.side.for_business(business),
+            syncer: self.syncer.for_business(business),
+            own: self.own,
+        }
+    }
+
     /// The application's id (also its bot user's id).
     pub fn client_id(&self) -> &str {
         self.side.client_id()
@@ -218,12 +227,14 @@ impl Bots {
     }
 
     /// The bot of `business`: its own application's, else the shared one, whose side
-    /// calls take the business's seats.
+    /// calls take the business's seats. Either way its calls count their invalid
+    /// answers as the business's too (see [`DiscordClient::for_business`]).
     pub async fn of_business(&self, business: &str) -> Result<Bot, BotError> {
-        match self.inner.directory.entry(business) {
-            None => Ok(self.shared_for(business)),
-            Some((client_id, changed)) => self.own(&client_id, changed).await,
-        }
+        let bot = match self.inner.directory.entry(business) {
+            None => self.shared_for(business),
+            Some((client_id, changed)) => self.own(&client_id, changed).await?,
+        };
+        Ok(bot.for_business(business))
     }
 
     /// The shared bot, its side calls seated as `business`'s.
@@ -256,14 +267,15 @@ impl Bots {
         client_id: Option<&str>,
     ) -> Result<Option<Bot>, BotError> {
         let shared = self.inner.shared.client_id();
-        match client_id {
-            None => Ok(Some(self.shared_for(business))),
-            Some(c) if c == shared => Ok(Some(self.shared_for(business))),
+        let bot = match client_id {
+            None => Some(self.shared_for(business)),
+            Some(c) if c == shared => Some(self.shared_for(business)),
             Some(c) => match self.inner.directory.entry(business) {
-                Some((own, changed)) if own == c => Ok(Some(self.own(&own, changed).await?)),
-                _ => Ok(None),
+                Some((own, changed)) if own == c => Some(self.own(&own, changed).await?),
+                _ => None,
             },
-        }
+        };
+        Ok(bot.map(|b| b.for_business(business)))
     }
 
     async fn own(&self, client_id: &str, changed: DateTime<Utc>) -> Result<Bot, BotError> {
@@ -290,12 +302,14 @@ impl Bots {
         Ok(bot)
     }
 
-    /// A client for an application not registered yet (checking its credentials): a
-    /// side budget of its own application, so nothing is taken from any registered bot,
-    /// and the invalid answers it earns counted with every other process's.
-    pub fn probe(&self, keys: &AppKeys) -> DiscordClient {
+    /// A client for an application `business` has not registered yet (checking its
+    /// credentials): a side budget of its own application, so nothing is taken from any
+    /// registered bot, and the invalid answers it earns counted with every other
+    /// process's, and as the business's.
+    pub fn probe(&self, business: &str, keys: &AppKeys) -> DiscordClient {
         DiscordClient::side_of(&self.inner.settings, keys, self.inner.metrics.clone())
             .shared(SharedLimits::new(self.inner.pool.clone(), &keys.client_id))
+            .for_business(business)
     }
 
     /// This process changed `business`'s application: use the change at once.

@@ -353,7 +353,10 @@ impl DiscordClient {
             // carries; a caller told "busy" can try again, one left waiting holds a request.
             budget: Budget::new("side", settings.side_requests_per_s)
                 .with_max_wait(settings.side_queue_timeout),
-            invalid: InvalidRequests::new(settings.invalid_request_ceiling),
+            invalid: InvalidRequests::new(
+                settings.invalid_request_ceiling,
+                settings.invalid_request_ceiling_per_business,
+            ),
             shared: None,
             lease: settings.request_timeout + LEASE_BEYOND_TIMEOUT,
             stops: None,
@@ -417,6 +420,16 @@ impl DiscordClient {
     fn stopped(&self, call: &Call<'_>) -> Option<StopKey> {
         let stops = self.stops.as_ref()?;
         stops.covering(call.guild()?, call.role)
+    }
+
+    /// The same client, its calls made for `business`: their invalid answers count as
+    /// the business's too, and its calls wait while the business holds its share of the
+    /// ceiling ([`InvalidRequests::for_business`]).
+    pub fn for_business(&self, business: &str) -> Self {
+        Self {
+            invalid: self.invalid.for_business(business),
+            ..self.clone()
+        }
     }
 
     /// The same client on another budget (the syncer's), sharing the invalid-request

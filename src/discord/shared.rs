@@ -7,6 +7,7 @@
 //! ("One bot, one budget") for the design: rings of slots, one per kind of caller,
 //! taken in one round trip under the database's clock.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,7 +39,13 @@ pub struct SharedLimits {
     bot: Arc<str>,
     rings: Arc<[(&'static str, OnceCell<()>); 2]>,
     count: Arc<Mutex<Option<(Instant, i64)>>>,
+    /// Each business's count, read as the whole count is (and only when the whole count
+    /// could hold a business's ceiling).
+    counts_of: Arc<Mutex<HashMap<Arc<str>, Read>>>,
 }
+
+/// A count read from the database, and when.
+type Read = (Instant, i64);
 
 /// A slot of the bot's shared budget, taken for one request and held until released
 /// (or dropped), which says the request was answered (or will not be sent): the slot is
@@ -143,6 +150,7 @@ impl SharedLimits {
             bot: bot.into(),
             rings: Arc::new([(SYNCER, OnceCell::new()), (SIDE, OnceCell::new())]),
             count: Arc::default(),
+            counts_of: Arc::default(),
         }
     }
 
@@ -249,11 +257,43 @@ impl SharedLimits {
         budget::block_for(&self.pool, &self.bot, d).await
     }
 
-    /// Counts one invalid answer; returns the count of the last 10 minutes.
-    pub async fn record_invalid(&self) -> Result<i64, sqlx::Error> {
-        budget::record_invalid(&self.pool, BUCKET, WINDOW + BUCKET * 2).await?;
+    /// Counts one invalid answer (of a call made for `business`, if one); returns the
+    /// count of the last 10 minutes.
+    pub async fn record_invalid(&self, business: Option<&Arc<str>>) -> Result<i64, sqlx::Error> {
+        budget::record_invalid(
+            &self.pool,
+            BUCKET,
+            WINDOW + BUCKET * 2,
+            business.map(|b| &**b),
+        )
+        .await?;
+        if let Some(b) = business {
+            // Read afresh at the business's next check.
+            self.counts_of.lock().expect("count cache").remove(b);
+        }
         let n = self.read_count().await?;
         Ok(n)
+    }
+
+    /// `business`'s invalid answers of the last 10 minutes, counted by every process,
+    /// reused for a second as the whole count is.
+    pub async fn invalid_count_of(&self, business: &Arc<str>) -> Result<i64, sqlx::Error> {
+        if let Some((at, n)) = self.counts_of.lock().expect("count cache").get(business)
+            && at.elapsed() < COUNT_TTL
+        {
+            return Ok(*n);
+        }
+        let n = budget::invalid_count_of(&self.pool, business, WINDOW + BUCKET).await?;
+        let mut counts = self.counts_of.lock().expect("count cache");
+        counts.retain(|_, (at, _)| at.elapsed() < COUNT_TTL);
+        counts.insert(business.clone(), (Instant::now(), n));
+        Ok(n)
+    }
+
+    /// How long until `business`'s oldest counted bucket leaves the window.
+    pub async fn until_oldest_of_ages_out(&self, business: &str) -> Result<Duration, sqlx::Error> {
+        let secs = budget::oldest_of_leaves_in(&self.pool, business, WINDOW + BUCKET).await?;
+        Ok(to_wait(secs))
     }
 
     /// Invalid answers of the last 10 minutes, counted by every process (a bucket that
@@ -276,9 +316,14 @@ impl SharedLimits {
     /// How long until the oldest counted bucket leaves the window.
     pub async fn until_oldest_ages_out(&self) -> Result<Duration, sqlx::Error> {
         let secs = budget::oldest_leaves_in(&self.pool, WINDOW + BUCKET).await?;
-        Ok(secs
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .and_then(|s| Duration::try_from_secs_f64(s).ok())
-            .unwrap_or(BUCKET))
+        Ok(to_wait(secs))
     }
+}
+
+/// Seconds until a bucket leaves the window as a wait (a bucket's width when there is
+/// none, or the answer makes no sense).
+fn to_wait(secs: Option<f64>) -> Duration {
+    secs.filter(|s| s.is_finite() && *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .unwrap_or(BUCKET)
 }

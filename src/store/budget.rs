@@ -132,12 +132,14 @@ pub async fn block_for(pool: &PgPool, bot: &str, d: Duration) -> Result<(), sqlx
     .map(|_| ())
 }
 
-/// Counts one invalid answer in the bucket of `bucket` width it falls in, and forgets
-/// buckets older than `keep`.
+/// Counts one invalid answer in the bucket of `bucket` width it falls in, in the whole
+/// count and in `business`'s when the call was made for one, and forgets buckets older
+/// than `keep`.
 pub async fn record_invalid(
     pool: &PgPool,
     bucket: Duration,
     keep: Duration,
+    business: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query(
@@ -148,11 +150,63 @@ pub async fn record_invalid(
     .bind(pg_interval(bucket))
     .execute(&mut *tx)
     .await?;
+    if let Some(business) = business {
+        sqlx::query(
+            "INSERT INTO discord_invalid_answers_by_business (business_id, bucket, answers)
+             VALUES ($2, date_bin($1, clock_timestamp(), 'epoch'), 1)
+             ON CONFLICT (business_id, bucket)
+             DO UPDATE SET answers = discord_invalid_answers_by_business.answers + 1",
+        )
+        .bind(pg_interval(bucket))
+        .bind(business)
+        .execute(&mut *tx)
+        .await?;
+    }
     sqlx::query("DELETE FROM discord_invalid_answers WHERE bucket < clock_timestamp() - $1")
         .bind(pg_interval(keep))
         .execute(&mut *tx)
         .await?;
+    sqlx::query(
+        "DELETE FROM discord_invalid_answers_by_business WHERE bucket < clock_timestamp() - $1",
+    )
+    .bind(pg_interval(keep))
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await
+}
+
+/// `business`'s invalid answers in the buckets that start within `window` of now.
+pub async fn invalid_count_of(
+    pool: &PgPool,
+    business: &str,
+    window: Duration,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(answers), 0)::bigint FROM discord_invalid_answers_by_business
+         WHERE business_id = $1 AND bucket > clock_timestamp() - $2",
+    )
+    .bind(business)
+    .bind(pg_interval(window))
+    .fetch_one(pool)
+    .await
+}
+
+/// Seconds until `business`'s oldest bucket within `window` of now leaves it; `None`
+/// without one.
+pub async fn oldest_of_leaves_in(
+    pool: &PgPool,
+    business: &str,
+    window: Duration,
+) -> Result<Option<f64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM min(bucket) + $2 - clock_timestamp())::float8
+         FROM discord_invalid_answers_by_business
+         WHERE business_id = $1 AND bucket > clock_timestamp() - $2",
+    )
+    .bind(business)
+    .bind(pg_interval(window))
+    .fetch_one(pool)
+    .await
 }
 
 /// Invalid answers in the buckets that start within `window` of now.

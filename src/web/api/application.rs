@@ -154,7 +154,7 @@ pub async fn put(
         client_secret: body.client_secret,
         bot_token: body.bot_token,
     };
-    let probe = state.bots.probe(&keys);
+    let probe = state.bots.probe(business, &keys);
     let bot = probe
         .bot_user()
         .await
