@@ -49,6 +49,9 @@ enum Command {
     /// Act on one grant.
     #[command(subcommand)]
     Grants(GrantsCommand),
+    /// See which business holds a Discord server, and take it from one.
+    #[command(subcommand)]
+    Guilds(GuildsCommand),
     /// Compare grants with Discord and report drift (a table, or JSON); --apply queues fixes.
     ///
     /// Finds delivered grants whose member lacks the role or left the server, revoked
@@ -122,6 +125,36 @@ enum DlqCommand {
         /// The dead-letter queue (as for `list`).
         queue: String,
         /// Confirm: without it nothing is deleted.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum GuildsCommand {
+    /// Which businesses hold or claim a Discord server: the one holding it (its install
+    /// proven) first, with who installed the bot and when.
+    Show {
+        /// The Discord server (guild id).
+        guild_id: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a Discord server from a business, so that another can connect it.
+    ///
+    /// For a dispute: a server belongs to one business at a time, and the one that
+    /// connected it keeps it until it disconnects it (an install link followed by
+    /// mistake, an admin who has left). The business's entitlements that name the server
+    /// keep their grants and keep working there until another business connects it;
+    /// from then on they give nothing there. Changes nothing without --yes.
+    Release {
+        /// The Discord server (guild id).
+        guild_id: String,
+        /// The business to take it from (`bus_…`).
+        #[arg(long)]
+        business: String,
+        /// Confirm: without it nothing changes.
         #[arg(long)]
         yes: bool,
     },
@@ -230,6 +263,7 @@ fn main() -> ExitCode {
             Command::Dlq(cmd) => dlq(&settings, cmd).await,
             Command::Keys(cmd) => keys(&settings, cmd).await,
             Command::Grants(cmd) => grants(&settings, cmd).await,
+            Command::Guilds(cmd) => guilds(&settings, cmd).await,
             Command::Reconcile {
                 business,
                 guild,
@@ -475,6 +509,86 @@ async fn serve(settings: Settings, no_migrate: bool, no_declare: bool) -> Result
         ..Options::default()
     };
     guildgate::app::serve(settings, options).await
+}
+
+async fn guilds(settings: &Settings, cmd: GuildsCommand) -> Result<(), String> {
+    use guildgate::store::guilds as db;
+    if let GuildsCommand::Release {
+        guild_id,
+        business,
+        yes: false,
+    } = &cmd
+    {
+        return Err(format!(
+            "refusing to take Discord server {guild_id} from {business} without --yes"
+        ));
+    }
+    let pool = guildgate::store::pool(&settings.database).map_err(|e| e.to_string())?;
+    let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+    match cmd {
+        GuildsCommand::Show { guild_id, json } => {
+            let rows = db::holders(&mut conn, &guild_id)
+                .await
+                .map_err(|e| e.to_string())?;
+            let state = |r: &db::GuildRow| {
+                if r.needs_reinstall {
+                    "claimed (needs reinstall)"
+                } else {
+                    "holds"
+                }
+            };
+            if json {
+                let rows: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "business_id": r.business_id,
+                            "state": if r.needs_reinstall { "needs_reinstall" } else { "connected" },
+                            "name": r.name,
+                            "installed_by": r.installed_by,
+                            "installed_at": r.installed_at,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).expect("serializable")
+                );
+            } else if rows.is_empty() {
+                println!("no business holds or claims Discord server {guild_id}");
+            } else {
+                for r in &rows {
+                    println!(
+                        "{}\t{}\t{}\tinstalled by {} at {}",
+                        r.business_id,
+                        state(r),
+                        r.name.as_deref().unwrap_or("(no name)"),
+                        r.installed_by.as_deref().unwrap_or("(unknown)"),
+                        r.installed_at.to_rfc3339(),
+                    );
+                }
+            }
+            Ok(())
+        }
+        GuildsCommand::Release {
+            guild_id, business, ..
+        } => {
+            if db::release(&mut conn, &business, &guild_id)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                tracing::info!(business_id = %business, guild_id = %guild_id, "an operator took a Discord server from a business");
+                println!(
+                    "took Discord server {guild_id} from {business}; another business may connect it now (until one does, {business}'s entitlements naming it keep working there)"
+                );
+                Ok(())
+            } else {
+                Err(format!(
+                    "{business} neither holds nor claims Discord server {guild_id}"
+                ))
+            }
+        }
+    }
 }
 
 async fn grants(settings: &Settings, cmd: GrantsCommand) -> Result<(), String> {

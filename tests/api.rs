@@ -1567,6 +1567,60 @@ async fn a_server_belongs_to_one_business_until_it_is_disconnected() {
     w.stop().await;
 }
 
+/// A business that keeps a server it should not (an install link followed by mistake,
+/// an admin who has left) is not asked: an operator sees who holds it and takes it
+/// from that business, and the rightful one connects it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_takes_a_server_from_the_business_holding_it() {
+    let w = World::start().await;
+    let a = client(&w, "bus_A").await;
+    let b = client(&w, "bus_B").await;
+    let g = connected_guild(&w, &a, "Disputed").await;
+    create_entitlement(&a, g.guild_id, Some(g.roles[0].1)).await;
+    let guilds = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_guildgate"))
+            .arg("guilds")
+            .args(args)
+            .env("GUILDGATE_DATABASE__URL", &w.app.db.url)
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let guild = g.guild_id.to_string();
+    let (ok, out, err) = guilds(&["show", &guild, "--json"]);
+    assert!(ok, "{err}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown.as_array().unwrap().len(), 1, "{shown}");
+    assert_eq!(shown[0]["business_id"], "bus_A");
+    assert_eq!(shown[0]["state"], "connected");
+    assert_eq!(shown[0]["installed_by"], g.owner_id.to_string());
+
+    // Nothing changes without --yes, nor for a business that does not hold it.
+    let (ok, _, err) = guilds(&["release", &guild, "--business", "bus_A"]);
+    assert!(!ok && err.contains("--yes"), "{err}");
+    let (ok, _, err) = guilds(&["release", &guild, "--business", "bus_B", "--yes"]);
+    assert!(!ok && err.contains("neither holds nor claims"), "{err}");
+    assert_eq!(guild_ids(&a).await, vec![guild.clone()]);
+
+    let (ok, out, err) = guilds(&["release", &guild, "--business", "bus_A", "--yes"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("took Discord server"), "{out}");
+    assert!(guild_ids(&a).await.is_empty());
+    let (ok, out, _) = guilds(&["show", &guild]);
+    assert!(ok && out.contains("no business holds"), "{out}");
+    let (s, page) = w
+        .get(&install_callback(&w, &b, g.guild_id, g.owner_id).await)
+        .await;
+    assert_eq!(s, 200, "{page}");
+    assert_eq!(guild_ids(&b).await, vec![guild]);
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_claimed_by_several_businesses_needs_a_new_install() {
     let w = World::start().await;

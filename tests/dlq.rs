@@ -286,6 +286,7 @@ fn every_command_has_help() {
         "dlq replay",
         "reconcile",
         "keys rotate-tokens",
+        "guilds release",
     ] {
         assert!(seen.iter().any(|s| s == wanted), "{wanted} in {seen:?}");
     }

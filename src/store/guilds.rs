@@ -204,6 +204,35 @@ pub async fn held_by_another(
     .await
 }
 
+/// Every business that holds or claims the server, the one holding it first.
+pub async fn holders(
+    conn: &mut PgConnection,
+    guild_id: &str,
+) -> Result<Vec<GuildRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT * FROM discord_guilds WHERE guild_id = $1
+         ORDER BY needs_reinstall, installed_at, business_id",
+    )
+    .bind(guild_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Takes the server from the business (an operator's decision), whatever its
+/// entitlements still name; returns whether it held or claimed it.
+pub async fn release(
+    conn: &mut PgConnection,
+    business_id: &str,
+    guild_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query("DELETE FROM discord_guilds WHERE business_id = $1 AND guild_id = $2")
+        .bind(business_id)
+        .bind(guild_id)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() > 0)
+}
+
 /// The servers of a business, in install order.
 pub async fn list(
     conn: &mut PgConnection,
