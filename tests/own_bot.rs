@@ -11,7 +11,7 @@ use common::events::payment;
 use common::wait_for;
 use guildgate::discord::permissions;
 use guildgate::store;
-use sandbox_discord::{AppCredentials, GuildSpec};
+use sandbox_discord::{AppCredentials, GuildIds, GuildSpec};
 use serde_json::{Value, json};
 
 fn body(app: &AppCredentials) -> Value {
@@ -292,6 +292,59 @@ async fn delivered(w: &World, business: &str) -> i64 {
     .unwrap()
 }
 
+/// On the shared bot, businesses take turns at the lane's parked jobs: another
+/// business's job parked behind a deep backlog of one business runs at the next turn,
+/// not once the backlog has drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn businesses_on_the_shared_bot_take_turns_at_its_parked_jobs() {
+    let w = World::start().await;
+    // Business A has a backlog of 150 deliveries into one server: at the sandbox's 5
+    // member additions a second there, 30 seconds of work, most of it parked.
+    let (a, b) = (w.app.business(), "bus_turn".to_string());
+    let (ga, gb) = (w.guild("Busy"), w.guild("Calm"));
+    let mut conn = w.app.pool.acquire().await.unwrap();
+    for business in [&a, &b] {
+        store::businesses::ensure_business(&mut conn, business)
+            .await
+            .unwrap();
+    }
+    let mut entitlement = async |business: &str, g: &GuildIds| {
+        store::entitlements::insert_entitlement(
+            &mut conn,
+            business,
+            "gated",
+            &g.guild_id.to_string(),
+            Some(&g.role("Patrons").to_string()),
+        )
+        .await
+        .unwrap()
+        .id
+    };
+    let (ent_a, ent_b) = (entitlement(&a, &ga).await, entitlement(&b, &gb).await);
+    drop(conn);
+    const BACKLOG: usize = 150;
+    backlog(&w, &a, None, &ent_a, BACKLOG).await;
+    wait_for("most of A's jobs parked", || async {
+        let parked: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM discord_sync_parked WHERE taken_by IS NULL")
+                .fetch_one(&w.app.pool)
+                .await
+                .unwrap();
+        (parked > 60).then_some(())
+    })
+    .await;
+    let ids = backlog(&w, &b, None, &ent_b, 1).await;
+    w.wait_status(&ids[0], "Delivered").await;
+    // Oldest first, B's job would have waited for every job of A parked before it,
+    // running with at most a lane (64) of them left.
+    let a_left = BACKLOG - delivered(&w, &a).await as usize;
+    assert!(
+        a_left > 100,
+        "B's job waited until A had only {a_left} of {BACKLOG} left"
+    );
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bot_with_a_deep_backlog_holds_up_no_other_bots_jobs() {
     let w = World::start().await;
@@ -431,8 +484,12 @@ async fn parked_jobs_run_once_more_when_asked_again_and_outlive_their_drainer() 
     let bare = sqlx::PgPool::connect(&db.url).await.unwrap();
     store::migrate(&bare).await.unwrap();
     let pool = &bare;
-    lanes::park(pool, "grant_x", "bot_1", 2).await.unwrap();
-    lanes::park(pool, "grant_x", "bot_1", 0).await.unwrap();
+    lanes::park(pool, "grant_x", "bot_1", "bus_x", 2)
+        .await
+        .unwrap();
+    lanes::park(pool, "grant_x", "bot_1", "bus_x", 0)
+        .await
+        .unwrap();
     assert!(
         lanes::lease(pool, "bot_1", "me", true, LEASE)
             .await
@@ -445,21 +502,70 @@ async fn parked_jobs_run_once_more_when_asked_again_and_outlive_their_drainer() 
         "one holder"
     );
     assert_eq!(
-        lanes::take(pool, "bot_1", "me").await.unwrap(),
-        Some(("grant_x".to_string(), 0)),
+        lanes::take(pool, "bot_1", "me", "", &[]).await.unwrap(),
+        Some(lanes::Taken {
+            grant_id: "grant_x".to_string(),
+            attempt: 0,
+            business_id: "bus_x".to_string()
+        }),
         "one row per grant, at its lowest attempt"
     );
-    assert_eq!(lanes::take(pool, "bot_1", "me").await.unwrap(), None);
-    lanes::park(pool, "grant_x", "bot_1", 0).await.unwrap();
+    assert_eq!(
+        lanes::take(pool, "bot_1", "me", "", &[]).await.unwrap(),
+        None
+    );
+    lanes::park(pool, "grant_x", "bot_1", "bus_x", 0)
+        .await
+        .unwrap();
     lanes::finish(pool, "grant_x", "me").await.unwrap();
     assert_eq!(
         lanes::parked(pool, "bot_1").await.unwrap(),
         1,
         "asked again: it stays"
     );
-    assert!(lanes::take(pool, "bot_1", "me").await.unwrap().is_some());
+    assert!(
+        lanes::take(pool, "bot_1", "me", "", &[])
+            .await
+            .unwrap()
+            .is_some()
+    );
     lanes::finish(pool, "grant_x", "me").await.unwrap();
     assert_eq!(lanes::parked(pool, "bot_1").await.unwrap(), 0);
+
+    // Businesses take turns, each its oldest first, round and round; rows parked
+    // without a business (by an earlier release) take theirs as one.
+    for (grant, business) in [
+        ("a1", "bus_a"),
+        ("a2", "bus_a"),
+        ("a3", "bus_a"),
+        ("c1", "bus_c"),
+        ("old", ""),
+        ("b1", "bus_b"),
+        ("c2", "bus_c"),
+    ] {
+        lanes::park(pool, grant, "bot_1", business, 0)
+            .await
+            .unwrap();
+    }
+    lanes::park(pool, "other_bot", "bot_2", "bus_a", 0)
+        .await
+        .unwrap();
+    let mut order = Vec::new();
+    let mut turn = String::new();
+    // bus_c holds its share of the seats from its second job on: passed over while
+    // another business waits, and taken when only its jobs are left.
+    let mut full = Vec::new();
+    while let Some(t) = lanes::take(pool, "bot_1", "me", &turn, &full)
+        .await
+        .unwrap()
+    {
+        if t.business_id == "bus_c" {
+            full = vec!["bus_c".to_string()];
+        }
+        order.push(t.grant_id);
+        turn = t.business_id;
+    }
+    assert_eq!(order, ["a1", "b1", "c1", "old", "a2", "a3", "c2"]);
     lanes::release(pool, "bot_1", "me").await.unwrap();
     bare.close().await;
 
@@ -500,7 +606,9 @@ async fn parked_jobs_run_once_more_when_asked_again_and_outlive_their_drainer() 
     .unwrap();
     drop(conn);
     let bot = w.sandbox.client_id().to_string();
-    lanes::park(pool, &grant.id, &bot, 0).await.unwrap();
+    lanes::park(pool, &grant.id, &bot, &w.app.business(), 0)
+        .await
+        .unwrap();
     sqlx::query("UPDATE discord_sync_parked SET taken_by = 'syncer_gone'")
         .execute(pool)
         .await

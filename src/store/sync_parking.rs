@@ -7,22 +7,25 @@ use sqlx::PgPool;
 
 use super::pg_interval;
 
-/// Parks a job of `grant_id` for `bot`. A grant parked already keeps its row (its
-/// lowest attempt); one being run is marked to run once more.
+/// Parks a job of `grant_id` (of `business_id`'s) for `bot`. A grant parked already
+/// keeps its row (its lowest attempt); one being run is marked to run once more.
 pub async fn park(
     pool: &PgPool,
     grant_id: &str,
     bot: &str,
+    business_id: &str,
     attempt: u32,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO discord_sync_parked (grant_id, bot, attempt) VALUES ($1, $2, $3)
+        "INSERT INTO discord_sync_parked (grant_id, bot, business_id, attempt)
+         VALUES ($1, $2, $3, $4)
          ON CONFLICT (grant_id) DO UPDATE SET
              again = discord_sync_parked.again OR discord_sync_parked.taken_by IS NOT NULL,
              attempt = least(discord_sync_parked.attempt, excluded.attempt)",
     )
     .bind(grant_id)
     .bind(bot)
+    .bind(business_id)
     .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
     .execute(pool)
     .await?;
@@ -81,25 +84,89 @@ pub async fn release(pool: &PgPool, bot: &str, holder: &str) -> Result<(), sqlx:
     Ok(())
 }
 
-/// Takes `bot`'s oldest waiting parked job for `holder`: (grant id, attempt).
+/// A parked job taken to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Taken {
+    pub grant_id: String,
+    pub attempt: u32,
+    /// Whose turn it was.
+    pub business_id: String,
+}
+
+/// Takes for `holder` the oldest waiting parked job of `bot` of the business whose
+/// turn follows `after`'s, passing over the businesses in `full` (those holding their
+/// share of the lane's seats) while another business has a job waiting. Businesses take
+/// turns in the order of their ids, round and round, so a business with jobs waiting
+/// gets a seat as soon as one frees, however many jobs another has parked or however
+/// long its jobs hold their seats. `None`: none waits. Each look is one probe of the
+/// index by bot, business and time.
 pub async fn take(
     pool: &PgPool,
     bot: &str,
     holder: &str,
-) -> Result<Option<(String, u32)>, sqlx::Error> {
-    let row: Option<(String, i32)> = sqlx::query_as(
-        "UPDATE discord_sync_parked SET taken_by = $2
-         WHERE grant_id = (
-             SELECT grant_id FROM discord_sync_parked
-             WHERE bot = $1 AND taken_by IS NULL
-             ORDER BY parked_at LIMIT 1 FOR UPDATE SKIP LOCKED)
-         RETURNING grant_id, attempt",
+    after: &str,
+    full: &[String],
+) -> Result<Option<Taken>, sqlx::Error> {
+    // A row the look found may be taken by another process in between (only while two
+    // drainers overlap, as a lease changes hands): look again.
+    for _ in 0..3 {
+        let none: &[String] = &[];
+        for skip in [full, none] {
+            if let Some(taken) = take_once(pool, bot, holder, after, skip).await? {
+                return Ok(Some(taken));
+            }
+            if full.is_empty() {
+                break;
+            }
+        }
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM discord_sync_parked WHERE bot = $1 AND taken_by IS NULL)",
+        )
+        .bind(bot)
+        .fetch_one(pool)
+        .await?;
+        if !waiting {
+            return Ok(None);
+        }
+    }
+    Ok(None)
+}
+
+async fn take_once(
+    pool: &PgPool,
+    bot: &str,
+    holder: &str,
+    after: &str,
+    skip: &[String],
+) -> Result<Option<Taken>, sqlx::Error> {
+    let row: Option<(String, i32, String)> = sqlx::query_as(
+        "WITH next AS (
+            SELECT grant_id FROM (
+                (SELECT grant_id, 0 AS lap FROM discord_sync_parked
+                 WHERE bot = $1 AND taken_by IS NULL AND business_id > $3
+                   AND business_id <> ALL ($4)
+                 ORDER BY business_id, parked_at LIMIT 1)
+                UNION ALL
+                (SELECT grant_id, 1 FROM discord_sync_parked
+                 WHERE bot = $1 AND taken_by IS NULL AND business_id <> ALL ($4)
+                 ORDER BY business_id, parked_at LIMIT 1)
+            ) c ORDER BY lap LIMIT 1
+         )
+         UPDATE discord_sync_parked p SET taken_by = $2
+         FROM next WHERE p.grant_id = next.grant_id AND p.taken_by IS NULL
+         RETURNING p.grant_id, p.attempt, p.business_id",
     )
     .bind(bot)
     .bind(holder)
+    .bind(after)
+    .bind(skip)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|(g, a)| (g, u32::try_from(a).unwrap_or(0))))
+    Ok(row.map(|(grant_id, a, business_id)| Taken {
+        grant_id,
+        attempt: u32::try_from(a).unwrap_or(0),
+        business_id,
+    }))
 }
 
 /// Parked jobs of `bot`, waiting or being run.

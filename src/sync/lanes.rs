@@ -8,7 +8,11 @@
 //! written before the delivery is acked, and the delivery's slot is free for the next
 //! job, whatever its bot.
 //!
-//! A drainer per bot runs the parked jobs as the lane frees up, oldest first. It holds
+//! A drainer per bot runs the parked jobs as the lane frees up, the businesses taking
+//! turns (each business's oldest first; see [`crate::store::sync_parking::take`]) and
+//! none holding more than [`PER_BUSINESS`] seats while another's jobs wait, so a deep
+//! backlog of one business on the shared bot holds up another's job for a turn, not
+//! for the whole backlog. It holds
 //! the bot's lease (`discord_sync_draining`, renewed as it goes), so one process at a
 //! time drains a bot; a new holder gives back what a previous one took and never
 //! finished (it died). A job arriving for a grant whose row is being run marks it to run
@@ -25,6 +29,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// Jobs of one bot run at once by one process. The broker's prefetch is twice this, so
 /// a full lane leaves room for other bots' deliveries.
 pub const PER_BOT: usize = 64;
+/// Seats of a lane one business's parked jobs may hold while another business's wait:
+/// half, so a business whose jobs wait long on Discord (a backfill into one server)
+/// leaves the other half to the rest.
+pub const PER_BUSINESS: usize = PER_BOT / 2;
 /// How long a drainer's lease lasts without renewal (its process died).
 pub const LEASE: Duration = Duration::from_secs(30);
 /// How often each syncer looks for parked jobs nobody drains.

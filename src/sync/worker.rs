@@ -1210,11 +1210,11 @@ impl SyncWorker {
                 });
             }
         };
-        let lane = self.lane_of(&grant).await?;
+        let (lane, business) = self.lane_of(&grant).await?;
         if let Some(_seat) = lane.seat_now() {
             return self.handle(&grant, job.attempt).await;
         }
-        parking::park(&self.pool, &grant, &lane.bot, job.attempt).await?;
+        parking::park(&self.pool, &grant, &lane.bot, &business, job.attempt).await?;
         lane.set_backlog(true);
         self.metrics
             .syncs
@@ -1247,14 +1247,16 @@ impl SyncWorker {
         }
     }
 
-    /// The lane of the bot that serves the grant's business (the shared bot's for a
-    /// grant that does not exist: its job is acked as such).
-    async fn lane_of(&self, grant_id: &str) -> Result<Arc<Lane>, sqlx::Error> {
+    /// The lane of the bot that serves the grant's business, and the business (the
+    /// shared bot's lane, and no business, for a grant that does not exist: its job is
+    /// acked as such).
+    async fn lane_of(&self, grant_id: &str) -> Result<(Arc<Lane>, String), sqlx::Error> {
         let business = grant_store::business_of(&self.pool, grant_id).await?;
         let bot = business
-            .and_then(|b| self.bots.directory().client_id_of(&b))
+            .as_deref()
+            .and_then(|b| self.bots.directory().client_id_of(b))
             .unwrap_or_else(|| self.bots.shared().client_id().to_string());
-        Ok(self.lanes.lane(&bot))
+        Ok((self.lanes.lane(&bot), business.unwrap_or_default()))
     }
 
     /// Starts the drainer of `lane`'s parked jobs, unless one runs in this process.
@@ -1294,6 +1296,10 @@ impl SyncWorker {
         };
         let mut jobs: JoinSet<()> = JoinSet::new();
         let mut fresh = true;
+        // Whose turn the last job taken was (businesses take turns), and how many of the
+        // lane's seats each business's parked jobs hold now.
+        let mut turn = String::new();
+        let running: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let pause = |d: Duration| async move {
             tokio::select! {
                 _ = shutdown.cancelled() => {}
@@ -1326,16 +1332,43 @@ impl SyncWorker {
                 seat = lane.seat() => seat,
                 _ = tokio::time::sleep(lanes::LEASE / 3) => continue,
             };
-            match parking::take(pool, &lane.bot, &holder).await {
-                Ok(Some((grant, attempt))) => {
-                    let (w, p, s, h) = (
+            // A business whose jobs hold their share of the seats (they wait long on
+            // Discord, say) is passed over while another's wait.
+            let full: Vec<String> = running
+                .lock()
+                .expect("running jobs")
+                .iter()
+                .filter(|(_, n)| **n >= lanes::PER_BUSINESS)
+                .map(|(b, _)| b.clone())
+                .collect();
+            match parking::take(pool, &lane.bot, &holder, &turn, &full).await {
+                Ok(Some(parking::Taken {
+                    grant_id: grant,
+                    attempt,
+                    business_id,
+                })) => {
+                    *running
+                        .lock()
+                        .expect("running jobs")
+                        .entry(business_id.clone())
+                        .or_default() += 1;
+                    turn = business_id.clone();
+                    let (w, p, s, h, r) = (
                         self.clone(),
                         publisher.clone(),
                         shutdown.clone(),
                         holder.clone(),
+                        running.clone(),
                     );
                     jobs.spawn(async move {
                         w.run_parked(&grant, attempt, &p, &s, &h).await;
+                        let mut r = r.lock().expect("running jobs");
+                        if let Some(n) = r.get_mut(&business_id) {
+                            *n -= 1;
+                            if *n == 0 {
+                                r.remove(&business_id);
+                            }
+                        }
                         drop(seat);
                     });
                 }
