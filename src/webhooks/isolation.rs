@@ -401,7 +401,7 @@ impl Isolation {
     /// cap with no request finished for their [`Isolation::stall_after`] (with
     /// `fallback`; until `hold` from now), and
     /// those whose circuit is open (until it closes, and at least `hold` from now).
-    /// Each with the note of its hold ([`Isolation::begin_hold`]), begun with the look.
+    /// Each with the note of its hold ([`HoldNote`]), begun with the look.
     pub fn holding(
         &self,
         now: Instant,
@@ -423,17 +423,12 @@ impl Isolation {
         out
     }
 
-    /// Starts writing a hold of the endpoint's messages. Once written,
-    /// [`HoldNote::written`] notes it, so the endpoint's next success reports a recovery
-    /// ([`Permit::finish`]) and releases it; or says that the endpoint succeeded while
-    /// it was written, when the success found nothing to release and none may follow.
-    pub fn begin_hold(&self, endpoint: &str) -> HoldNote {
-        let mut map = self.state.lock().expect("isolation lock");
-        self.note(endpoint, map.entry(endpoint.to_string()).or_default())
-    }
-
-    /// [`Isolation::begin_hold`] for a hold decided on an [`Admission`] that saw `seen`
-    /// successes: a success since that answer counts as one while the hold was written.
+    /// Starts writing a hold of the endpoint's messages, decided on an [`Admission`]
+    /// that saw `seen` successes. Once written, [`HoldNote::written`] notes it, so the
+    /// endpoint's next success reports a recovery ([`Permit::finish`]) and releases it;
+    /// or says that the endpoint succeeded while it was written (a success since that
+    /// answer counts as one), when the success found nothing to release and none may
+    /// follow.
     /// Begun only once the answer is in hand, a hold would miss the endpoint's last
     /// requests answering in between (its holds then waited out their time, with
     /// nothing left in flight to answer and release them).
@@ -446,8 +441,8 @@ impl Isolation {
         note
     }
 
-    /// Begins a hold of the endpoint's messages ([`Isolation::begin_hold`]) if it is
-    /// stalled now ([`Isolation::stalled`]), under one look.
+    /// Begins a hold of the endpoint's messages ([`HoldNote`]) if it is stalled now
+    /// ([`Isolation::stalled`]), under one look.
     pub fn hold_if_stalled(
         &self,
         endpoint: &str,
@@ -513,7 +508,8 @@ impl Isolation {
     }
 }
 
-/// A hold of an endpoint's messages being written (from [`Isolation::begin_hold`]);
+/// A hold of an endpoint's messages being written (from [`Isolation::begin_hold_after`],
+/// [`Isolation::hold_if_stalled`] or [`Isolation::holding`]);
 /// dropped unwritten (the write failed), it notes nothing.
 pub struct HoldNote {
     isolation: Isolation,
@@ -617,6 +613,14 @@ impl Drop for GoneNote {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Isolation {
+        /// A hold begun now, on what the endpoint's state says at this moment.
+        fn begin_hold(&self, endpoint: &str) -> HoldNote {
+            let mut map = self.state.lock().expect("isolation lock");
+            self.note(endpoint, map.entry(endpoint.to_string()).or_default())
+        }
+    }
 
     fn iso() -> Isolation {
         Isolation::new(IsolationSettings {
