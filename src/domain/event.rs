@@ -1,5 +1,5 @@
 //! Payment events from the platform as the typed values the rest of guildgate works
-//! with. [`crate::events::decode`] turns AMQP bytes into them.
+//! with. [`crate::events::decode()`] turns AMQP bytes into them.
 
 use chrono::{DateTime, Utc};
 

@@ -1,4 +1,4 @@
-//! Ingest of payment events: [`decode`] turns AMQP bytes into the domain's
+//! Ingest of payment events: [`decode()`] turns AMQP bytes into the domain's
 //! [`Event`](crate::domain::event::Event), [`consumer`] takes them off the queue and
 //! [`apply`] writes what they mean.
 

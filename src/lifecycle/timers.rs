@@ -47,7 +47,7 @@ impl Timers {
         }
     }
 
-    /// Revokes every grant due now (up to [`BATCH`]); returns how many this process
+    /// Revokes every grant due now (up to `BATCH`); returns how many this process
     /// revoked.
     pub async fn fire_due(&self) -> Result<usize, sqlx::Error> {
         let due = {

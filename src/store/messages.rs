@@ -172,7 +172,7 @@ pub async fn fan_out(
 }
 
 /// The messages and their endpoints, for delivery attempts, in one query (the
-/// delivery workers' group read, [`super::reader`]). Ids not found are left out.
+/// delivery workers' group read, `webhooks::reader`). Ids not found are left out.
 pub async fn targets(
     conn: &mut PgConnection,
     message_ids: &[String],

@@ -5,7 +5,7 @@ use sqlx::PgConnection;
 
 use crate::store::stops::resume;
 
-/// [`resume`](crate::store::stops::resume), and queues the grants it returns (through the outbox, in the same
+/// [`resume`], and queues the grants it returns (through the outbox, in the same
 /// transaction).
 pub async fn resume_and_queue(
     conn: &mut PgConnection,

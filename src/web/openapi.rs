@@ -64,7 +64,7 @@ impl Modify for BearerAuth {
 
 /// The responses the HTTP edge can give on every route, whatever its handler does, added
 /// to every operation of the document (after the routes are in it: `modifiers(…)` of
-/// [`ApiDoc`] run before any route is):
+/// `ApiDoc` run before any route is):
 ///
 /// - 503 everywhere: `overloaded` (`http.max_concurrent_requests`) and
 ///   `request_timeout` (`http.request_timeout`) wrap every route, and the Discord-calling

@@ -12,7 +12,7 @@
 //! arrived: first attempts keep the order of the jobs (within a process; competing
 //! processes each keep their own). Parks are written in whatever order their writes
 //! reach the database, so a pull takes only what was parked before the first job of
-//! the endpoint still deciding ([`Deliverer::pull_looked`]).
+//! the endpoint still deciding (`Deliverer::pull_looked`).
 //!
 //! Nothing is lost when a process stops: a pulled message is held in the database
 //! until its attempt is recorded (and given a job again by the hold releaser if it
@@ -228,7 +228,7 @@ pub enum Look {
     Free,
     /// Behind parked messages: the job parks.
     Parked,
-    /// The puller is finishing ([`State::closing`]): resolves when it has, for a job
+    /// The puller is finishing (`State::closing`): resolves when it has, for a job
     /// that may wait for that (its endpoint is fast) rather than park.
     Closing(Pin<Box<OwnedNotified>>),
 }

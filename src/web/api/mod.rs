@@ -9,7 +9,7 @@
 //!   values at the edge.
 //! - The routes are registered, and documented, by [`crate::web::openapi`]; errors are
 //!   [`crate::web::error::ApiError`].
-//! - [`store`]: the SQL the API adds; [`values`]: the closed sets of values of some
+//! - `store`: the SQL the API adds; [`values`]: the closed sets of values of some
 //!   string fields, as the document states them.
 //!
 //! Every object belongs to one business; a query always names the caller's business, so
