@@ -257,13 +257,24 @@ async fn backlog(
     entitlement: &str,
     n: usize,
 ) -> Vec<String> {
+    backlog_from(w, business, app, entitlement, 0..n).await
+}
+
+/// [`backlog`] of the customers `cus_i` (and payments `pay_i`) for `i` in `range`.
+async fn backlog_from(
+    w: &World,
+    business: &str,
+    app: Option<&AppCredentials>,
+    entitlement: &str,
+    range: std::ops::Range<usize>,
+) -> Vec<String> {
     let cipher = w.app.settings.token_cipher().unwrap();
     let mut tx = w.app.pool.begin().await.unwrap();
     store::businesses::ensure_business(&mut tx, business)
         .await
         .unwrap();
     let mut ids = Vec::new();
-    for i in 0..n {
+    for i in range {
         ids.push(
             common::world::linked_grant(
                 &mut tx,
@@ -290,6 +301,56 @@ async fn delivered(w: &World, business: &str) -> i64 {
     .fetch_one(&w.app.pool)
     .await
     .unwrap()
+}
+
+/// A business resets its bot's token at Discord and does not register the new one:
+/// every call with the old token would earn another invalid answer. After Discord's
+/// first 401 the bot's calls are held back for a while instead of sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_bot_token_is_not_tried_again_at_once() {
+    let w = World::start().await;
+    let a = w.app.business();
+    let app = w.sandbox.add_application("Reset Bot");
+    register(&client(&w, &a).await, &app).await;
+    let g = w
+        .sandbox
+        .add_guild(GuildSpec::new("Own").without_bot().with_role("Patrons", 1));
+    w.sandbox
+        .install_app_bot(g.guild_id, app.client_id, permissions::REQUIRED);
+    let ent = {
+        let mut conn = w.app.pool.acquire().await.unwrap();
+        store::entitlements::insert_entitlement(
+            &mut conn,
+            &a,
+            "own",
+            &g.guild_id.to_string(),
+            Some(&g.role("Patrons").to_string()),
+        )
+        .await
+        .unwrap()
+        .id
+    };
+    w.sandbox.reset_app_bot_token(app.client_id);
+    let refused = || w.sandbox.stats().unauthorized;
+    let before = refused();
+    let failed = async |ids: &[String]| {
+        for id in ids {
+            w.wait_status(id, "Failed").await;
+        }
+    };
+    // Three grants' jobs at once into one server: the first call earns the 401, the
+    // calls waiting behind it for their slot are not sent, and neither are the retries
+    // (the tests' tiers are short).
+    failed(&backlog_from(&w, &a, Some(&app), &ent, 0..3).await).await;
+    assert_eq!(refused() - before, 1);
+    // Nor are the next grants' calls sent, while the refusal is fresh.
+    failed(&backlog_from(&w, &a, Some(&app), &ent, 3..6).await).await;
+    assert_eq!(
+        refused() - before,
+        1,
+        "no call with the refused token after the first"
+    );
+    w.stop().await;
 }
 
 /// On the shared bot, businesses take turns at the lane's parked jobs: another

@@ -298,6 +298,11 @@ impl Unsettled {
 /// release, on a busy machine.
 const LEASE_BEYOND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a bot's calls are held back after Discord refused its token (401): every
+/// call in between would earn another invalid answer. A new token means a new client
+/// (a business registers its application again; the shared bot's token is settings).
+pub const TOKEN_REFUSED_FOR: Duration = Duration::from_secs(60);
+
 /// A Discord client on one budget. Cheap to clone; clones share the budget, the
 /// invalid-request counter and the connection pool.
 #[derive(Clone)]
@@ -319,6 +324,9 @@ pub struct DiscordClient {
     seats: Option<Arc<Semaphore>>,
     metrics: Arc<Metrics>,
     bot_id: Arc<OnceCell<Snowflake>>,
+    /// When Discord last refused the bot's token (401), shared by the bot's side and
+    /// syncer clients ([`TOKEN_REFUSED_FOR`]).
+    token_refused: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
 impl std::fmt::Debug for DiscordClient {
@@ -363,6 +371,7 @@ impl DiscordClient {
             seats: None,
             metrics,
             bot_id: Arc::default(),
+            token_refused: Arc::default(),
         }
     }
 
@@ -512,6 +521,11 @@ impl DiscordClient {
         if let Some(key) = self.stopped(call) {
             return Err(Unsettled::Done(DiscordError::Stopped { key }));
         }
+        let bot = matches!(call.auth, Auth::Bot);
+        if bot && let Some(retry_after) = self.token_refused_for() {
+            self.count(call.label, "token_refused");
+            return Err(Unsettled::Done(DiscordError::TokenRefused { retry_after }));
+        }
         let started = tokio::time::Instant::now();
         let _seat = match &self.seats {
             None => None,
@@ -531,7 +545,6 @@ impl DiscordClient {
                 }
             }
         };
-        let bot = matches!(call.auth, Auth::Bot);
         // The seat's wait counts against the budget's: busy after `max_wait` in all.
         let mut ticket = match self
             .budget
@@ -551,6 +564,12 @@ impl DiscordClient {
             ticket.abandon().await;
             self.count(call.label, "stopped");
             return Err(Unsettled::Done(DiscordError::Stopped { key }));
+        }
+        // Likewise behind the request whose answer refused the bot's token.
+        if bot && let Some(retry_after) = self.token_refused_for() {
+            ticket.abandon().await;
+            self.count(call.label, "token_refused");
+            return Err(Unsettled::Done(DiscordError::TokenRefused { retry_after }));
         }
         let req = self.request(call, url);
         // The last look before the request leaves: a global 429 that another request
@@ -573,6 +592,12 @@ impl DiscordClient {
             }
         };
         let status = resp.status().as_u16();
+        // Before the bucket's line moves on (the answer completes the ticket below), so
+        // the calls waiting behind this one see the refusal and are not sent.
+        if status == 401 && bot {
+            *self.token_refused.lock().expect("token refusal") = Some(tokio::time::Instant::now());
+            tracing::warn!(bot = %self.client_id, route = call.label, "Discord refused the bot's token; its calls wait before trying it again");
+        }
         let headers = resp.headers().clone();
         let observed = Observed::parse(status, |name| {
             headers
@@ -652,6 +677,14 @@ impl DiscordClient {
             });
         }
         Ok(answer)
+    }
+
+    /// How much longer the bot's calls are held back after Discord refused its token.
+    fn token_refused_for(&self) -> Option<Duration> {
+        let at = (*self.token_refused.lock().expect("token refusal"))?;
+        TOKEN_REFUSED_FOR
+            .checked_sub(at.elapsed())
+            .filter(|d| !d.is_zero())
     }
 
     fn count(&self, route: &'static str, status: &str) {

@@ -52,6 +52,14 @@ pub enum DiscordError {
     /// last 10 minutes (Discord bans the IP at 10,000).
     #[error("paused: too many invalid Discord requests in the last 10 minutes")]
     CeilingReached { retry_after: Duration },
+    /// Not sent: Discord refused the bot's token (401) within the last
+    /// [`crate::discord::client::TOKEN_REFUSED_FOR`]: its token was reset or the bot
+    /// deleted. A business registers its application again with the new token; for the
+    /// shared bot, `discord.bot_token` is fixed.
+    #[error(
+        "not sent: Discord refused the bot's token lately (it was reset or the bot deleted); calls resume shortly, or once the token is replaced"
+    )]
+    TokenRefused { retry_after: Duration },
     /// Not sent: the bot just lost access to the server (or may not manage the role)
     /// and the request would only earn an invalid answer. See [`crate::discord::stops`].
     #[error("not sent: the bot lately had no access there ({key:?})")]
@@ -96,7 +104,8 @@ impl DiscordError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             DiscordError::RateLimited { retry_after }
-            | DiscordError::CeilingReached { retry_after } => Some(*retry_after),
+            | DiscordError::CeilingReached { retry_after }
+            | DiscordError::TokenRefused { retry_after } => Some(*retry_after),
             DiscordError::Retriable(_)
             | DiscordError::Busy { .. }
             | DiscordError::Stopped { .. }

@@ -530,6 +530,17 @@ impl Sandbox {
         self.with_state(|st| st.add_application(bot_username))
     }
 
+    /// Resets application `client_id`'s bot token, as Discord's developer portal does:
+    /// requests with the old token are answered 401 from now on. Returns the new
+    /// token.
+    ///
+    /// # Panics
+    /// If the application is unknown.
+    pub fn reset_app_bot_token(&self, client_id: u64) -> String {
+        self.with_state(|st| st.reset_bot_token(client_id))
+            .unwrap_or_else(|| panic!("sandbox-discord: unknown application {client_id}"))
+    }
+
     /// The bot user id of application `client_id`.
     fn app_bot_user_id(st: &State, client_id: u64) -> u64 {
         st.app(client_id)

@@ -365,19 +365,34 @@ impl State {
         }
     }
 
-    /// Registers a new application with its own bot user.
-    pub(crate) fn add_application(&mut self, bot_username: &str) -> AppCredentials {
-        let client_id = self.ids.next();
+    /// A new bot token for `client_id`, Discord-shaped: base64 of the bot id, a
+    /// timestamp part, an HMAC part.
+    fn new_bot_token(&mut self, client_id: u64) -> String {
         let id_part = base64::Engine::encode(
             &base64::engine::general_purpose::URL_SAFE_NO_PAD,
             client_id.to_string(),
         );
-        // Discord-shaped: base64 of the bot id, a timestamp part, an HMAC part.
-        let bot_token = format!(
+        format!(
             "{id_part}.{}.{}",
             random_token(&mut self.rng, 6),
             random_token(&mut self.rng, 38)
-        );
+        )
+    }
+
+    /// Resets application `client_id`'s bot token, as the developer portal's "Reset
+    /// Token" does: the old token is refused (401) from now on. `None` for an unknown
+    /// application.
+    pub(crate) fn reset_bot_token(&mut self, client_id: u64) -> Option<String> {
+        let token = self.new_bot_token(client_id);
+        let app = self.apps.iter_mut().find(|a| a.client_id == client_id)?;
+        app.bot_token = token.clone();
+        Some(token)
+    }
+
+    /// Registers a new application with its own bot user.
+    pub(crate) fn add_application(&mut self, bot_username: &str) -> AppCredentials {
+        let client_id = self.ids.next();
+        let bot_token = self.new_bot_token(client_id);
         let client_secret = loop {
             let secret = random_token(&mut self.rng, 32);
             if self.apps.iter().all(|a| a.client_secret != secret) {
