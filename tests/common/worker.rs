@@ -171,7 +171,13 @@ fn start(
             format!("http://127.0.0.1:{port}"),
         )
         .env("GUILDGATE_LOG__FORMAT", "json")
-        .env("RUST_LOG", "info,sqlx=warn,lapin=warn,amq_protocol=warn")
+        // `GUILDGATE_TEST_WORKER_LOG` replaces the filter, e.g. to read a scenario's
+        // syncer at debug level.
+        .env(
+            "RUST_LOG",
+            std::env::var("GUILDGATE_TEST_WORKER_LOG")
+                .unwrap_or_else(|_| "info,sqlx=warn,lapin=warn,amq_protocol=warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(file)
