@@ -90,15 +90,7 @@ pub struct Install<'a> {
 /// marked `needs_reinstall`) are removed: this install proves who manages it.
 pub async fn connect(conn: &mut PgConnection, i: Install<'_>) -> Result<Connected, sqlx::Error> {
     let mut tx = conn.begin().await?;
-    let held: Option<String> = sqlx::query_scalar(
-        "SELECT business_id FROM discord_guilds
-         WHERE guild_id = $1 AND business_id <> $2 AND NOT needs_reinstall",
-    )
-    .bind(i.guild_id)
-    .bind(i.business_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if held.is_some() {
+    if held_by_another(&mut tx, i.business_id, i.guild_id).await? {
         return Ok(Connected::HeldByAnother);
     }
     sqlx::query(

@@ -462,7 +462,8 @@ impl SyncWorker {
     }
 
     /// Reads what a job needs. `holders`: also what other grants hold of the same
-    /// accounts and what was found there; without it, enough to know the accounts.
+    /// accounts and what was found there, and whether another business holds the
+    /// server; without it, enough to know the accounts.
     async fn load(
         &self,
         grant_id: &str,
@@ -481,12 +482,14 @@ impl SyncWorker {
             ),
             None => (None, None),
         };
+        // Only the load a sync runs on (with `holders`) needs it; the first one, for the
+        // accounts to lock, does not.
         let guild_held_by_another = match guild {
-            Some(g) => {
+            Some(g) if holders => {
                 crate::store::guilds::held_by_another(&mut conn, &grant.business_id, &g.to_string())
                     .await?
             }
-            None => false,
+            _ => false,
         };
         let link = links::link_of(&mut conn, &grant.business_id, &grant.customer_id).await?;
         let held = held_by(&grant);
