@@ -24,6 +24,9 @@ pub enum Point {
     /// Webhook delivery, the answer to putting pulled messages back in parking, lost
     /// after the put-back committed (a connection that drops then).
     PutBackAnswer,
+    /// Webhook delivery, a stopping puller handing back what it leaves parked (a
+    /// database failure there, not a crash).
+    HandBack,
 }
 
 /// Whether a step fails at a point.

@@ -2116,6 +2116,58 @@ async fn pulled_messages_whose_read_failed_read_their_own_and_go() {
     app.cleanup().await;
 }
 
+/// A parked endpoint starts hanging and its puller cannot hold what waits for it, the
+/// database failing under it: the puller tries again until the database answers, so the
+/// messages are held within moments, not left parked until the endpoint's lease runs
+/// out. Once the endpoint answers, they go in order, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puller_that_cannot_hold_its_parked_messages_tries_again() {
+    let mut app = without_delivery().await;
+    let faults = Arc::new(common::Injected::default());
+    faults.once(Point::HandBack);
+    let gate = CancellationToken::new();
+    let answer = gate.clone();
+    // The first request answers in 50 ms, so the endpoint is known; the next hangs until
+    // the test opens the gate, and those after it answer at once.
+    let r = Receiver::start(&[SECRET], move |n| match n {
+        0 => Reply::After(std::time::Duration::from_millis(50), 200),
+        _ => Reply::Until(answer.clone(), std::time::Duration::from_secs(60), 200),
+    })
+    .await;
+    let b = first_of_many_delivered(&app, &r, 8, 4, 1, |d| d.with_faults(faults.clone())).await;
+    publish_in_order(&app, &b.jobs[1..]).await;
+
+    // One request in flight, hanging; the six behind it parked, then held.
+    let held = wait_for("the parked messages held", || async {
+        let held = held_of(&app, &b.ep).await;
+        (held.len() == 6).then_some(held)
+    })
+    .await;
+    assert!(
+        !faults.pending(Point::HandBack),
+        "the first hand-back failed"
+    );
+    assert_eq!(held, b.ids[2..], "all but the sent and the one in flight");
+    assert_eq!(r.count(), 2);
+
+    gate.cancel();
+    every_delivered(&app, &b.ep).await;
+    b.stop.cancel();
+    b.worker.await.unwrap();
+    b.deliverer.broker.close().await;
+    let sent: Vec<String> = r.hits().into_iter().map(|h| h.id).collect();
+    assert_eq!(sent, b.ids, "each sent once, in order");
+    all_verified(&r);
+    let mut conn = b.conn;
+    assert_eq!(
+        webhook_jobs(&mut conn).await.len(),
+        8,
+        "nothing republished"
+    );
+    drop(conn);
+    app.cleanup().await;
+}
+
 /// Publishes `jobs` to the webhook queue one after the other, so they arrive in order.
 async fn publish_in_order(app: &TestApp, jobs: &[(String, serde_json::Value)]) {
     let queue = guildgate::amqp::Names::from_settings(&app.settings).webhooks();

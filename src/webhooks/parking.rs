@@ -20,7 +20,9 @@
 //! the hold releaser gives the parked messages jobs again. A puller stops when the
 //! endpoint has nothing parked any more, or when it hangs or its circuit opens (its
 //! parked messages are then held, as its jobs would be: parked again at its next
-//! success, or given jobs by the hold releaser when the hold ends).
+//! success, or given jobs by the hold releaser when the hold ends). A hand-back that
+//! fails on the database is tried again until it answers, while what it hands back is
+//! still this puller's (its claims and lease run), and not while stopping.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::pin::Pin;
@@ -61,6 +63,34 @@ const PUT_BACK_AFTER: Duration = Duration::from_millis(500);
 /// Until when a lease taken or renewed at `now` runs.
 pub fn lease_until(now: DateTime<Utc>) -> DateTime<Utc> {
     now + chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::MAX)
+}
+
+/// How long before a claim or lease runs out a puller stops trying to hand back what it
+/// holds: the hold releaser acts on it then, and another puller may take it.
+const HAND_BACK_MARGIN: Duration = Duration::from_secs(5);
+
+/// A stopping puller tries to hand back at most this long.
+const HAND_BACK_FOR: Duration = Duration::from_secs(15);
+
+/// The monotonic instant of the wall-clock time `at` (now if it is past).
+fn wall_clock_until(at: DateTime<Utc>) -> Instant {
+    Instant::now() + (at - Utc::now()).to_std().unwrap_or(Duration::ZERO)
+}
+
+/// Until when a puller that stopped may keep trying to hand back what it holds: while
+/// its lease (renewed by its last pull, at `last_pull`) and the claims of what it holds
+/// (`pulled`) still run, less [`HAND_BACK_MARGIN`], and for [`HAND_BACK_FOR`] at most.
+/// Later they may be another puller's, and a hand-back would act on a decision made
+/// before they were.
+fn hand_back_until(last_pull: Instant, pulled: &VecDeque<Ready>) -> Instant {
+    let lease_end = last_pull + LEASE;
+    let end = pulled
+        .iter()
+        .map(|r| wall_clock_until(r.claim))
+        .fold(lease_end, Instant::min);
+    end.checked_sub(HAND_BACK_MARGIN)
+        .unwrap_or_else(Instant::now)
+        .min(Instant::now() + HAND_BACK_FOR)
 }
 
 /// The jobs of each endpoint that this process has in hand and that have not yet
@@ -426,6 +456,8 @@ impl Deliverer {
         // since, more is parked too.
         let mut looked = 0;
         let mut backoff = amqp::reconnect_backoff();
+        // When the endpoint's lease was last taken or renewed (by a pull), about.
+        let mut last_pull = Instant::now();
         // Set when the endpoint hangs (`None`) or its circuit is open (until when), with
         // the note of the hold, begun as soon as that is seen.
         let mut holding: Option<(Option<Instant>, HoldNote)> = None;
@@ -513,6 +545,7 @@ impl Deliverer {
                 match rows {
                     Ok(rows) => {
                         backoff = amqp::reconnect_backoff();
+                        last_pull = Instant::now();
                         full = rows.len() >= limit;
                         looked = written;
                         // Caught up with a fast endpoint (less than a cap was left): its
@@ -582,40 +615,112 @@ impl Deliverer {
             pulled.extend(rows);
         }
         self.parking.stopped(&endpoint);
+        let give_up_at = hand_back_until(last_pull, &pulled);
         let ids: Vec<String> = pulled.into_iter().map(|r| r.pulled.id).collect();
-        let done = match (holding, self.pool.acquire().await) {
-            (_, Err(e)) => Err(e),
-            // The endpoint hangs or its circuit is open: what waits for it is held, as
-            // its jobs would be, until its time or the endpoint's next success.
-            (Some((open_until, note)), Ok(mut conn)) => {
+        self.hand_back(&endpoint, &ids, holding, give_up_at).await;
+    }
+
+    /// Hands back what a puller that stops leaves parked and pulled (`ids`, taken and
+    /// not attempted). If the endpoint hangs or its circuit is open (`holding`), they
+    /// are held, as its jobs would be, until their time or the endpoint's next success.
+    /// If the process is stopping, those pulled are due now and the endpoint's lease
+    /// ends, so whichever process runs first gives them jobs.
+    ///
+    /// Tried again until the database answers, so that after a failover they go within
+    /// seconds rather than when their claims and the lease run out (half a minute), but
+    /// only until `give_up_at` ([`hand_back_until`]): later, what it would hand back may
+    /// be another puller's. Not while stopping: the lease ends them then.
+    async fn hand_back(
+        &self,
+        endpoint: &str,
+        ids: &[String],
+        holding: Option<(Option<Instant>, HoldNote)>,
+        give_up_at: Instant,
+    ) {
+        let open_until = holding.as_ref().map(|(until, _)| *until);
+        let done = self
+            .until_answered(
+                || self.try_hand_back(endpoint, ids, open_until),
+                |e, wait| {
+                    tracing::warn!(endpoint, error = %e, retry_in = ?wait, "cannot hand back parked webhook messages; trying again");
+                },
+                give_up_at,
+            )
+            .await;
+        match (done, holding) {
+            (Err(e), _) => {
+                tracing::warn!(endpoint, error = %e, "cannot hand back parked webhook messages; they go when their lease or hold ends");
+            }
+            (Ok(n), Some((_, note))) => {
+                // Noted once written, so the endpoint's next success parks them; parked
+                // at once if it succeeded while they were written (its requests in
+                // flight may all have answered then, and no success would follow).
+                if note.written() {
+                    self.release_held(endpoint);
+                }
+                tracing::info!(
+                    endpoint,
+                    messages = n,
+                    "endpoint hangs or its circuit is open; holding its parked messages"
+                );
+            }
+            (Ok(_), None) => {}
+        }
+    }
+
+    /// One try of [`Self::hand_back`]: holds what waits for the endpoint if it is
+    /// `open_until` (`Some`: hangs, or its circuit is open until then), else unclaims.
+    async fn try_hand_back(
+        &self,
+        endpoint: &str,
+        ids: &[String],
+        open_until: Option<Option<Instant>>,
+    ) -> Result<u64, sqlx::Error> {
+        if self.faults.fails(crate::faults::Point::HandBack) {
+            return Err(sqlx::Error::PoolTimedOut);
+        }
+        let mut conn = self.pool.acquire().await?;
+        match open_until {
+            Some(open_until) => {
                 let until = schedule::hold_until(
                     Instant::now(),
                     schedule::hold_for(0, self.timeout),
                     open_until,
                 );
-                let n = messages::hold_parked(&mut conn, &endpoint, holds::wall_clock(until), &ids)
-                    .await;
-                // Noted once written, so the endpoint's next success parks them; parked
-                // at once if it succeeded while they were written (its requests in
-                // flight may all have answered then, and no success would follow).
-                if n.is_ok() && note.written() {
-                    self.release_held(&endpoint);
-                }
-                if let Ok(n) = n {
-                    tracing::info!(
-                        endpoint,
-                        messages = n,
-                        "endpoint hangs or its circuit is open; holding its parked messages"
-                    );
-                }
-                n
+                messages::hold_parked(&mut conn, endpoint, holds::wall_clock(until), ids).await
             }
-            // Stopping: what it pulled and did not attempt is due now, and the rest is
-            // released once the lease is gone, by whichever process runs first.
-            (None, Ok(mut conn)) => messages::unclaim(&mut conn, &endpoint, &ids).await,
-        };
-        if let Err(e) = done {
-            tracing::warn!(endpoint, error = %e, "cannot hand back parked webhook messages; they go when their lease or hold ends");
+            None => messages::unclaim(&mut conn, endpoint, ids).await,
+        }
+    }
+
+    /// Runs `step` until the database answers it, waiting between tries as a broker
+    /// reconnect does (`failed` is told each failure and the wait after it). Gives up,
+    /// with the last error, when the process stops or a try would start after
+    /// `give_up_at`.
+    async fn until_answered<T, Fut>(
+        &self,
+        mut step: impl FnMut() -> Fut,
+        failed: impl Fn(&sqlx::Error, Duration),
+        give_up_at: Instant,
+    ) -> Result<T, sqlx::Error>
+    where
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let mut backoff = amqp::reconnect_backoff();
+        loop {
+            let e = match step().await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let wait = backoff.next().unwrap_or(Duration::from_secs(5));
+            if self.stop.is_cancelled() || Instant::now() + wait > give_up_at {
+                return Err(e);
+            }
+            failed(&e, wait);
+            tokio::select! {
+                _ = self.stop.cancelled() => return Err(e),
+                _ = tokio::time::sleep(wait) => {}
+            }
         }
     }
 
@@ -799,7 +904,7 @@ impl Deliverer {
             pulled: p,
             target,
             read_at,
-            ..
+            claim,
         } = ready;
         let read = target.filter(|_| read_at.elapsed() <= BUSY_WAIT);
         let job = Job {
@@ -830,7 +935,7 @@ impl Deliverer {
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(webhook_message_id = job.message_id, error = %e, "a pulled webhook message failed before its record; it goes again once the database answers");
-                self.due_again(&job.message_id).await;
+                self.due_again(&job.message_id, claim).await;
             }
         }
     }
@@ -838,23 +943,25 @@ impl Deliverer {
     /// Makes a pulled message whose attempt failed on the database due at once, as
     /// soon as the database answers again, rather than when its claim runs out (a
     /// minute): after a database failover it goes within seconds. Gives up when the
-    /// process stops; the claim still ends.
-    async fn due_again(&self, message_id: &str) {
-        let mut backoff = amqp::reconnect_backoff();
+    /// process stops, or shortly before its `claim` runs out (the hold releaser gives it
+    /// a job then, and a late try could end another puller's claim).
+    async fn due_again(&self, message_id: &str, claim: DateTime<Utc>) {
         let ids = [message_id.to_string()];
-        loop {
-            let done = match self.pool.acquire().await {
-                Ok(mut conn) => messages::due_now(&mut conn, &ids).await.map(|_| ()),
-                Err(e) => Err(e),
-            };
-            let Err(e) = done else { return };
-            let wait = backoff.next().unwrap_or(Duration::from_secs(5));
-            tracing::debug!(webhook_message_id = message_id, error = %e, retry_in = ?wait, "cannot make a pulled message due yet");
-            tokio::select! {
-                _ = self.stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
-        }
+        let give_up_at = wall_clock_until(claim)
+            .checked_sub(HAND_BACK_MARGIN)
+            .unwrap_or_else(Instant::now);
+        let _ = self
+            .until_answered(
+                || async {
+                    let mut conn = self.pool.acquire().await?;
+                    messages::due_now(&mut conn, &ids).await
+                },
+                |e, wait| {
+                    tracing::debug!(webhook_message_id = message_id, error = %e, retry_in = ?wait, "cannot make a pulled message due yet");
+                },
+                give_up_at,
+            )
+            .await;
     }
 
     /// Parks a pulled message that gave up in the dead queue, as its job would be. It is
