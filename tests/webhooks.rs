@@ -626,6 +626,63 @@ async fn two_rotations_within_a_day_keep_every_secret_signing() {
     app.stop().await;
 }
 
+/// An endpoint rotated many times within a day signs with its current secret and the
+/// four latest it was rotated away from, not with every one: each is a signature on
+/// every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_in_a_loop_keeps_only_the_latest_old_secrets_signing() {
+    let app = TestApp::spawn().await;
+    with_entitlement(&app).await;
+    let r = Receiver::start(&[SECRET], |_| Reply::Status(200)).await;
+    let ep = add_endpoint(&app, &r.url, None, SECRET).await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let mut secrets = vec![SECRET.to_string()];
+    for _ in 0..7 {
+        let rotated =
+            endpoints::rotate_secret(&mut conn, &app.business(), &ep.id, None, chrono::Utc::now())
+                .await
+                .unwrap();
+        secrets.push(rotated.secret);
+    }
+    let kept: Vec<String> = sqlx::query_scalar(
+        "SELECT secret FROM webhook_endpoint_old_secrets WHERE endpoint_id = $1 ORDER BY expires_at",
+    )
+    .bind(&ep.id)
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(kept, secrets[3..7], "the four latest rotated away from");
+    // Rows beyond the four (an earlier release's, or two rotations at once) do not sign.
+    for n in 0..3 {
+        sqlx::query(
+            "INSERT INTO webhook_endpoint_old_secrets (endpoint_id, secret, expires_at)
+             VALUES ($1, $2, now() + interval '1 hour')",
+        )
+        .bind(&ep.id)
+        .bind(format!(
+            "whsec_{}",
+            [
+                "QUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFB",
+                "QkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJC",
+                "Q0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0NDQ0ND"
+            ][n]
+        ))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    }
+    drop(conn);
+
+    // The receiver demands that the five live secrets all verify the request.
+    *r.secrets.lock().unwrap() = secrets[3..].to_vec();
+    pay(&app, "pay_1", "cus_1", "evt_1").await;
+    wait_messages(&app, &ep, 1, "delivered").await;
+    let hit = r.hits().into_iter().next().unwrap();
+    assert_eq!(hit.signature.split(' ').count(), 5, "{}", hit.signature);
+    assert!(hit.verified, "every live secret signs");
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filter_types_choose_the_events_an_endpoint_gets() {
     let app = TestApp::spawn().await;
@@ -772,7 +829,7 @@ async fn endpoints_are_checked_on_save_and_limited_to_five() {
         ("http://93.184.216.34/hook", "Scheme"),
         ("https://127.0.0.1/hook", "NotPublic"),
         ("https://[::1]/hook", "NotPublic"),
-        ("https://localhost/hook", "NotPublic"),
+        ("https://localhost/hook", "ResolvesNotPublic"),
         ("https://10.0.0.8/hook", "NotPublic"),
         ("https://169.254.169.254/latest", "NotPublic"),
     ] {
@@ -783,6 +840,10 @@ async fn endpoints_are_checked_on_save_and_limited_to_five() {
             (&e, want),
             (EndpointError::Url(SsrfError::Scheme), "Scheme")
                 | (EndpointError::Url(SsrfError::NotPublic(_)), "NotPublic")
+                | (
+                    EndpointError::Url(SsrfError::ResolvesNotPublic),
+                    "ResolvesNotPublic"
+                )
         );
         assert!(ok, "{url}: {e:?}");
     }

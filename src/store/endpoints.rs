@@ -261,9 +261,15 @@ pub async fn delete(
     Ok(r.rows_affected() > 0)
 }
 
+/// How many secrets an endpoint rotated away from keep signing at most, the latest:
+/// each is another signature on every request, so an endpoint rotated in a loop must
+/// not make its messages' reads and requests grow without end.
+pub const MAX_OLD_SECRETS: u8 = 4;
+
 /// Makes `secret` the endpoint's signing secret; the one it replaces keeps signing until
 /// `overlap_until`, and so do secrets rotated away from earlier until their own overlap
-/// ends (`webhook_endpoint_old_secrets`, expired ones removed here). The secret rotated
+/// ends (`webhook_endpoint_old_secrets`, expired ones removed here), the latest
+/// [`MAX_OLD_SECRETS`] of them. The secret rotated
 /// away from is read from the updated row (`previous_secret`), so of two rotations at
 /// once the second keeps the secret the first one set. `previous_secret` is still
 /// written for releases before migration 0015. `None` if there is no such endpoint.
@@ -283,10 +289,14 @@ pub async fn rotate_secret(
             INSERT INTO webhook_endpoint_old_secrets (endpoint_id, secret, expires_at)
             SELECT id, previous_secret, $4 FROM upd
             ON CONFLICT (endpoint_id, secret) DO UPDATE SET expires_at = EXCLUDED.expires_at
-         ), expired AS (
+         ), dropped AS (
             DELETE FROM webhook_endpoint_old_secrets o USING upd
-            WHERE o.endpoint_id = upd.id AND o.expires_at <= now()
-              AND o.secret <> upd.previous_secret
+            WHERE o.endpoint_id = upd.id AND o.secret <> upd.previous_secret
+              AND (o.expires_at <= now() OR o.secret NOT IN (
+                  SELECT k.secret FROM webhook_endpoint_old_secrets k
+                  WHERE k.endpoint_id = upd.id AND k.secret <> upd.previous_secret
+                    AND k.expires_at > now()
+                  ORDER BY k.expires_at DESC LIMIT $5))
          )
          SELECT * FROM upd",
     )
@@ -294,6 +304,7 @@ pub async fn rotate_secret(
     .bind(id)
     .bind(secret)
     .bind(overlap_until)
+    .bind(i64::from(MAX_OLD_SECRETS) - 1)
     .fetch_optional(conn)
     .await
 }

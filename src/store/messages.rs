@@ -182,11 +182,13 @@ pub async fn targets(
                 e.headers, e.rate_limit,
                 ARRAY(SELECT o.secret FROM webhook_endpoint_old_secrets o
                       WHERE o.endpoint_id = e.id AND o.expires_at > now() AND o.secret <> e.secret
-                      ORDER BY o.expires_at DESC, o.secret) AS previous_secrets
+                      ORDER BY o.expires_at DESC, o.secret LIMIT $2) AS previous_secrets
          FROM webhook_messages m JOIN webhook_endpoints e ON e.id = m.endpoint_id
          WHERE m.id = ANY ($1)",
     )
     .bind(message_ids)
+    // Also bounded here: rows an earlier release kept, or two rotations at once.
+    .bind(i64::from(super::endpoints::MAX_OLD_SECRETS))
     .fetch_all(conn)
     .await
 }

@@ -471,7 +471,8 @@ pub async fn delete(
 /// Rotates the secret: `new` (or a generated one) signs from now on, and the current one
 /// keeps signing too, as another signature, for [`ROTATION_OVERLAP`]. Secrets rotated
 /// away from earlier keep signing until their own overlap ends, so rotating twice within
-/// it drops neither (`webhook_endpoint_old_secrets`); expired ones are removed here.
+/// it drops neither (`webhook_endpoint_old_secrets`); expired ones are removed here, and
+/// beyond the latest [`store::MAX_OLD_SECRETS`] the oldest go at once.
 pub async fn rotate_secret(
     conn: &mut PgConnection,
     business_id: &str,
