@@ -82,6 +82,17 @@ impl StateSigner {
         state: &str,
         now_unix: i64,
     ) -> Result<T, StateError> {
+        self.verify_until(purpose, state, now_unix)
+            .map(|(body, _)| body)
+    }
+
+    /// [`Self::verify`], with the state's expiry (Unix seconds).
+    pub fn verify_until<T: DeserializeOwned>(
+        &self,
+        purpose: &str,
+        state: &str,
+        now_unix: i64,
+    ) -> Result<(T, i64), StateError> {
         let (payload, tag) = state.split_once('.').ok_or(StateError::Tampered)?;
         let tag = URL_SAFE_NO_PAD
             .decode(tag)
@@ -96,7 +107,7 @@ impl StateSigner {
         if now_unix >= env.e {
             return Err(StateError::Expired);
         }
-        Ok(env.body)
+        Ok((env.body, env.e))
     }
 }
 

@@ -4410,6 +4410,83 @@ fn hidden_value(page: &str, name: &str) -> String {
     rest[..rest.find('"').unwrap()].replace("&amp;", "&")
 }
 
+/// The access token in a page's or a redirect's link to the access page.
+fn access_token_in(text: &str) -> String {
+    let at = text
+        .find("/access?t=")
+        .unwrap_or_else(|| panic!("no access link in {text}"));
+    text[at + "/access?t=".len()..]
+        .split(|c: char| !(c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Going through "Use another Discord account" and back, cancelled on Discord or with an
+/// account chosen, never gives the customer a link that works longer than the one they
+/// came with, so a leaked link cannot be kept alive that way; a switch that took too
+/// long says the link expired, not that it was altered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_never_makes_an_access_link_last_longer() {
+    let w = World::start().await;
+    let biz = w.app.business();
+    client(&w, &biz).await;
+    let until = chrono::Utc::now() + chrono::Duration::days(2);
+    let token = w.links.access_token(&biz, "cus_1", until);
+    let base = format!("http://{}", w.app.addr);
+    let http = browser_like("en");
+    let una = w.user("una");
+    let ends = |t: &str| {
+        let (who, x) = w.links.verify_access_until(t, chrono::Utc::now()).unwrap();
+        assert_eq!(who.c, "cus_1");
+        x
+    };
+
+    // Cancelled on Discord: back to the page, with a link that ends with the first.
+    let (s, to) = post_form(&http, &format!("{base}/access/switch"), &[("t", &token)]).await;
+    assert_eq!(s, 303, "{to}");
+    let callback = w.sandbox.consent(&to, una, Consent::Cancel).await.unwrap();
+    let r = http.get(&callback).send().await.unwrap();
+    assert_eq!(r.status(), 303);
+    let back = r.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(ends(&access_token_in(&back)), until.timestamp(), "{back}");
+
+    // An account chosen (none was linked: it is linked at once): the page's way back
+    // ends with the first link too.
+    let (_, to) = post_form(&http, &format!("{base}/access/switch"), &[("t", &token)]).await;
+    let (_, status, page) = w.consent(&to, una, Consent::Authorize).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(ends(&access_token_in(&page)), until.timestamp(), "{page}");
+
+    // A switch's state a quarter of an hour old: expired.
+    let old = w.links.switch_url(
+        &guildgate::grants::link::Switching {
+            b: biz.to_string(),
+            c: "cus_1".into(),
+            x: Some(until.timestamp()),
+        },
+        chrono::Utc::now() - chrono::Duration::minutes(16),
+    );
+    let state = url::Url::parse(&old)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    let r = http
+        .get(format!(
+            "{base}/oauth/discord/callback?state={state}&code=c"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 410);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("This link has expired"), "{page}");
+    w.stop().await;
+}
+
 /// The customer's access page end to end over HTTP: reached from the email's link, in
 /// the reader's language; Connect, Get my role back (after leaving the server), and Use
 /// another Discord account with its confirmation; another customer's grant, an altered

@@ -39,6 +39,20 @@ pub const CONFIRM_PURPOSE: &str = "customer-account-switch-confirm";
 /// confirmation page to the confirm.
 pub const SWITCH_TTL_MINUTES: i64 = 15;
 
+/// What the `state` of "use another Discord account" carries: the customer, and until
+/// when the access link they came from works.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switching {
+    pub b: String,
+    pub c: String,
+    /// The access link's expiry (Unix seconds): the links back to the access page end
+    /// with it, so going through a switch never makes a link last longer. Absent from
+    /// the states of releases before it (a quarter of an hour after an upgrade, none is
+    /// left): their way back gets a link of [`LinkBuilder::access_ttl`].
+    #[serde(default)]
+    pub x: Option<i64>,
+}
+
 /// What a switch's confirmation carries: the customer and the pending switch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwitchConfirm {
@@ -46,6 +60,9 @@ pub struct SwitchConfirm {
     pub c: String,
     /// The pending switch's id.
     pub p: String,
+    /// The access link's expiry, as in [`Switching`].
+    #[serde(default)]
+    pub x: Option<i64>,
 }
 
 /// What a grant's `state` carries.
@@ -207,28 +224,47 @@ impl LinkBuilder {
         self.signer.verify(ACCESS_PURPOSE, token, now.timestamp())
     }
 
+    /// Checks an access token; with when it expires.
+    pub fn verify_access_until(
+        &self,
+        token: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(AccessToken, i64), StateError> {
+        self.signer
+            .verify_until(ACCESS_PURPOSE, token, now.timestamp())
+    }
+
     /// Discord's authorize URL for a customer choosing another account: the `state`
     /// names the customer (not a grant) and lasts [`SWITCH_TTL_MINUTES`]; `prompt=consent`
     /// lets them pick the account.
-    pub fn switch_url(&self, business_id: &str, customer_id: &str, now: DateTime<Utc>) -> String {
+    pub fn switch_url(&self, who: &Switching, now: DateTime<Utc>) -> String {
         let state = self.signer.sign(
             SWITCH_PURPOSE,
-            AccessToken {
-                b: business_id.to_string(),
-                c: customer_id.to_string(),
-            },
+            who,
             (now + chrono::Duration::minutes(SWITCH_TTL_MINUTES)).timestamp(),
         );
-        format!("{}{state}&prompt=consent", self.prefix_of(business_id))
+        format!("{}{state}&prompt=consent", self.prefix_of(&who.b))
     }
 
     /// Checks the `state` of a switch coming back from Discord.
-    pub fn verify_switch(
-        &self,
-        state: &str,
-        now: DateTime<Utc>,
-    ) -> Result<AccessToken, StateError> {
+    pub fn verify_switch(&self, state: &str, now: DateTime<Utc>) -> Result<Switching, StateError> {
         self.signer.verify(SWITCH_PURPOSE, state, now.timestamp())
+    }
+
+    /// The access page's address at the end of a switch: with a token that ends when
+    /// the one the customer came with does (`until`, [`Switching::x`]).
+    pub fn access_url_back(
+        &self,
+        business_id: &str,
+        customer_id: &str,
+        until: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> String {
+        let until = match until {
+            Some(x) => DateTime::from_timestamp(x, 0).unwrap_or(now),
+            None => now + self.access_ttl,
+        };
+        self.access_url(business_id, customer_id, until)
     }
 
     /// The signed confirmation of a pending switch.

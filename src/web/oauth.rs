@@ -231,12 +231,17 @@ async fn callback(
     }
     // A customer choosing another account from their access page comes back here too
     // (Discord knows one redirect): its state names the customer, not a grant.
-    if let Some(who) = q
+    // One that took longer than a switch may is expired, not altered.
+    match q
         .state
         .as_deref()
-        .and_then(|s| st.links.verify_switch(s, Utc::now()).ok())
+        .map(|s| st.links.verify_switch(s, Utc::now()))
     {
-        return crate::web::access::switch_returned(&st, &headers, who, q.code, q.error).await;
+        Some(Ok(who)) => {
+            return crate::web::access::switch_returned(&st, &headers, who, q.code, q.error).await;
+        }
+        Some(Err(StateError::Expired)) => return Page::Expired.respond(lang),
+        Some(Err(StateError::Tampered)) | None => {}
     }
     match handle(&st, q).await {
         Ok(p) | Err(p) => p.respond(lang),

@@ -38,7 +38,7 @@ use self::page::{Account, Item, Page, Role, State as GrantState};
 use crate::crypto::StateError;
 use crate::domain::GrantStatus;
 use crate::grants::link::renew_link;
-use crate::grants::link::{AccessToken, LinkBuilder, SWITCH_TTL_MINUTES, SwitchConfirm};
+use crate::grants::link::{AccessToken, LinkBuilder, SWITCH_TTL_MINUTES, SwitchConfirm, Switching};
 use crate::i18n::Lang;
 use crate::store::access as db;
 use crate::store::email as settings_db;
@@ -407,18 +407,19 @@ async fn switch(
     let lang = lang_of(&headers, None);
     let r = (|| {
         let Form(f) = form.map_err(|_| invalid(lang))?;
-        let who = verify(&st, &f.t, lang)?;
+        let (who, until) = st
+            .links
+            .verify_access_until(&f.t, Utc::now())
+            .map_err(|e| refused(e, lang))?;
         limit(&st, &who, ip, lang)?;
-        Ok::<_, Shown>(
-            Redirect::to(&st.links.switch_url(&who.b, &who.c, Utc::now())).into_response(),
-        )
+        let switching = Switching {
+            b: who.b,
+            c: who.c,
+            x: Some(until),
+        };
+        Ok::<_, Shown>(Redirect::to(&st.links.switch_url(&switching, Utc::now())).into_response())
     })();
     r.unwrap_or_else(IntoResponse::into_response)
-}
-
-/// The access page's address for a customer, with a fresh token.
-fn access_url_of(st: &AppState, b: &str, c: &str) -> String {
-    st.links.access_url(b, c, Utc::now() + st.links.access_ttl)
 }
 
 /// Back from Discord with the account the customer chose to switch to: shows both
@@ -426,12 +427,19 @@ fn access_url_of(st: &AppState, b: &str, c: &str) -> String {
 pub async fn switch_returned(
     st: &AppState,
     headers: &HeaderMap,
-    who: AccessToken,
+    switching: Switching,
     code: Option<String>,
     error: Option<String>,
 ) -> Response {
     let lang = lang_of(headers, None);
-    let back = access_url_of(st, &who.b, &who.c);
+    let back = st
+        .links
+        .access_url_back(&switching.b, &switching.c, switching.x, Utc::now());
+    let until = switching.x;
+    let who = AccessToken {
+        b: switching.b,
+        c: switching.c,
+    };
     if error.is_some() {
         // Cancelled on Discord: nothing to confirm; back to the page.
         return Redirect::to(&back).into_response();
@@ -442,7 +450,7 @@ pub async fn switch_returned(
         };
         limit(st, &who, None, lang)?;
         let chosen = chosen_account(st, &who, &code, lang).await?;
-        pend_switch(st, &who, chosen, back, lang).await
+        pend_switch(st, &who, until, chosen, back, lang).await
     }
     .await;
     match r {
@@ -505,6 +513,7 @@ async fn chosen_account(
 async fn pend_switch(
     st: &AppState,
     who: &AccessToken,
+    until: Option<i64>,
     chosen: Chosen,
     back: String,
     lang: Lang,
@@ -561,6 +570,7 @@ async fn pend_switch(
             b: who.b.clone(),
             c: who.c.clone(),
             p: pending.id,
+            x: until,
         },
         now,
     );
@@ -651,7 +661,7 @@ async fn confirm(
                     username: Some(p.username),
                     global_name: p.global_name,
                 },
-                back: access_url_of(&st, &c.b, &c.c),
+                back: st.links.access_url_back(&c.b, &c.c, c.x, now),
             },
             lang,
         })
