@@ -381,6 +381,56 @@ async fn revoking_one_of_two_grants_of_the_same_role_keeps_it_and_returning_cust
     w.stop().await;
 }
 
+/// A customer with two purchases gets two links; once one of them links an account,
+/// the other's link (still in the customer's mailbox) is spent: whoever has it cannot
+/// move the access to another account with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linking_spends_the_customers_other_links() {
+    let w = World::start().await;
+    let g = w.guild("Acme");
+    let role = g.role("Patrons");
+    let h = w.guild("Beta");
+    let vip = h.role("Patrons");
+    let (alice, mallory) = (w.user("alice"), w.user("mallory"));
+    let biz = w.app.business();
+    w.app
+        .entitlement_for("pdt_a", &id(g.guild_id), Some(&id(role)))
+        .await;
+    w.app
+        .entitlement_for("pdt_b", &id(h.guild_id), Some(&id(vip)))
+        .await;
+    w.app
+        .publish(&payment(&biz, "pay_a", "cus_1", &["pdt_a"], T0), "evt_1")
+        .await;
+    w.app
+        .publish(&payment(&biz, "pay_b", "cus_1", &["pdt_b"], T0), "evt_2")
+        .await;
+    let both = wait_for("two grants", || async {
+        let g = w.app.grants_of("cus_1").await;
+        (g.len() == 2).then_some(g)
+    })
+    .await;
+    let (first, other) = (&both[0], &both[1]);
+    let (status, page) = w.authorize(first, alice).await;
+    assert_eq!(status, 200, "{page}");
+    w.wait_status(&first.id, "Delivered").await;
+    w.wait_status(&other.id, "Delivered").await;
+    assert!(w.has_role(g.guild_id, alice, role) && w.has_role(h.guild_id, alice, vip));
+
+    // The other grant's link as it was sent, before the customer linked.
+    let (status, page) = w.authorize(other, mallory).await;
+    assert_eq!(status, 409, "{page}");
+    assert!(page.contains("already used"), "{page}");
+    let now = w.app.grants_of("cus_1").await;
+    assert!(
+        now.iter()
+            .all(|g| g.applied_user_id.as_deref() == Some(id(alice).as_str())),
+        "{now:?}"
+    );
+    assert!(!w.has_role(h.guild_id, mallory, vip));
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorizing_another_account_moves_the_access() {
     let w = World::start().await;

@@ -530,6 +530,32 @@ pub async fn live_grant_ids(
     .await
 }
 
+/// Gives the live grants of a customer the link nonce `nonce` (their expiries kept), so
+/// the links made before stop working. Passes over a grant another transaction has
+/// locked at that moment (an event or a sync changing it) rather than wait for it: the
+/// caller is a customer's page. Returns how many it changed.
+pub async fn spend_links_of_customer(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+    nonce: &str,
+    now: DateTime<Utc>,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE grants SET oauth_nonce = $3, updated_at = $4
+         WHERE id IN (SELECT id FROM grants
+                      WHERE business_id = $1 AND customer_id = $2 AND status <> 'Revoked'
+                      FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .bind(nonce)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected())
+}
+
 /// Records what a grant applied in Discord (`None`: nothing any more); it is about to
 /// apply nothing else.
 pub async fn set_applied(

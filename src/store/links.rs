@@ -124,6 +124,24 @@ impl LinkRow {
     }
 }
 
+/// Serialises the changes to one customer's linked account until the transaction ends:
+/// of two callbacks or switches of the customer at once, the second sees what the first
+/// linked. Taken before any of the customer's grants is locked.
+pub async fn lock_customer(
+    conn: &mut PgConnection,
+    business_id: &str,
+    customer_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended('customer-link:' || $1 || ':' || $2, 0))",
+    )
+    .bind(business_id)
+    .bind(customer_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// The linked account of a customer of a business.
 pub async fn link_of(
     conn: &mut PgConnection,

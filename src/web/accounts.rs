@@ -52,8 +52,15 @@ pub struct Linked {
 /// Links `row`'s account (with its `names`: username, display name) to its customer, in
 /// the caller's transaction, and queues a sync of every live grant of the customer: a
 /// different account moves their access (each grant records what it applied, and its
-/// sync removes that from the old account). The history of `history_grant` records
-/// `linked` or `switched`; without one, every live grant's does.
+/// sync removes that from the old account). Every grant link the customer was given
+/// before stops working (a new nonce): links in older emails cannot move the access
+/// later, only the grants' current links and the access page can (a grant that another
+/// transaction holds at that moment keeps its link). The history of
+/// `history_grant` records `linked` or `switched`; without one, every live grant's
+/// does.
+///
+/// Takes the customer's lock ([`links::lock_customer`]) first, unless the caller took it
+/// before locking any of their grants, and waits for no other grant of theirs.
 pub async fn link_account(
     tx: &mut PgConnection,
     row: &LinkRow,
@@ -62,6 +69,15 @@ pub async fn link_account(
     now: DateTime<Utc>,
 ) -> Result<Linked, sqlx::Error> {
     let (business, customer) = (row.business_id.as_str(), row.customer_id.as_str());
+    links::lock_customer(tx, business, customer).await?;
+    let spent = grants::spend_links_of_customer(
+        tx,
+        business,
+        customer,
+        &crate::grants::link::LinkBuilder::new_nonce(),
+        now,
+    )
+    .await?;
     let previous = links::link_of(tx, business, customer)
         .await?
         .filter(|l| l.discord_user_id != row.discord_user_id);
@@ -69,6 +85,13 @@ pub async fn link_account(
     // People buy twice under two emails: the link is made, and the page says so.
     let shared = links::linked_elsewhere(tx, business, customer, &row.discord_user_id).await?;
     let live = grants::live_grant_ids(tx, business, customer).await?;
+    if usize::try_from(spent).unwrap_or(usize::MAX) < live.len() {
+        tracing::info!(
+            customer_id = customer,
+            kept = live.len() - usize::try_from(spent).unwrap_or(0),
+            "grants being changed at that moment keep their links"
+        );
+    }
     for id in &live {
         queue_sync(tx, id).await?;
     }

@@ -295,7 +295,7 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
         known_name,
         previous,
         shared,
-    } = record_link(st, &claims.n, &grant.id, &bot, &tokens, &user, now).await?;
+    } = record_link(st, &claims.n, &grant, &bot, &tokens, &user, now).await?;
     let switched = previous.is_some();
     if let Some(old) = previous {
         revoke_left_tokens(st, old, &grant.customer_id).await;
@@ -389,16 +389,21 @@ struct Recorded {
 async fn record_link(
     st: &AppState,
     nonce: &str,
-    grant_id: &str,
+    of: &Grant,
     bot: &crate::discord::Bot,
     tokens: &crate::discord::client::TokenSet,
     user: &crate::discord::client::User,
     now: chrono::DateTime<Utc>,
 ) -> Result<Recorded, Page> {
     let mut tx = st.pool.begin().await.map_err(db_failed)?;
+    // The customer's lock before their grant's: another callback of theirs waits here,
+    // not holding its grant, so this one's link spends that grant's link too.
+    crate::store::links::lock_customer(&mut tx, &of.business_id, &of.customer_id)
+        .await
+        .map_err(db_failed)?;
     // Locked, and the nonce checked again: of two callbacks racing with one link,
     // exactly one wins.
-    let grant = grant_store::get_for_update(&mut tx, grant_id)
+    let grant = grant_store::get_for_update(&mut tx, &of.id)
         .await
         .map_err(db_failed)?
         .ok_or(Page::Tampered)?;

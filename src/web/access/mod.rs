@@ -520,6 +520,11 @@ async fn pend_switch(
 ) -> Result<Shown, Shown> {
     let now = Utc::now();
     let mut tx = st.pool.begin().await.map_err(|e| failed(e, lang))?;
+    // Decided under the customer's lock: a callback linking another account meanwhile
+    // is seen, and asks for a confirmation, rather than replaced without one.
+    crate::store::links::lock_customer(&mut tx, &who.b, &who.c)
+        .await
+        .map_err(|e| failed(e, lang))?;
     let current = db::linked_account(&mut tx, &who.b, &who.c)
         .await
         .map_err(|e| failed(e, lang))?
@@ -534,10 +539,14 @@ async fn pend_switch(
         other => {
             let user = &chosen.user;
             let names = (user.username.as_str(), user.global_name.as_deref());
-            link_account(&mut tx, &chosen.row, names, None, now)
+            let Linked { previous, .. } = link_account(&mut tx, &chosen.row, names, None, now)
                 .await
                 .map_err(|e| failed(e, lang))?;
             tx.commit().await.map_err(|e| failed(e, lang))?;
+            // None under the lock (the same account, or none); revoked if ever there.
+            if let Some(old) = previous {
+                revoke_left_tokens(st, old, &who.c).await;
+            }
             let page = match other {
                 Some(_) => Page::Same { account, back },
                 None => Page::Switched { account, back },
