@@ -97,6 +97,22 @@ fn per_window(n: u32, window: Duration) -> Quota {
         .allow_burst(n)
 }
 
+/// What a limit per client address counts: an IPv4 address, or the /64 network of an
+/// IPv6 one (the smallest a site is given: one client holds all of its 2^64 addresses,
+/// and would otherwise get a budget per address). An IPv4-mapped IPv6 address counts as
+/// its IPv4 address.
+pub fn network_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from_bits(
+                v6.to_bits() & !((1u128 << 64) - 1),
+            )),
+        },
+    }
+}
+
 /// `Ok`, or how long until the next request of `key` is allowed.
 fn check<K>(limiter: &DefaultKeyedRateLimiter<K>, key: &K) -> Result<(), Duration>
 where
@@ -166,14 +182,15 @@ impl Limits {
         }
     }
 
-    /// One read of an API key the process does not know, for a request from `ip`.
+    /// One read of an API key the process does not know, for a request from `ip` (its
+    /// network, [`network_of`]).
     pub fn check_key_read(&self, ip: IpAddr) -> Result<(), Duration> {
-        check(&self.key_reads, &ip)
+        check(&self.key_reads, &network_of(ip))
     }
 
-    /// One OAuth callback from `ip`.
+    /// One OAuth callback from `ip` (its network, [`network_of`]).
     pub fn check_address(&self, ip: IpAddr) -> Result<(), Duration> {
-        check(&self.address, &ip)
+        check(&self.address, &network_of(ip))
     }
 
     /// Forgets keys whose limit is back to full, so the maps hold only recent callers.
@@ -337,6 +354,27 @@ mod tests {
             "{wait:?}"
         );
         assert!(l.check_business("bus_B").is_ok());
+    }
+
+    #[test]
+    fn an_ipv6_client_has_one_budget_for_its_network() {
+        let l = limits("");
+        // 60 callbacks per window by default: spent from addresses of one /64.
+        for n in 0..60u32 {
+            let addr = ip(&format!("2001:db8:1:2::{n:x}"));
+            assert!(l.check_address(addr).is_ok(), "{addr}");
+        }
+        assert!(l.check_address(ip("2001:db8:1:2:ffff::1")).is_err());
+        assert!(
+            l.check_address(ip("2001:db8:1:3::1")).is_ok(),
+            "another /64"
+        );
+        assert_eq!(network_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(network_of(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(
+            network_of(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            ip("2001:db8:1:2::")
+        );
     }
 
     #[test]
