@@ -2598,6 +2598,23 @@ async fn requests_over_the_concurrency_limit_are_refused_at_once() {
     assert_eq!(s, 503, "{body}");
     assert_eq!(body["code"], "overloaded", "{body}");
     assert_eq!(retry_after.as_deref(), Some("1"));
+    // A customer's page refused so is a page to read, in their language, not JSON.
+    let r = browser_like("de-DE")
+        .get(format!("http://{}/access?t=x", w.app.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"),
+        "{:?}",
+        r.headers()
+    );
+    assert_eq!(r.headers()["content-language"], "de");
     gate.release();
     for t in slow {
         let (s, v) = t.await.unwrap();

@@ -218,7 +218,7 @@ pub fn retry_secs(d: std::time::Duration) -> u64 {
 
 impl ApiError {
     /// The `Retry-After` of answers that have one.
-    fn retry_after(&self) -> Option<u64> {
+    pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::RateLimited { retry_after } => Some(retry_secs(*retry_after)),
             ApiError::DiscordBusy(_) | ApiError::Overloaded => Some(1),

@@ -18,8 +18,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::extract::{ConnectInfo, FromRequestParts};
-use axum::http::HeaderMap;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, Uri, header};
+use axum::response::{IntoResponse, Response};
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
@@ -28,17 +29,23 @@ use tower::{BoxError, ServiceBuilder};
 
 use super::AppState;
 use crate::config::{HttpSettings, Settings};
-use crate::web::error::ApiError;
+use crate::web::error::{ApiError, BROWSER_PAGES};
 
 /// Wraps every route of `router` in the request timeout and the concurrency limit.
 /// The timeout is inside the limit, so an abandoned request frees its place at once.
+/// A refused request to a page a browser is sent to gets `try_again`'s page.
 pub fn protect<S: Clone + Send + Sync + 'static>(
     router: Router<S>,
     settings: &HttpSettings,
+    try_again: fn(&HeaderMap) -> Response,
 ) -> Router<S> {
     router.layer(
         ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(refusal))
+            .layer(HandleErrorLayer::new(
+                move |uri: Uri, headers: HeaderMap, err: BoxError| {
+                    refusal(uri, headers, err, try_again)
+                },
+            ))
             .load_shed()
             .layer(GlobalConcurrencyLimitLayer::new(
                 settings.max_concurrent_requests,
@@ -47,15 +54,31 @@ pub fn protect<S: Clone + Send + Sync + 'static>(
     )
 }
 
-/// What a request refused by [`protect`] is answered, in the API's error shape.
-async fn refusal(err: BoxError) -> ApiError {
-    if err.is::<tower::timeout::error::Elapsed>() {
+/// What a request refused by [`protect`] is answered: in the API's error shape, or for
+/// the pages a person's browser is sent to ([`BROWSER_PAGES`]) `try_again`'s page, with
+/// the same status and `Retry-After`.
+async fn refusal(
+    uri: Uri,
+    headers: HeaderMap,
+    err: BoxError,
+    try_again: fn(&HeaderMap) -> Response,
+) -> Response {
+    let refused = if err.is::<tower::timeout::error::Elapsed>() {
         ApiError::Timeout
     } else if err.is::<tower::load_shed::error::Overloaded>() {
         ApiError::Overloaded
     } else {
         ApiError::Internal(err.to_string())
+    };
+    if !BROWSER_PAGES.contains(&uri.path()) {
+        return refused.into_response();
     }
+    tracing::warn!(error = %refused, path = uri.path(), "page request refused under load");
+    let mut page = try_again(&headers);
+    if let Some(secs) = refused.retry_after() {
+        page.headers_mut().insert(header::RETRY_AFTER, secs.into());
+    }
+    page
 }
 
 /// The keyed rate limits of one process.

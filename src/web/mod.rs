@@ -45,7 +45,7 @@ pub fn app(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(axum::extract::DefaultBodyLimit::max(limit));
-    limits::protect(router, &settings.http).with_state(state)
+    limits::protect(router, &settings.http, access::try_again_page).with_state(state)
 }
 
 /// A path no route has: 404 in the API's error shape.

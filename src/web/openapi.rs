@@ -82,6 +82,10 @@ pub struct EdgeResponses;
 const UNAUTHORIZED: &str = "Unauthorized";
 const RATE_LIMITED: &str = "RateLimited";
 const UNAVAILABLE: &str = "Unavailable";
+/// What a page's 503 means when load refused it before its handler ran, after "the
+/// server is".
+const PAGE_UNDER_LOAD: &str = "under load (too many requests at once, with `Retry-After`, or the request took longer than `http.request_timeout`): a page saying to try again.";
+
 /// Why any route can answer 503, after "the server is".
 const UNDER_LOAD: &str = "under load: `overloaded` (too many requests at once; `Retry-After`) or `request_timeout` (the request took longer than `http.request_timeout` and was abandoned; nothing it had not finished was saved).";
 
@@ -158,41 +162,10 @@ impl EdgeResponses {
             shared("401", UNAUTHORIZED);
             shared("429", RATE_LIMITED);
         }
-        match responses.get_mut("503") {
-            Some(RefOr::T(own)) => {
-                let said = own.description.trim_end_matches('.');
-                let said = if said.is_empty() {
-                    "Discord could not be asked (`service_unavailable`, or `discord_busy` with `Retry-After`)"
-                } else {
-                    said
-                };
-                own.description =
-                    format!("{said}. Or, in the error shape, the server is {UNDER_LOAD}");
-                // Load is refused before the handler runs, in the API's error shape,
-                // also on routes whose own answers are pages.
-                // A JSON answer of the route's own (readiness) or the error shape.
-                match own.content.get_mut("application/json") {
-                    Some(json) => {
-                        if let Some(schema) = json.schema.take() {
-                            let either = OneOfBuilder::new()
-                                .item(schema)
-                                .item(Ref::from_schema_name("ErrorBody"))
-                                .build();
-                            json.schema = Some(RefOr::T(Schema::OneOf(either)));
-                        }
-                    }
-                    None => {
-                        own.content.insert("application/json".into(), error_body());
-                    }
-                }
-                own.headers
-                    .entry("Retry-After".into())
-                    .or_insert_with(|| retry_after("sent with `overloaded` and `discord_busy`"));
-            }
-            Some(RefOr::Ref(_)) => {}
-            None => {
-                responses.insert("503".into(), Ref::from_response_name(UNAVAILABLE).into());
-            }
+        if page {
+            Self::page_under_load(responses);
+        } else {
+            Self::under_load(responses);
         }
         // A bad path or query parameter is refused before the handler runs; a body is
         // refused by `ApiJson` when it is not JSON or too large. A page's form is read
@@ -345,6 +318,70 @@ fn is_anonymous(req: &utoipa::openapi::security::SecurityRequirement) -> bool {
     serde_json::to_value(req).is_ok_and(|v| v.as_object().is_some_and(|o| o.is_empty()))
 }
 
+impl EdgeResponses {
+    /// A route's 503 as the API answers it: its own causes (Discord), and load refused
+    /// before the handler, in the error shape.
+    fn under_load(responses: &mut std::collections::BTreeMap<String, RefOr<Response>>) {
+        match responses.get_mut("503") {
+            Some(RefOr::T(own)) => {
+                let said = own.description.trim_end_matches('.');
+                let said = if said.is_empty() {
+                    "Discord could not be asked (`service_unavailable`, or `discord_busy` with `Retry-After`)"
+                } else {
+                    said
+                };
+                own.description =
+                    format!("{said}. Or, in the error shape, the server is {UNDER_LOAD}");
+                // Load is refused before the handler runs, in the API's error shape,
+                // also on routes whose own answers are pages.
+                // A JSON answer of the route's own (readiness) or the error shape.
+                match own.content.get_mut("application/json") {
+                    Some(json) => {
+                        if let Some(schema) = json.schema.take() {
+                            let either = OneOfBuilder::new()
+                                .item(schema)
+                                .item(Ref::from_schema_name("ErrorBody"))
+                                .build();
+                            json.schema = Some(RefOr::T(Schema::OneOf(either)));
+                        }
+                    }
+                    None => {
+                        own.content.insert("application/json".into(), error_body());
+                    }
+                }
+                own.headers
+                    .entry("Retry-After".into())
+                    .or_insert_with(|| retry_after("sent with `overloaded` and `discord_busy`"));
+            }
+            Some(RefOr::Ref(_)) => {}
+            None => {
+                responses.insert("503".into(), Ref::from_response_name(UNAVAILABLE).into());
+            }
+        }
+    }
+
+    /// A browser page's 503: its own page (the database, Discord), and load refused
+    /// before the handler, answered with a page saying to try again.
+    fn page_under_load(responses: &mut std::collections::BTreeMap<String, RefOr<Response>>) {
+        let r = responses.entry("503".into()).or_insert_with(|| {
+            ResponseBuilder::new()
+                .description("Something went wrong on our side (HTML page)")
+                .build()
+                .into()
+        });
+        if let RefOr::T(own) = r {
+            let said = own.description.trim_end_matches('.').to_string();
+            own.description = format!("{said}. Or the server is {PAGE_UNDER_LOAD}");
+            own.content
+                .entry("text/html".into())
+                .or_insert_with(|| Content::new(None::<RefOr<Schema>>));
+            own.headers
+                .entry("Retry-After".into())
+                .or_insert_with(|| retry_after("sent when too many requests came at once"));
+        }
+    }
+}
+
 impl Modify for EdgeResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
@@ -475,16 +512,28 @@ mod tests {
         for (name, op) in ops {
             let responses = &op["responses"];
             let status = |s: &str| &responses[s];
-            // The concurrency limit and the timeout wrap every route.
-            assert!(is_error_shape(&doc, status("503")), "{name}: 503");
-            assert!(
-                has_retry_after(&doc, status("503")),
-                "{name}: 503 Retry-After"
-            );
             // A NUL in any path or query parameter is refused before the handler, but
             // on the pages browsers are sent to, which show a page instead.
             let page = super::super::error::BROWSER_PAGES
                 .contains(&name.split_once(' ').map_or("", |(_, p)| p));
+            // The concurrency limit and the timeout wrap every route: a page says so
+            // with a page, the API in its error shape.
+            if page {
+                let r = resolve(&doc, status("503"));
+                assert!(r["content"]["text/html"].is_object(), "{name}: 503 {r}");
+                assert!(
+                    r["description"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("try again")),
+                    "{name}: 503 {r}"
+                );
+            } else {
+                assert!(is_error_shape(&doc, status("503")), "{name}: 503");
+            }
+            assert!(
+                has_retry_after(&doc, status("503")),
+                "{name}: 503 Retry-After"
+            );
             assert_eq!(status("422").is_null(), page, "{name}: 422");
             if op["requestBody"].is_object() {
                 let edge: &[&str] = if page {
@@ -528,12 +577,13 @@ mod tests {
     fn an_operations_own_503_keeps_its_content_and_gains_the_load_causes() {
         let doc = serde_json::to_value(document()).unwrap();
         let callback = &doc["paths"]["/discord/bot/callback"]["get"]["responses"]["503"];
-        // The page Discord's outage shows, and the error body load is refused with.
+        // The page Discord's outage shows, which is also the page load is refused
+        // with.
         assert!(callback["content"]["text/html"].is_object(), "{callback}");
-        assert!(is_error_shape(&doc, callback), "{callback}");
+        assert!(!is_error_shape(&doc, callback), "{callback}");
         let text = callback["description"].as_str().unwrap();
         assert!(text.contains("Discord could not be asked"), "{text}");
-        assert!(text.contains("`overloaded`"), "{text}");
+        assert!(text.contains("too many requests at once"), "{text}");
         let roles = &doc["paths"]["/discord/guilds/{guild_id}/roles"]["get"]["responses"]["503"];
         assert!(
             roles["description"]

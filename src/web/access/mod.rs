@@ -77,6 +77,17 @@ impl Shown {
     }
 }
 
+/// "Something went wrong on our side; try again" (503), in the reader's language: what
+/// a page request refused before its handler answered gets (too slow, or too many at
+/// once), whichever page it was for.
+pub fn try_again_page(headers: &HeaderMap) -> Response {
+    Shown {
+        page: Page::Unavailable,
+        lang: lang_of(headers, None),
+    }
+    .into_response()
+}
+
 impl IntoResponse for Shown {
     fn into_response(self) -> Response {
         let mut r = (self.status(), Html(self.page.html(self.lang))).into_response();
