@@ -2019,10 +2019,10 @@ async fn openapi_documents_exactly_the_real_routes() {
             let responses = &op["responses"];
             for status in ["401", "429", "503"] {
                 let documented = responses.get(status).is_some();
-                // The customer's callback and actions have limits of their own (per
-                // link or customer, per address).
+                // The customer's callback, page and actions have limits of their own
+                // (per link or customer, per address).
                 let own_limit = status == "429"
-                    && (path == "/oauth/discord/callback" || path.starts_with("/access/"));
+                    && (path == "/oauth/discord/callback" || path.starts_with("/access"));
                 let expected = secured || status == "503" || own_limit;
                 assert_eq!(documented, expected, "{method} {path}: {status}");
             }
@@ -4437,6 +4437,36 @@ fn access_token_in(text: &str) -> String {
         .next()
         .unwrap()
         .to_string()
+}
+
+/// Each view of the access page costs reads on the pool every tenant shares: one
+/// customer's page viewed in a loop is refused after a minute's worth, before any read,
+/// and another customer's page is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_page_viewed_in_a_loop_is_refused_before_it_reads() {
+    let w = World::start().await;
+    let biz = w.app.business();
+    client(&w, &biz).await;
+    let until = chrono::Utc::now() + chrono::Duration::days(2);
+    let http = browser_like("en");
+    let page = |customer: &str| {
+        format!(
+            "http://{}/access?t={}",
+            w.app.addr,
+            w.links.access_token(&biz, customer, until)
+        )
+    };
+    let mine = page("cus_1");
+    for n in 0..guildgate::web::limits::PAGE_VIEWS_PER_MINUTE {
+        let s = http.get(&mine).send().await.unwrap().status();
+        assert_eq!(s, 200, "view {n}");
+    }
+    let r = http.get(&mine).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "60");
+    assert!(r.text().await.unwrap().contains("Too many attempts"));
+    assert_eq!(http.get(page("cus_2")).send().await.unwrap().status(), 200);
+    w.stop().await;
 }
 
 /// Going through "Use another Discord account" and back, cancelled on Discord or with an

@@ -89,10 +89,20 @@ pub struct Limits {
     application: DefaultKeyedRateLimiter<String>,
     replays: DefaultKeyedRateLimiter<String>,
     key_reads: DefaultKeyedRateLimiter<IpAddr>,
+    page_views: DefaultKeyedRateLimiter<String>,
+    page_views_by_address: DefaultKeyedRateLimiter<IpAddr>,
     /// The most messages one replay may count (the replay budget's burst).
     replay_burst: NonZeroU32,
     trusted_proxies: Vec<IpNet>,
 }
+
+/// Views of one customer's access page per minute and process: a person reloading it
+/// never comes near; each view costs three reads on the pool every tenant shares.
+pub const PAGE_VIEWS_PER_MINUTE: u32 = 60;
+
+/// Views of access pages per client address (its network, [`network_of`]) per minute
+/// and process, whoever's they are.
+pub const PAGE_VIEWS_PER_ADDRESS_PER_MINUTE: u32 = 300;
 
 /// Checks of a business's Discord application credentials per hour and process: each
 /// check asks Discord, and wrong credentials earn 401s, which Discord counts against
@@ -169,8 +179,24 @@ impl Limits {
                     nonzero(s.api.key_reads_per_address_per_second.saturating_mul(5)),
                 ),
             ),
+            page_views: RateLimiter::keyed(per_window(
+                PAGE_VIEWS_PER_MINUTE,
+                Duration::from_secs(60),
+            )),
+            page_views_by_address: RateLimiter::keyed(per_window(
+                PAGE_VIEWS_PER_ADDRESS_PER_MINUTE,
+                Duration::from_secs(60),
+            )),
             trusted_proxies: s.http.trusted_proxy_nets(),
         }
+    }
+
+    /// One view of the access page of `customer` (`business:customer`), from `ip`.
+    pub fn check_page_view(&self, customer: &str, ip: Option<IpAddr>) -> Result<(), Duration> {
+        if let Some(ip) = ip {
+            check(&self.page_views_by_address, &network_of(ip))?;
+        }
+        check(&self.page_views, &customer.to_string())
     }
 
     /// One merchant API request of `business`.
@@ -224,6 +250,10 @@ impl Limits {
         self.application.retain_recent();
         self.replays.retain_recent();
         self.key_reads.retain_recent();
+        self.page_views.retain_recent();
+        self.page_views_by_address.retain_recent();
+        self.page_views.shrink_to_fit();
+        self.page_views_by_address.shrink_to_fit();
         self.key_reads.shrink_to_fit();
         self.application.shrink_to_fit();
         self.replays.shrink_to_fit();

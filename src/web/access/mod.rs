@@ -190,10 +190,13 @@ struct ShowQuery {
         (status = 200, description = "The customer's grants with this business and what they can do (HTML page)", content_type = "text/html"),
         (status = 400, description = "The link is incomplete or was altered (HTML page)", content_type = "text/html"),
         (status = 410, description = "The link expired (HTML page)", content_type = "text/html"),
+        (status = 429, description = "Too many views of this page, or from this address (HTML page)", content_type = "text/html",
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
         (status = 503, description = "The database could not be reached (HTML page)", content_type = "text/html"),
     ))]
 async fn show(
     State(st): State<AppState>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     query: Result<Query<ShowQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Shown {
@@ -201,7 +204,15 @@ async fn show(
     let Some((token, done)) = query.ok().and_then(|Query(q)| q.t.map(|t| (t, q.done))) else {
         return invalid(lang);
     };
-    match render(&st, &headers, &token, done.as_deref() == Some("restore")).await {
+    match render(
+        &st,
+        &headers,
+        ip,
+        &token,
+        done.as_deref() == Some("restore"),
+    )
+    .await
+    {
         Ok(s) | Err(s) => s,
     }
 }
@@ -209,11 +220,24 @@ async fn show(
 async fn render(
     st: &AppState,
     headers: &HeaderMap,
+    ip: Option<std::net::IpAddr>,
     token: &str,
     restored: bool,
 ) -> Result<Shown, Shown> {
     let lang = lang_of(headers, None);
     let who = verify(st, token, lang)?;
+    // Each view costs reads on the pool every tenant shares: limited before them.
+    if st
+        .limits
+        .check_page_view(&format!("{}:{}", who.b, who.c), ip)
+        .is_err()
+    {
+        tracing::info!(business_id = %who.b, "access page: too many views");
+        return Err(Shown {
+            page: Page::TooMany,
+            lang,
+        });
+    }
     let mut conn = st.pool.acquire().await.map_err(|e| failed(e, lang))?;
     let settings = settings_db::settings(&mut conn, &who.b)
         .await
