@@ -261,10 +261,11 @@ pub struct CheckedEndpoint {
 /// Checks a new endpoint, resolving its URL (a DNS lookup, which can take seconds: call
 /// it before taking a database connection).
 pub async fn check_new(
+    business_id: &str,
     new: NewEndpoint,
     policy: TargetPolicy,
 ) -> Result<CheckedEndpoint, EndpointError> {
-    let url = ssrf::check_on_save(&new.url, policy).await?;
+    let url = ssrf::check_on_save(&new.url, policy, business_id).await?;
     let filter = normalize_filter(new.filter_types)?;
     check_description(&new.description)?;
     let secret = match new.secret {
@@ -296,7 +297,7 @@ pub async fn create(
     new: NewEndpoint,
     policy: TargetPolicy,
 ) -> Result<Endpoint, EndpointError> {
-    let checked = check_new(new, policy).await?;
+    let checked = check_new(business_id, new, policy).await?;
     Ok(insert(conn, business_id, checked).await?.0)
 }
 
@@ -353,11 +354,16 @@ pub struct CheckedPatch {
 /// Checks a patch; a new URL is checked like on create (a DNS lookup: call it before
 /// taking a database connection).
 pub async fn check_patch(
+    business_id: &str,
     patch: EndpointPatch,
     policy: TargetPolicy,
 ) -> Result<CheckedPatch, EndpointError> {
     let url = match &patch.url {
-        Some(u) => Some(ssrf::check_on_save(u, policy).await?.to_string()),
+        Some(u) => Some(
+            ssrf::check_on_save(u, policy, business_id)
+                .await?
+                .to_string(),
+        ),
         None => None,
     };
     if let Some(d) = &patch.description {
@@ -402,7 +408,7 @@ pub async fn update(
     patch: EndpointPatch,
     policy: TargetPolicy,
 ) -> Result<Endpoint, EndpointError> {
-    let checked = check_patch(patch, policy).await?;
+    let checked = check_patch(business_id, patch, policy).await?;
     apply_patch(conn, business_id, id, checked).await
 }
 

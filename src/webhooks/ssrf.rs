@@ -28,8 +28,9 @@ pub enum SsrfError {
     /// An IP literal the merchant gave.
     #[error("{0} is not a public address")]
     NotPublic(IpAddr),
-    /// A name: which address it resolved to is the operator's network, not told.
-    #[error("the host resolves to an address that is not public")]
+    /// A name that resolves to an address that is not public or, under the strict
+    /// policy, does not resolve: which, and where to, is the operator's network.
+    #[error("the host does not resolve to public addresses only")]
     ResolvesNotPublic,
     #[error("the host does not resolve: {0}")]
     Unresolvable(String),
@@ -74,29 +75,179 @@ fn allow(ip: IpAddr, policy: TargetPolicy) -> Result<(), SsrfError> {
     }
 }
 
-/// How long the check on save waits for a name to resolve.
+/// How long the check on save waits for a name to resolve, and for its turn to.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The check made when an endpoint is saved: [`check_target`], then every address the
-/// host resolves to must be allowed. A name that does not resolve within
-/// [`LOOKUP_TIMEOUT`] is refused.
-pub async fn check_on_save(raw: &str, policy: TargetPolicy) -> Result<Url, SsrfError> {
+/// Lookups of names on save running at once in a process, at most. Each holds one of
+/// the runtime's blocking threads until the system resolver answers, which a name
+/// server that never answers makes tens of seconds, past the request's end: unbounded,
+/// a merchant saving such names in a loop could take every blocking thread, and with
+/// them the delivery workers' lookups.
+pub const MAX_LOOKUPS_ON_SAVE: usize = 16;
+
+/// Of those, at most this many for one business, so that one business's names whose
+/// server never answers leave the others turns of their own.
+pub const MAX_LOOKUPS_ON_SAVE_PER_BUSINESS: usize = 4;
+
+/// The turns of lookups on save ([`MAX_LOOKUPS_ON_SAVE`], per business
+/// [`MAX_LOOKUPS_ON_SAVE_PER_BUSINESS`]) and how long each may take.
+#[derive(Debug)]
+pub struct Lookups {
+    turns: tokio::sync::Semaphore,
+    per_business: std::sync::Mutex<Option<std::collections::HashMap<String, usize>>>,
+    per_business_max: usize,
+    timeout: Duration,
+}
+
+/// A business's turn at a lookup, given back when dropped.
+struct BusinessTurn {
+    lookups: &'static Lookups,
+    business: String,
+}
+
+impl Drop for BusinessTurn {
+    fn drop(&mut self) {
+        let mut map = self.lookups.per_business.lock().expect("lookups lock");
+        let map = map.get_or_insert_with(Default::default);
+        if let Some(n) = map.get_mut(&self.business) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.business);
+            }
+        }
+    }
+}
+
+/// Why a lookup on save found nothing to check.
+#[derive(Debug, PartialEq, Eq)]
+enum LookupFailed {
+    /// No turn in time: too many lookups at once.
+    Busy(String),
+    /// The resolver did not answer in time.
+    NoAnswer,
+    /// The resolver answered that it cannot resolve the name.
+    NotFound(String),
+}
+
+impl Lookups {
+    pub const fn new(at_once: usize, per_business: usize, timeout: Duration) -> Self {
+        Self {
+            turns: tokio::sync::Semaphore::const_new(at_once),
+            per_business: std::sync::Mutex::new(None),
+            per_business_max: per_business,
+            timeout,
+        }
+    }
+
+    /// One of `business`'s turns, if it has one left.
+    fn business_turn(&'static self, business: &str) -> Option<BusinessTurn> {
+        let mut map = self.per_business.lock().expect("lookups lock");
+        let n = map
+            .get_or_insert_with(Default::default)
+            .entry(business.to_string())
+            .or_default();
+        if *n >= self.per_business_max {
+            return None;
+        }
+        *n += 1;
+        Some(BusinessTurn {
+            lookups: self,
+            business: business.to_string(),
+        })
+    }
+
+    /// The addresses `host` resolves to, from a blocking thread that holds the turns
+    /// (the process's and `business`'s) until the resolver answers, even after this
+    /// gave up waiting for it.
+    async fn resolve(
+        &'static self,
+        business: &str,
+        host: &str,
+        port: u16,
+    ) -> Result<Vec<SocketAddr>, LookupFailed> {
+        let mine = self.business_turn(business).ok_or_else(|| {
+            LookupFailed::Busy(format!(
+                "{host}: too many of this business's names are being looked up; try again"
+            ))
+        })?;
+        let turn = tokio::time::timeout(self.timeout, self.turns.acquire())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                LookupFailed::Busy(format!(
+                    "{host}: too many names are being looked up; try again"
+                ))
+            })?;
+        let name = host.to_string();
+        let lookup = tokio::task::spawn_blocking(move || {
+            let _turns = (turn, mine);
+            std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port))
+                .map(Iterator::collect::<Vec<SocketAddr>>)
+        });
+        match tokio::time::timeout(self.timeout, lookup).await {
+            Err(_) => Err(LookupFailed::NoAnswer),
+            Ok(Err(e)) => Err(LookupFailed::NotFound(e.to_string())),
+            Ok(Ok(found)) => found.map_err(|e| LookupFailed::NotFound(e.to_string())),
+        }
+    }
+}
+
+/// The process's lookups on save.
+static LOOKUPS_ON_SAVE: Lookups = Lookups::new(
+    MAX_LOOKUPS_ON_SAVE,
+    MAX_LOOKUPS_ON_SAVE_PER_BUSINESS,
+    LOOKUP_TIMEOUT,
+);
+
+/// What a lookup on save of `host` means under `policy`. Under the strict policy a name
+/// that does not resolve and one that resolves to an address that is not public get
+/// the same answer, which tells neither where it resolved nor whether it does: the
+/// operator's internal names stay unmapped.
+fn judge(
+    host: &str,
+    found: Result<Vec<SocketAddr>, LookupFailed>,
+    policy: TargetPolicy,
+) -> Result<(), SsrfError> {
+    match found {
+        Err(LookupFailed::Busy(why)) => Err(SsrfError::Unresolvable(why)),
+        Err(LookupFailed::NoAnswer) => Err(SsrfError::Unresolvable(format!(
+            "{host}: no answer in time"
+        ))),
+        Err(LookupFailed::NotFound(e)) if policy.allow_private => Err(SsrfError::Unresolvable(e)),
+        Err(LookupFailed::NotFound(_)) => Err(SsrfError::ResolvesNotPublic),
+        Ok(addrs) if addrs.is_empty() && policy.allow_private => {
+            Err(SsrfError::Unresolvable(host.to_string()))
+        }
+        Ok(addrs) if !addrs.is_empty() && addrs.iter().all(|a| policy.allows(a.ip())) => Ok(()),
+        Ok(_) => Err(SsrfError::ResolvesNotPublic),
+    }
+}
+
+/// The check made when an endpoint of `business` is saved: [`check_target`], then
+/// every address the host resolves to must be allowed ([`judge`]). A name that does not
+/// resolve within [`LOOKUP_TIMEOUT`] is refused, and so is one that waited that long
+/// for a turn to be looked up ([`MAX_LOOKUPS_ON_SAVE`],
+/// [`MAX_LOOKUPS_ON_SAVE_PER_BUSINESS`]).
+pub async fn check_on_save(
+    raw: &str,
+    policy: TargetPolicy,
+    business: &str,
+) -> Result<Url, SsrfError> {
+    check_on_save_with(raw, policy, business, &LOOKUPS_ON_SAVE).await
+}
+
+async fn check_on_save_with(
+    raw: &str,
+    policy: TargetPolicy,
+    business: &str,
+    lookups: &'static Lookups,
+) -> Result<Url, SsrfError> {
     let url = Url::parse(raw).map_err(|_| SsrfError::Invalid)?;
     check_target(&url, policy)?;
     if let Some(Host::Domain(host)) = url.host() {
         let port = url.port_or_known_default().unwrap_or(443);
-        let addrs: Vec<SocketAddr> =
-            tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host((host, port)))
-                .await
-                .map_err(|_| SsrfError::Unresolvable(format!("{host}: no answer in time")))?
-                .map_err(|e| SsrfError::Unresolvable(e.to_string()))?
-                .collect();
-        if addrs.is_empty() {
-            return Err(SsrfError::Unresolvable(host.to_string()));
-        }
-        if !addrs.iter().all(|a| policy.allows(a.ip())) {
-            return Err(SsrfError::ResolvesNotPublic);
-        }
+        judge(host, lookups.resolve(business, host, port).await, policy)?;
     }
     Ok(url)
 }
@@ -347,23 +498,82 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn lookups_on_save_wait_their_turn_a_bounded_time() {
+        static ONE: Lookups = Lookups::new(1, 1, Duration::from_millis(200));
+        let local = |b: &'static str| check_on_save_with("http://localhost:1/hook", LOCAL, b, &ONE);
+        // The process's one turn taken: nobody's lookup goes.
+        let held = ONE.turns.acquire().await.unwrap();
+        match local("bus_A").await {
+            Err(SsrfError::Unresolvable(m)) => assert!(m.contains("too many names"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        drop(held);
+        assert!(local("bus_A").await.is_ok());
+        assert_eq!(ONE.turns.available_permits(), 1, "the turn is given back");
+        // A business's one turn taken: its next lookup is refused, another's goes.
+        let mine = ONE.business_turn("bus_A").unwrap();
+        match local("bus_A").await {
+            Err(SsrfError::Unresolvable(m)) => assert!(m.contains("this business"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(local("bus_B").await.is_ok());
+        drop(mine);
+        assert!(local("bus_A").await.is_ok());
+        assert!(
+            ONE.per_business
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .is_empty(),
+            "every business's turns given back"
+        );
+    }
+
+    #[test]
+    fn a_name_refused_on_save_does_not_tell_where_it_resolves_or_whether() {
+        let private: SocketAddr = "10.1.2.3:443".parse().unwrap();
+        let public: SocketAddr = "1.1.1.1:443".parse().unwrap();
+        let not_found = || Err(LookupFailed::NotFound("no such name".into()));
+        assert_eq!(
+            judge("a.example", Ok(vec![private]), STRICT),
+            Err(SsrfError::ResolvesNotPublic)
+        );
+        assert_eq!(
+            judge("a.example", not_found(), STRICT),
+            Err(SsrfError::ResolvesNotPublic),
+            "the same answer"
+        );
+        assert_eq!(
+            judge("a.example", Ok(vec![]), STRICT),
+            Err(SsrfError::ResolvesNotPublic)
+        );
+        assert_eq!(
+            judge("a.example", Ok(vec![public, private]), STRICT),
+            Err(SsrfError::ResolvesNotPublic)
+        );
+        assert_eq!(judge("a.example", Ok(vec![public]), STRICT), Ok(()));
+        assert_eq!(
+            judge("a.example", not_found(), LOCAL),
+            Err(SsrfError::Unresolvable("no such name".into())),
+            "local development is told"
+        );
+        assert!(!SsrfError::ResolvesNotPublic.to_string().contains("10."));
+    }
+
+    #[tokio::test]
     async fn names_are_resolved_on_save() {
         assert!(matches!(
-            check_on_save("https://localhost/hook", STRICT).await,
+            check_on_save("https://localhost/hook", STRICT, "bus_A").await,
             Err(SsrfError::ResolvesNotPublic)
         ));
-        assert_eq!(
-            SsrfError::ResolvesNotPublic.to_string(),
-            "the host resolves to an address that is not public",
-            "which address is not told"
-        );
         assert!(
-            check_on_save("http://localhost:1/hook", LOCAL)
+            check_on_save("http://localhost:1/hook", LOCAL, "bus_A")
                 .await
                 .is_ok()
         );
         assert_eq!(
-            check_on_save("not a url", LOCAL).await,
+            check_on_save("not a url", LOCAL, "bus_A").await,
             Err(SsrfError::Invalid)
         );
     }

@@ -206,13 +206,13 @@ pub async fn create(
         headers: body.headers,
         idempotency_key: body.idempotency_key,
     };
-    let checked = endpoints::check_new(new, policy(&state)).await?;
+    let checked = endpoints::check_new(merchant.business(), new, policy(&state)).await?;
     let disable = if body.disabled == Some(true) {
         let patch = EndpointPatch {
             disabled: Some(true),
             ..Default::default()
         };
-        Some(endpoints::check_patch(patch, policy(&state)).await?)
+        Some(endpoints::check_patch(merchant.business(), patch, policy(&state)).await?)
     } else {
         None
     };
@@ -352,7 +352,7 @@ pub async fn update(
         metadata: body.metadata,
         rate_limit: body.rate_limit,
     };
-    let patch = endpoints::check_patch(patch, policy(&state)).await?;
+    let patch = endpoints::check_patch(merchant.business(), patch, policy(&state)).await?;
     let mut conn = state.pool.acquire().await?;
     let ep = endpoints::apply_patch(&mut conn, merchant.business(), &id, patch).await?;
     Ok(ApiJson(EndpointView::from(&ep)))
