@@ -10,8 +10,8 @@
 //! mean of the two phases that bracket the loaded one, as the machine's speed drifts):
 //! saves waiting on Discord must hold no database connection.
 //!
-//! The API's per-business rate limit is raised for the run, so that every save reaches
-//! Discord; those the side budget cannot carry are refused after
+//! The API's per-business rate and in-flight limits are raised for the run, so that
+//! every save reaches Discord; those the side budget cannot carry are refused after
 //! `discord.side_queue_timeout` (503 `discord_busy`), having waited that long too.
 //! Uses `GUILDGATE_TEST_DATABASE_URL` / `GUILDGATE_TEST_AMQP_URL` like the tests and
 //! deletes its database, queues and exchanges at the end.
@@ -155,6 +155,7 @@ async fn main() {
         ("GUILDGATE_HTTP__ADDR", "127.0.0.1:0".into()),
         ("GUILDGATE_API__REQUESTS_PER_SECOND", "100000".into()),
         ("GUILDGATE_API__BURST", "100000".into()),
+        ("GUILDGATE_API__MAX_IN_FLIGHT_PER_BUSINESS", "100000".into()),
     ]
     .into_iter()
     .chain(world::sandbox_env(&sandbox))

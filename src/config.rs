@@ -193,6 +193,9 @@ pub struct ApiSettings {
     /// API keys not known to the process (not read in the last 5 s) read from the
     /// database per client address and second; a burst of five times as many.
     pub key_reads_per_address_per_second: u32,
+    /// Requests of one business handled at once per process; one more gets 429. Bounds
+    /// how much of the shared database pool one business's slow requests can hold.
+    pub max_in_flight_per_business: u32,
 }
 
 /// Limits of the customer's OAuth callback.
@@ -543,11 +546,12 @@ impl Settings {
             self.api.requests_per_second > 0
                 && self.api.burst > 0
                 && self.api.key_reads_per_address_per_second > 0
+                && self.api.max_in_flight_per_business > 0
                 && self.webhooks.replays_per_hour > 0
                 && self.oauth.callback_attempts > 0
                 && self.oauth.address_attempts > 0
                 && !self.oauth.callback_window.is_zero(),
-            "api.requests_per_second, api.burst, api.key_reads_per_address_per_second, webhooks.replays_per_hour, oauth.callback_attempts, oauth.address_attempts and oauth.callback_window must be more than 0",
+            "api.requests_per_second, api.burst, api.key_reads_per_address_per_second, api.max_in_flight_per_business, webhooks.replays_per_hour, oauth.callback_attempts, oauth.address_attempts and oauth.callback_window must be more than 0",
         )
     }
 

@@ -2574,6 +2574,27 @@ async fn a_request_slower_than_the_timeout_gets_503_in_the_error_shape() {
     w.stop().await;
 }
 
+/// Two role listings of `c`'s business (two servers of its own), both in their handler
+/// waiting on Discord, which `gate` holds.
+async fn two_listings_waiting_on_discord(
+    w: &World,
+    c: &Client,
+    gate: &discord_world::Gate,
+) -> Vec<tokio::task::JoinHandle<(u16, Value)>> {
+    let g1 = connected_guild(w, c, "Acme").await;
+    let g2 = connected_guild(w, c, "Bolt").await;
+    gate.hold();
+    let slow = [g1.guild_id, g2.guild_id]
+        .into_iter()
+        .map(|g| {
+            let c = c.clone();
+            tokio::spawn(async move { c.get(&format!("/discord/guilds/{g}/roles")).await })
+        })
+        .collect();
+    gate.wait_holding(2).await;
+    slow
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_over_the_concurrency_limit_are_refused_at_once() {
     let (w, gate) = World::start_gated(
@@ -2582,18 +2603,7 @@ async fn requests_over_the_concurrency_limit_are_refused_at_once() {
     )
     .await;
     let c = client(&w, "bus_A").await;
-    let g1 = connected_guild(&w, &c, "Acme").await;
-    let g2 = connected_guild(&w, &c, "Bolt").await;
-    gate.hold();
-    let slow: Vec<_> = [g1.guild_id, g2.guild_id]
-        .into_iter()
-        .map(|g| {
-            let c = c.clone();
-            tokio::spawn(async move { c.get(&format!("/discord/guilds/{g}/roles")).await })
-        })
-        .collect();
-    // Both are in the handler, waiting on Discord.
-    gate.wait_holding(2).await;
+    let slow = two_listings_waiting_on_discord(&w, &c, &gate).await;
     let (s, retry_after, body) = call_with_headers(&anonymous(&w), "/healthz").await;
     assert_eq!(s, 503, "{body}");
     assert_eq!(body["code"], "overloaded", "{body}");
@@ -2621,6 +2631,33 @@ async fn requests_over_the_concurrency_limit_are_refused_at_once() {
         assert_eq!(s, 200, "{v}");
     }
     assert_eq!(call_with_headers(&anonymous(&w), "/healthz").await.0, 200);
+    w.stop().await;
+}
+
+/// A business whose requests are all waiting (here on Discord) gets 429 for one more,
+/// so its slow requests cannot hold the pool every business shares; another business
+/// is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_has_a_bounded_number_of_requests_in_flight() {
+    let (w, gate) = World::start_gated(
+        sandbox_discord::SandboxConfig::default(),
+        load_cfg(&[("GUILDGATE_API__MAX_IN_FLIGHT_PER_BUSINESS", "2")]),
+    )
+    .await;
+    let c = client(&w, "bus_A").await;
+    let other = client(&w, "bus_B").await;
+    let slow = two_listings_waiting_on_discord(&w, &c, &gate).await;
+    let (s, retry_after, body) = call_with_headers(&c, "/entitlements").await;
+    assert_eq!(s, 429, "{body}");
+    assert_eq!(body["code"], "rate_limited", "{body}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert_eq!(call_with_headers(&other, "/entitlements").await.0, 200);
+    gate.release();
+    for t in slow {
+        let (s, v) = t.await.unwrap();
+        assert_eq!(s, 200, "{v}");
+    }
+    assert_eq!(call_with_headers(&c, "/entitlements").await.0, 200);
     w.stop().await;
 }
 
@@ -2665,9 +2702,11 @@ async fn callers_that_get_no_side_budget_slot_in_time_get_503_not_a_wait() {
 /// whole flood, and is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_business_flooding_the_shared_bot_leaves_another_its_turn() {
+    // The business's in-flight cap raised: the flood is the side budget's to carry.
     let w = World::configured(load_cfg(&[
         ("GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S", "1"),
         ("GUILDGATE_DISCORD__SIDE_QUEUE_TIMEOUT", "5s"),
+        ("GUILDGATE_API__MAX_IN_FLIGHT_PER_BUSINESS", "64"),
     ]))
     .await;
     let a = client(&w, "bus_A").await;

@@ -13,6 +13,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -24,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::{BoxError, ServiceBuilder};
 
@@ -90,6 +92,9 @@ pub struct Limits {
     replays: DefaultKeyedRateLimiter<String>,
     key_reads: DefaultKeyedRateLimiter<IpAddr>,
     page_views: DefaultKeyedRateLimiter<String>,
+    /// Each business's requests being handled, at most `max_in_flight` at once.
+    in_flight: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
+    max_in_flight: usize,
     page_views_by_address: DefaultKeyedRateLimiter<IpAddr>,
     /// The most messages one replay may count (the replay budget's burst).
     replay_burst: NonZeroU32,
@@ -179,6 +184,10 @@ impl Limits {
                     nonzero(s.api.key_reads_per_address_per_second.saturating_mul(5)),
                 ),
             ),
+            in_flight: Default::default(),
+            max_in_flight: usize::try_from(s.api.max_in_flight_per_business)
+                .unwrap_or(usize::MAX)
+                .max(1),
             page_views: RateLimiter::keyed(per_window(
                 PAGE_VIEWS_PER_MINUTE,
                 Duration::from_secs(60),
@@ -202,6 +211,18 @@ impl Limits {
     /// One merchant API request of `business`.
     pub fn check_business(&self, business: &str) -> Result<(), Duration> {
         check(&self.business, &business.to_string())
+    }
+
+    /// A request of `business` starts being handled: its place, held until dropped, or
+    /// `None` if `api.max_in_flight_per_business` of its requests are already.
+    pub fn enter(&self, business: &str) -> Option<InFlight> {
+        let turns = {
+            let mut map = self.in_flight.lock().expect("in-flight lock");
+            map.entry(business.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.max_in_flight)))
+                .clone()
+        };
+        turns.try_acquire_owned().ok().map(InFlight)
     }
 
     /// One OAuth callback with the link `link` (grant id and nonce).
@@ -250,6 +271,10 @@ impl Limits {
         self.application.retain_recent();
         self.replays.retain_recent();
         self.key_reads.retain_recent();
+        self.in_flight
+            .lock()
+            .expect("in-flight lock")
+            .retain(|_, turns| Arc::strong_count(turns) > 1);
         self.page_views.retain_recent();
         self.page_views_by_address.retain_recent();
         self.page_views.shrink_to_fit();
@@ -310,6 +335,11 @@ impl Limits {
         client
     }
 }
+
+/// A business's request being handled ([`Limits::enter`]); its place is given back
+/// when this is dropped.
+#[derive(Debug)]
+pub struct InFlight(#[allow(dead_code)] OwnedSemaphorePermit);
 
 /// The client's address (see [`Limits::client_ip`]); `None` when the server was not
 /// started with connection info (a router called directly, without a socket).
@@ -427,6 +457,21 @@ mod tests {
         assert_eq!(
             network_of(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
             ip("2001:db8:1:2::")
+        );
+    }
+
+    #[test]
+    fn a_business_has_its_own_places_in_flight() {
+        let l = limits("");
+        let mine: Vec<InFlight> = (0..8).map(|_| l.enter("bus_A").unwrap()).collect();
+        assert!(l.enter("bus_A").is_none(), "the ninth waits for one to end");
+        assert!(l.enter("bus_B").is_some(), "another business has its own");
+        drop(mine);
+        assert!(l.enter("bus_A").is_some());
+        l.forget_idle();
+        assert!(
+            l.in_flight.lock().unwrap().is_empty(),
+            "idle businesses forgotten"
         );
     }
 

@@ -53,6 +53,7 @@ pub async fn seeded(endpoint: Endpoint) -> Seeded {
             // place of the handler the request was generated for.
             .env("GUILDGATE_API__REQUESTS_PER_SECOND", "1000000")
             .env("GUILDGATE_API__BURST", "1000000")
+            .env("GUILDGATE_API__MAX_IN_FLIGHT_PER_BUSINESS", "1000000")
             .env("GUILDGATE_WEBHOOKS__ALLOW_PRIVATE_TARGETS", private_targets),
     )
     .await;

@@ -23,12 +23,14 @@ use crate::domain::ids::BusinessId;
 use crate::store::api_keys as db;
 use crate::web::AppState;
 use crate::web::error::ApiError;
-use crate::web::limits::ClientIp;
+use crate::web::limits::{ClientIp, InFlight};
 
-/// The authenticated caller.
+/// The authenticated caller, holding one of its business's places in flight
+/// (`api.max_in_flight_per_business`) while the request is handled.
 #[derive(Clone, Debug)]
 pub struct Merchant {
     pub business_id: BusinessId,
+    _in_flight: Arc<InFlight>,
 }
 
 impl Merchant {
@@ -62,7 +64,14 @@ impl FromRequestParts<AppState> for Merchant {
         };
         // A key known to be its business's (the secret matches what it matched) is
         // counted against the rate limit first: past it, refused without a read.
+        let too_many = |business: &BusinessId| {
+            tracing::info!(business_id = %business, "API request refused: too many of this business at once");
+            ApiError::rate_limited(Duration::from_secs(1))
+        };
         let known = state.keys.get(&key.id);
+        // A known key's business takes its place in flight before the read, so that
+        // its requests past that are refused without one.
+        let mut in_flight = None;
         if let Some(known) = &known {
             if !key.matches(&known.key_hash) {
                 state.metrics.api_key_read("memory");
@@ -71,6 +80,13 @@ impl FromRequestParts<AppState> for Merchant {
             if let Err(refused) = limited(&known.business_id) {
                 state.metrics.api_key_read("memory");
                 return Err(refused);
+            }
+            match state.limits.enter(known.business_id.as_str()) {
+                Some(place) => in_flight = Some((known.business_id.clone(), place)),
+                None => {
+                    state.metrics.api_key_read("memory");
+                    return Err(too_many(&known.business_id));
+                }
             }
         }
         if known.is_none()
@@ -110,7 +126,17 @@ impl FromRequestParts<AppState> for Merchant {
             // After authentication, so that nobody can spend another business's budget.
             limited(&business_id)?;
         }
-        Ok(Merchant { business_id })
+        let in_flight = match in_flight {
+            Some((known, place)) if known == business_id => place,
+            _ => state
+                .limits
+                .enter(business_id.as_str())
+                .ok_or_else(|| too_many(&business_id))?,
+        };
+        Ok(Merchant {
+            business_id,
+            _in_flight: Arc::new(in_flight),
+        })
     }
 }
 
