@@ -868,6 +868,26 @@ pub async fn attempts(
         .await
 }
 
+/// The attempts of each of `message_ids`, in one query: by message, each message's in
+/// order.
+pub async fn attempts_of_many(
+    conn: &mut PgConnection,
+    message_ids: &[String],
+) -> Result<std::collections::HashMap<String, Vec<Attempt>>, sqlx::Error> {
+    let rows: Vec<Attempt> = sqlx::query_as(
+        "SELECT * FROM webhook_attempts WHERE message_id = ANY ($1) ORDER BY message_id, id",
+    )
+    .bind(message_ids)
+    .fetch_all(conn)
+    .await?;
+    let mut by_message: std::collections::HashMap<String, Vec<Attempt>> =
+        std::collections::HashMap::with_capacity(message_ids.len());
+    for a in rows {
+        by_message.entry(a.message_id.clone()).or_default().push(a);
+    }
+    Ok(by_message)
+}
+
 /// A page of an endpoint's messages, newest first, optionally by status.
 pub async fn page_of_endpoint(
     conn: &mut PgConnection,

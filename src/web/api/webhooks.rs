@@ -570,11 +570,16 @@ pub async fn list_messages(
     let mut conn = state.pool.acquire().await?;
     endpoints::get(&mut conn, merchant.business(), &id).await?;
     let rows = db::page_of_endpoint(&mut conn, &id, q.status.as_deref(), p).await?;
-    let mut items = Vec::with_capacity(rows.len());
-    for m in rows {
-        let attempts = messages::attempts(&mut conn, &m.id).await?;
-        items.push(message_view(m, attempts));
-    }
+    // The page's attempts in one query, not one per message.
+    let ids: Vec<String> = rows.iter().map(|m| m.id.clone()).collect();
+    let mut attempts = messages::attempts_of_many(&mut conn, &ids).await?;
+    let items = rows
+        .into_iter()
+        .map(|m| {
+            let its = attempts.remove(&m.id).unwrap_or_default();
+            message_view(m, its)
+        })
+        .collect();
     Ok(ApiJson(Items { items }))
 }
 
