@@ -4544,6 +4544,28 @@ async fn a_switch_never_makes_an_access_link_last_longer() {
     assert_eq!(status, 200, "{page}");
     assert_eq!(ends(&access_token_in(&page)), until.timestamp(), "{page}");
 
+    // Another account: the confirmation page's way back, and the switched page's after
+    // the confirmation, end with the first link too.
+    let vic = w.user("vic");
+    let (_, to) = post_form(&http, &format!("{base}/access/switch"), &[("t", &token)]).await;
+    let (_, status, confirm) = w.consent(&to, vic, Consent::Authorize).await;
+    assert_eq!(status, 200, "{confirm}");
+    assert_eq!(
+        ends(&access_token_in(&confirm)),
+        until.timestamp(),
+        "{confirm}"
+    );
+    let s_value = hidden_value(&confirm, "s");
+    let (s, done) = post_form(
+        &http,
+        &format!("{base}/access/switch/confirm"),
+        &[("s", &s_value)],
+    )
+    .await;
+    assert_eq!(s, 200, "{done}");
+    assert!(done.contains("vic"), "{done}");
+    assert_eq!(ends(&access_token_in(&done)), until.timestamp(), "{done}");
+
     // A switch's state a quarter of an hour old: expired.
     let old = w.links.switch_url(
         &guildgate::grants::link::Switching {

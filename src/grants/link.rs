@@ -321,6 +321,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_switch_of_the_release_before_verifies_and_gets_a_full_link_back() {
+        let s = Settings::load_with_env(None, Some(Default::default())).unwrap();
+        let b = LinkBuilder::from_settings(&s);
+        let now = Utc::now();
+        // The release before signed the customer alone, in the state and in the
+        // confirmation.
+        let customer = AccessToken {
+            b: "bus_1".into(),
+            c: "cus_1".into(),
+        };
+        let soon = (now + chrono::Duration::minutes(SWITCH_TTL_MINUTES)).timestamp();
+        let state = b.signer.sign(SWITCH_PURPOSE, &customer, soon);
+        let who = b.verify_switch(&state, now).unwrap();
+        assert_eq!(
+            (who.b.as_str(), who.c.as_str(), who.x),
+            ("bus_1", "cus_1", None)
+        );
+        let confirm = b.signer.sign(
+            CONFIRM_PURPOSE,
+            serde_json::json!({"b": "bus_1", "c": "cus_1", "p": "asw_1"}),
+            soon,
+        );
+        assert_eq!(b.verify_confirm(&confirm, now).unwrap().x, None);
+        // Its way back is a link of the full lifetime, as that release gave.
+        let back = b.access_url_back(&who.b, &who.c, who.x, now);
+        let token = back.split_once("?t=").unwrap().1;
+        let (_, until) = b.verify_access_until(token, now).unwrap();
+        assert_eq!(until, (now + b.access_ttl).timestamp());
+        // This release's: the link the customer came with.
+        let back = b.access_url_back("bus_1", "cus_1", Some(soon), now);
+        let token = back.split_once("?t=").unwrap().1;
+        assert_eq!(b.verify_access_until(token, now).unwrap().1, soon);
+    }
+
+    #[test]
     fn url_has_the_platform_shape_and_its_state_verifies() {
         let s = Settings::load_with_env(None, Some(Default::default())).unwrap();
         let b = LinkBuilder::from_settings(&s);
