@@ -19,6 +19,7 @@ pub mod nul;
 pub mod outbox;
 pub mod queue;
 pub mod reconcile;
+pub mod shares;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

@@ -13,7 +13,6 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -25,12 +24,12 @@ use axum::response::{IntoResponse, Response};
 use governor::clock::Clock;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use ipnet::IpNet;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower::{BoxError, ServiceBuilder};
 
 use super::AppState;
 use crate::config::{HttpSettings, Settings};
+use crate::shares::{Share, Shares};
 use crate::web::error::{ApiError, BROWSER_PAGES};
 
 /// Wraps every route of `router` in the request timeout and the concurrency limit.
@@ -92,9 +91,8 @@ pub struct Limits {
     replays: DefaultKeyedRateLimiter<String>,
     key_reads: DefaultKeyedRateLimiter<IpAddr>,
     page_views: DefaultKeyedRateLimiter<String>,
-    /// Each business's requests being handled, at most `max_in_flight` at once.
-    in_flight: std::sync::Mutex<std::collections::HashMap<String, Arc<Semaphore>>>,
-    max_in_flight: usize,
+    /// Each business's requests being handled (`api.max_in_flight_per_business`).
+    in_flight: Shares,
     page_views_by_address: DefaultKeyedRateLimiter<IpAddr>,
     /// The most messages one replay may count (the replay budget's burst).
     replay_burst: NonZeroU32,
@@ -184,10 +182,9 @@ impl Limits {
                     nonzero(s.api.key_reads_per_address_per_second.saturating_mul(5)),
                 ),
             ),
-            in_flight: Default::default(),
-            max_in_flight: usize::try_from(s.api.max_in_flight_per_business)
-                .unwrap_or(usize::MAX)
-                .max(1),
+            in_flight: Shares::each(
+                usize::try_from(s.api.max_in_flight_per_business).unwrap_or(usize::MAX),
+            ),
             page_views: RateLimiter::keyed(per_window(
                 PAGE_VIEWS_PER_MINUTE,
                 Duration::from_secs(60),
@@ -215,14 +212,8 @@ impl Limits {
 
     /// A request of `business` starts being handled: its place, held until dropped, or
     /// `None` if `api.max_in_flight_per_business` of its requests are already.
-    pub fn enter(&self, business: &str) -> Option<InFlight> {
-        let turns = {
-            let mut map = self.in_flight.lock().expect("in-flight lock");
-            map.entry(business.to_string())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.max_in_flight)))
-                .clone()
-        };
-        turns.try_acquire_owned().ok().map(InFlight)
+    pub fn enter(&self, business: &str) -> Option<Share> {
+        self.in_flight.take(business)
     }
 
     /// One OAuth callback with the link `link` (grant id and nonce).
@@ -271,10 +262,6 @@ impl Limits {
         self.application.retain_recent();
         self.replays.retain_recent();
         self.key_reads.retain_recent();
-        self.in_flight
-            .lock()
-            .expect("in-flight lock")
-            .retain(|_, turns| Arc::strong_count(turns) > 1);
         self.page_views.retain_recent();
         self.page_views_by_address.retain_recent();
         self.page_views.shrink_to_fit();
@@ -335,11 +322,6 @@ impl Limits {
         client
     }
 }
-
-/// A business's request being handled ([`Limits::enter`]); its place is given back
-/// when this is dropped.
-#[derive(Debug)]
-pub struct InFlight(#[allow(dead_code)] OwnedSemaphorePermit);
 
 /// The client's address (see [`Limits::client_ip`]); `None` when the server was not
 /// started with connection info (a router called directly, without a socket).
@@ -463,16 +445,12 @@ mod tests {
     #[test]
     fn a_business_has_its_own_places_in_flight() {
         let l = limits("");
-        let mine: Vec<InFlight> = (0..8).map(|_| l.enter("bus_A").unwrap()).collect();
+        let mine: Vec<Share> = (0..8).map(|_| l.enter("bus_A").unwrap()).collect();
         assert!(l.enter("bus_A").is_none(), "the ninth waits for one to end");
         assert!(l.enter("bus_B").is_some(), "another business has its own");
         drop(mine);
         assert!(l.enter("bus_A").is_some());
-        l.forget_idle();
-        assert!(
-            l.in_flight.lock().unwrap().is_empty(),
-            "idle businesses forgotten"
-        );
+        assert!(l.in_flight.idle(), "idle businesses forgotten");
     }
 
     #[test]

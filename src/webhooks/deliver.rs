@@ -46,13 +46,13 @@ use super::parking::{self, Line, Look, ParkWrite, Parking, Place};
 use super::reader::{ReadError, Reader};
 use super::recorder::{RecordError, Recorder};
 use super::schedule::{self, AttemptResult, GiveUpReason, Next};
-use super::shares::Shares;
 use super::signing::{Secret, signature_header};
 use super::ssrf::{self, GuardedResolver, TargetPolicy};
 use crate::amqp::{Broker, Names};
 use crate::config::WebhookSettings;
 use crate::metrics::Metrics;
 use crate::queue::{self, Outcome};
+use crate::shares::Shares;
 use crate::store::messages::{
     self, AttemptRecord, DeliveryTarget, Held, NewStatus, Parked, Recorded,
 };

@@ -21,7 +21,7 @@
 //!   requests finish ([`parking`]); those of an endpoint that hangs or whose circuit is
 //!   open are held there, and [`holds`] sends them again when their time comes (or
 //!   parks them when the endpoint answers); [`pacing`] keeps an endpoint's deliveries
-//!   within its `rate_limit`; [`shares`] keeps one business's endpoints from taking the
+//!   within its `rate_limit`; [`crate::shares`] keeps one business's endpoints from taking the
 //!   workers of other businesses.
 //! - [`replay`]: send a message, or an endpoint's failed messages, again.
 //! - [`signing`]: `webhook-signature` values.
@@ -38,7 +38,6 @@ pub mod reader;
 pub mod recorder;
 pub mod replay;
 pub mod schedule;
-pub mod shares;
 pub mod signing;
 pub mod ssrf;
 

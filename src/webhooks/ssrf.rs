@@ -10,10 +10,13 @@
 //! literals never reach a resolver, so [`check_target`] checks them before sending.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use url::{Host, Url};
+
+use crate::shares::Shares;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SsrfError {
@@ -94,28 +97,8 @@ pub const MAX_LOOKUPS_ON_SAVE_PER_BUSINESS: usize = 4;
 #[derive(Debug)]
 pub struct Lookups {
     turns: tokio::sync::Semaphore,
-    per_business: std::sync::Mutex<Option<std::collections::HashMap<String, usize>>>,
-    per_business_max: usize,
+    per_business: Shares,
     timeout: Duration,
-}
-
-/// A business's turn at a lookup, given back when dropped.
-struct BusinessTurn {
-    lookups: &'static Lookups,
-    business: String,
-}
-
-impl Drop for BusinessTurn {
-    fn drop(&mut self) {
-        let mut map = self.lookups.per_business.lock().expect("lookups lock");
-        let map = map.get_or_insert_with(Default::default);
-        if let Some(n) = map.get_mut(&self.business) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.business);
-            }
-        }
-    }
 }
 
 /// Why a lookup on save found nothing to check.
@@ -130,30 +113,12 @@ enum LookupFailed {
 }
 
 impl Lookups {
-    pub const fn new(at_once: usize, per_business: usize, timeout: Duration) -> Self {
+    pub fn new(at_once: usize, per_business: usize, timeout: Duration) -> Self {
         Self {
-            turns: tokio::sync::Semaphore::const_new(at_once),
-            per_business: std::sync::Mutex::new(None),
-            per_business_max: per_business,
+            turns: tokio::sync::Semaphore::new(at_once),
+            per_business: Shares::each(per_business),
             timeout,
         }
-    }
-
-    /// One of `business`'s turns, if it has one left.
-    fn business_turn(&'static self, business: &str) -> Option<BusinessTurn> {
-        let mut map = self.per_business.lock().expect("lookups lock");
-        let n = map
-            .get_or_insert_with(Default::default)
-            .entry(business.to_string())
-            .or_default();
-        if *n >= self.per_business_max {
-            return None;
-        }
-        *n += 1;
-        Some(BusinessTurn {
-            lookups: self,
-            business: business.to_string(),
-        })
     }
 
     /// The addresses `host` resolves to, from a blocking thread that holds the turns
@@ -165,7 +130,7 @@ impl Lookups {
         host: &str,
         port: u16,
     ) -> Result<Vec<SocketAddr>, LookupFailed> {
-        let mine = self.business_turn(business).ok_or_else(|| {
+        let mine = self.per_business.take(business).ok_or_else(|| {
             LookupFailed::Busy(format!(
                 "{host}: too many of this business's names are being looked up; try again"
             ))
@@ -194,11 +159,13 @@ impl Lookups {
 }
 
 /// The process's lookups on save.
-static LOOKUPS_ON_SAVE: Lookups = Lookups::new(
-    MAX_LOOKUPS_ON_SAVE,
-    MAX_LOOKUPS_ON_SAVE_PER_BUSINESS,
-    LOOKUP_TIMEOUT,
-);
+static LOOKUPS_ON_SAVE: LazyLock<Lookups> = LazyLock::new(|| {
+    Lookups::new(
+        MAX_LOOKUPS_ON_SAVE,
+        MAX_LOOKUPS_ON_SAVE_PER_BUSINESS,
+        LOOKUP_TIMEOUT,
+    )
+});
 
 /// What a lookup on save of `host` means under `policy`. Under the strict policy a name
 /// that does not resolve and one that resolves to an address that is not public get
@@ -499,7 +466,8 @@ mod tests {
 
     #[tokio::test]
     async fn lookups_on_save_wait_their_turn_a_bounded_time() {
-        static ONE: Lookups = Lookups::new(1, 1, Duration::from_millis(200));
+        static ONE: LazyLock<Lookups> =
+            LazyLock::new(|| Lookups::new(1, 1, Duration::from_millis(200)));
         let local = |b: &'static str| check_on_save_with("http://localhost:1/hook", LOCAL, b, &ONE);
         // The process's one turn taken: nobody's lookup goes.
         let held = ONE.turns.acquire().await.unwrap();
@@ -511,7 +479,7 @@ mod tests {
         assert!(local("bus_A").await.is_ok());
         assert_eq!(ONE.turns.available_permits(), 1, "the turn is given back");
         // A business's one turn taken: its next lookup is refused, another's goes.
-        let mine = ONE.business_turn("bus_A").unwrap();
+        let mine = ONE.per_business.take("bus_A").unwrap();
         match local("bus_A").await {
             Err(SsrfError::Unresolvable(m)) => assert!(m.contains("this business"), "{m}"),
             other => panic!("{other:?}"),
@@ -519,15 +487,7 @@ mod tests {
         assert!(local("bus_B").await.is_ok());
         drop(mine);
         assert!(local("bus_A").await.is_ok());
-        assert!(
-            ONE.per_business
-                .lock()
-                .unwrap()
-                .as_ref()
-                .unwrap()
-                .is_empty(),
-            "every business's turns given back"
-        );
+        assert!(ONE.per_business.idle(), "every business's turns given back");
     }
 
     #[test]

@@ -20,17 +20,18 @@ use sqlx::PgConnection;
 
 use super::keys::{NewKey, PresentedKey};
 use crate::domain::ids::BusinessId;
+use crate::shares::Share;
 use crate::store::api_keys as db;
 use crate::web::AppState;
 use crate::web::error::ApiError;
-use crate::web::limits::{ClientIp, InFlight};
+use crate::web::limits::ClientIp;
 
 /// The authenticated caller, holding one of its business's places in flight
 /// (`api.max_in_flight_per_business`) while the request is handled.
 #[derive(Clone, Debug)]
 pub struct Merchant {
     pub business_id: BusinessId,
-    _in_flight: Arc<InFlight>,
+    _in_flight: Arc<Share>,
 }
 
 impl Merchant {
