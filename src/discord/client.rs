@@ -522,9 +522,8 @@ impl DiscordClient {
             return Err(Unsettled::Done(DiscordError::Stopped { key }));
         }
         let bot = matches!(call.auth, Auth::Bot);
-        if bot && let Some(retry_after) = self.token_refused_for() {
-            self.count(call.label, "token_refused");
-            return Err(Unsettled::Done(DiscordError::TokenRefused { retry_after }));
+        if let Some(refused) = self.token_refusal(call) {
+            return Err(Unsettled::Done(refused));
         }
         let started = tokio::time::Instant::now();
         let _seat = match &self.seats {
@@ -566,10 +565,9 @@ impl DiscordClient {
             return Err(Unsettled::Done(DiscordError::Stopped { key }));
         }
         // Likewise behind the request whose answer refused the bot's token.
-        if bot && let Some(retry_after) = self.token_refused_for() {
+        if let Some(refused) = self.token_refusal(call) {
             ticket.abandon().await;
-            self.count(call.label, "token_refused");
-            return Err(Unsettled::Done(DiscordError::TokenRefused { retry_after }));
+            return Err(Unsettled::Done(refused));
         }
         let req = self.request(call, url);
         // The last look before the request leaves: a global 429 that another request
@@ -679,12 +677,18 @@ impl DiscordClient {
         Ok(answer)
     }
 
-    /// How much longer the bot's calls are held back after Discord refused its token.
-    fn token_refused_for(&self) -> Option<Duration> {
+    /// The refusal of a call with the bot's token while it is held back after Discord
+    /// refused that token ([`TOKEN_REFUSED_FOR`]), counted; `None` for other calls.
+    fn token_refusal(&self, call: &Call<'_>) -> Option<DiscordError> {
+        if !matches!(call.auth, Auth::Bot) {
+            return None;
+        }
         let at = (*self.token_refused.lock().expect("token refusal"))?;
-        TOKEN_REFUSED_FOR
+        let retry_after = TOKEN_REFUSED_FOR
             .checked_sub(at.elapsed())
-            .filter(|d| !d.is_zero())
+            .filter(|d| !d.is_zero())?;
+        self.count(call.label, "token_refused");
+        Some(DiscordError::TokenRefused { retry_after })
     }
 
     fn count(&self, route: &'static str, status: &str) {
