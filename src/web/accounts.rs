@@ -85,10 +85,13 @@ pub async fn link_account(
     // People buy twice under two emails: the link is made, and the page says so.
     let shared = links::linked_elsewhere(tx, business, customer, &row.discord_user_id).await?;
     let live = grants::live_grant_ids(tx, business, customer).await?;
-    if usize::try_from(spent).unwrap_or(usize::MAX) < live.len() {
+    let kept = u64::try_from(live.len())
+        .unwrap_or(u64::MAX)
+        .saturating_sub(spent);
+    if kept > 0 {
         tracing::info!(
             customer_id = customer,
-            kept = live.len() - usize::try_from(spent).unwrap_or(0),
+            kept,
             "grants being changed at that moment keep their links"
         );
     }

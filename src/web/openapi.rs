@@ -332,9 +332,9 @@ impl EdgeResponses {
                 };
                 own.description =
                     format!("{said}. Or, in the error shape, the server is {UNDER_LOAD}");
-                // Load is refused before the handler runs, in the API's error shape,
-                // also on routes whose own answers are pages.
-                // A JSON answer of the route's own (readiness) or the error shape.
+                // Load is refused before the handler runs, in the API's error shape
+                // (pages: [`Self::page_under_load`]): a JSON answer of the route's own
+                // (readiness) or the error shape.
                 match own.content.get_mut("application/json") {
                     Some(json) => {
                         if let Some(schema) = json.schema.take() {

@@ -29,6 +29,12 @@ pub fn wall_clock(at: Instant) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
+/// The instant of this process of the wall-clock time `at` (now if it is past): the
+/// other way round from [`wall_clock`], for a claim or lease read from the database.
+pub fn instant_of(at: DateTime<Utc>) -> Instant {
+    Instant::now() + (at - Utc::now()).to_std().unwrap_or(Duration::ZERO)
+}
+
 pub async fn run(pool: PgPool, shutdown: CancellationToken) {
     loop {
         let released = match pool.acquire().await {

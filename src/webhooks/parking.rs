@@ -72,9 +72,10 @@ const HAND_BACK_MARGIN: Duration = Duration::from_secs(5);
 /// A stopping puller tries to hand back at most this long.
 const HAND_BACK_FOR: Duration = Duration::from_secs(15);
 
-/// The monotonic instant of the wall-clock time `at` (now if it is past).
-fn wall_clock_until(at: DateTime<Utc>) -> Instant {
-    Instant::now() + (at - Utc::now()).to_std().unwrap_or(Duration::ZERO)
+/// [`HAND_BACK_MARGIN`] before `end` (now if that is past).
+fn short_of(end: Instant) -> Instant {
+    end.checked_sub(HAND_BACK_MARGIN)
+        .unwrap_or_else(Instant::now)
 }
 
 /// Until when a puller that stopped may keep trying to hand back what it holds: while
@@ -86,11 +87,9 @@ fn hand_back_until(last_pull: Instant, pulled: &VecDeque<Ready>) -> Instant {
     let lease_end = last_pull + LEASE;
     let end = pulled
         .iter()
-        .map(|r| wall_clock_until(r.claim))
+        .map(|r| holds::instant_of(r.claim))
         .fold(lease_end, Instant::min);
-    end.checked_sub(HAND_BACK_MARGIN)
-        .unwrap_or_else(Instant::now)
-        .min(Instant::now() + HAND_BACK_FOR)
+    short_of(end).min(Instant::now() + HAND_BACK_FOR)
 }
 
 /// The jobs of each endpoint that this process has in hand and that have not yet
@@ -947,9 +946,7 @@ impl Deliverer {
     /// a job then, and a late try could end another puller's claim).
     async fn due_again(&self, message_id: &str, claim: DateTime<Utc>) {
         let ids = [message_id.to_string()];
-        let give_up_at = wall_clock_until(claim)
-            .checked_sub(HAND_BACK_MARGIN)
-            .unwrap_or_else(Instant::now);
+        let give_up_at = short_of(holds::instant_of(claim));
         let _ = self
             .until_answered(
                 || async {

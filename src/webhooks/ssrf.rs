@@ -192,7 +192,7 @@ fn judge(
 }
 
 /// The check made when an endpoint of `business` is saved: [`check_target`], then
-/// every address the host resolves to must be allowed ([`judge`]). A name that does not
+/// every address the host resolves to must be allowed (`judge`). A name that does not
 /// resolve within [`LOOKUP_TIMEOUT`] is refused, and so is one that waited that long
 /// for a turn to be looked up ([`MAX_LOOKUPS_ON_SAVE`],
 /// [`MAX_LOOKUPS_ON_SAVE_PER_BUSINESS`]).
