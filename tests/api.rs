@@ -4595,6 +4595,58 @@ async fn a_switch_never_makes_an_access_link_last_longer() {
     w.stop().await;
 }
 
+/// Coming back from Discord with an authorization it refuses (the callback's address
+/// opened a second time: its code is spent) shows a page that says Discord did not
+/// confirm the account and leads back to the customer's page, not "try again later",
+/// which the same address could never satisfy; the account chosen the first time stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_discord_refuses_leads_back_to_choose_again() {
+    let w = World::start().await;
+    let biz = w.app.business();
+    client(&w, &biz).await;
+    let until = chrono::Utc::now() + chrono::Duration::days(2);
+    let token = w.links.access_token(&biz, "cus_1", until);
+    let base = format!("http://{}", w.app.addr);
+    let http = browser_like("fr-FR,fr;q=0.9");
+    let una = w.user("una");
+
+    let (s, to) = post_form(&http, &format!("{base}/access/switch"), &[("t", &token)]).await;
+    assert_eq!(s, 303, "{to}");
+    let (callback, status, page) = w.consent(&to, una, Consent::Authorize).await;
+    assert_eq!(status, 200, "{page}");
+
+    let r = http.get(&callback).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    assert_eq!(r.headers()["content-language"], "fr");
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("Discord n’a pas confirmé le compte"),
+        "{page}"
+    );
+    let back = access_token_in(&page);
+    let (who, x) = w
+        .links
+        .verify_access_until(&back, chrono::Utc::now())
+        .unwrap();
+    assert_eq!((who.b.as_str(), who.c.as_str()), (biz.as_str(), "cus_1"));
+    assert_eq!(
+        x,
+        until.timestamp(),
+        "the way back ends with the first link"
+    );
+    let shown = http
+        .get(format!("{base}/access?t={back}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(shown.contains("<b>una</b>"), "still linked: {shown}");
+    w.stop().await;
+}
+
 /// The customer's access page end to end over HTTP: reached from the email's link, in
 /// the reader's language; Connect, Get my role back (after leaving the server), and Use
 /// another Discord account with its confirmation; another customer's grant, an altered

@@ -36,6 +36,7 @@ use utoipa_axum::routes;
 
 use self::page::{Account, Item, Page, Role, State as GrantState};
 use crate::crypto::StateError;
+use crate::discord::DiscordError;
 use crate::domain::GrantStatus;
 use crate::grants::link::renew_link;
 use crate::grants::link::{AccessToken, LinkBuilder, SWITCH_TTL_MINUTES, SwitchConfirm, Switching};
@@ -72,6 +73,7 @@ impl Shown {
             Page::Invalid => StatusCode::BAD_REQUEST,
             Page::TooMany => StatusCode::TOO_MANY_REQUESTS,
             Page::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Page::Refused { .. } => StatusCode::BAD_GATEWAY,
             _ => StatusCode::OK,
         }
     }
@@ -484,7 +486,7 @@ pub async fn switch_returned(
             return Err(invalid(lang));
         };
         limit(st, &who, None, lang)?;
-        let chosen = chosen_account(st, &who, &code, lang).await?;
+        let chosen = chosen_account(st, &who, &code, &back, lang).await?;
         pend_switch(st, &who, until, chosen, back, lang).await
     }
     .await;
@@ -510,11 +512,13 @@ impl Chosen {
     }
 }
 
-/// Exchanges the authorization `code` with the business's bot and reads whose it is.
+/// Exchanges the authorization `code` with the business's bot and reads whose it is; a
+/// code Discord refuses shows the page that leads `back` to choose again.
 async fn chosen_account(
     st: &AppState,
     who: &AccessToken,
     code: &str,
+    back: &str,
     lang: Lang,
 ) -> Result<Chosen, Shown> {
     let unavailable = || Shown {
@@ -531,11 +535,24 @@ async fn chosen_account(
             .exchange_code(code, st.links.redirect_uri())
             .await?;
         let user = bot.side.user(&tokens.access_token).await?;
-        Ok::<_, crate::discord::DiscordError>((tokens, user))
+        Ok::<_, DiscordError>((tokens, user))
     };
-    let (tokens, user) = asked.await.map_err(|e| {
-        tracing::warn!(error = %e, "account switch: Discord did not answer");
-        unavailable()
+    let (tokens, user) = asked.await.map_err(|e| match e {
+        // The code was spent or too old, or Discord answered what it should not: the
+        // same address cannot succeed, choosing the account again can.
+        DiscordError::BadUserToken | DiscordError::Unexpected { .. } => {
+            tracing::warn!(error = %e, "account switch: Discord refused the authorization");
+            Shown {
+                page: Page::Refused {
+                    back: back.to_string(),
+                },
+                lang,
+            }
+        }
+        other => {
+            tracing::warn!(error = %other, "account switch: Discord did not answer");
+            unavailable()
+        }
     })?;
     let row =
         super::accounts::authorized_row(st, &bot, (&who.b, &who.c), &user, &tokens, Utc::now());

@@ -116,6 +116,12 @@ pub enum Page {
     Invalid,
     TooMany,
     Unavailable,
+    /// Discord refused the authorization the customer came back with (a code used
+    /// already, or too old): trying the same address again cannot help, going back to
+    /// the page and choosing the account again can.
+    Refused {
+        back: String,
+    },
 }
 
 const STYLE: &str = "*{box-sizing:border-box}\
@@ -381,6 +387,16 @@ impl Page {
                 lang,
                 t.unavailable_title,
                 &format!("<p>{}</p>", esc(t.unavailable)),
+            ),
+            Page::Refused { back } => document(
+                lang,
+                t.refused_title,
+                &format!(
+                    "<p>{}</p><p><a class=\"button\" href=\"{}\">{}</a></p>",
+                    esc(t.refused),
+                    esc(back),
+                    esc(t.back)
+                ),
             ),
         }
     }
