@@ -409,6 +409,7 @@ impl App {
                 pool: self.pool.clone(),
                 send: self.settings.email.enabled(),
                 prune_every: self.settings.ingest.prune_interval,
+                per_business_per_hour: self.settings.email.per_business_per_hour,
             };
             let s = shutdown.clone();
             tasks.spawn(async move {

@@ -4379,6 +4379,122 @@ async fn a_business_past_its_hourly_emails_waits_and_another_sends() {
     w.stop().await;
 }
 
+/// A business's emails past its hourly limit wait in PostgreSQL, not round the email
+/// queue every business shares: once its hour has room again, the upkeep queues the
+/// oldest of them, as many as the room allows, and the rest wait untouched, never
+/// handled again while the hour is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_backlog_of_emails_is_released_as_its_hour_has_room() {
+    // The process's own upkeep runs once at the start: this test releases by hand.
+    let (w, mail) = world_with_email_settings(&[
+        ("GUILDGATE_EMAIL__PER_BUSINESS_PER_HOUR", "2"),
+        ("GUILDGATE_GRANTS__TIMER_INTERVAL", "1h"),
+    ])
+    .await;
+    let a = client(&w, "bus_A").await;
+    let ga = connected_guild(&w, &a, "Acme").await;
+    let ea = create_entitlement(&a, ga.guild_id, Some(ga.role("Patrons"))).await;
+    let path = format!("/entitlements/{}/grants", ea["id"].as_str().unwrap());
+    for i in 0..5 {
+        let body = json!({"customer_id": format!("cus_{i}"), "customer_email": format!("a{i}@example.test")});
+        assert_eq!(a.post(&path, body).await.0, 201);
+    }
+    wait_for("A's last three emails parked", || async {
+        (email_count(&w, "join", "deferred") >= 3).then_some(())
+    })
+    .await;
+    let parked = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM emails WHERE business_id = 'bus_A' AND status = 'queued'
+               AND parked_until > now() + interval '50 minutes'",
+        )
+        .fetch_one(&w.app.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(parked().await, 3, "each waits for the hour to have room");
+    let upkeep = guildgate::email::upkeep::Upkeep {
+        pool: w.app.pool.clone(),
+        send: true,
+        prune_every: w.app.settings.ingest.prune_interval,
+        per_business_per_hour: 2,
+    };
+    assert_eq!(upkeep.release().await.unwrap(), 0, "the hour is full");
+
+    // A parked email's job delivered again (a crash between parking and the ack) sends
+    // nothing and leaves it parked: the upkeep queues it when it is due.
+    let (grant, email): (String, String) = sqlx::query_as(
+        "SELECT grant_id, id FROM emails WHERE business_id = 'bus_A' AND parked_until IS NOT NULL
+         ORDER BY created_at LIMIT 1",
+    )
+    .fetch_one(&w.app.pool)
+    .await
+    .unwrap();
+    let job = guildgate::email::Job::join(&grant, None);
+    assert_eq!(job.email_id, email);
+    w.app
+        .publish_to_queue(&w.app.names.emails(), &job.email_id, &job.payload())
+        .await;
+    wait_for("the job delivered again settled", || async {
+        (email_count(&w, "join", "duplicate") >= 1).then_some(())
+    })
+    .await;
+    assert_eq!(parked().await, 3, "still parked");
+
+    // An hour later: the two sent age out. A new email finds room in the hour, but the
+    // three older ones are due first: it waits behind them.
+    sqlx::query(
+        "UPDATE emails SET sent_at = sent_at - interval '61 minutes',
+             parked_until = parked_until - interval '61 minutes'
+         WHERE business_id = 'bus_A'",
+    )
+    .execute(&w.app.pool)
+    .await
+    .unwrap();
+    let body = json!({"customer_id": "cus_5", "customer_email": "a5@example.test"});
+    assert_eq!(a.post(&path, body).await.0, 201);
+    wait_for("the newest parked behind the older ones", || async {
+        (email_count(&w, "join", "deferred") >= 4).then_some(())
+    })
+    .await;
+
+    // The two oldest go; the rest wait untouched.
+    assert_eq!(upkeep.release().await.unwrap(), 2);
+    assert_eq!(
+        upkeep.release().await.unwrap(),
+        0,
+        "the two on their way fill the hour"
+    );
+    mail.wait_for("a2@example.test", 1).await;
+    mail.wait_for("a3@example.test", 1).await;
+    let waiting: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT g.customer_id, e.parked_until IS NOT NULL FROM emails e
+         JOIN grants g ON g.id = e.grant_id
+         WHERE e.business_id = 'bus_A' AND e.status = 'queued' ORDER BY e.created_at",
+    )
+    .fetch_all(&w.app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        waiting,
+        [("cus_4".to_string(), true), ("cus_5".to_string(), true)],
+        "the newest still parked, in order"
+    );
+    let sent_to = |r: &str| {
+        mail.received()
+            .iter()
+            .flat_map(|m| m.rcpt())
+            .any(|x| x == r)
+    };
+    assert!(!sent_to("a4@example.test") && !sent_to("a5@example.test"));
+    assert_eq!(
+        email_count(&w, "join", "deferred"),
+        4,
+        "nothing released that the hour had no room for"
+    );
+    w.stop().await;
+}
+
 /// Reminders go on the business's reminder days to customers who still have not
 /// connected, once each; addresses are deleted once the customer has no live grant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -4406,6 +4522,7 @@ async fn pending_customers_are_reminded_once_and_addresses_are_not_kept() {
         pool: w.app.pool.clone(),
         send: true,
         prune_every: w.app.settings.ingest.prune_interval,
+        per_business_per_hour: w.app.settings.email.per_business_per_hour,
     };
     assert_eq!(upkeep.once().await.unwrap().0, 1, "one reminder is due");
     assert_eq!(upkeep.once().await.unwrap().0, 0, "and only once");

@@ -4,8 +4,8 @@
 //! Per job: remember the address a join job carries, record the email (`emails`, one
 //! row per id: a job delivered again finds it settled and sends nothing), decide whether
 //! it is still wanted ([`decide`]), keep to `email.per_recipient_per_hour` and
-//! `email.per_business_per_hour` (an email over either waits on a retry tier, without
-//! counting an attempt), send it, and record the
+//! `email.per_business_per_hour` (an email over either is parked in its row, without
+//! counting an attempt, until [`super::upkeep`] queues it again), send it, and record the
 //! result before acking. A crash between sending and recording sends it again on
 //! redelivery, with the same `Message-ID`. A database outage holds the job.
 
@@ -135,6 +135,14 @@ impl EmailWorker {
             &grant.business_id,
         )
         .await?;
+        // A job queued again from its parked row carries no attempts: the row
+        // remembers the ones made before it was parked.
+        let attempt = attempt.max(u32::try_from(row.attempts).unwrap_or(0));
+        if row.parked {
+            // Delivered again after it was parked: the upkeep queues it when it is due.
+            self.count(kind, "duplicate");
+            return Ok(Outcome::Ack("parked already"));
+        }
         let Some(ctx) = db::context(&mut conn, &grant.entitlement_id, &grant.customer_id).await?
         else {
             return self
@@ -165,20 +173,33 @@ impl EmailWorker {
             .await?
         {
             Some(wait) => Some((wait, "the recipient's hourly limit is reached")),
-            None => self
+            None => match self
                 .business_full(&mut conn, &grant.business_id, now)
                 .await?
-                .map(|wait| (wait, "the business's hourly limit is reached")),
+            {
+                Some(wait) => Some((wait, "the business's hourly limit is reached")),
+                // Room in the hour, but older emails of the business wait for it: they
+                // go first, and this one is due behind them.
+                None => db::parked_ahead(
+                    &mut conn,
+                    &grant.business_id,
+                    row.created_at,
+                    &job.email_id,
+                    now,
+                )
+                .await?
+                .then_some((Duration::ZERO, "older emails of the business wait first")),
+            },
         };
         if let Some((wait, reason)) = full {
+            // Waits in PostgreSQL, not round the queue every business shares: the
+            // upkeep queues it again once its business's hour has room.
+            let until =
+                now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::hours(1));
+            db::park(&mut conn, &job.email_id, until).await?;
+            tracing::debug!(email = %job.email_id, %until, reason, "email parked");
             self.count(kind, "deferred");
-            return Ok(Outcome::Retry {
-                delay: retry::next(0, wait, &self.retry_delays)
-                    .expect("email.retry_delays is never empty")
-                    .delay,
-                attempt,
-                reason: reason.into(),
-            });
+            return Ok(Outcome::Ack("parked"));
         }
         let grant = renew_link(&mut conn, &self.links, &grant, now).await?;
         let message = self.compose(&grant, &ctx, letter, to, &job.email_id, now);

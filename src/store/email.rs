@@ -136,6 +136,10 @@ pub async fn prune_settled(conn: &mut PgConnection) -> Result<u64, sqlx::Error> 
 pub struct EmailRow {
     pub status: String,
     pub attempts: i32,
+    /// Waiting in PostgreSQL for its hour to have room ([`park`]): the email upkeep
+    /// queues it again, so a job that finds it parked is one delivered again.
+    pub parked: bool,
+    pub created_at: DateTime<Utc>,
 }
 
 /// Records a new `queued` email of `kind` for a grant; `false` when the email already
@@ -170,10 +174,13 @@ pub async fn claim(
     business_id: &str,
 ) -> Result<EmailRow, sqlx::Error> {
     insert(&mut *conn, email_id, grant_id, kind, business_id).await?;
-    sqlx::query_as("SELECT status, attempts FROM emails WHERE id = $1")
-        .bind(email_id)
-        .fetch_one(conn)
-        .await
+    sqlx::query_as(
+        "SELECT status, attempts, parked_until IS NOT NULL AS parked, created_at
+         FROM emails WHERE id = $1",
+    )
+    .bind(email_id)
+    .fetch_one(conn)
+    .await
 }
 
 /// A grant's resends: how many it had, how many of them were queued since `since`, and
@@ -274,6 +281,121 @@ pub async fn nth_latest_sent(
     .await
 }
 
+/// Parks a queued email until `until`: it waits in PostgreSQL, not in the queue, and
+/// [`release_parked`] queues it again once its hour has room.
+pub async fn park(
+    conn: &mut PgConnection,
+    id: &str,
+    until: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE emails SET parked_until = $2, updated_at = now() WHERE id = $1 AND status = 'queued'",
+    )
+    .bind(id)
+    .bind(until)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A parked email released to be queued again.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct Released {
+    pub id: String,
+    pub grant_id: String,
+}
+
+/// Unparks, oldest first, the parked emails due by `now` that their business's hour
+/// has room for, at most `per_business` of each business and `limit` in all, and
+/// returns them for the caller to queue in the same transaction. The room is
+/// `per_hour` less what the business sent in the hour before `now` and less its emails
+/// on their way (queued, not parked, touched within the hour: one stuck longer stops
+/// counting). One transaction at a time releases (the others release nothing): two
+/// processes at once would each count the same room.
+pub async fn release_parked(
+    conn: &mut PgConnection,
+    per_hour: u32,
+    now: DateTime<Utc>,
+    per_business: i64,
+    limit: i64,
+) -> Result<Vec<Released>, sqlx::Error> {
+    let ours: bool = sqlx::query_scalar(
+        "SELECT pg_try_advisory_xact_lock(hashtextextended('email-release', 0))",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !ours {
+        return Ok(Vec::new());
+    }
+    // The businesses with parked emails, one index probe each (however deep their
+    // backlogs), then each one's room and its oldest due emails.
+    sqlx::query_as(
+        "WITH RECURSIVE waiting (business_id) AS (
+             (SELECT business_id FROM emails
+              WHERE status = 'queued' AND parked_until IS NOT NULL
+              ORDER BY business_id LIMIT 1)
+             UNION ALL
+             SELECT (SELECT e.business_id FROM emails e
+                     WHERE e.status = 'queued' AND e.parked_until IS NOT NULL
+                       AND e.business_id > w.business_id
+                     ORDER BY e.business_id LIMIT 1)
+             FROM waiting w WHERE w.business_id IS NOT NULL
+         ), room AS (
+             SELECT w.business_id,
+                    least($4, $1 - (SELECT count(*) FROM emails s
+                                    WHERE s.business_id = w.business_id
+                                      AND s.sent_at > $2 - interval '1 hour')
+                              - (SELECT count(*) FROM emails q
+                                 WHERE q.business_id = w.business_id AND q.status = 'queued'
+                                   AND q.parked_until IS NULL
+                                   AND q.updated_at > $2 - interval '1 hour')) AS room
+             FROM waiting w WHERE w.business_id IS NOT NULL
+         ), picked AS (
+             SELECT p.id FROM room r CROSS JOIN LATERAL (
+                 SELECT e.id FROM emails e
+                 WHERE e.business_id = r.business_id AND e.status = 'queued'
+                   AND e.parked_until IS NOT NULL AND e.parked_until <= $2
+                 ORDER BY e.created_at, e.id
+                 LIMIT greatest(r.room, 0)
+                 FOR UPDATE SKIP LOCKED
+             ) p
+             LIMIT $3
+         )
+         UPDATE emails SET parked_until = NULL, updated_at = $2
+         FROM picked WHERE emails.id = picked.id
+         RETURNING emails.id, emails.grant_id",
+    )
+    .bind(i64::from(per_hour))
+    .bind(now)
+    .bind(limit)
+    .bind(per_business)
+    .fetch_all(conn)
+    .await
+}
+
+/// Whether `business` has a parked email older than the one `id` created at `created_at`
+/// that is due by `now`: that one goes first, so this one waits behind it.
+pub async fn parked_ahead(
+    conn: &mut PgConnection,
+    business_id: &str,
+    created_at: DateTime<Utc>,
+    id: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (
+             SELECT 1 FROM emails
+             WHERE business_id = $1 AND status = 'queued' AND parked_until IS NOT NULL
+               AND (created_at, id) < ($2, $3) AND parked_until <= $4)",
+    )
+    .bind(business_id)
+    .bind(created_at)
+    .bind(id)
+    .bind(now)
+    .fetch_one(conn)
+    .await
+}
+
 /// Settles an email: `sent`, `skipped` or `failed`, with the attempts it took and why.
 pub async fn settle(
     conn: &mut PgConnection,
@@ -286,7 +408,8 @@ pub async fn settle(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE emails SET status = $2, attempts = $3, recipient_key = COALESCE($4, recipient_key),
-             detail = $5, sent_at = CASE WHEN $2 = 'sent' THEN $6 END, updated_at = $6
+             detail = $5, sent_at = CASE WHEN $2 = 'sent' THEN $6 END, updated_at = $6,
+             parked_until = NULL
          WHERE id = $1",
     )
     .bind(id)
