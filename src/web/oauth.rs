@@ -255,9 +255,15 @@ fn db_failed(e: sqlx::Error) -> Page {
 
 fn discord_failed(e: DiscordError) -> Page {
     match e {
-        DiscordError::BadUserToken | DiscordError::Unexpected { .. } => {
-            tracing::warn!(error = %e, "OAuth callback: Discord refused");
+        DiscordError::BadUserToken => {
+            tracing::warn!(error = %e, "OAuth callback: Discord refused the code");
             Page::DiscordFailed
+        }
+        // Not the customer's doing (an application's secret reset, say): authorizing
+        // again would fail the same way.
+        DiscordError::Unexpected { .. } => {
+            tracing::error!(error = %e, "OAuth callback: Discord refused guildgate's request");
+            Page::Unavailable
         }
         DiscordError::Busy { .. } => Page::Busy,
         other => {
@@ -455,6 +461,24 @@ async fn record_link(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_refused_code_asks_the_customer_to_authorize_again() {
+        assert_eq!(
+            discord_failed(DiscordError::BadUserToken),
+            Page::DiscordFailed
+        );
+        let secret_reset = DiscordError::Unexpected {
+            status: 401,
+            code: None,
+            message: "invalid_client".into(),
+        };
+        assert_eq!(discord_failed(secret_reset), Page::Unavailable);
+        let busy = DiscordError::Busy {
+            waited: std::time::Duration::from_secs(1),
+        };
+        assert_eq!(discord_failed(busy), Page::Busy);
+    }
 
     #[test]
     fn pages_escape_and_link_the_server() {

@@ -537,26 +537,35 @@ async fn chosen_account(
         let user = bot.side.user(&tokens.access_token).await?;
         Ok::<_, DiscordError>((tokens, user))
     };
-    let (tokens, user) = asked.await.map_err(|e| match e {
-        // The code was spent or too old, or Discord answered what it should not: the
-        // same address cannot succeed, choosing the account again can.
-        DiscordError::BadUserToken | DiscordError::Unexpected { .. } => {
-            tracing::warn!(error = %e, "account switch: Discord refused the authorization");
-            Shown {
-                page: Page::Refused {
-                    back: back.to_string(),
-                },
-                lang,
-            }
-        }
-        other => {
-            tracing::warn!(error = %other, "account switch: Discord did not answer");
-            unavailable()
-        }
-    })?;
+    let (tokens, user) = asked.await.map_err(|e| discord_refused(e, back, lang))?;
     let row =
         super::accounts::authorized_row(st, &bot, (&who.b, &who.c), &user, &tokens, Utc::now());
     Ok(Chosen { user, row })
+}
+
+/// The page for a Discord error on the way back from a switch.
+fn discord_refused(e: DiscordError, back: &str, lang: Lang) -> Shown {
+    let page = match e {
+        // The code was spent or too old: the same address cannot succeed, choosing the
+        // account again can.
+        DiscordError::BadUserToken => {
+            tracing::warn!(error = %e, "account switch: Discord refused the authorization");
+            Page::Refused {
+                back: back.to_string(),
+            }
+        }
+        // Not the customer's doing (an application's secret reset, say): choosing
+        // again would fail the same way.
+        DiscordError::Unexpected { .. } => {
+            tracing::error!(error = %e, "account switch: Discord refused guildgate's request");
+            Page::Unavailable
+        }
+        other => {
+            tracing::warn!(error = %other, "account switch: Discord did not answer");
+            Page::Unavailable
+        }
+    };
+    Shown { page, lang }
 }
 
 /// What the chosen account means for the customer's link: with nothing linked, or the
@@ -743,5 +752,38 @@ fn translation_locale(lang: Lang) -> crate::web::api::translations::Locale {
         Lang::Es => Locale::Es,
         Lang::PtBr => Locale::Pt,
         Lang::Ja => Locale::Ja,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refused_code_sends_the_customer_back_to_choose_again() {
+        let back = "https://gg.example/access?t=a\"b";
+        let shown = discord_refused(DiscordError::BadUserToken, back, Lang::default());
+        assert_eq!(shown.status(), StatusCode::BAD_GATEWAY);
+        assert!(
+            matches!(&shown.page, Page::Refused { back: b } if b == back),
+            "{:?}",
+            shown.page
+        );
+        let html = shown.page.html(Lang::default());
+        assert!(html.contains("access?t=a&quot;b"), "escaped: {html}");
+        for e in [
+            DiscordError::Unexpected {
+                status: 401,
+                code: None,
+                message: "invalid_client".into(),
+            },
+            DiscordError::Retriable("502".into()),
+            DiscordError::Busy {
+                waited: std::time::Duration::from_secs(1),
+            },
+        ] {
+            let shown = discord_refused(e, back, Lang::default());
+            assert_eq!(shown.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
     }
 }
