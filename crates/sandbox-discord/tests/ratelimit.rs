@@ -513,6 +513,7 @@ async fn requests_in_flight_when_a_limit_is_told_are_not_violations() {
     );
     assert_eq!(sb.stats().global_violations, 0);
 
+    tokio::time::sleep(ANSWER_TRANSIT).await;
     let c = api.bot(Method::GET, &path).send().await.unwrap();
     assert_eq!(c.status(), 429);
     assert_eq!(
