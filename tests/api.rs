@@ -4625,20 +4625,54 @@ async fn an_access_page_viewed_in_a_loop_is_refused_before_it_reads() {
     w.stop().await;
 }
 
+/// A customer of a business with a client, holding an access link that ends in two
+/// days, and a browser in `lang`: where the switch tests start.
+struct Switching {
+    w: World,
+    biz: String,
+    until: chrono::DateTime<chrono::Utc>,
+    token: String,
+    base: String,
+    http: reqwest::Client,
+    una: u64,
+}
+
+impl Switching {
+    async fn start(lang: &str) -> Self {
+        let w = World::start().await;
+        let biz = w.app.business();
+        client(&w, &biz).await;
+        let until = chrono::Utc::now() + chrono::Duration::days(2);
+        let token = w.links.access_token(&biz, "cus_1", until);
+        let base = format!("http://{}", w.app.addr);
+        let una = w.user("una");
+        Self {
+            w,
+            biz,
+            until,
+            token,
+            base,
+            http: browser_like(lang),
+            una,
+        }
+    }
+}
+
 /// Going through "Use another Discord account" and back, cancelled on Discord or with an
 /// account chosen, never gives the customer a link that works longer than the one they
 /// came with, so a leaked link cannot be kept alive that way; a switch that took too
 /// long says the link expired, not that it was altered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switch_never_makes_an_access_link_last_longer() {
-    let w = World::start().await;
-    let biz = w.app.business();
-    client(&w, &biz).await;
-    let until = chrono::Utc::now() + chrono::Duration::days(2);
-    let token = w.links.access_token(&biz, "cus_1", until);
-    let base = format!("http://{}", w.app.addr);
-    let http = browser_like("en");
-    let una = w.user("una");
+    let Switching {
+        w,
+        biz,
+        until,
+        token,
+        base,
+        http,
+        una,
+    } = Switching::start("en").await;
     let ends = |t: &str| {
         let (who, x) = w.links.verify_access_until(t, chrono::Utc::now()).unwrap();
         assert_eq!(who.c, "cus_1");
@@ -4718,14 +4752,15 @@ async fn a_switch_never_makes_an_access_link_last_longer() {
 /// which the same address could never satisfy; the account chosen the first time stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_switch_discord_refuses_leads_back_to_choose_again() {
-    let w = World::start().await;
-    let biz = w.app.business();
-    client(&w, &biz).await;
-    let until = chrono::Utc::now() + chrono::Duration::days(2);
-    let token = w.links.access_token(&biz, "cus_1", until);
-    let base = format!("http://{}", w.app.addr);
-    let http = browser_like("fr-FR,fr;q=0.9");
-    let una = w.user("una");
+    let Switching {
+        w,
+        biz,
+        until,
+        token,
+        base,
+        http,
+        una,
+    } = Switching::start("fr-FR,fr;q=0.9").await;
 
     let (s, to) = post_form(&http, &format!("{base}/access/switch"), &[("t", &token)]).await;
     assert_eq!(s, 303, "{to}");
