@@ -92,7 +92,7 @@ impl Upkeep {
     }
 
     /// Queues again, oldest first, the parked emails that are due and that their
-    /// business's hour has room for, up to [`RELEASE_PER_BUSINESS`] of each business;
+    /// business's hour has room for, up to `RELEASE_PER_BUSINESS` of each business;
     /// returns how many. An email released and still over
     /// a limit when handled (its recipient's, or its business's after newer emails took
     /// the room) is parked again; one process at a time releases.
