@@ -5,12 +5,46 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use super::AppState;
-use crate::discord::Bot;
 use crate::discord::client::{TokenSet, User};
+use crate::discord::{Bot, DiscordError};
 use crate::outbox::queue_sync;
 use crate::store::links::LinkRow;
 use crate::store::{grants, links};
 use crate::sync::worker::revoke_tokens;
+
+/// What a Discord error while authorizing a customer's account means for the page they
+/// see, on the OAuth callback and on an account switch alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthorizeFailure {
+    /// Discord refused the code (spent or too old): authorizing again can work.
+    Refused,
+    /// Too many requests wait for Discord in this process; nothing was sent.
+    Busy,
+    /// Discord is out of reach, or refused guildgate's own request (an application's
+    /// secret reset, say): authorizing again would fail the same way.
+    Unavailable,
+}
+
+/// Classifies `e`, met `during` a flow ("OAuth callback", "account switch"), and logs
+/// it: a refusal that is not the customer's doing as an error, for operators.
+pub fn authorize_failure(e: &DiscordError, during: &str) -> AuthorizeFailure {
+    match e {
+        DiscordError::BadUserToken => {
+            tracing::warn!(error = %e, during, "Discord refused the customer's authorization");
+            AuthorizeFailure::Refused
+        }
+        // The client logged it already, with what it waited.
+        DiscordError::Busy { .. } => AuthorizeFailure::Busy,
+        DiscordError::Unexpected { .. } => {
+            tracing::error!(error = %e, during, "Discord refused guildgate's request");
+            AuthorizeFailure::Unavailable
+        }
+        _ => {
+            tracing::warn!(error = %e, during, "Discord did not answer");
+            AuthorizeFailure::Unavailable
+        }
+    }
+}
 
 /// The link row of the account a customer of `business` just authorized with `bot`:
 /// Discord's tokens sealed for the customer's row, expiring with the access token,

@@ -24,7 +24,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::accounts::{Linked, authorized_row, link_account, revoke_left_tokens};
+use super::accounts::{
+    AuthorizeFailure, Linked, authorize_failure, authorized_row, link_account, revoke_left_tokens,
+};
 use super::limits::ClientIp;
 use crate::crypto::StateError;
 use crate::discord::DiscordError;
@@ -254,22 +256,10 @@ fn db_failed(e: sqlx::Error) -> Page {
 }
 
 fn discord_failed(e: DiscordError) -> Page {
-    match e {
-        DiscordError::BadUserToken => {
-            tracing::warn!(error = %e, "OAuth callback: Discord refused the code");
-            Page::DiscordFailed
-        }
-        // Not the customer's doing (an application's secret reset, say): authorizing
-        // again would fail the same way.
-        DiscordError::Unexpected { .. } => {
-            tracing::error!(error = %e, "OAuth callback: Discord refused guildgate's request");
-            Page::Unavailable
-        }
-        DiscordError::Busy { .. } => Page::Busy,
-        other => {
-            tracing::warn!(error = %other, "OAuth callback: Discord unavailable");
-            Page::Unavailable
-        }
+    match authorize_failure(&e, "OAuth callback") {
+        AuthorizeFailure::Refused => Page::DiscordFailed,
+        AuthorizeFailure::Busy => Page::Busy,
+        AuthorizeFailure::Unavailable => Page::Unavailable,
     }
 }
 

@@ -47,7 +47,9 @@ use crate::store::grants as grant_store;
 use crate::store::history;
 use crate::store::links::LinkRow;
 use crate::web::AppState;
-use crate::web::accounts::{Linked, link_account, revoke_left_tokens};
+use crate::web::accounts::{
+    AuthorizeFailure, Linked, authorize_failure, link_account, revoke_left_tokens,
+};
 use crate::web::limits::ClientIp;
 
 /// The routes, documented in `/openapi.json` under the `customers` tag.
@@ -545,25 +547,12 @@ async fn chosen_account(
 
 /// The page for a Discord error on the way back from a switch.
 fn discord_refused(e: DiscordError, back: &str, lang: Lang) -> Shown {
-    let page = match e {
-        // The code was spent or too old: the same address cannot succeed, choosing the
-        // account again can.
-        DiscordError::BadUserToken => {
-            tracing::warn!(error = %e, "account switch: Discord refused the authorization");
-            Page::Refused {
-                back: back.to_string(),
-            }
-        }
-        // Not the customer's doing (an application's secret reset, say): choosing
-        // again would fail the same way.
-        DiscordError::Unexpected { .. } => {
-            tracing::error!(error = %e, "account switch: Discord refused guildgate's request");
-            Page::Unavailable
-        }
-        other => {
-            tracing::warn!(error = %other, "account switch: Discord did not answer");
-            Page::Unavailable
-        }
+    let page = match authorize_failure(&e, "account switch") {
+        // The same address cannot succeed, choosing the account again can.
+        AuthorizeFailure::Refused => Page::Refused {
+            back: back.to_string(),
+        },
+        AuthorizeFailure::Busy | AuthorizeFailure::Unavailable => Page::Unavailable,
     };
     Shown { page, lang }
 }
