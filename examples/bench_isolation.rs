@@ -2,7 +2,7 @@
 //! `cargo run --release --example bench_isolation -- --events 20000 --saves 50`.
 //!
 //! Runs guildgate in process (ingest, the relay and the HTTP API; real RabbitMQ and
-//! PostgreSQL, default pool of 16 connections) against the sandbox Discord answering
+//! PostgreSQL, the default pools) against the sandbox Discord answering
 //! every request `--latency-ms` (2,000) late. It measures ingest (published → settled)
 //! three times: alone, with `--saves` merchants' saves (`PATCH /entitlements/{id}`, each
 //! validated against the slow Discord, sent again as soon as one is answered) running

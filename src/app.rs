@@ -77,7 +77,12 @@ pub enum StartError {
 /// A built, not yet running, guildgate.
 pub struct App {
     pub settings: Arc<Settings>,
+    /// The pool of ingest, the relay, the syncer, delivery and the timers.
     pub pool: PgPool,
+    /// The HTTP handlers' pool ([`store::http_pool`]).
+    pub http_pool: PgPool,
+    /// Readiness's question to the database, on `pool`.
+    probe: Arc<store::Probe>,
     pub broker: Broker,
     pub metrics: Arc<Metrics>,
     pub links: LinkBuilder,
@@ -115,6 +120,7 @@ impl App {
             store::ensure_database(&settings.database).await?;
         }
         let pool = store::pool(&settings.database)?;
+        let http_pool = store::http_pool(&settings.database)?;
         if options.migrate {
             store::migrate(&pool).await?;
         } else {
@@ -171,7 +177,9 @@ impl App {
             limits: Arc::new(web::limits::Limits::from_settings(&settings)),
             keys: web::api::auth::KnownKeys::default(),
             settings: Arc::new(settings),
+            probe: Arc::new(store::Probe::new(pool.clone())),
             pool,
+            http_pool,
             broker,
             metrics,
             relay,
@@ -187,7 +195,8 @@ impl App {
     pub fn state(&self) -> AppState {
         AppState {
             settings: self.settings.clone(),
-            pool: self.pool.clone(),
+            pool: self.http_pool.clone(),
+            database: self.probe.clone(),
             broker: self.broker.clone(),
             links: self.links.clone(),
             metrics: self.metrics.clone(),
@@ -273,6 +282,7 @@ impl App {
         });
         let first_exit = supervise(tasks, &shutdown).await;
         self.broker.close().await;
+        self.http_pool.close().await;
         self.pool.close().await;
         match first_exit {
             Some(name) => Err(format!("task '{name}' ended unexpectedly")),

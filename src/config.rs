@@ -64,7 +64,15 @@ pub struct Settings {
 #[derive(Clone, Debug, Deserialize)]
 pub struct DatabaseSettings {
     pub url: SecretString,
+    /// The pool of ingest, the relay, the syncer, delivery and the timers.
     pub max_connections: u32,
+    /// The HTTP handlers' own pool (the merchant API, the customers' pages), so that
+    /// requests can never hold a connection the work above needs.
+    pub http_max_connections: u32,
+    /// `statement_timeout` of the HTTP pool's connections: the longest one statement
+    /// of a request may run (a deep page of a large list, a lock waited for).
+    #[serde(deserialize_with = "duration")]
+    pub http_statement_timeout: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -529,6 +537,15 @@ impl Settings {
     /// Rates, bursts and the limits of the HTTP server.
     fn check_limits(&self) -> Result<(), ConfigError> {
         ensure(
+            self.database.max_connections > 0 && self.database.http_max_connections > 0,
+            "database.max_connections and database.http_max_connections must be at least 1",
+        )?;
+        ensure(
+            self.database.http_statement_timeout >= Duration::from_millis(1)
+                && self.database.http_statement_timeout <= Duration::from_secs(3600),
+            "database.http_statement_timeout must be at least 1ms and at most 1h",
+        )?;
+        ensure(
             self.grants.backfill_per_second.is_finite() && self.grants.backfill_per_second > 0.0,
             "grants.backfill_per_second must be more than 0",
         )?;
@@ -913,6 +930,41 @@ mod tests {
             let err = load(k, v).unwrap_err().to_string();
             assert!(err.contains("grants."), "{k}={v}: {err}");
         }
+    }
+
+    #[test]
+    fn both_pools_need_a_connection_and_requests_a_statement_timeout() {
+        let defaults = Settings::load_with_env(None, Some(env(&[]))).unwrap();
+        assert_eq!(
+            (
+                defaults.database.max_connections,
+                defaults.database.http_max_connections,
+                defaults.database.http_statement_timeout,
+            ),
+            (16, 12, Duration::from_secs(5))
+        );
+        for (k, v, key) in [
+            ("MAX_CONNECTIONS", "0", "database.max_connections"),
+            ("HTTP_MAX_CONNECTIONS", "0", "database.http_max_connections"),
+            (
+                "HTTP_STATEMENT_TIMEOUT",
+                "0s",
+                "database.http_statement_timeout",
+            ),
+            (
+                "HTTP_STATEMENT_TIMEOUT",
+                "61m",
+                "database.http_statement_timeout",
+            ),
+        ] {
+            let k = format!("GUILDGATE_DATABASE__{k}");
+            let err = Settings::load_with_env(None, Some(env(&[(&k, v)])))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{k}={v}: {err}");
+        }
+        let longest = env(&[("GUILDGATE_DATABASE__HTTP_STATEMENT_TIMEOUT", "1h")]);
+        assert!(Settings::load_with_env(None, Some(longest)).is_ok());
     }
 
     #[test]

@@ -2574,6 +2574,117 @@ async fn a_request_slower_than_the_timeout_gets_503_in_the_error_shape() {
     w.stop().await;
 }
 
+/// Locks entitlement `id`'s row in a transaction of the test's own, as a long writer
+/// would: a save of it waits at its read under lock.
+async fn lock_entitlement(w: &World, id: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = w.app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM entitlements WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+/// A statement of a request that runs past `database.http_statement_timeout` is
+/// cancelled by PostgreSQL: the merchant gets 503 `query_timeout` with a way out, its
+/// transaction rolls back, and the same request goes through once nothing holds it up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_statement_past_the_statement_timeout_is_cancelled_and_saves_nothing() {
+    let w = World::configured(load_cfg(&[(
+        "GUILDGATE_DATABASE__HTTP_STATEMENT_TIMEOUT",
+        "1s",
+    )]))
+    .await;
+    let c = client(&w, "bus_A").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let e = create_entitlement(&c, g.guild_id, None).await;
+    let id = e["id"].as_str().unwrap();
+    let path = format!("/entitlements/{id}");
+    let lock = lock_entitlement(&w, id).await;
+    let (s, v) = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        c.patch(&path, json!({"name": "Renamed"})),
+    )
+    .await
+    .expect("the statement is cancelled long before the request's own timeout");
+    assert_eq!(s, 503, "{v}");
+    assert_eq!(v["code"], "query_timeout", "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("page_size"),
+        "the merchant is told what to ask instead: {v}"
+    );
+    lock.rollback().await.unwrap();
+    let (_, now) = c.get(&path).await;
+    assert_eq!(now["name"], e["name"], "nothing was saved");
+    let (s, v) = c.patch(&path, json!({"name": "Renamed"})).await;
+    assert_eq!((s, v["name"].as_str()), (200, Some("Renamed")), "{v}");
+    w.stop().await;
+}
+
+/// Requests holding every connection of the HTTP handlers' pool take nothing from the
+/// process's work: an event is applied meanwhile and readiness stays 200. Another
+/// request waits the pool's acquire timeout and is refused with 503 `overloaded` and
+/// `Retry-After`, and is served once the connection is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_holding_the_http_pool_take_no_connection_from_ingest() {
+    let w = World::configured(load_cfg(&[
+        ("GUILDGATE_DATABASE__HTTP_MAX_CONNECTIONS", "1"),
+        ("GUILDGATE_DATABASE__HTTP_STATEMENT_TIMEOUT", "15s"),
+    ]))
+    .await;
+    let c = client(&w, &w.app.business()).await;
+    let other = client(&w, "bus_B").await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let e = create_entitlement(&c, g.guild_id, None).await;
+    let id = e["id"].as_str().unwrap().to_string();
+    let sold = create_entitlement(&c, g.guild_id, None).await;
+    let sold = sold["id"].as_str().unwrap().to_string();
+    let (s, v) = c.attach("pdt_gold", &[&sold]).await;
+    assert_eq!(s, 200, "{v}");
+    let lock = lock_entitlement(&w, &id).await;
+    let held = {
+        let c = c.clone();
+        let path = format!("/entitlements/{id}");
+        tokio::spawn(async move { c.patch(&path, json!({"name": "Renamed"})).await })
+    };
+    // The save holds the pool's one connection, waiting for the row's lock.
+    wait_for("the save waiting on the row lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+               AND application_name = 'guildgate-http' AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&w.app.pool)
+        .await
+        .unwrap();
+        (waiting == 1).then_some(())
+    })
+    .await;
+    purchase(&w, "pay_held", "cus_held", "pdt_gold", "buyer@example.com").await;
+    wait_for("the purchase's grant", || async {
+        let granted: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM grants WHERE entitlement_id = $1")
+                .bind(&sold)
+                .fetch_one(&w.app.pool)
+                .await
+                .unwrap();
+        (granted == 1).then_some(())
+    })
+    .await;
+    let ready = reqwest::get(format!("http://{}/readyz", w.app.addr))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "readiness asks the work's pool");
+    let (s, retry_after, v) = call_with_headers(&other, "/entitlements").await;
+    assert_eq!((s, v["code"].as_str()), (503, Some("overloaded")), "{v}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    lock.rollback().await.unwrap();
+    let (s, v) = held.await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(call_with_headers(&other, "/entitlements").await.0, 200);
+    w.stop().await;
+}
+
 /// Two role listings of `c`'s business (two servers of its own), both in their handler
 /// waiting on Discord, which `gate` holds.
 async fn two_listings_waiting_on_discord(

@@ -434,7 +434,12 @@ async fn healthz_and_readyz_follow_the_database() {
     assert_eq!(body["broker"], true);
 
     pg.cut();
-    let (status, body) = get("/readyz").await;
+    // The last answer holds for a second.
+    let (status, body) = wait_for("not ready", || async {
+        let r = get("/readyz").await;
+        (r.0 != 200).then_some(r)
+    })
+    .await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["database"], false);
     assert_eq!(body["broker"], true);

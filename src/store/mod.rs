@@ -45,8 +45,9 @@ use crate::config::DatabaseSettings;
 /// Migrations embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
-/// A pool for `settings`. Connects lazily: a database that is down at start-up makes
-/// the first query fail (and be retried), not the process.
+/// The pool of the process's work (ingest, the relay, the syncer, delivery, the
+/// timers). Connects lazily: a database that is down at start-up makes the first query
+/// fail (and be retried), not the process.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
     let opts =
         PgConnectOptions::from_str(settings.url.expose_secret())?.application_name("guildgate");
@@ -54,6 +55,32 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(opts))
+}
+
+/// The HTTP handlers' pool (`database.http_max_connections`), apart from [`pool`]: however
+/// many requests merchants and customers send, and however slow their statements, they
+/// wait for these connections and never for one that ingest or delivery needs. Each
+/// statement on it is cancelled by PostgreSQL after `database.http_statement_timeout`
+/// (SQLSTATE 57014, see [`is_statement_timeout`]), so no request holds a connection for
+/// long. Its connections are named `guildgate-http` in `pg_stat_activity`.
+pub fn http_pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
+    let timeout_ms = settings
+        .http_statement_timeout
+        .as_millis()
+        .max(1)
+        .to_string();
+    let opts = PgConnectOptions::from_str(settings.url.expose_secret())?
+        .application_name("guildgate-http")
+        .options([("statement_timeout", timeout_ms.as_str())]);
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.http_max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(opts))
+}
+
+/// Whether PostgreSQL cancelled a statement that ran past its `statement_timeout`.
+pub fn is_statement_timeout(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("57014"))
 }
 
 /// Creates the configured database if it does not exist (a fresh machine's first
@@ -178,6 +205,42 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
 /// Whether the database answers a query now.
 pub async fn answers(pool: &PgPool) -> bool {
     sqlx::query("SELECT 1").execute(pool).await.is_ok()
+}
+
+/// Whether the database answers, as readiness asks it: on the pool of the process's
+/// work (requests holding every HTTP connection do not make a replica unready), one
+/// query at a time, and an answer younger than [`Probe::FRESH`] given again. However
+/// often `/readyz` is called, and by whom, it takes at most one connection of that pool.
+#[derive(Debug)]
+pub struct Probe {
+    pool: PgPool,
+    last: tokio::sync::Mutex<Option<(std::time::Instant, bool)>>,
+}
+
+impl Probe {
+    /// How long an answer is given again.
+    pub const FRESH: Duration = Duration::from_secs(1);
+
+    pub fn new(pool: PgPool) -> Self {
+        Probe {
+            pool,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether the database answered a query at most [`Probe::FRESH`] ago.
+    pub async fn answers(&self) -> bool {
+        // Held across the query: callers meanwhile wait for its answer, not a connection.
+        let mut last = self.last.lock().await;
+        if let Some((at, ok)) = *last
+            && at.elapsed() < Self::FRESH
+        {
+            return ok;
+        }
+        let ok = answers(&self.pool).await;
+        *last = Some((std::time::Instant::now(), ok));
+        ok
+    }
 }
 
 /// Takes a session-level advisory lock (two-key form) on `conn` without waiting:

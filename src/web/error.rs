@@ -88,10 +88,15 @@ pub enum ApiError {
     /// The request took longer than `http.request_timeout` and was abandoned (503).
     #[error("request timed out")]
     Timeout,
-    /// `http.max_concurrent_requests` requests are being handled already (503,
+    /// `http.max_concurrent_requests` requests are being handled already, or every
+    /// connection of the HTTP pool stayed taken for its acquire timeout (503,
     /// `Retry-After`).
     #[error("too many concurrent requests")]
     Overloaded,
+    /// PostgreSQL cancelled a statement of the request after
+    /// `database.http_statement_timeout` (503); the transaction rolled back.
+    #[error("a statement ran past the HTTP pool's statement timeout")]
+    QueryTimeout,
     /// Anything else: logged, shown as a bare 500.
     #[error("internal error: {0}")]
     Internal(String),
@@ -128,7 +133,8 @@ impl ApiError {
             ApiError::Unavailable(_)
             | ApiError::DiscordBusy(_)
             | ApiError::Timeout
-            | ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::Overloaded
+            | ApiError::QueryTimeout => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -203,6 +209,10 @@ impl ApiError {
                 "overloaded",
                 "The server is handling too many requests right now. Try again in a moment.".into(),
             ),
+            ApiError::QueryTimeout => one(
+                "query_timeout",
+                "A database statement of this request ran longer than this server allows and was cancelled; nothing was saved. For a list, ask for a smaller page (page_size) or an earlier page_number; otherwise try again shortly.".into(),
+            ),
             ApiError::Internal(_) => one(
                 "internal_error",
                 "Something went wrong on our side; it was logged. Try again later.".into(),
@@ -232,7 +242,10 @@ impl IntoResponse for ApiError {
         let status = self.status();
         match &self {
             // Load, not a fault: counted in metrics, not logged as an error each time.
-            ApiError::DiscordBusy(_) | ApiError::Timeout | ApiError::Overloaded => {
+            ApiError::DiscordBusy(_)
+            | ApiError::Timeout
+            | ApiError::Overloaded
+            | ApiError::QueryTimeout => {
                 tracing::warn!(error = %self, %status, "API request refused under load")
             }
             _ if status.is_server_error() => {
@@ -264,7 +277,13 @@ impl From<crate::discord::bots::BotError> for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        ApiError::Internal(format!("database: {e}"))
+        if matches!(e, sqlx::Error::PoolTimedOut) {
+            ApiError::Overloaded
+        } else if crate::store::is_statement_timeout(&e) {
+            ApiError::QueryTimeout
+        } else {
+            ApiError::Internal(format!("database: {e}"))
+        }
     }
 }
 

@@ -18,8 +18,11 @@
 //! No handler holds a database connection while it waits for another peer (Discord, a
 //! DNS lookup): it reads what it needs, gives the connection back, calls out, and takes
 //! one again to write, checking there that what it read still holds. A slow Discord then
-//! costs a waiting request nothing but its place under `http.max_concurrent_requests`,
-//! and the pool stays with ingest, the relay, the syncer and delivery.
+//! costs a waiting request nothing but its place under `http.max_concurrent_requests`.
+//! Handlers draw from a pool of their own ([`AppState::pool`], each statement bounded by
+//! `database.http_statement_timeout`), not from the one of ingest, the relay, the
+//! syncer and delivery; only the Discord budget's slot leases ([`AppState::bots`]) and
+//! readiness ([`AppState::database`]) use that one, a short statement each.
 
 pub mod access;
 pub mod accounts;

@@ -87,7 +87,7 @@ const UNAVAILABLE: &str = "Unavailable";
 const PAGE_UNDER_LOAD: &str = "under load (too many requests at once, with `Retry-After`, or the request took longer than `http.request_timeout`): a page saying to try again.";
 
 /// Why any route can answer 503, after "the server is".
-const UNDER_LOAD: &str = "under load: `overloaded` (too many requests at once; `Retry-After`) or `request_timeout` (the request took longer than `http.request_timeout` and was abandoned; nothing it had not finished was saved).";
+const UNDER_LOAD: &str = "under load: `overloaded` (too many requests at once, or no database connection free for requests; `Retry-After`), `request_timeout` (the request took longer than `http.request_timeout` and was abandoned; nothing it had not finished was saved) or `query_timeout` (a database statement of the request ran longer than `database.http_statement_timeout` and was cancelled; nothing was saved; ask for a smaller page).";
 
 fn error_body() -> Content {
     Content::new(Some(Ref::from_schema_name("ErrorBody")))

@@ -46,14 +46,18 @@ async fn healthz() -> Json<Alive> {
 }
 
 /// Readiness: the database answers a query and the broker connection is up. A load
-/// balancer sends traffic only while this is 200.
+/// balancer sends traffic only while this is 200. The query goes through the pool of the
+/// process's work, not the HTTP handlers' (requests holding every HTTP connection do not
+/// take the replica out), one at a time, and its answer holds for a second
+/// ([`crate::store::Probe`]): a flood of calls takes at most one of that pool's
+/// connections.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Database and broker reachable", body = Readiness),
         (status = 503, description = "The database or the broker is not reachable; the body says which", body = Readiness),
     ))]
 async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
-    let database = crate::store::answers(&state.pool).await;
+    let database = state.database.answers().await;
     let broker = state.broker.is_ready();
     let status = if database && broker {
         StatusCode::OK

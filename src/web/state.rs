@@ -16,7 +16,11 @@ use crate::metrics::Metrics;
 #[derive(Clone)]
 pub struct AppState {
     pub settings: Arc<Settings>,
+    /// The HTTP handlers' own pool, each statement bounded by
+    /// `database.http_statement_timeout` ([`crate::store::http_pool`]).
     pub pool: PgPool,
+    /// Readiness's question to the database, on the pool of the process's work.
+    pub database: Arc<crate::store::Probe>,
     pub broker: Broker,
     pub links: LinkBuilder,
     pub metrics: Arc<Metrics>,
