@@ -26,7 +26,6 @@ use guildgate::config::Settings;
 use guildgate::domain::ids::BusinessId;
 use lapin::options::*;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use rand::Rng;
 use sandbox_discord::{GuildSpec, Latency, Sandbox, SandboxConfig, permissions};
 use secrecy::ExposeSecret;
 use serde_json::json;
@@ -135,18 +134,7 @@ async fn main() {
             .with_role("Patrons", 1),
     );
 
-    let db_base = std::env::var("GUILDGATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let amqp_url = std::env::var("GUILDGATE_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let tag: String = rand::rng()
-        .sample_iter(&rand::distr::Alphanumeric)
-        .take(8)
-        .map(char::from)
-        .collect::<String>()
-        .to_lowercase();
-    let prefix = format!("ggbench-{tag}");
-    let db = world::Database::new(&db_base, &format!("ggbench_{tag}")).await;
+    let (db, amqp_url, prefix) = world::bench_run().await;
     let env: HashMap<String, String> = [
         ("GUILDGATE_DATABASE__URL", db.url.clone()),
         ("GUILDGATE_AMQP__URL", amqp_url.clone()),

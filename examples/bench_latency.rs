@@ -117,15 +117,7 @@ fn payment(i: usize, at: DateTime<Utc>) -> (String, Vec<u8>) {
 async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
-    let db_base = std::env::var("GUILDGATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let amqp_url = std::env::var("GUILDGATE_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let tag = guildgate::domain::ids::mint("l")
-        .to_lowercase()
-        .replace('_', "");
-    let prefix = format!("ggbench-{tag}");
-    let db = world::Database::new(&db_base, &format!("ggbench_{tag}")).await;
+    let (db, amqp_url, prefix) = world::bench_run().await;
 
     let sandbox = Sandbox::start(SandboxConfig::default()).await;
     let guild = sandbox.add_guild(

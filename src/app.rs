@@ -415,6 +415,15 @@ impl App {
                 backfiller.run_every(every, s).await;
                 "backfill"
             });
+            let mover = crate::lifecycle::moves::Mover {
+                pool: self.pool.clone(),
+                per_second: self.settings.grants.moves_per_second,
+            };
+            let s = shutdown.clone();
+            tasks.spawn(async move {
+                mover.run_every(every, s).await;
+                "entitlement moves"
+            });
             let upkeep = crate::email::upkeep::Upkeep {
                 pool: self.pool.clone(),
                 send: self.settings.email.enabled(),

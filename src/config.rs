@@ -270,6 +270,11 @@ pub struct GrantSettings {
     /// Discord sync, and the sync queue is shared by every business, so a backfill of a
     /// large product leaves room for everyone's deliveries.
     pub backfill_per_second: f64,
+    /// Grants a process queues per second at most for the syncer again after a save
+    /// moved an entitlement to another server or role, or retries its grants failed for
+    /// a configuration cause (beyond the first page the save queues itself): the sync
+    /// queue is shared by every business.
+    pub moves_per_second: f64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -546,8 +551,13 @@ impl Settings {
             "database.http_statement_timeout must be at least 1ms and at most 1h",
         )?;
         ensure(
-            self.grants.backfill_per_second.is_finite() && self.grants.backfill_per_second > 0.0,
-            "grants.backfill_per_second must be more than 0",
+            [
+                self.grants.backfill_per_second,
+                self.grants.moves_per_second,
+            ]
+            .iter()
+            .all(|r| r.is_finite() && *r > 0.0),
+            "grants.backfill_per_second and grants.moves_per_second must be more than 0",
         )?;
         ensure(
             !self.http.request_timeout.is_zero() && self.http.max_concurrent_requests > 0,
@@ -915,6 +925,7 @@ mod tests {
         let defaults = Settings::load_with_env(None, Some(env(&[]))).unwrap();
         assert_eq!(defaults.grants.timer_interval, Duration::from_secs(30));
         assert_eq!(defaults.grants.backfill_per_second, 20.0);
+        assert_eq!(defaults.grants.moves_per_second, 40.0);
         assert_eq!(
             load("GUILDGATE_GRANTS__BACKFILL_PER_SECOND", "2.5")
                 .unwrap()
@@ -923,6 +934,8 @@ mod tests {
             2.5
         );
         for (k, v) in [
+            ("GUILDGATE_GRANTS__MOVES_PER_SECOND", "0"),
+            ("GUILDGATE_GRANTS__MOVES_PER_SECOND", "NaN"),
             ("GUILDGATE_GRANTS__BACKFILL_PER_SECOND", "0"),
             ("GUILDGATE_GRANTS__BACKFILL_PER_SECOND", "-1"),
             ("GUILDGATE_GRANTS__TIMER_INTERVAL", "0s"),

@@ -11,6 +11,7 @@ use common::events::*;
 use common::wait_for;
 use discord_world::{BOT_PERMISSIONS, World};
 use guildgate::domain::ids::BusinessId;
+use guildgate::lifecycle::moves;
 use reqwest::Method;
 use sandbox_discord::{Consent, GuildIds, GuildSpec, RoleSpec, permissions};
 use secrecy::ExposeSecret;
@@ -2319,6 +2320,197 @@ async fn re_saving_retries_failed_grants_and_a_new_role_moves_delivered_ones() {
     assert!(w.has_role(g.guild_id, alice, vip));
     assert!(!w.has_role(g.guild_id, alice, patrons));
     w.stop().await;
+}
+
+fn relayed_syncs(w: &World) -> u64 {
+    w.app
+        .metrics
+        .outbox_relayed
+        .get_or_create(&vec![("kind", "sync".to_string())])
+        .get()
+}
+
+/// Where an entitlement's move stands: the last grant queued (`""` at the start), if it
+/// is under way.
+async fn move_cursor(w: &World, ent: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT after_grant FROM entitlement_moves WHERE entitlement_id = $1")
+        .bind(ent)
+        .fetch_optional(&w.app.pool)
+        .await
+        .unwrap()
+}
+
+/// An entitlement of `Patrons` with [`moves::PAGE`] + 7 delivered grants, in a world whose
+/// own mover looks once at start and then not for an hour (a test runs one), and a
+/// `VIP` role to move it to.
+struct LargeEntitlement {
+    w: World,
+    c: Client,
+    ent: String,
+    guild: String,
+    patrons: u64,
+    vip: u64,
+}
+
+impl LargeEntitlement {
+    async fn start() -> Self {
+        let w = World::configured(
+            common::TestConfig::ingest_only().env("GUILDGATE_GRANTS__TIMER_INTERVAL", "1h"),
+        )
+        .await;
+        let biz = w.app.business();
+        let c = client(&w, &biz).await;
+        let g = connected_guild(&w, &c, "Acme").await;
+        let patrons = g.role("Patrons");
+        let e = create_entitlement(&c, g.guild_id, Some(patrons)).await;
+        let ent = e["id"].as_str().unwrap().to_string();
+        let (guild, role) = (g.guild_id.to_string(), patrons.to_string());
+        let n = moves::PAGE + 7;
+        common::world::seed_delivered_grants(&w.app.pool, &biz, &ent, (&guild, &role), n).await;
+        let vip = w.sandbox.add_role(g.guild_id, RoleSpec::new("VIP", 1));
+        LargeEntitlement {
+            w,
+            c,
+            ent,
+            guild,
+            patrons,
+            vip,
+        }
+    }
+
+    /// Saves the entitlement with `body`, answered 200.
+    async fn save(&self, body: Value) {
+        let (s, v) = self
+            .c
+            .patch(&format!("/entitlements/{}", self.ent), body)
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+
+    async fn move_to(&self, role: u64) {
+        self.save(
+            json!({"integration_config": {"guild_id": self.guild, "role_id": role.to_string()}}),
+        )
+        .await;
+    }
+
+    /// The grant of every sync job relayed so far, in order (the syncer is off).
+    async fn sync_jobs(&self) -> Vec<String> {
+        let app = &self.w.app;
+        app.drain_queue(&app.names.discord_sync())
+            .await
+            .iter()
+            .map(|j| {
+                let job: Value = serde_json::from_slice(&j.body).unwrap();
+                job["grant_id"].as_str().unwrap().to_string()
+            })
+            .collect()
+    }
+
+    fn mover(&self) -> moves::Mover {
+        moves::Mover {
+            pool: self.w.app.pool.clone(),
+            per_second: 1e6,
+        }
+    }
+}
+
+/// A new role for an entitlement with more grants than a save queues itself: the save
+/// queues the first page and a mover the rest. A rename meanwhile queues nothing and
+/// keeps the move where it is; moving the role back starts the move over, queuing
+/// nothing in the save. Every grant gets its job, and nothing more once the move is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_role_for_a_large_entitlement_moves_every_grant_in_pages() {
+    let large = LargeEntitlement::start().await;
+    let (w, ent) = (&large.w, large.ent.as_str());
+    let (page, n) = (moves::PAGE, moves::PAGE + 7);
+    let page_count = u64::try_from(page).unwrap();
+
+    large.move_to(large.vip).await;
+    w.app.wait_outbox_empty().await;
+    assert_eq!(relayed_syncs(w), page_count, "the save's page");
+    let first_cursor = move_cursor(w, ent)
+        .await
+        .expect("the rest is left to a mover");
+
+    large.save(json!({"name": "Renamed"})).await;
+    assert_eq!(
+        move_cursor(w, ent).await.as_ref(),
+        Some(&first_cursor),
+        "kept"
+    );
+
+    large.move_to(large.patrons).await;
+    w.app.wait_outbox_empty().await;
+    assert_eq!(
+        relayed_syncs(w),
+        page_count,
+        "a save during a move queues nothing"
+    );
+    assert_eq!(
+        move_cursor(w, ent).await.as_deref(),
+        Some(""),
+        "started over"
+    );
+
+    let mover = large.mover();
+    let stop = tokio_util::sync::CancellationToken::new();
+    assert_eq!(mover.pass(&stop).await.unwrap(), page);
+    assert_eq!(
+        mover.pass(&stop).await.unwrap(),
+        7,
+        "the rest of the grants"
+    );
+    assert_eq!(move_cursor(w, ent).await, None, "the move is done");
+    assert_eq!(mover.pass(&stop).await.unwrap(), 0);
+    w.app.wait_outbox_empty().await;
+    let jobs = large.sync_jobs().await;
+    assert_eq!(jobs.len(), 2 * page + 7);
+    let granted: std::collections::HashSet<&String> = jobs.iter().collect();
+    assert_eq!(granted.len(), n, "every grant has its job");
+    large.w.stop().await;
+}
+
+/// A save that fixes the merchant's Discord while a move is under way (here a rename
+/// after the role was raised back below the bot's) leaves the move going, and once it
+/// is done the grants that failed behind it for a configuration cause are handed to the
+/// syncer again, and only those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_during_a_move_retries_the_grants_that_failed_behind_it() {
+    let large = LargeEntitlement::start().await;
+    let w = &large.w;
+    large.move_to(large.vip).await;
+    w.app.wait_outbox_empty().await;
+    // Three of the grants the save's page moved failed: the new role was above the bot's.
+    let failed: Vec<String> = sqlx::query_scalar(
+        "UPDATE grants SET status = 'Failed', error_code = 'discord_role_hierarchy'
+         WHERE id IN (SELECT id FROM grants WHERE entitlement_id = $1
+                      ORDER BY created_at DESC, id DESC LIMIT 3)
+         RETURNING id",
+    )
+    .bind(&large.ent)
+    .fetch_all(&w.app.pool)
+    .await
+    .unwrap();
+    large.save(json!({"name": "Patrons (fixed)"})).await;
+    w.app.wait_outbox_empty().await;
+    let before = relayed_syncs(w);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mover = large.mover();
+    assert_eq!(mover.pass(&stop).await.unwrap(), 7, "the move's last page");
+    assert_eq!(
+        mover.pass(&stop).await.unwrap(),
+        3,
+        "the failed grants again"
+    );
+    assert_eq!(move_cursor(w, &large.ent).await, None, "then done");
+    assert_eq!(mover.pass(&stop).await.unwrap(), 0);
+    w.app.wait_outbox_empty().await;
+    assert_eq!(relayed_syncs(w) - before, 10);
+    let jobs = large.sync_jobs().await;
+    let last: std::collections::HashSet<String> = jobs[jobs.len() - 3..].iter().cloned().collect();
+    assert_eq!(last, failed.into_iter().collect());
+    large.w.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

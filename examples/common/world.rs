@@ -30,6 +30,50 @@ pub fn bench_env(
     ]
 }
 
+/// A run's own database and names on the servers the tests use
+/// (`GUILDGATE_TEST_DATABASE_URL`, a URL without a database, and
+/// `GUILDGATE_TEST_AMQP_URL`): the database, the broker's URL and the prefix of the
+/// run's queues and exchange.
+pub async fn bench_run() -> (Database, String, String) {
+    let db_base = std::env::var("GUILDGATE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let amqp_url = std::env::var("GUILDGATE_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let tag = guildgate::domain::ids::mint("r")
+        .to_lowercase()
+        .replace('_', "");
+    let db = Database::new(&db_base, &format!("ggbench_{tag}")).await;
+    (db, amqp_url, format!("ggbench-{tag}"))
+}
+
+/// `n` grants of `entitlement` (of `business`), delivered to as many members holding
+/// `role` in `guild`: a large entitlement, written in one statement.
+pub async fn seed_delivered_grants(
+    pool: &sqlx::PgPool,
+    business: &str,
+    entitlement: &str,
+    (guild, role): (&str, &str),
+    n: usize,
+) {
+    sqlx::query(
+        "INSERT INTO grants (id, business_id, brand_id, entitlement_id, customer_id,
+             payment_id, status, delivered_at, oauth_nonce, oauth_expires_at,
+             applied_user_id, applied_guild_id, applied_role_id)
+         SELECT 'grant_m' || i, $1, 'brd_1', $2, 'cus_' || i, 'pay_' || i, 'Delivered',
+             now(), 'nonce' || i, now() + interval '7 days', (100000 + i)::text, $3, $4
+         FROM generate_series(1, $5) AS i",
+    )
+    .bind(business)
+    .bind(entitlement)
+    .bind(guild)
+    .bind(role)
+    .bind(i64::try_from(n).expect("a count of grants"))
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE grants").execute(pool).await.unwrap();
+}
+
 /// A connection to the server at `base` (a URL without a database), to its `postgres`
 /// database: what creates and drops a benchmark's databases.
 async fn admin(base: &str) -> Result<sqlx::PgConnection, sqlx::Error> {

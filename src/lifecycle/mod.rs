@@ -5,6 +5,9 @@
 //!
 //! - [`timers`]: revokes grants whose grace period ran out.
 //! - [`backfill`]: gives a newly attached entitlement to the product's earlier buyers.
+//! - [`moves`]: hands the grants of an entitlement whose server or role changed to the
+//!   syncer again, paced.
 
 pub mod backfill;
+pub mod moves;
 pub mod timers;

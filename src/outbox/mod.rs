@@ -12,7 +12,7 @@
 
 pub mod produce;
 
-pub use produce::{emit, queue_sync};
+pub use produce::{emit, queue_sync, queue_syncs};
 
 use std::sync::Arc;
 

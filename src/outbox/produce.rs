@@ -61,6 +61,23 @@ pub async fn queue_sync(conn: &mut PgConnection, grant_id: &str) -> Result<(), s
     outbox::insert(conn, OutboxKind::Sync, &id, &payload).await
 }
 
+/// Sync jobs [`queue_syncs`] writes in one statement, at most: a few hundred kilobytes
+/// of parameters.
+pub const SYNC_JOBS_PER_STATEMENT: usize = 5_000;
+
+/// Writes a sync job for each of `grant_ids`, in order, with one statement per
+/// [`SYNC_JOBS_PER_STATEMENT`]: a save that touches every grant of a large entitlement
+/// (its role or server changed, a stop on its server resolved) writes tens of thousands
+/// of jobs in a few statements, not one round trip each.
+pub async fn queue_syncs(conn: &mut PgConnection, grant_ids: &[String]) -> Result<(), sqlx::Error> {
+    for chunk in grant_ids.chunks(SYNC_JOBS_PER_STATEMENT) {
+        let (ids, payloads): (Vec<String>, Vec<Vec<u8>>) =
+            chunk.iter().map(|g| sync_job(g)).unzip();
+        outbox::insert_many(conn, OutboxKind::Sync, &ids, &payloads).await?;
+    }
+    Ok(())
+}
+
 /// One outbox row of grant webhooks: its message id and a JSON array of the bodies, as
 /// they are, in order.
 pub fn grant_events_bundle(bodies: &[Vec<u8>]) -> (String, Vec<u8>) {

@@ -218,22 +218,30 @@ pub async fn owned(
 
 /// Grants a save must hand to the syncer again: those that failed for a configuration
 /// cause (the save may have fixed it) and, when the guild or role changed, every live
-/// grant that applied something, so the syncer moves it to the new configuration.
+/// grant that applied something, so the syncer moves it to the new configuration. At
+/// most `limit` of them, newest first, after `after` (a time as text and a grant id:
+/// [`super::moves::START`] for the newest), one step down `grants_entitlement_created`
+/// per grant however far the move has gone.
 pub async fn grants_to_resync(
     conn: &mut PgConnection,
     entitlement_id: &str,
     config_causes: &[&str],
     config_changed: bool,
-) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT id FROM grants WHERE entitlement_id = $1 AND (
-             (status = 'Failed' AND error_code = ANY($2))
-             OR ($3 AND status <> 'Revoked' AND applied_guild_id IS NOT NULL)
-         ) ORDER BY id",
+    (after, limit): ((&str, &str), i64),
+) -> Result<Vec<super::moves::Cursor>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, created_at FROM grants
+         WHERE entitlement_id = $1 AND (created_at, id) < ($4::timestamptz, $5)
+           AND ((status = 'Failed' AND error_code = ANY($2))
+                OR ($3 AND status <> 'Revoked' AND applied_guild_id IS NOT NULL))
+         ORDER BY created_at DESC, id DESC LIMIT $6",
     )
     .bind(entitlement_id)
     .bind(config_causes)
     .bind(config_changed)
+    .bind(after.0)
+    .bind(after.1)
+    .bind(limit)
     .fetch_all(conn)
     .await
 }

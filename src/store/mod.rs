@@ -21,6 +21,7 @@ pub mod holdings;
 pub mod ingest;
 pub mod links;
 pub mod messages;
+pub mod moves;
 pub mod outbox;
 pub mod reconcile;
 pub mod stops;

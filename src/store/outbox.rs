@@ -53,6 +53,28 @@ pub async fn insert(
     Ok(())
 }
 
+/// Adds rows of one kind in one statement (in the caller's transaction), in the order
+/// given: `message_ids` and `payloads` pair up.
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    kind: OutboxKind,
+    message_ids: &[String],
+    payloads: &[Vec<u8>],
+) -> Result<(), sqlx::Error> {
+    debug_assert_eq!(message_ids.len(), payloads.len());
+    sqlx::query(
+        "INSERT INTO outbox (kind, message_id, payload)
+         SELECT $1, m, p FROM unnest($2::text[], $3::bytea[]) WITH ORDINALITY AS t(m, p, o)
+         ORDER BY o",
+    )
+    .bind(kind.as_str())
+    .bind(message_ids)
+    .bind(payloads)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// The oldest unsent rows, locked; rows another relay holds are skipped.
 pub async fn claim(conn: &mut PgConnection, limit: i64) -> Result<Vec<OutboxRow>, sqlx::Error> {
     sqlx::query_as(

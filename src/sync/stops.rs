@@ -13,8 +13,6 @@ pub async fn resume_and_queue(
     entitlement_id: &str,
 ) -> Result<usize, sqlx::Error> {
     let grants = resume(conn, guild_id, entitlement_id).await?;
-    for grant_id in &grants {
-        crate::outbox::queue_sync(conn, grant_id).await?;
-    }
+    crate::outbox::queue_syncs(conn, &grants).await?;
     Ok(grants.len())
 }

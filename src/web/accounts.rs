@@ -7,7 +7,7 @@ use sqlx::PgConnection;
 use super::AppState;
 use crate::discord::client::{TokenSet, User};
 use crate::discord::{Bot, DiscordError};
-use crate::outbox::queue_sync;
+use crate::outbox::queue_syncs;
 use crate::store::links::LinkRow;
 use crate::store::{grants, links};
 use crate::sync::worker::revoke_tokens;
@@ -129,9 +129,7 @@ pub async fn link_account(
             "grants being changed at that moment keep their links"
         );
     }
-    for id in &live {
-        queue_sync(tx, id).await?;
-    }
+    queue_syncs(tx, &live).await?;
     let (event, mut detail) = match &previous {
         Some(old) => (
             "switched",

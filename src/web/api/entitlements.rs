@@ -24,7 +24,6 @@ use utoipa::{IntoParams, ToSchema};
 use super::auth::Merchant;
 use super::{Items, page};
 use crate::discord::Bots;
-use crate::discord::HumanCode;
 use crate::domain::Snowflake;
 use crate::grants::render::ts;
 use crate::store::entitlements::Entitlement;
@@ -39,15 +38,6 @@ pub const DISCORD: &str = "discord";
 const MAX_GRACE_DAYS: i64 = 365;
 pub const MAX_NAME: usize = 255;
 pub const MAX_DESCRIPTION: usize = 2000;
-
-/// Failed grants whose cause a re-save may have fixed (the merchant's configuration, not
-/// the customer's account).
-pub const CONFIG_CAUSES: [HumanCode; 4] = [
-    HumanCode::MissingPermissions,
-    HumanCode::RoleHierarchy,
-    HumanCode::UnknownGuild,
-    HumanCode::UnknownRole,
-];
 
 /// Where a Discord entitlement gives access.
 #[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
@@ -537,10 +527,7 @@ pub async fn update(
     let now = Utc::now();
     let saved = db::update(&mut tx, &id, &f, now).await?;
     let moved = current.guild_id != saved.guild_id || current.role_id != saved.role_id;
-    let causes: Vec<&str> = CONFIG_CAUSES.iter().map(|c| c.as_str()).collect();
-    for grant_id in db::grants_to_resync(&mut tx, &id, &causes, moved).await? {
-        crate::outbox::queue_sync(&mut tx, &grant_id).await?;
-    }
+    crate::lifecycle::moves::start(&mut tx, business, &id, moved).await?;
     resume(&mut tx, &saved).await?;
     tx.commit().await?;
     Ok(ApiJson(EntitlementView::from(&saved)))
