@@ -417,6 +417,7 @@ impl App {
             });
             let mover = crate::lifecycle::moves::Mover {
                 pool: self.pool.clone(),
+                metrics: self.metrics.clone(),
                 per_second: self.settings.grants.moves_per_second,
             };
             let s = shutdown.clone();

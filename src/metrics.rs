@@ -45,6 +45,8 @@ pub struct Metrics {
     /// Rows waiting in the outbox, and the age of the oldest (seconds).
     pub outbox_backlog: Gauge,
     pub outbox_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Entitlement moves under way: saves whose grants the movers are still queuing.
+    pub entitlement_moves: Gauge,
     /// Discord syncs by outcome.
     pub syncs: Family<Labels, Counter>,
     /// Discord requests by route and status.
@@ -122,6 +124,12 @@ impl Metrics {
             "Age of the oldest outbox row",
             outbox_lag_seconds.clone(),
         );
+        let entitlement_moves = Gauge::default();
+        registry.register(
+            "entitlement_moves",
+            "Entitlement moves whose grants are still being queued for the syncer",
+            entitlement_moves.clone(),
+        );
         let syncs = Family::<Labels, Counter>::default();
         registry.register(
             "discord_syncs",
@@ -194,6 +202,7 @@ impl Metrics {
             outbox_claims,
             outbox_backlog,
             outbox_lag_seconds,
+            entitlement_moves,
             syncs,
             discord_requests,
             discord_invalid_requests,

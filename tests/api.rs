@@ -2410,6 +2410,7 @@ impl LargeEntitlement {
     fn mover(&self) -> moves::Mover {
         moves::Mover {
             pool: self.w.app.pool.clone(),
+            metrics: self.w.app.metrics.clone(),
             per_second: 1e6,
         }
     }
@@ -2457,12 +2458,18 @@ async fn a_new_role_for_a_large_entitlement_moves_every_grant_in_pages() {
     let stop = tokio_util::sync::CancellationToken::new();
     assert_eq!(mover.pass(&stop).await.unwrap(), page);
     assert_eq!(
+        w.app.metrics.entitlement_moves.get(),
+        1,
+        "one move under way"
+    );
+    assert_eq!(
         mover.pass(&stop).await.unwrap(),
         7,
         "the rest of the grants"
     );
     assert_eq!(move_cursor(w, ent).await, None, "the move is done");
     assert_eq!(mover.pass(&stop).await.unwrap(), 0);
+    assert_eq!(w.app.metrics.entitlement_moves.get(), 0);
     w.app.wait_outbox_empty().await;
     let jobs = large.sync_jobs().await;
     assert_eq!(jobs.len(), 2 * page + 7);

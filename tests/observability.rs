@@ -262,7 +262,11 @@ async fn full_flow_alone() {
     positive("guildgate_discord_requests_total", &["status=\"200\""]);
     positive("guildgate_discord_invalid_requests_10m", &[]);
     positive("guildgate_webhook_seconds_count", &[]);
-    for gauge in ["guildgate_outbox_backlog", "guildgate_outbox_lag_seconds"] {
+    for gauge in [
+        "guildgate_outbox_backlog",
+        "guildgate_outbox_lag_seconds",
+        "guildgate_entitlement_moves",
+    ] {
         assert!(sample(&m, gauge, &[]).is_some(), "no {gauge} in\n{m}");
     }
     // The sampler's first round runs at start.

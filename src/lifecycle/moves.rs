@@ -19,12 +19,14 @@
 //! asks for one more pass over the failed grants once the move is done, since it may
 //! have fixed the cause of those the move already passed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::discord::HumanCode;
+use crate::metrics::Metrics;
 use crate::outbox::queue_syncs;
 use crate::store::{entitlements, moves as db};
 
@@ -87,6 +89,8 @@ async fn queue_page(
 /// Works through the moves that saves left, on every process.
 pub struct Mover {
     pub pool: PgPool,
+    /// `guildgate_entitlement_moves`, set at the start of each round.
+    pub metrics: Arc<Metrics>,
     /// At most this many grants queued per second (`grants.moves_per_second`).
     pub per_second: f64,
 }
@@ -119,6 +123,8 @@ impl Mover {
     pub async fn pass(&self, stop: &CancellationToken) -> Result<usize, sqlx::Error> {
         let turns = {
             let mut conn = self.pool.acquire().await?;
+            let under_way = db::count(&mut conn).await?;
+            self.metrics.entitlement_moves.set(under_way);
             db::turns(&mut conn).await?
         };
         let mut queued = 0;

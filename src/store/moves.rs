@@ -159,3 +159,10 @@ pub async fn turns(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> 
     .fetch_all(conn)
     .await
 }
+
+/// Moves under way.
+pub async fn count(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM entitlement_moves")
+        .fetch_one(conn)
+        .await
+}
