@@ -44,25 +44,7 @@ pub struct Backfiller {
 impl Backfiller {
     /// Works through open backfills every `every`, until `stop`.
     pub async fn run_every(&self, every: Duration, stop: CancellationToken) {
-        loop {
-            loop {
-                match self.pass().await {
-                    // More may be left: go on at once, unless stopping.
-                    Ok(n) if n > 0 && !stop.is_cancelled() => {
-                        tracing::info!(granted = n, "backfill: grants given");
-                    }
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "backfill: database error; trying again");
-                        break;
-                    }
-                }
-            }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(every) => {}
-            }
-        }
+        super::drain_every("backfill", every, stop, || self.pass()).await
     }
 
     /// One page of every open backfill; returns how many grants this process gave.

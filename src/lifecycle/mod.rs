@@ -11,3 +11,41 @@
 pub mod backfill;
 pub mod moves;
 pub mod timers;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// Runs `round` until it finds nothing to do (or fails), then again every `every`, until
+/// `stop`: the loop of work that goes on at once while more is left (a backfill, a
+/// move). `task` names it in the logs, with how much each round did.
+async fn drain_every<F, Fut>(
+    task: &'static str,
+    every: Duration,
+    stop: CancellationToken,
+    mut round: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<usize, sqlx::Error>>,
+{
+    loop {
+        loop {
+            match round().await {
+                // More may be left: go on at once, unless stopping.
+                Ok(n) if n > 0 && !stop.is_cancelled() => {
+                    tracing::info!(task, done = n, "{task}: a round done; going on");
+                }
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(task, error = %e, "{task}: database error; trying again");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}

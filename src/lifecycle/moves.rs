@@ -60,12 +60,11 @@ pub async fn start(
         None => {
             let page = queue_page(tx, entitlement_id, moved, db::START).await?;
             if let Some(last) = page.last().filter(|_| page.len() == PAGE) {
-                db::insert(tx, business_id, entitlement_id, moved).await?;
-                db::advance(tx, entitlement_id, last).await?;
+                db::insert(tx, (business_id, entitlement_id), moved, last).await?;
             }
             Ok(page.len())
         }
-        Some(_) if moved => db::restart(tx, entitlement_id).await.map(|()| 0),
+        Some(_) if moved => db::start_over(tx, entitlement_id, true).await.map(|()| 0),
         Some(_) => db::retry_failed_after(tx, entitlement_id).await.map(|()| 0),
     }
 }
@@ -98,24 +97,8 @@ pub struct Mover {
 impl Mover {
     /// Works through the open moves every `every`, until `stop`.
     pub async fn run_every(&self, every: Duration, stop: CancellationToken) {
-        loop {
-            loop {
-                match self.pass(&stop).await {
-                    Ok(n) if n > 0 && !stop.is_cancelled() => {
-                        tracing::info!(queued = n, "entitlement moves: sync jobs queued");
-                    }
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "entitlement moves: database error; trying again");
-                        break;
-                    }
-                }
-            }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(every) => {}
-            }
-        }
+        let round = stop.clone();
+        super::drain_every("entitlement moves", every, stop, || self.pass(&round)).await
     }
 
     /// One page of each business's least recently advanced move; returns how many
@@ -165,7 +148,7 @@ impl Mover {
         match page.last() {
             Some(last) if page.len() == PAGE => db::advance(&mut tx, entitlement, last).await?,
             // Done; or its pass over the failed grants, when a save asked for one.
-            _ if m.retry_failed => db::retry_failed_now(&mut tx, entitlement).await?,
+            _ if m.retry_failed => db::start_over(&mut tx, entitlement, false).await?,
             _ => db::finish(&mut tx, entitlement).await?,
         }
         tx.commit().await?;

@@ -50,12 +50,26 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 /// timers). Connects lazily: a database that is down at start-up makes the first query
 /// fail (and be retried), not the process.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
-    let opts =
-        PgConnectOptions::from_str(settings.url.expose_secret())?.application_name("guildgate");
-    Ok(PgPoolOptions::new()
-        .max_connections(settings.max_connections)
+    let opts = connect_options(settings, "guildgate")?;
+    Ok(lazy_pool(opts, settings.max_connections))
+}
+
+/// The configured database's connect options, its connections named `name` in
+/// `pg_stat_activity`.
+fn connect_options(
+    settings: &DatabaseSettings,
+    name: &str,
+) -> Result<PgConnectOptions, sqlx::Error> {
+    Ok(PgConnectOptions::from_str(settings.url.expose_secret())?.application_name(name))
+}
+
+/// A pool of at most `max` connections, connected as it needs them, that waits at most
+/// 5 s for one.
+fn lazy_pool(opts: PgConnectOptions, max: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max)
         .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(opts))
+        .connect_lazy_with(opts)
 }
 
 /// The HTTP handlers' pool (`database.http_max_connections`), apart from [`pool`]: however
@@ -70,13 +84,9 @@ pub fn http_pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
         .as_millis()
         .max(1)
         .to_string();
-    let opts = PgConnectOptions::from_str(settings.url.expose_secret())?
-        .application_name("guildgate-http")
+    let opts = connect_options(settings, "guildgate-http")?
         .options([("statement_timeout", timeout_ms.as_str())]);
-    Ok(PgPoolOptions::new()
-        .max_connections(settings.http_max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(opts))
+    Ok(lazy_pool(opts, settings.http_max_connections))
 }
 
 /// Whether PostgreSQL cancelled a statement that ran past its `statement_timeout`.

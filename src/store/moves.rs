@@ -19,8 +19,6 @@ pub const START: (&str, &str) = ("infinity", "");
 /// An entitlement whose grants after its cursor are still to be queued.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct Move {
-    pub entitlement_id: String,
-    pub business_id: String,
     /// The entitlement's server or role changed: every live grant that applied
     /// something is queued, not only those that failed for a configuration cause.
     pub moved: bool,
@@ -39,8 +37,7 @@ impl Move {
     }
 }
 
-const COLUMNS: &str = "entitlement_id, business_id, moved, retry_failed, \
-                       after_created::text AS after_created, after_grant";
+const COLUMNS: &str = "moved, retry_failed, after_created::text AS after_created, after_grant";
 
 /// `entitlement`'s move, locked until the caller's transaction ends (a save holds its
 /// entitlement's row already, so saves of one entitlement never meet here). `None` when
@@ -60,33 +57,42 @@ pub async fn lock(
     .await
 }
 
-/// Records a new move of `entitlement` at its start.
+/// Records a move of `entitlement` whose first page, up to `after`, a save queued.
 pub async fn insert(
     conn: &mut PgConnection,
-    business_id: &str,
-    entitlement_id: &str,
+    (business_id, entitlement_id): (&str, &str),
     moved: bool,
+    after: &Cursor,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO entitlement_moves (entitlement_id, business_id, moved) VALUES ($1, $2, $3)",
+        "INSERT INTO entitlement_moves (entitlement_id, business_id, moved, after_created, after_grant)
+         VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(entitlement_id)
     .bind(business_id)
     .bind(moved)
+    .bind(after.created_at)
+    .bind(&after.grant_id)
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Starts `entitlement`'s move over from its newest grant: its server or role changed
-/// again.
-pub async fn restart(conn: &mut PgConnection, entitlement_id: &str) -> Result<(), sqlx::Error> {
+/// Starts `entitlement`'s move over from its newest grant, with no pass over the failed
+/// grants left to ask for: its server or role changed again (`moved`), or the move is
+/// done and becomes the pass over the failed grants a save asked for.
+pub async fn start_over(
+    conn: &mut PgConnection,
+    entitlement_id: &str,
+    moved: bool,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE entitlement_moves SET after_created = 'infinity', after_grant = '',
-             moved = true, retry_failed = false, updated_at = now()
+             moved = $2, retry_failed = false, updated_at = now()
          WHERE entitlement_id = $1",
     )
     .bind(entitlement_id)
+    .bind(moved)
     .execute(conn)
     .await?;
     Ok(())
@@ -117,22 +123,6 @@ pub async fn advance(
     .bind(entitlement_id)
     .bind(after.created_at)
     .bind(&after.grant_id)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-/// Turns a finished move into its pass over the failed grants, from the start.
-pub async fn retry_failed_now(
-    conn: &mut PgConnection,
-    entitlement_id: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE entitlement_moves SET after_created = 'infinity', after_grant = '',
-             moved = false, retry_failed = false, updated_at = now()
-         WHERE entitlement_id = $1",
-    )
-    .bind(entitlement_id)
     .execute(conn)
     .await?;
     Ok(())
