@@ -26,17 +26,46 @@ async fn live_grants(app: &TestApp) -> i64 {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn database_cut_and_restored_mid_stream_loses_and_dead_letters_nothing() {
-    let pg = Proxy::start(addr_of(&common::database_base_url())).await;
+/// An app running ingest only with `config`'s routes, and the first `n` payments of a
+/// lifetime entitlement recorded.
+async fn ingesting(config: TestConfig, n: usize) -> TestApp {
     let app = TestApp::spawn_with(TestConfig {
-        db_via: Some(pg.addr),
-        ..TestConfig::ingest_only()
+        options: TestConfig::ingest_only().options,
+        ..config
     })
     .await;
     app.entitlement_for("pdt_life", GUILD, None).await;
-    app.publish_payments(0..50).await;
-    app.wait_processed(50).await;
+    app.publish_payments(0..n).await;
+    app.wait_processed(n as i64).await;
+    app
+}
+
+/// [`ingesting`] with the broker connection through a proxy of its own, asking for
+/// RabbitMQ's default heartbeat (60 s) whatever the test broker's setting: lapin then
+/// takes two minutes to notice a connection that went quiet.
+async fn ingesting_through_a_broker_proxy(n: usize) -> (Proxy, TestApp) {
+    let amqp = Proxy::start(addr_of(&common::amqp_url())).await;
+    let mut url = url::Url::parse(&common::replace_host(&common::amqp_url(), amqp.addr)).unwrap();
+    url.query_pairs_mut().append_pair("heartbeat", "60");
+    let app = ingesting(
+        TestConfig::default().env("GUILDGATE_AMQP__URL", url.as_str()),
+        n,
+    )
+    .await;
+    (amqp, app)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_cut_and_restored_mid_stream_loses_and_dead_letters_nothing() {
+    let pg = Proxy::start(addr_of(&common::database_base_url())).await;
+    let app = ingesting(
+        TestConfig {
+            db_via: Some(pg.addr),
+            ..TestConfig::default()
+        },
+        50,
+    )
+    .await;
     pg.cut();
     app.publish_payments(50..150).await;
     // Nothing can be applied while the database is unreachable...
@@ -60,15 +89,7 @@ async fn database_cut_and_restored_mid_stream_loses_and_dead_letters_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_cut_and_restored_resubscribes_and_loses_nothing() {
-    let amqp = Proxy::start(addr_of(&common::amqp_url())).await;
-    let app = TestApp::spawn_with(TestConfig {
-        amqp_via: Some(amqp.addr),
-        ..TestConfig::ingest_only()
-    })
-    .await;
-    app.entitlement_for("pdt_life", GUILD, None).await;
-    app.publish_payments(0..50).await;
-    app.wait_processed(50).await;
+    let (amqp, app) = ingesting_through_a_broker_proxy(50).await;
     amqp.cut();
     // The test publishes directly (not through the proxy): the queue fills meanwhile.
     app.publish_payments(50..150).await;
@@ -82,6 +103,109 @@ async fn broker_cut_and_restored_resubscribes_and_loses_nothing() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 150);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_connection_that_stops_answering_is_replaced_and_loses_nothing() {
+    let (amqp, app) = ingesting_through_a_broker_proxy(20).await;
+    let connections = amqp.accepted();
+    // The connection stays open, and the broker hears guildgate, but nothing it
+    // sends arrives: the deliveries below go to a consumer that never sees them,
+    // and nothing breaks until the missed heartbeats are noticed (two minutes).
+    amqp.mute_replies();
+    app.publish_payments(20..60).await;
+    let began = std::time::Instant::now();
+    while app.processed_count().await < 60 {
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(60),
+            "only {} of 60 events recorded a minute after the connection went quiet",
+            app.processed_count().await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        amqp.accepted() - connections,
+        1,
+        "the quiet connection was replaced by one other"
+    );
+    assert_eq!(live_grants(&app).await, 60);
+    assert_eq!(
+        app.queue_len(&format!("{}.dead", app.names.payment_events()))
+            .await,
+        0
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_that_gets_no_answer_gives_up_its_connection() {
+    use guildgate::amqp::{Broker, Names};
+    let (amqp, app) = ingesting_through_a_broker_proxy(0).await;
+    let broker = Broker::new(&app.settings, "test-probe");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    // A queue nothing else reads (nothing is dead-lettered here).
+    let queue = Names::dead(&app.names.payment_events());
+    let sub = broker
+        .subscribe(&queue, "test-probe", 1, &shutdown)
+        .await
+        .unwrap();
+    broker
+        .probe(&sub.channel, sub.generation, &queue)
+        .await
+        .expect("an answering channel passes its probe");
+    assert!(broker.is_ready());
+    amqp.mute_replies();
+    let quiet = broker.probe(&sub.channel, sub.generation, &queue).await;
+    assert!(quiet.is_err(), "a probe without an answer fails");
+    // The connection is given up (readiness says so) and the next channel comes from a
+    // new one, which answers.
+    assert!(!broker.is_ready());
+    let ch = broker.try_channel().await.unwrap();
+    assert!(broker.is_ready());
+    let answered = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        ch.queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        ),
+    )
+    .await;
+    assert!(matches!(answered, Ok(Ok(_))), "the new connection answers");
+    broker.close().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_broker_that_still_answers_keeps_its_connection() {
+    let (amqp, app) = ingesting_through_a_broker_proxy(20).await;
+    let connections = amqp.accepted();
+    // Every answer takes 3 s or more: slow, but within every bound, so the probes (one each
+    // 5 s) must not take the connection for one that stopped answering.
+    amqp.delay_replies(std::time::Duration::from_secs(3));
+    app.publish_payments(20..40).await;
+    let began = std::time::Instant::now();
+    while app.processed_count().await < 40 {
+        assert!(
+            began.elapsed() < std::time::Duration::from_secs(60),
+            "only {} of 40 events recorded a minute into the slow answers",
+            app.processed_count().await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Long enough for two probes of every consumer to be answered late.
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    assert_eq!(
+        amqp.accepted(),
+        connections,
+        "no new connection to a broker that answers, however slowly"
+    );
+    amqp.delay_replies(std::time::Duration::ZERO);
+    assert_eq!(live_grants(&app).await, 40);
     app.stop().await;
 }
 

@@ -21,34 +21,43 @@ pub async fn sample_queue_depths(
         .chain(names.dead_queues())
         .collect();
     loop {
-        // `try_channel`, not `channel`: a sample is not worth waiting for the broker.
-        if let Ok(ch) = broker.try_channel().await {
-            for q in &queues {
-                let declared = ch
-                    .queue_declare(
-                        q.as_str().into(),
-                        lapin::options::QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        Default::default(),
+        let sample = async {
+            // `try_channel`, not `channel`: a sample is not worth waiting for the broker.
+            if let Ok(ch) = broker.try_channel().await {
+                for q in &queues {
+                    let declared = super::bounded(
+                        "queue.declare (passive)",
+                        ch.queue_declare(
+                            q.as_str().into(),
+                            lapin::options::QueueDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            },
+                            Default::default(),
+                        ),
                     )
                     .await;
-                match declared {
-                    Ok(d) => {
-                        metrics
-                            .queue_depth
-                            .get_or_create(&vec![("queue", q.clone())])
-                            .set(i64::from(d.message_count()));
-                    }
-                    // A failed passive declare closes the channel; try again next time.
-                    Err(e) => {
-                        tracing::debug!(queue = %q, error = %e, "cannot sample the queue depth");
-                        break;
+                    match declared {
+                        Ok(d) => {
+                            metrics
+                                .queue_depth
+                                .get_or_create(&vec![("queue", q.clone())])
+                                .set(i64::from(d.message_count()));
+                        }
+                        // A failed passive declare closes the channel; try again next time.
+                        Err(e) => {
+                            tracing::debug!(queue = %q, error = %e, "cannot sample the queue depth");
+                            break;
+                        }
                     }
                 }
+                let _ = super::bounded("channel.close", ch.close(200, "sampled".into())).await;
             }
-            let _ = ch.close(200, "sampled".into()).await;
+        };
+        // A sample waits on the broker: shutdown does not wait for it.
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            () = sample => {}
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -66,7 +66,10 @@ struct Inner {
     name: String,
     settings: Settings,
     names: Names,
-    conn: Mutex<Option<Connection>>,
+    /// The shared connection, with its generation.
+    conn: Mutex<Option<(Connection, Generation)>>,
+    /// The generation the next connection gets.
+    generations: std::sync::atomic::AtomicU64,
     /// The nodes to connect to (one without a cluster).
     nodes: Vec<secrecy::SecretString>,
     /// The node a connect tries first.
@@ -95,6 +98,7 @@ impl Broker {
                 settings: settings.clone(),
                 names: Names::from_settings(settings),
                 conn: Mutex::new(None),
+                generations: 0.into(),
                 next_node: rand::random_range(0..nodes.len()).into(),
                 nodes,
                 ready: false.into(),
@@ -115,18 +119,28 @@ impl Broker {
     /// A new channel on the current connection, connecting first if needed (once; the
     /// error is returned to the caller, which decides how to wait).
     pub async fn try_channel(&self) -> Result<Channel, lapin::Error> {
+        self.open_channel().await.map(|(ch, _)| ch)
+    }
+
+    /// [`Self::try_channel`], with the generation of the connection the channel is on.
+    async fn open_channel(&self) -> Result<(Channel, Generation), lapin::Error> {
         let mut guard = self.inner.conn.lock().await;
-        if let Some(conn) = guard.as_ref() {
+        if let Some((conn, generation)) = guard.as_ref() {
             if conn.status().connected() {
-                match conn.create_channel().await {
-                    Ok(ch) => return Ok(ch),
+                match bounded("channel.open", conn.create_channel()).await {
+                    Ok(ch) => return Ok((ch, *generation)),
+                    // The broker blocked publishers (a memory or disk alarm) and stopped
+                    // reading: a new connection would be held the same way.
+                    Err(e) if conn.status().blocked() => return Err(e),
                     Err(e) => tracing::warn!(error = %e, "channel creation failed; reconnecting"),
                 }
             }
             self.inner
                 .ready
                 .store(false, std::sync::atomic::Ordering::Relaxed);
-            *guard = None;
+            if let Some((conn, _)) = guard.take() {
+                close_in_background(conn);
+            }
             // The node was lost: the next one is tried first.
             self.inner
                 .next_node
@@ -134,9 +148,16 @@ impl Broker {
         }
         let conn = self.connect_some_node().await?;
         let prepared = async {
-            let ch = conn.create_channel().await?;
+            let ch = bounded("channel.open", conn.create_channel()).await?;
             if self.inner.declare {
-                topology::declare(&ch, &self.inner.names, &self.inner.settings).await?;
+                // Many round trips, some creating quorum queues: bounded as a whole,
+                // generously.
+                tokio::time::timeout(
+                    DECLARE_TIMEOUT,
+                    topology::declare(&ch, &self.inner.names, &self.inner.settings),
+                )
+                .await
+                .unwrap_or_else(|_| Err(timed_out("declaring the topology")))?;
             }
             Ok::<_, lapin::Error>(ch)
         }
@@ -149,6 +170,7 @@ impl Broker {
                 self.inner
                     .next_node
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                close_in_background(conn);
                 return Err(e);
             }
         };
@@ -161,8 +183,13 @@ impl Broker {
         self.inner
             .ready
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        *guard = Some(conn);
-        Ok(ch)
+        let generation = Generation(
+            self.inner
+                .generations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
+        *guard = Some((conn, generation));
+        Ok((ch, generation))
     }
 
     /// The node a connection goes to now (`host:port`): the one connected to, or the
@@ -195,14 +222,7 @@ impl Broker {
                 Connection::connect(nodes[k].expose_secret(), props),
             )
             .await
-            .unwrap_or_else(|_| {
-                Err(lapin::Error::from(lapin::ErrorKind::IOError(Arc::new(
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "connecting to RabbitMQ timed out",
-                    ),
-                ))))
-            });
+            .unwrap_or_else(|_| Err(timed_out("the connect")));
             match tried {
                 Ok(conn) => {
                     self.inner
@@ -228,10 +248,22 @@ impl Broker {
     /// A channel, waiting with backoff (forever, or until `shutdown`) while the broker is
     /// unreachable. An outage pauses work; it never fails it.
     pub async fn channel(&self, shutdown: &CancellationToken) -> Result<Channel, BrokerError> {
+        self.channel_on(shutdown).await.map(|(ch, _)| ch)
+    }
+
+    /// [`Self::channel`], with the generation of the connection the channel is on.
+    async fn channel_on(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<(Channel, Generation), BrokerError> {
         let mut backoff = reconnect_backoff();
         loop {
-            match self.try_channel().await {
-                Ok(ch) => return Ok(ch),
+            let opened = tokio::select! {
+                _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                opened = self.open_channel() => opened,
+            };
+            match opened {
+                Ok(opened) => return Ok(opened),
                 Err(e) => {
                     let wait = backoff.next().unwrap_or(Duration::from_secs(5));
                     tracing::warn!(error = %e, retry_in = ?wait, "RabbitMQ unavailable");
@@ -250,10 +282,17 @@ impl Broker {
         shutdown: &CancellationToken,
     ) -> Result<Channel, BrokerError> {
         loop {
-            let ch = self.channel(shutdown).await?;
-            match ch.confirm_select(ConfirmSelectOptions::default()).await {
+            let (ch, generation) = self.channel_on(shutdown).await?;
+            let selected = tokio::select! {
+                _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                r = bounded("confirm.select", ch.confirm_select(ConfirmSelectOptions::default())) => r,
+            };
+            match selected {
                 Ok(()) => return Ok(ch),
-                Err(e) => tracing::warn!(error = %e, "confirm.select failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "confirm.select failed; retrying");
+                    self.stopped_answering(&e, generation).await;
+                }
             }
         }
     }
@@ -267,26 +306,47 @@ impl Broker {
         consumer_tag: &str,
         prefetch: u16,
         shutdown: &CancellationToken,
-    ) -> Result<(Channel, lapin::Consumer, Channel), BrokerError> {
+    ) -> Result<Subscribed, BrokerError> {
         use lapin::options::{BasicConsumeOptions, BasicQosOptions};
         loop {
-            let ch = self.channel(shutdown).await?;
+            let (ch, generation) = self.channel_on(shutdown).await?;
             let publisher = self.confirm_channel(shutdown).await?;
             let r = async {
-                ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-                ch.basic_consume(
-                    queue.into(),
-                    consumer_tag.into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
+                bounded(
+                    "basic.qos",
+                    ch.basic_qos(prefetch, BasicQosOptions::default()),
+                )
+                .await?;
+                // A quorum queue answers a consume once it has a leader: an election
+                // takes seconds, so this one gets longer.
+                bounded_for(
+                    CONSUME_TIMEOUT,
+                    "basic.consume",
+                    ch.basic_consume(
+                        queue.into(),
+                        consumer_tag.into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    ),
                 )
                 .await
-            }
-            .await;
+            };
+            let r = tokio::select! {
+                _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
+                r = r => r,
+            };
             match r {
-                Ok(consumer) => return Ok((ch, consumer, publisher)),
+                Ok(consumer) => {
+                    return Ok(Subscribed {
+                        channel: ch,
+                        consumer,
+                        publisher,
+                        generation,
+                    });
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot subscribe to {queue}; retrying");
+                    self.stopped_answering(&e, generation).await;
                     tokio::select! {
                         _ = shutdown.cancelled() => return Err(BrokerError::ShuttingDown),
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -296,14 +356,140 @@ impl Broker {
         }
     }
 
+    /// Whether `ch` still answers: a passive declare of `queue` on it, bounded. A
+    /// channel whose connection stopped carrying the broker's answers without breaking
+    /// fails this within [`RPC_TIMEOUT`], where its consumer would otherwise wait
+    /// until the missed heartbeats are noticed (twice the negotiated interval), and
+    /// the connection is replaced. A connection the
+    /// broker blocked for an alarm passes: it answers again once the alarm clears.
+    pub async fn probe(
+        &self,
+        ch: &Channel,
+        generation: Generation,
+        queue: &str,
+    ) -> Result<(), lapin::Error> {
+        use lapin::options::QueueDeclareOptions;
+        let answered = bounded(
+            "queue.declare (passive)",
+            ch.queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await;
+        match answered {
+            Ok(_) => Ok(()),
+            Err(e) if is_timed_out(&e) && !self.stopped_answering(&e, generation).await => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// After a round trip on a channel of connection `generation` failed with `e`:
+    /// whether that connection is to be taken for one that stopped answering. Only a
+    /// timeout says so, and not while the broker blocks the connection for an alarm
+    /// (it stops reading until the alarm clears; a new connection would fare no
+    /// better). If it is still the shared connection, it is forgotten, so the next
+    /// channel comes from a new one, and closed in the background; if it was
+    /// replaced already, the answer is yes and the newer one is left alone.
+    async fn stopped_answering(&self, e: &lapin::Error, generation: Generation) -> bool {
+        if !is_timed_out(e) {
+            return false;
+        }
+        let mut guard = self.inner.conn.lock().await;
+        match guard.as_ref() {
+            Some((conn, current)) if *current == generation => {
+                if conn.status().blocked() {
+                    return false;
+                }
+            }
+            _ => return true,
+        }
+        let (conn, _) = guard.take().expect("checked above");
+        drop(guard);
+        tracing::warn!(error = %e, "RabbitMQ connection stopped answering; reconnecting");
+        self.inner
+            .ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        close_in_background(conn);
+        true
+    }
+
     /// Closes the connection (tests, shutdown).
     pub async fn close(&self) {
-        if let Some(conn) = self.inner.conn.lock().await.take() {
+        if let Some((conn, _)) = self.inner.conn.lock().await.take() {
             // Bounded: a connection that broke may never answer the close.
             let _ =
                 tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bye".into())).await;
         }
     }
+}
+
+/// Which connection of a [`Broker`] a channel was opened on: each connection gets the
+/// next number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Generation(u64);
+
+/// A subscription: the consuming channel, its consumer, a confirm channel for what
+/// the consumer publishes (dead letters, retries, fan-out), and the connection the
+/// consuming channel is on.
+pub struct Subscribed {
+    pub channel: Channel,
+    pub consumer: lapin::Consumer,
+    pub publisher: Channel,
+    pub generation: Generation,
+}
+
+/// Closes a connection that was given up, without waiting: if the broker still
+/// listens, it gets its unacked deliveries back at once.
+fn close_in_background(conn: Connection) {
+    tokio::spawn(async move {
+        let _ = bounded("connection.close", conn.close(200, "given up".into())).await;
+    });
+}
+
+/// How long one round trip on a channel (opening it, QoS, a probe, an ack) may take
+/// before the connection is taken for one that stopped answering.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// A consume on a quorum queue waits for its leader (an election takes seconds).
+const CONSUME_TIMEOUT: Duration = Duration::from_secs(30);
+/// A publisher confirm waits for a majority of the queue's replicas to write it.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Declaring the whole topology, quorum queues created on a fresh cluster included.
+const DECLARE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `rpc`, failing with a timed-out I/O error after [`RPC_TIMEOUT`]: a connection
+/// that stopped answering (or an I/O loop that ended without failing what it had
+/// queued) must not hold a task, or the connection lock, forever.
+pub async fn bounded<T>(
+    what: &'static str,
+    rpc: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, lapin::Error> {
+    bounded_for(RPC_TIMEOUT, what, rpc).await
+}
+
+async fn bounded_for<T>(
+    limit: Duration,
+    what: &'static str,
+    rpc: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, lapin::Error> {
+    tokio::time::timeout(limit, rpc)
+        .await
+        .unwrap_or_else(|_| Err(timed_out(what)))
+}
+
+fn timed_out(what: &str) -> lapin::Error {
+    lapin::Error::from(lapin::ErrorKind::IOError(Arc::new(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("RabbitMQ did not answer {what} in time"),
+    ))))
+}
+
+fn is_timed_out(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::IOError(io) if io.kind() == std::io::ErrorKind::TimedOut)
 }
 
 /// How long one connect may take in all, shared by the nodes tried...
@@ -421,7 +607,10 @@ pub async fn publish_confirmed(ch: &Channel, messages: &[Outgoing<'_>]) -> Resul
         confirms.push((m.routing_key.as_ref(), confirm));
     }
     for (rk, confirm) in confirms {
-        let c = confirm.await?;
+        // Each answer bounded: a connection that stopped carrying the broker's answers
+        // fails the publish (the caller keeps its copy and publishes it again, with
+        // the same id) instead of holding it forever.
+        let c = bounded_for(CONFIRM_TIMEOUT, "a publisher confirm", confirm).await?;
         if !c.is_ack() || c.take_message().is_some() {
             return Err(BrokerError::Nacked(rk.to_string()));
         }

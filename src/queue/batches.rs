@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use lapin::Consumer;
 use lapin::message::Delivery;
-use lapin::{Channel, Consumer};
 use tokio_util::sync::CancellationToken;
 
-use super::{Batched, Job, Outcome, Shape, settle};
+use super::{Batched, Job, Outcome, Shape, Subscription, settle};
 use crate::amqp::{self, BrokerError, Names};
 
 pub(super) async fn consume<H: Batched>(
@@ -15,19 +15,30 @@ pub(super) async fn consume<H: Batched>(
     shape: Shape,
     names: &Names,
     queue: &str,
-    mut consumer: Consumer,
-    publisher: Channel,
+    subscription: Subscription,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
+    let Subscription {
+        mut consumer,
+        publisher,
+        lost,
+    } = subscription;
     // Deliveries deferred by earlier batches, with their jobs. A batch keeps its
     // deliveries (to settle) and their jobs (for the handler) side by side.
     let mut carry: (Vec<Delivery>, Vec<Job>) = Default::default();
     loop {
+        if lost.is_cancelled() {
+            // Deferred deliveries cannot be settled on a channel that stopped
+            // answering: the broker gives them back once it closes.
+            return Err(BrokerError::ConsumerEnded);
+        }
         let (mut deliveries, mut jobs) = std::mem::take(&mut carry);
         if deliveries.is_empty() {
             let first = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
+                // The channel stopped answering: nothing more will arrive on it.
+                _ = lost.cancelled() => return Err(BrokerError::ConsumerEnded),
                 next = consumer.next() => next,
             };
             match first {

@@ -4,13 +4,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::{Channel, Consumer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{Concurrent, Job, Outcome, settle};
+use super::{Concurrent, Job, Outcome, Subscription, settle};
 use crate::amqp::{self, BrokerError, Names};
 
 /// Takes jobs while a worker slot is free, each onto its own task; returns when
@@ -19,14 +19,19 @@ pub(super) async fn consume<H: Concurrent>(
     handler: &H,
     names: &Names,
     queue: &str,
-    mut consumer: Consumer,
-    publisher: Channel,
+    subscription: Subscription,
     shutdown: &CancellationToken,
 ) -> Result<(), BrokerError> {
+    let Subscription {
+        mut consumer,
+        publisher,
+        lost,
+    } = subscription;
     let slots = Arc::new(Semaphore::new(handler.workers().max(1)));
-    // Set by a job that could not settle: the channel is unusable; the jobs in hand
-    // finish and the loop subscribes again, so the broker redelivers what it held.
-    let broken = CancellationToken::new();
+    // Set by a job that could not settle, or by the watch when the channel stopped
+    // answering (`lost`): the channel is unusable; the jobs in hand finish and the
+    // loop subscribes again, so the broker redelivers what it held.
+    let broken = lost;
     // What every job's task needs of the loop, shared: a job costs one reference.
     let shared = Arc::new(Task {
         handler: handler.clone(),

@@ -215,11 +215,7 @@ pub async fn run<H: Batched>(handler: &H, broker: &Broker, shutdown: Cancellatio
         &queue,
         shape.prefetch,
         &shutdown,
-        |consumer, publisher| {
-            batches::consume(
-                handler, shape, names, &queue, consumer, publisher, &shutdown,
-            )
-        },
+        |subscription| batches::consume(handler, shape, names, &queue, subscription, &shutdown),
     )
     .await;
 }
@@ -240,9 +236,7 @@ pub async fn run_concurrent<H: Concurrent>(
         &queue,
         handler.prefetch(),
         &shutdown,
-        |consumer, publisher| {
-            concurrent::consume(&handler, names, &queue, consumer, publisher, &shutdown)
-        },
+        |subscription| concurrent::consume(&handler, names, &queue, subscription, &shutdown),
     )
     .await;
 }
@@ -269,7 +263,10 @@ pub async fn publish<H: Handler>(
 }
 
 /// Subscribes to `queue` and runs `consume` on the subscription until it returns: for
-/// good (`Ok`, shutting down) or to subscribe again.
+/// good (`Ok`, shutting down) or to subscribe again. Meanwhile the subscription's
+/// channels are watched ([`watch`]); when they stop answering, `consume` is told
+/// through its `lost` token, finishes what it holds and returns, and the loop
+/// subscribes again.
 async fn subscribed<H, F, Fut>(
     handler: &H,
     broker: &Broker,
@@ -279,17 +276,37 @@ async fn subscribed<H, F, Fut>(
     mut consume: F,
 ) where
     H: Handler,
-    F: FnMut(Consumer, Channel) -> Fut,
+    F: FnMut(Subscription) -> Fut,
     Fut: Future<Output = Result<(), BrokerError>>,
 {
     loop {
-        let Ok((ch, consumer, publisher)) = broker
+        let Ok(subscribed) = broker
             .subscribe(queue, handler.consumer_tag(), prefetch, shutdown)
             .await
         else {
             return; // shutting down
         };
-        let ended = consume(consumer, publisher.clone()).await;
+        let amqp::Subscribed {
+            channel: ch,
+            consumer,
+            publisher,
+            generation,
+        } = subscribed;
+        let lost = CancellationToken::new();
+        let consuming = consume(Subscription {
+            consumer,
+            publisher: publisher.clone(),
+            lost: lost.clone(),
+        });
+        tokio::pin!(consuming);
+        let ended = tokio::select! {
+            ended = &mut consuming => ended,
+            why = watch(broker, &ch, &publisher, generation, queue) => {
+                tracing::warn!(queue = %queue, error = %why, "the consumer's channel stopped answering; subscribing again");
+                lost.cancel();
+                consuming.await
+            }
+        };
         // Closing returns unacked prefetched deliveries to the queue. Bounded: a broker
         // that does not answer must not hold up the shutdown.
         let bye = async {
@@ -302,6 +319,48 @@ async fn subscribed<H, F, Fut>(
             Err(e) => {
                 tracing::warn!(queue = %queue, error = %e, "consumer interrupted; subscribing again");
             }
+        }
+    }
+}
+
+/// What a consume loop gets of one subscription.
+struct Subscription {
+    consumer: Consumer,
+    /// A confirm channel for what the loop publishes (retries, dead letters).
+    publisher: Channel,
+    /// Cancelled by [`watch`] when the channels stopped answering: nothing more will
+    /// arrive, and nothing can be settled; the loop finishes what it holds and returns.
+    lost: CancellationToken,
+}
+
+/// How often [`watch`] looks at a subscription's channels, and every how many looks it
+/// asks the broker ([`Broker::probe`]).
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+const PROBE_EVERY_NTH: u32 = 5;
+
+/// Returns (why) once the consumer's channel `ch` or its `publisher` is no longer open,
+/// or `ch` no longer answers a probe. A broken connection normally ends the consumer's
+/// stream on its own; this covers a connection that stopped carrying the broker's
+/// answers without breaking, where the stream would wait for the missed heartbeats
+/// (minutes) or forever.
+async fn watch(
+    broker: &Broker,
+    ch: &Channel,
+    publisher: &Channel,
+    generation: amqp::Generation,
+    queue: &str,
+) -> BrokerError {
+    let mut looks = 0u32;
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        if !ch.status().connected() || !publisher.status().connected() {
+            return BrokerError::ConsumerEnded;
+        }
+        looks += 1;
+        if looks.is_multiple_of(PROBE_EVERY_NTH)
+            && let Err(e) = broker.probe(ch, generation, queue).await
+        {
+            return e.into();
         }
     }
 }

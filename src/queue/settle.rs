@@ -43,13 +43,13 @@ pub(super) async fn batch<H: Handler>(
     // `multiple` on the highest tag acks exactly this batch.
     if !outcomes.contains(&Outcome::Defer) {
         if let Some(last) = deliveries.iter().max_by_key(|d| d.delivery_tag) {
-            last.ack(BasicAckOptions { multiple: true }).await?;
+            amqp::bounded("basic.ack", last.ack(BasicAckOptions { multiple: true })).await?;
         }
         return Ok(());
     }
     for (d, o) in deliveries.iter().zip(outcomes) {
         if *o != Outcome::Defer {
-            d.ack(BasicAckOptions::default()).await?;
+            amqp::bounded("basic.ack", d.ack(BasicAckOptions::default())).await?;
         }
     }
     Ok(())
@@ -67,9 +67,11 @@ pub(super) async fn one<H: Handler>(
     publisher: &Channel,
 ) -> Result<(), BrokerError> {
     if *outcome == Outcome::Defer {
-        delivery
-            .reject(BasicRejectOptions { requeue: true })
-            .await?;
+        amqp::bounded(
+            "basic.reject",
+            delivery.reject(BasicRejectOptions { requeue: true }),
+        )
+        .await?;
         return Ok(());
     }
     let ids = Ids::of(handler, job, outcome);
@@ -78,7 +80,7 @@ pub(super) async fn one<H: Handler>(
     if !out.is_empty() {
         amqp::publish_confirmed(publisher, &out).await?;
     }
-    delivery.ack(BasicAckOptions::default()).await?;
+    amqp::bounded("basic.ack", delivery.ack(BasicAckOptions::default())).await?;
     Ok(())
 }
 
