@@ -33,11 +33,19 @@ fn check(r: Report) {
         scenarios::table(std::slice::from_ref(&r)),
         r.json()
     );
+    // The problems go in the panic message too: a failing test's output is often read
+    // only around its panic.
     assert!(
         r.passed(),
-        "{} problem(s) in {}",
+        "{} problem(s) in {}: {}",
         r.problems.len(),
-        r.scenario
+        r.scenario,
+        r.problems
+            .iter()
+            .take(10)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("; ")
     );
 }
 
