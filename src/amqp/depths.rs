@@ -25,19 +25,7 @@ pub async fn sample_queue_depths(
             // `try_channel`, not `channel`: a sample is not worth waiting for the broker.
             if let Ok(ch) = broker.try_channel().await {
                 for q in &queues {
-                    let declared = super::bounded(
-                        "queue.declare (passive)",
-                        ch.queue_declare(
-                            q.as_str().into(),
-                            lapin::options::QueueDeclareOptions {
-                                passive: true,
-                                ..Default::default()
-                            },
-                            Default::default(),
-                        ),
-                    )
-                    .await;
-                    match declared {
+                    match super::declared_state(&ch, q).await {
                         Ok(d) => {
                             metrics
                                 .queue_depth

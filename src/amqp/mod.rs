@@ -152,12 +152,12 @@ impl Broker {
             if self.inner.declare {
                 // Many round trips, some creating quorum queues: bounded as a whole,
                 // generously.
-                tokio::time::timeout(
+                bounded_for(
                     DECLARE_TIMEOUT,
+                    "declaring the topology",
                     topology::declare(&ch, &self.inner.names, &self.inner.settings),
                 )
-                .await
-                .unwrap_or_else(|_| Err(timed_out("declaring the topology")))?;
+                .await?;
             }
             Ok::<_, lapin::Error>(ch)
         }
@@ -217,12 +217,12 @@ impl Broker {
             let k = (first + i) % nodes.len();
             let props = ConnectionProperties::default()
                 .with_connection_name(LongString::from(self.inner.name.as_str()));
-            let tried = tokio::time::timeout(
+            let tried = bounded_for(
                 per_node,
+                "the connect",
                 Connection::connect(nodes[k].expose_secret(), props),
             )
-            .await
-            .unwrap_or_else(|_| Err(timed_out("the connect")));
+            .await;
             match tried {
                 Ok(conn) => {
                     self.inner
@@ -368,20 +368,7 @@ impl Broker {
         generation: Generation,
         queue: &str,
     ) -> Result<(), lapin::Error> {
-        use lapin::options::QueueDeclareOptions;
-        let answered = bounded(
-            "queue.declare (passive)",
-            ch.queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            ),
-        )
-        .await;
-        match answered {
+        match declared_state(ch, queue).await {
             Ok(_) => Ok(()),
             Err(e) if is_timed_out(&e) && !self.stopped_answering(&e, generation).await => Ok(()),
             Err(e) => Err(e),
@@ -479,6 +466,24 @@ async fn bounded_for<T>(
     tokio::time::timeout(limit, rpc)
         .await
         .unwrap_or_else(|_| Err(timed_out(what)))
+}
+
+/// `queue` as the broker holds it (its message count, its consumers): a passive
+/// declare on `ch`, bounded like every round trip. A queue that does not exist fails
+/// it, and closes `ch`.
+pub async fn declared_state(ch: &Channel, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+    bounded(
+        "queue.declare (passive)",
+        ch.queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
 }
 
 fn timed_out(what: &str) -> lapin::Error {
