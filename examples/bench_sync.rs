@@ -141,7 +141,7 @@ async fn main() {
             };
             let client_id = app.client_id.to_string();
             guildgate::store::applications::save(
-                &pool,
+                &mut pool.acquire().await.unwrap(),
                 guildgate::store::applications::NewApp {
                     business_id: &t.business,
                     client_id: &client_id,

@@ -79,8 +79,9 @@ pub struct App {
     pub settings: Arc<Settings>,
     /// The pool of ingest, the relay, the syncer, delivery and the timers.
     pub pool: PgPool,
-    /// The HTTP handlers' pool ([`store::http_pool`]).
-    pub http_pool: PgPool,
+    /// The HTTP handlers' pool ([`store::http_pool`]), shared out among callers
+    /// ([`web::pool`]).
+    pub http_pool: web::pool::HttpPool,
     /// Readiness's question to the database, on `pool`.
     probe: Arc<store::Probe>,
     pub broker: Broker,
@@ -145,6 +146,11 @@ impl App {
             .close(200, "declared".into())
             .await?;
         let metrics = Metrics::new();
+        let http_pool = web::pool::HttpPool::new(
+            http_pool,
+            &settings.database,
+            metrics.http_database_waiting.clone(),
+        );
         let relay = Relay {
             pool: pool.clone(),
             broker: broker.clone(),
@@ -178,8 +184,8 @@ impl App {
             keys: web::api::auth::KnownKeys::default(),
             settings: Arc::new(settings),
             probe: Arc::new(store::Probe::new(pool.clone())),
-            pool,
             http_pool,
+            pool,
             broker,
             metrics,
             relay,

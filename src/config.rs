@@ -69,6 +69,9 @@ pub struct DatabaseSettings {
     /// The HTTP handlers' own pool (the merchant API, the customers' pages), so that
     /// requests can never hold a connection the work above needs.
     pub http_max_connections: u32,
+    /// Of those, the most one caller (a business, a client's network) holds at once;
+    /// more than `http_max_connections` means all of them.
+    pub http_max_connections_per_caller: u32,
     /// `statement_timeout` of the HTTP pool's connections: the longest one statement
     /// of a request may run (a deep page of a large list, a lock waited for).
     #[serde(deserialize_with = "duration")]
@@ -542,8 +545,11 @@ impl Settings {
     /// Rates, bursts and the limits of the HTTP server.
     fn check_limits(&self) -> Result<(), ConfigError> {
         ensure(
-            self.database.max_connections > 0 && self.database.http_max_connections > 0,
-            "database.max_connections and database.http_max_connections must be at least 1",
+            self.database.max_connections > 0
+                && self.database.http_max_connections > 0
+                && self.database.http_max_connections_per_caller > 0,
+            "database.max_connections, database.http_max_connections and \
+             database.http_max_connections_per_caller must be at least 1",
         )?;
         ensure(
             self.database.http_statement_timeout >= Duration::from_millis(1)
@@ -952,13 +958,19 @@ mod tests {
             (
                 defaults.database.max_connections,
                 defaults.database.http_max_connections,
+                defaults.database.http_max_connections_per_caller,
                 defaults.database.http_statement_timeout,
             ),
-            (16, 12, Duration::from_secs(5))
+            (16, 12, 6, Duration::from_secs(5))
         );
         for (k, v, key) in [
             ("MAX_CONNECTIONS", "0", "database.max_connections"),
             ("HTTP_MAX_CONNECTIONS", "0", "database.http_max_connections"),
+            (
+                "HTTP_MAX_CONNECTIONS_PER_CALLER",
+                "0",
+                "database.http_max_connections_per_caller",
+            ),
             (
                 "HTTP_STATEMENT_TIMEOUT",
                 "0s",

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub outbox_lag_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Entitlement moves under way: saves whose grants the movers are still queuing.
     pub entitlement_moves: Gauge,
+    /// HTTP requests waiting for their turn of the handlers' database pool.
+    pub http_database_waiting: Gauge,
     /// Discord syncs by outcome.
     pub syncs: Family<Labels, Counter>,
     /// Discord requests by route and status.
@@ -130,6 +132,12 @@ impl Metrics {
             "Entitlement moves whose grants are still being queued for the syncer",
             entitlement_moves.clone(),
         );
+        let http_database_waiting = Gauge::default();
+        registry.register(
+            "http_database_waiting",
+            "HTTP requests waiting for their turn of the handlers' database pool",
+            http_database_waiting.clone(),
+        );
         let syncs = Family::<Labels, Counter>::default();
         registry.register(
             "discord_syncs",
@@ -203,6 +211,7 @@ impl Metrics {
             outbox_backlog,
             outbox_lag_seconds,
             entitlement_moves,
+            http_database_waiting,
             syncs,
             discord_requests,
             discord_invalid_requests,

@@ -2884,6 +2884,195 @@ async fn requests_holding_the_http_pool_take_no_connection_from_ingest() {
     w.stop().await;
 }
 
+/// The requests of the handlers' pool waiting on a row lock, by backend.
+async fn http_backends_waiting_on_a_lock(w: &World) -> Vec<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+           AND application_name = 'guildgate-http' AND wait_event_type = 'Lock'",
+    )
+    .fetch_all(&w.app.pool)
+    .await
+    .unwrap()
+}
+
+/// `n` deletes (or, with `saves`, renames) of entitlement `id` by `c`, spawned, until at
+/// least `holding` of them wait on its row lock (held by the caller) and the others
+/// wait for a connection. A delete takes two turns (its key, its transaction) and asks
+/// nothing of Discord; a rename four, quick reads and Discord's check before its
+/// transaction.
+async fn deletes_behind_a_lock(
+    w: &World,
+    c: &Client,
+    id: &str,
+    (n, holding): (usize, usize),
+    saves: bool,
+) -> Vec<tokio::task::JoinHandle<(u16, Value)>> {
+    let deletes: Vec<_> = (0..n)
+        .map(|i| {
+            let (c, path) = (c.clone(), format!("/entitlements/{id}"));
+            tokio::spawn(async move {
+                match saves {
+                    true => {
+                        c.patch(&path, json!({"name": format!("Renamed {i}")}))
+                            .await
+                    }
+                    false => c.delete(&path).await,
+                }
+            })
+        })
+        .collect();
+    wait_for(
+        "the deletes holding connections and waiting for them",
+        || async {
+            assert!(
+                deletes.iter().all(|d| !d.is_finished()),
+                "a delete was answered while the lock was held"
+            );
+            let locked = http_backends_waiting_on_a_lock(w).await.len();
+            let waiting = w.app.metrics.http_database_waiting.get();
+            (locked >= holding && locked + waiting as usize == n).then_some(())
+        },
+    )
+    .await;
+    deletes
+}
+
+/// Answers of requests of [`deletes_behind_a_lock`] once the lock went: done (200, 204),
+/// found changed or gone (409, 404), or refused before (503).
+async fn answers(deletes: Vec<tokio::task::JoinHandle<(u16, Value)>>) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for t in deletes {
+        let (s, v) = t.await.unwrap();
+        assert!([200, 204, 404, 409, 503].contains(&s), "{s} {v}");
+        statuses.push(s);
+    }
+    statuses
+}
+
+/// A world whose handlers' pool has `size` connections, `share` per caller, and a
+/// business's client with an entitlement whose row the returned transaction locks.
+async fn a_locked_entitlement(
+    size: &str,
+    share: &str,
+    more: &[(&str, &str)],
+) -> (
+    World,
+    Client,
+    String,
+    sqlx::Transaction<'static, sqlx::Postgres>,
+) {
+    let mut cfg = vec![
+        ("GUILDGATE_DATABASE__HTTP_MAX_CONNECTIONS", size),
+        ("GUILDGATE_DATABASE__HTTP_MAX_CONNECTIONS_PER_CALLER", share),
+        ("GUILDGATE_DATABASE__HTTP_STATEMENT_TIMEOUT", "15s"),
+    ];
+    cfg.extend_from_slice(more);
+    let w = World::configured(load_cfg(&cfg)).await;
+    let c = client(&w, &w.app.business()).await;
+    let g = connected_guild(&w, &c, "Acme").await;
+    let e = create_entitlement(&c, g.guild_id, None).await;
+    let id = e["id"].as_str().unwrap().to_string();
+    let lock = lock_entitlement(&w, &id).await;
+    (w, c, id, lock)
+}
+
+/// One business's requests hold at most `database.http_max_connections_per_caller` of
+/// the handlers' connections: another business is served from the rest at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_business_holds_at_most_its_share_of_the_http_pool() {
+    let (w, c, id, lock) = a_locked_entitlement("3", "2", &[]).await;
+    let other = client(&w, "bus_B").await;
+    // Two hold a connection each, waiting on the lock; two wait for their turn.
+    let deletes = deletes_behind_a_lock(&w, &c, &id, (4, 2), false).await;
+    let (s, v) = other.get("/entitlements").await;
+    assert_eq!(s, 200, "the third connection is the other business's: {v}");
+    lock.rollback().await.unwrap();
+    // 503 only if the machine took over 5 s to get here.
+    let statuses = answers(deletes).await;
+    assert!(
+        statuses.iter().filter(|s| **s == 204).count() <= 1,
+        "{statuses:?}"
+    );
+    assert_eq!(w.app.metrics.http_database_waiting.get(), 0);
+    w.stop().await;
+}
+
+/// A request abandoned while its statement runs (its client went away) counts against
+/// its business until the statement ends: the connection is busy until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_request_counts_until_its_statement_ends() {
+    let (w, c, id, lock) = a_locked_entitlement("2", "1", &[]).await;
+    let deletes = deletes_behind_a_lock(&w, &c, &id, (1, 1), false).await;
+    // The client goes away; the delete's statement still waits on the lock.
+    for t in deletes {
+        t.abort();
+        assert!(t.await.unwrap_err().is_cancelled());
+    }
+    let listing = {
+        let c = c.clone();
+        tokio::spawn(async move { c.get("/entitlements").await })
+    };
+    wait_for(
+        "the listing waiting behind the abandoned statement",
+        || async { (w.app.metrics.http_database_waiting.get() == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(http_backends_waiting_on_a_lock(&w).await.len(), 1);
+    lock.rollback().await.unwrap();
+    let (s, v) = listing.await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    // The abandoned request's transaction was rolled back, not committed.
+    let (s, v) = c.get(&format!("/entitlements/{id}")).await;
+    assert_eq!(s, 200, "{v}");
+    w.stop().await;
+}
+
+/// With every handler connection taken, the next one given back goes to the business
+/// waiting that holds the fewest: a customer of another business opening their access
+/// page is served ahead of the saves the first business queued before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_given_back_goes_to_the_business_holding_the_fewest() {
+    let (w, c, id, lock) = a_locked_entitlement(
+        "2",
+        "2",
+        &[(
+            // The saves' checks with Discord do not wait for the side budget.
+            "GUILDGATE_DISCORD__SIDE_REQUESTS_PER_S",
+            "40",
+        )],
+    )
+    .await;
+    client(&w, "bus_B").await;
+    // Both connections held on the lock, six more of the business's saves in line, some
+    // at their transaction: given a connection, those wait on the lock too.
+    let saves = deletes_behind_a_lock(&w, &c, &id, (8, 2), true).await;
+    let until = chrono::Utc::now() + chrono::Duration::days(2);
+    let page = format!(
+        "http://{}/access?t={}",
+        w.app.addr,
+        w.links.access_token("bus_B", "cus_1", until)
+    );
+    let viewed = tokio::spawn(async move { browser_like("en").get(page).send().await });
+    wait_for("the customer's page in line", || async {
+        (w.app.metrics.http_database_waiting.get() == 7).then_some(())
+    })
+    .await;
+    // One held save ends (cancelled: 503 `query_timeout`) and gives its connection back.
+    let pid = http_backends_waiting_on_a_lock(&w).await[0];
+    sqlx::query("SELECT pg_cancel_backend($1)")
+        .bind(pid)
+        .execute(&w.app.pool)
+        .await
+        .unwrap();
+    let r = viewed.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200, "served ahead of the six saves in line");
+    lock.rollback().await.unwrap();
+    // One cancelled; more 503s only if the machine took over 5 s to get here.
+    let statuses = answers(saves).await;
+    assert!(statuses.contains(&503), "{statuses:?}");
+    w.stop().await;
+}
+
 /// Two role listings of `c`'s business (two servers of its own), both in their handler
 /// waiting on Discord, which `gate` holds.
 async fn two_listings_waiting_on_discord(

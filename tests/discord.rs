@@ -1795,10 +1795,13 @@ async fn tokens_of_a_previous_key_stay_usable_and_rotate_to_the_current_one() {
         assert!(link.access_token(&current).is_ok(), "{customer}");
         assert!(link.refresh_token(&current).unwrap().is_ok(), "{customer}");
     }
-    let app = guildgate::store::applications::of_business(&w.app.pool, app_biz)
-        .await
-        .unwrap()
-        .unwrap();
+    let app = guildgate::store::applications::of_business(
+        &mut w.app.pool.acquire().await.unwrap(),
+        app_biz,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(app.key_id, current.key_id());
     let keys = guildgate::discord::bots::keys_of(&app, &current)
         .expect("the current key reads the application");

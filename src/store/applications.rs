@@ -47,10 +47,13 @@ pub enum Saved {
 }
 
 /// `business_id`'s application.
-pub async fn of_business(pool: &PgPool, business_id: &str) -> Result<Option<AppRow>, sqlx::Error> {
+pub async fn of_business(
+    conn: &mut PgConnection,
+    business_id: &str,
+) -> Result<Option<AppRow>, sqlx::Error> {
     sqlx::query_as(select_apps!("business_id = $1"))
         .bind(business_id)
-        .fetch_optional(pool)
+        .fetch_optional(conn)
         .await
 }
 
@@ -63,10 +66,13 @@ pub async fn of_client(pool: &PgPool, client_id: &str) -> Result<Option<AppRow>,
 }
 
 /// The business holding application `client_id`, if any.
-pub async fn holder(pool: &PgPool, client_id: &str) -> Result<Option<String>, sqlx::Error> {
+pub async fn holder(
+    conn: &mut PgConnection,
+    client_id: &str,
+) -> Result<Option<String>, sqlx::Error> {
     sqlx::query_scalar("SELECT business_id FROM discord_applications WHERE client_id = $1")
         .bind(client_id)
-        .fetch_optional(pool)
+        .fetch_optional(conn)
         .await
 }
 
@@ -78,7 +84,7 @@ pub async fn directory(pool: &PgPool) -> Result<Vec<(String, String, DateTime<Ut
 }
 
 /// Stores (or replaces) a business's application.
-pub async fn save(pool: &PgPool, a: NewApp<'_>) -> Result<Saved, sqlx::Error> {
+pub async fn save(conn: &mut PgConnection, a: NewApp<'_>) -> Result<Saved, sqlx::Error> {
     let saved = sqlx::query_as(
         "INSERT INTO discord_applications (business_id, client_id, client_secret_enc,
              bot_token_enc, key_id, bot_username, created_at, updated_at)
@@ -97,7 +103,7 @@ pub async fn save(pool: &PgPool, a: NewApp<'_>) -> Result<Saved, sqlx::Error> {
     .bind(a.key_id)
     .bind(a.bot_username)
     .bind(a.now)
-    .fetch_one(pool)
+    .fetch_one(conn)
     .await;
     match saved {
         Ok(row) => Ok(Saved::Saved(row)),
@@ -108,10 +114,10 @@ pub async fn save(pool: &PgPool, a: NewApp<'_>) -> Result<Saved, sqlx::Error> {
 }
 
 /// Forgets `business_id`'s application; `false` if it had none.
-pub async fn delete(pool: &PgPool, business_id: &str) -> Result<bool, sqlx::Error> {
+pub async fn delete(conn: &mut PgConnection, business_id: &str) -> Result<bool, sqlx::Error> {
     let gone = sqlx::query("DELETE FROM discord_applications WHERE business_id = $1")
         .bind(business_id)
-        .execute(pool)
+        .execute(conn)
         .await?;
     Ok(gone.rows_affected() == 1)
 }

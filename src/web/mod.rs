@@ -8,11 +8,13 @@
 //! - [`ops`]: health, readiness, metrics.
 //! - [`error`]: the one error shape of every JSON answer; [`limits`]: rate and load
 //!   limits, the client's address.
+//! - [`pool`]: the handlers' database pool, its connections shared out among
+//!   businesses and client networks.
 //! - [`openapi`]: every route, registered through its handler's annotation, and the
 //!   document they make (`GET /openapi.json`).
 //!
 //! Imports go one way: this module and [`openapi`] assemble the routers; the routers
-//! import [`state`], [`error`], [`limits`] and [`accounts`], never this module or each
+//! import [`state`], [`error`], [`limits`], [`pool`] and [`accounts`], never this module or each
 //! other (the OAuth callback hands an account switch to [`access`]).
 //!
 //! No handler holds a database connection while it waits for another peer (Discord, a
@@ -20,8 +22,8 @@
 //! one again to write, checking there that what it read still holds. A slow Discord then
 //! costs a waiting request nothing but its place under `http.max_concurrent_requests`.
 //! Handlers draw from a pool of their own ([`AppState::pool`], each statement bounded by
-//! `database.http_statement_timeout`), not from the one of ingest, the relay, the
-//! syncer and delivery; only the Discord budget's slot leases ([`AppState::bots`]) and
+//! `database.http_statement_timeout`, each connection taken for a [`pool::Caller`]),
+//! not from the one of ingest, the relay, the syncer and delivery; only the Discord budget's slot leases ([`AppState::bots`]) and
 //! readiness ([`AppState::database`]) use that one, a short statement each.
 
 pub mod access;
@@ -33,6 +35,7 @@ pub mod limits;
 pub mod oauth;
 pub mod openapi;
 pub mod ops;
+pub mod pool;
 pub mod state;
 
 use axum::Router;

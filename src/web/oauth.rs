@@ -28,6 +28,7 @@ use super::accounts::{
     AuthorizeFailure, Linked, authorize_failure, authorized_row, link_account, revoke_left_tokens,
 };
 use super::limits::ClientIp;
+use super::pool::Caller;
 use crate::crypto::StateError;
 use crate::discord::DiscordError;
 use crate::domain::Snowflake;
@@ -245,7 +246,7 @@ async fn callback(
         Some(Err(StateError::Expired)) => return Page::Expired.respond(lang),
         Some(Err(StateError::Tampered)) | None => {}
     }
-    match handle(&st, q).await {
+    match handle(&st, q, client).await {
         Ok(p) | Err(p) => p.respond(lang),
     }
 }
@@ -263,9 +264,13 @@ fn discord_failed(e: DiscordError) -> Page {
     }
 }
 
-async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
+async fn handle(
+    st: &AppState,
+    q: CallbackQuery,
+    client: Option<std::net::IpAddr>,
+) -> Result<Page, Page> {
     let now = Utc::now();
-    let (claims, grant) = grant_of_link(st, &q, now).await?;
+    let (claims, grant) = grant_of_link(st, &q, client, now).await?;
     let code = q
         .code
         .as_deref()
@@ -326,6 +331,7 @@ async fn handle(st: &AppState, q: CallbackQuery) -> Result<Page, Page> {
 async fn grant_of_link(
     st: &AppState,
     q: &CallbackQuery,
+    client: Option<std::net::IpAddr>,
     now: chrono::DateTime<Utc>,
 ) -> Result<(GrantState, Grant), Page> {
     let state = q.state.as_deref().ok_or(Page::Tampered)?;
@@ -341,7 +347,12 @@ async fn grant_of_link(
             Page::TooMany { retry_after }
         })?;
     let grant = {
-        let mut conn = st.pool.acquire().await.map_err(db_failed)?;
+        // The grant names its business only once read: its client's network's turn.
+        let mut conn = st
+            .pool
+            .acquire(Caller::Address(client))
+            .await
+            .map_err(db_failed)?;
         grant_store::get(&mut conn, &claims.g)
             .await
             .map_err(db_failed)?
@@ -391,7 +402,11 @@ async fn record_link(
     user: &crate::discord::client::User,
     now: chrono::DateTime<Utc>,
 ) -> Result<Recorded, Page> {
-    let mut tx = st.pool.begin().await.map_err(db_failed)?;
+    let mut tx = st
+        .pool
+        .begin(Caller::Business(&of.business_id))
+        .await
+        .map_err(db_failed)?;
     // The customer's lock before their grant's: another callback of theirs waits here,
     // not holding its grant, so this one's link spends that grant's link too.
     crate::store::links::lock_customer(&mut tx, &of.business_id, &of.customer_id)

@@ -2,9 +2,8 @@
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
-
 use super::limits::Limits;
+use super::pool::HttpPool;
 use crate::amqp::Broker;
 use crate::config::Settings;
 use crate::crypto::TokenCipher;
@@ -17,8 +16,9 @@ use crate::metrics::Metrics;
 pub struct AppState {
     pub settings: Arc<Settings>,
     /// The HTTP handlers' own pool, each statement bounded by
-    /// `database.http_statement_timeout` ([`crate::store::http_pool`]).
-    pub pool: PgPool,
+    /// `database.http_statement_timeout` ([`crate::store::http_pool`]), its
+    /// connections shared out among callers ([`super::pool`]).
+    pub pool: HttpPool,
     /// Readiness's question to the database, on the pool of the process's work.
     pub database: Arc<crate::store::Probe>,
     pub broker: Broker,

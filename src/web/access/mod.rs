@@ -51,6 +51,7 @@ use crate::web::accounts::{
     AuthorizeFailure, Linked, authorize_failure, link_account, revoke_left_tokens,
 };
 use crate::web::limits::ClientIp;
+use crate::web::pool::Caller;
 
 /// The routes, documented in `/openapi.json` under the `customers` tag.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -242,7 +243,11 @@ async fn render(
             lang,
         });
     }
-    let mut conn = st.pool.acquire().await.map_err(|e| failed(e, lang))?;
+    let mut conn = st
+        .pool
+        .acquire(Caller::Business(&who.b))
+        .await
+        .map_err(|e| failed(e, lang))?;
     let settings = settings_db::settings(&mut conn, &who.b)
         .await
         .map_err(|e| failed(e, lang))?;
@@ -305,7 +310,11 @@ async fn grant_of(
     grant_id: &str,
     lang: Lang,
 ) -> Result<crate::domain::Grant, Shown> {
-    let mut conn = st.pool.acquire().await.map_err(|e| failed(e, lang))?;
+    let mut conn = st
+        .pool
+        .acquire(Caller::Business(&who.b))
+        .await
+        .map_err(|e| failed(e, lang))?;
     grant_store::get(&mut conn, grant_id)
         .await
         .map_err(|e| failed(e, lang))?
@@ -353,7 +362,11 @@ async fn connect(
     let r = async {
         let (_, g) = action_on_grant(&st, ip, lang, form).await?;
         let now = Utc::now();
-        let mut conn = st.pool.acquire().await.map_err(|e| failed(e, lang))?;
+        let mut conn = st
+            .pool
+            .acquire(Caller::Business(&g.business_id))
+            .await
+            .map_err(|e| failed(e, lang))?;
         let g = if g.status == GrantStatus::Pending {
             renew_link(&mut conn, &st.links, &g, now).await
         } else {
@@ -399,7 +412,11 @@ async fn restore(
     let lang = lang_of(&headers, None);
     let r = async {
         let (f, g) = action_on_grant(&st, ip, lang, form).await?;
-        let mut tx = st.pool.begin().await.map_err(|e| failed(e, lang))?;
+        let mut tx = st
+            .pool
+            .begin(Caller::Business(&g.business_id))
+            .await
+            .map_err(|e| failed(e, lang))?;
         crate::outbox::queue_sync(&mut tx, &g.id)
             .await
             .map_err(|e| failed(e, lang))?;
@@ -569,7 +586,11 @@ async fn pend_switch(
     lang: Lang,
 ) -> Result<Shown, Shown> {
     let now = Utc::now();
-    let mut tx = st.pool.begin().await.map_err(|e| failed(e, lang))?;
+    let mut tx = st
+        .pool
+        .begin(Caller::Business(&who.b))
+        .await
+        .map_err(|e| failed(e, lang))?;
     // Decided under the customer's lock: a callback linking another account meanwhile
     // is seen, and asks for a confirmation, rather than replaced without one.
     crate::store::links::lock_customer(&mut tx, &who.b, &who.c)
@@ -681,7 +702,7 @@ async fn confirm(
             c: c.c.clone(),
         };
         limit(&st, &who, ip, lang)?;
-        let mut tx = st.pool.begin().await.map_err(|e| failed(e, lang))?;
+        let mut tx = st.pool.begin(Caller::Business(&who.b)).await.map_err(|e| failed(e, lang))?;
         // Taken once: a second confirm (a double click, a replay) finds nothing.
         let Some(p) = db::take_switch(&mut tx, &c.p, &c.b, &c.c, now)
             .await

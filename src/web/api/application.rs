@@ -174,13 +174,14 @@ pub async fn put(
         .map_err(|e| refused(e, "client secret"))?;
     // Held by another business: said only to whoever holds the application's
     // credentials, after the rate limit, so an id alone tells no one whose it is.
-    let holder = applications::holder(&state.pool, &client_id).await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
+    let holder = applications::holder(&mut conn, &client_id).await?;
     if holder.as_deref().is_some_and(|h| h != business) {
         return Err(taken());
     }
     let cipher = &state.cipher;
     let saved = applications::save(
-        &state.pool,
+        &mut conn,
         NewApp {
             business_id: business,
             client_id: &client_id,
@@ -197,6 +198,7 @@ pub async fn put(
         },
     )
     .await?;
+    drop(conn);
     let Saved::Saved(row) = saved else {
         return Err(taken());
     };
@@ -225,7 +227,8 @@ pub async fn get(
     merchant: Merchant,
     State(state): State<AppState>,
 ) -> ApiResult<ApiJson<ApplicationView>> {
-    let row = applications::of_business(&state.pool, merchant.business())
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
+    let row = applications::of_business(&mut conn, merchant.business())
         .await?
         .ok_or(ApiError::NotFound("Discord application"))?;
     Ok(ApiJson(view(&state, &row)))
@@ -242,7 +245,10 @@ pub async fn get(
     security(("api_key" = [])))]
 pub async fn delete(merchant: Merchant, State(state): State<AppState>) -> ApiResult<StatusCode> {
     let business = merchant.business();
-    if !applications::delete(&state.pool, business).await? {
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
+    let deleted = applications::delete(&mut conn, business).await?;
+    drop(conn);
+    if !deleted {
         return Err(ApiError::NotFound("Discord application"));
     }
     state.bots.changed(business, None);

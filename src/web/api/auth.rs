@@ -25,6 +25,7 @@ use crate::store::api_keys as db;
 use crate::web::AppState;
 use crate::web::error::ApiError;
 use crate::web::limits::ClientIp;
+use crate::web::pool::Caller;
 
 /// The authenticated caller, holding one of its business's places in flight
 /// (`api.max_in_flight_per_business`) while the request is handled.
@@ -37,6 +38,11 @@ pub struct Merchant {
 impl Merchant {
     pub fn business(&self) -> &str {
         self.business_id.as_str()
+    }
+
+    /// Whose turn of the handlers' database pool this request takes.
+    pub fn caller(&self) -> Caller<'_> {
+        Caller::Business(self.business())
     }
 }
 
@@ -90,8 +96,9 @@ impl FromRequestParts<AppState> for Merchant {
                 }
             }
         }
+        let Ok(ClientIp(address)) = ClientIp::from_request_parts(parts, state).await;
         if known.is_none()
-            && let Ok(ClientIp(Some(ip))) = ClientIp::from_request_parts(parts, state).await
+            && let Some(ip) = address
         {
             // Made-up keys are never known: one address cannot spend a read (and a
             // pool connection) per request with them.
@@ -101,7 +108,12 @@ impl FromRequestParts<AppState> for Merchant {
                 .map_err(ApiError::rate_limited)?;
         }
         state.metrics.api_key_read("database");
-        let mut conn = state.pool.acquire().await?;
+        // A key not known yet reads on its address's turn: it names no business yet.
+        let caller = match &known {
+            Some(known) => Caller::Business(known.business_id.as_str()),
+            None => Caller::Address(address),
+        };
+        let mut conn = state.pool.acquire(caller).await?;
         let row = db::get(&mut conn, &key.id)
             .await?
             .ok_or(ApiError::Unauthorized)?;

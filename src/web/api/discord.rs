@@ -27,6 +27,7 @@ use crate::store::guilds as db;
 use crate::store::holdings;
 use crate::web::AppState;
 use crate::web::error::{ApiError, ApiJson, ApiResult, ErrorBody, Problem};
+use crate::web::pool::Caller;
 
 /// `purpose` of bot-install states: a grant's OAuth state is never accepted here.
 pub const INSTALL_PURPOSE: &str = "bot-install";
@@ -104,7 +105,7 @@ pub async fn install_url(
     let expires = now + INSTALL_TTL;
     let nonce = crate::domain::ids::mint("inst");
     {
-        let mut conn = state.pool.acquire().await?;
+        let mut conn = state.pool.acquire(merchant.caller()).await?;
         db::create_install_state(&mut conn, &nonce, merchant.business(), now, expires).await?;
     }
     let signed = signer(&state).sign(
@@ -205,7 +206,7 @@ pub async fn bot_callback(
     let granted = q.permissions.as_deref().and_then(|p| p.parse::<i64>().ok());
     let guild_id = guild.id.to_string();
     let saved = async {
-        let mut conn = state.pool.acquire().await?;
+        let mut conn = state.pool.acquire(Caller::Business(&install.b)).await?;
         db::connect(
             &mut conn,
             db::Install {
@@ -292,7 +293,7 @@ async fn confirmed_install(
     // The state is spent before anything else happens: a link works once, whatever
     // follows.
     let taken = async {
-        let mut conn = state.pool.acquire().await?;
+        let mut conn = state.pool.acquire(Caller::Business(&install.b)).await?;
         db::take_install_state(&mut conn, &install.n, &install.b, now).await
     }
     .await;
@@ -404,7 +405,7 @@ pub async fn guilds(
     merchant: Merchant,
     State(state): State<AppState>,
 ) -> ApiResult<ApiJson<Items<GuildView>>> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let rows = db::list(&mut conn, merchant.business()).await?;
     Ok(ApiJson(Items {
         items: rows.into_iter().map(GuildView::from).collect(),
@@ -427,7 +428,7 @@ pub async fn disconnect(
     State(state): State<AppState>,
     Path(guild_id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     match db::disconnect(&mut conn, merchant.business(), &guild_id).await? {
         db::Disconnected::Done => Ok(StatusCode::NO_CONTENT),
         db::Disconnected::NotFound => Err(ApiError::NotFound("Discord server")),
@@ -541,7 +542,7 @@ pub async fn member_access(
     Path((guild_id, user_id)): Path<(String, String)>,
 ) -> ApiResult<ApiJson<AccessView>> {
     let business = merchant.business();
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     // A connection never proven (one several businesses claimed) shows nothing of the
     // server until this business installs the bot again.
     connected(&mut conn, business, &guild_id).await?;
@@ -599,7 +600,7 @@ pub async fn roles(
 ) -> ApiResult<ApiJson<Items<RoleView>>> {
     let guild = Snowflake::parse(&guild_id).ok_or(ApiError::NotFound("Discord server"))?;
     {
-        let mut conn = state.pool.acquire().await?;
+        let mut conn = state.pool.acquire(merchant.caller()).await?;
         connected(&mut conn, merchant.business(), &guild_id).await?;
     }
     let bot = state.bots.of_business(merchant.business()).await?;

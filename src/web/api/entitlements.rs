@@ -18,7 +18,7 @@ use axum::response::IntoResponse;
 use chrono::Utc;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
 use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Merchant;
@@ -31,6 +31,7 @@ use crate::store::stops;
 use crate::store::{entitlements as db, guilds};
 use crate::web::AppState;
 use crate::web::error::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody, Problem};
+use crate::web::pool::{Caller, HttpPool};
 
 /// The only integration guildgate implements.
 pub const DISCORD: &str = "discord";
@@ -360,13 +361,13 @@ async fn check_connected(
 /// connection, given back before Discord is asked), then the live checks on Discord,
 /// with no connection held.
 async fn check_discord(
-    pool: &PgPool,
+    pool: &HttpPool,
     bots: &Bots,
     business_id: &str,
     f: &db::Fields,
 ) -> Result<Option<String>, ApiError> {
     {
-        let mut conn = pool.acquire().await?;
+        let mut conn = pool.acquire(Caller::Business(business_id)).await?;
         check_connected(&mut conn, business_id, f).await?;
     }
     // Checked with the bot that will serve the server: the business's own, if any.
@@ -406,7 +407,7 @@ pub async fn create(
     check_fields(&f, &body.integration_type)?;
     f.role_name = check_discord(&state.pool, &state.bots, merchant.business(), &f).await?;
     // Still connected now that Discord has answered (the check above ran before).
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.pool.begin(merchant.caller()).await?;
     check_connected(&mut tx, merchant.business(), &f).await?;
     let e = db::insert(&mut tx, merchant.business(), &f, Utc::now()).await?;
     // The bot is in the server (validated above): a stop of the whole server is over.
@@ -426,7 +427,7 @@ pub async fn list(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<ApiJson<Items<EntitlementView>>> {
     let p = page(q.page_size, q.page_number)?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let rows = db::list(
         &mut conn,
         merchant.business(),
@@ -450,7 +451,7 @@ pub async fn get(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<ReadQuery>,
 ) -> ApiResult<ApiJson<EntitlementView>> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let e = db::get(&mut conn, merchant.business(), &id, false)
         .await?
         .ok_or(ApiError::NotFound("entitlement"))?;
@@ -480,7 +481,7 @@ pub async fn update(
 ) -> ApiResult<ApiJson<EntitlementView>> {
     let business = merchant.business();
     let before = {
-        let mut conn = state.pool.acquire().await?;
+        let mut conn = state.pool.acquire(merchant.caller()).await?;
         db::get(&mut conn, business, &id, false)
             .await?
             .ok_or(ApiError::NotFound("entitlement"))?
@@ -513,7 +514,7 @@ pub async fn update(
     // seconds (rate limits). The row is re-read under lock below and the save refused if
     // someone else changed it in between.
     f.role_name = check_discord(&state.pool, &state.bots, business, &f).await?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.pool.begin(merchant.caller()).await?;
     let current = db::get(&mut tx, business, &id, true)
         .await?
         .ok_or(ApiError::NotFound("entitlement"))?;
@@ -556,7 +557,7 @@ pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.pool.begin(merchant.caller()).await?;
     if !db::soft_delete(&mut tx, merchant.business(), &id, Utc::now()).await? {
         return Err(ApiError::NotFound("entitlement"));
     }

@@ -84,7 +84,7 @@ pub async fn of_entitlement(
         .customer_id
         .map(|c| CustomerId::parse(c).map_err(|e| ApiError::field("customer_id", e)))
         .transpose()?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     entitlements::get_any(&mut conn, merchant.business(), &id)
         .await?
         .ok_or(ApiError::NotFound("entitlement"))?;
@@ -111,7 +111,7 @@ pub async fn get(
     State(state): State<AppState>,
     Path((id, grant_id)): Path<(String, String)>,
 ) -> ApiResult<ApiJson<Value>> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let g = db::get_of_entitlement(&mut conn, merchant.business(), &id, &grant_id, false)
         .await?
         .ok_or(ApiError::NotFound("grant"))?;
@@ -180,7 +180,7 @@ pub async fn comp(
         ),
     };
     let business = merchant.business();
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.pool.begin(merchant.caller()).await?;
     entitlements::get(&mut tx, business, &id, false)
         .await?
         .ok_or(ApiError::NotFound("entitlement"))?;
@@ -236,7 +236,7 @@ pub async fn comp(
         }
     };
     tx.commit().await?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let mut out = render(&mut conn, &state.links, vec![g], now).await?;
     Ok((status, ApiJson(out.remove(0))))
 }
@@ -271,7 +271,7 @@ pub async fn resend(
     State(state): State<AppState>,
     Path((id, grant_id)): Path<(String, String)>,
 ) -> ApiResult<(axum::http::StatusCode, ApiJson<ResendView>)> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.pool.begin(merchant.caller()).await?;
     let g = db::get_of_entitlement(&mut tx, merchant.business(), &id, &grant_id, false)
         .await?
         .ok_or(ApiError::NotFound("grant"))?;
@@ -315,7 +315,7 @@ pub async fn history(
     State(state): State<AppState>,
     Path((id, grant_id)): Path<(String, String)>,
 ) -> ApiResult<ApiJson<Items<Entry>>> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let g = db::get_of_entitlement(&mut conn, merchant.business(), &id, &grant_id, false)
         .await?
         .ok_or(ApiError::NotFound("grant"))?;
@@ -338,7 +338,7 @@ pub async fn revoke(
     Path((id, grant_id)): Path<(String, String)>,
 ) -> ApiResult<ApiJson<Value>> {
     let now = Utc::now();
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.pool.begin(merchant.caller()).await?;
     // Locked, so a concurrent event that revokes or delivers it waits for this one.
     let g = db::get_of_entitlement(&mut tx, merchant.business(), &id, &grant_id, true)
         .await?
@@ -416,7 +416,7 @@ pub async fn of_customer(
     {
         return Ok(ApiJson(Items { items: Vec::new() }));
     }
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let rows = db::page_of_customer(
         &mut conn,
         merchant.business(),
@@ -493,7 +493,7 @@ pub async fn entitlements_of_customer(
     ApiQuery(q): ApiQuery<super::entitlements::ReadQuery>,
 ) -> ApiResult<ApiJson<Items<CustomerEntitlement>>> {
     let customer = CustomerId::parse(customer_id).map_err(|e| ApiError::field("customer_id", e))?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let rows = db::held_by_customer(&mut conn, merchant.business(), customer.as_str()).await?;
     let mut items: Vec<CustomerEntitlement> =
         rows.into_iter().map(CustomerEntitlement::from).collect();

@@ -112,7 +112,7 @@ pub async fn put(
     ApiJson(body): ApiJson<SetProductEntitlements>,
 ) -> ApiResult<ApiJson<Items<EntitlementView>>> {
     let product = product(product_id)?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.pool.begin(merchant.caller()).await?;
     replace(&mut tx, merchant.business(), &product, body.entitlements).await?;
     let items = db::of_product(&mut tx, merchant.business(), product.as_str()).await?;
     let items = super::entitlements::views(&mut tx, &items).await?;
@@ -131,7 +131,7 @@ pub async fn get(
     Path(product_id): Path<String>,
 ) -> ApiResult<ApiJson<Items<EntitlementView>>> {
     let product = product(product_id)?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let items = db::of_product(&mut conn, merchant.business(), product.as_str()).await?;
     Ok(ApiJson(Items {
         items: super::entitlements::views(&mut conn, &items).await?,
@@ -204,7 +204,7 @@ pub async fn retrieve(
 ) -> ApiResult<ApiJson<ProductView>> {
     let product = product(product_id)?;
     let business = merchant.business();
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let rows = db::of_product(&mut conn, business, product.as_str()).await?;
     if rows.is_empty() {
         return Err(ApiError::NotFound("product"));
@@ -253,7 +253,7 @@ pub async fn update(
 ) -> ApiResult<StatusCode> {
     let product = product(product_id)?;
     if let Some(attachments) = body.entitlements {
-        let mut tx = state.pool.begin().await?;
+        let mut tx = state.pool.begin(merchant.caller()).await?;
         replace(&mut tx, merchant.business(), &product, attachments).await?;
         tx.commit().await?;
     }

@@ -150,7 +150,7 @@ pub async fn get(
     merchant: Merchant,
     State(state): State<AppState>,
 ) -> ApiResult<ApiJson<SettingsView>> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let s = db::settings(&mut conn, merchant.business()).await?;
     Ok(ApiJson(view(s, state.settings.email.enabled())))
 }
@@ -170,7 +170,7 @@ pub async fn update(
     ApiJson(patch): ApiJson<PatchSettings>,
 ) -> ApiResult<ApiJson<SettingsView>> {
     let now = Utc::now();
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.pool.begin(merchant.caller()).await?;
     // Serializes concurrent changes of one business (the row may not exist yet).
     db::lock_settings(&mut tx, merchant.business()).await?;
     let current = db::settings(&mut tx, merchant.business()).await?;

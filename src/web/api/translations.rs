@@ -179,7 +179,7 @@ pub async fn list(
     RawQuery(query): RawQuery,
 ) -> ApiResult<ApiJson<Items<TranslationView>>> {
     let wanted = locales_of(query.as_deref());
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     entitlements_db::get(&mut conn, merchant.business(), &id, false)
         .await?
         .ok_or(ApiError::NotFound("entitlement"))?;
@@ -212,7 +212,7 @@ pub async fn put(
 ) -> ApiResult<impl IntoResponse> {
     let locale = locale(&code)?;
     check(&body)?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.pool.begin(merchant.caller()).await?;
     // Locked: a translation is not added to an entitlement being deleted.
     entitlements_db::get(&mut tx, merchant.business(), &id, true)
         .await?
@@ -256,7 +256,7 @@ pub async fn delete(
     Path((id, code)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     let locale = locale(&code)?;
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.pool.begin(merchant.caller()).await?;
     entitlements_db::get(&mut tx, merchant.business(), &id, true)
         .await?
         .ok_or(ApiError::NotFound("entitlement"))?;

@@ -216,7 +216,7 @@ pub async fn create(
     } else {
         None
     };
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let (mut ep, created) = endpoints::insert(&mut conn, merchant.business(), checked).await?;
     if !created {
         // A repeated create: the first one's endpoint, as it is now, changed by nothing.
@@ -300,7 +300,7 @@ pub async fn list(
         ),
         None => None,
     };
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     // One more than asked for tells whether this page is the last.
     let mut rows =
         endpoint_store::page(&mut conn, merchant.business(), after.as_ref(), limit + 1).await?;
@@ -324,7 +324,7 @@ pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<ApiJson<EndpointView>> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let ep = endpoints::get(&mut conn, merchant.business(), &id).await?;
     Ok(ApiJson(EndpointView::from(&ep)))
 }
@@ -353,7 +353,7 @@ pub async fn update(
         rate_limit: body.rate_limit,
     };
     let patch = endpoints::check_patch(merchant.business(), patch, policy(&state)).await?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let ep = endpoints::apply_patch(&mut conn, merchant.business(), &id, patch).await?;
     Ok(ApiJson(EndpointView::from(&ep)))
 }
@@ -368,7 +368,7 @@ pub async fn delete(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     endpoints::delete(&mut conn, merchant.business(), &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -400,7 +400,7 @@ pub async fn headers(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<ApiJson<HeadersView>> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let ep = endpoints::get(&mut conn, merchant.business(), &id).await?;
     let (sensitive, shown): (Strings, Strings) = ep
         .headers
@@ -434,7 +434,7 @@ pub async fn update_headers(
     ApiJson(body): ApiJson<UpdateHeaders>,
 ) -> ApiResult<StatusCode> {
     endpoints::check_headers(&body.headers)?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     endpoints::set_headers(&mut conn, merchant.business(), &id, &body.headers).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -456,7 +456,7 @@ pub async fn secret(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> ApiResult<ApiJson<SecretView>> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let ep = endpoints::get(&mut conn, merchant.business(), &id).await?;
     Ok(ApiJson(SecretView { secret: ep.secret }))
 }
@@ -492,7 +492,7 @@ pub async fn rotate(
     Path(id): Path<String>,
     OptionalApiJson(req): OptionalApiJson<RotateSecret>,
 ) -> ApiResult<ApiJson<SecretView>> {
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     let ep = endpoints::rotate_secret(
         &mut conn,
         merchant.business(),
@@ -567,7 +567,7 @@ pub async fn list_messages(
             format!("{s:?} is not one of pending, delivered, failed"),
         ));
     }
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = state.pool.acquire(merchant.caller()).await?;
     endpoints::get(&mut conn, merchant.business(), &id).await?;
     let rows = db::page_of_endpoint(&mut conn, &id, q.status.as_deref(), p).await?;
     // The page's attempts in one query, not one per message.
@@ -640,7 +640,7 @@ pub async fn retry_message(
     State(state): State<AppState>,
     Path((id, message_id)): Path<(String, String)>,
 ) -> ApiResult<impl IntoResponse> {
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.pool.begin(merchant.caller()).await?;
     let m = messages::get(&mut tx, &message_id)
         .await?
         .filter(|m| m.endpoint_id == id && m.business_id == merchant.business())
@@ -716,7 +716,7 @@ pub async fn retry_failed(
     }
     // Never more than the whole hourly budget in one call.
     let limit = limit.min(i64::from(state.limits.replay_budget()));
-    let mut tx = state.pool.begin().await?;
+    let mut tx = state.pool.begin(merchant.caller()).await?;
     endpoints::get(&mut tx, merchant.business(), &id).await?;
     replays_allowed(&state, &merchant, u32::try_from(limit).unwrap_or(u32::MAX))?;
     let (ids, next_cursor) = replay::replay_failed(
