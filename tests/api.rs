@@ -4966,19 +4966,22 @@ async fn a_business_backlog_of_emails_is_released_as_its_hour_has_room() {
     );
     mail.wait_for("a2@example.test", 1).await;
     mail.wait_for("a3@example.test", 1).await;
-    let waiting: Vec<(String, bool)> = sqlx::query_as(
-        "SELECT g.customer_id, e.parked_until IS NOT NULL FROM emails e
-         JOIN grants g ON g.id = e.grant_id
-         WHERE e.business_id = 'bus_A' AND e.status = 'queued' ORDER BY e.created_at",
+    // The sink has a message before its worker records it sent.
+    wait_for(
+        "the two recorded sent, the newest still parked, in order",
+        || async {
+            let waiting: Vec<(String, bool)> = sqlx::query_as(
+                "SELECT g.customer_id, e.parked_until IS NOT NULL FROM emails e
+             JOIN grants g ON g.id = e.grant_id
+             WHERE e.business_id = 'bus_A' AND e.status = 'queued' ORDER BY e.created_at",
+            )
+            .fetch_all(&w.app.pool)
+            .await
+            .unwrap();
+            (waiting == [("cus_4".to_string(), true), ("cus_5".to_string(), true)]).then_some(())
+        },
     )
-    .fetch_all(&w.app.pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        waiting,
-        [("cus_4".to_string(), true), ("cus_5".to_string(), true)],
-        "the newest still parked, in order"
-    );
+    .await;
     let sent_to = |r: &str| {
         mail.received()
             .iter()
