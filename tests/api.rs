@@ -3024,6 +3024,35 @@ async fn an_abandoned_request_counts_until_its_statement_ends() {
     // The abandoned request's transaction was rolled back, not committed.
     let (s, v) = c.get(&format!("/entitlements/{id}")).await;
     assert_eq!(s, 200, "{v}");
+
+    // The same for a read outside a transaction: a listing waiting on the table's lock.
+    let mut lock = w.app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE entitlements IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let abandoned = {
+        let c = c.clone();
+        tokio::spawn(async move { c.get("/entitlements").await })
+    };
+    wait_for("the listing waiting on the table's lock", || async {
+        (http_backends_waiting_on_a_lock(&w).await.len() == 1).then_some(())
+    })
+    .await;
+    abandoned.abort();
+    assert!(abandoned.await.unwrap_err().is_cancelled());
+    let listing = {
+        let c = c.clone();
+        tokio::spawn(async move { c.get("/entitlements").await })
+    };
+    wait_for(
+        "the next listing waiting behind the abandoned read",
+        || async { (w.app.metrics.http_database_waiting.get() == 1).then_some(()) },
+    )
+    .await;
+    lock.rollback().await.unwrap();
+    let (s, v) = listing.await.unwrap();
+    assert_eq!(s, 200, "{v}");
     w.stop().await;
 }
 

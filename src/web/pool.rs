@@ -157,13 +157,10 @@ async fn within<T>(
         .unwrap_or(Err(sqlx::Error::PoolTimedOut))
 }
 
-/// Gives `turn` back once `conn` is free: at once for a connection whose statements all
-/// ended, after the one still running for a request abandoned mid-statement (at most
-/// `settle`). The connection goes back to the pool first.
-fn settle<C>(mut conn: C, turn: Turn, settle: Duration)
-where
-    C: DerefMut<Target = PgConnection> + Send + 'static,
-{
+/// Gives `turn` back once the transaction `conn` is free: after the statement still
+/// running for a request abandoned mid-statement (at most `settle`). Then the
+/// transaction is dropped, which rolls it back as its connection goes back to the pool.
+fn settle(mut conn: Transaction<'static, Postgres>, turn: Turn, settle: Duration) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         drop(conn);
         drop(turn);
@@ -198,9 +195,24 @@ impl DerefMut for HttpConn {
 
 impl Drop for HttpConn {
     fn drop(&mut self) {
-        if let (Some(conn), Some(turn)) = (self.conn.take(), self.turn.take()) {
-            settle(conn, turn, self.settle);
-        }
+        let (Some(mut conn), Some(turn)) = (self.conn.take(), self.turn.take()) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            drop(conn);
+            drop(turn);
+            return;
+        };
+        // What dropping it would do, awaited: the pool tests the connection (which waits
+        // for a statement still running) and takes it back; then the turn is handed on.
+        // One round trip, as for any pooled connection.
+        let back = conn.return_to_pool();
+        drop(conn);
+        let settle = self.settle;
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(settle, back).await;
+            drop(turn);
+        });
     }
 }
 
