@@ -3056,6 +3056,73 @@ async fn an_abandoned_request_counts_until_its_statement_ends() {
     w.stop().await;
 }
 
+/// A request abandoned while its `BEGIN` is on its way leaves no transaction open on the
+/// connection for the next request to run in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_cut_short_leaves_no_transaction_for_the_next_request() {
+    use guildgate::web::pool::{Caller, HttpPool};
+    let base = common::database_base_url();
+    let u = url::Url::parse(&base).unwrap();
+    let target = format!("{}:{}", u.host_str().unwrap(), u.port().unwrap_or(5432));
+    let pg = common::proxy::Proxy::start(target.parse().unwrap()).await;
+    let mut url = url::Url::parse(&common::replace_host(&base, pg.addr)).unwrap();
+    url.set_path("/postgres");
+    let settings = guildgate::config::Settings::load_with_env(
+        None,
+        Some(
+            [
+                ("GUILDGATE_DATABASE__URL", url.as_str()),
+                ("GUILDGATE_DATABASE__HTTP_MAX_CONNECTIONS", "1"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ),
+    )
+    .unwrap();
+    let pool = HttpPool::new(
+        guildgate::store::http_pool(&settings.database).unwrap(),
+        &settings.database,
+        Default::default(),
+    );
+    let caller = Caller::Business("bus_A");
+    // The one connection, opened and back in the pool.
+    drop(pool.begin(caller).await.unwrap());
+    let in_transaction = || async {
+        let mut conn = pool.acquire(caller).await.unwrap();
+        sqlx::query_scalar::<_, bool>(
+            // Begun before this statement, not with it.
+            "SELECT now() < statement_timestamp() - interval '100 milliseconds'",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap()
+    };
+    wait_for("the connection back in the pool", || async {
+        (!in_transaction().await).then_some(())
+    })
+    .await;
+    // Every answer 300 ms late. A whole `begin` takes a few round trips, `BEGIN` the
+    // last; the next request goes away in the middle of it.
+    let late = std::time::Duration::from_millis(300);
+    pg.delay_replies(late);
+    let t0 = std::time::Instant::now();
+    drop(pool.begin(caller).await.unwrap());
+    let whole = t0.elapsed();
+    wait_for("the connection back in the pool", || async {
+        (!in_transaction().await).then_some(())
+    })
+    .await;
+    let cut = tokio::time::timeout(whole - late / 2, pool.begin(caller));
+    assert!(cut.await.is_err(), "cut short");
+    pg.delay_replies(std::time::Duration::ZERO);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert!(
+        !in_transaction().await,
+        "the next request ran in the cut one's transaction"
+    );
+}
+
 /// With every handler connection taken, the next one given back goes to the business
 /// waiting that holds the fewest: a customer of another business opening their access
 /// page is served ahead of the saves the first business queued before it.

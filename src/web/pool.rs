@@ -128,17 +128,27 @@ impl HttpPool {
         })
     }
 
-    /// A transaction for `caller`, once its turn comes. Only the wait for the turn is
-    /// bounded here: a `BEGIN` cut short would leave its transaction open on a pooled
-    /// connection, and the pool's own wait is bounded by itself (5 s).
+    /// A transaction for `caller`, once its turn comes.
+    ///
+    /// `BEGIN` runs to its end in a task of its own, unbounded but for the pool's own
+    /// wait for a connection (5 s): sqlx 0.9.0 gives a connection whose `BEGIN` was cut
+    /// short back to the pool inside that transaction, where the next borrower's
+    /// statements would run in it. A transaction whose request went away meanwhile is
+    /// dropped in that task, which rolls it back.
     pub async fn begin(&self, caller: Caller<'_>) -> Result<HttpTx, sqlx::Error> {
         let turn = self.gate.enter(caller.who(), Instant::now() + WAIT).await?;
-        let tx = self.pool.begin().await?;
-        Ok(HttpTx {
-            tx: Some(tx),
-            turn: Some(turn),
-            settle: self.settle,
-        })
+        let (pool, settle) = (self.pool.clone(), self.settle);
+        joined(
+            tokio::spawn(async move {
+                let tx = pool.begin().await?;
+                Ok(HttpTx {
+                    tx: Some(tx),
+                    turn: Some(turn),
+                    settle,
+                })
+            })
+            .await,
+        )
     }
 
     /// Closes the pool (shutdown).
@@ -247,7 +257,12 @@ async fn finish(
         drop(turn);
         r
     });
-    match ended.await {
+    joined(ended.await)
+}
+
+/// What a task of [`HttpPool::begin`] or [`finish`] returned; its panic goes on.
+fn joined<T>(r: Result<Result<T, sqlx::Error>, tokio::task::JoinError>) -> Result<T, sqlx::Error> {
+    match r {
         Ok(r) => r,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => Err(sqlx::Error::Io(std::io::Error::other(e))),
