@@ -27,6 +27,11 @@
 //!   most that timeout and 5 s more); a commit runs to its end though its request is
 //!   abandoned.
 //!
+//! A handler that needs a transaction takes one with [`HttpPool::begin`], never with
+//! `begin` on a connection of [`HttpPool::acquire`]: only the former's `BEGIN` runs to its
+//! end whatever happens to the request (see there); a store function's own `BEGIN` on it
+//! is a savepoint, which a cut rolls back with the whole transaction.
+//!
 //! The rules are kept per process by a small gate in front of the pool: a mutex around
 //! the callers holding or waiting for a connection, held while the next is chosen
 //! (a pass over the callers waiting).

@@ -206,9 +206,10 @@ pub async fn bot_callback(
     let granted = q.permissions.as_deref().and_then(|p| p.parse::<i64>().ok());
     let guild_id = guild.id.to_string();
     let saved = async {
-        let mut conn = state.pool.acquire(Caller::Business(&install.b)).await?;
-        db::connect(
-            &mut conn,
+        // A transaction, so that the store's own `BEGIN` is a savepoint (`web::pool`).
+        let mut tx = state.pool.begin(Caller::Business(&install.b)).await?;
+        let connected = db::connect(
+            &mut tx,
             db::Install {
                 business_id: &install.b,
                 guild_id: &guild_id,
@@ -218,7 +219,9 @@ pub async fn bot_callback(
                 now,
             },
         )
-        .await
+        .await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(connected)
     }
     .await;
     match saved {
@@ -428,8 +431,11 @@ pub async fn disconnect(
     State(state): State<AppState>,
     Path(guild_id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let mut conn = state.pool.acquire(merchant.caller()).await?;
-    match db::disconnect(&mut conn, merchant.business(), &guild_id).await? {
+    // A transaction, so that the store's own `BEGIN` is a savepoint (`web::pool`).
+    let mut tx = state.pool.begin(merchant.caller()).await?;
+    let disconnected = db::disconnect(&mut tx, merchant.business(), &guild_id).await?;
+    tx.commit().await?;
+    match disconnected {
         db::Disconnected::Done => Ok(StatusCode::NO_CONTENT),
         db::Disconnected::NotFound => Err(ApiError::NotFound("Discord server")),
         db::Disconnected::InUse(users) => Err(ApiError::Conflict {

@@ -216,15 +216,19 @@ pub async fn create(
     } else {
         None
     };
-    let mut conn = state.pool.acquire(merchant.caller()).await?;
-    let (mut ep, created) = endpoints::insert(&mut conn, merchant.business(), checked).await?;
+    // A transaction of the handlers' pool, not a connection: the insert's own `BEGIN`
+    // is then a savepoint, and one cut short is rolled back with it (see `web::pool`).
+    let mut tx = state.pool.begin(merchant.caller()).await?;
+    let (mut ep, created) = endpoints::insert(&mut tx, merchant.business(), checked).await?;
     if !created {
         // A repeated create: the first one's endpoint, as it is now, changed by nothing.
+        tx.commit().await?;
         return Ok((StatusCode::OK, ApiJson(EndpointView::from(&ep))));
     }
     if let Some(patch) = disable {
-        ep = endpoints::apply_patch(&mut conn, merchant.business(), &ep.id, patch).await?;
+        ep = endpoints::apply_patch(&mut tx, merchant.business(), &ep.id, patch).await?;
     }
+    tx.commit().await?;
     Ok((StatusCode::CREATED, ApiJson(EndpointView::from(&ep))))
 }
 
