@@ -2900,14 +2900,14 @@ async fn http_backends_waiting_on_a_lock(w: &World) -> Vec<i32> {
 /// wait for a connection. A delete takes two turns (its key, its transaction) and asks
 /// nothing of Discord; a rename four, quick reads and Discord's check before its
 /// transaction.
-async fn deletes_behind_a_lock(
+async fn requests_behind_a_lock(
     w: &World,
     c: &Client,
     id: &str,
     (n, holding): (usize, usize),
     saves: bool,
 ) -> Vec<tokio::task::JoinHandle<(u16, Value)>> {
-    let deletes: Vec<_> = (0..n)
+    let requests: Vec<_> = (0..n)
         .map(|i| {
             let (c, path) = (c.clone(), format!("/entitlements/{id}"));
             tokio::spawn(async move {
@@ -2922,11 +2922,11 @@ async fn deletes_behind_a_lock(
         })
         .collect();
     wait_for(
-        "the deletes holding connections and waiting for them",
+        "the requests holding connections and waiting for them",
         || async {
             assert!(
-                deletes.iter().all(|d| !d.is_finished()),
-                "a delete was answered while the lock was held"
+                requests.iter().all(|d| !d.is_finished()),
+                "a request was answered while the lock was held"
             );
             let locked = http_backends_waiting_on_a_lock(w).await.len();
             let waiting = w.app.metrics.http_database_waiting.get();
@@ -2934,10 +2934,10 @@ async fn deletes_behind_a_lock(
         },
     )
     .await;
-    deletes
+    requests
 }
 
-/// Answers of requests of [`deletes_behind_a_lock`] once the lock went: done (200, 204),
+/// Answers of requests of [`requests_behind_a_lock`] once the lock went: done (200, 204),
 /// found changed or gone (409, 404), or refused before (503).
 async fn answers(deletes: Vec<tokio::task::JoinHandle<(u16, Value)>>) -> Vec<u16> {
     let mut statuses = Vec::new();
@@ -2983,7 +2983,7 @@ async fn one_business_holds_at_most_its_share_of_the_http_pool() {
     let (w, c, id, lock) = a_locked_entitlement("3", "2", &[]).await;
     let other = client(&w, "bus_B").await;
     // Two hold a connection each, waiting on the lock; two wait for their turn.
-    let deletes = deletes_behind_a_lock(&w, &c, &id, (4, 2), false).await;
+    let deletes = requests_behind_a_lock(&w, &c, &id, (4, 2), false).await;
     let (s, v) = other.get("/entitlements").await;
     assert_eq!(s, 200, "the third connection is the other business's: {v}");
     lock.rollback().await.unwrap();
@@ -2997,29 +2997,42 @@ async fn one_business_holds_at_most_its_share_of_the_http_pool() {
     w.stop().await;
 }
 
+/// `c`'s listing of entitlements, spawned.
+fn listing(c: &Client) -> tokio::task::JoinHandle<(u16, Value)> {
+    let c = c.clone();
+    tokio::spawn(async move { c.get("/entitlements").await })
+}
+
+/// `c`'s listing, spawned, once it waits for its turn of the handlers' pool.
+async fn a_listing_in_line(
+    w: &World,
+    c: &Client,
+    what: &str,
+) -> tokio::task::JoinHandle<(u16, Value)> {
+    let listed = listing(c);
+    wait_for(what, || async {
+        (w.app.metrics.http_database_waiting.get() == 1).then_some(())
+    })
+    .await;
+    listed
+}
+
 /// A request abandoned while its statement runs (its client went away) counts against
 /// its business until the statement ends: the connection is busy until then.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_request_counts_until_its_statement_ends() {
     let (w, c, id, lock) = a_locked_entitlement("2", "1", &[]).await;
-    let deletes = deletes_behind_a_lock(&w, &c, &id, (1, 1), false).await;
+    let deletes = requests_behind_a_lock(&w, &c, &id, (1, 1), false).await;
     // The client goes away; the delete's statement still waits on the lock.
     for t in deletes {
         t.abort();
         assert!(t.await.unwrap_err().is_cancelled());
     }
-    let listing = {
-        let c = c.clone();
-        tokio::spawn(async move { c.get("/entitlements").await })
-    };
-    wait_for(
-        "the listing waiting behind the abandoned statement",
-        || async { (w.app.metrics.http_database_waiting.get() == 1).then_some(()) },
-    )
-    .await;
+    let listed =
+        a_listing_in_line(&w, &c, "the listing waiting behind the abandoned statement").await;
     assert_eq!(http_backends_waiting_on_a_lock(&w).await.len(), 1);
     lock.rollback().await.unwrap();
-    let (s, v) = listing.await.unwrap();
+    let (s, v) = listed.await.unwrap();
     assert_eq!(s, 200, "{v}");
     // The abandoned request's transaction was rolled back, not committed.
     let (s, v) = c.get(&format!("/entitlements/{id}")).await;
@@ -3031,27 +3044,17 @@ async fn an_abandoned_request_counts_until_its_statement_ends() {
         .execute(&mut *lock)
         .await
         .unwrap();
-    let abandoned = {
-        let c = c.clone();
-        tokio::spawn(async move { c.get("/entitlements").await })
-    };
+    let abandoned = listing(&c);
     wait_for("the listing waiting on the table's lock", || async {
         (http_backends_waiting_on_a_lock(&w).await.len() == 1).then_some(())
     })
     .await;
     abandoned.abort();
     assert!(abandoned.await.unwrap_err().is_cancelled());
-    let listing = {
-        let c = c.clone();
-        tokio::spawn(async move { c.get("/entitlements").await })
-    };
-    wait_for(
-        "the next listing waiting behind the abandoned read",
-        || async { (w.app.metrics.http_database_waiting.get() == 1).then_some(()) },
-    )
-    .await;
+    let listed =
+        a_listing_in_line(&w, &c, "the next listing waiting behind the abandoned read").await;
     lock.rollback().await.unwrap();
-    let (s, v) = listing.await.unwrap();
+    let (s, v) = listed.await.unwrap();
     assert_eq!(s, 200, "{v}");
     w.stop().await;
 }
@@ -3152,7 +3155,7 @@ async fn a_connection_given_back_goes_to_the_business_holding_the_fewest() {
     client(&w, "bus_B").await;
     // Both connections held on the lock, six more of the business's saves in line, some
     // at their transaction: given a connection, those wait on the lock too.
-    let saves = deletes_behind_a_lock(&w, &c, &id, (8, 2), true).await;
+    let saves = requests_behind_a_lock(&w, &c, &id, (8, 2), true).await;
     let until = chrono::Utc::now() + chrono::Duration::days(2);
     let page = format!(
         "http://{}/access?t={}",
